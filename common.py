@@ -232,3 +232,99 @@ def render_prompt(tokenizer, question: str, template: str = "auto") -> str:
         raise UserError("prompt template 'chat' asked for, but the tokenizer has no chat template; use --template plain")
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# -----------------------------------------------------------------------------
+# generation over task records (sampling, evaluation and RL validation share this)
+
+
+def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=512,
+                     seed=0, template="auto", batch_size=64, desc="generate", progress=True):
+    """Generate n responses for each record with our KV-cache engine and score them with task.score.
+
+    Prompts are sorted by length and generated `batch_size` prompts (x n rows) at a time. Returns one
+    dict per (record, sample), in record order then sample order:
+    {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
+    """
+    from tqdm import tqdm
+    from model import generate, stop_token_ids
+    stop = stop_token_ids(tokenizer)
+    prompts = [task.render_prompt(r, tokenizer, template) for r in records]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(records)), key=lambda i: len(prompt_ids[i]))
+    results = [None] * len(records)
+    bar = tqdm(total=len(records) * n, desc=desc, disable=not progress or rank() != 0, dynamic_ncols=True)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        chunk = order[start:start + batch_size]
+        gens = generate(model, [prompt_ids[i] for i in chunk], n=n, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, stop_ids=stop, seed=seed * 1_000_003 + b)
+        for g_idx, g in enumerate(gens):
+            i = chunk[g.prompt_index]
+            text = tokenizer.decode(g.tokens[:-1] if g.finished else g.tokens, skip_special_tokens=False)
+            results[i] = results[i] or []
+            results[i].append({"id": records[i]["id"], "prompt": prompts[i], "response": text, "tokens": g.tokens,
+                               "logprobs": g.logprobs, "finished": g.finished, "length": len(g.tokens),
+                               "reward": task.score(text, records[i], g.finished), "sample": g_idx % n})
+        bar.update(len(gens))
+    bar.close()
+    return [s for per_record in results for s in per_record]
+
+
+def shard(items, rank_, world):
+    """This rank's share of a list: every world-th item starting at rank (disjoint, covers all)."""
+    return items[rank_::world]
+
+
+# -----------------------------------------------------------------------------
+# optimizer and checkpoints (SFT and RL share these)
+
+
+def make_optimizer(params, lr, betas=(0.9, 0.999), weight_decay=0.0, eight_bit=False):
+    """AdamW; with eight_bit and bitsandbytes installed on CUDA, bitsandbytes' 8-bit AdamW (less optimizer memory)."""
+    import torch
+    params = [p for p in params if p.requires_grad]
+    if eight_bit:
+        try:
+            import bitsandbytes as bnb
+            if params and params[0].is_cuda:
+                return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+            print0("note: 8-bit AdamW needs CUDA; using torch AdamW")
+        except ImportError:
+            print0("note: bitsandbytes not installed; using torch AdamW")
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+def checkpoint_dir(run_dir, step):
+    return os.path.join(run_dir, f"step_{step:06d}")
+
+
+def save_checkpoint(run_dir, step, model, tokenizer, train_state: dict):
+    """A HF checkpoint directory run_dir/step_N plus its training state run_dir/step_N.state.pt.
+
+    Both are written atomically, the state last: a checkpoint is complete when its state file exists.
+    train_state holds only tensors, numbers, strings, lists and dicts (loadable with weights_only=True).
+    """
+    import torch
+    from model import save_model
+    save_model(model, checkpoint_dir(run_dir, step), tokenizer)
+    with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
+        torch.save({"step": step, **train_state}, f)
+
+
+def latest_checkpoint(run_dir):
+    """(step, model_dir, state_path) of the newest complete checkpoint in run_dir, or None."""
+    if not os.path.isdir(run_dir):
+        return None
+    steps = [int(name[5:11]) for name in os.listdir(run_dir)
+             if name.startswith("step_") and name.endswith(".state.pt") and name[5:11].isdigit()]
+    for step in sorted(steps, reverse=True):
+        d = checkpoint_dir(run_dir, step)
+        if os.path.isfile(os.path.join(d, "config.json")):
+            return step, d, d + ".state.pt"
+    return None
+
+
+def load_train_state(path, device="cpu"):
+    import torch
+    return torch.load(path, map_location=device, weights_only=True)
