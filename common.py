@@ -206,14 +206,18 @@ def append_jsonl(path, record):
 
 
 def get_task(name):
-    """The task module for `--task`: each exposes load_split, render_prompt, score, DIFFICULTY."""
-    if name == "kk":
-        import kk_data
-        return kk_data
-    if name == "math":
-        import math_data
-        return math_data
-    raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    """The task module for `--task`: kk, math, or any importable module with the same interface
+    (DIFFICULTY, load_split, render_prompt, score) — how a fork adds a task."""
+    import importlib
+    module = {"kk": "kk_data", "math": "math_data"}.get(name, name)
+    try:
+        task = importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"unknown task {name!r} ({e}); choose one of {', '.join(TASKS)} or a module name")
+    missing = [f for f in ("DIFFICULTY", "load_split", "render_prompt", "score") if not hasattr(task, f)]
+    if missing:
+        raise UserError(f"task module {module!r} lacks {', '.join(missing)}")
+    return task
 
 
 def render_prompt(tokenizer, question: str, template: str = "auto") -> str:

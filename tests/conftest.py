@@ -6,6 +6,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -16,3 +19,22 @@ def shared_path(*parts):
     if not os.path.exists(path):
         pytest.skip(f"{path} not present (development data beside the checkout)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny Qwen2-architecture model with its own BPE tokenizer, saved as a HF directory (random weights)."""
+    import toy_task
+    from model import build_model, build_tokenizer, save_model, tiny_config
+    path = str(tmp_path_factory.mktemp("tiny") / "ckpt")
+    recs = toy_task.make_records(300, seed=0)
+    texts = [r["question"] + " " + toy_task.teacher_response(r) for r in recs] * 3
+    tok = build_tokenizer(texts + [common_system_prompt()], vocab_size=400)
+    model = build_model(tiny_config(len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), seed=0)
+    save_model(model, path, tok)
+    return path
+
+
+def common_system_prompt():
+    import common
+    return common.SYSTEM_PROMPT

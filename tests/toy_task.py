@@ -1,0 +1,40 @@
+"""A toy task with the task-module interface, for tests: add two small numbers, answer in \\boxed{}.
+
+Learnable by a tiny model in seconds, so tests of SFT, RL, sampling and evaluation exercise real code.
+"""
+import random
+import re
+
+import common
+
+DIFFICULTY = "level"  # number of digits of the larger operand
+
+
+def make_records(n, seed=0, split="train", max_value=9):
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        a, b = rng.randint(0, max_value), rng.randint(0, max_value)
+        records.append({"id": f"toy-{split}-{i:05d}", "level": len(str(max(a, b))),
+                        "question": f"What is {a} + {b}?", "answer": str(a + b)})
+    return records
+
+
+def teacher_response(record):
+    a, b = re.findall(r"\d+", record["question"])
+    return f"{a} plus {b} is {record['answer']}. \\boxed{{{record['answer']}}}"
+
+
+def load_split(path):
+    return common.read_jsonl(path, required=("id", "level", "question", "answer"))
+
+
+def render_prompt(record, tokenizer, template="auto"):
+    return common.render_prompt(tokenizer, record["question"], template)
+
+
+def score(response, record, finished):
+    if not finished:
+        return 0.0
+    boxes = re.findall(r"\\boxed\{([^{}]*)\}", response)
+    return 1.0 if boxes and boxes[-1].strip() == record["answer"] else 0.0
