@@ -1,0 +1,679 @@
+"""
+Knights & Knaves (K&K): the puzzle benchmark of Xie et al. 2024 ("On Memorization of
+LLMs in Logical Reasoning"), as used by the re-distillation paper.
+
+  generate  puzzles exactly like the official generator (lib_kk.py, same RNG call order)
+  solve     all 2^n role assignments at once with numpy boolean masks
+  render    the official quiz text, records with the official 11 fields, the teacher
+            chain-of-thought (the official backtracking trace) and the paper's prompt
+  score     1.0 iff the response finished with EOS and its last \\boxed{...} names every
+            person exactly once with the right role, else 0.0
+
+Usage:
+  python kk_data.py                      # data/kk/{train,test,sft}.jsonl (the paper's splits)
+  python kk_data.py --official           # data/kk/official/{test,train}/people{n}_num{N}.jsonl
+  python kk_data.py --teacher_sft data/kk/sft_teacher.jsonl --split data/kk/sft.jsonl --tokenizer DIR
+
+Records: the official fields plus `id` ("kk-official-p5-00012": stream, people, index in
+that stream), `people` (the difficulty) and `question` (quiz + the paper's answer-format line).
+"""
+import argparse
+import ast
+import os
+import re
+import time
+from functools import lru_cache
+
+import numpy as np
+
+import common
+
+DIFFICULTY = "people"  # the record key holding the difficulty (number of people)
+OFFICIAL_SEED = 1234   # the official generator's seed, the same for every number of people
+OFFICIAL_TEST_SIZE = 100  # official stream: indices 0..99 are the test split, train follows
+ANSWER_FORMAT = " Your final answer should be in this format: \\boxed{XX is a knave, YY is a knight, ...}"
+OFFICIAL_FIELDS = ("quiz", "names", "knight_knave", "solution", "solution_text", "solution_text_format",
+                   "cot_head", "cot_repeat_steps", "cot_foot", "statements", "index")
+
+# -----------------------------------------------------------------------------
+# the official text constants (lib_kk.py, verbatim)
+
+COMMON_NAMES = ['Emma', 'Liam', 'Olivia', 'Noah', 'Ava', 'Ethan', 'Sophia',
+                'Mason', 'Isabella', 'William', 'Mia', 'James', 'Charlotte',
+                'Benjamin', 'Amelia', 'Lucas', 'Harper', 'Henry', 'Evelyn',
+                'Alexander', 'Abigail', 'Michael', 'Emily', 'Daniel', 'Elizabeth',
+                'Jacob', 'Sofia', 'Logan', 'Avery', 'Jackson', 'Ella', 'Sebastian',
+                'Scarlett', 'Jack', 'Grace', 'Aiden', 'Chloe', 'Owen', 'Victoria',
+                'Samuel', 'Riley', 'Matthew', 'Aria', 'Joseph', 'Lily', 'Luke',
+                'Aurora', 'David', 'Zoey', 'Oliver', 'Penelope']
+KNIGHT_KNAVE = {'knight': 'knight', 'knave': 'knave', 'a_knight': 'a knight', 'a_knave': 'a knave',
+                'Knight': 'Knight', 'Knave': 'Knave'}
+PREFIX = ('A very special island is inhabited only by {knight}s and {knave}s. '
+          '{Knight}s always tell the truth, and {knave}s always lie. ')
+POSTFIX = 'So who is {a_knight} and who is {a_knave}?'
+TEMPLATES = [
+    '{name} said that {content}.',
+    '{name} told you that {content}.',
+    '{name} said, "{content}."',
+    '{name} stated, "{content}".',
+    'According to {name}, "{content}".',
+    '''In {name}'s words: "{content}".''',
+    '{name} remarked, "{content}".',
+    '"{content}," {name} declared.',
+    '{name} was heard saying, "{content}".',
+    '{name} expressed that {content}.',
+    '"{content}" - {name}.',
+    'As {name} put it, "{content}".',
+    '{name} asserted: "{content}".',
+    '"{content}," {name} mentioned.',
+    '{name} commented, "{content}".',
+    'In a statement by {name}: "{content}".',
+    '{name} noted, "{content}".',
+    '"{content}," {name} claimed.',
+]
+COT_HEAD = "Let's think step by step, by considering whether each person is lying and if that leads to contradiction."
+COT_FOOT = "This leads to a feasible solution."
+MAX_PEOPLE = 20  # the solver holds 2^n assignments; the name list has 51 names
+
+# -----------------------------------------------------------------------------
+# sampling statements: the official KKProblemSampler, call for call on the same numpy Generator
+# (depth 2, width 2). Statements are nested tuples: ('telling-truth', i) "i is a knight",
+# ('lying', i) "i is a knave", ('not', s), ('and', s1, s2), ('or', s1, s2), ('->', s1, s2), ('<=>', s1, s2).
+
+DEPTH, WIDTH = 2, 2
+LEAF_KINDS = ('telling-truth', 'lying')
+
+
+def sample_statement(rng, n_people, speaker, depth):
+    dice = rng.integers(0, 6)
+    if depth == 1 or dice == 0:
+        while True:
+            # rng.integers(0, 2) draws exactly what lib_kk's rng.choice(['telling-truth', 'lying']) draws, 5x faster
+            kind = LEAF_KINDS[rng.integers(0, 2)]
+            person = int(rng.integers(0, n_people))
+            if not (kind == 'lying' and person == speaker):  # "I am a knave" can't be said by anyone
+                return (kind, person)
+    if dice == 1:
+        return ('not', sample_statement(rng, n_people, speaker, depth - 1))
+    if dice in (2, 3):
+        n_sub = rng.integers(2, WIDTH + 1)  # always 2 at width 2, but the draw moves the RNG
+        return (('and', 'or')[dice - 2],) + sample_substatements(rng, n_people, speaker, depth, n_sub)
+    return (('->', '<=>')[dice - 4],) + sample_substatements(rng, n_people, speaker, depth, 2)
+
+
+def sample_substatements(rng, n_people, speaker, depth, count):
+    subs = []
+    while len(subs) < count:
+        s = sample_statement(rng, n_people, speaker, depth - 1)
+        if s not in subs:  # no operator repeats an operand
+            subs.append(s)
+    return tuple(subs)
+
+
+# -----------------------------------------------------------------------------
+# solver: every statement evaluated on all 2^n assignments at once. Assignment a makes
+# person i a knight iff bit i of a is set.
+
+
+@lru_cache(maxsize=None)
+def knight_masks(n_people):
+    """(n_people, 2^n) bool array: row i = "person i is a knight" over all assignments."""
+    assignments = np.arange(2 ** n_people)
+    return ((assignments[None, :] >> np.arange(n_people)[:, None]) & 1).astype(bool)
+
+
+def evaluate(statement, masks):
+    """Truth value of a statement under every assignment (a bool vector of length 2^n)."""
+    op = statement[0]
+    if op == 'telling-truth':
+        return masks[statement[1]]
+    if op == 'lying':
+        return ~masks[statement[1]]
+    if op == 'not':
+        return ~evaluate(statement[1], masks)
+    if op == 'and':
+        return np.logical_and.reduce([evaluate(s, masks) for s in statement[1:]])
+    if op == 'or':
+        return np.logical_or.reduce([evaluate(s, masks) for s in statement[1:]])
+    if op == '->':
+        return ~evaluate(statement[1], masks) | evaluate(statement[2], masks)
+    if op == '<=>':
+        return evaluate(statement[1], masks) == evaluate(statement[2], masks)
+    raise ValueError(f"unknown operator {op!r}")
+
+
+def solve(statements):
+    """All solutions (tuples of bools, True = knight): a person is a knight iff their statement is true."""
+    n = len(statements)
+    masks = knight_masks(n)
+    consistent = np.ones(2 ** n, dtype=bool)
+    for i, s in enumerate(statements):
+        consistent &= masks[i] == evaluate(s, masks)
+    return [tuple(bool(a >> i & 1) for i in range(n)) for a in np.flatnonzero(consistent).tolist()]
+
+
+def sample_puzzles(seed, n_people, count, max_retry=1000):
+    """Yield (index, statements, solution) of the seed's stream: lib_kk's sample_valid_problems.
+
+    Puzzle `index` is the index-th puzzle with exactly one solution and a statement set not seen
+    before in the stream; so any prefix of the stream is the same whatever `count` is.
+    """
+    rng = np.random.default_rng(seed)
+    seen = set()
+    for index in range(count):
+        for _ in range(max_retry):
+            statements = tuple(sample_statement(rng, n_people, p, DEPTH) for p in range(n_people))
+            if statements in seen:
+                continue
+            solutions = solve(statements)
+            if len(solutions) == 1:
+                seen.add(statements)
+                yield index, statements, solutions[0]
+                break
+        else:  # lib_kk silently returns fewer puzzles here; we say so
+            raise common.UserError(f"no unique-solution puzzle with {n_people} people after {max_retry} tries")
+
+
+# -----------------------------------------------------------------------------
+# rendering: the official formatter (names, speech templates) and records
+
+
+def format_claim(names, kk, statement, negation=False):
+    assert statement[0] in LEAF_KINDS, "the official text has no form for statements deeper than 2"
+    role = kk['a_knight'] if statement[0] == 'telling-truth' else kk['a_knave']
+    return names[statement[1]] + ' is ' + ('not ' if negation else '') + role
+
+
+def format_statement(names, kk, statement):
+    op = statement[0]
+    if op == 'not':
+        return format_claim(names, kk, statement[1], negation=True)
+    if op in ('and', 'or'):
+        return f' {op} '.join(format_claim(names, kk, s) for s in statement[1:])
+    if op == '->':  # the capital "If" even mid-sentence is official
+        return 'If ' + format_claim(names, kk, statement[1]) + ' then ' + format_claim(names, kk, statement[2])
+    if op == '<=>':
+        return format_claim(names, kk, statement[1]) + ' if and only if ' + format_claim(names, kk, statement[2])
+    return format_claim(names, kk, statement)
+
+
+def role_text(name, is_knight, kk=KNIGHT_KNAVE):
+    return f"{name} is {kk['a_knight'] if is_knight else kk['a_knave']}"
+
+
+def answer_text(record):
+    """The answer in the prompt's requested shape: "A is a knight, B is a knave, C is a knight"."""
+    kk = record.get('knight_knave') or KNIGHT_KNAVE
+    return ', '.join(role_text(n, s, kk) for n, s in zip(record['names'], record['solution']))
+
+
+def puzzle_id(seed, people, index):
+    stream = 'official' if seed == OFFICIAL_SEED else f's{seed}'
+    return f"kk-{stream}-p{people}-{index:05d}"
+
+
+def make_record(seed, index, statements, solution):
+    """The official record (formatter seeded seed + index, as data_gen_kk.py does) plus id, people, question."""
+    n = len(statements)
+    rng = np.random.default_rng(seed + index)
+    names = [str(x) for x in rng.choice(COMMON_NAMES, size=n, replace=False)]
+    kk = dict(KNIGHT_KNAVE)
+    quiz = PREFIX.format(**kk) + f'You meet {n} inhabitants: ' + ', '.join(names[:-1]) + ', and ' + names[-1] + '.'
+    for i, s in enumerate(statements):
+        template = TEMPLATES[rng.integers(0, len(TEMPLATES))]  # = lib_kk's rng.choice(TEMPLATES)
+        quiz += ' ' + template.format(name=names[i], content=format_statement(names, kk, s))
+    quiz += ' ' + POSTFIX.format(**kk)
+    roles = [role_text(name, s, kk) for name, s in zip(names, solution)]
+    record = {
+        'id': puzzle_id(seed, n, index),
+        'people': n,
+        'question': quiz + ANSWER_FORMAT,
+        'quiz': quiz,
+        'names': names,
+        'knight_knave': kk,
+        'solution': list(solution),
+        'solution_text': ', '.join(roles[:-1]) + ', and ' + roles[-1] + '.',
+        'solution_text_format': '\n'.join(f'({i + 1}) {r}' for i, r in enumerate(roles)),
+        'cot_head': COT_HEAD,
+        'cot_repeat_steps': format_trace(backtracking_trace(statements), statements, names, kk),
+        'cot_foot': COT_FOOT,
+        'statements': repr(statements),
+        'index': index,
+    }
+    return record
+
+
+# -----------------------------------------------------------------------------
+# teacher chain-of-thought: lib_kk's generate_chain_of_thoughts (backtracking, knight first,
+# people mentioned by the last assumed speaker considered next) and its sentence forms.
+
+
+def mentioned_people(statement):
+    if statement[0] in LEAF_KINDS:
+        return [statement[1]]
+    return [p for s in statement[1:] for p in mentioned_people(s)]
+
+
+def first_contradiction(values, masks, assignments):
+    """The first assigned person whose claim (or its negation, for a knave) no completion satisfies.
+
+    lib_kk's can_be_falsified_v2 enumerates the completions one by one; here a mask holds them all.
+    """
+    completions = np.ones(masks.shape[1], dtype=bool)
+    for p, a in enumerate(assignments):
+        if a is not None:
+            completions &= masks[p] == a
+    for p, a in enumerate(assignments):
+        if a is not None and not (completions & (values[p] == a)).any():
+            return p
+    return None
+
+
+def backtracking_trace(statements):
+    """The official tape: ('proposal', person, role, conflict_person or None) / ('reconsider', person, exhausted)."""
+    n = len(statements)
+    masks = knight_masks(n)
+    values = [evaluate(s, masks) for s in statements]
+    tape = []
+    assignments = [None] * n
+    options = {p: [False, True] for p in range(n)}  # pop() takes True first: knight first
+    order = tuple(range(n))
+    cursor = 0
+    while cursor < n:
+        if not options[order[cursor]]:
+            exhausted = []
+            while cursor >= 0 and not options[order[cursor]]:
+                options[order[cursor]] = [False, True]
+                assignments[order[cursor]] = None
+                exhausted.append(order[cursor])
+                cursor -= 1
+            if cursor < 0:
+                raise ValueError("puzzle has no solution")
+            tape.append(('reconsider', order[cursor], exhausted))
+        person = order[cursor]
+        assignments[person] = options[person].pop()
+        conflict = first_contradiction(values, masks, assignments)
+        if conflict is None:
+            tape.append(('proposal', person, assignments[person], None, None))
+            cursor += 1
+            remaining = order[cursor:]
+            for p in reversed(mentioned_people(statements[person])):  # bring mentioned people to the front
+                if p in remaining:
+                    i = remaining.index(p)
+                    remaining = (p,) + remaining[:i] + remaining[i + 1:]
+            order = order[:cursor] + remaining
+        else:
+            tape.append(('proposal', person, assignments[person], conflict, assignments[conflict]))
+    return tape
+
+
+def format_trace(tape, statements, names, kk):
+    """The official sentences, with claims repeated (the stored `cot_repeat_steps`)."""
+    steps = []
+    for event in tape:
+        if event[0] == 'reconsider':
+            _, person, exhausted = event
+            who = [names[p] for p in exhausted]
+            if len(who) > 2:
+                who = ', '.join(who[:-1]) + ', and ' + who[-1]
+            else:
+                who = ' and '.join(who)
+            steps.append(f'We have exhausted all possibilities for {who}, so let us go back and reconsider {names[person]}.')
+            continue
+        _, person, role, conflict, conflict_role = event
+        a_role = kk['a_knight'] if role else kk['a_knave']
+        if conflict is None:
+            claim = format_statement(names, kk, statements[person])
+            steps.append(f"Assume {names[person]} is {a_role}. No contradiction is found in their "
+                         f"{'' if role else 'false '}claim that {claim}.")
+        else:
+            whose = 'their own' if conflict == person else names[conflict]
+            claim = format_statement(names, kk, statements[conflict])
+            steps.append(f"{names[person]} cannot be {a_role}, because this would contradict the "
+                         f"{'' if conflict_role else 'false '}claim of {whose} that {claim}.")
+    return steps
+
+
+def teacher_response(record):
+    """The official trace as a full SFT response, ending with the boxed answer (no EOS: the SFT loader adds it).
+
+    The same shape as the paper's short-CoT SFT target.
+    """
+    steps = ' '.join(record['cot_repeat_steps'])
+    return f"{record['cot_head']} {steps} {record['cot_foot']}\nThe final answer is: \\boxed{{{answer_text(record)}}}."
+
+
+# -----------------------------------------------------------------------------
+# prompts and the reward
+
+
+def render_prompt(record, tokenizer, template="auto"):
+    return common.render_prompt(tokenizer, record["question"], template)
+
+
+BOXED = "\\boxed{"
+BRACE = re.compile(r"[{}]")
+LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")  # \text, \textbf, \mathrm, \quad ... are form, not content
+WORD = re.compile(r"[^\W\d_]+")             # runs of letters; digits, punctuation and braces are form
+FILLER = frozenset(("is", "are", "a", "an", "and", "both", "all"))
+
+
+def last_boxed(text):
+    """The content of the last \\boxed{...} (nested braces allowed), or None if absent or unclosed."""
+    start = text.rfind(BOXED)
+    if start < 0:
+        return None
+    start += len(BOXED)
+    depth = 1
+    for m in BRACE.finditer(text, start):  # linear: no backtracking regex over model output
+        depth += 1 if m.group() == "{" else -1
+        if depth == 0:
+            return text[start:m.start()]
+    return None
+
+
+def parse_answer(content, names, kk):
+    """{name: is_knight} from "A is a knight, B and C are knaves", or None when anything is off.
+
+    Names, role words and a few fillers are the only words allowed; each role word applies to the
+    names since the previous one. An unknown word, a repeated name, a role with no name before it or
+    a name with no role after it makes the answer unreadable.
+    """
+    by_lower = {name.lower(): name for name in names}
+    role_words = {kk['knight'].lower(): True, kk['knight'].lower() + 's': True,
+                  kk['knave'].lower(): False, kk['knave'].lower() + 's': False}
+    answer, pending = {}, []
+    for word in WORD.findall(LATEX_COMMAND.sub(" ", content).lower()):
+        if word in by_lower:
+            name = by_lower[word]
+            if name in answer or name in pending:
+                return None
+            pending.append(name)
+        elif word in role_words:
+            if not pending:
+                return None
+            for name in pending:
+                answer[name] = role_words[word]
+            pending = []
+        elif word not in FILLER:
+            return None
+    return None if pending else answer
+
+
+def score(response, record, finished):
+    """1.0 iff the response finished with EOS and its last \\boxed{} names everyone once with the right role."""
+    if not finished or not isinstance(response, str):
+        return 0.0
+    content = last_boxed(response)
+    if content is None:
+        return 0.0
+    answer = parse_answer(content, record['names'], record.get('knight_knave') or KNIGHT_KNAVE)
+    truth = {name: bool(s) for name, s in zip(record['names'], record['solution'])}
+    return 1.0 if answer == truth else 0.0
+
+
+# -----------------------------------------------------------------------------
+# loading splits: our jsonl, or official files ({train,test}/people{n}_num{N}.jsonl, jsonl or parquet)
+
+
+def check_statement(s, n):
+    """A well-formed statement tuple over people 0..n-1 (any depth)."""
+    if not isinstance(s, tuple) or not s:
+        return False
+    op, args = s[0], s[1:]
+    if op in LEAF_KINDS:
+        return len(args) == 1 and type(args[0]) is int and 0 <= args[0] < n
+    if op == 'not':
+        return len(args) == 1 and check_statement(args[0], n)
+    if op in ('and', 'or'):
+        return len(args) >= 2 and all(check_statement(a, n) for a in args)
+    if op in ('->', '<=>'):
+        return len(args) == 2 and all(check_statement(a, n) for a in args)
+    return False
+
+
+def parse_statements(text, n):
+    """Statements from their Python repr, by ast.literal_eval (never eval): data is not code."""
+    try:
+        statements = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if not isinstance(statements, tuple) or len(statements) != n or not all(check_statement(s, n) for s in statements):
+        return None
+    return statements
+
+
+def normalise_record(rec, where):
+    """Check one record and fill in id / people / question; `where` is "file:line" for errors."""
+    def bad(field, why):
+        raise common.UserError(f"{where}: field '{field}' {why}")
+
+    for field in OFFICIAL_FIELDS:
+        if field not in rec:
+            bad(field, "is missing")
+    names = rec['names']
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(x, str) and x for x in names):
+        bad('names', "must be a list of at least 2 non-empty strings")
+    if len({x.lower() for x in names}) != len(names):
+        bad('names', "has a repeated name")
+    n = len(names)
+    solution = rec['solution']
+    if not isinstance(solution, list) or not all(isinstance(x, bool) for x in solution):
+        bad('solution', "must be a list of booleans")
+    if len(solution) != n:
+        bad('solution', f"has {len(solution)} entries for {n} names")
+    kk = rec['knight_knave']
+    if not isinstance(kk, dict) or not all(isinstance(kk.get(k), str) for k in ('knight', 'knave', 'a_knight', 'a_knave')):
+        bad('knight_knave', "must map knight, knave, a_knight, a_knave to strings")
+    for field in ('quiz', 'solution_text', 'solution_text_format', 'cot_head', 'cot_foot', 'statements'):
+        if not isinstance(rec[field], str):
+            bad(field, "must be a string")
+    if not isinstance(rec['cot_repeat_steps'], list) or not all(isinstance(x, str) for x in rec['cot_repeat_steps']):
+        bad('cot_repeat_steps', "must be a list of strings")
+    if type(rec['index']) is not int:
+        bad('index', "must be an integer")
+    statements = parse_statements(rec['statements'], n)
+    if statements is None:
+        bad('statements', f"is not a tuple of {n} well-formed statements (Python literal)")
+    if solve(statements) != [tuple(solution)]:
+        bad('solution', "is not the unique solution of the statements")
+    if 'people' in rec and rec['people'] != n:
+        bad('people', f"is {rec['people']!r} but there are {n} names")
+    for field in ('id', 'question'):
+        if field in rec and not (isinstance(rec[field], str) and rec[field]):
+            bad(field, "must be a non-empty string")
+    out = {'id': rec.get('id') or puzzle_id(OFFICIAL_SEED, n, rec['index']),  # official files: the official stream
+           'people': n,
+           'question': rec.get('question') or rec['quiz'] + ANSWER_FORMAT}
+    out.update({k: v for k, v in rec.items() if k not in out})
+    return out
+
+
+def read_rows(path):
+    """(where, row) pairs from a jsonl or parquet file."""
+    if path.endswith('.parquet'):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise common.UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or use the jsonl files")
+        if not os.path.isfile(path):
+            raise common.UserError(f"{path}: file not found")
+        return [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    return [(f"{path}:{i + 1}", row) for i, row in enumerate(common.read_jsonl(path))]
+
+
+def load_split(path):
+    """The records of a split file (ours or official), checked and normalised; errors name file, line, field."""
+    records, seen = [], {}
+    for where, row in read_rows(path):
+        if not isinstance(row, dict):
+            raise common.UserError(f"{where}: expected a JSON object")
+        rec = normalise_record(row, where)
+        if rec['id'] in seen:
+            raise common.UserError(f"{where}: field 'id' {rec['id']!r} repeats the record at {seen[rec['id']]}")
+        seen[rec['id']] = where
+        records.append(rec)
+    return records
+
+
+# -----------------------------------------------------------------------------
+# building the splits
+
+
+def generate(seed, n_people, count, exclude=frozenset(), log=print, label=""):
+    """`count` records of the seed's stream for n_people, skipping puzzles whose statements are in `exclude`.
+
+    Skipped puzzles keep their stream index (ids stay stable); the stream runs on until `count` are kept.
+    """
+    t0 = time.time()
+    records, skipped = [], 0
+    stream = sample_puzzles(seed, n_people, count=10 ** 9)  # lazily: stops when enough are kept
+    for index, statements, solution in stream:
+        if statements in exclude:
+            skipped += 1
+            continue
+        records.append(make_record(seed, index, statements, solution))
+        if len(records) == count:
+            break
+    seconds = time.time() - t0
+    if log:
+        log(f"  {label}people {n_people}: {len(records)} puzzles in {seconds:.2f} s "
+            f"({1000 * seconds / max(len(records), 1):.2f} s per 1,000)"
+            + (f", {skipped} skipped as already used" if skipped else ""))
+    return records
+
+
+def statements_of(records):
+    return {parse_statements(r['statements'], r['people']) for r in records}
+
+
+def parse_people(text, setting):
+    """"3-7" or "2,3" -> [3, 4, 5, 6, 7] / [2, 3]."""
+    try:
+        if '-' in text:
+            lo, hi = (int(x) for x in text.split('-'))
+            people = list(range(lo, hi + 1))
+        else:
+            people = [int(x) for x in text.split(',')]
+    except ValueError:
+        raise common.UserError(f"--{setting} {text!r}: expected a range like 3-7 or a list like 2,3")
+    if not people or not all(2 <= n <= MAX_PEOPLE for n in people):
+        raise common.UserError(f"--{setting} {text!r}: people counts must be between 2 and {MAX_PEOPLE}")
+    return people
+
+
+def parse_sizes(text, people, setting):
+    """"2000" (each) or "200,800" (one per people count)."""
+    try:
+        sizes = [int(x) for x in str(text).split(',')]
+    except ValueError:
+        raise common.UserError(f"--{setting} {text!r}: expected a number or a comma list of numbers")
+    if len(sizes) == 1:
+        sizes = sizes * len(people)
+    if len(sizes) != len(people) or any(s < 0 for s in sizes):
+        raise common.UserError(f"--{setting} {text!r}: give one size, or one per people count {people}")
+    return sizes
+
+
+def official_split_files(people, log=print):
+    """The official dataset: {test,train}/people{n}_num{N}.jsonl, test = stream indices 0..99, train after."""
+    files = {}
+    for n in people:
+        train_size = 200 if n == 2 else 1000
+        records = generate(OFFICIAL_SEED, n, OFFICIAL_TEST_SIZE + train_size, log=log, label="official ")
+        official = [{k: r[k] for k in OFFICIAL_FIELDS} for r in records]
+        files[f"test/people{n}_num{OFFICIAL_TEST_SIZE}.jsonl"] = official[:OFFICIAL_TEST_SIZE]
+        files[f"train/people{n}_num{train_size}.jsonl"] = official[OFFICIAL_TEST_SIZE:]
+    return files
+
+
+def write_teacher_sft(args):
+    if not args.split:
+        raise common.UserError("--teacher_sft needs --split FILE (the puzzles to write teacher traces for)")
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as e:
+            raise common.UserError(f"{args.tokenizer}: cannot load tokenizer ({e})")
+    elif args.template != "plain":
+        raise common.UserError("--teacher_sft needs --tokenizer DIR, or --template plain")
+    rows = []
+    for rec in load_split(args.split):
+        prompt = render_prompt(rec, tokenizer, args.template)
+        response = teacher_response(rec)
+        if prompt and not prompt[-1].isspace():  # the plain template ends "step by step."; chat ends with "\n"
+            response = "\n" + response
+        rows.append({"id": rec["id"], "task": "kk", "prompt": prompt, "response": response})
+    common.write_jsonl(args.teacher_sft, rows)
+    print(f"wrote {len(rows)} teacher SFT examples to {args.teacher_sft}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Knights & Knaves: generate the paper's splits, the official "
+                                     "dataset, or teacher SFT data.")
+    parser.add_argument("--out_dir", default="data/kk", help="where train.jsonl, test.jsonl, sft.jsonl (and official/) go")
+    parser.add_argument("--train_people", default="3-7", help="people counts of the RL train split (range 3-7 or list 3,5)")
+    parser.add_argument("--train_per_people", default="2000", help="RL train puzzles per people count (one number, or one per count)")
+    parser.add_argument("--train_seed", type=int, default=100000, help="seed of the RL train stream (not 1234: that is the official one)")
+    parser.add_argument("--test_people", default="4-8", help="people counts of the test split")
+    parser.add_argument("--test_per_people", default="100", help="test puzzles per people count (the first of the test stream)")
+    parser.add_argument("--test_seed", type=int, default=OFFICIAL_SEED, help="seed of the test stream (1234 = the official test puzzles)")
+    parser.add_argument("--sft_people", default="2-3", help="people counts of the SFT pool (paper: 2 and 3)")
+    parser.add_argument("--sft_per_people", default="200,800", help="SFT pool puzzles per people count (paper: 200 and 800)")
+    parser.add_argument("--sft_seed", type=int, default=200000, help="seed of the SFT pool stream")
+    parser.add_argument("--official", action="store_true", help="instead: regenerate the official dataset "
+                        "(seed 1234, test = indices 0-99, train after) into OUT_DIR/official/{test,train}/people{n}_num{N}.jsonl")
+    parser.add_argument("--official_people", default="2-8", help="people counts for --official (the official set has 2-8)")
+    parser.add_argument("--teacher_sft", default=None, help="instead: write SFT jsonl ({id, task, prompt, response}) of the "
+                        "teacher chain-of-thought for the puzzles of --split to this file")
+    parser.add_argument("--split", default=None, help="with --teacher_sft: the split file (ours or official)")
+    parser.add_argument("--tokenizer", default=None, help="with --teacher_sft: a Hugging Face tokenizer directory")
+    parser.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
+                        help="with --teacher_sft: prompt template (auto = chat when the tokenizer has one)")
+    args = common.parse_settings(parser, argv)
+
+    if args.teacher_sft:
+        return write_teacher_sft(args)
+
+    if args.official:
+        people = parse_people(args.official_people, "official_people")
+        print(f"regenerating the official K&K dataset (seed {OFFICIAL_SEED}) for {people} people")
+        for rel, rows in official_split_files(people).items():
+            common.write_jsonl(os.path.join(args.out_dir, "official", rel), rows)
+            print(f"  wrote {len(rows):5d} records to {os.path.join(args.out_dir, 'official', rel)}")
+        return
+
+    test_people = parse_people(args.test_people, "test_people")
+    train_people = parse_people(args.train_people, "train_people")
+    sft_people = parse_people(args.sft_people, "sft_people")
+    test_sizes = parse_sizes(args.test_per_people, test_people, "test_per_people")
+    train_sizes = parse_sizes(args.train_per_people, train_people, "train_per_people")
+    sft_sizes = parse_sizes(args.sft_per_people, sft_people, "sft_per_people")
+
+    # Never train on a test puzzle: the official test split (the first 100 of the official stream,
+    # for every people count) and our own test split are both excluded from train and the SFT pool.
+    print("test split")
+    test = [r for n, size in zip(test_people, test_sizes) for r in generate(args.test_seed, n, size)]
+    used = statements_of(test)
+    for n in sorted(set(train_people + sft_people)):
+        used |= {statements for _, statements, _ in sample_puzzles(OFFICIAL_SEED, n, OFFICIAL_TEST_SIZE)}
+    print("RL train split")
+    train = [r for n, size in zip(train_people, train_sizes) for r in generate(args.train_seed, n, size, used)]
+    used |= statements_of(train)
+    print("SFT pool")
+    sft = [r for n, size in zip(sft_people, sft_sizes) for r in generate(args.sft_seed, n, size, used)]
+
+    for name, records in (("test", test), ("train", train), ("sft", sft)):
+        path = os.path.join(args.out_dir, f"{name}.jsonl")
+        common.write_jsonl(path, records)
+        counts = {}
+        for r in records:
+            counts[r['people']] = counts.get(r['people'], 0) + 1
+        print(f"wrote {len(records):6d} records to {path}  (per people: "
+              + ", ".join(f"{n}: {c}" for n, c in sorted(counts.items())) + ")")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
