@@ -1,0 +1,610 @@
+"""
+MATH: load the formats people have, split like the paper, render prompts,
+extract the last \\boxed{} answer and grade it.
+
+    python math_data.py                                   # data/math/{sft_train,sft_val,rl_train,test}.jsonl
+    python math_data.py --teacher_sft out.jsonl --tokenizer DIR --split data/math/sft_train.jsonl
+    python math_data.py --bench                           # grading speed on MATH-500
+
+The grader: a response earns 1.0 only if it finished with EOS and its last
+\\boxed{} equals the gold answer, first by a normalised string match, then by
+math-verify (the reference implementation's checker). math-verify runs in a
+persistent worker subprocess that is killed and restarted when a call passes
+its time limit, so the limit is hard (sympy can hang inside C code, where no
+signal reaches) and works from any thread of any process. Only the extracted
+answer and the gold answer, length-capped, ever reach math-verify; we never
+eval/exec/sympify model text ourselves.
+"""
+import argparse
+import atexit
+import hashlib
+import json
+import os
+import random
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+
+import common
+from common import UserError
+
+TASK = "math"
+DIFFICULTY = "level"  # record key of the MATH level 1-5 (0 when unknown: AIME, AMC, MATH-500 without levels)
+
+GRADE_TIMEOUT_S = 1.0  # hard limit on one math-verify call (the worker is killed past it); a slow legit call scores 0.0
+WORKER_START_TIMEOUT_S = 60.0  # importing sympy + math-verify; not counted in GRADE_TIMEOUT_S
+WORKER_CPU_GUARD_S = 30  # the worker kills itself (RLIMIT_CPU) if one request burns this much CPU: no orphan spins forever
+MAX_ANSWER_CHARS = 500  # longer boxed answers score 0.0 (MATH gold answers are < 200 characters)
+MAX_BRACE_DEPTH = 20  # deeper nesting never reaches math-verify (its parser recurses)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_TRAIN_POOL = "../shared/data/math/math_train_8k.jsonl"
+DEFAULT_TEST = "../shared/data/math/math500.jsonl"
+# --hub: the MATH train set (7.5K, Hendrycks fields) and MATH-500, when `datasets` and a network exist
+HUB_TRAIN_POOL = "hf:DigitalLearningGmbH/MATH-lighteval:train"
+HUB_TEST = "hf:HuggingFaceH4/MATH-500:test"
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def load_split(path) -> list:
+    """Load MATH records from any of the formats people have; returns normalised records.
+
+    path: a .jsonl file (our own splits, PRM800K math_splits, MATH-500, or any jsonl with
+    problem/question + answer, or Hendrycks records whose answer is the last \\boxed{} of solution),
+    a .json file (a list of records, or one Hendrycks problem), a directory of Hendrycks
+    .json files (MATH/train/algebra/1.json ...), or "hf:NAME[:SPLIT]" for the Hugging Face hub.
+    Every record comes back as {id, level, subject, question, answer, solution}.
+    """
+    path = str(path)
+    if path.startswith("hf:"):
+        rows = _hub_rows(path)
+    elif os.path.isdir(path):
+        rows = _hendrycks_dir_rows(path)
+    elif not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    elif path.endswith(".json"):
+        rows = _json_rows(path)
+    else:
+        rows = _jsonl_rows(path)
+    stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0].replace("hf:", "").replace("/", "_")
+    records, seen, empty = [], set(), []
+    for where, default_id, raw in rows:
+        rec = _normalise_record(raw, where)
+        if not rec["answer"]:  # a few real pool problems have answer "" (proofs): nothing to grade against
+            empty.append(where)
+            continue
+        if rec["id"] is None:
+            # No id in the data: name the record by its problem text, stable under reordering.
+            base = default_id or f"{stem}-{hashlib.sha1(rec['question'].encode('utf-8')).hexdigest()[:10]}"
+            rec["id"], k = base, 1
+            while rec["id"] in seen:
+                k += 1
+                rec["id"] = f"{base}-{k}"
+        elif rec["id"] in seen:
+            raise UserError(f"{where}: field 'id': duplicate id {rec['id']!r}")
+        seen.add(rec["id"])
+        records.append(rec)
+    if empty:
+        print(f"warning: {path}: skipped {len(empty)} record(s) with an empty 'answer' (first: {empty[0]})",
+              file=sys.stderr, flush=True)
+    if not records:
+        raise UserError(f"{path}: no records with an answer")
+    return records
+
+
+def _jsonl_rows(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})")
+            rows.append((f"{path}:{lineno}", None, raw))
+    return rows
+
+
+def _json_rows(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+    if isinstance(data, dict):  # one Hendrycks problem file
+        return [(path, None, data)]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of records or one record, got {type(data).__name__}")
+    return [(f"{path}: record {i}", None, raw) for i, raw in enumerate(data)]
+
+
+def _hendrycks_dir_rows(path):
+    """The original layout: one problem per .json file; ids like 'train/algebra/1.json' (MATH-500's unique_id)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names if n.endswith(".json"))
+    if not files:
+        raise UserError(f"{path}: directory holds no .json problem files")
+    rows = []
+    for file in files:
+        ((where, _, raw),) = _json_rows(file)
+        rows.append((where, os.path.relpath(file, parent).replace(os.sep, "/"), raw))
+    return rows
+
+
+def _hub_rows(path):
+    name, _, split = path[len("hf:"):].partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{path}: loading from the Hugging Face hub needs `pip install datasets` and a network; "
+                        f"or pass a local file")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # network, name, split: the library's own message says which
+        raise UserError(f"{path}: cannot load from the hub: {e}")
+    return [(f"{path}: row {i}", None, dict(raw)) for i, raw in enumerate(ds)]
+
+
+def _normalise_record(raw, where):
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    key = "question" if "question" in raw else "problem"
+    question = raw.get(key)
+    if not isinstance(question, str) or not question.strip():
+        raise UserError(f"{where}: field '{key}': missing or not a non-empty string (need 'problem' or 'question')")
+    solution = raw.get("solution") or ""
+    if not isinstance(solution, str):
+        raise UserError(f"{where}: field 'solution': expected a string, got {type(solution).__name__}")
+    answer = raw.get("answer")
+    if answer is None:  # Hendrycks layout: the answer is the solution's last \boxed{}
+        answer = extract_boxed(solution)
+        if answer is None:
+            raise UserError(f"{where}: field 'answer': missing, and field 'solution' has no \\boxed{{}} to take it from")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        raise UserError(f"{where}: field 'answer': expected a string, got {type(answer).__name__}")
+    subject = raw.get("subject", raw.get("type", "")) or ""
+    if not isinstance(subject, str):
+        raise UserError(f"{where}: field 'subject': expected a string, got {type(subject).__name__}")
+    rid = raw.get("unique_id", raw.get("id"))
+    if rid is not None and not isinstance(rid, (str, int)):
+        raise UserError(f"{where}: field 'id': expected a string or integer, got {type(rid).__name__}")
+    return {"id": None if rid is None else str(rid), "level": _parse_level(raw.get("level"), where),
+            "subject": subject, "question": question, "answer": answer.strip(), "solution": solution}
+
+
+def _parse_level(level, where) -> int:
+    """MATH levels come as 3, "3" or "Level 3"; missing or "Level ?" (a few Hendrycks files) is 0."""
+    if level is None or level == "" or level == "Level ?":
+        return 0
+    if isinstance(level, int) and not isinstance(level, bool) and 0 <= level <= 5:
+        return level
+    if isinstance(level, str):
+        m = re.fullmatch(r"\s*(?:Level\s*)?([0-5])\s*", level)
+        if m:
+            return int(m.group(1))
+    raise UserError(f"{where}: field 'level': expected 1-5 or 'Level N', got {level!r}"[:300])
+
+
+# -----------------------------------------------------------------------------
+# splits like the paper: seed-1234 shuffle, 900 SFT train / 100 SFT val / the rest RL; MATH-500 test
+
+
+def problem_key(question: str) -> str:
+    """Normalised problem text for deduplication (PRM800K's train holds most of the original test set)."""
+    return re.sub(r"\s+", "", question).lower()
+
+
+def make_splits(pool, test, n_sft_train=900, n_sft_val=100, seed=1234):
+    """Returns ({split name: records}, {count name: n}); training splits never share a problem with test."""
+    test_keys = {problem_key(r["question"]) for r in test}
+    kept, seen, n_test_overlap, n_duplicate = [], set(), 0, 0
+    for rec in pool:
+        key = problem_key(rec["question"])
+        if key in test_keys:
+            n_test_overlap += 1
+        elif key in seen:
+            n_duplicate += 1
+        else:
+            seen.add(key)
+            kept.append(rec)
+    if len(kept) < n_sft_train + n_sft_val:
+        raise UserError(f"training pool has {len(kept)} problems after deduplication, "
+                        f"fewer than n_sft_train + n_sft_val = {n_sft_train + n_sft_val}")
+    random.Random(seed).shuffle(kept)
+    splits = {"sft_train": kept[:n_sft_train], "sft_val": kept[n_sft_train:n_sft_train + n_sft_val],
+              "rl_train": kept[n_sft_train + n_sft_val:], "test": list(test)}
+    counts = {"pool": len(pool), "dropped_in_test": n_test_overlap, "dropped_duplicate": n_duplicate,
+              **{name: len(recs) for name, recs in splits.items()}}
+    return splits, counts
+
+
+# -----------------------------------------------------------------------------
+# prompts and the SFT target
+
+
+def render_prompt(record, tokenizer, template="auto") -> str:
+    return common.render_prompt(tokenizer, record["question"], template)
+
+
+def teacher_response(record) -> str:
+    """The dataset's own solution as the SFT target (no EOS: the SFT loader appends it)."""
+    solution = (record.get("solution") or "").strip()
+    if solution and extract_boxed(solution) is not None:
+        return solution
+    final = f"The final answer is $\\boxed{{{record['answer']}}}$."
+    return f"{solution}\n\n{final}" if solution else final
+
+
+# -----------------------------------------------------------------------------
+# answer extraction and the fast string match
+
+
+def extract_boxed(text):
+    """The content of the last \\boxed{...} (or \\fbox{...}, or `\\boxed 5`), cleaned; None if there is none.
+
+    Nested braces count, escaped \\{ \\} do not. An unclosed last box (a truncated answer) gives None.
+    Surrounding $...$, a whole-answer \\text{...} and a trailing period are removed.
+    """
+    if not isinstance(text, str):
+        return None
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+    j = i
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        depth, k = 0, j
+        while k < len(text):
+            c = text[k]
+            if c == "\\":
+                k += 2  # \{ and \} are literal braces
+                continue
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            k += 1
+        if k >= len(text):
+            return None
+        content = text[j + 1:k]
+    elif j > i and j < len(text):  # "\boxed 5": up to the closing $ or the end of the line
+        content = re.split(r"[$\n]", text[j:], maxsplit=1)[0]
+    else:
+        return None
+    return _clean_answer(content) or None
+
+
+def _clean_answer(s: str) -> str:
+    s = s.strip()
+    for _ in range(3):  # a few layers of $..$, \(..\), \text{..} and a trailing period, in any order
+        before = s
+        if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+            s = s.strip("$").strip()
+        if s.startswith("\\(") and s.endswith("\\)"):
+            s = s[2:-2].strip()
+        s = s.rstrip(".").strip() if not s.endswith("\\.") else s
+        m = re.fullmatch(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", s)
+        if m:
+            s = m.group(1).strip()
+        if s == before:
+            break
+    return s
+
+
+_UNIT_TEXT = re.compile(r"(?<=[0-9}])\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .]*\}$")  # "5\text{ cm}" -> "5"
+
+
+def normalize_answer(s: str) -> str:
+    """A canonical string for the fast exact-match path; conservative: it only merges forms that are equal."""
+    s = _clean_answer(s)
+    s = s.replace("\\!", "").replace("{,}", ",").replace("\\$", "")
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
+    s = re.sub(r"\\[,;: ]", " ", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree", "", s)
+    s = s.replace("\\%", "").replace("%", "")
+    s = _UNIT_TEXT.sub("", s.strip())
+    s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\s+", "", s)
+    if s.count("=") == 1 and re.match(r"[a-zA-Z]=", s):  # "x=3" -> "3"
+        s = s[2:]
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators
+        s = s.replace(",", "")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{a}2
+    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)  # \sqrt2
+    if re.fullmatch(r"-?\d+\.\d*", s):  # 27.0 -> 27, 0.50 -> 0.5
+        s = s.rstrip("0").rstrip(".")
+    m = re.fullmatch(r"\(([A-Ea-e])\)", s)  # multiple choice "(C)" -> "C"
+    if m:
+        s = m.group(1)
+    return s.rstrip(".")
+
+
+# Things that must never reach math-verify: they can only be nonsense or an attack on sympy's time.
+_RISKY = re.compile(
+    r"\\(?:input|include|def|edef|gdef|newcommand|renewcommand|write|immediate|catcode|usepackage|openin|read|csname|expandafter)(?![a-zA-Z])"
+    r"|\^\s*\{[^{}]*\^"  # exponent towers: 9^{9^{9^9}}
+    r"|\^\s*\(?-?\d+\)?\s*\^"  # 9^9^9
+    r"|\^\s*\{?\s*\d{5,}"  # huge exponents: 2^{123456}
+    r"|\d{5,}\s*!"  # huge factorials
+    r"|\*\*|\bimport\b|\blambda\b|__"  # Python, not math
+)
+
+
+def _fit_for_verifier(ans: str) -> bool:
+    if len(ans) > MAX_ANSWER_CHARS or _RISKY.search(ans):
+        return False
+    depth = deepest = 0
+    for c in ans:
+        depth += (c == "{") - (c == "}")
+        deepest = max(deepest, depth)
+    return deepest <= MAX_BRACE_DEPTH
+
+
+# -----------------------------------------------------------------------------
+# grading
+
+
+def score(response, record, finished) -> float:
+    """1.0 iff the response finished with EOS and its last \\boxed{} equals record['answer']; never raises."""
+    try:
+        if not finished:
+            return 0.0
+        pred = extract_boxed(response)
+        if pred is None or len(pred) > MAX_ANSWER_CHARS:
+            return 0.0
+        gold = str(record["answer"])
+        if normalize_answer(pred) == normalize_answer(gold):
+            return 1.0
+        if not (_fit_for_verifier(pred) and _fit_for_verifier(gold)):
+            return 0.0
+        return 1.0 if GRADER.equivalent(gold, pred, GRADE_TIMEOUT_S) else 0.0
+    except Exception as e:  # a bug here must not kill an RL run: count it as wrong, say so once
+        _warn_once(f"math_data.score: unexpected {type(e).__name__}: {e}; scored 0.0")
+        return 0.0
+
+
+_warned = set()
+
+
+def _warn_once(msg):
+    if msg not in _warned:
+        _warned.add(msg)
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+class _Worker:
+    """One math-verify subprocess, spoken to in JSON lines: {"gold", "pred"} -> "1" or "0"."""
+
+    def __init__(self):
+        boot = f"import sys; sys.path.insert(0, {HERE!r}); import math_data; math_data._worker_main()"
+        self.proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     bufsize=0, close_fds=True)
+        self.ready = False
+
+    def _read_line(self, deadline):
+        buf = b""
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                return None  # time is up
+            chunk = os.read(self.proc.stdout.fileno(), 64)
+            if not chunk:
+                return None  # the worker died
+            buf += chunk
+        return buf.strip()
+
+    def start(self, timeout_s) -> bool:
+        if not self.ready:
+            self.ready = self._read_line(time.monotonic() + timeout_s) == b"ready"
+        return self.ready
+
+    def ask(self, gold, pred, timeout_s):
+        """True/False, or None when the worker timed out or died (the caller kills it)."""
+        try:
+            self.proc.stdin.write((json.dumps({"gold": gold, "pred": pred}) + "\n").encode("utf-8"))
+        except (BrokenPipeError, OSError):
+            return None
+        reply = self._read_line(time.monotonic() + timeout_s)
+        return None if reply is None else reply == b"1"
+
+    def kill(self):
+        try:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        except Exception:
+            pass
+
+
+class Grader:
+    """A pool of math-verify workers: one per concurrent caller thread, re-made after a fork or a timeout."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle = []
+        self._pid = os.getpid()
+        self._start_failures = 0
+        self._cache = {}  # (gold, pred) -> bool; RL asks the same pair often, and a pair that hung once stays 0
+        atexit.register(self.close)
+
+    def equivalent(self, gold, pred, timeout_s=GRADE_TIMEOUT_S) -> bool:
+        key = (gold, pred)
+        with self._lock:
+            if os.getpid() != self._pid:  # forked: the inherited workers belong to the parent
+                self._idle, self._cache, self._pid = [], {}, os.getpid()
+            if key in self._cache:
+                return self._cache[key]
+            if self._start_failures >= 3:
+                return False
+            worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            worker = _Worker()
+        if not worker.start(WORKER_START_TIMEOUT_S):
+            worker.kill()
+            with self._lock:
+                self._start_failures += 1
+            _warn_once("math_data: the math-verify worker failed to start (is math-verify installed? see the error "
+                       "above); answers are graded by string match only")
+            return False
+        result = worker.ask(gold, pred, timeout_s)
+        if result is None:  # hung or crashed: kill it, and start its replacement now so it warms up meanwhile
+            worker.kill()
+            worker = _Worker()
+        with self._lock:
+            self._idle.append(worker)
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[key] = bool(result)
+        return bool(result)
+
+    def close(self):
+        with self._lock:
+            workers, self._idle = (self._idle, []) if os.getpid() == self._pid else ([], [])
+        for w in workers:
+            w.kill()
+
+
+GRADER = Grader()
+
+
+def _worker_main():
+    """The worker process: math-verify on (gold, pred) pairs from stdin, one "1"/"0" line each on stdout."""
+    import logging
+    logging.disable(logging.CRITICAL)  # math-verify logs every parse failure; the parent only needs the verdict
+    protocol = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
+    sys.stdout = sys.stderr
+    from math_verify import LatexExtractionConfig, parse, verify
+    # LaTeX only: math-verify's ExprExtractionConfig runs sympy's parse_expr (eval) on the text.
+    config = [LatexExtractionConfig(boxed_match_priority=0)]
+
+    def equal(gold, pred):
+        # Timeouts off: math-verify's are signal.alarm based; the parent's kill is the time limit.
+        g = parse("\\boxed{" + gold + "}", extraction_config=config, parsing_timeout=None)
+        p = parse("\\boxed{" + pred + "}", extraction_config=config, parsing_timeout=None)
+        return bool(g) and bool(p) and verify(g, p, timeout_seconds=None)
+
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except Exception:
+        resource = None
+    equal("\\frac{1}{2}", "0.5")  # warm up sympy's caches before saying ready
+    protocol.write(b"ready\n")
+    for line in sys.stdin.buffer:  # EOF (the parent exited) ends the worker
+        if resource is not None:  # the kernel ends this process if the request below spins past the guard
+            used = resource.getrusage(resource.RUSAGE_SELF)
+            soft = int(used.ru_utime + used.ru_stime) + WORKER_CPU_GUARD_S
+            hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+            if hard == resource.RLIM_INFINITY or soft < hard:
+                resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+        try:
+            request = json.loads(line)
+            ok = equal(str(request["gold"]), str(request["pred"]))
+        except Exception:
+            ok = False
+        protocol.write(b"1\n" if ok else b"0\n")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def bench(test):
+    """Grading speed on MATH-500: the figures quoted in the README."""
+    responses = [f"So the answer is $\\boxed{{{r['answer']}}}$." for r in test]
+    GRADER.equivalent("1", "1")  # start the worker outside the timings
+    t0 = time.perf_counter()
+    n_right = sum(score(resp, rec, True) for resp, rec in zip(responses, test))
+    t_score = time.perf_counter() - t0
+    print(f"score(): {len(test)} self-gradings in {t_score:.2f} s ({n_right:.0f} right; string match answers most)")
+    t0 = time.perf_counter()
+    n_right = sum(GRADER.equivalent(r["answer"], r["answer"] + " ", GRADE_TIMEOUT_S) for r in test)
+    t_worker = time.perf_counter() - t0
+    print(f"math-verify via the worker: {len(test)} gradings in {t_worker:.2f} s ({n_right} right)")
+    t0 = time.perf_counter()
+    for _ in range(200):
+        GRADER._cache.clear()
+        GRADER.equivalent("1", "1", GRADE_TIMEOUT_S)
+    t_trivial = (time.perf_counter() - t0) / 200
+    print(f"one trivial call through the worker: {1e3 * t_trivial:.2f} ms")
+    t0 = time.perf_counter()
+    GRADER.equivalent("9", "9^{9^{9^9}}", GRADE_TIMEOUT_S)  # straight to the worker, past the input checks
+    print(f"a hanging call: {time.perf_counter() - t0:.2f} s to 0.0 (limit {GRADE_TIMEOUT_S} s), worker restarted")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="MATH: build the paper's splits, write teacher SFT data, benchmark grading.")
+    parser.add_argument("--train_pool", default=DEFAULT_TRAIN_POOL,
+                        help="training pool: a jsonl/json file, a Hendrycks directory, or hf:NAME[:SPLIT]")
+    parser.add_argument("--test", default=DEFAULT_TEST, help="test set (MATH-500), same formats as --train_pool")
+    parser.add_argument("--hub", action="store_true",
+                        help=f"read the pool and test set from the Hugging Face hub ({HUB_TRAIN_POOL}, {HUB_TEST}); "
+                             f"needs `pip install datasets` and a network")
+    parser.add_argument("--out_dir", default="data/math", help="where the splits are written")
+    parser.add_argument("--n_sft_train", type=int, default=900, help="SFT train problems (the paper: 900)")
+    parser.add_argument("--n_sft_val", type=int, default=100, help="SFT validation problems (the paper: 100)")
+    parser.add_argument("--seed", type=int, default=1234, help="shuffle seed of the training pool (the paper: 1234)")
+    parser.add_argument("--teacher_sft", default=None, metavar="OUT.jsonl",
+                        help="instead of splitting: write SFT jsonl (id, task, prompt, response=the dataset solution) "
+                             "for the records of --split")
+    parser.add_argument("--split", default="data/math/sft_train.jsonl", help="records for --teacher_sft")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (Hugging Face format) for --teacher_sft")
+    parser.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
+                        help="prompt template: chat (the tokenizer's, with the paper's system prompt), plain "
+                             "(Question/Answer), auto (chat when the tokenizer has one)")
+    parser.add_argument("--bench", action="store_true", help="instead of splitting: time grading on the test set")
+    args = common.parse_settings(parser)
+
+    if args.teacher_sft:
+        if not args.tokenizer:
+            raise UserError("--teacher_sft needs --tokenizer DIR (a Hugging Face tokenizer directory)")
+        from transformers import AutoTokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        except Exception as e:
+            raise UserError(f"{args.tokenizer}: cannot load a tokenizer: {e}")
+        records = load_split(args.split)
+        rows = [{"id": r["id"], "task": TASK, "prompt": render_prompt(r, tokenizer, args.template),
+                 "response": teacher_response(r)} for r in records]
+        common.write_jsonl(args.teacher_sft, rows)
+        n_bare = sum(1 for r in records if not r["solution"].strip())
+        print(f"wrote {len(rows)} SFT records to {args.teacher_sft}"
+              + (f" ({n_bare} have no solution in the data: their response is only the final-answer sentence)"
+                 if n_bare else ""))
+        return
+
+    pool_path, test_path = (HUB_TRAIN_POOL, HUB_TEST) if args.hub else (args.train_pool, args.test)
+    for what, path in (("training pool", pool_path), ("test set", test_path)):
+        if not path.startswith("hf:") and not os.path.exists(path):
+            flag = "--train_pool" if what == "training pool" else "--test"
+            raise UserError(f"{what} {path} not found: pass {flag} PATH (jsonl, json, a Hendrycks directory or "
+                            f"hf:NAME[:SPLIT]), or --hub to read from the Hugging Face hub")
+    test = load_split(test_path)
+    if args.bench:
+        bench(test)
+        return
+    pool = load_split(pool_path)
+    splits, counts = make_splits(pool, test, args.n_sft_train, args.n_sft_val, args.seed)
+    for name, records in splits.items():
+        common.write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
+    print(f"pool {counts['pool']} ({pool_path}): dropped {counts['dropped_in_test']} also in the test set, "
+          f"{counts['dropped_duplicate']} duplicates")
+    print(f"wrote to {args.out_dir}/: " + ", ".join(f"{name} {len(recs)}" for name, recs in splits.items()))
+
+
+if __name__ == "__main__":
+    common.run_main(main)
