@@ -403,13 +403,14 @@ def sample_next(logits, temperature, top_p, generator):
 
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
-             max_seq_len=None, cache_dtype=None):
+             max_seq_len=None, cache_dtype=None, logits_hook=None):
     """Sample n responses for each prompt (lists of token ids, any lengths) in one batch.
 
     Each prompt is prefilled once (packed, no padding) and its keys/values copied into its n cache rows.
     Then one token per live row per step; a row that emits a stop id is finished and removed from the
     batch, so it costs nothing further. temperature=0 is greedy. Returns a list of Generation, prompt-major
-    (all samples of prompt 0, then prompt 1, ...).
+    (all samples of prompt 0, then prompt 1, ...). logits_hook(logits, rows, step) -> logits, if given, edits the
+    fp32 logits of the live rows (rows = their indices in the output) before each token is picked.
     """
     device = model.lm_head.weight.device
     max_seq_len = max_seq_len or model.config.max_position_embeddings
@@ -439,6 +440,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     live = torch.arange(rows, device=device)  # original row index of each live cache row
     for step in range(max_new_tokens):
+        if logits_hook is not None:
+            logits = logits_hook(logits, live, step)
         tok, lp = sample_next(logits, temperature, top_p, gen)
         out_tokens[live, step] = tok
         out_logprobs[live, step] = lp

@@ -1,0 +1,286 @@
+"""model.py against transformers: logits, checkpoints both ways, greedy generation, log-probs, errors."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessor, LogitsProcessorList, Qwen2Config
+
+import common
+from model import (Transformer, build_model, build_tokenizer, generate, load_model, pack, save_model, stop_token_ids,
+                   tiny_config)
+
+VOCAB = 97
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+CONFIGS = {
+    "qwen2_tied": tiny_config(VOCAB, arch="Qwen2ForCausalLM", tie_word_embeddings=True),
+    "qwen2_untied": tiny_config(VOCAB, arch="Qwen2ForCausalLM", tie_word_embeddings=False),
+    "qwen3": tiny_config(VOCAB, arch="Qwen3ForCausalLM", head_dim=24, tie_word_embeddings=False),
+    "llama3_scaled": tiny_config(VOCAB, arch="LlamaForCausalLM", rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                                 tie_word_embeddings=False),
+}
+
+
+def random_model(cfg, seed=0):
+    # larger-than-usual weights so that every component (biases, norms, RoPE) visibly matters
+    return build_model(cfg, seed).init_weights(seed, std=0.15)
+
+
+def hf_logits(path, idx):
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers_after_save(name, tmp_path):
+    model = random_model(CONFIGS[name], seed=1)
+    save_model(model, str(tmp_path / "ckpt"))
+    idx = torch.randint(0, VOCAB, (3, 150), generator=torch.Generator().manual_seed(0))  # past the llama3 window
+    with torch.no_grad():
+        ours = model.logits(idx)
+    diff = (ours - hf_logits(str(tmp_path / "ckpt"), idx)).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert ours.abs().max() > 1.0  # the comparison is not between two near-zero tensors
+
+
+def test_llama3_rope_scaling_changes_logits():
+    scaled = random_model(CONFIGS["llama3_scaled"], seed=1)
+    plain_cfg = dict(CONFIGS["llama3_scaled"])
+    plain_cfg.pop("rope_scaling")
+    plain = random_model(plain_cfg, seed=1)
+    idx = torch.randint(0, VOCAB, (1, 150))
+    with torch.no_grad():
+        assert (scaled.logits(idx) - plain.logits(idx)).abs().max() > 1e-2
+
+
+def test_load_transformers_checkpoint_sharded_and_v5_rope_config(tmp_path):
+    # transformers writes RoPE settings as `rope_parameters` (v5) and shards when asked
+    from transformers import AutoModelForCausalLM as Auto
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_scaling=dict(LLAMA3_SCALING), rope_theta=500000.0)
+    torch.manual_seed(0)
+    hf = Auto.from_config(cfg)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
+    ours = load_model(str(tmp_path / "hf"))
+    idx = torch.randint(0, VOCAB, (2, 120))
+    with torch.no_grad():
+        diff = (ours.logits(idx) - hf(idx).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_load_transformers_qwen2(tmp_path):
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    hf = AutoModelForCausalLM.from_config(cfg)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_model(str(tmp_path / "hf"))
+    idx = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        assert (ours.logits(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_sharded_save_roundtrip_and_bf16(tmp_path):
+    model = random_model(CONFIGS["qwen2_untied"], seed=2)
+    save_model(model, str(tmp_path / "ck"), max_shard_bytes=20_000)
+    assert os.path.exists(tmp_path / "ck" / "model.safetensors.index.json")
+    back = load_model(str(tmp_path / "ck"))
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    half = load_model(str(tmp_path / "ck"), dtype="bfloat16")
+    assert half.lm_head.weight.dtype == torch.bfloat16
+    assert not any(os.path.basename(p).startswith(("ck.tmp", "ck.old")) for p in os.listdir(tmp_path))
+
+
+def test_save_replaces_existing_checkpoint(tmp_path):
+    a, b = random_model(CONFIGS["qwen2_tied"], 1), random_model(CONFIGS["qwen2_tied"], 2)
+    save_model(a, str(tmp_path / "ck"))
+    save_model(b, str(tmp_path / "ck"))
+    assert torch.equal(load_model(str(tmp_path / "ck")).lm_head.weight, b.lm_head.weight)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_packed_forward_equals_padded():
+    model = random_model(CONFIGS["qwen3"], seed=3)
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (7, 1, 23, 12)]
+    ids, cu = pack(seqs)
+    with torch.no_grad():
+        packed = model.forward(ids, cu_seqlens=cu)[0]
+        padded = torch.zeros(len(seqs), 23, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            padded[i, :len(s)] = torch.tensor(s)
+        hidden = model.forward(padded)
+    for i, s in enumerate(seqs):
+        assert (packed[cu[i]:cu[i + 1]] - hidden[i, :len(s)]).abs().max() <= 1e-5
+
+
+def test_chunked_logprobs_and_gradients_match_full():
+    model = random_model(CONFIGS["qwen2_untied"], seed=4)
+    idx = torch.randint(0, VOCAB, (2, 30))
+    h = model.forward(idx)
+    lp = model.token_logprobs(h[:, :-1], idx[:, 1:], chunk_size=7, temperature=0.7)
+    full = torch.log_softmax(model.lm_head(h[:, :-1]).float() / 0.7, -1).gather(-1, idx[:, 1:, None]).squeeze(-1)
+    assert (lp - full).abs().max() <= 1e-5
+    g1 = torch.autograd.grad(lp.sum(), model.lm_head.weight, retain_graph=True)[0]
+    g2 = torch.autograd.grad(full.sum(), model.lm_head.weight)[0]
+    assert (g1 - g2).abs().max() <= 1e-5
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = random_model(CONFIGS["qwen2_tied"], seed=5)
+    idx = torch.randint(0, VOCAB, (2, 20))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model.token_logprobs(model.forward(idx)[:, :-1], idx[:, 1:]).sum().backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+class ForceStopAt(LogitsProcessor):
+    """Make transformers emit the stop token at each row's given length (to align workloads)."""
+
+    def __init__(self, prompt_len, stop_at, stop_id):
+        self.prompt_len, self.stop_at, self.stop_id = prompt_len, stop_at, stop_id
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_len
+        for row, at in enumerate(self.stop_at):
+            if step + 1 == at:
+                scores[row] = -float("inf")
+                scores[row, self.stop_id] = 0
+        return scores
+
+
+def test_greedy_generation_matches_transformers_ragged_batch(tmp_path):
+    cfg = CONFIGS["qwen2_tied"]
+    model = random_model(cfg, seed=6)
+    save_model(model, str(tmp_path / "ck"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck"), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 11, 7, 2, 15)]
+    max_new = 24
+    # pick stop ids the model actually emits, so some rows end early and some hit the length limit
+    free_run = generate(model, prompts, max_new_tokens=max_new, temperature=0)
+    runs = [set(g.tokens) for g in free_run]
+    candidates = [t for g in free_run for t in g.tokens[2:]]
+    stop = next([a, b] for a in candidates for b in candidates
+                if a != b and any(a not in r and b not in r for r in runs))
+    ours = generate(model, prompts, max_new_tokens=max_new, temperature=0, stop_ids=stop)
+    finished = [g.finished for g in ours]
+    assert any(finished) and not all(finished)
+    for i, p in enumerate(prompts):
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          max_new_tokens=max_new, do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
+        ref = ref[0, len(p):].tolist()
+        assert ours[i].tokens == ref, i
+        assert ours[i].finished == (ref[-1] in stop)
+        assert ours[i].finished or len(ours[i].tokens) == max_new
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_generation_logprobs_equal_teacher_forced(temperature):
+    model = random_model(CONFIGS["llama3_scaled"], seed=7).init_weights(7, std=0.05)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16], [20]]
+    gens = generate(model, prompts, n=3, max_new_tokens=16, temperature=temperature, stop_ids=[1, 2], seed=1)
+    assert len(gens) == 9 and [g.prompt_index for g in gens] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with torch.no_grad():
+        for g in gens:
+            full = torch.tensor([prompts[g.prompt_index] + g.tokens])
+            p = len(prompts[g.prompt_index])
+            lp = model.token_logprobs(model.forward(full)[:, p - 1:-1], full[:, p:], temperature=temperature)
+            assert (lp[0] - torch.tensor(g.logprobs)).abs().max() <= 1e-4
+
+
+def test_sampling_seeded_and_top_p():
+    model = random_model(CONFIGS["qwen2_tied"], seed=8)
+    prompts = [[1, 2, 3], [4, 5]]
+    a = generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, seed=11)
+    b = generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, seed=11)
+    c = generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, seed=12)
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    assert [g.tokens for g in a] != [g.tokens for g in c]
+    assert len({tuple(g.tokens) for g in a[:4]}) > 1  # the n samples of one prompt differ
+    # top_p tiny => only the most likely token survives => same as greedy
+    nucleus = generate(model, prompts, n=2, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=3)
+    greedy = generate(model, prompts, n=1, max_new_tokens=12, temperature=0)
+    assert nucleus[0].tokens == nucleus[1].tokens == greedy[0].tokens
+
+
+def test_tiny_tokenizer_roundtrip_chat_template_and_stop_ids(tmp_path):
+    tok = build_tokenizer(["Alice is a knight. Bob is a knave."] * 20, vocab_size=300, path=str(tmp_path / "tok"))
+    from transformers import AutoTokenizer
+    back = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    text = "Zed says: \\boxed{Alice is a knight} — ünïcode"
+    assert back.decode(back(text, add_special_tokens=False)["input_ids"]) == text
+    prompt = common.render_prompt(back, "Who is who?", "chat")
+    assert prompt.startswith("<|im_start|>system\n" + common.SYSTEM_PROMPT)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    stops = stop_token_ids(back)
+    assert back.convert_tokens_to_ids("<|endoftext|>") in stops and back.convert_tokens_to_ids("<|im_end|>") in stops
+
+
+def write_model(tmp_path, name="ck"):
+    save_model(random_model(CONFIGS["qwen2_tied"]), str(tmp_path / name))
+    return str(tmp_path / name)
+
+
+def test_error_missing_directory(tmp_path):
+    with pytest.raises(common.UserError, match="checkpoint directory not found"):
+        load_model(str(tmp_path / "nope"))
+
+
+def test_error_missing_weights(tmp_path):
+    path = write_model(tmp_path)
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(common.UserError, match="no model.safetensors"):
+        load_model(path)
+
+
+def test_error_corrupt_weights(tmp_path):
+    path = write_model(tmp_path)
+    with open(os.path.join(path, "model.safetensors"), "r+b") as f:
+        f.write(b"garbage!" * 4)
+    with pytest.raises(common.UserError, match="cannot read weights"):
+        load_model(path)
+
+
+def test_error_missing_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = write_model(tmp_path)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    weights.pop("model.norm.weight")
+    save_file(weights, os.path.join(path, "model.safetensors"))
+    with pytest.raises(common.UserError, match="lacks 1 tensor"):
+        load_model(path)
+
+
+def test_error_unsupported_architecture(tmp_path):
+    path = write_model(tmp_path)
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(common.UserError, match="unsupported architecture.*Qwen2ForCausalLM.*Qwen3ForCausalLM.*Llama"):
+        load_model(path)
+
+
+def test_error_prompt_longer_than_cache():
+    model = random_model(tiny_config(VOCAB, max_position_embeddings=32))
+    with pytest.raises(common.UserError, match="prompt 1 has 30 tokens.*32-token context"):
+        generate(model, [[1, 2], [3] * 30], max_new_tokens=8)
+
+
+def test_error_cli_prints_one_line(tmp_path):
+    import subprocess
+    import sys
+    code = "import common, model; common.run_main(lambda: model.load_model(%r))" % str(tmp_path / "missing")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
