@@ -336,11 +336,10 @@ def normalize_answer(s: str) -> str:
 # Things that must never reach math-verify: they can only be nonsense or an attack on sympy's time.
 _RISKY = re.compile(
     r"\\(?:input|include|def|edef|gdef|newcommand|renewcommand|write|immediate|catcode|usepackage|openin|read|csname|expandafter)(?![a-zA-Z])"
-    r"|\^\s*\{[^{}]*\^"  # exponent towers: 9^{9^{9^9}}
-    r"|\^\s*\(?-?\d+\)?\s*\^"  # 9^9^9
+    r"|\d\s*\^\s*[{(]?\s*\d+\s*\^"  # numeric exponent towers: 9^{9^{9^9}}, 9^9^9
     r"|\^\s*\{?\s*\d{5,}"  # huge exponents: 2^{123456}
     r"|\d{5,}\s*!"  # huge factorials
-    r"|\*\*|\bimport\b|\blambda\b|__"  # Python, not math
+    r"|\*\*|\bimport\b|__"  # Python, not math
 )
 
 
@@ -430,27 +429,29 @@ class _Worker:
 
 
 class Grader:
-    """A pool of math-verify workers: one per concurrent caller thread, re-made after a fork or a timeout."""
+    """A pool of math-verify workers: one per concurrent caller thread; replaced after a timeout, a crash or a fork."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._idle = []
-        self._pid = os.getpid()
+        self._forget_workers()
         self._start_failures = 0
-        self._cache = {}  # (gold, pred) -> bool; RL asks the same pair often, and a pair that hung once stays 0
+        if hasattr(os, "register_at_fork"):  # a forked child must not talk to its parent's workers
+            os.register_at_fork(after_in_child=self._forget_workers)
         atexit.register(self.close)
+
+    def _forget_workers(self):
+        self._lock = threading.Lock()  # a fresh lock: another thread may have held it at the fork
+        self._idle = []
+        self._cache = {}  # (gold, pred) -> bool; RL asks the same pair often, and a pair that hung once stays 0
 
     def equivalent(self, gold, pred, timeout_s=GRADE_TIMEOUT_S) -> bool:
         key = (gold, pred)
         with self._lock:
-            if os.getpid() != self._pid:  # forked: the inherited workers belong to the parent
-                self._idle, self._cache, self._pid = [], {}, os.getpid()
             if key in self._cache:
                 return self._cache[key]
             if self._start_failures >= 3:
                 return False
             worker = self._idle.pop() if self._idle else None
-        if worker is None:
+        if worker is None or worker.proc.poll() is not None:  # none idle, or it died while idle
             worker = _Worker()
         if not worker.start(WORKER_START_TIMEOUT_S):
             worker.kill()
@@ -472,7 +473,7 @@ class Grader:
 
     def close(self):
         with self._lock:
-            workers, self._idle = (self._idle, []) if os.getpid() == self._pid else ([], [])
+            workers, self._idle = self._idle, []
         for w in workers:
             w.kill()
 

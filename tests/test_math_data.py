@@ -1,0 +1,420 @@
+"""math_data.py: loading, splits, prompts, \\boxed{} extraction and the grader."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import ROOT, shared_path
+import common
+import math_data
+from math_data import extract_boxed, score
+
+
+def grade(pred, gold):
+    """Score a finished response whose last box holds `pred`."""
+    return score(f"Some reasoning.\nThe final answer is $\\boxed{{{pred}}}$.", {"answer": gold}, True)
+
+
+# (gold, boxed prediction): each pair must score 1.0
+EQUAL = [
+    ("\\frac{1}{2}", "\\frac12"),
+    ("\\frac{1}{2}", "\\dfrac{1}{2}"),
+    ("\\frac{1}{2}", "0.5"),
+    ("\\frac{1}{2}", "1/2"),
+    ("\\dfrac{1}{2}", "\\tfrac12"),
+    ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"),
+    ("\\frac{\\sqrt2}{2}", "\\frac{\\sqrt{2}}{2}"),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"),
+    ("\\frac{14}{3}", "4\\frac{2}{3}"),
+    ("(-\\infty, 3]", "(-\\infty,3]"),
+    ("[1,2)", "[1, 2)"),
+    ("(-\\infty,5)\\cup (5,\\infty)", "(-\\infty, 5) \\cup (5, \\infty)"),
+    ("\\left[-3,-\\frac{4}{3}\\right)", "[-3, -4/3)"),
+    ("\\{1,2,3\\}", "\\{3,1,2\\}"),
+    ("1, 2", "2, 1"),
+    ("1,-2", "-2, 1"),
+    ("0, 1, 2, 4", "4,2,1,0"),
+    ("(1,2)", "(1, 2)"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\pi/2)"),
+    ("(4,-2,3)", "\\left(4, -2, 3\\right)"),
+    ("3", "x=3"),
+    ("x=3", "3"),
+    ("y = 2x + 3", "y=2x+3"),
+    ("30^\\circ", "30"),
+    ("30", "30^{\\circ}"),
+    ("30^\\circ", "30^\\circ"),
+    ("45", "45^\\circ"),
+    ("50\\%", "50"),
+    ("50", "50\\%"),
+    ("50\\%", "0.5"),
+    ("5", "5\\text{ cm}"),
+    ("5\\text{ cm}", "5"),
+    ("12", "12 \\text{ inches}"),
+    ("\\$5", "5"),
+    ("1,000", "1000"),
+    ("1000", "1{,}000"),
+    ("1000000", "1,000,000"),
+    ("10,\\!000", "10000"),
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
+    ("\\begin{pmatrix} 1/2 \\\\ 0 \\end{pmatrix}", "\\begin{pmatrix} 0.5 \\\\ 0 \\end{pmatrix}"),
+    ("\\text{(C)}", "C"),
+    ("C", "(C)"),
+    ("\\text{(C)}", "\\text{(C)}"),
+    ("\\textbf{(B)}", "B"),
+    ("\\text{Evelyn}", "Evelyn"),
+    ("\\text{Evelyn}", "\\text{Evelyn}"),
+    ("10", "10.0"),
+    ("27.0", "27"),
+    ("3", "03"),
+    ("p - q", "p-q"),
+    ("x^2+2x", "x(x+2)"),
+    ("2\\sqrt{2}", "\\sqrt{8}"),
+    ("\\pi", "\\pi"),
+    ("-\\frac{1}{3}", "\\frac{-1}{3}"),
+    ("\\infty", "\\infty"),
+    ("5", "\\text{5}"),
+    ("5", "$5$"),
+    ("5", "5."),
+    ("e^{x^2}", "e^{x^{2}}"),
+]
+
+# (gold, boxed prediction): near misses that must score 0.0
+UNEQUAL = [
+    ("\\frac{1}{2}", "\\frac{1}{3}"),
+    ("\\frac{1}{2}", "2"),
+    ("\\frac{1}{2}", "-\\frac{1}{2}"),
+    ("2", "-2"),
+    ("10", "100"),
+    ("1,000", "100"),
+    ("12", "1,2"),
+    ("\\sqrt{2}", "2"),
+    ("\\sqrt{2}", "1.414"),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{2}}{2}"),
+    ("2\\sqrt{2}", "\\sqrt{2}"),
+    ("\\pi", "3.14"),
+    ("\\frac{1}{3}", "0.333"),
+    ("(1,2)", "(2,1)"),
+    ("(1,2)", "[1,2]"),
+    ("[1,2)", "(1,2]"),
+    ("(-\\infty, 3]", "(-\\infty, 3)"),
+    ("\\{1,2\\}", "\\{1,2,3\\}"),
+    ("1, 2", "1, 3"),
+    ("(4,-2,3)", "(4,2,3)"),
+    ("3", "x=4"),
+    ("y=2x+3", "y=2x-3"),
+    ("p - q", "q - p"),
+    ("x^2", "x^3"),
+    ("30^\\circ", "60^\\circ"),
+    ("50\\%", "5"),
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}2\\\\1\\end{pmatrix}"),
+    ("\\text{(C)}", "D"),
+    ("C", "(B)"),
+    ("\\text{Evelyn}", "\\text{Briana}"),
+    ("\\infty", "-\\infty"),
+    ("5", "50"),
+    ("0", "\\emptyset"),
+    ("6", "6!"),
+]
+
+
+@pytest.mark.parametrize("gold,pred", EQUAL)
+def test_equal_forms_score_one(gold, pred):
+    assert grade(pred, gold) == 1.0
+
+
+@pytest.mark.parametrize("gold,pred", UNEQUAL)
+def test_near_misses_score_zero(gold, pred):
+    assert grade(pred, gold) == 0.0
+
+
+def test_enough_hand_written_cases():
+    assert len(EQUAL) + len(UNEQUAL) >= 60
+
+
+def test_requires_eos_and_a_box():
+    rec = {"answer": "5"}
+    assert score("so $\\boxed{5}$", rec, True) == 1.0
+    assert score("so $\\boxed{5}$", rec, False) == 0.0  # truncated: no reward even when right
+    assert score("the answer is 5", rec, True) == 0.0
+    assert score("\\boxed{5} and then \\boxed{6}", rec, True) == 0.0  # the last box counts
+    assert score("\\boxed{6} no wait \\boxed{5}", rec, True) == 1.0
+    assert score("\\boxed{}", rec, True) == 0.0
+    assert score("", rec, True) == 0.0
+    assert score(None, rec, True) == 0.0  # never raises, even on garbage
+    assert score("\\boxed{5}", {}, True) == 0.0
+
+
+def test_extract_boxed():
+    assert extract_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert extract_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"  # escaped braces do not close the box
+    assert extract_boxed("\\boxed{a{b{c}}d}") == "a{b{c}}d"
+    assert extract_boxed("so $\\boxed 5$.") == "5"
+    assert extract_boxed("\\fbox{7}") == "7"
+    assert extract_boxed("\\boxed{$12$}") == "12"
+    assert extract_boxed("\\boxed{\\text{(C)}}") == "(C)"
+    assert extract_boxed("\\boxed{5.}") == "5"
+    assert extract_boxed("\\boxed{ 3.5 }") == "3.5"
+    assert extract_boxed("\\boxed{1} then \\boxed{2") is None  # the last box is unclosed (truncated)
+    assert extract_boxed("no box") is None
+    assert extract_boxed("\\boxed{}") is None
+
+
+# -----------------------------------------------------------------------------
+# the grader's safety
+
+
+PATHOLOGICAL = [
+    "1" * 100_000,
+    "\\boxed{" + "{" * 50_000 + "5" + "}" * 50_000 + "}",
+    "{" * 30 + "5" + "}" * 30,
+    "\\input{/etc/passwd}",
+    "__import__('os').system('echo pwned')",
+    "import os; os.system('echo pwned')",
+    "9^{9^{9^9}}",
+    "9^9^9^9",
+    "2^{123456789}",
+    "99999999!",
+]
+
+
+@pytest.mark.parametrize("pred", PATHOLOGICAL, ids=range(len(PATHOLOGICAL)))
+def test_pathological_answers_score_zero(pred):
+    assert grade(pred, "9") == 0.0
+
+
+def test_pathological_whole_response():
+    big = "x" * 100_000 + "\\boxed{5}"
+    assert score(big, {"answer": "5"}, True) == 1.0  # long is fine when the answer is right
+    assert score("{" * 100_000, {"answer": "5"}, True) == 0.0
+    assert score("\\boxed{" * 20_000, {"answer": "5"}, True) == 0.0
+
+
+def test_hung_verifier_is_killed_and_the_worker_recovers():
+    # Past the input checks, straight to the worker: sympy would spend forever on this power.
+    grader = math_data.Grader()
+    try:
+        assert grader.equivalent("9", "9^{9^{9^9}}", timeout_s=0.5) is False
+        assert grader.equivalent("\\frac{1}{2}", "0.5", timeout_s=30) is True  # a fresh worker answers
+    finally:
+        grader.close()
+
+
+def test_worker_that_died_is_replaced():
+    grader = math_data.Grader()
+    try:
+        assert grader.equivalent("\\frac{1}{2}", "0.5") is True
+        (worker,) = grader._idle
+        worker.proc.kill()
+        worker.proc.wait()
+        assert grader.equivalent("\\frac{1}{3}", "2/6") is True
+    finally:
+        grader.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_grader_works_in_a_forked_child():
+    assert math_data.GRADER.equivalent("\\frac{1}{2}", "0.5") is True  # the parent has a worker now
+    pid = os.fork()
+    if pid == 0:  # child: must start its own worker, not talk to the parent's
+        ok = math_data.GRADER.equivalent("\\frac{1}{4}", "0.25") is True
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert math_data.GRADER.equivalent("\\frac{1}{5}", "0.2") is True  # the parent's worker is untouched
+
+
+def test_grader_works_from_threads():
+    results = {}
+
+    def work(i):
+        results[i] = (grade("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"), grade(f"{i + 1}", f"{i}"))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == {i: (1.0, 0.0) for i in range(4)}
+
+
+def test_no_eval_of_model_text(tmp_path):
+    marker = tmp_path / "pwned"
+    for pred in (f"__import__('pathlib').Path('{marker}').touch()", f"open('{marker}', 'w')"):
+        assert grade(pred, "5") == 0.0
+        assert math_data.GRADER.equivalent("5", pred) is False
+    assert not marker.exists()
+
+
+def test_math500_answers_score_one_against_themselves():
+    records = math_data.load_split(shared_path("data", "math", "math500.jsonl"))
+    assert len(records) == 500
+    wrong = [r["answer"] for r in records if score(f"Thus $\\boxed{{{r['answer']}}}$", r, True) != 1.0]
+    assert wrong == []
+    # and through math-verify itself, not only the string match (a sample, to keep the test quick)
+    sample = records[::10]
+    assert all(math_data.GRADER.equivalent(r["answer"], r["answer"] + " ") for r in sample)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def test_load_formats(tmp_path):
+    # plain jsonl with question + answer (MATH-500 here): stable content ids, level 0
+    p = write_lines(tmp_path / "m500.jsonl", [json.dumps({"question": "1+1?", "answer": "2"}),
+                                              json.dumps({"question": "2+2?", "answer": "4"})])
+    recs = math_data.load_split(p)
+    assert [r["answer"] for r in recs] == ["2", "4"]
+    assert recs[0]["id"].startswith("m500-") and recs[0]["id"] != recs[1]["id"]
+    assert recs[0]["id"] == math_data.load_split(p)[0]["id"]
+    assert set(recs[0]) == {"id", "level", "subject", "question", "answer", "solution"}
+    assert recs[0]["level"] == 0 and recs[0]["subject"] == "" and recs[0]["solution"] == ""
+    # PRM800K math_splits / MATH-500 with all fields
+    row = {"problem": "What is $1+2$?", "solution": "It is $\\boxed{3}$.", "answer": "3", "subject": "Algebra",
+           "level": 2, "unique_id": "test/algebra/1.json"}
+    (r,) = math_data.load_split(write_lines(tmp_path / "prm.jsonl", [json.dumps(row)]))
+    assert r == {"id": "test/algebra/1.json", "level": 2, "subject": "Algebra", "question": "What is $1+2$?",
+                 "answer": "3", "solution": "It is $\\boxed{3}$."}
+    # Hendrycks jsonl: answer = the solution's last box, "Level 5", "type" as subject
+    hend = {"problem": "Q?", "level": "Level 5", "type": "Geometry", "solution": "So $\\boxed{\\frac{1}{2}}$."}
+    (r,) = math_data.load_split(write_lines(tmp_path / "hend.jsonl", [json.dumps(hend)]))
+    assert (r["answer"], r["level"], r["subject"]) == ("\\frac{1}{2}", 5, "Geometry")
+    # Hendrycks directory layout
+    d = tmp_path / "MATH" / "train" / "algebra"
+    d.mkdir(parents=True)
+    (d / "1.json").write_text(json.dumps(hend))
+    (d / "2.json").write_text(json.dumps({**hend, "level": "Level ?"}))
+    recs = math_data.load_split(str(tmp_path / "MATH" / "train"))
+    assert [(r["id"], r["level"]) for r in recs] == [("train/algebra/1.json", 5), ("train/algebra/2.json", 0)]
+    # our own normalised output reads back identically
+    common.write_jsonl(str(tmp_path / "ours.jsonl"), recs)
+    assert math_data.load_split(str(tmp_path / "ours.jsonl")) == recs
+
+
+def test_duplicate_problems_get_distinct_ids(tmp_path):
+    p = write_lines(tmp_path / "d.jsonl", [json.dumps({"question": "Q", "answer": "1"})] * 2)
+    a, b = math_data.load_split(p)
+    assert a["id"] != b["id"]
+
+
+@pytest.mark.parametrize("line,expect", [
+    ("{not json", "d.jsonl:2: not valid JSON"),
+    ('["a list"]', "d.jsonl:2: expected a JSON object"),
+    ('{"answer": "1"}', "d.jsonl:2: field 'problem'"),
+    ('{"question": "", "answer": "1"}', "d.jsonl:2: field 'question'"),
+    ('{"question": "Q"}', "d.jsonl:2: field 'answer'"),
+    ('{"question": "Q", "solution": "no box"}', "d.jsonl:2: field 'answer'"),
+    ('{"question": "Q", "answer": ["1"]}', "d.jsonl:2: field 'answer'"),
+    ('{"question": "Q", "answer": "1", "level": "hard"}', "d.jsonl:2: field 'level'"),
+    ('{"question": "Q", "answer": "1", "level": 9}', "d.jsonl:2: field 'level'"),
+    ('{"question": "Q", "answer": "1", "subject": 3}', "d.jsonl:2: field 'subject'"),
+    ('{"question": "Q", "answer": "1", "id": "a"}', "d.jsonl:2: field 'id': duplicate"),
+])
+def test_malformed_files_name_file_line_field(tmp_path, line, expect):
+    p = write_lines(tmp_path / "d.jsonl", ['{"question": "Q0", "answer": "0", "id": "a"}', line])
+    with pytest.raises(common.UserError, match=expect.replace("(", "\\(")):
+        math_data.load_split(p)
+
+
+def test_missing_file_and_empty_answers(tmp_path, capsys):
+    with pytest.raises(common.UserError, match="file not found"):
+        math_data.load_split(str(tmp_path / "nope.jsonl"))
+    p = write_lines(tmp_path / "e.jsonl", ['{"question": "Q", "answer": ""}', '{"question": "R", "answer": "1"}'])
+    assert len(math_data.load_split(p)) == 1  # skipped, and said so with a count
+    assert "skipped 1 record(s) with an empty 'answer'" in capsys.readouterr().err
+
+
+def test_hub_without_datasets_is_a_clear_error():
+    try:
+        import datasets  # noqa: F401
+        pytest.skip("datasets is installed")
+    except ImportError:
+        pass
+    with pytest.raises(common.UserError, match="pip install datasets"):
+        math_data.load_split("hf:HuggingFaceH4/MATH-500:test")
+
+
+# -----------------------------------------------------------------------------
+# splits, prompts, SFT targets, the CLI
+
+
+def test_make_splits_dedupes_against_test():
+    pool = [{"id": f"p{i}", "question": f"Problem {i}", "answer": str(i)} for i in range(30)]
+    pool.append({"id": "dup", "question": "problem  3", "answer": "3"})  # same text, other spacing/case
+    test = [{"id": "t0", "question": "PROBLEM 7", "answer": "7"}]
+    splits, counts = math_data.make_splits(pool, test, n_sft_train=9, n_sft_val=1, seed=1234)
+    assert counts == {"pool": 31, "dropped_in_test": 1, "dropped_duplicate": 1, "sft_train": 9, "sft_val": 1,
+                      "rl_train": 19, "test": 1}
+    ids = [r["id"] for name in ("sft_train", "sft_val", "rl_train") for r in splits[name]]
+    assert len(set(ids)) == 29 and "p7" not in ids and "dup" not in ids
+    again, _ = math_data.make_splits(pool, test, n_sft_train=9, n_sft_val=1, seed=1234)
+    assert again == splits  # seeded
+    with pytest.raises(common.UserError, match="fewer than"):
+        math_data.make_splits(pool, test, n_sft_train=900, n_sft_val=100)
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["What is 1+1? The answer is 2."],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_end|>"]))
+    chat = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", chat_template=chat)
+
+
+def test_prompts_and_teacher_response():
+    rec = {"question": "What is 1+1?", "answer": "2", "solution": "One and one: $\\boxed{2}$."}
+    assert math_data.render_prompt(rec, None, "plain") == common.PLAIN_TEMPLATE.format(question="What is 1+1?")
+    chat = math_data.render_prompt(rec, tiny_tokenizer())
+    assert common.SYSTEM_PROMPT in chat and "What is 1+1?" in chat and chat.endswith("<|im_start|>assistant\n")
+    assert math_data.teacher_response(rec) == "One and one: $\\boxed{2}$."
+    assert math_data.teacher_response({**rec, "solution": "One and one make two."}) == \
+        "One and one make two.\n\nThe final answer is $\\boxed{2}$."
+    bare = math_data.teacher_response({**rec, "solution": ""})
+    assert bare == "The final answer is $\\boxed{2}$." and score(bare, rec, True) == 1.0
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "math_data.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_splits_and_teacher_sft(tmp_path):
+    pool = [{"problem": f"Problem {i}?", "answer": str(i), "solution": f"So $\\boxed{{{i}}}$."} for i in range(40)]
+    test = [{"problem": "Problem 3?", "answer": "3"}, {"problem": "New?", "answer": "1"}]
+    write_lines(tmp_path / "pool.jsonl", [json.dumps(r) for r in pool])
+    write_lines(tmp_path / "test.jsonl", [json.dumps(r) for r in test])
+    out = run_cli("--train_pool", "pool.jsonl", "--test", "test.jsonl", "--n_sft_train", "9", "--n_sft_val", "1",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "sft_train 9, sft_val 1, rl_train 29, test 2" in out.stdout and "dropped 1 also in the test set" in out.stdout
+    counts = {n: len(math_data.load_split(str(tmp_path / "data" / "math" / f"{n}.jsonl")))
+              for n in ("sft_train", "sft_val", "rl_train", "test")}
+    assert counts == {"sft_train": 9, "sft_val": 1, "rl_train": 29, "test": 2}
+
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(str(tok_dir))
+    out = run_cli("--teacher_sft", "sft.jsonl", "--tokenizer", "tok", "--split", "data/math/sft_train.jsonl",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = common.read_jsonl(str(tmp_path / "sft.jsonl"))
+    assert len(rows) == 9 and set(rows[0]) == {"id", "task", "prompt", "response"}
+    assert rows[0]["task"] == "math" and common.SYSTEM_PROMPT in rows[0]["prompt"]
+    assert rows[0]["response"].endswith("}$.")
+
+    out = run_cli("--train_pool", "missing.jsonl", "--test", "test.jsonl", cwd=tmp_path)
+    assert out.returncode == 2 and "--train_pool PATH" in out.stderr and "--hub" in out.stderr
+    out = run_cli("--teacher_sft", "x.jsonl", cwd=tmp_path)
+    assert out.returncode == 2 and "--tokenizer" in out.stderr
