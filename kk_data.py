@@ -352,6 +352,7 @@ def render_prompt(record, tokenizer, template="auto"):
 
 
 BOXED = "\\boxed{"
+MAX_BOXED_CHARS = 10_000  # far longer than any answer for 20 people; bounds the brace scan of hostile text
 BRACE = re.compile(r"[{}]")
 LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")  # \text, \textbf, \mathrm, \quad ... are form, not content
 WORD = re.compile(r"[^\W\d_]+")             # runs of letters; digits, punctuation and braces are form
@@ -365,7 +366,7 @@ def last_boxed(text):
         return None
     start += len(BOXED)
     depth = 1
-    for m in BRACE.finditer(text, start):  # linear: no backtracking regex over model output
+    for m in BRACE.finditer(text, start, start + MAX_BOXED_CHARS):  # linear, no backtracking regex
         depth += 1 if m.group() == "{" else -1
         if depth == 0:
             return text[start:m.start()]
@@ -376,8 +377,8 @@ def parse_answer(content, names, kk):
     """{name: is_knight} from "A is a knight, B and C are knaves", or None when anything is off.
 
     Names, role words and a few fillers are the only words allowed; each role word applies to the
-    names since the previous one. An unknown word, a repeated name, a role with no name before it or
-    a name with no role after it makes the answer unreadable.
+    names since the previous one. An unknown word, a repeated name or a role with no name before it
+    makes the answer unreadable; a name left without a role is simply missing from the answer.
     """
     by_lower = {name.lower(): name for name in names}
     role_words = {kk['knight'].lower(): True, kk['knight'].lower() + 's': True,
@@ -397,7 +398,7 @@ def parse_answer(content, names, kk):
             pending = []
         elif word not in FILLER:
             return None
-    return None if pending else answer
+    return answer
 
 
 def score(response, record, finished):

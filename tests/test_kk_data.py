@@ -1,0 +1,473 @@
+"""Tests of kk_data.py: official parity, solver, scorer, loader, splits, teacher data, prompts."""
+import itertools
+import json
+import os
+import random
+
+import pytest
+from conftest import shared_path
+
+import common
+import kk_data as K
+
+OFFICIAL_PEOPLE = (3, 4, 5, 6, 7)
+
+
+def official_records(n):
+    return K.load_split(shared_path("data", "kk_official", f"people{n}_sample200.jsonl"))
+
+
+def boxed(text):
+    return "\\boxed{" + text + "}"
+
+
+# -----------------------------------------------------------------------------
+# an independent oracle: itertools + a plain recursive evaluator (no numpy, no kk_data code)
+
+
+def truth(statement, assignment):
+    op = statement[0]
+    if op == 'telling-truth':
+        return assignment[statement[1]]
+    if op == 'lying':
+        return not assignment[statement[1]]
+    if op == 'not':
+        return not truth(statement[1], assignment)
+    if op == 'and':
+        return all(truth(s, assignment) for s in statement[1:])
+    if op == 'or':
+        return any(truth(s, assignment) for s in statement[1:])
+    if op == '->':
+        return (not truth(statement[1], assignment)) or truth(statement[2], assignment)
+    if op == '<=>':
+        return truth(statement[1], assignment) == truth(statement[2], assignment)
+    raise AssertionError(op)
+
+
+def brute_force(statements):
+    return sorted(a for a in itertools.product([True, False], repeat=len(statements))
+                  if all(a[i] == truth(s, a) for i, s in enumerate(statements)))
+
+
+# -----------------------------------------------------------------------------
+# the official records in ../shared (indices 100-299 of 3-7 people)
+
+
+@pytest.mark.parametrize("n", OFFICIAL_PEOPLE)
+def test_official_records_solver_and_scorer(n):
+    for rec in official_records(n):
+        statements = K.parse_statements(rec['statements'], n)
+        assert K.solve(statements) == [tuple(rec['solution'])]
+        assert K.score("So the answer is " + boxed(rec['solution_text']), rec, True) == 1.0
+        assert K.score(boxed(rec['solution_text']), rec, False) == 0.0
+        parts = K.answer_text(rec).split(', ')
+        for i in range(n):
+            flipped = dict(rec, solution=[s != (j == i) for j, s in enumerate(rec['solution'])])
+            assert K.score(boxed(K.answer_text(flipped)), rec, True) == 0.0
+            assert K.score(boxed(', '.join(parts[:i] + parts[i + 1:])), rec, True) == 0.0
+
+
+@pytest.mark.parametrize("n", OFFICIAL_PEOPLE)
+def test_official_mode_reproduces_official_records(n):
+    records = official_records(n)
+    ours = K.generate(K.OFFICIAL_SEED, n, max(r['index'] for r in records) + 1, log=None)
+    for rec in records:
+        mine = ours[rec['index']]
+        for field in K.OFFICIAL_FIELDS:
+            assert mine[field] == rec[field], (rec['index'], field)
+        assert mine['id'] == rec['id'] == f"kk-official-p{n}-{rec['index']:05d}"
+        assert mine['question'] == rec['question']
+
+
+def test_official_file_is_normalised():
+    rec = official_records(3)[0]
+    assert rec['people'] == 3 and rec['index'] == 100
+    assert rec['question'] == rec['quiz'] + " Your final answer should be in this format: \\boxed{XX is a knave, YY is a knight, ...}"
+    assert set(K.OFFICIAL_FIELDS) <= set(rec)
+
+
+def test_teacher_response_of_official_record():
+    rec = official_records(5)[3]
+    response = K.teacher_response(rec)
+    assert response.startswith(rec['cot_head'] + " " + rec['cot_repeat_steps'][0])
+    assert response.endswith("\\boxed{" + K.answer_text(rec) + "}.")
+    assert K.score(response, rec, True) == 1.0
+    assert " ".join(rec['cot_repeat_steps']) in response
+
+
+# -----------------------------------------------------------------------------
+# generation: uniqueness re-checked independently, the official grammar, any number of people
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 10])
+def test_generated_puzzles_unique_by_independent_brute_force(n):
+    count = 8 if n == 10 else 25
+    seen = set()
+    for index, statements, solution in K.sample_puzzles(77, n, count):
+        assert brute_force(statements) == [solution]
+        assert statements not in seen
+        seen.add(statements)
+        for speaker, s in enumerate(statements):
+            assert s[0] in ('telling-truth', 'lying', 'not', 'and', 'or', '->', '<=>')
+            leaves = [s] if s[0] in K.LEAF_KINDS else list(s[1:])
+            assert all(leaf[0] in K.LEAF_KINDS for leaf in leaves)  # depth <= 2
+            assert ('lying', speaker) not in leaves
+            if s[0] in ('and', 'or', '->', '<=>'):
+                assert len(s) == 3 and s[1] != s[2]
+    assert len(seen) == count
+
+
+def test_solver_matches_brute_force_on_raw_statements():
+    """Including puzzles with 0 or several solutions, which generation rejects."""
+    import numpy as np
+    rng = np.random.default_rng(5)
+    counts = set()
+    for _ in range(300):
+        n = int(rng.integers(2, 7))
+        statements = tuple(K.sample_statement(rng, n, p, 2) for p in range(n))
+        solutions = K.solve(statements)
+        assert sorted(solutions) == brute_force(statements)
+        counts.add(min(len(solutions), 2))
+    assert counts == {0, 1, 2}
+
+
+def test_record_text_and_fields():
+    rec = K.generate(99, 4, 1, log=None)[0]
+    assert rec['id'] == "kk-s99-p4-00000" and rec['people'] == 4
+    assert rec['quiz'].startswith("A very special island is inhabited only by knights and knaves. ")
+    assert rec['quiz'].endswith(" So who is a knight and who is a knave?")
+    assert f"You meet 4 inhabitants: {rec['names'][0]}, {rec['names'][1]}, {rec['names'][2]}, and {rec['names'][3]}." in rec['quiz']
+    assert all(name in K.COMMON_NAMES for name in rec['names']) and len(set(rec['names'])) == 4
+    assert rec['question'] == rec['quiz'] + K.ANSWER_FORMAT
+    assert rec['solution_text_format'].count("\n") == 3 and rec['solution_text_format'].startswith("(1) ")
+    assert K.parse_statements(rec['statements'], 4) is not None
+    assert list(K.solve(K.parse_statements(rec['statements'], 4))[0]) == rec['solution']
+    json.dumps(rec)  # plain JSON types only (no numpy scalars)
+    assert "np." not in rec['statements']
+
+
+def test_generate_skips_excluded_puzzles_and_keeps_stream_indices():
+    first = K.generate(7, 3, 5, log=None)
+    excluded = {K.parse_statements(first[1]['statements'], 3), K.parse_statements(first[3]['statements'], 3)}
+    kept = K.generate(7, 3, 5, exclude=excluded, log=None)
+    assert [r['index'] for r in kept] == [0, 2, 4, 5, 6]
+    assert kept[0] == first[0] and kept[2] == first[4]
+
+
+# -----------------------------------------------------------------------------
+# the scorer: hand-written cases
+
+PEOPLE = {'names': ["Emma", "Liam", "Sophia"], 'solution': [True, False, True], 'knight_knave': dict(K.KNIGHT_KNAVE)}
+RIGHT = "Emma is a knight, Liam is a knave, Sophia is a knight"
+
+SCORER_CASES = [
+    # harmless form -> 1.0
+    (boxed(RIGHT), 1.0),
+    (boxed("Emma is a knight, Liam is a knave, and Sophia is a knight."), 1.0),
+    (boxed("Sophia is a knight, Emma is a knight, Liam is a knave"), 1.0),
+    (boxed("\\text{Emma is a knight, Liam is a knave, Sophia is a knight}"), 1.0),
+    (boxed("\\text{Emma is a knight}, \\text{Liam is a knave}, \\text{Sophia is a knight}"), 1.0),
+    (boxed("\\textbf{Emma} is a knight, \\textbf{Liam} is a knave, \\textbf{Sophia} is a knight"), 1.0),
+    (boxed("\\mathrm{Emma\\ is\\ a\\ knight},\\quad \\mathrm{Liam\\ is\\ a\\ knave},\\; Sophia~is~a~knight"), 1.0),
+    (boxed("(1) Emma is a knight\n(2) Liam is a knave\n(3) Sophia is a knight"), 1.0),
+    (boxed("1. Emma is a knight 2. Liam is a knave 3. Sophia is a knight."), 1.0),
+    (boxed("- Emma is a knight\n- Liam is a knave\n- Sophia is a knight"), 1.0),
+    (boxed("Emma is a knight\nLiam is a knave\nSophia is a knight"), 1.0),
+    (boxed("Emma is a knight,\r\n\tLiam is a knave,\r\n\tSophia is a knight"), 1.0),
+    (boxed("EMMA IS A KNIGHT, LIAM IS A KNAVE, SOPHIA IS A KNIGHT"), 1.0),
+    (boxed("emma is a Knight, liam is a Knave, sophia is a Knight"), 1.0),
+    (boxed("  Emma   is  a knight ,Liam is a   knave,  Sophia is a knight  "), 1.0),
+    (boxed("Emma and Sophia are knights, Liam is a knave"), 1.0),
+    (boxed("Emma and Sophia are both knights, and Liam is a knave."), 1.0),
+    (boxed("Liam is a knave; Emma, Sophia are all knights"), 1.0),
+    (boxed("Emma: knight, Liam: knave, Sophia: knight"), 1.0),
+    (boxed("Emma is knight, Liam is knave, Sophia is knight"), 1.0),
+    (boxed("Emma is a knight; Liam is a knave; Sophia is a knight"), 1.0),
+    (boxed("(1) Emma is a knight (2) Liam is a knave (3) Sophia is a knight (4)"), 1.0),
+    (boxed(boxed(RIGHT)), 1.0),
+    ("Let me guess " + boxed("Emma is a knave, Liam is a knave, Sophia is a knave") + ". No, wait: " + boxed(RIGHT), 1.0),
+    ("Reasoning...\nThe final answer is: " + boxed(RIGHT) + ". Done!", 1.0),
+    ("{{{ unbalanced reasoning }} " + boxed(RIGHT), 1.0),
+    # substance wrong or outside the last box -> 0.0
+    (RIGHT, 0.0),                                                     # no box
+    ("(1) Emma is a knight\n(2) Liam is a knave\n(3) Sophia is a knight", 0.0),
+    (boxed(""), 0.0),
+    ("The answer: " + RIGHT + ". " + boxed(""), 0.0),                 # answer outside the (last) box
+    (boxed(RIGHT) + " or maybe " + boxed("Emma is a knave, Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("?") + " " + RIGHT, 0.0),
+    (boxed(RIGHT) + " " + "\\boxed{Emma is a knight", 0.0),           # the last box is unclosed
+    (boxed("Emma is a knight, Liam is a knave"), 0.0),                # missing name
+    (boxed("Emma is a knight, Liam is a knave, Sophia"), 0.0),        # a name with no role
+    (boxed("Emma is a knight, Liam is a knight, Sophia is a knight"), 0.0),  # one role flipped
+    (boxed("Emma is a knave, Liam is a knight, Sophia is a knave"), 0.0),
+    (boxed("Emma is a knight, Emma is a knave, Liam is a knave, Sophia is a knight"), 0.0),  # both roles
+    (boxed("Emma is a knight, Emma is a knight, Liam is a knave, Sophia is a knight"), 0.0),  # named twice
+    (boxed("Emma and Emma are knights, Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed(RIGHT + ", Noah is a knave"), 0.0),                        # unknown name
+    (boxed("Emma is a knight, Noah is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave, Sofia is a knight"), 0.0),  # Sofia is not Sophia
+    (boxed("Emma is a knight knave, Liam is a knave, Sophia is a knight"), 0.0),  # extra role claim
+    (boxed(RIGHT + ", knight"), 0.0),
+    (boxed(RIGHT + ". All three are knights"), 0.0),
+    (boxed("knight: Emma, knave: Liam, knight: Sophia"), 0.0),        # role before any name
+    (boxed("Emma is a knight or a knave, Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is not a knave, Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma, Liam and Sophia are knights"), 0.0),
+    (boxed("everyone is a knight"), 0.0),
+    (boxed("knight, knave, knight"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave, Sophia is a knight, Liam is a knight"), 0.0),
+]
+
+
+@pytest.mark.parametrize("response,expected", SCORER_CASES)
+def test_scorer_hand_written_cases(response, expected):
+    assert K.score(response, PEOPLE, True) == expected
+    assert K.score(response, PEOPLE, False) == 0.0  # truncated: never rewarded
+
+
+def test_scorer_names_are_whole_words_and_role_words_come_from_the_record():
+    ella = {'names': ["Ella", "Isabella"], 'solution': [False, True], 'knight_knave': dict(K.KNIGHT_KNAVE)}
+    assert K.score(boxed("Ella is a knave, Isabella is a knight"), ella, True) == 1.0
+    assert K.score(boxed("Isabella is a knight"), ella, True) == 0.0
+    saints = {'names': ["Emma", "Liam"], 'solution': [True, False],
+              'knight_knave': {'knight': 'saint', 'knave': 'sinner', 'a_knight': 'a saint', 'a_knave': 'a sinner'}}
+    assert K.score(boxed("Emma is a saint, Liam is a sinner"), saints, True) == 1.0
+    assert K.score(boxed("Emma is a knight, Liam is a knave"), saints, True) == 0.0
+
+
+@pytest.mark.parametrize("response", [
+    None, 42, b"\\boxed{Emma is a knight}", "",
+    "\\boxed{" + "{" * 100_000,
+    ("\\boxed{x} " * 10_000)[:100_000],
+    "}" * 50_000 + "\\boxed{" + "}" * 50_000,
+    "\\boxed{" * 14_000,
+    "\\boxed{" + "a" * 99_990 + "}",
+    "\\boxed{" + "Emma " * 20_000 + "}",
+    "\\boxed{" + "\\text" * 20_000 + "}",
+    "\\" * 100_000,
+    "\\boxed{" + "(" * 50_000 + ")" * 50_000 + "}",
+    ("\\boxed{\\text{" + "Emma is a knight, " * 3) * 1500,
+    "\\boxed{" + RIGHT + "}" + "\\boxed{" + "x{" * 40_000,
+])
+def test_scorer_adversarial_inputs_score_zero_without_raising(response):
+    assert K.score(response, PEOPLE, True) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# the scorer: property tests on random puzzles
+
+
+def harmless_form(names, solution, rng, kk=K.KNIGHT_KNAVE):
+    """The given assignment written in a random harmless form."""
+    items = list(zip(names, solution))
+    rng.shuffle(items)
+    sentence = rng.choice(["{name} is {a_role}", "{name} is {role}", "{name}: {role}", "\\text{{{name} is {a_role}}}",
+                           "{name} is \\textbf{{{role}}}"])
+    parts = []
+    for name, s in items:
+        part = sentence.format(name=name, role=kk['knight'] if s else kk['knave'],
+                               a_role=kk['a_knight'] if s else kk['a_knave'])
+        parts.append(part.upper() if rng.random() < 0.2 else part)
+    if rng.random() < 0.3:
+        parts = [f"({i + 1}) {p}" for i, p in enumerate(parts)]
+    separator = rng.choice([", ", "; ", "\n", " and ", ",\n", " ,  "])
+    text = separator.join(parts)
+    if rng.random() < 0.5:
+        text += "."
+    if rng.random() < 0.3:  # grouped plural form instead
+        knights = [n for n, s in items if s]
+        knaves = [n for n, s in items if not s]
+        groups = [" and ".join(g) + (" are knights" if len(g) > 1 else " is a knight") for g in [knights] if g]
+        groups += [" and ".join(g) + (" are knaves" if len(g) > 1 else " is a knave") for g in [knaves] if g]
+        rng.shuffle(groups)
+        text = ", ".join(groups)
+    return "Thinking... " + rng.choice(["", "The final answer is: "]) + boxed(text) + rng.choice(["", ".", "\n"])
+
+
+def test_scorer_properties_on_random_puzzles():
+    rng = random.Random(0)
+    for n in (2, 3, 4, 5, 6, 7, 8, 9, 10):
+        for rec in K.generate(31, n, 6, log=None):
+            truth_ = tuple(rec['solution'])
+            for _ in range(5):
+                assert K.score(harmless_form(rec['names'], truth_, rng), rec, True) == 1.0
+            others = [a for a in itertools.product([True, False], repeat=n) if a != truth_]
+            for other in (others if n <= 4 else rng.sample(others, 15)):
+                assert K.score(harmless_form(rec['names'], other, rng), rec, True) == 0.0
+            i = rng.randrange(n)
+            dropped = [x for j, x in enumerate(rec['names']) if j != i]
+            assert K.score(harmless_form(dropped, truth_[:i] + truth_[i + 1:], rng), rec, True) == 0.0
+            assert K.score(K.teacher_response(rec), rec, True) == 1.0
+            assert K.score(K.teacher_response(rec), rec, False) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# loading: malformed records give one clear error naming file, line and field
+
+
+def write_lines(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def a_record():
+    return {k: v for k, v in K.generate(3, 3, 1, log=None)[0].items() if k in K.OFFICIAL_FIELDS}
+
+
+@pytest.mark.parametrize("breakage,field", [
+    (lambda r: r.pop('statements'), 'statements'),
+    (lambda r: r.pop('index'), 'index'),
+    (lambda r: r.update(statements="__import__('os').system('echo hacked')"), 'statements'),
+    (lambda r: r.update(statements="((('telling-truth', 0),"), 'statements'),
+    (lambda r: r.update(statements="(('telling-truth', 0), ('lying', 7), ('telling-truth', 1))"), 'statements'),
+    (lambda r: r.update(statements="(('telling-truth', 0), ('xor', ('lying', 0), ('lying', 1)), ('telling-truth', 1))"), 'statements'),
+    (lambda r: r.update(statements="(('telling-truth', 0), ('telling-truth', 1))"), 'statements'),
+    (lambda r: r.update(solution=r['solution'][:-1]), 'solution'),
+    (lambda r: r.update(names=r['names'] + ["Noah"]), 'solution'),
+    (lambda r: r.update(solution=[not x for x in r['solution']]), 'solution'),
+    (lambda r: r.update(solution=[1, 0, 1]), 'solution'),
+    (lambda r: r.update(names="Emma, Liam"), 'names'),
+    (lambda r: r.update(names=[r['names'][0]] * 3), 'names'),
+    (lambda r: r.update(knight_knave=None), 'knight_knave'),
+    (lambda r: r.update(cot_repeat_steps="one step"), 'cot_repeat_steps'),
+    (lambda r: r.update(index="12"), 'index'),
+    (lambda r: r.update(people=5), 'people'),
+])
+def test_malformed_record_error_names_file_line_and_field(tmp_path, breakage, field):
+    good, bad = a_record(), a_record()
+    bad['index'] = good['index'] + 1
+    breakage(bad)
+    path = str(tmp_path / "split.jsonl")
+    write_lines(path, [good, bad])
+    with pytest.raises(common.UserError) as err:
+        K.load_split(path)
+    assert f"{path}:2" in str(err.value) and f"'{field}'" in str(err.value)
+
+
+def test_load_split_rejects_bad_json_and_repeated_ids(tmp_path):
+    path = str(tmp_path / "split.jsonl")
+    write_lines(path, [a_record(), "{not json"])
+    with pytest.raises(common.UserError, match=r"split\.jsonl:2"):
+        K.load_split(path)
+    write_lines(path, [a_record(), a_record()])  # same index -> same id
+    with pytest.raises(common.UserError, match=r"split\.jsonl:2: field 'id'"):
+        K.load_split(path)
+    with pytest.raises(common.UserError, match="not found"):
+        K.load_split(str(tmp_path / "missing.jsonl"))
+
+
+def test_load_split_parquet(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    rows = [{k: v for k, v in r.items() if k in K.OFFICIAL_FIELDS} for r in K.generate(K.OFFICIAL_SEED, 3, 4, log=None)]
+    path = str(tmp_path / "people3_num4.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert K.load_split(path) == K.generate(K.OFFICIAL_SEED, 3, 4, log=None)
+
+
+# -----------------------------------------------------------------------------
+# the CLI: the paper's splits, --official, --teacher_sft
+
+
+def counts(records):
+    out = {}
+    for r in records:
+        out[r['people']] = out.get(r['people'], 0) + 1
+    return out
+
+
+def official_test_statements(people):
+    return {s for n in people for _, s, _ in K.sample_puzzles(K.OFFICIAL_SEED, n, K.OFFICIAL_TEST_SIZE)}
+
+
+def test_cli_writes_the_splits_without_test_leakage(tmp_path, capsys):
+    out = str(tmp_path / "kk")
+    K.main(["--out_dir", out, "--train_people", "2-4", "--train_per_people", "150", "--test_people", "4,5",
+            "--test_per_people", "20", "--sft_people", "2-3", "--sft_per_people", "30,40", "--train_seed", "5"])
+    printed = capsys.readouterr().out
+    assert "s per 1,000" in printed and "per people: 2: 150, 3: 150, 4: 150" in printed
+    test, train, sft = (K.load_split(os.path.join(out, f"{s}.jsonl")) for s in ("test", "train", "sft"))
+    assert counts(test) == {4: 20, 5: 20} and counts(train) == {2: 150, 3: 150, 4: 150} and counts(sft) == {2: 30, 3: 40}
+    assert [r['id'] for r in test[:3]] == ["kk-official-p4-00000", "kk-official-p4-00001", "kk-official-p4-00002"]
+    assert test == [r for n in (4, 5) for r in K.generate(K.OFFICIAL_SEED, n, 20, log=None)]
+    test_set = official_test_statements([2, 3, 4, 5])
+    train_set, sft_set = K.statements_of(train), K.statements_of(sft)
+    assert not train_set & test_set and not sft_set & test_set and not sft_set & train_set
+    assert len(train_set) == len(train) and len({r['id'] for r in train + sft + test}) == len(train + sft + test)
+    for rec in train + sft:
+        assert brute_force(K.parse_statements(rec['statements'], rec['people'])) == [tuple(rec['solution'])]
+
+
+def test_cli_train_on_the_official_seed_skips_every_official_test_puzzle(tmp_path):
+    """The dedup really runs: the official stream's first 100 puzzles are its test split."""
+    out = str(tmp_path / "kk")
+    K.main(["--out_dir", out, "--train_people", "3", "--train_per_people", "20", "--train_seed", "1234",
+            "--test_people", "4", "--test_per_people", "5", "--sft_people", "2", "--sft_per_people", "5"])
+    train = K.load_split(os.path.join(out, "train.jsonl"))
+    assert [r['index'] for r in train] == list(range(100, 120))
+
+
+def test_cli_official_mode(tmp_path):
+    out = str(tmp_path / "kk")
+    K.main(["--official", "--official_people", "2", "--out_dir", out])
+    test = common.read_jsonl(os.path.join(out, "official", "test", "people2_num100.jsonl"))
+    train = common.read_jsonl(os.path.join(out, "official", "train", "people2_num200.jsonl"))
+    assert [r['index'] for r in test + train] == list(range(300))
+    assert all(list(r) == list(K.OFFICIAL_FIELDS) for r in test + train)
+    loaded = K.load_split(os.path.join(out, "official", "test", "people2_num100.jsonl"))
+    assert loaded[7]['id'] == "kk-official-p2-00007"
+    assert loaded == K.generate(K.OFFICIAL_SEED, 2, 100, log=None)
+
+
+def test_cli_rejects_bad_settings(tmp_path):
+    with pytest.raises(common.UserError, match="train_people"):
+        K.main(["--out_dir", str(tmp_path), "--train_people", "three"])
+    with pytest.raises(common.UserError, match="sft_per_people"):
+        K.main(["--out_dir", str(tmp_path), "--sft_people", "2-3", "--sft_per_people", "1,2,3"])
+    with pytest.raises(common.UserError, match="between 2"):
+        K.main(["--out_dir", str(tmp_path), "--test_people", "1-3"])
+
+
+def tiny_chat_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def test_render_prompt_chat_and_plain():
+    rec = K.generate(11, 3, 1, log=None)[0]
+    plain = K.render_prompt(rec, None, "plain")
+    assert plain == "Question:\n" + rec['question'] + "\nAnswer:\nLet's think step by step."
+    chat = K.render_prompt(rec, tiny_chat_tokenizer())
+    assert chat == ("<|im_start|>system\n" + common.SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n" + rec['question']
+                    + "<|im_end|>\n<|im_start|>assistant\n")
+    assert K.render_prompt(rec, object()) == plain  # auto: no chat template -> plain
+
+
+def test_cli_teacher_sft(tmp_path):
+    split = str(tmp_path / "sft.jsonl")
+    common.write_jsonl(split, K.generate(K.OFFICIAL_SEED, 3, 5, log=None))
+    tok_dir = str(tmp_path / "tok")
+    tiny_chat_tokenizer().save_pretrained(tok_dir)
+    out = str(tmp_path / "teacher.jsonl")
+    K.main(["--teacher_sft", out, "--split", split, "--tokenizer", tok_dir])
+    rows = common.read_jsonl(out)
+    records = K.load_split(split)
+    assert [r['id'] for r in rows] == [r['id'] for r in records]
+    for row, rec in zip(rows, records):
+        assert set(row) == {"id", "task", "prompt", "response"} and row['task'] == "kk"
+        assert row['prompt'].endswith("<|im_start|>assistant\n") and rec['question'] in row['prompt']
+        assert row['response'] == K.teacher_response(rec)
+        assert K.score(row['response'], rec, True) == 1.0
+    K.main(["--teacher_sft", out, "--split", split, "--template", "plain"])
+    row = common.read_jsonl(out)[0]
+    assert row['prompt'].endswith("step by step.") and row['response'] == "\n" + K.teacher_response(records[0])
+    with pytest.raises(common.UserError, match="--tokenizer"):
+        K.main(["--teacher_sft", out, "--split", split])
