@@ -490,8 +490,23 @@ def normalise_record(rec, where):
     return out
 
 
+HUB_DATASET = "K-and-K/knights-and-knaves"
+
+
+def fetch_from_hub(path):
+    """"hf://test/people5_num100.jsonl" -> a local copy of that file of the official HF dataset (needs a network)."""
+    try:
+        from huggingface_hub import hf_hub_download
+        return hf_hub_download(HUB_DATASET, path[len("hf://"):], repo_type="dataset")
+    except Exception as e:  # no network, no such file, no huggingface_hub: all the user's to fix
+        raise common.UserError(f"{path}: cannot fetch from the hub dataset {HUB_DATASET} ({type(e).__name__}: {e}); "
+                               f"download the file and pass its local path")
+
+
 def read_rows(path):
-    """(where, row) pairs from a jsonl or parquet file."""
+    """(where, row) pairs from a jsonl or parquet file (or an official one on the hub: hf://test/people5_num100.jsonl)."""
+    if path.startswith("hf://"):
+        path = fetch_from_hub(path)
     if path.endswith('.parquet'):
         try:
             import pyarrow.parquet as pq

@@ -471,3 +471,14 @@ def test_cli_teacher_sft(tmp_path):
     assert row['prompt'].endswith("step by step.") and row['response'] == "\n" + K.teacher_response(records[0])
     with pytest.raises(common.UserError, match="--tokenizer"):
         K.main(["--teacher_sft", out, "--split", split])
+
+
+def test_load_split_from_the_hub_uses_the_official_dataset(tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    local = str(tmp_path / "people3_num100.jsonl")
+    common.write_jsonl(local, [{k: r[k] for k in K.OFFICIAL_FIELDS} for r in K.generate(K.OFFICIAL_SEED, 3, 3, log=None)])
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **kw: asked.append((a, kw)) or local)
+    records = K.load_split("hf://test/people3_num100.jsonl")
+    assert asked == [(("K-and-K/knights-and-knaves", "test/people3_num100.jsonl"), {"repo_type": "dataset"})]
+    assert [r['id'] for r in records] == ["kk-official-p3-00000", "kk-official-p3-00001", "kk-official-p3-00002"]
