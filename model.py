@@ -237,8 +237,10 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, rows, max_len, dtype, device):
         shape = (cfg.num_layers, rows, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # zeros, not empty: masked-out columns still enter attention as 0 * value, and uninitialised
+        # memory can hold NaN/inf bit patterns (0 * NaN = NaN), which made greedy outputs nondeterministic
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.rows, self.max_len = rows, max_len
 
