@@ -34,9 +34,10 @@ from common import UserError
 TASK = "math"
 DIFFICULTY = "level"  # record key of the MATH level 1-5 (0 when unknown: AIME, AMC, MATH-500 without levels)
 
-GRADE_TIMEOUT_S = 1.0  # hard limit on one math-verify call (the worker is killed past it); a slow legit call scores 0.0
+GRADE_TIMEOUT_S = 1.0  # hard limit on one math-verify call, in worker CPU seconds (killed past it; scores 0.0)
+GRADE_WALL_LIMIT_S = 10.0  # and in wall seconds, however busy the machine
 WORKER_START_TIMEOUT_S = 60.0  # importing sympy + math-verify; not counted in GRADE_TIMEOUT_S
-WORKER_CPU_GUARD_S = 30  # the worker kills itself (RLIMIT_CPU) if one request burns this much CPU: no orphan spins forever
+WORKER_CPU_GUARD_S = 30  # the kernel ends a worker whose one request burns this much CPU (RLIMIT_CPU): no orphan spins forever
 MAX_ANSWER_CHARS = 500  # longer boxed answers score 0.0 (MATH gold answers are < 200 characters)
 MAX_BRACE_DEPTH = 20  # deeper nesting never reaches math-verify (its parser recurses)
 
@@ -71,7 +72,7 @@ def load_split(path) -> list:
         rows = _json_rows(path)
     else:
         rows = _jsonl_rows(path)
-    stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0].replace("hf:", "").replace("/", "_")
+    stem = re.sub(r"\W+", "_", os.path.splitext(os.path.basename(path.rstrip("/")))[0])  # ids: math500-<hash>
     records, seen, empty = [], set(), []
     for where, default_id, raw in rows:
         rec = _normalise_record(raw, where)
@@ -313,7 +314,7 @@ def normalize_answer(s: str) -> str:
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
     s = re.sub(r"\\[,;: ]", " ", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree", "", s)
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\degree", "", s)  # degrees (not f \circ g)
     s = s.replace("\\%", "").replace("%", "")
     s = _UNIT_TEXT.sub("", s.strip())
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
@@ -402,9 +403,18 @@ class _Worker:
                 return None  # time is up
             chunk = os.read(self.proc.stdout.fileno(), 64)
             if not chunk:
-                return None  # the worker died
+                return b""  # the worker died
             buf += chunk
         return buf.strip()
+
+    def cpu_seconds(self):
+        """CPU time the worker has used (Linux /proc); None where it cannot be read."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, ValueError, IndexError):
+            return None
 
     def start(self, timeout_s) -> bool:
         if not self.ready:
@@ -412,13 +422,28 @@ class _Worker:
         return self.ready
 
     def ask(self, gold, pred, timeout_s):
-        """True/False, or None when the worker timed out or died (the caller kills it)."""
+        """True/False, or None when the worker ran out of time or died (the caller kills it).
+
+        The limit is timeout_s of the worker's CPU time, so a busy machine (8 ranks, a data loader)
+        does not fail slow-but-right answers; where CPU time cannot be read it is wall time, and
+        GRADE_WALL_LIMIT_S caps the wall time in any case.
+        """
         try:
             self.proc.stdin.write((json.dumps({"gold": gold, "pred": pred}) + "\n").encode("utf-8"))
         except (BrokenPipeError, OSError):
             return None
-        reply = self._read_line(time.monotonic() + timeout_s)
-        return None if reply is None else reply == b"1"
+        cpu_start, wall_end = self.cpu_seconds(), time.monotonic() + max(GRADE_WALL_LIMIT_S, timeout_s)
+        cpu_left = timeout_s
+        while True:
+            reply = self._read_line(min(time.monotonic() + cpu_left, wall_end))
+            if reply is not None:
+                return reply == b"1" if reply else None
+            cpu_now = self.cpu_seconds()
+            if cpu_start is None or cpu_now is None or time.monotonic() >= wall_end:
+                return None
+            cpu_left = timeout_s - (cpu_now - cpu_start)
+            if cpu_left <= 0.005:
+                return None
 
     def kill(self):
         try:

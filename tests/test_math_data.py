@@ -131,6 +131,12 @@ def test_near_misses_score_zero(gold, pred):
     assert grade(pred, gold) == 0.0
 
 
+def test_task_interface():
+    task = common.get_task("math")
+    assert task is math_data and task.DIFFICULTY == "level"
+    assert math_data.normalize_answer("f \\circ g") != math_data.normalize_answer("fg")
+
+
 def test_enough_hand_written_cases():
     assert len(EQUAL) + len(UNEQUAL) >= 60
 
