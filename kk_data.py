@@ -270,7 +270,11 @@ def first_contradiction(values, masks, assignments):
 
 
 def backtracking_trace(statements):
-    """The official tape: ('proposal', person, role, conflict_person or None) / ('reconsider', person, exhausted)."""
+    """The official tape of events:
+    ('proposal', person, is_knight, None, None)                      the assumption holds so far
+    ('proposal', person, is_knight, conflict_person, their_role)     it contradicts that person's claim
+    ('reconsider', person, exhausted_people)                         backtrack to person
+    """
     n = len(statements)
     masks = knight_masks(n)
     values = [evaluate(s, masks) for s in statements]
@@ -544,13 +548,12 @@ def generate(seed, n_people, count, exclude=frozenset(), log=print, label=""):
     t0 = time.time()
     records, skipped = [], 0
     stream = sample_puzzles(seed, n_people, count=10 ** 9)  # lazily: stops when enough are kept
-    for index, statements, solution in stream:
+    while len(records) < count:
+        index, statements, solution = next(stream)
         if statements in exclude:
             skipped += 1
             continue
         records.append(make_record(seed, index, statements, solution))
-        if len(records) == count:
-            break
     seconds = time.time() - t0
     if log:
         log(f"  {label}people {n_people}: {len(records)} puzzles in {seconds:.2f} s "

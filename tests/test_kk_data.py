@@ -403,9 +403,10 @@ def test_cli_train_on_the_official_seed_skips_every_official_test_puzzle(tmp_pat
     """The dedup really runs: the official stream's first 100 puzzles are its test split."""
     out = str(tmp_path / "kk")
     K.main(["--out_dir", out, "--train_people", "3", "--train_per_people", "20", "--train_seed", "1234",
-            "--test_people", "4", "--test_per_people", "5", "--sft_people", "2", "--sft_per_people", "5"])
+            "--test_people", "4", "--test_per_people", "5", "--sft_people", "2", "--sft_per_people", "0"])
     train = K.load_split(os.path.join(out, "train.jsonl"))
     assert [r['index'] for r in train] == list(range(100, 120))
+    assert K.load_split(os.path.join(out, "sft.jsonl")) == []  # a size of 0 is allowed
 
 
 def test_cli_official_mode(tmp_path):
