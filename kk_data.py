@@ -568,6 +568,7 @@ def statements_of(records):
 
 def parse_people(text, setting):
     """"3-7" or "2,3" -> [3, 4, 5, 6, 7] / [2, 3]."""
+    text = str(text)  # a --config file may give a bare number
     try:
         if '-' in text:
             lo, hi = (int(x) for x in text.split('-'))

@@ -483,3 +483,12 @@ def test_load_split_from_the_hub_uses_the_official_dataset(tmp_path, monkeypatch
     records = K.load_split("hf://test/people3_num100.jsonl")
     assert asked == [(("K-and-K/knights-and-knaves", "test/people3_num100.jsonl"), {"repo_type": "dataset"})]
     assert [r['id'] for r in records] == ["kk-official-p3-00000", "kk-official-p3-00001", "kk-official-p3-00002"]
+
+
+def test_cli_config_file_with_bare_numbers(tmp_path):
+    config = tmp_path / "kk.json"
+    config.write_text(json.dumps({"train_people": 3, "train_per_people": 4, "test_people": 4, "test_per_people": 2,
+                                  "sft_people": 2, "sft_per_people": 3, "out_dir": str(tmp_path / "kk")}))
+    K.main(["--config", str(config)])
+    assert counts(K.load_split(str(tmp_path / "kk" / "train.jsonl"))) == {3: 4}
+    assert counts(K.load_split(str(tmp_path / "kk" / "sft.jsonl"))) == {2: 3}
