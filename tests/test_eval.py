@@ -1,0 +1,244 @@
+"""eval.py: pass@k, per-difficulty summaries, tables, deterministic greedy runs, torchrun = 1 process, errors."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import common
+import eval as ev
+import toy_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+FAST = ["--task", "toy_task", "--max_new_tokens", "12", "--batch_size", "16", "--progress", "false"]
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def subprocess_env():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+# -----------------------------------------------------------------------------
+# pass@k, summaries, tables
+
+
+def test_pass_at_k_hand_values():
+    assert ev.pass_at_k(5, 2, 1) == pytest.approx(0.4)            # c/n
+    assert ev.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)     # 1 - C(3,2)/C(5,2)
+    assert ev.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)     # 1 - C(3,3)/C(5,3)
+    assert ev.pass_at_k(5, 2, 4) == 1.0                           # n - c < k: every 4-subset has a correct one
+    assert ev.pass_at_k(10, 3, 4) == pytest.approx(1 - math.comb(7, 4) / math.comb(10, 4))
+
+
+def test_pass_at_k_edges_and_stability():
+    for n in (1, 4, 8):
+        assert ev.pass_at_k(n, 0, n) == 0.0         # zero correct
+        assert ev.pass_at_k(n, 0, 1) == 0.0
+        assert ev.pass_at_k(n, n, 1) == 1.0         # all correct
+        assert ev.pass_at_k(n, n, n) == 1.0         # n = k, all correct
+        assert ev.pass_at_k(n, 1, n) == 1.0         # n = k, one correct suffices
+    # large n: the product form agrees with exact big-integer binomials (no overflow, no cancellation)
+    exact = 1 - math.comb(900, 100) / math.comb(1000, 100)
+    assert ev.pass_at_k(1000, 100, 100) == pytest.approx(exact, rel=1e-12)
+    assert ev.pass_at_k(1000, 1, 1) == pytest.approx(1e-3, rel=1e-12)
+    for bad in ((4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)):
+        with pytest.raises(ValueError):
+            ev.pass_at_k(*bad)
+
+
+def test_summarize_per_difficulty():
+    records = [{"id": "a", "level": 2}, {"id": "b", "level": 1}, {"id": "c", "level": 2}, {"id": "d", "level": 10}]
+
+    def s(i, reward, finished, length):
+        return {"id": i, "reward": reward, "finished": finished, "length": length}
+    samples = [s("a", 1.0, True, 10), s("a", 0.0, False, 20),
+               s("b", 0.0, True, 4), s("b", 0.0, True, 6),
+               s("c", 1.0, True, 8), s("c", 1.0, True, 12),
+               s("d", 0.0, False, 20), s("d", 1.0, True, 10)]
+    out = ev.summarize(samples[::-1], records, "level", pass_k=[1, 2, 8])  # order of samples does not matter
+    assert out["n"] == 2 and out["pass_k"] == [1, 2]                       # k > n dropped
+    assert list(out["by_difficulty"]) == ["1", "2", "10"]                  # natural order, not "1", "10", "2"
+    lvl2 = out["by_difficulty"]["2"]
+    assert lvl2 == {"prompts": 2, "samples": 4, "accuracy": 0.75, "pass@1": 0.75, "pass@2": 1.0,
+                    "mean_length": 12.5, "truncation_rate": 0.25}
+    assert out["by_difficulty"]["1"]["accuracy"] == 0.0 and out["by_difficulty"]["1"]["pass@2"] == 0.0
+    assert out["by_difficulty"]["10"]["pass@1"] == 0.5
+    assert out["overall"] == {"prompts": 4, "samples": 8, "accuracy": 0.5, "pass@1": 0.5, "pass@2": 0.75,
+                              "mean_length": 11.25, "truncation_rate": 0.25}
+    with pytest.raises(common.UserError, match="same number"):
+        ev.summarize(samples[:-1], records, "level")
+    with pytest.raises(common.UserError, match="unknown record"):
+        ev.summarize(samples + [s("zz", 1.0, True, 1)], records, "level")
+
+
+def test_markdown_table():
+    rows = [{"checkpoint": "base", "people 4": 0.125, "overall": 0.5, "mean len": "812"},
+            {"checkpoint": "rl|step", "overall": 1.0}]
+    assert ev.markdown_table(rows) == (
+        "| checkpoint | people 4 | overall | mean len |\n"
+        "|:---|---:|---:|---:|\n"
+        "| base | 0.12 | 0.50 | 812 |\n"
+        "| rl\\|step | – | 1.00 | – |\n")
+
+
+# -----------------------------------------------------------------------------
+# end to end on the tiny checkpoint
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("eval_data") / "toy_test.jsonl")
+    records = toy_task.make_records(5, seed=1, split="easy") + toy_task.make_records(5, seed=2, split="hard", max_value=99)
+    assert {r["level"] for r in records} == {1, 2}
+    common.write_jsonl(path, records[::2] + records[1::2])  # levels interleaved
+    return path
+
+
+@pytest.fixture(scope="module")
+def greedy_run(tiny_checkpoint, split, tmp_path_factory):
+    """One greedy single-process evaluation (two checkpoint names for the same weights)."""
+    out = str(tmp_path_factory.mktemp("eval_greedy"))
+    ev.main(["--checkpoints", tiny_checkpoint, tiny_checkpoint, "--names", "base", "again",
+             "--splits", split, "--out_dir", out] + FAST)
+    return out
+
+
+def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_path, capsys):
+    pair = os.path.join(greedy_run, "base", "toy_test")
+    samples = common.read_jsonl(os.path.join(pair, "samples.jsonl"))
+    records = toy_task.load_split(split)
+    assert [s["id"] for s in samples] == [r["id"] for r in records]  # record order, one greedy sample each
+    assert set(samples[0]) == {"id", "difficulty", "sample", "response", "reward", "finished", "length"}
+    assert all(s["difficulty"] == r["level"] and s["sample"] == 0 for s, r in zip(samples, records))
+    assert all(s["reward"] == toy_task.score(s["response"], r, s["finished"]) for s, r in zip(samples, records))
+    assert all(s["finished"] or s["length"] == 12 for s in samples)
+    with open(os.path.join(pair, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["n"] == 1 and summary["pass_k"] == [1] and list(summary["by_difficulty"]) == ["1", "2"]
+    assert summary == {**summary, **ev.summarize(samples, records, "level", [1])}
+    results = read(os.path.join(greedy_run, "results.md")).decode()
+    assert "| checkpoint | level 1 | level 2 | overall | mean len | truncated |" in results
+    assert "\n| base |" in results and "\n| again |" in results
+    # the same greedy run elsewhere: byte-identical files (the two names hold the same weights: same samples)
+    out2 = str(tmp_path / "out2")
+    ev.main(["--checkpoints", tiny_checkpoint, tiny_checkpoint, "--names", "base", "again",
+             "--splits", split, "--out_dir", out2] + FAST)
+    for rel in ("base/toy_test/samples.jsonl", "base/toy_test/summary.json", "results.md"):
+        assert read(os.path.join(out2, rel)) == read(os.path.join(greedy_run, rel)), rel
+    assert read(os.path.join(out2, "again/toy_test/samples.jsonl")) == read(os.path.join(pair, "samples.jsonl"))
+    # a re-run skips the done pairs; another pass_k recomputes the summary from samples.jsonl without generating
+    capsys.readouterr()
+    ev.main(["--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split, "--out_dir", out2,
+             "--pass_k", "1", "2"] + FAST)
+    log = capsys.readouterr().out
+    assert "skipped" in log and "loaded" not in log
+    # a re-run with other generation settings refuses, unless --overwrite
+    with pytest.raises(common.UserError, match="other settings.*max_new_tokens"):
+        ev.main(["--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split, "--out_dir", out2]
+                + FAST + ["--max_new_tokens", "8"])
+    ev.main(["--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split, "--out_dir", out2,
+             "--overwrite", "true"] + FAST + ["--max_new_tokens", "8"])
+    assert all(s["length"] <= 8 for s in common.read_jsonl(os.path.join(out2, "base/toy_test/samples.jsonl")))
+
+
+def test_sampled_metrics(tiny_checkpoint, split, tmp_path):
+    out = str(tmp_path / "sampled")
+    args = ["--checkpoints", tiny_checkpoint, "--splits", split, "--n", "4", "--temperature", "1.0",
+            "--top_p", "0.95", "--pass_k", "1", "2", "4", "8", "--seed", "3"] + FAST
+    ev.main(args + ["--out_dir", out])
+    pair = os.path.join(out, os.path.basename(tiny_checkpoint), "toy_test")
+    samples = common.read_jsonl(os.path.join(pair, "samples.jsonl"))
+    with open(os.path.join(pair, "summary.json")) as f:
+        summary = json.load(f)
+    assert len(samples) == 40 and [s["sample"] for s in samples[:4]] == [0, 1, 2, 3]
+    assert summary["n"] == 4 and summary["pass_k"] == [1, 2, 4]
+    o = summary["overall"]
+    assert o["accuracy"] == o["pass@1"] == pytest.approx(sum(s["reward"] for s in samples) / 40, abs=1e-6)
+    assert o["accuracy"] <= o["pass@2"] <= o["pass@4"]
+    assert "avg@4, temperature 1, top-p 0.95" in read(os.path.join(out, "results.md")).decode()
+    ev.main(args + ["--out_dir", str(tmp_path / "again")])  # seeded: reproducible at a fixed world size
+    assert read(os.path.join(tmp_path, "again", os.path.basename(tiny_checkpoint), "toy_test", "samples.jsonl")) \
+        == read(os.path.join(pair, "samples.jsonl"))
+
+
+def test_torchrun_two_processes_equal_one(greedy_run, tiny_checkpoint, split, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
+           os.path.join(ROOT, "eval.py"), "--checkpoints", tiny_checkpoint, tiny_checkpoint,
+           "--names", "base", "again", "--splits", split, "--out_dir", out] + FAST
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 rank(s))" in proc.stdout
+    for rel in ("base/toy_test/samples.jsonl", "base/toy_test/summary.json", "again/toy_test/summary.json",
+                "results.md"):
+        assert read(os.path.join(out, rel)) == read(os.path.join(greedy_run, rel)), rel
+
+
+# -----------------------------------------------------------------------------
+# errors: one clear line
+
+
+def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
+    def run(*extra, checkpoints=(tiny_checkpoint,), splits=(split,)):
+        ev.main(["--checkpoints", *checkpoints, "--splits", *splits, "--out_dir", str(tmp_path / "out")]
+                + FAST + list(extra))
+
+    with pytest.raises(common.UserError, match="checkpoint .*nowhere: no such directory"):
+        run(checkpoints=(str(tmp_path / "nowhere"),))
+    os.makedirs(tmp_path / "not_a_ckpt")
+    with pytest.raises(common.UserError, match="no config.json"):
+        run(checkpoints=(str(tmp_path / "not_a_ckpt"),))
+    with pytest.raises(common.UserError, match="missing.jsonl: file not found"):
+        run(splits=(str(tmp_path / "missing.jsonl"),))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(common.UserError, match="empty.jsonl: no records"):
+        run(splits=(str(empty),))
+    # a split of another task (K&K-shaped records): the task's loader names the missing field
+    kk_like = tmp_path / "kk_test.jsonl"
+    common.write_jsonl(str(kk_like), [{"id": "kk-1", "people": 3, "quiz": "A says ...", "names": ["A", "B", "C"],
+                                       "solution": [True, False, True]}])
+    with pytest.raises(common.UserError, match=r"kk_test.jsonl:1: missing field .*split of task 'toy_task'"):
+        run(splits=(str(kk_like),))
+    # a lenient loader: the difficulty key, then the fields render/score need, are checked before generating
+    monkeypatch.setattr(toy_task, "load_split", lambda path: common.read_jsonl(path))
+    with pytest.raises(common.UserError, match="record 1 .*missing difficulty field 'level'.*another task"):
+        run(splits=(str(kk_like),))
+    common.write_jsonl(str(kk_like), [{"id": "kk-1", "level": 3, "quiz": "A says ..."}])
+    with pytest.raises(common.UserError, match="cannot render or score it .*KeyError.*another task"):
+        run(splits=(str(kk_like),))
+    monkeypatch.undo()
+    with pytest.raises(common.UserError, match="share the name"):
+        run(checkpoints=(tiny_checkpoint, tiny_checkpoint))
+    with pytest.raises(common.UserError, match="--names has 1 name"):
+        run("--names", "a", checkpoints=(tiny_checkpoint, tiny_checkpoint))
+    with pytest.raises(common.UserError, match="greedy"):
+        run("--n", "4")
+    with pytest.raises(common.UserError, match="unknown task"):
+        run("--task", "no_such_task_module")
+    with pytest.raises(common.UserError, match="context"):
+        run("--max_new_tokens", "100000")
+    assert not os.path.exists(tmp_path / "out" / "results.md")  # nothing half-written
+
+
+def test_cli_error_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--task", "toy_task",
+                           "--checkpoints", str(tmp_path / "nope"), "--splits", "x.jsonl"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'nope'}: no such directory"]
