@@ -532,11 +532,14 @@ def _worker_main():
     protocol.write(b"ready\n")
     for line in sys.stdin.buffer:  # EOF (the parent exited) ends the worker
         if resource is not None:  # the kernel ends this process if the request below spins past the guard
-            used = resource.getrusage(resource.RUSAGE_SELF)
-            soft = int(used.ru_utime + used.ru_stime) + WORKER_CPU_GUARD_S
-            hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-            if hard == resource.RLIM_INFINITY or soft < hard:
-                resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+            try:
+                used = resource.getrusage(resource.RUSAGE_SELF)
+                soft = int(used.ru_utime + used.ru_stime) + WORKER_CPU_GUARD_S
+                hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+                if hard == resource.RLIM_INFINITY or soft < hard:
+                    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+            except (ValueError, OSError):
+                resource = None
         try:
             request = json.loads(line)
             ok = equal(str(request["gold"]), str(request["pred"]))
