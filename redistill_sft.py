@@ -1,0 +1,545 @@
+"""
+Supervised fine-tuning: the cold start, re-distillation, and pre-training the tiny CPU "base" model.
+
+  SFT      jsonl of {"id","task","prompt","response",...}: prompt and response are tokenized separately,
+           EOS is appended to the response, the loss is on response tokens (+EOS) only.
+  pretrain --pretrain_text FILE(s): jsonl with a "text" field, or plain text (documents separated by blank
+           lines); each document + EOS is one sequence, loss on every token.
+
+The paper's settings are the defaults (../shared/research/paper.md section 7): AdamW lr 1e-5, betas
+(0.9, 0.999), no weight decay, cosine to 0 without warmup, 2 epochs, grad clip 1.0, global batch 32,
+max length 5000 (longer examples are an error, not truncated), per-sequence-mean loss.
+
+Batches are packed (padding-free): the sequences of a micro-batch are concatenated into one row and
+attend only to themselves (model.pack + cu_seqlens); a micro-batch holds at most --micro_batch_tokens
+tokens. The global batch (--global_batch sequences) is split over torchrun ranks and micro-batches by
+length, and the loss is normalised by the *global* batch, so the update does not depend on how it was split.
+
+Usage:
+  python redistill_sft.py --init /models/Qwen2.5-1.5B --data data/kk/redistill.jsonl --out_dir runs/redistill
+  torchrun --nproc_per_node=8 redistill_sft.py --init ... --data ... --out_dir ... --grad_checkpointing
+  python redistill_sft.py --init_tiny --tokenizer runs/tiny/tokenizer --pretrain_text data/kk/text.jsonl \\
+      --out_dir runs/tiny/base --lr 1e-3 --loss_reduction token_mean --epochs 1
+  python redistill_sft.py ... --resume   # continue a killed run from its last checkpoint
+
+Writes OUT_DIR/step_NNNNNN (HF checkpoint) + step_NNNNNN.state.pt (optimizer, step, RNG) at each epoch
+end, every --save_every steps and at the end; OUT_DIR/final (the last weights, a stable path for the next
+stage); OUT_DIR/metrics.jsonl (one record per step and per held-out evaluation).
+"""
+import argparse
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import common
+from common import UserError, print0
+
+# -----------------------------------------------------------------------------
+# settings (defaults = the paper's SFT, section 7)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="SFT (cold start, re-distillation) or pre-training of the tiny base model.")
+    # data
+    p.add_argument("--data", nargs="+", default=None, help="SFT jsonl file(s) of {id, task, prompt, response}")
+    p.add_argument("--pretrain_text", nargs="+", default=None,
+                   help="instead of --data: pre-train on text (jsonl with a 'text' field, or plain text with documents "
+                        "separated by blank lines); loss on all tokens; documents longer than --max_length are split")
+    p.add_argument("--val_data", nargs="+", default=None,
+                   help="held-out file(s) (same format as the training data): loss before training and after each epoch")
+    p.add_argument("--max_length", type=int, default=5000,
+                   help="longest sequence (prompt + response + EOS) in tokens; longer SFT examples are an error "
+                        "(the paper: max_length 5000, truncation=error)")
+    # model
+    p.add_argument("--init", default=None, help="starting checkpoint (Hugging Face directory)")
+    p.add_argument("--init_tiny", nargs="?", const=True, default=False, type=common.str2bool,
+                   help="instead of --init: a fresh tiny model (needs --tokenizer; sized by the --tiny_* settings)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --init checkpoint's)")
+    p.add_argument("--tiny_arch", default="Qwen2ForCausalLM", help="--init_tiny: architecture (Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM)")
+    p.add_argument("--tiny_hidden_size", type=int, default=128, help="--init_tiny: hidden size")
+    p.add_argument("--tiny_layers", type=int, default=4, help="--init_tiny: number of layers")
+    p.add_argument("--tiny_heads", type=int, default=4, help="--init_tiny: attention heads")
+    p.add_argument("--tiny_kv_heads", type=int, default=2, help="--init_tiny: key/value heads")
+    p.add_argument("--tiny_context", type=int, default=2048, help="--init_tiny: max_position_embeddings")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=2, help="passes over the data (paper: 2)")
+    p.add_argument("--global_batch", type=int, default=32,
+                   help="sequences per optimizer step, over all ranks and micro-batches (paper: 32; 64 for two K&K runs); "
+                        "an incomplete last batch of an epoch is dropped, like the paper's drop_last sampler")
+    p.add_argument("--micro_batch_tokens", type=int, default=16384,
+                   help="at most this many tokens per packed micro-batch (memory knob; a longer sequence goes alone)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (paper: 1e-5)")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (paper: 0.9)")
+    p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2 (paper: 0.999)")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
+    p.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of steps of linear warmup (paper: 0)")
+    p.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine decays to lr * this (paper: 0)")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (paper: 1.0; 0 = off)")
+    # The paper's modified verl fsdp_sft_trainer averages over each sequence's response tokens, then over
+    # sequences (seq_mean); verl's stock trainer and most pre-training use one token mean (token_mean).
+    p.add_argument("--loss_reduction", default="seq_mean", choices=("seq_mean", "token_mean"),
+                   help="seq_mean: mean over each sequence's loss tokens, then over the global batch's sequences (paper); "
+                        "token_mean: mean over all loss tokens of the global batch")
+    p.add_argument("--eight_bit_adam", nargs="?", const=True, default=False, type=common.str2bool,
+                   help="bitsandbytes 8-bit AdamW (CUDA, when installed) to save optimizer memory")
+    p.add_argument("--grad_checkpointing", nargs="?", const=True, default=False, type=common.str2bool,
+                   help="recompute each block in backward (less activation memory, ~30%% slower)")
+    p.add_argument("--bf16", nargs="?", const=True, default=True, type=common.str2bool,
+                   help="bf16 autocast on CUDA (fp32 master weights and optimizer); ignored on CPU")
+    p.add_argument("--seed", type=int, default=1, help="seed of the data order (and of --init_tiny weights)")
+    # checkpoints and logging
+    p.add_argument("--out_dir", default="runs/sft", help="run directory: checkpoints, final/, metrics.jsonl")
+    p.add_argument("--save_every", type=int, default=0,
+                   help="also checkpoint every this many steps (0 = only at epoch ends); only the newest of these is kept")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=common.str2bool,
+                   help="continue from the newest complete checkpoint in --out_dir (a finished run is left as it is)")
+    p.add_argument("--stop_at_step", type=int, default=0,
+                   help="checkpoint and stop once this global step is done (the schedule still spans all --epochs); "
+                        "for time-boxed jobs and tests; 0 = run to the end")
+    p.add_argument("--progress", nargs="?", const=True, default=True, type=common.str2bool, help="tqdm bar on rank 0")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# data: one example = {"input_ids", "start", "id", "file", "line"}; targets input_ids[start:] carry the loss
+
+
+def load_sft_examples(paths, tokenizer, max_length):
+    """Tokenize SFT jsonl files: prompt and response separately (no special tokens), EOS appended to the response.
+
+    Returns a list of {"input_ids", "start" (index of the first response token), "id", "task", "file", "line"}.
+    Loss goes on input_ids[start:] (the response and its EOS). An example longer than max_length, a missing
+    or non-string field, an empty prompt or a tokenizer without EOS is a UserError naming file and line.
+    Note: text sampled from a model and re-tokenized may split into slightly different tokens than the model
+    produced (BPE is not unique); the text is the same, which is what the paper trains on too.
+    """
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no eos_token; SFT appends EOS to every response")
+    examples = []
+    for path in paths:
+        rows, where = [], []
+        with open_lines(path) as lines:
+            for lineno, rec in lines:
+                for field in ("id", "prompt", "response"):
+                    if field not in rec:
+                        raise UserError(f"{path}:{lineno}: missing field '{field}'")
+                for field in ("prompt", "response"):
+                    if not isinstance(rec[field], str):
+                        raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
+                if not rec["prompt"]:
+                    raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
+                rows.append(rec)
+                where.append(lineno)
+        if not rows:
+            raise UserError(f"{path}: no examples")
+        prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+        responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
+        for rec, lineno, p, r in zip(rows, where, prompts, responses):
+            ids = p + r + [tokenizer.eos_token_id]
+            if len(ids) > max_length:
+                raise UserError(f"{path}:{lineno}: example {rec['id']!r} has {len(ids)} tokens (prompt {len(p)} + "
+                                f"response {len(r)} + EOS) > max_length {max_length}; long examples are an error, "
+                                f"not truncated (raise --max_length or drop the example)")
+            examples.append({"input_ids": ids, "start": len(p), "id": rec["id"], "task": rec.get("task"),
+                             "file": path, "line": lineno})
+    return examples
+
+
+def load_text_examples(paths, tokenizer, max_length):
+    """Pre-training documents: jsonl with a "text" field (one document per line) or plain text (documents
+    separated by blank lines). Each document + EOS is split into sequences of at most max_length tokens;
+    the loss is on every token after the first of each sequence."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no eos_token; pre-training appends EOS to every document")
+    examples = []
+    for path in paths:
+        docs = []
+        if path.endswith(".jsonl"):
+            with open_lines(path) as lines:
+                for lineno, rec in lines:
+                    if not isinstance(rec.get("text"), str):
+                        raise UserError(f"{path}:{lineno}: " + ("missing field 'text'" if "text" not in rec
+                                                                 else "field 'text' must be a string"))
+                    docs.append((lineno, rec["text"]))
+        else:
+            if not os.path.isfile(path):
+                raise UserError(f"{path}: file not found")
+            with open(path, encoding="utf-8") as f:
+                lineno, buf, first = 0, [], 0
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        first = first or lineno
+                        buf.append(line)
+                    elif buf:
+                        docs.append((first, "".join(buf).rstrip("\n")))
+                        buf, first = [], 0
+                if buf:
+                    docs.append((first, "".join(buf).rstrip("\n")))
+        docs = [(n, t) for n, t in docs if t]
+        if not docs:
+            raise UserError(f"{path}: no text")
+        tokens = tokenizer([t for _, t in docs], add_special_tokens=False)["input_ids"]
+        for (lineno, _), ids in zip(docs, tokens):
+            ids = ids + [tokenizer.eos_token_id]
+            for k, s in enumerate(range(0, len(ids), max_length)):
+                piece = ids[s:s + max_length]
+                if len(piece) >= 2:
+                    examples.append({"input_ids": piece, "start": 1, "id": f"{os.path.basename(path)}:{lineno}:{k}",
+                                     "task": None, "file": path, "line": lineno})
+    return examples
+
+
+class open_lines:
+    """Iterate (lineno, record) over a jsonl file with clear errors (like common.read_jsonl, streaming)."""
+
+    def __init__(self, path):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: file not found")
+        self.path = path
+
+    def __enter__(self):
+        self.f = open(self.path, encoding="utf-8")
+        return self._iter()
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def _iter(self):
+        import json
+        for lineno, line in enumerate(self.f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{self.path}:{lineno}: not valid JSON ({e.msg})")
+            if not isinstance(rec, dict):
+                raise UserError(f"{self.path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield lineno, rec
+
+
+def num_loss_tokens(example):
+    return len(example["input_ids"]) - example["start"]
+
+
+# -----------------------------------------------------------------------------
+# batching: global batch -> ranks -> packed micro-batches, all by length and deterministic
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of an epoch: a permutation fixed by (seed, epoch), identical on every rank."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def split_by_length(indices, lengths, parts):
+    """Split indices into `parts` groups of similar token totals (longest first, each to the lightest group)."""
+    groups, load = [[] for _ in range(parts)], [0] * parts
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        g = min(range(parts), key=lambda k: (load[k], k))
+        groups[g].append(i)
+        load[g] += lengths[i]
+    return groups
+
+
+def micro_batches(indices, lengths, budget):
+    """Pack indices (longest first) into micro-batches of at most `budget` tokens (a longer one goes alone)."""
+    batches, cur, size = [], [], 0
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        if cur and size + lengths[i] > budget:
+            batches.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += lengths[i]
+    return batches + ([cur] if cur else [])
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def packed_nll(model, examples, device, forward=None):
+    """One packed forward over examples. Returns (nll, seq): per position t of the packed row (minus the
+    last), nll[t] = -log p(token t+1 | tokens <= t) and seq[t] = the example index when token t+1 is a loss
+    token of that example (response or EOS), else -1 (prompt targets and sequence boundaries)."""
+    from model import pack
+    ids, cu = pack([e["input_ids"] for e in examples], device)
+    hidden = (forward or model)(ids, cu_seqlens=cu)
+    nll = -model.token_logprobs(hidden[0, :-1], ids[0, 1:])
+    seq = torch.full((ids.shape[1] - 1,), -1, dtype=torch.long)
+    offset = 0
+    for k, e in enumerate(examples):
+        seq[offset + e["start"] - 1: offset + len(e["input_ids"]) - 1] = k
+        offset += len(e["input_ids"])
+    return nll, seq.to(nll.device)
+
+
+def reduce_loss(nll, seq, examples, reduction, num_seqs=None, num_tokens=None):
+    """The loss of a (micro-)batch as its share of the global batch's loss.
+
+    seq_mean:   sum_i mean_{t in i} nll_t / num_seqs   (num_seqs = sequences in the global batch)
+    token_mean: sum_t nll_t / num_tokens               (num_tokens = loss tokens in the global batch)
+    Defaults: this batch alone. Summing the results over micro-batches and ranks gives the global loss.
+    """
+    keep = seq >= 0
+    if reduction == "token_mean":
+        total = num_tokens or int(keep.sum())
+        return nll[keep].sum() / total
+    if reduction == "seq_mean":
+        per_token = torch.tensor([1.0 / num_loss_tokens(e) for e in examples], device=nll.device)
+        return (nll[keep] * per_token[seq[keep]]).sum() / (num_seqs or len(examples))
+    raise UserError(f"unknown loss reduction {reduction!r}")
+
+
+@torch.no_grad()
+def evaluate(model, examples, reduction, micro_batch_tokens, device, autocast=nullcontext):
+    """Held-out loss (same reduction as training) over examples split across ranks."""
+    import torch.distributed as dist
+    lengths = [len(e["input_ids"]) for e in examples]
+    mine = common.shard(list(range(len(examples))), common.rank(), common.world_size())
+    totals = torch.zeros(2, dtype=torch.float64)
+    for mb in micro_batches(mine, lengths, micro_batch_tokens):
+        exs = [examples[i] for i in mb]
+        with autocast():
+            nll, seq = packed_nll(model, exs, device)
+        keep = seq >= 0
+        if reduction == "token_mean":
+            totals += torch.tensor([float(nll[keep].sum()), float(keep.sum())], dtype=torch.float64)
+        else:
+            totals += torch.tensor([float(reduce_loss(nll, seq, exs, "seq_mean", num_seqs=1)), len(exs)],
+                                   dtype=torch.float64)
+    if common.world_size() > 1:
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1])
+
+
+# -----------------------------------------------------------------------------
+# schedule, RNG and checkpoint helpers
+
+
+def get_lr(step, total_steps, lr, warmup_ratio, min_lr_ratio):
+    """Linear warmup then cosine to lr * min_lr_ratio (HF get_cosine_schedule_with_warmup; step 0 = first update)."""
+    warmup = int(warmup_ratio * total_steps)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    state = {"python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# the settings a resumed run must share with the original (others, e.g. --micro_batch_tokens, may change)
+RUN_IDENTITY = ("data", "pretrain_text", "max_length", "init", "init_tiny", "epochs", "global_batch", "lr", "beta1",
+                "beta2", "weight_decay", "warmup_ratio", "min_lr_ratio", "grad_clip", "loss_reduction", "seed")
+
+
+def prune_checkpoints(out_dir, keep):
+    """Delete step checkpoints not in `keep` (state file first, so a half-deleted one never looks complete)."""
+    for name in os.listdir(out_dir):
+        if name.startswith("step_") and name.endswith(".state.pt") and name[5:11].isdigit() and int(name[5:11]) not in keep:
+            os.remove(os.path.join(out_dir, name))
+            shutil.rmtree(common.checkpoint_dir(out_dir, int(name[5:11])), ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = common.parse_settings(get_parser(), argv)
+    from model import build_model, load_model, load_tokenizer, save_model, tiny_config
+
+    # ---- checks that need no model
+    if bool(args.data) == bool(args.pretrain_text):
+        raise UserError("give exactly one of --data (SFT jsonl) and --pretrain_text (text to pre-train on)")
+    if bool(args.init) == bool(args.init_tiny):
+        raise UserError("give exactly one of --init CHECKPOINT_DIR and --init_tiny")
+    if args.init_tiny and not args.tokenizer:
+        raise UserError("--init_tiny needs --tokenizer DIR")
+    for name in ("global_batch", "micro_batch_tokens", "max_length", "epochs"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+    rank, world, device = common.dist_setup()
+    common.seed_everything(args.seed)
+    final_dir = os.path.join(args.out_dir, "final")
+    resume_from = common.latest_checkpoint(args.out_dir)
+    if resume_from and not args.resume:
+        raise UserError(f"{args.out_dir} already holds checkpoints (newest step {resume_from[0]}); "
+                        f"pass --resume to continue it, or choose a new --out_dir")
+
+    # ---- tokenizer and data
+    tokenizer = load_tokenizer(args.tokenizer or (resume_from[1] if resume_from else args.init))
+    if args.init_tiny and not resume_from:
+        cfg = tiny_config(len(tokenizer), hidden_size=args.tiny_hidden_size, num_layers=args.tiny_layers,
+                          num_heads=args.tiny_heads, num_kv_heads=args.tiny_kv_heads,
+                          max_position_embeddings=args.tiny_context, arch=args.tiny_arch)
+        context = args.tiny_context
+    else:
+        from model import read_config
+        context = read_config(resume_from[1] if resume_from else args.init).max_position_embeddings
+    max_length = min(args.max_length, context)
+    load = load_text_examples if args.pretrain_text else load_sft_examples
+    train = load(args.pretrain_text or args.data, tokenizer, max_length)
+    val = load(args.val_data, tokenizer, max_length) if args.val_data else None
+    lengths = [len(e["input_ids"]) for e in train]
+    steps_per_epoch = len(train) // args.global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train)} training examples < --global_batch {args.global_batch}: not one full step")
+    if args.global_batch < world:
+        raise UserError(f"--global_batch {args.global_batch} < {world} ranks: every rank needs a sequence per step")
+    total_steps = steps_per_epoch * args.epochs
+    identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_examples": len(train)}
+
+    # ---- model, optimizer, resume
+    state = None
+    if resume_from:
+        step, ckpt, state_path = resume_from
+        state = common.load_train_state(state_path)
+        changed = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
+        if changed:
+            raise UserError(f"{args.out_dir}: --resume with different settings than the run's: "
+                            + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+        if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
+            print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); final weights in {final_dir}; nothing to do")
+            common.dist_cleanup()
+            return
+        model = load_model(ckpt, dtype=torch.float32, device=device)
+        print0(f"resuming from {ckpt} (step {step}/{total_steps})")
+    elif args.init_tiny:
+        model = build_model(cfg, seed=args.seed).to(device)
+    else:
+        model = load_model(args.init, dtype=torch.float32, device=device)
+    start_step = state["step"] if state else 0
+    model.gradient_checkpointing = args.grad_checkpointing
+    model.train()
+    optimizer = common.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
+                                      args.eight_bit_adam)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and args.bf16
+                else nullcontext)
+
+    n_loss = sum(num_loss_tokens(e) for e in train)
+    print0(f"{'pre-training' if args.pretrain_text else 'SFT'}: {len(train)} sequences ({sum(lengths)} tokens, "
+           f"{n_loss} with loss), {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps of "
+           f"{args.global_batch} sequences on {world} rank(s); model {model.num_params() / 1e6:.1f}M params; "
+           f"loss {args.loss_reduction}")
+    if len(train) % args.global_batch:
+        print0(f"note: {len(train) % args.global_batch} sequences per epoch are dropped (incomplete last batch)")
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+
+    def save(step, epoch_end=False):
+        if rank == 0:
+            common.save_checkpoint(args.out_dir, step, model, tokenizer,
+                                   {"optimizer": optimizer.state_dict(), "rng": rng_state(), "identity": identity,
+                                    "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+                                    "total_steps": total_steps})
+            # keep every epoch-end checkpoint, and only the newest mid-epoch one (it exists for --resume)
+            keep = {s for s in range(0, step + 1, steps_per_epoch)} | {step}
+            prune_checkpoints(args.out_dir, keep)
+        if world > 1:
+            torch.distributed.barrier()
+
+    def validate(step):
+        if val is None:
+            return
+        model.eval()
+        loss = evaluate(model, val, args.loss_reduction, args.micro_batch_tokens, device, autocast)
+        model.train()
+        print0(f"step {step}: held-out loss {loss:.4f} ({len(val)} sequences)")
+        if rank == 0:
+            common.append_jsonl(metrics_path, {"step": step, "val_loss": loss})
+
+    if start_step == 0:
+        validate(0)
+
+    # ---- the loop
+    from tqdm import tqdm
+    stop = min(total_steps, args.stop_at_step or total_steps)
+    bar = tqdm(total=total_steps, initial=start_step, desc="sft", dynamic_ncols=True,
+               disable=rank != 0 or not args.progress)
+    log = bar.write if rank == 0 and args.progress else print0
+    order, order_epoch = None, -1
+    for step in range(start_step, stop):
+        t0 = time.time()
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(len(train), args.seed, epoch), epoch
+        batch = order[k * args.global_batch:(k + 1) * args.global_batch]
+        batch_tokens = sum(num_loss_tokens(train[i]) for i in batch)  # every rank knows the whole global batch
+        mine = split_by_length(batch, lengths, world)[rank]
+        lr = get_lr(step, total_steps, args.lr, args.warmup_ratio, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        mbs = micro_batches(mine, lengths, args.micro_batch_tokens)
+        for j, mb in enumerate(mbs):
+            exs = [train[i] for i in mb]
+            sync = world == 1 or j == len(mbs) - 1  # DDP all-reduces gradients on the last micro-batch only
+            with (nullcontext() if sync else forward.no_sync()):
+                with autocast():
+                    nll, seq = packed_nll(model, exs, device, forward)
+                loss = reduce_loss(nll, seq, exs, args.loss_reduction, num_seqs=len(batch), num_tokens=batch_tokens)
+                (loss * world).backward()  # DDP averages over ranks; the global loss is their sum
+            loss_sum += float(loss.detach())
+        if world > 1:
+            torch.distributed.all_reduce(loss_sum)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        tokens = sum(lengths[i] for i in batch)
+        rec = {"step": step + 1, "epoch": epoch, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
+               "tokens": tokens, "tokens_per_s": tokens / dt, "time_s": dt}
+        log(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {rec['loss']:.4f} | lr {lr:.3e} | "
+            f"grad norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | {len(mbs)} micro-batches | {dt:.2f} s")
+        if rank == 0:
+            common.append_jsonl(metrics_path, rec)
+        bar.update(1)
+        done = step + 1
+        if done % steps_per_epoch == 0:
+            validate(done)
+        if done % steps_per_epoch == 0 or done == stop or (args.save_every and done % args.save_every == 0):
+            save(done)
+    bar.close()
+
+    if stop < total_steps:
+        print0(f"stopped at step {stop}/{total_steps} (--stop_at_step); continue with --resume")
+    else:
+        if rank == 0:
+            save_model(model, final_dir, tokenizer)
+        print0(f"done: {total_steps} steps; final weights in {final_dir}")
+    common.dist_cleanup()
+
+
+if __name__ == "__main__":
+    common.run_main(main)
