@@ -1,0 +1,265 @@
+"""
+Turn an RL policy into a re-distillation SFT set (the paper's section 3 recipe).
+
+  --from_checkpoint DIR   sample n responses per prompt of a task split with our generation engine
+                          (the paper's variant A: greedy, n=1, on the cold-start SFT prompts), prompts
+                          sharded over torchrun ranks and merged on rank 0
+  --from_rollouts RUN_DIR read RUN_DIR/rollouts/step_N.jsonl of train_rl.py for a range of steps
+                          (the paper's variant B: steps 115-125 of the K&K run, T=0.7, n=8)
+
+Then, as the paper: keep responses with reward 1.0 that finished with EOS; drop identical responses to the
+same prompt and keep at most --max_per_prompt per prompt (the paper keeps the first occurrence per puzzle);
+shuffle with --seed; keep the first --num_samples (paper: 1,000 K&K, 500 MATH); write SFT jsonl
+{"id","task","prompt","response","source","reward"} atomically. The prompt is the exact rendered text the
+policy saw and the response the decoded text it produced, without the stop token (redistill_sft.py
+appends EOS when it trains).
+
+Usage:
+  python sample_policy.py --from_checkpoint runs/rl_kk/step_000125 --task kk --split data/kk/sft.jsonl \\
+      --out data/kk/redistill_a.jsonl --temperature 0 --max_new_tokens 4096
+  torchrun --nproc_per_node=8 sample_policy.py --from_checkpoint ... (same settings; one shard per rank)
+  python sample_policy.py --from_rollouts runs/rl_kk --steps 125,115-124 --task kk --out data/kk/redistill_b.jsonl
+"""
+import argparse
+import os
+import random
+import re
+
+import common
+from common import UserError, print0
+
+STOP_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Sample a policy (checkpoint or RL rollout log) into a re-distillation SFT set.")
+    p.add_argument("--from_checkpoint", default=None, help="policy checkpoint (Hugging Face directory) to sample")
+    p.add_argument("--from_rollouts", default=None, help="instead: an RL run directory holding rollouts/step_N.jsonl")
+    p.add_argument("--task", default=None, help="task: kk, math, or a module name with the task interface (required)")
+    p.add_argument("--split", default=None, help="task split jsonl: the prompts to sample (--from_checkpoint); with "
+                   "--from_rollouts optional: re-score the kept rollouts with the task's score (the paper re-checks)")
+    p.add_argument("--out", default=None, help="the SFT jsonl to write (required)")
+    # sampling (--from_checkpoint)
+    p.add_argument("--n", "--samples_per_prompt", dest="n", type=int, default=1,
+                   help="responses per prompt (paper's variant A: 1); under torchrun write --samples_per_prompt "
+                        "(torchrun's own parser rejects --n as an abbreviation of its --nnodes/--nproc_per_node)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (paper's variant A)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (paper: 1.0)")
+    p.add_argument("--max_new_tokens", type=int, default=4096, help="response length limit; truncated responses are dropped (paper: 4096)")
+    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="prompt template (auto = chat when the tokenizer has one)")
+    p.add_argument("--batch_size", type=int, default=64, help="prompts per generation batch (x n rows)")
+    p.add_argument("--dtype", default="auto", help="weights dtype for sampling: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    p.add_argument("--limit", type=int, default=0, help="use only the first this many records of --split (0 = all)")
+    # rollouts (--from_rollouts)
+    p.add_argument("--steps", default=None, help="--from_rollouts: RL steps to read, in order, e.g. 115-125 or "
+                   "125,115-124 (the paper's variant B reads step 125 first, then 115..124)")
+    # selection
+    p.add_argument("--max_per_prompt", type=int, default=1,
+                   help="keep at most this many distinct correct responses per prompt, first found first "
+                        "(paper: 1, dedupe by puzzle keeping the first occurrence); 0 = no limit")
+    p.add_argument("--num_samples", type=int, default=1000, help="keep this many after the shuffle (paper: 1000 K&K, 500 MATH); 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (paper: random.seed(0)) and of sampling")
+    p.add_argument("--samples_out", default=None, help="also write every sample before filtering (jsonl, with reward, "
+                   "finished, rank) for inspection")
+    p.add_argument("--progress", nargs="?", const=True, default=True, type=common.str2bool, help="tqdm bar on rank 0")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# sources: a checkpoint sampled now, or the rollout log of an RL run
+
+
+def parse_steps(text):
+    """'115-125' or '125,115-124' -> [125, 115, ..., 124] (order kept; duplicates are an error)."""
+    steps = []
+    for part in (text or "").split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise UserError(f"--steps {text!r}: expected steps like 115-125 or 125,115-124")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        steps += range(a, b + 1)
+    if len(set(steps)) != len(steps):
+        raise UserError(f"--steps {text!r}: a step is listed twice")
+    return steps
+
+
+ROLLOUT_FIELDS = {"step": int, "id": (str, int), "prompt": str, "response": str, "reward": (int, float),
+                  "finished": bool, "length": int}
+
+
+def read_rollouts(run_dir, steps):
+    """The records of RUN_DIR/rollouts/step_N.jsonl for each step, in the order given, each field checked."""
+    samples = []
+    for step in steps:
+        path = os.path.join(run_dir, "rollouts", f"step_{step}.jsonl")
+        if not os.path.isfile(path):
+            have = sorted(int(m.group(1)) for f in os.listdir(os.path.join(run_dir, "rollouts"))
+                          if (m := re.fullmatch(r"step_(\d+)\.jsonl", f))) if os.path.isdir(os.path.join(run_dir, "rollouts")) else []
+            raise UserError(f"{path}: file not found (rollout steps present: "
+                            f"{f'{have[0]}..{have[-1]} ({len(have)} files)' if have else 'none'})")
+        for lineno, rec in enumerate(common.read_jsonl(path, required=tuple(ROLLOUT_FIELDS)), 1):
+            for field, types in ROLLOUT_FIELDS.items():
+                value = rec[field]
+                if not isinstance(value, types) or isinstance(value, bool) != (types is bool):
+                    raise UserError(f"{path}: record {lineno}: field '{field}' has {type(value).__name__} {value!r}, "
+                                    f"expected {types.__name__ if isinstance(types, type) else ' or '.join(t.__name__ for t in types)}")
+            if rec["step"] != step:
+                raise UserError(f"{path}: record {lineno}: field 'step' is {rec['step']}, expected {step} (the file's step)")
+            samples.append({**rec, "source": path})
+    return samples
+
+
+def sample_checkpoint(args, task, rank, world, device):
+    """Every (record, sample) of the split, merged from all ranks in record order; and the records."""
+    import torch
+    from model import load_model, load_tokenizer
+    records = task.load_split(args.split)
+    if args.limit:
+        records = records[:args.limit]
+    if not records:
+        raise UserError(f"{args.split}: no records")
+    tokenizer = load_tokenizer(args.from_checkpoint)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    model = load_model(args.from_checkpoint, dtype=dtype, device=device)
+    model.eval()
+    # Check every prompt's length on every rank before sharding, so that all ranks stop together.
+    context = model.config.max_position_embeddings
+    for i, rec in enumerate(records):
+        length = len(tokenizer(task.render_prompt(rec, tokenizer, args.template), add_special_tokens=False)["input_ids"])
+        if length + args.max_new_tokens > context:
+            raise UserError(f"{args.split}: record {i + 1} (id {rec.get('id')!r}): prompt of {length} tokens + "
+                            f"--max_new_tokens {args.max_new_tokens} > the model's {context}-token context")
+    order = common.shard(list(range(len(records))), rank, world)
+    print0(f"sampling {args.from_checkpoint}: {len(records)} prompts x {args.n} on {world} rank(s), "
+           f"T={args.temperature}, top_p={args.top_p}, max_new_tokens={args.max_new_tokens}")
+    with torch.no_grad():
+        mine = common.sample_responses(model, tokenizer, task, [records[i] for i in order], n=args.n,
+                                       temperature=args.temperature, top_p=args.top_p,
+                                       max_new_tokens=args.max_new_tokens, seed=args.seed * 1000 + rank,
+                                       template=args.template, batch_size=args.batch_size, desc="sample",
+                                       progress=args.progress)
+    # sample_responses returns record order then sample order: attach each sample's record index
+    for k, s in enumerate(mine):
+        s["index"], s["rank"] = order[k // args.n], rank
+        s["source"] = os.path.abspath(args.from_checkpoint)
+        del s["logprobs"]
+    merged = [s for part in common.all_gather_json(mine) for s in part]
+    merged.sort(key=lambda s: (s["index"], s["sample"]))
+    return merged, records
+
+
+# -----------------------------------------------------------------------------
+# selection
+
+
+def select(samples, max_per_prompt, num_samples, seed):
+    """The paper's filter: correct (reward 1.0) and finished; identical responses to one prompt once; at most
+    max_per_prompt per prompt, first found first; a seeded shuffle; the first num_samples.
+    Returns (kept, counts)."""
+    by_prompt, seen, counts = {}, set(), {"samples": len(samples), "correct": 0, "duplicates": 0, "over_limit": 0}
+    prompts = []
+    for s in samples:
+        key = (s["id"], s["prompt"])
+        if key not in by_prompt:
+            by_prompt[key] = []
+            prompts.append(key)
+        if not (s["reward"] == 1.0 and s["finished"]):
+            continue
+        counts["correct"] += 1
+        if (key, s["response"]) in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add((key, s["response"]))
+        if max_per_prompt and len(by_prompt[key]) >= max_per_prompt:
+            counts["over_limit"] += 1
+            continue
+        by_prompt[key].append(s)
+    counts["prompts"] = len(prompts)
+    counts["prompts_without_correct"] = sum(1 for k in prompts if not by_prompt[k])
+    pool = [s for k in prompts for s in by_prompt[k]]
+    counts["distinct"] = len(pool)
+    random.Random(seed).shuffle(pool)
+    kept = pool[:num_samples] if num_samples else pool
+    return kept, counts
+
+
+def strip_stop_text(response):
+    """Remove a trailing stop-token string (a rollout log that decoded the stop token too); SFT appends EOS itself."""
+    for t in STOP_TEXTS:
+        if response.endswith(t):
+            return response[: -len(t)], True
+    return response, False
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = common.parse_settings(get_parser(), argv)
+    if bool(args.from_checkpoint) == bool(args.from_rollouts):
+        raise UserError("give exactly one of --from_checkpoint DIR and --from_rollouts RUN_DIR")
+    if not args.task:
+        raise UserError("--task is required (kk, math, or a task module name)")
+    if not args.out:
+        raise UserError("--out FILE is required (the SFT jsonl to write)")
+    if args.from_checkpoint and not args.split:
+        raise UserError("--from_checkpoint needs --split FILE (the prompts to sample)")
+    if args.from_rollouts and not args.steps:
+        raise UserError("--from_rollouts needs --steps, e.g. 115-125")
+    if args.from_checkpoint and args.steps:
+        raise UserError("--steps applies to --from_rollouts only")
+    for name in ("n", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {args.temperature}, {args.top_p})")
+    task = common.get_task(args.task)
+
+    rank, world, device = common.dist_setup()
+    if args.from_checkpoint:
+        samples, _ = sample_checkpoint(args, task, rank, world, device)
+    else:  # every rank reads and selects (cheap), so that an error stops all of them; rank 0 writes
+        steps = parse_steps(args.steps)
+        samples = read_rollouts(args.from_rollouts, steps)
+        stripped = 0
+        for s in samples:
+            s["response"], cut = strip_stop_text(s["response"])
+            stripped += cut
+        print0(f"read {len(samples)} rollouts of {len(steps)} steps from {os.path.join(args.from_rollouts, 'rollouts')}")
+        if stripped:
+            print0(f"note: removed a trailing stop-token string from {stripped} rollout responses (SFT appends EOS)")
+        if args.split:  # the paper re-checks the rollouts with the task's score; the score of now is what counts
+            by_id = {str(r["id"]): r for r in task.load_split(args.split)}
+            missing = sorted({str(s["id"]) for s in samples} - set(by_id))
+            if missing:
+                raise UserError(f"{args.split}: no record for rollout id {missing[0]!r} ({len(missing)} ids missing)")
+            changed = 0
+            for s in samples:
+                reward = task.score(s["response"], by_id[str(s["id"])], s["finished"])
+                changed += reward != s["reward"]
+                s["reward"] = reward
+            print0(f"re-scored {len(samples)} rollouts with {args.task}'s score: {changed} rewards changed")
+
+    if args.samples_out and rank == 0:
+        common.write_jsonl(args.samples_out, samples)
+        print0(f"wrote all {len(samples)} samples (before filtering) to {args.samples_out}")
+    kept, counts = select(samples, args.max_per_prompt, args.num_samples, args.seed)
+    print0(f"{counts['samples']} samples of {counts['prompts']} prompts: {counts['correct']} correct and finished, "
+           f"{counts['duplicates']} duplicate responses, {counts['over_limit']} over --max_per_prompt "
+           f"{args.max_per_prompt}, {counts['distinct']} distinct")
+    print0(f"{counts['prompts_without_correct']} of {counts['prompts']} prompts had no correct sample")
+    if not kept:
+        raise UserError(f"no correct, finished response among {counts['samples']} samples; nothing written to {args.out}")
+    if args.num_samples and len(kept) < args.num_samples:
+        print0(f"note: only {len(kept)} samples available, fewer than --num_samples {args.num_samples}")
+    if rank == 0:
+        rows = [{"id": s["id"], "task": args.task, "prompt": s["prompt"], "response": s["response"],
+                 "source": s["source"], "reward": s["reward"],
+                 **({"step": s["step"]} if "step" in s else {"sample": s["sample"]})} for s in kept]
+        common.write_jsonl(args.out, rows)
+        print0(f"wrote {len(rows)} SFT examples to {args.out}")
+    common.dist_cleanup()
+
+
+if __name__ == "__main__":
+    common.run_main(main)
