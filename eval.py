@@ -25,12 +25,12 @@ and out_dir/results.md: one markdown table per split, rows = checkpoints, ready 
 Files are written atomically, summary.json last: a (checkpoint, split) pair is done when its summary.json
 exists, and a re-run skips done pairs (unless --overwrite). Output bytes are deterministic (no timings).
 
-The helpers `pass_at_k`, `summarize`, `summary_row` and `markdown_table` are importable by other stages.
+Importable by other stages: `pass_at_k`, `summarize`, `evaluate` (sharded generate + score + gather, for
+validation inside training), `summary_row` and `markdown_table`.
 """
 import argparse
 import copy
 import json
-import math
 import os
 import re
 import time
@@ -175,6 +175,29 @@ def split_heading(summary):
     return f"### {summary['split']} ({s['task']}; {how}; max {s['max_new_tokens']} new tokens)"
 
 
+def evaluate(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seed=0,
+             template="auto", batch_size=64, pass_k=(1,), desc="eval", progress=True):
+    """Generate n responses per record on this rank's shard of `records`, score them with task.score, and
+    gather: every rank returns the same (samples, summary). samples are in record order, then sample order:
+    {"id", "difficulty", "sample", "response", "reward", "finished", "length"}; summary = `summarize(...)`.
+    (Also for validation inside training: call it on every rank.)"""
+    rank, world = common.rank(), common.world_size()
+    indices = common.shard(list(range(len(records))), rank, world)
+    out = common.sample_responses(model, tokenizer, task, [records[j] for j in indices], n=n, temperature=temperature,
+                                  top_p=top_p, max_new_tokens=max_new_tokens, seed=seed * 1000 + rank,  # own stream per rank
+                                  template=template, batch_size=batch_size, desc=desc, progress=progress)
+    # the record index travels with each sample, so the merged list has the same order for any world size
+    mine = [{"index": indices[k // n], "sample": s["sample"], "response": s["response"], "reward": float(s["reward"]),
+             "finished": bool(s["finished"]), "length": s["length"]} for k, s in enumerate(out)]
+    rows = sorted((row for part in common.all_gather_json(mine) for row in part),
+                  key=lambda row: (row["index"], row["sample"]))
+    samples = [{"id": records[row["index"]]["id"],
+                "difficulty": records[row["index"]].get(task.DIFFICULTY) if task.DIFFICULTY else None,
+                "sample": row["sample"], "response": row["response"], "reward": row["reward"],
+                "finished": row["finished"], "length": row["length"]} for row in rows]
+    return samples, summarize(samples, records, task.DIFFICULTY, pass_k)
+
+
 # -----------------------------------------------------------------------------
 # checking the inputs (every rank runs the same checks, before any collective call)
 
@@ -240,9 +263,12 @@ def load_records(task, task_name, path, tokenizer, template):
 
 def read_done(summary_path, samples_path, settings, records, task):
     """A finished pair's summary, if its settings match this run's; recomputed when pass_k changed."""
-    with open(summary_path, encoding="utf-8") as f:
-        summary = json.load(f)
-    old = summary.get("settings", {})
+    try:
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        old = summary["settings"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{summary_path}: cannot read this earlier result ({e}); pass --overwrite true")
     diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]]
     if diff:
         raise UserError(f"{summary_path} was made with other settings ({', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
@@ -325,26 +351,13 @@ def main(argv=None):
                f"in {time.time() - t0:.1f}s")
         for i in todo:
             split_path, split_name, records = args.splits[i], split_names[i], splits[i]
-            # this rank's prompts; the record index travels with each sample so rank 0 can restore the order
-            indices = common.shard(list(range(len(records))), rank, world)
             t0 = time.time()
-            out = common.sample_responses(
-                model, tokenizer, task, [records[j] for j in indices], n=args.n, temperature=args.temperature,
-                top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed * 1000 + rank,
-                template=args.template, batch_size=args.batch_size, desc=f"{name}/{split_name}", progress=args.progress)
-            per_record = len(out) // max(len(indices), 1)
-            mine = [{"index": indices[k // per_record], "sample": s["sample"], "response": s["response"],
-                     "reward": float(s["reward"]), "finished": bool(s["finished"]), "length": s["length"]}
-                    for k, s in enumerate(out)]
-            gathered = [row for part in common.all_gather_json(mine) for row in part]
+            samples, metrics = evaluate(model, tokenizer, task, records, n=args.n, temperature=args.temperature,
+                                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                        template=args.template, batch_size=args.batch_size, pass_k=args.pass_k,
+                                        desc=f"{name}/{split_name}", progress=args.progress)
             seconds = time.time() - t0
-            gathered.sort(key=lambda row: (row["index"], row["sample"]))
-            samples = [{"id": records[row["index"]]["id"],
-                        "difficulty": records[row["index"]].get(task.DIFFICULTY) if task.DIFFICULTY else None,
-                        "sample": row["sample"], "response": row["response"], "reward": row["reward"],
-                        "finished": row["finished"], "length": row["length"]} for row in gathered]
-            summary = {"checkpoint": name, "split": split_name, "settings": settings_of(ckpt, split_path),
-                       **summarize(samples, records, task.DIFFICULTY, args.pass_k)}
+            summary = {"checkpoint": name, "split": split_name, "settings": settings_of(ckpt, split_path), **metrics}
             if rank == 0:
                 pair_dir = os.path.join(args.out_dir, name, split_name)
                 common.write_jsonl(os.path.join(pair_dir, "samples.jsonl"), samples)

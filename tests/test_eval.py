@@ -128,6 +128,11 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
         summary = json.load(f)
     assert summary["n"] == 1 and summary["pass_k"] == [1] and list(summary["by_difficulty"]) == ["1", "2"]
     assert summary == {**summary, **ev.summarize(samples, records, "level", [1])}
+    # the importable helper (validation inside training) gives the same samples and summary in-process
+    from model import load_model, load_tokenizer
+    got, got_summary = ev.evaluate(load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint), toy_task, records,
+                                   max_new_tokens=12, batch_size=16, progress=False)
+    assert got == samples and got_summary == ev.summarize(samples, records, "level")
     results = read(os.path.join(greedy_run, "results.md")).decode()
     assert "| checkpoint | level 1 | level 2 | overall | mean len | truncated |" in results
     assert "\n| base |" in results and "\n| again |" in results
@@ -150,6 +155,10 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
                 + FAST + ["--max_new_tokens", "8"])
     ev.main(["--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split, "--out_dir", out2,
              "--overwrite", "true"] + FAST + ["--max_new_tokens", "8"])
+    with open(os.path.join(out2, "again/toy_test/summary.json"), "w") as f:
+        f.write('{"checkpoint": ')  # a damaged earlier result: a clear message, not a traceback
+    with pytest.raises(common.UserError, match="cannot read this earlier result"):
+        ev.main(["--checkpoints", tiny_checkpoint, "--names", "again", "--splits", split, "--out_dir", out2] + FAST)
     assert all(s["length"] <= 8 for s in common.read_jsonl(os.path.join(out2, "base/toy_test/samples.jsonl")))
 
 
