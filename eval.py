@@ -182,6 +182,13 @@ def evaluate(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, m
     {"id", "difficulty", "sample", "response", "reward", "finished", "length"}; summary = `summarize(...)`.
     (Also for validation inside training: call it on every rank.)"""
     rank, world = common.rank(), common.world_size()
+    # every rank checks every prompt fits, so a too-long one stops all ranks alike (not one, mid-collective)
+    context = model.config.max_position_embeddings
+    for r in records:
+        length = len(tokenizer(task.render_prompt(r, tokenizer, template), add_special_tokens=False)["input_ids"])
+        if length + max_new_tokens > context:
+            raise UserError(f"record {r['id']!r}: its prompt has {length} tokens; with max_new_tokens={max_new_tokens} "
+                            f"that exceeds the model's {context}-token context; lower --max_new_tokens")
     indices = common.shard(list(range(len(records))), rank, world)
     out = common.sample_responses(model, tokenizer, task, [records[j] for j in indices], n=n, temperature=temperature,
                                   top_p=top_p, max_new_tokens=max_new_tokens, seed=seed * 1000 + rank,  # own stream per rank
