@@ -14,9 +14,10 @@ response before scoring, so there a truncated response whose last \\boxed{} was 
 deliberately don't; the truncation rate is reported beside the accuracy so the difference can be judged.
 
 Generation is our KV-cache engine (common.sample_responses); the prompts of a split are sharded across
-torchrun ranks (common.shard) and the results merged on rank 0 (common.all_gather_json), so the output
-files do not depend on the number of ranks for greedy runs. (Sampled runs are seeded and reproducible for
-a fixed world size and batch size; the random streams follow the batches, so they change with either.)
+torchrun ranks (common.shard), gathered in record order (common.all_gather_json) and written by rank 0, so
+greedy output files do not depend on the number of ranks (up to floating-point batch effects: another
+batch composition can flip a near-tie argmax, more likely in bf16). Sampled runs are seeded and
+reproducible for a fixed world size and batch size; the random streams follow the batches.
 
 Outputs, for each (checkpoint, split), in out_dir/<checkpoint name>/<split name>/:
   samples.jsonl  one line per (prompt, sample): {"id", "difficulty", "sample", "response", "reward", "finished", "length"}
