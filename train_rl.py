@@ -1,0 +1,592 @@
+"""
+R1-style reinforcement learning with GRPO, in one readable file.
+
+One step: draw a batch of prompts -> every rank samples n responses per prompt of its share with
+its own weights (our KV-cache engine, no inference server) -> score them with the task's verifier
+-> advantages normalised within each group of n -> policy-gradient update on packed micro-batches
+-> log -> now and then greedy validation on the test split -> now and then a checkpoint.
+
+    python train_rl.py --model CKPT --task kk                                    # one GPU or CPU
+    torchrun --nproc_per_node=8 train_rl.py --model CKPT --task kk --out_dir runs/rl_kk
+    torchrun --nproc_per_node=8 train_rl.py ... --resume true                    # continue a killed run
+
+Defaults are the paper's K&K run (verl; ../shared/research/paper.md section 8): 128 prompts x 8
+rollouts per step, temperature 0.7, one on-policy update per step, clip 0.2, no KL, no entropy
+bonus, AdamW(0.5, 0.999) wd 0.01, lr 5e-6 with 8 warm-up steps, grad clip 1.0, responses up to
+4096 tokens, greedy validation every 5 steps, a checkpoint every 25.
+
+Decisions worth knowing when reading the code:
+- Old log-probs. With one update per rollout batch (ppo_epochs = ppo_mini_batches = 1, the
+  paper) the update is strictly on-policy: old log-probs = the current ones detached, ratio == 1,
+  the clip never binds, and no extra forward pass is spent. With more updates per batch, old
+  log-probs come from a teacher-forced pass of the pre-update policy (never the sampler's
+  log-probs, which differ numerically); the sampler/trainer gap is logged as `logprob_gap`.
+- Precision. The model runs in --dtype (bf16 on CUDA) for generation and the training forward;
+  with a dtype other than fp32 a float32 master copy holds the weights the optimizer updates (a
+  bf16 weight cannot absorb a 5e-6 update: bf16 keeps ~3 significant digits). Gradients are
+  accumulated into the fp32 master after each micro-batch, summed over ranks in fp32, clipped,
+  stepped, and the master is copied back into the bf16 model. Checkpoints hold the fp32 master.
+- Multi-GPU. We all-reduce the fp32 master gradients ourselves (one SUM after all micro-batches)
+  instead of wrapping the model in DDP: the losses are already normalised over the global batch,
+  ranks may run different numbers of packed micro-batches, and nothing stands between the reader
+  and the model. Every rank then takes the identical optimizer step, so weights stay identical
+  (checked at every checkpoint).
+- Exact resume. Data order is a permutation seeded by (seed, epoch); generation seeds derive from
+  (seed, step, rank); the lr is a function of the step. So a checkpoint needs only the weights, the
+  optimizer state and the step, and a resumed run repeats the uninterrupted one.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import common
+from common import UserError, print0
+from model import load_model, load_tokenizer, pack, parse_dtype
+
+# -----------------------------------------------------------------------------
+# settings (defaults = the paper's K&K run)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="GRPO (R1-style RL) on a verifiable task", prog="train_rl.py")
+    # data and model
+    p.add_argument("--model", default=None, help="initial policy: a Hugging Face checkpoint directory (required)")
+    p.add_argument("--task", default="kk", help="task module: kk, math, or an importable module with the task interface")
+    p.add_argument("--train_data", default="data/kk/train.jsonl", help="RL training prompts (jsonl records of the task)")
+    p.add_argument("--test_data", default="data/kk/test.jsonl", help="validation split, decoded greedily ('' = no validation)")
+    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
+                   help="prompt template: chat (paper's system prompt), plain (Question/Answer, the paper's base runs)")
+    p.add_argument("--out_dir", default="runs/rl_kk", help="run directory: checkpoints, metrics.jsonl, rollouts/")
+    # the batch (paper: train_batch_size 128, rollout.n 8)
+    p.add_argument("--prompts_per_step", type=int, default=128, help="prompts per RL step over all ranks (each rank takes its share)")
+    p.add_argument("--n", type=int, default=8, help="rollouts per prompt (the GRPO group size)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; training log-probs use the same one")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1 = off; <1 makes training log-probs ignore the truncation)")
+    p.add_argument("--max_prompt_tokens", type=int, default=1024, help="longer training prompts are dropped (counted at start)")
+    p.add_argument("--max_response_tokens", type=int, default=4096, help="generation budget; longer responses are truncated (reward 0)")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training prompts (paper: total_epochs 20)")
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many RL steps (0 = epochs x steps per epoch)")
+    # the loss: every variant is one named setting
+    p.add_argument("--loss_agg", default="token_mean", choices=("token_mean", "seq_mean_token_mean", "constant"),
+                   help="token_mean: mean over all response tokens of the global batch (DAPO, arXiv 2503.14476); "
+                        "seq_mean_token_mean: mean over sequences of per-sequence token means (original GRPO, arXiv 2402.03300); "
+                        "constant: sum / (max_response_tokens x sequences) (Dr. GRPO, arXiv 2503.20783)")
+    p.add_argument("--std_normalize", type=common.str2bool, default=True,
+                   help="divide advantages by the group's std (GRPO); false = mean-centring only (Dr. GRPO)")
+    p.add_argument("--clip_low", type=float, default=0.2, help="PPO clip: ratio floor 1 - clip_low")
+    p.add_argument("--clip_high", type=float, default=0.2, help="PPO clip: ratio ceiling 1 + clip_high (clip-higher, DAPO: 0.28)")
+    p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch (>1: old log-probs are recomputed)")
+    p.add_argument("--ppo_mini_batches", type=int, default=1, help="optimizer steps per pass over the rollout batch (paper: 1)")
+    p.add_argument("--kl_coef", type=float, default=0.0, help="weight of the KL penalty to the frozen initial policy (paper: 0)")
+    p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"),
+                   help="k1: logp - logp_ref; k3: exp(ref - logp) - (ref - logp) - 1, clamped to [-10, 10] (verl low_var_kl, Schulman 2020)")
+    p.add_argument("--ref_model", default=None, help="reference policy for the KL (default: --model)")
+    p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus weight (paper: 0)")
+    p.add_argument("--drop_zero_variance_groups", type=common.str2bool, default=False,
+                   help="leave groups whose rewards are all equal out of the loss and its normaliser (DAPO's filter, without resampling)")
+    p.add_argument("--mask_truncated", type=common.str2bool, default=False,
+                   help="leave truncated responses out of the loss (DAPO overlong filtering); paper: kept, with reward 0")
+    # optimizer (paper: AdamW betas (0.5, 0.999), wd 0.01, grad clip 1, constant lr after linear warm-up)
+    p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (paper K&K 5e-6, MATH 2.5e-6)")
+    p.add_argument("--warmup_steps", type=int, default=8, help="linear warm-up steps, then constant (paper K&K 8, MATH 4)")
+    p.add_argument("--beta1", type=float, default=0.5, help="AdamW beta1 (paper 0.5)")
+    p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--adam_8bit", type=common.str2bool, default=False, help="bitsandbytes 8-bit AdamW when installed on CUDA")
+    # speed and memory
+    p.add_argument("--dtype", default="auto", help="model dtype for generation and the training forward: auto (bfloat16 on CUDA, "
+                   "float32 on CPU), bfloat16, float32; not float32 -> an fp32 master copy is what the optimizer updates")
+    p.add_argument("--gradient_checkpointing", type=common.str2bool, default=True, help="recompute blocks in backward (less memory)")
+    p.add_argument("--micro_batch_tokens", type=int, default=30000,
+                   help="token budget of one packed training micro-batch per rank (paper: ppo_max_token_len_per_gpu 30000)")
+    p.add_argument("--logprob_chunk", type=int, default=4096, help="tokens per chunk of the lm_head + log-softmax")
+    p.add_argument("--gen_batch_size", type=int, default=32, help="prompts per generation call (x n rows in the KV cache)")
+    # validation, logging, checkpoints
+    p.add_argument("--val_every", type=int, default=5, help="greedy validation every this many steps (0 = never; paper 5)")
+    p.add_argument("--val_before_train", type=common.str2bool, default=True, help="also validate the initial policy (step 0)")
+    p.add_argument("--val_limit", type=int, default=0, help="validate on the first N test records only (0 = all)")
+    p.add_argument("--val_max_response_tokens", type=int, default=0, help="validation generation budget (0 = --max_response_tokens)")
+    p.add_argument("--val_batch_size", type=int, default=128, help="prompts per validation generation call")
+    p.add_argument("--save_every", type=int, default=25, help="checkpoint every this many steps, and at the end (paper 25)")
+    p.add_argument("--log_rollouts", type=common.str2bool, default=True, help="write rollouts/step_N.jsonl")
+    p.add_argument("--resume", type=common.str2bool, default=False, help="continue from the newest complete checkpoint in --out_dir")
+    p.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many consecutive steps with NaN/inf loss or grad norm")
+    p.add_argument("--seed", type=int, default=1234, help="seeds the data order and every generation")
+    p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bars on rank 0")
+    p.add_argument("--wandb_project", default="", help="also log to this Weights & Biases project (when wandb is installed)")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# the maths, as small functions (tests/test_train_rl.py checks each against a hand computation)
+
+
+def group_advantages(rewards, n, std_normalize=True, eps=1e-6):
+    """GRPO advantages for rewards laid out group by group (n per prompt): (r - mean_g) / (std_g + eps).
+
+    std is unbiased (N-1), as torch.std in verl. A group with all-equal rewards gets exactly 0.
+    Groups of one use mean 0 and std 1 (verl), i.e. the advantage is the reward.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, n)
+    if n == 1:
+        return r.view(-1).clone()
+    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
+    adv = r - mean
+    if std_normalize:
+        adv = adv / (std + eps)
+    adv = torch.where(std == 0, torch.zeros_like(adv), adv)
+    return adv.view(-1)
+
+
+def policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
+    """Per-token PPO clipped surrogate, to minimise: max(-A*rho, -A*clip(rho, 1-clip_low, 1+clip_high)).
+
+    Returns (loss per token, 1.0 where the clipped branch is the one taken, else 0.0).
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+def kl_penalty(logp, ref_logp, estimator="k3"):
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi.
+
+    k1 = logp - ref_logp (unbiased, high variance); k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased,
+    always >= 0, verl's low_var_kl), clamped to [-10, 10] as in verl.
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        d = ref_logp - logp
+        return torch.clamp(torch.exp(d) - d - 1.0, min=-10.0, max=10.0)
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def token_weights(lengths, loss_agg, total_tokens, total_seqs, max_response_tokens):
+    """Weight of each response token so that loss = sum(weight * token_loss) over the whole global batch.
+
+    lengths: response lengths of the sequences of one micro-batch; total_tokens / total_seqs: counts over
+    the whole (mini-)batch on all ranks, all-reduced before the first micro-batch, so the result does not
+    depend on how the batch is split into micro-batches and ranks.
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.float32)
+    if loss_agg == "token_mean":              # DAPO: every token of the batch counts the same
+        per_seq = torch.full_like(lengths, 1.0 / max(total_tokens, 1))
+    elif loss_agg == "seq_mean_token_mean":   # GRPO: every sequence counts the same
+        per_seq = 1.0 / (lengths.clamp(min=1) * max(total_seqs, 1))
+    elif loss_agg == "constant":              # Dr. GRPO: a constant normaliser, no length bias
+        per_seq = torch.full_like(lengths, 1.0 / (max_response_tokens * max(total_seqs, 1)))
+    else:
+        raise ValueError(f"unknown loss aggregation {loss_agg!r}")
+    return torch.repeat_interleave(per_seq, lengths.long())
+
+
+def step_prompt_indices(num_records, prompts_per_step, step, seed):
+    """Indices (into the training records) of the prompts of RL step `step` (1-based), for all ranks.
+
+    Epoch e visits the records in a permutation seeded by (seed, e); the last partial batch of an epoch is
+    dropped. A pure function of the step, so a resumed run skips and repeats nothing.
+    """
+    per_epoch = num_records // prompts_per_step
+    epoch, k = divmod(step - 1, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_records)
+    return perm[k * prompts_per_step:(k + 1) * prompts_per_step].tolist()
+
+
+def generation_seed(seed, step, rank):
+    """The sampling seed of a (run seed, step, rank): different everywhere, reproducible on resume."""
+    return int(np.random.default_rng([seed, step, rank]).integers(2**31))
+
+
+def lr_at(step, lr, warmup_steps):
+    """Linear warm-up over the first warmup_steps steps (step 1 gets lr/warmup), then constant.
+    (HF's get_constant_schedule_with_warmup, used by verl, gives step 1 lr 0; we skip that no-op step.)"""
+    return lr * min(1.0, step / warmup_steps) if warmup_steps > 0 else lr
+
+
+def micro_batches(lengths, budget):
+    """Split sequence indices into packed micro-batches of at most `budget` tokens (a longer sequence goes
+    alone). Sorted by length, so sequences of similar length share a micro-batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, cur, used = [], [], 0
+    for i in order:
+        if cur and used + lengths[i] > budget:
+            batches.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += lengths[i]
+    return batches + ([cur] if cur else [])
+
+
+def response_logprobs(model, prompts, responses, temperature, chunk_size, with_entropy=True):
+    """Teacher-forced log-probs (and entropies) of each response token given its prompt, for a list of
+    sequences packed into one padding-free row. Returns flat tensors over all response tokens."""
+    device = model.lm_head.weight.device
+    ids, cu = pack([p + r for p, r in zip(prompts, responses)], device)
+    hidden = model(ids, cu_seqlens=cu)
+    # hidden at position t predicts token t+1: the response tokens of sequence i sit at
+    # cu[i] + len(prompt_i) ... cu[i+1] - 1, so we need the hidden states one position earlier
+    starts = cu[:-1] + torch.tensor([len(p) for p in prompts], device=device)
+    lens = torch.tensor([len(r) for r in responses], device=device)
+    pos = torch.repeat_interleave(starts - 1, lens) + (torch.arange(int(lens.sum()), device=device)
+                                                       - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens))
+    return model.token_logprobs(hidden[0, pos], ids[0, pos + 1], temperature=temperature, chunk_size=chunk_size,
+                                with_entropy=with_entropy)
+
+
+def all_reduce_sums(sums: dict, device, op="sum"):
+    """Sum (or max) a dict of numbers over ranks."""
+    if common.world_size() == 1:
+        return dict(sums)
+    import torch.distributed as dist
+    keys = sorted(sums)
+    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist()))
+
+
+def param_checksum(model):
+    """Two numbers that differ when weights differ: for checking that ranks hold identical weights."""
+    with torch.no_grad():
+        s = sum(p.double().sum() for p in model.parameters())
+        q = sum(p.double().square().sum() for p in model.parameters())
+    return [float(s), float(q)]
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def main(argv=None):
+    args = common.parse_settings(get_parser(), argv)
+    if not args.model:
+        raise UserError("--model is required (a Hugging Face checkpoint directory: the initial policy)")
+    for name in ("prompts_per_step", "n", "max_response_tokens", "ppo_epochs", "ppo_mini_batches", "micro_batch_tokens",
+                 "gen_batch_size", "val_batch_size", "max_bad_steps", "logprob_chunk"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0 for RL sampling (greedy rollouts have no variance to learn from)")
+
+    # ---- setup: distributed, precision, task, data
+    rank, world, device = common.dist_setup()
+    master_process = rank == 0
+    dtype = parse_dtype(args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    task = common.get_task(args.task)
+    tokenizer = load_tokenizer(args.model)
+    train_records = task.load_split(args.train_data)
+    test_records = task.load_split(args.test_data) if args.test_data else []
+    if args.val_limit:
+        test_records = test_records[:args.val_limit]
+    # tokenise every training prompt once: lengths for the filter and the ids for the training forward
+    prompt_ids = [tokenizer(task.render_prompt(r, tokenizer, args.template), add_special_tokens=False)["input_ids"]
+                  for r in train_records]
+    keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= args.max_prompt_tokens]
+    if len(keep) < len(train_records):
+        print0(f"note: dropped {len(train_records) - len(keep)} of {len(train_records)} training prompts longer than "
+               f"--max_prompt_tokens {args.max_prompt_tokens}")
+    train_records, prompt_ids = [train_records[i] for i in keep], [prompt_ids[i] for i in keep]
+    if len(train_records) < args.prompts_per_step:
+        raise UserError(f"{args.train_data}: {len(train_records)} usable prompts, fewer than --prompts_per_step "
+                        f"{args.prompts_per_step}")
+    steps_per_epoch = len(train_records) // args.prompts_per_step
+    max_steps = args.max_steps or args.epochs * steps_per_epoch
+    difficulty = task.DIFFICULTY
+
+    # ---- model: the policy (in `dtype`), its fp32 master copy when dtype is lower, the optimizer
+    start_step, state = 0, None
+    ckpt = common.latest_checkpoint(args.out_dir) if args.resume else None
+    if args.resume and ckpt is None:
+        print0(f"note: --resume: no complete checkpoint in {args.out_dir}; starting from {args.model}")
+    if ckpt is not None:
+        start_step, init_path, state_path = ckpt
+        state = common.load_train_state(state_path)
+        print0(f"resuming from {init_path} (step {start_step})")
+    else:
+        init_path = args.model
+    master = load_model(init_path, dtype=torch.float32, device=device)
+    model = master if dtype == torch.float32 else load_model(init_path, dtype=dtype, device=device)
+    max_ctx = model.config.max_position_embeddings
+    longest = max(map(len, prompt_ids))
+    if longest + args.max_response_tokens > max_ctx:
+        raise UserError(f"the longest training prompt ({longest} tokens) + --max_response_tokens "
+                        f"{args.max_response_tokens} exceed the model's {max_ctx}-token context")
+    model.gradient_checkpointing = args.gradient_checkpointing
+    for p in master.parameters():
+        p.grad = torch.zeros_like(p)  # fp32 gradient accumulator, summed over micro-batches and ranks
+    optimizer = common.make_optimizer(master.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                      weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
+    ref_model = None
+    if args.kl_coef > 0:
+        ref_model = load_model(args.ref_model or args.model, dtype=dtype, device=device).requires_grad_(False)
+    bad_steps_total, bad_streak = 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        bad_steps_total, bad_streak = state.get("bad_steps_total", 0), state.get("bad_streak", 0)
+    recompute_old = args.ppo_epochs * args.ppo_mini_batches > 1
+
+    # ---- logging
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    if master_process:
+        os.makedirs(args.out_dir, exist_ok=True)
+        common.write_json(os.path.join(args.out_dir, "settings.json"), vars(args))
+        if os.path.exists(metrics_path):  # a resumed run rewrites the steps after its checkpoint
+            old = common.read_jsonl(metrics_path)
+            common.write_jsonl(metrics_path, [m for m in old if args.resume and m.get("step", 0) <= start_step])
+    wandb = None
+    if args.wandb_project and master_process:
+        try:
+            import wandb
+            wandb.init(project=args.wandb_project, name=os.path.basename(os.path.abspath(args.out_dir)), config=vars(args))
+        except ImportError:
+            print0("note: wandb not installed; logging to metrics.jsonl only")
+            wandb = None
+    print0(f"train_rl: {len(train_records)} prompts, {steps_per_epoch} steps/epoch, steps {start_step + 1}..{max_steps}, "
+           f"{world} rank(s) on {device.type}, {args.prompts_per_step}x{args.n} rollouts/step, "
+           f"dtype {str(dtype).replace('torch.', '')}{' + fp32 master' if model is not master else ''}, "
+           f"{model.num_params() / 1e6:.1f}M params")
+
+    def validate(step):
+        """Greedy decoding of the test split, each rank its shard; accuracy overall and per difficulty."""
+        t0 = time.time()
+        mine = common.shard(test_records, rank, world)
+        out = common.sample_responses(model, tokenizer, task, mine, n=1, temperature=0.0,
+                                      max_new_tokens=args.val_max_response_tokens or args.max_response_tokens,
+                                      seed=0, template=args.template, batch_size=args.val_batch_size,
+                                      desc=f"validate {step}", progress=args.progress)
+        rows = [[rec.get(difficulty), s["reward"], s["finished"]] for rec, s in zip(mine, out)]
+        rows = [r for per_rank in common.all_gather_json(rows) for r in per_rank]
+        m = {"val/acc": sum(r[1] for r in rows) / max(len(rows), 1),
+             "val/truncated": sum(not r[2] for r in rows) / max(len(rows), 1), "val/seconds": time.time() - t0}
+        for level in sorted({r[0] for r in rows}, key=lambda x: (str(type(x)), x)):
+            at = [r for r in rows if r[0] == level]
+            m[f"val/acc_{difficulty}_{level}"] = sum(r[1] for r in at) / len(at)
+        return m
+
+    def save(step):
+        """Checkpoint (rank 0 writes the fp32 master + optimizer); every rank first proves its weights equal."""
+        sums = common.all_gather_json(param_checksum(master))
+        if any(s != sums[0] for s in sums):
+            raise RuntimeError(f"step {step}: ranks hold different weights (checksums {sums}); not saving")
+        if master_process:
+            common.save_checkpoint(args.out_dir, step, master, tokenizer,
+                                   {"optimizer": optimizer.state_dict(), "bad_steps_total": bad_steps_total,
+                                    "bad_streak": bad_streak, "settings": vars(args)})
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+        return {"ckpt/param_checksums": sums}
+
+    if args.val_before_train and test_records and args.val_every and start_step == 0:
+        m = validate(0)
+        print0("step 0 | " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        if master_process:
+            common.append_jsonl(metrics_path, {"step": 0, **m})
+            if wandb:
+                wandb.log(m, step=0)
+
+    # ---- the loop
+    exit_code = 0
+    for step in range(start_step + 1, max_steps + 1):
+        t_step = time.time()
+        lr = lr_at(step, args.lr, args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 1. this rank's share of the step's prompts
+        batch = step_prompt_indices(len(train_records), args.prompts_per_step, step, args.seed)
+        mine = common.shard(batch, rank, world)
+        records = [train_records[i] for i in mine]
+
+        # 2. rollouts: n samples per prompt from our own weights, scored by the task (timed apart)
+        score_seconds = [0.0]
+
+        def timed_score(response, record, finished):
+            t = time.time()
+            r = task.score(response, record, finished)
+            score_seconds[0] += time.time() - t
+            return r
+
+        t0 = time.time()
+        rollouts = common.sample_responses(
+            model, tokenizer, SimpleNamespace(render_prompt=task.render_prompt, score=timed_score), records,
+            n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_response_tokens,
+            seed=generation_seed(args.seed, step, rank), template=args.template, batch_size=args.gen_batch_size,
+            desc=f"step {step} rollouts", progress=args.progress)
+        gen_seconds = time.time() - t0 - score_seconds[0]
+
+        # 3. advantages within each group of n (rollouts come record by record, n samples each)
+        t_train = time.time()
+        rewards = [s["reward"] for s in rollouts]
+        adv = group_advantages(rewards, args.n, args.std_normalize).tolist()
+        group_std = torch.tensor(rewards).view(-1, args.n).std(1) if args.n > 1 else torch.zeros(len(records))
+        zero_var = (group_std == 0).tolist() if args.n > 1 else [False] * len(records)
+        train_idx = [j for j, s in enumerate(rollouts)
+                     if not (args.drop_zero_variance_groups and zero_var[j // args.n])
+                     and not (args.mask_truncated and not s["finished"])
+                     and s["length"] > 0]
+        seq_prompt = [prompt_ids[mine[j // args.n]] for j in range(len(rollouts))]
+        seq_resp = [s["tokens"] for s in rollouts]
+
+        # 4. the update: ppo_epochs x ppo_mini_batches optimizer steps on this rollout batch
+        old_lp, ref_lp = {}, {}
+        sums = {k: 0.0 for k in ("loss", "pg_tokens", "entropy", "kl", "clipped", "gap", "gap_tokens", "train_tokens")}
+        if recompute_old or ref_model is not None:  # pre-pass: old (pre-update) and reference log-probs
+            with torch.no_grad():
+                for mb in micro_batches([len(seq_prompt[j]) + len(seq_resp[j]) for j in train_idx], args.micro_batch_tokens):
+                    js = [train_idx[i] for i in mb]
+                    args_lp = ([seq_prompt[j] for j in js], [seq_resp[j] for j in js], args.temperature, args.logprob_chunk)
+                    splits = [len(seq_resp[j]) for j in js]
+                    if recompute_old:
+                        lp = response_logprobs(model, *args_lp, with_entropy=False).float()
+                        old_lp.update(zip(js, lp.split(splits)))
+                        gen = torch.tensor([x for j in js for x in rollouts[j]["logprobs"]], device=device)
+                        sums["gap"] += (lp - gen).abs().sum().item()
+                        sums["gap_tokens"] += lp.numel()
+                    if ref_model is not None:
+                        ref_lp.update(zip(js, response_logprobs(ref_model, *args_lp, with_entropy=False).float().split(splits)))
+        minis = [m.tolist() for m in np.array_split(np.array(train_idx, dtype=np.int64), args.ppo_mini_batches)]
+        counts = all_reduce_sums({f"{k}_{i}": v for i, m in enumerate(minis)
+                                  for k, v in (("tok", sum(len(seq_resp[j]) for j in m)), ("seq", len(m)))}, device)
+        grad_norm, updates, bad = 0.0, 0, False
+        model.train()
+        for epoch in range(args.ppo_epochs):
+            for mi, mini in enumerate(minis):
+                total_tokens, total_seqs = counts[f"tok_{mi}"], counts[f"seq_{mi}"]
+                if total_tokens == 0:
+                    continue  # nothing to learn from anywhere (e.g. every group dropped)
+                mbs = micro_batches([len(seq_prompt[j]) + len(seq_resp[j]) for j in mini], args.micro_batch_tokens)
+                loss_sum = 0.0
+                for mb in mbs:
+                    js = [mini[i] for i in mb]
+                    lens = [len(seq_resp[j]) for j in js]
+                    lp, ent = response_logprobs(model, [seq_prompt[j] for j in js], [seq_resp[j] for j in js],
+                                                args.temperature, args.logprob_chunk, with_entropy=True)
+                    lp, ent = lp.float(), ent.float()
+                    a = torch.repeat_interleave(torch.tensor([adv[j] for j in js], device=device),
+                                                torch.tensor(lens, device=device))
+                    old = torch.cat([old_lp[j] for j in js]) if recompute_old else lp.detach()
+                    pg, clipped = policy_loss(lp, old, a, args.clip_low, args.clip_high)
+                    tok_loss = pg
+                    if ref_model is not None:
+                        kl = kl_penalty(lp, torch.cat([ref_lp[j] for j in js]), args.kl_estimator)
+                        tok_loss = tok_loss + args.kl_coef * kl
+                        sums["kl"] += kl.detach().sum().item()
+                    if args.entropy_coef:
+                        tok_loss = tok_loss - args.entropy_coef * ent
+                    w = token_weights(lens, args.loss_agg, total_tokens, total_seqs, args.max_response_tokens).to(device)
+                    loss = (w * tok_loss).sum()
+                    loss.backward()
+                    if model is not master:  # accumulate into the fp32 master gradients
+                        for pm, p in zip(master.parameters(), model.parameters()):
+                            pm.grad.add_(p.grad)
+                            p.grad = None
+                    loss_sum += loss.item()
+                    sums["pg_tokens"] += lp.numel()
+                    sums["entropy"] += ent.detach().sum().item()
+                    sums["clipped"] += clipped.sum().item()
+                    sums["train_tokens"] += sum(len(seq_prompt[j]) + len(seq_resp[j]) for j in js)
+                    if not recompute_old and epoch == 0:
+                        gen = torch.tensor([x for j in js for x in rollouts[j]["logprobs"]], device=device)
+                        sums["gap"] += (lp.detach() - gen).abs().sum().item()
+                        sums["gap_tokens"] += lp.numel()
+                # gradients: sum over ranks (each rank's loss already carries the global normaliser), clip, step
+                if world > 1:
+                    import torch.distributed as dist
+                    handles = [dist.all_reduce(p.grad, async_op=True) for p in master.parameters()]
+                    for h in handles:
+                        h.wait()
+                loss_sum = all_reduce_sums({"l": loss_sum}, device)["l"]
+                norm = torch.nn.utils.clip_grad_norm_(master.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+                if not (math.isfinite(loss_sum) and math.isfinite(norm.item())):
+                    bad = True
+                    print0(f"warning: step {step}: non-finite loss {loss_sum} or grad norm {norm.item()}; update skipped")
+                else:
+                    optimizer.step()
+                    if model is not master:
+                        with torch.no_grad():
+                            for pm, p in zip(master.parameters(), model.parameters()):
+                                p.copy_(pm)
+                    updates += 1
+                    grad_norm = norm.item()
+                    sums["loss"] += loss_sum
+                optimizer.zero_grad(set_to_none=False)
+        model.eval()
+        if bad:
+            bad_steps_total += 1
+            bad_streak += 1
+        else:
+            bad_streak = 0
+        train_seconds = time.time() - t_train
+
+        # 5. metrics over all ranks
+        local = {"reward": sum(rewards), "correct": sum(r >= 1.0 for r in rewards), "seqs": len(rollouts),
+                 "groups": len(records), "zero_var": sum(zero_var), "resp_tokens": sum(s["length"] for s in rollouts),
+                 "truncated": sum(not s["finished"] for s in rollouts), **sums}
+        g = all_reduce_sums(local, device)
+        mx = all_reduce_sums({"len_max": max((s["length"] for s in rollouts), default=0), "gen_s": gen_seconds,
+                              "score_s": score_seconds[0], "train_s": train_seconds}, device, op="max")
+        seqs, pg_tokens = max(g["seqs"], 1), max(g["pg_tokens"], 1)
+        m = {"step": step, "epoch": (step - 1) // steps_per_epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
+             "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs, "len_max": mx["len_max"],
+             "truncated": g["truncated"] / seqs, "entropy": g["entropy"] / pg_tokens,
+             "kl": g["kl"] / pg_tokens if ref_model is not None else None, "clip_frac": g["clipped"] / pg_tokens,
+             "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "loss": g["loss"], "grad_norm": grad_norm, "lr": lr,
+             "updates": updates, "train_seqs": int(all_reduce_sums({"s": len(train_idx)}, device)["s"]),
+             "bad_steps": bad_steps_total, "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
+             "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9), "gen_s": mx["gen_s"], "score_s": mx["score_s"],
+             "train_s": mx["train_s"]}
+
+        # 6. the rollout log (rank 0 gathers every rank's rollouts)
+        if args.log_rollouts:
+            mine_log = [{"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
+                         "finished": s["finished"], "length": s["length"], "step": step, "sample": s["sample"],
+                         "advantage": adv[j], difficulty: records[j // args.n].get(difficulty), "rank": rank}
+                        for j, s in enumerate(rollouts)]
+            everything = [r for per_rank in common.all_gather_json(mine_log) for r in per_rank]
+            if master_process:
+                common.write_jsonl(os.path.join(args.out_dir, "rollouts", f"step_{step:06d}.jsonl"), everything)
+
+        # 7. validation, checkpoint, the step's log line
+        if test_records and args.val_every and (step % args.val_every == 0 or step == max_steps):
+            m.update(validate(step))
+        stop = bad_streak >= args.max_bad_steps
+        if not stop and (step % args.save_every == 0 or step == max_steps):
+            m.update(save(step))
+        m["step_s"] = time.time() - t_step
+        if master_process:
+            common.append_jsonl(metrics_path, m)
+            if wandb:
+                wandb.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
+        print0(f"step {step}/{max_steps} | reward {m['reward']:.3f} acc {m['acc']:.3f} zero_var {m['zero_var_frac']:.2f} "
+               f"| len {m['len_mean']:.0f}/{m['len_max']:.0f} trunc {m['truncated']:.2f} | ent {m['entropy']:.3f} "
+               + (f"kl {m['kl']:.4f} " if m["kl"] is not None else "")
+               + f"clip {m['clip_frac']:.3f} | gnorm {m['grad_norm']:.3f} lr {lr:.2e} "
+               f"| gen {m['gen_s']:.1f}s ({m['gen_tok_s']:.0f} tok/s) score {m['score_s']:.1f}s "
+               f"train {m['train_s']:.1f}s ({m['train_tok_s']:.0f} tok/s)"
+               + (f" | val {m['val/acc']:.3f}" if "val/acc" in m else ""))
+        if stop:
+            print0(f"error: {bad_streak} consecutive steps with non-finite loss or gradients; stopping. "
+                   f"The last good checkpoint is kept in {args.out_dir}")
+            exit_code = 1
+            break
+
+    if wandb:
+        wandb.finish()
+    common.dist_cleanup()
+    return exit_code
+
+
+if __name__ == "__main__":
+    common.run_main(lambda: sys.exit(main()))
