@@ -1,0 +1,309 @@
+"""train_rl.py: the GRPO maths against hand computations, a CPU learning test that can fail,
+torchrun with 2 ranks, kill-and-resume equivalence and NaN handling — all through the real loop."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import toy_task
+import train_rl
+from conftest import ROOT, TESTS
+from model import generate, load_model, load_tokenizer, pack, save_model, stop_token_ids
+
+torch.set_num_threads(1)  # the CI box has 2 shared cores; one thread per process is much faster there
+
+
+# -----------------------------------------------------------------------------
+# the maths
+
+
+def test_group_advantages_per_group():
+    rewards = [1, 0, 0, 0,   1, 1, 1, 1,   0, 0, 1, 1]
+    adv = train_rl.group_advantages(rewards, n=4)
+    # group 1: mean 0.25, unbiased std sqrt(0.25) = 0.5
+    assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-6))
+    assert torch.equal(adv[4:8], torch.zeros(4))                     # all-equal group -> exactly 0
+    std = torch.tensor([0.0, 0.0, 1.0, 1.0]).std()                    # unbiased, as torch.std in verl
+    assert torch.allclose(adv[8:], torch.tensor([-0.5, -0.5, 0.5, 0.5]) / (std + 1e-6))
+    assert torch.equal(train_rl.group_advantages([0, 0, 0], n=3), torch.zeros(3))
+    # Dr. GRPO: mean-centred only
+    assert torch.allclose(train_rl.group_advantages(rewards, 4, std_normalize=False)[:4],
+                          torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    # groups of one: mean 0, std 1 (verl), so the advantage is the reward
+    assert torch.equal(train_rl.group_advantages([1.0, 0.0], n=1), torch.tensor([1.0, 0.0]))
+
+
+def test_loss_aggregations_match_hand_computation_and_ignore_the_split():
+    # two sequences with 2 and 3 response tokens; per-token losses l
+    l1, l2 = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])
+    hand = {"token_mean": (1 + 2 + 3 + 4 + 5) / 5,
+            "seq_mean_token_mean": ((1 + 2) / 2 + (3 + 4 + 5) / 3) / 2,
+            "constant": (1 + 2 + 3 + 4 + 5) / (10 * 2)}  # max_response_tokens = 10, 2 sequences
+    for agg, want in hand.items():
+        one = (train_rl.token_weights([2, 3], agg, 5, 2, 10) * torch.cat([l1, l2])).sum()
+        # the same batch as two micro-batches (or two ranks): weights use the global counts
+        split = (train_rl.token_weights([2], agg, 5, 2, 10) * l1).sum() + \
+                (train_rl.token_weights([3], agg, 5, 2, 10) * l2).sum()
+        assert one.item() == pytest.approx(want) and split.item() == pytest.approx(want), agg
+
+
+def test_clipping_on_both_sides():
+    old = torch.zeros(6)
+    logp = torch.log(torch.tensor([1.5, 1.1, 0.5, 1.5, 0.9, 0.5]))  # ratios
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    logp.requires_grad_(True)
+    loss, clipped = train_rl.policy_loss(logp, old, adv, clip_low=0.2, clip_high=0.3)
+    # A>0: ratio 1.5 clipped to 1.3 (no gradient); 1.1 inside; 0.5 below the floor but the unclipped term
+    # is the larger loss (pessimistic bound), so it keeps its gradient. A<0 mirrors it.
+    assert torch.allclose(loss.detach(), torch.tensor([-1.3, -1.1, -0.5, 1.5, 0.9, 0.8]))
+    assert clipped.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, torch.tensor([0.0, -1.1, -0.5, 1.5, 0.9, 0.0]))  # d(-A*ratio)/dlogp = -A*ratio
+    # clip-higher: the ceiling is 1 + clip_high, the floor 1 - clip_low
+    loss2, _ = train_rl.policy_loss(torch.log(torch.tensor([2.0, 0.1])), torch.zeros(2), torch.tensor([1.0, -1.0]), 0.2, 0.28)
+    assert torch.allclose(loss2, torch.tensor([-1.28, 0.8]))
+
+
+def test_kl_estimators():
+    logp = torch.tensor([-1.0, -2.0, -0.5, -20.0])
+    ref = torch.tensor([-1.5, -1.0, -0.5, -0.1])
+    assert torch.allclose(train_rl.kl_penalty(logp, ref, "k1"), logp - ref)
+    d = ref - logp
+    k3 = train_rl.kl_penalty(logp, ref, "k3")
+    assert torch.allclose(k3[:3], torch.exp(d[:3]) - d[:3] - 1)
+    assert k3[2] == 0 and (k3 >= 0).all()
+    assert k3[3] == 10.0  # exp(19.9) - ... clamped to 10 as in verl
+    # both estimate KL(pi || ref): check their means on samples from pi against the exact value
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    exact = (p * (p / q).log()).sum()
+    for est in ("k1", "k3"):
+        assert train_rl.kl_penalty(p.log()[x], q.log()[x], est).mean().item() == pytest.approx(exact.item(), abs=5e-3)
+
+
+def test_token_mean_gradient_is_the_analytic_policy_gradient():
+    """A 2-token vocabulary, policy softmax(theta) per position: the gradient of the token-mean loss (on-policy,
+    ratio == 1) equals -(1/T) sum_i A_i sum_t (onehot(y_it) - p)."""
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(theta.detach(), 0)
+    seqs = [torch.multinomial(p, k, replacement=True, generator=g) for k in (3, 5, 2, 4)]
+    rewards = [1.0, 0.0, 1.0, 0.0]
+    adv = train_rl.group_advantages(rewards, n=4)
+    lengths = [len(s) for s in seqs]
+    y = torch.cat(seqs)
+    logp = torch.log_softmax(theta, 0)[y]
+    a = torch.repeat_interleave(adv, torch.tensor(lengths))
+    tok_loss, _ = train_rl.policy_loss(logp, logp.detach(), a)
+    loss = (train_rl.token_weights(lengths, "token_mean", sum(lengths), 4, 10) * tok_loss).sum()
+    loss.backward()
+    analytic = -sum(adv[i] * (torch.nn.functional.one_hot(s, 2).float() - p).sum(0) for i, s in enumerate(seqs)) / sum(lengths)
+    assert torch.allclose(theta.grad, analytic, atol=1e-6)
+    assert theta.grad.abs().sum() > 0
+
+
+def test_data_order_covers_each_epoch_once_and_is_deterministic():
+    per_epoch = [train_rl.step_prompt_indices(50, 8, s, seed=3) for s in range(1, 7)]  # 6 steps x 8 of 50
+    flat = [i for b in per_epoch for i in b]
+    assert len(set(flat)) == 48
+    assert per_epoch == [train_rl.step_prompt_indices(50, 8, s, seed=3) for s in range(1, 7)]
+    assert train_rl.step_prompt_indices(50, 8, 7, seed=3) != per_epoch[0]  # epoch 2: a new permutation
+    shards = [common.shard(per_epoch[0], r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == sorted(per_epoch[0]) and not set(shards[0]) & set(shards[1])
+
+
+def test_micro_batches_respect_the_token_budget():
+    lengths = [5, 9, 3, 12, 7, 1, 30]
+    mbs = train_rl.micro_batches(lengths, budget=12)
+    assert sorted(i for mb in mbs for i in mb) == list(range(7))
+    assert all(sum(lengths[i] for i in mb) <= 12 or len(mb) == 1 for mb in mbs)
+
+
+def test_training_logprobs_equal_generation_logprobs(tiny_checkpoint):
+    model, tok = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    prompts = [tok("What is 1 + 2?", add_special_tokens=False)["input_ids"], tok("Hi", add_special_tokens=False)["input_ids"]]
+    gens = generate(model, prompts, n=2, max_new_tokens=7, temperature=0.7, stop_ids=stop_token_ids(tok), seed=1)
+    with torch.no_grad():
+        lp = train_rl.response_logprobs(model, [prompts[g.prompt_index] for g in gens], [g.tokens for g in gens],
+                                        temperature=0.7, chunk_size=5, with_entropy=False)
+    assert torch.allclose(lp, torch.tensor([x for g in gens for x in g.logprobs]), atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the loop: a warm-started toy model, data files and a helper to run train_rl.main in-process
+
+
+def noisy_sft(path, steps=150, p_correct=0.3, seed=0):
+    """Warm start: SFT on a noisy teacher that answers a+b with probability p_correct and a+b+1 otherwise,
+    so the policy knows the format and both answers and starts at ~30-45% reward: poor, but not zero."""
+    model, tok = load_model(path), load_tokenizer(path)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    recs = toy_task.make_records(200, seed=11, max_value=4)
+    prompts = [tok(toy_task.render_prompt(r, tok), add_special_tokens=False)["input_ids"] for r in recs]
+    for _ in range(steps):
+        seqs, plens = [], []
+        for i in rng.sample(range(len(recs)), 32):
+            a, b = recs[i]["question"][8:-1].split(" + ")
+            ans = int(recs[i]["answer"]) + (0 if rng.random() < p_correct else 1)
+            resp = tok(f"{a} plus {b} is {ans}. \\boxed{{{ans}}}{tok.eos_token}", add_special_tokens=False)["input_ids"]
+            seqs.append(prompts[i] + resp)
+            plens.append(len(prompts[i]))
+        ids, cu = pack(seqs)
+        lp = model.token_logprobs(model(ids, cu_seqlens=cu)[0, :-1], ids[0, 1:])
+        mask = torch.zeros_like(lp)
+        for i, a in enumerate(cu[:-1].tolist()):
+            mask[a + plens[i] - 1: cu[i + 1] - 1] = 1
+        loss = -(lp * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_model(model, path, tok)
+
+
+@pytest.fixture(scope="module")
+def toy(tiny_checkpoint, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rl")
+    init = str(d / "init")
+    save_model(load_model(tiny_checkpoint), init, load_tokenizer(tiny_checkpoint))
+    noisy_sft(init)
+    common.write_jsonl(str(d / "train.jsonl"), toy_task.make_records(400, seed=1, split="train", max_value=4))
+    common.write_jsonl(str(d / "test.jsonl"), toy_task.make_records(60, seed=2, split="test", max_value=4))
+    return {"dir": d, "init": init, "train": str(d / "train.jsonl"), "test": str(d / "test.jsonl")}
+
+
+def rl_args(toy, out_dir, **over):
+    s = {"model": toy["init"], "task": "toy_task", "train_data": toy["train"], "test_data": toy["test"],
+         "out_dir": str(out_dir), "prompts_per_step": 16, "n": 8, "max_response_tokens": 20, "lr": 3e-4,
+         "warmup_steps": 3, "max_steps": 4, "val_every": 0, "save_every": 2, "progress": False}
+    s.update(over)
+    return [x for k, v in s.items() for x in (f"--{k}", str(v))]
+
+
+def metrics(out_dir):
+    return common.read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
+
+
+def weights(ckpt_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(ckpt_dir, "model.safetensors"))
+
+
+def test_grpo_raises_reward_on_cpu(toy, tmp_path):
+    """The real loop, 30 steps: greedy test accuracy and sampled reward must both rise by a clear margin."""
+    out = tmp_path / "learn"
+    assert train_rl.main(rl_args(toy, out, max_steps=30, val_every=30, save_every=30, val_before_train=True)) == 0
+    ms = metrics(out)
+    val = {m["step"]: m["val/acc"] for m in ms if "val/acc" in m}
+    rewards = [m["reward"] for m in ms if "reward" in m]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
+    print(f"greedy val acc {val[0]:.3f} -> {val[30]:.3f}; sampled reward {first:.3f} (steps 1-3) -> {last:.3f} (26-30)")
+    assert 0.1 < val[0] < 0.7, "the warm start should be poor but not hopeless"
+    assert val[30] >= val[0] + 0.2
+    assert last >= first + 0.08
+    roll = common.read_jsonl(os.path.join(out, "rollouts", "step_000030.jsonl"))
+    assert len(roll) == 16 * 8 and {"id", "prompt", "response", "reward", "finished", "length", "step", "level"} <= set(roll[0])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train_rl.main(rl_args(toy, full, max_steps=4, save_every=2)) == 0
+    real, calls = train_rl.policy_loss, [0]
+
+    def dies_in_step_3(*a, **k):  # one micro-batch per step: the 3rd call is step 3's update
+        calls[0] += 1
+        if calls[0] == 3:
+            raise Killed()
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_rl, "policy_loss", dies_in_step_3)
+    with pytest.raises(Killed):
+        train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2))
+    monkeypatch.setattr(train_rl, "policy_loss", real)
+    assert common.latest_checkpoint(str(cut))[0] == 2
+    assert train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True)) == 0
+    a, b = weights(common.checkpoint_dir(str(full), 4)), weights(common.checkpoint_dir(str(cut), 4))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], weights(common.checkpoint_dir(str(full), 2))[k]) for k in a)  # it did learn
+    for step in (3, 4):  # the same prompts and responses after the resume
+        name = os.path.join("rollouts", f"step_{step:06d}.jsonl")
+        assert common.read_jsonl(os.path.join(full, name)) == common.read_jsonl(os.path.join(cut, name))
+    assert [m["step"] for m in metrics(cut)] == [1, 2, 3, 4]  # the killed run's partial step left no trace
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, capsys):
+    real, calls = train_rl.policy_loss, [0]
+
+    def nan_from_step_2(*a, **k):
+        calls[0] += 1
+        loss, clipped = real(*a, **k)
+        return (loss * float("nan") if calls[0] >= 2 else loss), clipped
+
+    monkeypatch.setattr(train_rl, "policy_loss", nan_from_step_2)
+    out = tmp_path / "nan"
+    assert train_rl.main(rl_args(toy, out, max_steps=6, save_every=1, max_bad_steps=2)) == 1
+    err = capsys.readouterr().out
+    assert "update skipped" in err and "consecutive steps with non-finite" in err
+    ms = metrics(out)
+    assert [m["bad_steps"] for m in ms] == [0, 1, 2] and [m["updates"] for m in ms] == [1, 0, 0]
+    assert common.latest_checkpoint(str(out))[0] == 2  # step 3 stopped the run; no checkpoint after it
+    w1, w2 = weights(common.checkpoint_dir(str(out), 1)), weights(common.checkpoint_dir(str(out), 2))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped update changed nothing
+    assert all(torch.isfinite(v).all() for v in w2.values())
+
+
+def test_variants_run_bf16_master_and_kl(toy, tmp_path):
+    """The switches off the paper's path: bf16 model + fp32 master, several mini-batches/epochs (recomputed
+    old log-probs, ratio != 1), KL to the reference, entropy bonus, dropped groups, masked truncations."""
+    out = tmp_path / "variants"
+    assert train_rl.main(rl_args(toy, out, max_steps=1, save_every=1, dtype="bfloat16", ppo_epochs=2, ppo_mini_batches=2,
+                                 kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, loss_agg="seq_mean_token_mean",
+                                 std_normalize=False, clip_high=0.28, drop_zero_variance_groups=True,
+                                 mask_truncated=True, micro_batch_tokens=200, lr=1e-3)) == 0
+    ms = metrics(out)
+    assert all(m["updates"] == 4 or m["train_seqs"] < 2 for m in ms)  # 2 epochs x 2 mini-batches
+    assert ms[0]["kl"] > 0 and ms[0]["logprob_gap"] < 0.1  # the policy moved away from the reference
+    w = weights(common.checkpoint_dir(str(out), 1))
+    assert all(v.dtype == torch.float32 for v in w.values())  # checkpoints hold the fp32 master
+
+
+# -----------------------------------------------------------------------------
+# torchrun: 2 ranks on CPU (gloo)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_disjoint_prompts_identical_weights(toy, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "train_rl.py")] + rl_args(toy, out, max_steps=2, prompts_per_step=7, n=4, val_every=2,
+                                                        save_every=2, max_response_tokens=16)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    train = common.read_jsonl(toy["train"])
+    for step in (1, 2):
+        roll = common.read_jsonl(os.path.join(out, "rollouts", f"step_{step:06d}.jsonl"))
+        by_rank = {rk: {x["id"] for x in roll if x["rank"] == rk} for rk in (0, 1)}
+        assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
+        want = {train[i]["id"] for i in train_rl.step_prompt_indices(len(train), 7, step, 1234)}
+        assert by_rank[0] | by_rank[1] == want and len(roll) == 7 * 4
+    ms = metrics(out)
+    sums = ms[-1]["ckpt/param_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]  # every rank holds the same weights
+    assert "val/acc" in ms[-1] and ms[-1]["updates"] == 1
