@@ -71,6 +71,7 @@ from contextlib import nullcontext
 
 import common
 from common import UserError, print0
+from redistill_sft import load_sft_examples, open_lines  # SFT data: prompt | response + EOS, loss on the response
 
 # -----------------------------------------------------------------------------
 # settings
@@ -110,56 +111,7 @@ parser.add_argument("--progress", type=common.str2bool, default=True, help="tqdm
 
 
 # -----------------------------------------------------------------------------
-# data
-
-
-def load_sft_examples(paths, tokenizer, max_length):
-    """SFT jsonl -> [{"input_ids", "start", "id", "task", "file", "line"}], the convention of redistill_sft.py:
-    prompt and response tokenized separately (no special tokens), EOS appended; input_ids[start:] carry the loss."""
-    if tokenizer.eos_token_id is None:
-        raise UserError("the tokenizer has no eos_token; SFT appends EOS to every response")
-    examples = []
-    for path in paths:
-        rows = []
-        for lineno, rec in read_lines(path):
-            for field in ("id", "prompt", "response"):
-                if field not in rec:
-                    raise UserError(f"{path}:{lineno}: missing field '{field}'")
-                if field != "id" and not isinstance(rec[field], str):
-                    raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
-            if not rec["prompt"]:
-                raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
-            rows.append((lineno, rec))
-        if not rows:
-            raise UserError(f"{path}: no examples")
-        prompts = tokenizer([r["prompt"] for _, r in rows], add_special_tokens=False)["input_ids"]
-        responses = tokenizer([r["response"] for _, r in rows], add_special_tokens=False)["input_ids"]
-        for (lineno, rec), p, r in zip(rows, prompts, responses):
-            ids = p + r + [tokenizer.eos_token_id]
-            if len(ids) > max_length:
-                raise UserError(f"{path}:{lineno}: example {rec['id']!r} has {len(ids)} tokens > max_length {max_length}")
-            examples.append({"input_ids": ids, "start": len(p), "id": rec["id"], "task": rec.get("task"),
-                             "file": path, "line": lineno})
-    return examples
-
-
-def read_lines(path):
-    """(line number, record) of a jsonl file, with errors naming file and line."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})")
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            out.append((lineno, rec))
-    return out
+# the ∇J estimator's baseline
 
 
 def rloo_weights(rewards):
@@ -193,8 +145,14 @@ def packed_logprobs(model, seqs, starts, temperature=1.0):
 
 def accumulate_policy_gradient(model, items, temperature, micro_batch_tokens, autocast=nullcontext, scale=1.0):
     """Add scale * ∇ Σ_i w_i log π_T(y_i|x_i) to the parameters' .grad; items: {"input_ids", "start", "weight"}.
-    Items with weight 0 are skipped. Returns the number of tokens back-propagated."""
-    items = sorted((it for it in items if it["weight"] != 0), key=lambda it: -len(it["input_ids"]))
+    Identical sequences are merged (weights summed; short answers repeat often), zero weights skipped, the rest
+    packed into micro-batches of at most micro_batch_tokens. Returns the number of tokens back-propagated."""
+    merged = {}
+    for it in items:
+        key = (tuple(it["input_ids"]), it["start"])
+        merged[key] = merged.get(key, 0.0) + it["weight"]
+    items = sorted(({"input_ids": list(ids), "start": start, "weight": w} for (ids, start), w in merged.items() if w != 0),
+                   key=lambda it: (-len(it["input_ids"]), it["input_ids"]))
     tokens, batch, size = 0, [], 0
     for i, it in enumerate(items + [None]):
         if it is not None and (not batch or size + len(it["input_ids"]) <= micro_batch_tokens):
@@ -305,7 +263,8 @@ def write_selection(path, chosen):
     out = []
     for row in chosen:
         if row["file"] not in cache:
-            cache[row["file"]] = dict(read_lines(row["file"]))
+            with open_lines(row["file"]) as lines:
+                cache[row["file"]] = dict(lines)
         rec = dict(cache[row["file"]][row["line"]])
         rec["sample_effect"] = row["sample_effect"]
         out.append(rec)

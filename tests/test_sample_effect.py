@@ -1,0 +1,249 @@
+"""sample_effect.py: SE against a finite-difference of the exact expected reward on an enumerable toy, the
+policy-gradient ∇J estimator against the exact ∇J, CountSketch against exact inner products, the CLI
+(outputs, selection, torchrun sharding) and bad input."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import sample_effect as se
+from common import UserError
+from model import build_model, generate, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+# ---------------------------------------------------------------------------------------------------------
+# an enumerable toy: vocabulary of 6 (EOS = 0), responses of at most 2 new tokens, so every response and its
+# probability can be listed: [EOS] and [a, EOS] finish, [a, b != EOS] are truncated (reward 0).
+V, EOS, T = 6, 0, 0.7
+PROMPTS = [[1, 2, 3], [4, 2], [5, 5, 1]]
+
+
+def toy_lm():
+    model = build_model(tiny_config(V, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32))
+    return model.init_weights(seed=0, std=0.3).eval()  # std 0.3: peaked, far from uniform
+
+
+def toy_reward(j, response):
+    """1 for a finished two-token response whose first token has the parity asked by prompt j."""
+    return 1.0 if len(response) == 2 and response[1] == EOS and (response[0] + j) % 2 == 1 else 0.0
+
+
+def exact_J(model):
+    """J = mean_j sum_y p_T(y|x_j) r(j, y), enumerated with full logits (independent of sample_effect.py)."""
+    total = 0.0
+    for j, x in enumerate(PROMPTS):
+        logits = model.logits(torch.tensor([x + [a] for a in range(1, V)])) / T
+        first = torch.log_softmax(logits[0, len(x) - 1], -1)
+        second = torch.log_softmax(logits[:, len(x)], -1)  # row a-1: after first token a
+        total = total + sum(toy_reward(j, [a, EOS]) * (first[a] + second[a - 1, EOS]).exp() for a in range(1, V))
+    return total / len(PROMPTS)
+
+
+def exact_grad_J(model, params):
+    grad = torch.autograd.grad(exact_J(model), params)
+    return {"grad": list(grad), "norm": math.sqrt(sum(float((g * g).sum()) for g in grad))}
+
+
+SFT = [(PROMPTS[0], [2, EOS]), (PROMPTS[0], [EOS]), (PROMPTS[1], [3, EOS]), (PROMPTS[1], [2, 4, EOS]),
+       (PROMPTS[2], [1, EOS]), ([2, 2], [1, EOS]), (PROMPTS[2], [3, 3, 3, EOS])]
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_sample_effect_is_the_first_order_change_of_exact_J(reduction):
+    model = toy_lm()
+    params = list(model.parameters())
+    ref = exact_grad_J(model, params)
+    examples = [{"input_ids": x + y, "start": len(x)} for x, y in SFT]
+    effects = se.sample_effects(model, params, examples, reduction, exact_ref=ref)
+    j0 = float(exact_J(model).detach())
+    for ex, eff in zip(examples, effects):
+        # an SFT step on the sample, computed independently: SGD on -log-likelihood (sum or mean over response + EOS)
+        ids = torch.tensor(ex["input_ids"])
+        lp = torch.log_softmax(model.logits(ids[None])[0, :-1], -1).gather(-1, ids[1:, None])[ex["start"] - 1:, 0]
+        ll = lp.sum() if reduction == "sum" else lp.mean()
+        assert eff["logprob"] == pytest.approx(float(lp.detach().sum()), abs=1e-4)
+        assert eff["response_length"] == len(ex["input_ids"]) - ex["start"]
+        g = torch.autograd.grad(ll, params)
+        gnorm = math.sqrt(sum(float((d * d).sum()) for d in g))
+        assert eff["grad_norm"] == pytest.approx(gnorm, rel=1e-4)
+
+        def J_after(eta):
+            with torch.no_grad():
+                for p, d in zip(params, g):
+                    p.add_(eta * d)
+                value = float(exact_J(model))
+                for p, d in zip(params, g):
+                    p.sub_(eta * d)
+            return value
+
+        se_value = eff["sample_effect"]
+        eta = 1e-3 / gnorm  # a step of relative size 1e-3 in parameter space
+        central = (J_after(eta) - J_after(-eta)) / (2 * eta)  # = dJ/dη + O(η²)
+        assert central == pytest.approx(se_value, rel=1e-2, abs=1e-3 * ref["norm"])
+        if abs(eff["normalised"]) > 0.05:  # one small SGD step: ΔJ = η SE to first order
+            eta = 1e-4 / gnorm
+            assert J_after(eta) - j0 == pytest.approx(eta * se_value, rel=0.2)
+        assert eff["normalised"] == pytest.approx(se_value / (gnorm * ref["norm"]), rel=1e-4)
+
+
+def test_policy_gradient_estimator_approaches_exact_grad_J():
+    model = toy_lm()
+    params = list(model.parameters())
+    ref = exact_grad_J(model, params)
+    k, items = 1024, []
+    for j, x in enumerate(PROMPTS):
+        gens = generate(model, [x], n=k, max_new_tokens=2, temperature=T, stop_ids=[EOS], seed=j)
+        rewards = [toy_reward(j, g.tokens) if g.finished else 0.0 for g in gens]
+        for g, w in zip(gens, se.rloo_weights(rewards)):
+            items.append({"input_ids": x + g.tokens, "start": len(x), "weight": w})
+    se.accumulate_policy_gradient(model, items, T, micro_batch_tokens=4096, scale=1.0 / (len(PROMPTS) * k))
+    est = [p.grad for p in params]
+    norm = math.sqrt(sum(float((g * g).sum()) for g in est))
+    cos = se.grad_dot(est, ref["grad"]) / (norm * ref["norm"])
+    assert cos > 0.9
+    assert 0.75 < norm / ref["norm"] < 1.33  # unbiased (leave-one-out baseline), not shrunk by (K-1)/K
+
+
+def test_rloo_weights():
+    assert se.rloo_weights([1.0, 0.0, 0.0, 1.0]) == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    assert se.rloo_weights([1.0, 1.0]) == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        se.rloo_weights([1.0])
+
+
+def test_count_sketch_is_fixed_and_unbiased():
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.randn(300, 7, generator=gen), torch.randn(50, generator=gen)]
+    b = [x + 0.5 * torch.randn(x.shape, generator=gen) for x in a]
+    exact = se.grad_dot(a, b)
+    sk = se.CountSketch([x.numel() for x in a], 64, seed=3, device=torch.device("cpu"), chunk=100)
+    assert torch.equal(sk(a), sk(a))  # regenerated from the seed every call, never stored
+    est = [float(se.CountSketch([x.numel() for x in a], 64, seed=s, device=torch.device("cpu"))(a)
+                 @ se.CountSketch([x.numel() for x in b], 64, seed=s, device=torch.device("cpu"))(b)) for s in range(200)]
+    mean = sum(est) / len(est)
+    std = math.sqrt(sum((e - mean) ** 2 for e in est) / len(est))
+    assert abs(mean - exact) < 4 * std / math.sqrt(len(est))
+    assert std < 0.3 * exact  # about ‖a‖‖b‖/√64 ≈ 0.16 ‖a‖‖b‖ here
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the script on the tiny checkpoint; a reward a random model earns about a quarter of the time
+
+DIGIT_TASK = '''
+from toy_task import DIFFICULTY, load_split, make_records, render_prompt, teacher_response
+def score(response, record, finished):
+    return 1.0 if any(ch.isdigit() for ch in response[:4]) else 0.0
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_checkpoint):
+    import toy_task
+    from model import load_tokenizer
+    d = tmp_path_factory.mktemp("se")
+    (d / "se_digit_task.py").write_text(DIGIT_TASK)
+    sys.path.insert(0, str(d))
+    tok = load_tokenizer(tiny_checkpoint)
+    common.write_jsonl(str(d / "eval.jsonl"), toy_task.make_records(16, seed=1, split="test"))
+    sft = [{"id": r["id"], "task": "se_digit_task", "prompt": toy_task.render_prompt(r, tok),
+            "response": toy_task.teacher_response(r), "extra": i} for i, r in enumerate(toy_task.make_records(30, seed=2, split="sft"))]
+    common.write_jsonl(str(d / "teacher.jsonl"), sft[:15])
+    common.write_jsonl(str(d / "other.jsonl"), [dict(s, response=s["response"][::-1]) for s in sft[15:]])
+    args = ["--task", "se_digit_task", "--checkpoint", tiny_checkpoint, "--eval_data", str(d / "eval.jsonl"),
+            "--k", "8", "--max_new_tokens", "8", "--gen_batch_size", "8", "--progress", "false"]
+    single = args + ["--sft_data", str(d / "teacher.jsonl"), str(d / "other.jsonl"), "--exact", "true",
+                     "--proj_dim", "8192", "--out", str(d / "single" / "effects.jsonl"), "--select", "5",
+                     "--select_out", str(d / "top.jsonl"), "--select_bottom", str(d / "bottom.jsonl")]
+    se.main(single)
+    yield {"dir": d, "args": args, "single": single, "ckpt": tiny_checkpoint, "sft": sft}
+    sys.path.remove(str(d))
+
+
+def test_projection_approximates_exact_and_outputs(setup, capsys):
+    d = setup["dir"]
+    effects = common.read_jsonl(str(d / "single" / "effects.jsonl"))
+    assert [(e["file"], e["line"]) for e in effects] == [(str(d / f), i) for f in ("teacher.jsonl", "other.jsonl")
+                                                         for i in range(1, 16)]
+    assert [e["id"] for e in effects] == [s["id"] for s in setup["sft"]]
+    exact = torch.tensor([e["sample_effect"] for e in effects])
+    proj = torch.tensor([e["sample_effect_proj"] for e in effects])
+    corr = float(torch.corrcoef(torch.stack([exact, proj]))[0, 1])
+    assert corr >= 0.9, corr
+    assert exact.abs().max() > 0
+    for e in effects:
+        assert -1 <= e["normalised"] <= 1 and e["response_length"] > 1
+    summary = json.loads((d / "single" / "effects.summary.json").read_text())
+    assert summary["grad_j"]["informative_prompts"] > 0
+    files = summary["files"]
+    assert [v["count"] for v in files.values()] == [15, 15]
+    teacher = [e["sample_effect"] for e in effects[:15]]
+    assert files[str(d / "teacher.jsonl")]["sample_effect"]["mean"] == pytest.approx(sum(teacher) / 15)
+    # top-K and bottom-K: verbatim records (extra fields kept) + their sample effect, in order
+    ranked = sorted(effects, key=lambda e: e["sample_effect"], reverse=True)
+    top, bottom = common.read_jsonl(str(d / "top.jsonl")), common.read_jsonl(str(d / "bottom.jsonl"))
+    assert [r["id"] for r in top] == [e["id"] for e in ranked[:5]]
+    assert [r["id"] for r in bottom] == [e["id"] for e in ranked[::-1][:5]]
+    by_id = {s["id"]: s for s in setup["sft"]}
+    for r in top:
+        assert by_id[r["id"]]["extra"] == r["extra"] and "prompt" in r and "response" in r and "sample_effect" in r
+
+
+def test_torchrun_two_ranks_match_one(setup):
+    d = setup["dir"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [a for a in setup["single"]]
+    args[args.index("--out") + 1] = str(d / "two" / "effects.jsonl")
+    args[args.index("--select_out") + 1] = str(d / "top2.jsonl")
+    args[args.index("--select_bottom") + 1] = str(d / "bottom2.jsonl")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, str(d)]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(port), os.path.join(ROOT, "sample_effect.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "teacher.jsonl" in proc.stdout and "other.jsonl" in proc.stdout  # one summary row per file
+    one = common.read_jsonl(str(d / "single" / "effects.jsonl"))
+    two = common.read_jsonl(str(d / "two" / "effects.jsonl"))
+    assert [e["id"] for e in two] == [e["id"] for e in one]
+    for a, b in zip(one, two):  # same rollouts (a seed per chunk of prompts), same SFT samples, other ranks
+        assert b["sample_effect"] == pytest.approx(a["sample_effect"], rel=1e-3, abs=1e-6)
+        assert b["sample_effect_proj"] == pytest.approx(a["sample_effect_proj"], rel=1e-3, abs=1e-6)
+
+
+def test_bad_input(setup, tmp_path):
+    d, args = setup["dir"], setup["args"]
+    sft = str(d / "teacher.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    common.write_jsonl(str(tmp_path / "kk.jsonl"), [dict(setup["sft"][0], task="kk")])
+    common.write_jsonl(str(tmp_path / "notask.jsonl"), [{k: v for k, v in s.items() if k != "task"} for s in setup["sft"][:3]])
+
+    def fails(extra, match, base=args):
+        with pytest.raises(UserError, match=match):
+            se.main(base + extra + ["--out", str(tmp_path / "effects.jsonl")])
+
+    no_ckpt = list(args)
+    no_ckpt[no_ckpt.index("--checkpoint") + 1] = str(tmp_path / "nope")
+    fails(["--sft_data", sft], r"checkpoint .*nope: no such directory", no_ckpt)
+    fails(["--sft_data", str(tmp_path / "empty.jsonl")], r"empty\.jsonl: no examples")
+    fails(["--sft_data", str(tmp_path / "missing.jsonl")], r"missing\.jsonl: file not found")
+    fails(["--sft_data", str(tmp_path / "kk.jsonl")], r"kk\.jsonl:1: .*task 'kk', but --task is 'se_digit_task'")
+    fails(["--sft_data", sft, "--k", "1"], r"--k must be >= 2")
+    fails(["--sft_data", sft, "--proj_dim", "0"], r"--proj_dim > 0, --exact true")
+    fails(["--sft_data", sft, "--params", "no_such_param"], r"matches no parameter")
+    fails(["--sft_data", sft, "--select", "99", "--select_out", str(tmp_path / "t.jsonl")], r"--select 99 > the 15")
+    fails(["--sft_data", sft, "--select", "2"], r"needs --select_out")
+    fails(["--sft_data", sft, sft], r"same file twice")
+    # the toy task's reward is never earned by the random model: ∇J would be 0
+    toy = list(args)
+    toy[toy.index("--task") + 1] = "toy_task"
+    fails(["--sft_data", str(tmp_path / "notask.jsonl"), "--num_eval_prompts", "2"], r"same reward", toy)
+    assert not (tmp_path / "effects.jsonl").exists()
