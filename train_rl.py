@@ -65,7 +65,7 @@ def get_parser():
     p.add_argument("--out_dir", default="runs/rl_kk", help="run directory: checkpoints, metrics.jsonl, rollouts/")
     # the batch (paper: train_batch_size 128, rollout.n 8)
     p.add_argument("--prompts_per_step", type=int, default=128, help="prompts per RL step over all ranks (each rank takes its share)")
-    p.add_argument("--n", type=int, default=8, help="rollouts per prompt (the GRPO group size)")
+    p.add_argument("--group_size", type=int, default=8, help="rollouts per prompt, the GRPO group (verl rollout.n; not --n, which torchrun would take for its own option)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; training log-probs use the same one")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1 = off; <1 makes training log-probs ignore the truncation)")
     p.add_argument("--max_prompt_tokens", type=int, default=1024, help="longer training prompts are dropped (counted at start)")
@@ -269,7 +269,7 @@ def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
     if not args.model:
         raise UserError("--model is required (a Hugging Face checkpoint directory: the initial policy)")
-    for name in ("prompts_per_step", "n", "max_response_tokens", "ppo_epochs", "ppo_mini_batches", "micro_batch_tokens",
+    for name in ("prompts_per_step", "group_size", "max_response_tokens", "ppo_epochs", "ppo_mini_batches", "micro_batch_tokens",
                  "gen_batch_size", "val_batch_size", "max_bad_steps", "logprob_chunk"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -353,7 +353,7 @@ def main(argv=None):
             print0("note: wandb not installed; logging to metrics.jsonl only")
             wandb = None
     print0(f"train_rl: {len(train_records)} prompts, {steps_per_epoch} steps/epoch, steps {start_step + 1}..{max_steps}, "
-           f"{world} rank(s) on {device.type}, {args.prompts_per_step}x{args.n} rollouts/step, "
+           f"{world} rank(s) on {device.type}, {args.prompts_per_step}x{args.group_size} rollouts/step, "
            f"dtype {str(dtype).replace('torch.', '')}{' + fp32 master' if model is not master else ''}, "
            f"{model.num_params() / 1e6:.1f}M params")
 
@@ -421,7 +421,7 @@ def main(argv=None):
         t0 = time.time()
         rollouts = common.sample_responses(
             model, tokenizer, SimpleNamespace(render_prompt=task.render_prompt, score=timed_score), records,
-            n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_response_tokens,
+            n=args.group_size, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_response_tokens,
             seed=generation_seed(args.seed, step, rank), template=args.template, batch_size=args.gen_batch_size,
             desc=f"step {step} rollouts", progress=args.progress)
         gen_seconds = time.time() - t0 - score_seconds[0]
@@ -429,14 +429,14 @@ def main(argv=None):
         # 3. advantages within each group of n (rollouts come record by record, n samples each)
         t_train = time.time()
         rewards = [s["reward"] for s in rollouts]
-        adv = group_advantages(rewards, args.n, args.std_normalize).tolist()
-        group_std = torch.tensor(rewards).view(-1, args.n).std(1) if args.n > 1 else torch.zeros(len(records))
-        zero_var = (group_std == 0).tolist() if args.n > 1 else [False] * len(records)
+        adv = group_advantages(rewards, args.group_size, args.std_normalize).tolist()
+        group_std = torch.tensor(rewards).view(-1, args.group_size).std(1) if args.group_size > 1 else torch.zeros(len(records))
+        zero_var = (group_std == 0).tolist() if args.group_size > 1 else [False] * len(records)
         train_idx = [j for j, s in enumerate(rollouts)
-                     if not (args.drop_zero_variance_groups and zero_var[j // args.n])
+                     if not (args.drop_zero_variance_groups and zero_var[j // args.group_size])
                      and not (args.mask_truncated and not s["finished"])
                      and s["length"] > 0]
-        seq_prompt = [prompt_ids[mine[j // args.n]] for j in range(len(rollouts))]
+        seq_prompt = [prompt_ids[mine[j // args.group_size]] for j in range(len(rollouts))]
         seq_resp = [s["tokens"] for s in rollouts]
 
         # 4. the update: ppo_epochs x ppo_mini_batches optimizer steps on this rollout batch
@@ -552,7 +552,7 @@ def main(argv=None):
         if args.log_rollouts:
             mine_log = [{"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
                          "finished": s["finished"], "length": s["length"], "step": step, "sample": s["sample"],
-                         "advantage": adv[j], difficulty: records[j // args.n].get(difficulty), "rank": rank}
+                         "advantage": adv[j], difficulty: records[j // args.group_size].get(difficulty), "rank": rank}
                         for j, s in enumerate(rollouts)]
             everything = [r for per_rank in common.all_gather_json(mine_log) for r in per_rank]
             if master_process:

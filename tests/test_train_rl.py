@@ -181,7 +181,7 @@ def toy(tiny_checkpoint, tmp_path_factory):
 
 def rl_args(toy, out_dir, **over):
     s = {"model": toy["init"], "task": "toy_task", "train_data": toy["train"], "test_data": toy["test"],
-         "out_dir": str(out_dir), "prompts_per_step": 16, "n": 8, "max_response_tokens": 20, "lr": 3e-4,
+         "out_dir": str(out_dir), "prompts_per_step": 16, "group_size": 8, "max_response_tokens": 20, "lr": 3e-4,
          "warmup_steps": 3, "max_steps": 4, "val_every": 0, "save_every": 2, "progress": False}
     s.update(over)
     return [x for k, v in s.items() for x in (f"--{k}", str(v))]
@@ -292,7 +292,7 @@ def test_torchrun_two_ranks_disjoint_prompts_identical_weights(toy, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "train_rl.py")] + rl_args(toy, out, max_steps=2, prompts_per_step=7, n=4, val_every=2,
+           os.path.join(ROOT, "train_rl.py")] + rl_args(toy, out, max_steps=2, prompts_per_step=7, group_size=4, val_every=2,
                                                         save_every=2, max_response_tokens=16)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
