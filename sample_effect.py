@@ -61,7 +61,6 @@ Outputs (written atomically by rank 0):
 """
 import argparse
 import copy
-import json
 import math
 import os
 import re
@@ -350,8 +349,10 @@ def main(argv=None):
     gen_model = model if compute_dtype == torch.float32 else load_model(args.checkpoint, dtype=compute_dtype, device=device).eval()
     chunks = [list(range(s, min(s + args.gen_batch_size, len(records)))) for s in range(0, len(records), args.gen_batch_size)]
     items, rewards, gen_tokens = [], [], 0
-    bar = tqdm(total=len(records) * args.k, desc="rollouts", disable=not args.progress or rank != 0, dynamic_ncols=True)
-    for c in common.shard(list(range(len(chunks))), rank, world):
+    my_chunks = common.shard(list(range(len(chunks))), rank, world)
+    bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks) * args.k, desc="rollouts",
+               disable=not args.progress or rank != 0, dynamic_ncols=True)
+    for c in my_chunks:
         out = common.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]], n=args.k,
                                       temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
                                       seed=args.seed * 1_000_003 + c, template=args.template,
