@@ -392,15 +392,17 @@ def main(argv=None):
                         f"pass --resume to continue it, or choose a new --out_dir")
 
     # ---- tokenizer and data
-    tokenizer = load_tokenizer(args.tokenizer or (resume_from[1] if resume_from else args.init))
+    from model import read_config
     if args.init_tiny and not resume_from:
+        tokenizer = load_tokenizer(args.tokenizer)
         cfg = tiny_config(len(tokenizer), hidden_size=args.tiny_hidden_size, num_layers=args.tiny_layers,
                           num_heads=args.tiny_heads, num_kv_heads=args.tiny_kv_heads,
                           max_position_embeddings=args.tiny_context, arch=args.tiny_arch)
         context = args.tiny_context
     else:
-        from model import read_config
-        context = read_config(resume_from[1] if resume_from else args.init).max_position_embeddings
+        source = resume_from[1] if resume_from else args.init
+        context = read_config(source).max_position_embeddings  # a clear error when it is no checkpoint
+        tokenizer = load_tokenizer(args.tokenizer or source)
     max_length = min(args.max_length, context)
     load = load_text_examples if args.pretrain_text else load_sft_examples
     train = load(args.pretrain_text or args.data, tokenizer, max_length)
