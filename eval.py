@@ -6,7 +6,7 @@ Accuracy tables: evaluate one or more checkpoints on one or more task splits.
 
 The paper's protocol (paper.md section 9): greedy decoding (temperature 0, one sample), max 4096 new
 tokens, accuracy per difficulty (K&K: number of people, MATH: level) and overall, and the truncation
-("clip") rate. Sampled evaluation (--n, --temperature, --top_p) adds avg@n and unbiased pass@k.
+("clip") rate. Sampled evaluation (--num_samples, --temperature, --top_p) adds avg@n and unbiased pass@k.
 
 Scoring is the task's own `score`, the very function that rewards training: a truncated response (no EOS
 within max_new_tokens) is wrong. NOTE: the paper's verl `main_eval` appended <|endoftext|> to every
@@ -48,7 +48,8 @@ parser.add_argument("--names", nargs="+", default=None, help="row names for the 
 parser.add_argument("--splits", nargs="+", default=None, help="task split files to evaluate on (one table each)")
 parser.add_argument("--split_names", nargs="+", default=None, help="names for the splits (default: each file's basename without extension)")
 parser.add_argument("--out_dir", default="out/eval", help="output directory: <name>/<split>/{samples.jsonl,summary.json} and results.md")
-parser.add_argument("--n", type=int, default=1, help="samples per prompt (paper: 1, greedy)")
+# not --n: torchrun's own parser rejects "--n" after the script name as an ambiguous prefix of --nnodes etc.
+parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt, n of avg@n and pass@k (paper: 1, greedy)")
 parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (paper)")
 parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (ignored when greedy)")
 parser.add_argument("--max_new_tokens", type=int, default=4096, help="response budget in tokens (paper: 4096); longer = truncated = wrong")
@@ -61,7 +62,7 @@ parser.add_argument("--overwrite", type=common.str2bool, default=False, help="re
 parser.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bar on rank 0")
 
 # settings that change what is generated: a done pair is reused only when these match
-GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "n", "temperature", "top_p", "max_new_tokens",
+GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "num_samples", "temperature", "top_p", "max_new_tokens",
                        "template", "dtype", "seed")
 
 
@@ -171,8 +172,8 @@ def markdown_table(rows, columns=None, digits=2):
 def split_heading(summary):
     """Markdown heading naming the split and how it was evaluated."""
     s = summary["settings"]
-    how = ("greedy, pass@1" if s["temperature"] == 0 and s["n"] == 1 else
-           f"avg@{s['n']}, temperature {s['temperature']:g}, top-p {s['top_p']:g}")
+    how = ("greedy, pass@1" if s["temperature"] == 0 and s["num_samples"] == 1 else
+           f"avg@{s['num_samples']}, temperature {s['temperature']:g}, top-p {s['top_p']:g}")
     return f"### {summary['split']} ({s['task']}; {how}; max {s['max_new_tokens']} new tokens)"
 
 
@@ -296,12 +297,12 @@ def main(argv=None):
     args = common.parse_settings(copy.deepcopy(parser), argv)  # a copy: main() may run more than once (tests)
     if not args.checkpoints or not args.splits:
         raise UserError("give --checkpoints DIR [DIR ...] and --splits PATH [PATH ...]")
-    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise UserError("--n, --max_new_tokens and --batch_size must be >= 1")
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise UserError("--num_samples, --max_new_tokens and --batch_size must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top_p in (0, 1]")
-    if args.temperature == 0 and args.n > 1:
-        raise UserError("greedy decoding (--temperature 0) gives n identical samples; use --n 1 or a temperature > 0")
+    if args.temperature == 0 and args.num_samples > 1:
+        raise UserError("greedy decoding (--temperature 0) gives n identical samples; use --num_samples 1 or a temperature > 0")
     if any(k < 1 for k in args.pass_k):
         raise UserError("--pass_k values must be >= 1")
     task = common.get_task(args.task)
@@ -323,7 +324,7 @@ def main(argv=None):
 
     def settings_of(ckpt, split_path):
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
-                "n": args.n, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                "num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                 "template": args.template, "dtype": dtype, "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k))}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others
@@ -360,7 +361,7 @@ def main(argv=None):
         for i in todo:
             split_path, split_name, records = args.splits[i], split_names[i], splits[i]
             t0 = time.time()
-            samples, metrics = evaluate(model, tokenizer, task, records, n=args.n, temperature=args.temperature,
+            samples, metrics = evaluate(model, tokenizer, task, records, n=args.num_samples, temperature=args.temperature,
                                         top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                         template=args.template, batch_size=args.batch_size, pass_k=args.pass_k,
                                         desc=f"{name}/{split_name}", progress=args.progress)

@@ -164,7 +164,7 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
 
 def test_sampled_metrics(tiny_checkpoint, split, tmp_path):
     out = str(tmp_path / "sampled")
-    args = ["--checkpoints", tiny_checkpoint, "--splits", split, "--n", "4", "--temperature", "1.0",
+    args = ["--checkpoints", tiny_checkpoint, "--splits", split, "--num_samples", "4", "--temperature", "1.0",
             "--top_p", "0.95", "--pass_k", "1", "2", "4", "8", "--seed", "3"] + FAST
     ev.main(args + ["--out_dir", out])
     pair = os.path.join(out, os.path.basename(tiny_checkpoint), "toy_test")
@@ -237,7 +237,7 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match="--names has 1 name"):
         run("--names", "a", checkpoints=(tiny_checkpoint, tiny_checkpoint))
     with pytest.raises(common.UserError, match="greedy"):
-        run("--n", "4")
+        run("--num_samples", "4")
     with pytest.raises(common.UserError, match="unknown task"):
         run("--task", "no_such_task_module")
     with pytest.raises(common.UserError, match="context"):
@@ -251,3 +251,18 @@ def test_cli_error_is_one_line(tmp_path):
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'nope'}: no such directory"]
+
+
+def test_every_option_passes_through_torchrun(tmp_path):
+    """torchrun parses the whole command line first: no option of ours may be a prefix of one of its own
+    (`--n` was: "ambiguous option --n could match --nnodes ..."). Every option, then our own error line."""
+    opts = {a.option_strings[0]: "1" for a in ev.parser._actions if a.option_strings and a.dest != "help"}
+    opts.update({"--task": "toy_task", "--checkpoints": str(tmp_path / "nope"), "--splits": "x.jsonl",
+                 "--template": "auto", "--dtype": "auto", "--overwrite": "false", "--progress": "false",
+                 "--out_dir": str(tmp_path / "out"), "--config": str(tmp_path / "settings.json")})
+    (tmp_path / "settings.json").write_text("{}")
+    argv = [x for kv in opts.items() for x in kv]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port",
+                           "0", os.path.join(ROOT, "eval.py")] + argv,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert f"error: checkpoint {tmp_path / 'nope'}: no such directory" in proc.stderr, proc.stderr[-2000:]
