@@ -112,7 +112,8 @@ def read_rollouts(run_dir, steps):
 def sample_checkpoint(args, task, rank, world, device):
     """Every (record, sample) of the split, merged from all ranks in record order; and the records."""
     import torch
-    from model import load_model, load_tokenizer
+    from model import load_model, load_tokenizer, read_config
+    read_config(args.from_checkpoint)  # a clear error when it is no checkpoint
     records = task.load_split(args.split)
     if args.limit:
         records = records[:args.limit]

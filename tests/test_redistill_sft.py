@@ -247,8 +247,7 @@ def test_sft_learns_toy_task(tiny_checkpoint, tmp_path):
     steps = [r for r in m if "loss" in r]
     vals = [r["val_loss"] for r in m if "val_loss" in r]
     assert len(steps) == 200 and [r["step"] for r in steps] == list(range(1, 201))
-    assert vals[-1] < 0.25 * vals[0], vals  # held-out loss: ~5.8 -> ~0.3
-    assert vals[-1] < 0.6, vals
+    assert vals[-1] < 0.3 and vals[-1] < 0.1 * vals[0], vals  # measured: 5.85 -> 0.086
 
     def accuracy(path):
         samples = common.sample_responses(load_model(path), load_tokenizer(path), toy_task, val_records, n=1,
@@ -256,7 +255,7 @@ def test_sft_learns_toy_task(tiny_checkpoint, tmp_path):
         return sum(s["reward"] for s in samples) / len(samples)
 
     before, after = accuracy(tiny_checkpoint), accuracy(os.path.join(out, "final"))  # random weights vs trained
-    assert before <= 0.05 and after >= 0.5, (before, after)
+    assert before <= 0.05 and after >= 0.6, (before, after)  # measured: 0.0 -> 0.91
 
 
 def run_args(init, data, out, *extra):

@@ -1,0 +1,248 @@
+"""sample_policy.py: a policy checkpoint or an RL rollout log -> re-distillation SFT set (filter, dedupe, N),
+torchrun shards, the SFT file trains with redistill_sft.py, bad input -> clear errors and nothing written."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import redistill_sft
+import sample_policy as sp
+import toy_task
+from common import UserError
+from model import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_checkpoint, tmp_path_factory):
+    """A tiny policy that is right on part of the toy task: SFT'd briefly on teacher responses. Returns
+    (checkpoint dir, split file of 40 held-out records)."""
+    d = tmp_path_factory.mktemp("policy")
+    tok = load_tokenizer(tiny_checkpoint)
+    common.write_jsonl(d / "sft.jsonl", [{"id": r["id"], "task": "toy_task", "prompt": toy_task.render_prompt(r, tok),
+                                          "response": toy_task.teacher_response(r)}
+                                         for r in toy_task.make_records(400, seed=21, split="train")])
+    common.write_jsonl(d / "split.jsonl", toy_task.make_records(40, seed=22, split="val"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    redistill_sft.main(["--init_tiny", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "128", "--tiny_layers", "2",
+                        "--data", str(d / "sft.jsonl"), "--out_dir", str(d / "run"), "--lr", "3e-3", "--global_batch",
+                        "16", "--epochs", "3", "--loss_reduction", "token_mean", "--progress", "false"])
+    torch.set_num_threads(n)
+    return str(d / "run" / "final"), str(d / "split.jsonl")
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def sample_args(ckpt, split, out, *extra):
+    return ["--from_checkpoint", ckpt, "--task", "toy_task", "--split", split, "--out", out,
+            "--max_new_tokens", "20", "--progress", "false", *extra]
+
+
+# -----------------------------------------------------------------------------
+# from a checkpoint
+
+
+def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_path, capsys):
+    ckpt, split = policy
+    out, everything = str(tmp_path / "redistill.jsonl"), str(tmp_path / "all.jsonl")
+    sp.main(sample_args(ckpt, split, out, "--n", "4", "--temperature", "1.0", "--max_per_prompt", "2",
+                        "--num_samples", "30", "--samples_out", everything))
+    log = capsys.readouterr().out
+    samples, rows = read(everything), read(out)
+    records = {r["id"]: r for r in toy_task.load_split(split)}
+    tok = load_tokenizer(ckpt)
+
+    assert len(samples) == 160 and {(s["id"], s["sample"]) for s in samples} == {(i, k) for i in records for k in range(4)}
+    good = [s for s in samples if s["reward"] == 1.0 and s["finished"]]
+    assert 0 < len(good) < len(samples), "the policy should be right sometimes, not always"
+    distinct = {}
+    for s in good:
+        if s["response"] not in distinct.setdefault(s["id"], []) and len(distinct[s["id"]]) < 2:
+            distinct[s["id"]].append(s["response"])
+    available = sum(len(v) for v in distinct.values())
+    assert len(rows) == min(30, available)
+    no_correct = len(records) - len(distinct)
+    assert f"{no_correct} of 40 prompts had no correct sample" in log
+
+    per_id = {}
+    for row in rows:
+        assert set(row) == {"id", "task", "prompt", "response", "source", "reward", "sample"}
+        assert row["task"] == "toy_task" and row["reward"] == 1.0 and row["source"] == os.path.abspath(ckpt)
+        assert row["response"] in distinct[row["id"]]  # correct, finished, from this prompt
+        per_id.setdefault(row["id"], []).append(row["response"])
+        # the prompt is exactly what the policy saw, the response exactly what it produced (minus the stop token)
+        record = records[row["id"]]
+        assert row["prompt"] == toy_task.render_prompt(record, tok)
+        match = [s for s in samples if s["id"] == row["id"] and s["response"] == row["response"]][0]
+        assert match["tokens"][-1] == tok.eos_token_id or tok.decode(match["tokens"][-1:]) in sp.STOP_TEXTS
+        assert tok.decode(match["tokens"][:-1]) == row["response"]
+        assert toy_task.score(row["response"], record, True) == 1.0
+    assert all(len(v) == len(set(v)) <= 2 for v in per_id.values())  # deduplicated, at most 2 per prompt
+
+    # the same seed gives the same file; the SFT loop trains on it (re-distilling the base)
+    again = str(tmp_path / "again.jsonl")
+    sp.main(sample_args(ckpt, split, again, "--n", "4", "--temperature", "1.0", "--max_per_prompt", "2",
+                        "--num_samples", "30"))
+    assert read(again) == rows
+    redistill_sft.main(["--init", tiny_checkpoint, "--data", out, "--out_dir", str(tmp_path / "sft"), "--global_batch",
+                        "8", "--epochs", "1", "--lr", "1e-3", "--progress", "false"])
+    assert os.path.isfile(tmp_path / "sft" / "final" / "model.safetensors")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
+    ckpt, split = policy
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), OMP_NUM_THREADS="1")
+    out2, all2 = str(tmp_path / "two.jsonl"), str(tmp_path / "all2.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(free_port()), os.path.join(ROOT, "sample_policy.py"),
+                           *sample_args(ckpt, split, out2, "--samples_per_prompt", "2", "--samples_out", all2,
+                                        "--num_samples", "0")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = read(all2)
+    ids = [r["id"] for r in toy_task.load_split(split)]
+    by_rank = {r: {s["id"] for s in samples if s["rank"] == r} for r in (0, 1)}
+    assert by_rank[0] == set(common.shard(ids, 0, 2)) and by_rank[1] == set(common.shard(ids, 1, 2))
+    assert not by_rank[0] & by_rank[1]
+    assert sorted((s["id"], s["sample"]) for s in samples) == sorted((i, k) for i in ids for k in range(2))
+    assert [s["id"] for s in samples] == [i for i in ids for _ in range(2)]  # merged in record order
+    # greedy: both samples of a prompt are the same, so dedupe keeps one; and one process gives the same set
+    assert all(a["response"] == b["response"] for a, b in zip(samples[::2], samples[1::2]))
+    out1 = str(tmp_path / "one.jsonl")
+    sp.main(sample_args(ckpt, split, out1, "--n", "2", "--num_samples", "0"))
+    assert read(out1) == read(out2)
+    assert len(read(out1)) == len({s["id"] for s in samples if s["reward"] == 1.0 and s["finished"]})
+
+
+def test_checkpoint_errors_write_nothing(policy, tmp_path):
+    ckpt, split = policy
+    out = tmp_path / "out.jsonl"
+    cases = [
+        (sample_args(ckpt, split, str(out), "--max_new_tokens", "3000"),
+         r"split\.jsonl: record 1 \(id 'toy-val-00000'\): prompt of \d+ tokens \+ --max_new_tokens 3000 > the model's 2048-token context"),
+        (sample_args(ckpt, str(tmp_path / "nope.jsonl"), str(out)), "nope.jsonl: file not found"),
+        (sample_args(str(tmp_path / "nockpt"), split, str(out)), "nockpt: checkpoint directory not found"),
+        (sample_args(ckpt, split, str(out)) + ["--from_rollouts", str(tmp_path)], "exactly one of"),
+        (sample_args(ckpt, split, str(out), "--task", "no_such_task"), "unknown task 'no_such_task'"),
+        (sample_args(ckpt, split, str(out), "--top_p", "0"), "top_p"),
+        # a policy that is never right under a 2-token budget: empty result
+        (sample_args(ckpt, split, str(out), "--max_new_tokens", "2"), "no correct, finished response among 40 samples"),
+    ]
+    for argv, pattern in cases:
+        with pytest.raises(UserError, match=pattern):
+            sp.main(argv)
+        assert not out.exists()
+
+
+# -----------------------------------------------------------------------------
+# selection and rollout logs
+
+
+def s(id_, response, reward=1.0, finished=True, **kw):
+    return {"id": id_, "prompt": f"P{id_}", "response": response, "reward": reward, "finished": finished, **kw}
+
+
+def test_select_filters_dedupes_and_takes_n():
+    samples = [s("a", "x"), s("a", "x"), s("a", "y"), s("a", "z", reward=0.0), s("b", "w", finished=False),
+               s("b", "v", reward=0.0), s("c", "u"), s("d", "t"), s("d", "t"), s("e", "q")]
+    kept, counts = sp.select(samples, max_per_prompt=1, num_samples=0, seed=0)
+    assert sorted((k["id"], k["response"]) for k in kept) == [("a", "x"), ("c", "u"), ("d", "t"), ("e", "q")]
+    assert counts == {"samples": 10, "correct": 7, "duplicates": 2, "over_limit": 1, "prompts": 5,
+                      "prompts_without_correct": 1, "distinct": 4}
+    kept, counts = sp.select(samples, max_per_prompt=0, num_samples=0, seed=0)
+    assert sorted((k["id"], k["response"]) for k in kept) == [("a", "x"), ("a", "y"), ("c", "u"), ("d", "t"), ("e", "q")]
+    # the shuffle is seeded; N keeps the first N after it
+    first = [k["response"] for k in sp.select(samples, 0, 3, seed=0)[0]]
+    assert first == [k["response"] for k in sp.select(samples, 0, 3, seed=0)[0]] and len(first) == 3
+    orders = {tuple(k["response"] for k in sp.select(samples, 0, 0, seed=seed)[0]) for seed in range(10)}
+    assert len(orders) > 1
+    assert first == [k["response"] for k in sp.select(samples, 0, 0, seed=0)[0]][:3]
+
+
+def write_rollouts(run_dir, steps):
+    for step, recs in steps.items():
+        common.write_jsonl(os.path.join(run_dir, "rollouts", f"step_{step}.jsonl"),
+                           [{"step": step, "length": 5, **r} for r in recs])
+
+
+def test_from_rollouts_steps_order_first_occurrence_and_rescore(tmp_path, capsys):
+    records = toy_task.make_records(4, seed=30)
+    common.write_jsonl(tmp_path / "split.jsonl", records)
+    a, b, c, d = records
+    right = {r["id"]: toy_task.teacher_response(r) for r in records}
+    run = str(tmp_path / "rl")
+    write_rollouts(run, {
+        1: [s(a["id"], right[a["id"]] + " (step 1)"), s(b["id"], "wrong", reward=0.0)],
+        2: [s(a["id"], right[a["id"]] + " (step 2)"), s(b["id"], right[b["id"]], finished=False)],
+        3: [s(a["id"], right[a["id"]] + " (step 3)<|endoftext|>"), s(c["id"], right[c["id"]]),
+            s(d["id"], "\\boxed{999}")],  # d: the log says correct, the task's score says not
+        4: [s(b["id"], right[b["id"]])],  # outside the step range
+    })
+    out = str(tmp_path / "out.jsonl")
+    sp.main(["--from_rollouts", run, "--steps", "3,1-2", "--task", "toy_task", "--out", out, "--progress", "false"])
+    rows = read(out)
+    # a's first occurrence in reading order 3, 1, 2 is step 3's (its decoded stop token removed); b never correct
+    assert sorted((r["id"], r["response"], r["step"]) for r in rows) == sorted([
+        (a["id"], right[a["id"]] + " (step 3)", 3), (c["id"], right[c["id"]], 3), (d["id"], "\\boxed{999}", 3)])
+    assert all(r["source"] == os.path.join(run, "rollouts", "step_3.jsonl") for r in rows)
+    log = capsys.readouterr().out
+    assert "1 of 4 prompts had no correct sample" in log and "removed a trailing stop-token string from 1" in log
+    # with the split, the task's score re-checks the log's rewards (the paper does): d is dropped
+    sp.main(["--from_rollouts", run, "--steps", "1-3", "--task", "toy_task", "--split", str(tmp_path / "split.jsonl"),
+             "--out", out, "--progress", "false", "--num_samples", "1"])
+    log = capsys.readouterr().out
+    assert "2 rewards changed" in log and "note: only" not in log  # d, and b unfinished (the log said 1.0)
+    assert len(read(out)) == 1 and read(out)[0]["id"] in (a["id"], c["id"])
+
+
+def test_rollout_errors_write_nothing(tmp_path):
+    run, out = str(tmp_path / "rl"), tmp_path / "out.jsonl"
+    write_rollouts(run, {5: [s("a", "x")], 6: [s("a", "y", reward=0.0)]})
+
+    def fails(pattern, *argv):
+        with pytest.raises(UserError, match=pattern):
+            sp.main(["--from_rollouts", run, "--task", "toy_task", "--out", str(out), "--progress", "false", *argv])
+        assert not out.exists()
+
+    fails(r"step_7\.jsonl: file not found \(rollout steps present: 5\.\.6 \(2 files\)\)", "--steps", "5-7")
+    fails("expected steps like 115-125", "--steps", "7-5")
+    fails("expected steps like 115-125", "--steps", "five")
+    fails("listed twice", "--steps", "5,5-6")
+    fails("--from_rollouts needs --steps")
+    fails("no correct, finished response among 1 samples", "--steps", "6")
+    bad = {"finished": "yes"}, {"reward": None}, {"step": 9}, {"response": ["x"]}
+    for i, change in enumerate(bad):
+        write_rollouts(run, {8: [s("a", "x"), {**s("a", "y"), **change}]})
+        field = next(iter(change))
+        fails(rf"step_8\.jsonl: record 2: field '{field}'", "--steps", "8")
+    common.write_jsonl(os.path.join(run, "rollouts", "step_8.jsonl"), [{"step": 8, "id": "a", "prompt": "p"}])
+    fails(r"step_8\.jsonl:1: missing field 'response'", "--steps", "8")
+    with open(os.path.join(run, "rollouts", "step_8.jsonl"), "w") as f:
+        f.write("{oops\n")
+    fails(r"step_8\.jsonl:1: not valid JSON", "--steps", "8")
+    with pytest.raises(UserError, match=r"rollouts/step_1\.jsonl: file not found \(rollout steps present: none\)"):
+        sp.main(["--from_rollouts", str(tmp_path / "empty"), "--steps", "1", "--task", "toy_task", "--out", str(out)])
