@@ -44,6 +44,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import common
 from common import UserError, print0
@@ -307,6 +308,9 @@ def main(argv=None):
     # ---- model: the policy (in `dtype`), its fp32 master copy when dtype is lower, the optimizer
     start_step, state = 0, None
     ckpt = common.latest_checkpoint(args.out_dir) if args.resume else None
+    if not args.resume and common.latest_checkpoint(args.out_dir) is not None:
+        raise UserError(f"{args.out_dir} holds checkpoints of an earlier run; pass --resume true to continue it, "
+                        f"or choose another --out_dir")
     if args.resume and ckpt is None:
         print0(f"note: --resume: no complete checkpoint in {args.out_dir}; starting from {args.model}")
     if ckpt is not None:
@@ -460,6 +464,8 @@ def main(argv=None):
         counts = all_reduce_sums({f"{k}_{i}": v for i, m in enumerate(minis)
                                   for k, v in (("tok", sum(len(seq_resp[j]) for j in m)), ("seq", len(m)))}, device)
         grad_norm, updates, bad = 0.0, 0, False
+        bar = tqdm(total=args.ppo_epochs * len(train_idx), desc=f"step {step} update", leave=False, dynamic_ncols=True,
+                   disable=not (args.progress and master_process))
         model.train()
         for epoch in range(args.ppo_epochs):
             for mi, mini in enumerate(minis):
@@ -469,6 +475,7 @@ def main(argv=None):
                 mbs = micro_batches([len(seq_prompt[j]) + len(seq_resp[j]) for j in mini], args.micro_batch_tokens)
                 loss_sum = 0.0
                 for mb in mbs:
+                    bar.update(len(mb))
                     js = [mini[i] for i in mb]
                     lens = [len(seq_resp[j]) for j in js]
                     lp, ent = response_logprobs(model, [seq_prompt[j] for j in js], [seq_resp[j] for j in js],
@@ -522,6 +529,7 @@ def main(argv=None):
                     grad_norm = norm.item()
                     sums["loss"] += loss_sum
                 optimizer.zero_grad(set_to_none=False)
+        bar.close()
         model.eval()
         if bad:
             bad_steps_total += 1
