@@ -307,3 +307,22 @@ def test_torchrun_two_ranks_disjoint_prompts_identical_weights(toy, tmp_path):
     sums = ms[-1]["ckpt/param_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]  # every rank holds the same weights
     assert "val/acc" in ms[-1] and ms[-1]["updates"] == 1
+
+
+def test_every_option_passes_through_torchrun():
+    """torchrun parses the whole command line first: an option of ours that is a prefix of one of its own
+    is taken or rejected ("ambiguous option: --n could match --nnodes ..."). Every option must pass intact."""
+    from torch.distributed.run import get_args_parser
+    ours = [a.option_strings[0] for a in train_rl.get_parser()._actions if a.option_strings and a.dest != "help"]
+    argv = [x for opt in ours + ["--config"] for x in (opt, "1")]
+    parsed = get_args_parser().parse_args(["--nproc_per_node=2", "train_rl.py"] + argv)
+    assert parsed.training_script == "train_rl.py" and parsed.training_script_args == argv
+
+
+def test_bad_settings_are_one_line_errors(toy, tmp_path):
+    with pytest.raises(common.UserError, match="--model is required"):
+        train_rl.main(["--task", "toy_task"])
+    with pytest.raises(common.UserError, match="fewer than --prompts_per_step"):
+        train_rl.main(rl_args(toy, tmp_path / "a", prompts_per_step=1000))
+    with pytest.raises(common.UserError, match="context"):
+        train_rl.main(rl_args(toy, tmp_path / "b", max_response_tokens=5000))
