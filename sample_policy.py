@@ -40,9 +40,8 @@ def get_parser():
                    "--from_rollouts optional: re-score the kept rollouts with the task's score (the paper re-checks)")
     p.add_argument("--out", default=None, help="the SFT jsonl to write (required)")
     # sampling (--from_checkpoint)
-    p.add_argument("--n", "--samples_per_prompt", dest="n", type=int, default=1,
-                   help="responses per prompt (paper's variant A: 1); under torchrun write --samples_per_prompt "
-                        "(torchrun's own parser rejects --n as an abbreviation of its --nnodes/--nproc_per_node)")
+    # not --n: torchrun's own parser rejects "--n" after the script name as an ambiguous prefix of --nnodes etc.
+    p.add_argument("--samples_per_prompt", type=int, default=1, help="responses per prompt (paper's variant A: 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (paper's variant A)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (paper: 1.0)")
     p.add_argument("--max_new_tokens", type=int, default=4096, help="response length limit; truncated responses are dropped (paper: 4096)")
@@ -131,17 +130,17 @@ def sample_checkpoint(args, task, rank, world, device):
             raise UserError(f"{args.split}: record {i + 1} (id {rec.get('id')!r}): prompt of {length} tokens + "
                             f"--max_new_tokens {args.max_new_tokens} > the model's {context}-token context")
     order = common.shard(list(range(len(records))), rank, world)
-    print0(f"sampling {args.from_checkpoint}: {len(records)} prompts x {args.n} on {world} rank(s), "
+    print0(f"sampling {args.from_checkpoint}: {len(records)} prompts x {args.samples_per_prompt} on {world} rank(s), "
            f"T={args.temperature}, top_p={args.top_p}, max_new_tokens={args.max_new_tokens}")
     with torch.no_grad():
-        mine = common.sample_responses(model, tokenizer, task, [records[i] for i in order], n=args.n,
+        mine = common.sample_responses(model, tokenizer, task, [records[i] for i in order], n=args.samples_per_prompt,
                                        temperature=args.temperature, top_p=args.top_p,
                                        max_new_tokens=args.max_new_tokens, seed=args.seed * 1000 + rank,
                                        template=args.template, batch_size=args.batch_size, desc="sample",
                                        progress=args.progress)
     # sample_responses returns record order then sample order: attach each sample's record index
     for k, s in enumerate(mine):
-        s["index"], s["rank"] = order[k // args.n], rank
+        s["index"], s["rank"] = order[k // args.samples_per_prompt], rank
         s["source"] = os.path.abspath(args.from_checkpoint)
         del s["logprobs"]
     merged = [s for part in common.all_gather_json(mine) for s in part]
@@ -209,7 +208,7 @@ def main(argv=None):
         raise UserError("--from_rollouts needs --steps, e.g. 115-125")
     if args.from_checkpoint and args.steps:
         raise UserError("--steps applies to --from_rollouts only")
-    for name in ("n", "max_new_tokens", "batch_size"):
+    for name in ("samples_per_prompt", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:

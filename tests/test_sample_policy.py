@@ -63,7 +63,7 @@ def sample_args(ckpt, split, out, *extra):
 def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_path, capsys):
     ckpt, split = policy
     out, everything = str(tmp_path / "redistill.jsonl"), str(tmp_path / "all.jsonl")
-    sp.main(sample_args(ckpt, split, out, "--n", "4", "--temperature", "1.0", "--max_per_prompt", "2",
+    sp.main(sample_args(ckpt, split, out, "--samples_per_prompt", "4", "--temperature", "1.0", "--max_per_prompt", "2",
                         "--num_samples", "30", "--samples_out", everything))
     log = capsys.readouterr().out
     samples, rows = read(everything), read(out)
@@ -99,7 +99,7 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
 
     # the same seed gives the same file; the SFT loop trains on it (re-distilling the base)
     again = str(tmp_path / "again.jsonl")
-    sp.main(sample_args(ckpt, split, again, "--n", "4", "--temperature", "1.0", "--max_per_prompt", "2",
+    sp.main(sample_args(ckpt, split, again, "--samples_per_prompt", "4", "--temperature", "1.0", "--max_per_prompt", "2",
                         "--num_samples", "30"))
     assert read(again) == rows
     redistill_sft.main(["--init", tiny_checkpoint, "--data", out, "--out_dir", str(tmp_path / "sft"), "--global_batch",
@@ -133,7 +133,7 @@ def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     # greedy: both samples of a prompt are the same, so dedupe keeps one; and one process gives the same set
     assert all(a["response"] == b["response"] for a, b in zip(samples[::2], samples[1::2]))
     out1 = str(tmp_path / "one.jsonl")
-    sp.main(sample_args(ckpt, split, out1, "--n", "2", "--num_samples", "0"))
+    sp.main(sample_args(ckpt, split, out1, "--samples_per_prompt", "2", "--num_samples", "0"))
     assert read(out1) == read(out2)
     assert len(read(out1)) == len({s["id"] for s in samples if s["reward"] == 1.0 and s["finished"]})
 
