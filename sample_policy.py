@@ -4,7 +4,7 @@ Turn an RL policy into a re-distillation SFT set (the paper's section 3 recipe).
   --from_checkpoint DIR   sample n responses per prompt of a task split with our generation engine
                           (the paper's variant A: greedy, n=1, on the cold-start SFT prompts), prompts
                           sharded over torchrun ranks and merged on rank 0
-  --from_rollouts RUN_DIR read RUN_DIR/rollouts/step_N.jsonl of train_rl.py for a range of steps
+  --from_rollouts RUN_DIR read RUN_DIR/rollouts/step_NNNNNN.jsonl of train_rl.py for a range of steps
                           (the paper's variant B: steps 115-125 of the K&K run, T=0.7, n=8)
 
 Then, as the paper: keep responses with reward 1.0 that finished with EOS; drop identical responses to the
@@ -34,7 +34,7 @@ STOP_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
 def get_parser():
     p = argparse.ArgumentParser(description="Sample a policy (checkpoint or RL rollout log) into a re-distillation SFT set.")
     p.add_argument("--from_checkpoint", default=None, help="policy checkpoint (Hugging Face directory) to sample")
-    p.add_argument("--from_rollouts", default=None, help="instead: an RL run directory holding rollouts/step_N.jsonl")
+    p.add_argument("--from_rollouts", default=None, help="instead: an RL run directory holding rollouts/step_NNNNNN.jsonl (train_rl.py's log)")
     p.add_argument("--task", default=None, help="task: kk, math, or a module name with the task interface (required)")
     p.add_argument("--split", default=None, help="task split jsonl: the prompts to sample (--from_checkpoint); with "
                    "--from_rollouts optional: re-score the kept rollouts with the task's score (the paper re-checks)")
@@ -90,8 +90,11 @@ def read_rollouts(run_dir, steps):
     """The records of RUN_DIR/rollouts/step_N.jsonl for each step, in the order given, each field checked."""
     samples = []
     for step in steps:
-        path = os.path.join(run_dir, "rollouts", f"step_{step}.jsonl")
-        if not os.path.isfile(path):
+        # train_rl.py writes step_000125.jsonl; step_125.jsonl is read too
+        path = next((p for p in (os.path.join(run_dir, "rollouts", f"step_{step:06d}.jsonl"),
+                                 os.path.join(run_dir, "rollouts", f"step_{step}.jsonl")) if os.path.isfile(p)), None)
+        if path is None:
+            path = os.path.join(run_dir, "rollouts", f"step_{step:06d}.jsonl")
             have = sorted(int(m.group(1)) for f in os.listdir(os.path.join(run_dir, "rollouts"))
                           if (m := re.fullmatch(r"step_(\d+)\.jsonl", f))) if os.path.isdir(os.path.join(run_dir, "rollouts")) else []
             raise UserError(f"{path}: file not found (rollout steps present: "

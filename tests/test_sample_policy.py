@@ -184,8 +184,9 @@ def test_select_filters_dedupes_and_takes_n():
 
 
 def write_rollouts(run_dir, steps):
-    for step, recs in steps.items():
-        common.write_jsonl(os.path.join(run_dir, "rollouts", f"step_{step}.jsonl"),
+    for step, recs in steps.items():  # train_rl.py's names (step_000003.jsonl); step 1 unpadded, also accepted
+        name = f"step_{step}.jsonl" if step == 1 else f"step_{step:06d}.jsonl"
+        common.write_jsonl(os.path.join(run_dir, "rollouts", name),
                            [{"step": step, "length": 5, **r} for r in recs])
 
 
@@ -208,7 +209,7 @@ def test_from_rollouts_steps_order_first_occurrence_and_rescore(tmp_path, capsys
     # a's first occurrence in reading order 3, 1, 2 is step 3's (its decoded stop token removed); b never correct
     assert sorted((r["id"], r["response"], r["step"]) for r in rows) == sorted([
         (a["id"], right[a["id"]] + " (step 3)", 3), (c["id"], right[c["id"]], 3), (d["id"], "\\boxed{999}", 3)])
-    assert all(r["source"] == os.path.join(run, "rollouts", "step_3.jsonl") for r in rows)
+    assert all(r["source"] == os.path.join(run, "rollouts", "step_000003.jsonl") for r in rows)
     log = capsys.readouterr().out
     assert "1 of 4 prompts had no correct sample" in log and "removed a trailing stop-token string from 1" in log
     # with the split, the task's score re-checks the log's rewards (the paper does): d is dropped
@@ -228,7 +229,7 @@ def test_rollout_errors_write_nothing(tmp_path):
             sp.main(["--from_rollouts", run, "--task", "toy_task", "--out", str(out), "--progress", "false", *argv])
         assert not out.exists()
 
-    fails(r"step_7\.jsonl: file not found \(rollout steps present: 5\.\.6 \(2 files\)\)", "--steps", "5-7")
+    fails(r"step_000007\.jsonl: file not found \(rollout steps present: 5\.\.6 \(2 files\)\)", "--steps", "5-7")
     fails("expected steps like 115-125", "--steps", "7-5")
     fails("expected steps like 115-125", "--steps", "five")
     fails("listed twice", "--steps", "5,5-6")
@@ -238,11 +239,11 @@ def test_rollout_errors_write_nothing(tmp_path):
     for i, change in enumerate(bad):
         write_rollouts(run, {8: [s("a", "x"), {**s("a", "y"), **change}]})
         field = next(iter(change))
-        fails(rf"step_8\.jsonl: record 2: field '{field}'", "--steps", "8")
-    common.write_jsonl(os.path.join(run, "rollouts", "step_8.jsonl"), [{"step": 8, "id": "a", "prompt": "p"}])
-    fails(r"step_8\.jsonl:1: missing field 'response'", "--steps", "8")
-    with open(os.path.join(run, "rollouts", "step_8.jsonl"), "w") as f:
+        fails(rf"step_000008\.jsonl: record 2: field '{field}'", "--steps", "8")
+    common.write_jsonl(os.path.join(run, "rollouts", "step_000008.jsonl"), [{"step": 8, "id": "a", "prompt": "p"}])
+    fails(r"step_000008\.jsonl:1: missing field 'response'", "--steps", "8")
+    with open(os.path.join(run, "rollouts", "step_000008.jsonl"), "w") as f:
         f.write("{oops\n")
-    fails(r"step_8\.jsonl:1: not valid JSON", "--steps", "8")
-    with pytest.raises(UserError, match=r"rollouts/step_1\.jsonl: file not found \(rollout steps present: none\)"):
+    fails(r"step_000008\.jsonl:1: not valid JSON", "--steps", "8")
+    with pytest.raises(UserError, match=r"rollouts/step_000001\.jsonl: file not found \(rollout steps present: none\)"):
         sp.main(["--from_rollouts", str(tmp_path / "empty"), "--steps", "1", "--task", "toy_task", "--out", str(out)])
