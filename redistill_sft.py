@@ -17,7 +17,7 @@ length, and the loss is normalised by the *global* batch, so the update does not
 
 Usage:
   python redistill_sft.py --init /models/Qwen2.5-1.5B --data data/kk/redistill.jsonl --out_dir runs/redistill
-  torchrun --nproc_per_node=8 redistill_sft.py --init ... --data ... --out_dir ... --grad_checkpointing
+  torchrun --nproc_per_node=8 redistill_sft.py --init ... --data ... --out_dir ... --gradient_checkpointing
   python redistill_sft.py --init_tiny --tokenizer runs/tiny/tokenizer --pretrain_text data/kk/text.jsonl \\
       --out_dir runs/tiny/base --lr 1e-3 --loss_reduction token_mean --epochs 1
   python redistill_sft.py ... --resume   # continue a killed run from its last checkpoint
@@ -27,10 +27,12 @@ end, every --save_every steps and at the end; OUT_DIR/final (the last weights, a
 stage); OUT_DIR/metrics.jsonl (one record per step and per held-out evaluation).
 """
 import argparse
+import json
 import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -88,7 +90,8 @@ def get_parser():
                         "token_mean: mean over all loss tokens of the global batch")
     p.add_argument("--eight_bit_adam", nargs="?", const=True, default=False, type=common.str2bool,
                    help="bitsandbytes 8-bit AdamW (CUDA, when installed) to save optimizer memory")
-    p.add_argument("--grad_checkpointing", nargs="?", const=True, default=False, type=common.str2bool,
+    p.add_argument("--gradient_checkpointing", "--grad_checkpointing", dest="gradient_checkpointing", nargs="?",
+                   const=True, default=False, type=common.str2bool,
                    help="recompute each block in backward (less activation memory, ~30%% slower)")
     p.add_argument("--bf16", nargs="?", const=True, default=True, type=common.str2bool,
                    help="bf16 autocast on CUDA (fp32 master weights and optimizer); ignored on CPU")
@@ -211,7 +214,6 @@ class open_lines:
         self.f.close()
 
     def _iter(self):
-        import json
         for lineno, line in enumerate(self.f, 1):
             if not line.strip():
                 continue
@@ -399,6 +401,14 @@ def main(argv=None):
                           num_heads=args.tiny_heads, num_kv_heads=args.tiny_kv_heads,
                           max_position_embeddings=args.tiny_context, arch=args.tiny_arch)
         context = args.tiny_context
+        # Later stages load this run's checkpoints, where config.json's model_type picks the tokenizer class
+        # (a bare tokenizer dir and the same files beside a qwen2 config.json can split digits differently):
+        # tokenize the way they will.
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg, f)
+            tokenizer = load_tokenizer(tmp)
     else:
         source = resume_from[1] if resume_from else args.init
         context = read_config(source).max_position_embeddings  # a clear error when it is no checkpoint
@@ -436,7 +446,7 @@ def main(argv=None):
     else:
         model = load_model(args.init, dtype=torch.float32, device=device)
     start_step = state["step"] if state else 0
-    model.gradient_checkpointing = args.grad_checkpointing
+    model.gradient_checkpointing = args.gradient_checkpointing
     model.train()
     optimizer = common.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
                                       args.eight_bit_adam)

@@ -2,6 +2,7 @@
 DDP invariance, learning a toy task, exact kill-and-resume, pre-training from scratch."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -309,7 +310,7 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path):
+def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path, capsys):
     tok = load_tokenizer(tiny_checkpoint)
     docs = [f"{r['question']} {toy_task.teacher_response(r)}" for r in toy_task.make_records(64, seed=4)]
     (tmp_path / "text.txt").write_text("\n\n".join(docs[:32]) + "\n")
@@ -322,12 +323,22 @@ def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path):
     assert [t for e in examples[:len(examples) // 2] for t in e["input_ids"]][:40] == \
         [t for e in whole for t in e["input_ids"]][:40]
     assert max(len(e["input_ids"]) for e in examples) == 8
+    # a bare tokenizer directory (no config.json beside it), as a tiny preset builds it
+    bare = tmp_path / "tokenizer"
+    bare.mkdir()
+    for name in os.listdir(tiny_checkpoint):
+        if name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(os.path.join(tiny_checkpoint, name), bare / name)
     out = str(tmp_path / "base")
-    sft.main(["--init_tiny", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "32", "--tiny_layers", "1",
+    sft.main(["--init_tiny", "--tokenizer", str(bare), "--tiny_hidden_size", "32", "--tiny_layers", "1",
               "--pretrain_text", *paths, "--out_dir", out, "--lr", "1e-2", "--global_batch", "16", "--epochs", "5",
               "--loss_reduction", "token_mean", "--progress", "false"])
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert len(losses) == 20 and losses[-1] < 0.5 * losses[0], losses
+    # the run tokenized exactly as the later stages will, with the tokenizer loaded from its checkpoint
+    final_tok = load_tokenizer(os.path.join(out, "final"))
+    total = sum(len(e["input_ids"]) for e in sft.load_text_examples(paths, final_tok, 2048))
+    assert f"64 sequences ({total} tokens" in capsys.readouterr().out
     model = load_model(os.path.join(out, "final"))
     assert model.config.hidden_size == 32 and model.config.num_layers == 1
 
