@@ -395,25 +395,31 @@ def main(argv=None):
 
     # ---- tokenizer and data
     from model import read_config
-    if args.init_tiny and not resume_from:
+    if resume_from:  # the checkpoint holds the run's tokenizer
+        model_cfg = read_config(resume_from[1])
+        tokenizer = load_tokenizer(resume_from[1])
+    elif args.init_tiny:
         tokenizer = load_tokenizer(args.tokenizer)
         cfg = tiny_config(len(tokenizer), hidden_size=args.tiny_hidden_size, num_layers=args.tiny_layers,
                           num_heads=args.tiny_heads, num_kv_heads=args.tiny_kv_heads,
                           max_position_embeddings=args.tiny_context, arch=args.tiny_arch)
-        context = args.tiny_context
-        # Later stages load this run's checkpoints, where config.json's model_type picks the tokenizer class
-        # (a bare tokenizer dir and the same files beside a qwen2 config.json can split digits differently):
-        # tokenize the way they will.
+        model_cfg = None
+    else:
+        model_cfg = read_config(args.init)  # a clear error when it is no checkpoint
+        tokenizer = load_tokenizer(args.tokenizer or args.init)
+    if args.tokenizer and not resume_from:
+        # Later stages load the tokenizer from this run's checkpoints, where config.json's model_type picks the
+        # tokenizer class (the same files in a bare directory and beside a qwen2 config.json can split digits
+        # differently): tokenize the way they will.
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(cfg, f)
+                json.dump(cfg if args.init_tiny else model_cfg.hf_config, f)
             tokenizer = load_tokenizer(tmp)
-    else:
-        source = resume_from[1] if resume_from else args.init
-        context = read_config(source).max_position_embeddings  # a clear error when it is no checkpoint
-        tokenizer = load_tokenizer(args.tokenizer or source)
+    context = args.tiny_context if model_cfg is None else model_cfg.max_position_embeddings
     max_length = min(args.max_length, context)
+    if max_length < args.max_length:
+        print0(f"note: --max_length {args.max_length} > the model's context; using {max_length}")
     load = load_text_examples if args.pretrain_text else load_sft_examples
     train = load(args.pretrain_text or args.data, tokenizer, max_length)
     val = load(args.val_data, tokenizer, max_length) if args.val_data else None
