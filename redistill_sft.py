@@ -375,6 +375,9 @@ def main(argv=None):
     from model import build_model, load_model, load_tokenizer, save_model, tiny_config
 
     # ---- checks that need no model
+    for name in ("data", "pretrain_text", "val_data"):  # a --config file may give one path as a string
+        if isinstance(getattr(args, name), str):
+            setattr(args, name, [getattr(args, name)])
     if bool(args.data) == bool(args.pretrain_text):
         raise UserError("give exactly one of --data (SFT jsonl) and --pretrain_text (text to pre-train on)")
     if bool(args.init) == bool(args.init_tiny):

@@ -15,7 +15,7 @@ import common
 import redistill_sft as sft
 import toy_task
 from common import UserError
-from model import build_model, load_model, load_tokenizer, tiny_config
+from model import load_model, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -298,9 +298,9 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(os.path.join(killed, "metrics.jsonl")) and len(metrics(killed)) >= 4:
+        if os.path.exists(os.path.join(killed, "metrics.jsonl")) and len(metrics(killed)) >= 2:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.kill()
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "final")), "the run ended before it was killed"
@@ -355,21 +355,21 @@ def test_ddp_two_ranks_match_one_process(tiny_checkpoint, tmp_path):
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(24, seed=6), tok)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    for reduction in ("token_mean",):
-        sft.main(run_args(tiny_checkpoint, data, one, "--loss_reduction", reduction))
-        env = subprocess_env()
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                               "--master_port", str(free_port()), os.path.join(ROOT, "redistill_sft.py"),
-                               *run_args(tiny_checkpoint, data, two, "--loss_reduction", reduction)],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "on 2 rank(s)" in proc.stdout
-        # Adam is blind to a constant gradient scale, so compare the logged global loss and the gradient norm
-        # (a wrong normalisation over ranks changes them) as well as the weights (Adam can amplify float
-        # round-off of near-zero gradients: a tolerance)
-        ma, mb = ([r for r in metrics(d) if "loss" in r] for d in (one, two))
-        assert [r["loss"] for r in ma] == pytest.approx([r["loss"] for r in mb], rel=1e-5)
-        assert [r["grad_norm"] for r in ma] == pytest.approx([r["grad_norm"] for r in mb], rel=1e-4)
-        a, b = weights(os.path.join(one, "final")), weights(os.path.join(two, "final"))
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-5, msg=k)
+    reduction = "token_mean"  # normalised by the loss tokens of the whole global batch, over both ranks
+    sft.main(run_args(tiny_checkpoint, data, one, "--loss_reduction", reduction))
+    env = subprocess_env()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port", str(free_port()), os.path.join(ROOT, "redistill_sft.py"),
+                           *run_args(tiny_checkpoint, data, two, "--loss_reduction", reduction)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 rank(s)" in proc.stdout
+    # Adam is blind to a constant gradient scale, so compare the logged global loss and the gradient norm
+    # (a wrong normalisation over ranks changes them) as well as the weights (Adam can amplify float
+    # round-off of near-zero gradients: a tolerance)
+    ma, mb = ([r for r in metrics(d) if "loss" in r] for d in (one, two))
+    assert [r["loss"] for r in ma] == pytest.approx([r["loss"] for r in mb], rel=1e-5)
+    assert [r["grad_norm"] for r in ma] == pytest.approx([r["grad_norm"] for r in mb], rel=1e-4)
+    a, b = weights(os.path.join(one, "final")), weights(os.path.join(two, "final"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-5, msg=k)
