@@ -299,8 +299,10 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         log = os.path.join(killed, "metrics.jsonl")
-        if os.path.exists(log) and open(log).read().count("\n") >= 2:  # two steps done
-            break
+        if os.path.exists(log):
+            with open(log) as f:
+                if f.read().count("\n") >= 2:  # two steps done
+                    break
         time.sleep(0.01)
     proc.kill()
     proc.wait()
