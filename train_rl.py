@@ -445,7 +445,7 @@ def main(argv=None):
 
         # 4. the update: ppo_epochs x ppo_mini_batches optimizer steps on this rollout batch
         old_lp, ref_lp = {}, {}
-        sums = {k: 0.0 for k in ("loss", "pg_tokens", "entropy", "kl", "clipped", "gap", "gap_tokens", "train_tokens")}
+        sums = {k: 0.0 for k in ("pg_tokens", "entropy", "kl", "clipped", "gap", "gap_tokens", "train_tokens")}
         if recompute_old or ref_model is not None:  # pre-pass: old (pre-update) and reference log-probs
             with torch.no_grad():
                 for mb in micro_batches([len(seq_prompt[j]) + len(seq_resp[j]) for j in train_idx], args.micro_batch_tokens):
@@ -463,7 +463,7 @@ def main(argv=None):
         minis = [m.tolist() for m in np.array_split(np.array(train_idx, dtype=np.int64), args.ppo_mini_batches)]
         counts = all_reduce_sums({f"{k}_{i}": v for i, m in enumerate(minis)
                                   for k, v in (("tok", sum(len(seq_resp[j]) for j in m)), ("seq", len(m)))}, device)
-        grad_norm, updates, bad = 0.0, 0, False
+        grad_norm, updates, bad, loss_total = 0.0, 0, False, 0.0
         bar = tqdm(total=args.ppo_epochs * len(train_idx), desc=f"step {step} update", leave=False, dynamic_ncols=True,
                    disable=not (args.progress and master_process))
         model.train()
@@ -527,7 +527,7 @@ def main(argv=None):
                                 p.copy_(pm)
                     updates += 1
                     grad_norm = norm.item()
-                    sums["loss"] += loss_sum
+                    loss_total += loss_sum  # already summed over ranks
                 optimizer.zero_grad(set_to_none=False)
         bar.close()
         model.eval()
@@ -550,7 +550,7 @@ def main(argv=None):
              "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs, "len_max": mx["len_max"],
              "truncated": g["truncated"] / seqs, "entropy": g["entropy"] / pg_tokens,
              "kl": g["kl"] / pg_tokens if ref_model is not None else None, "clip_frac": g["clipped"] / pg_tokens,
-             "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "loss": g["loss"], "grad_norm": grad_norm, "lr": lr,
+             "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "loss": loss_total, "grad_norm": grad_norm, "lr": lr,
              "updates": updates, "train_seqs": int(all_reduce_sums({"s": len(train_idx)}, device)["s"]),
              "bad_steps": bad_steps_total, "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
              "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9), "gen_s": mx["gen_s"], "score_s": mx["score_s"],
