@@ -32,7 +32,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 
@@ -410,15 +409,6 @@ def main(argv=None):
     else:
         model_cfg = read_config(args.init)  # a clear error when it is no checkpoint
         tokenizer = load_tokenizer(args.tokenizer or args.init)
-    if args.tokenizer and not resume_from:
-        # Later stages load the tokenizer from this run's checkpoints, where config.json's model_type picks the
-        # tokenizer class (the same files in a bare directory and beside a qwen2 config.json can split digits
-        # differently): tokenize the way they will.
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.save_pretrained(tmp)
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(cfg if args.init_tiny else model_cfg.hf_config, f)
-            tokenizer = load_tokenizer(tmp)
     context = args.tiny_context if model_cfg is None else model_cfg.max_position_embeddings
     max_length = min(args.max_length, context)
     if max_length < args.max_length:

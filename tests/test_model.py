@@ -225,6 +225,20 @@ def test_tiny_tokenizer_roundtrip_chat_template_and_stop_ids(tmp_path):
     assert back.convert_tokens_to_ids("<|endoftext|>") in stops and back.convert_tokens_to_ids("<|im_end|>") in stops
 
 
+def test_tiny_tokenizer_same_tokens_alone_and_beside_a_qwen2_config(tmp_path):
+    # transformers loads a tokenizer folder beside a qwen2 config.json as Qwen2Tokenizer, which rebuilds the
+    # pipeline from Qwen2's rules; ours must tokenize identically either way
+    from transformers import AutoTokenizer
+    tok = build_tokenizer(["Alice says 12 + 34 = 46. Bob's\n\n a knight."] * 30, vocab_size=300,
+                          path=str(tmp_path / "bare"))
+    save_model(build_model(tiny_config(len(tok))), str(tmp_path / "ck"), tok)
+    text = "Alice says 120 + 34 = 46.\n\n  Carol's ünï <|im_end|>x"
+    alone = AutoTokenizer.from_pretrained(str(tmp_path / "bare"))(text)["input_ids"]
+    beside = AutoTokenizer.from_pretrained(str(tmp_path / "ck"))(text)["input_ids"]
+    assert alone == beside
+    assert len(alone) > 10
+
+
 def write_model(tmp_path, name="ck"):
     save_model(random_model(CONFIGS["qwen2_tied"]), str(tmp_path / name))
     return str(tmp_path / name)
