@@ -1,0 +1,172 @@
+"""
+The final table of reproduce.sh: accuracy per model and difficulty, and what each model cost.
+
+    python report.py --out_dir runs/tiny          # prints the table, writes runs/tiny/results.md (+ plots)
+
+Reads what the stages wrote under OUT_DIR:
+  eval/<model>/test/summary.json        accuracy overall and per difficulty (eval.py)
+  times.tsv                             stage, wall seconds, devices, device kind (one line per finished stage)
+  sft_teacher.jsonl, redistill_*.jsonl  the SFT sets (their sizes = SFT samples)
+  rl/settings.json, rl/metrics.jsonl    RL rollouts (steps x prompts x group), reward and validation per step
+  sample_effect/effects.summary.json    sample effect per SFT set (sample_effect.py)
+Compute = measured wall time x devices, in device-hours: "own" counts the stages that made this model from
+its inputs (for re-distilled models: sampling the RL policy + their SFT); "total" adds everything it built on
+(the cold start and RL for RL and re-distilled models). Pre-training the tiny base is shared by all and listed
+apart. Plots (matplotlib, optional): RL reward and validation accuracy per step; accuracy per difficulty.
+"""
+import argparse
+import json
+import os
+
+import common
+from eval import markdown_table, summary_row
+
+parser = argparse.ArgumentParser(description="The final table of reproduce.sh (and optional plots).")
+parser.add_argument("--out_dir", default="runs/tiny", help="reproduce.sh's output directory")
+parser.add_argument("--preset", default="", help="preset name, for the heading")
+parser.add_argument("--plots", type=common.str2bool, default=True, help="write PNG plots when matplotlib is installed")
+
+MODELS = ("base", "sft", "rl", "redistill_A", "redistill_B")
+# the stages each model is made by (own) and builds on (upstream); pre-training the tiny base is shared
+OWN = {"base": ["base_text", "base"], "sft": ["teacher_data", "sft"], "rl": ["rl"],
+       "redistill_A": ["sample_A", "redistill_A"], "redistill_B": ["sample_B", "redistill_B"]}
+UPSTREAM = {"base": [], "sft": [], "rl": ["teacher_data", "sft"],
+            "redistill_A": ["teacher_data", "sft", "rl"], "redistill_B": ["teacher_data", "sft", "rl"]}
+SFT_SET = {"sft": "sft_teacher.jsonl", "rl": "sft_teacher.jsonl",
+           "redistill_A": "redistill_A.jsonl", "redistill_B": "redistill_B.jsonl"}
+
+
+def count_lines(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def read_times(path):
+    """stage -> (seconds, devices, kind); a stage finished twice (re-run by hand) counts every attempt."""
+    times = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) == 4:
+                    stage, seconds, devices, kind = parts
+                    old = times.get(stage, (0, int(devices), kind))
+                    times[stage] = (old[0] + int(seconds), int(devices), kind)
+    return times
+
+
+def device_hours(times, stages):
+    return sum(times[s][0] * times[s][1] for s in stages if s in times) / 3600
+
+
+def rl_rollouts(out_dir):
+    path = os.path.join(out_dir, "rl", "settings.json")
+    metrics = os.path.join(out_dir, "rl", "metrics.jsonl")
+    if not (os.path.exists(path) and os.path.exists(metrics)):
+        return None, []
+    with open(path) as f:
+        settings = json.load(f)
+    steps = [m for m in common.read_jsonl(metrics) if m.get("step", 0) > 0 and "reward" in m]
+    return len(steps) * settings["prompts_per_step"] * settings["group_size"], common.read_jsonl(metrics)
+
+
+def plots(out_dir, metrics, summaries):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib not installed; no plots (pip install matplotlib)")
+        return []
+    written = []
+    if metrics:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        train = [m for m in metrics if "reward" in m]
+        val = [m for m in metrics if "val/acc" in m]
+        ax.plot([m["step"] for m in train], [m["reward"] for m in train], label="rollout reward (T=0.7)")
+        ax.plot([m["step"] for m in val], [m["val/acc"] for m in val], "o-", label="validation accuracy (greedy)")
+        ax.set_xlabel("RL step"), ax.set_ylabel("accuracy"), ax.set_ylim(0, 1), ax.legend(), ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, "rl_curve.png"))
+        fig.savefig(written[-1], dpi=120)
+    if summaries:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        levels = list(next(iter(summaries.values()))["by_difficulty"])
+        width = 0.8 / len(summaries)
+        for i, (name, s) in enumerate(summaries.items()):
+            ax.bar([j + i * width for j in range(len(levels))], [s["by_difficulty"][lv]["accuracy"] for lv in levels],
+                   width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], [f"{lv} people" for lv in levels])
+        ax.set_ylabel("test accuracy (greedy)"), ax.set_ylim(0, 1), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, "accuracy_by_difficulty.png"))
+        fig.savefig(written[-1], dpi=120)
+    return written
+
+
+def main(argv=None):
+    args = common.parse_settings(parser, argv)
+    out = args.out_dir
+    times = read_times(os.path.join(out, "times.tsv"))
+    rollouts, metrics = rl_rollouts(out)
+    summaries = {}
+    for name in MODELS:
+        path = os.path.join(out, "eval", name, "test", "summary.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                summaries[name] = json.load(f)
+    if not summaries:
+        raise common.UserError(f"{out}/eval: no evaluation summaries yet; run reproduce.sh first")
+    kind = next(iter(times.values()))[2] if times else "device"
+
+    rows = []
+    for name, s in summaries.items():
+        row = summary_row(s, name, "ppl")
+        row["SFT samples"] = count_lines(os.path.join(out, SFT_SET[name])) if name in SFT_SET else 0
+        row["RL rollouts"] = rollouts if name in ("rl",) else 0
+        row[f"own {kind}-h"] = round(device_hours(times, OWN[name]), 3)
+        row[f"total {kind}-h"] = round(device_hours(times, OWN[name] + UPSTREAM[name]), 3)
+        rows.append(row)
+    lines = [f"## Results{' (' + args.preset + ')' if args.preset else ''}: test accuracy (greedy, pass@1) per number of people",
+             "", markdown_table(rows)]
+    lines.append(f"SFT samples: the set the model was fine-tuned on (RL: its cold start's). RL rollouts: prompts x "
+                 f"group x steps. {kind}-h: measured wall time x devices; own = the stages that made it from its "
+                 f"inputs, total = with the cold start and RL it builds on. Re-distilled models' data came from the "
+                 f"RL run ({rollouts} rollouts), counted in their total.")
+    if "base" in times:
+        lines.append(f"Pre-training the tiny base (shared by all): {device_hours(times, ['base_text', 'base']):.3f} {kind}-h.")
+    if "sft" in summaries and "rl" in summaries:
+        gain = summaries["rl"]["overall"]["accuracy"] - summaries["sft"]["overall"]["accuracy"]
+        lines.append(f"GRPO gain over its start (rl - sft, overall): {100 * gain:+.1f} points.")
+
+    effect_path = os.path.join(out, "sample_effect", "effects.summary.json")
+    if os.path.exists(effect_path):
+        with open(effect_path) as f:
+            eff = json.load(f)
+        erows = []
+        for path, st in eff["files"].items():
+            erows.append({"SFT set": os.path.basename(path), "samples": st["count"],
+                          "mean effect": st["sample_effect"]["mean"], "median effect": st["sample_effect"]["median"],
+                          "mean normalised": st["normalised"]["mean"], "mean response tokens": round(st["mean_response_length"])})
+        lines += ["", "### Sample effect on the cold-start policy (<grad log p(sample), grad J>, J = test reward)", "",
+                  markdown_table(erows, digits=4)]
+
+    stage_rows = [{"stage": st, "wall s": sec, "devices": dev, "kind": k} for st, (sec, dev, k) in times.items()]
+    if stage_rows:
+        total = sum(r["wall s"] for r in stage_rows)
+        stage_rows.append({"stage": "all", "wall s": total, "devices": "", "kind": f"{total / 60:.1f} min"})
+        lines += ["", "### Wall time per stage", "", markdown_table(stage_rows)]
+    text = "\n".join(lines) + "\n"
+    with common.atomic_open(os.path.join(out, "results.md")) as f:
+        f.write(text)
+    print(text)
+    if args.plots:
+        for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries):
+            print(f"wrote {path}")
+    print(f"wrote {os.path.join(out, 'results.md')}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# reproduce.sh [PRESET] [--dry-run]: the whole re-distillation study, one stage after another.
+#
+#   bash reproduce.sh                 # = tiny: CPU only, own tokenizer and base model, minutes
+#   bash reproduce.sh kk-qwen2.5-1.5b --dry-run
+#   GPUS=8 MODEL_DIR=/models/Qwen2.5-1.5B bash reproduce.sh kk-qwen2.5-1.5b
+#
+# Presets are bash files of settings in config/PRESET.sh (read them: every stage's flags are there).
+# Stages (paper.md section 3.3):
+#   data -> [tiny: base text + tokenizer -> pre-train the base] -> teacher SFT data -> cold-start SFT of
+#   the base -> GRPO from it -> sample the RL policy (A: greedy on the SFT prompts, B: correct rollouts
+#   of the last RL steps) -> re-distil the BASE on each -> evaluate base, SFT, RL, re-distilled per
+#   difficulty -> sample effect of teacher vs re-distilled data -> the final table (report.py).
+# Every stage writes OUT/done/STAGE (its wall seconds) last and is skipped when that exists; a stage
+# that was killed is re-run with --resume (SFT, RL) or skips what it finished (eval), so re-running
+# this script after a crash continues where it stopped. OUT/times.tsv logs every finished attempt.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=tiny
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; ls config; exit 0 ;;
+    -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
+    *) PRESET="$arg" ;;
+  esac
+done
+if [[ ! -f "config/$PRESET.sh" ]]; then
+  echo "error: no preset config/$PRESET.sh; presets: $(cd config && ls *.sh | sed 's/\.sh$//' | tr '\n' ' ')" >&2
+  exit 2
+fi
+# shellcheck source=config/tiny.sh
+source "config/$PRESET.sh"
+: "${OUT:?the preset sets OUT}"
+export PYTHONUNBUFFERED=1
+
+# ---- helpers: print a command, run it unless --dry-run, time it; skip a stage that is done
+step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
+  local name="$1"; shift
+  local cmd="$*"
+  if [[ -f "$OUT/done/$name" ]]; then
+    echo "== $name: done (OUT/done/$name), skipped"
+    return 0
+  fi
+  echo "== $name"
+  echo "+ $cmd"
+  [[ "$DRY_RUN" == 1 ]] && return 0
+  local t0=$SECONDS
+  eval "$cmd"
+  local seconds=$((SECONDS - t0))
+  mkdir -p "$OUT/done"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$seconds" "$DEVICES" "$DEVICE_KIND" >> "$OUT/times.tsv"
+  echo "$seconds" > "$OUT/done/$name"
+  echo "== $name: finished in ${seconds}s"
+}
+
+mkdir -p "$OUT"
+echo "preset $PRESET -> $OUT ($DEVICES x $DEVICE_KIND)"
+
+# ---- 0. the base model: a local Hugging Face directory, or (tiny) built and pre-trained here
+if [[ "${TINY_BASE:-0}" == 1 ]]; then
+  BASE="$OUT/base/final"
+elif [[ "$DRY_RUN" == 0 && ! -f "$BASE/config.json" ]]; then
+  echo "error: base model not found: $BASE/config.json is missing. Set MODEL_DIR to a local copy of $BASE_HUB_NAME;" >&2
+  echo "       where a network exists, download it with:  huggingface-cli download $BASE_HUB_NAME --local-dir $BASE" >&2
+  exit 2
+fi
+
+# ---- 1. data: the task's splits
+step data "$DATA_CMD"
+
+# ---- 2. tiny only: pre-training text + tokenizer, then pre-train the "base" from scratch
+if [[ "${TINY_BASE:-0}" == 1 ]]; then
+  step base_text "python tiny_base.py --out_dir $OUT/base_data --exclude $TEST $SFT_SPLIT $BASE_TEXT_ARGS"
+  step base "$LAUNCH redistill_sft.py --init_tiny --tokenizer $OUT/base_data/tokenizer \
+--pretrain_text $OUT/base_data/pretrain.jsonl --out_dir $OUT/base --resume $PRETRAIN_ARGS"
+fi
+
+# ---- 3. cold start: SFT of the base on the teacher's chain-of-thought traces
+step teacher_data "python $TASK_SCRIPT --teacher_sft $OUT/sft_teacher.jsonl --split $SFT_SPLIT --tokenizer $BASE"
+step sft "$LAUNCH redistill_sft.py --init $BASE --data $OUT/sft_teacher.jsonl --out_dir $OUT/sft --resume $SFT_ARGS"
+
+# ---- 4. GRPO from the cold-start model
+RL_FINAL="$OUT/rl/step_$(printf '%06d' "$RL_STEPS")"
+step rl "$LAUNCH train_rl.py --model $OUT/sft/final --task $TASK --train_data $TRAIN --test_data $TEST \
+--out_dir $OUT/rl --max_steps $RL_STEPS --resume true $RL_ARGS"
+
+# ---- 5. sample the RL policy into re-distillation sets (an empty set, when nothing was correct, is allowed)
+#   A: greedy, once per SFT prompt, keep the correct ones (paper 3.1 'origin_sft')
+#   B: correct rollouts of the last RL steps, one per prompt, shuffled, first N (paper 3.1 'sample_from_buffer')
+step sample_A "$LAUNCH sample_policy.py --from_checkpoint $RL_FINAL --task $TASK --split $SFT_SPLIT \
+--out $OUT/redistill_A.jsonl --temperature 0 --samples_per_prompt 1 --allow_empty true $SAMPLE_ARGS"
+step sample_B "python sample_policy.py --from_rollouts $OUT/rl --steps $B_STEPS --task $TASK --split $TRAIN \
+--out $OUT/redistill_B.jsonl --max_per_prompt 1 --num_samples $B_SAMPLES --seed 0 --allow_empty true"
+
+# ---- 6. re-distillation: SFT of the BASE model (not the RL model) on each set, the cold start's settings
+CHECKPOINTS="$BASE $OUT/sft/final $RL_FINAL"; NAMES="base sft rl"; SETS="$OUT/sft_teacher.jsonl"
+for V in A B; do
+  if [[ "$DRY_RUN" == 1 || -s "$OUT/redistill_$V.jsonl" ]]; then
+    step "redistill_$V" "$LAUNCH redistill_sft.py --init $BASE --data $OUT/redistill_$V.jsonl --out_dir $OUT/redistill_$V \
+--resume $SFT_ARGS"
+    CHECKPOINTS="$CHECKPOINTS $OUT/redistill_$V/final"; NAMES="$NAMES redistill_$V"; SETS="$SETS $OUT/redistill_$V.jsonl"
+  else
+    echo "== redistill_$V: skipped, the RL policy gave no correct sample ($OUT/redistill_$V.jsonl is empty)"
+  fi
+done
+
+# ---- 7. evaluation on the test split, per difficulty (eval.py skips the pairs it finished)
+step eval "$LAUNCH eval.py --task $TASK --checkpoints $CHECKPOINTS --names $NAMES --splits $TEST --split_names test \
+--out_dir $OUT/eval $EVAL_ARGS"
+
+# ---- 8. sample effect of each SFT set on the cold-start policy (teacher vs re-distilled data)
+step sample_effect "$LAUNCH sample_effect.py --task $TASK --checkpoint $OUT/sft/final --eval_data $TEST \
+--sft_data $SETS --out $OUT/sample_effect/effects.jsonl $EFFECT_ARGS"
+
+# ---- 9. the final table (and plots when matplotlib is installed); always re-made, it is cheap
+echo "== report"
+echo "+ python report.py --out_dir $OUT --preset $PRESET"
+[[ "$DRY_RUN" == 1 ]] && exit 0
+python report.py --out_dir "$OUT" --preset "$PRESET"
