@@ -399,7 +399,10 @@ def sample_next(logits, temperature, top_p, generator):
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i (like Gumbel-max);
+    # much cheaper than torch.multinomial on CPU and free of host syncs on GPU
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    tok = (probs / race).argmax(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessor, LogitsProcessorList, Qwen2Config
 
 import common
-from model import (Transformer, build_model, build_tokenizer, generate, load_model, pack, save_model, stop_token_ids,
-                   tiny_config)
+from model import (Transformer, build_model, build_tokenizer, generate, load_model, pack, sample_next, save_model,
+                   stop_token_ids, tiny_config)
 
 VOCAB = 97
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -210,6 +210,21 @@ def test_sampling_seeded_and_top_p():
     nucleus = generate(model, prompts, n=2, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=3)
     greedy = generate(model, prompts, n=1, max_new_tokens=12, temperature=0)
     assert nucleus[0].tokens == nucleus[1].tokens == greedy[0].tokens
+
+
+def test_sample_next_follows_the_tempered_and_nucleus_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(100_000, 1)
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1.0, 0.5):
+        tok, lp = sample_next(logits, temperature, 1.0, g)
+        want = torch.softmax(logits[0] / temperature, -1)
+        assert (torch.bincount(tok, minlength=4) / len(tok) - want).abs().max() < 0.01
+        assert torch.allclose(lp, want.log()[tok])
+    tok, _ = sample_next(logits, 1.0, 0.8, g)  # nucleus of mass >= 0.8: the two likeliest tokens, renormalised
+    p = torch.softmax(logits[0], -1)
+    freq = torch.bincount(tok, minlength=4) / len(tok)
+    assert freq[0] == 0 and freq[3] == 0
+    assert abs(freq[2] - p[2] / (p[1] + p[2])) < 0.01
 
 
 def test_tiny_tokenizer_roundtrip_chat_template_and_stop_ids(tmp_path):
