@@ -56,7 +56,6 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   echo "== $name: finished in ${seconds}s"
 }
 
-mkdir -p "$OUT"
 echo "preset $PRESET -> $OUT ($DEVICES x $DEVICE_KIND)"
 
 # ---- 0. the base model: a local Hugging Face directory, or (tiny) built and pre-trained here
@@ -67,6 +66,8 @@ elif [[ "$DRY_RUN" == 0 && ! -f "$BASE/config.json" ]]; then
   echo "       where a network exists, download it with:  huggingface-cli download $BASE_HUB_NAME --local-dir $BASE" >&2
   exit 2
 fi
+
+[[ "$DRY_RUN" == 1 ]] || mkdir -p "$OUT"
 
 # ---- 1. data: the task's splits
 step data "$DATA_CMD"
@@ -112,8 +113,12 @@ step eval "$LAUNCH eval.py --task $TASK --checkpoints $CHECKPOINTS --names $NAME
 --out_dir $OUT/eval $EVAL_ARGS"
 
 # ---- 8. sample effect of each SFT set on the cold-start policy (teacher vs re-distilled data)
-step sample_effect "$LAUNCH sample_effect.py --task $TASK --checkpoint $OUT/sft/final --eval_data $TEST \
+if [[ "${SAMPLE_EFFECT:-1}" == 1 ]]; then
+  step sample_effect "$LAUNCH sample_effect.py --task $TASK --checkpoint $OUT/sft/final --eval_data $TEST \
 --sft_data $SETS --out $OUT/sample_effect/effects.jsonl $EFFECT_ARGS"
+else
+  echo "== sample_effect: skipped by the preset (SAMPLE_EFFECT=0)"
+fi
 
 # ---- 9. the final table (and plots when matplotlib is installed); always re-made, it is cheap
 echo "== report"

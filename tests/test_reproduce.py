@@ -1,0 +1,130 @@
+"""reproduce.sh: the micro preset end to end (every artefact, the final table), stage skipping on a re-run,
+and --dry-run of the paper presets (complete commands with the paper's key flags)."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_reproduce(*args, env=None, check=True):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"reproduce.sh {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_checkpoint(path):
+    return os.path.exists(os.path.join(path, "config.json")) and any(
+        n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in os.listdir(path))
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("micro") / "run")
+    proc = run_reproduce("micro", env={"MICRO_OUT": out})
+    yield out, proc
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def test_micro_pipeline_writes_every_artefact(micro_run):
+    out, proc = micro_run
+    for split in ("train", "test", "sft"):
+        assert read_jsonl(f"{out}/data/{split}.jsonl")
+    assert os.path.exists(f"{out}/base_data/tokenizer/tokenizer.json")
+    assert all("text" in d for d in read_jsonl(f"{out}/base_data/pretrain.jsonl"))
+    teacher = read_jsonl(f"{out}/sft_teacher.jsonl")
+    assert teacher and all({"id", "task", "prompt", "response"} <= set(r) for r in teacher)
+    for ckpt in ("base/final", "sft/final", "rl/step_000003"):
+        assert is_checkpoint(f"{out}/{ckpt}"), ckpt
+    metrics = read_jsonl(f"{out}/rl/metrics.jsonl")
+    assert [m["step"] for m in metrics if "reward" in m] == [1, 2, 3]
+    assert len(os.listdir(f"{out}/rl/rollouts")) == 3
+    names = ["base", "sft", "rl"]
+    for v in ("A", "B"):  # a set may be empty (nothing correct); then its model is skipped, never half-made
+        rows = read_jsonl(f"{out}/redistill_{v}.jsonl")
+        assert all(r["reward"] == 1.0 for r in rows)
+        if rows:
+            assert is_checkpoint(f"{out}/redistill_{v}/final")
+            names.append(f"redistill_{v}")
+        else:
+            assert f"redistill_{v}: skipped" in proc.stdout
+    for name in names:
+        with open(f"{out}/eval/{name}/test/summary.json") as f:
+            summary = json.load(f)
+        assert set(summary["by_difficulty"]) == {"2", "3"} and 0 <= summary["overall"]["accuracy"] <= 1
+    assert "== sample_effect: skipped by the preset" in proc.stdout  # micro's policy has no reward to differentiate
+    stages = [line.split("\t")[0] for line in open(f"{out}/times.tsv")]
+    assert stages == ["data", "base_text", "base", "teacher_data", "sft", "rl", "sample_A", "sample_B"] + \
+        [n for n in ("redistill_A", "redistill_B") if n in names] + ["eval"]
+    # the final table: printed and in results.md, a row per evaluated model, the GRPO gain stated
+    with open(f"{out}/results.md") as f:
+        table = f.read()
+    assert table in proc.stdout
+    assert "| checkpoint | ppl 2 | ppl 3 | overall |" in table and "SFT samples" in table and "RL rollouts" in table
+    for name in names:
+        assert f"| {name} |" in table
+    assert "GRPO gain over its start" in table and "Wall time per stage" in table
+
+
+def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
+    out, _ = micro_run
+    # pretend RL was killed after step 2: drop its marker, the last checkpoint and what came after it
+    for stage in os.listdir(f"{out}/done"):
+        if stage not in ("data", "base_text", "base", "teacher_data", "sft"):
+            os.remove(f"{out}/done/{stage}")
+    shutil.rmtree(f"{out}/rl/step_000003")
+    os.remove(f"{out}/rl/step_000003.state.pt")
+    proc = run_reproduce("micro", env={"MICRO_OUT": out})
+    for stage in ("data", "base_text", "base", "teacher_data", "sft"):
+        assert f"== {stage}: done" in proc.stdout
+    assert "resuming from" in proc.stdout and "(step 2)" in proc.stdout
+    assert [m["step"] for m in read_jsonl(f"{out}/rl/metrics.jsonl") if "reward" in m] == [1, 2, 3]
+    assert "skipping" in proc.stdout or "done" in proc.stdout  # eval.py skips the pairs it finished
+    assert "| rl |" in proc.stdout
+
+
+@pytest.mark.parametrize("preset,flags", [
+    ("kk-qwen2.5-1.5b", ["--nproc_per_node=8", "--prompts_per_step 128", "--group_size 8", "--temperature 0.7",
+                         "--lr 5e-6", "--warmup_steps 8", "--beta1 0.5", "--max_response_tokens 4096",
+                         "--max_steps 125", "--steps 125,115-124", "--num_samples 1000", "--global_batch 64",
+                         "--lr 1e-5", "--epochs 2", "--test_people 4-8", "--train_people 3-7"]),
+    ("math-qwen2.5-1.5b", ["--nproc_per_node=8", "--prompts_per_step 128", "--lr 2.5e-6", "--warmup_steps 4",
+                           "--max_steps 50", "--global_batch 32", "--n_sft_train 900", "--task math"]),
+])
+def test_dry_run_of_paper_presets_prints_complete_commands(preset, flags, tmp_path):
+    model_dir = str(tmp_path / "Qwen2.5-1.5B")  # need not exist for a dry run
+    proc = run_reproduce(preset, "--dry-run", env={"GPUS": "8", "MODEL_DIR": model_dir, "OUT": str(tmp_path / "out")})
+    commands = [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    text = "\n".join(commands)
+    scripts = ["_data.py", "redistill_sft.py", "train_rl.py", "sample_policy.py", "eval.py", "sample_effect.py", "report.py"]
+    for script in scripts:
+        assert script in text, script
+    for flag in flags:
+        assert flag in text, flag
+    assert f"--init {model_dir}" in text and "--resume" in text
+    assert "$" not in text  # every variable expanded
+    assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing
+
+
+def test_missing_base_model_is_a_clear_error(tmp_path):
+    proc = run_reproduce("kk-qwen2.5-1.5b", env={"MODEL_DIR": str(tmp_path / "none"), "OUT": str(tmp_path / "out")},
+                         check=False)
+    assert proc.returncode == 2
+    assert "huggingface-cli download Qwen/Qwen2.5-1.5B --local-dir" in proc.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_unknown_preset(tmp_path):
+    proc = run_reproduce("nope", check=False)
+    assert proc.returncode == 2 and "no preset config/nope.sh" in proc.stderr
