@@ -60,6 +60,9 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (paper: random.seed(0)) and of sampling")
     p.add_argument("--samples_out", default=None, help="also write every sample before filtering (jsonl, with reward, "
                    "finished, rank) for inspection")
+    p.add_argument("--allow_empty", type=common.str2bool, default=False,
+                   help="when no response is correct, write an empty --out and say so instead of failing "
+                        "(reproduce.sh: a weak policy then just has no re-distilled model)")
     p.add_argument("--progress", nargs="?", const=True, default=True, type=common.str2bool, help="tqdm bar on rank 0")
     return p
 
@@ -251,7 +254,7 @@ def main(argv=None):
            f"{counts['duplicates']} duplicate responses, {counts['over_limit']} over --max_per_prompt "
            f"{args.max_per_prompt}, {counts['distinct']} distinct")
     print0(f"{counts['prompts_without_correct']} of {counts['prompts']} prompts had no correct sample")
-    if not kept:
+    if not kept and not args.allow_empty:
         raise UserError(f"no correct, finished response among {counts['samples']} samples; nothing written to {args.out}")
     if args.num_samples and len(kept) < args.num_samples:
         print0(f"note: only {len(kept)} samples available, fewer than --num_samples {args.num_samples}")
@@ -260,7 +263,7 @@ def main(argv=None):
                  "source": s["source"], "reward": s["reward"],
                  **({"step": s["step"]} if "step" in s else {"sample": s["sample"]})} for s in kept]
         common.write_jsonl(args.out, rows)
-        print0(f"wrote {len(rows)} SFT examples to {args.out}")
+        print0(f"wrote {len(rows)} SFT examples to {args.out}" + ("" if rows else " (none correct: --allow_empty)"))
     common.dist_cleanup()
 
 
