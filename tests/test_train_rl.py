@@ -347,8 +347,10 @@ def test_the_update_does_not_depend_on_the_micro_batch_split(toy, tmp_path, agg)
         outs.append(tmp_path / f"mb{budget}")
         assert train_rl.main(rl_args(toy, outs[-1], max_steps=1, save_every=1, micro_batch_tokens=budget,
                                      loss_agg=agg, lr=1e-3, warmup_steps=0)) == 0
-    a, b = (weights(common.checkpoint_dir(str(o), 1)) for o in outs)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    ga, gb = (metrics(o)[0]["grad_norm"] for o in outs)  # Adam's first step hides scale: compare the gradient too
-    assert ga > 0 and gb == pytest.approx(ga, rel=1e-5)
+    # compare the gradient (its global norm) and the loss, not the weights: Adam's first step is ~lr * sign(g),
+    # which turns rounding-level differences of near-zero gradient entries into lr-sized weight differences
+    ma, mb = (metrics(o)[0] for o in outs)
+    assert ma["grad_norm"] > 0 and mb["grad_norm"] == pytest.approx(ma["grad_norm"], rel=1e-5)
+    assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5, abs=1e-6)  # ~0 on-policy for seq_mean: sum(A) = 0
+    a = weights(common.checkpoint_dir(str(outs[0]), 1))
     assert not all(torch.equal(a[k], weights(toy["init"])[k]) for k in a)
