@@ -196,8 +196,11 @@ class Packed:
                                        cu, cu, maxlen, maxlen, causal=True)
             return y.transpose(0, 1).unsqueeze(0)
         gqa = q.shape[1] != k.shape[1]
-        out = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=gqa)
-               for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+        lens = [b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+        # split (not slice in a loop): in backward, split's gradient is one cat instead of a zero-filled
+        # full-size gradient per sequence
+        out = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
+               for qi, ki, vi in zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2))]
         return torch.cat(out, dim=2)
 
 
