@@ -227,15 +227,20 @@ class Decode:
         rows = torch.arange(n, device=q.device)
         kc[rows, :, self.lengths] = k[:, :, 0]
         vc[rows, :, self.lengths] = v[:, :, 0]
-        return F.scaled_dot_product_attention(q, kc[:, :, :self.span], vc[:, :, :self.span], attn_mask=self.mask,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        # attention of one query per row, written out: the query heads that share a kv head form one
+        # matrix (no copies of the cache to repeat kv heads, as SDPA's GQA fallback makes)
+        nh, nkv, hd = q.shape[1], kc.shape[1], q.shape[-1]
+        scores = (q.view(n, nkv, nh // nkv, hd) @ kc[:, :, :self.span].transpose(-1, -2)).float() / math.sqrt(hd)
+        scores.masked_fill_(~self.mask, float("-inf"))
+        y = torch.softmax(scores, dim=-1).to(q.dtype) @ vc[:, :, :self.span]  # (n, nkv, group, hd)
+        return y.view(n, nh, 1, hd)
 
 
 class KVCache:
     """Preallocated keys/values for all layers: (layers, rows, kv_heads, max_len, head_dim).
 
     Row r holds its sequence from column 0; lengths[r] = tokens stored. Only the first `rows` rows
-    are live: finished rows are dropped by compacting the live ones to the front (`keep`).
+    are live: finished rows are dropped by moving live rows into their places (`drop`).
     """
 
     def __init__(self, cfg: ModelConfig, rows, max_len, dtype, device):
@@ -253,13 +258,22 @@ class KVCache:
             self.k[layer, cache_rows[i], :, : b - a] = k[:, a:b]
             self.v[layer, cache_rows[i], :, : b - a] = v[:, a:b]
 
-    def keep(self, idx):
-        """Keep only live rows `idx` (a LongTensor, ascending), moved to the front."""
-        span = int(self.lengths[idx].max().item()) if len(idx) else 0
-        self.k[:, : len(idx), :, :span] = self.k[:, idx, :, :span]
-        self.v[:, : len(idx), :, :span] = self.v[:, idx, :, :span]
-        self.lengths[: len(idx)] = self.lengths[idx].clone()
-        self.rows = len(idx)
+    def drop(self, done):
+        """Remove finished rows (done: bool per live row). The last live rows move into the holes, so a step
+        copies only as many rows as finished. Returns each remaining row's previous index."""
+        m = self.rows
+        kept = m - int(done.sum())
+        order = torch.arange(kept, device=done.device)
+        holes = done[:kept].nonzero().squeeze(-1)
+        if holes.numel():
+            movers = (~done[kept:]).nonzero().squeeze(-1) + kept
+            span = int(self.lengths[movers].max())
+            self.k[:, holes, :, :span] = self.k[:, movers, :, :span]
+            self.v[:, holes, :, :span] = self.v[:, movers, :, :span]
+            self.lengths[holes] = self.lengths[movers]
+            order[holes] = movers
+        self.rows = kept
+        return order
 
 
 # -----------------------------------------------------------------------------
@@ -402,10 +416,11 @@ def sample_next(logits, temperature, top_p, generator):
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    # exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i (like Gumbel-max);
-    # much cheaper than torch.multinomial on CPU and free of host syncs on GPU
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    tok = (probs / race).argmax(-1)
+    # inverse CDF: one uniform number per row (far cheaper than torch.multinomial on CPU, no host sync on GPU);
+    # the first token whose cumulative mass exceeds u has non-zero probability
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -459,11 +474,10 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         if step == max_new_tokens - 1:
             break
         if done.any():  # drop finished rows from the batch (and their cache rows)
-            keep = (~done).nonzero().squeeze(-1)
-            if keep.numel() == 0:
+            order = cache.drop(done)
+            if order.numel() == 0:
                 break
-            cache.keep(keep)
-            live, tok = live[keep], tok[keep]
+            live, tok = live[order], tok[order]
         hidden = model.forward(tok[:, None], positions=cache.lengths[: cache.rows, None], ctx=Decode(cache))
         cache.lengths[: cache.rows] += 1
         logits = model.lm_head(hidden[:, -1]).float()
