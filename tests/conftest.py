@@ -13,6 +13,33 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run several times faster on one thread, and do not thrash on 2 shared CI cores."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def subprocess_env(*extra_paths):
+    """Environment for a script run as a subprocess (torchrun too): the repo and tests/ importable, one thread,
+    no torchrun variables inherited."""
+    paths = [ROOT, TESTS, *map(str, extra_paths), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def shared_path(*parts):
     """Path inside ../shared (development data beside the checkout); skips the test when absent."""
     path = os.path.join(SHARED, *parts)

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,9 +10,8 @@ import pytest
 import common
 import eval as ev
 import toy_task
+from conftest import ROOT, free_port, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
 FAST = ["--task", "toy_task", "--max_new_tokens", "12", "--batch_size", "16", "--progress", "false"]
 
 
@@ -22,12 +20,7 @@ def read(path):
         return f.read()
 
 
-def subprocess_env():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+
 
 
 # -----------------------------------------------------------------------------
@@ -183,9 +176,7 @@ def test_sampled_metrics(tiny_checkpoint, split, tmp_path):
 
 
 def test_torchrun_two_processes_equal_one(greedy_run, tiny_checkpoint, split, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
            os.path.join(ROOT, "eval.py"), "--checkpoints", tiny_checkpoint, tiny_checkpoint,

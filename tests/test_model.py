@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessor, LogitsProcessorList, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 import common
-from model import (Transformer, build_model, build_tokenizer, generate, load_model, pack, sample_next, save_model,
+from model import (build_model, build_tokenizer, generate, load_model, pack, sample_next, save_model,
                    stop_token_ids, tiny_config)
 
 VOCAB = 97
@@ -142,21 +142,6 @@ def test_gradient_checkpointing_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-class ForceStopAt(LogitsProcessor):
-    """Make transformers emit the stop token at each row's given length (to align workloads)."""
-
-    def __init__(self, prompt_len, stop_at, stop_id):
-        self.prompt_len, self.stop_at, self.stop_id = prompt_len, stop_at, stop_id
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_len
-        for row, at in enumerate(self.stop_at):
-            if step + 1 == at:
-                scores[row] = -float("inf")
-                scores[row, self.stop_id] = 0
-        return scores
-
-
 def test_greedy_generation_matches_transformers_ragged_batch(tmp_path):
     cfg = CONFIGS["qwen2_tied"]
     model = random_model(cfg, seed=6)
@@ -228,7 +213,7 @@ def test_sample_next_follows_the_tempered_and_nucleus_distribution():
 
 
 def test_tiny_tokenizer_roundtrip_chat_template_and_stop_ids(tmp_path):
-    tok = build_tokenizer(["Alice is a knight. Bob is a knave."] * 20, vocab_size=300, path=str(tmp_path / "tok"))
+    build_tokenizer(["Alice is a knight. Bob is a knave."] * 20, vocab_size=300, path=str(tmp_path / "tok"))
     from transformers import AutoTokenizer
     back = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     text = "Zed says: \\boxed{Alice is a knight} — ünïcode"

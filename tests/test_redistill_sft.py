@@ -3,7 +3,6 @@ DDP invariance, learning a toy task, exact kill-and-resume, pre-training from sc
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,11 @@ import redistill_sft as sft
 import toy_task
 from common import UserError
 from model import load_model, load_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and do not thrash when the machine is busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from conftest import ROOT, free_port, subprocess_env
 
 
-def subprocess_env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), OMP_NUM_THREADS="1")
+
+
 
 
 def write_sft(path, records, tok):
@@ -347,10 +336,7 @@ def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path, capsys):
     assert model.config.hidden_size == 32 and model.config.num_layers == 1
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def test_ddp_two_ranks_match_one_process(tiny_checkpoint, tmp_path):

@@ -6,8 +6,8 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_reproduce(*args, env=None, check=True):

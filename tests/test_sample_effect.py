@@ -4,7 +4,6 @@ policy-gradient ∇J estimator against the exact ∇J, CountSketch against exact
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,9 +14,8 @@ import common
 import sample_effect as se
 from common import UserError
 from model import build_model, generate, tiny_config
+from conftest import ROOT, free_port, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 # ---------------------------------------------------------------------------------------------------------
 # an enumerable toy: vocabulary of 6 (EOS = 0), responses of at most 2 new tokens, so every response and its
@@ -198,14 +196,12 @@ def test_projection_approximates_exact_and_outputs(setup, capsys):
 
 def test_torchrun_two_ranks_match_one(setup):
     d = setup["dir"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = [a for a in setup["single"]]
     args[args.index("--out") + 1] = str(d / "two" / "effects.jsonl")
     args[args.index("--select_out") + 1] = str(d / "top2.jsonl")
     args[args.index("--select_bottom") + 1] = str(d / "bottom2.jsonl")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, str(d)]), OMP_NUM_THREADS="1")
+    env = subprocess_env(d)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                            str(port), os.path.join(ROOT, "sample_effect.py"), *args],
                           env=env, capture_output=True, text=True, timeout=300)

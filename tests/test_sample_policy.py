@@ -2,12 +2,10 @@
 torchrun shards, the SFT file trains with redistill_sft.py, bad input -> clear errors and nothing written."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
-import torch
 
 import common
 import redistill_sft
@@ -15,16 +13,8 @@ import sample_policy as sp
 import toy_task
 from common import UserError
 from model import load_tokenizer
+from conftest import ROOT, free_port, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +27,9 @@ def policy(tiny_checkpoint, tmp_path_factory):
                                           "response": toy_task.teacher_response(r)}
                                          for r in toy_task.make_records(400, seed=21, split="train")])
     common.write_jsonl(d / "split.jsonl", toy_task.make_records(40, seed=22, split="val"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     redistill_sft.main(["--init_tiny", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "128", "--tiny_layers", "2",
                         "--data", str(d / "sft.jsonl"), "--out_dir", str(d / "run"), "--lr", "3e-3", "--global_batch",
                         "16", "--epochs", "3", "--loss_reduction", "token_mean", "--progress", "false"])
-    torch.set_num_threads(n)
     return str(d / "run" / "final"), str(d / "split.jsonl")
 
 
@@ -107,15 +94,12 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
     assert os.path.isfile(tmp_path / "sft" / "final" / "model.safetensors")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     ckpt, split = policy
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     out2, all2 = str(tmp_path / "two.jsonl"), str(tmp_path / "all2.jsonl")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                            str(free_port()), os.path.join(ROOT, "sample_policy.py"),

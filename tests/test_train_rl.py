@@ -1,9 +1,7 @@
 """train_rl.py: the GRPO maths against hand computations, a CPU learning test that can fail,
 torchrun with 2 ranks, kill-and-resume equivalence and NaN handling — all through the real loop."""
-import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -13,18 +11,9 @@ import torch
 import common
 import toy_task
 import train_rl
-from conftest import ROOT, TESTS
+from conftest import ROOT, free_port, subprocess_env
 from model import generate, load_model, load_tokenizer, pack, save_model, stop_token_ids
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread while these tests run (restored after): on 2 shared CI cores it is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -----------------------------------------------------------------------------
@@ -292,15 +281,12 @@ def test_variants_run_bf16_master_and_kl(toy, tmp_path):
 # torchrun: 2 ranks on CPU (gloo)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def test_torchrun_two_ranks_disjoint_prompts_identical_weights(toy, tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            os.path.join(ROOT, "train_rl.py")] + rl_args(toy, out, max_steps=2, prompts_per_step=7, group_size=4, val_every=2,
                                                         save_every=2, max_response_tokens=16)
