@@ -143,11 +143,11 @@ def seed_everything(seed: int):
 # files
 
 
-def read_jsonl(path, required=()):
-    """Read a jsonl file; a bad line or a missing field raises UserError naming file, line and field."""
+def iter_jsonl(path):
+    """Yield (line number, record) of a jsonl file, skipping blank lines; a line that is not a JSON object
+    raises UserError naming the file and line."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
-    records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -158,10 +158,19 @@ def read_jsonl(path, required=()):
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})")
             if not isinstance(rec, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for field in required:
-                if field not in rec:
-                    raise UserError(f"{path}:{lineno}: missing field '{field}'")
-            records.append(rec)
+            yield lineno, rec
+
+
+def read_jsonl(path, required=()):
+    """Read a jsonl file; a bad line or a missing field raises UserError naming file, line and field."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    records = []
+    for lineno, rec in iter_jsonl(path):
+        for field in required:
+            if field not in rec:
+                raise UserError(f"{path}:{lineno}: missing field '{field}'")
+        records.append(rec)
     return records
 
 

@@ -27,13 +27,12 @@ end, every --save_every steps and at the end; OUT_DIR/final (the last weights, a
 stage); OUT_DIR/metrics.jsonl (one record per step and per held-out evaluation).
 """
 import argparse
-import json
 import math
 import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 
 import numpy as np
 import torch
@@ -197,32 +196,9 @@ def load_text_examples(paths, tokenizer, max_length):
     return examples
 
 
-class open_lines:
-    """Iterate (lineno, record) over a jsonl file with clear errors (like common.read_jsonl, streaming)."""
-
-    def __init__(self, path):
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: file not found")
-        self.path = path
-
-    def __enter__(self):
-        self.f = open(self.path, encoding="utf-8")
-        return self._iter()
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-    def _iter(self):
-        for lineno, line in enumerate(self.f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{self.path}:{lineno}: not valid JSON ({e.msg})")
-            if not isinstance(rec, dict):
-                raise UserError(f"{self.path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+def open_lines(path):
+    """`with open_lines(path) as lines: for lineno, record in lines`: a jsonl file streamed with clear errors."""
+    return closing(common.iter_jsonl(path))
 
 
 def num_loss_tokens(example):

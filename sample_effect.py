@@ -129,7 +129,6 @@ def rloo_weights(rewards):
 def packed_logprobs(model, seqs, starts, temperature=1.0):
     """One packed forward over token lists; returns, per sequence, the log-probs (under softmax(logits/T))
     of its tokens seqs[i][starts[i]:] given everything before them."""
-    import torch
     from model import pack
     device = model.lm_head.weight.device
     ids, cu = pack(seqs, device)
