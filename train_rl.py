@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError, print0
+from eval import evaluate
 from model import load_model, load_tokenizer, pack, parse_dtype
 
 # -----------------------------------------------------------------------------
@@ -362,20 +363,15 @@ def main(argv=None):
            f"{model.num_params() / 1e6:.1f}M params")
 
     def validate(step):
-        """Greedy decoding of the test split, each rank its shard; accuracy overall and per difficulty."""
+        """Greedy decoding of the test split (eval.py's evaluate: each rank its shard, then gathered)."""
         t0 = time.time()
-        mine = common.shard(test_records, rank, world)
-        out = common.sample_responses(model, tokenizer, task, mine, n=1, temperature=0.0,
-                                      max_new_tokens=args.val_max_response_tokens or args.max_response_tokens,
-                                      seed=0, template=args.template, batch_size=args.val_batch_size,
-                                      desc=f"validate {step}", progress=args.progress)
-        rows = [[rec.get(difficulty), s["reward"], s["finished"]] for rec, s in zip(mine, out)]
-        rows = [r for per_rank in common.all_gather_json(rows) for r in per_rank]
-        m = {"val/acc": sum(r[1] for r in rows) / max(len(rows), 1),
-             "val/truncated": sum(not r[2] for r in rows) / max(len(rows), 1), "val/seconds": time.time() - t0}
-        for level in sorted({r[0] for r in rows}, key=lambda x: (str(type(x)), x)):
-            at = [r for r in rows if r[0] == level]
-            m[f"val/acc_{difficulty}_{level}"] = sum(r[1] for r in at) / len(at)
+        _, summary = evaluate(model, tokenizer, task, test_records, n=1, temperature=0.0,
+                              max_new_tokens=args.val_max_response_tokens or args.max_response_tokens, seed=0,
+                              template=args.template, batch_size=args.val_batch_size, desc=f"validate {step}",
+                              progress=args.progress)
+        m = {"val/acc": summary["overall"]["accuracy"], "val/truncated": summary["overall"]["truncation_rate"],
+             "val/seconds": time.time() - t0}
+        m.update({f"val/acc_{difficulty}_{level}": g["accuracy"] for level, g in summary["by_difficulty"].items()})
         return m
 
     def save(step):
