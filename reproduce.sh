@@ -14,6 +14,8 @@
 # Every stage writes OUT/done/STAGE (its wall seconds) last and is skipped when that exists; a stage
 # that was killed is re-run with --resume (SFT, RL) or skips what it finished (eval), so re-running
 # this script after a crash continues where it stopped. OUT/times.tsv logs every finished attempt.
+# (the whole script is one function, read in full before it runs: editing this file mid-run is safe)
+main() {
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -125,3 +127,6 @@ echo "== report"
 echo "+ python report.py --out_dir $OUT --preset $PRESET"
 [[ "$DRY_RUN" == 1 ]] && exit 0
 python report.py --out_dir "$OUT" --preset "$PRESET"
+}
+
+main "$@"
