@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 
 import torch
