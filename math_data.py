@@ -99,17 +99,7 @@ def load_split(path) -> list:
 
 
 def _jsonl_rows(path):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})")
-            rows.append((f"{path}:{lineno}", None, raw))
-    return rows
+    return [(f"{path}:{lineno}", None, raw) for lineno, raw in common.iter_jsonl(path)]
 
 
 def _json_rows(path):
