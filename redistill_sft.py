@@ -18,7 +18,7 @@ length, and the loss is normalised by the *global* batch, so the update does not
 Usage:
   python redistill_sft.py --init /models/Qwen2.5-1.5B --data data/kk/redistill.jsonl --out_dir runs/redistill
   torchrun --nproc_per_node=8 redistill_sft.py --init ... --data ... --out_dir ... --gradient_checkpointing
-  python redistill_sft.py --init_tiny --tokenizer runs/tiny/tokenizer --pretrain_text data/kk/text.jsonl \\
+  python redistill_sft.py --init_tiny --tokenizer runs/tiny/base_data/tokenizer --pretrain_text runs/tiny/base_data/pretrain.jsonl \\
       --out_dir runs/tiny/base --lr 1e-3 --loss_reduction token_mean --epochs 1
   python redistill_sft.py ... --resume   # continue a killed run from its last checkpoint
 
