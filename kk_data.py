@@ -212,11 +212,19 @@ def puzzle_id(seed, people, index):
     return f"kk-{stream}-p{people}-{index:05d}"
 
 
-def make_record(seed, index, statements, solution):
-    """The official record (formatter seeded seed + index, as data_gen_kk.py does) plus id, people, question."""
+def make_record(seed, index, statements, solution, fixed_names=False):
+    """The official record (formatter seeded seed + index, as data_gen_kk.py does) plus id, people, question.
+
+    fixed_names: person i is always COMMON_NAMES[i] (Emma, Liam, Olivia, ...) instead of a random draw.
+    The tiny preset uses it: a ~1M-parameter model trained for minutes does not learn to copy names
+    from the question (name tokens stay at chance, ~4 nats), so with random names it never scores.
+    The random draw still happens, so the templates chosen are those of the official stream.
+    """
     n = len(statements)
     rng = np.random.default_rng(seed + index)
     names = [str(x) for x in rng.choice(COMMON_NAMES, size=n, replace=False)]
+    if fixed_names:
+        names = COMMON_NAMES[:n]
     kk = dict(KNIGHT_KNAVE)
     quiz = PREFIX.format(**kk) + f'You meet {n} inhabitants: ' + ', '.join(names[:-1]) + ', and ' + names[-1] + '.'
     for i, s in enumerate(statements):
@@ -338,13 +346,22 @@ def format_trace(tape, statements, names, kk):
     return steps
 
 
-def teacher_response(record):
-    """The official trace as a full SFT response, ending with the boxed answer (no EOS: the SFT loader adds it).
+TEACHER_STYLES = ("trace", "answer")
 
-    The same shape as the paper's short-CoT SFT target.
+
+def teacher_response(record, style="trace"):
+    """The teacher's SFT response, ending with the boxed answer (no EOS: the SFT loader adds it).
+
+    trace:  the official step-by-step trace, then the answer (the paper's short-CoT SFT target)
+    answer: the answer line alone (the tiny preset: its model cannot follow the trace, see config/tiny.sh)
     """
+    final = f"The final answer is: \\boxed{{{answer_text(record)}}}."
+    if style == "answer":
+        return final
+    if style != "trace":
+        raise common.UserError(f"unknown teacher style {style!r}; choose one of {', '.join(TEACHER_STYLES)}")
     steps = ' '.join(record['cot_repeat_steps'])
-    return f"{record['cot_head']} {steps} {record['cot_foot']}\nThe final answer is: \\boxed{{{answer_text(record)}}}."
+    return f"{record['cot_head']} {steps} {record['cot_foot']}\n{final}"
 
 
 # -----------------------------------------------------------------------------
@@ -540,10 +557,11 @@ def load_split(path):
 # building the splits
 
 
-def generate(seed, n_people, count, exclude=frozenset(), log=print, label=""):
+def generate(seed, n_people, count, exclude=frozenset(), log=print, label="", fixed_names=False):
     """`count` records of the seed's stream for n_people, skipping puzzles whose statements are in `exclude`.
 
     Skipped puzzles keep their stream index (ids stay stable); the stream runs on until `count` are kept.
+    fixed_names: see make_record.
     """
     t0 = time.time()
     records, skipped = [], 0
@@ -553,7 +571,7 @@ def generate(seed, n_people, count, exclude=frozenset(), log=print, label=""):
         if statements in exclude:
             skipped += 1
             continue
-        records.append(make_record(seed, index, statements, solution))
+        records.append(make_record(seed, index, statements, solution, fixed_names))
     seconds = time.time() - t0
     if log:
         log(f"  {label}people {n_people}: {len(records)} puzzles in {seconds:.2f} s "
@@ -622,7 +640,7 @@ def write_teacher_sft(args):
     rows = []
     for rec in load_split(args.split):
         prompt = render_prompt(rec, tokenizer, args.template)
-        response = teacher_response(rec)
+        response = teacher_response(rec, args.teacher_style)
         if prompt and not prompt[-1].isspace():  # the plain template ends "step by step."; chat ends with "\n"
             response = "\n" + response
         rows.append({"id": rec["id"], "task": "kk", "prompt": prompt, "response": response})
@@ -652,6 +670,12 @@ def main(argv=None):
     parser.add_argument("--tokenizer", default=None, help="with --teacher_sft: a Hugging Face tokenizer directory")
     parser.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
                         help="with --teacher_sft: prompt template (auto = chat when the tokenizer has one)")
+    parser.add_argument("--teacher_style", default="trace", choices=TEACHER_STYLES,
+                        help="with --teacher_sft: 'trace' = official step-by-step trace + answer (paper); "
+                        "'answer' = the final answer line alone (tiny preset)")
+    parser.add_argument("--fixed_names", type=common.str2bool, default=False,
+                        help="person i is always the i-th official name (Emma, Liam, Olivia, ...) instead of a random "
+                        "one: the tiny preset's model cannot learn to copy names in minutes (not the paper's data)")
     args = common.parse_settings(parser, argv)
 
     if args.teacher_sft:
@@ -675,15 +699,16 @@ def main(argv=None):
     # Never train on a test puzzle: the official test split (the first 100 of the official stream,
     # for every people count) and our own test split are both excluded from train and the SFT pool.
     print("test split")
-    test = [r for n, size in zip(test_people, test_sizes) for r in generate(args.test_seed, n, size)]
+    named = dict(fixed_names=args.fixed_names)
+    test = [r for n, size in zip(test_people, test_sizes) for r in generate(args.test_seed, n, size, **named)]
     used = statements_of(test)
     for n in sorted(set(train_people + sft_people)):
         used |= {statements for _, statements, _ in sample_puzzles(OFFICIAL_SEED, n, OFFICIAL_TEST_SIZE)}
     print("RL train split")
-    train = [r for n, size in zip(train_people, train_sizes) for r in generate(args.train_seed, n, size, used)]
+    train = [r for n, size in zip(train_people, train_sizes) for r in generate(args.train_seed, n, size, used, **named)]
     used |= statements_of(train)
     print("SFT pool")
-    sft = [r for n, size in zip(sft_people, sft_sizes) for r in generate(args.sft_seed, n, size, used)]
+    sft = [r for n, size in zip(sft_people, sft_sizes) for r in generate(args.sft_seed, n, size, used, **named)]
 
     for name, records in (("test", test), ("train", train), ("sft", sft)):
         path = os.path.join(args.out_dir, f"{name}.jsonl")

@@ -82,7 +82,7 @@ if [[ "${TINY_BASE:-0}" == 1 ]]; then
 fi
 
 # ---- 3. cold start: SFT of the base on the teacher's chain-of-thought traces
-step teacher_data "python $TASK_SCRIPT --teacher_sft $OUT/sft_teacher.jsonl --split $SFT_SPLIT --tokenizer $BASE"
+step teacher_data "python $TASK_SCRIPT --teacher_sft $OUT/sft_teacher.jsonl --split $SFT_SPLIT --tokenizer $BASE ${TEACHER_ARGS:-}"
 step sft "$LAUNCH redistill_sft.py --init $BASE --data $OUT/sft_teacher.jsonl --out_dir $OUT/sft --resume $SFT_ARGS"
 
 # ---- 4. GRPO from the cold-start model

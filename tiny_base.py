@@ -32,6 +32,8 @@ parser.add_argument("--seed", type=int, default=300000, help="seed of the pre-tr
 parser.add_argument("--exclude", nargs="*", default=[], help="split files whose puzzles must not appear in the text (test, SFT pool)")
 parser.add_argument("--text_format", default="mixed", choices=("answer", "trace", "mixed"), help="what follows each question (see the docstring)")
 parser.add_argument("--trace_fraction", type=float, default=0.5, help="--text_format mixed: share of documents with the trace")
+parser.add_argument("--fixed_names", type=common.str2bool, default=False,
+                    help="person i is always the i-th official name (as kk_data.py --fixed_names; use the splits' setting)")
 parser.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size (special tokens included)")
 
 
@@ -50,7 +52,7 @@ def main(argv=None):
     used = set()
     for path in args.exclude:
         used |= kk_data.statements_of(kk_data.load_split(path))
-    records = [r for n, size in zip(people, sizes) for r in kk_data.generate(args.seed, n, size, used)]
+    records = [r for n, size in zip(people, sizes) for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names)]
     rng = random.Random(args.seed)
     rng.shuffle(records)
     fraction = {"answer": 0.0, "trace": 1.0, "mixed": args.trace_fraction}[args.text_format]
