@@ -9,6 +9,8 @@ Reads what the stages wrote under OUT_DIR:
   sft_teacher.jsonl, redistill_*.jsonl  the SFT sets (their sizes = SFT samples)
   rl/settings.json, rl/metrics.jsonl    RL rollouts (steps x prompts x group), reward and validation per step
   sample_effect/effects.summary.json    sample effect per SFT set (sample_effect.py)
+  sample_effect/{top,bottom}.jsonl, eval_se/se_{top,bottom}/test/summary.json
+                                        the top-K vs bottom-K experiment (when the preset sets SELECT_K)
 Compute = measured wall time x devices, in device-hours: "own" counts the stages that made this model from
 its inputs (for re-distilled models: sampling the RL policy + their SFT); "total" adds everything it built on
 (the cold start and RL for RL and re-distilled models). Pre-training the tiny base is shared by all and listed
@@ -152,6 +154,25 @@ def main(argv=None):
                           "mean normalised": st["normalised"]["mean"], "mean response tokens": round(st["mean_response_length"])})
         lines += ["", "### Sample effect on the cold-start policy (<grad log p(sample), grad J>, J = test reward)", "",
                   markdown_table(erows, digits=4)]
+    select_rows = []
+    for name in ("se_top", "se_bottom"):
+        summary_path = os.path.join(out, "eval_se", name, "test", "summary.json")
+        chosen_path = os.path.join(out, "sample_effect", name[3:] + ".jsonl")
+        if os.path.exists(summary_path) and os.path.exists(chosen_path):
+            with open(summary_path) as f:
+                row = summary_row(json.load(f), name, "ppl")
+            chosen = common.read_jsonl(chosen_path)
+            sources = {}
+            for rec in chosen:
+                source = os.path.basename(rec.get("source_file", "?"))
+                sources[source] = sources.get(source, 0) + 1
+            row["SFT samples"] = len(chosen)
+            row["mean effect"] = sum(r["sample_effect"] for r in chosen) / len(chosen)
+            row["drawn from"] = ", ".join(f"{k} {v}" for k, v in sorted(sources.items()))
+            select_rows.append(row)
+    if select_rows:
+        lines += ["", "### SFT of the base on the top-K vs the bottom-K samples by sample effect (pooled over the sets)",
+                  "", markdown_table(select_rows, digits=4)]
 
     stage_rows = [{"stage": st, "wall s": sec, "devices": dev, "kind": k} for st, (sec, dev, k) in times.items()]
     if stage_rows:

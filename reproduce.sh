@@ -10,7 +10,8 @@
 #   data -> [tiny: base text + tokenizer -> pre-train the base] -> teacher SFT data -> cold-start SFT of
 #   the base -> GRPO from it -> sample the RL policy (A: greedy on the SFT prompts, B: correct rollouts
 #   of the last RL steps) -> re-distil the BASE on each -> evaluate base, SFT, RL, re-distilled per
-#   difficulty -> sample effect of teacher vs re-distilled data -> the final table (report.py).
+#   difficulty -> sample effect of teacher vs re-distilled data [-> SFT of the base on the top-K vs bottom-K
+#   samples by sample effect, evaluated] -> the final table (report.py).
 # Every stage writes OUT/done/STAGE (its wall seconds) last and is skipped when that exists; a stage
 # that was killed is re-run with --resume (SFT, RL) or skips what it finished (eval), so re-running
 # this script after a crash continues where it stopped. OUT/times.tsv logs every finished attempt.
@@ -116,8 +117,20 @@ step eval "$LAUNCH eval.py --task $TASK --checkpoints $CHECKPOINTS --names $NAME
 
 # ---- 8. sample effect of each SFT set on the cold-start policy (teacher vs re-distilled data)
 if [[ "${SAMPLE_EFFECT:-1}" == 1 ]]; then
+  SELECT=""  # SELECT_K > 0: also write the top-K and bottom-K samples (pooled over the sets) for step 8b
+  [[ "${SELECT_K:-0}" -gt 0 ]] && SELECT="--select $SELECT_K --select_out $OUT/sample_effect/top.jsonl \
+--select_bottom $OUT/sample_effect/bottom.jsonl"
   step sample_effect "$LAUNCH sample_effect.py --task $TASK --checkpoint $OUT/sft/final --eval_data $TEST \
---sft_data $SETS --out $OUT/sample_effect/effects.jsonl $EFFECT_ARGS"
+--sft_data $SETS --out $OUT/sample_effect/effects.jsonl $EFFECT_ARGS $SELECT"
+  # ---- 8b. does the sample effect predict what SFT does? SFT the base on the top-K and on the bottom-K
+  if [[ -n "$SELECT" ]]; then
+    for V in top bottom; do
+      step "se_$V" "$LAUNCH redistill_sft.py --init $BASE --data $OUT/sample_effect/$V.jsonl --out_dir $OUT/se_$V \
+--resume $SFT_ARGS"
+    done
+    step eval_se "$LAUNCH eval.py --task $TASK --checkpoints $OUT/se_top/final $OUT/se_bottom/final \
+--names se_top se_bottom --splits $TEST --split_names test --out_dir $OUT/eval_se $EVAL_ARGS"
+  fi
 else
   echo "== sample_effect: skipped by the preset (SAMPLE_EFFECT=0)"
 fi

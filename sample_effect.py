@@ -256,7 +256,7 @@ def summary_table(per_file, columns):
 
 
 def write_selection(path, chosen):
-    """Copy the chosen effect rows' original records verbatim (plus "sample_effect") into an SFT jsonl."""
+    """Copy the chosen effect rows' original records verbatim (plus "sample_effect" and "source_file") into an SFT jsonl."""
     cache = {}
     out = []
     for row in chosen:
@@ -265,6 +265,7 @@ def write_selection(path, chosen):
                 cache[row["file"]] = dict(lines)
         rec = dict(cache[row["file"]][row["line"]])
         rec["sample_effect"] = row["sample_effect"]
+        rec["source_file"] = row["file"]
         out.append(rec)
     common.write_jsonl(path, out)
 

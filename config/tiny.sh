@@ -45,3 +45,4 @@ B_SAMPLES=400                                             # as many as the teach
 EVAL_ARGS="--max_new_tokens 60 --batch_size 200 --progress false"
 EFFECT_ARGS="--num_eval_prompts 200 --k 8 --max_new_tokens 60 --max_length 1024 --exact true --proj_dim 0 \
 --gen_batch_size 200 --micro_batch_tokens 4096 --progress false --log_every 250"
+SELECT_K=100  # the sample-effect experiment: SFT the base on the 100 highest- vs the 100 lowest-effect samples

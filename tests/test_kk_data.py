@@ -3,6 +3,7 @@ import itertools
 import json
 import os
 import random
+import re
 
 import pytest
 from conftest import shared_path
@@ -472,6 +473,39 @@ def test_cli_teacher_sft(tmp_path):
     assert row['prompt'].endswith("step by step.") and row['response'] == "\n" + K.teacher_response(records[0])
     with pytest.raises(common.UserError, match="--tokenizer"):
         K.main(["--teacher_sft", out, "--split", split])
+
+
+def test_fixed_names_keep_the_stream_and_templates_and_only_rename(tmp_path):
+    random_named = K.generate(K.OFFICIAL_SEED, 3, 20, log=None)
+    fixed = K.generate(K.OFFICIAL_SEED, 3, 20, log=None, fixed_names=True)
+    for r, f in zip(random_named, fixed):
+        assert f['names'] == K.COMMON_NAMES[:3] and f['id'] == r['id'] and f['solution'] == r['solution']
+        assert f['statements'] == r['statements']
+        rename = dict(zip(r['names'], f['names']))  # whole words: "Ava" is in "Avery"
+        renamed = re.sub(r"\b(" + "|".join(r['names']) + r")\b", lambda m: rename[m.group(1)], r['question'])
+        assert renamed == f['question']  # same templates, only the names differ
+        assert K.score(K.teacher_response(f), f, True) == 1.0
+        assert K.score(K.teacher_response(r), f, True) == 0.0 or r['names'] == f['names']
+    out = tmp_path / "kk"
+    K.main(["--out_dir", str(out), "--fixed_names", "true", "--test_people", "2-3", "--test_per_people", "3",
+            "--train_people", "3", "--train_per_people", "4", "--sft_people", "2", "--sft_per_people", "2"])
+    for name in ("test", "train", "sft"):
+        for rec in K.load_split(str(out / f"{name}.jsonl")):
+            assert rec['names'] == K.COMMON_NAMES[:rec['people']]
+
+
+def test_teacher_style_answer(tmp_path):
+    rec = K.generate(K.OFFICIAL_SEED, 2, 1, log=None)[0]
+    answer = K.teacher_response(rec, "answer")
+    assert answer == "The final answer is: \\boxed{" + K.answer_text(rec) + "}."
+    assert K.teacher_response(rec).endswith("\n" + answer)  # the trace ends with the same line
+    assert K.score(answer, rec, True) == 1.0
+    with pytest.raises(common.UserError, match="teacher style"):
+        K.teacher_response(rec, "essay")
+    split, out = str(tmp_path / "sft.jsonl"), str(tmp_path / "teacher.jsonl")
+    common.write_jsonl(split, [rec])
+    K.main(["--teacher_sft", out, "--split", split, "--template", "plain", "--teacher_style", "answer"])
+    assert common.read_jsonl(out)[0]['response'] == "\n" + answer
 
 
 def test_load_split_from_the_hub_uses_the_official_dataset(tmp_path, monkeypatch):

@@ -117,6 +117,22 @@ def test_dry_run_of_paper_presets_prints_complete_commands(preset, flags, tmp_pa
     assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing
 
 
+def test_dry_run_of_the_tiny_preset_includes_the_top_vs_bottom_experiment(tmp_path):
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "out")})
+    lines = proc.stdout.splitlines()
+    command_of = {lines[i][3:]: lines[i + 1][2:] for i in range(len(lines) - 1)
+                  if lines[i].startswith("== ") and lines[i + 1].startswith("+ ")}
+    assert "--fixed_names true" in command_of["data"] and "--fixed_names true" in command_of["base_text"]
+    assert "--teacher_style answer" in command_of["teacher_data"]
+    out = str(tmp_path / "out")
+    assert f"--select 100 --select_out {out}/sample_effect/top.jsonl --select_bottom {out}/sample_effect/bottom.jsonl" \
+        in command_of["sample_effect"]
+    for v in ("top", "bottom"):
+        assert f"--init {out}/base/final --data {out}/sample_effect/{v}.jsonl --out_dir {out}/se_{v}" in command_of[f"se_{v}"]
+    assert f"--checkpoints {out}/se_top/final {out}/se_bottom/final" in command_of["eval_se"]
+    assert not os.path.exists(out)
+
+
 def test_missing_base_model_is_a_clear_error(tmp_path):
     proc = run_reproduce("kk-qwen2.5-1.5b", env={"MODEL_DIR": str(tmp_path / "none"), "OUT": str(tmp_path / "out")},
                          check=False)

@@ -192,6 +192,8 @@ def test_projection_approximates_exact_and_outputs(setup, capsys):
     by_id = {s["id"]: s for s in setup["sft"]}
     for r in top:
         assert by_id[r["id"]]["extra"] == r["extra"] and "prompt" in r and "response" in r and "sample_effect" in r
+    for r in top + bottom:  # the file each came from
+        assert r["source_file"] in {e["file"] for e in effects if e["id"] == r["id"]}
 
 
 def test_torchrun_two_ranks_match_one(setup):
