@@ -5,6 +5,7 @@ The final table of reproduce.sh: accuracy per model and difficulty, and what eac
 
 Reads what the stages wrote under OUT_DIR:
   eval/<model>/test/summary.json        accuracy overall and per difficulty (eval.py)
+  base_probe.json                       tiny only: the base's accuracy in its own pre-training format
   times.tsv                             stage, wall seconds, devices, device kind (one line per finished stage)
   sft_teacher.jsonl, redistill_*.jsonl  the SFT sets (their sizes = SFT samples)
   rl/settings.json, rl/metrics.jsonl    RL rollouts (steps x prompts x group), reward and validation per step
@@ -142,6 +143,13 @@ def main(argv=None):
     if "sft" in summaries and "rl" in summaries:
         gain = summaries["rl"]["overall"]["accuracy"] - summaries["sft"]["overall"]["accuracy"]
         lines.append(f"GRPO gain over its start (rl - sft, overall): {100 * gain:+.1f} points.")
+    probe_path = os.path.join(out, "base_probe.json")
+    if os.path.exists(probe_path):  # tiny only: what the base knew before any chat-format SFT
+        with open(probe_path) as f:
+            probe = json.load(f)
+        per = ", ".join(f"people {k} {r['accuracy']:.2f}" for k, r in probe["people"].items())
+        lines.append(f"The base asked in its own pre-training format (tiny_base.py --probe, greedy): "
+                     f"{probe['accuracy']:.2f} overall ({per}).")
 
     effect_path = os.path.join(out, "sample_effect", "effects.summary.json")
     if os.path.exists(effect_path):

@@ -80,6 +80,8 @@ if [[ "${TINY_BASE:-0}" == 1 ]]; then
   step base_text "python tiny_base.py --out_dir $OUT/base_data --exclude $TEST $SFT_SPLIT $BASE_TEXT_ARGS"
   step base "$LAUNCH redistill_sft.py --init_tiny --tokenizer $OUT/base_data/tokenizer \
 --pretrain_text $OUT/base_data/pretrain.jsonl --out_dir $OUT/base --resume $PRETRAIN_ARGS"
+  # what the base knows before any chat-format SFT: test accuracy asked in its own pre-training format
+  step base_probe "python tiny_base.py --probe $BASE --probe_split $TEST --probe_out $OUT/base_probe.json"
 fi
 
 # ---- 3. cold start: SFT of the base on the teacher's chain-of-thought traces

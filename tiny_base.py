@@ -13,16 +13,24 @@ and redistill_sft.py --init_tiny --pretrain_text OUT_DIR/pretrain.jsonl pre-trai
   trace   the official step-by-step trace and the boxed answer (what the teacher SFT data also holds)
   mixed   --trace_fraction of the documents as `trace`, the rest as `answer`
 
+--probe CKPT measures instead what a checkpoint knows in this pre-training format: greedy answers to a split's
+questions, asked as the documents ask them ("Question:\n...\nAnswer:\n"), scored like kk_data.score but
+without the \boxed{} the chat format asks for. For the base this is its ability before any chat-format SFT:
+the ceiling a cold start and GRPO can bring out of it (README "The tiny preset: results").
+
 Usage:
   python tiny_base.py --out_dir runs/tiny/base_data --exclude data/tiny/test.jsonl data/tiny/sft.jsonl
+  python tiny_base.py --probe runs/tiny/base/final --probe_split data/tiny/test.jsonl --probe_out runs/tiny/base_probe.json
 """
 import argparse
 import os
 import random
 
+import torch
+
 import common
 import kk_data
-from model import build_tokenizer
+from model import build_tokenizer, generate, load_model, load_tokenizer, stop_token_ids
 
 parser = argparse.ArgumentParser(description="K&K pre-training text and a tiny BPE tokenizer for the tiny preset's base model.")
 parser.add_argument("--out_dir", default="runs/tiny/base_data", help="writes pretrain.jsonl and tokenizer/ here")
@@ -35,18 +43,61 @@ parser.add_argument("--trace_fraction", type=float, default=0.5, help="--text_fo
 parser.add_argument("--fixed_names", type=common.str2bool, default=False,
                     help="person i is always the i-th official name (as kk_data.py --fixed_names; use the splits' setting)")
 parser.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size (special tokens included)")
+# --probe mode: write no corpus; score a checkpoint's greedy answers in the pre-training format
+parser.add_argument("--probe", default="", help="checkpoint to probe instead of writing the corpus (see the docstring)")
+parser.add_argument("--probe_split", default="", help="--probe: the K&K split whose questions are asked")
+parser.add_argument("--probe_out", default="", help="--probe: JSON file of the result ('' = print only)")
+parser.add_argument("--probe_tokens", type=int, default=60, help="--probe: answer budget in tokens (longer = wrong)")
+parser.add_argument("--probe_batch", type=int, default=200, help="--probe: questions per generation batch")
 
 
 def document(record, with_trace):
     question = common.PLAIN_TEMPLATE.format(question=record["question"])  # "Question:\n...\nAnswer:\nLet's think step by step."
     if with_trace:
         return question + "\n" + kk_data.teacher_response(record)
-    question = question.rsplit("\n", 1)[0]  # drop "Let's think step by step.": the answer follows at once
-    return question + "\n" + kk_data.answer_text(record) + "."
+    return answer_prompt(record) + kk_data.answer_text(record) + "."
+
+
+def answer_prompt(record):
+    """An answer-format document up to its answer: "Let's think step by step." dropped, the answer follows at once."""
+    return common.PLAIN_TEMPLATE.format(question=record["question"]).rsplit("\n", 1)[0] + "\n"
+
+
+@torch.no_grad()
+def probe(args):
+    """Greedy accuracy of a checkpoint on a split, asked and scored in the answer-format documents' own format."""
+    if not args.probe_split:
+        raise common.UserError("--probe needs --probe_split (a K&K split file)")
+    model, tokenizer = load_model(args.probe), load_tokenizer(args.probe)
+    model.eval()
+    records = kk_data.load_split(args.probe_split)
+    per_people = {}
+    for start in range(0, len(records), args.probe_batch):
+        batch = records[start:start + args.probe_batch]
+        prompts = [tokenizer(answer_prompt(r))["input_ids"] for r in batch]
+        for record, g in zip(batch, generate(model, prompts, n=1, max_new_tokens=args.probe_tokens, temperature=0.0,
+                                             stop_ids=stop_token_ids(tokenizer))):
+            line = tokenizer.decode(g.tokens, skip_special_tokens=True).strip().split("\n")[0].rstrip(".")
+            answer = kk_data.parse_answer(line, record["names"], record.get("knight_knave") or kk_data.KNIGHT_KNAVE)
+            truth = {name: bool(s) for name, s in zip(record["names"], record["solution"])}
+            row = per_people.setdefault(str(record["people"]), {"n": 0, "well_formed": 0, "correct": 0})
+            row["n"] += 1
+            row["well_formed"] += g.finished and answer is not None and set(answer) == set(truth)
+            row["correct"] += g.finished and answer == truth
+    result = {"checkpoint": args.probe, "split": args.probe_split, "format": "answer-format pre-training document",
+              "n": len(records), "accuracy": sum(r["correct"] for r in per_people.values()) / len(records),
+              "people": {k: {"n": r["n"], "accuracy": r["correct"] / r["n"], "well_formed": r["well_formed"] / r["n"]}
+                         for k, r in sorted(per_people.items(), key=lambda kv: int(kv[0]))}}
+    per = ", ".join(f"people {k} {r['accuracy']:.3f}" for k, r in result["people"].items())
+    print(f"{args.probe} in its pre-training format, greedy: accuracy {result['accuracy']:.3f} ({per}) on {len(records)} questions")
+    if args.probe_out:
+        common.write_json(args.probe_out, result)
 
 
 def main(argv=None):
     args = common.parse_settings(parser, argv)
+    if args.probe:
+        return probe(args)
     people = kk_data.parse_people(args.people, "people")
     sizes = kk_data.parse_sizes(args.per_people, people, "per_people")
     used = set()

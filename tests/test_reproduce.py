@@ -65,7 +65,7 @@ def test_micro_pipeline_writes_every_artefact(micro_run):
         assert set(summary["by_difficulty"]) == {"2", "3"} and 0 <= summary["overall"]["accuracy"] <= 1
     assert "== sample_effect: skipped by the preset" in proc.stdout  # micro's policy has no reward to differentiate
     stages = [line.split("\t")[0] for line in open(f"{out}/times.tsv")]
-    assert stages == ["data", "base_text", "base", "teacher_data", "sft", "rl", "sample_A", "sample_B"] + \
+    assert stages == ["data", "base_text", "base", "base_probe", "teacher_data", "sft", "rl", "sample_A", "sample_B"] + \
         [n for n in ("redistill_A", "redistill_B") if n in names] + ["eval"]
     # the final table: printed and in results.md, a row per evaluated model, the GRPO gain stated
     with open(f"{out}/results.md") as f:
@@ -75,18 +75,23 @@ def test_micro_pipeline_writes_every_artefact(micro_run):
     for name in names:
         assert f"| {name} |" in table
     assert "GRPO gain over its start" in table and "Wall time per stage" in table
+    # the base probed in its own pre-training format: every test question asked, the line in the table
+    with open(f"{out}/base_probe.json") as f:
+        probe = json.load(f)
+    assert probe["n"] == len(read_jsonl(f"{out}/data/test.jsonl")) and set(probe["people"]) == {"2", "3"}
+    assert 0 <= probe["accuracy"] <= 1 and "The base asked in its own pre-training format" in table
 
 
 def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
     out, _ = micro_run
     # pretend RL was killed after step 2: drop its marker, the last checkpoint and what came after it
     for stage in os.listdir(f"{out}/done"):
-        if stage not in ("data", "base_text", "base", "teacher_data", "sft"):
+        if stage not in ("data", "base_text", "base", "base_probe", "teacher_data", "sft"):
             os.remove(f"{out}/done/{stage}")
     shutil.rmtree(f"{out}/rl/step_000003")
     os.remove(f"{out}/rl/step_000003.state.pt")
     proc = run_reproduce("micro", env={"MICRO_OUT": out})
-    for stage in ("data", "base_text", "base", "teacher_data", "sft"):
+    for stage in ("data", "base_text", "base", "base_probe", "teacher_data", "sft"):
         assert f"== {stage}: done" in proc.stdout
     assert "resuming from" in proc.stdout and "(step 2)" in proc.stdout
     assert [m["step"] for m in read_jsonl(f"{out}/rl/metrics.jsonl") if "reward" in m] == [1, 2, 3]
