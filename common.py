@@ -29,8 +29,9 @@ class UserError(Exception):
 
 def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse settings; `--config FILE.json` supplies defaults that the command line overrides."""
-    parser.add_argument("--config", default=None,
-                        help="JSON file of settings (keys = option names without --); command-line flags override it")
+    if "--config" not in parser._option_string_actions:  # a script's main may run twice in one process (tests)
+        parser.add_argument("--config", default=None,
+                            help="JSON file of settings (keys = option names without --); command-line flags override it")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         try:

@@ -65,17 +65,18 @@ def device_hours(times, stages):
 
 
 def rl_rollouts(out_dir):
+    """(rollouts, metrics, settings) of the RL run, or (None, [], {}) before it exists."""
     path = os.path.join(out_dir, "rl", "settings.json")
     metrics = os.path.join(out_dir, "rl", "metrics.jsonl")
     if not (os.path.exists(path) and os.path.exists(metrics)):
-        return None, []
+        return None, [], {}
     with open(path) as f:
         settings = json.load(f)
     steps = [m for m in common.read_jsonl(metrics) if m.get("step", 0) > 0 and "reward" in m]
-    return len(steps) * settings["prompts_per_step"] * settings["group_size"], common.read_jsonl(metrics)
+    return len(steps) * settings["prompts_per_step"] * settings["group_size"], common.read_jsonl(metrics), settings
 
 
-def plots(out_dir, metrics, summaries):
+def plots(out_dir, metrics, summaries, temperature):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -88,7 +89,7 @@ def plots(out_dir, metrics, summaries):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         train = [m for m in metrics if "reward" in m]
         val = [m for m in metrics if "val/acc" in m]
-        ax.plot([m["step"] for m in train], [m["reward"] for m in train], label="rollout reward (T=0.7)")
+        ax.plot([m["step"] for m in train], [m["reward"] for m in train], label=f"rollout reward (T={temperature})")
         ax.plot([m["step"] for m in val], [m["val/acc"] for m in val], "o-", label="validation accuracy (greedy)")
         ax.set_xlabel("RL step"), ax.set_ylabel("accuracy"), ax.set_ylim(0, 1), ax.legend(), ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -113,7 +114,7 @@ def main(argv=None):
     args = common.parse_settings(parser, argv)
     out = args.out_dir
     times = read_times(os.path.join(out, "times.tsv"))
-    rollouts, metrics = rl_rollouts(out)
+    rollouts, metrics, rl_settings = rl_rollouts(out)
     summaries = {}
     for name in MODELS:
         path = os.path.join(out, "eval", name, "test", "summary.json")
@@ -192,7 +193,7 @@ def main(argv=None):
         f.write(text)
     print(text)
     if args.plots:
-        for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries):
+        for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries, rl_settings.get("temperature")):
             print(f"wrote {path}")
     print(f"wrote {os.path.join(out, 'results.md')}")
 

@@ -1,0 +1,74 @@
+"""report.py: the final table from what the stages wrote (a synthetic run directory, no model needed)."""
+import json
+import os
+
+import pytest
+
+import common
+import report
+
+
+def summary(acc2, acc3, overall):
+    return {"by_difficulty": {"2": {"accuracy": acc2}, "3": {"accuracy": acc3}}, "pass_k": [1],
+            "overall": {"accuracy": overall, "mean_length": 22.0, "truncation_rate": 0.0}}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    out = tmp_path / "run"
+    accs = {"base": (0.0, 0.0, 0.0), "sft": (0.4, 0.2, 0.25), "rl": (0.5, 0.4, 0.425), "redistill_A": (0.3, 0.3, 0.3)}
+    for name, acc in accs.items():
+        common.write_json(out / "eval" / name / "test" / "summary.json", summary(*acc))
+    for name, acc in {"se_top": (0.1, 0.1, 0.1), "se_bottom": (0.0, 0.0, 0.0)}.items():
+        common.write_json(out / "eval_se" / name / "test" / "summary.json", summary(*acc))
+    # times.tsv: RL finished twice (killed and re-run by hand): both attempts count
+    rows = [("data", 2), ("base_text", 9), ("base", 180), ("teacher_data", 3), ("sft", 18), ("rl", 100), ("rl", 260),
+            ("sample_A", 6), ("redistill_A", 12), ("eval", 15)]
+    (out / "times.tsv").write_text("".join(f"{s}\t{t}\t1\tcpu\n" for s, t in rows))
+    common.write_jsonl(out / "sft_teacher.jsonl", [{"id": i} for i in range(40)])
+    common.write_jsonl(out / "redistill_A.jsonl", [{"id": i} for i in range(13)])
+    common.write_json(out / "rl" / "settings.json", {"prompts_per_step": 16, "group_size": 8, "temperature": 1.0})
+    common.write_jsonl(out / "rl" / "metrics.jsonl", [{"step": 0, "val/acc": 0.25}] +
+                       [{"step": s, "reward": 0.1 * s} for s in (1, 2, 3)] + [{"step": 3, "val/acc": 0.4}])
+    common.write_json(out / "sample_effect" / "effects.summary.json", {"files": {
+        "/x/sft_teacher.jsonl": {"count": 40, "sample_effect": {"mean": 0.05, "median": 0.06},
+                                 "normalised": {"mean": 0.1}, "mean_response_length": 20.4}}})
+    common.write_jsonl(out / "sample_effect" / "top.jsonl", [
+        {"sample_effect": 0.3, "source_file": "/x/sft_teacher.jsonl"}, {"sample_effect": 0.5, "source_file": "/x/redistill_A.jsonl"},
+        {"sample_effect": 0.4, "source_file": "/x/redistill_A.jsonl"}])
+    common.write_jsonl(out / "sample_effect" / "bottom.jsonl", [{"sample_effect": -0.2, "source_file": "/x/sft_teacher.jsonl"}])
+    common.write_json(out / "base_probe.json", {"accuracy": 0.29, "people": {"2": {"accuracy": 0.34}, "3": {"accuracy": 0.27}}})
+    return out
+
+
+def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
+    report.main(["--out_dir", str(run_dir), "--preset", "tiny", "--plots", "false"])
+    text = (run_dir / "results.md").read_text()
+    assert text in capsys.readouterr().out
+    assert text.startswith("## Results (tiny)")
+    lines = text.splitlines()
+    row = {name: next(line for line in lines if line.startswith(f"| {name} |")) for name in ("base", "sft", "rl", "redistill_A")}
+    # rl: its own cpu-h is both RL attempts (360 s = 0.1 h); its total adds the teacher data and the cold start
+    assert row["rl"].startswith("| rl | 0.50 | 0.40 | 0.42 |") and "| 40 | 384 | 0.10 | 0.11 |" in row["rl"]
+    assert "| 13 | 0 |" in row["redistill_A"] and "| 40 | 0 |" in row["sft"]
+    assert "GRPO gain over its start (rl - sft, overall): +17.5 points." in text
+    assert "(shared by all): 0.052 cpu-h" in text
+    assert "own pre-training format (tiny_base.py --probe, greedy): 0.29 overall (people 2 0.34, people 3 0.27)" in text
+    assert "| sft_teacher.jsonl | 40 | 0.0500 | 0.0600 | 0.1000 | 20 |" in text
+    # top/bottom: mean effect of the chosen samples and where they came from
+    assert "| se_top | 0.1000 | 0.1000 | 0.1000 |" in text
+    assert "| 3 | 0.4000 | redistill_A.jsonl 2, sft_teacher.jsonl 1 |" in text
+    assert "| se_bottom |" in text and "| 1 | -0.2000 | sft_teacher.jsonl 1 |" in text
+    assert "| all | 605 |" in text
+
+
+def test_a_run_without_evaluations_is_a_clear_error(tmp_path):
+    with pytest.raises(common.UserError, match="no evaluation summaries yet"):
+        report.main(["--out_dir", str(tmp_path), "--plots", "false"])
+
+
+def test_plots_when_matplotlib_is_installed(run_dir):
+    pytest.importorskip("matplotlib")
+    report.main(["--out_dir", str(run_dir), "--plots", "true"])
+    for name in ("rl_curve.png", "accuracy_by_difficulty.png"):
+        assert os.path.getsize(run_dir / name) > 1000
