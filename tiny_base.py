@@ -25,12 +25,13 @@ Usage:
 import argparse
 import os
 import random
+import types
 
 import torch
 
 import common
 import kk_data
-from model import build_tokenizer, generate, load_model, load_tokenizer, stop_token_ids
+from model import build_tokenizer, load_model, load_tokenizer
 
 parser = argparse.ArgumentParser(description="K&K pre-training text and a tiny BPE tokenizer for the tiny preset's base model.")
 parser.add_argument("--out_dir", default="runs/tiny/base_data", help="writes pretrain.jsonl and tokenizer/ here")
@@ -63,6 +64,22 @@ def answer_prompt(record):
     return common.PLAIN_TEMPLATE.format(question=record["question"]).rsplit("\n", 1)[0] + "\n"
 
 
+def document_answer(response, record):
+    """{name: is_knight} from an answer-format response ("Emma is a knave, Liam is a knight."), or None."""
+    line = response.strip().split("\n")[0].rstrip(".")
+    return kk_data.parse_answer(line, record["names"], record.get("knight_knave") or kk_data.KNIGHT_KNAVE)
+
+
+def truth(record):
+    return {name: bool(s) for name, s in zip(record["names"], record["solution"])}
+
+
+# the answer-format documents as a task for common.sample_responses: their prompt, kk_data.score without \boxed{}
+ANSWER_FORMAT = types.SimpleNamespace(
+    render_prompt=lambda record, tokenizer, template: answer_prompt(record),
+    score=lambda response, record, finished: float(finished and document_answer(response, record) == truth(record)))
+
+
 @torch.no_grad()
 def probe(args):
     """Greedy accuracy of a checkpoint on a split, asked and scored in the answer-format documents' own format."""
@@ -71,19 +88,15 @@ def probe(args):
     model, tokenizer = load_model(args.probe), load_tokenizer(args.probe)
     model.eval()
     records = kk_data.load_split(args.probe_split)
+    samples = common.sample_responses(model, tokenizer, ANSWER_FORMAT, records, max_new_tokens=args.probe_tokens,
+                                      batch_size=args.probe_batch, desc="probe", progress=False)
     per_people = {}
-    for start in range(0, len(records), args.probe_batch):
-        batch = records[start:start + args.probe_batch]
-        prompts = [tokenizer(answer_prompt(r))["input_ids"] for r in batch]
-        for record, g in zip(batch, generate(model, prompts, n=1, max_new_tokens=args.probe_tokens, temperature=0.0,
-                                             stop_ids=stop_token_ids(tokenizer))):
-            line = tokenizer.decode(g.tokens, skip_special_tokens=True).strip().split("\n")[0].rstrip(".")
-            answer = kk_data.parse_answer(line, record["names"], record.get("knight_knave") or kk_data.KNIGHT_KNAVE)
-            truth = {name: bool(s) for name, s in zip(record["names"], record["solution"])}
-            row = per_people.setdefault(str(record["people"]), {"n": 0, "well_formed": 0, "correct": 0})
-            row["n"] += 1
-            row["well_formed"] += g.finished and answer is not None and set(answer) == set(truth)
-            row["correct"] += g.finished and answer == truth
+    for record, sample in zip(records, samples):
+        answer = document_answer(sample["response"], record)
+        row = per_people.setdefault(str(record["people"]), {"n": 0, "well_formed": 0, "correct": 0})
+        row["n"] += 1
+        row["well_formed"] += sample["finished"] and answer is not None and set(answer) == set(record["names"])
+        row["correct"] += sample["reward"]
     result = {"checkpoint": args.probe, "split": args.probe_split, "format": "answer-format pre-training document",
               "n": len(records), "accuracy": sum(r["correct"] for r in per_people.values()) / len(records),
               "people": {k: {"n": r["n"], "accuracy": r["correct"] / r["n"], "well_formed": r["well_formed"] / r["n"]}

@@ -4,13 +4,9 @@
 # and the MATH data: MATH_POOL / MATH_TEST files (PRM800K math_splits train/test jsonl, or a Hendrycks
 # directory), or MATH_DATA_ARGS=--hub where a network exists (needs `pip install datasets`).
 # Teacher: the MATH reference solutions (the paper's short CoT; its long-CoT teacher is DeepSeek-R1).
-GPUS=${GPUS:-8}
+source config/qwen2.5-1.5b.inc  # base model, launcher, GRPO/sampling/eval/sample-effect settings
 OUT=${OUT:-runs/math-qwen2.5-1.5b}
 DATA=${DATA:-data/math}
-BASE_HUB_NAME=Qwen/Qwen2.5-1.5B
-BASE=${MODEL_DIR:-models/Qwen2.5-1.5B}
-DEVICES=$GPUS; DEVICE_KIND=gpu
-LAUNCH="torchrun --standalone --nproc_per_node=$GPUS"
 TASK=math; TASK_SCRIPT=math_data.py
 TRAIN=$DATA/rl_train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft_train.jsonl
 # the paper's splits: seed-1234 shuffle of the train pool, 900 SFT / 100 SFT-val / the rest RL; test = MATH-500
@@ -20,19 +16,11 @@ DATA_CMD="python math_data.py --out_dir $DATA $MATH_DATA_ARGS --n_sft_train 900 
 # SFT (section 7): AdamW lr 1e-5, cosine to 0, 2 epochs, global batch 32, seq-mean loss
 SFT_ARGS="--epochs 2 --global_batch 32 --lr 1e-5 --max_length 5000 --gradient_checkpointing --bf16 --save_every 0"
 
-# GRPO (section 8): as K&K but lr 2.5e-6 with 4 warm-up steps; the paper re-distils from step 50
+# GRPO (section 8): the shared paper settings at lr 2.5e-6 after 4 warm-up steps; the paper re-distils from step 50
 RL_STEPS=50
-RL_ARGS="--prompts_per_step 128 --group_size 8 --temperature 0.7 --max_prompt_tokens 1024 --max_response_tokens 4096 \
---lr 2.5e-6 --warmup_steps 4 --beta1 0.5 --beta2 0.999 --weight_decay 0.01 --grad_clip 1.0 --clip_low 0.2 --clip_high 0.2 \
---kl_coef 0 --entropy_coef 0 --ppo_epochs 1 --ppo_mini_batches 1 --loss_agg token_mean --dtype bfloat16 \
---gradient_checkpointing true --micro_batch_tokens 30000 --val_every 5 --save_every 25"
+RL_ARGS="$PAPER_GRPO_ARGS --lr 2.5e-6 --warmup_steps 4"
 
 # re-distillation (section 3.2): A greedy on the SFT prompts (the paper's MATH set, ~500 kept);
 # B (not in the paper for MATH; the K&K recipe): correct rollouts of steps 50,40-49, first 500
-SAMPLE_ARGS="--max_new_tokens 4096"
 B_STEPS="50,40-49"
 B_SAMPLES=500
-
-EVAL_ARGS="--max_new_tokens 4096 --temperature 0 --num_samples 1"
-EFFECT_ARGS="--num_eval_prompts 100 --k 8 --temperature 0.7 --max_new_tokens 4096 --max_length 5000 --proj_dim 65536 \
---grad_checkpointing true"

@@ -11,9 +11,15 @@ def test_probe_prompt_is_the_answer_documents_prefix():
         doc = tiny_base.document(record, with_trace=False)
         prompt = tiny_base.answer_prompt(record)
         assert doc.startswith(prompt) and prompt.endswith("\nAnswer:\n")
-        # what follows is the answer sentence the probe parses, and it reads back as the solution
-        answer = kk_data.parse_answer(doc[len(prompt):].rstrip("."), record["names"], kk_data.KNIGHT_KNAVE)
-        assert answer == {n: bool(s) for n, s in zip(record["names"], record["solution"])}
+        assert tiny_base.ANSWER_FORMAT.render_prompt(record, None, "auto") == prompt
+        # what follows is the answer sentence the probe scores: right only when finished and every role is right
+        answer = doc[len(prompt):]
+        assert tiny_base.ANSWER_FORMAT.score(answer, record, True) == 1.0
+        assert tiny_base.ANSWER_FORMAT.score(answer, record, False) == 0.0
+        first = record["names"][0]
+        flipped = answer.replace(f"{first} is a knight", "X").replace(f"{first} is a knave", f"{first} is a knight")
+        flipped = flipped.replace("X", f"{first} is a knave")
+        assert flipped != answer and tiny_base.ANSWER_FORMAT.score(flipped, record, True) == 0.0
 
 
 def test_probe_needs_a_split(tiny_checkpoint):
