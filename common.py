@@ -164,8 +164,6 @@ def iter_jsonl(path):
 
 def read_jsonl(path, required=()):
     """Read a jsonl file; a bad line or a missing field raises UserError naming file, line and field."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found")
     records = []
     for lineno, rec in iter_jsonl(path):
         for field in required:

@@ -429,9 +429,13 @@ def score(response, record, finished):
     content = last_boxed(response)
     if content is None:
         return 0.0
+    return 1.0 if answer_is_right(content, record) else 0.0
+
+
+def answer_is_right(content, record):
+    """Whether an answer text ("A is a knight, B is a knave") names everyone once with the right role."""
     answer = parse_answer(content, record['names'], record.get('knight_knave') or KNIGHT_KNAVE)
-    truth = {name: bool(s) for name, s in zip(record['names'], record['solution'])}
-    return 1.0 if answer == truth else 0.0
+    return answer == {name: bool(s) for name, s in zip(record['names'], record['solution'])}
 
 
 # -----------------------------------------------------------------------------

@@ -72,8 +72,9 @@ def rl_rollouts(out_dir):
         return None, [], {}
     with open(path) as f:
         settings = json.load(f)
-    steps = [m for m in common.read_jsonl(metrics) if m.get("step", 0) > 0 and "reward" in m]
-    return len(steps) * settings["prompts_per_step"] * settings["group_size"], common.read_jsonl(metrics), settings
+    rows = common.read_jsonl(metrics)
+    steps = [m for m in rows if m.get("step", 0) > 0 and "reward" in m]
+    return len(steps) * settings["prompts_per_step"] * settings["group_size"], rows, settings
 
 
 def plots(out_dir, metrics, summaries, temperature):

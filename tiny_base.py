@@ -64,20 +64,15 @@ def answer_prompt(record):
     return common.PLAIN_TEMPLATE.format(question=record["question"]).rsplit("\n", 1)[0] + "\n"
 
 
-def document_answer(response, record):
-    """{name: is_knight} from an answer-format response ("Emma is a knave, Liam is a knight."), or None."""
-    line = response.strip().split("\n")[0].rstrip(".")
-    return kk_data.parse_answer(line, record["names"], record.get("knight_knave") or kk_data.KNIGHT_KNAVE)
-
-
-def truth(record):
-    return {name: bool(s) for name, s in zip(record["names"], record["solution"])}
+def answer_line(response):
+    """The answer sentence of an answer-format response ("Emma is a knave, Liam is a knight.") without its period."""
+    return response.strip().split("\n")[0].rstrip(".")
 
 
 # the answer-format documents as a task for common.sample_responses: their prompt, kk_data.score without \boxed{}
 ANSWER_FORMAT = types.SimpleNamespace(
     render_prompt=lambda record, tokenizer, template: answer_prompt(record),
-    score=lambda response, record, finished: float(finished and document_answer(response, record) == truth(record)))
+    score=lambda response, record, finished: float(finished and kk_data.answer_is_right(answer_line(response), record)))
 
 
 @torch.no_grad()
@@ -92,7 +87,8 @@ def probe(args):
                                       batch_size=args.probe_batch, desc="probe", progress=False)
     per_people = {}
     for record, sample in zip(records, samples):
-        answer = document_answer(sample["response"], record)
+        answer = kk_data.parse_answer(answer_line(sample["response"]), record["names"],
+                                      record.get("knight_knave") or kk_data.KNIGHT_KNAVE)
         row = per_people.setdefault(str(record["people"]), {"n": 0, "well_formed": 0, "correct": 0})
         row["n"] += 1
         row["well_formed"] += sample["finished"] and answer is not None and set(answer) == set(record["names"])
