@@ -53,9 +53,8 @@ parser.add_argument("--probe_batch", type=int, default=200, help="--probe: quest
 
 
 def document(record, with_trace):
-    question = common.PLAIN_TEMPLATE.format(question=record["question"])  # "Question:\n...\nAnswer:\nLet's think step by step."
-    if with_trace:
-        return question + "\n" + kk_data.teacher_response(record)
+    if with_trace:  # "Question:\n...\nAnswer:\nLet's think step by step.\n" + the trace
+        return common.PLAIN_TEMPLATE.format(question=record["question"]) + "\n" + kk_data.teacher_response(record)
     return answer_prompt(record) + kk_data.answer_text(record) + "."
 
 
