@@ -77,7 +77,13 @@ def rl_rollouts(out_dir):
     return len(steps) * settings["prompts_per_step"] * settings["group_size"], rows, settings
 
 
-def plots(out_dir, metrics, summaries, temperature):
+def difficulty_key(summary):
+    """The task's difficulty key ("people" for K&K, "level" for MATH), from the task eval.py recorded."""
+    task = summary.get("settings", {}).get("task")
+    return (common.get_task(task).DIFFICULTY or "difficulty") if task else "difficulty"
+
+
+def plots(out_dir, metrics, summaries, temperature, difficulty):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -103,7 +109,7 @@ def plots(out_dir, metrics, summaries, temperature):
         for i, (name, s) in enumerate(summaries.items()):
             ax.bar([j + i * width for j in range(len(levels))], [s["by_difficulty"][lv]["accuracy"] for lv in levels],
                    width, label=name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], [f"{lv} people" for lv in levels])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], [f"{difficulty} {lv}" for lv in levels])
         ax.set_ylabel("test accuracy (greedy)"), ax.set_ylim(0, 1), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         written.append(os.path.join(out_dir, "accuracy_by_difficulty.png"))
@@ -125,16 +131,17 @@ def main(argv=None):
     if not summaries:
         raise common.UserError(f"{out}/eval: no evaluation summaries yet; run reproduce.sh first")
     kind = next(iter(times.values()))[2] if times else "device"
+    difficulty = difficulty_key(next(iter(summaries.values())))
 
     rows = []
     for name, s in summaries.items():
-        row = summary_row(s, name, "ppl")
+        row = summary_row(s, name, difficulty)
         row["SFT samples"] = count_lines(os.path.join(out, SFT_SET[name])) if name in SFT_SET else 0
         row["RL rollouts"] = rollouts if name in ("rl",) else 0
         row[f"own {kind}-h"] = round(device_hours(times, OWN[name]), 3)
         row[f"total {kind}-h"] = round(device_hours(times, OWN[name] + UPSTREAM[name]), 3)
         rows.append(row)
-    lines = [f"## Results{' (' + args.preset + ')' if args.preset else ''}: test accuracy (greedy, pass@1) per number of people",
+    lines = [f"## Results{' (' + args.preset + ')' if args.preset else ''}: test accuracy (greedy, pass@1) per {difficulty}",
              "", markdown_table(rows)]
     lines.append(f"SFT samples: the set the model was fine-tuned on (RL: its cold start's). RL rollouts: prompts x "
                  f"group x steps. {kind}-h: measured wall time x devices; own = the stages that made it from its "
@@ -170,7 +177,7 @@ def main(argv=None):
         chosen_path = os.path.join(out, "sample_effect", name[3:] + ".jsonl")
         if os.path.exists(summary_path) and os.path.exists(chosen_path):
             with open(summary_path) as f:
-                row = summary_row(json.load(f), name, "ppl")
+                row = summary_row(json.load(f), name, difficulty)
             chosen = common.read_jsonl(chosen_path)
             sources = {}
             for rec in chosen:
@@ -194,7 +201,7 @@ def main(argv=None):
         f.write(text)
     print(text)
     if args.plots:
-        for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries, rl_settings.get("temperature")):
+        for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries, rl_settings.get("temperature"), difficulty):
             print(f"wrote {path}")
     print(f"wrote {os.path.join(out, 'results.md')}")
 

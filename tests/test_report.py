@@ -8,8 +8,8 @@ import common
 import report
 
 
-def summary(acc2, acc3, overall):
-    return {"by_difficulty": {"2": {"accuracy": acc2}, "3": {"accuracy": acc3}}, "pass_k": [1],
+def summary(acc2, acc3, overall, task="kk"):
+    return {"settings": {"task": task}, "by_difficulty": {"2": {"accuracy": acc2}, "3": {"accuracy": acc3}}, "pass_k": [1],
             "overall": {"accuracy": overall, "mean_length": 22.0, "truncation_rate": 0.0}}
 
 
@@ -45,7 +45,8 @@ def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
     report.main(["--out_dir", str(run_dir), "--preset", "tiny", "--plots", "false"])
     text = (run_dir / "results.md").read_text()
     assert text in capsys.readouterr().out
-    assert text.startswith("## Results (tiny)")
+    assert text.startswith("## Results (tiny): test accuracy (greedy, pass@1) per people")
+    assert "| checkpoint | people 2 | people 3 | overall |" in text
     lines = text.splitlines()
     row = {name: next(line for line in lines if line.startswith(f"| {name} |")) for name in ("base", "sft", "rl", "redistill_A")}
     # rl: its own cpu-h is both RL attempts (360 s = 0.1 h); its total adds the teacher data and the cold start
@@ -60,6 +61,15 @@ def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
     assert "| 3 | 0.4000 | redistill_A.jsonl 2, sft_teacher.jsonl 1 |" in text
     assert "| se_bottom |" in text and "| 1 | -0.2000 | sft_teacher.jsonl 1 |" in text
     assert "| all | 605 |" in text
+
+
+def test_math_runs_are_labelled_by_level(run_dir):
+    for path in [*run_dir.glob("eval/*/test/summary.json"), *run_dir.glob("eval_se/*/test/summary.json")]:
+        common.write_json(path, summary(0.1, 0.2, 0.15, task="math"))  # the same run, evaluated on a MATH split
+    (run_dir / "base_probe.json").unlink()  # the tiny K&K base's probe: not part of a MATH run
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text()
+    assert "per level" in text and "| checkpoint | level 2 | level 3 | overall |" in text and "people" not in text
 
 
 def test_a_run_without_evaluations_is_a_clear_error(tmp_path):

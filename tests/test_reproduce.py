@@ -71,7 +71,7 @@ def test_micro_pipeline_writes_every_artefact(micro_run):
     with open(f"{out}/results.md") as f:
         table = f.read()
     assert table in proc.stdout
-    assert "| checkpoint | ppl 2 | ppl 3 | overall |" in table and "SFT samples" in table and "RL rollouts" in table
+    assert "| checkpoint | people 2 | people 3 | overall |" in table and "SFT samples" in table and "RL rollouts" in table
     for name in names:
         assert f"| {name} |" in table
     assert "GRPO gain over its start" in table and "Wall time per stage" in table

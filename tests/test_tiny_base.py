@@ -22,13 +22,13 @@ def test_probe_prompt_is_the_answer_documents_prefix():
         assert flipped != answer and tiny_base.ANSWER_FORMAT.score(flipped, record, True) == 0.0
 
 
-
 def test_trace_documents_hold_the_question_then_the_teachers_trace():
     for record in kk_data.generate(7, 3, 3, fixed_names=True, log=lambda *a: None):
         doc = tiny_base.document(record, with_trace=True)
         question, trace = doc.split("\nAnswer:\nLet's think step by step.\n")
         assert question == "Question:\n" + record["question"]
         assert trace == kk_data.teacher_response(record) and trace.endswith(kk_data.answer_text(record) + "}.")
+
 
 def test_probe_needs_a_split(tiny_checkpoint):
     with pytest.raises(common.UserError, match="--probe_split"):
