@@ -19,7 +19,9 @@ that stream), `people` (the difficulty) and `question` (quiz + the paper's answe
 """
 import argparse
 import ast
+import itertools
 import os
+import random
 import re
 import time
 from functools import lru_cache
@@ -346,18 +348,65 @@ def format_trace(tape, statements, names, kk):
     return steps
 
 
-TEACHER_STYLES = ("trace", "answer")
+def table_order(n_people):
+    """(roles, column) of every assignment in truth-table order: all knights first, the last person's role
+    changing fastest; column = the assignment's index in knight_masks and evaluate's vectors."""
+    for roles in itertools.product((True, False), repeat=n_people):
+        yield roles, sum(1 << i for i, knight in enumerate(roles) if knight)
+
+
+def roles_text(roles, kk=KNIGHT_KNAVE):
+    return ' '.join(kk['knight'] if knight else kk['knave'] for knight in roles)
+
+
+def table_rows(statements, kk=KNIGHT_KNAVE):
+    """A truth-table chain of thought, one line per assignment tried in table_order: the roles, then each
+    person's statement's truth value under them until one contradicts its speaker ("no"); the first
+    consistent assignment ends the table ("yes"). "knight knave: true false yes."
+
+    Not the official trace: each value is a few lookups in the question, a shape the tiny preset's model
+    learns from pre-training (README "The tiny preset"); the official trace's long sentences it cannot follow.
+    """
+    n = len(statements)
+    masks = knight_masks(n)
+    values = [evaluate(s, masks) for s in statements]
+    rows = []
+    for roles, column in table_order(n):
+        words, consistent = [], True
+        for i in range(n):
+            words.append("true" if values[i][column] else "false")
+            if values[i][column] != roles[i]:
+                consistent = False
+                break
+        rows.append(f"{roles_text(roles, kk)}: {' '.join(words)} {'yes' if consistent else 'no'}.")
+        if consistent:
+            return rows
+    raise ValueError("puzzle has no solution")
+
+
+def record_statements(record):
+    statements = parse_statements(record['statements'], len(record['names']))
+    if statements is None:
+        raise common.UserError(f"record {record.get('id')}: field 'statements' is not a statement tuple")
+    return statements
+
+
+TEACHER_STYLES = ("trace", "table", "answer")
 
 
 def teacher_response(record, style="trace"):
     """The teacher's SFT response, ending with the boxed answer (no EOS: the SFT loader adds it).
 
     trace:  the official step-by-step trace, then the answer (the paper's short-CoT SFT target)
-    answer: the answer line alone (the tiny preset: its model cannot follow the trace, see config/tiny.sh)
+    table:  the truth table of table_rows, then the answer (the tiny preset's chain of thought)
+    answer: the answer line alone
     """
     final = f"The final answer is: \\boxed{{{answer_text(record)}}}."
     if style == "answer":
         return final
+    if style == "table":
+        kk = record.get('knight_knave') or KNIGHT_KNAVE
+        return '\n'.join(table_rows(record_statements(record), kk)) + '\n' + final
     if style != "trace":
         raise common.UserError(f"unknown teacher style {style!r}; choose one of {', '.join(TEACHER_STYLES)}")
     steps = ' '.join(record['cot_repeat_steps'])
@@ -641,15 +690,21 @@ def write_teacher_sft(args):
             raise common.UserError(f"{args.tokenizer}: cannot load tokenizer ({e})")
     elif args.template != "plain":
         raise common.UserError("--teacher_sft needs --tokenizer DIR, or --template plain")
-    rows = []
+    if not 0.0 <= args.teacher_cot_fraction <= 1.0:
+        raise common.UserError(f"--teacher_cot_fraction must be in [0, 1], got {args.teacher_cot_fraction}")
+    rng = random.Random(args.teacher_seed)  # which puzzles carry the chain of thought: reproducible
+    rows, with_cot = [], 0
     for rec in load_split(args.split):
         prompt = render_prompt(rec, tokenizer, args.template)
-        response = teacher_response(rec, args.teacher_style)
+        cot = rng.random() < args.teacher_cot_fraction
+        with_cot += cot
+        response = teacher_response(rec, args.teacher_style if cot else "answer")
         if prompt and not prompt[-1].isspace():  # the plain template ends "step by step."; chat ends with "\n"
             response = "\n" + response
         rows.append({"id": rec["id"], "task": "kk", "prompt": prompt, "response": response})
     common.write_jsonl(args.teacher_sft, rows)
-    print(f"wrote {len(rows)} teacher SFT examples to {args.teacher_sft}")
+    print(f"wrote {len(rows)} teacher SFT examples to {args.teacher_sft} ({with_cot} with the {args.teacher_style} "
+          f"chain of thought, {len(rows) - with_cot} with the answer alone)")
 
 
 def main(argv=None):
@@ -676,7 +731,13 @@ def main(argv=None):
                         help="with --teacher_sft: prompt template (auto = chat when the tokenizer has one)")
     parser.add_argument("--teacher_style", default="trace", choices=TEACHER_STYLES,
                         help="with --teacher_sft: 'trace' = official step-by-step trace + answer (paper); "
-                        "'answer' = the final answer line alone (tiny preset)")
+                        "'table' = a truth table, one line per assignment tried (tiny preset); "
+                        "'answer' = the final answer line alone")
+    parser.add_argument("--teacher_cot_fraction", type=float, default=1.0,
+                        help="with --teacher_sft: share of the puzzles whose response carries the --teacher_style chain "
+                        "of thought; the others get the answer line alone (tiny preset: 0.25, a teacher that shows "
+                        "its work on a quarter of the puzzles; paper: 1)")
+    parser.add_argument("--teacher_seed", type=int, default=0, help="seed of which puzzles carry the chain of thought")
     parser.add_argument("--fixed_names", type=common.str2bool, default=False,
                         help="person i is always the i-th official name (Emma, Liam, Olivia, ...) instead of a random "
                         "one: the tiny preset's model cannot learn to copy names in minutes (not the paper's data)")

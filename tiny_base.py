@@ -11,11 +11,15 @@ and redistill_sft.py --init_tiny --pretrain_text OUT_DIR/pretrain.jsonl pre-trai
 --text_format chooses what a document holds after the question:
   answer  only the final answer sentence ("Answer: Zoey is a knave, Oliver is a knight.")
   trace   the official step-by-step trace and the boxed answer (what the teacher SFT data also holds)
+  table   the truth-table chain of thought (kk_data.table_rows) and the boxed answer
   mixed   --trace_fraction of the documents as `trace`, the rest as `answer`
+--drill_per_people adds claim drills: one random claim and its truth value under every assignment of its
+people, in the table's row order ("Claim: Liam is a knave and Emma is a knight.\nknight knight: false\n...").
+They practise the table's one hard step, a claim's value under a row, without a puzzle around it.
 
 --probe CKPT measures instead what a checkpoint knows in this pre-training format: greedy answers to a split's
-questions, asked as the documents ask them ("Question:\n...\nAnswer:\n"), scored like kk_data.score but
-without the \boxed{} the chat format asks for. For the base this is its ability before any chat-format SFT:
+questions, asked as the documents ask them ("Question:\n...\nAnswer:\n"), scored like kk_data.score on
+the boxed answer of a table document, or on the answer sentence (no \boxed{}) of an answer document. For the base this is its ability before any chat-format SFT:
 the ceiling a cold start and GRPO can bring out of it (README "The tiny preset: results").
 
 Usage:
@@ -27,6 +31,7 @@ import os
 import random
 import types
 
+import numpy as np
 import torch
 
 import common
@@ -39,8 +44,10 @@ parser.add_argument("--people", default="2-4", help="people counts of the pre-tr
 parser.add_argument("--per_people", default="1000", help="puzzles per people count (one number, or one per count)")
 parser.add_argument("--seed", type=int, default=300000, help="seed of the pre-training puzzle stream (differs from the splits')")
 parser.add_argument("--exclude", nargs="*", default=[], help="split files whose puzzles must not appear in the text (test, SFT pool)")
-parser.add_argument("--text_format", default="mixed", choices=("answer", "trace", "mixed"), help="what follows each question (see the docstring)")
+parser.add_argument("--text_format", default="mixed", choices=("answer", "trace", "table", "mixed"), help="what follows each question (see the docstring)")
 parser.add_argument("--trace_fraction", type=float, default=0.5, help="--text_format mixed: share of documents with the trace")
+parser.add_argument("--drill_people", default="2-3", help="people counts of the claim drills (range or list)")
+parser.add_argument("--drill_per_people", default="0", help="claim drills per people count (one number, or one per count; 0 = none)")
 parser.add_argument("--fixed_names", type=common.str2bool, default=False,
                     help="person i is always the i-th official name (as kk_data.py --fixed_names; use the splits' setting)")
 parser.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size (special tokens included)")
@@ -48,14 +55,26 @@ parser.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary
 parser.add_argument("--probe", default="", help="checkpoint to probe instead of writing the corpus (see the docstring)")
 parser.add_argument("--probe_split", default="", help="--probe: the K&K split whose questions are asked")
 parser.add_argument("--probe_out", default="", help="--probe: JSON file of the result ('' = print only)")
-parser.add_argument("--probe_tokens", type=int, default=60, help="--probe: answer budget in tokens (longer = wrong)")
+parser.add_argument("--probe_tokens", type=int, default=120, help="--probe: answer budget in tokens (longer = wrong)")
 parser.add_argument("--probe_batch", type=int, default=200, help="--probe: questions per generation batch")
 
 
-def document(record, with_trace):
-    if with_trace:  # "Question:\n...\nAnswer:\nLet's think step by step.\n" + the trace
+def document(record, style):
+    if style == "trace":  # "Question:\n...\nAnswer:\nLet's think step by step.\n" + the trace
         return common.PLAIN_TEMPLATE.format(question=record["question"]) + "\n" + kk_data.teacher_response(record)
+    if style == "table":
+        return answer_prompt(record) + kk_data.teacher_response(record, "table")
     return answer_prompt(record) + kk_data.answer_text(record) + "."
+
+
+def claim_drill(rng, names):
+    """One random claim (the puzzles' own statement sampler) and its truth value on every table row."""
+    n = len(names)
+    statement = kk_data.sample_statement(rng, n, int(rng.integers(0, n)), kk_data.DEPTH)
+    values = kk_data.evaluate(statement, kk_data.knight_masks(n))
+    rows = [f"{kk_data.roles_text(roles)}: {'true' if values[column] else 'false'}"
+            for roles, column in kk_data.table_order(n)]
+    return f"Claim: {kk_data.format_statement(names, kk_data.KNIGHT_KNAVE, statement)}.\n" + "\n".join(rows)
 
 
 def answer_prompt(record):
@@ -64,8 +83,10 @@ def answer_prompt(record):
 
 
 def answer_line(response):
-    """The answer sentence of an answer-format response ("Emma is a knave, Liam is a knight.") without its period."""
-    return response.strip().split("\n")[0].rstrip(".")
+    """The answer of a pre-training-format response: the boxed answer of a table document, else the answer
+    sentence of an answer document ("Emma is a knave, Liam is a knight.") without its period."""
+    boxed = kk_data.last_boxed(response)
+    return boxed if boxed is not None else response.strip().split("\n")[0].rstrip(".")
 
 
 # the answer-format documents as a task for common.sample_responses: their prompt, kk_data.score without \boxed{}
@@ -114,8 +135,18 @@ def main(argv=None):
     records = [r for n, size in zip(people, sizes) for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names)]
     rng = random.Random(args.seed)
     rng.shuffle(records)
-    fraction = {"answer": 0.0, "trace": 1.0, "mixed": args.trace_fraction}[args.text_format]
-    docs = [{"text": document(r, rng.random() < fraction)} for r in records]
+    if args.text_format == "mixed":
+        docs = [{"text": document(r, "trace" if rng.random() < args.trace_fraction else "answer")} for r in records]
+    else:
+        docs = [{"text": document(r, args.text_format)} for r in records]
+    drill_people = kk_data.parse_people(args.drill_people, "drill_people")
+    drill_rng = np.random.default_rng(args.seed)
+    for n, size in zip(drill_people, kk_data.parse_sizes(args.drill_per_people, drill_people, "drill_per_people")):
+        for _ in range(size):
+            names = kk_data.COMMON_NAMES[:n] if args.fixed_names else \
+                [str(x) for x in drill_rng.choice(kk_data.COMMON_NAMES, size=n, replace=False)]
+            docs.append({"text": claim_drill(drill_rng, names)})
+    rng.shuffle(docs)
     common.write_jsonl(os.path.join(args.out_dir, "pretrain.jsonl"), docs)
     # the tokenizer sees the pre-training text, every teacher trace shape and the chat prompt's system text
     texts = [d["text"] for d in docs] + [r["question"] + "\n" + kk_data.teacher_response(r) for r in records[:2000]]

@@ -1,12 +1,18 @@
 # tiny: the whole study on a CPU in minutes (2 cores; no download). Sourced by reproduce.sh.
 # A ~0.9M-parameter Qwen2-architecture model and a ~850-token BPE tokenizer are built here and the model is
 # pre-trained from scratch on K&K puzzles with their answers (plain Question/Answer format) to be the "base".
-# Two simplifications, both forced by the model's size (README "The tiny preset" has the measurements):
+# Three choices forced by the model's size (README "The tiny preset" has the measurements):
 #  - fixed names (person i is always Emma, Liam, Olivia): with random names the model does not learn to copy
 #    names from the question in minutes (name tokens stay at ~4 nats = chance over 51 names) and never scores;
-#  - answer-only teacher ("The final answer is: \boxed{...}."): the official step-by-step trace did not help
-#    it (13% on 3 people, the "all knights" prior) and makes every RL step ~10x dearer.
-# SFT pool 2-3 people and RL on 3 people, as in the paper (its RL split has 3-7 people).
+#  - a truth-table chain of thought instead of the official trace, which this model cannot follow (13% on
+#    3 people, the "all knights" prior): one line per assignment tried, each claim's truth value, "yes" at
+#    the first consistent one (kk_data.table_rows). The base is pre-trained on puzzles solved this way, plus
+#    claim drills (a claim's value on every row), so the table is a skill the base has;
+#  - a teacher that shows its work on a quarter of the SFT puzzles and gives the answer alone on the rest.
+#    The cold start imitates the majority and answers at once, which this model does badly; whether GRPO
+#    finds that working through the table pays is the experiment (R1's "longer responses" in miniature).
+# SFT pool 2-3 people and RL on 2-3 people (the paper's RL split has 3-7; three-only RL forgets how to
+# answer two-people puzzles: it writes three rows and names).
 OUT=${OUT:-runs/tiny}
 DATA=${DATA:-$OUT/data}
 DEVICES=1; DEVICE_KIND=cpu
@@ -15,14 +21,17 @@ LAUNCH=python
 TASK=kk; TASK_SCRIPT=kk_data.py
 TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # test: the official test stream's first 50 2-people and 150 3-people puzzles (names fixed);
-# RL train: 3,000 3-people puzzles; teacher SFT pool ("1K" in the paper): 100 + 300 of 2-3 people
+# RL train: 100 + 1,500 puzzles of 2-3 people (2-people puzzles are few: ~350 exist); teacher SFT pool
+# ("1K" in the paper): 100 + 300 of 2-3 people
 DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 2-3 --test_per_people 50,150 \
---train_people 3 --train_per_people 3000 --sft_people 2-3 --sft_per_people 100,300"
-TEACHER_ARGS="--teacher_style answer"
+--train_people 2-3 --train_per_people 100,1500 --sft_people 2-3 --sft_per_people 100,300"
+TEACHER_ARGS="--teacher_style table --teacher_cot_fraction 0.25"
 
 TINY_BASE=1
-# pre-training: 6,150 answered puzzles (~0.8M tokens), 2 epochs; none is a test or SFT-pool puzzle
-BASE_TEXT_ARGS="--people 2-3 --per_people 150,6000 --text_format answer --fixed_names true --vocab_size 1024"
+# pre-training: 6,150 puzzles solved by the table + 12,000 claim drills (~1.7M tokens), 2 epochs;
+# none is a test or SFT-pool puzzle
+BASE_TEXT_ARGS="--people 2-3 --per_people 150,6000 --text_format table --drill_people 2-3 --drill_per_people 3000,9000 \
+--fixed_names true --vocab_size 1024"
 PRETRAIN_ARGS="--tiny_hidden_size 128 --tiny_layers 4 --tiny_heads 4 --tiny_kv_heads 2 --tiny_context 1024 \
 --max_length 1024 --epochs 2 --global_batch 16 --lr 2e-3 --warmup_ratio 0.03 --min_lr_ratio 0.1 \
 --loss_reduction token_mean --micro_batch_tokens 4096 --save_every 100 --progress false"
@@ -32,17 +41,17 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 
 # GRPO: the paper's loss and optimizer (betas 0.5/0.999, constant lr after warm-up, no KL), 16 prompts x 8;
 # temperature 1 (more distinct answers per group); lr 1e-4 (5e-4 collapsed to reward 0 by step 75)
-RL_STEPS=200
-RL_ARGS="--prompts_per_step 16 --group_size 8 --temperature 1.0 --max_response_tokens 60 --lr 1e-4 \
+RL_STEPS=125  # the paper re-distils its K&K policy of step 125
+RL_ARGS="--prompts_per_step 16 --group_size 8 --temperature 1.0 --max_response_tokens 120 --lr 1e-4 \
 --warmup_steps 2 --gradient_checkpointing false --micro_batch_tokens 8192 --gen_batch_size 128 \
 --val_every 25 --val_limit 200 --val_batch_size 200 --save_every 25 --progress false"
 
 # re-distillation sets: A greedy on the SFT prompts; B correct rollouts of the last 50 RL steps
-SAMPLE_ARGS="--max_new_tokens 60 --batch_size 100 --progress false"
+SAMPLE_ARGS="--max_new_tokens 120 --batch_size 100 --progress false"
 B_STEPS="$RL_STEPS,$((RL_STEPS - 50))-$((RL_STEPS - 1))"  # paper: 125,115-124 (last step first)
 B_SAMPLES=400                                             # as many as the teacher set
 
-EVAL_ARGS="--max_new_tokens 60 --batch_size 200 --progress false"
-EFFECT_ARGS="--num_eval_prompts 200 --k 8 --max_new_tokens 60 --max_length 1024 --exact true --proj_dim 0 \
+EVAL_ARGS="--max_new_tokens 120 --batch_size 200 --progress false"
+EFFECT_ARGS="--num_eval_prompts 200 --k 8 --max_new_tokens 120 --max_length 1024 --exact true --proj_dim 0 \
 --gen_batch_size 200 --micro_batch_tokens 4096 --progress false --log_every 250"
 SELECT_K=100  # the sample-effect experiment: SFT the base on the 100 highest- vs the 100 lowest-effect samples

@@ -515,6 +515,47 @@ def test_teacher_style_answer(tmp_path):
     assert common.read_jsonl(out)[0]['response'] == "\n" + answer
 
 
+def test_table_rows_stop_at_the_solution():
+    for n in (2, 3, 4):
+        for rec in K.generate(11, n, 20, log=None):
+            statements = K.parse_statements(rec['statements'], n)
+            rows = K.table_rows(statements)
+            order = list(K.table_order(n))
+            masks = K.knight_masks(n)
+            for row, (roles, column) in zip(rows, order):
+                head, rest = row.split(": ")
+                words = rest.rstrip(".").split(" ")
+                assert head == K.roles_text(roles)
+                values = [bool(K.evaluate(s, masks)[column]) for s in statements]
+                # the values up to the first that contradicts its speaker, then the verdict
+                k = next((i for i, v in enumerate(values) if v != roles[i]), n)
+                assert words[:-1] == ["true" if v else "false" for v in values[:min(k + 1, n)]]
+                assert words[-1] == ("yes" if k == n else "no")
+            assert rows[-1].endswith("yes.") and sum(r.endswith("yes.") for r in rows) == 1
+            assert order[len(rows) - 1][0] == tuple(rec['solution'])  # the consistent row is the solution
+    response = K.teacher_response(rec, "table")
+    assert response == "\n".join(rows) + "\nThe final answer is: \\boxed{" + K.answer_text(rec) + "}."
+    assert K.score(response, rec, True) == 1.0
+
+
+def test_teacher_cot_fraction_mixes_chain_of_thought_and_answer_alone(tmp_path):
+    split, out = str(tmp_path / "sft.jsonl"), str(tmp_path / "teacher.jsonl")
+    records = K.generate(5, 3, 200, log=None)
+    common.write_jsonl(split, records)
+    args = ["--teacher_sft", out, "--split", split, "--template", "plain", "--teacher_style", "table"]
+    K.main(args + ["--teacher_cot_fraction", "0.25"])
+    rows = common.read_jsonl(out)
+    with_table = [r["response"] == "\n" + K.teacher_response(rec, "table") for r, rec in zip(rows, records)]
+    alone = [r["response"] == "\n" + K.teacher_response(rec, "answer") for r, rec in zip(rows, records)]
+    assert all(a != b for a, b in zip(with_table, alone)) and 30 <= sum(with_table) <= 70
+    K.main(args + ["--teacher_cot_fraction", "0.25"])
+    assert common.read_jsonl(out) == rows  # the same puzzles every time (seeded)
+    K.main(args)  # default 1: every response carries the table
+    assert all(r["response"].startswith("\nknight") for r in common.read_jsonl(out))
+    with pytest.raises(common.UserError, match="teacher_cot_fraction"):
+        K.main(args + ["--teacher_cot_fraction", "1.5"])
+
+
 def test_load_split_from_the_hub_uses_the_official_dataset(tmp_path, monkeypatch):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     local = str(tmp_path / "people3_num100.jsonl")

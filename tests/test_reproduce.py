@@ -128,7 +128,8 @@ def test_dry_run_of_the_tiny_preset_includes_the_top_vs_bottom_experiment(tmp_pa
     command_of = {lines[i][3:]: lines[i + 1][2:] for i in range(len(lines) - 1)
                   if lines[i].startswith("== ") and lines[i + 1].startswith("+ ")}
     assert "--fixed_names true" in command_of["data"] and "--fixed_names true" in command_of["base_text"]
-    assert "--teacher_style answer" in command_of["teacher_data"]
+    assert "--teacher_style table --teacher_cot_fraction 0.25" in command_of["teacher_data"]
+    assert "--text_format table --drill_people 2-3" in command_of["base_text"]
     out = str(tmp_path / "out")
     assert f"--select 100 --select_out {out}/sample_effect/top.jsonl --select_bottom {out}/sample_effect/bottom.jsonl" \
         in command_of["sample_effect"]

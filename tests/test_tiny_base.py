@@ -8,7 +8,7 @@ import tiny_base
 
 def test_probe_prompt_is_the_answer_documents_prefix():
     for record in kk_data.generate(7, 3, 5, fixed_names=True, log=lambda *a: None):
-        doc = tiny_base.document(record, with_trace=False)
+        doc = tiny_base.document(record, "answer")
         prompt = tiny_base.answer_prompt(record)
         assert doc.startswith(prompt) and prompt.endswith("\nAnswer:\n")
         assert tiny_base.ANSWER_FORMAT.render_prompt(record, None, "auto") == prompt
@@ -24,10 +24,50 @@ def test_probe_prompt_is_the_answer_documents_prefix():
 
 def test_trace_documents_hold_the_question_then_the_teachers_trace():
     for record in kk_data.generate(7, 3, 3, fixed_names=True, log=lambda *a: None):
-        doc = tiny_base.document(record, with_trace=True)
+        doc = tiny_base.document(record, "trace")
         question, trace = doc.split("\nAnswer:\nLet's think step by step.\n")
         assert question == "Question:\n" + record["question"]
         assert trace == kk_data.teacher_response(record) and trace.endswith(kk_data.answer_text(record) + "}.")
+
+
+def test_table_documents_are_probed_on_their_boxed_answer():
+    for record in kk_data.generate(7, 3, 5, fixed_names=True, log=lambda *a: None):
+        doc = tiny_base.document(record, "table")
+        prompt = tiny_base.answer_prompt(record)
+        assert doc == prompt + kk_data.teacher_response(record, "table")
+        table = doc[len(prompt):]
+        assert tiny_base.ANSWER_FORMAT.score(table, record, True) == 1.0
+        wrong = table.replace("knight}", "knave}") if table.endswith("knight}.") else table.replace("knave}", "knight}")
+        assert tiny_base.ANSWER_FORMAT.score(wrong, record, True) == 0.0
+
+
+def test_claim_drill_gives_the_claims_value_on_every_row():
+    import numpy as np
+    names = kk_data.COMMON_NAMES[:3]
+    for seed in range(20):
+        drill = tiny_base.claim_drill(np.random.default_rng(seed), names)
+        claim, *rows = drill.split("\n")
+        assert claim.startswith("Claim: ") and claim.endswith(".") and len(rows) == 8
+        for row, (roles, _) in zip(rows, kk_data.table_order(3)):
+            head, value = row.split(": ")
+            assert head == kk_data.roles_text(roles) and value in ("true", "false")
+        # the value is the claim's truth under the row: re-derive it from the roles by reading the claim's text
+        # with every person's role substituted (a row where the claim is true makes "true" its word)
+        statement_rng = np.random.default_rng(seed)
+        statement = kk_data.sample_statement(statement_rng, 3, int(statement_rng.integers(0, 3)), kk_data.DEPTH)
+        truth = kk_data.evaluate(statement, kk_data.knight_masks(3))
+        assert [r.endswith("true") for r in rows] == [bool(truth[c]) for _, c in kk_data.table_order(3)]
+
+
+def test_table_corpus_with_drills(tmp_path):
+    tiny_base.main(["--out_dir", str(tmp_path), "--people", "2-3", "--per_people", "4,6", "--text_format", "table",
+                    "--drill_people", "2-3", "--drill_per_people", "3,5", "--fixed_names", "true", "--vocab_size", "300"])
+    docs = [d["text"] for d in common.read_jsonl(str(tmp_path / "pretrain.jsonl"))]
+    drills = [d for d in docs if d.startswith("Claim: ")]
+    puzzles = [d for d in docs if d.startswith("Question:\n")]
+    assert len(drills) == 8 and len(puzzles) == 10
+    assert sorted(len(d.split("\n")) - 1 for d in drills) == [4] * 3 + [8] * 5  # 2^people rows each
+    assert all(p.split("\nAnswer:\n")[1].startswith("knight") for p in puzzles)  # the table's first row
 
 
 def test_probe_needs_a_split(tiny_checkpoint):
