@@ -18,9 +18,10 @@ people, in the table's row order ("Claim: Liam is a knave and Emma is a knight.\
 They practise the table's one hard step, a claim's value under a row, without a puzzle around it.
 
 --probe CKPT measures instead what a checkpoint knows in this pre-training format: greedy answers to a split's
-questions, asked as the documents ask them ("Question:\n...\nAnswer:\n"), scored like kk_data.score on
-the boxed answer of a table document, or on the answer sentence (no \boxed{}) of an answer document. For the base this is its ability before any chat-format SFT:
-the ceiling a cold start and GRPO can bring out of it (README "The tiny preset: results").
+questions, asked as the documents ask them ("Question:\n...\nAnswer:\n"), scored like kk_data.score on the
+boxed answer of a table document or the answer sentence (no \boxed{}) of an answer document. For the base
+this is its ability before any chat-format SFT: the ceiling a cold start and GRPO can bring out of it (README
+"The tiny preset: results").
 
 Usage:
   python tiny_base.py --out_dir runs/tiny/base_data --exclude data/tiny/test.jsonl data/tiny/sft.jsonl
@@ -89,7 +90,7 @@ def answer_line(response):
     return boxed if boxed is not None else response.strip().split("\n")[0].rstrip(".")
 
 
-# the answer-format documents as a task for common.sample_responses: their prompt, kk_data.score without \boxed{}
+# the pre-training documents as a task for common.sample_responses: their prompt, scored on answer_line
 ANSWER_FORMAT = types.SimpleNamespace(
     render_prompt=lambda record, tokenizer, template: answer_prompt(record),
     score=lambda response, record, finished: float(finished and kk_data.answer_is_right(answer_line(response), record)))

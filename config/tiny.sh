@@ -1,6 +1,6 @@
 # tiny: the whole study on a CPU in minutes (2 cores; no download). Sourced by reproduce.sh.
-# A ~0.9M-parameter Qwen2-architecture model and a ~850-token BPE tokenizer are built here and the model is
-# pre-trained from scratch on K&K puzzles with their answers (plain Question/Answer format) to be the "base".
+# A ~0.9M-parameter Qwen2-architecture model and a ~600-token BPE tokenizer are built here and the model is
+# pre-trained from scratch on K&K puzzles solved in the plain Question/Answer format to be the "base".
 # Three choices forced by the model's size (README "The tiny preset" has the measurements):
 #  - fixed names (person i is always Emma, Liam, Olivia): with random names the model does not learn to copy
 #    names from the question in minutes (name tokens stay at ~4 nats = chance over 51 names) and never scores;
@@ -40,7 +40,7 @@ PRETRAIN_ARGS="--tiny_hidden_size 128 --tiny_layers 4 --tiny_heads 4 --tiny_kv_h
 SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_tokens 4096 --save_every 20 --progress false"
 
 # GRPO: the paper's loss and optimizer (betas 0.5/0.999, constant lr after warm-up, no KL), 16 prompts x 8;
-# temperature 1 (more distinct answers per group); lr 1e-4 (5e-4 collapsed to reward 0 by step 75)
+# temperature 1 (more distinct answers per group); lr 1e-4 (on the earlier answer-only preset 5e-4 collapsed)
 RL_STEPS=100  # 100 x 16 = one epoch of the 1,600 RL puzzles (~6 min)
 RL_ARGS="--prompts_per_step 16 --group_size 8 --temperature 1.0 --max_response_tokens 120 --lr 1e-4 \
 --warmup_steps 2 --gradient_checkpointing false --micro_batch_tokens 8192 --gen_batch_size 128 \
