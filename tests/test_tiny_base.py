@@ -51,8 +51,7 @@ def test_claim_drill_gives_the_claims_value_on_every_row():
         for row, (roles, _) in zip(rows, kk_data.table_order(3)):
             head, value = row.split(": ")
             assert head == kk_data.roles_text(roles) and value in ("true", "false")
-        # the value is the claim's truth under the row: re-derive it from the roles by reading the claim's text
-        # with every person's role substituted (a row where the claim is true makes "true" its word)
+        # each row's word is the claim's truth value under that row (the same draws give the same claim)
         statement_rng = np.random.default_rng(seed)
         statement = kk_data.sample_statement(statement_rng, 3, int(statement_rng.integers(0, 3)), kk_data.DEPTH)
         truth = kk_data.evaluate(statement, kk_data.knight_masks(3))
