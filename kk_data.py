@@ -384,13 +384,6 @@ def table_rows(statements, kk=KNIGHT_KNAVE):
     raise ValueError("puzzle has no solution")
 
 
-def record_statements(record):
-    statements = parse_statements(record['statements'], len(record['names']))
-    if statements is None:
-        raise common.UserError(f"record {record.get('id')}: field 'statements' is not a statement tuple")
-    return statements
-
-
 TEACHER_STYLES = ("trace", "table", "answer")
 
 
@@ -406,7 +399,8 @@ def teacher_response(record, style="trace"):
         return final
     if style == "table":
         kk = record.get('knight_knave') or KNIGHT_KNAVE
-        return '\n'.join(table_rows(record_statements(record), kk)) + '\n' + final
+        statements = parse_statements(record['statements'], len(record['names']))  # checked by load_split
+        return '\n'.join(table_rows(statements, kk)) + '\n' + final
     if style != "trace":
         raise common.UserError(f"unknown teacher style {style!r}; choose one of {', '.join(TEACHER_STYLES)}")
     steps = ' '.join(record['cot_repeat_steps'])

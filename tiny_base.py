@@ -149,7 +149,7 @@ def main(argv=None):
             docs.append({"text": claim_drill(drill_rng, names)})
     rng.shuffle(docs)
     common.write_jsonl(os.path.join(args.out_dir, "pretrain.jsonl"), docs)
-    # the tokenizer sees the pre-training text, every teacher trace shape and the chat prompt's system text
+    # the tokenizer sees the pre-training text, the official trace's wording and the chat prompt's system text
     texts = [d["text"] for d in docs] + [r["question"] + "\n" + kk_data.teacher_response(r) for r in records[:2000]]
     texts.append(common.SYSTEM_PROMPT)
     tok = build_tokenizer(texts, vocab_size=args.vocab_size, path=os.path.join(args.out_dir, "tokenizer"))
