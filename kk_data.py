@@ -203,9 +203,14 @@ def role_text(name, is_knight, kk=KNIGHT_KNAVE):
     return f"{name} is {kk['a_knight'] if is_knight else kk['a_knave']}"
 
 
+def record_kk(record):
+    """The record's role words (official records carry them; records without fall back to knight/knave)."""
+    return record.get('knight_knave') or KNIGHT_KNAVE
+
+
 def answer_text(record):
     """The answer in the prompt's requested shape: "A is a knight, B is a knave, C is a knight"."""
-    kk = record.get('knight_knave') or KNIGHT_KNAVE
+    kk = record_kk(record)
     return ', '.join(role_text(n, s, kk) for n, s in zip(record['names'], record['solution']))
 
 
@@ -398,7 +403,7 @@ def teacher_response(record, style="trace"):
     if style == "answer":
         return final
     if style == "table":
-        kk = record.get('knight_knave') or KNIGHT_KNAVE
+        kk = record_kk(record)
         statements = parse_statements(record['statements'], len(record['names']))  # checked by load_split
         return '\n'.join(table_rows(statements, kk)) + '\n' + final
     if style != "trace":
@@ -477,7 +482,7 @@ def score(response, record, finished):
 
 def answer_is_right(content, record):
     """Whether an answer text ("A is a knight, B is a knave") names everyone once with the right role."""
-    answer = parse_answer(content, record['names'], record.get('knight_knave') or KNIGHT_KNAVE)
+    answer = parse_answer(content, record['names'], record_kk(record))
     return answer == {name: bool(s) for name, s in zip(record['names'], record['solution'])}
 
 

@@ -108,8 +108,7 @@ def probe(args):
                                       batch_size=args.probe_batch, desc="probe", progress=False)
     per_people = {}
     for record, sample in zip(records, samples):
-        answer = kk_data.parse_answer(answer_line(sample["response"]), record["names"],
-                                      record.get("knight_knave") or kk_data.KNIGHT_KNAVE)
+        answer = kk_data.parse_answer(answer_line(sample["response"]), record["names"], kk_data.record_kk(record))
         row = per_people.setdefault(str(record["people"]), {"n": 0, "well_formed": 0, "correct": 0})
         row["n"] += 1
         row["well_formed"] += sample["finished"] and answer is not None and set(answer) == set(record["names"])
