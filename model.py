@@ -296,7 +296,8 @@ class Transformer(nn.Module):
 
     def init_weights(self, seed=0, std=0.02):
         """Fresh weights like HF's initialisation (normal(0, std) matrices, zero biases, unit norms)."""
-        g = torch.Generator().manual_seed(seed)
+        device = self.lm_head.weight.device  # drawn where the weights live (fast for a 1.5B model on GPU)
+        g = torch.Generator(device=device).manual_seed(seed)
         for name, p in self.named_parameters():
             with torch.no_grad():
                 if name.endswith("bias"):
@@ -304,7 +305,7 @@ class Transformer(nn.Module):
                 elif p.ndim == 1:
                     p.fill_(1.0)
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    p.copy_(torch.randn(p.shape, generator=g, device=device) * std)
         return self
 
     def rope(self, positions, dtype):
@@ -633,9 +634,12 @@ QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
-def build_tokenizer(texts, vocab_size=1024, path=None):
+def build_tokenizer(texts, vocab_size=1024, path=None, pad_to=None):
     """Train a small byte-level BPE on `texts` with Qwen2's normaliser and pre-tokenizer, Qwen-style special
-    tokens (<|endoftext|> = EOS, <|im_start|>, <|im_end|>) and chat template. Saved in HF format if path."""
+    tokens (<|endoftext|> = EOS, <|im_start|>, <|im_end|>) and chat template. Saved in HF format if path.
+
+    pad_to: pad the vocabulary with entries that encoding never produces ("<unused_N>") up to this size, so
+    that a random model of a real vocabulary (151,936 for Qwen2.5) can decode every id it samples."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -648,6 +652,14 @@ def build_tokenizer(texts, vocab_size=1024, path=None):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    if pad_to and pad_to > tok.get_vocab_size():
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        for i in range(pad_to):
+            if len(vocab) == pad_to:
+                break
+            vocab.setdefault(f"<unused_{i}>", len(vocab))
+        tok = Tokenizer.from_str(json.dumps(spec))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                  additional_special_tokens=specials[1:])
     hf.chat_template = CHAT_TEMPLATE
