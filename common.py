@@ -79,6 +79,14 @@ def dist_setup():
         return 0, 1, torch.device(device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # torch.distributed.nn.functional takes `group=group.WORLD` as a default argument of its functions, bound
+    # when the module is first imported; torch imports it lazily, with torch._dynamo (model.load_model's
+    # meta-device construction does). Imported after init_process_group, it holds the default group, so
+    # destroy_process_group cannot free it: the gloo worker threads outlive dist_cleanup and can drop the last
+    # reference to a Python-owned tensor (the last all_gather's, kept by the final barrier) while the
+    # interpreter is already finalizing; their GIL request then ends the thread inside a destructor:
+    # "terminate called without an active exception", SIGABRT. Imported first, its defaults are None.
+    import torch.distributed.nn  # noqa: F401
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -90,6 +98,8 @@ def dist_setup():
 
 
 def dist_cleanup():
+    """Wait for every rank, then free the process group: its destructor joins the backend's worker threads (the
+    GIL released, so they can drop what they still hold), before the interpreter starts finalizing."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
