@@ -50,7 +50,7 @@ def test_llama3_rope_scaling_changes_logits():
     plain_cfg = dict(CONFIGS["llama3_scaled"])
     plain_cfg.pop("rope_scaling")
     plain = random_model(plain_cfg, seed=1)
-    idx = torch.randint(0, VOCAB, (1, 150))
+    idx = torch.randint(0, VOCAB, (1, 150), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (scaled.logits(idx) - plain.logits(idx)).abs().max() > 1e-2
 
@@ -66,7 +66,7 @@ def test_load_transformers_checkpoint_sharded_and_v5_rope_config(tmp_path):
     hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
     assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
     ours = load_model(str(tmp_path / "hf"))
-    idx = torch.randint(0, VOCAB, (2, 120))
+    idx = torch.randint(0, VOCAB, (2, 120), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (ours.logits(idx) - hf(idx).logits).abs().max().item()
     assert diff <= 1e-4
@@ -79,7 +79,7 @@ def test_load_transformers_qwen2(tmp_path):
     hf = AutoModelForCausalLM.from_config(cfg)
     hf.save_pretrained(tmp_path / "hf")
     ours = load_model(str(tmp_path / "hf"))
-    idx = torch.randint(0, VOCAB, (2, 40))
+    idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours.logits(idx) - hf(idx).logits).abs().max().item() <= 1e-4
 
@@ -106,7 +106,8 @@ def test_save_replaces_existing_checkpoint(tmp_path):
 
 def test_packed_forward_equals_padded():
     model = random_model(CONFIGS["qwen3"], seed=3)
-    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (7, 1, 23, 12)]
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (7, 1, 23, 12)]
     ids, cu = pack(seqs)
     with torch.no_grad():
         packed = model.forward(ids, cu_seqlens=cu)[0]
@@ -120,7 +121,7 @@ def test_packed_forward_equals_padded():
 
 def test_chunked_logprobs_and_gradients_match_full():
     model = random_model(CONFIGS["qwen2_untied"], seed=4)
-    idx = torch.randint(0, VOCAB, (2, 30))
+    idx = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
     h = model.forward(idx)
     lp = model.token_logprobs(h[:, :-1], idx[:, 1:], chunk_size=7, temperature=0.7)
     full = torch.log_softmax(model.lm_head(h[:, :-1]).float() / 0.7, -1).gather(-1, idx[:, 1:, None]).squeeze(-1)
@@ -132,7 +133,7 @@ def test_chunked_logprobs_and_gradients_match_full():
 
 def test_gradient_checkpointing_same_gradients():
     model = random_model(CONFIGS["qwen2_tied"], seed=5)
-    idx = torch.randint(0, VOCAB, (2, 20))
+    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
     grads = []
     for ckpt in (False, True):
         model.zero_grad()

@@ -238,7 +238,8 @@ def test_sft_learns_toy_task(tiny_checkpoint, tmp_path):
     steps = [r for r in m if "loss" in r]
     vals = [r["val_loss"] for r in m if "val_loss" in r]
     assert len(steps) == 200 and [r["step"] for r in steps] == list(range(1, 201))
-    assert vals[-1] < 0.3 and vals[-1] < 0.1 * vals[0], vals  # measured: 5.85 -> 0.086
+    # measured over data-order seeds, library versions and CPU instruction sets: 5.8 -> 0.10-0.15
+    assert vals[-1] < 0.3 and vals[-1] < 0.1 * vals[0], vals
 
     def accuracy(path):
         samples = common.sample_responses(load_model(path), load_tokenizer(path), toy_task, val_records, n=1,
@@ -246,7 +247,7 @@ def test_sft_learns_toy_task(tiny_checkpoint, tmp_path):
         return sum(s["reward"] for s in samples) / len(samples)
 
     before, after = accuracy(tiny_checkpoint), accuracy(os.path.join(out, "final"))  # random weights vs trained
-    assert before <= 0.05 and after >= 0.6, (before, after)  # measured: 0.0 -> 0.91
+    assert before <= 0.05 and after >= 0.6, (before, after)  # measured likewise: 0.0 -> 0.77-1.0
 
 
 def run_args(init, data, out, *extra):
@@ -324,10 +325,12 @@ def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path, capsys):
             shutil.copy(os.path.join(tiny_checkpoint, name), bare / name)
     out = str(tmp_path / "base")
     sft.main(["--init_tiny", "--tokenizer", str(bare), "--tiny_hidden_size", "32", "--tiny_layers", "1",
-              "--pretrain_text", *paths, "--out_dir", out, "--lr", "1e-2", "--global_batch", "16", "--epochs", "5",
+              "--pretrain_text", *paths, "--out_dir", out, "--lr", "1e-2", "--global_batch", "16", "--epochs", "15",
               "--loss_reduction", "token_mean", "--progress", "false"])
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
-    assert len(losses) == 20 and losses[-1] < 0.5 * losses[0], losses
+    # 15 epochs: the last loss is 0.18-0.22 of the first over data-order seeds, library versions and CPU
+    # instruction sets (5 epochs left 0.44-0.47, too close to the bound)
+    assert len(losses) == 60 and losses[-1] < 0.5 * losses[0], losses
     # the run tokenized exactly as the later stages will, with the tokenizer loaded from its checkpoint
     final_tok = load_tokenizer(os.path.join(out, "final"))
     total = sum(len(e["input_ids"]) for e in sft.load_text_examples(paths, final_tok, 2048))

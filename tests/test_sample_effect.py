@@ -133,7 +133,9 @@ def test_count_sketch_is_fixed_and_unbiased():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the script on the tiny checkpoint; a reward a random model earns about a quarter of the time
+# the script on the tiny checkpoint; a reward a random model earns about a tenth of the time (0.05-0.13 over
+# rollout seeds, library versions and CPU instruction sets: 4-11 of the 16 evaluation prompts get mixed
+# rewards, so ∇J is not zero)
 
 DIGIT_TASK = '''
 from toy_task import DIFFICULTY, load_split, make_records, render_prompt, teacher_response
@@ -158,7 +160,7 @@ def setup(tmp_path_factory, tiny_checkpoint):
     args = ["--task", "se_digit_task", "--checkpoint", tiny_checkpoint, "--eval_data", str(d / "eval.jsonl"),
             "--k", "8", "--max_new_tokens", "8", "--gen_batch_size", "8", "--progress", "false"]
     single = args + ["--sft_data", str(d / "teacher.jsonl"), str(d / "other.jsonl"), "--exact", "true",
-                     "--proj_dim", "8192", "--out", str(d / "single" / "effects.jsonl"), "--select", "5",
+                     "--proj_dim", "32768", "--out", str(d / "single" / "effects.jsonl"), "--select", "5",
                      "--select_out", str(d / "top.jsonl"), "--select_bottom", str(d / "bottom.jsonl")]
     se.main(single)
     yield {"dir": d, "args": args, "single": single, "ckpt": tiny_checkpoint, "sft": sft}
@@ -174,7 +176,7 @@ def test_projection_approximates_exact_and_outputs(setup, capsys):
     exact = torch.tensor([e["sample_effect"] for e in effects])
     proj = torch.tensor([e["sample_effect_proj"] for e in effects])
     corr = float(torch.corrcoef(torch.stack([exact, proj]))[0, 1])
-    assert corr >= 0.9, corr
+    assert corr >= 0.9, corr  # 32768 buckets: 0.994-0.998 over sketch seeds (8192 gave 0.965-0.995)
     assert exact.abs().max() > 0
     for e in effects:
         assert -1 <= e["normalised"] <= 1 and e["response_length"] > 1

@@ -19,8 +19,12 @@ from conftest import ROOT, free_port, subprocess_env
 
 @pytest.fixture(scope="module")
 def policy(tiny_checkpoint, tmp_path_factory):
-    """A tiny policy that is right on part of the toy task: SFT'd briefly on teacher responses. Returns
-    (checkpoint dir, split file of 40 held-out records)."""
+    """A tiny policy that is right on part of the toy task, by a wide margin both ways: SFT'd on teacher
+    responses until greedy decoding is right on most of the 40 held-out prompts, while sampling at T = 1 is
+    right on well under all of them. Measured over training seeds, library versions and CPU instruction sets:
+    greedy right on 27-40 prompts; 52-68 of the 160 samples right, 37-49 distinct correct responses (the SFT
+    set keeps 30). After 3 epochs it was 5-11 distinct, and fewer than 8 failed the SFT step below.
+    Returns (checkpoint dir, split file of the 40 records)."""
     d = tmp_path_factory.mktemp("policy")
     tok = load_tokenizer(tiny_checkpoint)
     common.write_jsonl(d / "sft.jsonl", [{"id": r["id"], "task": "toy_task", "prompt": toy_task.render_prompt(r, tok),
@@ -29,7 +33,7 @@ def policy(tiny_checkpoint, tmp_path_factory):
     common.write_jsonl(d / "split.jsonl", toy_task.make_records(40, seed=22, split="val"))
     redistill_sft.main(["--init_tiny", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "128", "--tiny_layers", "2",
                         "--data", str(d / "sft.jsonl"), "--out_dir", str(d / "run"), "--lr", "3e-3", "--global_batch",
-                        "16", "--epochs", "3", "--loss_reduction", "token_mean", "--progress", "false"])
+                        "16", "--epochs", "8", "--loss_reduction", "token_mean", "--progress", "false"])
     return str(d / "run" / "final"), str(d / "split.jsonl")
 
 

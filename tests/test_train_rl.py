@@ -137,9 +137,11 @@ def test_training_logprobs_equal_generation_logprobs(tiny_checkpoint):
 # the loop: a warm-started toy model, data files and a helper to run train_rl.main in-process
 
 
-def noisy_sft(path, steps=150, p_correct=0.3, seed=0):
+def noisy_sft(path, steps=300, p_correct=0.3, seed=0):
     """Warm start: SFT on a noisy teacher that answers a+b with probability p_correct and a+b+1 otherwise,
-    so the policy knows the format and both answers and starts at ~30-45% reward: poor, but not zero."""
+    so the policy knows the format and both answers and starts at ~20-40% sampled reward: poor, but not zero.
+    After 300 steps GRPO's gains below are large from every start measured; after 150 the start varied so
+    much (greedy accuracy 0.28-0.67 over seeds) that the greedy gain in 30 steps ranged from 0.18 to 0.62."""
     model, tok = load_model(path), load_tokenizer(path)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -194,7 +196,9 @@ def weights(ckpt_dir):
 
 
 def test_grpo_raises_reward_on_cpu(toy, tmp_path):
-    """The real loop, 30 steps: greedy test accuracy and sampled reward must both rise by a clear margin."""
+    """The real loop, 30 steps: greedy test accuracy and sampled reward must both rise by a clear margin.
+    Measured over warm-start seeds, RL seeds, library versions and CPU instruction sets: sampled reward
+    0.20-0.42 at the start, gains 0.34-0.70; greedy accuracy 0.0-0.38 at the start, gains 0.53-0.98."""
     out = tmp_path / "learn"
     assert train_rl.main(rl_args(toy, out, max_steps=30, val_every=30, save_every=30, val_before_train=True)) == 0
     ms = metrics(out)
@@ -202,9 +206,9 @@ def test_grpo_raises_reward_on_cpu(toy, tmp_path):
     rewards = [m["reward"] for m in ms if "reward" in m]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
     print(f"greedy val acc {val[0]:.3f} -> {val[30]:.3f}; sampled reward {first:.3f} (steps 1-3) -> {last:.3f} (26-30)")
-    assert 0.1 < val[0] < 0.7, "the warm start should be poor but not hopeless"
-    assert val[30] >= val[0] + 0.2
-    assert last >= first + 0.08
+    assert 0.1 < first < 0.6 and val[0] < 0.6, "the warm start should be poor but not hopeless"
+    assert val[30] >= val[0] + 0.25
+    assert last >= first + 0.15
     roll = common.read_jsonl(os.path.join(out, "rollouts", "step_000030.jsonl"))
     assert len(roll) == 16 * 8 and {"id", "prompt", "response", "reward", "finished", "length", "step", "level"} <= set(roll[0])
 
