@@ -16,13 +16,20 @@ fraction of it.
 """
 import argparse
 import functools
+import json
+import os
+import random
 import statistics
+import tempfile
 import time
+import traceback
+from contextlib import contextmanager
 
 import torch
 
+import common
 from common import UserError, parse_settings, run_main
-from model import build_model, generate, tiny_config
+from model import build_model, build_tokenizer, generate, load_model, read_config, save_model, tiny_config
 
 QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
                   intermediate_size=8960, max_position_embeddings=32768, tie_word_embeddings=True,
@@ -169,9 +176,7 @@ def main(argv=None):
     cfg = model.config
     hf = None
     if not args.skip_hf:
-        import tempfile
         from transformers import AutoModelForCausalLM
-        from model import save_model
         with tempfile.TemporaryDirectory() as d:  # the very same weights, through a checkpoint
             save_model(model, d + "/ckpt")
             hf = AutoModelForCausalLM.from_pretrained(d + "/ckpt", dtype=dtype).to(device).eval()
@@ -213,12 +218,8 @@ def bench_rl(args):
     """Seconds per GRPO step split into generation / scoring / training: train_rl.main on a random-weight
     model (responses run to the length cap, so every step does the same work) and the toy addition task.
     The first step (warm-up) is left out; the median of the others is reported."""
-    import os
     import sys
-    import tempfile
-    import common
     import train_rl
-    from model import build_tokenizer, save_model
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
     import toy_task
     steps, prompts, group, max_len = args.rl_steps, args.rl_prompts, args.samples, args.rl_max_len
@@ -240,7 +241,7 @@ def bench_rl(args):
         wall = time.time() - t0
         ms = common.read_jsonl(os.path.join(d, "run", "metrics.jsonl"))[1:]  # the first step warms up
         # the engine alone on the last step's prompts, same seed and weights: what the RL step's generation costs
-        from model import generate, load_model, load_tokenizer, stop_token_ids
+        from model import load_tokenizer, stop_token_ids
         final, tok = load_model(os.path.join(d, "run", f"step_{steps:06d}")), load_tokenizer(os.path.join(d, "init"))
         recs = [recs[i] for i in train_rl.step_prompt_indices(len(recs), prompts, steps, args.seed)]
         ids = [tok(toy_task.render_prompt(r, tok), add_special_tokens=False)["input_ids"] for r in recs]
@@ -281,14 +282,8 @@ def gpu_suite(args):
     rl sections skip checkpoint writes: they measure compute, and a 1.5B checkpoint's cost is the disk's.
     --smoke runs the same code on CPU with a tiny model, so a broken suite shows before a GPU is spent on it.
     """
-    import json
-    import os
-    import tempfile
-    import traceback
     import transformers
-    import common
     import kk_data
-    from model import build_tokenizer, save_model
     if args.smoke:
         device = torch.device("cpu")
         cfg = tiny_config(2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=8192)
@@ -428,7 +423,6 @@ def mfu(flops, seconds, device):
 
 def suite_correctness(base, tok, records, sizes, device, seed, tmp):
     from transformers import AutoModelForCausalLM
-    from model import load_model
     from train_rl import response_logprobs
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here (train_rl turns TF32 on later)
     torch.backends.cudnn.allow_tf32 = False
@@ -474,7 +468,6 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
 
 def suite_generation(base, tok, records, sizes, device, seed, tmp):
     from transformers import AutoModelForCausalLM
-    from model import load_model
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(base, dtype=dtype, device=device).eval()
     hf = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
@@ -502,7 +495,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
                 w[f"ours_fraction_of_floor_{kind}"] = floor / t_ours
         workloads.append(w)
         print(w, flush=True)
-    del hf
+    hf = None  # free its memory before the profiled runs
     return {"workloads": workloads, "decode_step": [decode_step_profile(model, n, samples, sizes["step_lens"], stop_id,
                                                                         device, seed) for n in sizes["step_prompts"]]}
 
@@ -534,44 +527,33 @@ def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, s
             "kernels_per_step": (count[b] - count[a]) / steps, "gpu_busy_fraction": step_kernel / step_wall}
 
 
+@contextmanager
 def checkpoints_skipped():
     """sft and rl measure compute: checkpoint writes (3 to 18 GB at 1.5B, timed by the disk) become no-ops."""
-    from contextlib import contextmanager
-    import common
     import model as model_module
-
-    @contextmanager
-    def patched():
-        saved = common.save_checkpoint, model_module.save_model
-        common.save_checkpoint = model_module.save_model = lambda *a, **k: None
-        try:
-            yield
-        finally:
-            common.save_checkpoint, model_module.save_model = saved
-    return patched()
+    saved = common.save_checkpoint, model_module.save_model
+    common.save_checkpoint = model_module.save_model = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        common.save_checkpoint, model_module.save_model = saved
 
 
 def suite_sft(base, tok, records, sizes, device, seed, tmp):
-    import os
-    import random
-    import common
     import kk_data
     import redistill_sft
-    from model import read_config
     batch, steps = sizes["sft_batch"], sizes["sft_steps"]
     rng = random.Random(seed)
     words = " ".join(r["question"] for r in records).split()
-    data, lengths = [], []
+    data = []
     for i in range(batch * steps):  # K&K prompts; responses of random words, 500..3000 tokens (long CoT)
-        prompt = kk_data.render_prompt(records[i % len(records)], tok)
         target = rng.randint(*sizes["sft_response"])
         ids = tok(" ".join(rng.choice(words) for _ in range(target)), add_special_tokens=False)["input_ids"][:target]
-        response = tok.decode(ids)
-        data.append({"id": f"sft-{i}", "task": "kk", "prompt": prompt, "response": response})
-        lengths.append(len(tok(prompt, add_special_tokens=False)["input_ids"])
-                       + len(tok(response, add_special_tokens=False)["input_ids"]) + 1)
+        data.append({"id": f"sft-{i}", "task": "kk", "prompt": kk_data.render_prompt(records[i % len(records)], tok),
+                     "response": tok.decode(ids)})
     path, out = os.path.join(tmp, "sft.jsonl"), os.path.join(tmp, "sft_run")
     common.write_jsonl(path, data)
+    lengths = [len(e["input_ids"]) for e in redistill_sft.load_sft_examples([path], tok, 5000)]  # as SFT sees them
     argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
             "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000", "--gradient_checkpointing",
             "--bf16", "--eight_bit_adam", "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed)]
@@ -592,11 +574,8 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
 
 
 def suite_rl(base, tok, records, sizes, device, seed, tmp):
-    import os
-    import common
     import kk_data
     import train_rl
-    from model import read_config
     path, out = os.path.join(tmp, "rl_train.jsonl"), os.path.join(tmp, "rl_run")
     common.write_jsonl(path, records[:sizes["rl_prompts"]])
     argv = ["--model", base, "--task", "kk", "--train_data", path, "--test_data", "", "--out_dir", out,
