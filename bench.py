@@ -556,7 +556,7 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
     lengths = [len(e["input_ids"]) for e in redistill_sft.load_sft_examples([path], tok, 5000)]  # as SFT sees them
     argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
             "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000", "--gradient_checkpointing",
-            "--bf16", "--eight_bit_adam", "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed)]
+            "--bf16", "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed)]
     reset_peak(device)
     with checkpoints_skipped():
         redistill_sft.main(argv)
@@ -569,8 +569,7 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
     seconds, tokens = sum(m["time_s"] for m in ms), sum(m["tokens"] for m in ms)
     return {"sequences_per_step": batch, "tokens_per_step": tokens / len(ms), "step_s": seconds / len(ms),
             "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gb": mem,
-            "optimizer": "bitsandbytes AdamW8bit" if package_version("bitsandbytes") and device.type == "cuda"
-            else "torch AdamW", "measured_steps": [m["step"] for m in ms]}
+            "optimizer": "torch AdamW, FSDP-sharded", "measured_steps": [m["step"] for m in ms]}
 
 
 def suite_rl(base, tok, records, sizes, device, seed, tmp):
@@ -594,7 +593,8 @@ def suite_rl(base, tok, records, sizes, device, seed, tmp):
     flops = train_flops(read_config(base), seq_lens, sum(r["length"] for r in rollouts))
     return {"rollouts": len(rollouts), "max_response_tokens": sizes["rl_max"], "len_mean": m["len_mean"],
             "truncated": m["truncated"], "step_s": m["step_s"], "gen_s": m["gen_s"], "score_s": m["score_s"],
-            "train_s": m["train_s"], "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"],
+            "train_s": m["train_s"], "gather_s": m["gather_s"],
+            "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
             "gen_tok_s": m["gen_tok_s"], "train_tok_s": m["train_tok_s"], "train_tokens": sum(seq_lens),
             "train_mfu": mfu(flops, m["train_s"], device), "logprob_gap": m["logprob_gap"], "peak_mem_gb": mem}
 

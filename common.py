@@ -71,14 +71,11 @@ def run_main(main):
 
 
 def dist_setup():
-    """Initialise torch.distributed when launched by torchrun. Returns (rank, world_size, device)."""
+    """Initialise torch.distributed: from torchrun's variables, or as a process group of one rank when run
+    with plain python, so that every script runs the same code (FSDP included) at any world size.
+    NCCL on CUDA, gloo on CPU. Returns (rank, world_size, device)."""
     import torch
     import torch.distributed as dist
-    if "RANK" not in os.environ:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return 0, 1, torch.device(device)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     # torch.distributed.nn.functional takes `group=group.WORLD` as a default argument of its functions, bound
     # when the module is first imported; torch imports it lazily, with torch._dynamo (model.load_model's
     # meta-device construction does). Imported after init_process_group, it holds the default group, so
@@ -87,14 +84,21 @@ def dist_setup():
     # interpreter is already finalizing; their GIL request then ends the thread inside a destructor:
     # "terminate called without an active exception", SIGABRT. Imported first, its defaults are None.
     import torch.distributed.nn  # noqa: F401
+    torchrun = "RANK" in os.environ
+    rank_, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
+    if not dist.is_initialized():  # (tests run several scripts' mains in one process)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if torchrun:
+            dist.init_process_group(backend, **kwargs)
+        else:  # one rank, no ports: an in-process store
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    return rank_, world, device
 
 
 def dist_cleanup():
@@ -102,7 +106,7 @@ def dist_cleanup():
     GIL released, so they can drop what they still hold), before the interpreter starts finalizing."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
@@ -121,6 +125,39 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+# -----------------------------------------------------------------------------
+# collectives: every one outside FSDP goes through these (tests/test_common.py checks that no script calls
+# torch.distributed's collectives itself). Each puts its tensor on the process group's device: NCCL has no
+# CPU tensors, so a CPU tensor handed to it is a crash that the CPU tests (gloo) would never show.
+
+
+def group_device():
+    """The device a collective's tensors must live on: the current GPU under NCCL, the CPU under gloo."""
+    import torch
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(tensor, op="sum"):
+    """The sum (or "max", "min") of a tensor over ranks, returned on the tensor's own device."""
+    import torch.distributed as dist
+    if world_size() == 1:
+        return tensor
+    t = tensor.detach().to(group_device(), copy=True)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.to(tensor.device)
+
+
+def all_reduce_numbers(numbers: dict, op="sum") -> dict:
+    """The sum (or max, min) of a dict of numbers over ranks, in float64."""
+    import torch
+    keys = sorted(numbers)
+    t = all_reduce(torch.tensor([float(numbers[k]) for k in keys], dtype=torch.float64), op)
+    return dict(zip(keys, t.tolist()))
+
+
 def all_gather_json(obj):
     """Gather one JSON-serialisable object per rank to every rank (a list, in rank order).
 
@@ -130,7 +167,7 @@ def all_gather_json(obj):
     import torch.distributed as dist
     if world_size() == 1:
         return [obj]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = group_device()
     data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
     dist.all_gather(sizes, torch.tensor([data.numel()], device=device))
@@ -140,6 +177,20 @@ def all_gather_json(obj):
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return [json.loads(bytes(t[:n].tolist()).decode("utf-8")) for t, n in zip(out, sizes)]
+
+
+def barrier():
+    import torch.distributed as dist
+    if world_size() > 1:
+        dist.barrier()
+
+
+def even_out(batches):
+    """The same number of micro-batches on every rank, padded with None: under FSDP every forward and backward
+    is a collective, so a rank that has run out runs model.idle_pass while the others work."""
+    import torch
+    n = int(all_reduce(torch.tensor([len(batches)]), "max")[0])
+    return list(batches) + [None] * (n - len(batches))
 
 
 def seed_everything(seed: int):
@@ -305,51 +356,125 @@ def shard(items, rank_, world):
 
 
 def make_optimizer(params, lr, betas=(0.9, 0.999), weight_decay=0.0, eight_bit=False):
-    """AdamW; with eight_bit and bitsandbytes installed on CUDA, bitsandbytes' 8-bit AdamW (less optimizer memory)."""
+    """AdamW; with eight_bit and bitsandbytes installed on CUDA, bitsandbytes' 8-bit AdamW (less optimizer memory)
+    for unsharded weights. FSDP-sharded weights get torch's AdamW: its state is already divided over the ranks."""
     import torch
+    from torch.distributed.tensor import DTensor
     params = [p for p in params if p.requires_grad]
     if eight_bit:
-        try:
-            import bitsandbytes as bnb
-            if params and params[0].is_cuda:
-                return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
-            print0("note: 8-bit AdamW needs CUDA; using torch AdamW")
-        except ImportError:
-            print0("note: bitsandbytes not installed; using torch AdamW")
+        if any(isinstance(p, DTensor) for p in params):
+            print0("note: 8-bit AdamW cannot update FSDP-sharded weights; using torch AdamW (state sharded over ranks)")
+        else:
+            try:
+                import bitsandbytes as bnb
+                if params and params[0].is_cuda:
+                    return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+                print0("note: 8-bit AdamW needs CUDA; using torch AdamW")
+            except ImportError:
+                print0("note: bitsandbytes not installed; using torch AdamW")
     fused = bool(params) and params[0].is_cuda
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+# A checkpoint of step N in a run directory is three things:
+#   step_N/                  a Hugging Face directory: the full fp32 weights, gathered to rank 0
+#   step_N.optim.rankR.pt    rank R's shard of the optimizer state (FSDP: each rank updates its own shard)
+#   step_N.state.pt          the step, the world size and the script's own state; written last, by rank 0, once
+#                            every rank's shard is on disk: a checkpoint is complete when its state file exists.
+# Each file is written atomically; all are plain tensors and numbers, loaded with weights_only=True (no pickle).
 
 
 def checkpoint_dir(run_dir, step):
     return os.path.join(run_dir, f"step_{step:06d}")
 
 
-def save_checkpoint(run_dir, step, model, tokenizer, train_state: dict):
-    """A HF checkpoint directory run_dir/step_N plus its training state run_dir/step_N.state.pt.
-
-    Both are written atomically, the state last: a checkpoint is complete when its state file exists.
-    train_state holds only tensors, numbers, strings, lists and dicts (loadable with weights_only=True).
-    """
-    import torch
-    from model import save_model
-    save_model(model, checkpoint_dir(run_dir, step), tokenizer)
-    with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
-        torch.save({"step": step, **train_state}, f)
+def optimizer_shard_path(run_dir, step, rank_):
+    return f"{checkpoint_dir(run_dir, step)}.optim.rank{rank_}.pt"
 
 
-def latest_checkpoint(run_dir):
-    """(step, model_dir, state_path) of the newest complete checkpoint in run_dir, or None."""
+def checkpoint_steps(run_dir):
+    """Steps whose state file exists in run_dir, oldest first."""
     if not os.path.isdir(run_dir):
-        return None
-    steps = [int(name[5:11]) for name in os.listdir(run_dir)
-             if name.startswith("step_") and name.endswith(".state.pt") and name[5:11].isdigit()]
-    for step in sorted(steps, reverse=True):
-        d = checkpoint_dir(run_dir, step)
-        if os.path.isfile(os.path.join(d, "config.json")):
-            return step, d, d + ".state.pt"
+        return []
+    return sorted(int(name[5:11]) for name in os.listdir(run_dir)
+                  if name.startswith("step_") and name.endswith(".state.pt") and name[5:11].isdigit())
+
+
+def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dict):
+    """Write the checkpoint of `step` (every rank calls this). train_state: tensors, numbers, strings, lists, dicts."""
+    import torch
+    from model import full_copy, save_model
+    full = full_copy(model, torch.float32, device="cpu", on_rank=0)
+    if rank() == 0:
+        save_model(full, checkpoint_dir(run_dir, step), tokenizer)
+    del full
+    with atomic_open(optimizer_shard_path(run_dir, step, rank()), "wb") as f:
+        torch.save(local_optimizer_state(optimizer), f)
+    barrier()
+    if rank() == 0:
+        with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
+            torch.save({"step": step, "world_size": world_size(), **train_state}, f)
+    barrier()
+
+
+def remove_checkpoint(run_dir, step):
+    """Delete a checkpoint, its state file first (so a half-deleted one never looks complete). Rank 0 only."""
+    import glob
+    import shutil
+    os.remove(checkpoint_dir(run_dir, step) + ".state.pt")
+    for path in glob.glob(glob.escape(checkpoint_dir(run_dir, step)) + ".optim.rank*.pt"):
+        os.remove(path)
+    shutil.rmtree(checkpoint_dir(run_dir, step), ignore_errors=True)
+
+
+def load_checkpoint(run_dir):
+    """The newest checkpoint in run_dir that every rank can read: (step, model_dir, train_state, optimizer_shard),
+    or None. One with an unreadable file (truncated by a disk fault or a partial copy, or missing) is skipped with a
+    one-line warning naming the file. Every rank calls this."""
+    import torch
+    from safetensors import safe_open
+    from model import weight_files
+    for step in reversed(checkpoint_steps(run_dir)):
+        model_dir, problem, state, shard = checkpoint_dir(run_dir, step), None, None, None
+        path = model_dir + ".state.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("world_size", 1) != world_size():
+                raise UserError(f"{path}: written by {state.get('world_size', 1)} rank(s); resume it with the same "
+                                f"number (torchrun --nproc_per_node), not {world_size()}")
+            for path in weight_files(model_dir):  # safetensors checks that the file covers its header
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            path = optimizer_shard_path(run_dir, step, rank())
+            shard = torch.load(path, map_location="cpu", weights_only=True)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any reader error means: not this checkpoint
+            problem = f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        problems = [p for p in all_gather_json(problem) if p]
+        if problems:
+            print0(f"warning: skipping the checkpoint of step {step}: cannot read {problems[0]}")
+            continue
+        return step, model_dir, state, shard
     return None
 
 
-def load_train_state(path, device="cpu"):
-    import torch
-    return torch.load(path, map_location=device, weights_only=True)
+def local_optimizer_state(optimizer):
+    """optimizer.state_dict() with each sharded tensor replaced by this rank's shard (a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in s.items()}
+                   for i, s in sd["state"].items()}
+    return sd
+
+
+def load_local_optimizer_state(optimizer, sd):
+    """The inverse of local_optimizer_state: each shard goes back into a tensor sharded like its parameter."""
+    from torch.distributed.tensor import DTensor
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, s in sd["state"].items():
+        p = params[i]
+        if isinstance(p, DTensor):
+            s.update({k: DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                            stride=p.stride()) for k, v in s.items() if v.dim() > 0})
+    optimizer.load_state_dict(sd)

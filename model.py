@@ -435,6 +435,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     (all samples of prompt 0, then prompt 1, ...). logits_hook(logits, rows, step) -> logits, if given, edits the
     fp32 logits of the live rows (rows = their indices in the output) before each token is picked.
     """
+    if is_sharded(model):  # FSDP's forward would all-gather every block at every decode step
+        raise ValueError("generate() needs full weights: pass full_copy(model, dtype), not the sharded model")
     device = model.lm_head.weight.device
     max_seq_len = max_seq_len or model.config.max_position_embeddings
     for i, p in enumerate(prompts):
@@ -488,6 +490,73 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
 
 
 # -----------------------------------------------------------------------------
+# sharding: FSDP2 for training, a full copy for generation
+#
+# Training scripts shard the model with PyTorch's FSDP2: each rank keeps 1/world of the fp32 weights (the
+# master copy the optimizer updates), of the gradients and of the AdamW state; a block's weights are
+# all-gathered in the compute dtype just before it runs and freed after. Every forward and backward is
+# therefore a collective that all ranks must join. Generation instead runs on a plain full copy gathered
+# once (full_copy): no collective inside the decode loop, and ranks may generate different lengths.
+
+
+def shard_model(model: Transformer, compute_dtype=torch.float32) -> Transformer:
+    """Shard an fp32 model over all ranks with FSDP2: each block, then the rest (embeddings, final norm, lm_head).
+
+    Forward and backward run in compute_dtype; gradients are reduce-scattered in fp32 and SUMMED over ranks
+    (FSDP's default is the mean): every loss in this project is already normalised over the global batch, so
+    the sum of the ranks' gradients is the gradient of the global loss. Works on 1 rank, N GPUs (NCCL), several
+    nodes, and CPU ranks under gloo."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise ValueError("shard_model expects fp32 weights (they are the master copy); compute_dtype sets the compute")
+    policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                  reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(model.lm_head.weight, DTensor)
+
+
+@torch.no_grad()
+def full_copy(model: Transformer, dtype, device=None, on_rank=None):
+    """A plain, unsharded Transformer holding the full weights of `model` (sharded or not) in dtype.
+
+    Each tensor is cast to dtype, then gathered (every rank must call this); peak extra memory is the copy plus
+    one full tensor. With on_rank, only that rank keeps the copy and the others get None (checkpoints)."""
+    from torch.distributed.tensor import DTensor
+    import common
+    keep = on_rank is None or common.rank() == on_rank
+    device = device or model.lm_head.weight.device
+    copy = empty_model(model.config, dtype, device).requires_grad_(False) if keep else None
+    for name, p in model.named_parameters():
+        full = p.detach().to(dtype)
+        full = full.full_tensor() if isinstance(full, DTensor) else full
+        if keep:
+            copy.get_parameter(name).copy_(full)
+    return copy.eval() if keep else None
+
+
+def idle_pass(model: Transformer, backward=True):
+    """A forward (and backward) on a 2-token dummy that adds nothing to any gradient. A rank that has run out of
+    micro-batches runs it so that it still joins the collectives of FSDP's forward and backward."""
+    device = model.lm_head.weight.device
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    hidden = model(ids, cu_seqlens=torch.tensor([0, 2], device=device))
+    lp = model.token_logprobs(hidden[0, :1], ids[0, 1:])
+    if backward:
+        (lp.sum() * 0.0).backward()
+
+
+# -----------------------------------------------------------------------------
 # Hugging Face checkpoints
 
 
@@ -529,16 +598,21 @@ def weight_files(path):
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+def empty_model(cfg: ModelConfig, dtype, device) -> Transformer:
+    """A Transformer allocated once, in dtype on device, with uninitialised weights."""
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty breaks the sharing; tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     """Load a HF checkpoint directory. Tensors are copied one at a time into the allocated model."""
     from safetensors import SafetensorError, safe_open
     cfg = read_config(path)
-    dtype = parse_dtype(dtype)
-    with torch.device("meta"):
-        model = Transformer(cfg).to(dtype)
-    model = model.to_empty(device=device)  # allocates once, in the target dtype, uninitialised
-    if cfg.tie_word_embeddings:  # to_empty breaks the sharing; tie again
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = empty_model(cfg, parse_dtype(dtype), device)
     params = dict(model.named_parameters())
     loaded = set()
     for file in weight_files(path):

@@ -14,6 +14,8 @@ Batches are packed (padding-free): the sequences of a micro-batch are concatenat
 attend only to themselves (model.pack + cu_seqlens); a micro-batch holds at most --micro_batch_tokens
 tokens. The global batch (--global_batch sequences) is split over torchrun ranks and micro-batches by
 length, and the loss is normalised by the *global* batch, so the update does not depend on how it was split.
+The model is sharded over the ranks with FSDP2 (model.shard_model, as in train_rl.py): fp32 weights, gradients
+and AdamW state divided by the world size, forward/backward in bf16 on CUDA, gradients summed over ranks.
 
 Usage:
   python redistill_sft.py --init /models/Qwen2.5-1.5B --data data/kk/redistill.jsonl --out_dir runs/redistill
@@ -22,7 +24,7 @@ Usage:
       --out_dir runs/tiny/base --lr 1e-3 --loss_reduction token_mean --epochs 1
   python redistill_sft.py ... --resume   # continue a killed run from its last checkpoint
 
-Writes OUT_DIR/step_NNNNNN (HF checkpoint) + step_NNNNNN.state.pt (optimizer, step, RNG) at each epoch
+Writes OUT_DIR/step_NNNNNN (HF checkpoint) + its optimizer shards and step_NNNNNN.state.pt (step, RNG) at each epoch
 end, every --save_every steps and at the end; OUT_DIR/final (the last weights, a stable path for the next
 stage); OUT_DIR/metrics.jsonl (one record per step and per held-out evaluation).
 """
@@ -30,9 +32,8 @@ import argparse
 import math
 import os
 import random
-import shutil
 import time
-from contextlib import closing, nullcontext
+from contextlib import closing
 
 import numpy as np
 import torch
@@ -87,12 +88,12 @@ def get_parser():
                    help="seq_mean: mean over each sequence's loss tokens, then over the global batch's sequences (paper); "
                         "token_mean: mean over all loss tokens of the global batch")
     p.add_argument("--eight_bit_adam", nargs="?", const=True, default=False, type=common.str2bool,
-                   help="bitsandbytes 8-bit AdamW (CUDA, when installed) to save optimizer memory")
+                   help="bitsandbytes 8-bit AdamW; not for FSDP-sharded weights, so today always torch AdamW (with a note)")
     p.add_argument("--gradient_checkpointing", "--grad_checkpointing", dest="gradient_checkpointing", nargs="?",
                    const=True, default=False, type=common.str2bool,
                    help="recompute each block in backward (less activation memory, ~30%% slower)")
     p.add_argument("--bf16", nargs="?", const=True, default=True, type=common.str2bool,
-                   help="bf16 autocast on CUDA (fp32 master weights and optimizer); ignored on CPU")
+                   help="bf16 forward/backward on CUDA (the optimizer updates sharded fp32 weights); ignored on CPU")
     p.add_argument("--seed", type=int, default=1, help="seed of the data order (and of --init_tiny weights)")
     # checkpoints and logging
     p.add_argument("--out_dir", default="runs/sft", help="run directory: checkpoints, final/, metrics.jsonl")
@@ -240,13 +241,13 @@ def micro_batches(indices, lengths, budget):
 # the loss
 
 
-def packed_nll(model, examples, device, forward=None):
+def packed_nll(model, examples, device):
     """One packed forward over examples. Returns (nll, seq): per position t of the packed row (minus the
     last), nll[t] = -log p(token t+1 | tokens <= t) and seq[t] = the example index when token t+1 is a loss
     token of that example (response or EOS), else -1 (prompt targets and sequence boundaries)."""
     from model import pack
     ids, cu = pack([e["input_ids"] for e in examples], device)
-    hidden = (forward or model)(ids, cu_seqlens=cu)
+    hidden = model(ids, cu_seqlens=cu)
     nll = -model.token_logprobs(hidden[0, :-1], ids[0, 1:])
     seq = torch.full((ids.shape[1] - 1,), -1, dtype=torch.long)
     offset = 0
@@ -274,25 +275,25 @@ def reduce_loss(nll, seq, examples, reduction, num_seqs=None, num_tokens=None):
 
 
 @torch.no_grad()
-def evaluate(model, examples, reduction, micro_batch_tokens, device, autocast=nullcontext):
+def evaluate(model, examples, reduction, micro_batch_tokens, device):
     """Held-out loss (same reduction as training) over examples split across ranks."""
-    import torch.distributed as dist
+    from model import idle_pass
     lengths = [len(e["input_ids"]) for e in examples]
     mine = common.shard(list(range(len(examples))), common.rank(), common.world_size())
     totals = torch.zeros(2, dtype=torch.float64)
-    for mb in micro_batches(mine, lengths, micro_batch_tokens):
+    for mb in common.even_out(micro_batches(mine, lengths, micro_batch_tokens)):
+        if mb is None:  # this rank is done; join the others' collectives
+            idle_pass(model, backward=False)
+            continue
         exs = [examples[i] for i in mb]
-        with autocast():
-            nll, seq = packed_nll(model, exs, device)
+        nll, seq = packed_nll(model, exs, device)
         keep = seq >= 0
         if reduction == "token_mean":
             totals += torch.tensor([float(nll[keep].sum()), float(keep.sum())], dtype=torch.float64)
         else:
             totals += torch.tensor([float(reduce_loss(nll, seq, exs, "seq_mean", num_seqs=1)), len(exs)],
                                    dtype=torch.float64)
-    if common.world_size() > 1:
-        totals = totals.to(device)
-        dist.all_reduce(totals)
+    totals = common.all_reduce(totals)
     return float(totals[0] / totals[1])
 
 
@@ -334,20 +335,12 @@ RUN_IDENTITY = ("data", "pretrain_text", "max_length", "init", "init_tiny", "epo
                 "beta2", "weight_decay", "warmup_ratio", "min_lr_ratio", "grad_clip", "loss_reduction", "seed")
 
 
-def prune_checkpoints(out_dir, keep):
-    """Delete step checkpoints not in `keep` (state file first, so a half-deleted one never looks complete)."""
-    for name in os.listdir(out_dir):
-        if name.startswith("step_") and name.endswith(".state.pt") and name[5:11].isdigit() and int(name[5:11]) not in keep:
-            os.remove(os.path.join(out_dir, name))
-            shutil.rmtree(common.checkpoint_dir(out_dir, int(name[5:11])), ignore_errors=True)
-
-
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
-    from model import build_model, load_model, load_tokenizer, save_model, tiny_config
+    from model import build_model, full_copy, idle_pass, load_model, load_tokenizer, save_model, shard_model, tiny_config
 
     # ---- checks that need no model
     for name in ("data", "pretrain_text", "val_data"):  # a --config file may give one path as a string
@@ -366,7 +359,7 @@ def main(argv=None):
     rank, world, device = common.dist_setup()
     common.seed_everything(args.seed)
     final_dir = os.path.join(args.out_dir, "final")
-    resume_from = common.latest_checkpoint(args.out_dir)
+    resume_from = common.load_checkpoint(args.out_dir)
     if resume_from and not args.resume:
         raise UserError(f"{args.out_dir} already holds checkpoints (newest step {resume_from[0]}); "
                         f"pass --resume to continue it, or choose a new --out_dir")
@@ -404,8 +397,7 @@ def main(argv=None):
     # ---- model, optimizer, resume
     state = None
     if resume_from:
-        step, ckpt, state_path = resume_from
-        state = common.load_train_state(state_path)
+        step, ckpt, state, optimizer_shard = resume_from
         changed = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
         if changed:
             raise UserError(f"{args.out_dir}: --resume with different settings than the run's: "
@@ -421,19 +413,14 @@ def main(argv=None):
     else:
         model = load_model(args.init, dtype=torch.float32, device=device)
     start_step = state["step"] if state else 0
+    model = shard_model(model, torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32)
     model.gradient_checkpointing = args.gradient_checkpointing
     model.train()
     optimizer = common.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
                                       args.eight_bit_adam)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        common.load_local_optimizer_state(optimizer, optimizer_shard)
         set_rng_state(state["rng"])
-    forward = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and args.bf16
-                else nullcontext)
 
     n_loss = sum(num_loss_tokens(e) for e in train)
     print0(f"{'pre-training' if args.pretrain_text else 'SFT'}: {len(train)} sequences ({sum(lengths)} tokens, "
@@ -444,23 +431,21 @@ def main(argv=None):
         print0(f"note: {len(train) % args.global_batch} sequences per epoch are dropped (incomplete last batch)")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
-    def save(step, epoch_end=False):
-        if rank == 0:
-            common.save_checkpoint(args.out_dir, step, model, tokenizer,
-                                   {"optimizer": optimizer.state_dict(), "rng": rng_state(), "identity": identity,
-                                    "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
-                                    "total_steps": total_steps})
-            # keep every epoch-end checkpoint, and only the newest mid-epoch one (it exists for --resume)
-            keep = {s for s in range(0, step + 1, steps_per_epoch)} | {step}
-            prune_checkpoints(args.out_dir, keep)
-        if world > 1:
-            torch.distributed.barrier()
+    def save(step):
+        common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
+                               {"rng": rng_state(), "identity": identity, "epoch": step // steps_per_epoch,
+                                "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps})
+        if rank == 0:  # keep every epoch-end checkpoint, and only the newest mid-epoch one (it exists for --resume)
+            for old in common.checkpoint_steps(args.out_dir):
+                if old != step and old % steps_per_epoch:
+                    common.remove_checkpoint(args.out_dir, old)
+        common.barrier()
 
     def validate(step):
         if val is None:
             return
         model.eval()
-        loss = evaluate(model, val, args.loss_reduction, args.micro_batch_tokens, device, autocast)
+        loss = evaluate(model, val, args.loss_reduction, args.micro_batch_tokens, device)
         model.train()
         print0(f"step {step}: held-out loss {loss:.4f} ({len(val)} sequences)")
         if rank == 0:
@@ -489,18 +474,18 @@ def main(argv=None):
             group["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64)
         mbs = micro_batches(mine, lengths, args.micro_batch_tokens)
-        for j, mb in enumerate(mbs):
+        for mb in common.even_out(mbs):
+            if mb is None:  # this rank is done; join the others' collectives
+                idle_pass(model)
+                continue
             exs = [train[i] for i in mb]
-            sync = world == 1 or j == len(mbs) - 1  # DDP all-reduces gradients on the last micro-batch only
-            with (nullcontext() if sync else forward.no_sync()):
-                with autocast():
-                    nll, seq = packed_nll(model, exs, device, forward)
-                loss = reduce_loss(nll, seq, exs, args.loss_reduction, num_seqs=len(batch), num_tokens=batch_tokens)
-                (loss * world).backward()  # DDP averages over ranks; the global loss is their sum
+            nll, seq = packed_nll(model, exs, device)
+            loss = reduce_loss(nll, seq, exs, args.loss_reduction, num_seqs=len(batch), num_tokens=batch_tokens)
+            loss.backward()  # FSDP reduce-scatters and sums over ranks; .grad accumulates over micro-batches
             loss_sum += float(loss.detach())
-        if world > 1:
-            torch.distributed.all_reduce(loss_sum)
+        loss_sum = common.all_reduce(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
@@ -522,8 +507,9 @@ def main(argv=None):
     if stop < total_steps:
         print0(f"stopped at step {stop}/{total_steps} (--stop_at_step); continue with --resume")
     else:
+        final = full_copy(model, torch.float32, device="cpu", on_rank=0)
         if rank == 0:
-            save_model(model, final_dir, tokenizer)
+            save_model(final, final_dir, tokenizer)
         print0(f"done: {total_steps} steps; final weights in {final_dir}")
     common.dist_cleanup()
 

@@ -21,16 +21,16 @@ Decisions worth knowing when reading the code:
   the clip never binds, and no extra forward pass is spent. With more updates per batch, old
   log-probs come from a teacher-forced pass of the pre-update policy (never the sampler's
   log-probs, which differ numerically); the sampler/trainer gap is logged as `logprob_gap`.
-- Precision. The model runs in --dtype (bf16 on CUDA) for generation and the training forward;
-  with a dtype other than fp32 a float32 master copy holds the weights the optimizer updates (a
-  bf16 weight cannot absorb a 5e-6 update: bf16 keeps ~3 significant digits). Gradients are
-  accumulated into the fp32 master after each micro-batch, summed over ranks in fp32, clipped,
-  stepped, and the master is copied back into the bf16 model. Checkpoints hold the fp32 master.
-- Multi-GPU. We all-reduce the fp32 master gradients ourselves (one SUM after all micro-batches)
-  instead of wrapping the model in DDP: the losses are already normalised over the global batch,
-  ranks may run different numbers of packed micro-batches, and nothing stands between the reader
-  and the model. Every rank then takes the identical optimizer step, so weights stay identical
-  (checked at every checkpoint).
+- Precision and sharding. The weights the optimizer updates are fp32 (a bf16 weight cannot absorb
+  a 5e-6 update: bf16 keeps ~3 significant digits), sharded over the ranks with PyTorch's FSDP2
+  (model.shard_model): each rank holds 1/world of the weights, gradients and AdamW state, so a 7B
+  policy trains on 8 x 80 GB. Forward and backward run in --dtype (bf16 on CUDA); gradients are
+  reduce-scattered in fp32 and summed (each rank's loss already carries the global normaliser).
+  Every forward/backward is a collective, so ranks run equally many micro-batches (common.even_out;
+  a rank with fewer runs model.idle_pass). Checkpoints hold the full fp32 weights.
+- Generation. Before the rollouts every rank gathers the full weights once into a plain --dtype
+  copy (model.full_copy: 2 bytes per parameter, freed before the update) and generates from it:
+  no collective inside the decode loop, and ranks may decode different lengths.
 - Exact resume. Data order is a permutation seeded by (seed, epoch); generation seeds derive from
   (seed, step, rank); the lr is a function of the step. So a checkpoint needs only the weights, the
   optimizer state and the step, and a resumed run repeats the uninterrupted one.
@@ -49,7 +49,7 @@ from tqdm import tqdm
 import common
 from common import UserError, print0
 from eval import evaluate
-from model import load_model, load_tokenizer, pack, parse_dtype
+from model import full_copy, idle_pass, load_model, load_tokenizer, pack, parse_dtype, shard_model
 
 # -----------------------------------------------------------------------------
 # settings (defaults = the paper's K&K run)
@@ -101,10 +101,11 @@ def get_parser():
     p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    p.add_argument("--adam_8bit", type=common.str2bool, default=False, help="bitsandbytes 8-bit AdamW when installed on CUDA")
+    p.add_argument("--adam_8bit", type=common.str2bool, default=False,
+                   help="bitsandbytes 8-bit AdamW; not for FSDP-sharded weights, so today always torch AdamW (with a note)")
     # speed and memory
-    p.add_argument("--dtype", default="auto", help="model dtype for generation and the training forward: auto (bfloat16 on CUDA, "
-                   "float32 on CPU), bfloat16, float32; not float32 -> an fp32 master copy is what the optimizer updates")
+    p.add_argument("--dtype", default="auto", help="compute dtype of generation and the training forward: auto (bfloat16 on CUDA, "
+                   "float32 on CPU), bfloat16, float32; the optimizer always updates sharded fp32 weights")
     p.add_argument("--gradient_checkpointing", type=common.str2bool, default=True, help="recompute blocks in backward (less memory)")
     p.add_argument("--micro_batch_tokens", type=int, default=30000,
                    help="token budget of one packed training micro-batch per rank (paper: ppo_max_token_len_per_gpu 30000)")
@@ -244,25 +245,6 @@ def response_logprobs(model, prompts, responses, temperature, chunk_size, with_e
                                 with_entropy=with_entropy)
 
 
-def all_reduce_sums(sums: dict, device, op="sum"):
-    """Sum (or max) a dict of numbers over ranks."""
-    if common.world_size() == 1:
-        return dict(sums)
-    import torch.distributed as dist
-    keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return dict(zip(keys, t.tolist()))
-
-
-def param_checksum(model):
-    """Two numbers that differ when weights differ: for checking that ranks hold identical weights."""
-    with torch.no_grad():
-        s = sum(p.double().sum() for p in model.parameters())
-        q = sum(p.double().square().sum() for p in model.parameters())
-    return [float(s), float(q)]
-
-
 # -----------------------------------------------------------------------------
 # the run
 
@@ -306,38 +288,35 @@ def main(argv=None):
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     difficulty = task.DIFFICULTY
 
-    # ---- model: the policy (in `dtype`), its fp32 master copy when dtype is lower, the optimizer
-    start_step, state = 0, None
-    ckpt = common.latest_checkpoint(args.out_dir) if args.resume else None
-    if not args.resume and common.latest_checkpoint(args.out_dir) is not None:
+    # ---- model: the policy, sharded (fp32 weights, `dtype` compute), its optimizer, the reference policy
+    checkpoint = common.load_checkpoint(args.out_dir)
+    if checkpoint is not None and not args.resume:
         raise UserError(f"{args.out_dir} holds checkpoints of an earlier run; pass --resume true to continue it, "
                         f"or choose another --out_dir")
-    if args.resume and ckpt is None:
-        print0(f"note: --resume: no complete checkpoint in {args.out_dir}; starting from {args.model}")
-    if ckpt is not None:
-        start_step, init_path, state_path = ckpt
-        state = common.load_train_state(state_path)
+    start_step, state = 0, None
+    if checkpoint is not None:
+        start_step, init_path, state, optimizer_shard = checkpoint
         print0(f"resuming from {init_path} (step {start_step})")
     else:
+        if args.resume:
+            print0(f"note: --resume: no complete checkpoint in {args.out_dir}; starting from {args.model}")
         init_path = args.model
-    master = load_model(init_path, dtype=torch.float32, device=device)
-    model = master if dtype == torch.float32 else load_model(init_path, dtype=dtype, device=device)
+    model = shard_model(load_model(init_path, dtype=torch.float32, device=device), dtype)
     max_ctx = model.config.max_position_embeddings
     longest = max(map(len, prompt_ids))
     if longest + args.max_response_tokens > max_ctx:
         raise UserError(f"the longest training prompt ({longest} tokens) + --max_response_tokens "
                         f"{args.max_response_tokens} exceed the model's {max_ctx}-token context")
     model.gradient_checkpointing = args.gradient_checkpointing
-    for p in master.parameters():
-        p.grad = torch.zeros_like(p)  # fp32 gradient accumulator, summed over micro-batches and ranks
-    optimizer = common.make_optimizer(master.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+    optimizer = common.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                       weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
     ref_model = None
     if args.kl_coef > 0:
-        ref_model = load_model(args.ref_model or args.model, dtype=dtype, device=device).requires_grad_(False)
+        ref_model = shard_model(load_model(args.ref_model or args.model, dtype=torch.float32, device=device), dtype)
+        ref_model.requires_grad_(False)
     bad_steps_total, bad_streak = 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        common.load_local_optimizer_state(optimizer, optimizer_shard)
         bad_steps_total, bad_streak = state.get("bad_steps_total", 0), state.get("bad_streak", 0)
     recompute_old = args.ppo_epochs * args.ppo_mini_batches > 1
 
@@ -359,13 +338,13 @@ def main(argv=None):
             wandb = None
     print0(f"train_rl: {len(train_records)} prompts, {steps_per_epoch} steps/epoch, steps {start_step + 1}..{max_steps}, "
            f"{world} rank(s) on {device.type}, {args.prompts_per_step}x{args.group_size} rollouts/step, "
-           f"dtype {str(dtype).replace('torch.', '')}{' + fp32 master' if model is not master else ''}, "
+           f"compute {str(dtype).replace('torch.', '')}, fp32 weights sharded over {world} rank(s), "
            f"{model.num_params() / 1e6:.1f}M params")
 
     def validate(step):
         """Greedy decoding of the test split (eval.py's evaluate: each rank its shard, then gathered)."""
         t0 = time.time()
-        _, summary = evaluate(model, tokenizer, task, test_records, n=1, temperature=0.0,
+        _, summary = evaluate(full_copy(model, dtype), tokenizer, task, test_records, n=1, temperature=0.0,
                               max_new_tokens=args.val_max_response_tokens or args.max_response_tokens, seed=0,
                               template=args.template, batch_size=args.val_batch_size, desc=f"validate {step}",
                               progress=args.progress)
@@ -375,18 +354,9 @@ def main(argv=None):
         return m
 
     def save(step):
-        """Checkpoint (rank 0 writes the fp32 master + optimizer); every rank first proves its weights equal."""
-        sums = common.all_gather_json(param_checksum(master))
-        if any(s != sums[0] for s in sums):
-            raise RuntimeError(f"step {step}: ranks hold different weights (checksums {sums}); not saving")
-        if master_process:
-            common.save_checkpoint(args.out_dir, step, master, tokenizer,
-                                   {"optimizer": optimizer.state_dict(), "bad_steps_total": bad_steps_total,
-                                    "bad_streak": bad_streak, "settings": vars(args)})
-        if world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-        return {"ckpt/param_checksums": sums}
+        """Checkpoint: the full fp32 weights (gathered to rank 0), each rank's optimizer shard, the counters."""
+        common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
+                               {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "settings": vars(args)})
 
     if args.val_before_train and test_records and args.val_every and start_step == 0:
         m = validate(0)
@@ -400,6 +370,8 @@ def main(argv=None):
     exit_code = 0
     for step in range(start_step + 1, max_steps + 1):
         t_step = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         lr = lr_at(step, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -419,12 +391,15 @@ def main(argv=None):
             return r
 
         t0 = time.time()
+        policy = full_copy(model, dtype)  # the full weights, gathered once: no collective while decoding
+        gather_seconds = time.time() - t0
         rollouts = common.sample_responses(
-            model, tokenizer, SimpleNamespace(render_prompt=task.render_prompt, score=timed_score), records,
+            policy, tokenizer, SimpleNamespace(render_prompt=task.render_prompt, score=timed_score), records,
             n=args.group_size, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_response_tokens,
             seed=generation_seed(args.seed, step, rank), template=args.template, batch_size=args.gen_batch_size,
             desc=f"step {step} rollouts", progress=args.progress)
-        gen_seconds = time.time() - t0 - score_seconds[0]
+        del policy
+        gen_seconds = time.time() - t0 - score_seconds[0] - gather_seconds
 
         # 3. advantages within each group of n (rollouts come record by record, n samples each)
         t_train = time.time()
@@ -444,7 +419,12 @@ def main(argv=None):
         sums = {k: 0.0 for k in ("pg_tokens", "entropy", "kl", "clipped", "gap", "gap_tokens", "train_tokens")}
         if recompute_old or ref_model is not None:  # pre-pass: old (pre-update) and reference log-probs
             with torch.no_grad():
-                for mb in micro_batches([len(seq_prompt[j]) + len(seq_resp[j]) for j in train_idx], args.micro_batch_tokens):
+                lengths = [len(seq_prompt[j]) + len(seq_resp[j]) for j in train_idx]
+                for mb in common.even_out(micro_batches(lengths, args.micro_batch_tokens)):
+                    if mb is None:  # this rank is done; join the others' collectives
+                        for m_ in ([model] if recompute_old else []) + ([ref_model] if ref_model is not None else []):
+                            idle_pass(m_, backward=False)
+                        continue
                     js = [train_idx[i] for i in mb]
                     args_lp = ([seq_prompt[j] for j in js], [seq_resp[j] for j in js], args.temperature, args.logprob_chunk)
                     splits = [len(seq_resp[j]) for j in js]
@@ -457,8 +437,8 @@ def main(argv=None):
                     if ref_model is not None:
                         ref_lp.update(zip(js, response_logprobs(ref_model, *args_lp, with_entropy=False).float().split(splits)))
         minis = [m.tolist() for m in np.array_split(np.array(train_idx, dtype=np.int64), args.ppo_mini_batches)]
-        counts = all_reduce_sums({f"{k}_{i}": v for i, m in enumerate(minis)
-                                  for k, v in (("tok", sum(len(seq_resp[j]) for j in m)), ("seq", len(m)))}, device)
+        counts = common.all_reduce_numbers({f"{k}_{i}": v for i, m in enumerate(minis)
+                                            for k, v in (("tok", sum(len(seq_resp[j]) for j in m)), ("seq", len(m)))})
         grad_norm, updates, bad, loss_total = 0.0, 0, False, 0.0
         bar = tqdm(total=args.ppo_epochs * len(train_idx), desc=f"step {step} update", leave=False, dynamic_ncols=True,
                    disable=not (args.progress and master_process))
@@ -470,7 +450,10 @@ def main(argv=None):
                     continue  # nothing to learn from anywhere (e.g. every group dropped)
                 mbs = micro_batches([len(seq_prompt[j]) + len(seq_resp[j]) for j in mini], args.micro_batch_tokens)
                 loss_sum = 0.0
-                for mb in mbs:
+                for mb in common.even_out(mbs):
+                    if mb is None:  # this rank is done; join the others' collectives
+                        idle_pass(model)
+                        continue
                     bar.update(len(mb))
                     js = [mini[i] for i in mb]
                     lens = [len(seq_resp[j]) for j in js]
@@ -490,11 +473,7 @@ def main(argv=None):
                         tok_loss = tok_loss - args.entropy_coef * ent
                     w = token_weights(lens, args.loss_agg, total_tokens, total_seqs, args.max_response_tokens).to(device)
                     loss = (w * tok_loss).sum()
-                    loss.backward()
-                    if model is not master:  # accumulate into the fp32 master gradients
-                        for pm, p in zip(master.parameters(), model.parameters()):
-                            pm.grad.add_(p.grad)
-                            p.grad = None
+                    loss.backward()  # FSDP reduce-scatters and sums over ranks; .grad accumulates over micro-batches
                     loss_sum += loss.item()
                     sums["pg_tokens"] += lp.numel()
                     sums["entropy"] += ent.detach().sum().item()
@@ -504,27 +483,18 @@ def main(argv=None):
                         gen = torch.tensor([x for j in js for x in rollouts[j]["logprobs"]], device=device)
                         sums["gap"] += (lp.detach() - gen).abs().sum().item()
                         sums["gap_tokens"] += lp.numel()
-                # gradients: sum over ranks (each rank's loss already carries the global normaliser), clip, step
-                if world > 1:
-                    import torch.distributed as dist
-                    handles = [dist.all_reduce(p.grad, async_op=True) for p in master.parameters()]
-                    for h in handles:
-                        h.wait()
-                loss_sum = all_reduce_sums({"l": loss_sum}, device)["l"]
-                norm = torch.nn.utils.clip_grad_norm_(master.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-                if not (math.isfinite(loss_sum) and math.isfinite(norm.item())):
+                loss_sum = common.all_reduce_numbers({"l": loss_sum})["l"]
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+                norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+                if not (math.isfinite(loss_sum) and math.isfinite(norm)):
                     bad = True
-                    print0(f"warning: step {step}: non-finite loss {loss_sum} or grad norm {norm.item()}; update skipped")
+                    print0(f"warning: step {step}: non-finite loss {loss_sum} or grad norm {norm}; update skipped")
                 else:
                     optimizer.step()
-                    if model is not master:
-                        with torch.no_grad():
-                            for pm, p in zip(master.parameters(), model.parameters()):
-                                p.copy_(pm)
                     updates += 1
-                    grad_norm = norm.item()
+                    grad_norm = norm
                     loss_total += loss_sum  # already summed over ranks
-                optimizer.zero_grad(set_to_none=False)
+                optimizer.zero_grad(set_to_none=True)
         bar.close()
         model.eval()
         if bad:
@@ -538,19 +508,21 @@ def main(argv=None):
         local = {"reward": sum(rewards), "correct": sum(r >= 1.0 for r in rewards), "seqs": len(rollouts),
                  "groups": len(records), "zero_var": sum(zero_var), "resp_tokens": sum(s["length"] for s in rollouts),
                  "truncated": sum(not s["finished"] for s in rollouts), **sums}
-        g = all_reduce_sums(local, device)
-        mx = all_reduce_sums({"len_max": max((s["length"] for s in rollouts), default=0), "gen_s": gen_seconds,
-                              "score_s": score_seconds[0], "train_s": train_seconds}, device, op="max")
+        g = common.all_reduce_numbers(local)
+        mx = common.all_reduce_numbers({"len_max": max((s["length"] for s in rollouts), default=0), "gen_s": gen_seconds,
+                                        "score_s": score_seconds[0], "train_s": train_seconds, "gather_s": gather_seconds,
+                                        "mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0},
+                                       op="max")
         seqs, pg_tokens = max(g["seqs"], 1), max(g["pg_tokens"], 1)
         m = {"step": step, "epoch": (step - 1) // steps_per_epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
              "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs, "len_max": mx["len_max"],
              "truncated": g["truncated"] / seqs, "entropy": g["entropy"] / pg_tokens,
              "kl": g["kl"] / pg_tokens if ref_model is not None else None, "clip_frac": g["clipped"] / pg_tokens,
              "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "loss": loss_total, "grad_norm": grad_norm, "lr": lr,
-             "updates": updates, "train_seqs": int(all_reduce_sums({"s": len(train_idx)}, device)["s"]),
+             "updates": updates, "train_seqs": int(common.all_reduce_numbers({"s": len(train_idx)})["s"]),
              "bad_steps": bad_steps_total, "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
              "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9), "gen_s": mx["gen_s"], "score_s": mx["score_s"],
-             "train_s": mx["train_s"]}
+             "train_s": mx["train_s"], "gather_s": mx["gather_s"], "peak_mem_gib": mx["mem_gib"]}
 
         # 6. the rollout log (rank 0 gathers every rank's rollouts)
         if args.log_rollouts:
@@ -567,7 +539,7 @@ def main(argv=None):
             m.update(validate(step))
         stop = bad_streak >= args.max_bad_steps
         if not stop and (step % args.save_every == 0 or step == max_steps):
-            m.update(save(step))
+            save(step)
         m["step_s"] = time.time() - t_step
         if master_process:
             common.append_jsonl(metrics_path, m)
@@ -579,6 +551,7 @@ def main(argv=None):
                + f"clip {m['clip_frac']:.3f} | gnorm {m['grad_norm']:.3f} lr {lr:.2e} "
                f"| gen {m['gen_s']:.1f}s ({m['gen_tok_s']:.0f} tok/s) score {m['score_s']:.1f}s "
                f"train {m['train_s']:.1f}s ({m['train_tok_s']:.0f} tok/s)"
+               + (f" | {m['peak_mem_gib']:.1f} GiB" if device.type == "cuda" else "")
                + (f" | val {m['val/acc']:.3f}" if "val/acc" in m else ""))
         if stop:
             print0(f"error: {bad_streak} consecutive steps with non-finite loss or gradients; stopping. "

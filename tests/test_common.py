@@ -1,6 +1,9 @@
 """common.py's torchrun setup and teardown: dist_cleanup frees the process group, so no backend thread is
 left running while the interpreter finalizes (a gloo worker that still holds a Python-owned tensor then dies
-in a destructor: "terminate called without an active exception", SIGABRT)."""
+in a destructor: "terminate called without an active exception", SIGABRT). And the collectives: every one
+outside FSDP goes through common.py, on the process group's device."""
+import ast
+import glob
 import json
 import os
 import subprocess
@@ -48,3 +51,58 @@ def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
         gloo = ("pt_gloo_runloop", "gloo_tcp_loop")
         assert all(name in got["during"] for name in gloo), got["during"]  # the check sees gloo's threads ...
         assert not any(name in got["after"] for name in gloo), got["after"]  # ... and after cleanup they are gone
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "reduce", "gather", "scatter",
+               "all_to_all", "all_to_all_single", "barrier", "send", "recv", "isend", "irecv"}
+
+
+def test_no_script_calls_a_torch_distributed_collective_itself():
+    """NCCL takes only GPU tensors: a collective called on a CPU tensor crashes on the GPU box and nowhere else.
+    common.py's helpers move each tensor to the process group's device, so every script must use them."""
+    from conftest import ROOT
+    offenders = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+        if os.path.basename(path) == "common.py":
+            continue
+        tree = ast.parse(open(path).read(), path)
+        dist_names = {"torch.distributed"}  # names bound to torch.distributed in this file
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                dist_names |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
+            if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+                offenders += [f"{os.path.basename(path)}:{node.lineno}: from torch.distributed import {a.name}"
+                              for a in node.names if a.name in COLLECTIVES]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and ast.unparse(node.value) in dist_names:
+                offenders.append(f"{os.path.basename(path)}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "call common.all_reduce / all_gather_json / barrier instead:\n" + "\n".join(offenders)
+
+
+def test_the_collective_check_catches_a_direct_call(tmp_path, monkeypatch):
+    import conftest
+    (tmp_path / "bad_stage.py").write_text("import torch.distributed as dist\ndist.all_reduce(x)\n")
+    monkeypatch.setattr(conftest, "ROOT", str(tmp_path))
+    with pytest.raises(AssertionError, match="bad_stage.py:2: dist.all_reduce"):
+        test_no_script_calls_a_torch_distributed_collective_itself()
+
+
+def test_collectives_run_on_the_process_groups_device(monkeypatch):
+    """Under NCCL the group device is the current GPU; all_reduce hands dist.all_reduce a tensor there and gives
+    the result back on the caller's device."""
+    import torch
+    import torch.distributed as dist
+    import common
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert common.group_device() == torch.device("cuda", 3)
+    seen = []
+    monkeypatch.setattr(common, "group_device", lambda: torch.device("meta"))  # a device that is not the CPU
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: seen.append((t.device, op)))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: torch.empty_like(self, device=a[0] if a else k["device"])
+                        if (a and isinstance(a[0], torch.device)) or "device" in k else self)
+    out = common.all_reduce(torch.ones(3), "max")
+    assert seen == [(torch.device("meta"), dist.ReduceOp.MAX)] and out.device == torch.device("cpu")

@@ -232,7 +232,7 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     with pytest.raises(Killed):
         train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2))
     monkeypatch.setattr(train_rl, "policy_loss", real)
-    assert common.latest_checkpoint(str(cut))[0] == 2
+    assert common.load_checkpoint(str(cut))[0] == 2
     assert train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True)) == 0
     a, b = weights(common.checkpoint_dir(str(full), 4)), weights(common.checkpoint_dir(str(cut), 4))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -260,7 +260,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, ca
     assert "update skipped" in err and "consecutive steps with non-finite" in err
     ms = metrics(out)
     assert [m["bad_steps"] for m in ms] == [0, 1, 2] and [m["updates"] for m in ms] == [1, 0, 0]
-    assert common.latest_checkpoint(str(out))[0] == 2  # step 3 stopped the run; no checkpoint after it
+    assert common.load_checkpoint(str(out))[0] == 2  # step 3 stopped the run; no checkpoint after it
     w1, w2 = weights(common.checkpoint_dir(str(out), 1)), weights(common.checkpoint_dir(str(out), 2))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped update changed nothing
     assert all(torch.isfinite(v).all() for v in w2.values())
@@ -304,9 +304,87 @@ def test_torchrun_two_ranks_disjoint_prompts_identical_weights(toy, tmp_path):
         want = {train[i]["id"] for i in train_rl.step_prompt_indices(len(train), 7, step, 1234)}
         assert by_rank[0] | by_rank[1] == want and len(roll) == 7 * 4
     ms = metrics(out)
-    sums = ms[-1]["ckpt/param_checksums"]
-    assert len(sums) == 2 and sums[0] == sums[1]  # every rank holds the same weights
     assert "val/acc" in ms[-1] and ms[-1]["updates"] == 1
+
+
+def run_fixed(toy, out, ranks, env_extra=None, **over):
+    """train_rl.py on tests/rl_fixed_rollouts.py's rank-independent rollouts, under torchrun with `ranks` ranks.
+    Small micro-batches, 7 prompts: the ranks run different numbers of micro-batches (common.even_out)."""
+    s = dict(max_steps=4, prompts_per_step=7, group_size=4, max_response_tokens=16, save_every=2, val_every=0,
+             micro_batch_tokens=120, lr=1e-3, warmup_steps=0)
+    s.update(over)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port", str(free_port()),
+           os.path.join(ROOT, "tests", "rl_fixed_rollouts.py")] + rl_args(toy, out, **s)
+    return subprocess.run(cmd, env=dict(subprocess_env(), **(env_extra or {})), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def fixed_runs(toy, tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp_rl")
+    runs = {"one": run_fixed(toy, d / "one", 1), "two": run_fixed(toy, d / "two", 2),
+            "cut": run_fixed(toy, d / "cut", 2, {"KILL_AT_STEP": "3"})}
+    runs["resumed"] = run_fixed(toy, d / "cut", 2, resume=True)
+    return d, runs
+
+
+def test_fsdp_two_ranks_give_the_weights_of_one(fixed_runs):
+    """Sharded over 2 ranks (FSDP2, gloo) or not, the same rollouts give the same update: the loss normaliser is
+    global and FSDP sums the ranks' gradients."""
+    d, runs = fixed_runs
+    for name in ("one", "two"):
+        assert runs[name].returncode == 0, runs[name].stdout[-2000:] + runs[name].stderr[-3000:]
+    assert "sharded over 2 rank(s)" in runs["two"].stdout
+    a, b = weights(common.checkpoint_dir(str(d / "one"), 4)), weights(common.checkpoint_dir(str(d / "two"), 4))
+    init = weights(common.checkpoint_dir(str(d / "one"), 2))
+    assert not all(torch.equal(a[k], init[k]) for k in a)  # it learned between steps 2 and 4
+    for k in a:  # relative to each tensor's norm: Adam's first steps (~lr * sign(g)) amplify the round-off of
+        # near-zero gradient entries, so a single entry may differ by ~1e-6 in absolute terms
+        assert float((b[k] - a[k]).norm()) <= 1e-5 * float(a[k].norm()), k
+    ma, mb = metrics(d / "one"), metrics(d / "two")
+    assert [m["loss"] for m in mb] == pytest.approx([m["loss"] for m in ma], rel=1e-5, abs=1e-7)
+    assert [m["grad_norm"] for m in mb] == pytest.approx([m["grad_norm"] for m in ma], rel=1e-5)
+
+
+def test_fsdp_kill_and_resume_at_two_ranks_is_bit_identical(fixed_runs):
+    d, runs = fixed_runs
+    assert runs["cut"].returncode != 0 and "killed in step 3" in runs["cut"].stderr
+    assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
+    assert common.checkpoint_steps(str(d / "cut")) == [2, 4] and "resuming from" in runs["resumed"].stdout
+    for r in (0, 1):  # each rank's optimizer shard was written and read back
+        assert os.path.isfile(common.optimizer_shard_path(str(d / "cut"), 4, r))
+    a, b = weights(common.checkpoint_dir(str(d / "two"), 4)), weights(common.checkpoint_dir(str(d / "cut"), 4))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_from_two_ranks_loads_in_transformers(fixed_runs):
+    from transformers import AutoModelForCausalLM
+    from model import load_model
+    d, _ = fixed_runs
+    path = common.checkpoint_dir(str(d / "two"), 4)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ours = load_model(path)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(ids), hf(ids).logits.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_skips_an_unreadable_checkpoint(toy, tmp_path, capsys):
+    """A truncated state file (a disk fault, a partial copy) is skipped with one warning naming it; the run
+    resumes from the newest intact checkpoint and ends where an uninterrupted run ends."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train_rl.main(rl_args(toy, full, max_steps=3, save_every=1)) == 0
+    assert train_rl.main(rl_args(toy, cut, max_steps=2, save_every=1)) == 0
+    state = common.checkpoint_dir(str(cut), 2) + ".state.pt"
+    with open(state, "r+b") as f:
+        f.truncate(os.path.getsize(state) // 2)
+    capsys.readouterr()
+    assert train_rl.main(rl_args(toy, cut, max_steps=3, save_every=1, resume=True)) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and state in warnings[0] and "step 2" in warnings[0]
+    assert "resuming from" in out and "step 1)" in out
+    a, b = weights(common.checkpoint_dir(str(full), 3)), weights(common.checkpoint_dir(str(cut), 3))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_every_option_passes_through_torchrun():

@@ -1,0 +1,43 @@
+"""train_rl.py with rollouts that depend only on the prompt, not on which rank drew it: a 1-rank and a 2-rank
+run then train on the same data, so their updates can be compared. Run as train_rl.py is (python or torchrun),
+with train_rl.py's arguments. With KILL_AT_STEP=N in the environment, each rank dies inside step N's update
+(a killed run, for resume tests)."""
+import os
+import random
+import sys
+
+import common
+import train_rl
+
+
+def fixed_rollouts(model, tokenizer, task, records, n=1, max_new_tokens=16, template="auto", **_):
+    out = []
+    for r in records:
+        rng = random.Random(r["id"])
+        prompt = task.render_prompt(r, tokenizer, template)
+        for k in range(n):
+            length = rng.randint(1, max_new_tokens)
+            out.append({"id": r["id"], "prompt": prompt, "response": "", "finished": True, "length": length,
+                        "tokens": [rng.randrange(len(tokenizer)) for _ in range(length)], "logprobs": [0.0] * length,
+                        "reward": float(rng.random() < 0.5), "sample": k})
+    return out
+
+
+common.sample_responses = fixed_rollouts
+kill_at, step_now, real_lr, real_loss = int(os.environ.get("KILL_AT_STEP", 0)), [0], train_rl.lr_at, train_rl.policy_loss
+
+
+def lr_at(step, *args):  # called once at the start of every step
+    step_now[0] = step
+    return real_lr(step, *args)
+
+
+def policy_loss(*args, **kwargs):
+    if step_now[0] == kill_at:
+        raise SystemExit(f"killed in step {kill_at}")
+    return real_loss(*args, **kwargs)
+
+
+train_rl.lr_at, train_rl.policy_loss = lr_at, policy_loss
+if __name__ == "__main__":
+    common.run_main(lambda: sys.exit(train_rl.main(sys.argv[1:])))
