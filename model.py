@@ -166,6 +166,36 @@ class Block(nn.Module):
 # attention modes: a padded batch, a packed row of sequences, one decode step on the KV cache
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def flash_dtype(*tensors, device_type=None, flash_available=HAVE_FLASH_ATTN):
+    """The dtype in which FlashAttention takes these attention inputs, or None: use the SDPA path.
+
+    flash-attn runs only on CUDA, on inputs of one half dtype. Under autocast to a half dtype the inputs
+    are cast to it (there q and k leave the fp32 rope multiply in fp32 while v is half); without autocast
+    they must already share one half dtype, so fp32 and mixed dtypes stay on SDPA. device_type and
+    flash_available let tests on CPU ask what a GPU with flash-attn installed would do.
+    """
+    device_type = device_type or tensors[0].device.type
+    if not flash_available or device_type != "cuda":
+        return None
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in HALF:
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    return dtype if dtype in HALF and all(t.dtype == dtype for t in tensors) else None
+
+
+def flash_inputs(dtype, *tensors):
+    """(batch, heads, seqlen, hd) tensors as flash-attn takes them: (batch, seqlen, heads, hd), in dtype,
+    last dimension contiguous. Copies only where needed: a KV cache must stay the memory flash writes into."""
+    out = []
+    for t in tensors:
+        t = t.transpose(1, 2).to(dtype)
+        out.append(t if t.stride(-1) == 1 else t.contiguous())
+    return out
+
+
 class Causal:
     """Right-padded (B, T) batch: plain causal attention (padding sits after every real token)."""
 
@@ -188,11 +218,12 @@ class Packed:
     def attend(self, attn, q, k, v):
         if self.cache is not None:
             self.cache.store_prefill(attn.layer_idx, k[0], v[0], self.bounds, self.cache_rows)
-        if HAVE_FLASH_ATTN and q.is_cuda:
+        dtype = flash_dtype(q, k, v)
+        if dtype is not None:
             cu = self.cu.to(torch.int32)
             maxlen = max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
-            y = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                                       cu, cu, maxlen, maxlen, causal=True)
+            q1, k1, v1 = (t[0] for t in flash_inputs(dtype, q, k, v))  # varlen layout: (N, heads, hd)
+            y = flash_attn_varlen_func(q1, k1, v1, cu, cu, maxlen, maxlen, causal=True)
             return y.transpose(0, 1).unsqueeze(0)
         gqa = q.shape[1] != k.shape[1]
         lens = [b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])]
@@ -211,16 +242,19 @@ class Decode:
         n = cache.rows
         self.lengths = cache.lengths[:n]
         self.span = int(self.lengths.max().item()) + 1  # columns any row can see this step
-        if not (HAVE_FLASH_ATTN and cache.k.is_cuda):
+        # decided once, from the cache: it cannot be cast, so flash runs only in the cache's own dtype
+        # (the new token's q/k/v are cast to it; the SDPA path stores k/v in it too)
+        dtype = flash_dtype(cache.k, cache.v)
+        self.flash = dtype if dtype == cache.k.dtype else None
+        if self.flash is None:
             cols = torch.arange(self.span, device=cache.k.device)
             self.mask = (cols[None, :] <= self.lengths[:, None])[:, None, None, :]  # (n, 1, 1, span)
 
     def attend(self, attn, q, k, v):
         c, n, i = self.cache, self.cache.rows, attn.layer_idx
         kc, vc = c.k[i, :n], c.v[i, :n]  # (n, nkv, max_len, hd)
-        if HAVE_FLASH_ATTN and q.is_cuda:
-            y = flash_attn_with_kvcache(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                        k.transpose(1, 2), v.transpose(1, 2),
+        if self.flash is not None:  # writes k, v into the cache at self.lengths
+            y = flash_attn_with_kvcache(*flash_inputs(self.flash, q, kc, vc, k, v),
                                         cache_seqlens=self.lengths.to(torch.int32), causal=True)
             return y.transpose(1, 2)
         rows = torch.arange(n, device=q.device)

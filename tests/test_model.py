@@ -1,14 +1,19 @@
-"""model.py against transformers: logits, checkpoints both ways, greedy generation, log-probs, errors."""
+"""model.py against transformers: logits, checkpoints both ways, greedy generation, log-probs, errors, and the
+attention dispatch (which inputs would reach flash-attn on a GPU), checked on CPU."""
+import functools
 import json
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 import common
-from model import (build_model, build_tokenizer, generate, load_model, pack, sample_next, save_model,
-                   stop_token_ids, tiny_config)
+import model as model_module
+from model import (Decode, KVCache, ModelConfig, build_model, build_tokenizer, flash_dtype, flash_inputs, generate,
+                   load_model, pack, sample_next, save_model, stop_token_ids, tiny_config)
 
 VOCAB = 97
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -299,3 +304,192 @@ def test_error_cli_prints_one_line(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
+
+
+# -----------------------------------------------------------------------------
+# attention dispatch: which inputs reach flash-attn, checked on CPU by pretending to be a GPU with flash-attn
+
+
+@contextmanager
+def cuda_autocast(dtype):
+    """The autocast state flash_dtype reads for "cuda" (a CPU build of torch cannot enter torch.autocast("cuda"))."""
+    before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", before[0])
+        torch.set_autocast_dtype("cuda", before[1])
+
+
+on_gpu = functools.partial(flash_dtype, device_type="cuda", flash_available=True)
+
+
+def qkv(dtypes=(torch.float32,) * 3, n=9, nh=4, nkv=2, hd=8):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, h, n, hd, generator=g).to(d) for h, d in zip((nh, nkv, nkv), dtypes)]
+
+
+def assert_flash_ready(tensors, dtype):
+    for t in tensors:
+        assert t.dtype == dtype and t.stride(-1) == 1, (t.dtype, t.stride())
+
+
+def test_flash_dtype_fp32_on_gpu_without_autocast_uses_sdpa():
+    assert on_gpu(*qkv()) is None
+    with cuda_autocast(torch.float32):  # autocast to fp32 is no reason to cast either
+        assert on_gpu(*qkv()) is None
+
+
+def test_flash_dtype_half_on_gpu_uses_flash_with_ready_inputs():
+    for half in (torch.bfloat16, torch.float16):
+        q, k, v = qkv((half,) * 3)
+        assert on_gpu(q, k, v) == half
+    # varlen: (1, heads, N, hd) -> (N, heads, hd); a last dimension that is not contiguous gets copied
+    q, k, v = qkv((torch.bfloat16,) * 3)
+    k = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, stride(-1) != 1
+    assert k.stride(-1) != 1
+    prepared = flash_inputs(torch.bfloat16, q, k, v)
+    varlen = [t[0] for t in prepared]
+    assert [t.shape for t in varlen] == [(9, 4, 8), (9, 2, 8), (9, 2, 8)]
+    assert_flash_ready(varlen, torch.bfloat16)
+    assert torch.equal(varlen[1], k[0].transpose(0, 1))
+    assert prepared[0].data_ptr() == q.data_ptr()  # no copy where none is needed
+    # kvcache: (batch, heads, seqlen, hd) -> (batch, seqlen, heads, hd); the cache stays the same memory
+    cache = torch.zeros(2, 5, 3, 2, 32, 8, dtype=torch.bfloat16)  # (layers, rows, ..., kv_heads, max_len, hd)
+    kc = cache[1, :3, 1]
+    q1, k1, v1 = (torch.randn(3, h, 1, 8, dtype=torch.bfloat16) for h in (4, 2, 2))  # one new token per row
+    dq, dkc, dvc, dk, dv = flash_inputs(torch.bfloat16, q1, kc, kc, k1, v1)
+    assert (dq.shape, dkc.shape, dk.shape) == ((3, 1, 4, 8), (3, 32, 2, 8), (3, 1, 2, 8))
+    assert_flash_ready((dq, dkc, dvc, dk, dv), torch.bfloat16)
+    assert dkc.data_ptr() == kc.data_ptr() and dkc.stride() == kc.transpose(1, 2).stride()
+
+
+def test_flash_dtype_autocast_casts_fp32_qk_and_half_v():
+    # capture q, k, v as the model builds them under CPU autocast with fp32 weights
+    class Record:
+        def attend(self, attn, q, k, v):
+            self.qkv = q, k, v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    model, rec = random_model(CONFIGS["qwen3"]), Record()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.forward(torch.tensor([[1, 2, 3, 4, 5]]), ctx=rec)
+    q, k, v = rec.qkv
+    assert (q.dtype, k.dtype, v.dtype) == (torch.float32, torch.float32, torch.bfloat16)  # the issue's mix
+    assert on_gpu(q, k, v) is None  # without autocast on the GPU the mix stays on SDPA
+    with cuda_autocast(torch.bfloat16):
+        dtype = on_gpu(q, k, v)
+    assert dtype == torch.bfloat16
+    assert_flash_ready(flash_inputs(dtype, q, k, v), torch.bfloat16)
+    with cuda_autocast(torch.float16):
+        assert on_gpu(*qkv((torch.bfloat16,) * 3)) == torch.float16
+
+
+def test_flash_dtype_mixed_without_autocast_uses_sdpa():
+    for dtypes in [(torch.float32, torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16, torch.float16),
+                   (torch.bfloat16, torch.float32, torch.bfloat16)]:
+        assert on_gpu(*qkv(dtypes)) is None, dtypes
+
+
+def test_flash_dtype_without_flash_or_on_cpu_uses_sdpa():
+    half = qkv((torch.bfloat16,) * 3)
+    assert flash_dtype(*half, device_type="cuda", flash_available=False) is None
+    assert flash_dtype(*half, flash_available=True) is None  # real CPU tensors
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert flash_dtype(*half, flash_available=True) is None
+    if not model_module.HAVE_FLASH_ATTN:
+        assert flash_dtype(*half, device_type="cuda") is None  # the default: whether flash-attn is installed
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """Run the model's own attention code on CPU as if on a GPU with flash-attn: flash_dtype sees "cuda" and fake
+    kernels, which check what they are handed, compute the attention. Returns the kernels' calls."""
+    calls = {"varlen": [], "kvcache": []}
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+        lens = (cu_q[1:] - cu_q[:-1]).tolist()
+        assert causal and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k == max(lens)
+        assert q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0] == v.shape[0] == cu_q[-1]  # (N, heads, hd)
+        assert_flash_ready((q, k, v), q.dtype)
+        assert q.dtype in model_module.HALF
+        calls["varlen"].append(q.dtype)
+        out = [F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in ts), is_causal=True, enable_gqa=True)
+               for ts in zip(q.split(lens), k.split(lens), v.split(lens))]
+        return torch.cat(out, dim=1).transpose(0, 1)
+
+    def kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal):
+        b = q.shape[0]
+        assert causal and cache_seqlens.dtype == torch.int32 and q.shape[1] == k.shape[1] == 1
+        assert k_cache.shape[0] == b and k_cache.shape[2:] == k.shape[2:]  # (batch, seqlen, heads, hd)
+        assert_flash_ready((q, k_cache, v_cache, k, v), q.dtype)
+        assert q.dtype in model_module.HALF
+        calls["kvcache"].append(q.dtype)
+        rows, cols = torch.arange(b), cache_seqlens.long()
+        k_cache[rows, cols], v_cache[rows, cols] = k[:, 0], v[:, 0]  # in place, as flash does
+        out = [F.scaled_dot_product_attention(q[r].transpose(0, 1), k_cache[r, :n + 1].transpose(0, 1),
+                                              v_cache[r, :n + 1].transpose(0, 1), enable_gqa=True)
+               for r, n in enumerate(cols.tolist())]
+        return torch.stack(out).transpose(1, 2)
+
+    monkeypatch.setattr(model_module, "flash_dtype", on_gpu)
+    monkeypatch.setattr(model_module, "flash_attn_varlen_func", varlen, raising=False)
+    monkeypatch.setattr(model_module, "flash_attn_with_kvcache", kvcache, raising=False)
+    return calls
+
+
+def test_decode_mask_follows_the_same_rule(pretend_gpu):
+    cfg = ModelConfig.from_hf(CONFIGS["qwen2_tied"])
+
+    def decode(dtype):
+        cache = KVCache(cfg, rows=3, max_len=16, dtype=dtype, device="cpu")
+        cache.lengths[:] = torch.tensor([4, 7, 2])
+        return Decode(cache)
+    fp32 = decode(torch.float32)  # fp32 cache on the GPU: SDPA, with its mask
+    assert fp32.flash is None and fp32.mask.shape == (3, 1, 1, 8)
+    bf16 = decode(torch.bfloat16)
+    assert bf16.flash == torch.bfloat16 and not hasattr(bf16, "mask")
+    with cuda_autocast(torch.bfloat16):  # the cache cannot be cast: an fp32 cache stays on SDPA under autocast
+        assert decode(torch.float32).flash is None and hasattr(decode(torch.float32), "mask")
+        assert decode(torch.bfloat16).flash == torch.bfloat16
+    with cuda_autocast(torch.float16):
+        assert decode(torch.bfloat16).flash is None and hasattr(decode(torch.bfloat16), "mask")
+
+
+def test_flash_path_forward_and_generation_match_sdpa(pretend_gpu, monkeypatch):
+    # bf16 weights: prefill and decode take flash; same hidden states and greedy tokens as the CPU SDPA path
+    model = random_model(CONFIGS["qwen3"], seed=9).to(torch.bfloat16)
+    seqs = [[3, 4, 5, 6, 7], [8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
+    ids, cu = pack(seqs)
+    with torch.no_grad():
+        flash = model.forward(ids, cu_seqlens=cu)
+    flash_gen = generate(model, seqs, max_new_tokens=10, temperature=0)
+    assert pretend_gpu["varlen"] == [torch.bfloat16] * 4  # 2 layers, forward + prefill
+    assert pretend_gpu["kvcache"] == [torch.bfloat16] * 18  # 2 layers, 9 decode steps
+    monkeypatch.setattr(model_module, "flash_dtype", flash_dtype)  # the real rule on CPU tensors: SDPA
+    with torch.no_grad():
+        sdpa = model.forward(ids, cu_seqlens=cu)
+    assert (flash.float() - sdpa.float()).abs().max() <= 0.05 * sdpa.float().abs().max()
+    assert [g.tokens for g in flash_gen] == [g.tokens for g in generate(model, seqs, max_new_tokens=10, temperature=0)]
+    assert len(pretend_gpu["varlen"]) == 4 and len(pretend_gpu["kvcache"]) == 18
+
+
+def test_flash_path_under_autocast_with_fp32_weights(pretend_gpu):
+    # SFT's setting: fp32 weights under bf16 autocast. Packed attention takes flash with everything cast to bf16;
+    # without autocast the fp32 model never takes flash
+    model = random_model(CONFIGS["llama3_scaled"], seed=10)
+    seqs = [[3, 4, 5, 6, 7], [8, 9, 10]]
+    ids, cu = pack(seqs)
+    generate(model, seqs, max_new_tokens=4, temperature=0)
+    model.forward(ids, cu_seqlens=cu)
+    assert pretend_gpu == {"varlen": [], "kvcache": []}
+    with torch.autocast("cpu", dtype=torch.bfloat16), cuda_autocast(torch.bfloat16):
+        flash = model.token_logprobs(model.forward(ids, cu_seqlens=cu)[:, :-1], ids[:, 1:])
+    assert pretend_gpu == {"varlen": [torch.bfloat16] * 2, "kvcache": []}
+    flash.sum().backward()  # gradients flow through the casts to the fp32 weights
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().max() > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sdpa = model.token_logprobs(model.forward(ids, cu_seqlens=cu)[:, :-1], ids[:, 1:])
+    assert len(pretend_gpu["varlen"]) == 2  # autocast on the CPU only: the mixed dtypes stay on SDPA
+    assert (flash - sdpa).abs().max() <= 0.05 * sdpa.abs().max()
