@@ -84,21 +84,25 @@ def settings(argv=None):
                    help="--gpu_suite: response cap of the RL step (the paper's 4096; random weights run to it)")
     # --memory: the per-GPU memory table (defaults = train_rl.py's and redistill_sft.py's; a test checks they agree)
     p.add_argument("--memory", nargs="+", default=None, metavar="CONFIG",
-                   help="print the per-GPU memory table of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2 for "
-                        "these models: a Hugging Face config.json, its directory, or a preset (" + ", ".join(MEMORY_PRESETS)
-                        + "); one column per model")
-    p.add_argument("--world", type=int, default=8, help="--memory: GPUs (FSDP ranks) the training state is sharded over")
+                   help="print the per-GPU memory table of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2 "
+                        "for these models: a Hugging Face config.json, its directory, or a preset ("
+                        + ", ".join(MEMORY_PRESETS) + "); one column per model")
+    p.add_argument("--world", type=int, default=8,
+                   help="--memory: GPUs (FSDP ranks) the training state is sharded over")
     p.add_argument("--gpu_gib", type=float, default=80, help="--memory: memory of one GPU in GiB; fits = peak <= this")
     p.add_argument("--prompts_per_step", type=int, default=128,
-                   help="--memory: RL prompts per step over all ranks (train_rl --prompts_per_step); each rank takes its share")
+                   help="--memory: RL prompts per step over all ranks (train_rl --prompts_per_step); each rank takes "
+                        "its share")
     p.add_argument("--prompts_per_rank", type=int, default=None,
                    help="--memory: RL prompts per rank (default: --prompts_per_step / --world, rounded up)")
     p.add_argument("--group_size", type=int, default=8, help="--memory: RL rollouts per prompt (train_rl --group_size)")
     p.add_argument("--gen_batch_size", type=int, default=32,
                    help="--memory: prompts per generation call (train_rl --gen_batch_size): KV-cache rows = "
                         "min(prompts per rank, this) x --group_size")
-    p.add_argument("--prompt_tokens", type=int, default=512, help="--memory: longest prompt of a generation call, tokens")
-    p.add_argument("--response_tokens", type=int, default=4096, help="--memory: response cap (train_rl --max_response_tokens)")
+    p.add_argument("--prompt_tokens", type=int, default=512,
+                   help="--memory: longest prompt of a generation call, tokens")
+    p.add_argument("--response_tokens", type=int, default=4096,
+                   help="--memory: response cap (train_rl --max_response_tokens)")
     p.add_argument("--rl_micro_batch_tokens", type=int, default=30000,
                    help="--memory: tokens of one packed RL training micro-batch (train_rl --micro_batch_tokens)")
     p.add_argument("--sft_micro_batch_tokens", type=int, default=16384,
@@ -327,31 +331,43 @@ def kv_cache_bytes(cfg, rows, max_len, dtype_bytes=2):
     return 2 * cfg.num_layers * rows * cfg.num_kv_heads * max_len * cfg.head_dim * dtype_bytes
 
 
-def block_tokens_bytes(cfg):
-    """Bytes per token of one block's forward intermediates (the checkpointed block recomputed in backward).
-    bf16 (2 bytes each): normed input, o_proj output, residual sum, post-attention normed input, down_proj output,
-    block output (6 H); q, q after RoPE, the attention output and its (T, heads x hd) reshape (4 nh hd); k, v, k
-    after RoPE (3 nkv hd); gate, up, silu(gate), silu(gate) * up (4 I). fp32 (4 bytes): each RMSNorm's x.float()
-    and x * rsqrt (2 norms x 2 x H). Attention itself is O(T) memory (flash / memory-efficient kernels): left out.
-      per token = 2 (6 H + 4 nh hd + 3 nkv hd + 4 I) + 4 (4 H)"""
-    H, hd = cfg.hidden_size, cfg.head_dim
-    return 2 * (6 * H + 4 * cfg.num_heads * hd + 3 * cfg.num_kv_heads * hd + 4 * cfg.intermediate_size) + 4 * 4 * H
+def block_bytes_per_token(cfg):
+    """Peak bytes per token of one checkpointed block recomputed in backward: what autograd saves in the recompute,
+    plus the gradients in flight. Saved: each RMSNorm's fp32 x.float() (2 x 4 H bytes); in bf16 (2 bytes) each
+    norm's normalised x and output (4 H), q and k after RoPE, v, the attention output and its (T, heads x hd)
+    reshape (3 nh hd + 2 nkv hd; flash attention keeps O(T) more), gate, silu(gate), up, silu(gate) * up (4 I);
+    Qwen3's q_norm / k_norm also keep fp32 q, k and their normalised bf16 copies (6 (nh + nkv) hd bytes).
+    In flight at the peak, the MLP's backward: two I-wide gradients more than the saved tensors it frees, and the
+    block's output and input gradients (2 I + 2 H, bf16).
+      per token = 8 H + 2 (6 H + 3 nh hd + 2 nkv hd + 6 I) [+ 6 (nh + nkv) hd for qwen3]
+    Checked against the peak measured on CPU (tests/test_bench_memory.py) and on an H100 (docs/memory.md)."""
+    H, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    qk_norm = 6 * (nh + nkv) * hd if cfg.arch == "qwen3" else 0
+    return 8 * H + 2 * (6 * H + 3 * nh * hd + 2 * nkv * hd + 6 * cfg.intermediate_size) + qk_norm
+
+
+def prefill_bytes_per_token(cfg):
+    """Peak bytes per prompt token of generation's prefill (no grad, one block at a time): the MLP holds the block's
+    input, the normed input, silu(gate), up and their product (2 H + 3 I, bf16), an RMSNorm its fp32 x.float() and
+    x * rsqrt (8 H)."""
+    return 2 * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) + 8 * cfg.hidden_size
 
 
 def activation_bytes(cfg, tokens, chunk, with_entropy, gathered):
     """Training activations of one packed micro-batch of `tokens` tokens with gradient checkpointing:
       inputs  every block's stored input, L x T x H bf16
       head    the final norm (its fp32 input copy, bf16 normalised x and output: 4 + 2 + 2 bytes x T x H; RL also
-              gathers the response positions' hidden states, + 2) and one lm_head chunk: chunk x V x 4 bytes x 3
-              (fp32 logits, log-softmax, their gradient) + 1 more with the entropy (train_rl's update passes
-              with_entropy=True; SFT's loss does not)
-      block   one block recomputed in backward: block_tokens_bytes x T, x 2 for the gradients of the same tensors
+              gathers the response positions' hidden states, + 2) and one lm_head chunk recomputed in backward:
+              chunk x V x 4 bytes x 3 (the fp32 log-softmax, its gradient, the gradient of the fp32 logits), x 2 more
+              with the entropy (probs = exp(log-softmax) and their gradient; train_rl's update passes
+              with_entropy=True, SFT's loss does not)
+      block   one block recomputed in backward: block_bytes_per_token x T
     The head's backward (all lm_head chunks, then the final norm) finishes before the first block is recomputed,
     so the peak is inputs + max(head, block)."""
     H, V = cfg.hidden_size, cfg.vocab_size
     inputs = cfg.num_layers * tokens * H * 2
-    head = tokens * H * (4 + 2 + 2 + (2 if gathered else 0)) + min(tokens, chunk) * V * 4 * (3 + bool(with_entropy))
-    block = 2 * block_tokens_bytes(cfg) * tokens
+    head = tokens * H * (4 + 2 + 2 + (2 if gathered else 0)) + min(tokens, chunk) * V * 4 * (3 + 2 * bool(with_entropy))
+    block = block_bytes_per_token(cfg) * tokens
     return {"inputs": inputs, "head": head, "block": block, "total": inputs + max(head, block)}
 
 
@@ -367,17 +383,20 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e["ref_model"] = 4 * P / W  # --kl_coef > 0: a frozen copy sharded the same way, no grads or optimizer
     # FSDP2 transients of forward + backward: the root unsharded in bf16 throughout, two blocks unsharded in bf16
     # (the current one + the prefetched one), and in backward the unsharded fp32 gradients of one block and of the
-    # root before their reduce-scatter
+    # root before their reduce-scatter. (This covers the lm_head's gradient too: in the head's backward the root holds
+    # its bf16 params, the bf16 gradient being accumulated and one chunk's V x H bf16 weight gradient before it is
+    # added in: at most 6 bytes per root parameter. A single-H100 check measured that chunk gradient on top of
+    # activation_bytes, which came within 1 % of the rest at the 1.5B and 7B shapes; see docs/memory.md.)
     e["fsdp_transient"] = 2 * root + 2 * 2 * n["block"] + 4 * n["block"] + 4 * root
     # RL generation: the training state stays sharded; a plain bf16 copy of all weights is gathered for the engine
     # (freed before the update), model.generate's KV cache (rows x (prompt + response) columns) and its
-    # temporaries: the prefill (prompts packed in one row, no grad: one block's forward intermediates at a time)
-    # or a decode step's sampling (rows x V fp32: logits, log-softmax, probs / cdf), whichever is larger
+    # temporaries: the prefill (prompts packed in one row, no grad, one block at a time) or a decode step's sampling
+    # (rows x V fp32: logits, log-softmax, probs / cdf), whichever is larger
     prompts = min(prompts_per_rank, gen_batch_size)
     e["gen_rows"], e["gen_len"] = prompts * group_size, prompt_tokens + response_tokens
     e["gen_copy"] = 2 * P
     e["kv_cache"] = kv_cache_bytes(cfg, e["gen_rows"], e["gen_len"])
-    e["gen_temps"] = max(block_tokens_bytes(cfg) * prompts * prompt_tokens, e["gen_rows"] * cfg.vocab_size * 4 * 3)
+    e["gen_temps"] = max(prefill_bytes_per_token(cfg) * prompts * prompt_tokens, e["gen_rows"] * cfg.vocab_size * 4 * 3)
     e["gen_peak"] = e["persistent"] + e["gen_copy"] + e["kv_cache"] + e["gen_temps"] + e["slack"]
     # training: a micro-batch holds up to its token budget, or one longer sequence alone
     e["rl_tokens"] = max(rl_tokens, prompt_tokens + response_tokens)
@@ -485,7 +504,8 @@ def bench_memory(args):
             if mode == "RL" and e["update_peak"] / gib <= cap:  # only generation is too big: a smaller call?
                 fitting = [b for b in range(min(s0["prompts_per_rank"], args.gen_batch_size) - 1, 0, -1)
                            if memory_estimate(cfg, **memory_settings(args, gen_batch_size=b))["gen_peak"] / gib <= cap]
-                line += f"; fits with --gen_batch_size {fitting[0]}" if fitting else "; not even one prompt per call fits"
+                line += (f"; fits with --gen_batch_size {fitting[0]}" if fitting
+                         else "; not even one prompt per call fits")
             said.append(line + ")")
         verdict.append(f"{name}: " + ", ".join(said))
     print(f"verdict on {args.world} x {cap:g} GiB: " + "; ".join(verdict) + ".")

@@ -1,6 +1,8 @@
 """bench.py --memory: the per-GPU memory table. The parameter count equals the model's own, the sharded state
-scales as 1/W, the KV-cache bytes equal what model.KVCache allocates, and the CLI prints the table for a preset,
-a config.json path or its directory, and fails with one line on a bad path."""
+scales as 1/W, the KV-cache bytes equal what model.KVCache allocates, the activation estimate is near the peak a
+checkpointed forward + backward reaches on CPU, and the CLI prints the table for a preset, a config.json path or
+its directory, and fails with one line on a bad path."""
+import ctypes
 import json
 import os
 import subprocess
@@ -47,9 +49,9 @@ def test_param_count_equals_the_meta_built_model(name):
     assert n["lm_head"] == (0 if cfg.tie_word_embeddings else m.lm_head.weight.numel())
 
 
-def test_presets_equal_the_meta_built_models_and_the_published_sizes():
+def test_presets_equal_the_meta_built_models_and_the_model_card_sizes():
     published = {"qwen2.5-1.5b": 1_543_714_304, "qwen2.5-3b": 3_085_938_688, "qwen2.5-7b": 7_615_616_512,
-                 "qwen2.5-14b": 14_770_033_664}  # the checkpoints' safetensors totals
+                 "qwen2.5-14b": 14_770_033_664}  # 1.54B, 3.09B, 7.62B, 14.8B on the model cards
     for name, total in published.items():
         _, cfg = bench.memory_config(name)
         assert bench.param_counts(cfg)["total"] == meta_params(cfg) == total, name
@@ -83,6 +85,84 @@ def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
     e = bench.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, gen_batch_size=1,
                               prompt_tokens=prompt_tokens, response_tokens=response_tokens)
     assert e["kv_cache"] == allocated // prompts
+
+
+# the activation estimate against a measurement: a checkpointed forward + backward of train_rl.response_logprobs's
+# shape (packed sequences, chunked lm_head) in bf16 on CPU, run in a child process (python this_file --measure) whose
+# glibc malloc hands every buffer of 64 KiB or more to mmap, so mallinfo2().hblkhd is the bytes tensors hold; the
+# peak is sampled after every aten op by a TorchDispatchMode, the parameters' gradients exist beforehand
+MEASURED = [  # (HF config, tokens, sequences, logprob chunk): block-dominated qwen2 / qwen3, lm_head-dominated
+    (model.tiny_config(512, hidden_size=256, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=1536,
+                       head_dim=128), 2048, 4, 512),
+    (model.tiny_config(512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256,
+                       arch="Qwen3ForCausalLM", head_dim=64), 2048, 8, 512),
+    (model.tiny_config(16384, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
+                       tie_word_embeddings=False), 1024, 2, 512),
+]
+
+
+def measure_activation_peaks():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+
+    class Peak(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, libc.mallinfo2().hblkhd)
+            return out
+
+    torch.set_num_threads(1)
+    out = []
+    for hf, tokens, seqs, chunk in MEASURED:
+        cfg = model.ModelConfig.from_hf(hf)
+        m = model.Transformer(cfg).to(torch.bfloat16)
+        m.gradient_checkpointing = True
+        g = torch.Generator().manual_seed(0)
+        ids, cu = model.pack([torch.randint(0, cfg.vocab_size, (tokens // seqs,), generator=g).tolist()
+                              for _ in range(seqs)])
+        for entropy in (False, True):
+            def step():
+                hidden = m(ids, cu_seqlens=cu)
+                if entropy:  # train_rl: the positions' hidden states gathered, with the entropy
+                    pos = torch.arange(tokens - 1)
+                    lp, ent = m.token_logprobs(hidden[0, pos], ids[0, pos + 1], chunk_size=chunk, with_entropy=True)
+                    loss = lp.float().sum() + ent.float().sum()
+                else:  # redistill_sft: every next token, no entropy
+                    loss = m.token_logprobs(hidden[0, :-1], ids[0, 1:], chunk_size=chunk).float().sum()
+                loss.backward()
+            step()  # warm-up: one-time buffers are not activations
+            for p in m.parameters():
+                p.grad = torch.zeros_like(p)
+            before, mode = libc.mallinfo2().hblkhd, Peak()
+            with mode:
+                step()
+            out.append(mode.peak - before)
+    return out
+
+
+def test_activation_estimate_is_near_the_measured_peak():
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    r = subprocess.run([sys.executable, __file__, "--measure"], capture_output=True, text=True, timeout=600,
+                       env=dict(subprocess_env(), MALLOC_MMAP_THRESHOLD_="65536"), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured = json.loads(r.stdout.strip().splitlines()[-1])
+    i = 0
+    for hf, tokens, seqs, chunk in MEASURED:
+        cfg = model.ModelConfig.from_hf(hf)
+        for entropy in (False, True):
+            est = bench.activation_bytes(cfg, tokens, chunk, with_entropy=entropy, gathered=entropy)["total"]
+            assert 0.9 < measured[i] / est < 1.1, (hf["architectures"], hf["vocab_size"], entropy, measured[i], est)
+            i += 1
 
 
 def test_defaults_are_the_training_scripts_defaults():
@@ -159,3 +239,19 @@ def test_cli_bad_path_is_one_line_error(tmp_path):
     bad.write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UserError, match="unsupported architecture"):
         bench.main(["--memory", str(bad)])
+
+
+def test_docs_tables_are_what_bench_prints_now(capsys):
+    doc = open(os.path.join(ROOT, "docs", "memory.md")).read()
+    for argv in (["qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "--world", "8", "--gpu_gib", "80"],
+                 ["qwen2.5-1.5b", "--world", "1", "--gpu_gib", "80"]):
+        assert "python bench.py --memory " + " ".join(argv) in doc
+        bench.main(["--memory", *argv])
+        out = capsys.readouterr().out
+        tab = "\n".join(l for l in out.splitlines() if l.startswith("|"))
+        verdict = next(l for l in out.splitlines() if l.startswith("verdict"))
+        assert tab in doc and verdict in doc, argv
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--measure"]:
+    print(json.dumps(measure_activation_peaks()))
