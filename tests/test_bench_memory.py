@@ -1,0 +1,257 @@
+"""bench.py --memory: the per-GPU memory table. The parameter count equals the model's own, the sharded state
+scales as 1/W, the KV-cache bytes equal what model.KVCache allocates, the activation estimate is near the peak a
+checkpointed forward + backward reaches on CPU, and the CLI prints the table for a preset, a config.json path or
+its directory, and fails with one line on a bad path."""
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import model
+from common import UserError
+from conftest import ROOT, subprocess_env
+
+GIB = 2**30
+
+TINY = {  # name -> HF config dict; every architecture and bias/tie/head_dim variant model.Transformer builds
+    "qwen2_tied": model.tiny_config(1000, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                                    intermediate_size=160, tie_word_embeddings=True),
+    "qwen2_untied": model.tiny_config(1000, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                                      intermediate_size=160, tie_word_embeddings=False),
+    "qwen3_head_dim": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                        intermediate_size=96, tie_word_embeddings=True, arch="Qwen3ForCausalLM",
+                                        head_dim=32),  # head_dim != hidden / heads, as in real Qwen3
+    "llama": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+                               intermediate_size=128, tie_word_embeddings=False, arch="LlamaForCausalLM"),
+    "llama_attention_bias": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+                                              tie_word_embeddings=False, arch="LlamaForCausalLM", attention_bias=True),
+}
+
+
+def meta_params(cfg):
+    with torch.device("meta"):
+        return sum(p.numel() for p in model.Transformer(cfg).parameters())
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_param_count_equals_the_meta_built_model(name):
+    cfg = model.ModelConfig.from_hf(TINY[name])
+    n = bench.param_counts(cfg)
+    assert n["total"] == meta_params(cfg)
+    with torch.device("meta"):
+        m = model.Transformer(cfg)
+    assert n["block"] == sum(p.numel() for p in m.model.layers[0].parameters())
+    assert n["lm_head"] == (0 if cfg.tie_word_embeddings else m.lm_head.weight.numel())
+
+
+def test_presets_equal_the_meta_built_models_and_the_model_card_sizes():
+    published = {"qwen2.5-1.5b": 1_543_714_304, "qwen2.5-3b": 3_085_938_688, "qwen2.5-7b": 7_615_616_512,
+                 "qwen2.5-14b": 14_770_033_664}  # 1.54B, 3.09B, 7.62B, 14.8B on the model cards
+    for name, total in published.items():
+        _, cfg = bench.memory_config(name)
+        assert bench.param_counts(cfg)["total"] == meta_params(cfg) == total, name
+
+
+def test_sharded_state_scales_as_one_over_world():
+    _, cfg = bench.memory_config("qwen2.5-7b")
+    one = bench.memory_estimate(cfg, world=1)
+    P = one["params"]
+    assert (one["master"], one["grads"], one["adam"], one["ref_model"]) == (4 * P, 4 * P, 8 * P, 4 * P)
+    for world in (2, 3, 8, 64):
+        e = bench.memory_estimate(cfg, world=world)
+        for key in ("master", "grads", "adam", "persistent", "ref_model"):
+            assert e[key] * world == pytest.approx(one[key], rel=1e-12), (key, world)
+        for key in ("gen_copy", "kv_cache", "gen_temps", "fsdp_transient"):  # not sharded: the same on every W
+            assert e[key] == one[key], (key, world)
+        assert e["update_peak"] - e["persistent"] == pytest.approx(one["update_peak"] - one["persistent"])
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3_head_dim", "llama"])
+def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
+    cfg = model.ModelConfig.from_hf(TINY[name])
+    prompts, group, prompt_tokens, response_tokens = 3, 2, 5, 7
+    cache = model.KVCache(cfg, prompts * group, prompt_tokens + response_tokens, torch.bfloat16, "cpu")
+    allocated = cache.k.numel() * cache.k.element_size() * 2
+    assert bench.kv_cache_bytes(cfg, prompts * group, prompt_tokens + response_tokens) == allocated
+    e = bench.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, prompt_tokens=prompt_tokens,
+                              response_tokens=response_tokens)
+    assert e["kv_cache"] == allocated
+    # a generation call takes at most --gen_batch_size prompts: the cache shrinks with it
+    e = bench.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, gen_batch_size=1,
+                              prompt_tokens=prompt_tokens, response_tokens=response_tokens)
+    assert e["kv_cache"] == allocated // prompts
+
+
+# the activation estimate against a measurement: a checkpointed forward + backward of train_rl.response_logprobs's
+# shape (packed sequences, chunked lm_head) in bf16 on CPU, run in a child process (python this_file --measure) whose
+# glibc malloc hands every buffer of 64 KiB or more to mmap, so mallinfo2().hblkhd is the bytes tensors hold; the
+# peak is sampled after every aten op by a TorchDispatchMode, the parameters' gradients exist beforehand
+MEASURED = [  # (HF config, tokens, sequences, logprob chunk): block-dominated qwen2 / qwen3, lm_head-dominated
+    (model.tiny_config(512, hidden_size=256, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=1536,
+                       head_dim=128), 2048, 4, 512),
+    (model.tiny_config(512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256,
+                       arch="Qwen3ForCausalLM", head_dim=64), 2048, 8, 512),
+    (model.tiny_config(16384, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
+                       tie_word_embeddings=False), 1024, 2, 512),
+]
+
+
+def measure_activation_peaks():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+
+    class Peak(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, libc.mallinfo2().hblkhd)
+            return out
+
+    torch.set_num_threads(1)
+    out = []
+    for hf, tokens, seqs, chunk in MEASURED:
+        cfg = model.ModelConfig.from_hf(hf)
+        m = model.Transformer(cfg).to(torch.bfloat16)
+        m.gradient_checkpointing = True
+        g = torch.Generator().manual_seed(0)
+        ids, cu = model.pack([torch.randint(0, cfg.vocab_size, (tokens // seqs,), generator=g).tolist()
+                              for _ in range(seqs)])
+        for entropy in (False, True):
+            def step():
+                hidden = m(ids, cu_seqlens=cu)
+                if entropy:  # train_rl: the positions' hidden states gathered, with the entropy
+                    pos = torch.arange(tokens - 1)
+                    lp, ent = m.token_logprobs(hidden[0, pos], ids[0, pos + 1], chunk_size=chunk, with_entropy=True)
+                    loss = lp.float().sum() + ent.float().sum()
+                else:  # redistill_sft: every next token, no entropy
+                    loss = m.token_logprobs(hidden[0, :-1], ids[0, 1:], chunk_size=chunk).float().sum()
+                loss.backward()
+            step()  # warm-up: one-time buffers are not activations
+            for p in m.parameters():
+                p.grad = torch.zeros_like(p)
+            before, mode = libc.mallinfo2().hblkhd, Peak()
+            with mode:
+                step()
+            out.append(mode.peak - before)
+    return out
+
+
+def test_activation_estimate_is_near_the_measured_peak():
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    r = subprocess.run([sys.executable, __file__, "--measure"], capture_output=True, text=True, timeout=600,
+                       env=dict(subprocess_env(), MALLOC_MMAP_THRESHOLD_="65536"), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured = json.loads(r.stdout.strip().splitlines()[-1])
+    i = 0
+    for hf, tokens, seqs, chunk in MEASURED:
+        cfg = model.ModelConfig.from_hf(hf)
+        for entropy in (False, True):
+            est = bench.activation_bytes(cfg, tokens, chunk, with_entropy=entropy, gathered=entropy)["total"]
+            assert 0.9 < measured[i] / est < 1.1, (hf["architectures"], hf["vocab_size"], entropy, measured[i], est)
+            i += 1
+
+
+def test_defaults_are_the_training_scripts_defaults():
+    import redistill_sft
+    import train_rl
+    args = bench.settings([])
+    rl, sft = train_rl.get_parser(), redistill_sft.get_parser()
+    assert args.rl_micro_batch_tokens == rl.get_default("micro_batch_tokens")
+    assert args.sft_micro_batch_tokens == sft.get_default("micro_batch_tokens")
+    assert args.logprob_chunk == rl.get_default("logprob_chunk")
+    assert args.group_size == rl.get_default("group_size")
+    assert args.gen_batch_size == rl.get_default("gen_batch_size")
+    assert args.prompts_per_step == rl.get_default("prompts_per_step")
+    assert args.response_tokens == rl.get_default("max_response_tokens")
+    assert bench.memory_settings(args)["prompts_per_rank"] == 16  # the issue's 16 prompts x 8 rollouts per rank
+
+
+def table(out):
+    """The markdown table printed by --memory: {row label: [cells]}."""
+    lines = [l for l in out.splitlines() if l.startswith("| ")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in l.strip("|").split("|")] for l in lines)}
+
+
+def test_cli_preset_prints_the_table_and_verdict(capsys):
+    res = bench.main(["--memory", "qwen2.5-1.5b", "qwen2.5-14b"])
+    out = capsys.readouterr().out
+    rows = table(out)
+    assert rows["per GPU, GiB"] == ["qwen2.5-1.5b", "qwen2.5-14b"]
+    assert rows["parameters P"] == ["1.54B", "14.77B"]
+    P = res[0]["params"]
+    assert rows["**persistent (sharded), 16P/W**"][0] == f"{16 * P / 8 / GIB:.1f}"
+    for label in ("**RL generation peak**", "**RL update peak**", "**SFT peak**", "**RL peak with --kl_coef > 0**"):
+        assert len(rows[label]) == 2
+    assert float(rows["**RL generation peak**"][1]) == pytest.approx(res[1]["gen_peak"] / GIB, abs=0.05)
+    assert rows["fits 80 GiB: RL / RL+KL / SFT"] == ["yes / yes / yes", "**no** / **no** / yes"]
+    verdict = [l for l in out.splitlines() if l.startswith("verdict")]
+    assert len(verdict) == 1 and "qwen2.5-1.5b: RL fits, SFT fits" in verdict[0]
+    assert "qwen2.5-14b: RL does not (generation peak" in verdict[0]
+
+
+def test_fits_is_peak_at_most_gpu_gib(capsys):
+    e = bench.main(["--memory", "qwen2.5-7b"])[0]
+    capsys.readouterr()
+    for gpu_gib, want in ((e["sft_peak"] / GIB, "yes"), (e["sft_peak"] / GIB * 0.999, "**no**")):
+        bench.main(["--memory", "qwen2.5-7b", "--gpu_gib", repr(gpu_gib)])
+        cells = next(v for k, v in table(capsys.readouterr().out).items() if k.startswith("fits"))
+        assert cells[0].split(" / ")[2] == want
+
+
+def test_cli_reads_a_config_json_path_and_its_directory(tmp_path, capsys):
+    bench.main(["--memory", "qwen2.5-7b", "--world", "4"])
+    want = table(capsys.readouterr().out)
+    d = tmp_path / "Qwen2.5-7B"
+    d.mkdir()
+    _, cfg = bench.memory_config("qwen2.5-7b")
+    (d / "config.json").write_text(json.dumps(cfg.hf_config))
+    for spec in (str(d / "config.json"), str(d)):
+        bench.main(["--memory", spec, "--world", "4"])
+        got = table(capsys.readouterr().out)
+        assert got.pop("per GPU, GiB") == ["Qwen2.5-7B"]
+        assert got == {k: v for k, v in want.items() if k != "per GPU, GiB"}
+
+
+def test_cli_bad_path_is_one_line_error(tmp_path):
+    missing = str(tmp_path / "nowhere" / "config.json")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--memory", missing], capture_output=True,
+                       text=True, env=subprocess_env(), cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {missing}:"), r.stderr
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="cannot read a config.json"):
+        bench.main(["--memory", str(bad)])
+    bad.write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UserError, match="unsupported architecture"):
+        bench.main(["--memory", str(bad)])
+
+
+def test_docs_tables_are_what_bench_prints_now(capsys):
+    doc = open(os.path.join(ROOT, "docs", "memory.md")).read()
+    for argv in (["qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "--world", "8", "--gpu_gib", "80"],
+                 ["qwen2.5-1.5b", "--world", "1", "--gpu_gib", "80"]):
+        assert "python bench.py --memory " + " ".join(argv) in doc
+        bench.main(["--memory", *argv])
+        out = capsys.readouterr().out
+        tab = "\n".join(l for l in out.splitlines() if l.startswith("|"))
+        verdict = next(l for l in out.splitlines() if l.startswith("verdict"))
+        assert tab in doc and verdict in doc, argv
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--measure"]:
+    print(json.dumps(measure_activation_peaks()))
