@@ -843,7 +843,8 @@ def suite_rl(base, tok, records, sizes, device, seed, tmp):
     flops = train_flops(read_config(base), seq_lens, sum(r["length"] for r in rollouts))
     return {"rollouts": len(rollouts), "max_response_tokens": sizes["rl_max"], "len_mean": m["len_mean"],
             "truncated": m["truncated"], "step_s": m["step_s"], "gen_s": m["gen_s"], "score_s": m["score_s"],
-            "train_s": m["train_s"], "gather_s": m["gather_s"],
+            "train_s": m["train_s"], "gather_s": m["gather_s"], "mem_gen_gib": m["mem_gen_gib"],
+            "mem_held_gib": m["mem_held_gib"], "mem_train_gib": m["mem_train_gib"],
             "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
             "gen_tok_s": m["gen_tok_s"], "train_tok_s": m["train_tok_s"], "train_tokens": sum(seq_lens),
             "train_mfu": mfu(flops, m["train_s"], device), "logprob_gap": m["logprob_gap"], "peak_mem_gb": mem}

@@ -376,6 +376,22 @@ def make_optimizer(params, lr, betas=(0.9, 0.999), weight_decay=0.0, eight_bit=F
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
+def clip_grad_norm(params, max_norm):
+    """Scale the gradients so that their global norm (over all ranks' shards) is at most max_norm (0 = no clip);
+    returns the norm before clipping, a float. One all-reduce of one number, on this rank's shards as plain
+    tensors (torch.nn.utils.clip_grad_norm_ would dispatch every op of every tensor through DTensor)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    local = torch.stack(torch._foreach_norm(grads, 2.0)).double().square().sum()
+    norm = float(all_reduce(local).sqrt())
+    if max_norm > 0 and norm > max_norm:  # (a non-finite norm is left for the caller to skip)
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm
+
+
 # A checkpoint of step N in a run directory is three things:
 #   step_N/                  a Hugging Face directory: the full fp32 weights, gathered to rank 0
 #   step_N.optim.rankR.pt    rank R's shard of the optimizer state (FSDP: each rank updates its own shard)

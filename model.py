@@ -539,10 +539,13 @@ def shard_model(model: Transformer, compute_dtype=torch.float32) -> Transformer:
     Forward and backward run in compute_dtype; gradients are reduce-scattered in fp32 and SUMMED over ranks
     (FSDP's default is the mean): every loss in this project is already normalised over the global batch, so
     the sum of the ranks' gradients is the gradient of the global loss. Works on 1 rank, N GPUs (NCCL), several
-    nodes, and CPU ranks under gloo."""
+    nodes, and CPU ranks under gloo. One fp32 rank (the CPU preset) keeps the plain model."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    import common
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("shard_model expects fp32 weights (they are the master copy); compute_dtype sets the compute")
+    if common.world_size() == 1 and compute_dtype == torch.float32:
+        return model  # nothing to shard and nothing to cast: FSDP's hooks would only cost time (~20% on CPU)
     policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                                   reduce_dtype=torch.float32)
     for block in model.model.layers:
@@ -553,6 +556,12 @@ def shard_model(model: Transformer, compute_dtype=torch.float32) -> Transformer:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
     return model
+
+
+def full_tensor(t):
+    """The whole of a parameter or gradient, FSDP-sharded or not (a collective when sharded: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def is_sharded(model) -> bool:
@@ -566,14 +575,12 @@ def full_copy(model: Transformer, dtype, device=None, on_rank=None):
 
     Each tensor is cast to dtype, then gathered (every rank must call this); peak extra memory is the copy plus
     one full tensor. With on_rank, only that rank keeps the copy and the others get None (checkpoints)."""
-    from torch.distributed.tensor import DTensor
     import common
     keep = on_rank is None or common.rank() == on_rank
     device = device or model.lm_head.weight.device
     copy = empty_model(model.config, dtype, device).requires_grad_(False) if keep else None
     for name, p in model.named_parameters():
-        full = p.detach().to(dtype)
-        full = full.full_tensor() if isinstance(full, DTensor) else full
+        full = full_tensor(p.detach().to(dtype))
         if keep:
             copy.get_parameter(name).copy_(full)
     return copy.eval() if keep else None

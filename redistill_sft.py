@@ -88,7 +88,8 @@ def get_parser():
                    help="seq_mean: mean over each sequence's loss tokens, then over the global batch's sequences (paper); "
                         "token_mean: mean over all loss tokens of the global batch")
     p.add_argument("--eight_bit_adam", nargs="?", const=True, default=False, type=common.str2bool,
-                   help="bitsandbytes 8-bit AdamW; not for FSDP-sharded weights, so today always torch AdamW (with a note)")
+                   help="bitsandbytes 8-bit AdamW on CUDA; it cannot update FSDP-sharded weights (several ranks, or --bf16), "
+                        "where torch AdamW is used with a note: its state is already sharded")
     p.add_argument("--gradient_checkpointing", "--grad_checkpointing", dest="gradient_checkpointing", nargs="?",
                    const=True, default=False, type=common.str2bool,
                    help="recompute each block in backward (less activation memory, ~30%% slower)")
@@ -484,8 +485,7 @@ def main(argv=None):
             loss.backward()  # FSDP reduce-scatters and sums over ranks; .grad accumulates over micro-batches
             loss_sum += float(loss.detach())
         loss_sum = common.all_reduce(loss_sum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = common.clip_grad_norm(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0

@@ -313,7 +313,7 @@ def main(argv=None):
 
     import torch
     from tqdm import tqdm
-    from model import full_copy, load_model, load_tokenizer, parse_dtype, shard_model
+    from model import full_copy, full_tensor, load_model, load_tokenizer, parse_dtype, shard_model
     rank, world, device = common.dist_setup()
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     compute_dtype = parse_dtype(dtype)
@@ -384,7 +384,7 @@ def main(argv=None):
     # FSDP sums the ranks' gradients (sharded); every rank then holds the full ∇J, in fp32
     bwd_tokens = accumulate_policy_gradient(model, items, args.temperature, args.micro_batch_tokens,
                                             scale=1.0 / (len(records) * args.k))
-    grads = [p.grad.full_tensor() if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
+    grads = [full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
     stats = common.all_reduce(torch.tensor([sum(map(sum, rewards)), sum(len(set(r)) > 1 for r in rewards), gen_tokens,
                                             bwd_tokens], dtype=torch.float64))
     mean_reward, informative, gen_tokens, bwd_tokens = stats.tolist()

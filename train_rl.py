@@ -102,7 +102,8 @@ def get_parser():
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     p.add_argument("--adam_8bit", type=common.str2bool, default=False,
-                   help="bitsandbytes 8-bit AdamW; not for FSDP-sharded weights, so today always torch AdamW (with a note)")
+                   help="bitsandbytes 8-bit AdamW on CUDA; it cannot update FSDP-sharded weights (several ranks, or bf16), "
+                        "where torch AdamW is used with a note: its state is already sharded")
     # speed and memory
     p.add_argument("--dtype", default="auto", help="compute dtype of generation and the training forward: auto (bfloat16 on CUDA, "
                    "float32 on CPU), bfloat16, float32; the optimizer always updates sharded fp32 weights")
@@ -403,6 +404,11 @@ def main(argv=None):
 
         # 3. advantages within each group of n (rollouts come record by record, n samples each)
         t_train = time.time()
+        mem = {"mem_gen_gib": 0.0, "mem_held_gib": 0.0}
+        if device.type == "cuda":  # the peak of generation, what stays allocated into the update, then its peak
+            mem = {"mem_gen_gib": torch.cuda.max_memory_allocated() / 2**30,
+                   "mem_held_gib": torch.cuda.memory_allocated() / 2**30}
+            torch.cuda.reset_peak_memory_stats()
         rewards = [s["reward"] for s in rollouts]
         adv = group_advantages(rewards, args.group_size, args.std_normalize).tolist()
         group_std = torch.tensor(rewards).view(-1, args.group_size).std(1) if args.group_size > 1 else torch.zeros(len(records))
@@ -484,8 +490,7 @@ def main(argv=None):
                         sums["gap"] += (lp.detach() - gen).abs().sum().item()
                         sums["gap_tokens"] += lp.numel()
                 loss_sum = common.all_reduce_numbers({"l": loss_sum})["l"]
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-                norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+                norm = common.clip_grad_norm(model.parameters(), args.grad_clip)
                 if not (math.isfinite(loss_sum) and math.isfinite(norm)):
                     bad = True
                     print0(f"warning: step {step}: non-finite loss {loss_sum} or grad norm {norm}; update skipped")
@@ -511,7 +516,8 @@ def main(argv=None):
         g = common.all_reduce_numbers(local)
         mx = common.all_reduce_numbers({"len_max": max((s["length"] for s in rollouts), default=0), "gen_s": gen_seconds,
                                         "score_s": score_seconds[0], "train_s": train_seconds, "gather_s": gather_seconds,
-                                        "mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0},
+                                        "mem_train_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+                                        **mem},
                                        op="max")
         seqs, pg_tokens = max(g["seqs"], 1), max(g["pg_tokens"], 1)
         m = {"step": step, "epoch": (step - 1) // steps_per_epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
@@ -522,7 +528,8 @@ def main(argv=None):
              "updates": updates, "train_seqs": int(common.all_reduce_numbers({"s": len(train_idx)})["s"]),
              "bad_steps": bad_steps_total, "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
              "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9), "gen_s": mx["gen_s"], "score_s": mx["score_s"],
-             "train_s": mx["train_s"], "gather_s": mx["gather_s"], "peak_mem_gib": mx["mem_gib"]}
+             "train_s": mx["train_s"], "gather_s": mx["gather_s"],
+             "mem_gen_gib": mx["mem_gen_gib"], "mem_held_gib": mx["mem_held_gib"], "mem_train_gib": mx["mem_train_gib"]}
 
         # 6. the rollout log (rank 0 gathers every rank's rollouts)
         if args.log_rollouts:
@@ -551,7 +558,7 @@ def main(argv=None):
                + f"clip {m['clip_frac']:.3f} | gnorm {m['grad_norm']:.3f} lr {lr:.2e} "
                f"| gen {m['gen_s']:.1f}s ({m['gen_tok_s']:.0f} tok/s) score {m['score_s']:.1f}s "
                f"train {m['train_s']:.1f}s ({m['train_tok_s']:.0f} tok/s)"
-               + (f" | {m['peak_mem_gib']:.1f} GiB" if device.type == "cuda" else "")
+               + (f" | peak GiB gen {m['mem_gen_gib']:.1f} train {m['mem_train_gib']:.1f}" if device.type == "cuda" else "")
                + (f" | val {m['val/acc']:.3f}" if "val/acc" in m else ""))
         if stop:
             print0(f"error: {bad_streak} consecutive steps with non-finite loss or gradients; stopping. "

@@ -214,9 +214,10 @@ def test_torchrun_two_ranks_match_one(setup):
     one = common.read_jsonl(str(d / "single" / "effects.jsonl"))
     two = common.read_jsonl(str(d / "two" / "effects.jsonl"))
     assert [e["id"] for e in two] == [e["id"] for e in one]
-    for a, b in zip(one, two):  # same rollouts (a seed per chunk of prompts), same SFT samples, other ranks
-        assert b["sample_effect"] == pytest.approx(a["sample_effect"], rel=1e-3, abs=1e-6)
-        assert b["sample_effect_proj"] == pytest.approx(a["sample_effect_proj"], rel=1e-3, abs=1e-6)
+    for a, b in zip(one, two):  # same rollouts (a seed per chunk of prompts), same SFT samples, other ranks; FSDP sums
+        # the ranks' ∇J in another order, so up to fp32 round-off
+        assert b["sample_effect"] == pytest.approx(a["sample_effect"], rel=1e-5, abs=1e-9)
+        assert b["sample_effect_proj"] == pytest.approx(a["sample_effect_proj"], rel=1e-5, abs=1e-9)
 
 
 def test_bad_input(setup, tmp_path):
