@@ -360,10 +360,11 @@ def main(argv=None):
     rank, world, device = common.dist_setup()
     common.seed_everything(args.seed)
     final_dir = os.path.join(args.out_dir, "final")
-    resume_from = common.load_checkpoint(args.out_dir)
-    if resume_from and not args.resume:
-        raise UserError(f"{args.out_dir} already holds checkpoints (newest step {resume_from[0]}); "
+    earlier = common.checkpoint_steps(args.out_dir)
+    if earlier and not args.resume:
+        raise UserError(f"{args.out_dir} already holds checkpoints (newest step {earlier[-1]}); "
                         f"pass --resume to continue it, or choose a new --out_dir")
+    resume_from = common.load_checkpoint(args.out_dir) if args.resume else None
 
     # ---- tokenizer and data
     from model import read_config

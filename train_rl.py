@@ -290,10 +290,10 @@ def main(argv=None):
     difficulty = task.DIFFICULTY
 
     # ---- model: the policy, sharded (fp32 weights, `dtype` compute), its optimizer, the reference policy
-    checkpoint = common.load_checkpoint(args.out_dir)
-    if checkpoint is not None and not args.resume:
+    if not args.resume and common.checkpoint_steps(args.out_dir):
         raise UserError(f"{args.out_dir} holds checkpoints of an earlier run; pass --resume true to continue it, "
                         f"or choose another --out_dir")
+    checkpoint = common.load_checkpoint(args.out_dir) if args.resume else None
     start_step, state = 0, None
     if checkpoint is not None:
         start_step, init_path, state, optimizer_shard = checkpoint
