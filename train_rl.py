@@ -85,9 +85,15 @@ def get_parser():
     p.add_argument("--clip_high", type=float, default=0.2, help="PPO clip: ratio ceiling 1 + clip_high (clip-higher, DAPO: 0.28)")
     p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch (>1: old log-probs are recomputed)")
     p.add_argument("--ppo_mini_batches", type=int, default=1, help="optimizer steps per pass over the rollout batch (paper: 1)")
-    p.add_argument("--kl_coef", type=float, default=0.0, help="weight of the KL penalty to the frozen initial policy (paper: 0)")
+    p.add_argument("--kl_coef", type=float, default=0.0, help="weight of the KL penalty to the frozen reference policy (paper: 0)")
     p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"),
-                   help="k1: logp - logp_ref; k3: exp(ref - logp) - (ref - logp) - 1, clamped to [-10, 10] (verl low_var_kl, Schulman 2020)")
+                   help="k1: in the reward, as in PPO for RLHF (InstructGPT, arXiv 2203.02155): each response's reward "
+                        "becomes r - kl_coef * sum_t (log pi - log pi_ref) before the group advantages, so the policy "
+                        "gradient pulls down KL(pi || pi_ref). k3: in the loss, as in GRPO (arXiv 2402.03300) and verl's "
+                        "low_var_kl: kl_coef * (exp(ref - logp) - (ref - logp) - 1) per token, clamped to [-10, 10] "
+                        "(Schulman 2020). k3's value estimates KL(pi || pi_ref), but its gradient as a loss is that of "
+                        "the reverse KL(pi_ref || pi) (Tang and Munos, arXiv 2506.09477). k1 as a loss would add only "
+                        "noise (its expected gradient is 0), so it is not offered")
     p.add_argument("--ref_model", default=None, help="reference policy for the KL (default: --model)")
     p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus weight (paper: 0)")
     p.add_argument("--drop_zero_variance_groups", type=common.str2bool, default=False,
@@ -161,10 +167,11 @@ def policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
 
 
 def kl_penalty(logp, ref_logp, estimator="k3"):
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi.
+    """Per-token estimate of the value of KL(pi || pi_ref) from samples of pi.
 
-    k1 = logp - ref_logp (unbiased, high variance); k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased,
-    always >= 0, verl's low_var_kl), clamped to [-10, 10] as in verl.
+    k1 = logp - ref_logp (unbiased, high variance; train_rl puts it in the reward); k3 = exp(ref - logp) -
+    (ref - logp) - 1 (unbiased, always >= 0, verl's low_var_kl; train_rl puts it in the loss), clamped to
+    [-10, 10] as in verl. (As a loss, k3's gradient is in expectation that of KL(pi_ref || pi).)
     """
     if estimator == "k1":
         return logp - ref_logp
@@ -402,7 +409,7 @@ def main(argv=None):
         del policy
         gen_seconds = time.time() - t0 - score_seconds[0] - gather_seconds
 
-        # 3. advantages within each group of n (rollouts come record by record, n samples each)
+        # 3. which rollouts train: task rewards, groups with no signal, masked truncations
         t_train = time.time()
         mem = {"mem_gen_gib": 0.0, "mem_held_gib": 0.0}
         if device.type == "cuda":  # the peak of generation, what stays allocated into the update, then its peak
@@ -410,7 +417,6 @@ def main(argv=None):
                    "mem_held_gib": torch.cuda.memory_allocated() / 2**30}
             torch.cuda.reset_peak_memory_stats()
         rewards = [s["reward"] for s in rollouts]
-        adv = group_advantages(rewards, args.group_size, args.std_normalize).tolist()
         group_std = torch.tensor(rewards).view(-1, args.group_size).std(1) if args.group_size > 1 else torch.zeros(len(records))
         zero_var = (group_std == 0).tolist() if args.group_size > 1 else [False] * len(records)
         train_idx = [j for j, s in enumerate(rollouts)
@@ -420,21 +426,25 @@ def main(argv=None):
         seq_prompt = [prompt_ids[mine[j // args.group_size]] for j in range(len(rollouts))]
         seq_resp = [s["tokens"] for s in rollouts]
 
-        # 4. the update: ppo_epochs x ppo_mini_batches optimizer steps on this rollout batch
+        # 4. a no-grad pre-pass when needed: old (pre-update) log-probs for several updates per batch or for k1's
+        # KL, the reference's for the KL (k1: of every response, since each one's shaped reward enters its group)
         old_lp, ref_lp = {}, {}
-        sums = {k: 0.0 for k in ("pg_tokens", "entropy", "kl", "clipped", "gap", "gap_tokens", "train_tokens")}
-        if recompute_old or ref_model is not None:  # pre-pass: old (pre-update) and reference log-probs
+        sums = {k: 0.0 for k in ("pg_tokens", "entropy", "kl", "kl_tokens", "clipped", "gap", "gap_tokens", "train_tokens")}
+        kl_in_reward = ref_model is not None and args.kl_estimator == "k1"
+        need_old = recompute_old or kl_in_reward
+        pre_idx = [j for j, s in enumerate(rollouts) if s["length"] > 0] if kl_in_reward else train_idx
+        if need_old or ref_model is not None:
             with torch.no_grad():
-                lengths = [len(seq_prompt[j]) + len(seq_resp[j]) for j in train_idx]
+                lengths = [len(seq_prompt[j]) + len(seq_resp[j]) for j in pre_idx]
                 for mb in common.even_out(micro_batches(lengths, args.micro_batch_tokens)):
                     if mb is None:  # this rank is done; join the others' collectives
-                        for m_ in ([model] if recompute_old else []) + ([ref_model] if ref_model is not None else []):
+                        for m_ in ([model] if need_old else []) + ([ref_model] if ref_model is not None else []):
                             idle_pass(m_, backward=False)
                         continue
-                    js = [train_idx[i] for i in mb]
+                    js = [pre_idx[i] for i in mb]
                     args_lp = ([seq_prompt[j] for j in js], [seq_resp[j] for j in js], args.temperature, args.logprob_chunk)
                     splits = [len(seq_resp[j]) for j in js]
-                    if recompute_old:
+                    if need_old:
                         lp = response_logprobs(model, *args_lp, with_entropy=False).float()
                         old_lp.update(zip(js, lp.split(splits)))
                         gen = torch.tensor([x for j in js for x in rollouts[j]["logprobs"]], device=device)
@@ -442,10 +452,25 @@ def main(argv=None):
                         sums["gap_tokens"] += lp.numel()
                     if ref_model is not None:
                         ref_lp.update(zip(js, response_logprobs(ref_model, *args_lp, with_entropy=False).float().split(splits)))
+
+        # 5. advantages within each group of n (rollouts come record by record, n samples each), on the task reward
+        # less, with k1, kl_coef x the response's summed log-ratio to the reference
+        shaped = list(rewards)
+        if kl_in_reward:
+            train_set = set(train_idx)
+            for j in pre_idx:
+                seq_kl = float(kl_penalty(old_lp[j], ref_lp[j], "k1").sum())
+                shaped[j] -= args.kl_coef * seq_kl
+                if j in train_set:
+                    sums["kl"] += seq_kl
+                    sums["kl_tokens"] += len(seq_resp[j])
+        adv = group_advantages(shaped, args.group_size, args.std_normalize).tolist()
+
+        # 6. the update: ppo_epochs x ppo_mini_batches optimizer steps on this rollout batch
         minis = [m.tolist() for m in np.array_split(np.array(train_idx, dtype=np.int64), args.ppo_mini_batches)]
         counts = common.all_reduce_numbers({f"{k}_{i}": v for i, m in enumerate(minis)
                                             for k, v in (("tok", sum(len(seq_resp[j]) for j in m)), ("seq", len(m)))})
-        grad_norm, updates, bad, loss_total = 0.0, 0, False, 0.0
+        norm_total, updates, bad, loss_total = 0.0, 0, False, 0.0
         bar = tqdm(total=args.ppo_epochs * len(train_idx), desc=f"step {step} update", leave=False, dynamic_ncols=True,
                    disable=not (args.progress and master_process))
         model.train()
@@ -471,10 +496,12 @@ def main(argv=None):
                     old = torch.cat([old_lp[j] for j in js]) if recompute_old else lp.detach()
                     pg, clipped = policy_loss(lp, old, a, args.clip_low, args.clip_high)
                     tok_loss = pg
-                    if ref_model is not None:
-                        kl = kl_penalty(lp, torch.cat([ref_lp[j] for j in js]), args.kl_estimator)
+                    if ref_model is not None and not kl_in_reward:  # k3, in the loss
+                        kl = kl_penalty(lp, torch.cat([ref_lp[j] for j in js]), "k3")
                         tok_loss = tok_loss + args.kl_coef * kl
-                        sums["kl"] += kl.detach().sum().item()
+                        if epoch == 0:
+                            sums["kl"] += kl.detach().sum().item()
+                            sums["kl_tokens"] += kl.numel()
                     if args.entropy_coef:
                         tok_loss = tok_loss - args.entropy_coef * ent
                     w = token_weights(lens, args.loss_agg, total_tokens, total_seqs, args.max_response_tokens).to(device)
@@ -485,7 +512,7 @@ def main(argv=None):
                     sums["entropy"] += ent.detach().sum().item()
                     sums["clipped"] += clipped.sum().item()
                     sums["train_tokens"] += sum(len(seq_prompt[j]) + len(seq_resp[j]) for j in js)
-                    if not recompute_old and epoch == 0:
+                    if not need_old and epoch == 0:
                         gen = torch.tensor([x for j in js for x in rollouts[j]["logprobs"]], device=device)
                         sums["gap"] += (lp.detach() - gen).abs().sum().item()
                         sums["gap_tokens"] += lp.numel()
@@ -497,8 +524,8 @@ def main(argv=None):
                 else:
                     optimizer.step()
                     updates += 1
-                    grad_norm = norm
-                    loss_total += loss_sum  # already summed over ranks
+                    norm_total += norm
+                    loss_total += loss_sum  # each already summed over ranks
                 optimizer.zero_grad(set_to_none=True)
         bar.close()
         model.eval()
@@ -509,7 +536,7 @@ def main(argv=None):
             bad_streak = 0
         train_seconds = time.time() - t_train
 
-        # 5. metrics over all ranks
+        # 7. metrics over all ranks
         local = {"reward": sum(rewards), "correct": sum(r >= 1.0 for r in rewards), "seqs": len(rollouts),
                  "groups": len(records), "zero_var": sum(zero_var), "resp_tokens": sum(s["length"] for s in rollouts),
                  "truncated": sum(not s["finished"] for s in rollouts), **sums}
@@ -523,15 +550,16 @@ def main(argv=None):
         m = {"step": step, "epoch": (step - 1) // steps_per_epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
              "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs, "len_max": mx["len_max"],
              "truncated": g["truncated"] / seqs, "entropy": g["entropy"] / pg_tokens,
-             "kl": g["kl"] / pg_tokens if ref_model is not None else None, "clip_frac": g["clipped"] / pg_tokens,
-             "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "loss": loss_total, "grad_norm": grad_norm, "lr": lr,
+             "kl": g["kl"] / max(g["kl_tokens"], 1) if ref_model is not None else None, "clip_frac": g["clipped"] / pg_tokens,
+             "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "loss": loss_total / max(updates, 1),
+             "grad_norm": norm_total / max(updates, 1), "lr": lr,
              "updates": updates, "train_seqs": int(common.all_reduce_numbers({"s": len(train_idx)})["s"]),
              "bad_steps": bad_steps_total, "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
              "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9), "gen_s": mx["gen_s"], "score_s": mx["score_s"],
              "train_s": mx["train_s"], "gather_s": mx["gather_s"],
              "mem_gen_gib": mx["mem_gen_gib"], "mem_held_gib": mx["mem_held_gib"], "mem_train_gib": mx["mem_train_gib"]}
 
-        # 6. the rollout log (rank 0 gathers every rank's rollouts)
+        # 8. the rollout log (rank 0 gathers every rank's rollouts)
         if args.log_rollouts:
             mine_log = [{"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
                          "finished": s["finished"], "length": s["length"], "step": step, "sample": s["sample"],
@@ -541,7 +569,7 @@ def main(argv=None):
             if master_process:
                 common.write_jsonl(os.path.join(args.out_dir, "rollouts", f"step_{step:06d}.jsonl"), everything)
 
-        # 7. validation, checkpoint, the step's log line
+        # 9. validation, checkpoint, the step's log line
         if test_records and args.val_every and (step % args.val_every == 0 or step == max_steps):
             m.update(validate(step))
         stop = bad_streak >= args.max_bad_steps

@@ -85,6 +85,50 @@ def test_kl_estimators():
         assert train_rl.kl_penalty(p.log()[x], q.log()[x], est).mean().item() == pytest.approx(exact.item(), abs=5e-3)
 
 
+def test_kl_terms_expected_gradients_on_a_two_token_vocabulary():
+    """Exact expectations over a 2-token vocabulary (sample weights pi(y), not differentiated). k1 in the reward
+    (train_rl's k1): the policy-gradient loss on advantage -kl_coef * k1 descends KL(pi || ref). k3 in the loss
+    (train_rl's k3): its gradient is that of the reverse KL(ref || pi), not of KL(pi || ref). k1 used as a loss
+    would have expected gradient 0 (why train_rl does not offer it)."""
+    theta = torch.tensor([0.4, -0.3], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([-0.5, 0.6]), 0)
+    beta = 0.1
+
+    def expected_grad(per_token_loss):
+        logp = torch.log_softmax(theta, 0)
+        weights = logp.exp().detach()
+        (weights * per_token_loss(logp)).sum().backward()
+        g = theta.grad.clone()
+        theta.grad = None
+        return g
+
+    def analytic(kl):
+        g, = torch.autograd.grad(kl(torch.log_softmax(theta, 0)), theta)
+        return g
+
+    forward_kl = lambda logp: (logp.exp() * (logp - ref)).sum()      # KL(pi || ref)
+    reverse_kl = lambda logp: (ref.exp() * (ref - logp)).sum()       # KL(ref || pi)
+    k1_reward = expected_grad(lambda logp: train_rl.policy_loss(
+        logp, logp.detach(), -beta * train_rl.kl_penalty(logp, ref, "k1").detach())[0])
+    assert torch.allclose(k1_reward, beta * analytic(forward_kl), atol=1e-6)
+    k3_loss = expected_grad(lambda logp: beta * train_rl.kl_penalty(logp, ref, "k3"))
+    assert torch.allclose(k3_loss, beta * analytic(reverse_kl), atol=1e-6)
+    assert not torch.allclose(k3_loss, beta * analytic(forward_kl), atol=1e-3)
+    k1_loss = expected_grad(lambda logp: beta * train_rl.kl_penalty(logp, ref, "k1"))
+    assert torch.allclose(k1_loss, torch.zeros(2), atol=1e-7)
+
+
+def test_kl_in_the_reward_and_in_the_loss_run(toy, tmp_path):
+    """k1 shapes the rewards (one pre-pass for the old and reference log-probs), k3 adds to the loss; both log the
+    mean per-token KL to the reference (0 at the first step, before the policy has moved)."""
+    for est in ("k1", "k3"):
+        out = tmp_path / est
+        assert train_rl.main(rl_args(toy, out, max_steps=2, save_every=2, kl_coef=0.05, kl_estimator=est, lr=1e-3)) == 0
+        ms = metrics(out)
+        assert ms[0]["kl"] == pytest.approx(0.0, abs=1e-6) and ms[1]["kl"] != 0.0
+        assert all(m["updates"] == 1 for m in ms)
+
+
 def test_token_mean_gradient_is_the_analytic_policy_gradient():
     """A 2-token vocabulary, policy softmax(theta) per position: the gradient of the token-mean loss (on-policy,
     ratio == 1) equals -(1/T) sum_i A_i sum_t (onehot(y_it) - p)."""
