@@ -433,6 +433,15 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
     barrier()
 
 
+def check_run_identity(run_dir, saved: dict, now: dict):
+    """--resume must continue the same run: settings that decide the data order or the schedule (`now`) must
+    equal the checkpoint's (`saved`); otherwise one line names each difference."""
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        raise UserError(f"{run_dir}: --resume with different settings than the run's: "
+                        + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+
+
 def remove_checkpoint(run_dir, step):
     """Delete a checkpoint, its state file first (so a half-deleted one never looks complete). Rank 0 only."""
     import glob

@@ -400,10 +400,7 @@ def main(argv=None):
     state = None
     if resume_from:
         step, ckpt, state, optimizer_shard = resume_from
-        changed = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
-        if changed:
-            raise UserError(f"{args.out_dir}: --resume with different settings than the run's: "
-                            + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+        common.check_run_identity(args.out_dir, state["identity"], identity)
         if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); final weights in {final_dir}; nothing to do")
             common.dist_cleanup()

@@ -55,6 +55,11 @@ from model import full_copy, idle_pass, load_model, load_tokenizer, pack, parse_
 # settings (defaults = the paper's K&K run)
 
 
+# the settings a resumed run must share with the original: they decide the data order and the schedule
+RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_per_step", "group_size", "seed",
+                "lr", "warmup_steps")
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="GRPO (R1-style RL) on a verifiable task", prog="train_rl.py")
     # data and model
@@ -302,8 +307,10 @@ def main(argv=None):
                         f"or choose another --out_dir")
     checkpoint = common.load_checkpoint(args.out_dir) if args.resume else None
     start_step, state = 0, None
+    identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records)}
     if checkpoint is not None:
         start_step, init_path, state, optimizer_shard = checkpoint
+        common.check_run_identity(args.out_dir, state.get("identity", {}), identity)
         print0(f"resuming from {init_path} (step {start_step})")
     else:
         if args.resume:
@@ -364,7 +371,8 @@ def main(argv=None):
     def save(step):
         """Checkpoint: the full fp32 weights (gathered to rank 0), each rank's optimizer shard, the counters."""
         common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
-                               {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "settings": vars(args)})
+                               {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "identity": identity,
+                                "settings": vars(args)})
 
     if args.val_before_train and test_records and args.val_every and start_step == 0:
         m = validate(0)

@@ -277,6 +277,9 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
         train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2))
     monkeypatch.setattr(train_rl, "policy_loss", real)
     assert common.load_checkpoint(str(cut))[0] == 2
+    for changed in ({"seed": 7}, {"prompts_per_step": 8}):  # would silently change the data order
+        with pytest.raises(common.UserError, match=f"different settings.*{next(iter(changed))}: was"):
+            train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True, **changed))
     assert train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True)) == 0
     a, b = weights(common.checkpoint_dir(str(full), 4)), weights(common.checkpoint_dir(str(cut), 4))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
