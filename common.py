@@ -346,6 +346,25 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     return [s for per_record in results for s in per_record]
 
 
+def stratified_subset(records, n, key, seed=0):
+    """n of the records, each value of record[key] (the task's difficulty) in proportion to the whole (largest
+    remainders), drawn with a seeded generator and kept in their original order; with a one-line description.
+    n = 0 or n >= len(records): all of them. (A split ordered by difficulty must not give its first n.)"""
+    if not n or n >= len(records):
+        return list(records), f"all {len(records)}"
+    groups = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.get(key), []).append(i)
+    quota = {v: n * len(ix) / len(records) for v, ix in groups.items()}
+    take = {v: int(q) for v, q in quota.items()}
+    for v in sorted(groups, key=lambda v: (take[v] - quota[v], str(v)))[:n - sum(take.values())]:
+        take[v] += 1
+    rng = random.Random(seed)
+    chosen = sorted(i for v, ix in groups.items() for i in rng.sample(ix, take[v]))
+    return ([records[i] for i in chosen], f"{n} of {len(records)}, stratified by {key} ("
+            + ", ".join(f"{v}: {take[v]}" for v in sorted(groups, key=str)) + ")")
+
+
 def shard(items, rank_, world):
     """This rank's share of a list: every world-th item starting at rank (disjoint, covers all)."""
     return items[rank_::world]

@@ -80,7 +80,8 @@ parser = argparse.ArgumentParser(description="Per-sample effect of SFT data on a
 parser.add_argument("--task", default="kk", help="task: kk, math, or an importable task module name")
 parser.add_argument("--checkpoint", default=None, help="the policy θ (HF checkpoint directory)")
 parser.add_argument("--eval_data", default=None, help="task split whose prompts define J (e.g. the test or a held-out split)")
-parser.add_argument("--num_eval_prompts", type=int, default=0, help="use the first N evaluation prompts (0 = all)")
+parser.add_argument("--num_eval_prompts", type=int, default=0,
+                    help="use N evaluation prompts, each difficulty in proportion, drawn with --seed (0 = all)")
 parser.add_argument("--sft_data", nargs="+", default=None,
                     help="SFT jsonl file(s) {id, task, prompt, response}; each gets its own summary (e.g. teacher traces vs re-distilled samples)")
 parser.add_argument("--max_length", type=int, default=5000, help="longest SFT sample (prompt + response + EOS); longer is an error (as in redistill_sft.py)")
@@ -89,7 +90,7 @@ parser.add_argument("--temperature", type=float, default=0.7, help="sampling tem
 parser.add_argument("--max_new_tokens", type=int, default=4096, help="response budget of the rollouts (paper: 4096); truncated = reward 0")
 parser.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="prompt template of the evaluation prompts")
 parser.add_argument("--gen_batch_size", type=int, default=64, help="evaluation prompts per generation batch (x k rows)")
-parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts")
+parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts and of the --num_eval_prompts subset")
 # The paper's convention is unknown (paper.md 2.3): `mean` matches redistill_sft.py's default per-sequence-mean
 # loss (so η·mean SE predicts its SGD step), `sum` is the plain log-likelihood log π(y|x).
 parser.add_argument("--token_reduction", default="mean", choices=["mean", "sum"],
@@ -331,8 +332,8 @@ def main(argv=None):
     if args.select > len(examples):
         raise UserError(f"--select {args.select} > the {len(examples)} SFT samples given")
     records = load_records(task, args.task, args.eval_data, tokenizer, args.template)
-    if args.num_eval_prompts:
-        records = records[:args.num_eval_prompts]
+    records, eval_subset = common.stratified_subset(records, args.num_eval_prompts, task.DIFFICULTY, args.seed)
+    print0(f"evaluation prompts: {eval_subset}")
 
     # ---- model and the parameters that count
     t0 = time.time()
@@ -389,7 +390,8 @@ def main(argv=None):
                                             bwd_tokens], dtype=torch.float64))
     mean_reward, informative, gen_tokens, bwd_tokens = stats.tolist()
     mean_reward /= len(records) * args.k
-    grad_j = {"mean_reward": mean_reward, "prompts": len(records), "k": args.k, "temperature": args.temperature,
+    grad_j = {"mean_reward": mean_reward, "prompts": len(records), "prompt_subset": eval_subset, "k": args.k,
+              "temperature": args.temperature,
               "informative_prompts": int(informative)}
     if informative == 0:
         raise UserError(f"all {args.k} rollouts of every evaluation prompt got the same reward (mean reward "

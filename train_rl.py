@@ -126,7 +126,8 @@ def get_parser():
     # validation, logging, checkpoints
     p.add_argument("--val_every", type=int, default=5, help="greedy validation every this many steps (0 = never; paper 5)")
     p.add_argument("--val_before_train", type=common.str2bool, default=True, help="also validate the initial policy (step 0)")
-    p.add_argument("--val_limit", type=int, default=0, help="validate on the first N test records only (0 = all)")
+    p.add_argument("--val_limit", type=int, default=0,
+                   help="validate on N test records, each difficulty in proportion, drawn with --seed (0 = all)")
     p.add_argument("--val_max_response_tokens", type=int, default=0, help="validation generation budget (0 = --max_response_tokens)")
     p.add_argument("--val_batch_size", type=int, default=128, help="prompts per validation generation call")
     p.add_argument("--save_every", type=int, default=25, help="checkpoint every this many steps, and at the end (paper 25)")
@@ -284,8 +285,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.model)
     train_records = task.load_split(args.train_data)
     test_records = task.load_split(args.test_data) if args.test_data else []
-    if args.val_limit:
-        test_records = test_records[:args.val_limit]
+    test_records, val_subset = common.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
     # tokenise every training prompt once: lengths for the filter and the ids for the training forward
     prompt_ids = [tokenizer(task.render_prompt(r, tokenizer, args.template), add_special_tokens=False)["input_ids"]
                   for r in train_records]
@@ -354,7 +354,7 @@ def main(argv=None):
     print0(f"train_rl: {len(train_records)} prompts, {steps_per_epoch} steps/epoch, steps {start_step + 1}..{max_steps}, "
            f"{world} rank(s) on {device.type}, {args.prompts_per_step}x{args.group_size} rollouts/step, "
            f"compute {str(dtype).replace('torch.', '')}, fp32 weights sharded over {world} rank(s), "
-           f"{model.num_params() / 1e6:.1f}M params")
+           f"{model.num_params() / 1e6:.1f}M params" + (f"; validation on {val_subset} test records" if test_records else ""))
 
     def validate(step):
         """Greedy decoding of the test split (eval.py's evaluate: each rank its shard, then gathered)."""

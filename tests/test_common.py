@@ -106,3 +106,23 @@ def test_collectives_run_on_the_process_groups_device(monkeypatch):
                         if (a and isinstance(a[0], torch.device)) or "device" in k else self)
     out = common.all_reduce(torch.ones(3), "max")
     assert seen == [(torch.device("meta"), dist.ReduceOp.MAX)] and out.device == torch.device("cpu")
+
+
+def test_stratified_subset_of_a_split_ordered_by_difficulty():
+    """K&K's test split is ordered by people: the first N would all be the easiest. The subset keeps each level's
+    share (largest remainders), is seeded, keeps the split's order, and says what it took."""
+    import common
+    records = [{"id": f"{people}-{i}", "people": people} for people, count in ((2, 50), (3, 30), (4, 20)) for i in range(count)]
+    sub, desc = common.stratified_subset(records, 15, "people", seed=1)
+    counts = {p: sum(r["people"] == p for r in sub) for p in (2, 3, 4)}
+    assert counts == {2: 8, 3: 4, 4: 3}  # quotas 7.5 / 4.5 / 3: the one seat left goes to the first tied remainder
+    assert sum(counts.values()) == 15 and desc.startswith("15 of 100, stratified by people (")
+    assert all(f"{p}: {counts[p]}" in desc for p in counts)
+    order = [records.index(r) for r in sub]
+    assert order == sorted(order) and order != list(range(15))
+    assert common.stratified_subset(records, 15, "people", seed=1)[0] == sub  # seeded
+    assert common.stratified_subset(records, 15, "people", seed=2)[0] != sub
+    exact, _ = common.stratified_subset(records, 10, "people", seed=0)  # 5 / 3 / 2 exactly
+    assert [sum(r["people"] == p for r in exact) for p in (2, 3, 4)] == [5, 3, 2]
+    assert common.stratified_subset(records, 0, "people")[0] == records
+    assert common.stratified_subset(records, 500, "people") == (records, "all 100")
