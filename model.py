@@ -726,6 +726,12 @@ def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**
         json.dump(cfg, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+        # the ids our engine stops at, so transformers and vLLM stop there too (a base model's own config knows only
+        # its EOS, and a chat-trained one would run past <|im_end|>)
+        stop = stop_token_ids(tokenizer)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stop,
+                       "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]}, f, indent=2)
     if os.path.exists(path):  # replace an older checkpoint of the same name
         old = f"{path}.old{os.getpid()}"
         os.rename(path, old)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 import common
 import model as model_module
 from model import (Decode, KVCache, ModelConfig, build_model, build_tokenizer, flash_dtype, flash_inputs, generate,
-                   load_model, pack, sample_next, save_model, stop_token_ids, tiny_config)
+                   load_model, load_tokenizer, pack, sample_next, save_model, stop_token_ids, tiny_config)
 
 VOCAB = 97
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -493,3 +493,42 @@ def test_flash_path_under_autocast_with_fp32_weights(pretend_gpu):
         sdpa = model.token_logprobs(model.forward(ids, cu_seqlens=cu)[:, :-1], ids[:, 1:])
     assert len(pretend_gpu["varlen"]) == 2  # autocast on the CPU only: the mixed dtypes stay on SDPA
     assert (flash - sdpa).abs().max() <= 0.05 * sdpa.abs().max()
+
+
+def test_transformers_stops_where_our_engine_stops(tiny_checkpoint, tmp_path):
+    """save_model writes generation_config.json with our stop ids: a checkpoint whose model emits <|im_end|> (forced
+    here at step 3, the same way in both engines) ends there in transformers.generate too, as in ours; without the
+    file transformers runs on to max_new_tokens."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+    tok = load_tokenizer(tiny_checkpoint)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in stop_token_ids(tok) and im_end != tok.eos_token_id
+    path = str(tmp_path / "ck")
+    save_model(load_model(tiny_checkpoint), path, tok)
+    with open(os.path.join(path, "generation_config.json")) as f:
+        assert sorted(json.load(f)["eos_token_id"]) == stop_token_ids(tok)
+    prompt = tok("<|im_start|>user\n3+4<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+
+    def force(logits, step):
+        if step == 3:
+            logits[:, :] = -1e9
+            logits[:, im_end] = 0.0
+        return logits
+
+    ours = generate(load_model(path), [prompt], max_new_tokens=12, temperature=0, stop_ids=stop_token_ids(tok),
+                    logits_hook=lambda logits, rows, step: force(logits, step))[0]
+    assert ours.finished and len(ours.tokens) == 4 and ours.tokens[-1] == im_end
+
+    class Force(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return force(scores, input_ids.shape[1] - len(prompt))
+
+    def hf_new_tokens(ckpt):
+        hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=12, do_sample=False, logits_processor=LogitsProcessorList([Force()]))
+        return out[0, len(prompt):].tolist()
+
+    assert hf_new_tokens(path) == ours.tokens
+    os.remove(os.path.join(path, "generation_config.json"))
+    assert len(hf_new_tokens(path)) == 12  # the file is what makes it stop
