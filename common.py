@@ -400,8 +400,8 @@ def clip_grad_norm(params, max_norm):
     returns the norm before clipping, a float. One all-reduce of one number, on this rank's shards as plain
     tensors (torch.nn.utils.clip_grad_norm_ would dispatch every op of every tensor through DTensor)."""
     import torch
-    from torch.distributed.tensor import DTensor
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    from model import local_tensor
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     if not grads:
         return 0.0
     local = torch.stack(torch._foreach_norm(grads, 2.0)).double().square().sum()
@@ -412,39 +412,42 @@ def clip_grad_norm(params, max_norm):
 
 
 # A checkpoint of step N in a run directory is three things:
-#   step_N/                  a Hugging Face directory: the full fp32 weights, gathered to rank 0
-#   step_N.optim.rankR.pt    rank R's shard of the optimizer state (FSDP: each rank updates its own shard)
+#   step_N/                  a Hugging Face directory: the full weights in the training dtype (bf16 on GPU), gathered
+#                            to rank 0 -- what the next stage, transformers or vLLM load
+#   step_N.train.rankR.pt    what rank R needs to resume exactly: its shard of the fp32 weights and of the optimizer
 #   step_N.state.pt          the step, the world size and the script's own state; written last, by rank 0, once
-#                            every rank's shard is on disk: a checkpoint is complete when its state file exists.
+#                            every rank's shard is on disk: a checkpoint is resumable when its state file exists.
 # Each file is written atomically; all are plain tensors and numbers, loaded with weights_only=True (no pickle).
+# prune_checkpoints keeps the resumable part of the newest --keep_last saves only (1.5B: 18.5 GB each).
 
 
 def checkpoint_dir(run_dir, step):
     return os.path.join(run_dir, f"step_{step:06d}")
 
 
-def optimizer_shard_path(run_dir, step, rank_):
-    return f"{checkpoint_dir(run_dir, step)}.optim.rank{rank_}.pt"
+def train_shard_path(run_dir, step, rank_):
+    return f"{checkpoint_dir(run_dir, step)}.train.rank{rank_}.pt"
 
 
 def checkpoint_steps(run_dir):
-    """Steps whose state file exists in run_dir, oldest first."""
+    """Steps whose state file exists in run_dir (resumable checkpoints), oldest first."""
     if not os.path.isdir(run_dir):
         return []
     return sorted(int(name[5:11]) for name in os.listdir(run_dir)
                   if name.startswith("step_") and name.endswith(".state.pt") and name[5:11].isdigit())
 
 
-def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dict):
-    """Write the checkpoint of `step` (every rank calls this). train_state: tensors, numbers, strings, lists, dicts."""
+def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dict, dtype):
+    """Write the checkpoint of `step`, its weights in `dtype` (every rank calls this). train_state: tensors, numbers,
+    strings, lists, dicts."""
     import torch
     from model import full_copy, save_model
-    full = full_copy(model, torch.float32, device="cpu", on_rank=0)
+    full = full_copy(model, dtype, device="cpu", on_rank=0)
     if rank() == 0:
         save_model(full, checkpoint_dir(run_dir, step), tokenizer)
     del full
-    with atomic_open(optimizer_shard_path(run_dir, step, rank()), "wb") as f:
-        torch.save(local_optimizer_state(optimizer), f)
+    with atomic_open(train_shard_path(run_dir, step, rank()), "wb") as f:
+        torch.save(local_train_state(model, optimizer), f)
     barrier()
     if rank() == 0:
         with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
@@ -452,27 +455,21 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
     barrier()
 
 
-def check_run_identity(run_dir, saved: dict, now: dict):
-    """--resume must continue the same run: settings that decide the data order or the schedule (`now`) must
-    equal the checkpoint's (`saved`); otherwise one line names each difference."""
-    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-    if changed:
-        raise UserError(f"{run_dir}: --resume with different settings than the run's: "
-                        + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
-
-
-def remove_checkpoint(run_dir, step):
-    """Delete a checkpoint, its state file first (so a half-deleted one never looks complete). Rank 0 only."""
+def prune_checkpoints(run_dir, keep_last, keep_weights=()):
+    """Rank 0, after a save: only the newest keep_last checkpoints stay resumable; of the older ones only the
+    weights of the steps in keep_weights stay. The state file goes first, so a half-deleted one is never resumable."""
     import glob
     import shutil
-    os.remove(checkpoint_dir(run_dir, step) + ".state.pt")
-    for path in glob.glob(glob.escape(checkpoint_dir(run_dir, step)) + ".optim.rank*.pt"):
-        os.remove(path)
-    shutil.rmtree(checkpoint_dir(run_dir, step), ignore_errors=True)
+    for step in checkpoint_steps(run_dir)[:-keep_last]:
+        os.remove(checkpoint_dir(run_dir, step) + ".state.pt")
+        for path in glob.glob(glob.escape(checkpoint_dir(run_dir, step)) + ".train.rank*.pt"):
+            os.remove(path)
+        if step not in keep_weights:
+            shutil.rmtree(checkpoint_dir(run_dir, step), ignore_errors=True)
 
 
 def load_checkpoint(run_dir):
-    """The newest checkpoint in run_dir that every rank can read: (step, model_dir, train_state, optimizer_shard),
+    """The newest checkpoint in run_dir that every rank can read: (step, model_dir, train_state, this rank's shard),
     or None. One with an unreadable file (truncated by a disk fault or a partial copy, or missing) is skipped with a
     one-line warning naming the file. Every rank calls this."""
     import torch
@@ -489,7 +486,7 @@ def load_checkpoint(run_dir):
             for path in weight_files(model_dir):  # safetensors checks that the file covers its header
                 with safe_open(path, framework="pt") as f:
                     f.keys()
-            path = optimizer_shard_path(run_dir, step, rank())
+            path = train_shard_path(run_dir, step, rank())
             shard = torch.load(path, map_location="cpu", weights_only=True)
         except UserError:
             raise
@@ -503,18 +500,25 @@ def load_checkpoint(run_dir):
     return None
 
 
-def local_optimizer_state(optimizer):
-    """optimizer.state_dict() with each sharded tensor replaced by this rank's shard (a plain tensor)."""
-    from torch.distributed.tensor import DTensor
+def local_train_state(model, optimizer):
+    """This rank's part of the fp32 weights and of optimizer.state_dict(), as plain tensors (a sharded tensor's
+    local shard; an unsharded one whole)."""
+    from model import local_tensor
     sd = optimizer.state_dict()
-    sd["state"] = {i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in s.items()}
-                   for i, s in sd["state"].items()}
-    return sd
+    sd["state"] = {i: {k: local_tensor(v) for k, v in s.items()} for i, s in sd["state"].items()}
+    return {"weights": {name: local_tensor(p.detach()) for name, p in model.named_parameters()}, "optimizer": sd}
 
 
-def load_local_optimizer_state(optimizer, sd):
-    """The inverse of local_optimizer_state: each shard goes back into a tensor sharded like its parameter."""
+def load_local_train_state(model, optimizer, shard):
+    """The inverse of local_train_state: the fp32 weights (the checkpoint's HF weights may be bf16) and the optimizer
+    state, each shard back into a tensor sharded like its parameter."""
+    import torch
     from torch.distributed.tensor import DTensor
+    from model import local_tensor
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local_tensor(p).copy_(shard["weights"][name])
+    sd = shard["optimizer"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, s in sd["state"].items():
         p = params[i]
@@ -522,3 +526,12 @@ def load_local_optimizer_state(optimizer, sd):
             s.update({k: DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
                                             stride=p.stride()) for k, v in s.items() if v.dim() > 0})
     optimizer.load_state_dict(sd)
+
+
+def check_run_identity(run_dir, saved: dict, now: dict):
+    """--resume must continue the same run: settings that decide the data order or the schedule (`now`) must
+    equal the checkpoint's (`saved`); otherwise one line names each difference."""
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        raise UserError(f"{run_dir}: --resume with different settings than the run's: "
+                        + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))

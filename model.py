@@ -564,6 +564,12 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local_tensor(t):
+    """This rank's part of a parameter, gradient or optimizer state: a sharded tensor's local shard, else all of it."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def is_sharded(model) -> bool:
     from torch.distributed.tensor import DTensor
     return isinstance(model.lm_head.weight, DTensor)

@@ -99,7 +99,10 @@ def get_parser():
     # checkpoints and logging
     p.add_argument("--out_dir", default="runs/sft", help="run directory: checkpoints, final/, metrics.jsonl")
     p.add_argument("--save_every", type=int, default=0,
-                   help="also checkpoint every this many steps (0 = only at epoch ends); only the newest of these is kept")
+                   help="also checkpoint every this many steps (0 = only at epoch ends); see --keep_last")
+    p.add_argument("--keep_last", type=int, default=2,
+                   help="checkpoints kept resumable (fp32 weights + optimizer shards); older ones keep only their "
+                        "weights if they end an epoch; a finished run keeps one")
     p.add_argument("--resume", nargs="?", const=True, default=False, type=common.str2bool,
                    help="continue from the newest complete checkpoint in --out_dir (a finished run is left as it is)")
     p.add_argument("--stop_at_step", type=int, default=0,
@@ -353,7 +356,7 @@ def main(argv=None):
         raise UserError("give exactly one of --init CHECKPOINT_DIR and --init_tiny")
     if args.init_tiny and not args.tokenizer:
         raise UserError("--init_tiny needs --tokenizer DIR")
-    for name in ("global_batch", "micro_batch_tokens", "max_length", "epochs"):
+    for name in ("global_batch", "micro_batch_tokens", "max_length", "epochs", "keep_last"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
 
@@ -399,7 +402,7 @@ def main(argv=None):
     # ---- model, optimizer, resume
     state = None
     if resume_from:
-        step, ckpt, state, optimizer_shard = resume_from
+        step, ckpt, state, train_shard = resume_from
         common.check_run_identity(args.out_dir, state["identity"], identity)
         if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); final weights in {final_dir}; nothing to do")
@@ -412,13 +415,14 @@ def main(argv=None):
     else:
         model = load_model(args.init, dtype=torch.float32, device=device)
     start_step = state["step"] if state else 0
-    model = shard_model(model, torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32  # compute, and saved weights
+    model = shard_model(model, dtype)
     model.gradient_checkpointing = args.gradient_checkpointing
     model.train()
     optimizer = common.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
                                       args.eight_bit_adam)
     if state:
-        common.load_local_optimizer_state(optimizer, optimizer_shard)
+        common.load_local_train_state(model, optimizer, train_shard)
         set_rng_state(state["rng"])
 
     n_loss = sum(num_loss_tokens(e) for e in train)
@@ -433,11 +437,10 @@ def main(argv=None):
     def save(step):
         common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
                                {"rng": rng_state(), "identity": identity, "epoch": step // steps_per_epoch,
-                                "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps})
-        if rank == 0:  # keep every epoch-end checkpoint, and only the newest mid-epoch one (it exists for --resume)
-            for old in common.checkpoint_steps(args.out_dir):
-                if old != step and old % steps_per_epoch:
-                    common.remove_checkpoint(args.out_dir, old)
+                                "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps}, dtype)
+        if rank == 0:  # the newest --keep_last stay resumable; the weights of every epoch end stay
+            common.prune_checkpoints(args.out_dir, args.keep_last if step < total_steps else 1,
+                                     range(0, total_steps + 1, steps_per_epoch))
         common.barrier()
 
     def validate(step):
@@ -505,7 +508,7 @@ def main(argv=None):
     if stop < total_steps:
         print0(f"stopped at step {stop}/{total_steps} (--stop_at_step); continue with --resume")
     else:
-        final = full_copy(model, torch.float32, device="cpu", on_rank=0)
+        final = full_copy(model, dtype, device="cpu", on_rank=0)
         if rank == 0:
             save_model(final, final_dir, tokenizer)
         print0(f"done: {total_steps} steps; final weights in {final_dir}")

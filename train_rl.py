@@ -131,6 +131,10 @@ def get_parser():
     p.add_argument("--val_max_response_tokens", type=int, default=0, help="validation generation budget (0 = --max_response_tokens)")
     p.add_argument("--val_batch_size", type=int, default=128, help="prompts per validation generation call")
     p.add_argument("--save_every", type=int, default=25, help="checkpoint every this many steps, and at the end (paper 25)")
+    p.add_argument("--keep_last", type=int, default=2,
+                   help="checkpoints kept whole (weights + resumable state: 21.6 GB at 1.5B); older ones are deleted")
+    p.add_argument("--keep_steps", type=int, nargs="*", default=[],
+                   help="steps whose weights (in the training dtype) outlive --keep_last, e.g. a re-distillation source")
     p.add_argument("--log_rollouts", type=common.str2bool, default=True, help="write rollouts/step_N.jsonl")
     p.add_argument("--resume", type=common.str2bool, default=False, help="continue from the newest complete checkpoint in --out_dir")
     p.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many consecutive steps with NaN/inf loss or grad norm")
@@ -268,7 +272,7 @@ def main(argv=None):
     if not args.model:
         raise UserError("--model is required (a Hugging Face checkpoint directory: the initial policy)")
     for name in ("prompts_per_step", "group_size", "max_response_tokens", "ppo_epochs", "ppo_mini_batches", "micro_batch_tokens",
-                 "gen_batch_size", "val_batch_size", "max_bad_steps", "logprob_chunk"):
+                 "gen_batch_size", "val_batch_size", "max_bad_steps", "logprob_chunk", "keep_last"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.temperature <= 0:
@@ -309,7 +313,7 @@ def main(argv=None):
     start_step, state = 0, None
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records)}
     if checkpoint is not None:
-        start_step, init_path, state, optimizer_shard = checkpoint
+        start_step, init_path, state, train_shard = checkpoint
         common.check_run_identity(args.out_dir, state.get("identity", {}), identity)
         print0(f"resuming from {init_path} (step {start_step})")
     else:
@@ -331,7 +335,7 @@ def main(argv=None):
         ref_model.requires_grad_(False)
     bad_steps_total, bad_streak = 0, 0
     if state is not None:
-        common.load_local_optimizer_state(optimizer, optimizer_shard)
+        common.load_local_train_state(model, optimizer, train_shard)
         bad_steps_total, bad_streak = state.get("bad_steps_total", 0), state.get("bad_streak", 0)
     recompute_old = args.ppo_epochs * args.ppo_mini_batches > 1
 
@@ -369,10 +373,14 @@ def main(argv=None):
         return m
 
     def save(step):
-        """Checkpoint: the full fp32 weights (gathered to rank 0), each rank's optimizer shard, the counters."""
+        """Checkpoint: the weights in `dtype` (gathered to rank 0), each rank's fp32 weights and optimizer shard, the
+        counters; then only the newest --keep_last stay."""
         common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
                                {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "identity": identity,
-                                "settings": vars(args)})
+                                "settings": vars(args)}, dtype)
+        if master_process:
+            common.prune_checkpoints(args.out_dir, args.keep_last, args.keep_steps)
+        common.barrier()
 
     if args.val_before_train and test_records and args.val_every and start_step == 0:
         m = validate(0)

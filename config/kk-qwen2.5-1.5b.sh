@@ -18,7 +18,7 @@ SFT_ARGS="--epochs 2 --global_batch 64 --lr 1e-5 --max_length 5000 --gradient_ch
 
 # GRPO (section 8): the shared paper settings at lr 5e-6 after 8 warm-up steps. The paper re-distils from step 125.
 RL_STEPS=125
-RL_ARGS="$PAPER_GRPO_ARGS --lr 5e-6 --warmup_steps 8"
+RL_ARGS="$PAPER_GRPO_ARGS --lr 5e-6 --warmup_steps 8 --keep_steps $RL_STEPS"  # the re-distillation source, by name
 
 # re-distillation set B (section 3.1): correct rollouts of steps 125,115-124 (last first), one per puzzle,
 # seed-0 shuffle, first 1000 (set A: greedy on the SFT prompts, SAMPLE_ARGS of the shared file)

@@ -18,7 +18,7 @@ SFT_ARGS="--epochs 2 --global_batch 32 --lr 1e-5 --max_length 5000 --gradient_ch
 
 # GRPO (section 8): the shared paper settings at lr 2.5e-6 after 4 warm-up steps; the paper re-distils from step 50
 RL_STEPS=50
-RL_ARGS="$PAPER_GRPO_ARGS --lr 2.5e-6 --warmup_steps 4"
+RL_ARGS="$PAPER_GRPO_ARGS --lr 2.5e-6 --warmup_steps 4 --keep_steps $RL_STEPS"  # the re-distillation source, by name
 
 # re-distillation (section 3.2): A greedy on the SFT prompts (the paper's MATH set, ~500 kept);
 # B (not in the paper for MATH; the K&K recipe): correct rollouts of steps 50,40-49, first 500

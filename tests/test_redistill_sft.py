@@ -262,8 +262,9 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     sft.main(run_args(tiny_checkpoint, data, full))
     # interrupted mid-epoch 2: checkpoints every 3 steps, stop after step 7
     sft.main(run_args(tiny_checkpoint, data, cut, "--save_every", "3", "--stop_at_step", "7"))
-    assert sorted(f for f in os.listdir(cut) if f.endswith(".state.pt")) == [
-        "step_000005.state.pt", "step_000007.state.pt"]  # the epoch end; mid-epoch 3 and 6 pruned
+    assert common.checkpoint_steps(cut) == [6, 7]  # --keep_last 2 stay resumable (saves at 3, 5, 6, 7)
+    assert sorted(f for f in os.listdir(cut) if f.startswith("step_") and "." not in f) == [
+        "step_000005", "step_000006", "step_000007"]  # weights: the epoch end and the resumable ones
     assert not os.path.exists(os.path.join(cut, "final"))
     with pytest.raises(UserError, match="pass --resume"):
         sft.main(run_args(tiny_checkpoint, data, cut))
@@ -385,7 +386,7 @@ def test_resume_skips_an_unreadable_checkpoint(tiny_checkpoint, tmp_path, capsys
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     sft.main(run_args(tiny_checkpoint, data, full))
     sft.main(run_args(tiny_checkpoint, data, cut, "--save_every", "2", "--stop_at_step", "7"))
-    shard = common.optimizer_shard_path(cut, 7, 0)
+    shard = common.train_shard_path(cut, 7, 0)
     with open(shard, "r+b") as f:
         f.truncate(100)
     capsys.readouterr()
@@ -393,7 +394,7 @@ def test_resume_skips_an_unreadable_checkpoint(tiny_checkpoint, tmp_path, capsys
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and shard in warnings[0] and "step 7" in warnings[0]
-    assert "step_000005 (step 5/10)" in out  # the epoch end before it
+    assert "step_000006 (step 6/10)" in out  # the other resumable one (--keep_last 2)
     a, b = weights(os.path.join(full, "final")), weights(os.path.join(cut, "final"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

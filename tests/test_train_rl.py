@@ -325,7 +325,21 @@ def test_variants_run_bf16_master_and_kl(toy, tmp_path):
     assert all(m["updates"] == 4 or m["train_seqs"] < 2 for m in ms)  # 2 epochs x 2 mini-batches
     assert ms[0]["kl"] > 0 and ms[0]["logprob_gap"] < 0.1  # the policy moved away from the reference
     w = weights(common.checkpoint_dir(str(out), 1))
-    assert all(v.dtype == torch.float32 for v in w.values())  # checkpoints hold the fp32 master
+    assert all(v.dtype == torch.bfloat16 for v in w.values())  # the weights in the training dtype ...
+    shard = torch.load(common.train_shard_path(str(out), 1, 0), weights_only=True)
+    assert all(v.dtype == torch.float32 for v in shard["weights"].values())  # ... the fp32 master to resume from
+
+
+def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
+    """--keep_last 2: the older saves are deleted, except the weights of a --keep_steps step."""
+    out = tmp_path / "keep"
+    assert train_rl.main(rl_args(toy, out, max_steps=4, save_every=1, keep_last=2, keep_steps=1)) == 0
+    assert common.checkpoint_steps(str(out)) == [3, 4]
+    names = sorted(os.listdir(out))
+    assert [n for n in names if n.startswith("step_") and "." not in n] == ["step_000001", "step_000003", "step_000004"]
+    assert [n for n in names if ".train." in n] == ["step_000003.train.rank0.pt", "step_000004.train.rank0.pt"]
+    assert train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True)) == 0
+    assert common.checkpoint_steps(str(out)) == [4, 5] and os.path.isdir(common.checkpoint_dir(str(out), 1))
 
 
 # -----------------------------------------------------------------------------
@@ -398,7 +412,7 @@ def test_fsdp_kill_and_resume_at_two_ranks_is_bit_identical(fixed_runs):
     assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
     assert common.checkpoint_steps(str(d / "cut")) == [2, 4] and "resuming from" in runs["resumed"].stdout
     for r in (0, 1):  # each rank's optimizer shard was written and read back
-        assert os.path.isfile(common.optimizer_shard_path(str(d / "cut"), 4, r))
+        assert os.path.isfile(common.train_shard_path(str(d / "cut"), 4, r))
     a, b = weights(common.checkpoint_dir(str(d / "two"), 4)), weights(common.checkpoint_dir(str(d / "cut"), 4))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
