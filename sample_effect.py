@@ -44,10 +44,12 @@ one forward/backward and its gradient is reduced at once to numbers:
 With both, "sample_effect"/"normalised" are the exact values and "*_proj" the projected ones; the cosine
 is always computed in the same space as its inner product (norms of the sketches when projected).
 
-Runs: the evaluation prompts are cut into chunks of --gen_batch_size prompts, generated with a seed per
-chunk and spread over torchrun ranks, and the SFT samples are sharded (common.shard) and gathered on rank 0
+Runs: the evaluation prompts are cut into chunks (gen_chunk_size: at most --gen_batch_size, at most what keeps
+the KV cache within --kv_cache_gib, at most ⌈prompts / ranks⌉ so that every rank gets work), generated with a seed
+per chunk and spread over torchrun ranks, and the SFT samples are sharded (common.shard) and gathered on rank 0
 (common.all_gather_json): results do not depend on the number of ranks (up to float summation order, and
-on GPU up to kernel nondeterminism). ∇J is the one data-parallel gradient, so it runs on the FSDP-sharded
+on GPU up to kernel nondeterminism; the chunking depends on the ranks only when ⌈prompts / ranks⌉ is the
+smallest bound). ∇J is the one data-parallel gradient, so it runs on the FSDP-sharded
 model (model.shard_model, as in train_rl.py: fp32 weights, --dtype compute, gradients summed over ranks),
 then is gathered in full on every rank. Rollouts come from a --dtype full copy (model.full_copy), and the
 per-sample gradients, each rank's own, from an fp32 full copy under --dtype autocast; both freed after.
@@ -89,7 +91,10 @@ parser.add_argument("--k", type=int, default=8, help="responses per evaluation p
 parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of J (paper's RL rollouts: 0.7)")
 parser.add_argument("--max_new_tokens", type=int, default=4096, help="response budget of the rollouts (paper: 4096); truncated = reward 0")
 parser.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="prompt template of the evaluation prompts")
-parser.add_argument("--gen_batch_size", type=int, default=64, help="evaluation prompts per generation batch (x k rows)")
+parser.add_argument("--gen_batch_size", type=int, default=64, help="most evaluation prompts per generation call (x k rows)")
+parser.add_argument("--kv_cache_gib", type=float, default=16.0,
+                    help="bound on one generation call's KV cache (GiB): fewer prompts per call when rows x (prompt + "
+                         "--max_new_tokens) would need more")
 parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts and of the --num_eval_prompts subset")
 # The paper's convention is unknown (paper.md 2.3): `mean` matches redistill_sft.py's default per-sequence-mean
 # loss (so η·mean SE predicts its SGD step), `sum` is the plain log-likelihood log π(y|x).
@@ -110,6 +115,17 @@ parser.add_argument("--select_bottom", default=None, help="also write the bottom
 parser.add_argument("--select_by", default="sample_effect", choices=["sample_effect", "normalised"], help="ranking of --select")
 parser.add_argument("--log_every", type=int, default=100, help="a log line every this many SFT samples (per rank)")
 parser.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bars on rank 0")
+
+
+# -----------------------------------------------------------------------------
+# the ∇J rollouts: how many prompts per generation call
+
+
+def gen_chunk_size(num_prompts, world, gen_batch_size, k, cache_bytes_per_token, max_tokens, cache_budget_bytes):
+    """Prompts per generation call: at most gen_batch_size; at most what keeps the KV cache (k rows per prompt, each
+    max_tokens long) within the budget; at most ⌈num_prompts / world⌉, so that every rank has a chunk."""
+    by_memory = int(cache_budget_bytes // (k * max_tokens * cache_bytes_per_token))
+    return max(1, min(gen_batch_size, by_memory, math.ceil(num_prompts / world)))
 
 
 # -----------------------------------------------------------------------------
@@ -296,6 +312,8 @@ def main(argv=None):
     for name in ("max_new_tokens", "gen_batch_size", "micro_batch_tokens", "max_length", "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.kv_cache_gib <= 0:
+        raise UserError(f"--kv_cache_gib must be > 0, got {args.kv_cache_gib}")
     if args.num_eval_prompts < 0 or args.select < 0:
         raise UserError("--num_eval_prompts and --select must be >= 0")
     if args.select and not args.select_out:
@@ -357,7 +375,15 @@ def main(argv=None):
     # ---- ∇J: K rollouts per evaluation prompt, chunks of prompts spread over ranks, RLOO policy gradient
     t0 = time.time()
     gen_model = full_copy(model, compute_dtype)
-    chunks = [list(range(s, min(s + args.gen_batch_size, len(records)))) for s in range(0, len(records), args.gen_batch_size)]
+    cfg = model.config  # bytes per cached token: keys and values of every layer, in the compute dtype
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * compute_dtype.itemsize
+    prompts = [task.render_prompt(r, tokenizer, args.template) for r in records]
+    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    size = gen_chunk_size(len(records), world, args.gen_batch_size, args.k, per_token, longest + args.max_new_tokens,
+                          args.kv_cache_gib * 2**30)
+    chunks = [list(range(s, min(s + size, len(records)))) for s in range(0, len(records), size)]
+    print0(f"rollouts: {len(chunks)} generation call(s) of <= {size} prompts x {args.k} over {world} rank(s); "
+           f"KV cache <= {size * args.k * (longest + args.max_new_tokens) * per_token / 2**30:.1f} GiB per call")
     items, rewards, gen_tokens = [], [], 0
     my_chunks = common.shard(list(range(len(chunks))), rank, world)
     bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks) * args.k, desc="rollouts",
@@ -366,7 +392,7 @@ def main(argv=None):
         out = common.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]], n=args.k,
                                       temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
                                       seed=args.seed * 1_000_003 + c, template=args.template,
-                                      batch_size=args.gen_batch_size, progress=False)
+                                      batch_size=size, progress=False)
         for j in range(len(chunks[c])):
             group = out[j * args.k:(j + 1) * args.k]
             prompt_ids = tokenizer(group[0]["prompt"], add_special_tokens=False)["input_ids"]

@@ -110,6 +110,17 @@ def test_policy_gradient_estimator_approaches_exact_grad_J():
     assert 0.75 < norm / ref["norm"] < 1.33  # unbiased (leave-one-out baseline), not shrunk by (K-1)/K
 
 
+def test_rollout_chunks_keep_every_rank_busy_within_the_cache_bound():
+    """The paper preset's shape (Qwen2.5-1.5B: 28 layers, 2 KV heads of 128, bf16), 100 prompts x 8 rollouts of up to
+    4,608 tokens: 1.06 GB of KV cache per prompt, so a 16 GiB bound allows 16 prompts per call."""
+    per_token = 2 * 28 * 2 * 128 * 2
+    size = se.gen_chunk_size(100, 8, 64, 8, per_token, 4608, 16 * 2**30)
+    assert size == 13 and len(range(0, 100, size)) == 8  # ⌈100 / 8⌉: one call on each of the 8 ranks
+    assert se.gen_chunk_size(100, 1, 64, 8, per_token, 4608, 16 * 2**30) == 16  # the cache bound
+    assert se.gen_chunk_size(100, 1, 64, 8, per_token, 4608, 1000 * 2**30) == 64  # --gen_batch_size
+    assert se.gen_chunk_size(100, 1, 64, 8, per_token, 4608, 1) == 1  # never zero
+
+
 def test_rloo_weights():
     assert se.rloo_weights([1.0, 0.0, 0.0, 1.0]) == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
     assert se.rloo_weights([1.0, 1.0]) == [0.0, 0.0]
