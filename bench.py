@@ -288,7 +288,7 @@ def bench_rl(args):
         from model import load_tokenizer, stop_token_ids
         final, tok = load_model(os.path.join(d, "run", f"step_{steps:06d}")), load_tokenizer(os.path.join(d, "init"))
         recs = [recs[i] for i in train_rl.step_prompt_indices(len(recs), prompts, steps, args.seed)]
-        ids = [tok(toy_task.render_prompt(r, tok), add_special_tokens=False)["input_ids"] for r in recs]
+        ids = common.encode_prompts(tok, [toy_task.render_prompt(r, tok) for r in recs])
         t0 = time.time()
         gens = generate(final, sorted(ids, key=len), n=group, max_new_tokens=max_len, temperature=0.7,
                         stop_ids=stop_token_ids(tok), seed=1)
@@ -837,8 +837,8 @@ def suite_rl(base, tok, records, sizes, device, seed, tmp):
     mem = peak_gb(device)
     m = common.read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
     rollouts = common.read_jsonl(os.path.join(out, "rollouts", "step_000001.jsonl"))
-    prompt_len = {r["id"]: len(tok(kk_data.render_prompt(r, tok), add_special_tokens=False)["input_ids"])
-                  for r in records}
+    prompt_len = {r["id"]: len(ids) for r, ids in zip(records, common.encode_prompts(
+        tok, [kk_data.render_prompt(r, tok) for r in records]))}
     seq_lens = [prompt_len[r["id"]] + r["length"] for r in rollouts]
     flops = train_flops(read_config(base), seq_lens, sum(r["length"] for r in rollouts))
     return {"rollouts": len(rollouts), "max_response_tokens": sizes["rl_max"], "len_mean": m["len_mean"],

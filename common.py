@@ -310,6 +310,17 @@ def render_prompt(tokenizer, question: str, template: str = "auto") -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def encode_prompts(tokenizer, texts):
+    """Token ids of texts that begin a sequence (prompts; pre-training documents): the text's own tokens, after the
+    BOS token where the model family expects one -- its tokenizer adds one by itself (Llama; Qwen adds none) -- and
+    the text does not already begin with it (a chat template that writes it)."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is None or tokenizer("a", add_special_tokens=True)["input_ids"][:1] != [bos]:
+        return ids
+    return [x if x[:1] == [bos] else [bos] + x for x in ids]
+
+
 # -----------------------------------------------------------------------------
 # generation over task records (sampling, evaluation and RL validation share this)
 
@@ -326,7 +337,7 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     from model import generate, stop_token_ids
     stop = stop_token_ids(tokenizer)
     prompts = [task.render_prompt(r, tokenizer, template) for r in records]
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(records)), key=lambda i: len(prompt_ids[i]))
     results = [None] * len(records)
     bar = tqdm(total=len(records) * n, desc=desc, disable=not progress or rank() != 0, dynamic_ncols=True)

@@ -186,8 +186,8 @@ def evaluate(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, m
     rank, world = common.rank(), common.world_size()
     # every rank checks every prompt fits, so a too-long one stops all ranks alike (not one, mid-collective)
     context = model.config.max_position_embeddings
-    for r in records:
-        length = len(tokenizer(task.render_prompt(r, tokenizer, template), add_special_tokens=False)["input_ids"])
+    lengths = map(len, common.encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, template) for r in records]))
+    for r, length in zip(records, lengths):
         if length + max_new_tokens > context:
             raise UserError(f"record {r['id']!r}: its prompt has {length} tokens; with max_new_tokens={max_new_tokens} "
                             f"that exceeds the model's {context}-token context; lower --max_new_tokens")

@@ -144,7 +144,7 @@ def load_sft_examples(paths, tokenizer, max_length):
                 where.append(lineno)
         if not rows:
             raise UserError(f"{path}: no examples")
-        prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+        prompts = common.encode_prompts(tokenizer, [r["prompt"] for r in rows])
         responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
         for rec, lineno, p, r in zip(rows, where, prompts, responses):
             ids = p + r + [tokenizer.eos_token_id]
@@ -190,7 +190,7 @@ def load_text_examples(paths, tokenizer, max_length):
         docs = [(n, t) for n, t in docs if t]
         if not docs:
             raise UserError(f"{path}: no text")
-        tokens = tokenizer([t for _, t in docs], add_special_tokens=False)["input_ids"]
+        tokens = common.encode_prompts(tokenizer, [t for _, t in docs])
         for (lineno, _), ids in zip(docs, tokens):
             ids = ids + [tokenizer.eos_token_id]
             for k, s in enumerate(range(0, len(ids), max_length)):

@@ -378,7 +378,7 @@ def main(argv=None):
     cfg = model.config  # bytes per cached token: keys and values of every layer, in the compute dtype
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * compute_dtype.itemsize
     prompts = [task.render_prompt(r, tokenizer, args.template) for r in records]
-    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    longest = max(map(len, common.encode_prompts(tokenizer, prompts)))
     size = gen_chunk_size(len(records), world, args.gen_batch_size, args.k, per_token, longest + args.max_new_tokens,
                           args.kv_cache_gib * 2**30)
     chunks = [list(range(s, min(s + size, len(records)))) for s in range(0, len(records), size)]
@@ -395,7 +395,7 @@ def main(argv=None):
                                       batch_size=size, progress=False)
         for j in range(len(chunks[c])):
             group = out[j * args.k:(j + 1) * args.k]
-            prompt_ids = tokenizer(group[0]["prompt"], add_special_tokens=False)["input_ids"]
+            prompt_ids = common.encode_prompts(tokenizer, [group[0]["prompt"]])[0]
             rs = [float(s["reward"]) for s in group]
             rewards.append(rs)
             for s, w in zip(group, rloo_weights(rs)):

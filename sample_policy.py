@@ -130,8 +130,8 @@ def sample_checkpoint(args, task, rank, world, device):
     model.eval()
     # Check every prompt's length on every rank before sharding, so that all ranks stop together.
     context = model.config.max_position_embeddings
-    for i, rec in enumerate(records):
-        length = len(tokenizer(task.render_prompt(rec, tokenizer, args.template), add_special_tokens=False)["input_ids"])
+    lengths = map(len, common.encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, args.template) for r in records]))
+    for i, (rec, length) in enumerate(zip(records, lengths)):
         if length + args.max_new_tokens > context:
             raise UserError(f"{args.split}: record {i + 1} (id {rec.get('id')!r}): prompt of {length} tokens + "
                             f"--max_new_tokens {args.max_new_tokens} > the model's {context}-token context")

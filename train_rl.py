@@ -291,8 +291,7 @@ def main(argv=None):
     test_records = task.load_split(args.test_data) if args.test_data else []
     test_records, val_subset = common.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
     # tokenise every training prompt once: lengths for the filter and the ids for the training forward
-    prompt_ids = [tokenizer(task.render_prompt(r, tokenizer, args.template), add_special_tokens=False)["input_ids"]
-                  for r in train_records]
+    prompt_ids = common.encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, args.template) for r in train_records])
     keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= args.max_prompt_tokens]
     if len(keep) < len(train_records):
         print0(f"note: dropped {len(train_records) - len(keep)} of {len(train_records)} training prompts longer than "

@@ -126,3 +126,39 @@ def test_stratified_subset_of_a_split_ordered_by_difficulty():
     assert [sum(r["people"] == p for r in exact) for p in (2, 3, 4)] == [5, 3, 2]
     assert common.stratified_subset(records, 0, "people")[0] == records
     assert common.stratified_subset(records, 500, "people") == (records, "all 100")
+
+
+def llama3_style_tokenizer():
+    """Built offline like Llama 3's: byte-level BPE, <|begin_of_text|> as BOS added by the tokenizer's own
+    post-processor, a chat template that writes it too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    tok.train_from_iterator(["Question: who is a knight? Answer: let's think step by step."] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+
+
+def test_prompts_begin_with_bos_where_the_model_family_expects_one(tmp_path):
+    import common
+    import redistill_sft
+    from model import build_tokenizer
+    llama = llama3_style_tokenizer()
+    bos = llama.bos_token_id
+    plain = "Question:\nwho is a knight?\nAnswer:\nLet's think step by step."
+    ids = common.encode_prompts(llama, [plain, "<|begin_of_text|>" + plain])
+    assert ids[0][0] == bos and ids[0][1:] == llama(plain, add_special_tokens=False)["input_ids"]
+    assert ids[1] == ids[0]  # a chat template that writes BOS itself: not doubled
+    qwen = build_tokenizer([plain] * 5, vocab_size=300)  # Qwen style: no BOS
+    assert common.encode_prompts(qwen, [plain])[0] == qwen(plain, add_special_tokens=False)["input_ids"]
+    # the SFT loader puts it before the prompt (and nowhere else)
+    common.write_jsonl(str(tmp_path / "d.jsonl"), [{"id": "a", "prompt": plain, "response": " a knight"}])
+    ex = redistill_sft.load_sft_examples([str(tmp_path / "d.jsonl")], llama, 100)[0]
+    assert ex["input_ids"][0] == bos and ex["input_ids"].count(bos) == 1
+    assert ex["input_ids"][ex["start"] - 1] != bos  # the prompt's own tokens end the context
