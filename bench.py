@@ -359,8 +359,8 @@ def activation_bytes(cfg, tokens, chunk, with_entropy, gathered):
       head    the final norm (its fp32 input copy, bf16 normalised x and output: 4 + 2 + 2 bytes x T x H; RL also
               gathers the response positions' hidden states, + 2) and one lm_head chunk recomputed in backward:
               chunk x V x 4 bytes x 3 (the fp32 log-softmax, its gradient, the gradient of the fp32 logits), x 2 more
-              with the entropy (probs = exp(log-softmax) and their gradient; train_rl's update passes
-              with_entropy=True, SFT's loss does not)
+              with the entropy's graph (probs = exp(log-softmax) and their gradient; train_rl keeps it only
+              with --entropy_coef > 0, its logged entropy is computed without graph)
       block   one block recomputed in backward: block_bytes_per_token x T
     The head's backward (all lm_head chunks, then the final norm) finishes before the first block is recomputed,
     so the peak is inputs + max(head, block)."""
@@ -400,13 +400,13 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e["gen_peak"] = e["persistent"] + e["gen_copy"] + e["kv_cache"] + e["gen_temps"] + e["slack"]
     # training: a micro-batch holds up to its token budget, or one longer sequence alone
     e["rl_tokens"] = max(rl_tokens, prompt_tokens + response_tokens)
-    e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=True, gathered=True)
+    e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=False, gathered=True)
     e["update_peak"] = e["persistent"] + e["fsdp_transient"] + e["rl_act"]["total"] + e["slack"]
     e["rl_peak"] = max(e["gen_peak"], e["update_peak"])
     # the reference model's own log-prob pass (no grad) runs apart from the update: only its sharded state adds
     e["rl_kl_peak"] = e["rl_peak"] + e["ref_model"]
     e["sft_tokens"] = sft_tokens
-    e["sft_act"] = activation_bytes(cfg, sft_tokens, logprob_chunk, with_entropy=False, gathered=False)
+    e["sft_act"] = activation_bytes(cfg, sft_tokens, logprob_chunk, with_entropy=False, gathered=True)
     e["sft_peak"] = e["persistent"] + e["fsdp_transient"] + e["sft_act"]["total"] + e["slack"]
     return e
 
@@ -470,7 +470,7 @@ def bench_memory(args):
         ("**RL generation peak**", lambda e: fmt(e["gen_peak"])),
         ("FSDP2 transient: bf16 root + 2 blocks, fp32 grads of root + 1 block", lambda e: fmt(e["fsdp_transient"])),
         (f"RL act. ({e0['rl_tokens']} tokens): block inputs", lambda e: fmt(e["rl_act"]["inputs"])),
-        ("RL act.: final norm + lm_head chunk (+ entropy)", lambda e: fmt(e["rl_act"]["head"])),
+        ("RL act.: final norm + lm_head chunk", lambda e: fmt(e["rl_act"]["head"])),
         ("RL act.: one block recomputed", lambda e: fmt(e["rl_act"]["block"])),
         ("**RL update peak**", lambda e: fmt(e["update_peak"])),
         (f"SFT act. ({e0['sft_tokens']} tokens): block inputs", lambda e: fmt(e["sft_act"]["inputs"])),

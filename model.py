@@ -377,7 +377,8 @@ class Transformer(nn.Module):
         """log p(targets) (and optionally the entropy) for hidden states (..., hidden) and targets (...).
 
         Runs the lm_head + fp32 log-softmax over chunks of tokens, recomputed in backward, so a 152K
-        vocabulary never holds fp32 logits for the whole batch at once.
+        vocabulary never holds fp32 logits for the whole batch at once. with_entropy: False; True (differentiable:
+        an entropy bonus); "detached" (for logging: no graph, so backward holds no probabilities).
         """
         shape = targets.shape
         h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
@@ -396,8 +397,10 @@ class Transformer(nn.Module):
     def _chunk_logprobs(self, h, t, temperature, with_entropy):
         logp = torch.log_softmax(self.lm_head(h).float() / temperature, dim=-1)
         lp = logp.gather(-1, t[:, None]).squeeze(-1)
-        ent = -(logp.exp() * logp).sum(-1) if with_entropy else torch.zeros_like(lp)
-        return lp, ent
+        if not with_entropy:
+            return lp, torch.zeros_like(lp)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and with_entropy != "detached"):
+            return lp, -(logp.exp() * logp).sum(-1)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

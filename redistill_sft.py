@@ -246,23 +246,24 @@ def micro_batches(indices, lengths, budget):
 
 
 def packed_nll(model, examples, device):
-    """One packed forward over examples. Returns (nll, seq): per position t of the packed row (minus the
-    last), nll[t] = -log p(token t+1 | tokens <= t) and seq[t] = the example index when token t+1 is a loss
-    token of that example (response or EOS), else -1 (prompt targets and sequence boundaries)."""
+    """One packed forward over examples; the lm_head and log-softmax run only where there is loss (a 300-token
+    prompt costs no vocabulary-wide softmax). Returns (nll, seq), one entry per loss token (response or EOS) in
+    packed order: nll = -log p(token | the tokens before it), seq = the index of its example."""
     from model import pack
     ids, cu = pack([e["input_ids"] for e in examples], device)
     hidden = model(ids, cu_seqlens=cu)
-    nll = -model.token_logprobs(hidden[0, :-1], ids[0, 1:])
-    seq = torch.full((ids.shape[1] - 1,), -1, dtype=torch.long)
-    offset = 0
-    for k, e in enumerate(examples):
-        seq[offset + e["start"] - 1: offset + len(e["input_ids"]) - 1] = k
+    positions, seq, offset = [], [], 0
+    for k, e in enumerate(examples):  # hidden at position t predicts token t + 1
+        positions += range(offset + e["start"] - 1, offset + len(e["input_ids"]) - 1)
+        seq += [k] * num_loss_tokens(e)
         offset += len(e["input_ids"])
-    return nll, seq.to(nll.device)
+    positions = torch.tensor(positions, device=hidden.device)
+    nll = -model.token_logprobs(hidden[0, positions], ids[0, positions + 1])
+    return nll, torch.tensor(seq, device=nll.device)
 
 
 def reduce_loss(nll, seq, examples, reduction, num_seqs=None, num_tokens=None):
-    """The loss of a (micro-)batch as its share of the global batch's loss.
+    """The loss of a (micro-)batch as its share of the global batch's loss (entries with seq < 0 carry none).
 
     seq_mean:   sum_i mean_{t in i} nll_t / num_seqs   (num_seqs = sequences in the global batch)
     token_mean: sum_t nll_t / num_tokens               (num_tokens = loss tokens in the global batch)

@@ -504,7 +504,8 @@ def main(argv=None):
                     js = [mini[i] for i in mb]
                     lens = [len(seq_resp[j]) for j in js]
                     lp, ent = response_logprobs(model, [seq_prompt[j] for j in js], [seq_resp[j] for j in js],
-                                                args.temperature, args.logprob_chunk, with_entropy=True)
+                                                args.temperature, args.logprob_chunk,
+                                                with_entropy=True if args.entropy_coef else "detached")
                     lp, ent = lp.float(), ent.float()
                     a = torch.repeat_interleave(torch.tensor([adv[j] for j in js], device=device),
                                                 torch.tensor(lens, device=device))

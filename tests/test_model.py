@@ -532,3 +532,20 @@ def test_transformers_stops_where_our_engine_stops(tiny_checkpoint, tmp_path):
     assert hf_new_tokens(path) == ours.tokens
     os.remove(os.path.join(path, "generation_config.json"))
     assert len(hf_new_tokens(path)) == 12  # the file is what makes it stop
+
+
+def test_logged_entropy_is_computed_without_graph():
+    """with_entropy="detached" (train_rl's logged entropy): the same values as the differentiable entropy, no graph
+    (so backward keeps no probabilities), and the log-probs' gradient is unchanged."""
+    model = random_model(CONFIGS["qwen2_tied"], seed=3)
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+    grads, ents = [], []
+    for mode in (True, "detached"):
+        model.zero_grad()
+        hidden = model.forward(ids)
+        lp, ent = model.token_logprobs(hidden[0, :-1], ids[0, 1:], chunk_size=7, with_entropy=mode)
+        assert ent.requires_grad == (mode is True)
+        lp.sum().backward()
+        grads.append(model.lm_head.weight.grad.clone())
+        ents.append(ent.detach())
+    assert torch.allclose(ents[0], ents[1]) and torch.equal(grads[0], grads[1])
