@@ -237,11 +237,12 @@ class Packed:
 class Decode:
     """One new token per cache row: write its key/value at the row's length, attend to the row's prefix."""
 
-    def __init__(self, cache):
+    def __init__(self, cache, span=None):
         self.cache = cache
         n = cache.rows
         self.lengths = cache.lengths[:n]
-        self.span = int(self.lengths.max().item()) + 1  # columns any row can see this step
+        # columns any row can see this step: generate passes a bound it knows on the host (no GPU sync)
+        self.span = span or int(self.lengths.max().item()) + 1
         # decided once, from the cache: it cannot be cast, so flash runs only in the cache's own dtype
         # (the new token's q/k/v are cast to it; the SDPA path stores k/v in it too)
         dtype = flash_dtype(cache.k, cache.v)
@@ -291,16 +292,17 @@ class KVCache:
             self.k[layer, cache_rows[i], :, : b - a] = k[:, a:b]
             self.v[layer, cache_rows[i], :, : b - a] = v[:, a:b]
 
-    def drop(self, done):
-        """Remove finished rows (done: bool per live row). The last live rows move into the holes, so a step
-        copies only as many rows as finished. Returns each remaining row's previous index."""
+    def drop(self, done, num_done=None, span=None):
+        """Remove finished rows (done: bool per live row; num_done = their count and span a bound on the live
+        lengths, when the caller knows them). The last live rows move into the holes, so a step copies only as
+        many rows as finished. Returns each remaining row's previous index."""
         m = self.rows
-        kept = m - int(done.sum())
+        kept = m - (int(done.sum()) if num_done is None else num_done)
         order = torch.arange(kept, device=done.device)
         holes = done[:kept].nonzero().squeeze(-1)
         if holes.numel():
             movers = (~done[kept:]).nonzero().squeeze(-1) + kept
-            span = int(self.lengths[movers].max())
+            span = span or int(self.lengths[movers].max())
             self.k[:, holes, :, :span] = self.k[:, movers, :, :span]
             self.v[:, holes, :, :span] = self.v[:, movers, :, :span]
             self.lengths[holes] = self.lengths[movers]
@@ -483,7 +485,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             raise UserError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
                             f"{len(p) + max_new_tokens} > the model's {max_seq_len}-token context")
     rows = len(prompts) * n
-    cache = KVCache(model.config, rows, max(map(len, prompts)) + max_new_tokens,
+    longest = max(map(len, prompts))
+    cache = KVCache(model.config, rows, longest + max_new_tokens,
                     cache_dtype or model.lm_head.weight.dtype, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
@@ -512,12 +515,14 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         finished[live] = done
         if step == max_new_tokens - 1:
             break
-        if done.any():  # drop finished rows from the batch (and their cache rows)
-            order = cache.drop(done)
+        span = longest + step + 1  # every live row holds its prompt + `step` tokens: a bound known on the host
+        num_done = int(done.sum())  # the step's one host sync
+        if num_done:  # drop finished rows from the batch (and their cache rows)
+            order = cache.drop(done, num_done, span)
             if order.numel() == 0:
                 break
             live, tok = live[order], tok[order]
-        hidden = model.forward(tok[:, None], positions=cache.lengths[: cache.rows, None], ctx=Decode(cache))
+        hidden = model.forward(tok[:, None], positions=cache.lengths[: cache.rows, None], ctx=Decode(cache, span))
         cache.lengths[: cache.rows] += 1
         logits = model.lm_head(hidden[:, -1]).float()
 
