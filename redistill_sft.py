@@ -24,7 +24,7 @@ Usage:
       --out_dir runs/tiny/base --lr 1e-3 --loss_reduction token_mean --epochs 1
   python redistill_sft.py ... --resume   # continue a killed run from its last checkpoint
 
-Writes OUT_DIR/step_NNNNNN (HF checkpoint) + its optimizer shards and step_NNNNNN.state.pt (step, RNG) at each epoch
+Writes OUT_DIR/step_NNNNNN (HF checkpoint) + its resumable shards and step_NNNNNN.state.pt (step, RNG) at each epoch
 end, every --save_every steps and at the end; OUT_DIR/final (the last weights, a stable path for the next
 stage); OUT_DIR/metrics.jsonl (one record per step and per held-out evaluation).
 """
