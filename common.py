@@ -315,12 +315,14 @@ def render_prompt(tokenizer, question: str, template: str = "auto") -> str:
 
 
 def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=512,
-                     seed=0, template="auto", batch_size=64, desc="generate", progress=True):
+                     seed=0, template="auto", batch_size=64, desc="generate", progress=True, partner=None, switch=None):
     """Generate n responses for each record with our KV-cache engine and score them with task.score.
 
     Prompts are sorted by length and generated `batch_size` prompts (x n rows) at a time. Returns one
     dict per (record, sample), in record order then sample order:
     {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
+    partner, switch: cross-sampling with a second model (model.generate); each dict then also holds
+    "switched" and "differs", one bool per token.
     """
     from tqdm import tqdm
     from model import generate, stop_token_ids
@@ -333,17 +335,29 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     for b, start in enumerate(range(0, len(order), batch_size)):
         chunk = order[start:start + batch_size]
         gens = generate(model, [prompt_ids[i] for i in chunk], n=n, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, stop_ids=stop, seed=seed * 1_000_003 + b)
+                        temperature=temperature, top_p=top_p, stop_ids=stop, seed=seed * 1_000_003 + b,
+                        partner=partner, switch=switch)
         for g_idx, g in enumerate(gens):
             i = chunk[g.prompt_index]
             text = tokenizer.decode(g.tokens[:-1] if g.finished else g.tokens, skip_special_tokens=False)
             results[i] = results[i] or []
             results[i].append({"id": records[i]["id"], "prompt": prompts[i], "response": text, "tokens": g.tokens,
                                "logprobs": g.logprobs, "finished": g.finished, "length": len(g.tokens),
-                               "reward": task.score(text, records[i], g.finished), "sample": g_idx % n})
+                               "reward": task.score(text, records[i], g.finished), "sample": g_idx % n,
+                               **({"switched": g.switched, "differs": g.differs} if partner is not None else {})})
         bar.update(len(gens))
     bar.close()
     return [s for per_record in results for s in per_record]
+
+
+def sft_token_ids(tokenizer, prompts, responses, eos=True):
+    """Token ids of (prompt, response) pairs as SFT trains on them: prompt and response tokenized separately,
+    no special tokens, then EOS (eos: one bool for all, or one per pair). Returns [(ids, start)], start = the
+    index of the first response token."""
+    eos = [eos] * len(prompts) if isinstance(eos, bool) else eos
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+    return [(p + r + ([tokenizer.eos_token_id] if e else []), len(p)) for p, r, e in zip(prompt_ids, response_ids, eos)]
 
 
 def shard(items, rank_, world):
