@@ -350,6 +350,19 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     return [s for per_record in results for s in per_record]
 
 
+def check_sft_record(path, lineno, rec):
+    """An SFT-format record has "id", "prompt" and "response", both strings, the prompt not empty (the first
+    response token needs a context); otherwise a UserError naming the file, line and field."""
+    for field in ("id", "prompt", "response"):
+        if field not in rec:
+            raise UserError(f"{path}:{lineno}: missing field '{field}'")
+    for field in ("prompt", "response"):
+        if not isinstance(rec[field], str):
+            raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
+    if not rec["prompt"]:
+        raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
+
+
 def sft_token_ids(tokenizer, prompts, responses, eos=True):
     """Token ids of (prompt, response) pairs as SFT trains on them: prompt and response tokenized separately,
     no special tokens, then EOS (eos: one bool for all, or one per pair). Returns [(ids, start)], start = the

@@ -129,14 +129,7 @@ def load_sft_examples(paths, tokenizer, max_length):
         rows, where = [], []
         with open_lines(path) as lines:
             for lineno, rec in lines:
-                for field in ("id", "prompt", "response"):
-                    if field not in rec:
-                        raise UserError(f"{path}:{lineno}: missing field '{field}'")
-                for field in ("prompt", "response"):
-                    if not isinstance(rec[field], str):
-                        raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
-                if not rec["prompt"]:
-                    raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
+                common.check_sft_record(path, lineno, rec)
                 rows.append(rec)
                 where.append(lineno)
         if not rows:

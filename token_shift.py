@@ -137,14 +137,7 @@ def read_responses(paths, tokenizer, context, limit=0):
         for lineno, rec in common.iter_jsonl(path):
             if limit and len(rows) == limit:
                 break
-            for field in ("id", "prompt", "response"):
-                if field not in rec:
-                    raise UserError(f"{path}:{lineno}: missing field '{field}'")
-            for field in ("prompt", "response"):
-                if not isinstance(rec[field], str):
-                    raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
-            if not rec["prompt"]:
-                raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
+            common.check_sft_record(path, lineno, rec)
             if not isinstance(rec.get("finished", True), bool):
                 raise UserError(f"{path}:{lineno}: field 'finished' must be true or false, got {rec['finished']!r}")
             rows.append({"id": rec["id"], "file": path, "line": lineno, "prompt": rec["prompt"],

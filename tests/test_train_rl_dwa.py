@@ -3,7 +3,6 @@ hand computation, w = 1 exactly on-policy, and in the real loop: no effect with 
 from the second mini-batch on."""
 import math
 import os
-import random
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch
 import common
 import toy_task
 import train_rl
+from rl_fixed_rollouts import fixed_rollouts  # rollouts that depend only on the prompt, random rewards
 
 
 def test_dwa_weights_match_a_hand_computation():
@@ -30,20 +30,6 @@ def test_dwa_weights_are_one_on_policy_and_carry_no_gradient():
     logp = torch.randn(50, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     w = train_rl.dwa_weights(logp, logp.detach(), 1.7, 25.0)
     assert torch.equal(w, torch.ones(50)) and not w.requires_grad
-
-
-def fixed_rollouts(model, tokenizer, task, records, n=1, max_new_tokens=16, template="auto", **_):
-    """Rollouts that depend only on the prompt: random tokens and random 0/1 rewards, so groups have advantages."""
-    out = []
-    for r in records:
-        rng = random.Random(r["id"])
-        prompt = task.render_prompt(r, tokenizer, template)
-        for k in range(n):
-            length = rng.randint(2, max_new_tokens)
-            out.append({"id": r["id"], "prompt": prompt, "response": "", "finished": True, "length": length,
-                        "tokens": [rng.randrange(len(tokenizer)) for _ in range(length)], "logprobs": [0.0] * length,
-                        "reward": float(rng.random() < 0.5), "sample": k})
-    return out
 
 
 @pytest.fixture
