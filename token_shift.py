@@ -401,15 +401,19 @@ def plot_cross(out_dir, path):
                 curves.append(json.load(f))
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
     for ax, c in zip(axes[0], curves):
-        runs = sorted(c["runs"], key=lambda r: r["switched_share"])
+        # eps < 0 is the intervention model alone (100 % switched): a line, so the curve's low budgets stay readable
+        alone = [r for r in c["runs"] if float(r["eps"]) < 0]
+        runs = sorted((r for r in c["runs"] if float(r["eps"]) >= 0), key=lambda r: r["switched_share"])
         x = [100 * r["switched_share"] for r in runs]
         ax.plot(x, [r["accuracy"] for r in runs], "o-", label="switch where JS > eps")
         ax.plot([100 * r["control"]["switched_share"] for r in runs], [r["control"]["accuracy"] for r in runs], "s--",
                 color="grey", label="random positions, same budget")
         for r, xi in zip(runs, x):
             ax.annotate(f"{float(r['eps']):g}", (xi, r["accuracy"]), textcoords="offset points", xytext=(3, 4), fontsize=7)
+        for r in alone[:1]:
+            ax.axhline(r["accuracy"], ls=":", color="tab:green", label=f"{c['intervention_name']} alone")
         ax.set(xlabel="positions drawn from the intervention model (%)", ylabel="accuracy",
-               title=f"{c['direction']}: {c['primary_name']} + {c['intervention_name']}")
+               title=f"{c['direction']}: {c['primary_name']} decodes, {c['intervention_name']} intervenes")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -85,7 +85,8 @@ def test_js_along_responses_equals_a_direct_computation(pair, tmp_path, temperat
     out = tmp_path / "out"
     token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"],
                       "--out_dir", str(out), "--temperature", str(temperature), "--top_p", str(top_p),
-                      "--batch_size", "4", "--logit_chunk", "7", "--plots", "false", "--progress", "false"])
+                      "--batch_size", "4", "--logit_chunk", "7", "--plots", str(top_p == 1.0), "--progress", "false"])
+    assert (out / "token_shift.png").exists() == (top_p == 1.0)
     rows = read(out / "tokens.jsonl")
     tok = load_tokenizer(pair["base"])
     base, policy = load_model(pair["base"]), load_model(pair["policy"])
@@ -158,7 +159,8 @@ def own_samples(path, pair, seed=5):
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_eps_inf_is_the_primary_alone_and_negative_eps_the_intervention(pair, tmp_path, direction):
-    token_shift.main(cross_args(pair, tmp_path, direction, "inf", -1))
+    token_shift.main(cross_args(pair, tmp_path, direction, "inf", -1, plots=True))
+    assert (tmp_path / "cross_sampling.png").exists()
     primary, intervention = (pair["base"], pair["policy"]) if direction == "forward" else (pair["policy"], pair["base"])
     alone = {"inf": own_samples(primary, pair), -1.0: own_samples(intervention, pair)}
     assert [s["tokens"] for s in alone["inf"]] != [s["tokens"] for s in alone[-1.0]]  # the models do sample differently
