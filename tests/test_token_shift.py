@@ -277,3 +277,13 @@ def test_the_command_line_prints_one_line(pair, tmp_path):
                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'r.jsonl'}:2: expected a JSON object, got list"]
     assert not (tmp_path / "out").exists()
+
+
+def test_every_option_passes_through_torchrun():
+    """torchrun parses the whole command line first: an option of ours that is a prefix of one of its own would be
+    taken or rejected. Every option must reach the script intact."""
+    from torch.distributed.run import get_args_parser
+    ours = [a.option_strings[0] for a in token_shift.get_parser()._actions if a.option_strings and a.dest != "help"]
+    argv = [x for opt in ours + ["--config"] for x in (opt, "1")]
+    parsed = get_args_parser().parse_args(["--nproc_per_node=2", "token_shift.py"] + argv)
+    assert parsed.training_script == "token_shift.py" and parsed.training_script_args == argv
