@@ -326,12 +326,14 @@ def encode_prompts(tokenizer, texts):
 
 
 def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=512,
-                     seed=0, template="auto", batch_size=64, desc="generate", progress=True):
+                     seed=0, template="auto", batch_size=64, desc="generate", progress=True, partner=None, switch=None):
     """Generate n responses for each record with our KV-cache engine and score them with task.score.
 
     Prompts are sorted by length and generated `batch_size` prompts (x n rows) at a time. Returns one
     dict per (record, sample), in record order then sample order:
     {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
+    partner, switch: cross-sampling with a second model (model.generate); each dict then also holds
+    "switched" and "differs", one bool per token.
     """
     from tqdm import tqdm
     from model import generate, stop_token_ids
@@ -344,14 +346,16 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     for b, start in enumerate(range(0, len(order), batch_size)):
         chunk = order[start:start + batch_size]
         gens = generate(model, [prompt_ids[i] for i in chunk], n=n, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, stop_ids=stop, seed=seed * 1_000_003 + b)
+                        temperature=temperature, top_p=top_p, stop_ids=stop, seed=seed * 1_000_003 + b,
+                        partner=partner, switch=switch)
         for g_idx, g in enumerate(gens):
             i = chunk[g.prompt_index]
             text = tokenizer.decode(g.tokens[:-1] if g.finished else g.tokens, skip_special_tokens=False)
             results[i] = results[i] or []
             results[i].append({"id": records[i]["id"], "prompt": prompts[i], "response": text, "tokens": g.tokens,
                                "logprobs": g.logprobs, "finished": g.finished, "length": len(g.tokens),
-                               "reward": task.score(text, records[i], g.finished), "sample": g_idx % n})
+                               "reward": task.score(text, records[i], g.finished), "sample": g_idx % n,
+                               **({"switched": g.switched, "differs": g.differs} if partner is not None else {})})
         bar.update(len(gens))
     bar.close()
     return [s for per_record in results for s in per_record]
@@ -374,6 +378,29 @@ def stratified_subset(records, n, key, seed=0):
     chosen = sorted(i for v, ix in groups.items() for i in rng.sample(ix, take[v]))
     return ([records[i] for i in chosen], f"{n} of {len(records)}, stratified by {key} ("
             + ", ".join(f"{v}: {take[v]}" for v in sorted(groups, key=str)) + ")")
+
+
+def check_sft_record(path, lineno, rec):
+    """An SFT-format record has "id", "prompt" and "response", both strings, the prompt not empty (the first
+    response token needs a context); otherwise a UserError naming the file, line and field."""
+    for field in ("id", "prompt", "response"):
+        if field not in rec:
+            raise UserError(f"{path}:{lineno}: missing field '{field}'")
+    for field in ("prompt", "response"):
+        if not isinstance(rec[field], str):
+            raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
+    if not rec["prompt"]:
+        raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
+
+
+def sft_token_ids(tokenizer, prompts, responses, eos=True):
+    """Token ids of (prompt, response) pairs as SFT trains on them: the prompt (after BOS where the model family
+    expects one: encode_prompts) and the response tokenized separately, no other special tokens, then EOS (eos: one
+    bool for all, or one per pair). Returns [(ids, start)], start = the index of the first response token."""
+    eos = [eos] * len(prompts) if isinstance(eos, bool) else eos
+    prompt_ids = encode_prompts(tokenizer, prompts) if prompts else []
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+    return [(p + r + ([tokenizer.eos_token_id] if e else []), len(p)) for p, r, e in zip(prompt_ids, response_ids, eos)]
 
 
 def shard(items, rank_, world):

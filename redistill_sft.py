@@ -132,27 +132,18 @@ def load_sft_examples(paths, tokenizer, max_length):
         rows, where = [], []
         with open_lines(path) as lines:
             for lineno, rec in lines:
-                for field in ("id", "prompt", "response"):
-                    if field not in rec:
-                        raise UserError(f"{path}:{lineno}: missing field '{field}'")
-                for field in ("prompt", "response"):
-                    if not isinstance(rec[field], str):
-                        raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
-                if not rec["prompt"]:
-                    raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
+                common.check_sft_record(path, lineno, rec)
                 rows.append(rec)
                 where.append(lineno)
         if not rows:
             raise UserError(f"{path}: no examples")
-        prompts = common.encode_prompts(tokenizer, [r["prompt"] for r in rows])
-        responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
-        for rec, lineno, p, r in zip(rows, where, prompts, responses):
-            ids = p + r + [tokenizer.eos_token_id]
+        tokenized = common.sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
+        for rec, lineno, (ids, start) in zip(rows, where, tokenized):
             if len(ids) > max_length:
-                raise UserError(f"{path}:{lineno}: example {rec['id']!r} has {len(ids)} tokens (prompt {len(p)} + "
-                                f"response {len(r)} + EOS) > max_length {max_length}; long examples are an error, "
-                                f"not truncated (raise --max_length or drop the example)")
-            examples.append({"input_ids": ids, "start": len(p), "id": rec["id"], "task": rec.get("task"),
+                raise UserError(f"{path}:{lineno}: example {rec['id']!r} has {len(ids)} tokens (prompt {start} + "
+                                f"response {len(ids) - start - 1} + EOS) > max_length {max_length}; long examples are "
+                                f"an error, not truncated (raise --max_length or drop the example)")
+            examples.append({"input_ids": ids, "start": start, "id": rec["id"], "task": rec.get("task"),
                              "file": path, "line": lineno})
     return examples
 

@@ -101,6 +101,19 @@ def get_parser():
                         "noise (its expected gradient is 0), so it is not offered")
     p.add_argument("--ref_model", default=None, help="reference policy for the KL (default: --model)")
     p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus weight (paper: 0)")
+    p.add_argument("--adv_weight", default="none", choices=("none", "dwa"),
+                   help="per-token weights on the advantage. dwa: the divergence-weighted advantage of 'Sparse but "
+                        "Critical' (Meng et al., arXiv 2603.22446, ICLR 2026), A_t = w_t * A, w_t = 1 + s (sigmoid(alpha "
+                        "KL_t) - 1/2), KL_t the k3 estimate of KL(pi_old || pi) on the sampled token, detached. With one "
+                        "on-policy update per batch (--ppo_epochs 1 --ppo_mini_batches 1, the paper preset) pi = pi_old, so "
+                        "KL_t = 0 and w = 1 exactly: it acts only with --ppo_mini_batches > 1 or --ppo_epochs > 1 "
+                        "(../shared/research/limr_sparse.md B.6)")
+    p.add_argument("--dwa_s", type=float, default=1.0,
+                   help="DWA scale s: w lies between 1 and 1 + s/2 (alpha > 0) or 1 - s/2 (alpha < 0); |s| <= 2 keeps the "
+                        "advantage's sign (the paper does not publish its value)")
+    p.add_argument("--dwa_alpha", type=float, default=1.0,
+                   help="DWA sharpness alpha: with s > 0, alpha > 0 boosts tokens the update moved far from the old policy "
+                        "(high-KL boost), alpha < 0 damps them (low-KL boost); the paper does not publish its value")
     p.add_argument("--drop_zero_variance_groups", type=common.str2bool, default=False,
                    help="leave groups whose rewards are all equal out of the loss and its normaliser (DAPO's filter, without resampling)")
     p.add_argument("--mask_truncated", type=common.str2bool, default=False,
@@ -191,6 +204,15 @@ def kl_penalty(logp, ref_logp, estimator="k3"):
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
+def dwa_weights(logp, old_logp, s, alpha):
+    """Divergence-weighted advantage weights (arXiv 2603.22446): w = 1 + s (sigmoid(alpha KL) - 1/2), where
+    KL = (r - 1) - log r, r = pi / pi_old on the sampled token, is the k3 estimate of KL(pi_old || pi) from samples
+    of pi_old (the rollouts). Detached; exactly 1 where logp == old_logp (on-policy)."""
+    log_r = (logp - old_logp).detach()
+    kl = torch.expm1(log_r) - log_r
+    return 1.0 + s * (torch.sigmoid(alpha * kl) - 0.5)
+
+
 def token_weights(lengths, loss_agg, total_tokens, total_seqs, max_response_tokens):
     """Weight of each response token so that loss = sum(weight * token_loss) over the whole global batch.
 
@@ -277,6 +299,8 @@ def main(argv=None):
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 for RL sampling (greedy rollouts have no variance to learn from)")
+    if abs(args.dwa_s) > 2:
+        raise UserError(f"--dwa_s {args.dwa_s}: |s| > 2 lets the DWA weight change the advantage's sign")
 
     # ---- setup: distributed, precision, task, data
     rank, world, device = common.dist_setup()
@@ -337,6 +361,9 @@ def main(argv=None):
         common.load_local_train_state(model, optimizer, train_shard)
         bad_steps_total, bad_streak = state.get("bad_steps_total", 0), state.get("bad_streak", 0)
     recompute_old = args.ppo_epochs * args.ppo_mini_batches > 1
+    if args.adv_weight == "dwa" and not recompute_old:
+        print0("note: --adv_weight dwa with one on-policy update per batch: KL to the old policy is 0, so w = 1 "
+               "(no effect); it acts with --ppo_mini_batches > 1 or --ppo_epochs > 1")
 
     # ---- logging
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
@@ -510,6 +537,8 @@ def main(argv=None):
                     a = torch.repeat_interleave(torch.tensor([adv[j] for j in js], device=device),
                                                 torch.tensor(lens, device=device))
                     old = torch.cat([old_lp[j] for j in js]) if recompute_old else lp.detach()
+                    if args.adv_weight == "dwa":
+                        a = a * dwa_weights(lp, old, args.dwa_s, args.dwa_alpha)
                     pg, clipped = policy_loss(lp, old, a, args.clip_low, args.clip_high)
                     tok_loss = pg
                     if ref_model is not None and not kl_in_reward:  # k3, in the loss

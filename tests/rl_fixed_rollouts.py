@@ -23,7 +23,6 @@ def fixed_rollouts(model, tokenizer, task, records, n=1, max_new_tokens=16, temp
     return out
 
 
-common.sample_responses = fixed_rollouts
 kill_at, step_now, real_lr, real_loss = int(os.environ.get("KILL_AT_STEP", 0)), [0], train_rl.lr_at, train_rl.policy_loss
 
 
@@ -38,6 +37,7 @@ def policy_loss(*args, **kwargs):
     return real_loss(*args, **kwargs)
 
 
-train_rl.lr_at, train_rl.policy_loss = lr_at, policy_loss
-if __name__ == "__main__":
+if __name__ == "__main__":  # patched only when run: tests import fixed_rollouts alone
+    common.sample_responses = fixed_rollouts
+    train_rl.lr_at, train_rl.policy_loss = lr_at, policy_loss
     common.run_main(lambda: sys.exit(train_rl.main(sys.argv[1:])))

@@ -1,0 +1,289 @@
+"""token_shift.py: JS along responses against a direct computation, cross-sampling's lock-step decode (its
+endpoints reproduce each model's seeded samples, its switches sit where JS > eps), the random control's budget,
+and bad input as one line with nothing written."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import token_shift
+import toy_task
+from conftest import ROOT, subprocess_env
+from model import build_model, build_tokenizer, generate, load_model, load_tokenizer, save_model, stop_token_ids, tiny_config
+
+
+def perturbed(model, seed, std):
+    """A copy of model with noise on its last block's MLP output: a 'policy' that differs from it at some
+    positions much more than at others."""
+    other = build_model(model.config.hf_config)
+    other.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    w = other.model.layers[-1].mlp.down_proj.weight
+    with torch.no_grad():
+        w.add_(torch.randn(w.shape, generator=g) * std)
+    return other
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_checkpoint, tmp_path_factory):
+    """A base and a policy (HF directories, the tiny checkpoint's tokenizer), a toy split and a responses file
+    in SFT format whose last row is a rollout that hit the length limit (no EOS)."""
+    d = tmp_path_factory.mktemp("shift")
+    tok = load_tokenizer(tiny_checkpoint)
+    base = build_model(tiny_config(len(tok)), seed=1).init_weights(1, std=0.5)
+    save_model(base, str(d / "base"), tok)
+    save_model(perturbed(base, 2, 0.15), str(d / "policy"), tok)
+    records = toy_task.make_records(6, seed=3, split="test")
+    common.write_jsonl(str(d / "split.jsonl"), records)
+    rows = [{"id": r["id"], "prompt": toy_task.render_prompt(r, tok), "response": toy_task.teacher_response(r)}
+            for r in records]
+    rows[-1].update(finished=False, step=7, reward=0.0)
+    common.write_jsonl(str(d / "responses.jsonl"), rows)
+    return {"dir": d, "base": str(d / "base"), "policy": str(d / "policy"), "split": str(d / "split.jsonl"),
+            "responses": str(d / "responses.jsonl"), "rows": rows, "records": records}
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# -----------------------------------------------------------------------------
+# 1. divergence along responses
+
+
+def direct_nucleus(logits, temperature, top_p):
+    """softmax(logits / T) in float64, cut to the smallest set of most likely tokens whose mass reaches top_p,
+    renormalised: written out, one row at a time."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep, mass = np.zeros_like(p, dtype=bool), 0.0
+    for i in np.argsort(-p, kind="stable"):
+        if mass >= top_p:
+            break
+        keep[i] = True
+        mass += p[i]
+    p = np.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+def direct_js(p, q):
+    m = (p + q) / 2
+    return 0.5 * sum(a * math.log(a / b) for a, b in zip(p, m) if a > 0) + \
+        0.5 * sum(a * math.log(a / b) for a, b in zip(q, m) if a > 0)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_js_along_responses_equals_a_direct_computation(pair, tmp_path, temperature, top_p):
+    out = tmp_path / "out"
+    token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"],
+                      "--out_dir", str(out), "--temperature", str(temperature), "--top_p", str(top_p),
+                      "--batch_size", "4", "--logit_chunk", "7", "--plots", str(top_p == 1.0), "--progress", "false"])
+    assert (out / "token_shift.png").exists() == (top_p == 1.0)
+    rows = read(out / "tokens.jsonl")
+    tok = load_tokenizer(pair["base"])
+    base, policy = load_model(pair["base"]), load_model(pair["policy"])
+    assert [r["id"] for r in rows] == [r["id"] for r in pair["rows"]] and [r["line"] for r in rows] == list(range(1, 7))
+    every = []
+    for row, src in zip(rows, pair["rows"]):
+        prompt = tok(src["prompt"], add_special_tokens=False)["input_ids"]
+        response = tok(src["response"], add_special_tokens=False)["input_ids"]
+        ids = prompt + response + ([tok.eos_token_id] if src.get("finished", True) else [])  # the last row: no EOS
+        assert row["token_ids"] == ids[len(prompt):]
+        with torch.no_grad():  # the plain causal forward of one sequence, not the packed one
+            lb, lp = (m.logits(torch.tensor([ids]))[0, len(prompt) - 1:-1].numpy() for m in (base, policy))
+        for t in range(len(row["js"])):
+            p, q = direct_nucleus(lb[t], temperature, top_p), direct_nucleus(lp[t], temperature, top_p)
+            assert row["js"][t] == pytest.approx(direct_js(p, q), rel=1e-4, abs=1e-7)
+            ent = [-sum(a * math.log(a) for a in d if a > 0) for d in (p, q)]
+            assert [row["entropy_base"][t], row["entropy_policy"][t]] == pytest.approx(ent, rel=1e-4, abs=1e-6)
+        every += row["js"]
+    assert min(every) < 1e-3 and max(every) > 0.1  # the test spans near-equal and high-JS positions
+    summary = json.load(open(out / "summary.json"))
+    assert summary["positions"] == len(every)
+    assert summary["share_js_above_0.1"] == pytest.approx(sum(x > 0.1 for x in every) / len(every))
+    assert summary["share_js_below_1e-3"] == pytest.approx(sum(x < 1e-3 for x in every) / len(every))
+    assert sum(d["positions"] for d in summary["by_relative_position"]) == len(every)
+    assert summary["high_js"]["positions"] == sum(x > 0.1 for x in every)
+
+
+def test_high_js_records_equal_a_direct_computation(pair):
+    """At each position with JS > 0.1, in order: the top-k overlaps (k = 1..5) and the base's rank and probability
+    of the policy's top-1 token, on the full tempered distributions."""
+    tok = load_tokenizer(pair["base"])
+    base, policy = load_model(pair["base"]), load_model(pair["policy"])
+    examples = token_shift.read_responses([pair["responses"]], tok, 2048)
+    out, high = token_shift.compare_along(base, policy, examples, 0.8, 0.9, 0.1, 5)
+    want = []
+    for e, o in zip(examples, out):
+        with torch.no_grad():
+            lb, lp = (torch.softmax(m.logits(torch.tensor([e["ids"]]))[0, e["start"] - 1:-1] / 0.8, -1)
+                      for m in (base, policy))
+        for t in [t for t, x in enumerate(o["js"]) if x > 0.1]:
+            top_b, top_p = lb[t].topk(5).indices.tolist(), lp[t].topk(5).indices.tolist()
+            want.append({"token": e["ids"][e["start"] + t],
+                         "overlap": [len(set(top_b[:k]) & set(top_p[:k])) / k for k in range(1, 6)],
+                         "base_rank": int((lb[t] > lb[t, top_p[0]]).sum()) + 1, "base_prob": float(lb[t, top_p[0]])})
+    assert len(want) > 10 and {w["base_rank"] for w in want} != {1}  # some moved the top-1, some not
+    assert [h["token"] for h in high] == [w["token"] for w in want]
+    assert [x for h in high for x in h["overlap"]] == pytest.approx([x for w in want for x in w["overlap"]])
+    assert [h["base_rank"] for h in high] == [w["base_rank"] for w in want]
+    assert [h["base_prob"] for h in high] == pytest.approx([w["base_prob"] for w in want], rel=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# 2. cross-sampling
+
+
+def cross_args(pair, out, direction, *eps, **over):
+    s = {"base": pair["base"], "policy": pair["policy"], "cross": direction, "task": "toy_task", "split": pair["split"],
+         "num_samples": 3, "max_new_tokens": 12, "top_p": 0.9, "seed": 5, "out_dir": str(out), "plots": False,
+         "progress": False}
+    s.update(over)
+    return [x for k, v in s.items() for x in (f"--{k}", str(v))] + ["--eps", *map(str, eps)]
+
+
+def own_samples(path, pair, seed=5):
+    """What the model at path samples alone, through the same helper and seed as a one-rank cross run."""
+    model, tok = load_model(path), load_tokenizer(path)
+    return common.sample_responses(model, tok, toy_task, pair["records"], n=3, temperature=1.0, top_p=0.9,
+                                   max_new_tokens=12, seed=seed * 1000, progress=False)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_eps_inf_is_the_primary_alone_and_negative_eps_the_intervention(pair, tmp_path, direction):
+    token_shift.main(cross_args(pair, tmp_path, direction, "inf", -1, plots=True))
+    assert (tmp_path / "cross_sampling.png").exists()
+    primary, intervention = (pair["base"], pair["policy"]) if direction == "forward" else (pair["policy"], pair["base"])
+    alone = {"inf": own_samples(primary, pair), -1.0: own_samples(intervention, pair)}
+    assert [s["tokens"] for s in alone["inf"]] != [s["tokens"] for s in alone[-1.0]]  # the models do sample differently
+    samples = read(tmp_path / f"cross_{direction}_samples.jsonl")
+    for eps, want in alone.items():
+        for control in (False, True):  # the control at budget 0 and 1 is the same decode
+            got = [s for s in samples if s["eps"] == eps and s["control"] == control]
+            assert [s["tokens"] for s in got] == [s["tokens"] for s in want]
+            assert [s["reward"] for s in got] == [s["reward"] for s in want]
+            assert [s["switched"] for s in got] == ([0] * len(got) if eps == "inf" else [len(s["tokens"]) for s in got])
+    curve = json.load(open(tmp_path / f"cross_{direction}.json"))
+    inf_run, all_run = curve["runs"]
+    assert inf_run["eps"] == "inf" and inf_run["switched"] == 0 and inf_run["switched_share"] == 0
+    assert inf_run["differs"] == 0 and inf_run["control"]["switched"] == 0
+    assert all_run["switched_share"] == 1.0 and all_run["control"]["switched_share"] == 1.0
+    assert 0 < all_run["differs"] < all_run["switched"]
+    assert inf_run["accuracy"] == pytest.approx(sum(s["reward"] for s in alone["inf"]) / 18)
+
+
+def test_switches_sit_where_js_exceeds_eps_along_the_decoded_prefix(pair):
+    """The lock-step decode, checked after the fact: the positions it switched are those where the two models'
+    teacher-forced nuclei on the decoded prefix diverge by more than eps. Rows of different prompt lengths stop at
+    different steps, so this also checks that both KV caches drop the same rows."""
+    tok = load_tokenizer(pair["base"])
+    base, policy = load_model(pair["base"]), load_model(pair["policy"])
+    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"][: 20 + 7 * i] for i, r in enumerate(pair["rows"][:4])]
+    stop = stop_token_ids(tok) + tok(" is", add_special_tokens=False)["input_ids"]  # a common token: rows end early
+    eps, top_p = 0.02, 0.9
+    gens = generate(base, prompts, n=3, max_new_tokens=16, temperature=1.0, top_p=top_p, stop_ids=stop, seed=9,
+                    partner=policy, switch=token_shift.threshold_switch(eps))
+    lengths = {len(g.tokens) for g in gens}
+    assert len(lengths) > 1 and min(lengths) < 16  # ragged: the cache compaction ran
+    from model import js_divergence, nucleus
+    decided, switched = 0, 0
+    for g in gens:
+        ids = torch.tensor([prompts[g.prompt_index] + g.tokens])
+        n = len(prompts[g.prompt_index])
+        with torch.no_grad():
+            lb, lp = (m.logits(ids)[0, n - 1:-1] for m in (base, policy))
+        js = js_divergence(nucleus(lb, 1.0, top_p), nucleus(lp, 1.0, top_p))
+        for t, flag in enumerate(g.switched):
+            if abs(float(js[t]) - eps) > 1e-5:
+                assert flag == (float(js[t]) > eps), (g.prompt_index, t, float(js[t]))
+                decided += 1
+        assert all(s or not d for s, d in zip(g.switched, g.differs))  # 'differs' only where switched
+        switched += sum(g.switched)
+    assert decided > 100 and 0 < switched < decided
+
+
+def test_random_control_switches_at_its_rate(pair):
+    tok = load_tokenizer(pair["base"])
+    base, policy = load_model(pair["base"]), load_model(pair["policy"])
+    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in pair["rows"]]
+    g = torch.Generator().manual_seed(0)
+    gens = generate(base, prompts, n=8, max_new_tokens=20, temperature=1.0, seed=1, partner=policy,
+                    switch=token_shift.random_switch(0.3, g))
+    flags = [f for x in gens for f in x.switched]
+    assert len(flags) > 500 and abs(sum(flags) / len(flags) - 0.3) < 0.06
+
+
+def test_cross_sampling_refuses_greedy_and_a_partner_of_another_vocabulary(pair):
+    base = load_model(pair["base"])
+    other = build_model(tiny_config(base.config.vocab_size + 1), seed=0)
+    switch = token_shift.threshold_switch(0.1)
+    with pytest.raises(ValueError, match="cross-sampling"):
+        generate(base, [[1, 2]], temperature=0, partner=base, switch=switch)
+    with pytest.raises(ValueError, match="same vocabulary"):
+        generate(base, [[1, 2]], partner=other, switch=switch)
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line naming what is wrong, nothing written
+
+
+def test_checkpoints_with_different_tokenizers(pair, tmp_path):
+    tok = build_tokenizer(["a quite different text to learn from"] * 20, vocab_size=300)
+    save_model(build_model(tiny_config(len(tok)), seed=0), str(tmp_path / "other"), tok)
+    with pytest.raises(common.UserError, match=r"different tokenizers \(\d+ vs \d+ tokens\)"):
+        token_shift.main(["--base", pair["base"], "--policy", str(tmp_path / "other"), "--responses", pair["responses"],
+                          "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_response_longer_than_the_context(pair, tmp_path):
+    tok = load_tokenizer(pair["base"])
+    save_model(build_model(tiny_config(len(tok), max_position_embeddings=64), seed=0), str(tmp_path / "short"), tok)
+    rows = [dict(pair["rows"][0], id="fine"), dict(pair["rows"][0], id="long", response="1 plus 2 is 3. " * 20)]
+    common.write_jsonl(str(tmp_path / "r.jsonl"), rows)
+    with pytest.raises(common.UserError, match=r"r\.jsonl:2: field 'response' of 'long': \d+ tokens .* > the models' "
+                                               r"64-token context"):
+        token_shift.main(["--base", pair["base"], "--policy", str(tmp_path / "short"), "--responses",
+                          str(tmp_path / "r.jsonl"), "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"id": 1, "prompt": "a", "response": "b"}\n{"id": 2, "prompt": ', r"r\.jsonl:2: not valid JSON"),
+    ('{"id": 1, "prompt": "a"}\n', r"r\.jsonl:1: missing field 'response'"),
+    ('{"id": 1, "prompt": "a", "response": 5}\n', r"r\.jsonl:1: field 'response' must be a string"),
+    ('{"id": 1, "prompt": "a", "response": "b", "finished": "yes"}\n', r"r\.jsonl:1: field 'finished' must be true or false"),
+])
+def test_a_broken_responses_file(pair, tmp_path, bad, message):
+    (tmp_path / "r.jsonl").write_text(bad)
+    with pytest.raises(common.UserError, match=message):
+        token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", str(tmp_path / "r.jsonl"),
+                          "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_prints_one_line(pair, tmp_path):
+    (tmp_path / "r.jsonl").write_text('{"id": 1, "prompt": "a", "response": "b"}\n[1, 2]\n')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "token_shift.py"), "--base", pair["base"], "--policy",
+                        pair["policy"], "--responses", str(tmp_path / "r.jsonl"), "--out_dir", str(tmp_path / "out")],
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'r.jsonl'}:2: expected a JSON object, got list"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_option_passes_through_torchrun():
+    """torchrun parses the whole command line first: an option of ours that is a prefix of one of its own would be
+    taken or rejected. Every option must reach the script intact."""
+    from torch.distributed.run import get_args_parser
+    ours = [a.option_strings[0] for a in token_shift.get_parser()._actions if a.option_strings and a.dest != "help"]
+    argv = [x for opt in ours + ["--config"] for x in (opt, "1")]
+    parsed = get_args_parser().parse_args(["--nproc_per_node=2", "token_shift.py"] + argv)
+    assert parsed.training_script == "token_shift.py" and parsed.training_script_args == argv

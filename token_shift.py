@@ -1,0 +1,518 @@
+"""
+What RL changed, token by token: the base and the RL policy compared position by position along responses, and
+the causal test of whether those few positions carry RL's gain. After "Sparse but Critical: A Token-Level
+Analysis of Distributional Shifts in RLVR Fine-Tuning of LLMs" (Meng et al., arXiv 2603.22446, ICLR 2026), which
+released no code: ../shared/research/limr_sparse.md section B holds every definition and number we could find.
+
+1. Divergence along responses (the default mode)
+
+    python token_shift.py --base runs/tiny/sft/final --policy runs/tiny/rl/step_000100 \\
+        --responses runs/tiny/rl/rollouts/step_000100.jsonl --out_dir out/shift
+    torchrun --nproc_per_node=8 token_shift.py ...     # responses sharded over ranks, both models FSDP-sharded
+
+   Each response (SFT jsonl {"id", "prompt", "response"}, or train_rl.py's rollout log, whose rows add
+   "finished") is tokenized as redistill_sft.py tokenizes SFT data (common.sft_token_ids: the prompt, then the
+   response, then EOS; a rollout that hit the length limit has no EOS, so it gets none). Both models run the
+   packed training forward over it, and at every response position t (each response token and the EOS):
+
+       p_t, q_t = softmax(logits / T) of the base and of the policy, each truncated to its own top-p nucleus
+                  and renormalised (--top_p 1: the full distributions)
+       JS_t     = KL(p_t || m) / 2 + KL(q_t || m) / 2,  m = (p_t + q_t) / 2,  in nats (0 to ln 2)
+       H(p_t), H(q_t): the entropies of the same two distributions
+
+   At high-JS positions (JS > --high_js; the paper's 0.1), on the full tempered distributions: the top-k overlap
+   |top_k(p) & top_k(q)| / k for k = 1..5, and the base's rank and probability of the policy's top-1 token.
+
+   OUT_DIR/tokens.jsonl  one row per response, input order: {"id", "file", "line", "token_ids", "tokens", "js",
+                         "entropy_base", "entropy_policy"}, each list over the positions
+   OUT_DIR/summary.json  the shares of positions with JS < 1e-3, < 1e-2 and > --high_js; JS by relative position
+                         (deciles of the response) and by base-entropy bin; base and policy entropy by JS bin; at
+                         high-JS positions the top-k overlaps and the base's rank and probability of the policy's
+                         top-1 token; the most frequent high-JS tokens (with the share of all their occurrences
+                         that are high-JS)
+   OUT_DIR/token_shift.png  (when matplotlib is installed)
+
+2. Cross-sampling (--cross forward|backward)
+
+    python token_shift.py --base ... --policy ... --cross forward --task kk --split runs/tiny/data/test.jsonl \\
+        --eps inf 0.3 0.1 0.03 0.01 -1 --num_samples 4 --out_dir out/shift
+
+   Two models decode in lock-step, each with its own KV cache, fed the same tokens (model.generate with a
+   partner: the one generation engine). At each step t the token is drawn from the intervention model's nucleus
+   where JS(p_prim, p_int) > eps, and from the primary's everywhere else. forward: primary = base, intervention =
+   policy (are RL's few choices enough?); backward: primary = policy, intervention = base (are they needed?).
+   Every run uses the same seed, so runs differ only where they switch; eps = inf is the primary model alone
+   (exactly its seeded samples), eps < 0 the intervention model alone. For each eps:
+     - accuracy: the mean of task.score over all samples (avg@n);
+     - the intervention budget: the share (and count, and count per response) of generated positions that drew
+       from the intervention model ("switched"), and of those where the token differs from the one the primary
+       would have drawn with the same random number ("differs");
+     - a random-position control at the same budget: the same decode, switching each position with probability
+       equal to this eps's measured switched share instead of where JS > eps (the paper's reviewers asked for it).
+   OUT_DIR/cross_DIRECTION.json (the curve), OUT_DIR/cross_DIRECTION_samples.jsonl (every sample of every run),
+   OUT_DIR/cross_sampling.png (every cross_*.json in OUT_DIR, when matplotlib is installed).
+
+The third part of the issue, the divergence-weighted advantage, is train_rl.py's --adv_weight dwa.
+"""
+import argparse
+import json
+import math
+import os
+from collections import Counter
+
+import torch
+
+import common
+from common import UserError, print0
+
+# -----------------------------------------------------------------------------
+# settings
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Token-level shift between a base and an RL policy: JS divergence along "
+                                            "responses, and cross-sampling", prog="token_shift.py")
+    p.add_argument("--base", default=None, help="the model before RL (Hugging Face checkpoint directory), e.g. the cold start")
+    p.add_argument("--policy", default=None, help="the model after RL (Hugging Face checkpoint directory); same tokenizer as --base")
+    p.add_argument("--out_dir", default="out/token_shift", help="where the outputs go (see the docstring)")
+    p.add_argument("--temperature", type=float, default=1.0, help="both distributions are softmax(logits / T) (the paper: 1)")
+    p.add_argument("--top_p", type=float, default=1.0, help="each distribution is truncated to its own top-p nucleus and "
+                   "renormalised before JS, entropy and sampling (the paper: 0.7); 1 = the full distribution")
+    # 1. divergence along responses
+    p.add_argument("--responses", nargs="+", default=None, help="jsonl file(s) of responses: SFT format {id, prompt, "
+                   "response} or train_rl.py's rollouts/step_N.jsonl (a row with \"finished\": false gets no EOS)")
+    p.add_argument("--limit", type=int, default=0, help="use the first this many responses (with --cross: this many split records, each "
+                   "difficulty in proportion, drawn with --seed); 0 = all")
+    p.add_argument("--high_js", type=float, default=0.1, help="positions with JS above this are 'high-JS' (the paper: 0.1)")
+    p.add_argument("--top_tokens", type=int, default=20, help="how many of the most frequent high-JS tokens the summary lists")
+    p.add_argument("--batch_size", type=int, default=16, help="responses per packed forward (1.) or prompts per generation batch (2.)")
+    p.add_argument("--logit_chunk", type=int, default=1024, help="positions per chunk of lm_head + softmax + JS (memory: chunk x vocabulary)")
+    # 2. cross-sampling
+    p.add_argument("--cross", default=None, choices=("forward", "backward"), help="cross-sample instead of measuring: "
+                   "forward = base primary, policy intervening; backward = policy primary, base intervening")
+    p.add_argument("--eps", type=float, nargs="+", default=[math.inf, 0.3, 0.1, 0.03, 0.01, -1.0],
+                   help="JS thresholds, one run each (inf: the primary alone; < 0: the intervention model alone)")
+    p.add_argument("--task", default="kk", help="--cross: task module (kk, math, or a module with the task interface)")
+    p.add_argument("--split", default=None, help="--cross: the task split whose prompts are answered")
+    p.add_argument("--num_samples", type=int, default=4, help="--cross: samples per prompt (the paper: 32)")
+    p.add_argument("--max_new_tokens", type=int, default=512, help="--cross: response budget (the paper: 8000); longer = truncated = wrong")
+    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="--cross: prompt template")
+    p.add_argument("--seed", type=int, default=0, help="--cross: the sampling seed of every run (and of the random control)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    p.add_argument("--plots", type=common.str2bool, default=True, help="write PNG plots when matplotlib is installed")
+    p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bar on rank 0")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# inputs, checked before anything runs or is written
+
+
+def check_same_tokenizer(base_dir, policy_dir):
+    """The one tokenizer both checkpoints share; a UserError naming the difference otherwise."""
+    from model import load_tokenizer, read_config
+    tokenizers = [load_tokenizer(d) for d in (base_dir, policy_dir)]
+    sizes = [read_config(d).vocab_size for d in (base_dir, policy_dir)]
+    vocabs = [t.get_vocab() for t in tokenizers]
+    if vocabs[0] != vocabs[1]:
+        differ = len(set(vocabs[0].items()) ^ set(vocabs[1].items())) // 2
+        problem = (f"{len(vocabs[0])} vs {len(vocabs[1])} tokens" if len(vocabs[0]) != len(vocabs[1])
+                   else f"{differ} token(s) with other ids")
+    elif tokenizers[0].eos_token_id != tokenizers[1].eos_token_id:
+        problem = f"EOS id {tokenizers[0].eos_token_id} vs {tokenizers[1].eos_token_id}"
+    elif sizes[0] != sizes[1]:
+        problem = f"vocab_size {sizes[0]} vs {sizes[1]} in config.json"
+    else:
+        return tokenizers[0]
+    raise UserError(f"--base {base_dir} and --policy {policy_dir} have different tokenizers ({problem}); "
+                    f"a token-by-token comparison needs one vocabulary")
+
+
+def read_responses(paths, tokenizer, context, limit=0):
+    """Responses tokenized as SFT data: [{"id", "file", "line", "ids", "start"}]; every field checked, and a
+    response longer than the context is an error naming its file and line."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no eos_token; responses end with EOS")
+    rows = []
+    for path in paths:
+        for lineno, rec in common.iter_jsonl(path):
+            if limit and len(rows) == limit:
+                break
+            common.check_sft_record(path, lineno, rec)
+            if not isinstance(rec.get("finished", True), bool):
+                raise UserError(f"{path}:{lineno}: field 'finished' must be true or false, got {rec['finished']!r}")
+            rows.append({"id": rec["id"], "file": path, "line": lineno, "prompt": rec["prompt"],
+                         "response": rec["response"], "eos": rec.get("finished", True)})
+    if not rows:
+        raise UserError(f"{', '.join(paths)}: no responses")
+    tokenized = common.sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                                     [r["eos"] for r in rows])
+    examples = []
+    for r, (ids, start) in zip(rows, tokenized):
+        if len(ids) > context:
+            raise UserError(f"{r['file']}:{r['line']}: field 'response' of {r['id']!r}: {len(ids)} tokens (prompt {start} "
+                            f"+ response{' + EOS' if r['eos'] else ''}) > the models' {context}-token context")
+        examples.append({"id": r["id"], "file": r["file"], "line": r["line"], "ids": ids, "start": start})
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# 1. divergence along responses
+
+
+def entropy(p):
+    """Entropy in nats of each row of a distribution (zero entries add nothing)."""
+    return -torch.where(p > 0, p * p.clamp_min(1e-38).log(), 0.0).sum(-1)
+
+
+@torch.no_grad()
+def compare_along(base, policy, examples, temperature, top_p, high_js, chunk):
+    """Both models' packed training forward over examples, compared at every response position.
+
+    Returns (per example {"js", "entropy_base", "entropy_policy", "targets"}: lists over its positions,
+    high: one {"token", "overlap" (k = 1..5), "base_rank", "base_prob"} per position with JS > high_js)."""
+    from model import js_divergence, nucleus, pack
+    device = base.lm_head.weight.device
+    ids, cu = pack([e["ids"] for e in examples], device)
+    hidden = [m(ids, cu_seqlens=cu)[0] for m in (base, policy)]
+    # hidden state t of the packed row predicts token t + 1: example i's response starts at cu[i] + start_i
+    pos = torch.cat([torch.arange(a + e["start"] - 1, a + len(e["ids"]) - 1)
+                     for a, e in zip(cu.tolist(), examples)]).to(device)
+    js, ent_b, ent_p, high = [], [], [], []
+    for s in range(0, pos.numel(), chunk):
+        at = pos[s:s + chunk]
+        logits_b, logits_p = (m.lm_head(h[at]).float() for m, h in zip((base, policy), hidden))
+        p, q = nucleus(logits_b, temperature, top_p), nucleus(logits_p, temperature, top_p)
+        d = js_divergence(p, q)
+        js.append(d)
+        ent_b.append(entropy(p))
+        ent_p.append(entropy(q))
+        rows = (d > high_js).nonzero().squeeze(-1)
+        if rows.numel():  # how the mass moved, on the full tempered distributions
+            full_b = torch.softmax(logits_b[rows] / temperature, -1)
+            top_b = full_b.topk(5, -1).indices
+            top_p_ = torch.softmax(logits_p[rows] / temperature, -1).topk(5, -1).indices
+            overlap = torch.stack([(top_b[:, :k, None] == top_p_[:, None, :k]).any(-1).sum(-1) / k
+                                   for k in range(1, 6)], -1)
+            base_prob = full_b.gather(-1, top_p_[:, :1]).squeeze(-1)
+            base_rank = (full_b > base_prob[:, None]).sum(-1) + 1
+            tokens = ids[0, at[rows] + 1]
+            high += [{"token": int(t), "overlap": o, "base_rank": int(r), "base_prob": float(b)}
+                     for t, o, r, b in zip(tokens.tolist(), overlap.tolist(), base_rank.tolist(), base_prob.tolist())]
+    lens = [len(e["ids"]) - e["start"] for e in examples]
+    targets = ids[0, pos + 1].tolist()
+    js, ent_b, ent_p = (torch.cat(x).tolist() for x in (js, ent_b, ent_p))
+    out, a = [], 0
+    for n in lens:
+        out.append({"js": js[a:a + n], "entropy_base": ent_b[a:a + n], "entropy_policy": ent_p[a:a + n],
+                    "targets": targets[a:a + n]})
+        a += n
+    return out, high
+
+
+ENTROPY_BINS = (0.0, 0.1, 0.5, 1.0, 2.0, math.inf)  # nats
+JS_BINS = (0.0, 1e-3, 1e-2, 0.1, math.inf)
+
+
+def bin_label(lo, hi):
+    return f"[{lo:g}, {hi:g})"
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(rows, high, tokenizer, high_js, top_tokens):
+    """The summary of tokens.jsonl's rows and the high-JS records (see the docstring)."""
+    js = [x for r in rows for x in r["js"]]
+    n = len(js)
+    if n == 0:
+        raise UserError("the responses hold no positions to compare")
+    share = lambda xs, cond: sum(1 for x in xs if cond(x)) / len(xs) if xs else None  # noqa: E731
+    ordered = sorted(js)
+    summary = {"responses": len(rows), "positions": n, "js_mean": mean(js),
+               "js_quantiles": {str(q): ordered[min(n - 1, int(q / 100 * n))] for q in (50, 90, 95, 99)},
+               "share_js_below_1e-3": share(js, lambda x: x < 1e-3), "share_js_below_1e-2": share(js, lambda x: x < 1e-2),
+               f"share_js_above_{high_js:g}": share(js, lambda x: x > high_js)}
+    deciles = [[] for _ in range(10)]
+    for r in rows:
+        for j, x in enumerate(r["js"]):
+            deciles[min(9, 10 * j // len(r["js"]))].append(x)
+    summary["by_relative_position"] = [{"decile": d + 1, "positions": len(xs), "js_mean": mean(xs),
+                                        "share_high": share(xs, lambda x: x > high_js)} for d, xs in enumerate(deciles)]
+    triples = [(x, hb, hp) for r in rows for x, hb, hp in zip(r["js"], r["entropy_base"], r["entropy_policy"])]
+    summary["by_base_entropy"] = []
+    for lo, hi in zip(ENTROPY_BINS[:-1], ENTROPY_BINS[1:]):
+        xs = [x for x, hb, _ in triples if lo <= hb < hi]
+        summary["by_base_entropy"].append({"bin": bin_label(lo, hi), "positions": len(xs), "share": len(xs) / n,
+                                           "js_mean": mean(xs), "share_high": share(xs, lambda x: x > high_js)})
+    summary["by_js"] = []
+    for lo, hi in zip(JS_BINS[:-1], JS_BINS[1:]):
+        sel = [(hb, hp) for x, hb, hp in triples if lo <= x < hi]
+        summary["by_js"].append({"bin": bin_label(lo, hi), "positions": len(sel), "share": len(sel) / n,
+                                 "entropy_base_mean": mean([a for a, _ in sel]), "entropy_policy_mean": mean([b for _, b in sel])})
+    ranks = [h["base_rank"] for h in high]
+    summary["high_js"] = {
+        "positions": len(high),
+        "topk_overlap": {str(k): mean([h["overlap"][k - 1] for h in high]) for k in range(1, 6)},
+        "policy_top1_base_rank": {"1": share(ranks, lambda r: r == 1), "2": share(ranks, lambda r: r == 2),
+                                  "3": share(ranks, lambda r: r == 3), "4-10": share(ranks, lambda r: 4 <= r <= 10),
+                                  ">10": share(ranks, lambda r: r > 10)},
+        "policy_top1_within_base_top3": share(ranks, lambda r: r <= 3),
+        "policy_top1_base_prob_mean": mean([h["base_prob"] for h in high]),
+        "policy_top1_base_prob_below_0.01": share([h["base_prob"] for h in high], lambda b: b < 0.01)}
+    every = Counter(t for r in rows for t in r["targets"])
+    at_high = Counter(h["token"] for h in high)
+    summary["top_high_js_tokens"] = [{"token": tokenizer.decode([t]), "id": t, "high_js": c, "occurrences": every[t],
+                                      "share_of_occurrences_high": c / every[t]} for t, c in at_high.most_common(top_tokens)]
+    return summary
+
+
+def describe(summary, high_js):
+    """A few readable lines of a summary (printed at the end of a run)."""
+    h = summary["high_js"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = [f"{summary['positions']} positions in {summary['responses']} responses: JS < 1e-3 {summary['share_js_below_1e-3']:.1%}, "
+             f"< 1e-2 {summary['share_js_below_1e-2']:.1%}, > {high_js:g} {summary[f'share_js_above_{high_js:g}']:.1%}; "
+             f"mean {summary['js_mean']:.4f} nats",
+             "JS by decile of the response: " + " ".join(fmt(d["js_mean"]) for d in summary["by_relative_position"]),
+             "JS by base entropy: " + "; ".join(f"{b['bin']} {b['share']:.0%} of positions, mean {fmt(b['js_mean'])}"
+                                                 for b in summary["by_base_entropy"]),
+             f"high-JS positions {h['positions']}: top-k overlap " + " ".join(f"k={k} {fmt(v)}" for k, v in h["topk_overlap"].items())
+             + f"; policy's top-1 is the base's top-1 {fmt(h['policy_top1_base_rank']['1'])}, within its top-3 "
+             f"{fmt(h['policy_top1_within_base_top3'])}, base prob < 0.01 {fmt(h['policy_top1_base_prob_below_0.01'])}",
+             "most frequent high-JS tokens: " + ", ".join(f"{t['token']!r} {t['high_js']}/{t['occurrences']}"
+                                                          for t in summary["top_high_js_tokens"][:10])]
+    return "\n".join(lines)
+
+
+def plot_shift(summary, rows, path, high_js):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    js = [max(x, 1e-9) for r in rows for x in r["js"]]
+    axes[0].hist([math.log10(x) for x in js], bins=60, color="tab:blue")
+    for t in (1e-3, 1e-2, high_js):
+        axes[0].axvline(math.log10(t), color="grey", ls="--", lw=0.8)
+    axes[0].set(xlabel="log10 JS (nats; 1e-9 = below)", ylabel="positions", title=f"{len(js)} positions")
+    dec = summary["by_relative_position"]
+    axes[1].bar([d["decile"] for d in dec], [d["js_mean"] or 0 for d in dec], color="tab:blue")
+    axes[1].set(xlabel="decile of the response", ylabel="mean JS (nats)", title="JS by relative position")
+    ax = axes[1].twinx()
+    ax.plot([d["decile"] for d in dec], [d["share_high"] or 0 for d in dec], "o-", color="tab:red")
+    ax.set_ylabel(f"share JS > {high_js:g}", color="tab:red")
+    ent = summary["by_base_entropy"]
+    axes[2].bar(range(len(ent)), [b["js_mean"] or 0 for b in ent], color="tab:blue")
+    axes[2].set_xticks(range(len(ent)), [f"{b['bin']}\n{b['share']:.0%}" for b in ent], fontsize=7)
+    axes[2].set(xlabel="base entropy (nats); share of positions", ylabel="mean JS (nats)", title="JS by base entropy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def measure(args, tokenizer, device, dtype):
+    """Part 1: JS along the responses, both models FSDP-sharded, responses sharded over ranks."""
+    from tqdm import tqdm
+    from model import idle_pass, load_model, read_config, shard_model
+    context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
+    examples = read_responses(args.responses, tokenizer, context, args.limit)
+    rank, world = common.rank(), common.world_size()
+    base, policy = (shard_model(load_model(d, torch.float32, device), dtype).eval() for d in (args.base, args.policy))
+    mine = common.shard(list(range(len(examples))), rank, world)
+    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    bar = tqdm(total=sum(len(examples[i]["ids"]) - examples[i]["start"] for i in mine), unit="tok", desc="compare",
+               disable=not args.progress or rank != 0, dynamic_ncols=True)
+    rows, high = [], []
+    for batch in common.even_out(batches):
+        if batch is None:  # this rank is done; join the others' FSDP collectives
+            idle_pass(base, backward=False)
+            idle_pass(policy, backward=False)
+            continue
+        out, h = compare_along(base, policy, [examples[i] for i in batch], args.temperature, args.top_p,
+                               args.high_js, args.logit_chunk)
+        rows += [{"index": i, **o} for i, o in zip(batch, out)]
+        high += h
+        bar.update(sum(len(o["js"]) for o in out))
+    bar.close()
+    gathered = common.all_gather_json({"rows": rows, "high": high})
+    if rank != 0:
+        return
+    rows = sorted((r for g in gathered for r in g["rows"]), key=lambda r: r["index"])
+    high = [h for g in gathered for h in g["high"]]
+    summary = summarize(rows, high, tokenizer, args.high_js, args.top_tokens)
+    summary["settings"] = {k: getattr(args, k) for k in ("base", "policy", "responses", "limit", "temperature", "top_p",
+                                                         "high_js", "dtype")}
+    short = lambda xs: [float(f"{x:.6g}") for x in xs]  # noqa: E731
+    common.write_jsonl(os.path.join(args.out_dir, "tokens.jsonl"), (
+        {"id": examples[r["index"]]["id"], "file": examples[r["index"]]["file"], "line": examples[r["index"]]["line"],
+         "token_ids": r["targets"], "tokens": [tokenizer.decode([t]) for t in r["targets"]], "js": short(r["js"]),
+         "entropy_base": short(r["entropy_base"]), "entropy_policy": short(r["entropy_policy"])} for r in rows))
+    common.write_json(os.path.join(args.out_dir, "summary.json"), summary)
+    if plots_available(args):
+        plot_shift(summary, rows, os.path.join(args.out_dir, "token_shift.png"), args.high_js)
+    print0(describe(summary, args.high_js))
+    print0(f"wrote {os.path.join(args.out_dir, 'tokens.jsonl')} and summary.json")
+
+
+# -----------------------------------------------------------------------------
+# 2. cross-sampling
+
+
+def threshold_switch(eps):
+    """Switch where the two nuclei diverge by more than eps (JS in nats)."""
+    from model import js_divergence
+    return lambda p, q, rows, step: js_divergence(p, q) > eps
+
+
+def random_switch(rate, generator):
+    """Switch each position with probability rate, whatever the models say (the control)."""
+    return lambda p, q, rows, step: torch.rand(len(rows), generator=generator, device=p.device) < rate
+
+
+def cross_run(primary, intervention, tokenizer, task, records, args, switch, desc):
+    """One cross-sampled decode of this rank's records; the counts summed over ranks, and this rank's samples."""
+    out = common.sample_responses(primary, tokenizer, task, records, n=args.num_samples, temperature=args.temperature,
+                                  top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                  seed=args.seed * 1000 + common.rank(), template=args.template,
+                                  batch_size=args.batch_size, desc=desc, progress=args.progress,
+                                  partner=intervention, switch=switch)
+    g = common.all_reduce_numbers({"responses": len(out), "correct": sum(s["reward"] for s in out),
+                                   "tokens": sum(s["length"] for s in out), "switched": sum(sum(s["switched"]) for s in out),
+                                   "differs": sum(sum(s["differs"]) for s in out),
+                                   "truncated": sum(not s["finished"] for s in out)})
+    n, tokens = max(g["responses"], 1), max(g["tokens"], 1)
+    stats = {"accuracy": g["correct"] / n, "responses": int(g["responses"]), "tokens": int(g["tokens"]),
+             "switched": int(g["switched"]), "switched_share": g["switched"] / tokens, "switched_per_response": g["switched"] / n,
+             "differs": int(g["differs"]), "differs_share": g["differs"] / tokens, "differs_per_response": g["differs"] / n,
+             "truncated": g["truncated"] / n}
+    samples = [{"id": s["id"], "sample": s["sample"], "tokens": s["tokens"], "response": s["response"], "reward": s["reward"],
+                "finished": s["finished"], "switched": sum(s["switched"]), "differs": sum(s["differs"])} for s in out]
+    return stats, samples
+
+
+def plot_cross(out_dir, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = []
+    for direction in ("forward", "backward"):
+        if os.path.isfile(os.path.join(out_dir, f"cross_{direction}.json")):
+            with open(os.path.join(out_dir, f"cross_{direction}.json"), encoding="utf-8") as f:
+                curves.append(json.load(f))
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+    for ax, c in zip(axes[0], curves):
+        # eps < 0 is the intervention model alone (100 % switched): a line, so the curve's low budgets stay readable
+        alone = [r for r in c["runs"] if float(r["eps"]) < 0]
+        runs = sorted((r for r in c["runs"] if float(r["eps"]) >= 0), key=lambda r: r["switched_share"])
+        x = [100 * r["switched_share"] for r in runs]
+        ax.plot(x, [r["accuracy"] for r in runs], "o-", label="switch where JS > eps")
+        ax.plot([100 * r["control"]["switched_share"] for r in runs], [r["control"]["accuracy"] for r in runs], "s--",
+                color="grey", label="random positions, same budget")
+        for r, xi in zip(runs, x):
+            ax.annotate(f"{float(r['eps']):g}", (xi, r["accuracy"]), textcoords="offset points", xytext=(3, 4), fontsize=7)
+        for r in alone[:1]:
+            ax.axhline(r["accuracy"], ls=":", color="tab:green", label=f"{c['intervention_name']} alone")
+        ax.set(xlabel="positions drawn from the intervention model (%)", ylabel="accuracy",
+               title=f"{c['direction']}: {c['primary_name']} decodes, {c['intervention_name']} intervenes")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cross_sample(args, tokenizer, device, dtype):
+    """Part 2: accuracy and intervention budget per eps, and the random control at each budget."""
+    import time
+    from model import load_model, read_config
+    if not args.split:
+        raise UserError("--cross needs --split (the task split whose prompts are answered)")
+    task = common.get_task(args.task)
+    records = task.load_split(args.split)
+    records, subset = common.stratified_subset(records, args.limit, task.DIFFICULTY, args.seed)
+    print0(f"cross-sampling prompts: {subset}")
+    if not records:
+        raise UserError(f"{args.split}: no records")
+    context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
+    lengths = map(len, common.encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, args.template) for r in records]))
+    for i, (r, length) in enumerate(zip(records, lengths)):  # every rank checks every prompt, so all stop alike
+        if length + args.max_new_tokens > context:
+            raise UserError(f"{args.split}: record {i + 1} (id {r.get('id')!r}): prompt of {length} tokens + "
+                            f"--max_new_tokens {args.max_new_tokens} > the models' {context}-token context")
+    names = {"forward": ("base", "policy"), "backward": ("policy", "base")}[args.cross]
+    primary, intervention = (load_model(getattr(args, name), dtype, device).eval() for name in names)
+    mine = common.shard(records, common.rank(), common.world_size())
+    runs, samples = [], []
+    for k, eps in enumerate(args.eps):
+        t0 = time.time()
+        stats, s = cross_run(primary, intervention, tokenizer, task, mine, args, threshold_switch(eps), f"eps {eps:g}")
+        label = eps if math.isfinite(eps) else str(eps)  # JSON has no infinity: "inf", "-inf"
+        samples += [{"eps": label, "control": False, **x} for x in s]
+        # the control: the same budget (this run's switched share) at random positions, its own random stream
+        generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + 1000 * k + common.rank() + 1)
+        stats["control"], s = cross_run(primary, intervention, tokenizer, task, mine, args,
+                                        random_switch(stats["switched_share"], generator), f"control {eps:g}")
+        samples += [{"eps": label, "control": True, **x} for x in s]
+        runs.append({"eps": label, **stats})
+        seconds = time.time() - t0
+        c = stats["control"]
+        print0(f"{args.cross} eps {eps:g}: accuracy {stats['accuracy']:.3f} | switched {stats['switched_share']:.2%} "
+               f"({stats['switched_per_response']:.1f}/response), differs {stats['differs_share']:.2%} "
+               f"({stats['differs_per_response']:.1f}/response) | random control: accuracy {c['accuracy']:.3f} at "
+               f"{c['switched_share']:.2%} | {stats['responses'] + c['responses']} responses in {seconds:.1f}s, "
+               f"{(stats['tokens'] + c['tokens']) / max(seconds, 1e-9):.0f} tok/s")
+    samples = [x for part in common.all_gather_json(samples) for x in part]
+    if common.rank() != 0:
+        return
+    result = {"direction": args.cross, "primary_name": names[0], "intervention_name": names[1],
+              "primary": getattr(args, names[0]), "intervention": getattr(args, names[1]),
+              "settings": {k: getattr(args, k) for k in ("task", "split", "limit", "num_samples", "max_new_tokens",
+                                                         "temperature", "top_p", "template", "seed", "dtype")},
+              "runs": runs}
+    common.write_jsonl(os.path.join(args.out_dir, f"cross_{args.cross}_samples.jsonl"), samples)
+    common.write_json(os.path.join(args.out_dir, f"cross_{args.cross}.json"), result)
+    if plots_available(args):
+        plot_cross(args.out_dir, os.path.join(args.out_dir, "cross_sampling.png"))
+    print0(f"wrote {os.path.join(args.out_dir, f'cross_{args.cross}.json')}")
+
+
+def plots_available(args):
+    if not args.plots:
+        return False
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        print0("note: matplotlib not installed; no plots (pip install matplotlib)")
+        return False
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = common.parse_settings(get_parser(), argv)
+    if not args.base or not args.policy:
+        raise UserError("give --base and --policy (Hugging Face checkpoint directories)")
+    if args.cross is None and not args.responses:
+        raise UserError("give --responses FILE (the divergence along responses) or --cross forward|backward")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
+    for name in ("batch_size", "logit_chunk", "num_samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if any(math.isnan(e) for e in args.eps):
+        raise UserError("--eps: nan is not a threshold")
+    from model import parse_dtype
+    rank, world, device = common.dist_setup()
+    dtype = parse_dtype(args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32"))
+    tokenizer = check_same_tokenizer(args.base, args.policy)
+    if args.cross:
+        cross_sample(args, tokenizer, device, dtype)
+    else:
+        measure(args, tokenizer, device, dtype)
+    common.dist_cleanup()
+
+
+if __name__ == "__main__":
+    common.run_main(main)
