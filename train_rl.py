@@ -27,13 +27,15 @@ Decisions worth knowing when reading the code:
   policy trains on 8 x 80 GB. Forward and backward run in --dtype (bf16 on CUDA); gradients are
   reduce-scattered in fp32 and summed (each rank's loss already carries the global normaliser).
   Every forward/backward is a collective, so ranks run equally many micro-batches (common.even_out;
-  a rank with fewer runs model.idle_pass). Checkpoints hold the full fp32 weights.
+  a rank with fewer runs model.idle_pass). Checkpoints hold the weights in --dtype for other tools,
+  and each rank's fp32 shard (weights + AdamW) for resuming; --keep_last prunes older ones.
 - Generation. Before the rollouts every rank gathers the full weights once into a plain --dtype
   copy (model.full_copy: 2 bytes per parameter, freed before the update) and generates from it:
   no collective inside the decode loop, and ranks may decode different lengths.
 - Exact resume. Data order is a permutation seeded by (seed, epoch); generation seeds derive from
-  (seed, step, rank); the lr is a function of the step. So a checkpoint needs only the weights, the
-  optimizer state and the step, and a resumed run repeats the uninterrupted one.
+  (seed, step, rank); the lr is a function of the step. So a checkpoint needs only the fp32 weights,
+  the optimizer state and the step, and a resumed run repeats the uninterrupted one (one that changes
+  a setting the data order depends on is refused).
 """
 import argparse
 import math
