@@ -81,10 +81,6 @@ limr() {
   if ! declare -p LIMR_EVALS > /dev/null 2>&1; then  # default: the study's evaluation on the test split
     LIMR_EVALS=("--splits $TEST --split_names test $EVAL_ARGS")
   fi
-  for i in "${!LIMR_EVALS[@]}"; do
-    step "limr_eval_start_$i" "$LAUNCH eval.py --task $TASK --checkpoints $init --names start --out_dir $OUT/limr/eval \
-${LIMR_EVALS[$i]}"
-  done
   for seed in ${LIMR_SEEDS:-1234}; do
     dir="$OUT/limr/seed_$seed"
     step "limr_probe_$seed" "$LAUNCH train_rl.py --model $init --task $TASK --train_data $pool --test_data $TEST \
@@ -96,9 +92,9 @@ ${LIMR_EVALS[$i]}"
       step "limr_${arm}_$seed" "$LAUNCH train_rl.py --model $init --task $TASK --train_data $dir/$arm.jsonl --test_data $TEST \
 --out_dir $dir/$arm --max_steps $LIMR_STEPS --resume true $LIMR_RL_ARGS --seed $seed"
     done
-    for i in "${!LIMR_EVALS[@]}"; do
-      step "limr_eval_${seed}_$i" "$LAUNCH eval.py --task $TASK --checkpoints $dir/full/$final $dir/lim/$final \
-$dir/rand/$final --names full_$seed lim_$seed rand_$seed --out_dir $OUT/limr/eval ${LIMR_EVALS[$i]}"
+    for i in "${!LIMR_EVALS[@]}"; do  # (eval.py evaluates the start once: it skips the pairs it has finished)
+      step "limr_eval_${seed}_$i" "$LAUNCH eval.py --task $TASK --checkpoints $init $dir/full/$final $dir/lim/$final \
+$dir/rand/$final --names start full_$seed lim_$seed rand_$seed --out_dir $OUT/limr/eval ${LIMR_EVALS[$i]}"
     done
   done
 }

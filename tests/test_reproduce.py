@@ -67,7 +67,7 @@ def test_micro_pipeline_writes_every_artefact(micro_run):
     stages = [line.split("\t")[0] for line in open(f"{out}/times.tsv")]
     assert stages == ["data", "base_text", "base", "base_probe", "teacher_data", "sft", "rl", "sample_A", "sample_B"] + \
         [n for n in ("redistill_A", "redistill_B") if n in names] + ["eval"] + \
-        ["limr_eval_start_0", "limr_probe_1", "limr_select_1", "limr_lim_1", "limr_rand_1", "limr_eval_1_0"]
+        ["limr_probe_1", "limr_select_1", "limr_lim_1", "limr_rand_1", "limr_eval_1_0"]
     # the final table: printed and in results.md, a row per evaluated model, the GRPO gain stated
     with open(f"{out}/results.md") as f:
         table = f.read()
@@ -156,8 +156,8 @@ def test_dry_run_of_limrs_own_setting(tmp_path):
     lines = proc.stdout.splitlines()
     command_of = {lines[i][3:]: lines[i + 1][2:] for i in range(len(lines) - 1)
                   if lines[i].startswith("== ") and lines[i + 1].startswith("+ ")}
-    assert list(command_of) == ["data", "limr_eval_start_0", "limr_eval_start_1", "limr_probe_1234", "limr_select_1234",
-                                "limr_lim_1234", "limr_rand_1234", "limr_eval_1234_0", "limr_eval_1234_1", "report"]
+    assert list(command_of) == ["data", "limr_probe_1234", "limr_select_1234", "limr_lim_1234", "limr_rand_1234",
+                                "limr_eval_1234_0", "limr_eval_1234_1", "report"]
     assert "--n_sft_train 0 --n_sft_val 0" in command_of["data"]
     probe = command_of["limr_probe_1234"]
     for flag in ("--nproc_per_node=8", f"--model {model_dir}", "--max_steps 168", "--prompts_per_step 1024", "--group_size 8",
@@ -170,7 +170,8 @@ def test_dry_run_of_limrs_own_setting(tmp_path):
         assert f"--model {model_dir}" in command_of[f"limr_{arm}_1234"]
         assert f"--train_data {out}/limr/seed_1234/{arm}.jsonl" in command_of[f"limr_{arm}_1234"]
         assert "--max_steps 120" in command_of[f"limr_{arm}_1234"]
-    assert f"{out}/limr/seed_1234/full/step_000120 {out}/limr/seed_1234/lim/step_000120" in command_of["limr_eval_1234_0"]
+    assert f"--checkpoints {model_dir} {out}/limr/seed_1234/full/step_000120 {out}/limr/seed_1234/lim/step_000120" \
+        in command_of["limr_eval_1234_0"]
     assert "--split_names aime24 amc23 --num_samples 4 --temperature 0.4 --top_p 0.95" in command_of["limr_eval_1234_1"]
     assert "$" not in "\n".join(command_of.values()) and not os.path.exists(out)
 
@@ -206,7 +207,7 @@ def test_dry_run_of_the_tiny_preset_with_limr(tmp_path):
     assert f"--model {out}/sft/final" in probe and f"--train_data {out}/limr/data/train.jsonl" in probe
     assert "--max_steps 80" in probe and probe.endswith("--save_every 40 --seed 2")  # FULL: the probe at step 40
     assert "--max_steps 40" in command_of["limr_lim_2"] and command_of["limr_lim_2"].endswith("--seed 2")
-    assert "--names full_2 lim_2 rand_2" in command_of["limr_eval_2_0"] and not os.path.exists(out)
+    assert "--names start full_2 lim_2 rand_2" in command_of["limr_eval_2_0"] and not os.path.exists(out)
 
 
 def test_missing_base_model_is_a_clear_error(tmp_path):
