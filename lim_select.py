@@ -65,7 +65,8 @@ def get_parser():
 def rollout_files(run_dir):
     """[(step, path)] of RUN_DIR/rollouts/step_N.jsonl, steps 1..S without a hole (a hole is an error)."""
     folder = os.path.join(run_dir, "rollouts")
-    found = sorted((int(m.group(1)), os.path.join(folder, name)) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    found = sorted((int(m.group(1)), os.path.join(folder, name)) for name in names
                    if (m := re.fullmatch(r"step_(\d+)\.jsonl", name)))
     if not found:
         raise UserError(f"{folder}: no rollouts (no step_N.jsonl files; the probe run writes them with --log_rollouts true)")
@@ -84,7 +85,8 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
             where = f"{path}:{lineno}"
             for field in ("id", "reward") + (() if steps_per_epoch else ("epoch",)):
                 if field not in row:
-                    hint = " (a log from before train_rl.py logged epochs: pass --steps_per_epoch N)" if field == "epoch" else ""
+                    hint = " (a log from before train_rl.py logged epochs: pass --steps_per_epoch N)" \
+                        if field == "epoch" else ""
                     raise UserError(f"{where}: missing field '{field}'{hint}")
             reward, rid = row["reward"], row["id"]
             if isinstance(reward, bool) or not isinstance(reward, (int, float)):
