@@ -12,6 +12,8 @@ Reads what the stages wrote under OUT_DIR:
   sample_effect/effects.summary.json    sample effect per SFT set (sample_effect.py)
   sample_effect/{top,bottom}.jsonl, eval_se/se_{top,bottom}/test/summary.json
                                         the top-K vs bottom-K experiment (when the preset sets SELECT_K)
+  limr/seed_S/{full,lim,rand}/, limr/seed_S/scores.jsonl, limr/eval/<model>/<split>/summary.json
+                                        the LIMR experiment (LIMR=1): FULL, RAND and LIM per seed
 Compute = measured wall time x devices, in device-hours: "own" counts the stages that made this model from
 its inputs (for re-distilled models: sampling the RL policy + their SFT); "total" adds everything it built on
 (the cold start and RL for RL and re-distilled models). Pre-training the tiny base is shared by all and listed
@@ -22,7 +24,7 @@ import json
 import os
 
 import common
-from eval import markdown_table, summary_row
+from eval import difficulty_order, markdown_table, summary_row
 
 parser = argparse.ArgumentParser(description="The final table of reproduce.sh (and optional plots).")
 parser.add_argument("--out_dir", default="runs/tiny", help="reproduce.sh's output directory")
@@ -64,16 +66,17 @@ def device_hours(times, stages):
     return sum(times[s][0] * times[s][1] for s in stages if s in times) / 3600
 
 
-def rl_rollouts(out_dir):
-    """(rollouts, metrics, settings) of the RL run, or (None, [], {}) before it exists."""
-    path = os.path.join(out_dir, "rl", "settings.json")
-    metrics = os.path.join(out_dir, "rl", "metrics.jsonl")
+def rl_rollouts(run_dir, up_to_step=None):
+    """(rollouts, metrics, settings) of an RL run directory (of its first up_to_step steps), or (None, [], {}) before
+    it exists."""
+    path = os.path.join(run_dir, "settings.json")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
     if not (os.path.exists(path) and os.path.exists(metrics)):
         return None, [], {}
     with open(path) as f:
         settings = json.load(f)
     rows = common.read_jsonl(metrics)
-    steps = [m for m in rows if m.get("step", 0) > 0 and "reward" in m]
+    steps = [m for m in rows if 0 < m.get("step", 0) <= (up_to_step or m["step"]) and "reward" in m]
     return len(steps) * settings["prompts_per_step"] * settings["group_size"], rows, settings
 
 
@@ -81,6 +84,75 @@ def difficulty_key(summary):
     """The task's difficulty key ("people" for K&K, "level" for MATH), from the task eval.py recorded."""
     task = summary.get("settings", {}).get("task")
     return (common.get_task(task).DIFFICULTY or "difficulty") if task else "difficulty"
+
+
+def difficulty_order_of_text(text):
+    """Sort key of a name that may be a number (seeds): numbers numerically, then names."""
+    return difficulty_order(int(text) if text.lstrip("-").isdigit() else text)
+
+
+def limr_tables(out_dir):
+    """The LIMR experiment of reproduce.sh (LIMR=1): test accuracy of the start, FULL, RAND and LIM per seed and
+    split, with the prompts, steps and rollouts each spent (and their mean over seeds); [] when there is none."""
+    limr_dir, eval_dir = os.path.join(out_dir, "limr"), os.path.join(out_dir, "limr", "eval")
+    seeds = sorted((name[5:] for name in os.listdir(limr_dir) if name.startswith("seed_")), key=difficulty_order_of_text) \
+        if os.path.isdir(limr_dir) else []
+    accuracy = {}  # (model, split) -> overall accuracy
+    for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
+        for split in os.listdir(os.path.join(eval_dir, name)) if os.path.isdir(os.path.join(eval_dir, name)) else []:
+            path = os.path.join(eval_dir, name, split, "summary.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    accuracy[name, split] = json.load(f)["overall"]["accuracy"]
+    if not accuracy:
+        return []
+    splits = sorted({split for _, split in accuracy})
+
+    def with_accuracy(row, name):
+        row.update({split: accuracy.get((name, split)) for split in splits})
+        if len(splits) > 1 and all(accuracy.get((name, split)) is not None for split in splits):
+            row["average"] = sum(accuracy[name, split] for split in splits) / len(splits)
+        return row
+
+    rows = [with_accuracy({"model": "start", "seed": "", "prompts": "", "RL steps": 0, "RL rollouts": 0,
+                           "with the probe": 0}, "start")]
+    notes, by_arm = [], {}
+    for seed in seeds:
+        dir_ = os.path.join(limr_dir, f"seed_{seed}")
+        scores_path = os.path.join(dir_, "scores.jsonl")
+        if not os.path.exists(scores_path):
+            continue
+        scores = [r["score"] for r in common.read_jsonl(scores_path)]
+        probe_rollouts, probe_metrics, _ = rl_rollouts(os.path.join(dir_, "full"))
+        probe_steps = sum(1 for m in probe_metrics if m.get("step", 0) > 0 and "reward" in m)
+        lim_rollouts, lim_metrics, _ = rl_rollouts(os.path.join(dir_, "lim"))
+        steps = max((m["step"] for m in lim_metrics if "reward" in m), default=0)
+        arms = {"FULL": (len(scores), rl_rollouts(os.path.join(dir_, "full"), steps)[0], 0),
+                "RAND": (count_lines(os.path.join(dir_, "rand.jsonl")), rl_rollouts(os.path.join(dir_, "rand"))[0], 0),
+                "LIM": (count_lines(os.path.join(dir_, "lim.jsonl")), lim_rollouts, probe_rollouts)}
+        for arm, (prompts, spent, probe) in arms.items():
+            row = with_accuracy({"model": arm, "seed": seed, "prompts": prompts, "RL steps": steps, "RL rollouts": spent,
+                                 "with the probe": (spent or 0) + (probe or 0)}, f"{arm.lower()}_{seed}")
+            rows.append(row)
+            by_arm.setdefault(arm, []).append(row)
+        notes.append(f"seed {seed}: the probe ran {probe_steps} steps ({probe_rollouts} rollouts) on the {len(scores)} "
+                     f"prompts of the pool; {sum(x is not None for x in scores)} scored, {sum(x is None for x in scores)} "
+                     f"dropped (a gap in their curve), {arms['LIM'][0]} selected.")
+    lines = ["", "### LIMR: RL on the LIM subset, the whole pool (FULL) and a random subset of LIM's size (RAND), "
+             "from the same start for equal steps", "", markdown_table(rows, digits=3),
+             "FULL is the probe run at that step (RL on the whole pool); RL rollouts: steps x prompts x group; with the "
+             "probe: LIM's own rollouts plus the probe run's, which its selection needed. Test accuracy is overall, "
+             "per split.", *notes]
+    if len(seeds) > 1 and by_arm:
+        mean_rows = []
+        for arm, arm_rows in by_arm.items():
+            row = {"model": arm, "seeds": len(arm_rows)}
+            for split in splits + (["average"] if "average" in arm_rows[0] else []):
+                values = [r.get(split) for r in arm_rows if r.get(split) is not None]
+                row[split] = f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})" if values else None
+            mean_rows.append(row)
+        lines += ["", "Mean over seeds (min-max):", "", markdown_table(mean_rows)]
+    return lines
 
 
 def plots(out_dir, metrics, summaries, temperature, difficulty):
@@ -117,19 +189,42 @@ def plots(out_dir, metrics, summaries, temperature, difficulty):
     return written
 
 
+def wall_time_lines(times):
+    stage_rows = [{"stage": st, "wall s": sec, "devices": dev, "kind": k} for st, (sec, dev, k) in times.items()]
+    if not stage_rows:
+        return []
+    total = sum(r["wall s"] for r in stage_rows)
+    stage_rows.append({"stage": "all", "wall s": total, "devices": "", "kind": f"{total / 60:.1f} min"})
+    return ["", "### Wall time per stage", "", markdown_table(stage_rows)]
+
+
+def write_results(out, lines):
+    """OUT/results.md, written atomically, and printed."""
+    text = "\n".join(lines) + "\n"
+    with common.atomic_open(os.path.join(out, "results.md")) as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {os.path.join(out, 'results.md')}")
+
+
 def main(argv=None):
     args = common.parse_settings(parser, argv)
     out = args.out_dir
     times = read_times(os.path.join(out, "times.tsv"))
-    rollouts, metrics, rl_settings = rl_rollouts(out)
+    rollouts, metrics, rl_settings = rl_rollouts(os.path.join(out, "rl"))
     summaries = {}
     for name in MODELS:
         path = os.path.join(out, "eval", name, "test", "summary.json")
         if os.path.exists(path):
             with open(path) as f:
                 summaries[name] = json.load(f)
+    limr = limr_tables(out)
     if not summaries:
-        raise common.UserError(f"{out}/eval: no evaluation summaries yet; run reproduce.sh first")
+        if not limr:
+            raise common.UserError(f"{out}/eval: no evaluation summaries yet; run reproduce.sh first")
+        # a preset of LIMR's own setting (LIMR_ONLY=1): its tables alone
+        write_results(out, [f"## Results{' (' + args.preset + ')' if args.preset else ''}: LIMR"] + limr + wall_time_lines(times))
+        return
     kind = next(iter(times.values()))[2] if times else "device"
     difficulty = difficulty_key(next(iter(summaries.values())))
 
@@ -191,19 +286,10 @@ def main(argv=None):
         lines += ["", "### SFT of the base on the top-K vs the bottom-K samples by sample effect (pooled over the sets)",
                   "", markdown_table(select_rows, digits=4)]
 
-    stage_rows = [{"stage": st, "wall s": sec, "devices": dev, "kind": k} for st, (sec, dev, k) in times.items()]
-    if stage_rows:
-        total = sum(r["wall s"] for r in stage_rows)
-        stage_rows.append({"stage": "all", "wall s": total, "devices": "", "kind": f"{total / 60:.1f} min"})
-        lines += ["", "### Wall time per stage", "", markdown_table(stage_rows)]
-    text = "\n".join(lines) + "\n"
-    with common.atomic_open(os.path.join(out, "results.md")) as f:
-        f.write(text)
-    print(text)
+    write_results(out, lines + limr + wall_time_lines(times))
     if args.plots:
         for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries, rl_settings.get("temperature"), difficulty):
             print(f"wrote {path}")
-    print(f"wrote {os.path.join(out, 'results.md')}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@
 #   of the last RL steps) -> re-distil the BASE on each -> evaluate base, SFT, RL, re-distilled per
 #   difficulty -> sample effect of teacher vs re-distilled data [-> SFT of the base on the top-K vs bottom-K
 #   samples by sample effect, evaluated] -> the final table (report.py).
+# Optional, LIMR=1 (arXiv 2502.11886): a probe RL run on the whole pool -> lim_select.py -> RL from the same start on
+#   the LIM subset and on a random one of its size (RAND) for equal steps -> evaluation of FULL, LIM and RAND; a preset
+#   that sets LIMR_ONLY=1 runs only this (from a base model: LIMR's own setting).
 # Every stage writes OUT/done/STAGE (its wall seconds) last and is skipped when that exists; a stage
 # that was killed is re-run with --resume (SFT, RL) or skips what it finished (eval), so re-running
 # this script after a crash continues where it stopped. OUT/times.tsv logs every finished attempt.
@@ -25,7 +28,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; ls config; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; ls config; exit 0 ;;
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
     *) PRESET="$arg" ;;
   esac
@@ -59,6 +62,51 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   echo "== $name: finished in ${seconds}s"
 }
 
+# ---- LIMR (LIMR=1): for each seed of LIMR_SEEDS, a probe RL run from LIMR_INIT on the whole pool LIMR_POOL for
+#   LIMR_PROBE_STEPS steps (its epochs are LIMR's reward curves) -> lim_select.py: LIM = score >= the threshold
+#   (LIMR_SELECT_ARGS), RAND = as many at random -> RL from LIMR_INIT on LIM and on RAND for LIMR_STEPS steps ->
+#   evaluation (one eval.py call per entry of the LIMR_EVALS array) of the start, FULL (the probe at step LIMR_STEPS:
+#   RL on the whole pool for equal steps), LIM and RAND. Every run gets LIMR_RL_ARGS and --seed SEED.
+limr() {
+  local init="${LIMR_INIT:-$OUT/sft/final}" pool="${LIMR_POOL:-$TRAIN}" final seed dir i
+  final="step_$(printf '%06d' "$LIMR_STEPS")"
+  if (( LIMR_STEPS > LIMR_PROBE_STEPS || LIMR_STEPS % ${LIMR_SAVE_EVERY:-$LIMR_STEPS} )); then
+    echo "error: LIMR_STEPS ($LIMR_STEPS) must be at most LIMR_PROBE_STEPS ($LIMR_PROBE_STEPS) and a multiple of" \
+      "LIMR_SAVE_EVERY (${LIMR_SAVE_EVERY:-}): FULL is the probe's checkpoint at step LIMR_STEPS" >&2
+    exit 2
+  fi
+  if [[ -n "${LIMR_DATA_CMD:-}" ]]; then  # a pool of its own (the tiny preset: one small enough for several epochs)
+    step limr_data "$LIMR_DATA_CMD"
+  fi
+  if ! declare -p LIMR_EVALS > /dev/null 2>&1; then  # default: the study's evaluation on the test split
+    LIMR_EVALS=("--splits $TEST --split_names test $EVAL_ARGS")
+  fi
+  for seed in ${LIMR_SEEDS:-1234}; do
+    dir="$OUT/limr/seed_$seed"
+    step "limr_probe_$seed" "$LAUNCH train_rl.py --model $init --task $TASK --train_data $pool --test_data $TEST \
+--out_dir $dir/full --max_steps $LIMR_PROBE_STEPS --resume true $LIMR_RL_ARGS --save_every ${LIMR_SAVE_EVERY:-$LIMR_STEPS} --keep_steps $LIMR_STEPS \
+--seed $seed"
+    step "limr_select_$seed" "python lim_select.py --rollouts $dir/full --train_data $pool --task $TASK --out $dir/lim.jsonl \
+--scores_out $dir/scores.jsonl --random_out $dir/rand.jsonl --seed $seed ${LIMR_SELECT_ARGS:-}"
+    for arm in lim rand; do
+      step "limr_${arm}_$seed" "$LAUNCH train_rl.py --model $init --task $TASK --train_data $dir/$arm.jsonl --test_data $TEST \
+--out_dir $dir/$arm --max_steps $LIMR_STEPS --resume true $LIMR_RL_ARGS --seed $seed"
+    done
+    for i in "${!LIMR_EVALS[@]}"; do  # (eval.py evaluates the start once: it skips the pairs it has finished)
+      step "limr_eval_${seed}_$i" "$LAUNCH eval.py --task $TASK --checkpoints $init $dir/full/$final $dir/lim/$final \
+$dir/rand/$final --names start full_$seed lim_$seed rand_$seed --out_dir $OUT/limr/eval ${LIMR_EVALS[$i]}"
+    done
+  done
+}
+
+# ---- the final table (and plots when matplotlib is installed); always re-made, it is cheap
+report() {
+  echo "== report"
+  echo "+ python report.py --out_dir $OUT --preset $PRESET"
+  [[ "$DRY_RUN" == 1 ]] && exit 0
+  python report.py --out_dir "$OUT" --preset "$PRESET"
+}
+
 echo "preset $PRESET -> $OUT ($DEVICES x $DEVICE_KIND)"
 
 # ---- 0. the base model: a local Hugging Face directory, or (tiny) built and pre-trained here
@@ -82,6 +130,13 @@ if [[ "${TINY_BASE:-0}" == 1 ]]; then
 --pretrain_text $OUT/base_data/pretrain.jsonl --out_dir $OUT/base --resume $PRETRAIN_ARGS"
   # what the base knows before any chat-format SFT: test accuracy asked in its own pre-training format
   step base_probe "python tiny_base.py --probe $BASE --probe_split $TEST --probe_out $OUT/base_probe.json"
+fi
+
+# ---- LIMR's own setting (LIMR_ONLY=1): RL from the base, nothing of the re-distillation study
+if [[ "${LIMR_ONLY:-0}" == 1 ]]; then
+  limr
+  report
+  exit 0
 fi
 
 # ---- 3. cold start: SFT of the base on the teacher's chain-of-thought traces
@@ -137,11 +192,13 @@ else
   echo "== sample_effect: skipped by the preset (SAMPLE_EFFECT=0)"
 fi
 
-# ---- 9. the final table (and plots when matplotlib is installed); always re-made, it is cheap
-echo "== report"
-echo "+ python report.py --out_dir $OUT --preset $PRESET"
-[[ "$DRY_RUN" == 1 ]] && exit 0
-python report.py --out_dir "$OUT" --preset "$PRESET"
+# ---- 9. optional: the LIMR experiment (from the cold start, unless the preset sets LIMR_INIT)
+if [[ "${LIMR:-0}" == 1 ]]; then
+  limr
+fi
+
+# ---- 10. the final table
+report
 }
 
 main "$@"

@@ -609,7 +609,7 @@ def main(argv=None):
         # 8. the rollout log (rank 0 gathers every rank's rollouts)
         if args.log_rollouts:
             mine_log = [{"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
-                         "finished": s["finished"], "length": s["length"], "step": step, "sample": s["sample"],
+                         "finished": s["finished"], "length": s["length"], "step": step, "epoch": m["epoch"], "sample": s["sample"],
                          "advantage": adv[j], difficulty: records[j // args.group_size].get(difficulty), "rank": rank}
                         for j, s in enumerate(rollouts)]
             everything = [r for per_rank in common.all_gather_json(mine_log) for r in per_rank]

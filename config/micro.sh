@@ -20,3 +20,14 @@ B_STEPS="1-$RL_STEPS"
 B_SAMPLES=4
 EVAL_ARGS="--max_new_tokens 16 --progress false"
 SAMPLE_EFFECT=0
+# LIMR's stages too (plumbing): a probe of 2 epochs (4 steps of 2 prompts) on the 8 RL puzzles, then 2 steps each;
+# the model has no reward to follow, so every prompt is kept (--threshold=-inf) and RAND is the same 8 reshuffled
+LIMR=${LIMR:-1}
+LIMR_DATA_CMD=""
+LIMR_POOL=$TRAIN
+LIMR_PROBE_STEPS=8
+LIMR_STEPS=2
+LIMR_SAVE_EVERY=2
+LIMR_SEEDS="1"
+LIMR_RL_ARGS="$RL_ARGS --val_every 0"
+LIMR_SELECT_ARGS="--threshold=-inf"

@@ -55,3 +55,18 @@ EVAL_ARGS="--max_new_tokens 120 --batch_size 200 --progress false"
 EFFECT_ARGS="--num_eval_prompts 200 --k 8 --max_new_tokens 120 --max_length 1024 --exact true --proj_dim 0 \
 --gen_batch_size 200 --micro_batch_tokens 4096 --progress false --log_every 250"
 SELECT_K=100  # the sample-effect experiment: SFT the base on the 100 highest- vs the 100 lowest-effect samples
+
+# LIMR (LIMR=1 bash reproduce.sh tiny; README "LIMR"): a pool of its own, 170 RL puzzles (the first 20 two-people and
+# 150 three-people ones of the RL train streams), small enough for a probe run of 8 epochs in 80 steps: 10 steps of
+# 16 prompts per epoch, 10 prompts left out of each epoch at random (LIMR: 8 steps of 1,024, 331 left out), 8
+# rollouts per prompt (LIMR: 8) at the preset's temperature 1.0 (LIMR: 1.2). FULL, LIM and RAND: 40 steps each from
+# the cold start, the preset's GRPO settings; threshold 0.6 (LIMR's); three seeds.
+LIMR_DATA_CMD="python kk_data.py --out_dir $OUT/limr/data --fixed_names true --test_people 2-3 --test_per_people 50,150 \
+--train_people 2-3 --train_per_people 20,150 --sft_people 2-3 --sft_per_people 100,300"
+LIMR_POOL=$OUT/limr/data/train.jsonl
+LIMR_PROBE_STEPS=80
+LIMR_STEPS=40
+LIMR_SAVE_EVERY=40
+LIMR_SEEDS="1 2 3"
+LIMR_RL_ARGS="$RL_ARGS --val_every 0"
+LIMR_SELECT_ARGS="--threshold 0.6"

@@ -88,3 +88,45 @@ def test_plots_or_a_note_without_matplotlib(run_dir, capsys):
         return
     for name in names:
         assert os.path.getsize(run_dir / name) > 1000
+
+
+def add_limr(out, seeds=(1, 2)):
+    """A synthetic LIMR experiment: a pool of 10, probe 6 steps of 4 x 2, arms 3 steps of 2 x 2; two splits."""
+    acc = {"start": (0.1, 0.2), "full": (0.4, 0.5), "rand": (0.3, 0.4), "lim": (0.5, 0.5)}
+    for seed in seeds:
+        d = out / "limr" / f"seed_{seed}"
+        common.write_jsonl(d / "scores.jsonl", [{"id": i, "score": None if i < 2 else 0.5, "accuracy": []} for i in range(10)])
+        common.write_jsonl(d / "lim.jsonl", [{"id": i} for i in range(3)])
+        common.write_jsonl(d / "rand.jsonl", [{"id": i} for i in range(3)])
+        for run, steps, prompts in (("full", 6, 4), ("lim", 3, 2), ("rand", 3, 2)):
+            common.write_json(d / run / "settings.json", {"prompts_per_step": prompts, "group_size": 2})
+            common.write_jsonl(d / run / "metrics.jsonl", [{"step": s, "reward": 0.1} for s in range(1, steps + 1)])
+        for arm in ("full", "rand", "lim"):
+            for split, a in zip(("aime", "math500"), acc[arm]):
+                common.write_json(out / "limr" / "eval" / f"{arm}_{seed}" / split / "summary.json", summary(a, a, a + 0.01 * seed))
+    (out / "limr" / "eval" / "results.md").write_text("eval.py's own table\n")  # not a model's directory
+    for split, a in zip(("aime", "math500"), acc["start"]):
+        common.write_json(out / "limr" / "eval" / "start" / split / "summary.json", summary(a, a, a))
+
+
+def test_limr_table_rollouts_per_arm_and_the_mean_over_seeds(run_dir):
+    add_limr(run_dir)
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text()
+    assert "| checkpoint | people 2 | people 3 | overall |" in text  # the study's table is still there
+    assert "| model | seed | prompts | RL steps | RL rollouts | with the probe | aime | math500 | average |" in text
+    # FULL: the probe's first 3 steps (3 x 4 x 2); LIM: its own 3 x 2 x 2 plus the whole probe's 6 x 4 x 2
+    assert "| start |  |  | 0 | 0 | 0 | 0.100 | 0.200 | 0.150 |" in text
+    assert "| FULL | 1 | 10 | 3 | 24 | 24 | 0.410 | 0.510 | 0.460 |" in text
+    assert "| RAND | 2 | 3 | 3 | 12 | 12 | 0.320 | 0.420 | 0.370 |" in text
+    assert "| LIM | 1 | 3 | 3 | 12 | 60 | 0.510 | 0.510 | 0.510 |" in text
+    assert "seed 2: the probe ran 6 steps (48 rollouts) on the 10 prompts of the pool; 8 scored, 2 dropped" in text
+    assert "| LIM | 2 | 0.515 (0.510-0.520) | 0.515 (0.510-0.520) | 0.515 (0.510-0.520) |" in text
+
+
+def test_a_limr_only_run_reports_its_tables_alone(tmp_path):
+    add_limr(tmp_path, seeds=(7,))
+    report.main(["--out_dir", str(tmp_path), "--preset", "limr-x", "--plots", "false"])
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("## Results (limr-x): LIMR") and "| LIM | 7 | 3 | 3 | 12 | 60 |" in text
+    assert "Mean over seeds" not in text  # one seed

@@ -66,7 +66,8 @@ def test_micro_pipeline_writes_every_artefact(micro_run):
     assert "== sample_effect: skipped by the preset" in proc.stdout  # micro's policy has no reward to differentiate
     stages = [line.split("\t")[0] for line in open(f"{out}/times.tsv")]
     assert stages == ["data", "base_text", "base", "base_probe", "teacher_data", "sft", "rl", "sample_A", "sample_B"] + \
-        [n for n in ("redistill_A", "redistill_B") if n in names] + ["eval"]
+        [n for n in ("redistill_A", "redistill_B") if n in names] + ["eval"] + \
+        ["limr_probe_1", "limr_select_1", "limr_lim_1", "limr_rand_1", "limr_eval_1_0"]
     # the final table: printed and in results.md, a row per evaluated model, the GRPO gain stated
     with open(f"{out}/results.md") as f:
         table = f.read()
@@ -82,11 +83,37 @@ def test_micro_pipeline_writes_every_artefact(micro_run):
     assert 0 <= probe["accuracy"] <= 1 and "The base asked in its own pre-training format" in table
 
 
+def test_micro_limr_stages_probe_select_train_and_table(micro_run):
+    """LIMR=1 (micro sets it): the probe's epochs, the selection, FULL = the probe at the arms' step, the table."""
+    out, proc = micro_run
+    seed_dir = f"{out}/limr/seed_1"
+    pool = read_jsonl(f"{out}/data/train.jsonl")
+    for step in range(1, 9):  # 8 puzzles, 2 per step: epochs of 4 steps
+        assert {r["epoch"] for r in read_jsonl(f"{seed_dir}/full/rollouts/step_{step:06d}.jsonl")} == {(step - 1) // 4}
+    scores = read_jsonl(f"{seed_dir}/scores.jsonl")
+    assert [r["id"] for r in scores] == [r["id"] for r in pool] and all(len(r["accuracy"]) == 2 for r in scores)
+    assert read_jsonl(f"{seed_dir}/lim.jsonl") == [r for r, s in zip(pool, scores) if s["score"] is not None]
+    assert sorted(r["id"] for r in read_jsonl(f"{seed_dir}/rand.jsonl")) == \
+        sorted(r["id"] for r in read_jsonl(f"{seed_dir}/lim.jsonl"))  # as many, from the 8: the same 8
+    for run in ("full", "lim", "rand"):  # FULL is the probe's checkpoint at the arms' step 2
+        assert is_checkpoint(f"{seed_dir}/{run}/step_000002"), run
+    for name in ("start", "full_1", "lim_1", "rand_1"):
+        with open(f"{out}/limr/eval/{name}/test/summary.json") as f:
+            assert 0 <= json.load(f)["overall"]["accuracy"] <= 1
+    with open(f"{out}/results.md") as f:
+        table = f.read()
+    assert "### LIMR: RL on the LIM subset" in table
+    # 2 steps x 2 prompts x 2 rollouts each; LIM's selection also cost the probe's 8 steps (32 rollouts)
+    assert "| FULL | 1 | 8 | 2 | 8 | 8 |" in table and "| RAND | 1 | 8 | 2 | 8 | 8 |" in table
+    assert "| LIM | 1 | 8 | 2 | 8 | 40 |" in table
+    assert "seed 1: the probe ran 8 steps (32 rollouts) on the 8 prompts of the pool; 8 scored, 0 dropped" in table
+
+
 def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
     out, _ = micro_run
     # pretend RL was killed after step 2: drop its marker, the last checkpoint and what came after it
     for stage in os.listdir(f"{out}/done"):
-        if stage not in ("data", "base_text", "base", "base_probe", "teacher_data", "sft"):
+        if stage not in ("data", "base_text", "base", "base_probe", "teacher_data", "sft") and not stage.startswith("limr"):
             os.remove(f"{out}/done/{stage}")
     shutil.rmtree(f"{out}/rl/step_000003")
     os.remove(f"{out}/rl/step_000003.state.pt")
@@ -122,6 +149,33 @@ def test_dry_run_of_paper_presets_prints_complete_commands(preset, flags, tmp_pa
     assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing
 
 
+def test_dry_run_of_limrs_own_setting(tmp_path):
+    """LIMR's preset: only the LIMR stages, from the base, with their settings."""
+    model_dir, out = str(tmp_path / "Qwen2.5-Math-7B"), str(tmp_path / "out")
+    proc = run_reproduce("limr-qwen2.5-math-7b", "--dry-run", env={"GPUS": "8", "MODEL_DIR": model_dir, "OUT": out})
+    lines = proc.stdout.splitlines()
+    command_of = {lines[i][3:]: lines[i + 1][2:] for i in range(len(lines) - 1)
+                  if lines[i].startswith("== ") and lines[i + 1].startswith("+ ")}
+    assert list(command_of) == ["data", "limr_probe_1234", "limr_select_1234", "limr_lim_1234", "limr_rand_1234",
+                                "limr_eval_1234_0", "limr_eval_1234_1", "report"]
+    assert "--n_sft_train 0 --n_sft_val 0" in command_of["data"]
+    probe = command_of["limr_probe_1234"]
+    for flag in ("--nproc_per_node=8", f"--model {model_dir}", "--max_steps 168", "--prompts_per_step 1024", "--group_size 8",
+                 "--temperature 1.2", "--max_response_tokens 3072", "--lr 5e-7", "--beta2 0.95", "--ppo_mini_batches 32",
+                 "--kl_coef 0.01 --kl_estimator k1", f"--out_dir {out}/limr/seed_1234/full"):
+        assert flag in probe, flag
+    assert f"--rollouts {out}/limr/seed_1234/full" in command_of["limr_select_1234"]
+    assert "--threshold 0.6 --epochs 21" in command_of["limr_select_1234"]
+    for arm in ("lim", "rand"):
+        assert f"--model {model_dir}" in command_of[f"limr_{arm}_1234"]
+        assert f"--train_data {out}/limr/seed_1234/{arm}.jsonl" in command_of[f"limr_{arm}_1234"]
+        assert "--max_steps 120" in command_of[f"limr_{arm}_1234"]
+    assert f"--checkpoints {model_dir} {out}/limr/seed_1234/full/step_000120 {out}/limr/seed_1234/lim/step_000120" \
+        in command_of["limr_eval_1234_0"]
+    assert "--split_names aime24 amc23 --num_samples 4 --temperature 0.4 --top_p 0.95" in command_of["limr_eval_1234_1"]
+    assert "$" not in "\n".join(command_of.values()) and not os.path.exists(out)
+
+
 def test_dry_run_of_the_tiny_preset_includes_the_top_vs_bottom_experiment(tmp_path):
     proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "out")})
     lines = proc.stdout.splitlines()
@@ -137,6 +191,23 @@ def test_dry_run_of_the_tiny_preset_includes_the_top_vs_bottom_experiment(tmp_pa
         assert f"--init {out}/base/final --data {out}/sample_effect/{v}.jsonl --out_dir {out}/se_{v}" in command_of[f"se_{v}"]
     assert f"--checkpoints {out}/se_top/final {out}/se_bottom/final" in command_of["eval_se"]
     assert not os.path.exists(out)
+
+
+def test_dry_run_of_the_tiny_preset_with_limr(tmp_path):
+    out = str(tmp_path / "out")
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": out, "LIMR": "1"})
+    lines = proc.stdout.splitlines()
+    command_of = {lines[i][3:]: lines[i + 1][2:] for i in range(len(lines) - 1)
+                  if lines[i].startswith("== ") and lines[i + 1].startswith("+ ")}
+    stages = list(command_of)
+    assert stages.index("eval_se") < stages.index("limr_data") < stages.index("limr_probe_1") < stages.index("report")
+    assert [s for s in stages if s.startswith("limr_probe")] == ["limr_probe_1", "limr_probe_2", "limr_probe_3"]
+    assert "--train_per_people 20,150" in command_of["limr_data"]
+    probe = command_of["limr_probe_2"]
+    assert f"--model {out}/sft/final" in probe and f"--train_data {out}/limr/data/train.jsonl" in probe
+    assert "--max_steps 80" in probe and probe.endswith("--save_every 40 --keep_steps 40 --seed 2")  # FULL: the probe at step 40, kept
+    assert "--max_steps 40" in command_of["limr_lim_2"] and command_of["limr_lim_2"].endswith("--seed 2")
+    assert "--names start full_2 lim_2 rand_2" in command_of["limr_eval_2_0"] and not os.path.exists(out)
 
 
 def test_missing_base_model_is_a_clear_error(tmp_path):

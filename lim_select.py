@@ -1,0 +1,243 @@
+"""
+LIMR's learning-impact selection of RL prompts (Li, Zou and Liu, "LIMR: Less is More for RL Scaling",
+arXiv 2502.11886): keep the prompts whose reward curve over a probe RL run follows the model's average
+learning curve.
+
+    python lim_select.py --rollouts runs/probe --train_data data/kk/train.jsonl --task kk \\
+        --out data/kk/lim.jsonl --scores_out data/kk/lim_scores.jsonl --random_out data/kk/rand.jsonl
+
+Reads the rollout log of a probe RL run over the whole pool (train_rl.py's RUN_DIR/rollouts/step_N.jsonl) and
+does what LIMR's released lim/lim_selection.py does (../shared/research/limr_sparse.md section A):
+  1. Per-epoch accuracy r_ik of prompt i: the share of its rollouts in epoch k with reward 1. Epochs are the
+     `epoch` field train_rl.py logs (0-based, (step - 1) // steps per epoch); --steps_per_epoch N groups
+     step files 1..N, N+1..2N, ... instead, as LIMR's code does, and wins when given.
+  2. Gaps: a prompt not drawn in epoch k takes epoch k+1's value, in ONE forward pass over k = 0..K-2, as
+     their loop does (its comment says "forward fill"; it fills backwards). Two empty epochs in a row, or an
+     empty last epoch, stay empty; a prompt with a gap left (or never drawn) is dropped, and counted.
+  3. The average curve r_avg_k over the complete prompts, then
+        s_i = 1 - sum_k (r_ik - r_avg_k)^2 / sum_k (1 - r_avg_k)^2
+     (1 for a prompt on the average curve, 0 for one always solved, negative for one far below it), and the
+     selection s_i >= --threshold (LIMR: 0.6, which gives their 1,389 of 8,523 prompts).
+Writes --out (the selected pool records, as the task reads them, in pool order: a --train_data for
+train_rl.py), --scores_out (one row per pool prompt: {"id", "score", "accuracy"}) and --random_out (a seeded
+random subset of the pool of the same size: LIMR's RAND baseline), and with matplotlib a plot of the average
+curve and a few prompts' curves. Bad input is one line naming the file, line and field, and nothing is written.
+"""
+import argparse
+import os
+import random
+import re
+
+import numpy as np
+
+import common
+from common import UserError, print0
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="LIMR: select RL prompts by how closely their reward curve in a probe "
+                                "RL run follows the average learning curve", prog="lim_select.py")
+    p.add_argument("--rollouts", default=None, help="the probe RL run directory: its rollouts/step_N.jsonl (train_rl.py) "
+                   "cover the whole pool (required)")
+    p.add_argument("--train_data", default=None, help="the pool the probe run trained on: task records, jsonl (required)")
+    p.add_argument("--task", default=None, help="task: kk, math, or a module name with the task interface (required)")
+    p.add_argument("--steps_per_epoch", type=int, default=0,
+                   help="group step files 1..N, N+1..2N, ... into epochs, as LIMR's code does (they used 8); when given "
+                        "it wins over the rollouts' `epoch` field; 0 = use that field")
+    p.add_argument("--epochs", type=int, default=0, help="score the first this many epochs of the log (LIMR: 21); 0 = all")
+    p.add_argument("--threshold", type=float, default=0.6, help="keep prompts with score >= this (LIMR: 0.6)")
+    p.add_argument("--out", default=None, help="write the selected pool records here, in pool order (required)")
+    p.add_argument("--scores_out", default=None, help="also write one row per pool prompt: {id, score, accuracy}; score "
+                   "is null for a dropped prompt; accuracy is the per-epoch list that was scored (after the back-fill; "
+                   "null where an epoch stayed empty)")
+    p.add_argument("--random_out", default=None, help="also write a random subset of the pool of the selected size "
+                   "(LIMR's RAND baseline), in pool order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --random_out subset")
+    p.add_argument("--plot_out", default=None, help="PNG of the average curve and a few prompts' curves, when matplotlib "
+                   "is installed (default: --out with .png for .jsonl; '' = no plot)")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# reading the probe run's rollout log
+
+
+def rollout_files(run_dir):
+    """[(step, path)] of RUN_DIR/rollouts/step_N.jsonl, steps 1..S without a hole (a hole is an error)."""
+    folder = os.path.join(run_dir, "rollouts")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    found = sorted((int(m.group(1)), os.path.join(folder, name)) for name in names
+                   if (m := re.fullmatch(r"step_(\d+)\.jsonl", name)))
+    if not found:
+        raise UserError(f"{folder}: no rollouts (no step_N.jsonl files; the probe run writes them with --log_rollouts true)")
+    for expected, (step, path) in enumerate(found, 1):
+        if step != expected:
+            raise UserError(f"{os.path.join(folder, f'step_{expected:06d}.jsonl')}: file not found (the log has steps "
+                            f"{found[0][0]}..{found[-1][0]} with a hole: every step of the probe run is needed)")
+    return found
+
+
+def read_outcomes(run_dir, pool_ids, steps_per_epoch):
+    """(epoch, pool index, solved) of every rollout in the log, each row's fields checked."""
+    outcomes = []
+    for step, path in rollout_files(run_dir):
+        for lineno, row in common.iter_jsonl(path):
+            where = f"{path}:{lineno}"
+            for field in ("id", "reward") + (() if steps_per_epoch else ("epoch",)):
+                if field not in row:
+                    hint = " (a log from before train_rl.py logged epochs: pass --steps_per_epoch N)" \
+                        if field == "epoch" else ""
+                    raise UserError(f"{where}: missing field '{field}'{hint}")
+            reward, rid = row["reward"], row["id"]
+            if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+                raise UserError(f"{where}: field 'reward' is {reward!r}, expected a number")
+            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) not in pool_ids:
+                raise UserError(f"{where}: field 'id' {rid!r} is not a prompt of the pool (--train_data)")
+            if steps_per_epoch:
+                epoch = (step - 1) // steps_per_epoch
+            else:
+                epoch = row["epoch"]
+                if type(epoch) is not int or epoch < 0:
+                    raise UserError(f"{where}: field 'epoch' is {epoch!r}, expected an integer >= 0")
+            outcomes.append((epoch, pool_ids[str(rid)], reward == 1))
+    if not outcomes:
+        raise UserError(f"{os.path.join(run_dir, 'rollouts')}: no rollouts (every step file is empty)")
+    return outcomes
+
+
+# -----------------------------------------------------------------------------
+# the scoring, as LIMR's code does it (tests/test_lim_select.py checks it against a hand computation)
+
+
+def epoch_accuracy(outcomes, num_prompts, epochs):
+    """(num_prompts, len(epochs)) array: the share of each prompt's rollouts in each epoch with reward 1, NaN
+    where it had none."""
+    column = {e: k for k, e in enumerate(epochs)}
+    solved, drawn = np.zeros((num_prompts, len(epochs))), np.zeros((num_prompts, len(epochs)))
+    for epoch, i, ok in outcomes:
+        if epoch in column:
+            drawn[i, column[epoch]] += 1
+            solved[i, column[epoch]] += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(drawn > 0, solved / drawn, np.nan)
+
+
+def backfill_once(acc):
+    """LIMR's gap handling: one pass over k = 0..K-2, an empty epoch k takes epoch k+1's value if that one has
+    one (a value back-filled at k+1 comes later in the pass, so it never reaches k)."""
+    acc = acc.copy()
+    for k in range(acc.shape[1] - 1):
+        fill = np.isnan(acc[:, k]) & ~np.isnan(acc[:, k + 1])
+        acc[fill, k] = acc[fill, k + 1]
+    return acc
+
+
+def lim_scores(acc):
+    """(scores with NaN for incomplete prompts, the average curve over the complete ones)."""
+    complete = ~np.isnan(acc).any(axis=1)
+    if not complete.any():
+        raise UserError("no prompt has a rollout in every epoch, even after the back-fill: nothing to score "
+                        "(is the probe run a few epochs long, and is --steps_per_epoch right?)")
+    average = acc[complete].mean(axis=0)
+    denominator = ((1.0 - average) ** 2).sum()
+    if denominator == 0:
+        raise UserError("every scored prompt was solved by every rollout in every epoch: the average curve is 1 "
+                        "throughout and the score 1 - sum (r - avg)^2 / sum (1 - avg)^2 is 0/0")
+    scores = np.full(len(acc), np.nan)
+    scores[complete] = 1.0 - ((acc[complete] - average) ** 2).sum(axis=1) / denominator
+    return scores, average
+
+
+def plot_curves(path, acc, scores, average, threshold):
+    """The average curve and, for a few prompts across the range of scores, their own."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("note: matplotlib not installed; no plot (pip install matplotlib)")
+        return
+    scored = np.flatnonzero(~np.isnan(scores))
+    by_score = scored[np.argsort(-scores[scored], kind="stable")]
+    picks = sorted({int(by_score[round(q * (len(by_score) - 1))]) for q in (0.0, 0.25, 0.5, 0.75, 1.0)},
+                   key=lambda i: -scores[i])
+    epochs = np.arange(1, len(average) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, average, "k-", lw=3, label=f"average ({len(scored)} prompts)")
+    for i in picks:
+        ax.plot(epochs, acc[i], "o--" if scores[i] >= threshold else ".:", lw=1,
+                label=f"score {scores[i]:.2f}" + (" (kept)" if scores[i] >= threshold else ""))
+    ax.set_xlabel("epoch of the probe run"), ax.set_ylabel("accuracy (reward 1)"), ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with common.atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+    print0(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = common.parse_settings(get_parser(), argv)
+    for name in ("rollouts", "train_data", "task", "out"):
+        if not getattr(args, name):
+            raise UserError(f"--{name} is required")
+    if args.steps_per_epoch < 0 or args.epochs < 0:
+        raise UserError("--steps_per_epoch and --epochs must be >= 0 (0: from the log)")
+    plot_out = os.path.splitext(args.out)[0] + ".png" if args.plot_out is None else args.plot_out
+    outputs = [p for p in (args.out, args.scores_out, args.random_out, plot_out) if p]
+    if len({os.path.abspath(p) for p in outputs}) < len(outputs):
+        raise UserError(f"the output files must differ: {', '.join(outputs)}")
+
+    # ---- the pool and the log
+    task = common.get_task(args.task)
+    pool = task.load_split(args.train_data)
+    pool_ids = {str(r["id"]): i for i, r in enumerate(pool)}
+    if len(pool_ids) < len(pool):
+        raise UserError(f"{args.train_data}: field 'id': an id repeats, so rollouts cannot be told apart")
+    outcomes = read_outcomes(args.rollouts, pool_ids, args.steps_per_epoch)
+    epochs = sorted({e for e, _, _ in outcomes})
+    if args.epochs:
+        if len(epochs) < args.epochs:
+            raise UserError(f"{args.rollouts}: the log has {len(epochs)} epochs, fewer than --epochs {args.epochs}")
+        epochs = epochs[:args.epochs]
+    if len(epochs) < 2:
+        print0(f"warning: {len(epochs)} epoch in the log: the score compares one number per prompt, not a curve")
+
+    # ---- the scores and the selection
+    raw = epoch_accuracy(outcomes, len(pool), epochs)
+    acc = backfill_once(raw)
+    scores, average = lim_scores(acc)
+    scored = ~np.isnan(scores)
+    selected = np.flatnonzero(scored & (scores >= args.threshold))
+    never_drawn = int(np.isnan(raw).all(axis=1).sum())
+    print0(f"{len(outcomes)} rollouts of {len(pool)} pool prompts over {len(epochs)} epochs: {len(pool) - never_drawn} "
+           f"drawn; {int(np.isnan(raw).sum() - np.isnan(acc).sum())} empty epochs back-filled")
+    print0(f"scored {int(scored.sum())}, dropped {len(pool) - int(scored.sum())} (a gap left after the back-fill; "
+           f"{never_drawn} never drawn), selected {len(selected)} with score >= {args.threshold:g}")
+    print0("average curve: " + " ".join(f"{a:.3f}" for a in average))
+    print0(f"scores: min {np.nanmin(scores):.3f}, median {np.nanmedian(scores):.3f}, max {np.nanmax(scores):.3f}")
+    if not len(selected):
+        raise UserError(f"no prompt scored >= --threshold {args.threshold:g} (the highest is {np.nanmax(scores):.3f}); "
+                        f"nothing written")
+    random_pick = sorted(random.Random(args.seed).sample(range(len(pool)), len(selected)))
+
+    # ---- the outputs (everything above can fail; nothing is written before this point)
+    common.write_jsonl(args.out, [pool[i] for i in selected])
+    print0(f"wrote {len(selected)} selected prompts to {args.out}")
+    if args.scores_out:
+        common.write_jsonl(args.scores_out, [
+            {"id": r["id"], "score": float(scores[i]) if scored[i] else None,
+             "accuracy": [None if np.isnan(a) else float(a) for a in acc[i]]} for i, r in enumerate(pool)])
+        print0(f"wrote {len(pool)} scores to {args.scores_out}")
+    if args.random_out:
+        common.write_jsonl(args.random_out, [pool[i] for i in random_pick])
+        print0(f"wrote a random {len(random_pick)} of the pool (seed {args.seed}) to {args.random_out}")
+    if plot_out:
+        plot_curves(plot_out, acc, scores, average, args.threshold)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

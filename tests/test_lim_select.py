@@ -1,0 +1,187 @@
+"""lim_select.py: LIMR's scoring against a hand computation (back-filled gaps, dropped prompts, the threshold's >=,
+the exact output files), a round trip through train_rl.py on the toy task, and bad input: one line naming the
+file, line and field, with nothing written."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common
+import lim_select
+import toy_task
+import train_rl
+from conftest import ROOT, subprocess_env
+
+# The hand example: 7 prompts, 3 epochs of 2 steps each. (step, prompt, rewards) of every rollout; a reward of 0.5
+# is not a 1, so it counts as unsolved (LIMR: reward == 1).
+LOG = [
+    (1, 0, [1, 0]), (3, 0, [1]), (4, 0, [0.5]), (5, 0, [1]), (6, 0, [1]),  # p0: 1/2, 1/2, 1
+    (4, 1, [1, 0, 1, 0]), (6, 1, [1, 0]),                                   # p1: -, 1/2, 1/2 -> back-fill: 1/2, 1/2, 1/2
+    (2, 2, [0, 0]), (5, 2, [1, 1]),                                         # p2: 0, -, 1 -> 0, 1, 1
+    (6, 3, [1, 1]),                                                         # p3: -, -, 1: two gaps in a row, dropped
+    (1, 4, [1, 1]), (3, 4, [1, 0]),                                         # p4: 1, 1/2, -: the last epoch empty, dropped
+    (1, 6, [0, 0]), (4, 6, [0, 0]), (5, 6, [0, 0]),                         # p6: 0, 0, 0   (p5: never drawn, dropped)
+]
+# By hand: the average over p0, p1, p2, p6 is (1/4, 1/2, 5/8); sum_k (1 - avg_k)^2 = 9/16 + 1/4 + 9/64 = 61/64.
+# sum_k (r_k - avg_k)^2 in 64ths: p0 (1/4, 0, 3/8) -> 13; p1 (1/4, 0, -1/8) -> 5; p2 (-1/4, 1/2, 3/8) -> 29;
+# p6 (-1/4, -1/2, -5/8) -> 45. So s = 1 - 13/61, 1 - 5/61, 1 - 29/61, 1 - 45/61 = 0.787, 0.918, 0.525, 0.262.
+HAND_SCORES = [1 - 13 / 61, 1 - 5 / 61, 1 - 29 / 61, None, None, None, 1 - 45 / 61]
+HAND_ACCURACY = [[0.5, 0.5, 1.0], [0.5, 0.5, 0.5], [0.0, 1.0, 1.0], [None, 1.0, 1.0], [1.0, 0.5, None],
+                 [None, None, None], [0.0, 0.0, 0.0]]
+
+
+def write_log(run_dir, pool, with_epoch=True, steps=6):
+    for step in range(1, steps + 1):
+        rows = [{"id": pool[i]["id"], "reward": r, "step": step, "sample": k, **({"epoch": (step - 1) // 2} if with_epoch else {})}
+                for s, i, rewards in LOG if s == step for k, r in enumerate(rewards)]
+        common.write_jsonl(os.path.join(run_dir, "rollouts", f"step_{step:06d}.jsonl"), rows)
+
+
+@pytest.fixture
+def hand(tmp_path):
+    pool = toy_task.make_records(7, seed=3)
+    common.write_jsonl(tmp_path / "pool.jsonl", pool)
+    write_log(tmp_path / "probe", pool)
+    out = tmp_path / "out"
+    return {"pool": pool, "dir": tmp_path, "out": out,
+            "args": ["--rollouts", str(tmp_path / "probe"), "--train_data", str(tmp_path / "pool.jsonl"), "--task", "toy_task",
+                     "--out", str(out / "lim.jsonl"), "--scores_out", str(out / "scores.jsonl"),
+                     "--random_out", str(out / "rand.jsonl"), "--plot_out", ""]}
+
+
+def test_scores_match_the_hand_computation_with_gaps(hand, capsys):
+    lim_select.main(hand["args"])
+    pool, out = hand["pool"], hand["out"]
+    scores = common.read_jsonl(out / "scores.jsonl")
+    assert [list(r) for r in scores] == [["id", "score", "accuracy"]] * 7  # the exact format, one row per pool prompt
+    assert [r["id"] for r in scores] == [r["id"] for r in pool]
+    assert [r["accuracy"] for r in scores] == HAND_ACCURACY  # back-filled, null where a gap stayed
+    for row, want in zip(scores, HAND_SCORES):
+        assert row["score"] == (None if want is None else pytest.approx(want, abs=1e-12))
+    # threshold 0.6: p0 (0.787) and p1 (0.918), the records unchanged, in pool order
+    assert common.read_jsonl(out / "lim.jsonl") == [pool[0], pool[1]]
+    rand = common.read_jsonl(out / "rand.jsonl")
+    assert len(rand) == 2 and all(r in pool for r in rand) and rand == sorted(rand, key=pool.index)
+    printed = capsys.readouterr().out
+    assert "scored 4, dropped 3" in printed and "1 never drawn" in printed and "selected 2 with score >= 0.6" in printed
+    assert "3 empty epochs back-filled" in printed  # p1's, p2's and p3's second
+
+
+def test_the_threshold_keeps_a_score_equal_to_it(hand):
+    at_p0 = 1 - 13 / 61  # p0's score, exactly as the code computes it (every sum is exact in binary)
+    lim_select.main(hand["args"] + ["--threshold", repr(at_p0)])
+    assert [r["id"] for r in common.read_jsonl(hand["out"] / "lim.jsonl")] == [hand["pool"][0]["id"], hand["pool"][1]["id"]]
+    lim_select.main(hand["args"] + ["--threshold", repr(at_p0 + 1e-12)])
+    assert [r["id"] for r in common.read_jsonl(hand["out"] / "lim.jsonl")] == [hand["pool"][1]["id"]]
+
+
+def test_steps_per_epoch_groups_step_files_and_wins_over_the_field(hand):
+    lim_select.main(hand["args"])
+    want = common.read_jsonl(hand["out"] / "scores.jsonl")
+    probe = hand["dir"] / "probe"
+    write_log(probe, hand["pool"], with_epoch=False)  # an old log: no epoch field
+    with pytest.raises(common.UserError, match=r"step_000001\.jsonl:1: missing field 'epoch'.*--steps_per_epoch"):
+        lim_select.main(hand["args"])
+    lim_select.main(hand["args"] + ["--steps_per_epoch", "2"])
+    assert common.read_jsonl(hand["out"] / "scores.jsonl") == want
+    for path in probe.glob("rollouts/*.jsonl"):  # a wrong epoch field: --steps_per_epoch is what counts
+        common.write_jsonl(path, [{**r, "epoch": 7} for r in common.read_jsonl(path)])
+    lim_select.main(hand["args"] + ["--steps_per_epoch", "2"])
+    assert common.read_jsonl(hand["out"] / "scores.jsonl") == want
+    # --epochs 2: the first two epochs only; p0 (1/2, 1/2), p1 (back-filled), p4 (1, 1/2) and p6 are complete,
+    # p2 (0, -) now has an empty last epoch, p3 is not drawn in them
+    lim_select.main(hand["args"] + ["--steps_per_epoch", "2", "--epochs", "2"])
+    assert [r["score"] is not None for r in common.read_jsonl(hand["out"] / "scores.jsonl")] == \
+        [True, True, False, False, True, False, True]
+
+
+def test_the_curves_are_plotted_when_matplotlib_is_installed(hand, capsys):
+    args = [a for a in hand["args"] if a not in ("--plot_out", "")]
+    lim_select.main(args)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib not installed" in capsys.readouterr().out
+        return
+    assert os.path.getsize(hand["out"] / "lim.png") > 1000  # default: beside --out
+
+
+def test_round_trip_probe_select_and_train_with_train_rl(tiny_checkpoint, tmp_path, monkeypatch):
+    """A real probe run logs epochs; its log selects a subset; the subset trains with train_rl.py."""
+    pool = toy_task.make_records(10, seed=5)
+    common.write_jsonl(tmp_path / "pool.jsonl", pool)
+    # a random tiny model never answers right: score by the response's length instead, so curves differ
+    monkeypatch.setattr(toy_task, "score", lambda response, record, finished: float(len(response) % 2))
+
+    def rl(train_data, out_dir, steps, prompts_per_step):
+        settings = {"model": tiny_checkpoint, "task": "toy_task", "train_data": train_data, "test_data": "",
+                    "out_dir": out_dir, "prompts_per_step": prompts_per_step, "group_size": 4, "max_response_tokens": 6,
+                    "max_steps": steps, "save_every": steps, "warmup_steps": 1, "gen_batch_size": 8, "progress": False}
+        assert train_rl.main([x for k, v in settings.items() for x in (f"--{k}", str(v))]) == 0
+
+    probe = str(tmp_path / "probe")
+    rl(str(tmp_path / "pool.jsonl"), probe, 6, 4)  # 2 steps per epoch (10 // 4, 2 prompts left out each epoch)
+    for step in range(1, 7):
+        rows = common.read_jsonl(os.path.join(probe, "rollouts", f"step_{step:06d}.jsonl"))
+        assert len(rows) == 16 and {r["epoch"] for r in rows} == {(step - 1) // 2}
+    out = tmp_path / "sel"
+    lim_select.main(["--rollouts", probe, "--train_data", str(tmp_path / "pool.jsonl"), "--task", "toy_task",
+                     "--threshold", "0", "--out", str(out / "lim.jsonl"), "--scores_out", str(out / "scores.jsonl"),
+                     "--random_out", str(out / "rand.jsonl"), "--plot_out", ""])
+    scores = common.read_jsonl(out / "scores.jsonl")
+    kept = [r["id"] for r in scores if r["score"] is not None and r["score"] >= 0]
+    assert [r["id"] for r in common.read_jsonl(out / "lim.jsonl")] == kept and len(kept) >= 2
+    assert len(common.read_jsonl(out / "rand.jsonl")) == len(kept)
+    rl(str(out / "lim.jsonl"), str(tmp_path / "lim"), 2, 2)
+    trained = {r["id"] for step in (1, 2) for r in common.read_jsonl(tmp_path / "lim" / "rollouts" / f"step_{step:06d}.jsonl")}
+    assert trained <= set(kept)
+    assert common.checkpoint_steps(str(tmp_path / "lim")) == [2]
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line naming the file, line and field; nothing written
+
+
+def break_line(path, lineno, text):
+    lines = open(path).read().splitlines()
+    lines[lineno - 1] = text
+    open(path, "w").write("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda log, pool: break_line(log / "step_000003.jsonl", 2, '{"id": "toy-train-00000", "reward": '),
+     r"step_000003\.jsonl:2: not valid JSON"),
+    (lambda log, pool: break_line(log / "step_000003.jsonl", 1, json.dumps({"id": "nope", "reward": 1, "epoch": 1})),
+     r"step_000003\.jsonl:1: field 'id' 'nope' is not a prompt of the pool"),
+    (lambda log, pool: break_line(log / "step_000004.jsonl", 2, json.dumps({"id": pool[1]["id"], "reward": "1", "epoch": 1})),
+     r"step_000004\.jsonl:2: field 'reward' is '1', expected a number"),
+    (lambda log, pool: break_line(log / "step_000005.jsonl", 1, json.dumps({"id": pool[0]["id"], "reward": 1, "epoch": -1})),
+     r"step_000005\.jsonl:1: field 'epoch' is -1"),
+    (lambda log, pool: break_line(log / "step_000002.jsonl", 1, json.dumps({"id": pool[2]["id"], "epoch": 0})),
+     r"step_000002\.jsonl:1: missing field 'reward'"),
+    (lambda log, pool: os.remove(log / "step_000004.jsonl"), r"step_000004\.jsonl: file not found .*hole"),
+    (lambda log, pool: [os.remove(p) for p in log.glob("*.jsonl")], r"rollouts: no rollouts \(no step_N\.jsonl"),
+    (lambda log, pool: [open(p, "w").close() for p in log.glob("*.jsonl")], r"rollouts: no rollouts \(every step file is empty"),
+])
+def test_bad_input_is_one_line_naming_the_place_and_nothing_is_written(hand, damage, message):
+    damage(hand["dir"] / "probe" / "rollouts", hand["pool"])
+    with pytest.raises(common.UserError, match=message):
+        lim_select.main(hand["args"])
+    assert not hand["out"].exists()
+
+
+def test_bad_input_from_the_command_line_exits_2_with_one_line(hand):
+    break_line(hand["dir"] / "probe" / "rollouts" / "step_000003.jsonl", 1, json.dumps({"id": "nope", "reward": 1, "epoch": 1}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "lim_select.py"), *hand["args"]], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "step_000003.jsonl:1: field 'id' 'nope'" in proc.stderr
+    assert not hand["out"].exists()
+
+
+def test_a_selection_that_keeps_nothing_writes_nothing(hand):
+    with pytest.raises(common.UserError, match=r"no prompt scored >= --threshold 0\.95 \(the highest is 0\.918\)"):
+        lim_select.main(hand["args"] + ["--threshold", "0.95"])
+    assert not hand["out"].exists()
