@@ -1,12 +1,12 @@
 """
-Speed benchmarks. Generation: our KV-cache engine (model.generate) against transformers' generate on
+Speed benchmarks. Generation: our KV-cache engine (engine.generate) against transformers' generate on
 the same weights and prompts, both forced to stop each row at the same length.
 
   python bench.py                 # CPU: a ~28M-parameter Qwen2-architecture model, fp32
-  python bench.py --gpu           # GPU: the Qwen2.5-1.5B architecture with random bf16 weights
-  python bench.py --rl            # one GRPO step of train_rl.py: generation / scoring / training seconds
-  python bench.py --gpu_suite --json_out docs/gpu_h100.json   # everything on one GPU, one JSON (see gpu_suite)
-  python bench.py --gpu_suite --smoke                         # the same code on CPU with a tiny model
+  python bench.py --gpu true      # GPU: the Qwen2.5-1.5B architecture with random bf16 weights
+  python bench.py --rl true       # one GRPO step of train_rl.py: generation / scoring / training seconds
+  python bench.py --gpu_suite true --json_out docs/gpu_h100.json   # everything on one GPU, one JSON (see gpu_suite)
+  python bench.py --gpu_suite true --smoke true               # the same code on CPU with a tiny model
   python bench.py --memory qwen2.5-1.5b qwen2.5-7b --world 8 --gpu_gib 80   # per-GPU memory table (no GPU needed)
   python bench.py --memory path/to/config.json                # ... for any Hugging Face config.json (or its directory)
 
@@ -31,8 +31,10 @@ import torch
 
 import common
 from common import UserError, parse_settings, run_main
-from model import (ModelConfig, build_model, build_tokenizer, generate, load_model, read_config, save_model,
-                   tiny_config)
+import engine
+from engine import generate
+from model import ModelConfig, load_model, read_config, save_model
+from tiny_base import build_model, build_tokenizer, tiny_config
 
 QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
                   intermediate_size=8960, max_position_embeddings=32768, tie_word_embeddings=True,
@@ -56,7 +58,7 @@ CUDA_CONTEXT_GIB = 1.5  # CUDA context + caching-allocator slack, added to every
 
 def settings(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="GPU mode: Qwen2.5-1.5B architecture, random bf16 weights")
+    p.add_argument("--gpu", type=common.str2bool, default=False, help="GPU mode: Qwen2.5-1.5B architecture, random bf16 weights")
     p.add_argument("--workloads", nargs="+", default=["rl", "fixed"], choices=["rl", "fixed"],
                    help="which workloads to run")
     p.add_argument("--prompts", type=int, nargs="+", default=None,
@@ -66,17 +68,17 @@ def settings(argv=None):
     p.add_argument("--max_len", type=int, default=None, help="longest response (default 512 on CPU, 2048 on GPU)")
     p.add_argument("--fixed_len", type=int, default=256, help="response length of the fixed workload")
     p.add_argument("--repeats", type=int, default=3, help="runs per engine; the median is reported")
-    p.add_argument("--skip_hf", action="store_true", help="benchmark our engine only")
+    p.add_argument("--skip_hf", type=common.str2bool, default=False, help="benchmark our engine only")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, prompts and lengths")
-    p.add_argument("--rl", action="store_true", help="benchmark one GRPO step of train_rl.py instead (CPU, tiny model)")
+    p.add_argument("--rl", type=common.str2bool, default=False, help="benchmark one GRPO step of train_rl.py instead (CPU, tiny model)")
     p.add_argument("--rl_steps", type=int, default=4, help="RL steps to run (the first is a warm-up)")
     p.add_argument("--rl_prompts", type=int, default=16, help="prompts per RL step (x --samples rollouts)")
     p.add_argument("--rl_max_len", type=int, default=64, help="response length cap of the RL benchmark")
-    p.add_argument("--gpu_suite", action="store_true",
+    p.add_argument("--gpu_suite", type=common.str2bool, default=False,
                    help="the GPU check: correctness against transformers, generation throughput, one RL step and SFT "
                         "at the Qwen2.5-1.5B shape with random weights; one JSON (--json_out)")
-    p.add_argument("--smoke", action="store_true", help="--gpu_suite on CPU with a tiny model and small sizes")
+    p.add_argument("--smoke", type=common.str2bool, default=False, help="--gpu_suite on CPU with a tiny model and small sizes")
     p.add_argument("--sections", nargs="+", default=list(SUITE_SECTIONS), choices=SUITE_SECTIONS,
                    help="--gpu_suite: which sections to run, in this order")
     p.add_argument("--json_out", default="", help="--gpu_suite: write the results here (rewritten after each section)")
@@ -95,10 +97,10 @@ def settings(argv=None):
                         "its share")
     p.add_argument("--prompts_per_rank", type=int, default=None,
                    help="--memory: RL prompts per rank (default: --prompts_per_step / --world, rounded up)")
-    p.add_argument("--group_size", type=int, default=8, help="--memory: RL rollouts per prompt (train_rl --group_size)")
+    p.add_argument("--samples_per_prompt", type=int, default=8, help="--memory: RL rollouts per prompt (train_rl --samples_per_prompt)")
     p.add_argument("--gen_batch_size", type=int, default=32,
                    help="--memory: prompts per generation call (train_rl --gen_batch_size): KV-cache rows = "
-                        "min(prompts per rank, this) x --group_size")
+                        "min(prompts per rank, this) x --samples_per_prompt")
     p.add_argument("--prompt_tokens", type=int, default=512,
                    help="--memory: longest prompt of a generation call, tokens")
     p.add_argument("--response_tokens", type=int, default=4096,
@@ -113,7 +115,7 @@ def settings(argv=None):
 
 
 def make_workload(kind, n_prompts, samples, min_len, max_len, fixed_len, vocab, seed):
-    """Prompts of 16..160 tokens and each row's response length."""
+    """Prompts of 16..160 tokens and each row's response length, longest first (see run_ours)."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, vocab, (int(torch.randint(16, 161, (1,), generator=g)),), generator=g).tolist()
                for _ in range(n_prompts)]
@@ -121,7 +123,7 @@ def make_workload(kind, n_prompts, samples, min_len, max_len, fixed_len, vocab, 
     if kind == "fixed":
         lengths = [fixed_len] * rows
     else:
-        lengths = torch.randint(min_len, max_len + 1, (rows,), generator=g).tolist()
+        lengths = sorted(torch.randint(min_len, max_len + 1, (rows,), generator=g).tolist(), reverse=True)
     return prompts, lengths
 
 
@@ -136,18 +138,27 @@ def timed(fn, device):
 
 
 def run_ours(model, prompts, lengths, samples, stop_id):
-    """Our engine; a logits hook forces the stop token at each row's length."""
+    """Our engine, with the stop token forced at each row's length. Rows come longest first (make_workload), so the
+    rows that finish at a step are always the last live ones and no row moves (KVCache.drop): live row r is row r,
+    and a wrapper around engine.sample_next can force the stop by row without the engine knowing."""
+    assert lengths == sorted(lengths, reverse=True), "rows must come longest first"
     want = torch.tensor(lengths, device=model.lm_head.weight.device)
+    pick, step = engine.sample_next, [0]
 
-    def force_stop(logits, rows, step):
-        at = want[rows] == step + 1
+    def forced_pick(logits, *rest):
+        at = want[:logits.shape[0]] == step[0] + 1
         logits[:, stop_id] = -float("inf")  # never earlier ...
         logits[at] = -float("inf")  # ... and exactly at the row's length
         logits[at, stop_id] = 0.0
-        return logits
+        step[0] += 1
+        return pick(logits, *rest)
 
-    out = generate(model, prompts, n=samples, max_new_tokens=max(lengths), temperature=1.0, stop_ids=[stop_id],
-                   seed=0, logits_hook=force_stop)
+    engine.sample_next = forced_pick
+    try:
+        out = engine.generate(model, prompts, n=samples, max_new_tokens=max(lengths), temperature=1.0,
+                              stop_ids=[stop_id], seed=0)
+    finally:
+        engine.sample_next = pick
     assert [len(g.tokens) for g in out] == lengths
     return sum(lengths)
 
@@ -277,7 +288,7 @@ def bench_rl(args):
         common.write_jsonl(os.path.join(d, "train.jsonl"), recs)
         argv = ["--model", os.path.join(d, "init"), "--task", "toy_task", "--train_data", os.path.join(d, "train.jsonl"),
                 "--test_data", "", "--out_dir", os.path.join(d, "run"), "--prompts_per_step", str(prompts),
-                "--group_size", str(group), "--max_response_tokens", str(max_len), "--max_steps", str(steps),
+                "--samples_per_prompt", str(group), "--max_response_tokens", str(max_len), "--max_steps", str(steps),
                 "--save_every", str(steps), "--log_rollouts", "false", "--progress", "false", "--lr", "1e-5",
                 "--seed", str(args.seed)]
         t0 = time.time()
@@ -327,7 +338,7 @@ def param_counts(cfg):
 
 
 def kv_cache_bytes(cfg, rows, max_len, dtype_bytes=2):
-    """model.KVCache(cfg, rows, max_len, ...): k and v, each (layers, rows, kv_heads, max_len, head_dim)."""
+    """engine.KVCache(cfg, rows, max_len, ...): k and v, each (layers, rows, kv_heads, max_len, head_dim)."""
     return 2 * cfg.num_layers * rows * cfg.num_kv_heads * max_len * cfg.head_dim * dtype_bytes
 
 
@@ -389,7 +400,7 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     # activation_bytes, which came within 1 % of the rest at the 1.5B and 7B shapes; see docs/memory.md.)
     e["fsdp_transient"] = 2 * root + 2 * 2 * n["block"] + 4 * n["block"] + 4 * root
     # RL generation: the training state stays sharded; a plain bf16 copy of all weights is gathered for the engine
-    # (freed before the update), model.generate's KV cache (rows x (prompt + response) columns) and its
+    # (freed before the update), engine.generate's KV cache (rows x (prompt + response) columns) and its
     # temporaries: the prefill (prompts packed in one row, no grad, one block at a time) or a decode step's sampling
     # (rows x V fp32: logits, log-softmax, probs / cdf), whichever is larger
     prompts = min(prompts_per_rank, gen_batch_size)
@@ -433,7 +444,7 @@ def memory_config(spec):
 def memory_settings(args, world=None, gen_batch_size=None):
     world = world or args.world
     per_rank = args.prompts_per_rank or -(-args.prompts_per_step // world)
-    return dict(world=world, prompts_per_rank=per_rank, group_size=args.group_size,
+    return dict(world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
                 gen_batch_size=gen_batch_size or args.gen_batch_size, prompt_tokens=args.prompt_tokens,
                 response_tokens=args.response_tokens, rl_tokens=args.rl_micro_batch_tokens,
                 sft_tokens=args.sft_micro_batch_tokens, logprob_chunk=args.logprob_chunk)
@@ -441,7 +452,7 @@ def memory_settings(args, world=None, gen_batch_size=None):
 
 def bench_memory(args):
     """One markdown table, a column per model, rows the per-GPU components and phase peaks in GiB; then a verdict."""
-    for name in ("world", "group_size", "gen_batch_size", "prompt_tokens", "response_tokens", "rl_micro_batch_tokens",
+    for name in ("world", "samples_per_prompt", "gen_batch_size", "prompt_tokens", "response_tokens", "rl_micro_batch_tokens",
                  "sft_micro_batch_tokens", "logprob_chunk", "prompts_per_step"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
@@ -484,7 +495,7 @@ def bench_memory(args):
     ]
     print(f"per-GPU memory, GiB, on {args.world} x {cap:g} GiB (FSDP2: fp32 master + grads + AdamW sharded over "
           f"{args.world}, bf16 compute; gradient checkpointing); RL: {s0['prompts_per_rank']} prompts per rank x "
-          f"{args.group_size} rollouts, prompts {args.prompt_tokens} + responses {args.response_tokens} tokens; every "
+          f"{args.samples_per_prompt} rollouts, prompts {args.prompt_tokens} + responses {args.response_tokens} tokens; every "
           f"peak includes {CUDA_CONTEXT_GIB} GiB of CUDA context and allocator slack")
     print()
     print("| per GPU, GiB | " + " | ".join(name for name, _ in cols) + " |")
@@ -673,7 +684,7 @@ def mfu(flops, seconds, device):
 
 def suite_correctness(base, tok, records, sizes, device, seed, tmp):
     from transformers import AutoModelForCausalLM
-    from train_rl import response_logprobs
+    from model import response_logprobs
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here (train_rl turns TF32 on later)
     torch.backends.cudnn.allow_tf32 = False
     g = torch.Generator().manual_seed(seed)
@@ -686,7 +697,9 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
         ours = load_model(base, dtype=dtype, device=device).eval()
         hf = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
         with torch.no_grad():
-            logits[tag] = (ours.logits(idx), hf(idx).logits.float())
+            rows = torch.arange(0, batch * width + 1, width, device=device)  # the batch's rows as packed sequences
+            ours_logits = ours.lm_head(ours(idx.reshape(1, -1), cu_seqlens=rows)).float().view(batch, width, -1)
+            logits[tag] = (ours_logits, hf(idx).logits.float())
         if dtype == torch.float32:  # greedy decode, token for token, against transformers
             n = sizes["greedy_new"]
             mine = generate(ours, prompts, max_new_tokens=n, temperature=0)
@@ -803,16 +816,16 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
                      "response": tok.decode(ids)})
     path, out = os.path.join(tmp, "sft.jsonl"), os.path.join(tmp, "sft_run")
     common.write_jsonl(path, data)
-    lengths = [len(e["input_ids"]) for e in redistill_sft.load_sft_examples([path], tok, 5000)]  # as SFT sees them
+    lengths = [len(e["input_ids"]) for e in common.load_sft_examples([path], tok, 5000)]  # as SFT sees them
     argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
-            "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000", "--gradient_checkpointing",
-            "--bf16", "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed)]
+            "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000", "--gradient_checkpointing", "true",
+            "--bf16", "true", "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed)]
     reset_peak(device)
     with checkpoints_skipped():
         redistill_sft.main(argv)
     mem = peak_gb(device)
     ms = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m][1:]  # step 1 warms up
-    order = redistill_sft.epoch_order(len(data), seed, 0)
+    order = common.epoch_order(len(data), seed, 0)
     cfg = read_config(base)
     flops = sum(train_flops(cfg, [lengths[i] for i in order[(m["step"] - 1) * batch:m["step"] * batch]],
                             sum(lengths[i] for i in order[(m["step"] - 1) * batch:m["step"] * batch])) for m in ms)
@@ -828,7 +841,7 @@ def suite_rl(base, tok, records, sizes, device, seed, tmp):
     path, out = os.path.join(tmp, "rl_train.jsonl"), os.path.join(tmp, "rl_run")
     common.write_jsonl(path, records[:sizes["rl_prompts"]])
     argv = ["--model", base, "--task", "kk", "--train_data", path, "--test_data", "", "--out_dir", out,
-            "--prompts_per_step", str(sizes["rl_prompts"]), "--group_size", str(sizes["rl_group"]),
+            "--prompts_per_step", str(sizes["rl_prompts"]), "--samples_per_prompt", str(sizes["rl_group"]),
             "--max_response_tokens", str(sizes["rl_max"]), "--max_steps", "1", "--gradient_checkpointing", "true",
             "--micro_batch_tokens", "30000", "--log_rollouts", "true", "--progress", "false", "--seed", str(seed)]
     reset_peak(device)

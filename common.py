@@ -9,7 +9,7 @@ import os
 import random
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 # The paper's system prompt (Qwen-Math style), used for every task and model.
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -27,11 +27,30 @@ class UserError(Exception):
 # settings
 
 
+# old spellings of settings: each is an error that names the new one (one name per thing across the scripts)
+RENAMED = {"--group_size": "--samples_per_prompt", "--k": "--samples_per_prompt", "--eight_bit_adam": "--adam_8bit",
+           "--grad_checkpointing": "--gradient_checkpointing",
+           "--num_samples": "--samples_per_prompt (samples per prompt) or, in sample_policy.py, --num_examples"}
+
+
 def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse settings; `--config FILE.json` supplies defaults that the command line overrides."""
+    """Parse settings; `--config FILE.json` supplies defaults that the command line overrides. Every boolean is
+    written `--name true` or `--name false`; an old spelling of a renamed setting is an error naming the new one;
+    option names must be written in full (no prefixes)."""
     if "--config" not in parser._option_string_actions:  # a script's main may run twice in one process (tests)
         parser.add_argument("--config", default=None,
                             help="JSON file of settings (keys = option names without --); command-line flags override it")
+    parser.allow_abbrev = False  # a prefix such as --k must not silently mean --kv_cache_gib
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options = parser._option_string_actions
+    for i, token in enumerate(argv):
+        name = token.split("=", 1)[0]
+        if name in RENAMED and name not in options:
+            raise UserError(f"{name} is now {RENAMED[name]}")
+        action = options.get(name)
+        if action is not None and action.type is str2bool and "=" not in token and \
+                (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            raise UserError(f"{name} takes a value: {name} true or {name} false")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         try:
@@ -187,7 +206,7 @@ def barrier():
 
 def even_out(batches):
     """The same number of micro-batches on every rank, padded with None: under FSDP every forward and backward
-    is a collective, so a rank that has run out runs model.idle_pass while the others work."""
+    is a collective, so a rank that has run out runs idle_pass while the others work."""
     import torch
     n = int(all_reduce(torch.tensor([len(batches)]), "max")[0])
     return list(batches) + [None] * (n - len(batches))
@@ -199,6 +218,113 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# batching: the data order and packed micro-batches, deterministic and the same on every rank
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of an epoch: a permutation of range(n) fixed by (seed, epoch), identical on every rank,
+    so a resumed run skips and repeats nothing."""
+    import numpy as np
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def micro_batches(lengths, budget, indices=None):
+    """Pack sequences (indices into lengths; default all), longest first (ties: lower index first), into
+    micro-batches of at most `budget` tokens (a longer sequence goes alone). Returns lists of indices."""
+    indices = range(len(lengths)) if indices is None else indices
+    batches, cur, size = [], [], 0
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        if cur and size + lengths[i] > budget:
+            batches.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += lengths[i]
+    return batches + ([cur] if cur else [])
+
+
+# -----------------------------------------------------------------------------
+# sharding: FSDP2 for training, a full copy for generation
+#
+# Training scripts shard the model with PyTorch's FSDP2: each rank keeps 1/world of the fp32 weights (the
+# master copy the optimizer updates), of the gradients and of the AdamW state; a block's weights are
+# all-gathered in the compute dtype just before it runs and freed after. Every forward and backward is
+# therefore a collective that all ranks must join. Generation instead runs on a plain full copy gathered
+# once (full_copy): no collective inside the decode loop, and ranks may generate different lengths.
+
+
+def shard_model(model, compute_dtype):
+    """Shard an fp32 model over all ranks with FSDP2: each block, then the rest (embeddings, final norm, lm_head).
+
+    Forward and backward run in compute_dtype; gradients are reduce-scattered in fp32 and SUMMED over ranks
+    (FSDP's default is the mean): every loss in this project is already normalised over the global batch, so
+    the sum of the ranks' gradients is the gradient of the global loss. Works on 1 rank, N GPUs (NCCL), several
+    nodes, and CPU ranks under gloo. One fp32 rank (the CPU preset) keeps the plain model."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise ValueError("shard_model expects fp32 weights (they are the master copy); compute_dtype sets the compute")
+    if world_size() == 1 and compute_dtype == torch.float32:
+        return model  # nothing to shard and nothing to cast: FSDP's hooks would only cost time (~20% on CPU)
+    policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                  reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+def full_tensor(t):
+    """The whole of a parameter or gradient, FSDP-sharded or not (a collective when sharded: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_tensor(t):
+    """This rank's part of a parameter, gradient or optimizer state: a sharded tensor's local shard, else all of it."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(model.lm_head.weight, DTensor)
+
+
+def full_copy(model, dtype, device=None, on_rank=None):
+    """A plain, unsharded Transformer holding the full weights of `model` (sharded or not) in dtype.
+
+    Each tensor is cast to dtype, then gathered (every rank must call this); peak extra memory is the copy plus
+    one full tensor. With on_rank, only that rank keeps the copy and the others get None (checkpoints)."""
+    import torch
+    from model import empty_model
+    keep = on_rank is None or rank() == on_rank
+    device = device or model.lm_head.weight.device
+    copy = empty_model(model.config, dtype, device).requires_grad_(False) if keep else None
+    for name, p in model.named_parameters():
+        full = full_tensor(p.detach().to(dtype))
+        if keep:
+            with torch.no_grad():
+                copy.get_parameter(name).copy_(full)
+    return copy.eval() if keep else None
+
+
+def idle_pass(model, backward=True):
+    """A forward (and backward) on a 2-token dummy that adds nothing to any gradient. A rank that has run out of
+    micro-batches runs it so that it still joins the collectives of FSDP's forward and backward."""
+    import torch
+    device = model.lm_head.weight.device
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    hidden = model(ids, cu_seqlens=torch.tensor([0, 2], device=device))
+    lp = model.token_logprobs(hidden[0, :1], ids[0, 1:])
+    if backward:
+        (lp.sum() * 0.0).backward()
 
 
 # -----------------------------------------------------------------------------
@@ -251,6 +377,11 @@ def atomic_open(path, mode="w"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def open_lines(path):
+    """`with open_lines(path) as lines: for lineno, record in lines`: a jsonl file streamed with clear errors."""
+    return closing(iter_jsonl(path))
 
 
 def write_jsonl(path, records):
@@ -321,6 +452,20 @@ def encode_prompts(tokenizer, texts):
     return [x if x[:1] == [bos] else [bos] + x for x in ids]
 
 
+def task_prompt_ids(tokenizer, task, records, template):
+    """The token ids of each record's rendered prompt."""
+    return encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, template) for r in records])
+
+
+def check_prompts_fit(prompt_ids, records, max_new_tokens, context, where, flag="--max_new_tokens"):
+    """Every prompt plus max_new_tokens must fit the model's context. Every rank checks every prompt before any work,
+    so a too-long one stops all ranks alike (not one rank, mid-collective); the error names the record."""
+    for i, (rec, ids) in enumerate(zip(records, prompt_ids)):
+        if len(ids) + max_new_tokens > context:
+            raise UserError(f"{where}: record {i + 1} (id {rec.get('id')!r}): prompt of {len(ids)} tokens + {flag} "
+                            f"{max_new_tokens} > the model's {context}-token context")
+
+
 # -----------------------------------------------------------------------------
 # generation over task records (sampling, evaluation and RL validation share this)
 
@@ -332,11 +477,12 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     Prompts are sorted by length and generated `batch_size` prompts (x n rows) at a time. Returns one
     dict per (record, sample), in record order then sample order:
     {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
-    partner, switch: cross-sampling with a second model (model.generate); each dict then also holds
+    partner, switch: cross-sampling with a second model (engine.generate); each dict then also holds
     "switched" and "differs", one bool per token.
     """
     from tqdm import tqdm
-    from model import generate, stop_token_ids
+    from engine import generate
+    from model import stop_token_ids
     stop = stop_token_ids(tokenizer)
     prompts = [task.render_prompt(r, tokenizer, template) for r in records]
     prompt_ids = encode_prompts(tokenizer, prompts)
@@ -359,6 +505,42 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
         bar.update(len(gens))
     bar.close()
     return [s for per_record in results for s in per_record]
+
+
+def check_checkpoint(path):
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint {path}: no such directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"checkpoint {path}: not a Hugging Face checkpoint directory (no config.json)")
+
+
+def load_records(task, task_name, path, tokenizer, template):
+    """The split's records, checked to belong to this task: it loads with the task's load_split, every
+    record has an id and the difficulty key, and each renders and scores without error."""
+    try:
+        records = task.load_split(path)
+    except UserError as e:
+        raise UserError(f"{e} (is {path} a split of task {task_name!r}?)")
+    if not records:
+        raise UserError(f"split {path}: no records (empty split)")
+    seen = set()
+    for i, r in enumerate(records):
+        where = f"split {path}: record {i + 1}"
+        if "id" not in r:
+            raise UserError(f"{where}: missing field 'id'")
+        if r["id"] in seen:
+            raise UserError(f"{where}: duplicate id {r['id']!r}")
+        seen.add(r["id"])
+        if task.DIFFICULTY is not None and task.DIFFICULTY not in r:
+            raise UserError(f"{where} (id {r['id']!r}): missing difficulty field {task.DIFFICULTY!r} of task "
+                            f"{task_name!r}; is this a split of another task?")
+        try:
+            task.render_prompt(r, tokenizer, template)
+            task.score("", r, True)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise UserError(f"{where} (id {r['id']!r}): task {task_name!r} cannot render or score it "
+                            f"({type(e).__name__}: {e}); is this a split of another task?")
+    return records
 
 
 def stratified_subset(records, n, key, seed=0):
@@ -403,6 +585,38 @@ def sft_token_ids(tokenizer, prompts, responses, eos=True):
     return [(p + r + ([tokenizer.eos_token_id] if e else []), len(p)) for p, r, e in zip(prompt_ids, response_ids, eos)]
 
 
+def load_sft_examples(paths, tokenizer, max_length):
+    """Tokenize SFT jsonl files: prompt and response separately (no special tokens), EOS appended to the response.
+
+    Returns a list of {"input_ids", "start" (index of the first response token), "id", "task", "file", "line"}.
+    Loss goes on input_ids[start:] (the response and its EOS). An example longer than max_length, a missing
+    or non-string field, an empty prompt or a tokenizer without EOS is a UserError naming file and line.
+    Note: text sampled from a model and re-tokenized may split into slightly different tokens than the model
+    produced (BPE is not unique); the text is the same, which is what the paper trains on too.
+    """
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no eos_token; SFT appends EOS to every response")
+    examples = []
+    for path in paths:
+        rows, where = [], []
+        with open_lines(path) as lines:
+            for lineno, rec in lines:
+                check_sft_record(path, lineno, rec)
+                rows.append(rec)
+                where.append(lineno)
+        if not rows:
+            raise UserError(f"{path}: no examples")
+        tokenized = sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
+        for rec, lineno, (ids, start) in zip(rows, where, tokenized):
+            if len(ids) > max_length:
+                raise UserError(f"{path}:{lineno}: example {rec['id']!r} has {len(ids)} tokens (prompt {start} + "
+                                f"response {len(ids) - start - 1} + EOS) > max_length {max_length}; long examples are "
+                                f"an error, not truncated (raise --max_length or drop the example)")
+            examples.append({"input_ids": ids, "start": start, "id": rec["id"], "task": rec.get("task"),
+                             "file": path, "line": lineno})
+    return examples
+
+
 def shard(items, rank_, world):
     """This rank's share of a list: every world-th item starting at rank (disjoint, covers all)."""
     return items[rank_::world]
@@ -438,7 +652,6 @@ def clip_grad_norm(params, max_norm):
     returns the norm before clipping, a float. One all-reduce of one number, on this rank's shards as plain
     tensors (torch.nn.utils.clip_grad_norm_ would dispatch every op of every tensor through DTensor)."""
     import torch
-    from model import local_tensor
     grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -475,11 +688,11 @@ def checkpoint_steps(run_dir):
                   if name.startswith("step_") and name.endswith(".state.pt") and name[5:11].isdigit())
 
 
-def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dict, dtype):
-    """Write the checkpoint of `step`, its weights in `dtype` (every rank calls this). train_state: tensors, numbers,
-    strings, lists, dicts."""
+def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dict, dtype, keep_last, keep_weights=()):
+    """Write the checkpoint of `step`, its weights in `dtype` (every rank calls this), then prune older ones
+    (prune_checkpoints). train_state: tensors, numbers, strings, lists, dicts."""
     import torch
-    from model import full_copy, save_model
+    from model import save_model
     full = full_copy(model, dtype, device="cpu", on_rank=0)
     if rank() == 0:
         save_model(full, checkpoint_dir(run_dir, step), tokenizer)
@@ -490,6 +703,7 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
     if rank() == 0:
         with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
             torch.save({"step": step, "world_size": world_size(), **train_state}, f)
+        prune_checkpoints(run_dir, keep_last, keep_weights)
     barrier()
 
 
@@ -538,10 +752,44 @@ def load_checkpoint(run_dir):
     return None
 
 
+def resume_checkpoint(run_dir, resume):
+    """The checkpoint to continue from (load_checkpoint's newest complete one), or None for a fresh run. Checkpoints in
+    run_dir without resume are an error: a new run would mix its steps with an old one's."""
+    steps = checkpoint_steps(run_dir)
+    if steps and not resume:
+        raise UserError(f"{run_dir} already holds checkpoints (newest step {steps[-1]}); pass --resume true to "
+                        f"continue it, or choose another --out_dir")
+    return load_checkpoint(run_dir) if resume else None
+
+
+def metrics_log(run_dir, start_step, wandb_project="", settings=None):
+    """log(record): appends to run_dir/metrics.jsonl on rank 0, and to Weights & Biases when wandb_project is set and
+    wandb is installed. Records after start_step (the checkpoint a run resumes from; 0 = a fresh run) are dropped
+    first, so a resumed run rewrites them. log.finish() ends the wandb run."""
+    path, wandb = os.path.join(run_dir, "metrics.jsonl"), None
+    if rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        if os.path.exists(path):
+            write_jsonl(path, [m for m in read_jsonl(path) if start_step and m.get("step", 0) <= start_step])
+        if wandb_project:
+            try:
+                import wandb
+                wandb.init(project=wandb_project, name=os.path.basename(os.path.abspath(run_dir)), config=settings)
+            except ImportError:
+                print0("note: wandb not installed; logging to metrics.jsonl only")
+
+    def log(record):
+        if rank() == 0:
+            append_jsonl(path, record)
+            if wandb:
+                wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+    log.finish = lambda: wandb.finish() if wandb else None
+    return log
+
+
 def local_train_state(model, optimizer):
     """This rank's part of the fp32 weights and of optimizer.state_dict(), as plain tensors (a sharded tensor's
     local shard; an unsharded one whole)."""
-    from model import local_tensor
     sd = optimizer.state_dict()
     sd["state"] = {i: {k: local_tensor(v) for k, v in s.items()} for i, s in sd["state"].items()}
     return {"weights": {name: local_tensor(p.detach()) for name, p in model.named_parameters()}, "optimizer": sd}
@@ -552,7 +800,6 @@ def load_local_train_state(model, optimizer, shard):
     state, each shard back into a tensor sharded like its parameter."""
     import torch
     from torch.distributed.tensor import DTensor
-    from model import local_tensor
     with torch.no_grad():
         for name, p in model.named_parameters():
             local_tensor(p).copy_(shard["weights"][name])

@@ -6,7 +6,7 @@ Accuracy tables: evaluate one or more checkpoints on one or more task splits.
 
 The paper's protocol (paper.md section 9): greedy decoding (temperature 0, one sample), max 4096 new
 tokens, accuracy per difficulty (K&K: number of people, MATH: level) and overall, and the truncation
-("clip") rate. Sampled evaluation (--num_samples, --temperature, --top_p) adds avg@n and unbiased pass@k.
+("clip") rate. Sampled evaluation (--samples_per_prompt, --temperature, --top_p) adds avg@n and unbiased pass@k.
 
 Scoring is the task's own `score`, the very function that rewards training: a truncated response (no EOS
 within max_new_tokens) is wrong. NOTE: the paper's verl `main_eval` appended <|endoftext|> to every
@@ -49,7 +49,7 @@ parser.add_argument("--splits", nargs="+", default=None, help="task split files 
 parser.add_argument("--split_names", nargs="+", default=None, help="names for the splits (default: each file's basename without extension)")
 parser.add_argument("--out_dir", default="out/eval", help="output directory: <name>/<split>/{samples.jsonl,summary.json} and results.md")
 # not --n: torchrun's own parser rejects "--n" after the script name as an ambiguous prefix of --nnodes etc.
-parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt, n of avg@n and pass@k (paper: 1, greedy)")
+parser.add_argument("--samples_per_prompt", type=int, default=1, help="samples per prompt, n of avg@n and pass@k (paper: 1, greedy)")
 parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (paper)")
 parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (ignored when greedy)")
 parser.add_argument("--max_new_tokens", type=int, default=4096, help="response budget in tokens (paper: 4096); longer = truncated = wrong")
@@ -62,7 +62,7 @@ parser.add_argument("--overwrite", type=common.str2bool, default=False, help="re
 parser.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bar on rank 0")
 
 # settings that change what is generated: a done pair is reused only when these match
-GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "num_samples", "temperature", "top_p", "max_new_tokens",
+GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "samples_per_prompt", "temperature", "top_p", "max_new_tokens",
                        "template", "dtype", "seed")
 
 
@@ -172,8 +172,8 @@ def markdown_table(rows, columns=None, digits=2):
 def split_heading(summary):
     """Markdown heading naming the split and how it was evaluated."""
     s = summary["settings"]
-    how = ("greedy, pass@1" if s["temperature"] == 0 and s["num_samples"] == 1 else
-           f"avg@{s['num_samples']}, temperature {s['temperature']:g}, top-p {s['top_p']:g}")
+    how = ("greedy, pass@1" if s["temperature"] == 0 and s["samples_per_prompt"] == 1 else
+           f"avg@{s['samples_per_prompt']}, temperature {s['temperature']:g}, top-p {s['top_p']:g}")
     return f"### {summary['split']} ({s['task']}; {how}; max {s['max_new_tokens']} new tokens)"
 
 
@@ -185,12 +185,8 @@ def evaluate(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, m
     (Also for validation inside training: call it on every rank.)"""
     rank, world = common.rank(), common.world_size()
     # every rank checks every prompt fits, so a too-long one stops all ranks alike (not one, mid-collective)
-    context = model.config.max_position_embeddings
-    lengths = map(len, common.encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, template) for r in records]))
-    for r, length in zip(records, lengths):
-        if length + max_new_tokens > context:
-            raise UserError(f"record {r['id']!r}: its prompt has {length} tokens; with max_new_tokens={max_new_tokens} "
-                            f"that exceeds the model's {context}-token context; lower --max_new_tokens")
+    common.check_prompts_fit(common.task_prompt_ids(tokenizer, task, records, template), records, max_new_tokens,
+                             model.config.max_position_embeddings, desc)
     indices = common.shard(list(range(len(records))), rank, world)
     out = common.sample_responses(model, tokenizer, task, [records[j] for j in indices], n=n, temperature=temperature,
                                   top_p=top_p, max_new_tokens=max_new_tokens, seed=seed * 1000 + rank,  # own stream per rank
@@ -234,42 +230,6 @@ def unique_names(names, given, flag, what):
     return names
 
 
-def check_checkpoint(path):
-    if not os.path.isdir(path):
-        raise UserError(f"checkpoint {path}: no such directory")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"checkpoint {path}: not a Hugging Face checkpoint directory (no config.json)")
-
-
-def load_records(task, task_name, path, tokenizer, template):
-    """The split's records, checked to belong to this task: it loads with the task's load_split, every
-    record has an id and the difficulty key, and each renders and scores without error."""
-    try:
-        records = task.load_split(path)
-    except UserError as e:
-        raise UserError(f"{e} (is {path} a split of task {task_name!r}?)")
-    if not records:
-        raise UserError(f"split {path}: no records (empty split)")
-    seen = set()
-    for i, r in enumerate(records):
-        where = f"split {path}: record {i + 1}"
-        if "id" not in r:
-            raise UserError(f"{where}: missing field 'id'")
-        if r["id"] in seen:
-            raise UserError(f"{where}: duplicate id {r['id']!r}")
-        seen.add(r["id"])
-        if task.DIFFICULTY is not None and task.DIFFICULTY not in r:
-            raise UserError(f"{where} (id {r['id']!r}): missing difficulty field {task.DIFFICULTY!r} of task "
-                            f"{task_name!r}; is this a split of another task?")
-        try:
-            task.render_prompt(r, tokenizer, template)
-            task.score("", r, True)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise UserError(f"{where} (id {r['id']!r}): task {task_name!r} cannot render or score it "
-                            f"({type(e).__name__}: {e}); is this a split of another task?")
-    return records
-
-
 def read_done(summary_path, samples_path, settings, records, task):
     """A finished pair's summary, if its settings match this run's; recomputed when pass_k changed."""
     try:
@@ -297,35 +257,35 @@ def main(argv=None):
     args = common.parse_settings(copy.deepcopy(parser), argv)  # a copy: main() may run more than once (tests)
     if not args.checkpoints or not args.splits:
         raise UserError("give --checkpoints DIR [DIR ...] and --splits PATH [PATH ...]")
-    if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise UserError("--num_samples, --max_new_tokens and --batch_size must be >= 1")
+    if args.samples_per_prompt < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise UserError("--samples_per_prompt, --max_new_tokens and --batch_size must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top_p in (0, 1]")
-    if args.temperature == 0 and args.num_samples > 1:
-        raise UserError("greedy decoding (--temperature 0) gives n identical samples; use --num_samples 1 or a temperature > 0")
+    if args.temperature == 0 and args.samples_per_prompt > 1:
+        raise UserError("greedy decoding (--temperature 0) gives n identical samples; use --samples_per_prompt 1 or a temperature > 0")
     if any(k < 1 for k in args.pass_k):
         raise UserError("--pass_k values must be >= 1")
     task = common.get_task(args.task)
     for path in args.checkpoints:
-        check_checkpoint(path)
+        common.check_checkpoint(path)
     names = unique_names([safe_name(os.path.basename(os.path.abspath(p))) for p in args.checkpoints],
                          args.names, "--names", "checkpoints")
     split_names = unique_names([split_label(p) for p in args.splits], args.split_names, "--split_names", "splits")
 
     import torch
-    from model import load_model, load_tokenizer
+    from model import load_model, load_tokenizer, parse_dtype
     rank, world, device = common.dist_setup()
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = parse_dtype(args.dtype, device)
     common.seed_everything(args.seed)
 
     # the splits, checked once with the first checkpoint's tokenizer (prompts render the same for any)
     tokenizer = load_tokenizer(args.checkpoints[0])
-    splits = [load_records(task, args.task, p, tokenizer, args.template) for p in args.splits]
+    splits = [common.load_records(task, args.task, p, tokenizer, args.template) for p in args.splits]
 
     def settings_of(ckpt, split_path):
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
-                "num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                "template": args.template, "dtype": dtype, "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k))}
+                "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                "template": args.template, "dtype": str(dtype).replace("torch.", ""), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k))}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others
     plan = {"error": None, "done": {}}
@@ -361,7 +321,7 @@ def main(argv=None):
         for i in todo:
             split_path, split_name, records = args.splits[i], split_names[i], splits[i]
             t0 = time.time()
-            samples, metrics = evaluate(model, tokenizer, task, records, n=args.num_samples, temperature=args.temperature,
+            samples, metrics = evaluate(model, tokenizer, task, records, n=args.samples_per_prompt, temperature=args.temperature,
                                         top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                         template=args.template, batch_size=args.batch_size, pass_k=args.pass_k,
                                         desc=f"{name}/{split_name}", progress=args.progress)

@@ -719,7 +719,7 @@ def main(argv=None):
     parser.add_argument("--sft_people", default="2-3", help="people counts of the SFT pool (paper: 2 and 3)")
     parser.add_argument("--sft_per_people", default="200,800", help="SFT pool puzzles per people count (paper: 200 and 800)")
     parser.add_argument("--sft_seed", type=int, default=200000, help="seed of the SFT pool stream")
-    parser.add_argument("--official", action="store_true", help="instead: regenerate the official dataset "
+    parser.add_argument("--official", type=common.str2bool, default=False, help="instead: regenerate the official dataset "
                         "(seed 1234, test = indices 0-99, train after) into OUT_DIR/official/{test,train}/people{n}_num{N}.jsonl")
     parser.add_argument("--official_people", default="2-8", help="people counts for --official (the official set has 2-8)")
     parser.add_argument("--teacher_sft", default=None, help="instead: write SFT jsonl ({id, task, prompt, response}) of the "

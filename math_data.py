@@ -572,7 +572,7 @@ def main():
     parser.add_argument("--train_pool", default=DEFAULT_TRAIN_POOL,
                         help="training pool: a jsonl/json file, a Hendrycks directory, or hf:NAME[:SPLIT]")
     parser.add_argument("--test", default=DEFAULT_TEST, help="test set (MATH-500), same formats as --train_pool")
-    parser.add_argument("--hub", action="store_true",
+    parser.add_argument("--hub", type=common.str2bool, default=False,
                         help=f"read the pool and test set from the Hugging Face hub ({HUB_TRAIN_POOL}, {HUB_TEST}); "
                              f"needs `pip install datasets` and a network")
     parser.add_argument("--out_dir", default="data/math", help="where the splits are written")
@@ -587,7 +587,7 @@ def main():
     parser.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                         help="prompt template: chat (the tokenizer's, with the paper's system prompt), plain "
                              "(Question/Answer), auto (chat when the tokenizer has one)")
-    parser.add_argument("--bench", action="store_true", help="instead of splitting: time grading on the test set")
+    parser.add_argument("--bench", type=common.str2bool, default=False, help="instead of splitting: time grading on the test set")
     args = common.parse_settings(parser)
 
     if args.teacher_sft:

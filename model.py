@@ -1,8 +1,8 @@
 """
 The language model, in one file: a decoder-only transformer that reads and writes
-Hugging Face checkpoints of Qwen2/Qwen2.5, Qwen3 and Llama-3.x, the training
-forward (per-token log-probs, padded or packed), and our own batched generation
-with a preallocated KV cache.
+Hugging Face checkpoints of Qwen2/Qwen2.5, Qwen3 and Llama-3.x, and its packed
+(padding-free) forward with the log-probs of response tokens, which every stage
+trains or measures with. Generation lives in engine.py, FSDP2 sharding in common.py.
 
 Parameter names equal the Hugging Face ones, so a checkpoint's tensors load by name.
 """
@@ -20,13 +20,13 @@ from torch.utils.checkpoint import checkpoint
 from common import UserError
 
 try:  # FlashAttention kernels on CUDA when the package is installed; SDPA otherwise
-    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+    from flash_attn import flash_attn_varlen_func
     HAVE_FLASH_ATTN = True
 except ImportError:
     HAVE_FLASH_ATTN = False
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
-STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")  # the chat terminators a response may end with
 
 
 @dataclass
@@ -163,7 +163,7 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# attention modes: a padded batch, a packed row of sequences, one decode step on the KV cache
+# attention: a packed row of sequences (engine.py adds one decode step on the KV cache)
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -194,13 +194,6 @@ def flash_inputs(dtype, *tensors):
         t = t.transpose(1, 2).to(dtype)
         out.append(t if t.stride(-1) == 1 else t.contiguous())
     return out
-
-
-class Causal:
-    """Right-padded (B, T) batch: plain causal attention (padding sits after every real token)."""
-
-    def attend(self, attn, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Packed:
@@ -234,83 +227,6 @@ class Packed:
         return torch.cat(out, dim=2)
 
 
-class Decode:
-    """One new token per cache row: write its key/value at the row's length, attend to the row's prefix."""
-
-    def __init__(self, cache, span=None):
-        self.cache = cache
-        n = cache.rows
-        self.lengths = cache.lengths[:n]
-        # columns any row can see this step: generate passes a bound it knows on the host (no GPU sync)
-        self.span = span or int(self.lengths.max().item()) + 1
-        # decided once, from the cache: it cannot be cast, so flash runs only in the cache's own dtype
-        # (the new token's q/k/v are cast to it; the SDPA path stores k/v in it too)
-        dtype = flash_dtype(cache.k, cache.v)
-        self.flash = dtype if dtype == cache.k.dtype else None
-        if self.flash is None:
-            cols = torch.arange(self.span, device=cache.k.device)
-            self.mask = (cols[None, :] <= self.lengths[:, None])[:, None, None, :]  # (n, 1, 1, span)
-
-    def attend(self, attn, q, k, v):
-        c, n, i = self.cache, self.cache.rows, attn.layer_idx
-        kc, vc = c.k[i, :n], c.v[i, :n]  # (n, nkv, max_len, hd)
-        if self.flash is not None:  # writes k, v into the cache at self.lengths
-            y = flash_attn_with_kvcache(*flash_inputs(self.flash, q, kc, vc, k, v),
-                                        cache_seqlens=self.lengths.to(torch.int32), causal=True)
-            return y.transpose(1, 2)
-        rows = torch.arange(n, device=q.device)
-        kc[rows, :, self.lengths] = k[:, :, 0]
-        vc[rows, :, self.lengths] = v[:, :, 0]
-        # attention of one query per row, written out: the query heads that share a kv head form one
-        # matrix (no copies of the cache to repeat kv heads, as SDPA's GQA fallback makes)
-        nh, nkv, hd = q.shape[1], kc.shape[1], q.shape[-1]
-        scores = (q.view(n, nkv, nh // nkv, hd) @ kc[:, :, :self.span].transpose(-1, -2)).float() / math.sqrt(hd)
-        scores.masked_fill_(~self.mask, float("-inf"))
-        y = torch.softmax(scores, dim=-1).to(q.dtype) @ vc[:, :, :self.span]  # (n, nkv, group, hd)
-        return y.view(n, nh, 1, hd)
-
-
-class KVCache:
-    """Preallocated keys/values for all layers: (layers, rows, kv_heads, max_len, head_dim).
-
-    Row r holds its sequence from column 0; lengths[r] = tokens stored. Only the first `rows` rows
-    are live: finished rows are dropped by moving live rows into their places (`drop`).
-    """
-
-    def __init__(self, cfg: ModelConfig, rows, max_len, dtype, device):
-        shape = (cfg.num_layers, rows, cfg.num_kv_heads, max_len, cfg.head_dim)
-        # zeros, not empty: masked-out columns still enter attention as 0 * value, and uninitialised
-        # memory can hold NaN/inf bit patterns (0 * NaN = NaN), which made greedy outputs nondeterministic
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        self.rows, self.max_len = rows, max_len
-
-    def store_prefill(self, layer, k, v, bounds, cache_rows):
-        # k, v: (nkv, N, hd) for the packed prompts; sequence i goes to every row in cache_rows[i]
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            self.k[layer, cache_rows[i], :, : b - a] = k[:, a:b]
-            self.v[layer, cache_rows[i], :, : b - a] = v[:, a:b]
-
-    def drop(self, done, num_done=None, span=None):
-        """Remove finished rows (done: bool per live row; num_done = their count and span a bound on the live
-        lengths, when the caller knows them). The last live rows move into the holes, so a step copies only as
-        many rows as finished. Returns each remaining row's previous index."""
-        m = self.rows
-        kept = m - (int(done.sum()) if num_done is None else num_done)
-        order = torch.arange(kept, device=done.device)
-        holes = done[:kept].nonzero().squeeze(-1)
-        if holes.numel():
-            movers = (~done[kept:]).nonzero().squeeze(-1) + kept
-            span = span or int(self.lengths[movers].max())
-            self.k[:, holes, :, :span] = self.k[:, movers, :, :span]
-            self.v[:, holes, :, :span] = self.v[:, movers, :, :span]
-            self.lengths[holes] = self.lengths[movers]
-            order[holes] = movers
-        self.rows = kept
-        return order
-
-
 # -----------------------------------------------------------------------------
 # the model
 
@@ -330,20 +246,6 @@ class Transformer(nn.Module):
             block.self_attn.layer_idx = i
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
 
-    def init_weights(self, seed=0, std=0.02):
-        """Fresh weights like HF's initialisation (normal(0, std) matrices, zero biases, unit norms)."""
-        device = self.lm_head.weight.device  # drawn where the weights live (fast for a 1.5B model on GPU)
-        g = torch.Generator(device=device).manual_seed(seed)
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                if name.endswith("bias"):
-                    p.zero_()
-                elif p.ndim == 1:
-                    p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g, device=device) * std)
-        return self
-
     def rope(self, positions, dtype):
         inv_freq = rope_inv_freq(self.config, positions.device)
         freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
@@ -351,18 +253,13 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, idx, positions=None, cu_seqlens=None, ctx=None):
-        """Final hidden states (B, T, hidden) for token ids idx (B, T).
-
-        Padded mode (default): right-padded rows, positions 0..T-1.
-        Packed mode: idx is (1, N) holding several sequences, cu_seqlens their boundaries.
-        """
-        if ctx is None:
-            ctx = Packed(cu_seqlens) if cu_seqlens is not None else Causal()
+        """Final hidden states (1, N, hidden) for token ids idx (1, N) holding several sequences packed in one row,
+        cu_seqlens their boundaries (default: one sequence). ctx and positions: another attention mode (engine.py)."""
+        if cu_seqlens is None and positions is None:
+            cu_seqlens = torch.tensor([0, idx.shape[1]], device=idx.device)
+        ctx = ctx or Packed(cu_seqlens)
         if positions is None:
-            if cu_seqlens is not None:
-                positions = packed_positions(cu_seqlens)[None]
-            else:
-                positions = torch.arange(idx.shape[1], device=idx.device)[None].expand(idx.shape[0], -1)
+            positions = packed_positions(cu_seqlens)[None]
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope(positions, x.dtype)
         for block in self.model.layers:
@@ -371,9 +268,6 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, ctx)
         return self.model.norm(x)
-
-    def logits(self, idx, **kw):
-        return self.lm_head(self.forward(idx, **kw)).float()
 
     def token_logprobs(self, hidden, targets, temperature=1.0, chunk_size=4096, with_entropy=False):
         """log p(targets) (and optionally the entropy) for hidden states (..., hidden) and targets (...).
@@ -424,19 +318,26 @@ def pack(sequences, device="cpu"):
     return ids[None].to(device), cu.to(device)
 
 
+def response_logprobs(model, prompts, responses, temperature=1.0, chunk_size=4096, with_entropy=False):
+    """Teacher-forced log-probs (and entropies: see token_logprobs) of every response token given its prompt and
+    the response before it, for sequences packed into one padding-free row: flat tensors over all response tokens,
+    sequence after sequence. The lm_head runs only on the response positions. GRPO, SFT's NLL, the sample effect
+    and token_shift.py all use this one function."""
+    device = model.lm_head.weight.device
+    ids, cu = pack([p + r for p, r in zip(prompts, responses)], device)
+    hidden = model(ids, cu_seqlens=cu)
+    # hidden at position t predicts token t+1: the response tokens of sequence i sit at
+    # cu[i] + len(prompt_i) ... cu[i+1] - 1, so we need the hidden states one position earlier
+    starts = cu[:-1] + torch.tensor([len(p) for p in prompts], device=device)
+    lens = torch.tensor([len(r) for r in responses], device=device)
+    pos = torch.repeat_interleave(starts - 1, lens) + (torch.arange(int(lens.sum()), device=device)
+                                                       - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens))
+    return model.token_logprobs(hidden[0, pos], ids[0, pos + 1], temperature=temperature, chunk_size=chunk_size,
+                                with_entropy=with_entropy)
+
+
 # -----------------------------------------------------------------------------
-# generation
-
-
-@dataclass
-class Generation:
-    prompt_index: int     # which prompt this sample answers
-    tokens: list          # new token ids, including the stop token when finished
-    logprobs: list        # log-prob of each new token under softmax(logits / temperature) (T=1 when greedy)
-    finished: bool        # True when it ended with a stop token, False when it hit max_new_tokens
-    switched: list | None = None  # cross-sampling: per token, True where it was drawn from the partner's distribution
-    differs: list | None = None   # cross-sampling: per token, True where switched and the model's own distribution
-    #                               would have given another token with the same random number
+# Hugging Face checkpoints
 
 
 def stop_token_ids(tokenizer):
@@ -447,262 +348,13 @@ def stop_token_ids(tokenizer):
     return sorted(ids)
 
 
-def sampling_probs(logits, temperature, top_p):
-    """The distribution sample_next draws from, for fp32 logits (rows, V) and temperature > 0: (log-probs of
-    softmax(logits / T), its probabilities with everything outside the top-p nucleus set to 0, not renormalised)."""
-    logp = torch.log_softmax(logits / temperature, -1)
-    probs = logp.exp()
-    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return logp, probs
 
-
-def nucleus(logits, temperature, top_p):
-    """softmax(logits / T) truncated to its top-p nucleus and renormalised: what a row is sampled from."""
-    probs = sampling_probs(logits, temperature, top_p)[1]
-    return probs / probs.sum(-1, keepdim=True)
-
-
-def js_divergence(p, q):
-    """Jensen-Shannon divergence in nats of each row of p from the same row of q (distributions over the last
-    dimension): KL(p || m) / 2 + KL(q || m) / 2 with m = (p + q) / 2, between 0 and ln 2. Zero entries add nothing,
-    so distributions of different supports (top-p truncated) are fine. In float64: near-equal rows cancel."""
-    p, q = p.double(), q.double()
-    m = 0.5 * (p + q)
-
-    def kl_to_m(a):  # where a > 0, m >= a / 2 > 0
-        return torch.where(a > 0, a * (a.log() - m.log()), 0.0).sum(-1)
-    return 0.5 * kl_to_m(p) + 0.5 * kl_to_m(q)
-
-
-def draw(probs, u):
-    """Inverse CDF: for each row the first token whose cumulative mass exceeds u (in [0, 1)) times the row's mass;
-    that token has non-zero probability."""
-    cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
-
-
-def sample_next(logits, temperature, top_p, generator):
-    """Pick next tokens from fp32 logits (rows, V); returns (tokens, their log-probs)."""
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-    logp, probs = sampling_probs(logits, temperature, top_p)
-    # one uniform number per row (far cheaper than torch.multinomial on CPU, no host sync on GPU)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
-    tok = draw(probs, u)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
-
-
-def cross_next(logits, partner_logits, temperature, top_p, generator, switch):
-    """Cross-sampling's pick: each row draws from its model's distribution, or, where switch(p, q) (p, q: the two
-    renormalised nuclei) is True, from the partner's. Both draws use the row's one uniform number, as sample_next
-    does, so a row that never switches gets exactly sample_next's tokens. Returns (tokens, their log-probs under
-    the distribution each came from, switched, differs: switched and the own draw would have been another token)."""
-    if temperature == 0:
-        raise ValueError("cross-sampling needs temperature > 0")
-    logp, probs = sampling_probs(logits, temperature, top_p)
-    logq, partner_probs = sampling_probs(partner_logits, temperature, top_p)
-    switched = switch(probs / probs.sum(-1, keepdim=True), partner_probs / partner_probs.sum(-1, keepdim=True))
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
-    own, other = draw(probs, u), draw(partner_probs, u)
-    tok = torch.where(switched, other, own)
-    lp = torch.where(switched, logq.gather(-1, tok[:, None]).squeeze(-1), logp.gather(-1, tok[:, None]).squeeze(-1))
-    return tok, lp, switched, switched & (other != own)
-
-
-def prefill(model, prompts, n, cache):
-    """Run the prompts packed in one row, storing each one's keys/values in its n cache rows; returns the fp32
-    logits of every row's first new token (rows, V)."""
-    device = model.lm_head.weight.device
-    ids, cu = pack(prompts, device)
-    cache_rows = [torch.arange(i * n, (i + 1) * n, device=device) for i in range(len(prompts))]
-    hidden = model.forward(ids, cu_seqlens=cu, ctx=Packed(cu, cache, cache_rows))
-    last = hidden[0, cu[1:] - 1]  # (P, hidden)
-    cache.lengths[:] = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(n)
-    return model.lm_head(last).float().repeat_interleave(n, 0)
-
-
-def decode_step(model, tok, cache, span=None):
-    """Feed one token per live cache row; returns the fp32 logits of the next one (rows, V). span: a bound on the
-    columns any row can see (see Decode)."""
-    hidden = model.forward(tok[:, None], positions=cache.lengths[: cache.rows, None], ctx=Decode(cache, span))
-    cache.lengths[: cache.rows] += 1
-    return model.lm_head(hidden[:, -1]).float()
-
-
-@torch.no_grad()
-def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
-             max_seq_len=None, cache_dtype=None, logits_hook=None, partner=None, switch=None):
-    """Sample n responses for each prompt (lists of token ids, any lengths) in one batch.
-
-    Each prompt is prefilled once (packed, no padding) and its keys/values copied into its n cache rows.
-    Then one token per live row per step; a row that emits a stop id is finished and removed from the
-    batch, so it costs nothing further. temperature=0 is greedy. Returns a list of Generation, prompt-major
-    (all samples of prompt 0, then prompt 1, ...). logits_hook(logits, rows, step) -> logits, if given, edits the
-    fp32 logits of the live rows (rows = their indices in the output) before each token is picked.
-
-    Cross-sampling (token_shift.py): partner, a second model of the same vocabulary, decodes in lock-step with
-    its own KV cache and is fed the same tokens; switch(p, q, rows, step) -> bool per live row chooses the rows
-    that draw their next token from the partner's distribution q instead of the model's p (cross_next). Each
-    Generation then also holds `switched` and `differs` per token. A switch that is never True gives exactly
-    the model's own samples of the same seed, one that is always True the partner's.
-    """
-    if is_sharded(model):  # FSDP's forward would all-gather every block at every decode step
-        raise ValueError("generate() needs full weights: pass full_copy(model, dtype), not the sharded model")
-    models = [model] if partner is None else [model, partner]
-    device = model.lm_head.weight.device
-    if partner is not None and (switch is None or temperature == 0 or is_sharded(partner)
-                                or partner.config.vocab_size != model.config.vocab_size
-                                or partner.lm_head.weight.device != device):
-        raise ValueError("cross-sampling needs a switch, temperature > 0 and an unsharded partner of the same "
-                         "vocabulary on the same device")
-    max_seq_len = max_seq_len or min(m.config.max_position_embeddings for m in models)
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise UserError(f"prompt {i} is empty")
-        if len(p) + max_new_tokens > max_seq_len:
-            raise UserError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
-                            f"{len(p) + max_new_tokens} > the model's {max_seq_len}-token context")
-    rows = len(prompts) * n
-    longest = max(map(len, prompts))
-    caches = [KVCache(m.config, rows, longest + max_new_tokens, cache_dtype or m.lm_head.weight.dtype, device)
-              for m in models]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-
-    # prefill: all prompts packed in one row; sample n first tokens from each prompt's last position
-    logits = [prefill(m, prompts, n, c) for m, c in zip(models, caches)]
-
-    out_tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
-    out_logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
-    out_switched = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
-    out_differs = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
-    out_len = torch.zeros(rows, dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    live = torch.arange(rows, device=device)  # original row index of each live cache row
-    for step in range(max_new_tokens):
-        if logits_hook is not None:
-            logits[0] = logits_hook(logits[0], live, step)
-        if partner is None:
-            tok, lp = sample_next(logits[0], temperature, top_p, gen)
-        else:
-            tok, lp, switched, differs = cross_next(logits[0], logits[1], temperature, top_p, gen,
-                                                    lambda p, q: switch(p, q, live, step))
-            out_switched[live, step], out_differs[live, step] = switched, differs
-        out_tokens[live, step] = tok
-        out_logprobs[live, step] = lp
-        out_len[live] = step + 1
-        done = torch.isin(tok, stop)
-        finished[live] = done
-        if step == max_new_tokens - 1:
-            break
-        span = longest + step + 1  # every live row holds its prompt + `step` tokens: a bound known on the host
-        num_done = int(done.sum())  # the step's one host sync
-        if num_done:  # drop finished rows from the batch (and their cache rows, in every cache alike)
-            order = [c.drop(done, num_done, span) for c in caches][0]
-            if order.numel() == 0:
-                break
-            live, tok = live[order], tok[order]
-        logits = [decode_step(m, tok, c, span) for m, c in zip(models, caches)]
-
-    out_tokens, out_logprobs, out_switched, out_differs, out_len, finished = (
-        t.cpu() for t in (out_tokens, out_logprobs, out_switched, out_differs, out_len, finished))
-    cross = partner is not None
-    return [Generation(r // n, out_tokens[r, :out_len[r]].tolist(), out_logprobs[r, :out_len[r]].tolist(),
-                       bool(finished[r]), out_switched[r, :out_len[r]].tolist() if cross else None,
-                       out_differs[r, :out_len[r]].tolist() if cross else None) for r in range(rows)]
-
-
-# -----------------------------------------------------------------------------
-# sharding: FSDP2 for training, a full copy for generation
-#
-# Training scripts shard the model with PyTorch's FSDP2: each rank keeps 1/world of the fp32 weights (the
-# master copy the optimizer updates), of the gradients and of the AdamW state; a block's weights are
-# all-gathered in the compute dtype just before it runs and freed after. Every forward and backward is
-# therefore a collective that all ranks must join. Generation instead runs on a plain full copy gathered
-# once (full_copy): no collective inside the decode loop, and ranks may generate different lengths.
-
-
-def shard_model(model: Transformer, compute_dtype=torch.float32) -> Transformer:
-    """Shard an fp32 model over all ranks with FSDP2: each block, then the rest (embeddings, final norm, lm_head).
-
-    Forward and backward run in compute_dtype; gradients are reduce-scattered in fp32 and SUMMED over ranks
-    (FSDP's default is the mean): every loss in this project is already normalised over the global batch, so
-    the sum of the ranks' gradients is the gradient of the global loss. Works on 1 rank, N GPUs (NCCL), several
-    nodes, and CPU ranks under gloo. One fp32 rank (the CPU preset) keeps the plain model."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    import common
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise ValueError("shard_model expects fp32 weights (they are the master copy); compute_dtype sets the compute")
-    if common.world_size() == 1 and compute_dtype == torch.float32:
-        return model  # nothing to shard and nothing to cast: FSDP's hooks would only cost time (~20% on CPU)
-    policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
-                                  reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
-    return model
-
-
-def full_tensor(t):
-    """The whole of a parameter or gradient, FSDP-sharded or not (a collective when sharded: every rank calls it)."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def local_tensor(t):
-    """This rank's part of a parameter, gradient or optimizer state: a sharded tensor's local shard, else all of it."""
-    from torch.distributed.tensor import DTensor
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.tensor import DTensor
-    return isinstance(model.lm_head.weight, DTensor)
-
-
-@torch.no_grad()
-def full_copy(model: Transformer, dtype, device=None, on_rank=None):
-    """A plain, unsharded Transformer holding the full weights of `model` (sharded or not) in dtype.
-
-    Each tensor is cast to dtype, then gathered (every rank must call this); peak extra memory is the copy plus
-    one full tensor. With on_rank, only that rank keeps the copy and the others get None (checkpoints)."""
-    import common
-    keep = on_rank is None or common.rank() == on_rank
-    device = device or model.lm_head.weight.device
-    copy = empty_model(model.config, dtype, device).requires_grad_(False) if keep else None
-    for name, p in model.named_parameters():
-        full = full_tensor(p.detach().to(dtype))
-        if keep:
-            copy.get_parameter(name).copy_(full)
-    return copy.eval() if keep else None
-
-
-def idle_pass(model: Transformer, backward=True):
-    """A forward (and backward) on a 2-token dummy that adds nothing to any gradient. A rank that has run out of
-    micro-batches runs it so that it still joins the collectives of FSDP's forward and backward."""
-    device = model.lm_head.weight.device
-    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-    hidden = model(ids, cu_seqlens=torch.tensor([0, 2], device=device))
-    lp = model.token_logprobs(hidden[0, :1], ids[0, 1:])
-    if backward:
-        (lp.sum() * 0.0).backward()
-
-
-# -----------------------------------------------------------------------------
-# Hugging Face checkpoints
-
-
-def parse_dtype(dtype):
+def parse_dtype(dtype, device=None):
+    """A torch dtype from a --dtype setting; "auto" is bfloat16 on CUDA and float32 elsewhere (the one rule)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
@@ -838,72 +490,3 @@ def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**
         shutil.rmtree(old)
     else:
         os.rename(tmp, path)
-
-
-# -----------------------------------------------------------------------------
-# tiny models for tests and the CPU preset (built offline)
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-# Qwen2's pre-tokenizer split (digits one by one). Our tiny tokenizers use it too, so a tokenizer folder
-# tokenizes the same whether transformers loads it alone or, beside a qwen2 config.json, as Qwen2Tokenizer.
-QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-
-def build_tokenizer(texts, vocab_size=1024, path=None, pad_to=None):
-    """Train a small byte-level BPE on `texts` with Qwen2's normaliser and pre-tokenizer, Qwen-style special
-    tokens (<|endoftext|> = EOS, <|im_start|>, <|im_end|>) and chat template. Saved in HF format if path.
-
-    pad_to: pad the vocabulary with entries that encoding never produces ("<unused_N>") up to this size, so
-    that a random model of a real vocabulary (151,936 for Qwen2.5) can decode every id it samples."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    if pad_to and pad_to > tok.get_vocab_size():
-        spec = json.loads(tok.to_str())
-        vocab = spec["model"]["vocab"]
-        for i in range(pad_to):
-            if len(vocab) == pad_to:
-                break
-            vocab.setdefault(f"<unused_{i}>", len(vocab))
-        tok = Tokenizer.from_str(json.dumps(spec))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                 additional_special_tokens=specials[1:])
-    hf.chat_template = CHAT_TEMPLATE
-    if path:
-        hf.save_pretrained(path)
-    return hf
-
-
-def tiny_config(vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=None,
-                max_position_embeddings=2048, tie_word_embeddings=True, arch="Qwen2ForCausalLM", **extra) -> dict:
-    """A HF config.json dict for a small model of one of the supported architectures."""
-    cfg = {"architectures": [arch], "model_type": {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}[SUPPORTED[arch]],
-           "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size or 3 * hidden_size,
-           "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
-           "head_dim": hidden_size // num_heads, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
-           "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": tie_word_embeddings,
-           "attention_dropout": 0.0, "use_sliding_window": False, "bos_token_id": None, "eos_token_id": None}
-    if SUPPORTED[arch] == "llama":
-        cfg.update(attention_bias=False, mlp_bias=False)
-    if SUPPORTED[arch] == "qwen3":
-        cfg.update(attention_bias=False)
-    cfg.update(extra)
-    return cfg
-
-
-def build_model(hf_config: dict, seed=0) -> Transformer:
-    return Transformer(ModelConfig.from_hf(hf_config)).init_weights(seed)

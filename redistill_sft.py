@@ -14,7 +14,7 @@ Batches are packed (padding-free): the sequences of a micro-batch are concatenat
 attend only to themselves (model.pack + cu_seqlens); a micro-batch holds at most --micro_batch_tokens
 tokens. The global batch (--global_batch sequences) is split over torchrun ranks and micro-batches by
 length, and the loss is normalised by the *global* batch, so the update does not depend on how it was split.
-The model is sharded over the ranks with FSDP2 (model.shard_model, as in train_rl.py): fp32 weights, gradients
+The model is sharded over the ranks with FSDP2 (common.shard_model, as in train_rl.py): fp32 weights, gradients
 and AdamW state divided by the world size, forward/backward in bf16 on CUDA, gradients summed over ranks.
 
 Usage:
@@ -33,13 +33,13 @@ import math
 import os
 import random
 import time
-from contextlib import closing
 
 import numpy as np
 import torch
 
 import common
 from common import UserError, print0
+from model import response_logprobs
 
 # -----------------------------------------------------------------------------
 # settings (defaults = the paper's SFT, section 7)
@@ -59,7 +59,7 @@ def get_parser():
                         "(the paper: max_length 5000, truncation=error)")
     # model
     p.add_argument("--init", default=None, help="starting checkpoint (Hugging Face directory)")
-    p.add_argument("--init_tiny", nargs="?", const=True, default=False, type=common.str2bool,
+    p.add_argument("--init_tiny", default=False, type=common.str2bool,
                    help="instead of --init: a fresh tiny model (needs --tokenizer; sized by the --tiny_* settings)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --init checkpoint's)")
     p.add_argument("--tiny_arch", default="Qwen2ForCausalLM", help="--init_tiny: architecture (Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM)")
@@ -87,13 +87,13 @@ def get_parser():
     p.add_argument("--loss_reduction", default="seq_mean", choices=("seq_mean", "token_mean"),
                    help="seq_mean: mean over each sequence's loss tokens, then over the global batch's sequences (paper); "
                         "token_mean: mean over all loss tokens of the global batch")
-    p.add_argument("--eight_bit_adam", nargs="?", const=True, default=False, type=common.str2bool,
+    p.add_argument("--adam_8bit", default=False, type=common.str2bool,
                    help="bitsandbytes 8-bit AdamW on CUDA; it cannot update FSDP-sharded weights (several ranks, or --bf16), "
                         "where torch AdamW is used with a note: its state is already sharded")
-    p.add_argument("--gradient_checkpointing", "--grad_checkpointing", dest="gradient_checkpointing", nargs="?",
-                   const=True, default=False, type=common.str2bool,
+    p.add_argument("--gradient_checkpointing",
+                   default=False, type=common.str2bool,
                    help="recompute each block in backward (less activation memory, ~30%% slower)")
-    p.add_argument("--bf16", nargs="?", const=True, default=True, type=common.str2bool,
+    p.add_argument("--bf16", default=True, type=common.str2bool,
                    help="bf16 forward/backward on CUDA (the optimizer updates sharded fp32 weights); ignored on CPU")
     p.add_argument("--seed", type=int, default=1, help="seed of the data order (and of --init_tiny weights)")
     # checkpoints and logging
@@ -103,49 +103,17 @@ def get_parser():
     p.add_argument("--keep_last", type=int, default=2,
                    help="checkpoints kept resumable (fp32 weights + optimizer shards); older ones keep only their "
                         "weights if they end an epoch; a finished run keeps one")
-    p.add_argument("--resume", nargs="?", const=True, default=False, type=common.str2bool,
+    p.add_argument("--resume", default=False, type=common.str2bool,
                    help="continue from the newest complete checkpoint in --out_dir (a finished run is left as it is)")
     p.add_argument("--stop_at_step", type=int, default=0,
                    help="checkpoint and stop once this global step is done (the schedule still spans all --epochs); "
                         "for time-boxed jobs and tests; 0 = run to the end")
-    p.add_argument("--progress", nargs="?", const=True, default=True, type=common.str2bool, help="tqdm bar on rank 0")
+    p.add_argument("--progress", default=True, type=common.str2bool, help="tqdm bar on rank 0")
     return p
 
 
 # -----------------------------------------------------------------------------
 # data: one example = {"input_ids", "start", "id", "file", "line"}; targets input_ids[start:] carry the loss
-
-
-def load_sft_examples(paths, tokenizer, max_length):
-    """Tokenize SFT jsonl files: prompt and response separately (no special tokens), EOS appended to the response.
-
-    Returns a list of {"input_ids", "start" (index of the first response token), "id", "task", "file", "line"}.
-    Loss goes on input_ids[start:] (the response and its EOS). An example longer than max_length, a missing
-    or non-string field, an empty prompt or a tokenizer without EOS is a UserError naming file and line.
-    Note: text sampled from a model and re-tokenized may split into slightly different tokens than the model
-    produced (BPE is not unique); the text is the same, which is what the paper trains on too.
-    """
-    if tokenizer.eos_token_id is None:
-        raise UserError("the tokenizer has no eos_token; SFT appends EOS to every response")
-    examples = []
-    for path in paths:
-        rows, where = [], []
-        with open_lines(path) as lines:
-            for lineno, rec in lines:
-                common.check_sft_record(path, lineno, rec)
-                rows.append(rec)
-                where.append(lineno)
-        if not rows:
-            raise UserError(f"{path}: no examples")
-        tokenized = common.sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
-        for rec, lineno, (ids, start) in zip(rows, where, tokenized):
-            if len(ids) > max_length:
-                raise UserError(f"{path}:{lineno}: example {rec['id']!r} has {len(ids)} tokens (prompt {start} + "
-                                f"response {len(ids) - start - 1} + EOS) > max_length {max_length}; long examples are "
-                                f"an error, not truncated (raise --max_length or drop the example)")
-            examples.append({"input_ids": ids, "start": start, "id": rec["id"], "task": rec.get("task"),
-                             "file": path, "line": lineno})
-    return examples
 
 
 def load_text_examples(paths, tokenizer, max_length):
@@ -158,7 +126,7 @@ def load_text_examples(paths, tokenizer, max_length):
     for path in paths:
         docs = []
         if path.endswith(".jsonl"):
-            with open_lines(path) as lines:
+            with common.open_lines(path) as lines:
                 for lineno, rec in lines:
                     if not isinstance(rec.get("text"), str):
                         raise UserError(f"{path}:{lineno}: " + ("missing field 'text'" if "text" not in rec
@@ -192,22 +160,12 @@ def load_text_examples(paths, tokenizer, max_length):
     return examples
 
 
-def open_lines(path):
-    """`with open_lines(path) as lines: for lineno, record in lines`: a jsonl file streamed with clear errors."""
-    return closing(common.iter_jsonl(path))
-
-
 def num_loss_tokens(example):
     return len(example["input_ids"]) - example["start"]
 
 
 # -----------------------------------------------------------------------------
 # batching: global batch -> ranks -> packed micro-batches, all by length and deterministic
-
-
-def epoch_order(n, seed, epoch):
-    """The data order of an epoch: a permutation fixed by (seed, epoch), identical on every rank."""
-    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
 
 
 def split_by_length(indices, lengths, parts):
@@ -220,37 +178,18 @@ def split_by_length(indices, lengths, parts):
     return groups
 
 
-def micro_batches(indices, lengths, budget):
-    """Pack indices (longest first) into micro-batches of at most `budget` tokens (a longer one goes alone)."""
-    batches, cur, size = [], [], 0
-    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
-        if cur and size + lengths[i] > budget:
-            batches.append(cur)
-            cur, size = [], 0
-        cur.append(i)
-        size += lengths[i]
-    return batches + ([cur] if cur else [])
-
-
 # -----------------------------------------------------------------------------
 # the loss
 
 
-def packed_nll(model, examples, device):
-    """One packed forward over examples; the lm_head and log-softmax run only where there is loss (a 300-token
-    prompt costs no vocabulary-wide softmax). Returns (nll, seq), one entry per loss token (response or EOS) in
-    packed order: nll = -log p(token | the tokens before it), seq = the index of its example."""
-    from model import pack
-    ids, cu = pack([e["input_ids"] for e in examples], device)
-    hidden = model(ids, cu_seqlens=cu)
-    positions, seq, offset = [], [], 0
-    for k, e in enumerate(examples):  # hidden at position t predicts token t + 1
-        positions += range(offset + e["start"] - 1, offset + len(e["input_ids"]) - 1)
-        seq += [k] * num_loss_tokens(e)
-        offset += len(e["input_ids"])
-    positions = torch.tensor(positions, device=hidden.device)
-    nll = -model.token_logprobs(hidden[0, positions], ids[0, positions + 1])
-    return nll, torch.tensor(seq, device=nll.device)
+def packed_nll(model, examples):
+    """One packed forward over examples (model.response_logprobs: the lm_head and log-softmax run only where there is
+    loss, so a 300-token prompt costs no vocabulary-wide softmax). Returns (nll, seq), one entry per loss token
+    (response or EOS) in packed order: nll = -log p(token | the tokens before it), seq = the index of its example."""
+    nll = -response_logprobs(model, [e["input_ids"][:e["start"]] for e in examples],
+                             [e["input_ids"][e["start"]:] for e in examples])
+    seq = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor([num_loss_tokens(e) for e in examples]))
+    return nll, seq.to(nll.device)
 
 
 def reduce_loss(nll, seq, examples, reduction, num_seqs=None, num_tokens=None):
@@ -273,16 +212,16 @@ def reduce_loss(nll, seq, examples, reduction, num_seqs=None, num_tokens=None):
 @torch.no_grad()
 def evaluate(model, examples, reduction, micro_batch_tokens, device):
     """Held-out loss (same reduction as training) over examples split across ranks."""
-    from model import idle_pass
+    from common import idle_pass
     lengths = [len(e["input_ids"]) for e in examples]
     mine = common.shard(list(range(len(examples))), common.rank(), common.world_size())
     totals = torch.zeros(2, dtype=torch.float64)
-    for mb in common.even_out(micro_batches(mine, lengths, micro_batch_tokens)):
+    for mb in common.even_out(common.micro_batches(lengths, micro_batch_tokens, mine)):
         if mb is None:  # this rank is done; join the others' collectives
             idle_pass(model, backward=False)
             continue
         exs = [examples[i] for i in mb]
-        nll, seq = packed_nll(model, exs, device)
+        nll, seq = packed_nll(model, exs)
         keep = seq >= 0
         if reduction == "token_mean":
             totals += torch.tensor([float(nll[keep].sum()), float(keep.sum())], dtype=torch.float64)
@@ -336,7 +275,9 @@ RUN_IDENTITY = ("data", "pretrain_text", "max_length", "init", "init_tiny", "epo
 
 def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
-    from model import build_model, full_copy, idle_pass, load_model, load_tokenizer, save_model, shard_model, tiny_config
+    from common import full_copy, idle_pass, shard_model
+    from model import load_model, load_tokenizer, save_model
+    from tiny_base import build_model, tiny_config
 
     # ---- checks that need no model
     for name in ("data", "pretrain_text", "val_data"):  # a --config file may give one path as a string
@@ -355,11 +296,7 @@ def main(argv=None):
     rank, world, device = common.dist_setup()
     common.seed_everything(args.seed)
     final_dir = os.path.join(args.out_dir, "final")
-    earlier = common.checkpoint_steps(args.out_dir)
-    if earlier and not args.resume:
-        raise UserError(f"{args.out_dir} already holds checkpoints (newest step {earlier[-1]}); "
-                        f"pass --resume to continue it, or choose a new --out_dir")
-    resume_from = common.load_checkpoint(args.out_dir) if args.resume else None
+    resume_from = common.resume_checkpoint(args.out_dir, args.resume)
 
     # ---- tokenizer and data
     from model import read_config
@@ -379,7 +316,7 @@ def main(argv=None):
     max_length = min(args.max_length, context)
     if max_length < args.max_length:
         print0(f"note: --max_length {args.max_length} > the model's context; using {max_length}")
-    load = load_text_examples if args.pretrain_text else load_sft_examples
+    load = load_text_examples if args.pretrain_text else common.load_sft_examples
     train = load(args.pretrain_text or args.data, tokenizer, max_length)
     val = load(args.val_data, tokenizer, max_length) if args.val_data else None
     lengths = [len(e["input_ids"]) for e in train]
@@ -412,7 +349,7 @@ def main(argv=None):
     model.gradient_checkpointing = args.gradient_checkpointing
     model.train()
     optimizer = common.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
-                                      args.eight_bit_adam)
+                                      args.adam_8bit)
     if state:
         common.load_local_train_state(model, optimizer, train_shard)
         set_rng_state(state["rng"])
@@ -424,16 +361,14 @@ def main(argv=None):
            f"loss {args.loss_reduction}")
     if len(train) % args.global_batch:
         print0(f"note: {len(train) % args.global_batch} sequences per epoch are dropped (incomplete last batch)")
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    record = common.metrics_log(args.out_dir, start_step)  # a resumed run rewrites the records after its checkpoint
 
     def save(step):
         common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
                                {"rng": rng_state(), "identity": identity, "epoch": step // steps_per_epoch,
-                                "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps}, dtype)
-        if rank == 0:  # the newest --keep_last stay resumable; the weights of every epoch end stay
-            common.prune_checkpoints(args.out_dir, args.keep_last if step < total_steps else 1,
-                                     range(0, total_steps + 1, steps_per_epoch))
-        common.barrier()
+                                "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps}, dtype,
+                               # the newest --keep_last stay resumable; the weights of every epoch end stay
+                               args.keep_last if step < total_steps else 1, range(0, total_steps + 1, steps_per_epoch))
 
     def validate(step):
         if val is None:
@@ -442,8 +377,7 @@ def main(argv=None):
         loss = evaluate(model, val, args.loss_reduction, args.micro_batch_tokens, device)
         model.train()
         print0(f"step {step}: held-out loss {loss:.4f} ({len(val)} sequences)")
-        if rank == 0:
-            common.append_jsonl(metrics_path, {"step": step, "val_loss": loss})
+        record({"step": step, "val_loss": loss})
 
     if start_step == 0:
         validate(0)
@@ -459,7 +393,7 @@ def main(argv=None):
         t0 = time.time()
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
-            order, order_epoch = epoch_order(len(train), args.seed, epoch), epoch
+            order, order_epoch = common.epoch_order(len(train), args.seed, epoch), epoch
         batch = order[k * args.global_batch:(k + 1) * args.global_batch]
         batch_tokens = sum(num_loss_tokens(train[i]) for i in batch)  # every rank knows the whole global batch
         mine = split_by_length(batch, lengths, world)[rank]
@@ -467,13 +401,13 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64)
-        mbs = micro_batches(mine, lengths, args.micro_batch_tokens)
+        mbs = common.micro_batches(lengths, args.micro_batch_tokens, mine)
         for mb in common.even_out(mbs):
             if mb is None:  # this rank is done; join the others' collectives
                 idle_pass(model)
                 continue
             exs = [train[i] for i in mb]
-            nll, seq = packed_nll(model, exs, device)
+            nll, seq = packed_nll(model, exs)
             loss = reduce_loss(nll, seq, exs, args.loss_reduction, num_seqs=len(batch), num_tokens=batch_tokens)
             loss.backward()  # FSDP reduce-scatters and sums over ranks; .grad accumulates over micro-batches
             loss_sum += float(loss.detach())
@@ -487,8 +421,7 @@ def main(argv=None):
                "tokens": tokens, "tokens_per_s": tokens / dt, "time_s": dt}
         log(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {rec['loss']:.4f} | lr {lr:.3e} | "
             f"grad norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | {len(mbs)} micro-batches | {dt:.2f} s")
-        if rank == 0:
-            common.append_jsonl(metrics_path, rec)
+        record(rec)
         bar.update(1)
         done = step + 1
         if done % steps_per_epoch == 0:

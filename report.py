@@ -77,7 +77,7 @@ def rl_rollouts(run_dir, up_to_step=None):
         settings = json.load(f)
     rows = common.read_jsonl(metrics)
     steps = [m for m in rows if 0 < m.get("step", 0) <= (up_to_step or m["step"]) and "reward" in m]
-    return len(steps) * settings["prompts_per_step"] * settings["group_size"], rows, settings
+    return len(steps) * settings["prompts_per_step"] * settings["samples_per_prompt"], rows, settings
 
 
 def difficulty_key(summary):

@@ -126,8 +126,8 @@ step data "$DATA_CMD"
 # ---- 2. tiny only: pre-training text + tokenizer, then pre-train the "base" from scratch
 if [[ "${TINY_BASE:-0}" == 1 ]]; then
   step base_text "python tiny_base.py --out_dir $OUT/base_data --exclude $TEST $SFT_SPLIT $BASE_TEXT_ARGS"
-  step base "$LAUNCH redistill_sft.py --init_tiny --tokenizer $OUT/base_data/tokenizer \
---pretrain_text $OUT/base_data/pretrain.jsonl --out_dir $OUT/base --resume $PRETRAIN_ARGS"
+  step base "$LAUNCH redistill_sft.py --init_tiny true --tokenizer $OUT/base_data/tokenizer \
+--pretrain_text $OUT/base_data/pretrain.jsonl --out_dir $OUT/base --resume true $PRETRAIN_ARGS"
   # what the base knows before any chat-format SFT: test accuracy asked in its own pre-training format
   step base_probe "python tiny_base.py --probe $BASE --probe_split $TEST --probe_out $OUT/base_probe.json"
 fi
@@ -141,7 +141,7 @@ fi
 
 # ---- 3. cold start: SFT of the base on the teacher's chain-of-thought traces
 step teacher_data "python $TASK_SCRIPT --teacher_sft $OUT/sft_teacher.jsonl --split $SFT_SPLIT --tokenizer $BASE ${TEACHER_ARGS:-}"
-step sft "$LAUNCH redistill_sft.py --init $BASE --data $OUT/sft_teacher.jsonl --out_dir $OUT/sft --resume $SFT_ARGS"
+step sft "$LAUNCH redistill_sft.py --init $BASE --data $OUT/sft_teacher.jsonl --out_dir $OUT/sft --resume true $SFT_ARGS"
 
 # ---- 4. GRPO from the cold-start model
 RL_FINAL="$OUT/rl/step_$(printf '%06d' "$RL_STEPS")"
@@ -154,14 +154,14 @@ step rl "$LAUNCH train_rl.py --model $OUT/sft/final --task $TASK --train_data $T
 step sample_A "$LAUNCH sample_policy.py --from_checkpoint $RL_FINAL --task $TASK --split $SFT_SPLIT \
 --out $OUT/redistill_A.jsonl --temperature 0 --samples_per_prompt 1 --allow_empty true $SAMPLE_ARGS"
 step sample_B "python sample_policy.py --from_rollouts $OUT/rl --steps $B_STEPS --task $TASK --split $TRAIN \
---out $OUT/redistill_B.jsonl --max_per_prompt 1 --num_samples $B_SAMPLES --seed 0 --allow_empty true"
+--out $OUT/redistill_B.jsonl --max_per_prompt 1 --num_examples $B_SAMPLES --seed 0 --allow_empty true"
 
 # ---- 6. re-distillation: SFT of the BASE model (not the RL model) on each set, the cold start's settings
 CHECKPOINTS="$BASE $OUT/sft/final $RL_FINAL"; NAMES="base sft rl"; SETS="$OUT/sft_teacher.jsonl"
 for V in A B; do
   if [[ "$DRY_RUN" == 1 || -s "$OUT/redistill_$V.jsonl" ]]; then
     step "redistill_$V" "$LAUNCH redistill_sft.py --init $BASE --data $OUT/redistill_$V.jsonl --out_dir $OUT/redistill_$V \
---resume $SFT_ARGS"
+--resume true $SFT_ARGS"
     CHECKPOINTS="$CHECKPOINTS $OUT/redistill_$V/final"; NAMES="$NAMES redistill_$V"; SETS="$SETS $OUT/redistill_$V.jsonl"
   else
     echo "== redistill_$V: skipped, the RL policy gave no correct sample ($OUT/redistill_$V.jsonl is empty)"
@@ -183,7 +183,7 @@ if [[ "${SAMPLE_EFFECT:-1}" == 1 ]]; then
   if [[ -n "$SELECT" ]]; then
     for V in top bottom; do
       step "se_$V" "$LAUNCH redistill_sft.py --init $BASE --data $OUT/sample_effect/$V.jsonl --out_dir $OUT/se_$V \
---resume $SFT_ARGS"
+--resume true $SFT_ARGS"
     done
     step eval_se "$LAUNCH eval.py --task $TASK --checkpoints $OUT/se_top/final $OUT/se_bottom/final \
 --names se_top se_bottom --splits $TEST --split_names test --out_dir $OUT/eval_se $EVAL_ARGS"

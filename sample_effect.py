@@ -50,8 +50,8 @@ per chunk and spread over torchrun ranks, and the SFT samples are sharded (commo
 (common.all_gather_json): results do not depend on the number of ranks (up to float summation order, and
 on GPU up to kernel nondeterminism; the chunking depends on the ranks only when ⌈prompts / ranks⌉ is the
 smallest bound). ∇J is the one data-parallel gradient, so it runs on the FSDP-sharded
-model (model.shard_model, as in train_rl.py: fp32 weights, --dtype compute, gradients summed over ranks),
-then is gathered in full on every rank. Rollouts come from a --dtype full copy (model.full_copy), and the
+model (common.shard_model, as in train_rl.py: fp32 weights, --dtype compute, gradients summed over ranks),
+then is gathered in full on every rank. Rollouts come from a --dtype full copy (common.full_copy), and the
 per-sample gradients, each rank's own, from an fp32 full copy under --dtype autocast; both freed after.
 
 Outputs (written atomically by rank 0):
@@ -74,7 +74,7 @@ from contextlib import nullcontext
 
 import common
 from common import UserError, print0
-from redistill_sft import load_sft_examples, open_lines  # SFT data: prompt | response + EOS, loss on the response
+from model import response_logprobs
 
 # -----------------------------------------------------------------------------
 # settings
@@ -87,7 +87,7 @@ parser.add_argument("--num_eval_prompts", type=int, default=0,
 parser.add_argument("--sft_data", nargs="+", default=None,
                     help="SFT jsonl file(s) {id, task, prompt, response}; each gets its own summary (e.g. teacher traces vs re-distilled samples)")
 parser.add_argument("--max_length", type=int, default=5000, help="longest SFT sample (prompt + response + EOS); longer is an error (as in redistill_sft.py)")
-parser.add_argument("--k", type=int, default=8, help="responses per evaluation prompt for the ∇J estimate (paper's rollout.n = 8); >= 2")
+parser.add_argument("--samples_per_prompt", type=int, default=8, help="responses per evaluation prompt for the ∇J estimate (paper's rollout.n = 8); >= 2")
 parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of J (paper's RL rollouts: 0.7)")
 parser.add_argument("--max_new_tokens", type=int, default=4096, help="response budget of the rollouts (paper: 4096); truncated = reward 0")
 parser.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="prompt template of the evaluation prompts")
@@ -107,7 +107,7 @@ parser.add_argument("--proj_seed", type=int, default=0, help="seed of the CountS
 parser.add_argument("--params", default="", help="regex: only parameters whose names match (re.search) count (default: all)")
 parser.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16")
 parser.add_argument("--micro_batch_tokens", type=int, default=16384, help="tokens per packed forward/backward of the ∇J rollouts")
-parser.add_argument("--grad_checkpointing", type=common.str2bool, default=False, help="recompute blocks in backward (long sequences)")
+parser.add_argument("--gradient_checkpointing", type=common.str2bool, default=False, help="recompute blocks in backward (long sequences)")
 parser.add_argument("--out", default="out/sample_effect/effects.jsonl", help="effects jsonl (summary written beside it as <stem>.summary.json)")
 parser.add_argument("--select", type=int, default=0, help="write the top-K samples (pooled over all files) to --select_out (0 = off)")
 parser.add_argument("--select_out", default=None, help="SFT jsonl for the top-K samples")
@@ -145,19 +145,11 @@ def rloo_weights(rewards):
 # log-probs and gradients
 
 
-def packed_logprobs(model, seqs, starts, temperature=1.0):
-    """One packed forward over token lists; returns, per sequence, the log-probs (under softmax(logits/T))
-    of its tokens seqs[i][starts[i]:] given everything before them."""
-    from model import pack
-    device = model.lm_head.weight.device
-    ids, cu = pack(seqs, device)
-    hidden = model(ids, cu_seqlens=cu)
-    lp = model.token_logprobs(hidden[0, :-1], ids[0, 1:], temperature=temperature)
-    out, offset = [], 0
-    for s, start in zip(seqs, starts):
-        out.append(lp[offset + start - 1: offset + len(s) - 1])
-        offset += len(s)
-    return out
+def example_logprobs(model, examples, temperature=1.0):
+    """The log-probs (under softmax(logits / T)) of each example's tokens input_ids[start:], one tensor per example."""
+    lp = response_logprobs(model, [e["input_ids"][:e["start"]] for e in examples],
+                           [e["input_ids"][e["start"]:] for e in examples], temperature)
+    return lp.split([len(e["input_ids"]) - e["start"] for e in examples])
 
 
 def accumulate_policy_gradient(model, items, temperature, micro_batch_tokens, autocast=nullcontext, scale=1.0):
@@ -165,28 +157,23 @@ def accumulate_policy_gradient(model, items, temperature, micro_batch_tokens, au
     Identical sequences are merged (weights summed; short answers repeat often), zero weights skipped, the rest
     packed into micro-batches of at most micro_batch_tokens. Every rank runs as many micro-batches (FSDP's
     forward and backward are collectives). Returns the number of tokens back-propagated."""
-    from model import idle_pass
+    from common import idle_pass
     merged = {}
     for it in items:
         key = (tuple(it["input_ids"]), it["start"])
         merged[key] = merged.get(key, 0.0) + it["weight"]
     items = sorted(({"input_ids": list(ids), "start": start, "weight": w} for (ids, start), w in merged.items() if w != 0),
                    key=lambda it: (-len(it["input_ids"]), it["input_ids"]))
-    batches, size = [[]], 0
-    for it in items:
-        if batches[-1] and size + len(it["input_ids"]) > micro_batch_tokens:
-            batches.append([])
-            size = 0
-        batches[-1].append(it)
-        size += len(it["input_ids"])
+    batches = [[items[i] for i in mb] for mb in common.micro_batches([len(it["input_ids"]) for it in items],
+                                                                    micro_batch_tokens)]
     tokens = 0
-    for batch in common.even_out([b for b in batches if b]):
+    for batch in common.even_out(batches):
         if batch is None:  # this rank is done; join the others' collectives
             with autocast():
                 idle_pass(model)
             continue
         with autocast():
-            lps = packed_logprobs(model, [b["input_ids"] for b in batch], [b["start"] for b in batch], temperature)
+            lps = example_logprobs(model, batch, temperature)
         objective = sum(b["weight"] * lp.sum() for b, lp in zip(batch, lps)) * scale
         objective.backward()
         tokens += sum(len(b["input_ids"]) for b in batch)
@@ -234,7 +221,7 @@ def sample_effects(model, params, examples, reduction, exact_ref=None, sketch=No
         for p in params:
             p.grad = None
         with autocast():
-            lp = packed_logprobs(model, [ex["input_ids"]], [ex["start"]])[0]
+            lp = example_logprobs(model, [ex])[0]
         ll = lp.sum() if reduction == "sum" else lp.mean()
         ll.backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -287,7 +274,7 @@ def write_selection(path, chosen):
     out = []
     for row in chosen:
         if row["file"] not in cache:
-            with open_lines(row["file"]) as lines:
+            with common.open_lines(row["file"]) as lines:
                 cache[row["file"]] = dict(lines)
         rec = dict(cache[row["file"]][row["line"]])
         rec["sample_effect"] = row["sample_effect"]
@@ -303,8 +290,8 @@ def main(argv=None):
     args = common.parse_settings(copy.deepcopy(parser), argv)  # a copy: main() may run more than once (tests)
     if not args.checkpoint or not args.eval_data or not args.sft_data:
         raise UserError("give --checkpoint DIR, --eval_data SPLIT.jsonl and --sft_data FILE [FILE ...]")
-    if args.k < 2:
-        raise UserError(f"--k must be >= 2 (the group baseline needs two samples per prompt), got {args.k}")
+    if args.samples_per_prompt < 2:
+        raise UserError(f"--samples_per_prompt must be >= 2 (the group baseline needs two samples per prompt), got {args.samples_per_prompt}")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 (J is the expected reward of sampling)")
     if args.proj_dim < 0 or (args.proj_dim == 0 and not args.exact):
@@ -327,29 +314,28 @@ def main(argv=None):
     except re.error as e:
         raise UserError(f"--params {args.params!r}: not a valid regular expression ({e})")
     task = common.get_task(args.task)
-    from eval import check_checkpoint, load_records
-    check_checkpoint(args.checkpoint)
+    common.check_checkpoint(args.checkpoint)
 
     import torch
     from tqdm import tqdm
-    from model import full_copy, full_tensor, load_model, load_tokenizer, parse_dtype, shard_model
+    from common import full_copy, full_tensor, shard_model
+    from model import load_model, load_tokenizer, parse_dtype
     rank, world, device = common.dist_setup()
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    compute_dtype = parse_dtype(dtype)
+    compute_dtype = parse_dtype(args.dtype, device)
     autocast = (nullcontext if compute_dtype == torch.float32
                 else (lambda: torch.autocast(device.type, dtype=compute_dtype)))
     common.seed_everything(args.seed)
 
     # ---- data: SFT samples (checked against --task) and evaluation prompts
     tokenizer = load_tokenizer(args.checkpoint)
-    examples = load_sft_examples(args.sft_data, tokenizer, args.max_length)
+    examples = common.load_sft_examples(args.sft_data, tokenizer, args.max_length)
     for ex in examples:
         if ex["task"] is not None and ex["task"] != args.task:
             raise UserError(f"{ex['file']}:{ex['line']}: sample {ex['id']!r} is for task {ex['task']!r}, "
                             f"but --task is {args.task!r}")
     if args.select > len(examples):
         raise UserError(f"--select {args.select} > the {len(examples)} SFT samples given")
-    records = load_records(task, args.task, args.eval_data, tokenizer, args.template)
+    records = common.load_records(task, args.task, args.eval_data, tokenizer, args.template)
     records, eval_subset = common.stratified_subset(records, args.num_eval_prompts, task.DIFFICULTY, args.seed)
     print0(f"evaluation prompts: {eval_subset}")
 
@@ -364,12 +350,12 @@ def main(argv=None):
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
     model = shard_model(model, compute_dtype)
-    model.gradient_checkpointing = args.grad_checkpointing
+    model.gradient_checkpointing = args.gradient_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]  # the same tensors, now sharded
     n_params = sum(p.numel() for p in params)
     print0(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s: {model.num_params() / 1e6:.2f}M parameters, "
            f"{n_params / 1e6:.2f}M counted ({len(params)} tensors{', --params ' + repr(args.params) if args.params else ''}); "
-           f"compute {dtype}; {'exact' if args.exact else ''}{' + ' if args.exact and args.proj_dim else ''}"
+           f"compute {str(compute_dtype).replace('torch.', '')}; {'exact' if args.exact else ''}{' + ' if args.exact and args.proj_dim else ''}"
            f"{f'CountSketch {args.proj_dim}' if args.proj_dim else ''}; {world} rank(s)")
 
     # ---- ∇J: K rollouts per evaluation prompt, chunks of prompts spread over ranks, RLOO policy gradient
@@ -379,22 +365,22 @@ def main(argv=None):
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * compute_dtype.itemsize
     prompts = [task.render_prompt(r, tokenizer, args.template) for r in records]
     longest = max(map(len, common.encode_prompts(tokenizer, prompts)))
-    size = gen_chunk_size(len(records), world, args.gen_batch_size, args.k, per_token, longest + args.max_new_tokens,
+    size = gen_chunk_size(len(records), world, args.gen_batch_size, args.samples_per_prompt, per_token, longest + args.max_new_tokens,
                           args.kv_cache_gib * 2**30)
     chunks = [list(range(s, min(s + size, len(records)))) for s in range(0, len(records), size)]
-    print0(f"rollouts: {len(chunks)} generation call(s) of <= {size} prompts x {args.k} over {world} rank(s); "
-           f"KV cache <= {size * args.k * (longest + args.max_new_tokens) * per_token / 2**30:.1f} GiB per call")
+    print0(f"rollouts: {len(chunks)} generation call(s) of <= {size} prompts x {args.samples_per_prompt} over {world} rank(s); "
+           f"KV cache <= {size * args.samples_per_prompt * (longest + args.max_new_tokens) * per_token / 2**30:.1f} GiB per call")
     items, rewards, gen_tokens = [], [], 0
     my_chunks = common.shard(list(range(len(chunks))), rank, world)
-    bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks) * args.k, desc="rollouts",
+    bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks) * args.samples_per_prompt, desc="rollouts",
                disable=not args.progress or rank != 0, dynamic_ncols=True)
     for c in my_chunks:
-        out = common.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]], n=args.k,
+        out = common.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]], n=args.samples_per_prompt,
                                       temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
                                       seed=args.seed * 1_000_003 + c, template=args.template,
                                       batch_size=size, progress=False)
         for j in range(len(chunks[c])):
-            group = out[j * args.k:(j + 1) * args.k]
+            group = out[j * args.samples_per_prompt:(j + 1) * args.samples_per_prompt]
             prompt_ids = common.encode_prompts(tokenizer, [group[0]["prompt"]])[0]
             rs = [float(s["reward"]) for s in group]
             rewards.append(rs)
@@ -410,17 +396,17 @@ def main(argv=None):
         p.grad = None
     # FSDP sums the ranks' gradients (sharded); every rank then holds the full ∇J, in fp32
     bwd_tokens = accumulate_policy_gradient(model, items, args.temperature, args.micro_batch_tokens,
-                                            scale=1.0 / (len(records) * args.k))
+                                            scale=1.0 / (len(records) * args.samples_per_prompt))
     grads = [full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
     stats = common.all_reduce(torch.tensor([sum(map(sum, rewards)), sum(len(set(r)) > 1 for r in rewards), gen_tokens,
                                             bwd_tokens], dtype=torch.float64))
     mean_reward, informative, gen_tokens, bwd_tokens = stats.tolist()
-    mean_reward /= len(records) * args.k
-    grad_j = {"mean_reward": mean_reward, "prompts": len(records), "prompt_subset": eval_subset, "k": args.k,
+    mean_reward /= len(records) * args.samples_per_prompt
+    grad_j = {"mean_reward": mean_reward, "prompts": len(records), "prompt_subset": eval_subset, "k": args.samples_per_prompt,
               "temperature": args.temperature,
               "informative_prompts": int(informative)}
     if informative == 0:
-        raise UserError(f"all {args.k} rollouts of every evaluation prompt got the same reward (mean reward "
+        raise UserError(f"all {args.samples_per_prompt} rollouts of every evaluation prompt got the same reward (mean reward "
                         f"{mean_reward:.3f}), so the ∇J estimate is zero; use more prompts, a larger --k, or a "
                         f"policy whose accuracy on --eval_data lies strictly between 0 and 1")
     exact_ref = sketch = sketch_ref = None
@@ -436,7 +422,7 @@ def main(argv=None):
     del grads
     for p in params:
         p.grad = None
-    print0(f"∇J from {len(records)} prompts x {args.k} rollouts (T={args.temperature}): mean reward {mean_reward:.4f}, "
+    print0(f"∇J from {len(records)} prompts x {args.samples_per_prompt} rollouts (T={args.temperature}): mean reward {mean_reward:.4f}, "
            f"{int(informative)} prompts with mixed rewards | generation {gen_tokens / max(gen_seconds, 1e-9):.0f} tok/s "
            f"({gen_seconds:.1f}s) | backward {bwd_tokens:.0f} tokens in {time.time() - t0:.1f}s | "
            f"‖∇J‖ {grad_j.get('norm', grad_j.get('norm_proj')):.4g}")
@@ -444,7 +430,7 @@ def main(argv=None):
     # ---- per-sample effects: this rank's share of the SFT samples, one backward each, on this rank's own full
     # fp32 copy (a sharded model would sum the ranks' gradients, mixing their samples)
     plain = full_copy(model, torch.float32)
-    plain.gradient_checkpointing = args.grad_checkpointing
+    plain.gradient_checkpointing = args.gradient_checkpointing
     for n, p in plain.named_parameters():
         p.requires_grad_(n in chosen)
     params = [p for n, p in plain.named_parameters() if n in chosen]

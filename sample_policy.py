@@ -9,7 +9,7 @@ Turn an RL policy into a re-distillation SFT set (the paper's section 3 recipe).
 
 Then, as the paper: keep responses with reward 1.0 that finished with EOS; drop identical responses to the
 same prompt and keep at most --max_per_prompt per prompt (the paper keeps the first occurrence per puzzle);
-shuffle with --seed; keep the first --num_samples (paper: 1,000 K&K, 500 MATH); write SFT jsonl
+shuffle with --seed; keep the first --num_examples (paper: 1,000 K&K, 500 MATH); write SFT jsonl
 {"id","task","prompt","response","source","reward"} atomically. The prompt is the exact rendered text the
 policy saw and the response the decoded text it produced, without the stop token (redistill_sft.py
 appends EOS when it trains).
@@ -27,8 +27,7 @@ import re
 
 import common
 from common import UserError, print0
-
-STOP_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+from model import STOP_TOKENS
 
 
 def get_parser():
@@ -56,14 +55,14 @@ def get_parser():
     p.add_argument("--max_per_prompt", type=int, default=1,
                    help="keep at most this many distinct correct responses per prompt, first found first "
                         "(paper: 1, dedupe by puzzle keeping the first occurrence); 0 = no limit")
-    p.add_argument("--num_samples", type=int, default=1000, help="keep this many after the shuffle (paper: 1000 K&K, 500 MATH); 0 = all")
+    p.add_argument("--num_examples", type=int, default=1000, help="keep this many after the shuffle (paper: 1000 K&K, 500 MATH); 0 = all")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (paper: random.seed(0)) and of sampling")
     p.add_argument("--samples_out", default=None, help="also write every sample before filtering (jsonl, with reward, "
                    "finished, rank) for inspection")
     p.add_argument("--allow_empty", type=common.str2bool, default=False,
                    help="when no response is correct, write an empty --out and say so instead of failing "
                         "(reproduce.sh: a weak policy then just has no re-distilled model)")
-    p.add_argument("--progress", nargs="?", const=True, default=True, type=common.str2bool, help="tqdm bar on rank 0")
+    p.add_argument("--progress", default=True, type=common.str2bool, help="tqdm bar on rank 0")
     return p
 
 
@@ -117,7 +116,7 @@ def read_rollouts(run_dir, steps):
 def sample_checkpoint(args, task, rank, world, device):
     """Every (record, sample) of the split, merged from all ranks in record order; and the records."""
     import torch
-    from model import load_model, load_tokenizer, read_config
+    from model import load_model, load_tokenizer, parse_dtype, read_config
     read_config(args.from_checkpoint)  # a clear error when it is no checkpoint
     records = task.load_split(args.split)
     if args.limit:
@@ -125,16 +124,12 @@ def sample_checkpoint(args, task, rank, world, device):
     if not records:
         raise UserError(f"{args.split}: no records")
     tokenizer = load_tokenizer(args.from_checkpoint)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = parse_dtype(args.dtype, device)
     model = load_model(args.from_checkpoint, dtype=dtype, device=device)
     model.eval()
     # Check every prompt's length on every rank before sharding, so that all ranks stop together.
-    context = model.config.max_position_embeddings
-    lengths = map(len, common.encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, args.template) for r in records]))
-    for i, (rec, length) in enumerate(zip(records, lengths)):
-        if length + args.max_new_tokens > context:
-            raise UserError(f"{args.split}: record {i + 1} (id {rec.get('id')!r}): prompt of {length} tokens + "
-                            f"--max_new_tokens {args.max_new_tokens} > the model's {context}-token context")
+    common.check_prompts_fit(common.task_prompt_ids(tokenizer, task, records, args.template), records,
+                             args.max_new_tokens, model.config.max_position_embeddings, args.split)
     order = common.shard(list(range(len(records))), rank, world)
     print0(f"sampling {args.from_checkpoint}: {len(records)} prompts x {args.samples_per_prompt} on {world} rank(s), "
            f"T={args.temperature}, top_p={args.top_p}, max_new_tokens={args.max_new_tokens}")
@@ -158,9 +153,9 @@ def sample_checkpoint(args, task, rank, world, device):
 # selection
 
 
-def select(samples, max_per_prompt, num_samples, seed):
+def select(samples, max_per_prompt, num_examples, seed):
     """The paper's filter: correct (reward 1.0) and finished; identical responses to one prompt once; at most
-    max_per_prompt per prompt, first found first; a seeded shuffle; the first num_samples.
+    max_per_prompt per prompt, first found first; a seeded shuffle; the first num_examples.
     Returns (kept, counts)."""
     by_prompt, seen, counts = {}, set(), {"samples": len(samples), "correct": 0, "duplicates": 0, "over_limit": 0}
     prompts = []
@@ -185,13 +180,13 @@ def select(samples, max_per_prompt, num_samples, seed):
     pool = [s for k in prompts for s in by_prompt[k]]
     counts["distinct"] = len(pool)
     random.Random(seed).shuffle(pool)
-    kept = pool[:num_samples] if num_samples else pool
+    kept = pool[:num_examples] if num_examples else pool
     return kept, counts
 
 
 def strip_stop_text(response):
     """Remove a trailing stop-token string (a rollout log that decoded the stop token too); SFT appends EOS itself."""
-    for t in STOP_TEXTS:
+    for t in STOP_TOKENS:
         if response.endswith(t):
             return response[: -len(t)], True
     return response, False
@@ -249,15 +244,15 @@ def main(argv=None):
     if args.samples_out and rank == 0:
         common.write_jsonl(args.samples_out, samples)
         print0(f"wrote all {len(samples)} samples (before filtering) to {args.samples_out}")
-    kept, counts = select(samples, args.max_per_prompt, args.num_samples, args.seed)
+    kept, counts = select(samples, args.max_per_prompt, args.num_examples, args.seed)
     print0(f"{counts['samples']} samples of {counts['prompts']} prompts: {counts['correct']} correct and finished, "
            f"{counts['duplicates']} duplicate responses, {counts['over_limit']} over --max_per_prompt "
            f"{args.max_per_prompt}, {counts['distinct']} distinct")
     print0(f"{counts['prompts_without_correct']} of {counts['prompts']} prompts had no correct sample")
     if not kept and not args.allow_empty:
         raise UserError(f"no correct, finished response among {counts['samples']} samples; nothing written to {args.out}")
-    if args.num_samples and len(kept) < args.num_samples:
-        print0(f"note: only {len(kept)} samples available, fewer than --num_samples {args.num_samples}")
+    if args.num_examples and len(kept) < args.num_examples:
+        print0(f"note: only {len(kept)} samples available, fewer than --num_examples {args.num_examples}")
     if rank == 0:
         rows = [{"id": s["id"], "task": args.task, "prompt": s["prompt"], "response": s["response"],
                  "source": s["source"], "reward": s["reward"],

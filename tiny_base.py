@@ -5,7 +5,7 @@ Nothing can be downloaded for the CPU preset, so reproduce.sh builds its own "ba
   OUT_DIR/pretrain.jsonl   {"text": ...} documents: K&K puzzles of their own random stream (never a puzzle
                            of the --exclude splits), in the plain Question/Answer format -- not the chat
                            format of the SFT data, so the cold start still has something to teach
-  OUT_DIR/tokenizer/       byte-level BPE (model.build_tokenizer: Qwen-style specials and chat template)
+  OUT_DIR/tokenizer/       byte-level BPE (build_tokenizer below: Qwen-style specials and chat template)
 and redistill_sft.py --init_tiny --pretrain_text OUT_DIR/pretrain.jsonl pre-trains the base on it.
 
 --text_format chooses what a document holds after the question:
@@ -28,6 +28,7 @@ Usage:
   python tiny_base.py --probe runs/tiny/base/final --probe_split data/tiny/test.jsonl --probe_out runs/tiny/base_probe.json
 """
 import argparse
+import json
 import os
 import random
 import types
@@ -37,7 +38,91 @@ import torch
 
 import common
 import kk_data
-from model import build_tokenizer, load_model, load_tokenizer
+from model import ModelConfig, SUPPORTED, Transformer, load_model, load_tokenizer
+
+# -----------------------------------------------------------------------------
+# tiny tokenizers and models, built offline (the CPU preset and the tests use these)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+# Qwen2's pre-tokenizer split (digits one by one). Our tiny tokenizers use it too, so a tokenizer folder
+# tokenizes the same whether transformers loads it alone or, beside a qwen2 config.json, as Qwen2Tokenizer.
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def build_tokenizer(texts, vocab_size=1024, path=None, pad_to=None):
+    """Train a small byte-level BPE on `texts` with Qwen2's normaliser and pre-tokenizer, Qwen-style special
+    tokens (<|endoftext|> = EOS, <|im_start|>, <|im_end|>) and chat template. Saved in HF format if path.
+
+    pad_to: pad the vocabulary with entries that encoding never produces ("<unused_N>") up to this size, so
+    that a random model of a real vocabulary (151,936 for Qwen2.5) can decode every id it samples."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    if pad_to and pad_to > tok.get_vocab_size():
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        for i in range(pad_to):
+            if len(vocab) == pad_to:
+                break
+            vocab.setdefault(f"<unused_{i}>", len(vocab))
+        tok = Tokenizer.from_str(json.dumps(spec))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                 additional_special_tokens=specials[1:])
+    hf.chat_template = CHAT_TEMPLATE
+    if path:
+        hf.save_pretrained(path)
+    return hf
+
+
+def tiny_config(vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=None,
+                max_position_embeddings=2048, tie_word_embeddings=True, arch="Qwen2ForCausalLM", **extra) -> dict:
+    """A HF config.json dict for a small model of one of the supported architectures."""
+    cfg = {"architectures": [arch], "model_type": {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}[SUPPORTED[arch]],
+           "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size or 3 * hidden_size,
+           "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+           "head_dim": hidden_size // num_heads, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+           "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": tie_word_embeddings,
+           "attention_dropout": 0.0, "use_sliding_window": False, "bos_token_id": None, "eos_token_id": None}
+    if SUPPORTED[arch] == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
+    if SUPPORTED[arch] == "qwen3":
+        cfg.update(attention_bias=False)
+    cfg.update(extra)
+    return cfg
+
+
+def build_model(hf_config: dict, seed=0, std=0.02) -> Transformer:
+    """A Transformer of this config.json dict with fresh weights like HF's initialisation: normal(0, std)
+    matrices, zero biases, unit norms."""
+    model = Transformer(ModelConfig.from_hf(hf_config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# the script: pre-training text and tokenizer, or --probe
 
 parser = argparse.ArgumentParser(description="K&K pre-training text and a tiny BPE tokenizer for the tiny preset's base model.")
 parser.add_argument("--out_dir", default="runs/tiny/base_data", help="writes pretrain.jsonl and tokenizer/ here")

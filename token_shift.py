@@ -35,9 +35,9 @@ released no code: ../shared/research/limr_sparse.md section B holds every defini
 2. Cross-sampling (--cross forward|backward)
 
     python token_shift.py --base ... --policy ... --cross forward --task kk --split runs/tiny/data/test.jsonl \\
-        --eps inf 0.3 0.1 0.03 0.01 -1 --num_samples 4 --out_dir out/shift
+        --eps inf 0.3 0.1 0.03 0.01 -1 --samples_per_prompt 4 --out_dir out/shift
 
-   Two models decode in lock-step, each with its own KV cache, fed the same tokens (model.generate with a
+   Two models decode in lock-step, each with its own KV cache, fed the same tokens (engine.generate with a
    partner: the one generation engine). At each step t the token is drawn from the intervention model's nucleus
    where JS(p_prim, p_int) > eps, and from the primary's everywhere else. forward: primary = base, intervention =
    policy (are RL's few choices enough?); backward: primary = policy, intervention = base (are they needed?).
@@ -94,7 +94,7 @@ def get_parser():
                    help="JS thresholds, one run each (inf: the primary alone; < 0: the intervention model alone)")
     p.add_argument("--task", default="kk", help="--cross: task module (kk, math, or a module with the task interface)")
     p.add_argument("--split", default=None, help="--cross: the task split whose prompts are answered")
-    p.add_argument("--num_samples", type=int, default=4, help="--cross: samples per prompt (the paper: 32)")
+    p.add_argument("--samples_per_prompt", type=int, default=4, help="--cross: samples per prompt (the paper: 32)")
     p.add_argument("--max_new_tokens", type=int, default=512, help="--cross: response budget (the paper: 8000); longer = truncated = wrong")
     p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="--cross: prompt template")
     p.add_argument("--seed", type=int, default=0, help="--cross: the sampling seed of every run (and of the random control)")
@@ -160,6 +160,18 @@ def read_responses(paths, tokenizer, context, limit=0):
 # 1. divergence along responses
 
 
+def js_divergence(p, q):
+    """Jensen-Shannon divergence in nats of each row of p from the same row of q (distributions over the last
+    dimension): KL(p || m) / 2 + KL(q || m) / 2 with m = (p + q) / 2, between 0 and ln 2. Zero entries add nothing,
+    so distributions of different supports (top-p truncated) are fine. In float64: near-equal rows cancel."""
+    p, q = p.double(), q.double()
+    m = 0.5 * (p + q)
+
+    def kl_to_m(a):  # where a > 0, m >= a / 2 > 0
+        return torch.where(a > 0, a * (a.log() - m.log()), 0.0).sum(-1)
+    return 0.5 * kl_to_m(p) + 0.5 * kl_to_m(q)
+
+
 def entropy(p):
     """Entropy in nats of each row of a distribution (zero entries add nothing)."""
     return -torch.where(p > 0, p * p.clamp_min(1e-38).log(), 0.0).sum(-1)
@@ -171,7 +183,8 @@ def compare_along(base, policy, examples, temperature, top_p, high_js, chunk):
 
     Returns (per example {"js", "entropy_base", "entropy_policy", "targets"}: lists over its positions,
     high: one {"token", "overlap" (k = 1..5), "base_rank", "base_prob"} per position with JS > high_js)."""
-    from model import js_divergence, nucleus, pack
+    from engine import nucleus
+    from model import pack
     device = base.lm_head.weight.device
     ids, cu = pack([e["ids"] for e in examples], device)
     hidden = [m(ids, cu_seqlens=cu)[0] for m in (base, policy)]
@@ -314,7 +327,8 @@ def plot_shift(summary, rows, path, high_js):
 def measure(args, tokenizer, device, dtype):
     """Part 1: JS along the responses, both models FSDP-sharded, responses sharded over ranks."""
     from tqdm import tqdm
-    from model import idle_pass, load_model, read_config, shard_model
+    from common import idle_pass, shard_model
+    from model import load_model, read_config
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
     examples = read_responses(args.responses, tokenizer, context, args.limit)
     rank, world = common.rank(), common.world_size()
@@ -361,7 +375,6 @@ def measure(args, tokenizer, device, dtype):
 
 def threshold_switch(eps):
     """Switch where the two nuclei diverge by more than eps (JS in nats)."""
-    from model import js_divergence
     return lambda p, q, rows, step: js_divergence(p, q) > eps
 
 
@@ -372,7 +385,7 @@ def random_switch(rate, generator):
 
 def cross_run(primary, intervention, tokenizer, task, records, args, switch, desc):
     """One cross-sampled decode of this rank's records; the counts summed over ranks, and this rank's samples."""
-    out = common.sample_responses(primary, tokenizer, task, records, n=args.num_samples, temperature=args.temperature,
+    out = common.sample_responses(primary, tokenizer, task, records, n=args.samples_per_prompt, temperature=args.temperature,
                                   top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                   seed=args.seed * 1000 + common.rank(), template=args.template,
                                   batch_size=args.batch_size, desc=desc, progress=args.progress,
@@ -434,11 +447,8 @@ def cross_sample(args, tokenizer, device, dtype):
     if not records:
         raise UserError(f"{args.split}: no records")
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
-    lengths = map(len, common.encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, args.template) for r in records]))
-    for i, (r, length) in enumerate(zip(records, lengths)):  # every rank checks every prompt, so all stop alike
-        if length + args.max_new_tokens > context:
-            raise UserError(f"{args.split}: record {i + 1} (id {r.get('id')!r}): prompt of {length} tokens + "
-                            f"--max_new_tokens {args.max_new_tokens} > the models' {context}-token context")
+    common.check_prompts_fit(common.task_prompt_ids(tokenizer, task, records, args.template), records,
+                             args.max_new_tokens, context, args.split)
     names = {"forward": ("base", "policy"), "backward": ("policy", "base")}[args.cross]
     primary, intervention = (load_model(getattr(args, name), dtype, device).eval() for name in names)
     mine = common.shard(records, common.rank(), common.world_size())
@@ -466,7 +476,7 @@ def cross_sample(args, tokenizer, device, dtype):
         return
     result = {"direction": args.cross, "primary_name": names[0], "intervention_name": names[1],
               "primary": getattr(args, names[0]), "intervention": getattr(args, names[1]),
-              "settings": {k: getattr(args, k) for k in ("task", "split", "limit", "num_samples", "max_new_tokens",
+              "settings": {k: getattr(args, k) for k in ("task", "split", "limit", "samples_per_prompt", "max_new_tokens",
                                                          "temperature", "top_p", "template", "seed", "dtype")},
               "runs": runs}
     common.write_jsonl(os.path.join(args.out_dir, f"cross_{args.cross}_samples.jsonl"), samples)
@@ -498,14 +508,14 @@ def main(argv=None):
         raise UserError("give --responses FILE (the divergence along responses) or --cross forward|backward")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
-    for name in ("batch_size", "logit_chunk", "num_samples", "max_new_tokens"):
+    for name in ("batch_size", "logit_chunk", "samples_per_prompt", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if any(math.isnan(e) for e in args.eps):
         raise UserError("--eps: nan is not a threshold")
     from model import parse_dtype
     rank, world, device = common.dist_setup()
-    dtype = parse_dtype(args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = parse_dtype(args.dtype, device)
     tokenizer = check_same_tokenizer(args.base, args.policy)
     if args.cross:
         cross_sample(args, tokenizer, device, dtype)

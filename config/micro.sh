@@ -13,7 +13,7 @@ PRETRAIN_ARGS="--tiny_hidden_size 32 --tiny_layers 1 --tiny_heads 2 --tiny_kv_he
 --max_length 1024 --epochs 1 --global_batch 10 --lr 3e-3 --loss_reduction token_mean --progress false"
 SFT_ARGS="--epochs 1 --global_batch 4 --lr 1e-3 --max_length 1024 --progress false"
 RL_STEPS=3
-RL_ARGS="--prompts_per_step 2 --group_size 2 --temperature 1.0 --max_response_tokens 16 --lr 1e-5 \
+RL_ARGS="--prompts_per_step 2 --samples_per_prompt 2 --temperature 1.0 --max_response_tokens 16 --lr 1e-5 \
 --warmup_steps 1 --gradient_checkpointing false --val_every 2 --val_limit 2 --save_every 1 --progress false"
 SAMPLE_ARGS="--max_new_tokens 16 --progress false"
 B_STEPS="1-$RL_STEPS"

@@ -42,7 +42,7 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # GRPO: the paper's loss and optimizer (betas 0.5/0.999, constant lr after warm-up, no KL), 16 prompts x 8;
 # temperature 1 (more distinct answers per group); lr 1e-4 (on the earlier answer-only preset 5e-4 collapsed)
 RL_STEPS=100  # 100 x 16 = one epoch of the 1,600 RL puzzles (~6 min)
-RL_ARGS="--prompts_per_step 16 --group_size 8 --temperature 1.0 --max_response_tokens 120 --lr 1e-4 \
+RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 1.0 --max_response_tokens 120 --lr 1e-4 \
 --warmup_steps 2 --gradient_checkpointing false --micro_batch_tokens 8192 --gen_batch_size 128 \
 --val_every 25 --val_limit 200 --val_batch_size 200 --save_every 25 --progress false"
 
@@ -52,7 +52,7 @@ B_STEPS="$RL_STEPS,$((RL_STEPS - 50))-$((RL_STEPS - 1))"  # paper: 125,115-124 (
 B_SAMPLES=400                                             # as many as the teacher set
 
 EVAL_ARGS="--max_new_tokens 120 --batch_size 200 --progress false"
-EFFECT_ARGS="--num_eval_prompts 200 --k 8 --max_new_tokens 120 --max_length 1024 --exact true --proj_dim 0 \
+EFFECT_ARGS="--num_eval_prompts 200 --samples_per_prompt 8 --max_new_tokens 120 --max_length 1024 --exact true --proj_dim 0 \
 --gen_batch_size 200 --micro_batch_tokens 4096 --progress false --log_every 250"
 SELECT_K=100  # the sample-effect experiment: SFT the base on the 100 highest- vs the 100 lowest-effect samples
 

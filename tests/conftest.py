@@ -52,7 +52,8 @@ def shared_path(*parts):
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Qwen2-architecture model with its own BPE tokenizer, saved as a HF directory (random weights)."""
     import toy_task
-    from model import build_model, build_tokenizer, save_model, tiny_config
+    from model import save_model
+    from tiny_base import build_model, build_tokenizer, tiny_config
     path = str(tmp_path_factory.mktemp("tiny") / "ckpt")
     recs = toy_task.make_records(300, seed=0)
     texts = [r["question"] + " " + toy_task.teacher_response(r) for r in recs] * 3

@@ -10,7 +10,7 @@ from common import UserError
 
 def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     out = tmp_path / "suite.json"
-    bench.main(["--gpu_suite", "--smoke", "--json_out", str(out)])
+    bench.main(["--gpu_suite", "true", "--smoke", "true", "--json_out", str(out)])
     result = json.loads(out.read_text())
     for section in bench.SUITE_SECTIONS:
         assert "error" not in result[section], result[section].get("traceback")
@@ -32,4 +32,4 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
 
 def test_gpu_suite_without_cuda_says_so():
     with pytest.raises(UserError, match="--smoke"):
-        bench.main(["--gpu_suite"])
+        bench.main(["--gpu_suite", "true"])

@@ -1,5 +1,5 @@
 """bench.py --memory: the per-GPU memory table. The parameter count equals the model's own, the sharded state
-scales as 1/W, the KV-cache bytes equal what model.KVCache allocates, the activation estimate is near the peak a
+scales as 1/W, the KV-cache bytes equal what engine.KVCache allocates, the activation estimate is near the peak a
 checkpointed forward + backward reaches on CPU, and the CLI prints the table for a preset, a config.json path or
 its directory, and fails with one line on a bad path."""
 import ctypes
@@ -12,23 +12,25 @@ import pytest
 import torch
 
 import bench
+import engine
 import model
+import tiny_base
 from common import UserError
 from conftest import ROOT, subprocess_env
 
 GIB = 2**30
 
 TINY = {  # name -> HF config dict; every architecture and bias/tie/head_dim variant model.Transformer builds
-    "qwen2_tied": model.tiny_config(1000, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+    "qwen2_tied": tiny_base.tiny_config(1000, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                                     intermediate_size=160, tie_word_embeddings=True),
-    "qwen2_untied": model.tiny_config(1000, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+    "qwen2_untied": tiny_base.tiny_config(1000, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                                       intermediate_size=160, tie_word_embeddings=False),
-    "qwen3_head_dim": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+    "qwen3_head_dim": tiny_base.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                         intermediate_size=96, tie_word_embeddings=True, arch="Qwen3ForCausalLM",
                                         head_dim=32),  # head_dim != hidden / heads, as in real Qwen3
-    "llama": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+    "llama": tiny_base.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
                                intermediate_size=128, tie_word_embeddings=False, arch="LlamaForCausalLM"),
-    "llama_attention_bias": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+    "llama_attention_bias": tiny_base.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
                                               tie_word_embeddings=False, arch="LlamaForCausalLM", attention_bias=True),
 }
 
@@ -75,7 +77,7 @@ def test_sharded_state_scales_as_one_over_world():
 def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
     cfg = model.ModelConfig.from_hf(TINY[name])
     prompts, group, prompt_tokens, response_tokens = 3, 2, 5, 7
-    cache = model.KVCache(cfg, prompts * group, prompt_tokens + response_tokens, torch.bfloat16, "cpu")
+    cache = engine.KVCache(cfg, prompts * group, prompt_tokens + response_tokens, torch.bfloat16, "cpu")
     allocated = cache.k.numel() * cache.k.element_size() * 2
     assert bench.kv_cache_bytes(cfg, prompts * group, prompt_tokens + response_tokens) == allocated
     e = bench.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, prompt_tokens=prompt_tokens,
@@ -92,11 +94,11 @@ def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
 # glibc malloc hands every buffer of 64 KiB or more to mmap, so mallinfo2().hblkhd is the bytes tensors hold; the
 # peak is sampled after every aten op by a TorchDispatchMode, the parameters' gradients exist beforehand
 MEASURED = [  # (HF config, tokens, sequences, logprob chunk): block-dominated qwen2 / qwen3, lm_head-dominated
-    (model.tiny_config(512, hidden_size=256, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=1536,
+    (tiny_base.tiny_config(512, hidden_size=256, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=1536,
                        head_dim=128), 2048, 4, 512),
-    (model.tiny_config(512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256,
+    (tiny_base.tiny_config(512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256,
                        arch="Qwen3ForCausalLM", head_dim=64), 2048, 8, 512),
-    (model.tiny_config(16384, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
+    (tiny_base.tiny_config(16384, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
                        tie_word_embeddings=False), 1024, 2, 512),
 ]
 
@@ -173,7 +175,7 @@ def test_defaults_are_the_training_scripts_defaults():
     assert args.rl_micro_batch_tokens == rl.get_default("micro_batch_tokens")
     assert args.sft_micro_batch_tokens == sft.get_default("micro_batch_tokens")
     assert args.logprob_chunk == rl.get_default("logprob_chunk")
-    assert args.group_size == rl.get_default("group_size")
+    assert args.samples_per_prompt == rl.get_default("samples_per_prompt")
     assert args.gen_batch_size == rl.get_default("gen_batch_size")
     assert args.prompts_per_step == rl.get_default("prompts_per_step")
     assert args.response_tokens == rl.get_default("max_response_tokens")

@@ -147,8 +147,7 @@ def llama3_style_tokenizer():
 
 def test_prompts_begin_with_bos_where_the_model_family_expects_one(tmp_path):
     import common
-    import redistill_sft
-    from model import build_tokenizer
+    from tiny_base import build_tokenizer
     llama = llama3_style_tokenizer()
     bos = llama.bos_token_id
     plain = "Question:\nwho is a knight?\nAnswer:\nLet's think step by step."
@@ -159,6 +158,6 @@ def test_prompts_begin_with_bos_where_the_model_family_expects_one(tmp_path):
     assert common.encode_prompts(qwen, [plain])[0] == qwen(plain, add_special_tokens=False)["input_ids"]
     # the SFT loader puts it before the prompt (and nowhere else)
     common.write_jsonl(str(tmp_path / "d.jsonl"), [{"id": "a", "prompt": plain, "response": " a knight"}])
-    ex = redistill_sft.load_sft_examples([str(tmp_path / "d.jsonl")], llama, 100)[0]
+    ex = common.load_sft_examples([str(tmp_path / "d.jsonl")], llama, 100)[0]
     assert ex["input_ids"][0] == bos and ex["input_ids"].count(bos) == 1
     assert ex["input_ids"][ex["start"] - 1] != bos  # the prompt's own tokens end the context

@@ -157,7 +157,7 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
 
 def test_sampled_metrics(tiny_checkpoint, split, tmp_path):
     out = str(tmp_path / "sampled")
-    args = ["--checkpoints", tiny_checkpoint, "--splits", split, "--num_samples", "4", "--temperature", "1.0",
+    args = ["--checkpoints", tiny_checkpoint, "--splits", split, "--samples_per_prompt", "4", "--temperature", "1.0",
             "--top_p", "0.95", "--pass_k", "1", "2", "4", "8", "--seed", "3"] + FAST
     ev.main(args + ["--out_dir", out])
     pair = os.path.join(out, os.path.basename(tiny_checkpoint), "toy_test")
@@ -228,7 +228,7 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match="--names has 1 name"):
         run("--names", "a", checkpoints=(tiny_checkpoint, tiny_checkpoint))
     with pytest.raises(common.UserError, match="greedy"):
-        run("--num_samples", "4")
+        run("--samples_per_prompt", "4")
     with pytest.raises(common.UserError, match="unknown task"):
         run("--task", "no_such_task_module")
     with pytest.raises(common.UserError, match="context"):

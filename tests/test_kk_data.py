@@ -419,7 +419,7 @@ def test_cli_train_on_the_official_seed_skips_every_official_test_puzzle(tmp_pat
 
 def test_cli_official_mode(tmp_path):
     out = str(tmp_path / "kk")
-    K.main(["--official", "--official_people", "2", "--out_dir", out])
+    K.main(["--official", "true", "--official_people", "2", "--out_dir", out])
     test = common.read_jsonl(os.path.join(out, "official", "test", "people2_num100.jsonl"))
     train = common.read_jsonl(os.path.join(out, "official", "train", "people2_num200.jsonl"))
     assert [r['index'] for r in test + train] == list(range(300))

@@ -117,7 +117,7 @@ def test_round_trip_probe_select_and_train_with_train_rl(tiny_checkpoint, tmp_pa
 
     def rl(train_data, out_dir, steps, prompts_per_step):
         settings = {"model": tiny_checkpoint, "task": "toy_task", "train_data": train_data, "test_data": "",
-                    "out_dir": out_dir, "prompts_per_step": prompts_per_step, "group_size": 4, "max_response_tokens": 6,
+                    "out_dir": out_dir, "prompts_per_step": prompts_per_step, "samples_per_prompt": 4, "max_response_tokens": 6,
                     "max_steps": steps, "save_every": steps, "warmup_steps": 1, "gen_batch_size": 8, "progress": False}
         assert train_rl.main([x for k, v in settings.items() for x in (f"--{k}", str(v))]) == 0
 

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 import common
+import engine
 import model as model_module
-from model import (Decode, KVCache, ModelConfig, build_model, build_tokenizer, flash_dtype, flash_inputs, generate,
-                   load_model, load_tokenizer, pack, sample_next, save_model, stop_token_ids, tiny_config)
+from engine import Decode, KVCache, generate, sample_next
+from model import ModelConfig, flash_dtype, flash_inputs, load_model, load_tokenizer, pack, save_model, stop_token_ids
+from tiny_base import build_model, build_tokenizer, tiny_config
+import padded
 
 VOCAB = 97
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -29,7 +32,7 @@ CONFIGS = {
 
 def random_model(cfg, seed=0):
     # larger-than-usual weights so that every component (biases, norms, RoPE) visibly matters
-    return build_model(cfg, seed).init_weights(seed, std=0.15)
+    return build_model(cfg, seed, std=0.15)
 
 
 def hf_logits(path, idx):
@@ -44,7 +47,7 @@ def test_logits_match_transformers_after_save(name, tmp_path):
     save_model(model, str(tmp_path / "ckpt"))
     idx = torch.randint(0, VOCAB, (3, 150), generator=torch.Generator().manual_seed(0))  # past the llama3 window
     with torch.no_grad():
-        ours = model.logits(idx)
+        ours = padded.logits(model, idx)
     diff = (ours - hf_logits(str(tmp_path / "ckpt"), idx)).abs().max().item()
     assert diff <= 1e-4, diff
     assert ours.abs().max() > 1.0  # the comparison is not between two near-zero tensors
@@ -57,7 +60,7 @@ def test_llama3_rope_scaling_changes_logits():
     plain = random_model(plain_cfg, seed=1)
     idx = torch.randint(0, VOCAB, (1, 150), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (scaled.logits(idx) - plain.logits(idx)).abs().max() > 1e-2
+        assert (padded.logits(scaled, idx) - padded.logits(plain, idx)).abs().max() > 1e-2
 
 
 def test_load_transformers_checkpoint_sharded_and_v5_rope_config(tmp_path):
@@ -73,7 +76,7 @@ def test_load_transformers_checkpoint_sharded_and_v5_rope_config(tmp_path):
     ours = load_model(str(tmp_path / "hf"))
     idx = torch.randint(0, VOCAB, (2, 120), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (ours.logits(idx) - hf(idx).logits).abs().max().item()
+        diff = (padded.logits(ours, idx) - hf(idx).logits).abs().max().item()
     assert diff <= 1e-4
 
 
@@ -86,7 +89,7 @@ def test_load_transformers_qwen2(tmp_path):
     ours = load_model(str(tmp_path / "hf"))
     idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (ours.logits(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+        assert (padded.logits(ours, idx) - hf(idx).logits).abs().max().item() <= 1e-4
 
 
 def test_sharded_save_roundtrip_and_bf16(tmp_path):
@@ -116,10 +119,10 @@ def test_packed_forward_equals_padded():
     ids, cu = pack(seqs)
     with torch.no_grad():
         packed = model.forward(ids, cu_seqlens=cu)[0]
-        padded = torch.zeros(len(seqs), 23, dtype=torch.long)
+        rows = torch.zeros(len(seqs), 23, dtype=torch.long)
         for i, s in enumerate(seqs):
-            padded[i, :len(s)] = torch.tensor(s)
-        hidden = model.forward(padded)
+            rows[i, :len(s)] = torch.tensor(s)
+        hidden = padded.forward(model, rows)
     for i, s in enumerate(seqs):
         assert (packed[cu[i]:cu[i + 1]] - hidden[i, :len(s)]).abs().max() <= 1e-5
 
@@ -127,7 +130,7 @@ def test_packed_forward_equals_padded():
 def test_chunked_logprobs_and_gradients_match_full():
     model = random_model(CONFIGS["qwen2_untied"], seed=4)
     idx = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
-    h = model.forward(idx)
+    h = padded.forward(model, idx)
     lp = model.token_logprobs(h[:, :-1], idx[:, 1:], chunk_size=7, temperature=0.7)
     full = torch.log_softmax(model.lm_head(h[:, :-1]).float() / 0.7, -1).gather(-1, idx[:, 1:, None]).squeeze(-1)
     assert (lp - full).abs().max() <= 1e-5
@@ -143,7 +146,7 @@ def test_gradient_checkpointing_same_gradients():
     for ckpt in (False, True):
         model.zero_grad()
         model.gradient_checkpointing = ckpt
-        model.token_logprobs(model.forward(idx)[:, :-1], idx[:, 1:]).sum().backward()
+        model.token_logprobs(padded.forward(model, idx)[:, :-1], idx[:, 1:]).sum().backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -176,7 +179,7 @@ def test_greedy_generation_matches_transformers_ragged_batch(tmp_path):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_generation_logprobs_equal_teacher_forced(temperature):
-    model = random_model(CONFIGS["llama3_scaled"], seed=7).init_weights(7, std=0.05)
+    model = build_model(CONFIGS["llama3_scaled"], 7, std=0.05)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16], [20]]
     gens = generate(model, prompts, n=3, max_new_tokens=16, temperature=temperature, stop_ids=[1, 2], seed=1)
     assert len(gens) == 9 and [g.prompt_index for g in gens] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -184,7 +187,7 @@ def test_generation_logprobs_equal_teacher_forced(temperature):
         for g in gens:
             full = torch.tensor([prompts[g.prompt_index] + g.tokens])
             p = len(prompts[g.prompt_index])
-            lp = model.token_logprobs(model.forward(full)[:, p - 1:-1], full[:, p:], temperature=temperature)
+            lp = model.token_logprobs(padded.forward(model, full)[:, p - 1:-1], full[:, p:], temperature=temperature)
             assert (lp[0] - torch.tensor(g.logprobs)).abs().max() <= 1e-4
 
 
@@ -433,9 +436,10 @@ def pretend_gpu(monkeypatch):
                for r, n in enumerate(cols.tolist())]
         return torch.stack(out).transpose(1, 2)
 
-    monkeypatch.setattr(model_module, "flash_dtype", on_gpu)
+    for module in (model_module, engine):  # engine.py's Decode takes flash_dtype and the KV-cache kernel
+        monkeypatch.setattr(module, "flash_dtype", on_gpu)
     monkeypatch.setattr(model_module, "flash_attn_varlen_func", varlen, raising=False)
-    monkeypatch.setattr(model_module, "flash_attn_with_kvcache", kvcache, raising=False)
+    monkeypatch.setattr(engine, "flash_attn_with_kvcache", kvcache, raising=False)
     return calls
 
 
@@ -467,7 +471,8 @@ def test_flash_path_forward_and_generation_match_sdpa(pretend_gpu, monkeypatch):
     flash_gen = generate(model, seqs, max_new_tokens=10, temperature=0)
     assert pretend_gpu["varlen"] == [torch.bfloat16] * 4  # 2 layers, forward + prefill
     assert pretend_gpu["kvcache"] == [torch.bfloat16] * 18  # 2 layers, 9 decode steps
-    monkeypatch.setattr(model_module, "flash_dtype", flash_dtype)  # the real rule on CPU tensors: SDPA
+    for module in (model_module, engine):  # the real rule on CPU tensors: SDPA
+        monkeypatch.setattr(module, "flash_dtype", flash_dtype)
     with torch.no_grad():
         sdpa = model.forward(ids, cu_seqlens=cu)
     assert (flash.float() - sdpa.float()).abs().max() <= 0.05 * sdpa.float().abs().max()
@@ -495,7 +500,7 @@ def test_flash_path_under_autocast_with_fp32_weights(pretend_gpu):
     assert (flash - sdpa).abs().max() <= 0.05 * sdpa.abs().max()
 
 
-def test_transformers_stops_where_our_engine_stops(tiny_checkpoint, tmp_path):
+def test_transformers_stops_where_our_engine_stops(tiny_checkpoint, tmp_path, monkeypatch):
     """save_model writes generation_config.json with our stop ids: a checkpoint whose model emits <|im_end|> (forced
     here at step 3, the same way in both engines) ends there in transformers.generate too, as in ours; without the
     file transformers runs on to max_new_tokens."""
@@ -515,8 +520,14 @@ def test_transformers_stops_where_our_engine_stops(tiny_checkpoint, tmp_path):
             logits[:, im_end] = 0.0
         return logits
 
-    ours = generate(load_model(path), [prompt], max_new_tokens=12, temperature=0, stop_ids=stop_token_ids(tok),
-                    logits_hook=lambda logits, rows, step: force(logits, step))[0]
+    steps, pick = [], engine.sample_next
+
+    def forced_pick(logits, *rest):  # our engine's token choice, with the same forcing
+        steps.append(len(steps))
+        return pick(force(logits, steps[-1]), *rest)
+
+    monkeypatch.setattr(engine, "sample_next", forced_pick)
+    ours = generate(load_model(path), [prompt], max_new_tokens=12, temperature=0, stop_ids=stop_token_ids(tok))[0]
     assert ours.finished and len(ours.tokens) == 4 and ours.tokens[-1] == im_end
 
     class Force(LogitsProcessor):
@@ -542,7 +553,7 @@ def test_logged_entropy_is_computed_without_graph():
     grads, ents = [], []
     for mode in (True, "detached"):
         model.zero_grad()
-        hidden = model.forward(ids)
+        hidden = padded.forward(model, ids)
         lp, ent = model.token_logprobs(hidden[0, :-1], ids[0, 1:], chunk_size=7, with_entropy=mode)
         assert ent.requires_grad == (mode is True)
         lp.sum().backward()

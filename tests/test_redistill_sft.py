@@ -16,6 +16,7 @@ import toy_task
 from common import UserError
 from model import load_model, load_tokenizer
 from conftest import ROOT, free_port, subprocess_env
+import padded
 
 
 
@@ -45,7 +46,7 @@ def test_loader_tokenizes_prompt_and_response_separately(tiny_checkpoint, tmp_pa
     tok = load_tokenizer(tiny_checkpoint)
     recs = toy_task.make_records(3, seed=5)
     path = write_sft(tmp_path / "d.jsonl", recs, tok)
-    examples = sft.load_sft_examples([path], tok, max_length=512)
+    examples = common.load_sft_examples([path], tok, max_length=512)
     assert len(examples) == 3
     for e, r in zip(examples, recs):
         p = tok(toy_task.render_prompt(r, tok), add_special_tokens=False)["input_ids"]
@@ -72,9 +73,9 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
         path = tmp_path / "bad.jsonl"
         path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
         with pytest.raises(UserError, match=pattern):
-            sft.load_sft_examples([str(path)], tok, max_length=40)
+            common.load_sft_examples([str(path)], tok, max_length=40)
     with pytest.raises(UserError, match="missing.jsonl: file not found"):
-        sft.load_sft_examples([str(tmp_path / "missing.jsonl")], tok, 40)
+        common.load_sft_examples([str(tmp_path / "missing.jsonl")], tok, 40)
 
 
 def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
@@ -108,11 +109,12 @@ class FakeModel:
 
     def __init__(self, logprobs):
         self.lp = torch.tensor(logprobs)
+        self.lm_head = torch.nn.Linear(1, 1)  # where the model lives (the CPU)
 
     def __call__(self, ids, cu_seqlens):
         return torch.zeros(1, ids.shape[1], 1)
 
-    def token_logprobs(self, hidden, targets):
+    def token_logprobs(self, hidden, targets, **settings):
         assert targets.shape == self.lp.shape
         self.targets = targets.tolist()
         return self.lp
@@ -125,7 +127,7 @@ def test_reductions_by_hand():
     # the log-probs are asked for the 6 loss targets only (not A's 2nd prompt token, not B's first token)
     nll = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     fake = FakeModel([-x for x in nll])
-    got, seq = sft.packed_nll(fake, [a, b], "cpu")
+    got, seq = sft.packed_nll(fake, [a, b])
     assert fake.targets == [12, 0, 21, 22, 23, 0] and seq.tolist() == [0, 0, 1, 1, 1, 1]
     seq_mean = ((1 + 2) / 2 + (3 + 4 + 5 + 6) / 4) / 2      # 3.0: each sequence counts the same
     token_mean = (1 + 2 + 3 + 4 + 5 + 6) / 6                 # 3.5: the long sequence weighs more
@@ -142,7 +144,7 @@ def test_prompt_positions_carry_no_loss(tiny_checkpoint, tmp_path, reduction):
     exactly those targets (no prompt target, no packed boundary), and each gets gradient."""
     tok = load_tokenizer(tiny_checkpoint)
     model = load_model(tiny_checkpoint)
-    examples = sft.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(3, seed=1), tok)], tok, 512)
+    examples = common.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(3, seed=1), tok)], tok, 512)
     examples[1]["input_ids"] = examples[1]["input_ids"][:-3] + [tok.eos_token_id]  # unequal response lengths
 
     captured = {}
@@ -155,7 +157,7 @@ def test_prompt_positions_carry_no_loss(tiny_checkpoint, tmp_path, reduction):
         return lp
 
     model.token_logprobs = spy
-    nll, seq = sft.packed_nll(model, examples, "cpu")
+    nll, seq = sft.packed_nll(model, examples)
     loss = sft.reduce_loss(nll, seq, examples, reduction)
     loss.backward()
     assert captured["targets"] == [t for e in examples for t in e["input_ids"][e["start"]:]]
@@ -166,7 +168,7 @@ def test_prompt_positions_carry_no_loss(tiny_checkpoint, tmp_path, reduction):
         per_seq = []
         for e in examples:
             ids = torch.tensor([e["input_ids"]])
-            logp = torch.log_softmax(model.logits(ids)[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+            logp = torch.log_softmax(padded.logits(model, ids)[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
             per_seq.append(-logp[e["start"] - 1:])
         expect = (torch.stack([x.mean() for x in per_seq]).mean() if reduction == "seq_mean"
                   else torch.cat(per_seq).mean())
@@ -176,7 +178,7 @@ def test_prompt_positions_carry_no_loss(tiny_checkpoint, tmp_path, reduction):
 @pytest.mark.parametrize("reduction", ["seq_mean", "token_mean"])
 def test_gradient_independent_of_micro_batching(tiny_checkpoint, tmp_path, reduction):
     tok = load_tokenizer(tiny_checkpoint)
-    examples = sft.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(6, seed=2), tok)], tok, 512)
+    examples = common.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(6, seed=2), tok)], tok, 512)
     for e, cut in zip(examples, [0, 2, 4, 0, 5, 1]):  # unequal lengths
         e["input_ids"] = e["input_ids"][:len(e["input_ids"]) - 1 - cut] + [tok.eos_token_id]
     lengths = [len(e["input_ids"]) for e in examples]
@@ -185,10 +187,10 @@ def test_gradient_independent_of_micro_batching(tiny_checkpoint, tmp_path, reduc
     for budget in (10_000, 60, 1):  # one micro-batch, a few, one sequence each
         model = load_model(tiny_checkpoint)
         model.gradient_checkpointing = budget == 60  # recomputing blocks in backward changes nothing either
-        mbs = sft.micro_batches(range(6), lengths, budget)
+        mbs = common.micro_batches(lengths, budget, range(6))
         for mb in mbs:
             exs = [examples[i] for i in mb]
-            nll, seq = sft.packed_nll(model, exs, "cpu")
+            nll, seq = sft.packed_nll(model, exs)
             sft.reduce_loss(nll, seq, exs, reduction, num_seqs=6, num_tokens=num_tokens).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         assert len(mbs) == {10_000: 1, 60: len(mbs), 1: 6}[budget]
@@ -198,15 +200,15 @@ def test_gradient_independent_of_micro_batching(tiny_checkpoint, tmp_path, reduc
 
 def test_batching_helpers():
     lengths = [5, 1, 9, 3, 7, 2]
-    assert sft.micro_batches(range(6), lengths, 10) == [[2], [4], [0, 3, 5], [1]]  # longest first, next fit
-    mbs = sft.micro_batches(range(6), lengths, 10)
+    assert common.micro_batches(lengths, 10, range(6)) == [[2], [4], [0, 3, 5], [1]]  # longest first, next fit
+    mbs = common.micro_batches(lengths, 10, range(6))
     assert sorted(i for mb in mbs for i in mb) == list(range(6))
     assert all(sum(lengths[i] for i in mb) <= 10 for mb in mbs)
-    assert sft.micro_batches([0, 2], lengths, 4) == [[2], [0]]  # longer than the budget: alone
+    assert common.micro_batches(lengths, 4, [0, 2]) == [[2], [0]]  # longer than the budget: alone
     groups = sft.split_by_length(range(6), lengths, 2)
     assert sorted(i for g in groups for i in g) == list(range(6))
     assert abs(sum(lengths[i] for i in groups[0]) - sum(lengths[i] for i in groups[1])) <= 1
-    assert sft.epoch_order(10, 1, 0) == sft.epoch_order(10, 1, 0) != sft.epoch_order(10, 1, 1)
+    assert common.epoch_order(10, 1, 0) == common.epoch_order(10, 1, 0) != common.epoch_order(10, 1, 1)
     # the paper's schedule: cosine from lr to 0, no warmup, first update at the full rate
     assert sft.get_lr(0, 10, 1e-5, 0, 0) == pytest.approx(1e-5)
     assert sft.get_lr(5, 10, 1e-5, 0, 0) == pytest.approx(0.5e-5)
@@ -224,7 +226,7 @@ def test_sft_learns_toy_task(tiny_checkpoint, tmp_path):
     val_records = toy_task.make_records(64, seed=12, split="val")
     val = write_sft(tmp_path / "val.jsonl", val_records, tok)
     out = str(tmp_path / "run")
-    sft.main(["--init_tiny", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "128", "--tiny_layers", "2",
+    sft.main(["--init_tiny", "true", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "128", "--tiny_layers", "2",
               "--data", train, "--val_data", val, "--out_dir", out, "--lr", "3e-3", "--global_batch", "16",
               "--epochs", "8", "--loss_reduction", "token_mean", "--progress", "false"])
     m = metrics(out)
@@ -262,9 +264,9 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     with pytest.raises(UserError, match="pass --resume"):
         sft.main(run_args(tiny_checkpoint, data, cut))
     with pytest.raises(UserError, match="different settings.*lr: was 0.001, now 0.002"):
-        sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "--lr", "2e-3"))
+        sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--lr", "2e-3"))
     capsys.readouterr()
-    sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "--micro_batch_tokens", "60"))
+    sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--micro_batch_tokens", "60"))
     assert "step_000007 (step 7/10)" in capsys.readouterr().out
     a, b = weights(os.path.join(full, "final")), weights(os.path.join(cut, "final"))
     for k in a:
@@ -272,7 +274,7 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     assert [r["step"] for r in metrics(cut) if "loss" in r] == list(range(1, 11))
     # a finished run resumed again is a no-op that says so
     stamp = os.path.getmtime(os.path.join(cut, "final", "model.safetensors"))
-    sft.main(run_args(tiny_checkpoint, data, cut, "--resume"))
+    sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
     assert "already finished (10/10 steps)" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(cut, "final", "model.safetensors")) == stamp
 
@@ -292,7 +294,7 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     proc.kill()
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "final")), "the run ended before it was killed"
-    sft.main(run_args(tiny_checkpoint, data, killed, "--resume"))
+    sft.main(run_args(tiny_checkpoint, data, killed, "--resume", "true"))
     b = weights(os.path.join(killed, "final"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
@@ -318,7 +320,7 @@ def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path, capsys):
         if name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(os.path.join(tiny_checkpoint, name), bare / name)
     out = str(tmp_path / "base")
-    sft.main(["--init_tiny", "--tokenizer", str(bare), "--tiny_hidden_size", "32", "--tiny_layers", "1",
+    sft.main(["--init_tiny", "true", "--tokenizer", str(bare), "--tiny_hidden_size", "32", "--tiny_layers", "1",
               "--pretrain_text", *paths, "--out_dir", out, "--lr", "1e-2", "--global_batch", "16", "--epochs", "15",
               "--loss_reduction", "token_mean", "--progress", "false"])
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
@@ -363,7 +365,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tiny_checkpoint, tm
     a, b = weights(os.path.join(one, "final")), weights(os.path.join(two, "final"))
     for k in a:
         assert float((b[k] - a[k]).norm()) <= 1e-5 * float(a[k].norm()), k
-    for extra in (("--stop_at_step", "4"), ("--resume",)):
+    for extra in (("--stop_at_step", "4"), ("--resume", "true")):
         proc = torchrun_sft(2, *run_args(tiny_checkpoint, data, cut, *reduction, *extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step_000004 (step 4/6)" in proc.stdout  # resumed from the stop, with both ranks' optimizer shards
@@ -383,7 +385,7 @@ def test_resume_skips_an_unreadable_checkpoint(tiny_checkpoint, tmp_path, capsys
     with open(shard, "r+b") as f:
         f.truncate(100)
     capsys.readouterr()
-    sft.main(run_args(tiny_checkpoint, data, cut, "--resume"))
+    sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and shard in warnings[0] and "step 7" in warnings[0]

@@ -27,7 +27,7 @@ def run_dir(tmp_path):
     (out / "times.tsv").write_text("".join(f"{s}\t{t}\t1\tcpu\n" for s, t in rows))
     common.write_jsonl(out / "sft_teacher.jsonl", [{"id": i} for i in range(40)])
     common.write_jsonl(out / "redistill_A.jsonl", [{"id": i} for i in range(13)])
-    common.write_json(out / "rl" / "settings.json", {"prompts_per_step": 16, "group_size": 8, "temperature": 1.0})
+    common.write_json(out / "rl" / "settings.json", {"prompts_per_step": 16, "samples_per_prompt": 8, "temperature": 1.0})
     common.write_jsonl(out / "rl" / "metrics.jsonl", [{"step": 0, "val/acc": 0.25}] +
                        [{"step": s, "reward": 0.1 * s} for s in (1, 2, 3)] + [{"step": 3, "val/acc": 0.4}])
     common.write_json(out / "sample_effect" / "effects.summary.json", {"files": {
@@ -99,7 +99,7 @@ def add_limr(out, seeds=(1, 2)):
         common.write_jsonl(d / "lim.jsonl", [{"id": i} for i in range(3)])
         common.write_jsonl(d / "rand.jsonl", [{"id": i} for i in range(3)])
         for run, steps, prompts in (("full", 6, 4), ("lim", 3, 2), ("rand", 3, 2)):
-            common.write_json(d / run / "settings.json", {"prompts_per_step": prompts, "group_size": 2})
+            common.write_json(d / run / "settings.json", {"prompts_per_step": prompts, "samples_per_prompt": 2})
             common.write_jsonl(d / run / "metrics.jsonl", [{"step": s, "reward": 0.1} for s in range(1, steps + 1)])
         for arm in ("full", "rand", "lim"):
             for split, a in zip(("aime", "math500"), acc[arm]):

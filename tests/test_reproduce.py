@@ -127,9 +127,9 @@ def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
 
 
 @pytest.mark.parametrize("preset,flags", [
-    ("kk-qwen2.5-1.5b", ["--nproc_per_node=8", "--prompts_per_step 128", "--group_size 8", "--temperature 0.7",
+    ("kk-qwen2.5-1.5b", ["--nproc_per_node=8", "--prompts_per_step 128", "--samples_per_prompt 8", "--temperature 0.7",
                          "--lr 5e-6", "--warmup_steps 8", "--beta1 0.5", "--max_response_tokens 4096",
-                         "--max_steps 125", "--steps 125,115-124", "--num_samples 1000", "--global_batch 64",
+                         "--max_steps 125", "--steps 125,115-124", "--num_examples 1000", "--global_batch 64",
                          "--lr 1e-5", "--epochs 2", "--test_people 4-8", "--train_people 3-7"]),
     ("math-qwen2.5-1.5b", ["--nproc_per_node=8", "--prompts_per_step 128", "--lr 2.5e-6", "--warmup_steps 4",
                            "--max_steps 50", "--global_batch 32", "--n_sft_train 900", "--task math"]),
@@ -160,7 +160,7 @@ def test_dry_run_of_limrs_own_setting(tmp_path):
                                 "limr_eval_1234_0", "limr_eval_1234_1", "report"]
     assert "--n_sft_train 0 --n_sft_val 0" in command_of["data"]
     probe = command_of["limr_probe_1234"]
-    for flag in ("--nproc_per_node=8", f"--model {model_dir}", "--max_steps 168", "--prompts_per_step 1024", "--group_size 8",
+    for flag in ("--nproc_per_node=8", f"--model {model_dir}", "--max_steps 168", "--prompts_per_step 1024", "--samples_per_prompt 8",
                  "--temperature 1.2", "--max_response_tokens 3072", "--lr 5e-7", "--beta2 0.95", "--ppo_mini_batches 32",
                  "--kl_coef 0.01 --kl_estimator k1", f"--out_dir {out}/limr/seed_1234/full"):
         assert flag in probe, flag
@@ -172,7 +172,7 @@ def test_dry_run_of_limrs_own_setting(tmp_path):
         assert "--max_steps 120" in command_of[f"limr_{arm}_1234"]
     assert f"--checkpoints {model_dir} {out}/limr/seed_1234/full/step_000120 {out}/limr/seed_1234/lim/step_000120" \
         in command_of["limr_eval_1234_0"]
-    assert "--split_names aime24 amc23 --num_samples 4 --temperature 0.4 --top_p 0.95" in command_of["limr_eval_1234_1"]
+    assert "--split_names aime24 amc23 --samples_per_prompt 4 --temperature 0.4 --top_p 0.95" in command_of["limr_eval_1234_1"]
     assert "$" not in "\n".join(command_of.values()) and not os.path.exists(out)
 
 

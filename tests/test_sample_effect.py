@@ -13,8 +13,10 @@ import torch
 import common
 import sample_effect as se
 from common import UserError
-from model import build_model, generate, tiny_config
+from engine import generate
+from tiny_base import build_model, tiny_config
 from conftest import ROOT, free_port, subprocess_env
+import padded
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -25,8 +27,9 @@ PROMPTS = [[1, 2, 3], [4, 2], [5, 5, 1]]
 
 
 def toy_lm():
-    model = build_model(tiny_config(V, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32))
-    return model.init_weights(seed=0, std=0.3).eval()  # std 0.3: peaked, far from uniform
+    model = build_model(tiny_config(V, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32),
+                        seed=0, std=0.3)
+    return model.eval()  # std 0.3: peaked, far from uniform
 
 
 def toy_reward(j, response):
@@ -38,7 +41,7 @@ def exact_J(model):
     """J = mean_j sum_y p_T(y|x_j) r(j, y), enumerated with full logits (independent of sample_effect.py)."""
     total = 0.0
     for j, x in enumerate(PROMPTS):
-        logits = model.logits(torch.tensor([x + [a] for a in range(1, V)])) / T
+        logits = padded.logits(model, torch.tensor([x + [a] for a in range(1, V)])) / T
         first = torch.log_softmax(logits[0, len(x) - 1], -1)
         second = torch.log_softmax(logits[:, len(x)], -1)  # row a-1: after first token a
         total = total + sum(toy_reward(j, [a, EOS]) * (first[a] + second[a - 1, EOS]).exp() for a in range(1, V))
@@ -65,7 +68,7 @@ def test_sample_effect_is_the_first_order_change_of_exact_J(reduction):
     for ex, eff in zip(examples, effects):
         # an SFT step on the sample, computed independently: SGD on -log-likelihood (sum or mean over response + EOS)
         ids = torch.tensor(ex["input_ids"])
-        lp = torch.log_softmax(model.logits(ids[None])[0, :-1], -1).gather(-1, ids[1:, None])[ex["start"] - 1:, 0]
+        lp = torch.log_softmax(padded.logits(model, ids[None])[0, :-1], -1).gather(-1, ids[1:, None])[ex["start"] - 1:, 0]
         ll = lp.sum() if reduction == "sum" else lp.mean()
         assert eff["logprob"] == pytest.approx(float(lp.detach().sum()), abs=1e-4)
         assert eff["response_length"] == len(ex["input_ids"]) - ex["start"]
@@ -169,7 +172,7 @@ def setup(tmp_path_factory, tiny_checkpoint):
     common.write_jsonl(str(d / "teacher.jsonl"), sft[:15])
     common.write_jsonl(str(d / "other.jsonl"), [dict(s, response=s["response"][::-1]) for s in sft[15:]])
     args = ["--task", "se_digit_task", "--checkpoint", tiny_checkpoint, "--eval_data", str(d / "eval.jsonl"),
-            "--k", "8", "--max_new_tokens", "8", "--gen_batch_size", "8", "--progress", "false"]
+            "--samples_per_prompt", "8", "--max_new_tokens", "8", "--gen_batch_size", "8", "--progress", "false"]
     single = args + ["--sft_data", str(d / "teacher.jsonl"), str(d / "other.jsonl"), "--exact", "true",
                      "--proj_dim", "32768", "--out", str(d / "single" / "effects.jsonl"), "--select", "5",
                      "--select_out", str(d / "top.jsonl"), "--select_bottom", str(d / "bottom.jsonl")]
@@ -248,7 +251,7 @@ def test_bad_input(setup, tmp_path):
     fails(["--sft_data", str(tmp_path / "empty.jsonl")], r"empty\.jsonl: no examples")
     fails(["--sft_data", str(tmp_path / "missing.jsonl")], r"missing\.jsonl: file not found")
     fails(["--sft_data", str(tmp_path / "kk.jsonl")], r"kk\.jsonl:1: .*task 'kk', but --task is 'se_digit_task'")
-    fails(["--sft_data", sft, "--k", "1"], r"--k must be >= 2")
+    fails(["--sft_data", sft, "--samples_per_prompt", "1"], r"--samples_per_prompt must be >= 2")
     fails(["--sft_data", sft, "--proj_dim", "0"], r"--proj_dim > 0, --exact true")
     fails(["--sft_data", sft, "--params", "no_such_param"], r"matches no parameter")
     fails(["--sft_data", sft, "--select", "99", "--select_out", str(tmp_path / "t.jsonl")], r"--select 99 > the 15")

@@ -31,7 +31,7 @@ def policy(tiny_checkpoint, tmp_path_factory):
                                           "response": toy_task.teacher_response(r)}
                                          for r in toy_task.make_records(400, seed=21, split="train")])
     common.write_jsonl(d / "split.jsonl", toy_task.make_records(40, seed=22, split="val"))
-    redistill_sft.main(["--init_tiny", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "128", "--tiny_layers", "2",
+    redistill_sft.main(["--init_tiny", "true", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "128", "--tiny_layers", "2",
                         "--data", str(d / "sft.jsonl"), "--out_dir", str(d / "run"), "--lr", "3e-3", "--global_batch",
                         "16", "--epochs", "8", "--loss_reduction", "token_mean", "--progress", "false"])
     return str(d / "run" / "final"), str(d / "split.jsonl")
@@ -55,7 +55,7 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
     ckpt, split = policy
     out, everything = str(tmp_path / "redistill.jsonl"), str(tmp_path / "all.jsonl")
     sp.main(sample_args(ckpt, split, out, "--samples_per_prompt", "4", "--temperature", "1.0", "--max_per_prompt", "2",
-                        "--num_samples", "30", "--samples_out", everything))
+                        "--num_examples", "30", "--samples_out", everything))
     log = capsys.readouterr().out
     samples, rows = read(everything), read(out)
     records = {r["id"]: r for r in toy_task.load_split(split)}
@@ -91,7 +91,7 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
     # the same seed gives the same file; the SFT loop trains on it (re-distilling the base)
     again = str(tmp_path / "again.jsonl")
     sp.main(sample_args(ckpt, split, again, "--samples_per_prompt", "4", "--temperature", "1.0", "--max_per_prompt", "2",
-                        "--num_samples", "30"))
+                        "--num_examples", "30"))
     assert read(again) == rows
     redistill_sft.main(["--init", tiny_checkpoint, "--data", out, "--out_dir", str(tmp_path / "sft"), "--global_batch",
                         "8", "--epochs", "1", "--lr", "1e-3", "--progress", "false"])
@@ -108,7 +108,7 @@ def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                            str(free_port()), os.path.join(ROOT, "sample_policy.py"),
                            *sample_args(ckpt, split, out2, "--samples_per_prompt", "2", "--samples_out", all2,
-                                        "--num_samples", "0")],
+                                        "--num_examples", "0")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = read(all2)
@@ -121,7 +121,7 @@ def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     # greedy: both samples of a prompt are the same, so dedupe keeps one; and one process gives the same set
     assert all(a["response"] == b["response"] for a, b in zip(samples[::2], samples[1::2]))
     out1 = str(tmp_path / "one.jsonl")
-    sp.main(sample_args(ckpt, split, out1, "--samples_per_prompt", "2", "--num_samples", "0"))
+    sp.main(sample_args(ckpt, split, out1, "--samples_per_prompt", "2", "--num_examples", "0"))
     assert read(out1) == read(out2)
     assert len(read(out1)) == len({s["id"] for s in samples if s["reward"] == 1.0 and s["finished"]})
 
@@ -157,11 +157,11 @@ def s(id_, response, reward=1.0, finished=True, **kw):
 def test_select_filters_dedupes_and_takes_n():
     samples = [s("a", "x"), s("a", "x"), s("a", "y"), s("a", "z", reward=0.0), s("b", "w", finished=False),
                s("b", "v", reward=0.0), s("c", "u"), s("d", "t"), s("d", "t"), s("e", "q")]
-    kept, counts = sp.select(samples, max_per_prompt=1, num_samples=0, seed=0)
+    kept, counts = sp.select(samples, max_per_prompt=1, num_examples=0, seed=0)
     assert sorted((k["id"], k["response"]) for k in kept) == [("a", "x"), ("c", "u"), ("d", "t"), ("e", "q")]
     assert counts == {"samples": 10, "correct": 7, "duplicates": 2, "over_limit": 1, "prompts": 5,
                       "prompts_without_correct": 1, "distinct": 4}
-    kept, counts = sp.select(samples, max_per_prompt=0, num_samples=0, seed=0)
+    kept, counts = sp.select(samples, max_per_prompt=0, num_examples=0, seed=0)
     assert sorted((k["id"], k["response"]) for k in kept) == [("a", "x"), ("a", "y"), ("c", "u"), ("d", "t"), ("e", "q")]
     # the shuffle is seeded; N keeps the first N after it
     first = [k["response"] for k in sp.select(samples, 0, 3, seed=0)[0]]
@@ -202,7 +202,7 @@ def test_from_rollouts_steps_order_first_occurrence_and_rescore(tmp_path, capsys
     assert "1 of 4 prompts had no correct sample" in log and "removed a trailing stop-token string from 1" in log
     # with the split, the task's score re-checks the log's rewards (the paper does): d is dropped
     sp.main(["--from_rollouts", run, "--steps", "1-3", "--task", "toy_task", "--split", str(tmp_path / "split.jsonl"),
-             "--out", out, "--progress", "false", "--num_samples", "1"])
+             "--out", out, "--progress", "false", "--num_examples", "1"])
     log = capsys.readouterr().out
     assert "2 rewards changed" in log and "note: only" not in log  # d, and b unfinished (the log said 1.0)
     assert len(read(out)) == 1 and read(out)[0]["id"] in (a["id"], c["id"])

@@ -15,7 +15,10 @@ import common
 import token_shift
 import toy_task
 from conftest import ROOT, subprocess_env
-from model import build_model, build_tokenizer, generate, load_model, load_tokenizer, save_model, stop_token_ids, tiny_config
+from engine import generate
+from model import load_model, load_tokenizer, save_model, stop_token_ids
+from tiny_base import build_model, build_tokenizer, tiny_config
+import padded
 
 
 def perturbed(model, seed, std):
@@ -36,7 +39,7 @@ def pair(tiny_checkpoint, tmp_path_factory):
     in SFT format whose last row is a rollout that hit the length limit (no EOS)."""
     d = tmp_path_factory.mktemp("shift")
     tok = load_tokenizer(tiny_checkpoint)
-    base = build_model(tiny_config(len(tok)), seed=1).init_weights(1, std=0.5)
+    base = build_model(tiny_config(len(tok)), seed=1, std=0.5)
     save_model(base, str(d / "base"), tok)
     save_model(perturbed(base, 2, 0.15), str(d / "policy"), tok)
     records = toy_task.make_records(6, seed=3, split="test")
@@ -98,7 +101,7 @@ def test_js_along_responses_equals_a_direct_computation(pair, tmp_path, temperat
         ids = prompt + response + ([tok.eos_token_id] if src.get("finished", True) else [])  # the last row: no EOS
         assert row["token_ids"] == ids[len(prompt):]
         with torch.no_grad():  # the plain causal forward of one sequence, not the packed one
-            lb, lp = (m.logits(torch.tensor([ids]))[0, len(prompt) - 1:-1].numpy() for m in (base, policy))
+            lb, lp = (padded.logits(m, torch.tensor([ids]))[0, len(prompt) - 1:-1].numpy() for m in (base, policy))
         for t in range(len(row["js"])):
             p, q = direct_nucleus(lb[t], temperature, top_p), direct_nucleus(lp[t], temperature, top_p)
             assert row["js"][t] == pytest.approx(direct_js(p, q), rel=1e-4, abs=1e-7)
@@ -124,7 +127,7 @@ def test_high_js_records_equal_a_direct_computation(pair):
     want = []
     for e, o in zip(examples, out):
         with torch.no_grad():
-            lb, lp = (torch.softmax(m.logits(torch.tensor([e["ids"]]))[0, e["start"] - 1:-1] / 0.8, -1)
+            lb, lp = (torch.softmax(padded.logits(m, torch.tensor([e["ids"]]))[0, e["start"] - 1:-1] / 0.8, -1)
                       for m in (base, policy))
         for t in [t for t, x in enumerate(o["js"]) if x > 0.1]:
             top_b, top_p = lb[t].topk(5).indices.tolist(), lp[t].topk(5).indices.tolist()
@@ -144,7 +147,7 @@ def test_high_js_records_equal_a_direct_computation(pair):
 
 def cross_args(pair, out, direction, *eps, **over):
     s = {"base": pair["base"], "policy": pair["policy"], "cross": direction, "task": "toy_task", "split": pair["split"],
-         "num_samples": 3, "max_new_tokens": 12, "top_p": 0.9, "seed": 5, "out_dir": str(out), "plots": False,
+         "samples_per_prompt": 3, "max_new_tokens": 12, "top_p": 0.9, "seed": 5, "out_dir": str(out), "plots": False,
          "progress": False}
     s.update(over)
     return [x for k, v in s.items() for x in (f"--{k}", str(v))] + ["--eps", *map(str, eps)]
@@ -193,13 +196,14 @@ def test_switches_sit_where_js_exceeds_eps_along_the_decoded_prefix(pair):
                     partner=policy, switch=token_shift.threshold_switch(eps))
     lengths = {len(g.tokens) for g in gens}
     assert len(lengths) > 1 and min(lengths) < 16  # ragged: the cache compaction ran
-    from model import js_divergence, nucleus
+    from engine import nucleus
+    from token_shift import js_divergence
     decided, switched = 0, 0
     for g in gens:
         ids = torch.tensor([prompts[g.prompt_index] + g.tokens])
         n = len(prompts[g.prompt_index])
         with torch.no_grad():
-            lb, lp = (m.logits(ids)[0, n - 1:-1] for m in (base, policy))
+            lb, lp = (padded.logits(m, ids)[0, n - 1:-1] for m in (base, policy))
         js = js_divergence(nucleus(lb, 1.0, top_p), nucleus(lp, 1.0, top_p))
         for t, flag in enumerate(g.switched):
             if abs(float(js[t]) - eps) > 1e-5:

@@ -12,7 +12,9 @@ import common
 import toy_task
 import train_rl
 from conftest import ROOT, free_port, subprocess_env
-from model import generate, load_model, load_tokenizer, pack, save_model, stop_token_ids
+from engine import generate
+from model import load_model, load_tokenizer, pack, save_model, stop_token_ids
+import padded
 
 
 
@@ -162,7 +164,7 @@ def test_data_order_covers_each_epoch_once_and_is_deterministic():
 
 def test_micro_batches_respect_the_token_budget():
     lengths = [5, 9, 3, 12, 7, 1, 30]
-    mbs = train_rl.micro_batches(lengths, budget=12)
+    mbs = common.micro_batches(lengths, budget=12)
     assert sorted(i for mb in mbs for i in mb) == list(range(7))
     assert all(sum(lengths[i] for i in mb) <= 12 or len(mb) == 1 for mb in mbs)
 
@@ -224,7 +226,7 @@ def toy(tiny_checkpoint, tmp_path_factory):
 
 def rl_args(toy, out_dir, **over):
     s = {"model": toy["init"], "task": "toy_task", "train_data": toy["train"], "test_data": toy["test"],
-         "out_dir": str(out_dir), "prompts_per_step": 16, "group_size": 8, "max_response_tokens": 20, "lr": 3e-4,
+         "out_dir": str(out_dir), "prompts_per_step": 16, "samples_per_prompt": 8, "max_response_tokens": 20, "lr": 3e-4,
          "warmup_steps": 3, "max_steps": 4, "val_every": 0, "save_every": 2, "progress": False}
     s.update(over)
     return [x for k, v in s.items() for x in (f"--{k}", str(v))]
@@ -353,7 +355,7 @@ def test_torchrun_two_ranks_disjoint_prompts_identical_weights(toy, tmp_path):
     out = tmp_path / "ddp"
     env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "train_rl.py")] + rl_args(toy, out, max_steps=2, prompts_per_step=7, group_size=4, val_every=2,
+           os.path.join(ROOT, "train_rl.py")] + rl_args(toy, out, max_steps=2, prompts_per_step=7, samples_per_prompt=4, val_every=2,
                                                         save_every=2, max_response_tokens=16)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -371,7 +373,7 @@ def test_torchrun_two_ranks_disjoint_prompts_identical_weights(toy, tmp_path):
 def run_fixed(toy, out, ranks, env_extra=None, **over):
     """train_rl.py on tests/rl_fixed_rollouts.py's rank-independent rollouts, under torchrun with `ranks` ranks.
     Small micro-batches, 7 prompts: the ranks run different numbers of micro-batches (common.even_out)."""
-    s = dict(max_steps=4, prompts_per_step=7, group_size=4, max_response_tokens=16, save_every=2, val_every=0,
+    s = dict(max_steps=4, prompts_per_step=7, samples_per_prompt=4, max_response_tokens=16, save_every=2, val_every=0,
              micro_batch_tokens=120, lr=1e-3, warmup_steps=0)
     s.update(over)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port", str(free_port()),
@@ -426,7 +428,7 @@ def test_checkpoint_from_two_ranks_loads_in_transformers(fixed_runs):
     ours = load_model(path)
     ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(ours.logits(ids), hf(ids).logits.float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(padded.logits(ours, ids), hf(ids).logits.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_resume_skips_an_unreadable_checkpoint(toy, tmp_path, capsys):

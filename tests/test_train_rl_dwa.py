@@ -47,7 +47,7 @@ def loop(tiny_checkpoint, tmp_path, monkeypatch):
 
     def run(name, **over):
         s = {"model": tiny_checkpoint, "task": "toy_task", "train_data": str(tmp_path / "train.jsonl"), "test_data": "",
-             "out_dir": str(tmp_path / name), "prompts_per_step": 8, "group_size": 4, "max_response_tokens": 12,
+             "out_dir": str(tmp_path / name), "prompts_per_step": 8, "samples_per_prompt": 4, "max_response_tokens": 12,
              "lr": 3e-3, "warmup_steps": 0, "max_steps": 2, "save_every": 2, "progress": False, "log_rollouts": False}
         s.update(over)
         calls.clear()

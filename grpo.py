@@ -1,0 +1,106 @@
+"""
+train_rl.py's pure functions: the GRPO objective (group advantages, the PPO clipped surrogate, the KL estimators,
+DWA's token weights, the loss aggregation's token weights) and the run's schedule (each step's prompts, sampling
+seed and learning rate). Each switch is one setting of train_rl.py; tests/test_train_rl.py checks each function
+against a hand computation.
+"""
+import numpy as np
+import torch
+
+import common
+
+
+def group_advantages(rewards, n, std_normalize=True, eps=1e-6):
+    """GRPO advantages for rewards laid out group by group (n per prompt): (r - mean_g) / (std_g + eps).
+
+    std is unbiased (N-1), as torch.std in verl. A group with all-equal rewards gets exactly 0.
+    Groups of one use mean 0 and std 1 (verl), i.e. the advantage is the reward.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, n)
+    if n == 1:
+        return r.view(-1).clone()
+    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
+    adv = r - mean
+    if std_normalize:
+        adv = adv / (std + eps)
+    adv = torch.where(std == 0, torch.zeros_like(adv), adv)
+    return adv.view(-1)
+
+
+def policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
+    """Per-token PPO clipped surrogate, to minimise: max(-A*rho, -A*clip(rho, 1-clip_low, 1+clip_high)).
+
+    Returns (loss per token, 1.0 where the clipped branch is the one taken, else 0.0).
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+def kl_penalty(logp, ref_logp, estimator="k3"):
+    """Per-token estimate of the value of KL(pi || pi_ref) from samples of pi.
+
+    k1 = logp - ref_logp (unbiased, high variance; train_rl puts it in the reward); k3 = exp(ref - logp) -
+    (ref - logp) - 1 (unbiased, always >= 0, verl's low_var_kl; train_rl puts it in the loss), clamped to
+    [-10, 10] as in verl. (As a loss, k3's gradient is in expectation that of KL(pi_ref || pi).)
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        d = ref_logp - logp
+        return torch.clamp(torch.exp(d) - d - 1.0, min=-10.0, max=10.0)
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def dwa_weights(logp, old_logp, s, alpha):
+    """Divergence-weighted advantage weights (arXiv 2603.22446): w = 1 + s (sigmoid(alpha KL) - 1/2), where
+    KL = (r - 1) - log r, r = pi / pi_old on the sampled token, is the k3 estimate of KL(pi_old || pi) from samples
+    of pi_old (the rollouts). Detached; exactly 1 where logp == old_logp (on-policy)."""
+    log_r = (logp - old_logp).detach()
+    kl = torch.expm1(log_r) - log_r
+    return 1.0 + s * (torch.sigmoid(alpha * kl) - 0.5)
+
+
+def token_weights(lengths, loss_agg, total_tokens, total_seqs, max_response_tokens):
+    """Weight of each response token so that loss = sum(weight * token_loss) over the whole global batch.
+
+    lengths: response lengths of the sequences of one micro-batch; total_tokens / total_seqs: counts over
+    the whole (mini-)batch on all ranks, all-reduced before the first micro-batch, so the result does not
+    depend on how the batch is split into micro-batches and ranks.
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.float32)
+    if loss_agg == "token_mean":              # DAPO: every token of the batch counts the same
+        per_seq = torch.full_like(lengths, 1.0 / max(total_tokens, 1))
+    elif loss_agg == "seq_mean_token_mean":   # GRPO: every sequence counts the same
+        per_seq = 1.0 / (lengths.clamp(min=1) * max(total_seqs, 1))
+    elif loss_agg == "constant":              # Dr. GRPO: a constant normaliser, no length bias
+        per_seq = torch.full_like(lengths, 1.0 / (max_response_tokens * max(total_seqs, 1)))
+    else:
+        raise ValueError(f"unknown loss aggregation {loss_agg!r}")
+    return torch.repeat_interleave(per_seq, lengths.long())
+
+
+# -----------------------------------------------------------------------------
+# the schedule: which prompts, which sampling seed, which learning rate at each step
+
+
+def step_prompt_indices(num_records, prompts_per_step, step, seed):
+    """Indices (into the training records) of the prompts of RL step `step` (1-based), for all ranks.
+
+    Epoch e visits the records in a permutation seeded by (seed, e); the last partial batch of an epoch is
+    dropped. A pure function of the step, so a resumed run skips and repeats nothing.
+    """
+    epoch, k = divmod(step - 1, num_records // prompts_per_step)
+    return common.epoch_order(num_records, seed, epoch)[k * prompts_per_step:(k + 1) * prompts_per_step]
+
+
+def generation_seed(seed, step, rank):
+    """The sampling seed of a (run seed, step, rank): different everywhere, reproducible on resume."""
+    return int(np.random.default_rng([seed, step, rank]).integers(2**31))
+
+
+def lr_at(step, lr, warmup_steps):
+    """Linear warm-up over the first warmup_steps steps (step 1 gets lr/warmup), then constant.
+    (HF's get_constant_schedule_with_warmup, used by verl, gives step 1 lr 0; we skip that no-op step.)"""
+    return lr * min(1.0, step / warmup_steps) if warmup_steps > 0 else lr
