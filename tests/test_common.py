@@ -161,3 +161,26 @@ def test_prompts_begin_with_bos_where_the_model_family_expects_one(tmp_path):
     ex = common.load_sft_examples([str(tmp_path / "d.jsonl")], llama, 100)[0]
     assert ex["input_ids"][0] == bos and ex["input_ids"].count(bos) == 1
     assert ex["input_ids"][ex["start"] - 1] != bos  # the prompt's own tokens end the context
+
+
+def test_settings_refuse_old_spellings_bare_booleans_and_prefixes():
+    import argparse
+    import common
+    import train_rl
+    with pytest.raises(common.UserError, match=r"^--group_size is now --samples_per_prompt$"):
+        common.parse_settings(train_rl.get_parser(), ["--group_size", "4"])
+    with pytest.raises(common.UserError, match=r"--eight_bit_adam is now --adam_8bit"):
+        common.parse_settings(train_rl.get_parser(), ["--eight_bit_adam=true"])
+    for argv in (["--resume"], ["--resume", "--seed", "3"]):
+        with pytest.raises(common.UserError, match=r"--resume takes a value: --resume true or --resume false"):
+            common.parse_settings(train_rl.get_parser(), argv)
+    args = common.parse_settings(train_rl.get_parser(), ["--resume", "true", "--samples_per_prompt", "4"])
+    assert args.resume is True and args.samples_per_prompt == 4
+    assert common.parse_settings(train_rl.get_parser(), ["--resume=false"]).resume is False
+    p = argparse.ArgumentParser(prog="t")
+    p.add_argument("--kv_cache_gib", type=float, default=16.0)
+    p.add_argument("--samples_per_prompt", type=int, default=8)
+    with pytest.raises(common.UserError, match=r"--k is now --samples_per_prompt"):  # not a prefix of --kv_cache_gib
+        common.parse_settings(p, ["--k", "2"])
+    with pytest.raises(SystemExit):  # prefixes are not accepted
+        common.parse_settings(p, ["--kv_cache", "2"])
