@@ -266,7 +266,7 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# RL-step benchmark (python bench.py --rl): train_rl.py's real loop on a fixed config
+# RL-step benchmark (python bench.py --rl true): train_rl.py's real loop on a fixed config
 
 
 def bench_rl(args):
@@ -524,7 +524,7 @@ def bench_memory(args):
 
 
 # -----------------------------------------------------------------------------
-# the GPU suite (python bench.py --gpu_suite): everything a lent GPU's few minutes should measure, one JSON
+# the GPU suite (python bench.py --gpu_suite true): everything a lent GPU's few minutes should measure, one JSON
 
 
 def gpu_suite(args):
@@ -553,7 +553,7 @@ def gpu_suite(args):
                      rl_group=2, rl_max=32)
     else:
         if not torch.cuda.is_available():
-            raise UserError("--gpu_suite needs CUDA; --smoke runs it on CPU with a tiny model")
+            raise UserError("--gpu_suite needs CUDA; --smoke true runs it on CPU with a tiny model")
         device = torch.device("cuda")
         cfg = tiny_config(151936, **QWEN25_15B)
         sizes = dict(logits=(4, 256), greedy_new=64, gap_new=256, gen_prompts=[16, 128], gen_len=(64, 512),

@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from contextlib import closing, contextmanager
 
 # The paper's system prompt (Qwen-Math style), used for every task and model.
@@ -196,6 +197,12 @@ def all_gather_json(obj):
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return [json.loads(bytes(t[:n].tolist()).decode("utf-8")) for t, n in zip(out, sizes)]
+
+
+def gather_lists(items, key=None):
+    """Every rank's list, concatenated in rank order (then sorted by `key` when given), on every rank."""
+    merged = [x for part in all_gather_json(items) for x in part]
+    return sorted(merged, key=key) if key else merged
 
 
 def barrier():
@@ -471,14 +478,15 @@ def check_prompts_fit(prompt_ids, records, max_new_tokens, context, where, flag=
 
 
 def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=512,
-                     seed=0, template="auto", batch_size=64, desc="generate", progress=True, partner=None, switch=None):
+                     seed=0, template="auto", batch_size=64, desc="generate", progress=True, partner=None, switch=None,
+                     timings=None):
     """Generate n responses for each record with our KV-cache engine and score them with task.score.
 
     Prompts are sorted by length and generated `batch_size` prompts (x n rows) at a time. Returns one
     dict per (record, sample), in record order then sample order:
     {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
     partner, switch: cross-sampling with a second model (engine.generate); each dict then also holds
-    "switched" and "differs", one bool per token.
+    "switched" and "differs", one bool per token. timings: a dict whose "score_s" gains the seconds spent scoring.
     """
     from tqdm import tqdm
     from engine import generate
@@ -497,10 +505,14 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
         for g_idx, g in enumerate(gens):
             i = chunk[g.prompt_index]
             text = tokenizer.decode(g.tokens[:-1] if g.finished else g.tokens, skip_special_tokens=False)
+            t_score = time.time()
+            reward = task.score(text, records[i], g.finished)
+            if timings is not None:
+                timings["score_s"] = timings.get("score_s", 0.0) + time.time() - t_score
             results[i] = results[i] or []
             results[i].append({"id": records[i]["id"], "prompt": prompts[i], "response": text, "tokens": g.tokens,
                                "logprobs": g.logprobs, "finished": g.finished, "length": len(g.tokens),
-                               "reward": task.score(text, records[i], g.finished), "sample": g_idx % n,
+                               "reward": reward, "sample": g_idx % n,
                                **({"switched": g.switched, "differs": g.differs} if partner is not None else {})})
         bar.update(len(gens))
     bar.close()
@@ -759,16 +771,21 @@ def resume_checkpoint(run_dir, resume):
     if steps and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest step {steps[-1]}); pass --resume true to "
                         f"continue it, or choose another --out_dir")
-    return load_checkpoint(run_dir) if resume else None
+    found = load_checkpoint(run_dir) if resume else None
+    if resume and found is None:
+        print0(f"note: --resume: no complete checkpoint in {run_dir}; starting a fresh run")
+    return found
 
 
 def metrics_log(run_dir, start_step, wandb_project="", settings=None):
     """log(record): appends to run_dir/metrics.jsonl on rank 0, and to Weights & Biases when wandb_project is set and
-    wandb is installed. Records after start_step (the checkpoint a run resumes from; 0 = a fresh run) are dropped
-    first, so a resumed run rewrites them. log.finish() ends the wandb run."""
+    wandb is installed; the run's settings go to run_dir/settings.json. Records after start_step (the checkpoint a
+    run resumes from; 0 = a fresh run) are dropped first, so a resumed run rewrites them. log.finish() ends wandb."""
     path, wandb = os.path.join(run_dir, "metrics.jsonl"), None
     if rank() == 0:
         os.makedirs(run_dir, exist_ok=True)
+        if settings is not None:
+            write_json(os.path.join(run_dir, "settings.json"), settings)
         if os.path.exists(path):
             write_jsonl(path, [m for m in read_jsonl(path) if start_step and m.get("step", 0) <= start_step])
         if wandb_project:

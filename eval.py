@@ -194,14 +194,25 @@ def evaluate(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, m
     # the record index travels with each sample, so the merged list has the same order for any world size
     mine = [{"index": indices[k // n], "sample": s["sample"], "response": s["response"], "reward": float(s["reward"]),
              "finished": bool(s["finished"]), "length": s["length"]} for k, s in enumerate(out)]
-    rows = sorted((row for part in common.all_gather_json(mine) for row in part),
-                  key=lambda row: (row["index"], row["sample"]))
+    rows = common.gather_lists(mine, key=lambda row: (row["index"], row["sample"]))
     samples = [{"id": records[row["index"]]["id"],
                 "difficulty": records[row["index"]].get(task.DIFFICULTY) if task.DIFFICULTY else None,
                 "sample": row["sample"], "response": row["response"], "reward": row["reward"],
                 "finished": row["finished"], "length": row["length"]} for row in rows]
     return samples, summarize(samples, records, task.DIFFICULTY, pass_k)
 
+
+
+def validate(model, tokenizer, task, records, step, max_new_tokens, template, batch_size, progress=True):
+    """Greedy validation inside a training loop (every rank calls it): accuracy, truncation and seconds, overall
+    and by difficulty, as "val/..." metrics."""
+    t0 = time.time()
+    _, summary = evaluate(model, tokenizer, task, records, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0,
+                          template=template, batch_size=batch_size, desc=f"validate {step}", progress=progress)
+    m = {"val/acc": summary["overall"]["accuracy"], "val/truncated": summary["overall"]["truncation_rate"],
+         "val/seconds": time.time() - t0}
+    m.update({f"val/acc_{task.DIFFICULTY}_{level}": g["accuracy"] for level, g in summary["by_difficulty"].items()})
+    return m
 
 # -----------------------------------------------------------------------------
 # checking the inputs (every rank runs the same checks, before any collective call)

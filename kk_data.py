@@ -11,7 +11,7 @@ LLMs in Logical Reasoning"), as used by the re-distillation paper.
 
 Usage:
   python kk_data.py                      # data/kk/{train,test,sft}.jsonl (the paper's splits)
-  python kk_data.py --official           # data/kk/official/{test,train}/people{n}_num{N}.jsonl
+  python kk_data.py --official true      # data/kk/official/{test,train}/people{n}_num{N}.jsonl
   python kk_data.py --teacher_sft data/kk/sft_teacher.jsonl --split data/kk/sft.jsonl --tokenizer DIR
 
 Records: the official fields plus `id` ("kk-official-p5-00012": stream, people, index in

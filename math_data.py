@@ -4,7 +4,7 @@ extract the last \\boxed{} answer and grade it.
 
     python math_data.py                                   # data/math/{sft_train,sft_val,rl_train,test}.jsonl
     python math_data.py --teacher_sft out.jsonl --tokenizer DIR --split data/math/sft_train.jsonl
-    python math_data.py --bench                           # grading speed on MATH-500
+    python math_data.py --bench true                      # grading speed on MATH-500
 
 The grader: a response earns 1.0 only if it finished with EOS and its last
 \\boxed{} equals the gold answer, first by a normalised string match, then by
@@ -613,7 +613,7 @@ def main():
         if not path.startswith("hf:") and not os.path.exists(path):
             flag = "--train_pool" if what == "training pool" else "--test"
             raise UserError(f"{what} {path} not found: pass {flag} PATH (jsonl, json, a Hendrycks directory or "
-                            f"hf:NAME[:SPLIT]), or --hub to read from the Hugging Face hub")
+                            f"hf:NAME[:SPLIT]), or --hub true to read from the Hugging Face hub")
     test = load_split(test_path)
     if args.bench:
         bench(test)

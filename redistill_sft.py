@@ -19,10 +19,10 @@ and AdamW state divided by the world size, forward/backward in bf16 on CUDA, gra
 
 Usage:
   python redistill_sft.py --init /models/Qwen2.5-1.5B --data data/kk/redistill.jsonl --out_dir runs/redistill
-  torchrun --nproc_per_node=8 redistill_sft.py --init ... --data ... --out_dir ... --gradient_checkpointing
-  python redistill_sft.py --init_tiny --tokenizer runs/tiny/base_data/tokenizer --pretrain_text runs/tiny/base_data/pretrain.jsonl \\
+  torchrun --nproc_per_node=8 redistill_sft.py --init ... --data ... --out_dir ... --gradient_checkpointing true
+  python redistill_sft.py --init_tiny true --tokenizer runs/tiny/base_data/tokenizer --pretrain_text runs/tiny/base_data/pretrain.jsonl \\
       --out_dir runs/tiny/base --lr 1e-3 --loss_reduction token_mean --epochs 1
-  python redistill_sft.py ... --resume   # continue a killed run from its last checkpoint
+  python redistill_sft.py ... --resume true   # continue a killed run from its last checkpoint
 
 Writes OUT_DIR/step_NNNNNN (HF checkpoint) + its resumable shards and step_NNNNNN.state.pt (step, RNG) at each epoch
 end, every --save_every steps and at the end; OUT_DIR/final (the last weights, a stable path for the next
@@ -361,7 +361,7 @@ def main(argv=None):
            f"loss {args.loss_reduction}")
     if len(train) % args.global_batch:
         print0(f"note: {len(train) % args.global_batch} sequences per epoch are dropped (incomplete last batch)")
-    record = common.metrics_log(args.out_dir, start_step)  # a resumed run rewrites the records after its checkpoint
+    record = common.metrics_log(args.out_dir, start_step, settings=vars(args))  # resumed: drops records after it
 
     def save(step):
         common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
@@ -431,7 +431,7 @@ def main(argv=None):
     bar.close()
 
     if stop < total_steps:
-        print0(f"stopped at step {stop}/{total_steps} (--stop_at_step); continue with --resume")
+        print0(f"stopped at step {stop}/{total_steps} (--stop_at_step); continue with --resume true")
     else:
         final = full_copy(model, dtype, device="cpu", on_rank=0)
         if rank == 0:

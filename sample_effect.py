@@ -452,7 +452,7 @@ def main(argv=None):
     bar.close()
     seconds = time.time() - t0
     rows = [{"index": i, **r} for i, r in zip(mine, res)]
-    rows = sorted((r for part in common.all_gather_json(rows) for r in part), key=lambda r: r["index"])
+    rows = common.gather_lists(rows, key=lambda r: r["index"])
     effects = []
     for r in rows:
         ex = examples[r.pop("index")]

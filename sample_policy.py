@@ -144,9 +144,7 @@ def sample_checkpoint(args, task, rank, world, device):
         s["index"], s["rank"] = order[k // args.samples_per_prompt], rank
         s["source"] = os.path.abspath(args.from_checkpoint)
         del s["logprobs"]
-    merged = [s for part in common.all_gather_json(mine) for s in part]
-    merged.sort(key=lambda s: (s["index"], s["sample"]))
-    return merged, records
+    return common.gather_lists(mine, key=lambda s: (s["index"], s["sample"])), records
 
 
 # -----------------------------------------------------------------------------
@@ -258,7 +256,7 @@ def main(argv=None):
                  "source": s["source"], "reward": s["reward"],
                  **({"step": s["step"]} if "step" in s else {"sample": s["sample"]})} for s in kept]
         common.write_jsonl(args.out, rows)
-        print0(f"wrote {len(rows)} SFT examples to {args.out}" + ("" if rows else " (none correct: --allow_empty)"))
+        print0(f"wrote {len(rows)} SFT examples to {args.out}" + ("" if rows else " (none correct: --allow_empty true)"))
     common.dist_cleanup()
 
 

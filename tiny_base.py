@@ -6,7 +6,7 @@ Nothing can be downloaded for the CPU preset, so reproduce.sh builds its own "ba
                            of the --exclude splits), in the plain Question/Answer format -- not the chat
                            format of the SFT data, so the cold start still has something to teach
   OUT_DIR/tokenizer/       byte-level BPE (build_tokenizer below: Qwen-style specials and chat template)
-and redistill_sft.py --init_tiny --pretrain_text OUT_DIR/pretrain.jsonl pre-trains the base on it.
+and redistill_sft.py --init_tiny true --pretrain_text OUT_DIR/pretrain.jsonl pre-trains the base on it.
 
 --text_format chooses what a document holds after the question:
   answer  only the final answer sentence ("Answer: Zoey is a knave, Oliver is a knight.")

@@ -471,7 +471,7 @@ def cross_sample(args, tokenizer, device, dtype):
                f"({stats['differs_per_response']:.1f}/response) | random control: accuracy {c['accuracy']:.3f} at "
                f"{c['switched_share']:.2%} | {stats['responses'] + c['responses']} responses in {seconds:.1f}s, "
                f"{(stats['tokens'] + c['tokens']) / max(seconds, 1e-9):.0f} tok/s")
-    samples = [x for part in common.all_gather_json(samples) for x in part]
+    samples = common.gather_lists(samples)
     if common.rank() != 0:
         return
     result = {"direction": args.cross, "primary_name": names[0], "intervention_name": names[1],

@@ -1,24 +1,19 @@
 """
 R1-style reinforcement learning with GRPO, in one readable file.
 
-One step: each rank samples n responses for its share of the step's prompts from its own full copy of the
-weights (our KV-cache engine) -> the task's verifier scores them -> advantages within each group of n ->
-a policy-gradient update on packed micro-batches -> log; now and then greedy validation and a checkpoint.
+One step: each rank samples n responses for its share of the step's prompts (our KV-cache engine) -> the task's
+verifier scores them -> advantages within each group of n -> a policy-gradient update on packed micro-batches ->
+log; now and then greedy validation and a checkpoint.
 
     python train_rl.py --model CKPT --task kk                                    # one GPU or CPU
-    torchrun --nproc_per_node=8 train_rl.py --model CKPT --task kk --out_dir runs/rl_kk
-    torchrun --nproc_per_node=8 train_rl.py ... --resume true                    # continue a killed run
+    torchrun --nproc_per_node=8 train_rl.py --model CKPT --task kk --out_dir runs/rl_kk [--resume true]
 
-Defaults are the paper's K&K run (verl; ../shared/research/paper.md section 8).
-Worth knowing when reading the code (more in docs/grpo.md and docs/architecture.md):
-- The main path is the paper's: one on-policy update per rollout batch, so the PPO ratio is exactly 1 and
-  the loss's gradient is -A grad log pi. Several updates per batch (ppo_epochs, ppo_mini_batches) and a KL
-  to a reference are an explicit optional branch (a no-grad pre-pass for old/reference log-probs).
-- fp32 weights, gradients and AdamW state are sharded over the ranks with FSDP2 (common.shard_model);
-  forward and backward run in --dtype. Every forward/backward is a collective, so ranks run equally many
-  micro-batches (common.even_out, common.idle_pass). Rollouts come from a full --dtype copy gathered once.
-- Exact resume: the data order is seeded by (seed, epoch), generation by (seed, step, rank), the lr is a
-  function of the step; a resumed run repeats the uninterrupted one.
+Defaults are the paper's K&K run (verl; ../shared/research/paper.md section 8). More in docs/grpo.md:
+- The main path: one on-policy update per rollout batch, so the PPO ratio is exactly 1 and the gradient is that of
+  -A log pi. Several updates per batch and a KL to a reference are the explicit optional branch (pre_pass).
+- FSDP2 shards the fp32 weights, gradients and AdamW state; compute runs in --dtype; every rank runs equally many
+  micro-batches (common.even_out, idle_pass). Rollouts come from a full --dtype copy, gathered once per step.
+- Exact resume: data order is seeded by (seed, epoch), generation by (seed, step, rank), the lr by the step.
 """
 import argparse
 import math
@@ -33,7 +28,7 @@ from tqdm import tqdm
 
 import common
 from common import UserError, full_copy, idle_pass, print0, shard_model
-from eval import evaluate
+from eval import validate
 from grpo import (dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at, policy_loss,
                   step_prompt_indices, token_weights)
 from model import load_model, load_tokenizer, parse_dtype, response_logprobs
@@ -70,28 +65,23 @@ def get_parser():
                    help="token_mean: over all response tokens of the batch (DAPO, arXiv 2503.14476); seq_mean_token_mean: "
                    "over sequences of token means (GRPO, 2402.03300); constant: sum / (max_response_tokens x sequences) "
                    "(Dr. GRPO, 2503.20783)")
-    p.add_argument("--std_normalize", type=common.str2bool, default=True, help="divide advantages by the group's std "
-                   "(GRPO); false: mean-centring only (Dr. GRPO)")
+    p.add_argument("--std_normalize", type=common.str2bool, default=True, help="divide advantages by the group's std (GRPO); "
+                   "false: mean-centring only (Dr. GRPO)")
     p.add_argument("--clip_low", type=float, default=0.2, help="PPO clip: ratio floor 1 - clip_low")
     p.add_argument("--clip_high", type=float, default=0.2, help="PPO clip: ratio ceiling 1 + clip_high (clip-higher, DAPO: 0.28)")
     p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch (>1: old log-probs are recomputed)")
     p.add_argument("--ppo_mini_batches", type=int, default=1, help="optimizer steps per pass over the rollout batch (paper: 1)")
     p.add_argument("--kl_coef", type=float, default=0.0, help="weight of the KL penalty to the frozen reference policy (paper: 0)")
-    p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"),
-                   help="k1: in the reward, r - kl_coef * sum_t (log pi - log pi_ref) before the advantages (InstructGPT, "
-                        "arXiv 2203.02155); k3: in the loss, kl_coef * (exp(ref - logp) - (ref - logp) - 1) per token, "
-                        "clamped to [-10, 10] (GRPO, arXiv 2402.03300; verl's low_var_kl). As a loss k3's gradient is that "
-                        "of KL(pi_ref || pi) (arXiv 2506.09477); k1 as a loss has zero expected gradient, so is not offered")
+    p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"), help="k1: kl_coef x sum_t log(pi/pi_ref) "
+                   "subtracted from the reward (InstructGPT); k3: per-token low-variance KL in the loss (GRPO, verl's "
+                   "low_var_kl). Why k1 is not offered as a loss: docs/grpo.md")
     p.add_argument("--ref_model", default=None, help="reference policy for the KL (default: --model)")
     p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus weight (paper: 0)")
-    p.add_argument("--adv_weight", default="none", choices=("none", "dwa"),
-                   help="dwa: 'Sparse but Critical' (arXiv 2603.22446): A_t = A (1 + s (sigmoid(alpha KL_t) - 1/2)), KL_t "
-                        "the k3 estimate of KL(pi_old || pi) on the sampled token, detached. On-policy (one update per "
-                        "batch) KL_t = 0 and w = 1: it acts only with --ppo_mini_batches > 1 or --ppo_epochs > 1")
-    p.add_argument("--dwa_s", type=float, default=1.0, help="DWA scale s: w lies between 1 and 1 +- s/2; |s| <= 2 "
-                   "keeps the advantage's sign (value unpublished)")
-    p.add_argument("--dwa_alpha", type=float, default=1.0, help="DWA sharpness: > 0 boosts tokens the update moved far "
-                   "from the old policy, < 0 damps them (value unpublished)")
+    p.add_argument("--adv_weight", default="none", choices=("none", "dwa"), help="dwa: 'Sparse but Critical' (arXiv "
+                   "2603.22446) weights A_t by the token's KL(pi_old || pi); w = 1 on-policy, so it acts only with several "
+                   "updates per batch (docs/grpo.md)")
+    p.add_argument("--dwa_s", type=float, default=1.0, help="DWA scale s: w in [1 - s/2, 1 + s/2], |s| <= 2 (unpublished)")
+    p.add_argument("--dwa_alpha", type=float, default=1.0, help="DWA sharpness: > 0 boosts tokens the update moved, < 0 damps")
     p.add_argument("--drop_zero_variance_groups", type=common.str2bool, default=False,
                    help="leave groups whose rewards are all equal out of the loss and its normaliser (DAPO's filter, without resampling)")
     p.add_argument("--mask_truncated", type=common.str2bool, default=False,
@@ -137,26 +127,23 @@ def get_parser():
 
 def rollout(model, dtype, tokenizer, task, records, args, step, rank):
     """n samples per record from a full --dtype copy of the weights (gathered once: no collective while decoding),
-    scored by the task. Returns (rollouts, seconds spent gathering, generating and scoring)."""
-    score_seconds = [0.0]
-
-    def timed_score(response, record, finished):
-        t = time.time()
-        reward = task.score(response, record, finished)
-        score_seconds[0] += time.time() - t
-        return reward
-
+    scored by the task. Returns (rollouts, times: seconds gathering, generating, scoring; CUDA GiB of generation)."""
+    cuda = model.lm_head.weight.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     policy = full_copy(model, dtype)
-    gather_s = time.time() - t0
+    times = {"gather_s": time.time() - t0, "score_s": 0.0, "mem_gen_gib": 0.0, "mem_held_gib": 0.0}
     rollouts = common.sample_responses(
-        policy, tokenizer, SimpleNamespace(render_prompt=task.render_prompt, score=timed_score), records,
-        n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+        policy, tokenizer, task, records, n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_response_tokens, seed=generation_seed(args.seed, step, rank), template=args.template,
-        batch_size=args.gen_batch_size, desc=f"step {step} rollouts", progress=args.progress)
+        batch_size=args.gen_batch_size, desc=f"step {step} rollouts", progress=args.progress, timings=times)
     del policy
-    return rollouts, {"gather_s": gather_s, "gen_s": time.time() - t0 - score_seconds[0] - gather_s,
-                      "score_s": score_seconds[0]}
+    times["gen_s"] = time.time() - t0 - times["gather_s"] - times["score_s"]
+    if cuda:  # the peak of generation and what stays allocated into the update (whose own peak step_metrics takes)
+        times.update(mem_gen_gib=torch.cuda.max_memory_allocated() / 2**30, mem_held_gib=torch.cuda.memory_allocated() / 2**30)
+        torch.cuda.reset_peak_memory_stats()
+    return rollouts, times
 
 
 def add_logprob_gap(lp, batch, js, sums):
@@ -269,9 +256,8 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
         "reward": sum(rewards), "correct": sum(r >= 1.0 for r in rewards), "seqs": len(rollouts),
         "groups": len(batch.zero_var), "zero_var": sum(batch.zero_var), "resp_tokens": sum(s["length"] for s in rollouts),
         "truncated": sum(not s["finished"] for s in rollouts), "used": len(batch.train_idx), **sums})
-    mx = common.all_reduce_numbers({"len_max": max((s["length"] for s in rollouts), default=0), **times,
-                                    "mem_train_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0},
-                                   op="max")
+    mx = common.all_reduce_numbers({"len_max": max((s["length"] for s in rollouts), default=0), **times, "mem_train_gib":
+                                    torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0}, op="max")
     seqs, pg_tokens = max(g["seqs"], 1), max(g["pg_tokens"], 1)
     return {"step": step, "epoch": epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
             "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs,
@@ -291,19 +277,6 @@ def log_line(m, max_steps, cuda):
             f"train {m['train_s']:.1f}s ({m['train_tok_s']:.0f} tok/s)"
             + (f" | peak GiB gen {m['mem_gen_gib']:.1f} train {m['mem_train_gib']:.1f}" if cuda else "")
             + (f" | val {m['val/acc']:.3f}" if "val/acc" in m else ""))
-
-
-def validate(model, dtype, tokenizer, task, records, args, step):
-    """Greedy decoding of the test split (eval.py's evaluate: each rank its shard, then gathered)."""
-    t0 = time.time()
-    _, summary = evaluate(full_copy(model, dtype), tokenizer, task, records, n=1, temperature=0.0,
-                          max_new_tokens=args.val_max_response_tokens or args.max_response_tokens, seed=0,
-                          template=args.template, batch_size=args.val_batch_size, desc=f"validate {step}",
-                          progress=args.progress)
-    m = {"val/acc": summary["overall"]["accuracy"], "val/truncated": summary["overall"]["truncation_rate"],
-         "val/seconds": time.time() - t0}
-    m.update({f"val/acc_{task.DIFFICULTY}_{level}": g["accuracy"] for level, g in summary["by_difficulty"].items()})
-    return m
 
 
 # -----------------------------------------------------------------------------
@@ -326,7 +299,6 @@ def main(argv=None):
 
     # ---- setup: distributed, precision, task, data
     rank, world, device = common.dist_setup()
-    master_process = rank == 0
     dtype = parse_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -357,8 +329,6 @@ def main(argv=None):
         start_step, init_path, state, train_shard = checkpoint
         common.check_run_identity(args.out_dir, state.get("identity", {}), identity)
         print0(f"resuming from {init_path} (step {start_step})")
-    elif args.resume:
-        print0(f"note: --resume: no complete checkpoint in {args.out_dir}; starting from {args.model}")
     model = shard_model(load_model(init_path, dtype=torch.float32, device=device), dtype)
     common.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                              args.train_data, "--max_response_tokens")
@@ -381,14 +351,14 @@ def main(argv=None):
 
     # ---- logging
     log = common.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
-    if master_process:
-        common.write_json(os.path.join(args.out_dir, "settings.json"), vars(args))
     print0(f"train_rl: {len(train_records)} prompts, {steps_per_epoch} steps/epoch, steps {start_step + 1}..{max_steps}, "
            f"{world} rank(s) on {device.type}, {args.prompts_per_step}x{n} rollouts/step, "
            f"compute {str(dtype).replace('torch.', '')}, fp32 weights sharded over {world} rank(s), "
            f"{model.num_params() / 1e6:.1f}M params" + (f"; validation on {val_subset} test records" if test_records else ""))
+    val_settings = dict(max_new_tokens=args.val_max_response_tokens or args.max_response_tokens, template=args.template,
+                        batch_size=args.val_batch_size, progress=args.progress)
     if args.val_before_train and test_records and args.val_every and start_step == 0:
-        m = {"step": 0, **validate(model, dtype, tokenizer, task, test_records, args, 0)}
+        m = {"step": 0, **validate(full_copy(model, dtype), tokenizer, task, test_records, 0, **val_settings)}
         print0(" | ".join(f"{k} {v:.3f}" if k != "step" else "step 0" for k, v in m.items()))
         log(m)
 
@@ -396,8 +366,6 @@ def main(argv=None):
     exit_code = 0
     for step in range(start_step + 1, max_steps + 1):
         t_step = time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         lr = lr_at(step, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -409,11 +377,6 @@ def main(argv=None):
 
         # 2. which rollouts train: task rewards, groups with no signal, masked truncations
         t_train = time.time()
-        times.update(mem_gen_gib=0.0, mem_held_gib=0.0)
-        if device.type == "cuda":  # the peak of generation, what stays allocated into the update, then its peak
-            times.update(mem_gen_gib=torch.cuda.max_memory_allocated() / 2**30,
-                         mem_held_gib=torch.cuda.memory_allocated() / 2**30)
-            torch.cuda.reset_peak_memory_stats()
         rewards = [s["reward"] for s in rollouts]
         zero_var = ((torch.tensor(rewards).view(-1, n).std(1) == 0).tolist() if n > 1 else [False] * len(records))
         batch = SimpleNamespace(
@@ -424,15 +387,14 @@ def main(argv=None):
                        and not (args.mask_truncated and not s["finished"])])
         sums = dict.fromkeys(("pg_tokens", "entropy", "kl", "kl_tokens", "clipped", "gap", "gap_tokens", "train_tokens"), 0.0)
 
-        # 3. the optional branch: a no-grad pre-pass for old log-probs (several updates, k1) and the reference's
-        # (k1 needs every response: each one's shaped reward enters its group)
+        # 3. the optional branch: a no-grad pre-pass for old (several updates, k1) and reference log-probs; k1 needs
+        # every response, since each one's shaped reward enters its group's advantages
         old, ref = {}, None
         if batch.need_old or ref_model is not None:
             pre_idx = [j for j, s in enumerate(rollouts) if s["length"] > 0] if kl_in_reward else batch.train_idx
             old, ref = pre_pass(model, ref_model, batch, pre_idx, args, sums)
 
-        # 4. advantages within each group of n, on the task reward (less kl_coef x the response's summed log-ratio
-        # to the reference, with k1)
+        # 4. advantages within each group of n (k1: on the reward less kl_coef x the response's summed log-ratio)
         shaped = list(rewards)
         if kl_in_reward:
             train_set = set(batch.train_idx)
@@ -454,18 +416,17 @@ def main(argv=None):
         m = step_metrics(step, (step - 1) // steps_per_epoch, batch, sums, times, device, ref_model is not None)
         m.update(loss=loss, grad_norm=grad_norm, lr=lr, updates=updates, bad_steps=bad_steps_total)
         if args.log_rollouts:
-            mine_log = [{"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
-                         "finished": s["finished"], "length": s["length"], "step": step, "epoch": m["epoch"],
-                         "sample": s["sample"], "advantage": adv[j],
-                         task.DIFFICULTY: records[j // n].get(task.DIFFICULTY), "rank": rank}
-                        for j, s in enumerate(rollouts)]
-            everything = [r for per_rank in common.all_gather_json(mine_log) for r in per_rank]
-            if master_process:
+            everything = common.gather_lists([
+                {"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
+                 "finished": s["finished"], "length": s["length"], "step": step, "epoch": m["epoch"], "sample": s["sample"],
+                 "advantage": adv[j], task.DIFFICULTY: records[j // n].get(task.DIFFICULTY), "rank": rank}
+                for j, s in enumerate(rollouts)])
+            if rank == 0:
                 common.write_jsonl(os.path.join(args.out_dir, "rollouts", f"step_{step:06d}.jsonl"), everything)
 
         # 7. validation, checkpoint (then only the newest --keep_last stay), the step's log line
         if test_records and args.val_every and (step % args.val_every == 0 or step == max_steps):
-            m.update(validate(model, dtype, tokenizer, task, test_records, args, step))
+            m.update(validate(full_copy(model, dtype), tokenizer, task, test_records, step, **val_settings))
         stop = bad_streak >= args.max_bad_steps
         if not stop and (step % args.save_every == 0 or step == max_steps):
             common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
