@@ -14,6 +14,8 @@ Reads what the stages wrote under OUT_DIR:
                                         the top-K vs bottom-K experiment (when the preset sets SELECT_K)
   limr/seed_S/{full,lim,rand}/, limr/seed_S/scores.jsonl, limr/eval/<model>/<split>/summary.json
                                         the LIMR experiment (LIMR=1): FULL, RAND and LIM per seed
+  seed_S/...                            SEEDS=N: seed S's whole study (seed 1 is OUT_DIR itself); with two seeds
+                                        or more, each model's mean ± std over them and every seed's row
 Compute = measured wall time x devices, in device-hours: "own" counts the stages that made this model from
 its inputs (for re-distilled models: sampling the RL policy + their SFT); "total" adds everything it built on
 (the cold start and RL for RL and re-distilled models). Pre-training the tiny base is shared by all and listed
@@ -46,6 +48,17 @@ def count_lines(path):
         return None
     with open(path) as f:
         return sum(1 for line in f if line.strip())
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
+
+
+def mean_pm_std(values):
+    return "{:.3f} ± {:.3f}".format(*mean_std(values)) if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def read_times(path):
@@ -149,9 +162,79 @@ def limr_tables(out_dir):
             row = {"model": arm, "seeds": len(arm_rows)}
             for split in splits + (["average"] if "average" in arm_rows[0] else []):
                 values = [r.get(split) for r in arm_rows if r.get(split) is not None]
-                row[split] = f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})" if values else None
+                row[split] = mean_pm_std(values) if values else None
             mean_rows.append(row)
-        lines += ["", "Mean over seeds (min-max):", "", markdown_table(mean_rows)]
+        lines += ["", "Mean ± std over seeds:", "", markdown_table(mean_rows)]
+    return lines
+
+
+def read_summaries(run_dir):
+    """model -> its test summary (eval.py), for the models of the study evaluated in run_dir."""
+    summaries = {}
+    for name in MODELS:
+        path = os.path.join(run_dir, "eval", name, "test", "summary.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                summaries[name] = json.load(f)
+    return summaries
+
+
+def seed_runs(out_dir):
+    """reproduce.sh's seeds (SEEDS=N): seed 1 is OUT_DIR itself, seed S > 1 is OUT_DIR/seed_S. [(seed, dir)]."""
+    more = [(int(name[5:]), os.path.join(out_dir, name)) for name in os.listdir(out_dir)
+            if name.startswith("seed_") and name[5:].isdigit() and os.path.isdir(os.path.join(out_dir, name))]
+    return [(1, out_dir)] + sorted(more)
+
+
+def seed_tables(out_dir, difficulty):
+    """Over the seeds of reproduce.sh (SEEDS=N): each model's test accuracy as mean ± std, every seed's row, and
+    the two headline figures per seed: RL's gain over its cold start and the share of it that re-distillation
+    recovers. [] with fewer than two finished seeds."""
+    runs = []
+    for seed, run_dir in seed_runs(out_dir):
+        summaries = read_summaries(run_dir)
+        if "sft" in summaries and "rl" in summaries:  # a seed counts once its study is evaluated
+            runs.append((seed, run_dir, summaries))
+    if len(runs) < 2:
+        return []
+    per_seed, headline, gains, shares = [], [], [], {"redistill_A": [], "redistill_B": []}
+    for seed, run_dir, summaries in runs:
+        for name, s in summaries.items():
+            row = summary_row(s, name, difficulty)
+            per_seed.append({"model": name, "seed": seed, **{k: v for k, v in row.items() if k != "checkpoint"}})
+        sft, rl = summaries["sft"]["overall"]["accuracy"], summaries["rl"]["overall"]["accuracy"]
+        rollouts = rl_rollouts(os.path.join(run_dir, "rl"))[0]
+        gains.append(100 * (rl - sft))
+        h = {"seed": seed, "sft": sft, "rl": rl, "RL gain": f"{gains[-1]:+.1f}", "RL rollouts": rollouts}
+        for name, share in shares.items():
+            if name in summaries:
+                h[name] = summaries[name]["overall"]["accuracy"]
+                share.append((h[name] - sft) / (rl - sft) if rl != sft else float("nan"))
+                h[f"{name}: share of RL gain"] = f"{100 * share[-1]:.0f}%"
+                h[f"{name}: samples"] = count_lines(os.path.join(run_dir, SFT_SET[name]))
+        h["wall min"] = f"{sum(t[0] for t in read_times(os.path.join(run_dir, 'times.tsv')).values()) / 60:.1f}"
+        headline.append(h)
+    columns = [c for c in per_seed[0] if c not in ("model", "seed", "mean len")]
+    mean_rows = []
+    for name in MODELS:
+        rows = [r for r in per_seed if r["model"] == name]
+        if not rows:
+            continue
+        row = {"model": name, "seeds": len(rows)}
+        for c in columns:
+            values = [r[c] for r in rows if isinstance(r.get(c), float)]
+            if values:
+                row[c] = mean_pm_std(values)
+        mean_rows.append(row)
+    lines = ["", f"### Over {len(runs)} seeds (seed 1: {out_dir}; seed S: {out_dir}/seed_S): test accuracy, "
+             "mean ± std (sample std over seeds)", "", markdown_table(mean_rows),
+             "GRPO gain over its start (rl - sft, overall): {:+.1f} ± {:.1f} points; per seed ".format(*mean_std(gains))
+             + ", ".join(f"{g:+.1f}" for g in gains) + "."]
+    for name, share in shares.items():
+        if len(share) == len(runs):
+            lines.append(f"{name} recovers {100 * mean_std(share)[0]:.0f}% ± {100 * mean_std(share)[1]:.0f}% of RL's gain "
+                         "((acc - sft) / (rl - sft)); per seed " + ", ".join(f"{100 * x:.0f}%" for x in share) + ".")
+    lines += ["", "Per seed:", "", markdown_table(headline, digits=3), "", markdown_table(per_seed, digits=3)]
     return lines
 
 
@@ -212,12 +295,7 @@ def main(argv=None):
     out = args.out_dir
     times = read_times(os.path.join(out, "times.tsv"))
     rollouts, metrics, rl_settings = rl_rollouts(os.path.join(out, "rl"))
-    summaries = {}
-    for name in MODELS:
-        path = os.path.join(out, "eval", name, "test", "summary.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                summaries[name] = json.load(f)
+    summaries = read_summaries(out)
     limr = limr_tables(out)
     if not summaries:
         if not limr:
@@ -286,7 +364,7 @@ def main(argv=None):
         lines += ["", "### SFT of the base on the top-K vs the bottom-K samples by sample effect (pooled over the sets)",
                   "", markdown_table(select_rows, digits=4)]
 
-    write_results(out, lines + limr + wall_time_lines(times))
+    write_results(out, lines + seed_tables(out, difficulty) + limr + wall_time_lines(times))
     if args.plots:
         for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries, rl_settings.get("temperature"), difficulty):
             print(f"wrote {path}")

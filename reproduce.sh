@@ -4,6 +4,7 @@
 #   bash reproduce.sh                 # = tiny: CPU only, own tokenizer and base model, minutes
 #   bash reproduce.sh kk-qwen2.5-1.5b --dry-run
 #   GPUS=8 MODEL_DIR=/models/Qwen2.5-1.5B bash reproduce.sh kk-qwen2.5-1.5b
+#   SEEDS=3 bash reproduce.sh tiny    # three whole studies (seeds 1-3), then the table of their mean ± std
 #
 # Presets are bash files of settings in config/PRESET.sh (read them: every stage's flags are there).
 # Stages (paper.md section 3.3):
@@ -18,6 +19,9 @@
 # Every stage writes OUT/done/STAGE (its wall seconds) last and is skipped when that exists; a stage
 # that was killed is re-run with --resume (SFT, RL) or skips what it finished (eval), so re-running
 # this script after a crash continues where it stopped. OUT/times.tsv logs every finished attempt.
+# Seeds: SEED=S (default 1) is the seed a preset derives every stage's seeds from; seed 1 is the preset as
+# measured. SEEDS=N runs seeds 1..N one after another, seed 1 in OUT and seed S in OUT/seed_S (a finished seed is
+# skipped like any stage), then report.py tables each model's mean ± std over them and every seed's row.
 # (the whole script is one function, read in full before it runs: editing this file mid-run is safe)
 main() {
 set -euo pipefail
@@ -28,13 +32,18 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; ls config; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; ls config; exit 0 ;;
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
     *) PRESET="$arg" ;;
   esac
 done
 if [[ ! -f "config/$PRESET.sh" ]]; then
   echo "error: no preset config/$PRESET.sh; presets: $(cd config && ls *.sh | sed 's/\.sh$//' | tr '\n' ' ')" >&2
+  exit 2
+fi
+SEED=${SEED:-1}; SEEDS=${SEEDS:-1}
+if ! [[ "$SEED" =~ ^[1-9][0-9]*$ && "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: SEED ($SEED) and SEEDS ($SEEDS) must be positive integers" >&2
   exit 2
 fi
 # shellcheck source=config/tiny.sh
@@ -107,7 +116,21 @@ report() {
   python report.py --out_dir "$OUT" --preset "$PRESET"
 }
 
-echo "preset $PRESET -> $OUT ($DEVICES x $DEVICE_KIND)"
+# ---- SEEDS=N: the whole study once per seed (seed 1 in OUT, seed S in OUT/seed_S; LIMR, when asked, with seed 1
+#   only: it has its own LIMR_SEEDS), then one report over them
+if (( SEEDS > 1 )); then
+  for ((s = 1; s <= SEEDS; s++)); do
+    dir="$OUT"; (( s > 1 )) && dir="$OUT/seed_$s"
+    echo "==== seed $s of $SEEDS -> $dir"
+    flags=(); [[ "$DRY_RUN" == 1 ]] && flags=(--dry-run)
+    limr=0; (( s == 1 )) && limr="${LIMR:-0}"
+    SEEDS=1 SEED=$s OUT="$dir" LIMR=$limr bash "$0" "$PRESET" "${flags[@]}"
+  done
+  report
+  exit 0
+fi
+
+echo "preset $PRESET -> $OUT ($DEVICES x $DEVICE_KIND), seed $SEED"
 
 # ---- 0. the base model: a local Hugging Face directory, or (tiny) built and pre-trained here
 if [[ "${TINY_BASE:-0}" == 1 ]]; then
@@ -154,7 +177,7 @@ step rl "$LAUNCH train_rl.py --model $OUT/sft/final --task $TASK --train_data $T
 step sample_A "$LAUNCH sample_policy.py --from_checkpoint $RL_FINAL --task $TASK --split $SFT_SPLIT \
 --out $OUT/redistill_A.jsonl --temperature 0 --samples_per_prompt 1 --allow_empty true $SAMPLE_ARGS"
 step sample_B "python sample_policy.py --from_rollouts $OUT/rl --steps $B_STEPS --task $TASK --split $TRAIN \
---out $OUT/redistill_B.jsonl --max_per_prompt 1 --num_examples $B_SAMPLES --seed 0 --allow_empty true"
+--out $OUT/redistill_B.jsonl --max_per_prompt 1 --num_examples $B_SAMPLES --seed $((SEED - 1)) --allow_empty true"
 
 # ---- 6. re-distillation: SFT of the BASE model (not the RL model) on each set, the cold start's settings
 CHECKPOINTS="$BASE $OUT/sft/final $RL_FINAL"; NAMES="base sft rl"; SETS="$OUT/sft_teacher.jsonl"

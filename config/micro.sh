@@ -2,19 +2,21 @@
 # It checks that every stage runs and writes well-formed files, not the science. Its model learns nothing,
 # so its re-distillation sets are empty (those models are skipped, as reproduce.sh does for any policy
 # without a correct sample) and the sample effect, whose gradient would be zero, is skipped (SAMPLE_EFFECT=0).
+OUT=${OUT:-${MICRO_OUT:-runs/micro}}  # (before tiny.sh, which would set its own)
 source config/tiny.sh
-OUT=${MICRO_OUT:-runs/micro}
 DATA=$OUT/data
 TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 DATA_CMD="python kk_data.py --out_dir $DATA --test_people 2-3 --test_per_people 2 \
---train_people 2-3 --train_per_people 4 --sft_people 2-3 --sft_per_people 4"
-BASE_TEXT_ARGS="--people 2-3 --per_people 10 --text_format mixed --trace_fraction 0.5 --vocab_size 400"
+--train_people 2-3 --train_per_people 4 --sft_people 2-3 --sft_per_people 4 \
+--train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"
+BASE_TEXT_ARGS="--people 2-3 --per_people 10 --text_format mixed --trace_fraction 0.5 --vocab_size 400 --seed $((300000 + STREAM_SHIFT))"
 PRETRAIN_ARGS="--tiny_hidden_size 32 --tiny_layers 1 --tiny_heads 2 --tiny_kv_heads 1 --tiny_context 1024 \
---max_length 1024 --epochs 1 --global_batch 10 --lr 3e-3 --loss_reduction token_mean --progress false"
-SFT_ARGS="--epochs 1 --global_batch 4 --lr 1e-3 --max_length 1024 --progress false"
+--max_length 1024 --epochs 1 --global_batch 10 --lr 3e-3 --loss_reduction token_mean --progress false --seed $((1 + SEED_SHIFT))"
+SFT_ARGS="--epochs 1 --global_batch 4 --lr 1e-3 --max_length 1024 --progress false --seed $((1 + SEED_SHIFT))"
 RL_STEPS=3
 RL_ARGS="--prompts_per_step 2 --samples_per_prompt 2 --temperature 1.0 --max_response_tokens 16 --lr 1e-5 \
---warmup_steps 1 --gradient_checkpointing false --val_every 2 --val_limit 2 --save_every 1 --progress false"
+--warmup_steps 1 --gradient_checkpointing false --val_every 2 --val_limit 2 --save_every 1 --progress false \
+--seed $((1234 + SEED_SHIFT))"
 SAMPLE_ARGS="--max_new_tokens 16 --progress false"
 B_STEPS="1-$RL_STEPS"
 B_SAMPLES=4

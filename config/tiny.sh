@@ -15,6 +15,11 @@
 # answer two-people puzzles: it writes three rows and names).
 OUT=${OUT:-runs/tiny}
 DATA=${DATA:-$OUT/data}
+# seeds (SEEDS=3 bash reproduce.sh tiny): seed S moves every stage's seed by S - 1, so seed 1 is the preset as first
+# measured. It draws other RL/SFT puzzles, pre-training text (so another tokenizer), base weights, teacher traces,
+# data orders and samples. The test split stays the official puzzles: every seed is scored on the same questions.
+SEED_SHIFT=$((SEED - 1))
+STREAM_SHIFT=$((1000003 * SEED_SHIFT))  # puzzles are seeded stream seed + index: shifted streams never overlap
 DEVICES=1; DEVICE_KIND=cpu
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # the preset's machine: 2 CPU cores
 LAUNCH=python
@@ -24,27 +29,29 @@ TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # RL train: 100 + 1,500 puzzles of 2-3 people (2-people puzzles are few: ~350 exist); teacher SFT pool
 # ("1K" in the paper): 100 + 300 of 2-3 people
 DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 2-3 --test_per_people 50,150 \
---train_people 2-3 --train_per_people 100,1500 --sft_people 2-3 --sft_per_people 100,300"
-TEACHER_ARGS="--teacher_style table --teacher_cot_fraction 0.25"
+--train_people 2-3 --train_per_people 100,1500 --sft_people 2-3 --sft_per_people 100,300 \
+--train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"
+TEACHER_ARGS="--teacher_style table --teacher_cot_fraction 0.25 --teacher_seed $SEED_SHIFT"
 
 TINY_BASE=1
 # pre-training: 6,150 puzzles solved by the table + 12,000 claim drills (~1.7M tokens), 2 epochs;
 # none is a test or SFT-pool puzzle
 BASE_TEXT_ARGS="--people 2-3 --per_people 150,6000 --text_format table --drill_people 2-3 --drill_per_people 3000,9000 \
---fixed_names true --vocab_size 1024"
+--fixed_names true --vocab_size 1024 --seed $((300000 + STREAM_SHIFT))"
 PRETRAIN_ARGS="--tiny_hidden_size 128 --tiny_layers 4 --tiny_heads 4 --tiny_kv_heads 2 --tiny_context 1024 \
 --max_length 1024 --epochs 2 --global_batch 16 --lr 2e-3 --warmup_ratio 0.03 --min_lr_ratio 0.1 \
---loss_reduction token_mean --micro_batch_tokens 4096 --save_every 100 --progress false"
+--loss_reduction token_mean --micro_batch_tokens 4096 --save_every 100 --progress false --seed $((1 + SEED_SHIFT))"
 
 # cold-start SFT (and re-distillation, same settings): paper's recipe (2 epochs, cosine, seq_mean) at lr 1e-3
-SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_tokens 4096 --save_every 20 --progress false"
+SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_tokens 4096 --save_every 20 --progress false \
+--seed $((1 + SEED_SHIFT))"
 
 # GRPO: the paper's loss and optimizer (betas 0.5/0.999, constant lr after warm-up, no KL), 16 prompts x 8;
 # temperature 1 (more distinct answers per group); lr 1e-4 (on the earlier answer-only preset 5e-4 collapsed)
 RL_STEPS=100  # 100 x 16 = one epoch of the 1,600 RL puzzles (~6 min)
 RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 1.0 --max_response_tokens 120 --lr 1e-4 \
 --warmup_steps 2 --gradient_checkpointing false --micro_batch_tokens 8192 --gen_batch_size 128 \
---val_every 25 --val_limit 200 --val_batch_size 200 --save_every 25 --progress false"
+--val_every 25 --val_limit 200 --val_batch_size 200 --save_every 25 --progress false --seed $((1234 + SEED_SHIFT))"
 
 # re-distillation sets: A greedy on the SFT prompts; B correct rollouts of the last 50 RL steps
 SAMPLE_ARGS="--max_new_tokens 120 --batch_size 100 --progress false"
@@ -53,7 +60,7 @@ B_SAMPLES=400                                             # as many as the teach
 
 EVAL_ARGS="--max_new_tokens 120 --batch_size 200 --progress false"
 EFFECT_ARGS="--num_eval_prompts 200 --samples_per_prompt 8 --max_new_tokens 120 --max_length 1024 --exact true --proj_dim 0 \
---gen_batch_size 200 --micro_batch_tokens 4096 --progress false --log_every 250"
+--gen_batch_size 200 --micro_batch_tokens 4096 --progress false --log_every 250 --seed $SEED_SHIFT"
 SELECT_K=100  # the sample-effect experiment: SFT the base on the 100 highest- vs the 100 lowest-effect samples
 
 # LIMR (LIMR=1 bash reproduce.sh tiny; README "LIMR"): a pool of its own, 170 RL puzzles (the first 20 two-people and

@@ -121,7 +121,7 @@ def test_limr_table_rollouts_per_arm_and_the_mean_over_seeds(run_dir):
     assert "| RAND | 2 | 3 | 3 | 12 | 12 | 0.320 | 0.420 | 0.370 |" in text
     assert "| LIM | 1 | 3 | 3 | 12 | 60 | 0.510 | 0.510 | 0.510 |" in text
     assert "seed 2: the probe ran 6 steps (48 rollouts) on the 10 prompts of the pool; 8 scored, 2 dropped" in text
-    assert "| LIM | 2 | 0.515 (0.510-0.520) | 0.515 (0.510-0.520) | 0.515 (0.510-0.520) |" in text
+    assert "| LIM | 2 | 0.515 ± 0.007 | 0.515 ± 0.007 | 0.515 ± 0.007 |" in text  # sample std of 0.51, 0.52
 
 
 def test_a_limr_only_run_reports_its_tables_alone(tmp_path):
@@ -129,4 +129,33 @@ def test_a_limr_only_run_reports_its_tables_alone(tmp_path):
     report.main(["--out_dir", str(tmp_path), "--preset", "limr-x", "--plots", "false"])
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("## Results (limr-x): LIMR") and "| LIM | 7 | 3 | 3 | 12 | 60 |" in text
-    assert "Mean over seeds" not in text  # one seed
+    assert "Mean ± std over seeds" not in text  # one seed
+
+
+def test_seeds_table_mean_std_and_every_seeds_row(run_dir):
+    # seed 2 of SEEDS=2 lives in OUT/seed_2: another RL gain (+10 vs seed 1's +17.5) and another redistill_A share
+    seed2 = run_dir / "seed_2"
+    for name, acc in {"sft": (0.3, 0.3, 0.3), "rl": (0.4, 0.4, 0.4), "redistill_A": (0.4, 0.35, 0.38)}.items():
+        common.write_json(seed2 / "eval" / name / "test" / "summary.json", summary(*acc))
+    common.write_jsonl(seed2 / "redistill_A.jsonl", [{"id": i} for i in range(9)])
+    common.write_json(seed2 / "rl" / "settings.json", {"prompts_per_step": 16, "samples_per_prompt": 8})
+    common.write_jsonl(seed2 / "rl" / "metrics.jsonl", [{"step": s, "reward": 0.1} for s in (1, 2)])
+    (run_dir / "seed_x").mkdir()  # not a seed
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text()
+    assert f"### Over 2 seeds (seed 1: {run_dir}; seed S: {run_dir}/seed_S)" in text
+    # overall: sft 0.25, 0.30 -> 0.275 ± 0.035; rl 0.425, 0.40 -> 0.4125 ± 0.018; base only in seed 1 (std 0)
+    assert "| sft | 2 | 0.350 ± 0.071 | 0.250 ± 0.071 | 0.275 ± 0.035 | 0.000 ± 0.000 |" in text
+    assert "| rl | 2 | 0.450 ± 0.071 | 0.400 ± 0.000 | 0.412 ± 0.018 |" in text
+    assert "| base | 1 | 0.000 | 0.000 | 0.000 | 0.000 |" in text  # one seed: no std
+    assert "GRPO gain over its start (rl - sft, overall): +13.8 ± 5.3 points; per seed +17.5, +10.0." in text
+    # redistill_A: (0.30 - 0.25) / 0.175 = 29%, (0.38 - 0.30) / 0.10 = 80%
+    assert "redistill_A recovers 54% ± 36% of RL's gain ((acc - sft) / (rl - sft)); per seed 29%, 80%." in text
+    assert "| 1 | 0.250 | 0.425 | +17.5 | 384 | 0.300 | 29% | 13 | 10.1 |" in text  # 605 s in times.tsv
+    assert "| 2 | 0.300 | 0.400 | +10.0 | 256 | 0.380 | 80% | 9 | 0.0 |" in text
+    assert "| rl | 2 | 0.400 | 0.400 | 0.400 |" in text  # every seed's own row
+
+
+def test_no_seeds_table_for_one_seed(run_dir):
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    assert "seeds" not in (run_dir / "results.md").read_text()

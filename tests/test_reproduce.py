@@ -126,6 +126,40 @@ def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
     assert "| rl |" in proc.stdout
 
 
+def test_seeds_2_runs_a_second_seed_and_tables_mean_std(micro_run):
+    out, _ = micro_run
+    proc = run_reproduce("micro", env={"MICRO_OUT": out, "SEEDS": "2"})
+    assert "==== seed 1 of 2 -> " + out in proc.stdout and f"==== seed 2 of 2 -> {out}/seed_2" in proc.stdout
+    assert "== rl: done" in proc.stdout  # seed 1 is the finished run: skipped
+    seed2 = f"{out}/seed_2"
+    # every stage of seed 2 has its own seed: other puzzles, other pre-training text, RL's seed moved by one
+    ids = {s: {r["id"] for r in read_jsonl(f"{d}/data/train.jsonl")} for s, d in ((1, out), (2, seed2))}
+    assert ids[1] and ids[2] and not ids[1] & ids[2]
+    assert read_jsonl(f"{out}/data/test.jsonl") == read_jsonl(f"{seed2}/data/test.jsonl")  # the same questions
+    assert read_jsonl(f"{out}/base_data/pretrain.jsonl") != read_jsonl(f"{seed2}/base_data/pretrain.jsonl")
+    for d, seed in ((out, 1234), (seed2, 1235)):
+        with open(f"{d}/rl/settings.json") as f:
+            assert json.load(f)["seed"] == seed
+    assert not os.path.exists(f"{seed2}/limr")  # LIMR has seeds of its own: it runs with seed 1 only
+    with open(f"{out}/results.md") as f:
+        text = f.read()
+    assert "### Over 2 seeds" in text and "GRPO gain over its start (rl - sft, overall):" in text
+    rl = [json.load(open(f"{d}/eval/rl/test/summary.json"))["overall"]["accuracy"] for d in (out, seed2)]
+    mean, std = sum(rl) / 2, abs(rl[0] - rl[1]) / 2 ** 0.5
+    assert "| rl | 2 |" in text and f"{mean:.3f} ± {std:.3f} |" in text
+
+
+def test_dry_run_of_seeds_gives_each_seed_its_own_directory_and_seeds(tmp_path):
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "t"), "SEEDS": "2"})
+    first, second = proc.stdout.split("==== seed 2 of 2")
+    assert f"--out_dir {tmp_path}/t/rl " in first and "--seed 1234" in first and "--train_seed 100000 " in first
+    assert f"--out_dir {tmp_path}/t/seed_2/rl " in second and "--seed 1235" in second
+    assert "--train_seed 1100003 " in second and "--teacher_seed 1" in second and "--seed 1300003" in second
+    assert proc.stdout.rstrip().endswith(f"+ python report.py --out_dir {tmp_path}/t --preset tiny")
+    bad = run_reproduce("tiny", "--dry-run", env={"SEEDS": "two"}, check=False)
+    assert bad.returncode == 2 and "SEEDS (two) must be positive integers" in bad.stderr
+
+
 @pytest.mark.parametrize("preset,flags", [
     ("kk-qwen2.5-1.5b", ["--nproc_per_node=8", "--prompts_per_step 128", "--samples_per_prompt 8", "--temperature 0.7",
                          "--lr 5e-6", "--warmup_steps 8", "--beta1 0.5", "--max_response_tokens 4096",
