@@ -202,7 +202,6 @@ def evaluate(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, m
     return samples, summarize(samples, records, task.DIFFICULTY, pass_k)
 
 
-
 def validate(model, tokenizer, task, records, step, max_new_tokens, template, batch_size, progress=True):
     """Greedy validation inside a training loop (every rank calls it): accuracy, truncation and seconds, overall
     and by difficulty, as "val/..." metrics."""
@@ -213,6 +212,7 @@ def validate(model, tokenizer, task, records, step, max_new_tokens, template, ba
          "val/seconds": time.time() - t0}
     m.update({f"val/acc_{task.DIFFICULTY}_{level}": g["accuracy"] for level, g in summary["by_difficulty"].items()})
     return m
+
 
 # -----------------------------------------------------------------------------
 # checking the inputs (every rank runs the same checks, before any collective call)

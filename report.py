@@ -209,9 +209,14 @@ def seed_tables(out_dir, difficulty):
         for name, share in shares.items():
             if name in summaries:
                 h[name] = summaries[name]["overall"]["accuracy"]
-                share.append((h[name] - sft) / (rl - sft) if rl != sft else float("nan"))
-                h[f"{name}: share of RL gain"] = f"{100 * share[-1]:.0f}%"
+                if rl > sft:  # a share of a gain; none where RL gained nothing
+                    share.append((h[name] - sft) / (rl - sft))
+                    h[f"{name}: share of RL gain"] = f"{100 * share[-1]:.0f}%"
                 h[f"{name}: samples"] = count_lines(os.path.join(run_dir, SFT_SET[name]))
+        probe_path = os.path.join(run_dir, "base_probe.json")
+        if os.path.exists(probe_path):  # tiny only: the base in its own format, roughly what the table can reach
+            with open(probe_path) as f:
+                h["base probe"] = json.load(f)["accuracy"]
         h["wall min"] = f"{sum(t[0] for t in read_times(os.path.join(run_dir, 'times.tsv')).values()) / 60:.1f}"
         headline.append(h)
     columns = [c for c in per_seed[0] if c not in ("model", "seed", "mean len")]
@@ -231,9 +236,10 @@ def seed_tables(out_dir, difficulty):
              "GRPO gain over its start (rl - sft, overall): {:+.1f} ± {:.1f} points; per seed ".format(*mean_std(gains))
              + ", ".join(f"{g:+.1f}" for g in gains) + "."]
     for name, share in shares.items():
-        if len(share) == len(runs):
+        if share:
             lines.append(f"{name} recovers {100 * mean_std(share)[0]:.0f}% ± {100 * mean_std(share)[1]:.0f}% of RL's gain "
-                         "((acc - sft) / (rl - sft)); per seed " + ", ".join(f"{100 * x:.0f}%" for x in share) + ".")
+                         f"((acc - sft) / (rl - sft), over the {len(share)} of {len(runs)} seeds where RL gained); per "
+                         "seed " + ", ".join(f"{100 * x:.0f}%" for x in share) + ".")
     lines += ["", "Per seed:", "", markdown_table(headline, digits=3), "", markdown_table(per_seed, digits=3)]
     return lines
 

@@ -150,12 +150,23 @@ def test_seeds_table_mean_std_and_every_seeds_row(run_dir):
     assert "| base | 1 | 0.000 | 0.000 | 0.000 | 0.000 |" in text  # one seed: no std
     assert "GRPO gain over its start (rl - sft, overall): +13.8 ± 5.3 points; per seed +17.5, +10.0." in text
     # redistill_A: (0.30 - 0.25) / 0.175 = 29%, (0.38 - 0.30) / 0.10 = 80%
-    assert "redistill_A recovers 54% ± 36% of RL's gain ((acc - sft) / (rl - sft)); per seed 29%, 80%." in text
-    assert "| 1 | 0.250 | 0.425 | +17.5 | 384 | 0.300 | 29% | 13 | 10.1 |" in text  # 605 s in times.tsv
-    assert "| 2 | 0.300 | 0.400 | +10.0 | 256 | 0.380 | 80% | 9 | 0.0 |" in text
+    assert ("redistill_A recovers 54% ± 36% of RL's gain ((acc - sft) / (rl - sft), over the 2 of 2 seeds where RL "
+            "gained); per seed 29%, 80%.") in text
+    assert "| 1 | 0.250 | 0.425 | +17.5 | 384 | 0.300 | 29% | 13 | 0.290 | 10.1 |" in text  # 605 s in times.tsv
+    assert "| 2 | 0.300 | 0.400 | +10.0 | 256 | 0.380 | 80% | 9 | – | 0.0 |" in text  # no probe, no times
     assert "| rl | 2 | 0.400 | 0.400 | 0.400 |" in text  # every seed's own row
 
 
 def test_no_seeds_table_for_one_seed(run_dir):
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
     assert "seeds" not in (run_dir / "results.md").read_text()
+
+
+def test_seeds_where_rl_gained_nothing_have_no_share(run_dir):
+    seed3 = run_dir / "seed_3"  # seed_2 missing: seeds need not be consecutive
+    for name, acc in {"sft": (0.3, 0.3, 0.3), "rl": (0.3, 0.3, 0.29), "redistill_A": (0.3, 0.3, 0.3)}.items():
+        common.write_json(seed3 / "eval" / name / "test" / "summary.json", summary(*acc))
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text()
+    assert "GRPO gain over its start (rl - sft, overall): +8.2 ± 13.1 points; per seed +17.5, -1.0." in text
+    assert "over the 1 of 2 seeds where RL gained); per seed 29%." in text
