@@ -1,6 +1,7 @@
 """bench.py --gpu_suite --smoke: the GPU suite's code runs end to end on CPU, so a lent GPU's few minutes are not
 spent finding a typo, and the checks it makes on a GPU hold on CPU where they must (fp32 equals transformers)."""
 import json
+import math
 
 import pytest
 
@@ -23,7 +24,8 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     gen = result["generation"]
     assert [w["prompts"] for w in gen["workloads"]] == result["sizes"]["gen_prompts"]
     assert all(w["ours_tok_s"] > 0 and w["hf_tok_s"] > 0 for w in gen["workloads"])
-    assert gen["decode_step"][0]["rows"] == 16 and gen["decode_step"][0]["step_ms_wall"] > 0
+    # a difference of two timings: on a busy CPU it can come out <= 0, so only its presence is checked here
+    assert gen["decode_step"][0]["rows"] == 16 and math.isfinite(gen["decode_step"][0]["step_ms_wall"])
     assert result["sft"]["measured_steps"] == [2] and result["sft"]["tokens_per_s"] > 0
     rl = result["rl"]
     assert rl["rollouts"] == 4 * 2 and rl["train_tokens"] > 0
