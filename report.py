@@ -237,7 +237,8 @@ def seed_tables(out_dir, difficulty):
              + ", ".join(f"{g:+.1f}" for g in gains) + "."]
     for name, share in shares.items():
         if share:
-            lines.append(f"{name} recovers {100 * mean_std(share)[0]:.0f}% ± {100 * mean_std(share)[1]:.0f}% of RL's gain "
+            mean, std = mean_std(share)
+            lines.append(f"{name} recovers {100 * mean:.0f}% ± {100 * std:.0f}% of RL's gain "
                          f"((acc - sft) / (rl - sft), over the {len(share)} of {len(runs)} seeds where RL gained); per "
                          "seed " + ", ".join(f"{100 * x:.0f}%" for x in share) + ".")
     lines += ["", "Per seed:", "", markdown_table(headline, digits=3), "", markdown_table(per_seed, digits=3)]

@@ -50,7 +50,7 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # lr 1e-4 (on the earlier answer-only preset 5e-4 collapsed). Temperature 0.7, the paper's: over 3 seeds the gain
 # was +7.7 ± 7.8 points at 1.0 (one seed -1.0: sampled at 1.0, a table is scarcely more often right than a direct
 # answer, 0.105 vs 0.131, so RL has nothing to follow) and +8.8 ± 0.8 at 0.7 (docs/tiny_preset.md "Seeds").
-RL_STEPS=100  # 100 x 16 = one epoch of the 1,600 RL puzzles (~6 min)
+RL_STEPS=100  # 100 x 16 = one epoch of the 1,600 RL puzzles (~4 min)
 RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_response_tokens 120 --lr 1e-4 \
 --warmup_steps 2 --gradient_checkpointing false --micro_batch_tokens 8192 --gen_batch_size 128 \
 --val_every 25 --val_limit 200 --val_batch_size 200 --save_every 25 --progress false --seed $((1234 + SEED_SHIFT))"
