@@ -4,6 +4,7 @@ rank-0 printing, jsonl I/O with clear errors, atomic writes, the task registry
 and the paper's prompt templates.
 """
 import argparse
+import copy
 import json
 import os
 import random
@@ -37,8 +38,10 @@ RENAMED = {"--group_size": "--samples_per_prompt", "--k": "--samples_per_prompt"
 def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse settings; `--config FILE.json` supplies defaults that the command line overrides. Every boolean is
     written `--name true` or `--name false`; an old spelling of a renamed setting is an error naming the new one;
-    option names must be written in full (no prefixes)."""
-    if "--config" not in parser._option_string_actions:  # a script's main may run twice in one process (tests)
+    option names must be written in full (no prefixes). Works on a copy: `--config` sets defaults, and a script's
+    main may run twice in one process (tests, notebooks), the second run must not inherit the first's settings."""
+    parser = copy.deepcopy(parser)
+    if "--config" not in parser._option_string_actions:
         parser.add_argument("--config", default=None,
                             help="JSON file of settings (keys = option names without --); command-line flags override it")
     parser.allow_abbrev = False  # a prefix such as --k must not silently mean --kv_cache_gib
@@ -287,6 +290,19 @@ def shard_model(model, compute_dtype):
     return model
 
 
+def reshard(model):
+    """Every FSDP-sharded parameter of `model` back to this rank's fp32 shard, the gathered copies freed.
+
+    FSDP2 never reshards its root group (embeddings, final norm, lm_head) after a forward, expecting the backward
+    to follow; after a no-grad forward (validation, a pre-pass, a step that trained nothing) those parameters stay
+    full-size, in the compute dtype. Whatever reads parameters as shards (checkpoints, full copies) calls this
+    first. A no-op for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def full_tensor(t):
     """The whole of a parameter or gradient, FSDP-sharded or not (a collective when sharded: every rank calls it)."""
     from torch.distributed.tensor import DTensor
@@ -300,8 +316,10 @@ def local_tensor(t):
 
 
 def is_sharded(model) -> bool:
-    from torch.distributed.tensor import DTensor
-    return isinstance(model.lm_head.weight, DTensor)
+    """Whether shard_model sharded it (asked of the module: after a no-grad forward its root parameters are
+    plain tensors for a while, see reshard)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 def full_copy(model, dtype, device=None, on_rank=None):
@@ -312,6 +330,7 @@ def full_copy(model, dtype, device=None, on_rank=None):
     import torch
     from model import empty_model
     keep = on_rank is None or rank() == on_rank
+    reshard(model)
     device = device or model.lm_head.weight.device
     copy = empty_model(model.config, dtype, device).requires_grad_(False) if keep else None
     for name, p in model.named_parameters():
@@ -338,9 +357,13 @@ def idle_pass(model, backward=True):
 # files
 
 
-def iter_jsonl(path):
+def iter_jsonl(path, torn_tail=False):
     """Yield (line number, record) of a jsonl file, skipping blank lines; a line that is not a JSON object
-    raises UserError naming the file and line."""
+    raises UserError naming the file and line.
+
+    torn_tail: the file is a run's own log (metrics.jsonl, rollout logs), which a kill or a full disk can leave with
+    its last line cut short: a last line without its newline that is not a JSON object is dropped with a warning
+    naming it. Inputs (datasets, SFT files) keep the error: a record is never dropped silently from data."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
     with open(path, encoding="utf-8") as f:
@@ -349,17 +372,23 @@ def iter_jsonl(path):
                 continue
             try:
                 rec = json.loads(line)
+                problem = None if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})")
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                problem = f"not valid JSON ({e.msg})"
+            if problem:
+                if torn_tail and not line.endswith("\n"):  # only the last line can lack its newline
+                    print0(f"warning: {path}:{lineno}: dropped a torn last line (a write cut short by a kill or a "
+                           f"full disk)")
+                    return
+                raise UserError(f"{path}:{lineno}: {problem}")
             yield lineno, rec
 
 
-def read_jsonl(path, required=()):
-    """Read a jsonl file; a bad line or a missing field raises UserError naming file, line and field."""
+def read_jsonl(path, required=(), torn_tail=False):
+    """Read a jsonl file; a bad line or a missing field raises UserError naming file, line and field
+    (torn_tail: see iter_jsonl)."""
     records = []
-    for lineno, rec in iter_jsonl(path):
+    for lineno, rec in iter_jsonl(path, torn_tail):
         for field in required:
             if field not in rec:
                 raise UserError(f"{path}:{lineno}: missing field '{field}'")
@@ -787,7 +816,7 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
         if settings is not None:
             write_json(os.path.join(run_dir, "settings.json"), settings)
         if os.path.exists(path):
-            write_jsonl(path, [m for m in read_jsonl(path) if start_step and m.get("step", 0) <= start_step])
+            write_jsonl(path, [m for m in read_jsonl(path, torn_tail=True) if start_step and m.get("step", 0) <= start_step])
         if wandb_project:
             try:
                 import wandb
@@ -806,10 +835,21 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
 
 def local_train_state(model, optimizer):
     """This rank's part of the fp32 weights and of optimizer.state_dict(), as plain tensors (a sharded tensor's
-    local shard; an unsharded one whole)."""
+    local shard; an unsharded one whole). Taken from resharded modules (reshard), and checked: a full-size or
+    compute-dtype tensor saved as a shard would crash the resume, or silently round the weights it restores."""
+    import torch
+    from torch.distributed.tensor import DTensor
+    reshard(model)
+    sharded = is_sharded(model)
+    weights = {}
+    for name, p in model.named_parameters():
+        if p.dtype != torch.float32 or sharded != isinstance(p, DTensor):
+            raise RuntimeError(f"checkpoint: parameter {name} is {type(p).__name__} {p.dtype}, not this rank's fp32 "
+                               f"shard; refusing to save a checkpoint that would not resume exactly")
+        weights[name] = local_tensor(p.detach())
     sd = optimizer.state_dict()
     sd["state"] = {i: {k: local_tensor(v) for k, v in s.items()} for i, s in sd["state"].items()}
-    return {"weights": {name: local_tensor(p.detach()) for name, p in model.named_parameters()}, "optimizer": sd}
+    return {"weights": weights, "optimizer": sd}
 
 
 def load_local_train_state(model, optimizer, shard):
@@ -817,6 +857,7 @@ def load_local_train_state(model, optimizer, shard):
     state, each shard back into a tensor sharded like its parameter."""
     import torch
     from torch.distributed.tensor import DTensor
+    reshard(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             local_tensor(p).copy_(shard["weights"][name])

@@ -242,7 +242,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         if step == max_new_tokens - 1:
             break
         span = longest + step + 1  # every live row holds its prompt + `step` tokens: a bound known on the host
-        num_done = int(done.sum())  # the step's one host sync
+        num_done = int(done.sum())  # the step's host sync (drop's two nonzero() add two more where rows finish)
         if num_done:  # drop finished rows from the batch (and their cache rows, in every cache alike)
             order = [c.drop(done, num_done, span) for c in caches][0]
             if order.numel() == 0:

@@ -30,7 +30,6 @@ Importable by other stages: `pass_at_k`, `summarize`, `evaluate` (sharded genera
 validation inside training), `summary_row` and `markdown_table`.
 """
 import argparse
-import copy
 import json
 import os
 import re
@@ -265,7 +264,7 @@ def read_done(summary_path, samples_path, settings, records, task):
 
 
 def main(argv=None):
-    args = common.parse_settings(copy.deepcopy(parser), argv)  # a copy: main() may run more than once (tests)
+    args = common.parse_settings(parser, argv)
     if not args.checkpoints or not args.splits:
         raise UserError("give --checkpoints DIR [DIR ...] and --splits PATH [PATH ...]")
     if args.samples_per_prompt < 1 or args.max_new_tokens < 1 or args.batch_size < 1:

@@ -10,20 +10,29 @@ import torch
 import common
 
 
-def group_advantages(rewards, n, std_normalize=True, eps=1e-6):
+def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, eps=1e-6):
     """GRPO advantages for rewards laid out group by group (n per prompt): (r - mean_g) / (std_g + eps).
 
     std is unbiased (N-1), as torch.std in verl. A group with all-equal rewards gets exactly 0.
     Groups of one use mean 0 and std 1 (verl), i.e. the advantage is the reward.
+
+    seq_kl (k1's KL in the reward, InstructGPT): each response's summed log(pi / pi_ref). The group statistics
+    come from the task rewards alone; then kl_coef x (seq_kl - its group's mean) is subtracted, unscaled, so the
+    penalty is linear in kl_coef. (Normalising the shaped reward r - kl_coef x seq_kl instead, as verl does, turns
+    a group of equal rewards into the standardised KL at unit scale whatever kl_coef is: docs/grpo.md.)
     """
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, n)
     if n == 1:
-        return r.view(-1).clone()
-    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
-    adv = r - mean
-    if std_normalize:
-        adv = adv / (std + eps)
-    adv = torch.where(std == 0, torch.zeros_like(adv), adv)
+        adv = r.clone()
+    else:
+        mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
+        adv = r - mean
+        if std_normalize:
+            adv = adv / (std + eps)
+        adv = torch.where(std == 0, torch.zeros_like(adv), adv)
+    if seq_kl is not None:
+        kl = torch.as_tensor(seq_kl, dtype=torch.float32).view(-1, n)
+        adv = adv - kl_coef * (kl - kl.mean(1, keepdim=True) if n > 1 else kl)
     return adv.view(-1)
 
 

@@ -81,7 +81,7 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
     """(epoch, pool index, solved) of every rollout in the log, each row's fields checked."""
     outcomes = []
     for step, path in rollout_files(run_dir):
-        for lineno, row in common.iter_jsonl(path):
+        for lineno, row in common.iter_jsonl(path, torn_tail=True):
             where = f"{path}:{lineno}"
             for field in ("id", "reward") + (() if steps_per_epoch else ("epoch",)):
                 if field not in row:

@@ -32,6 +32,7 @@ import argparse
 import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -79,7 +80,8 @@ def get_parser():
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (paper: 0.9)")
     p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2 (paper: 0.999)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
-    p.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of steps of linear warmup (paper: 0)")
+    p.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of steps of linear warmup (paper: 0); "
+                   "the first update runs at lr/warmup_steps, not at 0 as in Hugging Face's schedule (see get_lr)")
     p.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine decays to lr * this (paper: 0)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (paper: 1.0; 0 = off)")
     # The paper's modified verl fsdp_sft_trainer averages over each sequence's response tokens, then over
@@ -105,6 +107,9 @@ def get_parser():
                         "weights if they end an epoch; a finished run keeps one")
     p.add_argument("--resume", default=False, type=common.str2bool,
                    help="continue from the newest complete checkpoint in --out_dir (a finished run is left as it is)")
+    p.add_argument("--max_bad_steps", type=int, default=3,
+                   help="stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped: "
+                        "no weight changes); the last good checkpoint stays")
     p.add_argument("--stop_at_step", type=int, default=0,
                    help="checkpoint and stop once this global step is done (the schedule still spans all --epochs); "
                         "for time-boxed jobs and tests; 0 = run to the end")
@@ -237,7 +242,10 @@ def evaluate(model, examples, reduction, micro_batch_tokens, device):
 
 
 def get_lr(step, total_steps, lr, warmup_ratio, min_lr_ratio):
-    """Linear warmup then cosine to lr * min_lr_ratio (HF get_cosine_schedule_with_warmup; step 0 = first update)."""
+    """Linear warmup then cosine to lr * min_lr_ratio, as HF's get_cosine_schedule_with_warmup (step 0 = the first
+    update) except that warm-up update k (1-based) runs at lr * k / warmup, not (k - 1) / warmup: HF's first update
+    runs at lr 0 and spends its batch on AdamW's moments without changing a weight. train_rl.py's warm-up (grpo.lr_at)
+    counts the same way. (The paper's SFT has no warm-up, so both give its schedule.)"""
     warmup = int(warmup_ratio * total_steps)
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -289,7 +297,7 @@ def main(argv=None):
         raise UserError("give exactly one of --init CHECKPOINT_DIR and --init_tiny")
     if args.init_tiny and not args.tokenizer:
         raise UserError("--init_tiny needs --tokenizer DIR")
-    for name in ("global_batch", "micro_batch_tokens", "max_length", "epochs", "keep_last"):
+    for name in ("global_batch", "micro_batch_tokens", "max_length", "epochs", "keep_last", "max_bad_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
 
@@ -336,7 +344,7 @@ def main(argv=None):
         if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); final weights in {final_dir}; nothing to do")
             common.dist_cleanup()
-            return
+            return 0
         model = load_model(ckpt, dtype=torch.float32, device=device)
         print0(f"resuming from {ckpt} (step {step}/{total_steps})")
     elif args.init_tiny:
@@ -353,6 +361,7 @@ def main(argv=None):
     if state:
         common.load_local_train_state(model, optimizer, train_shard)
         set_rng_state(state["rng"])
+    bad_steps_total, bad_streak = (state or {}).get("bad_steps_total", 0), (state or {}).get("bad_streak", 0)
 
     n_loss = sum(num_loss_tokens(e) for e in train)
     print0(f"{'pre-training' if args.pretrain_text else 'SFT'}: {len(train)} sequences ({sum(lengths)} tokens, "
@@ -365,7 +374,8 @@ def main(argv=None):
 
     def save(step):
         common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
-                               {"rng": rng_state(), "identity": identity, "epoch": step // steps_per_epoch,
+                               {"rng": rng_state(), "identity": identity, "bad_steps_total": bad_steps_total,
+                                "bad_streak": bad_streak, "epoch": step // steps_per_epoch,
                                 "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps}, dtype,
                                # the newest --keep_last stay resumable; the weights of every epoch end stay
                                args.keep_last if step < total_steps else 1, range(0, total_steps + 1, steps_per_epoch))
@@ -413,17 +423,29 @@ def main(argv=None):
             loss_sum += float(loss.detach())
         loss_sum = common.all_reduce(loss_sum)
         grad_norm = common.clip_grad_norm(model.parameters(), args.grad_clip)
-        optimizer.step()
+        # both numbers are all-reduced, so every rank takes the same branch; a NaN step would corrupt every weight
+        finite = math.isfinite(float(loss_sum)) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        else:
+            print0(f"warning: step {step + 1}: non-finite loss {float(loss_sum)} or grad norm {grad_norm}; update skipped")
+        bad_steps_total, bad_streak = bad_steps_total + (not finite), 0 if finite else bad_streak + 1
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         tokens = sum(lengths[i] for i in batch)
         rec = {"step": step + 1, "epoch": epoch, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
-               "tokens": tokens, "tokens_per_s": tokens / dt, "time_s": dt}
+               "bad_steps": bad_steps_total, "tokens": tokens, "tokens_per_s": tokens / dt, "time_s": dt}
         log(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {rec['loss']:.4f} | lr {lr:.3e} | "
             f"grad norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | {len(mbs)} micro-batches | {dt:.2f} s")
         record(rec)
         bar.update(1)
         done = step + 1
+        if bad_streak >= args.max_bad_steps:
+            bar.close()
+            print0(f"error: {bad_streak} consecutive steps with non-finite loss or gradients; stopping. "
+                   f"The last good checkpoint is kept in {args.out_dir}")
+            common.dist_cleanup()
+            return 1
         if done % steps_per_epoch == 0:
             validate(done)
         if done % steps_per_epoch == 0 or done == stop or (args.save_every and done % args.save_every == 0):
@@ -438,7 +460,8 @@ def main(argv=None):
             save_model(final, final_dir, tokenizer)
         print0(f"done: {total_steps} steps; final weights in {final_dir}")
     common.dist_cleanup()
+    return 0
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.run_main(lambda: sys.exit(main()))

@@ -88,7 +88,7 @@ def rl_rollouts(run_dir, up_to_step=None):
         return None, [], {}
     with open(path) as f:
         settings = json.load(f)
-    rows = common.read_jsonl(metrics)
+    rows = common.read_jsonl(metrics, torn_tail=True)
     steps = [m for m in rows if 0 < m.get("step", 0) <= (up_to_step or m["step"]) and "reward" in m]
     return len(steps) * settings["prompts_per_step"] * settings["samples_per_prompt"], rows, settings
 

@@ -64,7 +64,6 @@ Outputs (written atomically by rank 0):
                         "sample_effect" field: new SFT files for redistill_sft.py.
 """
 import argparse
-import copy
 import math
 import os
 import re
@@ -287,7 +286,7 @@ def write_selection(path, chosen):
 
 
 def main(argv=None):
-    args = common.parse_settings(copy.deepcopy(parser), argv)  # a copy: main() may run more than once (tests)
+    args = common.parse_settings(parser, argv)
     if not args.checkpoint or not args.eval_data or not args.sft_data:
         raise UserError("give --checkpoint DIR, --eval_data SPLIT.jsonl and --sft_data FILE [FILE ...]")
     if args.samples_per_prompt < 2:

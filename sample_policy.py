@@ -101,7 +101,7 @@ def read_rollouts(run_dir, steps):
                           if (m := re.fullmatch(r"step_(\d+)\.jsonl", f))) if os.path.isdir(os.path.join(run_dir, "rollouts")) else []
             raise UserError(f"{path}: file not found (rollout steps present: "
                             f"{f'{have[0]}..{have[-1]} ({len(have)} files)' if have else 'none'})")
-        for lineno, rec in enumerate(common.read_jsonl(path, required=tuple(ROLLOUT_FIELDS)), 1):
+        for lineno, rec in enumerate(common.read_jsonl(path, required=tuple(ROLLOUT_FIELDS), torn_tail=True), 1):
             for field, types in ROLLOUT_FIELDS.items():
                 value = rec[field]
                 if not isinstance(value, types) or isinstance(value, bool) != (types is bool):
@@ -118,12 +118,10 @@ def sample_checkpoint(args, task, rank, world, device):
     import torch
     from model import load_model, load_tokenizer, parse_dtype, read_config
     read_config(args.from_checkpoint)  # a clear error when it is no checkpoint
-    records = task.load_split(args.split)
+    tokenizer = load_tokenizer(args.from_checkpoint)
+    records = common.load_records(task, args.task, args.split, tokenizer, args.template)
     if args.limit:
         records = records[:args.limit]
-    if not records:
-        raise UserError(f"{args.split}: no records")
-    tokenizer = load_tokenizer(args.from_checkpoint)
     dtype = parse_dtype(args.dtype, device)
     model = load_model(args.from_checkpoint, dtype=dtype, device=device)
     model.eval()

@@ -441,11 +441,9 @@ def cross_sample(args, tokenizer, device, dtype):
     if not args.split:
         raise UserError("--cross needs --split (the task split whose prompts are answered)")
     task = common.get_task(args.task)
-    records = task.load_split(args.split)
+    records = common.load_records(task, args.task, args.split, tokenizer, args.template)
     records, subset = common.stratified_subset(records, args.limit, task.DIFFICULTY, args.seed)
     print0(f"cross-sampling prompts: {subset}")
-    if not records:
-        raise UserError(f"{args.split}: no records")
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
     common.check_prompts_fit(common.task_prompt_ids(tokenizer, task, records, args.template), records,
                              args.max_new_tokens, context, args.split)

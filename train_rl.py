@@ -72,8 +72,8 @@ def get_parser():
     p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch (>1: old log-probs are recomputed)")
     p.add_argument("--ppo_mini_batches", type=int, default=1, help="optimizer steps per pass over the rollout batch (paper: 1)")
     p.add_argument("--kl_coef", type=float, default=0.0, help="weight of the KL penalty to the frozen reference policy (paper: 0)")
-    p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"), help="k1: kl_coef x sum_t log(pi/pi_ref) "
-                   "subtracted from the reward (InstructGPT); k3: per-token low-variance KL in the loss (GRPO, verl's "
+    p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"), help="k1: the reward's KL penalty (InstructGPT), "
+                   "kl_coef x (sum_t log(pi/pi_ref) - its group's mean) off the advantage, linear in kl_coef; k3: per-token low-variance KL in the loss (GRPO, verl's "
                    "low_var_kl). Why k1 is not offered as a loss: docs/grpo.md")
     p.add_argument("--ref_model", default=None, help="reference policy for the KL (default: --model)")
     p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus weight (paper: 0)")
@@ -173,6 +173,8 @@ def pre_pass(model, ref_model, batch, indices, args, sums):
                 add_logprob_gap(lp, batch, js, sums)
             if ref_model is not None:
                 ref.update(zip(js, response_logprobs(ref_model, *seqs).float().split(splits)))
+    if ref_model is not None:
+        common.reshard(ref_model)  # FSDP keeps a root gathered after a forward without backward (common.reshard)
     return old, ref
 
 
@@ -250,7 +252,8 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
 
 
 def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
-    """The step's metrics over all ranks (sums of counts, maxima of times and memory)."""
+    """The step's metrics over all ranks (sums of counts, maxima of times and memory); kl is None without a KL
+    term, and in a step that trained no token (no KL was measured: 0 would read as 'the policy is the reference')."""
     rollouts, rewards = batch.rollouts, batch.rewards
     g = common.all_reduce_numbers({
         "reward": sum(rewards), "correct": sum(r >= 1.0 for r in rewards), "seqs": len(rollouts),
@@ -262,7 +265,7 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
     return {"step": step, "epoch": epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
             "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs,
             "len_max": mx["len_max"], "truncated": g["truncated"] / seqs, "entropy": g["entropy"] / pg_tokens,
-            "kl": g["kl"] / max(g["kl_tokens"], 1) if kl_logged else None, "clip_frac": g["clipped"] / pg_tokens,
+            "kl": g["kl"] / g["kl_tokens"] if kl_logged and g["kl_tokens"] else None, "clip_frac": g["clipped"] / pg_tokens,
             "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "train_seqs": int(g["used"]),
             "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9), "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9),
             **{k: mx[k] for k in ("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib", "mem_train_gib")}}
@@ -305,8 +308,8 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     task = common.get_task(args.task)
     tokenizer = load_tokenizer(args.model)
-    train_records = task.load_split(args.train_data)
-    test_records = task.load_split(args.test_data) if args.test_data else []
+    train_records = common.load_records(task, args.task, args.train_data, tokenizer, args.template)
+    test_records = common.load_records(task, args.task, args.test_data, tokenizer, args.template) if args.test_data else []
     test_records, val_subset = common.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
     # tokenise every training prompt once: lengths for the filter and the ids for the training forward
     prompt_ids = common.task_prompt_ids(tokenizer, task, train_records, args.template)
@@ -394,17 +397,16 @@ def main(argv=None):
             pre_idx = [j for j, s in enumerate(rollouts) if s["length"] > 0] if kl_in_reward else batch.train_idx
             old, ref = pre_pass(model, ref_model, batch, pre_idx, args, sums)
 
-        # 4. advantages within each group of n (k1: on the reward less kl_coef x the response's summed log-ratio)
-        shaped = list(rewards)
+        # 4. advantages within each group of n (k1: less kl_coef x the response's summed log-ratio, group-centred)
+        seq_kl = None
         if kl_in_reward:
-            train_set = set(batch.train_idx)
+            seq_kl, train_set = [0.0] * len(rollouts), set(batch.train_idx)
             for j in pre_idx:
-                seq_kl = float(kl_penalty(old[j], ref[j], "k1").sum())
-                shaped[j] -= args.kl_coef * seq_kl
+                seq_kl[j] = float(kl_penalty(old[j], ref[j], "k1").sum())
                 if j in train_set:
-                    sums["kl"] += seq_kl
+                    sums["kl"] += seq_kl[j]
                     sums["kl_tokens"] += len(batch.responses[j])
-        adv = group_advantages(shaped, n, args.std_normalize).tolist()
+        adv = group_advantages(rewards, n, args.std_normalize, seq_kl, args.kl_coef).tolist()
 
         # 5. the update
         loss, grad_norm, updates, bad = update(model, optimizer, batch, adv, old, ref, args, step, sums)

@@ -66,3 +66,29 @@ def tiny_checkpoint(tmp_path_factory):
 def common_system_prompt():
     import common
     return common.SYSTEM_PROMPT
+
+
+def assert_train_shards(run_dir, world):
+    """Every tensor of every step_N.train.rankR.pt in run_dir, weights and AdamW state, is fp32 and has the shape of
+    rank R's FSDP shard of that parameter (dim 0 cut as torch.chunk cuts it; the whole tensor at one rank): what
+    resume reads back into the sharded fp32 master. Returns how many shard files it checked."""
+    import glob
+    import torch
+    from safetensors.torch import load_file
+    paths = sorted(glob.glob(os.path.join(glob.escape(str(run_dir)), "step_*.train.rank*.pt")))
+    assert paths, f"no training shards in {run_dir}"
+    for path in paths:
+        step_dir, rank = path[:-len(".pt")].split(".train.rank")
+        full = load_file(os.path.join(step_dir, "model.safetensors"))
+        shard = torch.load(path, map_location="cpu", weights_only=True)
+        names = list(shard["weights"])
+        for name, t in shard["weights"].items():
+            pieces = torch.chunk(torch.empty(full[name].shape[0]), world)
+            rows = pieces[int(rank)].shape[0] if int(rank) < len(pieces) else 0
+            assert t.dtype == torch.float32 and tuple(t.shape) == (rows, *full[name].shape[1:]), \
+                f"{path}: {name} is {t.dtype} {tuple(t.shape)}, not rank {rank}'s fp32 shard of {tuple(full[name].shape)}"
+        for i, state in shard["optimizer"]["state"].items():
+            for key, v in state.items():
+                if v.dim():
+                    assert v.dtype == torch.float32 and v.shape == shard["weights"][names[i]].shape, (path, names[i], key)
+    return len(paths)

@@ -1,7 +1,8 @@
 """train_rl.py with rollouts that depend only on the prompt, not on which rank drew it: a 1-rank and a 2-rank
 run then train on the same data, so their updates can be compared. Run as train_rl.py is (python or torchrun),
 with train_rl.py's arguments. With KILL_AT_STEP=N in the environment, each rank dies inside step N's update
-(a killed run, for resume tests)."""
+(a killed run, for resume tests). With NO_SIGNAL_STEP=N, every rollout of step N gets reward 1: no group has a
+signal (a step that may train nothing)."""
 import os
 import random
 import sys
@@ -11,6 +12,7 @@ import train_rl
 
 
 def fixed_rollouts(model, tokenizer, task, records, n=1, max_new_tokens=16, template="auto", **_):
+    no_signal = step_now[0] == int(os.environ.get("NO_SIGNAL_STEP", -1))
     out = []
     for r in records:
         rng = random.Random(r["id"])
@@ -19,7 +21,7 @@ def fixed_rollouts(model, tokenizer, task, records, n=1, max_new_tokens=16, temp
             length = rng.randint(1, max_new_tokens)
             out.append({"id": r["id"], "prompt": prompt, "response": "", "finished": True, "length": length,
                         "tokens": [rng.randrange(len(tokenizer)) for _ in range(length)], "logprobs": [0.0] * length,
-                        "reward": float(rng.random() < 0.5), "sample": k})
+                        "reward": 1.0 if no_signal else float(rng.random() < 0.5), "sample": k})
     return out
 
 

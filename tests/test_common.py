@@ -184,3 +184,66 @@ def test_settings_refuse_old_spellings_bare_booleans_and_prefixes():
         common.parse_settings(p, ["--k", "2"])
     with pytest.raises(SystemExit):  # prefixes are not accepted
         common.parse_settings(p, ["--kv_cache", "2"])
+
+
+def test_a_config_file_does_not_leak_into_the_next_main(tmp_path):
+    """--config sets defaults; a second main() in one process (tests, notebooks) must not inherit them, whichever
+    way a script holds its parser (report.py and tiny_base.py build theirs once, at module level)."""
+    import common
+    import report
+    import tiny_base
+    cfg = tmp_path / "cfg.json"
+    for parser, name, value in ((report.parser, "preset", "from-config"), (tiny_base.parser, "vocab_size", 77)):
+        default = parser.get_default(name)
+        cfg.write_text(json.dumps({name: value}))
+        assert getattr(common.parse_settings(parser, ["--config", str(cfg)]), name) == value
+        assert getattr(common.parse_settings(parser, []), name) == default and parser.get_default(name) == default
+
+
+def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsys):
+    """A kill or a full disk can cut a log's last append short: a run's own logs (torn_tail) drop that line with a
+    warning; data files, a bad line elsewhere, or a bad last line that has its newline stay errors."""
+    import common
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert common.read_jsonl(str(path), torn_tail=True) == [{"step": 1}, {"step": 2}]
+    assert f"{path}:3: dropped a torn last line" in capsys.readouterr().out
+    with pytest.raises(common.UserError, match=r"metrics.jsonl:3: not valid JSON"):
+        common.read_jsonl(str(path))
+    for text in ('{"step": 1}\n{"st\n{"step": 3}\n', '{"step": 1}\n{"step": 2, "lo\n'):  # mid-file; newline kept
+        path.write_text(text)
+        with pytest.raises(common.UserError, match=r"metrics.jsonl:2: not valid JSON"):
+            common.read_jsonl(str(path), torn_tail=True)
+    # a resumed run's metrics log: the torn line goes, the records up to the checkpoint stay
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    log = common.metrics_log(str(tmp_path), start_step=2)
+    log({"step": 3})
+    assert common.read_jsonl(str(path)) == [{"step": 1}, {"step": 2}, {"step": 3}]
+
+
+def test_checkpoints_and_full_copies_after_a_no_grad_forward_hold_the_fp32_master(tiny_checkpoint, tmp_path):
+    """One rank with bf16 compute is FSDP-sharded (as on one GPU). FSDP2 leaves its root group (embeddings, final norm,
+    lm_head) gathered in bf16 after a forward without backward; a checkpoint or an fp32 full copy taken then must
+    still hold the fp32 master, and resume must restore it exactly."""
+    import torch
+    import common
+    from conftest import assert_train_shards
+    from model import load_model, load_tokenizer
+    common.dist_setup()
+    master = load_model(tiny_checkpoint).state_dict()
+    model = common.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
+    optimizer = common.make_optimizer(model.parameters(), lr=1e-3)
+    common.idle_pass(model)  # a training micro-batch: FSDP reshards after its backward
+    with torch.no_grad():
+        common.idle_pass(model, backward=False)  # validation, a pre-pass: the root stays gathered
+    assert common.is_sharded(model)
+    copy = common.full_copy(model, torch.float32)
+    assert all(torch.equal(copy.state_dict()[k], master[k]) for k in master)
+    with torch.no_grad():
+        common.idle_pass(model, backward=False)
+    common.save_checkpoint(str(tmp_path), 1, model, load_tokenizer(tiny_checkpoint), optimizer, {}, torch.bfloat16, 2)
+    assert assert_train_shards(tmp_path, 1) == 1
+    again = common.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
+    common.load_local_train_state(again, common.make_optimizer(again.parameters(), lr=1e-3),
+                                  common.load_checkpoint(str(tmp_path))[3])
+    assert all(torch.equal(common.full_copy(again, torch.float32).state_dict()[k], master[k]) for k in master)

@@ -15,7 +15,7 @@ import redistill_sft as sft
 import toy_task
 from common import UserError
 from model import load_model, load_tokenizer
-from conftest import ROOT, free_port, subprocess_env
+from conftest import ROOT, assert_train_shards, free_port, subprocess_env
 import padded
 
 
@@ -265,9 +265,12 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
         sft.main(run_args(tiny_checkpoint, data, cut))
     with pytest.raises(UserError, match="different settings.*lr: was 0.001, now 0.002"):
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--lr", "2e-3"))
+    with open(os.path.join(cut, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 8, "epoch": 1, "lo')  # the killed run's last append, cut short
     capsys.readouterr()
     sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--micro_batch_tokens", "60"))
-    assert "step_000007 (step 7/10)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step_000007 (step 7/10)" in out and "metrics.jsonl:8: dropped a torn last line" in out
     a, b = weights(os.path.join(full, "final")), weights(os.path.join(cut, "final"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
@@ -298,6 +301,34 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     b = weights(os.path.join(killed, "final"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """A non-finite loss or gradient norm skips the update (every rank alike: both numbers are all-reduced), is
+    counted, and --max_bad_steps in a row stop the run with exit code 1, keeping the last good checkpoint. (The
+    update used to run whatever the norm: one NaN gradient made every weight NaN.)"""
+    real_lr, real_loss, step_now = sft.get_lr, sft.reduce_loss, [0]
+
+    def get_lr(step, *args):  # called once at the start of every step
+        step_now[0] = step + 1
+        return real_lr(step, *args)
+
+    def nan_from_step_3(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if step_now[0] >= 3 else loss
+
+    monkeypatch.setattr(sft, "get_lr", get_lr)
+    monkeypatch.setattr(sft, "reduce_loss", nan_from_step_3)
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch
+    out = str(tmp_path / "nan")
+    assert sft.main(run_args(tiny_checkpoint, data, out, "--save_every", "1", "--max_bad_steps", "2")) == 1
+    printed = capsys.readouterr().out
+    assert "step 3: non-finite loss nan" in printed and "2 consecutive steps with non-finite" in printed
+    assert [r["bad_steps"] for r in metrics(out)] == [0, 0, 1, 2]
+    assert common.checkpoint_steps(out) == [2, 3] and not os.path.exists(os.path.join(out, "final"))
+    w2, w3 = weights(common.checkpoint_dir(out, 2)), weights(common.checkpoint_dir(out, 3))
+    assert all(torch.equal(w2[k], w3[k]) and torch.isfinite(w3[k]).all() for k in w2)  # step 3 changed nothing
 
 
 def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path, capsys):
@@ -346,12 +377,17 @@ def torchrun_sft(ranks, *args):
 
 def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tiny_checkpoint, tmp_path):
     """torchrun with 2 CPU ranks (gloo, FSDP2): the data is split by rank, the loss normalised over the global
-    batch and the gradients summed, so the weights equal a one-process run's; stopped and resumed at 2 ranks
-    (each rank's optimizer shard saved and read back), the run ends bit-identical to an uninterrupted one."""
+    batch and the gradients summed, so the weights equal a one-process run's; stopped at an epoch end and resumed at
+    2 ranks (each rank's optimizer shard saved and read back), the run ends bit-identical to an uninterrupted one.
+    The epoch end's held-out loss is a no-grad forward just before the save, which leaves FSDP's root group
+    gathered: the saved shards must still be each rank's fp32 shard (the root's were saved whole, and the resume
+    crashed)."""
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(24, seed=6), tok)
+    val = write_sft(tmp_path / "v.jsonl", toy_task.make_records(6, seed=7, split="val"), tok)
     one, two, cut = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "cut")
-    reduction = ("--loss_reduction", "token_mean")  # normalised by the loss tokens of the global batch, both ranks
+    reduction = ("--loss_reduction", "token_mean", "--val_data", val)  # token_mean: normalised by the loss tokens
+    # of the global batch, both ranks
     sft.main(run_args(tiny_checkpoint, data, one, *reduction))
     proc = torchrun_sft(2, *run_args(tiny_checkpoint, data, two, *reduction))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -365,10 +401,12 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tiny_checkpoint, tm
     a, b = weights(os.path.join(one, "final")), weights(os.path.join(two, "final"))
     for k in a:
         assert float((b[k] - a[k]).norm()) <= 1e-5 * float(a[k].norm()), k
-    for extra in (("--stop_at_step", "4"), ("--resume", "true")):
+    for extra in (("--stop_at_step", "3"), ("--resume", "true")):  # 3 steps per epoch
         proc = torchrun_sft(2, *run_args(tiny_checkpoint, data, cut, *reduction, *extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step_000004 (step 4/6)" in proc.stdout  # resumed from the stop, with both ranks' optimizer shards
+        if extra[0] == "--stop_at_step":
+            assert "held-out loss" in proc.stdout and assert_train_shards(cut, 2) == 2
+    assert "step_000003 (step 3/6)" in proc.stdout  # resumed from the stop, with both ranks' optimizer shards
     c = weights(os.path.join(cut, "final"))
     assert all(torch.equal(b[k], c[k]) for k in b)
 

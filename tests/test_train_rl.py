@@ -11,7 +11,7 @@ import torch
 import common
 import toy_task
 import train_rl
-from conftest import ROOT, free_port, subprocess_env
+from conftest import ROOT, assert_train_shards, free_port, subprocess_env
 from engine import generate
 from model import load_model, load_tokenizer, pack, save_model, stop_token_ids
 import padded
@@ -36,6 +36,27 @@ def test_group_advantages_per_group():
                           torch.tensor([0.75, -0.25, -0.25, -0.25]))
     # groups of one: mean 0, std 1 (verl), so the advantage is the reward
     assert torch.equal(train_rl.group_advantages([1.0, 0.0], n=1), torch.tensor([1.0, 0.0]))
+
+
+def test_kl_in_the_reward_scales_linearly_with_kl_coef():
+    """k1's penalty at an honest scale: the group statistics come from the task rewards alone and the KL term is
+    centred in its group, never divided by the std. In a group of equal rewards the advantages are
+    -kl_coef x (KL - mean KL): linear in kl_coef (normalising the shaped reward made them the standardised KL,
+    nearly the same for kl_coef 0.1 and 1e-5)."""
+    rewards = [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    seq_kl = [0.3, -0.1, 0.5, 0.1, 0.2, 0.0, 0.4, 0.2]
+    kl = torch.tensor(seq_kl).view(2, 4)
+    for std_normalize in (True, False):
+        task = train_rl.group_advantages(rewards, 4, std_normalize)
+        for coef in (0.1, 1e-3, 1e-5):
+            adv = train_rl.group_advantages(rewards, 4, std_normalize, seq_kl=seq_kl, kl_coef=coef)
+            torch.testing.assert_close(adv, task - coef * (kl - kl.mean(1, keepdim=True)).view(-1))
+    equal = [train_rl.group_advantages(rewards, 4, seq_kl=seq_kl, kl_coef=c)[:4] for c in (0.1, 1e-5)]
+    torch.testing.assert_close(equal[0], 1e4 * equal[1])
+    assert float(equal[0].abs().max()) == pytest.approx(0.1 * 0.3)  # |0.5 - mean 0.2|: no unit scale
+    # groups of one (mean 0, std 1, as verl): the reward less kl_coef x KL
+    torch.testing.assert_close(train_rl.group_advantages([1.0, 0.0], 1, seq_kl=[0.5, 0.2], kl_coef=0.1),
+                               torch.tensor([0.95, -0.02]))
 
 
 def test_loss_aggregations_match_hand_computation_and_ignore_the_split():
@@ -460,9 +481,58 @@ def test_every_option_passes_through_torchrun():
     assert parsed.training_script == "train_rl.py" and parsed.training_script_args == argv
 
 
+def test_a_step_that_trains_nothing_keeps_the_fp32_master_on_one_bf16_rank(toy, tmp_path, monkeypatch):
+    """One rank with --dtype bfloat16 is FSDP-sharded, as on one GPU. k1's KL in the reward runs a no-grad pre-pass,
+    which leaves FSDP's root group (embeddings, final norm, lm_head) gathered in bf16; when no group has a signal
+    the update trains nothing and the checkpoint is saved right after. It must hold the fp32 master untouched (it
+    used to hold those weights rounded to bf16, and a resume would load them so, silently)."""
+    real = common.sample_responses
+
+    def no_signal(*args, **kwargs):
+        return [dict(s, reward=1.0) for s in real(*args, **kwargs)]
+
+    monkeypatch.setattr(common, "sample_responses", no_signal)
+    out = tmp_path / "nothing"
+    assert train_rl.main(rl_args(toy, out, max_steps=1, save_every=1, dtype="bfloat16", kl_coef=0.05,
+                                 kl_estimator="k1", drop_zero_variance_groups=True)) == 0
+    m = metrics(out)[0]
+    assert m["updates"] == 0 and m["train_seqs"] == 0 and m["kl"] is None  # no KL measured: null, not 0
+    assert assert_train_shards(out, 1) == 1
+    shard = torch.load(common.train_shard_path(str(out), 1, 0), weights_only=True)["weights"]
+    init = load_model(toy["init"]).state_dict()
+    assert all(torch.equal(shard[k], init[k]) for k in shard)
+
+
+def test_fsdp_a_step_that_trains_nothing_saves_true_shards_and_resumes_exactly(toy, tmp_path):
+    """The same at 2 ranks (gloo): the step-2 checkpoint follows a pre-pass and an update that skips every
+    mini-batch. Its shards must be each rank's fp32 shard (the root's used to be saved whole, and resume crashed:
+    'size of tensor a (157) must match ... (314)'); stopped in step 3 and resumed, the run ends bit-identical."""
+    s, env = dict(kl_coef=0.05, kl_estimator="k1", drop_zero_variance_groups=True), {"NO_SIGNAL_STEP": "2"}
+    full = run_fixed(toy, tmp_path / "full", 2, env, **s)
+    assert full.returncode == 0, full.stderr[-3000:]
+    ms = metrics(tmp_path / "full")
+    assert ms[1]["updates"] == 0 and ms[1]["kl"] is None and ms[0]["updates"] == 1 and ms[0]["kl"] is not None
+    cut = run_fixed(toy, tmp_path / "cut", 2, dict(env, KILL_AT_STEP="3"), **s)
+    assert cut.returncode != 0 and "killed in step 3" in cut.stderr
+    assert common.checkpoint_steps(str(tmp_path / "cut")) == [2] and assert_train_shards(tmp_path / "cut", 2) == 2
+    resumed = run_fixed(toy, tmp_path / "cut", 2, env, resume=True, **s)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(step 2)" in resumed.stdout
+    a, b = weights(common.checkpoint_dir(str(tmp_path / "full"), 4)), weights(common.checkpoint_dir(str(tmp_path / "cut"), 4))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in metrics(tmp_path / "cut")] == [1, 2, 3, 4]
+
+
 def test_bad_settings_are_one_line_errors(toy, tmp_path):
     with pytest.raises(common.UserError, match="--model is required"):
         train_rl.main(["--task", "toy_task"])
+    with pytest.raises(common.UserError, match=f"^{tmp_path / 'nowhere'}: no such directory"):
+        train_rl.main(rl_args(toy, tmp_path / "m", model=tmp_path / "nowhere"))  # not a hub complaint about a repo id
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for split in ("train_data", "test_data"):  # an empty validation split used to turn validation off silently
+        with pytest.raises(common.UserError, match=f"^split {empty}: no records"):
+            train_rl.main(rl_args(toy, tmp_path / split, **{split: empty}))
     with pytest.raises(common.UserError, match="fewer than --prompts_per_step"):
         train_rl.main(rl_args(toy, tmp_path / "a", prompts_per_step=1000))
     with pytest.raises(common.UserError, match="context"):
