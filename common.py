@@ -761,6 +761,28 @@ def prune_checkpoints(run_dir, keep_last, keep_weights=()):
             shutil.rmtree(checkpoint_dir(run_dir, step), ignore_errors=True)
 
 
+def remove_partial_saves(run_dir):
+    """Delete what a kill left of a save under way in run_dir: atomic_open's .tmp_* files and save_model's
+    NAME.tmpPID / NAME.oldPID directories (a checkpoint's weights or final/ being replaced). The resumed run has
+    another process id and fresh temporary names, so it would never reuse them; at 1.5B one optimizer shard is
+    ~18 GB. None of them belongs to a resumable checkpoint: a save renames its files into place before it writes
+    the state file."""
+    import re
+    import shutil
+    removed = 0
+    for folder in (run_dir, os.path.join(run_dir, "rollouts")):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, name)
+            if name.startswith(".tmp_") and os.path.isfile(path):
+                removed += os.path.getsize(path)
+                os.remove(path)
+            elif re.search(r"\.(tmp|old)\d+$", name) and os.path.isdir(path):
+                removed += sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+                shutil.rmtree(path)
+    if removed:
+        print0(f"note: removed what an interrupted save left in {run_dir} ({removed / 2**20:.1f} MiB)")
+
+
 def load_checkpoint(run_dir):
     """The newest checkpoint in run_dir that every rank can read: (step, model_dir, train_state, this rank's shard),
     or None. One with an unreadable file (truncated by a disk fault or a partial copy, or missing) is skipped with a
@@ -800,6 +822,8 @@ def resume_checkpoint(run_dir, resume):
     if steps and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest step {steps[-1]}); pass --resume true to "
                         f"continue it, or choose another --out_dir")
+    if rank() == 0:
+        remove_partial_saves(run_dir)
     found = load_checkpoint(run_dir) if resume else None
     if resume and found is None:
         print0(f"note: --resume: no complete checkpoint in {run_dir}; starting a fresh run")
@@ -816,7 +840,8 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
         if settings is not None:
             write_json(os.path.join(run_dir, "settings.json"), settings)
         if os.path.exists(path):
-            write_jsonl(path, [m for m in read_jsonl(path, torn_tail=True) if start_step and m.get("step", 0) <= start_step])
+            kept = [m for m in read_jsonl(path, torn_tail=True) if start_step and m.get("step", 0) <= start_step]
+            write_jsonl(path, kept)
         if wandb_project:
             try:
                 import wandb

@@ -108,8 +108,8 @@ def get_parser():
     p.add_argument("--resume", default=False, type=common.str2bool,
                    help="continue from the newest complete checkpoint in --out_dir (a finished run is left as it is)")
     p.add_argument("--max_bad_steps", type=int, default=3,
-                   help="stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped: "
-                        "no weight changes); the last good checkpoint stays")
+                   help="stop after this many consecutive steps with a non-finite loss or gradient norm (each "
+                        "is skipped: no weight changes); the last good checkpoint stays")
     p.add_argument("--stop_at_step", type=int, default=0,
                    help="checkpoint and stop once this global step is done (the schedule still spans all --epochs); "
                         "for time-boxed jobs and tests; 0 = run to the end")
@@ -428,7 +428,8 @@ def main(argv=None):
         if finite:
             optimizer.step()
         else:
-            print0(f"warning: step {step + 1}: non-finite loss {float(loss_sum)} or grad norm {grad_norm}; update skipped")
+            print0(f"warning: step {step + 1}: non-finite loss {float(loss_sum)} or grad norm {grad_norm}; "
+                   f"update skipped")
         bad_steps_total, bad_streak = bad_steps_total + (not finite), 0 if finite else bad_streak + 1
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0

@@ -72,9 +72,10 @@ def get_parser():
     p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch (>1: old log-probs are recomputed)")
     p.add_argument("--ppo_mini_batches", type=int, default=1, help="optimizer steps per pass over the rollout batch (paper: 1)")
     p.add_argument("--kl_coef", type=float, default=0.0, help="weight of the KL penalty to the frozen reference policy (paper: 0)")
-    p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"), help="k1: the reward's KL penalty (InstructGPT), "
-                   "kl_coef x (sum_t log(pi/pi_ref) - its group's mean) off the advantage, linear in kl_coef; k3: per-token low-variance KL in the loss (GRPO, verl's "
-                   "low_var_kl). Why k1 is not offered as a loss: docs/grpo.md")
+    p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"), help="k1: the reward's KL penalty "
+                   "(InstructGPT), kl_coef x (sum_t log(pi/pi_ref) - its group's mean) off the advantage, linear in "
+                   "kl_coef; k3: per-token low-variance KL in the loss (GRPO, verl's low_var_kl). Why k1 is not "
+                   "offered as a loss, and why not verl's normalised shaped reward: docs/grpo.md")
     p.add_argument("--ref_model", default=None, help="reference policy for the KL (default: --model)")
     p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus weight (paper: 0)")
     p.add_argument("--adv_weight", default="none", choices=("none", "dwa"), help="dwa: 'Sparse but Critical' (arXiv "
@@ -265,7 +266,8 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
     return {"step": step, "epoch": epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
             "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs,
             "len_max": mx["len_max"], "truncated": g["truncated"] / seqs, "entropy": g["entropy"] / pg_tokens,
-            "kl": g["kl"] / g["kl_tokens"] if kl_logged and g["kl_tokens"] else None, "clip_frac": g["clipped"] / pg_tokens,
+            "kl": g["kl"] / g["kl_tokens"] if kl_logged and g["kl_tokens"] else None,
+            "clip_frac": g["clipped"] / pg_tokens,
             "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "train_seqs": int(g["used"]),
             "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9), "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9),
             **{k: mx[k] for k in ("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib", "mem_train_gib")}}
@@ -309,7 +311,8 @@ def main(argv=None):
     task = common.get_task(args.task)
     tokenizer = load_tokenizer(args.model)
     train_records = common.load_records(task, args.task, args.train_data, tokenizer, args.template)
-    test_records = common.load_records(task, args.task, args.test_data, tokenizer, args.template) if args.test_data else []
+    test_records = (common.load_records(task, args.task, args.test_data, tokenizer, args.template)
+                    if args.test_data else [])  # '' = no validation; an empty file is an error
     test_records, val_subset = common.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
     # tokenise every training prompt once: lengths for the filter and the ids for the training forward
     prompt_ids = common.task_prompt_ids(tokenizer, task, train_records, args.template)
@@ -426,17 +429,18 @@ def main(argv=None):
             if rank == 0:
                 common.write_jsonl(os.path.join(args.out_dir, "rollouts", f"step_{step:06d}.jsonl"), everything)
 
-        # 7. validation, checkpoint (then only the newest --keep_last stay), the step's log line
+        # 7. validation, the step's log line, then the checkpoint (then only the newest --keep_last stay): logged
+        # first, so a kill after the save cannot lose the line (a resume from an older checkpoint rewrites it)
         if test_records and args.val_every and (step % args.val_every == 0 or step == max_steps):
             m.update(validate(full_copy(model, dtype), tokenizer, task, test_records, step, **val_settings))
+        m["step_s"] = time.time() - t_step
+        log(m)
+        print0(log_line(m, max_steps, device.type == "cuda"))
         stop = bad_streak >= args.max_bad_steps
         if not stop and (step % args.save_every == 0 or step == max_steps):
             common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
                                    {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "identity": identity,
                                     "settings": vars(args)}, dtype, args.keep_last, args.keep_steps)
-        m["step_s"] = time.time() - t_step
-        log(m)
-        print0(log_line(m, max_steps, device.type == "cuda"))
         if stop:
             print0(f"error: {bad_streak} consecutive steps with non-finite loss or gradients; stopping. "
                    f"The last good checkpoint is kept in {args.out_dir}")

@@ -13,7 +13,8 @@
 #  - the algorithm: our GRPO (advantages normalised within each prompt's 8 rollouts, no critic) against their PPO with
 #    a critic initialised from the same model (GAE, lambda 0.95, critic lr 9e-6, value clip 0.2, --normalize_reward);
 #    the KL (--kl_coef 0.01 --kl_estimator k1) takes 0.01 x each response's summed k1, centred in its group, off the
-#    advantage here, where OpenRLHF puts k1 x 0.01 into the per-token reward (docs/grpo.md); the loss is their per-sequence token mean (seq_mean_token_mean);
+#    advantage here, where OpenRLHF puts k1 x 0.01 into the per-token reward (docs/grpo.md); the loss is their
+#    per-sequence token mean (seq_mean_token_mean);
 #  - the reward: 1 for a correct boxed answer that ended with EOS, else 0 (math_data.score), against their +1 correct,
 #    -0.5 wrong but well-formed, -1 for a format error (truncated, no or 5+ \boxed, garbled, repetitive);
 #  - no warm-up: ours warms up per RL step, and their 10 warm-up updates are a third of the first step's 32;

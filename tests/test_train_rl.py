@@ -315,6 +315,41 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     assert len(sample_policy.read_rollouts(str(cut), [3, 4])) == 2 * 16 * 8
 
 
+def test_a_kill_right_after_a_save_loses_no_metrics_line_and_no_disk(toy, tmp_path, monkeypatch, capsys):
+    """Killed just after step 2's checkpoint: the resume starts at step 3, so step 2's metrics line must already be
+    written (it used to be logged after the save, and was lost). What an interrupted save leaves (temporary files
+    and directories, named by a process id the resumed run does not have) is removed at the resume."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train_rl.main(rl_args(toy, full, max_steps=3, save_every=1)) == 0
+    real = common.save_checkpoint
+
+    def dies_after_saving_step_2(run_dir, step, *args, **kwargs):
+        real(run_dir, step, *args, **kwargs)
+        if step == 2:
+            raise Killed()
+
+    monkeypatch.setattr(common, "save_checkpoint", dies_after_saving_step_2)
+    with pytest.raises(Killed):
+        train_rl.main(rl_args(toy, cut, max_steps=3, save_every=1))
+    monkeypatch.setattr(common, "save_checkpoint", real)
+    leftovers = [cut / ".tmp_step_000003.train.rank0.ptx1y2", cut / "rollouts" / ".tmp_step_000003.jsonlab",
+                 cut / "step_000003.tmp4242", cut / "step_000003.old4242"]
+    for path in leftovers:
+        if path.name.startswith(".tmp_"):  # atomic_open's temporary file
+            path.write_bytes(b"0" * 1024)
+        else:  # a directory save_model was writing, or the one it was replacing
+            path.mkdir()
+            (path / "model.safetensors").write_bytes(b"0" * 1024)
+    capsys.readouterr()
+    assert train_rl.main(rl_args(toy, cut, max_steps=3, save_every=1, resume=True)) == 0
+    out = capsys.readouterr().out
+    assert "(step 2)" in out and "removed what an interrupted save left" in out
+    assert not any(p.exists() for p in leftovers)
+    assert [m["step"] for m in metrics(cut)] == [1, 2, 3]
+    a, b = weights(common.checkpoint_dir(str(full), 3)), weights(common.checkpoint_dir(str(cut), 3))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, capsys):
     real, calls = train_rl.policy_loss, [0]
 
@@ -518,7 +553,7 @@ def test_fsdp_a_step_that_trains_nothing_saves_true_shards_and_resumes_exactly(t
     resumed = run_fixed(toy, tmp_path / "cut", 2, env, resume=True, **s)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(step 2)" in resumed.stdout
-    a, b = weights(common.checkpoint_dir(str(tmp_path / "full"), 4)), weights(common.checkpoint_dir(str(tmp_path / "cut"), 4))
+    a, b = (weights(common.checkpoint_dir(str(tmp_path / d), 4)) for d in ("full", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["step"] for m in metrics(tmp_path / "cut")] == [1, 2, 3, 4]
 
