@@ -51,21 +51,22 @@ def shared_path(*parts):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Qwen2-architecture model with its own BPE tokenizer, saved as a HF directory (random weights)."""
-    import toy_task
-    from model import save_model
-    from tiny_base import build_model, build_tokenizer, tiny_config
     path = str(tmp_path_factory.mktemp("tiny") / "ckpt")
-    recs = toy_task.make_records(300, seed=0)
-    texts = [r["question"] + " " + toy_task.teacher_response(r) for r in recs] * 3
-    tok = build_tokenizer(texts + [common_system_prompt()], vocab_size=400)
-    model = build_model(tiny_config(len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), seed=0)
-    save_model(model, path, tok)
+    make_tiny_checkpoint(path)
     return path
 
 
-def common_system_prompt():
+def make_tiny_checkpoint(path):
+    """The tiny_checkpoint fixture's model, written to path (for scripts, which cannot call a fixture)."""
     import common
-    return common.SYSTEM_PROMPT
+    import toy_task
+    from model import save_model
+    from tiny_base import build_model, build_tokenizer, tiny_config
+    recs = toy_task.make_records(300, seed=0)
+    texts = [r["question"] + " " + toy_task.teacher_response(r) for r in recs] * 3
+    tok = build_tokenizer(texts + [common.SYSTEM_PROMPT], vocab_size=400)
+    model = build_model(tiny_config(len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), seed=0)
+    save_model(model, path, tok)
 
 
 def assert_train_shards(run_dir, world):
@@ -86,9 +87,11 @@ def assert_train_shards(run_dir, world):
             pieces = torch.chunk(torch.empty(full[name].shape[0]), world)
             rows = pieces[int(rank)].shape[0] if int(rank) < len(pieces) else 0
             assert t.dtype == torch.float32 and tuple(t.shape) == (rows, *full[name].shape[1:]), \
-                f"{path}: {name} is {t.dtype} {tuple(t.shape)}, not rank {rank}'s fp32 shard of {tuple(full[name].shape)}"
+                f"{path}: {name} is {t.dtype} {tuple(t.shape)}, not rank {rank}'s fp32 shard of " \
+                f"{tuple(full[name].shape)}"
         for i, state in shard["optimizer"]["state"].items():
             for key, v in state.items():
                 if v.dim():
-                    assert v.dtype == torch.float32 and v.shape == shard["weights"][names[i]].shape, (path, names[i], key)
+                    want = shard["weights"][names[i]].shape
+                    assert v.dtype == torch.float32 and v.shape == want, (path, names[i], key)
     return len(paths)
