@@ -36,7 +36,8 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, make_tiny_checkpoint, subprocess_env  # first: it puts the repo root on sys.path (run as a script)
+# conftest first: it puts the repo root on sys.path (when run as a script)
+from conftest import ROOT, free_port, make_tiny_checkpoint, subprocess_env
 import common
 import toy_task
 from model import load_tokenizer
