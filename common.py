@@ -81,12 +81,26 @@ def str2bool(s) -> bool:
 
 
 def run_main(main):
-    """Run a script's main(); a UserError becomes one clear line on stderr and exit code 2."""
+    """Run a script's main() and exit with the code it returns (None: 0); a UserError becomes one clear line on
+    stderr and exit code 2.
+
+    A torchrun worker ends with os._exit, after flushing its output, instead of a normal interpreter shutdown.
+    Once a model has been FSDP-sharded, torch keeps references to its device mesh, and through it to the process
+    group, beyond destroy_process_group (dist_cleanup), so gloo's worker threads are still alive while the
+    interpreter finalizes; one that then drops a Python-owned tensor dies in a destructor ("terminate called
+    without an active exception", SIGABRT): a finished run reported as failed, about once in a hundred 2-rank
+    runs. Every file is closed by then (writes are atomic or in `with` blocks; wandb is finished by the script)."""
     try:
-        main()
+        code = main()
+        code = code if isinstance(code, int) else 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import argparse
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -465,4 +464,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(lambda: sys.exit(main()))
+    common.run_main(main)

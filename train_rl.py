@@ -18,7 +18,6 @@ Defaults are the paper's K&K run (verl; ../shared/research/paper.md section 8). 
 import argparse
 import math
 import os
-import sys
 import time
 from types import SimpleNamespace
 
@@ -453,4 +452,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(lambda: sys.exit(main()))
+    common.run_main(main)

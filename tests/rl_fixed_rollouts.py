@@ -42,4 +42,4 @@ def policy_loss(*args, **kwargs):
 if __name__ == "__main__":  # patched only when run: tests import fixed_rollouts alone
     common.sample_responses = fixed_rollouts
     train_rl.lr_at, train_rl.policy_loss = lr_at, policy_loss
-    common.run_main(lambda: sys.exit(train_rl.main(sys.argv[1:])))
+    common.run_main(lambda: train_rl.main(sys.argv[1:]))

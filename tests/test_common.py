@@ -53,6 +53,53 @@ def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
         assert not any(name in got["after"] for name in gloo), got["after"]  # ... and after cleanup they are gone
 
 
+FSDP_RANK_SCRIPT = '''
+import atexit, json, os, sys
+import torch
+import common
+from model import load_model
+
+def gloo_threads():
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    return sorted(n for n in names if "gloo" in n)
+
+def main():
+    rank, world, device = common.dist_setup()
+    model = common.shard_model(load_model(sys.argv[1]), torch.float32)
+    common.idle_pass(model)
+    del model
+    common.dist_cleanup()
+    with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+        json.dump(gloo_threads(), f)
+    atexit.register(lambda: open(os.path.join(sys.argv[2], f"finalized{rank}"), "w").close())
+    print(f"<flushed {rank}>", end="")  # no newline: only an explicit flush shows it
+    return 3 if rank == 1 else 0
+
+common.run_main(main)
+'''
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc (Linux)")
+def test_a_torchrun_worker_ends_without_finalizing_while_gloo_threads_live(tiny_checkpoint, tmp_path):
+    """Once a model was FSDP-sharded, torch holds the process group beyond dist_cleanup: gloo's threads outlive it
+    (the check sees them), and a normal interpreter shutdown with them alive can end in SIGABRT ("terminate called
+    without an active exception", a finished 2-rank run reported as failed). So run_main ends a torchrun worker
+    with os._exit: its output flushed, its exit code kept, no finalization (the atexit handler never runs)."""
+    script = tmp_path / "fsdp_rank_script.py"
+    script.write_text(FSDP_RANK_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(free_port()), "--tee", "3", str(script), tiny_checkpoint, str(tmp_path)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]  # rank 1's own code
+    assert "<flushed 0>" in proc.stdout and "<flushed 1>" in proc.stdout, proc.stdout
+    for rank in (0, 1):
+        assert "pt_gloo_runloop" in json.loads((tmp_path / f"rank{rank}.json").read_text())  # why: they outlive it
+    assert not list(tmp_path.glob("finalized*"))
+
+
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "reduce_scatter",
                "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "reduce", "gather", "scatter",
                "all_to_all", "all_to_all_single", "barrier", "send", "recv", "isend", "irecv"}
