@@ -13,10 +13,8 @@ import pytest
 
 from conftest import free_port, subprocess_env
 
-RANK_SCRIPT = '''
-import json, os, sys
-import common
-from model import load_model
+THREADS = '''
+import os
 
 def threads():
     names = []
@@ -24,6 +22,12 @@ def threads():
         with open(f"/proc/self/task/{tid}/comm") as f:
             names.append(f.read().strip())
     return sorted(names)
+'''
+
+RANK_SCRIPT = THREADS + '''
+import json, os, sys
+import common
+from model import load_model
 
 rank, world, device = common.dist_setup()
 model = load_model(sys.argv[1])  # what every stage does after dist_setup; its meta device imports torch._dynamo
@@ -53,18 +57,11 @@ def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
         assert not any(name in got["after"] for name in gloo), got["after"]  # ... and after cleanup they are gone
 
 
-FSDP_RANK_SCRIPT = '''
+FSDP_RANK_SCRIPT = THREADS + '''
 import atexit, json, os, sys
 import torch
 import common
 from model import load_model
-
-def gloo_threads():
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            names.append(f.read().strip())
-    return sorted(n for n in names if "gloo" in n)
 
 def main():
     rank, world, device = common.dist_setup()
@@ -73,7 +70,7 @@ def main():
     del model
     common.dist_cleanup()
     with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
-        json.dump(gloo_threads(), f)
+        json.dump(threads(), f)
     atexit.register(lambda: open(os.path.join(sys.argv[2], f"finalized{rank}"), "w").close())
     print(f"<flushed {rank}>", end="")  # no newline: only an explicit flush shows it
     return 3 if rank == 1 else 0
