@@ -2,15 +2,20 @@
 Our batched generation with a preallocated KV cache (after nanochat's engine.py): every prompt is prefilled
 once, packed without padding, and copied into its n cache rows; then one token per live row per step, and a
 row that emits a stop token leaves the batch. Sampling (temperature, top-p) draws with one uniform number per
-row. token_shift.py's cross-sampling runs a second model in lock-step (generate's partner).
+row. token_shift.py's cross-sampling runs a second model in lock-step (generate's partner). sample_responses
+generates and scores over a task's records: what sampling, evaluation and RL rollouts share.
 """
 import math
+import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
-from common import UserError, is_sharded
-from model import HAVE_FLASH_ATTN, ModelConfig, Packed, flash_dtype, flash_inputs, pack
+from common import UserError, derive_seed, rank
+from model import HAVE_FLASH_ATTN, ModelConfig, Packed, flash_dtype, flash_inputs, pack, stop_token_ids
+from parallel import is_sharded
+from tasks import encode_prompts
 
 if HAVE_FLASH_ATTN:
     from flash_attn import flash_attn_with_kvcache
@@ -256,3 +261,46 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     return [Generation(r // n, out_tokens[r, :out_len[r]].tolist(), out_logprobs[r, :out_len[r]].tolist(),
                        bool(finished[r]), out_switched[r, :out_len[r]].tolist() if cross else None,
                        out_differs[r, :out_len[r]].tolist() if cross else None) for r in range(rows)]
+
+
+# -----------------------------------------------------------------------------
+# generation over task records (sampling, evaluation, RL rollouts and validation share this)
+
+
+def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=512,
+                     seed=0, template="auto", batch_size=64, desc="generate", progress=True, partner=None, switch=None,
+                     timings=None):
+    """Generate n responses for each record with our KV-cache engine and score them with task.score.
+
+    Prompts are sorted by length and generated `batch_size` prompts (x n rows) at a time. Returns one
+    dict per (record, sample), in record order then sample order:
+    {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
+    partner, switch: cross-sampling with a second model (engine.generate); each dict then also holds
+    "switched" and "differs", one bool per token. timings: a dict whose "score_s" gains the seconds spent scoring.
+    """
+    stop = stop_token_ids(tokenizer)
+    prompts = [task.render_prompt(r, tokenizer, template) for r in records]
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    order = sorted(range(len(records)), key=lambda i: len(prompt_ids[i]))
+    results = [None] * len(records)
+    bar = tqdm(total=len(records) * n, desc=desc, disable=not progress or rank() != 0, dynamic_ncols=True)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        chunk = order[start:start + batch_size]
+        gens = generate(model, [prompt_ids[i] for i in chunk], n=n, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, stop_ids=stop, seed=derive_seed(seed, b),
+                        partner=partner, switch=switch)
+        for g_idx, g in enumerate(gens):
+            i = chunk[g.prompt_index]
+            text = tokenizer.decode(g.tokens[:-1] if g.finished else g.tokens, skip_special_tokens=False)
+            t_score = time.time()
+            reward = task.score(text, records[i], g.finished)
+            if timings is not None:
+                timings["score_s"] = timings.get("score_s", 0.0) + time.time() - t_score
+            results[i] = results[i] or []
+            results[i].append({"id": records[i]["id"], "prompt": prompts[i], "response": text, "tokens": g.tokens,
+                               "logprobs": g.logprobs, "finished": g.finished, "length": len(g.tokens),
+                               "reward": reward, "sample": g_idx % n,
+                               **({"switched": g.switched, "differs": g.differs} if partner is not None else {})})
+        bar.update(len(gens))
+    bar.close()
+    return [s for per_record in results for s in per_record]

@@ -7,7 +7,7 @@ against a hand computation.
 import numpy as np
 import torch
 
-import common
+import parallel
 
 
 def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, eps=1e-6):
@@ -101,7 +101,7 @@ def step_prompt_indices(num_records, prompts_per_step, step, seed):
     dropped. A pure function of the step, so a resumed run skips and repeats nothing.
     """
     epoch, k = divmod(step - 1, num_records // prompts_per_step)
-    return common.epoch_order(num_records, seed, epoch)[k * prompts_per_step:(k + 1) * prompts_per_step]
+    return parallel.epoch_order(num_records, seed, epoch)[k * prompts_per_step:(k + 1) * prompts_per_step]
 
 
 def generation_seed(seed, step, rank):

@@ -17,7 +17,6 @@ Usage:
 Records: the official fields plus `id` ("kk-official-p5-00012": stream, people, index in
 that stream), `people` (the difficulty) and `question` (quiz + the paper's answer-format line).
 """
-import argparse
 import ast
 import itertools
 import os
@@ -29,6 +28,7 @@ from functools import lru_cache
 import numpy as np
 
 import common
+import tasks
 
 DIFFICULTY = "people"  # the record key holding the difficulty (number of people)
 OFFICIAL_SEED = 1234   # the official generator's seed, the same for every number of people
@@ -124,7 +124,7 @@ def knight_masks(n_people):
     return ((assignments[None, :] >> np.arange(n_people)[:, None]) & 1).astype(bool)
 
 
-def evaluate(statement, masks):
+def truth_value(statement, masks):
     """Truth value of a statement under every assignment (a bool vector of length 2^n)."""
     op = statement[0]
     if op == 'telling-truth':
@@ -132,15 +132,15 @@ def evaluate(statement, masks):
     if op == 'lying':
         return ~masks[statement[1]]
     if op == 'not':
-        return ~evaluate(statement[1], masks)
+        return ~truth_value(statement[1], masks)
     if op == 'and':
-        return np.logical_and.reduce([evaluate(s, masks) for s in statement[1:]])
+        return np.logical_and.reduce([truth_value(s, masks) for s in statement[1:]])
     if op == 'or':
-        return np.logical_or.reduce([evaluate(s, masks) for s in statement[1:]])
+        return np.logical_or.reduce([truth_value(s, masks) for s in statement[1:]])
     if op == '->':
-        return ~evaluate(statement[1], masks) | evaluate(statement[2], masks)
+        return ~truth_value(statement[1], masks) | truth_value(statement[2], masks)
     if op == '<=>':
-        return evaluate(statement[1], masks) == evaluate(statement[2], masks)
+        return truth_value(statement[1], masks) == truth_value(statement[2], masks)
     raise ValueError(f"unknown operator {op!r}")
 
 
@@ -150,7 +150,7 @@ def solve(statements):
     masks = knight_masks(n)
     consistent = np.ones(2 ** n, dtype=bool)
     for i, s in enumerate(statements):
-        consistent &= masks[i] == evaluate(s, masks)
+        consistent &= masks[i] == truth_value(s, masks)
     return [tuple(bool(a >> i & 1) for i in range(n)) for a in np.flatnonzero(consistent).tolist()]
 
 
@@ -292,7 +292,7 @@ def backtracking_trace(statements):
     """
     n = len(statements)
     masks = knight_masks(n)
-    values = [evaluate(s, masks) for s in statements]
+    values = [truth_value(s, masks) for s in statements]
     tape = []
     assignments = [None] * n
     options = {p: [False, True] for p in range(n)}  # pop() takes True first: knight first
@@ -355,7 +355,7 @@ def format_trace(tape, statements, names, kk):
 
 def table_order(n_people):
     """(roles, column) of every assignment in truth-table order: all knights first, the last person's role
-    changing fastest; column = the assignment's index in knight_masks and evaluate's vectors."""
+    changing fastest; column = the assignment's index in knight_masks and truth_value's vectors."""
     for roles in itertools.product((True, False), repeat=n_people):
         yield roles, sum(1 << i for i, knight in enumerate(roles) if knight)
 
@@ -374,7 +374,7 @@ def table_rows(statements, kk=KNIGHT_KNAVE):
     """
     n = len(statements)
     masks = knight_masks(n)
-    values = [evaluate(s, masks) for s in statements]
+    values = [truth_value(s, masks) for s in statements]
     rows = []
     for roles, column in table_order(n):
         words, consistent = [], True
@@ -417,7 +417,7 @@ def teacher_response(record, style="trace"):
 
 
 def render_prompt(record, tokenizer, template="auto"):
-    return common.render_prompt(tokenizer, record["question"], template)
+    return tasks.render_question(record["question"], tokenizer, template)
 
 
 BOXED = "\\boxed{"
@@ -706,41 +706,44 @@ def write_teacher_sft(args):
           f"chain of thought, {len(rows) - with_cot} with the answer alone)")
 
 
+def get_parser():
+    p = common.new_parser("Knights & Knaves: generate the paper's splits, the official dataset, or teacher SFT data.")
+    p.add_argument("--out_dir", default="data/kk", help="where train.jsonl, test.jsonl, sft.jsonl (and official/) go")
+    p.add_argument("--train_people", default="3-7", help="people counts of the RL train split (range 3-7 or list 3,5)")
+    p.add_argument("--train_per_people", default="2000", help="RL train puzzles per people count (one number, or one per count)")
+    p.add_argument("--train_seed", type=int, default=100000, help="seed of the RL train stream (not 1234: that is the official one)")
+    p.add_argument("--test_people", default="4-8", help="people counts of the test split")
+    p.add_argument("--test_per_people", default="100", help="test puzzles per people count (the first of the test stream)")
+    p.add_argument("--test_seed", type=int, default=OFFICIAL_SEED, help="seed of the test stream (1234 = the official test puzzles)")
+    p.add_argument("--sft_people", default="2-3", help="people counts of the SFT pool (paper: 2 and 3)")
+    p.add_argument("--sft_per_people", default="200,800", help="SFT pool puzzles per people count (paper: 200 and 800)")
+    p.add_argument("--sft_seed", type=int, default=200000, help="seed of the SFT pool stream")
+    p.add_argument("--official", type=common.str2bool, default=False, help="instead: regenerate the official dataset "
+                   "(seed 1234, test = indices 0-99, train after) into OUT_DIR/official/{test,train}/people{n}_num{N}.jsonl")
+    p.add_argument("--official_people", default="2-8", help="people counts for --official (the official set has 2-8)")
+    p.add_argument("--teacher_sft", default=None, help="instead: write SFT jsonl ({id, task, prompt, response}) of the "
+                   "teacher chain-of-thought for the puzzles of --split to this file")
+    p.add_argument("--split", default=None, help="with --teacher_sft: the split file (ours or official)")
+    p.add_argument("--tokenizer", default=None, help="with --teacher_sft: a Hugging Face tokenizer directory")
+    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
+                   help="with --teacher_sft: prompt template (auto = chat when the tokenizer has one)")
+    p.add_argument("--teacher_style", default="trace", choices=TEACHER_STYLES,
+                   help="with --teacher_sft: 'trace' = official step-by-step trace + answer (paper); "
+                   "'table' = a truth table, one line per assignment tried (tiny preset); "
+                   "'answer' = the final answer line alone")
+    p.add_argument("--teacher_cot_fraction", type=float, default=1.0,
+                   help="with --teacher_sft: share of the puzzles whose response carries the --teacher_style chain "
+                   "of thought; the others get the answer line alone (tiny preset: 0.25, a teacher that shows "
+                   "its work on a quarter of the puzzles; paper: 1)")
+    p.add_argument("--teacher_seed", type=int, default=0, help="seed of which puzzles carry the chain of thought")
+    p.add_argument("--fixed_names", type=common.str2bool, default=False,
+                   help="person i is always the i-th official name (Emma, Liam, Olivia, ...) instead of a random "
+                   "one: the tiny preset's model cannot learn to copy names in minutes (not the paper's data)")
+    return p
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Knights & Knaves: generate the paper's splits, the official "
-                                     "dataset, or teacher SFT data.")
-    parser.add_argument("--out_dir", default="data/kk", help="where train.jsonl, test.jsonl, sft.jsonl (and official/) go")
-    parser.add_argument("--train_people", default="3-7", help="people counts of the RL train split (range 3-7 or list 3,5)")
-    parser.add_argument("--train_per_people", default="2000", help="RL train puzzles per people count (one number, or one per count)")
-    parser.add_argument("--train_seed", type=int, default=100000, help="seed of the RL train stream (not 1234: that is the official one)")
-    parser.add_argument("--test_people", default="4-8", help="people counts of the test split")
-    parser.add_argument("--test_per_people", default="100", help="test puzzles per people count (the first of the test stream)")
-    parser.add_argument("--test_seed", type=int, default=OFFICIAL_SEED, help="seed of the test stream (1234 = the official test puzzles)")
-    parser.add_argument("--sft_people", default="2-3", help="people counts of the SFT pool (paper: 2 and 3)")
-    parser.add_argument("--sft_per_people", default="200,800", help="SFT pool puzzles per people count (paper: 200 and 800)")
-    parser.add_argument("--sft_seed", type=int, default=200000, help="seed of the SFT pool stream")
-    parser.add_argument("--official", type=common.str2bool, default=False, help="instead: regenerate the official dataset "
-                        "(seed 1234, test = indices 0-99, train after) into OUT_DIR/official/{test,train}/people{n}_num{N}.jsonl")
-    parser.add_argument("--official_people", default="2-8", help="people counts for --official (the official set has 2-8)")
-    parser.add_argument("--teacher_sft", default=None, help="instead: write SFT jsonl ({id, task, prompt, response}) of the "
-                        "teacher chain-of-thought for the puzzles of --split to this file")
-    parser.add_argument("--split", default=None, help="with --teacher_sft: the split file (ours or official)")
-    parser.add_argument("--tokenizer", default=None, help="with --teacher_sft: a Hugging Face tokenizer directory")
-    parser.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
-                        help="with --teacher_sft: prompt template (auto = chat when the tokenizer has one)")
-    parser.add_argument("--teacher_style", default="trace", choices=TEACHER_STYLES,
-                        help="with --teacher_sft: 'trace' = official step-by-step trace + answer (paper); "
-                        "'table' = a truth table, one line per assignment tried (tiny preset); "
-                        "'answer' = the final answer line alone")
-    parser.add_argument("--teacher_cot_fraction", type=float, default=1.0,
-                        help="with --teacher_sft: share of the puzzles whose response carries the --teacher_style chain "
-                        "of thought; the others get the answer line alone (tiny preset: 0.25, a teacher that shows "
-                        "its work on a quarter of the puzzles; paper: 1)")
-    parser.add_argument("--teacher_seed", type=int, default=0, help="seed of which puzzles carry the chain of thought")
-    parser.add_argument("--fixed_names", type=common.str2bool, default=False,
-                        help="person i is always the i-th official name (Emma, Liam, Olivia, ...) instead of a random "
-                        "one: the tiny preset's model cannot learn to copy names in minutes (not the paper's data)")
-    args = common.parse_settings(parser, argv)
+    args = common.parse_settings(get_parser(), argv)
 
     if args.teacher_sft:
         return write_teacher_sft(args)

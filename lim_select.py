@@ -3,39 +3,30 @@ LIMR's learning-impact selection of RL prompts (Li, Zou and Liu, "LIMR: Less is 
 arXiv 2502.11886): keep the prompts whose reward curve over a probe RL run follows the model's average
 learning curve.
 
-    python lim_select.py --rollouts runs/probe --train_data data/kk/train.jsonl --task kk \\
+    python lim_select.py --rollouts runs/probe --train_data data/kk/train.jsonl --task kk \
         --out data/kk/lim.jsonl --scores_out data/kk/lim_scores.jsonl --random_out data/kk/rand.jsonl
 
-Reads the rollout log of a probe RL run over the whole pool (train_rl.py's RUN_DIR/rollouts/step_N.jsonl) and
-does what LIMR's released lim/lim_selection.py does (../shared/research/limr_sparse.md section A):
-  1. Per-epoch accuracy r_ik of prompt i: the share of its rollouts in epoch k with reward 1. Epochs are the
-     `epoch` field train_rl.py logs (0-based, (step - 1) // steps per epoch); --steps_per_epoch N groups
-     step files 1..N, N+1..2N, ... instead, as LIMR's code does, and wins when given.
-  2. Gaps: a prompt not drawn in epoch k takes epoch k+1's value, in ONE forward pass over k = 0..K-2, as
-     their loop does (its comment says "forward fill"; it fills backwards). Two empty epochs in a row, or an
-     empty last epoch, stay empty; a prompt with a gap left (or never drawn) is dropped, and counted.
-  3. The average curve r_avg_k over the complete prompts, then
-        s_i = 1 - sum_k (r_ik - r_avg_k)^2 / sum_k (1 - r_avg_k)^2
-     (1 for a prompt on the average curve, 0 for one always solved, negative for one far below it), and the
-     selection s_i >= --threshold (LIMR: 0.6, which gives their 1,389 of 8,523 prompts).
-Writes --out (the selected pool records, as the task reads them, in pool order: a --train_data for
-train_rl.py), --scores_out (one row per pool prompt: {"id", "score", "accuracy"}) and --random_out (a seeded
-random subset of the pool of the same size: LIMR's RAND baseline), and with matplotlib a plot of the average
-curve and a few prompts' curves. Bad input is one line naming the file, line and field, and nothing is written.
+Reads the probe run's rollout log (train_rl.py's RUN_DIR/rollouts/step_N.jsonl) and does what LIMR's released
+lim/lim_selection.py does (docs/limr.md): each prompt's accuracy per epoch, gaps back-filled once as their loop
+does, the average curve over the complete prompts, and the score
+    s_i = 1 - sum_k (r_ik - r_avg_k)^2 / sum_k (1 - r_avg_k)^2,   kept when s_i >= --threshold (LIMR: 0.6).
+Writes --out (the selected pool records in pool order: a --train_data for train_rl.py), --scores_out (one row per
+pool prompt: {"id", "score", "accuracy"}), --random_out (a seeded random subset of the same size: LIMR's RAND
+baseline) and, with matplotlib, a plot of the curves. Bad input is one line naming the file, line and field, and
+nothing is written.
 """
-import argparse
 import os
 import random
-import re
 
 import numpy as np
 
 import common
+import tasks
 from common import UserError, print0
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="LIMR: select RL prompts by how closely their reward curve in a probe "
+    p = common.new_parser("LIMR: select RL prompts by how closely their reward curve in a probe "
                                 "RL run follows the average learning curve", prog="lim_select.py")
     p.add_argument("--rollouts", default=None, help="the probe RL run directory: its rollouts/step_N.jsonl (train_rl.py) "
                    "cover the whole pool (required)")
@@ -62,46 +53,32 @@ def get_parser():
 # reading the probe run's rollout log
 
 
-def rollout_files(run_dir):
-    """[(step, path)] of RUN_DIR/rollouts/step_N.jsonl, steps 1..S without a hole (a hole is an error)."""
-    folder = os.path.join(run_dir, "rollouts")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    found = sorted((int(m.group(1)), os.path.join(folder, name)) for name in names
-                   if (m := re.fullmatch(r"step_(\d+)\.jsonl", name)))
-    if not found:
-        raise UserError(f"{folder}: no rollouts (no step_N.jsonl files; the probe run writes them with --log_rollouts true)")
-    for expected, (step, path) in enumerate(found, 1):
-        if step != expected:
-            raise UserError(f"{os.path.join(folder, f'step_{expected:06d}.jsonl')}: file not found (the log has steps "
-                            f"{found[0][0]}..{found[-1][0]} with a hole: every step of the probe run is needed)")
-    return found
-
-
 def read_outcomes(run_dir, pool_ids, steps_per_epoch):
-    """(epoch, pool index, solved) of every rollout in the log, each row's fields checked."""
-    outcomes = []
-    for step, path in rollout_files(run_dir):
-        for lineno, row in common.iter_jsonl(path, torn_tail=True):
-            where = f"{path}:{lineno}"
-            for field in ("id", "reward") + (() if steps_per_epoch else ("epoch",)):
-                if field not in row:
-                    hint = " (a log from before train_rl.py logged epochs: pass --steps_per_epoch N)" \
-                        if field == "epoch" else ""
-                    raise UserError(f"{where}: missing field '{field}'{hint}")
-            reward, rid = row["reward"], row["id"]
-            if isinstance(reward, bool) or not isinstance(reward, (int, float)):
-                raise UserError(f"{where}: field 'reward' is {reward!r}, expected a number")
-            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) not in pool_ids:
+    """(epoch, pool index, solved) of every rollout in the log (steps 1..S, no hole), each row's fields checked."""
+    logs, folder, outcomes = tasks.rollout_logs(run_dir), os.path.join(run_dir, "rollouts"), []
+    if not logs:
+        raise UserError(f"{folder}: no rollouts (no step_N.jsonl files; the probe run writes them with --log_rollouts true)")
+    for expected, step in enumerate(logs, 1):
+        if step != expected:
+            raise UserError(f"{tasks.rollout_log_path(run_dir, expected)}: file not found (the log has steps "
+                            f"{min(logs)}..{max(logs)} with a hole: every step of the probe run is needed)")
+    for step, path in logs.items():
+        for lineno, row in enumerate(tasks.read_rollout_log(path, step, ("id", "reward")), 1):
+            where, rid = f"{path}:{lineno}", row["id"]
+            if str(rid) not in pool_ids:
                 raise UserError(f"{where}: field 'id' {rid!r} is not a prompt of the pool (--train_data)")
             if steps_per_epoch:
                 epoch = (step - 1) // steps_per_epoch
             else:
-                epoch = row["epoch"]
+                epoch = row.get("epoch")
+                if epoch is None:
+                    raise UserError(f"{where}: missing field 'epoch' (a log from before train_rl.py logged epochs: "
+                                    f"pass --steps_per_epoch N)")
                 if type(epoch) is not int or epoch < 0:
                     raise UserError(f"{where}: field 'epoch' is {epoch!r}, expected an integer >= 0")
-            outcomes.append((epoch, pool_ids[str(rid)], reward == 1))
+            outcomes.append((epoch, pool_ids[str(rid)], row["reward"] == 1))
     if not outcomes:
-        raise UserError(f"{os.path.join(run_dir, 'rollouts')}: no rollouts (every step file is empty)")
+        raise UserError(f"{folder}: no rollouts (every step file is empty)")
     return outcomes
 
 
@@ -150,12 +127,8 @@ def lim_scores(acc):
 
 def plot_curves(path, acc, scores, average, threshold):
     """The average curve and, for a few prompts across the range of scores, their own."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print0("note: matplotlib not installed; no plot (pip install matplotlib)")
+    plt = common.pyplot()
+    if plt is None:
         return
     scored = np.flatnonzero(~np.isnan(scores))
     by_score = scored[np.argsort(-scores[scored], kind="stable")]
@@ -192,11 +165,9 @@ def main(argv=None):
         raise UserError(f"the output files must differ: {', '.join(outputs)}")
 
     # ---- the pool and the log
-    task = common.get_task(args.task)
-    pool = task.load_split(args.train_data)
-    pool_ids = {str(r["id"]): i for i, r in enumerate(pool)}
-    if len(pool_ids) < len(pool):
-        raise UserError(f"{args.train_data}: field 'id': an id repeats, so rollouts cannot be told apart")
+    task = tasks.get_task(args.task)
+    pool = tasks.load_records(task, args.task, args.train_data, None, "plain")
+    pool_ids = {str(r["id"]): i for i, r in enumerate(pool)}  # (load_records refuses a repeated id)
     outcomes = read_outcomes(args.rollouts, pool_ids, args.steps_per_epoch)
     epochs = sorted({e for e, _, _ in outcomes})
     if args.epochs:

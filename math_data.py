@@ -15,7 +15,6 @@ signal reaches) and works from any thread of any process. Only the extracted
 answer and the gold answer, length-capped, ever reach math-verify; we never
 eval/exec/sympify model text ourselves.
 """
-import argparse
 import atexit
 import hashlib
 import json
@@ -29,6 +28,7 @@ import threading
 import time
 
 import common
+import tasks
 from common import UserError
 
 TASK = "math"
@@ -222,7 +222,7 @@ def make_splits(pool, test, n_sft_train=900, n_sft_val=100, seed=1234):
 
 
 def render_prompt(record, tokenizer, template="auto") -> str:
-    return common.render_prompt(tokenizer, record["question"], template)
+    return tasks.render_question(record["question"], tokenizer, template)
 
 
 def teacher_response(record) -> str:
@@ -567,28 +567,32 @@ def bench(test):
     print(f"a hanging call: {time.perf_counter() - t0:.2f} s to 0.0 (limit {GRADE_TIMEOUT_S} s), worker restarted")
 
 
-def main():
-    parser = argparse.ArgumentParser(description="MATH: build the paper's splits, write teacher SFT data, benchmark grading.")
-    parser.add_argument("--train_pool", default=DEFAULT_TRAIN_POOL,
-                        help="training pool: a jsonl/json file, a Hendrycks directory, or hf:NAME[:SPLIT]")
-    parser.add_argument("--test", default=DEFAULT_TEST, help="test set (MATH-500), same formats as --train_pool")
-    parser.add_argument("--hub", type=common.str2bool, default=False,
-                        help=f"read the pool and test set from the Hugging Face hub ({HUB_TRAIN_POOL}, {HUB_TEST}); "
-                             f"needs `pip install datasets` and a network")
-    parser.add_argument("--out_dir", default="data/math", help="where the splits are written")
-    parser.add_argument("--n_sft_train", type=int, default=900, help="SFT train problems (the paper: 900)")
-    parser.add_argument("--n_sft_val", type=int, default=100, help="SFT validation problems (the paper: 100)")
-    parser.add_argument("--seed", type=int, default=1234, help="shuffle seed of the training pool (the paper: 1234)")
-    parser.add_argument("--teacher_sft", default=None, metavar="OUT.jsonl",
-                        help="instead of splitting: write SFT jsonl (id, task, prompt, response=the dataset solution) "
-                             "for the records of --split")
-    parser.add_argument("--split", default="data/math/sft_train.jsonl", help="records for --teacher_sft")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (Hugging Face format) for --teacher_sft")
-    parser.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
-                        help="prompt template: chat (the tokenizer's, with the paper's system prompt), plain "
-                             "(Question/Answer), auto (chat when the tokenizer has one)")
-    parser.add_argument("--bench", type=common.str2bool, default=False, help="instead of splitting: time grading on the test set")
-    args = common.parse_settings(parser)
+def get_parser():
+    p = common.new_parser("MATH: build the paper's splits, write teacher SFT data, benchmark grading.")
+    p.add_argument("--train_pool", default=DEFAULT_TRAIN_POOL,
+                   help="training pool: a jsonl/json file, a Hendrycks directory, or hf:NAME[:SPLIT]")
+    p.add_argument("--test", default=DEFAULT_TEST, help="test set (MATH-500), same formats as --train_pool")
+    p.add_argument("--hub", type=common.str2bool, default=False,
+                   help=f"read the pool and test set from the Hugging Face hub ({HUB_TRAIN_POOL}, {HUB_TEST}); "
+                        f"needs `pip install datasets` and a network")
+    p.add_argument("--out_dir", default="data/math", help="where the splits are written")
+    p.add_argument("--n_sft_train", type=int, default=900, help="SFT train problems (the paper: 900)")
+    p.add_argument("--n_sft_val", type=int, default=100, help="SFT validation problems (the paper: 100)")
+    p.add_argument("--seed", type=int, default=1234, help="shuffle seed of the training pool (the paper: 1234)")
+    p.add_argument("--teacher_sft", default=None, metavar="OUT.jsonl",
+                   help="instead of splitting: write SFT jsonl (id, task, prompt, response=the dataset solution) "
+                        "for the records of --split")
+    p.add_argument("--split", default="data/math/sft_train.jsonl", help="records for --teacher_sft")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (Hugging Face format) for --teacher_sft")
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
+                   help="prompt template: chat (the tokenizer's, with the paper's system prompt), plain "
+                        "(Question/Answer), auto (chat when the tokenizer has one)")
+    p.add_argument("--bench", type=common.str2bool, default=False, help="instead of splitting: time grading on the test set")
+    return p
+
+
+def main(argv=None):
+    args = common.parse_settings(get_parser(), argv)
 
     if args.teacher_sft:
         if not args.tokenizer:

@@ -2,7 +2,7 @@
 The language model, in one file: a decoder-only transformer that reads and writes
 Hugging Face checkpoints of Qwen2/Qwen2.5, Qwen3 and Llama-3.x, and its packed
 (padding-free) forward with the log-probs of response tokens, which every stage
-trains or measures with. Generation lives in engine.py, FSDP2 sharding in common.py.
+trains or measures with. Generation lives in engine.py, FSDP2 sharding in parallel.py.
 
 Parameter names equal the Hugging Face ones, so a checkpoint's tensors load by name.
 """
@@ -318,6 +318,17 @@ def pack(sequences, device="cpu"):
     return ids[None].to(device), cu.to(device)
 
 
+def response_positions(cu_seqlens, prompt_lens, response_lens):
+    """The positions of a packed row (pack) whose hidden states predict the response tokens, sequence after sequence:
+    hidden state t predicts token t + 1, and sequence i's response tokens sit at cu[i] + prompt_len_i ... cu[i+1] - 1,
+    so its positions are one earlier."""
+    device = cu_seqlens.device
+    starts = cu_seqlens[:-1] + torch.tensor(prompt_lens, device=device)
+    lens = torch.tensor(response_lens, device=device)
+    return torch.repeat_interleave(starts - 1, lens) + (torch.arange(int(lens.sum()), device=device)
+                                                        - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens))
+
+
 def response_logprobs(model, prompts, responses, temperature=1.0, chunk_size=4096, with_entropy=False):
     """Teacher-forced log-probs (and entropies: see token_logprobs) of every response token given its prompt and
     the response before it, for sequences packed into one padding-free row: flat tensors over all response tokens,
@@ -326,12 +337,7 @@ def response_logprobs(model, prompts, responses, temperature=1.0, chunk_size=409
     device = model.lm_head.weight.device
     ids, cu = pack([p + r for p, r in zip(prompts, responses)], device)
     hidden = model(ids, cu_seqlens=cu)
-    # hidden at position t predicts token t+1: the response tokens of sequence i sit at
-    # cu[i] + len(prompt_i) ... cu[i+1] - 1, so we need the hidden states one position earlier
-    starts = cu[:-1] + torch.tensor([len(p) for p in prompts], device=device)
-    lens = torch.tensor([len(r) for r in responses], device=device)
-    pos = torch.repeat_interleave(starts - 1, lens) + (torch.arange(int(lens.sum()), device=device)
-                                                       - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens))
+    pos = response_positions(cu, [len(p) for p in prompts], [len(r) for r in responses])
     return model.token_logprobs(hidden[0, pos], ids[0, pos + 1], temperature=temperature, chunk_size=chunk_size,
                                 with_entropy=with_entropy)
 
@@ -360,6 +366,14 @@ def parse_dtype(dtype, device=None):
     if dtype not in names:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
     return names[dtype]
+
+
+def check_checkpoint(path):
+    """A Hugging Face checkpoint directory (it holds config.json), or a UserError naming the path."""
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint {path}: no such directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"checkpoint {path}: not a Hugging Face checkpoint directory (no config.json)")
 
 
 def read_config(path) -> ModelConfig:
@@ -495,3 +509,45 @@ def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**
         shutil.rmtree(old)
     else:
         os.rename(tmp, path)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes=2) -> int:
+    """KV-cache bytes of one token: a key and a value per layer and KV head."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+
+
+# -----------------------------------------------------------------------------
+# small models built offline (the tiny CPU preset, the tests, the memory model's presets)
+
+
+def tiny_config(vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=None,
+                max_position_embeddings=2048, tie_word_embeddings=True, arch="Qwen2ForCausalLM", **extra) -> dict:
+    """A HF config.json dict for a small model of one of the supported architectures."""
+    cfg = {"architectures": [arch], "model_type": {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}[SUPPORTED[arch]],
+           "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size or 3 * hidden_size,
+           "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+           "head_dim": hidden_size // num_heads, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+           "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": tie_word_embeddings,
+           "attention_dropout": 0.0, "use_sliding_window": False, "bos_token_id": None, "eos_token_id": None}
+    if SUPPORTED[arch] == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
+    if SUPPORTED[arch] == "qwen3":
+        cfg.update(attention_bias=False)
+    cfg.update(extra)
+    return cfg
+
+
+def build_model(hf_config: dict, seed=0, std=0.02) -> Transformer:
+    """A Transformer of this config.json dict with fresh weights like HF's initialisation: normal(0, std)
+    matrices, zero biases, unit norms."""
+    model = Transformer(ModelConfig.from_hf(hf_config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model

@@ -1,34 +1,22 @@
 """
 Supervised fine-tuning: the cold start, re-distillation, and pre-training the tiny CPU "base" model.
 
-  SFT      jsonl of {"id","task","prompt","response",...}: prompt and response are tokenized separately,
-           EOS is appended to the response, the loss is on response tokens (+EOS) only.
-  pretrain --pretrain_text FILE(s): jsonl with a "text" field, or plain text (documents separated by blank
-           lines); each document + EOS is one sequence, loss on every token.
+  SFT       jsonl of {"id", "task", "prompt", "response"}: the loss is on the response tokens and the EOS appended
+  pretrain  --pretrain_text FILE(s): jsonl with a "text" field, or plain text; each document + EOS is a sequence
 
-The paper's settings are the defaults (../shared/research/paper.md section 7): AdamW lr 1e-5, betas
-(0.9, 0.999), no weight decay, cosine to 0 without warmup, 2 epochs, grad clip 1.0, global batch 32,
-max length 5000 (longer examples are an error, not truncated), per-sequence-mean loss.
+The paper's settings are the defaults (AdamW lr 1e-5, no weight decay, cosine to 0, 2 epochs, global batch 32,
+max length 5000: a longer example is an error, not truncated). Micro-batches are packed without padding and the
+loss is normalised by the global batch, so the update does not depend on how the batch was split over ranks and
+micro-batches; the model is FSDP2-sharded as in train_rl.py (docs/sft.md).
 
-Batches are packed (padding-free): the sequences of a micro-batch are concatenated into one row and
-attend only to themselves (model.pack + cu_seqlens); a micro-batch holds at most --micro_batch_tokens
-tokens. The global batch (--global_batch sequences) is split over torchrun ranks and micro-batches by
-length, and the loss is normalised by the *global* batch, so the update does not depend on how it was split.
-The model is sharded over the ranks with FSDP2 (common.shard_model, as in train_rl.py): fp32 weights, gradients
-and AdamW state divided by the world size, forward/backward in bf16 on CUDA, gradients summed over ranks.
-
-Usage:
   python redistill_sft.py --init /models/Qwen2.5-1.5B --data data/kk/redistill.jsonl --out_dir runs/redistill
   torchrun --nproc_per_node=8 redistill_sft.py --init ... --data ... --out_dir ... --gradient_checkpointing true
-  python redistill_sft.py --init_tiny true --tokenizer runs/tiny/base_data/tokenizer --pretrain_text runs/tiny/base_data/pretrain.jsonl \\
-      --out_dir runs/tiny/base --lr 1e-3 --loss_reduction token_mean --epochs 1
   python redistill_sft.py ... --resume true   # continue a killed run from its last checkpoint
 
-Writes OUT_DIR/step_NNNNNN (HF checkpoint) + its resumable shards and step_NNNNNN.state.pt (step, RNG) at each epoch
-end, every --save_every steps and at the end; OUT_DIR/final (the last weights, a stable path for the next
-stage); OUT_DIR/metrics.jsonl (one record per step and per held-out evaluation).
+Writes OUT_DIR/step_NNNNNN/ (a Hugging Face checkpoint) with its resumable state at each epoch end, every
+--save_every steps and at the end; OUT_DIR/final/ (the last weights, the next stage's stable path) and
+OUT_DIR/metrics.jsonl (one line per step and per held-out loss).
 """
-import argparse
 import math
 import os
 import random
@@ -38,15 +26,18 @@ import numpy as np
 import torch
 
 import common
+import ckpt
+import parallel
+import tasks
 from common import UserError, print0
-from model import response_logprobs
+from model import build_model, load_model, parse_dtype, load_tokenizer, read_config, response_logprobs, save_model, tiny_config
 
 # -----------------------------------------------------------------------------
 # settings (defaults = the paper's SFT, section 7)
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="SFT (cold start, re-distillation) or pre-training of the tiny base model.")
+    p = common.new_parser("SFT (cold start, re-distillation) or pre-training of the tiny base model.")
     # data
     p.add_argument("--data", nargs="+", default=None, help="SFT jsonl file(s) of {id, task, prompt, response}")
     p.add_argument("--pretrain_text", nargs="+", default=None,
@@ -80,7 +71,7 @@ def get_parser():
     p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2 (paper: 0.999)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
     p.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of steps of linear warmup (paper: 0); "
-                   "the first update runs at lr/warmup_steps, not at 0 as in Hugging Face's schedule (see get_lr)")
+                   "the first update runs at lr/warmup_steps, not at 0 as in Hugging Face's schedule (see lr_at)")
     p.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine decays to lr * this (paper: 0)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (paper: 1.0; 0 = off)")
     # The paper's modified verl fsdp_sft_trainer averages over each sequence's response tokens, then over
@@ -89,13 +80,13 @@ def get_parser():
                    help="seq_mean: mean over each sequence's loss tokens, then over the global batch's sequences (paper); "
                         "token_mean: mean over all loss tokens of the global batch")
     p.add_argument("--adam_8bit", default=False, type=common.str2bool,
-                   help="bitsandbytes 8-bit AdamW on CUDA; it cannot update FSDP-sharded weights (several ranks, or --bf16), "
+                   help="bitsandbytes 8-bit AdamW on CUDA; it cannot update FSDP-sharded weights (several ranks, or bf16), "
                         "where torch AdamW is used with a note: its state is already sharded")
     p.add_argument("--gradient_checkpointing",
                    default=False, type=common.str2bool,
                    help="recompute each block in backward (less activation memory, ~30%% slower)")
-    p.add_argument("--bf16", default=True, type=common.str2bool,
-                   help="bf16 forward/backward on CUDA (the optimizer updates sharded fp32 weights); ignored on CPU")
+    p.add_argument("--dtype", default="auto", help="compute dtype, and that of the saved weights: auto (bfloat16 on CUDA, "
+                   "float32 on CPU), bfloat16, float32; the optimizer always updates sharded fp32 weights")
     p.add_argument("--seed", type=int, default=1, help="seed of the data order (and of --init_tiny weights)")
     # checkpoints and logging
     p.add_argument("--out_dir", default="runs/sft", help="run directory: checkpoints, final/, metrics.jsonl")
@@ -153,7 +144,7 @@ def load_text_examples(paths, tokenizer, max_length):
         docs = [(n, t) for n, t in docs if t]
         if not docs:
             raise UserError(f"{path}: no text")
-        tokens = common.encode_prompts(tokenizer, [t for _, t in docs])
+        tokens = tasks.encode_prompts(tokenizer, [t for _, t in docs])
         for (lineno, _), ids in zip(docs, tokens):
             ids = ids + [tokenizer.eos_token_id]
             for k, s in enumerate(range(0, len(ids), max_length)):
@@ -214,13 +205,13 @@ def reduce_loss(nll, seq, examples, reduction, num_seqs=None, num_tokens=None):
 
 
 @torch.no_grad()
-def evaluate(model, examples, reduction, micro_batch_tokens, device):
+def held_out_loss(model, examples, reduction, micro_batch_tokens, device):
     """Held-out loss (same reduction as training) over examples split across ranks."""
-    from common import idle_pass
+    from parallel import idle_pass
     lengths = [len(e["input_ids"]) for e in examples]
-    mine = common.shard(list(range(len(examples))), common.rank(), common.world_size())
+    mine = parallel.rank_share(list(range(len(examples))), common.rank(), common.world_size())
     totals = torch.zeros(2, dtype=torch.float64)
-    for mb in common.even_out(common.micro_batches(lengths, micro_batch_tokens, mine)):
+    for mb in parallel.even_out(parallel.micro_batches(lengths, micro_batch_tokens, mine)):
         if mb is None:  # this rank is done; join the others' collectives
             idle_pass(model, backward=False)
             continue
@@ -232,7 +223,7 @@ def evaluate(model, examples, reduction, micro_batch_tokens, device):
         else:
             totals += torch.tensor([float(reduce_loss(nll, seq, exs, "seq_mean", num_seqs=1)), len(exs)],
                                    dtype=torch.float64)
-    totals = common.all_reduce(totals)
+    totals = parallel.all_reduce(totals)
     return float(totals[0] / totals[1])
 
 
@@ -240,7 +231,7 @@ def evaluate(model, examples, reduction, micro_batch_tokens, device):
 # schedule, RNG and checkpoint helpers
 
 
-def get_lr(step, total_steps, lr, warmup_ratio, min_lr_ratio):
+def lr_at(step, total_steps, lr, warmup_ratio, min_lr_ratio):
     """Linear warmup then cosine to lr * min_lr_ratio, as HF's get_cosine_schedule_with_warmup (step 0 = the first
     update) except that warm-up update k (1-based) runs at lr * k / warmup, not (k - 1) / warmup: HF's first update
     runs at lr 0 and spends its batch on AdamW's moments without changing a weight. train_rl.py's warm-up (grpo.lr_at)
@@ -282,9 +273,7 @@ RUN_IDENTITY = ("data", "pretrain_text", "max_length", "init", "init_tiny", "epo
 
 def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
-    from common import full_copy, idle_pass, shard_model
-    from model import load_model, load_tokenizer, save_model
-    from tiny_base import build_model, tiny_config
+    from parallel import full_copy, idle_pass, shard_model
 
     # ---- checks that need no model
     for name in ("data", "pretrain_text", "val_data"):  # a --config file may give one path as a string
@@ -296,17 +285,15 @@ def main(argv=None):
         raise UserError("give exactly one of --init CHECKPOINT_DIR and --init_tiny")
     if args.init_tiny and not args.tokenizer:
         raise UserError("--init_tiny needs --tokenizer DIR")
-    for name in ("global_batch", "micro_batch_tokens", "max_length", "epochs", "keep_last", "max_bad_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    common.check_positive(args, "global_batch", "micro_batch_tokens", "max_length", "epochs", "keep_last",
+                          "max_bad_steps")
 
-    rank, world, device = common.dist_setup()
+    rank, world, device = parallel.dist_setup()
     common.seed_everything(args.seed)
     final_dir = os.path.join(args.out_dir, "final")
-    resume_from = common.resume_checkpoint(args.out_dir, args.resume)
+    resume_from = ckpt.resume_checkpoint(args.out_dir, args.resume)
 
     # ---- tokenizer and data
-    from model import read_config
     if resume_from:  # the checkpoint holds the run's tokenizer
         model_cfg = read_config(resume_from[1])
         tokenizer = load_tokenizer(resume_from[1])
@@ -323,7 +310,7 @@ def main(argv=None):
     max_length = min(args.max_length, context)
     if max_length < args.max_length:
         print0(f"note: --max_length {args.max_length} > the model's context; using {max_length}")
-    load = load_text_examples if args.pretrain_text else common.load_sft_examples
+    load = load_text_examples if args.pretrain_text else tasks.load_sft_examples
     train = load(args.pretrain_text or args.data, tokenizer, max_length)
     val = load(args.val_data, tokenizer, max_length) if args.val_data else None
     lengths = [len(e["input_ids"]) for e in train]
@@ -338,27 +325,27 @@ def main(argv=None):
     # ---- model, optimizer, resume
     state = None
     if resume_from:
-        step, ckpt, state, train_shard = resume_from
-        common.check_run_identity(args.out_dir, state["identity"], identity)
+        step, resume_dir, state, train_shard = resume_from
+        ckpt.check_run_identity(args.out_dir, state["identity"], identity)
         if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); final weights in {final_dir}; nothing to do")
-            common.dist_cleanup()
+            parallel.dist_cleanup()
             return 0
-        model = load_model(ckpt, dtype=torch.float32, device=device)
-        print0(f"resuming from {ckpt} (step {step}/{total_steps})")
+        model = load_model(resume_dir, dtype=torch.float32, device=device)
+        print0(f"resuming from {resume_dir} (step {step}/{total_steps})")
     elif args.init_tiny:
         model = build_model(cfg, seed=args.seed).to(device)
     else:
         model = load_model(args.init, dtype=torch.float32, device=device)
     start_step = state["step"] if state else 0
-    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32  # compute, and saved weights
+    dtype = parse_dtype(args.dtype, device)  # compute, and saved weights
     model = shard_model(model, dtype)
     model.gradient_checkpointing = args.gradient_checkpointing
     model.train()
-    optimizer = common.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
+    optimizer = ckpt.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
                                       args.adam_8bit)
     if state:
-        common.load_local_train_state(model, optimizer, train_shard)
+        ckpt.load_local_train_state(model, optimizer, train_shard)
         set_rng_state(state["rng"])
     bad_steps_total, bad_streak = (state or {}).get("bad_steps_total", 0), (state or {}).get("bad_streak", 0)
 
@@ -369,10 +356,10 @@ def main(argv=None):
            f"loss {args.loss_reduction}")
     if len(train) % args.global_batch:
         print0(f"note: {len(train) % args.global_batch} sequences per epoch are dropped (incomplete last batch)")
-    record = common.metrics_log(args.out_dir, start_step, settings=vars(args))  # resumed: drops records after it
+    record = ckpt.metrics_log(args.out_dir, start_step, settings=vars(args))  # resumed: drops records after it
 
     def save(step):
-        common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
+        ckpt.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
                                {"rng": rng_state(), "identity": identity, "bad_steps_total": bad_steps_total,
                                 "bad_streak": bad_streak, "epoch": step // steps_per_epoch,
                                 "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps}, dtype,
@@ -383,7 +370,7 @@ def main(argv=None):
         if val is None:
             return
         model.eval()
-        loss = evaluate(model, val, args.loss_reduction, args.micro_batch_tokens, device)
+        loss = held_out_loss(model, val, args.loss_reduction, args.micro_batch_tokens, device)
         model.train()
         print0(f"step {step}: held-out loss {loss:.4f} ({len(val)} sequences)")
         record({"step": step, "val_loss": loss})
@@ -402,16 +389,16 @@ def main(argv=None):
         t0 = time.time()
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
-            order, order_epoch = common.epoch_order(len(train), args.seed, epoch), epoch
+            order, order_epoch = parallel.epoch_order(len(train), args.seed, epoch), epoch
         batch = order[k * args.global_batch:(k + 1) * args.global_batch]
         batch_tokens = sum(num_loss_tokens(train[i]) for i in batch)  # every rank knows the whole global batch
         mine = split_by_length(batch, lengths, world)[rank]
-        lr = get_lr(step, total_steps, args.lr, args.warmup_ratio, args.min_lr_ratio)
+        lr = lr_at(step, total_steps, args.lr, args.warmup_ratio, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64)
-        mbs = common.micro_batches(lengths, args.micro_batch_tokens, mine)
-        for mb in common.even_out(mbs):
+        mbs = parallel.micro_batches(lengths, args.micro_batch_tokens, mine)
+        for mb in parallel.even_out(mbs):
             if mb is None:  # this rank is done; join the others' collectives
                 idle_pass(model)
                 continue
@@ -420,8 +407,8 @@ def main(argv=None):
             loss = reduce_loss(nll, seq, exs, args.loss_reduction, num_seqs=len(batch), num_tokens=batch_tokens)
             loss.backward()  # FSDP reduce-scatters and sums over ranks; .grad accumulates over micro-batches
             loss_sum += float(loss.detach())
-        loss_sum = common.all_reduce(loss_sum)
-        grad_norm = common.clip_grad_norm(model.parameters(), args.grad_clip)
+        loss_sum = parallel.all_reduce(loss_sum)
+        grad_norm = ckpt.clip_grad_norm(model.parameters(), args.grad_clip)
         # both numbers are all-reduced, so every rank takes the same branch; a NaN step would corrupt every weight
         finite = math.isfinite(float(loss_sum)) and math.isfinite(grad_norm)
         if finite:
@@ -444,7 +431,7 @@ def main(argv=None):
             bar.close()
             print0(f"error: {bad_streak} consecutive steps with non-finite loss or gradients; stopping. "
                    f"The last good checkpoint is kept in {args.out_dir}")
-            common.dist_cleanup()
+            parallel.dist_cleanup()
             return 1
         if done % steps_per_epoch == 0:
             validate(done)
@@ -459,7 +446,7 @@ def main(argv=None):
         if rank == 0:
             save_model(final, final_dir, tokenizer)
         print0(f"done: {total_steps} steps; final weights in {final_dir}")
-    common.dist_cleanup()
+    parallel.dist_cleanup()
     return 0
 
 

@@ -3,35 +3,27 @@ The final table of reproduce.sh: accuracy per model and difficulty, and what eac
 
     python report.py --out_dir runs/tiny          # prints the table, writes runs/tiny/results.md (+ plots)
 
-Reads what the stages wrote under OUT_DIR:
-  eval/<model>/test/summary.json        accuracy overall and per difficulty (eval.py)
-  base_probe.json                       tiny only: the base's accuracy in its own pre-training format
-  times.tsv                             stage, wall seconds, devices, device kind (one line per finished stage)
-  sft_teacher.jsonl, redistill_*.jsonl  the SFT sets (their sizes = SFT samples)
-  rl/settings.json, rl/metrics.jsonl    RL rollouts (steps x prompts x group), reward and validation per step
-  sample_effect/effects.summary.json    sample effect per SFT set (sample_effect.py)
-  sample_effect/{top,bottom}.jsonl, eval_se/se_{top,bottom}/test/summary.json
-                                        the top-K vs bottom-K experiment (when the preset sets SELECT_K)
-  limr/seed_S/{full,lim,rand}/, limr/seed_S/scores.jsonl, limr/eval/<model>/<split>/summary.json
-                                        the LIMR experiment (LIMR=1): FULL, RAND and LIM per seed
-  seed_S/...                            SEEDS=N: seed S's whole study (seed 1 is OUT_DIR itself); with two seeds
-                                        or more, each model's mean ± std over them and every seed's row
-Compute = measured wall time x devices, in device-hours: "own" counts the stages that made this model from
-its inputs (for re-distilled models: sampling the RL policy + their SFT); "total" adds everything it built on
-(the cold start and RL for RL and re-distilled models). Pre-training the tiny base is shared by all and listed
-apart. Plots (matplotlib, optional): RL reward and validation accuracy per step; accuracy per difficulty.
+Reads what the stages wrote under OUT_DIR (eval/*/test/summary.json, times.tsv, the SFT sets, rl/metrics.jsonl,
+the sample effect's summary, the LIMR runs, and seed_S/ for SEEDS=N: each model's mean ± std over seeds).
+Compute = measured wall time x devices, in device-hours: "own" counts the stages that made a model from its
+inputs (for re-distilled models: sampling the RL policy + their SFT); "total" adds everything it built on (the
+cold start and RL). Pre-training the tiny base is shared by all and listed apart. Plots (matplotlib, optional):
+RL reward and validation accuracy per step; accuracy per difficulty.
 """
-import argparse
 import json
 import os
 
 import common
-from eval import difficulty_order, markdown_table, summary_row
+import tasks
+from scoring import difficulty_order, markdown_table, summary_row
 
-parser = argparse.ArgumentParser(description="The final table of reproduce.sh (and optional plots).")
-parser.add_argument("--out_dir", default="runs/tiny", help="reproduce.sh's output directory")
-parser.add_argument("--preset", default="", help="preset name, for the heading")
-parser.add_argument("--plots", type=common.str2bool, default=True, help="write PNG plots when matplotlib is installed")
+def get_parser():
+    p = common.new_parser("The final table of reproduce.sh (and optional plots).")
+    p.add_argument("--out_dir", default="runs/tiny", help="reproduce.sh's output directory")
+    p.add_argument("--preset", default="", help="preset name, for the heading")
+    p.add_argument("--plots", type=common.str2bool, default=True, help="write PNG plots when matplotlib is installed")
+    return p
+
 
 MODELS = ("base", "sft", "rl", "redistill_A", "redistill_B")
 # the stages each model is made by (own) and builds on (upstream); pre-training the tiny base is shared
@@ -96,7 +88,7 @@ def rl_rollouts(run_dir, up_to_step=None):
 def difficulty_key(summary):
     """The task's difficulty key ("people" for K&K, "level" for MATH), from the task eval.py recorded."""
     task = summary.get("settings", {}).get("task")
-    return (common.get_task(task).DIFFICULTY or "difficulty") if task else "difficulty"
+    return (tasks.get_task(task).DIFFICULTY or "difficulty") if task else "difficulty"
 
 
 def difficulty_order_of_text(text):
@@ -246,12 +238,8 @@ def seed_tables(out_dir, difficulty):
 
 
 def plots(out_dir, metrics, summaries, temperature, difficulty):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib not installed; no plots (pip install matplotlib)")
+    plt = common.pyplot()
+    if plt is None:
         return []
     written = []
     if metrics:
@@ -298,7 +286,7 @@ def write_results(out, lines):
 
 
 def main(argv=None):
-    args = common.parse_settings(parser, argv)
+    args = common.parse_settings(get_parser(), argv)
     out = args.out_dir
     times = read_times(os.path.join(out, "times.tsv"))
     rollouts, metrics, rl_settings = rl_rollouts(os.path.join(out, "rl"))

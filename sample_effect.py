@@ -1,69 +1,21 @@
 """
-Sample effect of SFT data on a policy: how much one SFT step on a sample raises expected test reward.
+Sample effect of SFT data on a policy: how much one SFT step on a sample raises the expected test reward.
+SE(x, y) = <grad log pi(y|x), grad J>, J the expected 0/1 reward over evaluation prompts at the RL temperature;
+our reconstruction of the paper's section 2.2-2.3, whose equations could not be read (docs/sample_effect.md).
 
     python sample_effect.py --task kk --checkpoint runs/base --eval_data data/kk/test.jsonl \\
         --sft_data data/kk/teacher.jsonl data/kk/redistill.jsonl --out out/se/effects.jsonl \\
         --select 100 --select_out out/se/top.jsonl --select_bottom out/se/bottom.jsonl
     torchrun --nproc_per_node=8 sample_effect.py ... --params 'layers\\.2[0-7]\\.|norm' --proj_dim 8192
 
-RECONSTRUCTED, NOT THE PAPER'S TEXT. The paper's equations could not be read (../shared/research/paper.md,
-section 2); this is the reconstruction of section 2.2-2.3 built from its verbal description ("the inner
-product between the expected gradient of that example under cross-entropy loss and the overall gradient
-expectation", under a linearisation assumption):
+grad J is a leave-one-out policy gradient from --samples_per_prompt rollouts per prompt, computed once on the
+FSDP-sharded model; each SFT sample then costs one backward, reduced at once to an inner product with grad J:
+exact (--exact), through a seeded CountSketch (--proj_dim), or both, optionally on a --params subset.
 
-    J(θ)      = (1/M) Σ_j E_{y ~ π_θ,T(·|x_j)} r(x_j, y)      expected 0/1 reward (task.score) over M evaluation
-                                                              prompts, responses sampled at temperature T
-    SE(x, y)  = < ∇_θ log π_θ(y|x) , ∇_θ J(θ) >               log π = sum (or mean, --token_reduction) of the
-                                                              log-probs of the response tokens + EOS (T = 1)
-    cos(x, y) = SE / (‖∇ log π_θ(y|x)‖ · ‖∇J‖)                the "normalised" column (scale-free companion)
-
-Linearisation: an SFT step with learning rate η on the sample (plain SGD on -log π) moves θ by η ∇ log π,
-so J changes by η·SE + O(η²); SFT on a data set raises J at rate η · mean SE (for the matching token
-reduction: `mean` = redistill_sft.py's default per-sequence-mean loss, `sum` = the plain log-likelihood).
-Adam and clipping are outside this first-order picture.
-
-Estimator of ∇J (policy gradient with a group baseline): K responses per evaluation prompt at the
-training temperature T (common.sample_responses, rewarded by task.score), then
-
-    ∇J ≈ 1/(M·K) Σ_j Σ_k (r_jk − b_jk) ∇ log π_T(y_jk|x_j),   b_jk = mean of the other K−1 rewards of prompt j
-
-The leave-one-out baseline equals the group mean times K/(K−1) — (r − b_loo) = K/(K−1)·(r − mean_j r) —
-and makes the estimator unbiased (the plain group mean shrinks it by (K−1)/K). Groups whose K rewards are
-all equal contribute nothing and are not back-propagated. log π_T uses softmax(logits / T), the
-distribution the responses came from, so this is the exact gradient of J at temperature T in expectation.
-
-Never a per-sample gradient kept: ∇J is computed once (all-reduced over ranks), then each SFT sample gets
-one forward/backward and its gradient is reduced at once to numbers:
-  --exact true      inner product with the full ∇J over the chosen parameters (∇J held once, fp32);
-  --proj_dim D      a CountSketch to D dims: coordinate i of parameter p goes to bucket h_p(i) with sign
-                    s_p(i), both drawn chunk by chunk from a generator seeded by (--proj_seed, p) and never
-                    stored; E <S a, S b> = <a, b>, and the error of one inner product has standard deviation
-                    about ‖a‖‖b‖/√D (so it resolves cosines well above 1/√D);
-  --params REGEX    only parameters whose names match (re.search), e.g. the last blocks; the others get no
-                    gradient (cheaper backward). Exact and projected can run together (both columns written).
-With both, "sample_effect"/"normalised" are the exact values and "*_proj" the projected ones; the cosine
-is always computed in the same space as its inner product (norms of the sketches when projected).
-
-Runs: the evaluation prompts are cut into chunks (gen_chunk_size: at most --gen_batch_size, at most what keeps
-the KV cache within --kv_cache_gib, at most ⌈prompts / ranks⌉ so that every rank gets work), generated with a seed
-per chunk and spread over torchrun ranks, and the SFT samples are sharded (common.shard) and gathered on rank 0
-(common.all_gather_json): results do not depend on the number of ranks (up to float summation order, and
-on GPU up to kernel nondeterminism; the chunking depends on the ranks only when ⌈prompts / ranks⌉ is the
-smallest bound). ∇J is the one data-parallel gradient, so it runs on the FSDP-sharded
-model (common.shard_model, as in train_rl.py: fp32 weights, --dtype compute, gradients summed over ranks),
-then is gathered in full on every rank. Rollouts come from a --dtype full copy (common.full_copy), and the
-per-sample gradients, each rank's own, from an fp32 full copy under --dtype autocast; both freed after.
-
-Outputs (written atomically by rank 0):
-  --out effects.jsonl   one line per SFT sample, input order: {"id", "file", "line", "sample_effect",
-                        "normalised", "grad_norm", "logprob", "response_length" (response tokens + EOS),
-                        and "sample_effect_proj", "normalised_proj" when both --exact and --proj_dim}
-  <out stem>.summary.json   ∇J statistics and per input file: count, mean, median, share positive, ...
-  --select K --select_out TOP.jsonl [--select_bottom BOTTOM.jsonl]: the K highest (and lowest) samples by
-                        --select_by, pooled over all input files, copied verbatim from their files plus a
-                        "sample_effect" field: new SFT files for redistill_sft.py.
+Writes (rank 0, atomically): --out effects.jsonl (one line per SFT sample: sample_effect, normalised = the
+cosine, grad_norm, logprob, ...), <out stem>.summary.json (per input file: mean, median, share positive, ...),
+and with --select K the top-K (--select_out) and bottom-K (--select_bottom) samples as SFT files.
 """
-import argparse
 import math
 import os
 import re
@@ -72,48 +24,55 @@ import time
 from contextlib import nullcontext
 
 import common
+import engine
+import parallel
+import tasks
 from common import UserError, print0
-from model import response_logprobs
+from model import check_checkpoint, kv_bytes_per_token, response_logprobs
 
 # -----------------------------------------------------------------------------
 # settings
-parser = argparse.ArgumentParser(description="Per-sample effect of SFT data on a policy's expected test reward.")
-parser.add_argument("--task", default="kk", help="task: kk, math, or an importable task module name")
-parser.add_argument("--checkpoint", default=None, help="the policy θ (HF checkpoint directory)")
-parser.add_argument("--eval_data", default=None, help="task split whose prompts define J (e.g. the test or a held-out split)")
-parser.add_argument("--num_eval_prompts", type=int, default=0,
-                    help="use N evaluation prompts, each difficulty in proportion, drawn with --seed (0 = all)")
-parser.add_argument("--sft_data", nargs="+", default=None,
-                    help="SFT jsonl file(s) {id, task, prompt, response}; each gets its own summary (e.g. teacher traces vs re-distilled samples)")
-parser.add_argument("--max_length", type=int, default=5000, help="longest SFT sample (prompt + response + EOS); longer is an error (as in redistill_sft.py)")
-parser.add_argument("--samples_per_prompt", type=int, default=8, help="responses per evaluation prompt for the ∇J estimate (paper's rollout.n = 8); >= 2")
-parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of J (paper's RL rollouts: 0.7)")
-parser.add_argument("--max_new_tokens", type=int, default=4096, help="response budget of the rollouts (paper: 4096); truncated = reward 0")
-parser.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="prompt template of the evaluation prompts")
-parser.add_argument("--gen_batch_size", type=int, default=64, help="most evaluation prompts per generation call (x k rows)")
-parser.add_argument("--kv_cache_gib", type=float, default=16.0,
-                    help="bound on one generation call's KV cache (GiB): fewer prompts per call when rows x (prompt + "
-                         "--max_new_tokens) would need more")
-parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts and of the --num_eval_prompts subset")
-# The paper's convention is unknown (paper.md 2.3): `mean` matches redistill_sft.py's default per-sequence-mean
-# loss (so η·mean SE predicts its SGD step), `sum` is the plain log-likelihood log π(y|x).
-parser.add_argument("--token_reduction", default="mean", choices=["mean", "sum"],
-                    help="log-likelihood of an SFT sample: mean or sum over its response tokens + EOS")
-parser.add_argument("--exact", type=common.str2bool, default=False,
-                    help="inner products with the full gradient of the chosen parameters (∇J held once in fp32; small models)")
-parser.add_argument("--proj_dim", type=int, default=4096, help="CountSketch dimension for the projected inner product (0 = off; needs --exact)")
-parser.add_argument("--proj_seed", type=int, default=0, help="seed of the CountSketch (keep it fixed to compare runs)")
-parser.add_argument("--params", default="", help="regex: only parameters whose names match (re.search) count (default: all)")
-parser.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16")
-parser.add_argument("--micro_batch_tokens", type=int, default=16384, help="tokens per packed forward/backward of the ∇J rollouts")
-parser.add_argument("--gradient_checkpointing", type=common.str2bool, default=False, help="recompute blocks in backward (long sequences)")
-parser.add_argument("--out", default="out/sample_effect/effects.jsonl", help="effects jsonl (summary written beside it as <stem>.summary.json)")
-parser.add_argument("--select", type=int, default=0, help="write the top-K samples (pooled over all files) to --select_out (0 = off)")
-parser.add_argument("--select_out", default=None, help="SFT jsonl for the top-K samples")
-parser.add_argument("--select_bottom", default=None, help="also write the bottom-K samples here (the control of the top-K experiment)")
-parser.add_argument("--select_by", default="sample_effect", choices=["sample_effect", "normalised"], help="ranking of --select")
-parser.add_argument("--log_every", type=int, default=100, help="a log line every this many SFT samples (per rank)")
-parser.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bars on rank 0")
+
+
+def get_parser():
+    p = common.new_parser("Per-sample effect of SFT data on a policy's expected test reward.")
+    p.add_argument("--task", default="kk", help="task: kk, math, or an importable task module name")
+    p.add_argument("--checkpoint", default=None, help="the policy θ (HF checkpoint directory)")
+    p.add_argument("--eval_data", default=None, help="task split whose prompts define J (e.g. the test or a held-out split)")
+    p.add_argument("--num_eval_prompts", type=int, default=0,
+                        help="use N evaluation prompts, each difficulty in proportion, drawn with --seed (0 = all)")
+    p.add_argument("--sft_data", nargs="+", default=None,
+                        help="SFT jsonl file(s) {id, task, prompt, response}; each gets its own summary (e.g. teacher traces vs re-distilled samples)")
+    p.add_argument("--max_length", type=int, default=5000, help="longest SFT sample (prompt + response + EOS); longer is an error (as in redistill_sft.py)")
+    p.add_argument("--samples_per_prompt", type=int, default=8, help="responses per evaluation prompt for the ∇J estimate (paper's rollout.n = 8); >= 2")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of J (paper's RL rollouts: 0.7)")
+    p.add_argument("--max_new_tokens", type=int, default=4096, help="response budget of the rollouts (paper: 4096); truncated = reward 0")
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="prompt template of the evaluation prompts")
+    p.add_argument("--gen_batch_size", type=int, default=64, help="most evaluation prompts per generation call (x k rows)")
+    p.add_argument("--kv_cache_gib", type=float, default=16.0,
+                        help="bound on one generation call's KV cache (GiB): fewer prompts per call when rows x (prompt + "
+                             "--max_new_tokens) would need more")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and of the --num_eval_prompts subset")
+    # The paper's convention is unknown (paper.md 2.3): `mean` matches redistill_sft.py's default per-sequence-mean
+    # loss (so η·mean SE predicts its SGD step), `sum` is the plain log-likelihood log π(y|x).
+    p.add_argument("--token_reduction", default="mean", choices=["mean", "sum"],
+                        help="log-likelihood of an SFT sample: mean or sum over its response tokens + EOS")
+    p.add_argument("--exact", type=common.str2bool, default=False,
+                        help="inner products with the full gradient of the chosen parameters (∇J held once in fp32; small models)")
+    p.add_argument("--proj_dim", type=int, default=4096, help="CountSketch dimension for the projected inner product (0 = off; needs --exact)")
+    p.add_argument("--proj_seed", type=int, default=0, help="seed of the CountSketch (keep it fixed to compare runs)")
+    p.add_argument("--params", default="", help="regex: only parameters whose names match (re.search) count (default: all)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16")
+    p.add_argument("--micro_batch_tokens", type=int, default=16384, help="tokens per packed forward/backward of the ∇J rollouts")
+    p.add_argument("--gradient_checkpointing", type=common.str2bool, default=False, help="recompute blocks in backward (long sequences)")
+    p.add_argument("--out", default="out/sample_effect/effects.jsonl", help="effects jsonl (summary written beside it as <stem>.summary.json)")
+    p.add_argument("--select", type=int, default=0, help="write the top-K samples (pooled over all files) to --select_out (0 = off)")
+    p.add_argument("--select_out", default=None, help="SFT jsonl for the top-K samples")
+    p.add_argument("--select_bottom", default=None, help="also write the bottom-K samples here (the control of the top-K experiment)")
+    p.add_argument("--select_by", default="sample_effect", choices=["sample_effect", "normalised"], help="ranking of --select")
+    p.add_argument("--log_every", type=int, default=100, help="a log line every this many SFT samples (per rank)")
+    p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bars on rank 0")
+    return p
 
 
 # -----------------------------------------------------------------------------
@@ -156,17 +115,17 @@ def accumulate_policy_gradient(model, items, temperature, micro_batch_tokens, au
     Identical sequences are merged (weights summed; short answers repeat often), zero weights skipped, the rest
     packed into micro-batches of at most micro_batch_tokens. Every rank runs as many micro-batches (FSDP's
     forward and backward are collectives). Returns the number of tokens back-propagated."""
-    from common import idle_pass
+    from parallel import idle_pass
     merged = {}
     for it in items:
         key = (tuple(it["input_ids"]), it["start"])
         merged[key] = merged.get(key, 0.0) + it["weight"]
     items = sorted(({"input_ids": list(ids), "start": start, "weight": w} for (ids, start), w in merged.items() if w != 0),
                    key=lambda it: (-len(it["input_ids"]), it["input_ids"]))
-    batches = [[items[i] for i in mb] for mb in common.micro_batches([len(it["input_ids"]) for it in items],
+    batches = [[items[i] for i in mb] for mb in parallel.micro_batches([len(it["input_ids"]) for it in items],
                                                                     micro_batch_tokens)]
     tokens = 0
-    for batch in common.even_out(batches):
+    for batch in parallel.even_out(batches):
         if batch is None:  # this rank is done; join the others' collectives
             with autocast():
                 idle_pass(model)
@@ -193,7 +152,7 @@ class CountSketch:
         import torch
         out = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
         for j, (n, t) in enumerate(zip(self.numels, tensors)):
-            g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + j)
+            g = torch.Generator(device=self.device).manual_seed(common.derive_seed(self.seed, j))
             flat = t.reshape(-1)
             for s in range(0, n, self.chunk):
                 m = min(self.chunk, n - s)
@@ -286,7 +245,7 @@ def write_selection(path, chosen):
 
 
 def main(argv=None):
-    args = common.parse_settings(parser, argv)
+    args = common.parse_settings(get_parser(), argv)
     if not args.checkpoint or not args.eval_data or not args.sft_data:
         raise UserError("give --checkpoint DIR, --eval_data SPLIT.jsonl and --sft_data FILE [FILE ...]")
     if args.samples_per_prompt < 2:
@@ -295,9 +254,7 @@ def main(argv=None):
         raise UserError("--temperature must be > 0 (J is the expected reward of sampling)")
     if args.proj_dim < 0 or (args.proj_dim == 0 and not args.exact):
         raise UserError("give --proj_dim > 0, --exact true, or both")
-    for name in ("max_new_tokens", "gen_batch_size", "micro_batch_tokens", "max_length", "log_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    common.check_positive(args, "max_new_tokens", "gen_batch_size", "micro_batch_tokens", "max_length", "log_every")
     if args.kv_cache_gib <= 0:
         raise UserError(f"--kv_cache_gib must be > 0, got {args.kv_cache_gib}")
     if args.num_eval_prompts < 0 or args.select < 0:
@@ -312,14 +269,14 @@ def main(argv=None):
         param_re = re.compile(args.params)
     except re.error as e:
         raise UserError(f"--params {args.params!r}: not a valid regular expression ({e})")
-    task = common.get_task(args.task)
-    common.check_checkpoint(args.checkpoint)
+    task = tasks.get_task(args.task)
+    check_checkpoint(args.checkpoint)
 
     import torch
     from tqdm import tqdm
-    from common import full_copy, full_tensor, shard_model
+    from parallel import full_copy, full_tensor, shard_model
     from model import load_model, load_tokenizer, parse_dtype
-    rank, world, device = common.dist_setup()
+    rank, world, device = parallel.dist_setup()
     compute_dtype = parse_dtype(args.dtype, device)
     autocast = (nullcontext if compute_dtype == torch.float32
                 else (lambda: torch.autocast(device.type, dtype=compute_dtype)))
@@ -327,15 +284,15 @@ def main(argv=None):
 
     # ---- data: SFT samples (checked against --task) and evaluation prompts
     tokenizer = load_tokenizer(args.checkpoint)
-    examples = common.load_sft_examples(args.sft_data, tokenizer, args.max_length)
+    examples = tasks.load_sft_examples(args.sft_data, tokenizer, args.max_length)
     for ex in examples:
         if ex["task"] is not None and ex["task"] != args.task:
             raise UserError(f"{ex['file']}:{ex['line']}: sample {ex['id']!r} is for task {ex['task']!r}, "
                             f"but --task is {args.task!r}")
     if args.select > len(examples):
         raise UserError(f"--select {args.select} > the {len(examples)} SFT samples given")
-    records = common.load_records(task, args.task, args.eval_data, tokenizer, args.template)
-    records, eval_subset = common.stratified_subset(records, args.num_eval_prompts, task.DIFFICULTY, args.seed)
+    records = tasks.load_records(task, args.task, args.eval_data, tokenizer, args.template)
+    records, eval_subset = tasks.stratified_subset(records, args.num_eval_prompts, task.DIFFICULTY, args.seed)
     print0(f"evaluation prompts: {eval_subset}")
 
     # ---- model and the parameters that count
@@ -361,26 +318,26 @@ def main(argv=None):
     t0 = time.time()
     gen_model = full_copy(model, compute_dtype)
     cfg = model.config  # bytes per cached token: keys and values of every layer, in the compute dtype
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * compute_dtype.itemsize
+    per_token = kv_bytes_per_token(cfg, compute_dtype.itemsize)
     prompts = [task.render_prompt(r, tokenizer, args.template) for r in records]
-    longest = max(map(len, common.encode_prompts(tokenizer, prompts)))
+    longest = max(map(len, tasks.encode_prompts(tokenizer, prompts)))
     size = gen_chunk_size(len(records), world, args.gen_batch_size, args.samples_per_prompt, per_token, longest + args.max_new_tokens,
                           args.kv_cache_gib * 2**30)
     chunks = [list(range(s, min(s + size, len(records)))) for s in range(0, len(records), size)]
     print0(f"rollouts: {len(chunks)} generation call(s) of <= {size} prompts x {args.samples_per_prompt} over {world} rank(s); "
            f"KV cache <= {size * args.samples_per_prompt * (longest + args.max_new_tokens) * per_token / 2**30:.1f} GiB per call")
     items, rewards, gen_tokens = [], [], 0
-    my_chunks = common.shard(list(range(len(chunks))), rank, world)
+    my_chunks = parallel.rank_share(list(range(len(chunks))), rank, world)
     bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks) * args.samples_per_prompt, desc="rollouts",
                disable=not args.progress or rank != 0, dynamic_ncols=True)
     for c in my_chunks:
-        out = common.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]], n=args.samples_per_prompt,
+        out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]], n=args.samples_per_prompt,
                                       temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                                      seed=args.seed * 1_000_003 + c, template=args.template,
+                                      seed=common.derive_seed(args.seed, c), template=args.template,
                                       batch_size=size, progress=False)
         for j in range(len(chunks[c])):
             group = out[j * args.samples_per_prompt:(j + 1) * args.samples_per_prompt]
-            prompt_ids = common.encode_prompts(tokenizer, [group[0]["prompt"]])[0]
+            prompt_ids = tasks.encode_prompts(tokenizer, [group[0]["prompt"]])[0]
             rs = [float(s["reward"]) for s in group]
             rewards.append(rs)
             for s, w in zip(group, rloo_weights(rs)):
@@ -397,7 +354,7 @@ def main(argv=None):
     bwd_tokens = accumulate_policy_gradient(model, items, args.temperature, args.micro_batch_tokens,
                                             scale=1.0 / (len(records) * args.samples_per_prompt))
     grads = [full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
-    stats = common.all_reduce(torch.tensor([sum(map(sum, rewards)), sum(len(set(r)) > 1 for r in rewards), gen_tokens,
+    stats = parallel.all_reduce(torch.tensor([sum(map(sum, rewards)), sum(len(set(r)) > 1 for r in rewards), gen_tokens,
                                             bwd_tokens], dtype=torch.float64))
     mean_reward, informative, gen_tokens, bwd_tokens = stats.tolist()
     mean_reward /= len(records) * args.samples_per_prompt
@@ -406,7 +363,7 @@ def main(argv=None):
               "informative_prompts": int(informative)}
     if informative == 0:
         raise UserError(f"all {args.samples_per_prompt} rollouts of every evaluation prompt got the same reward (mean reward "
-                        f"{mean_reward:.3f}), so the ∇J estimate is zero; use more prompts, a larger --k, or a "
+                        f"{mean_reward:.3f}), so the ∇J estimate is zero; use more prompts, a larger --samples_per_prompt, or a "
                         f"policy whose accuracy on --eval_data lies strictly between 0 and 1")
     exact_ref = sketch = sketch_ref = None
     if args.exact:
@@ -434,7 +391,7 @@ def main(argv=None):
         p.requires_grad_(n in chosen)
     params = [p for n, p in plain.named_parameters() if n in chosen]
     del model
-    mine = common.shard(list(range(len(examples))), rank, world)
+    mine = parallel.rank_share(list(range(len(examples))), rank, world)
     bar = tqdm(total=len(mine), desc="sample effects", disable=not args.progress or rank != 0, dynamic_ncols=True)
     t0, done, tokens = time.time(), [0], [0]
 
@@ -451,7 +408,7 @@ def main(argv=None):
     bar.close()
     seconds = time.time() - t0
     rows = [{"index": i, **r} for i, r in zip(mine, res)]
-    rows = common.gather_lists(rows, key=lambda r: r["index"])
+    rows = parallel.gather_lists(rows, key=lambda r: r["index"])
     effects = []
     for r in rows:
         ex = examples[r.pop("index")]
@@ -479,7 +436,7 @@ def main(argv=None):
            f"rank(s)); token reduction {args.token_reduction}\n\n" + summary_table(per_file, columns) + "\n")
     print0(f"wrote {args.out}" + (f", {args.select_out}" if args.select else "") +
            (f", {args.select_bottom}" if args.select_bottom else ""))
-    common.dist_cleanup()
+    parallel.dist_cleanup()
 
 
 if __name__ == "__main__":

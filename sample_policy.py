@@ -1,37 +1,35 @@
 """
 Turn an RL policy into a re-distillation SFT set (the paper's section 3 recipe).
 
-  --from_checkpoint DIR   sample n responses per prompt of a task split with our generation engine
-                          (the paper's variant A: greedy, n=1, on the cold-start SFT prompts), prompts
-                          sharded over torchrun ranks and merged on rank 0
-  --from_rollouts RUN_DIR read RUN_DIR/rollouts/step_NNNNNN.jsonl of train_rl.py for a range of steps
-                          (the paper's variant B: steps 115-125 of the K&K run, T=0.7, n=8)
+  --from_checkpoint DIR   sample n responses per prompt of a task split with our engine (the paper's set A:
+                          greedy, n=1, on the cold-start SFT prompts), prompts shared out over torchrun ranks
+  --from_rollouts RUN_DIR read train_rl.py's RUN_DIR/rollouts/step_NNNNNN.jsonl for a range of steps (the
+                          paper's set B: steps 115-125 of the K&K run, T=0.7, n=8)
 
-Then, as the paper: keep responses with reward 1.0 that finished with EOS; drop identical responses to the
-same prompt and keep at most --max_per_prompt per prompt (the paper keeps the first occurrence per puzzle);
-shuffle with --seed; keep the first --num_examples (paper: 1,000 K&K, 500 MATH); write SFT jsonl
-{"id","task","prompt","response","source","reward"} atomically. The prompt is the exact rendered text the
-policy saw and the response the decoded text it produced, without the stop token (redistill_sft.py
-appends EOS when it trains).
+Then, as the paper: keep the responses with reward 1 that finished with EOS, drop repeats, keep at most
+--max_per_prompt per prompt, shuffle with --seed and keep --num_examples. Writes SFT jsonl {"id", "task",
+"prompt", "response", "source", "reward"} atomically: the exact prompt the policy saw and its decoded response
+without the stop token (redistill_sft.py appends EOS).
 
-Usage:
-  python sample_policy.py --from_checkpoint runs/rl_kk/step_000125 --task kk --split data/kk/sft.jsonl \\
+  python sample_policy.py --from_checkpoint runs/rl_kk/step_000125 --task kk --split data/kk/sft.jsonl \
       --out data/kk/redistill_a.jsonl --temperature 0 --max_new_tokens 4096
-  torchrun --nproc_per_node=8 sample_policy.py --from_checkpoint ... (same settings; one shard per rank)
+  torchrun --nproc_per_node=8 sample_policy.py --from_checkpoint ... (same settings; a share per rank)
   python sample_policy.py --from_rollouts runs/rl_kk --steps 125,115-124 --task kk --out data/kk/redistill_b.jsonl
 """
-import argparse
 import os
 import random
 import re
 
 import common
+import engine
+import parallel
+import tasks
 from common import UserError, print0
 from model import STOP_TOKENS
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Sample a policy (checkpoint or RL rollout log) into a re-distillation SFT set.")
+    p = common.new_parser("Sample a policy (checkpoint or RL rollout log) into a re-distillation SFT set.")
     p.add_argument("--from_checkpoint", default=None, help="policy checkpoint (Hugging Face directory) to sample")
     p.add_argument("--from_rollouts", default=None, help="instead: an RL run directory holding rollouts/step_NNNNNN.jsonl (train_rl.py's log)")
     p.add_argument("--task", default=None, help="task: kk, math, or a module name with the task interface (required)")
@@ -47,7 +45,7 @@ def get_parser():
     p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="prompt template (auto = chat when the tokenizer has one)")
     p.add_argument("--batch_size", type=int, default=64, help="prompts per generation batch (x n rows)")
     p.add_argument("--dtype", default="auto", help="weights dtype for sampling: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
-    p.add_argument("--limit", type=int, default=0, help="use only the first this many records of --split (0 = all)")
+    p.add_argument("--limit", type=int, default=0, help="use only this many records of --split, each difficulty in proportion (seeded by --seed; 0 = all)")
     # rollouts (--from_rollouts)
     p.add_argument("--steps", default=None, help="--from_rollouts: RL steps to read, in order, e.g. 115-125 or "
                    "125,115-124 (the paper's variant B reads step 125 first, then 115..124)")
@@ -84,32 +82,16 @@ def parse_steps(text):
     return steps
 
 
-ROLLOUT_FIELDS = {"step": int, "id": (str, int), "prompt": str, "response": str, "reward": (int, float),
-                  "finished": bool, "length": int}
-
-
 def read_rollouts(run_dir, steps):
-    """The records of RUN_DIR/rollouts/step_N.jsonl for each step, in the order given, each field checked."""
-    samples = []
+    """The rows of RUN_DIR/rollouts/step_N.jsonl for each step, in the order given, each field checked."""
+    logs, samples = tasks.rollout_logs(run_dir), []
     for step in steps:
-        # train_rl.py writes step_000125.jsonl; step_125.jsonl is read too
-        path = next((p for p in (os.path.join(run_dir, "rollouts", f"step_{step:06d}.jsonl"),
-                                 os.path.join(run_dir, "rollouts", f"step_{step}.jsonl")) if os.path.isfile(p)), None)
-        if path is None:
-            path = os.path.join(run_dir, "rollouts", f"step_{step:06d}.jsonl")
-            have = sorted(int(m.group(1)) for f in os.listdir(os.path.join(run_dir, "rollouts"))
-                          if (m := re.fullmatch(r"step_(\d+)\.jsonl", f))) if os.path.isdir(os.path.join(run_dir, "rollouts")) else []
-            raise UserError(f"{path}: file not found (rollout steps present: "
+        if step not in logs:
+            have = sorted(logs)
+            raise UserError(f"{tasks.rollout_log_path(run_dir, step)}: file not found (rollout steps present: "
                             f"{f'{have[0]}..{have[-1]} ({len(have)} files)' if have else 'none'})")
-        for lineno, rec in enumerate(common.read_jsonl(path, required=tuple(ROLLOUT_FIELDS), torn_tail=True), 1):
-            for field, types in ROLLOUT_FIELDS.items():
-                value = rec[field]
-                if not isinstance(value, types) or isinstance(value, bool) != (types is bool):
-                    raise UserError(f"{path}: record {lineno}: field '{field}' has {type(value).__name__} {value!r}, "
-                                    f"expected {types.__name__ if isinstance(types, type) else ' or '.join(t.__name__ for t in types)}")
-            if rec["step"] != step:
-                raise UserError(f"{path}: record {lineno}: field 'step' is {rec['step']}, expected {step} (the file's step)")
-            samples.append({**rec, "source": path})
+        rows = tasks.read_rollout_log(logs[step], step, ("step", "id", "prompt", "response", "reward", "finished", "length"))
+        samples += [{**row, "source": logs[step]} for row in rows]
     return samples
 
 
@@ -119,22 +101,21 @@ def sample_checkpoint(args, task, rank, world, device):
     from model import load_model, load_tokenizer, parse_dtype, read_config
     read_config(args.from_checkpoint)  # a clear error when it is no checkpoint
     tokenizer = load_tokenizer(args.from_checkpoint)
-    records = common.load_records(task, args.task, args.split, tokenizer, args.template)
-    if args.limit:
-        records = records[:args.limit]
+    records = tasks.load_records(task, args.task, args.split, tokenizer, args.template)
+    records, subset = tasks.stratified_subset(records, args.limit, task.DIFFICULTY, args.seed)
     dtype = parse_dtype(args.dtype, device)
     model = load_model(args.from_checkpoint, dtype=dtype, device=device)
     model.eval()
     # Check every prompt's length on every rank before sharding, so that all ranks stop together.
-    common.check_prompts_fit(common.task_prompt_ids(tokenizer, task, records, args.template), records,
+    tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, records, args.template), records,
                              args.max_new_tokens, model.config.max_position_embeddings, args.split)
-    order = common.shard(list(range(len(records))), rank, world)
-    print0(f"sampling {args.from_checkpoint}: {len(records)} prompts x {args.samples_per_prompt} on {world} rank(s), "
+    order = parallel.rank_share(list(range(len(records))), rank, world)
+    print0(f"sampling {args.from_checkpoint}: {subset} prompts x {args.samples_per_prompt} on {world} rank(s), "
            f"T={args.temperature}, top_p={args.top_p}, max_new_tokens={args.max_new_tokens}")
     with torch.no_grad():
-        mine = common.sample_responses(model, tokenizer, task, [records[i] for i in order], n=args.samples_per_prompt,
+        mine = engine.sample_responses(model, tokenizer, task, [records[i] for i in order], n=args.samples_per_prompt,
                                        temperature=args.temperature, top_p=args.top_p,
-                                       max_new_tokens=args.max_new_tokens, seed=args.seed * 1000 + rank,
+                                       max_new_tokens=args.max_new_tokens, seed=common.derive_seed(args.seed, rank),
                                        template=args.template, batch_size=args.batch_size, desc="sample",
                                        progress=args.progress)
     # sample_responses returns record order then sample order: attach each sample's record index
@@ -142,7 +123,7 @@ def sample_checkpoint(args, task, rank, world, device):
         s["index"], s["rank"] = order[k // args.samples_per_prompt], rank
         s["source"] = os.path.abspath(args.from_checkpoint)
         del s["logprobs"]
-    return common.gather_lists(mine, key=lambda s: (s["index"], s["sample"])), records
+    return parallel.gather_lists(mine, key=lambda s: (s["index"], s["sample"])), records
 
 
 # -----------------------------------------------------------------------------
@@ -205,14 +186,12 @@ def main(argv=None):
         raise UserError("--from_rollouts needs --steps, e.g. 115-125")
     if args.from_checkpoint and args.steps:
         raise UserError("--steps applies to --from_rollouts only")
-    for name in ("samples_per_prompt", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    common.check_positive(args, "samples_per_prompt", "max_new_tokens", "batch_size")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {args.temperature}, {args.top_p})")
-    task = common.get_task(args.task)
+    task = tasks.get_task(args.task)
 
-    rank, world, device = common.dist_setup()
+    rank, world, device = parallel.dist_setup()
     if args.from_checkpoint:
         samples, _ = sample_checkpoint(args, task, rank, world, device)
     else:  # every rank reads and selects (cheap), so that an error stops all of them; rank 0 writes
@@ -226,7 +205,7 @@ def main(argv=None):
         if stripped:
             print0(f"note: removed a trailing stop-token string from {stripped} rollout responses (SFT appends EOS)")
         if args.split:  # the paper re-checks the rollouts with the task's score; the score of now is what counts
-            by_id = {str(r["id"]): r for r in task.load_split(args.split)}
+            by_id = {str(r["id"]): r for r in tasks.load_records(task, args.task, args.split, None, "plain")}
             missing = sorted({str(s["id"]) for s in samples} - set(by_id))
             if missing:
                 raise UserError(f"{args.split}: no record for rollout id {missing[0]!r} ({len(missing)} ids missing)")
@@ -255,7 +234,7 @@ def main(argv=None):
                  **({"step": s["step"]} if "step" in s else {"sample": s["sample"]})} for s in kept]
         common.write_jsonl(args.out, rows)
         print0(f"wrote {len(rows)} SFT examples to {args.out}" + ("" if rows else " (none correct: --allow_empty true)"))
-    common.dist_cleanup()
+    parallel.dist_cleanup()
 
 
 if __name__ == "__main__":

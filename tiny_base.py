@@ -1,33 +1,19 @@
 """
-The tiny preset's "base model" inputs: a K&K pre-training corpus and a small BPE tokenizer trained on it.
+The tiny preset's "base model" inputs, built here because nothing can be downloaded for the CPU preset:
 
-Nothing can be downloaded for the CPU preset, so reproduce.sh builds its own "base": this script writes
-  OUT_DIR/pretrain.jsonl   {"text": ...} documents: K&K puzzles of their own random stream (never a puzzle
-                           of the --exclude splits), in the plain Question/Answer format -- not the chat
-                           format of the SFT data, so the cold start still has something to teach
-  OUT_DIR/tokenizer/       byte-level BPE (build_tokenizer below: Qwen-style specials and chat template)
-and redistill_sft.py --init_tiny true --pretrain_text OUT_DIR/pretrain.jsonl pre-trains the base on it.
+  OUT_DIR/pretrain.jsonl   {"text": ...} documents: K&K puzzles of their own random stream (never one of the
+                           --exclude splits) in the plain Question/Answer format, not the SFT data's chat format
+  OUT_DIR/tokenizer/       a byte-level BPE with Qwen-style special tokens and chat template (build_tokenizer)
 
---text_format chooses what a document holds after the question:
-  answer  only the final answer sentence ("Answer: Zoey is a knave, Oliver is a knight.")
-  trace   the official step-by-step trace and the boxed answer (what the teacher SFT data also holds)
-  table   the truth-table chain of thought (kk_data.table_rows) and the boxed answer
-  mixed   --trace_fraction of the documents as `trace`, the rest as `answer`
---drill_per_people adds claim drills: one random claim and its truth value under every assignment of its
-people, in the table's row order ("Claim: Liam is a knave and Emma is a knight.\nknight knight: false\n...").
-They practise the table's one hard step, a claim's value under a row, without a puzzle around it.
+redistill_sft.py --init_tiny true --pretrain_text OUT_DIR/pretrain.jsonl then pre-trains the base on it.
+--text_format picks what follows each question (answer, trace, table, mixed); --drill_per_people adds claim
+drills (one claim's truth value under every assignment: the table's one hard step). --probe CKPT instead measures
+what a checkpoint knows in this pre-training format: greedy answers to a split's questions, asked as the documents
+ask them (the ceiling a cold start and GRPO can bring out of the base; docs/tiny_preset.md).
 
---probe CKPT measures instead what a checkpoint knows in this pre-training format: greedy answers to a split's
-questions, asked as the documents ask them ("Question:\n...\nAnswer:\n"), scored like kk_data.score on the
-boxed answer of a table document or the answer sentence (no \boxed{}) of an answer document. For the base
-this is its ability before any chat-format SFT: the ceiling a cold start and GRPO can bring out of it (README
-"The tiny preset: results").
-
-Usage:
   python tiny_base.py --out_dir runs/tiny/base_data --exclude data/tiny/test.jsonl data/tiny/sft.jsonl
   python tiny_base.py --probe runs/tiny/base/final --probe_split data/tiny/test.jsonl --probe_out runs/tiny/base_probe.json
 """
-import argparse
 import json
 import os
 import random
@@ -37,8 +23,10 @@ import numpy as np
 import torch
 
 import common
+import engine
+import tasks
 import kk_data
-from model import ModelConfig, SUPPORTED, Transformer, load_model, load_tokenizer
+from model import load_model, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # tiny tokenizers and models, built offline (the CPU preset and the tests use these)
@@ -88,66 +76,35 @@ def build_tokenizer(texts, vocab_size=1024, path=None, pad_to=None):
     return hf
 
 
-def tiny_config(vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=None,
-                max_position_embeddings=2048, tie_word_embeddings=True, arch="Qwen2ForCausalLM", **extra) -> dict:
-    """A HF config.json dict for a small model of one of the supported architectures."""
-    cfg = {"architectures": [arch], "model_type": {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}[SUPPORTED[arch]],
-           "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size or 3 * hidden_size,
-           "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
-           "head_dim": hidden_size // num_heads, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
-           "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": tie_word_embeddings,
-           "attention_dropout": 0.0, "use_sliding_window": False, "bos_token_id": None, "eos_token_id": None}
-    if SUPPORTED[arch] == "llama":
-        cfg.update(attention_bias=False, mlp_bias=False)
-    if SUPPORTED[arch] == "qwen3":
-        cfg.update(attention_bias=False)
-    cfg.update(extra)
-    return cfg
-
-
-def build_model(hf_config: dict, seed=0, std=0.02) -> Transformer:
-    """A Transformer of this config.json dict with fresh weights like HF's initialisation: normal(0, std)
-    matrices, zero biases, unit norms."""
-    model = Transformer(ModelConfig.from_hf(hf_config))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.ndim == 1:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
 # -----------------------------------------------------------------------------
 # the script: pre-training text and tokenizer, or --probe
 
-parser = argparse.ArgumentParser(description="K&K pre-training text and a tiny BPE tokenizer for the tiny preset's base model.")
-parser.add_argument("--out_dir", default="runs/tiny/base_data", help="writes pretrain.jsonl and tokenizer/ here")
-parser.add_argument("--people", default="2-4", help="people counts of the pre-training puzzles (range 2-4 or list 2,3)")
-parser.add_argument("--per_people", default="1000", help="puzzles per people count (one number, or one per count)")
-parser.add_argument("--seed", type=int, default=300000, help="seed of the pre-training puzzle stream (differs from the splits')")
-parser.add_argument("--exclude", nargs="*", default=[], help="split files whose puzzles must not appear in the text (test, SFT pool)")
-parser.add_argument("--text_format", default="mixed", choices=("answer", "trace", "table", "mixed"), help="what follows each question (see the docstring)")
-parser.add_argument("--trace_fraction", type=float, default=0.5, help="--text_format mixed: share of documents with the trace")
-parser.add_argument("--drill_people", default="2-3", help="people counts of the claim drills (range or list)")
-parser.add_argument("--drill_per_people", default="0", help="claim drills per people count (one number, or one per count; 0 = none)")
-parser.add_argument("--fixed_names", type=common.str2bool, default=False,
-                    help="person i is always the i-th official name (as kk_data.py --fixed_names; use the splits' setting)")
-parser.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size (special tokens included)")
-# --probe mode: write no corpus; score a checkpoint's greedy answers in the pre-training format
-parser.add_argument("--probe", default="", help="checkpoint to probe instead of writing the corpus (see the docstring)")
-parser.add_argument("--probe_split", default="", help="--probe: the K&K split whose questions are asked")
-parser.add_argument("--probe_out", default="", help="--probe: JSON file of the result ('' = print only)")
-parser.add_argument("--probe_tokens", type=int, default=120, help="--probe: answer budget in tokens (longer = wrong)")
-parser.add_argument("--probe_batch", type=int, default=200, help="--probe: questions per generation batch")
+def get_parser():
+    p = common.new_parser("K&K pre-training text and a tiny BPE tokenizer for the tiny preset's base model.")
+    p.add_argument("--out_dir", default="runs/tiny/base_data", help="writes pretrain.jsonl and tokenizer/ here")
+    p.add_argument("--people", default="2-4", help="people counts of the pre-training puzzles (range 2-4 or list 2,3)")
+    p.add_argument("--per_people", default="1000", help="puzzles per people count (one number, or one per count)")
+    p.add_argument("--seed", type=int, default=300000, help="seed of the pre-training puzzle stream (differs from the splits')")
+    p.add_argument("--exclude", nargs="*", default=[], help="split files whose puzzles must not appear in the text (test, SFT pool)")
+    p.add_argument("--text_format", default="mixed", choices=("answer", "trace", "table", "mixed"), help="what follows each question (see the docstring)")
+    p.add_argument("--trace_fraction", type=float, default=0.5, help="--text_format mixed: share of documents with the trace")
+    p.add_argument("--drill_people", default="2-3", help="people counts of the claim drills (range or list)")
+    p.add_argument("--drill_per_people", default="0", help="claim drills per people count (one number, or one per count; 0 = none)")
+    p.add_argument("--fixed_names", type=common.str2bool, default=False,
+                        help="person i is always the i-th official name (as kk_data.py --fixed_names; use the splits' setting)")
+    p.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size (special tokens included)")
+    # --probe mode: write no corpus; score a checkpoint's greedy answers in the pre-training format
+    p.add_argument("--probe", default="", help="checkpoint to probe instead of writing the corpus (see the docstring)")
+    p.add_argument("--probe_split", default="", help="--probe: the K&K split whose questions are asked")
+    p.add_argument("--probe_out", default="", help="--probe: JSON file of the result ('' = print only)")
+    p.add_argument("--probe_tokens", type=int, default=120, help="--probe: answer budget in tokens (longer = wrong)")
+    p.add_argument("--probe_batch", type=int, default=200, help="--probe: questions per generation batch")
+    return p
 
 
 def document(record, style):
     if style == "trace":  # "Question:\n...\nAnswer:\nLet's think step by step.\n" + the trace
-        return common.PLAIN_TEMPLATE.format(question=record["question"]) + "\n" + kk_data.teacher_response(record)
+        return tasks.PLAIN_TEMPLATE.format(question=record["question"]) + "\n" + kk_data.teacher_response(record)
     if style == "table":
         return answer_prompt(record) + kk_data.teacher_response(record, "table")
     return answer_prompt(record) + kk_data.answer_text(record) + "."
@@ -157,7 +114,7 @@ def claim_drill(rng, names):
     """One random claim (the puzzles' own statement sampler) and its truth value on every table row."""
     n = len(names)
     statement = kk_data.sample_statement(rng, n, int(rng.integers(0, n)), kk_data.DEPTH)
-    values = kk_data.evaluate(statement, kk_data.knight_masks(n))
+    values = kk_data.truth_value(statement, kk_data.knight_masks(n))
     rows = [f"{kk_data.roles_text(roles)}: {'true' if values[column] else 'false'}"
             for roles, column in kk_data.table_order(n)]
     return f"Claim: {kk_data.format_statement(names, kk_data.KNIGHT_KNAVE, statement)}.\n" + "\n".join(rows)
@@ -165,7 +122,7 @@ def claim_drill(rng, names):
 
 def answer_prompt(record):
     """An answer-format document up to its answer: "Let's think step by step." dropped, the answer follows at once."""
-    return common.PLAIN_TEMPLATE.format(question=record["question"]).rsplit("\n", 1)[0] + "\n"
+    return tasks.PLAIN_TEMPLATE.format(question=record["question"]).rsplit("\n", 1)[0] + "\n"
 
 
 def answer_line(response):
@@ -175,7 +132,7 @@ def answer_line(response):
     return boxed if boxed is not None else response.strip().split("\n")[0].rstrip(".")
 
 
-# the pre-training documents as a task for common.sample_responses: their prompt, scored on answer_line
+# the pre-training documents as a task for engine.sample_responses: their prompt, scored on answer_line
 ANSWER_FORMAT = types.SimpleNamespace(
     render_prompt=lambda record, tokenizer, template: answer_prompt(record),
     score=lambda response, record, finished: float(finished and kk_data.answer_is_right(answer_line(response), record)))
@@ -189,7 +146,7 @@ def probe(args):
     model, tokenizer = load_model(args.probe), load_tokenizer(args.probe)
     model.eval()
     records = kk_data.load_split(args.probe_split)
-    samples = common.sample_responses(model, tokenizer, ANSWER_FORMAT, records, max_new_tokens=args.probe_tokens,
+    samples = engine.sample_responses(model, tokenizer, ANSWER_FORMAT, records, max_new_tokens=args.probe_tokens,
                                       batch_size=args.probe_batch, desc="probe", progress=False)
     per_people = {}
     for record, sample in zip(records, samples):
@@ -209,7 +166,7 @@ def probe(args):
 
 
 def main(argv=None):
-    args = common.parse_settings(parser, argv)
+    args = common.parse_settings(get_parser(), argv)
     if args.probe:
         return probe(args)
     people = kk_data.parse_people(args.people, "people")
@@ -235,7 +192,7 @@ def main(argv=None):
     common.write_jsonl(os.path.join(args.out_dir, "pretrain.jsonl"), docs)
     # the tokenizer sees the pre-training text, the official trace's wording and the chat prompt's system text
     texts = [d["text"] for d in docs] + [r["question"] + "\n" + kk_data.teacher_response(r) for r in records[:2000]]
-    texts.append(common.SYSTEM_PROMPT)
+    texts.append(tasks.SYSTEM_PROMPT)
     tok = build_tokenizer(texts, vocab_size=args.vocab_size, path=os.path.join(args.out_dir, "tokenizer"))
     lengths = [len(tok(d["text"])["input_ids"]) for d in docs]
     print(f"wrote {len(docs)} documents ({sum(lengths)} tokens, longest {max(lengths)}) to "

@@ -1,60 +1,25 @@
 """
-What RL changed, token by token: the base and the RL policy compared position by position along responses, and
-the causal test of whether those few positions carry RL's gain. After "Sparse but Critical: A Token-Level
-Analysis of Distributional Shifts in RLVR Fine-Tuning of LLMs" (Meng et al., arXiv 2603.22446, ICLR 2026), which
-released no code: ../shared/research/limr_sparse.md section B holds every definition and number we could find.
+What RL changed, token by token: a base and an RL policy compared at every position of responses, and the causal
+test of whether those few positions carry RL's gain. After "Sparse but Critical" (Meng et al., arXiv 2603.22446),
+which released no code; the definitions we use and every output field: docs/token_shift.md.
 
-1. Divergence along responses (the default mode)
+1. Divergence along responses (the default mode): JS between the two models' tempered, top-p next-token
+   distributions at every response token and the EOS, with entropies, top-k overlaps at high-JS positions, and the
+   tokens where it is high. Writes OUT_DIR/tokens.jsonl, summary.json and token_shift.png.
 
     python token_shift.py --base runs/tiny/sft/final --policy runs/tiny/rl/step_000100 \\
         --responses runs/tiny/rl/rollouts/step_000100.jsonl --out_dir out/shift
     torchrun --nproc_per_node=8 token_shift.py ...     # responses sharded over ranks, both models FSDP-sharded
 
-   Each response (SFT jsonl {"id", "prompt", "response"}, or train_rl.py's rollout log, whose rows add
-   "finished") is tokenized as redistill_sft.py tokenizes SFT data (common.sft_token_ids: the prompt, then the
-   response, then EOS; a rollout that hit the length limit has no EOS, so it gets none). Both models run the
-   packed training forward over it, and at every response position t (each response token and the EOS):
-
-       p_t, q_t = softmax(logits / T) of the base and of the policy, each truncated to its own top-p nucleus
-                  and renormalised (--top_p 1: the full distributions)
-       JS_t     = KL(p_t || m) / 2 + KL(q_t || m) / 2,  m = (p_t + q_t) / 2,  in nats (0 to ln 2)
-       H(p_t), H(q_t): the entropies of the same two distributions
-
-   At high-JS positions (JS > --high_js; the paper's 0.1), on the full tempered distributions: the top-k overlap
-   |top_k(p) & top_k(q)| / k for k = 1..5, and the base's rank and probability of the policy's top-1 token.
-
-   OUT_DIR/tokens.jsonl  one row per response, input order: {"id", "file", "line", "token_ids", "tokens", "js",
-                         "entropy_base", "entropy_policy"}, each list over the positions
-   OUT_DIR/summary.json  the shares of positions with JS < 1e-3, < 1e-2 and > --high_js; JS by relative position
-                         (deciles of the response) and by base-entropy bin; base and policy entropy by JS bin; at
-                         high-JS positions the top-k overlaps and the base's rank and probability of the policy's
-                         top-1 token; the most frequent high-JS tokens (with the share of all their occurrences
-                         that are high-JS)
-   OUT_DIR/token_shift.png  (when matplotlib is installed)
-
-2. Cross-sampling (--cross forward|backward)
+2. Cross-sampling (--cross forward|backward): the two models decode in lock-step and the intervention model draws
+   where JS > eps; accuracy and the switched budget per eps, against a random-position control at the same
+   budget. Writes OUT_DIR/cross_DIRECTION.json, cross_DIRECTION_samples.jsonl and cross_sampling.png.
 
     python token_shift.py --base ... --policy ... --cross forward --task kk --split runs/tiny/data/test.jsonl \\
         --eps inf 0.3 0.1 0.03 0.01 -1 --samples_per_prompt 4 --out_dir out/shift
 
-   Two models decode in lock-step, each with its own KV cache, fed the same tokens (engine.generate with a
-   partner: the one generation engine). At each step t the token is drawn from the intervention model's nucleus
-   where JS(p_prim, p_int) > eps, and from the primary's everywhere else. forward: primary = base, intervention =
-   policy (are RL's few choices enough?); backward: primary = policy, intervention = base (are they needed?).
-   Every run uses the same seed, so runs differ only where they switch; eps = inf is the primary model alone
-   (exactly its seeded samples), eps < 0 the intervention model alone. For each eps:
-     - accuracy: the mean of task.score over all samples (avg@n);
-     - the intervention budget: the share (and count, and count per response) of generated positions that drew
-       from the intervention model ("switched"), and of those where the token differs from the one the primary
-       would have drawn with the same random number ("differs");
-     - a random-position control at the same budget: the same decode, switching each position with probability
-       equal to this eps's measured switched share instead of where JS > eps (the paper's reviewers asked for it).
-   OUT_DIR/cross_DIRECTION.json (the curve), OUT_DIR/cross_DIRECTION_samples.jsonl (every sample of every run),
-   OUT_DIR/cross_sampling.png (every cross_*.json in OUT_DIR, when matplotlib is installed).
-
-The third part of the issue, the divergence-weighted advantage, is train_rl.py's --adv_weight dwa.
+The divergence-weighted advantage (DWA) is train_rl.py's --adv_weight dwa.
 """
-import argparse
 import json
 import math
 import os
@@ -63,6 +28,9 @@ from collections import Counter
 import torch
 
 import common
+import engine
+import parallel
+import tasks
 from common import UserError, print0
 
 # -----------------------------------------------------------------------------
@@ -70,7 +38,7 @@ from common import UserError, print0
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Token-level shift between a base and an RL policy: JS divergence along "
+    p = common.new_parser("Token-level shift between a base and an RL policy: JS divergence along "
                                             "responses, and cross-sampling", prog="token_shift.py")
     p.add_argument("--base", default=None, help="the model before RL (Hugging Face checkpoint directory), e.g. the cold start")
     p.add_argument("--policy", default=None, help="the model after RL (Hugging Face checkpoint directory); same tokenizer as --base")
@@ -138,14 +106,14 @@ def read_responses(paths, tokenizer, context, limit=0):
         for lineno, rec in common.iter_jsonl(path):
             if limit and len(rows) == limit:
                 break
-            common.check_sft_record(path, lineno, rec)
+            tasks.check_sft_record(path, lineno, rec)
             if not isinstance(rec.get("finished", True), bool):
                 raise UserError(f"{path}:{lineno}: field 'finished' must be true or false, got {rec['finished']!r}")
             rows.append({"id": rec["id"], "file": path, "line": lineno, "prompt": rec["prompt"],
                          "response": rec["response"], "eos": rec.get("finished", True)})
     if not rows:
         raise UserError(f"{', '.join(paths)}: no responses")
-    tokenized = common.sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
+    tokenized = tasks.sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                      [r["eos"] for r in rows])
     examples = []
     for r, (ids, start) in zip(rows, tokenized):
@@ -184,13 +152,11 @@ def compare_along(base, policy, examples, temperature, top_p, high_js, chunk):
     Returns (per example {"js", "entropy_base", "entropy_policy", "targets"}: lists over its positions,
     high: one {"token", "overlap" (k = 1..5), "base_rank", "base_prob"} per position with JS > high_js)."""
     from engine import nucleus
-    from model import pack
+    from model import pack, response_positions
     device = base.lm_head.weight.device
     ids, cu = pack([e["ids"] for e in examples], device)
     hidden = [m(ids, cu_seqlens=cu)[0] for m in (base, policy)]
-    # hidden state t of the packed row predicts token t + 1: example i's response starts at cu[i] + start_i
-    pos = torch.cat([torch.arange(a + e["start"] - 1, a + len(e["ids"]) - 1)
-                     for a, e in zip(cu.tolist(), examples)]).to(device)
+    pos = response_positions(cu, [e["start"] for e in examples], [len(e["ids"]) - e["start"] for e in examples])
     js, ent_b, ent_p, high = [], [], [], []
     for s in range(0, pos.numel(), chunk):
         at = pos[s:s + chunk]
@@ -300,9 +266,7 @@ def describe(summary, high_js):
 
 
 def plot_shift(summary, rows, path, high_js):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     js = [max(x, 1e-9) for r in rows for x in r["js"]]
     axes[0].hist([math.log10(x) for x in js], bins=60, color="tab:blue")
@@ -327,18 +291,18 @@ def plot_shift(summary, rows, path, high_js):
 def measure(args, tokenizer, device, dtype):
     """Part 1: JS along the responses, both models FSDP-sharded, responses sharded over ranks."""
     from tqdm import tqdm
-    from common import idle_pass, shard_model
+    from parallel import idle_pass, shard_model
     from model import load_model, read_config
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
     examples = read_responses(args.responses, tokenizer, context, args.limit)
     rank, world = common.rank(), common.world_size()
     base, policy = (shard_model(load_model(d, torch.float32, device), dtype).eval() for d in (args.base, args.policy))
-    mine = common.shard(list(range(len(examples))), rank, world)
+    mine = parallel.rank_share(list(range(len(examples))), rank, world)
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     bar = tqdm(total=sum(len(examples[i]["ids"]) - examples[i]["start"] for i in mine), unit="tok", desc="compare",
                disable=not args.progress or rank != 0, dynamic_ncols=True)
     rows, high = [], []
-    for batch in common.even_out(batches):
+    for batch in parallel.even_out(batches):
         if batch is None:  # this rank is done; join the others' FSDP collectives
             idle_pass(base, backward=False)
             idle_pass(policy, backward=False)
@@ -349,7 +313,7 @@ def measure(args, tokenizer, device, dtype):
         high += h
         bar.update(sum(len(o["js"]) for o in out))
     bar.close()
-    gathered = common.all_gather_json({"rows": rows, "high": high})
+    gathered = parallel.all_gather_json({"rows": rows, "high": high})
     if rank != 0:
         return
     rows = sorted((r for g in gathered for r in g["rows"]), key=lambda r: r["index"])
@@ -385,12 +349,12 @@ def random_switch(rate, generator):
 
 def cross_run(primary, intervention, tokenizer, task, records, args, switch, desc):
     """One cross-sampled decode of this rank's records; the counts summed over ranks, and this rank's samples."""
-    out = common.sample_responses(primary, tokenizer, task, records, n=args.samples_per_prompt, temperature=args.temperature,
+    out = engine.sample_responses(primary, tokenizer, task, records, n=args.samples_per_prompt, temperature=args.temperature,
                                   top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                  seed=args.seed * 1000 + common.rank(), template=args.template,
+                                  seed=common.derive_seed(args.seed, common.rank()), template=args.template,
                                   batch_size=args.batch_size, desc=desc, progress=args.progress,
                                   partner=intervention, switch=switch)
-    g = common.all_reduce_numbers({"responses": len(out), "correct": sum(s["reward"] for s in out),
+    g = parallel.all_reduce_numbers({"responses": len(out), "correct": sum(s["reward"] for s in out),
                                    "tokens": sum(s["length"] for s in out), "switched": sum(sum(s["switched"]) for s in out),
                                    "differs": sum(sum(s["differs"]) for s in out),
                                    "truncated": sum(not s["finished"] for s in out)})
@@ -405,9 +369,7 @@ def cross_run(primary, intervention, tokenizer, task, records, args, switch, des
 
 
 def plot_cross(out_dir, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     curves = []
     for direction in ("forward", "backward"):
         if os.path.isfile(os.path.join(out_dir, f"cross_{direction}.json")):
@@ -440,16 +402,16 @@ def cross_sample(args, tokenizer, device, dtype):
     from model import load_model, read_config
     if not args.split:
         raise UserError("--cross needs --split (the task split whose prompts are answered)")
-    task = common.get_task(args.task)
-    records = common.load_records(task, args.task, args.split, tokenizer, args.template)
-    records, subset = common.stratified_subset(records, args.limit, task.DIFFICULTY, args.seed)
+    task = tasks.get_task(args.task)
+    records = tasks.load_records(task, args.task, args.split, tokenizer, args.template)
+    records, subset = tasks.stratified_subset(records, args.limit, task.DIFFICULTY, args.seed)
     print0(f"cross-sampling prompts: {subset}")
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
-    common.check_prompts_fit(common.task_prompt_ids(tokenizer, task, records, args.template), records,
+    tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, records, args.template), records,
                              args.max_new_tokens, context, args.split)
     names = {"forward": ("base", "policy"), "backward": ("policy", "base")}[args.cross]
     primary, intervention = (load_model(getattr(args, name), dtype, device).eval() for name in names)
-    mine = common.shard(records, common.rank(), common.world_size())
+    mine = parallel.rank_share(records, common.rank(), common.world_size())
     runs, samples = [], []
     for k, eps in enumerate(args.eps):
         t0 = time.time()
@@ -457,7 +419,7 @@ def cross_sample(args, tokenizer, device, dtype):
         label = eps if math.isfinite(eps) else str(eps)  # JSON has no infinity: "inf", "-inf"
         samples += [{"eps": label, "control": False, **x} for x in s]
         # the control: the same budget (this run's switched share) at random positions, its own random stream
-        generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + 1000 * k + common.rank() + 1)
+        generator = torch.Generator(device=device).manual_seed(common.derive_seed(args.seed, k, common.rank(), 1))
         stats["control"], s = cross_run(primary, intervention, tokenizer, task, mine, args,
                                         random_switch(stats["switched_share"], generator), f"control {eps:g}")
         samples += [{"eps": label, "control": True, **x} for x in s]
@@ -469,7 +431,7 @@ def cross_sample(args, tokenizer, device, dtype):
                f"({stats['differs_per_response']:.1f}/response) | random control: accuracy {c['accuracy']:.3f} at "
                f"{c['switched_share']:.2%} | {stats['responses'] + c['responses']} responses in {seconds:.1f}s, "
                f"{(stats['tokens'] + c['tokens']) / max(seconds, 1e-9):.0f} tok/s")
-    samples = common.gather_lists(samples)
+    samples = parallel.gather_lists(samples)
     if common.rank() != 0:
         return
     result = {"direction": args.cross, "primary_name": names[0], "intervention_name": names[1],
@@ -485,14 +447,7 @@ def cross_sample(args, tokenizer, device, dtype):
 
 
 def plots_available(args):
-    if not args.plots:
-        return False
-    try:
-        import matplotlib  # noqa: F401
-        return True
-    except ImportError:
-        print0("note: matplotlib not installed; no plots (pip install matplotlib)")
-        return False
+    return bool(args.plots) and common.pyplot() is not None
 
 
 # -----------------------------------------------------------------------------
@@ -506,20 +461,18 @@ def main(argv=None):
         raise UserError("give --responses FILE (the divergence along responses) or --cross forward|backward")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
-    for name in ("batch_size", "logit_chunk", "samples_per_prompt", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    common.check_positive(args, "batch_size", "logit_chunk", "samples_per_prompt", "max_new_tokens")
     if any(math.isnan(e) for e in args.eps):
         raise UserError("--eps: nan is not a threshold")
     from model import parse_dtype
-    rank, world, device = common.dist_setup()
+    rank, world, device = parallel.dist_setup()
     dtype = parse_dtype(args.dtype, device)
     tokenizer = check_same_tokenizer(args.base, args.policy)
     if args.cross:
         cross_sample(args, tokenizer, device, dtype)
     else:
         measure(args, tokenizer, device, dtype)
-    common.dist_cleanup()
+    parallel.dist_cleanup()
 
 
 if __name__ == "__main__":

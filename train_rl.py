@@ -12,12 +12,10 @@ Defaults are the paper's K&K run (verl; ../shared/research/paper.md section 8). 
 - The main path: one on-policy update per rollout batch, so the PPO ratio is exactly 1 and the gradient is that of
   -A log pi. Several updates per batch and a KL to a reference are the explicit optional branch (pre_pass).
 - FSDP2 shards the fp32 weights, gradients and AdamW state; compute runs in --dtype; every rank runs equally many
-  micro-batches (common.even_out, idle_pass). Rollouts come from a full --dtype copy, gathered once per step.
+  micro-batches (parallel.even_out, idle_pass). Rollouts come from a full --dtype copy, gathered once per step.
 - Exact resume: data order is seeded by (seed, epoch), generation by (seed, step, rank), the lr by the step.
 """
-import argparse
 import math
-import os
 import time
 from types import SimpleNamespace
 
@@ -26,8 +24,13 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import UserError, full_copy, idle_pass, print0, shard_model
-from eval import validate
+import ckpt
+import engine
+import parallel
+import tasks
+from common import UserError, print0
+from parallel import full_copy, idle_pass, shard_model
+from scoring import validate
 from grpo import (dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at, policy_loss,
                   step_prompt_indices, token_weights)
 from model import load_model, load_tokenizer, parse_dtype, response_logprobs
@@ -41,7 +44,7 @@ RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="GRPO (R1-style RL) on a verifiable task", prog="train_rl.py")
+    p = common.new_parser("GRPO (R1-style RL) on a verifiable task", prog="train_rl.py")
     # data and model
     p.add_argument("--model", default=None, help="initial policy: a Hugging Face checkpoint directory (required)")
     p.add_argument("--task", default="kk", help="task module: kk, math, or an importable module with the task interface")
@@ -134,7 +137,7 @@ def rollout(model, dtype, tokenizer, task, records, args, step, rank):
     t0 = time.time()
     policy = full_copy(model, dtype)
     times = {"gather_s": time.time() - t0, "score_s": 0.0, "mem_gen_gib": 0.0, "mem_held_gib": 0.0}
-    rollouts = common.sample_responses(
+    rollouts = engine.sample_responses(
         policy, tokenizer, task, records, n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_response_tokens, seed=generation_seed(args.seed, step, rank), template=args.template,
         batch_size=args.gen_batch_size, desc=f"step {step} rollouts", progress=args.progress, timings=times)
@@ -159,7 +162,7 @@ def pre_pass(model, ref_model, batch, indices, args, sums):
     old, ref = {}, {} if ref_model is not None else None
     lengths = [len(batch.prompts[j]) + len(batch.responses[j]) for j in indices]
     with torch.no_grad():
-        for mb in common.even_out(common.micro_batches(lengths, args.micro_batch_tokens)):
+        for mb in parallel.even_out(parallel.micro_batches(lengths, args.micro_batch_tokens)):
             if mb is None:  # this rank is done; join the others' collectives
                 for m in ([model] if batch.need_old else []) + ([ref_model] if ref_model is not None else []):
                     idle_pass(m, backward=False)
@@ -174,7 +177,7 @@ def pre_pass(model, ref_model, batch, indices, args, sums):
             if ref_model is not None:
                 ref.update(zip(js, response_logprobs(ref_model, *seqs).float().split(splits)))
     if ref_model is not None:
-        common.reshard(ref_model)  # FSDP keeps a root gathered after a forward without backward (common.reshard)
+        parallel.reshard(ref_model)  # FSDP keeps a root gathered after a forward without backward (parallel.reshard)
     return old, ref
 
 
@@ -185,7 +188,7 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
     enters the loss. Returns (mean loss, mean grad norm, optimizer steps taken, whether a step was non-finite)."""
     device = model.lm_head.weight.device
     minis = [m.tolist() for m in np.array_split(np.array(batch.train_idx, dtype=np.int64), args.ppo_mini_batches)]
-    counts = common.all_reduce_numbers({f"{k}_{i}": v for i, m in enumerate(minis) for k, v in
+    counts = parallel.all_reduce_numbers({f"{k}_{i}": v for i, m in enumerate(minis) for k, v in
                                         (("tok", sum(len(batch.responses[j]) for j in m)), ("seq", len(m)))})
     k3_in_loss = ref is not None and args.kl_estimator == "k3"
     norm_total, loss_total, updates, bad = 0.0, 0.0, 0, False
@@ -199,7 +202,7 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                 continue  # nothing to learn from anywhere (e.g. every group dropped)
             lengths = [len(batch.prompts[j]) + len(batch.responses[j]) for j in mini]
             loss_sum = 0.0
-            for mb in common.even_out(common.micro_batches(lengths, args.micro_batch_tokens)):
+            for mb in parallel.even_out(parallel.micro_batches(lengths, args.micro_batch_tokens)):
                 if mb is None:  # this rank is done; join the others' collectives
                     idle_pass(model)
                     continue
@@ -235,8 +238,8 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                 sums["train_tokens"] += sum(lengths[i] for i in mb)
                 if not batch.need_old and epoch == 0:
                     add_logprob_gap(lp.detach(), batch, js, sums)
-            loss_sum = common.all_reduce_numbers({"l": loss_sum})["l"]
-            norm = common.clip_grad_norm(model.parameters(), args.grad_clip)
+            loss_sum = parallel.all_reduce_numbers({"l": loss_sum})["l"]
+            norm = ckpt.clip_grad_norm(model.parameters(), args.grad_clip)
             if not (math.isfinite(loss_sum) and math.isfinite(norm)):
                 bad = True
                 print0(f"warning: step {step}: non-finite loss {loss_sum} or grad norm {norm}; update skipped")
@@ -255,11 +258,11 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
     """The step's metrics over all ranks (sums of counts, maxima of times and memory); kl is None without a KL
     term, and in a step that trained no token (no KL was measured: 0 would read as 'the policy is the reference')."""
     rollouts, rewards = batch.rollouts, batch.rewards
-    g = common.all_reduce_numbers({
+    g = parallel.all_reduce_numbers({
         "reward": sum(rewards), "correct": sum(r >= 1.0 for r in rewards), "seqs": len(rollouts),
         "groups": len(batch.zero_var), "zero_var": sum(batch.zero_var), "resp_tokens": sum(s["length"] for s in rollouts),
         "truncated": sum(not s["finished"] for s in rollouts), "used": len(batch.train_idx), **sums})
-    mx = common.all_reduce_numbers({"len_max": max((s["length"] for s in rollouts), default=0), **times, "mem_train_gib":
+    mx = parallel.all_reduce_numbers({"len_max": max((s["length"] for s in rollouts), default=0), **times, "mem_train_gib":
                                     torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0}, op="max")
     seqs, pg_tokens = max(g["seqs"], 1), max(g["pg_tokens"], 1)
     return {"step": step, "epoch": epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
@@ -291,10 +294,9 @@ def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
     if not args.model:
         raise UserError("--model is required (a Hugging Face checkpoint directory: the initial policy)")
-    for name in ("prompts_per_step", "samples_per_prompt", "max_response_tokens", "ppo_epochs", "ppo_mini_batches",
-                 "micro_batch_tokens", "gen_batch_size", "val_batch_size", "max_bad_steps", "logprob_chunk", "keep_last"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    common.check_positive(args, "prompts_per_step", "samples_per_prompt", "max_response_tokens", "ppo_epochs",
+                          "ppo_mini_batches", "micro_batch_tokens", "gen_batch_size", "val_batch_size",
+                          "max_bad_steps", "logprob_chunk", "keep_last")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 for RL sampling (greedy rollouts have no variance to learn from)")
     if abs(args.dwa_s) > 2:
@@ -302,19 +304,19 @@ def main(argv=None):
     n = args.samples_per_prompt
 
     # ---- setup: distributed, precision, task, data
-    rank, world, device = common.dist_setup()
+    rank, world, device = parallel.dist_setup()
     dtype = parse_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    task = common.get_task(args.task)
+    task = tasks.get_task(args.task)
     tokenizer = load_tokenizer(args.model)
-    train_records = common.load_records(task, args.task, args.train_data, tokenizer, args.template)
-    test_records = (common.load_records(task, args.task, args.test_data, tokenizer, args.template)
+    train_records = tasks.load_records(task, args.task, args.train_data, tokenizer, args.template)
+    test_records = (tasks.load_records(task, args.task, args.test_data, tokenizer, args.template)
                     if args.test_data else [])  # '' = no validation; an empty file is an error
-    test_records, val_subset = common.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
+    test_records, val_subset = tasks.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
     # tokenise every training prompt once: lengths for the filter and the ids for the training forward
-    prompt_ids = common.task_prompt_ids(tokenizer, task, train_records, args.template)
+    prompt_ids = tasks.task_prompt_ids(tokenizer, task, train_records, args.template)
     keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= args.max_prompt_tokens]
     if len(keep) < len(train_records):
         print0(f"note: dropped {len(train_records) - len(keep)} of {len(train_records)} training prompts longer than "
@@ -327,21 +329,21 @@ def main(argv=None):
     max_steps = args.max_steps or args.epochs * steps_per_epoch
 
     # ---- model: the policy, sharded (fp32 weights, `dtype` compute), its optimizer, the reference policy
-    checkpoint = common.resume_checkpoint(args.out_dir, args.resume)
+    checkpoint = ckpt.resume_checkpoint(args.out_dir, args.resume)
     start_step, state, init_path = 0, {}, args.model
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records)}
     if checkpoint is not None:
         start_step, init_path, state, train_shard = checkpoint
-        common.check_run_identity(args.out_dir, state.get("identity", {}), identity)
+        ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity)
         print0(f"resuming from {init_path} (step {start_step})")
     model = shard_model(load_model(init_path, dtype=torch.float32, device=device), dtype)
-    common.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
+    tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                              args.train_data, "--max_response_tokens")
     model.gradient_checkpointing = args.gradient_checkpointing
-    optimizer = common.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+    optimizer = ckpt.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                       weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
     if checkpoint is not None:
-        common.load_local_train_state(model, optimizer, train_shard)
+        ckpt.load_local_train_state(model, optimizer, train_shard)
     bad_steps_total, bad_streak = state.get("bad_steps_total", 0), state.get("bad_streak", 0)
     # the optional branch: several updates per rollout batch (PPO ratio), a KL to a frozen reference
     ref_model = None
@@ -355,7 +357,7 @@ def main(argv=None):
                "(no effect); it acts with --ppo_mini_batches > 1 or --ppo_epochs > 1")
 
     # ---- logging
-    log = common.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
+    log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
     print0(f"train_rl: {len(train_records)} prompts, {steps_per_epoch} steps/epoch, steps {start_step + 1}..{max_steps}, "
            f"{world} rank(s) on {device.type}, {args.prompts_per_step}x{n} rollouts/step, "
            f"compute {str(dtype).replace('torch.', '')}, fp32 weights sharded over {world} rank(s), "
@@ -376,7 +378,7 @@ def main(argv=None):
             group["lr"] = lr
 
         # 1. this rank's share of the step's prompts, n rollouts each (record by record, n samples each)
-        mine = common.shard(step_prompt_indices(len(train_records), args.prompts_per_step, step, args.seed), rank, world)
+        mine = parallel.rank_share(step_prompt_indices(len(train_records), args.prompts_per_step, step, args.seed), rank, world)
         records = [train_records[i] for i in mine]
         rollouts, times = rollout(model, dtype, tokenizer, task, records, args, step, rank)
 
@@ -420,13 +422,13 @@ def main(argv=None):
         m = step_metrics(step, (step - 1) // steps_per_epoch, batch, sums, times, device, ref_model is not None)
         m.update(loss=loss, grad_norm=grad_norm, lr=lr, updates=updates, bad_steps=bad_steps_total)
         if args.log_rollouts:
-            everything = common.gather_lists([
+            everything = parallel.gather_lists([
                 {"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
                  "finished": s["finished"], "length": s["length"], "step": step, "epoch": m["epoch"], "sample": s["sample"],
                  "advantage": adv[j], task.DIFFICULTY: records[j // n].get(task.DIFFICULTY), "rank": rank}
                 for j, s in enumerate(rollouts)])
             if rank == 0:
-                common.write_jsonl(os.path.join(args.out_dir, "rollouts", f"step_{step:06d}.jsonl"), everything)
+                common.write_jsonl(tasks.rollout_log_path(args.out_dir, step), everything)
 
         # 7. validation, the step's log line, then the checkpoint (then only the newest --keep_last stay): logged
         # first, so a kill after the save cannot lose the line (a resume from an older checkpoint rewrites it)
@@ -437,7 +439,7 @@ def main(argv=None):
         print0(log_line(m, max_steps, device.type == "cuda"))
         stop = bad_streak >= args.max_bad_steps
         if not stop and (step % args.save_every == 0 or step == max_steps):
-            common.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
+            ckpt.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
                                    {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "identity": identity,
                                     "settings": vars(args)}, dtype, args.keep_last, args.keep_steps)
         if stop:
@@ -447,7 +449,7 @@ def main(argv=None):
             break
 
     log.finish()
-    common.dist_cleanup()
+    parallel.dist_cleanup()
     return exit_code
 
 

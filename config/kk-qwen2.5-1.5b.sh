@@ -14,7 +14,7 @@ DATA_CMD="python kk_data.py --out_dir $DATA --train_people 3-7 --train_per_peopl
 --test_per_people 100 --sft_people 2-3 --sft_per_people 200,800"
 
 # SFT (section 7): AdamW lr 1e-5, cosine to 0, no warm-up, 2 epochs, global batch 64 (K&K long CoT), seq-mean loss
-SFT_ARGS="--epochs 2 --global_batch 64 --lr 1e-5 --max_length 5000 --gradient_checkpointing true --bf16 true --save_every 0 --seed $SEED"
+SFT_ARGS="--epochs 2 --global_batch 64 --lr 1e-5 --max_length 5000 --gradient_checkpointing true --dtype auto --save_every 0 --seed $SEED"
 
 # GRPO (section 8): the shared paper settings at lr 5e-6 after 8 warm-up steps. The paper re-distils from step 125.
 RL_STEPS=125

@@ -14,7 +14,7 @@ MATH_DATA_ARGS=${MATH_DATA_ARGS:---train_pool ${MATH_POOL:-raw/math/train.jsonl}
 DATA_CMD="python math_data.py --out_dir $DATA $MATH_DATA_ARGS --n_sft_train 900 --n_sft_val 100 --seed 1234"
 
 # SFT (section 7): AdamW lr 1e-5, cosine to 0, 2 epochs, global batch 32, seq-mean loss
-SFT_ARGS="--epochs 2 --global_batch 32 --lr 1e-5 --max_length 5000 --gradient_checkpointing true --bf16 true --save_every 0 --seed $SEED"
+SFT_ARGS="--epochs 2 --global_batch 32 --lr 1e-5 --max_length 5000 --gradient_checkpointing true --dtype auto --save_every 0 --seed $SEED"
 
 # GRPO (section 8): the shared paper settings at lr 2.5e-6 after 4 warm-up steps; the paper re-distils from step 50
 RL_STEPS=50

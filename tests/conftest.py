@@ -58,13 +58,14 @@ def tiny_checkpoint(tmp_path_factory):
 
 def make_tiny_checkpoint(path):
     """The tiny_checkpoint fixture's model, written to path (for scripts, which cannot call a fixture)."""
-    import common
+    import tasks
     import toy_task
     from model import save_model
-    from tiny_base import build_model, build_tokenizer, tiny_config
+    from model import build_model, tiny_config
+    from tiny_base import build_tokenizer
     recs = toy_task.make_records(300, seed=0)
     texts = [r["question"] + " " + toy_task.teacher_response(r) for r in recs] * 3
-    tok = build_tokenizer(texts + [common.SYSTEM_PROMPT], vocab_size=400)
+    tok = build_tokenizer(texts + [tasks.SYSTEM_PROMPT], vocab_size=400)
     model = build_model(tiny_config(len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), seed=0)
     save_model(model, path, tok)
 

@@ -1,7 +1,7 @@
 """The kill -9 drill: a run killed with SIGKILL at a random moment (mid-step, mid-checkpoint-save, mid-metrics-append)
 and then resumed with --resume true must end with final weights byte-identical to an uninterrupted run's.
 
-Three kinds of drill, each on tiny fixtures built here (a 0.1M-parameter model warm-started on tests/toy_task.py):
+Three kinds of drill, each on tiny fixtures built here (a 0.1M-parameter model warm-started on toy_task.py):
   rl1  train_rl.py on 1 rank (plain python), checkpointing every step
   rl2  train_rl.py under torchrun with 2 ranks; ONE worker (a child of torchrun) is killed, torchrun then stops
        the other; the resume runs under torchrun with 2 ranks again
@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 # conftest first: it puts the repo root on sys.path (when run as a script)
 from conftest import ROOT, free_port, make_tiny_checkpoint, subprocess_env
 import common
+import ckpt
 import toy_task
 from model import load_tokenizer
 from test_redistill_sft import run_args, write_sft
@@ -235,7 +236,7 @@ def snapshot(out, kind):
                     logged.append(json.loads(line).get("step"))
                 except ValueError:  # a last line the kill cut short (the resume drops it, with a warning)
                     logged.append("partial line")
-    ckpts = common.checkpoint_steps(out)
+    ckpts = ckpt.checkpoint_steps(out)
     newest = ckpts[-1] if ckpts else 0
     partial = [n for n in names if n.startswith(".tmp") or re.search(r"\.(tmp|old)\d+$", n)]
     unsaved = [int(n[5:]) for n in names if re.fullmatch(r"step_\d{6}", n) and int(n[5:]) > newest]
@@ -290,22 +291,22 @@ def load_state(path):
 def compare(kind, ref, out):
     """Everything in `out` that differs from the reference run `ref`, as one line each (empty: identical)."""
     problems, step = [], final_step(kind)
-    weights = os.path.join("final" if kind == "sft" else os.path.basename(common.checkpoint_dir(out, step)),
+    weights = os.path.join("final" if kind == "sft" else os.path.basename(ckpt.checkpoint_dir(out, step)),
                            "model.safetensors")
     if not os.path.isfile(os.path.join(out, weights)):
         return [f"{weights} missing"]
     a, b = load_file(os.path.join(ref, weights)), load_file(os.path.join(out, weights))
     problems += differences(a, b, weights)
-    if common.checkpoint_steps(out) != common.checkpoint_steps(ref):
-        problems.append(f"resumable checkpoints {common.checkpoint_steps(out)}, the reference's "
-                        f"{common.checkpoint_steps(ref)}")
-    elif step in common.checkpoint_steps(ref):
-        state = common.checkpoint_dir(out, step) + ".state.pt"
-        problems += differences(load_state(common.checkpoint_dir(ref, step) + ".state.pt"), load_state(state),
+    if ckpt.checkpoint_steps(out) != ckpt.checkpoint_steps(ref):
+        problems.append(f"resumable checkpoints {ckpt.checkpoint_steps(out)}, the reference's "
+                        f"{ckpt.checkpoint_steps(ref)}")
+    elif step in ckpt.checkpoint_steps(ref):
+        state = ckpt.checkpoint_dir(out, step) + ".state.pt"
+        problems += differences(load_state(ckpt.checkpoint_dir(ref, step) + ".state.pt"), load_state(state),
                                 os.path.basename(state))
         for r in range(RANKS[kind]):  # the fp32 master weights and the optimizer state, rank by rank
-            shard = common.train_shard_path(out, step, r)
-            problems += differences(torch.load(common.train_shard_path(ref, step, r), weights_only=True),
+            shard = ckpt.train_shard_path(out, step, r)
+            problems += differences(torch.load(ckpt.train_shard_path(ref, step, r), weights_only=True),
                                     torch.load(shard, weights_only=True), os.path.basename(shard))
     if kind != "sft":  # the same prompts and sampled responses in every step, before and after the kill
         for s in range(1, step + 1):

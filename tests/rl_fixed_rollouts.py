@@ -8,6 +8,7 @@ import random
 import sys
 
 import common
+import engine
 import train_rl
 
 
@@ -40,6 +41,6 @@ def policy_loss(*args, **kwargs):
 
 
 if __name__ == "__main__":  # patched only when run: tests import fixed_rollouts alone
-    common.sample_responses = fixed_rollouts
+    engine.sample_responses = fixed_rollouts
     train_rl.lr_at, train_rl.policy_loss = lr_at, policy_loss
     common.run_main(lambda: train_rl.main(sys.argv[1:]))

@@ -12,25 +12,26 @@ import pytest
 import torch
 
 import bench
+import gpu_memory
+import common
 import engine
 import model
-import tiny_base
 from common import UserError
 from conftest import ROOT, subprocess_env
 
 GIB = 2**30
 
 TINY = {  # name -> HF config dict; every architecture and bias/tie/head_dim variant model.Transformer builds
-    "qwen2_tied": tiny_base.tiny_config(1000, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+    "qwen2_tied": model.tiny_config(1000, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                                     intermediate_size=160, tie_word_embeddings=True),
-    "qwen2_untied": tiny_base.tiny_config(1000, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+    "qwen2_untied": model.tiny_config(1000, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                                       intermediate_size=160, tie_word_embeddings=False),
-    "qwen3_head_dim": tiny_base.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+    "qwen3_head_dim": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                         intermediate_size=96, tie_word_embeddings=True, arch="Qwen3ForCausalLM",
                                         head_dim=32),  # head_dim != hidden / heads, as in real Qwen3
-    "llama": tiny_base.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+    "llama": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
                                intermediate_size=128, tie_word_embeddings=False, arch="LlamaForCausalLM"),
-    "llama_attention_bias": tiny_base.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+    "llama_attention_bias": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
                                               tie_word_embeddings=False, arch="LlamaForCausalLM", attention_bias=True),
 }
 
@@ -43,7 +44,7 @@ def meta_params(cfg):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_param_count_equals_the_meta_built_model(name):
     cfg = model.ModelConfig.from_hf(TINY[name])
-    n = bench.param_counts(cfg)
+    n = gpu_memory.param_counts(cfg)
     assert n["total"] == meta_params(cfg)
     with torch.device("meta"):
         m = model.Transformer(cfg)
@@ -55,17 +56,17 @@ def test_presets_equal_the_meta_built_models_and_the_model_card_sizes():
     published = {"qwen2.5-1.5b": 1_543_714_304, "qwen2.5-3b": 3_085_938_688, "qwen2.5-7b": 7_615_616_512,
                  "qwen2.5-14b": 14_770_033_664}  # 1.54B, 3.09B, 7.62B, 14.8B on the model cards
     for name, total in published.items():
-        _, cfg = bench.memory_config(name)
-        assert bench.param_counts(cfg)["total"] == meta_params(cfg) == total, name
+        _, cfg = gpu_memory.memory_config(name)
+        assert gpu_memory.param_counts(cfg)["total"] == meta_params(cfg) == total, name
 
 
 def test_sharded_state_scales_as_one_over_world():
-    _, cfg = bench.memory_config("qwen2.5-7b")
-    one = bench.memory_estimate(cfg, world=1)
+    _, cfg = gpu_memory.memory_config("qwen2.5-7b")
+    one = gpu_memory.memory_estimate(cfg, world=1)
     P = one["params"]
     assert (one["master"], one["grads"], one["adam"], one["ref_model"]) == (4 * P, 4 * P, 8 * P, 4 * P)
     for world in (2, 3, 8, 64):
-        e = bench.memory_estimate(cfg, world=world)
+        e = gpu_memory.memory_estimate(cfg, world=world)
         for key in ("master", "grads", "adam", "persistent", "ref_model"):
             assert e[key] * world == pytest.approx(one[key], rel=1e-12), (key, world)
         for key in ("gen_copy", "kv_cache", "gen_temps", "fsdp_transient"):  # not sharded: the same on every W
@@ -79,12 +80,12 @@ def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
     prompts, group, prompt_tokens, response_tokens = 3, 2, 5, 7
     cache = engine.KVCache(cfg, prompts * group, prompt_tokens + response_tokens, torch.bfloat16, "cpu")
     allocated = cache.k.numel() * cache.k.element_size() * 2
-    assert bench.kv_cache_bytes(cfg, prompts * group, prompt_tokens + response_tokens) == allocated
-    e = bench.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, prompt_tokens=prompt_tokens,
+    assert gpu_memory.kv_cache_bytes(cfg, prompts * group, prompt_tokens + response_tokens) == allocated
+    e = gpu_memory.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, prompt_tokens=prompt_tokens,
                               response_tokens=response_tokens)
     assert e["kv_cache"] == allocated
     # a generation call takes at most --gen_batch_size prompts: the cache shrinks with it
-    e = bench.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, gen_batch_size=1,
+    e = gpu_memory.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, gen_batch_size=1,
                               prompt_tokens=prompt_tokens, response_tokens=response_tokens)
     assert e["kv_cache"] == allocated // prompts
 
@@ -94,11 +95,11 @@ def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
 # glibc malloc hands every buffer of 64 KiB or more to mmap, so mallinfo2().hblkhd is the bytes tensors hold; the
 # peak is sampled after every aten op by a TorchDispatchMode, the parameters' gradients exist beforehand
 MEASURED = [  # (HF config, tokens, sequences, logprob chunk): block-dominated qwen2 / qwen3, lm_head-dominated
-    (tiny_base.tiny_config(512, hidden_size=256, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=1536,
+    (model.tiny_config(512, hidden_size=256, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=1536,
                        head_dim=128), 2048, 4, 512),
-    (tiny_base.tiny_config(512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256,
+    (model.tiny_config(512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256,
                        arch="Qwen3ForCausalLM", head_dim=64), 2048, 8, 512),
-    (tiny_base.tiny_config(16384, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
+    (model.tiny_config(16384, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
                        tie_word_embeddings=False), 1024, 2, 512),
 ]
 
@@ -162,7 +163,7 @@ def test_activation_estimate_is_near_the_measured_peak():
     for hf, tokens, seqs, chunk in MEASURED:
         cfg = model.ModelConfig.from_hf(hf)
         for entropy in (False, True):
-            est = bench.activation_bytes(cfg, tokens, chunk, with_entropy=entropy, gathered=entropy)["total"]
+            est = gpu_memory.activation_bytes(cfg, tokens, chunk, with_entropy=entropy, gathered=entropy)["total"]
             assert 0.9 < measured[i] / est < 1.1, (hf["architectures"], hf["vocab_size"], entropy, measured[i], est)
             i += 1
 
@@ -170,7 +171,7 @@ def test_activation_estimate_is_near_the_measured_peak():
 def test_defaults_are_the_training_scripts_defaults():
     import redistill_sft
     import train_rl
-    args = bench.settings([])
+    args = common.parse_settings(bench.get_parser(), [])
     rl, sft = train_rl.get_parser(), redistill_sft.get_parser()
     assert args.rl_micro_batch_tokens == rl.get_default("micro_batch_tokens")
     assert args.sft_micro_batch_tokens == sft.get_default("micro_batch_tokens")
@@ -179,7 +180,7 @@ def test_defaults_are_the_training_scripts_defaults():
     assert args.gen_batch_size == rl.get_default("gen_batch_size")
     assert args.prompts_per_step == rl.get_default("prompts_per_step")
     assert args.response_tokens == rl.get_default("max_response_tokens")
-    assert bench.memory_settings(args)["prompts_per_rank"] == 16  # the issue's 16 prompts x 8 rollouts per rank
+    assert gpu_memory.memory_settings(args)["prompts_per_rank"] == 16  # the paper preset's 16 prompts x 8 rollouts per rank
 
 
 def table(out):
@@ -219,7 +220,7 @@ def test_cli_reads_a_config_json_path_and_its_directory(tmp_path, capsys):
     want = table(capsys.readouterr().out)
     d = tmp_path / "Qwen2.5-7B"
     d.mkdir()
-    _, cfg = bench.memory_config("qwen2.5-7b")
+    _, cfg = gpu_memory.memory_config("qwen2.5-7b")
     (d / "config.json").write_text(json.dumps(cfg.hf_config))
     for spec in (str(d / "config.json"), str(d)):
         bench.main(["--memory", spec, "--world", "4"])

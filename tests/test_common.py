@@ -11,6 +11,10 @@ import sys
 
 import pytest
 
+import ckpt
+import common
+import parallel
+import tasks
 from conftest import free_port, subprocess_env
 
 THREADS = '''
@@ -26,15 +30,15 @@ def threads():
 
 RANK_SCRIPT = THREADS + '''
 import json, os, sys
-import common
+import parallel
 from model import load_model
 
-rank, world, device = common.dist_setup()
+rank, world, device = parallel.dist_setup()
 model = load_model(sys.argv[1])  # what every stage does after dist_setup; its meta device imports torch._dynamo
 assert "torch.distributed.nn.functional" in sys.modules
-gathered = common.all_gather_json({"rank": rank})
+gathered = parallel.all_gather_json({"rank": rank})
 during = threads()
-common.dist_cleanup()
+parallel.dist_cleanup()
 with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
     json.dump({"gathered": gathered, "during": during, "after": threads()}, f)
 '''
@@ -61,14 +65,15 @@ FSDP_RANK_SCRIPT = THREADS + '''
 import atexit, json, os, sys
 import torch
 import common
+import parallel
 from model import load_model
 
 def main():
-    rank, world, device = common.dist_setup()
-    model = common.shard_model(load_model(sys.argv[1]), torch.float32)
-    common.idle_pass(model)
+    rank, world, device = parallel.dist_setup()
+    model = parallel.shard_model(load_model(sys.argv[1]), torch.float32)
+    parallel.idle_pass(model)
     del model
-    common.dist_cleanup()
+    parallel.dist_cleanup()
     with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
         json.dump(threads(), f)
     atexit.register(lambda: open(os.path.join(sys.argv[2], f"finalized{rank}"), "w").close())
@@ -104,11 +109,11 @@ COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into
 
 def test_no_script_calls_a_torch_distributed_collective_itself():
     """NCCL takes only GPU tensors: a collective called on a CPU tensor crashes on the GPU box and nowhere else.
-    common.py's helpers move each tensor to the process group's device, so every script must use them."""
+    parallel.py's helpers move each tensor to the process group's device, so every script must use them."""
     from conftest import ROOT
     offenders = []
     for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
-        if os.path.basename(path) == "common.py":
+        if os.path.basename(path) == "parallel.py":
             continue
         tree = ast.parse(open(path).read(), path)
         dist_names = {"torch.distributed"}  # names bound to torch.distributed in this file
@@ -121,7 +126,7 @@ def test_no_script_calls_a_torch_distributed_collective_itself():
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and ast.unparse(node.value) in dist_names:
                 offenders.append(f"{os.path.basename(path)}:{node.lineno}: {ast.unparse(node)}")
-    assert not offenders, "call common.all_reduce / all_gather_json / barrier instead:\n" + "\n".join(offenders)
+    assert not offenders, "call parallel.all_reduce / all_gather_json / barrier instead:\n" + "\n".join(offenders)
 
 
 def test_the_collective_check_catches_a_direct_call(tmp_path, monkeypatch):
@@ -137,18 +142,17 @@ def test_collectives_run_on_the_process_groups_device(monkeypatch):
     the result back on the caller's device."""
     import torch
     import torch.distributed as dist
-    import common
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert common.group_device() == torch.device("cuda", 3)
+    assert parallel.group_device() == torch.device("cuda", 3)
     seen = []
-    monkeypatch.setattr(common, "group_device", lambda: torch.device("meta"))  # a device that is not the CPU
-    monkeypatch.setattr(common, "world_size", lambda: 2)
+    monkeypatch.setattr(parallel, "group_device", lambda: torch.device("meta"))  # a device that is not the CPU
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: seen.append((t.device, op)))
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: torch.empty_like(self, device=a[0] if a else k["device"])
                         if (a and isinstance(a[0], torch.device)) or "device" in k else self)
-    out = common.all_reduce(torch.ones(3), "max")
+    out = parallel.all_reduce(torch.ones(3), "max")
     assert seen == [(torch.device("meta"), dist.ReduceOp.MAX)] and out.device == torch.device("cpu")
 
 
@@ -157,19 +161,19 @@ def test_stratified_subset_of_a_split_ordered_by_difficulty():
     share (largest remainders), is seeded, keeps the split's order, and says what it took."""
     import common
     records = [{"id": f"{people}-{i}", "people": people} for people, count in ((2, 50), (3, 30), (4, 20)) for i in range(count)]
-    sub, desc = common.stratified_subset(records, 15, "people", seed=1)
+    sub, desc = tasks.stratified_subset(records, 15, "people", seed=1)
     counts = {p: sum(r["people"] == p for r in sub) for p in (2, 3, 4)}
     assert counts == {2: 8, 3: 4, 4: 3}  # quotas 7.5 / 4.5 / 3: the one seat left goes to the first tied remainder
     assert sum(counts.values()) == 15 and desc.startswith("15 of 100, stratified by people (")
     assert all(f"{p}: {counts[p]}" in desc for p in counts)
     order = [records.index(r) for r in sub]
     assert order == sorted(order) and order != list(range(15))
-    assert common.stratified_subset(records, 15, "people", seed=1)[0] == sub  # seeded
-    assert common.stratified_subset(records, 15, "people", seed=2)[0] != sub
-    exact, _ = common.stratified_subset(records, 10, "people", seed=0)  # 5 / 3 / 2 exactly
+    assert tasks.stratified_subset(records, 15, "people", seed=1)[0] == sub  # seeded
+    assert tasks.stratified_subset(records, 15, "people", seed=2)[0] != sub
+    exact, _ = tasks.stratified_subset(records, 10, "people", seed=0)  # 5 / 3 / 2 exactly
     assert [sum(r["people"] == p for r in exact) for p in (2, 3, 4)] == [5, 3, 2]
-    assert common.stratified_subset(records, 0, "people")[0] == records
-    assert common.stratified_subset(records, 500, "people") == (records, "all 100")
+    assert tasks.stratified_subset(records, 0, "people")[0] == records
+    assert tasks.stratified_subset(records, 500, "people") == (records, "all 100")
 
 
 def llama3_style_tokenizer():
@@ -195,14 +199,14 @@ def test_prompts_begin_with_bos_where_the_model_family_expects_one(tmp_path):
     llama = llama3_style_tokenizer()
     bos = llama.bos_token_id
     plain = "Question:\nwho is a knight?\nAnswer:\nLet's think step by step."
-    ids = common.encode_prompts(llama, [plain, "<|begin_of_text|>" + plain])
+    ids = tasks.encode_prompts(llama, [plain, "<|begin_of_text|>" + plain])
     assert ids[0][0] == bos and ids[0][1:] == llama(plain, add_special_tokens=False)["input_ids"]
     assert ids[1] == ids[0]  # a chat template that writes BOS itself: not doubled
     qwen = build_tokenizer([plain] * 5, vocab_size=300)  # Qwen style: no BOS
-    assert common.encode_prompts(qwen, [plain])[0] == qwen(plain, add_special_tokens=False)["input_ids"]
+    assert tasks.encode_prompts(qwen, [plain])[0] == qwen(plain, add_special_tokens=False)["input_ids"]
     # the SFT loader puts it before the prompt (and nowhere else)
     common.write_jsonl(str(tmp_path / "d.jsonl"), [{"id": "a", "prompt": plain, "response": " a knight"}])
-    ex = common.load_sft_examples([str(tmp_path / "d.jsonl")], llama, 100)[0]
+    ex = tasks.load_sft_examples([str(tmp_path / "d.jsonl")], llama, 100)[0]
     assert ex["input_ids"][0] == bos and ex["input_ids"].count(bos) == 1
     assert ex["input_ids"][ex["start"] - 1] != bos  # the prompt's own tokens end the context
 
@@ -230,18 +234,27 @@ def test_settings_refuse_old_spellings_bare_booleans_and_prefixes():
         common.parse_settings(p, ["--kv_cache", "2"])
 
 
-def test_a_config_file_does_not_leak_into_the_next_main(tmp_path):
-    """--config sets defaults; a second main() in one process (tests, notebooks) must not inherit them, whichever
-    way a script holds its parser (report.py and tiny_base.py build theirs once, at module level)."""
-    import common
-    import report
-    import tiny_base
-    cfg = tmp_path / "cfg.json"
-    for parser, name, value in ((report.parser, "preset", "from-config"), (tiny_base.parser, "vocab_size", 77)):
-        default = parser.get_default(name)
-        cfg.write_text(json.dumps({name: value}))
-        assert getattr(common.parse_settings(parser, ["--config", str(cfg)]), name) == value
-        assert getattr(common.parse_settings(parser, []), name) == default and parser.get_default(name) == default
+SCRIPTS = ("bench", "eval", "kk_data", "lim_select", "math_data", "redistill_sft", "report", "sample_effect",
+           "sample_policy", "tiny_base", "token_shift", "train_rl")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_has_get_parser_and_main_argv_and_help_shows_defaults(name, tmp_path):
+    """One settings convention: get_parser() builds a fresh parser on each call (a --config must not leak into the
+    next main() of the same process: tests, notebooks), main takes argv, and --help shows every default."""
+    import importlib
+    import inspect
+    module = importlib.import_module(name)
+    assert list(inspect.signature(module.main).parameters) == ["argv"]
+    parser = module.get_parser()
+    assert parser is not module.get_parser()
+    action = next(a for a in parser._actions if a.option_strings and a.dest != "help" and a.type in (int, str, None)
+                  and a.default is not None and not a.choices and a.nargs is None)
+    value = 7 if action.type is int else "from-config"
+    (tmp_path / "cfg.json").write_text(json.dumps({action.dest: value}))
+    assert getattr(common.parse_settings(module.get_parser(), ["--config", str(tmp_path / "cfg.json")]), action.dest) == value
+    assert getattr(common.parse_settings(module.get_parser(), []), action.dest) == action.default
+    assert f"(default: {action.default})" in " ".join(module.get_parser().format_help().split())
 
 
 def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsys):
@@ -260,7 +273,7 @@ def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsy
             common.read_jsonl(str(path), torn_tail=True)
     # a resumed run's metrics log: the torn line goes, the records up to the checkpoint stay
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
-    log = common.metrics_log(str(tmp_path), start_step=2)
+    log = ckpt.metrics_log(str(tmp_path), start_step=2)
     log({"step": 3})
     assert common.read_jsonl(str(path)) == [{"step": 1}, {"step": 2}, {"step": 3}]
 
@@ -273,21 +286,21 @@ def test_checkpoints_and_full_copies_after_a_no_grad_forward_hold_the_fp32_maste
     import common
     from conftest import assert_train_shards
     from model import load_model, load_tokenizer
-    common.dist_setup()
+    parallel.dist_setup()
     master = load_model(tiny_checkpoint).state_dict()
-    model = common.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
-    optimizer = common.make_optimizer(model.parameters(), lr=1e-3)
-    common.idle_pass(model)  # a training micro-batch: FSDP reshards after its backward
+    model = parallel.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
+    optimizer = ckpt.make_optimizer(model.parameters(), lr=1e-3)
+    parallel.idle_pass(model)  # a training micro-batch: FSDP reshards after its backward
     with torch.no_grad():
-        common.idle_pass(model, backward=False)  # validation, a pre-pass: the root stays gathered
-    assert common.is_sharded(model)
-    copy = common.full_copy(model, torch.float32)
+        parallel.idle_pass(model, backward=False)  # validation, a pre-pass: the root stays gathered
+    assert parallel.is_sharded(model)
+    copy = parallel.full_copy(model, torch.float32)
     assert all(torch.equal(copy.state_dict()[k], master[k]) for k in master)
     with torch.no_grad():
-        common.idle_pass(model, backward=False)
-    common.save_checkpoint(str(tmp_path), 1, model, load_tokenizer(tiny_checkpoint), optimizer, {}, torch.bfloat16, 2)
+        parallel.idle_pass(model, backward=False)
+    ckpt.save_checkpoint(str(tmp_path), 1, model, load_tokenizer(tiny_checkpoint), optimizer, {}, torch.bfloat16, 2)
     assert assert_train_shards(tmp_path, 1) == 1
-    again = common.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
-    common.load_local_train_state(again, common.make_optimizer(again.parameters(), lr=1e-3),
-                                  common.load_checkpoint(str(tmp_path))[3])
-    assert all(torch.equal(common.full_copy(again, torch.float32).state_dict()[k], master[k]) for k in master)
+    again = parallel.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
+    ckpt.load_local_train_state(again, ckpt.make_optimizer(again.parameters(), lr=1e-3),
+                                  ckpt.load_checkpoint(str(tmp_path))[3])
+    assert all(torch.equal(parallel.full_copy(again, torch.float32).state_dict()[k], master[k]) for k in master)

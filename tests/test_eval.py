@@ -9,6 +9,7 @@ import pytest
 
 import common
 import eval as ev
+import scoring
 import toy_task
 from conftest import ROOT, free_port, subprocess_env
 
@@ -28,27 +29,27 @@ def read(path):
 
 
 def test_pass_at_k_hand_values():
-    assert ev.pass_at_k(5, 2, 1) == pytest.approx(0.4)            # c/n
-    assert ev.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)     # 1 - C(3,2)/C(5,2)
-    assert ev.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)     # 1 - C(3,3)/C(5,3)
-    assert ev.pass_at_k(5, 2, 4) == 1.0                           # n - c < k: every 4-subset has a correct one
-    assert ev.pass_at_k(10, 3, 4) == pytest.approx(1 - math.comb(7, 4) / math.comb(10, 4))
+    assert scoring.pass_at_k(5, 2, 1) == pytest.approx(0.4)            # c/n
+    assert scoring.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)     # 1 - C(3,2)/C(5,2)
+    assert scoring.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)     # 1 - C(3,3)/C(5,3)
+    assert scoring.pass_at_k(5, 2, 4) == 1.0                           # n - c < k: every 4-subset has a correct one
+    assert scoring.pass_at_k(10, 3, 4) == pytest.approx(1 - math.comb(7, 4) / math.comb(10, 4))
 
 
 def test_pass_at_k_edges_and_stability():
     for n in (1, 4, 8):
-        assert ev.pass_at_k(n, 0, n) == 0.0         # zero correct
-        assert ev.pass_at_k(n, 0, 1) == 0.0
-        assert ev.pass_at_k(n, n, 1) == 1.0         # all correct
-        assert ev.pass_at_k(n, n, n) == 1.0         # n = k, all correct
-        assert ev.pass_at_k(n, 1, n) == 1.0         # n = k, one correct suffices
+        assert scoring.pass_at_k(n, 0, n) == 0.0         # zero correct
+        assert scoring.pass_at_k(n, 0, 1) == 0.0
+        assert scoring.pass_at_k(n, n, 1) == 1.0         # all correct
+        assert scoring.pass_at_k(n, n, n) == 1.0         # n = k, all correct
+        assert scoring.pass_at_k(n, 1, n) == 1.0         # n = k, one correct suffices
     # large n: the product form agrees with exact big-integer binomials (no overflow, no cancellation)
     exact = 1 - math.comb(900, 100) / math.comb(1000, 100)
-    assert ev.pass_at_k(1000, 100, 100) == pytest.approx(exact, rel=1e-12)
-    assert ev.pass_at_k(1000, 1, 1) == pytest.approx(1e-3, rel=1e-12)
+    assert scoring.pass_at_k(1000, 100, 100) == pytest.approx(exact, rel=1e-12)
+    assert scoring.pass_at_k(1000, 1, 1) == pytest.approx(1e-3, rel=1e-12)
     for bad in ((4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)):
         with pytest.raises(ValueError):
-            ev.pass_at_k(*bad)
+            scoring.pass_at_k(*bad)
 
 
 def test_summarize_per_difficulty():
@@ -60,7 +61,7 @@ def test_summarize_per_difficulty():
                s("b", 0.0, True, 4), s("b", 0.0, True, 6),
                s("c", 1.0, True, 8), s("c", 1.0, True, 12),
                s("d", 0.0, False, 20), s("d", 1.0, True, 10)]
-    out = ev.summarize(samples[::-1], records, "level", pass_k=[1, 2, 8])  # order of samples does not matter
+    out = scoring.summarize(samples[::-1], records, "level", pass_k=[1, 2, 8])  # order of samples does not matter
     assert out["n"] == 2 and out["pass_k"] == [1, 2]                       # k > n dropped
     assert list(out["by_difficulty"]) == ["1", "2", "10"]                  # natural order, not "1", "10", "2"
     lvl2 = out["by_difficulty"]["2"]
@@ -71,15 +72,15 @@ def test_summarize_per_difficulty():
     assert out["overall"] == {"prompts": 4, "samples": 8, "accuracy": 0.5, "pass@1": 0.5, "pass@2": 0.75,
                               "mean_length": 11.25, "truncation_rate": 0.25}
     with pytest.raises(common.UserError, match="same number"):
-        ev.summarize(samples[:-1], records, "level")
+        scoring.summarize(samples[:-1], records, "level")
     with pytest.raises(common.UserError, match="unknown record"):
-        ev.summarize(samples + [s("zz", 1.0, True, 1)], records, "level")
+        scoring.summarize(samples + [s("zz", 1.0, True, 1)], records, "level")
 
 
 def test_markdown_table():
     rows = [{"checkpoint": "base", "people 4": 0.125, "overall": 0.5, "mean len": "812"},
             {"checkpoint": "rl|step", "overall": 1.0}]
-    assert ev.markdown_table(rows) == (
+    assert scoring.markdown_table(rows) == (
         "| checkpoint | people 4 | overall | mean len |\n"
         "|:---|---:|---:|---:|\n"
         "| base | 0.12 | 0.50 | 812 |\n"
@@ -120,12 +121,12 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
     with open(os.path.join(pair, "summary.json")) as f:
         summary = json.load(f)
     assert summary["n"] == 1 and summary["pass_k"] == [1] and list(summary["by_difficulty"]) == ["1", "2"]
-    assert summary == {**summary, **ev.summarize(samples, records, "level", [1])}
+    assert summary == {**summary, **scoring.summarize(samples, records, "level", [1])}
     # the importable helper (validation inside training) gives the same samples and summary in-process
     from model import load_model, load_tokenizer
-    got, got_summary = ev.evaluate(load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint), toy_task, records,
+    got, got_summary = scoring.generate_and_score(load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint), toy_task, records,
                                    max_new_tokens=12, batch_size=16, progress=False)
-    assert got == samples and got_summary == ev.summarize(samples, records, "level")
+    assert got == samples and got_summary == scoring.summarize(samples, records, "level")
     results = read(os.path.join(greedy_run, "results.md")).decode()
     assert "| checkpoint | level 1 | level 2 | overall | mean len | truncated |" in results
     assert "\n| base |" in results and "\n| again |" in results
@@ -247,7 +248,7 @@ def test_cli_error_is_one_line(tmp_path):
 def test_every_option_passes_through_torchrun(tmp_path):
     """torchrun parses the whole command line first: no option of ours may be a prefix of one of its own
     (`--n` was: "ambiguous option --n could match --nnodes ..."). Every option, then our own error line."""
-    opts = {a.option_strings[0]: "1" for a in ev.parser._actions if a.option_strings and a.dest != "help"}
+    opts = {a.option_strings[0]: "1" for a in ev.get_parser()._actions if a.option_strings and a.dest != "help"}
     opts.update({"--task": "toy_task", "--checkpoints": str(tmp_path / "nope"), "--splits": "x.jsonl",
                  "--template": "auto", "--dtype": "auto", "--overwrite": "false", "--progress": "false",
                  "--out_dir": str(tmp_path / "out"), "--config": str(tmp_path / "settings.json")})

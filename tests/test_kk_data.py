@@ -9,6 +9,7 @@ import pytest
 from conftest import shared_path
 
 import common
+import tasks
 import kk_data as K
 
 OFFICIAL_PEOPLE = (3, 4, 5, 6, 7)
@@ -455,7 +456,7 @@ def test_render_prompt_chat_and_plain():
     plain = K.render_prompt(rec, None, "plain")
     assert plain == "Question:\n" + rec['question'] + "\nAnswer:\nLet's think step by step."
     chat = K.render_prompt(rec, tiny_chat_tokenizer())
-    assert chat == ("<|im_start|>system\n" + common.SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n" + rec['question']
+    assert chat == ("<|im_start|>system\n" + tasks.SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n" + rec['question']
                     + "<|im_end|>\n<|im_start|>assistant\n")
     assert K.render_prompt(rec, object()) == plain  # auto: no chat template -> plain
 
@@ -526,7 +527,7 @@ def test_table_rows_stop_at_the_solution():
                 head, rest = row.split(": ")
                 words = rest.rstrip(".").split(" ")
                 assert head == K.roles_text(roles)
-                values = [bool(K.evaluate(s, masks)[column]) for s in statements]
+                values = [bool(K.truth_value(s, masks)[column]) for s in statements]
                 # the values up to the first that contradicts its speaker, then the verdict
                 k = next((i for i, v in enumerate(values) if v != roles[i]), n)
                 assert words[:-1] == ["true" if v else "false" for v in values[:min(k + 1, n)]]

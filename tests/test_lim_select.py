@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import common
+import ckpt
 import lim_select
 import toy_task
 import train_rl
@@ -137,7 +138,7 @@ def test_round_trip_probe_select_and_train_with_train_rl(tiny_checkpoint, tmp_pa
     rl(str(out / "lim.jsonl"), str(tmp_path / "lim"), 2, 2)
     trained = {r["id"] for step in (1, 2) for r in common.read_jsonl(tmp_path / "lim" / "rollouts" / f"step_{step:06d}.jsonl")}
     assert trained <= set(kept)
-    assert common.checkpoint_steps(str(tmp_path / "lim")) == [2]
+    assert ckpt.checkpoint_steps(str(tmp_path / "lim")) == [2]
 
 
 # -----------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def break_line(path, lineno, text):
     (lambda log, pool: break_line(log / "step_000003.jsonl", 1, json.dumps({"id": "nope", "reward": 1, "epoch": 1})),
      r"step_000003\.jsonl:1: field 'id' 'nope' is not a prompt of the pool"),
     (lambda log, pool: break_line(log / "step_000004.jsonl", 2, json.dumps({"id": pool[1]["id"], "reward": "1", "epoch": 1})),
-     r"step_000004\.jsonl:2: field 'reward' is '1', expected a number"),
+     r"step_000004\.jsonl:2: field 'reward' is '1', expected int or float"),
     (lambda log, pool: break_line(log / "step_000005.jsonl", 1, json.dumps({"id": pool[0]["id"], "reward": 1, "epoch": -1})),
      r"step_000005\.jsonl:1: field 'epoch' is -1"),
     (lambda log, pool: break_line(log / "step_000002.jsonl", 1, json.dumps({"id": pool[2]["id"], "epoch": 0})),

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import ROOT, shared_path
 import common
+import tasks
 import math_data
 from math_data import extract_boxed, score
 
@@ -132,7 +133,7 @@ def test_near_misses_score_zero(gold, pred):
 
 
 def test_task_interface():
-    task = common.get_task("math")
+    task = tasks.get_task("math")
     assert task is math_data and task.DIFFICULTY == "level"
     assert math_data.normalize_answer("f \\circ g") != math_data.normalize_answer("fg")
 
@@ -382,9 +383,9 @@ def tiny_tokenizer():
 
 def test_prompts_and_teacher_response():
     rec = {"question": "What is 1+1?", "answer": "2", "solution": "One and one: $\\boxed{2}$."}
-    assert math_data.render_prompt(rec, None, "plain") == common.PLAIN_TEMPLATE.format(question="What is 1+1?")
+    assert math_data.render_prompt(rec, None, "plain") == tasks.PLAIN_TEMPLATE.format(question="What is 1+1?")
     chat = math_data.render_prompt(rec, tiny_tokenizer())
-    assert common.SYSTEM_PROMPT in chat and "What is 1+1?" in chat and chat.endswith("<|im_start|>assistant\n")
+    assert tasks.SYSTEM_PROMPT in chat and "What is 1+1?" in chat and chat.endswith("<|im_start|>assistant\n")
     assert math_data.teacher_response(rec) == "One and one: $\\boxed{2}$."
     assert math_data.teacher_response({**rec, "solution": "One and one make two."}) == \
         "One and one make two.\n\nThe final answer is $\\boxed{2}$."
@@ -417,7 +418,7 @@ def test_cli_splits_and_teacher_sft(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = common.read_jsonl(str(tmp_path / "sft.jsonl"))
     assert len(rows) == 9 and set(rows[0]) == {"id", "task", "prompt", "response"}
-    assert rows[0]["task"] == "math" and common.SYSTEM_PROMPT in rows[0]["prompt"]
+    assert rows[0]["task"] == "math" and tasks.SYSTEM_PROMPT in rows[0]["prompt"]
     assert rows[0]["response"].endswith("}$.")
 
     out = run_cli("--train_pool", "missing.jsonl", "--test", "test.jsonl", cwd=tmp_path)

@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 import common
+import tasks
 import engine
 import model as model_module
 from engine import Decode, KVCache, generate, sample_next
-from model import ModelConfig, flash_dtype, flash_inputs, load_model, load_tokenizer, pack, save_model, stop_token_ids
-from tiny_base import build_model, build_tokenizer, tiny_config
+from model import (ModelConfig, build_model, flash_dtype, flash_inputs, load_model, load_tokenizer, pack, save_model,
+                   stop_token_ids, tiny_config)
+from tiny_base import build_tokenizer
 import padded
 
 VOCAB = 97
@@ -227,8 +229,8 @@ def test_tiny_tokenizer_roundtrip_chat_template_and_stop_ids(tmp_path):
     back = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     text = "Zed says: \\boxed{Alice is a knight} — ünïcode"
     assert back.decode(back(text, add_special_tokens=False)["input_ids"]) == text
-    prompt = common.render_prompt(back, "Who is who?", "chat")
-    assert prompt.startswith("<|im_start|>system\n" + common.SYSTEM_PROMPT)
+    prompt = tasks.render_question("Who is who?", back, "chat")
+    assert prompt.startswith("<|im_start|>system\n" + tasks.SYSTEM_PROMPT)
     assert prompt.endswith("<|im_start|>assistant\n")
     stops = stop_token_ids(back)
     assert back.convert_tokens_to_ids("<|endoftext|>") in stops and back.convert_tokens_to_ids("<|im_end|>") in stops
@@ -379,7 +381,7 @@ def test_flash_dtype_autocast_casts_fp32_qk_and_half_v():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model.forward(torch.tensor([[1, 2, 3, 4, 5]]), ctx=rec)
     q, k, v = rec.qkv
-    assert (q.dtype, k.dtype, v.dtype) == (torch.float32, torch.float32, torch.bfloat16)  # the issue's mix
+    assert (q.dtype, k.dtype, v.dtype) == (torch.float32, torch.float32, torch.bfloat16)  # Qwen3's q/k norm: fp32 q, k; bf16 v
     assert on_gpu(q, k, v) is None  # without autocast on the GPU the mix stays on SDPA
     with cuda_autocast(torch.bfloat16):
         dtype = on_gpu(q, k, v)

@@ -11,6 +11,10 @@ import pytest
 import torch
 
 import common
+import ckpt
+import engine
+import parallel
+import tasks
 import redistill_sft as sft
 import toy_task
 from common import UserError
@@ -46,7 +50,7 @@ def test_loader_tokenizes_prompt_and_response_separately(tiny_checkpoint, tmp_pa
     tok = load_tokenizer(tiny_checkpoint)
     recs = toy_task.make_records(3, seed=5)
     path = write_sft(tmp_path / "d.jsonl", recs, tok)
-    examples = common.load_sft_examples([path], tok, max_length=512)
+    examples = tasks.load_sft_examples([path], tok, max_length=512)
     assert len(examples) == 3
     for e, r in zip(examples, recs):
         p = tok(toy_task.render_prompt(r, tok), add_special_tokens=False)["input_ids"]
@@ -73,9 +77,9 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
         path = tmp_path / "bad.jsonl"
         path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
         with pytest.raises(UserError, match=pattern):
-            common.load_sft_examples([str(path)], tok, max_length=40)
+            tasks.load_sft_examples([str(path)], tok, max_length=40)
     with pytest.raises(UserError, match="missing.jsonl: file not found"):
-        common.load_sft_examples([str(tmp_path / "missing.jsonl")], tok, 40)
+        tasks.load_sft_examples([str(tmp_path / "missing.jsonl")], tok, 40)
 
 
 def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
@@ -144,7 +148,7 @@ def test_prompt_positions_carry_no_loss(tiny_checkpoint, tmp_path, reduction):
     exactly those targets (no prompt target, no packed boundary), and each gets gradient."""
     tok = load_tokenizer(tiny_checkpoint)
     model = load_model(tiny_checkpoint)
-    examples = common.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(3, seed=1), tok)], tok, 512)
+    examples = tasks.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(3, seed=1), tok)], tok, 512)
     examples[1]["input_ids"] = examples[1]["input_ids"][:-3] + [tok.eos_token_id]  # unequal response lengths
 
     captured = {}
@@ -178,7 +182,7 @@ def test_prompt_positions_carry_no_loss(tiny_checkpoint, tmp_path, reduction):
 @pytest.mark.parametrize("reduction", ["seq_mean", "token_mean"])
 def test_gradient_independent_of_micro_batching(tiny_checkpoint, tmp_path, reduction):
     tok = load_tokenizer(tiny_checkpoint)
-    examples = common.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(6, seed=2), tok)], tok, 512)
+    examples = tasks.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(6, seed=2), tok)], tok, 512)
     for e, cut in zip(examples, [0, 2, 4, 0, 5, 1]):  # unequal lengths
         e["input_ids"] = e["input_ids"][:len(e["input_ids"]) - 1 - cut] + [tok.eos_token_id]
     lengths = [len(e["input_ids"]) for e in examples]
@@ -187,7 +191,7 @@ def test_gradient_independent_of_micro_batching(tiny_checkpoint, tmp_path, reduc
     for budget in (10_000, 60, 1):  # one micro-batch, a few, one sequence each
         model = load_model(tiny_checkpoint)
         model.gradient_checkpointing = budget == 60  # recomputing blocks in backward changes nothing either
-        mbs = common.micro_batches(lengths, budget, range(6))
+        mbs = parallel.micro_batches(lengths, budget, range(6))
         for mb in mbs:
             exs = [examples[i] for i in mb]
             nll, seq = sft.packed_nll(model, exs)
@@ -200,19 +204,19 @@ def test_gradient_independent_of_micro_batching(tiny_checkpoint, tmp_path, reduc
 
 def test_batching_helpers():
     lengths = [5, 1, 9, 3, 7, 2]
-    assert common.micro_batches(lengths, 10, range(6)) == [[2], [4], [0, 3, 5], [1]]  # longest first, next fit
-    mbs = common.micro_batches(lengths, 10, range(6))
+    assert parallel.micro_batches(lengths, 10, range(6)) == [[2], [4], [0, 3, 5], [1]]  # longest first, next fit
+    mbs = parallel.micro_batches(lengths, 10, range(6))
     assert sorted(i for mb in mbs for i in mb) == list(range(6))
     assert all(sum(lengths[i] for i in mb) <= 10 for mb in mbs)
-    assert common.micro_batches(lengths, 4, [0, 2]) == [[2], [0]]  # longer than the budget: alone
+    assert parallel.micro_batches(lengths, 4, [0, 2]) == [[2], [0]]  # longer than the budget: alone
     groups = sft.split_by_length(range(6), lengths, 2)
     assert sorted(i for g in groups for i in g) == list(range(6))
     assert abs(sum(lengths[i] for i in groups[0]) - sum(lengths[i] for i in groups[1])) <= 1
-    assert common.epoch_order(10, 1, 0) == common.epoch_order(10, 1, 0) != common.epoch_order(10, 1, 1)
+    assert parallel.epoch_order(10, 1, 0) == parallel.epoch_order(10, 1, 0) != parallel.epoch_order(10, 1, 1)
     # the paper's schedule: cosine from lr to 0, no warmup, first update at the full rate
-    assert sft.get_lr(0, 10, 1e-5, 0, 0) == pytest.approx(1e-5)
-    assert sft.get_lr(5, 10, 1e-5, 0, 0) == pytest.approx(0.5e-5)
-    assert sft.get_lr(9, 10, 1e-5, 0, 0) < 0.03e-5
+    assert sft.lr_at(0, 10, 1e-5, 0, 0) == pytest.approx(1e-5)
+    assert sft.lr_at(5, 10, 1e-5, 0, 0) == pytest.approx(0.5e-5)
+    assert sft.lr_at(9, 10, 1e-5, 0, 0) < 0.03e-5
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +241,7 @@ def test_sft_learns_toy_task(tiny_checkpoint, tmp_path):
     assert vals[-1] < 0.3 and vals[-1] < 0.1 * vals[0], vals
 
     def accuracy(path):
-        samples = common.sample_responses(load_model(path), load_tokenizer(path), toy_task, val_records, n=1,
+        samples = engine.sample_responses(load_model(path), load_tokenizer(path), toy_task, val_records, n=1,
                                           temperature=0, max_new_tokens=16, progress=False)
         return sum(s["reward"] for s in samples) / len(samples)
 
@@ -257,7 +261,7 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     sft.main(run_args(tiny_checkpoint, data, full))
     # interrupted mid-epoch 2: checkpoints every 3 steps, stop after step 7
     sft.main(run_args(tiny_checkpoint, data, cut, "--save_every", "3", "--stop_at_step", "7"))
-    assert common.checkpoint_steps(cut) == [6, 7]  # --keep_last 2 stay resumable (saves at 3, 5, 6, 7)
+    assert ckpt.checkpoint_steps(cut) == [6, 7]  # --keep_last 2 stay resumable (saves at 3, 5, 6, 7)
     assert sorted(f for f in os.listdir(cut) if f.startswith("step_") and "." not in f) == [
         "step_000005", "step_000006", "step_000007"]  # weights: the epoch end and the resumable ones
     assert not os.path.exists(os.path.join(cut, "final"))
@@ -307,9 +311,9 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, mon
     """A non-finite loss or gradient norm skips the update (every rank alike: both numbers are all-reduced), is
     counted, and --max_bad_steps in a row stop the run with exit code 1, keeping the last good checkpoint. (The
     update used to run whatever the norm: one NaN gradient made every weight NaN.)"""
-    real_lr, real_loss, step_now = sft.get_lr, sft.reduce_loss, [0]
+    real_lr, real_loss, step_now = sft.lr_at, sft.reduce_loss, [0]
 
-    def get_lr(step, *args):  # called once at the start of every step
+    def lr_at(step, *args):  # called once at the start of every step
         step_now[0] = step + 1
         return real_lr(step, *args)
 
@@ -317,7 +321,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, mon
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if step_now[0] >= 3 else loss
 
-    monkeypatch.setattr(sft, "get_lr", get_lr)
+    monkeypatch.setattr(sft, "lr_at", lr_at)
     monkeypatch.setattr(sft, "reduce_loss", nan_from_step_3)
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch
@@ -326,8 +330,8 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, mon
     printed = capsys.readouterr().out
     assert "step 3: non-finite loss nan" in printed and "2 consecutive steps with non-finite" in printed
     assert [r["bad_steps"] for r in metrics(out)] == [0, 0, 1, 2]
-    assert common.checkpoint_steps(out) == [2, 3] and not os.path.exists(os.path.join(out, "final"))
-    w2, w3 = weights(common.checkpoint_dir(out, 2)), weights(common.checkpoint_dir(out, 3))
+    assert ckpt.checkpoint_steps(out) == [2, 3] and not os.path.exists(os.path.join(out, "final"))
+    w2, w3 = weights(ckpt.checkpoint_dir(out, 2)), weights(ckpt.checkpoint_dir(out, 3))
     assert all(torch.equal(w2[k], w3[k]) and torch.isfinite(w3[k]).all() for k in w2)  # step 3 changed nothing
 
 
@@ -419,7 +423,7 @@ def test_resume_skips_an_unreadable_checkpoint(tiny_checkpoint, tmp_path, capsys
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     sft.main(run_args(tiny_checkpoint, data, full))
     sft.main(run_args(tiny_checkpoint, data, cut, "--save_every", "2", "--stop_at_step", "7"))
-    shard = common.train_shard_path(cut, 7, 0)
+    shard = ckpt.train_shard_path(cut, 7, 0)
     with open(shard, "r+b") as f:
         f.truncate(100)
     capsys.readouterr()

@@ -14,7 +14,7 @@ import common
 import sample_effect as se
 from common import UserError
 from engine import generate
-from tiny_base import build_model, tiny_config
+from model import build_model, tiny_config
 from conftest import ROOT, free_port, subprocess_env
 import padded
 

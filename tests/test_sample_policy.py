@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import common
+import parallel
 import redistill_sft
 import sample_policy as sp
 import toy_task
@@ -114,7 +115,7 @@ def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     samples = read(all2)
     ids = [r["id"] for r in toy_task.load_split(split)]
     by_rank = {r: {s["id"] for s in samples if s["rank"] == r} for r in (0, 1)}
-    assert by_rank[0] == set(common.shard(ids, 0, 2)) and by_rank[1] == set(common.shard(ids, 1, 2))
+    assert by_rank[0] == set(parallel.rank_share(ids, 0, 2)) and by_rank[1] == set(parallel.rank_share(ids, 1, 2))
     assert not by_rank[0] & by_rank[1]
     assert sorted((s["id"], s["sample"]) for s in samples) == sorted((i, k) for i in ids for k in range(2))
     assert [s["id"] for s in samples] == [i for i in ids for _ in range(2)]  # merged in record order
@@ -227,7 +228,7 @@ def test_rollout_errors_write_nothing(tmp_path):
     for i, change in enumerate(bad):
         write_rollouts(run, {8: [s("a", "x"), {**s("a", "y"), **change}]})
         field = next(iter(change))
-        fails(rf"step_000008\.jsonl: record 2: field '{field}'", "--steps", "8")
+        fails(rf"step_000008\.jsonl:2: field '{field}'", "--steps", "8")
     common.write_jsonl(os.path.join(run, "rollouts", "step_000008.jsonl"), [{"step": 8, "id": "a", "prompt": "p"}])
     fails(r"step_000008\.jsonl:1: missing field 'response'", "--steps", "8")
     with open(os.path.join(run, "rollouts", "step_000008.jsonl"), "w") as f:

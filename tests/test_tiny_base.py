@@ -54,7 +54,7 @@ def test_claim_drill_gives_the_claims_value_on_every_row():
         # each row's word is the claim's truth value under that row (the same draws give the same claim)
         statement_rng = np.random.default_rng(seed)
         statement = kk_data.sample_statement(statement_rng, 3, int(statement_rng.integers(0, 3)), kk_data.DEPTH)
-        truth = kk_data.evaluate(statement, kk_data.knight_masks(3))
+        truth = kk_data.truth_value(statement, kk_data.knight_masks(3))
         assert [r.endswith("true") for r in rows] == [bool(truth[c]) for _, c in kk_data.table_order(3)]
 
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import common
+import engine
 import token_shift
 import toy_task
 from conftest import ROOT, subprocess_env
 from engine import generate
-from model import load_model, load_tokenizer, save_model, stop_token_ids
-from tiny_base import build_model, build_tokenizer, tiny_config
+from model import build_model, load_model, load_tokenizer, save_model, stop_token_ids, tiny_config
+from tiny_base import build_tokenizer
 import padded
 
 
@@ -156,8 +157,8 @@ def cross_args(pair, out, direction, *eps, **over):
 def own_samples(path, pair, seed=5):
     """What the model at path samples alone, through the same helper and seed as a one-rank cross run."""
     model, tok = load_model(path), load_tokenizer(path)
-    return common.sample_responses(model, tok, toy_task, pair["records"], n=3, temperature=1.0, top_p=0.9,
-                                   max_new_tokens=12, seed=seed * 1000, progress=False)
+    return engine.sample_responses(model, tok, toy_task, pair["records"], n=3, temperature=1.0, top_p=0.9,
+                                   max_new_tokens=12, seed=common.derive_seed(seed, 0), progress=False)
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])

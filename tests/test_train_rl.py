@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import common
+import ckpt
+import engine
+import parallel
 import toy_task
 import train_rl
 from conftest import ROOT, assert_train_shards, free_port, subprocess_env
@@ -179,13 +182,13 @@ def test_data_order_covers_each_epoch_once_and_is_deterministic():
     assert len(set(flat)) == 48
     assert per_epoch == [train_rl.step_prompt_indices(50, 8, s, seed=3) for s in range(1, 7)]
     assert train_rl.step_prompt_indices(50, 8, 7, seed=3) != per_epoch[0]  # epoch 2: a new permutation
-    shards = [common.shard(per_epoch[0], r, 3) for r in range(3)]
+    shards = [parallel.rank_share(per_epoch[0], r, 3) for r in range(3)]
     assert sorted(sum(shards, [])) == sorted(per_epoch[0]) and not set(shards[0]) & set(shards[1])
 
 
 def test_micro_batches_respect_the_token_budget():
     lengths = [5, 9, 3, 12, 7, 1, 30]
-    mbs = common.micro_batches(lengths, budget=12)
+    mbs = parallel.micro_batches(lengths, budget=12)
     assert sorted(i for mb in mbs for i in mb) == list(range(7))
     assert all(sum(lengths[i] for i in mb) <= 12 or len(mb) == 1 for mb in mbs)
 
@@ -299,14 +302,14 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     with pytest.raises(Killed):
         train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2))
     monkeypatch.setattr(train_rl, "policy_loss", real)
-    assert common.load_checkpoint(str(cut))[0] == 2
+    assert ckpt.load_checkpoint(str(cut))[0] == 2
     for changed in ({"seed": 7}, {"prompts_per_step": 8}):  # would silently change the data order
         with pytest.raises(common.UserError, match=f"different settings.*{next(iter(changed))}: was"):
             train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True, **changed))
     assert train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True)) == 0
-    a, b = weights(common.checkpoint_dir(str(full), 4)), weights(common.checkpoint_dir(str(cut), 4))
+    a, b = weights(ckpt.checkpoint_dir(str(full), 4)), weights(ckpt.checkpoint_dir(str(cut), 4))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], weights(common.checkpoint_dir(str(full), 2))[k]) for k in a)  # it did learn
+    assert not all(torch.equal(a[k], weights(ckpt.checkpoint_dir(str(full), 2))[k]) for k in a)  # it did learn
     for step in (3, 4):  # the same prompts and responses after the resume
         name = os.path.join("rollouts", f"step_{step:06d}.jsonl")
         assert common.read_jsonl(os.path.join(full, name)) == common.read_jsonl(os.path.join(cut, name))
@@ -321,17 +324,17 @@ def test_a_kill_right_after_a_save_loses_no_metrics_line_and_no_disk(toy, tmp_pa
     and directories, named by a process id the resumed run does not have) is removed at the resume."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert train_rl.main(rl_args(toy, full, max_steps=3, save_every=1)) == 0
-    real = common.save_checkpoint
+    real = ckpt.save_checkpoint
 
     def dies_after_saving_step_2(run_dir, step, *args, **kwargs):
         real(run_dir, step, *args, **kwargs)
         if step == 2:
             raise Killed()
 
-    monkeypatch.setattr(common, "save_checkpoint", dies_after_saving_step_2)
+    monkeypatch.setattr(ckpt, "save_checkpoint", dies_after_saving_step_2)
     with pytest.raises(Killed):
         train_rl.main(rl_args(toy, cut, max_steps=3, save_every=1))
-    monkeypatch.setattr(common, "save_checkpoint", real)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
     leftovers = [cut / ".tmp_step_000003.train.rank0.ptx1y2", cut / "rollouts" / ".tmp_step_000003.jsonlab",
                  cut / "step_000003.tmp4242", cut / "step_000003.old4242"]
     for path in leftovers:
@@ -346,7 +349,7 @@ def test_a_kill_right_after_a_save_loses_no_metrics_line_and_no_disk(toy, tmp_pa
     assert "(step 2)" in out and "removed what an interrupted save left" in out
     assert not any(p.exists() for p in leftovers)
     assert [m["step"] for m in metrics(cut)] == [1, 2, 3]
-    a, b = weights(common.checkpoint_dir(str(full), 3)), weights(common.checkpoint_dir(str(cut), 3))
+    a, b = weights(ckpt.checkpoint_dir(str(full), 3)), weights(ckpt.checkpoint_dir(str(cut), 3))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -365,8 +368,8 @@ def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, ca
     assert "update skipped" in err and "consecutive steps with non-finite" in err
     ms = metrics(out)
     assert [m["bad_steps"] for m in ms] == [0, 1, 2] and [m["updates"] for m in ms] == [1, 0, 0]
-    assert common.load_checkpoint(str(out))[0] == 2  # step 3 stopped the run; no checkpoint after it
-    w1, w2 = weights(common.checkpoint_dir(str(out), 1)), weights(common.checkpoint_dir(str(out), 2))
+    assert ckpt.load_checkpoint(str(out))[0] == 2  # step 3 stopped the run; no checkpoint after it
+    w1, w2 = weights(ckpt.checkpoint_dir(str(out), 1)), weights(ckpt.checkpoint_dir(str(out), 2))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped update changed nothing
     assert all(torch.isfinite(v).all() for v in w2.values())
 
@@ -382,9 +385,9 @@ def test_variants_run_bf16_master_and_kl(toy, tmp_path):
     ms = metrics(out)
     assert all(m["updates"] == 4 or m["train_seqs"] < 2 for m in ms)  # 2 epochs x 2 mini-batches
     assert ms[0]["kl"] > 0 and ms[0]["logprob_gap"] < 0.1  # the policy moved away from the reference
-    w = weights(common.checkpoint_dir(str(out), 1))
+    w = weights(ckpt.checkpoint_dir(str(out), 1))
     assert all(v.dtype == torch.bfloat16 for v in w.values())  # the weights in the training dtype ...
-    shard = torch.load(common.train_shard_path(str(out), 1, 0), weights_only=True)
+    shard = torch.load(ckpt.train_shard_path(str(out), 1, 0), weights_only=True)
     assert all(v.dtype == torch.float32 for v in shard["weights"].values())  # ... the fp32 master to resume from
 
 
@@ -392,12 +395,12 @@ def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
     """--keep_last 2: the older saves are deleted, except the weights of a --keep_steps step."""
     out = tmp_path / "keep"
     assert train_rl.main(rl_args(toy, out, max_steps=4, save_every=1, keep_last=2, keep_steps=1)) == 0
-    assert common.checkpoint_steps(str(out)) == [3, 4]
+    assert ckpt.checkpoint_steps(str(out)) == [3, 4]
     names = sorted(os.listdir(out))
     assert [n for n in names if n.startswith("step_") and "." not in n] == ["step_000001", "step_000003", "step_000004"]
     assert [n for n in names if ".train." in n] == ["step_000003.train.rank0.pt", "step_000004.train.rank0.pt"]
     assert train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True)) == 0
-    assert common.checkpoint_steps(str(out)) == [4, 5] and os.path.isdir(common.checkpoint_dir(str(out), 1))
+    assert ckpt.checkpoint_steps(str(out)) == [4, 5] and os.path.isdir(ckpt.checkpoint_dir(str(out), 1))
 
 
 # -----------------------------------------------------------------------------
@@ -428,7 +431,7 @@ def test_torchrun_two_ranks_disjoint_prompts_identical_weights(toy, tmp_path):
 
 def run_fixed(toy, out, ranks, env_extra=None, **over):
     """train_rl.py on tests/rl_fixed_rollouts.py's rank-independent rollouts, under torchrun with `ranks` ranks.
-    Small micro-batches, 7 prompts: the ranks run different numbers of micro-batches (common.even_out)."""
+    Small micro-batches, 7 prompts: the ranks run different numbers of micro-batches (parallel.even_out)."""
     s = dict(max_steps=4, prompts_per_step=7, samples_per_prompt=4, max_response_tokens=16, save_every=2, val_every=0,
              micro_batch_tokens=120, lr=1e-3, warmup_steps=0)
     s.update(over)
@@ -453,8 +456,8 @@ def test_fsdp_two_ranks_give_the_weights_of_one(fixed_runs):
     for name in ("one", "two"):
         assert runs[name].returncode == 0, runs[name].stdout[-2000:] + runs[name].stderr[-3000:]
     assert "sharded over 2 rank(s)" in runs["two"].stdout
-    a, b = weights(common.checkpoint_dir(str(d / "one"), 4)), weights(common.checkpoint_dir(str(d / "two"), 4))
-    init = weights(common.checkpoint_dir(str(d / "one"), 2))
+    a, b = weights(ckpt.checkpoint_dir(str(d / "one"), 4)), weights(ckpt.checkpoint_dir(str(d / "two"), 4))
+    init = weights(ckpt.checkpoint_dir(str(d / "one"), 2))
     assert not all(torch.equal(a[k], init[k]) for k in a)  # it learned between steps 2 and 4
     for k in a:  # relative to each tensor's norm: Adam's first steps (~lr * sign(g)) amplify the round-off of
         # near-zero gradient entries, so a single entry may differ by ~1e-6 in absolute terms
@@ -468,10 +471,10 @@ def test_fsdp_kill_and_resume_at_two_ranks_is_bit_identical(fixed_runs):
     d, runs = fixed_runs
     assert runs["cut"].returncode != 0 and "killed in step 3" in runs["cut"].stderr
     assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
-    assert common.checkpoint_steps(str(d / "cut")) == [2, 4] and "resuming from" in runs["resumed"].stdout
+    assert ckpt.checkpoint_steps(str(d / "cut")) == [2, 4] and "resuming from" in runs["resumed"].stdout
     for r in (0, 1):  # each rank's optimizer shard was written and read back
-        assert os.path.isfile(common.train_shard_path(str(d / "cut"), 4, r))
-    a, b = weights(common.checkpoint_dir(str(d / "two"), 4)), weights(common.checkpoint_dir(str(d / "cut"), 4))
+        assert os.path.isfile(ckpt.train_shard_path(str(d / "cut"), 4, r))
+    a, b = weights(ckpt.checkpoint_dir(str(d / "two"), 4)), weights(ckpt.checkpoint_dir(str(d / "cut"), 4))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -479,7 +482,7 @@ def test_checkpoint_from_two_ranks_loads_in_transformers(fixed_runs):
     from transformers import AutoModelForCausalLM
     from model import load_model
     d, _ = fixed_runs
-    path = common.checkpoint_dir(str(d / "two"), 4)
+    path = ckpt.checkpoint_dir(str(d / "two"), 4)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ours = load_model(path)
     ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -493,7 +496,7 @@ def test_resume_skips_an_unreadable_checkpoint(toy, tmp_path, capsys):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert train_rl.main(rl_args(toy, full, max_steps=3, save_every=1)) == 0
     assert train_rl.main(rl_args(toy, cut, max_steps=2, save_every=1)) == 0
-    state = common.checkpoint_dir(str(cut), 2) + ".state.pt"
+    state = ckpt.checkpoint_dir(str(cut), 2) + ".state.pt"
     with open(state, "r+b") as f:
         f.truncate(os.path.getsize(state) // 2)
     capsys.readouterr()
@@ -502,7 +505,7 @@ def test_resume_skips_an_unreadable_checkpoint(toy, tmp_path, capsys):
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and state in warnings[0] and "step 2" in warnings[0]
     assert "resuming from" in out and "step 1)" in out
-    a, b = weights(common.checkpoint_dir(str(full), 3)), weights(common.checkpoint_dir(str(cut), 3))
+    a, b = weights(ckpt.checkpoint_dir(str(full), 3)), weights(ckpt.checkpoint_dir(str(cut), 3))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -521,19 +524,19 @@ def test_a_step_that_trains_nothing_keeps_the_fp32_master_on_one_bf16_rank(toy, 
     which leaves FSDP's root group (embeddings, final norm, lm_head) gathered in bf16; when no group has a signal
     the update trains nothing and the checkpoint is saved right after. It must hold the fp32 master untouched (it
     used to hold those weights rounded to bf16, and a resume would load them so, silently)."""
-    real = common.sample_responses
+    real = engine.sample_responses
 
     def no_signal(*args, **kwargs):
         return [dict(s, reward=1.0) for s in real(*args, **kwargs)]
 
-    monkeypatch.setattr(common, "sample_responses", no_signal)
+    monkeypatch.setattr(engine, "sample_responses", no_signal)
     out = tmp_path / "nothing"
     assert train_rl.main(rl_args(toy, out, max_steps=1, save_every=1, dtype="bfloat16", kl_coef=0.05,
                                  kl_estimator="k1", drop_zero_variance_groups=True)) == 0
     m = metrics(out)[0]
     assert m["updates"] == 0 and m["train_seqs"] == 0 and m["kl"] is None  # no KL measured: null, not 0
     assert assert_train_shards(out, 1) == 1
-    shard = torch.load(common.train_shard_path(str(out), 1, 0), weights_only=True)["weights"]
+    shard = torch.load(ckpt.train_shard_path(str(out), 1, 0), weights_only=True)["weights"]
     init = load_model(toy["init"]).state_dict()
     assert all(torch.equal(shard[k], init[k]) for k in shard)
 
@@ -549,11 +552,11 @@ def test_fsdp_a_step_that_trains_nothing_saves_true_shards_and_resumes_exactly(t
     assert ms[1]["updates"] == 0 and ms[1]["kl"] is None and ms[0]["updates"] == 1 and ms[0]["kl"] is not None
     cut = run_fixed(toy, tmp_path / "cut", 2, dict(env, KILL_AT_STEP="3"), **s)
     assert cut.returncode != 0 and "killed in step 3" in cut.stderr
-    assert common.checkpoint_steps(str(tmp_path / "cut")) == [2] and assert_train_shards(tmp_path / "cut", 2) == 2
+    assert ckpt.checkpoint_steps(str(tmp_path / "cut")) == [2] and assert_train_shards(tmp_path / "cut", 2) == 2
     resumed = run_fixed(toy, tmp_path / "cut", 2, env, resume=True, **s)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(step 2)" in resumed.stdout
-    a, b = (weights(common.checkpoint_dir(str(tmp_path / d), 4)) for d in ("full", "cut"))
+    a, b = (weights(ckpt.checkpoint_dir(str(tmp_path / d), 4)) for d in ("full", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["step"] for m in metrics(tmp_path / "cut")] == [1, 2, 3, 4]
 
@@ -588,5 +591,5 @@ def test_the_update_does_not_depend_on_the_micro_batch_split(toy, tmp_path, agg)
     ma, mb = (metrics(o)[0] for o in outs)
     assert ma["grad_norm"] > 0 and mb["grad_norm"] == pytest.approx(ma["grad_norm"], rel=1e-5)
     assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5, abs=1e-6)  # ~0 on-policy for seq_mean: sum(A) = 0
-    a = weights(common.checkpoint_dir(str(outs[0]), 1))
+    a = weights(ckpt.checkpoint_dir(str(outs[0]), 1))
     assert not all(torch.equal(a[k], weights(toy["init"])[k]) for k in a)

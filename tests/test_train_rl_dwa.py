@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common
+import ckpt
+import engine
 import toy_task
 import train_rl
 from rl_fixed_rollouts import fixed_rollouts  # rollouts that depend only on the prompt, random rewards
@@ -36,7 +38,7 @@ def test_dwa_weights_are_one_on_policy_and_carry_no_gradient():
 def loop(tiny_checkpoint, tmp_path, monkeypatch):
     """train_rl.main on fixed rollouts of the tiny checkpoint; records every DWA weight tensor it computes."""
     common.write_jsonl(str(tmp_path / "train.jsonl"), toy_task.make_records(40, seed=1, split="train"))
-    monkeypatch.setattr(common, "sample_responses", fixed_rollouts)
+    monkeypatch.setattr(engine, "sample_responses", fixed_rollouts)
     calls, real = [], train_rl.dwa_weights
 
     def recorded(*a, **k):
@@ -53,7 +55,7 @@ def loop(tiny_checkpoint, tmp_path, monkeypatch):
         calls.clear()
         assert train_rl.main([x for k, v in s.items() for x in (f"--{k}", str(v))]) == 0
         from safetensors.torch import load_file
-        return load_file(os.path.join(common.checkpoint_dir(s["out_dir"], 2), "model.safetensors")), list(calls)
+        return load_file(os.path.join(ckpt.checkpoint_dir(s["out_dir"], 2), "model.safetensors")), list(calls)
     return run
 
 

@@ -1,11 +1,13 @@
-"""A toy task with the task-module interface, for tests: add two small numbers, answer in \\boxed{}.
+"""A toy task with the task-module interface (`--task toy_task`): add two small numbers, answer in \\boxed{}.
 
-Learnable by a tiny model in seconds, so tests of SFT, RL, sampling and evaluation exercise real code.
+Learnable by a tiny model in seconds, so the tests of SFT, RL, sampling and evaluation and `bench.py --rl true`
+exercise real code.
 """
 import random
 import re
 
 import common
+import tasks
 
 DIFFICULTY = "level"  # number of digits of the larger operand
 
@@ -30,7 +32,7 @@ def load_split(path):
 
 
 def render_prompt(record, tokenizer, template="auto"):
-    return common.render_prompt(tokenizer, record["question"], template)
+    return tasks.render_question(record["question"], tokenizer, template)
 
 
 def score(response, record, finished):

@@ -1,0 +1,248 @@
+"""
+Training runs that survive a kill: the optimizer and gradient clipping, run checkpoints (save, prune, load, resume
+with the same settings) and the per-step metrics log. SFT and RL share all of it.
+"""
+import glob
+import os
+import re
+import shutil
+
+import torch
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor
+
+from common import UserError, append_jsonl, atomic_open, print0, rank, read_jsonl, world_size, write_json, write_jsonl
+from model import save_model, weight_files
+from parallel import all_gather_json, all_reduce, barrier, full_copy, is_sharded, local_tensor, reshard
+
+# -----------------------------------------------------------------------------
+# optimizer
+
+
+def make_optimizer(params, lr, betas=(0.9, 0.999), weight_decay=0.0, eight_bit=False):
+    """AdamW; with eight_bit and bitsandbytes installed on CUDA, bitsandbytes' 8-bit AdamW (less optimizer memory)
+    for unsharded weights. FSDP-sharded weights get torch's AdamW: its state is already divided over the ranks."""
+    params = [p for p in params if p.requires_grad]
+    if eight_bit:
+        if any(isinstance(p, DTensor) for p in params):
+            print0("note: 8-bit AdamW cannot update FSDP-sharded weights; using torch AdamW (state sharded over ranks)")
+        else:
+            try:
+                import bitsandbytes as bnb
+                if params and params[0].is_cuda:
+                    return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+                print0("note: 8-bit AdamW needs CUDA; using torch AdamW")
+            except ImportError:
+                print0("note: bitsandbytes not installed; using torch AdamW")
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale the gradients so that their global norm (over all ranks' shards) is at most max_norm (0 = no clip);
+    returns the norm before clipping, a float. One all-reduce of one number, on this rank's shards as plain
+    tensors (torch.nn.utils.clip_grad_norm_ would dispatch every op of every tensor through DTensor)."""
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    local = torch.stack(torch._foreach_norm(grads, 2.0)).double().square().sum()
+    norm = float(all_reduce(local).sqrt())
+    if max_norm > 0 and norm > max_norm:  # (a non-finite norm is left for the caller to skip)
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm
+
+
+# -----------------------------------------------------------------------------
+# run checkpoints
+#
+# A checkpoint of step N in a run directory is three things:
+#   step_N/                  a Hugging Face directory: the full weights in the training dtype (bf16 on GPU), gathered
+#                            to rank 0 -- what the next stage, transformers or vLLM load
+#   step_N.train.rankR.pt    what rank R needs to resume exactly: its shard of the fp32 weights and of the optimizer
+#   step_N.state.pt          the step, the world size and the script's own state; written last, by rank 0, once
+#                            every rank's shard is on disk: a checkpoint is resumable when its state file exists.
+# Each file is written atomically; all are plain tensors and numbers, loaded with weights_only=True (no pickle).
+# prune_checkpoints keeps the resumable part of the newest --keep_last saves only (1.5B: 18.5 GB each).
+
+
+def checkpoint_dir(run_dir, step):
+    return os.path.join(run_dir, f"step_{step:06d}")
+
+
+def train_shard_path(run_dir, step, rank_):
+    return f"{checkpoint_dir(run_dir, step)}.train.rank{rank_}.pt"
+
+
+def checkpoint_steps(run_dir):
+    """Steps whose state file exists in run_dir (resumable checkpoints), oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(int(name[5:11]) for name in os.listdir(run_dir)
+                  if name.startswith("step_") and name.endswith(".state.pt") and name[5:11].isdigit())
+
+
+def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dict, dtype, keep_last, keep_weights=()):
+    """Write the checkpoint of `step`, its weights in `dtype` (every rank calls this), then prune older ones
+    (prune_checkpoints). train_state: tensors, numbers, strings, lists, dicts."""
+    full = full_copy(model, dtype, device="cpu", on_rank=0)
+    if rank() == 0:
+        save_model(full, checkpoint_dir(run_dir, step), tokenizer)
+    del full
+    with atomic_open(train_shard_path(run_dir, step, rank()), "wb") as f:
+        torch.save(local_train_state(model, optimizer), f)
+    barrier()
+    if rank() == 0:
+        with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
+            torch.save({"step": step, "world_size": world_size(), **train_state}, f)
+        prune_checkpoints(run_dir, keep_last, keep_weights)
+    barrier()
+
+
+def prune_checkpoints(run_dir, keep_last, keep_weights=()):
+    """Rank 0, after a save: only the newest keep_last checkpoints stay resumable; of the older ones only the
+    weights of the steps in keep_weights stay. The state file goes first, so a half-deleted one is never resumable."""
+    for step in checkpoint_steps(run_dir)[:-keep_last]:
+        os.remove(checkpoint_dir(run_dir, step) + ".state.pt")
+        for path in glob.glob(glob.escape(checkpoint_dir(run_dir, step)) + ".train.rank*.pt"):
+            os.remove(path)
+        if step not in keep_weights:
+            shutil.rmtree(checkpoint_dir(run_dir, step), ignore_errors=True)
+
+
+def remove_partial_saves(run_dir):
+    """Delete what a kill left of a save under way in run_dir: atomic_open's .tmp_* files and save_model's
+    NAME.tmpPID / NAME.oldPID directories (a checkpoint's weights or final/ being replaced). The resumed run has
+    another process id and fresh temporary names, so it would never reuse them; at 1.5B one optimizer shard is
+    ~18 GB. None of them belongs to a resumable checkpoint: a save renames its files into place before it writes
+    the state file."""
+    removed = 0
+    for folder in (run_dir, os.path.join(run_dir, "rollouts")):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, name)
+            if name.startswith(".tmp_") and os.path.isfile(path):
+                removed += os.path.getsize(path)
+                os.remove(path)
+            elif re.search(r"\.(tmp|old)\d+$", name) and os.path.isdir(path):
+                removed += sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+                shutil.rmtree(path)
+    if removed:
+        print0(f"note: removed what an interrupted save left in {run_dir} ({removed / 2**20:.1f} MiB)")
+
+
+def load_checkpoint(run_dir):
+    """The newest checkpoint in run_dir that every rank can read: (step, model_dir, train_state, this rank's shard),
+    or None. One with an unreadable file (truncated by a disk fault or a partial copy, or missing) is skipped with a
+    one-line warning naming the file. Every rank calls this."""
+    for step in reversed(checkpoint_steps(run_dir)):
+        model_dir, problem, state, shard = checkpoint_dir(run_dir, step), None, None, None
+        path = model_dir + ".state.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("world_size", 1) != world_size():
+                raise UserError(f"{path}: written by {state.get('world_size', 1)} rank(s); resume it with the same "
+                                f"number (torchrun --nproc_per_node), not {world_size()}")
+            for path in weight_files(model_dir):  # safetensors checks that the file covers its header
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            path = train_shard_path(run_dir, step, rank())
+            shard = torch.load(path, map_location="cpu", weights_only=True)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any reader error means: not this checkpoint
+            problem = f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        problems = [p for p in all_gather_json(problem) if p]
+        if problems:
+            print0(f"warning: skipping the checkpoint of step {step}: cannot read {problems[0]}")
+            continue
+        return step, model_dir, state, shard
+    return None
+
+
+def resume_checkpoint(run_dir, resume):
+    """The checkpoint to continue from (load_checkpoint's newest complete one), or None for a fresh run. Checkpoints in
+    run_dir without resume are an error: a new run would mix its steps with an old one's."""
+    steps = checkpoint_steps(run_dir)
+    if steps and not resume:
+        raise UserError(f"{run_dir} already holds checkpoints (newest step {steps[-1]}); pass --resume true to "
+                        f"continue it, or choose another --out_dir")
+    if rank() == 0:
+        remove_partial_saves(run_dir)
+    found = load_checkpoint(run_dir) if resume else None
+    if resume and found is None:
+        print0(f"note: --resume: no complete checkpoint in {run_dir}; starting a fresh run")
+    return found
+
+
+def local_train_state(model, optimizer):
+    """This rank's part of the fp32 weights and of optimizer.state_dict(), as plain tensors (a sharded tensor's
+    local shard; an unsharded one whole). Taken from resharded modules (reshard), and checked: a full-size or
+    compute-dtype tensor saved as a shard would crash the resume, or silently round the weights it restores."""
+    reshard(model)
+    sharded = is_sharded(model)
+    weights = {}
+    for name, p in model.named_parameters():
+        if p.dtype != torch.float32 or sharded != isinstance(p, DTensor):
+            raise RuntimeError(f"checkpoint: parameter {name} is {type(p).__name__} {p.dtype}, not this rank's fp32 "
+                               f"shard; refusing to save a checkpoint that would not resume exactly")
+        weights[name] = local_tensor(p.detach())
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: local_tensor(v) for k, v in s.items()} for i, s in sd["state"].items()}
+    return {"weights": weights, "optimizer": sd}
+
+
+def load_local_train_state(model, optimizer, shard):
+    """The inverse of local_train_state: the fp32 weights (the checkpoint's HF weights may be bf16) and the optimizer
+    state, each shard back into a tensor sharded like its parameter."""
+    reshard(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local_tensor(p).copy_(shard["weights"][name])
+    sd = shard["optimizer"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, s in sd["state"].items():
+        p = params[i]
+        if isinstance(p, DTensor):
+            s.update({k: DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                            stride=p.stride()) for k, v in s.items() if v.dim() > 0})
+    optimizer.load_state_dict(sd)
+
+
+def check_run_identity(run_dir, saved: dict, now: dict):
+    """--resume must continue the same run: settings that decide the data order or the schedule (`now`) must
+    equal the checkpoint's (`saved`); otherwise one line names each difference."""
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        raise UserError(f"{run_dir}: --resume with different settings than the run's: "
+                        + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+
+
+# -----------------------------------------------------------------------------
+# the metrics log
+
+
+def metrics_log(run_dir, start_step, wandb_project="", settings=None):
+    """log(record): appends to run_dir/metrics.jsonl on rank 0, and to Weights & Biases when wandb_project is set and
+    wandb is installed; the run's settings go to run_dir/settings.json. Records after start_step (the checkpoint a
+    run resumes from; 0 = a fresh run) are dropped first, so a resumed run rewrites them. log.finish() ends wandb."""
+    path, wandb = os.path.join(run_dir, "metrics.jsonl"), None
+    if rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        if settings is not None:
+            write_json(os.path.join(run_dir, "settings.json"), settings)
+        if os.path.exists(path):
+            kept = [m for m in read_jsonl(path, torn_tail=True) if start_step and m.get("step", 0) <= start_step]
+            write_jsonl(path, kept)
+        if wandb_project:
+            try:
+                import wandb
+                wandb.init(project=wandb_project, name=os.path.basename(os.path.abspath(run_dir)), config=settings)
+            except ImportError:
+                print0("note: wandb not installed; logging to metrics.jsonl only")
+
+    def log(record):
+        if rank() == 0:
+            append_jsonl(path, record)
+            if wandb:
+                wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+    log.finish = lambda: wandb.finish() if wandb else None
+    return log

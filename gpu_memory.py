@@ -1,0 +1,224 @@
+"""
+The per-GPU memory model of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2, in bytes computed from what
+the code allocates: no GPU needed. `python bench.py --memory qwen2.5-1.5b qwen2.5-7b --world 8 --gpu_gib 80` prints
+its table; tests/test_bench_memory.py checks it against peaks measured on CPU, docs/memory.md against an H100.
+"""
+import json
+import os
+
+from common import UserError, check_positive
+from model import ModelConfig, kv_bytes_per_token, read_config, tiny_config
+
+# --memory presets: the Qwen2.5 base models' config.json fields that size memory (all Qwen2ForCausalLM, q/k/v biases)
+MEMORY_PRESETS = {
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                         intermediate_size=8960, tie_word_embeddings=True, max_position_embeddings=131072),
+    "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2,
+                       intermediate_size=11008, tie_word_embeddings=True, max_position_embeddings=32768),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                       intermediate_size=18944, tie_word_embeddings=False, max_position_embeddings=131072),
+    "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8,
+                        intermediate_size=13824, tie_word_embeddings=False, max_position_embeddings=131072),
+}
+CUDA_CONTEXT_GIB = 1.5  # CUDA context + caching-allocator slack, added to every peak of --memory
+
+# -----------------------------------------------------------------------------
+# per-GPU memory (python bench.py --memory CONFIG ...): bytes computed from what the code allocates, no GPU needed
+#
+# The scheme modelled (train_rl.py and redistill_sft.py under FSDP2): fully_shard on every block and on the root,
+# MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), AdamW in fp32, gradient checkpointing per block,
+# packed micro-batches (one row), the lm_head + fp32 log-softmax in checkpointed chunks (model.token_logprobs).
+
+
+def param_counts(cfg):
+    """Parameters of model.Transformer(cfg), counted from the config: embed, one block, final norm, lm_head, total."""
+    H, V, hd = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    bias = cfg.arch == "qwen2" or cfg.hf_config.get("attention_bias", False)  # as model.Attention decides
+    attn = H * q + 2 * H * kv + q * H + (q + 2 * kv if bias else 0) + (2 * hd if cfg.arch == "qwen3" else 0)
+    block = attn + 3 * H * cfg.intermediate_size + 2 * H  # + gate/up/down, input and post-attention norms
+    lm_head = 0 if cfg.tie_word_embeddings else V * H
+    return {"embed": V * H, "block": block, "final_norm": H, "lm_head": lm_head,
+            "total": V * H + cfg.num_layers * block + H + lm_head}
+
+
+def kv_cache_bytes(cfg, rows, max_len, dtype_bytes=2):
+    """engine.KVCache(cfg, rows, max_len, ...): k and v, each (layers, rows, kv_heads, max_len, head_dim)."""
+    return rows * max_len * kv_bytes_per_token(cfg, dtype_bytes)
+
+
+def block_bytes_per_token(cfg):
+    """Peak bytes per token of one checkpointed block recomputed in backward: what autograd saves in the recompute,
+    plus the gradients in flight. Saved: each RMSNorm's fp32 x.float() (2 x 4 H bytes); in bf16 (2 bytes) each
+    norm's normalised x and output (4 H), q and k after RoPE, v, the attention output and its (T, heads x hd)
+    reshape (3 nh hd + 2 nkv hd; flash attention keeps O(T) more), gate, silu(gate), up, silu(gate) * up (4 I);
+    Qwen3's q_norm / k_norm also keep fp32 q, k and their normalised bf16 copies (6 (nh + nkv) hd bytes).
+    In flight at the peak, the MLP's backward: two I-wide gradients more than the saved tensors it frees, and the
+    block's output and input gradients (2 I + 2 H, bf16).
+      per token = 8 H + 2 (6 H + 3 nh hd + 2 nkv hd + 6 I) [+ 6 (nh + nkv) hd for qwen3]
+    Checked against the peak measured on CPU (tests/test_bench_memory.py) and on an H100 (docs/memory.md)."""
+    H, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    qk_norm = 6 * (nh + nkv) * hd if cfg.arch == "qwen3" else 0
+    return 8 * H + 2 * (6 * H + 3 * nh * hd + 2 * nkv * hd + 6 * cfg.intermediate_size) + qk_norm
+
+
+def prefill_bytes_per_token(cfg):
+    """Peak bytes per prompt token of generation's prefill (no grad, one block at a time): the MLP holds the block's
+    input, the normed input, silu(gate), up and their product (2 H + 3 I, bf16), an RMSNorm its fp32 x.float() and
+    x * rsqrt (8 H)."""
+    return 2 * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) + 8 * cfg.hidden_size
+
+
+def activation_bytes(cfg, tokens, chunk, with_entropy, gathered):
+    """Training activations of one packed micro-batch of `tokens` tokens with gradient checkpointing:
+      inputs  every block's stored input, L x T x H bf16
+      head    the final norm (its fp32 input copy, bf16 normalised x and output: 4 + 2 + 2 bytes x T x H; RL also
+              gathers the response positions' hidden states, + 2) and one lm_head chunk recomputed in backward:
+              chunk x V x 4 bytes x 3 (the fp32 log-softmax, its gradient, the gradient of the fp32 logits), x 2 more
+              with the entropy's graph (probs = exp(log-softmax) and their gradient; train_rl keeps it only
+              with --entropy_coef > 0, its logged entropy is computed without graph)
+      block   one block recomputed in backward: block_bytes_per_token x T
+    The head's backward (all lm_head chunks, then the final norm) finishes before the first block is recomputed,
+    so the peak is inputs + max(head, block)."""
+    H, V = cfg.hidden_size, cfg.vocab_size
+    inputs = cfg.num_layers * tokens * H * 2
+    head = tokens * H * (4 + 2 + 2 + (2 if gathered else 0)) + min(tokens, chunk) * V * 4 * (3 + 2 * bool(with_entropy))
+    block = block_bytes_per_token(cfg) * tokens
+    return {"inputs": inputs, "head": head, "block": block, "total": inputs + max(head, block)}
+
+
+def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_size=32, prompt_tokens=512,
+                    response_tokens=4096, rl_tokens=30000, sft_tokens=16384, logprob_chunk=4096):
+    """Per-GPU bytes of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2 on `world` ranks (see the section's
+    comment). Peaks include CUDA_CONTEXT_GIB."""
+    n = param_counts(cfg)
+    P, W = n["total"], world
+    root = n["embed"] + n["lm_head"] + n["final_norm"]  # the root FSDP group: embed_tokens, lm_head if untied, norm
+    e = {"params": P, "master": 4 * P / W, "grads": 4 * P / W, "adam": 8 * P / W, "slack": CUDA_CONTEXT_GIB * 2**30}
+    e["persistent"] = e["master"] + e["grads"] + e["adam"]
+    e["ref_model"] = 4 * P / W  # --kl_coef > 0: a frozen copy sharded the same way, no grads or optimizer
+    # FSDP2 transients of forward + backward: the root unsharded in bf16 throughout, two blocks unsharded in bf16
+    # (the current one + the prefetched one), and in backward the unsharded fp32 gradients of one block and of the
+    # root before their reduce-scatter. (This covers the lm_head's gradient too: in the head's backward the root holds
+    # its bf16 params, the bf16 gradient being accumulated and one chunk's V x H bf16 weight gradient before it is
+    # added in: at most 6 bytes per root parameter. A single-H100 check measured that chunk gradient on top of
+    # activation_bytes, which came within 1 % of the rest at the 1.5B and 7B shapes; see docs/memory.md.)
+    e["fsdp_transient"] = 2 * root + 2 * 2 * n["block"] + 4 * n["block"] + 4 * root
+    # RL generation: the training state stays sharded; a plain bf16 copy of all weights is gathered for the engine
+    # (freed before the update), engine.generate's KV cache (rows x (prompt + response) columns) and its
+    # temporaries: the prefill (prompts packed in one row, no grad, one block at a time) or a decode step's sampling
+    # (rows x V fp32: logits, log-softmax, probs / cdf), whichever is larger
+    prompts = min(prompts_per_rank, gen_batch_size)
+    e["gen_rows"], e["gen_len"] = prompts * group_size, prompt_tokens + response_tokens
+    e["gen_copy"] = 2 * P
+    e["kv_cache"] = kv_cache_bytes(cfg, e["gen_rows"], e["gen_len"])
+    e["gen_temps"] = max(prefill_bytes_per_token(cfg) * prompts * prompt_tokens, e["gen_rows"] * cfg.vocab_size * 4 * 3)
+    e["gen_peak"] = e["persistent"] + e["gen_copy"] + e["kv_cache"] + e["gen_temps"] + e["slack"]
+    # training: a micro-batch holds up to its token budget, or one longer sequence alone
+    e["rl_tokens"] = max(rl_tokens, prompt_tokens + response_tokens)
+    e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=False, gathered=True)
+    e["update_peak"] = e["persistent"] + e["fsdp_transient"] + e["rl_act"]["total"] + e["slack"]
+    e["rl_peak"] = max(e["gen_peak"], e["update_peak"])
+    # the reference model's own log-prob pass (no grad) runs apart from the update: only its sharded state adds
+    e["rl_kl_peak"] = e["rl_peak"] + e["ref_model"]
+    e["sft_tokens"] = sft_tokens
+    e["sft_act"] = activation_bytes(cfg, sft_tokens, logprob_chunk, with_entropy=False, gathered=True)
+    e["sft_peak"] = e["persistent"] + e["fsdp_transient"] + e["sft_act"]["total"] + e["slack"]
+    return e
+
+
+def memory_config(spec):
+    """(column name, ModelConfig) for a --memory argument: a preset, a checkpoint directory or a config.json."""
+    if spec.lower() in MEMORY_PRESETS:
+        return spec.lower(), ModelConfig.from_hf(tiny_config(arch="Qwen2ForCausalLM", rope_theta=1000000.0,
+                                                             **MEMORY_PRESETS[spec.lower()]), spec)
+    if os.path.isdir(spec):
+        return os.path.basename(os.path.normpath(spec)), read_config(spec)
+    if not os.path.isfile(spec):
+        raise UserError(f"{spec}: no such config.json or directory, and not a preset ({', '.join(MEMORY_PRESETS)})")
+    try:
+        with open(spec) as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{spec}: cannot read a config.json ({e})")
+    if not isinstance(hf, dict):
+        raise UserError(f"{spec}: not a config.json (a JSON object expected)")
+    return os.path.basename(os.path.dirname(os.path.abspath(spec))) or spec, ModelConfig.from_hf(hf, spec)
+
+
+def memory_settings(args, world=None, gen_batch_size=None):
+    world = world or args.world
+    per_rank = args.prompts_per_rank or -(-args.prompts_per_step // world)
+    return dict(world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
+                gen_batch_size=gen_batch_size or args.gen_batch_size, prompt_tokens=args.prompt_tokens,
+                response_tokens=args.response_tokens, rl_tokens=args.rl_micro_batch_tokens,
+                sft_tokens=args.sft_micro_batch_tokens, logprob_chunk=args.logprob_chunk)
+
+
+def memory_table(args):
+    """One markdown table, a column per model, rows the per-GPU components and phase peaks in GiB; then a verdict."""
+    check_positive(args, "world", "samples_per_prompt", "gen_batch_size", "prompt_tokens", "response_tokens",
+                   "rl_micro_batch_tokens", "sft_micro_batch_tokens", "logprob_chunk", "prompts_per_step", "prompts_per_rank")
+    cols = [memory_config(spec) for spec in args.memory]
+    est = [memory_estimate(cfg, **memory_settings(args)) for _, cfg in cols]
+    gib, cap = 2**30, args.gpu_gib
+    e0, s0 = est[0], memory_settings(args)
+
+    def fmt(b):
+        return f"{b / gib:.1f}"
+
+    def yes(b):
+        return "yes" if b / gib <= cap else "**no**"
+
+    rows = [
+        ("parameters P", lambda e: f"{e['params'] / 1e9:.2f}B"),
+        ("fp32 master weights, 4P/W", lambda e: fmt(e["master"])),
+        ("fp32 gradients, 4P/W", lambda e: fmt(e["grads"])),
+        ("AdamW exp_avg + exp_avg_sq, 8P/W", lambda e: fmt(e["adam"])),
+        ("**persistent (sharded), 16P/W**", lambda e: fmt(e["persistent"])),
+        ("RL gen: gathered bf16 weights, 2P", lambda e: fmt(e["gen_copy"])),
+        (f"RL gen: KV cache bf16, {e0['gen_rows']} rows x {e0['gen_len']} tokens", lambda e: fmt(e["kv_cache"])),
+        ("RL gen: prefill / sampling temporaries", lambda e: fmt(e["gen_temps"])),
+        ("**RL generation peak**", lambda e: fmt(e["gen_peak"])),
+        ("FSDP2 transient: bf16 root + 2 blocks, fp32 grads of root + 1 block", lambda e: fmt(e["fsdp_transient"])),
+        (f"RL act. ({e0['rl_tokens']} tokens): block inputs", lambda e: fmt(e["rl_act"]["inputs"])),
+        ("RL act.: final norm + lm_head chunk", lambda e: fmt(e["rl_act"]["head"])),
+        ("RL act.: one block recomputed", lambda e: fmt(e["rl_act"]["block"])),
+        ("**RL update peak**", lambda e: fmt(e["update_peak"])),
+        (f"SFT act. ({e0['sft_tokens']} tokens): block inputs", lambda e: fmt(e["sft_act"]["inputs"])),
+        ("SFT act.: final norm + lm_head chunk", lambda e: fmt(e["sft_act"]["head"])),
+        ("SFT act.: one block recomputed", lambda e: fmt(e["sft_act"]["block"])),
+        ("**SFT peak**", lambda e: fmt(e["sft_peak"])),
+        ("reference model if --kl_coef > 0, 4P/W", lambda e: fmt(e["ref_model"])),
+        ("**RL peak with --kl_coef > 0**", lambda e: fmt(e["rl_kl_peak"])),
+        (f"fits {cap:g} GiB: RL / RL+KL / SFT",
+         lambda e: f"{yes(e['rl_peak'])} / {yes(e['rl_kl_peak'])} / {yes(e['sft_peak'])}"),
+    ]
+    print(f"per-GPU memory, GiB, on {args.world} x {cap:g} GiB (FSDP2: fp32 master + grads + AdamW sharded over "
+          f"{args.world}, bf16 compute; gradient checkpointing); RL: {s0['prompts_per_rank']} prompts per rank x "
+          f"{args.samples_per_prompt} rollouts, prompts {args.prompt_tokens} + responses {args.response_tokens} tokens; every "
+          f"peak includes {CUDA_CONTEXT_GIB} GiB of CUDA context and allocator slack")
+    print()
+    print("| per GPU, GiB | " + " | ".join(name for name, _ in cols) + " |")
+    print("|---|" + "---:|" * len(cols))
+    for label, cell in rows:
+        print(f"| {label} | " + " | ".join(cell(e) for e in est) + " |")
+    print()
+    verdict = []
+    for (name, cfg), e in zip(cols, est):
+        said = []
+        for mode, key in (("RL", "rl_peak"), ("SFT", "sft_peak")):
+            if e[key] / gib <= cap:
+                said.append(f"{mode} fits")
+                continue
+            phase = "generation" if mode == "RL" and e["gen_peak"] >= e["update_peak"] else "update"
+            line = f"{mode} does not ({phase} peak {fmt(e[key])} GiB"
+            if mode == "RL" and e["update_peak"] / gib <= cap:  # only generation is too big: a smaller call?
+                fitting = [b for b in range(min(s0["prompts_per_rank"], args.gen_batch_size) - 1, 0, -1)
+                           if memory_estimate(cfg, **memory_settings(args, gen_batch_size=b))["gen_peak"] / gib <= cap]
+                line += (f"; fits with --gen_batch_size {fitting[0]}" if fitting
+                         else "; not even one prompt per call fits")
+            said.append(line + ")")
+        verdict.append(f"{name}: " + ", ".join(said))
+    print(f"verdict on {args.world} x {cap:g} GiB: " + "; ".join(verdict) + ".")
+    return [dict(e, name=name) for (name, _), e in zip(cols, est)]

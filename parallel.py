@@ -1,0 +1,240 @@
+"""
+Many ranks as one: torchrun / process-group setup, the only collectives the scripts use, the data order and packed
+micro-batches that every rank computes alike, and FSDP2 sharding (a sharded model for training, a full copy for
+generation).
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from common import rank, world_size
+from model import empty_model
+
+# -----------------------------------------------------------------------------
+# process group
+
+
+def dist_setup():
+    """Initialise torch.distributed: from torchrun's variables, or as a process group of one rank when run
+    with plain python, so that every script runs the same code (FSDP included) at any world size.
+    NCCL on CUDA, gloo on CPU. Returns (rank, world_size, device)."""
+    # torch.distributed.nn.functional takes `group=group.WORLD` as a default argument of its functions, bound
+    # when the module is first imported; torch imports it lazily, with torch._dynamo (model.load_model's
+    # meta-device construction does). Imported after init_process_group, it holds the default group, so
+    # destroy_process_group cannot free it: the gloo worker threads outlive dist_cleanup and can drop the last
+    # reference to a Python-owned tensor (the last all_gather's, kept by the final barrier) while the
+    # interpreter is already finalizing; their GIL request then ends the thread inside a destructor:
+    # "terminate called without an active exception", SIGABRT. Imported first, its defaults are None.
+    import torch.distributed.nn  # noqa: F401
+    torchrun = "RANK" in os.environ
+    rank_, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():  # (tests run several scripts' mains in one process)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if torchrun:
+            dist.init_process_group(backend, **kwargs)
+        else:  # one rank, no ports: an in-process store
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    return rank_, world, device
+
+
+def dist_cleanup():
+    """Wait for every rank, then free the process group: its destructor joins the backend's worker threads (the
+    GIL released, so they can drop what they still hold), before the interpreter starts finalizing."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# collectives: every one outside FSDP goes through these (tests/test_parallel.py checks that no script calls
+# torch.distributed's collectives itself). Each puts its tensor on the process group's device: NCCL has no
+# CPU tensors, so a CPU tensor handed to it is a crash that the CPU tests (gloo) would never show.
+
+
+def group_device():
+    """The device a collective's tensors must live on: the current GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(tensor, op="sum"):
+    """The sum (or "max", "min") of a tensor over ranks, returned on the tensor's own device."""
+    if world_size() == 1:
+        return tensor
+    t = tensor.detach().to(group_device(), copy=True)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.to(tensor.device)
+
+
+def all_reduce_numbers(numbers: dict, op="sum") -> dict:
+    """The sum (or max, min) of a dict of numbers over ranks, in float64."""
+    keys = sorted(numbers)
+    t = all_reduce(torch.tensor([float(numbers[k]) for k in keys], dtype=torch.float64), op)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_gather_json(obj):
+    """Gather one JSON-serialisable object per rank to every rank (a list, in rank order).
+
+    JSON over a byte tensor rather than all_gather_object, so model output never goes through pickle.
+    """
+    if world_size() == 1:
+        return [obj]
+    device = group_device()
+    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([data.numel()], device=device))
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return [json.loads(bytes(t[:n].tolist()).decode("utf-8")) for t, n in zip(out, sizes)]
+
+
+def gather_lists(items, key=None):
+    """Every rank's list, concatenated in rank order (then sorted by `key` when given), on every rank."""
+    merged = [x for part in all_gather_json(items) for x in part]
+    return sorted(merged, key=key) if key else merged
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+
+def even_out(batches):
+    """The same number of micro-batches on every rank, padded with None: under FSDP every forward and backward
+    is a collective, so a rank that has run out runs idle_pass while the others work."""
+    n = int(all_reduce(torch.tensor([len(batches)]), "max")[0])
+    return list(batches) + [None] * (n - len(batches))
+
+
+# -----------------------------------------------------------------------------
+# batching: the data order and packed micro-batches, deterministic and the same on every rank
+
+
+def rank_share(items, rank_, world):
+    """This rank's share of a list: every world-th item starting at rank (disjoint, covers all)."""
+    return items[rank_::world]
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of an epoch: a permutation of range(n) fixed by (seed, epoch), identical on every rank,
+    so a resumed run skips and repeats nothing."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def micro_batches(lengths, budget, indices=None):
+    """Pack sequences (indices into lengths; default all), longest first (ties: lower index first), into
+    micro-batches of at most `budget` tokens (a longer sequence goes alone). Returns lists of indices."""
+    indices = range(len(lengths)) if indices is None else indices
+    batches, cur, size = [], [], 0
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        if cur and size + lengths[i] > budget:
+            batches.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += lengths[i]
+    return batches + ([cur] if cur else [])
+
+
+# -----------------------------------------------------------------------------
+# sharding: FSDP2 for training, a full copy for generation
+#
+# Training scripts shard the model with PyTorch's FSDP2: each rank keeps 1/world of the fp32 weights (the
+# master copy the optimizer updates), of the gradients and of the AdamW state; a block's weights are
+# all-gathered in the compute dtype just before it runs and freed after. Every forward and backward is
+# therefore a collective that all ranks must join. Generation instead runs on a plain full copy gathered
+# once (full_copy): no collective inside the decode loop, and ranks may generate different lengths.
+
+
+def shard_model(model, compute_dtype):
+    """Shard an fp32 model over all ranks with FSDP2: each block, then the rest (embeddings, final norm, lm_head).
+
+    Forward and backward run in compute_dtype; gradients are reduce-scattered in fp32 and SUMMED over ranks
+    (FSDP's default is the mean): every loss in this project is already normalised over the global batch, so
+    the sum of the ranks' gradients is the gradient of the global loss. Works on 1 rank, N GPUs (NCCL), several
+    nodes, and CPU ranks under gloo. One fp32 rank (the CPU preset) keeps the plain model."""
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise ValueError("shard_model expects fp32 weights (they are the master copy); compute_dtype sets the compute")
+    if world_size() == 1 and compute_dtype == torch.float32:
+        return model  # nothing to shard and nothing to cast: FSDP's hooks would only cost time (~20% on CPU)
+    policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                  reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+def reshard(model):
+    """Every FSDP-sharded parameter of `model` back to this rank's fp32 shard, the gathered copies freed.
+
+    FSDP2 never reshards its root group (embeddings, final norm, lm_head) after a forward, expecting the backward
+    to follow; after a no-grad forward (validation, a pre-pass, a step that trained nothing) those parameters stay
+    full-size, in the compute dtype. Whatever reads parameters as shards (checkpoints, full copies) calls this
+    first. A no-op for an unsharded model."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_tensor(t):
+    """The whole of a parameter or gradient, FSDP-sharded or not (a collective when sharded: every rank calls it)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_tensor(t):
+    """This rank's part of a parameter, gradient or optimizer state: a sharded tensor's local shard, else all of it."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def is_sharded(model) -> bool:
+    """Whether shard_model sharded it (asked of the module: after a no-grad forward its root parameters are
+    plain tensors for a while, see reshard)."""
+    return isinstance(model, FSDPModule)
+
+
+def full_copy(model, dtype, device=None, on_rank=None):
+    """A plain, unsharded Transformer holding the full weights of `model` (sharded or not) in dtype.
+
+    Each tensor is cast to dtype, then gathered (every rank must call this); peak extra memory is the copy plus
+    one full tensor. With on_rank, only that rank keeps the copy and the others get None (checkpoints)."""
+    keep = on_rank is None or rank() == on_rank
+    reshard(model)
+    device = device or model.lm_head.weight.device
+    copy = empty_model(model.config, dtype, device).requires_grad_(False) if keep else None
+    for name, p in model.named_parameters():
+        full = full_tensor(p.detach().to(dtype))
+        if keep:
+            with torch.no_grad():
+                copy.get_parameter(name).copy_(full)
+    return copy.eval() if keep else None
+
+
+def idle_pass(model, backward=True):
+    """A forward (and backward) on a 2-token dummy that adds nothing to any gradient. A rank that has run out of
+    micro-batches runs it so that it still joins the collectives of FSDP's forward and backward."""
+    device = model.lm_head.weight.device
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    hidden = model(ids, cu_seqlens=torch.tensor([0, 2], device=device))
+    lp = model.token_logprobs(hidden[0, :1], ids[0, 1:])
+    if backward:
+        (lp.sum() * 0.0).backward()

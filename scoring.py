@@ -1,0 +1,154 @@
+"""
+Scoring generated responses: unbiased pass@k, per-difficulty summaries, the accuracy tables, and the sharded
+generate-score-gather that eval.py and training-time validation share.
+"""
+import time
+
+from common import UserError, derive_seed, rank, world_size
+from engine import sample_responses
+from parallel import gather_lists, rank_share
+from tasks import check_prompts_fit, task_prompt_ids
+
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k) from n samples of which c are correct.
+
+    Computed as a product (1 - k/i for i = n-c+1..n) so it is stable for large n.
+    """
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+
+def difficulty_order(value):
+    """Sort key for difficulty values: numbers numerically, then strings."""
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+
+def _metrics(groups, ks):
+    """Metrics of a list of per-prompt sample lists."""
+    samples = [s for g in groups for s in g]
+    out = {"prompts": len(groups), "samples": len(samples),
+           "accuracy": round(sum(s["reward"] for s in samples) / len(samples), 6)}  # = avg@n = pass@1
+    for k in ks:
+        out[f"pass@{k}"] = round(sum(pass_at_k(len(g), sum(s["reward"] >= 1.0 for s in g), k)
+                                     for g in groups) / len(groups), 6)
+    out["mean_length"] = round(sum(s["length"] for s in samples) / len(samples), 3)
+    out["truncation_rate"] = round(sum(not s["finished"] for s in samples) / len(samples), 6)
+    return out
+
+
+
+def summarize(samples, records, difficulty_key, pass_k=(1,)):
+    """Metrics overall and per difficulty from scored samples ({"id", "reward", "finished", "length"}).
+
+    Every record must have the same number n of samples. accuracy = mean reward over all samples
+    (avg@n; for a greedy run, the paper's pass@1); pass@k (unbiased, k <= n) counts reward >= 1 as
+    correct; mean_length in tokens (the stop token included); truncation_rate = share without EOS.
+    Returns {"n", "pass_k", "overall": {...}, "by_difficulty": {str(difficulty): {...}}} with
+    difficulties in natural order.
+    """
+    if not records:
+        raise UserError("no records to summarize")
+    by_id = {r["id"]: [] for r in records}
+    for s in samples:
+        if s["id"] not in by_id:
+            raise UserError(f"sample for unknown record id {s['id']!r}")
+        by_id[s["id"]].append(s)
+    counts = {len(v) for v in by_id.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise UserError(f"every record needs the same number (>= 1) of samples; got counts {sorted(counts)}")
+    n = counts.pop()
+    ks = sorted(k for k in set(pass_k) if 1 <= k <= n)
+    summary = {"n": n, "pass_k": ks, "overall": _metrics(list(by_id.values()), ks), "by_difficulty": {}}
+    if difficulty_key is not None:
+        levels = {}
+        for r in records:
+            levels.setdefault(r[difficulty_key], []).append(by_id[r["id"]])
+        for d in sorted(levels, key=difficulty_order):
+            summary["by_difficulty"][str(d)] = _metrics(levels[d], ks)
+    return summary
+
+
+
+def summary_row(summary, name=None, difficulty_label=""):
+    """One table row (an ordered dict: column -> value) from a summary: accuracy per difficulty, overall,
+    pass@k (k > 1) overall, mean response length and truncation rate."""
+    row = {"checkpoint": name or summary.get("checkpoint", "")}
+    for d, m in summary["by_difficulty"].items():
+        row[f"{difficulty_label} {d}".strip()] = m["accuracy"]
+    row["overall"] = summary["overall"]["accuracy"]
+    for k in summary["pass_k"]:
+        if k > 1:
+            row[f"pass@{k}"] = summary["overall"][f"pass@{k}"]
+    row["mean len"] = f"{summary['overall']['mean_length']:.0f}"
+    row["truncated"] = summary["overall"]["truncation_rate"]
+    return row
+
+
+
+def markdown_table(rows, columns=None, digits=2):
+    """A markdown table from rows (dicts column -> value); columns default to the union in first-seen order.
+    Floats get `digits` decimals, missing cells a dash; the first column is left-aligned, the rest right."""
+    if columns is None:
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+
+    def cell(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+
+def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seed=0,
+                       template="auto", batch_size=64, pass_k=(1,), desc="eval", progress=True):
+    """Generate n responses per record on this rank's shard of `records`, score them with task.score, and
+    gather: every rank returns the same (samples, summary). samples are in record order, then sample order:
+    {"id", "difficulty", "sample", "response", "reward", "finished", "length"}; summary = `summarize(...)`.
+    (Also for validation inside training: call it on every rank.)"""
+    this_rank, world = rank(), world_size()
+    # every rank checks every prompt fits, so a too-long one stops all ranks alike (not one, mid-collective)
+    check_prompts_fit(task_prompt_ids(tokenizer, task, records, template), records, max_new_tokens,
+                      model.config.max_position_embeddings, desc)
+    indices = rank_share(list(range(len(records))), this_rank, world)
+    out = sample_responses(model, tokenizer, task, [records[j] for j in indices], n=n, temperature=temperature,
+                           top_p=top_p, max_new_tokens=max_new_tokens, seed=derive_seed(seed, this_rank),  # a stream per rank
+                           template=template, batch_size=batch_size, desc=desc, progress=progress)
+    # the record index travels with each sample, so the merged list has the same order for any world size
+    mine = [{"index": indices[k // n], "sample": s["sample"], "response": s["response"], "reward": float(s["reward"]),
+             "finished": bool(s["finished"]), "length": s["length"]} for k, s in enumerate(out)]
+    rows = gather_lists(mine, key=lambda row: (row["index"], row["sample"]))
+    samples = [{"id": records[row["index"]]["id"],
+                "difficulty": records[row["index"]].get(task.DIFFICULTY) if task.DIFFICULTY else None,
+                "sample": row["sample"], "response": row["response"], "reward": row["reward"],
+                "finished": row["finished"], "length": row["length"]} for row in rows]
+    return samples, summarize(samples, records, task.DIFFICULTY, pass_k)
+
+
+
+def validate(model, tokenizer, task, records, step, max_new_tokens, template, batch_size, progress=True):
+    """Greedy validation inside a training loop (every rank calls it): accuracy, truncation and seconds, overall
+    and by difficulty, as "val/..." metrics."""
+    t0 = time.time()
+    _, summary = generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0,
+                          template=template, batch_size=batch_size, desc=f"validate {step}", progress=progress)
+    m = {"val/acc": summary["overall"]["accuracy"], "val/truncated": summary["overall"]["truncation_rate"],
+         "val/seconds": time.time() - t0}
+    m.update({f"val/acc_{task.DIFFICULTY}_{level}": g["accuracy"] for level, g in summary["by_difficulty"].items()})
+    return m

@@ -1,0 +1,458 @@
+"""
+Measuring speed: the decode workloads and timers of bench.py, the memory-bandwidth and FLOP floors, and the GPU
+suite (`python bench.py --gpu_suite true`): correctness, generation, SFT and RL on one card, one JSON.
+"""
+import functools
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+
+import torch
+
+import ckpt
+import common
+import engine
+import kk_data
+import parallel
+import tasks
+from common import UserError
+from engine import generate
+from model import build_model, kv_bytes_per_token, load_model, read_config, save_model, tiny_config
+from tiny_base import build_tokenizer
+
+QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                  intermediate_size=8960, max_position_embeddings=32768, tie_word_embeddings=True,
+                  rope_theta=1000000.0)
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s (datasheets)
+SUITE_SECTIONS = ("correctness", "generation", "sft", "rl")
+
+
+def make_workload(kind, n_prompts, samples, min_len, max_len, fixed_len, vocab, seed):
+    """Prompts of 16..160 tokens and each row's response length, longest first (see run_ours)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (int(torch.randint(16, 161, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n_prompts)]
+    rows = n_prompts * samples
+    if kind == "fixed":
+        lengths = [fixed_len] * rows
+    else:
+        lengths = sorted(torch.randint(min_len, max_len + 1, (rows,), generator=g).tolist(), reverse=True)
+    return prompts, lengths
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_ours(model, prompts, lengths, samples, stop_id):
+    """Our engine, with the stop token forced at each row's length. Rows come longest first (make_workload), so the
+    rows that finish at a step are always the last live ones and no row moves (KVCache.drop): live row r is row r,
+    and a wrapper around engine.sample_next can force the stop by row without the engine knowing."""
+    assert lengths == sorted(lengths, reverse=True), "rows must come longest first"
+    want = torch.tensor(lengths, device=model.lm_head.weight.device)
+    pick, step = engine.sample_next, [0]
+
+    def forced_pick(logits, *rest):
+        at = want[:logits.shape[0]] == step[0] + 1
+        logits[:, stop_id] = -float("inf")  # never earlier ...
+        logits[at] = -float("inf")  # ... and exactly at the row's length
+        logits[at, stop_id] = 0.0
+        step[0] += 1
+        return pick(logits, *rest)
+
+    engine.sample_next = forced_pick
+    try:
+        out = engine.generate(model, prompts, n=samples, max_new_tokens=max(lengths), temperature=1.0,
+                              stop_ids=[stop_id], seed=0)
+    finally:
+        engine.sample_next = pick
+    assert [len(g.tokens) for g in out] == lengths
+    return sum(lengths)
+
+
+def run_hf(hf, prompts, lengths, samples, stop_id):
+    """transformers generate: left-padded batch, num_return_sequences, the same forced stops."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+    device = hf.device
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), stop_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    want = torch.tensor(lengths, device=device)
+
+    class ForceStop(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            at = want == input_ids.shape[1] - width + 1
+            scores[:, stop_id] = -float("inf")
+            scores[at] = -float("inf")
+            scores[at, stop_id] = 0.0
+            return scores
+
+    out = hf.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True, temperature=1.0, top_k=0,
+                      top_p=1.0, num_return_sequences=samples, max_new_tokens=max(lengths), eos_token_id=stop_id,
+                      pad_token_id=stop_id, logits_processor=LogitsProcessorList([ForceStop()]))
+    assert out.shape[0] == len(lengths)
+    return sum(lengths)
+
+
+def bandwidth_floor(cfg, model, prompts, lengths, samples, dtype_bytes, bandwidth):
+    """Seconds a perfect decode needs just to read the weights and the live KV cache at every step."""
+    weight_bytes = model.num_params() * dtype_bytes
+    kv_per_token = kv_bytes_per_token(cfg, dtype_bytes)
+    prompt_len = [len(prompts[r // samples]) for r in range(len(lengths))]
+    total = 0.0
+    for step in range(max(lengths)):
+        live = [prompt_len[r] + step for r in range(len(lengths)) if lengths[r] > step]
+        total += weight_bytes + kv_per_token * sum(live)
+    return total / bandwidth
+
+
+# -----------------------------------------------------------------------------
+# the GPU suite (python bench.py --gpu_suite true): everything a lent GPU's few minutes should measure, one JSON
+
+
+def gpu_suite(args):
+    """Correctness, generation speed, one RL step and SFT at the Qwen2.5-1.5B shape with random weights.
+
+    correctness  our logits vs transformers in fp32 and bf16; fp32 greedy decode vs transformers.generate;
+                 logprob_gap: the sampler's log-probs vs the training forward's, in bf16 and fp32, at T 0.7
+    generation   the RL-shaped workload (prompts x 8, responses 64..512): our tok/s vs transformers.generate,
+                 our share of the decode's memory-bandwidth floor, peak memory; per decode step: kernel time
+                 (torch.profiler) vs wall time, from the difference of two lengths (the prefill cancels)
+    sft          redistill_sft.py at the paper's K&K batch (64 sequences, 16K-token micro-batches, max length
+                 5000, gradient checkpointing, bf16 autocast, 8-bit AdamW when bitsandbytes is installed)
+    rl           one train_rl.py step at one GPU's share of the paper preset: 16 prompts x 8 rollouts, responses
+                 up to 4096 tokens (random weights do not stop: the worst case), gradient checkpointing
+    Each section is a dict of the JSON; an error is recorded there and the next section still runs. The sft and
+    rl sections skip checkpoint writes: they measure compute, and a 1.5B checkpoint's cost is the disk's.
+    --smoke runs the same code on CPU with a tiny model, so a broken suite shows before a GPU is spent on it.
+    """
+    import transformers
+    if args.smoke:
+        device = torch.device("cpu")
+        cfg = tiny_config(2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=8192)
+        sizes = dict(logits=(2, 32), greedy_new=8, gap_new=16, gen_prompts=[2, 4], gen_len=(4, 16), step_prompts=[2],
+                     step_lens=(4, 12), sft_batch=8, sft_steps=2, sft_response=(20, 60), sft_micro=512, rl_prompts=4,
+                     rl_group=2, rl_max=32)
+    else:
+        if not torch.cuda.is_available():
+            raise UserError("--gpu_suite needs CUDA; --smoke true runs it on CPU with a tiny model")
+        device = torch.device("cuda")
+        cfg = tiny_config(151936, **QWEN25_15B)
+        sizes = dict(logits=(4, 256), greedy_new=64, gap_new=256, gen_prompts=[16, 128], gen_len=(64, 512),
+                     step_prompts=[16, 128], step_lens=(8, 24), sft_batch=64, sft_steps=3, sft_response=(500, 3000),
+                     sft_micro=16384, rl_prompts=16, rl_group=8,
+                     rl_max=args.suite_rl_response_tokens)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
+    result = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+              "bitsandbytes": package_version("bitsandbytes"), "flash_attn": package_version("flash_attn"),
+              "model": {k: cfg[k] for k in ("architectures", "vocab_size", "hidden_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "intermediate_size")},
+              "sizes": sizes}
+    if device.type == "cuda":
+        result["ceilings"] = device_ceilings(device)
+
+    def write():
+        if args.json_out:
+            common.write_json(args.json_out, rounded(result))
+
+    t_all = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        records = [r for people in range(3, 8) for r in kk_data.generate(args.seed, people, 4, log=None)]
+        tok = build_tokenizer([r["question"] + " " + kk_data.teacher_response(r) for r in records] * 4
+                              + [tasks.SYSTEM_PROMPT], vocab_size=1024, pad_to=cfg["vocab_size"])
+        base = os.path.join(d, "base")
+        with torch.device(device):
+            model = build_model(cfg, seed=args.seed)
+        result["model"]["params"] = model.num_params()
+        save_model(model, base, tok, dtype=torch.bfloat16)  # every section loads this bf16 checkpoint
+        del model
+        sections = {"correctness": suite_correctness, "generation": suite_generation, "sft": suite_sft, "rl": suite_rl}
+        for section in args.sections:
+            print(f"--- {section}", flush=True)
+            t0 = time.time()
+            try:
+                result[section] = sections[section](base, tok, records, sizes, device, args.seed, d)
+            except Exception as e:  # noqa: BLE001 -- recorded, and the next section still runs
+                traceback.print_exc()
+                result[section] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+            result[section]["seconds"] = time.time() - t0
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            write()
+            print(json.dumps(rounded(result[section])), flush=True)
+    result["seconds"] = time.time() - t_all
+    write()
+    return result
+
+
+def package_version(name):
+    from importlib import metadata
+    try:
+        return metadata.version(name.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def rounded(obj, digits=4):
+    """Floats to `digits` significant digits, for a JSON a person reads."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+@functools.lru_cache(maxsize=None)
+def device_ceilings(device):
+    """The two ceilings measured on this card: device-to-device copy bandwidth (bytes read + written) and a
+    large bf16 matrix product, each the median of 10 after warm-up."""
+    def median_seconds(fn, reps=10):
+        fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+    a = torch.randn(2**28, device=device)  # 1 GiB of fp32
+    b = torch.empty_like(a)
+    copy = median_seconds(lambda: b.copy_(a))
+    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm = median_seconds(lambda: x @ x)
+    name = torch.cuda.get_device_name()
+    return {"copy_bytes_per_s": 2 * a.numel() * 4 / copy, "bf16_matmul_flops": 2 * 8192**3 / mm,
+            "datasheet_bytes_per_s": next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None),
+            "datasheet_bf16_flops": next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)}
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def compare(ours, ref):
+    """Max absolute and relative (Frobenius) difference of two tensors, in float64."""
+    ours, ref = ours.double(), ref.double()
+    return {"max_abs": (ours - ref).abs().max().item(), "rel": ((ours - ref).norm() / ref.norm()).item()}
+
+
+def train_flops(cfg, seq_lens, logprob_tokens):
+    """Model FLOPs of one forward + backward over packed sequences (recomputation not counted, as MFU does):
+    6 per weight per token for the blocks, 6 per lm_head weight per token whose log-prob is taken, and causal
+    attention (QK^T and AV over half the square, x3 for the backward)."""
+    d, L, width = cfg.hidden_size, cfg.num_layers, cfg.num_heads * cfg.head_dim
+    block_weights = L * (2 * d * width + 2 * d * cfg.num_kv_heads * cfg.head_dim + 3 * d * cfg.intermediate_size)
+    attention = sum(6 * L * width * s * s for s in seq_lens)
+    return 6 * block_weights * sum(seq_lens) + 6 * cfg.vocab_size * d * logprob_tokens + attention
+
+
+def mfu(flops, seconds, device):
+    if device.type != "cuda":
+        return None
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+    return flops / seconds / peak if peak else None
+
+
+def suite_correctness(base, tok, records, sizes, device, seed, tmp):
+    from transformers import AutoModelForCausalLM
+    from model import response_logprobs
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here (train_rl turns TF32 on later)
+    torch.backends.cudnn.allow_tf32 = False
+    g = torch.Generator().manual_seed(seed)
+    batch, width = sizes["logits"]
+    idx = torch.randint(3, len(tok), (batch, width), generator=g).to(device)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (8, 40, 100, 200)]
+    out, logits = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        tag = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+        ours = load_model(base, dtype=dtype, device=device).eval()
+        hf = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            rows = torch.arange(0, batch * width + 1, width, device=device)  # the batch's rows as packed sequences
+            ours_logits = ours.lm_head(ours(idx.reshape(1, -1), cu_seqlens=rows)).float().view(batch, width, -1)
+            logits[tag] = (ours_logits, hf(idx).logits.float())
+        if dtype == torch.float32:  # greedy decode, token for token, against transformers
+            n = sizes["greedy_new"]
+            mine = generate(ours, prompts, max_new_tokens=n, temperature=0)
+            same, first_diff = 0, []
+            for p, gen in zip(prompts, mine):
+                ref = hf.generate(torch.tensor([p], device=device), attention_mask=torch.ones(1, len(p), dtype=torch.long,
+                                  device=device), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+                same += gen.tokens == ref
+                first_diff.append(next((i for i, (a, b) in enumerate(zip(gen.tokens, ref)) if a != b), None))
+            out["greedy_fp32"] = {"prompts": len(prompts), "new_tokens": n, "identical": same, "first_difference": first_diff}
+        # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
+        gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed)
+        with torch.no_grad():
+            teacher = response_logprobs(ours, [prompts[x.prompt_index] for x in gens], [x.tokens for x in gens], 0.7,
+                                        4096, with_entropy=False).float().cpu()
+        sampler = torch.tensor([v for x in gens for v in x.logprobs])
+        out[f"logprob_gap_{tag}"] = {"mean_abs": (teacher - sampler).abs().mean().item(),
+                                     "max_abs": (teacher - sampler).abs().max().item(), "tokens": sampler.numel()}
+        del ours, hf
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["logits_fp32_vs_transformers"] = compare(*logits["fp32"])
+    out["logits_bf16_vs_transformers"] = compare(*logits["bf16"])
+    out["logits_bf16_vs_fp32"] = {"ours": compare(logits["bf16"][0], logits["fp32"][1]),
+                                  "transformers": compare(logits["bf16"][1], logits["fp32"][1])}
+    out["logits_scale"] = logits["fp32"][1].abs().max().item()
+    return out
+
+
+def suite_generation(base, tok, records, sizes, device, seed, tmp):
+    from transformers import AutoModelForCausalLM
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_model(base, dtype=dtype, device=device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
+    cfg, samples, stop_id = model.config, 8, tok.eos_token_id
+    ceilings = device_ceilings(device) if device.type == "cuda" else {}
+    workloads = []
+    min_len, max_len = sizes["gen_len"]
+    for n_prompts in sizes["gen_prompts"]:
+        prompts, lengths = make_workload("rl", n_prompts, samples, min_len, max_len, 0, cfg.vocab_size, seed)
+        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id)  # warm-ups
+        run_hf(hf, prompts[:2], lengths[:2 * samples], samples, stop_id)
+        reset_peak(device)
+        t_ours = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
+        mem_ours = peak_gb(device)
+        reset_peak(device)
+        t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
+        w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours, "hf_s": t_hf,
+             "ours_tok_s": sum(lengths) / t_ours, "hf_tok_s": sum(lengths) / t_hf, "speedup_vs_hf": t_hf / t_ours,
+             "peak_mem_gb_ours": mem_ours, "peak_mem_gb_hf": peak_gb(device)}
+        for kind in ("datasheet", "measured"):
+            bandwidth = ceilings.get("datasheet_bytes_per_s" if kind == "datasheet" else "copy_bytes_per_s")
+            if bandwidth:
+                floor = bandwidth_floor(cfg, model, prompts, lengths, samples, 2, bandwidth)
+                w[f"floor_s_{kind}_bandwidth"] = floor
+                w[f"ours_fraction_of_floor_{kind}"] = floor / t_ours
+        workloads.append(w)
+        print(w, flush=True)
+    hf = None  # free its memory before the profiled runs
+    return {"workloads": workloads, "decode_step": [decode_step_profile(model, n, samples, sizes["step_lens"], stop_id,
+                                                                        device, seed) for n in sizes["step_prompts"]]}
+
+
+def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, seed):
+    """One decode step's wall time and GPU kernel time (and kernel count), from two runs of different lengths:
+    their difference over the extra steps leaves the prefill out. Kernel time well under wall time = launch-bound."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    prompts, _ = make_workload("fixed", n_prompts, samples, 1, 1, 1, model.config.vocab_size, seed)
+    wall, kernel, count = {}, {}, {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for length in step_lens:
+        lengths = [length] * (n_prompts * samples)
+        run_ours(model, prompts, lengths, samples, stop_id)
+        wall[length] = statistics.median(timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
+                                         for _ in range(3))
+        with profile(activities=activities) as prof:
+            run_ours(model, prompts, lengths, samples, stop_id)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        kernel[length] = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+        count[length] = len(kernels)
+    a, b = step_lens
+    steps = b - a
+    step_wall, step_kernel = (wall[b] - wall[a]) / steps, (kernel[b] - kernel[a]) / steps
+    return {"rows": n_prompts * samples, "step_ms_wall": step_wall * 1e3, "step_ms_kernels": step_kernel * 1e3,
+            "kernels_per_step": (count[b] - count[a]) / steps, "gpu_busy_fraction": step_kernel / step_wall}
+
+
+@contextmanager
+def checkpoints_skipped():
+    """sft and rl measure compute: checkpoint writes (3 to 18 GB at 1.5B, timed by the disk) become no-ops."""
+    import model as model_module
+    saved = ckpt.save_checkpoint, model_module.save_model
+    ckpt.save_checkpoint = model_module.save_model = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        ckpt.save_checkpoint, model_module.save_model = saved
+
+
+def suite_sft(base, tok, records, sizes, device, seed, tmp):
+    import redistill_sft
+    batch, steps = sizes["sft_batch"], sizes["sft_steps"]
+    rng = random.Random(seed)
+    words = " ".join(r["question"] for r in records).split()
+    data = []
+    for i in range(batch * steps):  # K&K prompts; responses of random words, 500..3000 tokens (long CoT)
+        target = rng.randint(*sizes["sft_response"])
+        ids = tok(" ".join(rng.choice(words) for _ in range(target)), add_special_tokens=False)["input_ids"][:target]
+        data.append({"id": f"sft-{i}", "task": "kk", "prompt": kk_data.render_prompt(records[i % len(records)], tok),
+                     "response": tok.decode(ids)})
+    path, out = os.path.join(tmp, "sft.jsonl"), os.path.join(tmp, "sft_run")
+    common.write_jsonl(path, data)
+    lengths = [len(e["input_ids"]) for e in tasks.load_sft_examples([path], tok, 5000)]  # as SFT sees them
+    argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
+            "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000", "--gradient_checkpointing", "true",
+            "--dtype", "auto", "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed)]
+    reset_peak(device)
+    with checkpoints_skipped():
+        redistill_sft.main(argv)
+    mem = peak_gb(device)
+    ms = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m][1:]  # step 1 warms up
+    order = parallel.epoch_order(len(data), seed, 0)
+    cfg = read_config(base)
+    flops = sum(train_flops(cfg, [lengths[i] for i in order[(m["step"] - 1) * batch:m["step"] * batch]],
+                            sum(lengths[i] for i in order[(m["step"] - 1) * batch:m["step"] * batch])) for m in ms)
+    seconds, tokens = sum(m["time_s"] for m in ms), sum(m["tokens"] for m in ms)
+    return {"sequences_per_step": batch, "tokens_per_step": tokens / len(ms), "step_s": seconds / len(ms),
+            "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gb": mem,
+            "optimizer": "torch AdamW, FSDP-sharded", "measured_steps": [m["step"] for m in ms]}
+
+
+def suite_rl(base, tok, records, sizes, device, seed, tmp):
+    import train_rl
+    path, out = os.path.join(tmp, "rl_train.jsonl"), os.path.join(tmp, "rl_run")
+    common.write_jsonl(path, records[:sizes["rl_prompts"]])
+    argv = ["--model", base, "--task", "kk", "--train_data", path, "--test_data", "", "--out_dir", out,
+            "--prompts_per_step", str(sizes["rl_prompts"]), "--samples_per_prompt", str(sizes["rl_group"]),
+            "--max_response_tokens", str(sizes["rl_max"]), "--max_steps", "1", "--gradient_checkpointing", "true",
+            "--micro_batch_tokens", "30000", "--log_rollouts", "true", "--progress", "false", "--seed", str(seed)]
+    reset_peak(device)
+    with checkpoints_skipped():
+        train_rl.main(argv)
+    mem = peak_gb(device)
+    m = common.read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
+    rollouts = common.read_jsonl(tasks.rollout_log_path(out, 1))
+    prompt_len = {r["id"]: len(ids) for r, ids in zip(records, tasks.encode_prompts(
+        tok, [kk_data.render_prompt(r, tok) for r in records]))}
+    seq_lens = [prompt_len[r["id"]] + r["length"] for r in rollouts]
+    flops = train_flops(read_config(base), seq_lens, sum(r["length"] for r in rollouts))
+    return {"rollouts": len(rollouts), "max_response_tokens": sizes["rl_max"], "len_mean": m["len_mean"],
+            "truncated": m["truncated"], "step_s": m["step_s"], "gen_s": m["gen_s"], "score_s": m["score_s"],
+            "train_s": m["train_s"], "gather_s": m["gather_s"], "mem_gen_gib": m["mem_gen_gib"],
+            "mem_held_gib": m["mem_held_gib"], "mem_train_gib": m["mem_train_gib"],
+            "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
+            "gen_tok_s": m["gen_tok_s"], "train_tok_s": m["train_tok_s"], "train_tokens": sum(seq_lens),
+            "train_mfu": mfu(flops, m["train_s"], device), "logprob_gap": m["logprob_gap"], "peak_mem_gb": mem}

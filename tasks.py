@@ -1,0 +1,232 @@
+"""
+Tasks and their data: the task registry (`--task`), the paper's prompts, a split's records checked to belong to
+the task, stratified subsets, SFT examples tokenized as training sees them, and the RL rollout logs. No torch here:
+the data generators import it.
+"""
+import importlib
+import os
+import random
+import re
+
+from common import UserError, iter_jsonl, open_lines
+
+TASKS = ("kk", "math")
+
+# The paper's system prompt (Qwen-Math style), used for every task and model.
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# The paper's template for tokenizers without a chat template ("base" runs).
+PLAIN_TEMPLATE = "Question:\n{question}\nAnswer:\nLet's think step by step."
+
+
+# -----------------------------------------------------------------------------
+# the task registry and prompts
+
+
+def get_task(name):
+    """The task module for `--task`: kk, math, or any importable module with the same interface
+    (DIFFICULTY, load_split, render_prompt, score) — how a fork adds a task."""
+    module = {"kk": "kk_data", "math": "math_data"}.get(name, name)
+    try:
+        task = importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"unknown task {name!r} ({e}); choose one of {', '.join(TASKS)} or a module name")
+    missing = [f for f in ("DIFFICULTY", "load_split", "render_prompt", "score") if not hasattr(task, f)]
+    if missing:
+        raise UserError(f"task module {module!r} lacks {', '.join(missing)}")
+    return task
+
+
+def render_question(question: str, tokenizer, template: str = "auto") -> str:
+    """The paper's prompt: chat template with SYSTEM_PROMPT, or the plain Question/Answer one.
+
+    template: "chat" | "plain" | "auto" (chat when the tokenizer has a chat template).
+    The chat prompt ends with the assistant header ("<|im_start|>assistant\\n" for Qwen).
+    """
+    if template == "auto":
+        template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if template == "plain":
+        return PLAIN_TEMPLATE.format(question=question)
+    if template != "chat":
+        raise UserError(f"unknown prompt template {template!r}; choose chat, plain or auto")
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("prompt template 'chat' asked for, but the tokenizer has no chat template; use --template plain")
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, texts):
+    """Token ids of texts that begin a sequence (prompts; pre-training documents): the text's own tokens, after the
+    BOS token where the model family expects one -- its tokenizer adds one by itself (Llama; Qwen adds none) -- and
+    the text does not already begin with it (a chat template that writes it)."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is None or tokenizer("a", add_special_tokens=True)["input_ids"][:1] != [bos]:
+        return ids
+    return [x if x[:1] == [bos] else [bos] + x for x in ids]
+
+
+def task_prompt_ids(tokenizer, task, records, template):
+    """The token ids of each record's rendered prompt."""
+    return encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, template) for r in records])
+
+
+def check_prompts_fit(prompt_ids, records, max_new_tokens, context, where, flag="--max_new_tokens"):
+    """Every prompt plus max_new_tokens must fit the model's context. Every rank checks every prompt before any work,
+    so a too-long one stops all ranks alike (not one rank, mid-collective); the error names the record."""
+    for i, (rec, ids) in enumerate(zip(records, prompt_ids)):
+        if len(ids) + max_new_tokens > context:
+            raise UserError(f"{where}: record {i + 1} (id {rec.get('id')!r}): prompt of {len(ids)} tokens + {flag} "
+                            f"{max_new_tokens} > the model's {context}-token context")
+
+
+# -----------------------------------------------------------------------------
+# records of a split
+
+
+def load_records(task, task_name, path, tokenizer, template):
+    """The split's records, checked to belong to this task: it loads with the task's load_split, every
+    record has an id and the difficulty key, and each renders and scores without error. tokenizer None (a stage
+    that renders no prompt): the render check uses the plain template."""
+    try:
+        records = task.load_split(path)
+    except UserError as e:
+        raise UserError(f"{e} (is {path} a split of task {task_name!r}?)")
+    if not records:
+        raise UserError(f"split {path}: no records (empty split)")
+    seen = set()
+    for i, r in enumerate(records):
+        where = f"split {path}: record {i + 1}"
+        if "id" not in r:
+            raise UserError(f"{where}: missing field 'id'")
+        if r["id"] in seen:
+            raise UserError(f"{where}: duplicate id {r['id']!r}")
+        seen.add(r["id"])
+        if task.DIFFICULTY is not None and task.DIFFICULTY not in r:
+            raise UserError(f"{where} (id {r['id']!r}): missing difficulty field {task.DIFFICULTY!r} of task "
+                            f"{task_name!r}; is this a split of another task?")
+        try:
+            task.render_prompt(r, tokenizer, template if tokenizer is not None else "plain")
+            task.score("", r, True)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise UserError(f"{where} (id {r['id']!r}): task {task_name!r} cannot render or score it "
+                            f"({type(e).__name__}: {e}); is this a split of another task?")
+    return records
+
+
+def stratified_subset(records, n, key, seed=0):
+    """n of the records, each value of record[key] (the task's difficulty) in proportion to the whole (largest
+    remainders), drawn with a seeded generator and kept in their original order; with a one-line description.
+    n = 0 or n >= len(records): all of them. (A split ordered by difficulty must not give its first n.)"""
+    if not n or n >= len(records):
+        return list(records), f"all {len(records)}"
+    groups = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.get(key), []).append(i)
+    quota = {v: n * len(ix) / len(records) for v, ix in groups.items()}
+    take = {v: int(q) for v, q in quota.items()}
+    for v in sorted(groups, key=lambda v: (take[v] - quota[v], str(v)))[:n - sum(take.values())]:
+        take[v] += 1
+    rng = random.Random(seed)
+    chosen = sorted(i for v, ix in groups.items() for i in rng.sample(ix, take[v]))
+    return ([records[i] for i in chosen], f"{n} of {len(records)}, stratified by {key} ("
+            + ", ".join(f"{v}: {take[v]}" for v in sorted(groups, key=str)) + ")")
+
+
+# -----------------------------------------------------------------------------
+# SFT data
+
+
+def check_sft_record(path, lineno, rec):
+    """An SFT-format record has "id", "prompt" and "response", both strings, the prompt not empty (the first
+    response token needs a context); otherwise a UserError naming the file, line and field."""
+    for field in ("id", "prompt", "response"):
+        if field not in rec:
+            raise UserError(f"{path}:{lineno}: missing field '{field}'")
+    for field in ("prompt", "response"):
+        if not isinstance(rec[field], str):
+            raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
+    if not rec["prompt"]:
+        raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
+
+
+def sft_token_ids(tokenizer, prompts, responses, eos=True):
+    """Token ids of (prompt, response) pairs as SFT trains on them: the prompt (after BOS where the model family
+    expects one: encode_prompts) and the response tokenized separately, no other special tokens, then EOS (eos: one
+    bool for all, or one per pair). Returns [(ids, start)], start = the index of the first response token."""
+    eos = [eos] * len(prompts) if isinstance(eos, bool) else eos
+    prompt_ids = encode_prompts(tokenizer, prompts) if prompts else []
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+    return [(p + r + ([tokenizer.eos_token_id] if e else []), len(p)) for p, r, e in zip(prompt_ids, response_ids, eos)]
+
+
+def load_sft_examples(paths, tokenizer, max_length):
+    """Tokenize SFT jsonl files: prompt and response separately (no special tokens), EOS appended to the response.
+
+    Returns a list of {"input_ids", "start" (index of the first response token), "id", "task", "file", "line"}.
+    Loss goes on input_ids[start:] (the response and its EOS). An example longer than max_length, a missing
+    or non-string field, an empty prompt or a tokenizer without EOS is a UserError naming file and line.
+    Note: text sampled from a model and re-tokenized may split into slightly different tokens than the model
+    produced (BPE is not unique); the text is the same, which is what the paper trains on too.
+    """
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no eos_token; SFT appends EOS to every response")
+    examples = []
+    for path in paths:
+        rows, where = [], []
+        with open_lines(path) as lines:
+            for lineno, rec in lines:
+                check_sft_record(path, lineno, rec)
+                rows.append(rec)
+                where.append(lineno)
+        if not rows:
+            raise UserError(f"{path}: no examples")
+        tokenized = sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
+        for rec, lineno, (ids, start) in zip(rows, where, tokenized):
+            if len(ids) > max_length:
+                raise UserError(f"{path}:{lineno}: example {rec['id']!r} has {len(ids)} tokens (prompt {start} + "
+                                f"response {len(ids) - start - 1} + EOS) > max_length {max_length}; long examples are "
+                                f"an error, not truncated (raise --max_length or drop the example)")
+            examples.append({"input_ids": ids, "start": start, "id": rec["id"], "task": rec.get("task"),
+                             "file": path, "line": lineno})
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# RL rollout logs: train_rl.py writes RUN_DIR/rollouts/step_NNNNNN.jsonl, one row per rollout of step N;
+# sample_policy.py (re-distillation set B) and lim_select.py (LIMR) read them
+
+# a log row's fields and their types (a row holds more: sample, advantage, difficulty, ...)
+ROLLOUT_FIELDS = {"step": int, "id": (str, int), "prompt": str, "response": str, "reward": (int, float),
+                  "finished": bool, "length": int, "epoch": int}
+
+
+def rollout_log_path(run_dir, step):
+    return os.path.join(run_dir, "rollouts", f"step_{step:06d}.jsonl")
+
+
+def rollout_logs(run_dir):
+    """{step: path} of the rollout logs in RUN_DIR/rollouts/ (step_N.jsonl, with or without zero padding)."""
+    folder = os.path.join(run_dir, "rollouts")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return dict(sorted((int(m.group(1)), os.path.join(folder, name)) for name in names
+                       if (m := re.fullmatch(r"step_(\d+)\.jsonl", name))))
+
+
+def read_rollout_log(path, step, fields):
+    """The rows of step `step`'s rollout log, each checked to hold `fields` (names in ROLLOUT_FIELDS) with their types,
+    and its "step" equal to `step` when that is one of them; an error names the file, line and field. A torn last
+    line (a killed run's) is dropped with a warning."""
+    rows = []
+    for lineno, row in iter_jsonl(path, torn_tail=True):
+        for field in fields:
+            if field not in row:
+                raise UserError(f"{path}:{lineno}: missing field '{field}'")
+            value, types = row[field], ROLLOUT_FIELDS[field]
+            if not isinstance(value, types) or isinstance(value, bool) != (types is bool):
+                expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+                raise UserError(f"{path}:{lineno}: field '{field}' is {value!r}, expected {expected}")
+        if "step" in fields and row["step"] != step:
+            raise UserError(f"{path}:{lineno}: field 'step' is {row['step']}, expected {step} (the file's step)")
+        rows.append(row)
+    return rows
