@@ -37,7 +37,8 @@ from tiny_base import build_tokenizer
 
 def get_parser():
     p = common.new_parser(__doc__)
-    p.add_argument("--gpu", type=common.str2bool, default=False, help="GPU mode: Qwen2.5-1.5B architecture, random bf16 weights")
+    p.add_argument("--gpu", type=common.str2bool, default=False,
+                   help="GPU mode: Qwen2.5-1.5B architecture, random bf16 weights")
     p.add_argument("--workloads", nargs="+", default=["rl", "fixed"], choices=["rl", "fixed"],
                    help="which workloads to run")
     p.add_argument("--prompts", type=int, nargs="+", default=None,
@@ -50,14 +51,16 @@ def get_parser():
     p.add_argument("--skip_hf", type=common.str2bool, default=False, help="benchmark our engine only")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, prompts and lengths")
-    p.add_argument("--rl", type=common.str2bool, default=False, help="benchmark one GRPO step of train_rl.py instead (CPU, tiny model)")
+    p.add_argument("--rl", type=common.str2bool, default=False,
+                   help="benchmark one GRPO step of train_rl.py instead (CPU, tiny model)")
     p.add_argument("--rl_steps", type=int, default=4, help="RL steps to run (the first is a warm-up)")
     p.add_argument("--rl_prompts", type=int, default=16, help="prompts per RL step (x --samples rollouts)")
     p.add_argument("--rl_max_len", type=int, default=64, help="response length cap of the RL benchmark")
     p.add_argument("--gpu_suite", type=common.str2bool, default=False,
                    help="the GPU check: correctness against transformers, generation throughput, one RL step and SFT "
                         "at the Qwen2.5-1.5B shape with random weights; one JSON (--json_out)")
-    p.add_argument("--smoke", type=common.str2bool, default=False, help="--gpu_suite on CPU with a tiny model and small sizes")
+    p.add_argument("--smoke", type=common.str2bool, default=False,
+                   help="--gpu_suite on CPU with a tiny model and small sizes")
     p.add_argument("--sections", nargs="+", default=list(SUITE_SECTIONS), choices=SUITE_SECTIONS,
                    help="--gpu_suite: which sections to run, in this order")
     p.add_argument("--json_out", default="", help="--gpu_suite: write the results here (rewritten after each section)")
@@ -76,7 +79,8 @@ def get_parser():
                         "its share")
     p.add_argument("--prompts_per_rank", type=int, default=None,
                    help="--memory: RL prompts per rank (default: --prompts_per_step / --world, rounded up)")
-    p.add_argument("--samples_per_prompt", type=int, default=8, help="--memory: RL rollouts per prompt (train_rl --samples_per_prompt)")
+    p.add_argument("--samples_per_prompt", type=int, default=8,
+                   help="--memory: RL rollouts per prompt (train_rl --samples_per_prompt)")
     p.add_argument("--gen_batch_size", type=int, default=32,
                    help="--memory: prompts per generation call (train_rl --gen_batch_size): KV-cache rows = "
                         "min(prompts per rank, this) x --samples_per_prompt")
@@ -174,7 +178,8 @@ def bench_rl(args):
         model = build_model(cfg, seed=args.seed)
         save_model(model, os.path.join(d, "init"), tok)
         common.write_jsonl(os.path.join(d, "train.jsonl"), recs)
-        argv = ["--model", os.path.join(d, "init"), "--task", "toy_task", "--train_data", os.path.join(d, "train.jsonl"),
+        argv = ["--model", os.path.join(d, "init"), "--task", "toy_task",
+                "--train_data", os.path.join(d, "train.jsonl"),
                 "--test_data", "", "--out_dir", os.path.join(d, "run"), "--prompts_per_step", str(prompts),
                 "--samples_per_prompt", str(group), "--max_response_tokens", str(max_len), "--max_steps", str(steps),
                 "--save_every", str(steps), "--log_rollouts", "false", "--progress", "false", "--lr", "1e-5",
@@ -199,8 +204,8 @@ def bench_rl(args):
     print(f"  step {med['step_s']:.2f}s = generation {med['gen_s']:.2f}s ({med['gen_tok_s']:.0f} tok/s) + scoring "
           f"{med['score_s']:.3f}s + training {med['train_s']:.2f}s ({med['train_tok_s']:.0f} tok/s) + other "
           f"{med['step_s'] - med['gen_s'] - med['score_s'] - med['train_s']:.2f}s")
-    print(f"  generation inside the step: {med['gen_tok_s']:.0f} tok/s = {med['gen_tok_s'] / alone:.0%} of the engine alone "
-          f"on the same prompts ({alone:.0f} tok/s)")
+    print(f"  generation inside the step: {med['gen_tok_s']:.0f} tok/s = {med['gen_tok_s'] / alone:.0%} "
+          f"of the engine alone on the same prompts ({alone:.0f} tok/s)")
     return dict(med, engine_alone_tok_s=alone)
 
 

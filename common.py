@@ -22,12 +22,19 @@ class UserError(Exception):
 
 # old spellings of settings: each is an error that names the new one (one name per thing across the scripts)
 RENAMED = {"--group_size": "--samples_per_prompt", "--k": "--samples_per_prompt", "--eight_bit_adam": "--adam_8bit",
-           "--grad_checkpointing": "--gradient_checkpointing", "--bf16": "--dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+           "--grad_checkpointing": "--gradient_checkpointing",
+           "--bf16": "--dtype (auto: bfloat16 on CUDA, float32 on CPU)",
            "--num_samples": "--samples_per_prompt (samples per prompt) or, in sample_policy.py, --num_examples"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every setting's default after its help, and the script's description as written."""
+    """--help shows each setting's default after its help (unless the help already says it, or there is none), and
+    the script's description as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def new_parser(description, prog=None) -> argparse.ArgumentParser:
@@ -42,7 +49,8 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
     --config changes its defaults, and a second main() in one process (tests, notebooks) must not inherit them."""
     if "--config" not in parser._option_string_actions:
         parser.add_argument("--config", default=None,
-                            help="JSON file of settings (keys = option names without --); command-line flags override it")
+                            help="JSON file of settings (keys = option names without --); "
+                                 "command-line flags override it")
     parser.allow_abbrev = False  # a prefix such as --k must not silently mean --kv_cache_gib
     argv = sys.argv[1:] if argv is None else list(argv)
     options = parser._option_string_actions

@@ -20,10 +20,10 @@ import re
 import time
 
 import common
-from model import check_checkpoint
 import parallel
 import tasks
 from common import UserError, print0
+from model import check_checkpoint
 from scoring import generate_and_score, markdown_table, summarize, summary_row
 
 # -----------------------------------------------------------------------------
@@ -33,29 +33,39 @@ from scoring import generate_and_score, markdown_table, summarize, summary_row
 def get_parser():
     p = common.new_parser("Evaluate checkpoints on task splits: accuracy tables.")
     p.add_argument("--task", default="kk", help="task: kk, math, or an importable task module name")
-    p.add_argument("--checkpoints", nargs="+", default=None, help="HF checkpoint directories to evaluate (rows of the table)")
-    p.add_argument("--names", nargs="+", default=None, help="row names for the checkpoints (default: each directory's basename)")
+    p.add_argument("--checkpoints", nargs="+", default=None,
+                   help="HF checkpoint directories to evaluate (rows of the table)")
+    p.add_argument("--names", nargs="+", default=None,
+                   help="row names for the checkpoints (default: each directory's basename)")
     p.add_argument("--splits", nargs="+", default=None, help="task split files to evaluate on (one table each)")
-    p.add_argument("--split_names", nargs="+", default=None, help="names for the splits (default: each file's basename without extension)")
-    p.add_argument("--out_dir", default="out/eval", help="output directory: <name>/<split>/{samples.jsonl,summary.json} and results.md")
+    p.add_argument("--split_names", nargs="+", default=None,
+                   help="names for the splits (default: each file's basename without extension)")
+    p.add_argument("--out_dir", default="out/eval",
+                   help="output directory: <name>/<split>/{samples.jsonl,summary.json} and results.md")
     # not --n: torchrun's own parser rejects "--n" after the script name as an ambiguous prefix of --nnodes etc.
-    p.add_argument("--samples_per_prompt", type=int, default=1, help="samples per prompt, n of avg@n and pass@k (paper: 1, greedy)")
+    p.add_argument("--samples_per_prompt", type=int, default=1,
+                   help="samples per prompt, n of avg@n and pass@k (paper: 1, greedy)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (paper)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (ignored when greedy)")
-    p.add_argument("--max_new_tokens", type=int, default=4096, help="response budget in tokens (paper: 4096); longer = truncated = wrong")
-    p.add_argument("--pass_k", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64], help="k values for unbiased pass@k (only k <= n are reported)")
-    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="prompt template: chat (system prompt), plain Question/Answer, or auto")
+    p.add_argument("--max_new_tokens", type=int, default=4096,
+                   help="response budget in tokens (paper: 4096); longer = truncated = wrong")
+    p.add_argument("--pass_k", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64],
+                   help="k values for unbiased pass@k (only k <= n are reported)")
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
+                   help="prompt template: chat (system prompt), plain Question/Answer, or auto")
     p.add_argument("--batch_size", type=int, default=64, help="prompts per generation batch (x n rows)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto",
+                   help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--seed", type=int, default=0, help="generation seed (matters only when sampling)")
-    p.add_argument("--overwrite", type=common.str2bool, default=False, help="re-evaluate pairs that already have a summary.json")
+    p.add_argument("--overwrite", type=common.str2bool, default=False,
+                   help="re-evaluate pairs that already have a summary.json")
     p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bar on rank 0")
     return p
 
 
 # settings that change what is generated: a done pair is reused only when these match
-GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "samples_per_prompt", "temperature", "top_p", "max_new_tokens",
-                       "template", "dtype", "seed")
+GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "samples_per_prompt", "temperature", "top_p",
+                       "max_new_tokens", "template", "dtype", "seed")
 
 
 # -----------------------------------------------------------------------------
@@ -104,8 +114,10 @@ def read_done(summary_path, samples_path, settings, records, task):
         raise UserError(f"{summary_path}: cannot read this earlier result ({e}); pass --overwrite true")
     diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]]
     if diff:
-        raise UserError(f"{summary_path} was made with other settings ({', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
-                        f"now {', '.join(f'{k}={settings[k]!r}' for k in diff)}); pass --overwrite true or use another --out_dir")
+        raise UserError(f"{summary_path} was made with other settings "
+                        f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
+                        f"now {', '.join(f'{k}={settings[k]!r}' for k in diff)}); "
+                        "pass --overwrite true or use another --out_dir")
     if old.get("pass_k_asked") != settings["pass_k_asked"]:
         samples = common.read_jsonl(samples_path, required=("id", "reward", "finished", "length"))
         summary.update(summarize(samples, records, task.DIFFICULTY, settings["pass_k_asked"]))
@@ -125,7 +137,8 @@ def main(argv=None):
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top_p in (0, 1]")
     if args.temperature == 0 and args.samples_per_prompt > 1:
-        raise UserError("greedy decoding (--temperature 0) gives n identical samples; use --samples_per_prompt 1 or a temperature > 0")
+        raise UserError("greedy decoding (--temperature 0) gives n identical samples; "
+                        "use --samples_per_prompt 1 or a temperature > 0")
     if any(k < 1 for k in args.pass_k):
         raise UserError("--pass_k values must be >= 1")
     task = tasks.get_task(args.task)
@@ -147,8 +160,9 @@ def main(argv=None):
 
     def settings_of(ckpt, split_path):
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
-                "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                "template": args.template, "dtype": str(dtype).replace("torch.", ""), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k))}
+                "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
+                "max_new_tokens": args.max_new_tokens, "template": args.template,
+                "dtype": str(dtype).replace("torch.", ""), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k))}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others
     plan = {"error": None, "done": {}}
@@ -160,7 +174,8 @@ def main(argv=None):
                     summary_path = os.path.join(pair_dir, "summary.json")
                     if os.path.isfile(summary_path) and not args.overwrite:
                         plan["done"][f"{name}/{split_name}"] = read_done(
-                            summary_path, os.path.join(pair_dir, "samples.jsonl"), settings_of(ckpt, split_path), records, task)
+                            summary_path, os.path.join(pair_dir, "samples.jsonl"), settings_of(ckpt, split_path),
+                            records, task)
         except UserError as e:
             plan["error"] = str(e)
     plan = parallel.all_gather_json(plan)[0]
@@ -173,7 +188,8 @@ def main(argv=None):
         for i, s in enumerate(split_names):
             if i not in todo:
                 summaries[name, s] = plan["done"][f"{name}/{s}"]
-                print0(f"{name} on {s}: done before, skipped (accuracy {summaries[name, s]['overall']['accuracy']:.4f})")
+                print0(f"{name} on {s}: done before, skipped "
+                       f"(accuracy {summaries[name, s]['overall']['accuracy']:.4f})")
         if not todo:
             continue
         t0 = time.time()
@@ -184,10 +200,12 @@ def main(argv=None):
         for i in todo:
             split_path, split_name, records = args.splits[i], split_names[i], splits[i]
             t0 = time.time()
-            samples, metrics = generate_and_score(model, tokenizer, task, records, n=args.samples_per_prompt, temperature=args.temperature,
-                                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                        template=args.template, batch_size=args.batch_size, pass_k=args.pass_k,
-                                        desc=f"{name}/{split_name}", progress=args.progress)
+            samples, metrics = generate_and_score(model, tokenizer, task, records, n=args.samples_per_prompt,
+                                                  temperature=args.temperature, top_p=args.top_p,
+                                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                                  template=args.template, batch_size=args.batch_size,
+                                                  pass_k=args.pass_k, desc=f"{name}/{split_name}",
+                                                  progress=args.progress)
             seconds = time.time() - t0
             summary = {"checkpoint": name, "split": split_name, "settings": settings_of(ckpt, split_path), **metrics}
             if rank == 0:

@@ -158,7 +158,8 @@ def memory_settings(args, world=None, gen_batch_size=None):
 def memory_table(args):
     """One markdown table, a column per model, rows the per-GPU components and phase peaks in GiB; then a verdict."""
     check_positive(args, "world", "samples_per_prompt", "gen_batch_size", "prompt_tokens", "response_tokens",
-                   "rl_micro_batch_tokens", "sft_micro_batch_tokens", "logprob_chunk", "prompts_per_step", "prompts_per_rank")
+                   "rl_micro_batch_tokens", "sft_micro_batch_tokens", "logprob_chunk", "prompts_per_step",
+                   "prompts_per_rank")
     cols = [memory_config(spec) for spec in args.memory]
     est = [memory_estimate(cfg, **memory_settings(args)) for _, cfg in cols]
     gib, cap = 2**30, args.gpu_gib
@@ -196,8 +197,8 @@ def memory_table(args):
     ]
     print(f"per-GPU memory, GiB, on {args.world} x {cap:g} GiB (FSDP2: fp32 master + grads + AdamW sharded over "
           f"{args.world}, bf16 compute; gradient checkpointing); RL: {s0['prompts_per_rank']} prompts per rank x "
-          f"{args.samples_per_prompt} rollouts, prompts {args.prompt_tokens} + responses {args.response_tokens} tokens; every "
-          f"peak includes {CUDA_CONTEXT_GIB} GiB of CUDA context and allocator slack")
+          f"{args.samples_per_prompt} rollouts, prompts {args.prompt_tokens} + responses {args.response_tokens} "
+          f"tokens; every peak includes {CUDA_CONTEXT_GIB} GiB of CUDA context and allocator slack")
     print()
     print("| per GPU, GiB | " + " | ".join(name for name, _ in cols) + " |")
     print("|---|" + "---:|" * len(cols))

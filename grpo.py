@@ -1,7 +1,7 @@
 """
 train_rl.py's pure functions: the GRPO objective (group advantages, the PPO clipped surrogate, the KL estimators,
 DWA's token weights, the loss aggregation's token weights) and the run's schedule (each step's prompts, sampling
-seed and learning rate). Each switch is one setting of train_rl.py; tests/test_train_rl.py checks each function
+seed and learning rate). Each switch is one setting of train_rl.py; tests/test_grpo.py checks each function
 against a hand computation.
 """
 import numpy as np
@@ -105,7 +105,9 @@ def step_prompt_indices(num_records, prompts_per_step, step, seed):
 
 
 def generation_seed(seed, step, rank):
-    """The sampling seed of a (run seed, step, rank): different everywhere, reproducible on resume."""
+    """The sampling seed of a (run seed, step, rank): different everywhere, reproducible on resume. (A numpy hash,
+    older than common.derive_seed, which then gives each generation batch its stream; it stays because every
+    RL result of the study hangs on it.)"""
     return int(np.random.default_rng([seed, step, rank]).integers(2**31))
 
 

@@ -337,7 +337,8 @@ def format_trace(tape, statements, names, kk):
                 who = ', '.join(who[:-1]) + ', and ' + who[-1]
             else:
                 who = ' and '.join(who)
-            steps.append(f'We have exhausted all possibilities for {who}, so let us go back and reconsider {names[person]}.')
+            steps.append(f'We have exhausted all possibilities for {who}, '
+                         f'so let us go back and reconsider {names[person]}.')
             continue
         _, person, role, conflict, conflict_role = event
         a_role = kk['a_knight'] if role else kk['a_knave']
@@ -537,7 +538,8 @@ def normalise_record(rec, where):
     if len(solution) != n:
         bad('solution', f"has {len(solution)} entries for {n} names")
     kk = rec['knight_knave']
-    if not isinstance(kk, dict) or not all(isinstance(kk.get(k), str) for k in ('knight', 'knave', 'a_knight', 'a_knave')):
+    if not isinstance(kk, dict) or not all(isinstance(kk.get(k), str)
+                                           for k in ('knight', 'knave', 'a_knight', 'a_knave')):
         bad('knight_knave', "must map knight, knave, a_knight, a_knave to strings")
     for field in ('quiz', 'solution_text', 'solution_text_format', 'cot_head', 'cot_foot', 'statements'):
         if not isinstance(rec[field], str):
@@ -577,14 +579,16 @@ def fetch_from_hub(path):
 
 
 def read_rows(path):
-    """(where, row) pairs from a jsonl or parquet file (or an official one on the hub: hf://test/people5_num100.jsonl)."""
+    """(where, row) pairs from a jsonl or parquet file (or an official one on the hub:
+    hf://test/people5_num100.jsonl)."""
     if path.startswith("hf://"):
         path = fetch_from_hub(path)
     if path.endswith('.parquet'):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise common.UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or use the jsonl files")
+            raise common.UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
+                                   "or use the jsonl files")
         if not os.path.isfile(path):
             raise common.UserError(f"{path}: file not found")
         return [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
@@ -710,16 +714,21 @@ def get_parser():
     p = common.new_parser("Knights & Knaves: generate the paper's splits, the official dataset, or teacher SFT data.")
     p.add_argument("--out_dir", default="data/kk", help="where train.jsonl, test.jsonl, sft.jsonl (and official/) go")
     p.add_argument("--train_people", default="3-7", help="people counts of the RL train split (range 3-7 or list 3,5)")
-    p.add_argument("--train_per_people", default="2000", help="RL train puzzles per people count (one number, or one per count)")
-    p.add_argument("--train_seed", type=int, default=100000, help="seed of the RL train stream (not 1234: that is the official one)")
+    p.add_argument("--train_per_people", default="2000",
+                   help="RL train puzzles per people count (one number, or one per count)")
+    p.add_argument("--train_seed", type=int, default=100000,
+                   help="seed of the RL train stream (not 1234: that is the official one)")
     p.add_argument("--test_people", default="4-8", help="people counts of the test split")
-    p.add_argument("--test_per_people", default="100", help="test puzzles per people count (the first of the test stream)")
-    p.add_argument("--test_seed", type=int, default=OFFICIAL_SEED, help="seed of the test stream (1234 = the official test puzzles)")
+    p.add_argument("--test_per_people", default="100",
+                   help="test puzzles per people count (the first of the test stream)")
+    p.add_argument("--test_seed", type=int, default=OFFICIAL_SEED,
+                   help="seed of the test stream (1234 = the official test puzzles)")
     p.add_argument("--sft_people", default="2-3", help="people counts of the SFT pool (paper: 2 and 3)")
     p.add_argument("--sft_per_people", default="200,800", help="SFT pool puzzles per people count (paper: 200 and 800)")
     p.add_argument("--sft_seed", type=int, default=200000, help="seed of the SFT pool stream")
-    p.add_argument("--official", type=common.str2bool, default=False, help="instead: regenerate the official dataset "
-                   "(seed 1234, test = indices 0-99, train after) into OUT_DIR/official/{test,train}/people{n}_num{N}.jsonl")
+    p.add_argument("--official", type=common.str2bool, default=False,
+                   help="instead: regenerate the official dataset (seed 1234, test = indices 0-99, train after) into "
+                        "OUT_DIR/official/{test,train}/people{n}_num{N}.jsonl")
     p.add_argument("--official_people", default="2-8", help="people counts for --official (the official set has 2-8)")
     p.add_argument("--teacher_sft", default=None, help="instead: write SFT jsonl ({id, task, prompt, response}) of the "
                    "teacher chain-of-thought for the puzzles of --split to this file")

@@ -28,23 +28,28 @@ from common import UserError, print0
 def get_parser():
     p = common.new_parser("LIMR: select RL prompts by how closely their reward curve in a probe "
                                 "RL run follows the average learning curve", prog="lim_select.py")
-    p.add_argument("--rollouts", default=None, help="the probe RL run directory: its rollouts/step_N.jsonl (train_rl.py) "
+    p.add_argument("--rollouts", default=None,
+                   help="the probe RL run directory: its rollouts/step_N.jsonl (train_rl.py) "
                    "cover the whole pool (required)")
-    p.add_argument("--train_data", default=None, help="the pool the probe run trained on: task records, jsonl (required)")
+    p.add_argument("--train_data", default=None,
+                   help="the pool the probe run trained on: task records, jsonl (required)")
     p.add_argument("--task", default=None, help="task: kk, math, or a module name with the task interface (required)")
     p.add_argument("--steps_per_epoch", type=int, default=0,
-                   help="group step files 1..N, N+1..2N, ... into epochs, as LIMR's code does (they used 8); when given "
-                        "it wins over the rollouts' `epoch` field; 0 = use that field")
-    p.add_argument("--epochs", type=int, default=0, help="score the first this many epochs of the log (LIMR: 21); 0 = all")
+                   help="group step files 1..N, N+1..2N, ... into epochs, as LIMR's code does (they used 8); "
+                        "when given it wins over the rollouts' `epoch` field; 0 = use that field")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="score the first this many epochs of the log (LIMR: 21); 0 = all")
     p.add_argument("--threshold", type=float, default=0.6, help="keep prompts with score >= this (LIMR: 0.6)")
     p.add_argument("--out", default=None, help="write the selected pool records here, in pool order (required)")
-    p.add_argument("--scores_out", default=None, help="also write one row per pool prompt: {id, score, accuracy}; score "
+    p.add_argument("--scores_out", default=None,
+                   help="also write one row per pool prompt: {id, score, accuracy}; score "
                    "is null for a dropped prompt; accuracy is the per-epoch list that was scored (after the back-fill; "
                    "null where an epoch stayed empty)")
     p.add_argument("--random_out", default=None, help="also write a random subset of the pool of the selected size "
                    "(LIMR's RAND baseline), in pool order")
     p.add_argument("--seed", type=int, default=0, help="seed of the --random_out subset")
-    p.add_argument("--plot_out", default=None, help="PNG of the average curve and a few prompts' curves, when matplotlib "
+    p.add_argument("--plot_out", default=None,
+                   help="PNG of the average curve and a few prompts' curves, when matplotlib "
                    "is installed (default: --out with .png for .jsonl; '' = no plot)")
     return p
 
@@ -57,7 +62,8 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
     """(epoch, pool index, solved) of every rollout in the log (steps 1..S, no hole), each row's fields checked."""
     logs, folder, outcomes = tasks.rollout_logs(run_dir), os.path.join(run_dir, "rollouts"), []
     if not logs:
-        raise UserError(f"{folder}: no rollouts (no step_N.jsonl files; the probe run writes them with --log_rollouts true)")
+        raise UserError(f"{folder}: no rollouts (no step_N.jsonl files; "
+                        "the probe run writes them with --log_rollouts true)")
     for expected, step in enumerate(logs, 1):
         if step != expected:
             raise UserError(f"{tasks.rollout_log_path(run_dir, expected)}: file not found (the log has steps "

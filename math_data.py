@@ -37,7 +37,8 @@ DIFFICULTY = "level"  # record key of the MATH level 1-5 (0 when unknown: AIME, 
 GRADE_TIMEOUT_S = 1.0  # hard limit on one math-verify call, in worker CPU seconds (killed past it; scores 0.0)
 GRADE_WALL_LIMIT_S = 10.0  # and in wall seconds, however busy the machine
 WORKER_START_TIMEOUT_S = 60.0  # importing sympy + math-verify; not counted in GRADE_TIMEOUT_S
-WORKER_CPU_GUARD_S = 30  # the kernel ends a worker whose one request burns this much CPU (RLIMIT_CPU): no orphan spins forever
+# the kernel ends a worker whose one request burns this much CPU (RLIMIT_CPU): no orphan spins forever
+WORKER_CPU_GUARD_S = 30
 MAX_ANSWER_CHARS = 500  # longer boxed answers score 0.0 (MATH gold answers are < 200 characters)
 MAX_BRACE_DEPTH = 20  # deeper nesting never reaches math-verify (its parser recurses)
 
@@ -156,7 +157,8 @@ def _normalise_record(raw, where):
     if answer is None:  # Hendrycks layout: the answer is the solution's last \boxed{}
         answer = extract_boxed(solution)
         if answer is None:
-            raise UserError(f"{where}: field 'answer': missing, and field 'solution' has no \\boxed{{}} to take it from")
+            raise UserError(f"{where}: field 'answer': missing, and field 'solution' has no \\boxed{{}} "
+                            "to take it from")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str):
@@ -326,7 +328,8 @@ def normalize_answer(s: str) -> str:
 
 # Things that must never reach math-verify: they can only be nonsense or an attack on sympy's time.
 _RISKY = re.compile(
-    r"\\(?:input|include|def|edef|gdef|newcommand|renewcommand|write|immediate|catcode|usepackage|openin|read|csname|expandafter)(?![a-zA-Z])"
+    r"\\(?:input|include|def|edef|gdef|newcommand|renewcommand|write|immediate|catcode|usepackage|openin|read|csname"
+    r"|expandafter)(?![a-zA-Z])"
     r"|\d\s*\^\s*[{(]?\s*\d+\s*\^"  # numeric exponent towers: 9^{9^{9^9}}, 9^9^9
     r"|\^\s*\{?\s*\d{5,}"  # huge exponents: 2^{123456}
     r"|\d{5,}\s*!"  # huge factorials
@@ -552,7 +555,8 @@ def bench(test):
     print(f"score(): {len(test)} self-gradings in {t_score:.2f} s ({n_right:.0f} right; string match answers most)")
     (worker,) = GRADER._idle
     t0, cpu0 = time.perf_counter(), worker.cpu_seconds()
-    n_right = sum(GRADER.equivalent(r["answer"], r["answer"] + " ", GRADE_TIMEOUT_S) for r in test)  # " ": no string match
+    # " ": no string match
+    n_right = sum(GRADER.equivalent(r["answer"], r["answer"] + " ", GRADE_TIMEOUT_S) for r in test)
     t_worker, cpu = time.perf_counter() - t0, worker.cpu_seconds()
     cpu_text = f", {cpu - cpu0:.2f} CPU s in the worker" if cpu is not None and cpu0 is not None else ""
     print(f"math-verify via the worker: {len(test)} gradings in {t_worker:.2f} s{cpu_text} ({n_right} right)")
@@ -587,7 +591,8 @@ def get_parser():
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                    help="prompt template: chat (the tokenizer's, with the paper's system prompt), plain "
                         "(Question/Answer), auto (chat when the tokenizer has one)")
-    p.add_argument("--bench", type=common.str2bool, default=False, help="instead of splitting: time grading on the test set")
+    p.add_argument("--bench", type=common.str2bool, default=False,
+                   help="instead of splitting: time grading on the test set")
     return p
 
 

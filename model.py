@@ -26,7 +26,8 @@ except ImportError:
     HAVE_FLASH_ATTN = False
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
-STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")  # the chat terminators a response may end with
+# the chat terminators a response may end with
+STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
 
 
 @dataclass
@@ -92,7 +93,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None):
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device)
+                                         / cfg.head_dim))
     s = cfg.rope_scaling
     if s:  # Llama 3.1: stretch low frequencies by `factor`, interpolate the band between
         factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -501,7 +503,8 @@ def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**
         stop = stop_token_ids(tokenizer)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stop,
-                       "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]}, f, indent=2)
+                       "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]},
+                      f, indent=2)
     if os.path.exists(path):  # replace an older checkpoint of the same name
         old = f"{path}.old{os.getpid()}"
         os.rename(path, old)
@@ -523,8 +526,10 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes=2) -> int:
 def tiny_config(vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=None,
                 max_position_embeddings=2048, tie_word_embeddings=True, arch="Qwen2ForCausalLM", **extra) -> dict:
     """A HF config.json dict for a small model of one of the supported architectures."""
-    cfg = {"architectures": [arch], "model_type": {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}[SUPPORTED[arch]],
-           "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size or 3 * hidden_size,
+    cfg = {"architectures": [arch],
+           "model_type": {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}[SUPPORTED[arch]],
+           "vocab_size": vocab_size, "hidden_size": hidden_size,
+           "intermediate_size": intermediate_size or 3 * hidden_size,
            "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
            "head_dim": hidden_size // num_heads, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
            "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": tie_word_embeddings,

@@ -25,12 +25,13 @@ import time
 import numpy as np
 import torch
 
-import common
 import ckpt
+import common
 import parallel
 import tasks
 from common import UserError, print0
-from model import build_model, load_model, parse_dtype, load_tokenizer, read_config, response_logprobs, save_model, tiny_config
+from model import (build_model, load_model, load_tokenizer, parse_dtype, read_config, response_logprobs, save_model,
+                   tiny_config)
 
 # -----------------------------------------------------------------------------
 # settings (defaults = the paper's SFT, section 7)
@@ -44,7 +45,8 @@ def get_parser():
                    help="instead of --data: pre-train on text (jsonl with a 'text' field, or plain text with documents "
                         "separated by blank lines); loss on all tokens; documents longer than --max_length are split")
     p.add_argument("--val_data", nargs="+", default=None,
-                   help="held-out file(s) (same format as the training data): loss before training and after each epoch")
+                   help="held-out file(s) (same format as the training data): "
+                        "loss before training and after each epoch")
     p.add_argument("--max_length", type=int, default=5000,
                    help="longest sequence (prompt + response + EOS) in tokens; longer SFT examples are an error "
                         "(the paper: max_length 5000, truncation=error)")
@@ -53,7 +55,8 @@ def get_parser():
     p.add_argument("--init_tiny", default=False, type=common.str2bool,
                    help="instead of --init: a fresh tiny model (needs --tokenizer; sized by the --tiny_* settings)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --init checkpoint's)")
-    p.add_argument("--tiny_arch", default="Qwen2ForCausalLM", help="--init_tiny: architecture (Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM)")
+    p.add_argument("--tiny_arch", default="Qwen2ForCausalLM",
+                   help="--init_tiny: architecture (Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM)")
     p.add_argument("--tiny_hidden_size", type=int, default=128, help="--init_tiny: hidden size")
     p.add_argument("--tiny_layers", type=int, default=4, help="--init_tiny: number of layers")
     p.add_argument("--tiny_heads", type=int, default=4, help="--init_tiny: attention heads")
@@ -62,7 +65,8 @@ def get_parser():
     # optimisation
     p.add_argument("--epochs", type=int, default=2, help="passes over the data (paper: 2)")
     p.add_argument("--global_batch", type=int, default=32,
-                   help="sequences per optimizer step, over all ranks and micro-batches (paper: 32; 64 for two K&K runs); "
+                   help="sequences per optimizer step, over all ranks and micro-batches "
+                        "(paper: 32; 64 for two K&K runs); "
                         "an incomplete last batch of an epoch is dropped, like the paper's drop_last sampler")
     p.add_argument("--micro_batch_tokens", type=int, default=16384,
                    help="at most this many tokens per packed micro-batch (memory knob; a longer sequence goes alone)")
@@ -73,19 +77,21 @@ def get_parser():
     p.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of steps of linear warmup (paper: 0); "
                    "the first update runs at lr/warmup_steps, not at 0 as in Hugging Face's schedule (see lr_at)")
     p.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine decays to lr * this (paper: 0)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (paper: 1.0; 0 = off)")
+    p.add_argument("--grad_clip", type=float, default=1.0,
+                   help="clip the global gradient norm to this (paper: 1.0; 0 = off)")
     # The paper's modified verl fsdp_sft_trainer averages over each sequence's response tokens, then over
     # sequences (seq_mean); verl's stock trainer and most pre-training use one token mean (token_mean).
     p.add_argument("--loss_reduction", default="seq_mean", choices=("seq_mean", "token_mean"),
-                   help="seq_mean: mean over each sequence's loss tokens, then over the global batch's sequences (paper); "
-                        "token_mean: mean over all loss tokens of the global batch")
+                   help="seq_mean: mean over each sequence's loss tokens, then over the global batch's sequences "
+                        "(paper); token_mean: mean over all loss tokens of the global batch")
     p.add_argument("--adam_8bit", default=False, type=common.str2bool,
-                   help="bitsandbytes 8-bit AdamW on CUDA; it cannot update FSDP-sharded weights (several ranks, or bf16), "
-                        "where torch AdamW is used with a note: its state is already sharded")
+                   help="bitsandbytes 8-bit AdamW on CUDA; it cannot update FSDP-sharded weights "
+                        "(several ranks, or bf16), where torch AdamW is used with a note: its state is already sharded")
     p.add_argument("--gradient_checkpointing",
                    default=False, type=common.str2bool,
                    help="recompute each block in backward (less activation memory, ~30%% slower)")
-    p.add_argument("--dtype", default="auto", help="compute dtype, and that of the saved weights: auto (bfloat16 on CUDA, "
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype, and that of the saved weights: auto (bfloat16 on CUDA, "
                    "float32 on CPU), bfloat16, float32; the optimizer always updates sharded fp32 weights")
     p.add_argument("--seed", type=int, default=1, help="seed of the data order (and of --init_tiny weights)")
     # checkpoints and logging
@@ -328,7 +334,8 @@ def main(argv=None):
         step, resume_dir, state, train_shard = resume_from
         ckpt.check_run_identity(args.out_dir, state["identity"], identity)
         if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
-            print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); final weights in {final_dir}; nothing to do")
+            print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); "
+                   f"final weights in {final_dir}; nothing to do")
             parallel.dist_cleanup()
             return 0
         model = load_model(resume_dir, dtype=torch.float32, device=device)
@@ -423,7 +430,8 @@ def main(argv=None):
         rec = {"step": step + 1, "epoch": epoch, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
                "bad_steps": bad_steps_total, "tokens": tokens, "tokens_per_s": tokens / dt, "time_s": dt}
         log(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {rec['loss']:.4f} | lr {lr:.3e} | "
-            f"grad norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | {len(mbs)} micro-batches | {dt:.2f} s")
+            f"grad norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | {len(mbs)} micro-batches | "
+            f"{dt:.2f} s")
         record(rec)
         bar.update(1)
         done = step + 1

@@ -100,8 +100,9 @@ def limr_tables(out_dir):
     """The LIMR experiment of reproduce.sh (LIMR=1): test accuracy of the start, FULL, RAND and LIM per seed and
     split, with the prompts, steps and rollouts each spent (and their mean over seeds); [] when there is none."""
     limr_dir, eval_dir = os.path.join(out_dir, "limr"), os.path.join(out_dir, "limr", "eval")
-    seeds = sorted((name[5:] for name in os.listdir(limr_dir) if name.startswith("seed_")), key=difficulty_order_of_text) \
-        if os.path.isdir(limr_dir) else []
+    seeds = (sorted((name[5:] for name in os.listdir(limr_dir) if name.startswith("seed_")),
+                    key=difficulty_order_of_text)
+             if os.path.isdir(limr_dir) else [])
     accuracy = {}  # (model, split) -> overall accuracy
     for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
         for split in os.listdir(os.path.join(eval_dir, name)) if os.path.isdir(os.path.join(eval_dir, name)) else []:
@@ -136,18 +137,19 @@ def limr_tables(out_dir):
                 "RAND": (count_lines(os.path.join(dir_, "rand.jsonl")), rl_rollouts(os.path.join(dir_, "rand"))[0], 0),
                 "LIM": (count_lines(os.path.join(dir_, "lim.jsonl")), lim_rollouts, probe_rollouts)}
         for arm, (prompts, spent, probe) in arms.items():
-            row = with_accuracy({"model": arm, "seed": seed, "prompts": prompts, "RL steps": steps, "RL rollouts": spent,
-                                 "with the probe": (spent or 0) + (probe or 0)}, f"{arm.lower()}_{seed}")
+            row = with_accuracy({"model": arm, "seed": seed, "prompts": prompts, "RL steps": steps,
+                                 "RL rollouts": spent, "with the probe": (spent or 0) + (probe or 0)},
+                                f"{arm.lower()}_{seed}")
             rows.append(row)
             by_arm.setdefault(arm, []).append(row)
         notes.append(f"seed {seed}: the probe ran {probe_steps} steps ({probe_rollouts} rollouts) on the {len(scores)} "
-                     f"prompts of the pool; {sum(x is not None for x in scores)} scored, {sum(x is None for x in scores)} "
-                     f"dropped (a gap in their curve), {arms['LIM'][0]} selected.")
+                     f"prompts of the pool; {sum(x is not None for x in scores)} scored, "
+                     f"{sum(x is None for x in scores)} dropped (a gap in their curve), {arms['LIM'][0]} selected.")
     lines = ["", "### LIMR: RL on the LIM subset, the whole pool (FULL) and a random subset of LIM's size (RAND), "
              "from the same start for equal steps", "", markdown_table(rows, digits=3),
-             "FULL is the probe run at that step (RL on the whole pool); RL rollouts: steps x prompts x group; with the "
-             "probe: LIM's own rollouts plus the probe run's, which its selection needed. Test accuracy is overall, "
-             "per split.", *notes]
+             "FULL is the probe run at that step (RL on the whole pool); RL rollouts: steps x prompts x group; "
+             "with the probe: LIM's own rollouts plus the probe run's, which its selection needed. "
+             "Test accuracy is overall, per split.", *notes]
     if len(seeds) > 1 and by_arm:
         mean_rows = []
         for arm, arm_rows in by_arm.items():
@@ -225,7 +227,8 @@ def seed_tables(out_dir, difficulty):
         mean_rows.append(row)
     lines = ["", f"### Over {len(runs)} seeds (seed 1: {out_dir}; seed S: {out_dir}/seed_S): test accuracy, "
              "mean ± std (sample std over seeds)", "", markdown_table(mean_rows),
-             "GRPO gain over its start (rl - sft, overall): {:+.1f} ± {:.1f} points; per seed ".format(*mean_std(gains))
+             "GRPO gain over its start (rl - sft, overall): {:+.1f} ± {:.1f} points; "
+             "per seed ".format(*mean_std(gains))
              + ", ".join(f"{g:+.1f}" for g in gains) + "."]
     for name, share in shares.items():
         if share:
@@ -296,7 +299,8 @@ def main(argv=None):
         if not limr:
             raise common.UserError(f"{out}/eval: no evaluation summaries yet; run reproduce.sh first")
         # a preset of LIMR's own setting (LIMR_ONLY=1): its tables alone
-        write_results(out, [f"## Results{' (' + args.preset + ')' if args.preset else ''}: LIMR"] + limr + wall_time_lines(times))
+        write_results(out, [f"## Results{' (' + args.preset + ')' if args.preset else ''}: LIMR"]
+                      + limr + wall_time_lines(times))
         return
     kind = next(iter(times.values()))[2] if times else "device"
     difficulty = difficulty_key(next(iter(summaries.values())))
@@ -309,14 +313,16 @@ def main(argv=None):
         row[f"own {kind}-h"] = round(device_hours(times, OWN[name]), 3)
         row[f"total {kind}-h"] = round(device_hours(times, OWN[name] + UPSTREAM[name]), 3)
         rows.append(row)
-    lines = [f"## Results{' (' + args.preset + ')' if args.preset else ''}: test accuracy (greedy, pass@1) per {difficulty}",
+    lines = [f"## Results{' (' + args.preset + ')' if args.preset else ''}: "
+             f"test accuracy (greedy, pass@1) per {difficulty}",
              "", markdown_table(rows)]
     lines.append(f"SFT samples: the set the model was fine-tuned on (RL: its cold start's). RL rollouts: prompts x "
                  f"group x steps. {kind}-h: measured wall time x devices; own = the stages that made it from its "
                  f"inputs, total = with the cold start and RL it builds on. Re-distilled models' data came from the "
                  f"RL run ({rollouts} rollouts), counted in their total.")
     if "base" in times:
-        lines.append(f"Pre-training the tiny base (shared by all): {device_hours(times, ['base_text', 'base']):.3f} {kind}-h.")
+        lines.append("Pre-training the tiny base (shared by all): "
+                     f"{device_hours(times, ['base_text', 'base']):.3f} {kind}-h.")
     if "sft" in summaries and "rl" in summaries:
         gain = summaries["rl"]["overall"]["accuracy"] - summaries["sft"]["overall"]["accuracy"]
         lines.append(f"GRPO gain over its start (rl - sft, overall): {100 * gain:+.1f} points.")
@@ -336,7 +342,8 @@ def main(argv=None):
         for path, st in eff["files"].items():
             erows.append({"SFT set": os.path.basename(path), "samples": st["count"],
                           "mean effect": st["sample_effect"]["mean"], "median effect": st["sample_effect"]["median"],
-                          "mean normalised": st["normalised"]["mean"], "mean response tokens": round(st["mean_response_length"])})
+                          "mean normalised": st["normalised"]["mean"],
+                          "mean response tokens": round(st["mean_response_length"])})
         lines += ["", "### Sample effect on the cold-start policy (<grad log p(sample), grad J>, J = test reward)", "",
                   markdown_table(erows, digits=4)]
     select_rows = []
@@ -356,12 +363,14 @@ def main(argv=None):
             row["drawn from"] = ", ".join(f"{k} {v}" for k, v in sorted(sources.items()))
             select_rows.append(row)
     if select_rows:
-        lines += ["", "### SFT of the base on the top-K vs the bottom-K samples by sample effect (pooled over the sets)",
+        lines += ["", "### SFT of the base on the top-K vs the bottom-K samples by sample effect "
+                  "(pooled over the sets)",
                   "", markdown_table(select_rows, digits=4)]
 
     write_results(out, lines + seed_tables(out, difficulty) + limr + wall_time_lines(times))
     if args.plots:
-        for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries, rl_settings.get("temperature"), difficulty):
+        for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries,
+                          rl_settings.get("temperature"), difficulty):
             print(f"wrote {path}")
 
 

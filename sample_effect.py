@@ -38,38 +38,56 @@ def get_parser():
     p = common.new_parser("Per-sample effect of SFT data on a policy's expected test reward.")
     p.add_argument("--task", default="kk", help="task: kk, math, or an importable task module name")
     p.add_argument("--checkpoint", default=None, help="the policy θ (HF checkpoint directory)")
-    p.add_argument("--eval_data", default=None, help="task split whose prompts define J (e.g. the test or a held-out split)")
+    p.add_argument("--eval_data", default=None,
+                   help="task split whose prompts define J (e.g. the test or a held-out split)")
     p.add_argument("--num_eval_prompts", type=int, default=0,
                         help="use N evaluation prompts, each difficulty in proportion, drawn with --seed (0 = all)")
     p.add_argument("--sft_data", nargs="+", default=None,
-                        help="SFT jsonl file(s) {id, task, prompt, response}; each gets its own summary (e.g. teacher traces vs re-distilled samples)")
-    p.add_argument("--max_length", type=int, default=5000, help="longest SFT sample (prompt + response + EOS); longer is an error (as in redistill_sft.py)")
-    p.add_argument("--samples_per_prompt", type=int, default=8, help="responses per evaluation prompt for the ∇J estimate (paper's rollout.n = 8); >= 2")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of J (paper's RL rollouts: 0.7)")
-    p.add_argument("--max_new_tokens", type=int, default=4096, help="response budget of the rollouts (paper: 4096); truncated = reward 0")
-    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"], help="prompt template of the evaluation prompts")
-    p.add_argument("--gen_batch_size", type=int, default=64, help="most evaluation prompts per generation call (x k rows)")
+                   help="SFT jsonl file(s) {id, task, prompt, response}; each gets its own summary "
+                        "(e.g. teacher traces vs re-distilled samples)")
+    p.add_argument("--max_length", type=int, default=5000,
+                   help="longest SFT sample (prompt + response + EOS); longer is an error (as in redistill_sft.py)")
+    p.add_argument("--samples_per_prompt", type=int, default=8,
+                   help="responses per evaluation prompt for the ∇J estimate (paper's rollout.n = 8); >= 2")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature of J (paper's RL rollouts: 0.7)")
+    p.add_argument("--max_new_tokens", type=int, default=4096,
+                   help="response budget of the rollouts (paper: 4096); truncated = reward 0")
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
+                   help="prompt template of the evaluation prompts")
+    p.add_argument("--gen_batch_size", type=int, default=64,
+                   help="most evaluation prompts per generation call (x k rows)")
     p.add_argument("--kv_cache_gib", type=float, default=16.0,
-                        help="bound on one generation call's KV cache (GiB): fewer prompts per call when rows x (prompt + "
-                             "--max_new_tokens) would need more")
+                   help="bound on one generation call's KV cache (GiB): fewer prompts per call when rows x "
+                        "(prompt + --max_new_tokens) would need more")
     p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and of the --num_eval_prompts subset")
     # The paper's convention is unknown (paper.md 2.3): `mean` matches redistill_sft.py's default per-sequence-mean
     # loss (so η·mean SE predicts its SGD step), `sum` is the plain log-likelihood log π(y|x).
     p.add_argument("--token_reduction", default="mean", choices=["mean", "sum"],
                         help="log-likelihood of an SFT sample: mean or sum over its response tokens + EOS")
     p.add_argument("--exact", type=common.str2bool, default=False,
-                        help="inner products with the full gradient of the chosen parameters (∇J held once in fp32; small models)")
-    p.add_argument("--proj_dim", type=int, default=4096, help="CountSketch dimension for the projected inner product (0 = off; needs --exact)")
+                   help="inner products with the full gradient of the chosen parameters "
+                        "(∇J held once in fp32; small models)")
+    p.add_argument("--proj_dim", type=int, default=4096,
+                   help="CountSketch dimension for the projected inner product (0 = off; needs --exact)")
     p.add_argument("--proj_seed", type=int, default=0, help="seed of the CountSketch (keep it fixed to compare runs)")
-    p.add_argument("--params", default="", help="regex: only parameters whose names match (re.search) count (default: all)")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16")
-    p.add_argument("--micro_batch_tokens", type=int, default=16384, help="tokens per packed forward/backward of the ∇J rollouts")
-    p.add_argument("--gradient_checkpointing", type=common.str2bool, default=False, help="recompute blocks in backward (long sequences)")
-    p.add_argument("--out", default="out/sample_effect/effects.jsonl", help="effects jsonl (summary written beside it as <stem>.summary.json)")
-    p.add_argument("--select", type=int, default=0, help="write the top-K samples (pooled over all files) to --select_out (0 = off)")
+    p.add_argument("--params", default="",
+                   help="regex: only parameters whose names match (re.search) count (default: all)")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16")
+    p.add_argument("--micro_batch_tokens", type=int, default=16384,
+                   help="tokens per packed forward/backward of the ∇J rollouts")
+    p.add_argument("--gradient_checkpointing", type=common.str2bool, default=False,
+                   help="recompute blocks in backward (long sequences)")
+    p.add_argument("--out", default="out/sample_effect/effects.jsonl",
+                   help="effects jsonl (summary written beside it as <stem>.summary.json)")
+    p.add_argument("--select", type=int, default=0,
+                   help="write the top-K samples (pooled over all files) to --select_out (0 = off)")
     p.add_argument("--select_out", default=None, help="SFT jsonl for the top-K samples")
-    p.add_argument("--select_bottom", default=None, help="also write the bottom-K samples here (the control of the top-K experiment)")
-    p.add_argument("--select_by", default="sample_effect", choices=["sample_effect", "normalised"], help="ranking of --select")
+    p.add_argument("--select_bottom", default=None,
+                   help="also write the bottom-K samples here (the control of the top-K experiment)")
+    p.add_argument("--select_by", default="sample_effect", choices=["sample_effect", "normalised"],
+                   help="ranking of --select")
     p.add_argument("--log_every", type=int, default=100, help="a log line every this many SFT samples (per rank)")
     p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bars on rank 0")
     return p
@@ -120,7 +138,8 @@ def accumulate_policy_gradient(model, items, temperature, micro_batch_tokens, au
     for it in items:
         key = (tuple(it["input_ids"]), it["start"])
         merged[key] = merged.get(key, 0.0) + it["weight"]
-    items = sorted(({"input_ids": list(ids), "start": start, "weight": w} for (ids, start), w in merged.items() if w != 0),
+    items = sorted(({"input_ids": list(ids), "start": start, "weight": w}
+                    for (ids, start), w in merged.items() if w != 0),
                    key=lambda it: (-len(it["input_ids"]), it["input_ids"]))
     batches = [[items[i] for i in mb] for mb in parallel.micro_batches([len(it["input_ids"]) for it in items],
                                                                     micro_batch_tokens)]
@@ -227,7 +246,8 @@ def summary_table(per_file, columns):
 
 
 def write_selection(path, chosen):
-    """Copy the chosen effect rows' original records verbatim (plus "sample_effect" and "source_file") into an SFT jsonl."""
+    """Copy the chosen effect rows' original records verbatim (plus "sample_effect" and "source_file") into an SFT
+    jsonl."""
     cache = {}
     out = []
     for row in chosen:
@@ -249,7 +269,8 @@ def main(argv=None):
     if not args.checkpoint or not args.eval_data or not args.sft_data:
         raise UserError("give --checkpoint DIR, --eval_data SPLIT.jsonl and --sft_data FILE [FILE ...]")
     if args.samples_per_prompt < 2:
-        raise UserError(f"--samples_per_prompt must be >= 2 (the group baseline needs two samples per prompt), got {args.samples_per_prompt}")
+        raise UserError("--samples_per_prompt must be >= 2 (the group baseline needs two samples per prompt), "
+                        f"got {args.samples_per_prompt}")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 (J is the expected reward of sampling)")
     if args.proj_dim < 0 or (args.proj_dim == 0 and not args.exact):
@@ -310,8 +331,10 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]  # the same tensors, now sharded
     n_params = sum(p.numel() for p in params)
     print0(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s: {model.num_params() / 1e6:.2f}M parameters, "
-           f"{n_params / 1e6:.2f}M counted ({len(params)} tensors{', --params ' + repr(args.params) if args.params else ''}); "
-           f"compute {str(compute_dtype).replace('torch.', '')}; {'exact' if args.exact else ''}{' + ' if args.exact and args.proj_dim else ''}"
+           f"{n_params / 1e6:.2f}M counted "
+           f"({len(params)} tensors{', --params ' + repr(args.params) if args.params else ''}); "
+           f"compute {str(compute_dtype).replace('torch.', '')}; "
+           f"{'exact' if args.exact else ''}{' + ' if args.exact and args.proj_dim else ''}"
            f"{f'CountSketch {args.proj_dim}' if args.proj_dim else ''}; {world} rank(s)")
 
     # ---- ∇J: K rollouts per evaluation prompt, chunks of prompts spread over ranks, RLOO policy gradient
@@ -321,18 +344,20 @@ def main(argv=None):
     per_token = kv_bytes_per_token(cfg, compute_dtype.itemsize)
     prompts = [task.render_prompt(r, tokenizer, args.template) for r in records]
     longest = max(map(len, tasks.encode_prompts(tokenizer, prompts)))
-    size = gen_chunk_size(len(records), world, args.gen_batch_size, args.samples_per_prompt, per_token, longest + args.max_new_tokens,
-                          args.kv_cache_gib * 2**30)
+    size = gen_chunk_size(len(records), world, args.gen_batch_size, args.samples_per_prompt, per_token,
+                          longest + args.max_new_tokens, args.kv_cache_gib * 2**30)
     chunks = [list(range(s, min(s + size, len(records)))) for s in range(0, len(records), size)]
-    print0(f"rollouts: {len(chunks)} generation call(s) of <= {size} prompts x {args.samples_per_prompt} over {world} rank(s); "
-           f"KV cache <= {size * args.samples_per_prompt * (longest + args.max_new_tokens) * per_token / 2**30:.1f} GiB per call")
+    print0(f"rollouts: {len(chunks)} generation call(s) of <= {size} prompts x {args.samples_per_prompt} "
+           f"over {world} rank(s); KV cache <= "
+           f"{size * args.samples_per_prompt * (longest + args.max_new_tokens) * per_token / 2**30:.1f} GiB per call")
     items, rewards, gen_tokens = [], [], 0
     my_chunks = parallel.rank_share(list(range(len(chunks))), rank, world)
     bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks) * args.samples_per_prompt, desc="rollouts",
                disable=not args.progress or rank != 0, dynamic_ncols=True)
     for c in my_chunks:
-        out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]], n=args.samples_per_prompt,
-                                      temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
+        out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]],
+                                      n=args.samples_per_prompt, temperature=args.temperature, top_p=1.0,
+                                      max_new_tokens=args.max_new_tokens,
                                       seed=common.derive_seed(args.seed, c), template=args.template,
                                       batch_size=size, progress=False)
         for j in range(len(chunks[c])):
@@ -358,13 +383,14 @@ def main(argv=None):
                                             bwd_tokens], dtype=torch.float64))
     mean_reward, informative, gen_tokens, bwd_tokens = stats.tolist()
     mean_reward /= len(records) * args.samples_per_prompt
-    grad_j = {"mean_reward": mean_reward, "prompts": len(records), "prompt_subset": eval_subset, "k": args.samples_per_prompt,
-              "temperature": args.temperature,
+    grad_j = {"mean_reward": mean_reward, "prompts": len(records), "prompt_subset": eval_subset,
+              "k": args.samples_per_prompt, "temperature": args.temperature,
               "informative_prompts": int(informative)}
     if informative == 0:
-        raise UserError(f"all {args.samples_per_prompt} rollouts of every evaluation prompt got the same reward (mean reward "
-                        f"{mean_reward:.3f}), so the ∇J estimate is zero; use more prompts, a larger --samples_per_prompt, or a "
-                        f"policy whose accuracy on --eval_data lies strictly between 0 and 1")
+        raise UserError(f"all {args.samples_per_prompt} rollouts of every evaluation prompt got the same reward "
+                        f"(mean reward {mean_reward:.3f}), so the ∇J estimate is zero; use more prompts, "
+                        "a larger --samples_per_prompt, or a policy whose accuracy on --eval_data lies strictly "
+                        "between 0 and 1")
     exact_ref = sketch = sketch_ref = None
     if args.exact:
         exact_ref = {"grad": [g.detach().clone() for g in grads]}
@@ -378,8 +404,9 @@ def main(argv=None):
     del grads
     for p in params:
         p.grad = None
-    print0(f"∇J from {len(records)} prompts x {args.samples_per_prompt} rollouts (T={args.temperature}): mean reward {mean_reward:.4f}, "
-           f"{int(informative)} prompts with mixed rewards | generation {gen_tokens / max(gen_seconds, 1e-9):.0f} tok/s "
+    print0(f"∇J from {len(records)} prompts x {args.samples_per_prompt} rollouts (T={args.temperature}): "
+           f"mean reward {mean_reward:.4f}, {int(informative)} prompts with mixed rewards | "
+           f"generation {gen_tokens / max(gen_seconds, 1e-9):.0f} tok/s "
            f"({gen_seconds:.1f}s) | backward {bwd_tokens:.0f} tokens in {time.time() - t0:.1f}s | "
            f"‖∇J‖ {grad_j.get('norm', grad_j.get('norm_proj')):.4g}")
 
@@ -401,7 +428,8 @@ def main(argv=None):
         bar.update(1)
         if rank == 0 and (done[0] % args.log_every == 0 or done[0] == len(mine)):
             dt = time.time() - t0
-            bar.write(f"{done[0]}/{len(mine)} samples on rank 0 | {done[0] / dt:.2f} samples/s | {tokens[0] / dt:.0f} tok/s")
+            bar.write(f"{done[0]}/{len(mine)} samples on rank 0 | {done[0] / dt:.2f} samples/s | "
+                      f"{tokens[0] / dt:.0f} tok/s")
 
     res = sample_effects(plain, params, [examples[i] for i in mine], args.token_reduction, exact_ref, sketch,
                          sketch_ref, autocast, on_sample)
@@ -415,7 +443,8 @@ def main(argv=None):
         effects.append({"id": ex["id"], "file": ex["file"], "line": ex["line"], **r})
 
     # ---- outputs (rank 0)
-    columns = ["sample_effect", "normalised"] + (["sample_effect_proj", "normalised_proj"] if args.exact and args.proj_dim else [])
+    columns = ["sample_effect", "normalised"] + (["sample_effect_proj", "normalised_proj"]
+                                                 if args.exact and args.proj_dim else [])
     per_file = {}
     for path in args.sft_data:
         mine_rows = [e for e in effects if e["file"] == path]

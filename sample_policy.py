@@ -31,7 +31,8 @@ from model import STOP_TOKENS
 def get_parser():
     p = common.new_parser("Sample a policy (checkpoint or RL rollout log) into a re-distillation SFT set.")
     p.add_argument("--from_checkpoint", default=None, help="policy checkpoint (Hugging Face directory) to sample")
-    p.add_argument("--from_rollouts", default=None, help="instead: an RL run directory holding rollouts/step_NNNNNN.jsonl (train_rl.py's log)")
+    p.add_argument("--from_rollouts", default=None,
+                   help="instead: an RL run directory holding rollouts/step_NNNNNN.jsonl (train_rl.py's log)")
     p.add_argument("--task", default=None, help="task: kk, math, or a module name with the task interface (required)")
     p.add_argument("--split", default=None, help="task split jsonl: the prompts to sample (--from_checkpoint); with "
                    "--from_rollouts optional: re-score the kept rollouts with the task's score (the paper re-checks)")
@@ -39,13 +40,19 @@ def get_parser():
     # sampling (--from_checkpoint)
     # not --n: torchrun's own parser rejects "--n" after the script name as an ambiguous prefix of --nnodes etc.
     p.add_argument("--samples_per_prompt", type=int, default=1, help="responses per prompt (paper's variant A: 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (paper's variant A)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 = greedy (paper's variant A)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (paper: 1.0)")
-    p.add_argument("--max_new_tokens", type=int, default=4096, help="response length limit; truncated responses are dropped (paper: 4096)")
-    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="prompt template (auto = chat when the tokenizer has one)")
+    p.add_argument("--max_new_tokens", type=int, default=4096,
+                   help="response length limit; truncated responses are dropped (paper: 4096)")
+    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
+                   help="prompt template (auto = chat when the tokenizer has one)")
     p.add_argument("--batch_size", type=int, default=64, help="prompts per generation batch (x n rows)")
-    p.add_argument("--dtype", default="auto", help="weights dtype for sampling: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
-    p.add_argument("--limit", type=int, default=0, help="use only this many records of --split, each difficulty in proportion (seeded by --seed; 0 = all)")
+    p.add_argument("--dtype", default="auto",
+                   help="weights dtype for sampling: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    p.add_argument("--limit", type=int, default=0,
+                   help="use only this many records of --split, each difficulty in proportion (seeded by --seed; 0 = "
+                        "all)")
     # rollouts (--from_rollouts)
     p.add_argument("--steps", default=None, help="--from_rollouts: RL steps to read, in order, e.g. 115-125 or "
                    "125,115-124 (the paper's variant B reads step 125 first, then 115..124)")
@@ -53,7 +60,8 @@ def get_parser():
     p.add_argument("--max_per_prompt", type=int, default=1,
                    help="keep at most this many distinct correct responses per prompt, first found first "
                         "(paper: 1, dedupe by puzzle keeping the first occurrence); 0 = no limit")
-    p.add_argument("--num_examples", type=int, default=1000, help="keep this many after the shuffle (paper: 1000 K&K, 500 MATH); 0 = all")
+    p.add_argument("--num_examples", type=int, default=1000,
+                   help="keep this many after the shuffle (paper: 1000 K&K, 500 MATH); 0 = all")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (paper: random.seed(0)) and of sampling")
     p.add_argument("--samples_out", default=None, help="also write every sample before filtering (jsonl, with reward, "
                    "finished, rank) for inspection")
@@ -90,7 +98,8 @@ def read_rollouts(run_dir, steps):
             have = sorted(logs)
             raise UserError(f"{tasks.rollout_log_path(run_dir, step)}: file not found (rollout steps present: "
                             f"{f'{have[0]}..{have[-1]} ({len(have)} files)' if have else 'none'})")
-        rows = tasks.read_rollout_log(logs[step], step, ("step", "id", "prompt", "response", "reward", "finished", "length"))
+        rows = tasks.read_rollout_log(logs[step], step,
+                                      ("step", "id", "prompt", "response", "reward", "finished", "length"))
         samples += [{**row, "source": logs[step]} for row in rows]
     return samples
 
@@ -201,7 +210,8 @@ def main(argv=None):
         for s in samples:
             s["response"], cut = strip_stop_text(s["response"])
             stripped += cut
-        print0(f"read {len(samples)} rollouts of {len(steps)} steps from {os.path.join(args.from_rollouts, 'rollouts')}")
+        print0(f"read {len(samples)} rollouts of {len(steps)} steps from "
+               f"{os.path.join(args.from_rollouts, 'rollouts')}")
         if stripped:
             print0(f"note: removed a trailing stop-token string from {stripped} rollout responses (SFT appends EOS)")
         if args.split:  # the paper re-checks the rollouts with the task's score; the score of now is what counts
@@ -225,7 +235,8 @@ def main(argv=None):
            f"{args.max_per_prompt}, {counts['distinct']} distinct")
     print0(f"{counts['prompts_without_correct']} of {counts['prompts']} prompts had no correct sample")
     if not kept and not args.allow_empty:
-        raise UserError(f"no correct, finished response among {counts['samples']} samples; nothing written to {args.out}")
+        raise UserError(f"no correct, finished response among {counts['samples']} samples; "
+                        f"nothing written to {args.out}")
     if args.num_examples and len(kept) < args.num_examples:
         print0(f"note: only {len(kept)} samples available, fewer than --num_examples {args.num_examples}")
     if rank == 0:
@@ -233,7 +244,8 @@ def main(argv=None):
                  "source": s["source"], "reward": s["reward"],
                  **({"step": s["step"]} if "step" in s else {"sample": s["sample"]})} for s in kept]
         common.write_jsonl(args.out, rows)
-        print0(f"wrote {len(rows)} SFT examples to {args.out}" + ("" if rows else " (none correct: --allow_empty true)"))
+        print0(f"wrote {len(rows)} SFT examples to {args.out}"
+               + ("" if rows else " (none correct: --allow_empty true)"))
     parallel.dist_cleanup()
 
 

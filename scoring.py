@@ -128,7 +128,8 @@ def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, to
                       model.config.max_position_embeddings, desc)
     indices = rank_share(list(range(len(records))), this_rank, world)
     out = sample_responses(model, tokenizer, task, [records[j] for j in indices], n=n, temperature=temperature,
-                           top_p=top_p, max_new_tokens=max_new_tokens, seed=derive_seed(seed, this_rank),  # a stream per rank
+                           top_p=top_p, max_new_tokens=max_new_tokens,
+                           seed=derive_seed(seed, this_rank),  # a stream per rank
                            template=template, batch_size=batch_size, desc=desc, progress=progress)
     # the record index travels with each sample, so the merged list has the same order for any world size
     mine = [{"index": indices[k // n], "sample": s["sample"], "response": s["response"], "reward": float(s["reward"]),
@@ -146,8 +147,9 @@ def validate(model, tokenizer, task, records, step, max_new_tokens, template, ba
     """Greedy validation inside a training loop (every rank calls it): accuracy, truncation and seconds, overall
     and by difficulty, as "val/..." metrics."""
     t0 = time.time()
-    _, summary = generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0,
-                          template=template, batch_size=batch_size, desc=f"validate {step}", progress=progress)
+    _, summary = generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0,
+                                    max_new_tokens=max_new_tokens, seed=0, template=template,
+                                    batch_size=batch_size, desc=f"validate {step}", progress=progress)
     m = {"val/acc": summary["overall"]["accuracy"], "val/truncated": summary["overall"]["truncation_rate"],
          "val/seconds": time.time() - t0}
     m.update({f"val/acc_{task.DIFFICULTY}_{level}": g["accuracy"] for level, g in summary["by_difficulty"].items()})

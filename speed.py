@@ -302,11 +302,13 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
             mine = generate(ours, prompts, max_new_tokens=n, temperature=0)
             same, first_diff = 0, []
             for p, gen in zip(prompts, mine):
-                ref = hf.generate(torch.tensor([p], device=device), attention_mask=torch.ones(1, len(p), dtype=torch.long,
-                                  device=device), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+                ref = hf.generate(torch.tensor([p], device=device),
+                                  attention_mask=torch.ones(1, len(p), dtype=torch.long, device=device),
+                                  max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
                 same += gen.tokens == ref
                 first_diff.append(next((i for i, (a, b) in enumerate(zip(gen.tokens, ref)) if a != b), None))
-            out["greedy_fp32"] = {"prompts": len(prompts), "new_tokens": n, "identical": same, "first_difference": first_diff}
+            out["greedy_fp32"] = {"prompts": len(prompts), "new_tokens": n, "identical": same,
+                                  "first_difference": first_diff}
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
         gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed)
         with torch.no_grad():

@@ -50,7 +50,8 @@ def render_question(question: str, tokenizer, template: str = "auto") -> str:
     if template != "chat":
         raise UserError(f"unknown prompt template {template!r}; choose chat, plain or auto")
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("prompt template 'chat' asked for, but the tokenizer has no chat template; use --template plain")
+        raise UserError("prompt template 'chat' asked for, but the tokenizer has no chat template; "
+                        "use --template plain")
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

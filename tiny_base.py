@@ -12,7 +12,8 @@ what a checkpoint knows in this pre-training format: greedy answers to a split's
 ask them (the ceiling a cold start and GRPO can bring out of the base; docs/tiny_preset.md).
 
   python tiny_base.py --out_dir runs/tiny/base_data --exclude data/tiny/test.jsonl data/tiny/sft.jsonl
-  python tiny_base.py --probe runs/tiny/base/final --probe_split data/tiny/test.jsonl --probe_out runs/tiny/base_probe.json
+  python tiny_base.py --probe runs/tiny/base/final --probe_split data/tiny/test.jsonl \\
+      --probe_out runs/tiny/base_probe.json
 """
 import json
 import os
@@ -24,8 +25,8 @@ import torch
 
 import common
 import engine
-import tasks
 import kk_data
+import tasks
 from model import load_model, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -84,14 +85,22 @@ def get_parser():
     p.add_argument("--out_dir", default="runs/tiny/base_data", help="writes pretrain.jsonl and tokenizer/ here")
     p.add_argument("--people", default="2-4", help="people counts of the pre-training puzzles (range 2-4 or list 2,3)")
     p.add_argument("--per_people", default="1000", help="puzzles per people count (one number, or one per count)")
-    p.add_argument("--seed", type=int, default=300000, help="seed of the pre-training puzzle stream (differs from the splits')")
-    p.add_argument("--exclude", nargs="*", default=[], help="split files whose puzzles must not appear in the text (test, SFT pool)")
-    p.add_argument("--text_format", default="mixed", choices=("answer", "trace", "table", "mixed"), help="what follows each question (see the docstring)")
-    p.add_argument("--trace_fraction", type=float, default=0.5, help="--text_format mixed: share of documents with the trace")
+    p.add_argument("--seed", type=int, default=300000,
+                   help="seed of the pre-training puzzle stream (differs from the splits')")
+    p.add_argument("--exclude", nargs="*", default=[],
+                   help="split files whose puzzles must not appear in the text (test, SFT pool)")
+    p.add_argument("--text_format", default="mixed", choices=("answer", "trace", "table", "mixed"),
+                   help="what follows each question: answer (the answer sentence alone), trace (the official trace "
+                        "and boxed answer), table (the truth-table chain of thought, kk_data.table_rows), mixed "
+                        "(--trace_fraction of the documents as trace, the rest as answer)")
+    p.add_argument("--trace_fraction", type=float, default=0.5,
+                   help="--text_format mixed: share of documents with the trace")
     p.add_argument("--drill_people", default="2-3", help="people counts of the claim drills (range or list)")
-    p.add_argument("--drill_per_people", default="0", help="claim drills per people count (one number, or one per count; 0 = none)")
+    p.add_argument("--drill_per_people", default="0",
+                   help="claim drills per people count (one number, or one per count; 0 = none)")
     p.add_argument("--fixed_names", type=common.str2bool, default=False,
-                        help="person i is always the i-th official name (as kk_data.py --fixed_names; use the splits' setting)")
+                   help="person i is always the i-th official name "
+                        "(as kk_data.py --fixed_names; use the splits' setting)")
     p.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size (special tokens included)")
     # --probe mode: write no corpus; score a checkpoint's greedy answers in the pre-training format
     p.add_argument("--probe", default="", help="checkpoint to probe instead of writing the corpus (see the docstring)")
@@ -160,7 +169,8 @@ def probe(args):
               "people": {k: {"n": r["n"], "accuracy": r["correct"] / r["n"], "well_formed": r["well_formed"] / r["n"]}
                          for k, r in sorted(per_people.items(), key=lambda kv: int(kv[0]))}}
     per = ", ".join(f"people {k} {r['accuracy']:.3f}" for k, r in result["people"].items())
-    print(f"{args.probe} in its pre-training format, greedy: accuracy {result['accuracy']:.3f} ({per}) on {len(records)} questions")
+    print(f"{args.probe} in its pre-training format, greedy: accuracy {result['accuracy']:.3f} ({per}) "
+          f"on {len(records)} questions")
     if args.probe_out:
         common.write_json(args.probe_out, result)
 
@@ -174,7 +184,8 @@ def main(argv=None):
     used = set()
     for path in args.exclude:
         used |= kk_data.statements_of(kk_data.load_split(path))
-    records = [r for n, size in zip(people, sizes) for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names)]
+    records = [r for n, size in zip(people, sizes)
+               for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names)]
     rng = random.Random(args.seed)
     rng.shuffle(records)
     if args.text_format == "mixed":
@@ -196,7 +207,8 @@ def main(argv=None):
     tok = build_tokenizer(texts, vocab_size=args.vocab_size, path=os.path.join(args.out_dir, "tokenizer"))
     lengths = [len(tok(d["text"])["input_ids"]) for d in docs]
     print(f"wrote {len(docs)} documents ({sum(lengths)} tokens, longest {max(lengths)}) to "
-          f"{os.path.join(args.out_dir, 'pretrain.jsonl')} and a {len(tok)}-token tokenizer to {os.path.join(args.out_dir, 'tokenizer')}")
+          f"{os.path.join(args.out_dir, 'pretrain.jsonl')} and a {len(tok)}-token tokenizer to "
+          f"{os.path.join(args.out_dir, 'tokenizer')}")
 
 
 if __name__ == "__main__":

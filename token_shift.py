@@ -40,21 +40,30 @@ from common import UserError, print0
 def get_parser():
     p = common.new_parser("Token-level shift between a base and an RL policy: JS divergence along "
                                             "responses, and cross-sampling", prog="token_shift.py")
-    p.add_argument("--base", default=None, help="the model before RL (Hugging Face checkpoint directory), e.g. the cold start")
-    p.add_argument("--policy", default=None, help="the model after RL (Hugging Face checkpoint directory); same tokenizer as --base")
+    p.add_argument("--base", default=None,
+                   help="the model before RL (Hugging Face checkpoint directory), e.g. the cold start")
+    p.add_argument("--policy", default=None,
+                   help="the model after RL (Hugging Face checkpoint directory); same tokenizer as --base")
     p.add_argument("--out_dir", default="out/token_shift", help="where the outputs go (see the docstring)")
-    p.add_argument("--temperature", type=float, default=1.0, help="both distributions are softmax(logits / T) (the paper: 1)")
-    p.add_argument("--top_p", type=float, default=1.0, help="each distribution is truncated to its own top-p nucleus and "
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="both distributions are softmax(logits / T) (the paper: 1)")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="each distribution is truncated to its own top-p nucleus and "
                    "renormalised before JS, entropy and sampling (the paper: 0.7); 1 = the full distribution")
     # 1. divergence along responses
     p.add_argument("--responses", nargs="+", default=None, help="jsonl file(s) of responses: SFT format {id, prompt, "
                    "response} or train_rl.py's rollouts/step_N.jsonl (a row with \"finished\": false gets no EOS)")
-    p.add_argument("--limit", type=int, default=0, help="use the first this many responses (with --cross: this many split records, each "
+    p.add_argument("--limit", type=int, default=0,
+                   help="use the first this many responses (with --cross: this many split records, each "
                    "difficulty in proportion, drawn with --seed); 0 = all")
-    p.add_argument("--high_js", type=float, default=0.1, help="positions with JS above this are 'high-JS' (the paper: 0.1)")
-    p.add_argument("--top_tokens", type=int, default=20, help="how many of the most frequent high-JS tokens the summary lists")
-    p.add_argument("--batch_size", type=int, default=16, help="responses per packed forward (1.) or prompts per generation batch (2.)")
-    p.add_argument("--logit_chunk", type=int, default=1024, help="positions per chunk of lm_head + softmax + JS (memory: chunk x vocabulary)")
+    p.add_argument("--high_js", type=float, default=0.1,
+                   help="positions with JS above this are 'high-JS' (the paper: 0.1)")
+    p.add_argument("--top_tokens", type=int, default=20,
+                   help="how many of the most frequent high-JS tokens the summary lists")
+    p.add_argument("--batch_size", type=int, default=16,
+                   help="responses per packed forward (1.) or prompts per generation batch (2.)")
+    p.add_argument("--logit_chunk", type=int, default=1024,
+                   help="positions per chunk of lm_head + softmax + JS (memory: chunk x vocabulary)")
     # 2. cross-sampling
     p.add_argument("--cross", default=None, choices=("forward", "backward"), help="cross-sample instead of measuring: "
                    "forward = base primary, policy intervening; backward = policy primary, base intervening")
@@ -63,10 +72,13 @@ def get_parser():
     p.add_argument("--task", default="kk", help="--cross: task module (kk, math, or a module with the task interface)")
     p.add_argument("--split", default=None, help="--cross: the task split whose prompts are answered")
     p.add_argument("--samples_per_prompt", type=int, default=4, help="--cross: samples per prompt (the paper: 32)")
-    p.add_argument("--max_new_tokens", type=int, default=512, help="--cross: response budget (the paper: 8000); longer = truncated = wrong")
+    p.add_argument("--max_new_tokens", type=int, default=512,
+                   help="--cross: response budget (the paper: 8000); longer = truncated = wrong")
     p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="--cross: prompt template")
-    p.add_argument("--seed", type=int, default=0, help="--cross: the sampling seed of every run (and of the random control)")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    p.add_argument("--seed", type=int, default=0,
+                   help="--cross: the sampling seed of every run (and of the random control)")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
     p.add_argument("--plots", type=common.str2bool, default=True, help="write PNG plots when matplotlib is installed")
     p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bar on rank 0")
     return p
@@ -118,8 +130,9 @@ def read_responses(paths, tokenizer, context, limit=0):
     examples = []
     for r, (ids, start) in zip(rows, tokenized):
         if len(ids) > context:
-            raise UserError(f"{r['file']}:{r['line']}: field 'response' of {r['id']!r}: {len(ids)} tokens (prompt {start} "
-                            f"+ response{' + EOS' if r['eos'] else ''}) > the models' {context}-token context")
+            raise UserError(f"{r['file']}:{r['line']}: field 'response' of {r['id']!r}: {len(ids)} tokens "
+                            f"(prompt {start} + response{' + EOS' if r['eos'] else ''}) "
+                            f"> the models' {context}-token context")
         examples.append({"id": r["id"], "file": r["file"], "line": r["line"], "ids": ids, "start": start})
     return examples
 
@@ -211,7 +224,8 @@ def summarize(rows, high, tokenizer, high_js, top_tokens):
     ordered = sorted(js)
     summary = {"responses": len(rows), "positions": n, "js_mean": mean(js),
                "js_quantiles": {str(q): ordered[min(n - 1, int(q / 100 * n))] for q in (50, 90, 95, 99)},
-               "share_js_below_1e-3": share(js, lambda x: x < 1e-3), "share_js_below_1e-2": share(js, lambda x: x < 1e-2),
+               "share_js_below_1e-3": share(js, lambda x: x < 1e-3),
+               "share_js_below_1e-2": share(js, lambda x: x < 1e-2),
                f"share_js_above_{high_js:g}": share(js, lambda x: x > high_js)}
     deciles = [[] for _ in range(10)]
     for r in rows:
@@ -229,7 +243,8 @@ def summarize(rows, high, tokenizer, high_js, top_tokens):
     for lo, hi in zip(JS_BINS[:-1], JS_BINS[1:]):
         sel = [(hb, hp) for x, hb, hp in triples if lo <= x < hi]
         summary["by_js"].append({"bin": bin_label(lo, hi), "positions": len(sel), "share": len(sel) / n,
-                                 "entropy_base_mean": mean([a for a, _ in sel]), "entropy_policy_mean": mean([b for _, b in sel])})
+                                 "entropy_base_mean": mean([a for a, _ in sel]),
+                                 "entropy_policy_mean": mean([b for _, b in sel])})
     ranks = [h["base_rank"] for h in high]
     summary["high_js"] = {
         "positions": len(high),
@@ -243,7 +258,8 @@ def summarize(rows, high, tokenizer, high_js, top_tokens):
     every = Counter(t for r in rows for t in r["targets"])
     at_high = Counter(h["token"] for h in high)
     summary["top_high_js_tokens"] = [{"token": tokenizer.decode([t]), "id": t, "high_js": c, "occurrences": every[t],
-                                      "share_of_occurrences_high": c / every[t]} for t, c in at_high.most_common(top_tokens)]
+                                      "share_of_occurrences_high": c / every[t]}
+                                     for t, c in at_high.most_common(top_tokens)]
     return summary
 
 
@@ -251,13 +267,15 @@ def describe(summary, high_js):
     """A few readable lines of a summary (printed at the end of a run)."""
     h = summary["high_js"]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    lines = [f"{summary['positions']} positions in {summary['responses']} responses: JS < 1e-3 {summary['share_js_below_1e-3']:.1%}, "
-             f"< 1e-2 {summary['share_js_below_1e-2']:.1%}, > {high_js:g} {summary[f'share_js_above_{high_js:g}']:.1%}; "
+    lines = [f"{summary['positions']} positions in {summary['responses']} responses: "
+             f"JS < 1e-3 {summary['share_js_below_1e-3']:.1%}, < 1e-2 {summary['share_js_below_1e-2']:.1%}, "
+             f"> {high_js:g} {summary[f'share_js_above_{high_js:g}']:.1%}; "
              f"mean {summary['js_mean']:.4f} nats",
              "JS by decile of the response: " + " ".join(fmt(d["js_mean"]) for d in summary["by_relative_position"]),
              "JS by base entropy: " + "; ".join(f"{b['bin']} {b['share']:.0%} of positions, mean {fmt(b['js_mean'])}"
                                                  for b in summary["by_base_entropy"]),
-             f"high-JS positions {h['positions']}: top-k overlap " + " ".join(f"k={k} {fmt(v)}" for k, v in h["topk_overlap"].items())
+             f"high-JS positions {h['positions']}: top-k overlap "
+             + " ".join(f"k={k} {fmt(v)}" for k, v in h["topk_overlap"].items())
              + f"; policy's top-1 is the base's top-1 {fmt(h['policy_top1_base_rank']['1'])}, within its top-3 "
              f"{fmt(h['policy_top1_within_base_top3'])}, base prob < 0.01 {fmt(h['policy_top1_base_prob_below_0.01'])}",
              "most frequent high-JS tokens: " + ", ".join(f"{t['token']!r} {t['high_js']}/{t['occurrences']}"
@@ -349,22 +367,26 @@ def random_switch(rate, generator):
 
 def cross_run(primary, intervention, tokenizer, task, records, args, switch, desc):
     """One cross-sampled decode of this rank's records; the counts summed over ranks, and this rank's samples."""
-    out = engine.sample_responses(primary, tokenizer, task, records, n=args.samples_per_prompt, temperature=args.temperature,
-                                  top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+    out = engine.sample_responses(primary, tokenizer, task, records, n=args.samples_per_prompt,
+                                  temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                   seed=common.derive_seed(args.seed, common.rank()), template=args.template,
                                   batch_size=args.batch_size, desc=desc, progress=args.progress,
                                   partner=intervention, switch=switch)
     g = parallel.all_reduce_numbers({"responses": len(out), "correct": sum(s["reward"] for s in out),
-                                   "tokens": sum(s["length"] for s in out), "switched": sum(sum(s["switched"]) for s in out),
-                                   "differs": sum(sum(s["differs"]) for s in out),
-                                   "truncated": sum(not s["finished"] for s in out)})
+                                     "tokens": sum(s["length"] for s in out),
+                                     "switched": sum(sum(s["switched"]) for s in out),
+                                     "differs": sum(sum(s["differs"]) for s in out),
+                                     "truncated": sum(not s["finished"] for s in out)})
     n, tokens = max(g["responses"], 1), max(g["tokens"], 1)
     stats = {"accuracy": g["correct"] / n, "responses": int(g["responses"]), "tokens": int(g["tokens"]),
-             "switched": int(g["switched"]), "switched_share": g["switched"] / tokens, "switched_per_response": g["switched"] / n,
-             "differs": int(g["differs"]), "differs_share": g["differs"] / tokens, "differs_per_response": g["differs"] / n,
+             "switched": int(g["switched"]), "switched_share": g["switched"] / tokens,
+             "switched_per_response": g["switched"] / n,
+             "differs": int(g["differs"]), "differs_share": g["differs"] / tokens,
+             "differs_per_response": g["differs"] / n,
              "truncated": g["truncated"] / n}
-    samples = [{"id": s["id"], "sample": s["sample"], "tokens": s["tokens"], "response": s["response"], "reward": s["reward"],
-                "finished": s["finished"], "switched": sum(s["switched"]), "differs": sum(s["differs"])} for s in out]
+    samples = [{"id": s["id"], "sample": s["sample"], "tokens": s["tokens"], "response": s["response"],
+                "reward": s["reward"], "finished": s["finished"], "switched": sum(s["switched"]),
+                "differs": sum(s["differs"])} for s in out]
     return stats, samples
 
 
@@ -385,7 +407,8 @@ def plot_cross(out_dir, path):
         ax.plot([100 * r["control"]["switched_share"] for r in runs], [r["control"]["accuracy"] for r in runs], "s--",
                 color="grey", label="random positions, same budget")
         for r, xi in zip(runs, x):
-            ax.annotate(f"{float(r['eps']):g}", (xi, r["accuracy"]), textcoords="offset points", xytext=(3, 4), fontsize=7)
+            ax.annotate(f"{float(r['eps']):g}", (xi, r["accuracy"]), textcoords="offset points", xytext=(3, 4),
+                        fontsize=7)
         for r in alone[:1]:
             ax.axhline(r["accuracy"], ls=":", color="tab:green", label=f"{c['intervention_name']} alone")
         ax.set(xlabel="positions drawn from the intervention model (%)", ylabel="accuracy",
@@ -436,8 +459,9 @@ def cross_sample(args, tokenizer, device, dtype):
         return
     result = {"direction": args.cross, "primary_name": names[0], "intervention_name": names[1],
               "primary": getattr(args, names[0]), "intervention": getattr(args, names[1]),
-              "settings": {k: getattr(args, k) for k in ("task", "split", "limit", "samples_per_prompt", "max_new_tokens",
-                                                         "temperature", "top_p", "template", "seed", "dtype")},
+              "settings": {k: getattr(args, k) for k in ("task", "split", "limit", "samples_per_prompt",
+                                                         "max_new_tokens", "temperature", "top_p", "template",
+                                                         "seed", "dtype")},
               "runs": runs}
     common.write_jsonl(os.path.join(args.out_dir, f"cross_{args.cross}_samples.jsonl"), samples)
     common.write_json(os.path.join(args.out_dir, f"cross_{args.cross}.json"), result)

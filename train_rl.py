@@ -23,17 +23,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import common
 import ckpt
+import common
 import engine
 import parallel
 import tasks
 from common import UserError, print0
-from parallel import full_copy, idle_pass, shard_model
-from scoring import validate
 from grpo import (dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at, policy_loss,
                   step_prompt_indices, token_weights)
 from model import load_model, load_tokenizer, parse_dtype, response_logprobs
+from parallel import full_copy, idle_pass, shard_model
+from scoring import validate
 
 # -----------------------------------------------------------------------------
 # settings (defaults = the paper's K&K run)
@@ -47,51 +47,72 @@ def get_parser():
     p = common.new_parser("GRPO (R1-style RL) on a verifiable task", prog="train_rl.py")
     # data and model
     p.add_argument("--model", default=None, help="initial policy: a Hugging Face checkpoint directory (required)")
-    p.add_argument("--task", default="kk", help="task module: kk, math, or an importable module with the task interface")
-    p.add_argument("--train_data", default="data/kk/train.jsonl", help="RL training prompts (jsonl records of the task)")
-    p.add_argument("--test_data", default="data/kk/test.jsonl", help="validation split, decoded greedily ('' = no validation)")
-    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="chat: the paper's system prompt; "
+    p.add_argument("--task", default="kk",
+                   help="task module: kk, math, or an importable module with the task interface")
+    p.add_argument("--train_data", default="data/kk/train.jsonl",
+                   help="RL training prompts (jsonl records of the task)")
+    p.add_argument("--test_data", default="data/kk/test.jsonl",
+                   help="validation split, decoded greedily ('' = no validation)")
+    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
+                   help="chat: the paper's system prompt; "
                    "plain: Question/Answer")
     p.add_argument("--out_dir", default="runs/rl_kk", help="run directory: checkpoints, metrics.jsonl, rollouts/")
     # the batch (paper: train_batch_size 128, rollout.n 8)
-    p.add_argument("--prompts_per_step", type=int, default=128, help="prompts per RL step over all ranks (each rank takes its share)")
-    p.add_argument("--samples_per_prompt", type=int, default=8, help="rollouts per prompt, the GRPO group (verl rollout.n)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; training log-probs use the same one")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1 = off; <1 makes training log-probs ignore the truncation)")
-    p.add_argument("--max_prompt_tokens", type=int, default=1024, help="longer training prompts are dropped (counted at start)")
-    p.add_argument("--max_response_tokens", type=int, default=4096, help="generation budget; longer responses are truncated (reward 0)")
+    p.add_argument("--prompts_per_step", type=int, default=128,
+                   help="prompts per RL step over all ranks (each rank takes its share)")
+    p.add_argument("--samples_per_prompt", type=int, default=8,
+                   help="rollouts per prompt, the GRPO group (verl rollout.n)")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature; training log-probs use the same one")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="nucleus sampling (1 = off; <1 makes training log-probs ignore the truncation)")
+    p.add_argument("--max_prompt_tokens", type=int, default=1024,
+                   help="longer training prompts are dropped (counted at start)")
+    p.add_argument("--max_response_tokens", type=int, default=4096,
+                   help="generation budget; longer responses are truncated (reward 0)")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training prompts (paper: total_epochs 20)")
-    p.add_argument("--max_steps", type=int, default=0, help="stop after this many RL steps (0 = epochs x steps per epoch)")
+    p.add_argument("--max_steps", type=int, default=0,
+                   help="stop after this many RL steps (0 = epochs x steps per epoch)")
     # the loss: every variant is one named setting
     p.add_argument("--loss_agg", default="token_mean", choices=("token_mean", "seq_mean_token_mean", "constant"),
-                   help="token_mean: over all response tokens of the batch (DAPO, arXiv 2503.14476); seq_mean_token_mean: "
-                   "over sequences of token means (GRPO, 2402.03300); constant: sum / (max_response_tokens x sequences) "
-                   "(Dr. GRPO, 2503.20783)")
-    p.add_argument("--std_normalize", type=common.str2bool, default=True, help="divide advantages by the group's std (GRPO); "
+                   help="token_mean: over all response tokens of the batch (DAPO, arXiv 2503.14476); "
+                        "seq_mean_token_mean: over sequences of token means (GRPO, 2402.03300); "
+                        "constant: sum / (max_response_tokens x sequences) (Dr. GRPO, 2503.20783)")
+    p.add_argument("--std_normalize", type=common.str2bool, default=True,
+                   help="divide advantages by the group's std (GRPO); "
                    "false: mean-centring only (Dr. GRPO)")
     p.add_argument("--clip_low", type=float, default=0.2, help="PPO clip: ratio floor 1 - clip_low")
-    p.add_argument("--clip_high", type=float, default=0.2, help="PPO clip: ratio ceiling 1 + clip_high (clip-higher, DAPO: 0.28)")
-    p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch (>1: old log-probs are recomputed)")
-    p.add_argument("--ppo_mini_batches", type=int, default=1, help="optimizer steps per pass over the rollout batch (paper: 1)")
-    p.add_argument("--kl_coef", type=float, default=0.0, help="weight of the KL penalty to the frozen reference policy (paper: 0)")
+    p.add_argument("--clip_high", type=float, default=0.2,
+                   help="PPO clip: ratio ceiling 1 + clip_high (clip-higher, DAPO: 0.28)")
+    p.add_argument("--ppo_epochs", type=int, default=1,
+                   help="passes over each rollout batch (>1: old log-probs are recomputed)")
+    p.add_argument("--ppo_mini_batches", type=int, default=1,
+                   help="optimizer steps per pass over the rollout batch (paper: 1)")
+    p.add_argument("--kl_coef", type=float, default=0.0,
+                   help="weight of the KL penalty to the frozen reference policy (paper: 0)")
     p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"), help="k1: the reward's KL penalty "
                    "(InstructGPT), kl_coef x (sum_t log(pi/pi_ref) - its group's mean) off the advantage, linear in "
                    "kl_coef; k3: per-token low-variance KL in the loss (GRPO, verl's low_var_kl). Why k1 is not "
                    "offered as a loss, and why not verl's normalised shaped reward: docs/grpo.md")
     p.add_argument("--ref_model", default=None, help="reference policy for the KL (default: --model)")
     p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus weight (paper: 0)")
-    p.add_argument("--adv_weight", default="none", choices=("none", "dwa"), help="dwa: 'Sparse but Critical' (arXiv "
-                   "2603.22446) weights A_t by the token's KL(pi_old || pi); w = 1 on-policy, so it acts only with several "
-                   "updates per batch (docs/grpo.md)")
-    p.add_argument("--dwa_s", type=float, default=1.0, help="DWA scale s: w in [1 - s/2, 1 + s/2], |s| <= 2 (unpublished)")
-    p.add_argument("--dwa_alpha", type=float, default=1.0, help="DWA sharpness: > 0 boosts tokens the update moved, < 0 damps")
+    p.add_argument("--adv_weight", default="none", choices=("none", "dwa"),
+                   help="dwa: 'Sparse but Critical' (arXiv 2603.22446) weights A_t by the token's KL(pi_old || pi); "
+                        "w = 1 on-policy, so it acts only with several updates per batch (docs/grpo.md)")
+    p.add_argument("--dwa_s", type=float, default=1.0,
+                   help="DWA scale s: w in [1 - s/2, 1 + s/2], |s| <= 2 (unpublished)")
+    p.add_argument("--dwa_alpha", type=float, default=1.0,
+                   help="DWA sharpness: > 0 boosts tokens the update moved, < 0 damps")
     p.add_argument("--drop_zero_variance_groups", type=common.str2bool, default=False,
-                   help="leave groups whose rewards are all equal out of the loss and its normaliser (DAPO's filter, without resampling)")
+                   help="leave groups whose rewards are all equal out of the loss and its normaliser "
+                        "(DAPO's filter, without resampling)")
     p.add_argument("--mask_truncated", type=common.str2bool, default=False,
-                   help="leave truncated responses out of the loss (DAPO overlong filtering); paper: kept, with reward 0")
+                   help="leave truncated responses out of the loss (DAPO overlong filtering); "
+                        "paper: kept, with reward 0")
     # optimizer (paper: AdamW betas (0.5, 0.999), wd 0.01, grad clip 1, constant lr after linear warm-up)
     p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (paper K&K 5e-6, MATH 2.5e-6)")
-    p.add_argument("--warmup_steps", type=int, default=8, help="linear warm-up steps, then constant (paper K&K 8, MATH 4)")
+    p.add_argument("--warmup_steps", type=int, default=8,
+                   help="linear warm-up steps, then constant (paper K&K 8, MATH 4)")
     p.add_argument("--beta1", type=float, default=0.5, help="AdamW beta1 (paper 0.5)")
     p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
@@ -101,26 +122,37 @@ def get_parser():
     # speed and memory
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, "
                    "float32; the optimizer always updates sharded fp32 weights")
-    p.add_argument("--gradient_checkpointing", type=common.str2bool, default=True, help="recompute blocks in backward (less memory)")
+    p.add_argument("--gradient_checkpointing", type=common.str2bool, default=True,
+                   help="recompute blocks in backward (less memory)")
     p.add_argument("--micro_batch_tokens", type=int, default=30000, help="tokens per packed micro-batch per rank "
                    "(paper: ppo_max_token_len_per_gpu 30000)")
     p.add_argument("--logprob_chunk", type=int, default=4096, help="tokens per chunk of the lm_head + log-softmax")
-    p.add_argument("--gen_batch_size", type=int, default=32, help="prompts per generation call (x n rows in the KV cache)")
+    p.add_argument("--gen_batch_size", type=int, default=32,
+                   help="prompts per generation call (x n rows in the KV cache)")
     # validation, logging, checkpoints
-    p.add_argument("--val_every", type=int, default=5, help="greedy validation every this many steps (0 = never; paper 5)")
-    p.add_argument("--val_before_train", type=common.str2bool, default=True, help="also validate the initial policy (step 0)")
-    p.add_argument("--val_limit", type=int, default=0, help="validate on N test records, difficulties in proportion (0 = all)")
-    p.add_argument("--val_max_response_tokens", type=int, default=0, help="validation generation budget (0 = --max_response_tokens)")
+    p.add_argument("--val_every", type=int, default=5,
+                   help="greedy validation every this many steps (0 = never; paper 5)")
+    p.add_argument("--val_before_train", type=common.str2bool, default=True,
+                   help="also validate the initial policy (step 0)")
+    p.add_argument("--val_limit", type=int, default=0,
+                   help="validate on N test records, difficulties in proportion (0 = all)")
+    p.add_argument("--val_max_response_tokens", type=int, default=0,
+                   help="validation generation budget (0 = --max_response_tokens)")
     p.add_argument("--val_batch_size", type=int, default=128, help="prompts per validation generation call")
-    p.add_argument("--save_every", type=int, default=25, help="checkpoint every this many steps, and at the end (paper 25)")
-    p.add_argument("--keep_last", type=int, default=2, help="checkpoints kept whole (21.6 GB each at 1.5B); older ones go")
+    p.add_argument("--save_every", type=int, default=25,
+                   help="checkpoint every this many steps, and at the end (paper 25)")
+    p.add_argument("--keep_last", type=int, default=2,
+                   help="checkpoints kept whole (21.6 GB each at 1.5B); older ones go")
     p.add_argument("--keep_steps", type=int, nargs="*", default=[], help="steps whose weights outlive --keep_last")
     p.add_argument("--log_rollouts", type=common.str2bool, default=True, help="write rollouts/step_N.jsonl")
-    p.add_argument("--resume", type=common.str2bool, default=False, help="continue from the newest complete checkpoint in --out_dir")
-    p.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many consecutive steps with NaN/inf loss or grad norm")
+    p.add_argument("--resume", type=common.str2bool, default=False,
+                   help="continue from the newest complete checkpoint in --out_dir")
+    p.add_argument("--max_bad_steps", type=int, default=3,
+                   help="stop after this many consecutive steps with NaN/inf loss or grad norm")
     p.add_argument("--seed", type=int, default=1234, help="seeds the data order and every generation")
     p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bars on rank 0")
-    p.add_argument("--wandb_project", default="", help="also log to this Weights & Biases project (when wandb is installed)")
+    p.add_argument("--wandb_project", default="",
+                   help="also log to this Weights & Biases project (when wandb is installed)")
     return p
 
 
@@ -144,7 +176,8 @@ def rollout(model, dtype, tokenizer, task, records, args, step, rank):
     del policy
     times["gen_s"] = time.time() - t0 - times["gather_s"] - times["score_s"]
     if cuda:  # the peak of generation and what stays allocated into the update (whose own peak step_metrics takes)
-        times.update(mem_gen_gib=torch.cuda.max_memory_allocated() / 2**30, mem_held_gib=torch.cuda.memory_allocated() / 2**30)
+        times.update(mem_gen_gib=torch.cuda.max_memory_allocated() / 2**30,
+                     mem_held_gib=torch.cuda.memory_allocated() / 2**30)
         torch.cuda.reset_peak_memory_stats()
     return rollouts, times
 
@@ -168,7 +201,8 @@ def pre_pass(model, ref_model, batch, indices, args, sums):
                     idle_pass(m, backward=False)
                 continue
             js = [indices[i] for i in mb]
-            seqs = ([batch.prompts[j] for j in js], [batch.responses[j] for j in js], args.temperature, args.logprob_chunk)
+            seqs = ([batch.prompts[j] for j in js], [batch.responses[j] for j in js], args.temperature,
+                    args.logprob_chunk)
             splits = [len(batch.responses[j]) for j in js]
             if batch.need_old:
                 lp = response_logprobs(model, *seqs).float()
@@ -260,10 +294,12 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
     rollouts, rewards = batch.rollouts, batch.rewards
     g = parallel.all_reduce_numbers({
         "reward": sum(rewards), "correct": sum(r >= 1.0 for r in rewards), "seqs": len(rollouts),
-        "groups": len(batch.zero_var), "zero_var": sum(batch.zero_var), "resp_tokens": sum(s["length"] for s in rollouts),
+        "groups": len(batch.zero_var), "zero_var": sum(batch.zero_var),
+        "resp_tokens": sum(s["length"] for s in rollouts),
         "truncated": sum(not s["finished"] for s in rollouts), "used": len(batch.train_idx), **sums})
-    mx = parallel.all_reduce_numbers({"len_max": max((s["length"] for s in rollouts), default=0), **times, "mem_train_gib":
-                                    torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0}, op="max")
+    mx = parallel.all_reduce_numbers({
+        "len_max": max((s["length"] for s in rollouts), default=0), **times,
+        "mem_train_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0}, op="max")
     seqs, pg_tokens = max(g["seqs"], 1), max(g["pg_tokens"], 1)
     return {"step": step, "epoch": epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
             "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs,
@@ -271,12 +307,15 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
             "kl": g["kl"] / g["kl_tokens"] if kl_logged and g["kl_tokens"] else None,
             "clip_frac": g["clipped"] / pg_tokens,
             "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "train_seqs": int(g["used"]),
-            "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9), "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9),
-            **{k: mx[k] for k in ("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib", "mem_train_gib")}}
+            "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
+            "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9),
+            **{k: mx[k] for k in ("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
+                                  "mem_train_gib")}}
 
 
 def log_line(m, max_steps, cuda):
-    return (f"step {m['step']}/{max_steps} | reward {m['reward']:.3f} acc {m['acc']:.3f} zero_var {m['zero_var_frac']:.2f} "
+    return (f"step {m['step']}/{max_steps} | reward {m['reward']:.3f} acc {m['acc']:.3f} "
+            f"zero_var {m['zero_var_frac']:.2f} "
             f"| len {m['len_mean']:.0f}/{m['len_max']:.0f} trunc {m['truncated']:.2f} | ent {m['entropy']:.3f} "
             + (f"kl {m['kl']:.4f} " if m["kl"] is not None else "")
             + f"clip {m['clip_frac']:.3f} | gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e} "
@@ -358,10 +397,12 @@ def main(argv=None):
 
     # ---- logging
     log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
-    print0(f"train_rl: {len(train_records)} prompts, {steps_per_epoch} steps/epoch, steps {start_step + 1}..{max_steps}, "
-           f"{world} rank(s) on {device.type}, {args.prompts_per_step}x{n} rollouts/step, "
+    print0(f"train_rl: {len(train_records)} prompts, {steps_per_epoch} steps/epoch, "
+           f"steps {start_step + 1}..{max_steps}, {world} rank(s) on {device.type}, "
+           f"{args.prompts_per_step}x{n} rollouts/step, "
            f"compute {str(dtype).replace('torch.', '')}, fp32 weights sharded over {world} rank(s), "
-           f"{model.num_params() / 1e6:.1f}M params" + (f"; validation on {val_subset} test records" if test_records else ""))
+           f"{model.num_params() / 1e6:.1f}M params"
+           + (f"; validation on {val_subset} test records" if test_records else ""))
     val_settings = dict(max_new_tokens=args.val_max_response_tokens or args.max_response_tokens, template=args.template,
                         batch_size=args.val_batch_size, progress=args.progress)
     if args.val_before_train and test_records and args.val_every and start_step == 0:
@@ -378,7 +419,8 @@ def main(argv=None):
             group["lr"] = lr
 
         # 1. this rank's share of the step's prompts, n rollouts each (record by record, n samples each)
-        mine = parallel.rank_share(step_prompt_indices(len(train_records), args.prompts_per_step, step, args.seed), rank, world)
+        mine = parallel.rank_share(step_prompt_indices(len(train_records), args.prompts_per_step, step, args.seed),
+                                   rank, world)
         records = [train_records[i] for i in mine]
         rollouts, times = rollout(model, dtype, tokenizer, task, records, args, step, rank)
 
@@ -392,7 +434,8 @@ def main(argv=None):
             train_idx=[j for j, s in enumerate(rollouts) if s["length"] > 0
                        and not (args.drop_zero_variance_groups and zero_var[j // n])
                        and not (args.mask_truncated and not s["finished"])])
-        sums = dict.fromkeys(("pg_tokens", "entropy", "kl", "kl_tokens", "clipped", "gap", "gap_tokens", "train_tokens"), 0.0)
+        sums = dict.fromkeys(("pg_tokens", "entropy", "kl", "kl_tokens", "clipped", "gap", "gap_tokens",
+                              "train_tokens"), 0.0)
 
         # 3. the optional branch: a no-grad pre-pass for old (several updates, k1) and reference log-probs; k1 needs
         # every response, since each one's shaped reward enters its group's advantages
@@ -424,8 +467,9 @@ def main(argv=None):
         if args.log_rollouts:
             everything = parallel.gather_lists([
                 {"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
-                 "finished": s["finished"], "length": s["length"], "step": step, "epoch": m["epoch"], "sample": s["sample"],
-                 "advantage": adv[j], task.DIFFICULTY: records[j // n].get(task.DIFFICULTY), "rank": rank}
+                 "finished": s["finished"], "length": s["length"], "step": step, "epoch": m["epoch"],
+                 "sample": s["sample"], "advantage": adv[j], task.DIFFICULTY: records[j // n].get(task.DIFFICULTY),
+                 "rank": rank}
                 for j, s in enumerate(rollouts)])
             if rank == 0:
                 common.write_jsonl(tasks.rollout_log_path(args.out_dir, step), everything)

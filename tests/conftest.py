@@ -1,4 +1,6 @@
-"""Shared test helpers: the repo root on sys.path and the optional ../shared data folder."""
+"""Shared test helpers and fixtures: the repo root and tests/ on sys.path, the slow and torchrun marks (pytest.ini;
+`python -m pytest -m "not slow"` is the quick loop), one torch thread, subprocess environments, the tiny checkpoint,
+the optional ../shared data folder, and the check of saved FSDP training shards."""
 import os
 import sys
 
@@ -11,6 +13,15 @@ if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Every test marked torchrun is also slow: a torchrun launch alone takes seconds (its workers import torch), so
+    `-m "not slow"`, the quick loop, leaves them all out, while a plain `python -m pytest` (CI) runs them."""
+    for item in items:
+        if item.get_closest_marker("torchrun") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -26,7 +26,8 @@ def fixed_rollouts(model, tokenizer, task, records, n=1, max_new_tokens=16, temp
     return out
 
 
-kill_at, step_now, real_lr, real_loss = int(os.environ.get("KILL_AT_STEP", 0)), [0], train_rl.lr_at, train_rl.policy_loss
+kill_at, step_now = int(os.environ.get("KILL_AT_STEP", 0)), [0]
+real_lr, real_loss = train_rl.lr_at, train_rl.policy_loss
 
 
 def lr_at(step, *args):  # called once at the start of every step

@@ -9,6 +9,7 @@ import bench
 from common import UserError
 
 
+@pytest.mark.slow
 def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     out = tmp_path / "suite.json"
     bench.main(["--gpu_suite", "true", "--smoke", "true", "--json_out", str(out)])

@@ -150,6 +150,7 @@ def measure_activation_peaks():
     return out
 
 
+@pytest.mark.slow
 def test_activation_estimate_is_near_the_measured_peak():
     try:
         ctypes.CDLL("libc.so.6").mallinfo2
@@ -180,7 +181,8 @@ def test_defaults_are_the_training_scripts_defaults():
     assert args.gen_batch_size == rl.get_default("gen_batch_size")
     assert args.prompts_per_step == rl.get_default("prompts_per_step")
     assert args.response_tokens == rl.get_default("max_response_tokens")
-    assert gpu_memory.memory_settings(args)["prompts_per_rank"] == 16  # the paper preset's 16 prompts x 8 rollouts per rank
+    # the paper preset's 16 prompts x 8 rollouts per rank
+    assert gpu_memory.memory_settings(args)["prompts_per_rank"] == 16
 
 
 def table(out):
@@ -229,6 +231,7 @@ def test_cli_reads_a_config_json_path_and_its_directory(tmp_path, capsys):
         assert got == {k: v for k, v in want.items() if k != "per GPU, GiB"}
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_cli_bad_path_is_one_line_error(tmp_path):
     missing = str(tmp_path / "nowhere" / "config.json")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--memory", missing], capture_output=True,

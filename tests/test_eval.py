@@ -1,6 +1,6 @@
-"""eval.py: pass@k, per-difficulty summaries, tables, deterministic greedy runs, torchrun = 1 process, errors."""
+"""eval.py: deterministic greedy runs (the same samples and summary as scoring.generate_and_score in-process),
+sampled metrics, torchrun = 1 process, errors. (pass@k, summaries and tables: test_scoring.py.)"""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -21,72 +21,6 @@ def read(path):
         return f.read()
 
 
-
-
-
-# -----------------------------------------------------------------------------
-# pass@k, summaries, tables
-
-
-def test_pass_at_k_hand_values():
-    assert scoring.pass_at_k(5, 2, 1) == pytest.approx(0.4)            # c/n
-    assert scoring.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)     # 1 - C(3,2)/C(5,2)
-    assert scoring.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)     # 1 - C(3,3)/C(5,3)
-    assert scoring.pass_at_k(5, 2, 4) == 1.0                           # n - c < k: every 4-subset has a correct one
-    assert scoring.pass_at_k(10, 3, 4) == pytest.approx(1 - math.comb(7, 4) / math.comb(10, 4))
-
-
-def test_pass_at_k_edges_and_stability():
-    for n in (1, 4, 8):
-        assert scoring.pass_at_k(n, 0, n) == 0.0         # zero correct
-        assert scoring.pass_at_k(n, 0, 1) == 0.0
-        assert scoring.pass_at_k(n, n, 1) == 1.0         # all correct
-        assert scoring.pass_at_k(n, n, n) == 1.0         # n = k, all correct
-        assert scoring.pass_at_k(n, 1, n) == 1.0         # n = k, one correct suffices
-    # large n: the product form agrees with exact big-integer binomials (no overflow, no cancellation)
-    exact = 1 - math.comb(900, 100) / math.comb(1000, 100)
-    assert scoring.pass_at_k(1000, 100, 100) == pytest.approx(exact, rel=1e-12)
-    assert scoring.pass_at_k(1000, 1, 1) == pytest.approx(1e-3, rel=1e-12)
-    for bad in ((4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)):
-        with pytest.raises(ValueError):
-            scoring.pass_at_k(*bad)
-
-
-def test_summarize_per_difficulty():
-    records = [{"id": "a", "level": 2}, {"id": "b", "level": 1}, {"id": "c", "level": 2}, {"id": "d", "level": 10}]
-
-    def s(i, reward, finished, length):
-        return {"id": i, "reward": reward, "finished": finished, "length": length}
-    samples = [s("a", 1.0, True, 10), s("a", 0.0, False, 20),
-               s("b", 0.0, True, 4), s("b", 0.0, True, 6),
-               s("c", 1.0, True, 8), s("c", 1.0, True, 12),
-               s("d", 0.0, False, 20), s("d", 1.0, True, 10)]
-    out = scoring.summarize(samples[::-1], records, "level", pass_k=[1, 2, 8])  # order of samples does not matter
-    assert out["n"] == 2 and out["pass_k"] == [1, 2]                       # k > n dropped
-    assert list(out["by_difficulty"]) == ["1", "2", "10"]                  # natural order, not "1", "10", "2"
-    lvl2 = out["by_difficulty"]["2"]
-    assert lvl2 == {"prompts": 2, "samples": 4, "accuracy": 0.75, "pass@1": 0.75, "pass@2": 1.0,
-                    "mean_length": 12.5, "truncation_rate": 0.25}
-    assert out["by_difficulty"]["1"]["accuracy"] == 0.0 and out["by_difficulty"]["1"]["pass@2"] == 0.0
-    assert out["by_difficulty"]["10"]["pass@1"] == 0.5
-    assert out["overall"] == {"prompts": 4, "samples": 8, "accuracy": 0.5, "pass@1": 0.5, "pass@2": 0.75,
-                              "mean_length": 11.25, "truncation_rate": 0.25}
-    with pytest.raises(common.UserError, match="same number"):
-        scoring.summarize(samples[:-1], records, "level")
-    with pytest.raises(common.UserError, match="unknown record"):
-        scoring.summarize(samples + [s("zz", 1.0, True, 1)], records, "level")
-
-
-def test_markdown_table():
-    rows = [{"checkpoint": "base", "people 4": 0.125, "overall": 0.5, "mean len": "812"},
-            {"checkpoint": "rl|step", "overall": 1.0}]
-    assert scoring.markdown_table(rows) == (
-        "| checkpoint | people 4 | overall | mean len |\n"
-        "|:---|---:|---:|---:|\n"
-        "| base | 0.12 | 0.50 | 812 |\n"
-        "| rl\\|step | – | 1.00 | – |\n")
-
-
 # -----------------------------------------------------------------------------
 # end to end on the tiny checkpoint
 
@@ -94,7 +28,8 @@ def test_markdown_table():
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("eval_data") / "toy_test.jsonl")
-    records = toy_task.make_records(5, seed=1, split="easy") + toy_task.make_records(5, seed=2, split="hard", max_value=99)
+    records = (toy_task.make_records(5, seed=1, split="easy")
+               + toy_task.make_records(5, seed=2, split="hard", max_value=99))
     assert {r["level"] for r in records} == {1, 2}
     common.write_jsonl(path, records[::2] + records[1::2])  # levels interleaved
     return path
@@ -124,8 +59,8 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
     assert summary == {**summary, **scoring.summarize(samples, records, "level", [1])}
     # the importable helper (validation inside training) gives the same samples and summary in-process
     from model import load_model, load_tokenizer
-    got, got_summary = scoring.generate_and_score(load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint), toy_task, records,
-                                   max_new_tokens=12, batch_size=16, progress=False)
+    got, got_summary = scoring.generate_and_score(load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint),
+                                                  toy_task, records, max_new_tokens=12, batch_size=16, progress=False)
     assert got == samples and got_summary == scoring.summarize(samples, records, "level")
     results = read(os.path.join(greedy_run, "results.md")).decode()
     assert "| checkpoint | level 1 | level 2 | overall | mean len | truncated |" in results
@@ -176,6 +111,7 @@ def test_sampled_metrics(tiny_checkpoint, split, tmp_path):
         == read(os.path.join(pair, "samples.jsonl"))
 
 
+@pytest.mark.torchrun
 def test_torchrun_two_processes_equal_one(greedy_run, tiny_checkpoint, split, tmp_path):
     port = free_port()
     out = str(tmp_path / "ddp")
@@ -237,6 +173,7 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "out" / "results.md")  # nothing half-written
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_cli_error_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--task", "toy_task",
                            "--checkpoints", str(tmp_path / "nope"), "--splits", "x.jsonl"],
@@ -245,6 +182,7 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'nope'}: no such directory"]
 
 
+@pytest.mark.torchrun  # its launcher with one process
 def test_every_option_passes_through_torchrun(tmp_path):
     """torchrun parses the whole command line first: no option of ours may be a prefix of one of its own
     (`--n` was: "ambiguous option --n could match --nnodes ..."). Every option, then our own error line."""

@@ -9,13 +9,15 @@ from safetensors.torch import load_file, save_file
 
 import kill_drill
 
+pytestmark = pytest.mark.slow  # each drill is a reference run, a killed run and its resume
+
 
 @pytest.fixture(scope="module")
 def fixtures(tiny_checkpoint, tmp_path_factory):
     return kill_drill.make_fixtures(str(tmp_path_factory.mktemp("kill_drill")), tiny=tiny_checkpoint)
 
 
-@pytest.mark.parametrize("kind", ["rl2", "sft"])
+@pytest.mark.parametrize("kind", [pytest.param("rl2", marks=pytest.mark.torchrun), "sft"])
 def test_a_kill_mid_run_resumes_byte_identical(kind, fixtures, tmp_path):
     # a kill aimed between 20% and 60% of the training steps (the drill follows the run's own progress, so start-up
     # jitter cannot push it past the end): the resume has steps left to run

@@ -84,7 +84,8 @@ def test_official_mode_reproduces_official_records(n):
 def test_official_file_is_normalised():
     rec = official_records(3)[0]
     assert rec['people'] == 3 and rec['index'] == 100
-    assert rec['question'] == rec['quiz'] + " Your final answer should be in this format: \\boxed{XX is a knave, YY is a knight, ...}"
+    assert rec['question'] == (rec['quiz'] + " Your final answer should be in this format: "
+                               "\\boxed{XX is a knave, YY is a knight, ...}")
     assert set(K.OFFICIAL_FIELDS) <= set(rec)
 
 
@@ -138,7 +139,8 @@ def test_record_text_and_fields():
     assert rec['id'] == "kk-s99-p4-00000" and rec['people'] == 4
     assert rec['quiz'].startswith("A very special island is inhabited only by knights and knaves. ")
     assert rec['quiz'].endswith(" So who is a knight and who is a knave?")
-    assert f"You meet 4 inhabitants: {rec['names'][0]}, {rec['names'][1]}, {rec['names'][2]}, and {rec['names'][3]}." in rec['quiz']
+    assert (f"You meet 4 inhabitants: {rec['names'][0]}, {rec['names'][1]}, {rec['names'][2]}, "
+            f"and {rec['names'][3]}.") in rec['quiz']
     assert all(name in K.COMMON_NAMES for name in rec['names']) and len(set(rec['names'])) == 4
     assert rec['question'] == rec['quiz'] + K.ANSWER_FORMAT
     assert rec['solution_text_format'].count("\n") == 3 and rec['solution_text_format'].startswith("(1) ")
@@ -187,7 +189,8 @@ SCORER_CASES = [
     (boxed("Emma is a knight; Liam is a knave; Sophia is a knight"), 1.0),
     (boxed("(1) Emma is a knight (2) Liam is a knave (3) Sophia is a knight (4)"), 1.0),
     (boxed(boxed(RIGHT)), 1.0),
-    ("Let me guess " + boxed("Emma is a knave, Liam is a knave, Sophia is a knave") + ". No, wait: " + boxed(RIGHT), 1.0),
+    ("Let me guess " + boxed("Emma is a knave, Liam is a knave, Sophia is a knave") + ". No, wait: " + boxed(RIGHT),
+     1.0),
     ("Reasoning...\nThe final answer is: " + boxed(RIGHT) + ". Done!", 1.0),
     ("{{{ unbalanced reasoning }} " + boxed(RIGHT), 1.0),
     # substance wrong or outside the last box -> 0.0
@@ -323,7 +326,8 @@ def a_record():
     (lambda r: r.update(statements="__import__('os').system('echo hacked')"), 'statements'),
     (lambda r: r.update(statements="((('telling-truth', 0),"), 'statements'),
     (lambda r: r.update(statements="(('telling-truth', 0), ('lying', 7), ('telling-truth', 1))"), 'statements'),
-    (lambda r: r.update(statements="(('telling-truth', 0), ('xor', ('lying', 0), ('lying', 1)), ('telling-truth', 1))"), 'statements'),
+    (lambda r: r.update(statements="(('telling-truth', 0), ('xor', ('lying', 0), ('lying', 1)), ('telling-truth', 1))"),
+     'statements'),
     (lambda r: r.update(statements="(('telling-truth', 0), ('telling-truth', 1))"), 'statements'),
     (lambda r: r.update(solution=r['solution'][:-1]), 'solution'),
     (lambda r: r.update(names=r['names'] + ["Noah"]), 'solution'),
@@ -397,7 +401,8 @@ def test_cli_writes_the_splits_without_test_leakage(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "s per 1,000" in printed and "per people: 2: 150, 3: 150, 4: 150" in printed
     test, train, sft = (K.load_split(os.path.join(out, f"{s}.jsonl")) for s in ("test", "train", "sft"))
-    assert counts(test) == {4: 20, 5: 20} and counts(train) == {2: 150, 3: 150, 4: 150} and counts(sft) == {2: 30, 3: 40}
+    assert counts(test) == {4: 20, 5: 20} and counts(train) == {2: 150, 3: 150, 4: 150}
+    assert counts(sft) == {2: 30, 3: 40}
     assert [r['id'] for r in test[:3]] == ["kk-official-p4-00000", "kk-official-p4-00001", "kk-official-p4-00002"]
     assert test == [r for n in (4, 5) for r in K.generate(K.OFFICIAL_SEED, n, 20, log=None)]
     test_set = official_test_statements([2, 3, 4, 5])
@@ -446,7 +451,8 @@ def tiny_chat_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|endoftext|>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                         "{{ m['content'] }}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     return tok
 
@@ -560,7 +566,8 @@ def test_teacher_cot_fraction_mixes_chain_of_thought_and_answer_alone(tmp_path):
 def test_load_split_from_the_hub_uses_the_official_dataset(tmp_path, monkeypatch):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     local = str(tmp_path / "people3_num100.jsonl")
-    common.write_jsonl(local, [{k: r[k] for k in K.OFFICIAL_FIELDS} for r in K.generate(K.OFFICIAL_SEED, 3, 3, log=None)])
+    common.write_jsonl(local, [{k: r[k] for k in K.OFFICIAL_FIELDS}
+                               for r in K.generate(K.OFFICIAL_SEED, 3, 3, log=None)])
     asked = []
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **kw: asked.append((a, kw)) or local)
     records = K.load_split("hf://test/people3_num100.jsonl")

@@ -19,11 +19,11 @@ from conftest import ROOT, subprocess_env
 # is not a 1, so it counts as unsolved (LIMR: reward == 1).
 LOG = [
     (1, 0, [1, 0]), (3, 0, [1]), (4, 0, [0.5]), (5, 0, [1]), (6, 0, [1]),  # p0: 1/2, 1/2, 1
-    (4, 1, [1, 0, 1, 0]), (6, 1, [1, 0]),                                   # p1: -, 1/2, 1/2 -> back-fill: 1/2, 1/2, 1/2
-    (2, 2, [0, 0]), (5, 2, [1, 1]),                                         # p2: 0, -, 1 -> 0, 1, 1
-    (6, 3, [1, 1]),                                                         # p3: -, -, 1: two gaps in a row, dropped
-    (1, 4, [1, 1]), (3, 4, [1, 0]),                                         # p4: 1, 1/2, -: the last epoch empty, dropped
-    (1, 6, [0, 0]), (4, 6, [0, 0]), (5, 6, [0, 0]),                         # p6: 0, 0, 0   (p5: never drawn, dropped)
+    (4, 1, [1, 0, 1, 0]), (6, 1, [1, 0]),                 # p1: -, 1/2, 1/2 -> back-fill: 1/2, 1/2, 1/2
+    (2, 2, [0, 0]), (5, 2, [1, 1]),                       # p2: 0, -, 1 -> 0, 1, 1
+    (6, 3, [1, 1]),                                       # p3: -, -, 1: two gaps in a row, dropped
+    (1, 4, [1, 1]), (3, 4, [1, 0]),                       # p4: 1, 1/2, -: the last epoch empty, dropped
+    (1, 6, [0, 0]), (4, 6, [0, 0]), (5, 6, [0, 0]),       # p6: 0, 0, 0   (p5: never drawn, dropped)
 ]
 # By hand: the average over p0, p1, p2, p6 is (1/4, 1/2, 5/8); sum_k (1 - avg_k)^2 = 9/16 + 1/4 + 9/64 = 61/64.
 # sum_k (r_k - avg_k)^2 in 64ths: p0 (1/4, 0, 3/8) -> 13; p1 (1/4, 0, -1/8) -> 5; p2 (-1/4, 1/2, 3/8) -> 29;
@@ -35,7 +35,8 @@ HAND_ACCURACY = [[0.5, 0.5, 1.0], [0.5, 0.5, 0.5], [0.0, 1.0, 1.0], [None, 1.0, 
 
 def write_log(run_dir, pool, with_epoch=True, steps=6):
     for step in range(1, steps + 1):
-        rows = [{"id": pool[i]["id"], "reward": r, "step": step, "sample": k, **({"epoch": (step - 1) // 2} if with_epoch else {})}
+        rows = [{"id": pool[i]["id"], "reward": r, "step": step, "sample": k,
+                 **({"epoch": (step - 1) // 2} if with_epoch else {})}
                 for s, i, rewards in LOG if s == step for k, r in enumerate(rewards)]
         common.write_jsonl(os.path.join(run_dir, "rollouts", f"step_{step:06d}.jsonl"), rows)
 
@@ -47,8 +48,8 @@ def hand(tmp_path):
     write_log(tmp_path / "probe", pool)
     out = tmp_path / "out"
     return {"pool": pool, "dir": tmp_path, "out": out,
-            "args": ["--rollouts", str(tmp_path / "probe"), "--train_data", str(tmp_path / "pool.jsonl"), "--task", "toy_task",
-                     "--out", str(out / "lim.jsonl"), "--scores_out", str(out / "scores.jsonl"),
+            "args": ["--rollouts", str(tmp_path / "probe"), "--train_data", str(tmp_path / "pool.jsonl"),
+                     "--task", "toy_task", "--out", str(out / "lim.jsonl"), "--scores_out", str(out / "scores.jsonl"),
                      "--random_out", str(out / "rand.jsonl"), "--plot_out", ""]}
 
 
@@ -73,7 +74,8 @@ def test_scores_match_the_hand_computation_with_gaps(hand, capsys):
 def test_the_threshold_keeps_a_score_equal_to_it(hand):
     at_p0 = 1 - 13 / 61  # p0's score, exactly as the code computes it (every sum is exact in binary)
     lim_select.main(hand["args"] + ["--threshold", repr(at_p0)])
-    assert [r["id"] for r in common.read_jsonl(hand["out"] / "lim.jsonl")] == [hand["pool"][0]["id"], hand["pool"][1]["id"]]
+    assert [r["id"] for r in common.read_jsonl(hand["out"] / "lim.jsonl")] == [hand["pool"][0]["id"],
+                                                                               hand["pool"][1]["id"]]
     lim_select.main(hand["args"] + ["--threshold", repr(at_p0 + 1e-12)])
     assert [r["id"] for r in common.read_jsonl(hand["out"] / "lim.jsonl")] == [hand["pool"][1]["id"]]
 
@@ -118,8 +120,9 @@ def test_round_trip_probe_select_and_train_with_train_rl(tiny_checkpoint, tmp_pa
 
     def rl(train_data, out_dir, steps, prompts_per_step):
         settings = {"model": tiny_checkpoint, "task": "toy_task", "train_data": train_data, "test_data": "",
-                    "out_dir": out_dir, "prompts_per_step": prompts_per_step, "samples_per_prompt": 4, "max_response_tokens": 6,
-                    "max_steps": steps, "save_every": steps, "warmup_steps": 1, "gen_batch_size": 8, "progress": False}
+                    "out_dir": out_dir, "prompts_per_step": prompts_per_step, "samples_per_prompt": 4,
+                    "max_response_tokens": 6, "max_steps": steps, "save_every": steps, "warmup_steps": 1,
+                    "gen_batch_size": 8, "progress": False}
         assert train_rl.main([x for k, v in settings.items() for x in (f"--{k}", str(v))]) == 0
 
     probe = str(tmp_path / "probe")
@@ -136,7 +139,8 @@ def test_round_trip_probe_select_and_train_with_train_rl(tiny_checkpoint, tmp_pa
     assert [r["id"] for r in common.read_jsonl(out / "lim.jsonl")] == kept and len(kept) >= 2
     assert len(common.read_jsonl(out / "rand.jsonl")) == len(kept)
     rl(str(out / "lim.jsonl"), str(tmp_path / "lim"), 2, 2)
-    trained = {r["id"] for step in (1, 2) for r in common.read_jsonl(tmp_path / "lim" / "rollouts" / f"step_{step:06d}.jsonl")}
+    trained = {r["id"] for step in (1, 2)
+               for r in common.read_jsonl(tmp_path / "lim" / "rollouts" / f"step_{step:06d}.jsonl")}
     assert trained <= set(kept)
     assert ckpt.checkpoint_steps(str(tmp_path / "lim")) == [2]
 
@@ -156,15 +160,18 @@ def break_line(path, lineno, text):
      r"step_000003\.jsonl:2: not valid JSON"),
     (lambda log, pool: break_line(log / "step_000003.jsonl", 1, json.dumps({"id": "nope", "reward": 1, "epoch": 1})),
      r"step_000003\.jsonl:1: field 'id' 'nope' is not a prompt of the pool"),
-    (lambda log, pool: break_line(log / "step_000004.jsonl", 2, json.dumps({"id": pool[1]["id"], "reward": "1", "epoch": 1})),
+    (lambda log, pool: break_line(log / "step_000004.jsonl", 2,
+                                  json.dumps({"id": pool[1]["id"], "reward": "1", "epoch": 1})),
      r"step_000004\.jsonl:2: field 'reward' is '1', expected int or float"),
-    (lambda log, pool: break_line(log / "step_000005.jsonl", 1, json.dumps({"id": pool[0]["id"], "reward": 1, "epoch": -1})),
+    (lambda log, pool: break_line(log / "step_000005.jsonl", 1,
+                                  json.dumps({"id": pool[0]["id"], "reward": 1, "epoch": -1})),
      r"step_000005\.jsonl:1: field 'epoch' is -1"),
     (lambda log, pool: break_line(log / "step_000002.jsonl", 1, json.dumps({"id": pool[2]["id"], "epoch": 0})),
      r"step_000002\.jsonl:1: missing field 'reward'"),
     (lambda log, pool: os.remove(log / "step_000004.jsonl"), r"step_000004\.jsonl: file not found .*hole"),
     (lambda log, pool: [os.remove(p) for p in log.glob("*.jsonl")], r"rollouts: no rollouts \(no step_N\.jsonl"),
-    (lambda log, pool: [open(p, "w").close() for p in log.glob("*.jsonl")], r"rollouts: no rollouts \(every step file is empty"),
+    (lambda log, pool: [open(p, "w").close() for p in log.glob("*.jsonl")],
+     r"rollouts: no rollouts \(every step file is empty"),
 ])
 def test_bad_input_is_one_line_naming_the_place_and_nothing_is_written(hand, damage, message):
     damage(hand["dir"] / "probe" / "rollouts", hand["pool"])
@@ -174,7 +181,8 @@ def test_bad_input_is_one_line_naming_the_place_and_nothing_is_written(hand, dam
 
 
 def test_bad_input_from_the_command_line_exits_2_with_one_line(hand):
-    break_line(hand["dir"] / "probe" / "rollouts" / "step_000003.jsonl", 1, json.dumps({"id": "nope", "reward": 1, "epoch": 1}))
+    break_line(hand["dir"] / "probe" / "rollouts" / "step_000003.jsonl", 1,
+               json.dumps({"id": "nope", "reward": 1, "epoch": 1}))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "lim_select.py"), *hand["args"]], env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -200,6 +200,7 @@ def test_pathological_whole_response():
     assert score("\\boxed{" * 20_000, {"answer": "5"}, True) == 0.0
 
 
+@pytest.mark.slow
 def test_hung_verifier_is_killed_and_the_worker_recovers():
     # Past the input checks, straight to the worker: sympy would spend forever on this power.
     grader = math_data.Grader()
@@ -234,6 +235,7 @@ def test_grader_works_in_a_forked_child():
     assert math_data.GRADER.equivalent("\\frac{1}{5}", "0.2") is True  # the parent's worker is untouched
 
 
+@pytest.mark.slow
 def test_grader_works_from_threads():
     results = {}
 
@@ -398,6 +400,7 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_splits_and_teacher_sft(tmp_path):
     pool = [{"problem": f"Problem {i}?", "answer": str(i), "solution": f"So $\\boxed{{{i}}}$."} for i in range(40)]
     test = [{"problem": "Problem 3?", "answer": "3"}, {"problem": "New?", "answer": "1"}]
@@ -406,7 +409,8 @@ def test_cli_splits_and_teacher_sft(tmp_path):
     out = run_cli("--train_pool", "pool.jsonl", "--test", "test.jsonl", "--n_sft_train", "9", "--n_sft_val", "1",
                   cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "sft_train 9, sft_val 1, rl_train 29, test 2" in out.stdout and "dropped 1 also in the test set" in out.stdout
+    assert "sft_train 9, sft_val 1, rl_train 29, test 2" in out.stdout
+    assert "dropped 1 also in the test set" in out.stdout
     counts = {n: len(math_data.load_split(str(tmp_path / "data" / "math" / f"{n}.jsonl")))
               for n in ("sft_train", "sft_val", "rl_train", "test")}
     assert counts == {"sft_train": 9, "sft_val": 1, "rl_train": 29, "test": 2}

@@ -1,5 +1,6 @@
-"""model.py against transformers: logits, checkpoints both ways, greedy generation, log-probs, errors, and the
-attention dispatch (which inputs would reach flash-attn on a GPU), checked on CPU."""
+"""model.py against transformers: logits, checkpoints both ways (with the stop ids transformers.generate reads),
+the packed forward, log-probs (response_logprobs equal to the generation's), tokenizers, errors, and the attention
+dispatch (which inputs would reach flash-attn on a GPU), checked on CPU. (Generation itself: test_engine.py.)"""
 import functools
 import json
 import os
@@ -14,9 +15,9 @@ import common
 import tasks
 import engine
 import model as model_module
-from engine import Decode, KVCache, generate, sample_next
-from model import (ModelConfig, build_model, flash_dtype, flash_inputs, load_model, load_tokenizer, pack, save_model,
-                   stop_token_ids, tiny_config)
+from engine import generate
+from model import (build_model, flash_dtype, flash_inputs, load_model, load_tokenizer, pack, response_logprobs,
+                   save_model, stop_token_ids, tiny_config)
 from tiny_base import build_tokenizer
 import padded
 
@@ -153,76 +154,6 @@ def test_gradient_checkpointing_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_greedy_generation_matches_transformers_ragged_batch(tmp_path):
-    cfg = CONFIGS["qwen2_tied"]
-    model = random_model(cfg, seed=6)
-    save_model(model, str(tmp_path / "ck"))
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck"), dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 11, 7, 2, 15)]
-    max_new = 24
-    # pick stop ids the model actually emits, so some rows end early and some hit the length limit
-    free_run = generate(model, prompts, max_new_tokens=max_new, temperature=0)
-    runs = [set(g.tokens) for g in free_run]
-    candidates = [t for g in free_run for t in g.tokens[2:]]
-    stop = next([a, b] for a in candidates for b in candidates
-                if a != b and any(a not in r and b not in r for r in runs))
-    ours = generate(model, prompts, max_new_tokens=max_new, temperature=0, stop_ids=stop)
-    finished = [g.finished for g in ours]
-    assert any(finished) and not all(finished)
-    for i, p in enumerate(prompts):
-        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                          max_new_tokens=max_new, do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
-        ref = ref[0, len(p):].tolist()
-        assert ours[i].tokens == ref, i
-        assert ours[i].finished == (ref[-1] in stop)
-        assert ours[i].finished or len(ours[i].tokens) == max_new
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_generation_logprobs_equal_teacher_forced(temperature):
-    model = build_model(CONFIGS["llama3_scaled"], 7, std=0.05)
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16], [20]]
-    gens = generate(model, prompts, n=3, max_new_tokens=16, temperature=temperature, stop_ids=[1, 2], seed=1)
-    assert len(gens) == 9 and [g.prompt_index for g in gens] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    with torch.no_grad():
-        for g in gens:
-            full = torch.tensor([prompts[g.prompt_index] + g.tokens])
-            p = len(prompts[g.prompt_index])
-            lp = model.token_logprobs(padded.forward(model, full)[:, p - 1:-1], full[:, p:], temperature=temperature)
-            assert (lp[0] - torch.tensor(g.logprobs)).abs().max() <= 1e-4
-
-
-def test_sampling_seeded_and_top_p():
-    model = random_model(CONFIGS["qwen2_tied"], seed=8)
-    prompts = [[1, 2, 3], [4, 5]]
-    a = generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, seed=11)
-    b = generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, seed=11)
-    c = generate(model, prompts, n=4, max_new_tokens=12, temperature=1.0, seed=12)
-    assert [g.tokens for g in a] == [g.tokens for g in b]
-    assert [g.tokens for g in a] != [g.tokens for g in c]
-    assert len({tuple(g.tokens) for g in a[:4]}) > 1  # the n samples of one prompt differ
-    # top_p tiny => only the most likely token survives => same as greedy
-    nucleus = generate(model, prompts, n=2, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=3)
-    greedy = generate(model, prompts, n=1, max_new_tokens=12, temperature=0)
-    assert nucleus[0].tokens == nucleus[1].tokens == greedy[0].tokens
-
-
-def test_sample_next_follows_the_tempered_and_nucleus_distribution():
-    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(100_000, 1)
-    g = torch.Generator().manual_seed(0)
-    for temperature in (1.0, 0.5):
-        tok, lp = sample_next(logits, temperature, 1.0, g)
-        want = torch.softmax(logits[0] / temperature, -1)
-        assert (torch.bincount(tok, minlength=4) / len(tok) - want).abs().max() < 0.01
-        assert torch.allclose(lp, want.log()[tok])
-    tok, _ = sample_next(logits, 1.0, 0.8, g)  # nucleus of mass >= 0.8: the two likeliest tokens, renormalised
-    p = torch.softmax(logits[0], -1)
-    freq = torch.bincount(tok, minlength=4) / len(tok)
-    assert freq[0] == 0 and freq[3] == 0
-    assert abs(freq[2] - p[2] / (p[1] + p[2])) < 0.01
-
-
 def test_tiny_tokenizer_roundtrip_chat_template_and_stop_ids(tmp_path):
     build_tokenizer(["Alice is a knight. Bob is a knave."] * 20, vocab_size=300, path=str(tmp_path / "tok"))
     from transformers import AutoTokenizer
@@ -295,12 +226,7 @@ def test_error_unsupported_architecture(tmp_path):
         load_model(path)
 
 
-def test_error_prompt_longer_than_cache():
-    model = random_model(tiny_config(VOCAB, max_position_embeddings=32))
-    with pytest.raises(common.UserError, match="prompt 1 has 30 tokens.*32-token context"):
-        generate(model, [[1, 2], [3] * 30], max_new_tokens=8)
-
-
+@pytest.mark.slow  # a subprocess that imports torch
 def test_error_cli_prints_one_line(tmp_path):
     import subprocess
     import sys
@@ -381,7 +307,8 @@ def test_flash_dtype_autocast_casts_fp32_qk_and_half_v():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model.forward(torch.tensor([[1, 2, 3, 4, 5]]), ctx=rec)
     q, k, v = rec.qkv
-    assert (q.dtype, k.dtype, v.dtype) == (torch.float32, torch.float32, torch.bfloat16)  # Qwen3's q/k norm: fp32 q, k; bf16 v
+    # Qwen3's q/k norm: fp32 q, k; bf16 v
+    assert (q.dtype, k.dtype, v.dtype) == (torch.float32, torch.float32, torch.bfloat16)
     assert on_gpu(q, k, v) is None  # without autocast on the GPU the mix stays on SDPA
     with cuda_autocast(torch.bfloat16):
         dtype = on_gpu(q, k, v)
@@ -443,24 +370,6 @@ def pretend_gpu(monkeypatch):
     monkeypatch.setattr(model_module, "flash_attn_varlen_func", varlen, raising=False)
     monkeypatch.setattr(engine, "flash_attn_with_kvcache", kvcache, raising=False)
     return calls
-
-
-def test_decode_mask_follows_the_same_rule(pretend_gpu):
-    cfg = ModelConfig.from_hf(CONFIGS["qwen2_tied"])
-
-    def decode(dtype):
-        cache = KVCache(cfg, rows=3, max_len=16, dtype=dtype, device="cpu")
-        cache.lengths[:] = torch.tensor([4, 7, 2])
-        return Decode(cache)
-    fp32 = decode(torch.float32)  # fp32 cache on the GPU: SDPA, with its mask
-    assert fp32.flash is None and fp32.mask.shape == (3, 1, 1, 8)
-    bf16 = decode(torch.bfloat16)
-    assert bf16.flash == torch.bfloat16 and not hasattr(bf16, "mask")
-    with cuda_autocast(torch.bfloat16):  # the cache cannot be cast: an fp32 cache stays on SDPA under autocast
-        assert decode(torch.float32).flash is None and hasattr(decode(torch.float32), "mask")
-        assert decode(torch.bfloat16).flash == torch.bfloat16
-    with cuda_autocast(torch.float16):
-        assert decode(torch.bfloat16).flash is None and hasattr(decode(torch.bfloat16), "mask")
 
 
 def test_flash_path_forward_and_generation_match_sdpa(pretend_gpu, monkeypatch):
@@ -562,3 +471,14 @@ def test_logged_entropy_is_computed_without_graph():
         grads.append(model.lm_head.weight.grad.clone())
         ents.append(ent.detach())
     assert torch.allclose(ents[0], ents[1]) and torch.equal(grads[0], grads[1])
+
+
+def test_training_logprobs_equal_generation_logprobs(tiny_checkpoint):
+    model, tok = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    prompts = [tok("What is 1 + 2?", add_special_tokens=False)["input_ids"],
+               tok("Hi", add_special_tokens=False)["input_ids"]]
+    gens = generate(model, prompts, n=2, max_new_tokens=7, temperature=0.7, stop_ids=stop_token_ids(tok), seed=1)
+    with torch.no_grad():
+        lp = response_logprobs(model, [prompts[g.prompt_index] for g in gens], [g.tokens for g in gens],
+                               temperature=0.7, chunk_size=5, with_entropy=False)
+    assert torch.allclose(lp, torch.tensor([x for g in gens for x in g.logprobs]), atol=1e-5)

@@ -23,10 +23,6 @@ from conftest import ROOT, assert_train_shards, free_port, subprocess_env
 import padded
 
 
-
-
-
-
 def write_sft(path, records, tok):
     common.write_jsonl(path, [{"id": r["id"], "task": "toy_task", "prompt": toy_task.render_prompt(r, tok),
                                "response": toy_task.teacher_response(r)} for r in records])
@@ -46,42 +42,7 @@ def weights(path):
 # data
 
 
-def test_loader_tokenizes_prompt_and_response_separately(tiny_checkpoint, tmp_path):
-    tok = load_tokenizer(tiny_checkpoint)
-    recs = toy_task.make_records(3, seed=5)
-    path = write_sft(tmp_path / "d.jsonl", recs, tok)
-    examples = tasks.load_sft_examples([path], tok, max_length=512)
-    assert len(examples) == 3
-    for e, r in zip(examples, recs):
-        p = tok(toy_task.render_prompt(r, tok), add_special_tokens=False)["input_ids"]
-        resp = tok(toy_task.teacher_response(r), add_special_tokens=False)["input_ids"]
-        assert e["input_ids"] == p + resp + [tok.eos_token_id]
-        assert e["start"] == len(p) and sft.num_loss_tokens(e) == len(resp) + 1
-        assert (e["id"], e["file"]) == (r["id"], path)
-    assert [e["line"] for e in examples] == [1, 2, 3]
-
-
-def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
-    tok = load_tokenizer(tiny_checkpoint)
-    good = {"id": "a", "prompt": "What is 1 + 2?", "response": "3"}
-    cases = [
-        ([good, "{not json"], r"bad\.jsonl:2: not valid JSON"),
-        ([good, {"id": "b", "prompt": "x"}], r"bad\.jsonl:2: missing field 'response'"),
-        ([{"id": "b", "prompt": "x", "response": 3}], r"bad\.jsonl:1: field 'response' must be a string"),
-        ([{"id": "b", "prompt": "", "response": "3"}], r"bad\.jsonl:1: empty prompt"),
-        ([good, good, {"id": "long", "prompt": "What is 1 + 2? " * 20, "response": "3"}],
-         r"bad\.jsonl:3: example 'long' has \d+ tokens .* > max_length 40"),
-        ([], r"bad\.jsonl: no examples"),
-    ]
-    for lines, pattern in cases:
-        path = tmp_path / "bad.jsonl"
-        path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
-        with pytest.raises(UserError, match=pattern):
-            tasks.load_sft_examples([str(path)], tok, max_length=40)
-    with pytest.raises(UserError, match="missing.jsonl: file not found"):
-        tasks.load_sft_examples([str(tmp_path / "missing.jsonl")], tok, 40)
-
-
+@pytest.mark.slow  # its last check is a subprocess that imports torch
 def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(8), tok)
@@ -91,7 +52,8 @@ def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
         (["--data", data, "--init", tiny_checkpoint, "--pretrain_text", data], "exactly one of --data"),
         (["--data", str(tmp_path / "nope.jsonl"), "--init", tiny_checkpoint], "nope.jsonl: file not found"),
         (["--data", data, "--init", str(tmp_path / "nockpt")], "nockpt: checkpoint directory not found"),
-        (["--data", data, "--init", tiny_checkpoint, "--global_batch", "16"], "8 training examples < --global_batch 16"),
+        (["--data", data, "--init", tiny_checkpoint, "--global_batch", "16"],
+         "8 training examples < --global_batch 16"),
         (["--data", data, "--init", tiny_checkpoint, "--max_length", "20"], r"d\.jsonl:1: example .* > max_length 20"),
     ]
     for argv, pattern in bad:
@@ -148,7 +110,8 @@ def test_prompt_positions_carry_no_loss(tiny_checkpoint, tmp_path, reduction):
     exactly those targets (no prompt target, no packed boundary), and each gets gradient."""
     tok = load_tokenizer(tiny_checkpoint)
     model = load_model(tiny_checkpoint)
-    examples = tasks.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(3, seed=1), tok)], tok, 512)
+    examples = tasks.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(3, seed=1), tok)], tok,
+                                       512)
     examples[1]["input_ids"] = examples[1]["input_ids"][:-3] + [tok.eos_token_id]  # unequal response lengths
 
     captured = {}
@@ -182,7 +145,8 @@ def test_prompt_positions_carry_no_loss(tiny_checkpoint, tmp_path, reduction):
 @pytest.mark.parametrize("reduction", ["seq_mean", "token_mean"])
 def test_gradient_independent_of_micro_batching(tiny_checkpoint, tmp_path, reduction):
     tok = load_tokenizer(tiny_checkpoint)
-    examples = tasks.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(6, seed=2), tok)], tok, 512)
+    examples = tasks.load_sft_examples([write_sft(tmp_path / "d.jsonl", toy_task.make_records(6, seed=2), tok)], tok,
+                                       512)
     for e, cut in zip(examples, [0, 2, 4, 0, 5, 1]):  # unequal lengths
         e["input_ids"] = e["input_ids"][:len(e["input_ids"]) - 1 - cut] + [tok.eos_token_id]
     lengths = [len(e["input_ids"]) for e in examples]
@@ -223,6 +187,7 @@ def test_batching_helpers():
 # training runs
 
 
+@pytest.mark.slow
 def test_sft_learns_toy_task(tiny_checkpoint, tmp_path):
     """A few hundred steps of SFT on teacher responses: held-out loss falls and greedy accuracy rises."""
     tok = load_tokenizer(tiny_checkpoint)
@@ -254,6 +219,7 @@ def run_args(init, data, out, *extra):
             "--micro_batch_tokens", "200", "--progress", "false", *extra]
 
 
+@pytest.mark.slow
 def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsys):
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch, 10 in all
@@ -370,15 +336,13 @@ def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path, capsys):
     assert model.config.hidden_size == 32 and model.config.num_layers == 1
 
 
-
-
-
 def torchrun_sft(ranks, *args):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                            "--master_port", str(free_port()), os.path.join(ROOT, "redistill_sft.py"), *args],
                           capture_output=True, text=True, env=subprocess_env(), timeout=300)
 
 
+@pytest.mark.torchrun
 def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tiny_checkpoint, tmp_path):
     """torchrun with 2 CPU ranks (gloo, FSDP2): the data is split by rank, the loss normalised over the global
     batch and the gradients summed, so the weights equal a one-process run's; stopped at an epoch end and resumed at

@@ -9,8 +9,8 @@ import report
 
 
 def summary(acc2, acc3, overall, task="kk"):
-    return {"settings": {"task": task}, "by_difficulty": {"2": {"accuracy": acc2}, "3": {"accuracy": acc3}}, "pass_k": [1],
-            "overall": {"accuracy": overall, "mean_length": 22.0, "truncation_rate": 0.0}}
+    return {"settings": {"task": task}, "by_difficulty": {"2": {"accuracy": acc2}, "3": {"accuracy": acc3}},
+            "pass_k": [1], "overall": {"accuracy": overall, "mean_length": 22.0, "truncation_rate": 0.0}}
 
 
 @pytest.fixture
@@ -27,17 +27,21 @@ def run_dir(tmp_path):
     (out / "times.tsv").write_text("".join(f"{s}\t{t}\t1\tcpu\n" for s, t in rows))
     common.write_jsonl(out / "sft_teacher.jsonl", [{"id": i} for i in range(40)])
     common.write_jsonl(out / "redistill_A.jsonl", [{"id": i} for i in range(13)])
-    common.write_json(out / "rl" / "settings.json", {"prompts_per_step": 16, "samples_per_prompt": 8, "temperature": 1.0})
+    common.write_json(out / "rl" / "settings.json",
+                      {"prompts_per_step": 16, "samples_per_prompt": 8, "temperature": 1.0})
     common.write_jsonl(out / "rl" / "metrics.jsonl", [{"step": 0, "val/acc": 0.25}] +
                        [{"step": s, "reward": 0.1 * s} for s in (1, 2, 3)] + [{"step": 3, "val/acc": 0.4}])
     common.write_json(out / "sample_effect" / "effects.summary.json", {"files": {
         "/x/sft_teacher.jsonl": {"count": 40, "sample_effect": {"mean": 0.05, "median": 0.06},
                                  "normalised": {"mean": 0.1}, "mean_response_length": 20.4}}})
     common.write_jsonl(out / "sample_effect" / "top.jsonl", [
-        {"sample_effect": 0.3, "source_file": "/x/sft_teacher.jsonl"}, {"sample_effect": 0.5, "source_file": "/x/redistill_A.jsonl"},
+        {"sample_effect": 0.3, "source_file": "/x/sft_teacher.jsonl"},
+        {"sample_effect": 0.5, "source_file": "/x/redistill_A.jsonl"},
         {"sample_effect": 0.4, "source_file": "/x/redistill_A.jsonl"}])
-    common.write_jsonl(out / "sample_effect" / "bottom.jsonl", [{"sample_effect": -0.2, "source_file": "/x/sft_teacher.jsonl"}])
-    common.write_json(out / "base_probe.json", {"accuracy": 0.29, "people": {"2": {"accuracy": 0.34}, "3": {"accuracy": 0.27}}})
+    common.write_jsonl(out / "sample_effect" / "bottom.jsonl",
+                       [{"sample_effect": -0.2, "source_file": "/x/sft_teacher.jsonl"}])
+    common.write_json(out / "base_probe.json",
+                      {"accuracy": 0.29, "people": {"2": {"accuracy": 0.34}, "3": {"accuracy": 0.27}}})
     return out
 
 
@@ -48,7 +52,8 @@ def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
     assert text.startswith("## Results (tiny): test accuracy (greedy, pass@1) per people")
     assert "| checkpoint | people 2 | people 3 | overall |" in text
     lines = text.splitlines()
-    row = {name: next(line for line in lines if line.startswith(f"| {name} |")) for name in ("base", "sft", "rl", "redistill_A")}
+    row = {name: next(line for line in lines if line.startswith(f"| {name} |"))
+           for name in ("base", "sft", "rl", "redistill_A")}
     # rl: its own cpu-h is both RL attempts (360 s = 0.1 h); its total adds the teacher data and the cold start
     assert row["rl"].startswith("| rl | 0.50 | 0.40 | 0.42 |") and "| 40 | 384 | 0.10 | 0.11 |" in row["rl"]
     assert "| 13 | 0 |" in row["redistill_A"] and "| 40 | 0 |" in row["sft"]
@@ -95,7 +100,8 @@ def add_limr(out, seeds=(1, 2)):
     acc = {"start": (0.1, 0.2), "full": (0.4, 0.5), "rand": (0.3, 0.4), "lim": (0.5, 0.5)}
     for seed in seeds:
         d = out / "limr" / f"seed_{seed}"
-        common.write_jsonl(d / "scores.jsonl", [{"id": i, "score": None if i < 2 else 0.5, "accuracy": []} for i in range(10)])
+        common.write_jsonl(d / "scores.jsonl",
+                           [{"id": i, "score": None if i < 2 else 0.5, "accuracy": []} for i in range(10)])
         common.write_jsonl(d / "lim.jsonl", [{"id": i} for i in range(3)])
         common.write_jsonl(d / "rand.jsonl", [{"id": i} for i in range(3)])
         for run, steps, prompts in (("full", 6, 4), ("lim", 3, 2), ("rand", 3, 2)):
@@ -103,7 +109,8 @@ def add_limr(out, seeds=(1, 2)):
             common.write_jsonl(d / run / "metrics.jsonl", [{"step": s, "reward": 0.1} for s in range(1, steps + 1)])
         for arm in ("full", "rand", "lim"):
             for split, a in zip(("aime", "math500"), acc[arm]):
-                common.write_json(out / "limr" / "eval" / f"{arm}_{seed}" / split / "summary.json", summary(a, a, a + 0.01 * seed))
+                common.write_json(out / "limr" / "eval" / f"{arm}_{seed}" / split / "summary.json",
+                                  summary(a, a, a + 0.01 * seed))
     (out / "limr" / "eval" / "results.md").write_text("eval.py's own table\n")  # not a model's directory
     for split, a in zip(("aime", "math500"), acc["start"]):
         common.write_json(out / "limr" / "eval" / "start" / split / "summary.json", summary(a, a, a))

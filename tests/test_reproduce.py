@@ -15,7 +15,8 @@ def run_reproduce(*args, env=None, check=True):
     proc = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"reproduce.sh {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"reproduce.sh {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
@@ -37,6 +38,7 @@ def micro_run(tmp_path_factory):
     shutil.rmtree(out, ignore_errors=True)
 
 
+@pytest.mark.slow  # the micro_run fixture: reproduce.sh micro, ~1 minute
 def test_micro_pipeline_writes_every_artefact(micro_run):
     out, proc = micro_run
     for split in ("train", "test", "sft"):
@@ -65,14 +67,16 @@ def test_micro_pipeline_writes_every_artefact(micro_run):
         assert set(summary["by_difficulty"]) == {"2", "3"} and 0 <= summary["overall"]["accuracy"] <= 1
     assert "== sample_effect: skipped by the preset" in proc.stdout  # micro's policy has no reward to differentiate
     stages = [line.split("\t")[0] for line in open(f"{out}/times.tsv")]
-    assert stages == ["data", "base_text", "base", "base_probe", "teacher_data", "sft", "rl", "sample_A", "sample_B"] + \
+    assert stages == ["data", "base_text", "base", "base_probe", "teacher_data", "sft", "rl", "sample_A",
+                      "sample_B"] + \
         [n for n in ("redistill_A", "redistill_B") if n in names] + ["eval"] + \
         ["limr_probe_1", "limr_select_1", "limr_lim_1", "limr_rand_1", "limr_eval_1_0"]
     # the final table: printed and in results.md, a row per evaluated model, the GRPO gain stated
     with open(f"{out}/results.md") as f:
         table = f.read()
     assert table in proc.stdout
-    assert "| checkpoint | people 2 | people 3 | overall |" in table and "SFT samples" in table and "RL rollouts" in table
+    assert "| checkpoint | people 2 | people 3 | overall |" in table
+    assert "SFT samples" in table and "RL rollouts" in table
     for name in names:
         assert f"| {name} |" in table
     assert "GRPO gain over its start" in table and "Wall time per stage" in table
@@ -83,6 +87,7 @@ def test_micro_pipeline_writes_every_artefact(micro_run):
     assert 0 <= probe["accuracy"] <= 1 and "The base asked in its own pre-training format" in table
 
 
+@pytest.mark.slow  # the micro_run fixture
 def test_micro_limr_stages_probe_select_train_and_table(micro_run):
     """LIMR=1 (micro sets it): the probe's epochs, the selection, FULL = the probe at the arms' step, the table."""
     out, proc = micro_run
@@ -109,11 +114,13 @@ def test_micro_limr_stages_probe_select_train_and_table(micro_run):
     assert "seed 1: the probe ran 8 steps (32 rollouts) on the 8 prompts of the pool; 8 scored, 0 dropped" in table
 
 
+@pytest.mark.slow  # the micro_run fixture
 def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
     out, _ = micro_run
     # pretend RL was killed after step 2: drop its marker, the last checkpoint and what came after it
     for stage in os.listdir(f"{out}/done"):
-        if stage not in ("data", "base_text", "base", "base_probe", "teacher_data", "sft") and not stage.startswith("limr"):
+        if (stage not in ("data", "base_text", "base", "base_probe", "teacher_data", "sft")
+                and not stage.startswith("limr")):
             os.remove(f"{out}/done/{stage}")
     shutil.rmtree(f"{out}/rl/step_000003")
     os.remove(f"{out}/rl/step_000003.state.pt")
@@ -126,6 +133,7 @@ def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
     assert "| rl |" in proc.stdout
 
 
+@pytest.mark.slow  # the micro_run fixture
 def test_seeds_2_runs_a_second_seed_and_tables_mean_std(micro_run):
     out, _ = micro_run
     proc = run_reproduce("micro", env={"MICRO_OUT": out, "SEEDS": "2"})
@@ -173,7 +181,8 @@ def test_dry_run_of_paper_presets_prints_complete_commands(preset, flags, tmp_pa
     proc = run_reproduce(preset, "--dry-run", env={"GPUS": "8", "MODEL_DIR": model_dir, "OUT": str(tmp_path / "out")})
     commands = [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ ")]
     text = "\n".join(commands)
-    scripts = ["_data.py", "redistill_sft.py", "train_rl.py", "sample_policy.py", "eval.py", "sample_effect.py", "report.py"]
+    scripts = ["_data.py", "redistill_sft.py", "train_rl.py", "sample_policy.py", "eval.py", "sample_effect.py",
+               "report.py"]
     for script in scripts:
         assert script in text, script
     for flag in flags:
@@ -194,8 +203,9 @@ def test_dry_run_of_limrs_own_setting(tmp_path):
                                 "limr_eval_1234_0", "limr_eval_1234_1", "report"]
     assert "--n_sft_train 0 --n_sft_val 0" in command_of["data"]
     probe = command_of["limr_probe_1234"]
-    for flag in ("--nproc_per_node=8", f"--model {model_dir}", "--max_steps 168", "--prompts_per_step 1024", "--samples_per_prompt 8",
-                 "--temperature 1.2", "--max_response_tokens 3072", "--lr 5e-7", "--beta2 0.95", "--ppo_mini_batches 32",
+    for flag in ("--nproc_per_node=8", f"--model {model_dir}", "--max_steps 168", "--prompts_per_step 1024",
+                 "--samples_per_prompt 8", "--temperature 1.2", "--max_response_tokens 3072", "--lr 5e-7",
+                 "--beta2 0.95", "--ppo_mini_batches 32",
                  "--kl_coef 0.01 --kl_estimator k1", f"--out_dir {out}/limr/seed_1234/full"):
         assert flag in probe, flag
     assert f"--rollouts {out}/limr/seed_1234/full" in command_of["limr_select_1234"]
@@ -206,7 +216,8 @@ def test_dry_run_of_limrs_own_setting(tmp_path):
         assert "--max_steps 120" in command_of[f"limr_{arm}_1234"]
     assert f"--checkpoints {model_dir} {out}/limr/seed_1234/full/step_000120 {out}/limr/seed_1234/lim/step_000120" \
         in command_of["limr_eval_1234_0"]
-    assert "--split_names aime24 amc23 --samples_per_prompt 4 --temperature 0.4 --top_p 0.95" in command_of["limr_eval_1234_1"]
+    assert ("--split_names aime24 amc23 --samples_per_prompt 4 --temperature 0.4 --top_p 0.95"
+            in command_of["limr_eval_1234_1"])
     assert "$" not in "\n".join(command_of.values()) and not os.path.exists(out)
 
 
@@ -222,7 +233,8 @@ def test_dry_run_of_the_tiny_preset_includes_the_top_vs_bottom_experiment(tmp_pa
     assert f"--select 100 --select_out {out}/sample_effect/top.jsonl --select_bottom {out}/sample_effect/bottom.jsonl" \
         in command_of["sample_effect"]
     for v in ("top", "bottom"):
-        assert f"--init {out}/base/final --data {out}/sample_effect/{v}.jsonl --out_dir {out}/se_{v}" in command_of[f"se_{v}"]
+        assert (f"--init {out}/base/final --data {out}/sample_effect/{v}.jsonl --out_dir {out}/se_{v}"
+                in command_of[f"se_{v}"])
     assert f"--checkpoints {out}/se_top/final {out}/se_bottom/final" in command_of["eval_se"]
     assert not os.path.exists(out)
 
@@ -239,7 +251,8 @@ def test_dry_run_of_the_tiny_preset_with_limr(tmp_path):
     assert "--train_per_people 20,150" in command_of["limr_data"]
     probe = command_of["limr_probe_2"]
     assert f"--model {out}/sft/final" in probe and f"--train_data {out}/limr/data/train.jsonl" in probe
-    assert "--max_steps 80" in probe and probe.endswith("--save_every 40 --keep_steps 40 --seed 2")  # FULL: the probe at step 40, kept
+    # FULL: the probe at step 40, kept
+    assert "--max_steps 80" in probe and probe.endswith("--save_every 40 --keep_steps 40 --seed 2")
     assert "--max_steps 40" in command_of["limr_lim_2"] and command_of["limr_lim_2"].endswith("--seed 2")
     assert "--names start full_2 lim_2 rand_2" in command_of["limr_eval_2_0"] and not os.path.exists(out)
 

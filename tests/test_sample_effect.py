@@ -68,7 +68,8 @@ def test_sample_effect_is_the_first_order_change_of_exact_J(reduction):
     for ex, eff in zip(examples, effects):
         # an SFT step on the sample, computed independently: SGD on -log-likelihood (sum or mean over response + EOS)
         ids = torch.tensor(ex["input_ids"])
-        lp = torch.log_softmax(padded.logits(model, ids[None])[0, :-1], -1).gather(-1, ids[1:, None])[ex["start"] - 1:, 0]
+        lp = torch.log_softmax(padded.logits(model, ids[None])[0, :-1], -1).gather(-1, ids[1:, None])
+        lp = lp[ex["start"] - 1:, 0]
         ll = lp.sum() if reduction == "sum" else lp.mean()
         assert eff["logprob"] == pytest.approx(float(lp.detach().sum()), abs=1e-4)
         assert eff["response_length"] == len(ex["input_ids"]) - ex["start"]
@@ -139,7 +140,8 @@ def test_count_sketch_is_fixed_and_unbiased():
     sk = se.CountSketch([x.numel() for x in a], 64, seed=3, device=torch.device("cpu"), chunk=100)
     assert torch.equal(sk(a), sk(a))  # regenerated from the seed every call, never stored
     est = [float(se.CountSketch([x.numel() for x in a], 64, seed=s, device=torch.device("cpu"))(a)
-                 @ se.CountSketch([x.numel() for x in b], 64, seed=s, device=torch.device("cpu"))(b)) for s in range(200)]
+                 @ se.CountSketch([x.numel() for x in b], 64, seed=s, device=torch.device("cpu"))(b))
+           for s in range(200)]
     mean = sum(est) / len(est)
     std = math.sqrt(sum((e - mean) ** 2 for e in est) / len(est))
     assert abs(mean - exact) < 4 * std / math.sqrt(len(est))
@@ -168,7 +170,8 @@ def setup(tmp_path_factory, tiny_checkpoint):
     tok = load_tokenizer(tiny_checkpoint)
     common.write_jsonl(str(d / "eval.jsonl"), toy_task.make_records(16, seed=1, split="test"))
     sft = [{"id": r["id"], "task": "se_digit_task", "prompt": toy_task.render_prompt(r, tok),
-            "response": toy_task.teacher_response(r), "extra": i} for i, r in enumerate(toy_task.make_records(30, seed=2, split="sft"))]
+            "response": toy_task.teacher_response(r), "extra": i}
+           for i, r in enumerate(toy_task.make_records(30, seed=2, split="sft"))]
     common.write_jsonl(str(d / "teacher.jsonl"), sft[:15])
     common.write_jsonl(str(d / "other.jsonl"), [dict(s, response=s["response"][::-1]) for s in sft[15:]])
     args = ["--task", "se_digit_task", "--checkpoint", tiny_checkpoint, "--eval_data", str(d / "eval.jsonl"),
@@ -212,6 +215,7 @@ def test_projection_approximates_exact_and_outputs(setup, capsys):
         assert r["source_file"] in {e["file"] for e in effects if e["id"] == r["id"]}
 
 
+@pytest.mark.torchrun
 def test_torchrun_two_ranks_match_one(setup):
     d = setup["dir"]
     port = free_port()
@@ -239,7 +243,8 @@ def test_bad_input(setup, tmp_path):
     sft = str(d / "teacher.jsonl")
     (tmp_path / "empty.jsonl").write_text("")
     common.write_jsonl(str(tmp_path / "kk.jsonl"), [dict(setup["sft"][0], task="kk")])
-    common.write_jsonl(str(tmp_path / "notask.jsonl"), [{k: v for k, v in s.items() if k != "task"} for s in setup["sft"][:3]])
+    common.write_jsonl(str(tmp_path / "notask.jsonl"),
+                       [{k: v for k, v in s.items() if k != "task"} for s in setup["sft"][:3]])
 
     def fails(extra, match, base=args):
         with pytest.raises(UserError, match=match):

@@ -32,9 +32,10 @@ def policy(tiny_checkpoint, tmp_path_factory):
                                           "response": toy_task.teacher_response(r)}
                                          for r in toy_task.make_records(400, seed=21, split="train")])
     common.write_jsonl(d / "split.jsonl", toy_task.make_records(40, seed=22, split="val"))
-    redistill_sft.main(["--init_tiny", "true", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "128", "--tiny_layers", "2",
-                        "--data", str(d / "sft.jsonl"), "--out_dir", str(d / "run"), "--lr", "3e-3", "--global_batch",
-                        "16", "--epochs", "8", "--loss_reduction", "token_mean", "--progress", "false"])
+    redistill_sft.main(["--init_tiny", "true", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "128",
+                        "--tiny_layers", "2", "--data", str(d / "sft.jsonl"), "--out_dir", str(d / "run"),
+                        "--lr", "3e-3", "--global_batch", "16", "--epochs", "8", "--loss_reduction", "token_mean",
+                        "--progress", "false"])
     return str(d / "run" / "final"), str(d / "split.jsonl")
 
 
@@ -52,6 +53,7 @@ def sample_args(ckpt, split, out, *extra):
 # from a checkpoint
 
 
+@pytest.mark.slow  # the policy fixture: a ~10 s SFT run
 def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_path, capsys):
     ckpt, split = policy
     out, everything = str(tmp_path / "redistill.jsonl"), str(tmp_path / "all.jsonl")
@@ -62,7 +64,8 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
     records = {r["id"]: r for r in toy_task.load_split(split)}
     tok = load_tokenizer(ckpt)
 
-    assert len(samples) == 160 and {(s["id"], s["sample"]) for s in samples} == {(i, k) for i in records for k in range(4)}
+    assert len(samples) == 160
+    assert {(s["id"], s["sample"]) for s in samples} == {(i, k) for i in records for k in range(4)}
     good = [s for s in samples if s["reward"] == 1.0 and s["finished"]]
     assert 0 < len(good) < len(samples), "the policy should be right sometimes, not always"
     distinct = {}
@@ -91,8 +94,8 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
 
     # the same seed gives the same file; the SFT loop trains on it (re-distilling the base)
     again = str(tmp_path / "again.jsonl")
-    sp.main(sample_args(ckpt, split, again, "--samples_per_prompt", "4", "--temperature", "1.0", "--max_per_prompt", "2",
-                        "--num_examples", "30"))
+    sp.main(sample_args(ckpt, split, again, "--samples_per_prompt", "4", "--temperature", "1.0",
+                        "--max_per_prompt", "2", "--num_examples", "30"))
     assert read(again) == rows
     redistill_sft.main(["--init", tiny_checkpoint, "--data", out, "--out_dir", str(tmp_path / "sft"), "--global_batch",
                         "8", "--epochs", "1", "--lr", "1e-3", "--progress", "false"])
@@ -102,6 +105,7 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
 
 
 
+@pytest.mark.torchrun
 def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     ckpt, split = policy
     env = subprocess_env()
@@ -127,12 +131,14 @@ def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     assert len(read(out1)) == len({s["id"] for s in samples if s["reward"] == 1.0 and s["finished"]})
 
 
+@pytest.mark.slow  # the policy fixture
 def test_checkpoint_errors_write_nothing(policy, tmp_path):
     ckpt, split = policy
     out = tmp_path / "out.jsonl"
     cases = [
         (sample_args(ckpt, split, str(out), "--max_new_tokens", "3000"),
-         r"split\.jsonl: record 1 \(id 'toy-val-00000'\): prompt of \d+ tokens \+ --max_new_tokens 3000 > the model's 2048-token context"),
+         r"split\.jsonl: record 1 \(id 'toy-val-00000'\): prompt of \d+ tokens \+ --max_new_tokens 3000 "
+         r"> the model's 2048-token context"),
         (sample_args(ckpt, str(tmp_path / "nope.jsonl"), str(out)), "nope.jsonl: file not found"),
         (sample_args(str(tmp_path / "nockpt"), split, str(out)), "nockpt: checkpoint directory not found"),
         (sample_args(ckpt, split, str(out)) + ["--from_rollouts", str(tmp_path)], "exactly one of"),
@@ -163,7 +169,8 @@ def test_select_filters_dedupes_and_takes_n():
     assert counts == {"samples": 10, "correct": 7, "duplicates": 2, "over_limit": 1, "prompts": 5,
                       "prompts_without_correct": 1, "distinct": 4}
     kept, counts = sp.select(samples, max_per_prompt=0, num_examples=0, seed=0)
-    assert sorted((k["id"], k["response"]) for k in kept) == [("a", "x"), ("a", "y"), ("c", "u"), ("d", "t"), ("e", "q")]
+    assert sorted((k["id"], k["response"]) for k in kept) == [("a", "x"), ("a", "y"), ("c", "u"), ("d", "t"),
+                                                              ("e", "q")]
     # the shuffle is seeded; N keeps the first N after it
     first = [k["response"] for k in sp.select(samples, 0, 3, seed=0)[0]]
     assert first == [k["response"] for k in sp.select(samples, 0, 3, seed=0)[0]] and len(first) == 3

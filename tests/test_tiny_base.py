@@ -60,7 +60,8 @@ def test_claim_drill_gives_the_claims_value_on_every_row():
 
 def test_table_corpus_with_drills(tmp_path):
     tiny_base.main(["--out_dir", str(tmp_path), "--people", "2-3", "--per_people", "4,6", "--text_format", "table",
-                    "--drill_people", "2-3", "--drill_per_people", "3,5", "--fixed_names", "true", "--vocab_size", "300"])
+                    "--drill_people", "2-3", "--drill_per_people", "3,5", "--fixed_names", "true",
+                    "--vocab_size", "300"])
     docs = [d["text"] for d in common.read_jsonl(str(tmp_path / "pretrain.jsonl"))]
     drills = [d for d in docs if d.startswith("Claim: ")]
     puzzles = [d for d in docs if d.startswith("Question:\n")]

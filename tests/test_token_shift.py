@@ -190,7 +190,8 @@ def test_switches_sit_where_js_exceeds_eps_along_the_decoded_prefix(pair):
     different steps, so this also checks that both KV caches drop the same rows."""
     tok = load_tokenizer(pair["base"])
     base, policy = load_model(pair["base"]), load_model(pair["policy"])
-    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"][: 20 + 7 * i] for i, r in enumerate(pair["rows"][:4])]
+    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"][: 20 + 7 * i]
+               for i, r in enumerate(pair["rows"][:4])]
     stop = stop_token_ids(tok) + tok(" is", add_special_tokens=False)["input_ids"]  # a common token: rows end early
     eps, top_p = 0.02, 0.9
     gens = generate(base, prompts, n=3, max_new_tokens=16, temperature=1.0, top_p=top_p, stop_ids=stop, seed=9,
@@ -265,7 +266,8 @@ def test_a_response_longer_than_the_context(pair, tmp_path):
     ('{"id": 1, "prompt": "a", "response": "b"}\n{"id": 2, "prompt": ', r"r\.jsonl:2: not valid JSON"),
     ('{"id": 1, "prompt": "a"}\n', r"r\.jsonl:1: missing field 'response'"),
     ('{"id": 1, "prompt": "a", "response": 5}\n', r"r\.jsonl:1: field 'response' must be a string"),
-    ('{"id": 1, "prompt": "a", "response": "b", "finished": "yes"}\n', r"r\.jsonl:1: field 'finished' must be true or false"),
+    ('{"id": 1, "prompt": "a", "response": "b", "finished": "yes"}\n',
+     r"r\.jsonl:1: field 'finished' must be true or false"),
 ])
 def test_a_broken_responses_file(pair, tmp_path, bad, message):
     (tmp_path / "r.jsonl").write_text(bad)
@@ -275,12 +277,14 @@ def test_a_broken_responses_file(pair, tmp_path, bad, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_the_command_line_prints_one_line(pair, tmp_path):
     (tmp_path / "r.jsonl").write_text('{"id": 1, "prompt": "a", "response": "b"}\n[1, 2]\n')
     r = subprocess.run([sys.executable, os.path.join(ROOT, "token_shift.py"), "--base", pair["base"], "--policy",
                         pair["policy"], "--responses", str(tmp_path / "r.jsonl"), "--out_dir", str(tmp_path / "out")],
                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'r.jsonl'}:2: expected a JSON object, got list"]
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'r.jsonl'}:2: expected a JSON object, got list"]
     assert not (tmp_path / "out").exists()
 
 

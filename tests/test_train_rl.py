@@ -1,5 +1,5 @@
-"""train_rl.py: the GRPO maths against hand computations, a CPU learning test that can fail,
-torchrun with 2 ranks, kill-and-resume equivalence and NaN handling — all through the real loop."""
+"""train_rl.py through its real loop: the KL switches, a CPU learning test that can fail, torchrun with 2 ranks,
+kill-and-resume equivalence and NaN handling. (The GRPO maths against hand computations: test_grpo.py.)"""
 import os
 import random
 import subprocess
@@ -11,139 +11,18 @@ import torch
 import common
 import ckpt
 import engine
-import parallel
 import toy_task
 import train_rl
 from conftest import ROOT, assert_train_shards, free_port, subprocess_env
-from engine import generate
-from model import load_model, load_tokenizer, pack, save_model, stop_token_ids
+from model import load_model, load_tokenizer, pack, save_model
 import padded
 
 
-
 # -----------------------------------------------------------------------------
-# the maths
+# the KL to the reference, in the reward and in the loss
 
 
-def test_group_advantages_per_group():
-    rewards = [1, 0, 0, 0,   1, 1, 1, 1,   0, 0, 1, 1]
-    adv = train_rl.group_advantages(rewards, n=4)
-    # group 1: mean 0.25, unbiased std sqrt(0.25) = 0.5
-    assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-6))
-    assert torch.equal(adv[4:8], torch.zeros(4))                     # all-equal group -> exactly 0
-    std = torch.tensor([0.0, 0.0, 1.0, 1.0]).std()                    # unbiased, as torch.std in verl
-    assert torch.allclose(adv[8:], torch.tensor([-0.5, -0.5, 0.5, 0.5]) / (std + 1e-6))
-    assert torch.equal(train_rl.group_advantages([0, 0, 0], n=3), torch.zeros(3))
-    # Dr. GRPO: mean-centred only
-    assert torch.allclose(train_rl.group_advantages(rewards, 4, std_normalize=False)[:4],
-                          torch.tensor([0.75, -0.25, -0.25, -0.25]))
-    # groups of one: mean 0, std 1 (verl), so the advantage is the reward
-    assert torch.equal(train_rl.group_advantages([1.0, 0.0], n=1), torch.tensor([1.0, 0.0]))
-
-
-def test_kl_in_the_reward_scales_linearly_with_kl_coef():
-    """k1's penalty at an honest scale: the group statistics come from the task rewards alone and the KL term is
-    centred in its group, never divided by the std. In a group of equal rewards the advantages are
-    -kl_coef x (KL - mean KL): linear in kl_coef (normalising the shaped reward made them the standardised KL,
-    nearly the same for kl_coef 0.1 and 1e-5)."""
-    rewards = [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
-    seq_kl = [0.3, -0.1, 0.5, 0.1, 0.2, 0.0, 0.4, 0.2]
-    kl = torch.tensor(seq_kl).view(2, 4)
-    for std_normalize in (True, False):
-        task = train_rl.group_advantages(rewards, 4, std_normalize)
-        for coef in (0.1, 1e-3, 1e-5):
-            adv = train_rl.group_advantages(rewards, 4, std_normalize, seq_kl=seq_kl, kl_coef=coef)
-            torch.testing.assert_close(adv, task - coef * (kl - kl.mean(1, keepdim=True)).view(-1))
-    equal = [train_rl.group_advantages(rewards, 4, seq_kl=seq_kl, kl_coef=c)[:4] for c in (0.1, 1e-5)]
-    torch.testing.assert_close(equal[0], 1e4 * equal[1])
-    assert float(equal[0].abs().max()) == pytest.approx(0.1 * 0.3)  # |0.5 - mean 0.2|: no unit scale
-    # groups of one (mean 0, std 1, as verl): the reward less kl_coef x KL
-    torch.testing.assert_close(train_rl.group_advantages([1.0, 0.0], 1, seq_kl=[0.5, 0.2], kl_coef=0.1),
-                               torch.tensor([0.95, -0.02]))
-
-
-def test_loss_aggregations_match_hand_computation_and_ignore_the_split():
-    # two sequences with 2 and 3 response tokens; per-token losses l
-    l1, l2 = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])
-    hand = {"token_mean": (1 + 2 + 3 + 4 + 5) / 5,
-            "seq_mean_token_mean": ((1 + 2) / 2 + (3 + 4 + 5) / 3) / 2,
-            "constant": (1 + 2 + 3 + 4 + 5) / (10 * 2)}  # max_response_tokens = 10, 2 sequences
-    for agg, want in hand.items():
-        one = (train_rl.token_weights([2, 3], agg, 5, 2, 10) * torch.cat([l1, l2])).sum()
-        # the same batch as two micro-batches (or two ranks): weights use the global counts
-        split = (train_rl.token_weights([2], agg, 5, 2, 10) * l1).sum() + \
-                (train_rl.token_weights([3], agg, 5, 2, 10) * l2).sum()
-        assert one.item() == pytest.approx(want) and split.item() == pytest.approx(want), agg
-
-
-def test_clipping_on_both_sides():
-    old = torch.zeros(6)
-    logp = torch.log(torch.tensor([1.5, 1.1, 0.5, 1.5, 0.9, 0.5]))  # ratios
-    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
-    logp.requires_grad_(True)
-    loss, clipped = train_rl.policy_loss(logp, old, adv, clip_low=0.2, clip_high=0.3)
-    # A>0: ratio 1.5 clipped to 1.3 (no gradient); 1.1 inside; 0.5 below the floor but the unclipped term
-    # is the larger loss (pessimistic bound), so it keeps its gradient. A<0 mirrors it.
-    assert torch.allclose(loss.detach(), torch.tensor([-1.3, -1.1, -0.5, 1.5, 0.9, 0.8]))
-    assert clipped.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    loss.sum().backward()
-    assert torch.allclose(logp.grad, torch.tensor([0.0, -1.1, -0.5, 1.5, 0.9, 0.0]))  # d(-A*ratio)/dlogp = -A*ratio
-    # clip-higher: the ceiling is 1 + clip_high, the floor 1 - clip_low
-    loss2, _ = train_rl.policy_loss(torch.log(torch.tensor([2.0, 0.1])), torch.zeros(2), torch.tensor([1.0, -1.0]), 0.2, 0.28)
-    assert torch.allclose(loss2, torch.tensor([-1.28, 0.8]))
-
-
-def test_kl_estimators():
-    logp = torch.tensor([-1.0, -2.0, -0.5, -20.0])
-    ref = torch.tensor([-1.5, -1.0, -0.5, -0.1])
-    assert torch.allclose(train_rl.kl_penalty(logp, ref, "k1"), logp - ref)
-    d = ref - logp
-    k3 = train_rl.kl_penalty(logp, ref, "k3")
-    assert torch.allclose(k3[:3], torch.exp(d[:3]) - d[:3] - 1)
-    assert k3[2] == 0 and (k3 >= 0).all()
-    assert k3[3] == 10.0  # exp(19.9) - ... clamped to 10 as in verl
-    # both estimate KL(pi || ref): check their means on samples from pi against the exact value
-    g = torch.Generator().manual_seed(0)
-    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
-    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
-    exact = (p * (p / q).log()).sum()
-    for est in ("k1", "k3"):
-        assert train_rl.kl_penalty(p.log()[x], q.log()[x], est).mean().item() == pytest.approx(exact.item(), abs=5e-3)
-
-
-def test_kl_terms_expected_gradients_on_a_two_token_vocabulary():
-    """Exact expectations over a 2-token vocabulary (sample weights pi(y), not differentiated). k1 in the reward
-    (train_rl's k1): the policy-gradient loss on advantage -kl_coef * k1 descends KL(pi || ref). k3 in the loss
-    (train_rl's k3): its gradient is that of the reverse KL(ref || pi), not of KL(pi || ref). k1 used as a loss
-    would have expected gradient 0 (why train_rl does not offer it)."""
-    theta = torch.tensor([0.4, -0.3], requires_grad=True)
-    ref = torch.log_softmax(torch.tensor([-0.5, 0.6]), 0)
-    beta = 0.1
-
-    def expected_grad(per_token_loss):
-        logp = torch.log_softmax(theta, 0)
-        weights = logp.exp().detach()
-        (weights * per_token_loss(logp)).sum().backward()
-        g = theta.grad.clone()
-        theta.grad = None
-        return g
-
-    def analytic(kl):
-        g, = torch.autograd.grad(kl(torch.log_softmax(theta, 0)), theta)
-        return g
-
-    forward_kl = lambda logp: (logp.exp() * (logp - ref)).sum()      # KL(pi || ref)
-    reverse_kl = lambda logp: (ref.exp() * (ref - logp)).sum()       # KL(ref || pi)
-    k1_reward = expected_grad(lambda logp: train_rl.policy_loss(
-        logp, logp.detach(), -beta * train_rl.kl_penalty(logp, ref, "k1").detach())[0])
-    assert torch.allclose(k1_reward, beta * analytic(forward_kl), atol=1e-6)
-    k3_loss = expected_grad(lambda logp: beta * train_rl.kl_penalty(logp, ref, "k3"))
-    assert torch.allclose(k3_loss, beta * analytic(reverse_kl), atol=1e-6)
-    assert not torch.allclose(k3_loss, beta * analytic(forward_kl), atol=1e-3)
-    k1_loss = expected_grad(lambda logp: beta * train_rl.kl_penalty(logp, ref, "k1"))
-    assert torch.allclose(k1_loss, torch.zeros(2), atol=1e-7)
-
-
+@pytest.mark.slow  # the toy fixture: a ~15 s warm start
 def test_kl_in_the_reward_and_in_the_loss_run(toy, tmp_path):
     """k1 shapes the rewards (one pre-pass for the old and reference log-probs), k3 adds to the loss; both log the
     mean per-token KL to the reference (0 at the first step, before the policy has moved)."""
@@ -153,54 +32,6 @@ def test_kl_in_the_reward_and_in_the_loss_run(toy, tmp_path):
         ms = metrics(out)
         assert ms[0]["kl"] == pytest.approx(0.0, abs=1e-6) and ms[1]["kl"] != 0.0
         assert all(m["updates"] == 1 for m in ms)
-
-
-def test_token_mean_gradient_is_the_analytic_policy_gradient():
-    """A 2-token vocabulary, policy softmax(theta) per position: the gradient of the token-mean loss (on-policy,
-    ratio == 1) equals -(1/T) sum_i A_i sum_t (onehot(y_it) - p)."""
-    theta = torch.tensor([0.3, -0.2], requires_grad=True)
-    g = torch.Generator().manual_seed(0)
-    p = torch.softmax(theta.detach(), 0)
-    seqs = [torch.multinomial(p, k, replacement=True, generator=g) for k in (3, 5, 2, 4)]
-    rewards = [1.0, 0.0, 1.0, 0.0]
-    adv = train_rl.group_advantages(rewards, n=4)
-    lengths = [len(s) for s in seqs]
-    y = torch.cat(seqs)
-    logp = torch.log_softmax(theta, 0)[y]
-    a = torch.repeat_interleave(adv, torch.tensor(lengths))
-    tok_loss, _ = train_rl.policy_loss(logp, logp.detach(), a)
-    loss = (train_rl.token_weights(lengths, "token_mean", sum(lengths), 4, 10) * tok_loss).sum()
-    loss.backward()
-    analytic = -sum(adv[i] * (torch.nn.functional.one_hot(s, 2).float() - p).sum(0) for i, s in enumerate(seqs)) / sum(lengths)
-    assert torch.allclose(theta.grad, analytic, atol=1e-6)
-    assert theta.grad.abs().sum() > 0
-
-
-def test_data_order_covers_each_epoch_once_and_is_deterministic():
-    per_epoch = [train_rl.step_prompt_indices(50, 8, s, seed=3) for s in range(1, 7)]  # 6 steps x 8 of 50
-    flat = [i for b in per_epoch for i in b]
-    assert len(set(flat)) == 48
-    assert per_epoch == [train_rl.step_prompt_indices(50, 8, s, seed=3) for s in range(1, 7)]
-    assert train_rl.step_prompt_indices(50, 8, 7, seed=3) != per_epoch[0]  # epoch 2: a new permutation
-    shards = [parallel.rank_share(per_epoch[0], r, 3) for r in range(3)]
-    assert sorted(sum(shards, [])) == sorted(per_epoch[0]) and not set(shards[0]) & set(shards[1])
-
-
-def test_micro_batches_respect_the_token_budget():
-    lengths = [5, 9, 3, 12, 7, 1, 30]
-    mbs = parallel.micro_batches(lengths, budget=12)
-    assert sorted(i for mb in mbs for i in mb) == list(range(7))
-    assert all(sum(lengths[i] for i in mb) <= 12 or len(mb) == 1 for mb in mbs)
-
-
-def test_training_logprobs_equal_generation_logprobs(tiny_checkpoint):
-    model, tok = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
-    prompts = [tok("What is 1 + 2?", add_special_tokens=False)["input_ids"], tok("Hi", add_special_tokens=False)["input_ids"]]
-    gens = generate(model, prompts, n=2, max_new_tokens=7, temperature=0.7, stop_ids=stop_token_ids(tok), seed=1)
-    with torch.no_grad():
-        lp = train_rl.response_logprobs(model, [prompts[g.prompt_index] for g in gens], [g.tokens for g in gens],
-                                        temperature=0.7, chunk_size=5, with_entropy=False)
-    assert torch.allclose(lp, torch.tensor([x for g in gens for x in g.logprobs]), atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -239,6 +70,7 @@ def noisy_sft(path, steps=300, p_correct=0.3, seed=0):
 
 @pytest.fixture(scope="module")
 def toy(tiny_checkpoint, tmp_path_factory):
+    """The warm-started toy model (noisy_sft, ~15 s on 2 cores) and its data: every test that takes it is slow."""
     d = tmp_path_factory.mktemp("rl")
     init = str(d / "init")
     save_model(load_model(tiny_checkpoint), init, load_tokenizer(tiny_checkpoint))
@@ -250,8 +82,8 @@ def toy(tiny_checkpoint, tmp_path_factory):
 
 def rl_args(toy, out_dir, **over):
     s = {"model": toy["init"], "task": "toy_task", "train_data": toy["train"], "test_data": toy["test"],
-         "out_dir": str(out_dir), "prompts_per_step": 16, "samples_per_prompt": 8, "max_response_tokens": 20, "lr": 3e-4,
-         "warmup_steps": 3, "max_steps": 4, "val_every": 0, "save_every": 2, "progress": False}
+         "out_dir": str(out_dir), "prompts_per_step": 16, "samples_per_prompt": 8, "max_response_tokens": 20,
+         "lr": 3e-4, "warmup_steps": 3, "max_steps": 4, "val_every": 0, "save_every": 2, "progress": False}
     s.update(over)
     return [x for k, v in s.items() for x in (f"--{k}", str(v))]
 
@@ -265,6 +97,7 @@ def weights(ckpt_dir):
     return load_file(os.path.join(ckpt_dir, "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_grpo_raises_reward_on_cpu(toy, tmp_path):
     """The real loop, 30 steps: greedy test accuracy and sampled reward must both rise by a clear margin.
     Measured over warm-start seeds, RL seeds, library versions and CPU instruction sets: sampled reward
@@ -280,13 +113,15 @@ def test_grpo_raises_reward_on_cpu(toy, tmp_path):
     assert val[30] >= val[0] + 0.25
     assert last >= first + 0.15
     roll = common.read_jsonl(os.path.join(out, "rollouts", "step_000030.jsonl"))
-    assert len(roll) == 16 * 8 and {"id", "prompt", "response", "reward", "finished", "length", "step", "level"} <= set(roll[0])
+    assert len(roll) == 16 * 8
+    assert {"id", "prompt", "response", "reward", "finished", "length", "step", "level"} <= set(roll[0])
 
 
 class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert train_rl.main(rl_args(toy, full, max_steps=4, save_every=2)) == 0
@@ -318,6 +153,7 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     assert len(sample_policy.read_rollouts(str(cut), [3, 4])) == 2 * 16 * 8
 
 
+@pytest.mark.slow
 def test_a_kill_right_after_a_save_loses_no_metrics_line_and_no_disk(toy, tmp_path, monkeypatch, capsys):
     """Killed just after step 2's checkpoint: the resume starts at step 3, so step 2's metrics line must already be
     written (it used to be logged after the save, and was lost). What an interrupted save leaves (temporary files
@@ -353,6 +189,7 @@ def test_a_kill_right_after_a_save_loses_no_metrics_line_and_no_disk(toy, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, capsys):
     real, calls = train_rl.policy_loss, [0]
 
@@ -374,14 +211,16 @@ def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, ca
     assert all(torch.isfinite(v).all() for v in w2.values())
 
 
+@pytest.mark.slow
 def test_variants_run_bf16_master_and_kl(toy, tmp_path):
     """The switches off the paper's path: bf16 model + fp32 master, several mini-batches/epochs (recomputed
     old log-probs, ratio != 1), KL to the reference, entropy bonus, dropped groups, masked truncations."""
     out = tmp_path / "variants"
-    assert train_rl.main(rl_args(toy, out, max_steps=1, save_every=1, dtype="bfloat16", ppo_epochs=2, ppo_mini_batches=2,
-                                 kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, loss_agg="seq_mean_token_mean",
-                                 std_normalize=False, clip_high=0.28, drop_zero_variance_groups=True,
-                                 mask_truncated=True, micro_batch_tokens=200, lr=1e-3)) == 0
+    assert train_rl.main(rl_args(toy, out, max_steps=1, save_every=1, dtype="bfloat16", ppo_epochs=2,
+                                 ppo_mini_batches=2, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
+                                 loss_agg="seq_mean_token_mean", std_normalize=False, clip_high=0.28,
+                                 drop_zero_variance_groups=True, mask_truncated=True, micro_batch_tokens=200,
+                                 lr=1e-3)) == 0
     ms = metrics(out)
     assert all(m["updates"] == 4 or m["train_seqs"] < 2 for m in ms)  # 2 epochs x 2 mini-batches
     assert ms[0]["kl"] > 0 and ms[0]["logprob_gap"] < 0.1  # the policy moved away from the reference
@@ -391,6 +230,7 @@ def test_variants_run_bf16_master_and_kl(toy, tmp_path):
     assert all(v.dtype == torch.float32 for v in shard["weights"].values())  # ... the fp32 master to resume from
 
 
+@pytest.mark.slow
 def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
     """--keep_last 2: the older saves are deleted, except the weights of a --keep_steps step."""
     out = tmp_path / "keep"
@@ -407,15 +247,13 @@ def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
 # torchrun: 2 ranks on CPU (gloo)
 
 
-
-
-
+@pytest.mark.torchrun
 def test_torchrun_two_ranks_disjoint_prompts_identical_weights(toy, tmp_path):
     out = tmp_path / "ddp"
     env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "train_rl.py")] + rl_args(toy, out, max_steps=2, prompts_per_step=7, samples_per_prompt=4, val_every=2,
-                                                        save_every=2, max_response_tokens=16)
+           os.path.join(ROOT, "train_rl.py")] + rl_args(toy, out, max_steps=2, prompts_per_step=7, samples_per_prompt=4,
+                                                        val_every=2, save_every=2, max_response_tokens=16)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     train = common.read_jsonl(toy["train"])
@@ -435,9 +273,10 @@ def run_fixed(toy, out, ranks, env_extra=None, **over):
     s = dict(max_steps=4, prompts_per_step=7, samples_per_prompt=4, max_response_tokens=16, save_every=2, val_every=0,
              micro_batch_tokens=120, lr=1e-3, warmup_steps=0)
     s.update(over)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port", str(free_port()),
-           os.path.join(ROOT, "tests", "rl_fixed_rollouts.py")] + rl_args(toy, out, **s)
-    return subprocess.run(cmd, env=dict(subprocess_env(), **(env_extra or {})), capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port",
+           str(free_port()), os.path.join(ROOT, "tests", "rl_fixed_rollouts.py")] + rl_args(toy, out, **s)
+    return subprocess.run(cmd, env=dict(subprocess_env(), **(env_extra or {})), capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -449,6 +288,7 @@ def fixed_runs(toy, tmp_path_factory):
     return d, runs
 
 
+@pytest.mark.torchrun  # the fixed_runs fixture launches it
 def test_fsdp_two_ranks_give_the_weights_of_one(fixed_runs):
     """Sharded over 2 ranks (FSDP2, gloo) or not, the same rollouts give the same update: the loss normaliser is
     global and FSDP sums the ranks' gradients."""
@@ -467,6 +307,7 @@ def test_fsdp_two_ranks_give_the_weights_of_one(fixed_runs):
     assert [m["grad_norm"] for m in mb] == pytest.approx([m["grad_norm"] for m in ma], rel=1e-5)
 
 
+@pytest.mark.torchrun
 def test_fsdp_kill_and_resume_at_two_ranks_is_bit_identical(fixed_runs):
     d, runs = fixed_runs
     assert runs["cut"].returncode != 0 and "killed in step 3" in runs["cut"].stderr
@@ -478,6 +319,7 @@ def test_fsdp_kill_and_resume_at_two_ranks_is_bit_identical(fixed_runs):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.torchrun
 def test_checkpoint_from_two_ranks_loads_in_transformers(fixed_runs):
     from transformers import AutoModelForCausalLM
     from model import load_model
@@ -490,6 +332,7 @@ def test_checkpoint_from_two_ranks_loads_in_transformers(fixed_runs):
         torch.testing.assert_close(padded.logits(ours, ids), hf(ids).logits.float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_skips_an_unreadable_checkpoint(toy, tmp_path, capsys):
     """A truncated state file (a disk fault, a partial copy) is skipped with one warning naming it; the run
     resumes from the newest intact checkpoint and ends where an uninterrupted run ends."""
@@ -519,6 +362,7 @@ def test_every_option_passes_through_torchrun():
     assert parsed.training_script == "train_rl.py" and parsed.training_script_args == argv
 
 
+@pytest.mark.slow
 def test_a_step_that_trains_nothing_keeps_the_fp32_master_on_one_bf16_rank(toy, tmp_path, monkeypatch):
     """One rank with --dtype bfloat16 is FSDP-sharded, as on one GPU. k1's KL in the reward runs a no-grad pre-pass,
     which leaves FSDP's root group (embeddings, final norm, lm_head) gathered in bf16; when no group has a signal
@@ -541,6 +385,7 @@ def test_a_step_that_trains_nothing_keeps_the_fp32_master_on_one_bf16_rank(toy, 
     assert all(torch.equal(shard[k], init[k]) for k in shard)
 
 
+@pytest.mark.torchrun
 def test_fsdp_a_step_that_trains_nothing_saves_true_shards_and_resumes_exactly(toy, tmp_path):
     """The same at 2 ranks (gloo): the step-2 checkpoint follows a pre-pass and an update that skips every
     mini-batch. Its shards must be each rank's fp32 shard (the root's used to be saved whole, and resume crashed:
@@ -561,6 +406,7 @@ def test_fsdp_a_step_that_trains_nothing_saves_true_shards_and_resumes_exactly(t
     assert [m["step"] for m in metrics(tmp_path / "cut")] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # the toy fixture
 def test_bad_settings_are_one_line_errors(toy, tmp_path):
     with pytest.raises(common.UserError, match="--model is required"):
         train_rl.main(["--task", "toy_task"])
@@ -577,6 +423,7 @@ def test_bad_settings_are_one_line_errors(toy, tmp_path):
         train_rl.main(rl_args(toy, tmp_path / "b", max_response_tokens=5000))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "constant"])
 def test_the_update_does_not_depend_on_the_micro_batch_split(toy, tmp_path, agg):
     """The loss normaliser is global (counted before the first micro-batch), so one packed micro-batch or many

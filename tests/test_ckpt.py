@@ -1,0 +1,32 @@
+"""ckpt.py: a checkpoint and an fp32 full copy of an FSDP-sharded model taken after a no-grad forward hold the
+fp32 master, and resume restores it exactly. (Kill-and-resume through the scripts' mains: test_train_rl.py,
+test_redistill_sft.py, test_kill_drill.py.)"""
+import ckpt
+import parallel
+
+
+def test_checkpoints_and_full_copies_after_a_no_grad_forward_hold_the_fp32_master(tiny_checkpoint, tmp_path):
+    """One rank with bf16 compute is FSDP-sharded (as on one GPU). FSDP2 leaves its root group (embeddings, final norm,
+    lm_head) gathered in bf16 after a forward without backward; a checkpoint or an fp32 full copy taken then must
+    still hold the fp32 master, and resume must restore it exactly."""
+    import torch
+    from conftest import assert_train_shards
+    from model import load_model, load_tokenizer
+    parallel.dist_setup()
+    master = load_model(tiny_checkpoint).state_dict()
+    model = parallel.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
+    optimizer = ckpt.make_optimizer(model.parameters(), lr=1e-3)
+    parallel.idle_pass(model)  # a training micro-batch: FSDP reshards after its backward
+    with torch.no_grad():
+        parallel.idle_pass(model, backward=False)  # validation, a pre-pass: the root stays gathered
+    assert parallel.is_sharded(model)
+    copy = parallel.full_copy(model, torch.float32)
+    assert all(torch.equal(copy.state_dict()[k], master[k]) for k in master)
+    with torch.no_grad():
+        parallel.idle_pass(model, backward=False)
+    ckpt.save_checkpoint(str(tmp_path), 1, model, load_tokenizer(tiny_checkpoint), optimizer, {}, torch.bfloat16, 2)
+    assert assert_train_shards(tmp_path, 1) == 1
+    again = parallel.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
+    ckpt.load_local_train_state(again, ckpt.make_optimizer(again.parameters(), lr=1e-3),
+                                ckpt.load_checkpoint(str(tmp_path))[3])
+    assert all(torch.equal(parallel.full_copy(again, torch.float32).state_dict()[k], master[k]) for k in master)

@@ -1,0 +1,181 @@
+"""grpo.py, train_rl.py's pure functions, against hand computations: group advantages (with k1's KL in the reward),
+the loss aggregations' token weights, the clipped surrogate, the KL estimators and their expected gradients, the
+token-mean policy gradient, DWA's weights, and each step's prompts. (The loop itself: test_train_rl.py.)"""
+import math
+
+import pytest
+import torch
+
+import grpo
+import parallel
+
+
+def test_group_advantages_per_group():
+    rewards = [1, 0, 0, 0,   1, 1, 1, 1,   0, 0, 1, 1]
+    adv = grpo.group_advantages(rewards, n=4)
+    # group 1: mean 0.25, unbiased std sqrt(0.25) = 0.5
+    assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-6))
+    assert torch.equal(adv[4:8], torch.zeros(4))                     # all-equal group -> exactly 0
+    std = torch.tensor([0.0, 0.0, 1.0, 1.0]).std()                    # unbiased, as torch.std in verl
+    assert torch.allclose(adv[8:], torch.tensor([-0.5, -0.5, 0.5, 0.5]) / (std + 1e-6))
+    assert torch.equal(grpo.group_advantages([0, 0, 0], n=3), torch.zeros(3))
+    # Dr. GRPO: mean-centred only
+    assert torch.allclose(grpo.group_advantages(rewards, 4, std_normalize=False)[:4],
+                          torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    # groups of one: mean 0, std 1 (verl), so the advantage is the reward
+    assert torch.equal(grpo.group_advantages([1.0, 0.0], n=1), torch.tensor([1.0, 0.0]))
+
+
+def test_kl_in_the_reward_scales_linearly_with_kl_coef():
+    """k1's penalty at an honest scale: the group statistics come from the task rewards alone and the KL term is
+    centred in its group, never divided by the std. In a group of equal rewards the advantages are
+    -kl_coef x (KL - mean KL): linear in kl_coef (normalising the shaped reward made them the standardised KL,
+    nearly the same for kl_coef 0.1 and 1e-5)."""
+    rewards = [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    seq_kl = [0.3, -0.1, 0.5, 0.1, 0.2, 0.0, 0.4, 0.2]
+    kl = torch.tensor(seq_kl).view(2, 4)
+    for std_normalize in (True, False):
+        task = grpo.group_advantages(rewards, 4, std_normalize)
+        for coef in (0.1, 1e-3, 1e-5):
+            adv = grpo.group_advantages(rewards, 4, std_normalize, seq_kl=seq_kl, kl_coef=coef)
+            torch.testing.assert_close(adv, task - coef * (kl - kl.mean(1, keepdim=True)).view(-1))
+    equal = [grpo.group_advantages(rewards, 4, seq_kl=seq_kl, kl_coef=c)[:4] for c in (0.1, 1e-5)]
+    torch.testing.assert_close(equal[0], 1e4 * equal[1])
+    assert float(equal[0].abs().max()) == pytest.approx(0.1 * 0.3)  # |0.5 - mean 0.2|: no unit scale
+    # groups of one (mean 0, std 1, as verl): the reward less kl_coef x KL
+    torch.testing.assert_close(grpo.group_advantages([1.0, 0.0], 1, seq_kl=[0.5, 0.2], kl_coef=0.1),
+                               torch.tensor([0.95, -0.02]))
+
+
+def test_loss_aggregations_match_hand_computation_and_ignore_the_split():
+    # two sequences with 2 and 3 response tokens; per-token losses l
+    l1, l2 = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])
+    hand = {"token_mean": (1 + 2 + 3 + 4 + 5) / 5,
+            "seq_mean_token_mean": ((1 + 2) / 2 + (3 + 4 + 5) / 3) / 2,
+            "constant": (1 + 2 + 3 + 4 + 5) / (10 * 2)}  # max_response_tokens = 10, 2 sequences
+    for agg, want in hand.items():
+        one = (grpo.token_weights([2, 3], agg, 5, 2, 10) * torch.cat([l1, l2])).sum()
+        # the same batch as two micro-batches (or two ranks): weights use the global counts
+        split = (grpo.token_weights([2], agg, 5, 2, 10) * l1).sum() + \
+                (grpo.token_weights([3], agg, 5, 2, 10) * l2).sum()
+        assert one.item() == pytest.approx(want) and split.item() == pytest.approx(want), agg
+
+
+def test_clipping_on_both_sides():
+    old = torch.zeros(6)
+    logp = torch.log(torch.tensor([1.5, 1.1, 0.5, 1.5, 0.9, 0.5]))  # ratios
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    logp.requires_grad_(True)
+    loss, clipped = grpo.policy_loss(logp, old, adv, clip_low=0.2, clip_high=0.3)
+    # A>0: ratio 1.5 clipped to 1.3 (no gradient); 1.1 inside; 0.5 below the floor but the unclipped term
+    # is the larger loss (pessimistic bound), so it keeps its gradient. A<0 mirrors it.
+    assert torch.allclose(loss.detach(), torch.tensor([-1.3, -1.1, -0.5, 1.5, 0.9, 0.8]))
+    assert clipped.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, torch.tensor([0.0, -1.1, -0.5, 1.5, 0.9, 0.0]))  # d(-A*ratio)/dlogp = -A*ratio
+    # clip-higher: the ceiling is 1 + clip_high, the floor 1 - clip_low
+    loss2, _ = grpo.policy_loss(torch.log(torch.tensor([2.0, 0.1])), torch.zeros(2), torch.tensor([1.0, -1.0]),
+                                0.2, 0.28)
+    assert torch.allclose(loss2, torch.tensor([-1.28, 0.8]))
+
+
+def test_kl_estimators():
+    logp = torch.tensor([-1.0, -2.0, -0.5, -20.0])
+    ref = torch.tensor([-1.5, -1.0, -0.5, -0.1])
+    assert torch.allclose(grpo.kl_penalty(logp, ref, "k1"), logp - ref)
+    d = ref - logp
+    k3 = grpo.kl_penalty(logp, ref, "k3")
+    assert torch.allclose(k3[:3], torch.exp(d[:3]) - d[:3] - 1)
+    assert k3[2] == 0 and (k3 >= 0).all()
+    assert k3[3] == 10.0  # exp(19.9) - ... clamped to 10 as in verl
+    # both estimate KL(pi || ref): check their means on samples from pi against the exact value
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    exact = (p * (p / q).log()).sum()
+    for est in ("k1", "k3"):
+        assert grpo.kl_penalty(p.log()[x], q.log()[x], est).mean().item() == pytest.approx(exact.item(), abs=5e-3)
+
+
+def test_kl_terms_expected_gradients_on_a_two_token_vocabulary():
+    """Exact expectations over a 2-token vocabulary (sample weights pi(y), not differentiated). k1 in the reward
+    (train_rl's k1): the policy-gradient loss on advantage -kl_coef * k1 descends KL(pi || ref). k3 in the loss
+    (train_rl's k3): its gradient is that of the reverse KL(ref || pi), not of KL(pi || ref). k1 used as a loss
+    would have expected gradient 0 (why train_rl does not offer it)."""
+    theta = torch.tensor([0.4, -0.3], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([-0.5, 0.6]), 0)
+    beta = 0.1
+
+    def expected_grad(per_token_loss):
+        logp = torch.log_softmax(theta, 0)
+        weights = logp.exp().detach()
+        (weights * per_token_loss(logp)).sum().backward()
+        g = theta.grad.clone()
+        theta.grad = None
+        return g
+
+    def analytic(kl):
+        g, = torch.autograd.grad(kl(torch.log_softmax(theta, 0)), theta)
+        return g
+
+    forward_kl = lambda logp: (logp.exp() * (logp - ref)).sum()      # KL(pi || ref)
+    reverse_kl = lambda logp: (ref.exp() * (ref - logp)).sum()       # KL(ref || pi)
+    k1_reward = expected_grad(lambda logp: grpo.policy_loss(
+        logp, logp.detach(), -beta * grpo.kl_penalty(logp, ref, "k1").detach())[0])
+    assert torch.allclose(k1_reward, beta * analytic(forward_kl), atol=1e-6)
+    k3_loss = expected_grad(lambda logp: beta * grpo.kl_penalty(logp, ref, "k3"))
+    assert torch.allclose(k3_loss, beta * analytic(reverse_kl), atol=1e-6)
+    assert not torch.allclose(k3_loss, beta * analytic(forward_kl), atol=1e-3)
+    k1_loss = expected_grad(lambda logp: beta * grpo.kl_penalty(logp, ref, "k1"))
+    assert torch.allclose(k1_loss, torch.zeros(2), atol=1e-7)
+
+
+def test_token_mean_gradient_is_the_analytic_policy_gradient():
+    """A 2-token vocabulary, policy softmax(theta) per position: the gradient of the token-mean loss (on-policy,
+    ratio == 1) equals -(1/T) sum_i A_i sum_t (onehot(y_it) - p)."""
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(theta.detach(), 0)
+    seqs = [torch.multinomial(p, k, replacement=True, generator=g) for k in (3, 5, 2, 4)]
+    rewards = [1.0, 0.0, 1.0, 0.0]
+    adv = grpo.group_advantages(rewards, n=4)
+    lengths = [len(s) for s in seqs]
+    y = torch.cat(seqs)
+    logp = torch.log_softmax(theta, 0)[y]
+    a = torch.repeat_interleave(adv, torch.tensor(lengths))
+    tok_loss, _ = grpo.policy_loss(logp, logp.detach(), a)
+    loss = (grpo.token_weights(lengths, "token_mean", sum(lengths), 4, 10) * tok_loss).sum()
+    loss.backward()
+    analytic = -sum(adv[i] * (torch.nn.functional.one_hot(s, 2).float() - p).sum(0)
+                    for i, s in enumerate(seqs)) / sum(lengths)
+    assert torch.allclose(theta.grad, analytic, atol=1e-6)
+    assert theta.grad.abs().sum() > 0
+
+
+def test_data_order_covers_each_epoch_once_and_is_deterministic():
+    per_epoch = [grpo.step_prompt_indices(50, 8, s, seed=3) for s in range(1, 7)]  # 6 steps x 8 of 50
+    flat = [i for b in per_epoch for i in b]
+    assert len(set(flat)) == 48
+    assert per_epoch == [grpo.step_prompt_indices(50, 8, s, seed=3) for s in range(1, 7)]
+    assert grpo.step_prompt_indices(50, 8, 7, seed=3) != per_epoch[0]  # epoch 2: a new permutation
+    shards = [parallel.rank_share(per_epoch[0], r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == sorted(per_epoch[0]) and not set(shards[0]) & set(shards[1])
+
+
+def test_dwa_weights_match_a_hand_computation():
+    # r = pi / pi_old = 2, 1/2, 1 and e: k3 = (r - 1) - log r
+    logp = torch.log(torch.tensor([0.4, 0.1, 0.3, 0.5 * math.e]))
+    old = torch.log(torch.tensor([0.2, 0.2, 0.3, 0.5]))
+    kl = [1 - math.log(2), -0.5 + math.log(2), 0.0, math.e - 2]
+    for s, alpha in ((1.0, 1.0), (0.5, 4.0), (2.0, -3.0)):
+        want = [1 + s * (1 / (1 + math.exp(-alpha * k)) - 0.5) for k in kl]
+        assert grpo.dwa_weights(logp, old, s, alpha).tolist() == pytest.approx(want, rel=1e-6)
+    # high-KL boost (s, alpha > 0) raises the weight of the tokens that moved most; low-KL boost lowers it
+    hi, lo = grpo.dwa_weights(logp, old, 1.0, 2.0), grpo.dwa_weights(logp, old, 1.0, -2.0)
+    assert hi.argmax() == 3 and lo.argmin() == 3 and hi[2] == lo[2] == 1.0
+
+
+def test_dwa_weights_are_one_on_policy_and_carry_no_gradient():
+    logp = torch.randn(50, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    w = grpo.dwa_weights(logp, logp.detach(), 1.7, 25.0)
+    assert torch.equal(w, torch.ones(50)) and not w.requires_grad

@@ -1,0 +1,166 @@
+"""parallel.py: torchrun setup and teardown (dist_cleanup frees the process group, so no backend thread is left
+running while the interpreter finalizes: a gloo worker that still holds a Python-owned tensor then dies in a
+destructor, "terminate called without an active exception", SIGABRT; a torchrun worker that ran FSDP ends through
+common.run_main without finalizing), the collectives (every one outside FSDP goes through parallel.py, on the
+process group's device) and the packed micro-batches."""
+import ast
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import parallel
+from conftest import free_port, subprocess_env
+
+
+THREADS = '''
+import os
+
+def threads():
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    return sorted(names)
+'''
+
+
+RANK_SCRIPT = THREADS + '''
+import json, os, sys
+import parallel
+from model import load_model
+
+rank, world, device = parallel.dist_setup()
+model = load_model(sys.argv[1])  # what every stage does after dist_setup; its meta device imports torch._dynamo
+assert "torch.distributed.nn.functional" in sys.modules
+gathered = parallel.all_gather_json({"rank": rank})
+during = threads()
+parallel.dist_cleanup()
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+    json.dump({"gathered": gathered, "during": during, "after": threads()}, f)
+'''
+
+
+@pytest.mark.torchrun
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc (Linux)")
+def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
+    script = tmp_path / "rank_script.py"
+    script.write_text(RANK_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(free_port()), str(script), tiny_checkpoint, str(tmp_path)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            got = json.load(f)
+        assert got["gathered"] == [{"rank": 0}, {"rank": 1}]
+        gloo = ("pt_gloo_runloop", "gloo_tcp_loop")
+        assert all(name in got["during"] for name in gloo), got["during"]  # the check sees gloo's threads ...
+        assert not any(name in got["after"] for name in gloo), got["after"]  # ... and after cleanup they are gone
+
+
+FSDP_RANK_SCRIPT = THREADS + '''
+import atexit, json, os, sys
+import torch
+import common
+import parallel
+from model import load_model
+
+def main():
+    rank, world, device = parallel.dist_setup()
+    model = parallel.shard_model(load_model(sys.argv[1]), torch.float32)
+    parallel.idle_pass(model)
+    del model
+    parallel.dist_cleanup()
+    with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+        json.dump(threads(), f)
+    atexit.register(lambda: open(os.path.join(sys.argv[2], f"finalized{rank}"), "w").close())
+    print(f"<flushed {rank}>", end="")  # no newline: only an explicit flush shows it
+    return 3 if rank == 1 else 0
+
+common.run_main(main)
+'''
+
+
+@pytest.mark.torchrun
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc (Linux)")
+def test_a_torchrun_worker_ends_without_finalizing_while_gloo_threads_live(tiny_checkpoint, tmp_path):
+    """Once a model was FSDP-sharded, torch holds the process group beyond dist_cleanup: gloo's threads outlive it
+    (the check sees them), and a normal interpreter shutdown with them alive can end in SIGABRT ("terminate called
+    without an active exception", a finished 2-rank run reported as failed). So run_main ends a torchrun worker
+    with os._exit: its output flushed, its exit code kept, no finalization (the atexit handler never runs)."""
+    script = tmp_path / "fsdp_rank_script.py"
+    script.write_text(FSDP_RANK_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(free_port()), "--tee", "3", str(script), tiny_checkpoint, str(tmp_path)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]  # rank 1's own code
+    assert "<flushed 0>" in proc.stdout and "<flushed 1>" in proc.stdout, proc.stdout
+    for rank in (0, 1):
+        assert "pt_gloo_runloop" in json.loads((tmp_path / f"rank{rank}.json").read_text())  # why: they outlive it
+    assert not list(tmp_path.glob("finalized*"))
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "reduce", "gather", "scatter",
+               "all_to_all", "all_to_all_single", "barrier", "send", "recv", "isend", "irecv"}
+
+
+def test_no_script_calls_a_torch_distributed_collective_itself():
+    """NCCL takes only GPU tensors: a collective called on a CPU tensor crashes on the GPU box and nowhere else.
+    parallel.py's helpers move each tensor to the process group's device, so every script must use them."""
+    from conftest import ROOT
+    offenders = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+        if os.path.basename(path) == "parallel.py":
+            continue
+        tree = ast.parse(open(path).read(), path)
+        dist_names = {"torch.distributed"}  # names bound to torch.distributed in this file
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                dist_names |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
+            if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+                offenders += [f"{os.path.basename(path)}:{node.lineno}: from torch.distributed import {a.name}"
+                              for a in node.names if a.name in COLLECTIVES]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and ast.unparse(node.value) in dist_names:
+                offenders.append(f"{os.path.basename(path)}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "call parallel.all_reduce / all_gather_json / barrier instead:\n" + "\n".join(offenders)
+
+
+def test_the_collective_check_catches_a_direct_call(tmp_path, monkeypatch):
+    import conftest
+    (tmp_path / "bad_stage.py").write_text("import torch.distributed as dist\ndist.all_reduce(x)\n")
+    monkeypatch.setattr(conftest, "ROOT", str(tmp_path))
+    with pytest.raises(AssertionError, match="bad_stage.py:2: dist.all_reduce"):
+        test_no_script_calls_a_torch_distributed_collective_itself()
+
+
+def test_collectives_run_on_the_process_groups_device(monkeypatch):
+    """Under NCCL the group device is the current GPU; all_reduce hands dist.all_reduce a tensor there and gives
+    the result back on the caller's device."""
+    import torch
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert parallel.group_device() == torch.device("cuda", 3)
+    seen = []
+    monkeypatch.setattr(parallel, "group_device", lambda: torch.device("meta"))  # a device that is not the CPU
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: seen.append((t.device, op)))
+    monkeypatch.setattr(torch.Tensor, "to",
+                        lambda self, *a, **k: torch.empty_like(self, device=a[0] if a else k["device"])
+                        if (a and isinstance(a[0], torch.device)) or "device" in k else self)
+    out = parallel.all_reduce(torch.ones(3), "max")
+    assert seen == [(torch.device("meta"), dist.ReduceOp.MAX)] and out.device == torch.device("cpu")
+
+
+def test_micro_batches_respect_the_token_budget():
+    lengths = [5, 9, 3, 12, 7, 1, 30]
+    mbs = parallel.micro_batches(lengths, budget=12)
+    assert sorted(i for mb in mbs for i in mb) == list(range(7))
+    assert all(sum(lengths[i] for i in mb) <= 12 or len(mb) == 1 for mb in mbs)

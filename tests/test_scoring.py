@@ -1,0 +1,67 @@
+"""scoring.py: unbiased pass@k against hand values and exact binomials, per-difficulty summaries, and the markdown
+tables. (generate_and_score against eval.py's own output: test_eval.py's greedy run.)"""
+import math
+
+import pytest
+
+import common
+import scoring
+
+
+def test_pass_at_k_hand_values():
+    assert scoring.pass_at_k(5, 2, 1) == pytest.approx(0.4)            # c/n
+    assert scoring.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)     # 1 - C(3,2)/C(5,2)
+    assert scoring.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)     # 1 - C(3,3)/C(5,3)
+    assert scoring.pass_at_k(5, 2, 4) == 1.0                           # n - c < k: every 4-subset has a correct one
+    assert scoring.pass_at_k(10, 3, 4) == pytest.approx(1 - math.comb(7, 4) / math.comb(10, 4))
+
+
+def test_pass_at_k_edges_and_stability():
+    for n in (1, 4, 8):
+        assert scoring.pass_at_k(n, 0, n) == 0.0         # zero correct
+        assert scoring.pass_at_k(n, 0, 1) == 0.0
+        assert scoring.pass_at_k(n, n, 1) == 1.0         # all correct
+        assert scoring.pass_at_k(n, n, n) == 1.0         # n = k, all correct
+        assert scoring.pass_at_k(n, 1, n) == 1.0         # n = k, one correct suffices
+    # large n: the product form agrees with exact big-integer binomials (no overflow, no cancellation)
+    exact = 1 - math.comb(900, 100) / math.comb(1000, 100)
+    assert scoring.pass_at_k(1000, 100, 100) == pytest.approx(exact, rel=1e-12)
+    assert scoring.pass_at_k(1000, 1, 1) == pytest.approx(1e-3, rel=1e-12)
+    for bad in ((4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)):
+        with pytest.raises(ValueError):
+            scoring.pass_at_k(*bad)
+
+
+def test_summarize_per_difficulty():
+    records = [{"id": "a", "level": 2}, {"id": "b", "level": 1}, {"id": "c", "level": 2}, {"id": "d", "level": 10}]
+
+    def s(i, reward, finished, length):
+        return {"id": i, "reward": reward, "finished": finished, "length": length}
+    samples = [s("a", 1.0, True, 10), s("a", 0.0, False, 20),
+               s("b", 0.0, True, 4), s("b", 0.0, True, 6),
+               s("c", 1.0, True, 8), s("c", 1.0, True, 12),
+               s("d", 0.0, False, 20), s("d", 1.0, True, 10)]
+    out = scoring.summarize(samples[::-1], records, "level", pass_k=[1, 2, 8])  # order of samples does not matter
+    assert out["n"] == 2 and out["pass_k"] == [1, 2]                       # k > n dropped
+    assert list(out["by_difficulty"]) == ["1", "2", "10"]                  # natural order, not "1", "10", "2"
+    lvl2 = out["by_difficulty"]["2"]
+    assert lvl2 == {"prompts": 2, "samples": 4, "accuracy": 0.75, "pass@1": 0.75, "pass@2": 1.0,
+                    "mean_length": 12.5, "truncation_rate": 0.25}
+    assert out["by_difficulty"]["1"]["accuracy"] == 0.0 and out["by_difficulty"]["1"]["pass@2"] == 0.0
+    assert out["by_difficulty"]["10"]["pass@1"] == 0.5
+    assert out["overall"] == {"prompts": 4, "samples": 8, "accuracy": 0.5, "pass@1": 0.5, "pass@2": 0.75,
+                              "mean_length": 11.25, "truncation_rate": 0.25}
+    with pytest.raises(common.UserError, match="same number"):
+        scoring.summarize(samples[:-1], records, "level")
+    with pytest.raises(common.UserError, match="unknown record"):
+        scoring.summarize(samples + [s("zz", 1.0, True, 1)], records, "level")
+
+
+def test_markdown_table():
+    rows = [{"checkpoint": "base", "people 4": 0.125, "overall": 0.5, "mean len": "812"},
+            {"checkpoint": "rl|step", "overall": 1.0}]
+    assert scoring.markdown_table(rows) == (
+        "| checkpoint | people 4 | overall | mean len |\n"
+        "|:---|---:|---:|---:|\n"
+        "| base | 0.12 | 0.50 | 812 |\n"
+        "| rl\\|step | – | 1.00 | – |\n")

@@ -1,0 +1,103 @@
+"""tasks.py: stratified subsets of a split, prompts that begin with BOS where the model family expects one, and
+the SFT loader (prompt and response tokenized apart, errors naming file and line)."""
+import json
+
+import pytest
+
+import redistill_sft as sft
+import tasks
+import toy_task
+from common import UserError
+from model import load_tokenizer
+from test_redistill_sft import write_sft
+
+
+def test_stratified_subset_of_a_split_ordered_by_difficulty():
+    """K&K's test split is ordered by people: the first N would all be the easiest. The subset keeps each level's
+    share (largest remainders), is seeded, keeps the split's order, and says what it took."""
+    records = [{"id": f"{people}-{i}", "people": people}
+               for people, count in ((2, 50), (3, 30), (4, 20)) for i in range(count)]
+    sub, desc = tasks.stratified_subset(records, 15, "people", seed=1)
+    counts = {p: sum(r["people"] == p for r in sub) for p in (2, 3, 4)}
+    assert counts == {2: 8, 3: 4, 4: 3}  # quotas 7.5 / 4.5 / 3: the one seat left goes to the first tied remainder
+    assert sum(counts.values()) == 15 and desc.startswith("15 of 100, stratified by people (")
+    assert all(f"{p}: {counts[p]}" in desc for p in counts)
+    order = [records.index(r) for r in sub]
+    assert order == sorted(order) and order != list(range(15))
+    assert tasks.stratified_subset(records, 15, "people", seed=1)[0] == sub  # seeded
+    assert tasks.stratified_subset(records, 15, "people", seed=2)[0] != sub
+    exact, _ = tasks.stratified_subset(records, 10, "people", seed=0)  # 5 / 3 / 2 exactly
+    assert [sum(r["people"] == p for r in exact) for p in (2, 3, 4)] == [5, 3, 2]
+    assert tasks.stratified_subset(records, 0, "people")[0] == records
+    assert tasks.stratified_subset(records, 500, "people") == (records, "all 100")
+
+
+def llama3_style_tokenizer():
+    """Built offline like Llama 3's: byte-level BPE, <|begin_of_text|> as BOS added by the tokenizer's own
+    post-processor, a chat template that writes it too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    tok.train_from_iterator(["Question: who is a knight? Answer: let's think step by step."] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+
+
+def test_prompts_begin_with_bos_where_the_model_family_expects_one(tmp_path):
+    import common
+    from tiny_base import build_tokenizer
+    llama = llama3_style_tokenizer()
+    bos = llama.bos_token_id
+    plain = "Question:\nwho is a knight?\nAnswer:\nLet's think step by step."
+    ids = tasks.encode_prompts(llama, [plain, "<|begin_of_text|>" + plain])
+    assert ids[0][0] == bos and ids[0][1:] == llama(plain, add_special_tokens=False)["input_ids"]
+    assert ids[1] == ids[0]  # a chat template that writes BOS itself: not doubled
+    qwen = build_tokenizer([plain] * 5, vocab_size=300)  # Qwen style: no BOS
+    assert tasks.encode_prompts(qwen, [plain])[0] == qwen(plain, add_special_tokens=False)["input_ids"]
+    # the SFT loader puts it before the prompt (and nowhere else)
+    common.write_jsonl(str(tmp_path / "d.jsonl"), [{"id": "a", "prompt": plain, "response": " a knight"}])
+    ex = tasks.load_sft_examples([str(tmp_path / "d.jsonl")], llama, 100)[0]
+    assert ex["input_ids"][0] == bos and ex["input_ids"].count(bos) == 1
+    assert ex["input_ids"][ex["start"] - 1] != bos  # the prompt's own tokens end the context
+
+
+def test_loader_tokenizes_prompt_and_response_separately(tiny_checkpoint, tmp_path):
+    tok = load_tokenizer(tiny_checkpoint)
+    recs = toy_task.make_records(3, seed=5)
+    path = write_sft(tmp_path / "d.jsonl", recs, tok)
+    examples = tasks.load_sft_examples([path], tok, max_length=512)
+    assert len(examples) == 3
+    for e, r in zip(examples, recs):
+        p = tok(toy_task.render_prompt(r, tok), add_special_tokens=False)["input_ids"]
+        resp = tok(toy_task.teacher_response(r), add_special_tokens=False)["input_ids"]
+        assert e["input_ids"] == p + resp + [tok.eos_token_id]
+        assert e["start"] == len(p) and sft.num_loss_tokens(e) == len(resp) + 1
+        assert (e["id"], e["file"]) == (r["id"], path)
+    assert [e["line"] for e in examples] == [1, 2, 3]
+
+
+def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
+    tok = load_tokenizer(tiny_checkpoint)
+    good = {"id": "a", "prompt": "What is 1 + 2?", "response": "3"}
+    cases = [
+        ([good, "{not json"], r"bad\.jsonl:2: not valid JSON"),
+        ([good, {"id": "b", "prompt": "x"}], r"bad\.jsonl:2: missing field 'response'"),
+        ([{"id": "b", "prompt": "x", "response": 3}], r"bad\.jsonl:1: field 'response' must be a string"),
+        ([{"id": "b", "prompt": "", "response": "3"}], r"bad\.jsonl:1: empty prompt"),
+        ([good, good, {"id": "long", "prompt": "What is 1 + 2? " * 20, "response": "3"}],
+         r"bad\.jsonl:3: example 'long' has \d+ tokens .* > max_length 40"),
+        ([], r"bad\.jsonl: no examples"),
+    ]
+    for lines, pattern in cases:
+        path = tmp_path / "bad.jsonl"
+        path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+        with pytest.raises(UserError, match=pattern):
+            tasks.load_sft_examples([str(path)], tok, max_length=40)
+    with pytest.raises(UserError, match="missing.jsonl: file not found"):
+        tasks.load_sft_examples([str(tmp_path / "missing.jsonl")], tok, 40)
