@@ -69,6 +69,9 @@ GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "samples_per_pro
 
 
 # -----------------------------------------------------------------------------
+# the results table
+
+
 def split_heading(summary):
     """Markdown heading naming the split and how it was evaluated."""
     s = summary["settings"]

@@ -3,7 +3,7 @@ LIMR's learning-impact selection of RL prompts (Li, Zou and Liu, "LIMR: Less is 
 arXiv 2502.11886): keep the prompts whose reward curve over a probe RL run follows the model's average
 learning curve.
 
-    python lim_select.py --rollouts runs/probe --train_data data/kk/train.jsonl --task kk \
+    python lim_select.py --rollouts runs/probe --train_data data/kk/train.jsonl --task kk \\
         --out data/kk/lim.jsonl --scores_out data/kk/lim_scores.jsonl --random_out data/kk/rand.jsonl
 
 Reads the probe run's rollout log (train_rl.py's RUN_DIR/rollouts/step_N.jsonl) and does what LIMR's released
@@ -27,7 +27,7 @@ from common import UserError, print0
 
 def get_parser():
     p = common.new_parser("LIMR: select RL prompts by how closely their reward curve in a probe "
-                                "RL run follows the average learning curve", prog="lim_select.py")
+                          "RL run follows the average learning curve", prog="lim_select.py")
     p.add_argument("--rollouts", default=None,
                    help="the probe RL run directory: its rollouts/step_N.jsonl (train_rl.py) "
                    "cover the whole pool (required)")

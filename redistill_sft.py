@@ -131,7 +131,7 @@ def load_text_examples(paths, tokenizer, max_length):
                 for lineno, rec in lines:
                     if not isinstance(rec.get("text"), str):
                         raise UserError(f"{path}:{lineno}: " + ("missing field 'text'" if "text" not in rec
-                                                                 else "field 'text' must be a string"))
+                                                                else "field 'text' must be a string"))
                     docs.append((lineno, rec["text"]))
         else:
             if not os.path.isfile(path):
@@ -350,7 +350,7 @@ def main(argv=None):
     model.gradient_checkpointing = args.gradient_checkpointing
     model.train()
     optimizer = ckpt.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
-                                      args.adam_8bit)
+                                    args.adam_8bit)
     if state:
         ckpt.load_local_train_state(model, optimizer, train_shard)
         set_rng_state(state["rng"])
@@ -367,11 +367,11 @@ def main(argv=None):
 
     def save(step):
         ckpt.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
-                               {"rng": rng_state(), "identity": identity, "bad_steps_total": bad_steps_total,
-                                "bad_streak": bad_streak, "epoch": step // steps_per_epoch,
-                                "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps}, dtype,
-                               # the newest --keep_last stay resumable; the weights of every epoch end stay
-                               args.keep_last if step < total_steps else 1, range(0, total_steps + 1, steps_per_epoch))
+                             {"rng": rng_state(), "identity": identity, "bad_steps_total": bad_steps_total,
+                              "bad_streak": bad_streak, "epoch": step // steps_per_epoch,
+                              "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps}, dtype,
+                             # the newest --keep_last stay resumable; the weights of every epoch end stay
+                             args.keep_last if step < total_steps else 1, range(0, total_steps + 1, steps_per_epoch))
 
     def validate(step):
         if val is None:

@@ -41,7 +41,7 @@ def get_parser():
     p.add_argument("--eval_data", default=None,
                    help="task split whose prompts define J (e.g. the test or a held-out split)")
     p.add_argument("--num_eval_prompts", type=int, default=0,
-                        help="use N evaluation prompts, each difficulty in proportion, drawn with --seed (0 = all)")
+                   help="use N evaluation prompts, each difficulty in proportion, drawn with --seed (0 = all)")
     p.add_argument("--sft_data", nargs="+", default=None,
                    help="SFT jsonl file(s) {id, task, prompt, response}; each gets its own summary "
                         "(e.g. teacher traces vs re-distilled samples)")
@@ -64,7 +64,7 @@ def get_parser():
     # The paper's convention is unknown (paper.md 2.3): `mean` matches redistill_sft.py's default per-sequence-mean
     # loss (so η·mean SE predicts its SGD step), `sum` is the plain log-likelihood log π(y|x).
     p.add_argument("--token_reduction", default="mean", choices=["mean", "sum"],
-                        help="log-likelihood of an SFT sample: mean or sum over its response tokens + EOS")
+                   help="log-likelihood of an SFT sample: mean or sum over its response tokens + EOS")
     p.add_argument("--exact", type=common.str2bool, default=False,
                    help="inner products with the full gradient of the chosen parameters "
                         "(∇J held once in fp32; small models)")
@@ -142,7 +142,7 @@ def accumulate_policy_gradient(model, items, temperature, micro_batch_tokens, au
                     for (ids, start), w in merged.items() if w != 0),
                    key=lambda it: (-len(it["input_ids"]), it["input_ids"]))
     batches = [[items[i] for i in mb] for mb in parallel.micro_batches([len(it["input_ids"]) for it in items],
-                                                                    micro_batch_tokens)]
+                                                                       micro_batch_tokens)]
     tokens = 0
     for batch in parallel.even_out(batches):
         if batch is None:  # this rank is done; join the others' collectives
@@ -380,7 +380,7 @@ def main(argv=None):
                                             scale=1.0 / (len(records) * args.samples_per_prompt))
     grads = [full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
     stats = parallel.all_reduce(torch.tensor([sum(map(sum, rewards)), sum(len(set(r)) > 1 for r in rewards), gen_tokens,
-                                            bwd_tokens], dtype=torch.float64))
+                                              bwd_tokens], dtype=torch.float64))
     mean_reward, informative, gen_tokens, bwd_tokens = stats.tolist()
     mean_reward /= len(records) * args.samples_per_prompt
     grad_j = {"mean_reward": mean_reward, "prompts": len(records), "prompt_subset": eval_subset,

@@ -11,7 +11,7 @@ Then, as the paper: keep the responses with reward 1 that finished with EOS, dro
 "prompt", "response", "source", "reward"} atomically: the exact prompt the policy saw and its decoded response
 without the stop token (redistill_sft.py appends EOS).
 
-  python sample_policy.py --from_checkpoint runs/rl_kk/step_000125 --task kk --split data/kk/sft.jsonl \
+  python sample_policy.py --from_checkpoint runs/rl_kk/step_000125 --task kk --split data/kk/sft.jsonl \\
       --out data/kk/redistill_a.jsonl --temperature 0 --max_new_tokens 4096
   torchrun --nproc_per_node=8 sample_policy.py --from_checkpoint ... (same settings; a share per rank)
   python sample_policy.py --from_rollouts runs/rl_kk --steps 125,115-124 --task kk --out data/kk/redistill_b.jsonl
@@ -117,7 +117,7 @@ def sample_checkpoint(args, task, rank, world, device):
     model.eval()
     # Check every prompt's length on every rank before sharding, so that all ranks stop together.
     tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, records, args.template), records,
-                             args.max_new_tokens, model.config.max_position_embeddings, args.split)
+                            args.max_new_tokens, model.config.max_position_embeddings, args.split)
     order = parallel.rank_share(list(range(len(records))), rank, world)
     print0(f"sampling {args.from_checkpoint}: {subset} prompts x {args.samples_per_prompt} on {world} rank(s), "
            f"T={args.temperature}, top_p={args.top_p}, max_new_tokens={args.max_new_tokens}")

@@ -116,6 +116,10 @@ def markdown_table(rows, columns=None, digits=2):
 
 
 
+# -----------------------------------------------------------------------------
+# generation, scored and gathered over ranks
+
+
 def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seed=0,
                        template="auto", batch_size=64, pass_k=(1,), desc="eval", progress=True):
     """Generate n responses per record on this rank's shard of `records`, score them with task.score, and

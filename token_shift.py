@@ -39,7 +39,7 @@ from common import UserError, print0
 
 def get_parser():
     p = common.new_parser("Token-level shift between a base and an RL policy: JS divergence along "
-                                            "responses, and cross-sampling", prog="token_shift.py")
+                          "responses, and cross-sampling", prog="token_shift.py")
     p.add_argument("--base", default=None,
                    help="the model before RL (Hugging Face checkpoint directory), e.g. the cold start")
     p.add_argument("--policy", default=None,
@@ -126,7 +126,7 @@ def read_responses(paths, tokenizer, context, limit=0):
     if not rows:
         raise UserError(f"{', '.join(paths)}: no responses")
     tokenized = tasks.sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                     [r["eos"] for r in rows])
+                                    [r["eos"] for r in rows])
     examples = []
     for r, (ids, start) in zip(rows, tokenized):
         if len(ids) > context:
@@ -273,7 +273,7 @@ def describe(summary, high_js):
              f"mean {summary['js_mean']:.4f} nats",
              "JS by decile of the response: " + " ".join(fmt(d["js_mean"]) for d in summary["by_relative_position"]),
              "JS by base entropy: " + "; ".join(f"{b['bin']} {b['share']:.0%} of positions, mean {fmt(b['js_mean'])}"
-                                                 for b in summary["by_base_entropy"]),
+                                                for b in summary["by_base_entropy"]),
              f"high-JS positions {h['positions']}: top-k overlap "
              + " ".join(f"k={k} {fmt(v)}" for k, v in h["topk_overlap"].items())
              + f"; policy's top-1 is the base's top-1 {fmt(h['policy_top1_base_rank']['1'])}, within its top-3 "
@@ -431,7 +431,7 @@ def cross_sample(args, tokenizer, device, dtype):
     print0(f"cross-sampling prompts: {subset}")
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
     tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, records, args.template), records,
-                             args.max_new_tokens, context, args.split)
+                            args.max_new_tokens, context, args.split)
     names = {"forward": ("base", "policy"), "backward": ("policy", "base")}[args.cross]
     primary, intervention = (load_model(getattr(args, name), dtype, device).eval() for name in names)
     mine = parallel.rank_share(records, common.rank(), common.world_size())

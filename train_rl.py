@@ -223,7 +223,7 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
     device = model.lm_head.weight.device
     minis = [m.tolist() for m in np.array_split(np.array(batch.train_idx, dtype=np.int64), args.ppo_mini_batches)]
     counts = parallel.all_reduce_numbers({f"{k}_{i}": v for i, m in enumerate(minis) for k, v in
-                                        (("tok", sum(len(batch.responses[j]) for j in m)), ("seq", len(m)))})
+                                          (("tok", sum(len(batch.responses[j]) for j in m)), ("seq", len(m)))})
     k3_in_loss = ref is not None and args.kl_estimator == "k3"
     norm_total, loss_total, updates, bad = 0.0, 0.0, 0, False
     bar = tqdm(total=args.ppo_epochs * len(batch.train_idx), desc=f"step {step} update", leave=False,
@@ -377,10 +377,10 @@ def main(argv=None):
         print0(f"resuming from {init_path} (step {start_step})")
     model = shard_model(load_model(init_path, dtype=torch.float32, device=device), dtype)
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
-                             args.train_data, "--max_response_tokens")
+                            args.train_data, "--max_response_tokens")
     model.gradient_checkpointing = args.gradient_checkpointing
     optimizer = ckpt.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                      weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
+                                    weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
     if checkpoint is not None:
         ckpt.load_local_train_state(model, optimizer, train_shard)
     bad_steps_total, bad_streak = state.get("bad_steps_total", 0), state.get("bad_streak", 0)
@@ -484,8 +484,8 @@ def main(argv=None):
         stop = bad_streak >= args.max_bad_steps
         if not stop and (step % args.save_every == 0 or step == max_steps):
             ckpt.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
-                                   {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "identity": identity,
-                                    "settings": vars(args)}, dtype, args.keep_last, args.keep_steps)
+                                 {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "identity": identity,
+                                  "settings": vars(args)}, dtype, args.keep_last, args.keep_steps)
         if stop:
             print0(f"error: {bad_streak} consecutive steps with non-finite loss or gradients; stopping. "
                    f"The last good checkpoint is kept in {args.out_dir}")

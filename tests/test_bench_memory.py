@@ -82,11 +82,11 @@ def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
     allocated = cache.k.numel() * cache.k.element_size() * 2
     assert gpu_memory.kv_cache_bytes(cfg, prompts * group, prompt_tokens + response_tokens) == allocated
     e = gpu_memory.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, prompt_tokens=prompt_tokens,
-                              response_tokens=response_tokens)
+                                   response_tokens=response_tokens)
     assert e["kv_cache"] == allocated
     # a generation call takes at most --gen_batch_size prompts: the cache shrinks with it
     e = gpu_memory.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, gen_batch_size=1,
-                              prompt_tokens=prompt_tokens, response_tokens=response_tokens)
+                                   prompt_tokens=prompt_tokens, response_tokens=response_tokens)
     assert e["kv_cache"] == allocated // prompts
 
 
@@ -109,7 +109,7 @@ def measure_activation_peaks():
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
 

@@ -38,4 +38,4 @@ def test_a_kill_mid_run_resumes_byte_identical(kind, fixtures, tmp_path):
     w[name].view(-1)[0] = torch.nextafter(w[name].view(-1)[0], torch.tensor(float("inf")))
     save_file(w, weights, metadata={"format": "pt"})
     assert kill_drill.compare(kind, r["reference"], r["dir"]) == [f"{os.path.relpath(weights, r['dir'])}.{name}: "
-                                                                   "tensors differ"]
+                                                                  "tensors differ"]
