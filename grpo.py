@@ -71,6 +71,26 @@ def dwa_weights(logp, old_logp, s, alpha):
     return 1.0 + s * (torch.sigmoid(alpha * kl) - 0.5)
 
 
+def rollout_is_weights(old_logp, sampler_logp, lengths, level="token", cap=2.0):
+    """Truncated importance sampling (TIS: Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; verl's rollout importance sampling). The rollouts were drawn by the engine, whose
+    log-probs (sampler_logp) differ slightly from the trainer's (old_logp: kernels, batch shapes, bf16), while the
+    update's ratio is taken against the trainer; each token's policy-gradient loss is weighted by
+    min(pi_old / pi_sampler, cap) ("token"), or every token of a response by min(prod_t pi_old / pi_sampler, cap)
+    ("sequence"). lengths: the responses' token counts, in order. Detached; exactly 1 where the two agree.
+    Returns (weights, a bool mask of the tokens whose weight was capped)."""
+    log_ratio = (old_logp - sampler_logp).detach().float()
+    if level == "sequence":
+        counts = torch.tensor(lengths, device=log_ratio.device)
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=log_ratio.device), counts)
+        per_seq = torch.zeros(len(lengths), device=log_ratio.device).index_add_(0, seq, log_ratio)
+        log_ratio = torch.repeat_interleave(per_seq, counts)
+    elif level != "token":
+        raise ValueError(f"unknown rollout importance-sampling level {level!r}")
+    ratio = log_ratio.exp()
+    return ratio.clamp(max=cap), ratio > cap
+
+
 def token_weights(lengths, loss_agg, total_tokens, total_seqs, max_response_tokens):
     """Weight of each response token so that loss = sum(weight * token_loss) over the whole global batch.
 

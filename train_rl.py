@@ -30,7 +30,7 @@ import parallel
 import tasks
 from common import UserError, print0
 from grpo import (dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at, policy_loss,
-                  step_prompt_indices, token_weights)
+                  rollout_is_weights, step_prompt_indices, token_weights)
 from model import load_model, load_tokenizer, parse_dtype, response_logprobs
 from parallel import full_copy, idle_pass, shard_model
 from scoring import validate
@@ -99,6 +99,14 @@ def get_parser():
     p.add_argument("--adv_weight", default="none", choices=("none", "dwa"),
                    help="dwa: 'Sparse but Critical' (arXiv 2603.22446) weights A_t by the token's KL(pi_old || pi); "
                         "w = 1 on-policy, so it acts only with several updates per batch (docs/grpo.md)")
+    p.add_argument("--rollout_is", default="off", choices=("off", "token", "sequence"),
+                   help="truncated importance sampling (TIS; Yao et al. 2025, 'Your efficient RL framework secretly "
+                        "brings you off-policy RL training'; verl's rollout importance sampling): weight each token's "
+                        "policy-gradient loss by min(pi_trainer / pi_sampler, --rollout_is_cap), the ratio of the "
+                        "trainer's old log-prob to the engine's, per token or per response (sequence); corrects "
+                        "the sampler-trainer mismatch (logprob_gap). off until issue 37's 3-seed measurement")
+    p.add_argument("--rollout_is_cap", type=float, default=2.0,
+                   help="the cap C of --rollout_is's weight min(ratio, C) (TIS: 2)")
     p.add_argument("--dwa_s", type=float, default=1.0,
                    help="DWA scale s: w in [1 - s/2, 1 + s/2], |s| <= 2 (unpublished)")
     p.add_argument("--dwa_alpha", type=float, default=1.0,
@@ -254,6 +262,16 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                 if args.adv_weight == "dwa":
                     a = a * dwa_weights(lp, old_lp, args.dwa_s, args.dwa_alpha)
                 tok_loss, clipped = policy_loss(lp, old_lp, a, args.clip_low, args.clip_high)
+                if args.rollout_is != "off":  # the engine drew these tokens: correct its mismatch with the trainer
+                    sampler = torch.tensor([x for j in js for x in batch.rollouts[j]["logprobs"]], device=device)
+                    is_w, capped = rollout_is_weights(old_lp, sampler, lens, args.rollout_is, args.rollout_is_cap)
+                    tok_loss = tok_loss * is_w
+                    if epoch == 0:
+                        log_r = (old_lp - sampler).detach()
+                        sums["is_weight"] += is_w.sum().item()
+                        sums["is_capped"] += capped.sum().item()
+                        sums["is_kl"] += (torch.expm1(log_r) - log_r).sum().item()  # k3 of KL(sampler || trainer)
+                        sums["is_tokens"] += is_w.numel()
                 if k3_in_loss:
                     kl = kl_penalty(lp, torch.cat([ref[j] for j in js]), "k3")
                     tok_loss = tok_loss + args.kl_coef * kl
@@ -307,6 +325,8 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
             "kl": g["kl"] / g["kl_tokens"] if kl_logged and g["kl_tokens"] else None,
             "clip_frac": g["clipped"] / pg_tokens,
             "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "train_seqs": int(g["used"]),
+            **({"is_weight": g["is_weight"] / g["is_tokens"], "is_capped": g["is_capped"] / g["is_tokens"],
+                "is_kl": g["is_kl"] / g["is_tokens"]} if g["is_tokens"] else {}),
             "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
             "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9),
             **{k: mx[k] for k in ("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
@@ -318,7 +338,9 @@ def log_line(m, max_steps, cuda):
             f"zero_var {m['zero_var_frac']:.2f} "
             f"| len {m['len_mean']:.0f}/{m['len_max']:.0f} trunc {m['truncated']:.2f} | ent {m['entropy']:.3f} "
             + (f"kl {m['kl']:.4f} " if m["kl"] is not None else "")
-            + f"clip {m['clip_frac']:.3f} | gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e} "
+            + f"clip {m['clip_frac']:.3f} "
+            + (f"is {m['is_weight']:.3f} capped {m['is_capped']:.3f} " if "is_weight" in m else "")
+            + f"| gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e} "
             f"| gen {m['gen_s']:.1f}s ({m['gen_tok_s']:.0f} tok/s) score {m['score_s']:.1f}s "
             f"train {m['train_s']:.1f}s ({m['train_tok_s']:.0f} tok/s)"
             + (f" | peak GiB gen {m['mem_gen_gib']:.1f} train {m['mem_train_gib']:.1f}" if cuda else "")
@@ -338,6 +360,8 @@ def main(argv=None):
                           "max_bad_steps", "logprob_chunk", "keep_last")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 for RL sampling (greedy rollouts have no variance to learn from)")
+    if not args.rollout_is_cap > 0:
+        raise UserError(f"--rollout_is_cap must be > 0, got {args.rollout_is_cap}")
     if abs(args.dwa_s) > 2:
         raise UserError(f"--dwa_s {args.dwa_s}: |s| > 2 lets the DWA weight change the advantage's sign")
     n = args.samples_per_prompt
@@ -435,7 +459,7 @@ def main(argv=None):
                        and not (args.drop_zero_variance_groups and zero_var[j // n])
                        and not (args.mask_truncated and not s["finished"])])
         sums = dict.fromkeys(("pg_tokens", "entropy", "kl", "kl_tokens", "clipped", "gap", "gap_tokens",
-                              "train_tokens"), 0.0)
+                              "train_tokens", "is_weight", "is_capped", "is_kl", "is_tokens"), 0.0)
 
         # 3. the optional branch: a no-grad pre-pass for old (several updates, k1) and reference log-probs; k1 needs
         # every response, since each one's shaped reward enters its group's advantages

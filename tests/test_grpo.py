@@ -179,3 +179,35 @@ def test_dwa_weights_are_one_on_policy_and_carry_no_gradient():
     logp = torch.randn(50, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     w = grpo.dwa_weights(logp, logp.detach(), 1.7, 25.0)
     assert torch.equal(w, torch.ones(50)) and not w.requires_grad
+
+
+def test_rollout_is_weights_by_hand_and_exactly_one_when_sampler_and_trainer_agree():
+    old = torch.tensor([0.0, -1.0, -2.0])
+    sampler = torch.tensor([0.0, -1.5, 0.5])
+    w, capped = grpo.rollout_is_weights(old, sampler, [2, 1], "token", cap=1.5)
+    assert torch.allclose(w, torch.tensor([1.0, 1.5, math.exp(-2.5)]))  # e^0.5 = 1.65 capped to 1.5
+    assert capped.tolist() == [False, True, False]
+    w, capped = grpo.rollout_is_weights(old, sampler, [2, 1], "sequence", cap=2.0)
+    assert torch.allclose(w, torch.tensor([math.exp(0.5), math.exp(0.5), math.exp(-2.5)]))  # one weight a response
+    assert not capped.any()
+    w, capped = grpo.rollout_is_weights(old, sampler, [2, 1], "sequence", cap=1.5)
+    assert torch.allclose(w, torch.tensor([1.5, 1.5, math.exp(-2.5)])) and capped.tolist() == [True, True, False]
+    lp = torch.randn(50, requires_grad=True)
+    for level in ("token", "sequence"):
+        w, capped = grpo.rollout_is_weights(lp, lp.detach().clone(), [20, 30], level)
+        assert torch.equal(w, torch.ones(50)) and not capped.any() and not w.requires_grad  # detached
+    with pytest.raises(ValueError, match="unknown rollout importance-sampling level"):
+        grpo.rollout_is_weights(old, sampler, [3], "tokens")
+
+
+def test_rollout_is_matches_verls_truncated_importance_sampling():
+    """verl's TIS, written out as its actor does it: ratio = exp(old_log_prob - rollout_log_probs), clamped above at
+    the cap, multiplied into the per-token policy-gradient loss."""
+    g = torch.Generator().manual_seed(0)
+    old, sampler = -torch.rand(64, generator=g) * 3, -torch.rand(64, generator=g) * 3
+    adv = torch.randn(64, generator=g)
+    verl_ratio = torch.clamp(torch.exp(old - sampler), max=2.0)
+    verl_loss = -adv * 1.0 * verl_ratio  # on-policy: the PPO ratio is 1, its loss -A
+    w, _ = grpo.rollout_is_weights(old, sampler, [64], "token", cap=2.0)
+    loss, _ = grpo.policy_loss(old, old, adv)
+    assert torch.allclose(loss * w, verl_loss)

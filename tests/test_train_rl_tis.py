@@ -1,0 +1,81 @@
+"""train_rl.py --rollout_is (truncated importance sampling) in the real loop: the engine's log-probs reach the
+weights, the weighted loss changes the update, the step logs the mean weight, the capped share and the
+sampler-trainer KL, and with the real engine (which agrees with the trainer in fp32) the weights are 1. (The weights
+against a hand computation and verl's formula: test_grpo.py.)"""
+import os
+
+import pytest
+import torch
+
+import ckpt
+import common
+import engine
+import toy_task
+import train_rl
+from rl_fixed_rollouts import fixed_rollouts  # rollouts whose logged sampler log-probs are all 0
+
+
+@pytest.fixture
+def loop(tiny_checkpoint, tmp_path, monkeypatch):
+    """train_rl.main on the tiny checkpoint; records the arguments and result of every rollout_is_weights call."""
+    common.write_jsonl(str(tmp_path / "train.jsonl"), toy_task.make_records(40, seed=1, split="train"))
+    calls, real = [], train_rl.rollout_is_weights
+
+    def recorded(*a, **k):
+        out = real(*a, **k)
+        calls.append((a, out))
+        return out
+    monkeypatch.setattr(train_rl, "rollout_is_weights", recorded)
+
+    def run(name, fixed=True, **over):
+        if fixed:
+            monkeypatch.setattr(engine, "sample_responses", fixed_rollouts)
+        s = {"model": tiny_checkpoint, "task": "toy_task", "train_data": str(tmp_path / "train.jsonl"),
+             "test_data": "", "out_dir": str(tmp_path / name), "prompts_per_step": 8, "samples_per_prompt": 4,
+             "max_response_tokens": 12, "lr": 3e-3, "warmup_steps": 0, "max_steps": 2, "save_every": 2,
+             "progress": False, "log_rollouts": False}
+        s.update(over)
+        calls.clear()
+        assert train_rl.main([x for k, v in s.items() for x in (f"--{k}", str(v))]) == 0
+        from safetensors.torch import load_file
+        weights = load_file(os.path.join(ckpt.checkpoint_dir(s["out_dir"], 2), "model.safetensors"))
+        metrics = [m for m in common.read_jsonl(os.path.join(s["out_dir"], "metrics.jsonl")) if m.get("step")]
+        return weights, metrics, list(calls)
+    return run
+
+
+@pytest.mark.slow
+def test_token_weights_come_from_the_engines_logprobs_and_change_the_update(loop):
+    plain, plain_metrics, none = loop("plain")
+    tis, metrics, calls = loop("tis", rollout_is="token", rollout_is_cap=1.5)
+    assert not none and all("is_weight" not in m for m in plain_metrics)
+    assert len(calls) == 2  # one micro-batch per step
+    for (old, sampler, lens, level, cap), (w, capped) in calls:
+        assert torch.equal(sampler, torch.zeros_like(sampler)) and sum(lens) == old.numel()  # fixed rollouts log 0
+        assert (level, cap) == ("token", 1.5)
+        # the sampler said log-prob 0 (probability 1) for tokens the trainer finds less likely: weights < 1
+        assert torch.allclose(w, old.exp()) and (w < 1).all() and not capped.any()
+    for m, (_, (w, _)) in zip(metrics, calls):
+        assert m["is_weight"] == pytest.approx(w.mean().item(), rel=1e-5) and m["is_capped"] == 0
+        assert m["is_kl"] > 0
+    assert not all(torch.equal(plain[k], tis[k]) for k in plain)
+
+
+def test_sequence_weights_and_the_cap(loop):
+    _, metrics, calls = loop("seq", rollout_is="sequence", rollout_is_cap=0.5)
+    for (old, sampler, lens, level, cap), (w, capped) in calls:
+        per_seq = torch.stack([s.sum() for s in old.split(lens)]).exp().clamp(max=0.5)
+        assert level == "sequence" and torch.allclose(w, torch.repeat_interleave(per_seq, torch.tensor(lens)))
+    assert all(0 <= m["is_capped"] <= 1 for m in metrics)
+
+
+def test_with_the_real_engine_the_weights_are_one(loop):
+    """On CPU in fp32 the engine's log-probs equal the training forward's to float rounding: TIS changes nothing."""
+    _, metrics, calls = loop("real", fixed=False, rollout_is="token")
+    assert calls and all(torch.allclose(w, torch.ones_like(w), atol=1e-4) for _, (w, _) in calls)
+    assert all(abs(m["is_weight"] - 1) < 1e-4 and m["is_capped"] == 0 and abs(m["is_kl"]) < 1e-6 for m in metrics)
+
+
+def test_a_cap_that_is_not_positive_is_an_error(loop):
+    with pytest.raises(common.UserError, match="--rollout_is_cap must be > 0, got 0.0"):
+        loop("bad", rollout_is="token", rollout_is_cap=0)
