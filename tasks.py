@@ -87,8 +87,8 @@ def check_prompts_fit(prompt_ids, records, max_new_tokens, context, where, flag=
 
 def load_records(task, task_name, path, tokenizer, template):
     """The split's records, checked to belong to this task: it loads with the task's load_split, every
-    record has an id and the difficulty key, and each renders and scores without error. tokenizer None (a stage
-    that renders no prompt): the render check uses the plain template."""
+    record has an id and the difficulty key, and each renders and scores without error. A stage that renders no
+    prompt passes tokenizer None and the plain template (which needs no tokenizer)."""
     try:
         records = task.load_split(path)
     except UserError as e:
@@ -107,7 +107,7 @@ def load_records(task, task_name, path, tokenizer, template):
             raise UserError(f"{where} (id {r['id']!r}): missing difficulty field {task.DIFFICULTY!r} of task "
                             f"{task_name!r}; is this a split of another task?")
         try:
-            task.render_prompt(r, tokenizer, template if tokenizer is not None else "plain")
+            task.render_prompt(r, tokenizer, template)
             task.score("", r, True)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise UserError(f"{where} (id {r['id']!r}): task {task_name!r} cannot render or score it "

@@ -190,10 +190,14 @@ def rollout(model, dtype, tokenizer, task, records, args, step, rank):
     return rollouts, times
 
 
+def sampler_logprobs(batch, js, device):
+    """The log-probs the engine logged with the tokens of responses js, flat in their order."""
+    return torch.tensor([x for j in js for x in batch.rollouts[j]["logprobs"]], device=device)
+
+
 def add_logprob_gap(lp, batch, js, sums):
     """The sampler's log-probs against the trainer's for the same tokens (logged as logprob_gap)."""
-    sampler = torch.tensor([x for j in js for x in batch.rollouts[j]["logprobs"]], device=lp.device)
-    sums["gap"] += (lp - sampler).abs().sum().item()
+    sums["gap"] += (lp - sampler_logprobs(batch, js, lp.device)).abs().sum().item()
     sums["gap_tokens"] += lp.numel()
 
 
@@ -263,14 +267,14 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                     a = a * dwa_weights(lp, old_lp, args.dwa_s, args.dwa_alpha)
                 tok_loss, clipped = policy_loss(lp, old_lp, a, args.clip_low, args.clip_high)
                 if args.rollout_is != "off":  # the engine drew these tokens: correct its mismatch with the trainer
-                    sampler = torch.tensor([x for j in js for x in batch.rollouts[j]["logprobs"]], device=device)
+                    sampler = sampler_logprobs(batch, js, device)
                     is_w, capped = rollout_is_weights(old_lp, sampler, lens, args.rollout_is, args.rollout_is_cap)
                     tok_loss = tok_loss * is_w
                     if epoch == 0:
-                        log_r = (old_lp - sampler).detach()
                         sums["is_weight"] += is_w.sum().item()
                         sums["is_capped"] += capped.sum().item()
-                        sums["is_kl"] += (torch.expm1(log_r) - log_r).sum().item()  # k3 of KL(sampler || trainer)
+                        # k3 estimate of KL(sampler || trainer) from the sampler's own draws
+                        sums["is_kl"] += kl_penalty(sampler, old_lp.detach(), "k3").sum().item()
                         sums["is_tokens"] += is_w.numel()
                 if k3_in_loss:
                     kl = kl_penalty(lp, torch.cat([ref[j] for j in js]), "k3")
