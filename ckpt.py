@@ -210,7 +210,7 @@ def load_local_train_state(model, optimizer, shard):
 def check_run_identity(run_dir, saved: dict, now: dict):
     """--resume must continue the same run: settings that decide the data order or the schedule (`now`) must
     equal the checkpoint's (`saved`); otherwise one line names each difference."""
-    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    changed = {k: (saved.get(k), now.get(k)) for k in {**saved, **now} if saved.get(k) != now.get(k)}
     if changed:
         raise UserError(f"{run_dir}: --resume with different settings than the run's: "
                         + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))

@@ -36,6 +36,25 @@ def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, e
     return adv.view(-1)
 
 
+def zero_variance(rewards, n):
+    """Per group of n (rewards laid out group by group): True where every reward is the same, so every advantage
+    is 0 and the group teaches nothing (a group of one has no variance to speak of: False)."""
+    if n == 1:
+        return [False] * len(rewards)
+    return (torch.as_tensor(rewards, dtype=torch.float64).view(-1, n).std(1) == 0).tolist()
+
+
+def refill_keep(signal, room):
+    """DAPO's dynamic sampling (arXiv 2503.14476): of a freshly sampled prompt batch, in its global prompt order,
+    `signal` says which groups' rewards vary; the first `room` of those (the groups the step still wants) train.
+    A function of the batch alone, so every rank, at any world size, keeps the same groups."""
+    keep = []
+    for s in signal:
+        keep.append(bool(s) and room > 0)
+        room -= keep[-1]
+    return keep
+
+
 def policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
     """Per-token PPO clipped surrogate, to minimise: max(-A*rho, -A*clip(rho, 1-clip_low, 1+clip_high)).
 
@@ -71,6 +90,24 @@ def dwa_weights(logp, old_logp, s, alpha):
     return 1.0 + s * (torch.sigmoid(alpha * kl) - 0.5)
 
 
+def per_response(values, lengths, mean=False):
+    """Each token's value replaced by the sum (or mean) over its response; values: flat, responses of `lengths` in
+    order."""
+    counts = torch.tensor(lengths, device=values.device)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), counts)
+    total = torch.zeros(len(lengths), device=values.device, dtype=values.dtype).index_add_(0, seq, values)
+    return (total / counts.clamp(min=1) if mean else total)[seq]
+
+
+def sequence_ratio_logp(logp, old_logp, lengths):
+    """GSPO's sequence-level ratio (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071, in
+    its GSPO-token form): each token's ratio is the response's length-normalised ratio s_i = exp(mean_t log(pi /
+    pi_old)), with the token's own gradient, sg[s_i] pi_t / sg[pi_t]. Returned as log-probs for policy_loss, which
+    takes exp(logp - old_logp): its value is then log s_i at every token, its gradient that of logp."""
+    mean_log_ratio = per_response((logp - old_logp).detach(), lengths, mean=True)
+    return old_logp + mean_log_ratio + (logp - logp.detach())
+
+
 def rollout_is_weights(old_logp, sampler_logp, lengths, level="token", cap=2.0):
     """Truncated importance sampling (TIS: Yao et al. 2025, "Your efficient RL framework secretly brings you
     off-policy RL training"; verl's rollout importance sampling). The rollouts were drawn by the engine, whose
@@ -81,10 +118,7 @@ def rollout_is_weights(old_logp, sampler_logp, lengths, level="token", cap=2.0):
     Returns (weights, a bool mask of the tokens whose weight was capped)."""
     log_ratio = (old_logp - sampler_logp).detach().float()
     if level == "sequence":
-        counts = torch.tensor(lengths, device=log_ratio.device)
-        seq = torch.repeat_interleave(torch.arange(len(lengths), device=log_ratio.device), counts)
-        per_seq = torch.zeros(len(lengths), device=log_ratio.device).index_add_(0, seq, log_ratio)
-        log_ratio = torch.repeat_interleave(per_seq, counts)
+        log_ratio = per_response(log_ratio, lengths)
     elif level != "token":
         raise ValueError(f"unknown rollout importance-sampling level {level!r}")
     ratio = log_ratio.exp()
@@ -124,11 +158,11 @@ def step_prompt_indices(num_records, prompts_per_step, step, seed):
     return parallel.epoch_order(num_records, seed, epoch)[k * prompts_per_step:(k + 1) * prompts_per_step]
 
 
-def generation_seed(seed, step, rank):
-    """The sampling seed of a (run seed, step, rank): different everywhere, reproducible on resume. (A numpy hash,
-    older than common.derive_seed, which then gives each generation batch its stream; it stays because every
-    RL result of the study hangs on it.)"""
-    return int(np.random.default_rng([seed, step, rank]).integers(2**31))
+def generation_seed(seed, step, rank, gen_batch=0):
+    """The sampling seed of a (run seed, step, rank, the step's prompt batch): different everywhere, reproducible on
+    resume. (A numpy hash, older than common.derive_seed, which then gives each generation batch its stream; it stays
+    because every RL result of the study hangs on it. A step's first batch keeps the seed it always had.)"""
+    return int(np.random.default_rng([seed, step, rank] + ([gen_batch] if gen_batch else [])).integers(2**31))
 
 
 def lr_at(step, lr, warmup_steps):

@@ -172,10 +172,12 @@ step rl "$LAUNCH train_rl.py --model $OUT/sft/final --task $TASK --train_data $T
 --out_dir $OUT/rl --max_steps $RL_STEPS --resume true $RL_ARGS"
 
 # ---- 5. sample the RL policy into re-distillation sets (an empty set, when nothing was correct, is allowed)
-#   A: greedy, once per SFT prompt, keep the correct ones (paper 3.1 'origin_sft')
+#   A: greedy, once per SFT prompt, keep the correct ones, shuffled, first A_SAMPLES (paper 3.1 'origin_sft'; a preset
+#      whose SFT prompts give too few sets A_SPLITS to more prompts, e.g. the SFT prompts then the RL pool)
 #   B: correct rollouts of the last RL steps, one per prompt, shuffled, first N (paper 3.1 'sample_from_buffer')
-step sample_A "$LAUNCH sample_policy.py --from_checkpoint $RL_FINAL --task $TASK --split $SFT_SPLIT \
---out $OUT/redistill_A.jsonl --temperature 0 --samples_per_prompt 1 --allow_empty true $SAMPLE_ARGS"
+step sample_A "$LAUNCH sample_policy.py --from_checkpoint $RL_FINAL --task $TASK --split ${A_SPLITS:-$SFT_SPLIT} \
+--out $OUT/redistill_A.jsonl --temperature 0 --samples_per_prompt 1 --num_examples ${A_SAMPLES:-1000} \
+--seed $((SEED - 1)) --allow_empty true $SAMPLE_ARGS"
 step sample_B "python sample_policy.py --from_rollouts $OUT/rl --steps $B_STEPS --task $TASK --split $TRAIN \
 --out $OUT/redistill_B.jsonl --max_per_prompt 1 --num_examples $B_SAMPLES --seed $((SEED - 1)) --allow_empty true"
 

@@ -34,8 +34,11 @@ def get_parser():
     p.add_argument("--from_rollouts", default=None,
                    help="instead: an RL run directory holding rollouts/step_NNNNNN.jsonl (train_rl.py's log)")
     p.add_argument("--task", default=None, help="task: kk, math, or a module name with the task interface (required)")
-    p.add_argument("--split", default=None, help="task split jsonl: the prompts to sample (--from_checkpoint); with "
-                   "--from_rollouts optional: re-score the kept rollouts with the task's score (the paper re-checks)")
+    p.add_argument("--split", nargs="+", default=None,
+                   help="task split jsonl file(s): the prompts to sample, in order (--from_checkpoint; several: a "
+                        "larger set than one split gives, e.g. the SFT prompts then the RL pool); with "
+                        "--from_rollouts optional: re-score the kept rollouts with the task's score (the paper "
+                        "re-checks)")
     p.add_argument("--out", default=None, help="the SFT jsonl to write (required)")
     # sampling (--from_checkpoint)
     # not --n: torchrun's own parser rejects "--n" after the script name as an ambiguous prefix of --nnodes etc.
@@ -104,20 +107,33 @@ def read_rollouts(run_dir, steps):
     return samples
 
 
+def load_splits(task, args, tokenizer, template):
+    """The records of every --split, file after file; an id in two of them is an error naming both."""
+    records, source = [], {}
+    for path in args.split:
+        for r in tasks.load_records(task, args.task, path, tokenizer, template):
+            if str(r["id"]) in source:
+                raise UserError(f"split {path}: id {r['id']!r} is also in {source[str(r['id'])]}: the --split files "
+                                "must not share a prompt")
+            source[str(r["id"])] = path
+            records.append(r)
+    return records
+
+
 def sample_checkpoint(args, task, rank, world, device):
-    """Every (record, sample) of the split, merged from all ranks in record order; and the records."""
+    """Every (record, sample) of the splits, merged from all ranks in record order; and the records."""
     import torch
     from model import load_model, load_tokenizer, parse_dtype, read_config
     read_config(args.from_checkpoint)  # a clear error when it is no checkpoint
     tokenizer = load_tokenizer(args.from_checkpoint)
-    records = tasks.load_records(task, args.task, args.split, tokenizer, args.template)
+    records = load_splits(task, args, tokenizer, args.template)
     records, subset = tasks.stratified_subset(records, args.limit, task.DIFFICULTY, args.seed)
     dtype = parse_dtype(args.dtype, device)
     model = load_model(args.from_checkpoint, dtype=dtype, device=device)
     model.eval()
     # Check every prompt's length on every rank before sharding, so that all ranks stop together.
     tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, records, args.template), records,
-                            args.max_new_tokens, model.config.max_position_embeddings, args.split)
+                            args.max_new_tokens, model.config.max_position_embeddings, " + ".join(args.split))
     order = parallel.rank_share(list(range(len(records))), rank, world)
     print0(f"sampling {args.from_checkpoint}: {subset} prompts x {args.samples_per_prompt} on {world} rank(s), "
            f"T={args.temperature}, top_p={args.top_p}, max_new_tokens={args.max_new_tokens}")
@@ -215,10 +231,11 @@ def main(argv=None):
         if stripped:
             print0(f"note: removed a trailing stop-token string from {stripped} rollout responses (SFT appends EOS)")
         if args.split:  # the paper re-checks the rollouts with the task's score; the score of now is what counts
-            by_id = {str(r["id"]): r for r in tasks.load_records(task, args.task, args.split, None, "plain")}
+            by_id = {str(r["id"]): r for r in load_splits(task, args, None, "plain")}
             missing = sorted({str(s["id"]) for s in samples} - set(by_id))
             if missing:
-                raise UserError(f"{args.split}: no record for rollout id {missing[0]!r} ({len(missing)} ids missing)")
+                raise UserError(f"{' + '.join(args.split)}: no record for rollout id {missing[0]!r} "
+                                f"({len(missing)} ids missing)")
             changed = 0
             for s in samples:
                 reward = task.score(s["response"], by_id[str(s["id"])], s["finished"])

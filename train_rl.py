@@ -29,8 +29,8 @@ import engine
 import parallel
 import tasks
 from common import UserError, print0
-from grpo import (dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at, policy_loss,
-                  rollout_is_weights, step_prompt_indices, token_weights)
+from grpo import (dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at, policy_loss, refill_keep,
+                  rollout_is_weights, sequence_ratio_logp, step_prompt_indices, token_weights, zero_variance)
 from model import load_model, load_tokenizer, parse_dtype, response_logprobs
 from parallel import full_copy, idle_pass, shard_model
 from scoring import validate
@@ -86,6 +86,11 @@ def get_parser():
                    help="PPO clip: ratio ceiling 1 + clip_high (clip-higher, DAPO: 0.28)")
     p.add_argument("--ppo_epochs", type=int, default=1,
                    help="passes over each rollout batch (>1: old log-probs are recomputed)")
+    p.add_argument("--ratio_level", default="token", choices=("token", "sequence"),
+                   help="the PPO ratio per token (PPO, GRPO), or per response: exp of its tokens' mean log-ratio, "
+                        "each token keeping its own gradient (GSPO, arXiv 2507.18071, which clips it at ~3e-4/4e-4: "
+                        "set --clip_low/--clip_high); the same with one on-policy update per batch, where the ratio "
+                        "is 1")
     p.add_argument("--ppo_mini_batches", type=int, default=1,
                    help="optimizer steps per pass over the rollout batch (paper: 1)")
     p.add_argument("--kl_coef", type=float, default=0.0,
@@ -99,12 +104,13 @@ def get_parser():
     p.add_argument("--adv_weight", default="none", choices=("none", "dwa"),
                    help="dwa: 'Sparse but Critical' (arXiv 2603.22446) weights A_t by the token's KL(pi_old || pi); "
                         "w = 1 on-policy, so it acts only with several updates per batch (docs/grpo.md)")
-    p.add_argument("--rollout_is", default="off", choices=("off", "token", "sequence"),
+    p.add_argument("--rollout_is", default="token", choices=("off", "token", "sequence"),
                    help="truncated importance sampling (TIS; Yao et al. 2025, 'Your efficient RL framework secretly "
                         "brings you off-policy RL training'; verl's rollout importance sampling): weight each token's "
                         "policy-gradient loss by min(pi_trainer / pi_sampler, --rollout_is_cap), the ratio of the "
                         "trainer's old log-prob to the engine's, per token or per response (sequence); corrects "
-                        "the sampler-trainer mismatch (logprob_gap). off until issue 37's 3-seed measurement")
+                        "the sampler-trainer mismatch (logprob_gap; bf16 on a GPU: ~0.03 nats a token). Where the "
+                        "two agree (fp32 on a CPU) the weight is 1 and it changes nothing")
     p.add_argument("--rollout_is_cap", type=float, default=2.0,
                    help="the cap C of --rollout_is's weight min(ratio, C) (TIS: 2)")
     p.add_argument("--dwa_s", type=float, default=1.0,
@@ -114,6 +120,15 @@ def get_parser():
     p.add_argument("--drop_zero_variance_groups", type=common.str2bool, default=False,
                    help="leave groups whose rewards are all equal out of the loss and its normaliser "
                         "(DAPO's filter, without resampling)")
+    p.add_argument("--dynamic_sampling", type=common.str2bool, default=False,
+                   help="DAPO's dynamic sampling (arXiv 2503.14476): sample further prompt batches (the data order's "
+                        "next ones) until the step holds --prompts_per_step groups whose rewards vary, at most "
+                        "--max_gen_batches; those train, groups beyond them and zero-variance groups are only logged. "
+                        "Costs generation, not training; a step then draws more than one batch of prompts, so "
+                        "--max_steps and --epochs count updates, not passes over the data")
+    p.add_argument("--max_gen_batches", type=int, default=10,
+                   help="--dynamic_sampling: prompt batches per step at most (DAPO's recipe: 10); a step that "
+                        "falls short trains on the groups it found")
     p.add_argument("--mask_truncated", type=common.str2bool, default=False,
                    help="leave truncated responses out of the loss (DAPO overlong filtering); "
                         "paper: kept, with reward 0")
@@ -168,26 +183,53 @@ def get_parser():
 # one RL step: rollouts -> (optional pre-pass) -> advantages -> update -> metrics
 
 
-def rollout(model, dtype, tokenizer, task, records, args, step, rank):
-    """n samples per record from a full --dtype copy of the weights (gathered once: no collective while decoding),
-    scored by the task. Returns (rollouts, times: seconds gathering, generating, scoring; CUDA GiB of generation)."""
+def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_before, rank, world):
+    """This rank's share of the step's prompt batch, n samples each, from a full --dtype copy of the weights
+    (gathered once: no collective while decoding), scored by the task. With --dynamic_sampling (DAPO), further prompt
+    batches (the data order's next ones) until prompts_per_step groups over all ranks have reward variance, at most
+    --max_gen_batches; grpo.refill_keep picks the groups that train, by their place in the global batch, so the same
+    ones train at any world size and after a resume (batches_before: prompt batches drawn by the earlier steps).
+    Returns (indices of this rank's prompts, their rollouts, per group whether it may train and its epoch, prompt
+    batches drawn, times: seconds gathering, generating, scoring; CUDA GiB of generation)."""
     cuda = model.lm_head.weight.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     policy = full_copy(model, dtype)
     times = {"gather_s": time.time() - t0, "score_s": 0.0, "mem_gen_gib": 0.0, "mem_held_gib": 0.0}
-    rollouts = engine.sample_responses(
-        policy, tokenizer, task, records, n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_response_tokens, seed=generation_seed(args.seed, step, rank), template=args.template,
-        batch_size=args.gen_batch_size, desc=f"step {step} rollouts", progress=args.progress, timings=times)
+    n, per_step = args.samples_per_prompt, args.prompts_per_step
+    indices, rollouts, trains, epochs, informative = [], [], [], [], 0
+    for b in range(args.max_gen_batches if args.dynamic_sampling else 1):
+        batch_no = batches_before + b + 1  # the data order's batch: the step itself when every step draws one
+        batch = step_prompt_indices(len(train_records), per_step, batch_no, args.seed)
+        places = parallel.rank_share(list(range(len(batch))), rank, world)
+        mine = [batch[i] for i in places]
+        new = engine.sample_responses(
+            policy, tokenizer, task, [train_records[i] for i in mine], n=n, temperature=args.temperature,
+            top_p=args.top_p, max_new_tokens=args.max_response_tokens, seed=generation_seed(args.seed, step, rank, b),
+            template=args.template, batch_size=args.gen_batch_size, desc=f"step {step} rollouts",
+            progress=args.progress, timings=times)
+        indices, rollouts = indices + mine, rollouts + new
+        epochs += [(batch_no - 1) // (len(train_records) // per_step)] * len(mine)
+        if not args.dynamic_sampling:
+            trains += [True] * len(mine)
+            break
+        signal = torch.zeros(len(batch), dtype=torch.float64)  # per place in the global batch, from every rank
+        signal[places] = torch.tensor([not z for z in zero_variance([s["reward"] for s in new], n)],
+                                      dtype=torch.float64)
+        signal = parallel.all_reduce(signal).tolist()
+        keep = refill_keep(signal, per_step - informative)
+        trains += [keep[i] for i in places]
+        informative += sum(keep)
+        if informative == per_step:
+            break
     del policy
     times["gen_s"] = time.time() - t0 - times["gather_s"] - times["score_s"]
     if cuda:  # the peak of generation and what stays allocated into the update (whose own peak step_metrics takes)
         times.update(mem_gen_gib=torch.cuda.max_memory_allocated() / 2**30,
                      mem_held_gib=torch.cuda.memory_allocated() / 2**30)
         torch.cuda.reset_peak_memory_stats()
-    return rollouts, times
+    return indices, rollouts, trains, epochs, b + 1, times
 
 
 def sampler_logprobs(batch, js, device):
@@ -265,7 +307,8 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                 old_lp = lp.detach() if not batch.need_old else torch.cat([old[j] for j in js])
                 if args.adv_weight == "dwa":
                     a = a * dwa_weights(lp, old_lp, args.dwa_s, args.dwa_alpha)
-                tok_loss, clipped = policy_loss(lp, old_lp, a, args.clip_low, args.clip_high)
+                ratio_lp = lp if args.ratio_level == "token" else sequence_ratio_logp(lp, old_lp, lens)
+                tok_loss, clipped = policy_loss(ratio_lp, old_lp, a, args.clip_low, args.clip_high)
                 if args.rollout_is != "off":  # the engine drew these tokens: correct its mismatch with the trainer
                     sampler = sampler_logprobs(batch, js, device)
                     is_w, capped = rollout_is_weights(old_lp, sampler, lens, args.rollout_is, args.rollout_is_cap)
@@ -316,7 +359,7 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
     rollouts, rewards = batch.rollouts, batch.rewards
     g = parallel.all_reduce_numbers({
         "reward": sum(rewards), "correct": sum(r >= 1.0 for r in rewards), "seqs": len(rollouts),
-        "groups": len(batch.zero_var), "zero_var": sum(batch.zero_var),
+        "groups": len(batch.zero_var), "zero_var": sum(batch.zero_var), "kept": sum(batch.trains),
         "resp_tokens": sum(s["length"] for s in rollouts),
         "truncated": sum(not s["finished"] for s in rollouts), "used": len(batch.train_idx), **sums})
     mx = parallel.all_reduce_numbers({
@@ -329,6 +372,8 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
             "kl": g["kl"] / g["kl_tokens"] if kl_logged and g["kl_tokens"] else None,
             "clip_frac": g["clipped"] / pg_tokens,
             "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "train_seqs": int(g["used"]),
+            **({"gen_batches": batch.gen_batches, "kept_frac": g["kept"] / max(g["groups"], 1)} if batch.dynamic
+               else {}),
             **({"is_weight": g["is_weight"] / g["is_tokens"], "is_capped": g["is_capped"] / g["is_tokens"],
                 "is_kl": g["is_kl"] / g["is_tokens"]} if g["is_tokens"] else {}),
             "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
@@ -340,7 +385,8 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
 def log_line(m, max_steps, cuda):
     return (f"step {m['step']}/{max_steps} | reward {m['reward']:.3f} acc {m['acc']:.3f} "
             f"zero_var {m['zero_var_frac']:.2f} "
-            f"| len {m['len_mean']:.0f}/{m['len_max']:.0f} trunc {m['truncated']:.2f} | ent {m['entropy']:.3f} "
+            + (f"batches {m['gen_batches']} kept {m['kept_frac']:.2f} " if "gen_batches" in m else "")
+            + f"| len {m['len_mean']:.0f}/{m['len_max']:.0f} trunc {m['truncated']:.2f} | ent {m['entropy']:.3f} "
             + (f"kl {m['kl']:.4f} " if m["kl"] is not None else "")
             + f"clip {m['clip_frac']:.3f} "
             + (f"is {m['is_weight']:.3f} capped {m['is_capped']:.3f} " if "is_weight" in m else "")
@@ -361,7 +407,9 @@ def main(argv=None):
         raise UserError("--model is required (a Hugging Face checkpoint directory: the initial policy)")
     common.check_positive(args, "prompts_per_step", "samples_per_prompt", "max_response_tokens", "ppo_epochs",
                           "ppo_mini_batches", "micro_batch_tokens", "gen_batch_size", "val_batch_size",
-                          "max_bad_steps", "logprob_chunk", "keep_last")
+                          "max_bad_steps", "logprob_chunk", "keep_last", "max_gen_batches")
+    if args.dynamic_sampling and args.samples_per_prompt < 2:
+        raise UserError("--dynamic_sampling needs --samples_per_prompt >= 2: a group of one has no reward variance")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 for RL sampling (greedy rollouts have no variance to learn from)")
     if not args.rollout_is_cap > 0:
@@ -399,6 +447,8 @@ def main(argv=None):
     checkpoint = ckpt.resume_checkpoint(args.out_dir, args.resume)
     start_step, state, init_path = 0, {}, args.model
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records)}
+    if args.dynamic_sampling:  # (absent when off, so the runs of earlier versions resume)
+        identity |= {"dynamic_sampling": True, "max_gen_batches": args.max_gen_batches}
     if checkpoint is not None:
         start_step, init_path, state, train_shard = checkpoint
         ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity)
@@ -412,6 +462,8 @@ def main(argv=None):
     if checkpoint is not None:
         ckpt.load_local_train_state(model, optimizer, train_shard)
     bad_steps_total, bad_streak = state.get("bad_steps_total", 0), state.get("bad_streak", 0)
+    prompt_batches = state.get("prompt_batches", start_step)  # the data order's batches drawn so far: one a step,
+    # or more with --dynamic_sampling
     # the optional branch: several updates per rollout batch (PPO ratio), a KL to a frozen reference
     ref_model = None
     if args.kl_coef > 0:
@@ -446,30 +498,33 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 1. this rank's share of the step's prompts, n rollouts each (record by record, n samples each)
-        mine = parallel.rank_share(step_prompt_indices(len(train_records), args.prompts_per_step, step, args.seed),
-                                   rank, world)
+        # 1. this rank's share of the step's prompts, n rollouts each (record by record, n samples each); with
+        # --dynamic_sampling further prompt batches until enough groups have a signal
+        mine, rollouts, trains, epochs, gen_batches, times = rollout(model, dtype, tokenizer, task, train_records, args,
+                                                                     step, prompt_batches, rank, world)
+        prompt_batches += gen_batches
         records = [train_records[i] for i in mine]
-        rollouts, times = rollout(model, dtype, tokenizer, task, records, args, step, rank)
 
-        # 2. which rollouts train: task rewards, groups with no signal, masked truncations
+        # 2. which rollouts train: groups dynamic sampling left out, groups with no signal, masked truncations
         t_train = time.time()
         rewards = [s["reward"] for s in rollouts]
-        zero_var = ((torch.tensor(rewards).view(-1, n).std(1) == 0).tolist() if n > 1 else [False] * len(records))
+        zero_var = zero_variance(rewards, n)
         batch = SimpleNamespace(
-            rollouts=rollouts, rewards=rewards, zero_var=zero_var, need_old=several_updates or kl_in_reward,
+            rollouts=rollouts, rewards=rewards, zero_var=zero_var, trains=trains, gen_batches=gen_batches,
+            dynamic=args.dynamic_sampling, need_old=several_updates or kl_in_reward,
             prompts=[prompt_ids[mine[j // n]] for j in range(len(rollouts))], responses=[s["tokens"] for s in rollouts],
-            train_idx=[j for j, s in enumerate(rollouts) if s["length"] > 0
+            train_idx=[j for j, s in enumerate(rollouts) if s["length"] > 0 and trains[j // n]
                        and not (args.drop_zero_variance_groups and zero_var[j // n])
                        and not (args.mask_truncated and not s["finished"])])
         sums = dict.fromkeys(("pg_tokens", "entropy", "kl", "kl_tokens", "clipped", "gap", "gap_tokens",
                               "train_tokens", "is_weight", "is_capped", "is_kl", "is_tokens"), 0.0)
 
         # 3. the optional branch: a no-grad pre-pass for old (several updates, k1) and reference log-probs; k1 needs
-        # every response, since each one's shaped reward enters its group's advantages
+        # every response of a group that may train, since each one's shaped reward enters its group's advantages
         old, ref = {}, None
         if batch.need_old or ref_model is not None:
-            pre_idx = [j for j, s in enumerate(rollouts) if s["length"] > 0] if kl_in_reward else batch.train_idx
+            pre_idx = ([j for j, s in enumerate(rollouts) if s["length"] > 0 and trains[j // n]] if kl_in_reward
+                       else batch.train_idx)
             old, ref = pre_pass(model, ref_model, batch, pre_idx, args, sums)
 
         # 4. advantages within each group of n (k1: less kl_coef x the response's summed log-ratio, group-centred)
@@ -490,14 +545,15 @@ def main(argv=None):
         times["train_s"] = time.time() - t_train
 
         # 6. metrics and the rollout log (rank 0 gathers every rank's rollouts)
-        m = step_metrics(step, (step - 1) // steps_per_epoch, batch, sums, times, device, ref_model is not None)
+        m = step_metrics(step, epochs[0] if epochs else 0, batch, sums, times, device, ref_model is not None)
         m.update(loss=loss, grad_norm=grad_norm, lr=lr, updates=updates, bad_steps=bad_steps_total)
         if args.log_rollouts:
+            train_set = set(batch.train_idx)
             everything = parallel.gather_lists([
                 {"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
-                 "finished": s["finished"], "length": s["length"], "step": step, "epoch": m["epoch"],
-                 "sample": s["sample"], "advantage": adv[j], task.DIFFICULTY: records[j // n].get(task.DIFFICULTY),
-                 "rank": rank}
+                 "finished": s["finished"], "length": s["length"], "step": step, "epoch": epochs[j // n],
+                 "sample": s["sample"], "advantage": adv[j], "trained": j in train_set,
+                 task.DIFFICULTY: records[j // n].get(task.DIFFICULTY), "rank": rank}
                 for j, s in enumerate(rollouts)])
             if rank == 0:
                 common.write_jsonl(tasks.rollout_log_path(args.out_dir, step), everything)
@@ -513,7 +569,8 @@ def main(argv=None):
         if not stop and (step % args.save_every == 0 or step == max_steps):
             ckpt.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
                                  {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "identity": identity,
-                                  "settings": vars(args)}, dtype, args.keep_last, args.keep_steps)
+                                  "prompt_batches": prompt_batches, "settings": vars(args)},
+                                 dtype, args.keep_last, args.keep_steps)
         if stop:
             print0(f"error: {bad_streak} consecutive steps with non-finite loss or gradients; stopping. "
                    f"The last good checkpoint is kept in {args.out_dir}")

@@ -50,12 +50,20 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # lr 1e-4 (on the earlier answer-only preset 5e-4 collapsed). Temperature 0.7, the paper's: over 3 seeds the gain
 # was +7.7 ± 7.8 points at 1.0 (one seed -1.0: sampled at 1.0, a table is scarcely more often right than a direct
 # answer, 0.105 vs 0.131, so RL has nothing to follow) and +8.8 ± 0.8 at 0.7 (docs/tiny_preset.md "Seeds").
+# Dynamic sampling (DAPO; DYNAMIC_SAMPLING=false for the run without): each step refills until its 16 groups all
+# have reward variance (~45 % of groups have none at T = 0.7), so 100 steps draw more than one epoch of prompts.
+DYNAMIC_SAMPLING=${DYNAMIC_SAMPLING:-true}
 RL_STEPS=100  # 100 x 16 = one epoch of the 1,600 RL puzzles (~4 min)
 RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_response_tokens 120 --lr 1e-4 \
 --warmup_steps 2 --gradient_checkpointing false --micro_batch_tokens 8192 --gen_batch_size 128 \
+--dynamic_sampling $DYNAMIC_SAMPLING \
 --val_every 25 --val_limit 200 --val_batch_size 200 --save_every 25 --progress false --seed $((1234 + SEED_SHIFT))"
 
-# re-distillation sets: A greedy on the SFT prompts; B correct rollouts of the last 50 RL steps
+# re-distillation sets: A greedy on the SFT prompts, then on the RL pool's (the 400 SFT prompts alone gave 95-124
+# correct answers; the paper's A has 1,000), the correct ones shuffled, first 1,000; B correct rollouts of the last
+# 50 RL steps
+A_SPLITS="$SFT_SPLIT $TRAIN"
+A_SAMPLES=1000
 SAMPLE_ARGS="--max_new_tokens 120 --batch_size 100 --progress false"
 B_STEPS="$RL_STEPS,$((RL_STEPS - 50))-$((RL_STEPS - 1))"  # paper: 125,115-124 (last step first)
 B_SAMPLES=400                                             # as many as the teacher set
@@ -77,5 +85,6 @@ LIMR_PROBE_STEPS=80
 LIMR_STEPS=40
 LIMR_SAVE_EVERY=40
 LIMR_SEEDS="1 2 3"
-LIMR_RL_ARGS="$RL_ARGS --val_every 0 --temperature 1.0"  # (docs/limr.md was measured at 1.0)
+LIMR_RL_ARGS="$RL_ARGS --val_every 0 --temperature 1.0 --dynamic_sampling false"  # (docs/limr.md was measured at
+# 1.0; a probe's epochs are LIMR's reward curves, one batch a step)
 LIMR_SELECT_ARGS="--threshold 0.6"

@@ -211,3 +211,47 @@ def test_rollout_is_matches_verls_truncated_importance_sampling():
     w, _ = grpo.rollout_is_weights(old, sampler, [64], "token", cap=2.0)
     loss, _ = grpo.policy_loss(old, old, adv)
     assert torch.allclose(loss * w, verl_loss)
+
+
+def test_zero_variance_groups():
+    assert grpo.zero_variance([1, 1, 0, 1, 0.5, 0.5], n=2) == [True, False, True]
+    assert grpo.zero_variance([0, 0, 0, 0], n=4) == [True]
+    assert grpo.zero_variance([1, 0, 1], n=1) == [False, False, False]  # a group of one: nothing to compare
+
+
+def test_refill_keeps_the_first_groups_with_signal_up_to_the_room_left():
+    assert grpo.refill_keep([1, 0, 1, 1, 0, 1], room=2) == [True, False, True, False, False, False]
+    assert grpo.refill_keep([0, 1, 0], room=5) == [False, True, False]  # all it has, fewer than wanted
+    assert grpo.refill_keep([1, 1], room=0) == [False, False]
+
+
+def test_a_steps_first_generation_batch_keeps_its_seed_and_later_batches_get_their_own():
+    import numpy as np
+    assert grpo.generation_seed(1234, 7, 1) == int(np.random.default_rng([1234, 7, 1]).integers(2**31))
+    seeds = {grpo.generation_seed(1234, 7, 1, b) for b in range(4)} | {grpo.generation_seed(1234, 7, 0, 1)}
+    assert len(seeds) == 5
+
+
+def test_per_response_sums_and_means():
+    v = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert torch.equal(grpo.per_response(v, [2, 1, 3]), torch.tensor([3.0, 3.0, 3.0, 15.0, 15.0, 15.0]))
+    assert torch.equal(grpo.per_response(v, [2, 1, 3], mean=True), torch.tensor([1.5, 1.5, 3.0, 5.0, 5.0, 5.0]))
+
+
+def test_gspo_ratio_is_the_responses_mean_log_ratio_with_each_tokens_own_gradient():
+    """GSPO-token: the value of every token's ratio is s_i = exp(mean_t log(pi/pi_old)) of its response; the gradient
+    of sum_t ratio_t A_t with respect to log pi_t is s_i A_t (sg[s_i] pi_t / sg[pi_t])."""
+    logp = torch.tensor([-1.0, -2.0, -0.5, -0.1, -3.0], requires_grad=True)
+    old = torch.tensor([-1.5, -1.5, -0.2, -0.4, -2.0])
+    lengths, adv = [2, 3], torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0])
+    ratio = torch.exp(grpo.sequence_ratio_logp(logp, old, lengths) - old)
+    s = torch.tensor([math.exp((0.5 - 0.5) / 2)] * 2 + [math.exp((-0.3 + 0.3 - 1.0) / 3)] * 3)
+    assert torch.allclose(ratio, s)
+    (ratio * adv).sum().backward()
+    assert torch.allclose(logp.grad, s * adv)
+    # on-policy (old = logp) the ratio is 1 and the gradient that of the token-level ratio
+    logp.grad = None
+    on = torch.exp(grpo.sequence_ratio_logp(logp, logp.detach(), lengths) - logp.detach())
+    assert torch.allclose(on, torch.ones(5))
+    (on * adv).sum().backward()
+    assert torch.allclose(logp.grad, adv)

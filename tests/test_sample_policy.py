@@ -105,6 +105,24 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
 
 
 
+def test_several_splits_are_sampled_in_order_and_may_not_share_a_prompt(tiny_checkpoint, tmp_path):
+    """Set A larger than the SFT split: the SFT prompts, then the RL pool's, one sample each; an id in both files
+    would give one prompt twice, so it is an error naming both."""
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    common.write_jsonl(a, toy_task.make_records(5, seed=1, split="sft"))
+    common.write_jsonl(b, toy_task.make_records(7, seed=2, split="train"))
+    everything = str(tmp_path / "all.jsonl")
+    sp.main(["--from_checkpoint", tiny_checkpoint, "--task", "toy_task", "--split", a, b, "--out",
+             str(tmp_path / "out.jsonl"), "--max_new_tokens", "4", "--progress", "false", "--allow_empty", "true",
+             "--samples_out", everything])
+    want = [r["id"] for path in (a, b) for r in common.read_jsonl(path)]
+    assert [s["id"] for s in read(everything)] == want and len(set(want)) == 12
+    common.write_jsonl(b, toy_task.make_records(7, seed=1, split="sft"))  # the same ids as a.jsonl
+    with pytest.raises(UserError, match=f"split {b}: id .* is also in {a}"):
+        sp.main(["--from_checkpoint", tiny_checkpoint, "--task", "toy_task", "--split", a, b, "--out",
+                 str(tmp_path / "out.jsonl"), "--max_new_tokens", "4", "--progress", "false"])
+
+
 @pytest.mark.torchrun
 def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     ckpt, split = policy

@@ -1,7 +1,8 @@
-"""train_rl.py --rollout_is (truncated importance sampling) in the real loop: the engine's log-probs reach the
-weights, the weighted loss changes the update, the step logs the mean weight, the capped share and the
-sampler-trainer KL, and with the real engine (which agrees with the trainer in fp32) the weights are 1. (The weights
-against a hand computation and verl's formula: test_grpo.py.)"""
+"""train_rl.py --rollout_is (truncated importance sampling) in the real loop: the engine's log-probs reach the weights,
+the weighted loss changes the update, the step logs the mean weight, the capped share and the sampler-trainer KL, and
+with the real engine (which agrees with the trainer in fp32) the weights are 1. (The weights against a hand
+computation and verl's formula: test_grpo.py.) And --ratio_level sequence (GSPO), which acts only with several
+updates per batch."""
 import os
 
 import pytest
@@ -46,7 +47,7 @@ def loop(tiny_checkpoint, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_token_weights_come_from_the_engines_logprobs_and_change_the_update(loop):
-    plain, plain_metrics, none = loop("plain")
+    plain, plain_metrics, none = loop("plain", rollout_is="off")
     tis, metrics, calls = loop("tis", rollout_is="token", rollout_is_cap=1.5)
     assert not none and all("is_weight" not in m for m in plain_metrics)
     assert len(calls) == 2  # one micro-batch per step
@@ -82,3 +83,16 @@ def test_with_the_real_engine_the_weights_are_one(loop):
 def test_a_cap_that_is_not_positive_is_an_error(loop):
     with pytest.raises(common.UserError, match="--rollout_is_cap must be > 0, got 0.0"):
         loop("bad", rollout_is="token", rollout_is_cap=0)
+
+
+@pytest.mark.slow
+def test_gspo_sequence_ratio_changes_only_a_run_with_several_updates(loop):
+    """--ratio_level sequence (GSPO): with one on-policy update the ratio is 1 at every token and the update is the
+    token-level one; with two mini-batches the second one's ratios differ, and so do the weights."""
+    one_token, _, _ = loop("t1")
+    one_seq, _, _ = loop("s1", ratio_level="sequence")
+    assert all(torch.allclose(one_token[k], one_seq[k], rtol=1e-5, atol=1e-7) for k in one_token)
+    two_token, _, _ = loop("t2", ppo_mini_batches=2)
+    two_seq, metrics, _ = loop("s2", ppo_mini_batches=2, ratio_level="sequence")
+    assert all(m["updates"] == 2 for m in metrics)
+    assert not all(torch.allclose(two_token[k], two_seq[k], rtol=1e-5, atol=1e-7) for k in two_token)

@@ -1,0 +1,140 @@
+"""train_rl.py --dynamic_sampling (DAPO's refill) in the real loop, on rollouts whose rewards depend only on the
+prompt (tests/rl_fixed_rollouts.py; with 2 samples a prompt about half the groups have no reward variance): each step
+trains the first --prompts_per_step groups with a signal in the data order, draws further batches for them up to
+--max_gen_batches and logs how many, a resume draws the same groups, and 2 ranks train the groups 1 rank does."""
+import os
+import sys
+
+import pytest
+import torch
+
+import ckpt
+import common
+import engine
+import toy_task
+import train_rl
+from common import UserError
+from conftest import ROOT, free_port, subprocess_env
+from rl_fixed_rollouts import fixed_rollouts
+
+PROMPTS, N, RECORDS = 8, 2, 40
+
+
+@pytest.fixture
+def loop(tiny_checkpoint, tmp_path, monkeypatch):
+    """train_rl.main on the tiny checkpoint with fixed rollouts; returns the run's metrics and rollout logs."""
+    train = str(tmp_path / "train.jsonl")
+    common.write_jsonl(train, toy_task.make_records(RECORDS, seed=1, split="train"))
+    monkeypatch.setattr(engine, "sample_responses", fixed_rollouts)
+
+    def run(name, **over):
+        s = {"model": tiny_checkpoint, "task": "toy_task", "train_data": train, "test_data": "",
+             "out_dir": str(tmp_path / name), "prompts_per_step": PROMPTS, "samples_per_prompt": N,
+             "max_response_tokens": 12, "lr": 3e-3, "warmup_steps": 0, "max_steps": 3, "save_every": 1,
+             "progress": False, "dynamic_sampling": True}
+        s.update(over)
+        assert train_rl.main([x for k, v in s.items() for x in (f"--{k}", str(v))]) == 0
+        out = s["out_dir"]
+        metrics = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if m.get("step")]
+        logs = {m["step"]: common.read_jsonl(os.path.join(out, "rollouts", f"step_{m['step']:06d}.jsonl"))
+                for m in metrics}
+        return metrics, logs, out
+    return run, common.read_jsonl(train)
+
+
+def groups(rows):
+    """A step's rollout log as (id, rewards, trained, epoch) per group, in the order drawn (one rank)."""
+    return [(rows[i]["id"], [r["reward"] for r in rows[i:i + N]], rows[i]["trained"], rows[i]["epoch"])
+            for i in range(0, len(rows), N)]
+
+
+@pytest.mark.slow
+def test_each_step_trains_the_first_groups_with_a_signal_in_the_data_order(loop):
+    run, train = loop
+    metrics, logs, _ = run("dyn", max_steps=4)
+    drawn = 0
+    for m in metrics:
+        got = groups(logs[m["step"]])
+        # the prompts are the data order's next gen_batches batches, each batch's epoch logged with it
+        want_ids, want_epochs = [], []
+        for b in range(drawn + 1, drawn + m["gen_batches"] + 1):
+            want_ids += [train[i]["id"] for i in train_rl.step_prompt_indices(RECORDS, PROMPTS, b, 1234)]
+            want_epochs += [(b - 1) // (RECORDS // PROMPTS)] * PROMPTS
+        drawn += m["gen_batches"]
+        assert [g[0] for g in got] == want_ids and [g[3] for g in got] == want_epochs
+        signal = [len(set(rewards)) > 1 for _, rewards, _, _ in got]
+        trained = [g[2] for g in got]
+        # exactly the first PROMPTS groups with a signal train, and the last batch was needed to reach them
+        first = [i for i, has in enumerate(signal) if has][:PROMPTS]
+        assert sum(trained) == PROMPTS and trained == [i in first for i in range(len(got))]
+        assert sum(signal[:-PROMPTS]) < PROMPTS
+        assert m["kept_frac"] == pytest.approx(PROMPTS / len(got)) and m["train_seqs"] == PROMPTS * N
+        assert m["zero_var_frac"] == pytest.approx(1 - sum(signal) / len(got))
+    assert drawn > len(metrics) and max(m["epoch"] for m in metrics) >= 1  # it refilled, into the next epoch
+
+
+@pytest.mark.slow
+def test_max_gen_batches_caps_the_refill_and_the_step_trains_what_it_found(loop):
+    run, _ = loop
+    metrics, logs, _ = run("capped", max_gen_batches=1, max_steps=2)
+    for m in metrics:
+        got = groups(logs[m["step"]])
+        signal = [len(set(rewards)) > 1 for _, rewards, _, _ in got]
+        assert m["gen_batches"] == 1 and len(got) == PROMPTS
+        assert [g[2] for g in got] == signal and 0 < sum(signal) < PROMPTS
+        assert m["updates"] == 1
+
+
+@pytest.mark.slow
+def test_a_resumed_run_draws_the_same_groups_and_ends_with_the_same_weights(loop):
+    """The data cursor (prompt batches drawn) is saved with the checkpoint: were the resume to start step 3 at batch
+    3, as a run without refill does, it would draw other prompts."""
+    run, _ = loop
+    _, whole_logs, whole = run("whole", max_steps=3)
+    run("cut", max_steps=2)
+    metrics, logs, cut = run("cut", max_steps=3, resume=True)
+    assert whole_logs[3] == logs[3] and metrics[-1]["gen_batches"] >= 1
+    from safetensors.torch import load_file
+    a = load_file(os.path.join(ckpt.checkpoint_dir(whole, 3), "model.safetensors"))
+    b = load_file(os.path.join(ckpt.checkpoint_dir(cut, 3), "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="dynamic_sampling: was True, now None"):
+        run("cut", max_steps=4, resume=True, dynamic_sampling=False)
+
+
+def test_dynamic_sampling_needs_groups_of_two(loop):
+    run, _ = loop
+    with pytest.raises(UserError, match="--dynamic_sampling needs --samples_per_prompt >= 2"):
+        run("one", samples_per_prompt=1)
+
+
+@pytest.mark.torchrun
+def test_two_ranks_train_the_groups_one_rank_does(tiny_checkpoint, tmp_path):
+    """Which groups train is decided on the global batch, not per rank: 2 ranks (7 prompts, so one rank draws more)
+    train the same groups as 1, with the same losses and weights."""
+    import subprocess
+    train = str(tmp_path / "train.jsonl")
+    common.write_jsonl(train, toy_task.make_records(RECORDS, seed=1, split="train"))
+    runs = {}
+    for ranks in (1, 2):
+        out = str(tmp_path / f"r{ranks}")
+        s = {"model": tiny_checkpoint, "task": "toy_task", "train_data": train, "test_data": "", "out_dir": out,
+             "prompts_per_step": 7, "samples_per_prompt": N, "max_response_tokens": 12, "lr": 1e-3,
+             "warmup_steps": 0, "max_steps": 3, "save_every": 3, "progress": False, "dynamic_sampling": True,
+             "micro_batch_tokens": 120}
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port",
+               str(free_port()), os.path.join(ROOT, "tests", "rl_fixed_rollouts.py")]
+        r = subprocess.run(cmd + [x for k, v in s.items() for x in (f"--{k}", str(v))], env=subprocess_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        runs[ranks] = out
+    for step in (1, 2, 3):
+        trained = [sorted((row["epoch"], row["id"], row["sample"]) for row in common.read_jsonl(os.path.join(
+            runs[k], "rollouts", f"step_{step:06d}.jsonl")) if row["trained"]) for k in (1, 2)]
+        assert len(trained[0]) == 7 * N and trained[0] == trained[1]
+    from safetensors.torch import load_file
+    a, b = (load_file(os.path.join(ckpt.checkpoint_dir(runs[k], 3), "model.safetensors")) for k in (1, 2))
+    # (k_proj's bias has a gradient of 0 up to round-off, which Adam scales up to ~lr: hence 1e-4, not 1e-5)
+    assert all(float((b[k] - a[k]).norm()) <= 1e-4 * float(a[k].norm()) for k in a)
+    ma, mb = ([m for m in common.read_jsonl(os.path.join(runs[k], "metrics.jsonl"))] for k in (1, 2))
+    assert [m["loss"] for m in mb] == pytest.approx([m["loss"] for m in ma], rel=1e-5, abs=1e-7)
