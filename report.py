@@ -72,8 +72,8 @@ def device_hours(times, stages):
 
 
 def rl_rollouts(run_dir, up_to_step=None):
-    """(rollouts, metrics, settings) of an RL run directory (of its first up_to_step steps), or (None, [], {}) before
-    it exists."""
+    """(rollouts generated, metrics, settings) of an RL run directory (of its first up_to_step steps), or (None, [], {})
+    before it exists."""
     path = os.path.join(run_dir, "settings.json")
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if not (os.path.exists(path) and os.path.exists(metrics)):
@@ -82,7 +82,8 @@ def rl_rollouts(run_dir, up_to_step=None):
         settings = json.load(f)
     rows = common.read_jsonl(metrics, torn_tail=True)
     steps = [m for m in rows if 0 < m.get("step", 0) <= (up_to_step or m["step"]) and "reward" in m]
-    return len(steps) * settings["prompts_per_step"] * settings["samples_per_prompt"], rows, settings
+    batches = sum(m.get("gen_batches", 1) for m in steps)  # (more than one a step with dynamic sampling)
+    return batches * settings["prompts_per_step"] * settings["samples_per_prompt"], rows, settings
 
 
 def difficulty_key(summary):
@@ -316,8 +317,8 @@ def main(argv=None):
     lines = [f"## Results{' (' + args.preset + ')' if args.preset else ''}: "
              f"test accuracy (greedy, pass@1) per {difficulty}",
              "", markdown_table(rows)]
-    lines.append(f"SFT samples: the set the model was fine-tuned on (RL: its cold start's). RL rollouts: prompts x "
-                 f"group x steps. {kind}-h: measured wall time x devices; own = the stages that made it from its "
+    lines.append(f"SFT samples: the set the model was fine-tuned on (RL: its cold start's). RL rollouts: every one "
+                 f"generated, prompts x group x prompt batches (one a step; more with dynamic sampling). {kind}-h: measured wall time x devices; own = the stages that made it from its "
                  f"inputs, total = with the cold start and RL it builds on. Re-distilled models' data came from the "
                  f"RL run ({rollouts} rollouts), counted in their total.")
     if "base" in times:

@@ -8,12 +8,14 @@ log; now and then greedy validation and a checkpoint.
     python train_rl.py --model CKPT --task kk                                    # one GPU or CPU
     torchrun --nproc_per_node=8 train_rl.py --model CKPT --task kk --out_dir runs/rl_kk [--resume true]
 
-Defaults are the paper's K&K run (verl; ../shared/research/paper.md section 8). More in docs/grpo.md:
+Defaults are the paper's K&K run (verl; ../shared/research/paper.md section 8), plus truncated importance sampling
+against the engine's log-probs (--rollout_is). More in docs/grpo.md:
 - The main path: one on-policy update per rollout batch, so the PPO ratio is exactly 1 and the gradient is that of
   -A log pi. Several updates per batch and a KL to a reference are the explicit optional branch (pre_pass).
 - FSDP2 shards the fp32 weights, gradients and AdamW state; compute runs in --dtype; every rank runs equally many
   micro-batches (parallel.even_out, idle_pass). Rollouts come from a full --dtype copy, gathered once per step.
-- Exact resume: data order is seeded by (seed, epoch), generation by (seed, step, rank), the lr by the step.
+- Exact resume: data order is seeded by (seed, epoch), generation by (seed, step, rank, batch), the lr by the step;
+  the count of prompt batches drawn (more than one a step with --dynamic_sampling) is saved with the checkpoint.
 """
 import math
 import time

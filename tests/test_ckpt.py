@@ -1,8 +1,11 @@
 """ckpt.py: a checkpoint and an fp32 full copy of an FSDP-sharded model taken after a no-grad forward hold the
 fp32 master, and resume restores it exactly. (Kill-and-resume through the scripts' mains: test_train_rl.py,
-test_redistill_sft.py, test_kill_drill.py.)"""
+test_redistill_sft.py, test_kill_drill.py.) And a resume's run identity."""
+import pytest
+
 import ckpt
 import parallel
+from common import UserError
 
 
 def test_checkpoints_and_full_copies_after_a_no_grad_forward_hold_the_fp32_master(tiny_checkpoint, tmp_path):
@@ -30,3 +33,15 @@ def test_checkpoints_and_full_copies_after_a_no_grad_forward_hold_the_fp32_maste
     ckpt.load_local_train_state(again, ckpt.make_optimizer(again.parameters(), lr=1e-3),
                                 ckpt.load_checkpoint(str(tmp_path))[3])
     assert all(torch.equal(parallel.full_copy(again, torch.float32).state_dict()[k], master[k]) for k in master)
+
+
+def test_a_resume_must_share_the_runs_identity_both_ways():
+    """A setting that decides the data order, changed, added or dropped at --resume, is one line naming it (a key
+    only the checkpoint has, e.g. dynamic sampling turned off, counts as much as one only the new run has)."""
+    ckpt.check_run_identity("run", {"seed": 1, "lr": 0.1}, {"seed": 1, "lr": 0.1})
+    with pytest.raises(UserError, match=r"run: --resume with different settings than the run's: seed: was 1, now 2$"):
+        ckpt.check_run_identity("run", {"seed": 1}, {"seed": 2})
+    with pytest.raises(UserError, match="dynamic_sampling: was True, now None"):
+        ckpt.check_run_identity("run", {"seed": 1, "dynamic_sampling": True}, {"seed": 1})
+    with pytest.raises(UserError, match="dynamic_sampling: was None, now True"):
+        ckpt.check_run_identity("run", {"seed": 1}, {"seed": 1, "dynamic_sampling": True})

@@ -68,6 +68,18 @@ def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
     assert "| all | 605 |" in text
 
 
+def test_rl_rollouts_count_every_prompt_batch_dynamic_sampling_drew(run_dir):
+    """With --dynamic_sampling a step draws several prompt batches: the rollouts it cost are all of them (2 + 3 + 1
+    batches of 16 x 8 here), not steps x prompts x group."""
+    common.write_jsonl(run_dir / "rl" / "metrics.jsonl", [{"step": 0, "val/acc": 0.25}] + [
+        {"step": s, "reward": 0.1, "gen_batches": b} for s, b in ((1, 2), (2, 3), (3, 1))])
+    assert report.rl_rollouts(str(run_dir / "rl"))[0] == 6 * 16 * 8
+    assert report.rl_rollouts(str(run_dir / "rl"), up_to_step=2)[0] == 5 * 16 * 8
+    report.main(["--out_dir", str(run_dir), "--preset", "tiny", "--plots", "false"])
+    row = next(line for line in (run_dir / "results.md").read_text().splitlines() if line.startswith("| rl |"))
+    assert "| 40 | 768 |" in row
+
+
 def test_math_runs_are_labelled_by_level(run_dir):
     for path in [*run_dir.glob("eval/*/test/summary.json"), *run_dir.glob("eval_se/*/test/summary.json")]:
         common.write_json(path, summary(0.1, 0.2, 0.15, task="math"))  # the same run, evaluated on a MATH split
