@@ -318,9 +318,10 @@ def main(argv=None):
              f"test accuracy (greedy, pass@1) per {difficulty}",
              "", markdown_table(rows)]
     lines.append(f"SFT samples: the set the model was fine-tuned on (RL: its cold start's). RL rollouts: every one "
-                 f"generated, prompts x group x prompt batches (one a step; more with dynamic sampling). {kind}-h: measured wall time x devices; own = the stages that made it from its "
-                 f"inputs, total = with the cold start and RL it builds on. Re-distilled models' data came from the "
-                 f"RL run ({rollouts} rollouts), counted in their total.")
+                 f"generated, prompts x group x prompt batches (one a step; more with dynamic sampling). {kind}-h: "
+                 f"measured wall time x devices; own = the stages that made it from its inputs, total = with the cold "
+                 f"start and RL it builds on. Re-distilled models' data came from the RL run ({rollouts} rollouts), "
+                 f"counted in their total.")
     if "base" in times:
         lines.append("Pre-training the tiny base (shared by all): "
                      f"{device_hours(times, ['base_text', 'base']):.3f} {kind}-h.")

@@ -51,7 +51,7 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # was +7.7 ± 7.8 points at 1.0 (one seed -1.0: sampled at 1.0, a table is scarcely more often right than a direct
 # answer, 0.105 vs 0.131, so RL has nothing to follow) and +8.8 ± 0.8 at 0.7 (docs/tiny_preset.md "Seeds").
 # Dynamic sampling (DAPO): each step draws further batches of 16 prompts until its 16 groups all have reward
-# variance (~45 % of groups have none at T = 0.7: ~2.35 batches a step). Chosen on validation (the RL policy's greedy
+# variance (~40 % of groups have none at T = 0.7: ~2.2 batches a step). Chosen on validation (the RL policy's greedy
 # accuracy on the 400 SFT prompts, which RL never sees; 3 seeds): 0.347 with it for 100 steps, 0.340 for 75, 0.273
 # without (100 steps); 75 steps is the cheaper of the two within a point. DYNAMIC_SAMPLING=false runs the measured
 # alternative: no refill, 100 steps (one epoch of the 1,600 RL puzzles).
