@@ -148,13 +148,20 @@ def token_weights(lengths, loss_agg, total_tokens, total_seqs, max_response_toke
 # the schedule: which prompts, which sampling seed, which learning rate at each step
 
 
-def step_prompt_indices(num_records, prompts_per_step, step, seed):
-    """Indices (into the training records) of the prompts of RL step `step` (1-based), for all ranks.
+def batch_epoch(num_records, prompts_per_step, batch):
+    """The epoch that prompt batch `batch` (1-based, in the data order) belongs to."""
+    return (batch - 1) // (num_records // prompts_per_step)
+
+
+def step_prompt_indices(num_records, prompts_per_step, batch, seed):
+    """Indices (into the training records) of the prompts of prompt batch `batch` (1-based), for all ranks: RL step N
+    draws batch N, unless dynamic sampling made earlier steps draw more.
 
     Epoch e visits the records in a permutation seeded by (seed, e); the last partial batch of an epoch is
-    dropped. A pure function of the step, so a resumed run skips and repeats nothing.
+    dropped. A pure function of the batch, so a resumed run skips and repeats nothing.
     """
-    epoch, k = divmod(step - 1, num_records // prompts_per_step)
+    epoch = batch_epoch(num_records, prompts_per_step, batch)
+    k = batch - 1 - epoch * (num_records // prompts_per_step)
     return parallel.epoch_order(num_records, seed, epoch)[k * prompts_per_step:(k + 1) * prompts_per_step]
 
 

@@ -31,8 +31,9 @@ import engine
 import parallel
 import tasks
 from common import UserError, print0
-from grpo import (dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at, policy_loss, refill_keep,
-                  rollout_is_weights, sequence_ratio_logp, step_prompt_indices, token_weights, zero_variance)
+from grpo import (batch_epoch, dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at, policy_loss,
+                  refill_keep, rollout_is_weights, sequence_ratio_logp, step_prompt_indices, token_weights,
+                  zero_variance)
 from model import load_model, load_tokenizer, parse_dtype, response_logprobs
 from parallel import full_copy, idle_pass, shard_model
 from scoring import validate
@@ -212,7 +213,7 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
             template=args.template, batch_size=args.gen_batch_size, desc=f"step {step} rollouts",
             progress=args.progress, timings=times)
         indices, rollouts = indices + mine, rollouts + new
-        epochs += [(batch_no - 1) // (len(train_records) // per_step)] * len(mine)
+        epochs += [batch_epoch(len(train_records), per_step, batch_no)] * len(mine)
         if not args.dynamic_sampling:
             trains += [True] * len(mine)
             break

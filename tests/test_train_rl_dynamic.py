@@ -92,8 +92,8 @@ def test_a_resumed_run_draws_the_same_groups_and_ends_with_the_same_weights(loop
     run, _ = loop
     _, whole_logs, whole = run("whole", max_steps=3)
     run("cut", max_steps=2)
-    metrics, logs, cut = run("cut", max_steps=3, resume=True)
-    assert whole_logs[3] == logs[3] and metrics[-1]["gen_batches"] >= 1
+    _, logs, cut = run("cut", max_steps=3, resume=True)
+    assert whole_logs[3] == logs[3]
     from safetensors.torch import load_file
     a = load_file(os.path.join(ckpt.checkpoint_dir(whole, 3), "model.safetensors"))
     b = load_file(os.path.join(ckpt.checkpoint_dir(cut, 3), "model.safetensors"))
