@@ -1,8 +1,18 @@
 """
-Our batched generation with a preallocated KV cache (after nanochat's engine.py): every prompt is prefilled
-once, packed without padding, and copied into its n cache rows; then one token per live row per step, and a
-row that emits a stop token leaves the batch. Sampling (temperature, top-p) draws with one uniform number per
-row. token_shift.py's cross-sampling runs a second model in lock-step (generate's partner). sample_responses
+Our batched generation with a KV cache, shaped for CUDA graphs (after nanochat's engine.py, gpt-fast and nano-vllm).
+
+Rows (one per (prompt, sample)) stream through a fixed set of cache *slots*: a prompt is prefilled once, packed
+without padding with the others admitted at the same time, and its keys/values copied into its rows' slots; then
+every step feeds one token to each slot. A slot whose row has finished is refilled with the next row at the host's
+next look (continuous batching), so the long tail of one batch overlaps the next batch's work. The decode step works
+on static shapes, a row bucket and a column bound rounded up to a block, reads and writes only buffers allocated
+once (kept across calls), and never syncs with the host: finished rows keep running, masked, until the host looks
+(every `sync_every` steps), collects them and refills or compacts. On CUDA each (rows, columns) shape is captured
+once as a CUDA graph and replayed; on CPU the same step runs eagerly.
+
+Sampling (temperature, top-p) draws each token with one uniform number that depends only on (seed, sample, position),
+a counter-based hash: a row's tokens do not depend on its slot, the number of slots, the buckets or the batch it ran
+in. token_shift.py's cross-sampling runs a second model in lock-step (generate's partner). sample_responses
 generates and scores over a task's records: what sampling, evaluation and RL rollouts share.
 """
 import math
@@ -10,103 +20,45 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, derive_seed, rank
-from model import HAVE_FLASH_ATTN, ModelConfig, Packed, flash_dtype, flash_inputs, pack, stop_token_ids
-from parallel import is_sharded
+from common import UserError, rank
+from model import (HAVE_FLASH_ATTN, Packed, apply_rope, flash_dtype, flash_inputs, pack, packed_positions,
+                   rms_norm, rope_cos_sin, stop_token_ids)
+from parallel import full_tensor, is_sharded, reshard
 from tasks import encode_prompts
 
 if HAVE_FLASH_ATTN:
     from flash_attn import flash_attn_with_kvcache
 
-
-class Decode:
-    """One new token per cache row: write its key/value at the row's length, attend to the row's prefix."""
-
-    def __init__(self, cache, span=None):
-        self.cache = cache
-        n = cache.rows
-        self.lengths = cache.lengths[:n]
-        # columns any row can see this step: generate passes a bound it knows on the host (no GPU sync)
-        self.span = span or int(self.lengths.max().item()) + 1
-        # decided once, from the cache: it cannot be cast, so flash runs only in the cache's own dtype
-        # (the new token's q/k/v are cast to it; the SDPA path stores k/v in it too)
-        dtype = flash_dtype(cache.k, cache.v)
-        self.flash = dtype if dtype == cache.k.dtype else None
-        if self.flash is None:
-            cols = torch.arange(self.span, device=cache.k.device)
-            self.mask = (cols[None, :] <= self.lengths[:, None])[:, None, None, :]  # (n, 1, 1, span)
-
-    def attend(self, attn, q, k, v):
-        c, n, i = self.cache, self.cache.rows, attn.layer_idx
-        kc, vc = c.k[i, :n], c.v[i, :n]  # (n, nkv, max_len, hd)
-        if self.flash is not None:  # writes k, v into the cache at self.lengths
-            y = flash_attn_with_kvcache(*flash_inputs(self.flash, q, kc, vc, k, v),
-                                        cache_seqlens=self.lengths.to(torch.int32), causal=True)
-            return y.transpose(1, 2)
-        rows = torch.arange(n, device=q.device)
-        kc[rows, :, self.lengths] = k[:, :, 0]
-        vc[rows, :, self.lengths] = v[:, :, 0]
-        # attention of one query per row, written out: the query heads that share a kv head form one
-        # matrix (no copies of the cache to repeat kv heads, as SDPA's GQA fallback makes)
-        nh, nkv, hd = q.shape[1], kc.shape[1], q.shape[-1]
-        scores = (q.view(n, nkv, nh // nkv, hd) @ kc[:, :, :self.span].transpose(-1, -2)).float() / math.sqrt(hd)
-        scores.masked_fill_(~self.mask, float("-inf"))
-        y = torch.softmax(scores, dim=-1).to(q.dtype) @ vc[:, :, :self.span]  # (n, nkv, group, hd)
-        return y.view(n, nh, 1, hd)
+MASK32 = 0xFFFFFFFF
+MAX_STOP_IDS = 8  # the stop ids live in a fixed-size buffer (padded with -1), so one captured graph serves any set
 
 
-class KVCache:
-    """Preallocated keys/values for all layers: (layers, rows, kv_heads, max_len, head_dim).
-
-    Row r holds its sequence from column 0; lengths[r] = tokens stored. Only the first `rows` rows
-    are live: finished rows are dropped by moving live rows into their places (`drop`).
-    """
-
-    def __init__(self, cfg: ModelConfig, rows, max_len, dtype, device):
-        shape = (cfg.num_layers, rows, cfg.num_kv_heads, max_len, cfg.head_dim)
-        # zeros, not empty: masked-out columns still enter attention as 0 * value, and uninitialised
-        # memory can hold NaN/inf bit patterns (0 * NaN = NaN), which made greedy outputs nondeterministic
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        self.rows, self.max_len = rows, max_len
-
-    def store_prefill(self, layer, k, v, bounds, cache_rows):
-        # k, v: (nkv, N, hd) for the packed prompts; sequence i goes to every row in cache_rows[i]
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            self.k[layer, cache_rows[i], :, : b - a] = k[:, a:b]
-            self.v[layer, cache_rows[i], :, : b - a] = v[:, a:b]
-
-    def drop(self, done, num_done=None, span=None):
-        """Remove finished rows (done: bool per live row; num_done = their count and span a bound on the live
-        lengths, when the caller knows them). The last live rows move into the holes, so a step copies only as
-        many rows as finished. Returns each remaining row's previous index."""
-        m = self.rows
-        kept = m - (int(done.sum()) if num_done is None else num_done)
-        order = torch.arange(kept, device=done.device)
-        holes = done[:kept].nonzero().squeeze(-1)
-        if holes.numel():
-            movers = (~done[kept:]).nonzero().squeeze(-1) + kept
-            span = span or int(self.lengths[movers].max())
-            self.k[:, holes, :, :span] = self.k[:, movers, :, :span]
-            self.v[:, holes, :, :span] = self.v[:, movers, :, :span]
-            self.lengths[holes] = self.lengths[movers]
-            order[holes] = movers
-        self.rows = kept
-        return order
+# -----------------------------------------------------------------------------
+# sampling: no host sync, and each token's random number a function of (seed, sample, position)
 
 
-@dataclass
-class Generation:
-    prompt_index: int     # which prompt this sample answers
-    tokens: list          # new token ids, including the stop token when finished
-    logprobs: list        # log-prob of each new token under softmax(logits / temperature) (T=1 when greedy)
-    finished: bool        # True when it ended with a stop token, False when it hit max_new_tokens
-    switched: list | None = None  # cross-sampling: per token, True where it was drawn from the partner's distribution
-    differs: list | None = None   # cross-sampling: per token, True where switched and the model's own distribution
-    #                               would have given another token with the same random number
+def _mix32(x):
+    """A 32-bit integer hash (two rounds of xor-shift-multiply) on int64 tensors holding values below 2**32; every
+    product stays below 2**63, so it is exact and the same on every device."""
+    for _ in range(2):
+        x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    return (x >> 16) ^ x
+
+
+def uniforms(seed, samples, positions):
+    """One number in [0, 1) per (sample, position), a hash of (seed, sample, position): int64 tensors seed (a scalar
+    below 2**32), samples and positions (rows,); returns (rows, 1) fp32 with 24 random bits."""
+    h = _mix32(seed ^ _mix32(samples & MASK32))
+    h = _mix32(h ^ _mix32((positions + 0x5BD1E995) & MASK32))
+    return ((h >> 8).float() * 2.0**-24)[:, None]
+
+
+def seed32(seed):
+    """The 32-bit key of a (64-bit) seed, for uniforms."""
+    return (seed ^ (seed >> 32)) & MASK32
 
 
 def sampling_probs(logits, temperature, top_p):
@@ -134,19 +86,18 @@ def draw(probs, u):
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
-def sample_next(logits, temperature, top_p, generator):
-    """Pick next tokens from fp32 logits (rows, V); returns (tokens, their log-probs)."""
+def sample_next(logits, temperature, top_p, u):
+    """Pick next tokens from fp32 logits (rows, V) with one uniform number per row, u (rows, 1); returns (tokens,
+    their log-probs under softmax(logits / T), T = 1 when greedy)."""
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
     logp, probs = sampling_probs(logits, temperature, top_p)
-    # one uniform number per row (far cheaper than torch.multinomial on CPU, no host sync on GPU)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
     tok = draw(probs, u)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-def cross_next(logits, partner_logits, temperature, top_p, generator, switch):
+def cross_next(logits, partner_logits, temperature, top_p, u, switch):
     """Cross-sampling's pick: each row draws from its model's distribution, or, where switch(p, q) (p, q: the two
     renormalised nuclei) is True, from the partner's. Both draws use the row's one uniform number, as sample_next
     does, so a row that never switches gets exactly sample_next's tokens. Returns (tokens, their log-probs under
@@ -156,58 +107,366 @@ def cross_next(logits, partner_logits, temperature, top_p, generator, switch):
     logp, probs = sampling_probs(logits, temperature, top_p)
     logq, partner_probs = sampling_probs(partner_logits, temperature, top_p)
     switched = switch(probs / probs.sum(-1, keepdim=True), partner_probs / partner_probs.sum(-1, keepdim=True))
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
     own, other = draw(probs, u), draw(partner_probs, u)
     tok = torch.where(switched, other, own)
     lp = torch.where(switched, logq.gather(-1, tok[:, None]).squeeze(-1), logp.gather(-1, tok[:, None]).squeeze(-1))
     return tok, lp, switched, switched & (other != own)
 
 
-def prefill(model, prompts, n, cache):
-    """Run the prompts packed in one row, storing each one's keys/values in its n cache rows; returns the fp32
-    logits of every row's first new token (rows, V)."""
-    device = model.lm_head.weight.device
+# -----------------------------------------------------------------------------
+# the weights generation reads, and its buffers; both allocated once and kept across calls
+
+
+def weight_layout(model):
+    """name -> the model's tensors that generation reads as one: q/k/v and gate/up fused into one matrix each
+    (one matmul instead of three or two), the rest as they are."""
+    layout = {"embed": [model.model.embed_tokens.weight], "norm": [model.model.norm.weight]}
+    if not model.config.tie_word_embeddings:
+        layout["lm_head"] = [model.lm_head.weight]
+    for i, block in enumerate(model.model.layers):
+        a, m = block.self_attn, block.mlp
+        layout[f"{i}.qkv"] = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
+        if a.q_proj.bias is not None:
+            layout[f"{i}.qkv_bias"] = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+        layout[f"{i}.o"] = [a.o_proj.weight]
+        layout[f"{i}.gate_up"] = [m.gate_proj.weight, m.up_proj.weight]
+        layout[f"{i}.down"] = [m.down_proj.weight]
+        layout[f"{i}.ln1"] = [block.input_layernorm.weight]
+        layout[f"{i}.ln2"] = [block.post_attention_layernorm.weight]
+        if hasattr(a, "q_norm"):
+            layout[f"{i}.q_norm"], layout[f"{i}.k_norm"] = [a.q_norm.weight], [a.k_norm.weight]
+    return layout
+
+
+class GenWeights:
+    """Generation's own copy of a model's weights in weight_layout, in dtype (default: the model's), with RoPE's cos/sin
+    table over every position. The model may be FSDP-sharded: each tensor is then gathered in turn (a collective:
+    every rank builds it), so no plain full copy of the model is made. load() refills it in place, so the CUDA graphs
+    captured on it stay valid. generate() takes it in place of a model."""
+
+    serials = iter(range(1, 2**62))  # each copy's number: captured graphs are tied to the copies they read
+
+    def __init__(self, model, dtype=None):
+        self.config = model.config
+        self.dtype, self.device = dtype or model.lm_head.weight.dtype, model.lm_head.weight.device
+        self.serial = next(GenWeights.serials)
+        self.w = {name: torch.empty((sum(t.shape[0] for t in ts), *ts[0].shape[1:]), dtype=self.dtype,
+                                    device=self.device) for name, ts in weight_layout(model).items()}
+        positions = torch.arange(self.config.max_position_embeddings, device=self.device)
+        self.cos, self.sin = rope_cos_sin(self.config, positions, self.dtype)  # (positions, hd)
+        self.load(model)
+
+    def fits(self, model, dtype):
+        return (model.config.hf_config == self.config.hf_config and dtype == self.dtype
+                and model.lm_head.weight.device == self.device)
+
+    @torch.no_grad()
+    def load(self, model):
+        sharded = is_sharded(model)
+        if sharded:
+            reshard(model)  # read shards, not the root group a no-grad forward left gathered
+        for name, ts in weight_layout(model).items():
+            at = 0
+            for t in ts:
+                self.w[name][at:at + t.shape[0]].copy_(full_tensor(t.detach().to(self.dtype)) if sharded else t)
+                at += t.shape[0]
+        self.lm_head = self.w.get("lm_head", self.w["embed"])
+        self.layers = [{k.split(".", 1)[1]: t for k, t in self.w.items() if k.startswith(f"{i}.")}
+                       for i in range(self.config.num_layers)]
+        return self
+
+
+def forward(gw, ids, positions, attend):
+    """Final hidden states (N, hidden) of N tokens at these positions, attend(layer, q, k, v) being the attention
+    of (N, heads, head_dim) queries, keys and values, which returns (N, heads * head_dim). The model's own forward
+    (model.py) in generation's layout: prefill (packed prompts) and decode (one token per slot) both run it."""
+    cfg = gw.config
+    nh, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    n = ids.shape[0]
+    x = F.embedding(ids, gw.w["embed"])
+    cos, sin = gw.cos[positions][:, None], gw.sin[positions][:, None]  # (N, 1, hd): one table for every head
+    for i, w in enumerate(gw.layers):
+        h = rms_norm(x, w["ln1"], eps)
+        q, k, v = F.linear(h, w["qkv"], w.get("qkv_bias")).split([nh * hd, nkv * hd, nkv * hd], -1)
+        q, k, v = q.view(n, nh, hd), k.view(n, nkv, hd), v.view(n, nkv, hd)
+        if "q_norm" in w:  # Qwen3 normalises q and k per head before RoPE
+            q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        x = x + F.linear(attend(i, q, k, v), w["o"])
+        gate, up = F.linear(rms_norm(x, w["ln2"], eps), w["gate_up"]).chunk(2, -1)
+        x = x + F.linear(F.silu(gate) * up, w["down"])
+    return rms_norm(x, gw.w["norm"], eps)
+
+
+class Slots:
+    """Everything the decode step reads and writes, allocated once: per model a KV cache (layers, slots, kv_heads,
+    max_len, head_dim), and per slot its sample id (-1: free), stored tokens (`lengths`), next input token, tokens
+    generated (`pos`), whether it is still generating (`alive`) and ended on a stop id (`stopped`), and its output
+    tokens / log-probs (cross-sampling: switched / differs) by position, with one spare column that rows past their
+    end write into (so the step needs no branch)."""
+
+    def __init__(self, cfgs, count, max_len, max_new, dtypes, device):
+        self.count, self.max_len, self.width = count, max_len, max_new + 1
+        self.caches = []
+        for cfg, dtype in zip(cfgs, dtypes):
+            shape = (cfg.num_layers, count, cfg.num_kv_heads, max_len, cfg.head_dim)
+            # zeros, not empty: masked-out columns still enter attention as 0 * value, and uninitialised memory can
+            # hold NaN/inf bit patterns (0 * NaN = NaN)
+            self.caches.append((torch.zeros(shape, dtype=dtype, device=device),
+                                torch.zeros(shape, dtype=dtype, device=device)))
+        z = dict(device=device, dtype=torch.long)
+        self.sample, self.lengths, self.tok, self.pos = (torch.zeros(count, **z) for _ in range(4))
+        self.force = torch.zeros(count, **z)  # benchmarks: the length each row is forced to stop at (0 = none)
+        self.alive, self.stopped = (torch.zeros(count, dtype=torch.bool, device=device) for _ in range(2))
+        self.out_tok = torch.zeros(count, self.width, **z)
+        self.out_lp = torch.zeros(count, self.width, dtype=torch.float32, device=device)
+        self.out_switched, self.out_differs = (torch.zeros(count, self.width, dtype=torch.bool, device=device)
+                                               for _ in range(2))
+        self.rows, self.cols = torch.arange(count, device=device), torch.arange(max_len, device=device)
+        self.seed, self.max_new = torch.zeros((), **z), torch.zeros((), **z)
+        self.stop = torch.full((MAX_STOP_IDS,), -1, **z)
+        self.graphs, self.graphs_read, self.pool = {}, (), None  # CUDA graphs by shape, the weights they read
+
+    def fits(self, cfgs, count, max_len, max_new, dtypes, device):
+        return (len(cfgs) == len(self.caches) and count <= self.count and max_len <= self.max_len
+                and max_new < self.width and self.rows.device == device
+                and all((k.dtype, k.shape[0], k.shape[2], k.shape[4]) == (d, c.num_layers, c.num_kv_heads, c.head_dim)
+                        for (k, _), c, d in zip(self.caches, cfgs, dtypes)))
+
+    def move(self, holes, movers, span):
+        """Slots movers -> slots holes (index tensors): caches up to column span, and every per-slot buffer."""
+        for k, v in self.caches:
+            k[:, holes, :, :span] = k[:, movers, :, :span]
+            v[:, holes, :, :span] = v[:, movers, :, :span]
+        for t in (self.sample, self.lengths, self.tok, self.pos, self.force, self.alive, self.stopped, self.out_tok,
+                  self.out_lp, self.out_switched, self.out_differs):
+            t[holes] = t[movers]
+        self.alive[movers] = False
+
+
+_kept = {}  # "weights0", "weights1" (the partner), "slots": what generation allocated, kept for the next call
+
+
+def release():
+    """Free generation's kept weights, KV caches and CUDA graphs (train_rl.py does before each update)."""
+    _kept.clear()
+
+
+def kept_weights(model, role, dtype):
+    """A GenWeights as is; for a plain model, the kept copy of its role refilled with it (allocated on first use)."""
+    if isinstance(model, GenWeights):
+        return model
+    if is_sharded(model):  # FSDP's forward would all-gather every block at every decode step
+        raise ValueError("generate() needs full weights: pass engine.GenWeights(model, dtype), not the sharded model")
+    gw = _kept.get(f"weights{role}")
+    if gw is not None and gw.fits(model, dtype or model.lm_head.weight.dtype):
+        return gw.load(model)
+    _kept.pop(f"weights{role}", None)  # free the old copy before allocating the new one
+    gw = _kept[f"weights{role}"] = GenWeights(model, dtype)
+    return gw
+
+
+def kept_slots(cfgs, count, max_len, max_new, dtypes, device):
+    slots = _kept.get("slots")
+    if slots is None or not slots.fits(cfgs, count, max_len, max_new, dtypes, device):
+        if slots is not None:  # grow to cover both, so alternating calls do not reallocate every time
+            count, max_len, max_new = max(count, slots.count), max(max_len, slots.max_len), max(max_new, slots.width - 1)
+        _kept["slots"] = None
+        slots = _kept["slots"] = Slots(cfgs, count, max_len, max_new, dtypes, device)
+    return slots
+
+
+# -----------------------------------------------------------------------------
+# prefill, the decode step and its pick
+
+
+def decode_attention(slots, cache, rows, span, flash):
+    """The decode step's attention for one model's cache: each of the first `rows` slots writes its new key/value at
+    its length and attends to its prefix, within the first `span` columns."""
+    k_cache, v_cache = cache
+    lengths, at = slots.lengths[:rows], slots.rows[:rows]
+    if flash is None:
+        visible = (slots.cols[:span][None, :] <= lengths[:, None])[:, None, None, :]  # (rows, 1, 1, span)
+    else:
+        seqlens = lengths.to(torch.int32)
+
+    def attend(i, q, k, v):  # (rows, heads, hd)
+        kc, vc = k_cache[i, :rows], v_cache[i, :rows]  # (rows, nkv, max_len, hd)
+        if flash is not None:  # writes k, v into the cache at lengths
+            y = flash_attn_with_kvcache(*flash_inputs(flash, q[:, :, None], kc, vc, k[:, :, None], v[:, :, None]),
+                                        cache_seqlens=seqlens, causal=True)
+            return y.reshape(rows, -1)
+        kc[at, :, lengths] = k
+        vc[at, :, lengths] = v
+        # one query per row, written out: the query heads that share a kv head form one matrix (no copies of the
+        # cache to repeat kv heads, as SDPA's GQA fallback makes)
+        nh, nkv, hd = q.shape[1], kc.shape[1], q.shape[-1]
+        scores = q.view(rows, nkv, nh // nkv, hd) @ kc[:, :, :span].transpose(-1, -2)
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / math.sqrt(hd)  # fp32 at least
+        scores.masked_fill_(~visible, float("-inf"))
+        y = torch.softmax(scores, dim=-1).to(q.dtype) @ vc[:, :, :span]  # (rows, nkv, group, hd)
+        return y.reshape(rows, nh * hd)
+    return attend
+
+
+def decode_flash(cache):
+    """flash-attn's dtype for this cache, or None (the written-out attention): flash runs only in the cache's own
+    dtype, as it cannot cast the cache."""
+    dtype = flash_dtype(*cache)
+    return dtype if dtype == cache[0].dtype else None
+
+
+def decode_step(weights, slots, rows, span, temperature, top_p, switch=None):
+    """One token for each of the first `rows` slots; `span` bounds the columns any of them can see. Reads and writes
+    only slots' buffers, with no host sync: what a CUDA graph captures."""
+    logits = []
+    for gw, cache in zip(weights, slots.caches):
+        attend = decode_attention(slots, cache, rows, span, decode_flash(cache))
+        hidden = forward(gw, slots.tok[:rows], slots.lengths[:rows], attend)
+        logits.append(F.linear(hidden, gw.lm_head).float())
+    slots.lengths[:rows] += slots.alive[:rows]  # finished rows stay where they are
+    pick(slots, slots.rows[:rows], logits, temperature, top_p, switch)
+
+
+def pick(slots, idx, logits, temperature, top_p, switch=None):
+    """Sample the next token of slots idx from their logits (one (len(idx), V) tensor per model) and record it."""
+    sample, pos, alive = slots.sample[idx], slots.pos[idx], slots.alive[idx]
+    first = logits[0]
+    if slots.forcing:  # benchmarks: the first stop id banned before the row's forced length, and forced at it
+        stop = slots.stop[:1]
+        forced = torch.full_like(first, -float("inf")).index_fill_(1, stop, 0.0)
+        first = torch.where((pos + 1 == slots.force[idx])[:, None], forced, first.index_fill(1, stop, -float("inf")))
+    u = uniforms(slots.seed, sample, pos) if temperature > 0 else None
+    col = torch.where(alive, pos, slots.width - 1)  # the spare column for rows past their end
+    if len(logits) == 1:
+        tok, lp = sample_next(first, temperature, top_p, u)
+    else:
+        tok, lp, switched, differs = cross_next(first, logits[1], temperature, top_p, u,
+                                                lambda p, q: switch(p, q, sample, pos))
+        slots.out_switched[idx, col], slots.out_differs[idx, col] = switched, differs
+    slots.out_tok[idx, col], slots.out_lp[idx, col] = tok, lp
+    stop = (tok[:, None] == slots.stop).any(-1)
+    slots.stopped[idx] = slots.stopped[idx] | (alive & stop)
+    slots.pos[idx] = pos + alive
+    slots.alive[idx] = alive & ~stop & (pos + 1 < slots.max_new)
+    slots.tok[idx] = tok
+
+
+def prefill(weights, slots, prompts, slot_groups):
+    """Run the prompts packed in one row through every model, store their keys/values in their slots (slot_groups[i]:
+    the slots of prompt i) and return each model's fp32 logits of each prompt's first new token (prompts, V)."""
+    device = slots.rows.device
     ids, cu = pack(prompts, device)
-    cache_rows = [torch.arange(i * n, (i + 1) * n, device=device) for i in range(len(prompts))]
-    hidden = model.forward(ids, cu_seqlens=cu, ctx=Packed(cu, cache, cache_rows))
-    last = hidden[0, cu[1:] - 1]  # (P, hidden)
-    cache.lengths[:] = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(n)
-    return model.lm_head(last).float().repeat_interleave(n, 0)
+    positions = packed_positions(cu)
+    packed, bounds = Packed(cu), cu.tolist()
+    logits = []
+    for gw, (k_cache, v_cache) in zip(weights, slots.caches):
+        def attend(i, q, k, v):  # (N, heads, hd)
+            for (a, b), where in zip(zip(bounds[:-1], bounds[1:]), slot_groups):
+                k_cache[i, where, :, :b - a] = k[a:b].transpose(0, 1).to(k_cache.dtype)
+                v_cache[i, where, :, :b - a] = v[a:b].transpose(0, 1).to(v_cache.dtype)
+            y = packed.attend(None, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+            return y[0].transpose(0, 1).reshape(q.shape[0], -1)
+        hidden = forward(gw, ids[0], positions, attend)
+        logits.append(F.linear(hidden[cu[1:] - 1], gw.lm_head).float())
+    return logits
 
 
-def decode_step(model, tok, cache, span=None):
-    """Feed one token per live cache row; returns the fp32 logits of the next one (rows, V). span: a bound on the
-    columns any row can see (see Decode)."""
-    hidden = model.forward(tok[:, None], positions=cache.lengths[: cache.rows, None], ctx=Decode(cache, span))
-    cache.lengths[: cache.rows] += 1
-    return model.lm_head(hidden[:, -1]).float()
+def run_step(weights, slots, rows, span, temperature, top_p, switch, graphs):
+    """decode_step, eagerly or by replaying the CUDA graph captured for this shape (captured on first use)."""
+    if not graphs:
+        return decode_step(weights, slots, rows, span, temperature, top_p, switch)
+    serials = tuple(gw.serial for gw in weights)
+    if slots.graphs_read != serials:  # captured on other weights: their addresses are stale
+        slots.graphs, slots.graphs_read = {}, serials
+    key = (rows, span, temperature, top_p, slots.forcing)
+    graph = slots.graphs.get(key)
+    if graph is None:
+        # one eager warm-up step first (kernels' lazy initialisation must not happen during capture); it would
+        # advance the rows, so their per-slot state is put back (the outputs and cache columns it wrote are
+        # rewritten by the real step)
+        saved = [t.clone() for t in (slots.lengths, slots.tok, slots.pos, slots.alive, slots.stopped)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            decode_step(weights, slots, rows, span, temperature, top_p)
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, s in zip((slots.lengths, slots.tok, slots.pos, slots.alive, slots.stopped), saved):
+            t.copy_(s)
+        slots.pool = slots.pool or torch.cuda.graph_pool_handle()  # one memory pool shared by every shape's graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=slots.pool):
+            decode_step(weights, slots, rows, span, temperature, top_p)
+        slots.graphs[key] = graph
+    graph.replay()
+
+
+# -----------------------------------------------------------------------------
+# the host's loop: admit rows into free slots, step, look every few steps, collect, refill or compact
+
+
+@dataclass
+class Generation:
+    prompt_index: int     # which prompt this sample answers
+    tokens: list          # new token ids, including the stop token when finished
+    logprobs: list        # log-prob of each new token under softmax(logits / temperature) (T=1 when greedy)
+    finished: bool        # True when it ended with a stop token, False when it hit max_new_tokens
+    switched: list | None = None  # cross-sampling: per token, True where it was drawn from the partner's distribution
+    differs: list | None = None   # cross-sampling: per token, True where switched and the model's own distribution
+    #                               would have given another token with the same random number
+
+
+def weights_device(model):
+    return model.device if isinstance(model, GenWeights) else model.lm_head.weight.device
+
+
+def round_up(x, multiple):
+    return -(-x // multiple) * multiple
+
+
+def row_bucket(rows, slots, buckets):
+    """The smallest bucket (a sorted tuple of slot counts) holding rows; buckets None: exactly rows. Never more than
+    the slots there are."""
+    if buckets is None:
+        return rows
+    return min(next((b for b in buckets if b >= rows), slots), slots)
+
+
+GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
-             max_seq_len=None, cache_dtype=None, partner=None, switch=None):
-    """Sample n responses for each prompt (lists of token ids, any lengths) in one batch.
+             max_seq_len=None, cache_dtype=None, partner=None, switch=None, slots=None, buckets="auto",
+             sync_every=None, block=None, graphs=None, forced_lengths=None, on_finish=None, dtype=None):
+    """Sample n responses for each prompt (lists of token ids, any lengths). Returns a list of Generation,
+    prompt-major (all samples of prompt 0, then prompt 1, ...); temperature=0 is greedy. model: a plain Transformer
+    (copied into generation's kept GenWeights, in dtype: default its own) or a GenWeights (e.g. of a sharded model).
 
-    Each prompt is prefilled once (packed, no padding) and its keys/values copied into its n cache rows.
-    Then one token per live row per step; a row that emits a stop id is finished and removed from the
-    batch, so it costs nothing further. temperature=0 is greedy. Returns a list of Generation, prompt-major
-    (all samples of prompt 0, then prompt 1, ...).
+    Sample j of prompt i is row i * n + j; its k-th token is drawn with a random number that depends only on (seed,
+    i * n + j, k), so what a row generates does not depend on the settings below (test_engine.py checks it).
+
+    slots: rows decoded at once (default: all). More rows than slots stream through them: a finished row's slot is
+    refilled with the next row (its prompt prefilled) when the host next looks. buckets: the row counts the decode
+    step runs at ("auto": GPU_BUCKETS on CUDA, exactly the live rows on CPU; None: exactly). sync_every: decode steps
+    between the host's looks (default 16 on CUDA, 1 on CPU). block: the attention's column bound is rounded up to a
+    multiple of it (default 256 on CUDA, 1 on CPU). graphs: capture each (rows, columns) decode step as a CUDA graph
+    and replay it (default: on CUDA without a partner). forced_lengths: benchmarks only, one length per row at which
+    its first stop id is forced (banned before). on_finish(count): called as rows finish (a progress bar).
 
     Cross-sampling (token_shift.py): partner, a second model of the same vocabulary, decodes in lock-step with
-    its own KV cache and is fed the same tokens; switch(p, q, rows, step) -> bool per live row chooses the rows
+    its own KV cache and is fed the same tokens; switch(p, q, samples, positions) -> bool per row chooses the rows
     that draw their next token from the partner's distribution q instead of the model's p (cross_next). Each
     Generation then also holds `switched` and `differs` per token. A switch that is never True gives exactly
     the model's own samples of the same seed, one that is always True the partner's.
     """
-    if is_sharded(model):  # FSDP's forward would all-gather every block at every decode step
-        raise ValueError("generate() needs full weights: pass full_copy(model, dtype), not the sharded model")
     models = [model] if partner is None else [model, partner]
-    device = model.lm_head.weight.device
-    if partner is not None and (switch is None or temperature == 0 or is_sharded(partner)
+    device = weights_device(model)
+    if partner is not None and (switch is None or temperature == 0
                                 or partner.config.vocab_size != model.config.vocab_size
-                                or partner.lm_head.weight.device != device):
-        raise ValueError("cross-sampling needs a switch, temperature > 0 and an unsharded partner of the same "
-                         "vocabulary on the same device")
+                                or weights_device(partner) != device):
+        raise ValueError("cross-sampling needs a switch, temperature > 0 and a partner of the same vocabulary on the "
+                         "same device")
     max_seq_len = max_seq_len or min(m.config.max_position_embeddings for m in models)
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -215,52 +474,98 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         if len(p) + max_new_tokens > max_seq_len:
             raise UserError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
                             f"{len(p) + max_new_tokens} > the model's {max_seq_len}-token context")
-    rows = len(prompts) * n
-    longest = max(map(len, prompts))
-    caches = [KVCache(m.config, rows, longest + max_new_tokens, cache_dtype or m.lm_head.weight.dtype, device)
-              for m in models]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    stop_ids = sorted(set(stop_ids))
+    if len(stop_ids) > MAX_STOP_IDS:
+        raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
+    cuda = device.type == "cuda"
+    total = len(prompts) * n
+    count = min(slots or total, total)
+    buckets = (GPU_BUCKETS if cuda else None) if buckets == "auto" else buckets
+    sync_every = sync_every or (16 if cuda else 1)
+    block = block or (256 if cuda else 1)
+    graphs = (cuda and partner is None) if graphs is None else graphs
+    max_len = max(map(len, prompts)) + max_new_tokens
+    weights = [kept_weights(m, role, dtype) for role, m in enumerate(models)]
+    state = kept_slots([gw.config for gw in weights], count, max_len, max_new_tokens,
+                       [cache_dtype or gw.dtype for gw in weights], device)
+    state.seed.fill_(seed32(seed))
+    state.max_new.fill_(max_new_tokens)
+    state.stop.fill_(-1)
+    state.stop[:len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.long)
+    state.forcing = forced_lengths is not None
+    state.alive.zero_()
+    state.sample.fill_(-1)
 
-    # prefill: all prompts packed in one row; sample n first tokens from each prompt's last position
-    logits = [prefill(m, prompts, n, c) for m, c in zip(models, caches)]
-
-    out_tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
-    out_logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
-    out_switched = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
-    out_differs = torch.zeros(rows, max_new_tokens, dtype=torch.bool, device=device)
-    out_len = torch.zeros(rows, dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    live = torch.arange(rows, device=device)  # original row index of each live cache row
-    for step in range(max_new_tokens):
-        if partner is None:
-            tok, lp = sample_next(logits[0], temperature, top_p, gen)
-        else:
-            tok, lp, switched, differs = cross_next(logits[0], logits[1], temperature, top_p, gen,
-                                                    lambda p, q: switch(p, q, live, step))
-            out_switched[live, step], out_differs[live, step] = switched, differs
-        out_tokens[live, step] = tok
-        out_logprobs[live, step] = lp
-        out_len[live] = step + 1
-        done = torch.isin(tok, stop)
-        finished[live] = done
-        if step == max_new_tokens - 1:
+    holder = [-1] * count   # the host's view: which row each slot holds (-1: free)
+    stored = [0] * count    # ... and a bound on its stored tokens
+    results = [None] * total
+    next_row, steps = 0, 0
+    while True:
+        # admit the next rows into free slots, lowest first: each prompt prefilled once for its rows admitted now
+        free = [s for s in range(count) if holder[s] < 0]
+        new = list(zip(free, range(next_row, min(total, next_row + len(free)))))
+        if new:
+            next_row += len(new)
+            by_prompt = {}
+            for s, r in new:
+                by_prompt.setdefault(r // n, []).append((s, r))
+            groups = list(by_prompt.values())
+            firsts = prefill(weights, state, [prompts[i] for i in by_prompt],
+                             [torch.tensor([s for s, _ in g], device=device) for g in groups])
+            taken, rows = [s for g in groups for s, _ in g], [r for g in groups for _, r in g]
+            idx = torch.tensor(taken, device=device)
+            state.sample[idx] = torch.tensor(rows, device=device)
+            state.lengths[idx] = torch.tensor([len(prompts[r // n]) for r in rows], device=device)
+            state.pos[idx], state.alive[idx], state.stopped[idx] = 0, True, False
+            if forced_lengths is not None:
+                state.force[idx] = torch.tensor([forced_lengths[r] for r in rows], device=device)
+            per_prompt = torch.tensor([len(g) for g in groups], device=device)
+            pick(state, idx, [lg.repeat_interleave(per_prompt, 0) for lg in firsts], temperature, top_p, switch)
+            for s, r in zip(taken, rows):
+                holder[s], stored[s] = r, len(prompts[r // n])
+        occupied = [s for s in range(count) if holder[s] >= 0]
+        if not occupied:
             break
-        span = longest + step + 1  # every live row holds its prompt + `step` tokens: a bound known on the host
-        num_done = int(done.sum())  # the step's host sync (drop's two nonzero() add two more where rows finish)
-        if num_done:  # drop finished rows from the batch (and their cache rows, in every cache alike)
-            order = [c.drop(done, num_done, span) for c in caches][0]
-            if order.numel() == 0:
-                break
-            live, tok = live[order], tok[order]
-        logits = [decode_step(m, tok, c, span) for m, c in zip(models, caches)]
+        rows = row_bucket(occupied[-1] + 1, count, buckets)
+        span = min(round_up(max(stored[s] for s in occupied) + sync_every, block), state.max_len)
+        for _ in range(sync_every):
+            run_step(weights, state, rows, span, temperature, top_p, switch, graphs)
+        steps += sync_every
+        # the host's look: which rows ended, and a bound on the others' lengths
+        alive, lengths = torch.stack([state.alive[:rows].long(), state.lengths[:rows]]).tolist()
+        ended = [s for s in occupied if not alive[s]]
+        if ended:
+            collect(state, ended, holder, results, n, partner is not None)
+            for s in ended:
+                holder[s] = -1
+            if on_finish:
+                on_finish(len(ended))
+        for s in occupied:
+            stored[s] = lengths[s]
+        live = [s for s in range(rows) if holder[s] >= 0]
+        if next_row == total and live:  # nothing left to admit: compact into a smaller bucket when the live rows fit
+            smaller = row_bucket(len(live), count, buckets)
+            movers = [s for s in live if s >= smaller]
+            if smaller < rows and movers:
+                holes = [s for s in range(smaller) if holder[s] < 0][:len(movers)]
+                state.move(torch.tensor(holes, device=device), torch.tensor(movers, device=device),
+                           max(stored[s] for s in movers))
+                for h, m in zip(holes, movers):
+                    holder[h], stored[h], holder[m] = holder[m], stored[m], -1
+    return results
 
-    out_tokens, out_logprobs, out_switched, out_differs, out_len, finished = (
-        t.cpu() for t in (out_tokens, out_logprobs, out_switched, out_differs, out_len, finished))
-    cross = partner is not None
-    return [Generation(r // n, out_tokens[r, :out_len[r]].tolist(), out_logprobs[r, :out_len[r]].tolist(),
-                       bool(finished[r]), out_switched[r, :out_len[r]].tolist() if cross else None,
-                       out_differs[r, :out_len[r]].tolist() if cross else None) for r in range(rows)]
+
+def collect(slots, ended, holder, results, n, cross):
+    """Copy the ended rows' outputs to the host, as Generations in their rows' places."""
+    idx = torch.tensor(ended, device=slots.rows.device)
+    length, stopped = slots.pos[idx].tolist(), slots.stopped[idx].tolist()
+    tokens, logprobs = slots.out_tok[idx].tolist(), slots.out_lp[idx].tolist()
+    if cross:
+        switched, differs = slots.out_switched[idx].tolist(), slots.out_differs[idx].tolist()
+    for j, s in enumerate(ended):
+        m = length[j]
+        results[holder[s]] = Generation(holder[s] // n, tokens[j][:m], logprobs[j][:m], stopped[j],
+                                        switched[j][:m] if cross else None, differs[j][:m] if cross else None)
 
 
 # -----------------------------------------------------------------------------
@@ -272,35 +577,32 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
                      timings=None):
     """Generate n responses for each record with our KV-cache engine and score them with task.score.
 
-    Prompts are sorted by length and generated `batch_size` prompts (x n rows) at a time. Returns one
-    dict per (record, sample), in record order then sample order:
-    {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
+    One generate call streams every record's rows through batch_size x n slots (the KV cache's rows), so what each
+    sample is does not depend on batch_size. Returns one dict per (record, sample), in record order then sample
+    order: {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
     partner, switch: cross-sampling with a second model (engine.generate); each dict then also holds
     "switched" and "differs", one bool per token. timings: a dict whose "score_s" gains the seconds spent scoring.
     """
     stop = stop_token_ids(tokenizer)
     prompts = [task.render_prompt(r, tokenizer, template) for r in records]
     prompt_ids = encode_prompts(tokenizer, prompts)
-    order = sorted(range(len(records)), key=lambda i: len(prompt_ids[i]))
-    results = [None] * len(records)
+    if not records:
+        return []
     bar = tqdm(total=len(records) * n, desc=desc, disable=not progress or rank() != 0, dynamic_ncols=True)
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        chunk = order[start:start + batch_size]
-        gens = generate(model, [prompt_ids[i] for i in chunk], n=n, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, stop_ids=stop, seed=derive_seed(seed, b),
-                        partner=partner, switch=switch)
-        for g_idx, g in enumerate(gens):
-            i = chunk[g.prompt_index]
-            text = tokenizer.decode(g.tokens[:-1] if g.finished else g.tokens, skip_special_tokens=False)
-            t_score = time.time()
-            reward = task.score(text, records[i], g.finished)
-            if timings is not None:
-                timings["score_s"] = timings.get("score_s", 0.0) + time.time() - t_score
-            results[i] = results[i] or []
-            results[i].append({"id": records[i]["id"], "prompt": prompts[i], "response": text, "tokens": g.tokens,
-                               "logprobs": g.logprobs, "finished": g.finished, "length": len(g.tokens),
-                               "reward": reward, "sample": g_idx % n,
-                               **({"switched": g.switched, "differs": g.differs} if partner is not None else {})})
-        bar.update(len(gens))
+    gens = generate(model, prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    stop_ids=stop, seed=seed, partner=partner, switch=switch, slots=batch_size * n,
+                    on_finish=bar.update)
     bar.close()
-    return [s for per_record in results for s in per_record]
+    results = []
+    for row, g in enumerate(gens):
+        i = g.prompt_index
+        text = tokenizer.decode(g.tokens[:-1] if g.finished else g.tokens, skip_special_tokens=False)
+        t_score = time.time()
+        reward = task.score(text, records[i], g.finished)
+        if timings is not None:
+            timings["score_s"] = timings.get("score_s", 0.0) + time.time() - t_score
+        results.append({"id": records[i]["id"], "prompt": prompts[i], "response": text, "tokens": g.tokens,
+                        "logprobs": g.logprobs, "finished": g.finished, "length": len(g.tokens), "reward": reward,
+                        "sample": row % n,
+                        **({"switched": g.switched, "differs": g.differs} if partner is not None else {})})
+    return results

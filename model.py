@@ -86,10 +86,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm over the last dimension, computed in fp32 and scaled in x's dtype (as Hugging Face's Qwen2/Llama)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None):
@@ -106,6 +111,14 @@ def rope_inv_freq(cfg: ModelConfig, device=None):
         medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
         inv_freq = torch.where(medium, smoothed, scaled)
     return inv_freq
+
+
+def rope_cos_sin(cfg: ModelConfig, positions, dtype):
+    """RoPE's cos and sin tables (..., head_dim) in dtype for integer positions (...): the model's forward and the
+    engine's precomputed table both use this, so the two agree bit for bit."""
+    freqs = positions.float()[..., None] * rope_inv_freq(cfg, positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -249,10 +262,8 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
 
     def rope(self, positions, dtype):
-        inv_freq = rope_inv_freq(self.config, positions.device)
-        freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = rope_cos_sin(self.config, positions, dtype)  # (B, T, hd)
+        return cos[:, None], sin[:, None]  # (B, 1, T, hd): one table for every head
 
     def forward(self, idx, positions=None, cu_seqlens=None, ctx=None):
         """Final hidden states (1, N, hidden) for token ids idx (1, N) holding several sequences packed in one row,

@@ -157,8 +157,8 @@ def micro_batches(lengths, budget, indices=None):
 # Training scripts shard the model with PyTorch's FSDP2: each rank keeps 1/world of the fp32 weights (the
 # master copy the optimizer updates), of the gradients and of the AdamW state; a block's weights are
 # all-gathered in the compute dtype just before it runs and freed after. Every forward and backward is
-# therefore a collective that all ranks must join. Generation instead runs on a plain full copy gathered
-# once (full_copy): no collective inside the decode loop, and ranks may generate different lengths.
+# therefore a collective that all ranks must join. Generation instead runs on a full copy gathered once
+# (engine.GenWeights): no collective inside the decode loop, and ranks may generate different lengths.
 
 
 def shard_model(model, compute_dtype):

@@ -339,7 +339,7 @@ def main(argv=None):
 
     # ---- ∇J: K rollouts per evaluation prompt, chunks of prompts spread over ranks, RLOO policy gradient
     t0 = time.time()
-    gen_model = full_copy(model, compute_dtype)
+    gen_model = engine.GenWeights(model, compute_dtype)
     cfg = model.config  # bytes per cached token: keys and values of every layer, in the compute dtype
     per_token = kv_bytes_per_token(cfg, compute_dtype.itemsize)
     prompts = [task.render_prompt(r, tokenizer, args.template) for r in records]
@@ -371,6 +371,7 @@ def main(argv=None):
         bar.update(len(out))
     bar.close()
     del gen_model
+    engine.release()
     gen_seconds = time.time() - t0
     t0 = time.time()
     for p in params:

@@ -16,7 +16,6 @@ import torch
 
 import ckpt
 import common
-import engine
 import kk_data
 import parallel
 import tasks
@@ -34,7 +33,7 @@ SUITE_SECTIONS = ("correctness", "generation", "sft", "rl")
 
 
 def make_workload(kind, n_prompts, samples, min_len, max_len, fixed_len, vocab, seed):
-    """Prompts of 16..160 tokens and each row's response length, longest first (see run_ours)."""
+    """Prompts of 16..160 tokens and each row's response length (prompt-major rows)."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, vocab, (int(torch.randint(16, 161, (1,), generator=g)),), generator=g).tolist()
                for _ in range(n_prompts)]
@@ -56,28 +55,10 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def run_ours(model, prompts, lengths, samples, stop_id):
-    """Our engine, with the stop token forced at each row's length. Rows come longest first (make_workload), so the
-    rows that finish at a step are always the last live ones and no row moves (KVCache.drop): live row r is row r,
-    and a wrapper around engine.sample_next can force the stop by row without the engine knowing."""
-    assert lengths == sorted(lengths, reverse=True), "rows must come longest first"
-    want = torch.tensor(lengths, device=model.lm_head.weight.device)
-    pick, step = engine.sample_next, [0]
-
-    def forced_pick(logits, *rest):
-        at = want[:logits.shape[0]] == step[0] + 1
-        logits[:, stop_id] = -float("inf")  # never earlier ...
-        logits[at] = -float("inf")  # ... and exactly at the row's length
-        logits[at, stop_id] = 0.0
-        step[0] += 1
-        return pick(logits, *rest)
-
-    engine.sample_next = forced_pick
-    try:
-        out = engine.generate(model, prompts, n=samples, max_new_tokens=max(lengths), temperature=1.0,
-                              stop_ids=[stop_id], seed=0)
-    finally:
-        engine.sample_next = pick
+def run_ours(model, prompts, lengths, samples, stop_id, **engine_settings):
+    """Our engine, with the stop token forced at each row's length (generate's forced_lengths)."""
+    out = generate(model, prompts, n=samples, max_new_tokens=max(lengths), temperature=1.0, stop_ids=[stop_id],
+                   seed=0, forced_lengths=lengths, **engine_settings)
     assert [len(g.tokens) for g in out] == lengths
     return sum(lengths)
 
@@ -154,7 +135,7 @@ def gpu_suite(args):
         device = torch.device("cuda")
         cfg = tiny_config(151936, **QWEN25_15B)
         sizes = dict(logits=(4, 256), greedy_new=64, gap_new=256, gen_prompts=[16, 128], gen_len=(64, 512),
-                     step_prompts=[16, 128], step_lens=(8, 24), sft_batch=64, sft_steps=3, sft_response=(500, 3000),
+                     step_prompts=[16, 128], step_lens=(17, 33), sft_batch=64, sft_steps=3, sft_response=(500, 3000),
                      sft_micro=16384, rl_prompts=16, rl_group=8,
                      rl_max=args.suite_rl_response_tokens)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
@@ -309,6 +290,13 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
                 first_diff.append(next((i for i, (a, b) in enumerate(zip(gen.tokens, ref)) if a != b), None))
             out["greedy_fp32"] = {"prompts": len(prompts), "new_tokens": n, "identical": same,
                                   "first_difference": first_diff}
+            # the decode step replayed from CUDA graphs against the same step run eagerly (same buckets, same looks)
+            runs = [generate(ours, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed, graphs=graphs)
+                    for graphs in (False, device.type == "cuda")]
+            diff = [abs(a - b) for x, y in zip(*runs) for a, b in zip(x.logprobs, y.logprobs)]
+            out["graphs_vs_eager_fp32"] = {"graphs": device.type == "cuda", "rows": len(runs[0]),
+                                           "identical_tokens": sum(x.tokens == y.tokens for x, y in zip(*runs)),
+                                           "max_abs_logprob_diff": max(diff, default=0.0)}
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
         gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed)
         with torch.no_grad():
@@ -344,10 +332,13 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         reset_peak(device)
         t_ours = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
         mem_ours = peak_gb(device)
+        t_eager = (timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, graphs=False), device)
+                   if n_prompts == sizes["gen_prompts"][0] else None)  # what the graphs gain, on the smaller workload
         reset_peak(device)
         t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
         w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours, "hf_s": t_hf,
              "ours_tok_s": sum(lengths) / t_ours, "hf_tok_s": sum(lengths) / t_hf, "speedup_vs_hf": t_hf / t_ours,
+             "ours_eager_s": t_eager,
              "peak_mem_gb_ours": mem_ours, "peak_mem_gb_hf": peak_gb(device)}
         for kind in ("datasheet", "measured"):
             bandwidth = ceilings.get("datasheet_bytes_per_s" if kind == "datasheet" else "copy_bytes_per_s")
@@ -364,7 +355,9 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
 
 def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, seed):
     """One decode step's wall time and GPU kernel time (and kernel count), from two runs of different lengths:
-    their difference over the extra steps leaves the prefill out. Kernel time well under wall time = launch-bound."""
+    their difference over the extra steps leaves the prefill out. Kernel time well under wall time = launch-bound.
+    (On CUDA the host looks every 16 decode steps, and a row of length L needs L - 1 of them after the prefill: the
+    GPU lengths are 1 more than a multiple of 16, so no step runs past the last row.)"""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     prompts, _ = make_workload("fixed", n_prompts, samples, 1, 1, 1, model.config.vocab_size, seed)

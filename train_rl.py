@@ -35,7 +35,7 @@ from grpo import (batch_epoch, dwa_weights, generation_seed, group_advantages, k
                   refill_keep, rollout_is_weights, sequence_ratio_logp, step_prompt_indices, token_weights,
                   zero_variance)
 from model import load_model, load_tokenizer, parse_dtype, response_logprobs
-from parallel import full_copy, idle_pass, shard_model
+from parallel import idle_pass, shard_model
 from scoring import validate
 
 # -----------------------------------------------------------------------------
@@ -187,8 +187,8 @@ def get_parser():
 
 
 def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_before, rank, world):
-    """This rank's share of the step's prompt batch, n samples each, from a full --dtype copy of the weights
-    (gathered once: no collective while decoding), scored by the task. With --dynamic_sampling (DAPO), further prompt
+    """This rank's share of the step's prompt batch, n samples each, from the engine's --dtype copy of the weights
+    (engine.GenWeights, gathered once: no collective while decoding), scored by the task. With --dynamic_sampling (DAPO), further prompt
     batches (the data order's next ones) until prompts_per_step groups over all ranks have reward variance, at most
     --max_gen_batches; grpo.refill_keep picks the groups that train, by their place in the global batch, so the same
     ones train at any world size and after a resume (batches_before: prompt batches drawn by the earlier steps).
@@ -198,7 +198,7 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    policy = full_copy(model, dtype)
+    policy = engine.GenWeights(model, dtype)
     times = {"gather_s": time.time() - t0, "score_s": 0.0, "mem_gen_gib": 0.0, "mem_held_gib": 0.0}
     n, per_step = args.samples_per_prompt, args.prompts_per_step
     indices, rollouts, trains, epochs, informative = [], [], [], [], 0
@@ -227,6 +227,7 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
         if informative == per_step:
             break
     del policy
+    engine.release()  # the engine's weights, KV cache and graphs: the update needs the memory
     times["gen_s"] = time.time() - t0 - times["gather_s"] - times["score_s"]
     if cuda:  # the peak of generation and what stays allocated into the update (whose own peak step_metrics takes)
         times.update(mem_gen_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -489,7 +490,8 @@ def main(argv=None):
     val_settings = dict(max_new_tokens=args.val_max_response_tokens or args.max_response_tokens, template=args.template,
                         batch_size=args.val_batch_size, progress=args.progress)
     if args.val_before_train and test_records and args.val_every and start_step == 0:
-        m = {"step": 0, **validate(full_copy(model, dtype), tokenizer, task, test_records, 0, **val_settings)}
+        m = {"step": 0, **validate(engine.GenWeights(model, dtype), tokenizer, task, test_records, 0, **val_settings)}
+        engine.release()
         print0(" | ".join(f"{k} {v:.3f}" if k != "step" else "step 0" for k, v in m.items()))
         log(m)
 
@@ -564,7 +566,8 @@ def main(argv=None):
         # 7. validation, the step's log line, then the checkpoint (then only the newest --keep_last stay): logged
         # first, so a kill after the save cannot lose the line (a resume from an older checkpoint rewrites it)
         if test_records and args.val_every and (step % args.val_every == 0 or step == max_steps):
-            m.update(validate(full_copy(model, dtype), tokenizer, task, test_records, step, **val_settings))
+            m.update(validate(engine.GenWeights(model, dtype), tokenizer, task, test_records, step, **val_settings))
+            engine.release()
         m["step_s"] = time.time() - t_step
         log(m)
         print0(log_line(m, max_steps, device.type == "cuda"))

@@ -78,8 +78,9 @@ def test_sharded_state_scales_as_one_over_world():
 def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
     cfg = model.ModelConfig.from_hf(TINY[name])
     prompts, group, prompt_tokens, response_tokens = 3, 2, 5, 7
-    cache = engine.KVCache(cfg, prompts * group, prompt_tokens + response_tokens, torch.bfloat16, "cpu")
-    allocated = cache.k.numel() * cache.k.element_size() * 2
+    slots = engine.Slots([cfg], prompts * group, prompt_tokens + response_tokens, response_tokens, [torch.bfloat16],
+                         torch.device("cpu"))
+    allocated = sum(t.numel() * t.element_size() for t in slots.caches[0])
     assert gpu_memory.kv_cache_bytes(cfg, prompts * group, prompt_tokens + response_tokens) == allocated
     e = gpu_memory.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, prompt_tokens=prompt_tokens,
                                    response_tokens=response_tokens)

@@ -1,9 +1,10 @@
-"""ckpt.py: a checkpoint and an fp32 full copy of an FSDP-sharded model taken after a no-grad forward hold the
-fp32 master, and resume restores it exactly. (Kill-and-resume through the scripts' mains: test_train_rl.py,
+"""ckpt.py: a checkpoint, an fp32 full copy and the engine's copy of an FSDP-sharded model taken after a no-grad
+forward hold the fp32 master, and resume restores it exactly. (Kill-and-resume through the scripts' mains: test_train_rl.py,
 test_redistill_sft.py, test_kill_drill.py.) And a resume's run identity."""
 import pytest
 
 import ckpt
+import engine
 import parallel
 from common import UserError
 
@@ -25,6 +26,10 @@ def test_checkpoints_and_full_copies_after_a_no_grad_forward_hold_the_fp32_maste
     assert parallel.is_sharded(model)
     copy = parallel.full_copy(model, torch.float32)
     assert all(torch.equal(copy.state_dict()[k], master[k]) for k in master)
+    with torch.no_grad():  # so does the engine's copy, gathered tensor by tensor
+        parallel.idle_pass(model, backward=False)
+    gathered, plain = engine.GenWeights(model, torch.float32).w, engine.GenWeights(load_model(tiny_checkpoint)).w
+    assert gathered.keys() == plain.keys() and all(torch.equal(gathered[k], plain[k]) for k in plain)
     with torch.no_grad():
         parallel.idle_pass(model, backward=False)
     ckpt.save_checkpoint(str(tmp_path), 1, model, load_tokenizer(tiny_checkpoint), optimizer, {}, torch.bfloat16, 2)

@@ -1,14 +1,20 @@
 """engine.py: batched generation with the KV cache against transformers (greedy, a ragged batch, stop ids), its
-log-probs against teacher forcing, seeded sampling with top-p, sample_next's tempered and nucleus distribution, a
-prompt longer than the cache, and the decode step's attention rule (flash or SDPA with a mask) with the KV cache's
-dtype. (Cross-sampling with a partner: test_token_shift.py.)"""
+tokens and log-probs against the training forward, seeded sampling with top-p, samples that do not depend on the
+slots, buckets or look interval (refill and compaction), a decode step with no host sync whose buffers never move,
+the uniform numbers and sample_next's tempered and nucleus distribution, a prompt longer than the cache, and the
+decode step's attention rule (flash or written out) with the KV cache's dtype. (Cross-sampling with a partner:
+test_token_shift.py.)"""
+from contextlib import contextmanager
+from unittest import mock
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import common
-from engine import Decode, KVCache, generate, sample_next
-from model import ModelConfig, build_model, save_model, tiny_config
+import engine
+from engine import GPU_BUCKETS, decode_flash, generate, sample_next, uniforms
+from model import ModelConfig, build_model, pack, response_positions, save_model, tiny_config
 import padded
 from test_model import CONFIGS, VOCAB, cuda_autocast, random_model
 from test_model import pretend_gpu  # noqa: F401  (a fixture: the model's attention as if on a GPU with flash-attn)
@@ -38,6 +44,102 @@ def test_greedy_generation_matches_transformers_ragged_batch(tmp_path):
         assert ours[i].tokens == ref, i
         assert ours[i].finished == (ref[-1] in stop)
         assert ours[i].finished or len(ours[i].tokens) == max_new
+
+
+def ragged_prompts(seed=0, lengths=(4, 11, 7, 2, 15, 9)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_decode_equals_the_training_forward(arch):
+    """Greedy tokens are the training forward's argmax at every position, and sampled or greedy log-probs equal its
+    log-probs (fp32, <= 1e-6), on a ragged batch where rows stop at different steps."""
+    model = build_model(CONFIGS[arch], 7, std=0.05)
+    prompts = ragged_prompts()
+    for temperature in (0, 1.0):
+        free = generate(model, prompts, n=2, max_new_tokens=20, temperature=temperature, seed=3)
+        stop = [free[0].tokens[3], free[-1].tokens[5]]  # ids the model emits: rows stop at different steps
+        gens = generate(model, prompts, n=2, max_new_tokens=20, temperature=temperature, stop_ids=stop, seed=3)
+        assert len({len(g.tokens) for g in gens}) > 1  # rows of different lengths
+        full = [prompts[g.prompt_index] + g.tokens for g in gens]
+        ids, cu = pack(full)
+        pos = response_positions(cu, [len(prompts[g.prompt_index]) for g in gens], [len(g.tokens) for g in gens])
+        with torch.no_grad():
+            logits = model.lm_head(model(ids, cu_seqlens=cu)[0, pos]).float()
+        targets = ids[0, pos + 1]
+        lp = torch.log_softmax(logits / (temperature or 1.0), -1).gather(-1, targets[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor([x for g in gens for x in g.logprobs]), lp, atol=1e-6, rtol=1e-6)
+        if temperature == 0:
+            assert torch.equal(logits.argmax(-1), targets)
+
+
+def test_samples_do_not_depend_on_slots_buckets_or_look_interval():
+    """A row's tokens depend only on (seed, row, position): streaming 18 rows through 1 or 8 slots (refill), with
+    other row buckets (compaction), looks every few steps and rounded column bounds, gives the same samples. In fp64:
+    in fp32 the logits' rounding follows the matmul's batch shape (~1e-6), which can move a token that sits on the
+    nucleus's edge or a CDF boundary; the random numbers and the bookkeeping are what this checks."""
+    model = random_model(CONFIGS["qwen2_tied"], seed=4).double()
+    prompts = ragged_prompts(1)
+    kw = dict(n=3, max_new_tokens=24, temperature=1.0, top_p=0.9, stop_ids=[3, 4, 5], seed=5)
+    ref = generate(model, prompts, **kw)
+    assert any(g.finished for g in ref) and not all(g.finished for g in ref)
+    assert len({len(g.tokens) for g in ref}) > 3
+    for setting in (dict(slots=1), dict(slots=8), dict(slots=256), dict(slots=5, sync_every=2),
+                    dict(slots=8, buckets=(2, 4, 8), sync_every=3, block=16),
+                    dict(buckets=GPU_BUCKETS, sync_every=16, block=256)):
+        out = generate(model, prompts, **kw, **setting)
+        assert [g.tokens for g in out] == [g.tokens for g in ref], setting
+        assert [g.finished for g in out] == [g.finished for g in ref], setting
+        assert [g.prompt_index for g in out] == [g.prompt_index for g in ref]
+        torch.testing.assert_close(torch.tensor([x for g in out for x in g.logprobs]),
+                                   torch.tensor([x for g in ref for x in g.logprobs]), atol=1e-5, rtol=1e-5)
+
+
+@contextmanager
+def no_host_sync():
+    """Every way a tensor's value reaches the host raises."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the decode step")
+    names = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+    with mock.patch.multiple(torch.Tensor, **{name: refuse for name in names}), \
+            mock.patch.object(torch, "nonzero", refuse):
+        yield
+
+
+def test_decode_step_never_syncs_and_its_buffers_never_move(monkeypatch):
+    """The decode step runs with every host sync made to raise (sampling with top-p, greedy, forced stops), and every
+    buffer it reads or writes keeps its address across steps and across calls (what CUDA graphs need)."""
+    step, seen = engine.decode_step, []
+
+    def guarded(weights, slots, *args, **kwargs):
+        buffers = [t for k, v in slots.caches for t in (k, v)] + [
+            slots.sample, slots.lengths, slots.tok, slots.pos, slots.alive, slots.stopped, slots.out_tok, slots.out_lp,
+            slots.seed, slots.stop] + [t for gw in weights for t in (*gw.w.values(), gw.cos, gw.sin)]
+        seen.append([t.data_ptr() for t in buffers])
+        with no_host_sync():
+            return step(weights, slots, *args, **kwargs)
+    monkeypatch.setattr(engine, "decode_step", guarded)
+    engine.release()
+    model = random_model(CONFIGS["qwen2_tied"], seed=4)
+    prompts = ragged_prompts(2)
+    generate(model, prompts, n=3, max_new_tokens=16, temperature=1.0, top_p=0.8, stop_ids=[3, 4], seed=1, slots=8)
+    calls = len(seen)
+    other = random_model(CONFIGS["qwen2_tied"], seed=5)  # the next policy: same shapes, new weights
+    generate(other, prompts[:3], n=2, max_new_tokens=12, temperature=0, stop_ids=[3], slots=4)
+    generate(other, prompts, n=2, max_new_tokens=10, stop_ids=[3], forced_lengths=[5] * 12, slots=8)
+    assert calls > 10 and len(seen) > calls + 10
+    assert all(ptrs == seen[0] for ptrs in seen)
+
+
+def test_uniforms_are_uniform_and_keyed():
+    samples, positions = torch.arange(400).repeat_interleave(250), torch.arange(250).repeat(400)
+    u = uniforms(torch.tensor(7), samples, positions)[:, 0]
+    assert u.min() >= 0 and u.max() < 1
+    assert (torch.histc(u, 20, 0, 1) / len(u) - 0.05).abs().max() < 0.003  # 100K draws in 20 bins
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.01  # neighbours independent
+    assert not torch.equal(u, uniforms(torch.tensor(8), samples, positions)[:, 0])
+    assert torch.equal(uniforms(torch.tensor(7), samples[5:9], positions[5:9])[:, 0], u[5:9])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -73,11 +175,11 @@ def test_sample_next_follows_the_tempered_and_nucleus_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(100_000, 1)
     g = torch.Generator().manual_seed(0)
     for temperature in (1.0, 0.5):
-        tok, lp = sample_next(logits, temperature, 1.0, g)
+        tok, lp = sample_next(logits, temperature, 1.0, torch.rand(len(logits), 1, generator=g))
         want = torch.softmax(logits[0] / temperature, -1)
         assert (torch.bincount(tok, minlength=4) / len(tok) - want).abs().max() < 0.01
         assert torch.allclose(lp, want.log()[tok])
-    tok, _ = sample_next(logits, 1.0, 0.8, g)  # nucleus of mass >= 0.8: the two likeliest tokens, renormalised
+    tok, _ = sample_next(logits, 1.0, 0.8, torch.rand(len(logits), 1, generator=g))  # nucleus of mass >= 0.8: the two likeliest tokens, renormalised
     p = torch.softmax(logits[0], -1)
     freq = torch.bincount(tok, minlength=4) / len(tok)
     assert freq[0] == 0 and freq[3] == 0
@@ -90,19 +192,16 @@ def test_error_prompt_longer_than_cache():
         generate(model, [[1, 2], [3] * 30], max_new_tokens=8)
 
 
-def test_decode_mask_follows_the_same_rule(pretend_gpu):
+def test_decode_attention_follows_the_flash_rule(pretend_gpu):
+    """flash-attn decodes only in the cache's own dtype (it cannot cast the cache); otherwise the written-out attention."""
     cfg = ModelConfig.from_hf(CONFIGS["qwen2_tied"])
 
-    def decode(dtype):
-        cache = KVCache(cfg, rows=3, max_len=16, dtype=dtype, device="cpu")
-        cache.lengths[:] = torch.tensor([4, 7, 2])
-        return Decode(cache)
-    fp32 = decode(torch.float32)  # fp32 cache on the GPU: SDPA, with its mask
-    assert fp32.flash is None and fp32.mask.shape == (3, 1, 1, 8)
-    bf16 = decode(torch.bfloat16)
-    assert bf16.flash == torch.bfloat16 and not hasattr(bf16, "mask")
-    with cuda_autocast(torch.bfloat16):  # the cache cannot be cast: an fp32 cache stays on SDPA under autocast
-        assert decode(torch.float32).flash is None and hasattr(decode(torch.float32), "mask")
-        assert decode(torch.bfloat16).flash == torch.bfloat16
+    def flash(dtype):
+        shape = (cfg.num_layers, 3, cfg.num_kv_heads, 16, cfg.head_dim)
+        return decode_flash((torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)))
+    assert flash(torch.float32) is None  # an fp32 cache on the GPU: the written-out attention
+    assert flash(torch.bfloat16) == torch.bfloat16
+    with cuda_autocast(torch.bfloat16):  # the cache cannot be cast: an fp32 cache stays off flash under autocast
+        assert flash(torch.float32) is None and flash(torch.bfloat16) == torch.bfloat16
     with cuda_autocast(torch.float16):
-        assert decode(torch.bfloat16).flash is None and hasattr(decode(torch.bfloat16), "mask")
+        assert flash(torch.bfloat16) is None
