@@ -15,9 +15,10 @@ a counter-based hash: a row's tokens do not depend on its slot, the number of sl
 in. token_shift.py's cross-sampling runs a second model in lock-step (generate's partner). sample_responses
 generates and scores over a task's records: what sampling, evaluation and RL rollouts share.
 """
-import math
+import functools
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -176,26 +177,47 @@ class GenWeights:
         return self
 
 
-def forward(gw, ids, positions, attend):
+def rope_qk(q, k, cos, sin):
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def silu_mul(gate_up):
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+# the forward's small element-wise pieces: eagerly, several kernels each (RMSNorm 6-8, RoPE 5 per tensor)
+EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, rope_qk=rope_qk, silu_mul=silu_mul)
+
+
+@functools.cache
+def fused_ops():
+    """EAGER_OPS compiled by torch.compile, one kernel each (compiled once, for any number of rows: dynamic shapes).
+    generate(fused=True) uses them; the first call compiles (seconds on a GPU, ~20 s on a CPU)."""
+    return SimpleNamespace(**{name: torch.compile(fn, dynamic=True, fullgraph=True)
+                              for name, fn in vars(EAGER_OPS).items()})
+
+
+def forward(gw, ids, positions, attend, ops=EAGER_OPS):
     """Final hidden states (N, hidden) of N tokens at these positions, attend(layer, q, k, v) being the attention
     of (N, heads, head_dim) queries, keys and values, which returns (N, heads * head_dim). The model's own forward
-    (model.py) in generation's layout: prefill (packed prompts) and decode (one token per slot) both run it."""
+    (model.py) in generation's layout: prefill (packed prompts) and decode (one token per slot) both run it.
+    ops: its element-wise pieces, eager or fused."""
     cfg = gw.config
     nh, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     n = ids.shape[0]
     x = F.embedding(ids, gw.w["embed"])
     cos, sin = gw.cos[positions][:, None], gw.sin[positions][:, None]  # (N, 1, hd): one table for every head
     for i, w in enumerate(gw.layers):
-        h = rms_norm(x, w["ln1"], eps)
+        h = ops.rms_norm(x, w["ln1"], eps)
         q, k, v = F.linear(h, w["qkv"], w.get("qkv_bias")).split([nh * hd, nkv * hd, nkv * hd], -1)
         q, k, v = q.view(n, nh, hd), k.view(n, nkv, hd), v.view(n, nkv, hd)
         if "q_norm" in w:  # Qwen3 normalises q and k per head before RoPE
-            q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = ops.rms_norm(q, w["q_norm"], eps), ops.rms_norm(k, w["k_norm"], eps)
+        q, k = ops.rope_qk(q, k, cos, sin)
         x = x + F.linear(attend(i, q, k, v), w["o"])
-        gate, up = F.linear(rms_norm(x, w["ln2"], eps), w["gate_up"]).chunk(2, -1)
-        x = x + F.linear(F.silu(gate) * up, w["down"])
-    return rms_norm(x, gw.w["norm"], eps)
+        x = x + F.linear(ops.silu_mul(F.linear(ops.rms_norm(x, w["ln2"], eps), w["gate_up"])), w["down"])
+    return ops.rms_norm(x, gw.w["norm"], eps)
 
 
 class Slots:
@@ -226,6 +248,7 @@ class Slots:
         self.seed, self.max_new = torch.zeros((), **z), torch.zeros((), **z)
         self.stop = torch.full((MAX_STOP_IDS,), -1, **z)
         self.graphs, self.graphs_read, self.pool = {}, (), None  # CUDA graphs by shape, the weights they read
+        self.forcing, self.ops = False, EAGER_OPS  # generate sets both for each call
 
     def fits(self, cfgs, count, max_len, max_new, dtypes, device):
         return (len(cfgs) == len(self.caches) and count <= self.count and max_len <= self.max_len
@@ -298,13 +321,11 @@ def decode_attention(slots, cache, rows, span, flash):
             return y.reshape(rows, -1)
         kc[at, :, lengths] = k
         vc[at, :, lengths] = v
-        # one query per row, written out: the query heads that share a kv head form one matrix (no copies of the
-        # cache to repeat kv heads, as SDPA's GQA fallback makes)
+        # SDPA on the cache, one query per row: the query heads that share a kv head take the place of query
+        # positions, all seeing the row's columns (no copies of the cache to repeat kv heads, as SDPA's GQA makes)
         nh, nkv, hd = q.shape[1], kc.shape[1], q.shape[-1]
-        scores = q.view(rows, nkv, nh // nkv, hd) @ kc[:, :, :span].transpose(-1, -2)
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / math.sqrt(hd)  # fp32 at least
-        scores.masked_fill_(~visible, float("-inf"))
-        y = torch.softmax(scores, dim=-1).to(q.dtype) @ vc[:, :, :span]  # (rows, nkv, group, hd)
+        y = F.scaled_dot_product_attention(q.view(rows, nkv, nh // nkv, hd), kc[:, :, :span], vc[:, :, :span],
+                                           attn_mask=visible)  # (rows, nkv, group, hd)
         return y.reshape(rows, nh * hd)
     return attend
 
@@ -322,7 +343,7 @@ def decode_step(weights, slots, rows, span, temperature, top_p, switch=None):
     logits = []
     for gw, cache in zip(weights, slots.caches):
         attend = decode_attention(slots, cache, rows, span, decode_flash(cache))
-        hidden = forward(gw, slots.tok[:rows], slots.lengths[:rows], attend)
+        hidden = forward(gw, slots.tok[:rows], slots.lengths[:rows], attend, slots.ops)
         logits.append(F.linear(hidden, gw.lm_head).float())
     slots.lengths[:rows] += slots.alive[:rows]  # finished rows stay where they are
     pick(slots, slots.rows[:rows], logits, temperature, top_p, switch)
@@ -367,7 +388,7 @@ def prefill(weights, slots, prompts, slot_groups):
                 v_cache[i, where, :, :b - a] = v[a:b].transpose(0, 1).to(v_cache.dtype)
             y = packed.attend(None, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
             return y[0].transpose(0, 1).reshape(q.shape[0], -1)
-        hidden = forward(gw, ids[0], positions, attend)
+        hidden = forward(gw, ids[0], positions, attend, slots.ops)
         logits.append(F.linear(hidden[cu[1:] - 1], gw.lm_head).float())
     return logits
 
@@ -379,7 +400,7 @@ def run_step(weights, slots, rows, span, temperature, top_p, switch, graphs):
     serials = tuple(gw.serial for gw in weights)
     if slots.graphs_read != serials:  # captured on other weights: their addresses are stale
         slots.graphs, slots.graphs_read = {}, serials
-    key = (rows, span, temperature, top_p, slots.forcing)
+    key = (rows, span, temperature, top_p, slots.forcing, slots.ops is not EAGER_OPS)
     graph = slots.graphs.get(key)
     if graph is None:
         # one eager warm-up step first (kernels' lazy initialisation must not happen during capture); it would
@@ -438,7 +459,7 @@ GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
              max_seq_len=None, cache_dtype=None, partner=None, switch=None, slots=None, buckets="auto",
-             sync_every=None, block=None, graphs=None, forced_lengths=None, on_finish=None, dtype=None):
+             sync_every=None, block=None, graphs=None, fused=False, forced_lengths=None, on_finish=None, dtype=None):
     """Sample n responses for each prompt (lists of token ids, any lengths). Returns a list of Generation,
     prompt-major (all samples of prompt 0, then prompt 1, ...); temperature=0 is greedy. model: a plain Transformer
     (copied into generation's kept GenWeights, in dtype: default its own) or a GenWeights (e.g. of a sharded model).
@@ -451,7 +472,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     step runs at ("auto": GPU_BUCKETS on CUDA, exactly the live rows on CPU; None: exactly). sync_every: decode steps
     between the host's looks (default 16 on CUDA, 1 on CPU). block: the attention's column bound is rounded up to a
     multiple of it (default 256 on CUDA, 1 on CPU). graphs: capture each (rows, columns) decode step as a CUDA graph
-    and replay it (default: on CUDA without a partner). forced_lengths: benchmarks only, one length per row at which
+    and replay it (default: on CUDA without a partner). fused: RMSNorm, RoPE and SiLU * up each as one kernel
+    compiled by torch.compile (fused_ops). forced_lengths: benchmarks only, one length per row at which
     its first stop id is forced (banned before). on_finish(count): called as rows finish (a progress bar).
 
     Cross-sampling (token_shift.py): partner, a second model of the same vocabulary, decodes in lock-step with
@@ -493,6 +515,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     state.stop.fill_(-1)
     state.stop[:len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.long)
     state.forcing = forced_lengths is not None
+    state.ops = fused_ops() if fused else EAGER_OPS
     state.alive.zero_()
     state.sample.fill_(-1)
 

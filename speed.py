@@ -327,18 +327,20 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
     min_len, max_len = sizes["gen_len"]
     for n_prompts in sizes["gen_prompts"]:
         prompts, lengths = make_workload("rl", n_prompts, samples, min_len, max_len, 0, cfg.vocab_size, seed)
-        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id)  # warm-ups
+        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id)  # warm-ups (fused: its compile)
+        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=True)
         run_hf(hf, prompts[:2], lengths[:2 * samples], samples, stop_id)
         reset_peak(device)
         t_ours = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
         mem_ours = peak_gb(device)
+        t_fused = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=True), device)
         t_eager = (timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, graphs=False), device)
                    if n_prompts == sizes["gen_prompts"][0] else None)  # what the graphs gain, on the smaller workload
         reset_peak(device)
         t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
         w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours, "hf_s": t_hf,
              "ours_tok_s": sum(lengths) / t_ours, "hf_tok_s": sum(lengths) / t_hf, "speedup_vs_hf": t_hf / t_ours,
-             "ours_eager_s": t_eager,
+             "ours_fused_s": t_fused, "ours_fused_tok_s": sum(lengths) / t_fused, "ours_eager_s": t_eager,
              "peak_mem_gb_ours": mem_ours, "peak_mem_gb_hf": peak_gb(device)}
         for kind in ("datasheet", "measured"):
             bandwidth = ceilings.get("datasheet_bytes_per_s" if kind == "datasheet" else "copy_bytes_per_s")
@@ -346,14 +348,19 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
                 floor = bandwidth_floor(cfg, model, prompts, lengths, samples, 2, bandwidth)
                 w[f"floor_s_{kind}_bandwidth"] = floor
                 w[f"ours_fraction_of_floor_{kind}"] = floor / t_ours
+                w[f"ours_fused_fraction_of_floor_{kind}"] = floor / t_fused
         workloads.append(w)
         print(w, flush=True)
     hf = None  # free its memory before the profiled runs
-    return {"workloads": workloads, "decode_step": [decode_step_profile(model, n, samples, sizes["step_lens"], stop_id,
-                                                                        device, seed) for n in sizes["step_prompts"]]}
+    # the decode step: eager (no graphs), replayed from CUDA graphs, and graphs with the fused element-wise ops
+    variants = {"eager": dict(graphs=False), "graphs": {}, "graphs_fused": dict(fused=True)}
+    return {"workloads": workloads,
+            "decode_step": [dict(variant=name, **decode_step_profile(model, n, samples, sizes["step_lens"], stop_id,
+                                                                     device, seed, **settings))
+                            for n in sizes["step_prompts"] for name, settings in variants.items()]}
 
 
-def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, seed):
+def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, seed, **engine_settings):
     """One decode step's wall time and GPU kernel time (and kernel count), from two runs of different lengths:
     their difference over the extra steps leaves the prefill out. Kernel time well under wall time = launch-bound.
     (On CUDA the host looks every 16 decode steps, and a row of length L needs L - 1 of them after the prefill: the
@@ -365,11 +372,11 @@ def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, s
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for length in step_lens:
         lengths = [length] * (n_prompts * samples)
-        run_ours(model, prompts, lengths, samples, stop_id)
-        wall[length] = statistics.median(timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
-                                         for _ in range(3))
+        run = functools.partial(run_ours, model, prompts, lengths, samples, stop_id, **engine_settings)
+        run()
+        wall[length] = statistics.median(timed(run, device) for _ in range(3))
         with profile(activities=activities) as prof:
-            run_ours(model, prompts, lengths, samples, stop_id)
+            run()
             if device.type == "cuda":
                 torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]

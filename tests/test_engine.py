@@ -132,6 +132,18 @@ def test_decode_step_never_syncs_and_its_buffers_never_move(monkeypatch):
     assert all(ptrs == seen[0] for ptrs in seen)
 
 
+@pytest.mark.slow
+def test_fused_ops_give_the_eager_samples():
+    """generate(fused=True): RMSNorm, RoPE and SiLU * up compiled by torch.compile (Qwen3: q/k norms too) give the
+    eager path's tokens and log-probs (<= 1e-6). Slow: the first compile takes ~10 s on a CPU."""
+    model = build_model(CONFIGS["qwen3"], 7, std=0.05)
+    kw = dict(n=2, max_new_tokens=20, temperature=1.0, seed=3)
+    fused, eager = generate(model, ragged_prompts(), fused=True, **kw), generate(model, ragged_prompts(), **kw)
+    assert [g.tokens for g in fused] == [g.tokens for g in eager]
+    torch.testing.assert_close(torch.tensor([x for g in fused for x in g.logprobs]),
+                               torch.tensor([x for g in eager for x in g.logprobs]), atol=1e-6, rtol=1e-6)
+
+
 def test_uniforms_are_uniform_and_keyed():
     samples, positions = torch.arange(400).repeat_interleave(250), torch.arange(250).repeat(400)
     u = uniforms(torch.tensor(7), samples, positions)[:, 0]
