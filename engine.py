@@ -293,7 +293,8 @@ def kept_slots(cfgs, count, max_len, max_new, dtypes, device):
     slots = _kept.get("slots")
     if slots is None or not slots.fits(cfgs, count, max_len, max_new, dtypes, device):
         if slots is not None:  # grow to cover both, so alternating calls do not reallocate every time
-            count, max_len, max_new = max(count, slots.count), max(max_len, slots.max_len), max(max_new, slots.width - 1)
+            count, max_len = max(count, slots.count), max(max_len, slots.max_len)
+            max_new = max(max_new, slots.width - 1)
         _kept["slots"] = None
         slots = _kept["slots"] = Slots(cfgs, count, max_len, max_new, dtypes, device)
     return slots

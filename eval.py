@@ -53,7 +53,8 @@ def get_parser():
                    help="k values for unbiased pass@k (only k <= n are reported)")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                    help="prompt template: chat (system prompt), plain Question/Answer, or auto")
-    p.add_argument("--batch_size", type=int, default=64, help="prompts per generation batch (x n rows)")
+    p.add_argument("--batch_size", type=int, default=64, help="prompts decoded at once: this x n rows = the KV cache's "
+                   "slots, which all rows stream through; sets memory and speed, not the samples")
     p.add_argument("--dtype", default="auto",
                    help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--seed", type=int, default=0, help="generation seed (matters only when sampling)")

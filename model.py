@@ -367,7 +367,6 @@ def stop_token_ids(tokenizer):
     return sorted(ids)
 
 
-
 def parse_dtype(dtype, device=None):
     """A torch dtype from a --dtype setting; "auto" is bfloat16 on CUDA and float32 elsewhere (the one rule)."""
     if isinstance(dtype, torch.dtype):

@@ -50,7 +50,8 @@ def get_parser():
                    help="response length limit; truncated responses are dropped (paper: 4096)")
     p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
                    help="prompt template (auto = chat when the tokenizer has one)")
-    p.add_argument("--batch_size", type=int, default=64, help="prompts per generation batch (x n rows)")
+    p.add_argument("--batch_size", type=int, default=64, help="prompts decoded at once: this x n rows = the KV "
+                   "cache's slots, which all rows stream through; sets memory and speed, not the samples")
     p.add_argument("--dtype", default="auto",
                    help="weights dtype for sampling: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
     p.add_argument("--limit", type=int, default=0,

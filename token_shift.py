@@ -61,7 +61,8 @@ def get_parser():
     p.add_argument("--top_tokens", type=int, default=20,
                    help="how many of the most frequent high-JS tokens the summary lists")
     p.add_argument("--batch_size", type=int, default=16,
-                   help="responses per packed forward (1.) or prompts per generation batch (2.)")
+                   help="responses per packed forward (1.) or prompts decoded at once (2.: x n rows = the KV cache's "
+                        "slots)")
     p.add_argument("--logit_chunk", type=int, default=1024,
                    help="positions per chunk of lm_head + softmax + JS (memory: chunk x vocabulary)")
     # 2. cross-sampling

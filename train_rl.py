@@ -154,7 +154,8 @@ def get_parser():
                    "(paper: ppo_max_token_len_per_gpu 30000)")
     p.add_argument("--logprob_chunk", type=int, default=4096, help="tokens per chunk of the lm_head + log-softmax")
     p.add_argument("--gen_batch_size", type=int, default=32,
-                   help="prompts per generation call (x n rows in the KV cache)")
+                   help="rollout prompts decoded at once: this x n rows = the KV cache's slots, which the step's rows "
+                        "stream through (a finished row's slot takes the next); sets memory and speed, not the samples")
     # validation, logging, checkpoints
     p.add_argument("--val_every", type=int, default=5,
                    help="greedy validation every this many steps (0 = never; paper 5)")
@@ -164,7 +165,8 @@ def get_parser():
                    help="validate on N test records, difficulties in proportion (0 = all)")
     p.add_argument("--val_max_response_tokens", type=int, default=0,
                    help="validation generation budget (0 = --max_response_tokens)")
-    p.add_argument("--val_batch_size", type=int, default=128, help="prompts per validation generation call")
+    p.add_argument("--val_batch_size", type=int, default=128,
+                   help="validation prompts decoded at once (KV-cache slots, as --gen_batch_size)")
     p.add_argument("--save_every", type=int, default=25,
                    help="checkpoint every this many steps, and at the end (paper 25)")
     p.add_argument("--keep_last", type=int, default=2,
@@ -188,10 +190,11 @@ def get_parser():
 
 def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_before, rank, world):
     """This rank's share of the step's prompt batch, n samples each, from the engine's --dtype copy of the weights
-    (engine.GenWeights, gathered once: no collective while decoding), scored by the task. With --dynamic_sampling (DAPO), further prompt
-    batches (the data order's next ones) until prompts_per_step groups over all ranks have reward variance, at most
-    --max_gen_batches; grpo.refill_keep picks the groups that train, by their place in the global batch, so the same
-    ones train at any world size and after a resume (batches_before: prompt batches drawn by the earlier steps).
+    (engine.GenWeights, gathered once: no collective while decoding), scored by the task. With --dynamic_sampling
+    (DAPO), further prompt batches (the data order's next ones) until prompts_per_step groups over all ranks have
+    reward variance, at most --max_gen_batches; grpo.refill_keep picks the groups that train, by their place in the
+    global batch, so the same ones train at any world size and after a resume (batches_before: prompt batches drawn
+    by the earlier steps).
     Returns (indices of this rank's prompts, their rollouts, per group whether it may train and its epoch, prompt
     batches drawn, times: seconds gathering, generating, scoring; CUDA GiB of generation)."""
     cuda = model.lm_head.weight.device.type == "cuda"

@@ -191,7 +191,8 @@ def test_sample_next_follows_the_tempered_and_nucleus_distribution():
         want = torch.softmax(logits[0] / temperature, -1)
         assert (torch.bincount(tok, minlength=4) / len(tok) - want).abs().max() < 0.01
         assert torch.allclose(lp, want.log()[tok])
-    tok, _ = sample_next(logits, 1.0, 0.8, torch.rand(len(logits), 1, generator=g))  # nucleus of mass >= 0.8: the two likeliest tokens, renormalised
+    # nucleus of mass >= 0.8: the two likeliest tokens, renormalised
+    tok, _ = sample_next(logits, 1.0, 0.8, torch.rand(len(logits), 1, generator=g))
     p = torch.softmax(logits[0], -1)
     freq = torch.bincount(tok, minlength=4) / len(tok)
     assert freq[0] == 0 and freq[3] == 0
@@ -205,13 +206,13 @@ def test_error_prompt_longer_than_cache():
 
 
 def test_decode_attention_follows_the_flash_rule(pretend_gpu):
-    """flash-attn decodes only in the cache's own dtype (it cannot cast the cache); otherwise the written-out attention."""
+    """flash-attn decodes only in the cache's own dtype (it cannot cast the cache); otherwise SDPA on the cache."""
     cfg = ModelConfig.from_hf(CONFIGS["qwen2_tied"])
 
     def flash(dtype):
         shape = (cfg.num_layers, 3, cfg.num_kv_heads, 16, cfg.head_dim)
         return decode_flash((torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)))
-    assert flash(torch.float32) is None  # an fp32 cache on the GPU: the written-out attention
+    assert flash(torch.float32) is None  # an fp32 cache on the GPU: SDPA
     assert flash(torch.bfloat16) == torch.bfloat16
     with cuda_autocast(torch.bfloat16):  # the cache cannot be cast: an fp32 cache stays off flash under autocast
         assert flash(torch.float32) is None and flash(torch.bfloat16) == torch.bfloat16
