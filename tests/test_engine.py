@@ -76,7 +76,8 @@ def test_decode_equals_the_training_forward(arch):
 
 def test_samples_do_not_depend_on_slots_buckets_or_look_interval():
     """A row's tokens depend only on (seed, row, position): streaming 18 rows through 1 or 8 slots (refill), with
-    other row buckets (compaction), looks every few steps and rounded column bounds, gives the same samples. In fp64:
+    other row buckets (compaction), looks every few steps, rounded column bounds and other attention groups, gives
+    the same samples. In fp64:
     in fp32 the logits' rounding follows the matmul's batch shape (~1e-6), which can move a token that sits on the
     nucleus's edge or a CDF boundary; the random numbers and the bookkeeping are what this checks."""
     model = random_model(CONFIGS["qwen2_tied"], seed=4).double()
@@ -87,7 +88,8 @@ def test_samples_do_not_depend_on_slots_buckets_or_look_interval():
     assert len({len(g.tokens) for g in ref}) > 3
     for setting in (dict(slots=1), dict(slots=8), dict(slots=256), dict(slots=5, sync_every=2),
                     dict(slots=8, buckets=(2, 4, 8), sync_every=3, block=16),
-                    dict(buckets=GPU_BUCKETS, sync_every=16, block=256)):
+                    dict(buckets=GPU_BUCKETS, sync_every=16, block=256), dict(attention_groups=1),
+                    dict(slots=7, attention_groups=3)):
         out = generate(model, prompts, **kw, **setting)
         assert [g.tokens for g in out] == [g.tokens for g in ref], setting
         assert [g.finished for g in out] == [g.finished for g in ref], setting
