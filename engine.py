@@ -450,6 +450,11 @@ def round_up(x, multiple):
     return -(-x // multiple) * multiple
 
 
+def column_bound(lengths, steps, block, max_len):
+    """The columns rows of these stored lengths can see over the next `steps` steps, rounded up to a block."""
+    return min(round_up(max(lengths, default=0) + steps, block), max_len)
+
+
 def row_bucket(rows, slots, buckets):
     """The smallest bucket (a sorted tuple of slot counts) holding rows; buckets None: exactly rows. Never more than
     the slots there are."""
@@ -464,7 +469,8 @@ GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
              max_seq_len=None, cache_dtype=None, partner=None, switch=None, slots=None, buckets="auto",
-             sync_every=None, block=None, attention_groups=None, graphs=None, fused=False, forced_lengths=None, on_finish=None, dtype=None):
+             sync_every=None, block=None, attention_groups=None, graphs=None, fused=False, forced_lengths=None,
+             on_finish=None, dtype=None):
     """Sample n responses for each prompt (lists of token ids, any lengths). Returns a list of Generation,
     prompt-major (all samples of prompt 0, then prompt 1, ...); temperature=0 is greedy. model: a plain Transformer
     (copied into generation's kept GenWeights, in dtype: default its own) or a GenWeights (e.g. of a sharded model).
@@ -561,9 +567,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         rows = row_bucket(occupied[-1] + 1, count, buckets)
         # each group of rows reads the columns up to a bound on its rows' lengths over the next sync_every steps
         size = -(-rows // attention_groups)
-        spans = tuple((min(a + size, rows), min(round_up(max((stored[s] for s in range(a, min(a + size, rows))
-                                                                 if holder[s] >= 0), default=0) + sync_every, block),
-                                                          state.max_len)) for a in range(0, rows, size))
+        spans = tuple((min(a + size, rows), column_bound([stored[s] for s in range(a, min(a + size, rows))
+                                                          if holder[s] >= 0], sync_every, block, state.max_len))
+                      for a in range(0, rows, size))
         for _ in range(sync_every):
             run_step(weights, state, rows, spans, temperature, top_p, switch, graphs)
         steps += sync_every
