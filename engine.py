@@ -181,19 +181,26 @@ def rope_qk(q, k, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
+def add_rms_norm(x, y, weight, eps):
+    """The residual stream x + y and its RMSNorm (the next sublayer's input): one kernel when fused."""
+    x = x + y
+    return x, rms_norm(x, weight, eps)
+
+
 def silu_mul(gate_up):
     gate, up = gate_up.chunk(2, -1)
     return F.silu(gate) * up
 
 
 # the forward's small element-wise pieces: eagerly, several kernels each (RMSNorm 6-8, RoPE 5 per tensor)
-EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, rope_qk=rope_qk, silu_mul=silu_mul)
+EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rope_qk=rope_qk,
+                            silu_mul=silu_mul)
 
 
 @functools.cache
 def fused_ops():
-    """EAGER_OPS compiled by torch.compile, one kernel each (compiled once, for any number of rows: dynamic shapes).
-    generate(fused=True) uses them; the first call compiles (seconds on a GPU, ~20 s on a CPU)."""
+    """EAGER_OPS compiled by torch.compile, about one kernel each (compiled once, for any number of rows: dynamic
+    shapes). generate(fused=True) uses them; the first call compiles (seconds on a GPU, ~20 s on a CPU)."""
     return SimpleNamespace(**{name: torch.compile(fn, dynamic=True, fullgraph=True)
                               for name, fn in vars(EAGER_OPS).items()})
 
@@ -208,16 +215,17 @@ def forward(gw, ids, positions, attend, ops=EAGER_OPS):
     n = ids.shape[0]
     x = F.embedding(ids, gw.w["embed"])
     cos, sin = gw.cos[positions][:, None], gw.sin[positions][:, None]  # (N, 1, hd): one table for every head
+    h = ops.rms_norm(x, gw.layers[0]["ln1"], eps)
     for i, w in enumerate(gw.layers):
-        h = ops.rms_norm(x, w["ln1"], eps)
         q, k, v = F.linear(h, w["qkv"], w.get("qkv_bias")).split([nh * hd, nkv * hd, nkv * hd], -1)
         q, k, v = q.view(n, nh, hd), k.view(n, nkv, hd), v.view(n, nkv, hd)
         if "q_norm" in w:  # Qwen3 normalises q and k per head before RoPE
             q, k = ops.rms_norm(q, w["q_norm"], eps), ops.rms_norm(k, w["k_norm"], eps)
         q, k = ops.rope_qk(q, k, cos, sin)
-        x = x + F.linear(attend(i, q, k, v), w["o"])
-        x = x + F.linear(ops.silu_mul(F.linear(ops.rms_norm(x, w["ln2"], eps), w["gate_up"])), w["down"])
-    return ops.rms_norm(x, gw.w["norm"], eps)
+        x, h = ops.add_rms_norm(x, F.linear(attend(i, q, k, v), w["o"]), w["ln2"], eps)
+        after = gw.layers[i + 1]["ln1"] if i + 1 < len(gw.layers) else gw.w["norm"]  # the next norm
+        x, h = ops.add_rms_norm(x, F.linear(ops.silu_mul(F.linear(h, w["gate_up"])), w["down"]), after, eps)
+    return h
 
 
 class Slots:
@@ -485,9 +493,10 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     multiple of it (default 256 on CUDA, 1 on CPU). attention_groups: the rows cut into this many groups, each
     attending over its own rows' column bound (default 1 on CUDA, one kernel; 4 on CPU, ~5 % faster there, as longer
     prompts are admitted into lower slots). graphs: capture each (rows, columns) decode step as a CUDA graph
-    and replay it (default: on CUDA without a partner). fused: RMSNorm, RoPE and SiLU * up each as one kernel
-    compiled by torch.compile (fused_ops). forced_lengths: benchmarks only, one length per row at which
-    its first stop id is forced (banned before). on_finish(count): called as rows finish (a progress bar).
+    and replay it (default: on CUDA without a partner). fused: RMSNorm (with the residual add before it), RoPE and
+    SiLU * up each as one kernel compiled by torch.compile (fused_ops). forced_lengths: benchmarks only, one
+    length per row at which its first stop id is forced (banned before). on_finish(count): called as rows finish
+    (a progress bar).
 
     Cross-sampling (token_shift.py): partner, a second model of the same vocabulary, decodes in lock-step with
     its own KV cache and is fed the same tokens; switch(p, q, samples, positions) -> bool per row chooses the rows

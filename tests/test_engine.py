@@ -136,8 +136,8 @@ def test_decode_step_never_syncs_and_its_buffers_never_move(monkeypatch):
 
 @pytest.mark.slow
 def test_fused_ops_give_the_eager_samples():
-    """generate(fused=True): RMSNorm, RoPE and SiLU * up compiled by torch.compile (Qwen3: q/k norms too) give the
-    eager path's tokens and log-probs (<= 1e-6). Slow: the first compile takes ~10 s on a CPU."""
+    """generate(fused=True): residual add + RMSNorm, RoPE and SiLU * up compiled by torch.compile (Qwen3: q/k norms)
+    give the eager path's tokens and log-probs (<= 1e-6). Slow: the first compile takes ~10 s on a CPU."""
     model = build_model(CONFIGS["qwen3"], 7, std=0.05)
     kw = dict(n=2, max_new_tokens=20, temperature=1.0, seed=3)
     fused, eager = generate(model, ragged_prompts(), fused=True, **kw), generate(model, ragged_prompts(), **kw)
