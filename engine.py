@@ -518,6 +518,10 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         if len(p) + max_new_tokens > max_seq_len:
             raise UserError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
                             f"{len(p) + max_new_tokens} > the model's {max_seq_len}-token context")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not prompts:
+        return []
     stop_ids = sorted(set(stop_ids))
     if len(stop_ids) > MAX_STOP_IDS:
         raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
@@ -545,7 +549,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     holder = [-1] * count   # the host's view: which row each slot holds (-1: free)
     stored = [0] * count    # ... and a bound on its stored tokens
     results = [None] * total
-    next_row, steps = 0, 0
+    next_row = 0
     while True:
         # admit the next rows into free slots, lowest first: each prompt prefilled once for its rows admitted now
         free = [s for s in range(count) if holder[s] < 0]
@@ -559,16 +563,16 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             groups = list(by_prompt.values())
             firsts = prefill(weights, state, [prompts[i] for i in by_prompt],
                              [torch.tensor([s for s, _ in g], device=device) for g in groups])
-            taken, rows = [s for g in groups for s, _ in g], [r for g in groups for _, r in g]
+            taken, admitted = [s for g in groups for s, _ in g], [r for g in groups for _, r in g]
             idx = torch.tensor(taken, device=device)
-            state.sample[idx] = torch.tensor(rows, device=device)
-            state.lengths[idx] = torch.tensor([len(prompts[r // n]) for r in rows], device=device)
+            state.sample[idx] = torch.tensor(admitted, device=device)
+            state.lengths[idx] = torch.tensor([len(prompts[r // n]) for r in admitted], device=device)
             state.pos[idx], state.alive[idx], state.stopped[idx] = 0, True, False
             if forced_lengths is not None:
-                state.force[idx] = torch.tensor([forced_lengths[r] for r in rows], device=device)
+                state.force[idx] = torch.tensor([forced_lengths[r] for r in admitted], device=device)
             per_prompt = torch.tensor([len(g) for g in groups], device=device)
             pick(state, idx, [lg.repeat_interleave(per_prompt, 0) for lg in firsts], temperature, top_p, switch)
-            for s, r in zip(taken, rows):
+            for s, r in zip(taken, admitted):
                 holder[s], stored[s] = r, len(prompts[r // n])
         occupied = [s for s in range(count) if holder[s] >= 0]
         if not occupied:
@@ -581,7 +585,6 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                       for a in range(0, rows, size))
         for _ in range(sync_every):
             run_step(weights, state, rows, spans, temperature, top_p, switch, graphs)
-        steps += sync_every
         # the host's look: which rows ended, and a bound on the others' lengths
         alive, lengths = torch.stack([state.alive[:rows].long(), state.lengths[:rows]]).tolist()
         ended = [s for s in occupied if not alive[s]]

@@ -205,6 +205,11 @@ def test_error_prompt_longer_than_cache():
     model = random_model(tiny_config(VOCAB, max_position_embeddings=32))
     with pytest.raises(common.UserError, match="prompt 1 has 30 tokens.*32-token context"):
         generate(model, [[1, 2], [3] * 30], max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        generate(model, [[1, 2]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="at most 8 stop ids"):
+        generate(model, [[1, 2]], max_new_tokens=8, stop_ids=range(9))
+    assert generate(model, [], max_new_tokens=8) == []
 
 
 def test_decode_attention_follows_the_flash_rule(pretend_gpu):
