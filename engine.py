@@ -476,7 +476,7 @@ GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
-             max_seq_len=None, cache_dtype=None, partner=None, switch=None, slots=None, buckets="auto",
+             max_seq_len=None, partner=None, switch=None, slots=None, buckets="auto",
              sync_every=None, block=None, attention_groups=None, graphs=None, fused=False, forced_lengths=None,
              on_finish=None, dtype=None):
     """Sample n responses for each prompt (lists of token ids, any lengths). Returns a list of Generation,
@@ -536,7 +536,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     max_len = max(map(len, prompts)) + max_new_tokens
     weights = [kept_weights(m, role, dtype) for role, m in enumerate(models)]
     state = kept_slots([gw.config for gw in weights], count, max_len, max_new_tokens,
-                       [cache_dtype or gw.dtype for gw in weights], device)
+                       [gw.dtype for gw in weights], device)
     state.seed.fill_(seed32(seed))
     state.max_new.fill_(max_new_tokens)
     state.stop.fill_(-1)
@@ -613,9 +613,10 @@ def collect(slots, ended, holder, results, n, cross):
     """Copy the ended rows' outputs to the host, as Generations in their rows' places."""
     idx = torch.tensor(ended, device=slots.rows.device)
     length, stopped = slots.pos[idx].tolist(), slots.stopped[idx].tolist()
-    tokens, logprobs = slots.out_tok[idx].tolist(), slots.out_lp[idx].tolist()
+    width = max(length)  # only the columns the longest of them wrote cross to the host
+    tokens, logprobs = slots.out_tok[idx, :width].tolist(), slots.out_lp[idx, :width].tolist()
     if cross:
-        switched, differs = slots.out_switched[idx].tolist(), slots.out_differs[idx].tolist()
+        switched, differs = slots.out_switched[idx, :width].tolist(), slots.out_differs[idx, :width].tolist()
     for j, s in enumerate(ended):
         m = length[j]
         results[holder[s]] = Generation(holder[s] // n, tokens[j][:m], logprobs[j][:m], stopped[j],
@@ -640,8 +641,6 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     stop = stop_token_ids(tokenizer)
     prompts = [task.render_prompt(r, tokenizer, template) for r in records]
     prompt_ids = encode_prompts(tokenizer, prompts)
-    if not records:
-        return []
     bar = tqdm(total=len(records) * n, desc=desc, disable=not progress or rank() != 0, dynamic_ncols=True)
     gens = generate(model, prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     stop_ids=stop, seed=seed, partner=partner, switch=switch, slots=batch_size * n,

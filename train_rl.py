@@ -239,6 +239,13 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
     return indices, rollouts, trains, epochs, b + 1, times
 
 
+def validate_policy(model, dtype, tokenizer, task, test_records, step, val_settings):
+    """Greedy validation (scoring.validate) on the engine's --dtype copy of the weights, freed after."""
+    m = validate(engine.GenWeights(model, dtype), tokenizer, task, test_records, step, **val_settings)
+    engine.release()
+    return m
+
+
 def sampler_logprobs(batch, js, device):
     """The log-probs the engine logged with the tokens of responses js, flat in their order."""
     return torch.tensor([x for j in js for x in batch.rollouts[j]["logprobs"]], device=device)
@@ -493,8 +500,7 @@ def main(argv=None):
     val_settings = dict(max_new_tokens=args.val_max_response_tokens or args.max_response_tokens, template=args.template,
                         batch_size=args.val_batch_size, progress=args.progress)
     if args.val_before_train and test_records and args.val_every and start_step == 0:
-        m = {"step": 0, **validate(engine.GenWeights(model, dtype), tokenizer, task, test_records, 0, **val_settings)}
-        engine.release()
+        m = {"step": 0, **validate_policy(model, dtype, tokenizer, task, test_records, 0, val_settings)}
         print0(" | ".join(f"{k} {v:.3f}" if k != "step" else "step 0" for k, v in m.items()))
         log(m)
 
@@ -569,8 +575,7 @@ def main(argv=None):
         # 7. validation, the step's log line, then the checkpoint (then only the newest --keep_last stay): logged
         # first, so a kill after the save cannot lose the line (a resume from an older checkpoint rewrites it)
         if test_records and args.val_every and (step % args.val_every == 0 or step == max_steps):
-            m.update(validate(engine.GenWeights(model, dtype), tokenizer, task, test_records, step, **val_settings))
-            engine.release()
+            m.update(validate_policy(model, dtype, tokenizer, task, test_records, step, val_settings))
         m["step_s"] = time.time() - t_step
         log(m)
         print0(log_line(m, max_steps, device.type == "cuda"))
