@@ -6,6 +6,9 @@ trains or measures with. Generation lives in engine.py, FSDP2 sharding in parall
 
 Parameter names equal the Hugging Face ones, so a checkpoint's tensors load by name.
 """
+import contextlib
+import functools
+import inspect
 import json
 import math
 import os
@@ -15,7 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
+                                    noop_context_fn)
 
 from common import UserError
 
@@ -24,6 +29,10 @@ try:  # FlashAttention kernels on CUDA when the package is installed; SDPA other
     HAVE_FLASH_ATTN = True
 except ImportError:
     HAVE_FLASH_ATTN = False
+try:  # torch's own varlen attention (torch >= 2.10): FA2 kernels inside the torch wheel
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:
+    torch_varlen_attn = None
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 # the chat terminators a response may end with
@@ -211,39 +220,126 @@ def flash_inputs(dtype, *tensors):
     return out
 
 
-class Packed:
-    """Many sequences in one row (1, N), boundaries in cu_seqlens = [0, l1, l1+l2, ..., N].
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True):
+    """torch.nn.attention.varlen.varlen_attn (FA2 kernels shipped inside the torch wheel), called as flash-attn's
+    flash_attn_varlen_func is: (N, heads, hd) inputs, causal, query heads grouped over fewer key/value heads.
+    torch 2.10 took is_causal and no GQA; later versions take window_size=(-1, 0) for causal, and enable_gqa.
+    Always causal (the only attention packed rows need): causal is there for the shared signature."""
+    params = inspect.signature(torch_varlen_attn).parameters
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # each key/value head repeated for the query heads it serves
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    return torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
-    Each sequence attends only to itself. With a KV cache given, the keys and values of sequence i
-    are also written into cache rows cache_rows[i] (the prefill of generation).
-    """
 
-    def __init__(self, cu_seqlens, cache=None, cache_rows=None):
-        self.cu = cu_seqlens
-        self.bounds = cu_seqlens.tolist()
-        self.cache, self.cache_rows = cache, cache_rows
+@functools.lru_cache(maxsize=None)
+def torch_varlen_available(device_index):
+    """Whether torch's own varlen kernel runs here: the installed torch has it and the GPU is sm80 or newer (FA2)."""
+    return torch_varlen_attn is not None and torch.cuda.get_device_capability(device_index)[0] >= 8
 
-    def attend(self, attn, q, k, v):
-        if self.cache is not None:
-            self.cache.store_prefill(attn.layer_idx, k[0], v[0], self.bounds, self.cache_rows)
-        dtype = flash_dtype(q, k, v)
-        if dtype is not None:
-            cu = self.cu.to(torch.int32)
-            maxlen = max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
-            q1, k1, v1 = (t[0] for t in flash_inputs(dtype, q, k, v))  # varlen layout: (N, heads, hd)
-            y = flash_attn_varlen_func(q1, k1, v1, cu, cu, maxlen, maxlen, causal=True)
-            return y.transpose(0, 1).unsqueeze(0)
-        gqa = q.shape[1] != k.shape[1]
-        lens = [b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+
+# Packed rows on CUDA never reach cuDNN attention: its plan cache is keyed on sizes and strides, so one SDPA call per
+# packed sequence (every length different) builds a new plan in the forward, the recompute and the backward, tens to
+# hundreds of ms each (issue 35). The per-sequence loop is pinned to these; math is the last resort only.
+LOOP_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def packed_backend(q, k, v, device_type=None, flash_available=HAVE_FLASH_ATTN, varlen_available=None):
+    """(backend, dtype) of the causal attention of a packed row, the one place that chooses it:
+      "flash_attn"    flash-attn's flash_attn_varlen_func, one call per layer (when installed)
+      "torch_varlen"  torch.nn.attention.varlen, one call per layer (FA2 inside the torch wheel, sm80+)
+      "sdpa_pinned"   one SDPA call per sequence, pinned to LOOP_BACKENDS (never cuDNN): CUDA otherwise
+      "sdpa"          one SDPA call per sequence, any backend: CPU
+    The varlen kernels take CUDA inputs of one half dtype (dtype: see flash_dtype); fp32 and CPU take the loop.
+    device_type, flash_available and varlen_available let tests on CPU ask what a GPU would do."""
+    device_type = device_type or q.device.type
+    if varlen_available is None:
+        varlen_available = device_type == "cuda" and torch_varlen_available(q.device.index or 0)
+    dtype = flash_dtype(q, k, v, device_type=device_type, flash_available=flash_available or varlen_available)
+    if dtype is None:
+        return ("sdpa_pinned" if device_type == "cuda" else "sdpa"), None
+    return ("flash_attn" if flash_available else "torch_varlen"), dtype
+
+
+def packed_backend_name(device, dtype):
+    """What packed attention runs on for compute in dtype on device, in words (the training scripts print it)."""
+    t = torch.empty(1, 1, 1, 8, dtype=dtype, device=device)
+    backend, _ = packed_backend(t, t, t)
+    return {"flash_attn": "flash-attn varlen, one call per layer",
+            "torch_varlen": "torch.nn.attention.varlen (FA2 in the torch wheel), one call per layer",
+            "sdpa_pinned": "one SDPA call per sequence (flash/efficient/math, never cuDNN)",
+            "sdpa": "one SDPA call per sequence"}[backend] + f", {str(dtype).replace('torch.', '')}"
+
+
+def packed_attention(q, k, v, cu_seqlens, lens, backend="sdpa", dtype=None):
+    """Causal attention of each sequence of a packed row over itself. q (1, nh, N, hd); k, v (1, nkv, N, hd) with
+    nkv dividing nh; cu_seqlens = [0, l1, l1+l2, ..., N] and lens = [l1, l2, ...] (a list: no host sync). Returns
+    (1, nh, N, hd). backend and dtype: see packed_backend (dtype: what a varlen kernel is handed)."""
+    if backend in ("flash_attn", "torch_varlen"):
+        kernel = flash_attn_varlen_func if backend == "flash_attn" else torch_varlen
+        cu, maxlen = cu_seqlens.to(torch.int32), max(lens)
+        q1, k1, v1 = (t[0] for t in flash_inputs(dtype or q.dtype, q, k, v))  # varlen layout: (N, heads, hd)
+        return kernel(q1, k1, v1, cu, cu, maxlen, maxlen, causal=True).transpose(0, 1).unsqueeze(0)
+    gqa = q.shape[1] != k.shape[1]
+    pinned = backend == "sdpa_pinned"
+    if pinned and gqa and q.dtype not in HALF:  # the efficient kernel (the one for fp32) takes no GQA: repeat heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        gqa = False
+    with sdpa_kernel(LOOP_BACKENDS) if pinned else contextlib.nullcontext():
         # split (not slice in a loop): in backward, split's gradient is one cat instead of a zero-filled
         # full-size gradient per sequence
         out = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
                for qi, ki, vi in zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2))]
-        return torch.cat(out, dim=2)
+    return torch.cat(out, dim=2)
+
+
+class Packed:
+    """Many sequences in one row (1, N), boundaries in cu_seqlens = [0, l1, l1+l2, ..., N]; each sequence attends
+    only to itself."""
+
+    def __init__(self, cu_seqlens):
+        self.cu = cu_seqlens
+        bounds = cu_seqlens.tolist()
+        self.lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @torch.compiler.disable  # --compile: the attention runs eagerly between compiled regions (lens vary per call)
+    def attend(self, attn, q, k, v):
+        return packed_attention(q, k, v, self.cu, self.lens, *packed_backend(q, k, v))
 
 
 # -----------------------------------------------------------------------------
 # the model
+
+
+# Selective activation checkpointing (--checkpoint_keep): what a recomputed block keeps from its first forward, so
+# that backward does not run it again. "attention": the attention kernels' outputs (O(T) with flash kernels, and
+# the one op whose cost grows with the sequence's length); "matmuls": those and every projection's output (the
+# op-level policy of torchtitan; Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+# Models", likewise keep the matmuls). Then only norms, RoPE and SiLU are recomputed: about a third of a block's
+# activation memory for nearly none of its recompute flops.
+ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                 "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+                 "aten::_flash_attention_forward", "aten::_efficient_attention_forward", "torch_attn::_varlen_attn",
+                 "flash_attn::_flash_attn_varlen_forward"}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+CHECKPOINT_KEEP = {"nothing": set(), "attention": ATTENTION_OPS, "matmuls": ATTENTION_OPS | MATMUL_OPS}
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_context(keep):
+    """torch.utils.checkpoint's context_fn for a CHECKPOINT_KEEP policy."""
+    if keep not in CHECKPOINT_KEEP:
+        raise ValueError(f"checkpoint_keep must be one of {', '.join(CHECKPOINT_KEEP)}, not {keep!r}")
+    if keep == "nothing":
+        return noop_context_fn
+    kept = CHECKPOINT_KEEP[keep]
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op._schema.name in kept else CheckpointPolicy.PREFER_RECOMPUTE
+    return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
 class Transformer(nn.Module):
@@ -259,7 +355,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         for i, block in enumerate(self.model.layers):
             block.self_attn.layer_idx = i
-        self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
+        self.gradient_checkpointing = False  # recompute blocks in backward to save activation memory
+        self.checkpoint_every = 1  # with it, recompute every k-th block only (the others keep their activations)
+        self.checkpoint_keep = "nothing"  # what a recomputed block keeps from its forward: CHECKPOINT_KEEP
 
     def rope(self, positions, dtype):
         cos, sin = rope_cos_sin(self.config, positions, dtype)  # (B, T, hd)
@@ -275,9 +373,10 @@ class Transformer(nn.Module):
             positions = packed_positions(cu_seqlens)[None]
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope(positions, x.dtype)
-        for block in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, ctx, use_reentrant=False)
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
+                x = checkpoint(block, x, cos, sin, ctx, use_reentrant=False,
+                               context_fn=checkpoint_context(self.checkpoint_keep))
             else:
                 x = block(x, cos, sin, ctx)
         return self.model.norm(x)

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from common import rank, world_size
-from model import empty_model
+from common import UserError, print0, rank, str2bool, world_size
+from model import CHECKPOINT_KEEP, empty_model, packed_backend_name
 
 # -----------------------------------------------------------------------------
 # process group
@@ -181,6 +181,47 @@ def shard_model(model, compute_dtype):
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+def add_recompute_args(p):
+    """The settings that trade activation memory for recompute and compile, shared by every script that trains
+    (each defines --gradient_checkpointing itself, with its own default)."""
+    p.add_argument("--checkpoint_every", type=int, default=1,
+                   help="with --gradient_checkpointing: recompute every k-th block only; the others keep their "
+                        "activations (1: all blocks, least memory; 2: half the recompute for about twice the memory)")
+    p.add_argument("--checkpoint_keep", default="nothing", choices=tuple(CHECKPOINT_KEEP),
+                   help="with --gradient_checkpointing: what a recomputed block keeps from its forward (selective "
+                        "activation checkpointing): nothing; attention (the attention kernels' outputs, O(tokens)); "
+                        "matmuls (those and every projection's output: only norms, RoPE and SiLU are recomputed)")
+    p.add_argument("--compile", type=str2bool, default=False,
+                   help="torch.compile each block's forward (dynamic shapes; attention stays eager): fewer, fused "
+                        "kernels on CUDA, a compile of tens of seconds at start; off by default (slower on CPU)")
+
+
+def prepare_training(model, compute_dtype, args):
+    """The model as every training script runs it: sharded (shard_model), its recompute and compile settings from
+    args (add_recompute_args and --gradient_checkpointing), the packed attention it will use printed once."""
+    if args.checkpoint_every < 1:
+        raise UserError(f"--checkpoint_every must be at least 1, not {args.checkpoint_every}")
+    if args.compile and args.gradient_checkpointing and args.checkpoint_keep != "nothing":
+        raise UserError("--checkpoint_keep works on the ops autograd sees; with --compile true the compiler decides "
+                        "what a block keeps: use one or the other")
+    model = set_recompute(shard_model(model, compute_dtype), args)
+    if args.compile:  # the forward only: FSDP's hooks stay eager, and parameter names stay the checkpoint's
+        for block in model.model.layers:
+            block.forward = torch.compile(block.forward, dynamic=True)
+    device = model.lm_head.weight.device
+    print0(f"packed attention: {packed_backend_name(device, compute_dtype)}"
+           + (f"; recompute every {args.checkpoint_every} block(s), keeping {args.checkpoint_keep}"
+              if args.gradient_checkpointing else "; no recompute") + ("; compiled blocks" if args.compile else ""))
+    return model
+
+
+def set_recompute(model, args):
+    """--gradient_checkpointing, --checkpoint_every and --checkpoint_keep onto a model; returns it."""
+    model.gradient_checkpointing = args.gradient_checkpointing
+    model.checkpoint_every, model.checkpoint_keep = args.checkpoint_every, args.checkpoint_keep
     return model
 
 

@@ -90,6 +90,7 @@ def get_parser():
     p.add_argument("--gradient_checkpointing",
                    default=False, type=common.str2bool,
                    help="recompute each block in backward (less activation memory, ~30%% slower)")
+    parallel.add_recompute_args(p)
     p.add_argument("--dtype", default="auto",
                    help="compute dtype, and that of the saved weights: auto (bfloat16 on CUDA, "
                    "float32 on CPU), bfloat16, float32; the optimizer always updates sharded fp32 weights")
@@ -279,7 +280,7 @@ RUN_IDENTITY = ("data", "pretrain_text", "max_length", "init", "init_tiny", "epo
 
 def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
-    from parallel import full_copy, idle_pass, shard_model
+    from parallel import full_copy, idle_pass
 
     # ---- checks that need no model
     for name in ("data", "pretrain_text", "val_data"):  # a --config file may give one path as a string
@@ -346,8 +347,7 @@ def main(argv=None):
         model = load_model(args.init, dtype=torch.float32, device=device)
     start_step = state["step"] if state else 0
     dtype = parse_dtype(args.dtype, device)  # compute, and saved weights
-    model = shard_model(model, dtype)
-    model.gradient_checkpointing = args.gradient_checkpointing
+    model = parallel.prepare_training(model, dtype, args)
     model.train()
     optimizer = ckpt.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
                                     args.adam_8bit)

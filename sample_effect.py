@@ -79,6 +79,7 @@ def get_parser():
                    help="tokens per packed forward/backward of the ∇J rollouts")
     p.add_argument("--gradient_checkpointing", type=common.str2bool, default=False,
                    help="recompute blocks in backward (long sequences)")
+    parallel.add_recompute_args(p)
     p.add_argument("--out", default="out/sample_effect/effects.jsonl",
                    help="effects jsonl (summary written beside it as <stem>.summary.json)")
     p.add_argument("--select", type=int, default=0,
@@ -295,7 +296,7 @@ def main(argv=None):
 
     import torch
     from tqdm import tqdm
-    from parallel import full_copy, full_tensor, shard_model
+    from parallel import full_copy, full_tensor
     from model import load_model, load_tokenizer, parse_dtype
     rank, world, device = parallel.dist_setup()
     compute_dtype = parse_dtype(args.dtype, device)
@@ -326,8 +327,7 @@ def main(argv=None):
     chosen = {n for n, _ in named}
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
-    model = shard_model(model, compute_dtype)
-    model.gradient_checkpointing = args.gradient_checkpointing
+    model = parallel.prepare_training(model, compute_dtype, args)
     params = [p for p in model.parameters() if p.requires_grad]  # the same tensors, now sharded
     n_params = sum(p.numel() for p in params)
     print0(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s: {model.num_params() / 1e6:.2f}M parameters, "
@@ -414,7 +414,7 @@ def main(argv=None):
     # ---- per-sample effects: this rank's share of the SFT samples, one backward each, on this rank's own full
     # fp32 copy (a sharded model would sum the ranks' gradients, mixing their samples)
     plain = full_copy(model, torch.float32)
-    plain.gradient_checkpointing = args.gradient_checkpointing
+    parallel.set_recompute(plain, args)
     for n, p in plain.named_parameters():
         p.requires_grad_(n in chosen)
     params = [p for n, p in plain.named_parameters() if n in chosen]

@@ -150,6 +150,7 @@ def get_parser():
                    "float32; the optimizer always updates sharded fp32 weights")
     p.add_argument("--gradient_checkpointing", type=common.str2bool, default=True,
                    help="recompute blocks in backward (less memory)")
+    parallel.add_recompute_args(p)
     p.add_argument("--micro_batch_tokens", type=int, default=30000, help="tokens per packed micro-batch per rank "
                    "(paper: ppo_max_token_len_per_gpu 30000)")
     p.add_argument("--logprob_chunk", type=int, default=4096, help="tokens per chunk of the lm_head + log-softmax")
@@ -467,10 +468,9 @@ def main(argv=None):
         start_step, init_path, state, train_shard = checkpoint
         ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity)
         print0(f"resuming from {init_path} (step {start_step})")
-    model = shard_model(load_model(init_path, dtype=torch.float32, device=device), dtype)
+    model = parallel.prepare_training(load_model(init_path, dtype=torch.float32, device=device), dtype, args)
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                             args.train_data, "--max_response_tokens")
-    model.gradient_checkpointing = args.gradient_checkpointing
     optimizer = ckpt.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                     weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
     if checkpoint is not None:

@@ -1,6 +1,7 @@
 """model.py against transformers: logits, checkpoints both ways (with the stop ids transformers.generate reads),
 the packed forward, log-probs (response_logprobs equal to the generation's), tokenizers, errors, and the attention
 dispatch (which inputs would reach flash-attn on a GPU), checked on CPU. (Generation itself: test_engine.py.)"""
+import collections
 import functools
 import json
 import os
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 import common
@@ -16,8 +18,8 @@ import tasks
 import engine
 import model as model_module
 from engine import generate
-from model import (build_model, flash_dtype, flash_inputs, load_model, load_tokenizer, pack, response_logprobs,
-                   save_model, stop_token_ids, tiny_config)
+from model import (build_model, flash_dtype, flash_inputs, load_model, load_tokenizer, pack, packed_backend,
+                   response_logprobs, save_model, stop_token_ids, tiny_config)
 from tiny_base import build_tokenizer
 import padded
 
@@ -142,16 +144,68 @@ def test_chunked_logprobs_and_gradients_match_full():
     assert (g1 - g2).abs().max() <= 1e-5
 
 
-def test_gradient_checkpointing_same_gradients():
-    model = random_model(CONFIGS["qwen2_tied"], seed=5)
-    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
-    grads = []
-    for ckpt in (False, True):
+def loss_and_grads(model, ids, cu):
+    model.zero_grad()
+    loss = model.token_logprobs(model(ids, cu_seqlens=cu)[0, :-1], ids[0, 1:]).sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten (and custom) ops run while active, by schema name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3"])
+def test_selective_checkpointing_gives_the_gradients_of_none(name):
+    """Every recompute setting (every k-th block; keeping nothing, attention or matmuls) gives the gradients of no
+    checkpointing in fp32 (<= 1e-6), on ragged sequences packed in one row."""
+    model = random_model(CONFIGS[name], seed=5)
+    ids, cu = pack([torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                    for n in (7, 1, 12, 4)])
+    loss, ref = loss_and_grads(model, ids, cu)
+    model.gradient_checkpointing = True
+    for every in (1, 2, 3):
+        for keep in model_module.CHECKPOINT_KEEP:
+            model.checkpoint_every, model.checkpoint_keep = every, keep
+            loss2, grads = loss_and_grads(model, ids, cu)
+            assert loss2 == loss
+            for n in ref:
+                assert (grads[n] - ref[n]).abs().max() <= 1e-6, (every, keep, n)
+
+
+def test_checkpoint_keep_skips_the_kept_ops_in_backward():
+    """What backward re-runs: with keep "nothing" every checkpointed block's attention and projections again; with
+    "attention" no forward attention kernel; with "matmuls" neither; with checkpoint_every 2 of 3 blocks, two."""
+    model = random_model(CONFIGS["qwen2_tied"], seed=5)  # 2 layers, one more below
+    model.model.layers.append(random_model(CONFIGS["qwen2_tied"], seed=6).model.layers[0])
+    ids, cu = pack([[3, 4, 5, 6], [7, 8, 9]])
+    attn_fwd = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert attn_fwd in model_module.ATTENTION_OPS
+
+    def backward_ops(every, keep):
         model.zero_grad()
-        model.gradient_checkpointing = ckpt
-        model.token_logprobs(padded.forward(model, idx)[:, :-1], idx[:, 1:]).sum().backward()
-        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        model.gradient_checkpointing, model.checkpoint_every, model.checkpoint_keep = True, every, keep
+        loss = model.token_logprobs(model(ids, cu_seqlens=cu)[0, :-1], ids[0, 1:]).sum()
+        with OpCount() as count:
+            loss.backward()
+        return count.ops
+
+    full, attention, matmuls = (backward_ops(1, keep) for keep in ("nothing", "attention", "matmuls"))
+    assert full[attn_fwd] == 3 * 2  # 3 blocks x 2 sequences
+    assert attention[attn_fwd] == matmuls[attn_fwd] == 0
+    assert attention["aten::addmm"] == full["aten::addmm"] > 0  # q/k/v have biases: recomputed unless matmuls kept
+    assert matmuls["aten::addmm"] == 0 and matmuls["aten::mm"] < full["aten::mm"]
+    assert backward_ops(2, "nothing")[attn_fwd] == 2 * 2  # blocks 0 and 2
+    with pytest.raises(ValueError, match="checkpoint_keep"):
+        backward_ops(1, "everything")
 
 
 def test_tiny_tokenizer_roundtrip_chat_template_and_stop_ids(tmp_path):
@@ -367,6 +421,8 @@ def pretend_gpu(monkeypatch):
 
     for module in (model_module, engine):  # engine.py's Decode takes flash_dtype and the KV-cache kernel
         monkeypatch.setattr(module, "flash_dtype", on_gpu)
+    monkeypatch.setattr(model_module, "packed_backend", functools.partial(
+        packed_backend, device_type="cuda", flash_available=True, varlen_available=False))
     monkeypatch.setattr(model_module, "flash_attn_varlen_func", varlen, raising=False)
     monkeypatch.setattr(engine, "flash_attn_with_kvcache", kvcache, raising=False)
     return calls
@@ -384,6 +440,7 @@ def test_flash_path_forward_and_generation_match_sdpa(pretend_gpu, monkeypatch):
     assert pretend_gpu["kvcache"] == [torch.bfloat16] * 18  # 2 layers, 9 decode steps
     for module in (model_module, engine):  # the real rule on CPU tensors: SDPA
         monkeypatch.setattr(module, "flash_dtype", flash_dtype)
+    monkeypatch.setattr(model_module, "packed_backend", packed_backend)
     with torch.no_grad():
         sdpa = model.forward(ids, cu_seqlens=cu)
     assert (flash.float() - sdpa.float()).abs().max() <= 0.05 * sdpa.float().abs().max()
@@ -409,6 +466,142 @@ def test_flash_path_under_autocast_with_fp32_weights(pretend_gpu):
         sdpa = model.token_logprobs(model.forward(ids, cu_seqlens=cu)[:, :-1], ids[:, 1:])
     assert len(pretend_gpu["varlen"]) == 2  # autocast on the CPU only: the mixed dtypes stay on SDPA
     assert (flash - sdpa).abs().max() <= 0.05 * sdpa.abs().max()
+
+
+# -----------------------------------------------------------------------------
+# packed attention: one varlen call per layer on CUDA (flash-attn's or torch's), else a loop never on cuDNN
+
+
+def test_packed_backend_dispatch_never_picks_cudnn():
+    """CPU: the plain loop. CUDA: a varlen kernel for half inputs (flash-attn first, then torch's), otherwise the
+    loop pinned to LOOP_BACKENDS, which leave cuDNN out (its plan cache rebuilds per sequence length)."""
+    fp32, bf16 = qkv(), qkv((torch.bfloat16,) * 3)
+    mixed = qkv((torch.float32, torch.float32, torch.bfloat16))
+    gpu = functools.partial(packed_backend, device_type="cuda")
+    assert packed_backend(*bf16, flash_available=True, varlen_available=True) == ("sdpa", None)  # CPU tensors
+    assert gpu(*bf16, flash_available=True, varlen_available=True) == ("flash_attn", torch.bfloat16)
+    assert gpu(*bf16, flash_available=False, varlen_available=True) == ("torch_varlen", torch.bfloat16)
+    assert gpu(*bf16, flash_available=False, varlen_available=False) == ("sdpa_pinned", None)
+    assert gpu(*fp32, flash_available=True, varlen_available=True) == ("sdpa_pinned", None)
+    assert gpu(*mixed, flash_available=False, varlen_available=True) == ("sdpa_pinned", None)
+    with cuda_autocast(torch.bfloat16):  # SFT under autocast: fp32 q/k, bf16 v, all cast for the kernel
+        assert gpu(*mixed, flash_available=False, varlen_available=True) == ("torch_varlen", torch.bfloat16)
+    assert torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in model_module.LOOP_BACKENDS
+    assert torch.nn.attention.SDPBackend.FLASH_ATTENTION in model_module.LOOP_BACKENDS
+    names = {model_module.packed_backend_name(torch.device("cpu"), d) for d in (torch.float32, torch.bfloat16)}
+    assert names == {"one SDPA call per sequence, float32", "one SDPA call per sequence, bfloat16"}
+
+
+def varlen_torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn with its torch >= 2.11 signature."""
+    assert window_size == (-1, 0) and enable_gqa == (query.shape[1] != key.shape[1])
+    return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+
+
+def varlen_torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """The same with torch 2.10's signature: is_causal, no GQA (key/value must have the query's heads)."""
+    assert is_causal and query.shape[1] == key.shape[1]
+    return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+
+
+def varlen_flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+    """A stand-in for flash-attn's flash_attn_varlen_func."""
+    assert causal
+    return varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k):
+    """What a varlen kernel computes, from what it is handed: (N, heads, hd), int32 boundaries, the longest length."""
+    lens = (cu_q[1:] - cu_q[:-1]).tolist()
+    assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k == max(lens)
+    assert q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0] == cu_q[-1] and q.stride(-1) == 1
+    out = [F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in ts), is_causal=True, enable_gqa=True)
+           for ts in zip(q.split(lens), k.split(lens), v.split(lens))]
+    return torch.cat(out, dim=1).transpose(0, 1)
+
+
+def dense_block_causal(q, k, v, lens):
+    """The reference: one attention over the whole row, written out, with a block-diagonal causal mask."""
+    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    pos = torch.arange(len(seq))
+    allowed = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)])
+def test_packed_attention_paths_agree_with_a_dense_reference(heads, monkeypatch):
+    """The varlen path (torch's kernel with either signature, flash-attn's), the per-sequence loop (free and
+    pinned) and a dense block-diagonal reference agree in fp32 on outputs and on q, k, v gradients (<= 1e-5).
+    The varlen kernels are CUDA-only: CPU stand-ins compute them, checking what they are handed."""
+    lens = [5, 1, 9, 3]
+    cu = torch.tensor([0, 5, 6, 15, 18])
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(1, h, sum(lens), 8, generator=g) for h in (heads[0], heads[1], heads[1])]
+    monkeypatch.setattr(model_module, "flash_attn_varlen_func", varlen_flash_attn, raising=False)
+
+    def run(fn):
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = fn(q, k, v)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    ref = run(lambda q, k, v: dense_block_causal(q, k, v, lens))
+    paths = {"sdpa": None, "sdpa_pinned": None, "flash_attn": None, "torch_varlen": varlen_torch_2_13,
+             "torch_varlen 2.10": varlen_torch_2_10}
+    for path, kernel in paths.items():
+        if kernel is not None:
+            monkeypatch.setattr(model_module, "torch_varlen_attn", kernel)
+        backend = path.split()[0]
+        got = run(lambda q, k, v: model_module.packed_attention(q, k, v, cu, lens, backend, torch.float32))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+            assert (a - b).abs().max() <= 1e-5, (path, name)
+
+
+def test_pinned_loop_runs_inside_the_loop_backends(monkeypatch):
+    """The per-sequence loop on CUDA runs under sdpa_kernel(LOOP_BACKENDS); on CPU under no restriction."""
+    entered = []
+
+    @contextmanager
+    def record(backends):
+        entered.append(list(backends))
+        yield
+
+    monkeypatch.setattr(model_module, "sdpa_kernel", record)
+    q, k, v = qkv()
+    lens, cu = [4, 5], torch.tensor([0, 4, 9])
+    model_module.packed_attention(q, k, v, cu, lens, "sdpa")
+    assert entered == []
+    model_module.packed_attention(q, k, v, cu, lens, "sdpa_pinned")
+    assert entered == [model_module.LOOP_BACKENDS]
+
+
+def test_torch_varlen_path_trains_a_bf16_model_like_sdpa(monkeypatch):
+    """A GPU without flash-attn: a bf16 model's packed forward (and its recompute) takes torch's varlen kernel, once
+    per layer per pass, and gives SDPA's hidden states and gradients within bf16 rounding."""
+    calls = []
+
+    @functools.wraps(varlen_torch_2_13)  # (its signature, which torch_varlen reads)
+    def kernel(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return varlen_torch_2_13(*args, **kwargs)
+
+    model = random_model(CONFIGS["qwen3"], seed=9).to(torch.bfloat16)
+    model.gradient_checkpointing = True
+    ids, cu = pack([[3, 4, 5, 6, 7], [8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]])
+    sdpa_loss, sdpa_grads = loss_and_grads(model, ids, cu)
+    assert calls == []
+    monkeypatch.setattr(model_module, "torch_varlen_attn", kernel)
+    monkeypatch.setattr(model_module, "packed_backend", functools.partial(
+        packed_backend, device_type="cuda", flash_available=False, varlen_available=True))
+    loss, grads = loss_and_grads(model, ids, cu)
+    assert calls == [torch.bfloat16] * 4  # 2 layers, forward + recompute
+    assert abs(float(loss - sdpa_loss)) <= 0.01 * abs(float(sdpa_loss))
+    for n in grads:
+        assert (grads[n].float() - sdpa_grads[n].float()).norm() <= 0.05 * sdpa_grads[n].float().norm() + 1e-6, n
 
 
 def test_transformers_stops_where_our_engine_stops(tiny_checkpoint, tmp_path, monkeypatch):

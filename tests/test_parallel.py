@@ -11,7 +11,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import common
+import model as model_module
 import parallel
 from conftest import free_port, subprocess_env
 
@@ -164,3 +167,52 @@ def test_micro_batches_respect_the_token_budget():
     mbs = parallel.micro_batches(lengths, budget=12)
     assert sorted(i for mb in mbs for i in mb) == list(range(7))
     assert all(sum(lengths[i] for i in mb) <= 12 or len(mb) == 1 for mb in mbs)
+
+
+# -----------------------------------------------------------------------------
+# prepare_training: the recompute and compile settings every training script shares
+
+
+def recompute_args(**kw):
+    p = common.new_parser("test")
+    p.add_argument("--gradient_checkpointing", type=common.str2bool, default=True)
+    parallel.add_recompute_args(p)
+    return common.parse_settings(p, [f"--{k}={v}" for k, v in kw.items()])
+
+
+def test_prepare_training_sets_the_recompute_and_rejects_what_cannot_work(capsys):
+    cfg = model_module.tiny_config(64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+    m = parallel.prepare_training(model_module.build_model(cfg), torch.float32,
+                                  recompute_args(checkpoint_every=2, checkpoint_keep="matmuls"))
+    assert (m.gradient_checkpointing, m.checkpoint_every, m.checkpoint_keep) == (True, 2, "matmuls")
+    assert "packed attention: one SDPA call per sequence, float32; recompute every 2 block(s), keeping matmuls" \
+        in capsys.readouterr().out
+    with pytest.raises(common.UserError, match="--checkpoint_every must be at least 1"):
+        parallel.prepare_training(model_module.build_model(cfg), torch.float32, recompute_args(checkpoint_every=0))
+    with pytest.raises(common.UserError, match="--checkpoint_keep"):
+        parallel.prepare_training(model_module.build_model(cfg), torch.float32,
+                                  recompute_args(compile="true", checkpoint_keep="attention"))
+    with pytest.raises(SystemExit):  # argparse's choices
+        recompute_args(checkpoint_keep="everything")
+
+
+@pytest.mark.slow  # torch.compile on CPU: ~30 s
+def test_compiled_blocks_give_the_eager_gradients_under_the_same_names():
+    """--compile true: each block's forward compiled (dynamic shapes, the attention eager between compiled parts);
+    two packings of different lengths give the eager loss and gradients, and parameter names stay the checkpoint's."""
+    cfg = model_module.tiny_config(64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+    eager = parallel.prepare_training(model_module.build_model(cfg, seed=1), torch.float32, recompute_args())
+    compiled = parallel.prepare_training(model_module.build_model(cfg, seed=1), torch.float32,
+                                         recompute_args(compile="true"))
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    for seqs in ([[1, 2, 3, 4, 5], [6, 7, 8]], [[9, 10], [11, 12, 13, 14, 15, 16, 17], [18, 19, 20, 21]]):
+        ids, cu = model_module.pack(seqs)
+        out = []
+        for m in (eager, compiled):
+            m.zero_grad()
+            loss = m.token_logprobs(m(ids, cu_seqlens=cu)[0, :-1], ids[0, 1:]).sum()
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+        assert abs(float(out[0][0] - out[1][0])) <= 1e-5
+        for a, b in zip(out[0][1], out[1][1]):
+            assert (a - b).abs().max() <= 1e-5

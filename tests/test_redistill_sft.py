@@ -354,8 +354,9 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tiny_checkpoint, tm
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(24, seed=6), tok)
     val = write_sft(tmp_path / "v.jsonl", toy_task.make_records(6, seed=7, split="val"), tok)
     one, two, cut = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "cut")
-    reduction = ("--loss_reduction", "token_mean", "--val_data", val)  # token_mean: normalised by the loss tokens
-    # of the global batch, both ranks
+    reduction = ("--loss_reduction", "token_mean", "--val_data", val,  # token_mean: normalised by the loss tokens
+                 # of the global batch, both ranks; selective recompute under FSDP2 at 2 ranks
+                 "--gradient_checkpointing", "true", "--checkpoint_every", "2", "--checkpoint_keep", "matmuls")
     sft.main(run_args(tiny_checkpoint, data, one, *reduction))
     proc = torchrun_sft(2, *run_args(tiny_checkpoint, data, two, *reduction))
     assert proc.returncode == 0, proc.stderr[-3000:]
