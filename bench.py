@@ -29,7 +29,7 @@ import tasks
 import toy_task
 from common import parse_settings, run_main
 from engine import generate
-from model import build_model, load_model, save_model, tiny_config
+from model import CHECKPOINT_KEEP, build_model, load_model, save_model, tiny_config
 from speed import (PEAK_BANDWIDTH, QWEN25_15B, SUITE_SECTIONS, bandwidth_floor, gpu_suite, make_workload, run_hf,
                    run_ours, timed)
 from tiny_base import build_tokenizer
@@ -94,6 +94,13 @@ def get_parser():
                    help="--memory: tokens of one packed SFT micro-batch (redistill_sft --micro_batch_tokens)")
     p.add_argument("--logprob_chunk", type=int, default=4096,
                    help="--memory: tokens per chunk of the lm_head + fp32 log-softmax (train_rl --logprob_chunk)")
+    p.add_argument("--checkpoint_every", type=int, default=1,
+                   help="--memory: recompute every k-th block in backward (train_rl --checkpoint_every; "
+                        "0 = --gradient_checkpointing false)")
+    p.add_argument("--checkpoint_keep", default="nothing", choices=tuple(CHECKPOINT_KEEP),
+                   help="--memory: what a recomputed block keeps (train_rl --checkpoint_keep)")
+    p.add_argument("--adam_8bit", type=common.str2bool, default=False,
+                   help="--memory: bitsandbytes' 8-bit AdamW (train_rl --adam_8bit): 2 bytes of state per parameter")
     return p
 
 

@@ -20,22 +20,60 @@ from parallel import all_gather_json, all_reduce, barrier, full_copy, is_sharded
 
 
 def make_optimizer(params, lr, betas=(0.9, 0.999), weight_decay=0.0, eight_bit=False):
-    """AdamW; with eight_bit and bitsandbytes installed on CUDA, bitsandbytes' 8-bit AdamW (less optimizer memory)
-    for unsharded weights. FSDP-sharded weights get torch's AdamW: its state is already divided over the ranks."""
+    """AdamW: torch's (fused on CUDA), or with eight_bit, bitsandbytes' 8-bit AdamW where it is installed and the
+    weights are on CUDA: 2 bytes of state per parameter instead of 8. On FSDP-sharded weights it runs on each rank's
+    local shards (LocalShardOptimizer; AdamW is element-wise, so a shard is a tensor like any other)."""
     params = [p for p in params if p.requires_grad]
     if eight_bit:
-        if any(isinstance(p, DTensor) for p in params):
-            print0("note: 8-bit AdamW cannot update FSDP-sharded weights; using torch AdamW (state sharded over ranks)")
-        else:
-            try:
-                import bitsandbytes as bnb
-                if params and params[0].is_cuda:
-                    return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
-                print0("note: 8-bit AdamW needs CUDA; using torch AdamW")
-            except ImportError:
-                print0("note: bitsandbytes not installed; using torch AdamW")
+        try:
+            import bitsandbytes as bnb
+            if params and params[0].is_cuda:
+                def adamw_8bit(ps):
+                    return bnb.optim.AdamW8bit(ps, lr=lr, betas=betas, weight_decay=weight_decay)
+                if any(isinstance(p, DTensor) for p in params):
+                    return LocalShardOptimizer(params, adamw_8bit)
+                return adamw_8bit(params)
+            print0("note: 8-bit AdamW needs CUDA; using torch AdamW")
+        except ImportError:
+            print0("note: bitsandbytes not installed; using torch AdamW (8 bytes of state per parameter, not 2)")
     fused = bool(params) and params[0].is_cuda
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+class LocalShardOptimizer:
+    """An element-wise optimizer (AdamW) that takes only plain tensors, bitsandbytes' 8-bit AdamW, run on this rank's
+    local shards of FSDP-sharded parameters: each shard is a plain parameter sharing the sharded one's memory, and
+    step() hands it the local shard of the gradient first. The update is then done in place, on the shard FSDP owns.
+    (8-bit AdamW quantizes its state in blocks of 256 elements of each tensor it is given: shards, here, so the
+    state's blocks depend on the number of ranks, as FSDP's shards do.) param_groups, state and state_dict are the
+    inner optimizer's, over the local shards: checkpoints save them as each rank's part, as for torch AdamW."""
+
+    def __init__(self, params, make_inner):
+        self.sharded = list(params)
+        self.local = [torch.nn.Parameter(local_tensor(p.detach())) for p in self.sharded]
+        self.inner = make_inner(self.local)
+        self.param_groups, self.state = self.inner.param_groups, self.inner.state
+
+    def step(self):
+        for p, shard in zip(self.sharded, self.local):
+            shard.data = local_tensor(p.detach())  # (FSDP may have re-pointed its shard since: a lazy init, a load)
+            shard.grad = None if p.grad is None else local_tensor(p.grad)
+        self.inner.step()
+        for shard in self.local:
+            shard.grad = None
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.sharded:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.inner.load_state_dict(state_dict)
 
 
 def clip_grad_norm(params, max_norm):

@@ -49,18 +49,39 @@ def kv_cache_bytes(cfg, rows, max_len, dtype_bytes=2):
 
 
 def block_bytes_per_token(cfg):
-    """Peak bytes per token of one checkpointed block recomputed in backward: what autograd saves in the recompute,
-    plus the gradients in flight. Saved: each RMSNorm's fp32 x.float() (2 x 4 H bytes); in bf16 (2 bytes) each
-    norm's normalised x and output (4 H), q and k after RoPE, v, the attention output and its (T, heads x hd)
-    reshape (3 nh hd + 2 nkv hd; flash attention keeps O(T) more), gate, silu(gate), up, silu(gate) * up (4 I);
-    Qwen3's q_norm / k_norm also keep fp32 q, k and their normalised bf16 copies (6 (nh + nkv) hd bytes).
-    In flight at the peak, the MLP's backward: two I-wide gradients more than the saved tensors it frees, and the
-    block's output and input gradients (2 I + 2 H, bf16).
+    """Peak bytes per token of one checkpointed block recomputed in backward: what autograd saves in the recompute
+    (block_saved_bytes_per_token), plus the gradients in flight at the peak, the MLP's backward: two I-wide gradients
+    more than the saved tensors it frees, and the block's output and input gradients (2 I + 2 H, bf16).
       per token = 8 H + 2 (6 H + 3 nh hd + 2 nkv hd + 6 I) [+ 6 (nh + nkv) hd for qwen3]
     Checked against the peak measured on CPU (tests/test_bench_memory.py) and on an H100 (docs/memory.md)."""
+    return block_saved_bytes_per_token(cfg) + 2 * (2 * cfg.intermediate_size + 2 * cfg.hidden_size)
+
+
+def block_saved_bytes_per_token(cfg):
+    """Bytes per token autograd saves in one block's forward: each RMSNorm's fp32 x.float() (2 x 4 H bytes); in
+    bf16 (2 bytes) each norm's normalised x and output (4 H), q and k after RoPE, v, the attention output and its
+    (T, heads x hd) reshape (3 nh hd + 2 nkv hd; flash kernels keep O(T) more), gate, silu(gate), up and
+    silu(gate) * up (4 I); Qwen3's q_norm / k_norm also keep fp32 q, k and their normalised bf16 copies
+    (6 (nh + nkv) hd). A block that is not recomputed holds this from its forward to its backward."""
     H, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     qk_norm = 6 * (nh + nkv) * hd if cfg.arch == "qwen3" else 0
-    return 8 * H + 2 * (6 * H + 3 * nh * hd + 2 * nkv * hd + 6 * cfg.intermediate_size) + qk_norm
+    return 8 * H + 2 * (4 * H + 3 * nh * hd + 2 * nkv * hd + 4 * cfg.intermediate_size) + qk_norm
+
+
+def kept_bytes_per_token(cfg, keep):
+    """(bytes a recomputed block keeps from its forward per token, bytes of those its recompute then need not
+    allocate) under --checkpoint_keep (model.CHECKPOINT_KEEP). attention: the attention output (bf16) and its fp32
+    log-sum-exp per head. matmuls: also every projection's output: q, k, v, o, gate, up, down (bf16); of these
+    v, gate and up are tensors the recompute would save, q and k are saved only after RoPE (recomputed)."""
+    H, hd, nh, nkv, inter = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    if keep == "nothing":
+        return 0, 0
+    attention = 2 * nh * hd + 4 * nh
+    if keep == "attention":
+        return attention, 2 * nh * hd
+    if keep == "matmuls":
+        return attention + 2 * ((nh + 2 * nkv) * hd + 2 * H + 2 * inter), 2 * nh * hd + 2 * nkv * hd + 2 * 2 * inter
+    raise ValueError(f"checkpoint_keep: {keep!r}")
 
 
 def prefill_bytes_per_token(cfg):
@@ -70,32 +91,45 @@ def prefill_bytes_per_token(cfg):
     return 2 * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) + 8 * cfg.hidden_size
 
 
-def activation_bytes(cfg, tokens, chunk, with_entropy, gathered):
-    """Training activations of one packed micro-batch of `tokens` tokens with gradient checkpointing:
-      inputs  every block's stored input, L x T x H bf16
+def activation_bytes(cfg, tokens, chunk, with_entropy, gathered, checkpoint_every=1, keep="nothing"):
+    """Training activations of one packed micro-batch of `tokens` tokens:
+      inputs  what the forward leaves for backward: each recomputed block's bf16 input (2 H bytes per token) and what
+              it keeps (kept_bytes_per_token); each block that is not recomputed, all it saves
+              (block_saved_bytes_per_token). Blocks i with i % checkpoint_every == 0 are recomputed; checkpoint_every
+              0 = none (no gradient checkpointing)
       head    the final norm (its fp32 input copy, bf16 normalised x and output: 4 + 2 + 2 bytes x T x H; RL also
               gathers the response positions' hidden states, + 2) and one lm_head chunk recomputed in backward:
               chunk x V x 4 bytes x 3 (the fp32 log-softmax, its gradient, the gradient of the fp32 logits), x 2 more
               with the entropy's graph (probs = exp(log-softmax) and their gradient; train_rl keeps it only
               with --entropy_coef > 0, its logged entropy is computed without graph)
-      block   one block recomputed in backward: block_bytes_per_token x T
-    The head's backward (all lm_head chunks, then the final norm) finishes before the first block is recomputed,
-    so the peak is inputs + max(head, block)."""
-    H, V = cfg.hidden_size, cfg.vocab_size
-    inputs = cfg.num_layers * tokens * H * 2
+      block   the backward of the blocks, last to first: when block j's backward runs, the blocks below still hold
+              what they stored; block j holds its saved tensors (recomputed: less what it kept) and the gradients in
+              flight (block_bytes_per_token). block = the largest such total, less `inputs`
+    The head's backward (all lm_head chunks, then the final norm) finishes before the first block's, so the peak is
+    inputs + max(head, block)."""
+    H, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    recomputed = [bool(checkpoint_every) and i % checkpoint_every == 0 for i in range(L)]
+    kept, not_recomputed = kept_bytes_per_token(cfg, keep)
+    saved, peak = block_saved_bytes_per_token(cfg), block_bytes_per_token(cfg)
+    stored = [2 * H + kept if r else saved for r in recomputed]
+    at_backward = [stored[j] + (peak - not_recomputed if recomputed[j] else peak - saved) for j in range(L)]
+    inputs = tokens * sum(stored)
+    block = tokens * max(sum(stored[:j]) + at_backward[j] for j in range(L)) - inputs
     head = tokens * H * (4 + 2 + 2 + (2 if gathered else 0)) + min(tokens, chunk) * V * 4 * (3 + 2 * bool(with_entropy))
-    block = block_bytes_per_token(cfg) * tokens
     return {"inputs": inputs, "head": head, "block": block, "total": inputs + max(head, block)}
 
 
 def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_size=32, prompt_tokens=512,
-                    response_tokens=4096, rl_tokens=30000, sft_tokens=16384, logprob_chunk=4096):
+                    response_tokens=4096, rl_tokens=30000, sft_tokens=16384, logprob_chunk=4096, checkpoint_every=1,
+                    checkpoint_keep="nothing", adam_8bit=False):
     """Per-GPU bytes of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2 on `world` ranks (see the section's
     comment). Peaks include CUDA_CONTEXT_GIB."""
     n = param_counts(cfg)
     P, W = n["total"], world
     root = n["embed"] + n["lm_head"] + n["final_norm"]  # the root FSDP group: embed_tokens, lm_head if untied, norm
-    e = {"params": P, "master": 4 * P / W, "grads": 4 * P / W, "adam": 8 * P / W, "slack": CUDA_CONTEXT_GIB * 2**30}
+    # AdamW's two moments: fp32, or one byte each with bitsandbytes' 8-bit AdamW (its per-block scales: ~1 %)
+    e = {"params": P, "master": 4 * P / W, "grads": 4 * P / W, "adam": (2 if adam_8bit else 8) * P / W,
+         "slack": CUDA_CONTEXT_GIB * 2**30}
     e["persistent"] = e["master"] + e["grads"] + e["adam"]
     e["ref_model"] = 4 * P / W  # --kl_coef > 0: a frozen copy sharded the same way, no grads or optimizer
     # FSDP2 transients of forward + backward: the root unsharded in bf16 throughout, two blocks unsharded in bf16
@@ -117,13 +151,14 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e["gen_peak"] = e["persistent"] + e["gen_copy"] + e["kv_cache"] + e["gen_temps"] + e["slack"]
     # training: a micro-batch holds up to its token budget, or one longer sequence alone
     e["rl_tokens"] = max(rl_tokens, prompt_tokens + response_tokens)
-    e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=False, gathered=True)
+    recompute = dict(checkpoint_every=checkpoint_every, keep=checkpoint_keep)
+    e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=False, gathered=True, **recompute)
     e["update_peak"] = e["persistent"] + e["fsdp_transient"] + e["rl_act"]["total"] + e["slack"]
     e["rl_peak"] = max(e["gen_peak"], e["update_peak"])
     # the reference model's own log-prob pass (no grad) runs apart from the update: only its sharded state adds
     e["rl_kl_peak"] = e["rl_peak"] + e["ref_model"]
     e["sft_tokens"] = sft_tokens
-    e["sft_act"] = activation_bytes(cfg, sft_tokens, logprob_chunk, with_entropy=False, gathered=True)
+    e["sft_act"] = activation_bytes(cfg, sft_tokens, logprob_chunk, with_entropy=False, gathered=True, **recompute)
     e["sft_peak"] = e["persistent"] + e["fsdp_transient"] + e["sft_act"]["total"] + e["slack"]
     return e
 
@@ -153,7 +188,8 @@ def memory_settings(args, world=None, gen_batch_size=None):
     return dict(world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
                 gen_batch_size=gen_batch_size or args.gen_batch_size, prompt_tokens=args.prompt_tokens,
                 response_tokens=args.response_tokens, rl_tokens=args.rl_micro_batch_tokens,
-                sft_tokens=args.sft_micro_batch_tokens, logprob_chunk=args.logprob_chunk)
+                sft_tokens=args.sft_micro_batch_tokens, logprob_chunk=args.logprob_chunk,
+                checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep, adam_8bit=args.adam_8bit)
 
 
 def memory_table(args):
@@ -161,6 +197,10 @@ def memory_table(args):
     check_positive(args, "world", "samples_per_prompt", "gen_batch_size", "prompt_tokens", "response_tokens",
                    "rl_micro_batch_tokens", "sft_micro_batch_tokens", "logprob_chunk", "prompts_per_step",
                    "prompts_per_rank")
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint_every: 0 (no gradient checkpointing) or more, not {args.checkpoint_every}")
+    recompute = ("no gradient checkpointing" if args.checkpoint_every == 0 else
+                 f"gradient checkpointing of every {args.checkpoint_every} block(s), keeping {args.checkpoint_keep}")
     cols = [memory_config(spec) for spec in args.memory]
     est = [memory_estimate(cfg, **memory_settings(args)) for _, cfg in cols]
     gib, cap = 2**30, args.gpu_gib
@@ -176,8 +216,8 @@ def memory_table(args):
         ("parameters P", lambda e: f"{e['params'] / 1e9:.2f}B"),
         ("fp32 master weights, 4P/W", lambda e: fmt(e["master"])),
         ("fp32 gradients, 4P/W", lambda e: fmt(e["grads"])),
-        ("AdamW exp_avg + exp_avg_sq, 8P/W", lambda e: fmt(e["adam"])),
-        ("**persistent (sharded), 16P/W**", lambda e: fmt(e["persistent"])),
+        ("AdamW exp_avg + exp_avg_sq, " + ("2P/W (8-bit)" if args.adam_8bit else "8P/W"), lambda e: fmt(e["adam"])),
+        ("**persistent (sharded), " + ("10P/W" if args.adam_8bit else "16P/W") + "**", lambda e: fmt(e["persistent"])),
         ("RL gen: gathered bf16 weights, 2P", lambda e: fmt(e["gen_copy"])),
         (f"RL gen: KV cache bf16, {e0['gen_rows']} rows x {e0['gen_len']} tokens", lambda e: fmt(e["kv_cache"])),
         ("RL gen: prefill / sampling temporaries", lambda e: fmt(e["gen_temps"])),
@@ -197,7 +237,7 @@ def memory_table(args):
          lambda e: f"{yes(e['rl_peak'])} / {yes(e['rl_kl_peak'])} / {yes(e['sft_peak'])}"),
     ]
     print(f"per-GPU memory, GiB, on {args.world} x {cap:g} GiB (FSDP2: fp32 master + grads + AdamW sharded over "
-          f"{args.world}, bf16 compute; gradient checkpointing); RL: {s0['prompts_per_rank']} prompts per rank x "
+          f"{args.world}, bf16 compute; {recompute}); RL: {s0['prompts_per_rank']} prompts per rank x "
           f"{args.samples_per_prompt} rollouts, prompts {args.prompt_tokens} + responses {args.response_tokens} "
           f"tokens; every peak includes {CUDA_CONTEXT_GIB} GiB of CUDA context and allocator slack")
     print()

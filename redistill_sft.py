@@ -85,8 +85,8 @@ def get_parser():
                    help="seq_mean: mean over each sequence's loss tokens, then over the global batch's sequences "
                         "(paper); token_mean: mean over all loss tokens of the global batch")
     p.add_argument("--adam_8bit", default=False, type=common.str2bool,
-                   help="bitsandbytes 8-bit AdamW on CUDA; it cannot update FSDP-sharded weights "
-                        "(several ranks, or bf16), where torch AdamW is used with a note: its state is already sharded")
+                   help="bitsandbytes 8-bit AdamW on CUDA when installed (2 bytes of state per parameter instead "
+                        "of 8; on FSDP-sharded weights it runs on each rank's shards); else torch AdamW, with a note")
     p.add_argument("--gradient_checkpointing",
                    default=False, type=common.str2bool,
                    help="recompute each block in backward (less activation memory, ~30%% slower)")

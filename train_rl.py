@@ -143,8 +143,9 @@ def get_parser():
     p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    p.add_argument("--adam_8bit", type=common.str2bool, default=False, help="bitsandbytes 8-bit AdamW on CUDA (not on "
-                   "FSDP-sharded weights: there torch AdamW, whose state is sharded already)")
+    p.add_argument("--adam_8bit", type=common.str2bool, default=False,
+                   help="bitsandbytes 8-bit AdamW on CUDA when installed (2 bytes of state per parameter instead of 8; "
+                        "on FSDP-sharded weights it runs on each rank's shards); else torch AdamW, with a note")
     # speed and memory
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, "
                    "float32; the optimizer always updates sharded fp32 weights")

@@ -74,6 +74,17 @@ def test_sharded_state_scales_as_one_over_world():
         assert e["update_peak"] - e["persistent"] == pytest.approx(one["update_peak"] - one["persistent"])
 
 
+def test_eight_bit_adam_and_recompute_settings_reach_the_estimate():
+    """--adam_8bit: 2 bytes of optimizer state per parameter; --checkpoint_every / --checkpoint_keep: the
+    activation terms of RL and SFT, ordered as they must be (keeping more, or recomputing fewer blocks, stores more)."""
+    _, cfg = gpu_memory.memory_config("qwen2.5-1.5b")
+    base, eight = gpu_memory.memory_estimate(cfg, world=2), gpu_memory.memory_estimate(cfg, world=2, adam_8bit=True)
+    assert eight["adam"] == 2 * base["params"] / 2 and base["persistent"] - eight["persistent"] == 3 * base["params"]
+    peaks = [gpu_memory.memory_estimate(cfg, checkpoint_every=every, checkpoint_keep=keep)["sft_peak"]
+             for every, keep in ((1, "nothing"), (1, "attention"), (1, "matmuls"), (2, "matmuls"), (0, "nothing"))]
+    assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)
+
+
 @pytest.mark.parametrize("name", ["qwen2_tied", "qwen3_head_dim", "llama"])
 def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
     cfg = model.ModelConfig.from_hf(TINY[name])
@@ -104,6 +115,17 @@ MEASURED = [  # (HF config, tokens, sequences, logprob chunk): block-dominated q
                        tie_word_embeddings=False), 1024, 2, 512),
 ]
 
+RECOMPUTE_MEASURED = [  # (index into MEASURED, tokens, checkpoint_every (0: no checkpointing), checkpoint_keep)
+    (0, 512, 1, "attention"), (0, 512, 1, "matmuls"), (0, 512, 2, "matmuls"), (0, 512, 0, "nothing"),
+    (1, 512, 2, "nothing"),
+]
+
+
+def measured_runs():
+    """(index into MEASURED, tokens, checkpoint_every, checkpoint_keep, entropy) of each measured peak, in order."""
+    return ([(i, MEASURED[i][1], 1, "nothing", entropy) for i in range(len(MEASURED)) for entropy in (False, True)]
+            + [(i, tokens, every, keep, False) for i, tokens, every, keep in RECOMPUTE_MEASURED])
+
 
 def measure_activation_peaks():
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -124,30 +146,31 @@ def measure_activation_peaks():
 
     torch.set_num_threads(1)
     out = []
-    for hf, tokens, seqs, chunk in MEASURED:
+    for i, tokens, every, keep, entropy in measured_runs():
+        hf, _, seqs, chunk = MEASURED[i]
         cfg = model.ModelConfig.from_hf(hf)
         m = model.Transformer(cfg).to(torch.bfloat16)
-        m.gradient_checkpointing = True
+        m.gradient_checkpointing, m.checkpoint_every, m.checkpoint_keep = every > 0, max(every, 1), keep
         g = torch.Generator().manual_seed(0)
         ids, cu = model.pack([torch.randint(0, cfg.vocab_size, (tokens // seqs,), generator=g).tolist()
                               for _ in range(seqs)])
-        for entropy in (False, True):
-            def step():
-                hidden = m(ids, cu_seqlens=cu)
-                if entropy:  # train_rl: the positions' hidden states gathered, with the entropy
-                    pos = torch.arange(tokens - 1)
-                    lp, ent = m.token_logprobs(hidden[0, pos], ids[0, pos + 1], chunk_size=chunk, with_entropy=True)
-                    loss = lp.float().sum() + ent.float().sum()
-                else:  # redistill_sft: every next token, no entropy
-                    loss = m.token_logprobs(hidden[0, :-1], ids[0, 1:], chunk_size=chunk).float().sum()
-                loss.backward()
-            step()  # warm-up: one-time buffers are not activations
-            for p in m.parameters():
-                p.grad = torch.zeros_like(p)
-            before, mode = libc.mallinfo2().hblkhd, Peak()
-            with mode:
-                step()
-            out.append(mode.peak - before)
+
+        def step():
+            hidden = m(ids, cu_seqlens=cu)
+            if entropy:  # train_rl: the positions' hidden states gathered, with the entropy
+                pos = torch.arange(tokens - 1)
+                lp, ent = m.token_logprobs(hidden[0, pos], ids[0, pos + 1], chunk_size=chunk, with_entropy=True)
+                loss = lp.float().sum() + ent.float().sum()
+            else:  # redistill_sft: every next token, no entropy
+                loss = m.token_logprobs(hidden[0, :-1], ids[0, 1:], chunk_size=chunk).float().sum()
+            loss.backward()
+        step()  # warm-up: one-time buffers are not activations
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        before, mode = libc.mallinfo2().hblkhd, Peak()
+        with mode:
+            step()
+        out.append(mode.peak - before)
     return out
 
 
@@ -161,13 +184,13 @@ def test_activation_estimate_is_near_the_measured_peak():
                        env=dict(subprocess_env(), MALLOC_MMAP_THRESHOLD_="65536"), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     measured = json.loads(r.stdout.strip().splitlines()[-1])
-    i = 0
-    for hf, tokens, seqs, chunk in MEASURED:
-        cfg = model.ModelConfig.from_hf(hf)
-        for entropy in (False, True):
-            est = gpu_memory.activation_bytes(cfg, tokens, chunk, with_entropy=entropy, gathered=entropy)["total"]
-            assert 0.9 < measured[i] / est < 1.1, (hf["architectures"], hf["vocab_size"], entropy, measured[i], est)
-            i += 1
+    runs = measured_runs()
+    assert len(measured) == len(runs)
+    for (i, tokens, every, keep, entropy), peak in zip(runs, measured):
+        hf, _, seqs, chunk = MEASURED[i]
+        est = gpu_memory.activation_bytes(model.ModelConfig.from_hf(hf), tokens, chunk, with_entropy=entropy,
+                                          gathered=entropy, checkpoint_every=every, keep=keep)["total"]
+        assert 0.9 < peak / est < 1.1, (hf["architectures"], hf["vocab_size"], entropy, every, keep, peak, est)
 
 
 def test_defaults_are_the_training_scripts_defaults():

@@ -50,3 +50,39 @@ def test_a_resume_must_share_the_runs_identity_both_ways():
         ckpt.check_run_identity("run", {"seed": 1, "dynamic_sampling": True}, {"seed": 1})
     with pytest.raises(UserError, match="dynamic_sampling: was None, now True"):
         ckpt.check_run_identity("run", {"seed": 1}, {"seed": 1, "dynamic_sampling": True})
+
+
+def test_local_shard_optimizer_updates_sharded_weights_like_the_optimizer_on_them(tiny_checkpoint, tmp_path):
+    """--adam_8bit on FSDP-sharded weights runs bitsandbytes' AdamW on each rank's local shards (LocalShardOptimizer).
+    With torch's AdamW standing in for it (bitsandbytes needs CUDA), three steps on the local shards give the weights
+    of AdamW on the sharded parameters themselves, and a checkpoint of it resumes to the same next step."""
+    import torch
+    from model import load_model, load_tokenizer, pack
+    parallel.dist_setup()
+    ids, cu = pack([[3, 4, 5, 6, 7], [8, 9, 10]])
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=1e-2, betas=(0.5, 0.999), weight_decay=0.01)
+
+    def train(model, optimizer, steps):
+        for _ in range(steps):
+            model.token_logprobs(model(ids, cu_seqlens=cu)[0, :-1], ids[0, 1:]).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return parallel.full_copy(model, torch.float32).state_dict()
+
+    ref_model = parallel.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
+    model = parallel.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
+    local = ckpt.LocalShardOptimizer(list(model.parameters()), adamw)
+    assert all(not isinstance(p, torch.distributed.tensor.DTensor) for g in local.param_groups for p in g["params"])
+    ref, got = train(ref_model, adamw(list(ref_model.parameters())), 3), train(model, local, 3)
+    start = load_model(tiny_checkpoint).state_dict()
+    for k in ref:
+        assert not torch.equal(ref[k], start[k]), k  # it trained
+        assert (got[k] - ref[k]).abs().max() <= 1e-6, k
+    ckpt.save_checkpoint(str(tmp_path), 3, model, load_tokenizer(tiny_checkpoint), local, {}, torch.bfloat16, 2)
+    again = parallel.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
+    resumed = ckpt.LocalShardOptimizer(list(again.parameters()), adamw)
+    ckpt.load_local_train_state(again, resumed, ckpt.load_checkpoint(str(tmp_path))[3])
+    after, after_resumed = train(model, local, 1), train(again, resumed, 1)
+    assert all(torch.equal(after[k], after_resumed[k]) for k in after)
