@@ -29,7 +29,7 @@ QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_
                   rope_theta=1000000.0)
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s (datasheets)
-SUITE_SECTIONS = ("correctness", "generation", "sft", "rl")
+SUITE_SECTIONS = ("correctness", "attention", "train_step", "generation", "sft", "rl")
 
 
 def make_workload(kind, n_prompts, samples, min_len, max_len, fixed_len, vocab, seed):
@@ -111,13 +111,16 @@ def gpu_suite(args):
 
     correctness  our logits vs transformers in fp32 and bf16; fp32 greedy decode vs transformers.generate;
                  logprob_gap: the sampler's log-probs vs the training forward's, in bf16 and fp32, at T 0.7
+    attention    packed attention A/B on a 16K-token micro-batch of 8 lengths, forward + backward (suite_attention)
+    train_step   one micro-batch's forward + backward under each recompute setting and compiled (suite_train_step)
     generation   the RL-shaped workload (prompts x 8, responses 64..512): our tok/s vs transformers.generate,
                  our share of the decode's memory-bandwidth floor, peak memory; per decode step: kernel time
                  (torch.profiler) vs wall time, from the difference of two lengths (the prefill cancels)
     sft          redistill_sft.py at the paper's K&K batch (64 sequences, 16K-token micro-batches, max length
                  5000, gradient checkpointing, bf16 autocast, 8-bit AdamW when bitsandbytes is installed)
     rl           one train_rl.py step at one GPU's share of the paper preset: 16 prompts x 8 rollouts, responses
-                 up to 4096 tokens (random weights do not stop: the worst case), gradient checkpointing
+                 up to 4096 tokens (random weights do not stop: the worst case), gradient checkpointing; on CUDA
+                 what is live at the update's memory peak, by source line (update_memory_recorded)
     Each section is a dict of the JSON; an error is recorded there and the next section still runs. The sft and
     rl sections skip checkpoint writes: they measure compute, and a 1.5B checkpoint's cost is the disk's.
     --smoke runs the same code on CPU with a tiny model, so a broken suite shows before a GPU is spent on it.
@@ -128,7 +131,7 @@ def gpu_suite(args):
         cfg = tiny_config(2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=8192)
         sizes = dict(logits=(2, 32), greedy_new=8, gap_new=16, gen_prompts=[2, 4], gen_len=(4, 16), step_prompts=[2],
                      step_lens=(4, 12), sft_batch=8, sft_steps=2, sft_response=(20, 60), sft_micro=512, rl_prompts=4,
-                     rl_group=2, rl_max=32)
+                     rl_group=2, rl_max=32, attn_tokens=256, compile=False)
     else:
         if not torch.cuda.is_available():
             raise UserError("--gpu_suite needs CUDA; --smoke true runs it on CPU with a tiny model")
@@ -137,7 +140,7 @@ def gpu_suite(args):
         sizes = dict(logits=(4, 256), greedy_new=64, gap_new=256, gen_prompts=[16, 128], gen_len=(64, 512),
                      step_prompts=[16, 128], step_lens=(17, 33), sft_batch=64, sft_steps=3, sft_response=(500, 3000),
                      sft_micro=16384, rl_prompts=16, rl_group=8,
-                     rl_max=args.suite_rl_response_tokens)
+                     rl_max=args.suite_rl_response_tokens, attn_tokens=16384, compile=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
     result = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
               "bitsandbytes": package_version("bitsandbytes"), "flash_attn": package_version("flash_attn"),
@@ -162,7 +165,8 @@ def gpu_suite(args):
         result["model"]["params"] = model.num_params()
         save_model(model, base, tok, dtype=torch.bfloat16)  # every section loads this bf16 checkpoint
         del model
-        sections = {"correctness": suite_correctness, "generation": suite_generation, "sft": suite_sft, "rl": suite_rl}
+        sections = {"correctness": suite_correctness, "attention": suite_attention, "train_step": suite_train_step,
+                    "generation": suite_generation, "sft": suite_sft, "rl": suite_rl}
         for section in args.sections:
             print(f"--- {section}", flush=True)
             t0 = time.time()
@@ -417,12 +421,13 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
     lengths = [len(e["input_ids"]) for e in tasks.load_sft_examples([path], tok, 5000)]  # as SFT sees them
     argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
             "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000", "--gradient_checkpointing", "true",
-            "--dtype", "auto", "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed)]
+            "--dtype", "auto", "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed),
+            "--adam_8bit", str(package_version("bitsandbytes") is not None and device.type == "cuda").lower()]
     reset_peak(device)
     with checkpoints_skipped():
         redistill_sft.main(argv)
     mem = peak_gb(device)
-    ms = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m][1:]  # step 1 warms up
+    first, *ms = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m]  # 1 warms up
     order = parallel.epoch_order(len(data), seed, 0)
     cfg = read_config(base)
     flops = sum(train_flops(cfg, [lengths[i] for i in order[(m["step"] - 1) * batch:m["step"] * batch]],
@@ -430,7 +435,8 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
     seconds, tokens = sum(m["time_s"] for m in ms), sum(m["tokens"] for m in ms)
     return {"sequences_per_step": batch, "tokens_per_step": tokens / len(ms), "step_s": seconds / len(ms),
             "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gb": mem,
-            "optimizer": "torch AdamW, FSDP-sharded", "measured_steps": [m["step"] for m in ms]}
+            "optimizer": "bitsandbytes 8-bit AdamW on local shards" if argv[-1] == "true" else "torch AdamW, sharded",
+            "first_step_s": first["time_s"], "measured_steps": [m["step"] for m in ms]}
 
 
 def suite_rl(base, tok, records, sizes, device, seed, tmp):
@@ -442,7 +448,8 @@ def suite_rl(base, tok, records, sizes, device, seed, tmp):
             "--max_response_tokens", str(sizes["rl_max"]), "--max_steps", "1", "--gradient_checkpointing", "true",
             "--micro_batch_tokens", "30000", "--log_rollouts", "true", "--progress", "false", "--seed", str(seed)]
     reset_peak(device)
-    with checkpoints_skipped():
+    memory = {}
+    with checkpoints_skipped(), update_memory_recorded(memory):
         train_rl.main(argv)
     mem = peak_gb(device)
     m = common.read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
@@ -457,4 +464,226 @@ def suite_rl(base, tok, records, sizes, device, seed, tmp):
             "mem_held_gib": m["mem_held_gib"], "mem_train_gib": m["mem_train_gib"],
             "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
             "gen_tok_s": m["gen_tok_s"], "train_tok_s": m["train_tok_s"], "train_tokens": sum(seq_lens),
-            "train_mfu": mfu(flops, m["train_s"], device), "logprob_gap": m["logprob_gap"], "peak_mem_gb": mem}
+            "train_mfu": mfu(flops, m["train_s"], device), "logprob_gap": m["logprob_gap"], "peak_mem_gb": mem,
+            **memory}
+
+
+# -----------------------------------------------------------------------------
+# packed attention A/B and the training step's recompute trade-off (issue 35), the update's memory at its peak
+
+
+ATTENTION_VARIANTS = ("sdpa_default", "sdpa_pinned", "torch_varlen", "flash_attn", "sdpa_cudnn_deprioritized")
+
+
+def random_lengths(total, count, rng):
+    """count sequence lengths summing to total, each at least 16 (a packed micro-batch's)."""
+    cuts = sorted(rng.sample(range(16, total - 16), count - 1))
+    lens = [b - a for a, b in zip([0] + cuts, cuts + [total])]
+    return lens if min(lens) >= 16 else random_lengths(total, count, rng)
+
+
+def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
+    """One packed-attention variant at (heads, kv_heads, head_dim): forward + backward over lens_a (first call, and a
+    repeat with the same shapes, the median of 3) and over lens_b (new shapes: first call); the CUDA kernels of one
+    profiled call; its output and gradients, for the caller to compare. sdpa_default is the per-sequence loop with
+    no backend pinned (what packed rows ran on before); sdpa_cudnn_deprioritized the same under
+    TORCH_CUDNN_SDPA_DEPRIORITIZED=1 (run in its own process: the variable is read once)."""
+    import model as model_module
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device(device_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backend = {"sdpa_default": "sdpa", "sdpa_cudnn_deprioritized": "sdpa"}.get(variant, variant)
+    nh, nkv, hd = shape
+
+    def inputs(lens):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(1, h, sum(lens), hd, generator=g).to(device, dtype).requires_grad_()
+                for h in (nh, nkv, nkv)]
+
+    def call(lens):
+        q, k, v = inputs(lens)
+        cu = torch.tensor([0] + lens, device=device).cumsum(0)
+        out = model_module.packed_attention(q, k, v, cu, lens, backend, dtype)
+        out.backward(torch.ones_like(out))
+        return out, q, k, v
+
+    result = {"variant": variant}
+    result["first_call_s"] = timed(lambda: call(lens_a), device)
+    result["repeat_s"] = statistics.median(timed(lambda: call(lens_a), device) for _ in range(3))
+    result["new_shapes_first_call_s"] = timed(lambda: call(lens_b), device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        out, q, k, v = call(lens_a)
+    kernel_us = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            kernel_us[e.name] = kernel_us.get(e.name, 0) + e.time_range.elapsed_us()
+    result["kernels"] = [name[:120] for name, _ in sorted(kernel_us.items(), key=lambda kv: -kv[1])[:8]]
+    return result, [t.detach().float().cpu().contiguous() for t in (out, q.grad, k.grad, v.grad)]
+
+
+def suite_attention(base, tok, records, sizes, device, seed, tmp):
+    """Packed attention at the model's attention shape on one micro-batch of ~8 random lengths, forward + backward:
+    each variant's first call, repeat and new-shape times, its kernels, and its max |difference| from the pinned
+    loop in outputs and gradients."""
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    import model as model_module
+    cfg = read_config(base)
+    shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    rng = random.Random(seed)
+    lens_a, lens_b = (random_lengths(sizes["attn_tokens"], 8, rng) for _ in range(2))
+    varlen_ok = device.type == "cuda" and model_module.torch_varlen_available(device.index or 0)
+    runnable = {"sdpa_default": True, "sdpa_pinned": True, "torch_varlen": varlen_ok,
+                "flash_attn": device.type == "cuda" and model_module.HAVE_FLASH_ATTN,
+                "sdpa_cudnn_deprioritized": device.type == "cuda"}
+    out = {"lengths": lens_a, "new_lengths": lens_b, "shape": list(shape), "variants": []}
+    ref = None
+    for variant in ("sdpa_pinned",) + tuple(v for v in ATTENTION_VARIANTS if v != "sdpa_pinned"):
+        if not runnable[variant]:
+            out["variants"].append({"variant": variant, "skipped": "not available here"})
+            continue
+        if variant == "sdpa_cudnn_deprioritized":  # a fresh process, the variable set before torch reads it
+            saved = os.path.join(tmp, "attention_variant.safetensors")
+            code = ("import json, speed; from safetensors.torch import save_file; "
+                    f"r, t = speed.attention_variant({variant!r}, {shape!r}, {lens_a!r}, {lens_b!r}, "
+                    f"{str(device)!r}, {seed}); save_file(dict(zip('oqkv', t)), {saved!r}); print(json.dumps(r))")
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                                  env=dict(os.environ, TORCH_CUDNN_SDPA_DEPRIORITIZED="1"),
+                                  cwd=os.path.dirname(os.path.abspath(__file__)))
+            if proc.returncode != 0:
+                out["variants"].append({"variant": variant, "error": proc.stderr[-2000:]})
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            tensors = [load_file(saved)[name] for name in "oqkv"]
+        else:
+            r, tensors = attention_variant(variant, shape, lens_a, lens_b, str(device), seed)
+        ref = ref or tensors
+        r.update({f"max_abs_diff_{name}": (a - b).abs().max().item()
+                  for name, a, b in zip(("out", "dq", "dk", "dv"), tensors, ref)})
+        out["variants"].append(r)
+        print(r, flush=True)
+    return out
+
+
+def recompute_settings(every, keep, compile_=False):
+    """The argparse namespace prepare_training reads, for one recompute setting (every 0: no checkpointing)."""
+    import argparse
+    return argparse.Namespace(gradient_checkpointing=every > 0, checkpoint_every=max(every, 1), checkpoint_keep=keep,
+                              compile=compile_)
+
+
+TRAIN_STEP_SETTINGS = [(1, "nothing", False), (1, "attention", False), (1, "matmuls", False), (2, "nothing", False),
+                       (0, "nothing", False), (1, "nothing", True)]
+
+
+def suite_train_step(base, tok, records, sizes, device, seed, tmp):
+    """The training forward + backward of one packed micro-batch (SFT's: ~8 sequences, sizes["sft_micro"] tokens)
+    on the FSDP-sharded model (one rank, bf16 compute), for each recompute setting and with compiled blocks: first
+    and steady-state seconds, tokens/s, MFU (recompute not counted), the peak above the parameters and gradients
+    against gpu_memory's activations + FSDP transients; and which attention kernels a step runs."""
+    import gpu_memory
+    import model as model_module
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    parallel.dist_setup()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = read_config(base)
+    lens = random_lengths(sizes["sft_micro"], 8, random.Random(seed))
+    ids, cu = model_module.pack([torch.randint(3, cfg.vocab_size, (n,)).tolist() for n in lens], device)
+    flops = train_flops(cfg, lens, sum(lens))
+    out = {"lengths": lens, "packed_attention": model_module.packed_backend_name(device, dtype), "settings": []}
+    for every, keep, compile_ in TRAIN_STEP_SETTINGS:
+        if compile_ and not sizes["compile"]:
+            continue  # (CPU smoke: a compile costs more than the rest of the section; tests/test_parallel.py runs it)
+        name = ("none" if every == 0 else f"every {every}, keep {keep}") + (", compiled" if compile_ else "")
+        try:
+            model = parallel.prepare_training(load_model(base, dtype=torch.float32, device=device), dtype,
+                                              recompute_settings(every, keep, compile_))
+
+            def step():
+                loss = model.token_logprobs(model(ids, cu_seqlens=cu)[0, :-1], ids[0, 1:]).float().sum()
+                loss.backward()
+
+            first = timed(step, device)
+            reset_peak(device)
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            steady = statistics.median(timed(step, device) for _ in range(3))
+            act = gpu_memory.activation_bytes(cfg, sum(lens), 4096, False, False, every, keep)["total"]
+            r = {"setting": name, "first_call_s": first, "step_s": steady, "tokens_per_s": sum(lens) / steady,
+                 "mfu": mfu(flops, steady, device), "activation_model_gib": act / 2**30,
+                 "fsdp_transient_model_gib": gpu_memory.memory_estimate(cfg, world=1)["fsdp_transient"] / 2**30}
+            if device.type == "cuda":
+                r["activation_peak_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
+            if (every, keep, compile_) == TRAIN_STEP_SETTINGS[0] and device.type == "cuda":
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    step()
+                    torch.cuda.synchronize()
+                names = {e.name for e in prof.events() if e.device_type == DeviceType.CUDA}
+                out["attention_kernels"] = sorted(n[:120] for n in names if any(
+                    w in n.lower() for w in ("flash", "fmha", "attention", "cudnn", "sdpa")))
+        except Exception as e:  # noqa: BLE001 -- recorded; the next setting still runs
+            r = {"setting": name, "error": f"{type(e).__name__}: {e}"}
+        out["settings"].append(r)
+        print(r, flush=True)
+        model = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def memory_at_peak(entries, baseline=0, top=12, source_root=None):
+    """Replay an allocator trace (torch.cuda.memory._snapshot()["device_traces"][i]: alloc / free_requested /
+    free_completed with addr, size and frames) and return what was live at its highest point: the peak (bytes, the
+    baseline allocated before the trace included) and the live bytes grouped by the innermost frame in this
+    project's files (else the innermost frame), the largest `top` groups."""
+    source_root = source_root or os.path.dirname(os.path.abspath(__file__))
+    live, current, peak, at_peak = {}, 0, 0, {}
+    for e in entries:
+        action = e.get("action")
+        if action == "alloc":
+            live[e["addr"]] = e
+            current += e["size"]
+            if current > peak:
+                peak, at_peak = current, dict(live)
+        elif action in ("free_requested", "free_completed") and e["addr"] in live:
+            current -= live.pop(e["addr"])["size"]
+    groups = {}
+    for e in at_peak.values():
+        frames = e.get("frames") or []
+        ours = [f for f in frames if str(f.get("filename", "")).startswith(source_root)]
+        f = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+        where = f"{os.path.basename(str(f['filename']))}:{f['line']} {f['name']}"
+        groups[where] = groups.get(where, 0) + e["size"]
+    biggest = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+    return {"peak_gib": (baseline + peak) / 2**30, "baseline_gib": baseline / 2**30,
+            "live_at_peak_gib": {k: v / 2**30 for k, v in biggest}}
+
+
+@contextmanager
+def update_memory_recorded(result):
+    """On CUDA, record the allocator's history through train_rl.update (the RL update) and put memory_at_peak of it
+    into result["update_memory"]: what holds the memory at the update's peak."""
+    import train_rl
+    if not torch.cuda.is_available():
+        yield
+        return
+    real = train_rl.update
+
+    def update(*args, **kwargs):
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+            torch.cuda.memory._record_memory_history(enabled=None)
+            result["update_memory"] = memory_at_peak(trace, baseline)
+
+    train_rl.update = update
+    try:
+        yield
+    finally:
+        train_rl.update = real

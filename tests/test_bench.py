@@ -6,6 +6,7 @@ import math
 import pytest
 
 import bench
+import speed
 from common import UserError
 
 
@@ -28,6 +29,16 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     # a difference of two timings: on a busy CPU it can come out <= 0, so only its presence is checked here
     assert gen["decode_step"][0]["rows"] == 16 and math.isfinite(gen["decode_step"][0]["step_ms_wall"])
     assert result["sft"]["measured_steps"] == [2] and result["sft"]["tokens_per_s"] > 0
+    assert result["sft"]["first_step_s"] > 0 and result["sft"]["optimizer"] == "torch AdamW, sharded"
+    attn = {v["variant"]: v for v in result["attention"]["variants"]}
+    assert sum(result["attention"]["lengths"]) == result["sizes"]["attn_tokens"]
+    for name in ("sdpa_default", "sdpa_pinned"):  # the CPU runs both; the loop pinned or not computes the same
+        assert attn[name]["max_abs_diff_out"] == 0 and attn[name]["max_abs_diff_dq"] == 0 and attn[name]["repeat_s"] > 0
+    assert {v for v in attn if "skipped" in attn[v]} == {"torch_varlen", "flash_attn", "sdpa_cudnn_deprioritized"}
+    steps = result["train_step"]["settings"]
+    assert [s["setting"] for s in steps] == ["every 1, keep nothing", "every 1, keep attention",
+                                             "every 1, keep matmuls", "every 2, keep nothing", "none"]
+    assert all("error" not in s and s["tokens_per_s"] > 0 and s["activation_model_gib"] > 0 for s in steps)
     rl = result["rl"]
     assert rl["rollouts"] == 4 * 2 and rl["train_tokens"] > 0
     assert rl["step_s"] >= rl["gen_s"] + rl["train_s"] and rl["logprob_gap"] < 1e-4
@@ -36,3 +47,25 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
 def test_gpu_suite_without_cuda_says_so():
     with pytest.raises(UserError, match="--smoke"):
         bench.main(["--gpu_suite", "true"])
+
+
+def test_memory_at_peak_names_what_is_live_at_the_highest_point():
+    """The replay of an allocator trace: the peak is where live bytes are highest (frees counted once, whether
+    requested or completed), and what is live then is grouped by the innermost frame in the project's files."""
+    root = "/repo"
+
+    def at(line, name="f"):
+        return [{"filename": "/torch/x.py", "line": 1, "name": "inner"}, {"filename": f"{root}/model.py", "line": line,
+                                                                          "name": name}]
+    trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": at(10)},
+             {"action": "alloc", "addr": 2, "size": 300, "frames": at(20)},
+             {"action": "free_requested", "addr": 2, "size": 300},
+             {"action": "free_completed", "addr": 2, "size": 300},  # the same free, once
+             {"action": "alloc", "addr": 3, "size": 250, "frames": at(30)},
+             {"action": "alloc", "addr": 4, "size": 250, "frames": at(30)},  # peak: 100 + 250 + 250
+             {"action": "free_completed", "addr": 3, "size": 250},
+             {"action": "alloc", "addr": 5, "size": 200, "frames": [{"filename": "/torch/y.py", "line": 7,
+                                                                     "name": "g"}]}]
+    r = speed.memory_at_peak(trace, baseline=2**30, source_root=root)
+    assert r["peak_gib"] == (2**30 + 600) / 2**30 and r["baseline_gib"] == 1.0
+    assert r["live_at_peak_gib"] == {"model.py:30 f": 500 / 2**30, "model.py:10 f": 100 / 2**30}
