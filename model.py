@@ -29,10 +29,9 @@ try:  # FlashAttention kernels on CUDA when the package is installed; SDPA other
     HAVE_FLASH_ATTN = True
 except ImportError:
     HAVE_FLASH_ATTN = False
-try:  # torch's own varlen attention (torch >= 2.10): FA2 kernels inside the torch wheel
-    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
-except ImportError:
-    torch_varlen_attn = None
+# torch's own varlen attention (torch >= 2.10: FA2 kernels inside the torch wheel), imported on first use on a GPU
+# (torch_varlen_available): its module imports torch._dynamo, seconds at every start on CPU
+torch_varlen_attn = None
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 # the chat terminators a response may end with
@@ -238,7 +237,13 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True):
 @functools.lru_cache(maxsize=None)
 def torch_varlen_available(device_index):
     """Whether torch's own varlen kernel runs here: the installed torch has it and the GPU is sm80 or newer (FA2)."""
-    return torch_varlen_attn is not None and torch.cuda.get_device_capability(device_index)[0] >= 8
+    global torch_varlen_attn
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    torch_varlen_attn = torch_varlen_attn or varlen_attn
+    return torch.cuda.get_device_capability(device_index)[0] >= 8
 
 
 # Packed rows on CUDA never reach cuDNN attention: its plan cache is keyed on sizes and strides, so one SDPA call per
@@ -285,7 +290,8 @@ def packed_attention(q, k, v, cu_seqlens, lens, backend="sdpa", dtype=None):
         return kernel(q1, k1, v1, cu, cu, maxlen, maxlen, causal=True).transpose(0, 1).unsqueeze(0)
     gqa = q.shape[1] != k.shape[1]
     pinned = backend == "sdpa_pinned"
-    if pinned and gqa and q.dtype not in HALF:  # the efficient kernel (the one for fp32) takes no GQA: repeat heads
+    if pinned and gqa:  # the efficient kernel takes no GQA, flash's takes it only in some versions: heads repeated,
+        # so that neither falls back to math (O(T^2) memory per sequence)
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         gqa = False
     with sdpa_kernel(LOOP_BACKENDS) if pinned else contextlib.nullcontext():
@@ -305,9 +311,20 @@ class Packed:
         bounds = cu_seqlens.tolist()
         self.lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
-    @torch.compiler.disable  # --compile: the attention runs eagerly between compiled regions (lens vary per call)
     def attend(self, attn, q, k, v):
         return packed_attention(q, k, v, self.cu, self.lens, *packed_backend(q, k, v))
+
+
+def compile_blocks(model):
+    """--compile: each block's forward compiled with dynamic shapes, the module's hooks (FSDP's) left eager and the
+    parameter names unchanged. The packed attention between the compiled parts stays eager: its per-sequence lengths
+    change with every micro-batch (torch.compiler.disable imports torch._dynamo, so only here)."""
+    if not hasattr(Packed, "eager_attend"):
+        Packed.eager_attend = Packed.attend
+        Packed.attend = torch.compiler.disable(Packed.attend)
+    for block in model.model.layers:
+        block.forward = torch.compile(block.forward, dynamic=True)
+    return model
 
 
 # -----------------------------------------------------------------------------

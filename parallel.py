@@ -13,7 +13,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from common import UserError, print0, rank, str2bool, world_size
-from model import CHECKPOINT_KEEP, empty_model, packed_backend_name
+from model import CHECKPOINT_KEEP, compile_blocks, empty_model, packed_backend_name
 
 # -----------------------------------------------------------------------------
 # process group
@@ -208,9 +208,8 @@ def prepare_training(model, compute_dtype, args):
         raise UserError("--checkpoint_keep works on the ops autograd sees; with --compile true the compiler decides "
                         "what a block keeps: use one or the other")
     model = set_recompute(shard_model(model, compute_dtype), args)
-    if args.compile:  # the forward only: FSDP's hooks stay eager, and parameter names stay the checkpoint's
-        for block in model.model.layers:
-            block.forward = torch.compile(block.forward, dynamic=True)
+    if args.compile:
+        compile_blocks(model)
     device = model.lm_head.weight.device
     print0(f"packed attention: {packed_backend_name(device, compute_dtype)}"
            + (f"; recompute every {args.checkpoint_every} block(s), keeping {args.checkpoint_keep}"
