@@ -161,7 +161,7 @@ def micro_batches(lengths, budget, indices=None):
 # (engine.GenWeights): no collective inside the decode loop, and ranks may generate different lengths.
 
 
-def shard_model(model, compute_dtype):
+def shard_model(model, compute_dtype, reshard_after_forward=True):
     """Shard an fp32 model over all ranks with FSDP2: each block, then the rest (embeddings, final norm, lm_head).
 
     Forward and backward run in compute_dtype; gradients are reduce-scattered in fp32 and SUMMED over ranks
@@ -175,7 +175,7 @@ def shard_model(model, compute_dtype):
     policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                                   reduce_dtype=torch.float32)
     for block in model.model.layers:
-        fully_shard(block, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -575,8 +575,9 @@ def recompute_settings(every, keep, compile_=False):
                               compile=compile_)
 
 
-TRAIN_STEP_SETTINGS = [(1, "nothing", False), (1, "attention", False), (1, "matmuls", False), (2, "nothing", False),
-                       (0, "nothing", False), (1, "nothing", True)]
+TRAIN_STEP_SETTINGS = [  # (checkpoint_every (0: none), checkpoint_keep, compiled, FSDP reshard_after_forward)
+    (1, "nothing", False, True), (1, "attention", False, True), (1, "matmuls", False, True),
+    (2, "nothing", False, True), (0, "nothing", False, True), (1, "nothing", True, True), (1, "nothing", False, False)]
 
 
 def suite_train_step(base, tok, records, sizes, device, seed, tmp):
@@ -595,13 +596,18 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
     ids, cu = model_module.pack([torch.randint(3, cfg.vocab_size, (n,)).tolist() for n in lens], device)
     flops = train_flops(cfg, lens, sum(lens))
     out = {"lengths": lens, "packed_attention": model_module.packed_backend_name(device, dtype), "settings": []}
-    for every, keep, compile_ in TRAIN_STEP_SETTINGS:
+    for every, keep, compile_, reshard in TRAIN_STEP_SETTINGS:
         if compile_ and not sizes["compile"]:
             continue  # (CPU smoke: a compile costs more than the rest of the section; tests/test_parallel.py runs it)
-        name = ("none" if every == 0 else f"every {every}, keep {keep}") + (", compiled" if compile_ else "")
+        name = (("none" if every == 0 else f"every {every}, keep {keep}") + (", compiled" if compile_ else "")
+                + ("" if reshard else ", blocks kept gathered"))
         try:
-            model = parallel.prepare_training(load_model(base, dtype=torch.float32, device=device), dtype,
-                                              recompute_settings(every, keep, compile_))
+            settings = recompute_settings(every, keep, compile_)
+            if reshard:
+                model = parallel.prepare_training(load_model(base, dtype=torch.float32, device=device), dtype, settings)
+            else:  # FSDP's reshard_after_forward=False: no second all-gather per block in the backward
+                model = parallel.set_recompute(parallel.shard_model(
+                    load_model(base, dtype=torch.float32, device=device), dtype, reshard_after_forward=False), settings)
 
             def step():
                 loss = model.token_logprobs(model(ids, cu_seqlens=cu)[0, :-1], ids[0, 1:]).float().sum()
@@ -617,7 +623,7 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
                  "fsdp_transient_model_gib": gpu_memory.memory_estimate(cfg, world=1)["fsdp_transient"] / 2**30}
             if device.type == "cuda":
                 r["activation_peak_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
-            if (every, keep, compile_) == TRAIN_STEP_SETTINGS[0] and device.type == "cuda":
+            if (every, keep, compile_, reshard) == TRAIN_STEP_SETTINGS[0] and device.type == "cuda":
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     step()
                     torch.cuda.synchronize()

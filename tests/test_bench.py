@@ -37,7 +37,8 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     assert {v for v in attn if "skipped" in attn[v]} == {"torch_varlen", "flash_attn", "sdpa_cudnn_deprioritized"}
     steps = result["train_step"]["settings"]
     assert [s["setting"] for s in steps] == ["every 1, keep nothing", "every 1, keep attention",
-                                             "every 1, keep matmuls", "every 2, keep nothing", "none"]
+                                             "every 1, keep matmuls", "every 2, keep nothing", "none",
+                                             "every 1, keep nothing, blocks kept gathered"]
     assert all("error" not in s and s["tokens_per_s"] > 0 and s["activation_model_gib"] > 0 for s in steps)
     rl = result["rl"]
     assert rl["rollouts"] == 4 * 2 and rl["train_tokens"] > 0
