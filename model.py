@@ -224,7 +224,7 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True):
     flash_attn_varlen_func is: (N, heads, hd) inputs, causal, query heads grouped over fewer key/value heads.
     torch 2.10 took is_causal and no GQA; later versions take window_size=(-1, 0) for causal, and enable_gqa.
     Always causal (the only attention packed rows need): causal is there for the shared signature."""
-    params = inspect.signature(torch_varlen_attn).parameters
+    params = varlen_parameters(torch_varlen_attn)
     kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
@@ -232,6 +232,12 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True):
         else:  # each key/value head repeated for the query heads it serves
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     return torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def varlen_parameters(fn):
+    """The parameter names of a varlen function's signature, read once (torch_varlen runs per layer and pass)."""
+    return frozenset(inspect.signature(fn).parameters)
 
 
 @functools.lru_cache(maxsize=None)

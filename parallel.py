@@ -199,15 +199,16 @@ def add_recompute_args(p):
                         "kernels on CUDA, a compile of tens of seconds at start; off by default (slower on CPU)")
 
 
-def prepare_training(model, compute_dtype, args):
-    """The model as every training script runs it: sharded (shard_model), its recompute and compile settings from
-    args (add_recompute_args and --gradient_checkpointing), the packed attention it will use printed once."""
+def prepare_training(model, compute_dtype, args, reshard_after_forward=True):
+    """The model as every training script runs it: sharded (shard_model; reshard_after_forward: FSDP's, for the GPU
+    suite to measure), its recompute and compile settings from args (add_recompute_args and
+    --gradient_checkpointing), the packed attention it will use printed once."""
     if args.checkpoint_every < 1:
         raise UserError(f"--checkpoint_every must be at least 1, not {args.checkpoint_every}")
     if args.compile and args.gradient_checkpointing and args.checkpoint_keep != "nothing":
         raise UserError("--checkpoint_keep works on the ops autograd sees; with --compile true the compiler decides "
                         "what a block keeps: use one or the other")
-    model = set_recompute(shard_model(model, compute_dtype), args)
+    model = set_recompute(shard_model(model, compute_dtype, reshard_after_forward), args)
     if args.compile:
         compile_blocks(model)
     device = model.lm_head.weight.device

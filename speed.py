@@ -419,10 +419,11 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
     path, out = os.path.join(tmp, "sft.jsonl"), os.path.join(tmp, "sft_run")
     common.write_jsonl(path, data)
     lengths = [len(e["input_ids"]) for e in tasks.load_sft_examples([path], tok, 5000)]  # as SFT sees them
+    eight_bit = package_version("bitsandbytes") is not None and device.type == "cuda"
     argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
             "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000", "--gradient_checkpointing", "true",
             "--dtype", "auto", "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed),
-            "--adam_8bit", str(package_version("bitsandbytes") is not None and device.type == "cuda").lower()]
+            "--adam_8bit", str(eight_bit).lower()]
     reset_peak(device)
     with checkpoints_skipped():
         redistill_sft.main(argv)
@@ -435,7 +436,7 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
     seconds, tokens = sum(m["time_s"] for m in ms), sum(m["tokens"] for m in ms)
     return {"sequences_per_step": batch, "tokens_per_step": tokens / len(ms), "step_s": seconds / len(ms),
             "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gb": mem,
-            "optimizer": "bitsandbytes 8-bit AdamW on local shards" if argv[-1] == "true" else "torch AdamW, sharded",
+            "optimizer": "bitsandbytes 8-bit AdamW on local shards" if eight_bit else "torch AdamW, sharded",
             "first_step_s": first["time_s"], "measured_steps": [m["step"] for m in ms]}
 
 
@@ -595,6 +596,7 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
     lens = random_lengths(sizes["sft_micro"], 8, random.Random(seed))
     ids, cu = model_module.pack([torch.randint(3, cfg.vocab_size, (n,)).tolist() for n in lens], device)
     flops = train_flops(cfg, lens, sum(lens))
+    fsdp_transient = gpu_memory.memory_estimate(cfg, world=1)["fsdp_transient"]
     out = {"lengths": lens, "packed_attention": model_module.packed_backend_name(device, dtype), "settings": []}
     for every, keep, compile_, reshard in TRAIN_STEP_SETTINGS:
         if compile_ and not sizes["compile"]:
@@ -602,12 +604,8 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
         name = (("none" if every == 0 else f"every {every}, keep {keep}") + (", compiled" if compile_ else "")
                 + ("" if reshard else ", blocks kept gathered"))
         try:
-            settings = recompute_settings(every, keep, compile_)
-            if reshard:
-                model = parallel.prepare_training(load_model(base, dtype=torch.float32, device=device), dtype, settings)
-            else:  # FSDP's reshard_after_forward=False: no second all-gather per block in the backward
-                model = parallel.set_recompute(parallel.shard_model(
-                    load_model(base, dtype=torch.float32, device=device), dtype, reshard_after_forward=False), settings)
+            model = parallel.prepare_training(load_model(base, dtype=torch.float32, device=device), dtype,
+                                              recompute_settings(every, keep, compile_), reshard_after_forward=reshard)
 
             def step():
                 loss = model.token_logprobs(model(ids, cu_seqlens=cu)[0, :-1], ids[0, 1:]).float().sum()
@@ -620,7 +618,7 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
             act = gpu_memory.activation_bytes(cfg, sum(lens), 4096, False, False, every, keep)["total"]
             r = {"setting": name, "first_call_s": first, "step_s": steady, "tokens_per_s": sum(lens) / steady,
                  "mfu": mfu(flops, steady, device), "activation_model_gib": act / 2**30,
-                 "fsdp_transient_model_gib": gpu_memory.memory_estimate(cfg, world=1)["fsdp_transient"] / 2**30}
+                 "fsdp_transient_model_gib": fsdp_transient / 2**30}
             if device.type == "cuda":
                 r["activation_peak_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
             if (every, keep, compile_, reshard) == TRAIN_STEP_SETTINGS[0] and device.type == "cuda":

@@ -127,7 +127,9 @@ def measured_runs():
             + [(i, tokens, every, keep, False) for i, tokens, every, keep in RECOMPUTE_MEASURED])
 
 
-def measure_activation_peaks():
+def peak_memory_mode():
+    """A TorchDispatchMode whose .peak is the most bytes glibc held in mmapped blocks after any op while it was
+    active (every tensor buffer, when the process runs with MALLOC_MMAP_THRESHOLD_=65536)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class MallInfo2(ctypes.Structure):
@@ -137,13 +139,18 @@ def measure_activation_peaks():
     libc.mallinfo2.restype = MallInfo2
 
     class Peak(TorchDispatchMode):
-        peak = 0
+        def __init__(self):
+            super().__init__()
+            self.start = self.peak = libc.mallinfo2().hblkhd
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             self.peak = max(self.peak, libc.mallinfo2().hblkhd)
             return out
+    return Peak()
 
+
+def measure_activation_peaks():
     torch.set_num_threads(1)
     out = []
     for i, tokens, every, keep, entropy in measured_runs():
@@ -167,10 +174,10 @@ def measure_activation_peaks():
         step()  # warm-up: one-time buffers are not activations
         for p in m.parameters():
             p.grad = torch.zeros_like(p)
-        before, mode = libc.mallinfo2().hblkhd, Peak()
+        mode = peak_memory_mode()
         with mode:
             step()
-        out.append(mode.peak - before)
+        out.append(mode.peak - mode.start)
     return out
 
 
