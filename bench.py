@@ -7,6 +7,7 @@ the same weights and prompts, both forced to stop each row at the same length.
   python bench.py --rl true       # one GRPO step of train_rl.py: generation / scoring / training seconds
   python bench.py --gpu_suite true --json_out docs/gpu_h100.json   # everything on one GPU, one JSON (see gpu_suite)
   python bench.py --gpu_suite true --smoke true               # the same code on CPU with a tiny model
+  python bench.py --count_kernels true  # kernels per decode step at Qwen2.5-1.5B's depth, eager and fused (a proxy)
   python bench.py --memory qwen2.5-1.5b qwen2.5-7b --world 8 --gpu_gib 80   # per-GPU memory table (no GPU needed)
   python bench.py --memory path/to/config.json                # ... for any Hugging Face config.json (or its directory)
 
@@ -30,8 +31,8 @@ import toy_task
 from common import parse_settings, run_main
 from engine import generate
 from model import CHECKPOINT_KEEP, build_model, load_model, save_model, tiny_config
-from speed import (PEAK_BANDWIDTH, QWEN25_15B, SUITE_SECTIONS, bandwidth_floor, gpu_suite, make_workload, run_hf,
-                   run_ours, timed)
+from speed import (PEAK_BANDWIDTH, QWEN25_15B, SUITE_SECTIONS, bandwidth_floor, decode_kernels_per_layer, gpu_suite,
+                   make_workload, run_hf, run_ours, timed)
 from tiny_base import build_tokenizer
 
 
@@ -56,6 +57,10 @@ def get_parser():
     p.add_argument("--rl_steps", type=int, default=4, help="RL steps to run (the first is a warm-up)")
     p.add_argument("--rl_prompts", type=int, default=16, help="prompts per RL step (x --samples rollouts)")
     p.add_argument("--rl_max_len", type=int, default=64, help="response length cap of the RL benchmark")
+    p.add_argument("--count_kernels", type=common.str2bool, default=False,
+                   help="count the kernels one decode step launches (speed.kernel_count: a proxy from the CPU ops, "
+                        "no GPU needed) at Qwen2.5-1.5B's depth and head ratio with small widths, eagerly and with "
+                        "the fused ops (the first fused call compiles, ~20 s on a CPU); per layer and outside them")
     p.add_argument("--gpu_suite", type=common.str2bool, default=False,
                    help="the GPU check: correctness against transformers, generation throughput, one RL step and SFT "
                         "at the Qwen2.5-1.5B shape with random weights; one JSON (--json_out)")
@@ -112,6 +117,8 @@ def main(argv=None):
         return bench_rl(args)
     if args.gpu_suite:
         return gpu_suite(args)
+    if args.count_kernels:
+        return count_kernels(args)
     if args.memory:
         return gpu_memory.memory_table(args)
     device = torch.device("cuda" if args.gpu else "cpu")
@@ -165,6 +172,22 @@ def main(argv=None):
                     floor = bandwidth_floor(cfg, model, prompts, lengths, args.samples, 2, bw)
                     line += f" | {floor:7.2f}  {floor / ours:6.1%}"
             print(line, flush=True)
+
+
+def count_kernels(args):
+    """Kernels per decode step (speed.decode_kernels_per_layer) at Qwen2.5-1.5B's depth (28 layers) and head ratio
+    (12 query heads over 2 kv heads) with small widths: the count does not depend on widths. One attention group,
+    as on a GPU."""
+    cfg = tiny_config(1024, **dict(QWEN25_15B, hidden_size=192, intermediate_size=256, max_position_embeddings=512))
+    out = {}
+    print(f"kernels per decode step ({cfg['num_hidden_layers']} layers, 8 rows; a proxy counted from CPU ops):")
+    for name, fused in (("eager", False), ("fused", True)):
+        out[name] = r = decode_kernels_per_layer(cfg, rows=8, seed=args.seed, attention_groups=1, fused=fused)
+        print(f"  {name:>5}: {r['per_step']} per step = {r['per_layer']:g} per layer x {cfg['num_hidden_layers']} + "
+              f"{r['outside_layers']:g} outside the layers ({r['per_step'] / cfg['num_hidden_layers']:.1f} per layer "
+              f"in all)\n         per layer: "
+              + ", ".join(f"{k.removeprefix('aten::')} {v:g}" for k, v in r["per_layer_ops"].items()))
+    return out
 
 
 # -----------------------------------------------------------------------------

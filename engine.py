@@ -52,8 +52,17 @@ def _mix32(x):
 def uniforms(seed, samples, positions):
     """One number in [0, 1) per (sample, position), a hash of (seed, sample, position): int64 tensors seed (a scalar
     below 2**32), samples and positions (rows,); returns (rows, 1) fp32 with 24 random bits."""
-    h = _mix32(seed ^ _mix32(samples & MASK32))
-    h = _mix32(h ^ _mix32((positions + 0x5BD1E995) & MASK32))
+    return keyed_uniforms(sample_keys(seed, samples), positions)
+
+
+def sample_keys(seed, samples):
+    """The half of uniforms' hash that depends on (seed, sample) only: computed once per row, when it is admitted."""
+    return _mix32(seed ^ _mix32(samples & MASK32))
+
+
+def keyed_uniforms(keys, positions):
+    """uniforms from the rows' sample_keys: what the decode step computes (one kernel in the fused ops)."""
+    h = _mix32(keys ^ _mix32((positions + 0x5BD1E995) & MASK32))
     return ((h >> 8).float() * 2.0**-24)[:, None]
 
 
@@ -65,7 +74,7 @@ def seed32(seed):
 def sampling_probs(logits, temperature, top_p):
     """The distribution sample_next draws from, for fp32 logits (rows, V) and temperature > 0: (log-probs of
     softmax(logits / T), its probabilities with everything outside the top-p nucleus set to 0, not renormalised)."""
-    logp = torch.log_softmax(logits / temperature, -1)
+    logp = torch.log_softmax(logits if temperature == 1 else logits / temperature, -1)  # x / 1 = x: one pass less
     probs = logp.exp()
     if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
         sorted_p, order = probs.sort(-1, descending=True)
@@ -154,7 +163,7 @@ class GenWeights:
         self.w = {name: torch.empty((sum(t.shape[0] for t in ts), *ts[0].shape[1:]), dtype=self.dtype,
                                     device=self.device) for name, ts in weight_layout(model).items()}
         positions = torch.arange(self.config.max_position_embeddings, device=self.device)
-        self.cos, self.sin = rope_cos_sin(self.config, positions, self.dtype)  # (positions, hd)
+        self.rope = torch.stack(rope_cos_sin(self.config, positions, self.dtype), 1)  # (positions, 2: cos, sin, hd)
         self.load(model)
 
     def fits(self, model, dtype):
@@ -177,8 +186,15 @@ class GenWeights:
         return self
 
 
-def rope_qk(q, k, cos, sin):
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+def rope_qkv(qkv, cos, sin, heads):
+    """RoPE on the query and key heads of one (N, heads + 2 * kv_heads, head_dim) q/k/v projection. Returns (q (N,
+    heads, hd), kv (N, 2, kv_heads, hd)): the rotated keys and the values in one tensor, so the KV cache takes both
+    in one write. The same element-wise arithmetic as rotating q and k apart, so the same bits."""
+    n, width, hd = qkv.shape
+    kv_heads = (width - heads) // 2
+    qk = apply_rope(qkv[:, :heads + kv_heads], cos, sin)
+    kv = torch.cat([qk[:, heads:], qkv[:, heads + kv_heads:]], 1)
+    return qk[:, :heads], kv.view(n, 2, kv_heads, hd)
 
 
 def add_rms_norm(x, y, weight, eps):
@@ -192,9 +208,10 @@ def silu_mul(gate_up):
     return F.silu(gate) * up
 
 
-# the forward's small element-wise pieces: eagerly, several kernels each (RMSNorm 6-8, RoPE 5 per tensor)
-EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rope_qk=rope_qk,
-                            silu_mul=silu_mul)
+# the step's small element-wise pieces: eagerly, several kernels each (RMSNorm 6-8, RoPE and the K/V join 6, the
+# sampler's hash ~20)
+EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rope_qkv=rope_qkv,
+                            silu_mul=silu_mul, keyed_uniforms=keyed_uniforms)
 
 
 @functools.cache
@@ -206,46 +223,48 @@ def fused_ops():
 
 
 def forward(gw, ids, positions, attend, ops=EAGER_OPS):
-    """Final hidden states (N, hidden) of N tokens at these positions, attend(layer, q, k, v) being the attention
-    of (N, heads, head_dim) queries, keys and values, which returns (N, heads * head_dim). The model's own forward
-    (model.py) in generation's layout: prefill (packed prompts) and decode (one token per slot) both run it.
-    ops: its element-wise pieces, eager or fused."""
+    """Final hidden states (N, hidden) of N tokens at these positions, attend(layer, q, kv) being the attention of
+    (N, heads, head_dim) queries over (N, 2, kv_heads, head_dim) keys and values, which returns (N, heads *
+    head_dim). The model's own forward (model.py) in generation's layout: prefill (packed prompts) and decode (one
+    token per slot) both run it. ops: its element-wise pieces, eager or fused."""
     cfg = gw.config
     nh, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     n = ids.shape[0]
     x = F.embedding(ids, gw.w["embed"])
-    cos, sin = gw.cos[positions][:, None], gw.sin[positions][:, None]  # (N, 1, hd): one table for every head
+    cos_sin = gw.rope[positions][:, :, None]
+    cos, sin = cos_sin[:, 0], cos_sin[:, 1]  # (N, 1, hd): one table for every head
     h = ops.rms_norm(x, gw.layers[0]["ln1"], eps)
     for i, w in enumerate(gw.layers):
-        q, k, v = F.linear(h, w["qkv"], w.get("qkv_bias")).split([nh * hd, nkv * hd, nkv * hd], -1)
-        q, k, v = q.view(n, nh, hd), k.view(n, nkv, hd), v.view(n, nkv, hd)
+        qkv = F.linear(h, w["qkv"], w.get("qkv_bias")).view(n, nh + 2 * nkv, hd)
         if "q_norm" in w:  # Qwen3 normalises q and k per head before RoPE
-            q, k = ops.rms_norm(q, w["q_norm"], eps), ops.rms_norm(k, w["k_norm"], eps)
-        q, k = ops.rope_qk(q, k, cos, sin)
-        x, h = ops.add_rms_norm(x, F.linear(attend(i, q, k, v), w["o"]), w["ln2"], eps)
+            q, k, v = qkv.split([nh, nkv, nkv], 1)
+            qkv = torch.cat([ops.rms_norm(q, w["q_norm"], eps), ops.rms_norm(k, w["k_norm"], eps), v], 1)
+        q, kv = ops.rope_qkv(qkv, cos, sin, nh)
+        x, h = ops.add_rms_norm(x, F.linear(attend(i, q, kv), w["o"]), w["ln2"], eps)
         after = gw.layers[i + 1]["ln1"] if i + 1 < len(gw.layers) else gw.w["norm"]  # the next norm
         x, h = ops.add_rms_norm(x, F.linear(ops.silu_mul(F.linear(h, w["gate_up"])), w["down"]), after, eps)
     return h
 
 
 class Slots:
-    """Everything the decode step reads and writes, allocated once: per model a KV cache (layers, slots, kv_heads,
-    max_len, head_dim), and per slot its sample id (-1: free), stored tokens (`lengths`), next input token, tokens
-    generated (`pos`), whether it is still generating (`alive`) and ended on a stop id (`stopped`), and its output
-    tokens / log-probs (cross-sampling: switched / differs) by position, with one spare column that rows past their
-    end write into (so the step needs no branch)."""
+    """Everything the decode step reads and writes, allocated once: per model a KV cache (layers, 2, slots, kv_heads,
+    max_len, head_dim), keys then values (one write stores a token's both), and per slot its sample id (-1: free)
+    and its key (sample_keys), stored tokens (`lengths`), next input token, tokens generated (`pos`), whether it is
+    still generating (`alive`) and ended on a stop id (`stopped`), and its output tokens / log-probs (cross-sampling:
+    switched / differs) by position, with one spare column that rows past their end write into (so the step needs no
+    branch)."""
 
     def __init__(self, cfgs, count, max_len, max_new, dtypes, device):
         self.count, self.max_len, self.width = count, max_len, max_new + 1
         self.caches = []
         for cfg, dtype in zip(cfgs, dtypes):
-            shape = (cfg.num_layers, count, cfg.num_kv_heads, max_len, cfg.head_dim)
             # zeros, not empty: masked-out columns still enter attention as 0 * value, and uninitialised memory can
             # hold NaN/inf bit patterns (0 * NaN = NaN)
-            self.caches.append((torch.zeros(shape, dtype=dtype, device=device),
-                                torch.zeros(shape, dtype=dtype, device=device)))
+            self.caches.append(torch.zeros((cfg.num_layers, 2, count, cfg.num_kv_heads, max_len, cfg.head_dim),
+                                           dtype=dtype, device=device))
         z = dict(device=device, dtype=torch.long)
         self.sample, self.lengths, self.tok, self.pos = (torch.zeros(count, **z) for _ in range(4))
+        self.key = torch.zeros(count, **z)  # the sample's half of the sampler's hash (sample_keys)
         self.force = torch.zeros(count, **z)  # benchmarks: the length each row is forced to stop at (0 = none)
         self.alive, self.stopped = (torch.zeros(count, dtype=torch.bool, device=device) for _ in range(2))
         self.out_tok = torch.zeros(count, self.width, **z)
@@ -261,16 +280,16 @@ class Slots:
     def fits(self, cfgs, count, max_len, max_new, dtypes, device):
         return (len(cfgs) == len(self.caches) and count <= self.count and max_len <= self.max_len
                 and max_new < self.width and self.rows.device == device
-                and all((k.dtype, k.shape[0], k.shape[2], k.shape[4]) == (d, c.num_layers, c.num_kv_heads, c.head_dim)
-                        for (k, _), c, d in zip(self.caches, cfgs, dtypes)))
+                and all((kv.dtype, kv.shape[0], kv.shape[3], kv.shape[5])
+                        == (d, c.num_layers, c.num_kv_heads, c.head_dim)
+                        for kv, c, d in zip(self.caches, cfgs, dtypes)))
 
     def move(self, holes, movers, span):
         """Slots movers -> slots holes (index tensors): caches up to column span, and every per-slot buffer."""
-        for k, v in self.caches:
-            k[:, holes, :, :span] = k[:, movers, :, :span]
-            v[:, holes, :, :span] = v[:, movers, :, :span]
-        for t in (self.sample, self.lengths, self.tok, self.pos, self.force, self.alive, self.stopped, self.out_tok,
-                  self.out_lp, self.out_switched, self.out_differs):
+        for kv in self.caches:
+            kv[:, :, holes, :, :span] = kv[:, :, movers, :, :span]
+        for t in (self.sample, self.key, self.lengths, self.tok, self.pos, self.force, self.alive, self.stopped,
+                  self.out_tok, self.out_lp, self.out_switched, self.out_differs):
             t[holes] = t[movers]
         self.alive[movers] = False
 
@@ -316,38 +335,37 @@ def decode_attention(slots, cache, rows, spans, flash):
     """The decode step's attention for one model's cache: each of the first `rows` slots writes its new key/value at
     its length and attends to its prefix. spans: ((end, span), ...) cuts the rows into groups, rows up to `end` (from
     the previous group's end) reading the first `span` columns."""
-    k_cache, v_cache = cache
     lengths, at = slots.lengths[:rows], slots.rows[:rows]
-    if flash is None:  # per group: its rows, columns and mask (rows, 1, 1, span)
+    if flash is None:  # per group: its rows, columns and additive mask (rows, 1, 1, span), built once for all layers
         starts = [0] + [end for end, _ in spans[:-1]]
-        groups = [(a, b, span, (slots.cols[:span][None, :] <= lengths[a:b, None])[:, None, None, :])
+        groups = [(a, b, span, torch.zeros((b - a, 1, 1, span), dtype=cache.dtype, device=cache.device).masked_fill_(
+                   slots.cols[:span] > lengths[a:b, None, None, None], float("-inf")))
                   for a, (b, span) in zip(starts, spans)]
     else:
         seqlens = lengths.to(torch.int32)
 
-    def attend(i, q, k, v):  # (rows, heads, hd)
-        kc, vc = k_cache[i, :rows], v_cache[i, :rows]  # (rows, nkv, max_len, hd)
+    def attend(i, q, kv):  # q (rows, heads, hd), kv (rows, 2, kv_heads, hd)
+        kc, vc = cache[i, 0, :rows], cache[i, 1, :rows]  # (rows, nkv, max_len, hd)
         if flash is not None:  # writes k, v into the cache at lengths
-            y = flash_attn_with_kvcache(*flash_inputs(flash, q[:, :, None], kc, vc, k[:, :, None], v[:, :, None]),
-                                        cache_seqlens=seqlens, causal=True)
+            y = flash_attn_with_kvcache(*flash_inputs(flash, q[:, :, None], kc, vc, kv[:, 0, :, None],
+                                                      kv[:, 1, :, None]), cache_seqlens=seqlens, causal=True)
             return y.reshape(rows, -1)
-        kc[at, :, lengths] = k
-        vc[at, :, lengths] = v
+        cache[i][:, at, :, lengths] = kv  # the keys and values of every row, one write
         # SDPA on the cache, one query per row: the query heads that share a kv head take the place of query
         # positions, all seeing the row's columns (no copies of the cache to repeat kv heads, as SDPA's GQA makes)
         nh, nkv, hd = q.shape[1], kc.shape[1], q.shape[-1]
         q = q.view(rows, nkv, nh // nkv, hd)
-        y = [F.scaled_dot_product_attention(q[a:b], kc[a:b, :, :span], vc[a:b, :, :span], attn_mask=visible)
-             for a, b, span, visible in groups]  # (rows, nkv, group, hd)
+        y = [F.scaled_dot_product_attention(q[a:b], kc[a:b, :, :span], vc[a:b, :, :span], attn_mask=mask)
+             for a, b, span, mask in groups]  # (rows, nkv, group, hd)
         return (y[0] if len(y) == 1 else torch.cat(y)).reshape(rows, nh * hd)
     return attend
 
 
 def decode_flash(cache):
-    """flash-attn's dtype for this cache, or None (the written-out attention): flash runs only in the cache's own
-    dtype, as it cannot cast the cache."""
-    dtype = flash_dtype(*cache)
-    return dtype if dtype == cache[0].dtype else None
+    """flash-attn's dtype for this (layers, 2, slots, kv_heads, max_len, head_dim) cache, or None (the written-out
+    attention): flash runs only in the cache's own dtype, as it cannot cast the cache."""
+    dtype = flash_dtype(cache[:, 0], cache[:, 1])
+    return dtype if dtype == cache.dtype else None
 
 
 def decode_step(weights, slots, rows, spans, temperature, top_p, switch=None):
@@ -359,31 +377,33 @@ def decode_step(weights, slots, rows, spans, temperature, top_p, switch=None):
         hidden = forward(gw, slots.tok[:rows], slots.lengths[:rows], attend, slots.ops)
         logits.append(F.linear(hidden, gw.lm_head).float())
     slots.lengths[:rows] += slots.alive[:rows]  # finished rows stay where they are
-    pick(slots, slots.rows[:rows], logits, temperature, top_p, switch)
+    pick(slots, slice(0, rows), logits, temperature, top_p, switch)
 
 
 def pick(slots, idx, logits, temperature, top_p, switch=None):
-    """Sample the next token of slots idx from their logits (one (len(idx), V) tensor per model) and record it."""
-    sample, pos, alive = slots.sample[idx], slots.pos[idx], slots.alive[idx]
+    """Sample the next token of slots idx from their logits (one (rows, V) tensor per model) and record it. idx: a
+    slice of slots (the decode step: every read a view, every write a copy), or an index tensor (admitted rows)."""
+    at = slots.rows[idx]  # the slots, as indices
+    pos, alive = slots.pos[idx], slots.alive[idx]
     first = logits[0]
     if slots.forcing:  # benchmarks: the first stop id banned before the row's forced length, and forced at it
         stop = slots.stop[:1]
         forced = torch.full_like(first, -float("inf")).index_fill_(1, stop, 0.0)
         first = torch.where((pos + 1 == slots.force[idx])[:, None], forced, first.index_fill(1, stop, -float("inf")))
-    u = uniforms(slots.seed, sample, pos) if temperature > 0 else None
+    u = slots.ops.keyed_uniforms(slots.key[idx], pos) if temperature > 0 else None
     col = torch.where(alive, pos, slots.width - 1)  # the spare column for rows past their end
     if len(logits) == 1:
         tok, lp = sample_next(first, temperature, top_p, u)
     else:
+        sample = slots.sample[idx]
         tok, lp, switched, differs = cross_next(first, logits[1], temperature, top_p, u,
                                                 lambda p, q: switch(p, q, sample, pos))
-        slots.out_switched[idx, col], slots.out_differs[idx, col] = switched, differs
-    slots.out_tok[idx, col], slots.out_lp[idx, col] = tok, lp
+        slots.out_switched[at, col], slots.out_differs[at, col] = switched, differs
+    slots.out_tok[at, col], slots.out_lp[at, col] = tok, lp
     stop = (tok[:, None] == slots.stop).any(-1)
-    slots.stopped[idx] = slots.stopped[idx] | (alive & stop)
-    slots.pos[idx] = pos + alive
-    slots.alive[idx] = alive & ~stop & (pos + 1 < slots.max_new)
-    slots.tok[idx] = tok
+    # every new value before any write: with a slice, pos and alive are views of what is written
+    stopped, moved, alive = slots.stopped[idx] | (alive & stop), pos + alive, alive & ~stop & (pos + 1 < slots.max_new)
+    slots.stopped[idx], slots.pos[idx], slots.alive[idx], slots.tok[idx] = stopped, moved, alive, tok
 
 
 def prefill(weights, slots, prompts, slot_groups):
@@ -394,12 +414,12 @@ def prefill(weights, slots, prompts, slot_groups):
     positions = packed_positions(cu)
     packed, bounds = Packed(cu), cu.tolist()
     logits = []
-    for gw, (k_cache, v_cache) in zip(weights, slots.caches):
-        def attend(i, q, k, v):  # (N, heads, hd)
+    for gw, cache in zip(weights, slots.caches):
+        def attend(i, q, kv):  # q (N, heads, hd), kv (N, 2, kv_heads, hd)
             for (a, b), where in zip(zip(bounds[:-1], bounds[1:]), slot_groups):
-                k_cache[i, where, :, :b - a] = k[a:b].transpose(0, 1).to(k_cache.dtype)
-                v_cache[i, where, :, :b - a] = v[a:b].transpose(0, 1).to(v_cache.dtype)
-            y = packed.attend(None, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+                cache[i][:, where, :, :b - a] = kv[a:b].permute(1, 2, 0, 3)[:, None].to(cache.dtype)
+            k, v = kv[:, 0].transpose(0, 1)[None], kv[:, 1].transpose(0, 1)[None]
+            y = packed.attend(None, q.transpose(0, 1)[None], k, v)
             return y[0].transpose(0, 1).reshape(q.shape[0], -1)
         hidden = forward(gw, ids[0], positions, attend, slots.ops)
         logits.append(F.linear(hidden[cu[1:] - 1], gw.lm_head).float())
@@ -566,6 +586,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             taken, admitted = [s for g in groups for s, _ in g], [r for g in groups for _, r in g]
             idx = torch.tensor(taken, device=device)
             state.sample[idx] = torch.tensor(admitted, device=device)
+            state.key[idx] = sample_keys(state.seed, state.sample[idx])
             state.lengths[idx] = torch.tensor([len(prompts[r // n]) for r in admitted], device=device)
             state.pos[idx], state.alive[idx], state.stopped[idx] = 0, True, False
             if forced_lengths is not None:

@@ -43,7 +43,7 @@ def param_counts(cfg):
 
 
 def kv_cache_bytes(cfg, rows, max_len, dtype_bytes=2):
-    """engine.Slots' KV cache for rows slots of max_len columns: k and v, each (layers, rows, kv_heads, max_len,
+    """engine.Slots' KV cache for rows slots of max_len columns: (layers, 2 (k and v), rows, kv_heads, max_len,
     head_dim)."""
     return rows * max_len * kv_bytes_per_token(cfg, dtype_bytes)
 

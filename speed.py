@@ -393,6 +393,69 @@ def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, s
             "kernels_per_step": (count[b] - count[a]) / steps, "gpu_busy_fraction": step_kernel / step_wall}
 
 
+# ops that launch no kernel: views, allocations, no-op casts
+NO_KERNEL_OPS = {f"aten::{name}" for name in (
+    "view", "_unsafe_view", "slice", "select", "as_strided", "transpose", "t", "permute", "unsqueeze", "squeeze",
+    "expand", "expand_as", "split", "split_with_sizes", "chunk", "narrow", "unbind", "alias", "detach", "reshape",
+    "view_as", "flatten", "unflatten", "to", "contiguous", "lift_fresh", "empty", "empty_strided", "empty_like",
+    "resize_", "scalar_tensor", "result_type", "resolve_conj", "resolve_neg")} | {"TorchDynamo Cache Lookup"}
+# composites whose parts are separate kernels on a GPU too: SDPA turns a boolean mask into an additive one first
+COMPOSITE_OPS = {"aten::scaled_dot_product_attention"}
+
+
+def kernel_count(event):
+    """Kernels a profiled CPU op would launch on a GPU, a proxy: each op the code calls counts one (how a CPU
+    implements it inside does not matter), unless neither it nor anything it calls launches (views, no-op casts); a
+    composite in COMPOSITE_OPS counts its parts; a torch.compile'd region counts one."""
+    if event.name.startswith("Torch-Compiled Region"):
+        return 1
+    if event.name in COMPOSITE_OPS:
+        return sum(kernel_count(c) for c in event.cpu_children)
+    return int(event.name not in NO_KERNEL_OPS or any(kernel_count(c) for c in event.cpu_children))
+
+
+def decode_step_ops(model, rows=8, seed=0, **engine_settings):
+    """The kernels one decode step of generate() would launch, counted on any device from its CPU ops
+    (kernel_count), by op name: a Counter. The step profiled is the third of a sampled 6-token run (warm: compiled
+    ops are compiled), no stop id, as in RL rollouts."""
+    import collections
+
+    import engine
+    from torch.profiler import ProfilerActivity, profile
+    counts, step, calls = collections.Counter(), engine.decode_step, []
+
+    def profiled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) != 3:
+            return step(*args, **kwargs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = step(*args, **kwargs)
+        for e in prof.events():
+            if e.cpu_parent is None:
+                counts["compiled region" if e.name.startswith("Torch-Compiled Region") else e.name] += kernel_count(e)
+        return out
+    prompts, _ = make_workload("fixed", 1, rows, 1, 1, 1, model.config.vocab_size, seed)
+    engine.decode_step = profiled
+    try:
+        generate(model, prompts, n=rows, max_new_tokens=6, temperature=1.0, seed=seed, **engine_settings)
+    finally:
+        engine.decode_step = step
+    return +counts
+
+
+def decode_kernels_per_layer(hf_cfg, rows=8, seed=0, **engine_settings):
+    """{"per_step", "per_layer", "outside_layers", "per_layer_ops"}: the kernels of a decode step at hf_cfg's depth
+    (decode_step_ops), split by the difference to a one-layer model of the same shape into what each layer adds and
+    what the step adds once (embedding, lm_head, masks, sampler)."""
+    layers = hf_cfg["num_hidden_layers"]
+    deep, one = (decode_step_ops(build_model(dict(hf_cfg, num_hidden_layers=n), seed=seed), rows, seed,
+                                 **engine_settings) for n in (layers, 1))
+    per_layer = {name: (deep[name] - one[name]) / (layers - 1) for name in deep if deep[name] != one[name]}
+    total = sum(deep.values())
+    return {"per_step": total, "per_layer": sum(per_layer.values()),
+            "outside_layers": total - layers * sum(per_layer.values()), "per_layer_ops": per_layer}
+
+
 @contextmanager
 def checkpoints_skipped():
     """sft and rl measure compute: checkpoint writes (3 to 18 GB at 1.5B, timed by the disk) become no-ops."""

@@ -70,3 +70,53 @@ def test_memory_at_peak_names_what_is_live_at_the_highest_point():
     r = speed.memory_at_peak(trace, baseline=2**30, source_root=root)
     assert r["peak_gib"] == (2**30 + 600) / 2**30 and r["baseline_gib"] == 1.0
     assert r["live_at_peak_gib"] == {"model.py:30 f": 500 / 2**30, "model.py:10 f": 100 / 2**30}
+
+
+def profiled_top_level(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e for e in prof.events() if e.cpu_parent is None]
+
+
+def test_kernel_count_leaves_out_views_and_no_op_casts_and_splits_composites():
+    import torch
+    import torch.nn.functional as F
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    q = torch.randn(2, 1, 3, 4)
+    bool_mask = torch.tensor([[True, False, True]])
+    float_mask = torch.zeros(1, 3).masked_fill(~bool_mask, float("-inf"))
+
+    def count(fn):
+        return sum(speed.kernel_count(e) for e in profiled_top_level(fn))
+    assert count(lambda: (x.view(8, 4), x.t(), x[:2], x.to(torch.float32), x.reshape(2, 16))) == 0
+    assert count(lambda: x.to(torch.float64)) == 1 and count(lambda: x.t().reshape(32)) == 1  # a cast, a copy
+    assert count(lambda: F.linear(x, w)) == 1 and count(lambda: x.mean(-1)) == 1  # however the CPU splits them
+    # SDPA turns a boolean mask into an additive one before its kernel (what the decode step avoids)
+    assert count(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=float_mask)) == 1
+    assert count(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=bool_mask)) > 1
+
+
+def test_decode_step_writes_the_cache_once_per_layer_and_builds_masks_once_per_step():
+    """Per layer, eagerly: four matmuls, one KV-cache write (keys and values together), one SDPA per attention group
+    with no mask conversion inside; the masks are built once per step, outside the layers."""
+    from model import tiny_config
+    cfg = tiny_config(256, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2, max_position_embeddings=256)
+    for groups in (1, 2):
+        r = speed.decode_kernels_per_layer(cfg, rows=4, attention_groups=groups)
+        per_layer = r["per_layer_ops"]
+        assert per_layer["aten::linear"] == 4 and per_layer["aten::index_put_"] == 1
+        assert per_layer["aten::scaled_dot_product_attention"] == groups
+        assert not {"aten::where", "aten::logical_not", "aten::masked_fill_", "aten::index"} & set(per_layer)
+        assert r["per_step"] == 3 * r["per_layer"] + r["outside_layers"] and r["outside_layers"] > 0
+
+
+@pytest.mark.slow
+def test_fused_decode_step_launches_about_ten_kernels_per_layer():
+    """With the fused ops (torch.compile): the four matmuls, RoPE with the K/V join, one cache write, SDPA, two
+    residual adds with their RMSNorms and SiLU * up; the sampler's hash is one compiled region outside the layers."""
+    from model import tiny_config
+    cfg = tiny_config(256, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2, max_position_embeddings=256)
+    r = speed.decode_kernels_per_layer(cfg, rows=4, attention_groups=1, fused=True)
+    assert r["per_layer"] == 10, r["per_layer_ops"]
+    assert r["outside_layers"] < 40, r

@@ -91,7 +91,7 @@ def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
     prompts, group, prompt_tokens, response_tokens = 3, 2, 5, 7
     slots = engine.Slots([cfg], prompts * group, prompt_tokens + response_tokens, response_tokens, [torch.bfloat16],
                          torch.device("cpu"))
-    allocated = sum(t.numel() * t.element_size() for t in slots.caches[0])
+    allocated = slots.caches[0].numel() * slots.caches[0].element_size()
     assert gpu_memory.kv_cache_bytes(cfg, prompts * group, prompt_tokens + response_tokens) == allocated
     e = gpu_memory.memory_estimate(cfg, prompts_per_rank=prompts, group_size=group, prompt_tokens=prompt_tokens,
                                    response_tokens=response_tokens)

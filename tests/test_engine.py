@@ -115,9 +115,9 @@ def test_decode_step_never_syncs_and_its_buffers_never_move(monkeypatch):
     step, seen = engine.decode_step, []
 
     def guarded(weights, slots, *args, **kwargs):
-        buffers = [t for k, v in slots.caches for t in (k, v)] + [
+        buffers = list(slots.caches) + [
             slots.sample, slots.lengths, slots.tok, slots.pos, slots.alive, slots.stopped, slots.out_tok, slots.out_lp,
-            slots.seed, slots.stop] + [t for gw in weights for t in (*gw.w.values(), gw.cos, gw.sin)]
+            slots.seed, slots.stop, slots.key] + [t for gw in weights for t in (*gw.w.values(), gw.rope)]
         seen.append([t.data_ptr() for t in buffers])
         with no_host_sync():
             return step(weights, slots, *args, **kwargs)
@@ -217,8 +217,7 @@ def test_decode_attention_follows_the_flash_rule(pretend_gpu):
     cfg = ModelConfig.from_hf(CONFIGS["qwen2_tied"])
 
     def flash(dtype):
-        shape = (cfg.num_layers, 3, cfg.num_kv_heads, 16, cfg.head_dim)
-        return decode_flash((torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)))
+        return decode_flash(torch.zeros((cfg.num_layers, 2, 3, cfg.num_kv_heads, 16, cfg.head_dim), dtype=dtype))
     assert flash(torch.float32) is None  # an fp32 cache on the GPU: SDPA
     assert flash(torch.bfloat16) == torch.bfloat16
     with cuda_autocast(torch.bfloat16):  # the cache cannot be cast: an fp32 cache stays off flash under autocast
