@@ -2,6 +2,7 @@
 Measuring speed: the decode workloads and timers of bench.py, the memory-bandwidth and FLOP floors, and the GPU
 suite (`python bench.py --gpu_suite true`): correctness, generation, SFT and RL on one card, one JSON.
 """
+import collections
 import functools
 import json
 import os
@@ -16,6 +17,7 @@ import torch
 
 import ckpt
 import common
+import engine
 import kk_data
 import parallel
 import tasks
@@ -417,10 +419,7 @@ def kernel_count(event):
 def decode_step_ops(model, rows=8, seed=0, **engine_settings):
     """The kernels one decode step of generate() would launch, counted on any device from its CPU ops
     (kernel_count), by op name: a Counter. The step profiled is the third of a sampled 6-token run (warm: compiled
-    ops are compiled), no stop id, as in RL rollouts."""
-    import collections
-
-    import engine
+    ops are compiled), no stop id, as in RL rollouts; run eagerly (a CUDA graph replays what the step launched)."""
     from torch.profiler import ProfilerActivity, profile
     counts, step, calls = collections.Counter(), engine.decode_step, []
 
@@ -437,9 +436,11 @@ def decode_step_ops(model, rows=8, seed=0, **engine_settings):
     prompts, _ = make_workload("fixed", 1, rows, 1, 1, 1, model.config.vocab_size, seed)
     engine.decode_step = profiled
     try:
-        generate(model, prompts, n=rows, max_new_tokens=6, temperature=1.0, seed=seed, **engine_settings)
+        generate(model, prompts, n=rows, max_new_tokens=6, temperature=1.0, seed=seed,
+                 **dict(engine_settings, graphs=False))
     finally:
         engine.decode_step = step
+    assert len(calls) >= 3, f"{len(calls)} decode steps ran, fewer than the 3 this counts from"
     return +counts
 
 
