@@ -49,25 +49,22 @@ def _mix32(x):
     return (x >> 16) ^ x
 
 
-def uniforms(seed, samples, positions):
-    """One number in [0, 1) per (sample, position), a hash of (seed, sample, position): int64 tensors seed (a scalar
-    below 2**32), samples and positions (rows,); returns (rows, 1) fp32 with 24 random bits."""
-    return keyed_uniforms(sample_keys(seed, samples), positions)
-
-
 def sample_keys(seed, samples):
-    """The half of uniforms' hash that depends on (seed, sample) only: computed once per row, when it is admitted."""
+    """The half of keyed_uniforms' hash that depends on (seed, sample) only, int64 tensors seed (a scalar below
+    2**32) and samples (rows,): computed once per row, when it is admitted."""
     return _mix32(seed ^ _mix32(samples & MASK32))
 
 
 def keyed_uniforms(keys, positions):
-    """uniforms from the rows' sample_keys: what the decode step computes (one kernel in the fused ops)."""
+    """One number in [0, 1) per (sample, position), a hash of (seed, sample, position): keys = sample_keys(seed,
+    samples), positions (rows,); returns (rows, 1) fp32 with 24 random bits. What the decode step computes (one
+    kernel in the fused ops)."""
     h = _mix32(keys ^ _mix32((positions + 0x5BD1E995) & MASK32))
     return ((h >> 8).float() * 2.0**-24)[:, None]
 
 
 def seed32(seed):
-    """The 32-bit key of a (64-bit) seed, for uniforms."""
+    """The 32-bit key of a (64-bit) seed, for sample_keys."""
     return (seed ^ (seed >> 32)) & MASK32
 
 

@@ -416,22 +416,31 @@ def kernel_count(event):
     return int(event.name not in NO_KERNEL_OPS or any(kernel_count(c) for c in event.cpu_children))
 
 
+def kernels_by_op(fn):
+    """Run fn under the CPU profiler: (its result, a Counter of the kernels it would launch on a GPU (kernel_count)
+    by the op the code called)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    counts = collections.Counter()
+    for e in prof.events():
+        if e.cpu_parent is None:
+            counts["compiled region" if e.name.startswith("Torch-Compiled Region") else e.name] += kernel_count(e)
+    return out, +counts
+
+
 def decode_step_ops(model, rows=8, seed=0, **engine_settings):
     """The kernels one decode step of generate() would launch, counted on any device from its CPU ops
-    (kernel_count), by op name: a Counter. The step profiled is the third of a sampled 6-token run (warm: compiled
-    ops are compiled), no stop id, as in RL rollouts; run eagerly (a CUDA graph replays what the step launched)."""
-    from torch.profiler import ProfilerActivity, profile
+    (kernels_by_op): a Counter by op. The step profiled is the third of a sampled 6-token run (warm: compiled ops
+    are compiled), no stop id, as in RL rollouts; run eagerly (a CUDA graph replays what the step launched)."""
     counts, step, calls = collections.Counter(), engine.decode_step, []
 
     def profiled(*args, **kwargs):
         calls.append(1)
         if len(calls) != 3:
             return step(*args, **kwargs)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            out = step(*args, **kwargs)
-        for e in prof.events():
-            if e.cpu_parent is None:
-                counts["compiled region" if e.name.startswith("Torch-Compiled Region") else e.name] += kernel_count(e)
+        out, step_counts = kernels_by_op(lambda: step(*args, **kwargs))
+        counts.update(step_counts)
         return out
     prompts, _ = make_workload("fixed", 1, rows, 1, 1, 1, model.config.vocab_size, seed)
     engine.decode_step = profiled
@@ -441,7 +450,7 @@ def decode_step_ops(model, rows=8, seed=0, **engine_settings):
     finally:
         engine.decode_step = step
     assert len(calls) >= 3, f"{len(calls)} decode steps ran, fewer than the 3 this counts from"
-    return +counts
+    return counts
 
 
 def decode_kernels_per_layer(hf_cfg, rows=8, seed=0, **engine_settings):

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 import engine
-from engine import GPU_BUCKETS, decode_flash, generate, sample_next, uniforms
+from engine import GPU_BUCKETS, decode_flash, generate, keyed_uniforms, sample_keys, sample_next
 from model import ModelConfig, build_model, pack, response_positions, save_model, tiny_config
 import padded
 from test_model import CONFIGS, VOCAB, cuda_autocast, random_model
@@ -146,14 +146,18 @@ def test_fused_ops_give_the_eager_samples():
                                torch.tensor([x for g in eager for x in g.logprobs]), atol=1e-6, rtol=1e-6)
 
 
+def uniforms(seed, samples, positions):
+    return keyed_uniforms(sample_keys(torch.tensor(seed), samples), positions)
+
+
 def test_uniforms_are_uniform_and_keyed():
     samples, positions = torch.arange(400).repeat_interleave(250), torch.arange(250).repeat(400)
-    u = uniforms(torch.tensor(7), samples, positions)[:, 0]
+    u = uniforms(7, samples, positions)[:, 0]
     assert u.min() >= 0 and u.max() < 1
     assert (torch.histc(u, 20, 0, 1) / len(u) - 0.05).abs().max() < 0.003  # 100K draws in 20 bins
     assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.01  # neighbours independent
-    assert not torch.equal(u, uniforms(torch.tensor(8), samples, positions)[:, 0])
-    assert torch.equal(uniforms(torch.tensor(7), samples[5:9], positions[5:9])[:, 0], u[5:9])
+    assert not torch.equal(u, uniforms(8, samples, positions)[:, 0])
+    assert torch.equal(uniforms(7, samples[5:9], positions[5:9])[:, 0], u[5:9])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
