@@ -3,7 +3,7 @@ on one gloo rank (sharded, as on one GPU), rollouts fixed at the cap (engine.sam
 sampled after every op (test_bench_memory.peak_memory_mode) above what the update started with: through the
 micro-batches, then through the optimizer step. docs/memory.md quotes its output. Run from the repository root:
 
-  MALLOC_MMAP_THRESHOLD_=65536 PYTHONPATH=.:tests python tests/rl_update_memory.py     # ~2 min on 2 cores
+  MALLOC_MMAP_THRESHOLD_=65536 MKL_DISABLE_FAST_MM=1 PYTHONPATH=.:tests python tests/rl_update_memory.py   # ~30 s
 """
 import os
 import random

@@ -104,8 +104,9 @@ def test_kv_cache_bytes_equal_an_allocated_kv_cache(name):
 
 # the activation estimate against a measurement: a checkpointed forward + backward of train_rl.response_logprobs's
 # shape (packed sequences, chunked lm_head) in bf16 on CPU, run in a child process (python this_file --measure) whose
-# glibc malloc hands every buffer of 64 KiB or more to mmap, so mallinfo2().hblkhd is the bytes tensors hold; the
-# peak is sampled after every aten op by a TorchDispatchMode, the parameters' gradients exist beforehand
+# glibc malloc hands every buffer of 64 KiB or more to mmap, so mallinfo2().hblkhd is the bytes tensors hold (MKL
+# keeps no buffer pool of its own there); the peak is sampled after every aten op by a TorchDispatchMode, the
+# parameters' gradients exist beforehand
 MEASURED = [  # (HF config, tokens, sequences, logprob chunk): block-dominated qwen2 / qwen3, lm_head-dominated
     (model.tiny_config(512, hidden_size=256, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=1536,
                        head_dim=128), 2048, 4, 512),
@@ -127,9 +128,16 @@ def measured_runs():
             + [(i, tokens, every, keep, False) for i, tokens, every, keep in RECOMPUTE_MEASURED])
 
 
+FP32_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
 def peak_memory_mode():
     """A TorchDispatchMode whose .peak is the most bytes glibc held in mmapped blocks after any op while it was
-    active (every tensor buffer, when the process runs with MALLOC_MMAP_THRESHOLD_=65536)."""
+    active (every tensor buffer, when the process runs with MALLOC_MMAP_THRESHOLD_=65536).
+
+    Its bf16/fp16 matmuls run in fp32 and are rounded back: a CPU without native bf16 (e.g. AVX2 only) runs some
+    bf16 GEMM layouts ~50x slower than fp32 (minutes for this file's measurement). The output has the same size
+    and dtype, and the fp32 copies are freed inside the op, before the peak is sampled: the peaks move by < 2 %."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class MallInfo2(ctypes.Structure):
@@ -144,7 +152,11 @@ def peak_memory_mode():
             self.start = self.peak = libc.mallinfo2().hblkhd
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+            if func in FP32_MATMULS and args[0].dtype in (torch.bfloat16, torch.float16):
+                out = func(*(a.float() if isinstance(a, torch.Tensor) else a for a in args), **(kwargs or {}))
+                out = out.to(args[0].dtype)
+            else:
+                out = func(*args, **(kwargs or {}))
             self.peak = max(self.peak, libc.mallinfo2().hblkhd)
             return out
     return Peak()
@@ -171,7 +183,8 @@ def measure_activation_peaks():
             else:  # redistill_sft: every next token, no entropy
                 loss = m.token_logprobs(hidden[0, :-1], ids[0, 1:], chunk_size=chunk).float().sum()
             loss.backward()
-        step()  # warm-up: one-time buffers are not activations
+        with peak_memory_mode():  # warm-up (one-time buffers are not activations), with the same fast matmuls
+            step()
         for p in m.parameters():
             p.grad = torch.zeros_like(p)
         mode = peak_memory_mode()
@@ -188,7 +201,7 @@ def test_activation_estimate_is_near_the_measured_peak():
     except (OSError, AttributeError):
         pytest.skip("needs glibc >= 2.33 (mallinfo2)")
     r = subprocess.run([sys.executable, __file__, "--measure"], capture_output=True, text=True, timeout=600,
-                       env=dict(subprocess_env(), MALLOC_MMAP_THRESHOLD_="65536"), cwd=ROOT)
+                       env=dict(subprocess_env(), MALLOC_MMAP_THRESHOLD_="65536", MKL_DISABLE_FAST_MM="1"), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     measured = json.loads(r.stdout.strip().splitlines()[-1])
     runs = measured_runs()
