@@ -29,7 +29,9 @@ def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, e
         adv = r - mean
         if std_normalize:
             adv = adv / (std + eps)
-        adv = torch.where(std == 0, torch.zeros_like(adv), adv)
+        # equal rewards, not std == 0: in float32 the std of equal rewards such as 0.1 is ~6e-8, not 0
+        equal = (r == r[:, :1]).all(1, keepdim=True)
+        adv = torch.where(equal, torch.zeros_like(adv), adv)
     if seq_kl is not None:
         kl = torch.as_tensor(seq_kl, dtype=torch.float32).view(-1, n)
         adv = adv - kl_coef * (kl - kl.mean(1, keepdim=True) if n > 1 else kl)

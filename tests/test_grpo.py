@@ -19,6 +19,12 @@ def test_group_advantages_per_group():
     std = torch.tensor([0.0, 0.0, 1.0, 1.0]).std()                    # unbiased, as torch.std in verl
     assert torch.allclose(adv[8:], torch.tensor([-0.5, -0.5, 0.5, 0.5]) / (std + 1e-6))
     assert torch.equal(grpo.group_advantages([0, 0, 0], n=3), torch.zeros(3))
+    # partial rewards too: float32's std of one group of eight 0.7s is ~6e-8, not 0 (it depends on the reduction's
+    # layout), which once gave them all +0.056
+    for r in (0.1, 0.3, 0.7):
+        for flat in ([r] * 8, [r] * 8 + [0, 1] * 4):
+            assert torch.equal(grpo.group_advantages(flat, n=8)[:8], torch.zeros(8))
+        assert grpo.zero_variance([r] * 8, 8) == [True]
     # Dr. GRPO: mean-centred only
     assert torch.allclose(grpo.group_advantages(rewards, 4, std_normalize=False)[:4],
                           torch.tensor([0.75, -0.25, -0.25, -0.25]))
