@@ -424,7 +424,7 @@ def render_prompt(record, tokenizer, template="auto"):
 BOXED = "\\boxed{"
 MAX_BOXED_CHARS = 10_000  # far longer than any answer for 20 people; bounds the brace scan of hostile text
 BRACE = re.compile(r"[{}]")
-LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")  # \text, \textbf, \mathrm, \quad ... are form, not content
+LATEX_COMMAND = re.compile(r"\\\\|\\[A-Za-z]+")  # \\ (a line break), \text, \textbf, \quad ... are form, not content
 WORD = re.compile(r"[^\W\d_]+")             # runs of letters; digits, punctuation and braces are form
 FILLER = frozenset(("is", "are", "a", "an", "and", "both", "all"))
 

@@ -303,7 +303,7 @@ def normalize_answer(s: str) -> str:
     """A canonical string for the fast exact-match path; conservative: it only merges forms that are equal."""
     s = _clean_answer(s)
     s = s.replace("\\!", "").replace("{,}", ",").replace("\\$", "")
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
+    s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s).replace("\\displaystyle", "")  # not \leftarrow
     s = re.sub(r"\\[,;: ]", " ", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\degree", "", s)  # degrees (not f \circ g)

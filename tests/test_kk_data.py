@@ -173,6 +173,7 @@ SCORER_CASES = [
     (boxed("\\text{Emma is a knight}, \\text{Liam is a knave}, \\text{Sophia is a knight}"), 1.0),
     (boxed("\\textbf{Emma} is a knight, \\textbf{Liam} is a knave, \\textbf{Sophia} is a knight"), 1.0),
     (boxed("\\mathrm{Emma\\ is\\ a\\ knight},\\quad \\mathrm{Liam\\ is\\ a\\ knave},\\; Sophia~is~a~knight"), 1.0),
+    (boxed("Emma is a knight,\\\\Liam is a knave,\\\\Sophia is a knight"), 1.0),  # LaTeX line breaks, no space
     (boxed("(1) Emma is a knight\n(2) Liam is a knave\n(3) Sophia is a knight"), 1.0),
     (boxed("1. Emma is a knight 2. Liam is a knave 3. Sophia is a knight."), 1.0),
     (boxed("- Emma is a knight\n- Liam is a knave\n- Sophia is a knight"), 1.0),

@@ -116,6 +116,7 @@ UNEQUAL = [
     ("C", "(B)"),
     ("\\text{Evelyn}", "\\text{Briana}"),
     ("\\infty", "-\\infty"),
+    ("\\rightarrow", "\\leftarrow"),  # \left / \right are dropped as delimiters' sizes, not inside these
     ("5", "50"),
     ("0", "\\emptyset"),
     ("6", "6!"),
