@@ -38,7 +38,9 @@ def get_parser():
                    help="group step files 1..N, N+1..2N, ... into epochs, as LIMR's code does (they used 8); "
                         "when given it wins over the rollouts' `epoch` field; 0 = use that field")
     p.add_argument("--epochs", type=int, default=0,
-                   help="score the first this many epochs of the log (LIMR: 21); 0 = all")
+                   help="score the first this many epochs of the log (LIMR: 21); 0 = all complete ones: a last epoch "
+                        "that drew fewer prompts than the one before (the probe stopped inside it) is left out, "
+                        "since its gaps cannot be back-filled and would drop every prompt it did not draw")
     p.add_argument("--threshold", type=float, default=0.6, help="keep prompts with score >= this (LIMR: 0.6)")
     p.add_argument("--out", default=None, help="write the selected pool records here, in pool order (required)")
     p.add_argument("--scores_out", default=None,
@@ -176,6 +178,11 @@ def main(argv=None):
     pool_ids = {str(r["id"]): i for i, r in enumerate(pool)}  # (load_records refuses a repeated id)
     outcomes = read_outcomes(args.rollouts, pool_ids, args.steps_per_epoch)
     epochs = sorted({e for e, _, _ in outcomes})
+    drawn = {e: len({i for epoch, i, _ in outcomes if epoch == e}) for e in epochs[-2:]}
+    if not args.epochs and len(epochs) > 1 and drawn[epochs[-1]] < drawn[epochs[-2]]:
+        print0(f"warning: the log's last epoch drew {drawn[epochs[-1]]} prompts, the one before {drawn[epochs[-2]]}: "
+               f"the probe stopped inside it, so it is left out (--epochs {len(epochs)} would score it)")
+        epochs = epochs[:-1]
     if args.epochs:
         if len(epochs) < args.epochs:
             raise UserError(f"{args.rollouts}: the log has {len(epochs)} epochs, fewer than --epochs {args.epochs}")

@@ -100,6 +100,20 @@ def test_steps_per_epoch_groups_step_files_and_wins_over_the_field(hand):
         [True, True, False, False, True, False, True]
 
 
+def test_a_last_epoch_the_probe_stopped_inside_is_left_out(hand, capsys):
+    lim_select.main(hand["args"])
+    want = common.read_jsonl(hand["out"] / "scores.jsonl")
+    capsys.readouterr()
+    # step 7 opens a 4th epoch and draws only p0: scored, it would drop every other prompt (a gap at the end)
+    common.write_jsonl(hand["dir"] / "probe" / "rollouts" / "step_000007.jsonl",
+                       [{"id": hand["pool"][0]["id"], "reward": 1, "step": 7, "sample": 0, "epoch": 3}])
+    lim_select.main(hand["args"])
+    assert common.read_jsonl(hand["out"] / "scores.jsonl") == want
+    assert "last epoch drew 1 prompts, the one before 5" in capsys.readouterr().out
+    lim_select.main(hand["args"] + ["--epochs", "4"])  # asked for: scored, and only p0 is complete
+    assert [r["score"] is not None for r in common.read_jsonl(hand["out"] / "scores.jsonl")] == [True] + [False] * 6
+
+
 def test_the_curves_are_plotted_when_matplotlib_is_installed(hand, capsys):
     args = [a for a in hand["args"] if a not in ("--plot_out", "")]
     lim_select.main(args)
