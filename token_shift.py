@@ -361,9 +361,14 @@ def threshold_switch(eps):
     return lambda p, q, rows, step: js_divergence(p, q) > eps
 
 
-def random_switch(rate, generator):
-    """Switch each position with probability rate, whatever the models say (the control)."""
-    return lambda p, q, rows, step: torch.rand(len(rows), generator=generator, device=p.device) < rate
+def random_switch(rate, seed):
+    """Switch each position with probability rate, whatever the models say (the control). Each (sample, position)
+    has its own random number, keyed on seed as the engine's sampler is on its own (engine.keyed_uniforms), so which
+    positions switch does not depend on --batch_size or on the slots the engine happens to use."""
+    def switch(p, q, samples, positions):
+        keys = engine.sample_keys(torch.tensor(engine.seed32(seed), device=p.device), samples)
+        return engine.keyed_uniforms(keys, positions)[:, 0] < rate
+    return switch
 
 
 def cross_run(primary, intervention, tokenizer, task, records, args, switch, desc):
@@ -443,9 +448,9 @@ def cross_sample(args, tokenizer, device, dtype):
         label = eps if math.isfinite(eps) else str(eps)  # JSON has no infinity: "inf", "-inf"
         samples += [{"eps": label, "control": False, **x} for x in s]
         # the control: the same budget (this run's switched share) at random positions, its own random stream
-        generator = torch.Generator(device=device).manual_seed(common.derive_seed(args.seed, k, common.rank(), 1))
-        stats["control"], s = cross_run(primary, intervention, tokenizer, task, mine, args,
-                                        random_switch(stats["switched_share"], generator), f"control {eps:g}")
+        control = random_switch(stats["switched_share"], common.derive_seed(args.seed, k, common.rank(), 1))
+        stats["control"], s = cross_run(primary, intervention, tokenizer, task, mine, args, control,
+                                        f"control {eps:g}")
         samples += [{"eps": label, "control": True, **x} for x in s]
         runs.append({"eps": label, **stats})
         seconds = time.time() - t0

@@ -220,11 +220,15 @@ def test_random_control_switches_at_its_rate(pair):
     tok = load_tokenizer(pair["base"])
     base, policy = load_model(pair["base"]), load_model(pair["policy"])
     prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in pair["rows"]]
-    g = torch.Generator().manual_seed(0)
-    gens = generate(base, prompts, n=8, max_new_tokens=20, temperature=1.0, seed=1, partner=policy,
-                    switch=token_shift.random_switch(0.3, g))
-    flags = [f for x in gens for f in x.switched]
+    runs = [generate(base, prompts, n=8, max_new_tokens=20, temperature=1.0, seed=1, partner=policy,
+                     switch=token_shift.random_switch(0.3, seed=5), slots=slots) for slots in (None, 3)]
+    flags = [f for x in runs[0] for f in x.switched]
     assert len(flags) > 500 and abs(sum(flags) / len(flags) - 0.3) < 0.06
+    # the same positions switch whatever the slots (so --batch_size), and another seed picks others
+    assert [x.switched for x in runs[1]] == [x.switched for x in runs[0]]
+    other = generate(base, prompts, n=8, max_new_tokens=20, temperature=1.0, seed=1, partner=policy,
+                     switch=token_shift.random_switch(0.3, seed=6))
+    assert [x.switched for x in other] != [x.switched for x in runs[0]]
 
 
 def test_cross_sampling_refuses_greedy_and_a_partner_of_another_vocabulary(pair):
