@@ -262,7 +262,7 @@ class Slots:
         z = dict(device=device, dtype=torch.long)
         self.sample, self.lengths, self.tok, self.pos = (torch.zeros(count, **z) for _ in range(4))
         self.key = torch.zeros(count, **z)  # the sample's half of the sampler's hash (sample_keys)
-        self.force = torch.zeros(count, **z)  # benchmarks: the length each row is forced to stop at (0 = none)
+        self.force = torch.zeros(count, **z)  # benchmarks: the length each row is forced to stop at
         self.alive, self.stopped = (torch.zeros(count, dtype=torch.bool, device=device) for _ in range(2))
         self.out_tok = torch.zeros(count, self.width, **z)
         self.out_lp = torch.zeros(count, self.width, dtype=torch.float32, device=device)
@@ -542,6 +542,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     stop_ids = sorted(set(stop_ids))
     if len(stop_ids) > MAX_STOP_IDS:
         raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
+    if forced_lengths is not None and (not stop_ids or len(forced_lengths) != len(prompts) * n
+                                       or not all(1 <= x <= max_new_tokens for x in forced_lengths)):
+        raise ValueError("forced_lengths needs a stop id and one length in 1..max_new_tokens per row")
     cuda = device.type == "cuda"
     total = len(prompts) * n
     count = min(slots or total, total)
