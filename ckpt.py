@@ -52,7 +52,16 @@ class LocalShardOptimizer:
         self.sharded = list(params)
         self.local = [torch.nn.Parameter(local_tensor(p.detach())) for p in self.sharded]
         self.inner = make_inner(self.local)
-        self.param_groups, self.state = self.inner.param_groups, self.inner.state
+
+    # the inner optimizer's, looked up each time: its load_state_dict replaces the list, and a learning-rate schedule
+    # writing into a copy taken before a resume would no longer reach it
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
 
     def step(self):
         for p, shard in zip(self.sharded, self.local):
@@ -103,6 +112,9 @@ def clip_grad_norm(params, max_norm):
 # prune_checkpoints keeps the resumable part of the newest --keep_last saves only (1.5B: 18.5 GB each).
 
 
+CHECKPOINT_FILE = re.compile(r"step_(\d{6})(\.state\.pt|\.train\.rank\d+\.pt)?$")  # any of a checkpoint's parts
+
+
 def checkpoint_dir(run_dir, step):
     return os.path.join(run_dir, f"step_{step:06d}")
 
@@ -132,19 +144,29 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
     if rank() == 0:
         with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
             torch.save({"step": step, "world_size": world_size(), **train_state}, f)
-        prune_checkpoints(run_dir, keep_last, keep_weights)
+        prune_checkpoints(run_dir, step, keep_last, keep_weights)
     barrier()
 
 
-def prune_checkpoints(run_dir, keep_last, keep_weights=()):
-    """Rank 0, after a save: only the newest keep_last checkpoints stay resumable; of the older ones only the
-    weights of the steps in keep_weights stay. The state file goes first, so a half-deleted one is never resumable."""
-    for step in checkpoint_steps(run_dir)[:-keep_last]:
-        os.remove(checkpoint_dir(run_dir, step) + ".state.pt")
-        for path in glob.glob(glob.escape(checkpoint_dir(run_dir, step)) + ".train.rank*.pt"):
+def prune_checkpoints(run_dir, step, keep_last, keep_weights=()):
+    """Rank 0, after saving `step`: only the newest keep_last checkpoints up to it stay resumable; of the older ones
+    only the weights of the steps in keep_weights stay. Removed in the order state file, weights, shards: a
+    half-deleted checkpoint is never resumable, and its shards left by a kill mark it for the next prune to finish.
+    Every part of a step above `step` goes too: a checkpoint the resume skipped as unreadable, which would otherwise,
+    being newer, take a keep_last place from the new saves."""
+    keep = set([s for s in checkpoint_steps(run_dir) if s <= step][-keep_last:])
+    found = {int(m.group(1)) for m in map(CHECKPOINT_FILE.match, os.listdir(run_dir)) if m}
+    for old in sorted(found - keep):
+        state, shards = checkpoint_dir(run_dir, old) + ".state.pt", glob.glob(
+            glob.escape(checkpoint_dir(run_dir, old)) + ".train.rank*.pt")
+        if old < step and not os.path.exists(state) and not shards:
+            continue  # weights kept by an earlier prune
+        if os.path.exists(state):
+            os.remove(state)
+        if old > step or old not in keep_weights:
+            shutil.rmtree(checkpoint_dir(run_dir, old), ignore_errors=True)
+        for path in shards:
             os.remove(path)
-        if step not in keep_weights:
-            shutil.rmtree(checkpoint_dir(run_dir, step), ignore_errors=True)
 
 
 def remove_partial_saves(run_dir):
@@ -173,25 +195,25 @@ def load_checkpoint(run_dir):
     one-line warning naming the file. Every rank calls this."""
     for step in reversed(checkpoint_steps(run_dir)):
         model_dir, problem, state, shard = checkpoint_dir(run_dir, step), None, None, None
-        path = model_dir + ".state.pt"
+        path = state_path = model_dir + ".state.pt"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("world_size", 1) != world_size():
-                raise UserError(f"{path}: written by {state.get('world_size', 1)} rank(s); resume it with the same "
-                                f"number (torchrun --nproc_per_node), not {world_size()}")
-            for path in weight_files(model_dir):  # safetensors checks that the file covers its header
-                with safe_open(path, framework="pt") as f:
-                    f.keys()
-            path = train_shard_path(run_dir, step, rank())
-            shard = torch.load(path, map_location="cpu", weights_only=True)
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 -- any reader error means: not this checkpoint
-            problem = f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            if state.get("world_size", 1) == world_size():  # (else the error below, not a skip)
+                for path in weight_files(model_dir):  # safetensors checks that the file covers its header
+                    with safe_open(path, framework="pt") as f:
+                        f.keys()
+                path = train_shard_path(run_dir, step, rank())
+                shard = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- any reader error (weight_files': no weights) means: not this one
+            problem = str(e) if isinstance(e, UserError) else (  # (a UserError names its place)
+                f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
         problems = [p for p in all_gather_json(problem) if p]
         if problems:
             print0(f"warning: skipping the checkpoint of step {step}: cannot read {problems[0]}")
             continue
+        if state.get("world_size", 1) != world_size():
+            raise UserError(f"{state_path}: written by {state.get('world_size', 1)} rank(s); resume it with the same "
+                            f"number (torchrun --nproc_per_node), not {world_size()}")
         return step, model_dir, state, shard
     return None
 
@@ -236,6 +258,14 @@ def load_local_train_state(model, optimizer, shard):
         for name, p in model.named_parameters():
             local_tensor(p).copy_(shard["weights"][name])
     sd = shard["optimizer"]
+    # the saved groups' hyperparameters would silently replace the ones given now (and logged in settings.json)
+    def plain(v):  # betas come back from a checkpoint as a list or a tuple
+        return list(v) if isinstance(v, (list, tuple)) else v
+    for now, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        changed = [f"{k}: was {plain(saved[k])}, now {plain(now[k])}" for k in ("betas", "weight_decay", "eps")
+                   if k in now and k in saved and plain(saved[k]) != plain(now[k])]
+        if changed:
+            raise UserError("--resume with different optimizer settings than the checkpoint's: " + "; ".join(changed))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, s in sd["state"].items():
         p = params[i]

@@ -18,6 +18,7 @@ against the engine's log-probs (--rollout_is). More in docs/grpo.md:
   the count of prompt batches drawn (more than one a step with --dynamic_sampling) is saved with the checkpoint.
 """
 import math
+import os
 import time
 from types import SimpleNamespace
 
@@ -494,6 +495,10 @@ def main(argv=None):
 
     # ---- logging
     log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
+    if common.rank() == 0:  # as the metrics after it: a killed attempt's rollout logs, which lim_select.py would read
+        for s, path in tasks.rollout_logs(args.out_dir).items():
+            if s > start_step:
+                os.remove(path)
     print0(f"train_rl: {len(train_records)} prompts, {steps_per_epoch} steps/epoch, "
            f"steps {start_step + 1}..{max_steps}, {world} rank(s) on {device.type}, "
            f"{args.prompts_per_step}x{n} rollouts/step, "

@@ -84,5 +84,7 @@ def test_local_shard_optimizer_updates_sharded_weights_like_the_optimizer_on_the
     again = parallel.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
     resumed = ckpt.LocalShardOptimizer(list(again.parameters()), adamw)
     ckpt.load_local_train_state(again, resumed, ckpt.load_checkpoint(str(tmp_path))[3])
+    for opt in (local, resumed):  # a schedule's next lr reaches the inner optimizer, whose groups the load replaced
+        opt.param_groups[0]["lr"] = 3e-3
     after, after_resumed = train(model, local, 1), train(again, resumed, 1)
     assert all(torch.equal(after[k], after_resumed[k]) for k in after)

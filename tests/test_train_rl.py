@@ -232,15 +232,26 @@ def test_variants_run_bf16_master_and_kl(toy, tmp_path):
 
 @pytest.mark.slow
 def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
-    """--keep_last 2: the older saves are deleted, except the weights of a --keep_steps step."""
+    """--keep_last 2: the older saves are deleted, except the weights of a --keep_steps step. At --resume: a newer
+    checkpoint without weights is skipped (and pruned at the next save, not the new saves), the shard a kill inside
+    a prune left goes, the rollout logs of steps after the checkpoint go, and changed AdamW settings (which the
+    optimizer state would silently replace) are refused."""
     out = tmp_path / "keep"
     assert train_rl.main(rl_args(toy, out, max_steps=4, save_every=1, keep_last=2, keep_steps=1)) == 0
     assert ckpt.checkpoint_steps(str(out)) == [3, 4]
     names = sorted(os.listdir(out))
     assert [n for n in names if n.startswith("step_") and "." not in n] == ["step_000001", "step_000003", "step_000004"]
     assert [n for n in names if ".train." in n] == ["step_000003.train.rank0.pt", "step_000004.train.rank0.pt"]
+    with pytest.raises(common.UserError, match=r"optimizer settings.*betas: was \[0.5, 0.999\], now \[0.9, 0.999\]"):
+        train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True, beta1=0.9))
+    state = torch.load(ckpt.checkpoint_dir(str(out), 4) + ".state.pt", weights_only=True)
+    torch.save({**state, "step": 7}, ckpt.checkpoint_dir(str(out), 7) + ".state.pt")  # no weights, no shard
+    torch.save({}, ckpt.checkpoint_dir(str(out), 2) + ".train.rank0.pt")  # its state file already pruned
+    common.write_jsonl(out / "rollouts" / "step_000009.jsonl", [{"id": "stale"}])
     assert train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True)) == 0
     assert ckpt.checkpoint_steps(str(out)) == [4, 5] and os.path.isdir(ckpt.checkpoint_dir(str(out), 1))
+    assert not [n for n in os.listdir(out) if n.startswith(("step_000002", "step_000007"))]
+    assert sorted(os.listdir(out / "rollouts")) == [f"step_{s:06d}.jsonl" for s in range(1, 6)]
 
 
 # -----------------------------------------------------------------------------
