@@ -85,6 +85,15 @@ def check_positive(args, *names):
             raise UserError(f"--{name} must be at least 1, got {value}")
 
 
+def check_non_negative(args, *names):
+    """Each named setting must be 0 or more (0 means "all", "none" or "off" in each help text): one line naming the
+    first that is not."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name} must be 0 or more, got {value}")
+
+
 def str2bool(s) -> bool:
     if isinstance(s, bool):
         return s
@@ -157,6 +166,20 @@ def derive_seed(seed: int, *parts: int) -> int:
 # files
 
 
+def text_lines(path):
+    """Yield (line number, line) of a UTF-8 text file, "\r\n" read as "\n"; a line that is not UTF-8 raises UserError
+    naming the file and line (a text-mode read would raise a traceback, from a chunk ahead of the line)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line: {e.reason})")
+            yield lineno, (line[:-2] + "\n" if line.endswith("\r\n") else line)
+
+
 def iter_jsonl(path, torn_tail=False):
     """Yield (line number, record) of a jsonl file, skipping blank lines; a line that is not a JSON object
     raises UserError naming the file and line.
@@ -164,24 +187,21 @@ def iter_jsonl(path, torn_tail=False):
     torn_tail: the file is a run's own log (metrics.jsonl, rollout logs), which a kill or a full disk can leave with
     its last line cut short: a last line without its newline that is not a JSON object is dropped with a warning
     naming it. Inputs (datasets, SFT files) keep the error: a record is never dropped silently from data."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                problem = None if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
-            except json.JSONDecodeError as e:
-                problem = f"not valid JSON ({e.msg})"
-            if problem:
-                if torn_tail and not line.endswith("\n"):  # only the last line can lack its newline
-                    print0(f"warning: {path}:{lineno}: dropped a torn last line (a write cut short by a kill or a "
-                           f"full disk)")
-                    return
-                raise UserError(f"{path}:{lineno}: {problem}")
-            yield lineno, rec
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            problem = None if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
+        except json.JSONDecodeError as e:
+            problem = f"not valid JSON ({e.msg})"
+        if problem:
+            if torn_tail and not line.endswith("\n"):  # only the last line can lack its newline
+                print0(f"warning: {path}:{lineno}: dropped a torn last line (a write cut short by a kill or a "
+                       f"full disk)")
+                return
+            raise UserError(f"{path}:{lineno}: {problem}")
+        yield lineno, rec
 
 
 def read_jsonl(path, required=(), torn_tail=False):

@@ -592,7 +592,7 @@ def read_rows(path):
         if not os.path.isfile(path):
             raise common.UserError(f"{path}: file not found")
         return [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    return [(f"{path}:{i + 1}", row) for i, row in enumerate(common.read_jsonl(path))]
+    return [(f"{path}:{lineno}", row) for lineno, row in common.iter_jsonl(path)]
 
 
 def load_split(path):
@@ -701,9 +701,7 @@ def write_teacher_sft(args):
         prompt = render_prompt(rec, tokenizer, args.template)
         cot = rng.random() < args.teacher_cot_fraction
         with_cot += cot
-        response = teacher_response(rec, args.teacher_style if cot else "answer")
-        if prompt and not prompt[-1].isspace():  # the plain template ends "step by step."; chat ends with "\n"
-            response = "\n" + response
+        response = tasks.teacher_response_after(prompt, teacher_response(rec, args.teacher_style if cot else "answer"))
         rows.append({"id": rec["id"], "task": "kk", "prompt": prompt, "response": response})
     common.write_jsonl(args.teacher_sft, rows)
     print(f"wrote {len(rows)} teacher SFT examples to {args.teacher_sft} ({with_cot} with the {args.teacher_style} "

@@ -165,8 +165,7 @@ def main(argv=None):
     for name in ("rollouts", "train_data", "task", "out"):
         if not getattr(args, name):
             raise UserError(f"--{name} is required")
-    if args.steps_per_epoch < 0 or args.epochs < 0:
-        raise UserError("--steps_per_epoch and --epochs must be >= 0 (0: from the log)")
+    common.check_non_negative(args, "steps_per_epoch", "epochs")
     plot_out = os.path.splitext(args.out)[0] + ".png" if args.plot_out is None else args.plot_out
     outputs = [p for p in (args.out, args.scores_out, args.random_out, plot_out) if p]
     if len({os.path.abspath(p) for p in outputs}) < len(outputs):

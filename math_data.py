@@ -608,8 +608,11 @@ def main(argv=None):
         except Exception as e:
             raise UserError(f"{args.tokenizer}: cannot load a tokenizer: {e}")
         records = load_split(args.split)
-        rows = [{"id": r["id"], "task": TASK, "prompt": render_prompt(r, tokenizer, args.template),
-                 "response": teacher_response(r)} for r in records]
+        rows = []
+        for r in records:
+            prompt = render_prompt(r, tokenizer, args.template)
+            rows.append({"id": r["id"], "task": TASK, "prompt": prompt,
+                         "response": tasks.teacher_response_after(prompt, teacher_response(r))})
         common.write_jsonl(args.teacher_sft, rows)
         n_bare = sum(1 for r in records if not r["solution"].strip())
         print(f"wrote {len(rows)} SFT records to {args.teacher_sft}"

@@ -135,19 +135,16 @@ def load_text_examples(paths, tokenizer, max_length):
                                                                 else "field 'text' must be a string"))
                     docs.append((lineno, rec["text"]))
         else:
-            if not os.path.isfile(path):
-                raise UserError(f"{path}: file not found")
-            with open(path, encoding="utf-8") as f:
-                lineno, buf, first = 0, [], 0
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        first = first or lineno
-                        buf.append(line)
-                    elif buf:
-                        docs.append((first, "".join(buf).rstrip("\n")))
-                        buf, first = [], 0
-                if buf:
+            buf, first = [], 0
+            for lineno, line in common.text_lines(path):
+                if line.strip():
+                    first = first or lineno
+                    buf.append(line)
+                elif buf:
                     docs.append((first, "".join(buf).rstrip("\n")))
+                    buf, first = [], 0
+            if buf:
+                docs.append((first, "".join(buf).rstrip("\n")))
         docs = [(n, t) for n, t in docs if t]
         if not docs:
             raise UserError(f"{path}: no text")
@@ -294,6 +291,7 @@ def main(argv=None):
         raise UserError("--init_tiny needs --tokenizer DIR")
     common.check_positive(args, "global_batch", "micro_batch_tokens", "max_length", "epochs", "keep_last",
                           "max_bad_steps")
+    common.check_non_negative(args, "save_every", "stop_at_step")
 
     rank, world, device = parallel.dist_setup()
     common.seed_everything(args.seed)

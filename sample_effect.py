@@ -279,8 +279,7 @@ def main(argv=None):
     common.check_positive(args, "max_new_tokens", "gen_batch_size", "micro_batch_tokens", "max_length", "log_every")
     if args.kv_cache_gib <= 0:
         raise UserError(f"--kv_cache_gib must be > 0, got {args.kv_cache_gib}")
-    if args.num_eval_prompts < 0 or args.select < 0:
-        raise UserError("--num_eval_prompts and --select must be >= 0")
+    common.check_non_negative(args, "num_eval_prompts", "select")
     if args.select and not args.select_out:
         raise UserError("--select K needs --select_out PATH (and optionally --select_bottom PATH)")
     if len(set(map(os.path.abspath, args.sft_data))) < len(args.sft_data):

@@ -213,6 +213,7 @@ def main(argv=None):
     if args.from_checkpoint and args.steps:
         raise UserError("--steps applies to --from_rollouts only")
     common.check_positive(args, "samples_per_prompt", "max_new_tokens", "batch_size")
+    common.check_non_negative(args, "limit", "max_per_prompt", "num_examples")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {args.temperature}, {args.top_p})")
     task = tasks.get_task(args.task)

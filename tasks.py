@@ -56,6 +56,12 @@ def render_question(question: str, tokenizer, template: str = "auto") -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def teacher_response_after(prompt, response):
+    """A teacher response as an SFT file stores it after this rendered prompt: on a line of its own where the prompt
+    does not end in whitespace (the plain template ends "step by step."; a chat prompt ends with "\n")."""
+    return "\n" + response if prompt and not prompt[-1].isspace() else response
+
+
 def encode_prompts(tokenizer, texts):
     """Token ids of texts that begin a sequence (prompts; pre-training documents): the text's own tokens, after the
     BOS token where the model family expects one -- its tokenizer adds one by itself (Llama; Qwen adds none) -- and

@@ -492,6 +492,7 @@ def main(argv=None):
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
     common.check_positive(args, "batch_size", "logit_chunk", "samples_per_prompt", "max_new_tokens")
+    common.check_non_negative(args, "limit")
     if any(math.isnan(e) for e in args.eps):
         raise UserError("--eps: nan is not a threshold")
     from model import parse_dtype

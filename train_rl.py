@@ -426,7 +426,9 @@ def main(argv=None):
         raise UserError("--model is required (a Hugging Face checkpoint directory: the initial policy)")
     common.check_positive(args, "prompts_per_step", "samples_per_prompt", "max_response_tokens", "ppo_epochs",
                           "ppo_mini_batches", "micro_batch_tokens", "gen_batch_size", "val_batch_size",
-                          "max_bad_steps", "logprob_chunk", "keep_last", "max_gen_batches")
+                          "max_bad_steps", "logprob_chunk", "keep_last", "max_gen_batches", "save_every")
+    common.check_non_negative(args, "epochs", "max_steps", "warmup_steps", "val_every", "val_limit",
+                              "val_max_response_tokens")
     if args.dynamic_sampling and args.samples_per_prompt < 2:
         raise UserError("--dynamic_sampling needs --samples_per_prompt >= 2: a group of one has no reward variance")
     if args.temperature <= 0:

@@ -80,10 +80,28 @@ def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsy
     assert common.read_jsonl(str(path)) == [{"step": 1}, {"step": 2}, {"step": 3}]
 
 
-
-
 def test_help_adds_a_default_only_where_the_help_does_not_say_it():
     import eval
     text = " ".join(eval.get_parser().format_help().split())
     assert "(default: each directory's basename)" in text and "basename) (default" not in text
     assert "(default: None)" not in text and "(default: 4096)" in text
+
+
+def test_text_files_that_are_not_utf8_are_one_line_naming_file_and_line(tmp_path):
+    """A stray Latin-1 byte in line 3 of a data file is an error naming line 3 (a text-mode read raised a
+    traceback); Windows line ends read as plain ones, in jsonl and in plain text."""
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"a": 1}\r\n\r\n{"a": "caf\xe9"}\n')
+    with pytest.raises(common.UserError, match=r"data.jsonl:3: not valid UTF-8"):
+        common.read_jsonl(str(path))
+    path.write_bytes('{"a": 1}\r\n\r\n{"a": "café"}\n'.encode())
+    assert common.read_jsonl(str(path)) == [{"a": 1}, {"a": "café"}]
+    assert [line for _, line in common.text_lines(str(path))] == ['{"a": 1}\n', "\n", '{"a": "café"}\n']
+
+
+def test_counts_that_mean_all_or_none_at_zero_refuse_negatives():
+    import argparse
+    args = argparse.Namespace(limit=0, num_examples=-3, unset=None)
+    common.check_non_negative(args, "limit", "unset")
+    with pytest.raises(common.UserError, match=r"^--num_examples must be 0 or more, got -3$"):
+        common.check_non_negative(args, "limit", "num_examples")

@@ -360,6 +360,11 @@ def test_load_split_rejects_bad_json_and_repeated_ids(tmp_path):
     write_lines(path, [a_record(), a_record()])  # same index -> same id
     with pytest.raises(common.UserError, match=r"split\.jsonl:2: field 'id'"):
         K.load_split(path)
+    bad = a_record()
+    bad.update(index=bad["index"] + 1, names="Emma")
+    write_lines(path, [a_record(), "", "", bad])  # blank lines count: errors name the file's line, not the record's
+    with pytest.raises(common.UserError, match=r"split\.jsonl:4: field 'names'"):
+        K.load_split(path)
     with pytest.raises(common.UserError, match="not found"):
         K.load_split(str(tmp_path / "missing.jsonl"))
 

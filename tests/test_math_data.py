@@ -424,7 +424,11 @@ def test_cli_splits_and_teacher_sft(tmp_path):
     rows = common.read_jsonl(str(tmp_path / "sft.jsonl"))
     assert len(rows) == 9 and set(rows[0]) == {"id", "task", "prompt", "response"}
     assert rows[0]["task"] == "math" and tasks.SYSTEM_PROMPT in rows[0]["prompt"]
-    assert rows[0]["response"].endswith("}$.")
+    assert rows[0]["response"].endswith("}$.") and not rows[0]["response"].startswith("\n")  # chat: ends in "\n"
+    out = run_cli("--teacher_sft", "plain.jsonl", "--tokenizer", "tok", "--split", "data/math/sft_train.jsonl",
+                  "--template", "plain", cwd=tmp_path)
+    plain = common.read_jsonl(str(tmp_path / "plain.jsonl"))[0]  # the plain prompt ends "step by step."
+    assert plain["prompt"].endswith(".") and plain["response"] == "\n" + rows[0]["response"]
 
     out = run_cli("--train_pool", "missing.jsonl", "--test", "test.jsonl", cwd=tmp_path)
     assert out.returncode == 2 and "--train_pool PATH" in out.stderr and "--hub" in out.stderr
