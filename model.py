@@ -36,6 +36,8 @@ torch_varlen_attn = None
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 # the chat terminators a response may end with
 STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+# what a Llama 3.1 rope_scaling must give (rope_cos_sin)
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -63,11 +65,23 @@ class ModelConfig:
             raise UserError(f"{where}: unsupported architecture {archs or cfg.get('model_type')!r}; "
                             f"supported: {', '.join(SUPPORTED)}")
         rope = cfg.get("rope_parameters") or {}          # transformers >= 5 keeps RoPE settings here
-        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind != "llama3":
-                raise UserError(f"{where}: unsupported rope scaling {kind!r} (supported: llama3)")
+        scaling = cfg.get("rope_scaling") or rope
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "default":
+            scaling = None
+        elif kind != "llama3":
+            raise UserError(f"{where}: unsupported rope scaling {kind!r} (supported: llama3)")
+        elif missing := [k for k in LLAMA3_ROPE_KEYS if k not in scaling]:
+            raise UserError(f"{where}: llama3 rope scaling without {', '.join(missing)}")
+        # what the model here does not build is refused, not silently left out (it would give other logits)
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise UserError(f"{where}: unsupported hidden_act {cfg['hidden_act']!r} (supported: silu)")
+        if (cfg.get("use_sliding_window") and cfg.get("sliding_window")) or \
+                "sliding_attention" in (cfg.get("layer_types") or []):
+            raise UserError(f"{where}: sliding-window attention is not supported (use_sliding_window / layer_types)")
+        if cfg.get("mlp_bias") or (arch != "qwen2" and cfg.get("attention_bias")):
+            raise UserError(f"{where}: {'mlp_bias' if cfg.get('mlp_bias') else 'attention_bias'} is not supported "
+                            f"(biases: Qwen2's q/k/v only)")
         heads = cfg["num_attention_heads"]
         try:
             return ModelConfig(
@@ -139,7 +153,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.arch == "qwen2" or cfg.hf_config.get("attention_bias", False)
+        bias = cfg.arch == "qwen2"  # Qwen2's q/k/v biases (ModelConfig.from_hf refuses others)
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)

@@ -31,8 +31,6 @@ TINY = {  # name -> HF config dict; every architecture and bias/tie/head_dim var
                                         head_dim=32),  # head_dim != hidden / heads, as in real Qwen3
     "llama": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
                                intermediate_size=128, tie_word_embeddings=False, arch="LlamaForCausalLM"),
-    "llama_attention_bias": model.tiny_config(1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
-                                              tie_word_embeddings=False, arch="LlamaForCausalLM", attention_bias=True),
 }
 
 

@@ -280,6 +280,31 @@ def test_error_unsupported_architecture(tmp_path):
         load_model(path)
 
 
+@pytest.mark.parametrize("arch,fields,message", [
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8}, "sliding-window attention"),
+    ("Qwen3ForCausalLM", {"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window attention"),
+    ("Qwen2ForCausalLM", {"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+    ("LlamaForCausalLM", {"attention_bias": True}, "attention_bias is not supported"),
+    ("Qwen3ForCausalLM", {"attention_bias": True}, "attention_bias is not supported"),
+    ("LlamaForCausalLM", {"mlp_bias": True}, "mlp_bias is not supported"),
+    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 rope scaling without "
+     "low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope scaling 'yarn'"),
+])
+def test_config_fields_the_model_does_not_build_are_refused(arch, fields, message):
+    """A field that would change the logits (transformers honours it) is one clear error, not silently dropped."""
+    with pytest.raises(common.UserError, match=message):
+        model_module.ModelConfig.from_hf(tiny_config(64, arch=arch, **fields))
+
+
+def test_config_fields_that_change_nothing_are_accepted():
+    for fields in ({"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 2},  # Qwen2.5's
+                   {"layer_types": ["full_attention"] * 2}, {"hidden_act": "swish"},
+                   {"rope_scaling": {"rope_type": "default"}}, {"attention_bias": False, "mlp_bias": False}):
+        assert model_module.ModelConfig.from_hf(tiny_config(64, arch="LlamaForCausalLM", **fields)).rope_scaling is None
+    assert model_module.ModelConfig.from_hf(tiny_config(64, attention_bias=True)).arch == "qwen2"  # Qwen2's biases, as always
+
+
 @pytest.mark.slow  # a subprocess that imports torch
 def test_error_cli_prints_one_line(tmp_path):
     import subprocess
