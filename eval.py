@@ -23,7 +23,7 @@ import common
 import parallel
 import tasks
 from common import UserError, print0
-from model import check_checkpoint
+from model import check_checkpoint, weight_files
 from scoring import generate_and_score, markdown_table, summarize, summary_row
 
 # -----------------------------------------------------------------------------
@@ -108,14 +108,31 @@ def unique_names(names, given, flag, what):
     return names
 
 
+def inputs_of(ckpt, split_path):
+    """[size, modification time] of each file a pair is computed from: a checkpoint rebuilt under the same path (a
+    re-run stage) or an edited split then gives other numbers, and the pair is evaluated again."""
+    files = weight_files(ckpt) + [os.path.join(ckpt, "config.json"), split_path]
+    return {os.path.abspath(f): [os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files}
+
+
+def changed_files(old, new):
+    return [f for f in {**old, **new} if old.get(f) != new.get(f)]
+
+
 def read_done(summary_path, samples_path, settings, records, task):
-    """A finished pair's summary, if its settings match this run's; recomputed when pass_k changed."""
+    """A finished pair's summary, if its settings match this run's (None: its inputs changed since, evaluate it
+    again); recomputed when pass_k changed."""
     try:
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
         old = summary["settings"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{summary_path}: cannot read this earlier result ({e}); pass --overwrite true")
+    if old.get("inputs") not in (None, settings["inputs"]):  # (a summary from before inputs were recorded: as is)
+        print0(f"{summary_path}: its checkpoint or split changed since (size or time of "
+               f"{', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], settings['inputs'])))}); "
+               f"evaluating again")
+        return None
     diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]]
     if diff:
         raise UserError(f"{summary_path} was made with other settings "
@@ -166,7 +183,8 @@ def main(argv=None):
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template,
-                "dtype": str(dtype).replace("torch.", ""), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k))}
+                "dtype": str(dtype).replace("torch.", ""), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
+                "inputs": inputs_of(ckpt, split_path)}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others
     plan = {"error": None, "done": {}}
@@ -177,9 +195,10 @@ def main(argv=None):
                     pair_dir = os.path.join(args.out_dir, name, split_name)
                     summary_path = os.path.join(pair_dir, "summary.json")
                     if os.path.isfile(summary_path) and not args.overwrite:
-                        plan["done"][f"{name}/{split_name}"] = read_done(
-                            summary_path, os.path.join(pair_dir, "samples.jsonl"), settings_of(ckpt, split_path),
-                            records, task)
+                        done = read_done(summary_path, os.path.join(pair_dir, "samples.jsonl"),
+                                         settings_of(ckpt, split_path), records, task)
+                        if done is not None:
+                            plan["done"][f"{name}/{split_name}"] = done
         except UserError as e:
             plan["error"] = str(e)
     plan = parallel.all_gather_json(plan)[0]
@@ -214,6 +233,8 @@ def main(argv=None):
             summary = {"checkpoint": name, "split": split_name, "settings": settings_of(ckpt, split_path), **metrics}
             if rank == 0:
                 pair_dir = os.path.join(args.out_dir, name, split_name)
+                if os.path.exists(os.path.join(pair_dir, "summary.json")):  # an old summary must not mark new samples
+                    os.remove(os.path.join(pair_dir, "summary.json"))
                 common.write_jsonl(os.path.join(pair_dir, "samples.jsonl"), samples)
                 common.write_json(os.path.join(pair_dir, "summary.json"), summary)  # last: marks the pair done
             tokens = sum(s["length"] for s in samples)

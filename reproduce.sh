@@ -16,9 +16,10 @@
 # Optional, LIMR=1 (arXiv 2502.11886): a probe RL run on the whole pool -> lim_select.py -> RL from the same start on
 #   the LIM subset and on a random one of its size (RAND) for equal steps -> evaluation of FULL, LIM and RAND; a preset
 #   that sets LIMR_ONLY=1 runs only this (from a base model: LIMR's own setting).
-# Every stage writes OUT/done/STAGE (its wall seconds) last and is skipped when that exists; a stage
-# that was killed is re-run with --resume (SFT, RL) or skips what it finished (eval), so re-running
-# this script after a crash continues where it stopped. OUT/times.tsv logs every finished attempt.
+# Every stage writes OUT/done/STAGE (its wall seconds and command) last and is skipped when that exists with the
+# same command (another command, e.g. a changed setting or seed, is an error naming both); a stage that was killed
+# is re-run with --resume (SFT, RL) or skips what it finished (eval), so re-running this script after a crash
+# continues where it stopped. OUT/times.tsv logs every finished attempt.
 # Seeds: SEED=S (default 1) is the seed a preset derives every stage's seeds from; seed 1 is the preset as
 # measured. SEEDS=N runs seeds 1..N one after another, seed 1 in OUT and seed S in OUT/seed_S (a finished seed is
 # skipped like any stage), then report.py tables each model's mean ± std over them and every seed's row.
@@ -32,7 +33,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; ls config; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; ls config; exit 0 ;;
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
     *) PRESET="$arg" ;;
   esac
@@ -55,7 +56,16 @@ export PYTHONUNBUFFERED=1
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
+  local what="${cmd#"$LAUNCH "}"  # the command without its launcher: another number of GPUs may take over a run
   if [[ -f "$OUT/done/$name" ]]; then
+    local was; was=$(tail -n +2 "$OUT/done/$name")  # line 1: seconds; then the command (none: an older marker)
+    if [[ -n "$was" && "$was" != "$what" ]]; then
+      echo "error: stage $name in $OUT was done with another command, so its outputs are not these settings':" >&2
+      echo "  was: $was" >&2
+      echo "  now: $what" >&2
+      echo "  use another OUT, or delete OUT/done/$name and the markers of the stages after it to run them again" >&2
+      exit 1
+    fi
     echo "== $name: done (OUT/done/$name), skipped"
     return 0
   fi
@@ -67,7 +77,7 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   local seconds=$((SECONDS - t0))
   mkdir -p "$OUT/done"
   printf '%s\t%s\t%s\t%s\n' "$name" "$seconds" "$DEVICES" "$DEVICE_KIND" >> "$OUT/times.tsv"
-  echo "$seconds" > "$OUT/done/$name"
+  printf '%s\n%s\n' "$seconds" "$what" > "$OUT/done/$name"
   echo "== $name: finished in ${seconds}s"
 }
 

@@ -78,6 +78,16 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
              "--pass_k", "1", "2"] + FAST)
     log = capsys.readouterr().out
     assert "skipped" in log and "loaded" not in log
+    # a checkpoint rebuilt under the same path (a re-run stage): the pair is evaluated again, not reused
+    import shutil
+    ckpt = shutil.copytree(tiny_checkpoint, str(tmp_path / "ckpt"))
+    args = ["--checkpoints", ckpt, "--names", "c", "--splits", split, "--out_dir", out2] + FAST
+    ev.main(args)
+    os.utime(os.path.join(ckpt, "model.safetensors"), ns=(1, 1))
+    capsys.readouterr()
+    ev.main(args)
+    log = capsys.readouterr().out
+    assert "changed since (size or time of model.safetensors); evaluating again" in log and "loaded" in log
     # a re-run with other generation settings refuses, unless --overwrite
     with pytest.raises(common.UserError, match="other settings.*max_new_tokens"):
         ev.main(["--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split, "--out_dir", out2]

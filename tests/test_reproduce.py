@@ -134,6 +134,18 @@ def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
 
 
 @pytest.mark.slow  # the micro_run fixture
+def test_a_finished_stage_with_another_command_is_an_error_not_a_skip(micro_run):
+    """Seed 2 into seed 1's OUT: every stage's command differs (its seeds), so the first one stops the run with both
+    commands named, instead of passing off seed 1's outputs as seed 2's."""
+    out, _ = micro_run
+    marker = open(f"{out}/done/data").read().splitlines()
+    assert marker[0].isdigit() and "kk_data.py" in marker[1]  # seconds, then the command
+    proc = run_reproduce("micro", env={"MICRO_OUT": out, "SEED": "2"}, check=False)
+    assert proc.returncode == 1 and "error: stage data in " + out + " was done with another command" in proc.stderr
+    assert "  was: " + marker[1] in proc.stderr and "  now: " in proc.stderr
+
+
+@pytest.mark.slow  # the micro_run fixture
 def test_seeds_2_runs_a_second_seed_and_tables_mean_std(micro_run):
     out, _ = micro_run
     proc = run_reproduce("micro", env={"MICRO_OUT": out, "SEEDS": "2"})
