@@ -45,6 +45,13 @@ from scoring import validate
 # the settings a resumed run must share with the original: they decide the data order and the schedule
 RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_per_step", "samples_per_prompt", "seed",
                 "lr", "warmup_steps")
+# ... and what each step samples and optimises, checked against the settings the checkpoint saved (those its
+# version had), so a resume cannot mix two objectives in one run; the rest (memory, logging, --max_steps) may change
+RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "clip_low", "clip_high",
+                 "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator", "ref_model",
+                 "entropy_coef", "adv_weight", "rollout_is", "rollout_is_cap", "dwa_s", "dwa_alpha",
+                 "drop_zero_variance_groups", "mask_truncated", "grad_clip", "adam_8bit", "dtype")
+# (AdamW's betas and weight decay: ckpt.load_local_train_state checks them against the optimizer state)
 
 
 def get_parser():
@@ -473,6 +480,8 @@ def main(argv=None):
     if checkpoint is not None:
         start_step, init_path, state, train_shard = checkpoint
         ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity)
+        saved = {k: v for k, v in state.get("settings", {}).items() if k in RUN_OBJECTIVE}
+        ckpt.check_run_identity(args.out_dir, saved, {k: getattr(args, k) for k in saved})
         print0(f"resuming from {init_path} (step {start_step})")
     model = parallel.prepare_training(load_model(init_path, dtype=torch.float32, device=device), dtype, args)
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,

@@ -235,7 +235,7 @@ def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
     """--keep_last 2: the older saves are deleted, except the weights of a --keep_steps step. At --resume: a newer
     checkpoint without weights is skipped (and pruned at the next save, not the new saves), the shard a kill inside
     a prune left goes, the rollout logs of steps after the checkpoint go, and changed AdamW settings (which the
-    optimizer state would silently replace) are refused."""
+    optimizer state would silently replace) or sampling settings (two objectives in one run) are refused."""
     out = tmp_path / "keep"
     assert train_rl.main(rl_args(toy, out, max_steps=4, save_every=1, keep_last=2, keep_steps=1)) == 0
     assert ckpt.checkpoint_steps(str(out)) == [3, 4]
@@ -244,6 +244,9 @@ def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
     assert [n for n in names if ".train." in n] == ["step_000003.train.rank0.pt", "step_000004.train.rank0.pt"]
     with pytest.raises(common.UserError, match=r"optimizer settings.*betas: was \[0.5, 0.999\], now \[0.9, 0.999\]"):
         train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True, beta1=0.9))
+    with pytest.raises(common.UserError, match=r"different settings than the run's: temperature: was 0.7, now 0.5$"):
+        train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True,
+                              temperature=0.5))
     state = torch.load(ckpt.checkpoint_dir(str(out), 4) + ".state.pt", weights_only=True)
     torch.save({**state, "step": 7}, ckpt.checkpoint_dir(str(out), 7) + ".state.pt")  # no weights, no shard
     torch.save({}, ckpt.checkpoint_dir(str(out), 2) + ".train.rank0.pt")  # its state file already pruned
