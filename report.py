@@ -22,6 +22,10 @@ def get_parser():
     p.add_argument("--out_dir", default="runs/tiny", help="reproduce.sh's output directory")
     p.add_argument("--preset", default="", help="preset name, for the heading")
     p.add_argument("--plots", type=common.str2bool, default=True, help="write PNG plots when matplotlib is installed")
+    p.add_argument("--seeds", type=int, default=0,
+                   help="the seeds of the study (reproduce.sh's SEEDS): seed 1 in --out_dir, seed S in seed_S/; "
+                        "0 = every seed_S/ there (reproduce.sh passes its SEEDS, so a folder left by an earlier, "
+                        "larger SEEDS does not enter the mean)")
     return p
 
 
@@ -174,19 +178,20 @@ def read_summaries(run_dir):
     return summaries
 
 
-def seed_runs(out_dir):
-    """reproduce.sh's seeds (SEEDS=N): seed 1 is OUT_DIR itself, seed S > 1 is OUT_DIR/seed_S. [(seed, dir)]."""
+def seed_runs(out_dir, seeds=0):
+    """reproduce.sh's seeds (SEEDS=N): seed 1 is OUT_DIR itself, seed S > 1 is OUT_DIR/seed_S; seeds > 0: only
+    1..seeds. [(seed, dir)]."""
     more = [(int(name[5:]), os.path.join(out_dir, name)) for name in os.listdir(out_dir)
             if name.startswith("seed_") and name[5:].isdigit() and os.path.isdir(os.path.join(out_dir, name))]
-    return [(1, out_dir)] + sorted(more)
+    return [(1, out_dir)] + sorted(r for r in more if not seeds or r[0] <= seeds)
 
 
-def seed_tables(out_dir, difficulty):
+def seed_tables(out_dir, difficulty, seeds=0):
     """Over the seeds of reproduce.sh (SEEDS=N): each model's test accuracy as mean ± std, every seed's row, and
     the two headline figures per seed: RL's gain over its cold start and the share of it that re-distillation
     recovers. [] with fewer than two finished seeds."""
     runs = []
-    for seed, run_dir in seed_runs(out_dir):
+    for seed, run_dir in seed_runs(out_dir, seeds):
         summaries = read_summaries(run_dir)
         if "sft" in summaries and "rl" in summaries:  # a seed counts once its study is evaluated
             runs.append((seed, run_dir, summaries))
@@ -231,12 +236,15 @@ def seed_tables(out_dir, difficulty):
              "GRPO gain over its start (rl - sft, overall): {:+.1f} ± {:.1f} points; "
              "per seed ".format(*mean_std(gains))
              + ", ".join(f"{g:+.1f}" for g in gains) + "."]
+    gained = sum(g > 0 for g in gains)
     for name, share in shares.items():
         if share:
             mean, std = mean_std(share)
-            lines.append(f"{name} recovers {100 * mean:.0f}% ± {100 * std:.0f}% of RL's gain "
-                         f"((acc - sft) / (rl - sft), over the {len(share)} of {len(runs)} seeds where RL gained); per "
-                         "seed " + ", ".join(f"{100 * x:.0f}%" for x in share) + ".")
+            over = (f"the {len(share)} of {len(runs)} seeds where RL gained" if len(share) == gained else
+                    f"{len(share)} seed(s): where RL gained ({gained} of {len(runs)}) and {name} was evaluated")
+            lines.append(f"{name} recovers {100 * mean:.0f}%" + (f" ± {100 * std:.0f}%" if len(share) > 1 else "")
+                         + f" of RL's gain ((acc - sft) / (rl - sft), over {over}); per seed "
+                         + ", ".join(f"{100 * x:.0f}%" for x in share) + ".")
     lines += ["", "Per seed:", "", markdown_table(headline, digits=3), "", markdown_table(per_seed, digits=3)]
     return lines
 
@@ -291,6 +299,7 @@ def write_results(out, lines):
 
 def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
+    common.check_non_negative(args, "seeds")
     out = args.out_dir
     times = read_times(os.path.join(out, "times.tsv"))
     rollouts, metrics, rl_settings = rl_rollouts(os.path.join(out, "rl"))
@@ -369,7 +378,7 @@ def main(argv=None):
                   "(pooled over the sets)",
                   "", markdown_table(select_rows, digits=4)]
 
-    write_results(out, lines + seed_tables(out, difficulty) + limr + wall_time_lines(times))
+    write_results(out, lines + seed_tables(out, difficulty, args.seeds) + limr + wall_time_lines(times))
     if args.plots:
         for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries,
                           rl_settings.get("temperature"), difficulty):

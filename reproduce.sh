@@ -121,9 +121,9 @@ $dir/rand/$final --names start full_$seed lim_$seed rand_$seed --out_dir $OUT/li
 # ---- the final table (and plots when matplotlib is installed); always re-made, it is cheap
 report() {
   echo "== report"
-  echo "+ python report.py --out_dir $OUT --preset $PRESET"
+  echo "+ python report.py --out_dir $OUT --preset $PRESET --seeds $SEEDS"
   [[ "$DRY_RUN" == 1 ]] && exit 0
-  python report.py --out_dir "$OUT" --preset "$PRESET"
+  python report.py --out_dir "$OUT" --preset "$PRESET" --seeds "$SEEDS"
 }
 
 # ---- SEEDS=N: the whole study once per seed (seed 1 in OUT, seed S in OUT/seed_S; LIMR, when asked, with seed 1

@@ -174,6 +174,14 @@ def test_seeds_table_mean_std_and_every_seeds_row(run_dir):
     assert "| 1 | 0.250 | 0.425 | +17.5 | 384 | 0.300 | 29% | 13 | 0.290 | 10.1 |" in text  # 605 s in times.tsv
     assert "| 2 | 0.300 | 0.400 | +10.0 | 256 | 0.380 | 80% | 9 | – | 0.0 |" in text  # no probe, no times
     assert "| rl | 2 | 0.400 | 0.400 | 0.400 |" in text  # every seed's own row
+    # reproduce.sh passes its SEEDS: seed_2 left by an earlier SEEDS=2 does not enter a SEEDS=1 report
+    report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "1"])
+    assert "seeds" not in (run_dir / "results.md").read_text()
+    # RL gained in both seeds, redistill_A evaluated in one: the share says so, with no ± for one value
+    os.remove(seed2 / "eval" / "redistill_A" / "test" / "summary.json")
+    report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "2"])
+    assert ("redistill_A recovers 29% of RL's gain ((acc - sft) / (rl - sft), over 1 seed(s): where RL gained (2 of "
+            "2) and redistill_A was evaluated); per seed 29%.") in (run_dir / "results.md").read_text()
 
 
 def test_no_seeds_table_for_one_seed(run_dir):
