@@ -259,6 +259,7 @@ def load_local_train_state(model, optimizer, shard):
             local_tensor(p).copy_(shard["weights"][name])
     sd = shard["optimizer"]
     # the saved groups' hyperparameters would silently replace the ones given now (and logged in settings.json)
+
     def plain(v):  # betas come back from a checkpoint as a list or a tuple
         return list(v) if isinstance(v, (list, tuple)) else v
     for now, saved in zip(optimizer.param_groups, sd["param_groups"]):
