@@ -690,7 +690,9 @@ def tiny_config(vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_he
 
 def build_model(hf_config: dict, seed=0, std=0.02) -> Transformer:
     """A Transformer of this config.json dict with fresh weights like HF's initialisation: normal(0, std)
-    matrices, zero biases, unit norms."""
+    matrices, zero biases, unit norms. The numbers are drawn on the CPU whatever the default device (a `with
+    torch.device("cuda")` around this would otherwise draw on the GPU with the CPU generator: an error), so a seed
+    gives the same weights on every device."""
     model = Transformer(ModelConfig.from_hf(hf_config))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -700,5 +702,5 @@ def build_model(hf_config: dict, seed=0, std=0.02) -> Transformer:
             elif p.ndim == 1:
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu") * std)
     return model

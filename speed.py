@@ -169,6 +169,7 @@ def gpu_suite(args):
         del model
         sections = {"correctness": suite_correctness, "attention": suite_attention, "train_step": suite_train_step,
                     "generation": suite_generation, "sft": suite_sft, "rl": suite_rl}
+        write()  # the setup's record, before the first section can fail or time out
         for section in args.sections:
             print(f"--- {section}", flush=True)
             t0 = time.time()
@@ -178,6 +179,7 @@ def gpu_suite(args):
                 traceback.print_exc()
                 result[section] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
             result[section]["seconds"] = time.time() - t0
+            engine.release()  # generation's kept weights, KV cache and graphs: not the next section's memory
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             write()
@@ -337,14 +339,18 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=True)
         run_hf(hf, prompts[:2], lengths[:2 * samples], samples, stop_id)
         reset_peak(device)
+        # the first run of a workload captures its CUDA graphs (each (rows, columns) shape once); the second replays
+        t_ours_first = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
         t_ours = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
         mem_ours = peak_gb(device)
+        run_ours(model, prompts, lengths, samples, stop_id, fused=True)
         t_fused = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=True), device)
         t_eager = (timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, graphs=False), device)
                    if n_prompts == sizes["gen_prompts"][0] else None)  # what the graphs gain, on the smaller workload
         reset_peak(device)
         t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
-        w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours, "hf_s": t_hf,
+        w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours,
+             "ours_first_run_s": t_ours_first, "hf_s": t_hf,
              "ours_tok_s": sum(lengths) / t_ours, "hf_tok_s": sum(lengths) / t_hf, "speedup_vs_hf": t_hf / t_ours,
              "ours_fused_s": t_fused, "ours_fused_tok_s": sum(lengths) / t_fused, "ours_eager_s": t_eager,
              "peak_mem_gb_ours": mem_ours, "peak_mem_gb_hf": peak_gb(device)}
@@ -388,11 +394,16 @@ def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, s
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         kernel[length] = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
         count[length] = len(kernels)
+        by_name = collections.Counter()
+        for e in kernels:
+            by_name[e.name] += e.time_range.elapsed_us()
     a, b = step_lens
     steps = b - a
     step_wall, step_kernel = (wall[b] - wall[a]) / steps, (kernel[b] - kernel[a]) / steps
     return {"rows": n_prompts * samples, "step_ms_wall": step_wall * 1e3, "step_ms_kernels": step_kernel * 1e3,
-            "kernels_per_step": (count[b] - count[a]) / steps, "gpu_busy_fraction": step_kernel / step_wall}
+            "kernels_per_step": (count[b] - count[a]) / steps, "gpu_busy_fraction": step_kernel / step_wall,
+            # which attention kernel decodes (cuDNN's SDPA would build a plan per shape): by time, the longer run
+            "top_kernels": [name[:120] for name, _ in by_name.most_common(8)]}
 
 
 # ops that launch no kernel: views, allocations, no-op casts
@@ -470,12 +481,13 @@ def decode_kernels_per_layer(hf_cfg, rows=8, seed=0, **engine_settings):
 def checkpoints_skipped():
     """sft and rl measure compute: checkpoint writes (3 to 18 GB at 1.5B, timed by the disk) become no-ops."""
     import model as model_module
-    saved = ckpt.save_checkpoint, model_module.save_model
-    ckpt.save_checkpoint = model_module.save_model = lambda *a, **k: None
+    import redistill_sft  # (its final save: a name it imported)
+    saved = ckpt.save_checkpoint, model_module.save_model, redistill_sft.save_model
+    ckpt.save_checkpoint = model_module.save_model = redistill_sft.save_model = lambda *a, **k: None
     try:
         yield
     finally:
-        ckpt.save_checkpoint, model_module.save_model = saved
+        ckpt.save_checkpoint, model_module.save_model, redistill_sft.save_model = saved
 
 
 def suite_sft(base, tok, records, sizes, device, seed, tmp):
@@ -570,10 +582,14 @@ def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
     backend = {"sdpa_default": "sdpa", "sdpa_cudnn_deprioritized": "sdpa"}.get(variant, variant)
     nh, nkv, hd = shape
 
+    drawn = {}  # q, k, v per length set, drawn once on the CPU (~0.2 s): outside the timings
+
     def inputs(lens):
-        g = torch.Generator().manual_seed(seed)
-        return [torch.randn(1, h, sum(lens), hd, generator=g).to(device, dtype).requires_grad_()
-                for h in (nh, nkv, nkv)]
+        if tuple(lens) not in drawn:
+            g = torch.Generator().manual_seed(seed)
+            drawn[tuple(lens)] = [torch.randn(1, h, sum(lens), hd, generator=g).to(device, dtype)
+                                  for h in (nh, nkv, nkv)]
+        return [t.clone().requires_grad_() for t in drawn[tuple(lens)]]
 
     def call(lens):
         q, k, v = inputs(lens)
@@ -583,6 +599,7 @@ def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
         return out, q, k, v
 
     result = {"variant": variant}
+    inputs(lens_a), inputs(lens_b)
     result["first_call_s"] = timed(lambda: call(lens_a), device)
     result["repeat_s"] = statistics.median(timed(lambda: call(lens_a), device) for _ in range(3))
     result["new_shapes_first_call_s"] = timed(lambda: call(lens_b), device)
@@ -619,21 +636,28 @@ def suite_attention(base, tok, records, sizes, device, seed, tmp):
         if not runnable[variant]:
             out["variants"].append({"variant": variant, "skipped": "not available here"})
             continue
-        if variant == "sdpa_cudnn_deprioritized":  # a fresh process, the variable set before torch reads it
-            saved = os.path.join(tmp, "attention_variant.safetensors")
-            code = ("import json, speed; from safetensors.torch import save_file; "
-                    f"r, t = speed.attention_variant({variant!r}, {shape!r}, {lens_a!r}, {lens_b!r}, "
-                    f"{str(device)!r}, {seed}); save_file(dict(zip('oqkv', t)), {saved!r}); print(json.dumps(r))")
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                                  env=dict(os.environ, TORCH_CUDNN_SDPA_DEPRIORITIZED="1"),
-                                  cwd=os.path.dirname(os.path.abspath(__file__)))
-            if proc.returncode != 0:
-                out["variants"].append({"variant": variant, "error": proc.stderr[-2000:]})
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            tensors = [load_file(saved)[name] for name in "oqkv"]
-        else:
-            r, tensors = attention_variant(variant, shape, lens_a, lens_b, str(device), seed)
+        try:  # one variant failing (a cuDNN error, memory, its process's time limit) leaves the others' results
+            if variant == "sdpa_cudnn_deprioritized":  # a fresh process, the variable set before torch reads it
+                saved = os.path.join(tmp, "attention_variant.safetensors")
+                code = ("import json, speed; from safetensors.torch import save_file; "
+                        f"r, t = speed.attention_variant({variant!r}, {shape!r}, {lens_a!r}, {lens_b!r}, "
+                        f"{str(device)!r}, {seed}); save_file(dict(zip('oqkv', t)), {saved!r}); print(json.dumps(r))")
+                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                                      env=dict(os.environ, TORCH_CUDNN_SDPA_DEPRIORITIZED="1"),
+                                      cwd=os.path.dirname(os.path.abspath(__file__)))
+                if proc.returncode != 0:
+                    out["variants"].append({"variant": variant, "error": proc.stderr[-2000:]})
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                tensors = [load_file(saved)[name] for name in "oqkv"]
+            else:
+                r, tensors = attention_variant(variant, shape, lens_a, lens_b, str(device), seed)
+        except Exception as e:  # noqa: BLE001 -- recorded with the variant
+            traceback.print_exc()
+            out["variants"].append({"variant": variant, "error": f"{type(e).__name__}: {e}"[-2000:]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         ref = ref or tensors
         r.update({f"max_abs_diff_{name}": (a - b).abs().max().item()
                   for name, a, b in zip(("out", "dq", "dk", "dv"), tensors, ref)})
@@ -742,12 +766,13 @@ def memory_at_peak(entries, baseline=0, top=12, source_root=None):
 @contextmanager
 def update_memory_recorded(result):
     """On CUDA, record the allocator's history through train_rl.update (the RL update) and put memory_at_peak of it
-    into result["update_memory"]: what holds the memory at the update's peak."""
+    into result["update_memory"]: what holds the memory at the update's peak. Its analysis runs after the step; the
+    recording itself (a Python stack per allocation) stays in the step's training time, which the result notes."""
     import train_rl
     if not torch.cuda.is_available():
         yield
         return
-    real = train_rl.update
+    real, recorded = train_rl.update, []
 
     def update(*args, **kwargs):
         baseline = torch.cuda.memory_allocated()
@@ -755,12 +780,14 @@ def update_memory_recorded(result):
         try:
             return real(*args, **kwargs)
         finally:
-            trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+            recorded.append((torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()], baseline))
             torch.cuda.memory._record_memory_history(enabled=None)
-            result["update_memory"] = memory_at_peak(trace, baseline)
 
     train_rl.update = update
     try:
         yield
     finally:
         train_rl.update = real
+        if recorded:
+            result["update_memory"] = memory_at_peak(*recorded[-1])
+            result["update_memory_note"] = "the update ran with the allocator's history recorded: train_s includes that"

@@ -297,6 +297,28 @@ def test_config_fields_the_model_does_not_build_are_refused(arch, fields, messag
         model_module.ModelConfig.from_hf(tiny_config(64, arch=arch, **fields))
 
 
+def test_build_model_draws_its_weights_on_the_cpu_whatever_the_default_device():
+    """The GPU suite builds the 1.5B model inside `with torch.device("cuda")`: a randn there takes the default
+    device, and a CUDA randn with build_model's CPU generator raises. The meta device stands in for CUDA here: the
+    device context fills in every factory call's device, which this outer mode then sees."""
+    from torch.overrides import TorchFunctionMode
+
+    class RandnDevices(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.devices = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.randn and "generator" in (kwargs or {}):
+                self.devices.add(str(kwargs.get("device")))
+            return func(*args, **(kwargs or {}))
+
+    seen = RandnDevices()
+    with seen, torch.device("meta"):
+        build_model(tiny_config(64), seed=3)
+    assert seen.devices == {"cpu"}
+
+
 def test_config_fields_that_change_nothing_are_accepted():
     for fields in ({"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 2},  # Qwen2.5's
                    {"layer_types": ["full_attention"] * 2}, {"hidden_act": "swish"},
