@@ -172,7 +172,8 @@ def load_sft_examples(paths, tokenizer, max_length):
 
     Returns a list of {"input_ids", "start" (index of the first response token), "id", "task", "file", "line"}.
     Loss goes on input_ids[start:] (the response and its EOS). An example longer than max_length, a missing
-    or non-string field, an empty prompt or a tokenizer without EOS is a UserError naming file and line.
+    or non-string field, an empty prompt, a response that already ends with the EOS text or a tokenizer without EOS
+    is a UserError naming file and line.
     Note: text sampled from a model and re-tokenized may split into slightly different tokens than the model
     produced (BPE is not unique); the text is the same, which is what the paper trains on too.
     """
@@ -184,6 +185,10 @@ def load_sft_examples(paths, tokenizer, max_length):
         with open_lines(path) as lines:
             for lineno, rec in lines:
                 check_sft_record(path, lineno, rec)
+                if rec["response"].rstrip().endswith(tokenizer.eos_token):
+                    raise UserError(f"{path}:{lineno}: field 'response' ends with the EOS text "
+                                    f"{tokenizer.eos_token!r}; SFT appends EOS itself, so it would train two: drop it "
+                                    f"from the file")
                 rows.append(rec)
                 where.append(lineno)
         if not rows:

@@ -90,6 +90,8 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
         ([good, {"id": "b", "prompt": "x"}], r"bad\.jsonl:2: missing field 'response'"),
         ([{"id": "b", "prompt": "x", "response": 3}], r"bad\.jsonl:1: field 'response' must be a string"),
         ([{"id": "b", "prompt": "", "response": "3"}], r"bad\.jsonl:1: empty prompt"),
+        ([good, {"id": "b", "prompt": "x", "response": "3" + tok.eos_token}],
+         r"bad\.jsonl:2: field 'response' ends with the EOS text .*SFT appends EOS itself"),
         ([good, good, {"id": "long", "prompt": "What is 1 + 2? " * 20, "response": "3"}],
          r"bad\.jsonl:3: example 'long' has \d+ tokens .* > max_length 40"),
         ([], r"bad\.jsonl: no examples"),
