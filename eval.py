@@ -128,17 +128,17 @@ def read_done(summary_path, samples_path, settings, records, task):
         old = summary["settings"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{summary_path}: cannot read this earlier result ({e}); pass --overwrite true")
-    if old.get("inputs") not in (None, settings["inputs"]):  # (a summary from before inputs were recorded: as is)
-        print0(f"{summary_path}: its checkpoint or split changed since (size or time of "
-               f"{', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], settings['inputs'])))}); "
-               f"evaluating again")
-        return None
     diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]]
     if diff:
         raise UserError(f"{summary_path} was made with other settings "
                         f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
                         f"now {', '.join(f'{k}={settings[k]!r}' for k in diff)}); "
                         "pass --overwrite true or use another --out_dir")
+    if old.get("inputs") not in (None, settings["inputs"]):  # (a summary from before inputs were recorded: as is)
+        print0(f"{summary_path}: its checkpoint or split changed since (size or time of "
+               f"{', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], settings['inputs'])))}); "
+               f"evaluating again")
+        return None
     if old.get("pass_k_asked") != settings["pass_k_asked"]:
         samples = common.read_jsonl(samples_path, required=("id", "reward", "finished", "length"))
         summary.update(summarize(samples, records, task.DIFFICULTY, settings["pass_k_asked"]))

@@ -34,8 +34,7 @@ def param_counts(cfg):
     """Parameters of model.Transformer(cfg), counted from the config: embed, one block, final norm, lm_head, total."""
     H, V, hd = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    bias = cfg.arch == "qwen2"  # as model.Attention decides
-    attn = H * q + 2 * H * kv + q * H + (q + 2 * kv if bias else 0) + (2 * hd if cfg.arch == "qwen3" else 0)
+    attn = H * q + 2 * H * kv + q * H + (q + 2 * kv if cfg.qkv_bias else 0) + (2 * hd if cfg.arch == "qwen3" else 0)
     block = attn + 3 * H * cfg.intermediate_size + 2 * H  # + gate/up/down, input and post-attention norms
     lm_head = 0 if cfg.tie_word_embeddings else V * H
     return {"embed": V * H, "block": block, "final_norm": H, "lm_head": lm_head,

@@ -57,6 +57,11 @@ class ModelConfig:
     max_position_embeddings: int
     hf_config: dict            # the config.json it came from, written back on save
 
+    @property
+    def qkv_bias(self) -> bool:
+        """Qwen2's q/k/v projections have biases; no other bias is built (from_hf refuses configs asking for one)."""
+        return self.arch == "qwen2"
+
     @staticmethod
     def from_hf(cfg: dict, where: str = "config.json") -> "ModelConfig":
         archs = cfg.get("architectures") or []
@@ -153,7 +158,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.arch == "qwen2"  # Qwen2's q/k/v biases (ModelConfig.from_hf refuses others)
+        bias = cfg.qkv_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
