@@ -411,7 +411,10 @@ NO_KERNEL_OPS = {f"aten::{name}" for name in (
     "view", "_unsafe_view", "slice", "select", "as_strided", "transpose", "t", "permute", "unsqueeze", "squeeze",
     "expand", "expand_as", "split", "split_with_sizes", "chunk", "narrow", "unbind", "alias", "detach", "reshape",
     "view_as", "flatten", "unflatten", "to", "contiguous", "lift_fresh", "empty", "empty_strided", "empty_like",
-    "resize_", "scalar_tensor", "result_type", "resolve_conj", "resolve_neg")} | {"TorchDynamo Cache Lookup"}
+    "resize_", "scalar_tensor", "result_type", "resolve_conj", "resolve_neg")}
+# host-side events whose ops never reach a GPU: dynamo's guard check before a compiled call (torch 2.11 also wraps
+# each float argument there as a CPU scalar tensor and reads it back with .item())
+HOST_ONLY_EVENTS = {"TorchDynamo Cache Lookup"}
 # composites whose parts are separate kernels on a GPU too: SDPA turns a boolean mask into an additive one first
 COMPOSITE_OPS = {"aten::scaled_dot_product_attention"}
 
@@ -419,9 +422,11 @@ COMPOSITE_OPS = {"aten::scaled_dot_product_attention"}
 def kernel_count(event):
     """Kernels a profiled CPU op would launch on a GPU, a proxy: each op the code calls counts one (how a CPU
     implements it inside does not matter), unless neither it nor anything it calls launches (views, no-op casts); a
-    composite in COMPOSITE_OPS counts its parts; a torch.compile'd region counts one."""
+    composite in COMPOSITE_OPS counts its parts; a torch.compile'd region counts one, HOST_ONLY_EVENTS none."""
     if event.name.startswith("Torch-Compiled Region"):
         return 1
+    if event.name in HOST_ONLY_EVENTS:
+        return 0
     if event.name in COMPOSITE_OPS:
         return sum(kernel_count(c) for c in event.cpu_children)
     return int(event.name not in NO_KERNEL_OPS or any(kernel_count(c) for c in event.cpu_children))

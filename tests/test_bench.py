@@ -88,6 +88,13 @@ def test_kernel_count_leaves_out_views_and_no_op_casts_and_splits_composites():
     # SDPA turns a boolean mask into an additive one before its kernel (what the decode step avoids)
     assert count(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=float_mask)) == 1
     assert count(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=bool_mask)) > 1
+    # dynamo's guard check runs on the host: torch 2.11 wraps a float argument there as a CPU scalar and reads it
+    # back (.item()), which would launch nothing on a GPU; the compiled region after it counts one
+    from types import SimpleNamespace as Event
+    item = Event(name="aten::item", cpu_children=[Event(name="aten::_local_scalar_dense", cpu_children=[])])
+    assert speed.kernel_count(item) == 1  # elsewhere a read-back is a GPU copy
+    assert speed.kernel_count(Event(name="TorchDynamo Cache Lookup", cpu_children=[item])) == 0
+    assert speed.kernel_count(Event(name="Torch-Compiled Region: 0/0", cpu_children=[item, item])) == 1
 
 
 def test_decode_step_writes_the_cache_once_per_layer_and_builds_masks_once_per_step():

@@ -60,8 +60,8 @@ def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
         with open(tmp_path / f"rank{rank}.json") as f:
             got = json.load(f)
         assert got["gathered"] == [{"rank": 0}, {"rank": 1}]
-        gloo = ("pt_gloo_runloop", "gloo_tcp_loop")
-        assert all(name in got["during"] for name in gloo), got["during"]  # the check sees gloo's threads ...
+        gloo = ("pt_gloo_runloop", "gloo_tcp_loop")  # torch 2.13 runs both; 2.11 only the first
+        assert any(name in got["during"] for name in gloo), got["during"]  # the check sees gloo's threads ...
         assert not any(name in got["after"] for name in gloo), got["after"]  # ... and after cleanup they are gone
 
 
