@@ -29,6 +29,7 @@ import gpu_memory
 import tasks
 import toy_task
 from common import parse_settings, run_main
+import engine
 from engine import generate
 from model import CHECKPOINT_KEEP, build_model, load_model, save_model, tiny_config
 from speed import (PEAK_BANDWIDTH, QWEN25_15B, SUITE_SECTIONS, bandwidth_floor, decode_kernels_per_layer, gpu_suite,
@@ -39,16 +40,19 @@ from tiny_base import build_tokenizer
 def get_parser():
     p = common.new_parser(__doc__)
     p.add_argument("--gpu", type=common.str2bool, default=False,
-                   help="GPU mode: Qwen2.5-1.5B architecture, random bf16 weights")
+                   help="GPU mode: Qwen2.5-1.5B architecture, random bf16 weights; each engine runs alone, ours "
+                        "after one untimed run of the same workload (defaults: 16 and 128 prompts, responses up to "
+                        "1024 tokens, 1 timed run each)")
     p.add_argument("--workloads", nargs="+", default=["rl", "fixed"], choices=["rl", "fixed"],
                    help="which workloads to run")
     p.add_argument("--prompts", type=int, nargs="+", default=None,
-                   help="numbers of prompts to run (default: 8 on CPU; 32 and 128 on GPU)")
+                   help="numbers of prompts to run (default: 8 on CPU; 16 and 128 on GPU)")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--min_len", type=int, default=None, help="shortest response of the rl workload (default 64)")
-    p.add_argument("--max_len", type=int, default=None, help="longest response (default 512 on CPU, 2048 on GPU)")
+    p.add_argument("--max_len", type=int, default=None, help="longest response (default 512 on CPU, 1024 on GPU)")
     p.add_argument("--fixed_len", type=int, default=256, help="response length of the fixed workload")
-    p.add_argument("--repeats", type=int, default=3, help="runs per engine; the median is reported")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs per engine; the median is reported (default 3 on CPU, interleaved; 1 on GPU)")
     p.add_argument("--skip_hf", type=common.str2bool, default=False, help="benchmark our engine only")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, prompts and lengths")
@@ -126,8 +130,8 @@ def main(argv=None):
         assert torch.cuda.is_available(), "--gpu needs CUDA"
         hf_cfg = tiny_config(151936, **QWEN25_15B)
         dtype = torch.bfloat16
-        prompt_counts = args.prompts or [32, 128]
-        max_len = args.max_len or 2048
+        prompt_counts = args.prompts or [16, 128]
+        max_len = args.max_len or 1024
     else:
         hf_cfg = tiny_config(8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1536,
                              max_position_embeddings=4096, tie_word_embeddings=True)
@@ -135,6 +139,7 @@ def main(argv=None):
         prompt_counts = args.prompts or [8]
         max_len = args.max_len or 512
     min_len = args.min_len or 64
+    repeats = args.repeats or (1 if args.gpu else 3)
     torch.manual_seed(args.seed)
     model = build_model(hf_cfg, seed=args.seed).to(device=device, dtype=dtype).eval()
     cfg = model.config
@@ -153,12 +158,24 @@ def main(argv=None):
         for n_prompts in prompt_counts:
             prompts, lengths = make_workload(kind, n_prompts, args.samples, min_len, max_len, args.fixed_len,
                                              cfg.vocab_size, args.seed)
-            run_ours(model, prompts[:2], lengths[:2 * args.samples], args.samples, stop_id)  # warm-up
+
+            def time_ours():
+                return timed(lambda: run_ours(model, prompts, lengths, args.samples, stop_id), device)
+
+            def time_hf():
+                return timed(lambda: run_hf(hf, prompts, lengths, args.samples, stop_id), device)
             t_ours, t_hf = [], []
-            for _ in range(args.repeats):  # interleaved, so a busy machine slows both engines alike
-                t_ours.append(timed(lambda: run_ours(model, prompts, lengths, args.samples, stop_id), device))
-                if hf is not None:
-                    t_hf.append(timed(lambda: run_hf(hf, prompts, lengths, args.samples, stop_id), device))
+            if args.gpu:  # the whole workload as warm-up (CUDA graphs captured for every bucket), then each engine
+                time_ours()
+                t_ours = [time_ours() for _ in range(repeats)]
+                engine.release()  # our kept KV cache and graphs would crowd transformers' cache out
+                t_hf = [time_hf() for _ in range(repeats)] if hf is not None else []
+            else:
+                run_ours(model, prompts[:2], lengths[:2 * args.samples], args.samples, stop_id)  # warm-up
+                for _ in range(repeats):  # interleaved, so a busy machine slows both engines alike
+                    t_ours.append(time_ours())
+                    if hf is not None:
+                        t_hf.append(time_hf())
             ours = statistics.median(t_ours)
             line = f"{kind:>8} {len(lengths):>5} {sum(lengths):>8} | {sum(lengths) / ours:>10.0f}"
             if hf is not None:
