@@ -3,6 +3,8 @@ Training runs that survive a kill: the optimizer and gradient clipping, run chec
 with the same settings) and the per-step metrics log. SFT and RL share all of it.
 """
 import glob
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -276,13 +278,24 @@ def load_local_train_state(model, optimizer, shard):
     optimizer.load_state_dict(sd)
 
 
-def check_run_identity(run_dir, saved: dict, now: dict):
+def check_run_identity(run_dir, saved: dict, now: dict, recorded_since=()):
     """--resume must continue the same run: settings that decide the data order or the schedule (`now`) must
-    equal the checkpoint's (`saved`); otherwise one line names each difference."""
-    changed = {k: (saved.get(k), now.get(k)) for k in {**saved, **now} if saved.get(k) != now.get(k)}
+    equal the checkpoint's (`saved`); otherwise one line names each difference. recorded_since: keys that
+    checkpoints of earlier versions do not hold, so not compared with those."""
+    changed = {k: (saved.get(k), now.get(k)) for k in {**saved, **now} if saved.get(k) != now.get(k)
+               and not (k in recorded_since and k not in saved)}
     if changed:
         raise UserError(f"{run_dir}: --resume with different settings than the run's: "
                         + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+
+
+def data_digest(rows):
+    """A short sha256 of a run's data, rows in order (each JSON-serialisable): the same path can hold other data
+    by the time a run resumes (a stage re-run into the same folder), and the run identity then tells them apart."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
+    return h.hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------

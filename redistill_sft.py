@@ -325,13 +325,14 @@ def main(argv=None):
     if args.global_batch < world:
         raise UserError(f"--global_batch {args.global_batch} < {world} ranks: every rank needs a sequence per step")
     total_steps = steps_per_epoch * args.epochs
-    identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_examples": len(train)}
+    identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {
+        "num_examples": len(train), "data_digest": ckpt.data_digest([e["input_ids"], e["start"]] for e in train)}
 
     # ---- model, optimizer, resume
     state = None
     if resume_from:
         step, resume_dir, state, train_shard = resume_from
-        ckpt.check_run_identity(args.out_dir, state["identity"], identity)
+        ckpt.check_run_identity(args.out_dir, state["identity"], identity, recorded_since=("data_digest",))
         if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); "
                    f"final weights in {final_dir}; nothing to do")

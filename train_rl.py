@@ -474,12 +474,14 @@ def main(argv=None):
     # ---- model: the policy, sharded (fp32 weights, `dtype` compute), its optimizer, the reference policy
     checkpoint = ckpt.resume_checkpoint(args.out_dir, args.resume)
     start_step, state, init_path = 0, {}, args.model
-    identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records)}
+    identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records),
+                                                              "train_data_digest": ckpt.data_digest(train_records)}
     if args.dynamic_sampling:  # (absent when off, so the runs of earlier versions resume)
         identity |= {"dynamic_sampling": True, "max_gen_batches": args.max_gen_batches}
     if checkpoint is not None:
         start_step, init_path, state, train_shard = checkpoint
-        ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity)
+        ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity,
+                                recorded_since=("train_data_digest",))
         saved = {k: v for k, v in state.get("settings", {}).items() if k in RUN_OBJECTIVE}
         ckpt.check_run_identity(args.out_dir, saved, {k: getattr(args, k) for k in saved})
         print0(f"resuming from {init_path} (step {start_step})")

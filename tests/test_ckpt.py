@@ -50,6 +50,20 @@ def test_a_resume_must_share_the_runs_identity_both_ways():
         ckpt.check_run_identity("run", {"seed": 1, "dynamic_sampling": True}, {"seed": 1})
     with pytest.raises(UserError, match="dynamic_sampling: was None, now True"):
         ckpt.check_run_identity("run", {"seed": 1}, {"seed": 1, "dynamic_sampling": True})
+    # a key that earlier versions did not record: not compared with their checkpoints, compared with later ones
+    ckpt.check_run_identity("run", {"seed": 1}, {"seed": 1, "data_digest": "ab"}, recorded_since=("data_digest",))
+    with pytest.raises(UserError, match="data_digest: was 'ab', now 'cd'"):
+        ckpt.check_run_identity("run", {"data_digest": "ab"}, {"data_digest": "cd"}, recorded_since=("data_digest",))
+    with pytest.raises(UserError, match="data_digest: was 'ab', now None"):
+        ckpt.check_run_identity("run", {"data_digest": "ab"}, {}, recorded_since=("data_digest",))
+
+
+def test_data_digest_follows_the_rows_and_their_order():
+    rows = [{"id": "a", "q": "x"}, {"id": "b", "q": "y"}]
+    assert ckpt.data_digest(rows) == ckpt.data_digest([dict(reversed(r.items())) for r in rows])  # key order: same
+    assert ckpt.data_digest(rows) != ckpt.data_digest(rows[::-1])  # the order decides what each step draws
+    assert ckpt.data_digest(rows) != ckpt.data_digest([rows[0], {"id": "b", "q": "z"}])
+    assert ckpt.data_digest([[1, 2], 3]) != ckpt.data_digest([[1], 2, 3])  # row bounds count
 
 
 def test_local_shard_optimizer_updates_sharded_weights_like_the_optimizer_on_them(tiny_checkpoint, tmp_path):

@@ -141,6 +141,15 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     for changed in ({"seed": 7}, {"prompts_per_step": 8}):  # would silently change the data order
         with pytest.raises(common.UserError, match=f"different settings.*{next(iter(changed))}: was"):
             train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True, **changed))
+    with open(toy["train"], "rb") as f:
+        original = f.read()
+    try:  # other prompts under the same path and count: other data
+        common.write_jsonl(toy["train"], toy_task.make_records(400, seed=5, split="train", max_value=4))
+        with pytest.raises(common.UserError, match="different settings.*train_data_digest: was"):
+            train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True))
+    finally:
+        with open(toy["train"], "wb") as f:
+            f.write(original)
     assert train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True)) == 0
     a, b = weights(ckpt.checkpoint_dir(str(full), 4)), weights(ckpt.checkpoint_dir(str(cut), 4))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
