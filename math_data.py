@@ -311,8 +311,6 @@ def normalize_answer(s: str) -> str:
     s = _UNIT_TEXT.sub("", s.strip())
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\s+", "", s)
-    if s.count("=") == 1 and re.match(r"[a-zA-Z]=", s):  # "x=3" -> "3"
-        s = s[2:]
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators
         s = s.replace(",", "")
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
@@ -324,6 +322,16 @@ def normalize_answer(s: str) -> str:
     if m:
         s = m.group(1)
     return s.rstrip(".")
+
+
+def same_normalized(pred: str, gold: str) -> bool:
+    """The fast path's verdict: equal normalized strings, where one side may name the variable the other leaves
+    out ("x=3" is "3"); both naming one, the names must agree ("x=5" is not "y=5": math-verify decides)."""
+    p, g = normalize_answer(pred), normalize_answer(gold)
+    if p == g:
+        return True
+    named_p, named_g = (s.count("=") == 1 and re.match(r"[a-zA-Z]=", s) is not None for s in (p, g))
+    return named_p != named_g and (p[2:] if named_p else p) == (g[2:] if named_g else g)
 
 
 # Things that must never reach math-verify: they can only be nonsense or an attack on sympy's time.
@@ -360,7 +368,7 @@ def score(response, record, finished) -> float:
         if pred is None or len(pred) > MAX_ANSWER_CHARS:
             return 0.0
         gold = str(record["answer"])
-        if normalize_answer(pred) == normalize_answer(gold):
+        if same_normalized(pred, gold):
             return 1.0
         if not (_fit_for_verifier(pred) and _fit_for_verifier(gold)):
             return 0.0

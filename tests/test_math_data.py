@@ -85,6 +85,8 @@ EQUAL = [
 
 # (gold, boxed prediction): near misses that must score 0.0
 UNEQUAL = [
+    ("x=5", "y=5"),  # a line's answer: the variable's name counts
+    ("y = -\\frac{47}{8}", "x = -\\frac{47}{8}"),
     ("\\frac{1}{2}", "\\frac{1}{3}"),
     ("\\frac{1}{2}", "2"),
     ("\\frac{1}{2}", "-\\frac{1}{2}"),
@@ -137,6 +139,11 @@ def test_task_interface():
     task = tasks.get_task("math")
     assert task is math_data and task.DIFFICULTY == "level"
     assert math_data.normalize_answer("f \\circ g") != math_data.normalize_answer("fg")
+    # a variable named on one side only is left out; named on both, the names must agree (math-verify agrees)
+    assert math_data.same_normalized("x=3", "3") and math_data.same_normalized("3", "x = 3")
+    assert math_data.same_normalized("y = 2x + 3", "y=2x+3")
+    assert not math_data.same_normalized("y=5", "x=5")
+    assert not math_data.same_normalized("x = -\\frac{47}{8}", "y = -\\frac{47}{8}")
 
 
 def test_enough_hand_written_cases():
