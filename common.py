@@ -94,6 +94,23 @@ def check_non_negative(args, *names):
             raise UserError(f"--{name} must be 0 or more, got {value}")
 
 
+def check_distinct_outputs(outputs, inputs=()):
+    """outputs: (flag, path) pairs, empty paths skipped; each must be a file of its own, and none an input file
+    (inputs: (flag, path) pairs), so one write cannot replace another's result or the data it was made from."""
+    seen = {}
+    for flag, path in outputs:
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"{flag} {path}: the same file as {seen[real]}; each output needs its own")
+        seen[real] = flag
+    for flag, path in inputs:
+        if path and os.path.realpath(path) in seen:
+            raise UserError(f"{seen[os.path.realpath(path)]} {path}: that is an input ({flag}); it would be "
+                            "overwritten")
+
+
 def str2bool(s) -> bool:
     if isinstance(s, bool):
         return s

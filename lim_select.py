@@ -167,9 +167,9 @@ def main(argv=None):
             raise UserError(f"--{name} is required")
     common.check_non_negative(args, "steps_per_epoch", "epochs")
     plot_out = os.path.splitext(args.out)[0] + ".png" if args.plot_out is None else args.plot_out
-    outputs = [p for p in (args.out, args.scores_out, args.random_out, plot_out) if p]
-    if len({os.path.abspath(p) for p in outputs}) < len(outputs):
-        raise UserError(f"the output files must differ: {', '.join(outputs)}")
+    common.check_distinct_outputs([("--out", args.out), ("--scores_out", args.scores_out),
+                                   ("--random_out", args.random_out), ("--plot_out", plot_out)],
+                                  [("--train_data", args.train_data)])
 
     # ---- the pool and the log
     task = tasks.get_task(args.task)

@@ -28,7 +28,7 @@ import engine
 import parallel
 import tasks
 from common import UserError, print0
-from model import check_checkpoint, kv_bytes_per_token, response_logprobs
+from model import check_checkpoint, kv_bytes_per_token, read_config, response_logprobs
 
 # -----------------------------------------------------------------------------
 # settings
@@ -46,7 +46,8 @@ def get_parser():
                    help="SFT jsonl file(s) {id, task, prompt, response}; each gets its own summary "
                         "(e.g. teacher traces vs re-distilled samples)")
     p.add_argument("--max_length", type=int, default=5000,
-                   help="longest SFT sample (prompt + response + EOS); longer is an error (as in redistill_sft.py)")
+                   help="longest SFT sample (prompt + response + EOS), at most the model's context; longer is an "
+                        "error (as in redistill_sft.py)")
     p.add_argument("--samples_per_prompt", type=int, default=8,
                    help="responses per evaluation prompt for the ∇J estimate (paper's rollout.n = 8); >= 2")
     p.add_argument("--temperature", type=float, default=0.7,
@@ -72,7 +73,8 @@ def get_parser():
                    help="CountSketch dimension for the projected inner product (0 = off; needs --exact)")
     p.add_argument("--proj_seed", type=int, default=0, help="seed of the CountSketch (keep it fixed to compare runs)")
     p.add_argument("--params", default="",
-                   help="regex: only parameters whose names match (re.search) count (default: all)")
+                   help="regex: only parameters whose names match (re.search) count (default: all); a tied lm_head "
+                        "is the embedding, matched under either name")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16")
     p.add_argument("--micro_batch_tokens", type=int, default=16384,
@@ -86,7 +88,8 @@ def get_parser():
                    help="write the top-K samples (pooled over all files) to --select_out (0 = off)")
     p.add_argument("--select_out", default=None, help="SFT jsonl for the top-K samples")
     p.add_argument("--select_bottom", default=None,
-                   help="also write the bottom-K samples here (the control of the top-K experiment)")
+                   help="also write the bottom-K samples here (the control of the top-K experiment; needs 2K <= the "
+                        "samples, so the two sets do not overlap)")
     p.add_argument("--select_by", default="sample_effect", choices=["sample_effect", "normalised"],
                    help="ranking of --select")
     p.add_argument("--log_every", type=int, default=100, help="a log line every this many SFT samples (per rank)")
@@ -100,9 +103,16 @@ def get_parser():
 
 def gen_chunk_size(num_prompts, world, gen_batch_size, k, cache_bytes_per_token, max_tokens, cache_budget_bytes):
     """Prompts per generation call: at most gen_batch_size; at most what keeps the KV cache (k rows per prompt, each
-    max_tokens long) within the budget; at most ⌈num_prompts / world⌉, so that every rank has a chunk."""
+    max_tokens long) within the budget; at most ⌈num_prompts / world⌉, so that the chunks spread over the ranks."""
     by_memory = int(cache_budget_bytes // (k * max_tokens * cache_bytes_per_token))
     return max(1, min(gen_batch_size, by_memory, math.ceil(num_prompts / world)))
+
+
+def chosen_parameters(model, param_re):
+    """The names (as named_parameters gives them) of the parameters param_re matches (re.search); a tied tensor is
+    matched under each of its names (a tied lm_head is the embedding)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return {name_of[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if param_re.search(n)}
 
 
 # -----------------------------------------------------------------------------
@@ -246,6 +256,11 @@ def summary_table(per_file, columns):
     return "\n".join(lines)
 
 
+def out_stem(path):
+    """--out without .jsonl: the summary is written beside it as <stem>.summary.json."""
+    return path[:-len(".jsonl")] if path.endswith(".jsonl") else path
+
+
 def write_selection(path, chosen):
     """Copy the chosen effect rows' original records verbatim (plus "sample_effect" and "source_file") into an SFT
     jsonl."""
@@ -290,8 +305,13 @@ def main(argv=None):
         param_re = re.compile(args.params)
     except re.error as e:
         raise UserError(f"--params {args.params!r}: not a valid regular expression ({e})")
+    common.check_distinct_outputs(
+        [("--out", args.out), ("(the summary)", out_stem(args.out) + ".summary.json"),
+         ("--select_out", args.select_out), ("--select_bottom", args.select_bottom)],
+        [("--sft_data", f) for f in args.sft_data] + [("--eval_data", args.eval_data)])
     task = tasks.get_task(args.task)
     check_checkpoint(args.checkpoint)
+    context = read_config(args.checkpoint).max_position_embeddings
 
     import torch
     from tqdm import tqdm
@@ -305,25 +325,33 @@ def main(argv=None):
 
     # ---- data: SFT samples (checked against --task) and evaluation prompts
     tokenizer = load_tokenizer(args.checkpoint)
-    examples = tasks.load_sft_examples(args.sft_data, tokenizer, args.max_length)
+    max_length = min(args.max_length, context)
+    if max_length < args.max_length:
+        print0(f"note: --max_length {args.max_length} > the model's context; using {max_length}")
+    examples = tasks.load_sft_examples(args.sft_data, tokenizer, max_length)
     for ex in examples:
         if ex["task"] is not None and ex["task"] != args.task:
             raise UserError(f"{ex['file']}:{ex['line']}: sample {ex['id']!r} is for task {ex['task']!r}, "
                             f"but --task is {args.task!r}")
     if args.select > len(examples):
         raise UserError(f"--select {args.select} > the {len(examples)} SFT samples given")
+    if args.select_bottom and 2 * args.select > len(examples):
+        raise UserError(f"--select {args.select} with --select_bottom: top and bottom would share "
+                        f"{2 * args.select - len(examples)} of the {len(examples)} SFT samples; use --select <= "
+                        f"{len(examples) // 2}")
     records = tasks.load_records(task, args.task, args.eval_data, tokenizer, args.template)
     records, eval_subset = tasks.stratified_subset(records, args.num_eval_prompts, task.DIFFICULTY, args.seed)
+    prompt_ids = tasks.task_prompt_ids(tokenizer, task, records, args.template)
+    tasks.check_prompts_fit(prompt_ids, records, args.max_new_tokens, context, args.eval_data)
     print0(f"evaluation prompts: {eval_subset}")
 
     # ---- model and the parameters that count
     t0 = time.time()
     model = load_model(args.checkpoint, dtype=torch.float32, device=device).eval()
-    named = [(n, p) for n, p in model.named_parameters() if param_re.search(n)]
-    if not named:
+    chosen = chosen_parameters(model, param_re)
+    if not chosen:
         raise UserError(f"--params {args.params!r} matches no parameter; names look like "
                         f"{', '.join(n for n, _ in list(model.named_parameters())[:4])}, ...")
-    chosen = {n for n, _ in named}
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
     model = parallel.prepare_training(model, compute_dtype, args)
@@ -341,8 +369,7 @@ def main(argv=None):
     gen_model = engine.GenWeights(model, compute_dtype)
     cfg = model.config  # bytes per cached token: keys and values of every layer, in the compute dtype
     per_token = kv_bytes_per_token(cfg, compute_dtype.itemsize)
-    prompts = [task.render_prompt(r, tokenizer, args.template) for r in records]
-    longest = max(map(len, tasks.encode_prompts(tokenizer, prompts)))
+    longest = max(map(len, prompt_ids))
     size = gen_chunk_size(len(records), world, args.gen_batch_size, args.samples_per_prompt, per_token,
                           longest + args.max_new_tokens, args.kv_cache_gib * 2**30)
     chunks = [list(range(s, min(s + size, len(records)))) for s in range(0, len(records), size)]
@@ -454,8 +481,7 @@ def main(argv=None):
                "grad_j": grad_j, "files": per_file}
     if rank == 0:
         common.write_jsonl(args.out, effects)
-        stem = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
-        common.write_json(stem + ".summary.json", summary)
+        common.write_json(out_stem(args.out) + ".summary.json", summary)
         if args.select:
             ranked = sorted(effects, key=lambda e: e[args.select_by], reverse=True)
             write_selection(args.select_out, ranked[:args.select])

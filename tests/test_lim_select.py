@@ -194,6 +194,22 @@ def test_bad_input_is_one_line_naming_the_place_and_nothing_is_written(hand, dam
     assert not hand["out"].exists()
 
 
+def test_an_output_on_an_input_or_another_output_is_refused_before_anything_is_written(hand):
+    pool_file = hand["dir"] / "pool.jsonl"
+    before = pool_file.read_bytes()
+
+    def with_setting(flag, value):
+        args = list(hand["args"])
+        args[args.index(flag) + 1] = value
+        return args
+    with pytest.raises(common.UserError, match=r"--out .*pool\.jsonl: that is an input \(--train_data\)"):
+        lim_select.main(with_setting("--out", str(pool_file)))
+    assert pool_file.read_bytes() == before
+    with pytest.raises(common.UserError, match=r"--random_out .*lim\.jsonl: the same file as --out"):
+        lim_select.main(with_setting("--random_out", str(hand["out"] / "lim.jsonl")))
+    assert not hand["out"].exists()
+
+
 def test_bad_input_from_the_command_line_exits_2_with_one_line(hand):
     break_line(hand["dir"] / "probe" / "rollouts" / "step_000003.jsonl", 1,
                json.dumps({"id": "nope", "reward": 1, "epoch": 1}))

@@ -238,6 +238,17 @@ def test_torchrun_two_ranks_match_one(setup):
         assert b["sample_effect_proj"] == pytest.approx(a["sample_effect_proj"], rel=1e-5, abs=1e-9)
 
 
+def test_params_match_a_tied_lm_head_under_either_name(setup):
+    import re
+    from model import load_model
+    model = load_model(setup["ckpt"])
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tiny checkpoint ties them
+    assert se.chosen_parameters(model, re.compile("lm_head")) == {"model.embed_tokens.weight"}
+    both = {"model.embed_tokens.weight", "model.norm.weight"}
+    assert se.chosen_parameters(model, re.compile(r"lm_head|model\.norm")) == both
+    assert se.chosen_parameters(model, re.compile("no_such")) == set()
+
+
 def test_bad_input(setup, tmp_path):
     d, args = setup["dir"], setup["args"]
     sft = str(d / "teacher.jsonl")
@@ -262,6 +273,17 @@ def test_bad_input(setup, tmp_path):
     fails(["--sft_data", sft, "--select", "99", "--select_out", str(tmp_path / "t.jsonl")], r"--select 99 > the 15")
     fails(["--sft_data", sft, "--select", "2"], r"needs --select_out")
     fails(["--sft_data", sft, sft], r"same file twice")
+    # outputs: none on an input, none on another output (checked before any work)
+    with pytest.raises(UserError, match=r"--out .*teacher\.jsonl: that is an input \(--sft_data\)"):
+        se.main(args + ["--sft_data", sft, "--out", sft])
+    fails(["--sft_data", sft, "--select", "2", "--select_out", str(tmp_path / "t.jsonl"), "--select_bottom",
+           str(tmp_path / "t.jsonl")], r"--select_bottom .*t\.jsonl: the same file as --select_out")
+    fails(["--sft_data", sft, "--select", "8", "--select_out", str(tmp_path / "t.jsonl"), "--select_bottom",
+           str(tmp_path / "b.jsonl")], r"top and bottom would share 1 of the 15 SFT samples; use --select <= 7")
+    # the model's context (2048 tokens) bounds both the SFT samples and the rollouts
+    common.write_jsonl(str(tmp_path / "long.jsonl"), [dict(setup["sft"][0], response=" 7" * 2100)])
+    fails(["--sft_data", str(tmp_path / "long.jsonl")], r"long\.jsonl:1: .* > max_length 2048")
+    fails(["--sft_data", sft, "--max_new_tokens", "2048"], r"eval\.jsonl: record 1 .* > the model's 2048-token")
     # the toy task's reward is never earned by the random model: ∇J would be 0
     toy = list(args)
     toy[toy.index("--task") + 1] = "toy_task"
