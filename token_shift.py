@@ -128,13 +128,20 @@ def read_responses(paths, tokenizer, context, limit=0):
         raise UserError(f"{', '.join(paths)}: no responses")
     tokenized = tasks.sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                     [r["eos"] for r in rows])
-    examples = []
+    examples, empty = [], 0
     for r, (ids, start) in zip(rows, tokenized):
         if len(ids) > context:
             raise UserError(f"{r['file']}:{r['line']}: field 'response' of {r['id']!r}: {len(ids)} tokens "
                             f"(prompt {start} + response{' + EOS' if r['eos'] else ''}) "
                             f"> the models' {context}-token context")
+        if len(ids) == start:  # an empty response cut off before its EOS: no position to compare
+            empty += 1
+            continue
         examples.append({"id": r["id"], "file": r["file"], "line": r["line"], "ids": ids, "start": start})
+    if empty:
+        common.print0(f"note: skipped {empty} empty unfinished response(s): no token to compare")
+    if not examples:
+        raise UserError(f"{', '.join(paths)}: the responses hold no positions to compare")
     return examples
 
 

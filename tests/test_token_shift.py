@@ -118,6 +118,18 @@ def test_js_along_responses_equals_a_direct_computation(pair, tmp_path, temperat
     assert summary["high_js"]["positions"] == sum(x > 0.1 for x in every)
 
 
+def test_an_empty_unfinished_response_is_skipped_and_none_left_is_one_line(pair, tmp_path, capsys):
+    tok = load_tokenizer(pair["base"])
+    empty = dict(pair["rows"][0], id="empty", response="", finished=False)  # cut off before its first token
+    common.write_jsonl(str(tmp_path / "with_empty.jsonl"), [empty] + pair["rows"])
+    examples = token_shift.read_responses([str(tmp_path / "with_empty.jsonl")], tok, 2048)
+    assert [e["id"] for e in examples] == [r["id"] for r in pair["rows"]]
+    assert "skipped 1 empty unfinished response" in capsys.readouterr().out
+    common.write_jsonl(str(tmp_path / "only_empty.jsonl"), [empty])
+    with pytest.raises(common.UserError, match=r"only_empty\.jsonl: the responses hold no positions to compare"):
+        token_shift.read_responses([str(tmp_path / "only_empty.jsonl")], tok, 2048)
+
+
 def test_high_js_records_equal_a_direct_computation(pair):
     """At each position with JS > 0.1, in order: the top-k overlaps (k = 1..5) and the base's rank and probability
     of the policy's top-1 token, on the full tempered distributions."""
