@@ -50,6 +50,11 @@ fi
 # shellcheck source=config/tiny.sh
 source "config/$PRESET.sh"
 : "${OUT:?the preset sets OUT}"
+if [[ "${LIMR:-0}" == 1 || "${LIMR_ONLY:-0}" == 1 ]] && [[ -z "${LIMR_STEPS:-}${LIMR_PROBE_STEPS:-}" ]]; then
+  echo "error: preset $PRESET sets no LIMR stages (LIMR_STEPS, LIMR_PROBE_STEPS, LIMR_SEEDS, ...); LIMR=1 runs" \
+    "with a preset that does: tiny, micro, limr-qwen2.5-math-7b (or add them to config/$PRESET.sh)" >&2
+  exit 2
+fi
 export PYTHONUNBUFFERED=1
 
 # ---- helpers: print a command, run it unless --dry-run, time it; skip a stage that is done

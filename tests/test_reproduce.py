@@ -9,7 +9,6 @@ import pytest
 from conftest import ROOT
 
 
-
 def run_reproduce(*args, env=None, check=True):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), *args], cwd=ROOT, env=e,
@@ -202,6 +201,35 @@ def test_dry_run_of_paper_presets_prints_complete_commands(preset, flags, tmp_pa
     assert f"--init {model_dir}" in text and "--resume" in text
     assert "$" not in text  # every variable expanded
     assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("preset,limr", [("kk-qwen2.5-1.5b", "0"), ("math-qwen2.5-1.5b", "0"),
+                                         ("limr-qwen2.5-math-7b", "0"), ("tiny", "1"), ("micro", "1")])
+def test_every_command_of_every_preset_parses_with_its_scripts_own_settings(preset, limr, tmp_path):
+    """A stale or misspelt flag in a preset would stop a paper run at that stage, hours in: each command of the dry
+    run goes through its script's parser (the same parse_settings main() calls), with SEEDS=2 and LIMR where the
+    preset has its stages."""
+    import importlib
+    import shlex
+    import common
+    env = {"GPUS": "8", "MODEL_DIR": str(tmp_path / "base"), "OUT": str(tmp_path / "out"), "SEEDS": "2", "LIMR": limr}
+    proc = run_reproduce(preset, "--dry-run", env=env)
+    commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    assert len(commands) >= 8
+    for argv in commands:
+        at = next(i for i, word in enumerate(argv) if word.endswith(".py"))
+        script = importlib.import_module(os.path.basename(argv[at])[:-3])
+        try:
+            common.parse_settings(script.get_parser(), argv[at + 1:])
+        except SystemExit:
+            raise AssertionError(f"{preset}: {shlex.join(argv)[:300]} does not parse (argparse's error above)")
+
+
+def test_limr_with_a_preset_without_its_stages_is_an_error_before_any_stage(tmp_path):
+    env = {"GPUS": "8", "MODEL_DIR": str(tmp_path / "base"), "OUT": str(tmp_path / "out"), "LIMR": "1"}
+    proc = run_reproduce("kk-qwen2.5-1.5b", "--dry-run", env=env, check=False)
+    assert proc.returncode == 2 and "+ " not in proc.stdout
+    assert "preset kk-qwen2.5-1.5b sets no LIMR stages" in proc.stderr
 
 
 def test_dry_run_of_limrs_own_setting(tmp_path):
