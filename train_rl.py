@@ -50,7 +50,8 @@ RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_
 RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "clip_low", "clip_high",
                  "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator", "ref_model",
                  "entropy_coef", "adv_weight", "rollout_is", "rollout_is_cap", "dwa_s", "dwa_alpha",
-                 "drop_zero_variance_groups", "mask_truncated", "grad_clip", "adam_8bit", "dtype")
+                 "drop_zero_variance_groups", "mask_truncated", "grad_clip", "adam_8bit", "dtype",
+                 "model")  # --model: the tokenizer and, without --ref_model, the KL reference
 # (AdamW's betas and weight decay: ckpt.load_local_train_state checks them against the optimizer state)
 
 
@@ -434,7 +435,7 @@ def main(argv=None):
     common.check_positive(args, "prompts_per_step", "samples_per_prompt", "max_response_tokens", "ppo_epochs",
                           "ppo_mini_batches", "micro_batch_tokens", "gen_batch_size", "val_batch_size",
                           "max_bad_steps", "logprob_chunk", "keep_last", "max_gen_batches", "save_every")
-    common.check_non_negative(args, "epochs", "max_steps", "warmup_steps", "val_every", "val_limit",
+    common.check_non_negative(args, "epochs", "max_steps", "warmup_steps", "val_every", "val_limit", "kl_coef",
                               "val_max_response_tokens")
     if args.dynamic_sampling and args.samples_per_prompt < 2:
         raise UserError("--dynamic_sampling needs --samples_per_prompt >= 2: a group of one has no reward variance")
@@ -488,6 +489,11 @@ def main(argv=None):
     model = parallel.prepare_training(load_model(init_path, dtype=torch.float32, device=device), dtype, args)
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                             args.train_data, "--max_response_tokens")
+    if test_records and args.val_every:  # now, not at the first validation, steps after the last checkpoint
+        val_flag = "--val_max_response_tokens" if args.val_max_response_tokens else "--max_response_tokens"
+        tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, test_records, args.template), test_records,
+                                args.val_max_response_tokens or args.max_response_tokens,
+                                model.config.max_position_embeddings, args.test_data, val_flag)
     optimizer = ckpt.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                     weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
     if checkpoint is not None:
@@ -497,6 +503,8 @@ def main(argv=None):
     # or more with --dynamic_sampling
     # the optional branch: several updates per rollout batch (PPO ratio), a KL to a frozen reference
     ref_model = None
+    if args.ref_model and args.kl_coef == 0:
+        print0(f"note: --ref_model {args.ref_model} is not used: --kl_coef is 0 (no KL term)")
     if args.kl_coef > 0:
         ref_model = shard_model(load_model(args.ref_model or args.model, dtype=torch.float32, device=device), dtype)
         ref_model.requires_grad_(False)

@@ -2,6 +2,7 @@
 kill-and-resume equivalence and NaN handling. (The GRPO maths against hand computations: test_grpo.py.)"""
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -117,6 +118,16 @@ def test_grpo_raises_reward_on_cpu(toy, tmp_path):
     assert {"id", "prompt", "response", "reward", "finished", "length", "step", "level"} <= set(roll[0])
 
 
+@pytest.mark.slow
+def test_test_prompts_that_cannot_fit_stop_the_run_before_its_first_step(toy, tmp_path):
+    """Without validation before training, the first validation comes --val_every steps in: the fit is checked at
+    the start, naming the setting that does not fit."""
+    out = tmp_path / "run"
+    with pytest.raises(common.UserError, match=r"test\.jsonl: record 1 .*--val_max_response_tokens 4000 > the model's"):
+        train_rl.main(rl_args(toy, out, val_before_train=False, val_every=3, val_max_response_tokens=4000))
+    assert not os.path.exists(out / "metrics.jsonl")
+
+
 class Killed(Exception):
     pass
 
@@ -141,6 +152,10 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     for changed in ({"seed": 7}, {"prompts_per_step": 8}):  # would silently change the data order
         with pytest.raises(common.UserError, match=f"different settings.*{next(iter(changed))}: was"):
             train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True, **changed))
+    moved = tmp_path / "moved_init"  # the same weights elsewhere: still another tokenizer and KL reference path
+    shutil.copytree(toy["init"], moved)
+    with pytest.raises(common.UserError, match="different settings.*model: was"):
+        train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True, model=moved))
     with open(toy["train"], "rb") as f:
         original = f.read()
     try:  # other prompts under the same path and count: other data
