@@ -25,11 +25,11 @@ import time
 import torch
 
 import common
+import engine
 import gpu_memory
 import tasks
 import toy_task
 from common import parse_settings, run_main
-import engine
 from engine import generate
 from model import CHECKPOINT_KEEP, build_model, load_model, save_model, tiny_config
 from speed import (PEAK_BANDWIDTH, QWEN25_15B, SUITE_SECTIONS, bandwidth_floor, decode_kernels_per_layer, gpu_suite,
