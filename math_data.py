@@ -196,9 +196,8 @@ def problem_key(question: str) -> str:
 
 
 def make_splits(pool, test, n_sft_train=900, n_sft_val=100, seed=1234):
-    """Returns ({split name: records}, {count name: n}); training splits never share a problem with test."""
-    if n_sft_train < 0 or n_sft_val < 0:  # a negative slice bound would put problems in two splits
-        raise UserError(f"n_sft_train and n_sft_val must be 0 or more, got {n_sft_train} and {n_sft_val}")
+    """Returns ({split name: records}, {count name: n}); training splits never share a problem with test.
+    n_sft_train, n_sft_val >= 0 (main checks: a negative slice bound would put problems in two splits)."""
     test_keys = {problem_key(r["question"]) for r in test}
     kept, seen, n_test_overlap, n_duplicate = [], set(), 0, 0
     for rec in pool:
@@ -608,6 +607,7 @@ def get_parser():
 
 def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
+    common.check_non_negative(args, "n_sft_train", "n_sft_val")
 
     if args.teacher_sft:
         if not args.tokenizer:
@@ -640,7 +640,6 @@ def main(argv=None):
     if args.bench:
         bench(test)
         return
-    common.check_non_negative(args, "n_sft_train", "n_sft_val")
     pool = load_split(pool_path)
     splits, counts = make_splits(pool, test, args.n_sft_train, args.n_sft_val, args.seed)
     for name, records in splits.items():

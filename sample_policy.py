@@ -214,6 +214,8 @@ def main(argv=None):
         raise UserError("--steps applies to --from_rollouts only")
     common.check_positive(args, "samples_per_prompt", "max_new_tokens", "batch_size")
     common.check_non_negative(args, "limit", "max_per_prompt", "num_examples")
+    common.check_distinct_outputs([("--out", args.out), ("--samples_out", args.samples_out)],
+                                  [("--split", path) for path in args.split or []])
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {args.temperature}, {args.top_p})")
     task = tasks.get_task(args.task)

@@ -223,11 +223,10 @@ def mean(xs):
 
 
 def summarize(rows, high, tokenizer, high_js, top_tokens):
-    """The summary of tokens.jsonl's rows and the high-JS records (see the docstring)."""
+    """The summary of tokens.jsonl's rows (at least one position: read_responses keeps only responses with one) and
+    the high-JS records (see the docstring)."""
     js = [x for r in rows for x in r["js"]]
     n = len(js)
-    if n == 0:
-        raise UserError("the responses hold no positions to compare")
     share = lambda xs, cond: sum(1 for x in xs if cond(x)) / len(xs) if xs else None  # noqa: E731
     ordered = sorted(js)
     summary = {"responses": len(rows), "positions": n, "js_mean": mean(js),

@@ -377,8 +377,8 @@ def test_make_splits_dedupes_against_test():
     assert again == splits  # seeded
     with pytest.raises(common.UserError, match="fewer than"):
         math_data.make_splits(pool, test, n_sft_train=900, n_sft_val=100)
-    with pytest.raises(common.UserError, match="must be 0 or more, got -5 and 1"):  # would overlap sft and rl
-        math_data.make_splits(pool, test, n_sft_train=-5, n_sft_val=1)
+    with pytest.raises(common.UserError, match="--n_sft_train must be 0 or more, got -5"):  # would overlap sft, rl
+        math_data.main(["--n_sft_train", "-5", "--train_pool", "none.jsonl", "--test", "none.jsonl"])
 
 
 def tiny_tokenizer():

@@ -162,6 +162,7 @@ def test_checkpoint_errors_write_nothing(policy, tmp_path):
         (sample_args(ckpt, split, str(out)) + ["--from_rollouts", str(tmp_path)], "exactly one of"),
         (sample_args(ckpt, split, str(out), "--task", "no_such_task"), "unknown task 'no_such_task'"),
         (sample_args(ckpt, split, str(out), "--top_p", "0"), "top_p"),
+        (sample_args(ckpt, split, split), r"--out .*split\.jsonl: that is an input \(--split\)"),
         # a policy that is never right under a 2-token budget: empty result
         (sample_args(ckpt, split, str(out), "--max_new_tokens", "2"), "no correct, finished response among 40 samples"),
     ]
@@ -248,6 +249,7 @@ def test_rollout_errors_write_nothing(tmp_path):
     fails("expected steps like 115-125", "--steps", "five")
     fails("listed twice", "--steps", "5,5-6")
     fails("--from_rollouts needs --steps")
+    fails(r"--samples_out .*out\.jsonl: the same file as --out", "--steps", "5", "--samples_out", str(out))
     fails("no correct, finished response among 1 samples", "--steps", "6")
     bad = {"finished": "yes"}, {"reward": None}, {"step": 9}, {"response": ["x"]}
     for i, change in enumerate(bad):
