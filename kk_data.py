@@ -684,15 +684,7 @@ def official_split_files(people, log=print):
 def write_teacher_sft(args):
     if not args.split:
         raise common.UserError("--teacher_sft needs --split FILE (the puzzles to write teacher traces for)")
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        except (OSError, ValueError) as e:
-            raise common.UserError(f"{args.tokenizer}: cannot load tokenizer ({e})")
-    elif args.template != "plain":
-        raise common.UserError("--teacher_sft needs --tokenizer DIR, or --template plain")
+    tokenizer = tasks.teacher_sft_tokenizer(args.tokenizer, args.template)
     if not 0.0 <= args.teacher_cot_fraction <= 1.0:
         raise common.UserError(f"--teacher_cot_fraction must be in [0, 1], got {args.teacher_cot_fraction}")
     rng = random.Random(args.teacher_seed)  # which puzzles carry the chain of thought: reproducible
@@ -731,7 +723,8 @@ def get_parser():
     p.add_argument("--teacher_sft", default=None, help="instead: write SFT jsonl ({id, task, prompt, response}) of the "
                    "teacher chain-of-thought for the puzzles of --split to this file")
     p.add_argument("--split", default=None, help="with --teacher_sft: the split file (ours or official)")
-    p.add_argument("--tokenizer", default=None, help="with --teacher_sft: a Hugging Face tokenizer directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --teacher_sft: a Hugging Face tokenizer directory (not needed with --template plain)")
     p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
                    help="with --teacher_sft: prompt template (auto = chat when the tokenizer has one)")
     p.add_argument("--teacher_style", default="trace", choices=TEACHER_STYLES,

@@ -596,7 +596,8 @@ def get_parser():
                    help="instead of splitting: write SFT jsonl (id, task, prompt, response=the dataset solution) "
                         "for the records of --split")
     p.add_argument("--split", default="data/math/sft_train.jsonl", help="records for --teacher_sft")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (Hugging Face format) for --teacher_sft")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (Hugging Face format) for --teacher_sft; not needed with --template plain")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                    help="prompt template: chat (the tokenizer's, with the paper's system prompt), plain "
                         "(Question/Answer), auto (chat when the tokenizer has one)")
@@ -610,13 +611,7 @@ def main(argv=None):
     common.check_non_negative(args, "n_sft_train", "n_sft_val")
 
     if args.teacher_sft:
-        if not args.tokenizer:
-            raise UserError("--teacher_sft needs --tokenizer DIR (a Hugging Face tokenizer directory)")
-        from transformers import AutoTokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        except Exception as e:
-            raise UserError(f"{args.tokenizer}: cannot load a tokenizer: {e}")
+        tokenizer = tasks.teacher_sft_tokenizer(args.tokenizer, args.template)
         records = load_split(args.split)
         rows = []
         for r in records:

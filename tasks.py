@@ -56,6 +56,17 @@ def render_question(question: str, tokenizer, template: str = "auto") -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def teacher_sft_tokenizer(path, template):
+    """The tokenizer that renders teacher SFT prompts (kk_data.py / math_data.py --teacher_sft --tokenizer PATH); the
+    plain template needs none, so without a path it is None."""
+    if path:
+        from model import load_tokenizer  # torch and transformers: only when a tokenizer is asked for
+        return load_tokenizer(path)
+    if template != "plain":
+        raise UserError("--teacher_sft needs --tokenizer DIR (a Hugging Face tokenizer directory), or --template plain")
+    return None
+
+
 def teacher_response_after(prompt, response):
     """A teacher response as an SFT file stores it after this rendered prompt: on a line of its own where the prompt
     does not end in whitespace (the plain template ends "step by step."; a chat prompt ends with "\n")."""

@@ -438,8 +438,14 @@ def test_cli_splits_and_teacher_sft(tmp_path):
                   "--template", "plain", cwd=tmp_path)
     plain = common.read_jsonl(str(tmp_path / "plain.jsonl"))[0]  # the plain prompt ends "step by step."
     assert plain["prompt"].endswith(".") and plain["response"] == "\n" + rows[0]["response"]
+    out = run_cli("--teacher_sft", "plain2.jsonl", "--split", "data/math/sft_train.jsonl", "--template", "plain",
+                  cwd=tmp_path)  # the plain template needs no tokenizer
+    assert out.returncode == 0, out.stderr
+    assert common.read_jsonl(str(tmp_path / "plain2.jsonl")) == common.read_jsonl(str(tmp_path / "plain.jsonl"))
 
     out = run_cli("--train_pool", "missing.jsonl", "--test", "test.jsonl", cwd=tmp_path)
     assert out.returncode == 2 and "--train_pool PATH" in out.stderr and "--hub" in out.stderr
     out = run_cli("--teacher_sft", "x.jsonl", cwd=tmp_path)
-    assert out.returncode == 2 and "--tokenizer" in out.stderr
+    assert out.returncode == 2 and "--tokenizer DIR" in out.stderr and "--template plain" in out.stderr
+    out = run_cli("--teacher_sft", "x.jsonl", "--tokenizer", "no_such_dir", cwd=tmp_path)
+    assert out.returncode == 2 and "no_such_dir: no such directory" in out.stderr
