@@ -475,7 +475,11 @@ def pack(sequences, device="cpu"):
 def response_positions(cu_seqlens, prompt_lens, response_lens):
     """The positions of a packed row (pack) whose hidden states predict the response tokens, sequence after sequence:
     hidden state t predicts token t + 1, and sequence i's response tokens sit at cu[i] + prompt_len_i ... cu[i+1] - 1,
-    so its positions are one earlier."""
+    so its positions are one earlier. An empty prompt has no position before its first response token (cu[i] - 1
+    would be the previous sequence's last token, or wrap to the row's end): an error."""
+    if prompt_lens and min(prompt_lens) < 1:
+        raise ValueError("every sequence needs a prompt of at least one token (the first response token is "
+                         "predicted from the position before it)")
     device = cu_seqlens.device
     starts = cu_seqlens[:-1] + torch.tensor(prompt_lens, device=device)
     lens = torch.tensor(response_lens, device=device)

@@ -19,7 +19,7 @@ import engine
 import model as model_module
 from engine import generate
 from model import (build_model, flash_dtype, flash_inputs, load_model, load_tokenizer, pack, packed_backend,
-                   response_logprobs, save_model, stop_token_ids, tiny_config)
+                   response_logprobs, response_positions, save_model, stop_token_ids, tiny_config)
 from tiny_base import build_tokenizer
 import padded
 
@@ -130,6 +130,16 @@ def test_packed_forward_equals_padded():
         hidden = padded.forward(model, rows)
     for i, s in enumerate(seqs):
         assert (packed[cu[i]:cu[i + 1]] - hidden[i, :len(s)]).abs().max() <= 1e-5
+
+
+def test_response_positions_point_one_before_each_response_token_and_refuse_an_empty_prompt():
+    seqs = [([5, 6], [7, 8, 9]), ([1], [2]), ([3, 4, 4], [])]
+    ids, cu = pack([p + r for p, r in seqs])
+    pos = response_positions(cu, [len(p) for p, _ in seqs], [len(r) for _, r in seqs])
+    assert ids[0, pos + 1].tolist() == [t for _, r in seqs for t in r]
+    assert pos.tolist() == [1, 2, 3, 5]
+    with pytest.raises(ValueError, match="prompt of at least one token"):  # would read the previous sequence's end
+        response_positions(cu, [2, 0, 3], [3, 2, 0])
 
 
 def test_chunked_logprobs_and_gradients_match_full():
@@ -324,7 +334,8 @@ def test_config_fields_that_change_nothing_are_accepted():
                    {"layer_types": ["full_attention"] * 2}, {"hidden_act": "swish"},
                    {"rope_scaling": {"rope_type": "default"}}, {"attention_bias": False, "mlp_bias": False}):
         assert model_module.ModelConfig.from_hf(tiny_config(64, arch="LlamaForCausalLM", **fields)).rope_scaling is None
-    assert model_module.ModelConfig.from_hf(tiny_config(64, attention_bias=True)).arch == "qwen2"  # Qwen2's biases, as always
+    # Qwen2's biases, as always
+    assert model_module.ModelConfig.from_hf(tiny_config(64, attention_bias=True)).arch == "qwen2"
 
 
 @pytest.mark.slow  # a subprocess that imports torch
