@@ -5,10 +5,10 @@ The final table of reproduce.sh: accuracy per model and difficulty, and what eac
 
 Reads what the stages wrote under OUT_DIR (eval/*/test/summary.json, times.tsv, the SFT sets, rl/metrics.jsonl,
 the sample effect's summary, the LIMR runs, and seed_S/ for SEEDS=N: each model's mean ± std over seeds).
-Compute = measured wall time x devices, in device-hours: "own" counts the stages that made a model from its
-inputs (for re-distilled models: sampling the RL policy + their SFT); "total" adds everything it built on (the
-cold start and RL). Pre-training the tiny base is shared by all and listed apart. Plots (matplotlib, optional):
-RL reward and validation accuracy per step; accuracy per difficulty.
+Compute = measured wall time (every attempt, stopped ones too) x devices, in device-hours: "own" counts the
+stages that made a model from its inputs (for re-distilled models: sampling the RL policy + their SFT); "total"
+adds everything it built on (the cold start and RL). Pre-training the tiny base is shared by all and listed apart.
+Plots (matplotlib, optional): RL reward and validation accuracy per step; accuracy per difficulty.
 """
 import json
 import os
@@ -16,6 +16,7 @@ import os
 import common
 import tasks
 from scoring import difficulty_order, markdown_table, summary_row
+
 
 def get_parser():
     p = common.new_parser("The final table of reproduce.sh (and optional plots).")
@@ -58,16 +59,17 @@ def mean_pm_std(values):
 
 
 def read_times(path):
-    """stage -> (seconds, devices, kind); a stage finished twice (re-run by hand) counts every attempt."""
+    """stage -> (seconds, devices, kind, attempts): every attempt counts, finished or stopped (a failure or a kill
+    that reproduce.sh logged; a stage re-run by hand). Lines of older runs have no status column."""
     times = {}
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 parts = line.rstrip("\n").split("\t")
-                if len(parts) == 4:
-                    stage, seconds, devices, kind = parts
-                    old = times.get(stage, (0, int(devices), kind))
-                    times[stage] = (old[0] + int(seconds), int(devices), kind)
+                if len(parts) in (4, 5):
+                    stage, seconds, devices, kind = parts[:4]
+                    old = times.get(stage, (0, int(devices), kind, 0))
+                    times[stage] = (old[0] + int(seconds), int(devices), kind, old[3] + 1)
     return times
 
 
@@ -280,11 +282,13 @@ def plots(out_dir, metrics, summaries, temperature, difficulty):
 
 
 def wall_time_lines(times):
-    stage_rows = [{"stage": st, "wall s": sec, "devices": dev, "kind": k} for st, (sec, dev, k) in times.items()]
+    stage_rows = [{"stage": st, "wall s": sec, "devices": dev, "kind": k, "attempts": n}
+                  for st, (sec, dev, k, n) in times.items()]
     if not stage_rows:
         return []
     total = sum(r["wall s"] for r in stage_rows)
-    stage_rows.append({"stage": "all", "wall s": total, "devices": "", "kind": f"{total / 60:.1f} min"})
+    stage_rows.append({"stage": "all", "wall s": total, "devices": "", "kind": f"{total / 60:.1f} min",
+                       "attempts": sum(r["attempts"] for r in stage_rows)})
     return ["", "### Wall time per stage", "", markdown_table(stage_rows)]
 
 

@@ -19,7 +19,8 @@
 # Every stage writes OUT/done/STAGE (its wall seconds and command) last and is skipped when that exists with the
 # same command (another command, e.g. a changed setting or seed, is an error naming both); a stage that was killed
 # is re-run with --resume (SFT, RL) or skips what it finished (eval), so re-running this script after a crash
-# continues where it stopped. OUT/times.tsv logs every finished attempt.
+# continues where it stopped. OUT/times.tsv logs every attempt with its seconds: finished, or stopped (a failure,
+# Ctrl-C, a kill short of SIGKILL), so report.py's device hours count the time the stopped ones spent too.
 # Seeds: SEED=S (default 1) is the seed a preset derives every stage's seeds from; seed 1 is the preset as
 # measured. SEEDS=N runs seeds 1..N one after another, seed 1 in OUT and seed S in OUT/seed_S (a finished seed is
 # skipped like any stage), then report.py tables each model's mean ± std over them and every seed's row.
@@ -33,7 +34,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; ls config; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; ls config; exit 0 ;;
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
     *) PRESET="$arg" ;;
   esac
@@ -58,6 +59,11 @@ fi
 export PYTHONUNBUFFERED=1
 
 # ---- helpers: print a command, run it unless --dry-run, time it; skip a stage that is done
+log_attempt() {  # log_attempt NAME SECONDS finished|stopped: one line of OUT/times.tsv
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$DEVICES" "$DEVICE_KIND" "$3" >> "$OUT/times.tsv"
+}
+ATTEMPT=""  # the stage running now: when the script exits before it finishes, its time is logged as stopped
+trap 'if [[ -n "$ATTEMPT" ]]; then log_attempt "$ATTEMPT" $((SECONDS - ATTEMPT_T0)) stopped; fi' EXIT
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
@@ -77,11 +83,12 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   echo "== $name"
   echo "+ $cmd"
   [[ "$DRY_RUN" == 1 ]] && return 0
-  local t0=$SECONDS
+  ATTEMPT="$name"; ATTEMPT_T0=$SECONDS
   eval "$cmd"
-  local seconds=$((SECONDS - t0))
+  local seconds=$((SECONDS - ATTEMPT_T0))
+  ATTEMPT=""
   mkdir -p "$OUT/done"
-  printf '%s\t%s\t%s\t%s\n' "$name" "$seconds" "$DEVICES" "$DEVICE_KIND" >> "$OUT/times.tsv"
+  log_attempt "$name" "$seconds" finished
   printf '%s\n%s\n' "$seconds" "$what" > "$OUT/done/$name"
   echo "== $name: finished in ${seconds}s"
 }

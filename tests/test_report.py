@@ -21,10 +21,11 @@ def run_dir(tmp_path):
         common.write_json(out / "eval" / name / "test" / "summary.json", summary(*acc))
     for name, acc in {"se_top": (0.1, 0.1, 0.1), "se_bottom": (0.0, 0.0, 0.0)}.items():
         common.write_json(out / "eval_se" / name / "test" / "summary.json", summary(*acc))
-    # times.tsv: RL finished twice (killed and re-run by hand): both attempts count
-    rows = [("data", 2), ("base_text", 9), ("base", 180), ("teacher_data", 3), ("sft", 18), ("rl", 100), ("rl", 260),
-            ("sample_A", 6), ("redistill_A", 12), ("eval", 15)]
-    (out / "times.tsv").write_text("".join(f"{s}\t{t}\t1\tcpu\n" for s, t in rows))
+    # times.tsv: RL stopped once (logged by reproduce.sh) and then finished: both attempts count; lines of older
+    # runs have no status column
+    rows = [("data", 2), ("base_text", 9), ("base", 180), ("teacher_data", 3), ("sft", 18), ("rl", 100, "stopped"),
+            ("rl", 260, "finished"), ("sample_A", 6), ("redistill_A", 12), ("eval", 15)]
+    (out / "times.tsv").write_text("".join("\t".join(map(str, (r[0], r[1], 1, "cpu") + r[2:])) + "\n" for r in rows))
     common.write_jsonl(out / "sft_teacher.jsonl", [{"id": i} for i in range(40)])
     common.write_jsonl(out / "redistill_A.jsonl", [{"id": i} for i in range(13)])
     common.write_json(out / "rl" / "settings.json",
@@ -65,7 +66,8 @@ def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
     assert "| se_top | 0.1000 | 0.1000 | 0.1000 |" in text
     assert "| 3 | 0.4000 | redistill_A.jsonl 2, sft_teacher.jsonl 1 |" in text
     assert "| se_bottom |" in text and "| 1 | -0.2000 | sft_teacher.jsonl 1 |" in text
-    assert "| all | 605 |" in text
+    assert "| rl | 360 | 1 | cpu | 2 |" in text and "| data | 2 | 1 | cpu | 1 |" in text
+    assert "| all | 605 |  | 10.1 min | 10 |" in text
 
 
 def test_rl_rollouts_count_every_prompt_batch_dynamic_sampling_drew(run_dir):

@@ -168,6 +168,18 @@ def test_seeds_2_runs_a_second_seed_and_tables_mean_std(micro_run):
     assert "| rl | 2 |" in text and f"{mean:.3f} ± {std:.3f} |" in text
 
 
+def test_a_stage_that_fails_is_logged_as_a_stopped_attempt_and_not_marked_done(tmp_path):
+    """Its seconds count in the report's device hours, but it is not skipped on the next run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "data").write_text("a file where the data directory goes: kk_data.py cannot write its splits")
+    proc = run_reproduce("micro", env={"MICRO_OUT": str(out)}, check=False)
+    assert proc.returncode != 0 and "== data" in proc.stdout and "== base_text" not in proc.stdout
+    name, seconds, devices, kind, status = (out / "times.tsv").read_text().splitlines()[-1].split("\t")
+    assert (name, devices, kind, status) == ("data", "1", "cpu", "stopped") and int(seconds) >= 0
+    assert not (out / "done" / "data").exists()
+
+
 def test_dry_run_of_seeds_gives_each_seed_its_own_directory_and_seeds(tmp_path):
     proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "t"), "SEEDS": "2"})
     first, second = proc.stdout.split("==== seed 2 of 2")
