@@ -233,19 +233,48 @@ def read_jsonl(path, required=(), torn_tail=False):
     return records
 
 
+def fsync_dir(path):
+    """Make the entries of directory `path` (a rename into it, a new file) durable: POSIX asks for the directory's own
+    fsync. A filesystem that cannot sync a directory (some network ones) is let be."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path):
+    """fsync every file under directory `path`, then each directory: before a rename publishes it, so that after a
+    power loss the name never points at files whose data did not reach the disk."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
 @contextmanager
 def atomic_open(path, mode="w"):
-    """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
+    """Write to a temporary file beside `path`, then rename: readers never see a half-written file, and the data is
+    on disk before the name is (a power loss leaves the old file or the new one, never an empty or torn one)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_" + os.path.basename(path))
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
+        fsync_dir(d)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
 
-from common import UserError
+from common import UserError, fsync_dir, fsync_tree
 
 try:  # FlashAttention kernels on CUDA when the package is installed; SDPA otherwise
     from flash_attn import flash_attn_varlen_func
@@ -660,6 +660,7 @@ def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**
             json.dump({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stop,
                        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]},
                       f, indent=2)
+    fsync_tree(tmp)  # the files on disk before the name (a resume trusts what the name holds)
     if os.path.exists(path):  # replace an older checkpoint of the same name
         old = f"{path}.old{os.getpid()}"
         os.rename(path, old)
@@ -667,6 +668,7 @@ def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**
         shutil.rmtree(old)
     else:
         os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path))
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes=2) -> int:

@@ -1,6 +1,7 @@
 """common.py: settings (renamed flags and bare booleans refused, no prefixes; every script's get_parser + main(argv)
-convention, --config not leaking, --help showing defaults) and jsonl logs with a torn last line. (run_main's exit of
-a torchrun worker: test_parallel.py, beside the gloo threads that make it needed.)"""
+convention, --config not leaking, --help showing defaults), jsonl logs with a torn last line, and atomic writes on
+disk before their names. (run_main's exit of a torchrun worker: test_parallel.py, beside the gloo threads that make it
+needed.)"""
 import json
 
 import pytest
@@ -105,3 +106,45 @@ def test_counts_that_mean_all_or_none_at_zero_refuse_negatives():
     common.check_non_negative(args, "limit", "unset")
     with pytest.raises(common.UserError, match=r"^--num_examples must be 0 or more, got -3$"):
         common.check_non_negative(args, "limit", "num_examples")
+
+
+def record_syncs(monkeypatch):
+    """Stand-ins for os.fsync/os.replace/os.rename that log ("sync", path) and ("rename", src, dst) in order."""
+    import os
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def moved(real):
+        def move(src, dst):
+            events.append(("rename", os.path.abspath(src), os.path.abspath(dst)))
+            real(src, dst)
+        return move
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", moved(real_replace))
+    monkeypatch.setattr(os, "rename", moved(real_rename))
+    return events
+
+
+def test_atomic_writes_reach_the_disk_before_their_name_does(tmp_path, monkeypatch):
+    """A power loss after the rename must not leave a checkpoint (or any output) whose name points at data still in
+    the page cache: every file is synced before the rename that publishes it, and the directory after."""
+    import os
+    from model import build_model, save_model, tiny_config
+    events = record_syncs(monkeypatch)
+    common.write_json(str(tmp_path / "a.json"), {"x": 1})
+    (rename,) = [e for e in events if e[0] == "rename"]
+    assert events.index(("sync", rename[1])) < events.index(rename) < events.index(("sync", str(tmp_path)))
+
+    events.clear()
+    save_model(build_model(tiny_config(32)), str(tmp_path / "ck"), max_shard_bytes=20_000)
+    (rename,) = [e for e in events if e[0] == "rename"]
+    tmp = rename[1]
+    written = sorted(os.listdir(tmp_path / "ck"))
+    assert len(written) > 3  # several shards, their index and the config
+    at = events.index(rename)
+    assert {os.path.join(tmp, n) for n in written} | {tmp} <= {e[1] for e in events[:at] if e[0] == "sync"}
+    assert ("sync", str(tmp_path)) in events[at:]
