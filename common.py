@@ -94,6 +94,16 @@ def check_non_negative(args, *names):
             raise UserError(f"--{name} must be 0 or more, got {value}")
 
 
+def check_sampling(args):
+    """--temperature >= 0 (0 = greedy), --top_p in (0, 1], and greedy with one sample per prompt: its n samples would
+    be one response n times (eval.py, sample_policy.py)."""
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {args.temperature}, {args.top_p})")
+    if args.temperature == 0 and args.samples_per_prompt > 1:
+        raise UserError(f"greedy decoding (--temperature 0) gives {args.samples_per_prompt} identical samples per "
+                        "prompt; use --samples_per_prompt 1 or a temperature > 0")
+
+
 def check_distinct_outputs(outputs, inputs=()):
     """outputs: (flag, path) pairs, empty paths skipped; each must be a file of its own, and none an input file
     (inputs: (flag, path) pairs), so one write cannot replace another's result or the data it was made from."""

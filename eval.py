@@ -155,11 +155,7 @@ def main(argv=None):
     if not args.checkpoints or not args.splits:
         raise UserError("give --checkpoints DIR [DIR ...] and --splits PATH [PATH ...]")
     common.check_positive(args, "samples_per_prompt", "max_new_tokens", "batch_size")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature must be >= 0 and --top_p in (0, 1]")
-    if args.temperature == 0 and args.samples_per_prompt > 1:
-        raise UserError("greedy decoding (--temperature 0) gives n identical samples; "
-                        "use --samples_per_prompt 1 or a temperature > 0")
+    common.check_sampling(args)
     if any(k < 1 for k in args.pass_k):
         raise UserError("--pass_k values must be >= 1")
     task = tasks.get_task(args.task)

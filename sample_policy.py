@@ -216,8 +216,7 @@ def main(argv=None):
     common.check_non_negative(args, "limit", "max_per_prompt", "num_examples")
     common.check_distinct_outputs([("--out", args.out), ("--samples_out", args.samples_out)],
                                   [("--split", path) for path in args.split or []])
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {args.temperature}, {args.top_p})")
+    common.check_sampling(args)
     task = tasks.get_task(args.task)
 
     rank, world, device = parallel.dist_setup()

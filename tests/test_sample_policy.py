@@ -162,6 +162,9 @@ def test_checkpoint_errors_write_nothing(policy, tmp_path):
         (sample_args(ckpt, split, str(out)) + ["--from_rollouts", str(tmp_path)], "exactly one of"),
         (sample_args(ckpt, split, str(out), "--task", "no_such_task"), "unknown task 'no_such_task'"),
         (sample_args(ckpt, split, str(out), "--top_p", "0"), "top_p"),
+        # greedy: n samples per prompt would be one response n times (n x the compute, deduplicated to one)
+        (sample_args(ckpt, split, str(out), "--temperature", "0", "--samples_per_prompt", "4"),
+         r"greedy decoding \(--temperature 0\) gives 4 identical samples per prompt"),
         (sample_args(ckpt, split, split), r"--out .*split\.jsonl: that is an input \(--split\)"),
         # a policy that is never right under a 2-token budget: empty result
         (sample_args(ckpt, split, str(out), "--max_new_tokens", "2"), "no correct, finished response among 40 samples"),
