@@ -10,7 +10,6 @@ from parallel import gather_lists, rank_share
 from tasks import check_prompts_fit, task_prompt_ids
 
 
-
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k) from n samples of which c are correct.
 
@@ -26,11 +25,9 @@ def pass_at_k(n, c, k):
     return 1.0 - prob_all_wrong
 
 
-
 def difficulty_order(value):
     """Sort key for difficulty values: numbers numerically, then strings."""
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
-
 
 
 def _metrics(groups, ks):
@@ -44,7 +41,6 @@ def _metrics(groups, ks):
     out["mean_length"] = round(sum(s["length"] for s in samples) / len(samples), 3)
     out["truncation_rate"] = round(sum(not s["finished"] for s in samples) / len(samples), 6)
     return out
-
 
 
 def summarize(samples, records, difficulty_key, pass_k=(1,)):
@@ -78,7 +74,6 @@ def summarize(samples, records, difficulty_key, pass_k=(1,)):
     return summary
 
 
-
 def summary_row(summary, name=None, difficulty_label=""):
     """One table row (an ordered dict: column -> value) from a summary: accuracy per difficulty, overall,
     pass@k (k > 1) overall, mean response length and truncation rate."""
@@ -92,7 +87,6 @@ def summary_row(summary, name=None, difficulty_label=""):
     row["mean len"] = f"{summary['overall']['mean_length']:.0f}"
     row["truncated"] = summary["overall"]["truncation_rate"]
     return row
-
 
 
 def markdown_table(rows, columns=None, digits=2):
@@ -113,7 +107,6 @@ def markdown_table(rows, columns=None, digits=2):
     for r in rows:
         lines.append("| " + " | ".join(cell(r.get(c)) for c in columns) + " |")
     return "\n".join(lines) + "\n"
-
 
 
 # -----------------------------------------------------------------------------
@@ -144,7 +137,6 @@ def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, to
                 "sample": row["sample"], "response": row["response"], "reward": row["reward"],
                 "finished": row["finished"], "length": row["length"]} for row in rows]
     return samples, summarize(samples, records, task.DIFFICULTY, pass_k)
-
 
 
 def validate(model, tokenizer, task, records, step, max_new_tokens, template, batch_size, progress=True):

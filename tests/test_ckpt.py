@@ -1,6 +1,6 @@
 """ckpt.py: a checkpoint, an fp32 full copy and the engine's copy of an FSDP-sharded model taken after a no-grad
-forward hold the fp32 master, and resume restores it exactly. (Kill-and-resume through the scripts' mains: test_train_rl.py,
-test_redistill_sft.py, test_kill_drill.py.) And a resume's run identity."""
+forward hold the fp32 master, and resume restores it exactly. (Kill-and-resume through the scripts' mains:
+test_train_rl.py, test_redistill_sft.py, test_kill_drill.py.) And a resume's run identity."""
 import pytest
 
 import ckpt

@@ -17,7 +17,6 @@ from model import load_tokenizer
 from conftest import ROOT, free_port, subprocess_env
 
 
-
 @pytest.fixture(scope="module")
 def policy(tiny_checkpoint, tmp_path_factory):
     """A tiny policy that is right on part of the toy task, by a wide margin both ways: SFT'd on teacher
@@ -100,9 +99,6 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
     redistill_sft.main(["--init", tiny_checkpoint, "--data", out, "--out_dir", str(tmp_path / "sft"), "--global_batch",
                         "8", "--epochs", "1", "--lr", "1e-3", "--progress", "false"])
     assert os.path.isfile(tmp_path / "sft" / "final" / "model.safetensors")
-
-
-
 
 
 def test_several_splits_are_sampled_in_order_and_may_not_share_a_prompt(tiny_checkpoint, tmp_path):
