@@ -268,6 +268,12 @@ def fsync_tree(path):
         fsync_dir(root)
 
 
+def file_stamps(paths):
+    """{absolute path: [size, modification time in ns]} of files a result is computed from: a checkpoint rebuilt under
+    the same path (a re-run stage) or an edited file then tells an earlier result or a stopped run apart."""
+    return {os.path.abspath(p): [os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths}
+
+
 @contextmanager
 def atomic_open(path, mode="w"):
     """Write to a temporary file beside `path`, then rename: readers never see a half-written file, and the data is

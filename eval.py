@@ -111,8 +111,7 @@ def unique_names(names, given, flag, what):
 def inputs_of(ckpt, split_path):
     """[size, modification time] of each file a pair is computed from: a checkpoint rebuilt under the same path (a
     re-run stage) or an edited split then gives other numbers, and the pair is evaluated again."""
-    files = weight_files(ckpt) + [os.path.join(ckpt, "config.json"), split_path]
-    return {os.path.abspath(f): [os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files}
+    return common.file_stamps(weight_files(ckpt) + [os.path.join(ckpt, "config.json"), split_path])
 
 
 def changed_files(old, new):

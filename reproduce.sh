@@ -18,9 +18,10 @@
 #   that sets LIMR_ONLY=1 runs only this (from a base model: LIMR's own setting).
 # Every stage writes OUT/done/STAGE (its wall seconds and command) last and is skipped when that exists with the
 # same command (another command, e.g. a changed setting or seed, is an error naming both); a stage that was killed
-# is re-run with --resume (SFT, RL) or skips what it finished (eval), so re-running this script after a crash
-# continues where it stopped. OUT/times.tsv logs every attempt with its seconds: finished, or stopped (a failure,
-# Ctrl-C, a kill short of SIGKILL), so report.py's device hours count the time the stopped ones spent too.
+# is re-run with --resume (SFT, RL), or skips what it finished (eval; the sample effect: its samples), so re-running
+# this script after a crash continues where it stopped. OUT/times.tsv logs every attempt with its seconds:
+# finished, or stopped (a failure, Ctrl-C, a kill short of SIGKILL), so report.py's device hours count the time the
+# stopped ones spent too.
 # Seeds: SEED=S (default 1) is the seed a preset derives every stage's seeds from; seed 1 is the preset as
 # measured. SEEDS=N runs seeds 1..N one after another, seed 1 in OUT and seed S in OUT/seed_S (a finished seed is
 # skipped like any stage), then report.py tables each model's mean ± std over them and every seed's row.
@@ -34,7 +35,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; ls config; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; ls config; exit 0 ;;
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
     *) PRESET="$arg" ;;
   esac

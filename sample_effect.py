@@ -15,20 +15,26 @@ exact (--exact), through a seeded CountSketch (--proj_dim), or both, optionally 
 Writes (rank 0, atomically): --out effects.jsonl (one line per SFT sample: sample_effect, normalised = the
 cosine, grad_norm, logprob, ...), <out stem>.summary.json (per input file: mean, median, share positive, ...),
 and with --select K the top-K (--select_out) and bottom-K (--select_bottom) samples as SFT files.
+A stopped run resumes (--resume, on by default): <out stem>.partial/ keeps its ∇J and every sample's effect as it
+is done, for a re-run of the same settings and data; it is deleted once the outputs are written.
 """
+import glob
+import json
 import math
 import os
 import re
+import shutil
 import statistics
 import time
 from contextlib import nullcontext
 
+import ckpt
 import common
 import engine
 import parallel
 import tasks
 from common import UserError, print0
-from model import check_checkpoint, kv_bytes_per_token, read_config, response_logprobs
+from model import check_checkpoint, kv_bytes_per_token, read_config, response_logprobs, weight_files
 
 # -----------------------------------------------------------------------------
 # settings
@@ -92,6 +98,9 @@ def get_parser():
                         "samples, so the two sets do not overlap)")
     p.add_argument("--select_by", default="sample_effect", choices=["sample_effect", "normalised"],
                    help="ranking of --select")
+    p.add_argument("--resume", type=common.str2bool, default=True,
+                   help="continue a stopped run of the same settings and data from <out stem>.partial/ (its ∇J and "
+                        "the samples it finished); false = start over")
     p.add_argument("--log_every", type=int, default=100, help="a log line every this many SFT samples (per rank)")
     p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bars on rank 0")
     return p
@@ -202,10 +211,11 @@ def sample_effects(model, params, examples, reduction, exact_ref=None, sketch=No
                    autocast=nullcontext, on_sample=None):
     """SE of each example: one forward/backward of its response log-likelihood (T = 1, `reduction` over
     response tokens + EOS), then inner products of the gradient with the exact ∇J (exact_ref: one tensor
-    per parameter) and/or with the sketched ∇J (sketch_ref = sketch(∇J)). Returns one dict per example."""
+    per parameter) and/or with the sketched ∇J (sketch_ref = sketch(∇J)). Returns one dict per example;
+    on_sample(k, result) is called as example k is done."""
     import torch
     results = []
-    for ex in examples:
+    for k, ex in enumerate(examples):
         for p in params:
             p.grad = None
         with autocast():
@@ -228,10 +238,158 @@ def sample_effects(model, params, examples, reduction, exact_ref=None, sketch=No
                 rec["grad_norm"] = norm
         results.append(rec)
         if on_sample is not None:
-            on_sample(ex)
+            on_sample(k, rec)
     for p in params:
         p.grad = None
     return results
+
+
+# -----------------------------------------------------------------------------
+# ∇J
+
+
+def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_subset, sketch, compute_dtype, args,
+                    rank, world, device):
+    """∇J: --samples_per_prompt rollouts per evaluation prompt, chunks of prompts spread over the ranks, then the
+    leave-one-out policy gradient through the FSDP-sharded model. Returns (grad_j: its numbers for the summary,
+    exact_ref: the full gradient (--exact), sketch_ref: its sketch (--proj_dim)), the same on every rank."""
+    import torch
+    from tqdm import tqdm
+    from parallel import full_tensor
+    t0 = time.time()
+    gen_model = engine.GenWeights(model, compute_dtype)
+    cfg = model.config  # bytes per cached token: keys and values of every layer, in the compute dtype
+    per_token = kv_bytes_per_token(cfg, compute_dtype.itemsize)
+    longest = max(map(len, prompt_ids))
+    size = gen_chunk_size(len(records), world, args.gen_batch_size, args.samples_per_prompt, per_token,
+                          longest + args.max_new_tokens, args.kv_cache_gib * 2**30)
+    chunks = [list(range(s, min(s + size, len(records)))) for s in range(0, len(records), size)]
+    print0(f"rollouts: {len(chunks)} generation call(s) of <= {size} prompts x {args.samples_per_prompt} "
+           f"over {world} rank(s); KV cache <= "
+           f"{size * args.samples_per_prompt * (longest + args.max_new_tokens) * per_token / 2**30:.1f} GiB per call")
+    items, rewards, gen_tokens = [], [], 0
+    my_chunks = parallel.rank_share(list(range(len(chunks))), rank, world)
+    bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks) * args.samples_per_prompt, desc="rollouts",
+               disable=not args.progress or rank != 0, dynamic_ncols=True)
+    for c in my_chunks:
+        out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]],
+                                      n=args.samples_per_prompt, temperature=args.temperature, top_p=1.0,
+                                      max_new_tokens=args.max_new_tokens,
+                                      seed=common.derive_seed(args.seed, c), template=args.template,
+                                      batch_size=size, progress=False)
+        for j in range(len(chunks[c])):
+            group = out[j * args.samples_per_prompt:(j + 1) * args.samples_per_prompt]
+            ids = tasks.encode_prompts(tokenizer, [group[0]["prompt"]])[0]
+            rs = [float(s["reward"]) for s in group]
+            rewards.append(rs)
+            for s, w in zip(group, rloo_weights(rs)):
+                items.append({"input_ids": ids + s["tokens"], "start": len(ids), "weight": w})
+                gen_tokens += s["length"]
+        bar.update(len(out))
+    bar.close()
+    del gen_model
+    engine.release()
+    gen_seconds = time.time() - t0
+    t0 = time.time()
+    for p in params:
+        p.grad = None
+    # FSDP sums the ranks' gradients (sharded); every rank then holds the full ∇J, in fp32
+    bwd_tokens = accumulate_policy_gradient(model, items, args.temperature, args.micro_batch_tokens,
+                                            scale=1.0 / (len(records) * args.samples_per_prompt))
+    grads = [full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
+    stats = parallel.all_reduce(torch.tensor([sum(map(sum, rewards)), sum(len(set(r)) > 1 for r in rewards), gen_tokens,
+                                              bwd_tokens], dtype=torch.float64))
+    mean_reward, informative, gen_tokens, bwd_tokens = stats.tolist()
+    mean_reward /= len(records) * args.samples_per_prompt
+    grad_j = {"mean_reward": mean_reward, "prompts": len(records), "prompt_subset": eval_subset,
+              "k": args.samples_per_prompt, "temperature": args.temperature,
+              "informative_prompts": int(informative), "ranks": world}
+    if informative == 0:
+        raise UserError(f"all {args.samples_per_prompt} rollouts of every evaluation prompt got the same reward "
+                        f"(mean reward {mean_reward:.3f}), so the ∇J estimate is zero; use more prompts, "
+                        "a larger --samples_per_prompt, or a policy whose accuracy on --eval_data lies strictly "
+                        "between 0 and 1")
+    exact_ref = sketch_ref = None
+    if args.exact:
+        exact_ref = {"grad": [g.detach().clone() for g in grads]}
+        exact_ref["norm"] = math.sqrt(grad_dot(exact_ref["grad"], exact_ref["grad"]))
+        grad_j["norm"] = exact_ref["norm"]
+    if args.proj_dim:
+        s = sketch(grads).double()
+        sketch_ref = {"sketch": s, "norm": float(s.norm())}
+        grad_j["norm_proj"] = sketch_ref["norm"]
+    del grads
+    for p in params:
+        p.grad = None
+    print0(f"∇J from {len(records)} prompts x {args.samples_per_prompt} rollouts (T={args.temperature}): "
+           f"mean reward {mean_reward:.4f}, {int(informative)} prompts with mixed rewards | "
+           f"generation {gen_tokens / max(gen_seconds, 1e-9):.0f} tok/s "
+           f"({gen_seconds:.1f}s) | backward {bwd_tokens:.0f} tokens in {time.time() - t0:.1f}s | "
+           f"‖∇J‖ {grad_j.get('norm', grad_j.get('norm_proj')):.4g}")
+    return grad_j, exact_ref, sketch_ref
+
+
+# -----------------------------------------------------------------------------
+# a stopped run, resumed: once ∇J is computed, <out stem>.partial/ holds identity.json (the settings and data it is
+# for), grad_j.safetensors and grad_j.json (written last: it marks the directory complete), then done.jsonl and
+# effects.rankR.jsonl (one line per finished sample, appended by the rank that did it)
+
+# settings that change neither ∇J nor any sample's effect (recompute is exact): a resume may change them
+RESUME_FREE = ("out", "select", "select_out", "select_bottom", "select_by", "resume", "log_every", "progress",
+               "gradient_checkpointing", "checkpoint_every", "checkpoint_keep")
+
+
+def open_partial(path, identity, resume):
+    """Rank 0, before any work. With resume and a stopped run's ∇J in `path`: checked to be for the same settings and
+    data, its ranks' finished samples gathered into done.jsonl (a torn last line, left by a kill mid-write, dropped:
+    that sample is done again). Otherwise whatever is in `path` goes (a run stopped before its ∇J kept nothing)."""
+    if resume and os.path.exists(os.path.join(path, "grad_j.json")):
+        with open(os.path.join(path, "identity.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        try:
+            ckpt.check_run_identity(path, saved, identity)
+        except UserError as e:
+            raise UserError(f"{e}; pass --resume false to start over (or another --out)")
+        logs = sorted(glob.glob(os.path.join(glob.escape(path), "effects.rank*.jsonl")))
+        done = os.path.join(path, "done.jsonl")
+        rows = [row for log in ([done] if os.path.exists(done) else []) + logs
+                for row in common.read_jsonl(log, torn_tail=True)]
+        common.write_jsonl(done, rows)
+        for log in logs:
+            os.remove(log)
+        return
+    if os.path.exists(os.path.join(path, "grad_j.json")):
+        print0(f"note: --resume false: removed the stopped run's {path}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def save_grad_j(path, identity, grad_j, exact_ref, sketch_ref):
+    """Rank 0: the run's identity, ∇J as the effects use it (the exact gradient and/or its sketch), then
+    grad_j.json, which marks them complete."""
+    from safetensors.torch import save
+    common.write_json(os.path.join(path, "identity.json"), identity)
+    tensors = {f"grad.{i}": g.cpu() for i, g in enumerate(exact_ref["grad"])} if exact_ref else {}
+    if sketch_ref:
+        tensors["sketch"] = sketch_ref["sketch"].cpu()
+    with common.atomic_open(os.path.join(path, "grad_j.safetensors"), "wb") as f:
+        f.write(save(tensors))
+    common.write_json(os.path.join(path, "grad_j.json"), grad_j)
+
+
+def load_grad_j(path, device):
+    """(grad_j, exact_ref, sketch_ref) that save_grad_j wrote, or None before it finished."""
+    if not os.path.exists(os.path.join(path, "grad_j.json")):
+        return None
+    from safetensors.torch import load_file
+    with open(os.path.join(path, "grad_j.json"), encoding="utf-8") as f:
+        grad_j = json.load(f)
+    # cloned into fresh allocations: a BLAS reduction over a file-backed tensor at another alignment can round
+    # differently in the last bit, and a resumed run should equal an uninterrupted one exactly
+    tensors = {k: v.clone() for k, v in load_file(os.path.join(path, "grad_j.safetensors"), device=str(device)).items()}
+    n = sum(k.startswith("grad.") for k in tensors)
+    exact_ref = {"grad": [tensors[f"grad.{i}"] for i in range(n)], "norm": grad_j["norm"]} if n else None
+    sketch_ref = {"sketch": tensors["sketch"], "norm": grad_j["norm_proj"]} if "sketch" in tensors else None
+    return grad_j, exact_ref, sketch_ref
 
 
 # -----------------------------------------------------------------------------
@@ -315,7 +473,7 @@ def main(argv=None):
 
     import torch
     from tqdm import tqdm
-    from parallel import full_copy, full_tensor
+    from parallel import full_copy
     from model import load_model, load_tokenizer, parse_dtype
     rank, world, device = parallel.dist_setup()
     compute_dtype = parse_dtype(args.dtype, device)
@@ -345,6 +503,29 @@ def main(argv=None):
     tasks.check_prompts_fit(prompt_ids, records, args.max_new_tokens, context, args.eval_data)
     print0(f"evaluation prompts: {eval_subset}")
 
+    # ---- a stopped run of these settings and data (--resume): its ∇J and finished samples, kept in PARTIAL
+    partial = out_stem(args.out) + ".partial"
+    identity = {**{k: v for k, v in vars(args).items() if k not in RESUME_FREE},
+                "compute_dtype": str(compute_dtype).replace("torch.", ""),
+                "sft_digest": ckpt.data_digest([[e["input_ids"], e["start"]] for e in examples]),
+                "eval_digest": ckpt.data_digest(records),
+                "checkpoint_files": common.file_stamps(weight_files(args.checkpoint)
+                                                       + [os.path.join(args.checkpoint, "config.json")])}
+    problem = None
+    if rank == 0:  # (its file system holds --out; the others wait for its word)
+        try:
+            open_partial(partial, identity, args.resume)
+        except UserError as e:
+            problem = str(e)
+    problem = parallel.all_gather_json(problem)[0]
+    if problem:
+        raise UserError(problem)
+    done_path = os.path.join(partial, "done.jsonl")
+    done_rows = common.read_jsonl(done_path) if os.path.exists(done_path) else []
+    done_before = {r["index"] for r in done_rows}
+    if done_before:
+        print0(f"resuming {partial}: {len(done_before)} of {len(examples)} samples done before")
+
     # ---- model and the parameters that count
     t0 = time.time()
     model = load_model(args.checkpoint, dtype=torch.float32, device=device).eval()
@@ -364,78 +545,21 @@ def main(argv=None):
            f"{'exact' if args.exact else ''}{' + ' if args.exact and args.proj_dim else ''}"
            f"{f'CountSketch {args.proj_dim}' if args.proj_dim else ''}; {world} rank(s)")
 
-    # ---- ∇J: K rollouts per evaluation prompt, chunks of prompts spread over ranks, RLOO policy gradient
-    t0 = time.time()
-    gen_model = engine.GenWeights(model, compute_dtype)
-    cfg = model.config  # bytes per cached token: keys and values of every layer, in the compute dtype
-    per_token = kv_bytes_per_token(cfg, compute_dtype.itemsize)
-    longest = max(map(len, prompt_ids))
-    size = gen_chunk_size(len(records), world, args.gen_batch_size, args.samples_per_prompt, per_token,
-                          longest + args.max_new_tokens, args.kv_cache_gib * 2**30)
-    chunks = [list(range(s, min(s + size, len(records)))) for s in range(0, len(records), size)]
-    print0(f"rollouts: {len(chunks)} generation call(s) of <= {size} prompts x {args.samples_per_prompt} "
-           f"over {world} rank(s); KV cache <= "
-           f"{size * args.samples_per_prompt * (longest + args.max_new_tokens) * per_token / 2**30:.1f} GiB per call")
-    items, rewards, gen_tokens = [], [], 0
-    my_chunks = parallel.rank_share(list(range(len(chunks))), rank, world)
-    bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks) * args.samples_per_prompt, desc="rollouts",
-               disable=not args.progress or rank != 0, dynamic_ncols=True)
-    for c in my_chunks:
-        out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]],
-                                      n=args.samples_per_prompt, temperature=args.temperature, top_p=1.0,
-                                      max_new_tokens=args.max_new_tokens,
-                                      seed=common.derive_seed(args.seed, c), template=args.template,
-                                      batch_size=size, progress=False)
-        for j in range(len(chunks[c])):
-            group = out[j * args.samples_per_prompt:(j + 1) * args.samples_per_prompt]
-            prompt_ids = tasks.encode_prompts(tokenizer, [group[0]["prompt"]])[0]
-            rs = [float(s["reward"]) for s in group]
-            rewards.append(rs)
-            for s, w in zip(group, rloo_weights(rs)):
-                items.append({"input_ids": prompt_ids + s["tokens"], "start": len(prompt_ids), "weight": w})
-                gen_tokens += s["length"]
-        bar.update(len(out))
-    bar.close()
-    del gen_model
-    engine.release()
-    gen_seconds = time.time() - t0
-    t0 = time.time()
-    for p in params:
-        p.grad = None
-    # FSDP sums the ranks' gradients (sharded); every rank then holds the full ∇J, in fp32
-    bwd_tokens = accumulate_policy_gradient(model, items, args.temperature, args.micro_batch_tokens,
-                                            scale=1.0 / (len(records) * args.samples_per_prompt))
-    grads = [full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
-    stats = parallel.all_reduce(torch.tensor([sum(map(sum, rewards)), sum(len(set(r)) > 1 for r in rewards), gen_tokens,
-                                              bwd_tokens], dtype=torch.float64))
-    mean_reward, informative, gen_tokens, bwd_tokens = stats.tolist()
-    mean_reward /= len(records) * args.samples_per_prompt
-    grad_j = {"mean_reward": mean_reward, "prompts": len(records), "prompt_subset": eval_subset,
-              "k": args.samples_per_prompt, "temperature": args.temperature,
-              "informative_prompts": int(informative)}
-    if informative == 0:
-        raise UserError(f"all {args.samples_per_prompt} rollouts of every evaluation prompt got the same reward "
-                        f"(mean reward {mean_reward:.3f}), so the ∇J estimate is zero; use more prompts, "
-                        "a larger --samples_per_prompt, or a policy whose accuracy on --eval_data lies strictly "
-                        "between 0 and 1")
-    exact_ref = sketch = sketch_ref = None
-    if args.exact:
-        exact_ref = {"grad": [g.detach().clone() for g in grads]}
-        exact_ref["norm"] = math.sqrt(grad_dot(exact_ref["grad"], exact_ref["grad"]))
-        grad_j["norm"] = exact_ref["norm"]
-    if args.proj_dim:
-        sketch = CountSketch([p.numel() for p in params], args.proj_dim, args.proj_seed, device)
-        s = sketch(grads).double()
-        sketch_ref = {"sketch": s, "norm": float(s.norm())}
-        grad_j["norm_proj"] = sketch_ref["norm"]
-    del grads
-    for p in params:
-        p.grad = None
-    print0(f"∇J from {len(records)} prompts x {args.samples_per_prompt} rollouts (T={args.temperature}): "
-           f"mean reward {mean_reward:.4f}, {int(informative)} prompts with mixed rewards | "
-           f"generation {gen_tokens / max(gen_seconds, 1e-9):.0f} tok/s "
-           f"({gen_seconds:.1f}s) | backward {bwd_tokens:.0f} tokens in {time.time() - t0:.1f}s | "
-           f"‖∇J‖ {grad_j.get('norm', grad_j.get('norm_proj')):.4g}")
+    # ---- ∇J: a stopped run's, or K rollouts per evaluation prompt and the RLOO policy gradient
+    sketch = CountSketch([p.numel() for p in params], args.proj_dim, args.proj_seed, device) if args.proj_dim else None
+    loaded = load_grad_j(partial, device)
+    if loaded is None:
+        grad_j, exact_ref, sketch_ref = estimate_grad_j(model, params, tokenizer, task, records, prompt_ids,
+                                                        eval_subset, sketch, compute_dtype, args, rank, world, device)
+        if rank == 0:
+            save_grad_j(partial, identity, grad_j, exact_ref, sketch_ref)
+        parallel.barrier()  # no rank's effects are on disk before the ∇J they are for
+    else:
+        grad_j, exact_ref, sketch_ref = loaded
+        print0(f"∇J of the stopped run ({partial}; {grad_j['ranks']} rank(s)): "
+               f"mean reward {grad_j['mean_reward']:.4f}, "
+               f"{grad_j['informative_prompts']} prompts with mixed rewards | "
+               f"‖∇J‖ {grad_j.get('norm', grad_j.get('norm_proj')):.4g}")
 
     # ---- per-sample effects: this rank's share of the SFT samples, one backward each, on this rank's own full
     # fp32 copy (a sharded model would sum the ranks' gradients, mixing their samples)
@@ -445,13 +569,15 @@ def main(argv=None):
         p.requires_grad_(n in chosen)
     params = [p for n, p in plain.named_parameters() if n in chosen]
     del model
-    mine = parallel.rank_share(list(range(len(examples))), rank, world)
+    mine = parallel.rank_share([i for i in range(len(examples)) if i not in done_before], rank, world)
     bar = tqdm(total=len(mine), desc="sample effects", disable=not args.progress or rank != 0, dynamic_ncols=True)
     t0, done, tokens = time.time(), [0], [0]
+    log = os.path.join(partial, f"effects.rank{rank}.jsonl")
 
-    def on_sample(ex):
+    def on_sample(k, result):  # each effect on disk as it is done: a stopped run resumes after it
+        common.append_jsonl(log, {"index": mine[k], **result})
         done[0] += 1
-        tokens[0] += len(ex["input_ids"])
+        tokens[0] += len(examples[mine[k]]["input_ids"])
         bar.update(1)
         if rank == 0 and (done[0] % args.log_every == 0 or done[0] == len(mine)):
             dt = time.time() - t0
@@ -459,11 +585,11 @@ def main(argv=None):
                       f"{tokens[0] / dt:.0f} tok/s")
 
     res = sample_effects(plain, params, [examples[i] for i in mine], args.token_reduction, exact_ref, sketch,
-                         sketch_ref, autocast, on_sample)
+                         sketch_ref, autocast, on_sample=on_sample)
     bar.close()
     seconds = time.time() - t0
-    rows = [{"index": i, **r} for i, r in zip(mine, res)]
-    rows = parallel.gather_lists(rows, key=lambda r: r["index"])
+    rows = done_rows + parallel.gather_lists([{"index": i, **r} for i, r in zip(mine, res)])
+    rows.sort(key=lambda r: r["index"])
     effects = []
     for r in rows:
         ex = examples[r.pop("index")]
@@ -477,7 +603,7 @@ def main(argv=None):
         mine_rows = [e for e in effects if e["file"] == path]
         per_file[path] = {"count": len(mine_rows), **{c: summarize([e[c] for e in mine_rows]) for c in columns},
                           "mean_response_length": statistics.fmean(e["response_length"] for e in mine_rows)}
-    summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("progress", "log_every")},
+    summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("progress", "log_every", "resume")},
                "grad_j": grad_j, "files": per_file}
     if rank == 0:
         common.write_jsonl(args.out, effects)
@@ -487,8 +613,13 @@ def main(argv=None):
             write_selection(args.select_out, ranked[:args.select])
             if args.select_bottom:
                 write_selection(args.select_bottom, ranked[-args.select:][::-1])
-    print0(f"{len(effects)} samples in {seconds:.1f}s ({len(effects) / max(seconds, 1e-9):.2f} samples/s over {world} "
-           f"rank(s)); token reduction {args.token_reduction}\n\n" + summary_table(per_file, columns) + "\n")
+    parallel.barrier()  # every rank is past the partial files before they go
+    if rank == 0:
+        shutil.rmtree(partial)
+    now = len(effects) - len(done_before)
+    print0(f"{now} samples in {seconds:.1f}s ({now / max(seconds, 1e-9):.2f} samples/s over {world} "
+           f"rank(s)){f', {len(done_before)} done before' if done_before else ''}; token reduction "
+           f"{args.token_reduction}\n\n" + summary_table(per_file, columns) + "\n")
     print0(f"wrote {args.out}" + (f", {args.select_out}" if args.select else "") +
            (f", {args.select_bottom}" if args.select_bottom else ""))
     parallel.dist_cleanup()

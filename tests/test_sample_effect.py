@@ -215,6 +215,56 @@ def test_projection_approximates_exact_and_outputs(setup, capsys):
         assert r["source_file"] in {e["file"] for e in effects if e["id"] == r["id"]}
 
 
+def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path, monkeypatch, capsys):
+    """∇J and each finished sample are kept beside --out as they are done; a re-run does only the rest, and its
+    outputs equal the fixture's uninterrupted run's (same settings) exactly."""
+    d = setup["dir"]
+    args = list(setup["single"])
+    for flag in ("--out", "--select_out", "--select_bottom"):
+        args[args.index(flag) + 1] = str(tmp_path / os.path.basename(args[args.index(flag) + 1]))
+    real, calls = se.sample_effects, []
+
+    def stopping_after(n):  # sample_effects, stopped (as by a kill) once n samples are done and logged
+        def run(*a, on_sample, **kw):
+            calls.append(len(a[2]))
+
+            def stop(k, result):
+                on_sample(k, result)
+                if k + 1 == n:
+                    raise KeyboardInterrupt
+            return real(*a, on_sample=stop, **kw)
+        return run
+    partial = tmp_path / "effects.partial"
+    monkeypatch.setattr(se, "sample_effects", stopping_after(1))
+    with pytest.raises(KeyboardInterrupt):
+        se.main(args)
+    assert len(common.read_jsonl(str(partial / "effects.rank0.jsonl"))) == 1
+    # --resume false starts over: ∇J again, every sample again
+    monkeypatch.setattr(se, "sample_effects", stopping_after(7))
+    with pytest.raises(KeyboardInterrupt):
+        se.main(args + ["--resume", "false"])
+    assert "removed the stopped run's" in capsys.readouterr().out
+    assert not (tmp_path / "effects.jsonl").exists() and (partial / "grad_j.json").exists()
+    with open(partial / "effects.rank0.jsonl", "a") as f:  # a kill mid-write: a torn last line
+        f.write('{"index": 7, "sample_eff')
+    # another setting that changes the effects: refused, named, before any work
+    with pytest.raises(UserError, match="token_reduction: was 'mean', now 'sum'.*pass --resume false"):
+        se.main(args + ["--token_reduction", "sum"])
+    monkeypatch.setattr(se, "sample_effects", stopping_after(10**9))
+    se.main(args)
+    assert calls == [30, 30, 23]  # the torn sample is done again
+    out = capsys.readouterr().out
+    assert "dropped a torn last line" in out and "7 of 30 samples done before" in out
+    assert "∇J of the stopped run" in out and "rollouts:" not in out
+    for name in ("effects.jsonl", "top.jsonl", "bottom.jsonl"):
+        ref = d / "single" / name if name == "effects.jsonl" else d / name
+        assert common.read_jsonl(str(tmp_path / name)) == common.read_jsonl(str(ref)), name
+    ref = json.loads((d / "single" / "effects.summary.json").read_text())
+    got = json.loads((tmp_path / "effects.summary.json").read_text())
+    assert got["grad_j"] == ref["grad_j"] and got["files"] == ref["files"]
+    assert not partial.exists()  # outputs written: the partial run is gone
+
+
 @pytest.mark.torchrun
 def test_torchrun_two_ranks_match_one(setup):
     d = setup["dir"]
