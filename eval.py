@@ -165,7 +165,8 @@ def main(argv=None):
     split_names = unique_names([split_label(p) for p in args.splits], args.split_names, "--split_names", "splits")
 
     import torch
-    from model import load_model, load_tokenizer, parse_dtype
+    from model import load_model, parse_dtype
+    from tasks import load_tokenizer
     rank, world, device = parallel.dist_setup()
     dtype = parse_dtype(args.dtype, device)
     common.seed_everything(args.seed)

@@ -605,19 +605,6 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model
 
 
-def load_tokenizer(path):
-    """The tokenizer saved in a local directory (a checkpoint, or a bare tokenizer directory). A missing directory is
-    named as such, not passed on to transformers, which would take the path for a hub repo id."""
-    from transformers import AutoTokenizer
-    if not os.path.isdir(path):
-        raise UserError(f"{path}: no such directory (a checkpoint or tokenizer directory; download hub models first, "
-                        f"e.g. huggingface-cli download Qwen/Qwen2.5-1.5B --local-dir DIR)")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load tokenizer ({e})")
-
-
 def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**30, dtype=None):
     """Write a HF checkpoint directory atomically: into a temporary directory, then renamed into place."""
     from safetensors.torch import save_file

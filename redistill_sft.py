@@ -30,8 +30,8 @@ import common
 import parallel
 import tasks
 from common import UserError, print0
-from model import (build_model, load_model, load_tokenizer, parse_dtype, read_config, response_logprobs, save_model,
-                   tiny_config)
+from model import build_model, load_model, parse_dtype, read_config, response_logprobs, save_model, tiny_config
+from tasks import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings (defaults = the paper's SFT, section 7)

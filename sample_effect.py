@@ -474,7 +474,8 @@ def main(argv=None):
     import torch
     from tqdm import tqdm
     from parallel import full_copy
-    from model import load_model, load_tokenizer, parse_dtype
+    from model import load_model, parse_dtype
+    from tasks import load_tokenizer
     rank, world, device = parallel.dist_setup()
     compute_dtype = parse_dtype(args.dtype, device)
     autocast = (nullcontext if compute_dtype == torch.float32

@@ -124,7 +124,8 @@ def load_splits(task, args, tokenizer, template):
 def sample_checkpoint(args, task, rank, world, device):
     """Every (record, sample) of the splits, merged from all ranks in record order; and the records."""
     import torch
-    from model import load_model, load_tokenizer, parse_dtype, read_config
+    from model import load_model, parse_dtype, read_config
+    from tasks import load_tokenizer
     read_config(args.from_checkpoint)  # a clear error when it is no checkpoint
     tokenizer = load_tokenizer(args.from_checkpoint)
     records = load_splits(task, args, tokenizer, args.template)

@@ -1,7 +1,7 @@
 """
-Tasks and their data: the task registry (`--task`), the paper's prompts, a split's records checked to belong to
-the task, stratified subsets, SFT examples tokenized as training sees them, and the RL rollout logs. No torch here:
-the data generators import it.
+Tasks and their data: the task registry (`--task`), a checkpoint's tokenizer, the paper's prompts, a split's records
+checked to belong to the task, stratified subsets, SFT examples tokenized as training sees them, and the RL rollout
+logs. No torch here: the data generators import it.
 """
 import importlib
 import os
@@ -37,6 +37,19 @@ def get_task(name):
     return task
 
 
+def load_tokenizer(path):
+    """The tokenizer saved in a local directory (a checkpoint, or a bare tokenizer directory). A missing directory is
+    named as such, not passed on to transformers, which would take the path for a hub repo id."""
+    from transformers import AutoTokenizer
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such directory (a checkpoint or tokenizer directory; download hub models first, "
+                        f"e.g. huggingface-cli download Qwen/Qwen2.5-1.5B --local-dir DIR)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load tokenizer ({e})")
+
+
 def render_question(question: str, tokenizer, template: str = "auto") -> str:
     """The paper's prompt: chat template with SYSTEM_PROMPT, or the plain Question/Answer one.
 
@@ -60,7 +73,6 @@ def teacher_sft_tokenizer(path, template):
     """The tokenizer that renders teacher SFT prompts (kk_data.py / math_data.py --teacher_sft --tokenizer PATH); the
     plain template needs none, so without a path it is None."""
     if path:
-        from model import load_tokenizer  # torch and transformers: only when a tokenizer is asked for
         return load_tokenizer(path)
     if template != "plain":
         raise UserError("--teacher_sft needs --tokenizer DIR (a Hugging Face tokenizer directory), or --template plain")

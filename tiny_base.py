@@ -27,7 +27,8 @@ import common
 import engine
 import kk_data
 import tasks
-from model import load_model, load_tokenizer
+from model import load_model
+from tasks import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # tiny tokenizers and models, built offline (the CPU preset and the tests use these)

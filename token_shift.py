@@ -91,7 +91,8 @@ def get_parser():
 
 def check_same_tokenizer(base_dir, policy_dir):
     """The one tokenizer both checkpoints share; a UserError naming the difference otherwise."""
-    from model import load_tokenizer, read_config
+    from model import read_config
+    from tasks import load_tokenizer
     tokenizers = [load_tokenizer(d) for d in (base_dir, policy_dir)]
     sizes = [read_config(d).vocab_size for d in (base_dir, policy_dir)]
     vocabs = [t.get_vocab() for t in tokenizers]

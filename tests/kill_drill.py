@@ -41,7 +41,7 @@ from conftest import ROOT, free_port, make_tiny_checkpoint, subprocess_env
 import common
 import ckpt
 import toy_task
-from model import load_tokenizer
+from tasks import load_tokenizer
 from test_redistill_sft import run_args, write_sft
 from test_train_rl import noisy_sft, rl_args
 

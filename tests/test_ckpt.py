@@ -15,7 +15,8 @@ def test_checkpoints_and_full_copies_after_a_no_grad_forward_hold_the_fp32_maste
     still hold the fp32 master, and resume must restore it exactly."""
     import torch
     from conftest import assert_train_shards
-    from model import load_model, load_tokenizer
+    from model import load_model
+    from tasks import load_tokenizer
     parallel.dist_setup()
     master = load_model(tiny_checkpoint).state_dict()
     model = parallel.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
@@ -71,7 +72,8 @@ def test_local_shard_optimizer_updates_sharded_weights_like_the_optimizer_on_the
     With torch's AdamW standing in for it (bitsandbytes needs CUDA), three steps on the local shards give the weights
     of AdamW on the sharded parameters themselves, and a checkpoint of it resumes to the same next step."""
     import torch
-    from model import load_model, load_tokenizer, pack
+    from model import load_model, pack
+    from tasks import load_tokenizer
     parallel.dist_setup()
     ids, cu = pack([[3, 4, 5, 6, 7], [8, 9, 10]])
 

@@ -58,7 +58,8 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
     assert summary["n"] == 1 and summary["pass_k"] == [1] and list(summary["by_difficulty"]) == ["1", "2"]
     assert summary == {**summary, **scoring.summarize(samples, records, "level", [1])}
     # the importable helper (validation inside training) gives the same samples and summary in-process
-    from model import load_model, load_tokenizer
+    from model import load_model
+    from tasks import load_tokenizer
     got, got_summary = scoring.generate_and_score(load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint),
                                                   toy_task, records, max_new_tokens=12, batch_size=16, progress=False)
     assert got == samples and got_summary == scoring.summarize(samples, records, "level")

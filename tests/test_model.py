@@ -18,8 +18,9 @@ import tasks
 import engine
 import model as model_module
 from engine import generate
-from model import (build_model, flash_dtype, flash_inputs, load_model, load_tokenizer, pack, packed_backend,
-                   response_logprobs, response_positions, save_model, stop_token_ids, tiny_config)
+from model import (build_model, flash_dtype, flash_inputs, load_model, pack, packed_backend, response_logprobs,
+                   response_positions, save_model, stop_token_ids, tiny_config)
+from tasks import load_tokenizer
 from tiny_base import build_tokenizer
 import padded
 

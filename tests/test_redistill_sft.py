@@ -18,7 +18,8 @@ import tasks
 import redistill_sft as sft
 import toy_task
 from common import UserError
-from model import load_model, load_tokenizer
+from model import load_model
+from tasks import load_tokenizer
 from conftest import ROOT, assert_train_shards, free_port, subprocess_env
 import padded
 

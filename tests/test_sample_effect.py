@@ -163,7 +163,7 @@ def score(response, record, finished):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_checkpoint):
     import toy_task
-    from model import load_tokenizer
+    from tasks import load_tokenizer
     d = tmp_path_factory.mktemp("se")
     (d / "se_digit_task.py").write_text(DIGIT_TASK)
     sys.path.insert(0, str(d))

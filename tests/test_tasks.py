@@ -8,7 +8,7 @@ import redistill_sft as sft
 import tasks
 import toy_task
 from common import UserError
-from model import load_tokenizer
+from tasks import load_tokenizer
 from test_redistill_sft import write_sft
 
 

@@ -17,7 +17,8 @@ import token_shift
 import toy_task
 from conftest import ROOT, subprocess_env
 from engine import generate
-from model import build_model, load_model, load_tokenizer, save_model, stop_token_ids, tiny_config
+from model import build_model, load_model, save_model, stop_token_ids, tiny_config
+from tasks import load_tokenizer
 from tiny_base import build_tokenizer
 import padded
 

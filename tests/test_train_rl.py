@@ -15,7 +15,8 @@ import engine
 import toy_task
 import train_rl
 from conftest import ROOT, assert_train_shards, free_port, subprocess_env
-from model import load_model, load_tokenizer, pack, save_model
+from model import load_model, pack, save_model
+from tasks import load_tokenizer
 import padded
 
 
