@@ -59,8 +59,9 @@ def mean_pm_std(values):
 
 
 def read_times(path):
-    """stage -> (seconds, devices, kind, attempts): every attempt counts, finished or stopped (a failure or a kill
-    that reproduce.sh logged; a stage re-run by hand). Lines of older runs have no status column."""
+    """stage -> (seconds, devices, kind, attempts, device seconds): every attempt counts, finished or stopped (a
+    failure or a kill that reproduce.sh logged; a stage re-run by hand), each at its own number of devices (another
+    number may take over a run); devices is the last attempt's. Lines of older runs have no status column."""
     times = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -68,13 +69,14 @@ def read_times(path):
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) in (4, 5):
                     stage, seconds, devices, kind = parts[:4]
-                    old = times.get(stage, (0, int(devices), kind, 0))
-                    times[stage] = (old[0] + int(seconds), int(devices), kind, old[3] + 1)
+                    old = times.get(stage, (0, 0, kind, 0, 0))
+                    times[stage] = (old[0] + int(seconds), int(devices), kind, old[3] + 1,
+                                    old[4] + int(seconds) * int(devices))
     return times
 
 
 def device_hours(times, stages):
-    return sum(times[s][0] * times[s][1] for s in stages if s in times) / 3600
+    return sum(times[s][4] for s in stages if s in times) / 3600
 
 
 def rl_rollouts(run_dir, up_to_step=None):
@@ -283,7 +285,7 @@ def plots(out_dir, metrics, summaries, temperature, difficulty):
 
 def wall_time_lines(times):
     stage_rows = [{"stage": st, "wall s": sec, "devices": dev, "kind": k, "attempts": n}
-                  for st, (sec, dev, k, n) in times.items()]
+                  for st, (sec, dev, k, n, _) in times.items()]
     if not stage_rows:
         return []
     total = sum(r["wall s"] for r in stage_rows)

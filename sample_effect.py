@@ -334,33 +334,44 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
 # for), grad_j.safetensors and grad_j.json (written last: it marks the directory complete), then done.jsonl and
 # effects.rankR.jsonl (one line per finished sample, appended by the rank that did it)
 
-# settings that change neither ∇J nor any sample's effect (recompute is exact): a resume may change them
+# settings that change neither ∇J nor any sample's effect (recompute is exact; --dtype counts as the compute dtype it
+# resolves to, --config as the settings it holds): a resume may change them. (--compile may change the round-off.)
 RESUME_FREE = ("out", "select", "select_out", "select_bottom", "select_by", "resume", "log_every", "progress",
-               "gradient_checkpointing", "checkpoint_every", "checkpoint_keep")
+               "gradient_checkpointing", "checkpoint_every", "checkpoint_keep", "dtype", "config")
 
 
 def open_partial(path, identity, resume):
-    """Rank 0, before any work. With resume and a stopped run's ∇J in `path`: checked to be for the same settings and
-    data, its ranks' finished samples gathered into done.jsonl (a torn last line, left by a kill mid-write, dropped:
-    that sample is done again). Otherwise whatever is in `path` goes (a run stopped before its ∇J kept nothing)."""
+    """Rank 0, before any work: the finished samples' rows of a stopped run in `path`, or None for a fresh start.
+    With resume and the run's ∇J there: checked to be for the same settings and data, its ranks' logs gathered into
+    done.jsonl, one row per sample (a torn last line, left by a kill mid-write, dropped: that sample is done again;
+    a row twice, left by a kill between writing done.jsonl and removing the logs, kept once). Otherwise whatever is
+    in `path` goes (a run stopped before its ∇J kept nothing)."""
     if resume and os.path.exists(os.path.join(path, "grad_j.json")):
-        with open(os.path.join(path, "identity.json"), encoding="utf-8") as f:
-            saved = json.load(f)
+        try:
+            with open(os.path.join(path, "identity.json"), encoding="utf-8") as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}/identity.json: cannot read the stopped run's identity ({e}); pass --resume "
+                            "false to start over")
         try:
             ckpt.check_run_identity(path, saved, identity)
         except UserError as e:
             raise UserError(f"{e}; pass --resume false to start over (or another --out)")
         logs = sorted(glob.glob(os.path.join(glob.escape(path), "effects.rank*.jsonl")))
         done = os.path.join(path, "done.jsonl")
-        rows = [row for log in ([done] if os.path.exists(done) else []) + logs
-                for row in common.read_jsonl(log, torn_tail=True)]
+        rows = {row["index"]: row for log in ([done] if os.path.exists(done) else []) + logs
+                for row in common.read_jsonl(log, required=("index",), torn_tail=True)}
+        rows = [rows[i] for i in sorted(rows)]
         common.write_jsonl(done, rows)
         for log in logs:
             os.remove(log)
-        return
+        return rows
     if os.path.exists(os.path.join(path, "grad_j.json")):
         print0(f"note: --resume false: removed the stopped run's {path}")
     shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def save_grad_j(path, identity, grad_j, exact_ref, sketch_ref):
@@ -507,24 +518,31 @@ def main(argv=None):
     # ---- a stopped run of these settings and data (--resume): its ∇J and finished samples, kept in PARTIAL
     partial = out_stem(args.out) + ".partial"
     identity = {**{k: v for k, v in vars(args).items() if k not in RESUME_FREE},
+                "checkpoint": os.path.abspath(args.checkpoint), "eval_data": os.path.abspath(args.eval_data),
+                "sft_data": [os.path.abspath(f) for f in args.sft_data],
                 "compute_dtype": str(compute_dtype).replace("torch.", ""),
+                "device_type": device.type,  # (the CountSketch's hashes are drawn on the device)
                 "sft_digest": ckpt.data_digest([[e["input_ids"], e["start"]] for e in examples]),
                 "eval_digest": ckpt.data_digest(records),
                 "checkpoint_files": common.file_stamps(weight_files(args.checkpoint)
                                                        + [os.path.join(args.checkpoint, "config.json")])}
-    problem = None
-    if rank == 0:  # (its file system holds --out; the others wait for its word)
+    found = {"problem": None, "done": None}
+    if rank == 0:  # rank 0 decides and tells the others, so that all share out the same remaining samples
         try:
-            open_partial(partial, identity, args.resume)
+            found["done"] = open_partial(partial, identity, args.resume)
         except UserError as e:
-            problem = str(e)
-    problem = parallel.all_gather_json(problem)[0]
-    if problem:
-        raise UserError(problem)
-    done_path = os.path.join(partial, "done.jsonl")
-    done_rows = common.read_jsonl(done_path) if os.path.exists(done_path) else []
+            found["problem"] = str(e)
+    found = parallel.all_gather_json(found)[0]
+    if found["problem"]:
+        raise UserError(found["problem"])
+    resumed = found["done"] is not None
+    # each rank loads the stopped run's ∇J itself: every rank must see the directory (not a node-local --out)
+    if not all(parallel.all_gather_json(os.path.exists(os.path.join(partial, "grad_j.json")) == resumed)):
+        raise UserError(f"{partial}: not every rank sees the stopped run's files (a --out on a node-local disk?); "
+                        "pass --resume false")
+    done_rows = found["done"] or []
     done_before = {r["index"] for r in done_rows}
-    if done_before:
+    if resumed:
         print0(f"resuming {partial}: {len(done_before)} of {len(examples)} samples done before")
 
     # ---- model and the parameters that count
@@ -548,7 +566,7 @@ def main(argv=None):
 
     # ---- ∇J: a stopped run's, or K rollouts per evaluation prompt and the RLOO policy gradient
     sketch = CountSketch([p.numel() for p in params], args.proj_dim, args.proj_seed, device) if args.proj_dim else None
-    loaded = load_grad_j(partial, device)
+    loaded = load_grad_j(partial, device) if resumed else None
     if loaded is None:
         grad_j, exact_ref, sketch_ref = estimate_grad_j(model, params, tokenizer, task, records, prompt_ids,
                                                         eval_subset, sketch, compute_dtype, args, rank, world, device)
@@ -591,6 +609,8 @@ def main(argv=None):
     seconds = time.time() - t0
     rows = done_rows + parallel.gather_lists([{"index": i, **r} for i, r in zip(mine, res)])
     rows.sort(key=lambda r: r["index"])
+    if [r["index"] for r in rows] != list(range(len(examples))):
+        raise RuntimeError("sample_effect: the rows do not cover every SFT sample exactly once")
     effects = []
     for r in rows:
         ex = examples[r.pop("index")]

@@ -199,3 +199,14 @@ def test_seeds_where_rl_gained_nothing_have_no_share(run_dir):
     text = (run_dir / "results.md").read_text()
     assert "GRPO gain over its start (rl - sft, overall): +8.2 ± 13.1 points; per seed +17.5, -1.0." in text
     assert "over the 1 of 2 seeds where RL gained); per seed 29%." in text
+
+
+def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
+    """A stopped attempt on 8 devices, then one finished on 4 (another number may take over a run), and a line of
+    an older run without the status column."""
+    path = tmp_path / "times.tsv"
+    path.write_text("rl\t100\t8\tgpu\tstopped\nrl\t300\t4\tgpu\tfinished\neval\t60\t2\tgpu\n")
+    times = report.read_times(str(path))
+    assert times["rl"][:4] == (400, 4, "gpu", 2) and times["eval"][:4] == (60, 2, "gpu", 1)
+    assert report.device_hours(times, ["rl"]) == (100 * 8 + 300 * 4) / 3600
+    assert report.device_hours(times, ["rl", "eval", "absent"]) == (800 + 1200 + 120) / 3600

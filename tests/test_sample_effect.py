@@ -265,6 +265,67 @@ def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path,
     assert not partial.exists()  # outputs written: the partial run is gone
 
 
+def test_open_partial_keeps_one_row_per_sample_and_names_what_it_cannot_read(tmp_path, capsys):
+    path, identity = str(tmp_path / "effects.partial"), {"seed": 0, "sft_digest": "ab"}
+    assert se.open_partial(path, identity, resume=True) is None  # nothing there: a fresh start
+    common.write_json(f"{path}/identity.json", identity)
+    assert se.open_partial(path, identity, resume=True) is None  # stopped before its ∇J: nothing kept
+    assert not os.path.exists(path)
+    common.write_json(f"{path}/identity.json", identity)
+    common.write_json(f"{path}/grad_j.json", {"mean_reward": 0.5})
+    # a kill between writing done.jsonl and removing the logs: rows 0 and 1 in both; then a torn last line
+    common.write_jsonl(f"{path}/done.jsonl", [{"index": 0, "se": 1.0}, {"index": 1, "se": 2.0}])
+    common.write_jsonl(f"{path}/effects.rank0.jsonl", [{"index": 0, "se": 1.0}, {"index": 4, "se": 5.0}])
+    common.write_jsonl(f"{path}/effects.rank1.jsonl", [{"index": 1, "se": 2.0}, {"index": 3, "se": 4.0}])
+    with open(f"{path}/effects.rank1.jsonl", "a") as f:
+        f.write('{"index": 5, "se"')
+    rows = se.open_partial(path, identity, resume=True)
+    assert rows == [{"index": i, "se": i + 1.0} for i in (0, 1, 3, 4)]
+    assert sorted(os.listdir(path)) == ["done.jsonl", "grad_j.json", "identity.json"]
+    assert common.read_jsonl(f"{path}/done.jsonl") == rows
+    assert "dropped a torn last line" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"seed: was 0, now 1; pass --resume false"):
+        se.open_partial(path, {**identity, "seed": 1}, resume=True)
+    (tmp_path / "effects.partial" / "identity.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"identity\.json: cannot read the stopped run's identity"):
+        se.open_partial(path, identity, resume=True)
+    assert se.open_partial(path, identity, resume=False) is None and not os.path.exists(path)
+    assert "removed the stopped run's" in capsys.readouterr().out
+
+
+@pytest.mark.torchrun
+def test_a_stopped_run_resumes_on_another_number_of_ranks(setup, tmp_path, monkeypatch):
+    """Stopped on one rank after 7 samples, resumed on two: ∇J is the stopped run's, the 7 rows are kept as they
+    were, the other 23 are shared out over the two ranks."""
+    d = setup["dir"]
+    args = list(setup["single"])
+    for flag in ("--out", "--select_out", "--select_bottom"):
+        args[args.index(flag) + 1] = str(tmp_path / os.path.basename(args[args.index(flag) + 1]))
+    real = se.sample_effects
+
+    def stopping(*a, on_sample, **kw):
+        def stop(k, result):
+            on_sample(k, result)
+            if k + 1 == 7:
+                raise KeyboardInterrupt
+        return real(*a, on_sample=stop, **kw)
+    monkeypatch.setattr(se, "sample_effects", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        se.main(args)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(free_port()), os.path.join(ROOT, "sample_effect.py"), *args],
+                          env=subprocess_env(d), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "7 of 30 samples done before" in proc.stdout and "∇J of the stopped run" in proc.stdout
+    one = common.read_jsonl(str(d / "single" / "effects.jsonl"))
+    got = common.read_jsonl(str(tmp_path / "effects.jsonl"))
+    assert got[:7] == one[:7] and [e["id"] for e in got] == [e["id"] for e in one]
+    for a, b in zip(one[7:], got[7:]):  # the same ∇J; other threads per process, so up to float64 round-off
+        assert b["sample_effect"] == pytest.approx(a["sample_effect"], rel=1e-9, abs=1e-12)
+        assert b["sample_effect_proj"] == pytest.approx(a["sample_effect_proj"], rel=1e-9, abs=1e-12)
+    assert not (tmp_path / "effects.partial").exists()
+
+
 @pytest.mark.torchrun
 def test_torchrun_two_ranks_match_one(setup):
     d = setup["dir"]
