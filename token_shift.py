@@ -449,13 +449,15 @@ def cross_sample(args, tokenizer, device, dtype):
     primary, intervention = (load_model(getattr(args, name), dtype, device).eval() for name in names)
     mine = parallel.rank_share(records, common.rank(), common.world_size())
     runs, samples = [], []
-    for k, eps in enumerate(args.eps):
+    for eps in args.eps:
         t0 = time.time()
         stats, s = cross_run(primary, intervention, tokenizer, task, mine, args, threshold_switch(eps), f"eps {eps:g}")
         label = eps if math.isfinite(eps) else str(eps)  # JSON has no infinity: "inf", "-inf"
         samples += [{"eps": label, "control": False, **x} for x in s]
-        # the control: the same budget (this run's switched share) at random positions, its own random stream
-        control = random_switch(stats["switched_share"], common.derive_seed(args.seed, k, common.rank(), 1))
+        # the control: the same budget (this run's switched share) at random positions. One random stream for every
+        # eps (common random numbers): a budget's control does not depend on which other eps the list holds or
+        # where, and a larger budget switches where a smaller one would (until the decodes part)
+        control = random_switch(stats["switched_share"], common.derive_seed(args.seed, common.rank(), 1))
         stats["control"], s = cross_run(primary, intervention, tokenizer, task, mine, args, control,
                                         f"control {eps:g}")
         samples += [{"eps": label, "control": True, **x} for x in s]

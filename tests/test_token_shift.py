@@ -197,6 +197,18 @@ def test_eps_inf_is_the_primary_alone_and_negative_eps_the_intervention(pair, tm
     assert inf_run["accuracy"] == pytest.approx(sum(s["reward"] for s in alone["inf"]) / 18)
 
 
+def test_an_eps_gives_the_same_run_and_control_wherever_it_stands_in_the_list(pair, tmp_path):
+    """A table's row is reproduced by asking for that eps alone: its control's random positions do not depend on the
+    other eps of the list or on its place in it."""
+    runs = {}
+    for name, eps in (("alone", ["0.05"]), ("listed", ["inf", "0.2", "0.05"])):
+        token_shift.main(cross_args(pair, tmp_path / name, "forward", *eps))
+        samples = read(tmp_path / name / "cross_forward_samples.jsonl")
+        runs[name] = [(s["control"], s["tokens"], s["switched"]) for s in samples if s["eps"] == 0.05]
+    assert runs["alone"] == runs["listed"] and {c for c, _, _ in runs["alone"]} == {False, True}
+    assert any(switched for control, _, switched in runs["alone"] if control)  # the control did switch somewhere
+
+
 def test_switches_sit_where_js_exceeds_eps_along_the_decoded_prefix(pair):
     """The lock-step decode, checked after the fact: the positions it switched are those where the two models'
     teacher-forced nuclei on the decoded prefix diverge by more than eps. Rows of different prompt lengths stop at
