@@ -277,9 +277,9 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
                                       max_new_tokens=args.max_new_tokens,
                                       seed=common.derive_seed(args.seed, c), template=args.template,
                                       batch_size=size, progress=False)
-        for j in range(len(chunks[c])):
+        for j, i in enumerate(chunks[c]):
             group = out[j * args.samples_per_prompt:(j + 1) * args.samples_per_prompt]
-            ids = tasks.encode_prompts(tokenizer, [group[0]["prompt"]])[0]
+            ids = prompt_ids[i]  # (the ids the engine was given: sample_responses encodes the same rendered prompt)
             rs = [float(s["reward"]) for s in group]
             rewards.append(rs)
             for s, w in zip(group, rloo_weights(rs)):

@@ -36,9 +36,9 @@ from grpo import (batch_epoch, dwa_weights, generation_seed, group_advantages, k
                   refill_keep, rollout_is_weights, sequence_ratio_logp, step_prompt_indices, token_weights,
                   zero_variance)
 from model import load_model, parse_dtype, response_logprobs
-from tasks import load_tokenizer
 from parallel import idle_pass, shard_model
 from scoring import validate
+from tasks import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings (defaults = the paper's K&K run)
