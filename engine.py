@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import UserError, rank
-from model import (HAVE_FLASH_ATTN, Packed, apply_rope, flash_dtype, flash_inputs, pack, packed_positions,
-                   rms_norm, rope_cos_sin, stop_token_ids)
+from torch.nn.attention import sdpa_kernel
+
+from model import (HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs, pack,
+                   packed_positions, rms_norm, rope_cos_sin, stop_token_ids)
 from parallel import full_tensor, is_sharded, reshard
 from tasks import encode_prompts
 
@@ -272,6 +274,7 @@ class Slots:
         self.seed, self.max_new = torch.zeros((), **z), torch.zeros((), **z)
         self.stop = torch.full((MAX_STOP_IDS,), -1, **z)
         self.graphs, self.graphs_read, self.pool = {}, (), None  # CUDA graphs by shape, the weights they read
+        self.stream = None  # the side stream of the graphs' warm-up steps
         self.forcing, self.ops = False, EAGER_OPS  # generate sets both for each call
 
     def fits(self, cfgs, count, max_len, max_new, dtypes, device):
@@ -308,7 +311,8 @@ def kept_weights(model, role, dtype):
     gw = _kept.get(f"weights{role}")
     if gw is not None and gw.fits(model, dtype or model.lm_head.weight.dtype):
         return gw.load(model)
-    _kept.pop(f"weights{role}", None)  # free the old copy before allocating the new one
+    _kept.pop(f"weights{role}", None)
+    gw = None  # the old copy is freed before the new one is allocated (no reference left to it)
     gw = _kept[f"weights{role}"] = GenWeights(model, dtype)
     return gw
 
@@ -319,7 +323,7 @@ def kept_slots(cfgs, count, max_len, max_new, dtypes, device):
         if slots is not None:  # grow to cover both, so alternating calls do not reallocate every time
             count, max_len = max(count, slots.count), max(max_len, slots.max_len)
             max_new = max(max_new, slots.width - 1)
-        _kept["slots"] = None
+        _kept["slots"] = slots = None  # the old cache and its graphs are freed before the new one is allocated
         slots = _kept["slots"] = Slots(cfgs, count, max_len, max_new, dtypes, device)
     return slots
 
@@ -369,10 +373,13 @@ def decode_step(weights, slots, rows, spans, temperature, top_p, switch=None):
     """One token for each of the first `rows` slots; spans bound the columns they can see (decode_attention). Reads
     and writes only slots' buffers, with no host sync: what a CUDA graph captures."""
     logits = []
-    for gw, cache in zip(weights, slots.caches):
-        attend = decode_attention(slots, cache, rows, spans, decode_flash(cache))
-        hidden = forward(gw, slots.tok[:rows], slots.lengths[:rows], attend, slots.ops)
-        logits.append(F.linear(hidden, gw.lm_head).float())
+    # SDPA never on cuDNN (model.LOOP_BACKENDS): sm90 would prefer it, building a plan for each new (rows, columns)
+    # shape; the memory-efficient kernel takes the additive mask (flash declines masks). CPU: its flash kernel, as ever
+    with sdpa_kernel(LOOP_BACKENDS):
+        for gw, cache in zip(weights, slots.caches):
+            attend = decode_attention(slots, cache, rows, spans, decode_flash(cache))
+            hidden = forward(gw, slots.tok[:rows], slots.lengths[:rows], attend, slots.ops)
+            logits.append(F.linear(hidden, gw.lm_head).float())
     slots.lengths[:rows] += slots.alive[:rows]  # finished rows stay where they are
     pick(slots, slice(0, rows), logits, temperature, top_p, switch)
 
@@ -429,27 +436,29 @@ def run_step(weights, slots, rows, spans, temperature, top_p, switch, graphs):
         return decode_step(weights, slots, rows, spans, temperature, top_p, switch)
     serials = tuple(gw.serial for gw in weights)
     if slots.graphs_read != serials:  # captured on other weights: their addresses are stale
-        slots.graphs, slots.graphs_read = {}, serials
+        # and a fresh pool: the allocator refuses to capture into a pool whose every graph was dropped
+        slots.graphs, slots.graphs_read, slots.pool = {}, serials, None
     key = (rows, spans, temperature, top_p, slots.forcing, slots.ops is not EAGER_OPS)
-    graph = slots.graphs.get(key)
-    if graph is None:
-        # one eager warm-up step first (kernels' lazy initialisation must not happen during capture); it would
-        # advance the rows, so their per-slot state is put back (the outputs and cache columns it wrote are
-        # rewritten by the real step)
-        saved = [t.clone() for t in (slots.lengths, slots.tok, slots.pos, slots.alive, slots.stopped)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            decode_step(weights, slots, rows, spans, temperature, top_p)
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip((slots.lengths, slots.tok, slots.pos, slots.alive, slots.stopped), saved):
-            t.copy_(s)
-        slots.pool = slots.pool or torch.cuda.graph_pool_handle()  # one memory pool shared by every shape's graph
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=slots.pool):
-            decode_step(weights, slots, rows, spans, temperature, top_p)
-        slots.graphs[key] = graph
-    graph.replay()
+    with torch.cuda.device(slots.rows.device):  # capture and replay on the slots' GPU, whichever is current
+        graph = slots.graphs.get(key)
+        if graph is None:
+            # one eager warm-up step first (kernels' lazy initialisation must not happen during capture); it would
+            # advance the rows, so their per-slot state is put back (the outputs and cache columns it wrote are
+            # rewritten by the real step)
+            saved = [t.clone() for t in (slots.lengths, slots.tok, slots.pos, slots.alive, slots.stopped)]
+            slots.stream = slots.stream or torch.cuda.Stream()  # one side stream (each has its own cuBLAS workspace)
+            slots.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(slots.stream):
+                decode_step(weights, slots, rows, spans, temperature, top_p)
+            torch.cuda.current_stream().wait_stream(slots.stream)
+            for t, s in zip((slots.lengths, slots.tok, slots.pos, slots.alive, slots.stopped), saved):
+                t.copy_(s)
+            slots.pool = slots.pool or torch.cuda.graph_pool_handle()  # one memory pool for every shape's graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=slots.pool):
+                decode_step(weights, slots, rows, spans, temperature, top_p)
+            slots.graphs[key] = graph
+        graph.replay()
 
 
 # -----------------------------------------------------------------------------
@@ -510,8 +519,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     multiple of it (default 256 on CUDA, 1 on CPU). attention_groups: the rows cut into this many groups, each
     attending over its own rows' column bound (default 1 on CUDA, one kernel; 4 on CPU, ~5 % faster there, as longer
     prompts are admitted into lower slots). graphs: capture each (rows, columns) decode step as a CUDA graph
-    and replay it (default: on CUDA without a partner). fused: RMSNorm (with the residual add before it), RoPE and
-    SiLU * up each as one kernel compiled by torch.compile (fused_ops). forced_lengths: benchmarks only, one
+    and replay it (default and only: on CUDA without a partner). fused: RMSNorm (with the residual add before it),
+    RoPE and SiLU * up each as one kernel compiled by torch.compile (fused_ops). forced_lengths: benchmarks only, one
     length per row at which its first stop id is forced (banned before). on_finish(count): called as rows finish
     (a progress bar).
 
@@ -553,6 +562,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     block = block or (256 if cuda else 1)
     attention_groups = attention_groups or (1 if cuda else 4)
     graphs = (cuda and partner is None) if graphs is None else graphs
+    if graphs and (not cuda or partner is not None):
+        raise ValueError("graphs=True needs CUDA and no partner (cross-sampling's switch runs eagerly)")
     max_len = max(map(len, prompts)) + max_new_tokens
     weights = [kept_weights(m, role, dtype) for role, m in enumerate(models)]
     state = kept_slots([gw.config for gw in weights], count, max_len, max_new_tokens,

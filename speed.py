@@ -298,13 +298,18 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
                 first_diff.append(next((i for i, (a, b) in enumerate(zip(gen.tokens, ref)) if a != b), None))
             out["greedy_fp32"] = {"prompts": len(prompts), "new_tokens": n, "identical": same,
                                   "first_difference": first_diff}
-            # the decode step replayed from CUDA graphs against the same step run eagerly (same buckets, same looks)
-            runs = [generate(ours, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed, graphs=graphs)
-                    for graphs in (False, device.type == "cuda")]
-            diff = [abs(a - b) for x, y in zip(*runs) for a, b in zip(x.logprobs, y.logprobs)]
-            out["graphs_vs_eager_fp32"] = {"graphs": device.type == "cuda", "rows": len(runs[0]),
-                                           "identical_tokens": sum(x.tokens == y.tokens for x, y in zip(*runs)),
-                                           "max_abs_logprob_diff": max(diff, default=0.0)}
+            # the decode step replayed from CUDA graphs against the same step run eagerly (same buckets, same looks),
+            # and the fused ops (torch.compile: Triton on CUDA; the sampler's integer hash too) against the eager ones
+
+            def agreement(a, b):
+                runs = [generate(ours, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed, **kw)
+                        for kw in (a, b)]
+                diff = [abs(x - y) for p, q in zip(*runs) for x, y in zip(p.logprobs, q.logprobs)]
+                return {"rows": len(runs[0]), "identical_tokens": sum(p.tokens == q.tokens for p, q in zip(*runs)),
+                        "max_abs_logprob_diff": max(diff, default=0.0)}
+            out["graphs_vs_eager_fp32"] = dict(agreement({"graphs": False}, {}), graphs=device.type == "cuda")
+            if sizes["compile"]:  # the first fused call compiles (seconds on a GPU, longer than the smoke's budget)
+                out["fused_vs_eager_fp32"] = agreement({}, {"fused": True})
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
         gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed)
         with torch.no_grad():

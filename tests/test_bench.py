@@ -23,6 +23,7 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     assert c["logprob_gap_fp32"]["max_abs"] < 1e-4
     assert 0 < c["logits_bf16_vs_fp32"]["ours"]["rel"] < 0.05  # bf16 differs from fp32, but not wildly
     assert c["logprob_gap_bf16"]["tokens"] == 4 * 4 * result["sizes"]["gap_new"]
+    assert c["graphs_vs_eager_fp32"]["identical_tokens"] == c["graphs_vs_eager_fp32"]["rows"] == 16
     gen = result["generation"]
     assert [w["prompts"] for w in gen["workloads"]] == result["sizes"]["gen_prompts"]
     assert all(w["ours_tok_s"] > 0 and w["hf_tok_s"] > 0 for w in gen["workloads"])

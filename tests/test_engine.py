@@ -4,6 +4,7 @@ slots, buckets or look interval (refill and compaction), a decode step with no h
 the uniform numbers and sample_next's tempered and nucleus distribution, a prompt longer than the cache, and the
 decode step's attention rule (flash or written out) with the KV cache's dtype. (Cross-sampling with a partner:
 test_token_shift.py.)"""
+import weakref
 from contextlib import contextmanager
 from unittest import mock
 
@@ -134,6 +135,39 @@ def test_decode_step_never_syncs_and_its_buffers_never_move(monkeypatch):
     assert all(ptrs == seen[0] for ptrs in seen)
 
 
+def test_decode_step_attention_never_on_cudnn(monkeypatch):
+    """The decode step's SDPA runs with cuDNN attention switched off (on sm90 it would build a plan per shape)."""
+    sdpa, cudnn_on = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        cudnn_on.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+    step = engine.decode_step
+
+    def decode_step(*args, **kwargs):
+        with mock.patch.object(engine.F, "scaled_dot_product_attention", spy):
+            return step(*args, **kwargs)
+    monkeypatch.setattr(engine, "decode_step", decode_step)
+    generate(random_model(CONFIGS["qwen2_tied"], seed=4), ragged_prompts(2), n=2, max_new_tokens=6)
+    assert cudnn_on and not any(cudnn_on)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # switched off for the step only
+
+
+def test_kept_buffers_are_freed_before_new_ones_are_allocated(monkeypatch):
+    """A call that needs a bigger KV cache or another weight copy frees the kept one first: the peak is never both."""
+    engine.release()
+    generate(random_model(CONFIGS["qwen2_tied"], seed=4), ragged_prompts(2), n=2, max_new_tokens=8)
+    old = {engine.Slots: weakref.ref(engine._kept["slots"]), engine.GenWeights: weakref.ref(engine._kept["weights0"])}
+    alive = []
+    for cls, ref in old.items():
+        def spy(self, *args, _init=cls.__init__, _ref=ref, **kwargs):
+            alive.append(_ref() is not None)
+            _init(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "__init__", spy)
+    generate(random_model(CONFIGS["qwen3"], seed=4), ragged_prompts(2), n=4, max_new_tokens=16)
+    assert alive == [False, False]
+
+
 @pytest.mark.slow
 def test_fused_ops_give_the_eager_samples():
     """generate(fused=True): residual add + RMSNorm, RoPE and SiLU * up compiled by torch.compile (Qwen3: q/k norms)
@@ -217,6 +251,8 @@ def test_error_prompt_longer_than_cache():
         with pytest.raises(ValueError, match="forced_lengths needs a stop id"):
             generate(model, [[1, 2]], max_new_tokens=8, stop_ids=stop_ids, forced_lengths=lengths)
     assert generate(model, [], max_new_tokens=8) == []
+    with pytest.raises(ValueError, match="graphs=True needs CUDA"):
+        generate(model, [[1, 2]], max_new_tokens=8, graphs=True)
 
 
 def test_decode_attention_follows_the_flash_rule(pretend_gpu):
