@@ -379,8 +379,9 @@ def checkpoint_context(keep):
         return noop_context_fn
     kept = CHECKPOINT_KEEP[keep]
 
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op._schema.name in kept else CheckpointPolicy.PREFER_RECOMPUTE
+    def policy(ctx, op, *args, **kwargs):  # op: an OpOverload; a higher-order op (under compile) has no schema
+        name = getattr(getattr(op, "_schema", None), "name", None)
+        return CheckpointPolicy.MUST_SAVE if name in kept else CheckpointPolicy.PREFER_RECOMPUTE
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 

@@ -29,9 +29,18 @@ from tiny_base import build_tokenizer
 QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
                   intermediate_size=8960, max_position_embeddings=32768, tie_word_embeddings=True,
                   rope_theta=1000000.0)
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s (datasheets)
 SUITE_SECTIONS = ("correctness", "attention", "train_step", "generation", "sft", "rl")
+# datasheets, by a part of the device's name (the longest that matches: "NVIDIA H200" is the SXM part)
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12, "H200 NVL": 4.8e12,
+                  "A100": 2.0e12}  # bytes/s
+PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12,
+                   "A100": 312e12}  # dense bf16 tensor-core FLOP/s
+
+
+def datasheet(table, device_name):
+    """The entry of PEAK_BANDWIDTH or PEAK_BF16_FLOPS whose key is the longest part of device_name; None if none."""
+    keys = [k for k in table if k in device_name]
+    return table[max(keys, key=len)] if keys else None
 
 
 def make_workload(kind, n_prompts, samples, min_len, max_len, fixed_len, vocab, seed):
@@ -230,8 +239,8 @@ def device_ceilings(device):
     mm = median_seconds(lambda: x @ x)
     name = torch.cuda.get_device_name()
     return {"copy_bytes_per_s": 2 * a.numel() * 4 / copy, "bf16_matmul_flops": 2 * 8192**3 / mm,
-            "datasheet_bytes_per_s": next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None),
-            "datasheet_bf16_flops": next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)}
+            "datasheet_bytes_per_s": datasheet(PEAK_BANDWIDTH, name),
+            "datasheet_bf16_flops": datasheet(PEAK_BF16_FLOPS, name)}
 
 
 def reset_peak(device):
@@ -264,7 +273,7 @@ def train_flops(cfg, seq_lens, logprob_tokens):
 def mfu(flops, seconds, device):
     if device.type != "cuda":
         return None
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+    peak = datasheet(PEAK_BF16_FLOPS, torch.cuda.get_device_name())
     return flops / seconds / peak if peak else None
 
 
@@ -301,15 +310,15 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
             # the decode step replayed from CUDA graphs against the same step run eagerly (same buckets, same looks),
             # and the fused ops (torch.compile: Triton on CUDA; the sampler's integer hash too) against the eager ones
 
-            def agreement(a, b):
-                runs = [generate(ours, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed, **kw)
+            def agreement(model, a, b):
+                runs = [generate(model, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed, **kw)
                         for kw in (a, b)]
                 diff = [abs(x - y) for p, q in zip(*runs) for x, y in zip(p.logprobs, q.logprobs)]
                 return {"rows": len(runs[0]), "identical_tokens": sum(p.tokens == q.tokens for p, q in zip(*runs)),
                         "max_abs_logprob_diff": max(diff, default=0.0)}
-            out["graphs_vs_eager_fp32"] = dict(agreement({"graphs": False}, {}), graphs=device.type == "cuda")
+            out["graphs_vs_eager_fp32"] = dict(agreement(ours, {"graphs": False}, {}), graphs=device.type == "cuda")
             if sizes["compile"]:  # the first fused call compiles (seconds on a GPU, longer than the smoke's budget)
-                out["fused_vs_eager_fp32"] = agreement({}, {"fused": True})
+                out["fused_vs_eager_fp32"] = agreement(ours, {}, {"fused": True})
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
         gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed)
         with torch.no_grad():
@@ -513,7 +522,8 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
                      "response": tok.decode(ids)})
     path, out = os.path.join(tmp, "sft.jsonl"), os.path.join(tmp, "sft_run")
     common.write_jsonl(path, data)
-    lengths = [len(e["input_ids"]) for e in tasks.load_sft_examples([path], tok, 5000)]  # as SFT sees them
+    examples = tasks.load_sft_examples([path], tok, 5000)  # as SFT sees them
+    lengths, loss_tokens = [len(e["input_ids"]) for e in examples], [len(e["input_ids"]) - e["start"] for e in examples]
     eight_bit = package_version("bitsandbytes") is not None and device.type == "cuda"
     argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
             "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000", "--gradient_checkpointing", "true",
@@ -526,8 +536,8 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
     first, *ms = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m]  # 1 warms up
     order = parallel.epoch_order(len(data), seed, 0)
     cfg = read_config(base)
-    flops = sum(train_flops(cfg, [lengths[i] for i in order[(m["step"] - 1) * batch:m["step"] * batch]],
-                            sum(lengths[i] for i in order[(m["step"] - 1) * batch:m["step"] * batch])) for m in ms)
+    steps_rows = [order[(m["step"] - 1) * batch:m["step"] * batch] for m in ms]  # the lm_head: only on loss tokens
+    flops = sum(train_flops(cfg, [lengths[i] for i in rows], sum(loss_tokens[i] for i in rows)) for rows in steps_rows)
     seconds, tokens = sum(m["time_s"] for m in ms), sum(m["tokens"] for m in ms)
     return {"sequences_per_step": batch, "tokens_per_step": tokens / len(ms), "step_s": seconds / len(ms),
             "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gb": mem,
@@ -554,13 +564,15 @@ def suite_rl(base, tok, records, sizes, device, seed, tmp):
         tok, [kk_data.render_prompt(r, tok) for r in records]))}
     seq_lens = [prompt_len[r["id"]] + r["length"] for r in rollouts]
     flops = train_flops(read_config(base), seq_lens, sum(r["length"] for r in rollouts))
+    train_s = m["train_s"] - memory.get("update_snapshot_s", 0.0)  # the memory trace's snapshot is not training
     return {"rollouts": len(rollouts), "max_response_tokens": sizes["rl_max"], "len_mean": m["len_mean"],
             "truncated": m["truncated"], "step_s": m["step_s"], "gen_s": m["gen_s"], "score_s": m["score_s"],
             "train_s": m["train_s"], "gather_s": m["gather_s"], "mem_gen_gib": m["mem_gen_gib"],
             "mem_held_gib": m["mem_held_gib"], "mem_train_gib": m["mem_train_gib"],
             "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
-            "gen_tok_s": m["gen_tok_s"], "train_tok_s": m["train_tok_s"], "train_tokens": sum(seq_lens),
-            "train_mfu": mfu(flops, m["train_s"], device), "logprob_gap": m["logprob_gap"], "peak_mem_gb": mem,
+            "gen_tok_s": m["gen_tok_s"], "train_tokens": sum(seq_lens), "train_s_net": train_s,
+            "train_tok_s": sum(seq_lens) / train_s, "train_mfu": mfu(flops, train_s, device),
+            "logprob_gap": m["logprob_gap"], "peak_mem_gb": mem,
             **memory}
 
 
@@ -765,7 +777,8 @@ def memory_at_peak(entries, baseline=0, top=12, source_root=None):
     for e in at_peak.values():
         frames = e.get("frames") or []
         ours = [f for f in frames if str(f.get("filename", "")).startswith(source_root)]
-        f = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+        # no Python frame at all: allocated by a kernel on autograd's backward thread (CUDA runs backward there)
+        f = (ours or frames or [{"filename": "(no Python frame)", "line": 0, "name": "backward"}])[0]
         where = f"{os.path.basename(str(f['filename']))}:{f['line']} {f['name']}"
         groups[where] = groups.get(where, 0) + e["size"]
     biggest = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
@@ -777,7 +790,8 @@ def memory_at_peak(entries, baseline=0, top=12, source_root=None):
 def update_memory_recorded(result):
     """On CUDA, record the allocator's history through train_rl.update (the RL update) and put memory_at_peak of it
     into result["update_memory"]: what holds the memory at the update's peak. Its analysis runs after the step; the
-    recording itself (a Python stack per allocation) stays in the step's training time, which the result notes."""
+    snapshot of the trace is taken inside the update's timed window, so its seconds go into
+    result["update_snapshot_s"] (to subtract); the recording itself (a Python stack per allocation) stays in it."""
     import train_rl
     if not torch.cuda.is_available():
         yield
@@ -790,8 +804,10 @@ def update_memory_recorded(result):
         try:
             return real(*args, **kwargs)
         finally:
+            t0 = time.perf_counter()
             recorded.append((torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()], baseline))
             torch.cuda.memory._record_memory_history(enabled=None)
+            result["update_snapshot_s"] = time.perf_counter() - t0
 
     train_rl.update = update
     try:
@@ -800,4 +816,5 @@ def update_memory_recorded(result):
         train_rl.update = real
         if recorded:
             result["update_memory"] = memory_at_peak(*recorded[-1])
-            result["update_memory_note"] = "the update ran with the allocator's history recorded: train_s includes that"
+            result["update_memory_note"] = ("the update ran with the allocator's history recorded: train_s includes "
+                                            "that; train_s_net leaves out the trace's snapshot (update_snapshot_s)")

@@ -60,17 +60,19 @@ def test_memory_at_peak_names_what_is_live_at_the_highest_point():
         return [{"filename": "/torch/x.py", "line": 1, "name": "inner"}, {"filename": f"{root}/model.py", "line": line,
                                                                           "name": name}]
     trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": at(10)},
+             {"action": "alloc", "addr": 6, "size": 50, "frames": []},  # autograd's backward thread: no Python frame
              {"action": "alloc", "addr": 2, "size": 300, "frames": at(20)},
              {"action": "free_requested", "addr": 2, "size": 300},
              {"action": "free_completed", "addr": 2, "size": 300},  # the same free, once
              {"action": "alloc", "addr": 3, "size": 250, "frames": at(30)},
-             {"action": "alloc", "addr": 4, "size": 250, "frames": at(30)},  # peak: 100 + 250 + 250
+             {"action": "alloc", "addr": 4, "size": 250, "frames": at(30)},  # peak: 100 + 50 + 250 + 250
              {"action": "free_completed", "addr": 3, "size": 250},
              {"action": "alloc", "addr": 5, "size": 200, "frames": [{"filename": "/torch/y.py", "line": 7,
                                                                      "name": "g"}]}]
     r = speed.memory_at_peak(trace, baseline=2**30, source_root=root)
-    assert r["peak_gib"] == (2**30 + 600) / 2**30 and r["baseline_gib"] == 1.0
-    assert r["live_at_peak_gib"] == {"model.py:30 f": 500 / 2**30, "model.py:10 f": 100 / 2**30}
+    assert r["peak_gib"] == (2**30 + 650) / 2**30 and r["baseline_gib"] == 1.0
+    assert r["live_at_peak_gib"] == {"model.py:30 f": 500 / 2**30, "model.py:10 f": 100 / 2**30,
+                                     "(no Python frame):0 backward": 50 / 2**30}
 
 
 def test_kernel_count_leaves_out_views_and_no_op_casts_and_splits_composites():
@@ -121,3 +123,12 @@ def test_fused_decode_step_launches_about_ten_kernels_per_layer():
     r = speed.decode_kernels_per_layer(cfg, rows=4, attention_groups=1, fused=True)
     assert r["per_layer"] == 10, r["per_layer_ops"]
     assert r["outside_layers"] < 40, r
+
+
+def test_datasheet_takes_the_longest_name_that_matches():
+    """An H200 NVL is not an H200 SXM: the ceilings come from the most specific name in the device's."""
+    assert speed.datasheet(speed.PEAK_BF16_FLOPS, "NVIDIA H200") == 989e12
+    assert speed.datasheet(speed.PEAK_BF16_FLOPS, "NVIDIA H200 NVL") == 835e12
+    assert speed.datasheet(speed.PEAK_BANDWIDTH, "NVIDIA H100 PCIe") == 2.0e12
+    assert speed.datasheet(speed.PEAK_BANDWIDTH, "NVIDIA H100 80GB HBM3") == 3.35e12
+    assert speed.datasheet(speed.PEAK_BANDWIDTH, "Tesla T4") is None

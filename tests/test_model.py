@@ -734,3 +734,15 @@ def test_training_logprobs_equal_generation_logprobs(tiny_checkpoint):
         lp = response_logprobs(model, [prompts[g.prompt_index] for g in gens], [g.tokens for g in gens],
                                temperature=0.7, chunk_size=5, with_entropy=False)
     assert torch.allclose(lp, torch.tensor([x for g in gens for x in g.logprobs]), atol=1e-5)
+
+
+def test_checkpoint_policy_keeps_the_named_ops_only():
+    """The selective-recompute policy saves the ops its setting names, recomputes the rest, and takes an op with no
+    schema (a higher-order op under torch.compile) as one to recompute instead of failing."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    policy = model_module.checkpoint_context("attention").args[0]
+    assert policy(None, torch.ops.aten._scaled_dot_product_efficient_attention.default) == CheckpointPolicy.MUST_SAVE
+    assert policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(None, object()) == CheckpointPolicy.PREFER_RECOMPUTE
+    matmuls = model_module.checkpoint_context("matmuls").args[0]
+    assert matmuls(None, torch.ops.aten.mm.default) == CheckpointPolicy.MUST_SAVE
