@@ -89,7 +89,10 @@ def encode_prompts(tokenizer, texts):
     """Token ids of texts that begin a sequence (prompts; pre-training documents): the text's own tokens, after the
     BOS token where the model family expects one -- its tokenizer adds one by itself (Llama; Qwen adds none) -- and
     the text does not already begin with it (a chat template that writes it)."""
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    texts = list(texts)
+    if not texts:  # a rank whose share is empty (fewer records than ranks): the tokenizer fails on no texts
+        return []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is None or tokenizer("a", add_special_tokens=True)["input_ids"][:1] != [bos]:
         return ids

@@ -137,6 +137,21 @@ def test_torchrun_two_processes_equal_one(greedy_run, tiny_checkpoint, split, tm
         assert read(os.path.join(out, rel)) == read(os.path.join(greedy_run, rel)), rel
 
 
+@pytest.mark.torchrun
+def test_torchrun_with_fewer_records_than_ranks(tiny_checkpoint, split, tmp_path):
+    """One record on two ranks: rank 1's share is empty, it samples nothing, and the result is one process's."""
+    one = str(tmp_path / "one.jsonl")
+    common.write_jsonl(one, common.read_jsonl(split)[:1])
+    args = ["--checkpoints", tiny_checkpoint, "--names", "base", "--splits", one] + FAST
+    ev.main(args + ["--out_dir", str(tmp_path / "alone")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "eval.py"), *args, "--out_dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rel in ("base/one/samples.jsonl", "base/one/summary.json"):
+        assert read(tmp_path / "ddp" / rel) == read(tmp_path / "alone" / rel), rel
+
+
 # -----------------------------------------------------------------------------
 # errors: one clear line
 

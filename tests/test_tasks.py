@@ -60,6 +60,7 @@ def test_prompts_begin_with_bos_where_the_model_family_expects_one(tmp_path):
     assert ids[1] == ids[0]  # a chat template that writes BOS itself: not doubled
     qwen = build_tokenizer([plain] * 5, vocab_size=300)  # Qwen style: no BOS
     assert tasks.encode_prompts(qwen, [plain])[0] == qwen(plain, add_special_tokens=False)["input_ids"]
+    assert tasks.encode_prompts(qwen, []) == tasks.encode_prompts(llama, []) == []  # a rank with no records
     # the SFT loader puts it before the prompt (and nowhere else)
     common.write_jsonl(str(tmp_path / "d.jsonl"), [{"id": "a", "prompt": plain, "response": " a knight"}])
     ex = tasks.load_sft_examples([str(tmp_path / "d.jsonl")], llama, 100)[0]

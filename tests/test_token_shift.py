@@ -174,6 +174,12 @@ def own_samples(path, pair, seed=5):
                                    max_new_tokens=12, seed=common.derive_seed(seed, 0), progress=False)
 
 
+def test_sample_responses_of_no_records_is_empty(pair):
+    """A rank whose share of the records is empty (fewer records than ranks) samples nothing, without failing."""
+    model, tok = load_model(pair["base"]), load_tokenizer(pair["base"])
+    assert engine.sample_responses(model, tok, toy_task, [], n=3, temperature=1.0, progress=False) == []
+
+
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_eps_inf_is_the_primary_alone_and_negative_eps_the_intervention(pair, tmp_path, direction):
     token_shift.main(cross_args(pair, tmp_path, direction, "inf", -1, plots=True))
