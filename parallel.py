@@ -5,6 +5,7 @@ generation).
 """
 import json
 import os
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -17,6 +18,10 @@ from model import CHECKPOINT_KEEP, compile_blocks, empty_model, packed_backend_n
 
 # -----------------------------------------------------------------------------
 # process group
+
+# How long a rank waits in a collective for the others: gloo's default (NCCL's is 10 minutes). Rank 0 alone
+# writes a 7B checkpoint's weights or token_shift's summary and plots while the others wait in a barrier.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 def dist_setup():
@@ -34,13 +39,16 @@ def dist_setup():
     torchrun = "RANK" in os.environ
     rank_, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
     if torch.cuda.is_available():
+        if torchrun and "LOCAL_RANK" not in os.environ:  # else every rank would take GPU 0
+            raise UserError("RANK is set but LOCAL_RANK is not: launch with torchrun (it sets both), or set "
+                            "LOCAL_RANK to this process's GPU on its machine")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():  # (tests run several scripts' mains in one process)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        kwargs = dict(timeout=COLLECTIVE_TIMEOUT, **({"device_id": device} if device.type == "cuda" else {}))
         if torchrun:
             dist.init_process_group(backend, **kwargs)
         else:  # one rank, no ports: an in-process store
@@ -93,7 +101,8 @@ def all_gather_json(obj):
     if world_size() == 1:
         return [obj]
     device = group_device()
-    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
+    # bytes <-> uint8 tensor through a buffer, not a Python list of ints (rollout logs run to hundreds of MB)
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8).to(device)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
     dist.all_gather(sizes, torch.tensor([data.numel()], device=device))
     sizes = [int(s.item()) for s in sizes]
@@ -101,7 +110,7 @@ def all_gather_json(obj):
     padded[: data.numel()] = data
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
-    return [json.loads(bytes(t[:n].tolist()).decode("utf-8")) for t, n in zip(out, sizes)]
+    return [json.loads(t[:n].cpu().numpy().tobytes().decode("utf-8")) for t, n in zip(out, sizes)]
 
 
 def gather_lists(items, key=None):

@@ -252,8 +252,8 @@ def rng_state():
     state = {"python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
              "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's GPU only: a resume may see fewer GPUs (CUDA_VISIBLE_DEVICES)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -264,7 +264,8 @@ def set_rng_state(state):
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # saved by rank 0, whose GPU was the first (older runs saved every visible GPU's)
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, list) else cuda)
 
 
 # the settings a resumed run must share with the original (others, e.g. --micro_batch_tokens, may change)

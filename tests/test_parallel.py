@@ -39,7 +39,7 @@ from model import load_model
 rank, world, device = parallel.dist_setup()
 model = load_model(sys.argv[1])  # what every stage does after dist_setup; its meta device imports torch._dynamo
 assert "torch.distributed.nn.functional" in sys.modules
-gathered = parallel.all_gather_json({"rank": rank})
+gathered = parallel.all_gather_json({"rank": rank, "text": "é✓" * (1 + 1000 * rank)})  # sizes differ; not ASCII
 during = threads()
 parallel.dist_cleanup()
 with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
@@ -59,7 +59,7 @@ def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
     for rank in (0, 1):
         with open(tmp_path / f"rank{rank}.json") as f:
             got = json.load(f)
-        assert got["gathered"] == [{"rank": 0}, {"rank": 1}]
+        assert got["gathered"] == [{"rank": 0, "text": "é✓"}, {"rank": 1, "text": "é✓" * 1001}]
         gloo = ("pt_gloo_runloop", "gloo_tcp_loop")  # torch 2.13 runs both; 2.11 only the first
         assert any(name in got["during"] for name in gloo), got["during"]  # the check sees gloo's threads ...
         assert not any(name in got["after"] for name in gloo), got["after"]  # ... and after cleanup they are gone
@@ -160,6 +160,28 @@ def test_collectives_run_on_the_process_groups_device(monkeypatch):
                         if (a and isinstance(a[0], torch.device)) or "device" in k else self)
     out = parallel.all_reduce(torch.ones(3), "max")
     assert seen == [(torch.device("meta"), dist.ReduceOp.MAX)] and out.device == torch.device("cpu")
+
+
+def test_process_group_setup_on_a_gpu_box(monkeypatch):
+    """Under torchrun on a GPU box each rank takes its LOCAL_RANK's GPU and the group waits COLLECTIVE_TIMEOUT (not
+    NCCL's 10 minutes) in a collective; without LOCAL_RANK every rank would take GPU 0, so that is refused."""
+    import torch
+    import torch.distributed as dist
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    monkeypatch.setenv("RANK", "13")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(common.UserError, match="LOCAL_RANK"):
+        parallel.dist_setup()
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert parallel.dist_setup() == (13, 16, torch.device("cuda", 5))
+    assert calls == [("set_device", 5), ("nccl", {"timeout": parallel.COLLECTIVE_TIMEOUT,
+                                                  "device_id": torch.device("cuda", 5)})]
 
 
 def test_micro_batches_respect_the_token_budget():

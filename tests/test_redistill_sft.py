@@ -405,3 +405,16 @@ def test_resume_skips_an_unreadable_checkpoint(tiny_checkpoint, tmp_path, capsys
     a, b = weights(os.path.join(full, "final")), weights(os.path.join(cut, "final"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_rng_state_holds_this_gpus_generator_only(monkeypatch):
+    """The resume state holds the current GPU's generator (a resume may see fewer GPUs than the run that saved it),
+    and an older run's list of every GPU's restores its first, rank 0's own."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append(s.tolist()))
+    state = sft.rng_state()
+    sft.set_rng_state(state)
+    sft.set_rng_state(dict(state, cuda=[torch.tensor([1], dtype=torch.uint8), torch.tensor([2])]))
+    assert restored == [[7], [1]]
