@@ -710,7 +710,7 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     parallel.dist_setup()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16  # on CPU too (the smoke): FSDP then shards, as on a GPU (one fp32 rank would not)
     cfg = read_config(base)
     lens = random_lengths(sizes["sft_micro"], 8, random.Random(seed))
     ids, cu = model_module.pack([torch.randint(3, cfg.vocab_size, (n,)).tolist() for n in lens], device)
@@ -735,7 +735,8 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             steady = statistics.median(timed(step, device) for _ in range(3))
             act = gpu_memory.activation_bytes(cfg, sum(lens), 4096, False, False, every, keep)["total"]
-            r = {"setting": name, "first_call_s": first, "step_s": steady, "tokens_per_s": sum(lens) / steady,
+            r = {"setting": name, "sharded": parallel.is_sharded(model), "first_call_s": first, "step_s": steady,
+                 "tokens_per_s": sum(lens) / steady,
                  "mfu": mfu(flops, steady, device), "activation_model_gib": act / 2**30,
                  "fsdp_transient_model_gib": fsdp_transient / 2**30}
             if device.type == "cuda":

@@ -41,6 +41,7 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
                                              "every 1, keep matmuls", "every 2, keep nothing", "none",
                                              "every 1, keep nothing, blocks kept gathered"]
     assert all("error" not in s and s["tokens_per_s"] > 0 and s["activation_model_gib"] > 0 for s in steps)
+    assert all(s["sharded"] for s in steps)  # bf16 on one CPU rank: FSDP2 shards, as on the GPU
     rl = result["rl"]
     assert rl["rollouts"] == 4 * 2 and rl["train_tokens"] > 0
     assert rl["step_s"] >= rl["gen_s"] + rl["train_s"] and rl["logprob_gap"] < 1e-4
