@@ -22,11 +22,10 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 from tqdm import tqdm
 
 from common import UserError, rank
-from torch.nn.attention import sdpa_kernel
-
 from model import (HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs, pack,
                    packed_positions, rms_norm, rope_cos_sin, stop_token_ids)
 from parallel import full_tensor, is_sharded, reshard

@@ -736,9 +736,8 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
             steady = statistics.median(timed(step, device) for _ in range(3))
             act = gpu_memory.activation_bytes(cfg, sum(lens), 4096, False, False, every, keep)["total"]
             r = {"setting": name, "sharded": parallel.is_sharded(model), "first_call_s": first, "step_s": steady,
-                 "tokens_per_s": sum(lens) / steady,
-                 "mfu": mfu(flops, steady, device), "activation_model_gib": act / 2**30,
-                 "fsdp_transient_model_gib": fsdp_transient / 2**30}
+                 "tokens_per_s": sum(lens) / steady, "mfu": mfu(flops, steady, device),
+                 "activation_model_gib": act / 2**30, "fsdp_transient_model_gib": fsdp_transient / 2**30}
             if device.type == "cuda":
                 r["activation_peak_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
             if (every, keep, compile_, reshard) == TRAIN_STEP_SETTINGS[0] and device.type == "cuda":
