@@ -238,17 +238,19 @@ def flash_inputs(dtype, *tensors):
     return out
 
 
-def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True):
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, repeat_kv=True):
     """torch.nn.attention.varlen.varlen_attn (FA2 kernels shipped inside the torch wheel), called as flash-attn's
     flash_attn_varlen_func is: (N, heads, hd) inputs, causal, query heads grouped over fewer key/value heads.
-    torch 2.10 took is_causal and no GQA; later versions take window_size=(-1, 0) for causal, and enable_gqa.
-    Always causal (the only attention packed rows need): causal is there for the shared signature."""
+    torch 2.10 took is_causal and no GQA, 2.11 window_size=(-1, 0) for causal and no GQA, 2.13 also enable_gqa.
+    Always causal (the only attention packed rows need): causal is there for the shared signature. Without
+    enable_gqa the key/value heads are repeated; repeat_kv=False hands them as they are (the FA2 kernel below
+    groups query heads itself, but the function does not say so: bench.py's attention A/B measures it)."""
     params = varlen_parameters(torch_varlen_attn)
     kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        else:  # each key/value head repeated for the query heads it serves
+        elif repeat_kv:  # each key/value head repeated for the query heads it serves
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     return torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 

@@ -580,7 +580,8 @@ def suite_rl(base, tok, records, sizes, device, seed, tmp):
 # packed attention A/B and the training step's recompute trade-off (issue 35), the update's memory at its peak
 
 
-ATTENTION_VARIANTS = ("sdpa_default", "sdpa_pinned", "torch_varlen", "flash_attn", "sdpa_cudnn_deprioritized")
+ATTENTION_VARIANTS = ("sdpa_default", "sdpa_pinned", "torch_varlen", "torch_varlen_gqa", "flash_attn",
+                      "sdpa_cudnn_deprioritized")
 
 
 def random_lengths(total, count, rng):
@@ -595,7 +596,8 @@ def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
     repeat with the same shapes, the median of 3) and over lens_b (new shapes: first call); the CUDA kernels of one
     profiled call; its output and gradients, for the caller to compare. sdpa_default is the per-sequence loop with
     no backend pinned (what packed rows ran on before); sdpa_cudnn_deprioritized the same under
-    TORCH_CUDNN_SDPA_DEPRIORITIZED=1 (run in its own process: the variable is read once)."""
+    TORCH_CUDNN_SDPA_DEPRIORITIZED=1 (run in its own process: the variable is read once); torch_varlen_gqa the
+    varlen kernel handed the key/value heads unrepeated (model.torch_varlen's repeat_kv=False)."""
     import model as model_module
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -616,7 +618,13 @@ def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
     def call(lens):
         q, k, v = inputs(lens)
         cu = torch.tensor([0] + lens, device=device).cumsum(0)
-        out = model_module.packed_attention(q, k, v, cu, lens, backend, dtype)
+        if variant == "torch_varlen_gqa":  # packed_attention's varlen call, without the repeat
+            q1, k1, v1 = (t[0] for t in model_module.flash_inputs(dtype, q, k, v))
+            cu32 = cu.to(torch.int32)
+            out = model_module.torch_varlen(q1, k1, v1, cu32, cu32, max(lens), max(lens), repeat_kv=False)
+            out = out.transpose(0, 1).unsqueeze(0)
+        else:
+            out = model_module.packed_attention(q, k, v, cu, lens, backend, dtype)
         out.backward(torch.ones_like(out))
         return out, q, k, v
 
@@ -649,7 +657,7 @@ def suite_attention(base, tok, records, sizes, device, seed, tmp):
     rng = random.Random(seed)
     lens_a, lens_b = (random_lengths(sizes["attn_tokens"], 8, rng) for _ in range(2))
     varlen_ok = device.type == "cuda" and model_module.torch_varlen_available(device.index or 0)
-    runnable = {"sdpa_default": True, "sdpa_pinned": True, "torch_varlen": varlen_ok,
+    runnable = {"sdpa_default": True, "sdpa_pinned": True, "torch_varlen": varlen_ok, "torch_varlen_gqa": varlen_ok,
                 "flash_attn": device.type == "cuda" and model_module.HAVE_FLASH_ATTN,
                 "sdpa_cudnn_deprioritized": device.type == "cuda"}
     out = {"lengths": lens_a, "new_lengths": lens_b, "shape": list(shape), "variants": []}

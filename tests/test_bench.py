@@ -35,7 +35,8 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     assert sum(result["attention"]["lengths"]) == result["sizes"]["attn_tokens"]
     for name in ("sdpa_default", "sdpa_pinned"):  # the CPU runs both; the loop pinned or not computes the same
         assert attn[name]["max_abs_diff_out"] == 0 and attn[name]["max_abs_diff_dq"] == 0 and attn[name]["repeat_s"] > 0
-    assert {v for v in attn if "skipped" in attn[v]} == {"torch_varlen", "flash_attn", "sdpa_cudnn_deprioritized"}
+    gpu_only = {"torch_varlen", "torch_varlen_gqa", "flash_attn", "sdpa_cudnn_deprioritized"}
+    assert {v for v in attn if "skipped" in attn[v]} == gpu_only
     steps = result["train_step"]["settings"]
     assert [s["setting"] for s in steps] == ["every 1, keep nothing", "every 1, keep attention",
                                              "every 1, keep matmuls", "every 2, keep nothing", "none",

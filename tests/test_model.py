@@ -553,8 +553,16 @@ def test_packed_backend_dispatch_never_picks_cudnn():
 
 def varlen_torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                       window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
-    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn with its torch >= 2.11 signature."""
+    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn with its torch 2.13 signature."""
     assert window_size == (-1, 0) and enable_gqa == (query.shape[1] != key.shape[1])
+    return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+
+
+def varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1)):
+    """The same with torch 2.11's signature (the GPU machine's): window_size for causal, no enable_gqa. The FA2
+    kernel below it takes fewer key/value heads than query heads (repeat_kv=False hands them so)."""
+    assert window_size == (-1, 0)
     return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
 
 
@@ -610,7 +618,7 @@ def test_packed_attention_paths_agree_with_a_dense_reference(heads, monkeypatch)
 
     ref = run(lambda q, k, v: dense_block_causal(q, k, v, lens))
     paths = {"sdpa": None, "sdpa_pinned": None, "flash_attn": None, "torch_varlen": varlen_torch_2_13,
-             "torch_varlen 2.10": varlen_torch_2_10}
+             "torch_varlen 2.11": varlen_torch_2_11, "torch_varlen 2.10": varlen_torch_2_10}
     for path, kernel in paths.items():
         if kernel is not None:
             monkeypatch.setattr(model_module, "torch_varlen_attn", kernel)
@@ -618,6 +626,19 @@ def test_packed_attention_paths_agree_with_a_dense_reference(heads, monkeypatch)
         got = run(lambda q, k, v: model_module.packed_attention(q, k, v, cu, lens, backend, torch.float32))
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
             assert (a - b).abs().max() <= 1e-5, (path, name)
+    handed = []  # 2.11 with repeat_kv=False: the kernel gets the key/value heads as they are
+
+    def spy(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        handed.append(key.shape[1])
+        return varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window_size)
+    monkeypatch.setattr(model_module, "torch_varlen_attn", spy)
+    cu32 = cu.to(torch.int32)
+    got = run(lambda q, k, v: model_module.torch_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1),
+                                                        v[0].transpose(0, 1), cu32, cu32, max(lens), max(lens),
+                                                        repeat_kv=False).transpose(0, 1)[None])
+    assert handed == [heads[1]]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert (a - b).abs().max() <= 1e-5, ("2.11 unrepeated", name)
 
 
 def test_pinned_loop_runs_inside_the_loop_backends(monkeypatch):
