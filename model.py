@@ -306,12 +306,14 @@ def packed_backend_name(device, dtype):
             "sdpa": "one SDPA call per sequence"}[backend] + f", {str(dtype).replace('torch.', '')}"
 
 
-def packed_attention(q, k, v, cu_seqlens, lens, backend="sdpa", dtype=None):
+def packed_attention(q, k, v, cu_seqlens, lens, backend="sdpa", dtype=None, repeat_kv=True):
     """Causal attention of each sequence of a packed row over itself. q (1, nh, N, hd); k, v (1, nkv, N, hd) with
     nkv dividing nh; cu_seqlens = [0, l1, l1+l2, ..., N] and lens = [l1, l2, ...] (a list: no host sync). Returns
-    (1, nh, N, hd). backend and dtype: see packed_backend (dtype: what a varlen kernel is handed)."""
+    (1, nh, N, hd). backend and dtype: see packed_backend (dtype: what a varlen kernel is handed); repeat_kv: see
+    torch_varlen."""
     if backend in ("flash_attn", "torch_varlen"):
-        kernel = flash_attn_varlen_func if backend == "flash_attn" else torch_varlen
+        kernel = (flash_attn_varlen_func if backend == "flash_attn"
+                  else functools.partial(torch_varlen, repeat_kv=repeat_kv))
         cu, maxlen = cu_seqlens.to(torch.int32), max(lens)
         q1, k1, v1 = (t[0] for t in flash_inputs(dtype or q.dtype, q, k, v))  # varlen layout: (N, heads, hd)
         return kernel(q1, k1, v1, cu, cu, maxlen, maxlen, causal=True).transpose(0, 1).unsqueeze(0)

@@ -603,7 +603,8 @@ def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
     from torch.profiler import ProfilerActivity, profile
     device = torch.device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backend = {"sdpa_default": "sdpa", "sdpa_cudnn_deprioritized": "sdpa"}.get(variant, variant)
+    backend = {"sdpa_default": "sdpa", "sdpa_cudnn_deprioritized": "sdpa",
+               "torch_varlen_gqa": "torch_varlen"}.get(variant, variant)
     nh, nkv, hd = shape
 
     drawn = {}  # q, k, v per length set, drawn once on the CPU (~0.2 s): outside the timings
@@ -618,13 +619,8 @@ def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
     def call(lens):
         q, k, v = inputs(lens)
         cu = torch.tensor([0] + lens, device=device).cumsum(0)
-        if variant == "torch_varlen_gqa":  # packed_attention's varlen call, without the repeat
-            q1, k1, v1 = (t[0] for t in model_module.flash_inputs(dtype, q, k, v))
-            cu32 = cu.to(torch.int32)
-            out = model_module.torch_varlen(q1, k1, v1, cu32, cu32, max(lens), max(lens), repeat_kv=False)
-            out = out.transpose(0, 1).unsqueeze(0)
-        else:
-            out = model_module.packed_attention(q, k, v, cu, lens, backend, dtype)
+        out = model_module.packed_attention(q, k, v, cu, lens, backend, dtype,
+                                            repeat_kv=variant != "torch_varlen_gqa")
         out.backward(torch.ones_like(out))
         return out, q, k, v
 

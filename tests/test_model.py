@@ -632,10 +632,8 @@ def test_packed_attention_paths_agree_with_a_dense_reference(heads, monkeypatch)
         handed.append(key.shape[1])
         return varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window_size)
     monkeypatch.setattr(model_module, "torch_varlen_attn", spy)
-    cu32 = cu.to(torch.int32)
-    got = run(lambda q, k, v: model_module.torch_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1),
-                                                        v[0].transpose(0, 1), cu32, cu32, max(lens), max(lens),
-                                                        repeat_kv=False).transpose(0, 1)[None])
+    got = run(lambda q, k, v: model_module.packed_attention(q, k, v, cu, lens, "torch_varlen", torch.float32,
+                                                            repeat_kv=False))
     assert handed == [heads[1]]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         assert (a - b).abs().max() <= 1e-5, ("2.11 unrepeated", name)
