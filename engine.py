@@ -294,6 +294,7 @@ class Slots:
 
 
 _kept = {}  # "weights0", "weights1" (the partner), "slots": what generation allocated, kept for the next call
+stats = {"graph_captures": 0}  # CUDA graphs captured since the process started (train_rl logs them per step)
 
 
 def release():
@@ -302,11 +303,10 @@ def release():
 
 
 def kept_weights(model, role, dtype):
-    """A GenWeights as is; for a plain model, the kept copy of its role refilled with it (allocated on first use)."""
+    """A GenWeights as is; for a model, the kept copy of its role refilled with it in place (allocated on first use),
+    so the CUDA graphs captured on it stay valid. A sharded model is gathered: every rank must call this together."""
     if isinstance(model, GenWeights):
         return model
-    if is_sharded(model):  # FSDP's forward would all-gather every block at every decode step
-        raise ValueError("generate() needs full weights: pass engine.GenWeights(model, dtype), not the sharded model")
     gw = _kept.get(f"weights{role}")
     if gw is not None and gw.fits(model, dtype or model.lm_head.weight.dtype):
         return gw.load(model)
@@ -457,6 +457,7 @@ def run_step(weights, slots, rows, spans, temperature, top_p, switch, graphs):
             with torch.cuda.graph(graph, pool=slots.pool):
                 decode_step(weights, slots, rows, spans, temperature, top_p)
             slots.graphs[key] = graph
+            stats["graph_captures"] += 1
         graph.replay()
 
 
@@ -503,7 +504,7 @@ GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
              max_seq_len=None, partner=None, switch=None, slots=None, buckets="auto",
              sync_every=None, block=None, attention_groups=None, graphs=None, fused=False, forced_lengths=None,
-             on_finish=None, dtype=None):
+             on_finish=None, dtype=None, reserve=None):
     """Sample n responses for each prompt (lists of token ids, any lengths). Returns a list of Generation,
     prompt-major (all samples of prompt 0, then prompt 1, ...); temperature=0 is greedy. model: a plain Transformer
     (copied into generation's kept GenWeights, in dtype: default its own) or a GenWeights (e.g. of a sharded model).
@@ -521,7 +522,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     and replay it (default and only: on CUDA without a partner). fused: RMSNorm (with the residual add before it),
     RoPE and SiLU * up each as one kernel compiled by torch.compile (fused_ops). forced_lengths: benchmarks only, one
     length per row at which its first stop id is forced (banned before). on_finish(count): called as rows finish
-    (a progress bar).
+    (a progress bar). reserve: (slots, columns, new tokens) that the kept KV cache and per-slot buffers are allocated
+    for at least: a caller that knows its largest call (train_rl) keeps them from growing, which would reallocate
+    them and drop their CUDA graphs.
 
     Cross-sampling (token_shift.py): partner, a second model of the same vocabulary, decodes in lock-step with
     its own KV cache and is fed the same tokens; switch(p, q, samples, positions) -> bool per row chooses the rows
@@ -530,6 +533,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     the model's own samples of the same seed, one that is always True the partner's.
     """
     models = [model] if partner is None else [model, partner]
+    if any(is_sharded(m) for m in models):  # its copy would be a collective, in calls the ranks make unevenly
+        raise ValueError("generate() needs full weights: pass engine.kept_weights(model, 0, dtype) or "
+                         "engine.GenWeights(model, dtype), gathered on every rank, not the sharded model")
     device = weights_device(model)
     if partner is not None and (switch is None or temperature == 0
                                 or partner.config.vocab_size != model.config.vocab_size
@@ -563,10 +569,11 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     graphs = (cuda and partner is None) if graphs is None else graphs
     if graphs and (not cuda or partner is not None):
         raise ValueError("graphs=True needs CUDA and no partner (cross-sampling's switch runs eagerly)")
-    max_len = max(map(len, prompts)) + max_new_tokens
+    size = (count, max(map(len, prompts)) + max_new_tokens, max_new_tokens)  # slots, columns, new tokens
+    if reserve is not None:
+        size = tuple(map(max, size, reserve))
     weights = [kept_weights(m, role, dtype) for role, m in enumerate(models)]
-    state = kept_slots([gw.config for gw in weights], count, max_len, max_new_tokens,
-                       [gw.dtype for gw in weights], device)
+    state = kept_slots([gw.config for gw in weights], *size, [gw.dtype for gw in weights], device)
     state.seed.fill_(seed32(seed))
     state.max_new.fill_(max_new_tokens)
     state.stop.fill_(-1)
@@ -660,7 +667,7 @@ def collect(slots, ended, holder, results, n, cross):
 
 def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=512,
                      seed=0, template="auto", batch_size=64, desc="generate", progress=True, partner=None, switch=None,
-                     timings=None):
+                     timings=None, reserve=None):
     """Generate n responses for each record with our KV-cache engine and score them with task.score.
 
     One generate call streams every record's rows through batch_size x n slots (the KV cache's rows), so what each
@@ -668,6 +675,7 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     order: {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
     partner, switch: cross-sampling with a second model (engine.generate); each dict then also holds
     "switched" and "differs", one bool per token. timings: a dict whose "score_s" gains the seconds spent scoring.
+    reserve: engine.generate's.
     """
     stop = stop_token_ids(tokenizer)
     prompts = [task.render_prompt(r, tokenizer, template) for r in records]
@@ -675,7 +683,7 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     bar = tqdm(total=len(records) * n, desc=desc, disable=not progress or rank() != 0, dynamic_ncols=True)
     gens = generate(model, prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     stop_ids=stop, seed=seed, partner=partner, switch=switch, slots=batch_size * n,
-                    on_finish=bar.update)
+                    on_finish=bar.update, reserve=reserve)
     bar.close()
     results = []
     for row, g in enumerate(gens):

@@ -21,6 +21,10 @@ MEMORY_PRESETS = {
                         intermediate_size=13824, tie_word_embeddings=False, max_position_embeddings=131072),
 }
 CUDA_CONTEXT_GIB = 1.5  # CUDA context + caching-allocator slack, added to every peak of --memory
+# train_rl --keep_engine auto keeps generation's buffers through the update when the update's computed peak with them
+# is at most this fraction of the GPU: the model has underestimated a whole RL update on an H100 by ~22 %
+# (docs/memory.md), and an out-of-memory there costs the steps since the last checkpoint
+KEEP_ENGINE_FRACTION = 0.75
 
 # -----------------------------------------------------------------------------
 # per-GPU memory (python bench.py --memory CONFIG ...): bytes computed from what the code allocates, no GPU needed
@@ -120,9 +124,9 @@ def activation_bytes(cfg, tokens, chunk, with_entropy, gathered, checkpoint_ever
 
 def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_size=32, prompt_tokens=512,
                     response_tokens=4096, rl_tokens=30000, sft_tokens=16384, logprob_chunk=4096, checkpoint_every=1,
-                    checkpoint_keep="nothing", adam_8bit=False):
+                    checkpoint_keep="nothing", adam_8bit=False, gen_dtype_bytes=2):
     """Per-GPU bytes of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2 on `world` ranks (see the section's
-    comment). Peaks include CUDA_CONTEXT_GIB."""
+    comment); gen_dtype_bytes: the engine's weights and KV cache (train_rl --dtype). Peaks include CUDA_CONTEXT_GIB."""
     n = param_counts(cfg)
     P, W = n["total"], world
     root = n["embed"] + n["lm_head"] + n["final_norm"]  # the root FSDP group: embed_tokens, lm_head if untied, norm
@@ -144,15 +148,20 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     # (rows x V fp32: logits, log-softmax, probs / cdf), whichever is larger
     prompts = min(prompts_per_rank, gen_batch_size)
     e["gen_rows"], e["gen_len"] = prompts * group_size, prompt_tokens + response_tokens
-    e["gen_copy"] = 2 * P
-    e["kv_cache"] = kv_cache_bytes(cfg, e["gen_rows"], e["gen_len"])
-    e["gen_temps"] = max(prefill_bytes_per_token(cfg) * prompts * prompt_tokens, e["gen_rows"] * cfg.vocab_size * 4 * 3)
+    e["gen_copy"] = gen_dtype_bytes * P
+    e["kv_cache"] = kv_cache_bytes(cfg, e["gen_rows"], e["gen_len"], gen_dtype_bytes)
+    decode_temps = e["gen_rows"] * cfg.vocab_size * 4 * 3
+    e["gen_temps"] = max(prefill_bytes_per_token(cfg) * prompts * prompt_tokens, decode_temps)
     e["gen_peak"] = e["persistent"] + e["gen_copy"] + e["kv_cache"] + e["gen_temps"] + e["slack"]
     # training: a micro-batch holds up to its token budget, or one longer sequence alone
     e["rl_tokens"] = max(rl_tokens, prompt_tokens + response_tokens)
     recompute = dict(checkpoint_every=checkpoint_every, keep=checkpoint_keep)
     e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=False, gathered=True, **recompute)
     e["update_peak"] = e["persistent"] + e["fsdp_transient"] + e["rl_act"]["total"] + e["slack"]
+    # train_rl --keep_engine: the engine's copy, KV cache and the CUDA graphs' pool (a decode step's temporaries)
+    # stay allocated through the update, so the next step refills them in place and replays its graphs
+    e["engine_kept"] = e["gen_copy"] + e["kv_cache"] + decode_temps
+    e["update_peak_kept"] = e["update_peak"] + e["engine_kept"]
     e["rl_peak"] = max(e["gen_peak"], e["update_peak"])
     # the reference model's own log-prob pass (no grad) runs apart from the update: only its sharded state adds
     e["rl_kl_peak"] = e["rl_peak"] + e["ref_model"]
@@ -160,6 +169,12 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e["sft_act"] = activation_bytes(cfg, sft_tokens, logprob_chunk, with_entropy=False, gathered=True, **recompute)
     e["sft_peak"] = e["persistent"] + e["fsdp_transient"] + e["sft_act"]["total"] + e["slack"]
     return e
+
+
+def engine_kept_fits(e, gpu_bytes, with_ref):
+    """train_rl --keep_engine auto: whether the update's computed peak with generation's buffers kept (plus the
+    reference model's shards, with_ref) is at most KEEP_ENGINE_FRACTION of a GPU of gpu_bytes."""
+    return e["update_peak_kept"] + (e["ref_model"] if with_ref else 0) <= KEEP_ENGINE_FRACTION * gpu_bytes
 
 
 def memory_config(spec):
@@ -226,6 +241,10 @@ def memory_table(args):
         ("RL act.: final norm + lm_head chunk", lambda e: fmt(e["rl_act"]["head"])),
         ("RL act.: one block recomputed", lambda e: fmt(e["rl_act"]["block"])),
         ("**RL update peak**", lambda e: fmt(e["update_peak"])),
+        ("RL update peak, generation's copy + KV cache + graphs kept (train_rl --keep_engine true)",
+         lambda e: fmt(e["update_peak_kept"])),
+        (f"kept by --keep_engine auto (<= {KEEP_ENGINE_FRACTION:.0%} of {cap:g} GiB): RL / RL+KL",
+         lambda e: " / ".join("yes" if engine_kept_fits(e, cap * gib, ref) else "no" for ref in (False, True))),
         (f"SFT act. ({e0['sft_tokens']} tokens): block inputs", lambda e: fmt(e["sft_act"]["inputs"])),
         ("SFT act.: final norm + lm_head chunk", lambda e: fmt(e["sft_act"]["head"])),
         ("SFT act.: one block recomputed", lambda e: fmt(e["sft_act"]["block"])),

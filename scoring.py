@@ -114,11 +114,11 @@ def markdown_table(rows, columns=None, digits=2):
 
 
 def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seed=0,
-                       template="auto", batch_size=64, pass_k=(1,), desc="eval", progress=True):
+                       template="auto", batch_size=64, pass_k=(1,), desc="eval", progress=True, reserve=None):
     """Generate n responses per record on this rank's shard of `records`, score them with task.score, and
     gather: every rank returns the same (samples, summary). samples are in record order, then sample order:
     {"id", "difficulty", "sample", "response", "reward", "finished", "length"}; summary = `summarize(...)`.
-    (Also for validation inside training: call it on every rank.)"""
+    (Also for validation inside training: call it on every rank.) reserve: engine.generate's."""
     this_rank, world = rank(), world_size()
     # every rank checks every prompt fits, so a too-long one stops all ranks alike (not one, mid-collective)
     check_prompts_fit(task_prompt_ids(tokenizer, task, records, template), records, max_new_tokens,
@@ -127,7 +127,7 @@ def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, to
     out = sample_responses(model, tokenizer, task, [records[j] for j in indices], n=n, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens,
                            seed=derive_seed(seed, this_rank),  # a stream per rank
-                           template=template, batch_size=batch_size, desc=desc, progress=progress)
+                           template=template, batch_size=batch_size, desc=desc, progress=progress, reserve=reserve)
     # the record index travels with each sample, so the merged list has the same order for any world size
     mine = [{"index": indices[k // n], "sample": s["sample"], "response": s["response"], "reward": float(s["reward"]),
              "finished": bool(s["finished"]), "length": s["length"]} for k, s in enumerate(out)]
@@ -139,13 +139,15 @@ def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, to
     return samples, summarize(samples, records, task.DIFFICULTY, pass_k)
 
 
-def validate(model, tokenizer, task, records, step, max_new_tokens, template, batch_size, progress=True):
+def validate(model, tokenizer, task, records, step, max_new_tokens, template, batch_size, progress=True,
+             reserve=None):
     """Greedy validation inside a training loop (every rank calls it): accuracy, truncation and seconds, overall
-    and by difficulty, as "val/..." metrics."""
+    and by difficulty, as "val/..." metrics. reserve: engine.generate's."""
     t0 = time.time()
     _, summary = generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0,
                                     max_new_tokens=max_new_tokens, seed=0, template=template,
-                                    batch_size=batch_size, desc=f"validate {step}", progress=progress)
+                                    batch_size=batch_size, desc=f"validate {step}", progress=progress,
+                                    reserve=reserve)
     m = {"val/acc": summary["overall"]["accuracy"], "val/truncated": summary["overall"]["truncation_rate"],
          "val/seconds": time.time() - t0}
     m.update({f"val/acc_{task.DIFFICULTY}_{level}": g["accuracy"] for level, g in summary["by_difficulty"].items()})

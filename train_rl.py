@@ -29,6 +29,7 @@ from tqdm import tqdm
 import ckpt
 import common
 import engine
+import gpu_memory
 import parallel
 import tasks
 from common import UserError, print0
@@ -170,6 +171,13 @@ def get_parser():
     p.add_argument("--gen_batch_size", type=int, default=32,
                    help="rollout prompts decoded at once: this x n rows = the KV cache's slots, which the step's rows "
                         "stream through (a finished row's slot takes the next); sets memory and speed, not the samples")
+    p.add_argument("--keep_engine", default="auto", choices=("auto", "true", "false"),
+                   help="keep generation's weight copy, KV cache and CUDA graphs allocated through the update, so each "
+                        "step refills them in place and replays the graphs captured before (nano-vllm keeps them "
+                        "for the whole run) instead of allocating and capturing anew; costs their memory in the "
+                        "update (bench.py --memory: 'RL update peak ... kept'). auto: kept on CPU, and on CUDA when "
+                        "the update's computed peak with them is at most 75 %% of the GPU. Speed only: the samples "
+                        "and weights are the same either way")
     # validation, logging, checkpoints
     p.add_argument("--val_every", type=int, default=5,
                    help="greedy validation every this many steps (0 = never; paper 5)")
@@ -202,7 +210,8 @@ def get_parser():
 # one RL step: rollouts -> (optional pre-pass) -> advantages -> update -> metrics
 
 
-def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_before, rank, world):
+def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_before, rank, world, keep_engine,
+            reserve):
     """This rank's share of the step's prompt batch, n samples each, from the engine's --dtype copy of the weights
     (engine.GenWeights, gathered once: no collective while decoding), scored by the task. With --dynamic_sampling
     (DAPO), further prompt batches (the data order's next ones) until prompts_per_step groups over all ranks have
@@ -210,12 +219,12 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
     global batch, so the same ones train at any world size and after a resume (batches_before: prompt batches drawn
     by the earlier steps).
     Returns (indices of this rank's prompts, their rollouts, per group whether it may train and its epoch, prompt
-    batches drawn, times: seconds gathering, generating, scoring; CUDA GiB of generation)."""
+    batches drawn, times: seconds gathering, generating, scoring; CUDA GiB of generation; CUDA graphs captured)."""
     cuda = model.lm_head.weight.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    policy = engine.GenWeights(model, dtype)
+    t0, captured = time.time(), engine.stats["graph_captures"]
+    policy = engine.kept_weights(model, 0, dtype)  # refilled in place when kept from the step before
     times = {"gather_s": time.time() - t0, "score_s": 0.0, "mem_gen_gib": 0.0, "mem_held_gib": 0.0}
     n, per_step = args.samples_per_prompt, args.prompts_per_step
     indices, rollouts, trains, epochs, informative = [], [], [], [], 0
@@ -228,7 +237,7 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
             policy, tokenizer, task, [train_records[i] for i in mine], n=n, temperature=args.temperature,
             top_p=args.top_p, max_new_tokens=args.max_response_tokens, seed=generation_seed(args.seed, step, rank, b),
             template=args.template, batch_size=args.gen_batch_size, desc=f"step {step} rollouts",
-            progress=args.progress, timings=times)
+            progress=args.progress, timings=times, reserve=reserve)
         indices, rollouts = indices + mine, rollouts + new
         epochs += [batch_epoch(len(train_records), per_step, batch_no)] * len(mine)
         if not args.dynamic_sampling:
@@ -244,8 +253,10 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
         if informative == per_step:
             break
     del policy
-    engine.release()  # the engine's weights, KV cache and graphs: the update needs the memory
+    if not keep_engine:
+        engine.release()  # the engine's weights, KV cache and graphs: the update needs the memory
     times["gen_s"] = time.time() - t0 - times["gather_s"] - times["score_s"]
+    times["graph_captures"] = engine.stats["graph_captures"] - captured
     if cuda:  # the peak of generation and what stays allocated into the update (whose own peak step_metrics takes)
         times.update(mem_gen_gib=torch.cuda.max_memory_allocated() / 2**30,
                      mem_held_gib=torch.cuda.memory_allocated() / 2**30)
@@ -253,11 +264,34 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
     return indices, rollouts, trains, epochs, b + 1, times
 
 
-def validate_policy(model, dtype, tokenizer, task, test_records, step, val_settings):
-    """Greedy validation (scoring.validate) on the engine's --dtype copy of the weights, freed after."""
-    m = validate(engine.GenWeights(model, dtype), tokenizer, task, test_records, step, **val_settings)
-    engine.release()
+def validate_policy(model, dtype, tokenizer, task, test_records, step, val_settings, keep_engine):
+    """Greedy validation (scoring.validate) on the engine's --dtype copy of the weights (the rollouts' own, so their
+    graphs stay valid), freed after unless kept."""
+    m = validate(engine.kept_weights(model, 0, dtype), tokenizer, task, test_records, step, **val_settings)
+    if not keep_engine:
+        engine.release()
     return m
+
+
+def keep_engine_setting(args, cfg, world, per_rank, max_prompt_tokens, dtype, with_ref, gpu_bytes):
+    """--keep_engine as a bool and the reason, printed once. auto: kept on CPU (gpu_bytes None); on a GPU when
+    gpu_memory's update peak with the engine kept fits gpu_memory.KEEP_ENGINE_FRACTION of it."""
+    if args.keep_engine != "auto":
+        return args.keep_engine == "true", f"--keep_engine {args.keep_engine}"
+    if gpu_bytes is None:
+        return True, "--keep_engine auto, on CPU"
+    recompute = (dict(checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep)
+                 if args.gradient_checkpointing else dict(checkpoint_every=0))
+    e = gpu_memory.memory_estimate(
+        cfg, world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
+        gen_batch_size=args.gen_batch_size, prompt_tokens=max_prompt_tokens, response_tokens=args.max_response_tokens,
+        rl_tokens=args.micro_batch_tokens, logprob_chunk=args.logprob_chunk, adam_8bit=args.adam_8bit,
+        gen_dtype_bytes=dtype.itemsize, **recompute)
+    kept = gpu_memory.engine_kept_fits(e, gpu_bytes, with_ref)
+    peak = e["update_peak_kept"] + (e["ref_model"] if with_ref else 0)
+    return kept, (f"--keep_engine auto: the update's computed peak with it {peak / 2**30:.1f} GiB "
+                  f"{'<=' if kept else '>'} {gpu_memory.KEEP_ENGINE_FRACTION:.0%} of the GPU's "
+                  f"{gpu_bytes / 2**30:.1f} GiB")
 
 
 def sampler_logprobs(batch, js, device):
@@ -407,7 +441,8 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
             "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
             "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9),
             **{k: mx[k] for k in ("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
-                                  "mem_train_gib")}}
+                                  "mem_train_gib")},
+            "graph_captures": int(mx["graph_captures"])}
 
 
 def log_line(m, max_steps, cuda):
@@ -421,7 +456,8 @@ def log_line(m, max_steps, cuda):
             + f"| gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e} "
             f"| gen {m['gen_s']:.1f}s ({m['gen_tok_s']:.0f} tok/s) score {m['score_s']:.1f}s "
             f"train {m['train_s']:.1f}s ({m['train_tok_s']:.0f} tok/s)"
-            + (f" | peak GiB gen {m['mem_gen_gib']:.1f} train {m['mem_train_gib']:.1f}" if cuda else "")
+            + (f" | peak GiB gen {m['mem_gen_gib']:.1f} train {m['mem_train_gib']:.1f} "
+               f"| graphs captured {m['graph_captures']}" if cuda else "")
             + (f" | val {m['val/acc']:.3f}" if "val/acc" in m else ""))
 
 
@@ -490,11 +526,19 @@ def main(argv=None):
     model = parallel.prepare_training(load_model(init_path, dtype=torch.float32, device=device), dtype, args)
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                             args.train_data, "--max_response_tokens")
+    # the engine's kept buffers (slots, KV-cache columns, new tokens), sized once for the largest rollout call and
+    # validation call of the run, so they never regrow (which would drop the CUDA graphs captured on them)
+    val_new = args.val_max_response_tokens or args.max_response_tokens
+    per_rank = -(-args.prompts_per_step // world)  # prompts of this rank's share, at most
+    reserve = (min(args.gen_batch_size, per_rank) * n,
+               max(map(len, prompt_ids)) + args.max_response_tokens, args.max_response_tokens)
     if test_records and args.val_every:  # now, not at the first validation, steps after the last checkpoint
         val_flag = "--val_max_response_tokens" if args.val_max_response_tokens else "--max_response_tokens"
-        tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, test_records, args.template), test_records,
-                                args.val_max_response_tokens or args.max_response_tokens,
-                                model.config.max_position_embeddings, args.test_data, val_flag)
+        test_ids = tasks.task_prompt_ids(tokenizer, task, test_records, args.template)
+        tasks.check_prompts_fit(test_ids, test_records, val_new, model.config.max_position_embeddings,
+                                args.test_data, val_flag)
+        val_rows = min(args.val_batch_size, -(-len(test_records) // world))
+        reserve = tuple(map(max, reserve, (val_rows, max(map(len, test_ids)) + val_new, val_new)))
     optimizer = ckpt.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                     weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
     if checkpoint is not None:
@@ -527,10 +571,16 @@ def main(argv=None):
            f"compute {str(dtype).replace('torch.', '')}, fp32 weights sharded over {world} rank(s), "
            f"{model.num_params() / 1e6:.1f}M params"
            + (f"; validation on {val_subset} test records" if test_records else ""))
-    val_settings = dict(max_new_tokens=args.val_max_response_tokens or args.max_response_tokens, template=args.template,
-                        batch_size=args.val_batch_size, progress=args.progress)
+    keep_engine, why = keep_engine_setting(
+        args, model.config, world, per_rank, max(map(len, prompt_ids)), dtype, ref_model is not None,
+        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+    print0(f"generation's weight copy, KV cache and graphs: {'kept through' if keep_engine else 'freed before'} "
+           f"each update ({why})")
+    val_settings = dict(max_new_tokens=val_new, template=args.template, batch_size=args.val_batch_size,
+                        progress=args.progress, reserve=reserve)
     if args.val_before_train and test_records and args.val_every and start_step == 0:
-        m = {"step": 0, **validate_policy(model, dtype, tokenizer, task, test_records, 0, val_settings)}
+        m = {"step": 0, **validate_policy(model, dtype, tokenizer, task, test_records, 0, val_settings,
+                                          keep_engine)}
         print0(" | ".join(f"{k} {v:.3f}" if k != "step" else "step 0" for k, v in m.items()))
         log(m)
 
@@ -545,7 +595,8 @@ def main(argv=None):
         # 1. this rank's share of the step's prompts, n rollouts each (record by record, n samples each); with
         # --dynamic_sampling further prompt batches until enough groups have a signal
         mine, rollouts, trains, epochs, gen_batches, times = rollout(model, dtype, tokenizer, task, train_records, args,
-                                                                     step, prompt_batches, rank, world)
+                                                                     step, prompt_batches, rank, world, keep_engine,
+                                                                     reserve)
         prompt_batches += gen_batches
         records = [train_records[i] for i in mine]
 
@@ -605,7 +656,8 @@ def main(argv=None):
         # 7. validation, the step's log line, then the checkpoint (then only the newest --keep_last stay): logged
         # first, so a kill after the save cannot lose the line (a resume from an older checkpoint rewrites it)
         if test_records and args.val_every and (step % args.val_every == 0 or step == max_steps):
-            m.update(validate_policy(model, dtype, tokenizer, task, test_records, step, val_settings))
+            m.update(validate_policy(model, dtype, tokenizer, task, test_records, step, val_settings,
+                                     keep_engine))
         m["step_s"] = time.time() - t_step
         log(m)
         print0(log_line(m, max_steps, device.type == "cuda"))
@@ -621,6 +673,7 @@ def main(argv=None):
             exit_code = 1
             break
 
+    engine.release()
     log.finish()
     parallel.dist_cleanup()
     return exit_code

@@ -227,6 +227,30 @@ def test_defaults_are_the_training_scripts_defaults():
     assert gpu_memory.memory_settings(args)["prompts_per_rank"] == 16
 
 
+def test_keep_engine_auto_keeps_what_fits_three_quarters_of_the_gpu():
+    """train_rl --keep_engine auto: the update's computed peak plus generation's copy, KV cache and graphs' pool (and
+    the reference's shards with a KL) against 75 % of the GPU; true / false override; CPU keeps."""
+    import train_rl
+    _, cfg = gpu_memory.memory_config("qwen2.5-1.5b")
+    e = gpu_memory.memory_estimate(cfg, world=8, prompt_tokens=300)  # train_rl's defaults at 8 ranks
+    assert e["engine_kept"] == e["gen_copy"] + e["kv_cache"] + e["gen_rows"] * cfg.vocab_size * 4 * 3
+    assert e["update_peak_kept"] == e["update_peak"] + e["engine_kept"]
+    args = common.parse_settings(train_rl.get_parser(), ["--model", "m"])
+
+    def keep(gpu_bytes, with_ref=False, dtype=torch.bfloat16):
+        return train_rl.keep_engine_setting(args, cfg, 8, 16, 300, dtype, with_ref, gpu_bytes)[0]
+    edge = e["update_peak_kept"] / gpu_memory.KEEP_ENGINE_FRACTION
+    assert keep(edge) and not keep(edge * 0.999)
+    assert not keep(edge, with_ref=True) and keep(edge + e["ref_model"] / gpu_memory.KEEP_ENGINE_FRACTION, True)
+    assert not keep(edge, dtype=torch.float32)  # an fp32 copy and cache are twice the size
+    assert keep(None)  # CPU
+    args.gradient_checkpointing = False  # no recompute: the update's activations grow
+    assert not keep(edge)
+    for setting, want in (("true", True), ("false", False)):
+        args.keep_engine = setting
+        assert keep(1) is want and keep(None) is want
+
+
 def table(out):
     """The markdown table printed by --memory: {row label: [cells]}."""
     lines = [l for l in out.splitlines() if l.startswith("| ")]

@@ -31,6 +31,22 @@ def test_checkpoints_and_full_copies_after_a_no_grad_forward_hold_the_fp32_maste
         parallel.idle_pass(model, backward=False)
     gathered, plain = engine.GenWeights(model, torch.float32).w, engine.GenWeights(load_model(tiny_checkpoint)).w
     assert gathered.keys() == plain.keys() and all(torch.equal(gathered[k], plain[k]) for k in plain)
+    # train_rl's kept copy (--keep_engine): refilled in place from the shards at each step, same tensors, same serial
+    engine.release()
+    kept = engine.kept_weights(model, 0, torch.float32)
+    ptrs, serial = [t.data_ptr() for t in kept.w.values()], kept.serial
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)  # "the update" (exact in fp32, undone below)
+        parallel.idle_pass(model, backward=False)
+        again = engine.kept_weights(model, 0, torch.float32)
+        assert again is kept and kept.serial == serial and [t.data_ptr() for t in kept.w.values()] == ptrs
+        assert all(torch.equal(kept.w[k], plain[k] * 0.5) for k in plain)
+        for p in model.parameters():
+            p.mul_(2.0)
+    with pytest.raises(ValueError, match="needs full weights"):  # generate() itself never gathers
+        engine.generate(model, [[1, 2, 3]], max_new_tokens=2)
+    engine.release()
     with torch.no_grad():
         parallel.idle_pass(model, backward=False)
     ckpt.save_checkpoint(str(tmp_path), 1, model, load_tokenizer(tiny_checkpoint), optimizer, {}, torch.bfloat16, 2)

@@ -153,6 +153,21 @@ def test_decode_step_attention_never_on_cudnn(monkeypatch):
     assert torch.backends.cuda.cudnn_sdp_enabled()  # switched off for the step only
 
 
+def test_reserved_buffers_change_no_sample():
+    """generate(reserve=(slots, columns, new tokens)) allocates the kept buffers at least that large (train_rl sizes
+    them once for its run) and changes no token or log-prob."""
+    model, prompts = random_model(CONFIGS["qwen2_tied"], seed=4), ragged_prompts(2)
+    engine.release()
+    plain = generate(model, prompts, n=2, max_new_tokens=12, temperature=1.0, stop_ids=[3], seed=2, slots=4)
+    engine.release()
+    reserved = generate(model, prompts, n=2, max_new_tokens=12, temperature=1.0, stop_ids=[3], seed=2, slots=4,
+                        reserve=(24, 200, 40))
+    slots = engine._kept["slots"]
+    assert (slots.count, slots.max_len, slots.width) == (24, 200, 41)
+    assert [(g.tokens, g.logprobs) for g in reserved] == [(g.tokens, g.logprobs) for g in plain]
+    engine.release()
+
+
 def test_kept_buffers_are_freed_before_new_ones_are_allocated(monkeypatch):
     """A call that needs a bigger KV cache or another weight copy frees the kept one first: the peak is never both."""
     engine.release()

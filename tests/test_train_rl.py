@@ -179,6 +179,47 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_kept_engine_buffers_outlive_the_update_and_change_nothing(toy, tmp_path, monkeypatch):
+    """--keep_engine true: the rollouts of every step and the validations decode on one weight copy and one KV cache
+    (the addresses CUDA graphs hold: allocated once for the longest prompt of either, never regrown), which stay
+    allocated through each update; --keep_engine false frees them before each update. Rollouts, validation and
+    weights are the same either way."""
+    decode_step, real_update, seen, held = engine.decode_step, train_rl.update, [], []
+
+    def spy(weights, slots, *args, **kwargs):
+        seen.append(tuple(t.data_ptr() for t in (*slots.caches, slots.out_tok, slots.lengths,
+                                                 *(x for gw in weights for x in (*gw.w.values(), gw.rope)))))
+        return decode_step(weights, slots, *args, **kwargs)
+
+    def update(*args, **kwargs):
+        held.append(bool(engine._kept))
+        return real_update(*args, **kwargs)
+    monkeypatch.setattr(engine, "decode_step", spy)
+    monkeypatch.setattr(train_rl, "update", update)
+    runs = {}
+    for keep in ("true", "false"):
+        seen.clear()
+        held.clear()
+        out = tmp_path / keep
+        assert train_rl.main(rl_args(toy, out, max_steps=3, save_every=3, val_every=2, val_limit=16,
+                                     val_batch_size=16, keep_engine=keep)) == 0
+        runs[keep] = list(seen), list(held), out
+        assert not engine._kept  # freed when the run ends
+    seen, held, _ = runs["true"]
+    assert held == [True] * 3
+    changes = [i for i in range(1, len(seen)) if seen[i] != seen[i - 1]]
+    assert len(seen) > 30 and changes == [], changes
+    assert runs["false"][1] == [False] * 3
+    a, b = runs["true"][2], runs["false"][2]
+    assert metrics(a)[-1]["val/acc"] == metrics(b)[-1]["val/acc"]
+    for step in (1, 2, 3):
+        name = os.path.join("rollouts", f"step_{step:06d}.jsonl")
+        assert common.read_jsonl(os.path.join(a, name)) == common.read_jsonl(os.path.join(b, name))
+    wa, wb = weights(ckpt.checkpoint_dir(str(a), 3)), weights(ckpt.checkpoint_dir(str(b), 3))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
 def test_a_kill_right_after_a_save_loses_no_metrics_line_and_no_disk(toy, tmp_path, monkeypatch, capsys):
     """Killed just after step 2's checkpoint: the resume starts at step 3, so step 2's metrics line must already be
     written (it used to be logged after the save, and was lost). What an interrupted save leaves (temporary files
