@@ -1,5 +1,4 @@
 """report.py: the final table from what the stages wrote (a synthetic run directory, no model needed)."""
-import json
 import os
 
 import pytest
