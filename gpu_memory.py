@@ -25,6 +25,7 @@ CUDA_CONTEXT_GIB = 1.5  # CUDA context + caching-allocator slack, added to every
 # is at most this fraction of the GPU: the model has underestimated a whole RL update on an H100 by ~22 %
 # (docs/memory.md), and an out-of-memory there costs the steps since the last checkpoint
 KEEP_ENGINE_FRACTION = 0.75
+DECODE_TEMP_BYTES = 4 * 4  # per (row, vocabulary entry): a decode step's fp32 logits, log-probs, probabilities, CDF
 
 # -----------------------------------------------------------------------------
 # per-GPU memory (python bench.py --memory CONFIG ...): bytes computed from what the code allocates, no GPU needed
@@ -143,24 +144,23 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     # activation_bytes, which came within 1 % of the rest at the 1.5B and 7B shapes; see docs/memory.md.)
     e["fsdp_transient"] = 2 * root + 2 * 2 * n["block"] + 4 * n["block"] + 4 * root
     # RL generation: the training state stays sharded; a plain bf16 copy of all weights is gathered for the engine
-    # (freed before the update), engine.generate's KV cache (rows x (prompt + response) columns) and its
+    # (freed before the update unless train_rl --keep_engine keeps it), engine.generate's KV cache (rows x (prompt +
+    # response) columns) and its
     # temporaries: the prefill (prompts packed in one row, no grad, one block at a time) or a decode step's sampling
-    # (rows x V fp32: logits, log-softmax, probs / cdf), whichever is larger
+    # (rows x V fp32: logits, log-probs, probabilities, CDF), whichever is larger
     prompts = min(prompts_per_rank, gen_batch_size)
     e["gen_rows"], e["gen_len"] = prompts * group_size, prompt_tokens + response_tokens
     e["gen_copy"] = gen_dtype_bytes * P
     e["kv_cache"] = kv_cache_bytes(cfg, e["gen_rows"], e["gen_len"], gen_dtype_bytes)
-    decode_temps = e["gen_rows"] * cfg.vocab_size * 4 * 3
-    e["gen_temps"] = max(prefill_bytes_per_token(cfg) * prompts * prompt_tokens, decode_temps)
+    e["gen_temps"] = max(prefill_bytes_per_token(cfg) * prompts * prompt_tokens,
+                         e["gen_rows"] * cfg.vocab_size * DECODE_TEMP_BYTES)
     e["gen_peak"] = e["persistent"] + e["gen_copy"] + e["kv_cache"] + e["gen_temps"] + e["slack"]
     # training: a micro-batch holds up to its token budget, or one longer sequence alone
     e["rl_tokens"] = max(rl_tokens, prompt_tokens + response_tokens)
     recompute = dict(checkpoint_every=checkpoint_every, keep=checkpoint_keep)
     e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=False, gathered=True, **recompute)
     e["update_peak"] = e["persistent"] + e["fsdp_transient"] + e["rl_act"]["total"] + e["slack"]
-    # train_rl --keep_engine: the engine's copy, KV cache and the CUDA graphs' pool (a decode step's temporaries)
-    # stay allocated through the update, so the next step refills them in place and replays its graphs
-    e["engine_kept"] = e["gen_copy"] + e["kv_cache"] + decode_temps
+    e["engine_kept"] = engine_kept_bytes(cfg, P, e["gen_rows"], e["gen_len"], gen_dtype_bytes)
     e["update_peak_kept"] = e["update_peak"] + e["engine_kept"]
     e["rl_peak"] = max(e["gen_peak"], e["update_peak"])
     # the reference model's own log-prob pass (no grad) runs apart from the update: only its sharded state adds
@@ -171,10 +171,18 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     return e
 
 
-def engine_kept_fits(e, gpu_bytes, with_ref):
-    """train_rl --keep_engine auto: whether the update's computed peak with generation's buffers kept (plus the
-    reference model's shards, with_ref) is at most KEEP_ENGINE_FRACTION of a GPU of gpu_bytes."""
-    return e["update_peak_kept"] + (e["ref_model"] if with_ref else 0) <= KEEP_ENGINE_FRACTION * gpu_bytes
+def engine_kept_bytes(cfg, params, rows, columns, dtype_bytes=2):
+    """What train_rl --keep_engine holds through the update, so that the next step refills it in place and replays
+    its CUDA graphs: generation's weight copy, its KV cache of rows x columns, and the graphs' memory pool (a decode
+    step's sampling temporaries)."""
+    return (dtype_bytes * params + kv_cache_bytes(cfg, rows, columns, dtype_bytes)
+            + rows * cfg.vocab_size * DECODE_TEMP_BYTES)
+
+
+def keeps_engine(update_peak_kept, gpu_bytes):
+    """train_rl --keep_engine auto: keep when the update's computed peak with generation's buffers (and the
+    reference model's shards, if any) is at most KEEP_ENGINE_FRACTION of the GPU."""
+    return update_peak_kept <= KEEP_ENGINE_FRACTION * gpu_bytes
 
 
 def memory_config(spec):
@@ -244,7 +252,8 @@ def memory_table(args):
         ("RL update peak, generation's copy + KV cache + graphs kept (train_rl --keep_engine true)",
          lambda e: fmt(e["update_peak_kept"])),
         (f"kept by --keep_engine auto (<= {KEEP_ENGINE_FRACTION:.0%} of {cap:g} GiB): RL / RL+KL",
-         lambda e: " / ".join("yes" if engine_kept_fits(e, cap * gib, ref) else "no" for ref in (False, True))),
+         lambda e: " / ".join("yes" if keeps_engine(e["update_peak_kept"] + ref, cap * gib) else "no"
+                              for ref in (0, e["ref_model"]))),
         (f"SFT act. ({e0['sft_tokens']} tokens): block inputs", lambda e: fmt(e["sft_act"]["inputs"])),
         ("SFT act.: final norm + lm_head chunk", lambda e: fmt(e["sft_act"]["head"])),
         ("SFT act.: one block recomputed", lambda e: fmt(e["sft_act"]["block"])),

@@ -317,6 +317,21 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
                 return {"rows": len(runs[0]), "identical_tokens": sum(p.tokens == q.tokens for p, q in zip(*runs)),
                         "max_abs_logprob_diff": max(diff, default=0.0)}
             out["graphs_vs_eager_fp32"] = dict(agreement(ours, {"graphs": False}, {}), graphs=device.type == "cuda")
+            # train_rl --keep_engine: graphs captured on one policy's copy, replayed after the next policy is copied
+            # into it in place (an RL step later), against that policy run eagerly
+            other = load_model(base, dtype=dtype, device=device).eval()
+            with torch.no_grad():
+                for p in other.parameters():
+                    p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=g).to(device))
+            engine.release()
+            first = generate(ours, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed)  # captures on ours
+            captured = engine.stats["graph_captures"]
+            replayed = agreement(other, {}, {"graphs": False})
+            moved = generate(other, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed, graphs=False)
+            out["graphs_after_refill_vs_eager_fp32"] = dict(
+                replayed, graphs=device.type == "cuda", captures_after_refill=engine.stats["graph_captures"] - captured,
+                rows_changed_by_the_new_weights=sum(a.tokens != b.tokens for a, b in zip(first, moved)))
+            del other
             if sizes["compile"]:  # the first fused call compiles (seconds on a GPU, longer than the smoke's budget)
                 out["fused_vs_eager_fp32"] = agreement(ours, {}, {"fused": True})
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
@@ -571,6 +586,7 @@ def suite_rl(base, tok, records, sizes, device, seed, tmp):
             "train_s": m["train_s"], "gather_s": m["gather_s"], "graph_captures": m["graph_captures"],
             "mem_gen_gib": m["mem_gen_gib"],
             "mem_held_gib": m["mem_held_gib"], "mem_train_gib": m["mem_train_gib"],
+            "mem_train_reserved_gib": m["mem_train_reserved_gib"],
             "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
             "gen_tok_s": m["gen_tok_s"], "train_tokens": sum(seq_lens), "train_s_net": train_s,
             "train_tok_s": sum(seq_lens) / train_s, "train_mfu": mfu(flops, train_s, device),

@@ -273,9 +273,10 @@ def validate_policy(model, dtype, tokenizer, task, test_records, step, val_setti
     return m
 
 
-def keep_engine_setting(args, cfg, world, per_rank, max_prompt_tokens, dtype, with_ref, gpu_bytes):
+def keep_engine_setting(args, cfg, world, per_rank, max_prompt_tokens, reserve, dtype, with_ref, gpu_bytes):
     """--keep_engine as a bool and the reason, printed once. auto: kept on CPU (gpu_bytes None); on a GPU when
-    gpu_memory's update peak with the engine kept fits gpu_memory.KEEP_ENGINE_FRACTION of it."""
+    gpu_memory's update peak plus the kept buffers (reserve: their slots, columns, new tokens) fits
+    gpu_memory.KEEP_ENGINE_FRACTION of it."""
     if args.keep_engine != "auto":
         return args.keep_engine == "true", f"--keep_engine {args.keep_engine}"
     if gpu_bytes is None:
@@ -287,8 +288,9 @@ def keep_engine_setting(args, cfg, world, per_rank, max_prompt_tokens, dtype, wi
         gen_batch_size=args.gen_batch_size, prompt_tokens=max_prompt_tokens, response_tokens=args.max_response_tokens,
         rl_tokens=args.micro_batch_tokens, logprob_chunk=args.logprob_chunk, adam_8bit=args.adam_8bit,
         gen_dtype_bytes=dtype.itemsize, **recompute)
-    kept = gpu_memory.engine_kept_fits(e, gpu_bytes, with_ref)
-    peak = e["update_peak_kept"] + (e["ref_model"] if with_ref else 0)
+    peak = (e["update_peak"] + gpu_memory.engine_kept_bytes(cfg, e["params"], reserve[0], reserve[1], dtype.itemsize)
+            + (e["ref_model"] if with_ref else 0))
+    kept = gpu_memory.keeps_engine(peak, gpu_bytes)
     return kept, (f"--keep_engine auto: the update's computed peak with it {peak / 2**30:.1f} GiB "
                   f"{'<=' if kept else '>'} {gpu_memory.KEEP_ENGINE_FRACTION:.0%} of the GPU's "
                   f"{gpu_bytes / 2**30:.1f} GiB")
@@ -426,7 +428,10 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
         "truncated": sum(not s["finished"] for s in rollouts), "used": len(batch.train_idx), **sums})
     mx = parallel.all_reduce_numbers({
         "len_max": max((s["length"] for s in rollouts), default=0), **times,
-        "mem_train_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0}, op="max")
+        "mem_train_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+        # reserved includes the free blocks of the kept CUDA graphs' pool, which allocated memory does not show
+        "mem_train_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0},
+        op="max")
     seqs, pg_tokens = max(g["seqs"], 1), max(g["pg_tokens"], 1)
     return {"step": step, "epoch": epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
             "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs,
@@ -441,7 +446,7 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
             "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
             "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9),
             **{k: mx[k] for k in ("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
-                                  "mem_train_gib")},
+                                  "mem_train_gib", "mem_train_reserved_gib")},
             "graph_captures": int(mx["graph_captures"])}
 
 
@@ -526,8 +531,8 @@ def main(argv=None):
     model = parallel.prepare_training(load_model(init_path, dtype=torch.float32, device=device), dtype, args)
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                             args.train_data, "--max_response_tokens")
-    # the engine's kept buffers (slots, KV-cache columns, new tokens), sized once for the largest rollout call and
-    # validation call of the run, so they never regrow (which would drop the CUDA graphs captured on them)
+    # --keep_engine: the engine's buffers (slots, KV-cache columns, new tokens), sized once for the largest rollout
+    # call and validation call of the run, so they never regrow (which would drop the CUDA graphs captured on them)
     val_new = args.val_max_response_tokens or args.max_response_tokens
     per_rank = -(-args.prompts_per_step // world)  # prompts of this rank's share, at most
     reserve = (min(args.gen_batch_size, per_rank) * n,
@@ -572,10 +577,11 @@ def main(argv=None):
            f"{model.num_params() / 1e6:.1f}M params"
            + (f"; validation on {val_subset} test records" if test_records else ""))
     keep_engine, why = keep_engine_setting(
-        args, model.config, world, per_rank, max(map(len, prompt_ids)), dtype, ref_model is not None,
+        args, model.config, world, per_rank, max(map(len, prompt_ids)), reserve, dtype, ref_model is not None,
         torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
     print0(f"generation's weight copy, KV cache and graphs: {'kept through' if keep_engine else 'freed before'} "
            f"each update ({why})")
+    reserve = reserve if keep_engine else None  # freed each step: each call allocates what it needs, no more
     val_settings = dict(max_new_tokens=val_new, template=args.template, batch_size=args.val_batch_size,
                         progress=args.progress, reserve=reserve)
     if args.val_before_train and test_records and args.val_every and start_step == 0:

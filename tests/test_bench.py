@@ -24,6 +24,9 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     assert 0 < c["logits_bf16_vs_fp32"]["ours"]["rel"] < 0.05  # bf16 differs from fp32, but not wildly
     assert c["logprob_gap_bf16"]["tokens"] == 4 * 4 * result["sizes"]["gap_new"]
     assert c["graphs_vs_eager_fp32"]["identical_tokens"] == c["graphs_vs_eager_fp32"]["rows"] == 16
+    refill = c["graphs_after_refill_vs_eager_fp32"]  # on CPU both eager: the kept copy refilled with other weights
+    assert refill["identical_tokens"] == refill["rows"] == 16 and refill["max_abs_logprob_diff"] == 0
+    assert refill["captures_after_refill"] == 0 and not refill["graphs"] and refill["rows_changed_by_the_new_weights"]
     gen = result["generation"]
     assert [w["prompts"] for w in gen["workloads"]] == result["sizes"]["gen_prompts"]
     assert all(w["ours_tok_s"] > 0 and w["hf_tok_s"] > 0 for w in gen["workloads"])

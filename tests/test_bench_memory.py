@@ -228,19 +228,30 @@ def test_defaults_are_the_training_scripts_defaults():
 
 
 def test_keep_engine_auto_keeps_what_fits_three_quarters_of_the_gpu():
-    """train_rl --keep_engine auto: the update's computed peak plus generation's copy, KV cache and graphs' pool (and
-    the reference's shards with a KL) against 75 % of the GPU; true / false override; CPU keeps."""
+    """train_rl --keep_engine auto: the update's computed peak, for train_rl's own settings, plus generation's copy,
+    the KV cache it keeps (train_rl's reserve: slots x columns) and the graphs' pool (and the reference's shards with
+    a KL) against 75 % of the GPU; true / false override; CPU keeps."""
     import train_rl
     _, cfg = gpu_memory.memory_config("qwen2.5-1.5b")
-    e = gpu_memory.memory_estimate(cfg, world=8, prompt_tokens=300)  # train_rl's defaults at 8 ranks
-    assert e["engine_kept"] == e["gen_copy"] + e["kv_cache"] + e["gen_rows"] * cfg.vocab_size * 4 * 3
+    e = gpu_memory.memory_estimate(cfg, world=8, prompt_tokens=300)
+    assert e["engine_kept"] == (e["gen_copy"] + e["kv_cache"]
+                                + e["gen_rows"] * cfg.vocab_size * gpu_memory.DECODE_TEMP_BYTES)
     assert e["update_peak_kept"] == e["update_peak"] + e["engine_kept"]
-    args = common.parse_settings(train_rl.get_parser(), ["--model", "m"])
+    # settings away from every default, so a setting dropped or swapped on the way to the estimate shows
+    args = common.parse_settings(train_rl.get_parser(), [
+        "--model", "m", "--prompts_per_step", "48", "--samples_per_prompt", "4", "--gen_batch_size", "5",
+        "--max_response_tokens", "1500", "--micro_batch_tokens", "20000", "--logprob_chunk", "1024",
+        "--adam_8bit", "true", "--checkpoint_every", "2", "--checkpoint_keep", "attention"])
+    reserve = (5 * 4, 300 + 1700, 1700)  # validation's longer responses, as train_rl sizes them
+    e = gpu_memory.memory_estimate(cfg, world=4, prompts_per_rank=12, group_size=4, gen_batch_size=5,
+                                   prompt_tokens=300, response_tokens=1500, rl_tokens=20000, logprob_chunk=1024,
+                                   checkpoint_every=2, checkpoint_keep="attention", adam_8bit=True)
+    peak = e["update_peak"] + gpu_memory.engine_kept_bytes(cfg, e["params"], 20, 2000, 2)
 
     def keep(gpu_bytes, with_ref=False, dtype=torch.bfloat16):
-        return train_rl.keep_engine_setting(args, cfg, 8, 16, 300, dtype, with_ref, gpu_bytes)[0]
-    edge = e["update_peak_kept"] / gpu_memory.KEEP_ENGINE_FRACTION
-    assert keep(edge) and not keep(edge * 0.999)
+        return train_rl.keep_engine_setting(args, cfg, 4, 12, 300, reserve, dtype, with_ref, gpu_bytes)[0]
+    edge = peak / gpu_memory.KEEP_ENGINE_FRACTION
+    assert keep(edge) and not keep(edge * 0.9999)
     assert not keep(edge, with_ref=True) and keep(edge + e["ref_model"] / gpu_memory.KEEP_ENGINE_FRACTION, True)
     assert not keep(edge, dtype=torch.float32)  # an fp32 copy and cache are twice the size
     assert keep(None)  # CPU
