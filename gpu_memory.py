@@ -145,9 +145,8 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e["fsdp_transient"] = 2 * root + 2 * 2 * n["block"] + 4 * n["block"] + 4 * root
     # RL generation: the training state stays sharded; a plain bf16 copy of all weights is gathered for the engine
     # (freed before the update unless train_rl --keep_engine keeps it), engine.generate's KV cache (rows x (prompt +
-    # response) columns) and its
-    # temporaries: the prefill (prompts packed in one row, no grad, one block at a time) or a decode step's sampling
-    # (rows x V fp32: logits, log-probs, probabilities, CDF), whichever is larger
+    # response) columns) and its temporaries: the prefill (prompts packed in one row, no grad, one block at a time)
+    # or a decode step's sampling (rows x V fp32: logits, log-probs, probabilities, CDF), whichever is larger
     prompts = min(prompts_per_rank, gen_batch_size)
     e["gen_rows"], e["gen_len"] = prompts * group_size, prompt_tokens + response_tokens
     e["gen_copy"] = gen_dtype_bytes * P

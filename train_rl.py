@@ -273,7 +273,7 @@ def validate_policy(model, dtype, tokenizer, task, test_records, step, val_setti
     return m
 
 
-def keep_engine_setting(args, cfg, world, per_rank, max_prompt_tokens, reserve, dtype, with_ref, gpu_bytes):
+def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref, gpu_bytes):
     """--keep_engine as a bool and the reason, printed once. auto: kept on CPU (gpu_bytes None); on a GPU when
     gpu_memory's update peak plus the kept buffers (reserve: their slots, columns, new tokens) fits
     gpu_memory.KEEP_ENGINE_FRACTION of it."""
@@ -285,7 +285,7 @@ def keep_engine_setting(args, cfg, world, per_rank, max_prompt_tokens, reserve, 
                  if args.gradient_checkpointing else dict(checkpoint_every=0))
     e = gpu_memory.memory_estimate(
         cfg, world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
-        gen_batch_size=args.gen_batch_size, prompt_tokens=max_prompt_tokens, response_tokens=args.max_response_tokens,
+        gen_batch_size=args.gen_batch_size, prompt_tokens=longest_prompt, response_tokens=args.max_response_tokens,
         rl_tokens=args.micro_batch_tokens, logprob_chunk=args.logprob_chunk, adam_8bit=args.adam_8bit,
         gen_dtype_bytes=dtype.itemsize, **recompute)
     peak = (e["update_peak"] + gpu_memory.engine_kept_bytes(cfg, e["params"], reserve[0], reserve[1], dtype.itemsize)
