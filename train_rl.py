@@ -13,7 +13,9 @@ against the engine's log-probs (--rollout_is). More in docs/grpo.md:
 - The main path: one on-policy update per rollout batch, so the PPO ratio is exactly 1 and the gradient is that of
   -A log pi. Several updates per batch and a KL to a reference are the explicit optional branch (pre_pass).
 - FSDP2 shards the fp32 weights, gradients and AdamW state; compute runs in --dtype; every rank runs equally many
-  micro-batches (parallel.even_out, idle_pass). Rollouts come from a full --dtype copy, gathered once per step.
+  micro-batches (parallel.even_out, idle_pass). Rollouts come from a full --dtype copy, gathered once per step
+  into the engine's buffers, which stay allocated from step to step where memory allows (--keep_engine), so the
+  decode's CUDA graphs are captured once per shape, not again every step.
 - Exact resume: data order is seeded by (seed, epoch), generation by (seed, step, rank, batch), the lr by the step;
   the count of prompt batches drawn (more than one a step with --dynamic_sampling) is saved with the checkpoint.
 """
