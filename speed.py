@@ -311,12 +311,13 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
             # and the fused ops (torch.compile: Triton on CUDA; the sampler's integer hash too) against the eager ones
 
             def agreement(model, a, b):
+                """(how far generate(**a) and generate(**b) agree, the two runs)"""
                 runs = [generate(model, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed, **kw)
                         for kw in (a, b)]
                 diff = [abs(x - y) for p, q in zip(*runs) for x, y in zip(p.logprobs, q.logprobs)]
                 return {"rows": len(runs[0]), "identical_tokens": sum(p.tokens == q.tokens for p, q in zip(*runs)),
-                        "max_abs_logprob_diff": max(diff, default=0.0)}
-            out["graphs_vs_eager_fp32"] = dict(agreement(ours, {"graphs": False}, {}), graphs=device.type == "cuda")
+                        "max_abs_logprob_diff": max(diff, default=0.0)}, runs
+            out["graphs_vs_eager_fp32"] = dict(agreement(ours, {"graphs": False}, {})[0], graphs=device.type == "cuda")
             # train_rl --keep_engine: graphs captured on one policy's copy, replayed after the next policy is copied
             # into it in place (an RL step later), against that policy run eagerly
             other = load_model(base, dtype=dtype, device=device).eval()
@@ -326,14 +327,13 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
             engine.release()
             first = generate(ours, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed)  # captures on ours
             captured = engine.stats["graph_captures"]
-            replayed = agreement(other, {}, {"graphs": False})
-            moved = generate(other, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed, graphs=False)
+            replayed, (_, eager) = agreement(other, {}, {"graphs": False})
             out["graphs_after_refill_vs_eager_fp32"] = dict(
                 replayed, graphs=device.type == "cuda", captures_after_refill=engine.stats["graph_captures"] - captured,
-                rows_changed_by_the_new_weights=sum(a.tokens != b.tokens for a, b in zip(first, moved)))
+                rows_changed_by_the_new_weights=sum(a.tokens != b.tokens for a, b in zip(first, eager)))
             del other
             if sizes["compile"]:  # the first fused call compiles (seconds on a GPU, longer than the smoke's budget)
-                out["fused_vs_eager_fp32"] = agreement(ours, {}, {"fused": True})
+                out["fused_vs_eager_fp32"] = agreement(ours, {}, {"fused": True})[0]
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
         gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed)
         with torch.no_grad():
