@@ -238,19 +238,22 @@ def flash_inputs(dtype, *tensors):
     return out
 
 
-def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, repeat_kv=True):
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, repeat_kv=None):
     """torch.nn.attention.varlen.varlen_attn (FA2 kernels shipped inside the torch wheel), called as flash-attn's
     flash_attn_varlen_func is: (N, heads, hd) inputs, causal, query heads grouped over fewer key/value heads.
     torch 2.10 took is_causal and no GQA, 2.11 window_size=(-1, 0) for causal and no GQA, 2.13 also enable_gqa.
     Always causal (the only attention packed rows need): causal is there for the shared signature. Without
-    enable_gqa the key/value heads are repeated; repeat_kv=False hands them as they are (the FA2 kernel below
-    groups query heads itself, but the function does not say so: bench.py's attention A/B measures it)."""
+    enable_gqa, repeat_kv=None decides by signature: 2.11's function hands the key/value heads as they are to its
+    FA2 kernel, which groups the query heads itself (measured on an H200 with torch 2.11, bench.py's attention A/B in
+    docs/gpu_h200_stage1.json: the same outputs, gradients and speed as with the heads repeated, and no repeated
+    copy saved for the backward, ~2.8 GB at 16K tokens without recompute at the 1.5B shape); 2.10's is unmeasured,
+    so its heads are repeated. repeat_kv=True or False forces the choice (the A/B)."""
     params = varlen_parameters(torch_varlen_attn)
     kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        elif repeat_kv:  # each key/value head repeated for the query heads it serves
+        elif repeat_kv or (repeat_kv is None and "window_size" not in params):
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     return torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
@@ -306,7 +309,7 @@ def packed_backend_name(device, dtype):
             "sdpa": "one SDPA call per sequence"}[backend] + f", {str(dtype).replace('torch.', '')}"
 
 
-def packed_attention(q, k, v, cu_seqlens, lens, backend="sdpa", dtype=None, repeat_kv=True):
+def packed_attention(q, k, v, cu_seqlens, lens, backend="sdpa", dtype=None, repeat_kv=None):
     """Causal attention of each sequence of a packed row over itself. q (1, nh, N, hd); k, v (1, nkv, N, hd) with
     nkv dividing nh; cu_seqlens = [0, l1, l1+l2, ..., N] and lens = [l1, l2, ...] (a list: no host sync). Returns
     (1, nh, N, hd). backend and dtype: see packed_backend (dtype: what a varlen kernel is handed); repeat_kv: see

@@ -626,17 +626,19 @@ def test_packed_attention_paths_agree_with_a_dense_reference(heads, monkeypatch)
         got = run(lambda q, k, v: model_module.packed_attention(q, k, v, cu, lens, backend, torch.float32))
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
             assert (a - b).abs().max() <= 1e-5, (path, name)
-    handed = []  # 2.11 with repeat_kv=False: the kernel gets the key/value heads as they are
+    handed = []  # 2.11: by default the kernel gets the key/value heads as they are; repeat_kv=True repeats them
 
     def spy(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
         handed.append(key.shape[1])
         return varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window_size)
     monkeypatch.setattr(model_module, "torch_varlen_attn", spy)
-    got = run(lambda q, k, v: model_module.packed_attention(q, k, v, cu, lens, "torch_varlen", torch.float32,
-                                                            repeat_kv=False))
-    assert handed == [heads[1]]
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
-        assert (a - b).abs().max() <= 1e-5, ("2.11 unrepeated", name)
+    for repeat_kv, heads_handed in ((None, heads[1]), (False, heads[1]), (True, heads[0])):
+        handed.clear()
+        got = run(lambda q, k, v: model_module.packed_attention(q, k, v, cu, lens, "torch_varlen", torch.float32,
+                                                                repeat_kv=repeat_kv))
+        assert handed == [heads_handed], repeat_kv
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+            assert (a - b).abs().max() <= 1e-5, ("2.11", repeat_kv, name)
 
 
 def test_pinned_loop_runs_inside_the_loop_backends(monkeypatch):
