@@ -10,6 +10,20 @@ import speed
 from common import UserError
 
 
+def test_generations_agree_splits_each_row_where_its_tokens_first_differ():
+    """The log-prob difference before a row's tokens part is the paths' rounding; after it, different texts."""
+    from types import SimpleNamespace as Row
+    first = [Row(tokens=[5, 6, 7], logprobs=[-1.0, -2.0, -3.0]), Row(tokens=[5, 6, 7], logprobs=[-1.0, -2.0, -3.0]),
+             Row(tokens=[5, 6], logprobs=[-1.0, -2.0])]
+    second = [Row(tokens=[5, 6, 7], logprobs=[-1.0, -2.5, -3.0]), Row(tokens=[5, 9, 8], logprobs=[-1.25, -9.0, -9.0]),
+              Row(tokens=[5, 6, 4], logprobs=[-1.0, -2.0, -4.0])]
+    got = speed.generations_agree(first, second)
+    assert got["rows"] == 3 and got["identical_tokens"] == 1
+    assert got["first_difference"] == [None, 1, 2]  # a row that runs longer differs where the shorter one ended
+    assert got["max_abs_logprob_diff"] == 7.0
+    assert got["max_abs_logprob_diff_before_tokens_differ"] == 0.5  # row 0's -2.0 vs -2.5; row 1 only up to 1
+
+
 @pytest.mark.slow
 def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     out = tmp_path / "suite.json"
@@ -24,6 +38,7 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     assert 0 < c["logits_bf16_vs_fp32"]["ours"]["rel"] < 0.05  # bf16 differs from fp32, but not wildly
     assert c["logprob_gap_bf16"]["tokens"] == 4 * 4 * result["sizes"]["gap_new"]
     assert c["graphs_vs_eager_fp32"]["identical_tokens"] == c["graphs_vs_eager_fp32"]["rows"] == 16
+    assert c["graphs_vs_eager_fp32"]["first_difference"] == [None] * 16
     refill = c["graphs_after_refill_vs_eager_fp32"]  # on CPU both eager: the kept copy refilled with other weights
     assert refill["identical_tokens"] == refill["rows"] == 16 and refill["max_abs_logprob_diff"] == 0
     assert refill["captures_after_refill"] == 0 and not refill["graphs"] and refill["rows_changed_by_the_new_weights"]
