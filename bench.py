@@ -32,7 +32,7 @@ import toy_task
 from common import parse_settings, run_main
 from engine import generate
 from model import CHECKPOINT_KEEP, build_model, load_model, save_model, tiny_config
-from speed import (PEAK_BANDWIDTH, QWEN25_15B, SUITE_SECTIONS, bandwidth_floor, datasheet, decode_kernels_per_layer,
+from speed import (PEAK_BANDWIDTH, QWEN25_15B, SUITE_SECTIONS, datasheet, decode_floor, decode_kernels_per_layer,
                    gpu_suite, make_workload, run_hf, run_ours, timed)
 from tiny_base import build_tokenizer
 
@@ -186,7 +186,7 @@ def main(argv=None):
             if args.gpu:
                 bw = datasheet(PEAK_BANDWIDTH, name)
                 if bw:
-                    floor = bandwidth_floor(cfg, model, prompts, lengths, args.samples, 2, bw)
+                    floor = decode_floor(cfg, model, prompts, lengths, args.samples, 2, bandwidth=bw)
                     line += f" | {floor:7.2f}  {floor / ours:6.1%}"
             print(line, flush=True)
 

@@ -101,16 +101,22 @@ def run_hf(hf, prompts, lengths, samples, stop_id):
     return sum(lengths)
 
 
-def bandwidth_floor(cfg, model, prompts, lengths, samples, dtype_bytes, bandwidth):
-    """Seconds a perfect decode needs just to read the weights and the live KV cache at every step."""
+def decode_floor(cfg, model, prompts, lengths, samples, dtype_bytes, bandwidth=None, flops=None):
+    """Seconds a perfect decode needs, step by step: to read the weights and the live KV cache at `bandwidth`, or
+    to do its arithmetic at `flops` (2 per matmul weight per live row, the lm_head's included, the embedding lookup
+    not; attention's 4 per head dimension per cached token), or, given both, the larger of the two at each step (the
+    roofline: a step of a few hundred rows and more is bound by the arithmetic, not by reading the weights)."""
     weight_bytes = model.num_params() * dtype_bytes
     kv_per_token = kv_bytes_per_token(cfg, dtype_bytes)
+    matmul_weights = model.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    flops_per_cached = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
     prompt_len = [len(prompts[r // samples]) for r in range(len(lengths))]
     total = 0.0
     for step in range(max(lengths)):
         live = [prompt_len[r] + step for r in range(len(lengths)) if lengths[r] > step]
-        total += weight_bytes + kv_per_token * sum(live)
-    return total / bandwidth
+        total += max((weight_bytes + kv_per_token * sum(live)) / bandwidth if bandwidth else 0.0,
+                     (2 * matmul_weights * len(live) + flops_per_cached * sum(live)) / flops if flops else 0.0)
+    return total
 
 
 # -----------------------------------------------------------------------------
@@ -400,10 +406,19 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         for kind in ("datasheet", "measured"):
             bandwidth = ceilings.get("datasheet_bytes_per_s" if kind == "datasheet" else "copy_bytes_per_s")
             if bandwidth:
-                floor = bandwidth_floor(cfg, model, prompts, lengths, samples, 2, bandwidth)
+                floor = decode_floor(cfg, model, prompts, lengths, samples, 2, bandwidth=bandwidth)
                 w[f"floor_s_{kind}_bandwidth"] = floor
                 w[f"ours_fraction_of_floor_{kind}"] = floor / t_ours
                 w[f"ours_fused_fraction_of_floor_{kind}"] = floor / t_fused
+        # the datasheet's roofline: at each step the larger of its bandwidth and compute floors
+        if ceilings.get("datasheet_bf16_flops") and ceilings.get("datasheet_bytes_per_s"):
+            w["floor_s_datasheet_compute"] = decode_floor(cfg, model, prompts, lengths, samples, 2,
+                                                          flops=ceilings["datasheet_bf16_flops"])
+            floor = decode_floor(cfg, model, prompts, lengths, samples, 2, ceilings["datasheet_bytes_per_s"],
+                                 ceilings["datasheet_bf16_flops"])
+            w["floor_s_datasheet_roofline"] = floor
+            w["ours_fraction_of_roofline_datasheet"] = floor / t_ours
+            w["ours_fused_fraction_of_roofline_datasheet"] = floor / t_fused
         workloads.append(w)
         print(w, flush=True)
     hf = None  # free its memory before the profiled runs

@@ -145,6 +145,30 @@ def test_fused_decode_step_launches_about_ten_kernels_per_layer():
     assert r["outside_layers"] < 40, r
 
 
+def test_decode_floor_takes_the_larger_floor_at_each_step():
+    """Bandwidth: the weights and the live cache each step; compute: 2 FLOPs per matmul weight per live row (a tied
+    lm_head counted once, an untied embedding not at all) and attention over the cache; the roofline is the sum of
+    each step's larger one, so one row is bound by bandwidth and many rows by compute."""
+    from model import build_model, kv_bytes_per_token, tiny_config
+    for tied in (True, False):
+        cfg = tiny_config(64, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=tied)
+        model = build_model(cfg, seed=0)
+        c, params = model.config, model.num_params()
+        matmul = params - (0 if tied else 64 * 16)
+        prompts, lengths = [[1, 2, 3]], [2, 1]  # one prompt, 2 samples: 2 live rows at step 0, 1 at step 1
+        kv, per_cached = kv_bytes_per_token(c, 2), 4 * 2 * 4 * c.head_dim
+        bytes_ = [2 * params + kv * (3 + 3), 2 * params + kv * 4]
+        flops = [2 * matmul * 2 + per_cached * (3 + 3), 2 * matmul * 1 + per_cached * 4]
+        assert speed.decode_floor(c, model, prompts, lengths, 2, 2, bandwidth=10.0) == pytest.approx(sum(bytes_) / 10)
+        assert speed.decode_floor(c, model, prompts, lengths, 2, 2, flops=7.0) == pytest.approx(sum(flops) / 7)
+        # FLOPs per byte: 2 rows at step 0, 1 row at step 1; a card whose ratio lies between is bound by compute at
+        # step 0 and by bandwidth at step 1
+        bw, fl = 1.0, (flops[0] / bytes_[0] + flops[1] / bytes_[1]) / 2
+        assert flops[0] / fl > bytes_[0] / bw and flops[1] / fl < bytes_[1] / bw
+        assert speed.decode_floor(c, model, prompts, lengths, 2, 2, bw, fl) == pytest.approx(
+            flops[0] / fl + bytes_[1] / bw)
+
+
 def test_datasheet_takes_the_longest_name_that_matches():
     """An H200 NVL is not an H200 SXM: the ceilings come from the most specific name in the device's."""
     assert speed.datasheet(speed.PEAK_BF16_FLOPS, "NVIDIA H200") == 989e12
