@@ -75,6 +75,9 @@ def get_parser():
     p.add_argument("--json_out", default="", help="--gpu_suite: write the results here (rewritten after each section)")
     p.add_argument("--suite_rl_response_tokens", type=int, default=4096,
                    help="--gpu_suite: response cap of the RL step (the paper's 4096; random weights run to it)")
+    p.add_argument("--suite_hf", type=common.str2bool, default=True,
+                   help="--gpu_suite: time transformers.generate in the generation section (2-3 min on a GPU at the "
+                        "1.5B shape; false: ours only, for a short lease once the ratio is on record)")
     # --memory: the per-GPU memory table (defaults = train_rl.py's and redistill_sft.py's; a test checks they agree)
     p.add_argument("--memory", nargs="+", default=None, metavar="CONFIG",
                    help="print the per-GPU memory table of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2 "

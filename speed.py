@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -29,7 +30,8 @@ from tiny_base import build_tokenizer
 QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
                   intermediate_size=8960, max_position_embeddings=32768, tie_word_embeddings=True,
                   rope_theta=1000000.0)
-SUITE_SECTIONS = ("correctness", "attention", "train_step", "generation", "sft", "rl")
+QWEN25_3B = dict(QWEN25_15B, hidden_size=2048, num_layers=36, num_heads=16, intermediate_size=11008)
+SUITE_SECTIONS = ("correctness", "attention", "train_step", "generation", "sft", "rl", "rl_larger")
 # datasheets, by a part of the device's name (the longest that matches: "NVIDIA H200" is the SXM part)
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12, "H200 NVL": 4.8e12,
                   "A100": 2.0e12}  # bytes/s
@@ -137,7 +139,10 @@ def gpu_suite(args):
                  5000, gradient checkpointing, bf16 autocast, 8-bit AdamW when bitsandbytes is installed)
     rl           one train_rl.py step at one GPU's share of the paper preset: 16 prompts x 8 rollouts, responses
                  up to 4096 tokens (random weights do not stop: the worst case), gradient checkpointing; on CUDA
-                 what is live at the update's memory peak, by source line (update_memory_recorded)
+                 what is live at the update's memory peak, by source line (update_memory_recorded); the peaks
+                 gpu_memory computes for it; the paper run's GPU-hours per 100 steps at 8 GPUs from the step
+    rl_larger    the same step at the Qwen2.5-3B shape (FSDP on one rank), responses up to 2048 tokens: its
+                 measured peaks against gpu_memory's
     Each section is a dict of the JSON; an error is recorded there and the next section still runs. The sft and
     rl sections skip checkpoint writes: they measure compute, and a 1.5B checkpoint's cost is the disk's.
     --smoke runs the same code on CPU with a tiny model, so a broken suite shows before a GPU is spent on it.
@@ -148,7 +153,8 @@ def gpu_suite(args):
         cfg = tiny_config(2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=8192)
         sizes = dict(logits=(2, 32), greedy_new=8, gap_new=16, gen_prompts=[2, 4], gen_len=(4, 16), step_prompts=[2],
                      step_lens=(4, 12), sft_batch=8, sft_steps=2, sft_response=(20, 60), sft_micro=512, rl_prompts=4,
-                     rl_group=2, rl_max=32, attn_tokens=256, compile=False)
+                     rl_group=2, rl_max=32, attn_tokens=256, compile=False, hf=args.suite_hf,
+                     larger=dict(hidden_size=96, num_layers=3, num_heads=6, num_kv_heads=2), larger_rl_max=16)
     else:
         if not torch.cuda.is_available():
             raise UserError("--gpu_suite needs CUDA; --smoke true runs it on CPU with a tiny model")
@@ -157,7 +163,8 @@ def gpu_suite(args):
         sizes = dict(logits=(4, 256), greedy_new=64, gap_new=256, gen_prompts=[16, 128], gen_len=(64, 512),
                      step_prompts=[16, 128], step_lens=(17, 49), sft_batch=64, sft_steps=3, sft_response=(500, 3000),
                      sft_micro=16384, rl_prompts=16, rl_group=8,
-                     rl_max=args.suite_rl_response_tokens, attn_tokens=16384, compile=True)
+                     rl_max=args.suite_rl_response_tokens, attn_tokens=16384, compile=True, hf=args.suite_hf,
+                     larger=QWEN25_3B, larger_rl_max=2048)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
     result = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
               "bitsandbytes": package_version("bitsandbytes"), "flash_attn": package_version("flash_attn"),
@@ -183,7 +190,7 @@ def gpu_suite(args):
         save_model(model, base, tok, dtype=torch.bfloat16)  # every section loads this bf16 checkpoint
         del model
         sections = {"correctness": suite_correctness, "attention": suite_attention, "train_step": suite_train_step,
-                    "generation": suite_generation, "sft": suite_sft, "rl": suite_rl}
+                    "generation": suite_generation, "sft": suite_sft, "rl": suite_rl, "rl_larger": suite_rl_larger}
         write()  # the setup's record, before the first section can fail or time out
         for section in args.sections:
             print(f"--- {section}", flush=True)
@@ -377,7 +384,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
     from transformers import AutoModelForCausalLM
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(base, dtype=dtype, device=device).eval()
-    hf = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval() if sizes["hf"] else None
     cfg, samples, stop_id = model.config, 8, tok.eos_token_id
     ceilings = device_ceilings(device) if device.type == "cuda" else {}
     workloads = []
@@ -386,7 +393,8 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         prompts, lengths = make_workload("rl", n_prompts, samples, min_len, max_len, 0, cfg.vocab_size, seed)
         run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id)  # warm-ups (fused: its compile)
         run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=True)
-        run_hf(hf, prompts[:2], lengths[:2 * samples], samples, stop_id)
+        if hf is not None:
+            run_hf(hf, prompts[:2], lengths[:2 * samples], samples, stop_id)
         reset_peak(device)
         # the first run of a workload captures its CUDA graphs (each (rows, columns) shape once); the second replays
         t_ours_first = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
@@ -396,13 +404,15 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         t_fused = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=True), device)
         t_eager = (timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, graphs=False), device)
                    if n_prompts == sizes["gen_prompts"][0] else None)  # what the graphs gain, on the smaller workload
-        reset_peak(device)
-        t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
         w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours,
-             "ours_first_run_s": t_ours_first, "hf_s": t_hf,
-             "ours_tok_s": sum(lengths) / t_ours, "hf_tok_s": sum(lengths) / t_hf, "speedup_vs_hf": t_hf / t_ours,
+             "ours_first_run_s": t_ours_first, "ours_tok_s": sum(lengths) / t_ours,
              "ours_fused_s": t_fused, "ours_fused_tok_s": sum(lengths) / t_fused, "ours_eager_s": t_eager,
-             "peak_mem_gb_ours": mem_ours, "peak_mem_gb_hf": peak_gb(device)}
+             "peak_mem_gb_ours": mem_ours}
+        if hf is not None:
+            reset_peak(device)
+            t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
+            w.update(hf_s=t_hf, hf_tok_s=sum(lengths) / t_hf, speedup_vs_hf=t_hf / t_ours,
+                     peak_mem_gb_hf=peak_gb(device))
         for kind in ("datasheet", "measured"):
             bandwidth = ceilings.get("datasheet_bytes_per_s" if kind == "datasheet" else "copy_bytes_per_s")
             if bandwidth:
@@ -569,38 +579,69 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
         ids = tok(" ".join(rng.choice(words) for _ in range(target)), add_special_tokens=False)["input_ids"][:target]
         data.append({"id": f"sft-{i}", "task": "kk", "prompt": kk_data.render_prompt(records[i % len(records)], tok),
                      "response": tok.decode(ids)})
-    path, out = os.path.join(tmp, "sft.jsonl"), os.path.join(tmp, "sft_run")
+    path = os.path.join(tmp, "sft.jsonl")
     common.write_jsonl(path, data)
     examples = tasks.load_sft_examples([path], tok, 5000)  # as SFT sees them
     lengths, loss_tokens = [len(e["input_ids"]) for e in examples], [len(e["input_ids"]) - e["start"] for e in examples]
     eight_bit = package_version("bitsandbytes") is not None and device.type == "cuda"
-    argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
-            "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000", "--gradient_checkpointing", "true",
-            "--dtype", "auto", "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed),
-            "--adam_8bit", str(eight_bit).lower()]
-    reset_peak(device)
-    with checkpoints_skipped():
-        redistill_sft.main(argv)
-    mem = peak_gb(device)
-    first, *ms = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m]  # 1 warms up
-    order = parallel.epoch_order(len(data), seed, 0)
     cfg = read_config(base)
-    steps_rows = [order[(m["step"] - 1) * batch:m["step"] * batch] for m in ms]  # the lm_head: only on loss tokens
-    flops = sum(train_flops(cfg, [lengths[i] for i in rows], sum(loss_tokens[i] for i in rows)) for rows in steps_rows)
-    seconds, tokens = sum(m["time_s"] for m in ms), sum(m["tokens"] for m in ms)
-    return {"sequences_per_step": batch, "tokens_per_step": tokens / len(ms), "step_s": seconds / len(ms),
-            "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gb": mem,
-            "optimizer": "bitsandbytes 8-bit AdamW on local shards" if eight_bit else "torch AdamW, sharded",
-            "first_step_s": first["time_s"], "measured_steps": [m["step"] for m in ms]}
+    order = parallel.epoch_order(len(data), seed, 0)
+
+    def run(out, extra):
+        argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
+                "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000",
+                "--gradient_checkpointing", "true", "--dtype", "auto", "--stop_at_step", str(steps),
+                "--progress", "false", "--seed", str(seed), "--adam_8bit", str(eight_bit).lower(), *extra]
+        reset_peak(device)
+        with checkpoints_skipped():
+            redistill_sft.main(argv)
+        mem = peak_gb(device)
+        first, *ms = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m]  # 1 warms up
+        steps_rows = [order[(m["step"] - 1) * batch:m["step"] * batch] for m in ms]  # lm_head: only on loss tokens
+        flops = sum(train_flops(cfg, [lengths[i] for i in rows], sum(loss_tokens[i] for i in rows))
+                    for rows in steps_rows)
+        seconds, tokens = sum(m["time_s"] for m in ms), sum(m["tokens"] for m in ms)
+        return {"sequences_per_step": batch, "tokens_per_step": tokens / len(ms), "step_s": seconds / len(ms),
+                "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gb": mem,
+                "optimizer": "bitsandbytes 8-bit AdamW on local shards" if eight_bit else "torch AdamW, sharded",
+                "first_step_s": first["time_s"], "measured_steps": [m["step"] for m in ms]}
+
+    result = run(os.path.join(tmp, "sft_run"), [])
+    if sizes["compile"]:  # compiled blocks: the first step compiles; later steps' new lengths must not recompile
+        result["compiled"] = run(os.path.join(tmp, "sft_run_compiled"), ["--compile", "true"])
+    return result
 
 
 def suite_rl(base, tok, records, sizes, device, seed, tmp):
+    return rl_step(base, tok, records, sizes, sizes["rl_max"], device, seed, os.path.join(tmp, "rl"))
+
+
+def suite_rl_larger(base, tok, records, sizes, device, seed, tmp):
+    """rl_step at a larger shape (the GPU: Qwen2.5-3B), its random weights saved as this section's own checkpoint."""
+    cfg = tiny_config(read_config(base).vocab_size, **{**QWEN25_15B, **sizes["larger"]})
+    with torch.device(device):
+        model = build_model(cfg, seed=seed)
+    params = model.num_params()
+    larger = os.path.join(tmp, "base_larger")
+    save_model(model, larger, tok, dtype=torch.bfloat16)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    result = rl_step(larger, tok, records, sizes, sizes["larger_rl_max"], device, seed, os.path.join(tmp, "rl_larger"))
+    shutil.rmtree(larger)
+    return {"params": params, **result}
+
+
+def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
+    """One train_rl.py step (see gpu_suite's rl) from checkpoint base with responses up to max_tokens."""
+    import gpu_memory
     import train_rl
-    path, out = os.path.join(tmp, "rl_train.jsonl"), os.path.join(tmp, "rl_run")
+    os.makedirs(out)
+    path = os.path.join(out, "train.jsonl")
     common.write_jsonl(path, records[:sizes["rl_prompts"]])
     argv = ["--model", base, "--task", "kk", "--train_data", path, "--test_data", "", "--out_dir", out,
             "--prompts_per_step", str(sizes["rl_prompts"]), "--samples_per_prompt", str(sizes["rl_group"]),
-            "--max_response_tokens", str(sizes["rl_max"]), "--max_steps", "1", "--gradient_checkpointing", "true",
+            "--max_response_tokens", str(max_tokens), "--max_steps", "1", "--gradient_checkpointing", "true",
             "--micro_batch_tokens", "30000", "--log_rollouts", "true", "--progress", "false", "--seed", str(seed),
             "--keep_engine", "false"]  # one step gains nothing from kept graphs; the update's peak stays its own
     reset_peak(device)
@@ -613,18 +654,30 @@ def suite_rl(base, tok, records, sizes, device, seed, tmp):
     prompt_len = {r["id"]: len(ids) for r, ids in zip(records, tasks.encode_prompts(
         tok, [kk_data.render_prompt(r, tok) for r in records]))}
     seq_lens = [prompt_len[r["id"]] + r["length"] for r in rollouts]
-    flops = train_flops(read_config(base), seq_lens, sum(r["length"] for r in rollouts))
+    cfg = read_config(base)
+    flops = train_flops(cfg, seq_lens, sum(r["length"] for r in rollouts))
     train_s = m["train_s"] - memory.get("update_snapshot_s", 0.0)  # the memory trace's snapshot is not training
-    return {"rollouts": len(rollouts), "max_response_tokens": sizes["rl_max"], "len_mean": m["len_mean"],
+    defaults = train_rl.get_parser().parse_args([])
+    # what gpu_memory computes for this step (its peaks count the CUDA context; the measured ones do not)
+    e = gpu_memory.memory_estimate(
+        cfg, world=1, prompts_per_rank=sizes["rl_prompts"], group_size=sizes["rl_group"],
+        gen_batch_size=defaults.gen_batch_size, prompt_tokens=max(prompt_len[r["id"]] for r in rollouts),
+        response_tokens=max_tokens, rl_tokens=30000, logprob_chunk=defaults.logprob_chunk)
+    context = gpu_memory.CUDA_CONTEXT_GIB
+    return {"rollouts": len(rollouts), "max_response_tokens": max_tokens, "len_mean": m["len_mean"],
             "truncated": m["truncated"], "step_s": m["step_s"], "gen_s": m["gen_s"], "score_s": m["score_s"],
             "train_s": m["train_s"], "gather_s": m["gather_s"], "graph_captures": m["graph_captures"],
             "mem_gen_gib": m["mem_gen_gib"],
             "mem_held_gib": m["mem_held_gib"], "mem_train_gib": m["mem_train_gib"],
             "mem_train_reserved_gib": m["mem_train_reserved_gib"],
+            "computed_gen_peak_gib": e["gen_peak"] / 2**30 - context,
+            "computed_update_peak_gib": e["update_peak"] / 2**30 - context,
             "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
             "gen_tok_s": m["gen_tok_s"], "train_tokens": sum(seq_lens), "train_s_net": train_s,
             "train_tok_s": sum(seq_lens) / train_s, "train_mfu": mfu(flops, train_s, device),
             "logprob_gap": m["logprob_gap"], "peak_mem_gb": mem,
+            # this step is one GPU's share of a step of 8 (the paper's 128 prompts x 8 on 8 GPUs): 100 such steps
+            "gpu_hours_per_100_steps_at_8_gpus": m["step_s"] * 100 * 8 / 3600,
             **memory}
 
 

@@ -64,6 +64,20 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     rl = result["rl"]
     assert rl["rollouts"] == 4 * 2 and rl["train_tokens"] > 0
     assert rl["step_s"] >= rl["gen_s"] + rl["train_s"] and rl["logprob_gap"] < 1e-4
+    assert rl["gpu_hours_per_100_steps_at_8_gpus"] == pytest.approx(rl["step_s"] * 800 / 3600, rel=1e-3)
+    larger = result["rl_larger"]  # its own, larger checkpoint; gpu_memory's peaks grow with it
+    assert larger["params"] > result["model"]["params"] and larger["max_response_tokens"] == 16
+    assert larger["rollouts"] == 8 and larger["computed_update_peak_gib"] > rl["computed_update_peak_gib"] > 0
+    assert all(w["hf_tok_s"] > 0 for w in gen["workloads"]) and "compiled" not in result["sft"]  # no compile here
+
+
+@pytest.mark.slow
+def test_gpu_suite_generation_without_transformers_times_ours_alone(tmp_path):
+    out = tmp_path / "suite.json"
+    bench.main(["--gpu_suite", "true", "--smoke", "true", "--sections", "generation", "--suite_hf", "false",
+                "--json_out", str(out)])
+    gen = json.loads(out.read_text())["generation"]
+    assert all(w["ours_tok_s"] > 0 and "hf_tok_s" not in w and "speedup_vs_hf" not in w for w in gen["workloads"])
 
 
 def test_gpu_suite_without_cuda_says_so():
