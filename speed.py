@@ -15,6 +15,8 @@ import traceback
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 import ckpt
 import common
@@ -31,7 +33,8 @@ QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_
                   intermediate_size=8960, max_position_embeddings=32768, tie_word_embeddings=True,
                   rope_theta=1000000.0)
 QWEN25_3B = dict(QWEN25_15B, hidden_size=2048, num_layers=36, num_heads=16, intermediate_size=11008)
-SUITE_SECTIONS = ("correctness", "attention", "train_step", "generation", "sft", "rl", "rl_larger")
+SUITE_SECTIONS = ("correctness", "attention", "decode_attention", "train_step", "generation", "sft", "rl",
+                  "rl_larger")
 # datasheets, by a part of the device's name (the longest that matches: "NVIDIA H200" is the SXM part)
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12, "H200 NVL": 4.8e12,
                   "A100": 2.0e12}  # bytes/s
@@ -131,6 +134,8 @@ def gpu_suite(args):
     correctness  our logits vs transformers in fp32 and bf16; fp32 greedy decode vs transformers.generate;
                  logprob_gap: the sampler's log-probs vs the training forward's, in bf16 and fp32, at T 0.7
     attention    packed attention A/B on a 16K-token micro-batch of 8 lengths, forward + backward (suite_attention)
+    decode_attention  the decode step's attention over one layer's cache by variant, at 128 and 1,024 rows and spans
+                 of 512 and 4,096 columns: eager and graph-replay time, against the bytes the rows need
     train_step   one micro-batch's forward + backward under each recompute setting and compiled (suite_train_step)
     generation   the RL-shaped workload (prompts x 8, responses 64..512): our tok/s vs transformers.generate,
                  our share of the decode's memory-bandwidth floor, peak memory; per decode step: kernel time
@@ -154,7 +159,8 @@ def gpu_suite(args):
         sizes = dict(logits=(2, 32), greedy_new=8, gap_new=16, gen_prompts=[2, 4], gen_len=(4, 16), step_prompts=[2],
                      step_lens=(4, 12), sft_batch=8, sft_steps=2, sft_response=(20, 60), sft_micro=512, rl_prompts=4,
                      rl_group=2, rl_max=32, attn_tokens=256, compile=False, hf=args.suite_hf,
-                     larger=dict(hidden_size=96, num_layers=3, num_heads=6, num_kv_heads=2), larger_rl_max=16)
+                     decode_attn=[(4, 16), (8, 40)], larger=dict(hidden_size=96, num_layers=3, num_heads=6,
+                                                                 num_kv_heads=2), larger_rl_max=16)
     else:
         if not torch.cuda.is_available():
             raise UserError("--gpu_suite needs CUDA; --smoke true runs it on CPU with a tiny model")
@@ -164,6 +170,7 @@ def gpu_suite(args):
                      step_prompts=[16, 128], step_lens=(17, 49), sft_batch=64, sft_steps=3, sft_response=(500, 3000),
                      sft_micro=16384, rl_prompts=16, rl_group=8,
                      rl_max=args.suite_rl_response_tokens, attn_tokens=16384, compile=True, hf=args.suite_hf,
+                     decode_attn=[(128, 512), (128, 4096), (1024, 512), (1024, 4096)],
                      larger=QWEN25_3B, larger_rl_max=2048)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
     result = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -189,7 +196,8 @@ def gpu_suite(args):
         result["model"]["params"] = model.num_params()
         save_model(model, base, tok, dtype=torch.bfloat16)  # every section loads this bf16 checkpoint
         del model
-        sections = {"correctness": suite_correctness, "attention": suite_attention, "train_step": suite_train_step,
+        sections = {"correctness": suite_correctness, "attention": suite_attention,
+                    "decode_attention": suite_decode_attention, "train_step": suite_train_step,
                     "generation": suite_generation, "sft": suite_sft, "rl": suite_rl, "rl_larger": suite_rl_larger}
         write()  # the setup's record, before the first section can fail or time out
         for section in args.sections:
@@ -795,6 +803,137 @@ def suite_attention(base, tok, records, sizes, device, seed, tmp):
         out["variants"].append(r)
         print(r, flush=True)
     return out
+
+
+# -----------------------------------------------------------------------------
+# the decode step's attention A/B (issue 34): one layer's attention over the KV cache, one query per row
+
+
+DECODE_ATTENTION_VARIANTS = ("sdpa_mask", "written_out", "flash_seqused", "flash_seqused_token_major")
+
+
+def decode_attention_call(variant, q, k, v, lengths, mask):
+    """One decode step's attention for one layer, as `variant` computes it. q (rows, heads, hd); k, v one layer's
+    cache: (rows, kv_heads, columns, hd), the engine's layout, or (rows, columns, kv_heads, hd) for
+    flash_seqused_token_major; lengths (rows,) int: row r attends to its columns 0..lengths[r]; mask (rows, 1, 1,
+    span): 0 there, -inf beyond (span: the columns the SDPA variants read). Returns (rows, heads, hd).
+      sdpa_mask      the engine's call: query heads grouped per kv head as query positions, SDPA with the additive
+                     mask under model.LOOP_BACKENDS (never cuDNN: on an H200, the memory-efficient kernel)
+      written_out    the same as two batched matmuls and a softmax in fp32
+      flash_seqused  FA2 (aten's _flash_attention_forward, inside the torch wheel) with per-row lengths
+                     (seqused_k), reading only each row's columns, on the engine's layout: row r's keys start at
+                     token r * kv_heads * columns of a (tokens, kv_heads, hd) view whose heads lie columns * hd apart
+      flash_seqused_token_major  the same on a (rows, columns, kv_heads, hd) cache, the layout FA2 expects"""
+    import model as model_module
+    rows, nh, hd = q.shape
+    if variant in ("sdpa_mask", "written_out"):
+        nkv, span = k.shape[1], mask.shape[-1]
+        qg, kc, vc = q.view(rows, nkv, nh // nkv, hd), k[:, :, :span], v[:, :, :span]
+        if variant == "sdpa_mask":
+            with sdpa_kernel(model_module.LOOP_BACKENDS):
+                return F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask).reshape(rows, nh, hd)
+        scores = torch.matmul(qg, kc.transpose(-1, -2)).float() * hd ** -0.5 + mask.float()
+        return torch.matmul(torch.softmax(scores, -1).to(q.dtype), vc).reshape(rows, nh, hd)
+    if variant == "flash_seqused":
+        nkv, cols = k.shape[1], k.shape[2]
+        tokens, step = ((rows - 1) * nkv + 1) * cols, nkv * cols  # the last row's first head ends the view
+        k, v = (t.as_strided((tokens, nkv, hd), (hd, cols * hd, 1)) for t in (k, v))
+    else:
+        cols, nkv = k.shape[1], k.shape[2]
+        step = cols
+        k, v = (t.reshape(rows * cols, nkv, hd) for t in (k, v))
+    cu_q = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
+    return flash_varlen_forward(q, k, v, cu_q, cu_q * step, 1, mask.shape[-1], (lengths + 1).to(torch.int32))
+
+
+def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
+    """aten's FA2 varlen forward (CUDA, sm80+), no dropout, not causal: sequence b's queries q[cu_q[b]:cu_q[b + 1]]
+    attend to keys k[cu_k[b]:cu_k[b] + seqused_k[b]] (cu_k[b + 1] is not read). Tests stand in for it on CPU."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
+                                                   seqused_k=seqused_k)[0]
+
+
+def median_call_us(fn, device, reps=20):
+    """The median time of fn in microseconds: CUDA events on a GPU, the wall clock on CPU."""
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            times.append(timed(fn, device) * 1e6)
+    return statistics.median(times)
+
+
+def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
+    """The decode step's attention for one layer at the model's attention shape, by variant (decode_attention_call)
+    at each (rows, span) of sizes["decode_attn"], row lengths drawn in [span / 8, span): the eager call's and a CUDA
+    graph replay's median time, the graph's output against the eager one's (bit for bit), the max |difference|
+    from sdpa_mask, and the bytes of the cache the rows need (their own columns) over the datasheet bandwidth."""
+    cfg = read_config(base)
+    nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    flash_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    bandwidth = device_ceilings(device)["datasheet_bytes_per_s"] if device.type == "cuda" else None
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for rows, span in sizes["decode_attn"]:
+        q = torch.randn(rows, nh, hd, generator=g).to(device, dtype)
+        cache = torch.randn(2, rows, nkv, span, hd, generator=g).to(device, dtype)
+        token_major = cache.transpose(2, 3).contiguous()
+        lengths = torch.randint(span // 8, span, (rows,), generator=g).to(device)
+        cols = torch.arange(span, device=device)
+        mask = torch.zeros(rows, 1, 1, span, dtype=dtype, device=device).masked_fill_(
+            cols > lengths[:, None, None, None], float("-inf"))
+        needed = int((lengths + 1).sum()) * nkv * hd * 2 * cache.element_size()  # keys and values the rows read
+        entry = {"rows": rows, "span": span, "cache_bytes_needed": needed, "variants": []}
+        if bandwidth:
+            entry["floor_us_datasheet"] = needed / bandwidth * 1e6
+        ref = None
+        for variant in DECODE_ATTENTION_VARIANTS:
+            r = {"variant": variant}
+            if variant.startswith("flash") and not flash_ok:
+                entry["variants"].append(dict(r, skipped="CUDA sm80+ only"))
+                continue
+            k, v = token_major if variant.endswith("token_major") else cache
+
+            def call():
+                return decode_attention_call(variant, q, k, v, lengths, mask)
+            try:
+                y = call()
+                r["eager_us"] = median_call_us(call, device)
+                if device.type == "cuda":
+                    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        call()
+                    torch.cuda.current_stream().wait_stream(stream)
+                    with torch.cuda.graph(graph):
+                        y_graph = call()
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    r["graph_us"] = median_call_us(graph.replay, device)
+                    r["graph_equals_eager"] = bool(torch.equal(y_graph, y))
+                    if bandwidth:
+                        r["fraction_of_floor_graph"] = entry["floor_us_datasheet"] / r["graph_us"]
+                    del graph
+            except Exception as e:  # noqa: BLE001 -- recorded with the variant; the others still run
+                traceback.print_exc()
+                entry["variants"].append(dict(r, error=f"{type(e).__name__}: {e}"[-2000:]))
+                continue
+            y = y.float()
+            ref = y if ref is None else ref
+            r["max_abs_diff_vs_sdpa_mask"] = (y - ref).abs().max().item()
+            entry["variants"].append(r)
+            print(entry["rows"], entry["span"], r, flush=True)
+        out.append(entry)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"shape": [nh, nkv, hd], "dtype": str(dtype).replace("torch.", ""), "cases": out}
 
 
 def recompute_settings(every, keep, compile_=False):

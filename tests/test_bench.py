@@ -65,6 +65,10 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     assert rl["rollouts"] == 4 * 2 and rl["train_tokens"] > 0
     assert rl["step_s"] >= rl["gen_s"] + rl["train_s"] and rl["logprob_gap"] < 1e-4
     assert rl["gpu_hours_per_100_steps_at_8_gpus"] == pytest.approx(rl["step_s"] * 800 / 3600, rel=1e-3)
+    for case in result["decode_attention"]["cases"]:
+        by = {v["variant"]: v for v in case["variants"]}
+        assert by["written_out"]["max_abs_diff_vs_sdpa_mask"] < 1e-5 and by["sdpa_mask"]["eager_us"] > 0
+        assert {v for v in by if "skipped" in by[v]} == {"flash_seqused", "flash_seqused_token_major"}  # CUDA only
     larger = result["rl_larger"]  # its own, larger checkpoint; gpu_memory's peaks grow with it
     assert larger["params"] > result["model"]["params"] and larger["max_response_tokens"] == 16
     assert larger["rollouts"] == 8 and larger["computed_update_peak_gib"] > rl["computed_update_peak_gib"] > 0
@@ -181,6 +185,43 @@ def test_decode_floor_takes_the_larger_floor_at_each_step():
         assert flops[0] / fl > bytes_[0] / bw and flops[1] / fl < bytes_[1] / bw
         assert speed.decode_floor(c, model, prompts, lengths, 2, 2, bw, fl) == pytest.approx(
             flops[0] / fl + bytes_[1] / bw)
+
+
+def test_decode_attention_variants_read_each_rows_own_columns(monkeypatch):
+    """The decode attention A/B's variants compute the same attention on CPU (fp32): the written-out one, and both
+    FA2 calls through a stand-in that reads what FA2 would: sequence b's keys from token cu_k[b], seqused_k[b] of
+    them, out of the (tokens, kv_heads, hd) views the variants build on the engine's cache and on a token-major one."""
+    import torch
+    import torch.nn.functional as F
+
+    def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
+        assert max_q == 1 and cu_q.dtype == cu_k.dtype == seqused_k.dtype == torch.int32 and k.stride(-1) == 1
+        out = []
+        for b in range(len(cu_q) - 1):
+            start, n = int(cu_k[b]), int(seqused_k[b])
+            assert n <= max_k
+            kb, vb = (t[start:start + n].transpose(0, 1) for t in (k, v))  # (kv_heads, n, hd)
+            out.append(F.scaled_dot_product_attention(q[cu_q[b]:cu_q[b + 1]].transpose(0, 1), kb, vb,
+                                                      enable_gqa=True).transpose(0, 1))
+        return torch.cat(out)
+    monkeypatch.setattr(speed, "flash_varlen_forward", fa2_stand_in)
+    g = torch.Generator().manual_seed(0)
+    rows, nh, nkv, cols, hd, span = 5, 6, 2, 24, 8, 16
+    q = torch.randn(rows, nh, hd, generator=g)
+    cache = torch.randn(2, rows, nkv, cols, hd, generator=g)  # columns past span hold values no row may read
+    lengths = torch.tensor([0, 3, 15, 7, 11])
+    mask = torch.zeros(rows, 1, 1, span).masked_fill_(torch.arange(span) > lengths[:, None, None, None], float("-inf"))
+    ref = speed.decode_attention_call("sdpa_mask", q, *cache, lengths, mask)
+    token_major = cache.transpose(2, 3).contiguous()
+    for variant in speed.DECODE_ATTENTION_VARIANTS:
+        k, v = token_major if variant.endswith("token_major") else cache
+        got = speed.decode_attention_call(variant, q, k, v, lengths, mask)
+        assert got.shape == (rows, nh, hd) and (got - ref).abs().max() < 1e-5, variant
+    bad = cache.clone()
+    bad[:, 2, :, 16] = 1e4  # row 2's column 16, past its length 15: no variant reads it
+    for variant in ("sdpa_mask", "flash_seqused"):
+        assert torch.equal(speed.decode_attention_call(variant, q, *bad, lengths, mask),
+                           speed.decode_attention_call(variant, q, *cache, lengths, mask)), variant
 
 
 def test_datasheet_takes_the_longest_name_that_matches():
