@@ -945,7 +945,9 @@ def recompute_settings(every, keep, compile_=False):
 
 TRAIN_STEP_SETTINGS = [  # (checkpoint_every (0: none), checkpoint_keep, compiled, FSDP reshard_after_forward)
     (1, "nothing", False, True), (1, "attention", False, True), (1, "matmuls", False, True),
-    (2, "nothing", False, True), (0, "nothing", False, True), (1, "nothing", True, True), (1, "nothing", False, False)]
+    (2, "nothing", False, True), (0, "nothing", False, True), (1, "nothing", True, True), (1, "nothing", False, False),
+    # compiled with less recompute (one H200: compiling gained 9 %, recomputing every block cost 17 %; together?)
+    (2, "nothing", True, True), (0, "nothing", True, True)]
 
 
 def suite_train_step(base, tok, records, sizes, device, seed, tmp):
