@@ -352,7 +352,9 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
                 runs = [generate(model, prompts, n=4, max_new_tokens=n, temperature=0.7, seed=seed, **kw)
                         for kw in (a, b)]
                 return generations_agree(*runs), runs
-            out["graphs_vs_eager_fp32"] = dict(agreement(ours, {"graphs": False}, {})[0], graphs=device.type == "cuda")
+            unfused = {"fused": False}
+            out["graphs_vs_eager_fp32"] = dict(agreement(ours, {"graphs": False, **unfused}, unfused)[0],
+                                               graphs=device.type == "cuda")
             # train_rl --keep_engine: graphs captured on one policy's copy, replayed after the next policy is copied
             # into it in place (an RL step later), against that policy run eagerly
             other = load_model(base, dtype=dtype, device=device).eval()
@@ -368,7 +370,10 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
                 rows_changed_by_the_new_weights=sum(a.tokens != b.tokens for a, b in zip(first, eager)))
             del other
             if sizes["compile"]:  # the first fused call compiles (seconds on a GPU, longer than the smoke's budget)
-                out["fused_vs_eager_fp32"] = agreement(ours, {}, {"fused": True})[0]
+                out["fused_vs_eager_fp32"] = agreement(ours, unfused, {"fused": True})[0]
+                # the default on CUDA: graphs of the fused ops against the fused ops run eagerly
+                fused = {"fused": True}
+                out["graphs_vs_eager_fused_fp32"] = agreement(ours, {"graphs": False, **fused}, fused)[0]
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
         gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed)
         with torch.no_grad():
@@ -399,18 +404,20 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
     min_len, max_len = sizes["gen_len"]
     for n_prompts in sizes["gen_prompts"]:
         prompts, lengths = make_workload("rl", n_prompts, samples, min_len, max_len, 0, cfg.vocab_size, seed)
-        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id)  # warm-ups (fused: its compile)
-        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=True)
+        # "ours": graphs without the fused ops; "fused": with them (generate's default on CUDA)
+        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=False)  # warm-ups
+        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=True)  # (and the compile)
         if hf is not None:
             run_hf(hf, prompts[:2], lengths[:2 * samples], samples, stop_id)
         reset_peak(device)
         # the first run of a workload captures its CUDA graphs (each (rows, columns) shape once); the second replays
-        t_ours_first = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
-        t_ours = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
+        t_ours_first = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=False), device)
+        t_ours = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=False), device)
         mem_ours = peak_gb(device)
         run_ours(model, prompts, lengths, samples, stop_id, fused=True)
         t_fused = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=True), device)
-        t_eager = (timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, graphs=False), device)
+        t_eager = (timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, graphs=False, fused=False),
+                         device)
                    if n_prompts == sizes["gen_prompts"][0] else None)  # what the graphs gain, on the smaller workload
         w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours,
              "ours_first_run_s": t_ours_first, "ours_tok_s": sum(lengths) / t_ours,
@@ -441,7 +448,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         print(w, flush=True)
     hf = None  # free its memory before the profiled runs
     # the decode step: eager (no graphs), replayed from CUDA graphs, and graphs with the fused element-wise ops
-    variants = {"eager": dict(graphs=False), "graphs": {}, "graphs_fused": dict(fused=True)}
+    variants = {"eager": dict(graphs=False, fused=False), "graphs": dict(fused=False), "graphs_fused": dict(fused=True)}
     return {"workloads": workloads,
             "decode_step": [dict(variant=name, **decode_step_profile(model, n, samples, sizes["step_lens"], stop_id,
                                                                      device, seed, **settings))

@@ -183,6 +183,13 @@ def test_kept_buffers_are_freed_before_new_ones_are_allocated(monkeypatch):
     assert alive == [False, False]
 
 
+def test_fused_ops_are_not_the_default_on_cpu():
+    """Without fused=, the decode step runs the eager ops on CPU (the fused ones are slower there and compile for
+    ~20 s); on CUDA without a partner it runs the fused ones (measured faster on an H200; no GPU here)."""
+    generate(build_model(CONFIGS["qwen2_tied"], 3), ragged_prompts(2), n=2, max_new_tokens=4)
+    assert engine._kept["slots"].ops is engine.EAGER_OPS
+
+
 @pytest.mark.slow
 def test_fused_ops_give_the_eager_samples():
     """generate(fused=True): residual add + RMSNorm, RoPE and SiLU * up compiled by torch.compile (Qwen3: q/k norms)
