@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
+from torch.utils._triton import has_triton
 from tqdm import tqdm
 
 from common import UserError, rank
@@ -522,10 +523,11 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     attending over its own rows' column bound (default 1 on CUDA, one kernel; 4 on CPU, ~5 % faster there, as longer
     prompts are admitted into lower slots). graphs: capture each (rows, columns) decode step as a CUDA graph
     and replay it (default and only: on CUDA without a partner). fused: RMSNorm (with the residual add before it),
-    RoPE and SiLU * up each as one kernel compiled by torch.compile (fused_ops); default: on CUDA without a partner
-    (on one H200 13-39 % faster than graphs alone, docs/engine_and_speed.md; on CPU 6 % slower, and there the first
-    call's compile would cost ~20 s). They round fp32 differently from the eager ops, so now and then a sampled
-    token differs where its random number lies within that rounding of a boundary. forced_lengths: benchmarks only, one
+    RoPE and SiLU * up each as one kernel compiled by torch.compile (fused_ops); default: on CUDA without a partner,
+    where Triton is installed (on one H200 13-39 % faster than graphs alone, docs/engine_and_speed.md; on CPU 6 %
+    slower, and there the first call's compile would cost ~20 s). They round fp32 differently from the eager ops, so
+    now and then a sampled token differs where its random number lies within that rounding of a boundary of the
+    inverse CDF. forced_lengths: benchmarks only, one
     length per row at which its first stop id is forced (banned before). on_finish(count): called as rows finish
     (a progress bar). reserve: (slots, columns, new tokens) that the kept KV cache and per-slot buffers are allocated
     for at least: a caller that knows its largest call (train_rl) keeps them from growing, which would reallocate
@@ -572,7 +574,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     block = block or (256 if cuda else 1)
     attention_groups = attention_groups or (1 if cuda else 4)
     graphs = (cuda and partner is None) if graphs is None else graphs
-    fused = (cuda and partner is None) if fused is None else fused
+    fused = (cuda and partner is None and has_triton()) if fused is None else fused  # (Triton: Inductor's GPU code)
     if graphs and (not cuda or partner is not None):
         raise ValueError("graphs=True needs CUDA and no partner (cross-sampling's switch runs eagerly)")
     size = (count, max(map(len, prompts)) + max_new_tokens, max_new_tokens)  # slots, columns, new tokens
