@@ -275,7 +275,7 @@ class Slots:
         self.stop = torch.full((MAX_STOP_IDS,), -1, **z)
         self.graphs, self.graphs_read, self.pool = {}, (), None  # CUDA graphs by shape, the weights they read
         self.stream = None  # the side stream of the graphs' warm-up steps
-        self.forcing, self.ops = False, EAGER_OPS  # generate sets both for each call
+        self.forcing, self.ops, self.fa2 = False, EAGER_OPS, False  # generate sets these for each call
 
     def fits(self, cfgs, count, max_len, max_new, dtypes, device):
         return (len(cfgs) == len(self.caches) and count <= self.count and max_len <= self.max_len
@@ -332,12 +332,36 @@ def kept_slots(cfgs, count, max_len, max_new, dtypes, device):
 # prefill, the decode step and its pick
 
 
+def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
+    """aten's FA2 varlen forward (inside the torch wheel; CUDA sm80+, half precision), no dropout, not causal:
+    sequence b's queries q[cu_q[b]:cu_q[b + 1]] attend to keys k[cu_k[b]:cu_k[b] + seqused_k[b]] (cu_k[b + 1] is
+    not read); (tokens, heads, hd) inputs, fewer key/value heads than query heads allowed. Tests stand in for it."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
+                                                   seqused_k=seqused_k)[0]
+
+
+def fa2_decode(q, kc, vc, seqused, max_k):
+    """One query per row (q (rows, heads, hd)) over that row's first seqused[r] (int32) columns of one layer's cache
+    kc, vc (rows, kv_heads, columns, hd), by flash_varlen_forward, which reads no other column: the cache seen as
+    tokens of (kv_heads, hd) with a stride of hd and its heads columns * hd apart, row r starting at token r *
+    kv_heads * columns (and the view ending where the last row's first head does, inside the rows' slots)."""
+    rows, nkv, cols, hd = kc.shape
+    assert kc.stride() == vc.stride() == (nkv * cols * hd, cols * hd, hd, 1), "a slice of the cache's slots"
+    tokens = ((rows - 1) * nkv + 1) * cols
+    k, v = (t.as_strided((tokens, nkv, hd), (hd, cols * hd, 1)) for t in (kc, vc))
+    cu_q = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
+    return flash_varlen_forward(q, k, v, cu_q, cu_q * (nkv * cols), 1, max_k, seqused)
+
+
 def decode_attention(slots, cache, rows, spans, flash):
     """The decode step's attention for one model's cache: each of the first `rows` slots writes its new key/value at
     its length and attends to its prefix. spans: ((end, span), ...) cuts the rows into groups, rows up to `end` (from
-    the previous group's end) reading the first `span` columns."""
+    the previous group's end) reading the first `span` columns (slots.fa2: each row reads only its own columns)."""
     lengths, at = slots.lengths[:rows], slots.rows[:rows]
-    if flash is None:  # per group: its rows, columns and additive mask (rows, 1, 1, span), built once for all layers
+    flash = None if slots.fa2 else flash
+    if slots.fa2:  # each row's column count, one call for all rows
+        seqused, max_k = (lengths + 1).to(torch.int32), max(span for _, span in spans)
+    elif flash is None:  # per group: its rows, columns and additive mask (rows, 1, 1, span), built once for all layers
         starts = [0] + [end for end, _ in spans[:-1]]
         groups = [(a, b, span, torch.zeros((b - a, 1, 1, span), dtype=cache.dtype, device=cache.device).masked_fill_(
                    slots.cols[:span] > lengths[a:b, None, None, None], float("-inf")))
@@ -354,6 +378,8 @@ def decode_attention(slots, cache, rows, spans, flash):
                                                       kv[:, 1, :, None]), cache_seqlens=seqlens, causal=True)
             return y.reshape(rows, -1)
         cache[i][:, at, :, lengths] = kv  # the keys and values of every row, one write
+        if slots.fa2:
+            return fa2_decode(q, kc, vc, seqused, max_k).reshape(rows, -1)
         # SDPA on the cache, one query per row: the query heads that share a kv head take the place of query
         # positions, all seeing the row's columns (no copies of the cache to repeat kv heads, as SDPA's GQA makes)
         nh, nkv, hd = q.shape[1], kc.shape[1], q.shape[-1]
@@ -440,7 +466,7 @@ def run_step(weights, slots, rows, spans, temperature, top_p, switch, graphs):
     if slots.graphs_read != serials:  # captured on other weights: their addresses are stale
         # and a fresh pool: the allocator refuses to capture into a pool whose every graph was dropped
         slots.graphs, slots.graphs_read, slots.pool = {}, serials, None
-    key = (rows, spans, temperature, top_p, slots.forcing, slots.ops is not EAGER_OPS)
+    key = (rows, spans, temperature, top_p, slots.forcing, slots.ops is not EAGER_OPS, slots.fa2)
     with torch.cuda.device(slots.rows.device):  # capture and replay on the slots' GPU, whichever is current
         graph = slots.graphs.get(key)
         if graph is None:
@@ -507,7 +533,7 @@ GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
              max_seq_len=None, partner=None, switch=None, slots=None, buckets="auto",
              sync_every=None, block=None, attention_groups=None, graphs=None, fused=None, forced_lengths=None,
-             on_finish=None, dtype=None, reserve=None):
+             on_finish=None, dtype=None, reserve=None, fa2_decode_attention=False):
     """Sample n responses for each prompt (lists of token ids, any lengths). Returns a list of Generation,
     prompt-major (all samples of prompt 0, then prompt 1, ...); temperature=0 is greedy. model: a plain Transformer
     (copied into generation's kept GenWeights, in dtype: default its own) or a GenWeights (e.g. of a sharded model).
@@ -531,7 +557,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     length per row at which its first stop id is forced (banned before). on_finish(count): called as rows finish
     (a progress bar). reserve: (slots, columns, new tokens) that the kept KV cache and per-slot buffers are allocated
     for at least: a caller that knows its largest call (train_rl) keeps them from growing, which would reallocate
-    them and drop their CUDA graphs.
+    them and drop their CUDA graphs. fa2_decode_attention: the decode step's attention by the FA2 kernel inside the
+    torch wheel with per-row lengths (fa2_decode; CUDA sm80+, half precision), each row reading only its own columns
+    where SDPA reads its group's span under a mask; off until the GPU suite's decode_attention A/B has measured it.
 
     Cross-sampling (token_shift.py): partner, a second model of the same vocabulary, decodes in lock-step with
     its own KV cache and is fed the same tokens; switch(p, q, samples, positions) -> bool per row chooses the rows
@@ -588,6 +616,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     state.stop[:len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.long)
     state.forcing = forced_lengths is not None
     state.ops = fused_ops() if fused else EAGER_OPS
+    if fa2_decode_attention and cuda and any(gw.dtype not in (torch.float16, torch.bfloat16) for gw in weights):
+        raise ValueError("fa2_decode_attention needs a half-precision engine (dtype bfloat16 or float16)")
+    state.fa2 = fa2_decode_attention
     state.alive.zero_()
     state.sample.fill_(-1)
 

@@ -374,6 +374,9 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
                 # the default on CUDA: graphs of the fused ops against the fused ops run eagerly
                 fused = {"fused": True}
                 out["graphs_vs_eager_fused_fp32"] = agreement(ours, {"graphs": False, **fused}, fused)[0]
+        if dtype == torch.bfloat16 and device.type == "cuda":  # FA2 takes half precision only
+            fa2 = recorded(functools.partial(agreement, ours, {}, {"fa2_decode_attention": True}))
+            out["fa2_vs_sdpa_decode_attention_bf16"] = fa2[0] if isinstance(fa2, tuple) else fa2
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
         gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed)
         with torch.no_grad():
@@ -416,6 +419,12 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         mem_ours = peak_gb(device)
         run_ours(model, prompts, lengths, samples, stop_id, fused=True)
         t_fused = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=True), device)
+
+        def with_fa2():  # graphs, the fused ops and the FA2 decode attention: a run that captures, a timed one
+            run = functools.partial(run_ours, model, prompts, lengths, samples, stop_id, fa2_decode_attention=True)
+            run()
+            return timed(run, device)
+        fa2 = recorded(with_fa2) if device.type == "cuda" else None
         t_eager = (timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, graphs=False, fused=False),
                          device)
                    if n_prompts == sizes["gen_prompts"][0] else None)  # what the graphs gain, on the smaller workload
@@ -423,6 +432,10 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
              "ours_first_run_s": t_ours_first, "ours_tok_s": sum(lengths) / t_ours,
              "ours_fused_s": t_fused, "ours_fused_tok_s": sum(lengths) / t_fused, "ours_eager_s": t_eager,
              "peak_mem_gb_ours": mem_ours}
+        if isinstance(fa2, float):
+            w.update(ours_fa2_s=fa2, ours_fa2_tok_s=sum(lengths) / fa2)
+        elif fa2 is not None:
+            w["ours_fa2"] = fa2  # its error
         if hf is not None:
             reset_peak(device)
             t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
@@ -444,15 +457,29 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
             w["floor_s_datasheet_roofline"] = floor
             w["ours_fraction_of_roofline_datasheet"] = floor / t_ours
             w["ours_fused_fraction_of_roofline_datasheet"] = floor / t_fused
+            if "ours_fa2_s" in w:
+                w["ours_fa2_fraction_of_roofline_datasheet"] = floor / w["ours_fa2_s"]
         workloads.append(w)
         print(w, flush=True)
     hf = None  # free its memory before the profiled runs
     # the decode step: eager (no graphs), replayed from CUDA graphs, and graphs with the fused element-wise ops
     variants = {"eager": dict(graphs=False, fused=False), "graphs": dict(fused=False), "graphs_fused": dict(fused=True)}
+    if device.type == "cuda":
+        variants["graphs_fused_fa2"] = dict(fused=True, fa2_decode_attention=True)
     return {"workloads": workloads,
-            "decode_step": [dict(variant=name, **decode_step_profile(model, n, samples, sizes["step_lens"], stop_id,
-                                                                     device, seed, **settings))
-                            for n in sizes["step_prompts"] for name, settings in variants.items()]}
+            "decode_step": [dict(variant=name, **recorded(lambda: decode_step_profile(
+                model, n, samples, sizes["step_lens"], stop_id, device, seed, **settings)))
+                for n in sizes["step_prompts"] for name, settings in variants.items()]}
+
+
+def recorded(fn):
+    """fn()'s result, or {"error": ...} if it raised: an experimental variant that fails leaves its section's other
+    results standing."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 -- recorded in the JSON
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[-2000:]}
 
 
 def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, seed, **engine_settings):
@@ -828,8 +855,8 @@ def decode_attention_call(variant, q, k, v, lengths, mask):
                      mask under model.LOOP_BACKENDS (never cuDNN: on an H200, the memory-efficient kernel)
       written_out    the same as two batched matmuls and a softmax in fp32
       flash_seqused  FA2 (aten's _flash_attention_forward, inside the torch wheel) with per-row lengths
-                     (seqused_k), reading only each row's columns, on the engine's layout: row r's keys start at
-                     token r * kv_heads * columns of a (tokens, kv_heads, hd) view whose heads lie columns * hd apart
+                     (seqused_k), reading only each row's columns, on the engine's layout (engine.fa2_decode, what
+                     generate(fa2_decode_attention=True) runs)
       flash_seqused_token_major  the same on a (rows, columns, kv_heads, hd) cache, the layout FA2 expects"""
     import model as model_module
     rows, nh, hd = q.shape
@@ -841,23 +868,13 @@ def decode_attention_call(variant, q, k, v, lengths, mask):
                 return F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask).reshape(rows, nh, hd)
         scores = torch.matmul(qg, kc.transpose(-1, -2)).float() * hd ** -0.5 + mask.float()
         return torch.matmul(torch.softmax(scores, -1).to(q.dtype), vc).reshape(rows, nh, hd)
-    if variant == "flash_seqused":
-        nkv, cols = k.shape[1], k.shape[2]
-        tokens, step = ((rows - 1) * nkv + 1) * cols, nkv * cols  # the last row's first head ends the view
-        k, v = (t.as_strided((tokens, nkv, hd), (hd, cols * hd, 1)) for t in (k, v))
-    else:
-        cols, nkv = k.shape[1], k.shape[2]
-        step = cols
-        k, v = (t.reshape(rows * cols, nkv, hd) for t in (k, v))
+    seqused = (lengths + 1).to(torch.int32)
+    if variant == "flash_seqused":  # what generate(fa2_decode_attention=True) runs
+        return engine.fa2_decode(q, k, v, seqused, mask.shape[-1])
+    cols, nkv = k.shape[1], k.shape[2]
     cu_q = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
-    return flash_varlen_forward(q, k, v, cu_q, cu_q * step, 1, mask.shape[-1], (lengths + 1).to(torch.int32))
-
-
-def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
-    """aten's FA2 varlen forward (CUDA, sm80+), no dropout, not causal: sequence b's queries q[cu_q[b]:cu_q[b + 1]]
-    attend to keys k[cu_k[b]:cu_k[b] + seqused_k[b]] (cu_k[b + 1] is not read). Tests stand in for it on CPU."""
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
-                                                   seqused_k=seqused_k)[0]
+    return engine.flash_varlen_forward(q, k.reshape(rows * cols, nkv, hd), v.reshape(rows * cols, nkv, hd), cu_q,
+                                       cu_q * cols, 1, mask.shape[-1], seqused)
 
 
 def median_call_us(fn, device, reps=20):

@@ -6,6 +6,7 @@ import math
 import pytest
 
 import bench
+import engine
 import speed
 from common import UserError
 
@@ -192,19 +193,8 @@ def test_decode_attention_variants_read_each_rows_own_columns(monkeypatch):
     FA2 calls through a stand-in that reads what FA2 would: sequence b's keys from token cu_k[b], seqused_k[b] of
     them, out of the (tokens, kv_heads, hd) views the variants build on the engine's cache and on a token-major one."""
     import torch
-    import torch.nn.functional as F
-
-    def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
-        assert max_q == 1 and cu_q.dtype == cu_k.dtype == seqused_k.dtype == torch.int32 and k.stride(-1) == 1
-        out = []
-        for b in range(len(cu_q) - 1):
-            start, n = int(cu_k[b]), int(seqused_k[b])
-            assert n <= max_k
-            kb, vb = (t[start:start + n].transpose(0, 1) for t in (k, v))  # (kv_heads, n, hd)
-            out.append(F.scaled_dot_product_attention(q[cu_q[b]:cu_q[b + 1]].transpose(0, 1), kb, vb,
-                                                      enable_gqa=True).transpose(0, 1))
-        return torch.cat(out)
-    monkeypatch.setattr(speed, "flash_varlen_forward", fa2_stand_in)
+    from test_engine import fa2_stand_in
+    monkeypatch.setattr(engine, "flash_varlen_forward", fa2_stand_in)
     g = torch.Generator().manual_seed(0)
     rows, nh, nkv, cols, hd, span = 5, 6, 2, 24, 8, 16
     q = torch.randn(rows, nh, hd, generator=g)

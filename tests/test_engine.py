@@ -99,6 +99,39 @@ def test_samples_do_not_depend_on_slots_buckets_or_look_interval():
                                    torch.tensor([x for g in ref for x in g.logprobs]), atol=1e-5, rtol=1e-5)
 
 
+def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
+    """A CPU stand-in for engine.flash_varlen_forward (aten's FA2 varlen kernel with seqused_k), reading what it reads:
+    sequence b's keys from token cu_k[b], seqused_k[b] of them, out of (tokens, kv_heads, hd) inputs."""
+    assert cu_q.dtype == cu_k.dtype == seqused_k.dtype == torch.int32 and k.stride(-1) == 1 and q.stride(-1) == 1
+    out = []
+    for b in range(len(cu_q) - 1):
+        start, n = int(cu_k[b]), int(seqused_k[b])
+        assert int(cu_q[b + 1]) - int(cu_q[b]) <= max_q and n <= max_k
+        kb, vb = (t[start:start + n].transpose(0, 1) for t in (k, v))  # (kv_heads, n, hd)
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            q[cu_q[b]:cu_q[b + 1]].transpose(0, 1), kb, vb, enable_gqa=True).transpose(0, 1))
+    return torch.cat(out)
+
+
+def test_fa2_decode_attention_gives_the_sdpa_samples(monkeypatch):
+    """generate(fa2_decode_attention=True): each row's attention reads its own columns of the cache through FA2's
+    per-row lengths (engine.fa2_decode's view of the cache) instead of its group's span under a mask. Through a CPU
+    stand-in for the kernel, in fp64 (see above), with refill, compaction, groups and graphs' buckets: the same
+    samples and log-probs as the SDPA path (a refilled slot's earlier row leaves columns that must not be read)."""
+    monkeypatch.setattr(engine, "flash_varlen_forward", fa2_stand_in)
+    model = random_model(CONFIGS["qwen3"], seed=6).double()
+    prompts = ragged_prompts(2)
+    kw = dict(n=3, max_new_tokens=20, temperature=1.0, top_p=0.9, stop_ids=[3, 4, 5], seed=7)
+    ref = generate(model, prompts, **kw)
+    assert any(g.finished for g in ref) and not all(g.finished for g in ref)
+    for setting in (dict(), dict(slots=5, sync_every=2), dict(buckets=GPU_BUCKETS, sync_every=16, block=256),
+                    dict(slots=7, attention_groups=3)):
+        out = generate(model, prompts, **kw, **setting, fa2_decode_attention=True)
+        assert [g.tokens for g in out] == [g.tokens for g in ref], setting
+        torch.testing.assert_close(torch.tensor([x for g in out for x in g.logprobs]),
+                                   torch.tensor([x for g in ref for x in g.logprobs]), atol=1e-9, rtol=1e-9)
+
+
 @contextmanager
 def no_host_sync():
     """Every way a tensor's value reaches the host raises."""
