@@ -553,13 +553,13 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     where Triton is installed (on one H200 13-39 % faster than graphs alone, docs/engine_and_speed.md; on CPU 6 %
     slower, and there the first call's compile would cost ~20 s). They round fp32 differently from the eager ops, so
     now and then a sampled token differs where its random number lies within that rounding of a boundary of the
-    inverse CDF. forced_lengths: benchmarks only, one
-    length per row at which its first stop id is forced (banned before). on_finish(count): called as rows finish
-    (a progress bar). reserve: (slots, columns, new tokens) that the kept KV cache and per-slot buffers are allocated
-    for at least: a caller that knows its largest call (train_rl) keeps them from growing, which would reallocate
-    them and drop their CUDA graphs. fa2_decode_attention: the decode step's attention by the FA2 kernel inside the
-    torch wheel with per-row lengths (fa2_decode; CUDA sm80+, half precision), each row reading only its own columns
-    where SDPA reads its group's span under a mask; off until the GPU suite's decode_attention A/B has measured it.
+    inverse CDF. forced_lengths: benchmarks only, one length per row at which its first stop id is forced (banned
+    before). on_finish(count): called as rows finish (a progress bar). reserve: (slots, columns, new tokens) that the
+    kept KV cache and per-slot buffers are allocated for at least: a caller that knows its largest call (train_rl)
+    keeps them from growing, which would reallocate them and drop their CUDA graphs. fa2_decode_attention: the
+    decode step's attention by the FA2 kernel inside the torch wheel with per-row lengths (fa2_decode; CUDA sm80+,
+    half precision), each row reading only its own columns where SDPA reads its group's span under a mask; off
+    until the GPU suite's decode_attention A/B has measured it.
 
     Cross-sampling (token_shift.py): partner, a second model of the same vocabulary, decodes in lock-step with
     its own KV cache and is fed the same tokens; switch(p, q, samples, positions) -> bool per row chooses the rows
