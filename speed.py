@@ -903,13 +903,13 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     flash_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     bandwidth = device_ceilings(device)["datasheet_bytes_per_s"] if device.type == "cuda" else None
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)  # drawn where they are used: a 1,024 x 4,096 cache is 2G numbers
     out = []
     for rows, span in sizes["decode_attn"]:
-        q = torch.randn(rows, nh, hd, generator=g).to(device, dtype)
-        cache = torch.randn(2, rows, nkv, span, hd, generator=g).to(device, dtype)
+        q = torch.randn(rows, nh, hd, generator=g, device=device, dtype=dtype)
+        cache = torch.randn(2, rows, nkv, span, hd, generator=g, device=device, dtype=dtype)
         token_major = cache.transpose(2, 3).contiguous()
-        lengths = torch.randint(span // 8, span, (rows,), generator=g).to(device)
+        lengths = torch.randint(span // 8, span, (rows,), generator=g, device=device)
         cols = torch.arange(span, device=device)
         mask = torch.zeros(rows, 1, 1, span, dtype=dtype, device=device).masked_fill_(
             cols > lengths[:, None, None, None], float("-inf"))
