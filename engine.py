@@ -340,17 +340,24 @@ def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
                                                    seqused_k=seqused_k)[0]
 
 
-def fa2_decode(q, kc, vc, seqused, max_k):
+def fa2_starts(rows, kv_heads, columns, device):
+    """fa2_decode's (cu_q, cu_k) for a cache of this shape: row r's query and its first key token (int32)."""
+    cu_q = torch.arange(rows + 1, dtype=torch.int32, device=device)
+    return cu_q, cu_q * (kv_heads * columns)
+
+
+def fa2_decode(q, kc, vc, seqused, max_k, starts=None):
     """One query per row (q (rows, heads, hd)) over that row's first seqused[r] (int32) columns of one layer's cache
     kc, vc (rows, kv_heads, columns, hd), by flash_varlen_forward, which reads no other column: the cache seen as
     tokens of (kv_heads, hd) with a stride of hd and its heads columns * hd apart, row r starting at token r *
-    kv_heads * columns (and the view ending where the last row's first head does, inside the rows' slots)."""
+    kv_heads * columns (and the view ending where the last row's first head does, inside the rows' slots).
+    starts: fa2_starts for this shape (the decode step makes them once for all layers)."""
     rows, nkv, cols, hd = kc.shape
     assert kc.stride() == vc.stride() == (nkv * cols * hd, cols * hd, hd, 1), "a slice of the cache's slots"
     tokens = ((rows - 1) * nkv + 1) * cols
     k, v = (t.as_strided((tokens, nkv, hd), (hd, cols * hd, 1)) for t in (kc, vc))
-    cu_q = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
-    return flash_varlen_forward(q, k, v, cu_q, cu_q * (nkv * cols), 1, max_k, seqused)
+    cu_q, cu_k = starts or fa2_starts(rows, nkv, cols, q.device)
+    return flash_varlen_forward(q, k, v, cu_q, cu_k, 1, max_k, seqused)
 
 
 def decode_attention(slots, cache, rows, spans, flash):
@@ -359,8 +366,9 @@ def decode_attention(slots, cache, rows, spans, flash):
     the previous group's end) reading the first `span` columns (slots.fa2: each row reads only its own columns)."""
     lengths, at = slots.lengths[:rows], slots.rows[:rows]
     flash = None if slots.fa2 else flash
-    if slots.fa2:  # each row's column count, one call for all rows
+    if slots.fa2:  # each row's column count and where its query and keys start, for all layers
         seqused, max_k = (lengths + 1).to(torch.int32), max(span for _, span in spans)
+        starts = fa2_starts(rows, cache.shape[3], cache.shape[4], cache.device)
     elif flash is None:  # per group: its rows, columns and additive mask (rows, 1, 1, span), built once for all layers
         starts = [0] + [end for end, _ in spans[:-1]]
         groups = [(a, b, span, torch.zeros((b - a, 1, 1, span), dtype=cache.dtype, device=cache.device).masked_fill_(
@@ -379,7 +387,7 @@ def decode_attention(slots, cache, rows, spans, flash):
             return y.reshape(rows, -1)
         cache[i][:, at, :, lengths] = kv  # the keys and values of every row, one write
         if slots.fa2:
-            return fa2_decode(q, kc, vc, seqused, max_k).reshape(rows, -1)
+            return fa2_decode(q, kc, vc, seqused, max_k, starts).reshape(rows, -1)
         # SDPA on the cache, one query per row: the query heads that share a kv head take the place of query
         # positions, all seeing the row's columns (no copies of the cache to repeat kv heads, as SDPA's GQA makes)
         nh, nkv, hd = q.shape[1], kc.shape[1], q.shape[-1]

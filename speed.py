@@ -847,10 +847,12 @@ DECODE_ATTENTION_VARIANTS = ("sdpa_mask", "written_out", "flash_seqused", "flash
 
 
 def decode_attention_call(variant, q, k, v, lengths, mask):
-    """One decode step's attention for one layer, as `variant` computes it. q (rows, heads, hd); k, v one layer's
-    cache: (rows, kv_heads, columns, hd), the engine's layout, or (rows, columns, kv_heads, hd) for
-    flash_seqused_token_major; lengths (rows,) int: row r attends to its columns 0..lengths[r]; mask (rows, 1, 1,
-    span): 0 there, -inf beyond (span: the columns the SDPA variants read). Returns (rows, heads, hd).
+    """One decode step's attention for one layer, as `variant` computes it: a function of no arguments, what the
+    step prepares once for all its layers (the engine's mask, FA2's row starts and lengths) made beforehand, as the
+    engine does. q (rows, heads, hd); k, v one layer's cache: (rows, kv_heads, columns, hd), the engine's layout, or
+    (rows, columns, kv_heads, hd) for flash_seqused_token_major; lengths (rows,) int: row r attends to its columns
+    0..lengths[r]; mask (rows, 1, 1, span): 0 there, -inf beyond (span: the columns the SDPA variants read). The
+    function returns (rows, heads, hd).
       sdpa_mask      the engine's call: query heads grouped per kv head as query positions, SDPA with the additive
                      mask under model.LOOP_BACKENDS (never cuDNN: on an H200, the memory-efficient kernel)
       written_out    the same as two batched matmuls and a softmax in fp32
@@ -860,21 +862,27 @@ def decode_attention_call(variant, q, k, v, lengths, mask):
       flash_seqused_token_major  the same on a (rows, columns, kv_heads, hd) cache, the layout FA2 expects"""
     import model as model_module
     rows, nh, hd = q.shape
+    span = mask.shape[-1]
     if variant in ("sdpa_mask", "written_out"):
-        nkv, span = k.shape[1], mask.shape[-1]
+        nkv = k.shape[1]
         qg, kc, vc = q.view(rows, nkv, nh // nkv, hd), k[:, :, :span], v[:, :, :span]
-        if variant == "sdpa_mask":
+
+        def sdpa():
             with sdpa_kernel(model_module.LOOP_BACKENDS):
                 return F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask).reshape(rows, nh, hd)
-        scores = torch.matmul(qg, kc.transpose(-1, -2)).float() * hd ** -0.5 + mask.float()
-        return torch.matmul(torch.softmax(scores, -1).to(q.dtype), vc).reshape(rows, nh, hd)
+
+        def written_out():
+            scores = torch.matmul(qg, kc.transpose(-1, -2)).float() * hd ** -0.5 + mask.float()
+            return torch.matmul(torch.softmax(scores, -1).to(q.dtype), vc).reshape(rows, nh, hd)
+        return sdpa if variant == "sdpa_mask" else written_out
     seqused = (lengths + 1).to(torch.int32)
     if variant == "flash_seqused":  # what generate(fa2_decode_attention=True) runs
-        return engine.fa2_decode(q, k, v, seqused, mask.shape[-1])
+        starts = engine.fa2_starts(rows, k.shape[1], k.shape[2], q.device)
+        return functools.partial(engine.fa2_decode, q, k, v, seqused, span, starts)
     cols, nkv = k.shape[1], k.shape[2]
     cu_q = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
-    return engine.flash_varlen_forward(q, k.reshape(rows * cols, nkv, hd), v.reshape(rows * cols, nkv, hd), cu_q,
-                                       cu_q * cols, 1, mask.shape[-1], seqused)
+    return functools.partial(engine.flash_varlen_forward, q, k.reshape(rows * cols, nkv, hd),
+                             v.reshape(rows * cols, nkv, hd), cu_q, cu_q * cols, 1, span, seqused)
 
 
 def median_call_us(fn, device, reps=20):
@@ -924,10 +932,8 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
                 entry["variants"].append(dict(r, skipped="CUDA sm80+ only"))
                 continue
             k, v = token_major if variant.endswith("token_major") else cache
-
-            def call():
-                return decode_attention_call(variant, q, k, v, lengths, mask)
             try:
+                call = decode_attention_call(variant, q, k, v, lengths, mask)
                 y = call()
                 r["eager_us"] = median_call_us(call, device)
                 if device.type == "cuda":

@@ -201,17 +201,17 @@ def test_decode_attention_variants_read_each_rows_own_columns(monkeypatch):
     cache = torch.randn(2, rows, nkv, cols, hd, generator=g)  # columns past span hold values no row may read
     lengths = torch.tensor([0, 3, 15, 7, 11])
     mask = torch.zeros(rows, 1, 1, span).masked_fill_(torch.arange(span) > lengths[:, None, None, None], float("-inf"))
-    ref = speed.decode_attention_call("sdpa_mask", q, *cache, lengths, mask)
+    ref = speed.decode_attention_call("sdpa_mask", q, *cache, lengths, mask)()
     token_major = cache.transpose(2, 3).contiguous()
     for variant in speed.DECODE_ATTENTION_VARIANTS:
         k, v = token_major if variant.endswith("token_major") else cache
-        got = speed.decode_attention_call(variant, q, k, v, lengths, mask)
+        got = speed.decode_attention_call(variant, q, k, v, lengths, mask)()
         assert got.shape == (rows, nh, hd) and (got - ref).abs().max() < 1e-5, variant
     bad = cache.clone()
     bad[:, 2, :, 16] = 1e4  # row 2's column 16, past its length 15: no variant reads it
     for variant in ("sdpa_mask", "flash_seqused"):
-        assert torch.equal(speed.decode_attention_call(variant, q, *bad, lengths, mask),
-                           speed.decode_attention_call(variant, q, *cache, lengths, mask)), variant
+        assert torch.equal(speed.decode_attention_call(variant, q, *bad, lengths, mask)(),
+                           speed.decode_attention_call(variant, q, *cache, lengths, mask)()), variant
 
 
 def test_datasheet_takes_the_longest_name_that_matches():
