@@ -984,7 +984,8 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
     """The training forward + backward of one packed micro-batch (SFT's: ~8 sequences, sizes["sft_micro"] tokens)
     on the FSDP-sharded model (one rank, bf16 compute), for each recompute setting and with compiled blocks: first
     and steady-state seconds, tokens/s, MFU (recompute not counted), the peak above the parameters and gradients
-    against gpu_memory's activations + FSDP transients; and which attention kernels a step runs."""
+    against gpu_memory's activations + FSDP transients; on CUDA, from a profiled step, its kernel time against its
+    wall time and its longest kernels; and which attention kernels a step runs."""
     import gpu_memory
     import model as model_module
     from torch.autograd import DeviceType
@@ -1018,15 +1019,21 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
             r = {"setting": name, "sharded": parallel.is_sharded(model), "first_call_s": first, "step_s": steady,
                  "tokens_per_s": sum(lens) / steady, "mfu": mfu(flops, steady, device),
                  "activation_model_gib": act / 2**30, "fsdp_transient_model_gib": fsdp_transient / 2**30}
-            if device.type == "cuda":
+            if device.type == "cuda":  # the peak; where the step's GPU time goes, and how much of the step it is busy
                 r["activation_peak_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
-            if (every, keep, compile_, reshard) == TRAIN_STEP_SETTINGS[0] and device.type == "cuda":
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     step()
                     torch.cuda.synchronize()
-                names = {e.name for e in prof.events() if e.device_type == DeviceType.CUDA}
-                out["attention_kernels"] = sorted(n[:120] for n in names if any(
-                    w in n.lower() for w in ("flash", "fmha", "attention", "cudnn", "sdpa")))
+                kernel_us = collections.Counter()
+                for e in prof.events():
+                    if e.device_type == DeviceType.CUDA:
+                        kernel_us[e.name] += e.time_range.elapsed_us()
+                r["kernel_s"] = sum(kernel_us.values()) / 1e6
+                r["gpu_busy_fraction"] = r["kernel_s"] / steady
+                r["top_kernels"] = [{"name": n[:120], "ms": us / 1e3} for n, us in kernel_us.most_common(10)]
+                if "attention_kernels" not in out:
+                    out["attention_kernels"] = sorted(n[:120] for n in kernel_us if any(
+                        w in n.lower() for w in ("flash", "fmha", "attention", "cudnn", "sdpa")))
         except Exception as e:  # noqa: BLE001 -- recorded; the next setting still runs
             r = {"setting": name, "error": f"{type(e).__name__}: {e}"}
         out["settings"].append(r)
