@@ -193,9 +193,11 @@ def derive_seed(seed: int, *parts: int) -> int:
 # files
 
 
-def text_lines(path):
+def text_lines(path, torn_tail=False):
     """Yield (line number, line) of a UTF-8 text file, "\r\n" read as "\n"; a line that is not UTF-8 raises UserError
-    naming the file and line (a text-mode read would raise a traceback, from a chunk ahead of the line)."""
+    naming the file and line (a text-mode read would raise a traceback, from a chunk ahead of the line). torn_tail:
+    a last line without its newline may end inside a character (a write cut short): it is yielded with that
+    character replaced, for the caller to judge (iter_jsonl drops it)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
     with open(path, "rb") as f:
@@ -203,6 +205,9 @@ def text_lines(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
+                if torn_tail and not raw.endswith(b"\n"):
+                    yield lineno, raw.decode("utf-8", errors="replace")
+                    return
                 raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line: {e.reason})")
             yield lineno, (line[:-2] + "\n" if line.endswith("\r\n") else line)
 
@@ -214,7 +219,7 @@ def iter_jsonl(path, torn_tail=False):
     torn_tail: the file is a run's own log (metrics.jsonl, rollout logs), which a kill or a full disk can leave with
     its last line cut short: a last line without its newline that is not a JSON object is dropped with a warning
     naming it. Inputs (datasets, SFT files) keep the error: a record is never dropped silently from data."""
-    for lineno, line in text_lines(path):
+    for lineno, line in text_lines(path, torn_tail):
         if not line.strip():
             continue
         try:

@@ -335,7 +335,11 @@ def kept_slots(cfgs, count, max_len, max_new, dtypes, device):
 def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
     """aten's FA2 varlen forward (inside the torch wheel; CUDA sm80+, half precision), no dropout, not causal:
     sequence b's queries q[cu_q[b]:cu_q[b + 1]] attend to keys k[cu_k[b]:cu_k[b] + seqused_k[b]] (cu_k[b + 1] is
-    not read); (tokens, heads, hd) inputs, fewer key/value heads than query heads allowed. Tests stand in for it."""
+    not used), seqused_k[b] <= max_k; (tokens, heads, hd) inputs, fewer key/value heads than query heads allowed.
+    Tests stand in for it."""
+    if q.device.type != "cuda":
+        raise ValueError("fa2_decode_attention runs FA2's CUDA kernel (sm80+, half precision), not on "
+                         f"{q.device.type}")
     return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
                                                    seqused_k=seqused_k)[0]
 
@@ -367,7 +371,10 @@ def decode_attention(slots, cache, rows, spans, flash):
     lengths, at = slots.lengths[:rows], slots.rows[:rows]
     flash = None if slots.fa2 else flash
     if slots.fa2:  # each row's column count and where its query and keys start, for all layers
-        seqused, max_k = (lengths + 1).to(torch.int32), max(span for _, span in spans)
+        # (a finished row still in the bucket can be longer than the span; FA2 asks for counts <= max_k, and what
+        # such a row computes is thrown away)
+        max_k = max(span for _, span in spans)
+        seqused = (lengths + 1).clamp(max=max_k).to(torch.int32)
         starts = fa2_starts(rows, cache.shape[3], cache.shape[4], cache.device)
     elif flash is None:  # per group: its rows, columns and additive mask (rows, 1, 1, span), built once for all layers
         starts = [0] + [end for end, _ in spans[:-1]]

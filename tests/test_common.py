@@ -74,6 +74,11 @@ def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsy
         path.write_text(text)
         with pytest.raises(common.UserError, match=r"metrics.jsonl:2: not valid JSON"):
             common.read_jsonl(str(path), torn_tail=True)
+    # cut inside a character (the first byte of a 2-byte "é"): dropped too; a data file keeps its UTF-8 error
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "word": "caf\xc3')
+    assert common.read_jsonl(str(path), torn_tail=True) == [{"step": 1}]
+    with pytest.raises(common.UserError, match=r"metrics.jsonl:2: not valid UTF-8"):
+        common.read_jsonl(str(path))
     # a resumed run's metrics log: the torn line goes, the records up to the checkpoint stay
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
     log = ckpt.metrics_log(str(tmp_path), start_step=2)

@@ -106,7 +106,7 @@ def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
     out = []
     for b in range(len(cu_q) - 1):
         start, n = int(cu_k[b]), int(seqused_k[b])
-        assert int(cu_q[b + 1]) - int(cu_q[b]) <= max_q and n <= max_k
+        assert int(cu_q[b + 1]) - int(cu_q[b]) <= max_q and n <= max_k and start + n <= k.shape[0]
         kb, vb = (t[start:start + n].transpose(0, 1) for t in (k, v))  # (kv_heads, n, hd)
         out.append(torch.nn.functional.scaled_dot_product_attention(
             q[cu_q[b]:cu_q[b + 1]].transpose(0, 1), kb, vb, enable_gqa=True).transpose(0, 1))
@@ -130,6 +130,21 @@ def test_fa2_decode_attention_gives_the_sdpa_samples(monkeypatch):
         assert [g.tokens for g in out] == [g.tokens for g in ref], setting
         torch.testing.assert_close(torch.tensor([x for g in out for x in g.logprobs]),
                                    torch.tensor([x for g in ref for x in g.logprobs]), atol=1e-9, rtol=1e-9)
+    # the long prompt's 3 rows finish first and stay in the 16-row bucket (9 live rows fit no smaller one), longer
+    # than the span the live rows need: the kernel is still asked for no more than its max_k columns (the stand-in
+    # checks), and the live rows' samples are the SDPA path's
+    prompts = ragged_prompts(3, lengths=(30, 3, 4, 3))
+    kw = dict(n=3, max_new_tokens=20, temperature=1.0, stop_ids=[3], seed=8, buckets=GPU_BUCKETS, sync_every=3,
+              block=1, forced_lengths=[2, 2, 2] + [20] * 9)
+    ref = generate(model, prompts, **kw)
+    out = generate(model, prompts, **kw, fa2_decode_attention=True)
+    assert [len(g.tokens) for g in out] == [2, 2, 2] + [20] * 9 and [g.tokens for g in out] == [g.tokens for g in ref]
+
+
+def test_fa2_decode_attention_on_cpu_says_it_needs_cuda():
+    with pytest.raises(ValueError, match="FA2's CUDA kernel"):
+        generate(random_model(CONFIGS["qwen2_tied"], seed=1), ragged_prompts(2), n=2, max_new_tokens=3,
+                 fa2_decode_attention=True)
 
 
 @contextmanager
