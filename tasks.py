@@ -243,22 +243,12 @@ def rollout_log_path(run_dir, step):
     return os.path.join(run_dir, "rollouts", f"step_{step:06d}.jsonl")
 
 
-ROLLOUT_LOG_NAME = r"step_(\d+)\.jsonl"  # in RUN_DIR/rollouts/, with or without zero padding
-
-
 def rollout_logs(run_dir):
     """{step: path} of the rollout logs in RUN_DIR/rollouts/ (step_N.jsonl, with or without zero padding)."""
     folder = os.path.join(run_dir, "rollouts")
     names = os.listdir(folder) if os.path.isdir(folder) else []
     return dict(sorted((int(m.group(1)), os.path.join(folder, name)) for name in names
-                       if (m := re.fullmatch(ROLLOUT_LOG_NAME, name))))
-
-
-def is_rollout_log(path):
-    """Whether path is a run's rollout log (RUN_DIR/rollouts/step_N.jsonl): a log that a live or killed run can have
-    left with its last line cut short, which readers drop (iter_jsonl's torn_tail) rather than refuse."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.basename(folder) == "rollouts" and re.fullmatch(ROLLOUT_LOG_NAME, name) is not None
+                       if (m := re.fullmatch(r"step_(\d+)\.jsonl", name))))
 
 
 def read_rollout_log(path, step, fields):

@@ -117,7 +117,7 @@ def read_responses(paths, tokenizer, context, limit=0):
         raise UserError("the tokenizer has no eos_token; responses end with EOS")
     rows = []
     for path in paths:
-        for lineno, rec in common.iter_jsonl(path, torn_tail=tasks.is_rollout_log(path)):  # a live run's log too
+        for lineno, rec in common.iter_jsonl(path):
             if limit and len(rows) == limit:
                 break
             tasks.check_sft_record(path, lineno, rec)

@@ -131,23 +131,6 @@ def test_an_empty_unfinished_response_is_skipped_and_none_left_is_one_line(pair,
         token_shift.read_responses([str(tmp_path / "only_empty.jsonl")], tok, 2048)
 
 
-def test_a_live_rollout_logs_torn_last_line_is_dropped_and_an_sft_files_is_an_error(pair, tmp_path, capsys):
-    """A run's rollout log (RUN_DIR/rollouts/step_N.jsonl) can end in a line still being written: it is dropped with a
-    warning. The same torn line in any other file (data) is an error naming its line."""
-    tok = load_tokenizer(pair["base"])
-    torn = "\n".join(json.dumps(r) for r in pair["rows"]) + "\n" + json.dumps(pair["rows"][0])[:25]
-    (tmp_path / "rollouts").mkdir()
-    log = tmp_path / "rollouts" / "step_000007.jsonl"
-    log.write_text(torn)
-    examples = token_shift.read_responses([str(log)], tok, 2048)
-    assert [e["id"] for e in examples] == [r["id"] for r in pair["rows"]]
-    assert f"{log}:{len(pair['rows']) + 1}: dropped a torn last line" in capsys.readouterr().out
-    data = tmp_path / "responses.jsonl"
-    data.write_text(torn)
-    with pytest.raises(common.UserError, match=rf"responses\.jsonl:{len(pair['rows']) + 1}: not valid JSON"):
-        token_shift.read_responses([str(data)], tok, 2048)
-
-
 def test_high_js_records_equal_a_direct_computation(pair):
     """At each position with JS > 0.1, in order: the top-k overlaps (k = 1..5) and the base's rank and probability
     of the policy's top-1 token, on the full tempered distributions."""
