@@ -26,7 +26,7 @@ import parallel
 import tasks
 from common import UserError
 from engine import generate
-from model import build_model, kv_bytes_per_token, load_model, read_config, save_model, tiny_config
+from model import build_model, kv_bytes_per_token, load_model, parse_dtype, read_config, save_model, tiny_config
 from tiny_base import build_tokenizer
 
 QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
@@ -242,17 +242,9 @@ def rounded(obj, digits=4):
 def device_ceilings(device):
     """The two ceilings measured on this card: device-to-device copy bandwidth (bytes read + written) and a
     large bf16 matrix product, each the median of 10 after warm-up."""
-    def median_seconds(fn, reps=10):
-        fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
+    def median_seconds(fn):
+        fn()  # warm-up
+        return median_call_us(fn, device, reps=10) / 1e6
     a = torch.randn(2**28, device=device)  # 1 GiB of fp32
     b = torch.empty_like(a)
     copy = median_seconds(lambda: b.copy_(a))
@@ -298,15 +290,19 @@ def mfu(flops, seconds, device):
     return flops / seconds / peak if peak else None
 
 
+def first_difference(a, b):
+    """Where two token lists first differ: the first unequal position, the shorter one's end if one runs on, or
+    None if they are equal."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
 def generations_agree(first, second):
     """How far two generate() runs over the same rows agree: rows with identical tokens, where each row's tokens first
     differ (None: nowhere), the largest log-prob difference anywhere and before each row's first differing token.
     Past that point the rows hold different texts; before it, the difference is the two paths' rounding. (A sampled
     token flips when its uniform falls within that rounding of a boundary of the inverse CDF: with random weights
     the 152K probabilities are flat and close together, so fp32 paths that round differently part now and then.)"""
-    split = [next((i for i, (x, y) in enumerate(zip(p.tokens, q.tokens)) if x != y),
-                  None if len(p.tokens) == len(q.tokens) else min(len(p.tokens), len(q.tokens)))
-             for p, q in zip(first, second)]
+    split = [first_difference(p.tokens, q.tokens) for p, q in zip(first, second)]
     diff = [abs(x - y) for p, q in zip(first, second) for x, y in zip(p.logprobs, q.logprobs)]
     before = [abs(x - y) for p, q, at in zip(first, second, split) for x, y in zip(p.logprobs[:at], q.logprobs[:at])]
     return {"rows": len(first), "identical_tokens": sum(p.tokens == q.tokens for p, q in zip(first, second)),
@@ -341,7 +337,7 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
                                   attention_mask=torch.ones(1, len(p), dtype=torch.long, device=device),
                                   max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
                 same += gen.tokens == ref
-                first_diff.append(next((i for i, (a, b) in enumerate(zip(gen.tokens, ref)) if a != b), None))
+                first_diff.append(first_difference(gen.tokens, ref))
             out["greedy_fp32"] = {"prompts": len(prompts), "new_tokens": n, "identical": same,
                                   "first_difference": first_diff}
             # the decode step replayed from CUDA graphs against the same step run eagerly (same buckets, same looks),
@@ -472,6 +468,16 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
                 for n in sizes["step_prompts"] for name, settings in variants.items()]}
 
 
+def kernel_times(prof):
+    """Microseconds of GPU kernel time by kernel name in a torch.profiler run (CUDA activity; empty on CPU)."""
+    from torch.autograd import DeviceType
+    us = collections.Counter()
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            us[e.name] += e.time_range.elapsed_us()
+    return us
+
+
 def recorded(fn):
     """fn()'s result, or {"error": ...} if it raised: an experimental variant that fails leaves its section's other
     results standing."""
@@ -503,12 +509,9 @@ def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, s
             run()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        kernel[length] = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
-        count[length] = len(kernels)
-        by_name[length] = collections.Counter()
-        for e in kernels:
-            by_name[length][e.name] += e.time_range.elapsed_us()
+        count[length] = sum(e.device_type == DeviceType.CUDA for e in prof.events())
+        by_name[length] = kernel_times(prof)
+        kernel[length] = sum(by_name[length].values()) / 1e6
     a, b = step_lens
     steps = b - a
     step_wall, step_kernel = (wall[b] - wall[a]) / steps, (kernel[b] - kernel[a]) / steps
@@ -706,12 +709,11 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
     cfg = read_config(base)
     flops = train_flops(cfg, seq_lens, sum(r["length"] for r in rollouts))
     train_s = m["train_s"] - memory.get("update_snapshot_s", 0.0)  # the memory trace's snapshot is not training
-    defaults = train_rl.get_parser().parse_args([])
-    # what gpu_memory computes for this step (its peaks count the CUDA context; the measured ones do not)
-    e = gpu_memory.memory_estimate(
-        cfg, world=1, prompts_per_rank=sizes["rl_prompts"], group_size=sizes["rl_group"],
-        gen_batch_size=defaults.gen_batch_size, prompt_tokens=max(prompt_len[r["id"]] for r in rollouts),
-        response_tokens=max_tokens, rl_tokens=30000, logprob_chunk=defaults.logprob_chunk)
+    # what gpu_memory computes for this step, as train_rl does (its peaks count the CUDA context; the measured ones
+    # do not)
+    args = train_rl.get_parser().parse_args(argv)
+    e = train_rl.memory_estimate(args, cfg, 1, sizes["rl_prompts"], max(prompt_len[r["id"]] for r in rollouts),
+                                 parse_dtype(args.dtype, device))
     context = gpu_memory.CUDA_CONTEXT_GIB
     return {"rollouts": len(rollouts), "max_response_tokens": max_tokens, "len_mean": m["len_mean"],
             "truncated": m["truncated"], "step_s": m["step_s"], "gen_s": m["gen_s"], "score_s": m["score_s"],
@@ -753,7 +755,6 @@ def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
     TORCH_CUDNN_SDPA_DEPRIORITIZED=1 (run in its own process: the variable is read once); torch_varlen_gqa the
     varlen kernel handed the key/value heads unrepeated (model.torch_varlen's repeat_kv=False)."""
     import model as model_module
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     device = torch.device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -786,11 +787,7 @@ def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         out, q, k, v = call(lens_a)
-    kernel_us = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            kernel_us[e.name] = kernel_us.get(e.name, 0) + e.time_range.elapsed_us()
-    result["kernels"] = [name[:120] for name, _ in sorted(kernel_us.items(), key=lambda kv: -kv[1])[:8]]
+    result["kernels"] = [name[:120] for name, _ in kernel_times(prof).most_common(8)]
     return result, [t.detach().float().cpu().contiguous() for t in (out, q.grad, k.grad, v.grad)]
 
 
@@ -886,10 +883,10 @@ def decode_attention_call(variant, q, k, v, lengths, mask):
     if variant == "flash_seqused":  # what generate(fa2_decode_attention=True) runs
         starts = engine.fa2_starts(rows, k.shape[1], k.shape[2], q.device)
         return functools.partial(engine.fa2_decode, q, k, v, seqused, span, starts)
-    cols, nkv = k.shape[1], k.shape[2]
-    cu_q = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
+    cols, nkv = k.shape[1], k.shape[2]  # row r's keys: tokens r * cols onwards of a (rows * cols, kv_heads, hd) view
+    cu_q, cu_k = engine.fa2_starts(rows, 1, cols, q.device)
     return functools.partial(engine.flash_varlen_forward, q, k.reshape(rows * cols, nkv, hd),
-                             v.reshape(rows * cols, nkv, hd), cu_q, cu_q * cols, 1, span, seqused)
+                             v.reshape(rows * cols, nkv, hd), cu_q, cu_k, 1, span, seqused)
 
 
 def median_call_us(fn, device, reps=20):
@@ -939,10 +936,11 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
                 entry["variants"].append(dict(r, skipped="CUDA sm80+ only"))
                 continue
             k, v = token_major if variant.endswith("token_major") else cache
-            try:
+
+            def measure():
                 call = decode_attention_call(variant, q, k, v, lengths, mask)
                 y = call()
-                r["eager_us"] = median_call_us(call, device)
+                times = {"eager_us": median_call_us(call, device)}
                 if device.type == "cuda":
                     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
                     stream.wait_stream(torch.cuda.current_stream())
@@ -953,15 +951,17 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
                         y_graph = call()
                     graph.replay()
                     torch.cuda.synchronize()
-                    r["graph_us"] = median_call_us(graph.replay, device)
-                    r["graph_equals_eager"] = bool(torch.equal(y_graph, y))
+                    times.update(graph_us=median_call_us(graph.replay, device),
+                                 graph_equals_eager=bool(torch.equal(y_graph, y)))
                     if bandwidth:
-                        r["fraction_of_floor_graph"] = entry["floor_us_datasheet"] / r["graph_us"]
-                    del graph
-            except Exception as e:  # noqa: BLE001 -- recorded with the variant; the others still run
-                traceback.print_exc()
-                entry["variants"].append(dict(r, error=f"{type(e).__name__}: {e}"[-2000:]))
+                        times["fraction_of_floor_graph"] = entry["floor_us_datasheet"] / times["graph_us"]
+                return times, y
+            measured = recorded(measure)
+            if isinstance(measured, dict):  # its error
+                entry["variants"].append(dict(r, **measured))
                 continue
+            times, y = measured
+            r.update(times)
             y = y.float()
             ref = y if variant == "sdpa_mask" else ref
             if ref is not None:
@@ -996,7 +996,6 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
     wall time and its longest kernels; and which attention kernels a step runs."""
     import gpu_memory
     import model as model_module
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     parallel.dist_setup()
     dtype = torch.bfloat16  # on CPU too (the smoke): FSDP then shards, as on a GPU (one fp32 rank would not)
@@ -1032,10 +1031,7 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     step()
                     torch.cuda.synchronize()
-                kernel_us = collections.Counter()
-                for e in prof.events():
-                    if e.device_type == DeviceType.CUDA:
-                        kernel_us[e.name] += e.time_range.elapsed_us()
+                kernel_us = kernel_times(prof)
                 r["kernel_s"] = sum(kernel_us.values()) / 1e6
                 r["gpu_busy_fraction"] = r["kernel_s"] / steady
                 r["top_kernels"] = [{"name": n[:120], "ms": us / 1e3} for n, us in kernel_us.most_common(10)]

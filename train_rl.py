@@ -275,6 +275,17 @@ def validate_policy(model, dtype, tokenizer, task, test_records, step, val_setti
     return m
 
 
+def memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype):
+    """gpu_memory's per-GPU bytes for this run's settings (dtype: the engine's; longest_prompt: in tokens)."""
+    recompute = (dict(checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep)
+                 if args.gradient_checkpointing else dict(checkpoint_every=0))
+    return gpu_memory.memory_estimate(
+        cfg, world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
+        gen_batch_size=args.gen_batch_size, prompt_tokens=longest_prompt, response_tokens=args.max_response_tokens,
+        rl_tokens=args.micro_batch_tokens, logprob_chunk=args.logprob_chunk, adam_8bit=args.adam_8bit,
+        gen_dtype_bytes=dtype.itemsize, **recompute)
+
+
 def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref, gpu_bytes):
     """--keep_engine as a bool and the reason, printed once. auto: kept on CPU (gpu_bytes None); on a GPU when
     gpu_memory's update peak plus the kept buffers (reserve: their slots, columns, new tokens) fits
@@ -283,13 +294,7 @@ def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dty
         return args.keep_engine == "true", f"--keep_engine {args.keep_engine}"
     if gpu_bytes is None:
         return True, "--keep_engine auto, on CPU"
-    recompute = (dict(checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep)
-                 if args.gradient_checkpointing else dict(checkpoint_every=0))
-    e = gpu_memory.memory_estimate(
-        cfg, world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
-        gen_batch_size=args.gen_batch_size, prompt_tokens=longest_prompt, response_tokens=args.max_response_tokens,
-        rl_tokens=args.micro_batch_tokens, logprob_chunk=args.logprob_chunk, adam_8bit=args.adam_8bit,
-        gen_dtype_bytes=dtype.itemsize, **recompute)
+    e = memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype)
     peak = (e["update_peak"] + gpu_memory.engine_kept_bytes(cfg, e["params"], reserve[0], reserve[1], dtype.itemsize)
             + (e["ref_model"] if with_ref else 0))
     kept = gpu_memory.keeps_engine(peak, gpu_bytes)
