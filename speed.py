@@ -142,8 +142,9 @@ def gpu_suite(args):
                  (torch.profiler) vs wall time, from the difference of two lengths (the prefill cancels)
     sft          redistill_sft.py at the paper's K&K batch (64 sequences, 16K-token micro-batches, max length
                  5000, gradient checkpointing, bf16 autocast, 8-bit AdamW when bitsandbytes is installed)
-    rl           one train_rl.py step at one GPU's share of the paper preset: 16 prompts x 8 rollouts, responses
-                 up to 4096 tokens (random weights do not stop: the worst case), gradient checkpointing; on CUDA
+    rl           train_rl.py at one GPU's share of the paper preset: 16 prompts x 8 rollouts, responses up to 4096
+                 tokens (random weights do not stop: the worst case), gradient checkpointing, two steps, the second
+                 measured (rl_step); on CUDA
                  what is live at the update's memory peak, by source line (update_memory_recorded); the peaks
                  gpu_memory computes for it; the paper run's GPU-hours per 100 steps at 8 GPUs from the step
     rl_larger    the same step at the Qwen2.5-3B shape (FSDP on one rank), responses up to 2048 tokens: its
@@ -371,7 +372,8 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
                 fused = {"fused": True}
                 out["graphs_vs_eager_fused_fp32"] = agreement(ours, {"graphs": False, **fused}, fused)[0]
         if dtype == torch.bfloat16 and device.type == "cuda":  # FA2 takes half precision only
-            fa2 = recorded(functools.partial(agreement, ours, {}, {"fa2_decode_attention": True}))
+            fa2 = recorded(functools.partial(agreement, ours, {"fa2_decode_attention": False},
+                                             {"fa2_decode_attention": True}))
             out["fa2_vs_sdpa_decode_attention_bf16"] = fa2[0] if isinstance(fa2, tuple) else fa2
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
         gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed)
@@ -403,25 +405,27 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
     min_len, max_len = sizes["gen_len"]
     for n_prompts in sizes["gen_prompts"]:
         prompts, lengths = make_workload("rl", n_prompts, samples, min_len, max_len, 0, cfg.vocab_size, seed)
-        # "ours": graphs without the fused ops; "fused": with them (generate's default on CUDA)
-        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=False)  # warm-ups
-        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=True)  # (and the compile)
+        # "ours": graphs without the fused ops; "fused": with them; both with SDPA's decode attention; "fa2": the
+        # fused ops and FA2's decode attention (generate's default on CUDA sm80+ in half precision)
+        sdpa = {"fa2_decode_attention": False}
+        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=False, **sdpa)  # warm-ups
+        run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=True, **sdpa)  # (the compile)
         if hf is not None:
             run_hf(hf, prompts[:2], lengths[:2 * samples], samples, stop_id)
         reset_peak(device)
         # the first run of a workload captures its CUDA graphs (each (rows, columns) shape once); the second replays
-        t_ours_first = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=False), device)
-        t_ours = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=False), device)
+        t_ours_first = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=False, **sdpa), device)
+        t_ours = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=False, **sdpa), device)
         mem_ours = peak_gb(device)
-        run_ours(model, prompts, lengths, samples, stop_id, fused=True)
-        t_fused = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=True), device)
+        run_ours(model, prompts, lengths, samples, stop_id, fused=True, **sdpa)
+        t_fused = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=True, **sdpa), device)
 
         def with_fa2():  # graphs, the fused ops and the FA2 decode attention: a run that captures, a timed one
             run = functools.partial(run_ours, model, prompts, lengths, samples, stop_id, fa2_decode_attention=True)
             run()
             return timed(run, device)
         fa2 = recorded(with_fa2) if device.type == "cuda" else None
-        t_eager = (timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, graphs=False, fused=False),
+        t_eager = (timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, graphs=False, fused=False, **sdpa),
                          device)
                    if n_prompts == sizes["gen_prompts"][0] else None)  # what the graphs gain, on the smaller workload
         w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours,
@@ -459,7 +463,9 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         print(w, flush=True)
     hf = None  # free its memory before the profiled runs
     # the decode step: eager (no graphs), replayed from CUDA graphs, and graphs with the fused element-wise ops
-    variants = {"eager": dict(graphs=False, fused=False), "graphs": dict(fused=False), "graphs_fused": dict(fused=True)}
+    sdpa = {"fa2_decode_attention": False}
+    variants = {"eager": dict(graphs=False, fused=False, **sdpa), "graphs": dict(fused=False, **sdpa),
+                "graphs_fused": dict(fused=True, **sdpa)}
     if device.type == "cuda":
         variants["graphs_fused_fa2"] = dict(fused=True, fa2_decode_attention=True)
     return {"workloads": workloads,
@@ -685,24 +691,27 @@ def suite_rl_larger(base, tok, records, sizes, device, seed, tmp):
 
 
 def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
-    """One train_rl.py step (see gpu_suite's rl) from checkpoint base with responses up to max_tokens."""
+    """train_rl.py (see gpu_suite's rl) from checkpoint base with responses up to max_tokens, two steps: the second
+    is the one measured, as every step of a long run is. By then the optimizer's states and the gradients exist
+    (they are allocated in the first update), and --keep_engine auto has kept the engine where memory allows, so
+    the second step replays the first one's CUDA graphs where the first captured them."""
     import gpu_memory
     import train_rl
     os.makedirs(out)
     path = os.path.join(out, "train.jsonl")
+    steps = 2
     common.write_jsonl(path, records[:sizes["rl_prompts"]])
     argv = ["--model", base, "--task", "kk", "--train_data", path, "--test_data", "", "--out_dir", out,
             "--prompts_per_step", str(sizes["rl_prompts"]), "--samples_per_prompt", str(sizes["rl_group"]),
-            "--max_response_tokens", str(max_tokens), "--max_steps", "1", "--gradient_checkpointing", "true",
-            "--micro_batch_tokens", "30000", "--log_rollouts", "true", "--progress", "false", "--seed", str(seed),
-            "--keep_engine", "false"]  # one step gains nothing from kept graphs; the update's peak stays its own
+            "--max_response_tokens", str(max_tokens), "--max_steps", str(steps), "--gradient_checkpointing", "true",
+            "--micro_batch_tokens", "30000", "--log_rollouts", "true", "--progress", "false", "--seed", str(seed)]
     reset_peak(device)
     memory = {}
-    with checkpoints_skipped(), update_memory_recorded(memory):
+    with checkpoints_skipped(), update_memory_recorded(memory, call=steps):
         train_rl.main(argv)
     mem = peak_gb(device)
-    m = common.read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
-    rollouts = common.read_jsonl(tasks.rollout_log_path(out, 1))
+    first, m = common.read_jsonl(os.path.join(out, "metrics.jsonl"))[-steps:]
+    rollouts = common.read_jsonl(tasks.rollout_log_path(out, steps))
     prompt_len = {r["id"]: len(ids) for r, ids in zip(records, tasks.encode_prompts(
         tok, [kk_data.render_prompt(r, tok) for r in records]))}
     seq_lens = [prompt_len[r["id"]] + r["length"] for r in rollouts]
@@ -710,19 +719,26 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
     flops = train_flops(cfg, seq_lens, sum(r["length"] for r in rollouts))
     train_s = m["train_s"] - memory.get("update_snapshot_s", 0.0)  # the memory trace's snapshot is not training
     # what gpu_memory computes for this step, as train_rl does (its peaks count the CUDA context; the measured ones
-    # do not)
+    # do not), with the kept engine's buffers where train_rl keeps them
     args = train_rl.get_parser().parse_args(argv)
-    e = train_rl.memory_estimate(args, cfg, 1, sizes["rl_prompts"], max(prompt_len[r["id"]] for r in rollouts),
-                                 parse_dtype(args.dtype, device))
+    dtype, longest = parse_dtype(args.dtype, device), max(prompt_len.values())
+    e = train_rl.memory_estimate(args, cfg, 1, sizes["rl_prompts"], longest, dtype)
+    reserve = train_rl.rollout_reserve(args, sizes["rl_prompts"], longest)
+    kept, _ = train_rl.keep_engine_setting(args, cfg, 1, sizes["rl_prompts"], longest, reserve, dtype, False,
+                                           torch.cuda.get_device_properties(device).total_memory
+                                           if device.type == "cuda" else None)
+    engine_gib = gpu_memory.engine_kept_bytes(cfg, e["params"], reserve[0], reserve[1], dtype.itemsize) / 2**30
     context = gpu_memory.CUDA_CONTEXT_GIB
-    return {"rollouts": len(rollouts), "max_response_tokens": max_tokens, "len_mean": m["len_mean"],
+    return {"rollouts": len(rollouts), "max_response_tokens": max_tokens, "measured_step": steps,
+            "engine_kept": kept, "len_mean": m["len_mean"],
             "truncated": m["truncated"], "step_s": m["step_s"], "gen_s": m["gen_s"], "score_s": m["score_s"],
             "train_s": m["train_s"], "gather_s": m["gather_s"], "graph_captures": m["graph_captures"],
-            "mem_gen_gib": m["mem_gen_gib"],
+            "first_step_s": first["step_s"], "first_step_gen_s": first["gen_s"],
+            "first_step_graph_captures": first["graph_captures"], "mem_gen_gib": m["mem_gen_gib"],
             "mem_held_gib": m["mem_held_gib"], "mem_train_gib": m["mem_train_gib"],
             "mem_train_reserved_gib": m["mem_train_reserved_gib"],
             "computed_gen_peak_gib": e["gen_peak"] / 2**30 - context,
-            "computed_update_peak_gib": e["update_peak"] / 2**30 - context,
+            "computed_update_peak_gib": e["update_peak"] / 2**30 - context + (engine_gib if kept else 0.0),
             "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
             "gen_tok_s": m["gen_tok_s"], "train_tokens": sum(seq_lens), "train_s_net": train_s,
             "train_tok_s": sum(seq_lens) / train_s, "train_mfu": mfu(flops, train_s, device),
@@ -1078,18 +1094,22 @@ def memory_at_peak(entries, baseline=0, top=12, source_root=None):
 
 
 @contextmanager
-def update_memory_recorded(result):
-    """On CUDA, record the allocator's history through train_rl.update (the RL update) and put memory_at_peak of it
-    into result["update_memory"]: what holds the memory at the update's peak. Its analysis runs after the step; the
-    snapshot of the trace is taken inside the update's timed window, so its seconds go into
-    result["update_snapshot_s"] (to subtract); the recording itself (a Python stack per allocation) stays in it."""
+def update_memory_recorded(result, call=1):
+    """On CUDA, record the allocator's history through the call-th call of train_rl.update (the RL update; the others
+    run as they are) and put memory_at_peak of it into result["update_memory"]: what holds the memory at the update's
+    peak. Its analysis runs after the step; the snapshot of the trace is taken inside the update's timed window, so
+    its seconds go into result["update_snapshot_s"] (to subtract); the recording itself (a Python stack per
+    allocation) stays in it."""
     import train_rl
     if not torch.cuda.is_available():
         yield
         return
-    real, recorded = train_rl.update, []
+    real, recorded, calls = train_rl.update, [], [0]
 
     def update(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] != call:
+            return real(*args, **kwargs)
         baseline = torch.cuda.memory_allocated()
         torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
         try:

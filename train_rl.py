@@ -286,6 +286,13 @@ def memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype):
         gen_dtype_bytes=dtype.itemsize, **recompute)
 
 
+def rollout_reserve(args, per_rank, longest_prompt):
+    """The engine's buffers (slots, KV-cache columns, new tokens) for this run's largest rollout call: per_rank
+    prompts at most, longest_prompt tokens at most."""
+    return (min(args.gen_batch_size, per_rank) * args.samples_per_prompt,
+            longest_prompt + args.max_response_tokens, args.max_response_tokens)
+
+
 def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref, gpu_bytes):
     """--keep_engine as a bool and the reason, printed once. auto: kept on CPU (gpu_bytes None); on a GPU when
     gpu_memory's update peak plus the kept buffers (reserve: their slots, columns, new tokens) fits
@@ -542,8 +549,7 @@ def main(argv=None):
     # call and validation call of the run, so they never regrow (which would drop the CUDA graphs captured on them)
     val_new = args.val_max_response_tokens or args.max_response_tokens
     per_rank = -(-args.prompts_per_step // world)  # prompts of this rank's share, at most
-    reserve = (min(args.gen_batch_size, per_rank) * n,
-               max(map(len, prompt_ids)) + args.max_response_tokens, args.max_response_tokens)
+    reserve = rollout_reserve(args, per_rank, max(map(len, prompt_ids)))
     if test_records and args.val_every:  # now, not at the first validation, steps after the last checkpoint
         val_flag = "--val_max_response_tokens" if args.val_max_response_tokens else "--max_response_tokens"
         test_ids = tasks.task_prompt_ids(tokenizer, task, test_records, args.template)

@@ -64,6 +64,7 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     assert all(s["sharded"] for s in steps)  # bf16 on one CPU rank: FSDP2 shards, as on the GPU
     rl = result["rl"]
     assert rl["rollouts"] == 4 * 2 and rl["train_tokens"] > 0
+    assert rl["measured_step"] == 2 and rl["first_step_s"] > 0 and rl["engine_kept"]  # auto keeps it on CPU
     assert rl["step_s"] >= rl["gen_s"] + rl["train_s"] and rl["logprob_gap"] < 1e-4
     assert rl["gpu_hours_per_100_steps_at_8_gpus"] == pytest.approx(rl["step_s"] * 800 / 3600, rel=1e-3)
     for case in result["decode_attention"]["cases"]:

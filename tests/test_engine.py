@@ -145,6 +145,8 @@ def test_fa2_decode_attention_on_cpu_says_it_needs_cuda():
     with pytest.raises(ValueError, match="FA2's CUDA kernel"):
         generate(random_model(CONFIGS["qwen2_tied"], seed=1), ragged_prompts(2), n=2, max_new_tokens=3,
                  fa2_decode_attention=True)
+    # its default (None) takes it only where it runs: never on a CPU, whatever the dtype
+    assert not any(engine.fa2_runs(torch.device("cpu"), [d]) for d in (torch.bfloat16, torch.float16, torch.float32))
 
 
 @contextmanager
