@@ -143,7 +143,9 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     # added in: at most 6 bytes per root parameter. A single-H100 check measured that chunk gradient on top of
     # activation_bytes, which came within 1 % of the rest at the 1.5B and 7B shapes; see docs/memory.md.)
     e["fsdp_transient"] = 2 * root + 2 * 2 * n["block"] + 4 * n["block"] + 4 * root
-    # RL generation: the training state stays sharded; a plain bf16 copy of all weights is gathered for the engine
+    # RL generation: the training state stays sharded, without gradients (train_rl sets them to None after each
+    # optimizer step; one H200's step-1 peaks plus AdamW's states matched this within 1 %, docs/memory.md); a plain
+    # bf16 copy of all weights is gathered for the engine
     # (freed before the update unless train_rl --keep_engine keeps it), engine.generate's KV cache (rows x (prompt +
     # response) columns) and its temporaries: the prefill (prompts packed in one row, no grad, one block at a time)
     # or a decode step's sampling (rows x V fp32: logits, log-probs, probabilities, CDF), whichever is larger
@@ -153,7 +155,7 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e["kv_cache"] = kv_cache_bytes(cfg, e["gen_rows"], e["gen_len"], gen_dtype_bytes)
     e["gen_temps"] = max(prefill_bytes_per_token(cfg) * prompts * prompt_tokens,
                          e["gen_rows"] * cfg.vocab_size * DECODE_TEMP_BYTES)
-    e["gen_peak"] = e["persistent"] + e["gen_copy"] + e["kv_cache"] + e["gen_temps"] + e["slack"]
+    e["gen_peak"] = e["master"] + e["adam"] + e["gen_copy"] + e["kv_cache"] + e["gen_temps"] + e["slack"]
     # training: a micro-batch holds up to its token budget, or one longer sequence alone
     e["rl_tokens"] = max(rl_tokens, prompt_tokens + response_tokens)
     recompute = dict(checkpoint_every=checkpoint_every, keep=checkpoint_keep)

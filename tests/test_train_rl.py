@@ -179,6 +179,21 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_rollouts_after_an_update_find_no_gradients(toy, tmp_path, monkeypatch):
+    """gpu_memory's generation peak counts no gradients, as train_rl frees them after each optimizer step (on one
+    H200 that put its generation peaks within 1 % of measurement, docs/memory.md): step 2's rollouts, after step 1's
+    update, find every .grad None."""
+    real, grads_absent = train_rl.rollout, []
+
+    def rollout(model, *args, **kwargs):
+        grads_absent.append(all(p.grad is None for p in model.parameters()))
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(train_rl, "rollout", rollout)
+    assert train_rl.main(rl_args(toy, tmp_path / "run", max_steps=2, save_every=2)) == 0
+    assert grads_absent == [True, True]
+
+
+@pytest.mark.slow
 def test_kept_engine_buffers_outlive_the_update_and_change_nothing(toy, tmp_path, monkeypatch):
     """--keep_engine true: the rollouts of every step and the validations decode on one weight copy and one KV cache
     (the addresses CUDA graphs hold: allocated once for the longest prompt of either, never regrown), which stay
