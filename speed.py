@@ -701,9 +701,9 @@ def suite_rl_larger(base, tok, records, sizes, device, seed, tmp):
 
 def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
     """train_rl.py (see gpu_suite's rl) from checkpoint base with responses up to max_tokens, two steps: the second
-    is the one measured, as every step of a long run is. By then the optimizer's states and the gradients exist
-    (they are allocated in the first update), and --keep_engine auto has kept the engine where memory allows, so
-    the second step replays the first one's CUDA graphs where the first captured them."""
+    is the one measured, as every step of a long run is. By then AdamW's state exists (its first step() allocates
+    it, at the end of the first update), and --keep_engine auto has kept the engine where memory allows, so the
+    second step replays the CUDA graphs the first one captured."""
     import gpu_memory
     import train_rl
     os.makedirs(out)
@@ -730,7 +730,7 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
     # what gpu_memory computes for this step, as train_rl does (its peaks count the CUDA context; the measured ones
     # do not), with the kept engine's buffers where train_rl keeps them
     args = train_rl.get_parser().parse_args(argv)
-    dtype, longest = parse_dtype(args.dtype, device), max(prompt_len.values())
+    dtype, longest = parse_dtype(args.dtype, device), max(prompt_len[r["id"]] for r in rollouts)
     e = train_rl.memory_estimate(args, cfg, 1, sizes["rl_prompts"], longest, dtype)
     reserve = train_rl.rollout_reserve(args, sizes["rl_prompts"], longest)
     kept, _ = train_rl.keep_engine_setting(args, cfg, 1, sizes["rl_prompts"], longest, reserve, dtype, False,
