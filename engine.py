@@ -295,7 +295,9 @@ class Slots:
 
 
 _kept = {}  # "weights0", "weights1" (the partner), "slots": what generation allocated, kept for the next call
-stats = {"graph_captures": 0}  # CUDA graphs captured since the process started (train_rl logs them per step)
+# CUDA graphs captured since the process started, and the host's seconds in their warm-ups and captures (each
+# capture synchronizes first; train_rl logs both per step)
+stats = {"graph_captures": 0, "capture_s": 0.0}
 
 
 def release():
@@ -496,6 +498,7 @@ def run_step(weights, slots, rows, spans, temperature, top_p, switch, graphs):
             # one eager warm-up step first (kernels' lazy initialisation must not happen during capture); it would
             # advance the rows, so their per-slot state is put back (the outputs and cache columns it wrote are
             # rewritten by the real step)
+            t0 = time.perf_counter()
             saved = [t.clone() for t in (slots.lengths, slots.tok, slots.pos, slots.alive, slots.stopped)]
             slots.stream = slots.stream or torch.cuda.Stream()  # one side stream (each has its own cuBLAS workspace)
             slots.stream.wait_stream(torch.cuda.current_stream())
@@ -510,6 +513,7 @@ def run_step(weights, slots, rows, spans, temperature, top_p, switch, graphs):
                 decode_step(weights, slots, rows, spans, temperature, top_p)
             slots.graphs[key] = graph
             stats["graph_captures"] += 1
+            stats["capture_s"] += time.perf_counter() - t0
         graph.replay()
 
 

@@ -221,11 +221,12 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
     global batch, so the same ones train at any world size and after a resume (batches_before: prompt batches drawn
     by the earlier steps).
     Returns (indices of this rank's prompts, their rollouts, per group whether it may train and its epoch, prompt
-    batches drawn, times: seconds gathering, generating, scoring; CUDA GiB of generation; CUDA graphs captured)."""
+    batches drawn, times: seconds gathering, generating, scoring; CUDA GiB of generation; CUDA graphs captured and
+    the seconds capturing them)."""
     cuda = model.lm_head.weight.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0, captured = time.time(), engine.stats["graph_captures"]
+    t0, captured, capturing = time.time(), engine.stats["graph_captures"], engine.stats["capture_s"]
     policy = engine.kept_weights(model, 0, dtype)  # refilled in place when kept from the step before
     times = {"gather_s": time.time() - t0, "score_s": 0.0, "mem_gen_gib": 0.0, "mem_held_gib": 0.0}
     n, per_step = args.samples_per_prompt, args.prompts_per_step
@@ -259,6 +260,7 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
         engine.release()  # the engine's weights, KV cache and graphs: the update needs the memory
     times["gen_s"] = time.time() - t0 - times["gather_s"] - times["score_s"]
     times["graph_captures"] = engine.stats["graph_captures"] - captured
+    times["capture_s"] = engine.stats["capture_s"] - capturing  # (inside gen_s)
     if cuda:  # the peak of generation and what stays allocated into the update (whose own peak step_metrics takes)
         times.update(mem_gen_gib=torch.cuda.max_memory_allocated() / 2**30,
                      mem_held_gib=torch.cuda.memory_allocated() / 2**30)
@@ -461,7 +463,7 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
             "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9),
             **{k: mx[k] for k in ("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
                                   "mem_train_gib", "mem_train_reserved_gib")},
-            "graph_captures": int(mx["graph_captures"])}
+            "graph_captures": int(mx["graph_captures"]), "capture_s": mx["capture_s"]}
 
 
 def log_line(m, max_steps, cuda):
@@ -476,7 +478,7 @@ def log_line(m, max_steps, cuda):
             f"| gen {m['gen_s']:.1f}s ({m['gen_tok_s']:.0f} tok/s) score {m['score_s']:.1f}s "
             f"train {m['train_s']:.1f}s ({m['train_tok_s']:.0f} tok/s)"
             + (f" | peak GiB gen {m['mem_gen_gib']:.1f} train {m['mem_train_gib']:.1f} "
-               f"| graphs captured {m['graph_captures']}" if cuda else "")
+               f"| graphs captured {m['graph_captures']} ({m['capture_s']:.1f}s)" if cuda else "")
             + (f" | val {m['val/acc']:.3f}" if "val/acc" in m else ""))
 
 
