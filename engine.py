@@ -296,7 +296,8 @@ class Slots:
 
 _kept = {}  # "weights0", "weights1" (the partner), "slots": what generation allocated, kept for the next call
 # CUDA graphs captured since the process started, and the host's seconds in their warm-ups and captures (each
-# capture synchronizes first; the process's first warm-up also compiles the fused ops; train_rl logs both per step)
+# capture synchronizes first; a process's first calls compile the fused ops, in its first prefill and partly in its
+# first warm-up; train_rl logs both per step)
 stats = {"graph_captures": 0, "capture_s": 0.0}
 
 
