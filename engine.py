@@ -395,8 +395,9 @@ def decode_attention(slots, cache, rows, spans, flash):
     else:
         seqlens = lengths.to(torch.int32)
 
-    # On an H200 this SDPA call runs the memory-efficient kernel (fmha_cutlassF, tiles of 64 queries for our 6 per kv
-    # head), the longest kernel of a graph-replayed step at 128 and 1,024 rows (docs/gpu_h200_stage1.json)
+    # On CUDA where FA2 cannot run (fp32, pre-Ampere) this SDPA call runs the memory-efficient kernel (fmha_cutlassF,
+    # tiles of 64 queries for our 6 per kv head): on one H200 the longest kernel of a graph-replayed step at 128 and
+    # 1,024 rows (docs/gpu_h200_stage1.json), which is why FA2 is the default where it runs
     def attend(i, q, kv):  # q (rows, heads, hd), kv (rows, 2, kv_heads, hd)
         kc, vc = cache[i, 0, :rows], cache[i, 1, :rows]  # (rows, nkv, max_len, hd)
         if flash is not None:  # writes k, v into the cache at lengths
