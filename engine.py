@@ -27,7 +27,7 @@ from torch.utils._triton import has_triton
 from tqdm import tqdm
 
 from common import UserError, rank
-from model import (HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs, pack,
+from model import (HALF, HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs, pack,
                    packed_positions, rms_norm, rope_cos_sin, stop_token_ids)
 from parallel import full_tensor, is_sharded, reshard
 from tasks import encode_prompts
@@ -351,7 +351,7 @@ def fa2_runs(device, dtypes):
     """Whether flash_varlen_forward runs here: CUDA sm80+ (Ampere and later), half-precision weights and a torch
     whose FA2 op takes per-row key counts (seqused_k)."""
     return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-            and all(d in (torch.float16, torch.bfloat16) for d in dtypes)
+            and all(d in HALF for d in dtypes)
             and "seqused_k" in str(torch.ops.aten._flash_attention_forward.default._schema))
 
 
@@ -648,7 +648,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     state.ops = fused_ops() if fused else EAGER_OPS
     if fa2_decode_attention is None:
         fa2_decode_attention = partner is None and fa2_runs(device, [gw.dtype for gw in weights])
-    if fa2_decode_attention and cuda and any(gw.dtype not in (torch.float16, torch.bfloat16) for gw in weights):
+    if fa2_decode_attention and cuda and any(gw.dtype not in HALF for gw in weights):
         raise ValueError("fa2_decode_attention needs a half-precision engine (dtype bfloat16 or float16)")
     state.fa2 = fa2_decode_attention
     state.alive.zero_()

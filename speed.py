@@ -410,30 +410,29 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
     ceilings = device_ceilings(device) if device.type == "cuda" else {}
     workloads = []
     min_len, max_len = sizes["gen_len"]
+    # "ours": graphs without the fused ops; "fused": with them; both with SDPA's decode attention; "fa2": the fused
+    # ops and FA2's decode attention (generate's default on CUDA sm80+ in half precision)
+    sdpa = {"fa2_decode_attention": False}
     for n_prompts in sizes["gen_prompts"]:
         prompts, lengths = make_workload("rl", n_prompts, samples, min_len, max_len, 0, cfg.vocab_size, seed)
-        # "ours": graphs without the fused ops; "fused": with them; both with SDPA's decode attention; "fa2": the
-        # fused ops and FA2's decode attention (generate's default on CUDA sm80+ in half precision)
-        sdpa = {"fa2_decode_attention": False}
+        run = functools.partial(run_ours, model, prompts, lengths, samples, stop_id, **sdpa)  # settings: overridable
         run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=False, **sdpa)  # warm-ups
         run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id, fused=True, **sdpa)  # (the compile)
         if hf is not None:
             run_hf(hf, prompts[:2], lengths[:2 * samples], samples, stop_id)
         reset_peak(device)
         # the first run of a workload captures its CUDA graphs (each (rows, columns) shape once); the second replays
-        t_ours_first = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=False, **sdpa), device)
-        t_ours = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=False, **sdpa), device)
+        t_ours_first = timed(lambda: run(fused=False), device)
+        t_ours = timed(lambda: run(fused=False), device)
         mem_ours = peak_gb(device)
-        run_ours(model, prompts, lengths, samples, stop_id, fused=True, **sdpa)
-        t_fused = timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, fused=True, **sdpa), device)
+        run(fused=True)
+        t_fused = timed(lambda: run(fused=True), device)
 
         def with_fa2():  # graphs, the fused ops and the FA2 decode attention: a run that captures, a timed one
-            run = functools.partial(run_ours, model, prompts, lengths, samples, stop_id, fa2_decode_attention=True)
-            run()
-            return timed(run, device)
+            run(fused=True, fa2_decode_attention=True)
+            return timed(lambda: run(fused=True, fa2_decode_attention=True), device)
         fa2 = recorded(with_fa2) if device.type == "cuda" else None
-        t_eager = (timed(lambda: run_ours(model, prompts, lengths, samples, stop_id, graphs=False, fused=False, **sdpa),
-                         device)
+        t_eager = (timed(lambda: run(graphs=False, fused=False), device)
                    if n_prompts == sizes["gen_prompts"][0] else None)  # what the graphs gain, on the smaller workload
         w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours,
              "ours_first_run_s": t_ours_first, "ours_tok_s": sum(lengths) / t_ours,
@@ -470,7 +469,6 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         print(w, flush=True)
     hf = None  # free its memory before the profiled runs
     # the decode step: eager (no graphs), replayed from CUDA graphs, and graphs with the fused element-wise ops
-    sdpa = {"fa2_decode_attention": False}
     variants = {"eager": dict(graphs=False, fused=False, **sdpa), "graphs": dict(fused=False, **sdpa),
                 "graphs_fused": dict(fused=True, **sdpa)}
     if device.type == "cuda":
@@ -479,6 +477,14 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
             "decode_step": [dict(variant=name, **recorded(lambda: decode_step_profile(
                 model, n, samples, sizes["step_lens"], stop_id, device, seed, **settings)))
                 for n in sizes["step_prompts"] for name, settings in variants.items()]}
+
+
+def kernel_activities(device):
+    """What a profile that reads kernels records: CUDA activity only on a GPU (parsing the host's ops as well, tens of
+    thousands of events a run, left ~3 minutes of stage 1's generation section on the H200 to its six decode-step
+    profiles), the CPU's ops on a CPU (the smoke, which counts no kernels)."""
+    from torch.profiler import ProfilerActivity
+    return [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
 
 
 def kernel_times(prof):
@@ -507,12 +513,9 @@ def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, s
     (On CUDA the host looks every 16 decode steps, and a row of length L needs L - 1 of them after the prefill: the
     GPU lengths are 1 more than a multiple of 16, so no step runs past the last row.)"""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
     prompts, _ = make_workload("fixed", n_prompts, samples, 1, 1, 1, model.config.vocab_size, seed)
     wall, kernel, count, by_name = {}, {}, {}, {}
-    # kernels only on CUDA: the host's ops are not counted here, and parsing them too (tens of thousands of events
-    # a run) left ~3 minutes of stage 1's generation section on the H200 to its six profiles
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     for length in step_lens:
         lengths = [length] * (n_prompts * samples)
         run = functools.partial(run_ours, model, prompts, lengths, samples, stop_id, **engine_settings)
@@ -520,7 +523,7 @@ def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, s
         # the fastest of 5: a pause of the host (one H200 run's median of 3 put a step below its kernels' time)
         # only ever adds to a run, and the per-step figure is a difference of two runs
         wall[length] = min(timed(run, device) for _ in range(5))
-        with profile(activities=activities) as prof:
+        with profile(activities=kernel_activities(device)) as prof:
             run()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -736,7 +739,7 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
     kept, _ = train_rl.keep_engine_setting(args, cfg, 1, sizes["rl_prompts"], longest, reserve, dtype, False,
                                            torch.cuda.get_device_properties(device).total_memory
                                            if device.type == "cuda" else None)
-    engine_gib = gpu_memory.engine_kept_bytes(cfg, e["params"], reserve[0], reserve[1], dtype.itemsize) / 2**30
+    update_peak = train_rl.kept_update_peak(e, cfg, reserve, dtype, False) if kept else e["update_peak"]
     context = gpu_memory.CUDA_CONTEXT_GIB
     return {"rollouts": len(rollouts), "max_response_tokens": max_tokens, "measured_step": steps,
             "engine_kept": kept, "len_mean": m["len_mean"],
@@ -748,7 +751,7 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
             "mem_held_gib": m["mem_held_gib"], "mem_train_gib": m["mem_train_gib"],
             "mem_train_reserved_gib": m["mem_train_reserved_gib"],
             "computed_gen_peak_gib": e["gen_peak"] / 2**30 - context,
-            "computed_update_peak_gib": e["update_peak"] / 2**30 - context + (engine_gib if kept else 0.0),
+            "computed_update_peak_gib": update_peak / 2**30 - context,
             "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
             "gen_tok_s": m["gen_tok_s"], "train_tokens": sum(seq_lens), "train_s_net": train_s,
             "train_tok_s": sum(seq_lens) / train_s, "train_mfu": mfu(flops, train_s, device),
@@ -781,7 +784,7 @@ def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
     TORCH_CUDNN_SDPA_DEPRIORITIZED=1 (run in its own process: the variable is read once); torch_varlen_gqa the
     varlen kernel handed the key/value heads unrepeated (model.torch_varlen's repeat_kv=False)."""
     import model as model_module
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
     device = torch.device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backend = {"sdpa_default": "sdpa", "sdpa_cudnn_deprioritized": "sdpa",
@@ -810,8 +813,7 @@ def attention_variant(variant, shape, lens_a, lens_b, device_name, seed):
     result["first_call_s"] = timed(lambda: call(lens_a), device)
     result["repeat_s"] = statistics.median(timed(lambda: call(lens_a), device) for _ in range(3))
     result["new_shapes_first_call_s"] = timed(lambda: call(lens_b), device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=kernel_activities(device)) as prof:
         out, q, k, v = call(lens_a)
     result["kernels"] = [name[:120] for name, _ in kernel_times(prof).most_common(8)]
     return result, [t.detach().float().cpu().contiguous() for t in (out, q.grad, k.grad, v.grad)]
@@ -939,7 +941,7 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
     cfg = read_config(base)
     nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    flash_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    flash_ok = engine.fa2_runs(device, [dtype])
     bandwidth = device_ceilings(device)["datasheet_bytes_per_s"] if device.type == "cuda" else None
     g = torch.Generator(device).manual_seed(seed)  # drawn where they are used: a 1,024 x 4,096 cache is 2G numbers
     out = []
@@ -1022,7 +1024,7 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
     wall time and its longest kernels; and which attention kernels a step runs."""
     import gpu_memory
     import model as model_module
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
     parallel.dist_setup()
     dtype = torch.bfloat16  # on CPU too (the smoke): FSDP then shards, as on a GPU (one fp32 rank would not)
     cfg = read_config(base)
@@ -1054,7 +1056,7 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
                  "activation_model_gib": act / 2**30, "fsdp_transient_model_gib": fsdp_transient / 2**30}
             if device.type == "cuda":  # the peak; where the step's GPU time goes, and how much of the step it is busy
                 r["activation_peak_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                with profile(activities=kernel_activities(device)) as prof:
                     step()
                     torch.cuda.synchronize()
                 kernel_us = kernel_times(prof)

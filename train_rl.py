@@ -295,6 +295,13 @@ def rollout_reserve(args, per_rank, longest_prompt):
             longest_prompt + args.max_response_tokens, args.max_response_tokens)
 
 
+def kept_update_peak(e, cfg, reserve, dtype, with_ref):
+    """The update's computed peak (e: memory_estimate's) with generation's buffers kept through it (reserve: their
+    slots, columns, new tokens) and, with_ref, the reference model."""
+    return (e["update_peak"] + gpu_memory.engine_kept_bytes(cfg, e["params"], reserve[0], reserve[1], dtype.itemsize)
+            + (e["ref_model"] if with_ref else 0))
+
+
 def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref, gpu_bytes):
     """--keep_engine as a bool and the reason, printed once. auto: kept on CPU (gpu_bytes None); on a GPU when
     gpu_memory's update peak plus the kept buffers (reserve: their slots, columns, new tokens) fits
@@ -303,9 +310,8 @@ def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dty
         return args.keep_engine == "true", f"--keep_engine {args.keep_engine}"
     if gpu_bytes is None:
         return True, "--keep_engine auto, on CPU"
-    e = memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype)
-    peak = (e["update_peak"] + gpu_memory.engine_kept_bytes(cfg, e["params"], reserve[0], reserve[1], dtype.itemsize)
-            + (e["ref_model"] if with_ref else 0))
+    peak = kept_update_peak(memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype), cfg, reserve, dtype,
+                            with_ref)
     kept = gpu_memory.keeps_engine(peak, gpu_bytes)
     return kept, (f"--keep_engine auto: the update's computed peak with it {peak / 2**30:.1f} GiB "
                   f"{'<=' if kept else '>'} {gpu_memory.KEEP_ENGINE_FRACTION:.0%} of the GPU's "
