@@ -446,9 +446,9 @@ def pick(slots, idx, logits, temperature, top_p, switch=None):
     pos, alive = slots.pos[idx], slots.alive[idx]
     first = logits[0]
     if slots.forcing:  # benchmarks: the first stop id banned before the row's forced length, and forced at it
-        stop = slots.stop[:1]
-        forced = torch.full_like(first, -float("inf")).index_fill_(1, stop, 0.0)
-        first = torch.where((pos + 1 == slots.force[idx])[:, None], forced, first.index_fill(1, stop, -float("inf")))
+        # (in place: the logits are this step's own)
+        stop, now = slots.stop[:1], (pos + 1 == slots.force[idx])[:, None]
+        first.masked_fill_(now, -float("inf")).index_copy_(1, stop, torch.where(now, 0.0, -float("inf")))
     u = slots.ops.keyed_uniforms(slots.key[idx], pos) if temperature > 0 else None
     col = torch.where(alive, pos, slots.width - 1)  # the spare column for rows past their end
     if len(logits) == 1:

@@ -311,6 +311,19 @@ def test_sample_next_follows_the_tempered_and_nucleus_distribution():
     assert abs(freq[2] - p[2] / (p[1] + p[2])) < 0.01
 
 
+def test_forced_lengths_end_each_row_at_its_length():
+    """A benchmark's forced stops: each row ends exactly at its length, on the stop id, drawn with log-prob 0 (the
+    only token left), and never draws the stop id before (banned there, with finite log-probs elsewhere)."""
+    model = random_model(CONFIGS["qwen2_tied"], seed=2)
+    lengths = [1, 5, 9, 3, 9, 2]
+    for temperature in (1.0, 0.0):
+        out = generate(model, ragged_prompts(3, lengths=(4, 7, 2)), n=2, max_new_tokens=9, temperature=temperature,
+                       stop_ids=[3, 5], seed=4, forced_lengths=lengths)
+        assert [len(g.tokens) for g in out] == lengths and all(g.finished for g in out)
+        assert all(g.tokens[-1] == 3 and 3 not in g.tokens[:-1] and g.logprobs[-1] == 0.0 for g in out)
+        assert all(-float("inf") < lp < 0 for g in out for lp in g.logprobs[:-1])
+
+
 def test_error_prompt_longer_than_cache():
     model = random_model(tiny_config(VOCAB, max_position_embeddings=32))
     with pytest.raises(common.UserError, match="prompt 1 has 30 tokens.*32-token context"):
