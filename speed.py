@@ -34,7 +34,7 @@ QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_
                   intermediate_size=8960, max_position_embeddings=32768, tie_word_embeddings=True,
                   rope_theta=1000000.0)
 QWEN25_3B = dict(QWEN25_15B, hidden_size=2048, num_layers=36, num_heads=16, intermediate_size=11008)
-SUITE_SECTIONS = ("correctness", "attention", "decode_attention", "train_step", "generation", "sft", "rl",
+SUITE_SECTIONS = ("correctness", "attention", "decode_attention", "sampler", "train_step", "generation", "sft", "rl",
                   "rl_larger")
 # datasheets, by a part of the device's name (the longest that matches: "NVIDIA H200" is the SXM part)
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12, "H200 NVL": 4.8e12,
@@ -137,6 +137,8 @@ def gpu_suite(args):
     attention    packed attention A/B on a 16K-token micro-batch of 8 lengths, forward + backward (suite_attention)
     decode_attention  the decode step's attention over one layer's cache by variant, at 128 and 1,024 rows and spans
                  of 512 and 4,096 columns: eager and graph-replay time, against the bytes the rows need
+    sampler      the decode step's sampler at the model's vocabulary, and its inverse CDF's scan against a scan in
+                 two levels (blocked_cumsum), at 128 and 1,024 rows: eager and graph-replay times (suite_sampler)
     train_step   one micro-batch's forward + backward under each recompute setting and compiled (suite_train_step)
     generation   the RL-shaped workload (prompts x 8, responses 64..512): our tok/s vs transformers.generate,
                  our share of the decode's memory-bandwidth floor, peak memory; per decode step: kernel time
@@ -161,8 +163,8 @@ def gpu_suite(args):
         sizes = dict(logits=(2, 32), greedy_new=8, gap_new=16, gen_prompts=[2, 4], gen_len=(4, 16), step_prompts=[2],
                      step_lens=(4, 12), sft_batch=8, sft_steps=2, sft_response=(20, 60), sft_micro=512, rl_prompts=4,
                      rl_group=2, rl_max=32, attn_tokens=256, compile=False, hf=args.suite_hf,
-                     decode_attn=[(4, 16), (8, 40)], larger=dict(hidden_size=96, num_layers=3, num_heads=6,
-                                                                 num_kv_heads=2), larger_rl_max=16)
+                     decode_attn=[(4, 16), (8, 40)], sampler_rows=[4, 8],
+                     larger=dict(hidden_size=96, num_layers=3, num_heads=6, num_kv_heads=2), larger_rl_max=16)
     else:
         if not torch.cuda.is_available():
             raise UserError("--gpu_suite needs CUDA; --smoke true runs it on CPU with a tiny model")
@@ -172,7 +174,7 @@ def gpu_suite(args):
                      step_prompts=[16, 128], step_lens=(17, 49), sft_batch=64, sft_steps=3, sft_response=(500, 3000),
                      sft_micro=16384, rl_prompts=16, rl_group=8,
                      rl_max=args.suite_rl_response_tokens, attn_tokens=16384, compile=True, hf=args.suite_hf,
-                     decode_attn=[(128, 512), (128, 4096), (1024, 512), (1024, 4096)],
+                     decode_attn=[(128, 512), (128, 4096), (1024, 512), (1024, 4096)], sampler_rows=[128, 1024],
                      larger=QWEN25_3B, larger_rl_max=2048)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
     result = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -199,7 +201,8 @@ def gpu_suite(args):
         save_model(model, base, tok, dtype=torch.bfloat16)  # every section loads this bf16 checkpoint
         del model
         sections = {"correctness": suite_correctness, "attention": suite_attention,
-                    "decode_attention": suite_decode_attention, "train_step": suite_train_step,
+                    "decode_attention": suite_decode_attention, "sampler": suite_sampler,
+                    "train_step": suite_train_step,
                     "generation": suite_generation, "sft": suite_sft, "rl": suite_rl, "rl_larger": suite_rl_larger}
         write()  # the setup's record, before the first section can fail or time out
         for section in args.sections:
@@ -933,6 +936,81 @@ def median_call_us(fn, device, reps=20):
     return statistics.median(times)
 
 
+def eager_and_graph_us(call, device):
+    """call's output (one tensor) and its median time in microseconds eagerly and, on CUDA, replayed as a CUDA graph
+    (captured after a warm-up on a side stream), with whether the graph's output equals the eager one bit for bit."""
+    y = call()
+    times = {"eager_us": median_call_us(call, device)}
+    if device.type == "cuda":
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            y_graph = call()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.update(graph_us=median_call_us(graph.replay, device), graph_equals_eager=bool(torch.equal(y_graph, y)))
+    return times, y
+
+
+def scan_block(vocab):
+    """blocked_cumsum's block for this vocabulary: the largest power of two up to 1,024 that divides it (128 for
+    Qwen2.5's 151,936)."""
+    return max(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if vocab % b == 0)
+
+
+def blocked_cumsum(x, block):
+    """x.cumsum(-1) for (rows, V), V a multiple of block, in two levels: every block's own scan (many short rows,
+    which a GPU runs side by side, where one scan of a 152K-entry row runs in one thread block) plus the sum of the
+    blocks before it. The same sums in another order: equal up to fp32 rounding. A candidate for the engine's
+    inverse CDF (engine.draw), timed by suite_sampler."""
+    rows, v = x.shape
+    within = x.view(rows, v // block, block).cumsum(-1)
+    totals = within[:, :, -1].cumsum(-1)
+    before = torch.cat([torch.zeros_like(totals[:, :1]), totals[:, :-1]], 1)  # the blocks before each, exactly
+    return (within + before[:, :, None]).view(rows, v)
+
+
+def suite_sampler(base, tok, records, sizes, device, seed, tmp):
+    """The decode step's sampler at the model's vocabulary (engine.sample_next at T 1, fp32 logits, each row's one
+    uniform number) for each of sizes["sampler_rows"], and the scan inside it (the inverse CDF's cumsum: on one H200
+    among the four longest kernels of the 128-row decode step, docs/gpu_h200_stage1.json) against blocked_cumsum:
+    eager and graph-replay times, and how far the two scans and the tokens they draw differ."""
+    vocab = read_config(base).vocab_size
+    block = scan_block(vocab)
+    g = torch.Generator(device).manual_seed(seed)
+    bandwidth = datasheet(PEAK_BANDWIDTH, torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    out = []
+    for rows in sizes["sampler_rows"]:
+        logits = torch.randn(rows, vocab, generator=g, device=device) * 3
+        u = torch.rand(rows, 1, generator=g, device=device)
+        probs = engine.sampling_probs(logits, 1.0, 1.0)[1]
+        entry = {"rows": rows, "vocab": vocab, "block": block, "variants": {}}
+        if bandwidth:  # a scan reads and writes rows x V fp32 once
+            entry["scan_floor_us_datasheet"] = 2 * probs.numel() * 4 / bandwidth * 1e6
+        calls = {"sample_next": lambda: engine.sample_next(logits, 1.0, 1.0, u)[0],
+                 "cumsum": lambda: probs.cumsum(-1), "blocked_cumsum": lambda: blocked_cumsum(probs, block)}
+        outputs = {}
+        for name, call in calls.items():
+            measured = recorded(lambda: eager_and_graph_us(call, device))
+            if isinstance(measured, dict):  # its error
+                entry["variants"][name] = measured
+                continue
+            entry["variants"][name], outputs[name] = measured
+        if "cumsum" in outputs and "blocked_cumsum" in outputs:
+            cdf, blocked = outputs["cumsum"], outputs["blocked_cumsum"]
+
+            def draw(c):
+                return torch.searchsorted(c, u * c[:, -1:], right=True).clamp_(max=vocab - 1)
+            entry["max_abs_diff_cdf"] = (blocked - cdf).abs().max().item()
+            entry["same_tokens"] = (draw(cdf) == draw(blocked)).float().mean().item()
+        print(entry, flush=True)
+        out.append(entry)
+    return {"cases": out}
+
+
 def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
     """The decode step's attention for one layer at the model's attention shape, by variant (decode_attention_call)
     at each (rows, span) of sizes["decode_attn"], row lengths drawn in [span / 8, span): the eager call's and a CUDA
@@ -942,7 +1020,7 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
     nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     flash_ok = engine.fa2_runs(device, [dtype])
-    bandwidth = device_ceilings(device)["datasheet_bytes_per_s"] if device.type == "cuda" else None
+    bandwidth = datasheet(PEAK_BANDWIDTH, torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     g = torch.Generator(device).manual_seed(seed)  # drawn where they are used: a 1,024 x 4,096 cache is 2G numbers
     out = []
     for rows, span in sizes["decode_attn"]:
@@ -966,23 +1044,9 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
             k, v = token_major if variant.endswith("token_major") else cache
 
             def measure():
-                call = decode_attention_call(variant, q, k, v, lengths, mask)
-                y = call()
-                times = {"eager_us": median_call_us(call, device)}
-                if device.type == "cuda":
-                    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        call()
-                    torch.cuda.current_stream().wait_stream(stream)
-                    with torch.cuda.graph(graph):
-                        y_graph = call()
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    times.update(graph_us=median_call_us(graph.replay, device),
-                                 graph_equals_eager=bool(torch.equal(y_graph, y)))
-                    if bandwidth:
-                        times["fraction_of_floor_graph"] = entry["floor_us_datasheet"] / times["graph_us"]
+                times, y = eager_and_graph_us(decode_attention_call(variant, q, k, v, lengths, mask), device)
+                if bandwidth and "graph_us" in times:
+                    times["fraction_of_floor_graph"] = entry["floor_us_datasheet"] / times["graph_us"]
                 return times, y
             measured = recorded(measure)
             if isinstance(measured, dict):  # its error

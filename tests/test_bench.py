@@ -74,6 +74,10 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
         by = {v["variant"]: v for v in case["variants"]}
         assert by["written_out"]["max_abs_diff_vs_sdpa_mask"] < 1e-5 and by["sdpa_mask"]["eager_us"] > 0
         assert {v for v in by if "skipped" in by[v]} == {"flash_seqused", "flash_seqused_token_major"}  # CUDA only
+    for case, rows in zip(result["sampler"]["cases"], result["sizes"]["sampler_rows"]):
+        assert case["rows"] == rows and case["block"] == 1024  # the smoke vocabulary: 2,048
+        assert all(case["variants"][v]["eager_us"] > 0 for v in ("sample_next", "cumsum", "blocked_cumsum"))
+        assert case["same_tokens"] == 1 and case["max_abs_diff_cdf"] < 1e-5
     larger = result["rl_larger"]  # its own, larger checkpoint; gpu_memory's peaks grow with it
     assert larger["params"] > result["model"]["params"] and larger["max_response_tokens"] == 16
     assert larger["rollouts"] == 8 and larger["computed_update_peak_gib"] > rl["computed_update_peak_gib"] > 0
@@ -218,6 +222,18 @@ def test_decode_floor_takes_the_larger_floor_at_each_step():
         assert flops[0] / fl > bytes_[0] / bw and flops[1] / fl < bytes_[1] / bw
         assert speed.decode_floor(c, model, prompts, lengths, 2, 2, bw, fl) == pytest.approx(
             flops[0] / fl + bytes_[1] / bw)
+
+
+def test_blocked_cumsum_is_the_scan_in_two_levels():
+    """The sampler A/B's candidate scan: exactly cumsum where every partial sum is exact (small integers), within
+    fp32 rounding otherwise; its block divides the vocabulary."""
+    import torch
+    assert [speed.scan_block(v) for v in (151936, 2048, 96, 7)] == [128, 1024, 32, 1]
+    x = torch.randint(0, 50, (3, 96)).float()
+    for block in (1, 8, 32, 96):
+        assert torch.equal(speed.blocked_cumsum(x, block), x.cumsum(-1))
+    p = torch.rand(4, 4096)
+    torch.testing.assert_close(speed.blocked_cumsum(p, 128), p.cumsum(-1), rtol=1e-5, atol=1e-4)
 
 
 def test_decode_attention_variants_read_each_rows_own_columns(monkeypatch):
