@@ -91,8 +91,12 @@ def nucleus(logits, temperature, top_p):
 def draw(probs, u):
     """Inverse CDF: for each row the first token whose cumulative mass exceeds u (in [0, 1)) times the row's mass;
     that token has non-zero probability."""
-    cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    return inverse_cdf(probs.cumsum(-1), u)
+
+
+def inverse_cdf(cdf, u):
+    """draw's search, over the rows' cumulative masses cdf (rows, V): (rows,) tokens."""
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 def sample_next(logits, temperature, top_p, u):

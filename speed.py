@@ -1001,11 +1001,8 @@ def suite_sampler(base, tok, records, sizes, device, seed, tmp):
             entry["variants"][name], outputs[name] = measured
         if "cumsum" in outputs and "blocked_cumsum" in outputs:
             cdf, blocked = outputs["cumsum"], outputs["blocked_cumsum"]
-
-            def draw(c):
-                return torch.searchsorted(c, u * c[:, -1:], right=True).clamp_(max=vocab - 1)
             entry["max_abs_diff_cdf"] = (blocked - cdf).abs().max().item()
-            entry["same_tokens"] = (draw(cdf) == draw(blocked)).float().mean().item()
+            entry["same_tokens"] = (engine.inverse_cdf(cdf, u) == engine.inverse_cdf(blocked, u)).float().mean().item()
         print(entry, flush=True)
         out.append(entry)
     return {"cases": out}
