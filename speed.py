@@ -49,6 +49,11 @@ def datasheet(table, device_name):
     return table[max(keys, key=len)] if keys else None
 
 
+def datasheet_bandwidth(device):
+    """The datasheet's memory bandwidth of this device (bytes/s); None on a CPU or a card not in PEAK_BANDWIDTH."""
+    return datasheet(PEAK_BANDWIDTH, torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
 def make_workload(kind, n_prompts, samples, min_len, max_len, fixed_len, vocab, seed):
     """Prompts of 16..160 tokens and each row's response length (prompt-major rows)."""
     g = torch.Generator().manual_seed(seed)
@@ -981,7 +986,7 @@ def suite_sampler(base, tok, records, sizes, device, seed, tmp):
     vocab = read_config(base).vocab_size
     block = scan_block(vocab)
     g = torch.Generator(device).manual_seed(seed)
-    bandwidth = datasheet(PEAK_BANDWIDTH, torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    bandwidth = datasheet_bandwidth(device)
     out = []
     for rows in sizes["sampler_rows"]:
         logits = torch.randn(rows, vocab, generator=g, device=device) * 3
@@ -994,7 +999,7 @@ def suite_sampler(base, tok, records, sizes, device, seed, tmp):
                  "cumsum": lambda: probs.cumsum(-1), "blocked_cumsum": lambda: blocked_cumsum(probs, block)}
         outputs = {}
         for name, call in calls.items():
-            measured = recorded(lambda: eager_and_graph_us(call, device))
+            measured = recorded(functools.partial(eager_and_graph_us, call, device))
             if isinstance(measured, dict):  # its error
                 entry["variants"][name] = measured
                 continue
@@ -1017,7 +1022,7 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
     nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     flash_ok = engine.fa2_runs(device, [dtype])
-    bandwidth = datasheet(PEAK_BANDWIDTH, torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    bandwidth = datasheet_bandwidth(device)
     g = torch.Generator(device).manual_seed(seed)  # drawn where they are used: a 1,024 x 4,096 cache is 2G numbers
     out = []
     for rows, span in sizes["decode_attn"]:
