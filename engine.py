@@ -110,6 +110,46 @@ def sample_next(logits, temperature, top_p, u):
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+def sampler_block(vocab):
+    """sample_blocked's block: the largest power of two up to 1,024 that divides the vocabulary (128 for Qwen2.5's
+    151,936; 1 for a prime one, where the blocked sampler still draws right, only slowly)."""
+    return max(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if vocab % b == 0)
+
+
+def sample_blocked(logits, temperature, u):
+    """sample_next at top_p = 1 from logits (rows, V) of any float dtype, reading them about once (generate's
+    blocked_sampler, compiled with the fused ops): where sample_next writes the full-vocabulary log-probs, probabilities
+    and CDF (some 40 bytes per logit in fp32 at 1,024 rows x 152K entries), this keeps per row only each block's
+    maximum and mass, draws the block by their inverse CDF, then the token inside it by the block's own. Exact
+    arithmetic gives sample_next's token for the same u, and log-prob x - max - log(mass); fp32 rounds the sums in
+    another order, so a token differs where u lies within that rounding of a boundary (never one of probability 0).
+    Greedy (temperature 0): the argmax, and its log-prob -log(sum of exp(x - max))."""
+    x = logits.float() if logits.dtype in HALF else logits  # (bf16 logits: the cast fused into the reads)
+    if temperature not in (0, 1):  # x / 1 = x: one pass less
+        x = x / temperature
+    rows, vocab = x.shape
+    if temperature == 0:
+        m = x.amax(-1, keepdim=True)
+        return x.argmax(-1), -(x - m).exp().sum(-1).log()
+    block = sampler_block(vocab)
+    blocks = x.view(rows, vocab // block, block)
+    # each block's max and its mass under it: one read of the logits, a block being short enough for one pass; a
+    # block of -inf only (banned tokens) gets a finite max, so that its mass is 0, not NaN
+    peak = blocks.amax(-1).clamp(min=torch.finfo(torch.float32).min)
+    m = peak.amax(-1, keepdim=True)
+    cdf = ((blocks - peak[..., None]).exp().sum(-1) * (peak - m).exp()).cumsum(-1)
+    b = inverse_cdf(cdf, u)  # the block, one of non-zero mass
+    before = torch.where(b > 0, cdf.gather(-1, (b - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    rest = (u * cdf[:, -1:]).squeeze(-1) - before  # the mass left to walk inside the block
+    cols = b[:, None] * block + torch.arange(block, device=x.device)
+    within = (x.gather(-1, cols) - m).exp().cumsum(-1)
+    # the block's own sum rounds differently from its mass in cdf: keep rest below it, so the token has mass
+    rest = torch.minimum(rest, within[:, -1] * (1 - 2.0**-23))
+    t = torch.searchsorted(within, rest[:, None], right=True).clamp_(max=block - 1).squeeze(-1)
+    tok = b * block + t
+    return tok, x.gather(-1, tok[:, None]).squeeze(-1) - m.squeeze(-1) - cdf[:, -1].log()
+
+
 def cross_next(logits, partner_logits, temperature, top_p, u, switch):
     """Cross-sampling's pick: each row draws from its model's distribution, or, where switch(p, q) (p, q: the two
     renormalised nuclei) is True, from the partner's. Both draws use the row's one uniform number, as sample_next
@@ -212,9 +252,9 @@ def silu_mul(gate_up):
 
 
 # the step's small element-wise pieces: eagerly, several kernels each (RMSNorm 6-8, RoPE and the K/V join 6, the
-# sampler's hash ~20)
+# sampler's hash ~20, the blocked sampler ~20)
 EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rope_qkv=rope_qkv,
-                            silu_mul=silu_mul, keyed_uniforms=keyed_uniforms)
+                            silu_mul=silu_mul, keyed_uniforms=keyed_uniforms, sample_blocked=sample_blocked)
 
 
 @functools.cache
@@ -279,7 +319,8 @@ class Slots:
         self.stop = torch.full((MAX_STOP_IDS,), -1, **z)
         self.graphs, self.graphs_read, self.pool = {}, (), None  # CUDA graphs by shape, the weights they read
         self.stream = None  # the side stream of the graphs' warm-up steps
-        self.forcing, self.ops, self.fa2 = False, EAGER_OPS, False  # generate sets these for each call
+        # generate sets these for each call
+        self.forcing, self.ops, self.fa2, self.blocked_sampler = False, EAGER_OPS, False, False
 
     def fits(self, cfgs, count, max_len, max_new, dtypes, device):
         return (len(cfgs) == len(self.caches) and count <= self.count and max_len <= self.max_len
@@ -438,28 +479,33 @@ def decode_step(weights, slots, rows, spans, temperature, top_p, switch=None):
         for gw, cache in zip(weights, slots.caches):
             attend = decode_attention(slots, cache, rows, spans, decode_flash(cache))
             hidden = forward(gw, slots.tok[:rows], slots.lengths[:rows], attend, slots.ops)
-            logits.append(F.linear(hidden, gw.lm_head).float())
+            logits.append(F.linear(hidden, gw.lm_head))  # in the weights' dtype: pick casts what it must
     slots.lengths[:rows] += slots.alive[:rows]  # finished rows stay where they are
     pick(slots, slice(0, rows), logits, temperature, top_p, switch)
 
 
 def pick(slots, idx, logits, temperature, top_p, switch=None):
-    """Sample the next token of slots idx from their logits (one (rows, V) tensor per model) and record it. idx: a
-    slice of slots (the decode step: every read a view, every write a copy), or an index tensor (admitted rows)."""
+    """Sample the next token of slots idx from their logits (one (rows, V) tensor per model, any float dtype) and
+    record it. idx: a slice of slots (the decode step: every read a view, every write a copy), or an index tensor
+    (admitted rows)."""
     at = slots.rows[idx]  # the slots, as indices
     pos, alive = slots.pos[idx], slots.alive[idx]
     first = logits[0]
     if slots.forcing:  # benchmarks: the first stop id banned before the row's forced length, and forced at it
         # (in place: the logits are this step's own)
         stop, now = slots.stop[:1], (pos + 1 == slots.force[idx])[:, None]
-        first.masked_fill_(now, -float("inf")).index_copy_(1, stop, torch.where(now, 0.0, -float("inf")))
+        first.masked_fill_(now, -float("inf")).index_copy_(1, stop, torch.where(now, 0.0, -float("inf")).to(first))
     u = slots.ops.keyed_uniforms(slots.key[idx], pos) if temperature > 0 else None
     col = torch.where(alive, pos, slots.width - 1)  # the spare column for rows past their end
-    if len(logits) == 1:
-        tok, lp = sample_next(first, temperature, top_p, u)
+    blocked = len(logits) == 1 and slots.blocked_sampler and top_p == 1
+    logits = [x if blocked and x.dtype in HALF else x.float() for x in logits]  # the blocked sampler casts as it reads
+    if blocked:
+        tok, lp = slots.ops.sample_blocked(logits[0], temperature, u)
+    elif len(logits) == 1:
+        tok, lp = sample_next(logits[0], temperature, top_p, u)
     else:
         sample = slots.sample[idx]
-        tok, lp, switched, differs = cross_next(first, logits[1], temperature, top_p, u,
+        tok, lp, switched, differs = cross_next(logits[0], logits[1], temperature, top_p, u,
                                                 lambda p, q: switch(p, q, sample, pos))
         slots.out_switched[at, col], slots.out_differs[at, col] = switched, differs
     slots.out_tok[at, col], slots.out_lp[at, col] = tok, lp
@@ -497,7 +543,7 @@ def run_step(weights, slots, rows, spans, temperature, top_p, switch, graphs):
     if slots.graphs_read != serials:  # captured on other weights: their addresses are stale
         # and a fresh pool: the allocator refuses to capture into a pool whose every graph was dropped
         slots.graphs, slots.graphs_read, slots.pool = {}, serials, None
-    key = (rows, spans, temperature, top_p, slots.forcing, slots.ops is not EAGER_OPS, slots.fa2)
+    key = (rows, spans, temperature, top_p, slots.forcing, slots.ops is not EAGER_OPS, slots.fa2, slots.blocked_sampler)
     with torch.cuda.device(slots.rows.device):  # capture and replay on the slots' GPU, whichever is current
         graph = slots.graphs.get(key)
         if graph is None:
@@ -566,7 +612,7 @@ GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
              max_seq_len=None, partner=None, switch=None, slots=None, buckets="auto",
              sync_every=None, block=None, attention_groups=None, graphs=None, fused=None, forced_lengths=None,
-             on_finish=None, dtype=None, reserve=None, fa2_decode_attention=None):
+             on_finish=None, dtype=None, reserve=None, fa2_decode_attention=None, blocked_sampler=False):
     """Sample n responses for each prompt (lists of token ids, any lengths). Returns a list of Generation,
     prompt-major (all samples of prompt 0, then prompt 1, ...); temperature=0 is greedy. model: a plain Transformer
     (copied into generation's kept GenWeights, in dtype: default its own) or a GenWeights (e.g. of a sharded model).
@@ -594,6 +640,10 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     half precision), each row reading only its own columns where SDPA reads its group's span under a mask; default:
     where it can run (fa2_runs) and without a partner. On one H200 the attention ran at 51 % of its bandwidth floor
     at 1,024 rows x 4,096 columns against SDPA's 27 %, and whole runs were 7-15 % faster (docs/gpu_h200.json).
+    blocked_sampler: at top_p = 1 (and greedy) the decode step draws with sample_blocked, which reads the logits (in
+    the weights' dtype) about once and writes nothing of their size, where sample_next writes the full-vocabulary
+    log-probs, probabilities and CDF; compiled with the fused ops. Off until a GPU measures it (bench.py --gpu_suite
+    --sections sampler generation); like the fused ops, it rounds fp32 otherwise, so a token flips now and then.
 
     Cross-sampling (token_shift.py): partner, a second model of the same vocabulary, decodes in lock-step with
     its own KV cache and is fed the same tokens; switch(p, q, samples, positions) -> bool per row chooses the rows
@@ -655,6 +705,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     if fa2_decode_attention and cuda and any(gw.dtype not in HALF for gw in weights):
         raise ValueError("fa2_decode_attention needs a half-precision engine (dtype bfloat16 or float16)")
     state.fa2 = fa2_decode_attention
+    state.blocked_sampler = blocked_sampler and partner is None
     state.alive.zero_()
     state.sample.fill_(-1)
 

@@ -181,6 +181,9 @@ def test_decode_step_never_syncs_and_its_buffers_never_move(monkeypatch):
     other = random_model(CONFIGS["qwen2_tied"], seed=5)  # the next policy: same shapes, new weights
     generate(other, prompts[:3], n=2, max_new_tokens=12, temperature=0, stop_ids=[3], slots=4)
     generate(other, prompts, n=2, max_new_tokens=10, stop_ids=[3], forced_lengths=[5] * 12, slots=8)
+    for temperature in (1.0, 0):
+        generate(other, prompts, n=2, max_new_tokens=10, temperature=temperature, stop_ids=[3], slots=8,
+                 blocked_sampler=True)
     assert calls > 10 and len(seen) > calls + 10
     assert all(ptrs == seen[0] for ptrs in seen)
 
@@ -243,13 +246,16 @@ def test_fused_ops_are_not_the_default_on_cpu():
 @pytest.mark.slow
 def test_fused_ops_give_the_eager_samples():
     """generate(fused=True): residual add + RMSNorm, RoPE and SiLU * up compiled by torch.compile (Qwen3: q/k norms)
-    give the eager path's tokens and log-probs (<= 1e-6). Slow: the first compile takes ~10 s on a CPU."""
+    give the eager path's tokens and log-probs (<= 1e-6), also with the blocked sampler compiled. Slow: the first
+    compile takes ~10 s on a CPU."""
     model = build_model(CONFIGS["qwen3"], 7, std=0.05)
     kw = dict(n=2, max_new_tokens=20, temperature=1.0, seed=3)
-    fused, eager = generate(model, ragged_prompts(), fused=True, **kw), generate(model, ragged_prompts(), **kw)
-    assert [g.tokens for g in fused] == [g.tokens for g in eager]
-    torch.testing.assert_close(torch.tensor([x for g in fused for x in g.logprobs]),
-                               torch.tensor([x for g in eager for x in g.logprobs]), atol=1e-6, rtol=1e-6)
+    eager = generate(model, ragged_prompts(), **kw)
+    for fused in (generate(model, ragged_prompts(), fused=True, **kw),
+                  generate(model, ragged_prompts(), fused=True, blocked_sampler=True, **kw)):
+        assert [g.tokens for g in fused] == [g.tokens for g in eager]
+        torch.testing.assert_close(torch.tensor([x for g in fused for x in g.logprobs]),
+                                   torch.tensor([x for g in eager for x in g.logprobs]), atol=1e-6, rtol=1e-6)
 
 
 def uniforms(seed, samples, positions):
@@ -311,14 +317,71 @@ def test_sample_next_follows_the_tempered_and_nucleus_distribution():
     assert abs(freq[2] - p[2] / (p[1] + p[2])) < 0.01
 
 
-def test_forced_lengths_end_each_row_at_its_length():
+def test_sample_blocked_draws_sample_next_tokens():
+    """The blocked sampler (each block's mass, then the token inside the drawn block) is sample_next at top_p = 1: in
+    fp64, where its other order of summing cannot move a token, the same tokens and log-probs for the same uniform
+    numbers, 0 and the largest included; at temperatures 1, 0.7 and greedy; with blocks of 128, 32 and 1 (a prime
+    vocabulary); with banned (-inf) tokens, whole blocks of them and a row with one token left."""
+    g = torch.Generator().manual_seed(0)
+    for vocab in (384, 96, 7):
+        logits = torch.randn(300, vocab, generator=g, dtype=torch.float64) * 3
+        logits[::3, :vocab // 2] = -float("inf")
+        logits[1::5, 5] = -float("inf")
+        logits[2, :] = -float("inf")
+        logits[2, 4] = 0.0
+        u = torch.rand(300, 1, generator=g, dtype=torch.float64)
+        u[0], u[1] = 0.0, 1 - 2**-24
+        for temperature in (1.0, 0.7, 0):
+            draw = None if temperature == 0 else u
+            want_tok, want_lp = sample_next(logits, temperature, 1.0, draw)
+            tok, lp = engine.sample_blocked(logits, temperature, draw)
+            assert torch.equal(tok, want_tok), (vocab, temperature)
+            torch.testing.assert_close(lp, want_lp, atol=1e-12, rtol=1e-12)
+            assert tok[2] == 4 and lp[2] == 0.0
+    assert [engine.sampler_block(v) for v in (151936, 2048, 96, 7)] == [128, 1024, 32, 1]
+
+
+def test_sample_blocked_never_draws_a_token_of_probability_0():
+    """fp32 sums a block's mass (for the block's draw) and its running sum (for the token's) in different orders, so
+    a uniform number just under a block's end can overshoot the block's own total: the draw must then end on the
+    block's last token of non-zero probability, not on its last token. Here every block's last token is banned and
+    each row's number sits one ulp under the top of a random block."""
+    g = torch.Generator().manual_seed(0)
+    rows, vocab, block = 4000, 1024, engine.sampler_block(1024)
+    logits = torch.randn(rows, vocab, generator=g) * 4
+    logits.view(rows, -1, block)[:, :, -1] = -float("inf")
+    ends = (logits - logits.amax(-1, keepdim=True)).exp().view(rows, -1, block).sum(-1).cumsum(-1)
+    b = torch.randint(0, vocab // block, (rows, 1), generator=g)
+    u = torch.nextafter(ends.gather(-1, b) / ends[:, -1:], torch.tensor(0.0))
+    tok, lp = engine.sample_blocked(logits, 1.0, u)
+    assert torch.isfinite(lp).all() and (tok % block != block - 1).all()
+    assert (tok // block == b[:, 0]).float().mean() > 0.5  # the uniform numbers do sit at the blocks' tops
+
+
+def test_blocked_sampler_gives_the_default_samples():
+    """generate(blocked_sampler=True) draws what the default draws (fp32 logits, either sampler), through refill and
+    compaction, greedy, and with top-p (where it leaves sampling to sample_next)."""
+    model = random_model(CONFIGS["qwen3"], seed=6)
+    prompts = ragged_prompts(2)
+    for kw in (dict(temperature=1.0), dict(temperature=0.7, slots=5, sync_every=2), dict(temperature=0),
+               dict(temperature=1.0, top_p=0.9, slots=7)):
+        kw = dict(n=3, max_new_tokens=20, stop_ids=[3, 4, 5], seed=7, **kw)
+        ref, out = generate(model, prompts, **kw), generate(model, prompts, **kw, blocked_sampler=True)
+        assert [g.tokens for g in out] == [g.tokens for g in ref], kw
+        torch.testing.assert_close(torch.tensor([x for g in out for x in g.logprobs]),
+                                   torch.tensor([x for g in ref for x in g.logprobs]), atol=1e-6, rtol=1e-6)
+    assert any(g.finished for g in ref) and not all(g.finished for g in ref)
+
+
+@pytest.mark.parametrize("blocked_sampler", [False, True])
+def test_forced_lengths_end_each_row_at_its_length(blocked_sampler):
     """A benchmark's forced stops: each row ends exactly at its length, on the stop id, drawn with log-prob 0 (the
     only token left), and never draws the stop id before (banned there, with finite log-probs elsewhere)."""
     model = random_model(CONFIGS["qwen2_tied"], seed=2)
     lengths = [1, 5, 9, 3, 9, 2]
     for temperature in (1.0, 0.0):
         out = generate(model, ragged_prompts(3, lengths=(4, 7, 2)), n=2, max_new_tokens=9, temperature=temperature,
-                       stop_ids=[3], seed=4, forced_lengths=lengths)
+                       stop_ids=[3], seed=4, forced_lengths=lengths, blocked_sampler=blocked_sampler)
         assert [len(g.tokens) for g in out] == lengths and all(g.finished for g in out)
         assert all(g.tokens[-1] == 3 and 3 not in g.tokens[:-1] and g.logprobs[-1] == 0.0 for g in out)
         assert all(-float("inf") < lp < 0 for g in out for lp in g.logprobs[:-1])
