@@ -142,8 +142,8 @@ def gpu_suite(args):
     attention    packed attention A/B on a 16K-token micro-batch of 8 lengths, forward + backward (suite_attention)
     decode_attention  the decode step's attention over one layer's cache by variant, at 128 and 1,024 rows and spans
                  of 512 and 4,096 columns: eager and graph-replay time, against the bytes the rows need
-    sampler      the decode step's sampler at the model's vocabulary, and its inverse CDF's scan against a scan in
-                 two levels (blocked_cumsum), at 128 and 1,024 rows: eager and graph-replay times (suite_sampler)
+    sampler      the decode step's sampler at the model's vocabulary, today's (sample_next) against the blocked one
+                 (sample_blocked, eager and compiled), at 128 and 1,024 rows: eager and graph-replay times
     train_step   one micro-batch's forward + backward under each recompute setting and compiled (suite_train_step)
     generation   the RL-shaped workload (prompts x 8, responses 64..512): our tok/s vs transformers.generate,
                  our share of the decode's memory-bandwidth floor, peak memory; per decode step: kernel time
@@ -386,18 +386,26 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
                 # the default on CUDA: graphs of the fused ops against the fused ops run eagerly
                 fused = {"fused": True}
                 out["graphs_vs_eager_fused_fp32"] = agreement(ours, {"graphs": False, **fused}, fused)[0]
+                # the blocked sampler (compiled with the fused ops) against today's, and its graphs against its eager
+                blocked = {"fused": True, "blocked_sampler": True}
+                out["blocked_sampler_vs_sample_next_fused_fp32"] = agreement(ours, fused, blocked)[0]
+                out["graphs_vs_eager_blocked_sampler_fp32"] = agreement(ours, {"graphs": False, **blocked}, blocked)[0]
         if dtype == torch.bfloat16 and device.type == "cuda":  # FA2 takes half precision only
             fa2 = recorded(functools.partial(agreement, ours, {"fa2_decode_attention": False},
                                              {"fa2_decode_attention": True}))
             out["fa2_vs_sdpa_decode_attention_bf16"] = fa2[0] if isinstance(fa2, tuple) else fa2
-        # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens
-        gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed)
-        with torch.no_grad():
-            teacher = response_logprobs(ours, [prompts[x.prompt_index] for x in gens], [x.tokens for x in gens], 0.7,
-                                        4096, with_entropy=False).float().cpu()
-        sampler = torch.tensor([v for x in gens for v in x.logprobs])
-        out[f"logprob_gap_{tag}"] = {"mean_abs": (teacher - sampler).abs().mean().item(),
-                                     "max_abs": (teacher - sampler).abs().max().item(), "tokens": sampler.numel()}
+        # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens; with
+        # either sampler (the blocked one reads bf16 logits as they are)
+        for suffix, blocked_sampler in (("", False), ("_blocked_sampler", True)):
+            gens = generate(ours, prompts, n=4, max_new_tokens=sizes["gap_new"], temperature=0.7, seed=seed,
+                            blocked_sampler=blocked_sampler)
+            with torch.no_grad():
+                teacher = response_logprobs(ours, [prompts[x.prompt_index] for x in gens], [x.tokens for x in gens],
+                                            0.7, 4096, with_entropy=False).float().cpu()
+            sampler = torch.tensor([v for x in gens for v in x.logprobs])
+            out[f"logprob_gap_{tag}{suffix}"] = {"mean_abs": (teacher - sampler).abs().mean().item(),
+                                                 "max_abs": (teacher - sampler).abs().max().item(),
+                                                 "tokens": sampler.numel()}
         del ours, hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -419,7 +427,8 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
     workloads = []
     min_len, max_len = sizes["gen_len"]
     # "ours": graphs without the fused ops; "fused": with them; both with SDPA's decode attention; "fa2": the fused
-    # ops and FA2's decode attention (generate's default on CUDA sm80+ in half precision)
+    # ops and FA2's decode attention (generate's default on CUDA sm80+ in half precision); "blocked_sampler": the
+    # default with the blocked sampler
     sdpa = {"fa2_decode_attention": False}
     for n_prompts in sizes["gen_prompts"]:
         prompts, lengths = make_workload("rl", n_prompts, samples, min_len, max_len, 0, cfg.vocab_size, seed)
@@ -440,6 +449,11 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
             run(fused=True, fa2_decode_attention=True)
             return timed(lambda: run(fused=True, fa2_decode_attention=True), device)
         fa2 = recorded(with_fa2) if device.type == "cuda" else None
+
+        def with_blocked():  # generate's default (FA2 where it runs) with the blocked sampler
+            run(fused=True, fa2_decode_attention=None, blocked_sampler=True)
+            return timed(lambda: run(fused=True, fa2_decode_attention=None, blocked_sampler=True), device)
+        blocked = recorded(with_blocked)
         t_eager = (timed(lambda: run(graphs=False, fused=False), device)
                    if n_prompts == sizes["gen_prompts"][0] else None)  # what the graphs gain, on the smaller workload
         w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours,
@@ -450,6 +464,10 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
             w.update(ours_fa2_s=fa2, ours_fa2_tok_s=sum(lengths) / fa2)
         elif fa2 is not None:
             w["ours_fa2"] = fa2  # its error
+        if isinstance(blocked, float):
+            w.update(ours_blocked_sampler_s=blocked, ours_blocked_sampler_tok_s=sum(lengths) / blocked)
+        else:
+            w["ours_blocked_sampler"] = blocked  # its error
         if hf is not None:
             reset_peak(device)
             t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
@@ -471,8 +489,9 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
             w["floor_s_datasheet_roofline"] = floor
             w["ours_fraction_of_roofline_datasheet"] = floor / t_ours
             w["ours_fused_fraction_of_roofline_datasheet"] = floor / t_fused
-            if "ours_fa2_s" in w:
-                w["ours_fa2_fraction_of_roofline_datasheet"] = floor / w["ours_fa2_s"]
+            for name in ("fa2", "blocked_sampler"):
+                if f"ours_{name}_s" in w:
+                    w[f"ours_{name}_fraction_of_roofline_datasheet"] = floor / w[f"ours_{name}_s"]
         workloads.append(w)
         print(w, flush=True)
     hf = None  # free its memory before the profiled runs
@@ -481,6 +500,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
                 "graphs_fused": dict(fused=True, **sdpa)}
     if device.type == "cuda":
         variants["graphs_fused_fa2"] = dict(fused=True, fa2_decode_attention=True)
+        variants["graphs_fused_fa2_blocked_sampler"] = dict(fused=True, fa2_decode_attention=True, blocked_sampler=True)
     return {"workloads": workloads,
             "decode_step": [dict(variant=name, **recorded(lambda: decode_step_profile(
                 model, n, samples, sizes["step_lens"], stop_id, device, seed, **settings)))
@@ -960,54 +980,40 @@ def eager_and_graph_us(call, device):
     return times, y
 
 
-def scan_block(vocab):
-    """blocked_cumsum's block for this vocabulary: the largest power of two up to 1,024 that divides it (128 for
-    Qwen2.5's 151,936)."""
-    return max(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if vocab % b == 0)
-
-
-def blocked_cumsum(x, block):
-    """x.cumsum(-1) for (rows, V), V a multiple of block, in two levels: every block's own scan (many short rows,
-    which a GPU runs side by side, where one scan of a 152K-entry row runs in one thread block) plus the sum of the
-    blocks before it. The same sums in another order: equal up to fp32 rounding. A candidate for the engine's
-    inverse CDF (engine.draw), timed by suite_sampler."""
-    rows, v = x.shape
-    within = x.view(rows, v // block, block).cumsum(-1)
-    totals = within[:, :, -1].cumsum(-1)
-    before = torch.cat([torch.zeros_like(totals[:, :1]), totals[:, :-1]], 1)  # the blocks before each, exactly
-    return (within + before[:, :, None]).view(rows, v)
-
-
 def suite_sampler(base, tok, records, sizes, device, seed, tmp):
-    """The decode step's sampler at the model's vocabulary (engine.sample_next at T 1, fp32 logits, each row's one
-    uniform number) for each of sizes["sampler_rows"], and the scan inside it (the inverse CDF's cumsum: on one H200
-    among the four longest kernels of the 128-row decode step, docs/gpu_h200_stage1.json) against blocked_cumsum:
-    eager and graph-replay times, and how far the two scans and the tokens they draw differ."""
+    """The decode step's sampler at the model's vocabulary, T 1, for each of sizes["sampler_rows"]: what the step runs
+    today (the lm_head's logits cast to fp32, then engine.sample_next: log-softmax, exp, cumsum over every entry)
+    against engine.sample_blocked on the logits as the lm_head writes them (bf16 on a GPU), eagerly and compiled as
+    generate(fused=True, blocked_sampler=True) runs it. Eager and graph-replay times, the floor of one read of the
+    logits at the datasheet bandwidth, and how far each draw's tokens and log-probs are from today's."""
     vocab = read_config(base).vocab_size
-    block = scan_block(vocab)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device).manual_seed(seed)
     bandwidth = datasheet_bandwidth(device)
     out = []
     for rows in sizes["sampler_rows"]:
-        logits = torch.randn(rows, vocab, generator=g, device=device) * 3
+        logits = (torch.randn(rows, vocab, generator=g, device=device) * 3).to(dtype)
         u = torch.rand(rows, 1, generator=g, device=device)
-        probs = engine.sampling_probs(logits, 1.0, 1.0)[1]
-        entry = {"rows": rows, "vocab": vocab, "block": block, "variants": {}}
-        if bandwidth:  # a scan reads and writes rows x V fp32 once
-            entry["scan_floor_us_datasheet"] = 2 * probs.numel() * 4 / bandwidth * 1e6
-        calls = {"sample_next": lambda: engine.sample_next(logits, 1.0, 1.0, u)[0],
-                 "cumsum": lambda: probs.cumsum(-1), "blocked_cumsum": lambda: blocked_cumsum(probs, block)}
+        entry = {"rows": rows, "vocab": vocab, "block": engine.sampler_block(vocab), "logits_dtype": str(dtype),
+                 "variants": {}}
+        if bandwidth:
+            entry["read_logits_once_us_datasheet"] = logits.numel() * logits.element_size() / bandwidth * 1e6
+        calls = {"sample_next": lambda: torch.stack(engine.sample_next(logits.float(), 1.0, 1.0, u)),
+                 "sample_blocked_eager": lambda: torch.stack(engine.sample_blocked(logits, 1.0, u))}
+        if sizes["compile"]:  # seconds on a GPU; the smoke's CPU would take ~10 s
+            calls["sample_blocked_fused"] = lambda: torch.stack(engine.fused_ops().sample_blocked(logits, 1.0, u))
         outputs = {}
-        for name, call in calls.items():
+        for name, call in calls.items():  # each output: (2, rows), its tokens (as floats) over their log-probs
             measured = recorded(functools.partial(eager_and_graph_us, call, device))
             if isinstance(measured, dict):  # its error
                 entry["variants"][name] = measured
                 continue
             entry["variants"][name], outputs[name] = measured
-        if "cumsum" in outputs and "blocked_cumsum" in outputs:
-            cdf, blocked = outputs["cumsum"], outputs["blocked_cumsum"]
-            entry["max_abs_diff_cdf"] = (blocked - cdf).abs().max().item()
-            entry["same_tokens"] = (engine.inverse_cdf(cdf, u) == engine.inverse_cdf(blocked, u)).float().mean().item()
+        today = outputs.get("sample_next")
+        for name, y in outputs.items():
+            if today is not None and name != "sample_next":
+                entry["variants"][name].update(same_tokens=(y[0] == today[0]).float().mean().item(),
+                                               max_abs_logprob_diff=(y[1] - today[1]).abs().max().item())
         print(entry, flush=True)
         out.append(entry)
     return {"cases": out}
