@@ -321,7 +321,8 @@ class Slots:
         self.graphs, self.graphs_read, self.pool = {}, (), None  # CUDA graphs by shape, the weights they read
         self.stream = None  # the side stream of the graphs' warm-up steps
         # generate sets these for each call
-        self.forcing, self.ops, self.fa2, self.blocked_sampler = False, EAGER_OPS, False, False
+        self.forcing, self.ops, self.fa2, self.fa2_splits, self.blocked_sampler = False, EAGER_OPS, False, None, False
+        self.sms = multiprocessors(device)  # what FA2's split rule fills (fa2_split_count)
 
     def fits(self, cfgs, count, max_len, max_new, dtypes, device):
         return (len(cfgs) == len(self.caches) and count <= self.count and max_len <= self.max_len
@@ -381,16 +382,23 @@ def kept_slots(cfgs, count, max_len, max_new, dtypes, device):
 # prefill, the decode step and its pick
 
 
-def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
+def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, num_splits=None):
     """aten's FA2 varlen forward (inside the torch wheel; CUDA sm80+, half precision), no dropout, not causal:
     sequence b's queries q[cu_q[b]:cu_q[b + 1]] attend to keys k[cu_k[b]:cu_k[b] + seqused_k[b]] (cu_k[b + 1] is
     not used), seqused_k[b] <= max_k; (tokens, heads, hd) inputs, fewer key/value heads than query heads allowed.
+    num_splits: the parts each sequence's keys are cut into, each its own thread block (None: FA2's own rule).
     Tests stand in for it."""
     if q.device.type != "cuda":
         raise ValueError("fa2_decode_attention runs FA2's CUDA kernel (sm80+, half precision), not on "
                          f"{q.device.type}")
+    splits = {}
+    if num_splits is not None:
+        if "num_splits" not in str(torch.ops.aten._flash_attention_forward.default._schema):
+            raise ValueError(f"fa2_splits needs a torch whose FA2 op takes num_splits; torch {torch.__version__}'s "
+                             "does not")
+        splits = {"num_splits": num_splits}
     return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
-                                                   seqused_k=seqused_k)[0]
+                                                   seqused_k=seqused_k, **splits)[0]
 
 
 def fa2_runs(device, dtypes):
@@ -407,18 +415,38 @@ def fa2_starts(rows, kv_heads, columns, device):
     return cu_q, cu_q * (kv_heads * columns)
 
 
-def fa2_decode(q, kc, vc, seqused, max_k, starts=None):
+def fa2_decode(q, kc, vc, seqused, max_k, starts=None, num_splits=None):
     """One query per row (q (rows, heads, hd)) over that row's first seqused[r] (int32) columns of one layer's cache
     kc, vc (rows, kv_heads, columns, hd), by flash_varlen_forward, which reads no other column: the cache seen as
     tokens of (kv_heads, hd) with a stride of hd and its heads columns * hd apart, row r starting at token r *
     kv_heads * columns (and the view ending where the last row's first head does, inside the rows' slots).
-    starts: fa2_starts for this shape (the decode step makes them once for all layers)."""
+    starts: fa2_starts for this shape (the decode step makes them once for all layers). num_splits: as
+    flash_varlen_forward's."""
     rows, nkv, cols, hd = kc.shape
     assert kc.stride() == vc.stride() == (nkv * cols * hd, cols * hd, hd, 1), "a slice of the cache's slots"
     tokens = ((rows - 1) * nkv + 1) * cols
     k, v = (t.as_strided((tokens, nkv, hd), (hd, cols * hd, 1)) for t in (kc, vc))
     cu_q, cu_k = starts or fa2_starts(rows, nkv, cols, q.device)
-    return flash_varlen_forward(q, k, v, cu_q, cu_k, 1, max_k, seqused)
+    return flash_varlen_forward(q, k, v, cu_q, cu_k, 1, max_k, seqused, num_splits)
+
+
+FA2_MAX_SPLITS = 128  # FA2's limit on the parts of one call's keys
+
+
+def multiprocessors(device):
+    """A GPU's streaming multiprocessors (1 on a CPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def fa2_split_count(rows, kv_heads, max_k, sms):
+    """generate(fa2_splits="auto"): the parts FA2 cuts each row's keys into (flash-decoding: each part its own thread
+    block, their outputs merged after), for a decode step over `rows` rows reading up to max_k columns on a GPU of
+    `sms` multiprocessors: about 8 blocks per multiprocessor, each part at least 256 columns. FA2's own rule splits
+    only while rows x kv heads fill under 80 % of the multiprocessors once: 128 rows x 2 kv heads on an H200's 132
+    are not split, ~2 blocks per multiprocessor walking up to 4,096 columns each, where FA2 read the cache at 29 % of
+    its floor (docs/gpu_h200.json). A first guess, until bench.py --gpu_suite --sections decode_attention measures
+    the split counts side by side."""
+    return max(1, min(-(-8 * sms // (rows * kv_heads)), max_k // 256, FA2_MAX_SPLITS))
 
 
 def decode_attention(slots, cache, rows, spans, flash):
@@ -433,6 +461,8 @@ def decode_attention(slots, cache, rows, spans, flash):
         max_k = max(span for _, span in spans)
         seqused = (lengths + 1).clamp(max=max_k).to(torch.int32)
         starts = fa2_starts(rows, cache.shape[3], cache.shape[4], cache.device)
+        splits = (fa2_split_count(rows, cache.shape[3], max_k, slots.sms) if slots.fa2_splits == "auto"
+                  else slots.fa2_splits)
     elif flash is None:  # per group: its rows, columns and additive mask (rows, 1, 1, span), built once for all layers
         starts = [0] + [end for end, _ in spans[:-1]]
         groups = [(a, b, span, torch.zeros((b - a, 1, 1, span), dtype=cache.dtype, device=cache.device).masked_fill_(
@@ -452,7 +482,7 @@ def decode_attention(slots, cache, rows, spans, flash):
             return y.reshape(rows, -1)
         cache[i][:, at, :, lengths] = kv  # the keys and values of every row, one write
         if slots.fa2:
-            return fa2_decode(q, kc, vc, seqused, max_k, starts).reshape(rows, -1)
+            return fa2_decode(q, kc, vc, seqused, max_k, starts, splits).reshape(rows, -1)
         # SDPA on the cache, one query per row: the query heads that share a kv head take the place of query
         # positions, all seeing the row's columns (no copies of the cache to repeat kv heads, as SDPA's GQA makes)
         nh, nkv, hd = q.shape[1], kc.shape[1], q.shape[-1]
@@ -544,7 +574,8 @@ def run_step(weights, slots, rows, spans, temperature, top_p, switch, graphs):
     if slots.graphs_read != serials:  # captured on other weights: their addresses are stale
         # and a fresh pool: the allocator refuses to capture into a pool whose every graph was dropped
         slots.graphs, slots.graphs_read, slots.pool = {}, serials, None
-    key = (rows, spans, temperature, top_p, slots.forcing, slots.ops is not EAGER_OPS, slots.fa2, slots.blocked_sampler)
+    key = (rows, spans, temperature, top_p, slots.forcing, slots.ops is not EAGER_OPS, slots.fa2, slots.fa2_splits,
+           slots.blocked_sampler)
     with torch.cuda.device(slots.rows.device):  # capture and replay on the slots' GPU, whichever is current
         graph = slots.graphs.get(key)
         if graph is None:
@@ -613,7 +644,8 @@ GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
              max_seq_len=None, partner=None, switch=None, slots=None, buckets="auto",
              sync_every=None, block=None, attention_groups=None, graphs=None, fused=None, forced_lengths=None,
-             on_finish=None, dtype=None, reserve=None, fa2_decode_attention=None, blocked_sampler=False):
+             on_finish=None, dtype=None, reserve=None, fa2_decode_attention=None, fa2_splits=None,
+             blocked_sampler=False):
     """Sample n responses for each prompt (lists of token ids, any lengths). Returns a list of Generation,
     prompt-major (all samples of prompt 0, then prompt 1, ...); temperature=0 is greedy. model: a plain Transformer
     (copied into generation's kept GenWeights, in dtype: default its own) or a GenWeights (e.g. of a sharded model).
@@ -641,6 +673,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     half precision), each row reading only its own columns where SDPA reads its group's span under a mask; default:
     where it can run (fa2_runs) and without a partner. On one H200 the attention ran at 51 % of its bandwidth floor
     at 1,024 rows x 4,096 columns against SDPA's 27 %, and whole runs were 7-15 % faster (docs/gpu_h200.json).
+    fa2_splits: the parts FA2's decode attention cuts each row's keys into, each its own thread block (None: FA2's
+    own rule, which leaves 128 rows unsplit; an int; "auto": fa2_split_count, more blocks where rows are few and
+    spans long; off by default until a GPU measures it).
     blocked_sampler: at top_p = 1 (and greedy) the decode step draws with sample_blocked, which reads the logits (in
     the weights' dtype) about once and writes nothing of their size, where sample_next writes the full-vocabulary
     log-probs, probabilities and CDF; compiled with the fused ops. Off until a GPU measures it (bench.py --gpu_suite
@@ -706,6 +741,11 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     if fa2_decode_attention and cuda and any(gw.dtype not in HALF for gw in weights):
         raise ValueError("fa2_decode_attention needs a half-precision engine (dtype bfloat16 or float16)")
     state.fa2 = fa2_decode_attention
+    if fa2_splits is not None and (not fa2_decode_attention or not (fa2_splits == "auto" or (
+            type(fa2_splits) is int and 1 <= fa2_splits <= FA2_MAX_SPLITS))):
+        raise ValueError(f"fa2_splits needs fa2_decode_attention and is 'auto' or 1..{FA2_MAX_SPLITS}, got "
+                         f"{fa2_splits!r}")
+    state.fa2_splits = fa2_splits
     state.blocked_sampler = blocked_sampler and partner is None
     state.alive.zero_()
     state.sample.fill_(-1)

@@ -391,9 +391,13 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
                 out["blocked_sampler_vs_sample_next_fused_fp32"] = agreement(ours, fused, blocked)[0]
                 out["graphs_vs_eager_blocked_sampler_fp32"] = agreement(ours, {"graphs": False, **blocked}, blocked)[0]
         if dtype == torch.bfloat16 and device.type == "cuda":  # FA2 takes half precision only
-            fa2 = recorded(functools.partial(agreement, ours, {"fa2_decode_attention": False},
-                                             {"fa2_decode_attention": True}))
-            out["fa2_vs_sdpa_decode_attention_bf16"] = fa2[0] if isinstance(fa2, tuple) else fa2
+            # FA2's decode attention against SDPA's, and FA2 with each row's keys in 4 parts against it whole
+            # (these spans are short: "auto" would not split them)
+            fa2 = {"fa2_decode_attention": True}
+            for key, (a, b) in {"fa2_vs_sdpa_decode_attention_bf16": ({"fa2_decode_attention": False}, fa2),
+                                "fa2_splits_vs_fa2_bf16": (fa2, dict(fa2, fa2_splits=4))}.items():
+                got = recorded(functools.partial(agreement, ours, a, b))
+                out[key] = got[0] if isinstance(got, tuple) else got  # (or its error)
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens; with
         # either sampler (the blocked one reads bf16 logits as they are)
         for suffix, blocked_sampler in (("", False), ("_blocked_sampler", True)):
@@ -427,8 +431,8 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
     workloads = []
     min_len, max_len = sizes["gen_len"]
     # "ours": graphs without the fused ops; "fused": with them; both with SDPA's decode attention; "fa2": the fused
-    # ops and FA2's decode attention (generate's default on CUDA sm80+ in half precision); "blocked_sampler": the
-    # default with the blocked sampler
+    # ops and FA2's decode attention (generate's default on CUDA sm80+ in half precision); "fa2_splits": that with
+    # each row's keys split as fa2_split_count says; "blocked_sampler": the default with the blocked sampler
     sdpa = {"fa2_decode_attention": False}
     for n_prompts in sizes["gen_prompts"]:
         prompts, lengths = make_workload("rl", n_prompts, samples, min_len, max_len, 0, cfg.vocab_size, seed)
@@ -445,29 +449,27 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         run(fused=True)
         t_fused = timed(lambda: run(fused=True), device)
 
-        def with_fa2():  # graphs, the fused ops and the FA2 decode attention: a run that captures, a timed one
-            run(fused=True, fa2_decode_attention=True)
-            return timed(lambda: run(fused=True, fa2_decode_attention=True), device)
-        fa2 = recorded(with_fa2) if device.type == "cuda" else None
+        # more variants, each a run that captures its graphs and a timed one (an error is recorded in its place)
+        others = {"blocked_sampler": dict(fused=True, fa2_decode_attention=None, blocked_sampler=True)}
+        if device.type == "cuda":  # FA2 runs there only
+            others = {"fa2": dict(fused=True, fa2_decode_attention=True),
+                      "fa2_splits": dict(fused=True, fa2_decode_attention=True, fa2_splits="auto"), **others}
 
-        def with_blocked():  # generate's default (FA2 where it runs) with the blocked sampler
-            run(fused=True, fa2_decode_attention=None, blocked_sampler=True)
-            return timed(lambda: run(fused=True, fa2_decode_attention=None, blocked_sampler=True), device)
-        blocked = recorded(with_blocked)
+        def run_twice(settings):
+            run(**settings)
+            return timed(lambda: run(**settings), device)
+        more = {name: recorded(functools.partial(run_twice, settings)) for name, settings in others.items()}
         t_eager = (timed(lambda: run(graphs=False, fused=False), device)
                    if n_prompts == sizes["gen_prompts"][0] else None)  # what the graphs gain, on the smaller workload
         w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours,
              "ours_first_run_s": t_ours_first, "ours_tok_s": sum(lengths) / t_ours,
              "ours_fused_s": t_fused, "ours_fused_tok_s": sum(lengths) / t_fused, "ours_eager_s": t_eager,
              "peak_mem_gb_ours": mem_ours}
-        if isinstance(fa2, float):
-            w.update(ours_fa2_s=fa2, ours_fa2_tok_s=sum(lengths) / fa2)
-        elif fa2 is not None:
-            w["ours_fa2"] = fa2  # its error
-        if isinstance(blocked, float):
-            w.update(ours_blocked_sampler_s=blocked, ours_blocked_sampler_tok_s=sum(lengths) / blocked)
-        else:
-            w["ours_blocked_sampler"] = blocked  # its error
+        for name, t in more.items():
+            if isinstance(t, float):
+                w.update({f"ours_{name}_s": t, f"ours_{name}_tok_s": sum(lengths) / t})
+            else:
+                w[f"ours_{name}"] = t  # its error
         if hf is not None:
             reset_peak(device)
             t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
@@ -489,7 +491,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
             w["floor_s_datasheet_roofline"] = floor
             w["ours_fraction_of_roofline_datasheet"] = floor / t_ours
             w["ours_fused_fraction_of_roofline_datasheet"] = floor / t_fused
-            for name in ("fa2", "blocked_sampler"):
+            for name in more:
                 if f"ours_{name}_s" in w:
                     w[f"ours_{name}_fraction_of_roofline_datasheet"] = floor / w[f"ours_{name}_s"]
         workloads.append(w)
@@ -500,6 +502,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
                 "graphs_fused": dict(fused=True, **sdpa)}
     if device.type == "cuda":
         variants["graphs_fused_fa2"] = dict(fused=True, fa2_decode_attention=True)
+        variants["graphs_fused_fa2_splits"] = dict(fused=True, fa2_decode_attention=True, fa2_splits="auto")
         variants["graphs_fused_fa2_blocked_sampler"] = dict(fused=True, fa2_decode_attention=True, blocked_sampler=True)
     return {"workloads": workloads,
             "decode_step": [dict(variant=name, **recorded(lambda: decode_step_profile(
@@ -903,7 +906,8 @@ def suite_attention(base, tok, records, sizes, device, seed, tmp):
 # the decode step's attention A/B (issue 34): one layer's attention over the KV cache, one query per row
 
 
-DECODE_ATTENTION_VARIANTS = ("sdpa_mask", "written_out", "flash_seqused", "flash_seqused_token_major")
+DECODE_ATTENTION_VARIANTS = ("sdpa_mask", "written_out", "flash_seqused", "flash_seqused_token_major",
+                             *(f"flash_seqused_splits_{n}" for n in (2, 4, 8, 16, "auto")))
 
 
 def decode_attention_call(variant, q, k, v, lengths, mask):
@@ -919,7 +923,9 @@ def decode_attention_call(variant, q, k, v, lengths, mask):
       flash_seqused  FA2 (aten's _flash_attention_forward, inside the torch wheel) with per-row lengths
                      (seqused_k), reading only each row's columns, on the engine's layout (engine.fa2_decode, what
                      generate(fa2_decode_attention=True) runs)
-      flash_seqused_token_major  the same on a (rows, columns, kv_heads, hd) cache, the layout FA2 expects"""
+      flash_seqused_token_major  the same on a (rows, columns, kv_heads, hd) cache, the layout FA2 expects
+      flash_seqused_splits_N  flash_seqused with each row's keys cut into N parts (flash-decoding), or as many as
+                     engine.fa2_split_count chooses (N = auto; generate(fa2_splits="auto"))"""
     import model as model_module
     rows, nh, hd = q.shape
     span = mask.shape[-1]
@@ -936,9 +942,12 @@ def decode_attention_call(variant, q, k, v, lengths, mask):
             return torch.matmul(torch.softmax(scores, -1).to(q.dtype), vc).reshape(rows, nh, hd)
         return sdpa if variant == "sdpa_mask" else written_out
     seqused = (lengths + 1).to(torch.int32)
-    if variant == "flash_seqused":  # what generate(fa2_decode_attention=True) runs
+    if variant.startswith("flash_seqused") and not variant.endswith("token_major"):  # what generate runs with FA2
         starts = engine.fa2_starts(rows, k.shape[1], k.shape[2], q.device)
-        return functools.partial(engine.fa2_decode, q, k, v, seqused, span, starts)
+        parts = variant.removeprefix("flash_seqused").removeprefix("_splits_") or None
+        splits = (engine.fa2_split_count(rows, k.shape[1], span, engine.multiprocessors(q.device)) if parts == "auto"
+                  else parts and int(parts))
+        return functools.partial(engine.fa2_decode, q, k, v, seqused, span, starts, splits)
     cols, nkv = k.shape[1], k.shape[2]  # row r's keys: tokens r * cols onwards of a (rows * cols, kv_heads, hd) view
     cu_q, cu_k = engine.fa2_starts(rows, 1, cols, q.device)
     return functools.partial(engine.flash_varlen_forward, q, k.reshape(rows * cols, nkv, hd),

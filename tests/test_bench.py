@@ -74,7 +74,8 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     for case in result["decode_attention"]["cases"]:
         by = {v["variant"]: v for v in case["variants"]}
         assert by["written_out"]["max_abs_diff_vs_sdpa_mask"] < 1e-5 and by["sdpa_mask"]["eager_us"] > 0
-        assert {v for v in by if "skipped" in by[v]} == {"flash_seqused", "flash_seqused_token_major"}  # CUDA only
+        assert {v for v in by if "skipped" in by[v]} == {v for v in speed.DECODE_ATTENTION_VARIANTS
+                                                         if v.startswith("flash")}  # CUDA only
     for case, rows in zip(result["sampler"]["cases"], result["sizes"]["sampler_rows"]):
         assert case["rows"] == rows and case["block"] == 1024  # the smoke vocabulary: 2,048
         assert set(case["variants"]) == {"sample_next", "sample_blocked_eager"}  # the compiled one: not in the smoke
@@ -228,9 +229,10 @@ def test_decode_floor_takes_the_larger_floor_at_each_step():
 
 
 def test_decode_attention_variants_read_each_rows_own_columns(monkeypatch):
-    """The decode attention A/B's variants compute the same attention on CPU (fp32): the written-out one, and both
-    FA2 calls through a stand-in that reads what FA2 would: sequence b's keys from token cu_k[b], seqused_k[b] of
-    them, out of the (tokens, kv_heads, hd) views the variants build on the engine's cache and on a token-major one."""
+    """The decode attention A/B's variants compute the same attention on CPU (fp32): the written-out one, and the
+    FA2 calls (split or not) through a stand-in that reads what FA2 would: sequence b's keys from token cu_k[b],
+    seqused_k[b] of them, out of the (tokens, kv_heads, hd) views the variants build on the engine's cache and on a
+    token-major one."""
     import torch
     from test_engine import fa2_stand_in
     monkeypatch.setattr(engine, "flash_varlen_forward", fa2_stand_in)
@@ -242,10 +244,12 @@ def test_decode_attention_variants_read_each_rows_own_columns(monkeypatch):
     mask = torch.zeros(rows, 1, 1, span).masked_fill_(torch.arange(span) > lengths[:, None, None, None], float("-inf"))
     ref = speed.decode_attention_call("sdpa_mask", q, *cache, lengths, mask)()
     token_major = cache.transpose(2, 3).contiguous()
+    fa2_stand_in.splits.clear()
     for variant in speed.DECODE_ATTENTION_VARIANTS:
         k, v = token_major if variant.endswith("token_major") else cache
         got = speed.decode_attention_call(variant, q, k, v, lengths, mask)()
         assert got.shape == (rows, nh, hd) and (got - ref).abs().max() < 1e-5, variant
+    assert fa2_stand_in.splits == {None, 2, 4, 8, 16, 1}  # auto: 1 on a CPU, 16 columns
     bad = cache.clone()
     bad[:, 2, :, 16] = 1e4  # row 2's column 16, past its length 15: no variant reads it
     assert torch.equal(speed.decode_attention_call("flash_seqused", q, *bad, lengths, mask)(),

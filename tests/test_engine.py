@@ -99,10 +99,13 @@ def test_samples_do_not_depend_on_slots_buckets_or_look_interval():
                                    torch.tensor([x for g in ref for x in g.logprobs]), atol=1e-5, rtol=1e-5)
 
 
-def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
+def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, num_splits=None):
     """A CPU stand-in for engine.flash_varlen_forward (aten's FA2 varlen kernel with seqused_k), reading what it reads:
-    sequence b's keys from token cu_k[b], seqused_k[b] of them, out of (tokens, kv_heads, hd) inputs."""
+    sequence b's keys from token cu_k[b], seqused_k[b] of them, out of (tokens, kv_heads, hd) inputs. Splitting the
+    keys changes only how the kernel sums (fa2_stand_in.splits records what it was asked for)."""
     assert cu_q.dtype == cu_k.dtype == seqused_k.dtype == torch.int32 and k.stride(-1) == 1 and q.stride(-1) == 1
+    assert num_splits is None or 1 <= num_splits <= engine.FA2_MAX_SPLITS
+    fa2_stand_in.splits.add(num_splits)
     out = []
     for b in range(len(cu_q) - 1):
         start, n = int(cu_k[b]), int(seqused_k[b])
@@ -111,6 +114,9 @@ def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
         out.append(torch.nn.functional.scaled_dot_product_attention(
             q[cu_q[b]:cu_q[b + 1]].transpose(0, 1), kb, vb, enable_gqa=True).transpose(0, 1))
     return torch.cat(out)
+
+
+fa2_stand_in.splits = set()
 
 
 def test_fa2_decode_attention_gives_the_sdpa_samples(monkeypatch):
@@ -124,12 +130,14 @@ def test_fa2_decode_attention_gives_the_sdpa_samples(monkeypatch):
     kw = dict(n=3, max_new_tokens=20, temperature=1.0, top_p=0.9, stop_ids=[3, 4, 5], seed=7)
     ref = generate(model, prompts, **kw)
     assert any(g.finished for g in ref) and not all(g.finished for g in ref)
+    fa2_stand_in.splits.clear()
     for setting in (dict(), dict(slots=5, sync_every=2), dict(buckets=GPU_BUCKETS, sync_every=16, block=256),
-                    dict(slots=7, attention_groups=3)):
+                    dict(slots=7, attention_groups=3), dict(fa2_splits=4), dict(slots=5, fa2_splits="auto")):
         out = generate(model, prompts, **kw, **setting, fa2_decode_attention=True)
         assert [g.tokens for g in out] == [g.tokens for g in ref], setting
         torch.testing.assert_close(torch.tensor([x for g in out for x in g.logprobs]),
                                    torch.tensor([x for g in ref for x in g.logprobs]), atol=1e-9, rtol=1e-9)
+    assert fa2_stand_in.splits == {None, 4, 1}  # "auto" on this 1-"multiprocessor" CPU, short spans: 1 part
     # the long prompt's 3 rows finish first and stay in the 16-row bucket (9 live rows fit no smaller one), longer
     # than the span the live rows need: the kernel is still asked for no more than its max_k columns (the stand-in
     # checks), and the live rows' samples are the SDPA path's
@@ -139,6 +147,24 @@ def test_fa2_decode_attention_gives_the_sdpa_samples(monkeypatch):
     ref = generate(model, prompts, **kw)
     out = generate(model, prompts, **kw, fa2_decode_attention=True)
     assert [len(g.tokens) for g in out] == [2, 2, 2] + [20] * 9 and [g.tokens for g in out] == [g.tokens for g in ref]
+
+
+def test_fa2_split_count_fills_the_gpu_where_rows_are_few():
+    """fa2_splits="auto": about 8 thread blocks per multiprocessor, each part of a row's keys at least 256 columns,
+    at most FA2's 128 parts; never below 1. (An H200 has 132 multiprocessors; Qwen2.5-1.5B 2 kv heads.)"""
+    count = engine.fa2_split_count
+    assert count(128, 2, 4096, 132) == 5 and count(128, 2, 512, 132) == 2  # the RL rollouts' 16 prompts x 8
+    assert count(1024, 2, 4096, 132) == 1  # 2,048 blocks fill it already
+    assert count(16, 2, 4096, 132) == 16 and count(1, 2, 10**6, 132) == engine.FA2_MAX_SPLITS  # a long tail
+    assert count(1, 2, 100, 132) == 1  # under 256 columns: one part
+
+
+def test_fa2_splits_are_checked():
+    model = random_model(CONFIGS["qwen2_tied"], seed=1)
+    for bad in (dict(fa2_splits=4), dict(fa2_splits=0, fa2_decode_attention=True),
+                dict(fa2_splits=True, fa2_decode_attention=True), dict(fa2_splits="many", fa2_decode_attention=True)):
+        with pytest.raises(ValueError, match="fa2_splits needs fa2_decode_attention"):
+            generate(model, ragged_prompts(2), n=2, max_new_tokens=3, **bad)
 
 
 def test_fa2_decode_attention_on_cpu_says_it_needs_cuda():
