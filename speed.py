@@ -497,13 +497,16 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         workloads.append(w)
         print(w, flush=True)
     hf = None  # free its memory before the profiled runs
-    # the decode step: eager (no graphs), replayed from CUDA graphs, and graphs with the fused element-wise ops
-    variants = {"eager": dict(graphs=False, fused=False, **sdpa), "graphs": dict(fused=False, **sdpa),
-                "graphs_fused": dict(fused=True, **sdpa)}
+    # the decode step: on a GPU the default (graphs, the fused ops, FA2) and the candidates the workloads above time
+    # (stage 1's JSON holds the eager step, graphs alone and graphs with the fused ops, all on SDPA); on a CPU, where
+    # FA2 cannot run, eager, graphs and the fused ops (the graphs run eagerly there)
     if device.type == "cuda":
-        variants["graphs_fused_fa2"] = dict(fused=True, fa2_decode_attention=True)
-        variants["graphs_fused_fa2_splits"] = dict(fused=True, fa2_decode_attention=True, fa2_splits="auto")
-        variants["graphs_fused_fa2_blocked_sampler"] = dict(fused=True, fa2_decode_attention=True, blocked_sampler=True)
+        fa2 = dict(fused=True, fa2_decode_attention=True)
+        variants = {"graphs_fused_fa2": fa2, "graphs_fused_fa2_splits": dict(fa2, fa2_splits="auto"),
+                    "graphs_fused_fa2_blocked_sampler": dict(fa2, blocked_sampler=True)}
+    else:
+        variants = {"eager": dict(graphs=False, fused=False, **sdpa), "graphs": dict(fused=False, **sdpa),
+                    "graphs_fused": dict(fused=True, **sdpa)}
     return {"workloads": workloads,
             "decode_step": [dict(variant=name, **recorded(lambda: decode_step_profile(
                 model, n, samples, sizes["step_lens"], stop_id, device, seed, **settings)))
