@@ -121,9 +121,9 @@ def sample_blocked(logits, temperature, u):
     blocked_sampler, compiled with the fused ops): where the step casts the logits to fp32 and sample_next writes the
     full-vocabulary log-probs, probabilities and CDF (~36 bytes moved per logit: 5.6 GB a step at 1,024 rows x 152K
     entries, ~1.2 ms at an H200's datasheet bandwidth), this keeps per row only each block's maximum and its mass,
-    draws the block by their inverse CDF, then the token inside it by the block's own. Exact
-    arithmetic gives sample_next's token for the same u, and log-prob x - max - log(mass); fp32 rounds the sums in
-    another order, so a token differs where u lies within that rounding of a boundary (never one of probability 0).
+    draws the block by their inverse CDF, then the token inside it by the block's own. Exact arithmetic gives
+    sample_next's token for the same u, and log-prob x - max - log(mass); fp32 rounds the sums in another order, so
+    a token differs where u lies within that rounding of a boundary (never one of probability 0).
     Greedy (temperature 0): the argmax, and its log-prob -log(sum of exp(x - max))."""
     x = logits.float() if logits.dtype in HALF else logits  # (bf16 logits: the cast fused into the reads)
     if temperature not in (0, 1):  # x / 1 = x: one pass less
@@ -548,7 +548,8 @@ def pick(slots, idx, logits, temperature, top_p, switch=None):
 
 def prefill(weights, slots, prompts, slot_groups):
     """Run the prompts packed in one row through every model, store their keys/values in their slots (slot_groups[i]:
-    the slots of prompt i) and return each model's fp32 logits of each prompt's first new token (prompts, V)."""
+    the slots of prompt i) and return each model's logits (in its weights' dtype: pick casts them) of each prompt's
+    first new token (prompts, V)."""
     device = slots.rows.device
     ids, cu = pack(prompts, device)
     positions = packed_positions(cu)
@@ -562,7 +563,7 @@ def prefill(weights, slots, prompts, slot_groups):
             y = packed.attend(None, q.transpose(0, 1)[None], k, v)
             return y[0].transpose(0, 1).reshape(q.shape[0], -1)
         hidden = forward(gw, ids[0], positions, attend, slots.ops)
-        logits.append(F.linear(hidden[cu[1:] - 1], gw.lm_head).float())
+        logits.append(F.linear(hidden[cu[1:] - 1], gw.lm_head))
     return logits
 
 
