@@ -63,8 +63,9 @@ def get_parser():
     p.add_argument("--rl_max_len", type=int, default=64, help="response length cap of the RL benchmark")
     p.add_argument("--count_kernels", type=common.str2bool, default=False,
                    help="count the kernels one decode step launches (speed.kernel_count: a proxy from the CPU ops, "
-                        "no GPU needed) at Qwen2.5-1.5B's depth and head ratio with small widths, eagerly and with "
-                        "the fused ops (the first fused call compiles, ~20 s on a CPU); per layer and outside them")
+                        "no GPU needed) at Qwen2.5-1.5B's depth and head ratio with small widths, eagerly, with "
+                        "the fused ops and with them and the blocked sampler (the first fused call compiles, ~20 s "
+                        "on a CPU); per layer and outside them")
     p.add_argument("--gpu_suite", type=common.str2bool, default=False,
                    help="the GPU check: correctness against transformers, generation throughput, one RL step and SFT "
                         "at the Qwen2.5-1.5B shape with random weights; one JSON (--json_out)")
@@ -201,8 +202,9 @@ def count_kernels(args):
     cfg = tiny_config(1024, **dict(QWEN25_15B, hidden_size=192, intermediate_size=256, max_position_embeddings=512))
     out = {}
     print(f"kernels per decode step ({cfg['num_hidden_layers']} layers, 8 rows; a proxy counted from CPU ops):")
-    for name, fused in (("eager", False), ("fused", True)):
-        out[name] = r = decode_kernels_per_layer(cfg, rows=8, seed=args.seed, attention_groups=1, fused=fused)
+    for name, settings in (("eager", dict(fused=False)), ("fused", dict(fused=True)),
+                           ("fused + blocked sampler", dict(fused=True, blocked_sampler=True))):
+        out[name] = r = decode_kernels_per_layer(cfg, rows=8, seed=args.seed, attention_groups=1, **settings)
         print(f"  {name:>5}: {r['per_step']} per step = {r['per_layer']:g} per layer x {cfg['num_hidden_layers']} + "
               f"{r['outside_layers']:g} outside the layers ({r['per_step'] / cfg['num_hidden_layers']:.1f} per layer "
               f"in all)\n         per layer: "
