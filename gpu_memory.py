@@ -21,10 +21,11 @@ MEMORY_PRESETS = {
                         intermediate_size=13824, tie_word_embeddings=False, max_position_embeddings=131072),
 }
 CUDA_CONTEXT_GIB = 1.5  # CUDA context + caching-allocator slack, added to every peak of --memory
-# train_rl --keep_engine auto keeps generation's buffers through the update when the update's computed peak with them
-# is at most this fraction of the GPU: the model has underestimated a whole RL update on an H100 by ~22 %
-# (docs/memory.md), and an out-of-memory there costs the steps since the last checkpoint
-KEEP_ENGINE_FRACTION = 0.75
+# the settings chosen by memory (train_rl --keep_engine auto; --checkpoint_every auto in train_rl and redistill_sft)
+# choose what keeps the computed peak at most this fraction of the GPU: the model has underestimated a whole RL update
+# on an H100 by ~22 % (docs/memory.md), and an out-of-memory costs the steps since the last checkpoint
+AUTO_MEMORY_FRACTION = 0.75
+RECOMPUTE_CHOICES = (0, 8, 4, 3, 2, 1)  # --checkpoint_every auto tries these in turn, least recompute first (0: none)
 DECODE_TEMP_BYTES = 4 * 4  # per (row, vocabulary entry): a decode step's fp32 logits, log-probs, probabilities, CDF
 
 # -----------------------------------------------------------------------------
@@ -182,8 +183,52 @@ def engine_kept_bytes(cfg, params, rows, columns, dtype_bytes=2):
 
 def keeps_engine(update_peak_kept, gpu_bytes):
     """train_rl --keep_engine auto: keep when the update's computed peak with generation's buffers (and the
-    reference model's shards, if any) is at most KEEP_ENGINE_FRACTION of the GPU."""
-    return update_peak_kept <= KEEP_ENGINE_FRACTION * gpu_bytes
+    reference model's shards, if any) is at most AUTO_MEMORY_FRACTION of the GPU."""
+    return update_peak_kept <= AUTO_MEMORY_FRACTION * gpu_bytes
+
+
+def least_recompute(peak_of, gpu_bytes):
+    """--checkpoint_every auto on a GPU: the first of RECOMPUTE_CHOICES (no recompute, every 8th block, ..., every
+    block) whose computed peak peak_of(every) is at most AUTO_MEMORY_FRACTION of the GPU; every block (1, the least
+    memory) if none is."""
+    return next((k for k in RECOMPUTE_CHOICES if peak_of(k) <= AUTO_MEMORY_FRACTION * gpu_bytes), 1)
+
+
+def auto_recompute(cfg, settings, gpu_bytes):
+    """What --checkpoint_every auto chooses under memory_estimate's settings on a GPU of gpu_bytes: (train_rl's,
+    redistill_sft's). train_rl's is chosen with generation's buffers in the update's peak where --keep_engine auto
+    keeps them (when they fit with every block recomputed), as train_rl.recompute_setting does."""
+    est = {every: memory_estimate(cfg, **dict(settings, checkpoint_every=every)) for every in RECOMPUTE_CHOICES}
+    kept = keeps_engine(est[1]["update_peak_kept"], gpu_bytes)
+    return (least_recompute(lambda every: est[every]["update_peak_kept" if kept else "update_peak"], gpu_bytes),
+            least_recompute(lambda every: est[every]["sft_peak"], gpu_bytes))
+
+
+def recompute_words(every):
+    """A recompute setting in words: 0 none, 1 every block, k every k-th block."""
+    suffix = {2: "nd", 3: "rd"}.get(every, "th")
+    return {0: "no recompute", 1: "every block"}.get(every, f"every {every}{suffix} block")
+
+
+def resolve_recompute(args, peak_of, gpu_bytes):
+    """--checkpoint_every auto, written into args before parallel.prepare_training reads them: with
+    --gradient_checkpointing true, on a GPU (gpu_bytes: its memory) least_recompute's choice (0: gradient
+    checkpointing off), on a CPU every block (the tiny preset's runs stay as they were). peak_of(every): the
+    script's computed peak for that setting. Returns the line to print once, or None when there was nothing to
+    choose."""
+    if args.checkpoint_every != "auto":
+        return None
+    args.checkpoint_every = 1
+    if not args.gradient_checkpointing:
+        return None
+    if gpu_bytes is None:
+        return "--checkpoint_every auto: every block, on CPU"
+    every = least_recompute(peak_of, gpu_bytes)
+    args.gradient_checkpointing, args.checkpoint_every = every > 0, max(every, 1)
+    peak = peak_of(every)
+    return (f"--checkpoint_every auto: {recompute_words(every)}, the computed peak {peak / 2**30:.1f} GiB "
+            f"{'<=' if peak <= AUTO_MEMORY_FRACTION * gpu_bytes else '>'} {AUTO_MEMORY_FRACTION:.0%} of the GPU's "
+            f"{gpu_bytes / 2**30:.1f} GiB")
 
 
 def memory_config(spec):
@@ -225,9 +270,10 @@ def memory_table(args):
     recompute = ("no gradient checkpointing" if args.checkpoint_every == 0 else
                  f"gradient checkpointing of every {args.checkpoint_every} block(s), keeping {args.checkpoint_keep}")
     cols = [memory_config(spec) for spec in args.memory]
-    est = [memory_estimate(cfg, **memory_settings(args)) for _, cfg in cols]
+    s0 = memory_settings(args)
+    est = [dict(memory_estimate(cfg, **s0), cfg=cfg) for _, cfg in cols]  # (its config: the auto recompute row)
     gib, cap = 2**30, args.gpu_gib
-    e0, s0 = est[0], memory_settings(args)
+    e0 = est[0]
 
     def fmt(b):
         return f"{b / gib:.1f}"
@@ -252,9 +298,11 @@ def memory_table(args):
         ("**RL update peak**", lambda e: fmt(e["update_peak"])),
         ("RL update peak, generation's copy + KV cache + graphs kept (train_rl --keep_engine true)",
          lambda e: fmt(e["update_peak_kept"])),
-        (f"kept by --keep_engine auto (<= {KEEP_ENGINE_FRACTION:.0%} of {cap:g} GiB): RL / RL+KL",
+        (f"kept by --keep_engine auto (<= {AUTO_MEMORY_FRACTION:.0%} of {cap:g} GiB): RL / RL+KL",
          lambda e: " / ".join("yes" if keeps_engine(e["update_peak_kept"] + ref, cap * gib) else "no"
                               for ref in (0, e["ref_model"]))),
+        (f"--checkpoint_every auto (<= {AUTO_MEMORY_FRACTION:.0%} of {cap:g} GiB): RL / SFT",
+         lambda e: " / ".join(map(recompute_words, auto_recompute(e["cfg"], s0, cap * gib)))),
         (f"SFT act. ({e0['sft_tokens']} tokens): block inputs", lambda e: fmt(e["sft_act"]["inputs"])),
         ("SFT act.: final norm + lm_head chunk", lambda e: fmt(e["sft_act"]["head"])),
         ("SFT act.: one block recomputed", lambda e: fmt(e["sft_act"]["block"])),

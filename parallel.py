@@ -3,6 +3,7 @@ Many ranks as one: torchrun / process-group setup, the only collectives the scri
 micro-batches that every rank computes alike, and FSDP2 sharding (a sharded model for training, a full copy for
 generation).
 """
+import argparse
 import json
 import os
 from datetime import timedelta
@@ -193,15 +194,26 @@ def shard_model(model, compute_dtype, reshard_after_forward=True):
     return model
 
 
-def add_recompute_args(p):
+def add_recompute_args(p, auto=False):
     """The settings that trade activation memory for recompute and compile, shared by every script that trains
-    (each defines --gradient_checkpointing itself, with its own default)."""
+    (each defines --gradient_checkpointing itself, with its own default). auto: --checkpoint_every may be "auto",
+    which the script resolves by its computed peak (gpu_memory.resolve_recompute) before prepare_training."""
     # measured on one H200 at the 1.5B shape, one 16K-token micro-batch (docs/engine_and_speed.md, issue 36 stage 1):
     # every block 27.6 % MFU, every 2nd 30.3 %, none 33.3 %; --compile +9 % at the same memory; keeping attention's or
     # the matmuls' outputs 22-23 % (slower than recomputing them)
-    p.add_argument("--checkpoint_every", type=int, default=1,
+    def every(text):
+        if auto and text == "auto":
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"an integer{' or auto' if auto else ''}, not {text!r}")
+    p.add_argument("--checkpoint_every", type=every, default=1,
                    help="with --gradient_checkpointing: recompute every k-th block only; the others keep their "
-                        "activations (1: all blocks, least memory; 2: half the recompute for about twice the memory)")
+                        "activations (1: all blocks, least memory; 2: half the recompute for about twice the memory)"
+                        + ("; auto: on a GPU the least recompute (none, every 8th, 4th, 3rd, 2nd block, every block) "
+                           "whose computed peak (bench.py --memory) is at most 75 %% of the GPU, printed at start; on "
+                           "a CPU every block" if auto else ""))
     p.add_argument("--checkpoint_keep", default="nothing", choices=tuple(CHECKPOINT_KEEP),
                    help="with --gradient_checkpointing: what a recomputed block keeps from its forward (selective "
                         "activation checkpointing): nothing; attention (the attention kernels' outputs, O(tokens)); "
@@ -216,6 +228,8 @@ def prepare_training(model, compute_dtype, args, reshard_after_forward=True):
     """The model as every training script runs it: sharded (shard_model; reshard_after_forward: FSDP's, for the GPU
     suite to measure), its recompute and compile settings from args (add_recompute_args and
     --gradient_checkpointing), the packed attention it will use printed once."""
+    if args.checkpoint_every == "auto":
+        raise ValueError("--checkpoint_every auto is resolved by the script first (gpu_memory.resolve_recompute)")
     if args.checkpoint_every < 1:
         raise UserError(f"--checkpoint_every must be at least 1, not {args.checkpoint_every}")
     if args.compile and args.gradient_checkpointing and args.checkpoint_keep != "nothing":

@@ -27,6 +27,7 @@ import torch
 
 import ckpt
 import common
+import gpu_memory
 import parallel
 import tasks
 from common import UserError, print0
@@ -90,7 +91,7 @@ def get_parser():
     p.add_argument("--gradient_checkpointing",
                    default=False, type=common.str2bool,
                    help="recompute each block in backward (less activation memory, ~30%% slower)")
-    parallel.add_recompute_args(p)
+    parallel.add_recompute_args(p, auto=True)
     p.add_argument("--dtype", default="auto",
                    help="compute dtype, and that of the saved weights: auto (bfloat16 on CUDA, "
                    "float32 on CPU), bfloat16, float32; the optimizer always updates sharded fp32 weights")
@@ -347,6 +348,12 @@ def main(argv=None):
         model = load_model(args.init, dtype=torch.float32, device=device)
     start_step = state["step"] if state else 0
     dtype = parse_dtype(args.dtype, device)  # compute, and saved weights
+    why = gpu_memory.resolve_recompute(args, lambda every: gpu_memory.memory_estimate(
+        model.config, world=world, sft_tokens=max(args.micro_batch_tokens, max(lengths)), checkpoint_every=every,
+        checkpoint_keep=args.checkpoint_keep, adam_8bit=args.adam_8bit)["sft_peak"],
+        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+    if why:
+        print0(why)
     model = parallel.prepare_training(model, dtype, args)
     model.train()
     optimizer = ckpt.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,

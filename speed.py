@@ -22,6 +22,7 @@ from torch.nn.attention import sdpa_kernel
 import ckpt
 import common
 import engine
+import gpu_memory
 import kk_data
 import parallel
 import tasks
@@ -149,7 +150,8 @@ def gpu_suite(args):
                  our share of the decode's memory-bandwidth floor, peak memory; per decode step: kernel time
                  (torch.profiler) vs wall time, from the difference of two lengths (the prefill cancels)
     sft          redistill_sft.py at the paper's K&K batch (64 sequences, 16K-token micro-batches, max length
-                 5000, gradient checkpointing, bf16 autocast, 8-bit AdamW when bitsandbytes is installed)
+                 5000, gradient checkpointing with --checkpoint_every auto (the recompute it chose is recorded),
+                 bf16 autocast, 8-bit AdamW when bitsandbytes is installed)
     rl           train_rl.py at one GPU's share of the paper preset: 16 prompts x 8 rollouts, responses up to 4096
                  tokens (random weights do not stop: the worst case), gradient checkpointing, two steps, the second
                  measured (rl_step); on CUDA
@@ -689,18 +691,23 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
         graphs = counters["stats"]["unique_graphs"]
         argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
                 "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000",
-                "--gradient_checkpointing", "true", "--dtype", "auto", "--stop_at_step", str(steps),
-                "--progress", "false", "--seed", str(seed), "--adam_8bit", str(eight_bit).lower(), *extra]
+                "--gradient_checkpointing", "true", "--checkpoint_every", "auto", "--dtype", "auto",
+                "--stop_at_step", str(steps), "--progress", "false", "--seed", str(seed),
+                "--adam_8bit", str(eight_bit).lower(), *extra]
         reset_peak(device)
         with checkpoints_skipped():
             redistill_sft.main(argv)
         mem = peak_gb(device)
+        with open(os.path.join(out, "settings.json")) as f:  # what --checkpoint_every auto chose
+            chosen = json.load(f)
+        recompute = gpu_memory.recompute_words(chosen["checkpoint_every"] if chosen["gradient_checkpointing"] else 0)
         first, *ms = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m]  # 1 warms up
         steps_rows = [order[(m["step"] - 1) * batch:m["step"] * batch] for m in ms]  # lm_head: only on loss tokens
         flops = sum(train_flops(cfg, [lengths[i] for i in rows], sum(loss_tokens[i] for i in rows))
                     for rows in steps_rows)
         seconds, tokens = sum(m["time_s"] for m in ms), sum(m["tokens"] for m in ms)
-        return {"sequences_per_step": batch, "tokens_per_step": tokens / len(ms), "step_s": seconds / len(ms),
+        return {"recompute": recompute, "sequences_per_step": batch, "tokens_per_step": tokens / len(ms),
+                "step_s": seconds / len(ms),
                 "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gb": mem,
                 "optimizer": "bitsandbytes 8-bit AdamW on local shards" if eight_bit else "torch AdamW, sharded",
                 "first_step_s": first["time_s"], "measured_steps": [m["step"] for m in ms],
@@ -741,7 +748,6 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
     is the one measured, as every step of a long run is. By then AdamW's state exists (its first step() allocates
     it, at the end of the first update), and --keep_engine auto has kept the engine where memory allows, so the
     second step replays the CUDA graphs the first one captured."""
-    import gpu_memory
     import train_rl
     os.makedirs(out)
     path = os.path.join(out, "train.jsonl")
@@ -1106,7 +1112,6 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
     and steady-state seconds, tokens/s, MFU (recompute not counted), the peak above the parameters and gradients
     against gpu_memory's activations + FSDP transients; on CUDA, from a profiled step, its kernel time against its
     wall time and its longest kernels; and which attention kernels a step runs."""
-    import gpu_memory
     import model as model_module
     from torch.profiler import profile
     parallel.dist_setup()

@@ -166,7 +166,7 @@ def get_parser():
                    "float32; the optimizer always updates sharded fp32 weights")
     p.add_argument("--gradient_checkpointing", type=common.str2bool, default=True,
                    help="recompute blocks in backward (less memory)")
-    parallel.add_recompute_args(p)
+    parallel.add_recompute_args(p, auto=True)
     p.add_argument("--micro_batch_tokens", type=int, default=30000, help="tokens per packed micro-batch per rank "
                    "(paper: ppo_max_token_len_per_gpu 30000)")
     p.add_argument("--logprob_chunk", type=int, default=4096, help="tokens per chunk of the lm_head + log-softmax")
@@ -305,7 +305,7 @@ def kept_update_peak(e, cfg, reserve, dtype, with_ref):
 def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref, gpu_bytes):
     """--keep_engine as a bool and the reason, printed once. auto: kept on CPU (gpu_bytes None); on a GPU when
     gpu_memory's update peak plus the kept buffers (reserve: their slots, columns, new tokens) fits
-    gpu_memory.KEEP_ENGINE_FRACTION of it."""
+    gpu_memory.AUTO_MEMORY_FRACTION of it."""
     if args.keep_engine != "auto":
         return args.keep_engine == "true", f"--keep_engine {args.keep_engine}"
     if gpu_bytes is None:
@@ -314,8 +314,27 @@ def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dty
                             with_ref)
     kept = gpu_memory.keeps_engine(peak, gpu_bytes)
     return kept, (f"--keep_engine auto: the update's computed peak with it {peak / 2**30:.1f} GiB "
-                  f"{'<=' if kept else '>'} {gpu_memory.KEEP_ENGINE_FRACTION:.0%} of the GPU's "
+                  f"{'<=' if kept else '>'} {gpu_memory.AUTO_MEMORY_FRACTION:.0%} of the GPU's "
                   f"{gpu_bytes / 2**30:.1f} GiB")
+
+
+def with_recompute(args, every):
+    """args with --checkpoint_every set to every (0: --gradient_checkpointing false)."""
+    return SimpleNamespace(**{**vars(args), "gradient_checkpointing": every > 0, "checkpoint_every": max(every, 1)})
+
+
+def recompute_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref, gpu_bytes):
+    """--checkpoint_every auto (gpu_memory.resolve_recompute), by the update's computed peak with generation's
+    buffers in it where --keep_engine keeps them (true, or auto and they fit with every block recomputed): the kept
+    engine first, then the least recompute that fits beside it."""
+    kept = keep_engine_setting(with_recompute(args, 1), cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref,
+                               gpu_bytes)[0]
+
+    def peak(every):
+        e = memory_estimate(with_recompute(args, every), cfg, world, per_rank, longest_prompt, dtype)
+        return (kept_update_peak(e, cfg, reserve, dtype, with_ref) if kept
+                else e["update_peak"] + (e["ref_model"] if with_ref else 0))
+    return gpu_memory.resolve_recompute(args, peak, gpu_bytes)
 
 
 def sampler_logprobs(batch, js, device):
@@ -550,7 +569,7 @@ def main(argv=None):
         saved = {k: v for k, v in state.get("settings", {}).items() if k in RUN_OBJECTIVE}
         ckpt.check_run_identity(args.out_dir, saved, {k: getattr(args, k) for k in saved})
         print0(f"resuming from {init_path} (step {start_step})")
-    model = parallel.prepare_training(load_model(init_path, dtype=torch.float32, device=device), dtype, args)
+    model = load_model(init_path, dtype=torch.float32, device=device)  # sharded below, once its recompute is set
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                             args.train_data, "--max_response_tokens")
     # --keep_engine: the engine's buffers (slots, KV-cache columns, new tokens), sized once for the largest rollout
@@ -565,6 +584,12 @@ def main(argv=None):
                                 args.test_data, val_flag)
         val_rows = min(args.val_batch_size, -(-len(test_records) // world))
         reserve = tuple(map(max, reserve, (val_rows, max(map(len, test_ids)) + val_new, val_new)))
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    why = recompute_setting(args, model.config, world, per_rank, max(map(len, prompt_ids)), reserve, dtype,
+                            args.kl_coef > 0, gpu_bytes)
+    if why:
+        print0(why)
+    model = parallel.prepare_training(model, dtype, args)
     optimizer = ckpt.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                     weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
     if checkpoint is not None:
@@ -597,9 +622,8 @@ def main(argv=None):
            f"compute {str(dtype).replace('torch.', '')}, fp32 weights sharded over {world} rank(s), "
            f"{model.num_params() / 1e6:.1f}M params"
            + (f"; validation on {val_subset} test records" if test_records else ""))
-    keep_engine, why = keep_engine_setting(
-        args, model.config, world, per_rank, max(map(len, prompt_ids)), reserve, dtype, ref_model is not None,
-        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+    keep_engine, why = keep_engine_setting(args, model.config, world, per_rank, max(map(len, prompt_ids)), reserve,
+                                           dtype, ref_model is not None, gpu_bytes)
     print0(f"generation's weight copy, KV cache and graphs: {'kept through' if keep_engine else 'freed before'} "
            f"each update ({why})")
     reserve = reserve if keep_engine else None  # freed each step: each call allocates what it needs, no more

@@ -54,6 +54,7 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     assert gen["decode_step"][0]["rows"] == 16 and math.isfinite(gen["decode_step"][0]["step_ms_wall"])
     assert result["sft"]["measured_steps"] == [2] and result["sft"]["tokens_per_s"] > 0
     assert result["sft"]["first_step_s"] > 0 and result["sft"]["optimizer"] == "torch AdamW, sharded"
+    assert result["sft"]["recompute"] == "every block"  # --checkpoint_every auto, on a CPU
     attn = {v["variant"]: v for v in result["attention"]["variants"]}
     assert sum(result["attention"]["lengths"]) == result["sizes"]["attn_tokens"]
     for name in ("sdpa_default", "sdpa_pinned"):  # the CPU runs both; the loop pinned or not computes the same

@@ -250,9 +250,9 @@ def test_keep_engine_auto_keeps_what_fits_three_quarters_of_the_gpu():
 
     def keep(gpu_bytes, with_ref=False, dtype=torch.bfloat16):
         return train_rl.keep_engine_setting(args, cfg, 4, 12, 300, reserve, dtype, with_ref, gpu_bytes)[0]
-    edge = peak / gpu_memory.KEEP_ENGINE_FRACTION
+    edge = peak / gpu_memory.AUTO_MEMORY_FRACTION
     assert keep(edge) and not keep(edge * 0.9999)
-    assert not keep(edge, with_ref=True) and keep(edge + e["ref_model"] / gpu_memory.KEEP_ENGINE_FRACTION, True)
+    assert not keep(edge, with_ref=True) and keep(edge + e["ref_model"] / gpu_memory.AUTO_MEMORY_FRACTION, True)
     assert not keep(edge, dtype=torch.float32)  # an fp32 copy and cache are twice the size
     assert keep(None)  # CPU
     args.gradient_checkpointing = False  # no recompute: the update's activations grow
@@ -260,6 +260,69 @@ def test_keep_engine_auto_keeps_what_fits_three_quarters_of_the_gpu():
     for setting, want in (("true", True), ("false", False)):
         args.keep_engine = setting
         assert keep(1) is want and keep(None) is want
+
+
+def test_least_recompute_takes_the_first_choice_that_fits_three_quarters():
+    gib = 2**30
+    peaks = {0: 90, 8: 80, 4: 70, 3: 60, 2: 50, 1: 40}  # GiB: less recompute, more memory
+    assert gpu_memory.least_recompute(lambda k: peaks[k] * gib, 100 * gib) == 4  # 70 <= 75, 80 > 75
+    assert gpu_memory.least_recompute(lambda k: peaks[k] * gib, 120 * gib) == 0  # 90 <= 90
+    assert gpu_memory.least_recompute(lambda k: peaks[k] * gib, 10 * gib) == 1  # nothing fits: the least memory
+    assert [gpu_memory.recompute_words(k) for k in (0, 1, 2, 3, 8)] == [
+        "no recompute", "every block", "every 2nd block", "every 3rd block", "every 8th block"]
+
+
+def test_checkpoint_every_auto_is_resolved_into_the_settings():
+    """--checkpoint_every auto, written into the settings prepare_training reads: on a GPU least_recompute's choice
+    (none: gradient checkpointing off), on a CPU every block; with --gradient_checkpointing false nothing to choose;
+    another value untouched. Only train_rl and redistill_sft take it (their peaks are modelled)."""
+    import argparse
+    import redistill_sft
+    import sample_effect
+    import train_rl
+    gib = 2**30
+
+    def resolve(every="auto", checkpointing=True, gpu_gib=100.0, peak_gib=(90, 80, 70, 60, 50, 40)):
+        args = argparse.Namespace(checkpoint_every=every, gradient_checkpointing=checkpointing)
+        peaks = dict(zip(gpu_memory.RECOMPUTE_CHOICES, peak_gib))
+        why = gpu_memory.resolve_recompute(args, lambda k: peaks[k] * gib, gpu_gib and gpu_gib * gib)
+        return args.gradient_checkpointing, args.checkpoint_every, why
+    checkpointing, every, why = resolve()
+    assert (checkpointing, every) == (True, 4) and "every 4th block, the computed peak 70.0 GiB <= 75%" in why
+    assert resolve(gpu_gib=200)[:2] == (False, 1)  # none fits: no gradient checkpointing
+    assert resolve(gpu_gib=None) == (True, 1, "--checkpoint_every auto: every block, on CPU")
+    assert resolve(checkpointing=False) == (False, 1, None)
+    assert resolve(every=3) == (True, 3, None)
+    for script in (train_rl, redistill_sft):
+        assert script.get_parser().parse_args(["--checkpoint_every", "auto"]).checkpoint_every == "auto"
+    with pytest.raises(SystemExit):  # sample_effect's training is not in the memory model
+        sample_effect.get_parser().parse_args(["--checkpoint_every", "auto"])
+
+
+def test_train_rl_recompute_auto_fits_beside_the_kept_engine():
+    """train_rl's --checkpoint_every auto on a GPU: the engine kept first (auto keeps it when it fits with every block
+    recomputed), then the least recompute whose update peak, the kept buffers in it, fits 75 % of the GPU: the
+    choice fits, the next one with less recompute does not. Without the engine kept (--keep_engine false) the
+    buffers are left out, so as much or less recompute fits."""
+    import train_rl
+    _, cfg = gpu_memory.memory_config("qwen2.5-1.5b")
+    reserve = (16 * 8, 512 + 4096, 4096)
+    gpu = 139 * 2**30
+
+    def choose(keep_engine):
+        args = common.parse_settings(train_rl.get_parser(), ["--model", "m", "--checkpoint_every", "auto",
+                                                             "--keep_engine", keep_engine, "--prompts_per_step", "16"])
+        why = train_rl.recompute_setting(args, cfg, 1, 16, 512, reserve, torch.bfloat16, False, gpu)
+        every = args.checkpoint_every if args.gradient_checkpointing else 0
+        kept_peak = (lambda k: train_rl.kept_update_peak(train_rl.memory_estimate(
+            train_rl.with_recompute(args, k), cfg, 1, 16, 512, torch.bfloat16), cfg, reserve, torch.bfloat16, False))
+        return every, why, kept_peak
+    every, why, kept_peak = choose("auto")
+    assert "--checkpoint_every auto" in why and every > 1  # an H200 has room to recompute less than every block
+    choices = gpu_memory.RECOMPUTE_CHOICES
+    assert kept_peak(every) <= 0.75 * gpu < kept_peak(choices[choices.index(every) - 1])
+    unkept = choose("false")[0]
+    assert choices.index(unkept) <= choices.index(every)
 
 
 def table(out):

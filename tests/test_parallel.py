@@ -211,6 +211,10 @@ def test_prepare_training_sets_the_recompute_and_rejects_what_cannot_work(capsys
         in capsys.readouterr().out
     with pytest.raises(common.UserError, match="--checkpoint_every must be at least 1"):
         parallel.prepare_training(model_module.build_model(cfg), torch.float32, recompute_args(checkpoint_every=0))
+    unresolved = recompute_args()
+    unresolved.checkpoint_every = "auto"  # the scripts resolve it first (gpu_memory.resolve_recompute)
+    with pytest.raises(ValueError, match="resolved by the script first"):
+        parallel.prepare_training(model_module.build_model(cfg), torch.float32, unresolved)
     with pytest.raises(common.UserError, match="--checkpoint_keep"):
         parallel.prepare_training(model_module.build_model(cfg), torch.float32,
                                   recompute_args(compile="true", checkpoint_keep="attention"))

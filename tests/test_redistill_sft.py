@@ -281,7 +281,8 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """A non-finite loss or gradient norm skips the update (every rank alike: both numbers are all-reduced), is
     counted, and --max_bad_steps in a row stop the run with exit code 1, keeping the last good checkpoint. (The
-    update used to run whatever the norm: one NaN gradient made every weight NaN.)"""
+    update used to run whatever the norm: one NaN gradient made every weight NaN.) With recompute chosen by memory:
+    every block on a CPU."""
     real_lr, real_loss, step_now = sft.lr_at, sft.reduce_loss, [0]
 
     def lr_at(step, *args):  # called once at the start of every step
@@ -297,9 +298,11 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, mon
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch
     out = str(tmp_path / "nan")
-    assert sft.main(run_args(tiny_checkpoint, data, out, "--save_every", "1", "--max_bad_steps", "2")) == 1
+    assert sft.main(run_args(tiny_checkpoint, data, out, "--save_every", "1", "--max_bad_steps", "2",
+                             "--gradient_checkpointing", "true", "--checkpoint_every", "auto")) == 1
     printed = capsys.readouterr().out
     assert "step 3: non-finite loss nan" in printed and "2 consecutive steps with non-finite" in printed
+    assert "--checkpoint_every auto: every block, on CPU" in printed
     assert [r["bad_steps"] for r in metrics(out)] == [0, 0, 1, 2]
     assert ckpt.checkpoint_steps(out) == [2, 3] and not os.path.exists(os.path.join(out, "final"))
     w2, w3 = weights(ckpt.checkpoint_dir(out, 2)), weights(ckpt.checkpoint_dir(out, 3))

@@ -293,15 +293,17 @@ def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, ca
 
 
 @pytest.mark.slow
-def test_variants_run_bf16_master_and_kl(toy, tmp_path):
+def test_variants_run_bf16_master_and_kl(toy, tmp_path, capsys):
     """The switches off the paper's path: bf16 model + fp32 master, several mini-batches/epochs (recomputed
-    old log-probs, ratio != 1), KL to the reference, entropy bonus, dropped groups, masked truncations."""
+    old log-probs, ratio != 1), KL to the reference, entropy bonus, dropped groups, masked truncations; recompute
+    chosen by memory (every block on a CPU)."""
     out = tmp_path / "variants"
     assert train_rl.main(rl_args(toy, out, max_steps=1, save_every=1, dtype="bfloat16", ppo_epochs=2,
                                  ppo_mini_batches=2, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
                                  loss_agg="seq_mean_token_mean", std_normalize=False, clip_high=0.28,
                                  drop_zero_variance_groups=True, mask_truncated=True, micro_batch_tokens=200,
-                                 lr=1e-3)) == 0
+                                 lr=1e-3, checkpoint_every="auto")) == 0
+    assert "--checkpoint_every auto: every block, on CPU" in capsys.readouterr().out
     ms = metrics(out)
     assert all(m["updates"] == 4 or m["train_seqs"] < 2 for m in ms)  # 2 epochs x 2 mini-batches
     assert ms[0]["kl"] > 0 and ms[0]["logprob_gap"] < 0.1  # the policy moved away from the reference
