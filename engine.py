@@ -442,10 +442,10 @@ def fa2_split_count(rows, kv_heads, max_k, sms):
     """generate(fa2_splits="auto"): the parts FA2 cuts each row's keys into (flash-decoding: each part its own thread
     block, their outputs merged after), for a decode step over `rows` rows reading up to max_k columns on a GPU of
     `sms` multiprocessors: about 8 blocks per multiprocessor, each part at least 256 columns. FA2's own rule splits
-    only while rows x kv heads fill under 80 % of the multiprocessors once: 128 rows x 2 kv heads on an H200's 132
-    are not split, ~2 blocks per multiprocessor walking up to 4,096 columns each, where FA2 read the cache at 29 % of
-    its floor (docs/gpu_h200.json). A first guess, until bench.py --gpu_suite --sections decode_attention measures
-    the split counts side by side."""
+    only while the rows x kv heads blocks number under 80 % of two per multiprocessor: 128 rows x 2 kv heads on an
+    H200's 132 are not split, ~2 blocks per multiprocessor walking up to 4,096 columns each, where FA2 read the cache
+    at 29 % of its floor (docs/gpu_h200.json). A first guess, until bench.py --gpu_suite --sections decode_attention
+    measures the split counts side by side."""
     return max(1, min(-(-8 * sms // (rows * kv_heads)), max_k // 256, FA2_MAX_SPLITS))
 
 
