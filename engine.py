@@ -322,7 +322,6 @@ class Slots:
         self.stream = None  # the side stream of the graphs' warm-up steps
         # generate sets these for each call
         self.forcing, self.ops, self.fa2, self.fa2_splits, self.blocked_sampler = False, EAGER_OPS, False, None, False
-        self.sms = multiprocessors(device)  # what FA2's split rule fills (fa2_split_count)
 
     def fits(self, cfgs, count, max_len, max_new, dtypes, device):
         return (len(cfgs) == len(self.caches) and count <= self.count and max_len <= self.max_len
@@ -393,7 +392,7 @@ def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, num_split
                          f"{q.device.type}")
     splits = {}
     if num_splits is not None:
-        if "num_splits" not in str(torch.ops.aten._flash_attention_forward.default._schema):
+        if not fa2_op_takes("num_splits"):
             raise ValueError(f"fa2_splits needs a torch whose FA2 op takes num_splits; torch {torch.__version__}'s "
                              "does not")
         splits = {"num_splits": num_splits}
@@ -401,12 +400,18 @@ def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, num_split
                                                    seqused_k=seqused_k, **splits)[0]
 
 
+@functools.cache
+def fa2_op_takes(argument):
+    """Whether this torch's FA2 op (aten::_flash_attention_forward) takes the named argument (read once)."""
+    return argument in str(torch.ops.aten._flash_attention_forward.default._schema)
+
+
 def fa2_runs(device, dtypes):
     """Whether flash_varlen_forward runs here: CUDA sm80+ (Ampere and later), half-precision weights and a torch
     whose FA2 op takes per-row key counts (seqused_k)."""
     return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
             and all(d in HALF for d in dtypes)
-            and "seqused_k" in str(torch.ops.aten._flash_attention_forward.default._schema))
+            and fa2_op_takes("seqused_k"))
 
 
 def fa2_starts(rows, kv_heads, columns, device):
@@ -461,8 +466,8 @@ def decode_attention(slots, cache, rows, spans, flash):
         max_k = max(span for _, span in spans)
         seqused = (lengths + 1).clamp(max=max_k).to(torch.int32)
         starts = fa2_starts(rows, cache.shape[3], cache.shape[4], cache.device)
-        splits = (fa2_split_count(rows, cache.shape[3], max_k, slots.sms) if slots.fa2_splits == "auto"
-                  else slots.fa2_splits)
+        splits = (fa2_split_count(rows, cache.shape[3], max_k, multiprocessors(cache.device))
+                  if slots.fa2_splits == "auto" else slots.fa2_splits)
     elif flash is None:  # per group: its rows, columns and additive mask (rows, 1, 1, span), built once for all layers
         starts = [0] + [end for end, _ in spans[:-1]]
         groups = [(a, b, span, torch.zeros((b - a, 1, 1, span), dtype=cache.dtype, device=cache.device).masked_fill_(
