@@ -667,6 +667,23 @@ def checkpoints_skipped():
         ckpt.save_checkpoint, model_module.save_model, redistill_sft.save_model = saved
 
 
+def compile_record():
+    """What torch.compile has done so far in this process: (graphs compiled, the reasons of its recompiles, each the
+    guard that failed, as dynamo records them)."""
+    from torch._dynamo.utils import counters, guard_failures
+    return counters["stats"]["unique_graphs"], collections.Counter(r for rs in guard_failures.values() for r in rs)
+
+
+def compiled_since(before, top=10):
+    """The graphs torch.compile made since compile_record() gave `before` (one per block's code, and one more for
+    each recompile), and why it recompiled: the guards that failed, the most frequent first (e.g. a size that new
+    micro-batch lengths changed). What decides whether a compiled run's later steps pay for compiling again."""
+    graphs, reasons = compile_record()
+    new = reasons - before[1]
+    return {"compiled_graphs": graphs - before[0],
+            "recompile_reasons": [{"guard": r[:300], "times": n} for r, n in new.most_common(top)]}
+
+
 def suite_sft(base, tok, records, sizes, device, seed, tmp):
     import redistill_sft
     batch, steps = sizes["sft_batch"], sizes["sft_steps"]
@@ -687,8 +704,7 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
     order = parallel.epoch_order(len(data), seed, 0)
 
     def run(out, extra):
-        from torch._dynamo.utils import counters
-        graphs = counters["stats"]["unique_graphs"]
+        compiled_before = compile_record()
         argv = ["--init", base, "--data", path, "--out_dir", out, "--epochs", "1", "--global_batch", str(batch),
                 "--micro_batch_tokens", str(sizes["sft_micro"]), "--max_length", "5000",
                 "--gradient_checkpointing", "true", "--checkpoint_every", "auto", "--dtype", "auto",
@@ -711,8 +727,7 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
                 "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gb": mem,
                 "optimizer": "bitsandbytes 8-bit AdamW on local shards" if eight_bit else "torch AdamW, sharded",
                 "first_step_s": first["time_s"], "measured_steps": [m["step"] for m in ms],
-                # graphs torch.compile made in this run: one per block's code when new lengths do not recompile
-                "compiled_graphs": counters["stats"]["unique_graphs"] - graphs}
+                **compiled_since(compiled_before)}
 
     result = run(os.path.join(tmp, "sft_run"), [])
     if sizes["compile"]:  # compiled blocks: the first step compiles; later steps' new lengths must not recompile
@@ -1128,6 +1143,7 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
         name = (("none" if every == 0 else f"every {every}, keep {keep}") + (", compiled" if compile_ else "")
                 + ("" if reshard else ", blocks kept gathered"))
         try:
+            compiled_before = compile_record()
             model = parallel.prepare_training(load_model(base, dtype=torch.float32, device=device), dtype,
                                               recompute_settings(every, keep, compile_), reshard_after_forward=reshard)
 
@@ -1143,6 +1159,8 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
             r = {"setting": name, "sharded": parallel.is_sharded(model), "first_call_s": first, "step_s": steady,
                  "tokens_per_s": sum(lens) / steady, "mfu": mfu(flops, steady, device),
                  "activation_model_gib": act / 2**30, "fsdp_transient_model_gib": fsdp_transient / 2**30}
+            if compile_:  # the same micro-batch each call: a recompile here is not new lengths' doing
+                r.update(compiled_since(compiled_before))
             if device.type == "cuda":  # the peak; where the step's GPU time goes, and how much of the step it is busy
                 r["activation_peak_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
                 with profile(activities=kernel_activities(device)) as prof:

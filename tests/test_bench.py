@@ -180,6 +180,25 @@ def test_kernel_count_leaves_out_views_and_no_op_casts_and_splits_composites():
     assert speed.kernel_count(Event(name="Torch-Compiled Region: 0/0", cpu_children=[item, item])) == 1
 
 
+def test_compiled_since_counts_new_graphs_and_names_the_guard_that_recompiled():
+    """The GPU suite's compiled SFT run says why torch.compile compiled again: here a new dtype fails the first
+    graph's guard; the second call with the same input adds nothing, and what came before is not counted."""
+    import torch
+
+    def scaled(x):
+        return x * 2 + 1
+    compiled = torch.compile(scaled, backend="eager", dynamic=True)  # dynamo's guards without a compiler's seconds
+    compiled(torch.ones(3))
+    before = speed.compile_record()
+    compiled(torch.ones(5))  # another size: dynamic shapes, no new graph
+    assert speed.compiled_since(before) == {"compiled_graphs": 0, "recompile_reasons": []}
+    compiled(torch.ones(4, dtype=torch.float64))
+    compiled(torch.ones(6, dtype=torch.float64))
+    new = speed.compiled_since(before)
+    assert new["compiled_graphs"] == 1 and len(new["recompile_reasons"]) == 1
+    assert new["recompile_reasons"][0]["times"] == 1 and "dtype" in new["recompile_reasons"][0]["guard"].lower()
+
+
 def test_decode_step_writes_the_cache_once_per_layer_and_builds_masks_once_per_step():
     """Per layer, eagerly: four matmuls, one KV-cache write (keys and values together), one SDPA per attention group
     with no mask conversion inside; the masks are built once per step, outside the layers."""
