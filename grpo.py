@@ -29,21 +29,26 @@ def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, e
         adv = r - mean
         if std_normalize:
             adv = adv / (std + eps)
-        # equal rewards, not std == 0: in float32 the std of equal rewards such as 0.1 is ~6e-8, not 0
-        equal = (r == r[:, :1]).all(1, keepdim=True)
-        adv = torch.where(equal, torch.zeros_like(adv), adv)
+        adv = torch.where(equal_rewards(r)[:, None], torch.zeros_like(adv), adv)
     if seq_kl is not None:
         kl = torch.as_tensor(seq_kl, dtype=torch.float32).view(-1, n)
         adv = adv - kl_coef * (kl - kl.mean(1, keepdim=True) if n > 1 else kl)
     return adv.view(-1)
 
 
+def equal_rewards(r):
+    """Per row of r (groups, n): True where every reward is the same. Equal rewards, not std == 0: the std of equal
+    rewards such as 0.1 is ~6e-8 in float32 and ~2e-17 in float64, not 0, depending on the reduction's layout."""
+    return (r == r[:, :1]).all(1)
+
+
 def zero_variance(rewards, n):
-    """Per group of n (rewards laid out group by group): True where every reward is the same, so every advantage
-    is 0 and the group teaches nothing (a group of one has no variance to speak of: False)."""
+    """Per group of n (rewards laid out group by group): True where every reward is the same (in float32, as
+    group_advantages sees them), so every advantage is 0 and the group teaches nothing (a group of one has no
+    variance to speak of: False)."""
     if n == 1:
         return [False] * len(rewards)
-    return (torch.as_tensor(rewards, dtype=torch.float64).view(-1, n).std(1) == 0).tolist()
+    return equal_rewards(torch.as_tensor(rewards, dtype=torch.float32).view(-1, n)).tolist()
 
 
 def refill_keep(signal, room):

@@ -223,6 +223,14 @@ def test_zero_variance_groups():
     assert grpo.zero_variance([1, 1, 0, 1, 0.5, 0.5], n=2) == [True, False, True]
     assert grpo.zero_variance([0, 0, 0, 0], n=4) == [True]
     assert grpo.zero_variance([1, 0, 1], n=1) == [False, False, False]  # a group of one: nothing to compare
+    # partial rewards, one group per call (a rank's share of one prompt) at group sizes that are not powers of two:
+    # float64's std of three 0.1s is 1.7e-17, not 0, while group_advantages gives them all 0 (the group teaches
+    # nothing, and dynamic sampling must refill it)
+    for r in (0.1, 0.3, 0.7):
+        for n in (3, 6, 7):
+            assert grpo.zero_variance([r] * n, n) == [True]
+            assert grpo.zero_variance([r] * n + [0.0] * (n - 1) + [1.0], n) == [True, False]
+            assert torch.equal(grpo.group_advantages([r] * n, n), torch.zeros(n))
 
 
 def test_refill_keeps_the_first_groups_with_signal_up_to_the_room_left():
