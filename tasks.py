@@ -198,29 +198,36 @@ def load_sft_examples(paths, tokenizer, max_length):
 
     Returns a list of {"input_ids", "start" (index of the first response token), "id", "task", "file", "line"}.
     Loss goes on input_ids[start:] (the response and its EOS). An example longer than max_length, a missing
-    or non-string field, an empty prompt, a response that already ends with the EOS text or a tokenizer without EOS
-    is a UserError naming file and line.
+    or non-string field, an empty prompt, a response that holds a stop token (EOS, or another id generation stops at:
+    model.stop_token_ids) or a tokenizer without EOS is a UserError naming file and line.
     Note: text sampled from a model and re-tokenized may split into slightly different tokens than the model
     produced (BPE is not unique); the text is the same, which is what the paper trains on too.
     """
+    from model import stop_token_ids  # (torch: imported by SFT only, not by the data generators)
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos_token; SFT appends EOS to every response")
+    stops = set(stop_token_ids(tokenizer))
     examples = []
     for path in paths:
         rows, where = [], []
         with open_lines(path) as lines:
             for lineno, rec in lines:
                 check_sft_record(path, lineno, rec)
-                if rec["response"].rstrip().endswith(tokenizer.eos_token):
-                    raise UserError(f"{path}:{lineno}: field 'response' ends with the EOS text "
-                                    f"{tokenizer.eos_token!r}; SFT appends EOS itself, so it would train two: drop it "
-                                    f"from the file")
                 rows.append(rec)
                 where.append(lineno)
         if not rows:
             raise UserError(f"{path}: no examples")
         tokenized = sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
         for rec, lineno, (ids, start) in zip(rows, where, tokenized):
+            # the tokenizer reads special-token text as its id: a stop token in the response (its end included, where
+            # SFT appends EOS itself) would teach the model to stop there and go on
+            held = [(i - start, t) for i, t in enumerate(ids[start:-1], start) if t in stops]
+            if held:
+                at, t = held[0]
+                raise UserError(f"{path}:{lineno}: field 'response' holds the stop token "
+                                f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t}) at token {at} of "
+                                f"{len(ids) - start - 1}; SFT appends EOS itself and trains the model to stop only "
+                                f"there: drop it from the response")
             if len(ids) > max_length:
                 raise UserError(f"{path}:{lineno}: example {rec['id']!r} has {len(ids)} tokens (prompt {start} + "
                                 f"response {len(ids) - start - 1} + EOS) > max_length {max_length}; long examples are "

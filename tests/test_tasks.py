@@ -1,9 +1,11 @@
 """tasks.py: stratified subsets of a split, prompts that begin with BOS where the model family expects one, and
 the SFT loader (prompt and response tokenized apart, errors naming file and line)."""
 import json
+import re
 
 import pytest
 
+import model as model_module
 import redistill_sft as sft
 import tasks
 import toy_task
@@ -92,7 +94,12 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
         ([{"id": "b", "prompt": "x", "response": 3}], r"bad\.jsonl:1: field 'response' must be a string"),
         ([{"id": "b", "prompt": "", "response": "3"}], r"bad\.jsonl:1: empty prompt"),
         ([good, {"id": "b", "prompt": "x", "response": "3" + tok.eos_token}],
-         r"bad\.jsonl:2: field 'response' ends with the EOS text .*SFT appends EOS itself"),
+         r"bad\.jsonl:2: field 'response' holds the stop token .* at token 1 of 2; SFT appends EOS itself"),
+        ([{"id": "b", "prompt": "x", "response": "2" + tok.eos_token + " and 3"}],  # inside it: the same
+         rf"bad\.jsonl:1: field 'response' holds the stop token '{re.escape(tok.eos_token)}' \(id "
+         rf"{tok.eos_token_id}\) at token 1 of"),
+        ([good, {"id": "b", "prompt": "x", "response": "3" + tok.eos_token + " "}],
+         r"bad\.jsonl:2: field 'response' holds the stop token"),
         ([good, good, {"id": "long", "prompt": "What is 1 + 2? " * 20, "response": "3"}],
          r"bad\.jsonl:3: example 'long' has \d+ tokens .* > max_length 40"),
         ([], r"bad\.jsonl: no examples"),
@@ -104,3 +111,11 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
             tasks.load_sft_examples([str(path)], tok, max_length=40)
     with pytest.raises(UserError, match="missing.jsonl: file not found"):
         tasks.load_sft_examples([str(tmp_path / "missing.jsonl")], tok, 40)
+    # a stop token that is not the EOS (a chat terminator the tokenizer knows) is refused too; in the prompt it is data
+    terminators = [t for t in model_module.STOP_TOKENS if t in tok.get_vocab() and t != tok.eos_token]
+    for t in terminators:
+        path.write_text(json.dumps({"id": "c", "prompt": "x" + t, "response": "3" + t}) + "\n")
+        with pytest.raises(UserError, match=rf"bad\.jsonl:1: field 'response' holds the stop token '{re.escape(t)}'"):
+            tasks.load_sft_examples([str(path)], tok, max_length=40)
+        path.write_text(json.dumps({"id": "c", "prompt": "x" + t, "response": "3"}) + "\n")
+        assert len(tasks.load_sft_examples([str(path)], tok, max_length=40)) == 1
