@@ -151,24 +151,36 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
 
 
 def prune_checkpoints(run_dir, step, keep_last, keep_weights=()):
-    """Rank 0, after saving `step`: only the newest keep_last checkpoints up to it stay resumable; of the older ones
-    only the weights of the steps in keep_weights stay. Removed in the order state file, weights, shards: a
-    half-deleted checkpoint is never resumable, and its shards left by a kill mark it for the next prune to finish.
-    Every part of a step above `step` goes too: a checkpoint the resume skipped as unreadable, which would otherwise,
-    being newer, take a keep_last place from the new saves."""
-    keep = set([s for s in checkpoint_steps(run_dir) if s <= step][-keep_last:])
-    found = {int(m.group(1)) for m in map(CHECKPOINT_FILE.match, os.listdir(run_dir)) if m}
-    for old in sorted(found - keep):
-        state, shards = checkpoint_dir(run_dir, old) + ".state.pt", glob.glob(
-            glob.escape(checkpoint_dir(run_dir, old)) + ".train.rank*.pt")
-        if old < step and not os.path.exists(state) and not shards:
-            continue  # weights kept by an earlier prune
-        if os.path.exists(state):
-            os.remove(state)
-        if old > step or old not in keep_weights:
-            shutil.rmtree(checkpoint_dir(run_dir, old), ignore_errors=True)
-        for path in shards:
-            os.remove(path)
+    """Rank 0, after saving `step`: only the newest keep_last checkpoints stay resumable; of the older ones only the
+    weights of the steps in keep_weights stay. (Nothing lies above `step`: resume_checkpoint removed it.)"""
+    keep = set(checkpoint_steps(run_dir)[-keep_last:])
+    for old in sorted(checkpoint_parts(run_dir) - keep):
+        state, shards = checkpoint_files(run_dir, old)
+        if os.path.exists(state) or shards:  # (else weights kept by an earlier prune)
+            remove_checkpoint(run_dir, old, weights=old not in keep_weights)
+
+
+def checkpoint_parts(run_dir):
+    """The steps that have any part of a checkpoint in run_dir: its state file, weights or optimizer shards."""
+    return {int(m.group(1)) for m in map(CHECKPOINT_FILE.match, os.listdir(run_dir)) if m}
+
+
+def checkpoint_files(run_dir, step):
+    """(the state file's path, the optimizer shards that exist) of the checkpoint of `step`."""
+    prefix = checkpoint_dir(run_dir, step)
+    return prefix + ".state.pt", glob.glob(glob.escape(prefix) + ".train.rank*.pt")
+
+
+def remove_checkpoint(run_dir, step, weights=True):
+    """Delete the checkpoint of `step` (weights=False: all but its weights), in the order state file, weights, shards:
+    a half-deleted checkpoint is never resumable, and its shards left by a kill mark it for the next prune to finish."""
+    state, shards = checkpoint_files(run_dir, step)
+    if os.path.exists(state):
+        os.remove(state)
+    if weights:
+        shutil.rmtree(checkpoint_dir(run_dir, step), ignore_errors=True)
+    for path in shards:
+        os.remove(path)
 
 
 def remove_partial_saves(run_dir):
@@ -231,7 +243,16 @@ def resume_checkpoint(run_dir, resume):
         remove_partial_saves(run_dir)
     found = load_checkpoint(run_dir) if resume else None
     if resume and found is None:
-        print0(f"note: --resume: no complete checkpoint in {run_dir}; starting a fresh run")
+        if steps:  # a fresh run here would write over their run's logs
+            raise UserError(f"--resume: none of the checkpoints in {run_dir} (steps {', '.join(map(str, steps))}) can "
+                            f"be read (the warnings above name the files); move them away to start afresh there, or "
+                            f"choose another --out_dir")
+        print0(f"note: --resume: no checkpoint in {run_dir}; starting a fresh run")
+    if found is not None and rank() == 0:
+        # what lies beyond it was skipped as unreadable, or a kill left it unfinished: the run goes on from here and
+        # saves those steps anew; kept, an unreadable one would take a --keep_last place from them, the good one's
+        for later in sorted(s for s in checkpoint_parts(run_dir) if s > found[0]):
+            remove_checkpoint(run_dir, later)
     return found
 
 

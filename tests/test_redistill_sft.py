@@ -400,14 +400,28 @@ def test_resume_skips_an_unreadable_checkpoint(tiny_checkpoint, tmp_path, capsys
     with open(shard, "r+b") as f:
         f.truncate(100)
     capsys.readouterr()
-    sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
+    sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--save_every", "2", "--stop_at_step", "8"))
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and shard in warnings[0] and "step 7" in warnings[0]
     assert "step_000006 (step 6/10)" in out  # the other resumable one (--keep_last 2)
+    # the unreadable one went when the resume passed it by: it does not take a --keep_last place from step 8's save
+    # (which would have pruned step 6, the one good fallback)
+    assert ckpt.checkpoint_steps(cut) == [6, 8] and 7 not in ckpt.checkpoint_parts(cut)  # (5: an epoch's weights)
+    sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
     a, b = weights(os.path.join(full, "final")), weights(os.path.join(cut, "final"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # none readable: an error that names them, and the run's logs stay (a fresh run there would write over them)
+    steps = ckpt.checkpoint_steps(cut)
+    for step in steps:
+        with open(ckpt.train_shard_path(cut, step, 0), "r+b") as f:
+            f.truncate(100)
+    metrics = open(os.path.join(cut, "metrics.jsonl")).read()
+    with pytest.raises(UserError, match=rf"none of the checkpoints in .* \(steps {', '.join(map(str, steps))}\) can be "
+                                        rf"read"):
+        sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
+    assert open(os.path.join(cut, "metrics.jsonl")).read() == metrics
 
 
 def test_rng_state_holds_this_gpus_generator_only(monkeypatch):
