@@ -521,17 +521,24 @@ def stop_token_ids(tokenizer):
     return sorted(ids)
 
 
-def parse_dtype(dtype, device=None):
-    """A torch dtype from a --dtype setting; "auto" is bfloat16 on CUDA and float32 elsewhere (the one rule)."""
+def parse_dtype(dtype, device=None, training=False):
+    """A torch dtype from a --dtype setting; "auto" is bfloat16 on CUDA and float32 elsewhere (the one rule).
+    training: the dtype gradients are computed in, where float16 is refused (nothing here scales the loss)."""
     if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
-    return names[dtype]
+        found = dtype
+    elif dtype == "auto":
+        found = torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+    else:
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+        found = names[dtype]
+    if training and found == torch.float16:
+        raise UserError("--dtype float16 cannot train here: nothing scales the loss, and the per-token gradients of a "
+                        "loss normalised over the whole batch (~1e-5 and less) underflow in float16; bfloat16 has "
+                        "float32's range: use bfloat16 (or float32)")
+    return found
 
 
 def check_checkpoint(path):

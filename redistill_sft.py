@@ -296,6 +296,7 @@ def main(argv=None):
     common.check_non_negative(args, "save_every", "stop_at_step")
 
     rank, world, device = parallel.dist_setup()
+    dtype = parse_dtype(args.dtype, device, training=True)  # compute, and saved weights
     common.seed_everything(args.seed)
     final_dir = os.path.join(args.out_dir, "final")
     resume_from = ckpt.resume_checkpoint(args.out_dir, args.resume)
@@ -347,7 +348,6 @@ def main(argv=None):
     else:
         model = load_model(args.init, dtype=torch.float32, device=device)
     start_step = state["step"] if state else 0
-    dtype = parse_dtype(args.dtype, device)  # compute, and saved weights
     why = gpu_memory.resolve_recompute(args, lambda every: gpu_memory.memory_estimate(
         model.config, world=world, sft_tokens=max(args.micro_batch_tokens, max(lengths)), checkpoint_every=every,
         checkpoint_keep=args.checkpoint_keep, adam_8bit=args.adam_8bit)["sft_peak"],

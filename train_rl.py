@@ -532,7 +532,7 @@ def main(argv=None):
 
     # ---- setup: distributed, precision, task, data
     rank, world, device = parallel.dist_setup()
-    dtype = parse_dtype(args.dtype, device)
+    dtype = parse_dtype(args.dtype, device, training=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

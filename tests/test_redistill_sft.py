@@ -56,6 +56,7 @@ def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
         (["--data", data, "--init", tiny_checkpoint, "--global_batch", "16"],
          "8 training examples < --global_batch 16"),
         (["--data", data, "--init", tiny_checkpoint, "--max_length", "20"], r"d\.jsonl:1: example .* > max_length 20"),
+        (["--data", data, "--init", tiny_checkpoint, "--dtype", "float16"], "float16 cannot train here"),  # underflow
     ]
     for argv, pattern in bad:
         with pytest.raises(UserError, match=pattern):

@@ -384,6 +384,7 @@ def test_bad_input(setup, tmp_path):
     fails(["--sft_data", sft, "--select", "99", "--select_out", str(tmp_path / "t.jsonl")], r"--select 99 > the 15")
     fails(["--sft_data", sft, "--select", "2"], r"needs --select_out")
     fails(["--sft_data", sft, sft], r"same file twice")
+    fails(["--sft_data", sft, "--dtype", "float16"], r"float16 cannot train here")  # ∇J's gradients would underflow
     # outputs: none on an input, none on another output (checked before any work)
     with pytest.raises(UserError, match=r"--out .*teacher\.jsonl: that is an input \(--sft_data\)"):
         se.main(args + ["--sft_data", sft, "--out", sft])

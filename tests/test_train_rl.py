@@ -518,6 +518,8 @@ def test_bad_settings_are_one_line_errors(toy, tmp_path):
         train_rl.main(rl_args(toy, tmp_path / "a", prompts_per_step=1000))
     with pytest.raises(common.UserError, match="context"):
         train_rl.main(rl_args(toy, tmp_path / "b", max_response_tokens=5000))
+    with pytest.raises(common.UserError, match="float16 cannot train here"):  # its gradients would underflow
+        train_rl.main(rl_args(toy, tmp_path / "c", dtype="fp16"))
 
 
 @pytest.mark.slow
