@@ -121,10 +121,13 @@ def get_parser():
 
 def load_text_examples(paths, tokenizer, max_length):
     """Pre-training documents: jsonl with a "text" field (one document per line) or plain text (documents
-    separated by blank lines). Each document + EOS is split into sequences of at most max_length tokens;
-    the loss is on every token after the first of each sequence."""
+    separated by blank lines). Each document + EOS is split into sequences of at most max_length tokens, each after
+    the first beginning with the previous one's last token; the loss is on every token after the first of each
+    sequence, so on every token of the document after its first, its EOS included, once."""
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos_token; pre-training appends EOS to every document")
+    if max_length < 2:
+        raise UserError(f"--max_length {max_length}: pre-training needs at least 2 tokens a sequence (one to predict)")
     examples = []
     for path in paths:
         docs = []
@@ -152,11 +155,11 @@ def load_text_examples(paths, tokenizer, max_length):
         tokens = tasks.encode_prompts(tokenizer, [t for _, t in docs])
         for (lineno, _), ids in zip(docs, tokens):
             ids = ids + [tokenizer.eos_token_id]
-            for k, s in enumerate(range(0, len(ids), max_length)):
-                piece = ids[s:s + max_length]
-                if len(piece) >= 2:
-                    examples.append({"input_ids": piece, "start": 1, "id": f"{os.path.basename(path)}:{lineno}:{k}",
-                                     "task": None, "file": path, "line": lineno})
+            # (cut apart, a piece's first token would be predicted by none and a one-token tail, the EOS, dropped)
+            for k, s in enumerate(range(0, len(ids) - 1, max_length - 1)):
+                examples.append({"input_ids": ids[s:s + max_length], "start": 1,
+                                 "id": f"{os.path.basename(path)}:{lineno}:{k}", "task": None, "file": path,
+                                 "line": lineno})
     return examples
 
 

@@ -320,9 +320,19 @@ def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path, capsys):
     whole = sft.load_text_examples(paths, tok, max_length=512)
     assert len(whole) == 64 and all(e["start"] == 1 for e in whole)
     assert whole[0]["input_ids"] == tok(docs[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert [t for e in examples[:len(examples) // 2] for t in e["input_ids"]][:40] == \
-        [t for e in whole for t in e["input_ids"]][:40]
-    assert max(len(e["input_ids"]) for e in examples) == 8
+    assert max(len(e["input_ids"]) for e in examples) == 8 and all(e["start"] == 1 for e in examples)
+    # cut with one token of overlap: each piece after a document's first begins with the last token of the one before,
+    # as context, so every token after the document's first is predicted exactly once, its EOS included
+    for doc in whole:
+        ids = doc["input_ids"]
+        pieces = [e["input_ids"] for e in examples if (e["file"], e["line"]) == (doc["file"], doc["line"])]
+        assert pieces[0] + [t for p in pieces[1:] for t in p[1:]] == ids
+        assert all(p[0] == q[-1] for q, p in zip(pieces, pieces[1:]))
+    # one token over max_length: the tail is the EOS, predicted from the token before it (cut apart, it was dropped)
+    (tmp_path / "one.txt").write_text(docs[0] + "\n")
+    ids = whole[0]["input_ids"]
+    assert [e["input_ids"] for e in sft.load_text_examples([str(tmp_path / "one.txt")], tok, len(ids) - 1)] == \
+        [ids[:-1], ids[-2:]]
     # a bare tokenizer directory (no config.json beside it), as a tiny preset builds it
     bare = tmp_path / "tokenizer"
     bare.mkdir()
