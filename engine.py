@@ -77,7 +77,8 @@ def sampling_probs(logits, temperature, top_p):
     probs = logp.exp()
     if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
         sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before a token already reaches top_p
+        drop[:, 0] = False  # (the most likely token always stays)
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return logp, probs
 
@@ -331,9 +332,11 @@ class Slots:
                         for kv, c, d in zip(self.caches, cfgs, dtypes)))
 
     def move(self, holes, movers, span):
-        """Slots movers -> slots holes (index tensors): caches up to column span, and every per-slot buffer."""
+        """Slots movers -> slots holes (index tensors): caches up to column span (the columns beyond are zeroed: what a
+        hole's earlier row left there would be read under the mask), and every per-slot buffer."""
         for kv in self.caches:
             kv[:, :, holes, :, :span] = kv[:, :, movers, :, :span]
+            kv[:, :, holes, :, span:] = 0
         for t in (self.sample, self.key, self.lengths, self.tok, self.pos, self.force, self.alive, self.stopped,
                   self.out_tok, self.out_lp, self.out_switched, self.out_differs):
             t[holes] = t[movers]
@@ -564,6 +567,9 @@ def prefill(weights, slots, prompts, slot_groups):
         def attend(i, q, kv):  # q (N, heads, hd), kv (N, 2, kv_heads, hd)
             for (a, b), where in zip(zip(bounds[:-1], bounds[1:]), slot_groups):
                 cache[i][:, where, :, :b - a] = kv[a:b].permute(1, 2, 0, 3)[:, None].to(cache.dtype)
+                # the columns beyond, zeroed: a masked-out column still enters SDPA's sum as 0 * value, and what an
+                # earlier row (of this call or an earlier one) left there may be inf or NaN (0 * NaN = NaN)
+                cache[i][:, where, :, b - a:] = 0
             k, v = kv[:, 0].transpose(0, 1)[None], kv[:, 1].transpose(0, 1)[None]
             y = packed.attend(None, q.transpose(0, 1)[None], k, v)
             return y[0].transpose(0, 1).reshape(q.shape[0], -1)
@@ -712,14 +718,22 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                             f"{len(p) + max_new_tokens} > the model's {max_seq_len}-token context")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    for name, value in dict(n=n, slots=slots, sync_every=sync_every, block=block,
+                            attention_groups=attention_groups).items():
+        if not (isinstance(value, int) and value >= 1) and (value is not None or name == "n"):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not temperature >= 0 or not 0 <= top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 and top_p in [0, 1], got {temperature!r} and {top_p!r}")
     if not prompts:
         return []
     stop_ids = sorted(set(stop_ids))
     if len(stop_ids) > MAX_STOP_IDS:
         raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
     if forced_lengths is not None and (not stop_ids or len(forced_lengths) != len(prompts) * n
-                                       or not all(1 <= x <= max_new_tokens for x in forced_lengths)):
-        raise ValueError("forced_lengths needs a stop id and one length in 1..max_new_tokens per row")
+                                       or not all(1 <= x <= max_new_tokens for x in forced_lengths)
+                                       or partner is not None):
+        raise ValueError("forced_lengths needs a stop id and one length in 1..max_new_tokens per row, and no partner "
+                         "(it forces the model's own logits only)")
     cuda = device.type == "cuda"
     total = len(prompts) * n
     count = min(slots or total, total)

@@ -341,6 +341,12 @@ def test_sample_next_follows_the_tempered_and_nucleus_distribution():
     freq = torch.bincount(tok, minlength=4) / len(tok)
     assert freq[0] == 0 and freq[3] == 0
     assert abs(freq[2] - p[2] / (p[1] + p[2])) < 0.01
+    # the smallest set whose mass reaches top_p: at an exact boundary the next token is out (two of four equal
+    # tokens at 0.5; one of two), and top_p 0 keeps the most likely one
+    for row, top_p, kept in (([0.0] * 4, 0.5, 2), ([0.0, 0.0], 0.5, 1), ([0.0, 1.0, 2.0], 0.0, 1)):
+        probs = engine.sampling_probs(torch.tensor([row]), 1.0, top_p)[1]
+        assert int((probs > 0).sum()) == kept
+    assert int(engine.sampling_probs(torch.tensor([[0.0, 1.0, 2.0]]), 1.0, 0.0)[1].argmax()) == 2
 
 
 def test_sample_blocked_draws_sample_next_tokens():
@@ -427,6 +433,36 @@ def test_error_prompt_longer_than_cache():
     assert generate(model, [], max_new_tokens=8) == []
     with pytest.raises(ValueError, match="graphs=True needs CUDA"):
         generate(model, [[1, 2]], max_new_tokens=8, graphs=True)
+    generate(model, [[1, 2]], n=2, max_new_tokens=4, slots=2)  # kept slots that a count of -1 would "fit"
+    for bad in (dict(n=0), dict(n=-2), dict(slots=-1), dict(slots=0), dict(sync_every=-1), dict(block=0),
+                dict(attention_groups=-1), dict(n=2.0)):  # (sync_every=-1 used to loop for ever; n=-2 gave [])
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer >= 1"):
+            generate(model, [[1, 2]], max_new_tokens=4, **bad)
+    for bad in (dict(temperature=-0.5), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=float("nan"))):
+        with pytest.raises(ValueError, match="temperature must be >= 0 and top_p in"):
+            generate(model, [[1, 2]], max_new_tokens=4, **bad)
+    with pytest.raises(ValueError, match="and no partner"):  # forcing the model's logits only: a switched row ran on
+        generate(model, [[1, 2]], max_new_tokens=4, stop_ids=[3], forced_lengths=[2], partner=model,
+                 switch=lambda *a: torch.ones(1, dtype=torch.bool))
+
+
+def test_stale_cache_columns_never_reach_a_later_row():
+    """A masked-out cache column still enters SDPA's sum as 0 * value: what earlier rows left in the kept cache, even
+    inf or NaN (a diverged policy, a half-precision overflow), must not reach a later call's samples, and a
+    compaction's holes take zeros beyond the columns moved."""
+    model = random_model(CONFIGS["qwen2_tied"], seed=5)
+    prompts = ragged_prompts(2, lengths=(3, 9, 5))
+    kw = dict(n=2, max_new_tokens=8, temperature=1.0, seed=6, block=16, slots=4)  # block: CUDA's 256, in small
+    engine.release()
+    fresh = generate(model, prompts, **kw)
+    engine._kept["slots"].caches[0].fill_(float("nan"))
+    again = generate(model, prompts, **kw)
+    assert [(g.tokens, g.logprobs) for g in again] == [(g.tokens, g.logprobs) for g in fresh]
+    slots = engine._kept["slots"]
+    cache = slots.caches[0]
+    cache[:, :, 1].fill_(float("nan"))
+    slots.move(torch.tensor([1]), torch.tensor([3]), span=5)
+    assert torch.equal(cache[:, :, 1, :, :5], cache[:, :, 3, :, :5]) and not cache[:, :, 1, :, 5:].any()
 
 
 def test_decode_attention_follows_the_flash_rule(pretend_gpu):
