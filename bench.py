@@ -241,7 +241,7 @@ def bench_rl(args):
         wall = time.time() - t0
         ms = common.read_jsonl(os.path.join(d, "run", "metrics.jsonl"))[1:]  # the first step warms up
         # the engine alone on the last step's prompts, same seed and weights: what the RL step's generation costs
-        from model import stop_token_ids
+        from common import stop_token_ids
         from tasks import load_tokenizer
         final, tok = load_model(os.path.join(d, "run", f"step_{steps:06d}")), load_tokenizer(os.path.join(d, "init"))
         recs = [recs[i] for i in train_rl.step_prompt_indices(len(recs), prompts, steps, args.seed)]

@@ -1,6 +1,6 @@
 """
 The ground floor every script stands on: one-line errors, settings, rank-0 printing, seeds, jsonl files with
-errors naming file and line, atomic writes, and the optional plotting import. It imports no other module of this
+errors naming file and line, atomic writes, the ids a response stops at, and the optional plotting import. It imports no other module of this
 project, so any module may import it.
 """
 import argparse
@@ -119,6 +119,19 @@ def check_distinct_outputs(outputs, inputs=()):
         if path and os.path.realpath(path) in seen:
             raise UserError(f"{seen[os.path.realpath(path)]} {path}: that is an input ({flag}); it would be "
                             "overwritten")
+
+
+# the chat terminators a response may end with
+STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+
+
+def stop_token_ids(tokenizer):
+    """The ids that end a response (generation stops at them, SFT trains none inside one, a saved checkpoint's
+    generation config names them): the tokenizer's EOS plus the usual chat terminators it knows."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in STOP_TOKENS if t in vocab}
+    return sorted(ids)
 
 
 def str2bool(s) -> bool:

@@ -26,9 +26,9 @@ from torch.nn.attention import sdpa_kernel
 from torch.utils._triton import has_triton
 from tqdm import tqdm
 
-from common import UserError, rank
+from common import UserError, rank, stop_token_ids
 from model import (HALF, HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs, pack,
-                   packed_positions, rms_norm, rope_cos_sin, stop_token_ids)
+                   packed_positions, rms_norm, rope_cos_sin)
 from parallel import full_tensor, is_sharded, reshard
 from tasks import encode_prompts
 

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
 
-from common import UserError, fsync_dir, fsync_tree
+from common import UserError, fsync_dir, fsync_tree, stop_token_ids
 
 try:  # FlashAttention kernels on CUDA when the package is installed; SDPA otherwise
     from flash_attn import flash_attn_varlen_func
@@ -34,8 +34,6 @@ except ImportError:
 torch_varlen_attn = None
 
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
-# the chat terminators a response may end with
-STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
 # what a Llama 3.1 rope_scaling must give (rope_cos_sin)
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -511,14 +509,6 @@ def response_logprobs(model, prompts, responses, temperature=1.0, chunk_size=409
 
 # -----------------------------------------------------------------------------
 # Hugging Face checkpoints
-
-
-def stop_token_ids(tokenizer):
-    """The ids that end a response: the tokenizer's EOS plus the usual chat terminators it knows."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in STOP_TOKENS if t in vocab}
-    return sorted(ids)
 
 
 def parse_dtype(dtype, device=None, training=False):

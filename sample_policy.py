@@ -24,8 +24,7 @@ import common
 import engine
 import parallel
 import tasks
-from common import UserError, print0
-from model import STOP_TOKENS
+from common import STOP_TOKENS, UserError, print0
 
 
 def get_parser():

@@ -8,7 +8,7 @@ import os
 import random
 import re
 
-from common import UserError, iter_jsonl, open_lines
+from common import UserError, iter_jsonl, open_lines, stop_token_ids
 
 TASKS = ("kk", "math")
 
@@ -199,11 +199,10 @@ def load_sft_examples(paths, tokenizer, max_length):
     Returns a list of {"input_ids", "start" (index of the first response token), "id", "task", "file", "line"}.
     Loss goes on input_ids[start:] (the response and its EOS). An example longer than max_length, a missing
     or non-string field, an empty prompt, a response that holds a stop token (EOS, or another id generation stops at:
-    model.stop_token_ids) or a tokenizer without EOS is a UserError naming file and line.
+    common.stop_token_ids) or a tokenizer without EOS is a UserError naming file and line.
     Note: text sampled from a model and re-tokenized may split into slightly different tokens than the model
     produced (BPE is not unique); the text is the same, which is what the paper trains on too.
     """
-    from model import stop_token_ids  # (torch: imported by SFT only, not by the data generators)
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos_token; SFT appends EOS to every response")
     stops = set(stop_token_ids(tokenizer))

@@ -17,9 +17,10 @@ import common
 import tasks
 import engine
 import model as model_module
+from common import stop_token_ids
 from engine import generate
 from model import (build_model, flash_dtype, flash_inputs, load_model, pack, packed_backend, response_logprobs,
-                   response_positions, save_model, stop_token_ids, tiny_config)
+                   response_positions, save_model, tiny_config)
 from tasks import load_tokenizer
 from tiny_base import build_tokenizer
 import padded

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-import model as model_module
+import common
 import redistill_sft as sft
 import tasks
 import toy_task
@@ -112,7 +112,7 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
     with pytest.raises(UserError, match="missing.jsonl: file not found"):
         tasks.load_sft_examples([str(tmp_path / "missing.jsonl")], tok, 40)
     # a stop token that is not the EOS (a chat terminator the tokenizer knows) is refused too; in the prompt it is data
-    terminators = [t for t in model_module.STOP_TOKENS if t in tok.get_vocab() and t != tok.eos_token]
+    terminators = [t for t in common.STOP_TOKENS if t in tok.get_vocab() and t != tok.eos_token]
     for t in terminators:
         path.write_text(json.dumps({"id": "c", "prompt": "x" + t, "response": "3" + t}) + "\n")
         with pytest.raises(UserError, match=rf"bad\.jsonl:1: field 'response' holds the stop token '{re.escape(t)}'"):

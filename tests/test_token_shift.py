@@ -15,9 +15,10 @@ import common
 import engine
 import token_shift
 import toy_task
+from common import stop_token_ids
 from conftest import ROOT, subprocess_env
 from engine import generate
-from model import build_model, load_model, save_model, stop_token_ids, tiny_config
+from model import build_model, load_model, save_model, tiny_config
 from tasks import load_tokenizer
 from tiny_base import build_tokenizer
 import padded
