@@ -1,7 +1,7 @@
 """
 The ground floor every script stands on: one-line errors, settings, rank-0 printing, seeds, jsonl files with
-errors naming file and line, atomic writes, the ids a response stops at, and the optional plotting import. It imports no other module of this
-project, so any module may import it.
+errors naming file and line, atomic writes, the ids a response stops at, and the optional plotting import. It
+imports no other module of this project, so any module may import it.
 """
 import argparse
 import json
