@@ -78,7 +78,7 @@ def sampling_probs(logits, temperature, top_p):
     if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before a token already reaches top_p
-        drop[:, 0] = False  # (the most likely token always stays)
+        drop[..., 0] = False  # (the most likely token always stays)
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return logp, probs
 
