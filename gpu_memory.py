@@ -204,6 +204,11 @@ def auto_recompute(cfg, settings, gpu_bytes):
             least_recompute(lambda every: est[every]["sft_peak"], gpu_bytes))
 
 
+def recompute_fields(every):
+    """A recompute setting (0: none, k: every k-th block) as the settings prepare_training reads."""
+    return {"gradient_checkpointing": every > 0, "checkpoint_every": max(every, 1)}
+
+
 def recompute_words(every):
     """A recompute setting in words: 0 none, 1 every block, k every k-th block."""
     suffix = {2: "nd", 3: "rd"}.get(every, "th")
@@ -224,7 +229,7 @@ def resolve_recompute(args, peak_of, gpu_bytes):
     if gpu_bytes is None:
         return "--checkpoint_every auto: every block, on CPU"
     every = least_recompute(peak_of, gpu_bytes)
-    args.gradient_checkpointing, args.checkpoint_every = every > 0, max(every, 1)
+    vars(args).update(recompute_fields(every))
     peak = peak_of(every)
     return (f"--checkpoint_every auto: {recompute_words(every)}, the computed peak {peak / 2**30:.1f} GiB "
             f"{'<=' if peak <= AUTO_MEMORY_FRACTION * gpu_bytes else '>'} {AUTO_MEMORY_FRACTION:.0%} of the GPU's "

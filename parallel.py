@@ -194,10 +194,13 @@ def shard_model(model, compute_dtype, reshard_after_forward=True):
     return model
 
 
-def add_recompute_args(p, auto=False):
+def add_recompute_args(p, auto_fraction=None):
     """The settings that trade activation memory for recompute and compile, shared by every script that trains
-    (each defines --gradient_checkpointing itself, with its own default). auto: --checkpoint_every may be "auto",
-    which the script resolves by its computed peak (gpu_memory.resolve_recompute) before prepare_training."""
+    (each defines --gradient_checkpointing itself, with its own default). auto_fraction (gpu_memory's
+    AUTO_MEMORY_FRACTION; None: no auto): --checkpoint_every may be "auto", which the script resolves by its computed
+    peak (gpu_memory.resolve_recompute) before prepare_training."""
+    auto = auto_fraction is not None
+
     # measured on one H200 at the 1.5B shape, one 16K-token micro-batch (docs/engine_and_speed.md, issue 36 stage 1):
     # every block 27.6 % MFU, every 2nd 30.3 %, none 33.3 %; --compile +9 % at the same memory; keeping attention's or
     # the matmuls' outputs 22-23 % (slower than recomputing them)
@@ -212,8 +215,8 @@ def add_recompute_args(p, auto=False):
                    help="with --gradient_checkpointing: recompute every k-th block only; the others keep their "
                         "activations (1: all blocks, least memory; 2: half the recompute for about twice the memory)"
                         + ("; auto: on a GPU the least recompute (none, every 8th, 4th, 3rd, 2nd block, every block) "
-                           "whose computed peak (bench.py --memory) is at most 75 %% of the GPU, printed at start; on "
-                           "a CPU every block" if auto else ""))
+                           f"whose computed peak (bench.py --memory) is at most {100 * auto_fraction:.0f} %% of the "
+                           "GPU, printed at start; on a CPU every block" if auto else ""))
     p.add_argument("--checkpoint_keep", default="nothing", choices=tuple(CHECKPOINT_KEEP),
                    help="with --gradient_checkpointing: what a recomputed block keeps from its forward (selective "
                         "activation checkpointing): nothing; attention (the attention kernels' outputs, O(tokens)); "

@@ -91,7 +91,7 @@ def get_parser():
     p.add_argument("--gradient_checkpointing",
                    default=False, type=common.str2bool,
                    help="recompute each block in backward (less activation memory, ~30%% slower)")
-    parallel.add_recompute_args(p, auto=True)
+    parallel.add_recompute_args(p, auto_fraction=gpu_memory.AUTO_MEMORY_FRACTION)
     p.add_argument("--dtype", default="auto",
                    help="compute dtype, and that of the saved weights: auto (bfloat16 on CUDA, "
                    "float32 on CPU), bfloat16, float32; the optimizer always updates sharded fp32 weights")

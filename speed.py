@@ -1110,8 +1110,7 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
 def recompute_settings(every, keep, compile_=False):
     """The argparse namespace prepare_training reads, for one recompute setting (every 0: no checkpointing)."""
     import argparse
-    return argparse.Namespace(gradient_checkpointing=every > 0, checkpoint_every=max(every, 1), checkpoint_keep=keep,
-                              compile=compile_)
+    return argparse.Namespace(**gpu_memory.recompute_fields(every), checkpoint_keep=keep, compile=compile_)
 
 
 TRAIN_STEP_SETTINGS = [  # (checkpoint_every (0: none), checkpoint_keep, compiled, FSDP reshard_after_forward)

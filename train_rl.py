@@ -166,7 +166,7 @@ def get_parser():
                    "float32; the optimizer always updates sharded fp32 weights")
     p.add_argument("--gradient_checkpointing", type=common.str2bool, default=True,
                    help="recompute blocks in backward (less memory)")
-    parallel.add_recompute_args(p, auto=True)
+    parallel.add_recompute_args(p, auto_fraction=gpu_memory.AUTO_MEMORY_FRACTION)
     p.add_argument("--micro_batch_tokens", type=int, default=30000, help="tokens per packed micro-batch per rank "
                    "(paper: ppo_max_token_len_per_gpu 30000)")
     p.add_argument("--logprob_chunk", type=int, default=4096, help="tokens per chunk of the lm_head + log-softmax")
@@ -178,8 +178,8 @@ def get_parser():
                         "step refills them in place and replays the graphs captured before (nano-vllm keeps them "
                         "for the whole run) instead of allocating and capturing anew; costs their memory in the "
                         "update (bench.py --memory: 'RL update peak ... kept'). auto: kept on CPU, and on CUDA when "
-                        "the update's computed peak with them is at most 75 %% of the GPU. Speed only: the samples "
-                        "and weights are the same either way")
+                        f"the update's computed peak with them is at most {100 * gpu_memory.AUTO_MEMORY_FRACTION:.0f} "
+                        "%% of the GPU. Speed only: the samples and weights are the same either way")
     # validation, logging, checkpoints
     p.add_argument("--val_every", type=int, default=5,
                    help="greedy validation every this many steps (0 = never; paper 5)")
@@ -320,7 +320,7 @@ def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dty
 
 def with_recompute(args, every):
     """args with --checkpoint_every set to every (0: --gradient_checkpointing false)."""
-    return SimpleNamespace(**{**vars(args), "gradient_checkpointing": every > 0, "checkpoint_every": max(every, 1)})
+    return SimpleNamespace(**{**vars(args), **gpu_memory.recompute_fields(every)})
 
 
 def recompute_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref, gpu_bytes):
