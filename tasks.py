@@ -193,6 +193,19 @@ def sft_token_ids(tokenizer, prompts, responses, eos=True):
     return [(p + r + ([tokenizer.eos_token_id] if e else []), len(p)) for p, r, e in zip(prompt_ids, response_ids, eos)]
 
 
+def check_no_stop_tokens(path, lineno, tokenizer, response_ids, stops):
+    """A UserError naming the file and line if a response's tokens (without the EOS appended to it) hold a stop id.
+    The tokenizer reads special-token text as its id: a stop token in a response would teach a model to stop there
+    and go on (SFT), or be compared at a position past the response's end (token_shift)."""
+    held = [(at, t) for at, t in enumerate(response_ids) if t in stops]
+    if held:
+        at, t = held[0]
+        raise UserError(f"{path}:{lineno}: field 'response' holds the stop token "
+                        f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t}) at token {at} of {len(response_ids)}; "
+                        f"EOS is appended to a finished response, the only place a model learns to stop: drop it "
+                        f"from the response")
+
+
 def load_sft_examples(paths, tokenizer, max_length):
     """Tokenize SFT jsonl files: prompt and response separately (no special tokens), EOS appended to the response.
 
@@ -218,15 +231,7 @@ def load_sft_examples(paths, tokenizer, max_length):
             raise UserError(f"{path}: no examples")
         tokenized = sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
         for rec, lineno, (ids, start) in zip(rows, where, tokenized):
-            # the tokenizer reads special-token text as its id: a stop token in the response (its end included, where
-            # SFT appends EOS itself) would teach the model to stop there and go on
-            held = [(i - start, t) for i, t in enumerate(ids[start:-1], start) if t in stops]
-            if held:
-                at, t = held[0]
-                raise UserError(f"{path}:{lineno}: field 'response' holds the stop token "
-                                f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t}) at token {at} of "
-                                f"{len(ids) - start - 1}; SFT appends EOS itself and trains the model to stop only "
-                                f"there: drop it from the response")
+            check_no_stop_tokens(path, lineno, tokenizer, ids[start:-1], stops)
             if len(ids) > max_length:
                 raise UserError(f"{path}:{lineno}: example {rec['id']!r} has {len(ids)} tokens (prompt {start} + "
                                 f"response {len(ids) - start - 1} + EOS) > max_length {max_length}; long examples are "

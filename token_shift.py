@@ -112,7 +112,8 @@ def check_same_tokenizer(base_dir, policy_dir):
 
 def read_responses(paths, tokenizer, context, limit=0):
     """Responses tokenized as SFT data: [{"id", "file", "line", "ids", "start"}]; every field checked, and a
-    response longer than the context is an error naming its file and line."""
+    response longer than the context or holding a stop token (as SFT refuses it) is an error naming its file and
+    line."""
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos_token; responses end with EOS")
     rows = []
@@ -130,7 +131,9 @@ def read_responses(paths, tokenizer, context, limit=0):
     tokenized = tasks.sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                     [r["eos"] for r in rows])
     examples, empty = [], 0
+    stops = set(common.stop_token_ids(tokenizer))
     for r, (ids, start) in zip(rows, tokenized):
+        tasks.check_no_stop_tokens(r["file"], r["line"], tokenizer, ids[start:len(ids) - r["eos"]], stops)
         if len(ids) > context:
             raise UserError(f"{r['file']}:{r['line']}: field 'response' of {r['id']!r}: {len(ids)} tokens "
                             f"(prompt {start} + response{' + EOS' if r['eos'] else ''}) "

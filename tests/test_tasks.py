@@ -94,7 +94,7 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
         ([{"id": "b", "prompt": "x", "response": 3}], r"bad\.jsonl:1: field 'response' must be a string"),
         ([{"id": "b", "prompt": "", "response": "3"}], r"bad\.jsonl:1: empty prompt"),
         ([good, {"id": "b", "prompt": "x", "response": "3" + tok.eos_token}],
-         r"bad\.jsonl:2: field 'response' holds the stop token .* at token 1 of 2; SFT appends EOS itself"),
+         r"bad\.jsonl:2: field 'response' holds the stop token .* at token 1 of 2; EOS is appended"),
         ([{"id": "b", "prompt": "x", "response": "2" + tok.eos_token + " and 3"}],  # inside it: the same
          rf"bad\.jsonl:1: field 'response' holds the stop token '{re.escape(tok.eos_token)}' \(id "
          rf"{tok.eos_token_id}\) at token 1 of"),

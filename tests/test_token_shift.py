@@ -4,6 +4,7 @@ and bad input as one line with nothing written."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -296,6 +297,24 @@ def test_a_response_longer_than_the_context(pair, tmp_path):
         token_shift.main(["--base", pair["base"], "--policy", str(tmp_path / "short"), "--responses",
                           str(tmp_path / "r.jsonl"), "--out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_response_holding_a_stop_token_is_refused_as_sft_refuses_it(pair, tmp_path, finished):
+    """The tokenizer reads a stop token's text as its id: such a response would be compared past its end (a finished
+    one gets a second EOS appended). Unfinished rows get none, so their last token is checked too."""
+    tok = load_tokenizer(pair["base"])
+    rows = [pair["rows"][0], dict(pair["rows"][1], response=pair["rows"][1]["response"] + tok.eos_token,
+                                  finished=finished)]
+    common.write_jsonl(str(tmp_path / "r.jsonl"), rows)
+    with pytest.raises(common.UserError, match=rf"r\.jsonl:2: field 'response' holds the stop token "
+                                               rf"'{re.escape(tok.eos_token)}'"):
+        token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", str(tmp_path / "r.jsonl"),
+                          "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    rows[1]["response"] = pair["rows"][1]["response"]  # the same row without it is data
+    common.write_jsonl(str(tmp_path / "r.jsonl"), rows)
+    assert len(token_shift.read_responses([str(tmp_path / "r.jsonl")], tok, 2048)) == 2
 
 
 @pytest.mark.parametrize("bad,message", [
