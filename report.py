@@ -27,6 +27,10 @@ def get_parser():
                    help="the seeds of the study (reproduce.sh's SEEDS): seed 1 in --out_dir, seed S in seed_S/; "
                         "0 = every seed_S/ there (reproduce.sh passes its SEEDS, so a folder left by an earlier, "
                         "larger SEEDS does not enter the mean)")
+    p.add_argument("--limr_seeds", nargs="*", default=[],
+                   help="the seeds of the LIMR experiment (reproduce.sh's LIMR_SEEDS): only limr/seed_S/ of these "
+                        "enter its tables; none = every limr/seed_S/ there (reproduce.sh passes its LIMR_SEEDS, so a "
+                        "folder left by an earlier LIMR_SEEDS does not enter the mean)")
     return p
 
 
@@ -105,11 +109,13 @@ def difficulty_order_of_text(text):
     return difficulty_order(int(text) if text.lstrip("-").isdigit() else text)
 
 
-def limr_tables(out_dir):
+def limr_tables(out_dir, only_seeds=()):
     """The LIMR experiment of reproduce.sh (LIMR=1): test accuracy of the start, FULL, RAND and LIM per seed and
-    split, with the prompts, steps and rollouts each spent (and their mean over seeds); [] when there is none."""
+    split, with the prompts, steps and rollouts each spent (and their mean over seeds); [] when there is none.
+    only_seeds: these seeds' folders (names as in limr/seed_S), or every one there."""
     limr_dir, eval_dir = os.path.join(out_dir, "limr"), os.path.join(out_dir, "limr", "eval")
-    seeds = (sorted((name[5:] for name in os.listdir(limr_dir) if name.startswith("seed_")),
+    seeds = (sorted((name[5:] for name in os.listdir(limr_dir)
+                     if name.startswith("seed_") and (not only_seeds or name[5:] in only_seeds)),
                     key=difficulty_order_of_text)
              if os.path.isdir(limr_dir) else [])
     accuracy = {}  # (model, split) -> overall accuracy
@@ -221,7 +227,10 @@ def seed_tables(out_dir, difficulty, seeds=0):
         if os.path.exists(probe_path):  # tiny only: the base in its own format, roughly what the table can reach
             with open(probe_path) as f:
                 h["base probe"] = json.load(f)["accuracy"]
-        h["wall min"] = f"{sum(t[0] for t in read_times(os.path.join(run_dir, 'times.tsv')).values()) / 60:.1f}"
+        # the study's own stages: with SEEDS > 1, LIMR=1 runs in seed 1's directory only
+        study = [t[0] for stage, t in read_times(os.path.join(run_dir, "times.tsv")).items()
+                 if not stage.startswith("limr_")]
+        h["wall min"] = f"{sum(study) / 60:.1f}"
         headline.append(h)
     columns = [c for c in per_seed[0] if c not in ("model", "seed", "mean len")]
     mean_rows = []
@@ -310,7 +319,7 @@ def main(argv=None):
     times = read_times(os.path.join(out, "times.tsv"))
     rollouts, metrics, rl_settings = rl_rollouts(os.path.join(out, "rl"))
     summaries = read_summaries(out)
-    limr = limr_tables(out)
+    limr = limr_tables(out, args.limr_seeds)
     if not summaries:
         if not limr:
             raise common.UserError(f"{out}/eval: no evaluation summaries yet; run reproduce.sh first")

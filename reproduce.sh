@@ -134,9 +134,10 @@ $dir/rand/$final --names start full_$seed lim_$seed rand_$seed --out_dir $OUT/li
 # ---- the final table (and plots when matplotlib is installed); always re-made, it is cheap
 report() {
   echo "== report"
-  echo "+ python report.py --out_dir $OUT --preset $PRESET --seeds $SEEDS"
+  echo "+ python report.py --out_dir $OUT --preset $PRESET --seeds $SEEDS --limr_seeds ${LIMR_SEEDS:-1234}"
   [[ "$DRY_RUN" == 1 ]] && exit 0
-  python report.py --out_dir "$OUT" --preset "$PRESET" --seeds "$SEEDS"
+  # shellcheck disable=SC2086  # LIMR_SEEDS: one argument per seed
+  python report.py --out_dir "$OUT" --preset "$PRESET" --seeds "$SEEDS" --limr_seeds ${LIMR_SEEDS:-1234}
 }
 
 # ---- SEEDS=N: the whole study once per seed (seed 1 in OUT, seed S in OUT/seed_S; LIMR, when asked, with seed 1

@@ -142,6 +142,11 @@ def test_limr_table_rollouts_per_arm_and_the_mean_over_seeds(run_dir):
     assert "| LIM | 1 | 3 | 3 | 12 | 60 | 0.510 | 0.510 | 0.510 |" in text
     assert "seed 2: the probe ran 6 steps (48 rollouts) on the 10 prompts of the pool; 8 scored, 2 dropped" in text
     assert "| LIM | 2 | 0.515 ± 0.007 | 0.515 ± 0.007 | 0.515 ± 0.007 |" in text  # sample std of 0.51, 0.52
+    # reproduce.sh passes its LIMR_SEEDS: seed_2 left by an earlier LIMR_SEEDS enters neither the rows nor a mean
+    report.main(["--out_dir", str(run_dir), "--plots", "false", "--limr_seeds", "1"])
+    text = (run_dir / "results.md").read_text()
+    assert "| LIM | 1 | 3 | 3 | 12 | 60 |" in text and "| LIM | 2 |" not in text and "seed 2:" not in text
+    assert "Mean ± std over seeds" not in text
 
 
 def test_a_limr_only_run_reports_its_tables_alone(tmp_path):
@@ -161,6 +166,8 @@ def test_seeds_table_mean_std_and_every_seeds_row(run_dir):
     common.write_json(seed2 / "rl" / "settings.json", {"prompts_per_step": 16, "samples_per_prompt": 8})
     common.write_jsonl(seed2 / "rl" / "metrics.jsonl", [{"step": s, "reward": 0.1} for s in (1, 2)])
     (run_dir / "seed_x").mkdir()  # not a seed
+    with open(run_dir / "times.tsv", "a") as f:  # LIMR=1 runs in seed 1's directory only: not its study's time
+        f.write("limr_probe_1\t4500\t1\tcpu\tfinished\n")
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
     text = (run_dir / "results.md").read_text()
     assert f"### Over 2 seeds (seed 1: {run_dir}; seed S: {run_dir}/seed_S)" in text
