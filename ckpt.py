@@ -3,8 +3,6 @@ Training runs that survive a kill: the optimizer and gradient clipping, run chec
 with the same settings) and the per-step metrics log. SFT and RL share all of it.
 """
 import glob
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -308,15 +306,6 @@ def check_run_identity(run_dir, saved: dict, now: dict, recorded_since=()):
     if changed:
         raise UserError(f"{run_dir}: --resume with different settings than the run's: "
                         + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
-
-
-def data_digest(rows):
-    """A short sha256 of a run's data, rows in order (each JSON-serialisable): the same path can hold other data
-    by the time a run resumes (a stage re-run into the same folder), and the run identity then tells them apart."""
-    h = hashlib.sha256()
-    for row in rows:
-        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
-    return h.hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------

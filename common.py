@@ -4,6 +4,7 @@ errors naming file and line, atomic writes, the ids a response stops at, and the
 imports no other module of this project, so any module may import it.
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -290,6 +291,16 @@ def file_stamps(paths):
     """{absolute path: [size, modification time in ns]} of files a result is computed from: a checkpoint rebuilt under
     the same path (a re-run stage) or an edited file then tells an earlier result or a stopped run apart."""
     return {os.path.abspath(p): [os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths}
+
+
+def data_digest(rows):
+    """A short sha256 of a run's data, rows in order (each JSON-serialisable): the same path can hold other data
+    by the time a run resumes or a result is reused (a stage re-run into the same folder), and the digest then tells
+    them apart."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
+    return h.hexdigest()[:16]
 
 
 @contextmanager

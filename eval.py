@@ -108,10 +108,13 @@ def unique_names(names, given, flag, what):
     return names
 
 
-def inputs_of(ckpt, split_path):
-    """[size, modification time] of each file a pair is computed from: a checkpoint rebuilt under the same path (a
-    re-run stage) or an edited split then gives other numbers, and the pair is evaluated again."""
-    return common.file_stamps(weight_files(ckpt) + [os.path.join(ckpt, "config.json"), split_path])
+def inputs_of(ckpt, records):
+    """What a pair is computed from: [size, modification time] of the checkpoint's files, and a digest of the split's
+    records as loaded (a file, a directory of problem files edited in place, a hub split alike). A checkpoint rebuilt
+    under the same path (a re-run stage) or an edited split then gives other numbers, and the pair is evaluated
+    again."""
+    return {**common.file_stamps(weight_files(ckpt) + [os.path.join(ckpt, "config.json")]),
+            "split records (sha256)": common.data_digest(records)}
 
 
 def changed_files(old, new):
@@ -134,8 +137,8 @@ def read_done(summary_path, samples_path, settings, records, task):
                         f"now {', '.join(f'{k}={settings[k]!r}' for k in diff)}); "
                         "pass --overwrite true or use another --out_dir")
     if old.get("inputs") not in (None, settings["inputs"]):  # (a summary from before inputs were recorded: as is)
-        print0(f"{summary_path}: its checkpoint or split changed since (size or time of "
-               f"{', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], settings['inputs'])))}); "
+        print0(f"{summary_path}: its checkpoint or split changed since "
+               f"({', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], settings['inputs'])))}); "
                f"evaluating again")
         return None
     if old.get("pass_k_asked") != settings["pass_k_asked"]:
@@ -175,12 +178,12 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.checkpoints[0])
     splits = [tasks.load_records(task, args.task, p, tokenizer, args.template) for p in args.splits]
 
-    def settings_of(ckpt, split_path):
+    def settings_of(ckpt, split_path, records):
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template,
                 "dtype": str(dtype).replace("torch.", ""), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
-                "inputs": inputs_of(ckpt, split_path)}
+                "inputs": inputs_of(ckpt, records)}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others
     plan = {"error": None, "done": {}}
@@ -192,7 +195,7 @@ def main(argv=None):
                     summary_path = os.path.join(pair_dir, "summary.json")
                     if os.path.isfile(summary_path) and not args.overwrite:
                         done = read_done(summary_path, os.path.join(pair_dir, "samples.jsonl"),
-                                         settings_of(ckpt, split_path), records, task)
+                                         settings_of(ckpt, split_path, records), records, task)
                         if done is not None:
                             plan["done"][f"{name}/{split_name}"] = done
         except UserError as e:
@@ -218,6 +221,7 @@ def main(argv=None):
                f"in {time.time() - t0:.1f}s")
         for i in todo:
             split_path, split_name, records = args.splits[i], split_names[i], splits[i]
+            settings = settings_of(ckpt, split_path, records)  # before the generation: any error costs nothing
             t0 = time.time()
             samples, metrics = generate_and_score(model, tokenizer, task, records, n=args.samples_per_prompt,
                                                   temperature=args.temperature, top_p=args.top_p,
@@ -226,7 +230,7 @@ def main(argv=None):
                                                   pass_k=args.pass_k, desc=f"{name}/{split_name}",
                                                   progress=args.progress)
             seconds = time.time() - t0
-            summary = {"checkpoint": name, "split": split_name, "settings": settings_of(ckpt, split_path), **metrics}
+            summary = {"checkpoint": name, "split": split_name, "settings": settings, **metrics}
             if rank == 0:
                 pair_dir = os.path.join(args.out_dir, name, split_name)
                 if os.path.exists(os.path.join(pair_dir, "summary.json")):  # an old summary must not mark new samples

@@ -332,7 +332,7 @@ def main(argv=None):
         raise UserError(f"--global_batch {args.global_batch} < {world} ranks: every rank needs a sequence per step")
     total_steps = steps_per_epoch * args.epochs
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {
-        "num_examples": len(train), "data_digest": ckpt.data_digest([e["input_ids"], e["start"]] for e in train)}
+        "num_examples": len(train), "data_digest": common.data_digest([e["input_ids"], e["start"]] for e in train)}
 
     # ---- model, optimizer, resume
     state = None

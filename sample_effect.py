@@ -522,8 +522,8 @@ def main(argv=None):
                 "sft_data": [os.path.abspath(f) for f in args.sft_data],
                 "compute_dtype": str(compute_dtype).replace("torch.", ""),
                 "device_type": device.type,  # (the CountSketch's hashes are drawn on the device)
-                "sft_digest": ckpt.data_digest([[e["input_ids"], e["start"]] for e in examples]),
-                "eval_digest": ckpt.data_digest(records),
+                "sft_digest": common.data_digest([[e["input_ids"], e["start"]] for e in examples]),
+                "eval_digest": common.data_digest(records),
                 "checkpoint_files": common.file_stamps(weight_files(args.checkpoint)
                                                        + [os.path.join(args.checkpoint, "config.json")])}
     found = {"problem": None, "done": None}

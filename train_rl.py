@@ -559,7 +559,7 @@ def main(argv=None):
     checkpoint = ckpt.resume_checkpoint(args.out_dir, args.resume)
     start_step, state, init_path = 0, {}, args.model
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records),
-                                                              "train_data_digest": ckpt.data_digest(train_records)}
+                                                              "train_data_digest": common.data_digest(train_records)}
     if args.dynamic_sampling:  # (absent when off, so the runs of earlier versions resume)
         identity |= {"dynamic_sampling": True, "max_gen_batches": args.max_gen_batches}
     if checkpoint is not None:

@@ -153,3 +153,11 @@ def test_atomic_writes_reach_the_disk_before_their_name_does(tmp_path, monkeypat
     at = events.index(rename)
     assert {os.path.join(tmp, n) for n in written} | {tmp} <= {e[1] for e in events[:at] if e[0] == "sync"}
     assert ("sync", str(tmp_path)) in events[at:]
+
+
+def test_data_digest_follows_the_rows_and_their_order():
+    rows = [{"id": "a", "q": "x"}, {"id": "b", "q": "y"}]
+    assert common.data_digest(rows) == common.data_digest([dict(reversed(r.items())) for r in rows])  # key order: same
+    assert common.data_digest(rows) != common.data_digest(rows[::-1])  # the order decides what each step draws
+    assert common.data_digest(rows) != common.data_digest([rows[0], {"id": "b", "q": "z"}])
+    assert common.data_digest([[1, 2], 3]) != common.data_digest([[1], 2, 3])  # row bounds count

@@ -88,7 +88,27 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
     capsys.readouterr()
     ev.main(args)
     log = capsys.readouterr().out
-    assert "changed since (size or time of model.safetensors); evaluating again" in log and "loaded" in log
+    assert "changed since (model.safetensors); evaluating again" in log and "loaded" in log
+    # a split edited in place, its size and time as before (as a directory of problem files shows an edit of one):
+    # its records decide, not the file's stamps; the same records under a new time are the same pair
+    edited = shutil.copy(split, str(tmp_path / "edited.jsonl"))
+    args = ["--checkpoints", tiny_checkpoint, "--names", "e", "--splits", edited, "--out_dir", out2] + FAST
+    ev.main(args)
+    stat, text = os.stat(edited), read(edited)
+    first = text.index(b"?")  # one digit of the first question changed: same size
+    digit = text[first - 1:first]
+    with open(edited, "wb") as f:
+        f.write(text[:first - 1] + (b"1" if digit != b"1" else b"2") + text[first:])
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(edited) == stat.st_size and os.stat(edited).st_mtime_ns == stat.st_mtime_ns
+    capsys.readouterr()
+    ev.main(args)
+    log = capsys.readouterr().out
+    assert "changed since (split records (sha256)); evaluating again" in log and "loaded" in log
+    os.utime(edited, ns=(1, 1))
+    ev.main(args)
+    log = capsys.readouterr().out
+    assert "skipped" in log and "loaded" not in log
     # a re-run with other generation settings refuses, unless --overwrite
     with pytest.raises(common.UserError, match="other settings.*max_new_tokens"):
         ev.main(["--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split, "--out_dir", out2]
