@@ -74,7 +74,14 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
         unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
         if unknown:
             raise UserError(f"{pre.config}: unknown setting(s) {unknown} for {parser.prog}")
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
+        cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
+        for action in parser._actions:  # one value where a list is taken ({"split": "a.jsonl"}): a list of one
+            if action.dest in cfg and isinstance(cfg[action.dest], str) and action.nargs in ("+", "*"):
+                try:
+                    cfg[action.dest] = [action.type(cfg[action.dest]) if action.type else cfg[action.dest]]
+                except (ValueError, TypeError, UserError) as e:
+                    raise UserError(f"{pre.config}: setting {action.dest!r}: {e}")
+        parser.set_defaults(**cfg)
     return parser.parse_args(argv)
 
 

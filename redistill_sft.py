@@ -285,9 +285,6 @@ def main(argv=None):
     from parallel import full_copy, idle_pass
 
     # ---- checks that need no model
-    for name in ("data", "pretrain_text", "val_data"):  # a --config file may give one path as a string
-        if isinstance(getattr(args, name), str):
-            setattr(args, name, [getattr(args, name)])
     if bool(args.data) == bool(args.pretrain_text):
         raise UserError("give exactly one of --data (SFT jsonl) and --pretrain_text (text to pre-train on)")
     if bool(args.init) == bool(args.init_tiny):

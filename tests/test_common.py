@@ -60,6 +60,25 @@ def test_every_script_has_get_parser_and_main_argv_and_help_shows_defaults(name,
     assert f"(default: {action.default})" in " ".join(module.get_parser().format_help().split())
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_config_may_give_one_value_where_a_setting_takes_a_list(name, tmp_path):
+    """{"split": "a.jsonl"} in a --config file means the list ["a.jsonl"], as `--split a.jsonl` does, not the
+    characters of the path; a typed list takes its type."""
+    import importlib
+    module = importlib.import_module(name)
+    lists = [a for a in module.get_parser()._actions if a.option_strings and a.nargs in ("+", "*")]
+    if not lists:
+        pytest.skip(f"{name} has no list setting")
+    for action in lists:
+        value = (list(action.choices)[0] if action.choices else "7" if action.type in (int, float)
+                 else "one/path.jsonl")
+        (tmp_path / "cfg.json").write_text(json.dumps({action.dest: value}))
+        settings = common.parse_settings(module.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+        assert getattr(settings, action.dest) == [action.type(value) if action.type else value], action.dest
+        assert getattr(settings, action.dest) == getattr(
+            common.parse_settings(module.get_parser(), [action.option_strings[0], value]), action.dest)
+
+
 def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsys):
     """A kill or a full disk can cut a log's last append short: a run's own logs (torn_tail) drop that line with a
     warning; data files, a bad line elsewhere, or a bad last line that has its newline stay errors."""

@@ -145,6 +145,28 @@ def test_a_finished_stage_with_another_command_is_an_error_not_a_skip(micro_run)
 
 
 @pytest.mark.slow  # the micro_run fixture
+def test_a_set_smaller_than_one_sft_batch_is_skipped_as_an_empty_one(micro_run):
+    """redistill_sft.py trains no step on fewer samples than --global_batch (micro's 4) and refuses them: a policy
+    with a few correct answers must not stop the study before its evaluation and report."""
+    out, _ = micro_run
+    path = f"{out}/redistill_A.jsonl"
+    before = open(path).read()
+    if before.strip():
+        pytest.skip("micro's policy gave correct samples this time: its model was trained")
+    row = dict(read_jsonl(f"{out}/sft_teacher.jsonl")[0], source="greedy", reward=1.0)
+    try:
+        with open(path, "w") as f:
+            f.write(json.dumps(row) + "\n")
+        proc = run_reproduce("micro", env={"MICRO_OUT": out})
+        assert f"== redistill_A: skipped, the RL policy gave 1 correct sample(s) ({path}), fewer than one SFT " \
+               f"batch (4)" in proc.stdout
+        assert "== eval: done" in proc.stdout and "| rl |" in proc.stdout and "| redistill_A |" not in proc.stdout
+    finally:
+        with open(path, "w") as f:
+            f.write(before)
+
+
+@pytest.mark.slow  # the micro_run fixture
 def test_seeds_2_runs_a_second_seed_and_tables_mean_std(micro_run):
     out, _ = micro_run
     proc = run_reproduce("micro", env={"MICRO_OUT": out, "SEEDS": "2"})
