@@ -39,23 +39,26 @@ def get_parser():
                         "--from_rollouts optional: re-score the kept rollouts with the task's score (the paper "
                         "re-checks)")
     p.add_argument("--out", default=None, help="the SFT jsonl to write (required)")
-    # sampling (--from_checkpoint)
+    # sampling (--from_checkpoint only: CHECKPOINT_ONLY)
     # not --n: torchrun's own parser rejects "--n" after the script name as an ambiguous prefix of --nnodes etc.
-    p.add_argument("--samples_per_prompt", type=int, default=1, help="responses per prompt (paper's variant A: 1)")
+    p.add_argument("--samples_per_prompt", type=int, default=1,
+                   help="--from_checkpoint: responses per prompt (paper's variant A: 1)")
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature; 0 = greedy (paper's variant A)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (paper: 1.0)")
+                   help="--from_checkpoint: sampling temperature; 0 = greedy (paper's variant A)")
+    p.add_argument("--top_p", type=float, default=1.0, help="--from_checkpoint: nucleus sampling mass (paper: 1.0)")
     p.add_argument("--max_new_tokens", type=int, default=4096,
-                   help="response length limit; truncated responses are dropped (paper: 4096)")
+                   help="--from_checkpoint: response length limit; truncated responses are dropped (paper: 4096)")
     p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
-                   help="prompt template (auto = chat when the tokenizer has one)")
-    p.add_argument("--batch_size", type=int, default=64, help="prompts decoded at once: this x n rows = the KV "
-                   "cache's slots, which all rows stream through; sets memory and speed, not the samples")
+                   help="--from_checkpoint: prompt template (auto = chat when the tokenizer has one)")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="--from_checkpoint: prompts decoded at once: this x n rows = the KV cache's slots, which all "
+                        "rows stream through; sets memory and speed, not the samples")
     p.add_argument("--dtype", default="auto",
-                   help="weights dtype for sampling: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+                   help="--from_checkpoint: weights dtype for sampling: auto (bfloat16 on CUDA, float32 on CPU), "
+                        "float32, bfloat16")
     p.add_argument("--limit", type=int, default=0,
-                   help="use only this many records of --split, each difficulty in proportion (seeded by --seed; 0 = "
-                        "all)")
+                   help="--from_checkpoint: use only this many records of --split, each difficulty in proportion "
+                        "(seeded by --seed; 0 = all)")
     # rollouts (--from_rollouts)
     p.add_argument("--steps", default=None, help="--from_rollouts: RL steps to read, in order, e.g. 115-125 or "
                    "125,115-124 (the paper's variant B reads step 125 first, then 115..124)")
@@ -73,6 +76,11 @@ def get_parser():
                         "(reproduce.sh: a weak policy then just has no re-distilled model)")
     p.add_argument("--progress", default=True, type=common.str2bool, help="tqdm bar on rank 0")
     return p
+
+
+# the settings of sampling a checkpoint: with --from_rollouts they would do nothing, so giving one is an error
+CHECKPOINT_ONLY = ("samples_per_prompt", "temperature", "top_p", "max_new_tokens", "template", "batch_size", "dtype",
+                   "limit")
 
 
 # -----------------------------------------------------------------------------
@@ -212,6 +220,10 @@ def main(argv=None):
         raise UserError("--from_rollouts needs --steps, e.g. 115-125")
     if args.from_checkpoint and args.steps:
         raise UserError("--steps applies to --from_rollouts only")
+    given = [f"--{name}" for name in CHECKPOINT_ONLY if getattr(args, name) != get_parser().get_default(name)]
+    if args.from_rollouts and given:
+        raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --from_checkpoint only: the "
+                        f"rollouts were sampled by the RL run")
     common.check_positive(args, "samples_per_prompt", "max_new_tokens", "batch_size")
     common.check_non_negative(args, "limit", "max_per_prompt", "num_examples")
     common.check_distinct_outputs([("--out", args.out), ("--samples_out", args.samples_out)],

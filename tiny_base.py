@@ -153,6 +153,7 @@ def probe(args):
     """Greedy accuracy of a checkpoint on a split, asked and scored in the answer-format documents' own format."""
     if not args.probe_split:
         raise common.UserError("--probe needs --probe_split (a K&K split file)")
+    common.check_positive(args, "probe_tokens", "probe_batch")
     model, tokenizer = load_model(args.probe), load_tokenizer(args.probe)
     model.eval()
     records = kk_data.load_split(args.probe_split)

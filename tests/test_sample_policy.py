@@ -86,7 +86,7 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
         record = records[row["id"]]
         assert row["prompt"] == toy_task.render_prompt(record, tok)
         match = [s for s in samples if s["id"] == row["id"] and s["response"] == row["response"]][0]
-        assert match["tokens"][-1] == tok.eos_token_id or tok.decode(match["tokens"][-1:]) in sp.STOP_TEXTS
+        assert match["tokens"][-1] == tok.eos_token_id or tok.decode(match["tokens"][-1:]) in common.STOP_TOKENS
         assert tok.decode(match["tokens"][:-1]) == row["response"]
         assert toy_task.score(row["response"], record, True) == 1.0
     assert all(len(v) == len(set(v)) <= 2 for v in per_id.values())  # deduplicated, at most 2 per prompt
@@ -254,6 +254,10 @@ def test_rollout_errors_write_nothing(tmp_path):
     fails("expected steps like 115-125", "--steps", "five")
     fails("listed twice", "--steps", "5,5-6")
     fails("--from_rollouts needs --steps")
+    # sampling settings would do nothing here (the RL run sampled): given, they are an error, not silently ignored
+    fails(r"--limit applies to --from_checkpoint only", "--steps", "5", "--limit", "1")
+    fails(r"--temperature, --max_new_tokens apply to --from_checkpoint only", "--steps", "5", "--temperature", "0.7",
+          "--max_new_tokens", "8")
     fails(r"--samples_out .*out\.jsonl: the same file as --out", "--steps", "5", "--samples_out", str(out))
     fails("no correct, finished response among 1 samples", "--steps", "6")
     bad = {"finished": "yes"}, {"reward": None}, {"step": 9}, {"response": ["x"]}

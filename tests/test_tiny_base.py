@@ -73,3 +73,9 @@ def test_table_corpus_with_drills(tmp_path):
 def test_probe_needs_a_split(tiny_checkpoint):
     with pytest.raises(common.UserError, match="--probe_split"):
         tiny_base.main(["--probe", str(tiny_checkpoint)])
+
+
+@pytest.mark.parametrize("setting", ["--probe_tokens", "--probe_batch"])
+def test_probe_sizes_must_be_positive(tiny_checkpoint, tmp_path, setting):
+    with pytest.raises(common.UserError, match=f"{setting} must be"):
+        tiny_base.main(["--probe", str(tiny_checkpoint), "--probe_split", str(tmp_path / "split.jsonl"), setting, "0"])
