@@ -174,7 +174,7 @@ def main(argv=None):
     # ---- the pool and the log
     task = tasks.get_task(args.task)
     pool = tasks.load_records(task, args.task, args.train_data, None, "plain")
-    pool_ids = {str(r["id"]): i for i, r in enumerate(pool)}  # (load_records refuses a repeated id)
+    pool_ids = {str(r["id"]): i for i, r in enumerate(pool)}  # (load_records refuses an id repeated, as text too)
     outcomes = read_outcomes(args.rollouts, pool_ids, args.steps_per_epoch)
     epochs = sorted({e for e, _, _ in outcomes})
     drawn = {e: len({i for epoch, i, _ in outcomes if epoch == e}) for e in epochs[-2:]}

@@ -370,8 +370,16 @@ def open_partial(path, identity, resume):
         return rows
     if os.path.exists(os.path.join(path, "grad_j.json")):
         print0(f"note: --resume false: removed the stopped run's {path}")
-    shutil.rmtree(path, ignore_errors=True)
+    remove_partial(path)
     return None
+
+
+def remove_partial(path):
+    """The marker first: a kill mid-removal leaves an incomplete directory, which a resume starts over, not a marker
+    vouching for files that are gone."""
+    if os.path.exists(os.path.join(path, "grad_j.json")):
+        os.remove(os.path.join(path, "grad_j.json"))
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def save_grad_j(path, identity, grad_j, exact_ref, sketch_ref):
@@ -636,7 +644,7 @@ def main(argv=None):
                 write_selection(args.select_bottom, ranked[-args.select:][::-1])
     parallel.barrier()  # every rank is past the partial files before they go
     if rank == 0:
-        shutil.rmtree(partial)
+        remove_partial(partial)
     now = len(effects) - len(done_before)
     print0(f"{now} samples in {seconds:.1f}s ({now / max(seconds, 1e-9):.2f} samples/s over {world} "
            f"rank(s)){f', {len(done_before)} done before' if done_before else ''}; token reduction "

@@ -127,14 +127,17 @@ def load_records(task, task_name, path, tokenizer, template):
         raise UserError(f"{e} (is {path} a split of task {task_name!r}?)")
     if not records:
         raise UserError(f"split {path}: no records (empty split)")
-    seen = set()
+    seen = {}  # id as text -> the id: logs and selections match ids as text, so 1 and "1" would be one prompt
     for i, r in enumerate(records):
         where = f"split {path}: record {i + 1}"
         if "id" not in r:
             raise UserError(f"{where}: missing field 'id'")
-        if r["id"] in seen:
-            raise UserError(f"{where}: duplicate id {r['id']!r}")
-        seen.add(r["id"])
+        if str(r["id"]) in seen:
+            first = seen[str(r["id"])]
+            raise UserError(f"{where}: duplicate id {r['id']!r}"
+                            + (f" (the same as {first!r} as text, which is how ids are matched)"
+                               if first != r["id"] or type(first) is not type(r["id"]) else ""))
+        seen[str(r["id"])] = r["id"]
         if task.DIFFICULTY is not None and task.DIFFICULTY not in r:
             raise UserError(f"{where} (id {r['id']!r}): missing difficulty field {task.DIFFICULTY!r} of task "
                             f"{task_name!r}; is this a split of another task?")
@@ -264,10 +267,10 @@ def rollout_logs(run_dir):
 
 def read_rollout_log(path, step, fields):
     """The rows of step `step`'s rollout log, each checked to hold `fields` (names in ROLLOUT_FIELDS) with their types,
-    and its "step" equal to `step` when that is one of them; an error names the file, line and field. A torn last
-    line (a killed run's) is dropped with a warning."""
+    and its "step" equal to `step` when that is one of them; an error names the file, line and field. train_rl.py
+    writes each log whole (atomically), so a line cut short, the last one included, is a damaged copy: an error too."""
     rows = []
-    for lineno, row in iter_jsonl(path, torn_tail=True):
+    for lineno, row in iter_jsonl(path):
         for field in fields:
             if field not in row:
                 raise UserError(f"{path}:{lineno}: missing field '{field}'")

@@ -293,6 +293,24 @@ def test_open_partial_keeps_one_row_per_sample_and_names_what_it_cannot_read(tmp
     assert "removed the stopped run's" in capsys.readouterr().out
 
 
+def test_a_kill_while_the_finished_run_removes_its_partial_directory_leaves_no_marker(tmp_path, monkeypatch):
+    """The outputs are written, then <stem>.partial/ goes. A kill in the middle of that (here: after rmtree removed
+    identity.json, the first in directory order) must leave a directory a re-run starts over, not grad_j.json
+    vouching for files that are gone (an error or a traceback on every re-run)."""
+    path, identity = str(tmp_path / "effects.partial"), {"seed": 0}
+    common.write_json(f"{path}/identity.json", identity)
+    common.write_json(f"{path}/grad_j.json", {"mean_reward": 0.5})
+
+    def killed_midway(target, ignore_errors=False):
+        os.remove(os.path.join(target, "identity.json"))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(se.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        se.remove_partial(path)
+    monkeypatch.undo()
+    assert se.open_partial(path, identity, resume=True) is None and not os.path.exists(path)
+
+
 @pytest.mark.torchrun
 def test_a_stopped_run_resumes_on_another_number_of_ranks(setup, tmp_path, monkeypatch):
     """Stopped on one rank after 7 samples, resumed on two: ∇J is the stopped run's, the 7 rows are kept as they

@@ -119,3 +119,17 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
             tasks.load_sft_examples([str(path)], tok, max_length=40)
         path.write_text(json.dumps({"id": "c", "prompt": "x" + t, "response": "3"}) + "\n")
         assert len(tasks.load_sft_examples([str(path)], tok, max_length=40)) == 1
+
+
+def test_split_ids_must_differ_as_text(tmp_path):
+    """Rollout logs, LIMR's scores and the re-distillation sets match ids as text: 1 and "1" would be one prompt,
+    whose rollouts all went to one of them. A split holding both is refused, as a plain duplicate is."""
+    records = toy_task.make_records(3, seed=5)
+    path = str(tmp_path / "split.jsonl")
+    common.write_jsonl(path, [dict(records[0], id=1), dict(records[1], id="a"), dict(records[2], id=2)])
+    assert [r["id"] for r in tasks.load_records(toy_task, "toy_task", path, None, "plain")] == [1, "a", 2]
+    for second, message in (("1", r"record 3: duplicate id '1' \(the same as 1 as text"), (1, r"record 3: duplicate "
+                                                                                             r"id 1$")):
+        common.write_jsonl(path, [dict(records[0], id=1), dict(records[1], id="a"), dict(records[2], id=second)])
+        with pytest.raises(UserError, match=message):
+            tasks.load_records(toy_task, "toy_task", path, None, "plain")
