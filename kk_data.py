@@ -173,7 +173,9 @@ def sample_puzzles(seed, n_people, count, max_retry=1000):
                 yield index, statements, solutions[0]
                 break
         else:  # lib_kk silently returns fewer puzzles here; we say so
-            raise common.UserError(f"no unique-solution puzzle with {n_people} people after {max_retry} tries")
+            raise common.UserError(f"no new unique-solution puzzle with {n_people} people after {max_retry} tries "
+                                   f"({index} found): few puzzles of that size exist, and those seen are not drawn "
+                                   f"twice; ask for fewer")
 
 
 # -----------------------------------------------------------------------------

@@ -588,3 +588,12 @@ def test_cli_config_file_with_bare_numbers(tmp_path):
     K.main(["--config", str(config)])
     assert counts(K.load_split(str(tmp_path / "kk" / "train.jsonl"))) == {3: 4}
     assert counts(K.load_split(str(tmp_path / "kk" / "sft.jsonl"))) == {2: 3}
+
+
+def test_asking_for_more_puzzles_than_a_size_has_says_so():
+    """Two people allow a few hundred distinct unique-solution puzzles, each drawn once: asking for more is an error
+    that says how many were found and why, not a bare 'after 1000 tries'."""
+    with pytest.raises(common.UserError, match=r"with 2 people after 1000 tries \(\d+ found\): few puzzles of that "
+                                               r"size exist.*ask for fewer"):
+        for _ in K.sample_puzzles(0, 2, 100000):
+            pass
