@@ -208,8 +208,8 @@ def test_dry_run_of_seeds_gives_each_seed_its_own_directory_and_seeds(tmp_path):
     assert f"--out_dir {tmp_path}/t/rl " in first and "--seed 1234" in first and "--train_seed 100000 " in first
     assert f"--out_dir {tmp_path}/t/seed_2/rl " in second and "--seed 1235" in second
     assert "--train_seed 1100003 " in second and "--teacher_seed 1" in second and "--seed 1300003" in second
-    assert proc.stdout.rstrip().endswith(f"+ python report.py --out_dir {tmp_path}/t --preset tiny --seeds 2 "
-                                          f"--limr_seeds 1 2 3")
+    report = f"+ python report.py --out_dir {tmp_path}/t --preset tiny --seeds 2 --limr_seeds 1 2 3"
+    assert proc.stdout.rstrip().endswith(report)
     bad = run_reproduce("tiny", "--dry-run", env={"SEEDS": "two"}, check=False)
     assert bad.returncode == 2 and "SEEDS (two) must be positive integers" in bad.stderr
 

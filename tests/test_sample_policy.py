@@ -270,8 +270,9 @@ def test_rollout_errors_write_nothing(tmp_path):
     with open(os.path.join(run, "rollouts", "step_000008.jsonl"), "w") as f:
         f.write("{oops\n")
     fails(r"step_000008\.jsonl:1: not valid JSON", "--steps", "8")
-    with open(os.path.join(run, "rollouts", "step_000008.jsonl"), "w") as f:  # train_rl writes a log whole: a line
-        f.write(json.dumps(s("a", "x", step=8, length=5)) + '\n{"step": 8, "id": "a", "prom')  # cut short is a damaged copy
+    # train_rl writes a log whole: a line cut short, the last one too, is a damaged copy
+    with open(os.path.join(run, "rollouts", "step_000008.jsonl"), "w") as f:
+        f.write(json.dumps(s("a", "x", step=8, length=5)) + '\n{"step": 8, "id": "a", "prom')
     fails(r"step_000008\.jsonl:2: not valid JSON", "--steps", "8")
     with pytest.raises(UserError, match=r"rollouts/step_000001\.jsonl: file not found \(rollout steps present: none\)"):
         sp.main(["--from_rollouts", str(tmp_path / "empty"), "--steps", "1", "--task", "toy_task", "--out", str(out)])

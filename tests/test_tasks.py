@@ -128,8 +128,8 @@ def test_split_ids_must_differ_as_text(tmp_path):
     path = str(tmp_path / "split.jsonl")
     common.write_jsonl(path, [dict(records[0], id=1), dict(records[1], id="a"), dict(records[2], id=2)])
     assert [r["id"] for r in tasks.load_records(toy_task, "toy_task", path, None, "plain")] == [1, "a", 2]
-    for second, message in (("1", r"record 3: duplicate id '1' \(the same as 1 as text"), (1, r"record 3: duplicate "
-                                                                                             r"id 1$")):
+    for second, message in (("1", r"record 3: duplicate id '1' \(the same as 1 as text"),
+                            (1, r"record 3: duplicate id 1$")):
         common.write_jsonl(path, [dict(records[0], id=1), dict(records[1], id="a"), dict(records[2], id=second)])
         with pytest.raises(UserError, match=message):
             tasks.load_records(toy_task, "toy_task", path, None, "plain")
