@@ -473,13 +473,15 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
         # reserved includes the free blocks of the kept CUDA graphs' pool, which allocated memory does not show
         "mem_train_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0},
         op="max")
-    seqs, pg_tokens = max(g["seqs"], 1), max(g["pg_tokens"], 1)
+    seqs, pg_tokens = max(g["seqs"], 1), g["pg_tokens"]
+    # per trained token; None in a step that trained none (all groups dropped): 0 would read as a collapsed policy
     return {"step": step, "epoch": epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
             "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs,
-            "len_max": mx["len_max"], "truncated": g["truncated"] / seqs, "entropy": g["entropy"] / pg_tokens,
+            "len_max": mx["len_max"], "truncated": g["truncated"] / seqs,
+            "entropy": g["entropy"] / pg_tokens if pg_tokens else None,
             "kl": g["kl"] / g["kl_tokens"] if kl_logged and g["kl_tokens"] else None,
-            "clip_frac": g["clipped"] / pg_tokens,
-            "logprob_gap": g["gap"] / max(g["gap_tokens"], 1), "train_seqs": int(g["used"]),
+            "clip_frac": g["clipped"] / pg_tokens if pg_tokens else None,
+            "logprob_gap": g["gap"] / g["gap_tokens"] if g["gap_tokens"] else None, "train_seqs": int(g["used"]),
             **({"gen_batches": batch.gen_batches, "kept_frac": g["kept"] / max(g["groups"], 1)} if batch.dynamic
                else {}),
             **({"is_weight": g["is_weight"] / g["is_tokens"], "is_capped": g["is_capped"] / g["is_tokens"],
@@ -495,9 +497,10 @@ def log_line(m, max_steps, cuda):
     return (f"step {m['step']}/{max_steps} | reward {m['reward']:.3f} acc {m['acc']:.3f} "
             f"zero_var {m['zero_var_frac']:.2f} "
             + (f"batches {m['gen_batches']} kept {m['kept_frac']:.2f} " if "gen_batches" in m else "")
-            + f"| len {m['len_mean']:.0f}/{m['len_max']:.0f} trunc {m['truncated']:.2f} | ent {m['entropy']:.3f} "
+            + f"| len {m['len_mean']:.0f}/{m['len_max']:.0f} trunc {m['truncated']:.2f} | "
+            + (f"ent {m['entropy']:.3f} " if m["entropy"] is not None else "no token trained ")
             + (f"kl {m['kl']:.4f} " if m["kl"] is not None else "")
-            + f"clip {m['clip_frac']:.3f} "
+            + (f"clip {m['clip_frac']:.3f} " if m["clip_frac"] is not None else "")
             + (f"is {m['is_weight']:.3f} capped {m['is_capped']:.3f} " if "is_weight" in m else "")
             + f"| gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e} "
             f"| gen {m['gen_s']:.1f}s ({m['gen_tok_s']:.0f} tok/s) score {m['score_s']:.1f}s "
@@ -519,7 +522,10 @@ def main(argv=None):
                           "ppo_mini_batches", "micro_batch_tokens", "gen_batch_size", "val_batch_size",
                           "max_bad_steps", "logprob_chunk", "keep_last", "max_gen_batches", "save_every")
     common.check_non_negative(args, "epochs", "max_steps", "warmup_steps", "val_every", "val_limit", "kl_coef",
-                              "val_max_response_tokens")
+                              "val_max_response_tokens", "clip_low", "clip_high")
+    common.check_sampling(args)
+    if args.clip_low >= 1:
+        raise UserError(f"--clip_low {args.clip_low}: the ratio's floor 1 - clip_low must stay above 0")
     if args.dynamic_sampling and args.samples_per_prompt < 2:
         raise UserError("--dynamic_sampling needs --samples_per_prompt >= 2: a group of one has no reward variance")
     if args.temperature <= 0:

@@ -476,6 +476,10 @@ def test_a_step_that_trains_nothing_keeps_the_fp32_master_on_one_bf16_rank(toy, 
                                  kl_estimator="k1", drop_zero_variance_groups=True)) == 0
     m = metrics(out)[0]
     assert m["updates"] == 0 and m["train_seqs"] == 0 and m["kl"] is None  # no KL measured: null, not 0
+    # nor entropy or clip fraction: 0 would read as a collapsed policy, and pull means down (the sampler's gap was
+    # measured here, by k1's pre-pass over every rollout)
+    assert m["entropy"] is None and m["clip_frac"] is None and m["logprob_gap"] > 0
+    assert "no token trained" in train_rl.log_line(m, 1, False)
     assert assert_train_shards(out, 1) == 1
     shard = torch.load(ckpt.train_shard_path(str(out), 1, 0), weights_only=True)["weights"]
     init = load_model(toy["init"]).state_dict()
@@ -520,6 +524,16 @@ def test_bad_settings_are_one_line_errors(toy, tmp_path):
         train_rl.main(rl_args(toy, tmp_path / "b", max_response_tokens=5000))
     with pytest.raises(common.UserError, match="float16 cannot train here"):  # its gradients would underflow
         train_rl.main(rl_args(toy, tmp_path / "c", dtype="fp16"))
+    # top_p 0 would be greedy rollouts (no group variance, nothing learned); out of range, a traceback at generation
+    for top_p in (0, 1.5):
+        with pytest.raises(common.UserError, match=r"0 < --top_p <= 1"):
+            train_rl.main(rl_args(toy, tmp_path / "d", top_p=top_p))
+    # a negative clip bound puts the clamp's floor above its ceiling: one sign of advantage would get no gradient
+    for setting, value, message in (("clip_high", -0.3, "--clip_high must be 0 or more"),
+                                    ("clip_low", -0.1, "--clip_low must be 0 or more"),
+                                    ("clip_low", 1.0, "must stay above 0")):
+        with pytest.raises(common.UserError, match=message):
+            train_rl.main(rl_args(toy, tmp_path / "e", **{setting: value}))
 
 
 @pytest.mark.slow
