@@ -46,8 +46,9 @@ def new_parser(description, prog=None) -> argparse.ArgumentParser:
 def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse settings; `--config FILE.json` supplies defaults that the command line overrides. Every boolean is
     written `--name true` or `--name false`; an old spelling of a renamed setting is an error naming the new one;
-    option names must be written in full (no prefixes). `parser` is a fresh one (the script's get_parser()):
-    --config changes its defaults, and a second main() in one process (tests, notebooks) must not inherit them."""
+    option names must be written in full (no prefixes); a seed (`--seed`, `--*_seed`) is in [0, 2**32). `parser`
+    is a fresh one (the script's get_parser()): --config changes its defaults, and a second main() in one process
+    (tests, notebooks) must not inherit them."""
     if "--config" not in parser._option_string_actions:
         parser.add_argument("--config", default=None,
                             help="JSON file of settings (keys = option names without --); "
@@ -82,7 +83,11 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
                 except (ValueError, TypeError, UserError) as e:
                     raise UserError(f"{pre.config}: setting {action.dest!r}: {e}")
         parser.set_defaults(**cfg)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, value in vars(args).items():  # numpy's generators take no negative seed, np.random.seed none >= 2**32
+        if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value < 2**32:
+            raise UserError(f"--{name} must be between 0 and 2**32 - 1, got {value}")
+    return args
 
 
 def check_positive(args, *names):

@@ -274,7 +274,8 @@ def set_rng_state(state):
 
 # the settings a resumed run must share with the original (others, e.g. --micro_batch_tokens, may change)
 RUN_IDENTITY = ("data", "pretrain_text", "max_length", "init", "init_tiny", "epochs", "global_batch", "lr", "beta1",
-                "beta2", "weight_decay", "warmup_ratio", "min_lr_ratio", "grad_clip", "loss_reduction", "seed")
+                "beta2", "weight_decay", "warmup_ratio", "min_lr_ratio", "grad_clip", "loss_reduction", "seed",
+                "adam_8bit")
 
 
 # -----------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def main(argv=None):
     state = None
     if resume_from:
         step, resume_dir, state, train_shard = resume_from
-        ckpt.check_run_identity(args.out_dir, state["identity"], identity, recorded_since=("data_digest",))
+        ckpt.check_run_identity(args.out_dir, state["identity"], identity, recorded_since=("data_digest", "adam_8bit"))
         if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); "
                    f"final weights in {final_dir}; nothing to do")

@@ -79,6 +79,25 @@ def test_a_config_may_give_one_value_where_a_setting_takes_a_list(name, tmp_path
             common.parse_settings(module.get_parser(), [action.option_strings[0], value]), action.dest)
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_seed_setting_is_checked_before_any_work(name, tmp_path):
+    """numpy takes no negative seed (train_rl's data order) and np.random.seed none from 2**32 (redistill_sft): such
+    a seed is one line naming the setting, not a traceback after the model has loaded."""
+    import importlib
+    module = importlib.import_module(name)
+    seeds = [a.dest for a in module.get_parser()._actions if a.dest == "seed" or a.dest.endswith("_seed")]
+    if not seeds:
+        pytest.skip(f"{name} has no seed")
+    for dest in seeds:
+        assert getattr(common.parse_settings(module.get_parser(), [f"--{dest}", str(2**32 - 1)]), dest) == 2**32 - 1
+        for bad in (-1, 2**32):
+            with pytest.raises(common.UserError, match=rf"--{dest} must be between 0 and 2\*\*32 - 1, got {bad}"):
+                common.parse_settings(module.get_parser(), [f"--{dest}", str(bad)])
+        (tmp_path / "cfg.json").write_text(json.dumps({dest: -5}))
+        with pytest.raises(common.UserError, match=f"--{dest} must be between"):
+            common.parse_settings(module.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+
+
 def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsys):
     """A kill or a full disk can cut a log's last append short: a run's own logs (torn_tail) drop that line with a
     warning; data files, a bad line elsewhere, or a bad last line that has its newline stay errors."""

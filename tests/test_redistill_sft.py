@@ -237,6 +237,8 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
         sft.main(run_args(tiny_checkpoint, data, cut))
     with pytest.raises(UserError, match="different settings.*lr: was 0.001, now 0.002"):
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--lr", "2e-3"))
+    with pytest.raises(UserError, match="different settings.*adam_8bit: was False, now True"):  # another state
+        sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--adam_8bit", "true"))
     write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=4), tok)  # other examples, same path and count
     with pytest.raises(UserError, match="different settings.*data_digest: was"):
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
