@@ -220,7 +220,8 @@ def main(argv=None):
         raise UserError("--from_rollouts needs --steps, e.g. 115-125")
     if args.from_checkpoint and args.steps:
         raise UserError("--steps applies to --from_rollouts only")
-    given = [f"--{name}" for name in CHECKPOINT_ONLY if getattr(args, name) != get_parser().get_default(name)]
+    defaults = get_parser()  # a fresh one: --config changed this run's defaults
+    given = [f"--{name}" for name in CHECKPOINT_ONLY if getattr(args, name) != defaults.get_default(name)]
     if args.from_rollouts and given:
         raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --from_checkpoint only: the "
                         f"rollouts were sampled by the RL run")

@@ -523,13 +523,13 @@ def main(argv=None):
                           "max_bad_steps", "logprob_chunk", "keep_last", "max_gen_batches", "save_every")
     common.check_non_negative(args, "epochs", "max_steps", "warmup_steps", "val_every", "val_limit", "kl_coef",
                               "val_max_response_tokens", "clip_low", "clip_high")
-    common.check_sampling(args)
     if args.clip_low >= 1:
         raise UserError(f"--clip_low {args.clip_low}: the ratio's floor 1 - clip_low must stay above 0")
     if args.dynamic_sampling and args.samples_per_prompt < 2:
         raise UserError("--dynamic_sampling needs --samples_per_prompt >= 2: a group of one has no reward variance")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 for RL sampling (greedy rollouts have no variance to learn from)")
+    common.check_sampling(args)  # (top_p: 0 would be greedy too)
     if not args.rollout_is_cap > 0:
         raise UserError(f"--rollout_is_cap must be > 0, got {args.rollout_is_cap}")
     if abs(args.dwa_s) > 2:
