@@ -222,6 +222,8 @@ def bench_rl(args):
     The first step (warm-up) is left out; the median of the others is reported."""
     import train_rl
     steps, prompts, group, max_len = args.rl_steps, args.rl_prompts, args.samples, args.rl_max_len
+    if steps < 2:
+        raise common.UserError(f"--rl_steps must be at least 2 (the first is a warm-up), got {steps}")
     with tempfile.TemporaryDirectory() as d:
         recs = toy_task.make_records(max(prompts * steps, 64), seed=args.seed)
         tok = build_tokenizer([r["question"] + " " + toy_task.teacher_response(r) for r in recs] * 3

@@ -126,9 +126,10 @@ def activation_bytes(cfg, tokens, chunk, with_entropy, gathered, checkpoint_ever
 
 def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_size=32, prompt_tokens=512,
                     response_tokens=4096, rl_tokens=30000, sft_tokens=16384, logprob_chunk=4096, checkpoint_every=1,
-                    checkpoint_keep="nothing", adam_8bit=False, gen_dtype_bytes=2):
+                    checkpoint_keep="nothing", adam_8bit=False, gen_dtype_bytes=2, rl_entropy=False):
     """Per-GPU bytes of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2 on `world` ranks (see the section's
-    comment); gen_dtype_bytes: the engine's weights and KV cache (train_rl --dtype). Peaks include CUDA_CONTEXT_GIB."""
+    comment); gen_dtype_bytes: the engine's weights and KV cache (train_rl --dtype); rl_entropy: the update keeps the
+    entropy's graph (train_rl --entropy_coef > 0). Peaks include CUDA_CONTEXT_GIB."""
     n = param_counts(cfg)
     P, W = n["total"], world
     root = n["embed"] + n["lm_head"] + n["final_norm"]  # the root FSDP group: embed_tokens, lm_head if untied, norm
@@ -160,7 +161,8 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     # training: a micro-batch holds up to its token budget, or one longer sequence alone
     e["rl_tokens"] = max(rl_tokens, prompt_tokens + response_tokens)
     recompute = dict(checkpoint_every=checkpoint_every, keep=checkpoint_keep)
-    e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=False, gathered=True, **recompute)
+    e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=rl_entropy, gathered=True,
+                                   **recompute)
     e["update_peak"] = e["persistent"] + e["fsdp_transient"] + e["rl_act"]["total"] + e["slack"]
     e["engine_kept"] = engine_kept_bytes(cfg, P, e["gen_rows"], e["gen_len"], gen_dtype_bytes)
     e["update_peak_kept"] = e["update_peak"] + e["engine_kept"]

@@ -39,7 +39,8 @@ SUITE_SECTIONS = ("correctness", "attention", "decode_attention", "sampler", "tr
                   "rl_larger")
 # datasheets, by a part of the device's name (the longest that matches: "NVIDIA H200" is the SXM part)
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12, "H200 NVL": 4.8e12,
-                  "A100": 2.0e12}  # bytes/s
+                  "A100": 2.039e12, "A100 80GB PCIe": 1.935e12, "A100-SXM4-40GB": 1.555e12,
+                  "A100-PCIE-40GB": 1.555e12}  # bytes/s ("A100": the 80 GB SXM4 part)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12,
                    "A100": 312e12}  # dense bf16 tensor-core FLOP/s
 
@@ -117,16 +118,19 @@ def decode_floor(cfg, model, prompts, lengths, samples, dtype_bytes, bandwidth=N
     """Seconds a perfect decode needs, step by step: to read the weights and the live KV cache at `bandwidth`, or
     to do its arithmetic at `flops` (2 per matmul weight per live row, the lm_head's included, the embedding lookup
     not; attention's 4 per head dimension per cached token), or, given both, the larger of the two at each step (the
-    roofline: a step of a few hundred rows and more is bound by the arithmetic, not by reading the weights)."""
-    weight_bytes = model.num_params() * dtype_bytes
+    roofline: a step of a few hundred rows and more is bound by the arithmetic, not by reading the weights). An
+    untied embedding is read only at the live rows' tokens."""
     kv_per_token = kv_bytes_per_token(cfg, dtype_bytes)
     matmul_weights = model.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    weight_bytes = matmul_weights * dtype_bytes
+    row_bytes = 0 if cfg.tie_word_embeddings else cfg.hidden_size * dtype_bytes  # one embedding row per live row
     flops_per_cached = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
     prompt_len = [len(prompts[r // samples]) for r in range(len(lengths))]
     total = 0.0
     for step in range(max(lengths)):
         live = [prompt_len[r] + step for r in range(len(lengths)) if lengths[r] > step]
-        total += max((weight_bytes + kv_per_token * sum(live)) / bandwidth if bandwidth else 0.0,
+        read = weight_bytes + row_bytes * len(live) + kv_per_token * sum(live)
+        total += max(read / bandwidth if bandwidth else 0.0,
                      (2 * matmul_weights * len(live) + flops_per_cached * sum(live)) / flops if flops else 0.0)
     return total
 
@@ -1188,16 +1192,20 @@ def memory_at_peak(entries, baseline=0, top=12, source_root=None):
     baseline allocated before the trace included) and the live bytes grouped by the innermost frame in this
     project's files (else the innermost frame), the largest `top` groups."""
     source_root = source_root or os.path.dirname(os.path.abspath(__file__))
-    live, current, peak, at_peak = {}, 0, 0, {}
+    # freed: blocks whose free was counted, so that its second event (requested, then completed) is not; a block
+    # allocated before the trace (in the baseline) and freed in it counts too
+    live, freed, current, peak, at_peak = {}, set(), 0, 0, {}
     for e in entries:
         action = e.get("action")
         if action == "alloc":
             live[e["addr"]] = e
+            freed.discard(e["addr"])
             current += e["size"]
             if current > peak:
                 peak, at_peak = current, dict(live)
-        elif action in ("free_requested", "free_completed") and e["addr"] in live:
-            current -= live.pop(e["addr"])["size"]
+        elif action in ("free_requested", "free_completed") and e["addr"] not in freed:
+            current -= live.pop(e["addr"])["size"] if e["addr"] in live else e["size"]
+            freed.add(e["addr"])
     groups = {}
     for e in at_peak.values():
         frames = e.get("frames") or []

@@ -285,7 +285,7 @@ def memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype):
         cfg, world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
         gen_batch_size=args.gen_batch_size, prompt_tokens=longest_prompt, response_tokens=args.max_response_tokens,
         rl_tokens=args.micro_batch_tokens, logprob_chunk=args.logprob_chunk, adam_8bit=args.adam_8bit,
-        gen_dtype_bytes=dtype.itemsize, **recompute)
+        gen_dtype_bytes=dtype.itemsize, rl_entropy=bool(args.entropy_coef), **recompute)
 
 
 def rollout_reserve(args, per_rank, longest_prompt):

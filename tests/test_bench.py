@@ -131,6 +131,14 @@ def test_gpu_suite_without_cuda_says_so():
         bench.main(["--gpu_suite", "true"])
 
 
+@pytest.mark.parametrize("steps", [0, 1])
+def test_the_rl_benchmark_needs_a_step_beyond_its_warm_up(steps):
+    """The first step is a warm-up, left out of the median: with none left the benchmark would fail after its run."""
+    with pytest.raises(UserError, match=rf"--rl_steps must be at least 2 \(the first is a warm-up\), got "
+                                               rf"{steps}"):
+        bench.main(["--rl", "true", "--rl_steps", str(steps)])
+
+
 def test_memory_at_peak_names_what_is_live_at_the_highest_point():
     """The replay of an allocator trace: the peak is where live bytes are highest (frees counted once, whether
     requested or completed), and what is live then is grouped by the innermost frame in the project's files."""
@@ -153,6 +161,20 @@ def test_memory_at_peak_names_what_is_live_at_the_highest_point():
     assert r["peak_gib"] == (2**30 + 650) / 2**30 and r["baseline_gib"] == 1.0
     assert r["live_at_peak_gib"] == {"model.py:30 f": 500 / 2**30, "model.py:10 f": 100 / 2**30,
                                      "(no Python frame):0 backward": 50 / 2**30}
+    # a block of the baseline (allocated before the trace) freed in it: the live bytes drop (once), and the peak
+    # is the baseline's 400 bytes, not 400 + the 300 allocated after the free
+    before = [{"action": "free_requested", "addr": 9, "size": 400},
+              {"action": "free_completed", "addr": 9, "size": 400},
+              {"action": "alloc", "addr": 9, "size": 300, "frames": at(40)},  # the address again: a new block
+              {"action": "free_requested", "addr": 9, "size": 300},
+              {"action": "free_completed", "addr": 9, "size": 300},
+              {"action": "alloc", "addr": 8, "size": 350, "frames": at(50)}]
+    r = speed.memory_at_peak(before, baseline=400, source_root=root)
+    assert r["peak_gib"] == 400 / 2**30 and r["live_at_peak_gib"] == {}
+    r = speed.memory_at_peak(before + [{"action": "alloc", "addr": 7, "size": 100, "frames": at(60)}], baseline=400,
+                             source_root=root)
+    assert r["peak_gib"] == 450 / 2**30 and r["live_at_peak_gib"] == {"model.py:50 f": 350 / 2**30,
+                                                                      "model.py:60 f": 100 / 2**30}
 
 
 def test_kernel_count_leaves_out_views_and_no_op_casts_and_splits_composites():
@@ -225,9 +247,10 @@ def test_fused_decode_step_launches_about_ten_kernels_per_layer():
 
 
 def test_decode_floor_takes_the_larger_floor_at_each_step():
-    """Bandwidth: the weights and the live cache each step; compute: 2 FLOPs per matmul weight per live row (a tied
-    lm_head counted once, an untied embedding not at all) and attention over the cache; the roofline is the sum of
-    each step's larger one, so one row is bound by bandwidth and many rows by compute."""
+    """Bandwidth: the weights and the live cache each step (an untied embedding only at the live rows' tokens);
+    compute: 2 FLOPs per matmul weight per live row (a tied lm_head counted once, an untied embedding not at all)
+    and attention over the cache; the roofline is the sum of each step's larger one, so one row is bound by
+    bandwidth and many rows by compute."""
     from model import build_model, kv_bytes_per_token, tiny_config
     for tied in (True, False):
         cfg = tiny_config(64, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=tied)
@@ -236,7 +259,8 @@ def test_decode_floor_takes_the_larger_floor_at_each_step():
         matmul = params - (0 if tied else 64 * 16)
         prompts, lengths = [[1, 2, 3]], [2, 1]  # one prompt, 2 samples: 2 live rows at step 0, 1 at step 1
         kv, per_cached = kv_bytes_per_token(c, 2), 4 * 2 * 4 * c.head_dim
-        bytes_ = [2 * params + kv * (3 + 3), 2 * params + kv * 4]
+        row = 0 if tied else 16 * 2  # an untied embedding: only the live rows' entries are read
+        bytes_ = [2 * matmul + 2 * row + kv * (3 + 3), 2 * matmul + row + kv * 4]
         flops = [2 * matmul * 2 + per_cached * (3 + 3), 2 * matmul * 1 + per_cached * 4]
         assert speed.decode_floor(c, model, prompts, lengths, 2, 2, bandwidth=10.0) == pytest.approx(sum(bytes_) / 10)
         assert speed.decode_floor(c, model, prompts, lengths, 2, 2, flops=7.0) == pytest.approx(sum(flops) / 7)
@@ -283,3 +307,7 @@ def test_datasheet_takes_the_longest_name_that_matches():
     assert speed.datasheet(speed.PEAK_BANDWIDTH, "NVIDIA H100 PCIe") == 2.0e12
     assert speed.datasheet(speed.PEAK_BANDWIDTH, "NVIDIA H100 80GB HBM3") == 3.35e12
     assert speed.datasheet(speed.PEAK_BANDWIDTH, "Tesla T4") is None
+    # the A100's four parts (torch.cuda.get_device_name's spelling): 40 GB HBM2 at 1.555 TB/s, 80 GB HBM2e faster
+    assert [speed.datasheet(speed.PEAK_BANDWIDTH, f"NVIDIA A100{part}") for part in (
+        "-SXM4-40GB", "-PCIE-40GB", " 80GB PCIe", "-SXM4-80GB")] == [1.555e12, 1.555e12, 1.935e12, 2.039e12]
+    assert speed.datasheet(speed.PEAK_BF16_FLOPS, "NVIDIA A100-PCIE-40GB") == 312e12

@@ -401,3 +401,15 @@ def test_docs_tables_are_what_bench_prints_now(capsys):
 
 if __name__ == "__main__" and sys.argv[1:] == ["--measure"]:
     print(json.dumps(measure_activation_peaks()))
+
+
+def test_train_rl_memory_counts_the_entropy_graph_when_the_loss_holds_it():
+    """--entropy_coef > 0 keeps the entropy's graph through the update (probabilities and their gradient: 2 x chunk x
+    V x 4 bytes more), which --checkpoint_every auto and --keep_engine auto must see; 0 (the default) keeps none."""
+    import train_rl
+    _, cfg = gpu_memory.memory_config("qwen2.5-1.5b")
+
+    def update_peak(coef):
+        args = common.parse_settings(train_rl.get_parser(), ["--model", "m", "--entropy_coef", coef])
+        return train_rl.memory_estimate(args, cfg, 1, 16, 512, torch.bfloat16)["update_peak"]
+    assert update_peak("0.01") - update_peak("0") == 2 * 4096 * cfg.vocab_size * 4
