@@ -76,18 +76,37 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
         if unknown:
             raise UserError(f"{pre.config}: unknown setting(s) {unknown} for {parser.prog}")
         cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
-        for action in parser._actions:  # one value where a list is taken ({"split": "a.jsonl"}): a list of one
-            if action.dest in cfg and isinstance(cfg[action.dest], str) and action.nargs in ("+", "*"):
-                try:
-                    cfg[action.dest] = [action.type(cfg[action.dest]) if action.type else cfg[action.dest]]
-                except (ValueError, TypeError, UserError) as e:
-                    raise UserError(f"{pre.config}: setting {action.dest!r}: {e}")
+        for action in parser._actions:
+            if action.dest in cfg and action.dest != "config":
+                cfg[action.dest] = config_value(pre.config, action, cfg[action.dest])
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
     for name, value in vars(args).items():  # numpy's generators take no negative seed, np.random.seed none >= 2**32
         if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value < 2**32:
             raise UserError(f"--{name} must be between 0 and 2**32 - 1, got {value}")
     return args
+
+
+def config_value(path, action, value):
+    """A --config file's value for one setting, checked and converted as the same value on the command line would be
+    (argparse checks neither types nor choices of defaults): JSON's true, 8 or 0.5 read as the text "true", "8",
+    "0.5" would; one value where a list is taken is a list of one; null keeps the default's None."""
+    if value is None or action.nargs == 0:
+        return value
+    many = action.nargs in ("+", "*")
+    if isinstance(value, list) and not many:
+        raise UserError(f"{path}: setting {action.dest!r} takes one value, got the list {value!r}")
+    values = value if isinstance(value, list) else [value]
+    try:
+        values = [action.type(text) if action.type else text
+                  for text in (v if isinstance(v, str) else json.dumps(v) for v in values)]
+    except (ValueError, TypeError, argparse.ArgumentTypeError, UserError) as e:
+        raise UserError(f"{path}: setting {action.dest!r}: {e}")
+    bad = [v for v in values if action.choices is not None and v not in action.choices]
+    if bad:
+        raise UserError(f"{path}: setting {action.dest!r}: {bad[0]!r} is not one of "
+                        f"{', '.join(map(str, action.choices))}")
+    return values if many else values[0]
 
 
 def check_positive(args, *names):

@@ -80,6 +80,46 @@ def test_a_config_may_give_one_value_where_a_setting_takes_a_list(name, tmp_path
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
+def test_a_config_file_is_checked_as_the_command_line_is(name, tmp_path):
+    """argparse checks neither the type nor the choices of a default, which is what a --config value becomes: every
+    setting's default written as JSON reads back as itself, a value outside a setting's choices ("K3" for k3) is one
+    line naming the file and setting, and a JSON string where a number is taken is converted as on the command line
+    (["125"] for --keep_steps: ints, which the prune compares with steps)."""
+    import importlib
+    module = importlib.import_module(name)
+    parser, cfg = module.get_parser(), tmp_path / "cfg.json"
+    defaults = {a.dest: a.default for a in parser._actions if a.option_strings and a.dest != "help"}
+    cfg.write_text(json.dumps(defaults))
+    assert vars(common.parse_settings(module.get_parser(), ["--config", str(cfg)])) == dict(defaults, config=str(cfg))
+    for action in parser._actions:
+        if action.choices:
+            cfg.write_text(json.dumps({action.dest: "not-a-choice"}))
+            with pytest.raises(common.UserError, match=rf"cfg\.json: setting '{action.dest}': 'not-a-choice' is not "
+                                                       rf"one of"):
+                common.parse_settings(module.get_parser(), ["--config", str(cfg)])
+        if action.type in (int, float) and action.nargs is None:
+            cfg.write_text(json.dumps({action.dest: "7"}))
+            assert getattr(common.parse_settings(module.get_parser(), ["--config", str(cfg)]), action.dest) == 7
+            cfg.write_text(json.dumps({action.dest: [7]}))
+            with pytest.raises(common.UserError, match=f"setting '{action.dest}' takes one value"):
+                common.parse_settings(module.get_parser(), ["--config", str(cfg)])
+        if action.type is common.str2bool:
+            cfg.write_text(json.dumps({action.dest: "maybe"}))
+            with pytest.raises(common.UserError, match=f"setting '{action.dest}': expected a boolean"):
+                common.parse_settings(module.get_parser(), ["--config", str(cfg)])
+
+
+def test_a_config_keep_steps_as_text_keeps_the_checkpoints_it_names(tmp_path):
+    import train_rl
+    (tmp_path / "cfg.json").write_text(json.dumps({"keep_steps": ["125", 100], "kl_estimator": "k3"}))
+    args = common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+    assert args.keep_steps == [125, 100] and args.kl_estimator == "k3"
+    (tmp_path / "cfg.json").write_text(json.dumps({"kl_estimator": "low_var_kl"}))  # verl's name: no KL at all
+    with pytest.raises(common.UserError, match=r"'kl_estimator': 'low_var_kl' is not one of k1, k3"):
+        common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_every_seed_setting_is_checked_before_any_work(name, tmp_path):
     """numpy takes no negative seed (train_rl's data order) and np.random.seed none from 2**32 (redistill_sft): such
     a seed is one line naming the setting, not a traceback after the model has loaded."""
