@@ -62,11 +62,16 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(cfg: dict, where: str = "config.json") -> "ModelConfig":
+        if not isinstance(cfg, dict):
+            raise UserError(f"{where}: a JSON object expected, got {type(cfg).__name__}")
         archs = cfg.get("architectures") or []
         arch = next((SUPPORTED[a] for a in archs if a in SUPPORTED), None)
         if arch is None:
             raise UserError(f"{where}: unsupported architecture {archs or cfg.get('model_type')!r}; "
                             f"supported: {', '.join(SUPPORTED)}")
+        for field in ("rope_parameters", "rope_scaling"):
+            if cfg.get(field) is not None and not isinstance(cfg[field], dict):
+                raise UserError(f"{where}: field {field!r} must be an object, got {cfg[field]!r}")
         rope = cfg.get("rope_parameters") or {}          # transformers >= 5 keeps RoPE settings here
         scaling = cfg.get("rope_scaling") or rope
         kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -85,8 +90,8 @@ class ModelConfig:
         if cfg.get("mlp_bias") or (arch != "qwen2" and cfg.get("attention_bias")):
             raise UserError(f"{where}: {'mlp_bias' if cfg.get('mlp_bias') else 'attention_bias'} is not supported "
                             f"(biases: Qwen2's q/k/v only)")
-        heads = cfg["num_attention_heads"]
         try:
+            heads = cfg["num_attention_heads"]
             return ModelConfig(
                 arch=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
                 intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],

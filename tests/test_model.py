@@ -309,6 +309,22 @@ def test_config_fields_the_model_does_not_build_are_refused(arch, fields, messag
         model_module.ModelConfig.from_hf(tiny_config(64, arch=arch, **fields))
 
 
+def test_a_damaged_config_is_one_line_naming_its_field(tmp_path):
+    """Every field the model reads, missing or of the wrong kind, is an error naming the file and field: a traceback
+    (KeyError, AttributeError) would break the one-line promise of every script that loads a checkpoint."""
+    cfg = tiny_config(64)
+    for field in ("num_attention_heads", "vocab_size", "hidden_size", "num_hidden_layers"):
+        with pytest.raises(common.UserError, match=f"ckpt/config.json: missing field '{field}'"):
+            model_module.ModelConfig.from_hf({k: v for k, v in cfg.items() if k != field}, "ckpt/config.json")
+    for field in ("rope_scaling", "rope_parameters"):
+        with pytest.raises(common.UserError, match=f"field '{field}' must be an object, got 'llama3'"):
+            model_module.ModelConfig.from_hf(dict(cfg, **{field: "llama3"}))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("[1, 2]")
+    with pytest.raises(common.UserError, match=r"config\.json: a JSON object expected, got list"):
+        model_module.read_config(str(tmp_path / "ckpt"))
+
+
 def test_build_model_draws_its_weights_on_the_cpu_whatever_the_default_device():
     """The GPU suite builds the 1.5B model inside `with torch.device("cuda")`: a randn there takes the default
     device, and a CUDA randn with build_model's CPU generator raises. The meta device stands in for CUDA here: the
