@@ -126,6 +126,17 @@ def check_non_negative(args, *names):
             raise UserError(f"--{name} must be 0 or more, got {value}")
 
 
+def check_optimizer(args):
+    """AdamW's settings (train_rl.py, redistill_sft.py): --lr > 0, betas in [0, 1), weight decay and grad clip >= 0
+    (0: off). Out of range, torch's AdamW stops mid-setup with a traceback, or (a negative clip) nothing clips."""
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    check_non_negative(args, "weight_decay", "grad_clip")
+
+
 def check_sampling(args):
     """--temperature >= 0 (0 = greedy), --top_p in (0, 1], and greedy with one sample per prompt: its n samples would
     be one response n times (eval.py, sample_policy.py)."""

@@ -31,7 +31,8 @@ import gpu_memory
 import parallel
 import tasks
 from common import UserError, print0
-from model import build_model, load_model, parse_dtype, read_config, response_logprobs, save_model, tiny_config
+from model import (SUPPORTED, build_model, load_model, parse_dtype, read_config, response_logprobs, save_model,
+                   tiny_config)
 from tasks import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -43,8 +44,9 @@ def get_parser():
     # data
     p.add_argument("--data", nargs="+", default=None, help="SFT jsonl file(s) of {id, task, prompt, response}")
     p.add_argument("--pretrain_text", nargs="+", default=None,
-                   help="instead of --data: pre-train on text (jsonl with a 'text' field, or plain text with documents "
-                        "separated by blank lines); loss on all tokens; documents longer than --max_length are split")
+                   help="instead of --data: pre-train on text (*.jsonl or *.json: one JSON object with a 'text' field "
+                        "a line; any other name: plain text with documents separated by blank lines); loss on all "
+                        "tokens; documents longer than --max_length are split")
     p.add_argument("--val_data", nargs="+", default=None,
                    help="held-out file(s) (same format as the training data): "
                         "loss before training and after each epoch")
@@ -56,8 +58,8 @@ def get_parser():
     p.add_argument("--init_tiny", default=False, type=common.str2bool,
                    help="instead of --init: a fresh tiny model (needs --tokenizer; sized by the --tiny_* settings)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --init checkpoint's)")
-    p.add_argument("--tiny_arch", default="Qwen2ForCausalLM",
-                   help="--init_tiny: architecture (Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM)")
+    p.add_argument("--tiny_arch", default="Qwen2ForCausalLM", choices=tuple(SUPPORTED),
+                   help="--init_tiny: architecture")
     p.add_argument("--tiny_hidden_size", type=int, default=128, help="--init_tiny: hidden size")
     p.add_argument("--tiny_layers", type=int, default=4, help="--init_tiny: number of layers")
     p.add_argument("--tiny_heads", type=int, default=4, help="--init_tiny: attention heads")
@@ -120,10 +122,11 @@ def get_parser():
 
 
 def load_text_examples(paths, tokenizer, max_length):
-    """Pre-training documents: jsonl with a "text" field (one document per line) or plain text (documents
-    separated by blank lines). Each document + EOS is split into sequences of at most max_length tokens, each after
-    the first beginning with the previous one's last token; the loss is on every token after the first of each
-    sequence, so on every token of the document after its first, its EOS included, once."""
+    """Pre-training documents: jsonl with a "text" field (one document per line; a file named *.jsonl or *.json) or
+    plain text (any other name; documents separated by blank lines). Each document + EOS is split into sequences of
+    at most max_length tokens, each after the first beginning with the previous one's last token; the loss is on
+    every token after the first of each sequence, so on every token of the document after its first, its EOS
+    included, once."""
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos_token; pre-training appends EOS to every document")
     if max_length < 2:
@@ -131,7 +134,7 @@ def load_text_examples(paths, tokenizer, max_length):
     examples = []
     for path in paths:
         docs = []
-        if path.endswith(".jsonl"):
+        if path.lower().endswith((".jsonl", ".json")):
             with common.open_lines(path) as lines:
                 for lineno, rec in lines:
                     if not isinstance(rec.get("text"), str):
@@ -295,6 +298,15 @@ def main(argv=None):
     common.check_positive(args, "global_batch", "micro_batch_tokens", "max_length", "epochs", "keep_last",
                           "max_bad_steps")
     common.check_non_negative(args, "save_every", "stop_at_step")
+    common.check_optimizer(args)
+    if not (0 <= args.warmup_ratio < 1 and 0 <= args.min_lr_ratio <= 1):
+        raise UserError(f"--warmup_ratio must be in [0, 1) and --min_lr_ratio in [0, 1] (fractions: 0.05 is 5 %), got "
+                        f"{args.warmup_ratio} and {args.min_lr_ratio}")
+    if args.init_tiny:
+        common.check_positive(args, "tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_kv_heads", "tiny_context")
+        if args.tiny_hidden_size % args.tiny_heads or args.tiny_heads % args.tiny_kv_heads:
+            raise UserError(f"--tiny_heads {args.tiny_heads} must divide --tiny_hidden_size {args.tiny_hidden_size}, "
+                            f"and --tiny_kv_heads {args.tiny_kv_heads} must divide --tiny_heads")
 
     rank, world, device = parallel.dist_setup()
     dtype = parse_dtype(args.dtype, device, training=True)  # compute, and saved weights
@@ -315,6 +327,9 @@ def main(argv=None):
     else:
         model_cfg = read_config(args.init)  # a clear error when it is no checkpoint
         tokenizer = load_tokenizer(args.tokenizer or args.init)
+        if len(tokenizer) > model_cfg.vocab_size:  # (Qwen's embedding is larger than its tokenizer: <= is fine)
+            raise UserError(f"--tokenizer {args.tokenizer or args.init} has {len(tokenizer)} tokens > the vocab_size "
+                            f"{model_cfg.vocab_size} of --init {args.init}: not this model's tokenizer")
     context = args.tiny_context if model_cfg is None else model_cfg.max_position_embeddings
     max_length = min(args.max_length, context)
     if max_length < args.max_length:
@@ -330,13 +345,15 @@ def main(argv=None):
         raise UserError(f"--global_batch {args.global_batch} < {world} ranks: every rank needs a sequence per step")
     total_steps = steps_per_epoch * args.epochs
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {
-        "num_examples": len(train), "data_digest": common.data_digest([e["input_ids"], e["start"]] for e in train)}
+        "num_examples": len(train), "data_digest": common.data_digest([e["input_ids"], e["start"]] for e in train),
+        "compute_dtype": str(dtype).replace("torch.", "")}  # (resolved: --dtype auto on another device counts too)
 
     # ---- model, optimizer, resume
     state = None
     if resume_from:
         step, resume_dir, state, train_shard = resume_from
-        ckpt.check_run_identity(args.out_dir, state["identity"], identity, recorded_since=("data_digest", "adam_8bit"))
+        ckpt.check_run_identity(args.out_dir, state["identity"], identity,
+                                recorded_since=("data_digest", "adam_8bit", "compute_dtype"))
         if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); "
                    f"final weights in {final_dir}; nothing to do")

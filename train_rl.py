@@ -523,6 +523,7 @@ def main(argv=None):
                           "max_bad_steps", "logprob_chunk", "keep_last", "max_gen_batches", "save_every")
     common.check_non_negative(args, "epochs", "max_steps", "warmup_steps", "val_every", "val_limit", "kl_coef",
                               "val_max_response_tokens", "clip_low", "clip_high")
+    common.check_optimizer(args)
     if args.clip_low >= 1:
         raise UserError(f"--clip_low {args.clip_low}: the ratio's floor 1 - clip_low must stay above 0")
     if args.dynamic_sampling and args.samples_per_prompt < 2:

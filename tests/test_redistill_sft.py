@@ -18,7 +18,7 @@ import tasks
 import redistill_sft as sft
 import toy_task
 from common import UserError
-from model import load_model
+from model import build_model, load_model, save_model, tiny_config
 from tasks import load_tokenizer
 from conftest import ROOT, assert_train_shards, free_port, subprocess_env
 import padded
@@ -48,6 +48,10 @@ def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(8), tok)
     out = tmp_path / "run"
+    small = str(tmp_path / "small")  # a model whose vocabulary is smaller than the tokenizer: another model's
+    save_model(build_model(tiny_config(len(tok) - 10), seed=0), small, tok)
+    surrogate = tmp_path / "surrogate.jsonl"  # valid JSON, no valid text: a lone surrogate
+    surrogate.write_text(open(data).readline() + '{"id": 9, "prompt": "a", "response": "ok \\ud83d end"}\n')
     bad = [
         (["--data", data], "exactly one of --init"),
         (["--data", data, "--init", tiny_checkpoint, "--pretrain_text", data], "exactly one of --data"),
@@ -57,6 +61,18 @@ def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
          "8 training examples < --global_batch 16"),
         (["--data", data, "--init", tiny_checkpoint, "--max_length", "20"], r"d\.jsonl:1: example .* > max_length 20"),
         (["--data", data, "--init", tiny_checkpoint, "--dtype", "float16"], "float16 cannot train here"),  # underflow
+        # the optimizer and its schedule: torch's AdamW would stop mid-setup; the others trained silently otherwise
+        (["--data", data, "--init", tiny_checkpoint, "--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["--data", data, "--init", tiny_checkpoint, "--beta1", "1.5"], r"--beta1 must be in \[0, 1\)"),
+        (["--data", data, "--init", tiny_checkpoint, "--grad_clip=-1"], "--grad_clip must be 0 or more"),  # no clip
+        (["--data", data, "--init", tiny_checkpoint, "--warmup_ratio", "5"],  # 5 % meant: a peak never reached
+         r"--warmup_ratio must be in \[0, 1\) and --min_lr_ratio in \[0, 1\]"),
+        (["--data", data, "--init", tiny_checkpoint, "--min_lr_ratio=-1"], "--min_lr_ratio in"),  # a negative lr
+        (["--data", data, "--init_tiny", "true", "--tokenizer", tiny_checkpoint, "--tiny_heads", "3"],
+         "--tiny_heads 3 must divide --tiny_hidden_size 128"),
+        (["--data", data, "--init", small], rf"has {len(tok)} tokens > the vocab_size {len(tok) - 10} of --init"),
+        (["--data", str(surrogate), "--init", tiny_checkpoint],
+         r"surrogate\.jsonl:2: field 'response' is not valid Unicode \(surrogates not allowed at character 3\)"),
     ]
     for argv, pattern in bad:
         with pytest.raises(UserError, match=pattern):
@@ -239,6 +255,8 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--lr", "2e-3"))
     with pytest.raises(UserError, match="different settings.*adam_8bit: was False, now True"):  # another state
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--adam_8bit", "true"))
+    with pytest.raises(UserError, match="different settings.*compute_dtype: was 'float32', now 'bfloat16'"):
+        sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--dtype", "bfloat16"))
     write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=4), tok)  # other examples, same path and count
     with pytest.raises(UserError, match="different settings.*data_digest: was"):
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
@@ -310,6 +328,19 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, mon
     assert ckpt.checkpoint_steps(out) == [2, 3] and not os.path.exists(os.path.join(out, "final"))
     w2, w3 = weights(ckpt.checkpoint_dir(out, 2)), weights(ckpt.checkpoint_dir(out, 3))
     assert all(torch.equal(w2[k], w3[k]) and torch.isfinite(w3[k]).all() for k in w2)  # step 3 changed nothing
+
+
+def test_a_pretraining_file_named_json_is_read_as_json_lines(tiny_checkpoint, tmp_path):
+    """*.jsonl and *.json hold one {"text": ...} a line; read as plain text, the model would learn braces and field
+    names. Any other name is plain text."""
+    tok = load_tokenizer(tiny_checkpoint)
+    lines = '{"text": "1 plus 2 is 3."}\n{"text": "2 plus 2 is 4."}\n'
+    for name in ("docs.json", "docs.JSONL"):
+        (tmp_path / name).write_text(lines)
+        examples = sft.load_text_examples([str(tmp_path / name)], tok, 512)
+        assert [tok.decode(e["input_ids"][:-1]) for e in examples] == ["1 plus 2 is 3.", "2 plus 2 is 4."]
+    (tmp_path / "docs.txt").write_text(lines)
+    assert len(sft.load_text_examples([str(tmp_path / "docs.txt")], tok, 512)) == 1  # one plain-text document
 
 
 def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path, capsys):

@@ -524,6 +524,8 @@ def test_bad_settings_are_one_line_errors(toy, tmp_path):
         train_rl.main(rl_args(toy, tmp_path / "b", max_response_tokens=5000))
     with pytest.raises(common.UserError, match="float16 cannot train here"):  # its gradients would underflow
         train_rl.main(rl_args(toy, tmp_path / "c", dtype="fp16"))
+    with pytest.raises(common.UserError, match="--lr must be > 0"):
+        train_rl.main(rl_args(toy, tmp_path / "f", lr=0))
     # top_p 0 would be greedy rollouts (no group variance, nothing learned); out of range, a traceback at generation
     for top_p in (0, 1.5):
         with pytest.raises(common.UserError, match=r"0 < --top_p <= 1"):
