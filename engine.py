@@ -657,13 +657,16 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
              max_seq_len=None, partner=None, switch=None, slots=None, buckets="auto",
              sync_every=None, block=None, attention_groups=None, graphs=None, fused=None, forced_lengths=None,
              on_finish=None, dtype=None, reserve=None, fa2_decode_attention=None, fa2_splits=None,
-             blocked_sampler=False):
+             blocked_sampler=False, prompt_numbers=None):
     """Sample n responses for each prompt (lists of token ids, any lengths). Returns a list of Generation,
     prompt-major (all samples of prompt 0, then prompt 1, ...); temperature=0 is greedy. model: a plain Transformer
     (copied into generation's kept GenWeights, in dtype: default its own) or a GenWeights (e.g. of a sharded model).
 
     Sample j of prompt i is row i * n + j; its k-th token is drawn with a random number that depends only on (seed,
     i * n + j, k), so what a row generates does not depend on the settings below (test_engine.py checks it).
+    prompt_numbers: the number each prompt's rows are keyed by in place of i (default: i): a caller that shards its
+    prompts over ranks passes their indices in the whole list, so that a prompt's samples do not depend on the number
+    of ranks (as the switch's `samples` then do not either).
 
     slots: rows decoded at once (default: all). More rows than slots stream through them: a finished row's slot is
     refilled with the next row (its prompt prefilled) when the host next looks. buckets: the row counts the decode
@@ -729,6 +732,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     stop_ids = sorted(set(stop_ids))
     if len(stop_ids) > MAX_STOP_IDS:
         raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
+    if prompt_numbers is not None and len(prompt_numbers) != len(prompts):
+        raise ValueError(f"prompt_numbers: one per prompt, got {len(prompt_numbers)} for {len(prompts)}")
     if forced_lengths is not None and (not stop_ids or len(forced_lengths) != len(prompts) * n
                                        or not all(1 <= x <= max_new_tokens for x in forced_lengths)
                                        or partner is not None):
@@ -789,7 +794,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                              [torch.tensor([s for s, _ in g], device=device) for g in groups])
             taken, admitted = [s for g in groups for s, _ in g], [r for g in groups for _, r in g]
             idx = torch.tensor(taken, device=device)
-            state.sample[idx] = torch.tensor(admitted, device=device)
+            state.sample[idx] = torch.tensor(admitted if prompt_numbers is None else
+                                             [prompt_numbers[r // n] * n + r % n for r in admitted], device=device)
             state.key[idx] = sample_keys(state.seed, state.sample[idx])
             state.lengths[idx] = torch.tensor([len(prompts[r // n]) for r in admitted], device=device)
             state.pos[idx], state.alive[idx], state.stopped[idx] = 0, True, False
@@ -854,7 +860,7 @@ def collect(slots, ended, holder, results, n, cross):
 
 def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=512,
                      seed=0, template="auto", batch_size=64, desc="generate", progress=True, partner=None, switch=None,
-                     timings=None, reserve=None):
+                     timings=None, reserve=None, prompt_numbers=None):
     """Generate n responses for each record with our KV-cache engine and score them with task.score.
 
     One generate call streams every record's rows through batch_size x n slots (the KV cache's rows), so what each
@@ -862,7 +868,7 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     order: {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
     partner, switch: cross-sampling with a second model (engine.generate); each dict then also holds
     "switched" and "differs", one bool per token. timings: a dict whose "score_s" gains the seconds spent scoring.
-    reserve: engine.generate's.
+    reserve, prompt_numbers (one per record): engine.generate's.
     """
     stop = stop_token_ids(tokenizer)
     prompts = [task.render_prompt(r, tokenizer, template) for r in records]
@@ -870,7 +876,7 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     bar = tqdm(total=len(records) * n, desc=desc, disable=not progress or rank() != 0, dynamic_ncols=True)
     gens = generate(model, prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     stop_ids=stop, seed=seed, partner=partner, switch=switch, slots=batch_size * n,
-                    on_finish=bar.update, reserve=reserve)
+                    on_finish=bar.update, reserve=reserve, prompt_numbers=prompt_numbers)
     bar.close()
     results = []
     for row, g in enumerate(gens):

@@ -56,8 +56,11 @@ def get_parser():
     p.add_argument("--batch_size", type=int, default=64, help="prompts decoded at once: this x n rows = the KV cache's "
                    "slots, which all rows stream through; sets memory and speed, not the samples")
     p.add_argument("--dtype", default="auto",
-                   help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--seed", type=int, default=0, help="generation seed (matters only when sampling)")
+                   help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, float64 "
+                        "(exact on a CPU, slow)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="generation seed (matters only when sampling): each record's samples are keyed by it and the "
+                        "record's index in the split, the same at any world size")
     p.add_argument("--overwrite", type=common.str2bool, default=False,
                    help="re-evaluate pairs that already have a summary.json")
     p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bar on rank 0")

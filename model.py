@@ -525,7 +525,8 @@ def parse_dtype(dtype, device=None, training=False):
         found = torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
     else:
         names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}
+                 "float16": torch.float16, "fp16": torch.float16,
+                 "float64": torch.float64, "fp64": torch.float64}  # (exact checks on a CPU)
         if dtype not in names:
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
         found = names[dtype]

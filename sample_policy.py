@@ -55,7 +55,7 @@ def get_parser():
                         "rows stream through; sets memory and speed, not the samples")
     p.add_argument("--dtype", default="auto",
                    help="--from_checkpoint: weights dtype for sampling: auto (bfloat16 on CUDA, float32 on CPU), "
-                        "float32, bfloat16")
+                        "float32, bfloat16, float64 (exact on a CPU, slow)")
     p.add_argument("--limit", type=int, default=0,
                    help="--from_checkpoint: use only this many records of --split, each difficulty in proportion "
                         "(seeded by --seed; 0 = all)")
@@ -68,7 +68,9 @@ def get_parser():
                         "(paper: 1, dedupe by puzzle keeping the first occurrence); 0 = no limit")
     p.add_argument("--num_examples", type=int, default=1000,
                    help="keep this many after the shuffle (paper: 1000 K&K, 500 MATH); 0 = all")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (paper: random.seed(0)) and of sampling")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the shuffle (paper: random.seed(0)) and of sampling (each record's samples keyed by "
+                        "it and the record's index, the same at any world size)")
     p.add_argument("--samples_out", default=None, help="also write every sample before filtering (jsonl, with reward, "
                    "finished, rank) for inspection")
     p.add_argument("--allow_empty", type=common.str2bool, default=False,
@@ -149,7 +151,8 @@ def sample_checkpoint(args, task, rank, world, device):
     with torch.no_grad():
         mine = engine.sample_responses(model, tokenizer, task, [records[i] for i in order], n=args.samples_per_prompt,
                                        temperature=args.temperature, top_p=args.top_p,
-                                       max_new_tokens=args.max_new_tokens, seed=common.derive_seed(args.seed, rank),
+                                       max_new_tokens=args.max_new_tokens, seed=common.derive_seed(args.seed, 0),
+                                       prompt_numbers=order,  # (keyed by index: the same samples at any world size)
                                        template=args.template, batch_size=args.batch_size, desc="sample",
                                        progress=args.progress)
     # sample_responses returns record order then sample order: attach each sample's record index

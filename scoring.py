@@ -126,7 +126,9 @@ def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, to
     indices = rank_share(list(range(len(records))), this_rank, world)
     out = sample_responses(model, tokenizer, task, [records[j] for j in indices], n=n, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens,
-                           seed=derive_seed(seed, this_rank),  # a stream per rank
+                           # one stream for every rank, each record keyed by its index in `records`: the samples do
+                           # not depend on the number of ranks (rank 0's stream: one rank samples as before)
+                           seed=derive_seed(seed, 0), prompt_numbers=indices,
                            template=template, batch_size=batch_size, desc=desc, progress=progress, reserve=reserve)
     # the record index travels with each sample, so the merged list has the same order for any world size
     mine = [{"index": indices[k // n], "sample": s["sample"], "response": s["response"], "reward": float(s["reward"]),

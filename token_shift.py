@@ -381,13 +381,14 @@ def random_switch(rate, seed):
     return switch
 
 
-def cross_run(primary, intervention, tokenizer, task, records, args, switch, desc):
-    """One cross-sampled decode of this rank's records; the counts summed over ranks, and this rank's samples."""
+def cross_run(primary, intervention, tokenizer, task, records, numbers, args, switch, desc):
+    """One cross-sampled decode of this rank's records (numbers: their indices in the split, which key their random
+    numbers: the same samples at any world size); the counts summed over ranks, and this rank's samples."""
     out = engine.sample_responses(primary, tokenizer, task, records, n=args.samples_per_prompt,
                                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                  seed=common.derive_seed(args.seed, common.rank()), template=args.template,
+                                  seed=common.derive_seed(args.seed, 0), template=args.template,
                                   batch_size=args.batch_size, desc=desc, progress=args.progress,
-                                  partner=intervention, switch=switch)
+                                  partner=intervention, switch=switch, prompt_numbers=numbers)
     g = parallel.all_reduce_numbers({"responses": len(out), "correct": sum(s["reward"] for s in out),
                                      "tokens": sum(s["length"] for s in out),
                                      "switched": sum(sum(s["switched"]) for s in out),
@@ -450,18 +451,20 @@ def cross_sample(args, tokenizer, device, dtype):
                             args.max_new_tokens, context, args.split)
     names = {"forward": ("base", "policy"), "backward": ("policy", "base")}[args.cross]
     primary, intervention = (load_model(getattr(args, name), dtype, device).eval() for name in names)
-    mine = parallel.rank_share(records, common.rank(), common.world_size())
+    numbers = parallel.rank_share(list(range(len(records))), common.rank(), common.world_size())
+    mine = [records[i] for i in numbers]
     runs, samples = [], []
     for eps in args.eps:
         t0 = time.time()
-        stats, s = cross_run(primary, intervention, tokenizer, task, mine, args, threshold_switch(eps), f"eps {eps:g}")
+        stats, s = cross_run(primary, intervention, tokenizer, task, mine, numbers, args, threshold_switch(eps),
+                             f"eps {eps:g}")
         label = eps if math.isfinite(eps) else str(eps)  # JSON has no infinity: "inf", "-inf"
         samples += [{"eps": label, "control": False, **x} for x in s]
         # the control: the same budget (this run's switched share) at random positions. One random stream for every
         # eps (common random numbers): a budget's control does not depend on which other eps the list holds or
         # where, and a larger budget switches where a smaller one would (until the decodes part)
-        control = random_switch(stats["switched_share"], common.derive_seed(args.seed, common.rank(), 1))
-        stats["control"], s = cross_run(primary, intervention, tokenizer, task, mine, args, control,
+        control = random_switch(stats["switched_share"], common.derive_seed(args.seed, 0, 1))
+        stats["control"], s = cross_run(primary, intervention, tokenizer, task, mine, numbers, args, control,
                                         f"control {eps:g}")
         samples += [{"eps": label, "control": True, **x} for x in s]
         runs.append({"eps": label, **stats})
@@ -472,7 +475,10 @@ def cross_sample(args, tokenizer, device, dtype):
                f"({stats['differs_per_response']:.1f}/response) | random control: accuracy {c['accuracy']:.3f} at "
                f"{c['switched_share']:.2%} | {stats['responses'] + c['responses']} responses in {seconds:.1f}s, "
                f"{(stats['tokens'] + c['tokens']) / max(seconds, 1e-9):.0f} tok/s")
-    samples = parallel.gather_lists(samples)
+    # in run order, then split order: the same file at any world size
+    run_at, at = {r["eps"]: k for k, r in enumerate(runs)}, {str(r["id"]): i for i, r in enumerate(records)}
+    samples = parallel.gather_lists(
+        samples, key=lambda x: (run_at[x["eps"]], x["control"], at[str(x["id"])], x["sample"]))
     if common.rank() != 0:
         return
     result = {"direction": args.cross, "primary_name": names[0], "intervention_name": names[1],

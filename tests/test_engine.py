@@ -99,6 +99,24 @@ def test_samples_do_not_depend_on_slots_buckets_or_look_interval():
                                    torch.tensor([x for g in ref for x in g.logprobs]), atol=1e-5, rtol=1e-5)
 
 
+def test_prompt_numbers_give_a_prompts_samples_whatever_share_it_is_in():
+    """A caller that shards its prompts over ranks (eval, sample_policy, token_shift) keys each prompt's rows by its
+    index in the whole list: two strided shards, generated apart, give the samples of one call over all prompts (in
+    fp64, as above). Without the numbers, a shard's prompt takes the keys of its place in the shard."""
+    model = random_model(CONFIGS["qwen2_tied"], seed=4).double()
+    prompts = ragged_prompts(1)
+    kw = dict(n=3, max_new_tokens=16, temperature=1.0, stop_ids=[3, 4, 5], seed=5)
+    whole = [g.tokens for g in generate(model, prompts, **kw)]
+    for rank in (0, 1):
+        numbers = list(range(rank, len(prompts), 2))
+        share = generate(model, [prompts[i] for i in numbers], prompt_numbers=numbers, **kw)
+        assert [g.tokens for g in share] == [whole[i * 3 + j] for i in numbers for j in range(3)]
+    plain = generate(model, prompts[1::2], **kw)
+    assert [g.tokens for g in plain] != [whole[i * 3 + j] for i in range(1, len(prompts), 2) for j in range(3)]
+    with pytest.raises(ValueError, match="prompt_numbers: one per prompt"):
+        generate(model, prompts, prompt_numbers=[0], **kw)
+
+
 def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, num_splits=None):
     """A CPU stand-in for engine.flash_varlen_forward (aten's FA2 varlen kernel with seqused_k), reading what it reads:
     sequence b's keys from token cu_k[b], seqused_k[b] of them, out of (tokens, kv_heads, hd) inputs. Splitting the

@@ -122,12 +122,13 @@ def test_several_splits_are_sampled_in_order_and_may_not_share_a_prompt(tiny_che
 @pytest.mark.torchrun
 def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     """Two ranks, 2 samples a prompt at T = 1: each rank samples its share, the samples are merged in record then
-    sample order, rank 0's are what one process samples from the same records (its seed is rank 0's), and the SFT
-    set is the selection over the merged samples."""
+    sample order and are what one process samples from the whole split (each record keyed by its index in it; in
+    fp64, where the shares' other batch shapes cannot move a token across a CDF boundary), and the SFT set is the
+    selection over the merged samples."""
     ckpt, split = policy
     env = subprocess_env()
     out2, all2 = str(tmp_path / "two.jsonl"), str(tmp_path / "all2.jsonl")
-    sampled = ("--samples_per_prompt", "2", "--temperature", "1.0", "--num_examples", "0")
+    sampled = ("--samples_per_prompt", "2", "--temperature", "1.0", "--num_examples", "0", "--dtype", "float64")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                            str(free_port()), os.path.join(ROOT, "sample_policy.py"),
                            *sample_args(ckpt, split, out2, "--samples_out", all2, *sampled)],
@@ -140,12 +141,11 @@ def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     assert by_rank[0] == set(parallel.rank_share(ids, 0, 2)) and by_rank[1] == set(parallel.rank_share(ids, 1, 2))
     assert not by_rank[0] & by_rank[1]
     assert [(s["id"], s["sample"]) for s in samples] == [(i, k) for i in ids for k in range(2)]  # merged in order
-    share = str(tmp_path / "rank0_share.jsonl")
-    common.write_jsonl(share, parallel.rank_share(records, 0, 2))
     one = str(tmp_path / "one_all.jsonl")
-    sp.main(sample_args(ckpt, share, str(tmp_path / "one.jsonl"), "--samples_out", one, *sampled))
+    sp.main(sample_args(ckpt, split, str(tmp_path / "one.jsonl"), "--samples_out", one, *sampled))
     fields = ("id", "sample", "response", "reward", "finished")
-    assert [[s[k] for k in fields] for s in read(one)] == [[s[k] for k in fields] for s in samples if s["rank"] == 0]
+    assert [[s[k] for k in fields] for s in read(one)] == [[s[k] for k in fields] for s in samples]
+    assert len({s["response"] for s in samples}) > len(ids)  # sampled: a record's two samples differ
     kept, _ = sp.select(samples, 1, 0, 0)
     assert [(r["id"], r["response"]) for r in read(out2)] == [(s["id"], s["response"]) for s in kept]
     assert len(kept) == len({s["id"] for s in samples if s["reward"] == 1.0 and s["finished"]}) > 0

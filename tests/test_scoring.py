@@ -65,3 +65,26 @@ def test_markdown_table():
         "|:---|---:|---:|---:|\n"
         "| base | 0.12 | 0.50 | 812 |\n"
         "| rl\\|step | – | 1.00 | – |\n")
+
+
+def test_sampled_records_do_not_depend_on_the_number_of_ranks(tiny_checkpoint, monkeypatch):
+    """eval.py's (and validation's) sharded generate-score-gather keys each record's samples by its index in the
+    split, with one seed for every rank: 2 ranks' shares, merged, are the 1-rank run's samples (in fp64, where the
+    shares' other batch shapes cannot move a token across a CDF boundary). The 2 ranks run one after the other here,
+    each seeing only its own rows gathered."""
+    import toy_task
+    from model import load_model
+    from tasks import load_tokenizer
+    model, tok = load_model(tiny_checkpoint).double(), load_tokenizer(tiny_checkpoint)
+    records = toy_task.make_records(7, seed=2)
+    kw = dict(n=2, temperature=1.0, max_new_tokens=8, seed=3, batch_size=2, progress=False)
+    whole, _ = scoring.generate_and_score(model, tok, toy_task, records, **kw)
+    rows = []
+    monkeypatch.setattr(scoring, "world_size", lambda: 2)
+    monkeypatch.setattr(scoring, "gather_lists", lambda mine, key: sorted(rows + mine, key=key))
+    monkeypatch.setattr(scoring, "summarize", lambda *args: None)  # (one rank's half alone is no summary)
+    for r in (0, 1):
+        monkeypatch.setattr(scoring, "rank", lambda r=r: r)
+        merged, _ = scoring.generate_and_score(model, tok, toy_task, records, **kw)
+        rows = [dict(s, index=[x["id"] for x in records].index(s["id"])) for s in merged]
+    assert merged == whole and len({s["response"] for s in whole}) > 5  # (sampled: the responses differ)
