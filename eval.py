@@ -111,13 +111,16 @@ def unique_names(names, given, flag, what):
     return names
 
 
+SPLIT_DIGEST = "split records (sha256)"
+
+
 def inputs_of(ckpt, records):
     """What a pair is computed from: [size, modification time] of the checkpoint's files, and a digest of the split's
     records as loaded (a file, a directory of problem files edited in place, a hub split alike). A checkpoint rebuilt
     under the same path (a re-run stage) or an edited split then gives other numbers, and the pair is evaluated
     again."""
     return {**common.file_stamps(weight_files(ckpt) + [os.path.join(ckpt, "config.json")]),
-            "split records (sha256)": common.data_digest(records)}
+            SPLIT_DIGEST: common.data_digest(records)}
 
 
 def changed_files(old, new):
@@ -139,9 +142,14 @@ def read_done(summary_path, samples_path, settings, records, task):
                         f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "
                         f"now {', '.join(f'{k}={settings[k]!r}' for k in diff)}); "
                         "pass --overwrite true or use another --out_dir")
-    if old.get("inputs") not in (None, settings["inputs"]):  # (a summary from before inputs were recorded: as is)
+    inputs = settings["inputs"]
+    if old.get("inputs") is not None and SPLIT_DIGEST not in old["inputs"]:  # an earlier version's: the split's stamp
+        inputs = {k: v for k, v in inputs.items() if k != SPLIT_DIGEST}
+        if os.path.isfile(settings["split_path"]):
+            inputs |= common.file_stamps([settings["split_path"]])
+    if old.get("inputs") not in (None, inputs):  # (a summary from before inputs were recorded: as is)
         print0(f"{summary_path}: its checkpoint or split changed since "
-               f"({', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], settings['inputs'])))}); "
+               f"({', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], inputs)))}); "
                f"evaluating again")
         return None
     if old.get("pass_k_asked") != settings["pass_k_asked"]:

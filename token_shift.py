@@ -513,6 +513,8 @@ def main(argv=None):
     common.check_non_negative(args, "limit")
     if any(math.isnan(e) for e in args.eps):
         raise UserError("--eps: nan is not a threshold")
+    if len(set(args.eps)) < len(args.eps):  # (0 and -0 are one): a run twice would be the same decode
+        raise UserError(f"--eps: a threshold given twice ({' '.join(f'{e:g}' for e in args.eps)})")
     from model import parse_dtype
     rank, world, device = parallel.dist_setup()
     dtype = parse_dtype(args.dtype, device)

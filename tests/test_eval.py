@@ -122,6 +122,30 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
     assert all(s["length"] <= 8 for s in common.read_jsonl(os.path.join(out2, "base/toy_test/samples.jsonl")))
 
 
+def test_an_earlier_versions_summary_is_reused_while_its_split_is_unchanged(tiny_checkpoint, split, tmp_path, capsys):
+    """Summaries written before the split's records were digested hold the split file's [size, time] instead: they
+    are compared as such (not thrown away: a stage resumed across the upgrade would generate everything again), and
+    a split file changed since is evaluated again."""
+    import shutil
+    own = shutil.copy(split, str(tmp_path / "split.jsonl"))
+    args = ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", own, "--out_dir", str(tmp_path / "out"),
+            *FAST]
+    ev.main(args)
+    path = tmp_path / "out" / "m" / "split" / "summary.json"
+    summary = json.loads(path.read_text())
+    inputs = summary["settings"]["inputs"]
+    del inputs[ev.SPLIT_DIGEST]
+    inputs.update(common.file_stamps([own]))  # the earlier version's record of the split
+    path.write_text(json.dumps(summary))
+    capsys.readouterr()
+    ev.main(args)
+    assert "m on split: done before, skipped" in capsys.readouterr().out
+    os.utime(own, ns=(1, 1))
+    ev.main(args)
+    log = capsys.readouterr().out
+    assert "changed since (split.jsonl); evaluating again" in log and "loaded" in log
+
+
 def test_sampled_metrics(tiny_checkpoint, split, tmp_path):
     out = str(tmp_path / "sampled")
     args = ["--checkpoints", tiny_checkpoint, "--splits", split, "--samples_per_prompt", "4", "--temperature", "1.0",

@@ -169,6 +169,14 @@ def cross_args(pair, out, direction, *eps, **over):
     return [x for k, v in s.items() for x in (f"--{k}", str(v))] + ["--eps", *map(str, eps)]
 
 
+def test_a_threshold_given_twice_is_refused(pair, tmp_path):
+    """A run twice is the same decode (0 and -0 are one threshold); its rows would share one run's place."""
+    for eps in (("0.05", "0.05"), ("0", "-0")):
+        with pytest.raises(common.UserError, match=r"--eps: a threshold given twice"):
+            token_shift.main(cross_args(pair, tmp_path / "out", "forward", *eps))
+        assert not (tmp_path / "out").exists()
+
+
 def own_samples(path, pair, seed=5):
     """What the model at path samples alone, through the same helper and seed as a one-rank cross run."""
     model, tok = load_model(path), load_tokenizer(path)
