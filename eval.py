@@ -54,7 +54,8 @@ def get_parser():
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                    help="prompt template: chat (system prompt), plain Question/Answer, or auto")
     p.add_argument("--batch_size", type=int, default=64, help="prompts decoded at once: this x n rows = the KV cache's "
-                   "slots, which all rows stream through; sets memory and speed, not the samples")
+                   "slots, which all rows stream through; sets memory and speed, not the samples (but for fp32 "
+                   "rounding, which moves a sampled token now and then)")
     p.add_argument("--dtype", default="auto",
                    help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, float64 "
                         "(exact on a CPU, slow)")

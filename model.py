@@ -84,8 +84,13 @@ class ModelConfig:
         # what the model here does not build is refused, not silently left out (it would give other logits)
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise UserError(f"{where}: unsupported hidden_act {cfg['hidden_act']!r} (supported: silu)")
-        if (cfg.get("use_sliding_window") and cfg.get("sliding_window")) or \
-                "sliding_attention" in (cfg.get("layer_types") or []):
+        # which layers slide, as transformers derives it when the config has no layer_types: those from
+        # max_window_layers on (its default 28), where use_sliding_window and a sliding_window are set
+        layer_types = cfg.get("layer_types") or (
+            ["sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
+             for i in range(cfg.get("num_hidden_layers", 0))]
+            if cfg.get("use_sliding_window") and cfg.get("sliding_window") else [])
+        if "sliding_attention" in layer_types:
             raise UserError(f"{where}: sliding-window attention is not supported (use_sliding_window / layer_types)")
         if cfg.get("mlp_bias") or (arch != "qwen2" and cfg.get("attention_bias")):
             raise UserError(f"{where}: {'mlp_bias' if cfg.get('mlp_bias') else 'attention_bias'} is not supported "

@@ -293,7 +293,8 @@ def test_error_unsupported_architecture(tmp_path):
 
 
 @pytest.mark.parametrize("arch,fields,message", [
-    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8}, "sliding-window attention"),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+     "sliding-window attention"),
     ("Qwen3ForCausalLM", {"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window attention"),
     ("Qwen2ForCausalLM", {"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
     ("LlamaForCausalLM", {"attention_bias": True}, "attention_bias is not supported"),
@@ -349,6 +350,9 @@ def test_build_model_draws_its_weights_on_the_cpu_whatever_the_default_device():
 
 def test_config_fields_that_change_nothing_are_accepted():
     for fields in ({"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 2},  # Qwen2.5's
+                   # sliding asked for from a layer the model does not have: transformers runs full attention
+                   {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
+                   {"use_sliding_window": True, "sliding_window": 8},  # (max_window_layers' default: 28)
                    {"layer_types": ["full_attention"] * 2}, {"hidden_act": "swish"},
                    {"rope_scaling": {"rope_type": "default"}}, {"attention_bias": False, "mlp_bias": False}):
         assert model_module.ModelConfig.from_hf(tiny_config(64, arch="LlamaForCausalLM", **fields)).rope_scaling is None
