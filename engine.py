@@ -441,8 +441,9 @@ def fa2_decode(q, kc, vc, seqused, max_k, starts=None, num_splits=None):
 FA2_MAX_SPLITS = 128  # FA2's limit on the parts of one call's keys
 
 
+@functools.cache
 def multiprocessors(device):
-    """A GPU's streaming multiprocessors (1 on a CPU)."""
+    """A GPU's streaming multiprocessors (1 on a CPU); read once per device (the eager decode step asks each step)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 

@@ -115,13 +115,12 @@ def unique_names(names, given, flag, what):
 SPLIT_DIGEST = "split records (sha256)"
 
 
-def inputs_of(ckpt, records):
-    """What a pair is computed from: [size, modification time] of the checkpoint's files, and a digest of the split's
-    records as loaded (a file, a directory of problem files edited in place, a hub split alike). A checkpoint rebuilt
-    under the same path (a re-run stage) or an edited split then gives other numbers, and the pair is evaluated
-    again."""
-    return {**common.file_stamps(weight_files(ckpt) + [os.path.join(ckpt, "config.json")]),
-            SPLIT_DIGEST: common.data_digest(records)}
+def inputs_of(ckpt, split_digest):
+    """What a pair is computed from: [size, modification time] of the checkpoint's files, and the digest of the
+    split's records as loaded (common.data_digest: a file, a directory of problem files edited in place, a hub split
+    alike). A checkpoint rebuilt under the same path (a re-run stage) or an edited split then gives other numbers, and
+    the pair is evaluated again."""
+    return {**common.file_stamps(weight_files(ckpt) + [os.path.join(ckpt, "config.json")]), SPLIT_DIGEST: split_digest}
 
 
 def changed_files(old, new):
@@ -189,13 +188,14 @@ def main(argv=None):
     # the splits, checked once with the first checkpoint's tokenizer (prompts render the same for any)
     tokenizer = load_tokenizer(args.checkpoints[0])
     splits = [tasks.load_records(task, args.task, p, tokenizer, args.template) for p in args.splits]
+    digests = {p: common.data_digest(records) for p, records in zip(args.splits, splits)}  # once per split
 
-    def settings_of(ckpt, split_path, records):
+    def settings_of(ckpt, split_path):
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template,
                 "dtype": str(dtype).replace("torch.", ""), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
-                "inputs": inputs_of(ckpt, records)}
+                "inputs": inputs_of(ckpt, digests[split_path])}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others
     plan = {"error": None, "done": {}}
@@ -207,7 +207,7 @@ def main(argv=None):
                     summary_path = os.path.join(pair_dir, "summary.json")
                     if os.path.isfile(summary_path) and not args.overwrite:
                         done = read_done(summary_path, os.path.join(pair_dir, "samples.jsonl"),
-                                         settings_of(ckpt, split_path, records), records, task)
+                                         settings_of(ckpt, split_path), records, task)
                         if done is not None:
                             plan["done"][f"{name}/{split_name}"] = done
         except UserError as e:
@@ -233,7 +233,7 @@ def main(argv=None):
                f"in {time.time() - t0:.1f}s")
         for i in todo:
             split_path, split_name, records = args.splits[i], split_names[i], splits[i]
-            settings = settings_of(ckpt, split_path, records)  # before the generation: any error costs nothing
+            settings = settings_of(ckpt, split_path)  # before the generation: any error costs nothing
             t0 = time.time()
             samples, metrics = generate_and_score(model, tokenizer, task, records, n=args.samples_per_prompt,
                                                   temperature=args.temperature, top_p=args.top_p,
