@@ -23,6 +23,7 @@ import os
 import random
 import re
 import time
+import unicodedata
 from functools import lru_cache
 
 import numpy as np
@@ -426,7 +427,16 @@ def render_prompt(record, tokenizer, template="auto"):
 BOXED = "\\boxed{"
 MAX_BOXED_CHARS = 10_000  # far longer than any answer for 20 people; bounds the brace scan of hostile text
 BRACE = re.compile(r"[{}]")
-LATEX_COMMAND = re.compile(r"\\\\|\\[A-Za-z]+")  # \\ (a line break), \text, \textbf, \quad ... are form, not content
+# A LaTeX command's name: \\ (a line break), a typed escape (\n, \t, \r) before a capital ("\nLiam"), or letters
+LATEX_COMMAND = re.compile(r"\\(\\|[ntr](?=[A-Z])|[A-Za-z]+)")
+# the commands that are form, not content; any other (\neg, \neq, \lor, \implies ...) makes the answer unreadable,
+# as the word "not" does
+FORM_COMMANDS = frozenset(("\\", "n", "t", "r", "text", "textbf", "textit", "textrm", "textsf", "texttt",
+                           "textnormal", "mathrm", "mathbf", "mathit", "mathsf", "mathtt", "mathnormal", "emph", "mbox",
+                           "underline", "boxed", "quad", "qquad", "left", "right", "displaystyle", "bf", "it", "rm",
+                           "land", "wedge"))
+# symbols that turn a claim around or join claims by other than "and": punctuation is form, these are content
+LOGIC_SYMBOL = re.compile(r"!=|=/=|->|=>|<-|[≠¬∨⊕⊻→←↔⇒⇐⇔⟶⟹⟸⟺]")
 WORD = re.compile(r"[^\W\d_]+")             # runs of letters; digits, punctuation and braces are form
 FILLER = frozenset(("is", "are", "a", "an", "and", "both", "all"))
 
@@ -452,11 +462,17 @@ def parse_answer(content, names, kk):
     names since the previous one. An unknown word, a repeated name or a role with no name before it
     makes the answer unreadable; a name left without a role is simply missing from the answer.
     """
-    by_lower = {name.lower(): name for name in names}
-    role_words = {kk['knight'].lower(): True, kk['knight'].lower() + 's': True,
-                  kk['knave'].lower(): False, kk['knave'].lower() + 's': False}
+    def fold(text):  # one form for one word, whatever its case or its Unicode form ("Zoë" typed as e + U+0308)
+        return unicodedata.normalize("NFC", text).lower()
+
+    content = unicodedata.normalize("NFC", content)
+    if LOGIC_SYMBOL.search(content) or not FORM_COMMANDS.issuperset(c.lower() for c in LATEX_COMMAND.findall(content)):
+        return None
+    by_lower = {fold(name): name for name in names}
+    role_words = {fold(kk['knight']): True, fold(kk['knight']) + 's': True,
+                  fold(kk['knave']): False, fold(kk['knave']) + 's': False}
     answer, pending = {}, []
-    for word in WORD.findall(LATEX_COMMAND.sub(" ", content).lower()):
+    for word in WORD.findall(fold(LATEX_COMMAND.sub(" ", content))):
         if word in by_lower:
             name = by_lower[word]
             if name in answer or name in pending:
@@ -564,6 +580,9 @@ def normalise_record(rec, where):
            'people': n,
            'question': rec.get('question') or rec['quiz'] + ANSWER_FORMAT}
     out.update({k: v for k, v in rec.items() if k not in out})
+    if not answer_is_right(answer_text(out), out):  # else every answer, the right one too, would score 0
+        bad('names', f"{names!r} cannot be read back from an answer by the scorer: each name must be one word of "
+                     f"letters, and not a role word or one of {sorted(FILLER)}")
     return out
 
 
@@ -655,6 +674,8 @@ def parse_people(text, setting):
         raise common.UserError(f"--{setting} {text!r}: expected a range like 3-7 or a list like 2,3")
     if not people or not all(2 <= n <= MAX_PEOPLE for n in people):
         raise common.UserError(f"--{setting} {text!r}: people counts must be between 2 and {MAX_PEOPLE}")
+    if len(set(people)) != len(people):  # a repeat would write its puzzles twice, ids and all
+        raise common.UserError(f"--{setting} {text!r}: a people count is repeated")
     return people
 
 

@@ -222,6 +222,20 @@ SCORER_CASES = [
     (boxed("everyone is a knight"), 0.0),
     (boxed("knight, knave, knight"), 0.0),
     (boxed("Emma is a knight, Liam is a knave, Sophia is a knight, Liam is a knight"), 0.0),
+    # a negation, "or" or "if" in symbols is a claim, as the words are; formatting commands are not
+    (boxed("Emma = knight, Liam != knave, Sophia = knight"), 0.0),
+    (boxed("Emma = knight, Liam \\neq knave, Sophia = knight"), 0.0),
+    (boxed("Emma = knight, Liam ≠ knave, Sophia = knight"), 0.0),
+    (boxed("Emma is a knight, Liam is \\lnot a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is ¬ a knight, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight \\lor Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight ∨ Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight \\implies Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight -> Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight \\Rightarrow Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma = knight, Liam = knave, Sophia = knight"), 1.0),
+    (boxed("Emma is a knight \\land Liam is a knave \\wedge Sophia is a knight"), 1.0),
+    (boxed("Emma is a knight,\\nLiam is a knave,\\nSophia is a knight"), 1.0),  # typed "\\n" escapes
 ]
 
 
@@ -229,6 +243,13 @@ SCORER_CASES = [
 def test_scorer_hand_written_cases(response, expected):
     assert K.score(response, PEOPLE, True) == expected
     assert K.score(response, PEOPLE, False) == 0.0  # truncated: never rewarded
+
+
+def test_scorer_reads_a_name_in_either_unicode_form():
+    zoe = {'names': ["Zo\u00eb", "Liam"], 'solution': [True, False], 'knight_knave': dict(K.KNIGHT_KNAVE)}
+    assert K.score(boxed("Zoe\u0308 is a knight, Liam is a knave"), zoe, True) == 1.0  # e + combining diaeresis
+    zoe['names'][0] = "Zoe\u0308"
+    assert K.score(boxed("Zo\u00eb is a knight, Liam is a knave"), zoe, True) == 1.0
 
 
 def test_scorer_names_are_whole_words_and_role_words_come_from_the_record():
@@ -340,6 +361,12 @@ def a_record():
     (lambda r: r.update(cot_repeat_steps="one step"), 'cot_repeat_steps'),
     (lambda r: r.update(index="12"), 'index'),
     (lambda r: r.update(people=5), 'people'),
+    # names the scorer cannot read back: every answer, the right one too, would score 0
+    (lambda r: r.update(names=["A", "B", "C"]), 'names'),                 # "a" is also a filler word
+    (lambda r: r.update(names=["Anne-Marie", "Liam", "Sophia"]), 'names'),
+    (lambda r: r.update(names=["Mary Ann", "Liam", "Sophia"]), 'names'),
+    (lambda r: r.update(names=["R2", "Liam", "Sophia"]), 'names'),
+    (lambda r: r.update(names=["Knight", "Liam", "Sophia"]), 'names'),
 ])
 def test_malformed_record_error_names_file_line_and_field(tmp_path, breakage, field):
     good, bad = a_record(), a_record()
@@ -448,6 +475,8 @@ def test_cli_rejects_bad_settings(tmp_path):
         K.main(["--out_dir", str(tmp_path), "--sft_people", "2-3", "--sft_per_people", "1,2,3"])
     with pytest.raises(common.UserError, match="between 2"):
         K.main(["--out_dir", str(tmp_path), "--test_people", "1-3"])
+    with pytest.raises(common.UserError, match="repeated"):  # would write its puzzles twice, under the same ids
+        K.main(["--out_dir", str(tmp_path), "--train_people", "3,3"])
 
 
 def tiny_chat_tokenizer():
