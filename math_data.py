@@ -109,6 +109,8 @@ def _json_rows(path):
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start + 1}: {e.reason})")
     if isinstance(data, dict):  # one Hendrycks problem file
         return [(path, None, data)]
     if not isinstance(data, list):
@@ -124,7 +126,11 @@ def _hendrycks_dir_rows(path):
         raise UserError(f"{path}: directory holds no .json problem files")
     rows = []
     for file in files:
-        ((where, _, raw),) = _json_rows(file)
+        file_rows = _json_rows(file)
+        if len(file_rows) != 1 or file_rows[0][0] != file:
+            raise UserError(f"{file}: a Hendrycks directory holds one problem (a JSON object) per .json file, "
+                            f"not a list of {len(file_rows)}")
+        ((where, _, raw),) = file_rows
         rows.append((where, os.path.relpath(file, parent).replace(os.sep, "/"), raw))
     return rows
 

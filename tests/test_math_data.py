@@ -317,6 +317,19 @@ def test_load_formats(tmp_path):
     assert math_data.load_split(str(tmp_path / "ours.jsonl")) == recs
 
 
+def test_malformed_json_files_are_one_line_errors(tmp_path):
+    d = tmp_path / "MATH" / "train" / "algebra"
+    d.mkdir(parents=True)
+    (d / "1.json").write_text(json.dumps({"problem": "Q?", "solution": "$\\boxed{1}$"}))
+    (d / "all.json").write_text(json.dumps([{"problem": "Q?", "solution": "$\\boxed{1}$"}] * 2))  # a list, not one
+    with pytest.raises(common.UserError, match=r"all\.json: a Hendrycks directory holds one problem"):
+        math_data.load_split(str(tmp_path / "MATH" / "train"))
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"problem": "x", "answer": "\xff"}')
+    with pytest.raises(common.UserError, match=r"latin\.json: not valid UTF-8"):
+        math_data.load_split(str(latin))
+
+
 def test_duplicate_problems_get_distinct_ids(tmp_path):
     p = write_lines(tmp_path / "d.jsonl", [json.dumps({"question": "Q", "answer": "1"})] * 2)
     a, b = math_data.load_split(p)
