@@ -72,6 +72,21 @@ class ModelConfig:
         for field in ("rope_parameters", "rope_scaling"):
             if cfg.get(field) is not None and not isinstance(cfg[field], dict):
                 raise UserError(f"{where}: field {field!r} must be an object, got {cfg[field]!r}")
+        # types as transformers checks them: a text "false" for tie_word_embeddings would tie the head silently
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for field in required + ("num_key_value_heads", "head_dim", "max_position_embeddings"):  # these: null = unset
+            value = cfg.get(field)
+            if field in cfg and (value is not None or field in required) and not (type(value) is int and value > 0):
+                raise UserError(f"{where}: field {field!r} must be a positive integer, got {value!r}")
+        numbers = [(f, cfg[f]) for f in ("rms_norm_eps", "rope_theta") if f in cfg]
+        numbers += [(f"{field}.{k}", v) for field in ("rope_parameters", "rope_scaling") if cfg.get(field)
+                    for k, v in cfg[field].items() if k in LLAMA3_ROPE_KEYS + ("rope_theta",)]
+        for field, value in numbers:
+            if not (type(value) in (int, float) and math.isfinite(value) and value > 0):
+                raise UserError(f"{where}: field {field!r} must be a positive number, got {value!r}")
+        if cfg.get("tie_word_embeddings") is not None and not isinstance(cfg["tie_word_embeddings"], bool):
+            raise UserError(f"{where}: field 'tie_word_embeddings' must be true or false, "
+                            f"got {cfg['tie_word_embeddings']!r}")
         rope = cfg.get("rope_parameters") or {}          # transformers >= 5 keeps RoPE settings here
         scaling = cfg.get("rope_scaling") or rope
         kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -104,8 +119,8 @@ class ModelConfig:
                 head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                rope_scaling=scaling, tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                max_position_embeddings=cfg.get("max_position_embeddings", 32768), hf_config=cfg)
+                rope_scaling=scaling, tie_word_embeddings=bool(cfg.get("tie_word_embeddings")),
+                max_position_embeddings=cfg.get("max_position_embeddings") or 32768, hf_config=cfg)
         except KeyError as e:
             raise UserError(f"{where}: missing field {e.args[0]!r}")
 
@@ -569,8 +584,8 @@ def weight_files(path):
         try:
             with open(index) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"{index}: unreadable shard index ({e})")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: unreadable shard index ({type(e).__name__}: {e})")
         return [os.path.join(path, f) for f in files]
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):

@@ -320,10 +320,33 @@ def test_a_damaged_config_is_one_line_naming_its_field(tmp_path):
     for field in ("rope_scaling", "rope_parameters"):
         with pytest.raises(common.UserError, match=f"field '{field}' must be an object, got 'llama3'"):
             model_module.ModelConfig.from_hf(dict(cfg, **{field: "llama3"}))
+    for field, value, kind in [("hidden_size", "32", "a positive integer"), ("vocab_size", 64.0, "a positive integer"),
+                               ("num_hidden_layers", None, "a positive integer"), ("head_dim", 0, "a positive integer"),
+                               ("max_position_embeddings", "1024", "a positive integer"),
+                               ("num_attention_heads", True, "a positive integer"),
+                               ("rms_norm_eps", None, "a positive number"), ("rms_norm_eps", float("nan"),
+                                                                            "a positive number"),
+                               ("rope_theta", "1e6", "a positive number"),
+                               ("tie_word_embeddings", "false", "true or false")]:
+        with pytest.raises(common.UserError, match=f"field '{field}' must be {kind}, got"):
+            model_module.ModelConfig.from_hf(dict(cfg, **{field: value}))
+    llama3 = {"rope_type": "llama3", "factor": "8", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    with pytest.raises(common.UserError, match="field 'rope_scaling.factor' must be a positive number"):
+        model_module.ModelConfig.from_hf(tiny_config(64, arch="LlamaForCausalLM", rope_scaling=llama3))
+    # null where transformers reads "unset": the default, as before
+    unset = model_module.ModelConfig.from_hf(dict(cfg, head_dim=None, num_key_value_heads=None,
+                                                  tie_word_embeddings=None, max_position_embeddings=None))
+    assert (unset.head_dim, unset.num_kv_heads, unset.tie_word_embeddings, unset.max_position_embeddings) == (
+        cfg["hidden_size"] // cfg["num_attention_heads"], cfg["num_attention_heads"], False, 32768)
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("[1, 2]")
     with pytest.raises(common.UserError, match=r"config\.json: a JSON object expected, got list"):
         model_module.read_config(str(tmp_path / "ckpt"))
+    for index in ("[1, 2]", '{"weight_map": ["model.safetensors"]}'):  # a list where objects belong
+        (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(index)
+        with pytest.raises(common.UserError, match=r"model\.safetensors\.index\.json: unreadable shard index"):
+            model_module.weight_files(str(tmp_path / "ckpt"))
 
 
 def test_build_model_draws_its_weights_on_the_cpu_whatever_the_default_device():
