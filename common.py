@@ -6,6 +6,7 @@ imports no other module of this project, so any module may import it.
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -67,10 +68,12 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         try:
-            with open(pre.config) as f:
+            with open(pre.config, encoding="utf-8") as f:
                 cfg = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{pre.config}: cannot read settings: {e}")
+        if not isinstance(cfg, dict):
+            raise UserError(f"{pre.config}: expected a JSON object of settings, got {type(cfg).__name__}")
         known = {a.dest for a in parser._actions}
         unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
         if unknown:
@@ -84,7 +87,24 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
     for name, value in vars(args).items():  # numpy's generators take no negative seed, np.random.seed none >= 2**32
         if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value < 2**32:
             raise UserError(f"--{name} must be between 0 and 2**32 - 1, got {value}")
+        if any(isinstance(v, float) and math.isnan(v) for v in (value if isinstance(value, list) else [value])):
+            raise UserError(f"--{name} is NaN: no setting takes it")  # NaN passes every `x < 0` check
+        if isinstance(value, str) and value and (name == "out_dir" or name == "out" or name.endswith("_out")):
+            check_output_path(f"--{name}", value, directory=name == "out_dir")
     return args
+
+
+def check_output_path(flag, path, directory):
+    """That an output can be made at path: no directory where a file goes, no file where a directory goes, and no
+    file in the way above it. Checked at the start, so that a long run does not fail at its last write."""
+    want = "directory" if directory else "file"
+    if os.path.exists(path) and os.path.isdir(path) != directory:
+        raise UserError(f"{flag} {path}: is a {'file' if directory else 'directory'}; give a {want} path")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, so no {want} can be made under it")
 
 
 def config_value(path, action, value):
@@ -154,6 +174,7 @@ def check_distinct_outputs(outputs, inputs=()):
     for flag, path in outputs:
         if not path:
             continue
+        check_output_path(flag, path, directory=False)
         real = os.path.realpath(path)
         if real in seen:
             raise UserError(f"{flag} {path}: the same file as {seen[real]}; each output needs its own")

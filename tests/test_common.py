@@ -138,6 +138,50 @@ def test_every_seed_setting_is_checked_before_any_work(name, tmp_path):
             common.parse_settings(module.get_parser(), ["--config", str(tmp_path / "cfg.json")])
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_output_path_of_the_wrong_kind_is_refused_before_any_work(name, tmp_path):
+    """An --out that is a directory, an --out_dir that is a file, or a file in the way above either is one line at the
+    start; it was a traceback at the last write, after all the generation (sample_policy, eval)."""
+    import importlib
+    module = importlib.import_module(name)
+    outputs = [a.dest for a in module.get_parser()._actions
+               if a.dest in ("out", "out_dir") or a.dest.endswith("_out")]
+    if not outputs:
+        pytest.skip(f"{name} writes no output setting")
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("")
+    for dest in outputs:
+        wrong, want = (tmp_path / "a_file", "directory") if dest == "out_dir" else (tmp_path / "a_dir", "file")
+        with pytest.raises(common.UserError, match=rf"--{dest} .*: is a \w+; give a {want} path"):
+            common.parse_settings(module.get_parser(), [f"--{dest}", str(wrong)])
+        with pytest.raises(common.UserError, match=f"--{dest} .*a_file is a file, so no {want} can be made under it"):
+            common.parse_settings(module.get_parser(), [f"--{dest}", str(tmp_path / "a_file" / "x" / "y.jsonl")])
+        fine = str(tmp_path / "new" / ("run" if dest == "out_dir" else "x.jsonl"))
+        assert getattr(common.parse_settings(module.get_parser(), [f"--{dest}", fine]), dest) == fine
+
+
+def test_a_config_that_is_not_an_object_of_utf8_settings_is_one_line(tmp_path):
+    import train_rl
+    path = tmp_path / "cfg.json"
+    for text, message in [('["seed"]', "expected a JSON object of settings, got list"),
+                          ('"seed"', "expected a JSON object of settings, got str"),
+                          (b'{"seed": 1} \xff', "cannot read settings")]:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(common.UserError, match=message):
+            common.parse_settings(train_rl.get_parser(), ["--config", str(path)])
+
+
+def test_a_nan_setting_is_refused():
+    """NaN passes every `x < 0` check: --temperature nan got past check_sampling to a traceback after the model had
+    loaded. Infinity stays (lim_select --threshold=-inf is a real use)."""
+    import train_rl
+    import lim_select
+    for argv in (["--temperature", "nan"], ["--lr", "NaN"]):
+        with pytest.raises(common.UserError, match=f"{argv[0]} is NaN"):
+            common.parse_settings(train_rl.get_parser(), argv)
+    assert common.parse_settings(lim_select.get_parser(), ["--threshold=-inf"]).threshold == float("-inf")
+
+
 def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsys):
     """A kill or a full disk can cut a log's last append short: a run's own logs (torn_tail) drop that line with a
     warning; data files, a bad line elsewhere, or a bad last line that has its newline stay errors."""

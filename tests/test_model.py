@@ -324,8 +324,8 @@ def test_a_damaged_config_is_one_line_naming_its_field(tmp_path):
                                ("num_hidden_layers", None, "a positive integer"), ("head_dim", 0, "a positive integer"),
                                ("max_position_embeddings", "1024", "a positive integer"),
                                ("num_attention_heads", True, "a positive integer"),
-                               ("rms_norm_eps", None, "a positive number"), ("rms_norm_eps", float("nan"),
-                                                                            "a positive number"),
+                               ("rms_norm_eps", None, "a positive number"),
+                               ("rms_norm_eps", float("nan"), "a positive number"),
                                ("rope_theta", "1e6", "a positive number"),
                                ("tie_word_embeddings", "false", "true or false")]:
         with pytest.raises(common.UserError, match=f"field '{field}' must be {kind}, got"):
