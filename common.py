@@ -67,13 +67,7 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
             raise UserError(f"{name} takes a value: {name} true or {name} false")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        try:
-            with open(pre.config, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{pre.config}: cannot read settings: {e}")
-        if not isinstance(cfg, dict):
-            raise UserError(f"{pre.config}: expected a JSON object of settings, got {type(cfg).__name__}")
+        cfg = read_json(pre.config, "a JSON object of settings")
         known = {a.dest for a in parser._actions}
         unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
         if unknown:
@@ -323,6 +317,19 @@ def read_jsonl(path, required=(), torn_tail=False):
                 raise UserError(f"{path}:{lineno}: missing field '{field}'")
         records.append(rec)
     return records
+
+
+def read_json(path, what="a JSON object"):
+    """The JSON object in path. Unreadable, not UTF-8, not JSON or not an object: one line naming the file and what
+    it should hold, not a traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e})")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: {what} expected, got a JSON {type(obj).__name__}")
+    return obj
 
 
 def fsync_dir(path):

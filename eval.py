@@ -14,7 +14,6 @@ Writes, per (checkpoint, split), OUT_DIR/<checkpoint>/<split>/samples.jsonl (eve
 finished flag and length) and summary.json (written last: it marks the pair done, and a re-run skips it unless
 --overwrite true), then OUT_DIR/results.md: one table per split, a row per checkpoint.
 """
-import json
 import os
 import re
 import time
@@ -24,7 +23,7 @@ import parallel
 import tasks
 from common import UserError, print0
 from model import check_checkpoint, weight_files
-from scoring import generate_and_score, markdown_table, summarize, summary_row
+from scoring import generate_and_score, markdown_table, read_summary, summarize, summary_row
 
 # -----------------------------------------------------------------------------
 # settings (defaults follow the paper's evaluation, paper.md section 9)
@@ -131,11 +130,12 @@ def read_done(summary_path, samples_path, settings, records, task):
     """A finished pair's summary, if its settings match this run's (None: its inputs changed since, evaluate it
     again); recomputed when pass_k changed."""
     try:
-        with open(summary_path, encoding="utf-8") as f:
-            summary = json.load(f)
+        summary = read_summary(summary_path)
         old = summary["settings"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{summary_path}: cannot read this earlier result ({e}); pass --overwrite true")
+        if not isinstance(old, dict):
+            raise UserError(f"{summary_path}: field 'settings' is not an object")
+    except (UserError, KeyError) as e:
+        raise UserError(f"cannot read this earlier result ({e}); pass --overwrite true")
     diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]]
     if diff:
         raise UserError(f"{summary_path} was made with other settings "
@@ -205,7 +205,7 @@ def main(argv=None):
                 for split_path, split_name, records in zip(args.splits, split_names, splits):
                     pair_dir = os.path.join(args.out_dir, name, split_name)
                     summary_path = os.path.join(pair_dir, "summary.json")
-                    if os.path.isfile(summary_path) and not args.overwrite:
+                    if os.path.exists(summary_path) and not args.overwrite:
                         done = read_done(summary_path, os.path.join(pair_dir, "samples.jsonl"),
                                          settings_of(ckpt, split_path), records, task)
                         if done is not None:

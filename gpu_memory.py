@@ -3,9 +3,9 @@ The per-GPU memory model of RL (train_rl.py) and SFT (redistill_sft.py) under FS
 the code allocates: no GPU needed. `python bench.py --memory qwen2.5-1.5b qwen2.5-7b --world 8 --gpu_gib 80` prints
 its table; tests/test_bench_memory.py checks it against peaks measured on CPU, docs/memory.md against an H100.
 """
-import json
 import os
 
+import common
 from common import UserError, check_positive
 from model import ModelConfig, kv_bytes_per_token, read_config, tiny_config
 
@@ -247,13 +247,7 @@ def memory_config(spec):
         return os.path.basename(os.path.normpath(spec)), read_config(spec)
     if not os.path.isfile(spec):
         raise UserError(f"{spec}: no such config.json or directory, and not a preset ({', '.join(MEMORY_PRESETS)})")
-    try:
-        with open(spec) as f:
-            hf = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{spec}: cannot read a config.json ({e})")
-    if not isinstance(hf, dict):
-        raise UserError(f"{spec}: not a config.json (a JSON object expected)")
+    hf = common.read_json(spec, "a model config")
     return os.path.basename(os.path.dirname(os.path.abspath(spec))) or spec, ModelConfig.from_hf(hf, spec)
 
 

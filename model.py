@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
 
-from common import UserError, fsync_dir, fsync_tree, stop_token_ids
+from common import UserError, fsync_dir, fsync_tree, read_json, stop_token_ids
 
 try:  # FlashAttention kernels on CUDA when the package is installed; SDPA otherwise
     from flash_attn import flash_attn_varlen_func
@@ -569,13 +569,9 @@ def read_config(path) -> ModelConfig:
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint directory not found")
     cfg_path = os.path.join(path, "config.json")
-    try:
-        with open(cfg_path) as f:
-            return ModelConfig.from_hf(json.load(f), cfg_path)
-    except FileNotFoundError:
+    if not os.path.isfile(cfg_path):
         raise UserError(f"{cfg_path}: not found (not a Hugging Face checkpoint directory)")
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e.msg})")
+    return ModelConfig.from_hf(read_json(cfg_path, "a model config"), cfg_path)
 
 
 def weight_files(path):

@@ -10,12 +10,12 @@ stages that made a model from its inputs (for re-distilled models: sampling the 
 adds everything it built on (the cold start and RL). Pre-training the tiny base is shared by all and listed apart.
 Plots (matplotlib, optional): RL reward and validation accuracy per step; accuracy per difficulty.
 """
-import json
 import os
 
 import common
 import tasks
-from scoring import difficulty_order, markdown_table, summary_row
+from common import UserError
+from scoring import difficulty_order, markdown_table, read_summary, summary_row
 
 
 def get_parser():
@@ -47,8 +47,17 @@ SFT_SET = {"sft": "sft_teacher.jsonl", "rl": "sft_teacher.jsonl",
 def count_lines(path):
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return sum(1 for line in f if line.strip())
+    return sum(1 for _, line in common.text_lines(path) if line.strip())
+
+
+def read_probe(path):
+    """tiny_base.py --probe's result, with the accuracies report.py prints."""
+    probe = common.read_json(path, "a base probe result")
+    people = probe.get("people")
+    if not (type(probe.get("accuracy")) in (int, float) and isinstance(people, dict) and all(
+            isinstance(r, dict) and type(r.get("accuracy")) in (int, float) for r in people.values())):
+        raise UserError(f"{path}: fields 'accuracy' and 'people' (people -> accuracy) missing or of the wrong type")
+    return probe
 
 
 def mean_std(values):
@@ -68,14 +77,17 @@ def read_times(path):
     number may take over a run); devices is the last attempt's. Lines of older runs have no status column."""
     times = {}
     if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) in (4, 5):
-                    stage, seconds, devices, kind = parts[:4]
-                    old = times.get(stage, (0, 0, kind, 0, 0))
-                    times[stage] = (old[0] + int(seconds), int(devices), kind, old[3] + 1,
-                                    old[4] + int(seconds) * int(devices))
+        for lineno, line in common.text_lines(path, torn_tail=True):
+            parts = line.rstrip("\n").split("\t")
+            if not line.endswith("\n") and len(parts) not in (4, 5):
+                print(f"warning: {path}:{lineno}: dropped a torn last line (its stage's time is not counted)")
+                continue
+            if len(parts) not in (4, 5) or not (parts[1].isdigit() and parts[2].isdigit()):
+                raise UserError(f"{path}:{lineno}: expected stage, whole seconds, devices, kind[, status], "
+                                f"tab-separated; got {line.rstrip()!r}")
+            stage, seconds, devices, kind = parts[0], int(parts[1]), int(parts[2]), parts[3]
+            old = times.get(stage, (0, 0, kind, 0, 0))
+            times[stage] = (old[0] + seconds, devices, kind, old[3] + 1, old[4] + seconds * devices)
     return times
 
 
@@ -90,9 +102,14 @@ def rl_rollouts(run_dir, up_to_step=None):
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if not (os.path.exists(path) and os.path.exists(metrics)):
         return None, [], {}
-    with open(path) as f:
-        settings = json.load(f)
+    settings = common.read_json(path, "an RL run's settings")
+    for key in ("prompts_per_step", "samples_per_prompt"):
+        if type(settings.get(key)) is not int:
+            raise UserError(f"{path}: field {key!r} missing or not an integer")
     rows = common.read_jsonl(metrics, torn_tail=True)
+    for row in rows:
+        if type(row.get("step", 0)) is not int:
+            raise UserError(f"{metrics}: step {row['step']!r} is not an integer")
     steps = [m for m in rows if 0 < m.get("step", 0) <= (up_to_step or m["step"]) and "reward" in m]
     batches = sum(m.get("gen_batches", 1) for m in steps)  # (more than one a step with dynamic sampling)
     return batches * settings["prompts_per_step"] * settings["samples_per_prompt"], rows, settings
@@ -123,8 +140,7 @@ def limr_tables(out_dir, only_seeds=()):
         for split in os.listdir(os.path.join(eval_dir, name)) if os.path.isdir(os.path.join(eval_dir, name)) else []:
             path = os.path.join(eval_dir, name, split, "summary.json")
             if os.path.exists(path):
-                with open(path) as f:
-                    accuracy[name, split] = json.load(f)["overall"]["accuracy"]
+                accuracy[name, split] = read_summary(path)["overall"]["accuracy"]
     if not accuracy:
         return []
     splits = sorted({split for _, split in accuracy})
@@ -183,8 +199,7 @@ def read_summaries(run_dir):
     for name in MODELS:
         path = os.path.join(run_dir, "eval", name, "test", "summary.json")
         if os.path.exists(path):
-            with open(path) as f:
-                summaries[name] = json.load(f)
+            summaries[name] = read_summary(path)
     return summaries
 
 
@@ -225,8 +240,7 @@ def seed_tables(out_dir, difficulty, seeds=0):
                 h[f"{name}: samples"] = count_lines(os.path.join(run_dir, SFT_SET[name]))
         probe_path = os.path.join(run_dir, "base_probe.json")
         if os.path.exists(probe_path):  # tiny only: the base in its own format, roughly what the table can reach
-            with open(probe_path) as f:
-                h["base probe"] = json.load(f)["accuracy"]
+            h["base probe"] = read_probe(probe_path)["accuracy"]
         # the study's own stages: with SEEDS > 1, LIMR=1 runs in seed 1's directory only
         study = [t[0] for stage, t in read_times(os.path.join(run_dir, "times.tsv")).items()
                  if not stage.startswith("limr_")]
@@ -354,16 +368,14 @@ def main(argv=None):
         lines.append(f"GRPO gain over its start (rl - sft, overall): {100 * gain:+.1f} points.")
     probe_path = os.path.join(out, "base_probe.json")
     if os.path.exists(probe_path):  # tiny only: what the base knew before any chat-format SFT
-        with open(probe_path) as f:
-            probe = json.load(f)
+        probe = read_probe(probe_path)
         per = ", ".join(f"people {k} {r['accuracy']:.2f}" for k, r in probe["people"].items())
         lines.append(f"The base asked in its own pre-training format (tiny_base.py --probe, greedy): "
                      f"{probe['accuracy']:.2f} overall ({per}).")
 
     effect_path = os.path.join(out, "sample_effect", "effects.summary.json")
     if os.path.exists(effect_path):
-        with open(effect_path) as f:
-            eff = json.load(f)
+        eff = common.read_json(effect_path, "sample_effect's summary")
         erows = []
         for path, st in eff["files"].items():
             erows.append({"SFT set": os.path.basename(path), "samples": st["count"],
@@ -377,8 +389,7 @@ def main(argv=None):
         summary_path = os.path.join(out, "eval_se", name, "test", "summary.json")
         chosen_path = os.path.join(out, "sample_effect", name[3:] + ".jsonl")
         if os.path.exists(summary_path) and os.path.exists(chosen_path):
-            with open(summary_path) as f:
-                row = summary_row(json.load(f), name, difficulty)
+            row = summary_row(read_summary(summary_path), name, difficulty)
             chosen = common.read_jsonl(chosen_path)
             sources = {}
             for rec in chosen:

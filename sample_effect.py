@@ -19,7 +19,6 @@ A stopped run resumes (--resume, on by default): <out stem>.partial/ keeps its �
 is done, for a re-run of the same settings and data; it is deleted once the outputs are written.
 """
 import glob
-import json
 import math
 import os
 import re
@@ -348,13 +347,9 @@ def open_partial(path, identity, resume):
     in `path` goes (a run stopped before its ∇J kept nothing)."""
     if resume and os.path.exists(os.path.join(path, "grad_j.json")):
         try:
-            with open(os.path.join(path, "identity.json"), encoding="utf-8") as f:
-                saved = json.load(f)
-            if not isinstance(saved, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}/identity.json: cannot read the stopped run's identity ({e}); pass --resume "
-                            "false to start over")
+            saved = common.read_json(os.path.join(path, "identity.json"), "the stopped run's identity")
+        except UserError as e:
+            raise UserError(f"{e}; pass --resume false to start over")
         try:
             ckpt.check_run_identity(path, saved, identity)
         except UserError as e:
@@ -400,8 +395,7 @@ def load_grad_j(path, device):
     if not os.path.exists(os.path.join(path, "grad_j.json")):
         return None
     from safetensors.torch import load_file
-    with open(os.path.join(path, "grad_j.json"), encoding="utf-8") as f:
-        grad_j = json.load(f)
+    grad_j = common.read_json(os.path.join(path, "grad_j.json"), "the run's ∇J norms")
     # cloned into fresh allocations: a BLAS reduction over a file-backed tensor at another alignment can round
     # differently in the last bit, and a resumed run should equal an uninterrupted one exactly
     tensors = {k: v.clone() for k, v in load_file(os.path.join(path, "grad_j.safetensors"), device=str(device)).items()}

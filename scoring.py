@@ -4,6 +4,7 @@ generate-score-gather that eval.py and training-time validation share.
 """
 import time
 
+import common
 from common import UserError, derive_seed, rank, world_size
 from engine import sample_responses
 from parallel import gather_lists, rank_share
@@ -87,6 +88,19 @@ def summary_row(summary, name=None, difficulty_label=""):
     row["mean len"] = f"{summary['overall']['mean_length']:.0f}"
     row["truncated"] = summary["overall"]["truncation_rate"]
     return row
+
+
+def read_summary(path):
+    """An eval summary.json (eval.py reuses it, report.py tabulates it), checked to hold what summary_row reads:
+    a damaged one is one line naming the file, not a traceback."""
+    summary = common.read_json(path, "an eval summary")
+    try:
+        summary_row(summary)
+        if type(summary["overall"]["accuracy"]) not in (int, float):
+            raise TypeError("overall accuracy is not a number")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path}: not an eval summary ({type(e).__name__}: {e})")
+    return summary
 
 
 def markdown_table(rows, columns=None, digits=2):

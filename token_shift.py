@@ -20,7 +20,6 @@ which released no code; the definitions we use and every output field: docs/toke
 
 The divergence-weighted advantage (DWA) is train_rl.py's --adv_weight dwa.
 """
-import json
 import math
 import os
 from collections import Counter
@@ -412,8 +411,7 @@ def plot_cross(out_dir, path):
     curves = []
     for direction in ("forward", "backward"):
         if os.path.isfile(os.path.join(out_dir, f"cross_{direction}.json")):
-            with open(os.path.join(out_dir, f"cross_{direction}.json"), encoding="utf-8") as f:
-                curves.append(json.load(f))
+            curves.append(common.read_json(os.path.join(out_dir, f"cross_{direction}.json"), "a cross-sampling curve"))
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
     for ax, c in zip(axes[0], curves):
         # eps < 0 is the intervention model alone (100 % switched): a line, so the curve's low budgets stay readable

@@ -380,7 +380,7 @@ def test_cli_bad_path_is_one_line_error(tmp_path):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {missing}:"), r.stderr
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
-    with pytest.raises(UserError, match="cannot read a config.json"):
+    with pytest.raises(UserError, match="cannot read a model config"):
         bench.main(["--memory", str(bad)])
     bad.write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UserError, match="unsupported architecture"):

@@ -163,9 +163,10 @@ def test_every_output_path_of_the_wrong_kind_is_refused_before_any_work(name, tm
 def test_a_config_that_is_not_an_object_of_utf8_settings_is_one_line(tmp_path):
     import train_rl
     path = tmp_path / "cfg.json"
-    for text, message in [('["seed"]', "expected a JSON object of settings, got list"),
-                          ('"seed"', "expected a JSON object of settings, got str"),
-                          (b'{"seed": 1} \xff', "cannot read settings")]:
+    for text, message in [('["seed"]', "a JSON object of settings expected, got a JSON list"),
+                          ('"seed"', "a JSON object of settings expected, got a JSON str"),
+                          (b'{"seed": 1} \xff', "cannot read a JSON object of settings \\(UnicodeDecodeError"),
+                          ("{seed: 1}", "cannot read a JSON object of settings \\(JSONDecodeError")]:
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(common.UserError, match=message):
             common.parse_settings(train_rl.get_parser(), ["--config", str(path)])

@@ -341,7 +341,7 @@ def test_a_damaged_config_is_one_line_naming_its_field(tmp_path):
         cfg["hidden_size"] // cfg["num_attention_heads"], cfg["num_attention_heads"], False, 32768)
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("[1, 2]")
-    with pytest.raises(common.UserError, match=r"config\.json: a JSON object expected, got list"):
+    with pytest.raises(common.UserError, match=r"config\.json: a model config expected, got a JSON list"):
         model_module.read_config(str(tmp_path / "ckpt"))
     for index in ("[1, 2]", '{"weight_map": ["model.safetensors"]}'):  # a list where objects belong
         (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(index)

@@ -216,3 +216,31 @@ def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
     assert times["rl"][:4] == (400, 4, "gpu", 2) and times["eval"][:4] == (60, 2, "gpu", 1)
     assert report.device_hours(times, ["rl"]) == (100 * 8 + 300 * 4) / 3600
     assert report.device_hours(times, ["rl", "eval", "absent"]) == (800 + 1200 + 120) / 3600
+
+
+@pytest.mark.parametrize("damage", [
+    ("eval/rl/test/summary.json", "", r"summary\.json: cannot read an eval summary"),
+    ("eval/rl/test/summary.json", b"{\"a\": \"\xff\"}", r"summary\.json: cannot read an eval summary"),
+    ("eval/rl/test/summary.json", '{"settings": {}}', r"summary\.json: not an eval summary \(KeyError"),
+    ("eval_se/se_top/test/summary.json", "[]", r"summary\.json: an eval summary expected, got a JSON list"),
+    ("rl/settings.json", "{}", r"settings\.json: field 'prompts_per_step' missing"),
+    ("rl/metrics.jsonl", '{"step": null, "reward": 1}\n', r"metrics\.jsonl: step None is not an integer"),
+    ("base_probe.json", '{"accuracy": 0.5}', r"base_probe\.json: fields 'accuracy' and 'people'"),
+    ("sample_effect/effects.summary.json", "", r"effects\.summary\.json: cannot read sample_effect's summary"),
+    ("redistill_A.jsonl", b"{\"id\": 1}\n\xff\n", r"redistill_A\.jsonl:2: not valid UTF-8"),
+    ("times.tsv", "rl\tabc\t1\tcpu\n", r"times\.tsv:1: expected stage, whole seconds"),
+])
+def test_a_damaged_input_is_one_line_naming_its_file(run_dir, damage):
+    """report.py reads what every stage wrote: a damaged file (a hand edit, a copy cut short) is one line naming it,
+    not a traceback at the end of a study."""
+    name, text, message = damage
+    (run_dir / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(common.UserError, match=message):
+        report.main(["--out_dir", str(run_dir), "--preset", "tiny", "--plots", "false"])
+
+
+def test_a_torn_last_times_line_is_dropped_with_a_warning(run_dir, capsys):
+    with open(run_dir / "times.tsv", "a") as f:
+        f.write("eval\t1")  # reproduce.sh killed mid-append
+    report.main(["--out_dir", str(run_dir), "--preset", "tiny", "--plots", "false"])
+    assert "times.tsv:11: dropped a torn last line" in capsys.readouterr().out
