@@ -106,10 +106,11 @@ def task_prompt_ids(tokenizer, task, records, template):
 
 def check_prompts_fit(prompt_ids, records, max_new_tokens, context, where, flag="--max_new_tokens"):
     """Every prompt plus max_new_tokens must fit the model's context. Every rank checks every prompt before any work,
-    so a too-long one stops all ranks alike (not one rank, mid-collective); the error names the record."""
-    for i, (rec, ids) in enumerate(zip(records, prompt_ids)):
+    so a too-long one stops all ranks alike (not one rank, mid-collective); the error names the record by its id
+    (unique in a split: a position would count the records a stage kept, not the file's)."""
+    for rec, ids in zip(records, prompt_ids):
         if len(ids) + max_new_tokens > context:
-            raise UserError(f"{where}: record {i + 1} (id {rec.get('id')!r}): prompt of {len(ids)} tokens + {flag} "
+            raise UserError(f"{where}: record id {rec.get('id')!r}: prompt of {len(ids)} tokens + {flag} "
                             f"{max_new_tokens} > the model's {context}-token context")
 
 

@@ -379,7 +379,8 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
     """Optimizer steps on this rollout batch. The paper's path (ppo_epochs = ppo_mini_batches = 1, no KL): one
     on-policy step, old log-probs = the current ones detached, so the PPO ratio is exactly 1, the clip never binds
     and the gradient is that of -A log pi. More epochs or mini-batches use the pre-pass's old log-probs; k3's KL
-    enters the loss. Returns (mean loss, mean grad norm, optimizer steps taken, whether a step was non-finite)."""
+    enters the loss. Returns (mean loss, mean grad norm, optimizer steps taken, whether a step was non-finite); the
+    means are None when no step was taken (0 would read as a zero gradient)."""
     device = model.lm_head.weight.device
     minis = [m.tolist() for m in np.array_split(np.array(batch.train_idx, dtype=np.int64), args.ppo_mini_batches)]
     counts = parallel.all_reduce_numbers({f"{k}_{i}": v for i, m in enumerate(minis) for k, v in
@@ -456,7 +457,7 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
             optimizer.zero_grad(set_to_none=True)
     bar.close()
     model.eval()
-    return loss_total / max(updates, 1), norm_total / max(updates, 1), updates, bad
+    return (loss_total / updates if updates else None, norm_total / updates if updates else None, updates, bad)
 
 
 def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
@@ -503,7 +504,8 @@ def log_line(m, max_steps, cuda):
             + (f"kl {m['kl']:.4f} " if m["kl"] is not None else "")
             + (f"clip {m['clip_frac']:.3f} " if m["clip_frac"] is not None else "")
             + (f"is {m['is_weight']:.3f} capped {m['is_capped']:.3f} " if "is_weight" in m else "")
-            + f"| gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e} "
+            + (f"| gnorm {m['grad_norm']:.3f} " if m["grad_norm"] is not None else "| no update ")
+            + f"lr {m['lr']:.2e} "
             f"| gen {m['gen_s']:.1f}s ({m['gen_tok_s']:.0f} tok/s) score {m['score_s']:.1f}s "
             f"train {m['train_s']:.1f}s ({m['train_tok_s']:.0f} tok/s)"
             + (f" | peak GiB gen {m['mem_gen_gib']:.1f} train {m['mem_train_gib']:.1f} "

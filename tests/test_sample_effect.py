@@ -413,9 +413,16 @@ def test_bad_input(setup, tmp_path):
     # the model's context (2048 tokens) bounds both the SFT samples and the rollouts
     common.write_jsonl(str(tmp_path / "long.jsonl"), [dict(setup["sft"][0], response=" 7" * 2100)])
     fails(["--sft_data", str(tmp_path / "long.jsonl")], r"long\.jsonl:1: .* > max_length 2048")
-    fails(["--sft_data", sft, "--max_new_tokens", "2048"], r"eval\.jsonl: record 1 .* > the model's 2048-token")
+    fails(["--sft_data", sft, "--max_new_tokens", "2048"], r"eval\.jsonl: record id 'toy-test-00000': .* > the model's 2048-token")
     # the toy task's reward is never earned by the random model: ∇J would be 0
     toy = list(args)
     toy[toy.index("--task") + 1] = "toy_task"
     fails(["--sft_data", str(tmp_path / "notask.jsonl"), "--num_eval_prompts", "2"], r"same reward", toy)
     assert not (tmp_path / "effects.jsonl").exists()
+
+
+def test_summary_statistics_by_hand():
+    """share_positive counts effects > 0 only: an effect of exactly 0 is not a positive one."""
+    s = se.summarize([0.0, 0.0, 1.0, -1.0])
+    assert s == {"count": 4, "mean": 0.0, "median": 0.0, "share_positive": 0.25, "std": pytest.approx(0.5 ** 0.5)}
+    assert se.summarize([]) == {"count": 0}

@@ -157,7 +157,7 @@ def test_checkpoint_errors_write_nothing(policy, tmp_path):
     out = tmp_path / "out.jsonl"
     cases = [
         (sample_args(ckpt, split, str(out), "--max_new_tokens", "3000"),
-         r"split\.jsonl: record 1 \(id 'toy-val-00000'\): prompt of \d+ tokens \+ --max_new_tokens 3000 "
+         r"split\.jsonl: record id 'toy-val-00000': prompt of \d+ tokens \+ --max_new_tokens 3000 "
          r"> the model's 2048-token context"),
         (sample_args(ckpt, str(tmp_path / "nope.jsonl"), str(out)), "nope.jsonl: file not found"),
         (sample_args(str(tmp_path / "nockpt"), split, str(out)), "nockpt: checkpoint directory not found"),

@@ -124,7 +124,7 @@ def test_test_prompts_that_cannot_fit_stop_the_run_before_its_first_step(toy, tm
     """Without validation before training, the first validation comes --val_every steps in: the fit is checked at
     the start, naming the setting that does not fit."""
     out = tmp_path / "run"
-    with pytest.raises(common.UserError, match=r"test\.jsonl: record 1 .*--val_max_response_tokens 4000 > the model's"):
+    with pytest.raises(common.UserError, match=r"test\.jsonl: record id '.*--val_max_response_tokens 4000 > the model's"):
         train_rl.main(rl_args(toy, out, val_before_train=False, val_every=3, val_max_response_tokens=4000))
     assert not os.path.exists(out / "metrics.jsonl")
 
@@ -286,6 +286,9 @@ def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, ca
     assert "update skipped" in err and "consecutive steps with non-finite" in err
     ms = metrics(out)
     assert [m["bad_steps"] for m in ms] == [0, 1, 2] and [m["updates"] for m in ms] == [1, 0, 0]
+    # no update taken: no loss or grad norm to report (0.0 would read as a zero gradient)
+    assert ms[0]["grad_norm"] > 0 and [(m["loss"], m["grad_norm"]) for m in ms[1:]] == [(None, None)] * 2
+    assert "| no update lr" in err
     assert ckpt.load_checkpoint(str(out))[0] == 2  # step 3 stopped the run; no checkpoint after it
     w1, w2 = weights(ckpt.checkpoint_dir(str(out), 1)), weights(ckpt.checkpoint_dir(str(out), 2))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped update changed nothing
