@@ -112,3 +112,14 @@ def test_local_shard_optimizer_updates_sharded_weights_like_the_optimizer_on_the
         opt.param_groups[0]["lr"] = 3e-3
     after, after_resumed = train(model, local, 1), train(again, resumed, 1)
     assert all(torch.equal(after[k], after_resumed[k]) for k in after)
+
+
+def test_clip_grad_norm_scales_only_above_the_bound():
+    """The norm before clipping is returned; gradients above max_norm are scaled to it, the rest left alone, and
+    0 turns clipping off."""
+    import torch
+    for grad, max_norm, after in [([0.9, 1.2], 1.0, 1.0), ([0.3, 0.4], 1.0, 0.5), ([0.9, 1.2], 0.0, 1.5)]:
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.tensor(grad)
+        assert ckpt.clip_grad_norm([p], max_norm) == pytest.approx(1.5 if grad[0] == 0.9 else 0.5)
+        assert float(p.grad.norm()) == pytest.approx(after, rel=1e-5)

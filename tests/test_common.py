@@ -284,3 +284,17 @@ def test_data_digest_follows_the_rows_and_their_order():
     assert common.data_digest(rows) != common.data_digest(rows[::-1])  # the order decides what each step draws
     assert common.data_digest(rows) != common.data_digest([rows[0], {"id": "b", "q": "z"}])
     assert common.data_digest([[1, 2], 3]) != common.data_digest([[1], 2, 3])  # row bounds count
+
+
+def test_the_bounds_of_the_shared_setting_checks():
+    """check_positive: at least 1, so 0 is refused; check_optimizer: betas in [0, 1), so 1 is refused."""
+    import argparse
+    import train_rl
+    with pytest.raises(common.UserError, match="--samples_per_prompt must be at least 1, got 0"):
+        common.check_positive(argparse.Namespace(samples_per_prompt=0), "samples_per_prompt")
+    common.check_positive(argparse.Namespace(samples_per_prompt=1), "samples_per_prompt")
+    for beta in ("beta1", "beta2"):
+        args = common.parse_settings(train_rl.get_parser(), [f"--{beta}", "1.0"])
+        with pytest.raises(common.UserError, match=rf"--{beta} must be in \[0, 1\)"):
+            common.check_optimizer(args)
+        common.check_optimizer(common.parse_settings(train_rl.get_parser(), [f"--{beta}", "0.0"]))

@@ -269,3 +269,9 @@ def test_gspo_ratio_is_the_responses_mean_log_ratio_with_each_tokens_own_gradien
     assert torch.allclose(on, torch.ones(5))
     (on * adv).sum().backward()
     assert torch.allclose(logp.grad, adv)
+
+
+def test_lr_warm_up_by_hand():
+    """Step 1 (the first update) runs at lr / warmup, not at 0 as HF's schedule; constant from step warmup on."""
+    assert [grpo.lr_at(s, 1e-3, 4) for s in (1, 2, 4, 9)] == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3])
+    assert grpo.lr_at(1, 1e-3, 0) == 1e-3

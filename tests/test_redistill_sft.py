@@ -1,6 +1,7 @@
 """redistill_sft.py: data loading and errors, loss on response tokens only, the two reductions, micro-batch and
 DDP invariance, learning a toy task, exact kill-and-resume, pre-training from scratch."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -199,6 +200,28 @@ def test_batching_helpers():
     assert sft.lr_at(0, 10, 1e-5, 0, 0) == pytest.approx(1e-5)
     assert sft.lr_at(5, 10, 1e-5, 0, 0) == pytest.approx(0.5e-5)
     assert sft.lr_at(9, 10, 1e-5, 0, 0) < 0.03e-5
+    # warm-up: update k (1-based) at lr * k / warmup, so the first update changes the weights (HF's runs at 0)
+    assert [sft.lr_at(s, 10, 1e-5, 0.3, 0) for s in range(3)] == pytest.approx([1e-5 / 3, 2e-5 / 3, 1e-5])
+    assert sft.lr_at(3, 10, 1e-5, 0.3, 0) == pytest.approx(1e-5)  # the cosine starts at the peak
+    assert sft.lr_at(9, 10, 1e-5, 0.3, 0.1) == pytest.approx(1e-6 + 0.9e-5 * 0.5 * (1 + math.cos(math.pi * 6 / 7)))
+
+
+@pytest.mark.parametrize("reduction", ["seq_mean", "token_mean"])
+def test_held_out_loss_by_hand_whatever_the_micro_batches(monkeypatch, reduction):
+    """The held-out loss is the training reduction over the whole set: seq_mean the mean of per-example means,
+    token_mean the mean over tokens, whatever --micro_batch_tokens packs together."""
+    nll = {0: [1.0], 1: [2.0, 4.0], 2: [3.0], 3: [4.0, 6.0, 8.0]}  # per example, one entry per loss token
+    examples = [{"input_ids": [0] * (2 + len(v)), "start": 2, "index": i} for i, v in nll.items()]
+
+    def fake_nll(model, exs):
+        values = [x for e in exs for x in nll[e["index"]]]
+        seq = [j for j, e in enumerate(exs) for _ in nll[e["index"]]]
+        return torch.tensor(values, dtype=torch.float64), torch.tensor(seq)
+    monkeypatch.setattr(sft, "packed_nll", fake_nll)
+    want = (sum(sum(v) / len(v) for v in nll.values()) / 4 if reduction == "seq_mean"
+            else sum(map(sum, nll.values())) / sum(map(len, nll.values())))
+    for budget in (3, 5, 100):  # one example per micro-batch, two, all four
+        assert sft.held_out_loss(None, examples, reduction, budget, "cpu") == pytest.approx(want)
 
 
 # -----------------------------------------------------------------------------

@@ -55,6 +55,9 @@ def test_summarize_per_difficulty():
         scoring.summarize(samples[:-1], records, "level")
     with pytest.raises(common.UserError, match="unknown record"):
         scoring.summarize(samples + [s("zz", 1.0, True, 1)], records, "level")
+    # a graded reward (a task module may give one): only reward >= 1 counts as correct in pass@k
+    graded = scoring.summarize([s("a", 0.5, True, 3), s("a", 0.5, True, 3)], records[:1], "level", pass_k=[1, 2])
+    assert graded["overall"]["pass@1"] == 0.0 and graded["overall"]["pass@2"] == 0.0
 
 
 def test_markdown_table():

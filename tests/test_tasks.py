@@ -133,3 +133,18 @@ def test_split_ids_must_differ_as_text(tmp_path):
         common.write_jsonl(path, [dict(records[0], id=1), dict(records[1], id="a"), dict(records[2], id=second)])
         with pytest.raises(UserError, match=message):
             tasks.load_records(toy_task, "toy_task", path, None, "plain")
+
+
+def test_a_prompt_that_fills_the_context_exactly_fits(tiny_checkpoint, tmp_path):
+    """The boundaries are inclusive: a prompt plus max_new_tokens equal to the context fits (one more does not), and
+    an SFT example of exactly max_length tokens loads (one token less of room does not)."""
+    records = [{"id": "a"}]
+    tasks.check_prompts_fit([[1] * 10], records, 22, 32, "s.jsonl")
+    with pytest.raises(UserError, match="s.jsonl: record id 'a': prompt of 10 tokens"):
+        tasks.check_prompts_fit([[1] * 10], records, 23, 32, "s.jsonl")
+    tok = load_tokenizer(tiny_checkpoint)
+    path = write_sft(tmp_path / "d.jsonl", toy_task.make_records(1, seed=5), tok)
+    n = len(tasks.load_sft_examples([path], tok, max_length=512)[0]["input_ids"])
+    assert len(tasks.load_sft_examples([path], tok, max_length=n)) == 1
+    with pytest.raises(UserError, match=rf"d\.jsonl:1: .* has {n} tokens .* > max_length {n - 1}"):
+        tasks.load_sft_examples([path], tok, max_length=n - 1)
