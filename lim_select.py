@@ -71,7 +71,7 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
             raise UserError(f"{tasks.rollout_log_path(run_dir, expected)}: file not found (the log has steps "
                             f"{min(logs)}..{max(logs)} with a hole: every step of the probe run is needed)")
     for step, path in logs.items():
-        for lineno, row in enumerate(tasks.read_rollout_log(path, step, ("id", "reward")), 1):
+        for lineno, row in tasks.read_rollout_log(path, step, ("id", "reward")):
             where, rid = f"{path}:{lineno}", row["id"]
             if str(rid) not in pool_ids:
                 raise UserError(f"{where}: field 'id' {rid!r} is not a prompt of the pool (--train_data)")

@@ -18,6 +18,7 @@ eval/exec/sympify model text ourselves.
 import atexit
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -166,6 +167,8 @@ def _normalise_record(raw, where):
             raise UserError(f"{where}: field 'answer': missing, and field 'solution' has no \\boxed{{}} "
                             "to take it from")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        if not math.isfinite(answer):  # JSON's NaN / Infinity: no gold answer ("nan" would be graded as text)
+            raise UserError(f"{where}: field 'answer': {answer!r} is not a number a problem can have")
         answer = str(answer)
     if not isinstance(answer, str):
         raise UserError(f"{where}: field 'answer': expected a string, got {type(answer).__name__}")

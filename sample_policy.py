@@ -114,7 +114,7 @@ def read_rollouts(run_dir, steps):
                             f"{f'{have[0]}..{have[-1]} ({len(have)} files)' if have else 'none'})")
         rows = tasks.read_rollout_log(logs[step], step,
                                       ("step", "id", "prompt", "response", "reward", "finished", "length"))
-        samples += [{**row, "source": logs[step]} for row in rows]
+        samples += [{**row, "source": logs[step]} for _, row in rows]
     return samples
 
 

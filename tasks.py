@@ -4,6 +4,7 @@ checked to belong to the task, stratified subsets, SFT examples tokenized as tra
 logs. No torch here: the data generators import it.
 """
 import importlib
+import math
 import os
 import random
 import re
@@ -273,9 +274,10 @@ def rollout_logs(run_dir):
 
 
 def read_rollout_log(path, step, fields):
-    """The rows of step `step`'s rollout log, each checked to hold `fields` (names in ROLLOUT_FIELDS) with their types,
-    and its "step" equal to `step` when that is one of them; an error names the file, line and field. train_rl.py
-    writes each log whole (atomically), so a line cut short, the last one included, is a damaged copy: an error too."""
+    """(line number, row) of step `step`'s rollout log, each row checked to hold `fields` (names in ROLLOUT_FIELDS)
+    with their types (a reward a finite number), and its "step" equal to `step` when that is one of them; an error
+    names the file, line and field. train_rl.py writes each log whole (atomically), so a line cut short, the last one
+    included, is a damaged copy: an error too."""
     rows = []
     for lineno, row in iter_jsonl(path):
         for field in fields:
@@ -285,7 +287,9 @@ def read_rollout_log(path, step, fields):
             if not isinstance(value, types) or isinstance(value, bool) != (types is bool):
                 expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
                 raise UserError(f"{path}:{lineno}: field '{field}' is {value!r}, expected {expected}")
+            if field == "reward" and not math.isfinite(value):
+                raise UserError(f"{path}:{lineno}: field 'reward' is {value!r}, expected a finite number")
         if "step" in fields and row["step"] != step:
             raise UserError(f"{path}:{lineno}: field 'step' is {row['step']}, expected {step} (the file's step)")
-        rows.append(row)
+        rows.append((lineno, row))
     return rows

@@ -177,6 +177,12 @@ def break_line(path, lineno, text):
     (lambda log, pool: break_line(log / "step_000004.jsonl", 2,
                                   json.dumps({"id": pool[1]["id"], "reward": "1", "epoch": 1})),
      r"step_000004\.jsonl:2: field 'reward' is '1', expected int or float"),
+    (lambda log, pool: break_line(log / "step_000004.jsonl", 2,
+                                  json.dumps({"id": pool[1]["id"], "reward": float("nan"), "epoch": 1})),
+     r"step_000004\.jsonl:2: field 'reward' is nan, expected a finite number"),
+    # a blank line: errors name the file's line, not the row's number
+    (lambda log, pool: break_line(log / "step_000003.jsonl", 1, "\n" + json.dumps({"id": "nope", "reward": 1})),
+     r"step_000003\.jsonl:2: field 'id' 'nope' is not a prompt of the pool"),
     (lambda log, pool: break_line(log / "step_000005.jsonl", 1,
                                   json.dumps({"id": pool[0]["id"], "reward": 1, "epoch": -1})),
      r"step_000005\.jsonl:1: field 'epoch' is -1"),

@@ -344,6 +344,7 @@ def test_duplicate_problems_get_distinct_ids(tmp_path):
     ('{"question": "Q"}', "d.jsonl:2: field 'answer'"),
     ('{"question": "Q", "solution": "no box"}', "d.jsonl:2: field 'answer'"),
     ('{"question": "Q", "answer": ["1"]}', "d.jsonl:2: field 'answer'"),
+    ('{"question": "Q", "answer": NaN}', "d.jsonl:2: field 'answer': nan is not a number"),
     ('{"question": "Q", "answer": "1", "level": "hard"}', "d.jsonl:2: field 'level'"),
     ('{"question": "Q", "answer": "1", "level": 9}', "d.jsonl:2: field 'level'"),
     ('{"question": "Q", "answer": "1", "subject": 3}', "d.jsonl:2: field 'subject'"),
