@@ -1,6 +1,8 @@
 """ckpt.py: a checkpoint, an fp32 full copy and the engine's copy of an FSDP-sharded model taken after a no-grad
 forward hold the fp32 master, and resume restores it exactly. (Kill-and-resume through the scripts' mains:
 test_train_rl.py, test_redistill_sft.py, test_kill_drill.py.) And a resume's run identity."""
+import os
+
 import pytest
 
 import ckpt
@@ -123,3 +125,49 @@ def test_clip_grad_norm_scales_only_above_the_bound():
         p.grad = torch.tensor(grad)
         assert ckpt.clip_grad_norm([p], max_norm) == pytest.approx(1.5 if grad[0] == 0.9 else 0.5)
         assert float(p.grad.norm()) == pytest.approx(after, rel=1e-5)
+
+
+def fake_checkpoint(run_dir, step, state=True):
+    """The files of a checkpoint of `step` as save_checkpoint lays them out, with stand-in contents."""
+    import torch
+    from safetensors.torch import save_file
+    os.makedirs(ckpt.checkpoint_dir(run_dir, step), exist_ok=True)
+    weights = os.path.join(ckpt.checkpoint_dir(run_dir, step), "model.safetensors")
+    save_file({"w": torch.full((2,), float(step))}, weights)
+    torch.save({"exp_avg": torch.full((2,), float(step))}, ckpt.train_shard_path(run_dir, step, 0))
+    if state:
+        torch.save({"step": step, "world_size": 1}, ckpt.checkpoint_dir(run_dir, step) + ".state.pt")
+
+
+def test_prune_keeps_the_newest_resumable_and_the_weights_asked_for(tmp_path):
+    run = str(tmp_path)
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(run, step)
+    ckpt.prune_checkpoints(run, 4, keep_last=2, keep_weights=(1,))
+    assert ckpt.checkpoint_steps(run) == [3, 4]
+    assert sorted(os.listdir(run)) == ["step_000001", "step_000003", "step_000003.state.pt",
+                                       "step_000003.train.rank0.pt", "step_000004", "step_000004.state.pt",
+                                       "step_000004.train.rank0.pt"]  # step 1: its weights alone; step 2: nothing
+
+
+def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(tmp_path, capsys):
+    """A fresh run refuses a directory with checkpoints; a resume takes the newest one every file of which reads,
+    skipping (with a warning) a newer one with a damaged file, removes what lies beyond the one taken (the damaged one,
+    an unfinished save's parts) and what an interrupted save left."""
+    run = str(tmp_path)
+    for step in (1, 2, 3):
+        fake_checkpoint(run, step)
+    fake_checkpoint(run, 4, state=False)  # a save killed before its state file: not resumable
+    with open(ckpt.train_shard_path(run, 3, 0), "wb") as f:
+        f.write(b"cut short")
+    open(os.path.join(run, ".tmp_abc"), "w").close()
+    with pytest.raises(UserError, match="already holds checkpoints \\(newest step 3\\); pass --resume true"):
+        ckpt.resume_checkpoint(run, resume=False)
+    step, model_dir, state, shard = ckpt.resume_checkpoint(run, resume=True)
+    assert (step, model_dir, state["step"]) == (2, ckpt.checkpoint_dir(run, 2), 2)
+    assert float(shard["exp_avg"][0]) == 2.0
+    assert "skipping the checkpoint of step 3: cannot read" in capsys.readouterr().out
+    assert ckpt.checkpoint_parts(run) == {1, 2} and not os.path.exists(os.path.join(run, ".tmp_abc"))
+    for step in (1, 2):
+        os.remove(ckpt.checkpoint_dir(run, step) + ".state.pt")
+    assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing resumable left: a fresh run
