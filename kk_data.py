@@ -427,16 +427,18 @@ def render_prompt(record, tokenizer, template="auto"):
 BOXED = "\\boxed{"
 MAX_BOXED_CHARS = 10_000  # far longer than any answer for 20 people; bounds the brace scan of hostile text
 BRACE = re.compile(r"[{}]")
-# A LaTeX command's name: \\ (a line break), a typed escape (\n, \t, \r) before a capital ("\nLiam"), or letters
-LATEX_COMMAND = re.compile(r"\\(\\|[ntr](?=[A-Z])|[A-Za-z]+)")
-# the commands that are form, not content; any other (\neg, \neq, \lor, \implies ...) makes the answer unreadable,
-# as the word "not" does
-FORM_COMMANDS = frozenset(("\\", "n", "t", "r", "text", "textbf", "textit", "textrm", "textsf", "texttt",
-                           "textnormal", "mathrm", "mathbf", "mathit", "mathsf", "mathtt", "mathnormal", "emph", "mbox",
-                           "underline", "boxed", "quad", "qquad", "left", "right", "displaystyle", "bf", "it", "rm",
-                           "land", "wedge"))
-# symbols that turn a claim around or join claims by other than "and": punctuation is form, these are content
-LOGIC_SYMBOL = re.compile(r"!=|=/=|->|=>|<-|[≠¬∨⊕⊻→←↔⇒⇐⇔⟶⟹⟸⟺]")
+LATEX_COMMAND = re.compile(r"\\(\\|[A-Za-z]+)")  # a command's name: \\ (a line break) or letters
+# the commands that are form, not content (a single arrow maps a name to its role); any other (\neg, \neq, \lor,
+# \implies, \iff ...) makes the answer unreadable, as the word "not" does, except a typed escape (\n, \t, \r) run
+# into the word after it ("\nLiam", "\ta knave"), which is that word
+FORM_COMMANDS = frozenset(("\\", "text", "textbf", "textit", "textrm", "textsf", "texttt", "textnormal", "textup",
+                           "textsc", "textsl", "textmd", "mathrm", "mathbf", "mathit", "mathsf", "mathtt", "mathnormal",
+                           "emph", "mbox", "underline", "boxed", "quad", "qquad", "newline", "left", "right",
+                           "displaystyle", "textstyle", "small", "large", "bf", "it", "rm", "land", "wedge", "to",
+                           "rightarrow", "longrightarrow", "mapsto"))
+TYPED_ESCAPES = "ntr"
+# symbols that turn a claim around, or join claims by "or", "if and only if": punctuation is form, these are content
+LOGIC_SYMBOL = re.compile(r"!=|=/=|<=>|<->|[≠¬∨⊕⊻↔⇔⟺]")
 WORD = re.compile(r"[^\W\d_]+")             # runs of letters; digits, punctuation and braces are form
 FILLER = frozenset(("is", "are", "a", "an", "and", "both", "all"))
 
@@ -466,13 +468,26 @@ def parse_answer(content, names, kk):
         return unicodedata.normalize("NFC", text).lower()
 
     content = unicodedata.normalize("NFC", content)
-    if LOGIC_SYMBOL.search(content) or not FORM_COMMANDS.issuperset(c.lower() for c in LATEX_COMMAND.findall(content)):
+    if LOGIC_SYMBOL.search(content):
+        return None
+    unreadable = []
+
+    def form(command):  # a command -> spaces, or the word a typed escape ran into; else unreadable
+        name = command.group(1)
+        if name.lower() in FORM_COMMANDS:
+            return " "
+        if name[0] in TYPED_ESCAPES:
+            return " " + name[1:]
+        unreadable.append(name)
+        return " "
+    content = LATEX_COMMAND.sub(form, content)
+    if unreadable:
         return None
     by_lower = {fold(name): name for name in names}
     role_words = {fold(kk['knight']): True, fold(kk['knight']) + 's': True,
                   fold(kk['knave']): False, fold(kk['knave']) + 's': False}
     answer, pending = {}, []
-    for word in WORD.findall(fold(LATEX_COMMAND.sub(" ", content))):
+    for word in WORD.findall(fold(content)):
         if word in by_lower:
             name = by_lower[word]
             if name in answer or name in pending:

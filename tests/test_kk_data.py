@@ -222,7 +222,8 @@ SCORER_CASES = [
     (boxed("everyone is a knight"), 0.0),
     (boxed("knight, knave, knight"), 0.0),
     (boxed("Emma is a knight, Liam is a knave, Sophia is a knight, Liam is a knight"), 0.0),
-    # a negation, "or" or "if" in symbols is a claim, as the words are; formatting commands are not
+    # a negation, "or" or "if and only if" in symbols is a claim, as the words are; formatting commands, a single
+    # arrow (a name mapped to its role) and typed escapes (\n, \t) are not
     (boxed("Emma = knight, Liam != knave, Sophia = knight"), 0.0),
     (boxed("Emma = knight, Liam \\neq knave, Sophia = knight"), 0.0),
     (boxed("Emma = knight, Liam ≠ knave, Sophia = knight"), 0.0),
@@ -231,11 +232,18 @@ SCORER_CASES = [
     (boxed("Emma is a knight \\lor Liam is a knave, Sophia is a knight"), 0.0),
     (boxed("Emma is a knight ∨ Liam is a knave, Sophia is a knight"), 0.0),
     (boxed("Emma is a knight \\implies Liam is a knave, Sophia is a knight"), 0.0),
-    (boxed("Emma is a knight -> Liam is a knave, Sophia is a knight"), 0.0),
-    (boxed("Emma is a knight \\Rightarrow Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight \\iff Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight <=> Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam \\ne knight, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is \\not a knight, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is \\theta, Sophia is a knight"), 0.0),  # an unknown command
     (boxed("Emma = knight, Liam = knave, Sophia = knight"), 1.0),
+    (boxed("Emma -> knight, Liam -> knave, Sophia -> knight"), 1.0),
+    (boxed("Emma \\to knight, Liam \\Rightarrow knave, Sophia → knight"), 1.0),
     (boxed("Emma is a knight \\land Liam is a knave \\wedge Sophia is a knight"), 1.0),
+    (boxed("\\textup{Emma is a knight \\newline Liam is a knave \\newline Sophia is a knight}"), 1.0),
     (boxed("Emma is a knight,\\nLiam is a knave,\\nSophia is a knight"), 1.0),  # typed "\\n" escapes
+    (boxed("Emma is a knight,\\nand Liam is\\ta knave,\\r\\nSophia is a knight"), 1.0),
 ]
 
 
