@@ -131,11 +131,11 @@ def read_done(summary_path, samples_path, settings, records, task):
     again); recomputed when pass_k changed."""
     try:
         summary = read_summary(summary_path)
-        old = summary["settings"]
+        old = summary.get("settings")
         if not isinstance(old, dict):
-            raise UserError(f"{summary_path}: field 'settings' is not an object")
-    except (UserError, KeyError) as e:
-        raise UserError(f"cannot read this earlier result ({e}); pass --overwrite true")
+            raise UserError(f"{summary_path}: field 'settings' is missing or not an object")
+    except UserError as e:
+        raise UserError(f"cannot read this earlier result: {e}; pass --overwrite true")
     diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]]
     if diff:
         raise UserError(f"{summary_path} was made with other settings "

@@ -79,12 +79,11 @@ def read_times(path):
     if os.path.exists(path):
         for lineno, line in common.text_lines(path, torn_tail=True):
             parts = line.rstrip("\n").split("\t")
-            if not line.endswith("\n") and len(parts) not in (4, 5):
-                print(f"warning: {path}:{lineno}: dropped a torn last line (its stage's time is not counted)")
-                continue
             if len(parts) not in (4, 5) or not (parts[1].isdigit() and parts[2].isdigit()):
-                raise UserError(f"{path}:{lineno}: expected stage, whole seconds, devices, kind[, status], "
-                                f"tab-separated; got {line.rstrip()!r}")
+                # a line cut short by a kill (reproduce.sh starts the next one on a line of its own)
+                print(f"warning: {path}:{lineno}: dropped a damaged line {line.rstrip()!r} (expected stage, whole "
+                      f"seconds, devices, kind[, status], tab-separated): that attempt's time is not counted")
+                continue
             stage, seconds, devices, kind = parts[0], int(parts[1]), int(parts[2]), parts[3]
             old = times.get(stage, (0, 0, kind, 0, 0))
             times[stage] = (old[0] + seconds, devices, kind, old[3] + 1, old[4] + seconds * devices)

@@ -61,6 +61,8 @@ export PYTHONUNBUFFERED=1
 
 # ---- helpers: print a command, run it unless --dry-run, time it; skip a stage that is done
 log_attempt() {  # log_attempt NAME SECONDS finished|stopped: one line of OUT/times.tsv
+  # (on a line of its own: a kill can cut the last line short, and report.py then drops that line alone)
+  if [[ -s "$OUT/times.tsv" && -n "$(tail -c 1 "$OUT/times.tsv")" ]]; then echo >> "$OUT/times.tsv"; fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$DEVICES" "$DEVICE_KIND" "$3" >> "$OUT/times.tsv"
 }
 ATTEMPT=""  # the stage running now: when the script exits before it finishes, its time is logged as stopped
