@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
-from common import UserError, append_jsonl, atomic_open, print0, rank, read_jsonl, world_size, write_json, write_jsonl
+from common import (UserError, append_jsonl, atomic_open, lock_run_dir, print0, rank, read_jsonl, world_size,
+                    write_json, write_jsonl)
 from model import save_model, weight_files
 from parallel import all_gather_json, all_reduce, barrier, full_copy, is_sharded, local_tensor, reshard
 
@@ -232,7 +233,11 @@ def load_checkpoint(run_dir):
 
 def resume_checkpoint(run_dir, resume):
     """The checkpoint to continue from (load_checkpoint's newest complete one), or None for a fresh run. Checkpoints in
-    run_dir without resume are an error: a new run would mix its steps with an old one's."""
+    run_dir without resume are an error: a new run would mix its steps with an old one's. Rank 0 first takes the
+    directory's lock (common.lock_run_dir; a fresh directory's at its first write, metrics_log), held until the run
+    ends: two runs on one directory are refused before either removes or writes a file there."""
+    if rank() == 0 and os.path.isdir(run_dir):
+        lock_run_dir(run_dir)
     steps = checkpoint_steps(run_dir)
     if steps and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest step {steps[-1]}); pass --resume true to "
@@ -318,7 +323,7 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
     run resumes from; 0 = a fresh run) are dropped first, so a resumed run rewrites them. log.finish() ends wandb."""
     path, wandb = os.path.join(run_dir, "metrics.jsonl"), None
     if rank() == 0:
-        os.makedirs(run_dir, exist_ok=True)
+        lock_run_dir(run_dir)  # (makes the directory)
         if settings is not None:
             write_json(os.path.join(run_dir, "settings.json"), settings)
         if os.path.exists(path):

@@ -332,6 +332,35 @@ def read_json(path, what="a JSON object"):
     return obj
 
 
+_LOCKS = {}  # directory -> its open lock file, held for the life of the process
+
+
+def lock_run_dir(path):
+    """Hold the lock of run directory `path` (its .lock file) for the rest of this process: a second run started
+    on it (another terminal, or a re-run while a killed torchrun's workers, which live in sessions of their own, still
+    write there) is refused, where the two would interleave their checkpoints and logs. The OS lets go of it when the
+    process ends, however it ends. A second call in the same process (a resumed main() in tests) holds it already."""
+    import fcntl
+    import socket
+    key = os.path.realpath(path)
+    if key in _LOCKS:
+        return
+    os.makedirs(path, exist_ok=True)
+    f = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{path}: another run is using this directory ({holder}); wait for it to end, or stop it")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
 def fsync_dir(path):
     """Make the entries of directory `path` (a rename into it, a new file) durable: POSIX asks for the directory's own
     fsync. A filesystem that cannot sync a directory (some network ones) is let be."""

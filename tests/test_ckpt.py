@@ -6,6 +6,7 @@ import os
 import pytest
 
 import ckpt
+import common
 import engine
 import parallel
 from common import UserError
@@ -171,3 +172,22 @@ def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(
     for step in (1, 2):
         os.remove(ckpt.checkpoint_dir(run, step) + ".state.pt")
     assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing resumable left: a fresh run
+
+
+def test_a_second_run_on_a_locked_run_directory_is_refused(tmp_path):
+    """Rank 0 of a run holds its directory's lock until it ends, however it ends: another process starting a run
+    there (a second terminal, a re-run beside a killed torchrun's surviving workers) is refused before it writes."""
+    import subprocess
+    import sys
+    from conftest import ROOT, subprocess_env
+    run = str(tmp_path / "run")
+    ckpt.resume_checkpoint(run, resume=False)  # a fresh directory: nothing made before the first write
+    assert not os.path.exists(run)
+    ckpt.metrics_log(run, 0)  # the first write: this process holds the lock now
+    ckpt.resume_checkpoint(run, resume=True)  # and takes it again (a resumed main() in one process)
+    other = [sys.executable, "-c", f"import ckpt; ckpt.resume_checkpoint({run!r}, resume=True)"]
+    proc = subprocess.run(other, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=60)
+    assert proc.returncode != 0 and f"{run}: another run is using this directory (pid {os.getpid()} on" in proc.stderr
+    common._LOCKS.pop(os.path.realpath(run)).close()  # the run ends: the lock goes with it
+    proc = subprocess.run(other, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
