@@ -428,18 +428,23 @@ BOXED = "\\boxed{"
 MAX_BOXED_CHARS = 10_000  # far longer than any answer for 20 people; bounds the brace scan of hostile text
 BRACE = re.compile(r"[{}]")
 LATEX_COMMAND = re.compile(r"\\(\\|[A-Za-z]+)")  # a command's name: \\ (a line break) or letters
-# the commands that are form, not content (a single arrow maps a name to its role); any other (\neg, \neq, \lor,
-# \implies, \iff ...) makes the answer unreadable, as the word "not" does, except a typed escape (\n, \t, \r) run
-# into the word after it ("\nLiam", "\ta knave"), which is that word
+# the commands that are form, not content; any other (\neg, \neq, \lor, \iff ...) makes the answer unreadable,
+# as the word "not" does, except a typed escape (\n, \t, \r) run into the word after it ("\nLiam", "\ta knave"),
+# which is that word
 FORM_COMMANDS = frozenset(("\\", "text", "textbf", "textit", "textrm", "textsf", "texttt", "textnormal", "textup",
                            "textsc", "textsl", "textmd", "mathrm", "mathbf", "mathit", "mathsf", "mathtt", "mathnormal",
-                           "emph", "mbox", "underline", "boxed", "quad", "qquad", "newline", "left", "right",
-                           "displaystyle", "textstyle", "small", "large", "bf", "it", "rm", "land", "wedge", "to",
-                           "rightarrow", "longrightarrow", "mapsto"))
+                           "boldsymbol", "bm", "operatorname", "emph", "mbox", "underline", "boxed", "quad", "qquad",
+                           "newline", "left", "right", "displaystyle", "textstyle", "small", "large", "bf", "it", "rm",
+                           "colon", "checkmark", "land", "wedge"))
 TYPED_ESCAPES = "ntr"
-# symbols that turn a claim around, or join claims by "or", "if and only if": punctuation is form, these are content
-LOGIC_SYMBOL = re.compile(r"!=|=/=|<=>|<->|[≠¬∨⊕⊻↔⇔⟺]")
-WORD = re.compile(r"[^\W\d_]+")             # runs of letters; digits, punctuation and braces are form
+# an arrow maps the names before it to the role after it ("Emma -> knight"); between two claims it is "if", content
+ARROW_COMMANDS = frozenset(("to", "rightarrow", "longrightarrow", "implies", "mapsto", "longmapsto"))
+ARROW = re.compile(r"-+>|=+>|[→⇒⟶⟹↦⟼]")
+ARROW_WORD = "\x00"  # what an arrow becomes: a word of its own, which no name or role can be
+# symbols that turn a claim around, or join claims by "or" or "if and only if" (checked on the NFKC form, which
+# folds full-width and other look-alikes): punctuation is form, these are content
+LOGIC_SYMBOL = re.compile(r"!=|=/=|<-+>|<=+>|[≠≢¬∼∨⋁⊕⊻↔⇔⟷⟺≡]")
+WORD = re.compile(r"\x00|[^\W\d_]+")  # runs of letters (digits, punctuation and braces are form), or an arrow
 FILLER = frozenset(("is", "are", "a", "an", "and", "both", "all"))
 
 
@@ -468,29 +473,35 @@ def parse_answer(content, names, kk):
         return unicodedata.normalize("NFC", text).lower()
 
     content = unicodedata.normalize("NFC", content)
-    if LOGIC_SYMBOL.search(content):
+    if LOGIC_SYMBOL.search(unicodedata.normalize("NFKC", content)):
         return None
     unreadable = []
 
-    def form(command):  # a command -> spaces, or the word a typed escape ran into; else unreadable
+    def form(command):  # a command -> spaces, an arrow, or the word a typed escape ran into; else unreadable
         name = command.group(1)
         if name.lower() in FORM_COMMANDS:
             return " "
+        if name.lower() in ARROW_COMMANDS:
+            return f" {ARROW_WORD} "
         if name[0] in TYPED_ESCAPES:
             return " " + name[1:]
         unreadable.append(name)
         return " "
-    content = LATEX_COMMAND.sub(form, content)
+    content = ARROW.sub(f" {ARROW_WORD} ", LATEX_COMMAND.sub(form, content))
     if unreadable:
         return None
     by_lower = {fold(name): name for name in names}
     role_words = {fold(kk['knight']): True, fold(kk['knight']) + 's': True,
                   fold(kk['knave']): False, fold(kk['knave']) + 's': False}
-    answer, pending = {}, []
+    answer, pending, arrow = {}, [], False
     for word in WORD.findall(fold(content)):
-        if word in by_lower:
+        if word == ARROW_WORD:  # only from names to their role ("Emma -> knight"), not between claims ("if")
+            if not pending or arrow:
+                return None
+            arrow = True
+        elif word in by_lower:
             name = by_lower[word]
-            if name in answer or name in pending:
+            if name in answer or name in pending or arrow:
                 return None
             pending.append(name)
         elif word in role_words:
@@ -498,7 +509,7 @@ def parse_answer(content, names, kk):
                 return None
             for name in pending:
                 answer[name] = role_words[word]
-            pending = []
+            pending, arrow = [], False
         elif word not in FILLER:
             return None
     return answer

@@ -232,6 +232,14 @@ SCORER_CASES = [
     (boxed("Emma is a knight \\lor Liam is a knave, Sophia is a knight"), 0.0),
     (boxed("Emma is a knight ∨ Liam is a knave, Sophia is a knight"), 0.0),
     (boxed("Emma is a knight \\implies Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight -> Liam is a knave, Sophia is a knight"), 0.0),  # an arrow between claims: "if"
+    (boxed("Emma is a knight → Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma -> Liam -> knight, Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight ⟷ Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight <==> Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight ≡ Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam ∼ knight, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam ￢knight, Sophia is a knight"), 0.0),  # full-width: NFKC folds it to ¬
     (boxed("Emma is a knight \\iff Liam is a knave, Sophia is a knight"), 0.0),
     (boxed("Emma is a knight <=> Liam is a knave, Sophia is a knight"), 0.0),
     (boxed("Emma is a knight, Liam \\ne knight, Sophia is a knight"), 0.0),
@@ -240,6 +248,8 @@ SCORER_CASES = [
     (boxed("Emma = knight, Liam = knave, Sophia = knight"), 1.0),
     (boxed("Emma -> knight, Liam -> knave, Sophia -> knight"), 1.0),
     (boxed("Emma \\to knight, Liam \\Rightarrow knave, Sophia → knight"), 1.0),
+    (boxed("Emma => a knight, Liam --> a knave, Sophia ⟹ a knight"), 1.0),
+    (boxed("\\boldsymbol{Emma}\\colon knight, \\bm{Liam}\\colon knave, Sophia\\colon knight"), 1.0),
     (boxed("Emma is a knight \\land Liam is a knave \\wedge Sophia is a knight"), 1.0),
     (boxed("\\textup{Emma is a knight \\newline Liam is a knave \\newline Sophia is a knight}"), 1.0),
     (boxed("Emma is a knight,\\nLiam is a knave,\\nSophia is a knight"), 1.0),  # typed "\\n" escapes
