@@ -231,13 +231,27 @@ def load_checkpoint(run_dir):
     return None
 
 
+def lock_on_rank0(run_dir):
+    """Rank 0 takes the run directory's lock (common.lock_run_dir); refused, every rank raises its error (not one rank,
+    leaving the others in a collective). Every rank calls this."""
+    problem = None
+    if rank() == 0:
+        try:
+            lock_run_dir(run_dir)
+        except UserError as e:
+            problem = str(e)
+    problem = all_gather_json(problem)[0]
+    if problem:
+        raise UserError(problem)
+
+
 def resume_checkpoint(run_dir, resume):
     """The checkpoint to continue from (load_checkpoint's newest complete one), or None for a fresh run. Checkpoints in
     run_dir without resume are an error: a new run would mix its steps with an old one's. Rank 0 first takes the
     directory's lock (common.lock_run_dir; a fresh directory's at its first write, metrics_log), held until the run
     ends: two runs on one directory are refused before either removes or writes a file there."""
-    if rank() == 0 and os.path.isdir(run_dir):
-        lock_run_dir(run_dir)
+    if os.path.isdir(run_dir):
+        lock_on_rank0(run_dir)
     steps = checkpoint_steps(run_dir)
     if steps and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest step {steps[-1]}); pass --resume true to "
@@ -322,8 +336,8 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
     wandb is installed; the run's settings go to run_dir/settings.json. Records after start_step (the checkpoint a
     run resumes from; 0 = a fresh run) are dropped first, so a resumed run rewrites them. log.finish() ends wandb."""
     path, wandb = os.path.join(run_dir, "metrics.jsonl"), None
+    lock_on_rank0(run_dir)  # (makes the directory)
     if rank() == 0:
-        lock_run_dir(run_dir)  # (makes the directory)
         if settings is not None:
             write_json(os.path.join(run_dir, "settings.json"), settings)
         if os.path.exists(path):

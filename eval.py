@@ -132,8 +132,8 @@ def read_done(summary_path, samples_path, settings, records, task):
     try:
         summary = read_summary(summary_path)
         old = summary.get("settings")
-        if not isinstance(old, dict):
-            raise UserError(f"{summary_path}: field 'settings' is missing or not an object")
+        if not isinstance(old, dict) or not isinstance(old.get("inputs", {}), (dict, type(None))):
+            raise UserError(f"{summary_path}: field 'settings' (and its 'inputs') missing or not an object")
     except UserError as e:
         raise UserError(f"cannot read this earlier result: {e}; pass --overwrite true")
     diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]]

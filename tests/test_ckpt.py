@@ -191,3 +191,35 @@ def test_a_second_run_on_a_locked_run_directory_is_refused(tmp_path):
     common._LOCKS.pop(os.path.realpath(run)).close()  # the run ends: the lock goes with it
     proc = subprocess.run(other, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+LOCKED_SCRIPT = '''
+import sys
+import ckpt, common, parallel
+
+def main():
+    parallel.dist_setup()
+    ckpt.resume_checkpoint(sys.argv[1], resume=True)
+
+common.run_main(main)
+'''
+
+
+@pytest.mark.torchrun
+def test_every_rank_stops_on_a_locked_run_directory(tmp_path):
+    """Only rank 0 takes the lock, but a refusal is every rank's error: the others leave no collective hanging (a
+    gloo traceback after the one line)."""
+    import subprocess
+    import sys
+    from conftest import free_port, subprocess_env
+    run = str(tmp_path / "run")
+    ckpt.metrics_log(run, 0)  # this process holds the lock
+    script = tmp_path / "locked.py"
+    script.write_text(LOCKED_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(free_port()), str(script), run], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("another run is using this directory") == 2, proc.stderr[-3000:]  # from each rank
+    assert "[rank1]" not in proc.stderr and "Connection reset" not in proc.stderr, proc.stderr[-3000:]
+    common._LOCKS.pop(os.path.realpath(run)).close()

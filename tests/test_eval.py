@@ -120,6 +120,7 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
     # a damaged earlier result: a clear message, not a traceback
     for damage in ('{"checkpoint": ', b'{"checkpoint": "\xff"}', json.dumps({**summary, "settings": []}),
                    json.dumps({k: v for k, v in summary.items() if k != "settings"}),
+                   json.dumps({**summary, "settings": {**summary["settings"], "inputs": "x"}}),
                    json.dumps({k: v for k, v in summary.items() if k != "overall"}),
                    json.dumps({**summary, "overall": {**summary["overall"], "accuracy": "0.5"}})):
         with open(summary_path, "wb") as f:
