@@ -311,3 +311,11 @@ def test_datasheet_takes_the_longest_name_that_matches():
     assert [speed.datasheet(speed.PEAK_BANDWIDTH, f"NVIDIA A100{part}") for part in (
         "-SXM4-40GB", "-PCIE-40GB", " 80GB PCIe", "-SXM4-80GB")] == [1.555e12, 1.555e12, 1.935e12, 2.039e12]
     assert speed.datasheet(speed.PEAK_BF16_FLOPS, "NVIDIA A100-PCIE-40GB") == 312e12
+
+
+def test_train_flops_by_hand():
+    """6 per block weight per token, 6 per lm_head weight per log-prob token, causal attention 6 L width s^2."""
+    from model import ModelConfig, tiny_config
+    cfg = ModelConfig.from_hf(tiny_config(100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2))
+    block = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192)  # q, o; k, v; gate, up, down
+    assert speed.train_flops(cfg, [10], 4) == 6 * block * 10 + 6 * 100 * 64 * 4 + 6 * 2 * 64 * 10 * 10 == 6_128_640

@@ -413,3 +413,10 @@ def test_train_rl_memory_counts_the_entropy_graph_when_the_loss_holds_it():
         args = common.parse_settings(train_rl.get_parser(), ["--model", "m", "--entropy_coef", coef])
         return train_rl.memory_estimate(args, cfg, 1, 16, 512, torch.bfloat16)["update_peak"]
     assert update_peak("0.01") - update_peak("0") == 2 * 4096 * cfg.vocab_size * 4
+
+
+def test_kv_cache_bytes_count_the_cache_dtype():
+    cfg = model.ModelConfig.from_hf(model.tiny_config(100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2))
+    # layers x (k, v) x kv heads x head dim x bytes, per slot and column
+    assert gpu_memory.kv_cache_bytes(cfg, 3, 10, dtype_bytes=4) == 3 * 10 * 2 * 2 * 2 * 16 * 4
+    assert gpu_memory.kv_cache_bytes(cfg, 3, 10) == 3 * 10 * 2 * 2 * 2 * 16 * 2

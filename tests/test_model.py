@@ -811,3 +811,34 @@ def test_checkpoint_policy_keeps_the_named_ops_only():
     assert policy(None, object()) == CheckpointPolicy.PREFER_RECOMPUTE
     matmuls = model_module.checkpoint_context("matmuls").args[0]
     assert matmuls(None, torch.ops.aten.mm.default) == CheckpointPolicy.MUST_SAVE
+
+
+def test_rms_norm_reads_its_epsilon_and_rounds_as_transformers_does():
+    """The config's rms_norm_eps is the one used (Llama's 1e-5, not the tiny configs' 1e-6), and in bf16 the
+    normalised value is cast before the weight multiplies it, bit for bit as transformers' RMSNorm."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    cfg = model_module.ModelConfig.from_hf(tiny_config(64, arch="LlamaForCausalLM", rms_norm_eps=1e-2))
+    assert cfg.rms_norm_eps == 1e-2
+    x = torch.full((1, 4), 1e-3)
+    assert float(model_module.rms_norm(x, torch.ones(4), 1e-2)[0, 0]) == pytest.approx(1e-3 / (1e-6 + 1e-2) ** 0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 32, generator=g).to(torch.bfloat16)
+    weight = (1 + torch.randn(32, generator=g)).to(torch.bfloat16)
+    hf = Qwen2RMSNorm(32, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(weight)
+        assert torch.equal(model_module.rms_norm(x, weight, 1e-6), hf(x))
+
+
+def test_save_model_keeps_every_shard_within_its_bound(tmp_path):
+    """max_shard_bytes bounds each shard's tensor bytes (a tensor larger than the bound goes alone)."""
+    from safetensors import safe_open
+    m = build_model(tiny_config(64, hidden_size=32, num_layers=2), seed=0)
+    bound = 20_000
+    save_model(m, str(tmp_path / "m"), max_shard_bytes=bound)
+    files = model_module.weight_files(str(tmp_path / "m"))
+    assert len(files) > 1
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            sizes = [f.get_tensor(k).nbytes for k in f.keys()]
+        assert sum(sizes) <= bound or len(sizes) == 1, (path, sizes)

@@ -242,3 +242,11 @@ def test_compiled_blocks_give_the_eager_gradients_under_the_same_names():
         assert abs(float(out[0][0] - out[1][0])) <= 1e-5
         for a, b in zip(out[0][1], out[1][1]):
             assert (a - b).abs().max() <= 1e-5
+
+
+def test_micro_batches_and_epoch_order_by_hand():
+    """Longest first (ties in index order), next fit, a batch that fills the budget exactly stays one; the data order
+    of a (seed, epoch) is pinned, so a change of it (which changes every run's data order) shows."""
+    assert parallel.micro_batches([5, 5, 3], 10, range(3)) == [[0, 1], [2]]
+    assert parallel.micro_batches([6, 4], 10, range(2)) == [[0, 1]]
+    assert parallel.epoch_order(5, 1, 2) == [4, 1, 0, 3, 2]

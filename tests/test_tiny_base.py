@@ -79,3 +79,8 @@ def test_probe_needs_a_split(tiny_checkpoint):
 def test_probe_sizes_must_be_positive(tiny_checkpoint, tmp_path, setting):
     with pytest.raises(common.UserError, match=f"{setting} must be"):
         tiny_base.main(["--probe", str(tiny_checkpoint), "--probe_split", str(tmp_path / "split.jsonl"), setting, "0"])
+
+
+def test_answer_line_of_either_document_format():
+    assert tiny_base.answer_line("Emma is a knave, Liam is a knight.\nmore") == "Emma is a knave, Liam is a knight"
+    assert tiny_base.answer_line("table...\nThe final answer is: \\boxed{Emma is a knave}.") == "Emma is a knave"

@@ -359,3 +359,15 @@ def test_every_option_passes_through_torchrun():
     argv = [x for opt in ours + ["--config"] for x in (opt, "1")]
     parsed = get_args_parser().parse_args(["--nproc_per_node=2", "token_shift.py"] + argv)
     assert parsed.training_script == "token_shift.py" and parsed.training_script_args == argv
+
+
+def test_threshold_switch_and_position_deciles_by_hand():
+    """eps = 0 switches only where the nuclei differ (JS exactly 0 stays); a 10-token response puts one position in
+    each decile of relative position."""
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
+    q = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])
+    assert token_shift.threshold_switch(0.0)(p, q, None, None).tolist() == [False, True]
+    row = {"js": [0.0] * 9 + [1.0], "entropy_base": [0.1] * 10, "entropy_policy": [0.1] * 10, "targets": [5] * 10}
+    summary = token_shift.summarize([row], [], None, 0.5, 0)
+    assert [d["positions"] for d in summary["by_relative_position"]] == [1] * 10
+    assert summary["by_relative_position"][-1]["share_high"] == 1.0

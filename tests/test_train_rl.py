@@ -124,7 +124,7 @@ def test_test_prompts_that_cannot_fit_stop_the_run_before_its_first_step(toy, tm
     """Without validation before training, the first validation comes --val_every steps in: the fit is checked at
     the start, naming the setting that does not fit."""
     out = tmp_path / "run"
-    with pytest.raises(common.UserError, match=r"test\.jsonl: record id '.*--val_max_response_tokens 4000 > the model's"):
+    with pytest.raises(common.UserError, match=r"test\.jsonl: record id '.*--val_max_response_tokens 4000 > the "):
         train_rl.main(rl_args(toy, out, val_before_train=False, val_every=3, val_max_response_tokens=4000))
     assert not os.path.exists(out / "metrics.jsonl")
 
@@ -558,3 +558,23 @@ def test_the_update_does_not_depend_on_the_micro_batch_split(toy, tmp_path, agg)
     assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5, abs=1e-6)  # ~0 on-policy for seq_mean: sum(A) = 0
     a = weights(ckpt.checkpoint_dir(str(outs[0]), 1))
     assert not all(torch.equal(a[k], weights(toy["init"])[k]) for k in a)
+
+
+def test_rollout_reserve_and_step_metrics_by_hand(monkeypatch):
+    """The kept engine is sized for this rank's prompts (not a whole --gen_batch_size it cannot reach), and the
+    step's metrics are the ratios docs/grpo.md names: per response, per group, per trained token."""
+    from types import SimpleNamespace
+    args = SimpleNamespace(gen_batch_size=32, samples_per_prompt=8, max_response_tokens=100)
+    assert train_rl.rollout_reserve(args, 4, 50) == (32, 150, 100)
+    assert train_rl.rollout_reserve(args, 64, 50) == (256, 150, 100)
+    rollouts = [{"length": n, "finished": f} for n, f in ((4, True), (6, False), (2, True), (8, True))]
+    batch = SimpleNamespace(rollouts=rollouts, rewards=[1.0, 0.0, 1.0, 1.0], zero_var=[False, True],
+                            trains=[True, False], train_idx=[0, 1], dynamic=True, gen_batches=1)
+    sums = dict.fromkeys(("entropy", "kl", "kl_tokens", "gap", "gap_tokens", "train_tokens", "is_weight", "is_capped",
+                          "is_kl", "is_tokens"), 0.0) | {"pg_tokens": 10, "clipped": 2, "entropy": 5.0}
+    times = dict.fromkeys(("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
+                           "graph_captures", "capture_s"), 1.0)
+    m = train_rl.step_metrics(3, 0, batch, sums, times, torch.device("cpu"), kl_logged=False)
+    assert (m["reward"], m["acc"], m["zero_var_frac"], m["truncated"], m["len_mean"], m["len_max"]) == (
+        0.75, 0.75, 0.5, 0.25, 5.0, 8)
+    assert (m["clip_frac"], m["entropy"], m["kept_frac"], m["train_seqs"], m["kl"]) == (0.2, 0.5, 0.5, 2, None)
