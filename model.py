@@ -577,11 +577,10 @@ def read_config(path) -> ModelConfig:
 def weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index}: unreadable shard index ({type(e).__name__}: {e})")
+        weight_map = read_json(index, "a shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise UserError(f"{index}: unreadable shard index (field 'weight_map' is not an object of file names)")
+        files = sorted(set(weight_map.values()))
         return [os.path.join(path, f) for f in files]
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):

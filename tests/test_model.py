@@ -343,9 +343,11 @@ def test_a_damaged_config_is_one_line_naming_its_field(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text("[1, 2]")
     with pytest.raises(common.UserError, match=r"config\.json: a model config expected, got a JSON list"):
         model_module.read_config(str(tmp_path / "ckpt"))
-    for index in ("[1, 2]", '{"weight_map": ["model.safetensors"]}'):  # a list where objects belong
+    for index, message in [("[1, 2]", "a shard index expected, got a JSON list"),  # a list where objects belong
+                           ('{"weight_map": ["model.safetensors"]}', "unreadable shard index"),
+                           ("{not json", "cannot read a shard index")]:
         (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(index)
-        with pytest.raises(common.UserError, match=r"model\.safetensors\.index\.json: unreadable shard index"):
+        with pytest.raises(common.UserError, match=r"model\.safetensors\.index\.json: " + message):
             model_module.weight_files(str(tmp_path / "ckpt"))
 
 
