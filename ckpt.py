@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
-from common import (UserError, append_jsonl, atomic_open, lock_run_dir, print0, rank, read_jsonl, world_size,
+from common import (UserError, append_jsonl, atomic_open, print0, rank, read_jsonl, world_size,
                     write_json, write_jsonl)
 from model import save_model, weight_files
-from parallel import all_gather_json, all_reduce, barrier, full_copy, is_sharded, local_tensor, reshard
+from parallel import all_gather_json, all_reduce, barrier, full_copy, is_sharded, local_tensor, lock_on_rank0, reshard
 
 # -----------------------------------------------------------------------------
 # optimizer
@@ -229,20 +229,6 @@ def load_checkpoint(run_dir):
                             f"number (torchrun --nproc_per_node), not {world_size()}")
         return step, model_dir, state, shard
     return None
-
-
-def lock_on_rank0(run_dir):
-    """Rank 0 takes the run directory's lock (common.lock_run_dir); refused, every rank raises its error (not one rank,
-    leaving the others in a collective). Every rank calls this."""
-    problem = None
-    if rank() == 0:
-        try:
-            lock_run_dir(run_dir)
-        except UserError as e:
-            problem = str(e)
-    problem = all_gather_json(problem)[0]
-    if problem:
-        raise UserError(problem)
 
 
 def resume_checkpoint(run_dir, resume):

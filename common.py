@@ -332,28 +332,33 @@ def read_json(path, what="a JSON object"):
     return obj
 
 
-_LOCKS = {}  # directory -> its open lock file, held for the life of the process
+_LOCKS = {}  # lock file's real path -> the file, open and locked for the life of the process
 
 
-def lock_run_dir(path):
+def lock_run_dir(path, name=".lock"):
     """Hold the lock of run directory `path` (its .lock file) for the rest of this process: a second run started
     on it (another terminal, or a re-run while a killed torchrun's workers, which live in sessions of their own, still
     write there) is refused, where the two would interleave their checkpoints and logs. The OS lets go of it when the
-    process ends, however it ends. A second call in the same process (a resumed main() in tests) holds it already."""
+    process ends, however it ends. A second call in the same process (a resumed main() in tests) holds it already.
+    `name`: another lock file in `path`, for a run whose outputs share the directory with other runs' (sample_effect's
+    --out): it locks only its own."""
     import fcntl
     import socket
-    key = os.path.realpath(path)
+    lock_file = os.path.join(path, name)
+    key = os.path.realpath(lock_file)
     if key in _LOCKS:
         return
-    os.makedirs(path, exist_ok=True)
-    f = open(os.path.join(path, ".lock"), "a+")
+    os.makedirs(path or ".", exist_ok=True)
+    f = open(lock_file, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise UserError(f"{path}: another run is using this directory ({holder}); wait for it to end, or stop it")
+        what = path if name == ".lock" else lock_file
+        raise UserError(f"{what}: another run is using this {'directory' if name == '.lock' else 'output'} "
+                        f"({holder}); wait for it to end, or stop it")
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

@@ -197,7 +197,9 @@ def main(argv=None):
                 "dtype": str(dtype).replace("torch.", ""), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
                 "inputs": inputs_of(ckpt, digests[split_path])}
 
-    # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others
+    # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others, holding out_dir's
+    # lock until the run ends (two runs there could pair one's summary.json with the other's samples.jsonl)
+    parallel.lock_on_rank0(args.out_dir)
     plan = {"error": None, "done": {}}
     if rank == 0:
         try:

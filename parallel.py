@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from common import UserError, print0, rank, str2bool, world_size
+from common import UserError, lock_run_dir, print0, rank, str2bool, world_size
 from model import CHECKPOINT_KEEP, compile_blocks, empty_model, packed_backend_name
 
 # -----------------------------------------------------------------------------
@@ -112,6 +112,20 @@ def all_gather_json(obj):
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return [json.loads(t[:n].cpu().numpy().tobytes().decode("utf-8")) for t, n in zip(out, sizes)]
+
+
+def lock_on_rank0(run_dir, name=".lock"):
+    """Rank 0 takes the lock of run directory `run_dir` (common.lock_run_dir; `name`: the lock file there); refused,
+    every rank raises its error (not one rank, leaving the others in a collective). Every rank calls this."""
+    problem = None
+    if rank() == 0:
+        try:
+            lock_run_dir(run_dir, name)
+        except UserError as e:
+            problem = str(e)
+    problem = all_gather_json(problem)[0]
+    if problem:
+        raise UserError(problem)
 
 
 def gather_lists(items, key=None):

@@ -519,6 +519,9 @@ def main(argv=None):
 
     # ---- a stopped run of these settings and data (--resume): its ∇J and finished samples, kept in PARTIAL
     partial = out_stem(args.out) + ".partial"
+    # held until the run ends: a second run on this --out (another terminal, a re-run while a killed torchrun's
+    # workers still write) would remove or interleave this one's partial files
+    parallel.lock_on_rank0(os.path.dirname(args.out), os.path.basename(out_stem(args.out)) + ".lock")
     identity = {**{k: v for k, v in vars(args).items() if k not in RESUME_FREE},
                 "checkpoint": os.path.abspath(args.checkpoint), "eval_data": os.path.abspath(args.eval_data),
                 "sft_data": [os.path.abspath(f) for f in args.sft_data],

@@ -1,7 +1,9 @@
 """Shared test helpers and fixtures: the repo root and tests/ on sys.path, the slow and torchrun marks (pytest.ini;
 `python -m pytest -m "not slow"` is the quick loop), one torch thread, subprocess environments, the tiny checkpoint,
 the optional ../shared data folder, and the check of saved FSDP training shards."""
+import contextlib
 import os
+import subprocess
 import sys
 
 import pytest
@@ -49,6 +51,29 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(path, name=".lock"):
+    """Another process holds run directory `path`'s lock (common.lock_run_dir, lock file `name`) while the block runs,
+    as a second terminal's run would; a run in this process must then be refused."""
+    child = subprocess.Popen([sys.executable, "-c", "import common, sys, time; common.lock_run_dir(sys.argv[1], "
+                              "sys.argv[2]); print('held', flush=True); time.sleep(120)", path, name],
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT, env=subprocess_env())
+    try:
+        assert child.stdout.readline().strip() == "held"
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def end_of_process_locks():
+    """What the OS does when a stopped run's process ends: its run-directory locks go (common.lock_run_dir). For a
+    run stopped in this process and resumed in another (torchrun)."""
+    import common
+    while common._LOCKS:
+        common._LOCKS.popitem()[1].close()
 
 
 def shared_path(*parts):

@@ -188,7 +188,7 @@ def test_a_second_run_on_a_locked_run_directory_is_refused(tmp_path):
     other = [sys.executable, "-c", f"import ckpt; ckpt.resume_checkpoint({run!r}, resume=True)"]
     proc = subprocess.run(other, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=60)
     assert proc.returncode != 0 and f"{run}: another run is using this directory (pid {os.getpid()} on" in proc.stderr
-    common._LOCKS.pop(os.path.realpath(run)).close()  # the run ends: the lock goes with it
+    common._LOCKS.pop(os.path.realpath(os.path.join(run, ".lock"))).close()  # the run ends: the lock goes with it
     proc = subprocess.run(other, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
 
@@ -222,4 +222,4 @@ def test_every_rank_stops_on_a_locked_run_directory(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("another run is using this directory") == 2, proc.stderr[-3000:]  # from each rank
     assert "[rank1]" not in proc.stderr and "Connection reset" not in proc.stderr, proc.stderr[-3000:]
-    common._LOCKS.pop(os.path.realpath(run)).close()
+    common._LOCKS.pop(os.path.realpath(os.path.join(run, ".lock"))).close()

@@ -11,7 +11,7 @@ import common
 import eval as ev
 import scoring
 import toy_task
-from conftest import ROOT, free_port, subprocess_env
+from conftest import ROOT, free_port, lock_held_elsewhere, subprocess_env
 
 FAST = ["--task", "toy_task", "--max_new_tokens", "12", "--batch_size", "16", "--progress", "false"]
 
@@ -250,6 +250,15 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match="context"):
         run("--max_new_tokens", "100000")
     assert not os.path.exists(tmp_path / "out" / "results.md")  # nothing half-written
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(tiny_checkpoint, split, tmp_path):
+    """Two evals writing one --out_dir could leave one run's summary.json marking the other's samples.jsonl."""
+    out = str(tmp_path / "out")
+    with lock_held_elsewhere(out) as pid:
+        with pytest.raises(common.UserError, match=f"{out}: another run is using this directory \\(pid {pid} "):
+            ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", out] + FAST)
+    assert sorted(os.listdir(out)) == [".lock"]  # refused before writing anything
 
 
 @pytest.mark.slow  # a subprocess that imports torch

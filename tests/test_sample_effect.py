@@ -15,7 +15,7 @@ import sample_effect as se
 from common import UserError
 from engine import generate
 from model import build_model, tiny_config
-from conftest import ROOT, free_port, subprocess_env
+from conftest import ROOT, end_of_process_locks, free_port, lock_held_elsewhere, subprocess_env
 import padded
 
 
@@ -330,6 +330,7 @@ def test_a_stopped_run_resumes_on_another_number_of_ranks(setup, tmp_path, monke
     monkeypatch.setattr(se, "sample_effects", stopping)
     with pytest.raises(KeyboardInterrupt):
         se.main(args)
+    end_of_process_locks()  # the stopped run's process has ended
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                            str(free_port()), os.path.join(ROOT, "sample_effect.py"), *args],
                           env=subprocess_env(d), capture_output=True, text=True, timeout=300)
@@ -398,6 +399,11 @@ def test_bad_input(setup, tmp_path):
     fails(["--sft_data", str(tmp_path / "kk.jsonl")], r"kk\.jsonl:1: .*task 'kk', but --task is 'se_digit_task'")
     fails(["--sft_data", sft, "--samples_per_prompt", "1"], r"--samples_per_prompt must be >= 2")
     fails(["--sft_data", sft, "--proj_dim", "0"], r"--proj_dim > 0, --exact true")
+    # a second run on one --out would remove or interleave the first one's partial files; other outputs beside it run
+    with lock_held_elsewhere(str(tmp_path), "effects.lock") as pid:
+        fails(["--sft_data", sft], rf"effects\.lock: another run is using this output \(pid {pid} ")
+    with lock_held_elsewhere(str(tmp_path), "other.lock"):
+        fails(["--sft_data", sft, "--params", "no_such_param"], r"matches no parameter")  # past the lock
     fails(["--sft_data", sft, "--params", "no_such_param"], r"matches no parameter")
     fails(["--sft_data", sft, "--select", "99", "--select_out", str(tmp_path / "t.jsonl")], r"--select 99 > the 15")
     fails(["--sft_data", sft, "--select", "2"], r"needs --select_out")
