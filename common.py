@@ -104,9 +104,15 @@ def check_output_path(flag, path, directory):
 def config_value(path, action, value):
     """A --config file's value for one setting, checked and converted as the same value on the command line would be
     (argparse checks neither types nor choices of defaults): JSON's true, 8 or 0.5 read as the text "true", "8",
-    "0.5" would; one value where a list is taken is a list of one; null keeps the default's None."""
-    if value is None or action.nargs == 0:
+    "0.5" would; one value where a list is taken is a list of one; null only where the default is None (null where
+    a value is expected would pass the checks that let "not set" through, and read as false or as no seed)."""
+    if action.nargs == 0:
         return value
+    if value is None:
+        if action.default is not None:
+            raise UserError(f"{path}: setting {action.dest!r} is null; it takes a value (default "
+                            f"{action.default!r}): give one, or leave the key out for the default")
+        return None
     many = action.nargs in ("+", "*")
     if isinstance(value, list) and not many:
         raise UserError(f"{path}: setting {action.dest!r} takes one value, got the list {value!r}")

@@ -54,8 +54,9 @@ RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_
 RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "clip_low", "clip_high",
                  "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator", "ref_model",
                  "entropy_coef", "adv_weight", "rollout_is", "rollout_is_cap", "dwa_s", "dwa_alpha",
-                 "drop_zero_variance_groups", "mask_truncated", "grad_clip", "adam_8bit", "dtype",
+                 "drop_zero_variance_groups", "mask_truncated", "grad_clip", "adam_8bit",
                  "model")  # --model: the tokenizer and, without --ref_model, the KL reference
+# (--dtype: the identity holds the compute dtype it resolved to, so auto on another device counts, bf16 = bfloat16)
 # (AdamW's betas and weight decay: ckpt.load_local_train_state checks them against the optimizer state)
 
 
@@ -527,6 +528,8 @@ def main(argv=None):
     common.check_non_negative(args, "epochs", "max_steps", "warmup_steps", "val_every", "val_limit", "kl_coef",
                               "val_max_response_tokens", "clip_low", "clip_high")
     common.check_optimizer(args)
+    if not args.max_steps and not args.epochs:
+        raise UserError("--epochs 0 with --max_steps 0: no step to run; give either")
     if args.clip_low >= 1:
         raise UserError(f"--clip_low {args.clip_low}: the ratio's floor 1 - clip_low must stay above 0")
     if args.dynamic_sampling and args.samples_per_prompt < 2:
@@ -569,13 +572,14 @@ def main(argv=None):
     checkpoint = ckpt.resume_checkpoint(args.out_dir, args.resume)
     start_step, state, init_path = 0, {}, args.model
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records),
-                                                              "train_data_digest": common.data_digest(train_records)}
+                                                              "train_data_digest": common.data_digest(train_records),
+                                                              "compute_dtype": str(dtype).replace("torch.", "")}
     if args.dynamic_sampling:  # (absent when off, so the runs of earlier versions resume)
         identity |= {"dynamic_sampling": True, "max_gen_batches": args.max_gen_batches}
     if checkpoint is not None:
         start_step, init_path, state, train_shard = checkpoint
         ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity,
-                                recorded_since=("train_data_digest",))
+                                recorded_since=("train_data_digest", "compute_dtype"))
         saved = {k: v for k, v in state.get("settings", {}).items() if k in RUN_OBJECTIVE}
         ckpt.check_run_identity(args.out_dir, saved, {k: getattr(args, k) for k in saved})
         print0(f"resuming from {init_path} (step {start_step})")

@@ -107,6 +107,15 @@ def test_a_config_file_is_checked_as_the_command_line_is(name, tmp_path):
             cfg.write_text(json.dumps({action.dest: "maybe"}))
             with pytest.raises(common.UserError, match=f"setting '{action.dest}': expected a boolean"):
                 common.parse_settings(module.get_parser(), ["--config", str(cfg)])
+        # null is "not set" only where that is the default: elsewhere it would pass the checks that let None through
+        # (std_normalize null read as false, seed null as no seed)
+        cfg.write_text(json.dumps({action.dest: None}))
+        if action.default is None:
+            assert getattr(common.parse_settings(module.get_parser(), ["--config", str(cfg)]), action.dest) is None
+        elif action.option_strings and action.nargs != 0 and action.dest != "help":
+            with pytest.raises(common.UserError, match=rf"cfg\.json: setting '{action.dest}' is null; it takes a "
+                                                       rf"value \(default "):
+                common.parse_settings(module.get_parser(), ["--config", str(cfg)])
 
 
 def test_a_config_keep_steps_as_text_keeps_the_checkpoints_it_names(tmp_path):

@@ -333,11 +333,15 @@ def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
     with pytest.raises(common.UserError, match=r"different settings than the run's: temperature: was 0.7, now 0.5$"):
         train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True,
                               temperature=0.5))
+    with pytest.raises(common.UserError, match=r"compute_dtype: was '?float32'?, now '?bfloat16'?"):  # not the text
+        train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True,
+                              dtype="bfloat16"))
     state = torch.load(ckpt.checkpoint_dir(str(out), 4) + ".state.pt", weights_only=True)
     torch.save({**state, "step": 7}, ckpt.checkpoint_dir(str(out), 7) + ".state.pt")  # no weights, no shard
     torch.save({}, ckpt.checkpoint_dir(str(out), 2) + ".train.rank0.pt")  # its state file already pruned
     common.write_jsonl(out / "rollouts" / "step_000009.jsonl", [{"id": "stale"}])
-    assert train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True)) == 0
+    assert train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True,
+                                 dtype="float32")) == 0  # what auto chose on this CPU, spelled out
     assert ckpt.checkpoint_steps(str(out)) == [4, 5] and os.path.isdir(ckpt.checkpoint_dir(str(out), 1))
     assert not [n for n in os.listdir(out) if n.startswith(("step_000002", "step_000007"))]
     assert sorted(os.listdir(out / "rollouts")) == [f"step_{s:06d}.jsonl" for s in range(1, 6)]
@@ -529,6 +533,8 @@ def test_bad_settings_are_one_line_errors(toy, tmp_path):
         train_rl.main(rl_args(toy, tmp_path / "c", dtype="fp16"))
     with pytest.raises(common.UserError, match="--lr must be > 0"):
         train_rl.main(rl_args(toy, tmp_path / "f", lr=0))
+    with pytest.raises(common.UserError, match="--epochs 0 with --max_steps 0: no step to run"):  # (it exited 0)
+        train_rl.main(rl_args(toy, tmp_path / "g", epochs=0, max_steps=0))
     # top_p 0 would be greedy rollouts (no group variance, nothing learned); out of range, a traceback at generation
     for top_p in (0, 1.5):
         with pytest.raises(common.UserError, match=r"0 < --top_p <= 1"):
