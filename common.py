@@ -289,6 +289,30 @@ def text_lines(path, torn_tail=False):
             yield lineno, (line[:-2] + "\n" if line.endswith("\r\n") else line)
 
 
+def not_text(value, place=""):
+    """Where a parsed JSON value (a string, or a key) holds a lone surrogate, as the problem an error names; None:
+    nowhere. JSON can escape one ("\\ud83d"); it is no text: a tokenizer refuses it, a UTF-8 file cannot hold it."""
+    def bad(text):
+        try:
+            text.encode("utf-8")
+            return False
+        except UnicodeEncodeError:
+            return True
+
+    def problem(where):
+        where = where.encode("utf-8", "backslashreplace").decode()  # printable
+        return f"field '{where}' is not valid Unicode (a lone surrogate escape, \\ud800-\\udfff)"
+    if isinstance(value, str):
+        return problem(place) if bad(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{place}.{key}".lstrip(".") if isinstance(key, str) else f"{place}[{key}]"
+        found = problem(where) if isinstance(key, str) and bad(key) else not_text(item, where)
+        if found:
+            return found
+    return None
+
+
 def iter_jsonl(path, torn_tail=False):
     """Yield (line number, record) of a jsonl file, skipping blank lines; a line that is not a JSON object
     raises UserError naming the file and line.
@@ -302,6 +326,8 @@ def iter_jsonl(path, torn_tail=False):
         try:
             rec = json.loads(line)
             problem = None if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
+            if problem is None and "\\u" in line:  # (only an escape can make a lone surrogate)
+                problem = not_text(rec)
         except json.JSONDecodeError as e:
             problem = f"not valid JSON ({e.msg})"
         if problem:
@@ -335,6 +361,8 @@ def read_json(path, what="a JSON object"):
         raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e})")
     if not isinstance(obj, dict):
         raise UserError(f"{path}: {what} expected, got a JSON {type(obj).__name__}")
+    if not_text(obj):
+        raise UserError(f"{path}: {not_text(obj)}")
     return obj
 
 

@@ -733,7 +733,7 @@ def official_split_files(people, log=print):
 def write_teacher_sft(args):
     if not args.split:
         raise common.UserError("--teacher_sft needs --split FILE (the puzzles to write teacher traces for)")
-    common.check_output_path("--teacher_sft", args.teacher_sft, directory=False)
+    common.check_distinct_outputs([("--teacher_sft", args.teacher_sft)], [("--split", args.split)])
     tokenizer = tasks.teacher_sft_tokenizer(args.tokenizer, args.template)
     if not 0.0 <= args.teacher_cot_fraction <= 1.0:
         raise common.UserError(f"--teacher_cot_fraction must be in [0, 1], got {args.teacher_cot_fraction}")

@@ -112,6 +112,8 @@ def _json_rows(path):
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start + 1}: {e.reason})")
+    if common.not_text(data):
+        raise UserError(f"{path}: {common.not_text(data)}")
     if isinstance(data, dict):  # one Hendrycks problem file
         return [(path, None, data)]
     if not isinstance(data, list):
@@ -620,6 +622,7 @@ def main(argv=None):
     common.check_non_negative(args, "n_sft_train", "n_sft_val")
 
     if args.teacher_sft:
+        common.check_distinct_outputs([("--teacher_sft", args.teacher_sft)], [("--split", args.split)])
         tokenizer = tasks.teacher_sft_tokenizer(args.tokenizer, args.template)
         records = load_split(args.split)
         rows = []
@@ -646,6 +649,8 @@ def main(argv=None):
         return
     pool = load_split(pool_path)
     splits, counts = make_splits(pool, test, args.n_sft_train, args.n_sft_val, args.seed)
+    common.check_distinct_outputs([(f"--out_dir ({name}.jsonl)", os.path.join(args.out_dir, f"{name}.jsonl"))
+                                   for name in splits], [("--train_pool", pool_path), ("--test", test_path)])
     for name, records in splits.items():
         common.write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
     print(f"pool {counts['pool']} ({pool_path}): dropped {counts['dropped_in_test']} also in the test set, "

@@ -186,12 +186,7 @@ def check_sft_record(path, lineno, rec):
             raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
     if not rec["prompt"]:
         raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
-    for field in ("prompt", "response"):
-        try:  # JSON can hold a lone surrogate ("\ud83d"), which is no text a tokenizer takes
-            rec[field].encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UserError(f"{path}:{lineno}: field '{field}' is not valid Unicode ({e.reason} at character "
-                            f"{e.start})")
+    # (a lone surrogate, which no tokenizer takes, is refused as the line is read: common.iter_jsonl)
 
 
 def sft_token_ids(tokenizer, prompts, responses, eos=True):

@@ -192,6 +192,22 @@ def test_a_nan_setting_is_refused():
     assert common.parse_settings(lim_select.get_parser(), ["--threshold=-inf"]).threshold == float("-inf")
 
 
+def test_a_lone_surrogate_is_refused_as_its_file_is_read(tmp_path):
+    """JSON can escape a lone surrogate, which is no text (a tokenizer, a digest or a UTF-8 write fails on it later,
+    with a traceback): reading refuses it, naming the file, line and field, however deep; an escaped pair that makes
+    one character reads."""
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"id": 1, "q": "ok \\ud83d\\ude00"}\n{"id": 2, "meta": {"names": ["A", "B\\udc00"]}}\n')
+    with pytest.raises(common.UserError, match=r"s\.jsonl:2: field 'meta\.names\[1\]' is not valid Unicode"):
+        common.read_jsonl(str(path))
+    path.write_text('{"id": 1, "q": "ok \\ud83d\\ude00"}\n')
+    assert common.read_jsonl(str(path)) == [{"id": 1, "q": "ok \U0001f600"}]
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"lr": 1, "\\ud835x": 1}')  # in a key: the message stays printable
+    with pytest.raises(common.UserError, match=r"c\.json: field '\\ud835x' is not valid Unicode"):
+        common.read_json(str(cfg))
+
+
 def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsys):
     """A kill or a full disk can cut a log's last append short: a run's own logs (torn_tail) drop that line with a
     warning; data files, a bad line elsewhere, or a bad last line that has its newline stay errors."""

@@ -540,6 +540,9 @@ def test_cli_teacher_sft(tmp_path):
     assert row['prompt'].endswith("step by step.") and row['response'] == "\n" + K.teacher_response(records[0])
     with pytest.raises(common.UserError, match="--tokenizer"):
         K.main(["--teacher_sft", out, "--split", split])
+    with pytest.raises(common.UserError, match=r"--teacher_sft .*sft\.jsonl: that is an input \(--split\)"):
+        K.main(["--teacher_sft", split, "--split", split, "--template", "plain"])
+    assert K.load_split(split) == records  # not replaced by SFT rows
 
 
 def test_fixed_names_keep_the_stream_and_templates_and_only_rename(tmp_path):

@@ -328,6 +328,15 @@ def test_malformed_json_files_are_one_line_errors(tmp_path):
     latin.write_bytes(b'{"problem": "x", "answer": "\xff"}')
     with pytest.raises(common.UserError, match=r"latin\.json: not valid UTF-8"):
         math_data.load_split(str(latin))
+    # valid JSON, no text: a lone surrogate would crash the digest or the tokenizer later, after a split was written
+    lone = tmp_path / "lone.json"
+    lone.write_text('[{"problem": "ok", "answer": "1"}, {"problem": "What is $1+1$? \\ud835", "answer": "2"}]')
+    with pytest.raises(common.UserError, match=r"lone\.json: field '\[1\]\.problem' is not valid Unicode"):
+        math_data.load_split(str(lone))
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"problem": "ok", "answer": "1"}\n{"problem": "What is $1+1$? \\ud835", "answer": "2"}\n')
+    with pytest.raises(common.UserError, match=r"lone\.jsonl:2: field 'problem' is not valid Unicode"):
+        math_data.load_split(str(lone))
 
 
 def test_duplicate_problems_get_distinct_ids(tmp_path):
@@ -459,6 +468,16 @@ def test_cli_splits_and_teacher_sft(tmp_path):
 
     out = run_cli("--train_pool", "missing.jsonl", "--test", "test.jsonl", cwd=tmp_path)
     assert out.returncode == 2 and "--train_pool PATH" in out.stderr and "--hub" in out.stderr
+    # no output on an input: the split would be replaced by SFT rows, the pool or the test set by a subset
+    split = "data/math/sft_train.jsonl"
+    out = run_cli("--teacher_sft", split, "--split", split, "--template", "plain", cwd=tmp_path)
+    assert out.returncode == 2 and f"--teacher_sft {split}: that is an input (--split)" in out.stderr
+    out = run_cli("--train_pool", "data/math/rl_train.jsonl", "--test", "test.jsonl", "--n_sft_train", "9",
+                  "--n_sft_val", "1", cwd=tmp_path)
+    assert out.returncode == 2 and "--out_dir (rl_train.jsonl) data/math/rl_train.jsonl: that is an input " \
+                                   "(--train_pool)" in out.stderr
+    assert len(math_data.load_split(str(tmp_path / split))) == 9
+    assert len(math_data.load_split(str(tmp_path / "data" / "math" / "rl_train.jsonl"))) == 29
     out = run_cli("--teacher_sft", "x.jsonl", cwd=tmp_path)
     assert out.returncode == 2 and "--tokenizer DIR" in out.stderr and "--template plain" in out.stderr
     out = run_cli("--teacher_sft", "x.jsonl", "--tokenizer", "no_such_dir", cwd=tmp_path)
