@@ -155,6 +155,31 @@ def test_an_earlier_versions_summary_is_reused_while_its_split_is_unchanged(tiny
     assert "changed since (split.jsonl); evaluating again" in log and "loaded" in log
 
 
+def test_a_chat_template_fixed_in_place_is_evaluated_again(tiny_checkpoint, split, tmp_path, capsys):
+    """The prompts come from the checkpoint's chat template and tokenizer: a file of them changed since a pair was
+    evaluated makes it stale, as a changed weight file does; a summary from before they were recorded is reused."""
+    import shutil
+    ckpt_dir = shutil.copytree(tiny_checkpoint, str(tmp_path / "m"))
+    args = ["--checkpoints", ckpt_dir, "--splits", split, "--out_dir", str(tmp_path / "out"), *FAST]
+    ev.main(args)
+    template = os.path.join(ckpt_dir, "chat_template.jinja")
+    with open(template, "a") as f:
+        f.write("{# fixed #}")
+    capsys.readouterr()
+    ev.main(args)
+    log = capsys.readouterr().out
+    assert "changed since (chat_template.jinja); evaluating again" in log and "loaded" in log
+    path = tmp_path / "out" / "m" / "toy_test" / "summary.json"
+    summary = json.loads(path.read_text())
+    inputs = summary["settings"]["inputs"]
+    assert {os.path.basename(f) for f in inputs} >= {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    summary["settings"]["inputs"] = {f: v for f, v in inputs.items()
+                                     if os.path.basename(f) not in ev.TOKENIZER_FILES}  # an earlier version's
+    path.write_text(json.dumps(summary))
+    ev.main(args)
+    assert "m on toy_test: done before, skipped" in capsys.readouterr().out
+
+
 def test_sampled_metrics(tiny_checkpoint, split, tmp_path):
     out = str(tmp_path / "sampled")
     args = ["--checkpoints", tiny_checkpoint, "--splits", split, "--samples_per_prompt", "4", "--temperature", "1.0",
