@@ -22,7 +22,7 @@ def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, e
     a group of equal rewards into the standardised KL at unit scale whatever kl_coef is: docs/grpo.md.)
     """
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, n)
-    if n == 1:
+    if n == 1 or not r.numel():  # (no group: a rank with no prompt this step)
         adv = r.clone()
     else:
         mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)

@@ -274,8 +274,8 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
         out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]],
                                       n=args.samples_per_prompt, temperature=args.temperature, top_p=1.0,
                                       max_new_tokens=args.max_new_tokens,
-                                      seed=common.derive_seed(args.seed, c), template=args.template,
-                                      batch_size=size, progress=False)
+                                      seed=common.derive_seed(args.seed, 0), prompt_numbers=chunks[c],
+                                      template=args.template, batch_size=size, progress=False)
         for j, i in enumerate(chunks[c]):
             group = out[j * args.samples_per_prompt:(j + 1) * args.samples_per_prompt]
             ids = prompt_ids[i]  # (the ids the engine was given: sample_responses encodes the same rendered prompt)

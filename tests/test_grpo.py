@@ -2,6 +2,7 @@
 the loss aggregations' token weights, the clipped surrogate, the KL estimators and their expected gradients, the
 token-mean policy gradient, DWA's weights, and each step's prompts. (The loop itself: test_train_rl.py.)"""
 import math
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ def test_group_advantages_per_group():
     std = torch.tensor([0.0, 0.0, 1.0, 1.0]).std()                    # unbiased, as torch.std in verl
     assert torch.allclose(adv[8:], torch.tensor([-0.5, -0.5, 0.5, 0.5]) / (std + 1e-6))
     assert torch.equal(grpo.group_advantages([0, 0, 0], n=3), torch.zeros(3))
+    with warnings.catch_warnings():  # a rank with no prompt this step: no group, and no warning from std() of none
+        warnings.simplefilter("error")
+        assert grpo.group_advantages([], n=4).shape == (0,)
     # partial rewards too: float32's std of one group of eight 0.7s is ~6e-8, not 0 (it depends on the reduction's
     # layout), which once gave them all +0.056
     for r in (0.1, 0.3, 0.7):

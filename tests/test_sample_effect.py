@@ -345,6 +345,25 @@ def test_a_stopped_run_resumes_on_another_number_of_ranks(setup, tmp_path, monke
     assert not (tmp_path / "effects.partial").exists()
 
 
+def test_the_generation_calls_do_not_change_the_rollouts(setup, capsys):
+    """Each prompt's rollouts are keyed by its index among the evaluation prompts, not by its chunk: one generation
+    call of 16 prompts draws what the fixture's two calls of 8 drew, so ∇J and every effect are the same (they changed
+    with --gen_batch_size, --kv_cache_gib and the number of ranks)."""
+    d = setup["dir"]
+    args = list(setup["single"])
+    args[args.index("--gen_batch_size") + 1] = "16"
+    args[args.index("--out") + 1] = str(d / "one_call" / "effects.jsonl")
+    for flag in ("--select_out", "--select_bottom"):
+        args[args.index(flag) + 1] = str(d / f"one_call{flag}.jsonl")
+    se.main(args)
+    assert "rollouts: 1 generation call(s) of <= 16 prompts" in capsys.readouterr().out
+    one = common.read_jsonl(str(d / "single" / "effects.jsonl"))
+    got = common.read_jsonl(str(d / "one_call" / "effects.jsonl"))
+    assert [e["id"] for e in got] == [e["id"] for e in one]
+    for a, b in zip(one, got):
+        assert b["sample_effect"] == pytest.approx(a["sample_effect"], rel=1e-9, abs=1e-12)
+
+
 @pytest.mark.torchrun
 def test_torchrun_two_ranks_match_one(setup):
     d = setup["dir"]
@@ -362,7 +381,7 @@ def test_torchrun_two_ranks_match_one(setup):
     one = common.read_jsonl(str(d / "single" / "effects.jsonl"))
     two = common.read_jsonl(str(d / "two" / "effects.jsonl"))
     assert [e["id"] for e in two] == [e["id"] for e in one]
-    for a, b in zip(one, two):  # same rollouts (a seed per chunk of prompts), same SFT samples, other ranks; FSDP sums
+    for a, b in zip(one, two):  # same rollouts (keyed by prompt), same SFT samples, other ranks; FSDP sums
         # the ranks' ∇J in another order, so up to fp32 round-off
         assert b["sample_effect"] == pytest.approx(a["sample_effect"], rel=1e-5, abs=1e-9)
         assert b["sample_effect_proj"] == pytest.approx(a["sample_effect_proj"], rel=1e-5, abs=1e-9)
