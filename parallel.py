@@ -57,6 +57,12 @@ def dist_setup():
     return rank_, world, device
 
 
+def compute_device(device):
+    """The device a run computes on, as a resume compares it: a CPU with its thread count, which changes how matmuls
+    and reductions round (one seed on 1 and on 2 threads trains other weights)."""
+    return f"cpu, threads {torch.get_num_threads()}" if device.type == "cpu" else device.type
+
+
 def dist_cleanup():
     """Wait for every rank, then free the process group: its destructor joins the backend's worker threads (the
     GIL released, so they can drop what they still hold), before the interpreter starts finalizing."""

@@ -346,14 +346,15 @@ def main(argv=None):
     total_steps = steps_per_epoch * args.epochs
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {
         "num_examples": len(train), "data_digest": common.data_digest([e["input_ids"], e["start"]] for e in train),
-        "compute_dtype": str(dtype).replace("torch.", "")}  # (resolved: --dtype auto on another device counts too)
+        "compute_dtype": str(dtype).replace("torch.", ""),  # (resolved: --dtype auto on another device counts too)
+        "compute_device": parallel.compute_device(device)}  # (a CPU's thread count changes the rounding)
 
     # ---- model, optimizer, resume
     state = None
     if resume_from:
         step, resume_dir, state, train_shard = resume_from
         ckpt.check_run_identity(args.out_dir, state["identity"], identity,
-                                recorded_since=("data_digest", "adam_8bit", "compute_dtype"))
+                                recorded_since=("data_digest", "adam_8bit", "compute_dtype", "compute_device"))
         if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); "
                    f"final weights in {final_dir}; nothing to do")

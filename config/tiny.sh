@@ -21,7 +21,15 @@ DATA=${DATA:-$OUT/data}
 SEED_SHIFT=$((SEED - 1))
 STREAM_SHIFT=$((1000003 * SEED_SHIFT))  # puzzles are seeded stream seed + index: shifted streams never overlap
 DEVICES=1; DEVICE_KIND=cpu
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # the preset's machine: 2 CPU cores
+# CPU threads: the preset's machine has 2 cores, and its figures are for 2 threads (another count rounds the
+# matmuls otherwise: other weights, other samples); THREADS=N to run another, an OMP_NUM_THREADS of the shell is not
+# taken silently. A resumed training run refuses another count (its identity holds it).
+THREADS=${THREADS:-2}
+if [[ -n "${OMP_NUM_THREADS:-}" && "$OMP_NUM_THREADS" != "$THREADS" ]]; then
+  echo "note: OMP_NUM_THREADS=$OMP_NUM_THREADS in the environment; this preset runs THREADS=$THREADS" \
+       "(the figures' count; THREADS=$OMP_NUM_THREADS to use yours)" >&2
+fi
+export OMP_NUM_THREADS=$THREADS
 LAUNCH=python
 TASK=kk; TASK_SCRIPT=kk_data.py
 TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl

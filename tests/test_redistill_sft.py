@@ -280,6 +280,13 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--adam_8bit", "true"))
     with pytest.raises(UserError, match="different settings.*compute_dtype: was 'float32', now 'bfloat16'"):
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--dtype", "bfloat16"))
+    torch.set_num_threads(2)  # another CPU thread count rounds otherwise
+    try:
+        with pytest.raises(UserError, match="different settings.*compute_device: was 'cpu, threads 1', now 'cpu, "
+                                            "threads 2'"):
+            sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
+    finally:
+        torch.set_num_threads(1)
     write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=4), tok)  # other examples, same path and count
     with pytest.raises(UserError, match="different settings.*data_digest: was"):
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))

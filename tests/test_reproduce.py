@@ -10,7 +10,7 @@ from conftest import ROOT
 
 
 def run_reproduce(*args, env=None, check=True):
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    e = dict(os.environ, OMP_NUM_THREADS="1", THREADS="1", **(env or {}))  # (the preset's own setting: 2)
     proc = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
@@ -202,6 +202,21 @@ def test_a_stage_that_fails_is_logged_as_a_stopped_attempt_and_not_marked_done(t
     name, seconds, devices, kind, status = (out / "times.tsv").read_text().splitlines()[-1].split("\t")
     assert (name, devices, kind, status) == ("data", "1", "cpu", "stopped") and int(seconds) >= 0
     assert not (out / "done" / "data").exists()
+
+
+def test_the_tiny_preset_runs_its_own_thread_count_not_the_shells():
+    """Another CPU thread count rounds otherwise, so the figures hold for the preset's 2: an OMP_NUM_THREADS left in
+    the shell is overridden, with a note; THREADS chooses another."""
+    def threads(**env):
+        e = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "THREADS")} | env | {"SEED": "1"}
+        proc = subprocess.run(["bash", "-c", "source config/tiny.sh && echo $OMP_NUM_THREADS"], cwd=ROOT, env=e,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip(), proc.stderr
+    assert threads() == ("2", "")
+    out, err = threads(OMP_NUM_THREADS="1")
+    assert out == "2" and "OMP_NUM_THREADS=1 in the environment; this preset runs THREADS=2" in err
+    assert threads(OMP_NUM_THREADS="1", THREADS="1") == ("1", "")
 
 
 def test_dry_run_of_seeds_gives_each_seed_its_own_directory_and_seeds(tmp_path):

@@ -336,6 +336,12 @@ def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
     with pytest.raises(common.UserError, match=r"compute_dtype: was '?float32'?, now '?bfloat16'?"):  # not the text
         train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True,
                               dtype="bfloat16"))
+    torch.set_num_threads(2)  # another CPU thread count rounds otherwise: the rest of the run would be another's
+    try:
+        with pytest.raises(common.UserError, match=r"compute_device: was '?cpu, threads 1'?, now '?cpu, threads 2'?"):
+            train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True))
+    finally:
+        torch.set_num_threads(1)
     state = torch.load(ckpt.checkpoint_dir(str(out), 4) + ".state.pt", weights_only=True)
     torch.save({**state, "step": 7}, ckpt.checkpoint_dir(str(out), 7) + ".state.pt")  # no weights, no shard
     torch.save({}, ckpt.checkpoint_dir(str(out), 2) + ".train.rank0.pt")  # its state file already pruned
