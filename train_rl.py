@@ -165,7 +165,7 @@ def get_parser():
                         "on FSDP-sharded weights it runs on each rank's shards); else torch AdamW, with a note")
     # speed and memory
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, "
-                   "float32; the optimizer always updates sharded fp32 weights")
+                   "float32 (on CUDA its matmuls run as TF32); the optimizer always updates sharded fp32 weights")
     p.add_argument("--gradient_checkpointing", type=common.str2bool, default=True,
                    help="recompute blocks in backward (less memory)")
     parallel.add_recompute_args(p, auto_fraction=gpu_memory.AUTO_MEMORY_FRACTION)
