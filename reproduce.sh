@@ -168,6 +168,17 @@ elif [[ "$DRY_RUN" == 0 && ! -f "$BASE/config.json" ]]; then
 fi
 
 [[ "$DRY_RUN" == 1 ]] || mkdir -p "$OUT"
+# one study per OUT at a time: a second reproduce.sh there would run the same stages over this one's files (the
+# training stages and eval lock their own directories; data, sets and reports do not). The lock is held until this
+# script and every stage it started have ended (they inherit it). Where flock(1) is missing (macOS), no lock.
+if [[ "$DRY_RUN" == 0 ]] && command -v flock > /dev/null; then
+  exec 9> "$OUT/.reproduce.lock"
+  if ! flock -n 9; then
+    echo "error: another reproduce.sh is running on $OUT (or a stage it started still is); wait for it to end," \
+         "or stop it" >&2
+    exit 1
+  fi
+fi
 
 # ---- 1. data: the task's splits
 step data "$DATA_CMD"

@@ -204,6 +204,20 @@ def test_a_stage_that_fails_is_logged_as_a_stopped_attempt_and_not_marked_done(t
     assert not (out / "done" / "data").exists()
 
 
+def test_a_second_study_on_the_same_out_is_refused(tmp_path):
+    """Two reproduce.sh on one OUT would run the same stages over each other's files: the second stops at once."""
+    import fcntl
+    if not shutil.which("flock"):
+        pytest.skip("no flock(1) here: reproduce.sh takes no lock")
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".reproduce.lock", "w") as held:  # as a running study holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_reproduce("micro", env={"MICRO_OUT": str(out)}, check=False)
+    assert proc.returncode == 1 and f"another reproduce.sh is running on {out}" in proc.stderr
+    assert os.listdir(out) == [".reproduce.lock"]  # no stage ran
+
+
 def test_the_tiny_preset_runs_its_own_thread_count_not_the_shells():
     """Another CPU thread count rounds otherwise, so the figures hold for the preset's 2: an OMP_NUM_THREADS left in
     the shell is overridden, with a note; THREADS chooses another."""
