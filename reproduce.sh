@@ -173,10 +173,13 @@ fi
 # script and every stage it started have ended (they inherit it). Where flock(1) is missing (macOS), no lock.
 if [[ "$DRY_RUN" == 0 ]] && command -v flock > /dev/null; then
   exec 9> "$OUT/.reproduce.lock"
-  if ! flock -n 9; then
+  locked=0; flock -n -E 75 9 || locked=$?
+  if (( locked == 75 )); then
     echo "error: another reproduce.sh is running on $OUT (or a stage it started still is); wait for it to end," \
          "or stop it" >&2
     exit 1
+  elif (( locked != 0 )); then  # (a file system without locks)
+    echo "note: cannot lock $OUT/.reproduce.lock (flock exit $locked): running without the lock" >&2
   fi
 fi
 

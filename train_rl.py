@@ -583,6 +583,8 @@ def main(argv=None):
         ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity,
                                 recorded_since=("train_data_digest", "compute_dtype", "compute_device"))
         saved = {k: v for k, v in state.get("settings", {}).items() if k in RUN_OBJECTIVE}
+        if "compute_dtype" not in state.get("identity", {}):  # an earlier version's run: its --dtype text, as it was
+            saved |= {k: v for k, v in state.get("settings", {}).items() if k == "dtype"}
         ckpt.check_run_identity(args.out_dir, saved, {k: getattr(args, k) for k in saved})
         print0(f"resuming from {init_path} (step {start_step})")
     model = load_model(init_path, dtype=torch.float32, device=device)  # sharded below, once its recompute is set

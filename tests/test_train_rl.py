@@ -342,6 +342,15 @@ def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
             train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True))
     finally:
         torch.set_num_threads(1)
+    # a run of the version before compute_dtype was recorded: its --dtype text is compared, as that version did
+    path = ckpt.checkpoint_dir(str(out), 4) + ".state.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "identity": {k: v for k, v in state["identity"].items()
+                                      if k not in ("compute_dtype", "compute_device")}}, path)
+    with pytest.raises(common.UserError, match=r"different settings than the run's: dtype: was 'auto', now 'bfloat16'"):
+        train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True,
+                              dtype="bfloat16"))
+    torch.save(state, path)
     state = torch.load(ckpt.checkpoint_dir(str(out), 4) + ".state.pt", weights_only=True)
     torch.save({**state, "step": 7}, ckpt.checkpoint_dir(str(out), 7) + ".state.pt")  # no weights, no shard
     torch.save({}, ckpt.checkpoint_dir(str(out), 2) + ".train.rank0.pt")  # its state file already pruned
