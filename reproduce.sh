@@ -224,11 +224,12 @@ step sample_B "python sample_policy.py --from_rollouts $OUT/rl --steps $B_STEPS 
 # ---- 6. re-distillation: SFT of the BASE model (not the RL model) on each set, the cold start's settings; a set
 #   smaller than one SFT batch (redistill_sft.py refuses to train no step) is skipped as an empty one is
 CHECKPOINTS="$BASE $OUT/sft/final $RL_FINAL"; NAMES="base sft rl"; SETS="$OUT/sft_teacher.jsonl"
-[[ "$DRY_RUN" == 1 ]] || SFT_BATCH=$(python -c 'import sys, common, redistill_sft
+SFT_BATCH=$(python -c 'import sys, common, redistill_sft
 print(common.parse_settings(redistill_sft.get_parser(), sys.argv[1:]).global_batch)' $SFT_ARGS)
 for V in A B; do
   n=$(grep -c . "$OUT/redistill_$V.jsonl" 2> /dev/null || true)
-  if [[ "$DRY_RUN" == 1 ]] || (( n >= SFT_BATCH )); then
+  # (a dry run before the set exists lists its stage; once it exists, the same choice as the run's)
+  if [[ "$DRY_RUN" == 1 && ! -f "$OUT/redistill_$V.jsonl" ]] || (( n >= SFT_BATCH )); then
     step "redistill_$V" "$LAUNCH redistill_sft.py --init $BASE --data $OUT/redistill_$V.jsonl --out_dir $OUT/redistill_$V \
 --resume true $SFT_ARGS"
     CHECKPOINTS="$CHECKPOINTS $OUT/redistill_$V/final"; NAMES="$NAMES redistill_$V"; SETS="$SETS $OUT/redistill_$V.jsonl"

@@ -568,6 +568,11 @@ def main(argv=None):
                         f"{args.prompts_per_step}")
     steps_per_epoch = len(train_records) // args.prompts_per_step
     max_steps = args.max_steps or args.epochs * steps_per_epoch
+    for keep in args.keep_steps:  # (one already saved, as an earlier run's last step, stays kept)
+        if not (keep <= max_steps and (keep % args.save_every == 0 or keep == max_steps)
+                or os.path.isdir(ckpt.checkpoint_dir(args.out_dir, keep))):
+            raise UserError(f"--keep_steps {keep}: that step is never saved (checkpoints every --save_every "
+                            f"{args.save_every} steps and at the last, {max_steps}); keep one of those")
 
     # ---- model: the policy, sharded (fp32 weights, `dtype` compute), its optimizer, the reference policy
     checkpoint = ckpt.resume_checkpoint(args.out_dir, args.resume)

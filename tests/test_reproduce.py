@@ -114,6 +114,20 @@ def test_micro_limr_stages_probe_select_train_and_table(micro_run):
 
 
 @pytest.mark.slow  # the micro_run fixture
+def test_a_dry_run_of_a_finished_study_lists_every_stage_done(micro_run):
+    """--dry-run shows what a run would do: on a finished study, nothing. Its re-distillation sets, smaller than one
+    SFT batch, were skipped by the run, so the dry run skips them too (it assumed them trained, built another eval
+    command and told the user to delete the markers of stages that were done)."""
+    out, _ = micro_run
+    proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": out}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in os.listdir(f"{out}/done"):
+        assert f"== {stage}: done" in proc.stdout
+    if not open(f"{out}/redistill_A.jsonl").read().strip():
+        assert "== redistill_A: skipped" in proc.stdout
+
+
+@pytest.mark.slow  # the micro_run fixture
 def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
     out, _ = micro_run
     # pretend RL was killed after step 2: drop its marker, the last checkpoint and what came after it
