@@ -11,8 +11,8 @@ drills (one claim's truth value under every assignment: the table's one hard ste
 what a checkpoint knows in this pre-training format: greedy answers to a split's questions, asked as the documents
 ask them (the ceiling a cold start and GRPO can bring out of the base; docs/tiny_preset.md).
 
-  python tiny_base.py --out_dir runs/tiny/base_data --exclude data/tiny/test.jsonl data/tiny/sft.jsonl
-  python tiny_base.py --probe runs/tiny/base/final --probe_split data/tiny/test.jsonl \\
+  python tiny_base.py --out_dir runs/tiny/base_data --exclude runs/tiny/data/test.jsonl runs/tiny/data/sft.jsonl
+  python tiny_base.py --probe runs/tiny/base/final --probe_split runs/tiny/data/test.jsonl \\
       --probe_out runs/tiny/base_probe.json
 """
 import json
