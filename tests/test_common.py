@@ -128,6 +128,36 @@ def test_a_config_keep_steps_as_text_keeps_the_checkpoints_it_names(tmp_path):
         common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
 
 
+def test_a_config_key_may_be_spelled_with_dashes_as_on_the_command_line(tmp_path):
+    """{"max-steps": 7} is --max-steps spelled as on the command line (and as YAML-minded users write keys): it
+    sets max_steps, not refused as an unknown setting; a key that is unknown either way still is."""
+    import train_rl
+    (tmp_path / "cfg.json").write_text(json.dumps({"max-steps": 7, "kl_estimator": "k1"}))
+    args = common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+    assert args.max_steps == 7 and args.kl_estimator == "k1"
+    (tmp_path / "cfg.json").write_text(json.dumps({"max-stepz": 7}))
+    with pytest.raises(common.UserError, match=r"unknown setting\(s\) \['max-stepz'\]"):
+        common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+
+
+def test_an_output_may_not_be_an_input_or_another_output(tmp_path):
+    """check_distinct_outputs: an output that is one of the inputs (by its real path: a link to it too) would be
+    overwritten as it is read; two outputs on one file would replace each other's result. Empty paths are unset
+    settings and skipped."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to(data)
+    common.check_distinct_outputs([("--out", str(tmp_path / "out.jsonl")), ("--samples_out", "")],
+                                  [("--data", str(data)), ("--split", "")])  # distinct: fine
+    for out in (str(data), str(tmp_path / "link.jsonl")):
+        with pytest.raises(common.UserError, match=r"^--out .*: that is an input \(--data\); it would be overwritten$"):
+            common.check_distinct_outputs([("--out", out)], [("--data", str(data))])
+    with pytest.raises(common.UserError, match=r"^--samples_out .*out\.jsonl: the same file as --out; each output"):
+        common.check_distinct_outputs([("--out", str(tmp_path / "out.jsonl")),
+                                       ("--samples_out", str(tmp_path / "out.jsonl"))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "link.jsonl"]  # nothing written
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_seed_setting_is_checked_before_any_work(name, tmp_path):
     """numpy takes no negative seed (train_rl's data order) and np.random.seed none from 2**32 (redistill_sft): such

@@ -200,6 +200,80 @@ def test_sampled_metrics(tiny_checkpoint, split, tmp_path):
         == read(os.path.join(pair, "samples.jsonl"))
 
 
+class Killed(Exception):
+    pass
+
+
+def test_a_sampled_pair_is_reused_only_under_its_generation_settings(tiny_checkpoint, split, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A done pair (summary.json) is reused only when every setting that changes what is generated is the run's:
+    each one changed without --overwrite is refused, naming it (a sampled pair made with another seed or top-p is
+    other samples). Another --pass_k is not one: the summary is recomputed from samples.jsonl without loading a
+    model, and records the k asked (else the next run would recompute again and again). A summary of a version from
+    before inputs were recorded is reused as is; a config.json changed in place makes the pair stale, as a weight
+    file does. An --overwrite run removes the old summary before it writes new samples: killed in between, the
+    re-run evaluates again (the old summary would mark the new samples done). --pass_k 0 is refused."""
+    import shutil
+    ckpt_dir = shutil.copytree(tiny_checkpoint, str(tmp_path / "m"))
+    out = str(tmp_path / "out")
+    sampled = ["--samples_per_prompt", "4", "--temperature", "1.0", "--seed", "0", "--top_p", "1.0"]
+
+    def run(*extra, checkpoint=ckpt_dir, split_path=split):
+        capsys.readouterr()
+        ev.main(["--checkpoints", checkpoint, "--names", "m", "--splits", split_path, "--split_names", "toy_test",
+                 "--out_dir", out] + FAST + sampled + list(extra))
+        return capsys.readouterr().out
+
+    with pytest.raises(common.UserError, match="--pass_k values must be >= 1"):
+        run("--pass_k", "0")
+    assert "loaded" in run("--pass_k", "1")
+    pair = os.path.join(out, "m", "toy_test")
+    (tmp_path / "toy_task_copy.py").write_text("from toy_task import *  # noqa\n")  # the same task, another name
+    monkeypatch.syspath_prepend(str(tmp_path))
+    changed = {"task": ["--task", "toy_task_copy"], "checkpoint_path": {"checkpoint": tiny_checkpoint},
+               "split_path": {"split_path": shutil.copy(split, str(tmp_path / "copy.jsonl"))},
+               "samples_per_prompt": ["--samples_per_prompt", "2"], "temperature": ["--temperature", "0.5"],
+               "top_p": ["--top_p", "0.9"], "max_new_tokens": ["--max_new_tokens", "8"],
+               "template": ["--template", "plain"], "dtype": ["--dtype", "float64"], "seed": ["--seed", "1"]}
+    assert set(changed) == set(ev.GENERATION_SETTINGS)
+    for key, change in changed.items():
+        extra, where = (change, {}) if isinstance(change, list) else ([], change)
+        with pytest.raises(common.UserError, match=rf"summary\.json was made with other settings \({key}="):
+            run("--pass_k", "1", *extra, **where)
+    # another --pass_k: recomputed from the samples, no model loaded, the k asked recorded
+    log = run("--pass_k", "1", "2", "4")
+    assert "done before, skipped" in log and "loaded" not in log
+    samples, summary = common.read_jsonl(os.path.join(pair, "samples.jsonl")), common.read_json(
+        os.path.join(pair, "summary.json"))
+    assert summary["pass_k"] == [1, 2, 4] and summary["settings"]["pass_k_asked"] == [1, 2, 4]
+    want = scoring.summarize(samples, toy_task.load_split(split), "level", [1, 2, 4])
+    assert summary["overall"]["pass@4"] == want["overall"]["pass@4"] and summary == {**summary, **want}
+    # an earlier version's summary, without the inputs: reused
+    del summary["settings"]["inputs"]
+    common.write_json(os.path.join(pair, "summary.json"), summary)
+    log = run("--pass_k", "1", "2", "4")
+    assert "done before, skipped" in log and "loaded" not in log
+    common.write_json(os.path.join(pair, "summary.json"), {**summary, "settings": {
+        **summary["settings"], "inputs": ev.inputs_of(ckpt_dir, common.data_digest(toy_task.load_split(split)))}})
+    assert "loaded" not in run("--pass_k", "1", "2", "4")
+    os.utime(os.path.join(ckpt_dir, "config.json"), ns=(1, 1))  # the config edited in place
+    log = run("--pass_k", "1", "2", "4")
+    assert "changed since (config.json); evaluating again" in log and "loaded" in log
+    # --overwrite killed after writing the new samples, before their summary: the pair is not done
+    real = common.write_json
+
+    def dies_before_the_summary(path, *args, **kwargs):
+        if os.path.basename(path) == "summary.json":
+            raise Killed()
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(common, "write_json", dies_before_the_summary)
+    with pytest.raises(Killed):
+        run("--pass_k", "1", "2", "4", "--overwrite", "true")
+    monkeypatch.setattr(common, "write_json", real)
+    assert not os.path.exists(os.path.join(pair, "summary.json"))
+    assert "loaded" in run("--pass_k", "1", "2", "4")
+
+
 @pytest.mark.torchrun
 def test_torchrun_two_processes_equal_one(greedy_run, tiny_checkpoint, split, tmp_path):
     port = free_port()

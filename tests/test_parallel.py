@@ -40,16 +40,24 @@ rank, world, device = parallel.dist_setup()
 model = load_model(sys.argv[1])  # what every stage does after dist_setup; its meta device imports torch._dynamo
 assert "torch.distributed.nn.functional" in sys.modules
 gathered = parallel.all_gather_json({"rank": rank, "text": "é✓" * (1 + 1000 * rank)})  # sizes differ; not ASCII
+larger_first = parallel.all_gather_json("x" * (1000 if rank == 0 else 3))  # rank 0's payload the larger one
+merged = parallel.gather_lists([5 - rank, 1 - rank, 7 - rank], key=lambda x: x)  # [5, 1, 7] and [4, 0, 6]
+unsorted = parallel.gather_lists([5 - rank, 1 - rank])
+evened = parallel.even_out([[rank]] * (3 if rank == 0 else 1))  # 3 micro-batches on rank 0, 1 on rank 1
 during = threads()
 parallel.dist_cleanup()
 with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
-    json.dump({"gathered": gathered, "during": during, "after": threads()}, f)
+    json.dump({"gathered": gathered, "larger_first": larger_first, "merged": merged, "unsorted": unsorted,
+               "evened": evened, "during": during, "after": threads()}, f)
 '''
 
 
 @pytest.mark.torchrun
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc (Linux)")
 def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
+    """2 ranks (gloo): the collectives outside FSDP give every rank the same, right answer (all_gather_json with
+    payloads of either size order, gather_lists with and without a key, even_out), and dist_cleanup then stops
+    gloo's threads."""
     script = tmp_path / "rank_script.py"
     script.write_text(RANK_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
@@ -60,6 +68,12 @@ def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
         with open(tmp_path / f"rank{rank}.json") as f:
             got = json.load(f)
         assert got["gathered"] == [{"rank": 0, "text": "é✓"}, {"rank": 1, "text": "é✓" * 1001}]
+        # each rank's payload cut at its own size, whichever rank sends the larger
+        assert got["larger_first"] == ["x" * 1000, "x" * 3]
+        # gather_lists: rank order, then sorted by the key when one is given (the rollout logs' record order)
+        assert got["merged"] == [0, 1, 4, 5, 6, 7] and got["unsorted"] == [5, 1, 4, 0]
+        # even_out: as many micro-batches as the busiest rank, the rest idle (None): FSDP's collectives pair up
+        assert got["evened"] == ([[0]] * 3 if rank == 0 else [[1], None, None])
         gloo = ("pt_gloo_runloop", "gloo_tcp_loop")  # torch 2.13 runs both; 2.11 only the first
         assert any(name in got["during"] for name in gloo), got["during"]  # the check sees gloo's threads ...
         assert not any(name in got["after"] for name in gloo), got["after"]  # ... and after cleanup they are gone
@@ -242,6 +256,22 @@ def test_compiled_blocks_give_the_eager_gradients_under_the_same_names():
         assert abs(float(out[0][0] - out[1][0])) <= 1e-5
         for a, b in zip(out[0][1], out[1][1]):
             assert (a - b).abs().max() <= 1e-5
+
+
+def test_rank_share_is_strided_and_idle_pass_adds_no_gradient():
+    """rank_share deals the items out in turn (every world-th from the rank's own): disjoint and covering all, the
+    shares differing in length by at most one (7 prompts cut into contiguous parts of 7 // 2 would drop the last).
+    idle_pass, the forward and backward a rank runs when it is out of micro-batches, must leave every gradient as it
+    was (zero): it only joins the others' collectives."""
+    assert [parallel.rank_share(list(range(7)), r, 2) for r in (0, 1)] == [[0, 2, 4, 6], [1, 3, 5]]
+    assert [parallel.rank_share(list(range(7)), r, 3) for r in (0, 1, 2)] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert parallel.gather_lists([3, 1, 2], key=lambda x: -x) == [3, 2, 1]  # (one process: the key still sorts)
+    cfg = model_module.tiny_config(64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+    m = model_module.build_model(cfg, seed=0)
+    parallel.idle_pass(m)
+    grads = [p.grad for p in m.parameters()]
+    assert any(g is not None for g in grads)  # the backward ran ...
+    assert all(g is None or not g.any() for g in grads)  # ... and added nothing
 
 
 def test_micro_batches_and_epoch_order_by_hand():

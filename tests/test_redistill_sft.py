@@ -360,6 +360,61 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, mon
     assert all(torch.equal(w2[k], w3[k]) and torch.isfinite(w3[k]).all() for k in w2)  # step 3 changed nothing
 
 
+def test_a_good_step_ends_the_streak_of_non_finite_ones(tiny_checkpoint, tmp_path, monkeypatch):
+    """--max_bad_steps counts consecutive non-finite steps: NaN in steps 1 and 3 of 5 with --max_bad_steps 2 is
+    never two in a row, so the run finishes (exit 0, final/ written); a streak that a good step does not reset would
+    stop it at step 3 (exit 1)."""
+    real_lr, real_loss, step_now = sft.lr_at, sft.reduce_loss, [0]
+
+    def lr_at(step, *args):  # called once at the start of every step
+        step_now[0] = step + 1
+        return real_lr(step, *args)
+
+    def nan_in_steps_1_and_3(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if step_now[0] in (1, 3) else loss
+
+    monkeypatch.setattr(sft, "lr_at", lr_at)
+    monkeypatch.setattr(sft, "reduce_loss", nan_in_steps_1_and_3)
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch
+    out = str(tmp_path / "nan")
+    assert sft.main(run_args(tiny_checkpoint, data, out, "--epochs", "1", "--max_bad_steps", "2")) == 0
+    assert [r["bad_steps"] for r in metrics(out)] == [1, 1, 2, 2, 2]
+    assert os.path.isfile(os.path.join(out, "final", "config.json"))
+
+
+def test_held_out_loss_at_start_and_epoch_ends_through_a_resume_then_one_checkpoint_and_final(tiny_checkpoint,
+                                                                                              tmp_path, capsys):
+    """The held-out loss is measured before training (step 0) and at each epoch end (steps 5 and 10 of 2 epochs of
+    5 steps), once each: a run stopped at step 7 and resumed measures no second step 0 (its weights are trained).
+    A --stop_at_step past the schedule's end is clamped to it (the resume ends at step 10, not 12, as the cosine
+    schedule spans 10). The metrics' epoch counts from 0, as the checkpoint state's does. A finished run keeps one
+    resumable checkpoint (--keep_last 2 until then). A resumed run whose steps are all done but which has no final/
+    (killed while writing it, or final/ deleted) writes final/ rather than calling itself finished."""
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch, 10 in all
+    val = write_sft(tmp_path / "v.jsonl", toy_task.make_records(6, seed=7, split="val"), tok)
+    out = str(tmp_path / "run")
+    assert sft.main(run_args(tiny_checkpoint, data, out, "--val_data", val, "--stop_at_step", "7")) == 0
+    assert ckpt.checkpoint_steps(out) == [5, 7] and not os.path.exists(os.path.join(out, "final"))
+    assert sft.main(run_args(tiny_checkpoint, data, out, "--val_data", val, "--stop_at_step", "12",
+                             "--resume", "true")) == 0
+    m = metrics(out)
+    assert [r["step"] for r in m if "val_loss" in r] == [0, 5, 10]
+    assert [r["step"] for r in m if "loss" in r] == list(range(1, 11))
+    assert [r["epoch"] for r in m if "loss" in r] == [0] * 5 + [1] * 5
+    assert ckpt.checkpoint_steps(out) == [10]
+    final = os.path.join(out, "final")
+    shutil.rmtree(final)
+    capsys.readouterr()
+    assert sft.main(run_args(tiny_checkpoint, data, out, "--val_data", val, "--resume", "true")) == 0
+    assert "already finished" not in capsys.readouterr().out
+    a, b = weights(ckpt.checkpoint_dir(out, 10)), weights(final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metrics(out) if "val_loss" in r] == [0, 5, 10]
+
+
 def test_a_pretraining_file_named_json_is_read_as_json_lines(tiny_checkpoint, tmp_path):
     """*.jsonl and *.json hold one {"text": ...} a line; read as plain text, the model would learn braces and field
     names. Any other name is plain text."""

@@ -276,3 +276,17 @@ def test_rollout_errors_write_nothing(tmp_path):
     fails(r"step_000008\.jsonl:2: not valid JSON", "--steps", "8")
     with pytest.raises(UserError, match=r"rollouts/step_000001\.jsonl: file not found \(rollout steps present: none\)"):
         sp.main(["--from_rollouts", str(tmp_path / "empty"), "--steps", "1", "--task", "toy_task", "--out", str(out)])
+
+
+def test_steps_name_one_step_as_a_range_and_belong_to_rollouts_only(tiny_checkpoint, tmp_path):
+    """--steps 125-125 is the one step 125 (a range whose ends are equal, as a script building 'A-B' from a start and
+    an end writes it), not an error; --steps with --from_checkpoint, which samples a checkpoint and reads no rollout
+    log, is refused rather than silently ignored."""
+    assert sp.parse_steps("125-125") == [125] and sp.parse_steps("3,5-5,1-2") == [3, 5, 1, 2]
+    split = str(tmp_path / "split.jsonl")
+    common.write_jsonl(split, toy_task.make_records(2, seed=1, split="val"))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(UserError, match=r"^--steps applies to --from_rollouts only$"):
+        sp.main(["--from_checkpoint", tiny_checkpoint, "--task", "toy_task", "--split", split, "--out", str(out),
+                 "--steps", "5", "--progress", "false"])
+    assert not out.exists()

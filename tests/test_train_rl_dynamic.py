@@ -1,8 +1,11 @@
 """train_rl.py --dynamic_sampling (DAPO's refill) in the real loop, on rollouts whose rewards depend only on the
 prompt (tests/rl_fixed_rollouts.py; with 2 samples a prompt about half the groups have no reward variance): each step
 trains the first --prompts_per_step groups with a signal in the data order, draws further batches for them up to
---max_gen_batches and logs how many, a resume draws the same groups, and 2 ranks train the groups 1 rank does."""
+--max_gen_batches and logs how many, a resume draws the same groups, and 2 ranks train the groups 1 rank does.
+The same cheap runs (no warm start) check the loop's bookkeeping: which steps are saved, the step-0 validation,
+the streak of non-finite steps, and the settings a resume must share with the run it continues."""
 import os
+import shutil
 import sys
 
 import pytest
@@ -138,3 +141,104 @@ def test_two_ranks_train_the_groups_one_rank_does(tiny_checkpoint, tmp_path):
     assert all(float((b[k] - a[k]).norm()) <= 1e-4 * float(a[k].norm()) for k in a)
     ma, mb = ([m for m in common.read_jsonl(os.path.join(runs[k], "metrics.jsonl"))] for k in (1, 2))
     assert [m["loss"] for m in mb] == pytest.approx([m["loss"] for m in ma], rel=1e-5, abs=1e-7)
+
+
+# -----------------------------------------------------------------------------
+# the loop's bookkeeping (any sampling: these runs draw one batch a step unless they say otherwise)
+
+
+def test_the_last_step_is_saved_when_save_every_does_not_divide_it(loop):
+    """--max_steps 3, --save_every 2: step 2 is saved by the cadence and step 3 because it is the last; without the
+    last one the run's final weights would be lost (and --keep_steps 3, which the docs' commands use, refused)."""
+    run, _ = loop
+    _, _, out = run("ends", max_steps=3, save_every=2, dynamic_sampling=False)
+    assert ckpt.checkpoint_steps(out) == [2, 3]
+
+
+def test_a_resumed_run_does_not_validate_step_0_again(loop, tmp_path):
+    """--val_before_train validates the initial policy once, as step 0: a resumed run starts from trained weights,
+    so validating again would log a second step-0 record (of the wrong weights) into metrics.jsonl."""
+    run, _ = loop
+    test = str(tmp_path / "test.jsonl")
+    common.write_jsonl(test, toy_task.make_records(4, seed=2, split="test"))
+    kw = dict(test_data=test, val_every=2, val_before_train=True, dynamic_sampling=False, save_every=2)
+    run("val", max_steps=2, **kw)
+    _, _, out = run("val", max_steps=3, resume=True, **kw)
+    ms = common.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [m["step"] for m in ms] == [0, 1, 2, 3]
+    assert [m["step"] for m in ms if "val/acc" in m] == [0, 2, 3]
+
+
+def test_a_good_step_ends_the_streak_of_non_finite_ones(loop, monkeypatch):
+    """--max_bad_steps counts consecutive non-finite steps: NaN in steps 1 and 3 of 4 with --max_bad_steps 2 is
+    never two in a row, so the run finishes (exit 0), every step logged and the last saved; a streak that a good
+    step does not reset would stop it at step 3 (exit 1)."""
+    run, _ = loop
+    real, calls = train_rl.policy_loss, [0]
+
+    def nan_in_steps_1_and_3(*a, **k):  # one micro-batch a step: the n-th call is step n's update
+        calls[0] += 1
+        loss, clipped = real(*a, **k)
+        return (loss * float("nan") if calls[0] in (1, 3) else loss), clipped
+
+    monkeypatch.setattr(train_rl, "policy_loss", nan_in_steps_1_and_3)
+    metrics, _, out = run("nan", max_steps=4, max_bad_steps=2, dynamic_sampling=False, micro_batch_tokens=100000)
+    assert calls[0] == 4 and [m["bad_steps"] for m in metrics] == [1, 1, 2, 2]
+    assert [m["updates"] for m in metrics] == [0, 1, 0, 1] and ckpt.checkpoint_steps(out)[-1] == 4
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny_checkpoint, tmp_path_factory):
+    """One step of a --dynamic_sampling run on fixed rollouts, saved, and a function that resumes it with settings
+    changed (the resume's --max_steps is the saved step: a resume that is not refused runs no step)."""
+    d = tmp_path_factory.mktemp("identity")
+    train = str(d / "train.jsonl")
+    common.write_jsonl(train, toy_task.make_records(RECORDS, seed=1, split="train"))
+    s = {"model": tiny_checkpoint, "task": "toy_task", "train_data": train, "test_data": "", "out_dir": str(d / "run"),
+         "prompts_per_step": PROMPTS, "samples_per_prompt": N, "max_response_tokens": 12, "lr": 3e-3,
+         "warmup_steps": 0, "max_steps": 1, "save_every": 1, "progress": False, "dynamic_sampling": True,
+         "max_gen_batches": 3}
+
+    def main(**over):
+        return train_rl.main([x for k, v in (s | over).items() for x in (f"--{k}", str(v))])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "sample_responses", fixed_rollouts)
+        assert main() == 0
+    return d, main
+
+
+# a value other than the saved run's for each setting a resume must keep ("copy": the same file or checkpoint at
+# another path, which still names another run)
+CHANGED = {"task": "toy_task_copy", "train_data": "copy", "template": "chat", "max_prompt_tokens": 500,
+           "prompts_per_step": 4, "samples_per_prompt": 4, "seed": 7, "lr": 1e-3, "warmup_steps": 5,
+           "temperature": 0.5, "top_p": 0.9, "max_response_tokens": 10, "loss_agg": "constant", "std_normalize": False,
+           "clip_low": 0.1, "clip_high": 0.28, "ppo_epochs": 2, "ratio_level": "sequence", "ppo_mini_batches": 2,
+           "kl_coef": 0.05, "kl_estimator": "k1", "ref_model": "copy", "entropy_coef": 0.01, "adv_weight": "dwa",
+           "rollout_is": "off", "rollout_is_cap": 3.0, "dwa_s": 0.5, "dwa_alpha": 2.0,
+           "drop_zero_variance_groups": True, "mask_truncated": True, "grad_clip": 0.5, "adam_8bit": True,
+           "model": "copy", "max_gen_batches": 1}
+
+
+def test_every_identity_setting_has_a_changed_value():
+    assert set(CHANGED) == set(train_rl.RUN_IDENTITY) | set(train_rl.RUN_OBJECTIVE) | {"max_gen_batches"}
+
+
+@pytest.mark.parametrize("key", sorted(CHANGED))
+def test_a_resume_with_a_changed_setting_is_refused_naming_it(saved_run, tiny_checkpoint, key, monkeypatch):
+    """Each setting of RUN_IDENTITY (the data order, the schedule), RUN_OBJECTIVE (what a step samples and
+    optimises) and, under --dynamic_sampling, --max_gen_batches (how many prompt batches a step may draw, so the
+    data cursor) must be the saved run's: changed at a resume, the rest of the run would be another run's, silently.
+    The refusal names the setting."""
+    d, main = saved_run
+    value = CHANGED[key]
+    if key == "task":  # the same task under another module name
+        (d / "toy_task_copy.py").write_text("from toy_task import *  # noqa\n")
+        monkeypatch.syspath_prepend(str(d))
+    elif value == "copy":
+        src = {"train_data": str(d / "train.jsonl")}.get(key, tiny_checkpoint)
+        value = str(d / f"{key}_copy")
+        if not os.path.exists(value):
+            (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, value)
+    with pytest.raises(UserError, match=rf"different settings than the run's: (.*; )?{key}: was"):
+        main(resume=True, **{key: value})
+    assert main(resume=True) == 0  # unchanged, it resumes (and, at its last step, runs none)
