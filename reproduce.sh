@@ -224,8 +224,10 @@ step sample_B "python sample_policy.py --from_rollouts $OUT/rl --steps $B_STEPS 
 # ---- 6. re-distillation: SFT of the BASE model (not the RL model) on each set, the cold start's settings; a set
 #   smaller than one SFT batch (redistill_sft.py refuses to train no step) is skipped as an empty one is
 CHECKPOINTS="$BASE $OUT/sft/final $RL_FINAL"; NAMES="base sft rl"; SETS="$OUT/sft_teacher.jsonl"
-SFT_BATCH=$(python -c 'import sys, common, redistill_sft
+if [[ "$DRY_RUN" == 0 || -f "$OUT/redistill_A.jsonl" || -f "$OUT/redistill_B.jsonl" ]]; then
+  SFT_BATCH=$(python -c 'import sys, common, redistill_sft
 print(common.parse_settings(redistill_sft.get_parser(), sys.argv[1:]).global_batch)' $SFT_ARGS)
+fi
 for V in A B; do
   n=$(grep -c . "$OUT/redistill_$V.jsonl" 2> /dev/null || true)
   # (a dry run before the set exists lists its stage; once it exists, the same choice as the run's)
