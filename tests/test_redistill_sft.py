@@ -329,23 +329,28 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    """A non-finite loss or gradient norm skips the update (every rank alike: both numbers are all-reduced), is
-    counted, and --max_bad_steps in a row stop the run with exit code 1, keeping the last good checkpoint. (The
-    update used to run whatever the norm: one NaN gradient made every weight NaN.) With recompute chosen by memory:
-    every block on a CPU."""
+def nan_loss_in(monkeypatch, bad):
+    """From now on the training loss is NaN in each step (counted from 1) for which bad(step) holds."""
     real_lr, real_loss, step_now = sft.lr_at, sft.reduce_loss, [0]
 
     def lr_at(step, *args):  # called once at the start of every step
         step_now[0] = step + 1
         return real_lr(step, *args)
 
-    def nan_from_step_3(*args, **kwargs):
+    def reduce_loss(*args, **kwargs):
         loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if step_now[0] >= 3 else loss
+        return loss * float("nan") if bad(step_now[0]) else loss
 
     monkeypatch.setattr(sft, "lr_at", lr_at)
-    monkeypatch.setattr(sft, "reduce_loss", nan_from_step_3)
+    monkeypatch.setattr(sft, "reduce_loss", reduce_loss)
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """A non-finite loss or gradient norm skips the update (every rank alike: both numbers are all-reduced), is
+    counted, and --max_bad_steps in a row stop the run with exit code 1, keeping the last good checkpoint. (The
+    update used to run whatever the norm: one NaN gradient made every weight NaN.) With recompute chosen by memory:
+    every block on a CPU."""
+    nan_loss_in(monkeypatch, lambda step: step >= 3)
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch
     out = str(tmp_path / "nan")
@@ -364,18 +369,7 @@ def test_a_good_step_ends_the_streak_of_non_finite_ones(tiny_checkpoint, tmp_pat
     """--max_bad_steps counts consecutive non-finite steps: NaN in steps 1 and 3 of 5 with --max_bad_steps 2 is
     never two in a row, so the run finishes (exit 0, final/ written); a streak that a good step does not reset would
     stop it at step 3 (exit 1)."""
-    real_lr, real_loss, step_now = sft.lr_at, sft.reduce_loss, [0]
-
-    def lr_at(step, *args):  # called once at the start of every step
-        step_now[0] = step + 1
-        return real_lr(step, *args)
-
-    def nan_in_steps_1_and_3(*args, **kwargs):
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if step_now[0] in (1, 3) else loss
-
-    monkeypatch.setattr(sft, "lr_at", lr_at)
-    monkeypatch.setattr(sft, "reduce_loss", nan_in_steps_1_and_3)
+    nan_loss_in(monkeypatch, lambda step: step in (1, 3))
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch
     out = str(tmp_path / "nan")
