@@ -568,11 +568,6 @@ def main(argv=None):
                         f"{args.prompts_per_step}")
     steps_per_epoch = len(train_records) // args.prompts_per_step
     max_steps = args.max_steps or args.epochs * steps_per_epoch
-    for keep in args.keep_steps:  # (one already saved, as an earlier run's last step, stays kept)
-        if not (keep <= max_steps and (keep % args.save_every == 0 or keep == max_steps)
-                or os.path.isdir(ckpt.checkpoint_dir(args.out_dir, keep))):
-            raise UserError(f"--keep_steps {keep}: that step is never saved (checkpoints every --save_every "
-                            f"{args.save_every} steps and at the last, {max_steps}); keep one of those")
 
     # ---- model: the policy, sharded (fp32 weights, `dtype` compute), its optimizer, the reference policy
     checkpoint = ckpt.resume_checkpoint(args.out_dir, args.resume)
@@ -592,6 +587,12 @@ def main(argv=None):
             saved |= {k: v for k, v in state.get("settings", {}).items() if k == "dtype"}
         ckpt.check_run_identity(args.out_dir, saved, {k: getattr(args, k) for k in saved})
         print0(f"resuming from {init_path} (step {start_step})")
+    for keep in args.keep_steps:  # a step this run (or a longer one) saves after its start, or one saved already
+        if keep < 1 or not (keep > start_step and (keep % args.save_every == 0 or keep == max_steps)
+                            or os.path.isdir(ckpt.checkpoint_dir(args.out_dir, keep))):
+            raise UserError(f"--keep_steps {keep}: that step is never saved (this run saves every --save_every "
+                            f"{args.save_every} steps after step {start_step} and its last, {max_steps}, and has "
+                            f"no such checkpoint); keep one of those")
     model = load_model(init_path, dtype=torch.float32, device=device)  # sharded below, once its recompute is set
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                             args.train_data, "--max_response_tokens")

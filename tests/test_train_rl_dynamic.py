@@ -155,6 +155,22 @@ def test_the_last_step_is_saved_when_save_every_does_not_divide_it(loop):
     assert ckpt.checkpoint_steps(out) == [2, 3]
 
 
+def test_a_step_to_keep_is_one_the_run_saves(loop):
+    """--keep_steps names steps whose weights outlive --keep_last; one never saved kept nothing, silently. Kept: a
+    step of the cadence after the run's start, its last, or one saved already (an earlier leg's last step, off the
+    cadence, kept through a longer resumed run). Refused: one pruned before this run's start, one off the cadence,
+    and one below 1."""
+    run, _ = loop
+    flags = dict(save_every=2, keep_last=1, keep_steps=3, dynamic_sampling=False)
+    run("keep", max_steps=3, **flags)  # 3: its last step
+    _, _, out = run("keep", max_steps=6, resume=True, **flags)
+    assert ckpt.checkpoint_steps(out) == [6] and os.path.isdir(ckpt.checkpoint_dir(out, 3))
+    for keep in (2, 5, 0):  # 2: pruned by the first leg; 5: never on the cadence
+        with pytest.raises(UserError, match=rf"--keep_steps {keep}: that step is never saved \(this run saves every "
+                                            rf"--save_every 2 steps after step 6 and its last, 8,"):
+            run("keep", max_steps=8, resume=True, **(flags | {"keep_steps": keep}))
+
+
 def test_a_resumed_run_does_not_validate_step_0_again(loop, tmp_path):
     """--val_before_train validates the initial policy once, as step 0: a resumed run starts from trained weights,
     so validating again would log a second step-0 record (of the wrong weights) into metrics.jsonl."""
