@@ -361,8 +361,8 @@ def read_json(path, what="a JSON object"):
         raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e})")
     if not isinstance(obj, dict):
         raise UserError(f"{path}: {what} expected, got a JSON {type(obj).__name__}")
-    if not_text(obj):
-        raise UserError(f"{path}: {not_text(obj)}")
+    if problem := not_text(obj):
+        raise UserError(f"{path}: {problem}")
     return obj
 
 
@@ -390,9 +390,8 @@ def lock_run_dir(path, name=".lock"):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        what = path if name == ".lock" else lock_file
-        raise UserError(f"{what}: another run is using this {'directory' if name == '.lock' else 'output'} "
-                        f"({holder}); wait for it to end, or stop it")
+        what, kind = (path, "directory") if name == ".lock" else (lock_file, "output")
+        raise UserError(f"{what}: another run is using this {kind} ({holder}); wait for it to end, or stop it")
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

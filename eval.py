@@ -22,7 +22,7 @@ import common
 import parallel
 import tasks
 from common import UserError, print0
-from model import check_checkpoint, weight_files
+from model import check_checkpoint, dtype_name, weight_files
 from scoring import generate_and_score, markdown_table, read_summary, summarize, summary_row
 
 # -----------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def main(argv=None):
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template,
-                "dtype": str(dtype).replace("torch.", ""), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
+                "dtype": dtype_name(dtype), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
                 "inputs": inputs_of(ckpt, digests[split_path])}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others, holding out_dir's

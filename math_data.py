@@ -112,8 +112,8 @@ def _json_rows(path):
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start + 1}: {e.reason})")
-    if common.not_text(data):
-        raise UserError(f"{path}: {common.not_text(data)}")
+    if problem := common.not_text(data):
+        raise UserError(f"{path}: {problem}")
     if isinstance(data, dict):  # one Hendrycks problem file
         return [(path, None, data)]
     if not isinstance(data, list):

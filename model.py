@@ -536,6 +536,11 @@ def response_logprobs(model, prompts, responses, temperature=1.0, chunk_size=409
 # Hugging Face checkpoints
 
 
+def dtype_name(dtype):
+    """A torch dtype as settings, identities and configs write it: "bfloat16", not "torch.bfloat16"."""
+    return str(dtype).replace("torch.", "")
+
+
 def parse_dtype(dtype, device=None, training=False):
     """A torch dtype from a --dtype setting; "auto" is bfloat16 on CUDA and float32 elsewhere (the one rule).
     training: the dtype gradients are computed in, where float16 is refused (nothing here scales the loss)."""
@@ -662,7 +667,7 @@ def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     cfg = dict(model.config.hf_config)
-    cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    cfg["dtype" if "dtype" in cfg else "torch_dtype"] = dtype_name(next(iter(state.values())).dtype)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if tokenizer is not None:

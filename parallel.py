@@ -15,7 +15,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from common import UserError, lock_run_dir, print0, rank, str2bool, world_size
-from model import CHECKPOINT_KEEP, compile_blocks, empty_model, packed_backend_name
+from model import CHECKPOINT_KEEP, compile_blocks, dtype_name, empty_model, packed_backend_name
 
 # -----------------------------------------------------------------------------
 # process group
@@ -57,10 +57,12 @@ def dist_setup():
     return rank_, world, device
 
 
-def compute_device(device):
-    """The device a run computes on, as a resume compares it: a CPU with its thread count, which changes how matmuls
-    and reductions round (one seed on 1 and on 2 threads trains other weights)."""
-    return f"cpu, threads {torch.get_num_threads()}" if device.type == "cpu" else device.type
+def compute_identity(dtype, device):
+    """What a training run computes in, as its resume compares it: the dtype --dtype resolved to (auto on another
+    device counts; bf16 = bfloat16), and the device, a CPU with its thread count, which changes how matmuls and
+    reductions round (one seed on 1 and on 2 threads trains other weights)."""
+    return {"compute_dtype": dtype_name(dtype),
+            "compute_device": f"cpu, threads {torch.get_num_threads()}" if device.type == "cpu" else device.type}
 
 
 def dist_cleanup():

@@ -346,8 +346,7 @@ def main(argv=None):
     total_steps = steps_per_epoch * args.epochs
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {
         "num_examples": len(train), "data_digest": common.data_digest([e["input_ids"], e["start"]] for e in train),
-        "compute_dtype": str(dtype).replace("torch.", ""),  # (resolved: --dtype auto on another device counts too)
-        "compute_device": parallel.compute_device(device)}  # (a CPU's thread count changes the rounding)
+        **parallel.compute_identity(dtype, device)}
 
     # ---- model, optimizer, resume
     state = None

@@ -33,7 +33,7 @@ import engine
 import parallel
 import tasks
 from common import UserError, print0
-from model import check_checkpoint, kv_bytes_per_token, read_config, response_logprobs, weight_files
+from model import check_checkpoint, dtype_name, kv_bytes_per_token, read_config, response_logprobs, weight_files
 
 # -----------------------------------------------------------------------------
 # settings
@@ -525,7 +525,7 @@ def main(argv=None):
     identity = {**{k: v for k, v in vars(args).items() if k not in RESUME_FREE},
                 "checkpoint": os.path.abspath(args.checkpoint), "eval_data": os.path.abspath(args.eval_data),
                 "sft_data": [os.path.abspath(f) for f in args.sft_data],
-                "compute_dtype": str(compute_dtype).replace("torch.", ""),
+                "compute_dtype": dtype_name(compute_dtype),
                 "device_type": device.type,  # (the CountSketch's hashes are drawn on the device)
                 "sft_digest": common.data_digest([[e["input_ids"], e["start"]] for e in examples]),
                 "eval_digest": common.data_digest(records),

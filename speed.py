@@ -28,7 +28,8 @@ import parallel
 import tasks
 from common import UserError
 from engine import generate
-from model import build_model, kv_bytes_per_token, load_model, parse_dtype, read_config, save_model, tiny_config
+from model import (build_model, dtype_name, kv_bytes_per_token, load_model, parse_dtype, read_config, save_model,
+                   tiny_config)
 from tiny_base import build_tokenizer
 
 QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
@@ -1108,7 +1109,7 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
         out.append(entry)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"shape": [nh, nkv, hd], "dtype": str(dtype).replace("torch.", ""), "cases": out}
+    return {"shape": [nh, nkv, hd], "dtype": dtype_name(dtype), "cases": out}
 
 
 def recompute_settings(every, keep, compile_=False):

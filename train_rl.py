@@ -56,8 +56,8 @@ RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std
                  "entropy_coef", "adv_weight", "rollout_is", "rollout_is_cap", "dwa_s", "dwa_alpha",
                  "drop_zero_variance_groups", "mask_truncated", "grad_clip", "adam_8bit",
                  "model")  # --model: the tokenizer and, without --ref_model, the KL reference
-# (--dtype: the identity holds the compute dtype it resolved to, so auto on another device counts, bf16 = bfloat16;
-# and the device, with a CPU's thread count: parallel.compute_device)
+# (--dtype: the identity holds the dtype it resolved to, and the device with a CPU's thread count:
+# parallel.compute_identity)
 # (AdamW's betas and weight decay: ckpt.load_local_train_state checks them against the optimizer state)
 
 
@@ -574,8 +574,7 @@ def main(argv=None):
     start_step, state, init_path = 0, {}, args.model
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records),
                                                               "train_data_digest": common.data_digest(train_records),
-                                                              "compute_dtype": str(dtype).replace("torch.", ""),
-                                                              "compute_device": parallel.compute_device(device)}
+                                                              **parallel.compute_identity(dtype, device)}
     if args.dynamic_sampling:  # (absent when off, so the runs of earlier versions resume)
         identity |= {"dynamic_sampling": True, "max_gen_batches": args.max_gen_batches}
     if checkpoint is not None:
