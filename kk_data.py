@@ -10,7 +10,8 @@ LLMs in Logical Reasoning"), as used by the re-distillation paper.
             person exactly once with the right role, else 0.0
 
 Usage:
-  python kk_data.py                      # data/kk/{train,test,sft}.jsonl (the paper's splits)
+  python kk_data.py                      # data/kk/{train,test,sft}.jsonl (the paper's splits; its
+                                         # SFT pool's 100 held out: --sft_val_fraction 0.1)
   python kk_data.py --official true      # data/kk/official/{test,train}/people{n}_num{N}.jsonl
   python kk_data.py --teacher_sft data/kk/sft_teacher.jsonl --split data/kk/sft.jsonl --tokenizer DIR
 
@@ -33,6 +34,7 @@ import tasks
 
 DIFFICULTY = "people"  # the record key holding the difficulty (number of people)
 OFFICIAL_SEED = 1234   # the official generator's seed, the same for every number of people
+SFT_VAL_SEED = 1234    # the paper's shuffle before its 90/10 cut of the SFT pool (K_and_K_preprocess)
 OFFICIAL_TEST_SIZE = 100  # official stream: indices 0..99 are the test split, train follows
 ANSWER_FORMAT = " Your final answer should be in this format: \\boxed{XX is a knave, YY is a knight, ...}"
 OFFICIAL_FIELDS = ("quiz", "names", "knight_knave", "solution", "solution_text", "solution_text_format",
@@ -752,7 +754,8 @@ def write_teacher_sft(args):
 
 def get_parser():
     p = common.new_parser("Knights & Knaves: generate the paper's splits, the official dataset, or teacher SFT data.")
-    p.add_argument("--out_dir", default="data/kk", help="where train.jsonl, test.jsonl, sft.jsonl (and official/) go")
+    p.add_argument("--out_dir", default="data/kk", help="where train.jsonl, test.jsonl, sft.jsonl "
+                   "(sft_val.jsonl, official/) go")
     p.add_argument("--train_people", default="3-7", help="people counts of the RL train split (range 3-7 or list 3,5)")
     p.add_argument("--train_per_people", default="2000",
                    help="RL train puzzles per people count (one number, or one per count)")
@@ -766,6 +769,11 @@ def get_parser():
     p.add_argument("--sft_people", default="2-3", help="people counts of the SFT pool (paper: 2 and 3)")
     p.add_argument("--sft_per_people", default="200,800", help="SFT pool puzzles per people count (paper: 200 and 800)")
     p.add_argument("--sft_seed", type=int, default=200000, help="seed of the SFT pool stream")
+    p.add_argument("--sft_val_fraction", type=float, default=0.0,
+                   help="share of the SFT pool held out as sft_val.jsonl: the pool is shuffled with seed 1234, its "
+                   "last fraction held out and the rest written to sft.jsonl (paper: 0.1, K_and_K_preprocess's "
+                   "900 SFT train / 100 val of 1,000; its K&K preset passes it); 0 = the whole pool in sft.jsonl, "
+                   "in the generator's order, and no sft_val.jsonl")
     p.add_argument("--official", type=common.str2bool, default=False,
                    help="instead: regenerate the official dataset (seed 1234, test = indices 0-99, train after) into "
                         "OUT_DIR/official/{test,train}/people{n}_num{N}.jsonl")
@@ -812,6 +820,8 @@ def main(argv=None):
     test_sizes = parse_sizes(args.test_per_people, test_people, "test_per_people")
     train_sizes = parse_sizes(args.train_per_people, train_people, "train_per_people")
     sft_sizes = parse_sizes(args.sft_per_people, sft_people, "sft_per_people")
+    if not 0 <= args.sft_val_fraction < 1:
+        raise common.UserError(f"--sft_val_fraction: expected a share in [0, 1), got {args.sft_val_fraction}")
 
     # Never train on a test puzzle: the official test split (the first 100 of the official stream,
     # for every people count) and our own test split are both excluded from train and the SFT pool.
@@ -826,8 +836,14 @@ def main(argv=None):
     used |= statements_of(train)
     print("SFT pool")
     sft = [r for n, size in zip(sft_people, sft_sizes) for r in generate(args.sft_seed, n, size, used, **named)]
+    sft_val = []
+    if args.sft_val_fraction > 0:  # the paper's cut: random.seed(1234), shuffle, train = the first int(0.9 n)
+        random.Random(SFT_VAL_SEED).shuffle(sft)
+        cut = int(len(sft) * (1 - args.sft_val_fraction))
+        sft, sft_val = sft[:cut], sft[cut:]
 
-    for name, records in (("test", test), ("train", train), ("sft", sft)):
+    held_out = [("sft_val", sft_val)] if args.sft_val_fraction > 0 else []
+    for name, records in [("test", test), ("train", train), ("sft", sft)] + held_out:
         path = os.path.join(args.out_dir, f"{name}.jsonl")
         common.write_jsonl(path, records)
         counts = {}

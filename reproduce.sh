@@ -221,19 +221,21 @@ step sample_A "$LAUNCH sample_policy.py --from_checkpoint $RL_FINAL --task $TASK
 step sample_B "python sample_policy.py --from_rollouts $OUT/rl --steps $B_STEPS --task $TASK --split $TRAIN \
 --out $OUT/redistill_B.jsonl --max_per_prompt 1 --num_examples $B_SAMPLES --seed $((SEED - 1)) --allow_empty true"
 
-# ---- 6. re-distillation: SFT of the BASE model (not the RL model) on each set, the cold start's settings; a set
-#   smaller than one SFT batch (redistill_sft.py refuses to train no step) is skipped as an empty one is
+# ---- 6. re-distillation: SFT of the BASE model (not the RL model) on each set, the cold start's settings and the
+#   preset's REDISTILL_A_ARGS / REDISTILL_B_ARGS after them (the later flag wins); a set smaller than one SFT batch
+#   (redistill_sft.py refuses to train no step) is skipped as an empty one is
 CHECKPOINTS="$BASE $OUT/sft/final $RL_FINAL"; NAMES="base sft rl"; SETS="$OUT/sft_teacher.jsonl"
-if [[ "$DRY_RUN" == 0 || -f "$OUT/redistill_A.jsonl" || -f "$OUT/redistill_B.jsonl" ]]; then
-  SFT_BATCH=$(python -c 'import sys, common, redistill_sft
-print(common.parse_settings(redistill_sft.get_parser(), sys.argv[1:]).global_batch)' $SFT_ARGS)
-fi
 for V in A B; do
   n=$(grep -c . "$OUT/redistill_$V.jsonl" 2> /dev/null || true)
+  set_args="REDISTILL_${V}_ARGS"; set_args="$SFT_ARGS${!set_args:+ ${!set_args}}"
+  if [[ "$DRY_RUN" == 0 || -f "$OUT/redistill_$V.jsonl" ]]; then
+    SFT_BATCH=$(python -c 'import sys, common, redistill_sft
+print(common.parse_settings(redistill_sft.get_parser(), sys.argv[1:]).global_batch)' $set_args)
+  fi
   # (a dry run before the set exists lists its stage; once it exists, the same choice as the run's)
   if [[ "$DRY_RUN" == 1 && ! -f "$OUT/redistill_$V.jsonl" ]] || (( n >= SFT_BATCH )); then
     step "redistill_$V" "$LAUNCH redistill_sft.py --init $BASE --data $OUT/redistill_$V.jsonl --out_dir $OUT/redistill_$V \
---resume true $SFT_ARGS"
+--resume true $set_args"
     CHECKPOINTS="$CHECKPOINTS $OUT/redistill_$V/final"; NAMES="$NAMES redistill_$V"; SETS="$SETS $OUT/redistill_$V.jsonl"
   else
     echo "== redistill_$V: skipped, the RL policy gave ${n:-0} correct sample(s) ($OUT/redistill_$V.jsonl), fewer" \

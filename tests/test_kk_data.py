@@ -631,6 +631,27 @@ def test_load_split_from_the_hub_uses_the_official_dataset(tmp_path, monkeypatch
     assert [r['id'] for r in records] == ["kk-official-p3-00000", "kk-official-p3-00001", "kk-official-p3-00002"]
 
 
+def test_cli_sft_val_fraction_holds_out_the_paper_share_of_the_sft_pool(tmp_path):
+    """--sft_val_fraction 0.1 is the paper's cut: the pool shuffled with seed 1234, the first int(0.9 n) for SFT, the
+    rest held out; 0 (the default) writes the whole pool in the generator's order and no sft_val.jsonl."""
+    base = ["--train_people", "3", "--train_per_people", "4", "--test_people", "4", "--test_per_people", "2",
+            "--sft_people", "2-3", "--sft_per_people", "8,13"]
+    K.main(base + ["--out_dir", str(tmp_path / "whole")])
+    pool = K.load_split(str(tmp_path / "whole" / "sft.jsonl"))
+    assert len(pool) == 21 and not (tmp_path / "whole" / "sft_val.jsonl").exists()
+    K.main(base + ["--out_dir", str(tmp_path / "cut"), "--sft_val_fraction", "0.1"])
+    train = K.load_split(str(tmp_path / "cut" / "sft.jsonl"))
+    val = K.load_split(str(tmp_path / "cut" / "sft_val.jsonl"))
+    shuffled = list(pool)
+    random.seed(1234)  # the paper's K_and_K_preprocess, as written there
+    random.shuffle(shuffled)
+    assert [r["id"] for r in train] == [r["id"] for r in shuffled[:int(21 * 0.9)]]
+    assert [r["id"] for r in val] == [r["id"] for r in shuffled[int(21 * 0.9):]] and len(val) == 3
+    for bad in ("1", "-0.1", "nan"):
+        with pytest.raises(common.UserError, match="sft_val_fraction"):
+            K.main(base + ["--out_dir", str(tmp_path / "bad"), "--sft_val_fraction", bad])
+
+
 def test_cli_config_file_with_bare_numbers(tmp_path):
     config = tmp_path / "kk.json"
     config.write_text(json.dumps({"train_people": 3, "train_per_people": 4, "test_people": 4, "test_per_people": 2,

@@ -283,6 +283,28 @@ def test_dry_run_of_paper_presets_prints_complete_commands(preset, flags, tmp_pa
     assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing
 
 
+@pytest.mark.parametrize("preset,batches", [
+    ("kk-qwen2.5-1.5b", {"sft": 64, "redistill_A": 64, "redistill_B": 32}),
+    ("math-qwen2.5-1.5b", {"sft": 32, "redistill_A": 32, "redistill_B": 32}),
+    ("tiny", {"sft": 8, "redistill_A": 8, "redistill_B": 8})])
+def test_each_sft_of_a_preset_runs_at_the_papers_batch_for_its_set(preset, batches, tmp_path):
+    """The paper's K&K set B trained at batch 32 (train_sft_kk_re_distill_rl.sh), its cold start and set A at 64:
+    REDISTILL_B_ARGS reaches set B's command alone, after the shared SFT settings, and the K&K data command holds
+    out the paper's 100 SFT puzzles. What the parser makes of each command is what the run gets."""
+    import shlex
+    import common
+    import redistill_sft
+    env = {"GPUS": "8", "MODEL_DIR": str(tmp_path / "base"), "OUT": str(tmp_path / "out")}
+    lines = run_reproduce(preset, "--dry-run", env=env).stdout.splitlines()
+    stages = {line[3:]: lines[i + 1][2:] for i, line in enumerate(lines[:-1])
+              if line.startswith("== ") and lines[i + 1].startswith("+ ")}
+    for stage, batch in batches.items():
+        argv = shlex.split(stages[stage])
+        args = common.parse_settings(redistill_sft.get_parser(), argv[argv.index("redistill_sft.py") + 1:])
+        assert args.global_batch == batch, stage
+    assert ("--sft_val_fraction 0.1" in stages["data"]) == (preset == "kk-qwen2.5-1.5b")
+
+
 @pytest.mark.parametrize("preset,limr", [("kk-qwen2.5-1.5b", "0"), ("math-qwen2.5-1.5b", "0"),
                                          ("limr-qwen2.5-math-7b", "0"), ("tiny", "1"), ("micro", "1")])
 def test_every_command_of_every_preset_parses_with_its_scripts_own_settings(preset, limr, tmp_path):
