@@ -208,10 +208,14 @@ def problem_key(question: str) -> str:
 
 def make_splits(pool, test, n_sft_train=900, n_sft_val=100, seed=1234):
     """Returns ({split name: records}, {count name: n}); training splits never share a problem with test.
-    n_sft_train, n_sft_val >= 0 (main checks: a negative slice bound would put problems in two splits)."""
+    n_sft_train, n_sft_val >= 0 (main checks: a negative slice bound would put problems in two splits).
+    The pool is shuffled as loaded, as the paper's was (random.seed(1234); shuffle), and then a problem of the test
+    split or one seen earlier in that order is passed over: the splits are the paper's wherever it had none."""
     test_keys = {problem_key(r["question"]) for r in test}
+    shuffled = list(pool)
+    random.Random(seed).shuffle(shuffled)
     kept, seen, n_test_overlap, n_duplicate = [], set(), 0, 0
-    for rec in pool:
+    for rec in shuffled:
         key = problem_key(rec["question"])
         if key in test_keys:
             n_test_overlap += 1
@@ -223,7 +227,6 @@ def make_splits(pool, test, n_sft_train=900, n_sft_val=100, seed=1234):
     if len(kept) < n_sft_train + n_sft_val:
         raise UserError(f"training pool has {len(kept)} problems after deduplication, "
                         f"fewer than n_sft_train + n_sft_val = {n_sft_train + n_sft_val}")
-    random.Random(seed).shuffle(kept)
     splits = {"sft_train": kept[:n_sft_train], "sft_val": kept[n_sft_train:n_sft_train + n_sft_val],
               "rl_train": kept[n_sft_train + n_sft_val:], "test": list(test)}
     counts = {"pool": len(pool), "dropped_in_test": n_test_overlap, "dropped_duplicate": n_duplicate,

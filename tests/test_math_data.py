@@ -404,6 +404,31 @@ def test_make_splits_dedupes_against_test():
         math_data.main(["--n_sft_train", "-5", "--train_pool", "none.jsonl", "--test", "none.jsonl"])
 
 
+def test_make_splits_cut_the_pool_in_the_papers_order():
+    """The paper shuffled the pool as loaded (random.seed(1234); random.shuffle) and cut 900 / 100 / the rest. A
+    duplicate or a test problem elsewhere in the pool must not move the others: each split is the paper's order with
+    those passed over (dropping them before the shuffle gave another permutation altogether)."""
+    import random
+    pool = [{"id": f"p{i}", "question": f"Problem {i}", "answer": str(i)} for i in range(40)]
+    pool += [{"id": "dup", "question": "problem 3", "answer": "3"}, {"id": "p40", "question": "In test", "answer": "0"}]
+    test = [{"id": "t0", "question": "in TEST", "answer": "0"}]
+    papers = list(pool)
+    random.seed(1234)
+    random.shuffle(papers)
+    seen = set()
+    expected = []  # the paper's order, less the test problem and the later copy of a duplicate
+    for r in papers:
+        key = math_data.problem_key(r["question"])
+        if key != math_data.problem_key("In test") and key not in seen:
+            expected.append(r["id"])
+        seen.add(key)
+    splits, counts = math_data.make_splits(pool, test, n_sft_train=9, n_sft_val=3, seed=1234)
+    assert [r["id"] for r in splits["sft_train"]] == expected[:9]
+    assert [r["id"] for r in splits["sft_val"]] == expected[9:12]
+    assert [r["id"] for r in splits["rl_train"]] == expected[12:]
+    assert counts["dropped_duplicate"] == 1 and counts["dropped_in_test"] == 1
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
