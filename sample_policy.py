@@ -68,7 +68,8 @@ def get_parser():
                    help="keep at most this many distinct correct responses per prompt, first found first "
                         "(paper: 1, dedupe by puzzle keeping the first occurrence); 0 = no limit")
     p.add_argument("--num_examples", type=int, default=1000,
-                   help="keep this many after the shuffle (paper: 1000 K&K, 500 MATH); 0 = all")
+                   help="keep this many after the shuffle (paper: 1000 for K&K's set B; its sets A kept every "
+                        "correct answer, ~700 for K&K and ~500 for MATH); 0 = all")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the shuffle (paper: random.seed(0)) and of sampling (each record's samples keyed by "
                         "it and the record's index, the same at any world size)")

@@ -71,7 +71,7 @@ RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_re
 --val_every 25 --val_limit 200 --val_batch_size 200 --save_every 25 --progress false --seed $((1234 + SEED_SHIFT))"
 
 # re-distillation sets: A greedy on the SFT prompts, then on the RL pool's (the 400 SFT prompts alone gave 95-124
-# correct answers; the paper's A has 1,000), the correct ones shuffled, first 1,000; B correct rollouts of the last
+# correct answers; the paper's A has ~700), the correct ones shuffled, first 1,000; B correct rollouts of the last
 # half of the RL steps
 A_SPLITS="$SFT_SPLIT $TRAIN"
 A_SAMPLES=1000
