@@ -452,11 +452,14 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         tokens = sum(lengths[i] for i in batch)
-        rec = {"step": step + 1, "epoch": epoch, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
+        # a skipped step logs null, as train_rl does: JSON has no NaN, and strict readers (jq, pandas) refuse it
+        rec = {"step": step + 1, "epoch": epoch, "loss": float(loss_sum) if finite else None, "lr": lr,
+               "grad_norm": float(grad_norm) if finite else None,
                "bad_steps": bad_steps_total, "tokens": tokens, "tokens_per_s": tokens / dt, "time_s": dt}
-        log(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {rec['loss']:.4f} | lr {lr:.3e} | "
-            f"grad norm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:.0f} tok/s | {len(mbs)} micro-batches | "
-            f"{dt:.2f} s")
+        log(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | "
+            + (f"loss {rec['loss']:.4f} | lr {lr:.3e} | grad norm {rec['grad_norm']:.3f} | " if finite
+               else f"no update | lr {lr:.3e} | ")
+            + f"{rec['tokens_per_s']:.0f} tok/s | {len(mbs)} micro-batches | {dt:.2f} s")
         record(rec)
         bar.update(1)
         done = step + 1

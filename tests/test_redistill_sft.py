@@ -360,6 +360,9 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, mon
     assert "step 3: non-finite loss nan" in printed and "2 consecutive steps with non-finite" in printed
     assert "--checkpoint_every auto: every block, on CPU" in printed
     assert [r["bad_steps"] for r in metrics(out)] == [0, 0, 1, 2]
+    with open(os.path.join(out, "metrics.jsonl")) as f:  # strict JSON (no bare NaN); a skipped step's numbers null
+        rows = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl")) for line in f]
+    assert [(r["loss"] is None, r["grad_norm"] is None) for r in rows] == [(False, False)] * 2 + [(True, True)] * 2
     assert ckpt.checkpoint_steps(out) == [2, 3] and not os.path.exists(os.path.join(out, "final"))
     w2, w3 = weights(ckpt.checkpoint_dir(out, 2)), weights(ckpt.checkpoint_dir(out, 3))
     assert all(torch.equal(w2[k], w3[k]) and torch.isfinite(w3[k]).all() for k in w2)  # step 3 changed nothing
