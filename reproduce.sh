@@ -29,13 +29,14 @@
 main() {
 set -euo pipefail
 cd "$(dirname "$0")"
+SELF="$PWD/$(basename "$0")"  # this script, wherever it was started from ($0 may be relative to the old directory)
 
 PRESET=tiny
 DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; ls config; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$SELF"; ls config; exit 0 ;;
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
     *) PRESET="$arg" ;;
   esac
@@ -150,7 +151,7 @@ if (( SEEDS > 1 )); then
     echo "==== seed $s of $SEEDS -> $dir"
     flags=(); [[ "$DRY_RUN" == 1 ]] && flags=(--dry-run)
     limr=0; (( s == 1 )) && limr="${LIMR:-0}"
-    SEEDS=1 SEED=$s OUT="$dir" LIMR=$limr bash "$0" "$PRESET" "${flags[@]}"
+    SEEDS=1 SEED=$s OUT="$dir" LIMR=$limr bash "$SELF" "$PRESET" "${flags[@]}"
   done
   report
   exit 0

@@ -259,6 +259,17 @@ def test_dry_run_of_seeds_gives_each_seed_its_own_directory_and_seeds(tmp_path):
     assert bad.returncode == 2 and "SEEDS (two) must be positive integers" in bad.stderr
 
 
+def test_seeds_and_help_work_when_started_from_another_directory(tmp_path):
+    """The script moves to its own directory first: a second seed and --help must still find the script, started as
+    `bash REPO/reproduce.sh` from REPO's parent (a path relative to where it was started used to point nowhere)."""
+    e = dict(os.environ, OUT=str(tmp_path / "t"), SEEDS="2")
+    relative = os.path.join(os.path.basename(ROOT), "reproduce.sh")
+    for args, expect in ((["tiny", "--dry-run"], "==== seed 2 of 2"), (["--help"], "reproduce.sh [PRESET]")):
+        proc = subprocess.run(["bash", relative, *args], cwd=os.path.dirname(ROOT), env=e, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0 and expect in proc.stdout, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("preset,flags", [
     ("kk-qwen2.5-1.5b", ["--nproc_per_node=8", "--prompts_per_step 128", "--samples_per_prompt 8", "--temperature 0.7",
                          "--lr 5e-6", "--warmup_steps 8", "--beta1 0.5", "--max_response_tokens 4096",
