@@ -772,8 +772,8 @@ def get_parser():
     p.add_argument("--sft_val_fraction", type=float, default=0.0,
                    help="share of the SFT pool held out as sft_val.jsonl: the pool is shuffled with seed 1234, its "
                    "last fraction held out and the rest written to sft.jsonl (paper: 0.1, K_and_K_preprocess's "
-                   "900 SFT train / 100 val of 1,000; its K&K preset passes it); 0 = the whole pool in sft.jsonl, "
-                   "in the generator's order, and no sft_val.jsonl")
+                   "900 SFT train / 100 val of 1,000; config/kk-qwen2.5-1.5b.sh passes it); 0 = the whole pool in "
+                   "sft.jsonl, in the generator's order, and no sft_val.jsonl")
     p.add_argument("--official", type=common.str2bool, default=False,
                    help="instead: regenerate the official dataset (seed 1234, test = indices 0-99, train after) into "
                         "OUT_DIR/official/{test,train}/people{n}_num{N}.jsonl")
