@@ -54,14 +54,15 @@ HUB_TEST = "hf:HuggingFaceH4/MATH-500:test"
 # loading
 
 
-def load_split(path) -> list:
+def load_split(path, keep_empty=False) -> list:
     """Load MATH records from any of the formats people have; returns normalised records.
 
     path: a .jsonl file (our own splits, PRM800K math_splits, MATH-500, or any jsonl with
     problem/question + answer, or Hendrycks records whose answer is the last \\boxed{} of solution),
     a .json file (a list of records, or one Hendrycks problem), a directory of Hendrycks
     .json files (MATH/train/algebra/1.json ...), or "hf:NAME[:SPLIT]" for the Hugging Face hub.
-    Every record comes back as {id, level, subject, question, answer, solution}.
+    Every record comes back as {id, level, subject, question, answer, solution}. A record with an empty answer
+    (a proof) is skipped with a warning, or kept with keep_empty (a pool whose shuffle must see every record).
     """
     path = str(path)
     if path.startswith("hf:"):
@@ -80,7 +81,8 @@ def load_split(path) -> list:
         rec = _normalise_record(raw, where)
         if not rec["answer"]:  # a few real pool problems have answer "" (proofs): nothing to grade against
             empty.append(where)
-            continue
+            if not keep_empty:
+                continue
         if rec["id"] is None:
             # No id in the data: name the record by its problem text, stable under reordering.
             base = default_id or f"{stem}-{hashlib.sha1(rec['question'].encode('utf-8')).hexdigest()[:10]}"
@@ -92,10 +94,10 @@ def load_split(path) -> list:
             raise UserError(f"{where}: field 'id': duplicate id {rec['id']!r}")
         seen.add(rec["id"])
         records.append(rec)
-    if empty:
+    if empty and not keep_empty:
         print(f"warning: {path}: skipped {len(empty)} record(s) with an empty 'answer' (first: {empty[0]})",
               file=sys.stderr, flush=True)
-    if not records:
+    if not any(r["answer"] for r in records):
         raise UserError(f"{path}: no records with an answer")
     return records
 
@@ -209,15 +211,18 @@ def problem_key(question: str) -> str:
 def make_splits(pool, test, n_sft_train=900, n_sft_val=100, seed=1234):
     """Returns ({split name: records}, {count name: n}); training splits never share a problem with test.
     n_sft_train, n_sft_val >= 0 (main checks: a negative slice bound would put problems in two splits).
-    The pool is shuffled as loaded, as the paper's was (random.seed(1234); shuffle), and then a problem of the test
-    split or one seen earlier in that order is passed over: the splits are the paper's wherever it had none."""
+    The pool is shuffled as loaded, as the paper's was (random.seed(1234); shuffle; load it with keep_empty=True),
+    and then a problem with no answer, one of the test split or one seen earlier in that order is passed over: the
+    splits are the paper's wherever it had none."""
     test_keys = {problem_key(r["question"]) for r in test}
     shuffled = list(pool)
     random.Random(seed).shuffle(shuffled)
-    kept, seen, n_test_overlap, n_duplicate = [], set(), 0, 0
+    kept, seen, n_empty, n_test_overlap, n_duplicate = [], set(), 0, 0, 0
     for rec in shuffled:
         key = problem_key(rec["question"])
-        if key in test_keys:
+        if not rec["answer"]:  # nothing to grade against (proofs)
+            n_empty += 1
+        elif key in test_keys:
             n_test_overlap += 1
         elif key in seen:
             n_duplicate += 1
@@ -229,8 +234,8 @@ def make_splits(pool, test, n_sft_train=900, n_sft_val=100, seed=1234):
                         f"fewer than n_sft_train + n_sft_val = {n_sft_train + n_sft_val}")
     splits = {"sft_train": kept[:n_sft_train], "sft_val": kept[n_sft_train:n_sft_train + n_sft_val],
               "rl_train": kept[n_sft_train + n_sft_val:], "test": list(test)}
-    counts = {"pool": len(pool), "dropped_in_test": n_test_overlap, "dropped_duplicate": n_duplicate,
-              **{name: len(recs) for name, recs in splits.items()}}
+    counts = {"pool": len(pool), "dropped_empty": n_empty, "dropped_in_test": n_test_overlap,
+              "dropped_duplicate": n_duplicate, **{name: len(recs) for name, recs in splits.items()}}
     return splits, counts
 
 
@@ -650,14 +655,14 @@ def main(argv=None):
     if args.bench:
         bench(test)
         return
-    pool = load_split(pool_path)
+    pool = load_split(pool_path, keep_empty=True)  # passed over after the shuffle, which must see the whole pool
     splits, counts = make_splits(pool, test, args.n_sft_train, args.n_sft_val, args.seed)
     common.check_distinct_outputs([(f"--out_dir ({name}.jsonl)", os.path.join(args.out_dir, f"{name}.jsonl"))
                                    for name in splits], [("--train_pool", pool_path), ("--test", test_path)])
     for name, records in splits.items():
         common.write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
-    print(f"pool {counts['pool']} ({pool_path}): dropped {counts['dropped_in_test']} also in the test set, "
-          f"{counts['dropped_duplicate']} duplicates")
+    print(f"pool {counts['pool']} ({pool_path}): dropped {counts['dropped_empty']} with an empty answer, "
+          f"{counts['dropped_in_test']} also in the test set, {counts['dropped_duplicate']} duplicates")
     print(f"wrote to {args.out_dir}/: " + ", ".join(f"{name} {len(recs)}" for name, recs in splits.items()))
 
 

@@ -392,8 +392,8 @@ def test_make_splits_dedupes_against_test():
     pool.append({"id": "dup", "question": "problem  3", "answer": "3"})  # same text, other spacing/case
     test = [{"id": "t0", "question": "PROBLEM 7", "answer": "7"}]
     splits, counts = math_data.make_splits(pool, test, n_sft_train=9, n_sft_val=1, seed=1234)
-    assert counts == {"pool": 31, "dropped_in_test": 1, "dropped_duplicate": 1, "sft_train": 9, "sft_val": 1,
-                      "rl_train": 19, "test": 1}
+    assert counts == {"pool": 31, "dropped_empty": 0, "dropped_in_test": 1, "dropped_duplicate": 1, "sft_train": 9,
+                      "sft_val": 1, "rl_train": 19, "test": 1}
     ids = [r["id"] for name in ("sft_train", "sft_val", "rl_train") for r in splits[name]]
     assert len(set(ids)) == 29 and "p7" not in ids and "dup" not in ids
     again, _ = math_data.make_splits(pool, test, n_sft_train=9, n_sft_val=1, seed=1234)
@@ -410,7 +410,8 @@ def test_make_splits_cut_the_pool_in_the_papers_order():
     those passed over (dropping them before the shuffle gave another permutation altogether)."""
     import random
     pool = [{"id": f"p{i}", "question": f"Problem {i}", "answer": str(i)} for i in range(40)]
-    pool += [{"id": "dup", "question": "problem 3", "answer": "3"}, {"id": "p40", "question": "In test", "answer": "0"}]
+    pool += [{"id": "dup", "question": "problem 3", "answer": "3"}, {"id": "p40", "question": "In test", "answer": "0"},
+             {"id": "proof", "question": "Prove it", "answer": ""}]  # as load_split(keep_empty=True) gives it
     test = [{"id": "t0", "question": "in TEST", "answer": "0"}]
     papers = list(pool)
     random.seed(1234)
@@ -419,14 +420,35 @@ def test_make_splits_cut_the_pool_in_the_papers_order():
     expected = []  # the paper's order, less the test problem and the later copy of a duplicate
     for r in papers:
         key = math_data.problem_key(r["question"])
-        if key != math_data.problem_key("In test") and key not in seen:
+        if r["answer"] and key != math_data.problem_key("In test") and key not in seen:
             expected.append(r["id"])
         seen.add(key)
     splits, counts = math_data.make_splits(pool, test, n_sft_train=9, n_sft_val=3, seed=1234)
     assert [r["id"] for r in splits["sft_train"]] == expected[:9]
     assert [r["id"] for r in splits["sft_val"]] == expected[9:12]
     assert [r["id"] for r in splits["rl_train"]] == expected[12:]
-    assert counts["dropped_duplicate"] == 1 and counts["dropped_in_test"] == 1
+    assert counts["dropped_duplicate"] == 1 and counts["dropped_in_test"] == 1 and counts["dropped_empty"] == 1
+
+
+def test_the_pool_keeps_its_empty_answers_until_the_shuffle(tmp_path):
+    """math_data's CLI loads the pool with its empty-answer problems, so the seed-1234 shuffle permutes the pool as
+    the paper's did; a split then holds none of them (nothing to grade). A split read for training still skips them."""
+    import random
+    rows = [{"problem": f"Problem {i}", "answer": str(i), "level": "Level 3", "unique_id": f"p{i}"} for i in range(30)]
+    rows.insert(4, {"problem": "Prove that it holds.", "answer": "", "level": "Level 3", "unique_id": "proof"})
+    pool_path, test_path = tmp_path / "pool.jsonl", tmp_path / "test.jsonl"
+    common.write_jsonl(str(pool_path), rows)
+    common.write_jsonl(str(test_path), [{"problem": "Other", "answer": "1", "level": "Level 1", "unique_id": "t"}])
+    assert [r["id"] for r in math_data.load_split(str(pool_path))] == [f"p{i}" for i in range(30)]
+    math_data.main(["--train_pool", str(pool_path), "--test", str(test_path), "--n_sft_train", "9",
+                    "--n_sft_val", "3", "--out_dir", str(tmp_path / "out")])
+    papers = [r["unique_id"] for r in rows]
+    random.seed(1234)
+    random.shuffle(papers)
+    papers.remove("proof")
+    got = [r["id"] for name in ("sft_train", "sft_val", "rl_train")
+           for r in math_data.load_split(str(tmp_path / "out" / f"{name}.jsonl"))]
+    assert got == papers
 
 
 def tiny_tokenizer():
@@ -468,7 +490,7 @@ def test_cli_splits_and_teacher_sft(tmp_path):
                   cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "sft_train 9, sft_val 1, rl_train 29, test 2" in out.stdout
-    assert "dropped 1 also in the test set" in out.stdout
+    assert "dropped 0 with an empty answer, 1 also in the test set, 0 duplicates" in out.stdout
     counts = {n: len(math_data.load_split(str(tmp_path / "data" / "math" / f"{n}.jsonl")))
               for n in ("sft_train", "sft_val", "rl_train", "test")}
     assert counts == {"sft_train": 9, "sft_val": 1, "rl_train": 29, "test": 2}
