@@ -404,8 +404,9 @@ def main(argv=None):
         model.eval()
         loss = held_out_loss(model, val, args.loss_reduction, args.micro_batch_tokens, device)
         model.train()
-        print0(f"step {step}: held-out loss {loss:.4f} ({len(val)} sequences)")
-        record({"step": step, "val_loss": loss})
+        finite = math.isfinite(loss)  # a non-finite one is logged as null, as a skipped step's loss is
+        print0(f"step {step}: held-out loss {loss:.4f} ({len(val)} sequences)" + ("" if finite else ", not finite"))
+        record({"step": step, "val_loss": loss if finite else None})
 
     if start_step == 0:
         validate(0)

@@ -368,6 +368,21 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_checkpoint, tmp_path, mon
     assert all(torch.equal(w2[k], w3[k]) and torch.isfinite(w3[k]).all() for k in w2)  # step 3 changed nothing
 
 
+def test_a_non_finite_held_out_loss_is_logged_as_null(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """metrics.jsonl stays strict JSON when the held-out loss is not finite (a diverged or overflowing model): null,
+    and the printed line says so, where a bare NaN was written that jq and pandas refuse."""
+    monkeypatch.setattr(sft, "held_out_loss", lambda *a, **kw: float("nan"))
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(16, seed=3), tok)  # 2 steps/epoch
+    val = write_sft(tmp_path / "v.jsonl", toy_task.make_records(4, seed=4), tok)
+    out = str(tmp_path / "run")
+    assert sft.main(run_args(tiny_checkpoint, data, out, "--val_data", val, "--epochs", "1")) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl")) for line in f]
+    assert [r["val_loss"] for r in rows if "val_loss" in r] == [None, None]  # steps 0 and 2
+    assert "step 0: held-out loss nan (4 sequences), not finite" in capsys.readouterr().out
+
+
 def test_a_good_step_ends_the_streak_of_non_finite_ones(tiny_checkpoint, tmp_path, monkeypatch):
     """--max_bad_steps counts consecutive non-finite steps: NaN in steps 1 and 3 of 5 with --max_bad_steps 2 is
     never two in a row, so the run finishes (exit 0, final/ written); a streak that a good step does not reset would
