@@ -227,6 +227,29 @@ def test_defaults_are_the_training_scripts_defaults():
     assert gpu_memory.memory_settings(args)["prompts_per_rank"] == 16
 
 
+def test_prompts_per_rank_is_the_largest_share_of_a_rank():
+    """--prompts_per_step over --world ranks that do not divide it: the memory is that of the rank with the most
+    prompts, train_rl's ceiling (parallel.rank_share deals the step's prompts round-robin), not the floor."""
+    import parallel
+    args = common.parse_settings(bench.get_parser(), ["--memory", "qwen2.5-1.5b", "--prompts_per_step", "100",
+                                                      "--world", "8"])
+    largest = max(len(parallel.rank_share(list(range(100)), rank, 8)) for rank in range(8))
+    assert gpu_memory.memory_settings(args)["prompts_per_rank"] == largest == 13
+
+
+def test_rl_micro_batch_holds_at_least_one_whole_sequence():
+    """train_rl's micro-batch takes a sequence longer than --micro_batch_tokens alone: below one prompt + response,
+    the token budget gives the activations of one whole sequence, as a budget of exactly that length does."""
+    _, cfg = gpu_memory.memory_config("qwen2.5-1.5b")
+    seq = 512 + 4096
+
+    def estimate(rl_tokens):
+        return gpu_memory.memory_estimate(cfg, rl_tokens=rl_tokens, prompt_tokens=512, response_tokens=4096)
+    small, whole = estimate(2048), estimate(seq)
+    assert small["rl_tokens"] == seq
+    assert small["update_peak"] == whole["update_peak"] < estimate(2 * seq)["update_peak"]  # (the budget counts)
+
+
 def test_keep_engine_auto_keeps_what_fits_three_quarters_of_the_gpu():
     """train_rl --keep_engine auto: the update's computed peak, for train_rl's own settings, plus generation's copy,
     the KV cache it keeps (train_rl's reserve: slots x columns) and the graphs' pool (and the reference's shards with
@@ -346,6 +369,40 @@ def test_cli_preset_prints_the_table_and_verdict(capsys):
     verdict = [l for l in out.splitlines() if l.startswith("verdict")]
     assert len(verdict) == 1 and "qwen2.5-1.5b: RL fits, SFT fits" in verdict[0]
     assert "qwen2.5-14b: RL does not (generation peak" in verdict[0]
+
+
+def update_too_big(capsys, *argv):
+    """qwen2.5-7b on 2 x 40 GiB: the RL update's peak alone is over the GPU. Returns (its estimate, the verdict)."""
+    e = bench.main(["--memory", "qwen2.5-7b", "--world", "2", "--gpu_gib", "40", *argv])[0]
+    verdict = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("verdict"))
+    assert e["update_peak"] / GIB > 40
+    return e, verdict
+
+
+def test_verdict_names_the_phase_whose_peak_does_not_fit(capsys):
+    """RL that does not fit names its larger phase: here the update (generation, one prompt per call, is smaller),
+    so the user shrinks the micro-batch or recomputes more, not the generation batch."""
+    e, verdict = update_too_big(capsys, "--gen_batch_size", "1")
+    assert e["gen_peak"] < e["update_peak"]
+    assert f"qwen2.5-7b: RL does not (update peak {e['rl_peak'] / GIB:.1f} GiB" in verdict
+
+
+def test_no_gen_batch_size_advice_when_the_update_does_not_fit(capsys):
+    """A smaller --gen_batch_size only lowers the generation peak: when the update itself is over the GPU, the verdict
+    must not offer one (it would not make RL fit), even where generation is the larger peak (the default 32 prompts
+    per call)."""
+    e, verdict = update_too_big(capsys)
+    assert e["gen_peak"] > e["update_peak"]
+    assert f"RL does not (generation peak {e['rl_peak'] / GIB:.1f} GiB)" in verdict
+    assert "gen_batch_size" not in verdict and "one prompt per call" not in verdict
+
+
+def test_negative_checkpoint_every_is_refused():
+    """--checkpoint_every k recomputes every k-th block, 0 none: -1 is no setting of train_rl's, and must be refused,
+    not estimated as some recompute."""
+    for bad in ("-1", "-2"):
+        with pytest.raises(UserError, match=f"--checkpoint_every: 0 .* or more, not {bad}"):
+            bench.main(["--memory", "qwen2.5-1.5b", "--checkpoint_every", bad])
 
 
 def test_fits_is_peak_at_most_gpu_gib(capsys):

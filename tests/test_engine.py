@@ -280,6 +280,80 @@ def test_kept_buffers_are_freed_before_new_ones_are_allocated(monkeypatch):
     assert alive == [False, False]
 
 
+def test_kept_slots_for_fewer_new_tokens_are_not_reused_for_more():
+    """Kept Slots hold max_new_tokens + 1 output columns (the spare one that rows past their end write into): slots
+    kept from a max_new_tokens=8 call must not serve a max_new_tokens=9 call (shorter prompts, so the columns and
+    slots would fit), which would lose the spare column. Its samples equal the same call on fresh buffers."""
+    model = random_model(CONFIGS["qwen2_tied"], seed=4).double()  # fp64: as in the samples test above
+
+    def call():
+        return generate(model, ragged_prompts(1, lengths=(6, 5)), n=4, max_new_tokens=9, temperature=1.0, seed=5,
+                        sync_every=3)
+    engine.release()
+    fresh = call()
+    engine.release()
+    generate(model, ragged_prompts(1, lengths=(12,)), n=8, max_new_tokens=8, seed=1)
+    reused = call()
+    assert [(g.tokens, g.logprobs) for g in reused] == [(g.tokens, g.logprobs) for g in fresh]
+    assert engine._kept["slots"].width > 9  # 9 new tokens and the spare column
+    engine.release()
+
+
+def dtype_calls(model):
+    """generate(model, dtype) -> its (tokens, log-probs), on the kept buffers or (fresh=True) on new ones."""
+    def call(dtype=None, fresh=False):
+        if fresh:
+            engine.release()
+        out = generate(model, ragged_prompts(1), n=2, max_new_tokens=8, temperature=1.0, seed=5, dtype=dtype)
+        return [(g.tokens, g.logprobs) for g in out]
+    return call
+
+
+def test_kept_weights_follow_the_dtype():
+    """generate(dtype=...) decodes on a copy of the weights in that dtype: the fp64 copy kept by an fp64 call must not
+    serve the next call in the default dtype (the model's fp32), whose samples and log-probs must be the fp32 ones."""
+    call = dtype_calls(random_model(CONFIGS["qwen2_tied"], seed=4))
+    fresh = call(fresh=True)
+    call(torch.float64, fresh=True)
+    assert call() == fresh
+    assert engine._kept["weights0"].dtype == torch.float32
+    engine.release()
+
+
+def test_kept_kv_cache_follows_the_dtype():
+    """The KV cache is in the weights' dtype: the fp32 cache kept by an fp32 call must not serve an fp64 call (its
+    keys and values would be rounded to fp32); that call's samples and log-probs equal a fresh fp64 call's."""
+    call = dtype_calls(random_model(CONFIGS["qwen2_tied"], seed=4))
+    fresh = call(torch.float64, fresh=True)
+    call(fresh=True)
+    assert call(torch.float64) == fresh
+    assert engine._kept["slots"].caches[0].dtype == torch.float64
+    engine.release()
+
+
+def test_alternating_calls_keep_one_slots_object():
+    """Kept Slots that a call outgrows are regrown to cover both calls (slots, columns and new tokens), so calls that
+    alternate between shapes (train_rl's rollouts and validation) reallocate once, not at every call: each
+    reallocation also drops the CUDA graphs captured on the old buffers."""
+    model = random_model(CONFIGS["qwen2_tied"], seed=4)
+    engine.release()
+
+    def few_rows_long():
+        generate(model, ragged_prompts(2, lengths=(5,)), n=2, max_new_tokens=12, seed=1)
+
+    def many_rows_short():
+        generate(model, ragged_prompts(2, lengths=(5, 7, 3)), n=4, max_new_tokens=4, seed=1)
+    few_rows_long()
+    many_rows_short()  # more slots, fewer new tokens: regrown to cover both
+    kept = engine._kept["slots"]
+    for _ in range(2):
+        few_rows_long()
+        assert engine._kept["slots"] is kept
+        many_rows_short()
+        assert engine._kept["slots"] is kept
+    engine.release()
+
+
 def test_fused_ops_are_not_the_default_on_cpu():
     """Without fused=, the decode step runs the eager ops on CPU (the fused ones are slower there and compile for
     ~20 s); on CUDA without a partner it runs the fused ones (measured faster on an H200; no GPU here)."""
@@ -462,6 +536,17 @@ def test_error_prompt_longer_than_cache():
     with pytest.raises(ValueError, match="and no partner"):  # forcing the model's logits only: a switched row ran on
         generate(model, [[1, 2]], max_new_tokens=4, stop_ids=[3], forced_lengths=[2], partner=model,
                  switch=lambda *a: torch.ones(1, dtype=torch.bool))
+
+
+def test_a_prompt_that_exactly_fills_the_context_is_accepted():
+    """A prompt plus max_new_tokens of exactly the context (24 + 8 = 32 positions) fits: the last new token sits at
+    position 31, the context's last. Only one more (the check above) is refused."""
+    model = random_model(tiny_config(VOCAB, max_position_embeddings=32))
+    context, new = model.config.max_position_embeddings, 8
+    out = generate(model, [[5] * (context - new)], max_new_tokens=new, temperature=0)
+    assert len(out[0].tokens) == new
+    with pytest.raises(common.UserError, match="32-token context"):
+        generate(model, [[5] * (context - new + 1)], max_new_tokens=new, temperature=0)
 
 
 def test_stale_cache_columns_never_reach_a_later_row():

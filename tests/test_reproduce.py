@@ -410,6 +410,96 @@ def test_dry_run_of_the_tiny_preset_with_limr(tmp_path):
     assert "--names start full_2 lim_2 rand_2" in command_of["limr_eval_2_0"] and not os.path.exists(out)
 
 
+def stage_lines(stdout):
+    """A dry run's stages in order: {stage: its "+ " command line, or its "== stage: ..." line when not run}."""
+    lines, stages = stdout.splitlines(), {}
+    for i, line in enumerate(lines):
+        if line.startswith("== "):
+            name, _, said = line[3:].partition(":")
+            stages[name] = line if said else lines[i + 1][2:]
+    return stages
+
+
+def kk_dry_run(out, gpus):
+    return run_reproduce("kk-qwen2.5-1.5b", "--dry-run", check=False,
+                         env={"GPUS": str(gpus), "MODEL_DIR": str(out.parent / "base"), "OUT": str(out)})
+
+
+def test_an_older_done_marker_without_its_command_is_done(tmp_path):
+    """A marker written before markers held the command (seconds alone) says the stage is done: it is skipped, not
+    stopped as done "with another command" (there is none to compare)."""
+    out = tmp_path / "out"
+    (out / "done").mkdir(parents=True)
+    (out / "done" / "sft").write_text("12\n")
+    proc = kk_dry_run(out, 8)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== sft: done (OUT/done/sft), skipped" in proc.stdout and "was done with another command" not in proc.stderr
+
+
+def test_a_stage_done_on_8_gpus_is_done_on_4(tmp_path):
+    """The marker holds the stage's command without its launcher (torchrun --nproc_per_node=GPUS): a study carried on
+    with another number of GPUs skips the stages that are done, as their outputs do not depend on it."""
+    out = tmp_path / "out"
+    on8, on4 = (stage_lines(kk_dry_run(out, gpus).stdout)["sft"] for gpus in (8, 4))
+    script = on8.index("redistill_sft.py")
+    assert on8 != on4 and on8[script:] == on4[on4.index("redistill_sft.py"):]  # only the launcher differs
+    (out / "done").mkdir(parents=True)
+    (out / "done" / "sft").write_text(f"3600\n{on8[script:]}\n")  # as the GPUS=8 run wrote it
+    proc = kk_dry_run(out, 4)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== sft: done (OUT/done/sft), skipped" in proc.stdout
+
+
+def test_a_re_distillation_set_of_exactly_one_sft_batch_is_trained(tmp_path):
+    """redistill_sft.py trains on a set of at least --global_batch samples (one step): a set of exactly one SFT batch
+    is trained (set A: its stage listed), one sample fewer is skipped as too small (set B). Micro's batches, read
+    from its commands."""
+    import shlex
+    import common
+    import redistill_sft
+    out = tmp_path / "m"
+    listed = stage_lines(run_reproduce("micro", "--dry-run", env={"MICRO_OUT": str(out)}).stdout)
+    batch = {}
+    for v in ("A", "B"):
+        argv = shlex.split(listed[f"redistill_{v}"])
+        batch[v] = common.parse_settings(redistill_sft.get_parser(),
+                                         argv[argv.index("redistill_sft.py") + 1:]).global_batch
+    out.mkdir()
+    (out / "redistill_A.jsonl").write_text("{}\n" * batch["A"])
+    (out / "redistill_B.jsonl").write_text("{}\n" * (batch["B"] - 1))
+    stages = stage_lines(run_reproduce("micro", "--dry-run", env={"MICRO_OUT": str(out)}).stdout)
+    assert stages["redistill_A"] == listed["redistill_A"]
+    assert stages["redistill_B"].startswith(f"== redistill_B: skipped, the RL policy gave {batch['B'] - 1} correct")
+    assert f"fewer than one SFT batch ({batch['B']})" in stages["redistill_B"]
+
+
+def test_seeds_2_runs_the_limr_stages_once_per_limr_seed(tmp_path):
+    """LIMR has seeds of its own (LIMR_SEEDS): with SEEDS=2 its stages run in seed 1's study only, each LIMR seed's
+    probe once, not once more per study seed (the slow test_seeds_2_runs_a_second_seed_and_tables_mean_std, dry)."""
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "t"), "SEEDS": "2", "LIMR": "1"})
+    first, second = proc.stdout.split("==== seed 2 of 2")
+    limr_seeds = proc.stdout.rstrip().splitlines()[-1].split("--limr_seeds ")[1].split()  # the report's
+    probes = [line for line in proc.stdout.splitlines() if line.startswith("== limr_probe")]
+    assert probes == [f"== limr_probe_{seed}" for seed in limr_seeds] and len(limr_seeds) > 1
+    assert all(probe in first for probe in probes)
+    assert not [line for line in second.splitlines() if line.startswith("== limr")]
+
+
+def test_re_distillation_sets_are_sampled_with_seed_minus_one(tmp_path):
+    """sample_A and sample_B take --seed SEED - 1: seed 1, the preset as measured (the published figures), samples
+    with seed 0, seed 2 with seed 1. What sample_policy's parser makes of each command is what the run gets."""
+    import shlex
+    import common
+    import sample_policy
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "t"), "SEEDS": "2"})
+    for study, part in enumerate(proc.stdout.split("==== seed 2 of 2")):
+        stages = stage_lines(part)
+        for stage in ("sample_A", "sample_B"):
+            argv = shlex.split(stages[stage])
+            at = argv.index("sample_policy.py")
+            assert common.parse_settings(sample_policy.get_parser(), argv[at + 1:]).seed == study, stage
+
+
 def test_missing_base_model_is_a_clear_error(tmp_path):
     proc = run_reproduce("kk-qwen2.5-1.5b", env={"MODEL_DIR": str(tmp_path / "none"), "OUT": str(tmp_path / "out")},
                          check=False)
