@@ -53,6 +53,15 @@ fi
 # shellcheck source=config/tiny.sh
 source "config/$PRESET.sh"
 : "${OUT:?the preset sets OUT}"
+# the stage commands are built as shell words: a path with a space or a shell character would be cut or run
+unsafe='[[:space:]"'"'"'\\$`;&|<>()*?]'
+for name in OUT BASE DATA TRAIN TEST SFT_SPLIT MATH_POOL MATH_TEST LIMR_POOL LIMR_INIT; do
+  if [[ "${!name:-}" =~ $unsafe ]]; then
+    echo "error: $name is '${!name}': a path with a space or a shell character (quotes, \\ \$ \` ; & | < > ( ) * ?)" \
+      "cannot be passed on to the stages; use another path (a symbolic link without them will do)" >&2
+    exit 2
+  fi
+done
 if [[ "${LIMR:-0}" == 1 || "${LIMR_ONLY:-0}" == 1 ]] && [[ -z "${LIMR_STEPS:-}${LIMR_PROBE_STEPS:-}" ]]; then
   echo "error: preset $PRESET sets no LIMR stages (LIMR_STEPS, LIMR_PROBE_STEPS, LIMR_SEEDS, ...); LIMR=1 runs" \
     "with a preset that does: tiny, micro, limr-qwen2.5-math-7b (or add them to config/$PRESET.sh)" >&2

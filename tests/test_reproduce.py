@@ -500,6 +500,17 @@ def test_re_distillation_sets_are_sampled_with_seed_minus_one(tmp_path):
             assert common.parse_settings(sample_policy.get_parser(), argv[at + 1:]).seed == study, stage
 
 
+@pytest.mark.parametrize("preset,var,name,path", [
+    ("micro", "MICRO_OUT", "OUT", "my runs/m"), ("kk-qwen2.5-1.5b", "MODEL_DIR", "BASE", "models/q$x"),
+    ("kk-qwen2.5-1.5b", "OUT", "OUT", "out;rm")])
+def test_a_path_the_stage_commands_cannot_carry_is_refused_first(preset, var, name, path, tmp_path):
+    """Stage commands are shell words: a space cut a path in two (kk_data.py then failed on 'unrecognized
+    arguments'), and a quote, $ or ; would be read by the shell. Such a path is refused before any stage, naming it."""
+    proc = run_reproduce(preset, "--dry-run", env={"GPUS": "8", var: str(tmp_path / path)}, check=False)
+    assert proc.returncode == 2 and f"error: {name} is '{tmp_path / path}'" in proc.stderr
+    assert "== " not in proc.stdout and not os.listdir(tmp_path)
+
+
 def test_missing_base_model_is_a_clear_error(tmp_path):
     proc = run_reproduce("kk-qwen2.5-1.5b", env={"MODEL_DIR": str(tmp_path / "none"), "OUT": str(tmp_path / "out")},
                          check=False)
