@@ -134,9 +134,9 @@ def get_parser():
     p.add_argument("--rollout_is_cap", type=float, default=2.0,
                    help="the cap C of --rollout_is's weight min(ratio, C) (TIS: 2)")
     p.add_argument("--dwa_s", type=float, default=1.0,
-                   help="DWA scale s: w in [1 - s/2, 1 + s/2], |s| <= 2 (unpublished)")
+                   help="with --adv_weight dwa: DWA scale s, w in [1 - s/2, 1 + s/2], |s| <= 2 (unpublished)")
     p.add_argument("--dwa_alpha", type=float, default=1.0,
-                   help="DWA sharpness: > 0 boosts tokens the update moved, < 0 damps")
+                   help="with --adv_weight dwa: DWA sharpness, > 0 boosts tokens the update moved, < 0 damps")
     p.add_argument("--drop_zero_variance_groups", type=common.str2bool, default=False,
                    help="leave groups whose rewards are all equal out of the loss and its normaliser "
                         "(DAPO's filter, without resampling)")
@@ -520,7 +520,8 @@ def log_line(m, max_steps, cuda):
 
 
 def main(argv=None):
-    args = common.parse_settings(get_parser(), argv)
+    parser = get_parser()
+    args = common.parse_settings(parser, argv)
     if not args.model:
         raise UserError("--model is required (a Hugging Face checkpoint directory: the initial policy)")
     common.check_positive(args, "prompts_per_step", "samples_per_prompt", "max_response_tokens", "ppo_epochs",
@@ -632,6 +633,16 @@ def main(argv=None):
     if args.adv_weight == "dwa" and not several_updates:
         print0("note: --adv_weight dwa with one on-policy update per batch: KL to the old policy is 0, so w = 1 "
                "(no effect); it acts with --ppo_mini_batches > 1 or --ppo_epochs > 1")
+    if args.adv_weight == "dwa" and (args.dwa_s == 0 or args.dwa_alpha == 0):
+        print0("note: --adv_weight dwa with --dwa_s 0 or --dwa_alpha 0: w = 1 (no effect)")
+    # a setting whose switch is off is not used: said once, not refused (a sweep may pass it to every arm)
+    for names, unused, switch in ((("dwa_s", "dwa_alpha"), args.adv_weight != "dwa", "--adv_weight dwa"),
+                                  (("rollout_is_cap",), args.rollout_is == "off", "--rollout_is token or sequence"),
+                                  (("max_gen_batches",), not args.dynamic_sampling, "--dynamic_sampling true"),
+                                  (("kl_estimator",), args.kl_coef == 0, "--kl_coef > 0")):
+        given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
+        if unused and given:
+            print0(f"note: {' and '.join(given)} not used: it acts only with {switch}")
 
     # ---- logging
     log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))

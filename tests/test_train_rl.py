@@ -296,6 +296,22 @@ def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, ca
 
 
 @pytest.mark.slow
+def test_a_setting_whose_switch_is_off_is_named_as_unused(toy, tmp_path, capsys):
+    """--dwa_s / --dwa_alpha without --adv_weight dwa (and the other settings that act under a switch) change nothing:
+    the run says so at its start, where an arm launched as 'DWA' without the switch ran plain GRPO without a word."""
+    args = rl_args(toy, tmp_path / "r", max_steps=1, dwa_s=1.5, dwa_alpha=50, rollout_is="off", rollout_is_cap=3,
+                   max_gen_batches=4, kl_estimator="k1")
+    assert train_rl.main(args) == 0
+    out = capsys.readouterr().out
+    for note in ("--dwa_s and --dwa_alpha not used: it acts only with --adv_weight dwa",
+                 "--rollout_is_cap not used: it acts only with --rollout_is token or sequence",
+                 "--max_gen_batches not used: it acts only with --dynamic_sampling true",
+                 "--kl_estimator not used: it acts only with --kl_coef > 0"):
+        assert f"note: {note}" in out, note
+    assert train_rl.main(rl_args(toy, tmp_path / "d", max_steps=1, adv_weight="dwa", dwa_s=1.5)) == 0
+    assert "not used" not in capsys.readouterr().out  # the defaults, and a setting whose switch is on: no note
+
+
 def test_variants_run_bf16_master_and_kl(toy, tmp_path, capsys):
     """The switches off the paper's path: bf16 model + fp32 master, several mini-batches/epochs (recomputed
     old log-probs, ratio != 1), KL to the reference, entropy bonus, dropped groups, masked truncations; recompute
