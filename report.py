@@ -368,9 +368,9 @@ def main(argv=None):
     probe_path = os.path.join(out, "base_probe.json")
     if os.path.exists(probe_path):  # tiny only: what the base knew before any chat-format SFT
         probe = read_probe(probe_path)
-        per = ", ".join(f"people {k} {r['accuracy']:.2f}" for k, r in probe["people"].items())
+        per = ", ".join(f"people {k} {r['accuracy']:.3f}" for k, r in probe["people"].items())
         lines.append(f"The base asked in its own pre-training format (tiny_base.py --probe, greedy): "
-                     f"{probe['accuracy']:.2f} overall ({per}).")
+                     f"{probe['accuracy']:.3f} overall ({per}).")
 
     effect_path = os.path.join(out, "sample_effect", "effects.summary.json")
     if os.path.exists(effect_path):

@@ -103,7 +103,7 @@ def read_summary(path):
     return summary
 
 
-def markdown_table(rows, columns=None, digits=2):
+def markdown_table(rows, columns=None, digits=3):
     """A markdown table from rows (dicts column -> value); columns default to the union in first-seen order.
     Floats get `digits` decimals, missing cells a dash; the first column is left-aligned, the rest right."""
     if columns is None:

@@ -55,11 +55,11 @@ def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
     row = {name: next(line for line in lines if line.startswith(f"| {name} |"))
            for name in ("base", "sft", "rl", "redistill_A")}
     # rl: its own cpu-h is both RL attempts (360 s = 0.1 h); its total adds the teacher data and the cold start
-    assert row["rl"].startswith("| rl | 0.50 | 0.40 | 0.42 |") and "| 40 | 384 | 0.10 | 0.11 |" in row["rl"]
+    assert row["rl"].startswith("| rl | 0.500 | 0.400 | 0.425 |") and "| 40 | 384 | 0.100 | 0.106 |" in row["rl"]
     assert "| 13 | 0 |" in row["redistill_A"] and "| 40 | 0 |" in row["sft"]
     assert "GRPO gain over its start (rl - sft, overall): +17.5 points." in text
     assert "(shared by all): 0.052 cpu-h" in text
-    assert "own pre-training format (tiny_base.py --probe, greedy): 0.29 overall (people 2 0.34, people 3 0.27)" in text
+    assert "own pre-training format (tiny_base.py --probe, greedy): 0.290 overall (people 2 0.340, people 3 0.270)" in text
     assert "| sft_teacher.jsonl | 40 | 0.0500 | 0.0600 | 0.1000 | 20 |" in text
     # top/bottom: mean effect of the chosen samples and where they came from
     assert "| se_top | 0.1000 | 0.1000 | 0.1000 |" in text
