@@ -59,7 +59,8 @@ def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
     assert "| 13 | 0 |" in row["redistill_A"] and "| 40 | 0 |" in row["sft"]
     assert "GRPO gain over its start (rl - sft, overall): +17.5 points." in text
     assert "(shared by all): 0.052 cpu-h" in text
-    assert "own pre-training format (tiny_base.py --probe, greedy): 0.290 overall (people 2 0.340, people 3 0.270)" in text
+    assert ("own pre-training format (tiny_base.py --probe, greedy): 0.290 overall (people 2 0.340, people 3 0.270)"
+            in text)
     assert "| sft_teacher.jsonl | 40 | 0.0500 | 0.0600 | 0.1000 | 20 |" in text
     # top/bottom: mean effect of the chosen samples and where they came from
     assert "| se_top | 0.1000 | 0.1000 | 0.1000 |" in text
