@@ -28,8 +28,8 @@
 # (the whole script is one function, read in full before it runs: editing this file mid-run is safe)
 main() {
 set -euo pipefail
-cd "$(dirname "$0")"
-SELF="$PWD/$(basename "$0")"  # this script, wherever it was started from ($0 may be relative to the old directory)
+SELF="$(readlink -f "$0")"  # this script, wherever and however started ($0 may be relative, or a symbolic link)
+cd "$(dirname "$SELF")"
 
 PRESET=tiny
 DRY_RUN=0
@@ -53,12 +53,14 @@ fi
 # shellcheck source=config/tiny.sh
 source "config/$PRESET.sh"
 : "${OUT:?the preset sets OUT}"
-# the stage commands are built as shell words: a path with a space or a shell character would be cut or run
-unsafe='[[:space:]"'"'"'\\$`;&|<>()*?]'
-for name in OUT BASE DATA TRAIN TEST SFT_SPLIT MATH_POOL MATH_TEST LIMR_POOL LIMR_INIT; do
+# the stage commands are built as shell words: a path with a space or a shell character would be cut, expanded or
+# run there, while this script's own quoted uses of it would not (a quoted '~/runs': stages in $HOME, markers in ./~)
+unsafe='^[~#]|[][:space:]"'"'"'\\$`;&|<>()*?{}[]'
+for name in OUT BASE DATA TRAIN TEST SFT_SPLIT MATH_POOL MATH_TEST LIMR_POOL LIMR_INIT AIME24 AMC23; do
   if [[ "${!name:-}" =~ $unsafe ]]; then
-    echo "error: $name is '${!name}': a path with a space or a shell character (quotes, \\ \$ \` ; & | < > ( ) * ?)" \
-      "cannot be passed on to the stages; use another path (a symbolic link without them will do)" >&2
+    echo "error: $name is '${!name}': a path with a space, a shell character (quotes, \\ \$ \` ; & | < > ( ) * ? { }" \
+      "[ ]) or a leading ~ or # cannot be passed on to the stages; use another path (a symbolic link without them" \
+      "will do; for ~, \$HOME)" >&2
     exit 2
   fi
 done

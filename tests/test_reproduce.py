@@ -261,13 +261,17 @@ def test_dry_run_of_seeds_gives_each_seed_its_own_directory_and_seeds(tmp_path):
 
 def test_seeds_and_help_work_when_started_from_another_directory(tmp_path):
     """The script moves to its own directory first: a second seed and --help must still find the script, started as
-    `bash REPO/reproduce.sh` from REPO's parent (a path relative to where it was started used to point nowhere)."""
+    `bash REPO/reproduce.sh` from REPO's parent (a path relative to where it was started used to point nowhere) or
+    through a symbolic link elsewhere (whose directory has no config/)."""
     e = dict(os.environ, OUT=str(tmp_path / "t"), SEEDS="2")
-    relative = os.path.join(os.path.basename(ROOT), "reproduce.sh")
-    for args, expect in ((["tiny", "--dry-run"], "==== seed 2 of 2"), (["--help"], "reproduce.sh [PRESET]")):
-        proc = subprocess.run(["bash", relative, *args], cwd=os.path.dirname(ROOT), env=e, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0 and expect in proc.stdout, proc.stderr[-2000:]
+    link = tmp_path / "r.sh"
+    link.symlink_to(os.path.join(ROOT, "reproduce.sh"))
+    for script, cwd in ((os.path.join(os.path.basename(ROOT), "reproduce.sh"), os.path.dirname(ROOT)),
+                        (str(link), str(tmp_path))):
+        for args, expect in ((["tiny", "--dry-run"], "==== seed 2 of 2"), (["--help"], "reproduce.sh [PRESET]")):
+            proc = subprocess.run(["bash", script, *args], cwd=cwd, env=e, capture_output=True, text=True,
+                                  timeout=300)
+            assert proc.returncode == 0 and expect in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("preset,flags", [
@@ -502,13 +506,23 @@ def test_re_distillation_sets_are_sampled_with_seed_minus_one(tmp_path):
 
 @pytest.mark.parametrize("preset,var,name,path", [
     ("micro", "MICRO_OUT", "OUT", "my runs/m"), ("kk-qwen2.5-1.5b", "MODEL_DIR", "BASE", "models/q$x"),
-    ("kk-qwen2.5-1.5b", "OUT", "OUT", "out;rm")])
+    ("kk-qwen2.5-1.5b", "OUT", "OUT", "out;rm"), ("micro", "MICRO_OUT", "OUT", "runs/{a,b}"),
+    ("micro", "MICRO_OUT", "OUT", "~/runs"), ("limr-qwen2.5-math-7b", "AIME24", "AIME24", "my sets/aime24.jsonl")])
 def test_a_path_the_stage_commands_cannot_carry_is_refused_first(preset, var, name, path, tmp_path):
     """Stage commands are shell words: a space cut a path in two (kk_data.py then failed on 'unrecognized
-    arguments'), and a quote, $ or ; would be read by the shell. Such a path is refused before any stage, naming it."""
-    proc = run_reproduce(preset, "--dry-run", env={"GPUS": "8", var: str(tmp_path / path)}, check=False)
-    assert proc.returncode == 2 and f"error: {name} is '{tmp_path / path}'" in proc.stderr
+    arguments'), a quote, $ or ; would be read by the shell, and a quoted '~/runs' put the stages' outputs in $HOME
+    and the markers in ./~ (the re-distillation sets then counted 0 lines and were skipped). Such a path is refused
+    before any stage, naming it."""
+    value = path if path.startswith("~") else str(tmp_path / path)
+    proc = run_reproduce(preset, "--dry-run", env={"GPUS": "8", var: value}, check=False)
+    assert proc.returncode == 2 and f"error: {name} is '{value}'" in proc.stderr
     assert "== " not in proc.stdout and not os.listdir(tmp_path)
+
+
+def test_a_path_with_ordinary_characters_is_not_refused(tmp_path):
+    out = tmp_path / "runs-1_2.3+x@y:z,w=v%~é" / "m"
+    proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": str(out)})
+    assert f"--out_dir {out}/data" in proc.stdout
 
 
 def test_missing_base_model_is_a_clear_error(tmp_path):
