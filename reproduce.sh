@@ -6,7 +6,8 @@
 #   GPUS=8 MODEL_DIR=/models/Qwen2.5-1.5B bash reproduce.sh kk-qwen2.5-1.5b
 #   SEEDS=3 bash reproduce.sh tiny    # three whole studies (seeds 1-3), then the table of their mean ± std
 #
-# Presets are bash files of settings in config/PRESET.sh (read them: every stage's flags are there).
+# Presets are bash files of settings in config/PRESET.sh (read them: every stage's flags are there). The script runs
+# in its own directory: a relative OUT, MODEL_DIR or data path is relative to it, not to where it was started.
 # Stages (paper.md section 3.3):
 #   data -> [tiny: base text + tokenizer -> pre-train the base] -> teacher SFT data -> cold-start SFT of
 #   the base -> GRPO from it -> sample the RL policy (A: greedy on the SFT prompts, B: correct rollouts
@@ -36,7 +37,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,27p' "$SELF"; ls config; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$SELF"; ls config; exit 0 ;;
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
     *) PRESET="$arg" ;;
   esac
