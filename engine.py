@@ -30,7 +30,7 @@ from common import UserError, rank, stop_token_ids
 from model import (HALF, HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs, pack,
                    packed_positions, rms_norm, rope_cos_sin)
 from parallel import full_tensor, is_sharded, reshard
-from tasks import encode_prompts
+from tasks import encode_prompts, reward_of
 
 if HAVE_FLASH_ATTN:
     from flash_attn import flash_attn_with_kvcache
@@ -884,7 +884,7 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
         i = g.prompt_index
         text = tokenizer.decode(g.tokens[:-1] if g.finished else g.tokens, skip_special_tokens=False)
         t_score = time.time()
-        reward = task.score(text, records[i], g.finished)
+        reward = reward_of(task, text, records[i], g.finished)
         if timings is not None:
             timings["score_s"] = timings.get("score_s", 0.0) + time.time() - t_score
         results.append({"id": records[i]["id"], "prompt": prompts[i], "response": text, "tokens": g.tokens,

@@ -133,7 +133,8 @@ def changed_files(old, new):
 
 def read_done(summary_path, samples_path, settings, records, task):
     """A finished pair's summary, if its settings match this run's (None: its inputs changed since, evaluate it
-    again); recomputed when pass_k changed."""
+    again); recomputed when pass_k changed, and its samples re-scored when the task module's source changed (the
+    score of now is what counts; the responses stand)."""
     try:
         summary = read_summary(summary_path)
         old = summary.get("settings")
@@ -159,8 +160,23 @@ def read_done(summary_path, samples_path, settings, records, task):
                f"({', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], inputs)))}); "
                f"evaluating again")
         return None
-    if old.get("pass_k_asked") != settings["pass_k_asked"]:
-        samples = common.read_jsonl(samples_path, required=("id", "reward", "finished", "length"))
+    rescore = old.get("task_source") != settings["task_source"]  # (none recorded: an earlier version's, once)
+    if rescore or old.get("pass_k_asked") != settings["pass_k_asked"]:
+        samples = common.read_jsonl(samples_path, required=("id", "reward", "finished", "length")
+                                    + (("response",) if rescore else ()))
+        if rescore:
+            by_id = {str(r["id"]): r for r in records}
+            changed = 0
+            for s in samples:
+                if str(s["id"]) not in by_id:
+                    raise UserError(f"{samples_path}: sample for unknown record id {s['id']!r}; pass --overwrite true")
+                reward = tasks.reward_of(task, s["response"], by_id[str(s["id"])], s["finished"])
+                changed += reward != s["reward"]
+                s["reward"] = reward
+            if changed:  # the samples first: a kill before the summary leaves its old stamp, so this runs again
+                print0(f"{samples_path}: the task's score changed since it was evaluated: {changed} of {len(samples)} "
+                       f"rewards re-scored")
+                common.write_jsonl(samples_path, samples)
         summary.update(summarize(samples, records, task.DIFFICULTY, settings["pass_k_asked"]))
         summary["settings"] = settings
         common.write_json(summary_path, summary)
@@ -202,7 +218,7 @@ def main(argv=None):
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template,
                 "dtype": dtype_name(dtype), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
-                "inputs": inputs_of(ckpt, digests[split_path])}
+                "task_source": tasks.task_source_digest(task), "inputs": inputs_of(ckpt, digests[split_path])}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others, holding out_dir's
     # lock until the run ends (two runs there could pair one's summary.json with the other's samples.jsonl)

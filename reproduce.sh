@@ -172,7 +172,11 @@ fi
 echo "preset $PRESET -> $OUT ($DEVICES x $DEVICE_KIND), seed $SEED"
 
 # ---- 0. the base model: a local Hugging Face directory, or (tiny) built and pre-trained here
-if [[ "${TINY_BASE:-0}" == 1 ]]; then
+if [[ "${TINY_BASE:-0}" == 1 && "$TASK" != kk ]]; then
+  echo "error: TINY_BASE=1 pre-trains the base on K&K text (tiny_base.py), but TASK is $TASK: set TINY_BASE=0 and" \
+    "MODEL_DIR to a base model (docs/data.md, \"Adding a task\")" >&2
+  exit 2
+elif [[ "${TINY_BASE:-0}" == 1 ]]; then
   BASE="$OUT/base/final"
 elif [[ "$DRY_RUN" == 0 && ! -f "$BASE/config.json" ]]; then
   echo "error: base model not found: $BASE/config.json is missing. Set MODEL_DIR to a local copy of $BASE_HUB_NAME;" >&2

@@ -502,7 +502,7 @@ def main(argv=None):
         print0(f"note: --max_length {args.max_length} > the model's context; using {max_length}")
     examples = tasks.load_sft_examples(args.sft_data, tokenizer, max_length)
     for ex in examples:
-        if ex["task"] is not None and ex["task"] != args.task:
+        if ex["task"] is not None and tasks.task_module_name(ex["task"]) != tasks.task_module_name(args.task):
             raise UserError(f"{ex['file']}:{ex['line']}: sample {ex['id']!r} is for task {ex['task']!r}, "
                             f"but --task is {args.task!r}")
     if args.select > len(examples):

@@ -259,7 +259,7 @@ def main(argv=None):
                                 f"({len(missing)} ids missing)")
             changed = 0
             for s in samples:
-                reward = task.score(s["response"], by_id[str(s["id"])], s["finished"])
+                reward = tasks.reward_of(task, s["response"], by_id[str(s["id"])], s["finished"])
                 changed += reward != s["reward"]
                 s["reward"] = reward
             print0(f"re-scored {len(samples)} rollouts with {args.task}'s score: {changed} rewards changed")

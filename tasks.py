@@ -3,8 +3,10 @@ Tasks and their data: the task registry (`--task`), a checkpoint's tokenizer, th
 checked to belong to the task, stratified subsets, SFT examples tokenized as training sees them, and the RL rollout
 logs. No torch here: the data generators import it.
 """
+import hashlib
 import importlib
 import math
+import numbers
 import os
 import random
 import re
@@ -24,10 +26,20 @@ PLAIN_TEMPLATE = "Question:\n{question}\nAnswer:\nLet's think step by step."
 # the task registry and prompts
 
 
+# fields of a rollout log row (train_rl): a task's DIFFICULTY, logged beside them, must not take one's name
+ROLLOUT_ROW_FIELDS = ("id", "prompt", "response", "reward", "finished", "length", "step", "epoch", "sample",
+                      "advantage", "trained", "rank")
+
+
+def task_module_name(name):
+    """The module a `--task` name stands for (kk -> kk_data, math -> math_data, any other name as is)."""
+    return {"kk": "kk_data", "math": "math_data"}.get(name, name)
+
+
 def get_task(name):
     """The task module for `--task`: kk, math, or any importable module with the same interface
-    (DIFFICULTY, load_split, render_prompt, score) — how a fork adds a task."""
-    module = {"kk": "kk_data", "math": "math_data"}.get(name, name)
+    (DIFFICULTY, load_split, render_prompt, score) — how a fork adds a task (docs/data.md, "Adding a task")."""
+    module = task_module_name(name)
     try:
         task = importlib.import_module(module)
     except ImportError as e:
@@ -35,7 +47,26 @@ def get_task(name):
     missing = [f for f in ("DIFFICULTY", "load_split", "render_prompt", "score") if not hasattr(task, f)]
     if missing:
         raise UserError(f"task module {module!r} lacks {', '.join(missing)}")
+    if task.DIFFICULTY in ROLLOUT_ROW_FIELDS:
+        raise UserError(f"task module {module!r}: DIFFICULTY = {task.DIFFICULTY!r} is the name of a rollout log "
+                        f"field, which it would overwrite; rename it (reserved: {', '.join(ROLLOUT_ROW_FIELDS)})")
     return task
+
+
+def reward_of(task, response, record, finished):
+    """task.score as a float: a bool or a numpy number counts as its value; anything else, or NaN, is an error
+    naming the task (a rollout log holding `true` would be refused later, when set B or LIMR reads it)."""
+    reward = task.score(response, record, finished)
+    if not isinstance(reward, numbers.Real) or not math.isfinite(reward):
+        raise UserError(f"task {task.__name__}: score() returned {reward!r} ({type(reward).__name__}) for record "
+                        f"{record.get('id')!r}; it must return a finite number (1.0 = correct)")
+    return float(reward)
+
+
+def task_source_digest(task):
+    """A digest of the task module's source file: eval re-scores a finished pair's samples when it changed."""
+    with open(task.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def load_tokenizer(path):
@@ -121,8 +152,8 @@ def check_prompts_fit(prompt_ids, records, max_new_tokens, context, where, flag=
 
 def load_records(task, task_name, path, tokenizer, template):
     """The split's records, checked to belong to this task: it loads with the task's load_split, every
-    record has an id and the difficulty key, and each renders and scores without error. A stage that renders no
-    prompt passes tokenizer None and the plain template (which needs no tokenizer)."""
+    record has an id and the difficulty key, and each renders and scores without error (its score a number). A stage
+    that renders no prompt passes tokenizer None: nothing is rendered."""
     try:
         records = task.load_split(path)
     except UserError as e:
@@ -144,11 +175,13 @@ def load_records(task, task_name, path, tokenizer, template):
             raise UserError(f"{where} (id {r['id']!r}): missing difficulty field {task.DIFFICULTY!r} of task "
                             f"{task_name!r}; is this a split of another task?")
         try:
-            task.render_prompt(r, tokenizer, template)
-            task.score("", r, True)
+            if tokenizer is not None:  # (a stage that renders no prompt passes none)
+                task.render_prompt(r, tokenizer, template)
+            reward_of(task, "", r, True)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise UserError(f"{where} (id {r['id']!r}): task {task_name!r} cannot render or score it "
-                            f"({type(e).__name__}: {e}); is this a split of another task?")
+                            f"({type(e).__name__}: {e}); a split of another task, or a fault in the task module's "
+                            f"render_prompt(record, tokenizer, template) or score(response, record, finished)?")
     return records
 
 

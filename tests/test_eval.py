@@ -155,6 +155,36 @@ def test_an_earlier_versions_summary_is_reused_while_its_split_is_unchanged(tiny
     assert "changed since (split.jsonl); evaluating again" in log and "loaded" in log
 
 
+def test_a_finished_pair_is_rescored_when_its_task_changed(tiny_checkpoint, split, tmp_path, monkeypatch, capsys):
+    """A fixed scorer must change the reused results: a finished pair's samples are re-scored when the task module's
+    source changed since (the responses stand; nothing is generated again), where eval showed the old accuracy."""
+    import inspect
+    module = tmp_path / "my_task.py"
+    module.write_text(inspect.getsource(toy_task))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_task", raising=False)
+    args = ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(tmp_path / "out"),
+            *FAST, "--task", "my_task"]
+    ev.main(args)
+    pair = tmp_path / "out" / "m" / "toy_test"
+    before = common.read_jsonl(str(pair / "samples.jsonl"))
+    wrong = sum(s["reward"] == 0 for s in before)
+    assert wrong > 0  # (a tiny model: some answers wrong, which the new scorer counts right)
+    module.write_text(inspect.getsource(toy_task) + "\n\ndef score(response, record, finished):\n    return 1.0\n")
+    monkeypatch.delitem(sys.modules, "my_task")
+    capsys.readouterr()
+    ev.main(args)
+    log = capsys.readouterr().out
+    assert f"the task's score changed since it was evaluated: {wrong} of {len(before)} rewards re-scored" in log
+    assert "loaded" not in log  # re-scored, not generated
+    after = common.read_jsonl(str(pair / "samples.jsonl"))
+    assert [s["reward"] for s in after] == [1.0] * len(before)
+    assert [s["response"] for s in after] == [s["response"] for s in before]
+    assert json.loads((pair / "summary.json").read_text())["overall"]["accuracy"] == 1.0
+    ev.main(args)
+    assert "re-scored" not in capsys.readouterr().out  # stamped: once
+
+
 def test_a_chat_template_fixed_in_place_is_evaluated_again(tiny_checkpoint, split, tmp_path, capsys):
     """The prompts come from the checkpoint's chat template and tokenizer: a file of them changed since a pair was
     evaluated makes it stale, as a changed weight file does; a summary from before they were recorded is reused."""

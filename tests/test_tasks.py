@@ -148,3 +148,56 @@ def test_a_prompt_that_fills_the_context_exactly_fits(tiny_checkpoint, tmp_path)
     assert len(tasks.load_sft_examples([path], tok, max_length=n)) == 1
     with pytest.raises(UserError, match=rf"d\.jsonl:1: .* has {n} tokens .* > max_length {n - 1}"):
         tasks.load_sft_examples([path], tok, max_length=n - 1)
+
+
+# -----------------------------------------------------------------------------
+# what a task module must be (a fork's own task: docs/data.md, "Adding a task")
+
+
+def task_module(tmp_path, monkeypatch, name, body):
+    """A task module of the test's own: toy_task's interface with `body` appended (a later def replaces one)."""
+    import inspect
+    import sys
+    (tmp_path / f"{name}.py").write_text(inspect.getsource(toy_task) + "\n" + body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return tasks.get_task(name)
+
+
+def test_a_score_is_taken_as_a_number_or_refused_naming_the_task(tmp_path, monkeypatch):
+    """A bool or a numpy number from score() is its value (a rollout log holding `true` was refused later, by set B
+    and LIMR, after the whole RL run); text, None or NaN is an error naming the task, when the split is loaded."""
+    import numpy as np
+    record = toy_task.make_records(1)[0]
+    for value, expect in ((True, 1.0), (False, 0.0), (np.float32(0.5), 0.5), (1, 1.0)):
+        task = task_module(tmp_path, monkeypatch, "number_task", f"import numpy as np\n\n\n"
+                           f"def score(response, record, finished):\n    return {value!r}\n")
+        reward = tasks.reward_of(task, "", record, True)
+        assert reward == expect and type(reward) is float
+    path = str(tmp_path / "split.jsonl")
+    common.write_jsonl(path, toy_task.make_records(2))
+    for bad in ('"1"', "None", 'float("nan")'):
+        task = task_module(tmp_path, monkeypatch, "bad_task", f"def score(response, record, finished):\n"
+                                                              f"    return {bad}\n")
+        with pytest.raises(UserError, match="task bad_task: score\\(\\) returned .* it must return a finite number"):
+            tasks.load_records(task, "bad_task", path, None, "plain")
+
+
+def test_a_difficulty_named_as_a_rollout_log_field_is_refused(tmp_path, monkeypatch):
+    """train_rl logs each rollout with the task's DIFFICULTY beside its own fields: DIFFICULTY = "length" overwrote
+    every logged length with the difficulty ("epoch" would have changed LIMR's curves, "id" the prompts)."""
+    for field in ("length", "epoch", "id"):
+        with pytest.raises(UserError, match=f"DIFFICULTY = '{field}' is the name of a rollout log field"):
+            task_module(tmp_path, monkeypatch, f"task_{field}", f"DIFFICULTY = {field!r}\n")
+    assert task_module(tmp_path, monkeypatch, "task_count", 'DIFFICULTY = "count"\n').DIFFICULTY == "count"
+
+
+def test_a_stage_that_renders_nothing_does_not_render(tmp_path, monkeypatch):
+    """lim_select and sample_policy --from_rollouts load splits with no tokenizer: a task whose render_prompt needs one
+    (a chat template) loads there, where it failed, after the RL run, as 'a split of another task'."""
+    task = task_module(tmp_path, monkeypatch, "chat_task", "def render_prompt(record, tokenizer, template='auto'):\n"
+                                                           "    return tokenizer.apply_chat_template([])\n")
+    path = str(tmp_path / "split.jsonl")
+    common.write_jsonl(path, toy_task.make_records(2))
+    assert len(tasks.load_records(task, "chat_task", path, None, "plain")) == 2
+    assert tasks.task_module_name("kk") == tasks.task_module_name("kk_data") == "kk_data"
