@@ -312,6 +312,7 @@ def test_a_setting_whose_switch_is_off_is_named_as_unused(toy, tmp_path, capsys)
     assert "not used" not in capsys.readouterr().out  # the defaults, and a setting whose switch is on: no note
 
 
+@pytest.mark.slow
 def test_variants_run_bf16_master_and_kl(toy, tmp_path, capsys):
     """The switches off the paper's path: bf16 model + fp32 master, several mini-batches/epochs (recomputed
     old log-probs, ratio != 1), KL to the reference, entropy bonus, dropped groups, masked truncations; recompute
