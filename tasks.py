@@ -57,6 +57,8 @@ def reward_of(task, response, record, finished):
     """task.score as a float: a bool or a numpy number counts as its value; anything else, or NaN, is an error
     naming the task (a rollout log holding `true` would be refused later, when set B or LIMR reads it)."""
     reward = task.score(response, record, finished)
+    if hasattr(reward, "item") and not isinstance(reward, numbers.Real):  # a numpy bool, a 0-d tensor
+        reward = reward.item()
     if not isinstance(reward, numbers.Real) or not math.isfinite(reward):
         raise UserError(f"task {task.__name__}: score() returned {reward!r} ({type(reward).__name__}) for record "
                         f"{record.get('id')!r}; it must return a finite number (1.0 = correct)")

@@ -642,7 +642,7 @@ def main(argv=None):
                                   (("kl_estimator",), args.kl_coef == 0, "--kl_coef > 0")):
         given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
         if unused and given:
-            print0(f"note: {' and '.join(given)} not used: it acts only with {switch}")
+            print0(f"note: {' and '.join(given)} not used: only {switch} uses it")
 
     # ---- logging
     log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))

@@ -169,7 +169,7 @@ def test_a_score_is_taken_as_a_number_or_refused_naming_the_task(tmp_path, monke
     and LIMR, after the whole RL run); text, None or NaN is an error naming the task, when the split is loaded."""
     import numpy as np
     record = toy_task.make_records(1)[0]
-    for value, expect in ((True, 1.0), (False, 0.0), (np.float32(0.5), 0.5), (1, 1.0)):
+    for value, expect in ((True, 1.0), (False, 0.0), (np.float32(0.5), 0.5), (np.True_, 1.0), (1, 1.0)):
         task = task_module(tmp_path, monkeypatch, "number_task", f"import numpy as np\n\n\n"
                            f"def score(response, record, finished):\n    return {value!r}\n")
         reward = tasks.reward_of(task, "", record, True)

@@ -303,10 +303,10 @@ def test_a_setting_whose_switch_is_off_is_named_as_unused(toy, tmp_path, capsys)
                    max_gen_batches=4, kl_estimator="k1")
     assert train_rl.main(args) == 0
     out = capsys.readouterr().out
-    for note in ("--dwa_s and --dwa_alpha not used: it acts only with --adv_weight dwa",
-                 "--rollout_is_cap not used: it acts only with --rollout_is token or sequence",
-                 "--max_gen_batches not used: it acts only with --dynamic_sampling true",
-                 "--kl_estimator not used: it acts only with --kl_coef > 0"):
+    for note in ("--dwa_s and --dwa_alpha not used: only --adv_weight dwa uses it",
+                 "--rollout_is_cap not used: only --rollout_is token or sequence uses it",
+                 "--max_gen_batches not used: only --dynamic_sampling true uses it",
+                 "--kl_estimator not used: only --kl_coef > 0 uses it"):
         assert f"note: {note}" in out, note
     assert train_rl.main(rl_args(toy, tmp_path / "d", max_steps=1, adv_weight="dwa", dwa_s=1.5)) == 0
     assert "not used" not in capsys.readouterr().out  # the defaults, and a setting whose switch is on: no note
