@@ -57,7 +57,7 @@ source "config/$PRESET.sh"
 # the stage commands are built as shell words: a path with a space or a shell character would be cut, expanded or
 # run there, while this script's own quoted uses of it would not (a quoted '~/runs': stages in $HOME, markers in ./~)
 unsafe='^[~#]|[][:space:]"'"'"'\\$`;&|<>()*?{}[]'
-for name in OUT BASE DATA TRAIN TEST SFT_SPLIT MATH_POOL MATH_TEST LIMR_POOL LIMR_INIT AIME24 AMC23; do
+for name in OUT BASE MODEL_DIR DATA TRAIN TEST SFT_SPLIT MATH_POOL MATH_TEST LIMR_POOL LIMR_INIT AIME24 AMC23; do
   if [[ "${!name:-}" =~ $unsafe ]]; then
     echo "error: $name is '${!name}': a path with a space, a shell character (quotes, \\ \$ \` ; & | < > ( ) * ? { }" \
       "[ ]) or a leading ~ or # cannot be passed on to the stages; use another path (a symbolic link without them" \
@@ -172,16 +172,24 @@ fi
 echo "preset $PRESET -> $OUT ($DEVICES x $DEVICE_KIND), seed $SEED"
 
 # ---- 0. the base model: a local Hugging Face directory, or (tiny) built and pre-trained here
-if [[ "${TINY_BASE:-0}" == 1 && "$TASK" != kk ]]; then
+if [[ "${TINY_BASE:-0}" == 1 && "$TASK" != kk && "$TASK" != kk_data ]]; then
   echo "error: TINY_BASE=1 pre-trains the base on K&K text (tiny_base.py), but TASK is $TASK: set TINY_BASE=0 and" \
     "MODEL_DIR to a base model (docs/data.md, \"Adding a task\")" >&2
   exit 2
 elif [[ "${TINY_BASE:-0}" == 1 ]]; then
   BASE="$OUT/base/final"
-elif [[ "$DRY_RUN" == 0 && ! -f "$BASE/config.json" ]]; then
-  echo "error: base model not found: $BASE/config.json is missing. Set MODEL_DIR to a local copy of $BASE_HUB_NAME;" >&2
-  echo "       where a network exists, download it with:  huggingface-cli download $BASE_HUB_NAME --local-dir $BASE" >&2
-  exit 2
+else
+  BASE=${BASE:-${MODEL_DIR:-}}  # (a preset of a fork's task, copied from micro.sh, names none: MODEL_DIR)
+  if [[ -z "$BASE" ]]; then
+    echo "error: preset $PRESET names no base model: set MODEL_DIR to a local Hugging Face model directory" >&2
+    exit 2
+  elif [[ "$DRY_RUN" == 0 && ! -f "$BASE/config.json" ]]; then
+    echo "error: base model not found: $BASE/config.json is missing. Set MODEL_DIR to a local copy of" \
+      "${BASE_HUB_NAME:-the base model};" >&2
+    echo "       where a network exists, download it with:  huggingface-cli download ${BASE_HUB_NAME:-NAME}" \
+      "--local-dir $BASE" >&2
+    exit 2
+  fi
 fi
 
 [[ "$DRY_RUN" == 1 ]] || mkdir -p "$OUT"

@@ -58,7 +58,10 @@ def reward_of(task, response, record, finished):
     naming the task (a rollout log holding `true` would be refused later, when set B or LIMR reads it)."""
     reward = task.score(response, record, finished)
     if hasattr(reward, "item") and not isinstance(reward, numbers.Real):  # a numpy bool, a 0-d tensor
-        reward = reward.item()
+        try:
+            reward = reward.item()
+        except (ValueError, RuntimeError):  # several elements: not one reward
+            pass
     if not isinstance(reward, numbers.Real) or not math.isfinite(reward):
         raise UserError(f"task {task.__name__}: score() returned {reward!r} ({type(reward).__name__}) for record "
                         f"{record.get('id')!r}; it must return a finite number (1.0 = correct)")
@@ -163,6 +166,7 @@ def load_records(task, task_name, path, tokenizer, template):
     if not records:
         raise UserError(f"split {path}: no records (empty split)")
     seen = {}  # id as text -> the id: logs and selections match ids as text, so 1 and "1" would be one prompt
+    difficulties = {}  # difficulty as text -> the first value seen
     for i, r in enumerate(records):
         where = f"split {path}: record {i + 1}"
         if "id" not in r:
@@ -176,6 +180,12 @@ def load_records(task, task_name, path, tokenizer, template):
         if task.DIFFICULTY is not None and task.DIFFICULTY not in r:
             raise UserError(f"{where} (id {r['id']!r}): missing difficulty field {task.DIFFICULTY!r} of task "
                             f"{task_name!r}; is this a split of another task?")
+        if task.DIFFICULTY is not None:  # tables key difficulties by text: 3 and "3" would share one row
+            d = r[task.DIFFICULTY]
+            first = difficulties.setdefault(str(d), d)
+            if first != d or type(first) is not type(d):
+                raise UserError(f"{where} (id {r['id']!r}): difficulty {task.DIFFICULTY!r} is {d!r}, but an earlier "
+                                f"record's is {first!r}, which reads the same in a table; give the split one type")
         try:
             if tokenizer is not None:  # (a stage that renders no prompt passes none)
                 task.render_prompt(r, tokenizer, template)

@@ -176,9 +176,9 @@ def test_a_score_is_taken_as_a_number_or_refused_naming_the_task(tmp_path, monke
         assert reward == expect and type(reward) is float
     path = str(tmp_path / "split.jsonl")
     common.write_jsonl(path, toy_task.make_records(2))
-    for bad in ('"1"', "None", 'float("nan")'):
-        task = task_module(tmp_path, monkeypatch, "bad_task", f"def score(response, record, finished):\n"
-                                                              f"    return {bad}\n")
+    for bad in ('"1"', "None", 'float("nan")', "np.array([1.0, 0.0])"):
+        task = task_module(tmp_path, monkeypatch, "bad_task", f"import numpy as np\n\n\n"
+                           f"def score(response, record, finished):\n    return {bad}\n")
         with pytest.raises(UserError, match="task bad_task: score\\(\\) returned .* it must return a finite number"):
             tasks.load_records(task, "bad_task", path, None, "plain")
 
@@ -201,3 +201,16 @@ def test_a_stage_that_renders_nothing_does_not_render(tmp_path, monkeypatch):
     common.write_jsonl(path, toy_task.make_records(2))
     assert len(tasks.load_records(task, "chat_task", path, None, "plain")) == 2
     assert tasks.task_module_name("kk") == tasks.task_module_name("kk_data") == "kk_data"
+
+
+def test_difficulties_that_read_the_same_as_text_are_refused_when_the_split_loads(tmp_path):
+    """3 and "3" share one row of every per-difficulty table: refused when the split loads, naming its file and
+    record, before any generation (scoring.summarize refused it too, but after eval's whole generation, or at a
+    training run's first validation)."""
+    records = toy_task.make_records(3)
+    records[2]["level"] = str(records[0]["level"])
+    path = str(tmp_path / "split.jsonl")
+    common.write_jsonl(path, records)
+    with pytest.raises(UserError, match=f"split {path}: record 3 .*difficulty 'level' is '1', but an earlier "
+                                        f"record's is 1"):
+        tasks.load_records(toy_task, "toy_task", path, None, "plain")
