@@ -164,19 +164,11 @@ def read_done(summary_path, samples_path, settings, records, task):
     if rescore or old.get("pass_k_asked") != settings["pass_k_asked"]:
         samples = common.read_jsonl(samples_path, required=("id", "reward", "finished", "length")
                                     + (("response",) if rescore else ()))
-        if rescore:
-            by_id = {str(r["id"]): r for r in records}
-            changed = 0
-            for s in samples:
-                if str(s["id"]) not in by_id:
-                    raise UserError(f"{samples_path}: sample for unknown record id {s['id']!r}; pass --overwrite true")
-                reward = tasks.reward_of(task, s["response"], by_id[str(s["id"])], s["finished"])
-                changed += reward != s["reward"]
-                s["reward"] = reward
-            if changed:  # the samples first: a kill before the summary leaves its old stamp, so this runs again
-                print0(f"{samples_path}: the task's score changed since it was evaluated: {changed} of {len(samples)} "
-                       f"rewards re-scored")
-                common.write_jsonl(samples_path, samples)
+        changed = tasks.rescore(task, samples, records, samples_path) if rescore else 0
+        if changed:  # the samples first: a kill before the summary leaves its old stamp, so this runs again
+            print0(f"{samples_path}: the task's score changed since it was evaluated: {changed} of {len(samples)} "
+                   f"rewards re-scored")
+            common.write_jsonl(samples_path, samples)
         summary.update(summarize(samples, records, task.DIFFICULTY, settings["pass_k_asked"]))
         summary["settings"] = settings
         common.write_json(summary_path, summary)
@@ -212,13 +204,14 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.checkpoints[0])
     splits = [tasks.load_records(task, args.task, p, tokenizer, args.template) for p in args.splits]
     digests = {p: common.data_digest(records) for p, records in zip(args.splits, splits)}  # once per split
+    task_source = tasks.task_source_digest(task)
 
     def settings_of(ckpt, split_path):
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template,
                 "dtype": dtype_name(dtype), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
-                "task_source": tasks.task_source_digest(task), "inputs": inputs_of(ckpt, digests[split_path])}
+                "task_source": task_source, "inputs": inputs_of(ckpt, digests[split_path])}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others, holding out_dir's
     # lock until the run ends (two runs there could pair one's summary.json with the other's samples.jsonl)

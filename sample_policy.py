@@ -252,16 +252,7 @@ def main(argv=None):
         if stripped:
             print0(f"note: removed a trailing stop-token string from {stripped} rollout responses (SFT appends EOS)")
         if args.split:  # the paper re-checks the rollouts with the task's score; the score of now is what counts
-            by_id = {str(r["id"]): r for r in load_splits(task, args, None, "plain")}
-            missing = sorted({str(s["id"]) for s in samples} - set(by_id))
-            if missing:
-                raise UserError(f"{' + '.join(args.split)}: no record for rollout id {missing[0]!r} "
-                                f"({len(missing)} ids missing)")
-            changed = 0
-            for s in samples:
-                reward = tasks.reward_of(task, s["response"], by_id[str(s["id"])], s["finished"])
-                changed += reward != s["reward"]
-                s["reward"] = reward
+            changed = tasks.rescore(task, samples, load_splits(task, args, None, "plain"), " + ".join(args.split))
             print0(f"re-scored {len(samples)} rollouts with {args.task}'s score: {changed} rewards changed")
 
     if args.samples_out and rank == 0:

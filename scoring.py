@@ -70,12 +70,6 @@ def summarize(samples, records, difficulty_key, pass_k=(1,)):
         levels = {}
         for r in records:
             levels.setdefault(r[difficulty_key], []).append(by_id[r["id"]])
-        as_text = {}  # the table's keys are text: 3 and "3" would overwrite each other's rows
-        for d in levels:
-            if str(d) in as_text:
-                raise UserError(f"difficulty {difficulty_key!r} holds both {as_text[str(d)]!r} and {d!r}, which read "
-                                f"the same in a table; give the split one type")
-            as_text[str(d)] = d
         for d in sorted(levels, key=difficulty_order):
             summary["by_difficulty"][str(d)] = _metrics(levels[d], ks)
     return summary

@@ -68,6 +68,21 @@ def reward_of(task, response, record, finished):
     return float(reward)
 
 
+def rescore(task, samples, records, where):
+    """Re-score samples ({"id", "response", "finished", "reward"}) in place with the task's score of now (the
+    responses stand); returns how many rewards changed. A sample whose id no record has is an error naming `where`."""
+    by_id = {str(r["id"]): r for r in records}
+    missing = sorted({str(s["id"]) for s in samples} - set(by_id))
+    if missing:
+        raise UserError(f"{where}: no record for id {missing[0]!r} ({len(missing)} ids missing)")
+    changed = 0
+    for s in samples:
+        reward = reward_of(task, s["response"], by_id[str(s["id"])], s["finished"])
+        changed += reward != s["reward"]
+        s["reward"] = reward
+    return changed
+
+
 def task_source_digest(task):
     """A digest of the task module's source file: eval re-scores a finished pair's samples when it changed."""
     with open(task.__file__, "rb") as f:

@@ -623,8 +623,6 @@ def main(argv=None):
     # or more with --dynamic_sampling
     # the optional branch: several updates per rollout batch (PPO ratio), a KL to a frozen reference
     ref_model = None
-    if args.ref_model and args.kl_coef == 0:
-        print0(f"note: --ref_model {args.ref_model} is not used: --kl_coef is 0 (no KL term)")
     if args.kl_coef > 0:
         ref_model = shard_model(load_model(args.ref_model or args.model, dtype=torch.float32, device=device), dtype)
         ref_model.requires_grad_(False)
@@ -639,7 +637,7 @@ def main(argv=None):
     for names, unused, switch in ((("dwa_s", "dwa_alpha"), args.adv_weight != "dwa", "--adv_weight dwa"),
                                   (("rollout_is_cap",), args.rollout_is == "off", "--rollout_is token or sequence"),
                                   (("max_gen_batches",), not args.dynamic_sampling, "--dynamic_sampling true"),
-                                  (("kl_estimator",), args.kl_coef == 0, "--kl_coef > 0")):
+                                  (("ref_model", "kl_estimator"), args.kl_coef == 0, "--kl_coef > 0")):
         given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
         if unused and given:
             print0(f"note: {' and '.join(given)} not used: only {switch} uses it")

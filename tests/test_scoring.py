@@ -91,13 +91,3 @@ def test_sampled_records_do_not_depend_on_the_number_of_ranks(tiny_checkpoint, m
         merged, _ = scoring.generate_and_score(model, tok, toy_task, records, **kw)
         rows = [dict(s, index=[x["id"] for x in records].index(s["id"])) for s in merged]
     assert merged == whole and len({s["response"] for s in whole}) > 5  # (sampled: the responses differ)
-
-
-def test_difficulties_that_read_the_same_as_text_are_refused():
-    """Per-difficulty rows are keyed by text: a split holding both 3 and "3" lost one group's prompts from the table
-    (the other group's row replaced it) while the overall row counted them."""
-    records = [{"id": "a", "level": 3}, {"id": "b", "level": "3"}, {"id": "c", "level": 4}]
-    samples = [{"id": r["id"], "reward": 1.0, "finished": True, "length": 2} for r in records]
-    with pytest.raises(common.UserError, match="holds both 3 and '3'"):
-        scoring.summarize(samples, records, "level")
-    assert set(scoring.summarize(samples[::2], records[::2], "level")["by_difficulty"]) == {"3", "4"}

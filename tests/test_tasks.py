@@ -205,8 +205,8 @@ def test_a_stage_that_renders_nothing_does_not_render(tmp_path, monkeypatch):
 
 def test_difficulties_that_read_the_same_as_text_are_refused_when_the_split_loads(tmp_path):
     """3 and "3" share one row of every per-difficulty table: refused when the split loads, naming its file and
-    record, before any generation (scoring.summarize refused it too, but after eval's whole generation, or at a
-    training run's first validation)."""
+    record, before any generation (a first version refused it in scoring.summarize: after eval's whole generation,
+    or at a training run's first validation)."""
     records = toy_task.make_records(3)
     records[2]["level"] = str(records[0]["level"])
     path = str(tmp_path / "split.jsonl")
@@ -214,3 +214,15 @@ def test_difficulties_that_read_the_same_as_text_are_refused_when_the_split_load
     with pytest.raises(UserError, match=f"split {path}: record 3 .*difficulty 'level' is '1', but an earlier "
                                         f"record's is 1"):
         tasks.load_records(toy_task, "toy_task", path, None, "plain")
+
+
+def test_rescore_takes_the_score_of_now_and_names_a_sample_without_its_record():
+    """Set B's re-check and eval's re-scoring share tasks.rescore: rewards replaced in place, the changes counted,
+    and a sample whose id the split lacks an error naming where it came from (not a KeyError)."""
+    records = toy_task.make_records(2)
+    right = toy_task.teacher_response(records[0])
+    samples = [{"id": records[0]["id"], "response": right, "finished": True, "reward": 0.0},
+               {"id": records[1]["id"], "response": "no", "finished": True, "reward": 0.0}]
+    assert tasks.rescore(toy_task, samples, records, "here") == 1 and [s["reward"] for s in samples] == [1.0, 0.0]
+    with pytest.raises(UserError, match="here: no record for id 'zz' \\(1 ids missing\\)"):
+        tasks.rescore(toy_task, samples + [dict(samples[1], id="zz")], records, "here")
