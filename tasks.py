@@ -186,6 +186,9 @@ def load_records(task, task_name, path, tokenizer, template):
         where = f"split {path}: record {i + 1}"
         if "id" not in r:
             raise UserError(f"{where}: missing field 'id'")
+        if isinstance(r["id"], bool) or not isinstance(r["id"], ROLLOUT_FIELDS["id"]):  # what the logs carry
+            raise UserError(f"{where}: field 'id' is {r['id']!r}; an id is a string or an integer (rollout logs, "
+                            f"set B and LIMR read no other)")
         if str(r["id"]) in seen:
             first = seen[str(r["id"])]
             raise UserError(f"{where}: duplicate id {r['id']!r}"

@@ -135,6 +135,18 @@ def test_split_ids_must_differ_as_text(tmp_path):
             tasks.load_records(toy_task, "toy_task", path, None, "plain")
 
 
+def test_split_ids_are_strings_or_integers(tmp_path):
+    """Rollout logs carry an id as a string or an integer, and set B and LIMR refuse any other: a split whose ids
+    are floats, null, booleans or lists is refused when it loads (not after the RL run that logs them)."""
+    records = toy_task.make_records(2, seed=5)
+    path = str(tmp_path / "split.jsonl")
+    for bad in (2.0, None, True, ["toy", 1]):
+        common.write_jsonl(path, [dict(records[0], id=1), dict(records[1], id=bad)])
+        with pytest.raises(UserError, match=rf"record 2: field 'id' is {re.escape(repr(bad))}; an id is a string or "
+                                            r"an integer"):
+            tasks.load_records(toy_task, "toy_task", path, None, "plain")
+
+
 def test_a_prompt_that_fills_the_context_exactly_fits(tiny_checkpoint, tmp_path):
     """The boundaries are inclusive: a prompt plus max_new_tokens equal to the context fits (one more does not), and
     an SFT example of exactly max_length tokens loads (one token less of room does not)."""
