@@ -186,7 +186,7 @@ def check_distinct_outputs(outputs, inputs=()):
 
 
 # the chat terminators a response may end with
-STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")  # Qwen, Llama 3
 
 
 def stop_token_ids(tokenizer):

@@ -21,6 +21,9 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 # The paper's template for tokenizers without a chat template ("base" runs).
 PLAIN_TEMPLATE = "Question:\n{question}\nAnswer:\nLet's think step by step."
 
+# The date Llama 3.1's chat template always writes, given to every template (Llama 3.2's writes today's otherwise).
+TEMPLATE_DATE = "26 Jul 2024"
+
 
 # -----------------------------------------------------------------------------
 # the task registry and prompts
@@ -118,7 +121,10 @@ def render_question(question: str, tokenizer, template: str = "auto") -> str:
         raise UserError("prompt template 'chat' asked for, but the tokenizer has no chat template; "
                         "use --template plain")
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Llama 3.2's template writes today's date into the system header unless given date_string: a prompt must not
+    # change with the calendar (an SFT file rendered one day, RL and eval on another, a resume, a run past midnight)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         date_string=TEMPLATE_DATE)
 
 
 def teacher_sft_tokenizer(path, template):

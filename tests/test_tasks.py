@@ -42,7 +42,7 @@ def llama3_style_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"]
     tok.train_from_iterator(["Question: who is a knight? Answer: let's think step by step."] * 20,
                             trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
@@ -68,6 +68,38 @@ def test_prompts_begin_with_bos_where_the_model_family_expects_one(tmp_path):
     ex = tasks.load_sft_examples([str(tmp_path / "d.jsonl")], llama, 100)[0]
     assert ex["input_ids"][0] == bos and ex["input_ids"].count(bos) == 1
     assert ex["input_ids"][ex["start"] - 1] != bos  # the prompt's own tokens end the context
+
+
+def test_generation_stops_at_every_llama3_terminator():
+    """Llama 3.1+ checkpoints name three end ids (end of text, end of turn, end of message after a tool call); the
+    engine, SFT's check and a saved generation config take all three."""
+    import common
+    llama = llama3_style_tokenizer()
+    assert common.stop_token_ids(llama) == sorted(llama.convert_tokens_to_ids(
+        ["<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"]))
+
+
+def test_a_chat_prompt_does_not_change_with_the_date(monkeypatch):
+    """Llama 3.2's chat template writes today's date into the system header unless given date_string: an SFT file
+    rendered one day and RL or eval on another, a resume, or a run past midnight would read other prompts."""
+    import datetime
+    import transformers.utils.chat_template_utils as chat_template_utils
+    llama = llama3_style_tokenizer()
+    llama.chat_template = (  # the date lines of Llama 3.2's template, then its messages cut short
+        '{%- if not date_string is defined %}{%- if strftime_now is defined %}'
+        '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "26 Jul 2024" %}'
+        '{%- endif %}{%- endif %}<|begin_of_text|>Today Date: {{ date_string }}\n'
+        '{%- for m in messages %}[{{ m.role }}] {{ m.content }}\n{%- endfor %}[assistant]')
+
+    def on(day):
+        class Day(datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return cls(2026, 12, day, 23, 59)
+        monkeypatch.setattr(chat_template_utils, "datetime", Day)
+        return tasks.render_question("who is a knight?", llama, "chat")
+    assert on(4) == on(5)
+    assert "Today Date: 26 Jul 2024" in on(5) and "who is a knight?" in on(5)
 
 
 def test_loader_tokenizes_prompt_and_response_separately(tiny_checkpoint, tmp_path):
