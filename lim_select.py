@@ -84,7 +84,7 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
                                     f"pass --steps_per_epoch N)")
                 if type(epoch) is not int or epoch < 0:
                     raise UserError(f"{where}: field 'epoch' is {epoch!r}, expected an integer >= 0")
-            outcomes.append((epoch, pool_ids[str(rid)], row["reward"] == 1))
+            outcomes.append((epoch, pool_ids[str(rid)], tasks.is_correct(row["reward"])))
     if not outcomes:
         raise UserError(f"{folder}: no rollouts (every step file is empty)")
     return outcomes
@@ -95,7 +95,7 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
 
 
 def epoch_accuracy(outcomes, num_prompts, epochs):
-    """(num_prompts, len(epochs)) array: the share of each prompt's rollouts in each epoch with reward 1, NaN
+    """(num_prompts, len(epochs)) array: the share of each prompt's rollouts in each epoch right (reward 1), NaN
     where it had none."""
     column = {e: k for k, e in enumerate(epochs)}
     solved, drawn = np.zeros((num_prompts, len(epochs))), np.zeros((num_prompts, len(epochs)))

@@ -170,7 +170,7 @@ def sample_checkpoint(args, task, rank, world, device):
 
 
 def select(samples, max_per_prompt, num_examples, seed):
-    """The paper's filter: correct (reward 1.0) and finished; identical responses to one prompt once; at most
+    """The paper's filter: correct (tasks.is_correct: reward 1.0) and finished; identical responses to one prompt once; at most
     max_per_prompt per prompt, first found first; a seeded shuffle; the first num_examples.
     Returns (kept, counts)."""
     by_prompt, seen, counts = {}, set(), {"samples": len(samples), "correct": 0, "duplicates": 0, "over_limit": 0}
@@ -180,7 +180,7 @@ def select(samples, max_per_prompt, num_examples, seed):
         if key not in by_prompt:
             by_prompt[key] = []
             prompts.append(key)
-        if not (s["reward"] == 1.0 and s["finished"]):
+        if not (tasks.is_correct(s["reward"]) and s["finished"]):
             continue
         counts["correct"] += 1
         if (key, s["response"]) in seen:

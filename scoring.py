@@ -8,7 +8,7 @@ import common
 from common import UserError, derive_seed, rank, world_size
 from engine import sample_responses
 from parallel import gather_lists, rank_share
-from tasks import check_prompts_fit, task_prompt_ids
+from tasks import check_prompts_fit, is_correct, task_prompt_ids
 
 
 def pass_at_k(n, c, k):
@@ -34,10 +34,11 @@ def difficulty_order(value):
 def _metrics(groups, ks):
     """Metrics of a list of per-prompt sample lists."""
     samples = [s for g in groups for s in g]
-    out = {"prompts": len(groups), "samples": len(samples),
-           "accuracy": round(sum(s["reward"] for s in samples) / len(samples), 6)}  # = avg@n = pass@1
+    out = {"prompts": len(groups), "samples": len(samples),  # accuracy = avg@n = pass@1
+           "accuracy": round(sum(is_correct(s["reward"]) for s in samples) / len(samples), 6),
+           "mean_reward": round(sum(s["reward"] for s in samples) / len(samples), 6)}
     for k in ks:
-        out[f"pass@{k}"] = round(sum(pass_at_k(len(g), sum(s["reward"] >= 1.0 for s in g), k)
+        out[f"pass@{k}"] = round(sum(pass_at_k(len(g), sum(is_correct(s["reward"]) for s in g), k)
                                      for g in groups) / len(groups), 6)
     out["mean_length"] = round(sum(s["length"] for s in samples) / len(samples), 3)
     out["truncation_rate"] = round(sum(not s["finished"] for s in samples) / len(samples), 6)
@@ -47,9 +48,10 @@ def _metrics(groups, ks):
 def summarize(samples, records, difficulty_key, pass_k=(1,)):
     """Metrics overall and per difficulty from scored samples ({"id", "reward", "finished", "length"}).
 
-    Every record must have the same number n of samples. accuracy = mean reward over all samples
-    (avg@n; for a greedy run, the paper's pass@1); pass@k (unbiased, k <= n) counts reward >= 1 as
-    correct; mean_length in tokens (the stop token included); truncation_rate = share without EOS.
+    Every record must have the same number n of samples. accuracy = the share of samples right
+    (tasks.is_correct: avg@n; for a greedy run, the paper's pass@1); mean_reward (the same for 0/1 rewards);
+    pass@k (unbiased, k <= n) over the right samples; mean_length in tokens (the stop token included);
+    truncation_rate = share without EOS.
     Returns {"n", "pass_k", "overall": {...}, "by_difficulty": {str(difficulty): {...}}} with
     difficulties in natural order.
     """

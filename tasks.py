@@ -71,6 +71,12 @@ def reward_of(task, response, record, finished):
     return float(reward)
 
 
+def is_correct(reward):
+    """The one rule of a right answer (1.0 by the task interface; a bonus above it counts as right): accuracy and
+    pass@k, RL's logged acc, the re-distillation sets' filter and LIMR's solved share all read it."""
+    return reward >= 1.0
+
+
 def rescore(task, samples, records, where):
     """Re-score samples ({"id", "response", "finished", "reward"}) in place with the task's score of now (the
     responses stand); returns how many rewards changed. A sample whose id no record has is an error naming `where`."""

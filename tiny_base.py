@@ -165,7 +165,7 @@ def probe(args):
         row = per_people.setdefault(str(record["people"]), {"n": 0, "well_formed": 0, "correct": 0})
         row["n"] += 1
         row["well_formed"] += sample["finished"] and answer is not None and set(answer) == set(record["names"])
-        row["correct"] += sample["reward"]
+        row["correct"] += tasks.is_correct(sample["reward"])
     result = {"checkpoint": args.probe, "split": args.probe_split, "format": "answer-format pre-training document",
               "n": len(records), "accuracy": sum(r["correct"] for r in per_people.values()) / len(records),
               "people": {k: {"n": r["n"], "accuracy": r["correct"] / r["n"], "well_formed": r["well_formed"] / r["n"]}

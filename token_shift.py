@@ -388,7 +388,7 @@ def cross_run(primary, intervention, tokenizer, task, records, numbers, args, sw
                                   seed=common.derive_seed(args.seed, 0), template=args.template,
                                   batch_size=args.batch_size, desc=desc, progress=args.progress,
                                   partner=intervention, switch=switch, prompt_numbers=numbers)
-    g = parallel.all_reduce_numbers({"responses": len(out), "correct": sum(s["reward"] for s in out),
+    g = parallel.all_reduce_numbers({"responses": len(out), "correct": sum(tasks.is_correct(s["reward"]) for s in out),
                                      "tokens": sum(s["length"] for s in out),
                                      "switched": sum(sum(s["switched"]) for s in out),
                                      "differs": sum(sum(s["differs"]) for s in out),

@@ -467,7 +467,7 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
     term, and in a step that trained no token (no KL was measured: 0 would read as 'the policy is the reference')."""
     rollouts, rewards = batch.rollouts, batch.rewards
     g = parallel.all_reduce_numbers({
-        "reward": sum(rewards), "correct": sum(r >= 1.0 for r in rewards), "seqs": len(rollouts),
+        "reward": sum(rewards), "correct": sum(map(tasks.is_correct, rewards)), "seqs": len(rollouts),
         "groups": len(batch.zero_var), "zero_var": sum(batch.zero_var), "kept": sum(batch.trains),
         "resp_tokens": sum(s["length"] for s in rollouts),
         "truncated": sum(not s["finished"] for s in rollouts), "used": len(batch.train_idx), **sums})

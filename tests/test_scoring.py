@@ -45,19 +45,39 @@ def test_summarize_per_difficulty():
     assert out["n"] == 2 and out["pass_k"] == [1, 2]                       # k > n dropped
     assert list(out["by_difficulty"]) == ["1", "2", "10"]                  # natural order, not "1", "10", "2"
     lvl2 = out["by_difficulty"]["2"]
-    assert lvl2 == {"prompts": 2, "samples": 4, "accuracy": 0.75, "pass@1": 0.75, "pass@2": 1.0,
+    assert lvl2 == {"prompts": 2, "samples": 4, "accuracy": 0.75, "mean_reward": 0.75, "pass@1": 0.75, "pass@2": 1.0,
                     "mean_length": 12.5, "truncation_rate": 0.25}
     assert out["by_difficulty"]["1"]["accuracy"] == 0.0 and out["by_difficulty"]["1"]["pass@2"] == 0.0
     assert out["by_difficulty"]["10"]["pass@1"] == 0.5
-    assert out["overall"] == {"prompts": 4, "samples": 8, "accuracy": 0.5, "pass@1": 0.5, "pass@2": 0.75,
-                              "mean_length": 11.25, "truncation_rate": 0.25}
+    assert out["overall"] == {"prompts": 4, "samples": 8, "accuracy": 0.5, "mean_reward": 0.5, "pass@1": 0.5,
+                              "pass@2": 0.75, "mean_length": 11.25, "truncation_rate": 0.25}
     with pytest.raises(common.UserError, match="same number"):
         scoring.summarize(samples[:-1], records, "level")
     with pytest.raises(common.UserError, match="unknown record"):
         scoring.summarize(samples + [s("zz", 1.0, True, 1)], records, "level")
-    # a graded reward (a task module may give one): only reward >= 1 counts as correct in pass@k
-    graded = scoring.summarize([s("a", 0.5, True, 3), s("a", 0.5, True, 3)], records[:1], "level", pass_k=[1, 2])
-    assert graded["overall"]["pass@1"] == 0.0 and graded["overall"]["pass@2"] == 0.0
+    # a graded reward (a task module may give one): only reward >= 1 counts as correct, in accuracy as in pass@k
+    graded = scoring.summarize([s("a", 0.5, True, 3), s("a", 1.5, True, 3)], records[:1], "level", pass_k=[1, 2])
+    assert graded["overall"]["accuracy"] == graded["overall"]["pass@1"] == 0.5
+    assert graded["overall"]["pass@2"] == 1.0 and graded["overall"]["mean_reward"] == 1.0
+
+
+def test_every_stage_reads_one_rule_of_a_right_answer(tmp_path):
+    """A fork's graded rewards (partial credit, a bonus): eval's accuracy and pass@k, RL's logged acc, the
+    re-distillation sets' filter and LIMR's solved share all count reward >= 1 as right, and nothing below it."""
+    import lim_select
+    import sample_policy
+    import tasks
+    rewards = [0.0, 0.5, 1.0, 1.2]
+    assert [tasks.is_correct(r) for r in rewards] == [False, False, True, True]
+    samples = [{"id": "a", "prompt": "p", "response": f"r{i}", "reward": r, "finished": True, "length": 3}
+               for i, r in enumerate(rewards)]
+    assert scoring.summarize(samples, [{"id": "a"}], None)["overall"]["accuracy"] == 0.5
+    kept, counts = sample_policy.select(samples, 0, 0, 0)
+    assert counts["correct"] == 2 and sorted(s["reward"] for s in kept) == [1.0, 1.2]
+    run = tmp_path / "run"
+    common.write_jsonl(str(run / "rollouts" / "step_000001.jsonl"),
+                       [{"step": 1, "id": "a", "reward": r, "epoch": 0} for r in rewards])
+    assert [ok for _, _, ok in lim_select.read_outcomes(str(run), {"a": 0}, 0)] == [False, False, True, True]
 
 
 def test_markdown_table():
