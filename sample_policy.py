@@ -170,10 +170,12 @@ def sample_checkpoint(args, task, rank, world, device):
 
 
 def select(samples, max_per_prompt, num_examples, seed):
-    """The paper's filter: correct (tasks.is_correct: reward 1.0) and finished; identical responses to one prompt once; at most
-    max_per_prompt per prompt, first found first; a seeded shuffle; the first num_examples.
-    Returns (kept, counts)."""
-    by_prompt, seen, counts = {}, set(), {"samples": len(samples), "correct": 0, "duplicates": 0, "over_limit": 0}
+    """The paper's filter: correct (tasks.is_correct: reward 1.0) and finished; identical responses to one prompt
+    once; at most max_per_prompt per prompt, first found first; a seeded shuffle; the first num_examples. A response
+    that holds a stop token's text (written in pieces by the policy; the tokenizer reads it back as the stop id, which
+    SFT refuses inside a response) is dropped too. Returns (kept, counts)."""
+    by_prompt, seen, counts = {}, set(), {"samples": len(samples), "correct": 0, "stop_text": 0, "duplicates": 0,
+                                          "over_limit": 0}
     prompts = []
     for s in samples:
         key = (s["id"], s["prompt"])
@@ -183,6 +185,9 @@ def select(samples, max_per_prompt, num_examples, seed):
         if not (tasks.is_correct(s["reward"]) and s["finished"]):
             continue
         counts["correct"] += 1
+        if any(t in s["response"] for t in STOP_TOKENS):
+            counts["stop_text"] += 1
+            continue
         if (key, s["response"]) in seen:
             counts["duplicates"] += 1
             continue
@@ -260,8 +265,8 @@ def main(argv=None):
         print0(f"wrote all {len(samples)} samples (before filtering) to {args.samples_out}")
     kept, counts = select(samples, args.max_per_prompt, args.num_examples, args.seed)
     print0(f"{counts['samples']} samples of {counts['prompts']} prompts: {counts['correct']} correct and finished, "
-           f"{counts['duplicates']} duplicate responses, {counts['over_limit']} over --max_per_prompt "
-           f"{args.max_per_prompt}, {counts['distinct']} distinct")
+           f"{counts['stop_text']} holding a stop token's text, {counts['duplicates']} duplicate responses, "
+           f"{counts['over_limit']} over --max_per_prompt {args.max_per_prompt}, {counts['distinct']} distinct")
     print0(f"{counts['prompts_without_correct']} of {counts['prompts']} prompts had no correct sample")
     if not kept and not args.allow_empty:
         raise UserError(f"no correct, finished response among {counts['samples']} samples; "

@@ -187,10 +187,11 @@ def s(id_, response, reward=1.0, finished=True, **kw):
 
 def test_select_filters_dedupes_and_takes_n():
     samples = [s("a", "x"), s("a", "x"), s("a", "y"), s("a", "z", reward=0.0), s("b", "w", finished=False),
-               s("b", "v", reward=0.0), s("c", "u"), s("d", "t"), s("d", "t"), s("e", "q")]
+               s("b", "v", reward=0.0), s("c", "u"), s("d", "t"), s("d", "t"), s("e", "q<|im_end|>r"), s("e", "q")]
     kept, counts = sp.select(samples, max_per_prompt=1, num_examples=0, seed=0)
     assert sorted((k["id"], k["response"]) for k in kept) == [("a", "x"), ("c", "u"), ("d", "t"), ("e", "q")]
-    assert counts == {"samples": 10, "correct": 7, "duplicates": 2, "over_limit": 1, "prompts": 5,
+    # a stop token's text inside a response would read back as the stop id, which SFT refuses: dropped and counted
+    assert counts == {"samples": 11, "correct": 8, "stop_text": 1, "duplicates": 2, "over_limit": 1, "prompts": 5,
                       "prompts_without_correct": 1, "distinct": 4}
     kept, counts = sp.select(samples, max_per_prompt=0, num_examples=0, seed=0)
     assert sorted((k["id"], k["response"]) for k in kept) == [("a", "x"), ("a", "y"), ("c", "u"), ("d", "t"),
