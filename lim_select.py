@@ -11,9 +11,9 @@ lim/lim_selection.py does (docs/limr.md): each prompt's accuracy per epoch, gaps
 does, the average curve over the complete prompts, and the score
     s_i = 1 - sum_k (r_ik - r_avg_k)^2 / sum_k (1 - r_avg_k)^2,   kept when s_i >= --threshold (LIMR: 0.6).
 Writes --out (the selected pool records in pool order: a --train_data for train_rl.py), --scores_out (one row per
-pool prompt: {"id", "score", "accuracy"}), --random_out (a seeded random subset of the same size: LIMR's RAND
-baseline) and, with matplotlib, a plot of the curves. Bad input is one line naming the file, line and field, and
-nothing is written.
+pool prompt: {"id", "score", "accuracy"}), --random_out (a seeded random subset of the same size from the prompts
+the probe drew: LIMR's RAND baseline) and, with matplotlib, a plot of the curves. Bad input is one line naming the
+file, line and field, and nothing is written.
 """
 import os
 import random
@@ -47,8 +47,9 @@ def get_parser():
                    help="also write one row per pool prompt: {id, score, accuracy}; score "
                    "is null for a dropped prompt; accuracy is the per-epoch list that was scored (after the back-fill; "
                    "null where an epoch stayed empty)")
-    p.add_argument("--random_out", default=None, help="also write a random subset of the pool of the selected size "
-                   "(LIMR's RAND baseline), in pool order")
+    p.add_argument("--random_out", default=None, help="also write a random subset of the selected size (LIMR's RAND "
+                   "baseline), in pool order, drawn from the pool prompts the probe drew (all of them unless some "
+                   "were longer than its --max_prompt_tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --random_out subset")
     p.add_argument("--plot_out", default=None,
                    help="PNG of the average curve and a few prompts' curves, when matplotlib "
@@ -205,7 +206,10 @@ def main(argv=None):
     if not len(selected):
         raise UserError(f"no prompt scored >= --threshold {args.threshold:g} (the highest is {np.nanmax(scores):.3f}); "
                         f"nothing written")
-    random_pick = sorted(random.Random(args.seed).sample(range(len(pool)), len(selected)))
+    # RAND from the prompts the probe drew: one it never drew (longer than its --max_prompt_tokens, which RL on RAND
+    # would drop too) can no more be in RAND than in LIM, or RAND trains on fewer prompts than it is said to hold
+    drawn = np.flatnonzero(~np.isnan(raw).all(axis=1))
+    random_pick = sorted(int(drawn[j]) for j in random.Random(args.seed).sample(range(len(drawn)), len(selected)))
 
     # ---- the outputs (everything above can fail; nothing is written before this point)
     common.write_jsonl(args.out, [pool[i] for i in selected])
@@ -217,7 +221,8 @@ def main(argv=None):
         print0(f"wrote {len(pool)} scores to {args.scores_out}")
     if args.random_out:
         common.write_jsonl(args.random_out, [pool[i] for i in random_pick])
-        print0(f"wrote a random {len(random_pick)} of the pool (seed {args.seed}) to {args.random_out}")
+        print0(f"wrote a random {len(random_pick)} of the {len(drawn)} pool prompts the probe drew (seed {args.seed}) "
+               f"to {args.random_out}")
     if plot_out:
         plot_curves(plot_out, acc, scores, average, args.threshold)
 

@@ -71,6 +71,18 @@ def test_scores_match_the_hand_computation_with_gaps(hand, capsys):
     assert "3 empty epochs back-filled" in printed  # p1's, p2's and p3's second
 
 
+def test_rand_holds_only_prompts_the_probe_drew(hand):
+    """p5 was never drawn (as a prompt over the probe's --max_prompt_tokens would not be): LIM cannot select it, and
+    RL on RAND would drop it, so RAND is drawn from the six the probe drew, for every seed."""
+    picked = set()
+    for seed in range(30):
+        lim_select.main(hand["args"] + ["--seed", str(seed)])
+        rand = common.read_jsonl(hand["out"] / "rand.jsonl")
+        assert len(rand) == 2 and hand["pool"][5] not in rand
+        picked |= {r["id"] for r in rand}
+    assert len(picked) == 6  # (still a draw)
+
+
 def test_the_threshold_keeps_a_score_equal_to_it(hand):
     at_p0 = 1 - 13 / 61  # p0's score, exactly as the code computes it (every sum is exact in binary)
     lim_select.main(hand["args"] + ["--threshold", repr(at_p0)])
