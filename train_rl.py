@@ -107,8 +107,9 @@ def get_parser():
     p.add_argument("--ratio_level", default="token", choices=("token", "sequence"),
                    help="the PPO ratio per token (PPO, GRPO), or per response: exp of its tokens' mean log-ratio, "
                         "each token keeping its own gradient (GSPO, arXiv 2507.18071, which clips it at ~3e-4/4e-4: "
-                        "set --clip_low/--clip_high); the same with one on-policy update per batch, where the ratio "
-                        "is 1")
+                        "set --clip_low/--clip_high, and weighs each response alike: set --loss_agg "
+                        "seq_mean_token_mean, as verl's GSPO does); the same with one on-policy update per batch, "
+                        "where the ratio is 1")
     p.add_argument("--ppo_mini_batches", type=int, default=1,
                    help="optimizer steps per pass over the rollout batch (paper: 1); each rank cuts its own "
                         "training rollouts into this many parts in order, so which rollouts share a step depends on "
@@ -130,7 +131,8 @@ def get_parser():
                         "policy-gradient loss by min(pi_trainer / pi_sampler, --rollout_is_cap), the ratio of the "
                         "trainer's old log-prob to the engine's, per token or per response (sequence); corrects "
                         "the sampler-trainer mismatch (logprob_gap; bf16 on a GPU: ~0.03 nats a token). Where the "
-                        "two agree (fp32 on a CPU) the weight is 1 and it changes nothing")
+                        "two agree (fp32 on a CPU) the weight is 1 and it changes nothing. Not top-p's truncation: "
+                        "the engine logs the untruncated softmax's log-prob (see --top_p)")
     p.add_argument("--rollout_is_cap", type=float, default=2.0,
                    help="the cap C of --rollout_is's weight min(ratio, C) (TIS: 2)")
     p.add_argument("--dwa_s", type=float, default=1.0,
@@ -631,6 +633,9 @@ def main(argv=None):
     if args.adv_weight == "dwa" and not several_updates:
         print0("note: --adv_weight dwa with one on-policy update per batch: KL to the old policy is 0, so w = 1 "
                "(no effect); it acts with --ppo_mini_batches > 1 or --ppo_epochs > 1")
+    if args.ratio_level == "sequence" and args.loss_agg != "seq_mean_token_mean":
+        print0(f"note: --ratio_level sequence with --loss_agg {args.loss_agg}: GSPO's ratio on another objective; "
+               f"GSPO's own weighs each response alike (--loss_agg seq_mean_token_mean, which verl's GSPO forces)")
     if args.adv_weight == "dwa" and (args.dwa_s == 0 or args.dwa_alpha == 0):
         print0("note: --adv_weight dwa with --dwa_s 0 or --dwa_alpha 0: w = 1 (no effect)")
     # a setting whose switch is off is not used: said once, not refused (a sweep may pass it to every arm)

@@ -300,16 +300,19 @@ def test_a_setting_whose_switch_is_off_is_named_as_unused(toy, tmp_path, capsys)
     """--dwa_s / --dwa_alpha without --adv_weight dwa (and the other settings that act under a switch) change nothing:
     the run says so at its start, where an arm launched as 'DWA' without the switch ran plain GRPO without a word."""
     args = rl_args(toy, tmp_path / "r", max_steps=1, dwa_s=1.5, dwa_alpha=50, rollout_is="off", rollout_is_cap=3,
-                   max_gen_batches=4, kl_estimator="k1")
+                   max_gen_batches=4, kl_estimator="k1", ratio_level="sequence")
     assert train_rl.main(args) == 0
     out = capsys.readouterr().out
     for note in ("--dwa_s and --dwa_alpha not used: only --adv_weight dwa uses it",
                  "--rollout_is_cap not used: only --rollout_is token or sequence uses it",
                  "--max_gen_batches not used: only --dynamic_sampling true uses it",
-                 "--kl_estimator not used: only --kl_coef > 0 uses it"):
+                 "--kl_estimator not used: only --kl_coef > 0 uses it",
+                 "--ratio_level sequence with --loss_agg token_mean: GSPO's ratio on another objective"):
         assert f"note: {note}" in out, note
-    assert train_rl.main(rl_args(toy, tmp_path / "d", max_steps=1, adv_weight="dwa", dwa_s=1.5)) == 0
-    assert "not used" not in capsys.readouterr().out  # the defaults, and a setting whose switch is on: no note
+    assert train_rl.main(rl_args(toy, tmp_path / "d", max_steps=1, adv_weight="dwa", dwa_s=1.5,
+                                 ratio_level="sequence", loss_agg="seq_mean_token_mean")) == 0
+    out = capsys.readouterr().out  # the defaults, and a setting whose switch is on: no note
+    assert "not used" not in out and "GSPO" not in out
 
 
 @pytest.mark.slow
