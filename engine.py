@@ -11,9 +11,11 @@ once (kept across calls), and never syncs with the host: finished rows keep runn
 once as a CUDA graph and replayed; on CPU the same step runs eagerly.
 
 Sampling (temperature, top-p) draws each token with one uniform number that depends only on (seed, sample, position),
-a counter-based hash: a row's tokens do not depend on its slot, the number of slots, the buckets or the batch it ran
-in. token_shift.py's cross-sampling runs a second model in lock-step (generate's partner). sample_responses
-generates and scores over a task's records: what sampling, evaluation and RL rollouts share.
+a counter-based hash: a row's random numbers do not depend on its slot, the number of slots, the buckets or the batch
+it ran in, nor do its tokens in float64; in fp32 or bf16 the logits round with the batch's shape, so now and then a
+token on a boundary of the inverse CDF moves, and the row differs from there. token_shift.py's cross-sampling runs a
+second model in lock-step (generate's partner). sample_responses generates and scores over a task's records: what
+sampling, evaluation and RL rollouts share.
 """
 import functools
 import time
@@ -664,31 +666,32 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     (copied into generation's kept GenWeights, in dtype: default its own) or a GenWeights (e.g. of a sharded model).
 
     Sample j of prompt i is row i * n + j; its k-th token is drawn with a random number that depends only on (seed,
-    i * n + j, k), so what a row generates does not depend on the settings below (test_engine.py checks it).
+    i * n + j, k), so what a row generates does not depend on the settings below (test_engine.py checks it in float64;
+    in fp32 or bf16 their other batch shapes round the logits differently, which now and then moves a token).
     prompt_numbers: the number each prompt's rows are keyed by in place of i (default: i): a caller that shards its
     prompts over ranks passes their indices in the whole list, so that a prompt's samples do not depend on the number
     of ranks (as the switch's `samples` then do not either).
 
     slots: rows decoded at once (default: all). More rows than slots stream through them: a finished row's slot is
     refilled with the next row (its prompt prefilled) when the host next looks. buckets: the row counts the decode
-    step runs at ("auto": GPU_BUCKETS on CUDA, exactly the live rows on CPU; None: exactly). sync_every: decode steps
-    between the host's looks (default 16 on CUDA, 1 on CPU). block: the attention's column bound is rounded up to a
-    multiple of it (default 256 on CUDA, 1 on CPU). attention_groups: the rows cut into this many groups, each
-    attending over its own rows' column bound (default 1 on CUDA, one kernel; 4 on CPU, ~5 % faster there, as longer
-    prompts are admitted into lower slots). graphs: capture each (rows, columns) decode step as a CUDA graph
-    and replay it (default and only: on CUDA without a partner). fused: RMSNorm (with the residual add before it),
-    RoPE and SiLU * up each as one kernel compiled by torch.compile (fused_ops); default: on CUDA without a partner,
-    where Triton is installed (on one H200 13-39 % faster than graphs alone, docs/engine_and_speed.md; on CPU 6 %
-    slower, and there the first call's compile would cost ~20 s). They round fp32 differently from the eager ops, so
-    now and then a sampled token differs where its random number lies within that rounding of a boundary of the
-    inverse CDF. forced_lengths: benchmarks only, one length per row at which its first stop id is forced (banned
+    step runs at ("auto": GPU_BUCKETS on CUDA, on CPU exactly the slots up to the last one in use; None: exactly).
+    sync_every: decode steps between the host's looks (default 16 on CUDA, 1 on CPU). block: the attention's column
+    bound is rounded up to a multiple of it (default 256 on CUDA, 1 on CPU). attention_groups: the rows cut into this
+    many groups, each attending over its own rows' column bound (default 1 on CUDA, one kernel; 4 on CPU, ~5 % faster
+    there, as longer prompts are admitted into lower slots). graphs: capture each (rows, columns) decode step as a
+    CUDA graph and replay it (default and only: on CUDA without a partner). fused: RMSNorm (with the residual add
+    before it), RoPE and SiLU * up each as one kernel compiled by torch.compile (fused_ops); default: on CUDA without
+    a partner, where Triton is installed (on one H200 13-39 % faster than graphs alone, docs/engine_and_speed.md; on
+    CPU 6 % slower, and there the first call's compile would cost ~20 s). They round fp32 differently from the eager
+    ops, so now and then a sampled token differs where its random number lies within that rounding of a boundary of
+    the inverse CDF. forced_lengths: benchmarks only, one length per row at which its first stop id is forced (banned
     before). on_finish(count): called as rows finish (a progress bar). reserve: (slots, columns, new tokens) that the
     kept KV cache and per-slot buffers are allocated for at least: a caller that knows its largest call (train_rl)
-    keeps them from growing, which would reallocate them and drop their CUDA graphs. fa2_decode_attention: the
-    decode step's attention by the FA2 kernel inside the torch wheel with per-row lengths (fa2_decode; CUDA sm80+,
-    half precision), each row reading only its own columns where SDPA reads its group's span under a mask; default:
-    where it can run (fa2_runs) and without a partner. On one H200 the attention ran at 51 % of its bandwidth floor
-    at 1,024 rows x 4,096 columns against SDPA's 27 %, and whole runs were 7-15 % faster (docs/gpu_h200.json).
+    keeps them from growing, which would reallocate them and drop their CUDA graphs. fa2_decode_attention: the decode
+    step's attention by the FA2 kernel inside the torch wheel with per-row lengths (fa2_decode; CUDA sm80+, half
+    precision), each row reading only its own columns where SDPA reads its group's span under a mask; default: where
+    it can run (fa2_runs) and without a partner. On one H200 the attention ran at 51 % of its bandwidth floor at
+    1,024 rows x 4,096 columns against SDPA's 27 %, and whole runs were 7-15 % faster (docs/gpu_h200.json).
     fa2_splits: the parts FA2's decode attention cuts each row's keys into, each its own thread block (None: FA2's
     own rule, which leaves 128 rows unsplit; an int; "auto": fa2_split_count, more blocks where rows are few and
     spans long; off by default until a GPU measures it).
@@ -865,8 +868,9 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     """Generate n responses for each record with our KV-cache engine and score them with task.score.
 
     One generate call streams every record's rows through batch_size x n slots (the KV cache's rows), so what each
-    sample is does not depend on batch_size. Returns one dict per (record, sample), in record order then sample
-    order: {"id", "prompt", "response", "tokens", "logprobs", "finished", "length", "reward", "sample"}.
+    sample is does not depend on batch_size (but for the logits' rounding: generate). Returns one dict per (record,
+    sample), in record order then sample order: {"id", "prompt", "response", "tokens", "logprobs", "finished",
+    "length", "reward", "sample"}.
     partner, switch: cross-sampling with a second model (engine.generate); each dict then also holds
     "switched" and "differs", one bool per token. timings: a dict whose "score_s" gains the seconds spent scoring.
     reserve, prompt_numbers (one per record): engine.generate's.

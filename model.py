@@ -100,11 +100,12 @@ class ModelConfig:
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise UserError(f"{where}: unsupported hidden_act {cfg['hidden_act']!r} (supported: silu)")
         # which layers slide, as transformers derives it when the config has no layer_types: those from
-        # max_window_layers on (its default 28), where use_sliding_window and a sliding_window are set
+        # max_window_layers on (its default 28), where use_sliding_window is set and sliding_window is not null (a
+        # config without the field slides over transformers' default 4,096)
         layer_types = cfg.get("layer_types") or (
             ["sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
              for i in range(cfg.get("num_hidden_layers", 0))]
-            if cfg.get("use_sliding_window") and cfg.get("sliding_window") else [])
+            if cfg.get("use_sliding_window") and cfg.get("sliding_window", 4096) else [])
         if "sliding_attention" in layer_types:
             raise UserError(f"{where}: sliding-window attention is not supported (use_sliding_window / layer_types)")
         if cfg.get("mlp_bias") or (arch != "qwen2" and cfg.get("attention_bias")):
@@ -638,7 +639,8 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
 
 
 def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**30, dtype=None):
-    """Write a HF checkpoint directory atomically: into a temporary directory, then renamed into place."""
+    """Write a HF checkpoint directory atomically: into a temporary directory, then renamed into place (a path that
+    exists is first renamed aside, so a kill between the two renames leaves only that NAME.oldPID)."""
     from safetensors.torch import save_file
     path = os.path.abspath(path.rstrip("/"))
     tmp = f"{path}.tmp{os.getpid()}"

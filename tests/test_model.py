@@ -295,6 +295,8 @@ def test_error_unsupported_architecture(tmp_path):
 @pytest.mark.parametrize("arch,fields,message", [
     ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
      "sliding-window attention"),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 1},  # transformers' default window: 4,096
+     "sliding-window attention"),
     ("Qwen3ForCausalLM", {"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window attention"),
     ("Qwen2ForCausalLM", {"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
     ("LlamaForCausalLM", {"attention_bias": True}, "attention_bias is not supported"),
