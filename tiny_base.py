@@ -113,8 +113,9 @@ def get_parser():
 
 
 def document(record, style):
-    if style == "trace":  # "Question:\n...\nAnswer:\nLet's think step by step.\n" + the trace
-        return tasks.PLAIN_TEMPLATE.format(question=record["question"]) + "\n" + kk_data.teacher_response(record)
+    if style == "trace":  # "Question:\n...\nAnswer:\nLet's think step by step.\n" + the trace, as SFT files store it
+        prompt = tasks.PLAIN_TEMPLATE.format(question=record["question"])
+        return prompt + tasks.teacher_response_after(prompt, kk_data.teacher_response(record))
     if style == "table":
         return answer_prompt(record) + kk_data.teacher_response(record, "table")
     return answer_prompt(record) + kk_data.answer_text(record) + "."
