@@ -133,8 +133,8 @@ def changed_files(old, new):
 
 def read_done(summary_path, samples_path, settings, records, task):
     """A finished pair's summary, if its settings match this run's (None: its inputs changed since, evaluate it
-    again); recomputed when pass_k changed, and its samples re-scored when the task module's source changed (the
-    score of now is what counts; the responses stand)."""
+    again); recomputed when pass_k changed or an earlier version wrote it, and its samples re-scored when the task
+    module's source changed (the score of now is what counts; the responses stand)."""
     try:
         summary = read_summary(summary_path)
         old = summary.get("settings")
@@ -161,7 +161,9 @@ def read_done(summary_path, samples_path, settings, records, task):
                f"evaluating again")
         return None
     rescore = old.get("task_source") != settings["task_source"]  # (none recorded: an earlier version's, once)
-    if rescore or old.get("pass_k_asked") != settings["pass_k_asked"]:
+    # a summary without mean_reward is an earlier version's, whose accuracy was the mean reward: recomputed
+    earlier = "mean_reward" not in summary.get("overall", {})
+    if rescore or earlier or old.get("pass_k_asked") != settings["pass_k_asked"]:
         samples = common.read_jsonl(samples_path, required=("id", "reward", "finished", "length")
                                     + (("response",) if rescore else ()))
         changed = tasks.rescore(task, samples, records, samples_path) if rescore else 0

@@ -48,8 +48,9 @@ def get_parser():
                    "is null for a dropped prompt; accuracy is the per-epoch list that was scored (after the back-fill; "
                    "null where an epoch stayed empty)")
     p.add_argument("--random_out", default=None, help="also write a random subset of the selected size (LIMR's RAND "
-                   "baseline), in pool order, drawn from the pool prompts the probe drew (all of them unless some "
-                   "were longer than its --max_prompt_tokens)")
+                   "baseline), in pool order, drawn from the pool prompts the probe drew in the epochs scored (all "
+                   "of them, unless some were longer than its --max_prompt_tokens or it was too short to draw every "
+                   "prompt)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --random_out subset")
     p.add_argument("--plot_out", default=None,
                    help="PNG of the average curve and a few prompts' curves, when matplotlib "
@@ -206,10 +207,11 @@ def main(argv=None):
     if not len(selected):
         raise UserError(f"no prompt scored >= --threshold {args.threshold:g} (the highest is {np.nanmax(scores):.3f}); "
                         f"nothing written")
-    # RAND from the prompts the probe drew: one it never drew (longer than its --max_prompt_tokens, which RL on RAND
-    # would drop too) can no more be in RAND than in LIM, or RAND trains on fewer prompts than it is said to hold
-    drawn = np.flatnonzero(~np.isnan(raw).all(axis=1))
-    random_pick = sorted(int(drawn[j]) for j in random.Random(args.seed).sample(range(len(drawn)), len(selected)))
+    # RAND from the prompts the probe drew in the epochs scored: one it never drew (longer than its --max_prompt_tokens,
+    # which RL on RAND would drop too) can no more be in RAND than in LIM, or RAND trains on fewer prompts than it is
+    # said to hold
+    probed = np.flatnonzero(~np.isnan(raw).all(axis=1))
+    random_pick = sorted(int(probed[j]) for j in random.Random(args.seed).sample(range(len(probed)), len(selected)))
 
     # ---- the outputs (everything above can fail; nothing is written before this point)
     common.write_jsonl(args.out, [pool[i] for i in selected])
@@ -221,7 +223,7 @@ def main(argv=None):
         print0(f"wrote {len(pool)} scores to {args.scores_out}")
     if args.random_out:
         common.write_jsonl(args.random_out, [pool[i] for i in random_pick])
-        print0(f"wrote a random {len(random_pick)} of the {len(drawn)} pool prompts the probe drew (seed {args.seed}) "
+        print0(f"wrote a random {len(random_pick)} of the {len(probed)} pool prompts the probe drew (seed {args.seed}) "
                f"to {args.random_out}")
     if plot_out:
         plot_curves(plot_out, acc, scores, average, args.threshold)

@@ -7,7 +7,8 @@ Turn an RL policy into a re-distillation SFT set (the paper's section 3 recipe).
                           paper's set B: steps 115-125 of the K&K run, T=0.7, n=8)
 
 Then, as the paper: keep the responses with reward 1 that finished with EOS, drop repeats, keep at most
---max_per_prompt per prompt, shuffle with --seed and keep --num_examples. Writes SFT jsonl {"id", "task",
+--max_per_prompt per prompt, shuffle with --seed and keep --num_examples (and drop a response holding a stop token's
+text, which redistill_sft.py would refuse). Writes SFT jsonl {"id", "task",
 "prompt", "response", "source", "reward"} atomically: the exact prompt the policy saw and its decoded response
 without the stop token (redistill_sft.py appends EOS).
 
@@ -24,7 +25,7 @@ import common
 import engine
 import parallel
 import tasks
-from common import STOP_TOKENS, UserError, print0
+from common import STOP_TOKENS, UserError, print0, stop_token_ids
 
 
 def get_parser():
@@ -169,14 +170,14 @@ def sample_checkpoint(args, task, rank, world, device):
 # selection
 
 
-def select(samples, max_per_prompt, num_examples, seed):
-    """The paper's filter: correct (tasks.is_correct: reward 1.0) and finished; identical responses to one prompt
-    once; at most max_per_prompt per prompt, first found first; a seeded shuffle; the first num_examples. A response
-    that holds a stop token's text (written in pieces by the policy; the tokenizer reads it back as the stop id, which
-    SFT refuses inside a response) is dropped too. Returns (kept, counts)."""
+def select(samples, max_per_prompt, num_examples, seed, stop_texts=STOP_TOKENS):
+    """The paper's filter: correct (tasks.is_correct: reward 1 or more) and finished; identical responses to one
+    prompt once; at most max_per_prompt per prompt, first found first; a seeded shuffle; the first num_examples. A
+    response that holds one of stop_texts (a stop token written in pieces by the policy: the tokenizer reads the text
+    back as the stop id, which SFT refuses inside a response) is dropped too. Returns (kept, counts)."""
     by_prompt, seen, counts = {}, set(), {"samples": len(samples), "correct": 0, "stop_text": 0, "duplicates": 0,
                                           "over_limit": 0}
-    prompts = []
+    prompts, answered = [], set()
     for s in samples:
         key = (s["id"], s["prompt"])
         if key not in by_prompt:
@@ -185,7 +186,8 @@ def select(samples, max_per_prompt, num_examples, seed):
         if not (tasks.is_correct(s["reward"]) and s["finished"]):
             continue
         counts["correct"] += 1
-        if any(t in s["response"] for t in STOP_TOKENS):
+        answered.add(key)
+        if any(t in s["response"] for t in stop_texts):
             counts["stop_text"] += 1
             continue
         if (key, s["response"]) in seen:
@@ -197,7 +199,7 @@ def select(samples, max_per_prompt, num_examples, seed):
             continue
         by_prompt[key].append(s)
     counts["prompts"] = len(prompts)
-    counts["prompts_without_correct"] = sum(1 for k in prompts if not by_prompt[k])
+    counts["prompts_without_correct"] = sum(1 for k in prompts if k not in answered)
     pool = [s for k in prompts for s in by_prompt[k]]
     counts["distinct"] = len(pool)
     random.Random(seed).shuffle(pool)
@@ -205,9 +207,23 @@ def select(samples, max_per_prompt, num_examples, seed):
     return kept, counts
 
 
-def strip_stop_text(response):
+def stop_texts(tokenizer):
+    """The texts a kept response must not hold: each stop id's token (the EOS and the usual chat terminators the
+    tokenizer knows: common.stop_token_ids), as the tokenizer reads it back from text; without a tokenizer, the usual
+    terminators' names."""
+    return STOP_TOKENS if tokenizer is None else tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer)))
+
+
+def run_tokenizer(run_dir):
+    """The tokenizer saved with the RL run's newest weights (every step_N directory holds one), or None."""
+    saved = sorted((int(m.group(1)), name) for name in os.listdir(run_dir) if (m := re.fullmatch(r"step_(\d+)", name))
+                   and os.path.isfile(os.path.join(run_dir, name, "tokenizer_config.json")))
+    return tasks.load_tokenizer(os.path.join(run_dir, saved[-1][1])) if saved else None
+
+
+def strip_stop_text(response, texts=STOP_TOKENS):
     """Remove a trailing stop-token string (a rollout log that decoded the stop token too); SFT appends EOS itself."""
-    for t in STOP_TOKENS:
+    for t in texts:
         if response.endswith(t):
             return response[: -len(t)], True
     return response, False
@@ -245,12 +261,18 @@ def main(argv=None):
     rank, world, device = parallel.dist_setup()
     if args.from_checkpoint:
         samples, _ = sample_checkpoint(args, task, rank, world, device)
+        texts = stop_texts(tasks.load_tokenizer(args.from_checkpoint))
     else:  # every rank reads and selects (cheap), so that an error stops all of them; rank 0 writes
         steps = parse_steps(args.steps)
         samples = read_rollouts(args.from_rollouts, steps)
+        tokenizer = run_tokenizer(args.from_rollouts)
+        if tokenizer is None:
+            print0(f"note: no saved weights in {args.from_rollouts}, so no tokenizer: responses are checked for the "
+                   f"usual stop tokens' text only ({', '.join(STOP_TOKENS)})")
+        texts = stop_texts(tokenizer)
         stripped = 0
         for s in samples:
-            s["response"], cut = strip_stop_text(s["response"])
+            s["response"], cut = strip_stop_text(s["response"], texts)
             stripped += cut
         print0(f"read {len(samples)} rollouts of {len(steps)} steps from "
                f"{os.path.join(args.from_rollouts, 'rollouts')}")
@@ -263,14 +285,14 @@ def main(argv=None):
     if args.samples_out and rank == 0:
         common.write_jsonl(args.samples_out, samples)
         print0(f"wrote all {len(samples)} samples (before filtering) to {args.samples_out}")
-    kept, counts = select(samples, args.max_per_prompt, args.num_examples, args.seed)
+    kept, counts = select(samples, args.max_per_prompt, args.num_examples, args.seed, texts)
     print0(f"{counts['samples']} samples of {counts['prompts']} prompts: {counts['correct']} correct and finished, "
            f"{counts['stop_text']} holding a stop token's text, {counts['duplicates']} duplicate responses, "
            f"{counts['over_limit']} over --max_per_prompt {args.max_per_prompt}, {counts['distinct']} distinct")
     print0(f"{counts['prompts_without_correct']} of {counts['prompts']} prompts had no correct sample")
     if not kept and not args.allow_empty:
-        raise UserError(f"no correct, finished response among {counts['samples']} samples; "
-                        f"nothing written to {args.out}")
+        raise UserError(f"no correct, finished response{' without a stop token' if counts['correct'] else ''} "
+                        f"among {counts['samples']} samples; nothing written to {args.out}")
     if args.num_examples and len(kept) < args.num_examples:
         print0(f"note: only {len(kept)} samples available, fewer than --num_examples {args.num_examples}")
     if rank == 0:

@@ -155,6 +155,26 @@ def test_an_earlier_versions_summary_is_reused_while_its_split_is_unchanged(tiny
     assert "changed since (split.jsonl); evaluating again" in log and "loaded" in log
 
 
+def test_an_earlier_versions_summary_is_recomputed_by_todays_rule(tiny_checkpoint, split, tmp_path, capsys):
+    """Before tasks.is_correct, accuracy was the mean reward (and there was no mean_reward): such a summary is
+    recomputed from its samples (nothing generated), so one results table never mixes the two rules."""
+    args = ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(tmp_path / "out"),
+            *FAST]
+    ev.main(args)
+    path = tmp_path / "out" / "m" / "toy_test" / "summary.json"
+    fresh = json.loads(path.read_text())
+    old = json.loads(path.read_text())
+    for m in [old["overall"], *old["by_difficulty"].values()]:
+        del m["mean_reward"]
+        m["accuracy"] = 0.123  # (what a graded reward's mean could read)
+    path.write_text(json.dumps(old))
+    capsys.readouterr()
+    ev.main(args)
+    assert "loaded" not in capsys.readouterr().out  # recomputed, not generated
+    assert {k: v for k, v in json.loads(path.read_text()).items() if k != "settings"} == {
+        k: v for k, v in fresh.items() if k != "settings"}
+
+
 def test_a_finished_pair_is_rescored_when_its_task_changed(tiny_checkpoint, split, tmp_path, monkeypatch, capsys):
     """A fixed scorer must change the reused results: a finished pair's samples are re-scored when the task module's
     source changed since (the responses stand; nothing is generated again), where eval showed the old accuracy."""

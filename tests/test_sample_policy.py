@@ -204,6 +204,34 @@ def test_select_filters_dedupes_and_takes_n():
     assert first == [k["response"] for k in sp.select(samples, 0, 0, seed=0)[0]][:3]
 
 
+def test_a_set_holds_no_stop_token_sft_would_refuse(tmp_path):
+    """A right response with a stop id's text written in pieces is dropped, for each stop id its tokenizer has: the
+    tokenizer's own EOS too (R1-Distill's, a Llama 2 style '</s>'), not only the usual chat terminators' names, or
+    redistill_sft refuses the whole set. --from_rollouts takes the tokenizer saved with the run's newest weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    import tasks
+
+    def tokenizer(eos):
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.train_from_iterator(["so the answer is x"] * 10, trainers.BpeTrainer(
+            vocab_size=280, special_tokens=["<s>", eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token=eos)
+    run = tmp_path / "run"
+    assert sp.run_tokenizer(str(tmp_path)) is None and sp.stop_texts(None) == common.STOP_TOKENS
+    for step, eos in ((2, "<|end|>"), (10, "</s>")):
+        tokenizer(eos).save_pretrained(str(run / f"step_{step:06d}"))
+    tok = sp.run_tokenizer(str(run))
+    assert tok.eos_token == "</s>" and "</s>" in sp.stop_texts(tok)  # the newest weights' tokenizer
+    samples = [s("a", "so</s> the answer is x"), s("a", "the answer is x")]
+    assert len(sp.select(samples, 0, 0, 0)[0]) == 2  # (by the usual names alone it stays, and SFT refuses it)
+    kept, counts = sp.select(samples, 0, 0, 0, sp.stop_texts(tok))
+    assert [k["response"] for k in kept] == ["the answer is x"] and counts["stop_text"] == 1
+    common.write_jsonl(str(tmp_path / "set.jsonl"), kept)
+    assert len(tasks.load_sft_examples([str(tmp_path / "set.jsonl")], tok, 100)) == 1
+
+
 def write_rollouts(run_dir, steps):
     for step, recs in steps.items():  # train_rl.py's names (step_000003.jsonl); step 1 unpadded, also accepted
         name = f"step_{step}.jsonl" if step == 1 else f"step_{step:06d}.jsonl"
