@@ -11,6 +11,8 @@ adds everything it built on (the cold start and RL). Pre-training the tiny base 
 Plots (matplotlib, optional): RL reward and validation accuracy per step; accuracy per difficulty.
 """
 import os
+import re
+import shlex
 
 import common
 import tasks
@@ -44,6 +46,13 @@ SFT_SET = {"sft": "sft_teacher.jsonl", "rl": "sft_teacher.jsonl",
            "redistill_A": "redistill_A.jsonl", "redistill_B": "redistill_B.jsonl"}
 
 
+def required(row, field, path, lineno):
+    """row[field], or an error naming the file, line and field."""
+    if field not in row:
+        raise UserError(f"{path}:{lineno}: missing field {field!r}")
+    return row[field]
+
+
 def count_lines(path):
     if not os.path.exists(path):
         return None
@@ -69,6 +78,15 @@ def mean_std(values):
 
 def mean_pm_std(values):
     return "{:.3f} ± {:.3f}".format(*mean_std(values)) if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def mean_cell(values):
+    """A table cell of the mean ± std over the seeds that have a value (None: missing), naming how many those are
+    when some are missing: a mean of one seed must not read as one of all."""
+    have = [v for v in values if v is not None]
+    if not have:
+        return None
+    return mean_pm_std(have) + (f" ({len(have)} of {len(values)} seeds)" if len(have) < len(values) else "")
 
 
 def read_times(path):
@@ -109,7 +127,8 @@ def rl_rollouts(run_dir, up_to_step=None):
     for row in rows:
         if type(row.get("step", 0)) is not int:
             raise UserError(f"{metrics}: step {row['step']!r} is not an integer")
-    steps = [m for m in rows if 0 < m.get("step", 0) <= (up_to_step or m["step"]) and "reward" in m]
+    steps = [m for m in rows if 0 < m.get("step", 0) <= (m["step"] if up_to_step is None else up_to_step)
+             and "reward" in m]
     batches = sum(m.get("gen_batches", 1) for m in steps)  # (more than one a step with dynamic sampling)
     return batches * settings["prompts_per_step"] * settings["samples_per_prompt"], rows, settings
 
@@ -158,7 +177,7 @@ def limr_tables(out_dir, only_seeds=()):
         scores_path = os.path.join(dir_, "scores.jsonl")
         if not os.path.exists(scores_path):
             continue
-        scores = [r["score"] for r in common.read_jsonl(scores_path)]
+        scores = [required(r, "score", scores_path, lineno) for lineno, r in common.iter_jsonl(scores_path)]
         probe_rollouts, probe_metrics, _ = rl_rollouts(os.path.join(dir_, "full"))
         probe_steps = sum(1 for m in probe_metrics if m.get("step", 0) > 0 and "reward" in m)
         lim_rollouts, lim_metrics, _ = rl_rollouts(os.path.join(dir_, "lim"))
@@ -167,8 +186,9 @@ def limr_tables(out_dir, only_seeds=()):
                 "RAND": (count_lines(os.path.join(dir_, "rand.jsonl")), rl_rollouts(os.path.join(dir_, "rand"))[0], 0),
                 "LIM": (count_lines(os.path.join(dir_, "lim.jsonl")), lim_rollouts, probe_rollouts)}
         for arm, (prompts, spent, probe) in arms.items():
+            with_probe = None if spent is None else spent + (probe or 0)  # (an arm that never ran: none)
             row = with_accuracy({"model": arm, "seed": seed, "prompts": prompts, "RL steps": steps,
-                                 "RL rollouts": spent, "with the probe": (spent or 0) + (probe or 0)},
+                                 "RL rollouts": spent, "with the probe": with_probe},
                                 f"{arm.lower()}_{seed}")
             rows.append(row)
             by_arm.setdefault(arm, []).append(row)
@@ -184,22 +204,51 @@ def limr_tables(out_dir, only_seeds=()):
         mean_rows = []
         for arm, arm_rows in by_arm.items():
             row = {"model": arm, "seeds": len(arm_rows)}
-            for split in splits + (["average"] if "average" in arm_rows[0] else []):
-                values = [r.get(split) for r in arm_rows if r.get(split) is not None]
-                row[split] = mean_pm_std(values) if values else None
+            for split in splits + (["average"] if any("average" in r for r in arm_rows) else []):
+                row[split] = mean_cell([r.get(split) for r in arm_rows])
             mean_rows.append(row)
         lines += ["", "Mean ± std over seeds:", "", markdown_table(mean_rows)]
     return lines
 
 
-def read_summaries(run_dir):
-    """model -> its test summary (eval.py), for the models of the study evaluated in run_dir."""
-    summaries = {}
+def evaluated_names(run_dir):
+    """The models reproduce.sh's eval stage evaluated in run_dir (the --names of the command its marker done/eval
+    holds), or None without the marker (report.py run by hand before that stage finished: every summary there)."""
+    path = os.path.join(run_dir, "done", "eval")
+    if not os.path.exists(path):
+        return None
+    words = shlex.split(" ".join(line for lineno, line in common.text_lines(path) if lineno > 1))
+    if "--names" not in words:
+        return None
+    names = []
+    for word in words[words.index("--names") + 1:]:
+        if word.startswith("--"):
+            break
+        names.append(word)
+    return set(names)
+
+
+def read_summaries(run_dir, notes=None):
+    """model -> its test summary (eval.py), for the models of the study evaluated in run_dir: a summary an earlier
+    run left (its model not in this run's evaluation, e.g. a re-distillation set now under one SFT batch) is left out,
+    and named in notes."""
+    summaries, evaluated = {}, evaluated_names(run_dir)
     for name in MODELS:
         path = os.path.join(run_dir, "eval", name, "test", "summary.json")
         if os.path.exists(path):
+            if evaluated is not None and name not in evaluated:
+                if notes is not None:
+                    notes.append(f"{path}: left by an earlier run ({name} is not in this study's evaluation, "
+                                 f"{os.path.join(run_dir, 'done', 'eval')}): not in the table.")
+                continue
             summaries[name] = read_summary(path)
     return summaries
+
+
+def evaluated_step(summary):
+    """The step of the RL checkpoint (step_N) a summary evaluated, or None (another name: the run's every step)."""
+    found = re.search(r"step_(\d+)$", str(summary.get("settings", {}).get("checkpoint_path", "")).rstrip("/"))
+    return int(found.group(1)) if found else None
 
 
 def seed_runs(out_dir, seeds=0):
@@ -214,20 +263,27 @@ def seed_tables(out_dir, difficulty, seeds=0):
     """Over the seeds of reproduce.sh (SEEDS=N): each model's test accuracy as mean ± std, every seed's row, and
     the two headline figures per seed: RL's gain over its cold start and the share of it that re-distillation
     recovers. [] with fewer than two finished seeds."""
-    runs = []
-    for seed, run_dir in seed_runs(out_dir, seeds):
+    runs, missing, found = [], [], seed_runs(out_dir, seeds)
+    if len(found) < 2 and seeds < 2:  # one seed: no seeds' table
+        return []
+    for seed, run_dir in found:
         summaries = read_summaries(run_dir)
         if "sft" in summaries and "rl" in summaries:  # a seed counts once its study is evaluated
             runs.append((seed, run_dir, summaries))
+        else:
+            missing.append(seed)
+    missing += [s for s in range(2, seeds + 1) if not os.path.isdir(os.path.join(out_dir, f"seed_{s}"))]
+    left_out = ([f"Seed{'s' if len(missing) > 1 else ''} {', '.join(map(str, sorted(missing)))}: not evaluated yet "
+                 f"(no sft and rl test summaries), left out of the seeds' table."] if missing else [])
     if len(runs) < 2:
-        return []
+        return [""] + left_out
     per_seed, headline, gains, shares = [], [], [], {"redistill_A": [], "redistill_B": []}
     for seed, run_dir, summaries in runs:
         for name, s in summaries.items():
             row = summary_row(s, name, difficulty)
             per_seed.append({"model": name, "seed": seed, **{k: v for k, v in row.items() if k != "checkpoint"}})
         sft, rl = summaries["sft"]["overall"]["accuracy"], summaries["rl"]["overall"]["accuracy"]
-        rollouts = rl_rollouts(os.path.join(run_dir, "rl"))[0]
+        rollouts = rl_rollouts(os.path.join(run_dir, "rl"), evaluated_step(summaries["rl"]))[0]
         gains.append(100 * (rl - sft))
         h = {"seed": seed, "sft": sft, "rl": rl, "RL gain": f"{gains[-1]:+.1f}", "RL rollouts": rollouts}
         for name, share in shares.items():
@@ -245,7 +301,7 @@ def seed_tables(out_dir, difficulty, seeds=0):
                  if not stage.startswith("limr_")]
         h["wall min"] = f"{sum(study) / 60:.1f}"
         headline.append(h)
-    columns = [c for c in per_seed[0] if c not in ("model", "seed", "mean len")]
+    columns = list(dict.fromkeys(c for r in per_seed for c in r if c not in ("model", "seed", "mean len")))
     mean_rows = []
     for name in MODELS:
         rows = [r for r in per_seed if r["model"] == name]
@@ -253,12 +309,12 @@ def seed_tables(out_dir, difficulty, seeds=0):
             continue
         row = {"model": name, "seeds": len(rows)}
         for c in columns:
-            values = [r[c] for r in rows if isinstance(r.get(c), float)]
-            if values:
-                row[c] = mean_pm_std(values)
+            values = [r.get(c) if isinstance(r.get(c), float) else None for r in rows]
+            if any(v is not None for v in values):
+                row[c] = mean_cell(values)
         mean_rows.append(row)
     lines = ["", f"### Over {len(runs)} seeds (seed 1: {out_dir}; seed S: {out_dir}/seed_S): test accuracy, "
-             "mean ± std (sample std over seeds)", "", markdown_table(mean_rows),
+             "mean ± std (sample std over seeds)", "", markdown_table(mean_rows), *left_out,
              "GRPO gain over its start (rl - sft, overall): {:+.1f} ± {:.1f} points; "
              "per seed ".format(*mean_std(gains))
              + ", ".join(f"{g:+.1f}" for g in gains) + "."]
@@ -275,6 +331,9 @@ def seed_tables(out_dir, difficulty, seeds=0):
     return lines
 
 
+PLOTS = ("rl_curve.png", "accuracy_by_difficulty.png")
+
+
 def plots(out_dir, metrics, summaries, temperature, difficulty):
     plt = common.pyplot()
     if plt is None:
@@ -288,19 +347,19 @@ def plots(out_dir, metrics, summaries, temperature, difficulty):
         ax.plot([m["step"] for m in val], [m["val/acc"] for m in val], "o-", label="validation accuracy (greedy)")
         ax.set_xlabel("RL step"), ax.set_ylabel("accuracy"), ax.set_ylim(0, 1), ax.legend(), ax.grid(alpha=0.3)
         fig.tight_layout()
-        written.append(os.path.join(out_dir, "rl_curve.png"))
+        written.append(os.path.join(out_dir, PLOTS[0]))
         fig.savefig(written[-1], dpi=120)
     if summaries:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        levels = list(next(iter(summaries.values()))["by_difficulty"])
+        levels = sorted({lv for s in summaries.values() for lv in s["by_difficulty"]}, key=difficulty_order_of_text)
         width = 0.8 / len(summaries)
-        for i, (name, s) in enumerate(summaries.items()):
-            ax.bar([j + i * width for j in range(len(levels))], [s["by_difficulty"][lv]["accuracy"] for lv in levels],
-                   width, label=name)
+        for i, (name, s) in enumerate(summaries.items()):  # (a level a summary lacks: no bar)
+            ax.bar([j + i * width for j in range(len(levels))],
+                   [s["by_difficulty"].get(lv, {}).get("accuracy", float("nan")) for lv in levels], width, label=name)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], [f"{difficulty} {lv}" for lv in levels])
         ax.set_ylabel("test accuracy (greedy)"), ax.set_ylim(0, 1), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        written.append(os.path.join(out_dir, "accuracy_by_difficulty.png"))
+        written.append(os.path.join(out_dir, PLOTS[1]))
         fig.savefig(written[-1], dpi=120)
     return written
 
@@ -330,8 +389,10 @@ def main(argv=None):
     common.check_non_negative(args, "seeds")
     out = args.out_dir
     times = read_times(os.path.join(out, "times.tsv"))
-    rollouts, metrics, rl_settings = rl_rollouts(os.path.join(out, "rl"))
-    summaries = read_summaries(out)
+    notes = []
+    summaries = read_summaries(out, notes)
+    rl_step = evaluated_step(summaries["rl"]) if "rl" in summaries else None  # what the table's RL row is
+    rollouts, metrics, rl_settings = rl_rollouts(os.path.join(out, "rl"), rl_step)
     limr = limr_tables(out, args.limr_seeds)
     if not summaries:
         if not limr:
@@ -359,6 +420,14 @@ def main(argv=None):
                  f"measured wall time x devices; own = the stages that made it from its inputs, total = with the cold "
                  f"start and RL it builds on. Re-distilled models' data came from the RL run ({rollouts} rollouts), "
                  f"counted in their total.")
+    evaluated = evaluated_names(out)
+    for name in ("redistill_A", "redistill_B"):
+        if name not in summaries:
+            samples = count_lines(os.path.join(out, SFT_SET[name]))
+            why = ("not evaluated yet" if evaluated is None else "not in this study" if samples is None else
+                   f"no model in this study (its set: {samples} samples)")
+            lines.append(f"No {name} row: {why}.")
+    lines += notes
     if "base" in times:
         lines.append("Pre-training the tiny base (shared by all): "
                      f"{device_hours(times, ['base_text', 'base']):.3f} {kind}-h.")
@@ -376,11 +445,16 @@ def main(argv=None):
     if os.path.exists(effect_path):
         eff = common.read_json(effect_path, "sample_effect's summary")
         erows = []
-        for path, st in eff["files"].items():
-            erows.append({"SFT set": os.path.basename(path), "samples": st["count"],
-                          "mean effect": st["sample_effect"]["mean"], "median effect": st["sample_effect"]["median"],
-                          "mean normalised": st["normalised"]["mean"],
-                          "mean response tokens": round(st["mean_response_length"])})
+        try:
+            for path, st in eff["files"].items():
+                effect = st["sample_effect"]
+                erows.append({"SFT set": os.path.basename(path), "samples": st["count"],
+                              "mean effect": effect["mean"], "median effect": effect["median"],
+                              "mean normalised": st["normalised"]["mean"],
+                              "mean response tokens": round(st["mean_response_length"])})
+        except (KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{effect_path}: a field is missing or of the wrong type ({type(e).__name__}: {e}); "
+                            f"sample_effect.py writes it whole: run that stage again")
         lines += ["", "### Sample effect on the cold-start policy (<grad log p(sample), grad J>, J = test reward)", "",
                   markdown_table(erows, digits=4)]
     select_rows = []
@@ -389,7 +463,8 @@ def main(argv=None):
         chosen_path = os.path.join(out, "sample_effect", name[3:] + ".jsonl")
         if os.path.exists(summary_path) and os.path.exists(chosen_path):
             row = summary_row(read_summary(summary_path), name, difficulty)
-            chosen = common.read_jsonl(chosen_path)
+            chosen = [dict(rec, sample_effect=required(rec, "sample_effect", chosen_path, lineno))
+                      for lineno, rec in common.iter_jsonl(chosen_path)]
             sources = {}
             for rec in chosen:
                 source = os.path.basename(rec.get("source_file", "?"))
@@ -404,8 +479,12 @@ def main(argv=None):
                   "", markdown_table(select_rows, digits=4)]
 
     write_results(out, lines + seed_tables(out, difficulty, args.seeds) + limr + wall_time_lines(times))
+    for name in PLOTS:  # an earlier report's plots: redrawn below, or gone (they would not match this table)
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     if args.plots:
-        for path in plots(out, [m for m in metrics if m.get("step") is not None], summaries,
+        for path in plots(out, [m for m in metrics if m.get("step") is not None
+                                and (rl_step is None or m["step"] <= rl_step)], summaries,
                           rl_settings.get("temperature"), difficulty):
             print(f"wrote {path}")
 

@@ -229,6 +229,9 @@ def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
     ("base_probe.json", '{"accuracy": 0.5}', r"base_probe\.json: fields 'accuracy' and 'people'"),
     ("sample_effect/effects.summary.json", "", r"effects\.summary\.json: cannot read sample_effect's summary"),
     ("redistill_A.jsonl", b"{\"id\": 1}\n\xff\n", r"redistill_A\.jsonl:2: not valid UTF-8"),
+    ("sample_effect/effects.summary.json", '{"files": {"a.jsonl": {"count": 1}}}',
+     r"effects\.summary\.json: a field is missing or of the wrong type \(KeyError"),
+    ("sample_effect/top.jsonl", '{"source_file": "a.jsonl"}\n', r"top\.jsonl:1: missing field 'sample_effect'"),
 ])
 def test_a_damaged_input_is_one_line_naming_its_file(run_dir, damage):
     """report.py reads what every stage wrote: a damaged file (a hand edit, a copy cut short) is one line naming it,
@@ -252,3 +255,40 @@ def test_a_damaged_times_line_is_dropped_with_a_warning(run_dir, capsys):
     out = capsys.readouterr().out
     assert "times.tsv:11: dropped" in out and "times.tsv:12: dropped" in out
     assert report.read_times(str(run_dir / "times.tsv"))["eval"][:4] == (45, 1, "cpu", 2)
+
+
+def test_only_this_studys_evaluation_is_tabled_at_its_rl_step(run_dir, capsys):
+    """A summary an earlier run left (its model not in this run's eval stage, e.g. a set now under one SFT batch) is
+    no row, and is named; the RL row counts the rollouts up to the step its summary evaluated (a re-run with fewer
+    RL steps keeps the longer run's metrics), and its curve ends there."""
+    (run_dir / "done").mkdir()
+    (run_dir / "done" / "eval").write_text("15\neval.py --task kk --checkpoints a b c --names base sft rl "
+                                           "--splits t.jsonl\n")
+    rl = summary(0.5, 0.4, 0.425)
+    rl["settings"]["checkpoint_path"] = str(run_dir / "rl" / "step_000002")
+    common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
+    (run_dir / "rl_curve.png").write_text("an earlier report's")
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text()
+    assert "| redistill_A | 0.300 |" not in text
+    assert f"{run_dir}/eval/redistill_A/test/summary.json: left by an earlier run" in text
+    assert "No redistill_A row: no model in this study (its set: 13 samples)." in text
+    assert "| rl | 0.500 | 0.400 | 0.425 | 22 | 0.000 | 40 | 256 |" in text  # 2 steps of 16 x 8, not 3
+    assert not (run_dir / "rl_curve.png").exists()  # it would not match this table
+
+
+def test_a_missing_piece_is_said_not_averaged_away(run_dir):
+    """A LIMR arm that never ran has no rollouts (not 0, not the probe's); a mean over fewer seeds than the table's
+    says how many; a level one summary lacks is no traceback; a seed not yet evaluated is named."""
+    import shutil
+    add_limr(run_dir)
+    shutil.rmtree(run_dir / "limr" / "seed_2" / "lim")
+    shutil.rmtree(run_dir / "limr" / "eval" / "lim_2")
+    rl = summary(0.5, 0.4, 0.425)
+    del rl["by_difficulty"]["3"]
+    common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
+    report.main(["--out_dir", str(run_dir), "--plots", "true", "--seeds", "2"])
+    text = (run_dir / "results.md").read_text()
+    assert "| LIM | 2 | 3 | 0 | – | – | – | – | – |" in text and "| FULL | 2 | 10 | 0 | 0 | 0 |" in text
+    assert "| LIM | 2 | 0.510 (1 of 2 seeds) | 0.510 (1 of 2 seeds) | 0.510 (1 of 2 seeds) |" in text
+    assert "Seed 2: not evaluated yet (no sft and rl test summaries), left out of the seeds' table." in text
