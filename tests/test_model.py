@@ -282,6 +282,20 @@ def test_error_missing_tensor(tmp_path):
         load_model(path)
 
 
+def test_error_a_weight_that_is_not_floating_point(tmp_path):
+    """copy_ would cast an integer, bool or fp8 tensor into the weight without a word (a damaged or quantized export
+    whose tensor names are the model's own)."""
+    from safetensors.torch import load_file, save_file
+    path = write_model(tmp_path)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    for dtype in (torch.int32, torch.bool, torch.float8_e4m3fn):
+        save_file({**weights, "model.norm.weight": weights["model.norm.weight"].to(dtype)},
+                  os.path.join(path, "model.safetensors"))
+        with pytest.raises(common.UserError, match=rf"tensor 'model.norm.weight' has dtype {str(dtype)[6:]}; "
+                                                   r"expected a floating-point weight"):
+            load_model(path)
+
+
 def test_error_unsupported_architecture(tmp_path):
     path = write_model(tmp_path)
     cfg_path = os.path.join(path, "config.json")
