@@ -208,12 +208,13 @@ def main(argv=None):
     digests = {p: common.data_digest(records) for p, records in zip(args.splits, splits)}  # once per split
     task_source = tasks.task_source_digest(task)
 
-    def settings_of(ckpt, split_path):
+    def settings_of(ckpt, split_path, stamps=None):  # stamps: the checkpoint's, taken before it was loaded
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template,
                 "dtype": dtype_name(dtype), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
-                "task_source": task_source, "inputs": inputs_of(ckpt, digests[split_path])}
+                "task_source": task_source,
+                "inputs": {**(inputs_of(ckpt, None) if stamps is None else stamps), SPLIT_DIGEST: digests[split_path]}}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others, holding out_dir's
     # lock until the run ends (two runs there could pair one's summary.json with the other's samples.jsonl)
@@ -247,13 +248,19 @@ def main(argv=None):
         if not todo:
             continue
         t0 = time.time()
+        # the checkpoint's stamps, taken before its files are read and kept for every split: stamps taken later (after
+        # a split's generation) could be those of a checkpoint rebuilt at the path meanwhile, marking its pair done
+        stamps = inputs_of(ckpt, None)
         model = load_model(ckpt, dtype=dtype, device=device).eval()
         tokenizer = load_tokenizer(ckpt)
+        if any(parallel.all_gather_json(inputs_of(ckpt, None) != stamps)):  # (every rank loaded what it stamped)
+            raise UserError(f"{ckpt}: its files changed while it was loaded (a stage writing it again?); run again "
+                            f"once it is written")
         print0(f"loaded {ckpt} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {dtype}) "
                f"in {time.time() - t0:.1f}s")
         for i in todo:
             split_path, split_name, records = args.splits[i], split_names[i], splits[i]
-            settings = settings_of(ckpt, split_path)  # before the generation: any error costs nothing
+            settings = settings_of(ckpt, split_path, stamps)  # before the generation: any error costs nothing
             t0 = time.time()
             samples, metrics = generate_and_score(model, tokenizer, task, records, n=args.samples_per_prompt,
                                                   temperature=args.temperature, top_p=args.top_p,

@@ -175,6 +175,40 @@ def test_an_earlier_versions_summary_is_recomputed_by_todays_rule(tiny_checkpoin
         k: v for k, v in fresh.items() if k != "settings"}
 
 
+def test_a_rebuilt_checkpoint_does_not_mark_a_pair_done(tiny_checkpoint, split, tmp_path, monkeypatch, capsys):
+    """Every split of a checkpoint carries the stamps taken before its files were read: a checkpoint rebuilt at the
+    path while the first split generated (a re-run stage) must leave the second pair's stamps stale too, so that the
+    next run evaluates both again, not the first alone beside the old model's second row. Files that change while
+    they are loaded are an error."""
+    import shutil
+    ckpt = shutil.copytree(tiny_checkpoint, str(tmp_path / "ckpt"))
+    other = shutil.copy(split, str(tmp_path / "other.jsonl"))
+    args = ["--checkpoints", ckpt, "--names", "m", "--splits", split, other, "--out_dir", str(tmp_path / "out"), *FAST]
+    real, calls = ev.generate_and_score, []
+
+    def rebuilt_after_the_first(*a, **kw):
+        out = real(*a, **kw)
+        if not calls:
+            os.utime(os.path.join(ckpt, "config.json"), ns=(1, 1))  # the stage writes the checkpoint again
+        calls.append(1)
+        return out
+    monkeypatch.setattr(ev, "generate_and_score", rebuilt_after_the_first)
+    ev.main(args)
+    monkeypatch.setattr(ev, "generate_and_score", real)
+    capsys.readouterr()
+    ev.main(args)
+    assert capsys.readouterr().out.count("changed since (config.json); evaluating again") == 2
+    import model
+    real_load = model.load_model
+
+    def written_while_loaded(*a, **kw):
+        os.utime(os.path.join(ckpt, "config.json"), ns=(2, 2))
+        return real_load(*a, **kw)
+    monkeypatch.setattr(model, "load_model", written_while_loaded)
+    with pytest.raises(common.UserError, match="its files changed while it was loaded"):
+        ev.main(args + ["--overwrite", "true"])
+
+
 def test_a_finished_pair_is_rescored_when_its_task_changed(tiny_checkpoint, split, tmp_path, monkeypatch, capsys):
     """A fixed scorer must change the reused results: a finished pair's samples are re-scored when the task module's
     source changed since (the responses stand; nothing is generated again), where eval showed the old accuracy."""
