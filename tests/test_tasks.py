@@ -117,6 +117,16 @@ def test_loader_tokenizes_prompt_and_response_separately(tiny_checkpoint, tmp_pa
     assert [e["line"] for e in examples] == [1, 2, 3]
 
 
+def test_texts_are_tokenized_a_chunk_at_a_time_to_the_same_ids(tiny_checkpoint):
+    """A whole SFT file in one tokenizer call held every row's full encoding at once; chunks give the same ids, in
+    order, whatever the chunk."""
+    tok = load_tokenizer(tiny_checkpoint)
+    texts = [toy_task.teacher_response(r) * (i % 3) for i, r in enumerate(toy_task.make_records(7, seed=5))]
+    whole = tok(texts, add_special_tokens=False)["input_ids"]
+    assert [tasks.text_token_ids(tok, texts, chunk) for chunk in (1, 3, 7, 256)] == [whole] * 4
+    assert tasks.text_token_ids(tok, []) == [] and [] in whole  # (empty texts, and no texts at all)
+
+
 def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
     tok = load_tokenizer(tiny_checkpoint)
     good = {"id": "a", "prompt": "What is 1 + 2?", "response": "3"}
