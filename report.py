@@ -153,12 +153,14 @@ def limr_tables(out_dir, only_seeds=()):
                      if name.startswith("seed_") and (not only_seeds or name[5:] in only_seeds)),
                     key=difficulty_order_of_text)
              if os.path.isdir(limr_dir) else [])
-    accuracy = {}  # (model, split) -> overall accuracy
+    accuracy, evaluated_at = {}, {}  # (model, split) -> overall accuracy; model -> the step its checkpoint is at
     for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
         for split in os.listdir(os.path.join(eval_dir, name)) if os.path.isdir(os.path.join(eval_dir, name)) else []:
             path = os.path.join(eval_dir, name, split, "summary.json")
             if os.path.exists(path):
-                accuracy[name, split] = read_summary(path)["overall"]["accuracy"]
+                summary = read_summary(path)
+                accuracy[name, split] = summary["overall"]["accuracy"]
+                evaluated_at[name] = evaluated_step(summary)
     if not accuracy:
         return []
     splits = sorted({split for _, split in accuracy})
@@ -180,14 +182,19 @@ def limr_tables(out_dir, only_seeds=()):
         scores = [required(r, "score", scores_path, lineno) for lineno, r in common.iter_jsonl(scores_path)]
         probe_rollouts, probe_metrics, _ = rl_rollouts(os.path.join(dir_, "full"))
         probe_steps = sum(1 for m in probe_metrics if m.get("step", 0) > 0 and "reward" in m)
-        lim_rollouts, lim_metrics, _ = rl_rollouts(os.path.join(dir_, "lim"))
-        steps = max((m["step"] for m in lim_metrics if "reward" in m), default=0)
-        arms = {"FULL": (len(scores), rl_rollouts(os.path.join(dir_, "full"), steps)[0], 0),
-                "RAND": (count_lines(os.path.join(dir_, "rand.jsonl")), rl_rollouts(os.path.join(dir_, "rand"))[0], 0),
-                "LIM": (count_lines(os.path.join(dir_, "lim.jsonl")), lim_rollouts, probe_rollouts)}
-        for arm, (prompts, spent, probe) in arms.items():
+
+        def arm_steps(arm, run):  # the step its evaluated checkpoint is at, else the last one its run trained
+            if evaluated_at.get(f"{arm}_{seed}") is not None:
+                return evaluated_at[f"{arm}_{seed}"]
+            return max((m["step"] for m in rl_rollouts(os.path.join(dir_, run))[1] if "reward" in m), default=0)
+        steps = {arm: arm_steps(arm, arm) for arm in ("lim", "rand")}
+        steps["full"] = evaluated_at.get(f"full_{seed}") or steps["lim"]  # (FULL: the probe at LIM's steps)
+        arms = {"FULL": (len(scores), 0), "RAND": (count_lines(os.path.join(dir_, "rand.jsonl")), 0),
+                "LIM": (count_lines(os.path.join(dir_, "lim.jsonl")), probe_rollouts)}
+        for arm, (prompts, probe) in arms.items():
+            spent = rl_rollouts(os.path.join(dir_, arm.lower()), steps[arm.lower()])[0]
             with_probe = None if spent is None else spent + (probe or 0)  # (an arm that never ran: none)
-            row = with_accuracy({"model": arm, "seed": seed, "prompts": prompts, "RL steps": steps,
+            row = with_accuracy({"model": arm, "seed": seed, "prompts": prompts, "RL steps": steps[arm.lower()],
                                  "RL rollouts": spent, "with the probe": with_probe},
                                 f"{arm.lower()}_{seed}")
             rows.append(row)

@@ -242,3 +242,17 @@ def test_a_selection_that_keeps_nothing_writes_nothing(hand):
     with pytest.raises(common.UserError, match=r"no prompt scored >= --threshold 0\.95 \(the highest is 0\.918\)"):
         lim_select.main(hand["args"] + ["--threshold", "0.95"])
     assert not hand["out"].exists()
+
+
+def test_a_bonus_reward_counts_as_solved(hand):
+    """A reward above 1 (a task's bonus) is right, as tasks.is_correct says everywhere else: the log with every 1
+    written 1.5 scores as the hand example does (0.5 stays unsolved)."""
+    lim_select.main(hand["args"])
+    want = common.read_jsonl(hand["out"] / "scores.jsonl")
+    pool = hand["pool"]
+    for step in range(1, 7):
+        rows = [{"id": pool[i]["id"], "reward": 1.5 if r == 1 else r, "step": step, "sample": k,
+                 "epoch": (step - 1) // 2} for s, i, rewards in LOG if s == step for k, r in enumerate(rewards)]
+        common.write_jsonl(hand["dir"] / "probe" / "rollouts" / f"step_{step:06d}.jsonl", rows)
+    lim_select.main(hand["args"])
+    assert common.read_jsonl(hand["out"] / "scores.jsonl") == want

@@ -296,6 +296,17 @@ def test_error_a_weight_that_is_not_floating_point(tmp_path):
             load_model(path)
 
 
+def test_a_float64_weight_loads_as_its_values(tmp_path):
+    """float64 is a floating-point weight too (an export in double precision): loaded and cast, not refused."""
+    from safetensors.torch import load_file, save_file
+    path = write_model(tmp_path)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    save_file({**weights, "model.norm.weight": weights["model.norm.weight"].double()},
+              os.path.join(path, "model.safetensors"))
+    model = load_model(path)
+    assert torch.equal(model.state_dict()["model.norm.weight"], weights["model.norm.weight"].float())
+
+
 def test_error_unsupported_architecture(tmp_path):
     path = write_model(tmp_path)
     cfg_path = os.path.join(path, "config.json")

@@ -232,6 +232,8 @@ def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
     ("sample_effect/effects.summary.json", '{"files": {"a.jsonl": {"count": 1}}}',
      r"effects\.summary\.json: a field is missing or of the wrong type \(KeyError"),
     ("sample_effect/top.jsonl", '{"source_file": "a.jsonl"}\n', r"top\.jsonl:1: missing field 'sample_effect'"),
+    ("sample_effect/effects.summary.json", '{"files": {"a.jsonl": {"count": 1, "sample_effect": null}}}',
+     r"effects\.summary\.json: a field is missing or of the wrong type \(TypeError"),
 ])
 def test_a_damaged_input_is_one_line_naming_its_file(run_dir, damage):
     """report.py reads what every stage wrote: a damaged file (a hand edit, a copy cut short) is one line naming it,
@@ -284,11 +286,107 @@ def test_a_missing_piece_is_said_not_averaged_away(run_dir):
     add_limr(run_dir)
     shutil.rmtree(run_dir / "limr" / "seed_2" / "lim")
     shutil.rmtree(run_dir / "limr" / "eval" / "lim_2")
+    for split in ("aime", "math500"):  # FULL evaluated at step 3 of its 6: its own step, not the missing LIM's
+        path = run_dir / "limr" / "eval" / "full_2" / split / "summary.json"
+        full = common.read_json(str(path), "a summary")
+        full["settings"]["checkpoint_path"] = str(run_dir / "limr" / "seed_2" / "full" / "step_000003")
+        common.write_json(path, full)
     rl = summary(0.5, 0.4, 0.425)
     del rl["by_difficulty"]["3"]
     common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
     report.main(["--out_dir", str(run_dir), "--plots", "true", "--seeds", "2"])
     text = (run_dir / "results.md").read_text()
-    assert "| LIM | 2 | 3 | 0 | – | – | – | – | – |" in text and "| FULL | 2 | 10 | 0 | 0 | 0 |" in text
+    assert "| LIM | 2 | 3 | 0 | – | – | – | – | – |" in text and "| FULL | 2 | 10 | 3 | 24 | 24 |" in text
+    assert "| RAND | 2 | 3 | 3 | 12 | 12 |" in text  # its own steps
     assert "| LIM | 2 | 0.510 (1 of 2 seeds) | 0.510 (1 of 2 seeds) | 0.510 (1 of 2 seeds) |" in text
     assert "Seed 2: not evaluated yet (no sft and rl test summaries), left out of the seeds' table." in text
+
+
+def test_an_older_eval_marker_without_its_command_tables_every_summary(run_dir):
+    """A done/eval marker of an older reproduce.sh holds the seconds only (no command, so no --names): every summary
+    there is this study's, as without a marker, not none of them."""
+    (run_dir / "done").mkdir()
+    (run_dir / "done" / "eval").write_text("15\n")
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text()
+    assert "| redistill_A | 0.300 | 0.300 | 0.300 |" in text and "left by an earlier run" not in text
+
+
+def test_the_evaluated_rl_step_is_the_checkpoints_own_folder():
+    """step_N is the RL checkpoint's own folder name; a step_N elsewhere in the path (a run directory named after a
+    sweep) is not the step that checkpoint was taken at."""
+    def step(path):
+        return report.evaluated_step({"settings": {"checkpoint_path": path}})
+    assert step("/runs/rl/step_000075") == 75 and step("/runs/rl/step_000075/") == 75
+    assert step("/runs/step_3_sweep/rl/final") is None and step("/runs/rl/step_000075/hf") is None
+    assert report.evaluated_step({"settings": {}}) is None
+
+
+def test_limr_means_over_the_seeds_an_arm_was_evaluated_in(run_dir):
+    """An arm evaluated in no seed has no mean (a dash, not 0.000); an arm whose first seed is not evaluated still
+    gets its average over the splits from the seed that is."""
+    import shutil
+    add_limr(run_dir)
+    for name in ("lim_1", "rand_1", "rand_2"):
+        shutil.rmtree(run_dir / "limr" / "eval" / name)
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text()
+    assert "| LIM | 2 | 0.520 (1 of 2 seeds) | 0.520 (1 of 2 seeds) | 0.520 (1 of 2 seeds) |" in text
+    assert "| RAND | 2 | – | – | – |" in text
+
+
+def test_seeds_table_counts_rl_rollouts_to_the_evaluated_step_and_says_a_missing_level(run_dir):
+    """Each seed's RL rollouts stop at the step its RL summary evaluated (its metrics may run longer); a level one
+    seed's summary lacks is a mean over the other seeds that says so, and a level the first row lacks is still a
+    column of the means."""
+    seed2 = run_dir / "seed_2"
+    for name, acc in {"sft": (0.3, 0.3, 0.3), "rl": (0.4, 0.4, 0.4)}.items():
+        common.write_json(seed2 / "eval" / name / "test" / "summary.json", summary(*acc))
+    rl = summary(0.5, 0.4, 0.425)
+    rl["settings"]["checkpoint_path"] = str(run_dir / "rl" / "step_000002")  # metrics.jsonl runs to step 3
+    del rl["by_difficulty"]["3"]
+    common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
+    base = summary(0.0, 0.0, 0.0)
+    del base["by_difficulty"]["3"]  # (base: the first row of the per-seed table)
+    common.write_json(run_dir / "eval" / "base" / "test" / "summary.json", base)
+    common.write_json(seed2 / "rl" / "settings.json", {"prompts_per_step": 16, "samples_per_prompt": 8})
+    common.write_jsonl(seed2 / "rl" / "metrics.jsonl", [{"step": s, "reward": 0.1} for s in (1, 2)])
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text()
+    assert "| 1 | 0.250 | 0.425 | +17.5 | 256 |" in text  # 2 steps of 16 x 8, not metrics.jsonl's 3
+    assert "| model | seeds | people 2 | overall | truncated | people 3 |" in text  # (columns as first seen)
+    assert "| rl | 2 | 0.450 ± 0.071 | 0.412 ± 0.018 | 0.000 ± 0.000 | 0.400 (1 of 2 seeds) |" in text
+
+
+def test_an_earlier_reports_plots_are_all_removed_when_not_redrawn(run_dir):
+    for name in report.PLOTS:
+        (run_dir / name).write_text("an earlier report's")
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    assert not any((run_dir / name).exists() for name in report.PLOTS)
+
+
+def test_plots_show_every_level_and_the_rl_curve_up_to_the_evaluated_step(run_dir, monkeypatch):
+    """The accuracy plot's levels are every summary's (the first summary lacks one here), a level a summary lacks
+    is no bar (NaN, not a bar at 0), and the RL curve ends at the step the table's RL row evaluated."""
+    import math
+    from unittest import mock
+    plt = mock.MagicMock()
+    figures = []
+
+    def subplots(*args, **kwargs):
+        figures.append((mock.MagicMock(), mock.MagicMock()))
+        return figures[-1]
+    plt.subplots.side_effect = subplots
+    monkeypatch.setattr(common, "pyplot", lambda: plt)
+    base = summary(0.0, 0.0, 0.0)
+    del base["by_difficulty"]["3"]
+    common.write_json(run_dir / "eval" / "base" / "test" / "summary.json", base)
+    rl = summary(0.5, 0.4, 0.425)
+    rl["settings"]["checkpoint_path"] = str(run_dir / "rl" / "step_000002")
+    common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
+    report.main(["--out_dir", str(run_dir), "--plots", "true"])
+    (_, curve), (_, bars) = figures
+    assert curve.plot.call_args_list[0].args[:2] == ([1, 2], [0.1, 0.2])  # steps 1-2 of metrics.jsonl's 1-3
+    assert bars.set_xticks.call_args.args[1] == ["people 2", "people 3"]
+    heights = {c.kwargs["label"]: c.args[1] for c in bars.bar.call_args_list}
+    assert heights["base"][0] == 0.0 and math.isnan(heights["base"][1]) and heights["rl"] == [0.5, 0.4]

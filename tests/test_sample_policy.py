@@ -319,3 +319,57 @@ def test_steps_name_one_step_as_a_range_and_belong_to_rollouts_only(tiny_checkpo
         sp.main(["--from_checkpoint", tiny_checkpoint, "--task", "toy_task", "--split", split, "--out", str(out),
                  "--steps", "5", "--progress", "false"])
     assert not out.exists()
+
+
+def eos_tokenizer(eos):
+    """A small byte-level BPE tokenizer whose EOS is `eos` (e.g. R1-Distill's Llama-2-style '</s>')."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["so the answer is x"] * 10, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<s>", eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token=eos)
+
+
+def test_select_counts_a_prompt_whose_right_answers_hold_a_stop_text_as_answered_and_a_bonus_as_right():
+    """A prompt whose only right answers were dropped for a stop token's text had a correct sample (it is not one
+    'without a correct sample'); a reward above 1 (a bonus) is right, as tasks.is_correct says."""
+    samples = [s("a", "x<|im_end|>y"), s("b", "w", reward=1.5), s("c", "v", reward=0.0)]
+    kept, counts = sp.select(samples, 0, 0, 0)
+    assert [k["id"] for k in kept] == ["b"]
+    assert counts["prompts_without_correct"] == 1 and counts["stop_text"] == 1 and counts["correct"] == 2
+
+
+def test_from_rollouts_strips_and_drops_the_run_tokenizers_own_eos(tmp_path, capsys):
+    """--from_rollouts reads the stop texts of the tokenizer saved with the run's weights: a logged response that
+    ends with its EOS text ('</s>', not one of the usual chat terminators) has it stripped and is kept; one with the
+    EOS text inside is dropped (redistill_sft would refuse it). A step folder with no tokenizer is passed over."""
+    run = tmp_path / "rl"
+    eos_tokenizer("</s>").save_pretrained(str(run / "step_000002"))
+    (run / "step_000004").mkdir()  # (no tokenizer in it)
+    write_rollouts(str(run), {2: [s("a", "the answer is x</s>"), s("b", "so</s> the answer is x")]})
+    out = tmp_path / "out.jsonl"
+    sp.main(["--from_rollouts", str(run), "--steps", "2", "--task", "toy_task", "--out", str(out),
+             "--progress", "false"])
+    assert [(r["id"], r["response"]) for r in read(out)] == [("a", "the answer is x")]
+    assert "1 holding a stop token's text" in capsys.readouterr().out
+
+
+def test_from_checkpoint_drops_a_response_holding_the_checkpoints_own_eos(tmp_path, monkeypatch):
+    """--from_checkpoint checks the samples against the checkpoint's own tokenizer's stop texts (its EOS '</s>')."""
+    ckpt = tmp_path / "ckpt"
+    eos_tokenizer("</s>").save_pretrained(str(ckpt))
+    split = tmp_path / "split.jsonl"
+    common.write_jsonl(split, toy_task.make_records(2, seed=1, split="val"))
+    monkeypatch.setattr(sp, "sample_checkpoint", lambda *a: (
+        [s(i, text, source=str(ckpt), sample=0) for i, text in (("a", "so</s> x"), ("b", "the answer is x"))], None))
+    out = tmp_path / "out.jsonl"
+    sp.main(["--from_checkpoint", str(ckpt), "--task", "toy_task", "--split", str(split), "--out", str(out),
+             "--progress", "false"])
+    assert [(r["id"], r["response"]) for r in read(out)] == [("b", "the answer is x")]
+    # every right answer held one: the error says why none is left
+    monkeypatch.setattr(sp, "sample_checkpoint", lambda *a: ([s("a", "so</s> x", source=str(ckpt), sample=0)], None))
+    with pytest.raises(UserError, match="no correct, finished response without a stop token among 1 samples"):
+        sp.main(["--from_checkpoint", str(ckpt), "--task", "toy_task", "--split", str(split), "--out",
+                 str(tmp_path / "none.jsonl"), "--progress", "false"])

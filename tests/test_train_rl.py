@@ -624,3 +624,18 @@ def test_rollout_reserve_and_step_metrics_by_hand(monkeypatch):
     assert (m["reward"], m["acc"], m["zero_var_frac"], m["truncated"], m["len_mean"], m["len_max"]) == (
         0.75, 0.75, 0.5, 0.25, 5.0, 8)
     assert (m["clip_frac"], m["entropy"], m["kept_frac"], m["train_seqs"], m["kl"]) == (0.2, 0.5, 0.5, 2, None)
+
+
+def test_step_metrics_acc_counts_a_bonus_reward_as_right():
+    """acc is the share right by tasks.is_correct (a reward above 1 is right, a partial 0.5 is not), as eval's
+    accuracy and the re-distillation filter count it; reward stays the mean reward."""
+    from types import SimpleNamespace
+    rollouts = [{"length": 4, "finished": True}] * 4
+    batch = SimpleNamespace(rollouts=rollouts, rewards=[1.5, 0.0, 1.0, 0.5], zero_var=[False, False],
+                            trains=[True, True], train_idx=[0, 1, 2, 3], dynamic=False, gen_batches=1)
+    sums = dict.fromkeys(("entropy", "kl", "kl_tokens", "gap", "gap_tokens", "train_tokens", "is_weight", "is_capped",
+                          "is_kl", "is_tokens", "clipped"), 0.0) | {"pg_tokens": 10}
+    times = dict.fromkeys(("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
+                           "graph_captures", "capture_s"), 1.0)
+    m = train_rl.step_metrics(1, 0, batch, sums, times, torch.device("cpu"), kl_logged=False)
+    assert (m["acc"], m["reward"]) == (0.5, 0.75)
