@@ -174,7 +174,8 @@ def compare_along(base, policy, examples, temperature, top_p, high_js, chunk):
     """Both models' packed training forward over examples, compared at every response position.
 
     Returns (per example {"js", "entropy_base", "entropy_policy", "targets"}: lists over its positions,
-    high: one {"token", "overlap" (k = 1..5), "base_rank", "base_prob"} per position with JS > high_js)."""
+    high: one {"token", "overlap" (k = 1..5), "base_rank", "base_prob", "example" (its index in examples), "at" (its
+    packed position)} per position with JS > high_js)."""
     from engine import nucleus
     from model import pack, response_positions
     device = base.lm_head.weight.device
@@ -200,8 +201,10 @@ def compare_along(base, policy, examples, temperature, top_p, high_js, chunk):
             base_prob = full_b.gather(-1, top_p_[:, :1]).squeeze(-1)
             base_rank = (full_b > base_prob[:, None]).sum(-1) + 1
             tokens = ids[0, at[rows] + 1]
-            high += [{"token": int(t), "overlap": o, "base_rank": int(r), "base_prob": float(b)}
-                     for t, o, r, b in zip(tokens.tolist(), overlap.tolist(), base_rank.tolist(), base_prob.tolist())]
+            which = torch.searchsorted(cu, at[rows], right=True) - 1  # the example each position is in
+            high += [{"token": int(t), "overlap": o, "base_rank": int(r), "base_prob": float(b), "example": e, "at": a}
+                     for t, o, r, b, e, a in zip(tokens.tolist(), overlap.tolist(), base_rank.tolist(),
+                                                 base_prob.tolist(), which.tolist(), at[rows].tolist())]
     lens = [len(e["ids"]) - e["start"] for e in examples]
     targets = ids[0, pos + 1].tolist()
     js, ent_b, ent_p = (torch.cat(x).tolist() for x in (js, ent_b, ent_p))
@@ -316,6 +319,13 @@ def plot_shift(summary, rows, path, high_js):
     plt.close(fig)
 
 
+def lock_out_dir(args):
+    """A second run of the same kind into --out_dir is refused (each of its files is written whole, but one run's would
+    replace the other's without a word); the divergence and the two cross-sampling directions may share it. Taken once
+    the inputs are read: bad input leaves no directory behind."""
+    parallel.lock_on_rank0(args.out_dir, f".lock_{args.cross or 'divergence'}")
+
+
 def measure(args, tokenizer, device, dtype):
     """Part 1: JS along the responses, both models FSDP-sharded, responses sharded over ranks."""
     from tqdm import tqdm
@@ -323,6 +333,7 @@ def measure(args, tokenizer, device, dtype):
     from model import load_model, read_config
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
     examples = read_responses(args.responses, tokenizer, context, args.limit)
+    lock_out_dir(args)
     rank, world = common.rank(), common.world_size()
     base, policy = (shard_model(load_model(d, torch.float32, device), dtype).eval() for d in (args.base, args.policy))
     mine = parallel.rank_share(list(range(len(examples))), rank, world)
@@ -338,14 +349,16 @@ def measure(args, tokenizer, device, dtype):
         out, h = compare_along(base, policy, [examples[i] for i in batch], args.temperature, args.top_p,
                                args.high_js, args.logit_chunk)
         rows += [{"index": i, **o} for i, o in zip(batch, out)]
-        high += h
+        high += [dict(x, example=batch[x["example"]]) for x in h]
         bar.update(sum(len(o["js"]) for o in out))
     bar.close()
     gathered = parallel.all_gather_json({"rows": rows, "high": high})
     if rank != 0:
         return
     rows = sorted((r for g in gathered for r in g["rows"]), key=lambda r: r["index"])
-    high = [h for g in gathered for h in g["high"]]
+    # in the examples' order, as one rank finds them: the most frequent tokens' ties and the means' sums do not
+    # depend on the number of ranks
+    high = sorted((h for g in gathered for h in g["high"]), key=lambda h: (h["example"], h["at"]))
     summary = summarize(rows, high, tokenizer, args.high_js, args.top_tokens)
     summary["settings"] = {k: getattr(args, k) for k in ("base", "policy", "responses", "limit", "temperature", "top_p",
                                                          "high_js", "dtype")}
@@ -447,6 +460,7 @@ def cross_sample(args, tokenizer, device, dtype):
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
     tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, records, args.template), records,
                             args.max_new_tokens, context, args.split)
+    lock_out_dir(args)
     names = {"forward": ("base", "policy"), "backward": ("policy", "base")}[args.cross]
     primary, intervention = (load_model(getattr(args, name), dtype, device).eval() for name in names)
     numbers = parallel.rank_share(list(range(len(records))), common.rank(), common.world_size())
@@ -508,7 +522,7 @@ def main(argv=None):
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
     common.check_positive(args, "batch_size", "logit_chunk", "samples_per_prompt", "max_new_tokens")
-    common.check_non_negative(args, "limit")
+    common.check_non_negative(args, "limit", "top_tokens")
     if any(math.isnan(e) for e in args.eps):
         raise UserError("--eps: nan is not a threshold")
     if len(set(args.eps)) < len(args.eps):  # (0 and -0 are one): a run twice would be the same decode

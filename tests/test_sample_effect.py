@@ -215,6 +215,27 @@ def test_projection_approximates_exact_and_outputs(setup, capsys):
         assert r["source_file"] in {e["file"] for e in effects if e["id"] == r["id"]}
 
 
+def test_sft_files_rewritten_during_the_run_are_refused(setup, tmp_path, monkeypatch):
+    """The effects name samples by (file, line) and --select copies records from the files at the end: files
+    rewritten meanwhile (a stage re-run into the same path, the rows in another order) would give the top-K other
+    samples, labelled with the scored ones' effects. Refused, and nothing written."""
+    d = setup["dir"]
+    sft = str(tmp_path / "teacher.jsonl")
+    common.write_jsonl(sft, setup["sft"][:15])
+    args = setup["args"] + ["--sft_data", sft, "--out", str(tmp_path / "effects.jsonl"), "--select", "2",
+                            "--select_out", str(tmp_path / "top.jsonl")]
+    real = se.sample_effects
+
+    def rewritten_meanwhile(*a, **kw):
+        out = real(*a, **kw)
+        common.write_jsonl(sft, setup["sft"][:15][::-1])
+        return out
+    monkeypatch.setattr(se, "sample_effects", rewritten_meanwhile)
+    with pytest.raises(common.UserError, match=r"teacher\.jsonl: changed while this run read them"):
+        se.main(args)
+    assert not (tmp_path / "top.jsonl").exists() and not (tmp_path / "effects.jsonl").exists()
+
+
 def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path, monkeypatch, capsys):
     """∇J and each finished sample are kept beside --out as they are done; a re-run does only the rest, and its
     outputs equal the fixture's uninterrupted run's (same settings) exactly."""

@@ -157,6 +157,44 @@ def test_high_js_records_equal_a_direct_computation(pair):
     assert [h["base_prob"] for h in high] == pytest.approx([w["base_prob"] for w in want], rel=1e-4)
 
 
+@pytest.mark.torchrun
+def test_the_divergence_at_two_ranks_equals_one(pair, tmp_path):
+    """Each rank compares its share of the responses; the high-JS records are gathered in rank order, so the summary's
+    ties among the most frequent tokens (a cut inside one listed other tokens) and its means followed the number of
+    ranks: they are put back in the responses' order."""
+    from conftest import free_port
+    args = ["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"], "--temperature",
+            "0.7", "--high_js", "0.02", "--top_tokens", "9", "--batch_size", "1", "--plots", "false",
+            "--progress", "false"]
+    token_shift.main(args + ["--out_dir", str(tmp_path / "one")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "token_shift.py"), *args, "--out_dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert one["high_js"]["positions"] > 10  # (the 9th token's count ties with the 10th's: the cut runs through it)
+    assert (tmp_path / "two" / "summary.json").read_text() == (tmp_path / "one" / "summary.json").read_text()
+    assert read(tmp_path / "two" / "tokens.jsonl") == read(tmp_path / "one" / "tokens.jsonl")
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused(pair, tmp_path):
+    """Each output is written whole, but a second run of the same kind would replace the first's without a word;
+    the divergence and the two cross-sampling directions may share a directory."""
+    hold = ("import common, time; common.lock_run_dir(%r, '.lock_divergence'); print('held', flush=True); "
+            "time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold % str(tmp_path)],
+                              cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # (a first run, holding it)
+        with pytest.raises(common.UserError, match="another run is using this output"):
+            token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"],
+                              "--out_dir", str(tmp_path), "--plots", "false", "--progress", "false"])
+        token_shift.main(cross_args(pair, tmp_path, "forward", "inf"))  # another kind: not blocked
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # -----------------------------------------------------------------------------
 # 2. cross-sampling
 
