@@ -12,7 +12,7 @@ import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from common import UserError, iter_jsonl, open_lines, stop_token_ids
+from common import UserError, iter_jsonl, open_lines, stop_token_ids, world_size
 
 TASKS = ("kk", "math")
 
@@ -87,8 +87,9 @@ def rescore(task, samples, records, where):
         raise UserError(f"{where}: no record for id {missing[0]!r} ({len(missing)} ids missing)")
     # scored by concurrent threads: MATH's grader runs each in its own math-verify worker process (~5 ms an answer
     # that the string match does not settle: a 5,000 x 16 pair took 3.5 minutes one at a time, on rank 0, while the
-    # other ranks wait in a collective); a task's score must be safe to call so, as a pure function is
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+    # other ranks wait in a collective); a task's score must be safe to call so, as a pure function is. Threads: up to
+    # 16, the cores shared with the other ranks (set B re-scores on every rank)
+    with ThreadPoolExecutor(max_workers=max(1, min(16, (os.cpu_count() or 1) // world_size()))) as pool:
         rewards = list(pool.map(lambda s: reward_of(task, s["response"], by_id[str(s["id"])], s["finished"]), samples))
     changed = 0
     for s, reward in zip(samples, rewards):
