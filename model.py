@@ -627,7 +627,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
                     if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                         # (copy_ would cast an integer or fp8 tensor without a word: a damaged or quantized export)
                         raise UserError(f"{file}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
-                                        f"expected a floating-point weight (float32, bfloat16, float16)")
+                                        f"expected a floating-point weight (float32, bfloat16, float16, float64)")
                     if t.shape != params[name].shape:
                         raise UserError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
                                         f"config.json implies {tuple(params[name].shape)}")

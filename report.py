@@ -183,12 +183,13 @@ def limr_tables(out_dir, only_seeds=()):
         probe_rollouts, probe_metrics, _ = rl_rollouts(os.path.join(dir_, "full"))
         probe_steps = sum(1 for m in probe_metrics if m.get("step", 0) > 0 and "reward" in m)
 
-        def arm_steps(arm, run):  # the step its evaluated checkpoint is at, else the last one its run trained
+        def arm_steps(arm):  # the step its evaluated checkpoint is at, else the last one its run trained
             if evaluated_at.get(f"{arm}_{seed}") is not None:
                 return evaluated_at[f"{arm}_{seed}"]
-            return max((m["step"] for m in rl_rollouts(os.path.join(dir_, run))[1] if "reward" in m), default=0)
-        steps = {arm: arm_steps(arm, arm) for arm in ("lim", "rand")}
-        steps["full"] = evaluated_at.get(f"full_{seed}") or steps["lim"]  # (FULL: the probe at LIM's steps)
+            return max((m["step"] for m in rl_rollouts(os.path.join(dir_, arm))[1] if "reward" in m), default=0)
+        steps = {arm: arm_steps(arm) for arm in ("lim", "rand")}
+        full_at = evaluated_at.get(f"full_{seed}")
+        steps["full"] = steps["lim"] if full_at is None else full_at  # (FULL not evaluated: the probe at LIM's steps)
         arms = {"FULL": (len(scores), 0), "RAND": (count_lines(os.path.join(dir_, "rand.jsonl")), 0),
                 "LIM": (count_lines(os.path.join(dir_, "lim.jsonl")), probe_rollouts)}
         for arm, (prompts, probe) in arms.items():
@@ -224,7 +225,10 @@ def evaluated_names(run_dir):
     path = os.path.join(run_dir, "done", "eval")
     if not os.path.exists(path):
         return None
-    words = shlex.split(" ".join(line for lineno, line in common.text_lines(path) if lineno > 1))
+    try:
+        words = shlex.split(" ".join(line for lineno, line in common.text_lines(path) if lineno > 1))
+    except ValueError:  # (quoting shlex does not read as bash did)
+        return None
     if "--names" not in words:
         return None
     names = []
@@ -254,7 +258,7 @@ def read_summaries(run_dir, notes=None):
 
 def evaluated_step(summary):
     """The step of the RL checkpoint (step_N) a summary evaluated, or None (another name: the run's every step)."""
-    found = re.search(r"step_(\d+)$", str(summary.get("settings", {}).get("checkpoint_path", "")).rstrip("/"))
+    found = re.search(r"(?:^|/)step_(\d+)$", str(summary.get("settings", {}).get("checkpoint_path", "")).rstrip("/"))
     return int(found.group(1)) if found else None
 
 

@@ -85,12 +85,21 @@ def rescore(task, samples, records, where):
     missing = sorted({str(s["id"]) for s in samples} - set(by_id))
     if missing:
         raise UserError(f"{where}: no record for id {missing[0]!r} ({len(missing)} ids missing)")
-    # scored by concurrent threads: MATH's grader runs each in its own math-verify worker process (~5 ms an answer
-    # that the string match does not settle: a 5,000 x 16 pair took 3.5 minutes one at a time, on rank 0, while the
-    # other ranks wait in a collective); a task's score must be safe to call so, as a pure function is. Threads: up to
-    # 16, the cores shared with the other ranks (set B re-scores on every rank)
-    with ThreadPoolExecutor(max_workers=max(1, min(16, (os.cpu_count() or 1) // world_size()))) as pool:
-        rewards = list(pool.map(lambda s: reward_of(task, s["response"], by_id[str(s["id"])], s["finished"]), samples))
+    # a task whose score says it is safe to call from several threads (SCORE_THREADS: MATH's grader runs each answer
+    # in its own math-verify worker process, ~5 ms an answer the string match does not settle; a 5,000 x 16 pair took
+    # 3.5 minutes one at a time, on rank 0, while the other ranks wait in a collective) is scored by up to 16 threads,
+    # the cores shared with the other ranks (set B re-scores on every rank); any other on this thread, as everywhere
+    # else (a score that times itself out with signal.alarm works on the main thread only)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, min(16, cores // world_size())) if getattr(task, "SCORE_THREADS", False) else 1
+
+    def score(s):
+        return reward_of(task, s["response"], by_id[str(s["id"])], s["finished"])
+    if threads == 1:
+        rewards = [score(s) for s in samples]
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            rewards = list(pool.map(score, samples))
     changed = 0
     for s, reward in zip(samples, rewards):
         changed += reward != s["reward"]

@@ -308,6 +308,9 @@ def test_an_older_eval_marker_without_its_command_tables_every_summary(run_dir):
     (run_dir / "done").mkdir()
     (run_dir / "done" / "eval").write_text("15\n")
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    assert "| redistill_A | 0.300 | 0.300 | 0.300 |" in (run_dir / "results.md").read_text()
+    (run_dir / "done" / "eval").write_text("15\neval.py --names base sft rl --stop $'a\\'b'\n")  # (bash's quoting)
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
     text = (run_dir / "results.md").read_text()
     assert "| redistill_A | 0.300 | 0.300 | 0.300 |" in text and "left by an earlier run" not in text
 
@@ -319,6 +322,7 @@ def test_the_evaluated_rl_step_is_the_checkpoints_own_folder():
         return report.evaluated_step({"settings": {"checkpoint_path": path}})
     assert step("/runs/rl/step_000075") == 75 and step("/runs/rl/step_000075/") == 75
     assert step("/runs/step_3_sweep/rl/final") is None and step("/runs/rl/step_000075/hf") is None
+    assert step("/runs/rl_warm_step_50") is None and step("step_7") == 7
     assert report.evaluated_step({"settings": {}}) is None
 
 

@@ -1,11 +1,13 @@
 """tasks.py: stratified subsets of a split, prompts that begin with BOS where the model family expects one, and
 the SFT loader (prompt and response tokenized apart, errors naming file and line)."""
 import json
+import os
 import re
 
 import pytest
 
 import common
+import math_data
 import redistill_sft as sft
 import tasks
 import toy_task
@@ -161,6 +163,32 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
             tasks.load_sft_examples([str(path)], tok, max_length=40)
         path.write_text(json.dumps({"id": "c", "prompt": "x" + t, "response": "3"}) + "\n")
         assert len(tasks.load_sft_examples([str(path)], tok, max_length=40)) == 1
+
+
+def test_rescoring_runs_on_threads_only_where_the_task_says_its_score_is_safe_there():
+    """A score that times itself out with signal.alarm works on the main thread only (from another it raises, and
+    a grader that never raises returns 0): re-scoring, like every other call, stays on the main thread unless the
+    task sets SCORE_THREADS (MATH does: a math-verify worker per thread)."""
+    import threading
+    import types
+    seen = []
+
+    def score(response, record, finished):
+        seen.append(threading.current_thread() is threading.main_thread())
+        return toy_task.score(response, record, finished)
+    records = toy_task.make_records(6, seed=5)
+    samples = [{"id": r["id"], "response": toy_task.teacher_response(r), "finished": True, "reward": 0.0}
+               for r in records]
+    plain = types.SimpleNamespace(__name__="plain_task", score=score)
+    assert tasks.rescore(plain, samples, records, "x") == 6 and seen == [True] * 6
+    seen.clear()
+    threaded = types.SimpleNamespace(__name__="threaded_task", score=score, SCORE_THREADS=True)
+    for s in samples:
+        s["reward"] = 0.0
+    assert tasks.rescore(threaded, samples, records, "x") == 6 and [s["reward"] for s in samples] == [1.0] * 6
+    assert math_data.SCORE_THREADS and not hasattr(toy_task, "SCORE_THREADS")
+    if (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) > 1:
+        assert seen == [False] * 6
 
 
 def test_split_ids_must_differ_as_text(tmp_path):
