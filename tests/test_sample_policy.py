@@ -208,20 +208,11 @@ def test_a_set_holds_no_stop_token_sft_would_refuse(tmp_path):
     """A right response with a stop id's text written in pieces is dropped, for each stop id its tokenizer has: the
     tokenizer's own EOS too (R1-Distill's, a Llama 2 style '</s>'), not only the usual chat terminators' names, or
     redistill_sft refuses the whole set. --from_rollouts takes the tokenizer saved with the run's newest weights."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     import tasks
-
-    def tokenizer(eos):
-        bpe = Tokenizer(models.BPE())
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.train_from_iterator(["so the answer is x"] * 10, trainers.BpeTrainer(
-            vocab_size=280, special_tokens=["<s>", eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token=eos)
     run = tmp_path / "run"
     assert sp.run_tokenizer(str(tmp_path)) is None and sp.stop_texts(None) == common.STOP_TOKENS
     for step, eos in ((2, "<|end|>"), (10, "</s>")):
-        tokenizer(eos).save_pretrained(str(run / f"step_{step:06d}"))
+        eos_tokenizer(eos).save_pretrained(str(run / f"step_{step:06d}"))
     tok = sp.run_tokenizer(str(run))
     assert tok.eos_token == "</s>" and "</s>" in sp.stop_texts(tok)  # the newest weights' tokenizer
     samples = [s("a", "so</s> the answer is x"), s("a", "the answer is x")]
