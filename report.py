@@ -174,10 +174,12 @@ def limr_tables(out_dir, only_seeds=()):
     rows = [with_accuracy({"model": "start", "seed": "", "prompts": "", "RL steps": 0, "RL rollouts": 0,
                            "with the probe": 0}, "start")]
     notes, by_arm = [], {}
+    unselected = list(set(only_seeds) - set(seeds))  # asked for, no folder yet
     for seed in seeds:
         dir_ = os.path.join(limr_dir, f"seed_{seed}")
         scores_path = os.path.join(dir_, "scores.jsonl")
         if not os.path.exists(scores_path):
+            unselected.append(seed)
             continue
         scores = [required(r, "score", scores_path, lineno) for lineno, r in common.iter_jsonl(scores_path)]
         probe_rollouts, probe_metrics, _ = rl_rollouts(os.path.join(dir_, "full"))
@@ -208,7 +210,11 @@ def limr_tables(out_dir, only_seeds=()):
              "FULL is the probe run at that step (RL on the whole pool); RL rollouts: steps x prompts x group; "
              "with the probe: LIM's own rollouts plus the probe run's, which its selection needed. "
              "Test accuracy is overall, per split.", *notes]
-    if len(seeds) > 1 and by_arm:
+    if unselected:
+        unselected.sort(key=difficulty_order_of_text)
+        lines.append(f"LIMR seed{'s' if len(unselected) > 1 else ''} {', '.join(map(str, unselected))}: not selected "
+                     f"yet (no limr/seed_S/scores.jsonl), left out of the LIMR tables.")
+    if len({r["seed"] for arm_rows in by_arm.values() for r in arm_rows}) > 1:  # a mean over two seeds or more
         mean_rows = []
         for arm, arm_rows in by_arm.items():
             row = {"model": arm, "seeds": len(arm_rows)}

@@ -150,6 +150,17 @@ def test_limr_table_rollouts_per_arm_and_the_mean_over_seeds(run_dir):
     assert "Mean ± std over seeds" not in text
 
 
+def test_a_limr_seed_not_selected_yet_is_said_and_no_mean_of_one(run_dir):
+    """LIMR seeds asked for whose probe has not reached the selection (no scores.jsonl, or no folder yet) are named,
+    not dropped without a word, and one seed left gives no 'mean over seeds'."""
+    add_limr(run_dir, seeds=(1, 2))
+    os.remove(run_dir / "limr" / "seed_2" / "scores.jsonl")  # (the probe stopped part-way)
+    report.main(["--out_dir", str(run_dir), "--plots", "false", "--limr_seeds", "1", "2", "3"])
+    text = (run_dir / "results.md").read_text()
+    assert "LIMR seeds 2, 3: not selected yet (no limr/seed_S/scores.jsonl), left out of the LIMR tables." in text
+    assert "| LIM | 1 | 3 | 3 | 12 | 60 |" in text and "Mean ± std over seeds" not in text
+
+
 def test_a_limr_only_run_reports_its_tables_alone(tmp_path):
     add_limr(tmp_path, seeds=(7,))
     report.main(["--out_dir", str(tmp_path), "--preset", "limr-x", "--plots", "false"])
