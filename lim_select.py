@@ -97,7 +97,7 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
 
 
 def epoch_accuracy(outcomes, num_prompts, epochs):
-    """(num_prompts, len(epochs)) array: the share of each prompt's rollouts in each epoch right (reward 1), NaN
+    """(num_prompts, len(epochs)) array: the share of each prompt's rollouts in each epoch right (reward >= 1), NaN
     where it had none."""
     column = {e: k for k, e in enumerate(epochs)}
     solved, drawn = np.zeros((num_prompts, len(epochs))), np.zeros((num_prompts, len(epochs)))

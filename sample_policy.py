@@ -6,7 +6,7 @@ Turn an RL policy into a re-distillation SFT set (the paper's section 3 recipe).
   --from_rollouts RUN_DIR read train_rl.py's RUN_DIR/rollouts/step_NNNNNN.jsonl for a range of steps (the
                           paper's set B: steps 115-125 of the K&K run, T=0.7, n=8)
 
-Then, as the paper: keep the responses with reward 1 that finished with EOS, drop repeats, keep at most
+Then, as the paper: keep the right responses (reward 1) that finished with EOS, drop repeats, keep at most
 --max_per_prompt per prompt, shuffle with --seed and keep --num_examples (and drop a response holding a stop token's
 text, which redistill_sft.py would refuse). Writes SFT jsonl {"id", "task",
 "prompt", "response", "source", "reward"} atomically: the exact prompt the policy saw and its decoded response

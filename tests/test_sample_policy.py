@@ -313,7 +313,8 @@ def test_steps_name_one_step_as_a_range_and_belong_to_rollouts_only(tiny_checkpo
 
 
 def eos_tokenizer(eos):
-    """A small byte-level BPE tokenizer whose EOS is `eos` (e.g. R1-Distill's Llama-2-style '</s>')."""
+    """A small byte-level BPE tokenizer whose EOS is `eos` (e.g. a Llama 2 style '</s>', not one of the usual chat
+    terminators' names)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
