@@ -46,13 +46,6 @@ SFT_SET = {"sft": "sft_teacher.jsonl", "rl": "sft_teacher.jsonl",
            "redistill_A": "redistill_A.jsonl", "redistill_B": "redistill_B.jsonl"}
 
 
-def required(row, field, path, lineno):
-    """row[field], or an error naming the file, line and field."""
-    if field not in row:
-        raise UserError(f"{path}:{lineno}: missing field {field!r}")
-    return row[field]
-
-
 def count_lines(path):
     if not os.path.exists(path):
         return None
@@ -181,7 +174,7 @@ def limr_tables(out_dir, only_seeds=()):
         if not os.path.exists(scores_path):
             unselected.append(seed)
             continue
-        scores = [required(r, "score", scores_path, lineno) for lineno, r in common.iter_jsonl(scores_path)]
+        scores = [r["score"] for r in common.read_jsonl(scores_path, required=("score",))]
         probe_rollouts, probe_metrics, _ = rl_rollouts(os.path.join(dir_, "full"))
         probe_steps = sum(1 for m in probe_metrics if m.get("step", 0) > 0 and "reward" in m)
 
@@ -248,7 +241,7 @@ def evaluated_names(run_dir):
 def read_summaries(run_dir, notes=None):
     """model -> its test summary (eval.py), for the models of the study evaluated in run_dir: a summary an earlier
     run left (its model not in this run's evaluation, e.g. a re-distillation set now under one SFT batch) is left out,
-    and named in notes."""
+    and named in notes, as is why a re-distilled model has no row."""
     summaries, evaluated = {}, evaluated_names(run_dir)
     for name in MODELS:
         path = os.path.join(run_dir, "eval", name, "test", "summary.json")
@@ -259,6 +252,12 @@ def read_summaries(run_dir, notes=None):
                                  f"{os.path.join(run_dir, 'done', 'eval')}): not in the table.")
                 continue
             summaries[name] = read_summary(path)
+    for name in ("redistill_A", "redistill_B"):
+        if notes is not None and name not in summaries:
+            samples = count_lines(os.path.join(run_dir, SFT_SET[name]))
+            why = ("not evaluated yet" if evaluated is None else "not in this study" if samples is None else
+                   f"no model in this study (its set: {samples} samples)")
+            notes.append(f"No {name} row: {why}.")
     return summaries
 
 
@@ -437,13 +436,6 @@ def main(argv=None):
                  f"measured wall time x devices; own = the stages that made it from its inputs, total = with the cold "
                  f"start and RL it builds on. Re-distilled models' data came from the RL run ({rollouts} rollouts), "
                  f"counted in their total.")
-    evaluated = evaluated_names(out)
-    for name in ("redistill_A", "redistill_B"):
-        if name not in summaries:
-            samples = count_lines(os.path.join(out, SFT_SET[name]))
-            why = ("not evaluated yet" if evaluated is None else "not in this study" if samples is None else
-                   f"no model in this study (its set: {samples} samples)")
-            lines.append(f"No {name} row: {why}.")
     lines += notes
     if "base" in times:
         lines.append("Pre-training the tiny base (shared by all): "
@@ -480,8 +472,7 @@ def main(argv=None):
         chosen_path = os.path.join(out, "sample_effect", name[3:] + ".jsonl")
         if os.path.exists(summary_path) and os.path.exists(chosen_path):
             row = summary_row(read_summary(summary_path), name, difficulty)
-            chosen = [dict(rec, sample_effect=required(rec, "sample_effect", chosen_path, lineno))
-                      for lineno, rec in common.iter_jsonl(chosen_path)]
+            chosen = common.read_jsonl(chosen_path, required=("sample_effect",))
             sources = {}
             for rec in chosen:
                 source = os.path.basename(rec.get("source_file", "?"))

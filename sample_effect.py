@@ -501,7 +501,8 @@ def main(argv=None):
     if max_length < args.max_length:
         print0(f"note: --max_length {args.max_length} > the model's context; using {max_length}")
     # stamped before they are read (outputs name samples by file and line); a missing one fails to load, by name
-    sft_stamps = common.file_stamps([p for p in args.sft_data if os.path.isfile(p)])
+    sft_files = [p for p in args.sft_data if os.path.isfile(p)]
+    sft_stamps = common.file_stamps(sft_files)
     examples = tasks.load_sft_examples(args.sft_data, tokenizer, max_length)
     for ex in examples:
         if ex["task"] is not None and tasks.task_module_name(ex["task"]) != tasks.task_module_name(args.task):
@@ -624,7 +625,7 @@ def main(argv=None):
         effects.append({"id": ex["id"], "file": ex["file"], "line": ex["line"], **r})
 
     # ---- outputs (rank 0)
-    if common.file_stamps([p for p in args.sft_data if os.path.isfile(p)]) != sft_stamps:  # (every rank checks)
+    if common.file_stamps(sft_files) != sft_stamps:  # (every rank checks)
         raise UserError(f"{', '.join(args.sft_data)}: changed while this run read them (a stage writing them again?): "
                         f"the effects name samples by file and line, and --select copies records from them; run "
                         f"again once they are written")
