@@ -441,7 +441,7 @@ FORM_COMMANDS = frozenset(("\\", "text", "textbf", "textit", "textrm", "textsf",
 TYPED_ESCAPES = "ntr"
 # an arrow maps the names before it to the role after it ("Emma -> knight"); between two claims it is "if", content
 ARROW_COMMANDS = frozenset(("to", "rightarrow", "longrightarrow", "implies", "mapsto", "longmapsto"))
-ARROW = re.compile(r"-+>|=+>|[→⇒⟶⟹↦⟼]")
+ARROW = re.compile(r"(?<!-)-+>|(?<!=)=+>|[→⇒⟶⟹↦⟼]")  # (a run tried from its start only: linear on "-----")
 ARROW_WORD = "\x00"  # what an arrow becomes: a word of its own, which no name or role can be
 # symbols that turn a claim around, or join claims by "or" or "if and only if" (checked on the NFKC form, which
 # folds full-width and other look-alikes): punctuation is form, these are content

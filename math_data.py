@@ -323,6 +323,11 @@ _UNIT_TEXT = re.compile(r"(?<=[0-9}])\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z 
 def normalize_answer(s: str) -> str:
     """A canonical string for the fast exact-match path; conservative: it only merges forms that are equal."""
     s = _clean_answer(s)
+    # thousands separators, judged on the answer as written ("10,\\! 080", "2{,}016", "58,500"), before spaces and
+    # degree signs go: "2, 100" and "45^\\circ, 135^\\circ" are lists, never 2100 or 45135
+    number = re.sub(r",\s*\\!\s*|\{,\}", ",", s).replace("\\$", "").strip()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", number):
+        s = number.replace(",", "")
     s = s.replace("\\!", "").replace("{,}", ",").replace("\\$", "")
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s).replace("\\displaystyle", "")  # not \leftarrow
     s = re.sub(r"\\[,;: ]", " ", s)
@@ -332,8 +337,6 @@ def normalize_answer(s: str) -> str:
     s = _UNIT_TEXT.sub("", s.strip())
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\s+", "", s)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators
-        s = s.replace(",", "")
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{a}2
     s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)  # \sqrt2

@@ -291,6 +291,8 @@ def test_scorer_names_are_whole_words_and_role_words_come_from_the_record():
     "\\boxed{" + "\\text" * 20_000 + "}",
     "\\" * 100_000,
     "\\boxed{" + "(" * 50_000 + ")" * 50_000 + "}",
+    "\\boxed{" + "-" * 9_990 + "}",  # arrow-like runs with no ">" (each tried from its start only)
+    "\\boxed{" + "=" * 9_990 + "}",
     ("\\boxed{\\text{" + "Emma is a knight, " * 3) * 1500,
     "\\boxed{" + RIGHT + "}" + "\\boxed{" + "x{" * 40_000,
 ])

@@ -59,6 +59,8 @@ EQUAL = [
     ("1000", "1{,}000"),
     ("1000000", "1,000,000"),
     ("10,\\!000", "10000"),
+    ("10,\\! 080", "10080"),
+    ("45^\\circ, 135^\\circ", "45, 135"),
     ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
     ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
     ("\\begin{pmatrix} 1/2 \\\\ 0 \\end{pmatrix}", "\\begin{pmatrix} 0.5 \\\\ 0 \\end{pmatrix}"),
@@ -94,6 +96,8 @@ UNEQUAL = [
     ("10", "100"),
     ("1,000", "100"),
     ("12", "1,2"),
+    ("45^\\circ, 135^\\circ", "45135"),  # a list of angles, not a number with a thousands separator
+    ("2, 100", "2100"),
     ("\\sqrt{2}", "2"),
     ("\\sqrt{2}", "1.414"),
     ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{2}}{2}"),
