@@ -172,7 +172,7 @@ def read_done(summary_path, samples_path, settings, records, task):
                    f"rewards re-scored")
             common.write_jsonl(samples_path, samples)
         summary.update(summarize(samples, records, task.DIFFICULTY, settings["pass_k_asked"]))
-        summary["settings"] = settings
+        summary["settings"], summary["difficulty_key"] = settings, task.DIFFICULTY
         common.write_json(summary_path, summary)
     return summary
 
@@ -269,7 +269,8 @@ def main(argv=None):
                                                   pass_k=args.pass_k, desc=f"{name}/{split_name}",
                                                   progress=args.progress)
             seconds = time.time() - t0
-            summary = {"checkpoint": name, "split": split_name, "settings": settings, **metrics}
+            summary = {"checkpoint": name, "split": split_name, "settings": settings,
+                       "difficulty_key": task.DIFFICULTY, **metrics}  # (report.py's heading: it imports no task)
             if rank == 0:
                 pair_dir = os.path.join(args.out_dir, name, split_name)
                 if os.path.exists(os.path.join(pair_dir, "summary.json")):  # an old summary must not mark new samples

@@ -127,9 +127,15 @@ def rl_rollouts(run_dir, up_to_step=None):
 
 
 def difficulty_key(summary):
-    """The task's difficulty key ("people" for K&K, "level" for MATH), from the task eval.py recorded."""
-    task = summary.get("settings", {}).get("task")
-    return (tasks.get_task(task).DIFFICULTY or "difficulty") if task else "difficulty"
+    """The task's difficulty key ("people" for K&K, "level" for MATH), as eval.py recorded it. A summary from before
+    it was recorded names its task: a shipped one's key is known; no module a file names is imported (data is
+    data), so a fork's task's heading is then "difficulty"."""
+    if "difficulty_key" in summary:
+        key = summary["difficulty_key"]
+    else:
+        task = summary.get("settings", {}).get("task")
+        key = tasks.get_task(task).DIFFICULTY if task in tasks.TASKS else None
+    return key if isinstance(key, str) and key else "difficulty"
 
 
 def difficulty_order_of_text(text):

@@ -91,6 +91,21 @@ def test_math_runs_are_labelled_by_level(run_dir):
     assert "per level" in text and "| checkpoint | level 2 | level 3 | overall |" in text and "people" not in text
 
 
+def test_the_heading_is_the_key_eval_recorded_and_no_module_a_summary_names_is_imported(run_dir, monkeypatch):
+    imported = []
+    monkeypatch.setattr(report.tasks, "get_task", lambda name: imported.append(name))
+    for path in [*run_dir.glob("eval/*/test/summary.json"), *run_dir.glob("eval_se/*/test/summary.json")]:
+        common.write_json(path, {**summary(0.1, 0.2, 0.15, task="this"), "difficulty_key": "rooms"})  # a fork's task
+    (run_dir / "base_probe.json").unlink()
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    assert "| checkpoint | rooms 2 | rooms 3 | overall |" in (run_dir / "results.md").read_text()
+    for path in run_dir.glob("eval*/*/test/summary.json"):  # an earlier eval's summary: the task's name alone
+        common.write_json(path, summary(0.1, 0.2, 0.15, task="this"))
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    assert "| checkpoint | difficulty 2 | difficulty 3 | overall |" in (run_dir / "results.md").read_text()
+    assert imported == []
+
+
 def test_a_run_without_evaluations_is_a_clear_error(tmp_path):
     with pytest.raises(common.UserError, match="no evaluation summaries yet"):
         report.main(["--out_dir", str(tmp_path), "--plots", "false"])
