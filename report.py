@@ -356,7 +356,8 @@ def seed_tables(out_dir, difficulty, seeds=0):
 PLOTS = ("rl_curve.png", "accuracy_by_difficulty.png")
 
 
-def plots(out_dir, metrics, summaries, temperature, difficulty):
+def plots(out_dir, metrics, summaries, temperature, difficulty, title=""):
+    """The RL curve and the accuracy per level; title: what they are of ("seed 1" in a study of several seeds)."""
     plt = common.pyplot()
     if plt is None:
         return []
@@ -366,8 +367,11 @@ def plots(out_dir, metrics, summaries, temperature, difficulty):
         train = [m for m in metrics if "reward" in m]
         val = [m for m in metrics if "val/acc" in m]
         ax.plot([m["step"] for m in train], [m["reward"] for m in train], label=f"rollout reward (T={temperature})")
-        ax.plot([m["step"] for m in val], [m["val/acc"] for m in val], "o-", label="validation accuracy (greedy)")
-        ax.set_xlabel("RL step"), ax.set_ylabel("accuracy"), ax.set_ylim(0, 1), ax.legend(), ax.grid(alpha=0.3)
+        # (train_rl validates on its --test_data: in reproduce.sh the test split the table is of)
+        ax.plot([m["step"] for m in val], [m["val/acc"] for m in val], "o-", label="test-split accuracy (greedy)")
+        ax.set_xlabel("RL step"), ax.set_ylabel("accuracy"), ax.set_ylim(-0.02, 1.02), ax.legend(), ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # (steps, not 0.5 steps)
+        ax.set_title(title)
         fig.tight_layout()
         written.append(os.path.join(out_dir, PLOTS[0]))
         fig.savefig(written[-1], dpi=120)
@@ -375,18 +379,23 @@ def plots(out_dir, metrics, summaries, temperature, difficulty):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         levels = sorted({lv for s in summaries.values() for lv in s["by_difficulty"]}, key=difficulty_order_of_text)
         width = 0.8 / len(summaries)
-        for i, (name, s) in enumerate(summaries.items()):  # (a level a summary lacks: no bar)
-            ax.bar([j + i * width for j in range(len(levels))],
-                   [s["by_difficulty"].get(lv, {}).get("accuracy", float("nan")) for lv in levels], width, label=name)
+        for i, (name, s) in enumerate(summaries.items()):  # a model keeps its colour whichever others were evaluated
+            heights = [s["by_difficulty"].get(lv, {}).get("accuracy", float("nan")) for lv in levels]
+            ax.bar([j + i * width for j in range(len(levels))], heights, width, label=name,
+                   color=f"C{MODELS.index(name) if name in MODELS else len(MODELS) + i}")
+            for j, height in enumerate(heights):  # a level a summary lacks: no bar, said (a 0.0 is no bar either)
+                if height != height:
+                    ax.text(j + i * width, 0.01, "n/a", ha="center", va="bottom", rotation=90, fontsize=6)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], [f"{difficulty} {lv}" for lv in levels])
         ax.set_ylabel("test accuracy (greedy)"), ax.set_ylim(0, 1), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
+        ax.set_title(title)
         fig.tight_layout()
         written.append(os.path.join(out_dir, PLOTS[1]))
         fig.savefig(written[-1], dpi=120)
     return written
 
 
-def wall_time_lines(times):
+def wall_time_lines(times, of=""):
     stage_rows = [{"stage": st, "wall s": sec, "devices": dev, "kind": k, "attempts": n}
                   for st, (sec, dev, k, n, _) in times.items()]
     if not stage_rows:
@@ -394,7 +403,7 @@ def wall_time_lines(times):
     total = sum(r["wall s"] for r in stage_rows)
     stage_rows.append({"stage": "all", "wall s": total, "devices": "", "kind": f"{total / 60:.1f} min",
                        "attempts": sum(r["attempts"] for r in stage_rows)})
-    return ["", "### Wall time per stage", "", markdown_table(stage_rows)]
+    return ["", f"### Wall time per stage{f' ({of})' if of else ''}", "", markdown_table(stage_rows)]
 
 
 def write_results(out, lines):
@@ -425,6 +434,10 @@ def main(argv=None):
         return
     kind = next(iter(times.values()))[2] if times else "device"
     difficulty = difficulty_key(next(iter(summaries.values())))
+    # with several seeds, what is above the seeds' tables is seed 1's (OUT_DIR itself), and says so
+    seed_one = "seed 1" if args.seeds > 1 or len(seed_runs(out, args.seeds)) > 1 else ""
+    seed_lines = seed_tables(out, difficulty, args.seeds)
+    mean_below = " (the mean over seeds is below)" if any(line.startswith("### Over") for line in seed_lines) else ""
 
     rows = []
     for name, s in summaries.items():
@@ -435,7 +448,8 @@ def main(argv=None):
         row[f"total {kind}-h"] = round(device_hours(times, OWN[name] + UPSTREAM[name]), 3)
         rows.append(row)
     lines = [f"## Results{' (' + args.preset + ')' if args.preset else ''}: "
-             f"test accuracy (greedy, pass@1) per {difficulty}",
+             f"test accuracy (greedy, pass@1) per {difficulty}"
+             f"{', ' + seed_one + mean_below if seed_one else ''}",
              "", markdown_table(rows)]
     lines.append(f"SFT samples: the set the model was fine-tuned on (RL: its cold start's). RL rollouts: every one "
                  f"generated, prompts x group x prompt batches (one a step; more with dynamic sampling). {kind}-h: "
@@ -448,7 +462,8 @@ def main(argv=None):
                      f"{device_hours(times, ['base_text', 'base']):.3f} {kind}-h.")
     if "sft" in summaries and "rl" in summaries:
         gain = summaries["rl"]["overall"]["accuracy"] - summaries["sft"]["overall"]["accuracy"]
-        lines.append(f"GRPO gain over its start (rl - sft, overall): {100 * gain:+.1f} points.")
+        lines.append(f"GRPO gain over its start (rl - sft, overall{', ' + seed_one if seed_one else ''}): "
+                     f"{100 * gain:+.1f} points.")
     probe_path = os.path.join(out, "base_probe.json")
     if os.path.exists(probe_path):  # tiny only: what the base knew before any chat-format SFT
         probe = read_probe(probe_path)
@@ -492,14 +507,15 @@ def main(argv=None):
                   "(pooled over the sets)",
                   "", markdown_table(select_rows, digits=4)]
 
-    write_results(out, lines + seed_tables(out, difficulty, args.seeds) + limr + wall_time_lines(times))
+    write_results(out, lines + seed_lines + limr
+                  + wall_time_lines(times, seed_one and "seed 1's study, and LIMR if run; every seed's study: above"))
     for name in PLOTS:  # an earlier report's plots: redrawn below, or gone (they would not match this table)
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     if args.plots:
         for path in plots(out, [m for m in metrics if m.get("step") is not None
                                 and (rl_step is None or m["step"] <= rl_step)], summaries,
-                          rl_settings.get("temperature"), difficulty):
+                          rl_settings.get("temperature"), difficulty, seed_one):
             print(f"wrote {path}")
 
 

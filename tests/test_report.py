@@ -68,6 +68,7 @@ def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
     assert "| se_bottom |" in text and "| 1 | -0.2000 | sft_teacher.jsonl 1 |" in text
     assert "| rl | 360 | 1 | cpu | 2 |" in text and "| data | 2 | 1 | cpu | 1 |" in text
     assert "| all | 605 |  | 10.1 min | 10 |" in text
+    assert "### Wall time per stage\n" in text and "seed 1" not in text  # one seed: nothing is "seed 1"
 
 
 def test_rl_rollouts_count_every_prompt_batch_dynamic_sampling_drew(run_dir):
@@ -198,6 +199,11 @@ def test_seeds_table_mean_std_and_every_seeds_row(run_dir):
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
     text = (run_dir / "results.md").read_text()
     assert f"### Over 2 seeds (seed 1: {run_dir}; seed S: {run_dir}/seed_S)" in text
+    # what is above the seeds' tables is seed 1's, and says so
+    assert text.startswith("## Results: test accuracy (greedy, pass@1) per people, seed 1 (the mean over seeds is "
+                           "below)\n")
+    assert "GRPO gain over its start (rl - sft, overall, seed 1): +17.5 points." in text
+    assert "### Wall time per stage (seed 1's study, and LIMR if run; every seed's study: above)" in text
     # overall: sft 0.25, 0.30 -> 0.275 ± 0.035; rl 0.425, 0.40 -> 0.4125 ± 0.018; base only in seed 1 (std 0)
     assert "| sft | 2 | 0.350 ± 0.071 | 0.250 ± 0.071 | 0.275 ± 0.035 | 0.000 ± 0.000 |" in text
     assert "| rl | 2 | 0.450 ± 0.071 | 0.400 ± 0.000 | 0.412 ± 0.018 |" in text
@@ -418,5 +424,10 @@ def test_plots_show_every_level_and_the_rl_curve_up_to_the_evaluated_step(run_di
     (_, curve), (_, bars) = figures
     assert curve.plot.call_args_list[0].args[:2] == ([1, 2], [0.1, 0.2])  # steps 1-2 of metrics.jsonl's 1-3
     assert bars.set_xticks.call_args.args[1] == ["people 2", "people 3"]
+    # each model keeps its colour whichever others were evaluated (no redistill_B here); a missing level is said
+    colours = {c.kwargs["label"]: c.kwargs["color"] for c in bars.bar.call_args_list}
+    assert colours == {"base": "C0", "sft": "C1", "rl": "C2", "redistill_A": "C3"}
+    assert [c.args[2] for c in bars.text.call_args_list] == ["n/a"] and bars.text.call_args.args[0] == 1  # base's 3
+    assert curve.set_title.call_args.args == ("",) and bars.set_title.call_args.args == ("",)  # one seed
     heights = {c.kwargs["label"]: c.args[1] for c in bars.bar.call_args_list}
     assert heights["base"][0] == 0.0 and math.isnan(heights["base"][1]) and heights["rl"] == [0.5, 0.4]
