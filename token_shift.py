@@ -419,12 +419,28 @@ def cross_run(primary, intervention, tokenizer, task, records, numbers, args, sw
     return stats, samples
 
 
-def plot_cross(out_dir, path):
+def same_pair(a, b):
+    """Two cross-sampling results of one model pair and one setting (either direction)."""
+    def models(c):
+        return sorted(os.path.realpath(str(c.get(k))) for k in ("primary", "intervention"))
+    return models(a) == models(b) and a.get("settings") == b.get("settings")
+
+
+def plot_cross(out_dir, path, current):
+    """Both directions' curves in one figure: the one just written (current) and the other direction's, if that
+    is of the same model pair and setting (an earlier run's of another policy is left out, and said)."""
     plt = common.pyplot()
     curves = []
     for direction in ("forward", "backward"):
-        if os.path.isfile(os.path.join(out_dir, f"cross_{direction}.json")):
-            curves.append(common.read_json(os.path.join(out_dir, f"cross_{direction}.json"), "a cross-sampling curve"))
+        if direction == current["direction"]:
+            curves.append(current)
+        elif os.path.isfile(os.path.join(out_dir, f"cross_{direction}.json")):
+            other = common.read_json(os.path.join(out_dir, f"cross_{direction}.json"), "a cross-sampling curve")
+            if same_pair(other, current):
+                curves.append(other)
+            else:
+                print0(f"note: {os.path.join(out_dir, f'cross_{direction}.json')} is of another model pair or "
+                       f"setting ({other.get('primary')} and {other.get('intervention')}); left out of the figure")
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
     for ax, c in zip(axes[0], curves):
         # eps < 0 is the intervention model alone (100 % switched): a line, so the curve's low budgets stay readable
@@ -502,7 +518,7 @@ def cross_sample(args, tokenizer, device, dtype):
     common.write_jsonl(os.path.join(args.out_dir, f"cross_{args.cross}_samples.jsonl"), samples)
     common.write_json(os.path.join(args.out_dir, f"cross_{args.cross}.json"), result)
     if plots_available(args):
-        plot_cross(args.out_dir, os.path.join(args.out_dir, "cross_sampling.png"))
+        plot_cross(args.out_dir, os.path.join(args.out_dir, "cross_sampling.png"), result)
     print0(f"wrote {os.path.join(args.out_dir, f'cross_{args.cross}.json')}")
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -226,6 +227,22 @@ def test_sample_responses_of_no_records_is_empty(pair):
     """A rank whose share of the records is empty (fewer records than ranks) samples nothing, without failing."""
     model, tok = load_model(pair["base"]), load_tokenizer(pair["base"])
     assert engine.sample_responses(model, tok, toy_task, [], n=3, temperature=1.0, progress=False) == []
+
+
+def test_the_figure_joins_the_other_direction_only_when_it_is_of_the_same_pair(pair, tmp_path, monkeypatch, capsys):
+    from unittest import mock
+    plt = mock.MagicMock()
+    plt.subplots.side_effect = lambda rows, cols, **kw: (mock.MagicMock(), [[mock.MagicMock() for _ in range(cols)]])
+    monkeypatch.setattr(common, "pyplot", lambda: plt)
+    token_shift.main(cross_args(pair, tmp_path, "forward", "inf", plots=True))
+    token_shift.main(cross_args(pair, tmp_path, "backward", "inf", plots=True))  # the same pair: both panels
+    assert [c.args[:2] for c in plt.subplots.call_args_list] == [(1, 1), (1, 2)]
+    other = shutil.copytree(pair["policy"], tmp_path / "another_policy")  # e.g. a later step of the RL run
+    token_shift.main(cross_args(pair, tmp_path, "backward", "inf", plots=True, policy=other))
+    assert plt.subplots.call_args.args[:2] == (1, 1)  # forward's curve is of the other policy: left out, and said
+    assert "cross_forward.json is of another model pair or setting" in capsys.readouterr().out
+    token_shift.main(cross_args(pair, tmp_path, "forward", "inf", plots=True, policy=other, seed=6))
+    assert plt.subplots.call_args.args[:2] == (1, 1)  # the same pair at another seed: another setting
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
