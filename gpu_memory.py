@@ -251,8 +251,8 @@ def memory_config(spec):
     return os.path.basename(os.path.dirname(os.path.abspath(spec))) or spec, ModelConfig.from_hf(hf, spec)
 
 
-def memory_settings(args, world=None, gen_batch_size=None):
-    world = world or args.world
+def memory_settings(args, gen_batch_size=None):
+    world = args.world
     per_rank = args.prompts_per_rank or -(-args.prompts_per_step // world)
     return dict(world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
                 gen_batch_size=gen_batch_size or args.gen_batch_size, prompt_tokens=args.prompt_tokens,

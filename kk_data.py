@@ -720,12 +720,12 @@ def parse_sizes(text, people, setting):
     return sizes
 
 
-def official_split_files(people, log=print):
+def official_split_files(people):
     """The official dataset: {test,train}/people{n}_num{N}.jsonl, test = stream indices 0..99, train after."""
     files = {}
     for n in people:
         train_size = 200 if n == 2 else 1000
-        records = generate(OFFICIAL_SEED, n, OFFICIAL_TEST_SIZE + train_size, log=log, label="official ")
+        records = generate(OFFICIAL_SEED, n, OFFICIAL_TEST_SIZE + train_size, log=print, label="official ")
         official = [{k: r[k] for k in OFFICIAL_FIELDS} for r in records]
         files[f"test/people{n}_num{OFFICIAL_TEST_SIZE}.jsonl"] = official[:OFFICIAL_TEST_SIZE]
         files[f"train/people{n}_num{train_size}.jsonl"] = official[OFFICIAL_TEST_SIZE:]

@@ -147,7 +147,7 @@ def example_logprobs(model, examples, temperature=1.0):
     return lp.split([len(e["input_ids"]) - e["start"] for e in examples])
 
 
-def accumulate_policy_gradient(model, items, temperature, micro_batch_tokens, autocast=nullcontext, scale=1.0):
+def accumulate_policy_gradient(model, items, temperature, micro_batch_tokens, scale=1.0):
     """Add scale * ∇ Σ_i w_i log π_T(y_i|x_i) to the parameters' .grad; items: {"input_ids", "start", "weight"}.
     Identical sequences are merged (weights summed; short answers repeat often), zero weights skipped, the rest
     packed into micro-batches of at most micro_batch_tokens. Every rank runs as many micro-batches (FSDP's
@@ -165,11 +165,9 @@ def accumulate_policy_gradient(model, items, temperature, micro_batch_tokens, au
     tokens = 0
     for batch in parallel.even_out(batches):
         if batch is None:  # this rank is done; join the others' collectives
-            with autocast():
-                idle_pass(model)
+            idle_pass(model)
             continue
-        with autocast():
-            lps = example_logprobs(model, batch, temperature)
+        lps = example_logprobs(model, batch, temperature)  # (compute dtype: FSDP's mixed precision, see shard_model)
         objective = sum(b["weight"] * lp.sum() for b, lp in zip(batch, lps)) * scale
         objective.backward()
         tokens += sum(len(b["input_ids"]) for b in batch)

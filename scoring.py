@@ -105,11 +105,10 @@ def read_summary(path):
     return summary
 
 
-def markdown_table(rows, columns=None, digits=3):
-    """A markdown table from rows (dicts column -> value); columns default to the union in first-seen order.
+def markdown_table(rows, digits=3):
+    """A markdown table from rows (dicts column -> value); its columns are their keys' union in first-seen order.
     Floats get `digits` decimals, missing cells a dash; the first column is left-aligned, the rest right."""
-    if columns is None:
-        columns = list(dict.fromkeys(c for r in rows for c in r))
+    columns = list(dict.fromkeys(c for r in rows for c in r))
 
     def cell(v):
         if v is None:

@@ -539,8 +539,6 @@ def main(argv=None):
         raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
     common.check_positive(args, "batch_size", "logit_chunk", "samples_per_prompt", "max_new_tokens")
     common.check_non_negative(args, "limit", "top_tokens")
-    if any(math.isnan(e) for e in args.eps):
-        raise UserError("--eps: nan is not a threshold")
     if len(set(args.eps)) < len(args.eps):  # (0 and -0 are one): a run twice would be the same decode
         raise UserError(f"--eps: a threshold given twice ({' '.join(f'{e:g}' for e in args.eps)})")
     from model import parse_dtype

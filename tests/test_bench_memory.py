@@ -1,5 +1,5 @@
 """bench.py --memory: the per-GPU memory table. The parameter count equals the model's own, the sharded state
-scales as 1/W, the KV-cache bytes equal what engine.KVCache allocates, the activation estimate is near the peak a
+scales as 1/W, the KV-cache bytes equal what engine.Slots allocates, the activation estimate is near the peak a
 checkpointed forward + backward reaches on CPU, and the CLI prints the table for a preset, a config.json path or
 its directory, and fails with one line on a bad path."""
 import ctypes
