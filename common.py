@@ -217,7 +217,13 @@ def run_main(main):
     group, beyond destroy_process_group (dist_cleanup), so gloo's worker threads are still alive while the
     interpreter finalizes; one that then drops a Python-owned tensor dies in a destructor ("terminate called
     without an active exception", SIGABRT): a finished run reported as failed, about once in a hundred 2-rank
-    runs. Every file is closed by then (writes are atomic or in `with` blocks; wandb is finished by the script)."""
+    runs. Every file is closed by then (writes are atomic or in `with` blocks; wandb is finished by the script).
+
+    Output a terminal cannot show (an ASCII or Latin-1 stdout: PYTHONIOENCODING, PYTHONUTF8=0 with such a locale)
+    is written as a backslash escape, never an error: printing "∇J" or "±" must not cost a result computed first."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = main()
         code = code if isinstance(code, int) else 0

@@ -10,6 +10,20 @@ import ckpt
 import common
 
 
+def test_output_a_terminal_cannot_show_is_escaped_not_an_error():
+    """sample_effect prints "∇J" after computing it and before saving it; report prints "±" tables: an ASCII stdout
+    (PYTHONIOENCODING, or PYTHONUTF8=0 under a Latin-1 locale) must not end the run there."""
+    import os
+    import subprocess
+    import sys
+    code = "import common; common.run_main(lambda: print('∇J ± –') or print('done'))"
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    here = os.path.dirname(ckpt.__file__)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, cwd=here)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"\\u2207J \\xb1 \\u2013\ndone\n"
+
+
 def test_settings_refuse_old_spellings_bare_booleans_and_prefixes():
     import argparse
     import common
