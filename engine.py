@@ -774,6 +774,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             type(fa2_splits) is int and 1 <= fa2_splits <= FA2_MAX_SPLITS))):
         raise ValueError(f"fa2_splits needs fa2_decode_attention and is 'auto' or 1..{FA2_MAX_SPLITS}, got "
                          f"{fa2_splits!r}")
+    if fa2_splits is not None and not fa2_op_takes("num_splits"):  # (torch 2.11's has none; said before prefill)
+        raise ValueError(f"fa2_splits needs a torch whose FA2 op takes num_splits; torch {torch.__version__}'s "
+                         "does not")
     state.fa2_splits = fa2_splits
     state.blocked_sampler = blocked_sampler and partner is None
     state.alive.zero_()

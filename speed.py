@@ -401,8 +401,12 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
             # FA2's decode attention against SDPA's, and FA2 with each row's keys in 4 parts against it whole
             # (these spans are short: "auto" would not split them)
             fa2 = {"fa2_decode_attention": True}
-            for key, (a, b) in {"fa2_vs_sdpa_decode_attention_bf16": ({"fa2_decode_attention": False}, fa2),
-                                "fa2_splits_vs_fa2_bf16": (fa2, dict(fa2, fa2_splits=4))}.items():
+            pairs = {"fa2_vs_sdpa_decode_attention_bf16": ({"fa2_decode_attention": False}, fa2),
+                     "fa2_splits_vs_fa2_bf16": (fa2, dict(fa2, fa2_splits=4))}
+            if not engine.fa2_op_takes("num_splits"):
+                out["fa2_splits_vs_fa2_bf16"] = {"skipped": SPLITS_MISSING}
+                del pairs["fa2_splits_vs_fa2_bf16"]
+            for key, (a, b) in pairs.items():
                 got = recorded(functools.partial(agreement, ours, a, b))
                 out[key] = got[0] if isinstance(got, tuple) else got  # (or its error)
         # logprob_gap: what the sampler recorded vs what the training forward computes for the same tokens; with
@@ -460,7 +464,8 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         others = {"blocked_sampler": dict(fused=True, fa2_decode_attention=None, blocked_sampler=True)}
         if device.type == "cuda":  # FA2 runs there only
             others = {"fa2": dict(fused=True, fa2_decode_attention=True),
-                      "fa2_splits": dict(fused=True, fa2_decode_attention=True, fa2_splits="auto"), **others}
+                      **({"fa2_splits": dict(fused=True, fa2_decode_attention=True, fa2_splits="auto")}
+                         if engine.fa2_op_takes("num_splits") else {}), **others}
 
         def run_twice(settings):
             run(**settings)
@@ -509,8 +514,9 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
     # FA2 cannot run, eager, graphs and the fused ops (the graphs run eagerly there)
     if device.type == "cuda":
         fa2 = dict(fused=True, fa2_decode_attention=True)
-        variants = {"graphs_fused_fa2": fa2, "graphs_fused_fa2_splits": dict(fa2, fa2_splits="auto"),
-                    "graphs_fused_fa2_blocked_sampler": dict(fa2, blocked_sampler=True)}
+        variants = {"graphs_fused_fa2": fa2, "graphs_fused_fa2_blocked_sampler": dict(fa2, blocked_sampler=True),
+                    **({"graphs_fused_fa2_splits": dict(fa2, fa2_splits="auto")}
+                       if engine.fa2_op_takes("num_splits") else {})}
     else:
         variants = {"eager": dict(graphs=False, fused=False, **sdpa), "graphs": dict(fused=False, **sdpa),
                     "graphs_fused": dict(fused=True, **sdpa)}
@@ -935,6 +941,8 @@ def suite_attention(base, tok, records, sizes, device, seed, tmp):
 # the decode step's attention A/B (issue 34): one layer's attention over the KV cache, one query per row
 
 
+# why the FA2 split variants are left out on a torch whose FA2 op has no num_splits (2.11, the lent GPUs' torch)
+SPLITS_MISSING = f"torch {torch.__version__}'s FA2 op takes no num_splits"
 DECODE_ATTENTION_VARIANTS = ("sdpa_mask", "written_out", "flash_seqused", "flash_seqused_token_major",
                              *(f"flash_seqused_splits_{n}" for n in (2, 4, 8, 16, "auto")))
 
@@ -1086,6 +1094,9 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
             r = {"variant": variant}
             if variant.startswith("flash") and not flash_ok:
                 entry["variants"].append(dict(r, skipped="CUDA sm80+ only"))
+                continue
+            if "_splits_" in variant and not engine.fa2_op_takes("num_splits"):
+                entry["variants"].append(dict(r, skipped=SPLITS_MISSING))
                 continue
             k, v = token_major if variant.endswith("token_major") else cache
 

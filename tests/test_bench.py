@@ -272,6 +272,26 @@ def test_decode_floor_takes_the_larger_floor_at_each_step():
             flops[0] / fl + bytes_[1] / bw)
 
 
+def test_split_variants_are_left_out_on_a_torch_whose_fa2_takes_no_num_splits(monkeypatch, tiny_checkpoint):
+    """torch 2.11 (the lent GPUs') has FA2 with seqused_k but no num_splits: the decode attention A/B measures the
+    unsplit FA2 calls and says why the split ones are missing, and generate refuses fa2_splits before any work."""
+    import torch
+    from model import load_model
+    from test_engine import fa2_stand_in
+    monkeypatch.setattr(engine, "flash_varlen_forward", fa2_stand_in)
+    monkeypatch.setattr(engine, "fa2_runs", lambda device, dtypes: True)
+    monkeypatch.setattr(engine, "fa2_op_takes", lambda argument: argument != "num_splits")
+    out = speed.suite_decode_attention(str(tiny_checkpoint), None, None, {"decode_attn": [(3, 16)]},
+                                       torch.device("cpu"), 0, None)
+    by = {v["variant"]: v for v in out["cases"][0]["variants"]}
+    assert {v for v in by if "skipped" in by[v]} == {v for v in by if "_splits_" in v} != set()
+    assert all(by[v]["skipped"] == speed.SPLITS_MISSING for v in by if "_splits_" in v)
+    assert by["flash_seqused"]["eager_us"] > 0 and by["flash_seqused"]["max_abs_diff_vs_sdpa_mask"] < 1e-5
+    model = load_model(str(tiny_checkpoint))
+    with pytest.raises(ValueError, match="takes num_splits"):
+        engine.generate(model, [[1, 2, 3]], n=1, max_new_tokens=2, fa2_decode_attention=True, fa2_splits=4)
+
+
 def test_decode_attention_variants_read_each_rows_own_columns(monkeypatch):
     """The decode attention A/B's variants compute the same attention on CPU (fp32): the written-out one, and the
     FA2 calls (split or not) through a stand-in that reads what FA2 would: sequence b's keys from token cu_k[b],
