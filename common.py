@@ -157,11 +157,23 @@ def check_optimizer(args):
     check_non_negative(args, "weight_decay", "grad_clip")
 
 
+# below it, logits / temperature overflow float32 (1e-39: inf, then NaN log-probs and the vocabulary's last id)
+MIN_TEMPERATURE = 1e-6
+
+
+def check_temperature(args):
+    """--temperature 0 (greedy) or at least MIN_TEMPERATURE."""
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        raise UserError(f"--temperature {args.temperature:g}: below {MIN_TEMPERATURE:g} logits / temperature overflow "
+                        "float32; use 0 for greedy decoding")
+
+
 def check_sampling(args):
     """--temperature >= 0 (0 = greedy), --top_p in (0, 1], and greedy with one sample per prompt: its n samples would
     be one response n times (eval.py, sample_policy.py)."""
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {args.temperature}, {args.top_p})")
+    check_temperature(args)
     if args.temperature == 0 and args.samples_per_prompt > 1:
         raise UserError(f"greedy decoding (--temperature 0) gives {args.samples_per_prompt} identical samples per "
                         "prompt; use --samples_per_prompt 1 or a temperature > 0")

@@ -28,7 +28,7 @@ from torch.nn.attention import sdpa_kernel
 from torch.utils._triton import has_triton
 from tqdm import tqdm
 
-from common import UserError, rank, stop_token_ids
+from common import MIN_TEMPERATURE, UserError, rank, stop_token_ids
 from model import (HALF, HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs, pack,
                    packed_positions, rms_norm, rope_cos_sin)
 from parallel import full_tensor, is_sharded, reshard
@@ -731,6 +731,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not temperature >= 0 or not 0 <= top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in [0, 1], got {temperature!r} and {top_p!r}")
+    if 0 < temperature < MIN_TEMPERATURE:  # (logits / temperature would overflow float32)
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
     if not prompts:
         return []
     stop_ids = sorted(set(stop_ids))

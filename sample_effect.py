@@ -458,6 +458,7 @@ def main(argv=None):
                         f"got {args.samples_per_prompt}")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 (J is the expected reward of sampling)")
+    common.check_temperature(args)
     if args.proj_dim < 0 or (args.proj_dim == 0 and not args.exact):
         raise UserError("give --proj_dim > 0, --exact true, or both")
     common.check_positive(args, "max_new_tokens", "gen_batch_size", "micro_batch_tokens", "max_length", "log_every")

@@ -537,6 +537,7 @@ def main(argv=None):
         raise UserError("give --responses FILE (the divergence along responses) or --cross forward|backward")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
+    common.check_temperature(args)
     common.check_positive(args, "batch_size", "logit_chunk", "samples_per_prompt", "max_new_tokens")
     common.check_non_negative(args, "limit", "top_tokens")
     if len(set(args.eps)) < len(args.eps):  # (0 and -0 are one): a run twice would be the same decode

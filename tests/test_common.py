@@ -236,6 +236,21 @@ def test_a_nan_setting_is_refused():
     assert common.parse_settings(lim_select.get_parser(), ["--threshold=-inf"]).threshold == float("-inf")
 
 
+def test_a_temperature_whose_logits_overflow_is_refused():
+    """logits / 1e-39 overflow float32: the engine drew the vocabulary's last id with NaN log-probs, silently."""
+    import eval as eval_script
+    import sample_effect
+    import token_shift
+    with pytest.raises(common.UserError, match=r"--temperature 1e-39: below 1e-06 .* use 0 for greedy"):
+        common.check_sampling(common.parse_settings(eval_script.get_parser(), ["--temperature", "1e-39"]))
+    required = {sample_effect: ["--checkpoint", "c", "--eval_data", "e", "--sft_data", "s"],
+                token_shift: ["--base", "b", "--policy", "p", "--responses", "r"]}
+    for script, argv in required.items():  # their own checks of > 0 come first
+        with pytest.raises(common.UserError, match=r"--temperature 1e-39: below 1e-06"):
+            script.main(["--temperature", "1e-39", *argv])
+    common.check_sampling(common.parse_settings(eval_script.get_parser(), ["--temperature", "1e-6"]))
+
+
 def test_a_lone_surrogate_is_refused_as_its_file_is_read(tmp_path):
     """JSON can escape a lone surrogate, which is no text (a tokenizer, a digest or a UTF-8 write fails on it later,
     with a traceback): reading refuses it, naming the file, line and field, however deep; an escaped pair that makes

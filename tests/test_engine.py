@@ -533,6 +533,9 @@ def test_error_prompt_longer_than_cache():
     for bad in (dict(temperature=-0.5), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=float("nan"))):
         with pytest.raises(ValueError, match="temperature must be >= 0 and top_p in"):
             generate(model, [[1, 2]], max_new_tokens=4, **bad)
+    with pytest.raises(ValueError, match="temperature must be 0 .greedy. or at least 1e-06"):  # (it drew the last
+        generate(model, [[1, 2]], max_new_tokens=4, temperature=1e-39)  # id with NaN log-probs: logits / T = inf)
+    generate(model, [[1, 2]], max_new_tokens=4, temperature=common.MIN_TEMPERATURE)
     with pytest.raises(ValueError, match="and no partner"):  # forcing the model's logits only: a switched row ran on
         generate(model, [[1, 2]], max_new_tokens=4, stop_ids=[3], forced_lengths=[2], partner=model,
                  switch=lambda *a: torch.ones(1, dtype=torch.bool))
