@@ -18,7 +18,9 @@
 #   the LIM subset and on a random one of its size (RAND) for equal steps -> evaluation of FULL, LIM and RAND; a preset
 #   that sets LIMR_ONLY=1 runs only this (from a base model: LIMR's own setting).
 # Every stage writes OUT/done/STAGE (its wall seconds and command) last and is skipped when that exists with the
-# same command (another command, e.g. a changed setting or seed, is an error naming both); a stage that was killed
+# same command (another command, e.g. a changed setting or seed, is an error naming both, and so is an older
+# version's marker without its command); an evaluation runs again (eval.py reuses its finished pairs, re-scoring
+# them if the task's scorer changed since), unlogged in times.tsv; a stage that was killed
 # is re-run with --resume (SFT, RL), or skips what it finished (eval; the sample effect: its samples), so re-running
 # this script after a crash continues where it stopped. OUT/times.tsv logs every attempt with its seconds:
 # finished, or stopped (a failure, Ctrl-C, a kill short of SIGKILL), so report.py's device hours count the time the
@@ -86,12 +88,25 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   local what="${cmd#"$LAUNCH "}"  # the command without its launcher: another number of GPUs may take over a run
   if [[ -f "$OUT/done/$name" ]]; then
     local was; was=$(tail -n +2 "$OUT/done/$name")  # line 1: seconds; then the command (none: an older marker)
-    if [[ -n "$was" && "$was" != "$what" ]]; then
+    if [[ -z "$was" ]]; then  # (a preset may have changed since: its outputs cannot be taken as this command's)
+      echo "error: stage $name in $OUT was marked done by an older reproduce.sh, which did not record its command:" >&2
+      echo "  now: $what" >&2
+      echo "  if its outputs are this command's, add it to the marker: printf '%s\\n' '$what' >> $OUT/done/$name" >&2
+      echo "  else delete OUT/done/$name and the markers of the stages after it to run them again" >&2
+      exit 1
+    fi
+    if [[ "$was" != "$what" ]]; then
       echo "error: stage $name in $OUT was done with another command, so its outputs are not these settings':" >&2
       echo "  was: $was" >&2
       echo "  now: $what" >&2
       echo "  use another OUT, or delete OUT/done/$name and the markers of the stages after it to run them again" >&2
       exit 1
+    fi
+    if [[ "$what" == "eval.py "* ]]; then  # an evaluation runs again: it reuses the pairs it finished, re-scoring
+      echo "== $name: done; eval.py checks its pairs (a task scorer changed since re-scores them)"  # (not timed)
+      echo "+ $cmd"
+      [[ "$DRY_RUN" == 1 ]] || eval "$cmd"
+      return 0
     fi
     echo "== $name: done (OUT/done/$name), skipped"
     return 0

@@ -429,15 +429,33 @@ def kk_dry_run(out, gpus):
                          env={"GPUS": str(gpus), "MODEL_DIR": str(out.parent / "base"), "OUT": str(out)})
 
 
-def test_an_older_done_marker_without_its_command_is_done(tmp_path):
-    """A marker written before markers held the command (seconds alone) says the stage is done: it is skipped, not
-    stopped as done "with another command" (there is none to compare)."""
+def test_an_older_done_marker_without_its_command_is_not_taken_as_this_command(tmp_path):
+    """A marker written before markers held the command (seconds alone) cannot say its outputs are this command's
+    (a preset's RL steps changed since, say): the run stops, printing the line that accepts it."""
     out = tmp_path / "out"
     (out / "done").mkdir(parents=True)
-    (out / "done" / "sft").write_text("12\n")
+    (out / "done" / "data").write_text("12\n")
+    proc = kk_dry_run(out, 8)
+    assert proc.returncode == 1 and "stage data in " + str(out) + " was marked done by an older" in proc.stderr
+    accept = next(line for line in proc.stderr.splitlines() if "add it to the marker: " in line)
+    subprocess.run(accept.split("add it to the marker: ", 1)[1], shell=True, check=True)  # what the user runs
     proc = kk_dry_run(out, 8)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "== sft: done (OUT/done/sft), skipped" in proc.stdout and "was done with another command" not in proc.stderr
+    assert "== data: done (OUT/done/data), skipped" in proc.stdout
+
+
+def test_a_finished_evaluation_runs_again_to_re_score_with_todays_scorer(tmp_path):
+    """eval.py re-scores its finished pairs when the task's scorer changed (a git pull mid-study): a done eval stage
+    runs again (it reuses its pairs), where a skip left the table on the old scorer's rewards."""
+    out = tmp_path / "out"
+    command = stage_lines(kk_dry_run(out, 8).stdout)["eval"]
+    (out / "done").mkdir(parents=True)
+    (out / "done" / "eval").write_text(f"60\n{command[command.index('eval.py'):]}\n")
+    proc = kk_dry_run(out, 8)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== eval: done; eval.py checks its pairs" in proc.stdout
+    assert stage_lines(proc.stdout)["eval"].startswith("== eval: done")
+    assert "+ " + command in proc.stdout
 
 
 def test_a_stage_done_on_8_gpus_is_done_on_4(tmp_path):
