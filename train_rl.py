@@ -56,6 +56,9 @@ RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std
                  "entropy_coef", "adv_weight", "rollout_is", "rollout_is_cap", "dwa_s", "dwa_alpha",
                  "drop_zero_variance_groups", "mask_truncated", "grad_clip", "adam_8bit",
                  "model")  # --model: the tokenizer and, without --ref_model, the KL reference
+# what the runs of versions before a setting existed did, where its default now differs (TIS came on 2026-12-02,
+# on by default): a resume of such a run compares this, not today's default
+EARLIER_OBJECTIVE = {"rollout_is": "off"}
 # (--dtype: the identity holds the dtype it resolved to, and the device with a CPU's thread count:
 # parallel.compute_identity)
 # (AdamW's betas and weight decay: ckpt.load_local_train_state checks them against the optimizer state)
@@ -585,6 +588,8 @@ def main(argv=None):
         ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity,
                                 recorded_since=("train_data_digest", "compute_dtype", "compute_device"))
         saved = {k: v for k, v in state.get("settings", {}).items() if k in RUN_OBJECTIVE}
+        if saved:  # (a run that saved its settings, but not one that came later)
+            saved = {**{k: v for k, v in EARLIER_OBJECTIVE.items() if k not in saved}, **saved}
         if "compute_dtype" not in state.get("identity", {}):  # an earlier version's run: its --dtype text, as it was
             saved |= {k: v for k, v in state.get("settings", {}).items() if k == "dtype"}
         ckpt.check_run_identity(args.out_dir, saved, {k: getattr(args, k) for k in saved})

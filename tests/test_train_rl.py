@@ -370,6 +370,12 @@ def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
     with pytest.raises(common.UserError, match=r"different settings than the run's: dtype: was 'auto', now 'bfloat16'"):
         train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True,
                               dtype="bfloat16"))
+    # a run of the version before TIS (--rollout_is, on by default since): it ran without, so a resume must too
+    torch.save({**state, "settings": {k: v for k, v in state["settings"].items()
+                                      if k not in ("rollout_is", "rollout_is_cap")}}, path)
+    with pytest.raises(common.UserError, match=r"different settings than the run's: rollout_is: was 'off', now "
+                                               r"'token'$"):
+        train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=2, keep_steps=1, resume=True))
     torch.save(state, path)
     state = torch.load(ckpt.checkpoint_dir(str(out), 4) + ".state.pt", weights_only=True)
     torch.save({**state, "step": 7}, ckpt.checkpoint_dir(str(out), 7) + ".state.pt")  # no weights, no shard
