@@ -354,6 +354,9 @@ def main(argv=None):
         step, resume_dir, state, train_shard = resume_from
         ckpt.check_run_identity(args.out_dir, state["identity"], identity,
                                 recorded_since=("data_digest", "adam_8bit", "compute_dtype", "compute_device"))
+        if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it)
+            ckpt.prune_checkpoints(args.out_dir, step, args.keep_last if step < total_steps else 1,
+                                   range(0, total_steps + 1, steps_per_epoch))
         if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); "
                    f"final weights in {final_dir}; nothing to do")

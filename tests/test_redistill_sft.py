@@ -21,7 +21,7 @@ import toy_task
 from common import UserError
 from model import build_model, load_model, save_model, tiny_config
 from tasks import load_tokenizer
-from conftest import ROOT, assert_train_shards, free_port, subprocess_env
+from conftest import ROOT, assert_train_shards, end_of_process_locks, free_port, subprocess_env
 import padded
 
 
@@ -261,6 +261,29 @@ def run_args(init, data, out, *extra):
 
 
 @pytest.mark.slow
+def test_a_stop_inside_the_last_saves_prune_is_finished_by_the_resume(tiny_checkpoint, tmp_path, monkeypatch):
+    """Older checkpoints go in the prune after each save; a stop (Ctrl-C) inside the last one left them for good, as
+    the resume had no step left to save (at 1.5B ~18.5 GB each)."""
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 10 steps
+    out, remove = str(tmp_path / "out"), ckpt.remove_checkpoint
+
+    def stopped_in_the_last_prune(run_dir, step, weights=True):
+        if os.path.exists(ckpt.checkpoint_dir(run_dir, 10) + ".state.pt"):
+            raise KeyboardInterrupt
+        remove(run_dir, step, weights)
+    monkeypatch.setattr(ckpt, "remove_checkpoint", stopped_in_the_last_prune)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(run_args(tiny_checkpoint, data, out, "--save_every", "1"))
+    monkeypatch.undo()
+    end_of_process_locks()
+    assert ckpt.checkpoint_steps(out) == [8, 9, 10]
+    sft.main(run_args(tiny_checkpoint, data, out, "--save_every", "1", "--resume", "true"))
+    assert ckpt.checkpoint_steps(out) == [10] and os.path.isfile(os.path.join(out, "final", "config.json"))
+    assert sorted(f for f in os.listdir(out) if f.startswith("step_") and "." not in f) == [
+        "step_000005", "step_000010"]  # the weights of the epoch ends
+
+
 def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsys):
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch, 10 in all

@@ -14,7 +14,7 @@ import ckpt
 import engine
 import toy_task
 import train_rl
-from conftest import ROOT, assert_train_shards, free_port, subprocess_env
+from conftest import ROOT, assert_train_shards, end_of_process_locks, free_port, subprocess_env
 from model import load_model, pack, save_model
 from tasks import load_tokenizer
 import padded
@@ -334,6 +334,26 @@ def test_variants_run_bf16_master_and_kl(toy, tmp_path, capsys):
     assert all(v.dtype == torch.bfloat16 for v in w.values())  # the weights in the training dtype ...
     shard = torch.load(ckpt.train_shard_path(str(out), 1, 0), weights_only=True)
     assert all(v.dtype == torch.float32 for v in shard["weights"].values())  # ... the fp32 master to resume from
+
+
+@pytest.mark.slow
+def test_a_stop_inside_the_last_saves_prune_is_finished_by_the_resume(toy, tmp_path, monkeypatch):
+    """A stop (Ctrl-C) inside the prune after the last save left the older checkpoints for good: the resume had no
+    step left to save, so nothing pruned them."""
+    out, remove = tmp_path / "out", ckpt.remove_checkpoint
+
+    def stopped_in_the_last_prune(run_dir, step, weights=True):
+        if os.path.exists(ckpt.checkpoint_dir(run_dir, 4) + ".state.pt"):
+            raise KeyboardInterrupt
+        remove(run_dir, step, weights)
+    monkeypatch.setattr(ckpt, "remove_checkpoint", stopped_in_the_last_prune)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl.main(rl_args(toy, out, save_every=1, keep_last=1))
+    monkeypatch.undo()
+    end_of_process_locks()
+    assert ckpt.checkpoint_steps(str(out)) == [3, 4]
+    assert train_rl.main(rl_args(toy, out, save_every=1, keep_last=1, resume=True)) == 0
+    assert ckpt.checkpoint_steps(str(out)) == [4] and not os.path.isdir(ckpt.checkpoint_dir(str(out), 3))
 
 
 @pytest.mark.slow
