@@ -326,8 +326,10 @@ def normalize_answer(s: str) -> str:
     # thousands separators, judged on the answer as written ("10,\\! 080", "2{,}016", "58,500"), before spaces and
     # degree signs go: "2, 100" and "45^\\circ, 135^\\circ" are lists, never 2100 or 45135
     number = re.sub(r",\s*\\!\s*|\{,\}", ",", s).replace("\\$", "").strip()
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", number):
-        s = number.replace(",", "")
+    m = re.fullmatch(r"(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?)(\s*(?:\^\s*\{?\s*\\circ\s*\}?|\\degree|\\?%"
+                     r"|\\(?:text|mbox|mathrm)\{[^{}]*\}))?", number)  # (a degree, percent or unit may follow)
+    if m:
+        s = m.group(1).replace(",", "") + (m.group(2) or "")
     s = s.replace("\\!", "").replace("{,}", ",").replace("\\$", "")
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s).replace("\\displaystyle", "")  # not \leftarrow
     s = re.sub(r"\\[,;: ]", " ", s)

@@ -61,6 +61,9 @@ EQUAL = [
     ("10,\\!000", "10000"),
     ("10,\\! 080", "10080"),
     ("45^\\circ, 135^\\circ", "45, 135"),
+    ("1,\\!080^\\circ", "1080^\\circ"),  # a separator before a degree, percent or unit sign
+    ("2160", "2,160^{\\circ}"),
+    ("50000", "50,000\\%"),
     ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
     ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
     ("\\begin{pmatrix} 1/2 \\\\ 0 \\end{pmatrix}", "\\begin{pmatrix} 0.5 \\\\ 0 \\end{pmatrix}"),
