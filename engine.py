@@ -397,12 +397,17 @@ def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, num_split
                          f"{q.device.type}")
     splits = {}
     if num_splits is not None:
-        if not fa2_op_takes("num_splits"):
-            raise ValueError(f"fa2_splits needs a torch whose FA2 op takes num_splits; torch {torch.__version__}'s "
-                             "does not")
+        check_fa2_splits()
         splits = {"num_splits": num_splits}
     return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
                                                    seqused_k=seqused_k, **splits)[0]
+
+
+def check_fa2_splits():
+    """Splitting FA2's keys needs a torch whose FA2 op takes num_splits (2.13's does; 2.11's, the lent GPUs', not)."""
+    if not fa2_op_takes("num_splits"):
+        raise ValueError(f"fa2_splits needs a torch whose FA2 op takes num_splits; torch {torch.__version__}'s "
+                         "does not")
 
 
 @functools.cache
@@ -776,9 +781,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             type(fa2_splits) is int and 1 <= fa2_splits <= FA2_MAX_SPLITS))):
         raise ValueError(f"fa2_splits needs fa2_decode_attention and is 'auto' or 1..{FA2_MAX_SPLITS}, got "
                          f"{fa2_splits!r}")
-    if fa2_splits is not None and not fa2_op_takes("num_splits"):  # (torch 2.11's has none; said before prefill)
-        raise ValueError(f"fa2_splits needs a torch whose FA2 op takes num_splits; torch {torch.__version__}'s "
-                         "does not")
+    if fa2_splits is not None:  # (said before the prefill, not at the first decode step)
+        check_fa2_splits()
     state.fa2_splits = fa2_splits
     state.blocked_sampler = blocked_sampler and partner is None
     state.alive.zero_()

@@ -147,6 +147,21 @@ def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
 
 
 @pytest.mark.slow  # the micro_run fixture
+def test_a_finished_studys_evaluation_re_check_that_fails_leaves_its_results_and_the_study_goes_on(micro_run):
+    """A done eval stage runs again (to re-score with today's scorer); with a checkpoint deleted since (disk space),
+    eval.py fails: the earlier results stand, with a warning, and the report is still written."""
+    out, _ = micro_run
+    os.rename(f"{out}/sft/final", f"{out}/sft/final.aside")
+    try:
+        os.remove(f"{out}/results.md")
+        proc = run_reproduce("micro", env={"MICRO_OUT": out})
+        assert "warning: stage eval's re-check failed (above); its earlier results stand" in proc.stderr
+        assert "| sft |" in open(f"{out}/results.md").read()
+    finally:
+        os.rename(f"{out}/sft/final.aside", f"{out}/sft/final")
+
+
+@pytest.mark.slow  # the micro_run fixture
 def test_a_finished_stage_with_another_command_is_an_error_not_a_skip(micro_run):
     """Seed 2 into seed 1's OUT: every stage's command differs (its seeds), so the first one stops the run with both
     commands named, instead of passing off seed 1's outputs as seed 2's."""
