@@ -236,8 +236,7 @@ def resume_checkpoint(run_dir, resume):
     run_dir without resume are an error: a new run would mix its steps with an old one's. Rank 0 first takes the
     directory's lock (common.lock_run_dir; a fresh directory's at its first write, metrics_log), held until the run
     ends: two runs on one directory are refused before either removes or writes a file there."""
-    if os.path.isdir(run_dir):
-        lock_on_rank0(run_dir)
+    lock_on_rank0(run_dir, if_exists=True)  # every rank joins (rank 0 decides whether run_dir exists)
     steps = checkpoint_steps(run_dir)
     if steps and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest step {steps[-1]}); pass --resume true to "

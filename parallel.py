@@ -122,11 +122,13 @@ def all_gather_json(obj):
     return [json.loads(t[:n].cpu().numpy().tobytes().decode("utf-8")) for t, n in zip(out, sizes)]
 
 
-def lock_on_rank0(run_dir, name=".lock"):
+def lock_on_rank0(run_dir, name=".lock", if_exists=False):
     """Rank 0 takes the lock of run directory `run_dir` (common.lock_run_dir; `name`: the lock file there); refused,
-    every rank raises its error (not one rank, leaving the others in a collective). Every rank calls this."""
+    every rank raises its error (not one rank, leaving the others in a collective). Every rank calls this, always:
+    if_exists (lock only a directory that exists; none is made) is decided by rank 0 alone, as another rank's own
+    look could come after rank 0 made the directory, and that rank alone would then join this collective."""
     problem = None
-    if rank() == 0:
+    if rank() == 0 and (not if_exists or os.path.isdir(run_dir)):
         try:
             lock_run_dir(run_dir, name)
         except UserError as e:

@@ -79,6 +79,39 @@ def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
         assert not any(name in got["after"] for name in gloo), got["after"]  # ... and after cleanup they are gone
 
 
+FRESH_RUN_SCRIPT = '''
+import json, os, sys, time
+import ckpt
+import parallel
+
+rank, world, device = parallel.dist_setup()
+run_dir = os.path.join(sys.argv[1], "run")
+if rank == 1:
+    time.sleep(2)  # a slow rank: rank 0 has made run_dir (metrics_log's lock) by the time it looks
+ckpt.resume_checkpoint(run_dir, False)
+ckpt.metrics_log(run_dir, 0)
+after = parallel.all_gather_json(rank)  # the next collective must pair with the other rank's
+parallel.dist_cleanup()
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump(after, f)
+'''
+
+
+@pytest.mark.torchrun
+def test_a_fresh_run_dirs_lock_is_one_collective_on_every_rank_however_late_a_rank_looks(tmp_path):
+    """resume_checkpoint locked run_dir only where a rank saw it: a rank that looked after rank 0 had made it (a
+    fresh run, metrics_log) joined one collective more, and every later one paired with the other rank's previous
+    ("20096 vs 4" from gloo one run in five under torch 2.11; a hang or mixed tensors under NCCL)."""
+    script = tmp_path / "fresh_run.py"
+    script.write_text(FRESH_RUN_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(free_port()), str(script), str(tmp_path)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=60)  # (a hang: it fails)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [0, 1]
+
+
 FSDP_RANK_SCRIPT = THREADS + '''
 import atexit, json, os, sys
 import torch
