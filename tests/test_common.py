@@ -248,7 +248,8 @@ def test_a_temperature_whose_logits_overflow_is_refused():
     for script, argv in required.items():  # their own checks of > 0 come first
         with pytest.raises(common.UserError, match=r"--temperature 1e-39: below 1e-06"):
             script.main(["--temperature", "1e-39", *argv])
-    common.check_sampling(common.parse_settings(eval_script.get_parser(), ["--temperature", "1e-6"]))
+    for t in ("1e-6", "0"):  # the least temperature, and greedy
+        common.check_sampling(common.parse_settings(eval_script.get_parser(), ["--temperature", t]))
 
 
 def test_a_lone_surrogate_is_refused_as_its_file_is_read(tmp_path):

@@ -535,6 +535,8 @@ def test_error_prompt_longer_than_cache():
             generate(model, [[1, 2]], max_new_tokens=4, **bad)
     with pytest.raises(ValueError, match="temperature must be 0 .greedy. or at least 1e-06"):  # (it drew the last
         generate(model, [[1, 2]], max_new_tokens=4, temperature=1e-39)  # id with NaN log-probs: logits / T = inf)
+    with pytest.raises(ValueError, match="at least 1e-06"):
+        generate(model, [[1, 2]], max_new_tokens=4, temperature=common.MIN_TEMPERATURE / 2)
     generate(model, [[1, 2]], max_new_tokens=4, temperature=common.MIN_TEMPERATURE)
     with pytest.raises(ValueError, match="and no partner"):  # forcing the model's logits only: a switched row ran on
         generate(model, [[1, 2]], max_new_tokens=4, stop_ids=[3], forced_lengths=[2], partner=model,

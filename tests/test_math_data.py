@@ -142,6 +142,16 @@ def test_near_misses_score_zero(gold, pred):
     assert grade(pred, gold) == 0.0
 
 
+@pytest.mark.parametrize("answer,normal", [
+    ("10,\\! 080", "10080"), ("\\$1,000", "1000"), ("-1,000", "-1000"), ("1,000.5", "1000.5"), ("2{,}016", "2016"),
+    ("1,234,5", "1,234,5"), ("1234,567", "1234,567"),  # not groups of thousands: left as written
+    ("1,305^\\circ", "1305"), ("12,500\\%", "12500"),  # a sign after the number: its separators go too
+])
+def test_thousands_separators_are_dropped_from_numbers_only(answer, normal):
+    """The fast path's own rule (score falls back to math-verify, which hides a fast path that merges too little)."""
+    assert math_data.normalize_answer(answer) == normal
+
+
 def test_task_interface():
     task = tasks.get_task("math")
     assert task is math_data and task.DIFFICULTY == "level"

@@ -431,3 +431,28 @@ def test_plots_show_every_level_and_the_rl_curve_up_to_the_evaluated_step(run_di
     assert curve.set_title.call_args.args == ("",) and bars.set_title.call_args.args == ("",)  # one seed
     heights = {c.kwargs["label"]: c.args[1] for c in bars.bar.call_args_list}
     assert heights["base"][0] == 0.0 and math.isnan(heights["base"][1]) and heights["rl"] == [0.5, 0.4]
+
+
+def test_two_seeds_before_seed_2_is_evaluated_name_seed_1_and_each_model_keeps_its_colour(run_dir, monkeypatch):
+    from unittest import mock
+    plt, figures = mock.MagicMock(), []
+
+    def subplots(*args, **kwargs):
+        figures.append((mock.MagicMock(), mock.MagicMock()))
+        return figures[-1]
+    plt.subplots.side_effect = subplots
+    monkeypatch.setattr(common, "pyplot", lambda: plt)
+    os.remove(run_dir / "eval" / "base" / "test" / "summary.json")
+    rl = summary(0.5, 0.4, 0.425)
+    del rl["by_difficulty"]["3"]
+    common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
+    report.main(["--out_dir", str(run_dir), "--plots", "true", "--seeds", "2"])
+    text = (run_dir / "results.md").read_text()
+    assert text.splitlines()[0] == "## Results: test accuracy (greedy, pass@1) per people, seed 1"  # no mean yet
+    assert "Seed 2: not evaluated yet" in text and "### Wall time per stage (seed 1's study, and LIMR if run)\n" in text
+    (_, curve), (_, bars) = figures
+    assert curve.set_title.call_args.args == ("seed 1",) and bars.set_title.call_args.args == ("seed 1",)
+    colours = {c.kwargs["label"]: c.kwargs["color"] for c in bars.bar.call_args_list}
+    assert colours == {"sft": "C1", "rl": "C2", "redistill_A": "C3"}  # (base's C0 not taken by sft)
+    (mark,) = bars.text.call_args_list  # rl's level 3: model 2 of 3 (width 0.8 / 3), level 1
+    assert mark.args[2] == "n/a" and mark.args[0] == pytest.approx(1 + 1 * 0.8 / 3)

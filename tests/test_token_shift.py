@@ -235,7 +235,9 @@ def test_the_figure_joins_the_other_direction_only_when_it_is_of_the_same_pair(p
     plt.subplots.side_effect = lambda rows, cols, **kw: (mock.MagicMock(), [[mock.MagicMock() for _ in range(cols)]])
     monkeypatch.setattr(common, "pyplot", lambda: plt)
     token_shift.main(cross_args(pair, tmp_path, "forward", "inf", plots=True))
-    token_shift.main(cross_args(pair, tmp_path, "backward", "inf", plots=True))  # the same pair: both panels
+    link = tmp_path / "policy_link"  # the same model by another path
+    link.symlink_to(pair["policy"])
+    token_shift.main(cross_args(pair, tmp_path, "backward", "inf", plots=True, policy=link))  # the same pair
     assert [c.args[:2] for c in plt.subplots.call_args_list] == [(1, 1), (1, 2)]
     other = shutil.copytree(pair["policy"], tmp_path / "another_policy")  # e.g. a later step of the RL run
     token_shift.main(cross_args(pair, tmp_path, "backward", "inf", plots=True, policy=other))
