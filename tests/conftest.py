@@ -76,6 +76,19 @@ def end_of_process_locks():
         common._LOCKS.popitem()[1].close()
 
 
+def stopped_in_the_prune_after(step):
+    """A stand-in for ckpt.remove_checkpoint that raises KeyboardInterrupt once the checkpoint of `step` is written:
+    a Ctrl-C inside the prune after that save."""
+    import ckpt
+    remove = ckpt.remove_checkpoint
+
+    def stop(run_dir, old, weights=True):
+        if os.path.exists(ckpt.checkpoint_dir(run_dir, step) + ".state.pt"):
+            raise KeyboardInterrupt
+        remove(run_dir, old, weights)
+    return stop
+
+
 def shared_path(*parts):
     """Path inside ../shared (development data beside the checkout); skips the test when absent."""
     path = os.path.join(SHARED, *parts)

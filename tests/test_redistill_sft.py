@@ -21,7 +21,8 @@ import toy_task
 from common import UserError
 from model import build_model, load_model, save_model, tiny_config
 from tasks import load_tokenizer
-from conftest import ROOT, assert_train_shards, end_of_process_locks, free_port, subprocess_env
+from conftest import (ROOT, assert_train_shards, end_of_process_locks, free_port, stopped_in_the_prune_after,
+                      subprocess_env)
 import padded
 
 
@@ -266,13 +267,8 @@ def test_a_stop_inside_the_last_saves_prune_is_finished_by_the_resume(tiny_check
     the resume had no step left to save (at 1.5B ~18.5 GB each)."""
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 10 steps
-    out, remove = str(tmp_path / "out"), ckpt.remove_checkpoint
-
-    def stopped_in_the_last_prune(run_dir, step, weights=True):
-        if os.path.exists(ckpt.checkpoint_dir(run_dir, 10) + ".state.pt"):
-            raise KeyboardInterrupt
-        remove(run_dir, step, weights)
-    monkeypatch.setattr(ckpt, "remove_checkpoint", stopped_in_the_last_prune)
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(ckpt, "remove_checkpoint", stopped_in_the_prune_after(10))
     with pytest.raises(KeyboardInterrupt):
         sft.main(run_args(tiny_checkpoint, data, out, "--save_every", "1"))
     monkeypatch.undo()

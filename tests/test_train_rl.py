@@ -14,7 +14,8 @@ import ckpt
 import engine
 import toy_task
 import train_rl
-from conftest import ROOT, assert_train_shards, end_of_process_locks, free_port, subprocess_env
+from conftest import (ROOT, assert_train_shards, end_of_process_locks, free_port, stopped_in_the_prune_after,
+                      subprocess_env)
 from model import load_model, pack, save_model
 from tasks import load_tokenizer
 import padded
@@ -340,13 +341,8 @@ def test_variants_run_bf16_master_and_kl(toy, tmp_path, capsys):
 def test_a_stop_inside_the_last_saves_prune_is_finished_by_the_resume(toy, tmp_path, monkeypatch):
     """A stop (Ctrl-C) inside the prune after the last save left the older checkpoints for good: the resume had no
     step left to save, so nothing pruned them."""
-    out, remove = tmp_path / "out", ckpt.remove_checkpoint
-
-    def stopped_in_the_last_prune(run_dir, step, weights=True):
-        if os.path.exists(ckpt.checkpoint_dir(run_dir, 4) + ".state.pt"):
-            raise KeyboardInterrupt
-        remove(run_dir, step, weights)
-    monkeypatch.setattr(ckpt, "remove_checkpoint", stopped_in_the_last_prune)
+    out = tmp_path / "out"
+    monkeypatch.setattr(ckpt, "remove_checkpoint", stopped_in_the_prune_after(4))
     with pytest.raises(KeyboardInterrupt):
         train_rl.main(rl_args(toy, out, save_every=1, keep_last=1))
     monkeypatch.undo()
