@@ -255,6 +255,7 @@ def resume_checkpoint(run_dir, resume):
         # saves those steps anew; kept, an unreadable one would take a --keep_last place from them, the good one's
         for later in sorted(s for s in checkpoint_parts(run_dir) if s > found[0]):
             remove_checkpoint(run_dir, later)
+    barrier()  # (the other ranks then see what rank 0 removed: e.g. train_rl's check of --keep_steps' directories)
     return found
 
 

@@ -206,6 +206,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.checkpoints[0])
     splits = [tasks.load_records(task, args.task, p, tokenizer, args.template) for p in args.splits]
     digests = {p: common.data_digest(records) for p, records in zip(args.splits, splits)}  # once per split
+    parallel.same_on_every_rank(digests, " ".join(args.splits))
     task_source = tasks.task_source_digest(task)
 
     def settings_of(ckpt, split_path, stamps=None):  # stamps: the checkpoint's, taken before it was loaded

@@ -138,6 +138,15 @@ def lock_on_rank0(run_dir, name=".lock", if_exists=False):
         raise UserError(problem)
 
 
+def same_on_every_rank(value, what):
+    """Every rank read `what` itself (`value`: its digest): a file written again between two ranks' reads gives them
+    other data, so other step counts and data orders, and their collectives would pair wrongly (a hang under NCCL).
+    An error on every rank when they differ."""
+    if len(set(map(json.dumps, all_gather_json(value)))) > 1:
+        raise UserError(f"{what}: the ranks read different data (a stage writing it again while they read it?); run "
+                        f"again once it is written")
+
+
 def gather_lists(items, key=None):
     """Every rank's list, concatenated in rank order (then sorted by `key` when given), on every rank."""
     merged = [x for part in all_gather_json(items) for x in part]

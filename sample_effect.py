@@ -503,6 +503,9 @@ def main(argv=None):
     sft_files = [p for p in args.sft_data if os.path.isfile(p)]
     sft_stamps = common.file_stamps(sft_files)
     examples = tasks.load_sft_examples(args.sft_data, tokenizer, max_length)
+    records = tasks.load_records(task, args.task, args.eval_data, tokenizer, args.template)
+    parallel.same_on_every_rank([common.data_digest([[e["input_ids"], e["start"]] for e in examples]),
+                                 common.data_digest(records)], f"{' '.join(args.sft_data)} {args.eval_data}")
     for ex in examples:
         if ex["task"] is not None and tasks.task_module_name(ex["task"]) != tasks.task_module_name(args.task):
             raise UserError(f"{ex['file']}:{ex['line']}: sample {ex['id']!r} is for task {ex['task']!r}, "
@@ -513,7 +516,6 @@ def main(argv=None):
         raise UserError(f"--select {args.select} with --select_bottom: top and bottom would share "
                         f"{2 * args.select - len(examples)} of the {len(examples)} SFT samples; use --select <= "
                         f"{len(examples) // 2}")
-    records = tasks.load_records(task, args.task, args.eval_data, tokenizer, args.template)
     records, eval_subset = tasks.stratified_subset(records, args.num_eval_prompts, task.DIFFICULTY, args.seed)
     prompt_ids = tasks.task_prompt_ids(tokenizer, task, records, args.template)
     tasks.check_prompts_fit(prompt_ids, records, args.max_new_tokens, context, args.eval_data)
@@ -624,7 +626,8 @@ def main(argv=None):
         effects.append({"id": ex["id"], "file": ex["file"], "line": ex["line"], **r})
 
     # ---- outputs (rank 0)
-    if common.file_stamps(sft_files) != sft_stamps:  # (every rank checks)
+    # (decided by all ranks together: one alone would wait in the barrier below, the others' outputs written)
+    if any(parallel.all_gather_json(common.file_stamps(sft_files) != sft_stamps)):
         raise UserError(f"{', '.join(args.sft_data)}: changed while this run read them (a stage writing them again?): "
                         f"the effects name samples by file and line, and --select copies records from them; run "
                         f"again once they are written")

@@ -471,6 +471,7 @@ def cross_sample(args, tokenizer, device, dtype):
         raise UserError("--cross needs --split (the task split whose prompts are answered)")
     task = tasks.get_task(args.task)
     records = tasks.load_records(task, args.task, args.split, tokenizer, args.template)
+    parallel.same_on_every_rank(common.data_digest(records), args.split)
     records, subset = tasks.stratified_subset(records, args.limit, task.DIFFICULTY, args.seed)
     print0(f"cross-sampling prompts: {subset}")
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))

@@ -562,6 +562,8 @@ def main(argv=None):
     test_records = (tasks.load_records(task, args.task, args.test_data, tokenizer, args.template)
                     if args.test_data else [])  # '' = no validation; an empty file is an error
     test_records, val_subset = tasks.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
+    parallel.same_on_every_rank([common.data_digest(train_records), common.data_digest(test_records)],
+                                f"{args.train_data}, {args.test_data}")
     # tokenise every training prompt once: lengths for the filter and the ids for the training forward
     prompt_ids = tasks.task_prompt_ids(tokenizer, task, train_records, args.template)
     keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= args.max_prompt_tokens]

@@ -82,6 +82,7 @@ def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
 FRESH_RUN_SCRIPT = '''
 import json, os, sys, time
 import ckpt
+import common
 import parallel
 
 rank, world, device = parallel.dist_setup()
@@ -91,9 +92,15 @@ if rank == 1:
 ckpt.resume_checkpoint(run_dir, False)
 ckpt.metrics_log(run_dir, 0)
 after = parallel.all_gather_json(rank)  # the next collective must pair with the other rank's
+parallel.same_on_every_rank({"digest": "d1"}, "data.jsonl")  # the same data: nothing said
+try:  # data written again between the two ranks' reads: every rank refuses, none goes on alone
+    parallel.same_on_every_rank({"digest": f"d{rank}"}, "data.jsonl")
+    refused = None
+except common.UserError as e:
+    refused = str(e)
 parallel.dist_cleanup()
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
-    json.dump(after, f)
+    json.dump([after, refused], f)
 '''
 
 
@@ -109,7 +116,8 @@ def test_a_fresh_run_dirs_lock_is_one_collective_on_every_rank_however_late_a_ra
                           env=subprocess_env(), capture_output=True, text=True, timeout=60)  # (a hang: it fails)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [0, 1]
+        after, refused = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert after == [0, 1] and refused.startswith("data.jsonl: the ranks read different data")
 
 
 FSDP_RANK_SCRIPT = THREADS + '''
