@@ -338,7 +338,8 @@ def main(argv=None):
     train = load(args.pretrain_text or args.data, tokenizer, max_length)
     val = load(args.val_data, tokenizer, max_length) if args.val_data else None
     parallel.same_on_every_rank([common.data_digest([e["input_ids"], e["start"]] for e in part or [])
-                                 for part in (train, val)], f"{args.pretrain_text or args.data} {args.val_data or ''}")
+                                 for part in (train, val)], " ".join((args.pretrain_text or args.data)
+                                                                     + (args.val_data or [])))
     lengths = [len(e["input_ids"]) for e in train]
     steps_per_epoch = len(train) // args.global_batch
     if steps_per_epoch == 0:

@@ -141,6 +141,7 @@ def sample_checkpoint(args, task, rank, world, device):
     read_config(args.from_checkpoint)  # a clear error when it is no checkpoint
     tokenizer = load_tokenizer(args.from_checkpoint)
     records = load_splits(task, args, tokenizer, args.template)
+    parallel.same_on_every_rank(common.data_digest(records), " + ".join(args.split))
     records, subset = tasks.stratified_subset(records, args.limit, task.DIFFICULTY, args.seed)
     dtype = parse_dtype(args.dtype, device)
     model = load_model(args.from_checkpoint, dtype=dtype, device=device)

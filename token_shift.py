@@ -333,6 +333,8 @@ def measure(args, tokenizer, device, dtype):
     from model import load_model, read_config
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
     examples = read_responses(args.responses, tokenizer, context, args.limit)
+    parallel.same_on_every_rank(common.data_digest([[e["id"], e["ids"], e["start"]] for e in examples]),
+                                " ".join(args.responses))
     lock_out_dir(args)
     rank, world = common.rank(), common.world_size()
     base, policy = (shard_model(load_model(d, torch.float32, device), dtype).eval() for d in (args.base, args.policy))

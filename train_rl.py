@@ -595,8 +595,10 @@ def main(argv=None):
         if "compute_dtype" not in state.get("identity", {}):  # an earlier version's run: its --dtype text, as it was
             saved |= {k: v for k, v in state.get("settings", {}).items() if k == "dtype"}
         ckpt.check_run_identity(args.out_dir, saved, {k: getattr(args, k) for k in saved})
-        if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it)
-            ckpt.prune_checkpoints(args.out_dir, start_step, args.keep_last, args.keep_steps)
+        if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it), by that save's
+            saved_by = state.get("settings", {})  # rules: a re-run of a finished run with other flags removes nothing
+            ckpt.prune_checkpoints(args.out_dir, start_step, saved_by.get("keep_last", args.keep_last),
+                                   saved_by.get("keep_steps", args.keep_steps))
         print0(f"resuming from {init_path} (step {start_step})")
     for keep in args.keep_steps:  # a step this run (or a longer one) saves after its start, or one saved already
         if keep < 1 or not (keep > start_step and (keep % args.save_every == 0 or keep == max_steps)

@@ -350,6 +350,11 @@ def test_a_stop_inside_the_last_saves_prune_is_finished_by_the_resume(toy, tmp_p
     assert ckpt.checkpoint_steps(str(out)) == [3, 4]
     assert train_rl.main(rl_args(toy, out, save_every=1, keep_last=1, resume=True)) == 0
     assert ckpt.checkpoint_steps(str(out)) == [4] and not os.path.isdir(ckpt.checkpoint_dir(str(out), 3))
+    # by the rules of the run that saved: a finished run re-run with other keep flags loses nothing
+    kept = tmp_path / "kept"
+    assert train_rl.main(rl_args(toy, kept, max_steps=3, save_every=1, keep_last=3)) == 0
+    assert train_rl.main(rl_args(toy, kept, max_steps=3, save_every=1, keep_last=1, resume=True)) == 0
+    assert ckpt.checkpoint_steps(str(kept)) == [1, 2, 3]
 
 
 @pytest.mark.slow
