@@ -44,6 +44,22 @@ def greedy_run(tiny_checkpoint, split, tmp_path_factory):
     return out
 
 
+def test_the_ranks_check_together_that_they_read_the_same_splits(tiny_checkpoint, split, tmp_path, monkeypatch):
+    """Each rank reads the splits itself: their digests go to parallel.same_on_every_rank (it refuses, on every rank,
+    splits written again between two ranks' reads) before any pair is generated or written."""
+    import parallel
+    seen = []
+
+    def differ(value, what):
+        seen.append((value, what))
+        raise common.UserError(f"{what}: the ranks read different data")
+    monkeypatch.setattr(parallel, "same_on_every_rank", differ)
+    with pytest.raises(common.UserError, match="the ranks read different data"):
+        ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", str(tmp_path / "out")] + FAST)
+    assert seen == [({split: common.data_digest(toy_task.load_split(split))}, split)]
+    assert not (tmp_path / "out").exists()
+
+
 def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_path, capsys):
     pair = os.path.join(greedy_run, "base", "toy_test")
     samples = common.read_jsonl(os.path.join(pair, "samples.jsonl"))

@@ -53,6 +53,21 @@ def sample_args(ckpt, split, out, *extra):
 
 
 @pytest.mark.slow  # the policy fixture: a ~10 s SFT run
+def test_from_checkpoint_the_ranks_check_together_that_they_read_the_same_split(policy, tmp_path, monkeypatch):
+    """Each rank reads --split itself and samples its share: a split written again between two ranks' reads would
+    merge two versions' halves into set A; every rank refuses instead (parallel.same_on_every_rank)."""
+    ckpt, split = policy
+    seen = []
+
+    def differ(value, what):
+        seen.append(what)
+        raise common.UserError(f"{what}: the ranks read different data")
+    monkeypatch.setattr(parallel, "same_on_every_rank", differ)
+    with pytest.raises(common.UserError, match="the ranks read different data"):
+        sp.main(sample_args(ckpt, split, str(tmp_path / "a.jsonl")))
+    assert seen == [split] and not (tmp_path / "a.jsonl").exists()
+
+
 def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_path, capsys):
     ckpt, split = policy
     out, everything = str(tmp_path / "redistill.jsonl"), str(tmp_path / "all.jsonl")
