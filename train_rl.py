@@ -590,7 +590,7 @@ def main(argv=None):
         ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity,
                                 recorded_since=("train_data_digest", "compute_dtype", "compute_device"))
         saved = {k: v for k, v in state.get("settings", {}).items() if k in RUN_OBJECTIVE}
-        if saved:  # (a run that saved its settings, but not one that came later)
+        if saved:  # settings this run's version did not record yet: as that version ran
             saved = {**{k: v for k, v in EARLIER_OBJECTIVE.items() if k not in saved}, **saved}
         if "compute_dtype" not in state.get("identity", {}):  # an earlier version's run: its --dtype text, as it was
             saved |= {k: v for k, v in state.get("settings", {}).items() if k == "dtype"}
