@@ -337,9 +337,8 @@ def main(argv=None):
     load = load_text_examples if args.pretrain_text else tasks.load_sft_examples
     train = load(args.pretrain_text or args.data, tokenizer, max_length)
     val = load(args.val_data, tokenizer, max_length) if args.val_data else None
-    parallel.same_on_every_rank([common.data_digest([e["input_ids"], e["start"]] for e in part or [])
-                                 for part in (train, val)], " ".join((args.pretrain_text or args.data)
-                                                                     + (args.val_data or [])))
+    digests = [common.data_digest([e["input_ids"], e["start"]] for e in part or []) for part in (train, val)]
+    parallel.same_on_every_rank(digests, " ".join((args.pretrain_text or args.data) + (args.val_data or [])))
     lengths = [len(e["input_ids"]) for e in train]
     steps_per_epoch = len(train) // args.global_batch
     if steps_per_epoch == 0:
@@ -348,7 +347,7 @@ def main(argv=None):
         raise UserError(f"--global_batch {args.global_batch} < {world} ranks: every rank needs a sequence per step")
     total_steps = steps_per_epoch * args.epochs
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {
-        "num_examples": len(train), "data_digest": common.data_digest([e["input_ids"], e["start"]] for e in train),
+        "num_examples": len(train), "data_digest": digests[0],
         **parallel.compute_identity(dtype, device)}
 
     # ---- model, optimizer, resume

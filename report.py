@@ -435,9 +435,9 @@ def main(argv=None):
         return
     kind = next(iter(times.values()))[2] if times else "device"
     difficulty = difficulty_key(next(iter(summaries.values())))
-    # with several seeds, what is above the seeds' tables is seed 1's (OUT_DIR itself), and says so
-    seed_one = "seed 1" if args.seeds > 1 or len(seed_runs(out, args.seeds)) > 1 else ""
+    # with several seeds (seed_tables says something), what is above its tables is seed 1's (OUT_DIR), and says so
     seed_lines = seed_tables(out, difficulty, args.seeds)
+    seed_one = "seed 1" if seed_lines else ""
     mean_below = " (the mean over seeds is below)" if any(line.startswith("### Over") for line in seed_lines) else ""
 
     rows = []

@@ -504,8 +504,9 @@ def main(argv=None):
     sft_stamps = common.file_stamps(sft_files)
     examples = tasks.load_sft_examples(args.sft_data, tokenizer, max_length)
     records = tasks.load_records(task, args.task, args.eval_data, tokenizer, args.template)
-    parallel.same_on_every_rank([common.data_digest([[e["input_ids"], e["start"]] for e in examples]),
-                                 common.data_digest(records)], f"{' '.join(args.sft_data)} {args.eval_data}")
+    sft_digest = common.data_digest([[e["input_ids"], e["start"]] for e in examples])
+    parallel.same_on_every_rank([sft_digest, common.data_digest(records)],
+                                f"{' '.join(args.sft_data)} {args.eval_data}")
     for ex in examples:
         if ex["task"] is not None and tasks.task_module_name(ex["task"]) != tasks.task_module_name(args.task):
             raise UserError(f"{ex['file']}:{ex['line']}: sample {ex['id']!r} is for task {ex['task']!r}, "
@@ -531,7 +532,7 @@ def main(argv=None):
                 "sft_data": [os.path.abspath(f) for f in args.sft_data],
                 "compute_dtype": dtype_name(compute_dtype),
                 "device_type": device.type,  # (the CountSketch's hashes are drawn on the device)
-                "sft_digest": common.data_digest([[e["input_ids"], e["start"]] for e in examples]),
+                "sft_digest": sft_digest,
                 "eval_digest": common.data_digest(records),
                 "checkpoint_files": common.file_stamps(weight_files(args.checkpoint)
                                                        + [os.path.join(args.checkpoint, "config.json")])}

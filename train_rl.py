@@ -562,8 +562,6 @@ def main(argv=None):
     test_records = (tasks.load_records(task, args.task, args.test_data, tokenizer, args.template)
                     if args.test_data else [])  # '' = no validation; an empty file is an error
     test_records, val_subset = tasks.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
-    parallel.same_on_every_rank([common.data_digest(train_records), common.data_digest(test_records)],
-                                f"{args.train_data}, {args.test_data}")
     # tokenise every training prompt once: lengths for the filter and the ids for the training forward
     prompt_ids = tasks.task_prompt_ids(tokenizer, task, train_records, args.template)
     keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= args.max_prompt_tokens]
@@ -571,6 +569,9 @@ def main(argv=None):
         print0(f"note: dropped {len(train_records) - len(keep)} of {len(train_records)} training prompts longer than "
                f"--max_prompt_tokens {args.max_prompt_tokens}")
     train_records, prompt_ids = [train_records[i] for i in keep], [prompt_ids[i] for i in keep]
+    train_digest = common.data_digest(train_records)
+    parallel.same_on_every_rank([train_digest, common.data_digest(test_records)],
+                                f"{args.train_data}, {args.test_data}")
     if len(train_records) < args.prompts_per_step:
         raise UserError(f"{args.train_data}: {len(train_records)} usable prompts, fewer than --prompts_per_step "
                         f"{args.prompts_per_step}")
@@ -581,7 +582,7 @@ def main(argv=None):
     checkpoint = ckpt.resume_checkpoint(args.out_dir, args.resume)
     start_step, state, init_path = 0, {}, args.model
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records),
-                                                              "train_data_digest": common.data_digest(train_records),
+                                                              "train_data_digest": train_digest,
                                                               **parallel.compute_identity(dtype, device)}
     if args.dynamic_sampling:  # (absent when off, so the runs of earlier versions resume)
         identity |= {"dynamic_sampling": True, "max_gen_batches": args.max_gen_batches}
