@@ -255,10 +255,23 @@ def silu_mul(gate_up):
     return F.silu(gate) * up
 
 
+def merge_splits(out, lse, used):
+    """Flash-decoding's merge of one query's attention over the parts of its keys: out (rows, parts, heads, hd) each
+    part's own softmax-weighted values, lse (heads, rows * parts) each part's log-sum-exp, used (rows, parts) its
+    key count (a part with none is left out: FA2 marks its lse +inf). Each part weighs in by its share of the
+    row's softmax mass, in lse's precision (fp32 from FA2). Returns (rows, heads, hd) in out's dtype."""
+    empty = (used == 0)[..., None]  # (rows, parts, 1); part 0 of a row always has keys (its new one)
+    lse = lse.view(lse.shape[0], *used.shape).permute(1, 2, 0).masked_fill(empty, -float("inf"))
+    share = torch.softmax(lse, 1)  # (rows, parts, heads): exp(lse_s) over their sum
+    # (and whatever the kernel left in an empty part's output is not read)
+    return torch.where(empty[..., None], 0.0, share[..., None] * out.to(share.dtype)).sum(1).to(out.dtype)
+
+
 # the step's small element-wise pieces: eagerly, several kernels each (RMSNorm 6-8, RoPE and the K/V join 6, the
 # sampler's hash ~20, the blocked sampler ~20)
 EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rope_qkv=rope_qkv,
-                            silu_mul=silu_mul, keyed_uniforms=keyed_uniforms, sample_blocked=sample_blocked)
+                            silu_mul=silu_mul, keyed_uniforms=keyed_uniforms, sample_blocked=sample_blocked,
+                            merge_splits=merge_splits)
 
 
 @functools.cache
@@ -386,28 +399,18 @@ def kept_slots(cfgs, count, max_len, max_new, dtypes, device):
 # prefill, the decode step and its pick
 
 
-def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, num_splits=None):
+def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
     """aten's FA2 varlen forward (inside the torch wheel; CUDA sm80+, half precision), no dropout, not causal:
     sequence b's queries q[cu_q[b]:cu_q[b + 1]] attend to keys k[cu_k[b]:cu_k[b] + seqused_k[b]] (cu_k[b + 1] is
     not used), seqused_k[b] <= max_k; (tokens, heads, hd) inputs, fewer key/value heads than query heads allowed.
-    num_splits: the parts each sequence's keys are cut into, each its own thread block (None: FA2's own rule).
-    Tests stand in for it."""
+    Returns (out (total_q, heads, hd), lse (heads, total_q) fp32): lse is each query's log-sum-exp of its scaled
+    scores, +inf for a sequence with no keys (FA2's mark; its out is 0). Tests stand in for it."""
     if q.device.type != "cuda":
         raise ValueError("fa2_decode_attention runs FA2's CUDA kernel (sm80+, half precision), not on "
                          f"{q.device.type}")
-    splits = {}
-    if num_splits is not None:
-        check_fa2_splits()
-        splits = {"num_splits": num_splits}
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
-                                                   seqused_k=seqused_k, **splits)[0]
-
-
-def check_fa2_splits():
-    """Splitting FA2's keys needs a torch whose FA2 op takes num_splits (2.13's does; 2.11's, the lent GPUs', not)."""
-    if not fa2_op_takes("num_splits"):
-        raise ValueError(f"fa2_splits needs a torch whose FA2 op takes num_splits; torch {torch.__version__}'s "
-                         "does not")
+    out, lse = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
+                                                       seqused_k=seqused_k)[:2]
+    return out, lse
 
 
 @functools.cache
@@ -424,28 +427,45 @@ def fa2_runs(device, dtypes):
             and fa2_op_takes("seqused_k"))
 
 
-def fa2_starts(rows, kv_heads, columns, device):
-    """fa2_decode's (cu_q, cu_k) for a cache of this shape: row r's query and its first key token (int32)."""
-    cu_q = torch.arange(rows + 1, dtype=torch.int32, device=device)
-    return cu_q, cu_q * (kv_heads * columns)
+def fa2_layout(seqused, kv_heads, columns, max_k, splits=1):
+    """What fa2_decode hands FA2 for a cache of `columns` per row and these per-row key counts (rows,) int32 (<=
+    max_k), made once per decode step for all layers. Each row's keys are cut into `splits` parts of `width`
+    columns (flash-decoding: each part its own sequence of one query, so its own thread blocks); part s of row r is
+    sequence r * splits + s, starting at token (r * kv_heads * columns + s * width) of fa2_decode's view of the
+    cache, `used` (rows, splits) of its keys counted (0 past the row's end). splits=1: one sequence per row."""
+    rows = seqused.shape[0]
+    width = -(-max_k // splits)
+    device = seqused.device
+    # (a part starting past max_k, when the parts outnumber the columns, starts at max_k: inside the view, no keys)
+    firsts = (torch.arange(splits, dtype=torch.int32, device=device) * width).clamp(max=max_k)
+    used = (seqused[:, None] - firsts).clamp(0, width).to(torch.int32)
+    starts = (torch.arange(rows, dtype=torch.int32, device=device)[:, None] * (kv_heads * columns) + firsts)
+    cu_k = torch.cat([starts.view(-1), starts.new_zeros(1)])  # (the last entry is not read)
+    cu_q = torch.arange(rows * splits + 1, dtype=torch.int32, device=device)
+    return SimpleNamespace(splits=splits, width=width, cu_q=cu_q, cu_k=cu_k, used=used)
 
 
-def fa2_decode(q, kc, vc, seqused, max_k, starts=None, num_splits=None):
-    """One query per row (q (rows, heads, hd)) over that row's first seqused[r] (int32) columns of one layer's cache
-    kc, vc (rows, kv_heads, columns, hd), by flash_varlen_forward, which reads no other column: the cache seen as
-    tokens of (kv_heads, hd) with a stride of hd and its heads columns * hd apart, row r starting at token r *
-    kv_heads * columns (and the view ending where the last row's first head does, inside the rows' slots).
-    starts: fa2_starts for this shape (the decode step makes them once for all layers). num_splits: as
-    flash_varlen_forward's."""
+def fa2_decode(q, kc, vc, layout, merge=merge_splits):
+    """One query per row (q (rows, heads, hd)) over that row's first seqused[r] columns of one layer's cache kc, vc
+    (rows, kv_heads, columns, hd), as fa2_layout(seqused, ...) cut them, by flash_varlen_forward, which reads no
+    other column: the cache seen as tokens of (kv_heads, hd) with a stride of hd and its heads columns * hd apart,
+    row r starting at token r * kv_heads * columns (and the view ending where the last row's first head does, inside
+    the rows' slots). With splits, each row's query is repeated for its parts and their outputs merged by
+    `merge` (merge_splits, or its compiled copy in the fused ops)."""
     rows, nkv, cols, hd = kc.shape
     assert kc.stride() == vc.stride() == (nkv * cols * hd, cols * hd, hd, 1), "a slice of the cache's slots"
     tokens = ((rows - 1) * nkv + 1) * cols
     k, v = (t.as_strided((tokens, nkv, hd), (hd, cols * hd, 1)) for t in (kc, vc))
-    cu_q, cu_k = starts or fa2_starts(rows, nkv, cols, q.device)
-    return flash_varlen_forward(q, k, v, cu_q, cu_k, 1, max_k, seqused, num_splits)
+    parts = layout.splits
+    if parts > 1:
+        q = q[:, None].expand(rows, parts, *q.shape[1:]).reshape(rows * parts, *q.shape[1:])
+    out, lse = flash_varlen_forward(q, k, v, layout.cu_q, layout.cu_k, 1, layout.width, layout.used.view(-1))
+    if parts == 1:
+        return out
+    return merge(out.view(rows, parts, *out.shape[1:]), lse, layout.used)
 
 
-FA2_MAX_SPLITS = 128  # FA2's limit on the parts of one call's keys
+FA2_MAX_SPLITS = 128  # the most parts a row's keys are cut into (FA2's own limit on its splits, kept)
 
 
 @functools.cache
@@ -455,13 +475,13 @@ def multiprocessors(device):
 
 
 def fa2_split_count(rows, kv_heads, max_k, sms):
-    """generate(fa2_splits="auto"): the parts FA2 cuts each row's keys into (flash-decoding: each part its own thread
-    block, their outputs merged after), for a decode step over `rows` rows reading up to max_k columns on a GPU of
-    `sms` multiprocessors: about 8 blocks per multiprocessor, each part at least 256 columns. FA2's own rule splits
-    only while the rows x kv heads blocks number under 80 % of two per multiprocessor: 128 rows x 2 kv heads on an
-    H200's 132 are not split, ~2 blocks per multiprocessor walking up to 4,096 columns each, where FA2 read the cache
-    at 29 % of its floor (docs/gpu_h200.json). A first guess, until bench.py --gpu_suite --sections decode_attention
-    measures the split counts side by side."""
+    """generate(fa2_splits="auto"): the parts each row's keys are cut into (flash-decoding: each part its own
+    sequence, so its own thread blocks, their outputs merged after), for a decode step over `rows` rows reading up
+    to max_k columns on a GPU of `sms` multiprocessors: about 8 blocks per multiprocessor, each part at least 256
+    columns. FA2's own rule splits only while the rows x kv heads blocks number under 80 % of two per
+    multiprocessor: 128 rows x 2 kv heads on an H200's 132 are not split, ~2 blocks per multiprocessor walking up
+    to 4,096 columns each, where FA2 read the cache at 29 % of its floor (docs/gpu_h200.json). A first guess, until
+    bench.py --gpu_suite --sections decode_attention measures the split counts side by side."""
     return max(1, min(-(-8 * sms // (rows * kv_heads)), max_k // 256, FA2_MAX_SPLITS))
 
 
@@ -476,9 +496,9 @@ def decode_attention(slots, cache, rows, spans, flash):
         # such a row computes is thrown away)
         max_k = max(span for _, span in spans)
         seqused = (lengths + 1).clamp(max=max_k).to(torch.int32)
-        starts = fa2_starts(rows, cache.shape[3], cache.shape[4], cache.device)
         splits = (fa2_split_count(rows, cache.shape[3], max_k, multiprocessors(cache.device))
-                  if slots.fa2_splits == "auto" else slots.fa2_splits)
+                  if slots.fa2_splits == "auto" else slots.fa2_splits or 1)
+        layout = fa2_layout(seqused, cache.shape[3], cache.shape[4], max_k, splits)
     elif flash is None:  # per group: its rows, columns and additive mask (rows, 1, 1, span), built once for all layers
         starts = [0] + [end for end, _ in spans[:-1]]
         groups = [(a, b, span, torch.zeros((b - a, 1, 1, span), dtype=cache.dtype, device=cache.device).masked_fill_(
@@ -498,7 +518,7 @@ def decode_attention(slots, cache, rows, spans, flash):
             return y.reshape(rows, -1)
         cache[i][:, at, :, lengths] = kv  # the keys and values of every row, one write
         if slots.fa2:
-            return fa2_decode(q, kc, vc, seqused, max_k, starts, splits).reshape(rows, -1)
+            return fa2_decode(q, kc, vc, layout, slots.ops.merge_splits).reshape(rows, -1)
         # SDPA on the cache, one query per row: the query heads that share a kv head take the place of query
         # positions, all seeing the row's columns (no copies of the cache to repeat kv heads, as SDPA's GQA makes)
         nh, nkv, hd = q.shape[1], kc.shape[1], q.shape[-1]
@@ -697,9 +717,11 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     precision), each row reading only its own columns where SDPA reads its group's span under a mask; default: where
     it can run (fa2_runs) and without a partner. On one H200 the attention ran at 51 % of its bandwidth floor at
     1,024 rows x 4,096 columns against SDPA's 27 %, and whole runs were 7-15 % faster (docs/gpu_h200.json).
-    fa2_splits: the parts FA2's decode attention cuts each row's keys into, each its own thread block (None: FA2's
-    own rule, which leaves 128 rows unsplit; an int; "auto": fa2_split_count, more blocks where rows are few and
-    spans long; off by default until a GPU measures it).
+    fa2_splits: the parts FA2's decode attention cuts each row's keys into (flash-decoding by hand: each part its
+    own sequence of FA2's call, so its own thread blocks, merged by merge_splits; any torch whose FA2 takes
+    seqused_k). None: one part (FA2's own rule may still split inside the kernel; it leaves 128 rows unsplit); an
+    int; "auto": fa2_split_count, more parts where rows are few and spans long. Off by default until a GPU measures
+    it; it rounds bf16 otherwise (each part's output is rounded before the merge).
     blocked_sampler: at top_p = 1 (and greedy) the decode step draws with sample_blocked, which reads the logits (in
     the weights' dtype) about once and writes nothing of their size, where sample_next writes the full-vocabulary
     log-probs, probabilities and CDF; compiled with the fused ops. Off until a GPU measures it (bench.py --gpu_suite
@@ -781,8 +803,6 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             type(fa2_splits) is int and 1 <= fa2_splits <= FA2_MAX_SPLITS))):
         raise ValueError(f"fa2_splits needs fa2_decode_attention and is 'auto' or 1..{FA2_MAX_SPLITS}, got "
                          f"{fa2_splits!r}")
-    if fa2_splits is not None:  # (said before the prefill, not at the first decode step)
-        check_fa2_splits()
     state.fa2_splits = fa2_splits
     state.blocked_sampler = blocked_sampler and partner is None
     state.alive.zero_()

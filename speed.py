@@ -403,9 +403,6 @@ def suite_correctness(base, tok, records, sizes, device, seed, tmp):
             fa2 = {"fa2_decode_attention": True}
             pairs = {"fa2_vs_sdpa_decode_attention_bf16": ({"fa2_decode_attention": False}, fa2),
                      "fa2_splits_vs_fa2_bf16": (fa2, dict(fa2, fa2_splits=4))}
-            if not engine.fa2_op_takes("num_splits"):
-                out["fa2_splits_vs_fa2_bf16"] = {"skipped": SPLITS_MISSING}
-                del pairs["fa2_splits_vs_fa2_bf16"]
             for key, (a, b) in pairs.items():
                 got = recorded(functools.partial(agreement, ours, a, b))
                 out[key] = got[0] if isinstance(got, tuple) else got  # (or its error)
@@ -464,8 +461,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         others = {"blocked_sampler": dict(fused=True, fa2_decode_attention=None, blocked_sampler=True)}
         if device.type == "cuda":  # FA2 runs there only
             others = {"fa2": dict(fused=True, fa2_decode_attention=True),
-                      **({"fa2_splits": dict(fused=True, fa2_decode_attention=True, fa2_splits="auto")}
-                         if engine.fa2_op_takes("num_splits") else {}), **others}
+                      "fa2_splits": dict(fused=True, fa2_decode_attention=True, fa2_splits="auto"), **others}
 
         def run_twice(settings):
             run(**settings)
@@ -515,8 +511,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
     if device.type == "cuda":
         fa2 = dict(fused=True, fa2_decode_attention=True)
         variants = {"graphs_fused_fa2": fa2, "graphs_fused_fa2_blocked_sampler": dict(fa2, blocked_sampler=True),
-                    **({"graphs_fused_fa2_splits": dict(fa2, fa2_splits="auto")}
-                       if engine.fa2_op_takes("num_splits") else {})}
+                    "graphs_fused_fa2_splits": dict(fa2, fa2_splits="auto")}
     else:
         variants = {"eager": dict(graphs=False, fused=False, **sdpa), "graphs": dict(fused=False, **sdpa),
                     "graphs_fused": dict(fused=True, **sdpa)}
@@ -941,8 +936,6 @@ def suite_attention(base, tok, records, sizes, device, seed, tmp):
 # the decode step's attention A/B (issue 34): one layer's attention over the KV cache, one query per row
 
 
-# why the FA2 split variants are left out on a torch whose FA2 op has no num_splits (2.11, the lent GPUs' torch)
-SPLITS_MISSING = f"torch {torch.__version__}'s FA2 op takes no num_splits"
 DECODE_ATTENTION_VARIANTS = ("sdpa_mask", "written_out", "flash_seqused", "flash_seqused_token_major",
                              *(f"flash_seqused_splits_{n}" for n in (2, 4, 8, 16, "auto")))
 
@@ -980,15 +973,17 @@ def decode_attention_call(variant, q, k, v, lengths, mask):
         return sdpa if variant == "sdpa_mask" else written_out
     seqused = (lengths + 1).to(torch.int32)
     if variant.startswith("flash_seqused") and not variant.endswith("token_major"):  # what generate runs with FA2
-        starts = engine.fa2_starts(rows, k.shape[1], k.shape[2], q.device)
-        parts = variant.removeprefix("flash_seqused").removeprefix("_splits_") or None
+        parts = variant.removeprefix("flash_seqused").removeprefix("_splits_") or "1"
         splits = (engine.fa2_split_count(rows, k.shape[1], span, engine.multiprocessors(q.device)) if parts == "auto"
-                  else parts and int(parts))
-        return functools.partial(engine.fa2_decode, q, k, v, seqused, span, starts, splits)
+                  else int(parts))
+        layout = engine.fa2_layout(seqused, k.shape[1], k.shape[2], span, splits)
+        # the parts' merge as generate's default runs it on CUDA: compiled with the fused ops
+        merge = engine.fused_ops().merge_splits if q.device.type == "cuda" else engine.merge_splits
+        return functools.partial(engine.fa2_decode, q, k, v, layout, merge)
     cols, nkv = k.shape[1], k.shape[2]  # row r's keys: tokens r * cols onwards of a (rows * cols, kv_heads, hd) view
-    cu_q, cu_k = engine.fa2_starts(rows, 1, cols, q.device)
-    return functools.partial(engine.flash_varlen_forward, q, k.reshape(rows * cols, nkv, hd),
-                             v.reshape(rows * cols, nkv, hd), cu_q, cu_k, 1, span, seqused)
+    layout = engine.fa2_layout(seqused, 1, cols, span)
+    return lambda: engine.flash_varlen_forward(q, k.reshape(rows * cols, nkv, hd), v.reshape(rows * cols, nkv, hd),
+                                               layout.cu_q, layout.cu_k, 1, span, layout.used.view(-1))[0]
 
 
 def median_call_us(fn, device, reps=20):
@@ -1094,9 +1089,6 @@ def suite_decode_attention(base, tok, records, sizes, device, seed, tmp):
             r = {"variant": variant}
             if variant.startswith("flash") and not flash_ok:
                 entry["variants"].append(dict(r, skipped="CUDA sm80+ only"))
-                continue
-            if "_splits_" in variant and not engine.fa2_op_takes("num_splits"):
-                entry["variants"].append(dict(r, skipped=SPLITS_MISSING))
                 continue
             k, v = token_major if variant.endswith("token_major") else cache
 

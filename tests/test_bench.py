@@ -272,34 +272,15 @@ def test_decode_floor_takes_the_larger_floor_at_each_step():
             flops[0] / fl + bytes_[1] / bw)
 
 
-def test_split_variants_are_left_out_on_a_torch_whose_fa2_takes_no_num_splits(monkeypatch, tiny_checkpoint):
-    """torch 2.11 (the lent GPUs') has FA2 with seqused_k but no num_splits: the decode attention A/B measures the
-    unsplit FA2 calls and says why the split ones are missing, and generate refuses fa2_splits before any work."""
-    import torch
-    from model import load_model
-    from test_engine import fa2_stand_in
-    monkeypatch.setattr(engine, "flash_varlen_forward", fa2_stand_in)
-    monkeypatch.setattr(engine, "fa2_runs", lambda device, dtypes: True)
-    monkeypatch.setattr(engine, "fa2_op_takes", lambda argument: argument != "num_splits")
-    out = speed.suite_decode_attention(str(tiny_checkpoint), None, None, {"decode_attn": [(3, 16)]},
-                                       torch.device("cpu"), 0, None)
-    by = {v["variant"]: v for v in out["cases"][0]["variants"]}
-    assert {v for v in by if "skipped" in by[v]} == {v for v in by if "_splits_" in v} != set()
-    assert all(by[v]["skipped"] == speed.SPLITS_MISSING for v in by if "_splits_" in v)
-    assert by["flash_seqused"]["eager_us"] > 0 and by["flash_seqused"]["max_abs_diff_vs_sdpa_mask"] < 1e-5
-    model = load_model(str(tiny_checkpoint))
-    with pytest.raises(ValueError, match="takes num_splits"):
-        engine.generate(model, [[1, 2, 3]], n=1, max_new_tokens=2, fa2_decode_attention=True, fa2_splits=4)
-
-
 def test_decode_attention_variants_read_each_rows_own_columns(monkeypatch):
     """The decode attention A/B's variants compute the same attention on CPU (fp32): the written-out one, and the
     FA2 calls (split or not) through a stand-in that reads what FA2 would: sequence b's keys from token cu_k[b],
     seqused_k[b] of them, out of the (tokens, kv_heads, hd) views the variants build on the engine's cache and on a
     token-major one."""
     import torch
-    from test_engine import fa2_stand_in
+    from test_engine import fa2_stand_in, record_fa2_layouts
     monkeypatch.setattr(engine, "flash_varlen_forward", fa2_stand_in)
+    seen = record_fa2_layouts(monkeypatch)
     g = torch.Generator().manual_seed(0)
     rows, nh, nkv, cols, hd, span = 5, 6, 2, 24, 8, 16
     q = torch.randn(rows, nh, hd, generator=g)
@@ -308,12 +289,12 @@ def test_decode_attention_variants_read_each_rows_own_columns(monkeypatch):
     mask = torch.zeros(rows, 1, 1, span).masked_fill_(torch.arange(span) > lengths[:, None, None, None], float("-inf"))
     ref = speed.decode_attention_call("sdpa_mask", q, *cache, lengths, mask)()
     token_major = cache.transpose(2, 3).contiguous()
-    fa2_stand_in.splits.clear()
     for variant in speed.DECODE_ATTENTION_VARIANTS:
         k, v = token_major if variant.endswith("token_major") else cache
         got = speed.decode_attention_call(variant, q, k, v, lengths, mask)()
         assert got.shape == (rows, nh, hd) and (got - ref).abs().max() < 1e-5, variant
-    assert fa2_stand_in.splits == {None, 2, 4, 8, 16, 1}  # auto: 1 on a CPU, 16 columns
+    assert [splits for splits, _ in seen] == [1, 1, 2, 4, 8, 16, 1]  # auto: 1 on a CPU, 16 columns
+    assert [empty for _, empty in seen] == [False, False, True, True, True, True, False]  # row 0 reads 1 column
     bad = cache.clone()
     bad[:, 2, :, 16] = 1e4  # row 2's column 16, past its length 15: no variant reads it
     assert torch.equal(speed.decode_attention_call("flash_seqused", q, *bad, lengths, mask)(),

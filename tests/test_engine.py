@@ -117,24 +117,39 @@ def test_prompt_numbers_give_a_prompts_samples_whatever_share_it_is_in():
         generate(model, prompts, prompt_numbers=[0], **kw)
 
 
-def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, num_splits=None):
+def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
     """A CPU stand-in for engine.flash_varlen_forward (aten's FA2 varlen kernel with seqused_k), reading what it reads:
-    sequence b's keys from token cu_k[b], seqused_k[b] of them, out of (tokens, kv_heads, hd) inputs. Splitting the
-    keys changes only how the kernel sums (fa2_stand_in.splits records what it was asked for)."""
+    sequence b's keys from token cu_k[b], seqused_k[b] of them, out of (tokens, kv_heads, hd) inputs. Returns (out,
+    lse (heads, total_q)) as the kernel does: a sequence with no keys gets out 0 and lse +inf (FA2's mark)."""
     assert cu_q.dtype == cu_k.dtype == seqused_k.dtype == torch.int32 and k.stride(-1) == 1 and q.stride(-1) == 1
-    assert num_splits is None or 1 <= num_splits <= engine.FA2_MAX_SPLITS
-    fa2_stand_in.splits.add(num_splits)
-    out = []
+    assert len(cu_k) == len(cu_q) == len(seqused_k) + 1
+    groups = q.shape[1] // k.shape[1]
+    # (lse in fp32 as FA2 gives it, or in fp64 for fp64 inputs, which FA2 never takes and the tests compare closely)
+    lse = torch.full(q.shape[:2][::-1], float("inf"), dtype=torch.promote_types(q.dtype, torch.float32))
+    out = torch.zeros_like(q)
     for b in range(len(cu_q) - 1):
-        start, n = int(cu_k[b]), int(seqused_k[b])
-        assert int(cu_q[b + 1]) - int(cu_q[b]) <= max_q and n <= max_k and start + n <= k.shape[0]
-        kb, vb = (t[start:start + n].transpose(0, 1) for t in (k, v))  # (kv_heads, n, hd)
-        out.append(torch.nn.functional.scaled_dot_product_attention(
-            q[cu_q[b]:cu_q[b + 1]].transpose(0, 1), kb, vb, enable_gqa=True).transpose(0, 1))
-    return torch.cat(out)
+        start, n, qa, qb = int(cu_k[b]), int(seqused_k[b]), int(cu_q[b]), int(cu_q[b + 1])
+        assert qb - qa <= max_q and 0 <= n <= max_k and start + n <= k.shape[0]
+        if n == 0:
+            continue
+        kb, vb = (t[start:start + n].transpose(0, 1).repeat_interleave(groups, 0) for t in (k, v))  # (heads, n, hd)
+        scores = q[qa:qb].transpose(0, 1) @ kb.transpose(1, 2) * q.shape[-1] ** -0.5  # (heads, queries, n)
+        out[qa:qb] = (torch.softmax(scores, -1) @ vb).transpose(0, 1)
+        lse[:, qa:qb] = torch.logsumexp(scores, -1)
+    return out, lse
 
 
-fa2_stand_in.splits = set()
+def record_fa2_layouts(monkeypatch):
+    """engine.fa2_layout, recording each layout's (splits, whether a part of some row has no keys) in the list
+    returned."""
+    seen, layout = [], engine.fa2_layout
+
+    def recording(*args, **kwargs):
+        got = layout(*args, **kwargs)
+        seen.append((got.splits, bool((got.used == 0).any())))
+        return got
+    monkeypatch.setattr(engine, "fa2_layout", recording)
+    return seen
 
 
 def test_fa2_decode_attention_gives_the_sdpa_samples(monkeypatch):
@@ -148,14 +163,20 @@ def test_fa2_decode_attention_gives_the_sdpa_samples(monkeypatch):
     kw = dict(n=3, max_new_tokens=20, temperature=1.0, top_p=0.9, stop_ids=[3, 4, 5], seed=7)
     ref = generate(model, prompts, **kw)
     assert any(g.finished for g in ref) and not all(g.finished for g in ref)
-    fa2_stand_in.splits.clear()
+    seen = record_fa2_layouts(monkeypatch)
     for setting in (dict(), dict(slots=5, sync_every=2), dict(buckets=GPU_BUCKETS, sync_every=16, block=256),
-                    dict(slots=7, attention_groups=3), dict(fa2_splits=4), dict(slots=5, fa2_splits="auto")):
+                    dict(slots=7, attention_groups=3), dict(fa2_splits=4), dict(slots=5, fa2_splits="auto"),
+                    dict(slots=5, fa2_splits=32)):
+        seen.clear()
         out = generate(model, prompts, **kw, **setting, fa2_decode_attention=True)
         assert [g.tokens for g in out] == [g.tokens for g in ref], setting
         torch.testing.assert_close(torch.tensor([x for g in out for x in g.logprobs]),
                                    torch.tensor([x for g in ref for x in g.logprobs]), atol=1e-9, rtol=1e-9)
-    assert fa2_stand_in.splits == {None, 4, 1}  # "auto" on this 1-"multiprocessor" CPU, short spans: 1 part
+        # the parts each row's keys were cut into ("auto" on this 1-"multiprocessor" CPU, short spans: 1), some of
+        # them empty (past a shorter row's end; 32 parts: more parts than some spans have columns)
+        assert {splits for splits, _ in seen} == {setting.get("fa2_splits", 1) if setting.get("fa2_splits") != "auto"
+                                                  else 1}, setting
+        assert any(empty for _, empty in seen) == (setting.get("fa2_splits") in (4, 32)), setting
     # the long prompt's 3 rows finish first and stay in the 16-row bucket (9 live rows fit no smaller one), longer
     # than the span the live rows need: the kernel is still asked for no more than its max_k columns (the stand-in
     # checks), and the live rows' samples are the SDPA path's
