@@ -466,6 +466,7 @@ def fa2_decode(q, kc, vc, layout, merge=merge_splits):
 
 
 FA2_MAX_SPLITS = 128  # the most parts a row's keys are cut into (FA2's own limit on its splits, kept)
+FA2_MAX_SEQUENCES = 65535  # FA2 launches a thread block row per sequence: a CUDA grid's y dimension at most
 
 
 @functools.cache
@@ -498,6 +499,7 @@ def decode_attention(slots, cache, rows, spans, flash):
         seqused = (lengths + 1).clamp(max=max_k).to(torch.int32)
         splits = (fa2_split_count(rows, cache.shape[3], max_k, multiprocessors(cache.device))
                   if slots.fa2_splits == "auto" else slots.fa2_splits or 1)
+        splits = max(1, min(splits, FA2_MAX_SEQUENCES // rows))  # (rows x parts sequences in one call)
         layout = fa2_layout(seqused, cache.shape[3], cache.shape[4], max_k, splits)
     elif flash is None:  # per group: its rows, columns and additive mask (rows, 1, 1, span), built once for all layers
         starts = [0] + [end for end, _ in spans[:-1]]

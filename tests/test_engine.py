@@ -4,6 +4,7 @@ slots, buckets or look interval (refill and compaction), a decode step with no h
 the uniform numbers and sample_next's tempered and nucleus distribution, a prompt longer than the cache, and the
 decode step's attention rule (flash or written out) with the KV cache's dtype. (Cross-sampling with a partner:
 test_token_shift.py.)"""
+import types
 import weakref
 from contextlib import contextmanager
 from unittest import mock
@@ -139,6 +140,34 @@ def fa2_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
     return out, lse
 
 
+def test_fa2_stand_in_returns_what_the_real_op_declares(monkeypatch):
+    """The stand-in's (out, lse) have the shapes, dtypes and layout torch's FA2 op declares for fa2_decode's calls
+    (its meta kernel runs without a GPU), split or not: lse (heads, sequences) in fp32, which merge_splits reads."""
+    rows, nh, nkv, cols, hd = 5, 12, 2, 64, 128
+    q = torch.randn(rows, nh, hd, dtype=torch.bfloat16)
+    cache = torch.randn(2, rows, nkv, cols, hd, dtype=torch.bfloat16)
+    for splits in (1, 3, 8):
+        layout = engine.fa2_layout(torch.tensor([1, 5, 64, 30, 2], dtype=torch.int32), nkv, cols, cols, splits)
+        on_meta = types.SimpleNamespace(**{k: v.to("meta") if torch.is_tensor(v) else v
+                                           for k, v in vars(layout).items()})
+        got = {}
+        for name, kernel, lay, inputs in (("real", real_fa2_on_meta, on_meta, [t.to("meta") for t in (q, *cache)]),
+                                          ("stand-in", fa2_stand_in, layout, [q, *cache])):
+            calls = []
+            monkeypatch.setattr(engine, "flash_varlen_forward", lambda *a: calls.append(kernel(*a)) or calls[-1])
+            y = engine.fa2_decode(*inputs, lay)
+            (out, lse), = calls
+            got[name] = [(tuple(t.shape), t.dtype, t.stride()) for t in (out, lse, y)]
+        assert got["real"] == got["stand-in"], splits
+        assert got["real"][1] == ((nh, rows * splits), torch.float32, (rows * splits, 1))
+
+
+def real_fa2_on_meta(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
+    """engine.flash_varlen_forward's op on meta tensors: shapes only."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
+                                                   seqused_k=seqused_k)[:2]
+
+
 def record_fa2_layouts(monkeypatch):
     """engine.fa2_layout, recording each layout's (splits, whether a part of some row has no keys) in the list
     returned."""
@@ -196,6 +225,20 @@ def test_fa2_split_count_fills_the_gpu_where_rows_are_few():
     assert count(1024, 2, 4096, 132) == 1  # 2,048 blocks fill it already
     assert count(16, 2, 4096, 132) == 16 and count(1, 2, 10**6, 132) == engine.FA2_MAX_SPLITS  # a long tail
     assert count(1, 2, 100, 132) == 1  # under 256 columns: one part
+
+
+def test_fa2_splits_keep_one_call_within_a_cuda_grid(monkeypatch):
+    """rows x parts sequences make one FA2 launch's grid rows, at most 65,535: a fa2_splits that would pass that at
+    a large bucket is cut down there (here with the limit lowered to 12: 5 rows, 32 parts asked, 2 given), with the
+    same samples."""
+    monkeypatch.setattr(engine, "flash_varlen_forward", fa2_stand_in)
+    monkeypatch.setattr(engine, "FA2_MAX_SEQUENCES", 12)
+    seen = record_fa2_layouts(monkeypatch)
+    model = random_model(CONFIGS["qwen3"], seed=6).double()
+    kw = dict(n=5, max_new_tokens=6, temperature=1.0, seed=7, slots=5, buckets=None)
+    out = generate(model, [[1, 2, 3]], **kw, fa2_decode_attention=True, fa2_splits=32)
+    assert {splits for splits, _ in seen} == {2}
+    assert [g.tokens for g in out] == [g.tokens for g in generate(model, [[1, 2, 3]], **kw)]
 
 
 def test_fa2_splits_are_checked():
