@@ -1,16 +1,28 @@
 """reproduce.sh: the micro preset end to end (every artefact, the final table), stage skipping on a re-run,
 and --dry-run of the paper presets (complete commands with the paper's key flags)."""
+import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 
 import pytest
 from conftest import ROOT
 
+# every variable reproduce.sh and its presets read ($NAME, ${NAME...}; HOME aside): the tests set what they need and
+# leave out what the shell running them has (OUT=..., SEEDS=3, LIMR=1 as the README shows would run other studies)
+STUDY_VARIABLES = {name for path in [os.path.join(ROOT, "reproduce.sh"), *glob.glob(os.path.join(ROOT, "config", "*"))]
+                   for name in re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", open(path).read())} - {"HOME"}
+
+
+def study_env(**env):
+    """The environment a test runs reproduce.sh in: the shell's, less every study variable, and then env."""
+    return {k: v for k, v in os.environ.items() if k not in STUDY_VARIABLES} | env
+
 
 def run_reproduce(*args, env=None, check=True):
-    e = dict(os.environ, OMP_NUM_THREADS="1", THREADS="1", **(env or {}))  # (the preset's own setting: 2)
+    e = study_env(OMP_NUM_THREADS="1", THREADS="1", **(env or {}))  # (the preset's own setting: 2)
     proc = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
@@ -251,7 +263,7 @@ def test_the_tiny_preset_runs_its_own_thread_count_not_the_shells():
     """Another CPU thread count rounds otherwise, so the figures hold for the preset's 2: an OMP_NUM_THREADS left in
     the shell is overridden, with a note; THREADS chooses another."""
     def threads(**env):
-        e = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "THREADS")} | env | {"SEED": "1"}
+        e = study_env(**env, SEED="1")
         proc = subprocess.run(["bash", "-c", "source config/tiny.sh && echo $OMP_NUM_THREADS"], cwd=ROOT, env=e,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
@@ -278,7 +290,7 @@ def test_seeds_and_help_work_when_started_from_another_directory(tmp_path):
     """The script moves to its own directory first: a second seed and --help must still find the script, started as
     `bash REPO/reproduce.sh` from REPO's parent (a path relative to where it was started used to point nowhere) or
     through a symbolic link elsewhere (whose directory has no config/)."""
-    e = dict(os.environ, OUT=str(tmp_path / "t"), SEEDS="2")
+    e = study_env(OUT=str(tmp_path / "t"), SEEDS="2")
     link = tmp_path / "r.sh"
     link.symlink_to(os.path.join(ROOT, "reproduce.sh"))
     for script, cwd in ((os.path.join(os.path.basename(ROOT), "reproduce.sh"), os.path.dirname(ROOT)),
