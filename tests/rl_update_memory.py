@@ -39,7 +39,11 @@ def fixed_rollouts(model, tokenizer, task, records, n=1, max_new_tokens=16, **_)
 
 
 def main():
-    d = tempfile.mkdtemp()
+    with tempfile.TemporaryDirectory() as d:
+        measure(d)
+
+
+def measure(d):
     cfg = tiny_config(VOCAB, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
                       max_position_embeddings=4096)
     records = [r for people in (3, 4) for r in kk_data.generate(0, people, 4, log=None)][:PROMPTS]
