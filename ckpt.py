@@ -204,10 +204,13 @@ def remove_partial_saves(run_dir):
 
 def load_checkpoint(run_dir):
     """The newest checkpoint in run_dir that every rank can read: (step, model_dir, train_state, this rank's shard),
-    or None. One with an unreadable file (truncated by a disk fault or a partial copy, or missing) is skipped with a
-    one-line warning naming the file. Every rank calls this."""
+    or None. One with a damaged file (truncated by a disk fault or a partial copy, or missing) is skipped with a
+    one-line warning naming the file. A read that fails for another reason (the storage's I/O error, no memory, no
+    permission) says nothing of the file: a UserError on every rank, before anything is skipped (the resume would
+    remove the newer checkpoint as unreadable). Every rank calls this."""
     for step in reversed(checkpoint_steps(run_dir)):
         model_dir, problem, state, shard = checkpoint_dir(run_dir, step), None, None, None
+        failed = None  # a read error, not a damaged file
         path = state_path = model_dir + ".state.pt"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -220,7 +223,15 @@ def load_checkpoint(run_dir):
         except Exception as e:  # noqa: BLE001 -- any reader error (weight_files': no weights) means: not this one
             problem = str(e) if isinstance(e, UserError) else (  # (a UserError names its place)
                 f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-        problems = [p for p in all_gather_json(problem) if p]
+            # (a damaged file raises the readers' own errors; a missing one FileNotFoundError, a skip too)
+            if isinstance(e, (OSError, MemoryError)) and not isinstance(e, FileNotFoundError):
+                failed = problem
+        gathered = all_gather_json([problem, failed])
+        failures = [f for _, f in gathered if f]
+        if failures:
+            raise UserError(f"cannot read {failures[0]} (a read error, not a damaged file): no checkpoint was skipped "
+                            f"or removed; run again when the storage reads (--resume true)")
+        problems = [p for p, _ in gathered if p]
         if problems:
             print0(f"warning: skipping the checkpoint of step {step}: cannot read {problems[0]}")
             continue

@@ -174,6 +174,30 @@ def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(
     assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing resumable left: a fresh run
 
 
+def test_a_read_error_is_not_taken_for_a_damaged_checkpoint(tmp_path, monkeypatch):
+    """A read that fails with the storage's I/O error (a network filesystem's hiccup) or for want of memory says
+    nothing of the file: the resume stops naming it, and skips and removes nothing (taken for damage, the newest
+    good checkpoint was deleted and its steps trained again). A damaged file is still skipped (the test above)."""
+    import errno
+    import torch
+    run = str(tmp_path)
+    for step in (1, 2):
+        fake_checkpoint(run, step)
+    real_load = torch.load
+    for error in (OSError(errno.EIO, "Input/output error"), MemoryError()):
+        def failing(path, *args, **kwargs):
+            if path == ckpt.checkpoint_dir(run, 2) + ".state.pt":
+                raise error
+            return real_load(path, *args, **kwargs)
+        monkeypatch.setattr(torch, "load", failing)
+        with pytest.raises(UserError, match=r"step_000002\.state\.pt: .*\(a read error, not a damaged file\): no "
+                                            r"checkpoint was skipped or removed"):
+            ckpt.resume_checkpoint(run, resume=True)
+        assert ckpt.checkpoint_parts(run) == {1, 2}
+    monkeypatch.setattr(torch, "load", real_load)
+    assert ckpt.resume_checkpoint(run, resume=True)[0] == 2  # the storage reads again: the newest, as ever
+
+
 def test_a_second_run_on_a_locked_run_directory_is_refused(tmp_path):
     """Rank 0 of a run holds its directory's lock until it ends, however it ends: another process starting a run
     there (a second terminal, a re-run beside a killed torchrun's surviving workers) is refused before it writes."""
