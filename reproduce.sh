@@ -86,7 +86,8 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   local name="$1"; shift
   local cmd="$*"
   local what="${cmd#"$LAUNCH "}"  # the command without its launcher: another number of GPUs may take over a run
-  if [[ -f "$OUT/done/$name" ]]; then
+  # (an empty marker is none: every version wrote its seconds, and an empty one is a write that failed, disk full)
+  if [[ -s "$OUT/done/$name" ]]; then
     local was; was=$(tail -n +2 "$OUT/done/$name")  # line 1: seconds; then the command (none: an older marker)
     if [[ -z "$was" ]]; then  # (a preset may have changed since: its outputs cannot be taken as this command's)
       echo "error: stage $name in $OUT was marked done by an older reproduce.sh, which did not record its command:" >&2
@@ -122,7 +123,9 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   ATTEMPT=""
   mkdir -p "$OUT/done"
   log_attempt "$name" "$seconds" finished
-  printf '%s\n%s\n' "$seconds" "$what" > "$OUT/done/$name"
+  # whole or not at all: a marker cut short by a full disk would read as another command's
+  printf '%s\n%s\n' "$seconds" "$what" > "$OUT/done/.$name.tmp"
+  mv -f "$OUT/done/.$name.tmp" "$OUT/done/$name"
   echo "== $name: finished in ${seconds}s"
 }
 

@@ -456,6 +456,18 @@ def kk_dry_run(out, gpus):
                          env={"GPUS": str(gpus), "MODEL_DIR": str(out.parent / "base"), "OUT": str(out)})
 
 
+def test_an_empty_done_marker_is_no_marker(tmp_path):
+    """Every version wrote a marker's seconds: an empty one is a write a full disk stopped (the marker is now
+    written whole or not at all). The stage runs again, where it was refused as an older marker with a fix that
+    could not mend it."""
+    out = tmp_path / "out"
+    (out / "done").mkdir(parents=True)
+    (out / "done" / "data").write_text("")
+    proc = kk_dry_run(out, 8)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\n== data\n+ " in proc.stdout and "== data: done" not in proc.stdout
+
+
 def test_an_older_done_marker_without_its_command_is_not_taken_as_this_command(tmp_path):
     """A marker written before markers held the command (seconds alone) cannot say its outputs are this command's
     (a preset's RL steps changed since, say): the run stops, printing the line that accepts it."""
