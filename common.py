@@ -4,11 +4,13 @@ errors naming file and line, atomic writes, the ids a response stops at, and the
 imports no other module of this project, so any module may import it.
 """
 import argparse
+import errno
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 from contextlib import closing, contextmanager
@@ -475,10 +477,33 @@ def atomic_open(path, mode="w"):
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
         fsync_dir(d)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise_refused_write(path, e, "nothing was replaced")
         raise
+
+
+# a write the storage refused: full disk or quota, a file size limit, an I/O error, a read-only filesystem
+REFUSED_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+
+
+def raise_refused_write(path, e, outcome):
+    """If the storage refused a write behind e (e itself, or an error it was raised from: torch.save's own error
+    hides the OSError; safetensors' names its code only in its text), a UserError naming path and saying what became
+    of it (`outcome`); else nothing."""
+    seen = set()
+    cause = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        code = cause.errno if isinstance(cause, OSError) else None
+        if code is None and type(cause).__name__ == "SafetensorError":
+            found = re.search(r"\(os error (\d+)\)", str(cause))
+            code = found and int(found.group(1))
+        if code in REFUSED_WRITE:
+            raise UserError(f"{path}: cannot write it ({os.strerror(code)}); {outcome}. Free space there and run "
+                            f"again (--resume true where the stage has it)") from e
+        cause = cause.__cause__ or cause.__context__
 
 
 def open_lines(path):
@@ -502,8 +527,12 @@ def write_json(path, obj):
 def append_jsonl(path, record):
     """Append one record (metrics logs); the line is written whole with one write call."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except OSError as e:  # (a line cut short is dropped by its readers)
+        raise_refused_write(path, e, "its last line was not added whole")
+        raise
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
 
-from common import UserError, fsync_dir, fsync_tree, read_json, stop_token_ids
+from common import UserError, fsync_dir, fsync_tree, raise_refused_write, read_json, stop_token_ids
 
 try:  # FlashAttention kernels on CUDA when the package is installed; SDPA otherwise
     from flash_attn import flash_attn_varlen_func
@@ -645,11 +645,30 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
 def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**30, dtype=None):
     """Write a HF checkpoint directory atomically: into a temporary directory, then renamed into place (a path that
     exists is first renamed aside, so a kill between the two renames leaves only that NAME.oldPID)."""
-    from safetensors.torch import save_file
     path = os.path.abspath(path.rstrip("/"))
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        write_model_files(model, tmp, tokenizer, max_shard_bytes, dtype)
+        fsync_tree(tmp)  # the files on disk before the name (a resume trusts what the name holds)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_refused_write(path, e, "nothing was replaced")
+        raise
+    if os.path.exists(path):  # replace an older checkpoint of the same name
+        old = f"{path}.old{os.getpid()}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def write_model_files(model, tmp, tokenizer, max_shard_bytes, dtype):
+    """save_model's files, written into directory tmp."""
+    from safetensors.torch import save_file
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -685,15 +704,6 @@ def save_model(model: Transformer, path, tokenizer=None, max_shard_bytes=5 * 2**
             json.dump({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stop,
                        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]},
                       f, indent=2)
-    fsync_tree(tmp)  # the files on disk before the name (a resume trusts what the name holds)
-    if os.path.exists(path):  # replace an older checkpoint of the same name
-        old = f"{path}.old{os.getpid()}"
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path))
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes=2) -> int:

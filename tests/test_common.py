@@ -363,6 +363,48 @@ def test_atomic_writes_reach_the_disk_before_their_name_does(tmp_path, monkeypat
     assert ("sync", str(tmp_path)) in events[at:]
 
 
+FULL_DISK_SCRIPT = """
+import os, resource, signal, sys, torch
+import common
+from model import build_model, save_model, tiny_config
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+out, what = sys.argv[1], sys.argv[2]
+with open(os.path.join(out, "old.pt"), "w") as f:
+    f.write("the earlier file")
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+def write():
+    if what == "torch.save":  # a checkpoint's optimizer shard: torch's own error hides the OSError
+        with common.atomic_open(os.path.join(out, "old.pt"), "wb") as f:
+            torch.save({"exp_avg": torch.zeros(100_000)}, f)
+    elif what == "save_model":  # safetensors says its OS error only in its text
+        save_model(build_model(tiny_config(4096, hidden_size=64)), os.path.join(out, "ck"))
+    else:
+        common.append_jsonl(os.path.join(out, "metrics.jsonl"), {"x": "y" * 100_000})
+common.run_main(write)
+"""
+
+
+@pytest.mark.parametrize("what, name, outcome", [("torch.save", "old.pt", "nothing was replaced"),
+                                                 ("save_model", "ck", "nothing was replaced"),
+                                                 ("append", "metrics.jsonl", "its last line was not added whole")])
+def test_a_write_the_storage_refuses_ends_in_one_line_naming_the_file(tmp_path, what, name, outcome):
+    """A full disk (here a file size limit, EFBIG) while writing a checkpoint's shard, a model directory or a log
+    line: one line naming the file, not torch's 'unexpected pos' error or safetensors' text without a path; nothing
+    half-written is left in place (the earlier file stands, no temporary file remains)."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT, subprocess_env
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(tmp_path), what], capture_output=True,
+                          text=True, cwd=ROOT, env=subprocess_env(), timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / name}: cannot write it (File too large); {outcome}. Free space there and run again "
+        f"(--resume true where the stage has it)"), proc.stderr[-2000:]
+    assert (tmp_path / "old.pt").read_text() == "the earlier file"
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "old.pt"] if what == "append" else ["old.pt"]
+
+
 def test_data_digest_follows_the_rows_and_their_order():
     rows = [{"id": "a", "q": "x"}, {"id": "b", "q": "y"}]
     assert common.data_digest(rows) == common.data_digest([dict(reversed(r.items())) for r in rows])  # key order: same
