@@ -501,8 +501,9 @@ def raise_refused_write(path, e, outcome):
             found = re.search(r"\(os error (\d+)\)", str(cause))
             code = found and int(found.group(1))
         if code in REFUSED_WRITE:
-            raise UserError(f"{path}: cannot write it ({os.strerror(code)}); {outcome}. Free space there and run "
-                            f"again (--resume true where the stage has it)") from e
+            fix = "Free space there" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "Check the storage"
+            raise UserError(f"{path}: cannot write it ({os.strerror(code)}); {outcome}. {fix} and run again "
+                            f"(--resume true where the stage has it)") from e
         cause = cause.__cause__ or cause.__context__
 
 
