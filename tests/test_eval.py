@@ -6,12 +6,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import common
 import eval as ev
 import scoring
 import toy_task
 from conftest import ROOT, free_port, lock_held_elsewhere, subprocess_env
+from model import load_model
+from tasks import load_tokenizer
 
 FAST = ["--task", "toy_task", "--max_new_tokens", "12", "--batch_size", "16", "--progress", "false"]
 
@@ -483,3 +486,49 @@ def test_every_option_passes_through_torchrun(tmp_path):
                            "0", os.path.join(ROOT, "eval.py")] + argv,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert f"error: checkpoint {tmp_path / 'nope'}: no such directory" in proc.stderr, proc.stderr[-2000:]
+
+
+# each generation setting reaches the generation: eval.main's samples equal scoring.generate_and_score's at the same
+# settings (in-process, apart from eval.main's wiring) and differ from the defaults' (a setting dropped on its way,
+# its default passed instead, fails)
+GENERATION_DEFAULTS = {"n": 4, "temperature": 1.0, "top_p": 1.0, "seed": 0, "template": "auto"}
+
+
+def eval_samples(ckpt, split, out, **s):
+    ev.main(["--checkpoints", ckpt, "--names", "m", "--splits", split, "--split_names", "t", "--out_dir", str(out),
+             "--samples_per_prompt", str(s["n"]), "--temperature", str(s["temperature"]), "--top_p", str(s["top_p"]),
+             "--seed", str(s["seed"]), "--template", s["template"], "--pass_k", "1", "2"] + FAST)
+    return common.read_jsonl(os.path.join(str(out), "m", "t", "samples.jsonl"))
+
+
+def direct(ckpt, split, **s):
+    model, tok = load_model(ckpt).eval(), load_tokenizer(ckpt)
+    samples, _ = scoring.generate_and_score(model, tok, toy_task, toy_task.load_split(split), n=s["n"],
+                                            temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=12,
+                                            seed=s["seed"], template=s["template"], batch_size=16, progress=False)
+    return samples
+
+
+@pytest.mark.parametrize("change", [{"temperature": 0.5}, {"top_p": 0.3}, {"seed": 7}, {"template": "plain"}])
+def test_each_generation_setting_reaches_the_sampler(tiny_checkpoint, split, tmp_path, change):
+    s = {**GENERATION_DEFAULTS, **change}
+    got = eval_samples(tiny_checkpoint, split, tmp_path / "out", **s)
+    assert got == direct(tiny_checkpoint, split, **s)
+    # ... and the setting matters at all here (else the equality above proves nothing)
+    default = direct(tiny_checkpoint, split, **GENERATION_DEFAULTS)
+    assert [x["response"] for x in got] != [x["response"] for x in default]
+
+
+def test_dtype_reaches_the_model(tiny_checkpoint, split, tmp_path, monkeypatch):
+    """--dtype float64 (the exact check the docs offer) loads the model in float64, not as a label only."""
+    import model as model_module
+    real, seen = model_module.load_model, []
+
+    def spy(*a, **kw):
+        m = real(*a, **kw)
+        seen.append(next(m.parameters()).dtype)
+        return m
+    monkeypatch.setattr(model_module, "load_model", spy)
+    ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", str(tmp_path / "o"),
+             "--dtype", "float64"] + FAST)
+    assert seen == [torch.float64]

@@ -4,6 +4,7 @@ policy-gradient ∇J estimator against the exact ∇J, CountSketch against exact
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -219,7 +220,6 @@ def test_sft_files_rewritten_during_the_run_are_refused(setup, tmp_path, monkeyp
     """The effects name samples by (file, line) and --select copies records from the files at the end: files
     rewritten meanwhile (a stage re-run into the same path, the rows in another order) would give the top-K other
     samples, labelled with the scored ones' effects. Refused, and nothing written."""
-    d = setup["dir"]
     sft = str(tmp_path / "teacher.jsonl")
     common.write_jsonl(sft, setup["sft"][:15])
     args = setup["args"] + ["--sft_data", sft, "--out", str(tmp_path / "effects.jsonl"), "--select", "2",
@@ -472,3 +472,128 @@ def test_summary_statistics_by_hand():
     s = se.summarize([0.0, 0.0, 1.0, -1.0])
     assert s == {"count": 4, "mean": 0.0, "median": 0.0, "share_positive": 0.25, "std": pytest.approx(0.5 ** 0.5)}
     assert se.summarize([]) == {"count": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every setting reaches what it sets: the script at other values than the defaults, against an independent computation
+
+SETTINGS = {"temperature": 1.3, "samples_per_prompt": 4, "seed": 3, "template": "plain", "num_eval_prompts": 10,
+            "token_reduction": "sum", "params": r"layers\.1\.|norm"}
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_checkpoint):
+    """Evaluation prompts and SFT samples for runs at other settings than the defaults (the digit task again)."""
+    import toy_task
+    from tasks import load_tokenizer
+    d = tmp_path_factory.mktemp("se_settings")
+    (d / "se_digit_task.py").write_text(DIGIT_TASK)
+    sys.path.insert(0, str(d))
+    tok = load_tokenizer(tiny_checkpoint)
+    records = (toy_task.make_records(12, seed=1, split="test")
+               + toy_task.make_records(4, seed=5, split="hard", max_value=99))
+    common.write_jsonl(str(d / "eval.jsonl"), records)
+    sft = [{"id": r["id"], "task": "se_digit_task", "prompt": toy_task.render_prompt(r, tok),
+            "response": toy_task.teacher_response(r)} for r in toy_task.make_records(6, seed=2, split="sft")]
+    common.write_jsonl(str(d / "sft.jsonl"), sft)
+    # with reversed responses (larger gradients): effect and cosine rank these differently
+    common.write_jsonl(str(d / "sft_mixed.jsonl"), sft + [dict(x, id=x["id"] + "r", response=x["response"][::-1])
+                                                          for x in sft])
+    yield d
+    sys.path.remove(str(d))
+
+
+def run_script(ckpt, d, s):
+    out = d / f"run_{len(list(d.iterdir()))}" / "effects.jsonl"
+    se.main(["--task", "se_digit_task", "--checkpoint", ckpt, "--eval_data", str(d / "eval.jsonl"),
+             "--sft_data", str(d / "sft.jsonl"), "--max_new_tokens", str(MAX_NEW), "--gen_batch_size", "64",
+             "--exact", "true", "--proj_dim", "0", "--progress", "false", "--out", str(out)]
+            + [x for k, v in s.items() for x in (f"--{k}", str(v))])
+    return common.read_jsonl(str(out))
+
+
+def logprob(model, prompt, response, temperature):
+    """The response's log-probs at temperature T by the padded reference forward."""
+    ids = torch.tensor([prompt + response])
+    lp = torch.log_softmax(padded.logits(model, ids)[0, :-1] / temperature, -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return lp[len(prompt) - 1:]
+
+
+def independent(ckpt, d, s):
+    """Each SFT sample's effect, its gradient and ∇J, computed apart from sample_effect.py: the rollouts redrawn by
+    engine.sample_responses, the leave-one-out policy gradient of log softmax(logits / T) summed by hand through the
+    padded reference forward, over the --params subset."""
+    import engine
+    import se_digit_task as task
+    import tasks
+    import toy_task
+    from model import load_model
+    from tasks import load_tokenizer
+    model, tok = load_model(ckpt).eval(), load_tokenizer(ckpt)
+    names = [n for n, _ in model.named_parameters() if re.search(s["params"], n)]
+    params = [dict(model.named_parameters())[n] for n in names]
+    records, _ = tasks.stratified_subset(toy_task.load_split(str(d / "eval.jsonl")), s["num_eval_prompts"], "level",
+                                         s["seed"])
+    k, temp = s["samples_per_prompt"], s["temperature"]
+    out = engine.sample_responses(model, tok, task, records, n=k, temperature=temp, top_p=1.0,
+                                  max_new_tokens=MAX_NEW, seed=common.derive_seed(s["seed"], 0),
+                                  prompt_numbers=list(range(len(records))), template=s["template"], progress=False)
+    objective = 0.0
+    for j, r in enumerate(records):
+        prompt = tok.encode(task.render_prompt(r, tok, s["template"]), add_special_tokens=False)
+        group = out[j * k:(j + 1) * k]
+        rewards = [float(x["reward"]) for x in group]
+        for i, x in enumerate(group):
+            baseline = (sum(rewards) - rewards[i]) / (k - 1)
+            objective = objective + (rewards[i] - baseline) * logprob(model, prompt, x["tokens"], temp).sum()
+    grad_j = torch.autograd.grad(objective / (len(records) * k), params)
+    assert sum(float(g.abs().sum()) for g in grad_j) > 0
+    effects, grads = [], []
+    for ex in tasks.load_sft_examples([str(d / "sft.jsonl")], tok, 2048):
+        lp = logprob(model, ex["input_ids"][:ex["start"]], ex["input_ids"][ex["start"]:], 1.0)
+        g = torch.autograd.grad(lp.sum() if s["token_reduction"] == "sum" else lp.mean(), params, allow_unused=True)
+        g = [torch.zeros_like(b) if a is None else a for a, b in zip(g, grad_j)]
+        grads.append(g)
+        effects.append(sum(float((a.double() * b.double()).sum()) for a, b in zip(g, grad_j)))
+    return effects, grads, grad_j
+
+
+def test_effects_equal_an_independent_computation_at_non_default_settings(tiny_checkpoint, data):
+    """At other values than the defaults of --temperature, --samples_per_prompt, --seed, --template,
+    --num_eval_prompts, --token_reduction and --params, the effects are the independent computation's: a setting
+    dropped on its way through main, a flipped sign or a lost 1/K fails here."""
+    got = [e["sample_effect"] for e in run_script(tiny_checkpoint, data, SETTINGS)]
+    want = independent(tiny_checkpoint, data, SETTINGS)[0]
+    scale = max(abs(w) for w in want)
+    assert scale > 0
+    assert got == pytest.approx(want, rel=1e-3, abs=1e-4 * scale)
+
+
+@pytest.mark.parametrize("select_by", ["sample_effect", "normalised"])
+def test_select_by_ranks_by_its_column(tiny_checkpoint, data, select_by):
+    """--select_by picks the top samples by its own column (the two rank these samples differently)."""
+    out = data / f"sel_{select_by}"
+    args = ["--task", "se_digit_task", "--checkpoint", tiny_checkpoint, "--eval_data", str(data / "eval.jsonl"),
+            "--sft_data", str(data / "sft_mixed.jsonl"), "--max_new_tokens", str(MAX_NEW), "--samples_per_prompt", "4",
+            "--exact", "true", "--proj_dim", "0", "--progress", "false", "--out", str(out / "e.jsonl"),
+            "--select", "6", "--select_out", str(out / "top.jsonl"), "--select_by", select_by,
+            "--token_reduction", "sum"]
+    se.main(args)
+    effects = common.read_jsonl(str(out / "e.jsonl"))
+    want = [e["id"] for e in sorted(effects, key=lambda e: e[select_by], reverse=True)][:6]
+    assert [r["id"] for r in common.read_jsonl(str(out / "top.jsonl"))] == want
+    # the two rankings differ on these samples (else this test could not tell them apart)
+    assert ([e["id"] for e in sorted(effects, key=lambda e: e["sample_effect"], reverse=True)]
+            != [e["id"] for e in sorted(effects, key=lambda e: e["normalised"], reverse=True)])
+
+
+def test_the_sketch_has_the_runs_dimension_and_seed(tiny_checkpoint, data):
+    """--proj_dim 64 --proj_seed 5 (not the defaults 4096, 0): the projected effect is <S g, S ∇J> of that sketch."""
+    s = {**SETTINGS, "proj_dim": 64, "proj_seed": 5}
+    got = [e["sample_effect_proj"] for e in run_script(tiny_checkpoint, data, s)]
+    _, grads, grad_j = independent(tiny_checkpoint, data, SETTINGS)
+    sketch = se.CountSketch([g.numel() for g in grad_j], 64, 5, torch.device("cpu"))
+    ref = sketch(grad_j).double()
+    want = [float(sketch(g).double() @ ref) for g in grads]
+    assert got == pytest.approx(want, rel=1e-3, abs=1e-4 * max(map(abs, want)))

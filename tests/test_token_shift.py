@@ -15,6 +15,7 @@ import torch
 
 import common
 import engine
+import tasks
 import token_shift
 import toy_task
 from common import stop_token_ids
@@ -428,3 +429,60 @@ def test_threshold_switch_and_position_deciles_by_hand():
     summary = token_shift.summarize([row], [], None, 0.5, 0)
     assert [d["positions"] for d in summary["by_relative_position"]] == [1] * 10
     assert summary["by_relative_position"][-1]["share_high"] == 1.0
+
+
+def test_limit_high_js_and_top_tokens_shape_the_divergence_summary(pair, tmp_path):
+    """--limit, --high_js and --top_tokens at other values than their defaults reach the summary they shape."""
+    token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"],
+                      "--limit", "5", "--high_js", "0.02", "--top_tokens", "3", "--temperature", "0.7",
+                      "--out_dir", str(tmp_path), "--plots", "false", "--progress", "false"])
+    rows = [json.loads(line) for line in open(tmp_path / "tokens.jsonl")]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["id"] for r in rows] == [r["id"] for r in pair["records"][:5]] and summary["responses"] == 5
+    js = [x for r in rows for x in r["js"]]
+    high = sum(x > 0.02 for x in js)
+    assert 0 < high < sum(x > 0 for x in js) and sum(x > 0.1 for x in js) != high  # 0.02 is not the default's cut
+    assert summary["high_js"]["positions"] == high
+    assert summary["share_js_above_0.02"] == pytest.approx(high / len(js))
+    distinct = {t for r in rows for t, x in zip(r["token_ids"], r["js"]) if x > 0.02}
+    assert len(distinct) > 3 and len(summary["top_high_js_tokens"]) == 3
+
+
+def test_cross_sampling_settings_reach_the_decode(pair, tmp_path, monkeypatch):
+    """--temperature, --template, --limit, --seed (the random control's stream too) and --dtype at other values than
+    their defaults reach cross-sampling: with --eps inf its samples are the base's alone, as the engine draws them at
+    those settings (and not at the defaults')."""
+    dtype = "float64"
+    import model as model_module
+    real_load, loaded = model_module.load_model, []
+    real_switch, control_seeds = token_shift.random_switch, []
+
+    def load_spy(*a, **kw):
+        m = real_load(*a, **kw)
+        loaded.append(next(m.parameters()).dtype)
+        return m
+
+    def switch_spy(rate, seed):
+        control_seeds.append(seed)
+        return real_switch(rate, seed)
+    monkeypatch.setattr(model_module, "load_model", load_spy)
+    monkeypatch.setattr(token_shift, "random_switch", switch_spy)
+    token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--cross", "forward", "--task", "toy_task",
+                      "--split", pair["split"], "--limit", "4", "--samples_per_prompt", "2", "--max_new_tokens", "10",
+                      "--temperature", "0.6", "--template", "plain", "--seed", "11", "--dtype", dtype,
+                      "--out_dir", str(tmp_path), "--plots", "false", "--progress", "false", "--eps", "inf"])
+    assert loaded == [getattr(torch, dtype)] * 2
+    assert control_seeds == [common.derive_seed(11, 0, 1)]
+    samples = [json.loads(line) for line in open(tmp_path / "cross_forward_samples.jsonl")]
+    got = [s["tokens"] for s in samples if not s["control"]]
+    # eps inf: the base alone, as the engine samples it at these settings
+    records, _ = tasks.stratified_subset(toy_task.load_split(pair["split"]), 4, toy_task.DIFFICULTY, 11)
+    base, tok = real_load(pair["base"], getattr(torch, dtype)).eval(), load_tokenizer(pair["base"])
+
+    def alone(**over):
+        s = dict(n=2, temperature=0.6, top_p=1.0, max_new_tokens=10, seed=common.derive_seed(11, 0),
+                 template="plain", prompt_numbers=list(range(len(records))))
+        s.update(over)
+        return [x["tokens"] for x in engine.sample_responses(base, tok, toy_task, records, progress=False, **s)]
+    assert len(got) == 8 and got == alone()
+    assert got != alone(temperature=1.0) and got != alone(template="auto")  # each setting matters here
