@@ -595,3 +595,99 @@ def test_rng_state_holds_this_gpus_generator_only(monkeypatch):
     sft.set_rng_state(state)
     sft.set_rng_state(dict(state, cuda=[torch.tensor([1], dtype=torch.uint8), torch.tensor([2])]))
     assert restored == [[7], [1]]
+
+
+# every setting that changes the trained weights, at other values than its default, against a reference loop written
+# out here with the settings' intended meaning (a setting dropped on its way through main, its default used, fails)
+OPTIMISATION_SETTINGS = dict(lr=3e-3, beta1=0.8, beta2=0.95, weight_decay=0.3, warmup_ratio=0.25, min_lr_ratio=0.2,
+                             grad_clip=0.5, loss_reduction=None, seed=5, epochs=2, global_batch=4)
+
+
+def reference(init, examples, val, s):
+    """The run as the settings mean it, written out: order by (seed, epoch), clip, AdamW with the schedule."""
+    model = load_model(init, dtype=torch.float32)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s["lr"], betas=(s["beta1"], s["beta2"]), weight_decay=s["weight_decay"])
+    per_epoch = len(examples) // s["global_batch"]
+    total = per_epoch * s["epochs"]
+    warmup = int(s["warmup_ratio"] * total)
+    lengths = [len(e["input_ids"]) for e in examples]
+    lrs, losses, norms = [], [], []
+    for step in range(total):
+        epoch, k = divmod(step, per_epoch)
+        order, size = parallel.epoch_order(len(examples), s["seed"], epoch), s["global_batch"]
+        batch = order[k * size:(k + 1) * size]
+        if step < warmup:
+            lr = s["lr"] * (step + 1) / warmup
+        else:
+            p = (step - warmup) / max(1, total - warmup)
+            lr = s["lr"] * (s["min_lr_ratio"] + (1 - s["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * p)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        exs = [examples[i] for i in parallel.micro_batches(lengths, 10**9, batch)[0]]
+        nll, seq = sft.packed_nll(model, exs)
+        if s["loss_reduction"] == "token_mean":  # over the global batch's loss tokens (one micro-batch holds it)
+            loss = nll.sum() / nll.numel()
+        else:  # seq_mean: each sequence's mean, then the mean over sequences
+            loss = torch.stack([nll[seq == j].mean() for j in range(len(exs))]).mean()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lrs.append(lr)
+        losses.append(float(loss.detach()))
+    return model, lrs, losses, norms
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean"])
+def test_every_optimisation_setting_reaches_the_weights(tiny_checkpoint, tmp_path, reduction):
+    """--lr, --beta1/--beta2, --weight_decay, --warmup_ratio, --min_lr_ratio, --grad_clip (biting every step),
+    --loss_reduction (in training and the held-out loss) and --seed (each epoch's order): the logged lrs, losses and
+    gradient norms and the final weights are the reference loop's."""
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(16, seed=3), tok)  # 4 steps/epoch, 8 in all
+    val = write_sft(tmp_path / "v.jsonl", toy_task.make_records(5, seed=9, split="val"), tok)
+    out = str(tmp_path / "run")
+    argv = ["--init", tiny_checkpoint, "--data", data, "--val_data", val, "--out_dir", out, "--progress", "false"]
+    settings = dict(OPTIMISATION_SETTINGS, loss_reduction=reduction)
+    argv += [x for k, v in settings.items() for x in (f"--{k}", str(v))]
+    assert sft.main(argv) == 0
+    rows = metrics(out)
+    steps = [r for r in rows if "loss" in r]
+    examples = tasks.load_sft_examples([data], tok, 5000)
+    val_examples = tasks.load_sft_examples([val], tok, 5000)
+    # the held-out loss uses --loss_reduction too, before training
+    with torch.no_grad():
+        nll, seq = sft.packed_nll(load_model(tiny_checkpoint), val_examples)
+    want = (nll.mean() if reduction == "token_mean"
+            else torch.stack([nll[seq == j].mean() for j in range(len(val_examples))]).mean())
+    assert rows[0]["step"] == 0 and rows[0]["val_loss"] == pytest.approx(float(want), rel=1e-5)
+    model, lrs, losses, norms = reference(tiny_checkpoint, examples, val_examples, settings)
+    assert [r["lr"] for r in steps] == pytest.approx(lrs, rel=1e-9)  # warm-up 2 steps, cosine down to 0.2 x lr
+    assert [r["loss"] for r in steps] == pytest.approx(losses, rel=1e-4)
+    assert [r["grad_norm"] for r in steps] == pytest.approx(norms, rel=1e-4)
+    assert min(norms) > OPTIMISATION_SETTINGS["grad_clip"]  # the clip bites in every step
+    got = load_model(os.path.join(out, "final")).state_dict()
+    for name, want in model.state_dict().items():  # (the run: within 5e-7; a setting dropped: 6e-4 or more apart)
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-5, msg=name)
+
+
+def test_keep_last_and_the_init_tiny_seed_reach_the_run(tiny_checkpoint, tmp_path):
+    """--keep_last N keeps the newest N resumable checkpoints (not the default 2); --seed seeds --init_tiny's weights
+    (the held-out loss before any step differs between two seeds, and is the same for one seed twice)."""
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(16, seed=3), tok)  # 4 steps/epoch
+    out = str(tmp_path / "keep")
+    sft.main(["--init", tiny_checkpoint, "--data", data, "--out_dir", out, "--global_batch", "4", "--epochs", "2",
+              "--save_every", "1", "--keep_last", "3", "--stop_at_step", "6", "--progress", "false"])
+    assert ckpt.checkpoint_steps(out) == [4, 5, 6]
+    val = write_sft(tmp_path / "v.jsonl", toy_task.make_records(4, seed=9, split="val"), tok)
+    first = {}
+    for name, seed in (("a", 2), ("b", 3), ("c", 2)):
+        run = str(tmp_path / name)
+        sft.main(["--init_tiny", "true", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "16", "--tiny_layers",
+                  "1", "--data", data, "--val_data", val, "--out_dir", run, "--global_batch", "16", "--epochs", "1",
+                  "--seed", str(seed), "--progress", "false"])
+        first[name] = metrics(run)[0]["val_loss"]
+    assert first["a"] == first["c"] != first["b"]

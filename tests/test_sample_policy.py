@@ -380,3 +380,68 @@ def test_from_checkpoint_drops_a_response_holding_the_checkpoints_own_eos(tmp_pa
     with pytest.raises(UserError, match="no correct, finished response without a stop token among 1 samples"):
         sp.main(["--from_checkpoint", str(ckpt), "--task", "toy_task", "--split", str(split), "--out",
                  str(tmp_path / "none.jsonl"), "--progress", "false"])
+
+
+def sample_all(ckpt, split, tmp_path, name, *extra):
+    """sample_policy --from_checkpoint with these settings: every sample it drew (--samples_out)."""
+    everything = str(tmp_path / f"{name}.all.jsonl")
+    sp.main(["--from_checkpoint", ckpt, "--task", "toy_task", "--split", split, "--out",
+             str(tmp_path / f"{name}.jsonl"), "--max_new_tokens", "6", "--progress", "false", "--allow_empty", "true",
+             "--samples_out", everything, *extra])
+    return read(everything)
+
+
+def test_sampling_settings_reach_the_sampler(tiny_checkpoint, tmp_path):
+    """--top_p, --seed, --template and --limit (with its seed) at other values than their defaults reach the
+    sampling: a setting dropped on its way through main (its default used) fails here."""
+    split = str(tmp_path / "split.jsonl")
+    records = toy_task.make_records(6, seed=1, split="val")
+    common.write_jsonl(split, records)
+    tok = load_tokenizer(tiny_checkpoint)
+
+    def draw(name, *extra):
+        return sample_all(tiny_checkpoint, split, tmp_path, name, *extra)
+    greedy = {s["id"]: s["tokens"] for s in draw("greedy")}
+    # top_p near 0 keeps only the most likely token: T = 1 then samples the greedy answer, every time
+    nucleus = draw("nucleus", "--temperature", "1", "--top_p", "1e-6", "--samples_per_prompt", "2")
+    assert [s["tokens"] for s in nucleus] == [greedy[s["id"]] for s in nucleus]
+    # (a random tiny model at T = 1, top_p 1 is far from greedy; another --seed gives other samples)
+    t1 = {seed: [s["tokens"] for s in draw(f"t1_{seed}", "--temperature", "1", "--samples_per_prompt", "2",
+                                           "--seed", str(seed))] for seed in (1, 2)}
+    assert t1[1] != [greedy[s["id"]] for s in nucleus] and t1[1] != t1[2]
+    # --template plain: the prompt sampled and written is the plain one, not the tokenizer's chat template's
+    plain = draw("plain", "--template", "plain")
+    assert [s["prompt"] for s in plain] == [toy_task.render_prompt(r, tok, "plain") for r in records]
+    assert plain[0]["prompt"] != toy_task.render_prompt(records[0], tok, "auto")
+    # --limit: that many records, drawn by --seed
+    picks = {seed: [s["id"] for s in draw(f"lim_{seed}", "--limit", "3", "--seed", str(seed))] for seed in (0, 1, 2, 3)}
+    assert all(len(ids) == 3 for ids in picks.values()) and len({tuple(ids) for ids in picks.values()}) > 1
+
+
+def test_the_shuffle_seed_reaches_the_selection(tmp_path):
+    """--seed shuffles the selection (set B's subset differs by seed), as select() does with it."""
+    run_dir = str(tmp_path / "rl")
+    rows = [{"step": 1, "length": 5, "id": f"p{i}", "prompt": f"P{i}", "response": f"r{i}", "reward": 1.0,
+             "finished": True} for i in range(20)]
+    common.write_jsonl(os.path.join(run_dir, "rollouts", "step_000001.jsonl"), rows)
+    orders = {}
+    for seed in (0, 1):
+        out = str(tmp_path / f"out{seed}.jsonl")
+        sp.main(["--from_rollouts", run_dir, "--steps", "1", "--task", "toy_task", "--out", out, "--seed", str(seed),
+                 "--num_examples", "5", "--progress", "false"])
+        orders[seed] = [r["id"] for r in read(out)]
+        assert orders[seed] == [s["id"] for s in sp.select([dict(r) for r in rows], 1, 5, seed)[0]]
+    assert orders[0] != orders[1]
+
+
+def test_max_per_prompt_reaches_the_selection(tmp_path):
+    """--max_per_prompt 2 keeps the first two distinct right answers of a prompt that has three (0: all three)."""
+    run_dir = str(tmp_path / "rl")
+    rows = [{"step": 1, "length": 5, "id": "p0", "prompt": "P0", "response": f"r{k}", "reward": 1.0, "finished": True}
+            for k in range(3)]
+    common.write_jsonl(os.path.join(run_dir, "rollouts", "step_000001.jsonl"), rows)
+    for limit, want in (("2", ["r0", "r1"]), ("0", ["r0", "r1", "r2"])):
+        out = str(tmp_path / f"out{limit}.jsonl")
+        sp.main(["--from_rollouts", run_dir, "--steps", "1", "--task", "toy_task", "--out", out, "--max_per_prompt",
+                 limit, "--num_examples", "0", "--progress", "false"])
+        assert sorted(r["response"] for r in read(out)) == want
