@@ -1,6 +1,6 @@
 """Shared test helpers and fixtures: the repo root and tests/ on sys.path, the slow and torchrun marks (pytest.ini;
 `python -m pytest -m "not slow"` is the quick loop), one torch thread, subprocess environments, the tiny checkpoint,
-the optional ../shared data folder, and the check of saved FSDP training shards."""
+the optional ../shared data folder, the check of saved FSDP training shards and the RL loop's cheap runs."""
 import contextlib
 import os
 import subprocess
@@ -117,6 +117,40 @@ def make_tiny_checkpoint(path):
     tok = build_tokenizer(texts + [tasks.SYSTEM_PROMPT], vocab_size=400)
     model = build_model(tiny_config(len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), seed=0)
     save_model(model, path, tok)
+
+
+# the RL loop's cheap runs: RL_RECORDS toy records, RL_PROMPTS prompts x RL_N samples a step
+RL_PROMPTS, RL_N, RL_RECORDS = 8, 2, 40
+
+
+@pytest.fixture
+def rl_run(tiny_checkpoint, tmp_path, monkeypatch):
+    """train_rl.main on the tiny checkpoint and RL_RECORDS toy records (tmp_path / "train.jsonl"), one step, no warm
+    start: run(name, fixed=True, **settings) -> (each step's metrics, {step: its rollout log}, the run directory).
+    fixed: on tests/rl_fixed_rollouts.py's rollouts, which depend only on the prompt (else the real engine)."""
+    import common
+    import engine
+    import tasks
+    import toy_task
+    import train_rl
+    from rl_fixed_rollouts import fixed_rollouts
+    train = str(tmp_path / "train.jsonl")
+    common.write_jsonl(train, toy_task.make_records(RL_RECORDS, seed=1, split="train"))
+
+    def run(name, fixed=True, **over):
+        if fixed:
+            monkeypatch.setattr(engine, "sample_responses", fixed_rollouts)
+        s = {"model": tiny_checkpoint, "task": "toy_task", "train_data": train, "test_data": "",
+             "out_dir": str(tmp_path / name), "prompts_per_step": RL_PROMPTS, "samples_per_prompt": RL_N,
+             "max_response_tokens": 12, "lr": 3e-3, "warmup_steps": 0, "max_steps": 1, "save_every": 1,
+             "progress": False} | over
+        assert train_rl.main([x for k, v in s.items() for x in (f"--{k}", str(v))]) == 0
+        out = s["out_dir"]
+        metrics = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if m.get("step")]
+        logs = {m["step"]: common.read_jsonl(tasks.rollout_log_path(out, m["step"])) for m in metrics
+                if os.path.exists(tasks.rollout_log_path(out, m["step"]))}
+        return metrics, logs, out
+    return run
 
 
 def assert_train_shards(run_dir, world):

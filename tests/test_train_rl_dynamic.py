@@ -3,8 +3,7 @@ prompt (tests/rl_fixed_rollouts.py; with 2 samples a prompt about half the group
 trains the first --prompts_per_step groups with a signal in the data order, draws further batches for them up to
 --max_gen_batches and logs how many, a resume draws the same groups, and 2 ranks train the groups 1 rank does.
 The same cheap runs (no warm start) check the loop's bookkeeping: which steps are saved, the step-0 validation,
-the streak of non-finite steps, the settings a resume must share with the run it continues, which rollouts train
-(masked truncations, groups with no signal) and how the KL and the entropy bonus enter the objective."""
+the streak of non-finite steps, and the settings a resume must share with the run it continues."""
 import os
 import shutil
 import sys
@@ -18,32 +17,18 @@ import engine
 import toy_task
 import train_rl
 from common import UserError
-from conftest import ROOT, free_port, subprocess_env
+from conftest import RL_N, RL_PROMPTS, RL_RECORDS, ROOT, free_port, subprocess_env
 from rl_fixed_rollouts import fixed_rollouts
 
-PROMPTS, N, RECORDS = 8, 2, 40
+PROMPTS, N, RECORDS = RL_PROMPTS, RL_N, RL_RECORDS
 
 
 @pytest.fixture
-def loop(tiny_checkpoint, tmp_path, monkeypatch):
-    """train_rl.main on the tiny checkpoint with fixed rollouts; returns the run's metrics and rollout logs."""
-    train = str(tmp_path / "train.jsonl")
-    common.write_jsonl(train, toy_task.make_records(RECORDS, seed=1, split="train"))
-    monkeypatch.setattr(engine, "sample_responses", fixed_rollouts)
-
+def loop(rl_run, tmp_path):
+    """conftest's rl_run, three steps with --dynamic_sampling by default; and the training records."""
     def run(name, **over):
-        s = {"model": tiny_checkpoint, "task": "toy_task", "train_data": train, "test_data": "",
-             "out_dir": str(tmp_path / name), "prompts_per_step": PROMPTS, "samples_per_prompt": N,
-             "max_response_tokens": 12, "lr": 3e-3, "warmup_steps": 0, "max_steps": 3, "save_every": 1,
-             "progress": False, "dynamic_sampling": True}
-        s.update(over)
-        assert train_rl.main([x for k, v in s.items() for x in (f"--{k}", str(v))]) == 0
-        out = s["out_dir"]
-        metrics = [m for m in common.read_jsonl(os.path.join(out, "metrics.jsonl")) if m.get("step")]
-        logs = {m["step"]: common.read_jsonl(os.path.join(out, "rollouts", f"step_{m['step']:06d}.jsonl"))
-                for m in metrics}
-        return metrics, logs, out
-    return run, common.read_jsonl(train)
+        return rl_run(name, **({"max_steps": 3, "dynamic_sampling": True} | over))
+    return run, common.read_jsonl(str(tmp_path / "train.jsonl"))
 
 
 def groups(rows):
@@ -202,84 +187,6 @@ def test_a_good_step_ends_the_streak_of_non_finite_ones(loop, monkeypatch):
     metrics, _, out = run("nan", max_steps=4, max_bad_steps=2, dynamic_sampling=False, micro_batch_tokens=100000)
     assert calls[0] == 4 and [m["bad_steps"] for m in metrics] == [1, 1, 2, 2]
     assert [m["updates"] for m in metrics] == [0, 1, 0, 1] and ckpt.checkpoint_steps(out)[-1] == 4
-
-
-def other_reference(tiny_checkpoint, path):
-    """A reference policy for the KL that is not the start policy (other random weights, the same tokenizer), so
-    the KL is not 0 already at step 1."""
-    from model import build_model, save_model, tiny_config
-    from tasks import load_tokenizer
-    tok = load_tokenizer(tiny_checkpoint)
-    save_model(build_model(tiny_config(len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), seed=5),
-               path, tok)
-    return path
-
-
-def test_k3_kl_and_the_entropy_bonus_enter_the_loss_with_their_coefficients(loop, tiny_checkpoint, tmp_path,
-                                                                             monkeypatch):
-    """--kl_coef c (k3, in the loss) and --entropy_coef e: with every reward equal (no advantage), one on-policy
-    update's token_mean loss is exactly c * KL - e * entropy, both as logged per trained token. A coefficient lost
-    or the bonus's sign turned (a penalty) moves it."""
-    run, _ = loop
-    monkeypatch.setenv("NO_SIGNAL_STEP", "0")  # (the fixture's rollouts never advance their step: every step)
-    c, e = 0.3, 0.05
-    metrics, logs, _ = run("k3", max_steps=1, dynamic_sampling=False, kl_coef=c, kl_estimator="k3", entropy_coef=e,
-                           ref_model=other_reference(tiny_checkpoint, str(tmp_path / "ref")), loss_agg="token_mean")
-    (m,) = metrics
-    assert all(r["advantage"] == 0 and r["trained"] for r in logs[1]) and m["kl"] > 0.01 and m["entropy"] > 0.1
-    assert m["loss"] == pytest.approx(c * m["kl"] - e * m["entropy"], rel=1e-5)
-
-
-def test_k1_takes_each_responses_summed_log_ratio_off_its_advantage(loop, tiny_checkpoint, tmp_path):
-    """--kl_estimator k1: each rollout's advantage is its group's reward advantage less kl_coef x (its response's
-    summed log(pi / pi_ref) - the group's mean), the log-ratio recomputed here by the start policy and the
-    reference, one response at a time."""
-    import grpo
-    import tasks
-    from model import load_model, response_logprobs
-    run, train = loop
-    ref_path, c = other_reference(tiny_checkpoint, str(tmp_path / "ref")), 0.2
-    _, logs, _ = run("k1", max_steps=1, dynamic_sampling=False, kl_coef=c, kl_estimator="k1", ref_model=ref_path,
-                     temperature=0.7)
-    rows, tok, task = logs[1], tasks.load_tokenizer(tiny_checkpoint), tasks.get_task("toy_task")
-    by_id = {r["id"]: r for r in train}
-    policy, ref = load_model(tiny_checkpoint), load_model(ref_path)
-    seq_kl = []
-    for i in range(0, len(rows), N):  # the rollouts the fixture drew for this group's record, as train_rl got them
-        record = by_id[rows[i]["id"]]
-        drawn = fixed_rollouts(None, tok, task, [record], n=N, max_new_tokens=12)
-        prompt = tasks.task_prompt_ids(tok, task, [record], "auto")[0]
-        assert [d["reward"] for d in drawn] == [r["reward"] for r in rows[i:i + N]]
-        with torch.no_grad():
-            seq_kl += [float((response_logprobs(policy, [prompt], [d["tokens"]], 0.7)
-                              - response_logprobs(ref, [prompt], [d["tokens"]], 0.7)).sum()) for d in drawn]
-    want = grpo.group_advantages([r["reward"] for r in rows], N, True, seq_kl, c)
-    assert any(abs(x) > 0.05 for x in seq_kl)
-    torch.testing.assert_close(torch.tensor([r["advantage"] for r in rows]), want, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("mask_truncated, drop_zero_variance_groups", [(True, True), (False, False)])
-def test_masked_truncations_and_zero_variance_groups_do_not_train(loop, monkeypatch, mask_truncated,
-                                                                    drop_zero_variance_groups):
-    """--mask_truncated leaves out each response the cap cut (DAPO's overlong filtering), and
-    --drop_zero_variance_groups each group whose rewards are all equal; off, both train (the rollout log's
-    `trained`)."""
-    run, _ = loop
-
-    def some_cut(*args, **kwargs):  # the second sample of every other group ran into the cap
-        out = fixed_rollouts(*args, **kwargs)
-        for i, r in enumerate(out):
-            r["finished"] = not (r["sample"] == 1 and i // N % 2 == 0)
-        return out
-    monkeypatch.setattr(engine, "sample_responses", some_cut)
-    _, logs, _ = run("filters", max_steps=1, dynamic_sampling=False, mask_truncated=mask_truncated,
-                     drop_zero_variance_groups=drop_zero_variance_groups)
-    rows = logs[1]
-    zero_var = [len({r["reward"] for r in rows[i - i % N:i - i % N + N]}) == 1 for i in range(len(rows))]
-    want = [not (mask_truncated and not r["finished"]) and not (drop_zero_variance_groups and z)
-            for r, z in zip(rows, zero_var)]
-    assert [r["trained"] for r in rows] == want
-    assert any(not r["finished"] for r in rows) and any(zero_var) and not all(zero_var)
 
 
 @pytest.fixture(scope="module")

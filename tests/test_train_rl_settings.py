@@ -1,0 +1,279 @@
+"""train_rl.py's settings reach what they set, in the real loop (a one-line edit that ignores any of them, uses its
+default or swaps two fails one of these): the loss aggregation and advantage normalisation by hand, the clip bounds
+in their places, the optimizer's schedule, betas, weight decay and clipping, the sampler's temperature, template and
+top-p against the trainer's, the seed's data order and generation stream, epochs, the prompt cap and validation's
+settings, PPO epochs and mini-batches with DWA's settings, TIS and the entropy bonus in every epoch, k3's KL and the
+entropy bonus with their coefficients, k1's shaped advantages recomputed apart, and which rollouts train. Cheap:
+conftest's rl_run (the tiny checkpoint, fixed rollouts or the real engine, one or two steps)."""
+import pytest
+import torch
+
+import ckpt
+import common
+import engine
+import grpo
+import tasks
+import toy_task
+import train_rl
+from conftest import RL_N, RL_PROMPTS, RL_RECORDS
+from rl_fixed_rollouts import fixed_rollouts
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "constant"])
+@pytest.mark.parametrize("std_normalize", [True, False])
+def test_loss_agg_and_std_normalize_give_the_logged_loss_by_hand(rl_run, agg, std_normalize):
+    """One on-policy update (ratio 1, no TIS): the loss is -sum_i A_i * sum_t w_it, with token_mean w = 1/sum L,
+    seq_mean_token_mean w = 1/(L_i RL_N), constant w = 1/(max_response_tokens RL_N); the advantages are the group's
+    (r - mean) / (std + eps) or, --std_normalize false, r - mean."""
+    run = rl_run
+    metrics, logs, _ = run(f"{agg}_{std_normalize}", loss_agg=agg, std_normalize=std_normalize, rollout_is="off",
+                           max_response_tokens=12)
+    (m,), rows = metrics, logs[1]
+    want_adv = grpo.group_advantages([r["reward"] for r in rows], RL_N, std_normalize).tolist()
+    assert [r["advantage"] for r in rows] == pytest.approx(want_adv, abs=1e-6)
+    assert any(abs(a) > 0.1 for a in want_adv) and all(r["trained"] for r in rows)
+    A, L = [r["advantage"] for r in rows], [r["length"] for r in rows]
+    per_seq = {"token_mean": [li / sum(L) for li in L], "seq_mean_token_mean": [1 / len(L)] * len(L),
+               "constant": [li / (12 * len(L)) for li in L]}[agg]
+    want = -sum(a * w for a, w in zip(A, per_seq))
+    assert m["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    if agg != "seq_mean_token_mean":  # (0 by construction there: each group's advantages sum to 0)
+        assert abs(want) > 1e-3
+
+
+def test_clip_bounds_reach_the_surrogate_in_their_places(rl_run, monkeypatch):
+    """--clip_low / --clip_high (asymmetric here) reach policy_loss as the floor's and the ceiling's margins, and the
+    clipped share is what they give: two mini-batches, so the second one's ratios differ from 1."""
+    run = rl_run
+    seen, real = [], train_rl.policy_loss
+
+    def spy(logp, old, adv, lo, hi):
+        out = real(logp, old, adv, lo, hi)
+        seen.append((lo, hi, logp.detach(), old.detach(), adv.detach(), out[1]))
+        return out
+    monkeypatch.setattr(train_rl, "policy_loss", spy)
+    metrics, _, _ = run("clip", clip_low=0.001, clip_high=0.5, ppo_mini_batches=2, lr=3e-2, rollout_is="off")
+    assert len(seen) == 2 and metrics[0]["updates"] == 2
+    for lo, hi, logp, old, adv, clipped in seen:
+        assert (lo, hi) == (0.001, 0.5)
+        ratio = (logp - old).exp()
+        want = ((adv > 0) & (ratio > 1 + hi)) | ((adv < 0) & (ratio < 1 - lo))
+        assert torch.equal(clipped.bool(), want)
+    assert seen[1][5].sum() > 0  # the tight floor binds in the second mini-batch
+
+
+def test_the_optimizer_runs_with_the_lr_schedule_betas_and_weight_decay_given(rl_run):
+    """The saved optimizer state holds the settings the step ran with: lr = lr_at(step) (warm-up 4: step 2 of 4 runs
+    at half the peak), the betas and the weight decay given."""
+    run = rl_run
+    metrics, _, out = run("opt", max_steps=2, save_every=2, lr=1e-3, warmup_steps=4, beta1=0.8, beta2=0.99,
+                          weight_decay=0.05)
+    assert [m["lr"] for m in metrics] == pytest.approx([2.5e-4, 5e-4])
+    (group,) = torch.load(ckpt.train_shard_path(out, 2, 0), weights_only=True)["optimizer"]["param_groups"]
+    assert group["lr"] == pytest.approx(5e-4) and tuple(group["betas"]) == (0.8, 0.99)
+    assert group["weight_decay"] == 0.05
+
+
+def test_grad_clip_bounds_the_norm_the_optimizer_sees(rl_run, monkeypatch):
+    run = rl_run
+    seen, real = [], ckpt.clip_grad_norm
+
+    def spy(params, max_norm):
+        params = list(params)
+        norm = real(params, max_norm)
+        after = float(torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm())
+        seen.append((max_norm, norm, after))
+        return norm
+    monkeypatch.setattr(ckpt, "clip_grad_norm", spy)
+    metrics, _, _ = run("clip", grad_clip=1e-4, rollout_is="off")
+    (max_norm, norm, after), = seen
+    assert max_norm == 1e-4 and norm > 1e-3 and after == pytest.approx(1e-4, rel=1e-3)
+    assert metrics[0]["grad_norm"] == pytest.approx(norm)
+
+
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_temperature_and_template_reach_the_engine_and_the_training_forward(rl_run, template, tiny_checkpoint,
+                                                                            tmp_path):
+    """With the real engine (which agrees with the trainer in fp32), at a temperature other than the default and
+    with each template: the trainer's log-probs are the sampler's (TIS weight 1, no gap), from the update's forward
+    and from the pre-pass's (two mini-batches), and the rollouts' prompts are the template's."""
+    run = rl_run
+    for name, extra in (("one", {}), ("two", {"ppo_mini_batches": 2})):
+        metrics, logs, _ = run(f"{template}{name}", fixed=False, temperature=1.6, template=template, **extra)
+        (m,) = metrics
+        assert abs(m["is_weight"] - 1) < 1e-4 and m["logprob_gap"] < 1e-4, m
+    tok, task = tasks.load_tokenizer(tiny_checkpoint), tasks.get_task("toy_task")
+    train = {r["id"]: r for r in common.read_jsonl(str(tmp_path / "train.jsonl"))}
+    assert all(r["prompt"] == task.render_prompt(train[r["id"]], tok, template) for r in logs[1])
+
+
+def test_top_p_and_the_response_cap_reach_the_engine(rl_run):
+    """--top_p 1e-3 keeps one token (greedy): every sample of a group is the same response; --max_response_tokens 3
+    caps every response."""
+    run = rl_run
+    _, logs, _ = run("top_p", fixed=False, temperature=1.6, top_p=1e-3, max_response_tokens=3)
+    rows = logs[1]
+    assert all(rows[i]["response"] == rows[i + 1]["response"] for i in range(0, len(rows), RL_N))
+    assert all(r["length"] <= 3 for r in rows) and any(not r["finished"] for r in rows)
+    _, logs, _ = run("full", fixed=False, temperature=1.6, top_p=1.0, max_response_tokens=3)
+    assert any(r["response"] != s["response"] for r, s in zip(logs[1][::RL_N], logs[1][1::RL_N]))
+
+
+def test_the_seed_sets_the_data_order_and_the_generation_seed(rl_run, monkeypatch, tmp_path):
+    run = rl_run
+    seeds, real = [], fixed_rollouts
+
+    def spy(*a, seed=None, **k):
+        seeds.append(seed)
+        return real(*a, **k)
+    monkeypatch.setattr(engine, "sample_responses", spy)
+    _, logs, _ = run("seed", fixed=False, seed=7, max_steps=2, save_every=2, dynamic_sampling=True,
+                     max_gen_batches=3)
+    train = common.read_jsonl(str(tmp_path / "train.jsonl"))
+    drawn = [row["id"] for s in (1, 2) for row in logs[s][::RL_N]]
+    order = [train[i]["id"] for b in range(1, len(drawn) // RL_PROMPTS + 1)
+             for i in grpo.step_prompt_indices(RL_RECORDS, RL_PROMPTS, b, 7)]
+    assert drawn == order
+    batches = [sum(row["sample"] == 0 for row in logs[s]) // RL_PROMPTS for s in (1, 2)]
+    per_step = [[grpo.generation_seed(7, s, 0, b) for b in range(count)] for s, count in zip((1, 2), batches)]
+    assert seeds == per_step[0] + per_step[1]
+
+
+def test_epochs_prompt_cap_and_validation_settings(rl_run, monkeypatch, tmp_path, tiny_checkpoint):
+    """--epochs 1 (no --max_steps) runs one pass; --max_prompt_tokens drops the longer prompts; validation runs on
+    --val_limit records with --val_max_response_tokens, at --val_every and not before training when told so."""
+    run = rl_run
+    test = str(tmp_path / "test.jsonl")
+    common.write_jsonl(test, toy_task.make_records(20, seed=2, split="test"))
+    calls, real = [], train_rl.validate
+
+    def spy(model, tok, task, records, step, **k):
+        calls.append((step, len(records), k["max_new_tokens"]))
+        return real(model, tok, task, records, step, **k)
+    monkeypatch.setattr(train_rl, "validate", spy)
+    tok, task = tasks.load_tokenizer(tiny_checkpoint), tasks.get_task("toy_task")
+    train = (toy_task.make_records(24, seed=1, split="short", max_value=9)  # 47 tokens each
+             + toy_task.make_records(16, seed=3, split="long", max_value=999))  # 49-51
+    train = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(0))]
+    common.write_jsonl(str(tmp_path / "varied.jsonl"), train)
+    lengths = [len(ids) for ids in tasks.task_prompt_ids(tok, task, train, "auto")]
+    cap = min(lengths)
+    kept = sum(x <= cap for x in lengths)
+    assert 2 * RL_PROMPTS <= kept < RL_RECORDS
+    metrics, logs, _ = run("epochs", max_steps=0, epochs=1, save_every=100, test_data=test, val_every=2,
+                           val_limit=7, val_max_response_tokens=5, val_before_train=False, max_prompt_tokens=cap,
+                           train_data=str(tmp_path / "varied.jsonl"))
+    steps = kept // RL_PROMPTS
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert calls == [(s, 7, 5) for s in range(1, steps + 1) if s % 2 == 0 or s == steps]
+    ids = {row["id"] for rows in logs.values() for row in rows}
+    long_ids = {r["id"] for r, n in zip(train, lengths) if n > cap}
+    assert long_ids and not ids & long_ids
+
+
+def test_ppo_epochs_mini_batches_and_dwa_settings_reach_the_update(rl_run, monkeypatch):
+    """--ppo_epochs 3 x --ppo_mini_batches 2 = 6 optimizer steps, each mini-batch seen once an epoch; DWA's weights
+    are grpo.dwa_weights with --dwa_s and --dwa_alpha as given (not their defaults)."""
+    run = rl_run
+    seen, real = [], train_rl.dwa_weights
+
+    def spy(logp, old, s, alpha):
+        seen.append((logp.detach(), old.detach(), s, alpha))
+        return real(logp, old, s, alpha)
+    monkeypatch.setattr(train_rl, "dwa_weights", spy)
+    metrics, _, _ = run("ppo", ppo_epochs=3, ppo_mini_batches=2, adv_weight="dwa", dwa_s=1.5, dwa_alpha=7.0,
+                        lr=3e-2)
+    assert metrics[0]["updates"] == 6 and len(seen) == 6
+    assert all((s, alpha) == (1.5, 7.0) for _, _, s, alpha in seen)
+    moved = [(lp - old).abs().max() for lp, old, _, _ in seen]
+    assert moved[0] == 0 and max(moved) > 1e-3  # the first mini-batch on-policy, later ones not
+
+
+def test_later_epochs_weigh_the_loss_as_the_first(rl_run):
+    """With a learning rate too small to move the policy, each of --ppo_epochs 2's passes takes the loss the one
+    pass takes: TIS's weights (tiny here: the fixed rollouts' sampler logged probability 1) and the entropy bonus
+    apply in every epoch, not only the first."""
+    run = rl_run
+    kw = dict(lr=1e-12, rollout_is="token", entropy_coef=0.01)
+    (one,), _, _ = run("one", **kw)
+    (two,), _, _ = run("two", ppo_epochs=2, **kw)
+    assert two["updates"] == 2 and two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert one["is_weight"] < 0.1  # (the weights are far from 1: dropping them would show)
+
+
+def other_reference(tiny_checkpoint, path):
+    """A reference policy for the KL that is not the start policy (other random weights, the same tokenizer), so
+    the KL is not 0 already at step 1."""
+    from model import build_model, save_model, tiny_config
+    from tasks import load_tokenizer
+    tok = load_tokenizer(tiny_checkpoint)
+    save_model(build_model(tiny_config(len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), seed=5),
+               path, tok)
+    return path
+
+
+def test_k3_kl_and_the_entropy_bonus_enter_the_loss_with_their_coefficients(rl_run, tiny_checkpoint, tmp_path,
+                                                                            monkeypatch):
+    """--kl_coef c (k3, in the loss) and --entropy_coef e: with every reward equal (no advantage), one on-policy
+    update's token_mean loss is exactly c * KL - e * entropy, both as logged per trained token. A coefficient lost
+    or the bonus's sign turned (a penalty) moves it."""
+    run = rl_run
+    monkeypatch.setenv("NO_SIGNAL_STEP", "0")  # (the fixture's rollouts never advance their step: every step)
+    c, e = 0.3, 0.05
+    metrics, logs, _ = run("k3", kl_coef=c, kl_estimator="k3", entropy_coef=e,
+                           ref_model=other_reference(tiny_checkpoint, str(tmp_path / "ref")), loss_agg="token_mean")
+    (m,) = metrics
+    assert all(r["advantage"] == 0 and r["trained"] for r in logs[1]) and m["kl"] > 0.01 and m["entropy"] > 0.1
+    assert m["loss"] == pytest.approx(c * m["kl"] - e * m["entropy"], rel=1e-5)
+
+
+def test_k1_takes_each_responses_summed_log_ratio_off_its_advantage(rl_run, tiny_checkpoint, tmp_path):
+    """--kl_estimator k1: each rollout's advantage is its group's reward advantage less kl_coef x (its response's
+    summed log(pi / pi_ref) - the group's mean), the log-ratio recomputed here by the start policy and the
+    reference, one response at a time."""
+    import grpo
+    import tasks
+    from model import load_model, response_logprobs
+    run, train = rl_run, common.read_jsonl(str(tmp_path / "train.jsonl"))
+    ref_path, c = other_reference(tiny_checkpoint, str(tmp_path / "ref")), 0.2
+    _, logs, _ = run("k1", kl_coef=c, kl_estimator="k1", ref_model=ref_path,
+                     temperature=0.7)
+    rows, tok, task = logs[1], tasks.load_tokenizer(tiny_checkpoint), tasks.get_task("toy_task")
+    by_id = {r["id"]: r for r in train}
+    policy, ref = load_model(tiny_checkpoint), load_model(ref_path)
+    seq_kl = []
+    for i in range(0, len(rows), RL_N):  # the rollouts the fixture drew for this group's record, as train_rl got them
+        record = by_id[rows[i]["id"]]
+        drawn = fixed_rollouts(None, tok, task, [record], n=RL_N, max_new_tokens=12)
+        prompt = tasks.task_prompt_ids(tok, task, [record], "auto")[0]
+        assert [d["reward"] for d in drawn] == [r["reward"] for r in rows[i:i + RL_N]]
+        with torch.no_grad():
+            seq_kl += [float((response_logprobs(policy, [prompt], [d["tokens"]], 0.7)
+                              - response_logprobs(ref, [prompt], [d["tokens"]], 0.7)).sum()) for d in drawn]
+    want = grpo.group_advantages([r["reward"] for r in rows], RL_N, True, seq_kl, c)
+    assert any(abs(x) > 0.05 for x in seq_kl)
+    torch.testing.assert_close(torch.tensor([r["advantage"] for r in rows]), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mask_truncated, drop_zero_variance_groups", [(True, True), (False, False)])
+def test_masked_truncations_and_zero_variance_groups_do_not_train(rl_run, monkeypatch, mask_truncated,
+                                                                  drop_zero_variance_groups):
+    """--mask_truncated leaves out each response the cap cut (DAPO's overlong filtering), and
+    --drop_zero_variance_groups each group whose rewards are all equal; off, both train (the rollout log's
+    `trained`)."""
+    run = rl_run
+
+    def some_cut(*args, **kwargs):  # the second sample of every other group ran into the cap
+        out = fixed_rollouts(*args, **kwargs)
+        for i, r in enumerate(out):
+            r["finished"] = not (r["sample"] == 1 and i // RL_N % 2 == 0)
+        return out
+    monkeypatch.setattr(engine, "sample_responses", some_cut)
+    _, logs, _ = run("filters", fixed=False, mask_truncated=mask_truncated,  # (some_cut, patched above)
+                     drop_zero_variance_groups=drop_zero_variance_groups)
+    rows = logs[1]
+    zero_var = [len({r["reward"] for r in rows[i - i % RL_N:i - i % RL_N + RL_N]}) == 1 for i in range(len(rows))]
+    want = [not (mask_truncated and not r["finished"]) and not (drop_zero_variance_groups and z)
+            for r, z in zip(rows, zero_var)]
+    assert [r["trained"] for r in rows] == want
+    assert any(not r["finished"] for r in rows) and any(zero_var) and not all(zero_var)
