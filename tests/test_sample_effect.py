@@ -1,6 +1,7 @@
 """sample_effect.py: SE against a finite-difference of the exact expected reward on an enumerable toy, the
 policy-gradient ∇J estimator against the exact ∇J, CountSketch against exact inner products, the CLI
 (outputs, selection, torchrun sharding) and bad input."""
+import contextlib
 import json
 import math
 import os
@@ -161,13 +162,27 @@ def score(response, record, finished):
 '''
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_checkpoint):
-    import toy_task
-    from tasks import load_tokenizer
-    d = tmp_path_factory.mktemp("se")
+@contextlib.contextmanager
+def digit_task_dir(tmp_path_factory, name):
+    """A fresh directory holding the digit task's module (se_digit_task), on sys.path while in use."""
+    d = tmp_path_factory.mktemp(name)
     (d / "se_digit_task.py").write_text(DIGIT_TASK)
     sys.path.insert(0, str(d))
+    try:
+        yield d
+    finally:
+        sys.path.remove(str(d))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_checkpoint):
+    with digit_task_dir(tmp_path_factory, "se") as d:
+        yield setup_run(d, tiny_checkpoint)
+
+
+def setup_run(d, tiny_checkpoint):
+    import toy_task
+    from tasks import load_tokenizer
     tok = load_tokenizer(tiny_checkpoint)
     common.write_jsonl(str(d / "eval.jsonl"), toy_task.make_records(16, seed=1, split="test"))
     sft = [{"id": r["id"], "task": "se_digit_task", "prompt": toy_task.render_prompt(r, tok),
@@ -181,8 +196,7 @@ def setup(tmp_path_factory, tiny_checkpoint):
                      "--proj_dim", "32768", "--out", str(d / "single" / "effects.jsonl"), "--select", "5",
                      "--select_out", str(d / "top.jsonl"), "--select_bottom", str(d / "bottom.jsonl")]
     se.main(single)
-    yield {"dir": d, "args": args, "single": single, "ckpt": tiny_checkpoint, "sft": sft}
-    sys.path.remove(str(d))
+    return {"dir": d, "args": args, "single": single, "ckpt": tiny_checkpoint, "sft": sft}
 
 
 def test_projection_approximates_exact_and_outputs(setup, capsys):
@@ -485,11 +499,14 @@ MAX_NEW = 8
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_checkpoint):
     """Evaluation prompts and SFT samples for runs at other settings than the defaults (the digit task again)."""
+    with digit_task_dir(tmp_path_factory, "se_settings") as d:
+        write_settings_data(d, tiny_checkpoint)
+        yield d
+
+
+def write_settings_data(d, tiny_checkpoint):
     import toy_task
     from tasks import load_tokenizer
-    d = tmp_path_factory.mktemp("se_settings")
-    (d / "se_digit_task.py").write_text(DIGIT_TASK)
-    sys.path.insert(0, str(d))
     tok = load_tokenizer(tiny_checkpoint)
     records = (toy_task.make_records(12, seed=1, split="test")
                + toy_task.make_records(4, seed=5, split="hard", max_value=99))
@@ -500,8 +517,6 @@ def data(tmp_path_factory, tiny_checkpoint):
     # with reversed responses (larger gradients): effect and cosine rank these differently
     common.write_jsonl(str(d / "sft_mixed.jsonl"), sft + [dict(x, id=x["id"] + "r", response=x["response"][::-1])
                                                           for x in sft])
-    yield d
-    sys.path.remove(str(d))
 
 
 def run_script(ckpt, d, s):
