@@ -216,6 +216,7 @@ def load_checkpoint(run_dir):
             state = torch.load(path, map_location="cpu", weights_only=True)
             if state.get("world_size", 1) == world_size():  # (else the error below, not a skip)
                 for path in weight_files(model_dir):  # safetensors checks that the file covers its header
+                    open(path, "rb").close()  # (safetensors reports a refused open as a missing file)
                     with safe_open(path, framework="pt") as f:
                         f.keys()
                 path = train_shard_path(run_dir, step, rank())
@@ -223,8 +224,7 @@ def load_checkpoint(run_dir):
         except Exception as e:  # noqa: BLE001 -- any reader error (weight_files': no weights) means: not this one
             problem = str(e) if isinstance(e, UserError) else (  # (a UserError names its place)
                 f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-            # (a damaged file raises the readers' own errors; a missing one FileNotFoundError, a skip too)
-            if isinstance(e, (OSError, MemoryError)) and not isinstance(e, FileNotFoundError):
+            if read_failure(e):
                 failed = problem
         gathered = all_gather_json([problem, failed])
         failures = [f for _, f in gathered if f]
@@ -240,6 +240,23 @@ def load_checkpoint(run_dir):
                             f"number (torchrun --nproc_per_node), not {world_size()}")
         return step, model_dir, state, shard
     return None
+
+
+def read_failure(e):
+    """Whether reading failed for the storage's or the host's sake (an I/O error, no permission, no memory), as e or
+    what it was raised from says, rather than for a damaged file: a damaged file raises its readers' own errors, and a
+    missing one, or a directory in its place, is damage too."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+                isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError,
+                                                              NotADirectoryError))):
+            return True
+        if isinstance(e, RuntimeError) and re.search(r"can't allocate memory|not enough memory", str(e)):
+            return True  # (torch's CPU allocator)
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def resume_checkpoint(run_dir, resume):

@@ -378,7 +378,7 @@ def read_json(path, what="a JSON object"):
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e})")
+        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise UserError(f"{path}: {what} expected, got a JSON {type(obj).__name__}")
     if problem := not_text(obj):

@@ -2,6 +2,7 @@
 forward hold the fp32 master, and resume restores it exactly. (Kill-and-resume through the scripts' mains:
 test_train_rl.py, test_redistill_sft.py, test_kill_drill.py.) And a resume's run identity."""
 import os
+import re
 
 import pytest
 
@@ -175,27 +176,49 @@ def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(
 
 
 def test_a_read_error_is_not_taken_for_a_damaged_checkpoint(tmp_path, monkeypatch):
-    """A read that fails with the storage's I/O error (a network filesystem's hiccup) or for want of memory says
-    nothing of the file: the resume stops naming it, and skips and removes nothing (taken for damage, the newest
-    good checkpoint was deleted and its steps trained again). A damaged file is still skipped (the test above)."""
+    """A read that fails for the storage's or the host's sake says nothing of the file: the resume stops naming it,
+    and skips and removes nothing (taken for damage, the newest good checkpoint was deleted and its steps trained
+    again). Each way such a failure reaches load_checkpoint: the storage's I/O error or no memory from torch.load,
+    torch's CPU allocator's own error, a refused open of the weights (which safetensors reports as a missing file)
+    and an I/O error on a shard index (which read_json turns into a UserError). A damaged file is still skipped (the
+    test above), and so is a missing one or a directory where a file should be."""
+    import builtins
     import errno
+    import json
     import torch
     run = str(tmp_path)
     for step in (1, 2):
         fake_checkpoint(run, step)
-    real_load = torch.load
-    for error in (OSError(errno.EIO, "Input/output error"), MemoryError()):
-        def failing(path, *args, **kwargs):
-            if path == ckpt.checkpoint_dir(run, 2) + ".state.pt":
+    weights = os.path.join(ckpt.checkpoint_dir(run, 2), "model.safetensors")
+    index = os.path.join(ckpt.checkpoint_dir(run, 2), "model.safetensors.index.json")
+    real_load, real_open = torch.load, builtins.open
+    state = ckpt.checkpoint_dir(run, 2) + ".state.pt"
+    failures = [("load", state, OSError(errno.EIO, "Input/output error")), ("load", state, MemoryError()),
+                ("load", ckpt.train_shard_path(run, 2, 0), RuntimeError(
+                    "[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: you tried to "
+                    "allocate 209715200 bytes. Error code 12 (Cannot allocate memory)")),
+                ("open", weights, PermissionError(errno.EACCES, "Permission denied")),
+                ("open", index, OSError(errno.EIO, "Input/output error"))]
+    for how, path, error in failures:
+        if path == index:  # step 2 saved as a sharded checkpoint: its index names its one shard
+            with open(index, "w") as f:
+                json.dump({"weight_map": {"w": "model.safetensors"}}, f)
+
+        def failing(real, *args, **kwargs):
+            if args[0] == path:
                 raise error
-            return real_load(path, *args, **kwargs)
-        monkeypatch.setattr(torch, "load", failing)
-        with pytest.raises(UserError, match=r"step_000002\.state\.pt: .*\(a read error, not a damaged file\): no "
+            return real(*args, **kwargs)
+        monkeypatch.setattr(torch, "load", lambda *a, **k: failing(real_load, *a, **k) if how == "load"
+                            else real_load(*a, **k))
+        monkeypatch.setattr(builtins, "open", lambda *a, **k: failing(real_open, *a, **k) if how == "open"
+                            else real_open(*a, **k))
+        with pytest.raises(UserError, match=rf"{re.escape(path)}: .*\(a read error, not a damaged file\): no "
                                             r"checkpoint was skipped or removed"):
             ckpt.resume_checkpoint(run, resume=True)
-        assert ckpt.checkpoint_parts(run) == {1, 2}
-    monkeypatch.setattr(torch, "load", real_load)
+        monkeypatch.undo()
+        assert ckpt.checkpoint_parts(run) == {1, 2}, error
     assert ckpt.resume_checkpoint(run, resume=True)[0] == 2  # the storage reads again: the newest, as ever
+    assert not any(ckpt.read_failure(e(errno.ENOENT, "no")) for e in (FileNotFoundError, IsADirectoryError))
 
 
 def test_a_second_run_on_a_locked_run_directory_is_refused(tmp_path):

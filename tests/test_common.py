@@ -402,7 +402,7 @@ def test_a_write_the_storage_refuses_ends_in_one_line_naming_the_file(tmp_path, 
         f"error: {tmp_path / name}: cannot write it (File too large); {outcome}. Free space there and run again "
         f"(--resume true where the stage has it)"), proc.stderr[-2000:]
     assert (tmp_path / "old.pt").read_text() == "the earlier file"
-    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "old.pt"] if what == "append" else ["old.pt"]
+    assert sorted(os.listdir(tmp_path)) == (["metrics.jsonl", "old.pt"] if what == "append" else ["old.pt"])
 
 
 def test_data_digest_follows_the_rows_and_their_order():
