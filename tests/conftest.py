@@ -119,6 +119,20 @@ def make_tiny_checkpoint(path):
     save_model(model, path, tok)
 
 
+def refuse_different_data(monkeypatch):
+    """parallel.same_on_every_rank made to refuse, as it does on every rank when the ranks read different data (a file
+    written again between two ranks' reads). Returns the list of the (value, what) it is called with."""
+    import common
+    import parallel
+    seen = []
+
+    def differ(value, what):
+        seen.append((value, what))
+        raise common.UserError(f"{what}: the ranks read different data")
+    monkeypatch.setattr(parallel, "same_on_every_rank", differ)
+    return seen
+
+
 # the RL loop's cheap runs: RL_RECORDS toy records, RL_PROMPTS prompts x RL_N samples a step
 RL_PROMPTS, RL_N, RL_RECORDS = 8, 2, 40
 

@@ -12,7 +12,7 @@ import common
 import eval as ev
 import scoring
 import toy_task
-from conftest import ROOT, free_port, lock_held_elsewhere, subprocess_env
+from conftest import ROOT, free_port, lock_held_elsewhere, refuse_different_data, subprocess_env
 from model import load_model
 from tasks import load_tokenizer
 
@@ -50,13 +50,7 @@ def greedy_run(tiny_checkpoint, split, tmp_path_factory):
 def test_the_ranks_check_together_that_they_read_the_same_splits(tiny_checkpoint, split, tmp_path, monkeypatch):
     """Each rank reads the splits itself: their digests go to parallel.same_on_every_rank (it refuses, on every rank,
     splits written again between two ranks' reads) before any pair is generated or written."""
-    import parallel
-    seen = []
-
-    def differ(value, what):
-        seen.append((value, what))
-        raise common.UserError(f"{what}: the ranks read different data")
-    monkeypatch.setattr(parallel, "same_on_every_rank", differ)
+    seen = refuse_different_data(monkeypatch)
     with pytest.raises(common.UserError, match="the ranks read different data"):
         ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", str(tmp_path / "out")] + FAST)
     assert seen == [({split: common.data_digest(toy_task.load_split(split))}, split)]

@@ -21,8 +21,8 @@ import toy_task
 from common import UserError
 from model import build_model, load_model, save_model, tiny_config
 from tasks import load_tokenizer
-from conftest import (ROOT, assert_train_shards, end_of_process_locks, free_port, stopped_in_the_prune_after,
-                      subprocess_env)
+from conftest import (ROOT, assert_train_shards, end_of_process_locks, free_port, refuse_different_data,
+                      stopped_in_the_prune_after, subprocess_env)
 import padded
 
 
@@ -691,3 +691,18 @@ def test_keep_last_and_the_init_tiny_seed_reach_the_run(tiny_checkpoint, tmp_pat
                   "--seed", str(seed), "--progress", "false"])
         first[name] = metrics(run)[0]["val_loss"]
     assert first["a"] == first["c"] != first["b"]
+
+
+def test_the_ranks_check_together_that_they_read_the_same_data(tiny_checkpoint, tmp_path, monkeypatch):
+    """Each rank reads --data and --val_data itself: the digests of the examples go to parallel.same_on_every_rank,
+    which refuses on every rank files written again between two ranks' reads, before a step or a write."""
+    seen = refuse_different_data(monkeypatch)
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(8, seed=3), tok)
+    val = write_sft(tmp_path / "v.jsonl", toy_task.make_records(3, seed=9, split="val"), tok)
+    with pytest.raises(UserError, match="the ranks read different data"):
+        sft.main(["--init", tiny_checkpoint, "--data", data, "--val_data", val, "--out_dir", str(tmp_path / "run"),
+                  "--global_batch", "4", "--progress", "false"])
+    digests = [common.data_digest([e["input_ids"], e["start"]] for e in tasks.load_sft_examples([path], tok, 2048))
+               for path in (data, val)]
+    assert seen == [(digests, f"{data} {val}")] and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -17,7 +17,8 @@ import sample_effect as se
 from common import UserError
 from engine import generate
 from model import build_model, tiny_config
-from conftest import ROOT, end_of_process_locks, free_port, lock_held_elsewhere, subprocess_env
+from conftest import (ROOT, end_of_process_locks, free_port, lock_held_elsewhere, refuse_different_data,
+                      subprocess_env)
 import padded
 
 
@@ -298,6 +299,22 @@ def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path,
     got = json.loads((tmp_path / "effects.summary.json").read_text())
     assert got["grad_j"] == ref["grad_j"] and got["files"] == ref["files"]
     assert not partial.exists()  # outputs written: the partial run is gone
+
+
+def test_the_ranks_check_together_that_they_read_the_same_data(setup, tmp_path, monkeypatch):
+    """Each rank reads --sft_data and --eval_data itself: their digests go to parallel.same_on_every_rank, which
+    refuses on every rank files written again between two ranks' reads, before any gradient or write."""
+    import tasks
+    from tasks import load_tokenizer
+    seen = refuse_different_data(monkeypatch)
+    d, tok = setup["dir"], load_tokenizer(setup["ckpt"])
+    sft, out = str(d / "teacher.jsonl"), tmp_path / "effects.jsonl"
+    with pytest.raises(UserError, match="the ranks read different data"):
+        se.main(setup["args"] + ["--sft_data", sft, "--exact", "true", "--proj_dim", "0", "--out", str(out)])
+    examples = tasks.load_sft_examples([sft], tok, 2048)
+    records = tasks.load_records(tasks.get_task("se_digit_task"), "se_digit_task", str(d / "eval.jsonl"), tok, "auto")
+    digests = [common.data_digest([[e["input_ids"], e["start"]] for e in examples]), common.data_digest(records)]
+    assert seen == [(digests, f"{sft} {d / 'eval.jsonl'}")] and not os.listdir(tmp_path)
 
 
 def test_open_partial_keeps_one_row_per_sample_and_names_what_it_cannot_read(tmp_path, capsys):

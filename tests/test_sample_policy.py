@@ -14,7 +14,7 @@ import sample_policy as sp
 import toy_task
 from common import UserError
 from tasks import load_tokenizer
-from conftest import ROOT, free_port, subprocess_env
+from conftest import ROOT, free_port, refuse_different_data, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +57,10 @@ def test_from_checkpoint_the_ranks_check_together_that_they_read_the_same_split(
     """Each rank reads --split itself and samples its share: a split written again between two ranks' reads would
     merge two versions' halves into set A; every rank refuses instead (parallel.same_on_every_rank)."""
     ckpt, split = policy
-    seen = []
-
-    def differ(value, what):
-        seen.append(what)
-        raise common.UserError(f"{what}: the ranks read different data")
-    monkeypatch.setattr(parallel, "same_on_every_rank", differ)
+    seen = refuse_different_data(monkeypatch)
     with pytest.raises(common.UserError, match="the ranks read different data"):
         sp.main(sample_args(ckpt, split, str(tmp_path / "a.jsonl")))
-    assert seen == [split] and not (tmp_path / "a.jsonl").exists()
+    assert [what for _, what in seen] == [split] and not (tmp_path / "a.jsonl").exists()
 
 
 def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_path, capsys):

@@ -19,7 +19,7 @@ import tasks
 import token_shift
 import toy_task
 from common import stop_token_ids
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, refuse_different_data, subprocess_env
 from engine import generate
 from model import build_model, load_model, save_model, tiny_config
 from tasks import load_tokenizer
@@ -486,3 +486,22 @@ def test_cross_sampling_settings_reach_the_decode(pair, tmp_path, monkeypatch):
         return [x["tokens"] for x in engine.sample_responses(base, tok, toy_task, records, progress=False, **s)]
     assert len(got) == 8 and got == alone()
     assert got != alone(temperature=1.0) and got != alone(template="auto")  # each setting matters here
+
+
+def test_the_ranks_check_together_that_they_read_the_same_data(pair, tmp_path, monkeypatch):
+    """Each rank reads --responses (the divergence) or --split (cross-sampling) itself: their digests go to
+    parallel.same_on_every_rank, which refuses on every rank a file written again between two ranks' reads, before
+    the models load or anything is written."""
+    seen = refuse_different_data(monkeypatch)
+    tok = load_tokenizer(pair["base"])
+    common_args = ["--base", pair["base"], "--policy", pair["policy"], "--plots", "false", "--progress", "false"]
+    with pytest.raises(common.UserError, match="the ranks read different data"):
+        token_shift.main(common_args + ["--responses", pair["responses"], "--out_dir", str(tmp_path / "js")])
+    examples = token_shift.read_responses([pair["responses"]], tok, 2048, 0)
+    assert seen == [(common.data_digest([[e["id"], e["ids"], e["start"]] for e in examples]), pair["responses"])]
+    seen.clear()
+    with pytest.raises(common.UserError, match="the ranks read different data"):
+        token_shift.main(common_args + ["--cross", "forward", "--task", "toy_task", "--split", pair["split"],
+                                        "--out_dir", str(tmp_path / "cross")])
+    records = tasks.load_records(toy_task, "toy_task", pair["split"], tok, "auto")
+    assert seen == [(common.data_digest(records), pair["split"])] and not os.listdir(tmp_path)

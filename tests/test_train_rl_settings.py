@@ -15,7 +15,7 @@ import grpo
 import tasks
 import toy_task
 import train_rl
-from conftest import RL_N, RL_PROMPTS, RL_RECORDS
+from conftest import RL_N, RL_PROMPTS, RL_RECORDS, refuse_different_data
 from rl_fixed_rollouts import fixed_rollouts
 
 
@@ -277,3 +277,15 @@ def test_masked_truncations_and_zero_variance_groups_do_not_train(rl_run, monkey
             for r, z in zip(rows, zero_var)]
     assert [r["trained"] for r in rows] == want
     assert any(not r["finished"] for r in rows) and any(zero_var) and not all(zero_var)
+
+
+def test_the_ranks_check_together_that_they_read_the_same_data(rl_run, tmp_path, monkeypatch):
+    """Each rank reads --train_data and --test_data itself: the digests of what it kept (after the prompt filter) go to
+    parallel.same_on_every_rank, which refuses on every rank data written again between two ranks' reads, before a
+    step is drawn or anything is written."""
+    seen = refuse_different_data(monkeypatch)
+    with pytest.raises(common.UserError, match="the ranks read different data"):
+        rl_run("run", max_prompt_tokens=10**6)
+    train = str(tmp_path / "train.jsonl")
+    assert seen == [([common.data_digest(common.read_jsonl(train)), common.data_digest([])], f"{train}, ")]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
