@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
-from common import (UserError, append_jsonl, atomic_open, print0, rank, read_jsonl, world_size,
+from common import (UserError, append_jsonl, atomic_open, error_chain, print0, rank, read_jsonl, world_size,
                     write_json, write_jsonl)
 from model import save_model, weight_files
 from parallel import all_gather_json, all_reduce, barrier, full_copy, is_sharded, local_tensor, lock_on_rank0, reshard
@@ -246,17 +246,13 @@ def read_failure(e):
     """Whether reading failed for the storage's or the host's sake (an I/O error, no permission, no memory), as e or
     what it was raised from says, rather than for a damaged file: a damaged file raises its readers' own errors, and a
     missing one, or a directory in its place, is damage too."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
-                isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError,
-                                                              NotADirectoryError))):
+    def not_the_file(c):
+        if isinstance(c, (MemoryError, torch.OutOfMemoryError)):
             return True
-        if isinstance(e, RuntimeError) and re.search(r"can't allocate memory|not enough memory", str(e)):
-            return True  # (torch's CPU allocator)
-        e = e.__cause__ or e.__context__
-    return False
+        if isinstance(c, OSError):
+            return not isinstance(c, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
+        return isinstance(c, RuntimeError) and bool(re.search(r"can't allocate memory|not enough memory", str(c)))
+    return any(map(not_the_file, error_chain(e)))  # (a RuntimeError: torch's CPU allocator's)
 
 
 def resume_checkpoint(run_dir, resume):

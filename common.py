@@ -488,14 +488,20 @@ def atomic_open(path, mode="w"):
 REFUSED_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
+def error_chain(e):
+    """e, then what it was raised from (its __cause__, else its __context__), and so on, each once."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def raise_refused_write(path, e, outcome):
     """If the storage refused a write behind e (e itself, or an error it was raised from: torch.save's own error
     hides the OSError; safetensors' names its code only in its text), a UserError naming path and saying what became
     of it (`outcome`); else nothing."""
-    seen = set()
-    cause = e
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
+    for cause in error_chain(e):
         code = cause.errno if isinstance(cause, OSError) else None
         if code is None and type(cause).__name__ == "SafetensorError":
             found = re.search(r"\(os error (\d+)\)", str(cause))
@@ -504,7 +510,6 @@ def raise_refused_write(path, e, outcome):
             fix = "Free space there" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "Check the storage"
             raise UserError(f"{path}: cannot write it ({os.strerror(code)}); {outcome}. {fix} and run again "
                             f"(--resume true where the stage has it)") from e
-        cause = cause.__cause__ or cause.__context__
 
 
 def open_lines(path):

@@ -408,9 +408,8 @@ def flash_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k):
     if q.device.type != "cuda":
         raise ValueError("fa2_decode_attention runs FA2's CUDA kernel (sm80+, half precision), not on "
                          f"{q.device.type}")
-    out, lse = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
-                                                       seqused_k=seqused_k)[:2]
-    return out, lse
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
+                                                   seqused_k=seqused_k)[:2]
 
 
 @functools.cache
@@ -432,8 +431,10 @@ def fa2_layout(seqused, kv_heads, columns, max_k, splits=1):
     max_k), made once per decode step for all layers. Each row's keys are cut into `splits` parts of `width`
     columns (flash-decoding: each part its own sequence of one query, so its own thread blocks); part s of row r is
     sequence r * splits + s, starting at token (r * kv_heads * columns + s * width) of fa2_decode's view of the
-    cache, `used` (rows, splits) of its keys counted (0 past the row's end). splits=1: one sequence per row."""
+    cache, `used` (rows, splits) of its keys counted (0 past the row's end). splits=1: one sequence per row. Rows x
+    parts are the sequences of one FA2 launch, at most FA2_MAX_SEQUENCES: fewer parts where rows are many."""
     rows = seqused.shape[0]
+    splits = max(1, min(splits, FA2_MAX_SEQUENCES // rows))
     width = -(-max_k // splits)
     device = seqused.device
     # (a part starting past max_k, when the parts outnumber the columns, starts at max_k: inside the view, no keys)
@@ -499,7 +500,6 @@ def decode_attention(slots, cache, rows, spans, flash):
         seqused = (lengths + 1).clamp(max=max_k).to(torch.int32)
         splits = (fa2_split_count(rows, cache.shape[3], max_k, multiprocessors(cache.device))
                   if slots.fa2_splits == "auto" else slots.fa2_splits or 1)
-        splits = max(1, min(splits, FA2_MAX_SEQUENCES // rows))  # (rows x parts sequences in one call)
         layout = fa2_layout(seqused, cache.shape[3], cache.shape[4], max_k, splits)
     elif flash is None:  # per group: its rows, columns and additive mask (rows, 1, 1, span), built once for all layers
         starts = [0] + [end for end, _ in spans[:-1]]

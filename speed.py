@@ -984,8 +984,8 @@ def decode_attention_call(variant, q, k, v, lengths, mask):
         return functools.partial(engine.fa2_decode, q, k, v, layout, merge)
     cols, nkv = k.shape[1], k.shape[2]  # row r's keys: tokens r * cols onwards of a (rows * cols, kv_heads, hd) view
     layout = engine.fa2_layout(seqused, 1, cols, span)
-    return lambda: engine.flash_varlen_forward(q, k.reshape(rows * cols, nkv, hd), v.reshape(rows * cols, nkv, hd),
-                                               layout.cu_q, layout.cu_k, 1, span, layout.used.view(-1))[0]
+    k, v, used = k.reshape(rows * cols, nkv, hd), v.reshape(rows * cols, nkv, hd), layout.used.view(-1)
+    return lambda: engine.flash_varlen_forward(q, k, v, layout.cu_q, layout.cu_k, 1, span, used)[0]
 
 
 def median_call_us(fn, device, reps=20):
