@@ -270,6 +270,21 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+# a bar redrawn ten times a second suits a terminal; written to a log file (stderr not a terminal), a paper-scale
+# run's bars would add millions of redraws, so there a bar is redrawn at most once a minute
+LOG_FILE_BAR_SECONDS = 60
+PROGRESS_HELP = "tqdm progress bars on rank 0 (redrawn at most once a minute where stderr is a file, not a terminal)"
+
+
+def progress_bar(total, desc, enabled=True, **kwargs):
+    """A tqdm bar on rank 0 when enabled (elsewhere its update and close do nothing)."""
+    from tqdm import tqdm
+    interval = 0.1 if sys.stderr.isatty() else LOG_FILE_BAR_SECONDS
+    # maxinterval too: tqdm's monitor thread otherwise forces a redraw every 10 s
+    return tqdm(total=total, desc=desc, disable=not enabled or rank() != 0, dynamic_ncols=True,
+                mininterval=interval, maxinterval=max(interval, 10), **kwargs)
+
+
 def seed_everything(seed: int):
     import numpy as np
     import torch

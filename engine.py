@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 from torch.utils._triton import has_triton
-from tqdm import tqdm
 
-from common import MIN_TEMPERATURE, UserError, rank, stop_token_ids
+from common import MIN_TEMPERATURE, UserError, progress_bar, stop_token_ids
 from model import (HALF, HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs, pack,
                    packed_positions, rms_norm, rope_cos_sin)
 from parallel import full_tensor, is_sharded, reshard
@@ -909,7 +908,7 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     stop = stop_token_ids(tokenizer)
     prompts = [task.render_prompt(r, tokenizer, template) for r in records]
     prompt_ids = encode_prompts(tokenizer, prompts)
-    bar = tqdm(total=len(records) * n, desc=desc, disable=not progress or rank() != 0, dynamic_ncols=True)
+    bar = progress_bar(len(records) * n, desc, progress)
     gens = generate(model, prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     stop_ids=stop, seed=seed, partner=partner, switch=switch, slots=batch_size * n,
                     on_finish=bar.update, reserve=reserve, prompt_numbers=prompt_numbers)

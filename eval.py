@@ -63,7 +63,7 @@ def get_parser():
                         "record's index in the split, the same at any world size")
     p.add_argument("--overwrite", type=common.str2bool, default=False,
                    help="re-evaluate pairs that already have a summary.json")
-    p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bar on rank 0")
+    p.add_argument("--progress", type=common.str2bool, default=True, help=common.PROGRESS_HELP)
     return p
 
 

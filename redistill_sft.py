@@ -113,7 +113,7 @@ def get_parser():
     p.add_argument("--stop_at_step", type=int, default=0,
                    help="checkpoint and stop once this global step is done (the schedule still spans all --epochs); "
                         "for time-boxed jobs and tests; 0 = run to the end")
-    p.add_argument("--progress", default=True, type=common.str2bool, help="tqdm bar on rank 0")
+    p.add_argument("--progress", type=common.str2bool, default=True, help=common.PROGRESS_HELP)
     return p
 
 
@@ -417,10 +417,8 @@ def main(argv=None):
         validate(0)
 
     # ---- the loop
-    from tqdm import tqdm
     stop = min(total_steps, args.stop_at_step or total_steps)
-    bar = tqdm(total=total_steps, initial=start_step, desc="sft", dynamic_ncols=True,
-               disable=rank != 0 or not args.progress)
+    bar = common.progress_bar(total_steps, "sft", args.progress, initial=start_step)
     log = bar.write if rank == 0 and args.progress else print0
     order, order_epoch = None, -1
     for step in range(start_step, stop):

@@ -101,7 +101,7 @@ def get_parser():
                    help="continue a stopped run of the same settings and data from <out stem>.partial/ (its ∇J and "
                         "the samples it finished); false = start over")
     p.add_argument("--log_every", type=int, default=100, help="a log line every this many SFT samples (per rank)")
-    p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bars on rank 0")
+    p.add_argument("--progress", type=common.str2bool, default=True, help=common.PROGRESS_HELP)
     return p
 
 
@@ -251,7 +251,6 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
     leave-one-out policy gradient through the FSDP-sharded model. Returns (grad_j: its numbers for the summary,
     exact_ref: the full gradient (--exact), sketch_ref: its sketch (--proj_dim)), the same on every rank."""
     import torch
-    from tqdm import tqdm
     from parallel import full_tensor
     t0 = time.time()
     gen_model = engine.GenWeights(model, compute_dtype)
@@ -266,8 +265,8 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
            f"{size * args.samples_per_prompt * (longest + args.max_new_tokens) * per_token / 2**30:.1f} GiB per call")
     items, rewards, gen_tokens = [], [], 0
     my_chunks = parallel.rank_share(list(range(len(chunks))), rank, world)
-    bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks) * args.samples_per_prompt, desc="rollouts",
-               disable=not args.progress or rank != 0, dynamic_ncols=True)
+    bar = common.progress_bar(sum(len(chunks[c]) for c in my_chunks) * args.samples_per_prompt, "rollouts",
+                              args.progress)
     for c in my_chunks:
         out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]],
                                       n=args.samples_per_prompt, temperature=args.temperature, top_p=1.0,
@@ -484,7 +483,6 @@ def main(argv=None):
     context = read_config(args.checkpoint).max_position_embeddings
 
     import torch
-    from tqdm import tqdm
     from parallel import full_copy
     from model import load_model, parse_dtype
     from tasks import load_tokenizer
@@ -599,7 +597,7 @@ def main(argv=None):
     params = [p for n, p in plain.named_parameters() if n in chosen]
     del model
     mine = parallel.rank_share([i for i in range(len(examples)) if i not in done_before], rank, world)
-    bar = tqdm(total=len(mine), desc="sample effects", disable=not args.progress or rank != 0, dynamic_ncols=True)
+    bar = common.progress_bar(len(mine), "sample effects", args.progress)
     t0, done, tokens = time.time(), [0], [0]
     log = os.path.join(partial, f"effects.rank{rank}.jsonl")
 

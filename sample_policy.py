@@ -79,7 +79,7 @@ def get_parser():
     p.add_argument("--allow_empty", type=common.str2bool, default=False,
                    help="when no response is correct, write an empty --out and say so instead of failing "
                         "(reproduce.sh: a weak policy then just has no re-distilled model)")
-    p.add_argument("--progress", default=True, type=common.str2bool, help="tqdm bar on rank 0")
+    p.add_argument("--progress", type=common.str2bool, default=True, help=common.PROGRESS_HELP)
     return p
 
 

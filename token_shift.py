@@ -80,7 +80,7 @@ def get_parser():
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
     p.add_argument("--plots", type=common.str2bool, default=True, help="write PNG plots when matplotlib is installed")
-    p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bar on rank 0")
+    p.add_argument("--progress", type=common.str2bool, default=True, help=common.PROGRESS_HELP)
     return p
 
 
@@ -328,7 +328,6 @@ def lock_out_dir(args):
 
 def measure(args, tokenizer, device, dtype):
     """Part 1: JS along the responses, both models FSDP-sharded, responses sharded over ranks."""
-    from tqdm import tqdm
     from parallel import idle_pass, shard_model
     from model import load_model, read_config
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
@@ -340,8 +339,8 @@ def measure(args, tokenizer, device, dtype):
     base, policy = (shard_model(load_model(d, torch.float32, device), dtype).eval() for d in (args.base, args.policy))
     mine = parallel.rank_share(list(range(len(examples))), rank, world)
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-    bar = tqdm(total=sum(len(examples[i]["ids"]) - examples[i]["start"] for i in mine), unit="tok", desc="compare",
-               disable=not args.progress or rank != 0, dynamic_ncols=True)
+    bar = common.progress_bar(sum(len(examples[i]["ids"]) - examples[i]["start"] for i in mine), "compare",
+                              args.progress, unit="tok")
     rows, high = [], []
     for batch in parallel.even_out(batches):
         if batch is None:  # this rank is done; join the others' FSDP collectives

@@ -26,7 +26,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import ckpt
 import common
@@ -210,7 +209,7 @@ def get_parser():
     p.add_argument("--max_bad_steps", type=int, default=3,
                    help="stop after this many consecutive steps with NaN/inf loss or grad norm")
     p.add_argument("--seed", type=int, default=1234, help="seeds the data order and every generation")
-    p.add_argument("--progress", type=common.str2bool, default=True, help="tqdm progress bars on rank 0")
+    p.add_argument("--progress", type=common.str2bool, default=True, help=common.PROGRESS_HELP)
     p.add_argument("--wandb_project", default="",
                    help="also log to this Weights & Biases project (when wandb is installed)")
     return p
@@ -394,8 +393,8 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                                           (("tok", sum(len(batch.responses[j]) for j in m)), ("seq", len(m)))})
     k3_in_loss = ref is not None and args.kl_estimator == "k3"
     norm_total, loss_total, updates, bad = 0.0, 0.0, 0, False
-    bar = tqdm(total=args.ppo_epochs * len(batch.train_idx), desc=f"step {step} update", leave=False,
-               dynamic_ncols=True, disable=not (args.progress and common.rank() == 0))
+    bar = common.progress_bar(args.ppo_epochs * len(batch.train_idx), f"step {step} update", args.progress,
+                              leave=False)
     model.train()
     for epoch in range(args.ppo_epochs):
         for mi, mini in enumerate(minis):

@@ -425,3 +425,42 @@ def test_the_bounds_of_the_shared_setting_checks():
         with pytest.raises(common.UserError, match=rf"--{beta} must be in \[0, 1\)"):
             common.check_optimizer(args)
         common.check_optimizer(common.parse_settings(train_rl.get_parser(), [f"--{beta}", "0.0"]))
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_progress_bar_in_a_log_file_is_redrawn_once_a_minute(monkeypatch, terminal):
+    import io
+    import sys
+    import tqdm.std
+
+    class Stderr(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    clock = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    monkeypatch.setattr(tqdm.std.tqdm, "monitor_interval", 0)  # the monitor thread reads the real clock
+    bar = common.progress_bar(600, "steps")
+    for _ in range(600):  # ten minutes at one update a second
+        clock[0] += 1.0
+        bar.update(1)
+    bar.close()
+    draws = sys.stderr.getvalue().count("\r")
+    if terminal:
+        assert draws >= 590  # every update
+    else:
+        assert 10 <= draws <= 13  # the first, one a minute, the last
+    assert "600/600" in sys.stderr.getvalue()
+
+
+def test_a_progress_bar_draws_only_on_rank_0_and_when_enabled(monkeypatch):
+    import io
+    import sys
+    for enabled, rank, drawn in ((True, 0, True), (False, 0, False), (True, 1, False)):
+        monkeypatch.setattr(sys, "stderr", io.StringIO())
+        monkeypatch.setattr(common, "rank", lambda: rank)
+        bar = common.progress_bar(3, "steps", enabled)
+        bar.update(3)
+        bar.close()
+        assert ("3/3" in sys.stderr.getvalue()) == drawn
