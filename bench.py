@@ -47,7 +47,6 @@ def get_parser():
                    help="which workloads to run")
     p.add_argument("--prompts", type=int, nargs="+", default=None,
                    help="numbers of prompts to run (default: 8 on CPU; 16 and 128 on GPU)")
-    p.add_argument("--samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--min_len", type=int, default=None, help="shortest response of the rl workload (default 64)")
     p.add_argument("--max_len", type=int, default=None, help="longest response (default 512 on CPU, 1024 on GPU)")
     p.add_argument("--fixed_len", type=int, default=256, help="response length of the fixed workload")
@@ -59,7 +58,7 @@ def get_parser():
     p.add_argument("--rl", type=common.str2bool, default=False,
                    help="benchmark one GRPO step of train_rl.py instead (CPU, tiny model)")
     p.add_argument("--rl_steps", type=int, default=4, help="RL steps to run (the first is a warm-up)")
-    p.add_argument("--rl_prompts", type=int, default=16, help="prompts per RL step (x --samples rollouts)")
+    p.add_argument("--rl_prompts", type=int, default=16, help="prompts per RL step (x --samples_per_prompt rollouts)")
     p.add_argument("--rl_max_len", type=int, default=64, help="response length cap of the RL benchmark")
     p.add_argument("--count_kernels", type=common.str2bool, default=False,
                    help="count the kernels one decode step launches (speed.kernel_count: a proxy from the CPU ops, "
@@ -79,7 +78,8 @@ def get_parser():
     p.add_argument("--suite_hf", type=common.str2bool, default=True,
                    help="--gpu_suite: time transformers.generate in the generation section (2-3 min on a GPU at the "
                         "1.5B shape; false: ours only, for a short lease once the ratio is on record)")
-    # --memory: the per-GPU memory table (defaults = train_rl.py's and redistill_sft.py's; a test checks they agree)
+    # --memory: the per-GPU memory table (defaults = train_rl.py's and redistill_sft.py's, a test checks they agree;
+    # --checkpoint_every 1 is train_rl's: redistill_sft.py's default, no recompute, is --checkpoint_every 0 here)
     p.add_argument("--memory", nargs="+", default=None, metavar="CONFIG",
                    help="print the per-GPU memory table of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2 "
                         "for these models: a Hugging Face config.json, its directory, or a preset ("
@@ -93,7 +93,8 @@ def get_parser():
     p.add_argument("--prompts_per_rank", type=int, default=None,
                    help="--memory: RL prompts per rank (default: --prompts_per_step / --world, rounded up)")
     p.add_argument("--samples_per_prompt", type=int, default=8,
-                   help="--memory: RL rollouts per prompt (train_rl --samples_per_prompt)")
+                   help="samples per prompt: of the generation workloads, of --rl's steps, and --memory's RL rollouts "
+                        "per prompt (train_rl --samples_per_prompt)")
     p.add_argument("--gen_batch_size", type=int, default=32,
                    help="--memory: prompts per generation call (train_rl --gen_batch_size): KV-cache rows = "
                         "min(prompts per rank, this) x --samples_per_prompt")
@@ -160,14 +161,15 @@ def main(argv=None):
     stop_id = 2
     for kind in args.workloads:
         for n_prompts in prompt_counts:
-            prompts, lengths = make_workload(kind, n_prompts, args.samples, min_len, max_len, args.fixed_len,
+            samples = args.samples_per_prompt
+            prompts, lengths = make_workload(kind, n_prompts, samples, min_len, max_len, args.fixed_len,
                                              cfg.vocab_size, args.seed)
 
             def time_ours():
-                return timed(lambda: run_ours(model, prompts, lengths, args.samples, stop_id), device)
+                return timed(lambda: run_ours(model, prompts, lengths, samples, stop_id), device)
 
             def time_hf():
-                return timed(lambda: run_hf(hf, prompts, lengths, args.samples, stop_id), device)
+                return timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
             t_ours, t_hf = [], []
             if args.gpu:  # the whole workload as warm-up (CUDA graphs captured for every bucket), then each engine
                 time_ours()
@@ -175,7 +177,7 @@ def main(argv=None):
                 engine.release()  # our kept KV cache and graphs would crowd transformers' cache out
                 t_hf = [time_hf() for _ in range(repeats)] if hf is not None else []
             else:
-                run_ours(model, prompts[:2], lengths[:2 * args.samples], args.samples, stop_id)  # warm-up
+                run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id)  # warm-up
                 for _ in range(repeats):  # interleaved, so a busy machine slows both engines alike
                     t_ours.append(time_ours())
                     if hf is not None:
@@ -190,7 +192,7 @@ def main(argv=None):
             if args.gpu:
                 bw = datasheet(PEAK_BANDWIDTH, name)
                 if bw:
-                    floor = decode_floor(cfg, model, prompts, lengths, args.samples, 2, bandwidth=bw)
+                    floor = decode_floor(cfg, model, prompts, lengths, samples, 2, bandwidth=bw)
                     line += f" | {floor:7.2f}  {floor / ours:6.1%}"
             print(line, flush=True)
 
@@ -218,10 +220,11 @@ def count_kernels(args):
 
 def bench_rl(args):
     """Seconds per GRPO step split into generation / scoring / training: train_rl.main on a random-weight
-    model (responses run to the length cap, so every step does the same work) and the toy addition task.
+    model and the toy addition task. Random weights end a response at EOS now and then (about 1 in 400 tokens at the
+    400-token vocabulary: ~half the responses stop before a 64-token cap), so steps differ in length a little.
     The first step (warm-up) is left out; the median of the others is reported."""
     import train_rl
-    steps, prompts, group, max_len = args.rl_steps, args.rl_prompts, args.samples, args.rl_max_len
+    steps, prompts, group, max_len = args.rl_steps, args.rl_prompts, args.samples_per_prompt, args.rl_max_len
     if steps < 2:
         raise common.UserError(f"--rl_steps must be at least 2 (the first is a warm-up), got {steps}")
     with tempfile.TemporaryDirectory() as d:

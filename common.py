@@ -25,7 +25,8 @@ class UserError(Exception):
 
 
 # old spellings of settings: each is an error that names the new one (one name per thing across the scripts)
-RENAMED = {"--group_size": "--samples_per_prompt", "--k": "--samples_per_prompt", "--eight_bit_adam": "--adam_8bit",
+RENAMED = {"--group_size": "--samples_per_prompt", "--samples": "--samples_per_prompt", "--k": "--samples_per_prompt",
+           "--eight_bit_adam": "--adam_8bit",
            "--grad_checkpointing": "--gradient_checkpointing",
            "--bf16": "--dtype (auto: bfloat16 on CUDA, float32 on CPU)",
            "--num_samples": "--samples_per_prompt (samples per prompt) or, in sample_policy.py, --num_examples"}

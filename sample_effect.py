@@ -62,7 +62,7 @@ def get_parser():
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                    help="prompt template of the evaluation prompts")
     p.add_argument("--gen_batch_size", type=int, default=64,
-                   help="most evaluation prompts per generation call (x k rows)")
+                   help="most evaluation prompts per generation call (x --samples_per_prompt rows)")
     p.add_argument("--kv_cache_gib", type=float, default=16.0,
                    help="bound on one generation call's KV cache (GiB): fewer prompts per call when rows x "
                         "(prompt + --max_new_tokens) would need more")

@@ -140,7 +140,8 @@ def get_parser():
     p.add_argument("--dwa_s", type=float, default=1.0,
                    help="with --adv_weight dwa: DWA scale s, w in [1 - s/2, 1 + s/2], |s| <= 2 (unpublished)")
     p.add_argument("--dwa_alpha", type=float, default=1.0,
-                   help="with --adv_weight dwa: DWA sharpness, > 0 boosts tokens the update moved, < 0 damps")
+                   help="with --adv_weight dwa: DWA sharpness; the sign of s x alpha sets the direction: > 0 "
+                        "boosts tokens the update moved, < 0 damps them")
     p.add_argument("--drop_zero_variance_groups", type=common.str2bool, default=False,
                    help="leave groups whose rewards are all equal out of the loss and its normaliser "
                         "(DAPO's filter, without resampling)")

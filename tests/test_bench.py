@@ -320,3 +320,14 @@ def test_train_flops_by_hand():
     cfg = ModelConfig.from_hf(tiny_config(100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2))
     block = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192)  # q, o; k, v; gate, up, down
     assert speed.train_flops(cfg, [10], 4) == 6 * block * 10 + 6 * 100 * 64 * 4 + 6 * 2 * 64 * 10 * 10 == 6_128_640
+
+
+def test_samples_per_prompt_sizes_the_generation_benchmark(capsys):
+    """One name for samples per prompt in every script: bench.py's workloads take --samples_per_prompt (it once had
+    --samples, with --samples_per_prompt accepted and ignored outside --memory)."""
+    bench.main(["--workloads", "fixed", "--prompts", "1", "--samples_per_prompt", "3", "--fixed_len", "2",
+                "--repeats", "1", "--skip_hf", "true", "--threads", "1"])
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[:3] == ["fixed", "3", "6"]  # rows, new tokens
+    with pytest.raises(UserError, match="--samples is now --samples_per_prompt"):
+        bench.main(["--samples", "3"])
