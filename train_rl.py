@@ -53,8 +53,8 @@ RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_
 RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "clip_low", "clip_high",
                  "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator", "ref_model",
                  "entropy_coef", "adv_weight", "rollout_is", "rollout_is_cap", "dwa_s", "dwa_alpha",
-                 "drop_zero_variance_groups", "mask_truncated", "grad_clip", "adam_8bit",
-                 "model")  # --model: the tokenizer and, without --ref_model, the KL reference
+                 "drop_zero_variance_groups", "mask_truncated", "grad_clip", "adam_8bit", "beta1", "beta2",
+                 "weight_decay", "model")  # --model: the tokenizer and, without --ref_model, the KL reference
 # what the runs of versions before a setting existed did, where its default now differs (TIS came on 2026-12-02,
 # on by default): a resume of such a run compares this, not today's default
 EARLIER_OBJECTIVE = {"rollout_is": "off"}
@@ -588,14 +588,15 @@ def main(argv=None):
         identity |= {"dynamic_sampling": True, "max_gen_batches": args.max_gen_batches}
     if checkpoint is not None:
         start_step, init_path, state, train_shard = checkpoint
-        ckpt.check_run_identity(args.out_dir, state.get("identity", {}), identity,
-                                recorded_since=("train_data_digest", "compute_dtype", "compute_device"))
         saved = {k: v for k, v in state.get("settings", {}).items() if k in RUN_OBJECTIVE}
         if saved:  # settings this run's version did not record yet: as that version ran
             saved = {**{k: v for k, v in EARLIER_OBJECTIVE.items() if k not in saved}, **saved}
         if "compute_dtype" not in state.get("identity", {}):  # an earlier version's run: its --dtype text, as it was
             saved |= {k: v for k, v in state.get("settings", {}).items() if k == "dtype"}
-        ckpt.check_run_identity(args.out_dir, saved, {k: getattr(args, k) for k in saved})
+        # one refusal naming every difference: the identity, then the objective (as its version recorded it)
+        ckpt.check_run_identity(args.out_dir, state.get("identity", {}) | saved,
+                                identity | {k: getattr(args, k) for k in saved},
+                                recorded_since=("train_data_digest", "compute_dtype", "compute_device"))
         if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it), by that save's
             saved_by = state.get("settings", {})  # rules: a re-run of a finished run with other flags removes nothing
             ckpt.prune_checkpoints(args.out_dir, start_step, saved_by.get("keep_last", args.keep_last),

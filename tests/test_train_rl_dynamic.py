@@ -218,7 +218,7 @@ CHANGED = {"task": "toy_task_copy", "train_data": "copy", "template": "chat", "m
            "kl_coef": 0.05, "kl_estimator": "k1", "ref_model": "copy", "entropy_coef": 0.01, "adv_weight": "dwa",
            "rollout_is": "off", "rollout_is_cap": 3.0, "dwa_s": 0.5, "dwa_alpha": 2.0,
            "drop_zero_variance_groups": True, "mask_truncated": True, "grad_clip": 0.5, "adam_8bit": True,
-           "model": "copy", "max_gen_batches": 1}
+           "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, "model": "copy", "max_gen_batches": 1}
 
 
 def test_every_identity_setting_has_a_changed_value():
@@ -244,3 +244,12 @@ def test_a_resume_with_a_changed_setting_is_refused_naming_it(saved_run, tiny_ch
     with pytest.raises(UserError, match=rf"different settings than the run's: (.*; )?{key}: was"):
         main(resume=True, **{key: value})
     assert main(resume=True) == 0  # unchanged, it resumes (and, at its last step, runs none)
+
+
+def test_a_resume_names_every_changed_setting_in_one_refusal(saved_run):
+    """A setting of the data order, one of the objective and one of the optimizer changed at once: one error names
+    all three (one refusal each would take three attempts to learn them)."""
+    d, main = saved_run
+    with pytest.raises(UserError) as e:
+        main(resume=True, seed=7, temperature=0.5, beta1=0.9)
+    assert all(f"{k}: was" in str(e.value) for k in ("seed", "temperature", "beta1")), e.value
