@@ -376,7 +376,7 @@ def table_rows(statements, kk=KNIGHT_KNAVE):
     consistent assignment ends the table ("yes"). "knight knave: true false yes."
 
     Not the official trace: each value is a few lookups in the question, a shape the tiny preset's model
-    learns from pre-training (README "The tiny preset"); the official trace's long sentences it cannot follow.
+    learns from pre-training (docs/tiny_preset.md); the official trace's long sentences it cannot follow.
     """
     n = len(statements)
     masks = knight_masks(n)

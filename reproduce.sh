@@ -39,7 +39,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,28p' "$SELF"; ls config; exit 0 ;;
+    -h|--help) awk 'NR > 1 { if (!/^#/) exit; print }' "$SELF"; ls config; exit 0 ;;  # the header above
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
     *) PRESET="$arg" ;;
   esac

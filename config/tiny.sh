@@ -1,7 +1,7 @@
 # tiny: the whole study on a CPU in minutes (2 cores; no download). Sourced by reproduce.sh.
 # A ~0.9M-parameter Qwen2-architecture model and a ~600-token BPE tokenizer are built here and the model is
 # pre-trained from scratch on K&K puzzles solved in the plain Question/Answer format to be the "base".
-# Three choices forced by the model's size (README "The tiny preset" has the measurements):
+# Three choices forced by the model's size (docs/tiny_preset.md has the measurements):
 #  - fixed names (person i is always Emma, Liam, Olivia): with random names the model does not learn to copy
 #    names from the question in minutes (name tokens stay at ~4 nats = chance over 51 names) and never scores;
 #  - a truth-table chain of thought instead of the official trace, which this model cannot follow (13% on

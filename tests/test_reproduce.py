@@ -301,6 +301,17 @@ def test_seeds_and_help_work_when_started_from_another_directory(tmp_path):
             assert proc.returncode == 0 and expect in proc.stdout, proc.stderr[-2000:]
 
 
+def test_help_prints_the_whole_header_and_the_presets():
+    """--help is the script's opening comment, all of it (a fixed line range once cut it mid-sentence as the
+    header grew), then the presets."""
+    lines = open(os.path.join(ROOT, "reproduce.sh")).read().splitlines()[1:]
+    header = lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+    proc = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), "--help"], env=study_env(), capture_output=True,
+                          text=True, timeout=60)
+    out = proc.stdout.splitlines()
+    assert proc.returncode == 0 and out[:len(header)] == header and "tiny.sh" in out[len(header):], proc.stdout
+
+
 @pytest.mark.parametrize("preset,flags", [
     ("kk-qwen2.5-1.5b", ["--nproc_per_node=8", "--prompts_per_step 128", "--samples_per_prompt 8", "--temperature 0.7",
                          "--lr 5e-6", "--warmup_steps 8", "--beta1 0.5", "--max_response_tokens 4096",
