@@ -60,7 +60,7 @@ RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std
 EARLIER_OBJECTIVE = {"rollout_is": "off"}
 # (--dtype: the identity holds the dtype it resolved to, and the device with a CPU's thread count:
 # parallel.compute_identity)
-# (AdamW's betas and weight decay: ckpt.load_local_train_state checks them against the optimizer state)
+# (and ckpt.load_local_train_state checks AdamW's betas, weight decay and eps against the optimizer state itself)
 
 
 def get_parser():

@@ -56,6 +56,11 @@ def test_checkpoints_and_full_copies_after_a_no_grad_forward_hold_the_fp32_maste
     ckpt.save_checkpoint(str(tmp_path), 1, model, load_tokenizer(tiny_checkpoint), optimizer, {}, torch.bfloat16, 2)
     assert assert_train_shards(tmp_path, 1) == 1
     again = parallel.shard_model(load_model(tiny_checkpoint), torch.bfloat16)
+    # the optimizer state's own hyperparameters would silently replace the ones given now: refused, named
+    with pytest.raises(UserError, match=r"optimizer settings than the checkpoint's: betas: was \[0.9, 0.999\], now "
+                                        r"\[0.5, 0.999\]; weight_decay: was 0.0, now 0.1$"):
+        other = ckpt.make_optimizer(again.parameters(), lr=1e-3, betas=(0.5, 0.999), weight_decay=0.1)
+        ckpt.load_local_train_state(again, other, ckpt.load_checkpoint(str(tmp_path))[3])
     ckpt.load_local_train_state(again, ckpt.make_optimizer(again.parameters(), lr=1e-3),
                                 ckpt.load_checkpoint(str(tmp_path))[3])
     assert all(torch.equal(parallel.full_copy(again, torch.float32).state_dict()[k], master[k]) for k in master)
