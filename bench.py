@@ -47,6 +47,9 @@ def get_parser():
                    help="which workloads to run")
     p.add_argument("--prompts", type=int, nargs="+", default=None,
                    help="numbers of prompts to run (default: 8 on CPU; 16 and 128 on GPU)")
+    p.add_argument("--samples_per_prompt", type=int, default=8,
+                   help="samples per prompt: of the generation workloads, of --rl's steps, and --memory's RL rollouts "
+                        "per prompt (train_rl --samples_per_prompt)")
     p.add_argument("--min_len", type=int, default=None, help="shortest response of the rl workload (default 64)")
     p.add_argument("--max_len", type=int, default=None, help="longest response (default 512 on CPU, 1024 on GPU)")
     p.add_argument("--fixed_len", type=int, default=256, help="response length of the fixed workload")
@@ -92,9 +95,6 @@ def get_parser():
                         "its share")
     p.add_argument("--prompts_per_rank", type=int, default=None,
                    help="--memory: RL prompts per rank (default: --prompts_per_step / --world, rounded up)")
-    p.add_argument("--samples_per_prompt", type=int, default=8,
-                   help="samples per prompt: of the generation workloads, of --rl's steps, and --memory's RL rollouts "
-                        "per prompt (train_rl --samples_per_prompt)")
     p.add_argument("--gen_batch_size", type=int, default=32,
                    help="--memory: prompts per generation call (train_rl --gen_batch_size): KV-cache rows = "
                         "min(prompts per rank, this) x --samples_per_prompt")
