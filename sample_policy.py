@@ -7,8 +7,8 @@ Turn an RL policy into a re-distillation SFT set (the paper's section 3 recipe).
                           paper's set B: steps 115-125 of the K&K run, T=0.7, n=8)
 
 Then, as the paper: keep the right responses (reward 1) that finished with EOS, drop repeats, keep at most
---max_per_prompt per prompt, shuffle with --seed and keep --num_examples (and drop a response holding a stop token's
-text, which redistill_sft.py would refuse). Writes SFT jsonl {"id", "task",
+--max_per_prompt per prompt, shuffle with --seed and keep --num_examples (and drop what redistill_sft.py would refuse:
+a response holding a stop token's text, an example longer than --max_length). Writes SFT jsonl {"id", "task",
 "prompt", "response", "source", "reward"} atomically: the exact prompt the policy saw and its decoded response
 without the stop token (redistill_sft.py appends EOS).
 
@@ -68,6 +68,11 @@ def get_parser():
     p.add_argument("--max_per_prompt", type=int, default=1,
                    help="keep at most this many distinct correct responses per prompt, first found first "
                         "(paper: 1, dedupe by puzzle keeping the first occurrence); 0 = no limit")
+    p.add_argument("--max_length", type=int, default=5000,
+                   help="drop a right response whose SFT example (prompt + response + EOS, tokenized as "
+                        "redistill_sft.py does) is longer than this: redistill_sft.py refuses a set holding one (its "
+                        "--max_length, the paper's 5000: a 1,024-token prompt and a 4,096-token answer exceed it); 0 = "
+                        "no limit")
     p.add_argument("--num_examples", type=int, default=1000,
                    help="keep this many after the shuffle (paper: 1000 for K&K's set B; its sets A kept every "
                         "correct answer, ~700 for K&K and ~500 for MATH); 0 = all")
@@ -171,13 +176,14 @@ def sample_checkpoint(args, task, rank, world, device):
 # selection
 
 
-def select(samples, max_per_prompt, num_examples, seed, stop_texts=STOP_TOKENS):
+def select(samples, max_per_prompt, num_examples, seed, stop_texts=STOP_TOKENS, too_long=None):
     """The paper's filter: correct (tasks.is_correct: reward 1 or more) and finished; identical responses to one
-    prompt once; at most max_per_prompt per prompt, first found first; a seeded shuffle; the first num_examples. A
-    response that holds one of stop_texts (a stop token written in pieces by the policy: the tokenizer reads the text
-    back as the stop id, which SFT refuses inside a response) is dropped too. Returns (kept, counts)."""
-    by_prompt, seen, counts = {}, set(), {"samples": len(samples), "correct": 0, "stop_text": 0, "duplicates": 0,
-                                          "over_limit": 0}
+    prompt once; at most max_per_prompt per prompt, first found first; a seeded shuffle; the first num_examples.
+    Dropped too, as SFT would refuse them: a response that holds one of stop_texts (a stop token written in pieces by
+    the policy: the tokenizer reads the text back as the stop id) and, where too_long(sample) says so, one too long.
+    Returns (kept, counts)."""
+    by_prompt, seen, counts = {}, set(), {"samples": len(samples), "correct": 0, "stop_text": 0, "too_long": 0,
+                                          "duplicates": 0, "over_limit": 0}
     prompts, answered = [], set()
     for s in samples:
         key = (s["id"], s["prompt"])
@@ -190,6 +196,9 @@ def select(samples, max_per_prompt, num_examples, seed, stop_texts=STOP_TOKENS):
         answered.add(key)
         if any(t in s["response"] for t in stop_texts):
             counts["stop_text"] += 1
+            continue
+        if too_long is not None and too_long(s):
+            counts["too_long"] += 1
             continue
         if (key, s["response"]) in seen:
             counts["duplicates"] += 1
@@ -206,6 +215,14 @@ def select(samples, max_per_prompt, num_examples, seed, stop_texts=STOP_TOKENS):
     random.Random(seed).shuffle(pool)
     kept = pool[:num_examples] if num_examples else pool
     return kept, counts
+
+
+def sft_too_long(tokenizer, max_length):
+    """too_long(sample) for select: whether the sample's SFT example (tasks.sft_token_ids: prompt + response + EOS)
+    has more than max_length tokens; None where nothing can be counted (no tokenizer, or no limit)."""
+    if tokenizer is None or not max_length:
+        return None
+    return lambda s: len(tasks.sft_token_ids(tokenizer, [s["prompt"]], [s["response"]])[0][0]) > max_length
 
 
 def stop_texts(tokenizer):
@@ -253,7 +270,7 @@ def main(argv=None):
         raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --from_checkpoint only: the "
                         f"rollouts were sampled by the RL run")
     common.check_positive(args, "samples_per_prompt", "max_new_tokens", "batch_size")
-    common.check_non_negative(args, "limit", "max_per_prompt", "num_examples")
+    common.check_non_negative(args, "limit", "max_per_prompt", "num_examples", "max_length")
     common.check_distinct_outputs([("--out", args.out), ("--samples_out", args.samples_out)],
                                   [("--split", path) for path in args.split or []])
     common.check_sampling(args)
@@ -262,14 +279,14 @@ def main(argv=None):
     rank, world, device = parallel.dist_setup()
     if args.from_checkpoint:
         samples, _ = sample_checkpoint(args, task, rank, world, device)
-        texts = stop_texts(tasks.load_tokenizer(args.from_checkpoint))
+        tokenizer = tasks.load_tokenizer(args.from_checkpoint)
     else:  # every rank reads and selects (cheap), so that an error stops all of them; rank 0 writes
         steps = parse_steps(args.steps)
         samples = read_rollouts(args.from_rollouts, steps)
         tokenizer = run_tokenizer(args.from_rollouts)
         if tokenizer is None:
             print0(f"note: no saved weights in {args.from_rollouts}, so no tokenizer: responses are checked for the "
-                   f"usual stop tokens' text only ({', '.join(STOP_TOKENS)})")
+                   f"usual stop tokens' text only ({', '.join(STOP_TOKENS)}), and not for --max_length")
         texts = stop_texts(tokenizer)
         stripped = 0
         for s in samples:
@@ -286,13 +303,16 @@ def main(argv=None):
     if args.samples_out and rank == 0:
         common.write_jsonl(args.samples_out, samples)
         print0(f"wrote all {len(samples)} samples (before filtering) to {args.samples_out}")
-    kept, counts = select(samples, args.max_per_prompt, args.num_examples, args.seed, texts)
+    kept, counts = select(samples, args.max_per_prompt, args.num_examples, args.seed, stop_texts(tokenizer),
+                          sft_too_long(tokenizer, args.max_length))
     print0(f"{counts['samples']} samples of {counts['prompts']} prompts: {counts['correct']} correct and finished, "
-           f"{counts['stop_text']} holding a stop token's text, {counts['duplicates']} duplicate responses, "
+           f"{counts['stop_text']} holding a stop token's text, {counts['too_long']} longer than --max_length "
+           f"{args.max_length}, {counts['duplicates']} duplicate responses, "
            f"{counts['over_limit']} over --max_per_prompt {args.max_per_prompt}, {counts['distinct']} distinct")
     print0(f"{counts['prompts_without_correct']} of {counts['prompts']} prompts had no correct sample")
     if not kept and not args.allow_empty:
-        raise UserError(f"no correct, finished response{' without a stop token' if counts['correct'] else ''} "
+        raise UserError(f"no correct, finished response"
+                        f"{' without a stop token, within --max_length' if counts['correct'] else ''} "
                         f"among {counts['samples']} samples; nothing written to {args.out}")
     if args.num_examples and len(kept) < args.num_examples:
         print0(f"note: only {len(kept)} samples available, fewer than --num_examples {args.num_examples}")

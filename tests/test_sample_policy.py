@@ -201,8 +201,8 @@ def test_select_filters_dedupes_and_takes_n():
     kept, counts = sp.select(samples, max_per_prompt=1, num_examples=0, seed=0)
     assert sorted((k["id"], k["response"]) for k in kept) == [("a", "x"), ("c", "u"), ("d", "t"), ("e", "q")]
     # a stop token's text inside a response would read back as the stop id, which SFT refuses: dropped and counted
-    assert counts == {"samples": 11, "correct": 8, "stop_text": 1, "duplicates": 2, "over_limit": 1, "prompts": 5,
-                      "prompts_without_correct": 1, "distinct": 4}
+    assert counts == {"samples": 11, "correct": 8, "stop_text": 1, "too_long": 0, "duplicates": 2, "over_limit": 1,
+                      "prompts": 5, "prompts_without_correct": 1, "distinct": 4}
     kept, counts = sp.select(samples, max_per_prompt=0, num_examples=0, seed=0)
     assert sorted((k["id"], k["response"]) for k in kept) == [("a", "x"), ("a", "y"), ("c", "u"), ("d", "t"),
                                                               ("e", "q")]
@@ -231,6 +231,28 @@ def test_a_set_holds_no_stop_token_sft_would_refuse(tmp_path):
     assert [k["response"] for k in kept] == ["the answer is x"] and counts["stop_text"] == 1
     common.write_jsonl(str(tmp_path / "set.jsonl"), kept)
     assert len(tasks.load_sft_examples([str(tmp_path / "set.jsonl")], tok, 100)) == 1
+
+
+def test_a_set_holds_no_example_longer_than_sft_takes(tmp_path, capsys):
+    """A right response whose SFT example (prompt + response + EOS, as redistill_sft tokenizes it) is longer than
+    --max_length is dropped and counted, so the set trains at that --max_length (one such sample made
+    redistill_sft refuse the whole set after the RL run: a 1,024-token prompt and a 4,096-token answer exceed the
+    paper's 5000). The limit is inclusive; 0 keeps every length."""
+    import tasks
+    run = tmp_path / "rl"
+    tok = eos_tokenizer("</s>")
+    tok.save_pretrained(str(run / "step_000002"))
+    responses = {"a": "so the answer is x", "b": "so the answer is x " * 6 + "so the answer is x"}
+    write_rollouts(str(run), {2: [s(i, text) for i, text in responses.items()]})
+    sizes = {i: len(tasks.sft_token_ids(tok, [f"P{i}"], [text])[0][0]) for i, text in responses.items()}
+    assert sizes["a"] < sizes["b"]
+    for limit, kept in ((sizes["b"] - 1, ["a"]), (sizes["b"], ["a", "b"]), (0, ["a", "b"])):
+        out = tmp_path / f"out{limit}.jsonl"
+        sp.main(["--from_rollouts", str(run), "--steps", "2", "--task", "toy_task", "--out", str(out),
+                 "--max_length", str(limit), "--progress", "false"])
+        assert sorted(r["id"] for r in read(out)) == kept
+        assert f"{2 - len(kept)} longer than --max_length {limit}" in capsys.readouterr().out
+        assert len(tasks.load_sft_examples([str(out)], tok, limit or sizes["b"])) == len(kept)
 
 
 def write_rollouts(run_dir, steps):
@@ -372,7 +394,7 @@ def test_from_checkpoint_drops_a_response_holding_the_checkpoints_own_eos(tmp_pa
     assert [(r["id"], r["response"]) for r in read(out)] == [("b", "the answer is x")]
     # every right answer held one: the error says why none is left
     monkeypatch.setattr(sp, "sample_checkpoint", lambda *a: ([s("a", "so</s> x", source=str(ckpt), sample=0)], None))
-    with pytest.raises(UserError, match="no correct, finished response without a stop token among 1 samples"):
+    with pytest.raises(UserError, match="no correct, finished response without a stop token, within --max_length among 1 samples"):
         sp.main(["--from_checkpoint", str(ckpt), "--task", "toy_task", "--split", str(split), "--out",
                  str(tmp_path / "none.jsonl"), "--progress", "false"])
 
