@@ -23,7 +23,7 @@ import parallel
 import tasks
 from common import UserError, print0
 from model import check_checkpoint, dtype_name, weight_files
-from scoring import generate_and_score, markdown_table, read_summary, summarize, summary_row
+from scoring import generate_and_score, how_evaluated, markdown_table, read_summary, summarize, summary_row
 
 # -----------------------------------------------------------------------------
 # settings (defaults follow the paper's evaluation, paper.md section 9)
@@ -79,9 +79,7 @@ GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "samples_per_pro
 def split_heading(summary):
     """Markdown heading naming the split and how it was evaluated."""
     s = summary["settings"]
-    how = ("greedy, pass@1" if s["temperature"] == 0 and s["samples_per_prompt"] == 1 else
-           f"avg@{s['samples_per_prompt']}, temperature {s['temperature']:g}, top-p {s['top_p']:g}")
-    return f"### {summary['split']} ({s['task']}; {how}; max {s['max_new_tokens']} new tokens)"
+    return f"### {summary['split']} ({s['task']}; {how_evaluated([summary])}; max {s['max_new_tokens']} new tokens)"
 
 
 # -----------------------------------------------------------------------------

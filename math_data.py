@@ -652,7 +652,8 @@ def main(argv=None):
         return
 
     pool_path, test_path = (HUB_TRAIN_POOL, HUB_TEST) if args.hub else (args.train_pool, args.test)
-    for what, path in (("training pool", pool_path), ("test set", test_path)):
+    needed = [("test set", test_path)] if args.bench else [("training pool", pool_path), ("test set", test_path)]
+    for what, path in needed:  # (--bench grades the test set only)
         if not path.startswith("hf:") and not os.path.exists(path):
             flag = "--train_pool" if what == "training pool" else "--test"
             raise UserError(f"{what} {path} not found: pass {flag} PATH (jsonl, json, a Hendrycks directory or "

@@ -17,7 +17,7 @@ import shlex
 import common
 import tasks
 from common import UserError
-from scoring import difficulty_order, markdown_table, read_summary, summary_row
+from scoring import difficulty_order, how_evaluated, markdown_table, read_summary, summary_row
 
 
 def get_parser():
@@ -388,7 +388,9 @@ def plots(out_dir, metrics, summaries, temperature, difficulty, title=""):
                 if height != height:
                     ax.text(j + i * width, 0.01, "n/a", ha="center", va="bottom", rotation=90, fontsize=6)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], [f"{difficulty} {lv}" for lv in levels])
-        ax.set_ylabel("test accuracy (greedy)"), ax.set_ylim(0, 1), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
+        how = how_evaluated(summaries.values())
+        ax.set_ylabel(f"test accuracy{' (' + how + ')' if how else ''}", fontsize=8 if len(how) > 20 else None)
+        ax.set_ylim(0, 1), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
         ax.set_title(title)
         fig.tight_layout()
         written.append(os.path.join(out_dir, PLOTS[1]))
@@ -440,7 +442,7 @@ def main(argv=None):
     seed_one = "seed 1" if seed_lines else ""
     mean_below = " (the mean over seeds is below)" if any(line.startswith("### Over") for line in seed_lines) else ""
 
-    rows = []
+    rows, how = [], how_evaluated(summaries.values())
     for name, s in summaries.items():
         row = summary_row(s, name, difficulty)
         row["SFT samples"] = count_lines(os.path.join(out, SFT_SET[name])) if name in SFT_SET else 0
@@ -449,7 +451,7 @@ def main(argv=None):
         row[f"total {kind}-h"] = round(device_hours(times, OWN[name] + UPSTREAM[name]), 3)
         rows.append(row)
     lines = [f"## Results{' (' + args.preset + ')' if args.preset else ''}: "
-             f"test accuracy (greedy, pass@1) per {difficulty}"
+             f"test accuracy{' (' + how + ')' if how else ''} per {difficulty}"
              f"{', ' + seed_one + mean_below if seed_one else ''}",
              "", markdown_table(rows)]
     lines.append(f"SFT samples: the set the model was fine-tuned on (RL: its cold start's). RL rollouts: every one "

@@ -77,6 +77,21 @@ def summarize(samples, records, difficulty_key, pass_k=(1,)):
     return summary
 
 
+def how_evaluated(summaries):
+    """How the summaries' samples were drawn, for headings and labels: "greedy, pass@1" or "avg@n, temperature T,
+    top-p P"; several ways joined by " / " (each distinct once); "" where no summary records its settings."""
+    ways = []
+    for summary in summaries:
+        s = summary.get("settings")
+        if not s:
+            continue
+        how = ("greedy, pass@1" if s["temperature"] == 0 and s["samples_per_prompt"] == 1 else
+               f"avg@{s['samples_per_prompt']}, temperature {s['temperature']:g}, top-p {s['top_p']:g}")
+        if how not in ways:
+            ways.append(how)
+    return " / ".join(ways)
+
+
 def summary_row(summary, name=None, difficulty_label=""):
     """One table row (an ordered dict: column -> value) from a summary: accuracy per difficulty, overall,
     pass@k (k > 1) overall, mean response length and truncation rate."""

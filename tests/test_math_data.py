@@ -390,6 +390,17 @@ def test_missing_file_and_empty_answers(tmp_path, capsys):
     assert "skipped 1 record(s) with an empty 'answer'" in capsys.readouterr().err
 
 
+def test_the_grading_benchmark_needs_the_test_set_only(tmp_path, capsys):
+    """--bench grades the test set against itself: a training pool it never reads is not asked for."""
+    test_path = tmp_path / "test.jsonl"
+    common.write_jsonl(str(test_path), [{"problem": f"P{i}", "answer": str(i), "level": "Level 1", "unique_id": str(i)}
+                                        for i in range(3)])
+    math_data.main(["--bench", "true", "--test", str(test_path), "--train_pool", str(tmp_path / "none.jsonl")])
+    assert "score(): 3 self-gradings" in capsys.readouterr().out
+    with pytest.raises(common.UserError, match="test set .*none.jsonl not found"):
+        math_data.main(["--bench", "true", "--test", str(tmp_path / "none.jsonl")])
+
+
 def test_hub_without_datasets_is_a_clear_error():
     try:
         import datasets  # noqa: F401

@@ -7,8 +7,9 @@ import common
 import report
 
 
-def summary(acc2, acc3, overall, task="kk"):
-    return {"settings": {"task": task}, "by_difficulty": {"2": {"accuracy": acc2}, "3": {"accuracy": acc3}},
+def summary(acc2, acc3, overall, task="kk", samples=1, temperature=0.0):
+    return {"settings": {"task": task, "samples_per_prompt": samples, "temperature": temperature, "top_p": 1.0},
+            "by_difficulty": {"2": {"accuracy": acc2}, "3": {"accuracy": acc3}},
             "pass_k": [1], "overall": {"accuracy": overall, "mean_length": 22.0, "truncation_rate": 0.0}}
 
 
@@ -43,6 +44,21 @@ def run_dir(tmp_path):
     common.write_json(out / "base_probe.json",
                       {"accuracy": 0.29, "people": {"2": {"accuracy": 0.34}, "3": {"accuracy": 0.27}}})
     return out
+
+
+def test_the_heading_and_the_plot_say_how_the_test_samples_were_drawn(run_dir):
+    """A study evaluated at avg@4 (e.g. MATH's usual protocol) is not headed "greedy, pass@1"; evaluations drawn two
+    ways say both."""
+    for name in ("base", "sft", "rl", "redistill_A"):
+        common.write_json(run_dir / "eval" / name / "test" / "summary.json", summary(0.3, 0.2, 0.25, samples=4,
+                                                                                    temperature=1.0))
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text()
+    assert text.startswith("## Results: test accuracy (avg@4, temperature 1, top-p 1) per people")
+    common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", summary(0.3, 0.2, 0.25))
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    assert (run_dir / "results.md").read_text().startswith(
+        "## Results: test accuracy (avg@4, temperature 1, top-p 1 / greedy, pass@1) per people")
 
 
 def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
