@@ -50,8 +50,8 @@ def test_the_heading_and_the_plot_say_how_the_test_samples_were_drawn(run_dir):
     """A study evaluated at avg@4 (e.g. MATH's usual protocol) is not headed "greedy, pass@1"; evaluations drawn two
     ways say both."""
     for name in ("base", "sft", "rl", "redistill_A"):
-        common.write_json(run_dir / "eval" / name / "test" / "summary.json", summary(0.3, 0.2, 0.25, samples=4,
-                                                                                    temperature=1.0))
+        sampled = summary(0.3, 0.2, 0.25, samples=4, temperature=1.0)
+        common.write_json(run_dir / "eval" / name / "test" / "summary.json", sampled)
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
     text = (run_dir / "results.md").read_text()
     assert text.startswith("## Results: test accuracy (avg@4, temperature 1, top-p 1) per people")

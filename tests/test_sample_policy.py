@@ -394,7 +394,8 @@ def test_from_checkpoint_drops_a_response_holding_the_checkpoints_own_eos(tmp_pa
     assert [(r["id"], r["response"]) for r in read(out)] == [("b", "the answer is x")]
     # every right answer held one: the error says why none is left
     monkeypatch.setattr(sp, "sample_checkpoint", lambda *a: ([s("a", "so</s> x", source=str(ckpt), sample=0)], None))
-    with pytest.raises(UserError, match="no correct, finished response without a stop token, within --max_length among 1 samples"):
+    with pytest.raises(UserError, match="no correct, finished response without a stop token, within --max_length "
+                                        "among 1 samples"):
         sp.main(["--from_checkpoint", str(ckpt), "--task", "toy_task", "--split", str(split), "--out",
                  str(tmp_path / "none.jsonl"), "--progress", "false"])
 
