@@ -20,6 +20,7 @@ OUT_DIR/metrics.jsonl (one line per step and per held-out loss).
 import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -419,7 +420,8 @@ def main(argv=None):
     # ---- the loop
     stop = min(total_steps, args.stop_at_step or total_steps)
     bar = common.progress_bar(total_steps, "sft", args.progress, initial=start_step)
-    log = bar.write if rank == 0 and args.progress else print0
+    # a log line above the bar on a terminal; printed plainly into a log file (bar.write redraws the bar each time)
+    log = bar.write if rank == 0 and args.progress and sys.stderr.isatty() else print0
     order, order_epoch = None, -1
     for step in range(start_step, stop):
         t0 = time.time()

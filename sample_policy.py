@@ -71,8 +71,8 @@ def get_parser():
     p.add_argument("--max_length", type=int, default=5000,
                    help="drop a right response whose SFT example (prompt + response + EOS, tokenized as "
                         "redistill_sft.py does) is longer than this: redistill_sft.py refuses a set holding one (its "
-                        "--max_length, the paper's 5000: a 1,024-token prompt and a 4,096-token answer exceed it); 0 = "
-                        "no limit")
+                        "--max_length, the paper's 5000: a 1,024-token prompt and a 4,096-token answer exceed it; "
+                        "SFT takes the base's context where that is shorter: pass the smaller); 0 = no limit")
     p.add_argument("--num_examples", type=int, default=1000,
                    help="keep this many after the shuffle (paper: 1000 for K&K's set B; its sets A kept every "
                         "correct answer, ~700 for K&K and ~500 for MATH); 0 = all")

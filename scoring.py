@@ -82,11 +82,13 @@ def how_evaluated(summaries):
     top-p P"; several ways joined by " / " (each distinct once); "" where no summary records its settings."""
     ways = []
     for summary in summaries:
-        s = summary.get("settings")
-        if not s:
+        s = summary.get("settings") or {}
+        # samples per prompt: "n" (eval.py of 2026-11-22), "num_samples" (until 2026-11-27), then this name
+        n = next((s[k] for k in ("samples_per_prompt", "num_samples", "n") if k in s), None)
+        if n is None or "temperature" not in s:  # (a summary that does not say how it was drawn)
             continue
-        how = ("greedy, pass@1" if s["temperature"] == 0 and s["samples_per_prompt"] == 1 else
-               f"avg@{s['samples_per_prompt']}, temperature {s['temperature']:g}, top-p {s['top_p']:g}")
+        how = ("greedy, pass@1" if s["temperature"] == 0 and n == 1 else
+               f"avg@{n}, temperature {s['temperature']:g}, top-p {s.get('top_p', 1.0):g}")
         if how not in ways:
             ways.append(how)
     return " / ".join(ways)

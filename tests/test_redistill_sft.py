@@ -706,3 +706,14 @@ def test_the_ranks_check_together_that_they_read_the_same_data(tiny_checkpoint, 
     digests = [common.data_digest([e["input_ids"], e["start"]] for e in tasks.load_sft_examples([path], tok, 2048))
                for path in (data, val)]
     assert seen == [(digests, f"{data} {val}")] and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_bar_in_a_log_file_is_not_redrawn_at_every_step(tiny_checkpoint, tmp_path, capsys):
+    """Where stderr is a file, not a terminal (pytest's capture is one), the step lines go out plainly and the bar
+    is drawn at its start and its end, not once more for each of the 10 steps' lines (bar.write redraws it)."""
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 10 steps
+    sft.main(run_args(tiny_checkpoint, data, str(tmp_path / "out"))[:-2] + ["--progress", "true"])
+    out, err = capsys.readouterr()
+    assert sum(line.startswith("step ") for line in out.splitlines()) == 10
+    assert err.count("\r") <= 3, err

@@ -59,6 +59,20 @@ def test_the_heading_and_the_plot_say_how_the_test_samples_were_drawn(run_dir):
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
     assert (run_dir / "results.md").read_text().startswith(
         "## Results: test accuracy (avg@4, temperature 1, top-p 1 / greedy, pass@1) per people")
+    # a study evaluated by an older eval.py: the count of samples named "n" (2026-11-22) or "num_samples" (until
+    # 2026-11-27); one whose settings say nothing of sampling is headed without it
+    for count_name in ("n", "num_samples"):
+        for name in ("base", "sft", "rl", "redistill_A"):
+            old = summary(0.3, 0.2, 0.25)
+            old["settings"][count_name] = old["settings"].pop("samples_per_prompt")
+            common.write_json(run_dir / "eval" / name / "test" / "summary.json", old)
+        report.main(["--out_dir", str(run_dir)])
+        assert (run_dir / "results.md").read_text().startswith("## Results: test accuracy (greedy, pass@1) per")
+    for name in ("base", "sft", "rl", "redistill_A"):
+        common.write_json(run_dir / "eval" / name / "test" / "summary.json",
+                          summary(0.3, 0.2, 0.25) | {"settings": {"task": "kk"}})
+    report.main(["--out_dir", str(run_dir)])
+    assert (run_dir / "results.md").read_text().startswith("## Results: test accuracy per people")
 
 
 def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
