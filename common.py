@@ -152,8 +152,8 @@ def check_non_negative(args, *names):
 def check_optimizer(args):
     """AdamW's settings (train_rl.py, redistill_sft.py): --lr > 0, betas in [0, 1), weight decay and grad clip >= 0
     (0: off). Out of range, torch's AdamW stops mid-setup with a traceback, or (a negative clip) nothing clips."""
-    if not args.lr > 0:
-        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.lr < math.inf:  # (inf: the first step writes NaN into every weight; the run ends "done")
+        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
@@ -165,7 +165,9 @@ MIN_TEMPERATURE = 1e-6
 
 
 def check_temperature(args):
-    """--temperature 0 (greedy) or at least MIN_TEMPERATURE."""
+    """--temperature 0 (greedy) or at least MIN_TEMPERATURE, and finite (inf: uniformly random tokens)."""
+    if args.temperature == math.inf:
+        raise UserError("--temperature inf samples every token uniformly at random; give a finite temperature")
     if 0 < args.temperature < MIN_TEMPERATURE:
         raise UserError(f"--temperature {args.temperature:g}: below {MIN_TEMPERATURE:g} logits / temperature overflow "
                         "float32; use 0 for greedy decoding")
@@ -311,10 +313,18 @@ def text_lines(path, torn_tail=False):
     naming the file and line (a text-mode read would raise a traceback, from a chunk ahead of the line). torn_tail:
     a last line without its newline may end inside a character (a write cut short): it is yielded with that
     character replaced, for the caller to judge (iter_jsonl drops it)."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory; give a file")
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # unreadable (permissions), or gone since the check
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from e
+    with f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM (Notepad, Excel): not text
+                raw = raw[3:]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -391,7 +401,7 @@ def read_json(path, what="a JSON object"):
     """The JSON object in path. Unreadable, not UTF-8, not JSON or not an object: one line naming the file and what
     it should hold, not a traceback."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (-sig: a BOM at the start is no part of the JSON)
             obj = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e

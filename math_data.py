@@ -16,6 +16,7 @@ answer and the gold answer, length-capped, ever reach math-verify; we never
 eval/exec/sympify model text ourselves.
 """
 import atexit
+import decimal
 import hashlib
 import json
 import math
@@ -109,10 +110,12 @@ def _jsonl_rows(path):
 
 def _json_rows(path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (-sig: a BOM at the start is no part of the JSON)
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start + 1}: {e.reason})")
     if problem := common.not_text(data):
@@ -174,7 +177,8 @@ def _normalise_record(raw, where):
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         if not math.isfinite(answer):  # JSON's NaN / Infinity: no gold answer ("nan" would be graded as text)
             raise UserError(f"{where}: field 'answer': {answer!r} is not a number a problem can have")
-        answer = str(answer)
+        # as written in positional notation: str(0.00001) is "1e-05", which no \\boxed{0.00001} matches
+        answer = format(decimal.Decimal(repr(answer)), "f") if isinstance(answer, float) else str(answer)
     if not isinstance(answer, str):
         raise UserError(f"{where}: field 'answer': expected a string, got {type(answer).__name__}")
     subject = raw.get("subject", raw.get("type", "")) or ""

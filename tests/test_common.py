@@ -236,6 +236,25 @@ def test_a_nan_setting_is_refused():
     assert common.parse_settings(lim_select.get_parser(), ["--threshold=-inf"]).threshold == float("-inf")
 
 
+def test_an_infinite_learning_rate_or_temperature_is_refused():
+    """--lr inf (or Infinity in a --config) wrote NaN into every weight at the first step, and the run still ended
+    "done"; an infinite temperature samples uniformly random tokens. Both are refused before any work."""
+    import redistill_sft
+    import train_rl
+    import eval as eval_script
+    with pytest.raises(common.UserError, match=r"--lr must be a finite number > 0, got inf"):
+        redistill_sft.main(["--init", "x", "--data", "x.jsonl", "--lr", "inf"])
+    for parser, argv in ((train_rl.get_parser(), ["--lr", "inf"]), (train_rl.get_parser(), ["--temperature", "inf"]),
+                         (eval_script.get_parser(), ["--temperature", "inf", "--samples_per_prompt", "2"])):
+        args = common.parse_settings(parser, argv)
+        with pytest.raises(common.UserError, match=r"--lr must be a finite number > 0|--temperature inf samples"):
+            common.check_optimizer(args) if "--lr" in argv else common.check_sampling(args)
+    for script in ("sample_effect", "token_shift"):  # (they check the temperature alone)
+        args = common.parse_settings(__import__(script).get_parser(), ["--temperature", "inf"])
+        with pytest.raises(common.UserError, match=r"--temperature inf samples every token uniformly at random"):
+            common.check_temperature(args)
+
+
 def test_a_temperature_whose_logits_overflow_is_refused():
     """logits / 1e-39 overflow float32: the engine drew the vocabulary's last id with NaN log-probs, silently."""
     import eval as eval_script
@@ -311,6 +330,28 @@ def test_text_files_that_are_not_utf8_are_one_line_naming_file_and_line(tmp_path
     path.write_bytes('{"a": 1}\r\n\r\n{"a": "café"}\n'.encode())
     assert common.read_jsonl(str(path)) == [{"a": 1}, {"a": "café"}]
     assert [line for _, line in common.text_lines(str(path))] == ['{"a": 1}\n', "\n", '{"a": "café"}\n']
+    # a UTF-8 BOM (Notepad's "UTF-8 with BOM"), in data and in a --config file: no part of the text (plain text trained
+    # on it as three junk tokens opening the first document; JSON refused it)
+    path.write_bytes(b"\xef\xbb\xbf" + 'Once upon a time.\r\n{"a": 1}\n'.encode())
+    assert [line for _, line in common.text_lines(str(path))] == ["Once upon a time.\n", '{"a": 1}\n']
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\n')
+    assert common.read_jsonl(str(path)) == [{"a": 1}] and common.read_json(str(path)) == {"a": 1}
+
+
+def test_an_unreadable_file_or_a_directory_is_one_line(tmp_path, monkeypatch):
+    """A file the user may not read is one line naming it, not a traceback (as root reads any file, the refusal is
+    staged); so is a directory given where a file goes."""
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": 1}\n')
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(common, "open", refused, raising=False)
+    with pytest.raises(common.UserError, match=r"data.jsonl: cannot read it \(Permission denied\)$"):
+        common.read_jsonl(str(path))
+    monkeypatch.undo()
+    with pytest.raises(common.UserError, match=r": is a directory; give a file$"):
+        common.read_jsonl(str(tmp_path))
 
 
 def test_counts_that_mean_all_or_none_at_zero_refuse_negatives():

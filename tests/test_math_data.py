@@ -302,6 +302,16 @@ def write_lines(path, lines):
     return str(path)
 
 
+def test_a_number_answer_is_gold_as_written(tmp_path):
+    """A JSON number as the answer is gold in positional notation: str(0.00001) is "1e-05", which no
+    \\boxed{0.00001} matched (a silent 0 for every right answer). Integers stay exact, however long."""
+    p = write_lines(tmp_path / "n.jsonl", [json.dumps({"question": f"Q{i}", "answer": a})
+                                           for i, a in enumerate((0.00001, 1e16, 2.5, 12345678901234567890))])
+    recs = math_data.load_split(p)
+    assert [r["answer"] for r in recs] == ["0.00001", "10000000000000000", "2.5", "12345678901234567890"]
+    assert score("So the answer is $\\boxed{0.00001}$.", recs[0], True) == 1.0
+
+
 def test_load_formats(tmp_path):
     # plain jsonl with question + answer (MATH-500 here): stable content ids, level 0
     p = write_lines(tmp_path / "m500.jsonl", [json.dumps({"question": "1+1?", "answer": "2"}),
