@@ -152,8 +152,10 @@ def check_non_negative(args, *names):
 def check_optimizer(args):
     """AdamW's settings (train_rl.py, redistill_sft.py): --lr > 0, betas in [0, 1), weight decay and grad clip >= 0
     (0: off). Out of range, torch's AdamW stops mid-setup with a traceback, or (a negative clip) nothing clips."""
-    if not 0 < args.lr < math.inf:  # (inf: the first step writes NaN into every weight; the run ends "done")
-        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.lr == math.inf:  # (the first step writes NaN into every weight, and the run ends "done")
+        raise UserError("--lr must be finite, got inf")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")

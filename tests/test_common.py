@@ -242,12 +242,12 @@ def test_an_infinite_learning_rate_or_temperature_is_refused():
     import redistill_sft
     import train_rl
     import eval as eval_script
-    with pytest.raises(common.UserError, match=r"--lr must be a finite number > 0, got inf"):
+    with pytest.raises(common.UserError, match=r"--lr must be finite, got inf"):
         redistill_sft.main(["--init", "x", "--data", "x.jsonl", "--lr", "inf"])
     for parser, argv in ((train_rl.get_parser(), ["--lr", "inf"]), (train_rl.get_parser(), ["--temperature", "inf"]),
                          (eval_script.get_parser(), ["--temperature", "inf", "--samples_per_prompt", "2"])):
         args = common.parse_settings(parser, argv)
-        with pytest.raises(common.UserError, match=r"--lr must be a finite number > 0|--temperature inf samples"):
+        with pytest.raises(common.UserError, match=r"--lr must be finite|--temperature inf samples"):
             common.check_optimizer(args) if "--lr" in argv else common.check_sampling(args)
     for script in ("sample_effect", "token_shift"):  # (they check the temperature alone)
         args = common.parse_settings(__import__(script).get_parser(), ["--temperature", "inf"])
