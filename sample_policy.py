@@ -180,8 +180,8 @@ def select(samples, max_per_prompt, num_examples, seed, stop_texts=STOP_TOKENS, 
     """The paper's filter: correct (tasks.is_correct: reward 1 or more) and finished; identical responses to one
     prompt once; at most max_per_prompt per prompt, first found first; a seeded shuffle; the first num_examples.
     Dropped too, as SFT would refuse them: a response that holds one of stop_texts (a stop token written in pieces by
-    the policy: the tokenizer reads the text back as the stop id) and, where too_long(sample) says so, one too long.
-    Returns (kept, counts)."""
+    the policy: the tokenizer reads the text back as the stop id) and, where too_long(sample) says so, one too long
+    (asked only of a response that would be kept otherwise). Returns (kept, counts)."""
     by_prompt, seen, counts = {}, set(), {"samples": len(samples), "correct": 0, "stop_text": 0, "too_long": 0,
                                           "duplicates": 0, "over_limit": 0}
     prompts, answered = [], set()
@@ -197,15 +197,15 @@ def select(samples, max_per_prompt, num_examples, seed, stop_texts=STOP_TOKENS, 
         if any(t in s["response"] for t in stop_texts):
             counts["stop_text"] += 1
             continue
-        if too_long is not None and too_long(s):
-            counts["too_long"] += 1
-            continue
         if (key, s["response"]) in seen:
             counts["duplicates"] += 1
             continue
         seen.add((key, s["response"]))
         if max_per_prompt and len(by_prompt[key]) >= max_per_prompt:
             counts["over_limit"] += 1
+            continue
+        if too_long is not None and too_long(s):  # last: it tokenizes, so only what would be kept (a longer one
+            counts["too_long"] += 1                # leaves its prompt's place to the next right answer)
             continue
         by_prompt[key].append(s)
     counts["prompts"] = len(prompts)

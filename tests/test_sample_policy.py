@@ -233,6 +233,20 @@ def test_a_set_holds_no_stop_token_sft_would_refuse(tmp_path):
     assert len(tasks.load_sft_examples([str(tmp_path / "set.jsonl")], tok, 100)) == 1
 
 
+def test_a_too_long_answer_leaves_its_prompts_place_to_the_next():
+    """With one answer a prompt, a first right answer too long for SFT gives its place to the next right one; the
+    length is asked only of answers that would be kept (it tokenizes: not of duplicates or ones over the limit)."""
+    asked = []
+
+    def too_long(sample):
+        asked.append(sample["response"])
+        return sample["response"] == "long"
+    samples = [s("a", "long"), s("a", "long"), s("a", "short"), s("a", "other"), s("b", "x", reward=0.0)]
+    kept, counts = sp.select(samples, 1, 0, 0, too_long=too_long)
+    assert [k["response"] for k in kept] == ["short"] and asked == ["long", "short"]
+    assert counts["too_long"] == 1 and counts["duplicates"] == 1 and counts["over_limit"] == 1
+
+
 def test_a_set_holds_no_example_longer_than_sft_takes(tmp_path, capsys):
     """A right response whose SFT example (prompt + response + EOS, as redistill_sft tokenizes it) is longer than
     --max_length is dropped and counted, so the set trains at that --max_length (one such sample made
