@@ -275,14 +275,16 @@ def stratified_subset(records, n, key, seed=0):
 
 
 def check_sft_record(path, lineno, rec):
-    """An SFT-format record has "id", "prompt" and "response", both strings, the prompt not empty (the first
-    response token needs a context); otherwise a UserError naming the file, line and field."""
+    """An SFT-format record has "id" (a string or an integer), "prompt" and "response" (strings), the prompt not
+    empty (the first response token needs a context); otherwise a UserError naming the file, line and field."""
     for field in ("id", "prompt", "response"):
         if field not in rec:
             raise UserError(f"{path}:{lineno}: missing field '{field}'")
     for field in ("prompt", "response"):
         if not isinstance(rec[field], str):
             raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
+    if isinstance(rec["id"], bool) or not isinstance(rec["id"], ROLLOUT_FIELDS["id"]):  # effects and reports name it
+        raise UserError(f"{path}:{lineno}: field 'id' is {rec['id']!r}; an id is a string or an integer")
     if not rec["prompt"]:
         raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
     # (a lone surrogate, which no tokenizer takes, is refused as the line is read: common.iter_jsonl)

@@ -137,6 +137,9 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
         ([good, {"id": "b", "prompt": "x"}], r"bad\.jsonl:2: missing field 'response'"),
         ([{"id": "b", "prompt": "x", "response": 3}], r"bad\.jsonl:1: field 'response' must be a string"),
         ([{"id": "b", "prompt": "", "response": "3"}], r"bad\.jsonl:1: empty prompt"),
+        ([good, {"id": None, "prompt": "x", "response": "3"}], r"bad\.jsonl:2: field 'id' is None; an id is a string"),
+        ([{"id": ["a"], "prompt": "x", "response": "3"}], r"bad\.jsonl:1: field 'id' is \['a'\]"),
+        ([{"id": True, "prompt": "x", "response": "3"}], r"bad\.jsonl:1: field 'id' is True"),
         ([good, {"id": "b", "prompt": "x", "response": "3" + tok.eos_token}],
          r"bad\.jsonl:2: field 'response' holds the stop token .* at token 1 of 2; EOS is appended"),
         ([{"id": "b", "prompt": "x", "response": "2" + tok.eos_token + " and 3"}],  # inside it: the same
