@@ -126,7 +126,7 @@ def get_parser():
     p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus weight (paper: 0)")
     p.add_argument("--adv_weight", default="none", choices=("none", "dwa"),
                    help="dwa: 'Sparse but Critical' (arXiv 2603.22446) weights A_t by the token's KL(pi_old || pi); "
-                        "w = 1 on-policy, so it acts only with several updates per batch (docs/grpo.md)")
+                        "w = 1 on-policy, so it acts only with several updates per batch (docs/token_shift.md, DWA)")
     p.add_argument("--rollout_is", default="token", choices=("off", "token", "sequence"),
                    help="truncated importance sampling (TIS; Yao et al. 2025, 'Your efficient RL framework secretly "
                         "brings you off-policy RL training'; verl's rollout importance sampling): weight each token's "
