@@ -906,6 +906,9 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     reserve, prompt_numbers (one per record): engine.generate's.
     """
     stop = stop_token_ids(tokenizer)
+    if not stop:  # every response would run to max_new_tokens and score 0 (a finished response is the only right one)
+        raise UserError("the tokenizer has no eos_token and none of the usual end tokens (common.STOP_TOKENS): no "
+                        "response could end; set eos_token in the tokenizer's tokenizer_config.json")
     prompts = [task.render_prompt(r, tokenizer, template) for r in records]
     prompt_ids = encode_prompts(tokenizer, prompts)
     bar = progress_bar(len(records) * n, desc, progress)

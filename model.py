@@ -582,13 +582,17 @@ def read_config(path) -> ModelConfig:
 
 def weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
         weight_map = read_json(index, "a shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise UserError(f"{index}: unreadable shard index (field 'weight_map' is not an object of file names)")
         files = sorted(set(weight_map.values()))
+        if os.path.exists(single) and "model.safetensors" not in files:  # transformers would read the single file
+            raise UserError(f"{path}: holds both model.safetensors and a shard index that does not name it (saved "
+                            f"twice, one layout over the other?); transformers loads model.safetensors, this index "
+                            f"{len(files)} other file(s): remove the stale one")
         return [os.path.join(path, f) for f in files]
-    single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
@@ -611,6 +615,20 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     model = empty_model(cfg, parse_dtype(dtype), device)
     params = dict(model.named_parameters())
     loaded = set()
+
+    def copy_in(file, name, t, into):  # one stored tensor into the parameter `into`, checked first
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            # (copy_ would cast an integer or fp8 tensor without a word: a damaged or quantized export)
+            raise UserError(f"{file}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                            f"expected a floating-point weight (float32, bfloat16, float16, float64)")
+        if t.shape != params[into].shape:
+            raise UserError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
+                            f"config.json implies {tuple(params[into].shape)}")
+        with torch.no_grad():
+            params[into].copy_(t)
+        loaded.add(into)
+
+    tied_head = None  # (file, tensor): an lm_head.weight stored beside a tied config, settled after the embedding
     for file in weight_files(path):
         if not os.path.exists(file):
             raise UserError(f"{file}: weight shard listed in the index is missing")
@@ -619,23 +637,23 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
                 for name in f.keys():
                     if name not in params:
                         if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                            tied_head = (file, f.get_tensor(name))
                             continue
                         if name.endswith("rotary_emb.inv_freq"):
                             continue
                         raise UserError(f"{file}: unexpected tensor {name!r} for {cfg.arch}")
-                    t = f.get_tensor(name)
-                    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-                        # (copy_ would cast an integer or fp8 tensor without a word: a damaged or quantized export)
-                        raise UserError(f"{file}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
-                                        f"expected a floating-point weight (float32, bfloat16, float16, float64)")
-                    if t.shape != params[name].shape:
-                        raise UserError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
-                                        f"config.json implies {tuple(params[name].shape)}")
-                    with torch.no_grad():
-                        params[name].copy_(t)
-                    loaded.add(name)
+                    copy_in(file, name, f.get_tensor(name), name)
         except (SafetensorError, OSError) as e:
             raise UserError(f"{file}: cannot read weights ({e})")
+    if tied_head is not None:  # as transformers reads it: a head stored alone is the embedding; one beside it stays
+        file, head = tied_head  # its own (untied, with a warning), which a tied model cannot be: refused unless equal
+        embed = "model.embed_tokens.weight"
+        if embed not in loaded:
+            copy_in(file, "lm_head.weight", head, embed)
+        elif not torch.equal(head.to(params[embed].dtype).to(params[embed].device), params[embed].detach()):
+            raise UserError(f"{file}: tensor 'lm_head.weight' differs from {embed!r}, but config.json sets "
+                            f"tie_word_embeddings true (transformers keeps both, untied): set tie_word_embeddings "
+                            f"false in {os.path.join(path, 'config.json')}, or drop the tensor")
     missing = sorted(set(params) - loaded - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
@@ -702,7 +720,8 @@ def write_model_files(model, tmp, tokenizer, max_shard_bytes, dtype):
         stop = stop_token_ids(tokenizer)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stop,
-                       "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]},
+                       "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                       else (stop[0] if stop else None)},
                       f, indent=2)
 
 

@@ -282,6 +282,69 @@ def test_error_missing_tensor(tmp_path):
         load_model(path)
 
 
+def test_a_tied_config_loads_the_head_transformers_loads_or_refuses(tmp_path):
+    """config.json says tied (copied from a tied base by an export or merge script) but the file stores an lm_head of
+    its own: transformers keeps that head, untied, so a tied load would be another model, silently. Refused unless
+    the two are equal; a head stored alone (no embedding) is the embedding, as transformers reads it."""
+    from safetensors.torch import load_file, save_file
+    path = str(tmp_path / "ck")
+    save_model(random_model(CONFIGS["qwen2_untied"], seed=4), path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**config, "tie_word_embeddings": True}, f)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    with pytest.raises(common.UserError, match=r"model\.safetensors: tensor 'lm_head\.weight' differs from "
+                                               r"'model\.embed_tokens\.weight', but config\.json sets "
+                                               r"tie_word_embeddings true"):
+        load_model(path)
+    embed = weights["model.embed_tokens.weight"]
+    save_file({**weights, "lm_head.weight": embed.clone()}, os.path.join(path, "model.safetensors"))  # equal: tied
+    assert torch.equal(load_model(path).lm_head.weight, embed)
+    head_only = {k: v for k, v in weights.items() if k != "model.embed_tokens.weight"}
+    save_file(head_only, os.path.join(path, "model.safetensors"))
+    ours = load_model(path)
+    assert torch.equal(ours.model.embed_tokens.weight, weights["lm_head.weight"])
+    idx = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (padded.logits(ours, idx) - hf_logits(path, idx)).abs().max().item() <= 1e-4
+
+
+def test_error_a_single_weight_file_beside_a_shard_index(tmp_path):
+    """save_pretrained leaves the other layout's files behind: transformers then reads model.safetensors, the index's
+    shards would be other weights (or missing). Refused, naming both, unless the index names the file itself."""
+    path = str(tmp_path / "ck")
+    save_model(random_model(CONFIGS["qwen2_tied"], seed=5), path, max_shard_bytes=20_000)
+    save_model(random_model(CONFIGS["qwen2_tied"], seed=6), str(tmp_path / "other"))
+    os.replace(str(tmp_path / "other" / "model.safetensors"), os.path.join(path, "model.safetensors"))
+    with pytest.raises(common.UserError, match=r"holds both model\.safetensors and a shard index that does not name "
+                                               r"it .*transformers loads model\.safetensors"):
+        load_model(path)
+
+
+def test_a_tokenizer_with_no_stop_token(tmp_path):
+    """No eos_token and none of common.STOP_TOKENS: no response could end, so every one would score 0 (and a save
+    stopped on an empty list). Generation refuses it in one line; a checkpoint saved with it has no pad id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    import toy_task
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    records = toy_task.make_records(20, seed=0)
+    bpe.train_from_iterator([r["question"] + " " + toy_task.teacher_response(r) for r in records],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    assert stop_token_ids(tok) == []
+    model = build_model(tiny_config(len(tok), arch="Qwen2ForCausalLM"))
+    save_model(model, str(tmp_path / "ck"), tok)
+    with open(tmp_path / "ck" / "generation_config.json") as f:
+        assert json.load(f)["pad_token_id"] is None
+    with pytest.raises(common.UserError, match="the tokenizer has no eos_token and none of the usual end tokens"):
+        engine.sample_responses(model, tok, toy_task, records[:2], max_new_tokens=4)
+
+
 def test_error_a_weight_that_is_not_floating_point(tmp_path):
     """copy_ would cast an integer, bool or fp8 tensor into the weight without a word (a damaged or quantized export
     whose tensor names are the model's own)."""
