@@ -115,7 +115,8 @@ def get_parser():
     p.add_argument("--ppo_mini_batches", type=int, default=1,
                    help="optimizer steps per pass over the rollout batch (paper: 1); each rank cuts its own "
                         "training rollouts into this many parts in order, so which rollouts share a step depends on "
-                        "the number of ranks (as the rollouts themselves do: each rank samples with its own seed)")
+                        "the number of ranks (the rollouts themselves do not: each prompt's are keyed by its place "
+                        "in the step's batch)")
     p.add_argument("--kl_coef", type=float, default=0.0,
                    help="weight of the KL penalty to the frozen reference policy (paper: 0)")
     p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"), help="k1: the reward's KL penalty "
@@ -221,16 +222,18 @@ def get_parser():
 
 
 def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_before, rank, world, keep_engine,
-            reserve):
+            reserve, seeds_by_rank=False):
     """This rank's share of the step's prompt batch, n samples each, from the engine's --dtype copy of the weights
     (engine.GenWeights, gathered once: no collective while decoding), scored by the task. With --dynamic_sampling
     (DAPO), further prompt batches (the data order's next ones) until prompts_per_step groups over all ranks have
     reward variance, at most --max_gen_batches; grpo.refill_keep picks the groups that train, by their place in the
     global batch, so the same ones train at any world size and after a resume (batches_before: prompt batches drawn
-    by the earlier steps).
-    Returns (indices of this rank's prompts, their rollouts, per group whether it may train and its epoch, prompt
-    batches drawn, times: seconds gathering, generating, scoring; CUDA GiB of generation; CUDA graphs captured and
-    the seconds capturing them)."""
+    by the earlier steps). Each prompt's rows are keyed by its place in the global batch, so every world size samples
+    the same rollouts (but for rounding); seeds_by_rank: by the rank and the place in its share, as runs begun
+    before 2026-12-06 sampled (the same at one rank).
+    Returns (indices of this rank's prompts, their rollouts, per group whether it may train, its epoch and its
+    (prompt batch, place) in the step, prompt batches drawn, times: seconds gathering, generating, scoring; CUDA GiB
+    of generation; CUDA graphs captured and the seconds capturing them)."""
     cuda = model.lm_head.weight.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -238,7 +241,7 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
     policy = engine.kept_weights(model, 0, dtype)  # refilled in place when kept from the step before
     times = {"gather_s": time.time() - t0, "score_s": 0.0, "mem_gen_gib": 0.0, "mem_held_gib": 0.0}
     n, per_step = args.samples_per_prompt, args.prompts_per_step
-    indices, rollouts, trains, epochs, informative = [], [], [], [], 0
+    indices, rollouts, trains, epochs, places_in_step, informative = [], [], [], [], [], 0
     for b in range(args.max_gen_batches if args.dynamic_sampling else 1):
         batch_no = batches_before + b + 1  # the data order's batch: the step itself when every step draws one
         batch = step_prompt_indices(len(train_records), per_step, batch_no, args.seed)
@@ -246,10 +249,11 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
         mine = [batch[i] for i in places]
         new = engine.sample_responses(
             policy, tokenizer, task, [train_records[i] for i in mine], n=n, temperature=args.temperature,
-            top_p=args.top_p, max_new_tokens=args.max_response_tokens, seed=generation_seed(args.seed, step, rank, b),
-            template=args.template, batch_size=args.gen_batch_size, desc=f"step {step} rollouts",
-            progress=args.progress, timings=times, reserve=reserve)
-        indices, rollouts = indices + mine, rollouts + new
+            top_p=args.top_p, max_new_tokens=args.max_response_tokens,
+            seed=generation_seed(args.seed, step, rank if seeds_by_rank else 0, b), template=args.template,
+            batch_size=args.gen_batch_size, desc=f"step {step} rollouts", progress=args.progress, timings=times,
+            reserve=reserve, prompt_numbers=None if seeds_by_rank else places)
+        indices, rollouts, places_in_step = indices + mine, rollouts + new, places_in_step + [(b, p) for p in places]
         epochs += [batch_epoch(len(train_records), per_step, batch_no)] * len(mine)
         if not args.dynamic_sampling:
             trains += [True] * len(mine)
@@ -273,7 +277,7 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
         times.update(mem_gen_gib=torch.cuda.max_memory_allocated() / 2**30,
                      mem_held_gib=torch.cuda.memory_allocated() / 2**30)
         torch.cuda.reset_peak_memory_stats()
-    return indices, rollouts, trains, epochs, b + 1, times
+    return indices, rollouts, trains, epochs, places_in_step, b + 1, times
 
 
 def validate_policy(model, dtype, tokenizer, task, test_records, step, val_settings, keep_engine):
@@ -586,8 +590,12 @@ def main(argv=None):
                                                               **parallel.compute_identity(dtype, device)}
     if args.dynamic_sampling:  # (absent when off, so the runs of earlier versions resume)
         identity |= {"dynamic_sampling": True, "max_gen_batches": args.max_gen_batches}
+    identity |= {"rollout_seeds": "by_place"}  # rollout(): the same rollouts at any world size
+    seeds_by_rank = False
     if checkpoint is not None:
         start_step, init_path, state, train_shard = checkpoint
+        if "rollout_seeds" not in state.get("identity", {}):  # begun before 2026-12-06: it goes on sampling as it did
+            seeds_by_rank, identity = True, {k: v for k, v in identity.items() if k != "rollout_seeds"}
         saved = {k: v for k, v in state.get("settings", {}).items() if k in RUN_OBJECTIVE}
         if saved:  # settings this run's version did not record yet: as that version ran
             saved = {**{k: v for k, v in EARLIER_OBJECTIVE.items() if k not in saved}, **saved}
@@ -695,9 +703,9 @@ def main(argv=None):
 
         # 1. this rank's share of the step's prompts, n rollouts each (record by record, n samples each); with
         # --dynamic_sampling further prompt batches until enough groups have a signal
-        mine, rollouts, trains, epochs, gen_batches, times = rollout(model, dtype, tokenizer, task, train_records, args,
-                                                                     step, prompt_batches, rank, world, keep_engine,
-                                                                     reserve)
+        mine, rollouts, trains, epochs, places, gen_batches, times = rollout(
+            model, dtype, tokenizer, task, train_records, args, step, prompt_batches, rank, world, keep_engine, reserve,
+            seeds_by_rank)
         prompt_batches += gen_batches
         records = [train_records[i] for i in mine]
 
@@ -746,11 +754,13 @@ def main(argv=None):
         if args.log_rollouts:
             train_set = set(batch.train_idx)
             everything = parallel.gather_lists([
-                {"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
-                 "finished": s["finished"], "length": s["length"], "step": step, "epoch": epochs[j // n],
-                 "sample": s["sample"], "advantage": adv[j], "trained": j in train_set,
-                 task.DIFFICULTY: records[j // n].get(task.DIFFICULTY), "rank": rank}
-                for j, s in enumerate(rollouts)])
+                [[*places[j // n], s["sample"]],  # in the global batch's order (set B reads the log in order)
+                 {"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
+                  "finished": s["finished"], "length": s["length"], "step": step, "epoch": epochs[j // n],
+                  "sample": s["sample"], "advantage": adv[j], "trained": j in train_set,
+                  task.DIFFICULTY: records[j // n].get(task.DIFFICULTY), "rank": rank}]
+                for j, s in enumerate(rollouts)], key=None if seeds_by_rank else lambda x: x[0])
+            everything = [row for _, row in everything]
             if rank == 0:
                 common.write_jsonl(tasks.rollout_log_path(args.out_dir, step), everything)
 

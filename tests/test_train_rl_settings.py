@@ -139,6 +139,28 @@ def test_the_seed_sets_the_data_order_and_the_generation_seed(rl_run, monkeypatc
     assert seeds == per_step[0] + per_step[1]
 
 
+def test_rollouts_are_keyed_by_their_place_and_an_earlier_run_keeps_its_rank_keyed_seeds(rl_run, monkeypatch):
+    """Each prompt's rows are keyed by its place in the step's global batch (so every world size samples the same
+    rollouts: test_train_rl's 2-rank run); a run begun before that (its identity without "rollout_seeds") resumes
+    sampling as it did, keyed by the rank and the place in the rank's share, and its checkpoints stay so marked."""
+    run = rl_run
+    calls, real = [], fixed_rollouts
+
+    def spy(*a, prompt_numbers=None, **k):
+        calls.append(prompt_numbers)
+        return real(*a, **k)
+    monkeypatch.setattr(engine, "sample_responses", spy)
+    _, _, out = run("keyed", fixed=False)
+    assert calls == [list(range(RL_PROMPTS))]
+    path = ckpt.checkpoint_dir(out, 1) + ".state.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["identity"]["rollout_seeds"] == "by_place"
+    torch.save({**state, "identity": {k: v for k, v in state["identity"].items() if k != "rollout_seeds"}}, path)
+    run("keyed", fixed=False, max_steps=2, resume=True)
+    assert calls[1:] == [None]
+    assert "rollout_seeds" not in torch.load(ckpt.checkpoint_dir(out, 2) + ".state.pt", weights_only=True)["identity"]
+
+
 def test_epochs_prompt_cap_and_validation_settings(rl_run, monkeypatch, tmp_path, tiny_checkpoint):
     """--epochs 1 (no --max_steps) runs one pass; --max_prompt_tokens drops the longer prompts; validation runs on
     --val_limit records with --val_max_response_tokens, at --val_every and not before training when told so."""
