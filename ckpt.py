@@ -14,7 +14,8 @@ from torch.distributed.tensor import DTensor
 from common import (UserError, append_jsonl, atomic_open, error_chain, print0, rank, read_jsonl, world_size,
                     write_json, write_jsonl)
 from model import save_model, weight_files
-from parallel import all_gather_json, all_reduce, barrier, full_copy, is_sharded, local_tensor, lock_on_rank0, reshard
+from parallel import (all_gather_json, all_reduce, barrier, full_copy, is_sharded, local_tensor, lock_on_rank0,
+                      on_rank0, reshard)
 
 # -----------------------------------------------------------------------------
 # optimizer
@@ -347,12 +348,15 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
     run resumes from; 0 = a fresh run) are dropped first, so a resumed run rewrites them. log.finish() ends wandb."""
     path, wandb = os.path.join(run_dir, "metrics.jsonl"), None
     lock_on_rank0(run_dir)  # (makes the directory)
-    if rank() == 0:
+
+    def start():  # on rank 0: a damaged metrics.jsonl stops every rank with its one line
         if settings is not None:
             write_json(os.path.join(run_dir, "settings.json"), settings)
         if os.path.exists(path):
             kept = [m for m in read_jsonl(path, torn_tail=True) if start_step and m.get("step", 0) <= start_step]
             write_jsonl(path, kept)
+    on_rank0(start)
+    if rank() == 0:
         if wandb_project:
             try:
                 import wandb

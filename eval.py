@@ -218,30 +218,27 @@ def main(argv=None):
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others, holding out_dir's
     # lock until the run ends (two runs there could pair one's summary.json with the other's samples.jsonl)
     parallel.lock_on_rank0(args.out_dir)
-    plan = {"error": None, "done": {}}
-    if rank == 0:
-        try:
-            for ckpt, name in zip(args.checkpoints, names):
-                for split_path, split_name, records in zip(args.splits, split_names, splits):
-                    pair_dir = os.path.join(args.out_dir, name, split_name)
-                    summary_path = os.path.join(pair_dir, "summary.json")
-                    if os.path.exists(summary_path) and not args.overwrite:
-                        done = read_done(summary_path, os.path.join(pair_dir, "samples.jsonl"),
-                                         settings_of(ckpt, split_path), records, task)
-                        if done is not None:
-                            plan["done"][f"{name}/{split_name}"] = done
-        except UserError as e:
-            plan["error"] = str(e)
-    plan = parallel.all_gather_json(plan)[0]
-    if plan["error"]:
-        raise UserError(plan["error"])
+
+    def pairs_done():
+        done = {}
+        for ckpt, name in zip(args.checkpoints, names):
+            for split_path, split_name, records in zip(args.splits, split_names, splits):
+                pair_dir = os.path.join(args.out_dir, name, split_name)
+                summary_path = os.path.join(pair_dir, "summary.json")
+                if os.path.exists(summary_path) and not args.overwrite:
+                    summary = read_done(summary_path, os.path.join(pair_dir, "samples.jsonl"),
+                                        settings_of(ckpt, split_path), records, task)
+                    if summary is not None:
+                        done[f"{name}/{split_name}"] = summary
+        return done
+    done_pairs = parallel.on_rank0(pairs_done)
 
     summaries = {}  # (name, split_name) -> summary
     for ckpt, name in zip(args.checkpoints, names):
-        todo = [i for i, s in enumerate(split_names) if f"{name}/{s}" not in plan["done"]]
+        todo = [i for i, s in enumerate(split_names) if f"{name}/{s}" not in done_pairs]
         for i, s in enumerate(split_names):
             if i not in todo:
-                summaries[name, s] = plan["done"][f"{name}/{s}"]
+                summaries[name, s] = done_pairs[f"{name}/{s}"]
                 print0(f"{name} on {s}: done before, skipped "
                        f"(accuracy {summaries[name, s]['overall']['accuracy']:.4f})")
         if not todo:

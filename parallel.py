@@ -127,15 +127,23 @@ def lock_on_rank0(run_dir, name=".lock", if_exists=False):
     every rank raises its error (not one rank, leaving the others in a collective). Every rank calls this, always:
     if_exists (lock only a directory that exists; none is made) is decided by rank 0 alone, as another rank's own
     look could come after rank 0 made the directory, and that rank alone would then join this collective."""
-    problem = None
-    if rank() == 0 and (not if_exists or os.path.isdir(run_dir)):
+    on_rank0(lambda: lock_run_dir(run_dir, name) if not if_exists or os.path.isdir(run_dir) else None)
+
+
+def on_rank0(work):
+    """Rank 0 runs work() (it decides, or reads or writes what it alone keeps) and every rank gets its result (JSON),
+    or its UserError raised: not on rank 0 alone, which would leave the others to die in their next collective with
+    a backend's traceback (or wait there). Every rank calls this."""
+    outcome = {"problem": None, "result": None}
+    if rank() == 0:
         try:
-            lock_run_dir(run_dir, name)
+            outcome["result"] = work()
         except UserError as e:
-            problem = str(e)
-    problem = all_gather_json(problem)[0]
-    if problem:
-        raise UserError(problem)
+            outcome["problem"] = str(e)
+    outcome = all_gather_json(outcome)[0]
+    if outcome["problem"]:
+        raise UserError(outcome["problem"])
+    return outcome["result"]
 
 
 def same_on_every_rank(value, what):

@@ -534,21 +534,14 @@ def main(argv=None):
                 "eval_digest": common.data_digest(records),
                 "checkpoint_files": common.file_stamps(weight_files(args.checkpoint)
                                                        + [os.path.join(args.checkpoint, "config.json")])}
-    found = {"problem": None, "done": None}
-    if rank == 0:  # rank 0 decides and tells the others, so that all share out the same remaining samples
-        try:
-            found["done"] = open_partial(partial, identity, args.resume)
-        except UserError as e:
-            found["problem"] = str(e)
-    found = parallel.all_gather_json(found)[0]
-    if found["problem"]:
-        raise UserError(found["problem"])
-    resumed = found["done"] is not None
+    # rank 0 decides and tells the others, so that all share out the same remaining samples
+    partial_rows = parallel.on_rank0(lambda: open_partial(partial, identity, args.resume))
+    resumed = partial_rows is not None
     # each rank loads the stopped run's ∇J itself: every rank must see the directory (not a node-local --out)
     if not all(parallel.all_gather_json(os.path.exists(os.path.join(partial, "grad_j.json")) == resumed)):
         raise UserError(f"{partial}: not every rank sees the stopped run's files (a --out on a node-local disk?); "
                         "pass --resume false")
-    done_rows = found["done"] or []
+    done_rows = partial_rows or []
     done_before = {r["index"] for r in done_rows}
     if resumed:
         print0(f"resuming {partial}: {len(done_before)} of {len(examples)} samples done before")

@@ -440,6 +440,16 @@ def test_torchrun_two_ranks_disjoint_prompts_identical_weights(toy, tmp_path):
         assert by_rank[0] | by_rank[1] == want and len(roll) == 7 * 4
     ms = metrics(out)
     assert "val/acc" in ms[-1] and ms[-1]["updates"] == 1
+    # a damaged metrics.jsonl, which rank 0 alone reads at a resume: every rank stops with its line (the others went
+    # on into the next collective and died there, a gloo traceback each)
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text(lines[0] + "{not json\n" + "".join(lines[2:]), encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "train_rl.py")] + rl_args(toy, out, max_steps=3, prompts_per_step=7, samples_per_prompt=4,
+                                                        val_every=2, save_every=2, max_response_tokens=16, resume=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "RuntimeError" not in r.stderr + r.stdout, r.stderr[-3000:]  # (torchrun: its own)
+    assert (r.stderr + r.stdout).count("metrics.jsonl:2: not valid JSON") == 2, r.stderr[-3000:]
 
 
 def run_fixed(toy, out, ranks, env_extra=None, **over):
