@@ -59,10 +59,17 @@ def dist_setup():
 
 def compute_identity(dtype, device):
     """What a training run computes in, as its resume compares it: the dtype --dtype resolved to (auto on another
-    device counts; bf16 = bfloat16), and the device, a CPU with its thread count, which changes how matmuls and
-    reductions round (one seed on 1 and on 2 threads trains other weights)."""
+    device counts; bf16 = bfloat16), the device, a CPU with its thread count, and the kernels: the CPU's vector
+    instructions torch dispatches to (AVX512, AVX2, ...) or the GPU's model. Each changes how matmuls and reductions
+    round: one seed on 1 and on 2 threads, or with AVX512 and AVX2, trains other weights. (Runs of versions before
+    a key was recorded are not compared on it: COMPUTE_KEYS, passed as check_run_identity's recorded_since.)"""
+    cpu = device.type == "cpu"
     return {"compute_dtype": dtype_name(dtype),
-            "compute_device": f"cpu, threads {torch.get_num_threads()}" if device.type == "cpu" else device.type}
+            "compute_device": f"cpu, threads {torch.get_num_threads()}" if cpu else device.type,
+            "compute_kernels": torch.backends.cpu.get_cpu_capability() if cpu else torch.cuda.get_device_name(device)}
+
+
+COMPUTE_KEYS = ("compute_dtype", "compute_device", "compute_kernels")  # what compute_identity records
 
 
 def dist_cleanup():

@@ -604,7 +604,7 @@ def main(argv=None):
         # one refusal naming every difference: the identity, then the objective (as its version recorded it)
         ckpt.check_run_identity(args.out_dir, state.get("identity", {}) | saved,
                                 identity | {k: getattr(args, k) for k in saved},
-                                recorded_since=("train_data_digest", "compute_dtype", "compute_device"))
+                                recorded_since=("train_data_digest", *parallel.COMPUTE_KEYS))
         if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it), by that save's
             saved_by = state.get("settings", {})  # rules: a re-run of a finished run with other flags removes nothing
             ckpt.prune_checkpoints(args.out_dir, start_step, saved_by.get("keep_last", args.keep_last),

@@ -161,6 +161,23 @@ def test_rollouts_are_keyed_by_their_place_and_an_earlier_run_keeps_its_rank_key
     assert "rollout_seeds" not in torch.load(ckpt.checkpoint_dir(out, 2) + ".state.pt", weights_only=True)["identity"]
 
 
+def test_a_resume_on_other_kernels_is_refused_and_an_earlier_run_is_not_compared_on_them(rl_run, monkeypatch):
+    """The CPU's vector instructions (or the GPU's model) round matmuls otherwise, as a thread count does: a run
+    resumed on another machine was accepted and trained weights that neither machine's whole run gives. A run of a
+    version that did not record them resumes."""
+    run = rl_run
+    _, _, out = run("kernels")
+    here = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER")
+    with pytest.raises(common.UserError, match=rf"different settings than the run's: compute_kernels: was "
+                                               rf"'{here}', now 'OTHER'$"):
+        run("kernels", max_steps=2, resume=True)
+    path = ckpt.checkpoint_dir(out, 1) + ".state.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "identity": {k: v for k, v in state["identity"].items() if k != "compute_kernels"}}, path)
+    run("kernels", max_steps=2, resume=True)
+
+
 def test_epochs_prompt_cap_and_validation_settings(rl_run, monkeypatch, tmp_path, tiny_checkpoint):
     """--epochs 1 (no --max_steps) runs one pass; --max_prompt_tokens drops the longer prompts; validation runs on
     --val_limit records with --val_max_response_tokens, at --val_every and not before training when told so."""
