@@ -440,6 +440,11 @@ def lock_run_dir(path, name=".lock"):
         f.close()
         what, kind = (path, "directory") if name == ".lock" else (lock_file, "output")
         raise UserError(f"{what}: another run is using this {kind} ({holder}); wait for it to end, or stop it")
+    except OSError as e:  # a file system without flock (Lustre -o noflock: ENOSYS; NFS without lockd: ENOLCK)
+        if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        print(f"note: cannot lock {lock_file} ({os.strerror(e.errno)}): running without the lock; make sure no "
+              f"other run uses this {'directory' if name == '.lock' else 'output'}", file=sys.stderr)
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

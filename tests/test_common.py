@@ -446,6 +446,29 @@ def test_a_write_the_storage_refuses_ends_in_one_line_naming_the_file(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == (["metrics.jsonl", "old.pt"] if what == "append" else ["old.pt"])
 
 
+def test_a_file_system_without_locks_runs_without_the_lock_with_a_note(tmp_path, monkeypatch, capsys):
+    """flock refused by the file system (Lustre mounted -o noflock: ENOSYS; NFS without lockd: ENOLCK): a note, and
+    the run goes on unlocked, as reproduce.sh does (every stage stopped on a traceback); another error is raised."""
+    import errno
+    import fcntl
+    import os
+    from conftest import end_of_process_locks
+
+    def no_flock(code):
+        def flock(f, how):
+            raise OSError(code, os.strerror(code))
+        return flock
+    monkeypatch.setattr(fcntl, "flock", no_flock(errno.ENOSYS))
+    try:
+        common.lock_run_dir(str(tmp_path / "run"))
+        assert "note: cannot lock" in capsys.readouterr().err and (tmp_path / "run" / ".lock").exists()
+        monkeypatch.setattr(fcntl, "flock", no_flock(errno.EIO))
+        with pytest.raises(OSError, match="Input/output error"):
+            common.lock_run_dir(str(tmp_path / "other"))
+    finally:
+        end_of_process_locks()
+
+
 def test_data_digest_follows_the_rows_and_their_order():
     rows = [{"id": "a", "q": "x"}, {"id": "b", "q": "y"}]
     assert common.data_digest(rows) == common.data_digest([dict(reversed(r.items())) for r in rows])  # key order: same
