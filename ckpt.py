@@ -327,12 +327,29 @@ def load_local_train_state(model, optimizer, shard):
     optimizer.load_state_dict(sd)
 
 
+# the settings that name files or checkpoints: another spelling of the same files (absolute or relative, through a
+# link) is the same setting; what the files hold the runs check by their digests
+PATH_SETTINGS = ("train_data", "model", "ref_model", "data", "pretrain_text", "init")
+
+
+def same_files(a, b):
+    """Whether two values of a path setting (a path or a list of them) name the same existing files."""
+    a, b = ([a], [b]) if isinstance(a, str) and isinstance(b, str) else (a, b)
+    if not (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)):
+        return False
+    try:
+        return all(isinstance(x, str) and isinstance(y, str) and os.path.samefile(x, y) for x, y in zip(a, b))
+    except OSError:  # (one that does not exist, or a hub name)
+        return False
+
+
 def check_run_identity(run_dir, saved: dict, now: dict, recorded_since=()):
     """--resume must continue the same run: settings that decide the data order or the schedule (`now`) must
-    equal the checkpoint's (`saved`); otherwise one line names each difference. recorded_since: keys that
-    checkpoints of earlier versions do not hold, so not compared with those."""
+    equal the checkpoint's (`saved`), path settings name the same files; otherwise one line names each difference.
+    recorded_since: keys that checkpoints of earlier versions do not hold, so not compared with those."""
     changed = {k: (saved.get(k), now.get(k)) for k in {**saved, **now} if saved.get(k) != now.get(k)
-               and not (k in recorded_since and k not in saved)}
+               and not (k in recorded_since and k not in saved)
+               and not (k in PATH_SETTINGS and same_files(saved.get(k), now.get(k)))}
     if changed:
         raise UserError(f"{run_dir}: --resume with different settings than the run's: "
                         + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))

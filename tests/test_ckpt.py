@@ -84,6 +84,27 @@ def test_a_resume_must_share_the_runs_identity_both_ways():
         ckpt.check_run_identity("run", {"data_digest": "ab"}, {}, recorded_since=("data_digest",))
 
 
+def test_a_path_setting_spelled_otherwise_names_the_same_files(tmp_path, monkeypatch):
+    """Relative or absolute, through a link: the same files are the same setting (a resume naming them otherwise was
+    refused); other files, or one that is not there, are a difference."""
+    (tmp_path / "data").mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / "data" / name).write_text("{}\n")
+    os.symlink(tmp_path / "data", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "data" / "a.jsonl")
+    ckpt.check_run_identity("run", {"train_data": "data/a.jsonl", "seed": 1}, {"train_data": absolute, "seed": 1})
+    ckpt.check_run_identity("run", {"data": ["data/a.jsonl", "data/b.jsonl"]},
+                            {"data": ["link/a.jsonl", str(tmp_path / "data" / "b.jsonl")]})
+    for saved, now in (("data/a.jsonl", "data/b.jsonl"), ("data/a.jsonl", "data/gone.jsonl"),
+                       (["data/a.jsonl", "data/b.jsonl"], ["data/b.jsonl", "data/a.jsonl"]),
+                       (["data/a.jsonl"], ["data/a.jsonl", "data/b.jsonl"])):
+        with pytest.raises(UserError, match="data: was"):
+            ckpt.check_run_identity("run", {"data": saved}, {"data": now})
+    with pytest.raises(UserError, match="seed: was 'data/a.jsonl'"):  # (only the settings that name files)
+        ckpt.check_run_identity("run", {"seed": "data/a.jsonl"}, {"seed": absolute})
+
+
 def test_local_shard_optimizer_updates_sharded_weights_like_the_optimizer_on_them(tiny_checkpoint, tmp_path):
     """--adam_8bit on FSDP-sharded weights runs bitsandbytes' AdamW on each rank's local shards (LocalShardOptimizer).
     With torch's AdamW standing in for it (bitsandbytes needs CUDA), three steps on the local shards give the weights
