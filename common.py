@@ -81,6 +81,10 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
                 cfg[action.dest] = config_value(pre.config, action, cfg[action.dest])
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():  # a home the shell did not expand (--out_dir=~/x, "~/x" in a --config)
+        home = [os.path.expanduser(v) if isinstance(v, str) and (v == "~" or v.startswith("~/")) else v
+                for v in (value if isinstance(value, list) else [value])]
+        setattr(args, name, home if isinstance(value, list) else home[0])  # (else ./~/x is made)
     for name, value in vars(args).items():  # numpy's generators take no negative seed, np.random.seed none >= 2**32
         if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value < 2**32:
             raise UserError(f"--{name} must be between 0 and 2**32 - 1, got {value}")

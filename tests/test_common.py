@@ -50,6 +50,18 @@ def test_settings_refuse_old_spellings_bare_booleans_and_prefixes():
         common.parse_settings(p, ["--kv_cache", "2"])
 
 
+def test_a_home_the_shell_did_not_expand_is_expanded(tmp_path, monkeypatch):
+    """bash leaves `--out_dir=~/x` as it is, and a --config is no shell: the run wrote ./~/x, named "~/x"."""
+    import eval as eval_script
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"checkpoints": ["~/ck", "ck2"], "splits": ["~"]}))
+    args = common.parse_settings(eval_script.get_parser(), ["--config", str(config), "--out_dir=~/x", "--task",
+                                                            "~user/kept"])
+    assert args.out_dir == str(tmp_path / "x") and args.checkpoints == [str(tmp_path / "ck"), "ck2"]
+    assert args.splits == [str(tmp_path)] and args.task == "~user/kept"  # (only the home of the one running it)
+
+
 SCRIPTS = ("bench", "eval", "kk_data", "lim_select", "math_data", "redistill_sft", "report", "sample_effect",
            "sample_policy", "tiny_base", "token_shift", "train_rl")
 
