@@ -32,7 +32,7 @@ def test_generations_agree_splits_each_row_where_its_tokens_first_differ():
 def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     out = tmp_path / "suite.json"
     bench.main(["--gpu_suite", "true", "--smoke", "true", "--json_out", str(out)])
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     for section in bench.SUITE_SECTIONS:
         assert "error" not in result[section], result[section].get("traceback")
     c = result["correctness"]
@@ -94,7 +94,7 @@ def test_gpu_suite_generation_without_transformers_times_ours_alone(tmp_path):
     out = tmp_path / "suite.json"
     bench.main(["--gpu_suite", "true", "--smoke", "true", "--sections", "generation", "--suite_hf", "false",
                 "--json_out", str(out)])
-    gen = json.loads(out.read_text())["generation"]
+    gen = json.loads(out.read_text(encoding="utf-8"))["generation"]
     assert all(w["ours_tok_s"] > 0 and "hf_tok_s" not in w and "speedup_vs_hf" not in w for w in gen["workloads"])
 
 

@@ -16,7 +16,7 @@ def test_output_a_terminal_cannot_show_is_escaped_not_an_error():
     import os
     import subprocess
     import sys
-    code = "import common; common.run_main(lambda: print('∇J ± –') or print('done'))"
+    code = "import common; common.run_main(lambda: print('\\u2207J \\xb1 \\u2013') or print('done'))"  # (argv: ASCII)
     env = {**os.environ, "PYTHONIOENCODING": "ascii"}
     here = os.path.dirname(ckpt.__file__)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, cwd=here)
@@ -454,7 +454,7 @@ def test_a_write_the_storage_refuses_ends_in_one_line_naming_the_file(tmp_path, 
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / name}: cannot write it (File too large); {outcome}. Free space there and run again "
         f"(--resume true where the stage has it)"), proc.stderr[-2000:]
-    assert (tmp_path / "old.pt").read_text() == "the earlier file"
+    assert (tmp_path / "old.pt").read_text(encoding="utf-8") == "the earlier file"
     assert sorted(os.listdir(tmp_path)) == (["metrics.jsonl", "old.pt"] if what == "append" else ["old.pt"])
 
 

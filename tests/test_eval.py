@@ -154,7 +154,7 @@ def test_an_earlier_versions_summary_is_reused_while_its_split_is_unchanged(tiny
             *FAST]
     ev.main(args)
     path = tmp_path / "out" / "m" / "split" / "summary.json"
-    summary = json.loads(path.read_text())
+    summary = json.loads(path.read_text(encoding="utf-8"))
     inputs = summary["settings"]["inputs"]
     del inputs[ev.SPLIT_DIGEST]
     inputs.update(common.file_stamps([own]))  # the earlier version's record of the split
@@ -175,8 +175,8 @@ def test_an_earlier_versions_summary_is_recomputed_by_todays_rule(tiny_checkpoin
             *FAST]
     ev.main(args)
     path = tmp_path / "out" / "m" / "toy_test" / "summary.json"
-    fresh = json.loads(path.read_text())
-    old = json.loads(path.read_text())
+    fresh = json.loads(path.read_text(encoding="utf-8"))
+    old = json.loads(path.read_text(encoding="utf-8"))
     for m in [old["overall"], *old["by_difficulty"].values()]:
         del m["mean_reward"]
         m["accuracy"] = 0.123  # (what a graded reward's mean could read)
@@ -184,7 +184,7 @@ def test_an_earlier_versions_summary_is_recomputed_by_todays_rule(tiny_checkpoin
     capsys.readouterr()
     ev.main(args)
     assert "loaded" not in capsys.readouterr().out  # recomputed, not generated
-    assert {k: v for k, v in json.loads(path.read_text()).items() if k != "settings"} == {
+    assert {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k != "settings"} == {
         k: v for k, v in fresh.items() if k != "settings"}
 
 
@@ -247,7 +247,7 @@ def test_a_finished_pair_is_rescored_when_its_task_changed(tiny_checkpoint, spli
     after = common.read_jsonl(str(pair / "samples.jsonl"))
     assert [s["reward"] for s in after] == [1.0] * len(before)
     assert [s["response"] for s in after] == [s["response"] for s in before]
-    assert json.loads((pair / "summary.json").read_text())["overall"]["accuracy"] == 1.0
+    assert json.loads((pair / "summary.json").read_text(encoding="utf-8"))["overall"]["accuracy"] == 1.0
     ev.main(args)
     assert "re-scored" not in capsys.readouterr().out  # stamped: once
 
@@ -267,7 +267,7 @@ def test_a_chat_template_fixed_in_place_is_evaluated_again(tiny_checkpoint, spli
     log = capsys.readouterr().out
     assert "changed since (chat_template.jinja); evaluating again" in log and "loaded" in log
     path = tmp_path / "out" / "m" / "toy_test" / "summary.json"
-    summary = json.loads(path.read_text())
+    summary = json.loads(path.read_text(encoding="utf-8"))
     inputs = summary["settings"]["inputs"]
     assert {os.path.basename(f) for f in inputs} >= {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     summary["settings"]["inputs"] = {f: v for f, v in inputs.items()

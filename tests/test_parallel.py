@@ -116,7 +116,7 @@ def test_a_fresh_run_dirs_lock_is_one_collective_on_every_rank_however_late_a_ra
                           env=subprocess_env(), capture_output=True, text=True, timeout=60)  # (a hang: it fails)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
-        after, refused = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        after, refused = json.loads((tmp_path / f"rank{rank}.json").read_text(encoding="utf-8"))
         assert after == [0, 1] and refused.startswith("data.jsonl: the ranks read different data")
 
 
@@ -158,7 +158,7 @@ def test_a_torchrun_worker_ends_without_finalizing_while_gloo_threads_live(tiny_
     assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]  # rank 1's own code
     assert "<flushed 0>" in proc.stdout and "<flushed 1>" in proc.stdout, proc.stdout
     for rank in (0, 1):
-        assert "pt_gloo_runloop" in json.loads((tmp_path / f"rank{rank}.json").read_text())  # why: they outlive it
+        assert "pt_gloo_runloop" in json.loads((tmp_path / f"rank{rank}.json").read_text(encoding="utf-8"))  # why: they outlive it
     assert not list(tmp_path.glob("finalized*"))
 
 

@@ -53,11 +53,11 @@ def test_the_heading_and_the_plot_say_how_the_test_samples_were_drawn(run_dir):
         sampled = summary(0.3, 0.2, 0.25, samples=4, temperature=1.0)
         common.write_json(run_dir / "eval" / name / "test" / "summary.json", sampled)
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert text.startswith("## Results: test accuracy (avg@4, temperature 1, top-p 1) per people")
     common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", summary(0.3, 0.2, 0.25))
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    assert (run_dir / "results.md").read_text().startswith(
+    assert (run_dir / "results.md").read_text(encoding="utf-8").startswith(
         "## Results: test accuracy (avg@4, temperature 1, top-p 1 / greedy, pass@1) per people")
     # a study evaluated by an older eval.py: the count of samples named "n" (2026-11-22) or "num_samples" (until
     # 2026-11-27); one whose settings say nothing of sampling is headed without it
@@ -67,17 +67,17 @@ def test_the_heading_and_the_plot_say_how_the_test_samples_were_drawn(run_dir):
             old["settings"][count_name] = old["settings"].pop("samples_per_prompt")
             common.write_json(run_dir / "eval" / name / "test" / "summary.json", old)
         report.main(["--out_dir", str(run_dir)])
-        assert (run_dir / "results.md").read_text().startswith("## Results: test accuracy (greedy, pass@1) per")
+        assert (run_dir / "results.md").read_text(encoding="utf-8").startswith("## Results: test accuracy (greedy, pass@1) per")
     for name in ("base", "sft", "rl", "redistill_A"):
         common.write_json(run_dir / "eval" / name / "test" / "summary.json",
                           summary(0.3, 0.2, 0.25) | {"settings": {"task": "kk"}})
     report.main(["--out_dir", str(run_dir)])
-    assert (run_dir / "results.md").read_text().startswith("## Results: test accuracy per people")
+    assert (run_dir / "results.md").read_text(encoding="utf-8").startswith("## Results: test accuracy per people")
 
 
 def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
     report.main(["--out_dir", str(run_dir), "--preset", "tiny", "--plots", "false"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert text in capsys.readouterr().out
     assert text.startswith("## Results (tiny): test accuracy (greedy, pass@1) per people")
     assert "| checkpoint | people 2 | people 3 | overall |" in text
@@ -109,7 +109,7 @@ def test_rl_rollouts_count_every_prompt_batch_dynamic_sampling_drew(run_dir):
     assert report.rl_rollouts(str(run_dir / "rl"))[0] == 6 * 16 * 8
     assert report.rl_rollouts(str(run_dir / "rl"), up_to_step=2)[0] == 5 * 16 * 8
     report.main(["--out_dir", str(run_dir), "--preset", "tiny", "--plots", "false"])
-    row = next(line for line in (run_dir / "results.md").read_text().splitlines() if line.startswith("| rl |"))
+    row = next(line for line in (run_dir / "results.md").read_text(encoding="utf-8").splitlines() if line.startswith("| rl |"))
     assert "| 40 | 768 |" in row
 
 
@@ -118,7 +118,7 @@ def test_math_runs_are_labelled_by_level(run_dir):
         common.write_json(path, summary(0.1, 0.2, 0.15, task="math"))  # the same run, evaluated on a MATH split
     (run_dir / "base_probe.json").unlink()  # the tiny K&K base's probe: not part of a MATH run
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "per level" in text and "| checkpoint | level 2 | level 3 | overall |" in text and "people" not in text
 
 
@@ -129,11 +129,11 @@ def test_the_heading_is_the_key_eval_recorded_and_no_module_a_summary_names_is_i
         common.write_json(path, {**summary(0.1, 0.2, 0.15, task="this"), "difficulty_key": "rooms"})  # a fork's task
     (run_dir / "base_probe.json").unlink()
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    assert "| checkpoint | rooms 2 | rooms 3 | overall |" in (run_dir / "results.md").read_text()
+    assert "| checkpoint | rooms 2 | rooms 3 | overall |" in (run_dir / "results.md").read_text(encoding="utf-8")
     for path in run_dir.glob("eval*/*/test/summary.json"):  # an earlier eval's summary: the task's name alone
         common.write_json(path, summary(0.1, 0.2, 0.15, task="this"))
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    assert "| checkpoint | difficulty 2 | difficulty 3 | overall |" in (run_dir / "results.md").read_text()
+    assert "| checkpoint | difficulty 2 | difficulty 3 | overall |" in (run_dir / "results.md").read_text(encoding="utf-8")
     assert imported == []
 
 
@@ -179,7 +179,7 @@ def add_limr(out, seeds=(1, 2)):
 def test_limr_table_rollouts_per_arm_and_the_mean_over_seeds(run_dir):
     add_limr(run_dir)
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "| checkpoint | people 2 | people 3 | overall |" in text  # the study's table is still there
     assert "| model | seed | prompts | RL steps | RL rollouts | with the probe | aime | math500 | average |" in text
     # FULL: the probe's first 3 steps (3 x 4 x 2); LIM: its own 3 x 2 x 2 plus the whole probe's 6 x 4 x 2
@@ -191,7 +191,7 @@ def test_limr_table_rollouts_per_arm_and_the_mean_over_seeds(run_dir):
     assert "| LIM | 2 | 0.515 ± 0.007 | 0.515 ± 0.007 | 0.515 ± 0.007 |" in text  # sample std of 0.51, 0.52
     # reproduce.sh passes its LIMR_SEEDS: seed_2 left by an earlier LIMR_SEEDS enters neither the rows nor a mean
     report.main(["--out_dir", str(run_dir), "--plots", "false", "--limr_seeds", "1"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "| LIM | 1 | 3 | 3 | 12 | 60 |" in text and "| LIM | 2 |" not in text and "seed 2:" not in text
     assert "Mean ± std over seeds" not in text
 
@@ -202,7 +202,7 @@ def test_a_limr_seed_not_selected_yet_is_said_and_no_mean_of_one(run_dir):
     add_limr(run_dir, seeds=(1, 2))
     os.remove(run_dir / "limr" / "seed_2" / "scores.jsonl")  # (the probe stopped part-way)
     report.main(["--out_dir", str(run_dir), "--plots", "false", "--limr_seeds", "1", "2", "3"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "LIMR seeds 2, 3: not selected yet (no limr/seed_S/scores.jsonl), left out of the LIMR tables." in text
     assert "| LIM | 1 | 3 | 3 | 12 | 60 |" in text and "Mean ± std over seeds" not in text
 
@@ -210,7 +210,7 @@ def test_a_limr_seed_not_selected_yet_is_said_and_no_mean_of_one(run_dir):
 def test_a_limr_only_run_reports_its_tables_alone(tmp_path):
     add_limr(tmp_path, seeds=(7,))
     report.main(["--out_dir", str(tmp_path), "--preset", "limr-x", "--plots", "false"])
-    text = (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert text.startswith("## Results (limr-x): LIMR") and "| LIM | 7 | 3 | 3 | 12 | 60 |" in text
     assert "Mean ± std over seeds" not in text  # one seed
 
@@ -227,7 +227,7 @@ def test_seeds_table_mean_std_and_every_seeds_row(run_dir):
     with open(run_dir / "times.tsv", "a") as f:  # LIMR=1 runs in seed 1's directory only: not its study's time
         f.write("limr_probe_1\t4500\t1\tcpu\tfinished\n")
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert f"### Over 2 seeds (seed 1: {run_dir}; seed S: {run_dir}/seed_S)" in text
     # what is above the seeds' tables is seed 1's, and says so
     assert text.startswith("## Results: test accuracy (greedy, pass@1) per people, seed 1 (the mean over seeds is "
@@ -247,17 +247,17 @@ def test_seeds_table_mean_std_and_every_seeds_row(run_dir):
     assert "| rl | 2 | 0.400 | 0.400 | 0.400 |" in text  # every seed's own row
     # reproduce.sh passes its SEEDS: seed_2 left by an earlier SEEDS=2 does not enter a SEEDS=1 report
     report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "1"])
-    assert "seeds" not in (run_dir / "results.md").read_text()
+    assert "seeds" not in (run_dir / "results.md").read_text(encoding="utf-8")
     # RL gained in both seeds, redistill_A evaluated in one: the share says so, with no ± for one value
     os.remove(seed2 / "eval" / "redistill_A" / "test" / "summary.json")
     report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "2"])
     assert ("redistill_A recovers 29% of RL's gain ((acc - sft) / (rl - sft), over 1 seed(s): where RL gained (2 of "
-            "2) and redistill_A was evaluated); per seed 29%.") in (run_dir / "results.md").read_text()
+            "2) and redistill_A was evaluated); per seed 29%.") in (run_dir / "results.md").read_text(encoding="utf-8")
 
 
 def test_no_seeds_table_for_one_seed(run_dir):
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    assert "seeds" not in (run_dir / "results.md").read_text()
+    assert "seeds" not in (run_dir / "results.md").read_text(encoding="utf-8")
 
 
 def test_seeds_where_rl_gained_nothing_have_no_share(run_dir):
@@ -265,7 +265,7 @@ def test_seeds_where_rl_gained_nothing_have_no_share(run_dir):
     for name, acc in {"sft": (0.3, 0.3, 0.3), "rl": (0.3, 0.3, 0.29), "redistill_A": (0.3, 0.3, 0.3)}.items():
         common.write_json(seed3 / "eval" / name / "test" / "summary.json", summary(*acc))
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "GRPO gain over its start (rl - sft, overall): +8.2 ± 13.1 points; per seed +17.5, -1.0." in text
     assert "over the 1 of 2 seeds where RL gained); per seed 29%." in text
 
@@ -333,7 +333,7 @@ def test_only_this_studys_evaluation_is_tabled_at_its_rl_step(run_dir, capsys):
     common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
     (run_dir / "rl_curve.png").write_text("an earlier report's")
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "| redistill_A | 0.300 |" not in text
     assert f"{run_dir}/eval/redistill_A/test/summary.json: left by an earlier run" in text
     assert "No redistill_A row: no model in this study (its set: 13 samples)." in text
@@ -357,7 +357,7 @@ def test_a_missing_piece_is_said_not_averaged_away(run_dir):
     del rl["by_difficulty"]["3"]
     common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
     report.main(["--out_dir", str(run_dir), "--plots", "true", "--seeds", "2"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "| LIM | 2 | 3 | 0 | – | – | – | – | – |" in text and "| FULL | 2 | 10 | 3 | 24 | 24 |" in text
     assert "| RAND | 2 | 3 | 3 | 12 | 12 |" in text  # its own steps
     assert "| LIM | 2 | 0.510 (1 of 2 seeds) | 0.510 (1 of 2 seeds) | 0.510 (1 of 2 seeds) |" in text
@@ -370,10 +370,10 @@ def test_an_older_eval_marker_without_its_command_tables_every_summary(run_dir):
     (run_dir / "done").mkdir()
     (run_dir / "done" / "eval").write_text("15\n")
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    assert "| redistill_A | 0.300 | 0.300 | 0.300 |" in (run_dir / "results.md").read_text()
+    assert "| redistill_A | 0.300 | 0.300 | 0.300 |" in (run_dir / "results.md").read_text(encoding="utf-8")
     (run_dir / "done" / "eval").write_text("15\neval.py --names base sft rl --stop $'a\\'b'\n")  # (bash's quoting)
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "| redistill_A | 0.300 | 0.300 | 0.300 |" in text and "left by an earlier run" not in text
 
 
@@ -396,7 +396,7 @@ def test_limr_means_over_the_seeds_an_arm_was_evaluated_in(run_dir):
     for name in ("lim_1", "rand_1", "rand_2"):
         shutil.rmtree(run_dir / "limr" / "eval" / name)
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "| LIM | 2 | 0.520 (1 of 2 seeds) | 0.520 (1 of 2 seeds) | 0.520 (1 of 2 seeds) |" in text
     assert "| RAND | 2 | – | – | – |" in text
 
@@ -418,7 +418,7 @@ def test_seeds_table_counts_rl_rollouts_to_the_evaluated_step_and_says_a_missing
     common.write_json(seed2 / "rl" / "settings.json", {"prompts_per_step": 16, "samples_per_prompt": 8})
     common.write_jsonl(seed2 / "rl" / "metrics.jsonl", [{"step": s, "reward": 0.1} for s in (1, 2)])
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "| 1 | 0.250 | 0.425 | +17.5 | 256 |" in text  # 2 steps of 16 x 8, not metrics.jsonl's 3
     assert "| model | seeds | people 2 | overall | truncated | people 3 |" in text  # (columns as first seen)
     assert "| rl | 2 | 0.450 ± 0.071 | 0.412 ± 0.018 | 0.000 ± 0.000 | 0.400 (1 of 2 seeds) |" in text
@@ -477,7 +477,7 @@ def test_two_seeds_before_seed_2_is_evaluated_name_seed_1_and_each_model_keeps_i
     del rl["by_difficulty"]["3"]
     common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
     report.main(["--out_dir", str(run_dir), "--plots", "true", "--seeds", "2"])
-    text = (run_dir / "results.md").read_text()
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert text.splitlines()[0] == "## Results: test accuracy (greedy, pass@1) per people, seed 1"  # no mean yet
     assert "Seed 2: not evaluated yet" in text and "### Wall time per stage (seed 1's study, and LIMR if run)\n" in text
     (_, curve), (_, bars) = figures

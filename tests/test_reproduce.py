@@ -239,8 +239,8 @@ def test_a_stage_that_fails_is_logged_as_a_stopped_attempt_and_not_marked_done(t
     (out / "times.tsv").write_text("data\t1")  # an earlier attempt's line, cut short by a kill: left on its own
     proc = run_reproduce("micro", env={"MICRO_OUT": str(out)}, check=False)
     assert proc.returncode != 0 and "== data" in proc.stdout and "== base_text" not in proc.stdout
-    assert (out / "times.tsv").read_text().splitlines()[0] == "data\t1"
-    name, seconds, devices, kind, status = (out / "times.tsv").read_text().splitlines()[-1].split("\t")
+    assert (out / "times.tsv").read_text(encoding="utf-8").splitlines()[0] == "data\t1"
+    name, seconds, devices, kind, status = (out / "times.tsv").read_text(encoding="utf-8").splitlines()[-1].split("\t")
     assert (name, devices, kind, status) == ("data", "1", "cpu", "stopped") and int(seconds) >= 0
     assert not (out / "done" / "data").exists()
 

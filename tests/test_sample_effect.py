@@ -213,7 +213,7 @@ def test_projection_approximates_exact_and_outputs(setup, capsys):
     assert exact.abs().max() > 0
     for e in effects:
         assert -1 <= e["normalised"] <= 1 and e["response_length"] > 1
-    summary = json.loads((d / "single" / "effects.summary.json").read_text())
+    summary = json.loads((d / "single" / "effects.summary.json").read_text(encoding="utf-8"))
     assert summary["grad_j"]["informative_prompts"] > 0
     files = summary["files"]
     assert [v["count"] for v in files.values()] == [15, 15]
@@ -295,8 +295,8 @@ def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path,
     for name in ("effects.jsonl", "top.jsonl", "bottom.jsonl"):
         ref = d / "single" / name if name == "effects.jsonl" else d / name
         assert common.read_jsonl(str(tmp_path / name)) == common.read_jsonl(str(ref)), name
-    ref = json.loads((d / "single" / "effects.summary.json").read_text())
-    got = json.loads((tmp_path / "effects.summary.json").read_text())
+    ref = json.loads((d / "single" / "effects.summary.json").read_text(encoding="utf-8"))
+    got = json.loads((tmp_path / "effects.summary.json").read_text(encoding="utf-8"))
     assert got["grad_j"] == ref["grad_j"] and got["files"] == ref["files"]
     assert not partial.exists()  # outputs written: the partial run is gone
 

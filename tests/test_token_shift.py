@@ -173,9 +173,9 @@ def test_the_divergence_at_two_ranks_equals_one(pair, tmp_path):
            os.path.join(ROOT, "token_shift.py"), *args, "--out_dir", str(tmp_path / "two")]
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    one = json.loads((tmp_path / "one" / "summary.json").read_text(encoding="utf-8"))
     assert one["high_js"]["positions"] > 10  # (the 9th token's count ties with the 10th's: the cut runs through it)
-    assert (tmp_path / "two" / "summary.json").read_text() == (tmp_path / "one" / "summary.json").read_text()
+    assert (tmp_path / "two" / "summary.json").read_text(encoding="utf-8") == (tmp_path / "one" / "summary.json").read_text(encoding="utf-8")
     assert read(tmp_path / "two" / "tokens.jsonl") == read(tmp_path / "one" / "tokens.jsonl")
 
 
@@ -437,7 +437,7 @@ def test_limit_high_js_and_top_tokens_shape_the_divergence_summary(pair, tmp_pat
                       "--limit", "5", "--high_js", "0.02", "--top_tokens", "3", "--temperature", "0.7",
                       "--out_dir", str(tmp_path), "--plots", "false", "--progress", "false"])
     rows = [json.loads(line) for line in open(tmp_path / "tokens.jsonl")]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert [r["id"] for r in rows] == [r["id"] for r in pair["records"][:5]] and summary["responses"] == 5
     js = [x for r in rows for x in r["js"]]
     high = sum(x > 0.02 for x in js)
