@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
-from common import (UserError, append_jsonl, atomic_open, error_chain, print0, rank, read_jsonl, world_size,
-                    write_json, write_jsonl)
+from common import (UserError, append_jsonl, atomic_open, error_chain, print0, rank, read_jsonl, same_files,
+                    world_size, write_json, write_jsonl)
 from model import save_model, weight_files
 from parallel import (all_gather_json, all_reduce, barrier, full_copy, is_sharded, local_tensor, lock_on_rank0,
                       on_rank0, reshard)
@@ -327,20 +327,10 @@ def load_local_train_state(model, optimizer, shard):
     optimizer.load_state_dict(sd)
 
 
-# the settings that name files or checkpoints: another spelling of the same files (absolute or relative, through a
-# link) is the same setting; what the files hold the runs check by their digests
+# the settings that name files or checkpoints (train_rl's, redistill_sft's): another spelling of the same files
+# (absolute or relative, through a link) is the same setting; what they hold the runs check by digests. (Not
+# sample_effect's: its rows and per-file summary name each SFT file as given, so a resume would mix two names.)
 PATH_SETTINGS = ("train_data", "model", "ref_model", "data", "pretrain_text", "init")
-
-
-def same_files(a, b):
-    """Whether two values of a path setting (a path or a list of them) name the same existing files."""
-    a, b = ([a], [b]) if isinstance(a, str) and isinstance(b, str) else (a, b)
-    if not (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)):
-        return False
-    try:
-        return all(isinstance(x, str) and isinstance(y, str) and os.path.samefile(x, y) for x, y in zip(a, b))
-    except OSError:  # (one that does not exist, or a hub name)
-        return False
 
 
 def check_run_identity(run_dir, saved: dict, now: dict, recorded_since=()):

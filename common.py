@@ -70,6 +70,7 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
             raise UserError(f"{name} takes a value: {name} true or {name} false")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
+        pre.config = expand_home(pre.config, "--config")
         cfg = read_json(pre.config, "a JSON object of settings")
         known = {a.dest for a in parser._actions}
         unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
@@ -81,10 +82,9 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
                 cfg[action.dest] = config_value(pre.config, action, cfg[action.dest])
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
-    for name, value in vars(args).items():  # a home the shell did not expand (--out_dir=~/x, "~/x" in a --config)
-        home = [os.path.expanduser(v) if isinstance(v, str) and (v == "~" or v.startswith("~/")) else v
-                for v in (value if isinstance(value, list) else [value])]
-        setattr(args, name, home if isinstance(value, list) else home[0])  # (else ./~/x is made)
+    for name, value in vars(args).items():
+        home = [expand_home(v, f"--{name}") for v in (value if isinstance(value, list) else [value])]
+        setattr(args, name, home if isinstance(value, list) else home[0])
     for name, value in vars(args).items():  # numpy's generators take no negative seed, np.random.seed none >= 2**32
         if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value < 2**32:
             raise UserError(f"--{name} must be between 0 and 2**32 - 1, got {value}")
@@ -93,6 +93,18 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
         if isinstance(value, str) and value and (name == "out_dir" or name == "out" or name.endswith("_out")):
             check_output_path(f"--{name}", value, directory=name == "out_dir")
     return args
+
+
+def expand_home(value, flag):
+    """A leading ~ (alone or ~/...) that no shell expanded (--out_dir=~/x: bash leaves it; a --config is no shell):
+    the home directory, where ./~/x was made. If ./~/... exists (an earlier version's run there, which a resume
+    would then leave for a fresh one), an error naming both."""
+    if not (isinstance(value, str) and (value == "~" or value.startswith("~/"))):
+        return value
+    if os.path.lexists(value):
+        raise UserError(f"{flag} {value}: ambiguous, {os.path.abspath(value)} exists (made by an earlier version for "
+                        f"this spelling) and ~ is {os.path.expanduser('~')}; give the one you mean as an absolute path")
+    return os.path.expanduser(value)
 
 
 def check_output_path(flag, path, directory):
@@ -482,9 +494,22 @@ def fsync_tree(path):
 
 
 def file_stamps(paths):
-    """{absolute path: [size, modification time in ns]} of files a result is computed from: a checkpoint rebuilt under
-    the same path (a re-run stage) or an edited file then tells an earlier result or a stopped run apart."""
-    return {os.path.abspath(p): [os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths}
+    """{real path: [size, modification time in ns]} of files a result is computed from: a checkpoint rebuilt under
+    the same path (a re-run stage) or an edited file then tells an earlier result or a stopped run apart. (Real: links
+    resolved, so that another spelling of the same files gives the same stamps.)"""
+    return {os.path.realpath(p): [os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths}
+
+
+def same_files(a, b):
+    """Whether two values of a path setting (a path or a list of them) name the same existing files (relative or
+    absolute, through a link)."""
+    a, b = ([a], [b]) if isinstance(a, str) and isinstance(b, str) else (a, b)
+    if not (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)):
+        return False
+    try:
+        return all(isinstance(x, str) and isinstance(y, str) and os.path.samefile(x, y) for x, y in zip(a, b))
+    except OSError:  # (one that does not exist, or a hub name)
+        return False
 
 
 def data_digest(rows):

@@ -140,7 +140,8 @@ def read_done(summary_path, samples_path, settings, records, task):
             raise UserError(f"{summary_path}: field 'settings' (and its 'inputs') missing or not an object")
     except UserError as e:
         raise UserError(f"cannot read this earlier result: {e}; pass --overwrite true")
-    diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]]
+    diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]
+            and not (k.endswith("_path") and common.same_files(old.get(k), settings[k]))]  # (another spelling)
     if diff:
         raise UserError(f"{summary_path} was made with other settings "
                         f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "

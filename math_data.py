@@ -47,8 +47,8 @@ MAX_BRACE_DEPTH = 20  # deeper nesting never reaches math-verify (its parser rec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # beside the repository (its ../shared), wherever the script is started from
-DEFAULT_TRAIN_POOL = os.path.relpath(os.path.join(HERE, "..", "shared", "data", "math", "math_train_8k.jsonl"))
-DEFAULT_TEST = os.path.relpath(os.path.join(HERE, "..", "shared", "data", "math", "math500.jsonl"))
+DEFAULT_TRAIN_POOL = os.path.normpath(os.path.join(HERE, "..", "shared", "data", "math", "math_train_8k.jsonl"))
+DEFAULT_TEST = os.path.normpath(os.path.join(HERE, "..", "shared", "data", "math", "math500.jsonl"))
 # --hub: the MATH train set (7.5K, Hendrycks fields) and MATH-500, when `datasets` and a network exist
 HUB_TRAIN_POOL = "hf:DigitalLearningGmbH/MATH-lighteval:train"
 HUB_TEST = "hf:HuggingFaceH4/MATH-500:test"

@@ -355,8 +355,9 @@ def main(argv=None):
     state = None
     if resume_from:
         step, resume_dir, state, train_shard = resume_from
-        ckpt.check_run_identity(args.out_dir, state["identity"], identity,
-                                recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS))
+        parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
+            args.out_dir, state["identity"], identity,
+            recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS)))
         if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it)
             ckpt.prune_checkpoints(args.out_dir, step, args.keep_last if step < total_steps else 1,
                                    range(0, total_steps + 1, steps_per_epoch))

@@ -16,7 +16,8 @@ against the engine's log-probs (--rollout_is). More in docs/grpo.md:
   micro-batches (parallel.even_out, idle_pass). Rollouts come from a full --dtype copy, gathered once per step
   into the engine's buffers, which stay allocated from step to step where memory allows (--keep_engine), so the
   decode's CUDA graphs are captured once per shape, not again every step.
-- Exact resume: data order is seeded by (seed, epoch), generation by (seed, step, rank, batch), the lr by the step;
+- Exact resume: data order is seeded by (seed, epoch), generation by (seed, step, batch) and each prompt's place in
+  the step's batch (runs begun before 2026-12-06: and the rank), the lr by the step;
   the count of prompt batches drawn (more than one a step with --dynamic_sampling) is saved with the checkpoint.
 """
 import math
@@ -602,9 +603,9 @@ def main(argv=None):
         if "compute_dtype" not in state.get("identity", {}):  # an earlier version's run: its --dtype text, as it was
             saved |= {k: v for k, v in state.get("settings", {}).items() if k == "dtype"}
         # one refusal naming every difference: the identity, then the objective (as its version recorded it)
-        ckpt.check_run_identity(args.out_dir, state.get("identity", {}) | saved,
-                                identity | {k: getattr(args, k) for k in saved},
-                                recorded_since=("train_data_digest", *parallel.COMPUTE_KEYS))
+        parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
+            args.out_dir, state.get("identity", {}) | saved, identity | {k: getattr(args, k) for k in saved},
+            recorded_since=("train_data_digest", *parallel.COMPUTE_KEYS)))
         if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it), by that save's
             saved_by = state.get("settings", {})  # rules: a re-run of a finished run with other flags removes nothing
             ckpt.prune_checkpoints(args.out_dir, start_step, saved_by.get("keep_last", args.keep_last),

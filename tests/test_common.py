@@ -60,6 +60,14 @@ def test_a_home_the_shell_did_not_expand_is_expanded(tmp_path, monkeypatch):
                                                             "~user/kept"])
     assert args.out_dir == str(tmp_path / "x") and args.checkpoints == [str(tmp_path / "ck"), "ck2"]
     assert args.splits == [str(tmp_path)] and args.task == "~user/kept"  # (only the home of the one running it)
+    args = common.parse_settings(eval_script.get_parser(), ["--config=~/c.json"])  # (bash leaves this one too)
+    assert args.checkpoints == [str(tmp_path / "ck"), "ck2"]
+    # an earlier version made ./~/x for this spelling: a resume would start afresh in the home's x, so it is refused
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~" / "x").mkdir(parents=True)
+    with pytest.raises(common.UserError, match=rf"--out_dir ~/x: ambiguous, {tmp_path}/~/x exists .* and ~ is "
+                                               rf"{tmp_path}; give the one you mean as an absolute path"):
+        common.parse_settings(eval_script.get_parser(), ["--out_dir=~/x"])
 
 
 SCRIPTS = ("bench", "eval", "kk_data", "lim_select", "math_data", "redistill_sft", "report", "sample_effect",

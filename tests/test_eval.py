@@ -337,6 +337,11 @@ def test_a_sampled_pair_is_reused_only_under_its_generation_settings(tiny_checkp
         extra, where = (change, {}) if isinstance(change, list) else ([], change)
         with pytest.raises(common.UserError, match=rf"summary\.json was made with other settings \({key}="):
             run("--pass_k", "1", *extra, **where)
+    # the same checkpoint and split spelled otherwise (through a link, relative): the same pair, done
+    os.symlink(tmp_path, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    log = run("--pass_k", "1", checkpoint=str(tmp_path / "link" / "m"), split_path=os.path.relpath(split))
+    assert "done before, skipped" in log and "loaded" not in log
     # another --pass_k: recomputed from the samples, no model loaded, the k asked recorded
     log = run("--pass_k", "1", "2", "4")
     assert "done before, skipped" in log and "loaded" not in log
