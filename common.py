@@ -13,6 +13,7 @@ import random
 import re
 import sys
 import tempfile
+import textwrap
 from contextlib import closing, contextmanager
 
 
@@ -40,6 +41,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+    def _split_lines(self, text, width):  # a word (a default path) is never cut across lines: it stays copyable
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_long_words=False,
+                             break_on_hyphens=False)
 
 
 def new_parser(description, prog=None) -> argparse.ArgumentParser:
