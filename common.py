@@ -88,12 +88,13 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
     for name, value in vars(args).items():
-        home = [expand_home(v, f"--{name}") for v in (value if isinstance(value, list) else [value])]
-        setattr(args, name, home if isinstance(value, list) else home[0])
-    for name, value in vars(args).items():  # numpy's generators take no negative seed, np.random.seed none >= 2**32
+        values = [expand_home(v, f"--{name}") for v in (value if isinstance(value, list) else [value])]
+        value = values if isinstance(value, list) else values[0]
+        setattr(args, name, value)
+        # numpy's generators take no negative seed, np.random.seed none >= 2**32
         if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value < 2**32:
             raise UserError(f"--{name} must be between 0 and 2**32 - 1, got {value}")
-        if any(isinstance(v, float) and math.isnan(v) for v in (value if isinstance(value, list) else [value])):
+        if any(isinstance(v, float) and math.isnan(v) for v in values):
             raise UserError(f"--{name} is NaN: no setting takes it")  # NaN passes every `x < 0` check
         if isinstance(value, str) and value and (name == "out_dir" or name == "out" or name.endswith("_out")):
             check_output_path(f"--{name}", value, directory=name == "out_dir")

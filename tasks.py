@@ -222,7 +222,7 @@ def load_records(task, task_name, path, tokenizer, template):
         where = f"split {path}: record {i + 1}"
         if "id" not in r:
             raise UserError(f"{where}: missing field 'id'")
-        if isinstance(r["id"], bool) or not isinstance(r["id"], ROLLOUT_FIELDS["id"]):  # what the logs carry
+        if not is_id(r["id"]):  # what the logs carry
             raise UserError(f"{where}: field 'id' is {r['id']!r}; an id is a string or an integer (rollout logs, "
                             f"set B and LIMR read no other)")
         if str(r["id"]) in seen:
@@ -283,7 +283,7 @@ def check_sft_record(path, lineno, rec):
     for field in ("prompt", "response"):
         if not isinstance(rec[field], str):
             raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
-    if isinstance(rec["id"], bool) or not isinstance(rec["id"], ROLLOUT_FIELDS["id"]):  # effects and reports name it
+    if not is_id(rec["id"]):  # effects and reports name it
         raise UserError(f"{path}:{lineno}: field 'id' is {rec['id']!r}; an id is a string or an integer")
     if not rec["prompt"]:
         raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
@@ -355,6 +355,11 @@ def load_sft_examples(paths, tokenizer, max_length):
 # a log row's fields and their types (a row holds more: sample, advantage, difficulty, ...)
 ROLLOUT_FIELDS = {"step": int, "id": (str, int), "prompt": str, "response": str, "reward": (int, float),
                   "finished": bool, "length": int, "epoch": int}
+
+
+def is_id(value):
+    """A record's id: a string or an integer (a bool is no id, though Python counts it an int)."""
+    return not isinstance(value, bool) and isinstance(value, ROLLOUT_FIELDS["id"])
 
 
 def rollout_log_path(run_dir, step):
