@@ -441,11 +441,11 @@ FORM_COMMANDS = frozenset(("\\", "text", "textbf", "textit", "textrm", "textsf",
 TYPED_ESCAPES = "ntr"
 # an arrow maps the names before it to the role after it ("Emma -> knight"); between two claims it is "if", content
 ARROW_COMMANDS = frozenset(("to", "rightarrow", "longrightarrow", "implies", "mapsto", "longmapsto"))
-ARROW = re.compile(r"(?<!-)-+>|(?<!=)=+>|[→⇒⟶⟹↦⟼]")  # (a run tried from its start only: linear on "-----")
+ARROW = re.compile(r"(?<!-)-+>|(?<!=)=+>|[→⇒⟶⟹↦⟼⇢⇨➔➜➡⟾↠]")  # (a run tried from its start only: linear on "-----")
 ARROW_WORD = "\x00"  # what an arrow becomes: a word of its own, which no name or role can be
 # symbols that turn a claim around, or join claims by "or" or "if and only if" (checked on the NFKC form, which
 # folds full-width and other look-alikes): punctuation is form, these are content
-LOGIC_SYMBOL = re.compile(r"!=|=/=|<-+>|<=+>|[≠≢¬∼∨⋁⊕⊻↔⇔⟷⟺≡]")
+LOGIC_SYMBOL = re.compile(r"!=|=/=|<-+|<=+|[≠≢¬∼∨⋁⊕⊻↔⇔⟷⟺≡←⟵⇐⟸⇠⇦⬅↢↚⊃⊂⊢⊨]")  # a left arrow: "if"
 WORD = re.compile(r"\x00|[^\W\d_]+")  # runs of letters (digits, punctuation and braces are form), or an arrow
 FILLER = frozenset(("is", "are", "a", "an", "and", "both", "all"))
 

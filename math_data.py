@@ -322,7 +322,20 @@ def _clean_answer(s: str) -> str:
     return s
 
 
-_UNIT_TEXT = re.compile(r"(?<=[0-9}])\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .]*\}$")  # "5\text{ cm}" -> "5"
+_UNIT_TEXT = re.compile(r"(?<=[0-9}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .]*\}$")  # "5 \text{ cm}" -> "5"
+TEXT_SPACE = re.compile(r"\\(text|textbf|textrm|mathrm|mbox)\s+\{")  # "\\text {cm}" is "\\text{cm}" (a MATH gold writes it)
+# a question that asks for several answers: there "70,110" is two answers (a MATH gold), never 70110
+LIST_QUESTION = re.compile(r"separated by commas|enter all", re.I)
+
+
+def as_graded(answer, record):
+    """An answer (the boxed one or the gold) as both grading paths read it: "\\text {" closed up, and in a question
+    that asks for a list, a space after each comma before a digit, so that no thousands rule (ours, math-verify's)
+    reads the list as one number. Where the paper's math-verify alone takes "70110" for "70,110", this takes the list."""
+    answer = TEXT_SPACE.sub(r"\\\1{", answer)
+    if LIST_QUESTION.search(str(record.get("question", ""))):
+        answer = re.sub(r",(?=\d)", ", ", answer)
+    return answer
 
 
 def normalize_answer(s: str) -> str:
@@ -398,7 +411,7 @@ def score(response, record, finished) -> float:
         pred = extract_boxed(response)
         if pred is None or len(pred) > MAX_ANSWER_CHARS:
             return 0.0
-        gold = str(record["answer"])
+        pred, gold = as_graded(pred, record), as_graded(str(record["answer"]), record)
         if same_normalized(pred, gold):
             return 1.0
         if not (_fit_for_verifier(pred) and _fit_for_verifier(gold)):

@@ -280,10 +280,16 @@ def test_scorer_names_are_whole_words_and_role_words_come_from_the_record():
     assert K.score(boxed("Emma is a knight, Liam is a knave"), saints, True) == 0.0
 
 
-@pytest.mark.parametrize("arrow", ["-->", "==>", "↦", "---->"])
+@pytest.mark.parametrize("arrow", ["-->", "==>", "↦", "---->", "➡", "⇨", "↠"])
 def test_every_arrow_between_claims_is_an_if_and_between_a_name_and_its_role_a_claim(arrow):
     assert K.score(boxed(f"Emma is a knight {arrow} Liam is a knave, Sophia is a knight"), PEOPLE, True) == 0.0
     assert K.score(boxed(f"Emma {arrow} knight, Liam {arrow} knave, Sophia {arrow} knight"), PEOPLE, True) == 1.0
+
+
+@pytest.mark.parametrize("arrow", ["<-", "<--", "<=", "<==", "←", "⟵", "⇐", "⟸", "⊃", "⊢", "⊨"])
+def test_an_arrow_pointing_back_between_claims_is_an_if(arrow):
+    """"B <- A" says "B if A", as "A -> B" does: a conditional answer scores 0 whichever way its arrow points."""
+    assert K.score(boxed(f"Emma is a knight {arrow} Liam is a knave, Sophia is a knight"), PEOPLE, True) == 0.0
 
 
 @pytest.mark.parametrize("response", [

@@ -22,6 +22,9 @@ def grade(pred, gold):
 # (gold, boxed prediction): each pair must score 1.0
 EQUAL = [
     ("\\frac{1}{2}", "\\frac12"),
+    ("8\\sqrt{3} \\text { square inches}", "\\sqrt{192}"),  # "\\text {": a pool gold writes the space
+    ("5", "5 \\text {cm}"),
+    ("5", "5\\text { cm}"),
     ("\\frac{1}{2}", "\\dfrac{1}{2}"),
     ("\\frac{1}{2}", "0.5"),
     ("\\frac{1}{2}", "1/2"),
@@ -150,6 +153,20 @@ def test_near_misses_score_zero(gold, pred):
 def test_thousands_separators_are_dropped_from_numbers_only(answer, normal):
     """The fast path's own rule (score falls back to math-verify, which hides a fast path that merges too little)."""
     assert math_data.normalize_answer(answer) == normal
+
+
+def test_a_list_question_reads_commas_between_numbers_as_a_list():
+    """A gold of the 8.5K pool, "70,110", answers "Enter all the solutions, separated by commas": the two answers 70
+    and 110, never the number 70110. Without such a question a comma groups thousands, as before."""
+    question = "Find all x between 0 and 360 such that ... Enter all the solutions, separated by commas."
+    listed = {"question": question, "answer": "70,110"}
+    for pred in ("70, 110", "70,110", "110, 70", "70^\\circ, 110^\\circ"):
+        assert score(f"So $\\boxed{{{pred}}}$.", listed, True) == 1.0, pred
+    for pred in ("70110", "70,110,0", "70"):
+        assert score(f"So $\\boxed{{{pred}}}$.", listed, True) == 0.0, pred
+    number = {"question": "How many dollars did she earn?", "answer": "58,500"}
+    assert score("So $\\boxed{58500}$.", number, True) == 1.0
+    assert score("So $\\boxed{58, 500}$.", number, True) == 0.0
 
 
 def test_task_interface():
