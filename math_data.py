@@ -323,7 +323,7 @@ def _clean_answer(s: str) -> str:
 
 
 _UNIT_TEXT = re.compile(r"(?<=[0-9}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .]*\}$")  # "5 \text{ cm}" -> "5"
-TEXT_SPACE = re.compile(r"\\(text|textbf|textrm|mathrm|mbox)\s+\{")  # "\\text {cm}" is "\\text{cm}" (a MATH gold writes it)
+TEXT_SPACE = re.compile(r"\\(text|textbf|textrm|mathrm|mbox)\s+\{")  # "\\text {cm}" is "\\text{cm}" (a MATH gold)
 # a question that asks for several answers: there "70,110" is two answers (a MATH gold), never 70110
 LIST_QUESTION = re.compile(r"separated by commas|enter all", re.I)
 
@@ -331,7 +331,8 @@ LIST_QUESTION = re.compile(r"separated by commas|enter all", re.I)
 def as_graded(answer, record):
     """An answer (the boxed one or the gold) as both grading paths read it: "\\text {" closed up, and in a question
     that asks for a list, a space after each comma before a digit, so that no thousands rule (ours, math-verify's)
-    reads the list as one number. Where the paper's math-verify alone takes "70110" for "70,110", this takes the list."""
+    reads the list as one number. Where the paper's math-verify alone takes "70110" for "70,110", this takes the
+    list."""
     answer = TEXT_SPACE.sub(r"\\\1{", answer)
     if LIST_QUESTION.search(str(record.get("question", ""))):
         answer = re.sub(r",(?=\d)", ", ", answer)
