@@ -85,7 +85,11 @@ trap 'if [[ -n "$ATTEMPT" ]]; then log_attempt "$ATTEMPT" $((SECONDS - ATTEMPT_T
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
-  local what="${cmd#"$LAUNCH "}"  # the command without its launcher: another number of GPUs may take over a run
+  local what="${cmd#"$LAUNCH "}"  # the command without its launcher: another number of GPUs may take over a study
+  # (at its next stage: a stopped training run resumes on its own number only, as docs/memory.md says)
+  # (the stages resume what they find, and refuse outputs made with other settings: those must go too)
+  local run_again="delete OUT/done/$name and the markers of the stages after it, and move away what those stages
+  wrote (a training run's --out_dir, eval's --out_dir, a sample set), to run them again"
   # (an empty marker is none: every version wrote its seconds, and an empty one is a write that failed, disk full)
   if [[ -s "$OUT/done/$name" ]]; then
     local was; was=$(tail -n +2 "$OUT/done/$name")  # line 1: seconds; then the command (none: an older marker)
@@ -93,14 +97,14 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
       echo "error: stage $name in $OUT was marked done by an older reproduce.sh, which did not record its command:" >&2
       echo "  now: $what" >&2
       echo "  if its outputs are this command's, add it to the marker: printf '%s\\n' '$what' >> $OUT/done/$name" >&2
-      echo "  else delete OUT/done/$name and the markers of the stages after it to run them again" >&2
+      echo "  else $run_again" >&2
       exit 1
     fi
     if [[ "$was" != "$what" ]]; then
       echo "error: stage $name in $OUT was done with another command, so its outputs are not these settings':" >&2
       echo "  was: $was" >&2
       echo "  now: $what" >&2
-      echo "  use another OUT, or delete OUT/done/$name and the markers of the stages after it to run them again" >&2
+      echo "  use another OUT, or $run_again" >&2
       exit 1
     fi
     if [[ "$what" == "eval.py "* ]]; then  # an evaluation runs again: it reuses the pairs it finished, re-scoring
@@ -177,6 +181,11 @@ report() {
 
 # ---- SEEDS=N: the whole study once per seed (seed 1 in OUT, seed S in OUT/seed_S; LIMR, when asked, with seed 1
 #   only: it has its own LIMR_SEEDS), then one report over them
+if (( SEEDS > 1 )) && [[ "${LIMR_ONLY:-0}" == 1 ]]; then  # its seeds are LIMR_SEEDS; SEED changes none of its stages
+  echo "error: preset $PRESET runs only the LIMR experiment (LIMR_ONLY=1), whose seeds are LIMR_SEEDS" \
+    "(${LIMR_SEEDS:-1234}): SEEDS=$SEEDS would repeat it unchanged in OUT/seed_S; set LIMR_SEEDS instead" >&2
+  exit 2
+fi
 if (( SEEDS > 1 )); then
   for ((s = 1; s <= SEEDS; s++)); do
     dir="$OUT"; (( s > 1 )) && dir="$OUT/seed_$s"

@@ -367,7 +367,9 @@ def test_every_command_of_every_preset_parses_with_its_scripts_own_settings(pres
     import importlib
     import shlex
     import common
-    env = {"GPUS": "8", "MODEL_DIR": str(tmp_path / "base"), "OUT": str(tmp_path / "out"), "SEEDS": "2", "LIMR": limr}
+    seeds = "1" if preset.startswith("limr-") else "2"  # (a LIMR-only preset has LIMR_SEEDS: SEEDS=2 is refused)
+    env = {"GPUS": "8", "MODEL_DIR": str(tmp_path / "base"), "OUT": str(tmp_path / "out"), "SEEDS": seeds,
+           "LIMR": limr}
     proc = run_reproduce(preset, "--dry-run", env=env)
     commands = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
     assert len(commands) >= 8
@@ -378,6 +380,15 @@ def test_every_command_of_every_preset_parses_with_its_scripts_own_settings(pres
             common.parse_settings(script.get_parser(), argv[at + 1:])
         except SystemExit:
             raise AssertionError(f"{preset}: {shlex.join(argv)[:300]} does not parse (argparse's error above)")
+
+
+def test_seeds_with_the_limr_only_preset_is_an_error_before_any_stage(tmp_path):
+    """SEED changes none of the LIMR preset's stages (its seeds are LIMR_SEEDS): SEEDS=2 would run the whole 7B
+    experiment twice, identically, and the report reads one copy."""
+    env = {"GPUS": "8", "MODEL_DIR": str(tmp_path / "base"), "OUT": str(tmp_path / "out"), "SEEDS": "2"}
+    proc = run_reproduce("limr-qwen2.5-math-7b", "--dry-run", env=env, check=False)
+    assert proc.returncode == 2 and "set LIMR_SEEDS instead" in proc.stderr
+    assert "+ " not in proc.stdout and not os.path.exists(tmp_path / "out")
 
 
 def test_limr_with_a_preset_without_its_stages_is_an_error_before_any_stage(tmp_path):
