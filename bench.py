@@ -120,6 +120,7 @@ def get_parser():
 
 def main(argv=None):
     args = parse_settings(get_parser(), argv)
+    common.check_non_negative(args, "threads")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rl:
@@ -130,6 +131,12 @@ def main(argv=None):
         return count_kernels(args)
     if args.memory:
         return gpu_memory.memory_table(args)
+    common.check_positive(args, "samples_per_prompt", "fixed_len")
+    common.check_non_negative(args, "repeats", "min_len", "max_len")
+    if any(n < 1 for n in args.prompts or []):
+        raise common.UserError(f"--prompts: each number of prompts must be at least 1, got {args.prompts}")
+    if args.min_len and args.max_len and args.min_len > args.max_len:
+        raise common.UserError(f"--min_len {args.min_len} > --max_len {args.max_len}")
     device = torch.device("cuda" if args.gpu else "cpu")
     if args.gpu:
         assert torch.cuda.is_available(), "--gpu needs CUDA"

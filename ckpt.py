@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
-from common import (UserError, append_jsonl, atomic_open, error_chain, print0, rank, read_jsonl, same_files,
-                    world_size, write_json, write_jsonl)
+from common import (UserError, append_jsonl, atomic_open, error_chain, out_of_memory, print0, rank, read_jsonl,
+                    same_files, world_size, write_json, write_jsonl)
 from model import save_model, weight_files
 from parallel import (all_gather_json, all_reduce, barrier, full_copy, is_sharded, local_tensor, lock_on_rank0,
                       on_rank0, reshard)
@@ -248,12 +248,10 @@ def read_failure(e):
     what it was raised from says, rather than for a damaged file: a damaged file raises its readers' own errors, and a
     missing one, or a directory in its place, is damage too."""
     def not_the_file(c):
-        if isinstance(c, (MemoryError, torch.OutOfMemoryError)):
-            return True
         if isinstance(c, OSError):
             return not isinstance(c, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
-        return isinstance(c, RuntimeError) and bool(re.search(r"can't allocate memory|not enough memory", str(c)))
-    return any(map(not_the_file, error_chain(e)))  # (a RuntimeError: torch's CPU allocator's)
+        return out_of_memory(c)
+    return any(map(not_the_file, error_chain(e)))
 
 
 def resume_checkpoint(run_dir, resume):

@@ -565,6 +565,14 @@ def error_chain(e):
         e = e.__cause__ or e.__context__
 
 
+def out_of_memory(e):
+    """Whether e is an allocator's refusal: Python's MemoryError, torch's OutOfMemoryError (a GPU's), or the
+    RuntimeError of torch's CPU allocator ("can't allocate memory")."""
+    import torch
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and bool(re.search(r"can't allocate memory|not enough memory", str(e))))
+
+
 def raise_refused_write(path, e, outcome):
     """If the storage refused a write behind e (e itself, or an error it was raised from: torch.save's own error
     hides the OSError; safetensors' names its code only in its text), a UserError naming path and saying what became

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 from torch.utils._triton import has_triton
 
-from common import MIN_TEMPERATURE, UserError, progress_bar, stop_token_ids
-from model import (HALF, HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs, pack,
-                   packed_positions, rms_norm, rope_cos_sin)
+from common import MIN_TEMPERATURE, UserError, out_of_memory, progress_bar, stop_token_ids
+from model import (HALF, HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs,
+                   kv_bytes_per_token, pack, packed_positions, rms_norm, rope_cos_sin)
 from parallel import full_tensor, is_sharded, reshard
 from tasks import encode_prompts, reward_of
 
@@ -390,7 +390,15 @@ def kept_slots(cfgs, count, max_len, max_new, dtypes, device):
             count, max_len = max(count, slots.count), max(max_len, slots.max_len)
             max_new = max(max_new, slots.width - 1)
         _kept["slots"] = slots = None  # the old cache and its graphs are freed before the new one is allocated
-        slots = _kept["slots"] = Slots(cfgs, count, max_len, max_new, dtypes, device)
+        try:
+            slots = _kept["slots"] = Slots(cfgs, count, max_len, max_new, dtypes, device)
+        except Exception as e:  # noqa: BLE001 -- only the allocator's refusal is said otherwise
+            if not out_of_memory(e):
+                raise
+            gib = sum(kv_bytes_per_token(c, d.itemsize) for c, d in zip(cfgs, dtypes)) * count * max_len / 2**30
+            raise UserError(f"the KV cache of {count} rows x {max_len} tokens ({gib:.1f} GiB) does not fit in "
+                            f"{device.type} memory: generate fewer rows at once (the stage's batch size x samples "
+                            f"per prompt) or fewer tokens") from None
     return slots
 
 

@@ -97,14 +97,18 @@ CHECKPOINT_ONLY = ("samples_per_prompt", "temperature", "top_p", "max_new_tokens
 # sources: a checkpoint sampled now, or the rollout log of an RL run
 
 
-def parse_steps(text):
-    """'115-125' or '125,115-124' -> [125, 115, ..., 124] (order kept; duplicates are an error)."""
+def parse_steps(text, last=None):
+    """'115-125' or '125,115-124' -> [125, 115, ..., 124] (order kept; duplicates are an error). last: the newest
+    step with a rollout log, if known: a range is not expanded past its first missing step (1-1000000000 filled the
+    machine's memory before any file was looked at)."""
     steps = []
     for part in (text or "").split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
             raise UserError(f"--steps {text!r}: expected steps like 115-125 or 125,115-124")
         a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if last is not None and b > last + 1:  # past the newest log: cut at the first missing step, which
+            b = max(a, last + 1)               # read_rollouts then names (not a list of a billion steps)
         steps += range(a, b + 1)
     if len(set(steps)) != len(steps):
         raise UserError(f"--steps {text!r}: a step is listed twice")
@@ -152,8 +156,13 @@ def sample_checkpoint(args, task, rank, world, device):
     model = load_model(args.from_checkpoint, dtype=dtype, device=device)
     model.eval()
     # Check every prompt's length on every rank before sharding, so that all ranks stop together.
-    tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, records, args.template), records,
-                            args.max_new_tokens, model.config.max_position_embeddings, " + ".join(args.split))
+    prompt_ids = tasks.task_prompt_ids(tokenizer, task, records, args.template)
+    tasks.check_prompts_fit(prompt_ids, records, args.max_new_tokens, model.config.max_position_embeddings,
+                            " + ".join(args.split))
+    if args.max_length and min(map(len, prompt_ids)) + 1 > args.max_length:  # (+ EOS: even an empty answer)
+        raise UserError(f"--max_length {args.max_length}: every prompt of {' + '.join(args.split)} is at least "
+                        f"{min(map(len, prompt_ids))} tokens, so no SFT example (prompt + response + EOS) could be "
+                        f"kept; raise --max_length or give 0 (no limit)")
     order = parallel.rank_share(list(range(len(records))), rank, world)
     print0(f"sampling {args.from_checkpoint}: {subset} prompts x {args.samples_per_prompt} on {world} rank(s), "
            f"T={args.temperature}, top_p={args.top_p}, max_new_tokens={args.max_new_tokens}")
@@ -281,7 +290,7 @@ def main(argv=None):
         samples, _ = sample_checkpoint(args, task, rank, world, device)
         tokenizer = tasks.load_tokenizer(args.from_checkpoint)
     else:  # every rank reads and selects (cheap), so that an error stops all of them; rank 0 writes
-        steps = parse_steps(args.steps)
+        steps = parse_steps(args.steps, max(tasks.rollout_logs(args.from_rollouts), default=0))
         samples = read_rollouts(args.from_rollouts, steps)
         tokenizer = run_tokenizer(args.from_rollouts)
         if tokenizer is None:

@@ -56,7 +56,8 @@ def get_parser():
                    help="use the first this many responses (with --cross: this many split records, each "
                    "difficulty in proportion, drawn with --seed); 0 = all")
     p.add_argument("--high_js", type=float, default=0.1,
-                   help="positions with JS above this are 'high-JS' (the paper: 0.1)")
+                   help="positions with JS above this are 'high-JS' (the paper: 0.1; JS in nats lies in "
+                   "[0, ln 2 = 0.693])")
     p.add_argument("--top_tokens", type=int, default=20,
                    help="how many of the most frequent high-JS tokens the summary lists")
     p.add_argument("--batch_size", type=int, default=16,
@@ -68,7 +69,8 @@ def get_parser():
     p.add_argument("--cross", default=None, choices=("forward", "backward"), help="cross-sample instead of measuring: "
                    "forward = base primary, policy intervening; backward = policy primary, base intervening")
     p.add_argument("--eps", type=float, nargs="+", default=[math.inf, 0.3, 0.1, 0.03, 0.01, -1.0],
-                   help="JS thresholds, one run each (inf: the primary alone; < 0: the intervention model alone)")
+                   help="JS thresholds, one run each (inf: the primary alone; < 0: the intervention model alone; "
+                   "a finite one is below ln 2 = 0.693, JS's largest value in nats)")
     p.add_argument("--task", default="kk", help="--cross: task module (kk, math, or a module with the task interface)")
     p.add_argument("--split", default=None, help="--cross: the task split whose prompts are answered")
     p.add_argument("--samples_per_prompt", type=int, default=4, help="--cross: samples per prompt (the paper: 32)")
@@ -542,6 +544,13 @@ def main(argv=None):
     common.check_temperature(args)
     common.check_positive(args, "batch_size", "logit_chunk", "samples_per_prompt", "max_new_tokens")
     common.check_non_negative(args, "limit", "top_tokens")
+    if not 0 <= args.high_js < math.log(2):
+        raise UserError(f"--high_js {args.high_js:g}: JS is measured in nats, in [0, ln 2 = 0.693]; a threshold "
+                        f"outside [0, 0.693) marks every position or none")
+    beyond = [e for e in args.eps if math.log(2) <= e < math.inf]
+    if beyond:
+        raise UserError(f"--eps {' '.join(f'{e:g}' for e in beyond)}: JS never exceeds ln 2 = 0.693, so such a "
+                        f"threshold is the primary alone; write inf")
     if len(set(args.eps)) < len(args.eps):  # (0 and -0 are one): a run twice would be the same decode
         raise UserError(f"--eps: a threshold given twice ({' '.join(f'{e:g}' for e in args.eps)})")
     from model import parse_dtype

@@ -611,6 +611,11 @@ def main(argv=None):
             ckpt.prune_checkpoints(args.out_dir, start_step, saved_by.get("keep_last", args.keep_last),
                                    saved_by.get("keep_steps", args.keep_steps))
         print0(f"resuming from {init_path} (step {start_step})")
+        if start_step >= max_steps:
+            print0(f"{args.out_dir}: already at step {start_step} >= --max_steps {max_steps}; nothing to do "
+                   f"(its checkpoints are in {args.out_dir})")
+            parallel.dist_cleanup()
+            return 0
     for keep in args.keep_steps:  # a step this run (or a longer one) saves after its start, or one saved already
         if keep < 1 or not (keep > start_step and (keep % args.save_every == 0 or keep == max_steps)
                             or os.path.isdir(ckpt.checkpoint_dir(args.out_dir, keep))):

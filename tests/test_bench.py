@@ -3,6 +3,7 @@ spent finding a typo, and the checks it makes on a GPU hold on CPU where they mu
 import gc
 import json
 import math
+import re
 import weakref
 
 import pytest
@@ -137,6 +138,20 @@ def test_the_rl_benchmark_needs_a_step_beyond_its_warm_up(steps):
     with pytest.raises(UserError, match=rf"--rl_steps must be at least 2 \(the first is a warm-up\), got "
                                                rf"{steps}"):
         bench.main(["--rl", "true", "--rl_steps", str(steps)])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompts", "0"], "--prompts: each number of prompts must be at least 1"),
+    (["--samples_per_prompt", "0"], "--samples_per_prompt must be"),
+    (["--fixed_len", "0"], "--fixed_len must be"),
+    (["--min_len", "16", "--max_len", "8"], "--min_len 16 > --max_len 8"),
+    (["--repeats", "-1"], "--repeats must be"),
+    (["--threads", "-1"], "--threads must be"),
+])
+def test_the_generation_benchmark_refuses_sizes_it_cannot_run(argv, message):
+    """Each of these ended in a traceback after the 28M model was built (the --rl and --memory modes checked theirs)."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        bench.main(argv)
 
 
 def test_memory_at_peak_names_what_is_live_at_the_highest_point():

@@ -344,6 +344,35 @@ def test_kept_buffers_are_freed_before_new_ones_are_allocated(monkeypatch):
     assert alive == [False, False]
 
 
+@pytest.mark.parametrize("refusal", [
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 890880000000 bytes"),
+    MemoryError()])
+def test_a_kv_cache_that_does_not_fit_is_one_line_naming_its_size(monkeypatch, refusal):
+    """The KV cache is rows x columns, allocated at once: eval's --samples_per_prompt 1000000 ended in the allocator's
+    traceback (a GPU: torch.OutOfMemoryError). It is a UserError naming the rows, the columns and the GiB; any other
+    error passes as it is."""
+    model, prompts = random_model(CONFIGS["qwen2_tied"], seed=4), ragged_prompts(2)
+    engine.release()
+    asked = []
+
+    def refuse(self, cfgs, count, max_len, *args):
+        asked.append((count, max_len))
+        raise refusal
+    monkeypatch.setattr(engine.Slots, "__init__", refuse)
+    with pytest.raises(common.UserError) as e:
+        generate(model, prompts, n=3, max_new_tokens=12)
+    (rows, columns), cfg = asked[0], model.config
+    gib = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * rows * columns / 2**30  # (fp32)
+    assert rows >= 6 and columns >= max(map(len, prompts)) + 12
+    assert str(e.value) == (f"the KV cache of {rows} rows x {columns} tokens ({gib:.1f} GiB) does not fit in cpu "
+                            f"memory: generate fewer rows at once (the stage's batch size x samples per prompt) or "
+                            f"fewer tokens")
+    monkeypatch.setattr(engine.Slots, "__init__", lambda *a, **k: (_ for _ in ()).throw(ValueError("other")))
+    with pytest.raises(ValueError, match="other"):
+        generate(model, prompts, n=3, max_new_tokens=12)
+    engine.release()
+
+
 def test_kept_slots_for_fewer_new_tokens_are_not_reused_for_more():
     """Kept Slots hold max_new_tokens + 1 output columns (the spare one that rows past their end write into): slots
     kept from a max_new_tokens=8 call must not serve a max_new_tokens=9 call (shorter prompts, so the columns and

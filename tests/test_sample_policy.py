@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import common
+import engine
 import parallel
 import redistill_sft
 import sample_policy as sp
@@ -316,6 +317,8 @@ def test_rollout_errors_write_nothing(tmp_path):
         assert not out.exists()
 
     fails(r"step_000007\.jsonl: file not found \(rollout steps present: 5\.\.6 \(2 files\)\)", "--steps", "5-7")
+    # a range past the newest log is cut at its first missing step (a typo's zeros were a list of a trillion steps)
+    fails(r"step_000007\.jsonl: file not found \(rollout steps present: 5\.\.6", "--steps", "5-1000000000000")
     fails("expected steps like 115-125", "--steps", "7-5")
     fails("expected steps like 115-125", "--steps", "five")
     fails("listed twice", "--steps", "5,5-6")
@@ -344,11 +347,24 @@ def test_rollout_errors_write_nothing(tmp_path):
         sp.main(["--from_rollouts", str(tmp_path / "empty"), "--steps", "1", "--task", "toy_task", "--out", str(out)])
 
 
+def test_a_max_length_no_prompt_fits_is_refused_before_sampling(tiny_checkpoint, tmp_path, monkeypatch):
+    """Every SFT example is its prompt + response + EOS: a --max_length below every prompt's length keeps none, known
+    before the split is sampled (it was refused after: the whole sampling job lost)."""
+    split, out = str(tmp_path / "split.jsonl"), tmp_path / "out.jsonl"
+    common.write_jsonl(split, toy_task.make_records(3, seed=1, split="val"))
+    monkeypatch.setattr(engine, "sample_responses", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(UserError, match=r"--max_length 5: every prompt of .*split\.jsonl is at least \d+ tokens"):
+        sp.main(sample_args(tiny_checkpoint, split, str(out), "--max_length", "5"))
+    assert not out.exists()
+
+
 def test_steps_name_one_step_as_a_range_and_belong_to_rollouts_only(tiny_checkpoint, tmp_path):
     """--steps 125-125 is the one step 125 (a range whose ends are equal, as a script building 'A-B' from a start and
     an end writes it), not an error; --steps with --from_checkpoint, which samples a checkpoint and reads no rollout
     log, is refused rather than silently ignored."""
     assert sp.parse_steps("125-125") == [125] and sp.parse_steps("3,5-5,1-2") == [3, 5, 1, 2]
+    assert sp.parse_steps("1-1000000000000", last=6) == list(range(1, 8))  # cut at the first missing step
+    assert sp.parse_steps("9-1000000000000", last=6) == [9] and sp.parse_steps("3,5-6", last=6) == [3, 5, 6]
     split = str(tmp_path / "split.jsonl")
     common.write_jsonl(split, toy_task.make_records(2, seed=1, split="val"))
     out = tmp_path / "out.jsonl"

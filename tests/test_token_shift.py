@@ -217,6 +217,18 @@ def test_a_threshold_given_twice_is_refused(pair, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_thresholds_js_cannot_reach_are_refused(pair, tmp_path):
+    """JS in nats lies in [0, ln 2]: --high_js above it marked no position (an empty summary, exit 0), below 0 every
+    one; a finite --eps at or above it is the primary alone, as inf is."""
+    with pytest.raises(common.UserError, match=r"--eps 0\.7 5: JS never exceeds ln 2"):
+        token_shift.main(cross_args(pair, tmp_path / "out", "forward", "inf", "0.7", "5"))
+    for high_js in ("5", "-0.1", "0.7"):
+        with pytest.raises(common.UserError, match=rf"--high_js {high_js}: JS is measured in nats"):
+            token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"],
+                              "--high_js", high_js, "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def own_samples(path, pair, seed=5):
     """What the model at path samples alone, through the same helper and seed as a one-rank cross run."""
     model, tok = load_model(path), load_tokenizer(path)

@@ -178,6 +178,19 @@ def test_a_resume_on_other_kernels_is_refused_and_an_earlier_run_is_not_compared
     run("kernels", max_steps=2, resume=True)
 
 
+def test_a_resume_whose_end_is_behind_its_checkpoint_does_nothing_and_says_so(rl_run, monkeypatch, capsys):
+    """A finished run re-run with --resume, or one resumed with a --max_steps below its checkpoint's step, has no step
+    to run: it says so, and builds no engine (it printed "steps 3..1" and decoded nothing)."""
+    run = rl_run
+    metrics, _, _ = run("ended", max_steps=2, save_every=2)
+    capsys.readouterr()
+    monkeypatch.setattr(engine, "sample_responses", lambda *a, **k: pytest.fail("sampled past the end"))
+    for max_steps in (2, 1):
+        again, _, out = run("ended", max_steps=max_steps, save_every=2, resume=True)
+        assert again == metrics
+        assert f"{out}: already at step 2 >= --max_steps {max_steps}; nothing to do" in capsys.readouterr().out
+
+
 def test_epochs_prompt_cap_and_validation_settings(rl_run, monkeypatch, tmp_path, tiny_checkpoint):
     """--epochs 1 (no --max_steps) runs one pass; --max_prompt_tokens drops the longer prompts; validation runs on
     --val_limit records with --val_max_response_tokens, at --val_every and not before training when told so."""
