@@ -140,8 +140,9 @@ def difficulty_key(summary):
 
 
 def difficulty_order_of_text(text):
-    """Sort key of a name that may be a number (seeds): numbers numerically, then names."""
-    return difficulty_order(int(text) if text.lstrip("-").isdigit() else text)
+    """Sort key of a name that may be a number (seeds, levels such as "2.5"): numbers numerically, as eval's tables
+    sort them, then names."""
+    return difficulty_order(float(text) if re.fullmatch(r"-?\d+(\.\d+)?", text) else text)
 
 
 def limr_tables(out_dir, only_seeds=()):
@@ -376,9 +377,9 @@ def plots(out_dir, metrics, summaries, temperature, difficulty, title=""):
         fig.tight_layout()
         written.append(os.path.join(out_dir, PLOTS[0]))
         fig.savefig(written[-1], dpi=120)
-    if summaries:
+    levels = sorted({lv for s in summaries.values() for lv in s["by_difficulty"]}, key=difficulty_order_of_text)
+    if levels:  # (a task without difficulties, DIFFICULTY None, has none to plot)
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        levels = sorted({lv for s in summaries.values() for lv in s["by_difficulty"]}, key=difficulty_order_of_text)
         width = 0.8 / len(summaries)
         for i, (name, s) in enumerate(summaries.items()):  # a model keeps its colour whichever others were evaluated
             heights = [s["by_difficulty"].get(lv, {}).get("accuracy", float("nan")) for lv in levels]

@@ -33,6 +33,8 @@ main() {
 set -euo pipefail
 SELF="$(readlink -f "$0")"  # this script, wherever and however started ($0 may be relative, or a symbolic link)
 cd "$(dirname "$SELF")"
+# (a task's script kept outside the repository, TASK_SCRIPT=/path/mytask.py, imports this project's modules too)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 PRESET=tiny
 DRY_RUN=0

@@ -5,11 +5,13 @@ logs. No torch here: the data generators import it.
 """
 import hashlib
 import importlib
+import json
 import math
 import numbers
 import os
 import random
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from common import UserError, iter_jsonl, open_lines, stop_token_ids, world_size
@@ -44,13 +46,25 @@ def get_task(name):
     """The task module for `--task`: kk, math, or any importable module with the same interface
     (DIFFICULTY, load_split, render_prompt, score) — how a fork adds a task (docs/data.md, "Adding a task")."""
     module = task_module_name(name)
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module or ""):
+        raise UserError(f"--task {name!r}: not a module name; give the task module's import name (a file "
+                        f"mytask.py in the repository or on PYTHONPATH is --task mytask; in a package, pkg.mytask)")
+    if module.endswith(".py"):
+        raise UserError(f"--task {name!r}: give the module's import name, --task {module[:-3]}, not its file name")
+    top = module.split(".")[0]
+    if top in sys.stdlib_module_names:  # Python loads its own module, or the task file shadows it for every import
+        raise UserError(f"--task {name!r}: {top!r} is a module of Python's standard library; rename the task module, "
+                        f"or put it in a package (--task pkg.{top})")
     try:
         task = importlib.import_module(module)
     except ImportError as e:
+        if e.name is not None and module != e.name and not module.startswith(e.name + "."):
+            raise UserError(f"task module {module!r} failed to import: {e}")
         raise UserError(f"unknown task {name!r} ({e}); choose one of {', '.join(TASKS)} or a module name")
     missing = [f for f in ("DIFFICULTY", "load_split", "render_prompt", "score") if not hasattr(task, f)]
     if missing:
-        raise UserError(f"task module {module!r} lacks {', '.join(missing)}")
+        raise UserError(f"task module {module!r} ({getattr(task, '__file__', None) or 'built in'}) lacks "
+                        f"{', '.join(missing)}")
     if task.DIFFICULTY in ROLLOUT_ROW_FIELDS:
         raise UserError(f"task module {module!r}: DIFFICULTY = {task.DIFFICULTY!r} is the name of a rollout log "
                         f"field, which it would overwrite; rename it (reserved: {', '.join(ROLLOUT_ROW_FIELDS)})")
@@ -214,6 +228,10 @@ def load_records(task, task_name, path, tokenizer, template):
         records = task.load_split(path)
     except UserError as e:
         raise UserError(f"{e} (is {path} a split of task {task_name!r}?)")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise UserError(f"task {task_name!r}: load_split({path!r}) returned {type(records).__name__}"
+                        f"{'' if not isinstance(records, list) else ' holding a non-dict'}; it must return a list "
+                        f"of dicts (docs/data.md, \"Adding a task\")")
     if not records:
         raise UserError(f"split {path}: no records (empty split)")
     seen = {}  # id as text -> the id: logs and selections match ids as text, so 1 and "1" would be one prompt
@@ -236,13 +254,24 @@ def load_records(task, task_name, path, tokenizer, template):
                             f"{task_name!r}; is this a split of another task?")
         if task.DIFFICULTY is not None:  # tables key difficulties by text: 3 and "3" would share one row
             d = r[task.DIFFICULTY]
+            if d is not None and not isinstance(d, (str, int, float)):
+                raise UserError(f"{where} (id {r['id']!r}): difficulty {task.DIFFICULTY!r} is a "
+                                f"{type(d).__name__} ({d!r}); a difficulty is a string or a number")
             first = difficulties.setdefault(str(d), d)
             if first != d or type(first) is not type(d):
                 raise UserError(f"{where} (id {r['id']!r}): difficulty {task.DIFFICULTY!r} is {d!r}, but an earlier "
                                 f"record's is {first!r}, which reads the same in a table; give the split one type")
         try:
+            json.dumps(r)  # (lim_select writes its pools so, train_rl logs the difficulty)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{where} (id {r['id']!r}): task {task_name!r}: load_split returned a record that is "
+                            f"not JSON ({e}); records must be written back as JSON lines (docs/data.md)")
+        try:
             if tokenizer is not None:  # (a stage that renders no prompt passes none)
-                task.render_prompt(r, tokenizer, template)
+                prompt = task.render_prompt(r, tokenizer, template)
+                if not isinstance(prompt, str) or not prompt:
+                    raise UserError(f"{where} (id {r['id']!r}): task {task_name!r}: render_prompt returned "
+                                    f"{prompt!r}; it must return the prompt text (a non-empty string)")
             reward_of(task, "", r, True)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise UserError(f"{where} (id {r['id']!r}): task {task_name!r} cannot render or score it "
@@ -266,6 +295,8 @@ def stratified_subset(records, n, key, seed=0):
         take[v] += 1
     rng = random.Random(seed)
     chosen = sorted(i for v, ix in groups.items() for i in rng.sample(ix, take[v]))
+    if key is None:
+        return [records[i] for i in chosen], f"{n} of {len(records)}, drawn at random"
     return ([records[i] for i in chosen], f"{n} of {len(records)}, stratified by {key} ("
             + ", ".join(f"{v}: {take[v]}" for v in sorted(groups, key=str)) + ")")
 

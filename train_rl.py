@@ -764,7 +764,8 @@ def main(argv=None):
                  {"id": s["id"], "prompt": s["prompt"], "response": s["response"], "reward": s["reward"],
                   "finished": s["finished"], "length": s["length"], "step": step, "epoch": epochs[j // n],
                   "sample": s["sample"], "advantage": adv[j], "trained": j in train_set,
-                  task.DIFFICULTY: records[j // n].get(task.DIFFICULTY), "rank": rank}]
+                  **({task.DIFFICULTY: records[j // n].get(task.DIFFICULTY)} if task.DIFFICULTY else {}),
+                  "rank": rank}]
                 for j, s in enumerate(rollouts)], key=None if seeds_by_rank else lambda x: x[0])
             everything = [row for _, row in everything]
             if rank == 0:

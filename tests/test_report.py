@@ -463,6 +463,23 @@ def test_plots_show_every_level_and_the_rl_curve_up_to_the_evaluated_step(run_di
     assert heights["base"][0] == 0.0 and math.isnan(heights["base"][1]) and heights["rl"] == [0.5, 0.4]
 
 
+def test_levels_sort_as_numbers_and_a_task_without_levels_draws_no_level_plot(run_dir, monkeypatch):
+    """Decimal levels sort as eval's tables sort them ("2.5" before "10.5", as text it came after); a task with
+    DIFFICULTY None has no level, and its plot was an empty frame with a legend."""
+    assert sorted(["10.5", "2.5", "3", "-1", "b", "10"], key=report.difficulty_order_of_text) == \
+        ["-1", "2.5", "3", "10", "10.5", "b"]
+    from unittest import mock
+    plt = mock.MagicMock()
+    plt.subplots.side_effect = lambda *a, **k: (mock.MagicMock(), mock.MagicMock())
+    monkeypatch.setattr(common, "pyplot", lambda: plt)
+    for name in ("base", "sft", "rl", "redistill_A"):
+        path = run_dir / "eval" / name / "test" / "summary.json"
+        common.write_json(path, {**common.read_json(path), "by_difficulty": {}})
+    report.main(["--out_dir", str(run_dir), "--plots", "true"])
+    assert plt.subplots.call_count == 1  # the RL curve alone
+    assert not (run_dir / "accuracy_by_difficulty.png").exists()
+
+
 def test_two_seeds_before_seed_2_is_evaluated_name_seed_1_and_each_model_keeps_its_colour(run_dir, monkeypatch):
     from unittest import mock
     plt, figures = mock.MagicMock(), []

@@ -301,6 +301,50 @@ def test_difficulties_that_read_the_same_as_text_are_refused_when_the_split_load
         tasks.load_records(toy_task, "toy_task", path, None, "plain")
 
 
+def test_task_names_that_cannot_be_a_task_module_are_refused_saying_what_to_give(tmp_path, monkeypatch):
+    """--task takes an import name: a file name, a path or nothing was a TypeError or ValueError traceback; a standard
+    library name loaded Python's own module ("lacks DIFFICULTY, ..."), or, as a file, hid that module from numpy and
+    transformers; a missing package inside the task module was called an unknown task."""
+    for name, said in (("arith.py", "give the module's import name, --task arith, not its file name"),
+                       ("./arith.py", "not a module name"), ("", "not a module name"), (".arith", "not a module name"),
+                       ("operator", "'operator' is a module of Python's standard library"),
+                       ("json.tasks", "'json' is a module of Python's standard library")):
+        with pytest.raises(UserError, match=re.escape(f"--task {name!r}: {said}")):
+            tasks.get_task(name)
+    with pytest.raises(UserError, match=r"^task module 'dep_task' failed to import: No module named 'no_such_pkg_x'$"):
+        task_module(tmp_path, monkeypatch, "dep_task", "import no_such_pkg_x\n")
+    with pytest.raises(UserError, match=r"^unknown task 'no_such_task_x' \(No module named 'no_such_task_x'\)"):
+        tasks.get_task("no_such_task_x")
+    with pytest.raises(UserError, match=r"task module 'common' \(.*common\.py\) lacks DIFFICULTY"):
+        tasks.get_task("common")  # (a project module: the file it loaded is named)
+
+
+@pytest.mark.parametrize("body,said", [
+    ("def load_split(path):\n    return (r for r in common.read_jsonl(path))\n",
+     r"load_split\(.*\) returned generator; it must return a list of dicts"),
+    ("def render_prompt(record, tokenizer, template='auto'):\n    pass\n",
+     r"record 1 \(id .*\): task 'shape_task': render_prompt returned None; it must return the prompt text"),
+    ("def render_prompt(record, tokenizer, template='auto'):\n    return ''\n",
+     r"render_prompt returned ''; it must return the prompt text"),
+    ("def load_split(path):\n    return [dict(r, level=[r['level']]) for r in common.read_jsonl(path)]\n",
+     r"record 1 \(id .*\): difficulty 'level' is a list \(\[1\]\); a difficulty is a string or a number"),
+    ("from fractions import Fraction\n\n\ndef load_split(path):\n"
+     "    return [dict(r, half=Fraction(1, 2)) for r in common.read_jsonl(path)]\n",
+     r"record 1 \(id .*\): task 'shape_task': load_split returned a record that is not JSON \(Object of type "
+     r"Fraction"),
+])
+def test_a_task_module_that_returns_the_wrong_shape_is_refused_when_the_split_loads(tmp_path, monkeypatch, body,
+                                                                                    said):
+    """What load_split and render_prompt return is checked as the split loads, naming the task and the record: each
+    of these passed and broke later (len() of a generator in every stage, a transformers traceback, an empty prompt
+    naming no record, an unhashable difficulty after eval's generation, lim_select's JSON write after the probe run)."""
+    task = task_module(tmp_path, monkeypatch, "shape_task", "import common\n\n\n" + body)
+    path = str(tmp_path / "split.jsonl")
+    common.write_jsonl(path, toy_task.make_records(2))
+    with pytest.raises(UserError, match=said):
+        tasks.load_records(task, "shape_task", path, object(), "plain")  # (the plain template reads no tokenizer)
+
+
 def test_rescore_takes_the_score_of_now_and_names_a_sample_without_its_record():
     """Set B's re-check and eval's re-scoring share tasks.rescore: rewards replaced in place, the changes counted,
     and a sample whose id the split lacks an error naming where it came from (not a KeyError)."""

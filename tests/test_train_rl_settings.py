@@ -191,6 +191,19 @@ def test_a_resume_whose_end_is_behind_its_checkpoint_does_nothing_and_says_so(rl
         assert f"{out}: already at step 2 >= --max_steps {max_steps}; nothing to do" in capsys.readouterr().out
 
 
+def test_a_task_without_difficulties_logs_no_difficulty_field(rl_run, tmp_path, monkeypatch):
+    """DIFFICULTY None: every rollout row held a field "null" (the None key, as JSON writes it)."""
+    import inspect
+    import sys
+    (tmp_path / "plain_task.py").write_text(inspect.getsource(toy_task) + "\nDIFFICULTY = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "plain_task", raising=False)
+    _, logs, _ = rl_run("plain", task="plain_task")
+    assert logs[1] and not any("null" in row for row in logs[1])
+    _, logs, _ = rl_run("levels")
+    assert all(row["level"] is not None for row in logs[1])
+
+
 def test_epochs_prompt_cap_and_validation_settings(rl_run, monkeypatch, tmp_path, tiny_checkpoint):
     """--epochs 1 (no --max_steps) runs one pass; --max_prompt_tokens drops the longer prompts; validation runs on
     --val_limit records with --val_max_response_tokens, at --val_every and not before training when told so."""
