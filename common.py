@@ -530,11 +530,12 @@ def data_digest(rows):
 
 @contextmanager
 def atomic_open(path, mode="w"):
-    """Write to a temporary file beside `path`, then rename: readers never see a half-written file, and the data is
-    on disk before the name is (a power loss leaves the old file or the new one, never an empty or torn one)."""
+    """Write to a temporary file beside `path` (.tmp_NAME.XXXXXXXX), then rename: readers never see a half-written
+    file, and the data is on disk before the name is (a power loss leaves the old file or the new one, never an empty
+    or torn one)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".tmp_{os.path.basename(path)}.")
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
@@ -550,6 +551,21 @@ def atomic_open(path, mode="w"):
             os.remove(tmp)
         raise_refused_write(path, e, "nothing was replaced")
         raise
+
+
+def remove_stale_temps(paths):
+    """Delete the temporary files a SIGKILL (which runs no cleanup) left of atomic_open's writes of `paths`: each
+    .tmp_NAME.XXXXXXXX beside its path, a whole output's size, never reused (each write takes a fresh name). Call it
+    holding the lock of the run that writes `paths`: no live write's file is then removed. Returns the bytes freed."""
+    freed = 0
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        stale = re.compile(re.escape(f".tmp_{name}.") + r"[a-z0-9_]{8}")  # (mkstemp's 8 characters)
+        for entry in os.scandir(folder) if os.path.isdir(folder) else []:
+            if stale.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                freed += entry.stat().st_size
+                os.remove(entry.path)
+    return freed
 
 
 # a write the storage refused: full disk or quota, a file size limit, an I/O error, a read-only filesystem

@@ -219,6 +219,12 @@ def main(argv=None):
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others, holding out_dir's
     # lock until the run ends (two runs there could pair one's summary.json with the other's samples.jsonl)
     parallel.lock_on_rank0(args.out_dir)
+    outputs = [os.path.join(args.out_dir, "results.md")] + [
+        os.path.join(args.out_dir, name, split_name, file) for name in names for split_name in split_names
+        for file in ("samples.jsonl", "summary.json")]
+    freed = parallel.on_rank0(lambda: common.remove_stale_temps(outputs))  # (what a SIGKILL left of a write)
+    if freed:
+        print0(f"note: removed what a killed run's writes left in {args.out_dir} ({freed / 2**20:.1f} MiB)")
 
     def pairs_done():
         done = {}

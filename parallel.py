@@ -6,6 +6,8 @@ generation).
 import argparse
 import json
 import os
+import sys
+import threading
 from datetime import timedelta
 
 import numpy as np
@@ -23,6 +25,40 @@ from model import CHECKPOINT_KEEP, compile_blocks, dtype_name, empty_model, pack
 # How long a rank waits in a collective for the others: gloo's default (NCCL's is 10 minutes). Rank 0 alone
 # writes a 7B checkpoint's weights or token_shift's summary and plots while the others wait in a barrier.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+def stop_with_the_launcher():
+    """A torchrun worker whose torchrun is gone stops, until the process group stands. A SIGKILLed torchrun cannot
+    stop its workers (each runs in a session of its own): one still starting up waits for the dead launcher's store
+    up to COLLECTIVE_TIMEOUT, and, when a re-run's torchrun opens the same port (29500 unless told), joins that run in
+    the place of its own workers, which fail ("Connection reset by peer"), while the orphans run the killed command.
+    A worker whose parent is gone has been handed to init (pid 1), unless init is torchrun itself (a container's
+    first process); after the process group stands, an orphan finishes its run as before, holding the run's lock.
+    Returns the event to set once the group stands (the watch then ends)."""
+    parent = os.getppid()
+    if parent == 1 and not is_torchrun(1):
+        raise UserError("the torchrun that started this worker is gone (killed?): not joining its rendezvous")
+    standing = threading.Event()
+
+    def watch():
+        while not standing.wait(0.2):
+            if os.getppid() != parent:
+                print("error: the torchrun that started this worker is gone (killed?): stopping", file=sys.stderr,
+                      flush=True)
+                os._exit(2)
+    threading.Thread(target=watch, daemon=True, name="stop_with_the_launcher").start()
+    return standing
+
+
+def is_torchrun(pid):
+    """Whether process pid runs torchrun (`torchrun` or `python -m torch.distributed.run`); True where that cannot be
+    read (no /proc)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")
+    except OSError:
+        return True
+    return any(w.endswith(b"torchrun") or w == b"torch.distributed.run" for w in words)
 
 
 def dist_setup():
@@ -51,7 +87,11 @@ def dist_setup():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = dict(timeout=COLLECTIVE_TIMEOUT, **({"device_id": device} if device.type == "cuda" else {}))
         if torchrun:
-            dist.init_process_group(backend, **kwargs)
+            standing = stop_with_the_launcher()
+            try:
+                dist.init_process_group(backend, **kwargs)
+            finally:
+                standing.set()
         else:  # one rank, no ports: an in-process store
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     return rank_, world, device

@@ -466,6 +466,27 @@ def test_a_write_the_storage_refuses_ends_in_one_line_naming_the_file(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == (["metrics.jsonl", "old.pt"] if what == "append" else ["old.pt"])
 
 
+def test_stale_temps_of_the_named_outputs_alone_are_removed(tmp_path):
+    """What a SIGKILL left of atomic_open's writes of these outputs goes (a whole output's size each, never reused);
+    another output's temporary file, even one whose name begins the same, and the outputs themselves stay."""
+    out = tmp_path / "effects.jsonl"
+    out.write_text("done\n")
+    stale = [tmp_path / ".tmp_effects.jsonl.ab_12x9z", tmp_path / "sub" / ".tmp_summary.json.qwertyui"]
+    kept = [tmp_path / ".tmp_effects.jsonl2.ab_12x9z", tmp_path / ".tmp_effects.jsonl.x.abcdefgh",
+            tmp_path / ".tmp_other.jsonl.abcdefgh", tmp_path / "sub" / ".tmp_samples.jsonl.abcdefgh"]
+    for path in stale + kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("x" * 10)
+    freed = common.remove_stale_temps([out, tmp_path / "sub" / "summary.json", tmp_path / "absent" / "a.json"])
+    assert freed == 20 and not any(p.exists() for p in stale) and all(p.exists() for p in kept + [out])
+    with common.atomic_open(tmp_path / "sub" / "summary.json") as f:  # the names atomic_open gives are matched
+        (name,) = [p.name for p in (tmp_path / "sub").iterdir() if p.name.startswith(".tmp_summary.json")]
+        f.write("{}")
+    (tmp_path / "sub" / name).write_text("left by a kill")
+    assert common.remove_stale_temps([tmp_path / "sub" / "summary.json"]) == 14
+    assert not (tmp_path / "sub" / name).exists() and (tmp_path / "sub" / "summary.json").read_text() == "{}"
+
+
 def test_a_file_system_without_locks_runs_without_the_lock_with_a_note(tmp_path, monkeypatch, capsys):
     """flock refused by the file system (Lustre mounted -o noflock: ENOSYS; NFS without lockd: ENOLCK): a note, and
     the run goes on unlocked, as reproduce.sh does (every stage stopped on a traceback); another error is raised."""

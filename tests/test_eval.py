@@ -222,6 +222,20 @@ def test_a_rebuilt_checkpoint_does_not_mark_a_pair_done(tiny_checkpoint, split, 
         ev.main(args + ["--overwrite", "true"])
 
 
+def test_what_a_killed_runs_writes_left_is_removed(tiny_checkpoint, split, tmp_path, capsys):
+    """A SIGKILL inside a write leaves its temporary file (a whole samples.jsonl): the next run removes it, holding
+    out_dir's lock; another file's stays."""
+    out = tmp_path / "out"
+    left = [out / "m" / "toy_test" / ".tmp_samples.jsonl.k1ll3d_x", out / ".tmp_results.md.k1ll3d_x"]
+    other = out / "m" / ".tmp_notes.txt.k1ll3d_x"
+    for path in left + [other]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x" * 2**20)
+    ev.main(["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(out), *FAST])
+    assert not any(p.exists() for p in left) and other.exists()
+    assert f"note: removed what a killed run's writes left in {out} (2.0 MiB)" in capsys.readouterr().out
+
+
 def test_a_finished_pair_is_rescored_when_its_task_changed(tiny_checkpoint, split, tmp_path, monkeypatch, capsys):
     """A fixed scorer must change the reused results: a finished pair's samples are re-scored when the task module's
     source changed since (the responses stand; nothing is generated again), where eval showed the old accuracy."""

@@ -239,6 +239,68 @@ def test_process_group_setup_on_a_gpu_box(monkeypatch):
                                                   "device_id": torch.device("cuda", 5)})]
 
 
+def test_a_worker_whose_torchrun_is_gone_stops_before_joining_a_rendezvous(monkeypatch):
+    """A SIGKILLed torchrun leaves its workers running (sessions of their own): one that had not yet joined the
+    process group waited for it up to COLLECTIVE_TIMEOUT and joined a re-run's torchrun on the same port in the place
+    of that run's own workers. One already handed to init refuses; torchrun as init itself (a container) is its
+    launcher."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(os, "getppid", lambda: 1)
+    monkeypatch.setattr(parallel, "is_torchrun", lambda pid: False)
+    with pytest.raises(common.UserError, match="the torchrun that started this worker is gone"):
+        parallel.dist_setup()
+    assert parallel.is_torchrun(os.getpid()) is False
+
+
+def test_a_worker_waiting_for_its_group_stops_when_its_launcher_dies(tmp_path):
+    """A worker waiting in init_process_group (rank 0 of 2: the second never comes) whose launcher is killed stops
+    within a second or so, saying why, instead of waiting COLLECTIVE_TIMEOUT for a rendezvous that is gone."""
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs /proc to follow the orphan")
+    import socket
+    import time
+    port, err = free_port(), tmp_path / "worker.err"
+    env = dict(subprocess_env(), RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    launcher = subprocess.Popen([sys.executable, "-c", f"""if True:
+        import subprocess, sys, time
+        worker = subprocess.Popen([sys.executable, "-c", "import parallel; parallel.dist_setup()"],
+                                  stderr=open({str(err)!r}, "w"), start_new_session=True)
+        print(worker.pid, flush=True)
+        time.sleep(600)"""], env=env, stdout=subprocess.PIPE, text=True)
+    worker = int(launcher.stdout.readline())
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 60:  # rank 0 listens on the port once it waits for rank 1
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the worker never listened")
+        launcher.kill()
+        launcher.wait()
+        t0 = time.time()
+        while running(worker) and time.time() - t0 < 30:
+            time.sleep(0.1)
+        assert not running(worker), "the orphan still waits"
+        assert "the torchrun that started this worker is gone (killed?): stopping" in err.read_text()
+    finally:
+        if running(worker):
+            os.kill(worker, 9)
+        launcher.kill()
+
+
+def running(pid):
+    """Whether process pid runs (a zombie that init has not reaped yet has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_micro_batches_respect_the_token_budget():
     lengths = [5, 9, 3, 12, 7, 1, 30]
     mbs = parallel.micro_batches(lengths, budget=12)

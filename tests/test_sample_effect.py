@@ -287,8 +287,10 @@ def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path,
     with pytest.raises(UserError, match="token_reduction: was 'mean', now 'sum'.*pass --resume false"):
         se.main(args + ["--token_reduction", "sum"])
     monkeypatch.setattr(se, "sample_effects", stopping_after(10**9))
+    (tmp_path / ".tmp_effects.jsonl.k1ll3d_x").write_text("a kill inside the last write")  # removed, holding the lock
     se.main(args)
     assert calls == [30, 30, 23]  # the torn sample is done again
+    assert not (tmp_path / ".tmp_effects.jsonl.k1ll3d_x").exists()
     out = capsys.readouterr().out
     assert "dropped a torn last line" in out and "7 of 30 samples done before" in out
     assert "∇J of the stopped run" in out and "rollouts:" not in out
