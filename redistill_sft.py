@@ -483,8 +483,8 @@ def main(argv=None):
     bar.close()
 
     if stop <= start_step < total_steps:
-        print0(f"already at step {start_step}/{total_steps}, past --stop_at_step {args.stop_at_step}: nothing done; "
-               f"continue with --resume true and a later --stop_at_step")
+        print0(f"already at step {start_step}/{total_steps}, at or past --stop_at_step {args.stop_at_step}: nothing "
+               f"done; continue with --resume true and a later --stop_at_step")
     elif stop < total_steps:
         print0(f"stopped at step {stop}/{total_steps} (--stop_at_step); continue with --resume true")
     else:

@@ -612,8 +612,7 @@ def main(argv=None):
                                    saved_by.get("keep_steps", args.keep_steps))
         print0(f"resuming from {init_path} (step {start_step})")
         if start_step >= max_steps:
-            print0(f"{args.out_dir}: already at step {start_step} >= --max_steps {max_steps}; nothing to do "
-                   f"(its checkpoints are in {args.out_dir})")
+            print0(f"{args.out_dir}: already at step {start_step} >= --max_steps {max_steps}; nothing to do")
             parallel.dist_cleanup()
             return 0
     for keep in args.keep_steps:  # a step this run (or a longer one) saves after its start, or one saved already

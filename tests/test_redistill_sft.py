@@ -433,7 +433,7 @@ def test_held_out_loss_at_start_and_epoch_ends_through_a_resume_then_one_checkpo
     logged = metrics(out)
     assert sft.main(run_args(tiny_checkpoint, data, out, "--val_data", val, "--stop_at_step", "3",
                              "--resume", "true")) == 0
-    assert "already at step 7/10, past --stop_at_step 3: nothing done" in capsys.readouterr().out
+    assert "already at step 7/10, at or past --stop_at_step 3: nothing done" in capsys.readouterr().out
     assert ckpt.checkpoint_steps(out) == [5, 7] and metrics(out) == logged
     assert sft.main(run_args(tiny_checkpoint, data, out, "--val_data", val, "--stop_at_step", "12",
                              "--resume", "true")) == 0

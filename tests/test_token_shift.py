@@ -191,7 +191,11 @@ def test_a_second_run_into_the_same_out_dir_is_refused(pair, tmp_path):
         with pytest.raises(common.UserError, match="another run is using this output"):
             token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"],
                               "--out_dir", str(tmp_path), "--plots", "false", "--progress", "false"])
+        (tmp_path / ".tmp_cross_forward.json.k1ll3d_x").write_text("a kill inside a write")
+        (tmp_path / ".tmp_summary.json.k1ll3d_x").write_text("the divergence's, while its run lives")
         token_shift.main(cross_args(pair, tmp_path, "forward", "inf"))  # another kind: not blocked
+        assert not (tmp_path / ".tmp_cross_forward.json.k1ll3d_x").exists()  # its own kind's leftovers go
+        assert (tmp_path / ".tmp_summary.json.k1ll3d_x").exists()
     finally:
         holder.kill()
         holder.wait()
