@@ -135,22 +135,20 @@ def main(argv=None):
     common.check_non_negative(args, "repeats", "min_len", "max_len")
     if any(n < 1 for n in args.prompts or []):
         raise common.UserError(f"--prompts: each number of prompts must be at least 1, got {args.prompts}")
-    if args.min_len and args.max_len and args.min_len > args.max_len:
-        raise common.UserError(f"--min_len {args.min_len} > --max_len {args.max_len}")
+    min_len, max_len = args.min_len or 64, args.max_len or (1024 if args.gpu else 512)
+    if min_len > max_len:
+        raise common.UserError(f"--min_len {min_len} > --max_len {max_len} (defaults: 64, and 512 on CPU, 1024 on GPU)")
     device = torch.device("cuda" if args.gpu else "cpu")
     if args.gpu:
         assert torch.cuda.is_available(), "--gpu needs CUDA"
         hf_cfg = tiny_config(151936, **QWEN25_15B)
         dtype = torch.bfloat16
         prompt_counts = args.prompts or [16, 128]
-        max_len = args.max_len or 1024
     else:
         hf_cfg = tiny_config(8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1536,
                              max_position_embeddings=4096, tie_word_embeddings=True)
         dtype = torch.float32
         prompt_counts = args.prompts or [8]
-        max_len = args.max_len or 512
-    min_len = args.min_len or 64
     repeats = args.repeats or (1 if args.gpu else 3)
     torch.manual_seed(args.seed)
     model = build_model(hf_cfg, seed=args.seed).to(device=device, dtype=dtype).eval()

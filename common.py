@@ -560,7 +560,8 @@ def remove_stale_temps(paths):
     freed = 0
     for path in paths:
         folder, name = os.path.split(os.path.abspath(path))
-        stale = re.compile(re.escape(f".tmp_{name}.") + r"[a-z0-9_]{8}")  # (mkstemp's 8 characters)
+        # (mkstemp's 8 characters; before 2026-12-06 they followed the name with no dot: a kill under that version)
+        stale = re.compile(re.escape(f".tmp_{name}") + r"\.?[a-z0-9_]{8}")
         for entry in os.scandir(folder) if os.path.isdir(folder) else []:
             if stale.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 freed += entry.stat().st_size

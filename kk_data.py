@@ -441,11 +441,17 @@ FORM_COMMANDS = frozenset(("\\", "text", "textbf", "textit", "textrm", "textsf",
 TYPED_ESCAPES = "ntr"
 # an arrow maps the names before it to the role after it ("Emma -> knight"); between two claims it is "if", content
 ARROW_COMMANDS = frozenset(("to", "rightarrow", "longrightarrow", "implies", "mapsto", "longmapsto"))
-ARROW = re.compile(r"(?<!-)-+>|(?<!=)=+>|[→⇒⟶⟹↦⟼⇢⇨➔➜➡⟾↠]")  # (a run tried from its start only: linear on "-----")
+MAPPING_ARROWS = "→⇒⟶⟹↦⟼⇢⇨➔➜➡⟾↠"
+ARROW = re.compile(rf"(?<!-)-+>|(?<!=)=+>|[{MAPPING_ARROWS}]")  # (a run tried from its start only: linear on "-----")
 ARROW_WORD = "\x00"  # what an arrow becomes: a word of its own, which no name or role can be
-# symbols that turn a claim around, or join claims by "or" or "if and only if" (checked on the NFKC form, which
-# folds full-width and other look-alikes): punctuation is form, these are content
-LOGIC_SYMBOL = re.compile(r"!=|=/=|<-+|<=+|[≠≢¬∼∨⋁⊕⊻↔⇔⟷⟺≡←⟵⇐⟸⇠⇦⬅↢↚⊃⊂⊢⊨]")  # a left arrow: "if"
+# symbols that turn a claim around, or join claims by "or", "if" or "if and only if" (checked on the NFKC form,
+# which folds full-width and other look-alikes): punctuation is form, these are content. A left arrow reads "if";
+# every arrow or harpoon of Unicode's arrow blocks but the mapping ones above is content, found by name, not listed
+LOGIC_SYMBOL = re.compile(r"!=|=/=|<-+|<=+|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤]")
+OTHER_ARROWS = frozenset(
+    c for lo, hi in ((0x2190, 0x21FF), (0x2794, 0x27BF), (0x27F0, 0x27FF), (0x2900, 0x297F), (0x2B00, 0x2BFF),
+                     (0x1F800, 0x1F8FF)) for c in map(chr, range(lo, hi + 1))
+    if re.search(r"ARROW|HARPOON", unicodedata.name(c, ""))) - frozenset(MAPPING_ARROWS)
 WORD = re.compile(r"\x00|[^\W\d_]+")  # runs of letters (digits, punctuation and braces are form), or an arrow
 FILLER = frozenset(("is", "are", "a", "an", "and", "both", "all"))
 
@@ -475,7 +481,8 @@ def parse_answer(content, names, kk):
         return unicodedata.normalize("NFC", text).lower()
 
     content = unicodedata.normalize("NFC", content)
-    if LOGIC_SYMBOL.search(unicodedata.normalize("NFKC", content)):
+    folded = unicodedata.normalize("NFKC", content)
+    if LOGIC_SYMBOL.search(folded) or not OTHER_ARROWS.isdisjoint(folded):
         return None
     unreadable = []
 
@@ -695,7 +702,7 @@ def parse_people(text, setting):
     try:
         if '-' in text:
             lo, hi = (int(x) for x in text.split('-'))
-            people = list(range(lo, hi + 1))
+            people = list(range(lo, min(hi, MAX_PEOPLE + 1) + 1))  # (past MAX_PEOPLE: refused below, unexpanded)
         else:
             people = [int(x) for x in text.split(',')]
     except ValueError:

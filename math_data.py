@@ -329,12 +329,12 @@ LIST_QUESTION = re.compile(r"separated by commas|enter all", re.I)
 
 
 def as_graded(answer, record):
-    """An answer (the boxed one or the gold) as both grading paths read it: "\\text {" closed up, and in a question
-    that asks for a list, a space after each comma before a digit, so that no thousands rule (ours, math-verify's)
-    reads the list as one number. Where the paper's math-verify alone takes "70110" for "70,110", this takes the
-    list."""
+    """An answer (the boxed one or the gold) as both grading paths read it: "\\text {" closed up, and where the
+    question asks for a list and the gold is one, a space after each comma before a digit, so that no thousands rule
+    (ours, math-verify's) reads the list as one number. Where the paper's math-verify alone takes "70110" for
+    "70,110", this takes the list; a gold of one number (10879) keeps "10,879" as that number."""
     answer = TEXT_SPACE.sub(r"\\\1{", answer)
-    if LIST_QUESTION.search(str(record.get("question", ""))):
+    if LIST_QUESTION.search(str(record.get("question", ""))) and re.search(r",\s*\d", str(record.get("answer", ""))):
         answer = re.sub(r",(?=\d)", ", ", answer)
     return answer
 

@@ -32,13 +32,14 @@ def stop_with_the_launcher():
     stop its workers (each runs in a session of its own): one still starting up waits for the dead launcher's store
     up to COLLECTIVE_TIMEOUT, and, when a re-run's torchrun opens the same port (29500 unless told), joins that run in
     the place of its own workers, which fail ("Connection reset by peer"), while the orphans run the killed command.
-    A worker whose parent is gone has been handed to init (pid 1), unless init is torchrun itself (a container's
-    first process); after the process group stands, an orphan finishes its run as before, holding the run's lock.
-    Returns the event to set once the group stands (the watch then ends)."""
-    parent = os.getppid()
-    if parent == 1 and not is_torchrun(1):
+    Only torchrun's workers are watched (TORCHELASTIC_RUN_ID: a launcher that sets RANK itself, such as a cluster
+    operator, srun or mpirun, sets none); after the group stands, an orphan finishes its run as before, holding the
+    run's lock. Returns the event to set once the group stands (the watch then ends), or None."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    if not under_torchrun():  # gone before this worker got here: handed to init or a subreaper
         raise UserError("the torchrun that started this worker is gone (killed?): not joining its rendezvous")
-    standing = threading.Event()
+    parent, standing = os.getppid(), threading.Event()
 
     def watch():
         while not standing.wait(0.2):
@@ -50,15 +51,26 @@ def stop_with_the_launcher():
     return standing
 
 
-def is_torchrun(pid):
-    """Whether process pid runs torchrun (`torchrun` or `python -m torch.distributed.run`); True where that cannot be
-    read (no /proc)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            words = f.read().split(b"\0")
-    except OSError:
-        return True
-    return any(w.endswith(b"torchrun") or w == b"torch.distributed.run" for w in words)
+# what an elastic launcher's process runs: torchrun, python -m torch.distributed.run (or .launch), accelerate launch
+LAUNCHER_WORDS = (b"torchrun", b"torch.distributed.run", b"torch.distributed.launch", b"accelerate")
+
+
+def under_torchrun():
+    """Whether a process above this one (its parent, or one further up: a --no-python wrapper) runs an elastic
+    launcher (LAUNCHER_WORDS); True where /proc cannot say."""
+    pid = os.getppid()
+    while pid > 0:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                words = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return True
+        if any(os.path.basename(w) in LAUNCHER_WORDS for w in words):
+            return True
+        pid = parent  # (init's parent is 0)
+    return False
 
 
 def dist_setup():
@@ -91,7 +103,8 @@ def dist_setup():
             try:
                 dist.init_process_group(backend, **kwargs)
             finally:
-                standing.set()
+                if standing is not None:
+                    standing.set()
         else:  # one rank, no ports: an in-process store
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     return rank_, world, device

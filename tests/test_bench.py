@@ -145,6 +145,7 @@ def test_the_rl_benchmark_needs_a_step_beyond_its_warm_up(steps):
     (["--samples_per_prompt", "0"], "--samples_per_prompt must be"),
     (["--fixed_len", "0"], "--fixed_len must be"),
     (["--min_len", "16", "--max_len", "8"], "--min_len 16 > --max_len 8"),
+    (["--max_len", "32"], "--min_len 64 > --max_len 32 (defaults: 64"),
     (["--repeats", "-1"], "--repeats must be"),
     (["--threads", "-1"], "--threads must be"),
 ])

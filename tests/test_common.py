@@ -471,14 +471,15 @@ def test_stale_temps_of_the_named_outputs_alone_are_removed(tmp_path):
     another output's temporary file, even one whose name begins the same, and the outputs themselves stay."""
     out = tmp_path / "effects.jsonl"
     out.write_text("done\n")
-    stale = [tmp_path / ".tmp_effects.jsonl.ab_12x9z", tmp_path / "sub" / ".tmp_summary.json.qwertyui"]
+    stale = [tmp_path / ".tmp_effects.jsonl.ab_12x9z", tmp_path / "sub" / ".tmp_summary.json.qwertyui",
+             tmp_path / ".tmp_effects.jsonlk1ll3d_x"]  # (the last: an earlier version's name, with no dot)
     kept = [tmp_path / ".tmp_effects.jsonl2.ab_12x9z", tmp_path / ".tmp_effects.jsonl.x.abcdefgh",
             tmp_path / ".tmp_other.jsonl.abcdefgh", tmp_path / "sub" / ".tmp_samples.jsonl.abcdefgh"]
     for path in stale + kept:
         path.parent.mkdir(exist_ok=True)
         path.write_text("x" * 10)
     freed = common.remove_stale_temps([out, tmp_path / "sub" / "summary.json", tmp_path / "absent" / "a.json"])
-    assert freed == 20 and not any(p.exists() for p in stale) and all(p.exists() for p in kept + [out])
+    assert freed == 30 and not any(p.exists() for p in stale) and all(p.exists() for p in kept + [out])
     with common.atomic_open(tmp_path / "sub" / "summary.json") as f:  # the names atomic_open gives are matched
         (name,) = [p.name for p in (tmp_path / "sub").iterdir() if p.name.startswith(".tmp_summary.json")]
         f.write("{}")

@@ -164,6 +164,8 @@ def test_a_list_question_reads_commas_between_numbers_as_a_list():
         assert score(f"So $\\boxed{{{pred}}}$.", listed, True) == 1.0, pred
     for pred in ("70110", "70,110,0", "70"):
         assert score(f"So $\\boxed{{{pred}}}$.", listed, True) == 0.0, pred
+    one = {"question": "Enter all the possible values of $b,$ separated by commas.", "answer": "10879"}
+    assert score("So $\\boxed{10,879}$.", one, True) == 1.0  # a list question whose gold is one number
     number = {"question": "How many dollars did she earn?", "answer": "58,500"}
     assert score("So $\\boxed{58500}$.", number, True) == 1.0
     assert score("So $\\boxed{58, 500}$.", number, True) == 0.0

@@ -242,15 +242,23 @@ def test_process_group_setup_on_a_gpu_box(monkeypatch):
 def test_a_worker_whose_torchrun_is_gone_stops_before_joining_a_rendezvous(monkeypatch):
     """A SIGKILLed torchrun leaves its workers running (sessions of their own): one that had not yet joined the
     process group waited for it up to COLLECTIVE_TIMEOUT and joined a re-run's torchrun on the same port in the place
-    of that run's own workers. One already handed to init refuses; torchrun as init itself (a container) is its
-    launcher."""
+    of that run's own workers. A torchrun worker (TORCHELASTIC_RUN_ID) with no torchrun above it refuses; a worker of
+    a launcher that sets RANK itself (a cluster operator, srun: its parent may be init or a shell) is not judged."""
+    import torch.distributed as dist
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # (an earlier test's main may have left a group)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(backend))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(os, "getppid", lambda: 1)
-    monkeypatch.setattr(parallel, "is_torchrun", lambda pid: False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+    monkeypatch.setattr(parallel, "under_torchrun", lambda: False)
     with pytest.raises(common.UserError, match="the torchrun that started this worker is gone"):
         parallel.dist_setup()
-    assert parallel.is_torchrun(os.getpid()) is False
+    assert calls == []
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert parallel.dist_setup()[:2] == (0, 2) and calls == ["gloo"]
+    monkeypatch.undo()
+    assert parallel.under_torchrun() is False  # (pytest runs under no launcher)
 
 
 def test_a_worker_waiting_for_its_group_stops_when_its_launcher_dies(tmp_path):
@@ -260,15 +268,16 @@ def test_a_worker_waiting_for_its_group_stops_when_its_launcher_dies(tmp_path):
         pytest.skip("needs /proc to follow the orphan")
     import socket
     import time
-    port, err = free_port(), tmp_path / "worker.err"
+    port, err, torchrun = free_port(), tmp_path / "worker.err", tmp_path / "torchrun"  # (a launcher named so)
     env = dict(subprocess_env(), RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port))
-    launcher = subprocess.Popen([sys.executable, "-c", f"""if True:
+               MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="run")
+    torchrun.write_text(f"""if True:
         import subprocess, sys, time
         worker = subprocess.Popen([sys.executable, "-c", "import parallel; parallel.dist_setup()"],
                                   stderr=open({str(err)!r}, "w"), start_new_session=True)
         print(worker.pid, flush=True)
-        time.sleep(600)"""], env=env, stdout=subprocess.PIPE, text=True)
+        time.sleep(600)""")
+    launcher = subprocess.Popen([sys.executable, str(torchrun)], env=env, stdout=subprocess.PIPE, text=True)
     worker = int(launcher.stdout.readline())
     try:
         t0 = time.time()
