@@ -553,10 +553,11 @@ def atomic_open(path, mode="w"):
         raise
 
 
-def remove_stale_temps(paths):
+def remove_stale_temps(paths, where):
     """Delete the temporary files a SIGKILL (which runs no cleanup) left of atomic_open's writes of `paths`: each
-    .tmp_NAME.XXXXXXXX beside its path, a whole output's size, never reused (each write takes a fresh name). Call it
-    holding the lock of the run that writes `paths`: no live write's file is then removed. Returns the bytes freed."""
+    .tmp_NAME.XXXXXXXX beside its path, a whole output's size, never reused (each write takes a fresh name); a note
+    says how much went from `where` (the outputs' directory). Call it holding the lock of the run that writes `paths`
+    (no live write's file is then removed), on one rank. Returns the bytes freed."""
     freed = 0
     for path in paths:
         folder, name = os.path.split(os.path.abspath(path))
@@ -566,6 +567,8 @@ def remove_stale_temps(paths):
             if stale.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 freed += entry.stat().st_size
                 os.remove(entry.path)
+    if freed:
+        print(f"note: removed what a killed run's writes left in {where} ({freed / 2**20:.1f} MiB)", flush=True)
     return freed
 
 

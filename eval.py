@@ -222,9 +222,7 @@ def main(argv=None):
     outputs = [os.path.join(args.out_dir, "results.md")] + [
         os.path.join(args.out_dir, name, split_name, file) for name in names for split_name in split_names
         for file in ("samples.jsonl", "summary.json")]
-    freed = parallel.on_rank0(lambda: common.remove_stale_temps(outputs))  # (what a SIGKILL left of a write)
-    if freed:
-        print0(f"note: removed what a killed run's writes left in {args.out_dir} ({freed / 2**20:.1f} MiB)")
+    parallel.on_rank0(lambda: common.remove_stale_temps(outputs, args.out_dir))  # (what a SIGKILL left of a write)
 
     def pairs_done():
         done = {}

@@ -525,10 +525,8 @@ def main(argv=None):
     # held until the run ends: a second run on this --out (another terminal, a re-run while a killed torchrun's
     # workers still write) would remove or interleave this one's partial files
     parallel.lock_on_rank0(os.path.dirname(args.out), os.path.basename(out_stem(args.out)) + ".lock")
-    freed = parallel.on_rank0(lambda: common.remove_stale_temps(  # (what a SIGKILL left of a write: never reused)
-        [args.out, out_stem(args.out) + ".summary.json"] + [p for p in (args.select_out, args.select_bottom) if p]))
-    if freed:
-        print0(f"note: removed what a killed run's writes of {args.out} left ({freed / 2**20:.1f} MiB)")
+    outputs = [args.out, out_stem(args.out) + ".summary.json"] + [p for p in (args.select_out, args.select_bottom) if p]
+    parallel.on_rank0(lambda: common.remove_stale_temps(outputs, os.path.dirname(os.path.abspath(args.out))))
     identity = {**{k: v for k, v in vars(args).items() if k not in RESUME_FREE},
                 "checkpoint": os.path.abspath(args.checkpoint), "eval_data": os.path.abspath(args.eval_data),
                 "sft_data": [os.path.abspath(f) for f in args.sft_data],

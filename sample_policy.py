@@ -159,10 +159,11 @@ def sample_checkpoint(args, task, rank, world, device):
     prompt_ids = tasks.task_prompt_ids(tokenizer, task, records, args.template)
     tasks.check_prompts_fit(prompt_ids, records, args.max_new_tokens, model.config.max_position_embeddings,
                             " + ".join(args.split))
-    if args.max_length and min(map(len, prompt_ids)) + 1 > args.max_length:  # (+ EOS: even an empty answer)
+    shortest = min(map(len, prompt_ids))
+    if args.max_length and shortest + 1 > args.max_length:  # (+ EOS: even an empty answer)
         raise UserError(f"--max_length {args.max_length}: every prompt of {' + '.join(args.split)} is at least "
-                        f"{min(map(len, prompt_ids))} tokens, so no SFT example (prompt + response + EOS) could be "
-                        f"kept; raise --max_length or give 0 (no limit)")
+                        f"{shortest} tokens, so no SFT example (prompt + response + EOS) could be kept; raise "
+                        f"--max_length or give 0 (no limit)")
     order = parallel.rank_share(list(range(len(records))), rank, world)
     print0(f"sampling {args.from_checkpoint}: {subset} prompts x {args.samples_per_prompt} on {world} rank(s), "
            f"T={args.temperature}, top_p={args.top_p}, max_new_tokens={args.max_new_tokens}")

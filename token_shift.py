@@ -327,11 +327,9 @@ def lock_out_dir(args):
     the inputs are read: bad input leaves no directory behind. Holding it, the temporary files a SIGKILL left of this
     kind's outputs' writes go."""
     parallel.lock_on_rank0(args.out_dir, f".lock_{args.cross or 'divergence'}")
-    kind = [f"cross_{args.cross}_samples.jsonl", f"cross_{args.cross}.json"] if args.cross else None
-    names = kind or ["tokens.jsonl", "summary.json"]
-    freed = parallel.on_rank0(lambda: common.remove_stale_temps([os.path.join(args.out_dir, n) for n in names]))
-    if freed:
-        common.print0(f"note: removed what a killed run's writes left in {args.out_dir} ({freed / 2**20:.1f} MiB)")
+    names = ([f"cross_{args.cross}_samples.jsonl", f"cross_{args.cross}.json"] if args.cross
+             else ["tokens.jsonl", "summary.json"])
+    parallel.on_rank0(lambda: common.remove_stale_temps([os.path.join(args.out_dir, n) for n in names], args.out_dir))
 
 
 def measure(args, tokenizer, device, dtype):

@@ -466,7 +466,7 @@ def test_a_write_the_storage_refuses_ends_in_one_line_naming_the_file(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == (["metrics.jsonl", "old.pt"] if what == "append" else ["old.pt"])
 
 
-def test_stale_temps_of_the_named_outputs_alone_are_removed(tmp_path):
+def test_stale_temps_of_the_named_outputs_alone_are_removed(tmp_path, capsys):
     """What a SIGKILL left of atomic_open's writes of these outputs goes (a whole output's size each, never reused);
     another output's temporary file, even one whose name begins the same, and the outputs themselves stay."""
     out = tmp_path / "effects.jsonl"
@@ -478,13 +478,15 @@ def test_stale_temps_of_the_named_outputs_alone_are_removed(tmp_path):
     for path in stale + kept:
         path.parent.mkdir(exist_ok=True)
         path.write_text("x" * 10)
-    freed = common.remove_stale_temps([out, tmp_path / "sub" / "summary.json", tmp_path / "absent" / "a.json"])
+    freed = common.remove_stale_temps([out, tmp_path / "sub" / "summary.json", tmp_path / "absent" / "a.json"],
+                                      "here")
     assert freed == 30 and not any(p.exists() for p in stale) and all(p.exists() for p in kept + [out])
+    assert capsys.readouterr().out == "note: removed what a killed run's writes left in here (0.0 MiB)\n"
     with common.atomic_open(tmp_path / "sub" / "summary.json") as f:  # the names atomic_open gives are matched
         (name,) = [p.name for p in (tmp_path / "sub").iterdir() if p.name.startswith(".tmp_summary.json")]
         f.write("{}")
     (tmp_path / "sub" / name).write_text("left by a kill")
-    assert common.remove_stale_temps([tmp_path / "sub" / "summary.json"]) == 14
+    assert common.remove_stale_temps([tmp_path / "sub" / "summary.json"], "here") == 14
     assert not (tmp_path / "sub" / name).exists() and (tmp_path / "sub" / "summary.json").read_text() == "{}"
 
 
