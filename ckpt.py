@@ -3,6 +3,7 @@ Training runs that survive a kill: the optimizer and gradient clipping, run chec
 with the same settings) and the per-step metrics log. SFT and RL share all of it.
 """
 import glob
+import math
 import os
 import re
 import shutil
@@ -371,6 +372,9 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
 
     def log(record):
         if rank() == 0:
+            # JSON has no NaN or inf (json.dumps writes them bare, and strict readers refuse the file): a non-finite
+            # value (a step whose forward blew up) is null, as a skipped step's loss is
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             append_jsonl(path, record)
             if wandb:
                 wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])

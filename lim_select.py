@@ -188,6 +188,7 @@ def main(argv=None):
         if len(epochs) < args.epochs:
             raise UserError(f"{args.rollouts}: the log has {len(epochs)} epochs, fewer than --epochs {args.epochs}")
         epochs = epochs[:args.epochs]
+    outcomes = [o for o in outcomes if o[0] in epochs]  # (an epoch left out is not counted below either)
     if len(epochs) < 2:
         print0(f"warning: {len(epochs)} epoch in the log: the score compares one number per prompt, not a curve")
 

@@ -459,7 +459,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         tokens = sum(lengths[i] for i in batch)
-        # a skipped step logs null, as train_rl does: JSON has no NaN, and strict readers (jq, pandas) refuse it
+        # a skipped step logs null for its loss and grad norm, as train_rl does (and metrics_log any non-finite value)
         rec = {"step": step + 1, "epoch": epoch, "loss": float(loss_sum) if finite else None, "lr": lr,
                "grad_norm": float(grad_norm) if finite else None,
                "bad_steps": bad_steps_total, "tokens": tokens, "tokens_per_s": tokens / dt, "time_s": dt}

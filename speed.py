@@ -288,7 +288,7 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_gb(device):
+def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
@@ -455,7 +455,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         # the first run of a workload captures its CUDA graphs (each (rows, columns) shape once); the second replays
         t_ours_first = timed(lambda: run(fused=False), device)
         t_ours = timed(lambda: run(fused=False), device)
-        mem_ours = peak_gb(device)
+        mem_ours = peak_gib(device)
         run(fused=True)
         t_fused = timed(lambda: run(fused=True), device)
 
@@ -474,7 +474,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
         w = {"prompts": n_prompts, "rows": len(lengths), "new_tokens": sum(lengths), "ours_s": t_ours,
              "ours_first_run_s": t_ours_first, "ours_tok_s": sum(lengths) / t_ours,
              "ours_fused_s": t_fused, "ours_fused_tok_s": sum(lengths) / t_fused, "ours_eager_s": t_eager,
-             "peak_mem_gb_ours": mem_ours}
+             "peak_mem_gib_ours": mem_ours}
         for name, t in more.items():
             if isinstance(t, float):
                 w.update({f"ours_{name}_s": t, f"ours_{name}_tok_s": sum(lengths) / t})
@@ -484,7 +484,7 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
             reset_peak(device)
             t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
             w.update(hf_s=t_hf, hf_tok_s=sum(lengths) / t_hf, speedup_vs_hf=t_hf / t_ours,
-                     peak_mem_gb_hf=peak_gb(device))
+                     peak_mem_gib_hf=peak_gib(device))
         for kind in ("datasheet", "measured"):
             bandwidth = ceilings.get("datasheet_bytes_per_s" if kind == "datasheet" else "copy_bytes_per_s")
             if bandwidth:
@@ -721,7 +721,7 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
         reset_peak(device)
         with checkpoints_skipped():
             redistill_sft.main(argv)
-        mem = peak_gb(device)
+        mem = peak_gib(device)
         with open(os.path.join(out, "settings.json")) as f:  # what --checkpoint_every auto chose
             chosen = json.load(f)
         recompute = gpu_memory.recompute_words(chosen["checkpoint_every"] if chosen["gradient_checkpointing"] else 0)
@@ -732,7 +732,7 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
         seconds, tokens = sum(m["time_s"] for m in ms), sum(m["tokens"] for m in ms)
         return {"recompute": recompute, "sequences_per_step": batch, "tokens_per_step": tokens / len(ms),
                 "step_s": seconds / len(ms),
-                "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gb": mem,
+                "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, device), "peak_mem_gib": mem,
                 "optimizer": "bitsandbytes 8-bit AdamW on local shards" if eight_bit else "torch AdamW, sharded",
                 "first_step_s": first["time_s"], "measured_steps": [m["step"] for m in ms],
                 **compiled_since(compiled_before)}
@@ -784,7 +784,7 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
     memory = {}
     with checkpoints_skipped(), update_memory_recorded(memory, call=steps):
         train_rl.main(argv)
-    mem = peak_gb(device)
+    mem = peak_gib(device)
     first, m = common.read_jsonl(os.path.join(out, "metrics.jsonl"))[-steps:]
     rollouts = common.read_jsonl(tasks.rollout_log_path(out, steps))
     prompt_len = {r["id"]: len(ids) for r, ids in zip(records, tasks.encode_prompts(
@@ -818,7 +818,7 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
             "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
             "gen_tok_s": m["gen_tok_s"], "train_tokens": sum(seq_lens), "train_s_net": train_s,
             "train_tok_s": sum(seq_lens) / train_s, "train_mfu": mfu(flops, train_s, device),
-            "logprob_gap": m["logprob_gap"], "peak_mem_gb": mem,
+            "logprob_gap": m["logprob_gap"], "peak_mem_gib": mem,
             # this step is one GPU's share of a step of 8 (the paper's 128 prompts x 8 on 8 GPUs): 100 such steps
             "gpu_hours_per_100_steps_at_8_gpus": m["step_s"] * 100 * 8 / 3600,
             **memory}

@@ -333,6 +333,15 @@ def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsy
     assert common.read_jsonl(str(path)) == [{"step": 1}, {"step": 2}, {"step": 3}]
 
 
+def test_a_run_logs_a_non_finite_value_as_null(tmp_path):
+    """A step whose forward blew up: json.dumps wrote its NaN entropy as a bare NaN, which strict JSON readers
+    refuse; the run log holds null, as for a skipped step's loss."""
+    log = ckpt.metrics_log(str(tmp_path), start_step=0)
+    log({"step": 1, "entropy": float("nan"), "kl": float("inf"), "acc": 0.5, "loss": None})
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert text == '{"step": 1, "entropy": null, "kl": null, "acc": 0.5, "loss": null}\n'
+
+
 def test_help_adds_a_default_only_where_the_help_does_not_say_it():
     import eval
     text = " ".join(eval.get_parser().format_help().split())
