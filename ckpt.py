@@ -15,8 +15,8 @@ from torch.distributed.tensor import DTensor
 from common import (UserError, append_jsonl, atomic_open, error_chain, out_of_memory, print0, rank, read_jsonl,
                     same_files, world_size, write_json, write_jsonl)
 from model import save_model, weight_files
-from parallel import (all_gather_json, all_reduce, barrier, full_copy, is_sharded, local_tensor, lock_on_rank0,
-                      on_rank0, reshard)
+from parallel import (all_gather_json, all_reduce, barrier, check_lock_on_rank0, full_copy, is_sharded, local_tensor,
+                      lock_on_rank0, on_rank0, reshard)
 
 # -----------------------------------------------------------------------------
 # optimizer
@@ -137,6 +137,7 @@ def checkpoint_steps(run_dir):
 def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dict, dtype, keep_last, keep_weights=()):
     """Write the checkpoint of `step`, its weights in `dtype` (every rank calls this), then prune older ones
     (prune_checkpoints). train_state: tensors, numbers, strings, lists, dicts."""
+    check_lock_on_rank0(run_dir)  # (its directory removed or moved away meanwhile: stop, write nothing)
     full = full_copy(model, dtype, device="cpu", on_rank=0)
     if rank() == 0:
         save_model(full, checkpoint_dir(run_dir, step), tokenizer)
@@ -356,6 +357,12 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
     lock_on_rank0(run_dir)  # (makes the directory)
 
     def start():  # on rank 0: a damaged metrics.jsonl stops every rank with its one line
+        # a fresh run locks a fresh directory only here: a run that saved checkpoints in it since this one looked
+        # (resume_checkpoint) and has ended is not this one's to empty and prune
+        if not start_step and (steps := checkpoint_steps(run_dir)):
+            raise UserError(f"{run_dir}: another run saved checkpoints there (newest step {steps[-1]}) while this one "
+                            f"was starting; nothing was changed: choose another --out_dir, or pass --resume true to "
+                            f"continue that run")
         if settings is not None:
             write_json(os.path.join(run_dir, "settings.json"), settings)
         if os.path.exists(path):
@@ -371,6 +378,7 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
                 print0("note: wandb not installed; logging to metrics.jsonl only")
 
     def log(record):
+        check_lock_on_rank0(run_dir)  # (every rank calls log: a run whose directory went away stops here)
         if rank() == 0:
             # JSON has no NaN or inf (json.dumps writes them bare, and strict readers refuse the file): a non-finite
             # value (a step whose forward blew up) is null, as a skipped step's loss is

@@ -474,6 +474,47 @@ def lock_run_dir(path, name=".lock"):
     _LOCKS[key] = f
 
 
+def check_lock_held(path, name=".lock"):
+    """Stop a run whose directory `path` was removed or moved away while it ran (`rm -rf` or `mv` and a re-run, the
+    usual restart): its lock went with the directory, a re-run there holds a new one, and this run's next write
+    (atomic_open makes the folders again) would land among that run's files. Call it before writing into `path`.
+    Nothing when this process holds no lock named so (lock_run_dir was not called, or a test let go of it)."""
+    lock_file = os.path.join(path, name)
+    held = next((f for f in _LOCKS.values() if f.name == lock_file and not f.closed), None)
+    if held is None:
+        return
+    try:
+        now = os.stat(lock_file)
+    except FileNotFoundError:
+        now = None
+    ours = os.fstat(held.fileno())
+    if now is None or (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+        raise UserError(f"{path}: removed or moved away while this run used it ({lock_file} is "
+                        f"{'gone' if now is None else 'another run' + chr(39) + 's'}); stopping before writing there")
+
+
+def run_in_progress(path, name=".lock"):
+    """Who holds run directory `path`'s lock now ("pid N on HOST"), or None: a stage about to read a run's logs asks,
+    as they are incomplete while the run lives. None too where nothing can tell (no lock file, no flock), and for a
+    lock this process holds (a run's main() that has returned, in tests)."""
+    import fcntl
+    lock_file = os.path.join(path, name)
+    if os.path.realpath(lock_file) in _LOCKS:
+        return None
+    try:
+        f = open(lock_file, encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        except OSError:
+            return None
+    return None  # (closing the file lets go of the shared lock)
+
+
 def fsync_dir(path):
     """Make the entries of directory `path` (a rename into it, a new file) durable: POSIX asks for the directory's own
     fsync. A filesystem that cannot sync a directory (some network ones) is let be."""

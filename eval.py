@@ -272,6 +272,7 @@ def main(argv=None):
             seconds = time.time() - t0
             summary = {"checkpoint": name, "split": split_name, "settings": settings,
                        "difficulty_key": task.DIFFICULTY, **metrics}  # (report.py's heading: it imports no task)
+            parallel.check_lock_on_rank0(args.out_dir)  # (removed or moved away meanwhile: stop, write nothing)
             if rank == 0:
                 pair_dir = os.path.join(args.out_dir, name, split_name)
                 if os.path.exists(os.path.join(pair_dir, "summary.json")):  # an old summary must not mark new samples

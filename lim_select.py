@@ -177,6 +177,9 @@ def main(argv=None):
     task = tasks.get_task(args.task)
     pool = tasks.load_records(task, args.task, args.train_data, None, "plain")
     pool_ids = {str(r["id"]): i for i, r in enumerate(pool)}  # (load_records refuses an id repeated, as text too)
+    if live := common.run_in_progress(args.rollouts):
+        raise UserError(f"{args.rollouts}: the probe run is still running ({live}), so its rollout log is not "
+                        f"complete; run lim_select.py once it has ended")
     outcomes = read_outcomes(args.rollouts, pool_ids, args.steps_per_epoch)
     epochs = sorted({e for e, _, _ in outcomes})
     drawn = {e: len({i for epoch, i, _ in outcomes if epoch == e}) for e in epochs[-2:]}

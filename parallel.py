@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from common import UserError, lock_run_dir, print0, rank, str2bool, world_size
+from common import UserError, check_lock_held, lock_run_dir, print0, rank, str2bool, world_size
 from model import CHECKPOINT_KEEP, compile_blocks, dtype_name, empty_model, packed_backend_name
 
 # -----------------------------------------------------------------------------
@@ -188,6 +188,12 @@ def lock_on_rank0(run_dir, name=".lock", if_exists=False):
     if_exists (lock only a directory that exists; none is made) is decided by rank 0 alone, as another rank's own
     look could come after rank 0 made the directory, and that rank alone would then join this collective."""
     on_rank0(lambda: lock_run_dir(run_dir, name) if not if_exists or os.path.isdir(run_dir) else None)
+
+
+def check_lock_on_rank0(run_dir, name=".lock"):
+    """Every rank stops, by rank 0's look, when run_dir is no longer the directory whose lock this run took
+    (common.check_lock_held: removed or moved away, and perhaps a new run there). Every rank calls this."""
+    on_rank0(lambda: check_lock_held(run_dir, name))
 
 
 def on_rank0(work):

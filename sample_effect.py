@@ -524,7 +524,8 @@ def main(argv=None):
     partial = out_stem(args.out) + ".partial"
     # held until the run ends: a second run on this --out (another terminal, a re-run while a killed torchrun's
     # workers still write) would remove or interleave this one's partial files
-    parallel.lock_on_rank0(os.path.dirname(args.out), os.path.basename(out_stem(args.out)) + ".lock")
+    lock = (os.path.dirname(args.out), os.path.basename(out_stem(args.out)) + ".lock")
+    parallel.lock_on_rank0(*lock)
     outputs = [args.out, out_stem(args.out) + ".summary.json"] + [p for p in (args.select_out, args.select_bottom) if p]
     parallel.on_rank0(lambda: common.remove_stale_temps(outputs, os.path.dirname(os.path.abspath(args.out))))
     identity = {**{k: v for k, v in vars(args).items() if k not in RESUME_FREE},
@@ -634,6 +635,7 @@ def main(argv=None):
                           "mean_response_length": statistics.fmean(e["response_length"] for e in mine_rows)}
     summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("progress", "log_every", "resume")},
                "grad_j": grad_j, "files": per_file}
+    parallel.check_lock_on_rank0(*lock)  # (its directory removed or moved away meanwhile: write nothing)
     if rank == 0:
         common.write_jsonl(args.out, effects)
         common.write_json(out_stem(args.out) + ".summary.json", summary)

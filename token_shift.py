@@ -321,12 +321,16 @@ def plot_shift(summary, rows, path, high_js):
     plt.close(fig)
 
 
+def lock_name(args):
+    return f".lock_{args.cross or 'divergence'}"
+
+
 def lock_out_dir(args):
     """A second run of the same kind into --out_dir is refused (each of its files is written whole, but one run's would
     replace the other's without a word); the divergence and the two cross-sampling directions may share it. Taken once
     the inputs are read: bad input leaves no directory behind. Holding it, the temporary files a SIGKILL left of this
     kind's outputs' writes go."""
-    parallel.lock_on_rank0(args.out_dir, f".lock_{args.cross or 'divergence'}")
+    parallel.lock_on_rank0(args.out_dir, lock_name(args))
     names = ([f"cross_{args.cross}_samples.jsonl", f"cross_{args.cross}.json"] if args.cross
              else ["tokens.jsonl", "summary.json"])
     parallel.on_rank0(lambda: common.remove_stale_temps([os.path.join(args.out_dir, n) for n in names], args.out_dir))
@@ -360,6 +364,7 @@ def measure(args, tokenizer, device, dtype):
         bar.update(sum(len(o["js"]) for o in out))
     bar.close()
     gathered = parallel.all_gather_json({"rows": rows, "high": high})
+    parallel.check_lock_on_rank0(args.out_dir, lock_name(args))  # (removed or moved away meanwhile: write nothing)
     if rank != 0:
         return
     rows = sorted((r for g in gathered for r in g["rows"]), key=lambda r: r["index"])
@@ -515,6 +520,7 @@ def cross_sample(args, tokenizer, device, dtype):
     run_at, at = {r["eps"]: k for k, r in enumerate(runs)}, {str(r["id"]): i for i, r in enumerate(records)}
     samples = parallel.gather_lists(
         samples, key=lambda x: (run_at[x["eps"]], x["control"], at[str(x["id"])], x["sample"]))
+    parallel.check_lock_on_rank0(args.out_dir, lock_name(args))  # (removed or moved away meanwhile: write nothing)
     if common.rank() != 0:
         return
     result = {"direction": args.cross, "primary_name": names[0], "intervention_name": names[1],

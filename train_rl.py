@@ -757,6 +757,7 @@ def main(argv=None):
         m = step_metrics(step, epochs[0] if epochs else 0, batch, sums, times, device, ref_model is not None)
         m.update(loss=loss, grad_norm=grad_norm, lr=lr, updates=updates, bad_steps=bad_steps_total)
         if args.log_rollouts:
+            parallel.check_lock_on_rank0(args.out_dir)  # (its directory removed or moved away meanwhile: stop)
             train_set = set(batch.train_idx)
             everything = parallel.gather_lists([
                 [[*places[j // n], s["sample"]],  # in the global batch's order (set B reads the log in order)

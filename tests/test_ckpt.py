@@ -3,6 +3,7 @@ forward hold the fp32 master, and resume restores it exactly. (Kill-and-resume t
 test_train_rl.py, test_redistill_sft.py, test_kill_drill.py.) And a resume's run identity."""
 import os
 import re
+import shutil
 
 import pytest
 
@@ -264,6 +265,45 @@ def test_a_second_run_on_a_locked_run_directory_is_refused(tmp_path):
     common._LOCKS.pop(os.path.realpath(os.path.join(run, ".lock"))).close()  # the run ends: the lock goes with it
     proc = subprocess.run(other, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_run_whose_directory_was_moved_or_removed_stops_before_writing_there(tmp_path):
+    """`mv` or `rm -rf` of a live run's directory and a re-run of the same command (the usual restart): the re-run
+    locked a new .lock, and the old run's next write (atomic_open makes the folders again) landed among its files:
+    two runs' steps interleaved in one metrics.jsonl, and their checkpoints overwrote and pruned each other. The old
+    run stops at its next write, and writes nothing there."""
+    run, old = str(tmp_path / "run"), str(tmp_path / "old")
+    log = ckpt.metrics_log(run, 0)
+    log({"step": 1})
+    os.rename(run, old)  # moved aside, and a re-run there holds its own lock
+    os.makedirs(run)
+    open(os.path.join(run, ".lock"), "w").close()
+    with pytest.raises(common.UserError, match=r"run: removed or moved away while this run used it \(.*\.lock is "
+                                               r"another run's\); stopping before writing there"):
+        log({"step": 2})
+    assert os.listdir(run) == [".lock"] and common.read_jsonl(os.path.join(old, "metrics.jsonl")) == [{"step": 1}]
+    gone = str(tmp_path / "gone")
+    ckpt.metrics_log(gone, 0)
+    shutil.rmtree(gone)  # rm -rf
+    with pytest.raises(common.UserError, match=r"\.lock is gone\)"):  # save_checkpoint asks before it writes
+        ckpt.save_checkpoint(gone, 1, None, None, None, {}, None, 1)
+    assert not os.path.exists(gone)
+
+
+def test_a_fresh_run_does_not_take_over_a_directory_another_run_saved_into_meanwhile(tmp_path):
+    """A fresh run looks for checkpoints before it holds the lock of a directory that does not exist yet; a run that
+    saved there in between and ended had its metrics emptied, its rollouts removed and its settings overwritten, and
+    the fresh run's own checkpoints were then pruned as older than the other's. Refused, with nothing changed."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "step_000006.state.pt").write_bytes(b"x")
+    (run / "metrics.jsonl").write_text('{"step": 6}\n')
+    (run / "settings.json").write_text("{}")
+    with pytest.raises(common.UserError, match=r"another run saved checkpoints there \(newest step 6\) while this "
+                                               r"one was starting; nothing was changed"):
+        ckpt.metrics_log(str(run), 0, settings={"seed": 7})
+    assert (run / "metrics.jsonl").read_text() == '{"step": 6}\n' and (run / "settings.json").read_text() == "{}"
+    ckpt.metrics_log(str(run), 6, settings={"seed": 7})  # (a resume from that step goes on)
 
 
 LOCKED_SCRIPT = '''

@@ -258,3 +258,24 @@ def test_a_bonus_reward_counts_as_solved(hand):
         common.write_jsonl(hand["dir"] / "probe" / "rollouts" / f"step_{step:06d}.jsonl", rows)
     lim_select.main(hand["args"])
     assert common.read_jsonl(hand["out"] / "scores.jsonl") == want
+
+
+def test_a_probe_run_still_running_is_refused(hand):
+    """lim_select on a live probe scored whatever epochs its log held so far and wrote LIM and RAND without a word
+    (or blamed a stop for the epoch under way). While the probe holds its directory's lock: refused, nothing
+    written; once it has ended: scored."""
+    from conftest import ROOT, subprocess_env
+    probe = str(hand["dir"] / "probe")
+    holder = subprocess.Popen([sys.executable, "-c", f"import common, sys; common.lock_run_dir({probe!r}); "
+                               "print('locked', flush=True); sys.stdin.read()"], cwd=ROOT, env=subprocess_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(common.UserError, match=rf"probe: the probe run is still running \(pid {holder.pid} on "
+                                                   r".*\), so its rollout log is not complete"):
+            lim_select.main(hand["args"])
+        assert not hand["out"].exists()
+    finally:
+        holder.communicate("", timeout=60)  # (its stdin closed: it ends, and the lock goes with it)
+    lim_select.main(hand["args"])
+    assert (hand["out"] / "lim.jsonl").exists()
