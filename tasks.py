@@ -425,3 +425,24 @@ def read_rollout_log(path, step, fields):
             raise UserError(f"{path}:{lineno}: field 'step' is {row['step']}, expected {step} (the file's step)")
         rows.append((lineno, row))
     return rows
+
+
+def check_same_tokenizer(dir_a, dir_b, flag_a, flag_b, why, config_vocab=True):
+    """The one tokenizer checkpoints dir_a and dir_b share (same tokens and ids, EOS, and with config_vocab the
+    config's vocab_size, the logits' width); a UserError naming the difference otherwise (flag_a / flag_b: the settings
+    that named them; why: what needs one)."""
+    from model import read_config
+    tokenizers = [load_tokenizer(d) for d in (dir_a, dir_b)]
+    sizes = [read_config(d).vocab_size for d in (dir_a, dir_b)]
+    vocabs = [t.get_vocab() for t in tokenizers]
+    if vocabs[0] != vocabs[1]:
+        differ = len(set(vocabs[0].items()) ^ set(vocabs[1].items())) // 2
+        problem = (f"{len(vocabs[0])} vs {len(vocabs[1])} tokens" if len(vocabs[0]) != len(vocabs[1])
+                   else f"{differ} token(s) with other ids")
+    elif tokenizers[0].eos_token_id != tokenizers[1].eos_token_id:
+        problem = f"EOS id {tokenizers[0].eos_token_id} vs {tokenizers[1].eos_token_id}"
+    elif config_vocab and sizes[0] != sizes[1]:
+        problem = f"vocab_size {sizes[0]} vs {sizes[1]} in config.json"
+    else:
+        return tokenizers[0]
+    raise UserError(f"{flag_a} {dir_a} and {flag_b} {dir_b} have different tokenizers ({problem}); {why}")

@@ -90,27 +90,6 @@ def get_parser():
 # inputs, checked before anything runs or is written
 
 
-def check_same_tokenizer(base_dir, policy_dir):
-    """The one tokenizer both checkpoints share; a UserError naming the difference otherwise."""
-    from model import read_config
-    from tasks import load_tokenizer
-    tokenizers = [load_tokenizer(d) for d in (base_dir, policy_dir)]
-    sizes = [read_config(d).vocab_size for d in (base_dir, policy_dir)]
-    vocabs = [t.get_vocab() for t in tokenizers]
-    if vocabs[0] != vocabs[1]:
-        differ = len(set(vocabs[0].items()) ^ set(vocabs[1].items())) // 2
-        problem = (f"{len(vocabs[0])} vs {len(vocabs[1])} tokens" if len(vocabs[0]) != len(vocabs[1])
-                   else f"{differ} token(s) with other ids")
-    elif tokenizers[0].eos_token_id != tokenizers[1].eos_token_id:
-        problem = f"EOS id {tokenizers[0].eos_token_id} vs {tokenizers[1].eos_token_id}"
-    elif sizes[0] != sizes[1]:
-        problem = f"vocab_size {sizes[0]} vs {sizes[1]} in config.json"
-    else:
-        return tokenizers[0]
-    raise UserError(f"--base {base_dir} and --policy {policy_dir} have different tokenizers ({problem}); "
-                    f"a token-by-token comparison needs one vocabulary")
-
-
 def read_responses(paths, tokenizer, context, limit=0):
     """Responses tokenized as SFT data: [{"id", "file", "line", "ids", "start"}]; every field checked, and a
     response longer than the context or holding a stop token (as SFT refuses it) is an error naming its file and
@@ -566,7 +545,8 @@ def main(argv=None):
     from model import parse_dtype
     rank, world, device = parallel.dist_setup()
     dtype = parse_dtype(args.dtype, device)
-    tokenizer = check_same_tokenizer(args.base, args.policy)
+    tokenizer = tasks.check_same_tokenizer(args.base, args.policy, "--base", "--policy",
+                                           "a token-by-token comparison needs one vocabulary")
     if args.cross:
         cross_sample(args, tokenizer, device, dtype)
     else:

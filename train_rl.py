@@ -38,7 +38,7 @@ from common import UserError, print0
 from grpo import (batch_epoch, dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at, policy_loss,
                   refill_keep, rollout_is_weights, sequence_ratio_logp, step_prompt_indices, token_weights,
                   zero_variance)
-from model import load_model, parse_dtype, response_logprobs
+from model import load_model, parse_dtype, read_config, response_logprobs
 from parallel import idle_pass, shard_model
 from scoring import validate
 from tasks import load_tokenizer
@@ -124,7 +124,9 @@ def get_parser():
                    "(InstructGPT), kl_coef x (sum_t log(pi/pi_ref) - its group's mean) off the advantage, linear in "
                    "kl_coef; k3: per-token low-variance KL in the loss (GRPO, verl's low_var_kl). Why k1 is not "
                    "offered as a loss, and why not verl's normalised shaped reward: docs/grpo.md")
-    p.add_argument("--ref_model", default=None, help="reference policy for the KL (default: --model)")
+    p.add_argument("--ref_model", default=None,
+                   help="reference policy for the KL (default: --model); it must share --model's tokenizer, and its "
+                        "context must hold every prompt plus --max_response_tokens (both checked at start)")
     p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus weight (paper: 0)")
     p.add_argument("--adv_weight", default="none", choices=("none", "dwa"),
                    help="dwa: 'Sparse but Critical' (arXiv 2603.22446) weights A_t by the token's KL(pi_old || pi); "
@@ -563,6 +565,9 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     task = tasks.get_task(args.task)
     tokenizer = load_tokenizer(args.model)
+    if args.kl_coef > 0 and args.ref_model:  # the reference must read the policy's token ids as the same tokens
+        tasks.check_same_tokenizer(args.model, args.ref_model, "--model", "--ref_model", "the KL to the reference "
+                                   "compares their log-probs of the same token ids", config_vocab=False)
     train_records = tasks.load_records(task, args.task, args.train_data, tokenizer, args.template)
     test_records = (tasks.load_records(task, args.task, args.test_data, tokenizer, args.template)
                     if args.test_data else [])  # '' = no validation; an empty file is an error
@@ -624,6 +629,10 @@ def main(argv=None):
     model = load_model(init_path, dtype=torch.float32, device=device)  # sharded below, once its recompute is set
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                             args.train_data, "--max_response_tokens")
+    if args.kl_coef > 0 and args.ref_model:  # (the reference scores the same rollouts)
+        tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens,
+                                read_config(args.ref_model).max_position_embeddings,
+                                f"{args.train_data} with --ref_model {args.ref_model}", "--max_response_tokens")
     # --keep_engine: the engine's buffers (slots, KV-cache columns, new tokens), sized once for the largest rollout
     # call and validation call of the run, so they never regrow (which would drop the CUDA graphs captured on them)
     val_new = args.val_max_response_tokens or args.max_response_tokens

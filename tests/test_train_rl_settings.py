@@ -277,6 +277,32 @@ def other_reference(tiny_checkpoint, path):
     return path
 
 
+def test_a_reference_of_another_tokenizer_or_a_shorter_context_is_refused_before_any_work(rl_run, tiny_checkpoint,
+                                                                                          tmp_path):
+    """--ref_model was loaded unchecked: one with fewer tokens ended step 1 in an embedding's IndexError, one with
+    the tokens at other ids trained on a KL between different tokens without a word, and one with a shorter
+    context scored positions it never learnt. Each is one line before any work."""
+    from model import build_model, save_model, tiny_config
+    from tasks import load_tokenizer
+    from tiny_base import build_tokenizer
+    other = str(tmp_path / "other_tokens")
+    tok = build_tokenizer(["a quite different text to learn from"] * 20, vocab_size=300)
+    save_model(build_model(tiny_config(len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), seed=5),
+               other, tok)
+    with pytest.raises(common.UserError, match=r"--model .* and --ref_model .*other_tokens have different tokenizers "
+                                               r"\(\d+ vs \d+ tokens\); the KL to the reference compares"):
+        rl_run("other", kl_coef=0.1, ref_model=other)
+    short = str(tmp_path / "short_context")
+    tok = load_tokenizer(tiny_checkpoint)
+    save_model(build_model(tiny_config(len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                       max_position_embeddings=16), seed=5), short, tok)
+    with pytest.raises(common.UserError, match=r"train.jsonl with --ref_model .*short_context: record id .*: prompt "
+                                               r"of \d+ tokens \+ --max_response_tokens 12 > the model's 16-token "
+                                               r"context"):
+        rl_run("short", kl_coef=0.1, ref_model=short)
+    assert not (tmp_path / "other").exists() and not (tmp_path / "short").exists()
+
+
 def test_k3_kl_and_the_entropy_bonus_enter_the_loss_with_their_coefficients(rl_run, tiny_checkpoint, tmp_path,
                                                                             monkeypatch):
     """--kl_coef c (k3, in the loss) and --entropy_coef e: with every reward equal (no advantage), one on-policy
