@@ -82,8 +82,19 @@ log_attempt() {  # log_attempt NAME SECONDS finished|stopped: one line of OUT/ti
   if [[ -s "$OUT/times.tsv" && -n "$(tail -c 1 "$OUT/times.tsv")" ]]; then echo >> "$OUT/times.tsv"; fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$DEVICES" "$DEVICE_KIND" "$3" >> "$OUT/times.tsv"
 }
+HOLDS_LOCK=0  # 1 once this script holds OUT/.reproduce.lock (on fd 9; below)
+lock_lost() {  # OUT's lock file is not the one this script holds: OUT was removed or moved away (rm -rf, mv)
+  [[ "$HOLDS_LOCK" == 1 && ! "$OUT/.reproduce.lock" -ef /dev/fd/9 ]]
+}
+stop_if_lock_lost() {  # ... and perhaps a new study runs there: write nothing more into it
+  if lock_lost; then
+    echo "error: $OUT was removed or moved away while this reproduce.sh ran (its .reproduce.lock is not the one" \
+         "this script holds); stopping, so as not to write into what stands at that path now" >&2
+    exit 1
+  fi
+}
 ATTEMPT=""  # the stage running now: when the script exits before it finishes, its time is logged as stopped
-trap 'if [[ -n "$ATTEMPT" ]]; then log_attempt "$ATTEMPT" $((SECONDS - ATTEMPT_T0)) stopped; fi' EXIT
+trap 'if [[ -n "$ATTEMPT" ]] && ! lock_lost; then log_attempt "$ATTEMPT" $((SECONDS - ATTEMPT_T0)) stopped; fi' EXIT
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
@@ -123,9 +134,11 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   echo "== $name"
   echo "+ $cmd"
   [[ "$DRY_RUN" == 1 ]] && return 0
+  stop_if_lock_lost
   ATTEMPT="$name"; ATTEMPT_T0=$SECONDS
   eval "$cmd"
   local seconds=$((SECONDS - ATTEMPT_T0))
+  stop_if_lock_lost
   ATTEMPT=""
   mkdir -p "$OUT/done"
   log_attempt "$name" "$seconds" finished
@@ -226,11 +239,14 @@ fi
 [[ "$DRY_RUN" == 1 ]] || mkdir -p "$OUT"
 # one study per OUT at a time: a second reproduce.sh there would run the same stages over this one's files (the
 # training stages and eval lock their own directories; data, sets and reports do not). The lock is held until this
-# script and every stage it started have ended (they inherit it). Where flock(1) is missing (macOS), no lock.
+# script and every stage it started have ended (they inherit it). Where flock(1) is missing (macOS), no lock. OUT
+# removed or moved away meanwhile (rm -rf, mv, and a re-run there): step() stops before and after each stage.
 if [[ "$DRY_RUN" == 0 ]] && command -v flock > /dev/null; then
   exec 9> "$OUT/.reproduce.lock"
   locked=0; flock -n -E 75 9 || locked=$?
-  if (( locked == 75 )); then
+  if (( locked == 0 )); then
+    HOLDS_LOCK=1
+  elif (( locked == 75 )); then
     echo "error: another reproduce.sh is running on $OUT (or a stage it started still is); wait for it to end," \
          "or stop it" >&2
     exit 1

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -257,6 +258,25 @@ def test_a_second_study_on_the_same_out_is_refused(tmp_path):
         proc = run_reproduce("micro", env={"MICRO_OUT": str(out)}, check=False)
     assert proc.returncode == 1 and f"another reproduce.sh is running on {out}" in proc.stderr
     assert os.listdir(out) == [".reproduce.lock"]  # no stage ran
+
+
+def test_a_study_whose_out_was_moved_away_while_it_ran_stops_writing_there(tmp_path):
+    """`mv OUT` (or `rm -rf OUT`) and a re-run while a study runs: the re-run took a new lock there, and this script
+    wrote its done markers and times into it and ran its next stages among the re-run's files. It stops after the
+    stage under way, writing nothing more at that path."""
+    if not shutil.which("flock"):
+        pytest.skip("no flock(1) here: reproduce.sh takes no lock")
+    out, moved, bin_dir = tmp_path / "run", tmp_path / "moved", tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"  # the data stage: OUT is moved away and a re-run makes it anew while the stage runs
+    fake.write_text(f'#!/bin/bash\nif [[ "$1" == kk_data.py ]]; then mv {out} {moved}; mkdir {out}; touch '
+                    f'{out}/.reproduce.lock; exit 0; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    proc = run_reproduce("micro", env={"MICRO_OUT": str(out), "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                         check=False)
+    assert proc.returncode == 1 and f"error: {out} was removed or moved away while this reproduce.sh ran" in proc.stderr
+    assert "== base_text" not in proc.stdout and os.listdir(out) == [".reproduce.lock"]
+    assert not (moved / "done").exists()  # (the stage did not finish in the study's own directory either)
 
 
 def test_the_tiny_preset_runs_its_own_thread_count_not_the_shells():
