@@ -19,6 +19,7 @@ import re
 import time
 
 import common
+import engine
 import parallel
 import tasks
 from common import UserError, print0
@@ -300,6 +301,7 @@ def main(argv=None):
             f.write(text)
     print0("\n" + text)
     print0(f"wrote {os.path.join(args.out_dir, 'results.md')}")
+    engine.release()  # generation's weight copy and KV cache, kept across this run's checkpoints: not the caller's
     parallel.dist_cleanup()
 
 

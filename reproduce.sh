@@ -238,9 +238,9 @@ fi
 
 [[ "$DRY_RUN" == 1 ]] || mkdir -p "$OUT"
 # one study per OUT at a time: a second reproduce.sh there would run the same stages over this one's files (the
-# training stages and eval lock their own directories; data, sets and reports do not). The lock is held until this
-# script and every stage it started have ended (they inherit it). Where flock(1) is missing (macOS), no lock. OUT
-# removed or moved away meanwhile (rm -rf, mv, and a re-run there): step() stops before and after each stage.
+# training stages, eval and sample_policy lock their own outputs; data and reports do not). The lock is held until
+# this script and every stage it started have ended (they inherit it). Where flock(1) is missing (macOS), no lock.
+# OUT removed or moved away meanwhile (rm -rf, mv, and a re-run there): step() stops before and after each stage.
 if [[ "$DRY_RUN" == 0 ]] && command -v flock > /dev/null; then
   exec 9> "$OUT/.reproduce.lock"
   locked=0; flock -n -E 75 9 || locked=$?

@@ -100,7 +100,7 @@ def get_parser():
     p.add_argument("--resume", type=common.str2bool, default=True,
                    help="continue a stopped run of the same settings and data from <out stem>.partial/ (its ∇J and "
                         "the samples it finished); false = start over")
-    p.add_argument("--log_every", type=int, default=100, help="a log line every this many SFT samples (per rank)")
+    p.add_argument("--log_every", type=int, default=100, help="a log line every this many of rank 0's SFT samples")
     p.add_argument("--progress", type=common.str2bool, default=True, help=common.PROGRESS_HELP)
     return p
 

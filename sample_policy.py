@@ -287,6 +287,11 @@ def main(argv=None):
     task = tasks.get_task(args.task)
 
     rank, world, device = parallel.dist_setup()
+    # what a SIGKILL left of this output's atomic writes (.tmp_NAME.XXXXXXXX, never reused), under a lock on the
+    # output so that no live run's temporary file goes (as sample_effect.py does for its --out)
+    parallel.lock_on_rank0(os.path.dirname(os.path.abspath(args.out)), f".{os.path.basename(args.out)}.lock")
+    parallel.on_rank0(lambda: common.remove_stale_temps([p for p in (args.out, args.samples_out) if p],
+                                                        os.path.dirname(os.path.abspath(args.out))))
     if args.from_checkpoint:
         samples, _ = sample_checkpoint(args, task, rank, world, device)
         tokenizer = tasks.load_tokenizer(args.from_checkpoint)
@@ -333,6 +338,7 @@ def main(argv=None):
         common.write_jsonl(args.out, rows)
         print0(f"wrote {len(rows)} SFT examples to {args.out}"
                + ("" if rows else " (none correct: --allow_empty true)"))
+    engine.release()  # (--from_checkpoint filled it)
     parallel.dist_cleanup()
 
 

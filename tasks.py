@@ -427,13 +427,11 @@ def read_rollout_log(path, step, fields):
     return rows
 
 
-def check_same_tokenizer(dir_a, dir_b, flag_a, flag_b, why, config_vocab=True):
-    """The one tokenizer checkpoints dir_a and dir_b share (same tokens and ids, EOS, and with config_vocab the
-    config's vocab_size, the logits' width); a UserError naming the difference otherwise (flag_a / flag_b: the settings
-    that named them; why: what needs one)."""
-    from model import read_config
+def check_same_tokenizer(dir_a, dir_b, flag_a, flag_b, why, vocab_sizes=None):
+    """The one tokenizer checkpoints dir_a and dir_b share (same tokens and ids, EOS, and where given their configs'
+    vocab_sizes, the logits' widths); a UserError naming the difference otherwise (flag_a / flag_b: the settings that
+    named them; why: what needs one)."""
     tokenizers = [load_tokenizer(d) for d in (dir_a, dir_b)]
-    sizes = [read_config(d).vocab_size for d in (dir_a, dir_b)]
     vocabs = [t.get_vocab() for t in tokenizers]
     if vocabs[0] != vocabs[1]:
         differ = len(set(vocabs[0].items()) ^ set(vocabs[1].items())) // 2
@@ -441,8 +439,8 @@ def check_same_tokenizer(dir_a, dir_b, flag_a, flag_b, why, config_vocab=True):
                    else f"{differ} token(s) with other ids")
     elif tokenizers[0].eos_token_id != tokenizers[1].eos_token_id:
         problem = f"EOS id {tokenizers[0].eos_token_id} vs {tokenizers[1].eos_token_id}"
-    elif config_vocab and sizes[0] != sizes[1]:
-        problem = f"vocab_size {sizes[0]} vs {sizes[1]} in config.json"
+    elif vocab_sizes and vocab_sizes[0] != vocab_sizes[1]:
+        problem = f"vocab_size {vocab_sizes[0]} vs {vocab_sizes[1]} in config.json"
     else:
         return tokenizers[0]
     raise UserError(f"{flag_a} {dir_a} and {flag_b} {dir_b} have different tokenizers ({problem}); {why}")

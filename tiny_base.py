@@ -31,7 +31,7 @@ from model import load_model
 from tasks import load_tokenizer
 
 # -----------------------------------------------------------------------------
-# tiny tokenizers and models, built offline (the CPU preset and the tests use these)
+# tiny tokenizers, built offline (the CPU preset and the tests use these; tiny models: model.tiny_config)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

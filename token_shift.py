@@ -542,15 +542,17 @@ def main(argv=None):
                         f"threshold is the primary alone; write inf")
     if len(set(args.eps)) < len(args.eps):  # (0 and -0 are one): a run twice would be the same decode
         raise UserError(f"--eps: a threshold given twice ({' '.join(f'{e:g}' for e in args.eps)})")
-    from model import parse_dtype
+    from model import parse_dtype, read_config
     rank, world, device = parallel.dist_setup()
     dtype = parse_dtype(args.dtype, device)
     tokenizer = tasks.check_same_tokenizer(args.base, args.policy, "--base", "--policy",
-                                           "a token-by-token comparison needs one vocabulary")
+                                           "a token-by-token comparison needs one vocabulary",
+                                           [read_config(d).vocab_size for d in (args.base, args.policy)])
     if args.cross:
         cross_sample(args, tokenizer, device, dtype)
     else:
         measure(args, tokenizer, device, dtype)
+    engine.release()  # both models' kept copies and KV caches
     parallel.dist_cleanup()
 
 

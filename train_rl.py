@@ -568,7 +568,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.model)
     if args.kl_coef > 0 and args.ref_model:  # the reference must read the policy's token ids as the same tokens
         tasks.check_same_tokenizer(args.model, args.ref_model, "--model", "--ref_model", "the KL to the reference "
-                                   "compares their log-probs of the same token ids", config_vocab=False)
+                                   "compares their log-probs of the same token ids")
     train_records = tasks.load_records(task, args.task, args.train_data, tokenizer, args.template)
     test_records = (tasks.load_records(task, args.task, args.test_data, tokenizer, args.template)
                     if args.test_data else [])  # '' = no validation; an empty file is an error

@@ -47,6 +47,14 @@ def greedy_run(tiny_checkpoint, split, tmp_path_factory):
     return out
 
 
+def test_generations_kept_buffers_are_freed_when_the_run_ends(tiny_checkpoint, split, tmp_path):
+    """eval.main kept the engine's weight copy and KV cache after it returned (at the paper's shape ~12 GB of GPU
+    memory), hidden from a next stage run in the same process (a notebook, a sweep), as train_rl frees them."""
+    import engine
+    ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", str(tmp_path / "out")] + FAST)
+    assert not engine._kept
+
+
 def test_the_ranks_check_together_that_they_read_the_same_splits(tiny_checkpoint, split, tmp_path, monkeypatch):
     """Each rank reads the splits itself: their digests go to parallel.same_on_every_rank (it refuses, on every rank,
     splits written again between two ranks' reads) before any pair is generated or written."""

@@ -15,7 +15,7 @@ import sample_policy as sp
 import toy_task
 from common import UserError
 from tasks import load_tokenizer
-from conftest import ROOT, free_port, refuse_different_data, subprocess_env
+from conftest import ROOT, free_port, lock_held_elsewhere, refuse_different_data, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,21 @@ def test_from_checkpoint_the_ranks_check_together_that_they_read_the_same_split(
     with pytest.raises(common.UserError, match="the ranks read different data"):
         sp.main(sample_args(ckpt, split, str(tmp_path / "a.jsonl")))
     assert [what for _, what in seen] == [split] and not (tmp_path / "a.jsonl").exists()
+
+
+def test_a_rerun_removes_a_killed_writes_leftovers_and_a_second_run_on_the_output_is_refused(policy, tmp_path):
+    """A SIGKILL inside the atomic write of --out left a whole set's size as .tmp_NAME.XXXXXXXX, and every re-run
+    left it there; the re-run removes it, holding the output's lock (so no live run's write goes: a second run on
+    the same output is refused). The engine's kept buffers are freed when the run ends, as train_rl frees them."""
+    ckpt, split = policy
+    out = tmp_path / "a.jsonl"
+    (tmp_path / ".tmp_a.jsonl.k3x9_q2z").write_text("x" * 1000)
+    with lock_held_elsewhere(str(tmp_path), ".a.jsonl.lock") as pid:
+        with pytest.raises(UserError, match=rf"a.jsonl.lock: another run is using this output \(pid {pid} on"):
+            sp.main(sample_args(ckpt, split, str(out)))
+    assert (tmp_path / ".tmp_a.jsonl.k3x9_q2z").exists() and not out.exists()
+    sp.main(sample_args(ckpt, split, str(out)))
+    assert out.exists() and not (tmp_path / ".tmp_a.jsonl.k3x9_q2z").exists() and not engine._kept
 
 
 def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_path, capsys):

@@ -213,6 +213,12 @@ def cross_args(pair, out, direction, *eps, **over):
     return [x for k, v in s.items() for x in (f"--{k}", str(v))] + ["--eps", *map(str, eps)]
 
 
+def test_generations_kept_buffers_are_freed_when_the_run_ends(pair, tmp_path):
+    """Both models' kept copies and KV caches go when cross-sampling ends, as train_rl frees them."""
+    token_shift.main(cross_args(pair, tmp_path / "out", "forward", "inf"))
+    assert not engine._kept
+
+
 def test_a_threshold_given_twice_is_refused(pair, tmp_path):
     """A run twice is the same decode (0 and -0 are one threshold); its rows would share one run's place."""
     for eps in (("0.05", "0.05"), ("0", "-0")):
