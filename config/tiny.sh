@@ -33,18 +33,20 @@ export OMP_NUM_THREADS=$THREADS
 LAUNCH=python
 TASK=kk; TASK_SCRIPT=kk_data.py
 TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
-# test: the official test stream's first 50 2-people and 150 3-people puzzles (names fixed);
-# RL train: 100 + 1,500 puzzles of 2-3 people (2-people puzzles are few: ~350 exist); teacher SFT pool
-# ("1K" in the paper): 100 + 300 of 2-3 people
+# test: the official stream's first 50 2-people and 150 3-people puzzles (names fixed; for 3 people its 100 test
+# puzzles, then its train split's first 50);
+# RL train: 40 + 1,500 puzzles of 2-3 people; teacher SFT pool ("1K" in the paper): 20 + 300 of 2-3 people.
+# 2-people puzzles are few: 399 exist, 95 up to renaming and operand order, and the test's 50 are 41 of those;
+# train, SFT and base text hold no puzzle of the test's (kk_data.puzzle_key), which leaves room for these counts
 DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 2-3 --test_per_people 50,150 \
---train_people 2-3 --train_per_people 100,1500 --sft_people 2-3 --sft_per_people 100,300 \
+--train_people 2-3 --train_per_people 40,1500 --sft_people 2-3 --sft_per_people 20,300 \
 --train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"
 TEACHER_ARGS="--teacher_style table --teacher_cot_fraction 0.25 --teacher_seed $SEED_SHIFT"
 
 TINY_BASE=1
 # pre-training: 6,150 puzzles solved by the table + 12,000 claim drills (~1.7M tokens), 2 epochs;
 # none is a test or SFT-pool puzzle
-BASE_TEXT_ARGS="--people 2-3 --per_people 150,6000 --text_format table --drill_people 2-3 --drill_per_people 3000,9000 \
+BASE_TEXT_ARGS="--people 2-3 --per_people 50,6000 --text_format table --drill_people 2-3 --drill_per_people 3000,9000 \
 --fixed_names true --vocab_size 1024 --seed $((300000 + STREAM_SHIFT))"
 PRETRAIN_ARGS="--tiny_hidden_size 128 --tiny_layers 4 --tiny_heads 4 --tiny_kv_heads 2 --tiny_context 1024 \
 --max_length 1024 --epochs 2 --global_batch 16 --lr 2e-3 --warmup_ratio 0.03 --min_lr_ratio 0.1 \
@@ -90,7 +92,7 @@ SELECT_K=100  # the sample-effect experiment: SFT the base on the 100 highest- v
 # rollouts per prompt (LIMR: 8) at temperature 1.0 (LIMR: 1.2; the study's RL runs at 0.7). FULL, LIM and RAND: 40 steps each from
 # the cold start, the preset's GRPO settings; threshold 0.6 (LIMR's); three seeds.
 LIMR_DATA_CMD="python kk_data.py --out_dir $OUT/limr/data --fixed_names true --test_people 2-3 --test_per_people 50,150 \
---train_people 2-3 --train_per_people 20,150 --sft_people 2-3 --sft_per_people 100,300"
+--train_people 2-3 --train_per_people 20,150 --sft_people 2-3 --sft_per_people 20,300"
 LIMR_POOL=$OUT/limr/data/train.jsonl
 LIMR_PROBE_STEPS=80
 LIMR_STEPS=40

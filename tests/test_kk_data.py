@@ -463,21 +463,40 @@ def official_test_statements(people):
 
 def test_cli_writes_the_splits_without_test_leakage(tmp_path, capsys):
     out = str(tmp_path / "kk")
-    K.main(["--out_dir", out, "--train_people", "2-4", "--train_per_people", "150", "--test_people", "4,5",
+    K.main(["--out_dir", out, "--train_people", "2-4", "--train_per_people", "60,150,150", "--test_people", "4,5",
             "--test_per_people", "20", "--sft_people", "2-3", "--sft_per_people", "30,40", "--train_seed", "5"])
     printed = capsys.readouterr().out
-    assert "s per 1,000" in printed and "per people: 2: 150, 3: 150, 4: 150" in printed
+    assert "s per 1,000" in printed and "per people: 2: 60, 3: 150, 4: 150" in printed
     test, train, sft = (K.load_split(os.path.join(out, f"{s}.jsonl")) for s in ("test", "train", "sft"))
-    assert counts(test) == {4: 20, 5: 20} and counts(train) == {2: 150, 3: 150, 4: 150}
+    assert counts(test) == {4: 20, 5: 20} and counts(train) == {2: 60, 3: 150, 4: 150}
     assert counts(sft) == {2: 30, 3: 40}
     assert [r['id'] for r in test[:3]] == ["kk-official-p4-00000", "kk-official-p4-00001", "kk-official-p4-00002"]
     assert test == [r for n in (4, 5) for r in K.generate(K.OFFICIAL_SEED, n, 20, log=None)]
     test_set = official_test_statements([2, 3, 4, 5])
+    test_set |= K.statements_of(test)
     train_set, sft_set = K.statements_of(train), K.statements_of(sft)
     assert not train_set & test_set and not sft_set & test_set and not sft_set & train_set
-    assert len(train_set) == len(train) and len({r['id'] for r in train + sft + test}) == len(train + sft + test)
+    assert not {K.parse_statements(r['statements'], r['people']) for r in train + sft} & test_set
+    assert len(train_set) <= len(train) and len({r['id'] for r in train + sft + test}) == len(train + sft + test)
     for rec in train + sft:
         assert brute_force(K.parse_statements(rec['statements'], rec['people'])) == [tuple(rec['solution'])]
+
+
+def test_no_train_or_sft_puzzle_is_a_test_puzzle_renamed_or_reordered(tmp_path):
+    """Two people, where few puzzles exist: no train / SFT puzzle is a test puzzle with the people permuted
+    (names swapped, statements reordered) or the operands of and / or / <=> swapped."""
+    import itertools
+    out = str(tmp_path / "kk")
+    K.main(["--out_dir", out, "--fixed_names", "true", "--test_people", "2", "--test_per_people", "50",
+            "--train_people", "2", "--train_per_people", "40", "--sft_people", "2", "--sft_per_people", "20"])
+    test, train, sft = (K.load_split(os.path.join(out, f"{s}.jsonl")) for s in ("test", "train", "sft"))
+
+    def forms(rec):  # every renaming, symmetric operands sorted
+        st = K.parse_statements(rec['statements'], rec['people'])
+        return {tuple(K._relabel(st[p.index(i)], p) for i in range(len(st)))
+                for p in itertools.permutations(range(len(st)))}
+    test_forms = set().union(*(forms(r) for r in test))
+    assert not any(forms(r) & test_forms for r in train + sft)
 
 
 def test_cli_train_on_the_official_seed_skips_every_official_test_puzzle(tmp_path):

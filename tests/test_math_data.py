@@ -461,6 +461,22 @@ def test_make_splits_dedupes_against_test():
         math_data.main(["--n_sft_train", "-5", "--train_pool", "none.jsonl", "--test", "none.jsonl"])
 
 
+def test_a_test_problem_written_with_other_latex_spacing_or_delimiters_stays_out_of_training():
+    """The test filter compared text up to whitespace and case only: MATH-500's problems rewritten with \\dfrac,
+    \\left( or the full stop inside the $ (as the 8.5K pool writes two of its own problems twice) all went into
+    the training splits."""
+    test = [{"id": "t0", "question": r"Let $f(x) = \frac{3x-2}{x-2}$. Find $f(3)$.", "answer": "7"},
+            {"id": "t1", "question": r"If $a_2 = 2008$, what is $a_5$?", "answer": "1"}]
+    variants = [r"Let $f(x) = \dfrac{3x-2}{x-2}$. Find $f(3)$.", r"Let $f(x)=\tfrac{3x-2}{x-2}.$ Find $f(3).$",
+                r"Let \(f\left(x\right) = \frac{3x-2}{x-2}\). Find \(f(3)\)", r"If $a_2=2008$, what is $a_5$",
+                r"If $a_2 = 2008,$ what is $a_5?$", "If $a_2\\,=\\,2008$, what is $a_5$?"]
+    pool = [{"id": f"v{i}", "question": q, "answer": "7"} for i, q in enumerate(variants)]
+    pool += [{"id": "other", "question": r"Let $f(x) = \frac{3x-2}{x-3}$. Find $f(3)$.", "answer": "5"}]
+    splits, counts = math_data.make_splits(pool, test, n_sft_train=1, n_sft_val=0, seed=1234)
+    assert counts["dropped_in_test"] == len(variants)
+    assert [r["id"] for name in ("sft_train", "sft_val", "rl_train") for r in splits[name]] == ["other"]
+
+
 def test_make_splits_cut_the_pool_in_the_papers_order():
     """The paper shuffled the pool as loaded (random.seed(1234); random.shuffle) and cut 900 / 100 / the rest. A
     duplicate or a test problem elsewhere in the pool must not move the others: each split is the paper's order with
