@@ -175,7 +175,11 @@ def step_prompt_indices(num_records, prompts_per_step, batch, seed):
 def generation_seed(seed, step, rank, gen_batch=0):
     """The sampling seed of a (run seed, step, rank, the step's prompt batch): different everywhere, reproducible on
     resume. (A numpy hash, older than common.derive_seed, which then gives each generation batch its stream; it stays
-    because every RL result of the study hangs on it. A step's first batch keeps the seed it always had.)"""
+    because every RL result of the study hangs on it. A step's first batch keeps the seed it always had. Known
+    aliasing, kept for that reason: numpy pads a seed list with zeros, so [seed, step, 0] is the stream of
+    parallel.epoch_order's [seed, epoch] for epoch == step; it ties a step's sampling to an epoch's order only where
+    step s draws its first batch from epoch s (an epoch of about one batch), which no preset does, and the engine
+    hashes this seed again before use.)"""
     return int(np.random.default_rng([seed, step, rank] + ([gen_batch] if gen_batch else [])).integers(2**31))
 
 

@@ -50,6 +50,7 @@ if [[ ! -f "config/$PRESET.sh" ]]; then
   echo "error: no preset config/$PRESET.sh; presets: $(cd config && ls *.sh | sed 's/\.sh$//' | tr '\n' ' ')" >&2
   exit 2
 fi
+SEED_GIVEN=${SEED:-}  # (the loop below passes SEED=s with SEEDS=1)
 SEED=${SEED:-1}; SEEDS=${SEEDS:-1}
 if ! [[ "$SEED" =~ ^[1-9][0-9]*$ && "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: SEED ($SEED) and SEEDS ($SEEDS) must be positive integers" >&2
@@ -196,9 +197,13 @@ report() {
 
 # ---- SEEDS=N: the whole study once per seed (seed 1 in OUT, seed S in OUT/seed_S; LIMR, when asked, with seed 1
 #   only: it has its own LIMR_SEEDS), then one report over them
-if (( SEEDS > 1 )) && [[ "${LIMR_ONLY:-0}" == 1 ]]; then  # its seeds are LIMR_SEEDS; SEED changes none of its stages
+if (( SEEDS > 1 || SEED != 1 )) && [[ "${LIMR_ONLY:-0}" == 1 ]]; then  # its seeds are LIMR_SEEDS; SEED changes none of its stages
   echo "error: preset $PRESET runs only the LIMR experiment (LIMR_ONLY=1), whose seeds are LIMR_SEEDS" \
-    "(${LIMR_SEEDS:-1234}): SEEDS=$SEEDS would repeat it unchanged in OUT/seed_S; set LIMR_SEEDS instead" >&2
+    "(${LIMR_SEEDS:-1234}): SEED=$SEED SEEDS=$SEEDS would repeat it unchanged; set LIMR_SEEDS instead" >&2
+  exit 2
+fi
+if (( SEEDS > 1 )) && [[ "${SEED_GIVEN:-}" != "" && "$SEED_GIVEN" != 1 ]]; then  # SEEDS=N runs seeds 1..N
+  echo "error: SEEDS=$SEEDS runs seeds 1..$SEEDS; SEED=$SEED_GIVEN would be ignored (unset it)" >&2
   exit 2
 fi
 if (( SEEDS > 1 )); then

@@ -15,6 +15,9 @@
 # answer two-people puzzles: it writes three rows and names).
 OUT=${OUT:-runs/tiny}
 DATA=${DATA:-$OUT/data}
+# a DATA given from outside is shared by every seed (SEEDS=N passes it on), but this preset's puzzles depend on the
+# seed: seed S > 1 writes its own DATA/seed_S, as its study goes in OUT/seed_S
+if (( SEED > 1 )) && [[ "$DATA" != "$OUT/data" ]]; then DATA=$DATA/seed_$SEED; fi
 # seeds (SEEDS=3 bash reproduce.sh tiny): seed S moves every stage's seed by S - 1, so seed 1 is the preset as first
 # measured. It draws other RL/SFT puzzles, pre-training text (so another tokenizer), base weights, teacher traces,
 # data orders and samples. The test split stays the official puzzles: every seed is scored on the same questions.

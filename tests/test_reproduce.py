@@ -405,10 +405,30 @@ def test_every_command_of_every_preset_parses_with_its_scripts_own_settings(pres
 def test_seeds_with_the_limr_only_preset_is_an_error_before_any_stage(tmp_path):
     """SEED changes none of the LIMR preset's stages (its seeds are LIMR_SEEDS): SEEDS=2 would run the whole 7B
     experiment twice, identically, and the report reads one copy."""
-    env = {"GPUS": "8", "MODEL_DIR": str(tmp_path / "base"), "OUT": str(tmp_path / "out"), "SEEDS": "2"}
-    proc = run_reproduce("limr-qwen2.5-math-7b", "--dry-run", env=env, check=False)
-    assert proc.returncode == 2 and "set LIMR_SEEDS instead" in proc.stderr
-    assert "+ " not in proc.stdout and not os.path.exists(tmp_path / "out")
+    for seeds in ({"SEEDS": "2"}, {"SEED": "2"}):  # SEED=2 alone ran seed 1's commands again, labelled seed 2
+        env = {"GPUS": "8", "MODEL_DIR": str(tmp_path / "base"), "OUT": str(tmp_path / "out"), **seeds}
+        proc = run_reproduce("limr-qwen2.5-math-7b", "--dry-run", env=env, check=False)
+        assert proc.returncode == 2 and "set LIMR_SEEDS instead" in proc.stderr
+        assert "+ " not in proc.stdout and not os.path.exists(tmp_path / "out")
+
+
+def test_a_seed_given_with_seeds_is_an_error_not_ignored(tmp_path):
+    """SEEDS=N runs seeds 1..N: SEED=4 beside it was dropped without a word."""
+    proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": str(tmp_path / "out"), "SEED": "4", "SEEDS": "2"},
+                         check=False)
+    assert proc.returncode == 2 and "SEEDS=2 runs seeds 1..2; SEED=4 would be ignored" in proc.stderr
+    assert run_reproduce("micro", "--dry-run", env={"MICRO_OUT": str(tmp_path / "out"), "SEED": "1",
+                                                    "SEEDS": "2"}).returncode == 0
+
+
+def test_a_data_directory_given_to_the_tiny_preset_is_one_per_seed(tmp_path):
+    """The tiny preset's puzzles depend on the seed: with DATA set from outside, every seed of SEEDS=N wrote its
+    splits into the same folder, and seed 1's runs then named files holding seed 2's puzzles."""
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "d"),
+                                                   "SEEDS": "2"})
+    data_lines = [line for line in proc.stdout.splitlines() if line.startswith("+ python kk_data.py --out_dir")]
+    assert len(data_lines) == 2 and f"--out_dir {tmp_path / 'd'} " in data_lines[0]
+    assert f"--out_dir {tmp_path / 'd' / 'seed_2'} " in data_lines[1]
 
 
 def test_limr_with_a_preset_without_its_stages_is_an_error_before_any_stage(tmp_path):
