@@ -145,6 +145,8 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
     with atomic_open(train_shard_path(run_dir, step, rank()), "wb") as f:
         torch.save(local_train_state(model, optimizer), f)
     barrier()
+    # again: the save took long; without its state file what it wrote is a partial save, which a resume removes
+    check_lock_on_rank0(run_dir)
     if rank() == 0:
         with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
             torch.save({"step": step, "world_size": world_size(), **train_state}, f)

@@ -451,7 +451,15 @@ def lock_run_dir(path, name=".lock"):
     lock_file = os.path.join(path, name)
     key = os.path.realpath(lock_file)
     if key in _LOCKS:
-        return
+        held = _LOCKS[key]
+        try:
+            same = os.path.samestat(os.stat(lock_file), os.fstat(held.fileno()))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return
+        held.close()  # a run of this process that has ended: its directory was removed since; lock the new one
+        del _LOCKS[key]
     os.makedirs(path or ".", exist_ok=True)
     f = open(lock_file, "a+")
     try:
@@ -474,21 +482,21 @@ def lock_run_dir(path, name=".lock"):
     _LOCKS[key] = f
 
 
-def check_lock_held(path, name=".lock"):
+def check_lock_held(path, name=".lock", identity=None):
     """Stop a run whose directory `path` was removed or moved away while it ran (`rm -rf` or `mv` and a re-run, the
     usual restart): its lock went with the directory, a re-run there holds a new one, and this run's next write
     (atomic_open makes the folders again) would land among that run's files. Call it before writing into `path`.
-    Nothing when this process holds no lock named so (lock_run_dir was not called, or a test let go of it)."""
+    Nothing when this process holds no lock named so (lock_run_dir was not called, or a test let go of it).
+    identity: the lock file's file_identity as its holder saw it, for a process that does not hold it (a rank > 0)."""
     lock_file = os.path.join(path, name)
-    held = next((f for f in _LOCKS.values() if f.name == lock_file and not f.closed), None)
-    if held is None:
-        return
-    try:
-        now = os.stat(lock_file)
-    except FileNotFoundError:
-        now = None
-    ours = os.fstat(held.fileno())
-    if now is None or (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+    if identity is None:
+        held = _LOCKS.get(os.path.realpath(lock_file))  # (as lock_run_dir keyed it: `run` and `./run` are one)
+        if held is None or held.closed:
+            return
+        ours = os.fstat(held.fileno())
+        identity = [ours.st_dev, ours.st_ino]
+    now = file_identity(lock_file)
+    if now != identity:
         raise UserError(f"{path}: removed or moved away while this run used it ({lock_file} is "
                         f"{'gone' if now is None else 'another run' + chr(39) + 's'}); stopping before writing there")
 
@@ -513,6 +521,15 @@ def run_in_progress(path, name=".lock"):
         except OSError:
             return None
     return None  # (closing the file lets go of the shared lock)
+
+
+def file_identity(path):
+    """[device, inode] of the file at path now, or None: the same list on every rank while no one replaces it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_dev, st.st_ino]
 
 
 def fsync_dir(path):

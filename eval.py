@@ -296,6 +296,7 @@ def main(argv=None):
         rows = [summary_row(summaries[name, split_name], name, task.DIFFICULTY or "") for name in names]
         parts.append(split_heading(summaries[names[0], split_name]) + "\n\n" + markdown_table(rows))
     text = "\n".join(parts)
+    parallel.check_lock_on_rank0(args.out_dir)  # (removed or moved away meanwhile: write nothing)
     if rank == 0:
         with common.atomic_open(os.path.join(args.out_dir, "results.md")) as f:
             f.write(text)

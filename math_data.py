@@ -222,8 +222,9 @@ _LATEX_NOISE = re.compile(r"\\[,;:! ]|\\q?quad(?![a-zA-Z])|~|\\left(?![a-zA-Z])|
 
 
 def loose_key(question: str) -> str:
-    """problem_key, blind to LaTeX spacing and delimiters, Unicode forms and the final full stop or question mark
-    (the 8.5K pool holds two problems twice written so): what keeps a test problem out of every training split."""
+    """problem_key, blind to LaTeX spacing and delimiters, Unicode forms and the final full stop or question mark:
+    what keeps a test problem out of every training split. (The pool's own repeats are still found by problem_key,
+    which keeps the paper's split order: two problems the 8.5K pool holds twice, written so, both stay in rl_train.)"""
     q = _LATEX_NOISE.sub("", re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", unicodedata.normalize("NFKC", question)))
     return re.sub(r"\s+", "", q).lower().rstrip(".?")
 

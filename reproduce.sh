@@ -248,10 +248,9 @@ fi
 # OUT removed or moved away meanwhile (rm -rf, mv, and a re-run there): step() stops before and after each stage.
 if [[ "$DRY_RUN" == 0 ]] && command -v flock > /dev/null; then
   exec 9> "$OUT/.reproduce.lock"
+  HOLDS_LOCK=1  # (fd 9 is OUT's lock file with or without flock: lock_lost compares the two)
   locked=0; flock -n -E 75 9 || locked=$?
-  if (( locked == 0 )); then
-    HOLDS_LOCK=1
-  elif (( locked == 75 )); then
+  if (( locked == 75 )); then
     echo "error: another reproduce.sh is running on $OUT (or a stage it started still is); wait for it to end," \
          "or stop it" >&2
     exit 1

@@ -597,7 +597,10 @@ def main(argv=None):
     t0, done, tokens = time.time(), [0], [0]
     log = os.path.join(partial, f"effects.rank{rank}.jsonl")
 
+    lock_id = parallel.on_rank0(lambda: common.file_identity(os.path.join(*lock)))  # (every rank checks it below)
+
     def on_sample(k, result):  # each effect on disk as it is done: a stopped run resumes after it
+        common.check_lock_held(*lock, identity=lock_id)  # (--out's directory removed or moved away: write nothing)
         common.append_jsonl(log, {"index": mine[k], **result})
         done[0] += 1
         tokens[0] += len(examples[mine[k]]["input_ids"])

@@ -288,10 +288,11 @@ def main(argv=None):
 
     rank, world, device = parallel.dist_setup()
     # what a SIGKILL left of this output's atomic writes (.tmp_NAME.XXXXXXXX, never reused), under a lock on the
-    # output so that no live run's temporary file goes (as sample_effect.py does for its --out)
-    parallel.lock_on_rank0(os.path.dirname(os.path.abspath(args.out)), f".{os.path.basename(args.out)}.lock")
-    parallel.on_rank0(lambda: common.remove_stale_temps([p for p in (args.out, args.samples_out) if p],
-                                                        os.path.dirname(os.path.abspath(args.out))))
+    # output so that no live run's temporary file goes (as sample_effect.py does for its --out); a directory that
+    # does not exist yet holds none, and is made only at the write (bad input leaves no directory behind)
+    lock = (os.path.dirname(os.path.abspath(args.out)), f".{os.path.basename(args.out)}.lock")
+    parallel.lock_on_rank0(*lock, if_exists=True)
+    parallel.on_rank0(lambda: common.remove_stale_temps([p for p in (args.out, args.samples_out) if p], lock[0]))
     if args.from_checkpoint:
         samples, _ = sample_checkpoint(args, task, rank, world, device)
         tokenizer = tasks.load_tokenizer(args.from_checkpoint)
@@ -315,6 +316,8 @@ def main(argv=None):
             changed = tasks.rescore(task, samples, load_splits(task, args, None, "plain"), " + ".join(args.split))
             print0(f"re-scored {len(samples)} rollouts with {args.task}'s score: {changed} rewards changed")
 
+    parallel.lock_on_rank0(*lock)  # (held already, or a fresh directory's, made now)
+    parallel.check_lock_on_rank0(*lock)  # (--out's directory removed or moved away meanwhile: write nothing)
     if args.samples_out and rank == 0:
         common.write_jsonl(args.samples_out, samples)
         print0(f"wrote all {len(samples)} samples (before filtering) to {args.samples_out}")
@@ -331,6 +334,7 @@ def main(argv=None):
                         f"among {counts['samples']} samples; nothing written to {args.out}")
     if args.num_examples and len(kept) < args.num_examples:
         print0(f"note: only {len(kept)} samples available, fewer than --num_examples {args.num_examples}")
+    parallel.check_lock_on_rank0(*lock)
     if rank == 0:
         rows = [{"id": s["id"], "task": args.task, "prompt": s["prompt"], "response": s["response"],
                  "source": s["source"], "reward": s["reward"],

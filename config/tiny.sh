@@ -47,7 +47,7 @@ DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 2-3
 TEACHER_ARGS="--teacher_style table --teacher_cot_fraction 0.25 --teacher_seed $SEED_SHIFT"
 
 TINY_BASE=1
-# pre-training: 6,150 puzzles solved by the table + 12,000 claim drills (~1.7M tokens), 2 epochs;
+# pre-training: 6,050 puzzles solved by the table + 12,000 claim drills (~1.7M tokens), 2 epochs;
 # none is a test or SFT-pool puzzle
 BASE_TEXT_ARGS="--people 2-3 --per_people 50,6000 --text_format table --drill_people 2-3 --drill_per_people 3000,9000 \
 --fixed_names true --vocab_size 1024 --seed $((300000 + STREAM_SHIFT))"
@@ -67,7 +67,7 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # variance (~40 % of groups have none at T = 0.7: ~2.2 batches a step). Chosen on validation (the RL policy's greedy
 # accuracy on the 400 SFT prompts, which RL never sees; 3 seeds): 0.347 with it for 100 steps, 0.340 for 75, 0.273
 # without (100 steps); 75 steps is the cheaper of the two within a point. DYNAMIC_SAMPLING=false runs the measured
-# alternative: no refill, 100 steps (one epoch of the 1,600 RL puzzles).
+# alternative: no refill, 100 steps (one epoch of the 1,540 RL puzzles).
 DYNAMIC_SAMPLING=${DYNAMIC_SAMPLING:-true}
 if [[ "$DYNAMIC_SAMPLING" == true ]]; then RL_STEPS=${RL_STEPS:-75}; else RL_STEPS=${RL_STEPS:-100}; fi
 RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_response_tokens 120 --lr 1e-4 \
@@ -82,7 +82,7 @@ A_SPLITS="$SFT_SPLIT $TRAIN"
 A_SAMPLES=1000
 SAMPLE_ARGS="--max_new_tokens 120 --batch_size 100 --progress false"
 B_STEPS="$RL_STEPS,$((RL_STEPS / 2))-$((RL_STEPS - 1))"   # paper: 125,115-124 (last step first)
-B_SAMPLES=400                                             # as many as the teacher set
+B_SAMPLES=400  # as many as the teacher set had before the puzzle_key de-duplication (now 320)
 
 EVAL_ARGS="--max_new_tokens 120 --batch_size 200 --progress false"
 EFFECT_ARGS="--num_eval_prompts 200 --samples_per_prompt 8 --max_new_tokens 120 --max_length 1024 --exact true --proj_dim 0 \

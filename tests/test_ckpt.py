@@ -290,6 +290,33 @@ def test_a_run_whose_directory_was_moved_or_removed_stops_before_writing_there(t
     assert not os.path.exists(gone)
 
 
+def test_a_run_moved_away_during_its_save_neither_finishes_the_save_nor_prunes_there(tiny_checkpoint, tmp_path,
+                                                                                     monkeypatch):
+    """A save takes minutes at the paper's sizes: moved away (and a re-run there with steps 1-3) while the weights
+    were written, the old run wrote its step's state there and its prune removed the re-run's checkpoints. It
+    stops before the state file: what it wrote is a partial save, which a resume removes."""
+    import torch
+    from model import load_model
+    from tasks import load_tokenizer
+    run = str(tmp_path / "run")
+    ckpt.metrics_log(run, 0)
+    model = load_model(tiny_checkpoint)
+    real = ckpt.save_model
+
+    def moved_during_the_save(*a, **k):
+        os.rename(run, run + ".moved")
+        os.makedirs(run)
+        open(os.path.join(run, ".lock"), "w").close()
+        for s in (1, 2, 3):
+            fake_checkpoint(run, s)
+        return real(*a, **k)
+    monkeypatch.setattr(ckpt, "save_model", moved_during_the_save)
+    with pytest.raises(UserError, match="removed or moved away while this run used it"):
+        ckpt.save_checkpoint(run, 5, model, load_tokenizer(tiny_checkpoint),
+                             ckpt.make_optimizer(model.parameters(), lr=1e-3), {}, torch.float32, 1)
+    assert ckpt.checkpoint_steps(run) == [1, 2, 3]
+
+
 def test_a_fresh_run_does_not_take_over_a_directory_another_run_saved_into_meanwhile(tmp_path):
     """A fresh run looks for checkpoints before it holds the lock of a directory that does not exist yet; a run that
     saved there in between and ended had its metrics emptied, its rollouts removed and its settings overwritten, and

@@ -55,6 +55,35 @@ def test_generations_kept_buffers_are_freed_when_the_run_ends(tiny_checkpoint, s
     assert not engine._kept
 
 
+def test_a_directory_moved_away_gets_no_table_and_one_removed_is_a_fresh_start_in_the_same_process(
+        tiny_checkpoint, split, tmp_path, monkeypatch):
+    """Moved away (and a re-run there) after the last pair's check, results.md landed in the re-run's directory; a
+    finished run's directory removed and eval run again in the same process (a notebook, a sweep) was refused as
+    moved away, after its whole generation."""
+    import shutil
+    out = str(tmp_path / "out")
+    args = ["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", out] + FAST
+    real = ev.markdown_table
+
+    def moved_meanwhile(rows):
+        os.rename(out, out + ".moved")
+        os.makedirs(out)
+        open(os.path.join(out, ".lock"), "w").close()
+        return real(rows)
+    monkeypatch.setattr(ev, "markdown_table", moved_meanwhile)
+    with pytest.raises(common.UserError, match="removed or moved away while this run used it"):
+        ev.main(args)
+    assert os.listdir(out) == [".lock"]
+    monkeypatch.setattr(ev, "markdown_table", real)
+    shutil.rmtree(out)
+    out = str(tmp_path / "again")
+    args = ["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", out] + FAST
+    ev.main(args)
+    shutil.rmtree(out)  # start over, in this process
+    ev.main(args)
+    assert os.path.exists(os.path.join(out, "results.md"))
+
+
 def test_the_ranks_check_together_that_they_read_the_same_splits(tiny_checkpoint, split, tmp_path, monkeypatch):
     """Each rank reads the splits itself: their digests go to parallel.same_on_every_rank (it refuses, on every rank,
     splits written again between two ranks' reads) before any pair is generated or written."""

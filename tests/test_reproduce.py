@@ -260,14 +260,18 @@ def test_a_second_study_on_the_same_out_is_refused(tmp_path):
     assert os.listdir(out) == [".reproduce.lock"]  # no stage ran
 
 
-def test_a_study_whose_out_was_moved_away_while_it_ran_stops_writing_there(tmp_path):
+@pytest.mark.parametrize("flock_works", [True, False])
+def test_a_study_whose_out_was_moved_away_while_it_ran_stops_writing_there(flock_works, tmp_path):
     """`mv OUT` (or `rm -rf OUT`) and a re-run while a study runs: the re-run took a new lock there, and this script
     wrote its done markers and times into it and ran its next stages among the re-run's files. It stops after the
-    stage under way, writing nothing more at that path."""
+    stage under way, writing nothing more at that path; on a file system without locks too (flock fails there)."""
     if not shutil.which("flock"):
         pytest.skip("no flock(1) here: reproduce.sh takes no lock")
     out, moved, bin_dir = tmp_path / "run", tmp_path / "moved", tmp_path / "bin"
     bin_dir.mkdir()
+    if not flock_works:
+        (bin_dir / "flock").write_text('#!/bin/bash\necho "flock: 9: No locks available" >&2; exit 1\n')
+        (bin_dir / "flock").chmod(0o755)
     fake = bin_dir / "python"  # the data stage: OUT is moved away and a re-run makes it anew while the stage runs
     fake.write_text(f'#!/bin/bash\nif [[ "$1" == kk_data.py ]]; then mv {out} {moved}; mkdir {out}; touch '
                     f'{out}/.reproduce.lock; exit 0; fi\nexec {sys.executable} "$@"\n')

@@ -251,6 +251,29 @@ def test_sft_files_rewritten_during_the_run_are_refused(setup, tmp_path, monkeyp
     assert not (tmp_path / "top.jsonl").exists() and not (tmp_path / "effects.jsonl").exists()
 
 
+def test_a_run_moved_away_appends_no_sample_into_what_stands_at_its_path(setup, tmp_path, monkeypatch):
+    """Moved away after its first sample (and a re-run there), it went on appending its per-sample rows into the
+    re-run's .partial directory, which that run's resume would then read; it stops at the next sample."""
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    args = setup["args"] + ["--sft_data", str(setup["dir"] / "teacher.jsonl"), "--exact", "true",
+                            "--out", str(run / "effects.jsonl")]
+    real = se.sample_effects
+
+    def moved_after_the_first(*a, on_sample, **k):
+        def hook(i, result):
+            on_sample(i, result)
+            if i == 0:
+                os.rename(run, moved)
+                run.mkdir()
+                (run / "effects.lock").write_text("pid 1 on elsewhere\n")
+        return real(*a, on_sample=hook, **k)
+    monkeypatch.setattr(se, "sample_effects", moved_after_the_first)
+    with pytest.raises(common.UserError, match="removed or moved away while this run used it"):
+        se.main(args)
+    assert os.listdir(run) == ["effects.lock"]
+    assert len(common.read_jsonl(str(moved / "effects.partial" / "effects.rank0.jsonl"))) == 1
+
+
 def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path, monkeypatch, capsys):
     """∇J and each finished sample are kept beside --out as they are done; a re-run does only the rest, and its
     outputs equal the fixture's uninterrupted run's (same settings) exactly."""

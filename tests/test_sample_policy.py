@@ -79,6 +79,30 @@ def test_a_rerun_removes_a_killed_writes_leftovers_and_a_second_run_on_the_outpu
     assert out.exists() and not (tmp_path / ".tmp_a.jsonl.k3x9_q2z").exists() and not engine._kept
 
 
+def test_an_output_moved_away_while_sampling_is_not_written_and_bad_input_makes_no_directory(policy, tmp_path,
+                                                                                             monkeypatch):
+    """--out's directory moved away (and a re-run there) while the set was made: the old run's set replaced the
+    re-run's. And the output lock, taken before any input was read, left a directory behind bad input."""
+    ckpt, split = policy
+    with pytest.raises(UserError, match="no_such_run"):
+        sp.main(["--task", "toy_task", "--from_rollouts", str(tmp_path / "no_such_run"), "--steps", "1",
+                 "--out", str(tmp_path / "sets" / "B.jsonl")])
+    assert not (tmp_path / "sets").exists()
+    sets = tmp_path / "sets"
+    real = sp.select
+
+    def moved_meanwhile(*a, **k):
+        os.rename(sets, tmp_path / "sets.old")
+        sets.mkdir()
+        (sets / ".A.jsonl.lock").write_text("pid 1 on elsewhere\n")
+        common.write_jsonl(sets / "A.jsonl", [{"the": "re-run's set"}])
+        return real(*a, **k)
+    monkeypatch.setattr(sp, "select", moved_meanwhile)
+    with pytest.raises(UserError, match="removed or moved away while this run used it"):
+        sp.main(sample_args(ckpt, split, str(sets / "A.jsonl")))
+    assert common.read_jsonl(sets / "A.jsonl") == [{"the": "re-run's set"}]
+
+
 def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_path, capsys):
     ckpt, split = policy
     out, everything = str(tmp_path / "redistill.jsonl"), str(tmp_path / "all.jsonl")
