@@ -171,13 +171,22 @@ def check_non_negative(args, *names):
             raise UserError(f"--{name} must be 0 or more, got {value}")
 
 
+def check_finite(args, *names):
+    """Each named setting must be finite, where ±inf would make the loss or the weights inf and then NaN (where inf
+    means "off" or "no bound", as for --grad_clip or --clip_high, a setting is not named here)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and math.isinf(value):
+            raise UserError(f"--{name} must be finite, got {value}")
+
+
 def check_optimizer(args):
-    """AdamW's settings (train_rl.py, redistill_sft.py): --lr > 0, betas in [0, 1), weight decay and grad clip >= 0
-    (0: off). Out of range, torch's AdamW stops mid-setup with a traceback, or (a negative clip) nothing clips."""
+    """AdamW's settings (train_rl.py, redistill_sft.py): --lr > 0 and finite, betas in [0, 1), weight decay finite
+    and >= 0, grad clip >= 0 (0 or inf: off). Out of range, torch's AdamW stops mid-setup with a traceback, a
+    negative clip clips nothing, and an infinite lr or weight decay makes every weight NaN."""
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
-    if args.lr == math.inf:  # (the first step writes NaN into every weight, and the run ends "done")
-        raise UserError("--lr must be finite, got inf")
+    check_finite(args, "lr", "weight_decay")  # (inf: the first step writes NaN into every weight; the run ends "done")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
@@ -452,11 +461,7 @@ def lock_run_dir(path, name=".lock"):
     key = os.path.realpath(lock_file)
     if key in _LOCKS:
         held = _LOCKS[key]
-        try:
-            same = os.path.samestat(os.stat(lock_file), os.fstat(held.fileno()))
-        except FileNotFoundError:
-            same = False
-        if same:
+        if file_identity(lock_file) == open_file_identity(held):
             return
         held.close()  # a run of this process that has ended: its directory was removed since; lock the new one
         del _LOCKS[key]
@@ -493,8 +498,7 @@ def check_lock_held(path, name=".lock", identity=None):
         held = _LOCKS.get(os.path.realpath(lock_file))  # (as lock_run_dir keyed it: `run` and `./run` are one)
         if held is None or held.closed:
             return
-        ours = os.fstat(held.fileno())
-        identity = [ours.st_dev, ours.st_ino]
+        identity = open_file_identity(held)
     now = file_identity(lock_file)
     if now != identity:
         raise UserError(f"{path}: removed or moved away while this run used it ({lock_file} is "
@@ -529,6 +533,12 @@ def file_identity(path):
         st = os.stat(path)
     except FileNotFoundError:
         return None
+    return [st.st_dev, st.st_ino]
+
+
+def open_file_identity(f):
+    """file_identity of the file open as `f`, wherever it is now (or whether it is still anywhere)."""
+    st = os.fstat(f.fileno())
     return [st.st_dev, st.st_ino]
 
 

@@ -543,6 +543,7 @@ def main(argv=None):
     common.check_non_negative(args, "epochs", "max_steps", "warmup_steps", "val_every", "val_limit", "kl_coef",
                               "val_max_response_tokens", "clip_low", "clip_high")
     common.check_optimizer(args)
+    common.check_finite(args, "kl_coef", "entropy_coef", "dwa_alpha")  # (inf: every loss NaN)
     if not args.max_steps and not args.epochs:
         raise UserError("--epochs 0 with --max_steps 0: no step to run; give either")
     if args.clip_low >= 1:

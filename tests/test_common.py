@@ -256,6 +256,24 @@ def test_a_nan_setting_is_refused():
     assert common.parse_settings(lim_select.get_parser(), ["--threshold=-inf"]).threshold == float("-inf")
 
 
+def test_an_infinite_loss_weight_or_weight_decay_is_refused_where_inf_means_no_off_switch():
+    """--kl_coef inf made every loss NaN (inf x a KL of 0 at the first step) and --weight_decay inf every weight NaN,
+    and the runs went on; both, and the entropy and DWA weights, are refused before any file is read. Where inf means
+    "off" (--grad_clip, --clip_high, --rollout_is_cap) it stays accepted."""
+    import redistill_sft
+    import train_rl
+    for flag in ("--kl_coef", "--entropy_coef", "--dwa_alpha", "--weight_decay"):
+        for value, why in (("inf", "finite"), ("-inf", "finite|0 or more")):
+            with pytest.raises(common.UserError, match=rf"{flag} must be ({why}), got {value}"):
+                train_rl.main(["--model", "no/such/model", "--train_data", "x.jsonl", f"{flag}={value}"])
+    with pytest.raises(common.UserError, match=r"--weight_decay must be finite, got inf"):
+        redistill_sft.main(["--init", "x", "--data", "x.jsonl", "--weight_decay", "inf"])
+    args = common.parse_settings(train_rl.get_parser(), ["--grad_clip", "inf", "--clip_high", "inf",
+                                                         "--rollout_is_cap", "inf"])
+    common.check_optimizer(args)
+    common.check_finite(args, "kl_coef", "entropy_coef", "dwa_alpha", "lr", "weight_decay")
+
+
 def test_an_infinite_learning_rate_or_temperature_is_refused():
     """--lr inf (or Infinity in a --config) wrote NaN into every weight at the first step, and the run still ended
     "done"; an infinite temperature samples uniformly random tokens. Both are refused before any work."""
