@@ -67,9 +67,9 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # answer, 0.105 vs 0.131, so RL has nothing to follow) and +8.8 ± 0.8 at 0.7 (docs/tiny_preset.md "Seeds").
 # Dynamic sampling (DAPO): each step draws further batches of 16 prompts until its 16 groups all have reward
 # variance (~40 % of groups have none at T = 0.7: ~2.2 batches a step). Chosen on validation (the RL policy's greedy
-# accuracy on the 400 SFT prompts, which RL never sees; 3 seeds): 0.347 with it for 100 steps, 0.340 for 75, 0.273
+# accuracy on the 400 SFT prompts of the splits before kk_data.puzzle_key, which RL never sees; 3 seeds): 0.347 with it for 100 steps, 0.340 for 75, 0.273
 # without (100 steps); 75 steps is the cheaper of the two within a point. DYNAMIC_SAMPLING=false runs the measured
-# alternative: no refill, 100 steps (one epoch of the 1,540 RL puzzles).
+# alternative: no refill, 100 steps (one epoch of the 1,560 RL puzzles).
 DYNAMIC_SAMPLING=${DYNAMIC_SAMPLING:-true}
 if [[ "$DYNAMIC_SAMPLING" == true ]]; then RL_STEPS=${RL_STEPS:-75}; else RL_STEPS=${RL_STEPS:-100}; fi
 RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_response_tokens 120 --lr 1e-4 \
@@ -77,7 +77,7 @@ RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_re
 --dynamic_sampling $DYNAMIC_SAMPLING \
 --val_every 25 --val_limit 200 --val_batch_size 200 --save_every 25 --progress false --seed $((1234 + SEED_SHIFT))"
 
-# re-distillation sets: A greedy on the SFT prompts, then on the RL pool's (the 400 SFT prompts alone gave 95-124
+# re-distillation sets: A greedy on the SFT prompts, then on the RL pool's (the SFT prompts alone gave 95-124
 # correct answers; the paper's A has ~700), the correct ones shuffled, first 1,000; B correct rollouts of the last
 # half of the RL steps
 A_SPLITS="$SFT_SPLIT $TRAIN"
