@@ -65,7 +65,7 @@ def get_parser():
                    help="most evaluation prompts per generation call (x --samples_per_prompt rows)")
     p.add_argument("--kv_cache_gib", type=float, default=16.0,
                    help="bound on one generation call's KV cache (GiB): fewer prompts per call when rows x "
-                        "(prompt + --max_new_tokens) would need more")
+                        "(prompt + --max_new_tokens) would need more; inf: no bound")
     p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and of the --num_eval_prompts subset")
     # The paper's convention is unknown (paper.md 2.3): `mean` matches redistill_sft.py's default per-sequence-mean
     # loss (so η·mean SE predicts its SGD step), `sum` is the plain log-likelihood log π(y|x).
@@ -111,8 +111,10 @@ def get_parser():
 
 def gen_chunk_size(num_prompts, world, gen_batch_size, k, cache_bytes_per_token, max_tokens, cache_budget_bytes):
     """Prompts per generation call: at most gen_batch_size; at most what keeps the KV cache (k rows per prompt, each
-    max_tokens long) within the budget; at most ⌈num_prompts / world⌉, so that the chunks spread over the ranks."""
-    by_memory = int(cache_budget_bytes // (k * max_tokens * cache_bytes_per_token))
+    max_tokens long) within the budget (inf: no bound); at most ⌈num_prompts / world⌉, so that the chunks spread over
+    the ranks."""
+    by_memory = int(cache_budget_bytes // (k * max_tokens * cache_bytes_per_token)) \
+        if math.isfinite(cache_budget_bytes) else gen_batch_size
     return max(1, min(gen_batch_size, by_memory, math.ceil(num_prompts / world)))
 
 

@@ -126,6 +126,7 @@ def test_rollout_chunks_keep_every_rank_busy_within_the_cache_bound():
     assert se.gen_chunk_size(100, 1, 64, 8, per_token, 4608, 16 * 2**30) == 16  # the cache bound
     assert se.gen_chunk_size(100, 1, 64, 8, per_token, 4608, 1000 * 2**30) == 64  # --gen_batch_size
     assert se.gen_chunk_size(100, 1, 64, 8, per_token, 4608, 1) == 1  # never zero
+    assert se.gen_chunk_size(100, 1, 64, 8, per_token, 4608, float("inf")) == 64  # --kv_cache_gib inf: no bound
 
 
 def test_rloo_weights():
