@@ -70,6 +70,14 @@ def test_table_corpus_with_drills(tmp_path):
     assert all(p.split("\nAnswer:\n")[1].startswith("knight") for p in puzzles)  # the table's first row
 
 
+@pytest.mark.parametrize("fraction", ["-0.5", "1.5"])
+def test_a_trace_fraction_outside_0_1_is_refused_before_anything_is_written(tmp_path, fraction):
+    """--trace_fraction 1.5 made every mixed document a trace, silently (as --teacher_cot_fraction is refused)."""
+    with pytest.raises(common.UserError, match=r"--trace_fraction must be in \[0, 1\], got "):
+        tiny_base.main(["--out_dir", str(tmp_path / "out"), "--text_format", "mixed", f"--trace_fraction={fraction}"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_probe_needs_a_split(tiny_checkpoint):
     with pytest.raises(common.UserError, match="--probe_split"):
         tiny_base.main(["--probe", str(tiny_checkpoint)])
