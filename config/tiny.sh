@@ -40,9 +40,10 @@ TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # puzzles, then its train split's first 50);
 # RL train: 60 + 1,500 puzzles of 2-3 people; teacher SFT pool ("1K" in the paper): 50 + 300 of 2-3 people.
 # 2-people puzzles are few: 399 exist, 95 up to renaming and operand order. Train, SFT and base text hold no puzzle
-# of the test's up to that equivalence (kk_data.puzzle_key), nor any official test puzzle: a 2-people test of 50
-# (41 classes) left room for 40 + 20 training puzzles, too few for the cold start to learn the two-people answer
-# (docs/tiny_preset.md); the test's 25 are 21 classes
+# of the test's up to that equivalence (kk_data.puzzle_key), and train and SFT no official test puzzle as written
+# (the base text may hold the official test's puzzles past our test's 25). A 2-people test of 50 (41 classes) left
+# room for 40 + 20 training puzzles, too few for the cold start to learn the two-people answer (docs/tiny_preset.md);
+# the test's 25 are 21 classes
 DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 2-3 --test_per_people 25,150 \
 --train_people 2-3 --train_per_people 60,1500 --sft_people 2-3 --sft_per_people 50,300 \
 --train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"
@@ -66,7 +67,7 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # was +7.7 ± 7.8 points at 1.0 (one seed -1.0: sampled at 1.0, a table is scarcely more often right than a direct
 # answer, 0.105 vs 0.131, so RL has nothing to follow) and +8.8 ± 0.8 at 0.7 (docs/tiny_preset.md "Seeds").
 # Dynamic sampling (DAPO): each step draws further batches of 16 prompts until its 16 groups all have reward
-# variance (~40 % of groups have none at T = 0.7: ~2.2 batches a step). Chosen on validation (the RL policy's greedy
+# variance (44-56 % of groups have none at T = 0.7: 2.3-4.0 batches a step). Chosen on validation (the RL policy's greedy
 # accuracy on the 400 SFT prompts of the splits before kk_data.puzzle_key, which RL never sees; 3 seeds): 0.347 with it for 100 steps, 0.340 for 75, 0.273
 # without (100 steps); 75 steps is the cheaper of the two within a point. DYNAMIC_SAMPLING=false runs the measured
 # alternative: no refill, 100 steps (one epoch of the 1,560 RL puzzles).
@@ -77,7 +78,7 @@ RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_re
 --dynamic_sampling $DYNAMIC_SAMPLING \
 --val_every 25 --val_limit 200 --val_batch_size 200 --save_every 25 --progress false --seed $((1234 + SEED_SHIFT))"
 
-# re-distillation sets: A greedy on the SFT prompts, then on the RL pool's (the SFT prompts alone gave 95-124
+# re-distillation sets: A greedy on the SFT prompts, then on the RL pool's (the 350 SFT prompts alone give 103-136
 # correct answers; the paper's A has ~700), the correct ones shuffled, first 1,000; B correct rollouts of the last
 # half of the RL steps
 A_SPLITS="$SFT_SPLIT $TRAIN"
