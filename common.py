@@ -186,11 +186,11 @@ def check_optimizer(args):
     negative clip clips nothing, and an infinite lr or weight decay makes every weight NaN."""
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
-    check_finite(args, "lr", "weight_decay")  # (inf: the first step writes NaN into every weight; the run ends "done")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     check_non_negative(args, "weight_decay", "grad_clip")
+    check_finite(args, "lr", "weight_decay")  # (inf: the first update makes every weight NaN)
 
 
 # below it, logits / temperature overflow float32 (1e-39: inf, then NaN log-probs and the vocabulary's last id)
@@ -537,7 +537,7 @@ def file_identity(path):
 
 
 def open_file_identity(f):
-    """file_identity of the file open as `f`, wherever it is now (or whether it is still anywhere)."""
+    """file_identity of the open file `f`, even if it has since been moved or removed."""
     st = os.fstat(f.fileno())
     return [st.st_dev, st.st_ino]
 

@@ -256,22 +256,23 @@ def test_a_nan_setting_is_refused():
     assert common.parse_settings(lim_select.get_parser(), ["--threshold=-inf"]).threshold == float("-inf")
 
 
-def test_an_infinite_loss_weight_or_weight_decay_is_refused_where_inf_means_no_off_switch():
-    """--kl_coef inf made every loss NaN (inf x a KL of 0 at the first step) and --weight_decay inf every weight NaN,
-    and the runs went on; both, and the entropy and DWA weights, are refused before any file is read. Where inf means
-    "off" (--grad_clip, --clip_high, --rollout_is_cap) it stays accepted."""
+def test_inf_is_refused_for_loss_weights_and_weight_decay_but_kept_where_it_means_off():
+    """--kl_coef inf made every loss NaN (inf x a KL of 0 at the first step) and --weight_decay inf every weight NaN:
+    the run set up, then stopped after --max_bad_steps skipped steps. These, and the entropy and DWA weights, are now
+    refused before any file is read. Where inf means "off" (--grad_clip, --clip_high, --rollout_is_cap) it is taken:
+    the run gets as far as its missing model."""
     import redistill_sft
     import train_rl
-    for flag in ("--kl_coef", "--entropy_coef", "--dwa_alpha", "--weight_decay"):
-        for value, why in (("inf", "finite"), ("-inf", "finite|0 or more")):
-            with pytest.raises(common.UserError, match=rf"{flag} must be ({why}), got {value}"):
+    for flag, negative in (("--kl_coef", "0 or more"), ("--entropy_coef", "finite"), ("--dwa_alpha", "finite"),
+                           ("--weight_decay", "0 or more")):
+        for value, why in (("inf", "finite"), ("-inf", negative)):
+            with pytest.raises(common.UserError, match=rf"^{flag} must be {why}, got {value}$"):
                 train_rl.main(["--model", "no/such/model", "--train_data", "x.jsonl", f"{flag}={value}"])
-    with pytest.raises(common.UserError, match=r"--weight_decay must be finite, got inf"):
+    with pytest.raises(common.UserError, match=r"^--weight_decay must be finite, got inf$"):
         redistill_sft.main(["--init", "x", "--data", "x.jsonl", "--weight_decay", "inf"])
-    args = common.parse_settings(train_rl.get_parser(), ["--grad_clip", "inf", "--clip_high", "inf",
-                                                         "--rollout_is_cap", "inf"])
-    common.check_optimizer(args)
-    common.check_finite(args, "kl_coef", "entropy_coef", "dwa_alpha", "lr", "weight_decay")
+    with pytest.raises(common.UserError, match=r"^no/such/model: no such directory"):
+        train_rl.main(["--model", "no/such/model", "--train_data", "x.jsonl", "--grad_clip=inf", "--clip_high=inf",
+                       "--rollout_is_cap=inf"])
 
 
 def test_an_infinite_learning_rate_or_temperature_is_refused():

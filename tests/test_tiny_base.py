@@ -70,11 +70,14 @@ def test_table_corpus_with_drills(tmp_path):
     assert all(p.split("\nAnswer:\n")[1].startswith("knight") for p in puzzles)  # the table's first row
 
 
-@pytest.mark.parametrize("fraction", ["-0.5", "1.5"])
-def test_a_trace_fraction_outside_0_1_is_refused_before_anything_is_written(tmp_path, fraction):
-    """--trace_fraction 1.5 made every mixed document a trace, silently (as --teacher_cot_fraction is refused)."""
-    with pytest.raises(common.UserError, match=r"--trace_fraction must be in \[0, 1\], got "):
-        tiny_base.main(["--out_dir", str(tmp_path / "out"), "--text_format", "mixed", f"--trace_fraction={fraction}"])
+@pytest.mark.parametrize("setting, error", [("--trace_fraction=-0.5", r"--trace_fraction must be in \[0, 1\]"),
+                                            ("--trace_fraction=1.5", r"--trace_fraction must be in \[0, 1\]"),
+                                            ("--vocab_size=-1", r"--vocab_size must be")])
+def test_a_setting_out_of_range_is_refused_before_anything_is_written(tmp_path, setting, error):
+    """--trace_fraction 1.5 made every mixed document a trace, silently (as --teacher_cot_fraction is refused);
+    --vocab_size -1 ended in the tokenizer trainer's OverflowError after the pre-training text was written."""
+    with pytest.raises(common.UserError, match=error):
+        tiny_base.main(["--out_dir", str(tmp_path / "out"), "--text_format", "mixed", setting])
     assert not (tmp_path / "out").exists()
 
 
