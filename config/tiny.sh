@@ -67,9 +67,10 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # was +7.7 ± 7.8 points at 1.0 (one seed -1.0: sampled at 1.0, a table is scarcely more often right than a direct
 # answer, 0.105 vs 0.131, so RL has nothing to follow) and +8.8 ± 0.8 at 0.7 (docs/tiny_preset.md "Seeds").
 # Dynamic sampling (DAPO): each step draws further batches of 16 prompts until its 16 groups all have reward
-# variance (44-56 % of groups have none at T = 0.7: 2.3-4.0 batches a step). Chosen on validation (the RL policy's greedy
-# accuracy on the 400 SFT prompts of the splits before kk_data.puzzle_key, which RL never sees; 3 seeds): 0.347 with it for 100 steps, 0.340 for 75, 0.273
-# without (100 steps); 75 steps is the cheaper of the two within a point. DYNAMIC_SAMPLING=false runs the measured
+# variance (a step's mean: 44-56 % of groups have none at T = 0.7, 2.3-4.0 batches a step). Chosen on validation
+# (the RL policy's greedy accuracy on the 400 SFT prompts of the splits before kk_data.puzzle_key, which RL never
+# sees; 3 seeds): 0.347 with it for 100 steps, 0.340 for 75, 0.273 without (100 steps); 75 steps is the cheaper of
+# the two within a point. DYNAMIC_SAMPLING=false runs the measured
 # alternative: no refill, 100 steps (one epoch of the 1,560 RL puzzles).
 DYNAMIC_SAMPLING=${DYNAMIC_SAMPLING:-true}
 if [[ "$DYNAMIC_SAMPLING" == true ]]; then RL_STEPS=${RL_STEPS:-75}; else RL_STEPS=${RL_STEPS:-100}; fi
@@ -90,13 +91,15 @@ B_SAMPLES=400  # as many as the teacher set had before the puzzle_key de-duplica
 EVAL_ARGS="--max_new_tokens 120 --batch_size 200 --progress false"
 EFFECT_ARGS="--num_eval_prompts 200 --samples_per_prompt 8 --max_new_tokens 120 --max_length 1024 --exact true --proj_dim 0 \
 --gen_batch_size 200 --micro_batch_tokens 4096 --progress false --log_every 250 --seed $SEED_SHIFT"
+# (--num_eval_prompts 200 here and RL's --val_limit 200 exceed the test's 175 puzzles: both take all of them)
 SELECT_K=100  # the sample-effect experiment: SFT the base on the 100 highest- vs the 100 lowest-effect samples
 
 # LIMR (LIMR=1 bash reproduce.sh tiny; README "LIMR"): a pool of its own, 170 RL puzzles (the first 20 two-people and
 # 150 three-people ones of the RL train streams), small enough for a probe run of 8 epochs in 80 steps: 10 steps of
 # 16 prompts per epoch, 10 prompts left out of each epoch at random (LIMR: 8 steps of 1,024, 331 left out), 8
 # rollouts per prompt (LIMR: 8) at temperature 1.0 (LIMR: 1.2; the study's RL runs at 0.7). FULL, LIM and RAND: 40 steps each from
-# the cold start, the preset's GRPO settings; threshold 0.6 (LIMR's); three seeds.
+# the cold start, the preset's GRPO settings; threshold 0.6 (LIMR's); three seeds. (Its SFT split is written but
+# not read: LIMR starts from the study's cold start; its test is the study's.)
 LIMR_DATA_CMD="python kk_data.py --out_dir $OUT/limr/data --fixed_names true --test_people 2-3 --test_per_people 25,150 \
 --train_people 2-3 --train_per_people 20,150 --sft_people 2-3 --sft_per_people 50,300"
 LIMR_POOL=$OUT/limr/data/train.jsonl
