@@ -70,8 +70,8 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # variance (a step's mean: 44-56 % of groups have none at T = 0.7, 2.3-4.0 batches a step). Chosen on validation
 # (the RL policy's greedy accuracy on the 400 SFT prompts of the splits before kk_data.puzzle_key, which RL never
 # sees; 3 seeds): 0.347 with it for 100 steps, 0.340 for 75, 0.273 without (100 steps); 75 steps is the cheaper of
-# the two within a point. DYNAMIC_SAMPLING=false runs the measured
-# alternative: no refill, 100 steps (one epoch of the 1,560 RL puzzles).
+# the two within a point. DYNAMIC_SAMPLING=false runs the measured alternative: no refill, 100 steps (one epoch of
+# the 1,560 RL puzzles).
 DYNAMIC_SAMPLING=${DYNAMIC_SAMPLING:-true}
 if [[ "$DYNAMIC_SAMPLING" == true ]]; then RL_STEPS=${RL_STEPS:-75}; else RL_STEPS=${RL_STEPS:-100}; fi
 RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_response_tokens 120 --lr 1e-4 \
