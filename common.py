@@ -171,6 +171,14 @@ def check_non_negative(args, *names):
             raise UserError(f"--{name} must be 0 or more, got {value}")
 
 
+def check_fraction(args, *names):
+    """Each named setting must be a share in [0, 1] (outside, a draw `random() < share` is silently all or none)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise UserError(f"--{name} must be in [0, 1], got {value}")
+
+
 def check_finite(args, *names):
     """Each named setting must be finite, where ±inf would make the loss or the weights inf and then NaN (where inf
     means "off" or "no bound", as for --grad_clip or --clip_high, a setting is not named here)."""

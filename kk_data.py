@@ -794,8 +794,7 @@ def write_teacher_sft(args):
         raise common.UserError("--teacher_sft needs --split FILE (the puzzles to write teacher traces for)")
     common.check_distinct_outputs([("--teacher_sft", args.teacher_sft)], [("--split", args.split)])
     tokenizer = tasks.teacher_sft_tokenizer(args.tokenizer, args.template)
-    if not 0.0 <= args.teacher_cot_fraction <= 1.0:
-        raise common.UserError(f"--teacher_cot_fraction must be in [0, 1], got {args.teacher_cot_fraction}")
+    common.check_fraction(args, "teacher_cot_fraction")
     rng = random.Random(args.teacher_seed)  # which puzzles carry the chain of thought: reproducible
     rows, with_cot = [], 0
     for rec in load_split(args.split):

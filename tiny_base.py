@@ -182,8 +182,7 @@ def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
     if args.probe:
         return probe(args)
-    if not 0.0 <= args.trace_fraction <= 1.0:  # (outside, every document would silently be one format)
-        raise common.UserError(f"--trace_fraction must be in [0, 1], got {args.trace_fraction}")
+    common.check_fraction(args, "trace_fraction")  # (outside, every document would silently be one format)
     common.check_positive(args, "vocab_size")  # (the tokenizer trainer raised OverflowError after writing the text)
     people = kk_data.parse_people(args.people, "people")
     sizes = kk_data.parse_sizes(args.per_people, people, "per_people")
