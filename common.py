@@ -469,7 +469,7 @@ def lock_run_dir(path, name=".lock"):
     key = os.path.realpath(lock_file)
     if key in _LOCKS:
         held = _LOCKS[key]
-        if file_identity(lock_file) == open_file_identity(held):
+        if file_identity(lock_file) == file_identity(held.fileno()):
             return
         held.close()  # a run of this process that has ended: its directory was removed since; lock the new one
         del _LOCKS[key]
@@ -506,7 +506,7 @@ def check_lock_held(path, name=".lock", identity=None):
         held = _LOCKS.get(os.path.realpath(lock_file))  # (as lock_run_dir keyed it: `run` and `./run` are one)
         if held is None or held.closed:
             return
-        identity = open_file_identity(held)
+        identity = file_identity(held.fileno())
     now = file_identity(lock_file)
     if now != identity:
         raise UserError(f"{path}: removed or moved away while this run used it ({lock_file} is "
@@ -536,17 +536,12 @@ def run_in_progress(path, name=".lock"):
 
 
 def file_identity(path):
-    """[device, inode] of the file at path now, or None: the same list on every rank while no one replaces it."""
+    """[device, inode] of the file at path now, or None: the same list on every rank while no one replaces it. path
+    may be an open file's descriptor (that file's, even if it has since been moved or removed)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
-    return [st.st_dev, st.st_ino]
-
-
-def open_file_identity(f):
-    """file_identity of the open file `f`, even if it has since been moved or removed."""
-    st = os.fstat(f.fileno())
     return [st.st_dev, st.st_ino]
 
 
