@@ -691,9 +691,22 @@ def write_jsonl(path, records):
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
+def json_safe(obj):
+    """obj with each non-finite float as the string "inf", "-inf" or "nan": json.dumps writes them bare (Infinity,
+    NaN), which Python reads back but strict readers (jq, JavaScript, most other languages) refuse."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
+    """Atomically write obj as strict JSON (settings, summaries): an inf setting (--clip_high inf) as "inf"."""
     with atomic_open(path) as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
+        json.dump(json_safe(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
         f.write("\n")
 
 

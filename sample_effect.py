@@ -350,7 +350,8 @@ def open_partial(path, identity, resume):
         except UserError as e:
             raise UserError(f"{e}; pass --resume false to start over")
         try:
-            ckpt.check_run_identity(path, saved, identity)
+            # (as written: an inf setting reads back as "inf"; an earlier version wrote it bare, read back as inf)
+            ckpt.check_run_identity(path, common.json_safe(saved), common.json_safe(identity))
         except UserError as e:
             raise UserError(f"{e}; pass --resume false to start over (or another --out)")
         logs = sorted(glob.glob(os.path.join(glob.escape(path), "effects.rank*.jsonl")))

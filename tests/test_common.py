@@ -431,6 +431,21 @@ def record_syncs(monkeypatch):
     return events
 
 
+def test_write_json_writes_strict_json(tmp_path):
+    """An inf setting (--clip_high inf, --kv_cache_gib inf) goes into settings.json and summaries: json.dump writes
+    it bare (Infinity), which strict readers refuse; it is written as the string "inf" (NaN as "nan"), at any depth."""
+    import json
+    path = str(tmp_path / "s.json")
+    common.write_json(path, {"clip_high": float("inf"), "nested": [{"t": -float("inf")}, (float("nan"), 1.5)],
+                             "n": 3, "s": "inf"})
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    with open(path, encoding="utf-8") as f:
+        got = json.loads(f.read(), parse_constant=refuse)
+    assert got == {"clip_high": "inf", "nested": [{"t": "-inf"}, ["nan", 1.5]], "n": 3, "s": "inf"}
+
+
 def test_atomic_writes_reach_the_disk_before_their_name_does(tmp_path, monkeypatch):
     """A power loss after the rename must not leave a checkpoint (or any output) whose name points at data still in
     the page cache: every file is synced before the rename that publishes it, and the directory after."""

@@ -327,6 +327,21 @@ def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path,
     assert not partial.exists()  # outputs written: the partial run is gone
 
 
+def test_a_stopped_run_with_an_inf_setting_resumes(tmp_path):
+    """identity.json is strict JSON (--kv_cache_gib inf written as "inf"): read back, it still matches the run's
+    identity, and so does one an earlier version wrote bare (Infinity); another value is refused."""
+    partial = tmp_path / "effects.partial"
+    identity = {"kv_cache_gib": float("inf"), "seed": 1}
+    for write in (common.write_json, lambda p, o: open(p, "w").write(json.dumps(o))):  # now; an earlier version
+        partial.mkdir()
+        write(str(partial / "identity.json"), identity)
+        common.write_json(str(partial / "grad_j.json"), {})
+        assert se.open_partial(str(partial), identity, resume=True) == []
+        with pytest.raises(UserError, match="kv_cache_gib: was 'inf', now 4.0"):
+            se.open_partial(str(partial), {**identity, "kv_cache_gib": 4.0}, resume=True)
+        se.remove_partial(str(partial))
+
+
 def test_the_ranks_check_together_that_they_read_the_same_data(setup, tmp_path, monkeypatch):
     """Each rank reads --sft_data and --eval_data itself: their digests go to parallel.same_on_every_rank, which
     refuses on every rank files written again between two ranks' reads, before any gradient or write."""
