@@ -209,21 +209,23 @@ def remove_partial_saves(run_dir):
 
 def load_checkpoint(run_dir):
     """The newest checkpoint in run_dir that every rank can read: (step, model_dir, train_state, this rank's shard),
-    or None. One with a damaged file (truncated by a disk fault or a partial copy, or missing) is skipped with a
-    one-line warning naming the file. A read that fails for another reason (the storage's I/O error, no memory, no
-    permission) says nothing of the file: a UserError on every rank, before anything is skipped (the resume would
-    remove the newer checkpoint as unreadable). Every rank calls this."""
+    or None. Its shard is None where another number of ranks wrote it (require_shard says so: a finished run needs
+    none, so the scripts check first whether there is anything to do). One with a damaged file (truncated by a disk
+    fault or a partial copy, or missing) is skipped with a one-line warning naming the file. A read that fails for
+    another reason (the storage's I/O error, no memory, no permission) says nothing of the file: a UserError on every
+    rank, before anything is skipped (the resume would remove the newer checkpoint as unreadable). Every rank calls
+    this."""
     for step in reversed(checkpoint_steps(run_dir)):
         model_dir, problem, state, shard = checkpoint_dir(run_dir, step), None, None, None
         failed = None  # a read error, not a damaged file
-        path = state_path = model_dir + ".state.pt"
+        path = model_dir + ".state.pt"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("world_size", 1) == world_size():  # (else the error below, not a skip)
-                for path in weight_files(model_dir):  # safetensors checks that the file covers its header
-                    open(path, "rb").close()  # (safetensors reports a refused open as a missing file)
-                    with safe_open(path, framework="pt") as f:
-                        f.keys()
+            for path in weight_files(model_dir):  # safetensors checks that the file covers its header
+                open(path, "rb").close()  # (safetensors reports a refused open as a missing file)
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            if state.get("world_size", 1) == world_size():  # (else no shard: require_shard's error, not a skip)
                 path = train_shard_path(run_dir, step, rank())
                 shard = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 -- any reader error (weight_files': no weights) means: not this one
@@ -240,11 +242,18 @@ def load_checkpoint(run_dir):
         if problems:
             print0(f"warning: skipping the checkpoint of step {step}: cannot read {problems[0]}")
             continue
-        if state.get("world_size", 1) != world_size():
-            raise UserError(f"{state_path}: written by {state.get('world_size', 1)} rank(s); resume it with the same "
-                            f"number (torchrun --nproc_per_node), not {world_size()}")
         return step, model_dir, state, shard
     return None
+
+
+def require_shard(found):
+    """The training state of load_checkpoint's `found` is one shard per rank: a run that goes on must have as many
+    ranks as wrote it."""
+    _, model_dir, state, shard = found
+    if shard is None:
+        raise UserError(f"{model_dir}.state.pt: written by {state.get('world_size', 1)} rank(s); resume it with the "
+                        f"same number (torchrun --nproc_per_node), not {world_size()}")
+    return shard
 
 
 def read_failure(e):
@@ -335,12 +344,13 @@ def load_local_train_state(model, optimizer, shard):
 PATH_SETTINGS = ("train_data", "model", "ref_model", "data", "pretrain_text", "init")
 
 
-def check_run_identity(run_dir, saved: dict, now: dict, recorded_since=()):
+def check_run_identity(run_dir, saved: dict, now: dict, recorded_since=(), ignore=()):
     """--resume must continue the same run: settings that decide the data order or the schedule (`now`) must
     equal the checkpoint's (`saved`), path settings name the same files; otherwise one line names each difference.
-    recorded_since: keys that checkpoints of earlier versions do not hold, so not compared with those."""
+    recorded_since: keys that checkpoints of earlier versions do not hold, so not compared with those. ignore: keys
+    not compared (a finished run's compute: nothing is left to compute)."""
     changed = {k: (saved.get(k), now.get(k)) for k in {**saved, **now} if saved.get(k) != now.get(k)
-               and not (k in recorded_since and k not in saved)
+               and k not in ignore and not (k in recorded_since and k not in saved)
                and not (k in PATH_SETTINGS and same_files(saved.get(k), now.get(k)))}
     if changed:
         raise UserError(f"{run_dir}: --resume with different settings than the run's: "

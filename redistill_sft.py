@@ -354,18 +354,22 @@ def main(argv=None):
     # ---- model, optimizer, resume
     state = None
     if resume_from:
-        step, resume_dir, state, train_shard = resume_from
+        step, resume_dir, state, _ = resume_from  # (its shard: below, if the run goes on)
+        # a finished run's compute is not compared (nothing is left to compute: it may be re-run on other hardware)
+        finished = step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json"))
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state["identity"], identity,
-            recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS)))
+            recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS),
+            ignore=parallel.COMPUTE_KEYS if finished else ()))
         if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it)
             ckpt.prune_checkpoints(args.out_dir, step, args.keep_last if step < total_steps else 1,
                                    range(0, total_steps + 1, steps_per_epoch))
-        if step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json")):
+        if finished:  # (at any number of ranks)
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); "
                    f"final weights in {final_dir}; nothing to do")
             parallel.dist_cleanup()
             return 0
+        train_shard = ckpt.require_shard(resume_from)
         model = load_model(resume_dir, dtype=torch.float32, device=device)
         print0(f"resuming from {resume_dir} (step {step}/{total_steps})")
     elif args.init_tiny:

@@ -280,7 +280,7 @@ def test_a_stop_inside_the_last_saves_prune_is_finished_by_the_resume(tiny_check
         "step_000005", "step_000010"]  # the weights of the epoch ends
 
 
-def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsys):
+def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch, 10 in all
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
@@ -306,6 +306,11 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
             sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
     finally:
         torch.set_num_threads(1)
+    with monkeypatch.context() as m:  # a shard per rank: an unfinished run goes on only at the number that wrote it
+        m.setattr(ckpt, "world_size", lambda: 2)
+        with pytest.raises(UserError, match=r"step_000007\.state\.pt: written by 1 rank\(s\); resume it with the "
+                                            r"same number \(torchrun --nproc_per_node\), not 2"):
+            sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
     write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=4), tok)  # other examples, same path and count
     with pytest.raises(UserError, match="different settings.*data_digest: was"):
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
@@ -324,6 +329,18 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     stamp = os.path.getmtime(os.path.join(cut, "final", "model.safetensors"))
     sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
     assert "already finished (10/10 steps)" in capsys.readouterr().out
+    # ... at any number of ranks, on any CPU or thread count: nothing is left to compute (it was refused)
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "world_size", lambda: 2)
+        m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER")
+        torch.set_num_threads(2)
+        try:
+            sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
+        finally:
+            torch.set_num_threads(1)
+    assert "already finished (10/10 steps)" in capsys.readouterr().out
+    with pytest.raises(UserError, match="different settings.*lr: was 0.001, now 0.002"):  # (a setting still counts)
+        sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--lr", "2e-3"))
     assert os.path.getmtime(os.path.join(cut, "final", "model.safetensors")) == stamp
 
     # a real kill (SIGKILL, maybe mid-save) of a run checkpointing every step; --resume finishes it identically

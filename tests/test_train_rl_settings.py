@@ -181,7 +181,7 @@ def test_a_resume_on_other_kernels_is_refused_and_an_earlier_run_is_not_compared
 def test_a_resume_whose_end_is_behind_its_checkpoint_does_nothing_and_says_so(rl_run, monkeypatch, capsys):
     """A finished run re-run with --resume, or one resumed with a --max_steps below its checkpoint's step, has no step
     to run: it says so, and builds no engine (it printed "steps 3..1" and decoded nothing)."""
-    run = rl_run
+    run, here = rl_run, torch.backends.cpu.get_cpu_capability()
     metrics, _, _ = run("ended", max_steps=2, save_every=2)
     capsys.readouterr()
     monkeypatch.setattr(engine, "sample_responses", lambda *a, **k: pytest.fail("sampled past the end"))
@@ -189,6 +189,16 @@ def test_a_resume_whose_end_is_behind_its_checkpoint_does_nothing_and_says_so(rl
         again, _, out = run("ended", max_steps=max_steps, save_every=2, resume=True)
         assert again == metrics
         assert f"{out}: already at step 2 >= --max_steps {max_steps}; nothing to do" in capsys.readouterr().out
+    # ... at any number of ranks and on any CPU (nothing is left to compute; both were refused), while a run that goes
+    # on needs the number of ranks that wrote its shards
+    monkeypatch.setattr(ckpt, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER")
+    assert run("ended", max_steps=2, save_every=2, resume=True)[0] == metrics
+    assert "nothing to do" in capsys.readouterr().out
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: here)
+    with pytest.raises(common.UserError, match=r"step_000002\.state\.pt: written by 1 rank\(s\); resume it with "
+                                               r"the same number \(torchrun --nproc_per_node\), not 2"):
+        run("ended", max_steps=3, save_every=2, resume=True)
 
 
 def test_a_task_without_difficulties_logs_no_difficulty_field(rl_run, tmp_path, monkeypatch):
