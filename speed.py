@@ -485,6 +485,9 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
             t_hf = timed(lambda: run_hf(hf, prompts, lengths, samples, stop_id), device)
             w.update(hf_s=t_hf, hf_tok_s=sum(lengths) / t_hf, speedup_vs_hf=t_hf / t_ours,
                      peak_mem_gib_hf=peak_gib(device))
+            for name in more:  # (on a GPU "fa2" is generate's default: issue 34's 10x is judged on it)
+                if f"ours_{name}_s" in w:
+                    w[f"ours_{name}_speedup_vs_hf"] = t_hf / w[f"ours_{name}_s"]
         for kind in ("datasheet", "measured"):
             bandwidth = ceilings.get("datasheet_bytes_per_s" if kind == "datasheet" else "copy_bytes_per_s")
             if bandwidth:
@@ -492,6 +495,9 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
                 w[f"floor_s_{kind}_bandwidth"] = floor
                 w[f"ours_fraction_of_floor_{kind}"] = floor / t_ours
                 w[f"ours_fused_fraction_of_floor_{kind}"] = floor / t_fused
+                for name in more:  # (the default engine among them: its fraction is the one the target asks)
+                    if f"ours_{name}_s" in w:
+                        w[f"ours_{name}_fraction_of_floor_{kind}"] = floor / w[f"ours_{name}_s"]
         # the datasheet's roofline: at each step the larger of its bandwidth and compute floors
         if ceilings.get("datasheet_bf16_flops") and ceilings.get("datasheet_bytes_per_s"):
             w["floor_s_datasheet_compute"] = decode_floor(cfg, model, prompts, lengths, samples, 2,
@@ -789,9 +795,10 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
     rollouts = common.read_jsonl(tasks.rollout_log_path(out, steps))
     prompt_len = {r["id"]: len(ids) for r, ids in zip(records, tasks.encode_prompts(
         tok, [kk_data.render_prompt(r, tok) for r in records]))}
-    seq_lens = [prompt_len[r["id"]] + r["length"] for r in rollouts]
+    trained = [r for r in rollouts if r["trained"]]  # (all with these settings: no group dropped, none masked)
+    seq_lens = [prompt_len[r["id"]] + r["length"] for r in trained]
     cfg = read_config(base)
-    flops = train_flops(cfg, seq_lens, sum(r["length"] for r in rollouts))
+    flops = train_flops(cfg, seq_lens, sum(r["length"] for r in trained))
     train_s = m["train_s"] - memory.get("update_snapshot_s", 0.0)  # the memory trace's snapshot is not training
     # what gpu_memory computes for this step, as train_rl does (its peaks count the CUDA context; the measured ones
     # do not), with the kept engine's buffers where train_rl keeps them
