@@ -38,10 +38,12 @@ QWEN25_15B = dict(arch="Qwen2ForCausalLM", hidden_size=1536, num_layers=28, num_
 QWEN25_3B = dict(QWEN25_15B, hidden_size=2048, num_layers=36, num_heads=16, intermediate_size=11008)
 SUITE_SECTIONS = ("correctness", "attention", "decode_attention", "sampler", "train_step", "generation", "sft", "rl",
                   "rl_larger")
-# datasheets, by a part of the device's name (the longest that matches: "NVIDIA H200" is the SXM part)
+# datasheets, by a part of the device's name (the longest that matches: "NVIDIA H200" is the SXM part; a GH200's
+# bandwidth is 4.0 or 4.9 TB/s by its memory, not the H200's: unknown)
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12, "H200 NVL": 4.8e12,
                   "A100": 2.039e12, "A100 80GB PCIe": 1.935e12, "A100-SXM4-40GB": 1.555e12,
-                  "A100-PCIE-40GB": 1.555e12}  # bytes/s ("A100": the 80 GB SXM4 part)
+                  "A100-PCIE-40GB": 1.555e12,
+                  "GH200": None}  # bytes/s ("A100": the 80 GB SXM4 part)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12,
                    "A100": 312e12}  # dense bf16 tensor-core FLOP/s
 

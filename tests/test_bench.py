@@ -328,6 +328,8 @@ def test_datasheet_takes_the_longest_name_that_matches():
     assert speed.datasheet(speed.PEAK_BANDWIDTH, "NVIDIA H100 PCIe") == 2.0e12
     assert speed.datasheet(speed.PEAK_BANDWIDTH, "NVIDIA H100 80GB HBM3") == 3.35e12
     assert speed.datasheet(speed.PEAK_BANDWIDTH, "Tesla T4") is None
+    assert speed.datasheet(speed.PEAK_BANDWIDTH, "NVIDIA GH200 480GB") is None  # (not the H200's 4.8 TB/s)
+    assert speed.datasheet(speed.PEAK_BF16_FLOPS, "NVIDIA GH200 480GB") == 989e12  # the H100 SXM's compute
     # the A100's four parts (torch.cuda.get_device_name's spelling): 40 GB HBM2 at 1.555 TB/s, 80 GB HBM2e faster
     assert [speed.datasheet(speed.PEAK_BANDWIDTH, f"NVIDIA A100{part}") for part in (
         "-SXM4-40GB", "-PCIE-40GB", " 80GB PCIe", "-SXM4-80GB")] == [1.555e12, 1.555e12, 1.935e12, 2.039e12]
