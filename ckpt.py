@@ -2,6 +2,7 @@
 Training runs that survive a kill: the optimizer and gradient clipping, run checkpoints (save, prune, load, resume
 with the same settings) and the per-step metrics log. SFT and RL share all of it.
 """
+import functools
 import glob
 import math
 import os
@@ -16,7 +17,7 @@ from common import (UserError, append_jsonl, atomic_open, error_chain, out_of_me
                     same_files, world_size, write_json, write_jsonl)
 from model import save_model, weight_files
 from parallel import (all_gather_json, all_reduce, barrier, check_lock_on_rank0, full_copy, is_sharded, local_tensor,
-                      lock_on_rank0, on_rank0, reshard)
+                      lock_on_rank0, on_rank0, reshard, write_on_rank0)
 
 # -----------------------------------------------------------------------------
 # optimizer
@@ -139,19 +140,17 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
     (prune_checkpoints). train_state: tensors, numbers, strings, lists, dicts."""
     check_lock_on_rank0(run_dir)  # (its directory removed or moved away meanwhile: stop, write nothing)
     full = full_copy(model, dtype, device="cpu", on_rank=0)
-    if rank() == 0:
-        save_model(full, checkpoint_dir(run_dir, step), tokenizer)
+    write_on_rank0(functools.partial(save_model, full, checkpoint_dir(run_dir, step), tokenizer), run_dir)
     del full
     with atomic_open(train_shard_path(run_dir, step, rank()), "wb") as f:
         torch.save(local_train_state(model, optimizer), f)
     barrier()
-    # again: the save took long; without its state file what it wrote is a partial save, which a resume removes
-    check_lock_on_rank0(run_dir)
-    if rank() == 0:
+
+    def finish():  # without its state file, what the save wrote is a partial save, which a resume removes
         with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
             torch.save({"step": step, "world_size": world_size(), **train_state}, f)
         prune_checkpoints(run_dir, step, keep_last, keep_weights)
-    barrier()
+    write_on_rank0(finish, run_dir)  # (its directory checked again: the save took long; every rank waits for it)
 
 
 def prune_checkpoints(run_dir, step, keep_last, keep_weights=()):
@@ -389,14 +388,14 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
             except ImportError:
                 print0("note: wandb not installed; logging to metrics.jsonl only")
 
-    def log(record):
-        check_lock_on_rank0(run_dir)  # (every rank calls log: a run whose directory went away stops here)
-        if rank() == 0:
+    def log(record):  # (every rank calls it: a run whose directory went away, or a full disk, stops every rank here)
+        def append():
             # JSON has no NaN or inf (json.dumps writes them bare, and strict readers refuse the file): a non-finite
             # value (a step whose forward blew up) is null, as a skipped step's loss is
-            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-            append_jsonl(path, record)
+            finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            append_jsonl(path, finite)
             if wandb:
-                wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+                wandb.log({k: v for k, v in finite.items() if isinstance(v, (int, float))}, step=finite["step"])
+        write_on_rank0(append, run_dir)
     log.finish = lambda: wandb.finish() if wandb else None
     return log

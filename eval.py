@@ -198,7 +198,7 @@ def main(argv=None):
     import torch
     from model import load_model, parse_dtype
     from tasks import load_tokenizer
-    rank, world, device = parallel.dist_setup()
+    _, world, device = parallel.dist_setup()
     dtype = parse_dtype(args.dtype, device)
     common.seed_everything(args.seed)
 
@@ -273,13 +273,14 @@ def main(argv=None):
             seconds = time.time() - t0
             summary = {"checkpoint": name, "split": split_name, "settings": settings,
                        "difficulty_key": task.DIFFICULTY, **metrics}  # (report.py's heading: it imports no task)
-            parallel.check_lock_on_rank0(args.out_dir)  # (removed or moved away meanwhile: stop, write nothing)
-            if rank == 0:
-                pair_dir = os.path.join(args.out_dir, name, split_name)
+            pair_dir = os.path.join(args.out_dir, name, split_name)
+
+            def write_pair():  # (called at once: the loop's names are this pair's)
                 if os.path.exists(os.path.join(pair_dir, "summary.json")):  # an old summary must not mark new samples
                     os.remove(os.path.join(pair_dir, "summary.json"))
                 common.write_jsonl(os.path.join(pair_dir, "samples.jsonl"), samples)
                 common.write_json(os.path.join(pair_dir, "summary.json"), summary)  # last: marks the pair done
+            parallel.write_on_rank0(write_pair, args.out_dir)  # (out_dir removed or moved away meanwhile: nothing)
             tokens = sum(s["length"] for s in samples)
             o = summary["overall"]
             print0(f"{name} on {split_name}: accuracy {o['accuracy']:.4f} | truncated {o['truncation_rate']:.3f} | "
@@ -296,10 +297,11 @@ def main(argv=None):
         rows = [summary_row(summaries[name, split_name], name, task.DIFFICULTY or "") for name in names]
         parts.append(split_heading(summaries[names[0], split_name]) + "\n\n" + markdown_table(rows))
     text = "\n".join(parts)
-    parallel.check_lock_on_rank0(args.out_dir)  # (removed or moved away meanwhile: write nothing)
-    if rank == 0:
+
+    def write_results():
         with common.atomic_open(os.path.join(args.out_dir, "results.md")) as f:
             f.write(text)
+    parallel.write_on_rank0(write_results, args.out_dir)
     print0("\n" + text)
     print0(f"wrote {os.path.join(args.out_dir, 'results.md')}")
     engine.release()  # generation's weight copy and KV cache, kept across this run's checkpoints: not the caller's

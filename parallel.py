@@ -190,10 +190,21 @@ def lock_on_rank0(run_dir, name=".lock", if_exists=False):
     on_rank0(lambda: lock_run_dir(run_dir, name) if not if_exists or os.path.isdir(run_dir) else None)
 
 
+def write_on_rank0(write, run_dir, name=".lock"):
+    """Rank 0 runs write() (what it alone writes into run_dir) once it has checked that run_dir is still the directory
+    whose lock this run took (common.check_lock_held: removed or moved away, and perhaps a new run there). Either's
+    UserError (a write refused: a full disk) stops every rank with its one line, not rank 0 alone while the others wait
+    in their next collective. Every rank calls this."""
+    def checked():
+        check_lock_held(run_dir, name)
+        write()
+    on_rank0(checked)
+
+
 def check_lock_on_rank0(run_dir, name=".lock"):
-    """Every rank stops, by rank 0's look, when run_dir is no longer the directory whose lock this run took
-    (common.check_lock_held: removed or moved away, and perhaps a new run there). Every rank calls this."""
-    on_rank0(lambda: check_lock_held(run_dir, name))
+    """write_on_rank0 with nothing to write: every rank stops, by rank 0's look, when run_dir is no longer the
+    directory whose lock this run took. Every rank calls this."""
+    write_on_rank0(lambda: None, run_dir, name)
 
 
 def on_rank0(work):

@@ -493,9 +493,7 @@ def main(argv=None):
         print0(f"stopped at step {stop}/{total_steps} (--stop_at_step); continue with --resume true")
     else:
         final = full_copy(model, dtype, device="cpu", on_rank=0)
-        parallel.check_lock_on_rank0(args.out_dir)  # (removed or moved away meanwhile: write nothing)
-        if rank == 0:
-            save_model(final, final_dir, tokenizer)
+        parallel.write_on_rank0(lambda: save_model(final, final_dir, tokenizer), args.out_dir)
         print0(f"done: {total_steps} steps; final weights in {final_dir}")
     parallel.dist_cleanup()
     return 0

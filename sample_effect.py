@@ -577,9 +577,8 @@ def main(argv=None):
     if loaded is None:
         grad_j, exact_ref, sketch_ref = estimate_grad_j(model, params, tokenizer, task, records, prompt_ids,
                                                         eval_subset, sketch, compute_dtype, args, rank, world, device)
-        if rank == 0:
-            save_grad_j(partial, identity, grad_j, exact_ref, sketch_ref)
-        parallel.barrier()  # no rank's effects are on disk before the ∇J they are for
+        # (every rank waits for it: no rank's effects are on disk before the ∇J they are for)
+        parallel.write_on_rank0(lambda: save_grad_j(partial, identity, grad_j, exact_ref, sketch_ref), *lock)
     else:
         grad_j, exact_ref, sketch_ref = loaded
         print0(f"∇J of the stopped run ({partial}; {grad_j['ranks']} rank(s)): "
@@ -641,8 +640,8 @@ def main(argv=None):
                           "mean_response_length": statistics.fmean(e["response_length"] for e in mine_rows)}
     summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("progress", "log_every", "resume")},
                "grad_j": grad_j, "files": per_file}
-    parallel.check_lock_on_rank0(*lock)  # (its directory removed or moved away meanwhile: write nothing)
-    if rank == 0:
+
+    def write_outputs():
         common.write_jsonl(args.out, effects)
         common.write_json(out_stem(args.out) + ".summary.json", summary)
         if args.select:
@@ -650,6 +649,7 @@ def main(argv=None):
             write_selection(args.select_out, ranked[:args.select])
             if args.select_bottom:
                 write_selection(args.select_bottom, ranked[-args.select:][::-1])
+    parallel.write_on_rank0(write_outputs, *lock)  # (--out's directory removed or moved away meanwhile: nothing)
     parallel.barrier()  # every rank is past the partial files before they go
     if rank == 0:
         remove_partial(partial)

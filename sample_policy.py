@@ -317,9 +317,8 @@ def main(argv=None):
             print0(f"re-scored {len(samples)} rollouts with {args.task}'s score: {changed} rewards changed")
 
     parallel.lock_on_rank0(*lock)  # (held already, or a fresh directory's, made now)
-    parallel.check_lock_on_rank0(*lock)  # (--out's directory removed or moved away meanwhile: write nothing)
-    if args.samples_out and rank == 0:
-        common.write_jsonl(args.samples_out, samples)
+    if args.samples_out:  # (--out's directory removed or moved away meanwhile: nothing written)
+        parallel.write_on_rank0(lambda: common.write_jsonl(args.samples_out, samples), *lock)
         print0(f"wrote all {len(samples)} samples (before filtering) to {args.samples_out}")
     kept, counts = select(samples, args.max_per_prompt, args.num_examples, args.seed, stop_texts(tokenizer),
                           sft_too_long(tokenizer, args.max_length))
@@ -334,14 +333,11 @@ def main(argv=None):
                         f"among {counts['samples']} samples; nothing written to {args.out}")
     if args.num_examples and len(kept) < args.num_examples:
         print0(f"note: only {len(kept)} samples available, fewer than --num_examples {args.num_examples}")
-    parallel.check_lock_on_rank0(*lock)
-    if rank == 0:
-        rows = [{"id": s["id"], "task": args.task, "prompt": s["prompt"], "response": s["response"],
-                 "source": s["source"], "reward": s["reward"],
-                 **({"step": s["step"]} if "step" in s else {"sample": s["sample"]})} for s in kept]
-        common.write_jsonl(args.out, rows)
-        print0(f"wrote {len(rows)} SFT examples to {args.out}"
-               + ("" if rows else " (none correct: --allow_empty true)"))
+    rows = [{"id": s["id"], "task": args.task, "prompt": s["prompt"], "response": s["response"],
+             "source": s["source"], "reward": s["reward"],
+             **({"step": s["step"]} if "step" in s else {"sample": s["sample"]})} for s in kept]
+    parallel.write_on_rank0(lambda: common.write_jsonl(args.out, rows), *lock)
+    print0(f"wrote {len(rows)} SFT examples to {args.out}" + ("" if rows else " (none correct: --allow_empty true)"))
     engine.release()  # (--from_checkpoint filled it)
     parallel.dist_cleanup()
 

@@ -772,7 +772,6 @@ def main(argv=None):
         m = step_metrics(step, epochs[0] if epochs else 0, batch, sums, times, device, ref_model is not None)
         m.update(loss=loss, grad_norm=grad_norm, lr=lr, updates=updates, bad_steps=bad_steps_total)
         if args.log_rollouts:
-            parallel.check_lock_on_rank0(args.out_dir)  # (its directory removed or moved away meanwhile: stop)
             train_set = set(batch.train_idx)
             everything = parallel.gather_lists([
                 [[*places[j // n], s["sample"]],  # in the global batch's order (set B reads the log in order)
@@ -783,8 +782,8 @@ def main(argv=None):
                   "rank": rank}]
                 for j, s in enumerate(rollouts)], key=None if seeds_by_rank else lambda x: x[0])
             everything = [row for _, row in everything]
-            if rank == 0:
-                common.write_jsonl(tasks.rollout_log_path(args.out_dir, step), everything)
+            parallel.write_on_rank0(lambda: common.write_jsonl(tasks.rollout_log_path(args.out_dir, step), everything),
+                                    args.out_dir)
 
         # 7. validation, the step's log line, then the checkpoint (then only the newest --keep_last stay): logged
         # first, so a kill after the save cannot lose the line (a resume from an older checkpoint rewrites it)

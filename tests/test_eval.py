@@ -2,6 +2,7 @@
 sampled metrics, torchrun = 1 process, errors. (pass@k, summaries and tables: test_scoring.py.)"""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -455,6 +456,26 @@ def test_torchrun_with_fewer_records_than_ranks(tiny_checkpoint, split, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rel in ("base/one/samples.jsonl", "base/one/summary.json"):
         assert read(tmp_path / "ddp" / rel) == read(tmp_path / "alone" / rel), rel
+
+
+@pytest.mark.torchrun
+def test_torchrun_a_write_refused_on_rank_0_stops_every_rank_with_its_line(tiny_checkpoint, split, tmp_path):
+    """Rank 0 alone writes a pair's files: on a full disk it stopped with its line, and rank 1 went on into the next
+    collective, to die there with the backend's traceback or torchrun's SIGTERM. Every rank now stops with it."""
+    (tmp_path / "full_disk.py").write_text(
+        "import errno, common, eval\n"
+        "def full(path, records):\n"
+        "    common.raise_refused_write(path, OSError(errno.ENOSPC, 'No space left on device'), 'nothing written')\n"
+        "common.write_jsonl = full\n"
+        "common.run_main(eval.main)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           str(tmp_path / "full_disk.py"), "--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split,
+           "--out_dir", str(tmp_path / "ddp")] + FAST
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count("samples.jsonl: cannot write it (No space left on device)") == 2, proc.stderr[-3000:]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 2 ", proc.stderr), proc.stderr[-3000:]  # its own
+    assert "eval.py\", line" not in proc.stderr  # no worker's traceback (torchrun's own launcher prints one)
 
 
 # -----------------------------------------------------------------------------
