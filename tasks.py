@@ -129,13 +129,23 @@ def task_source_digest(task):
 
 def load_tokenizer(path):
     """The tokenizer saved in a local directory (a checkpoint, or a bare tokenizer directory). A missing directory is
-    named as such, not passed on to transformers, which would take the path for a hub repo id."""
-    from transformers import AutoTokenizer
+    named as such, not passed on to transformers, which would take the path for a hub repo id.
+
+    Beside a config.json, transformers loads the model type's tokenizer class, which may add tokens of its own that
+    the saved vocabulary lacks (Qwen2Tokenizer adds <|endoftext|> as its pad token): a tokenizer one token longer than
+    the model's embedding, refused at the next stage. Then the saved tokenizer is loaded as it is, by the generic
+    class."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such directory (a checkpoint or tokenizer directory; download hub models first, "
                         f"e.g. huggingface-cli download Qwen/Qwen2.5-1.5B --local-dir DIR)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        saved = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(saved) and len(tokenizer) > Tokenizer.from_file(saved).get_vocab_size(with_added_tokens=True):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        return tokenizer
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load tokenizer ({e})")
 

@@ -247,6 +247,29 @@ def test_tiny_tokenizer_same_tokens_alone_and_beside_a_qwen2_config(tmp_path):
     assert len(alone) > 10
 
 
+def test_a_tokenizer_beside_a_qwen2_config_keeps_its_size(tmp_path):
+    """A tokenizer without <|endoftext|> saved with a Qwen2 config came back as Qwen2Tokenizer, which adds that token
+    as its pad token: one more token than the embedding, refused as --init at the next stage. It reloads as saved."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from tasks import load_tokenizer
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["Alice is a knight and Bob is a knave."] * 30, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    save_model(build_model(tiny_config(len(tok))), str(tmp_path / "ck"), tok)
+    back = load_tokenizer(str(tmp_path / "ck"))
+    assert len(back) == len(tok) and back.eos_token == "<eos>" and "<|endoftext|>" not in back.get_vocab()
+    text = "Bob is a knave"
+    assert back(text)["input_ids"] == tok(text)["input_ids"]
+    save_model(build_model(tiny_config(len(back))), str(tmp_path / "again"), back)  # and again (a later stage's)
+    assert len(load_tokenizer(str(tmp_path / "again"))) == len(tok)
+    ours = build_tokenizer(["Alice says 12 + 34 = 46."] * 30, vocab_size=300, path=str(tmp_path / "bare"))
+    save_model(build_model(tiny_config(len(ours))), str(tmp_path / "qwen"), ours)  # ours has it: Qwen2's class stays
+    assert type(load_tokenizer(str(tmp_path / "qwen"))).__name__ == "Qwen2Tokenizer"
+
+
 def write_model(tmp_path, name="ck"):
     save_model(random_model(CONFIGS["qwen2_tied"]), str(tmp_path / name))
     return str(tmp_path / name)
