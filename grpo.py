@@ -1,8 +1,8 @@
 """
-train_rl.py's pure functions: the GRPO objective (group advantages, the PPO clipped surrogate, the KL estimators,
-DWA's token weights, the loss aggregation's token weights) and the run's schedule (each step's prompts, sampling
-seed and learning rate). Each switch is one setting of train_rl.py; tests/test_grpo.py checks each function
-against a hand computation.
+train_rl.py's pure functions: the GRPO objective (group advantages, the PPO clipped surrogate and CISPO's, the KL
+estimators, DWA's token weights, the rollouts' importance weights, DAPO's overlong penalty, the loss aggregation's
+token weights) and the run's schedule (each step's prompts, sampling seed and learning rate). Each switch is one
+setting of train_rl.py; tests/test_grpo.py checks each function against a hand computation.
 """
 import numpy as np
 import torch
@@ -73,6 +73,18 @@ def policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
     return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
 
 
+def cispo_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
+    """CISPO (MiniMax-M1, arXiv 2506.13585) per token, to minimise: -sg(clip(rho, 1-clip_low, 1+clip_high)) * A *
+    rho / sg(rho): the importance weight is clipped and detached, never the token, so every token keeps its policy
+    gradient (PPO's clip gives a token past the band none). Its value is -A * the clipped weight, as policy_loss's is
+    -A * rho where the clip does not bind; its gradient -A * weight * grad log pi. logp: policy_loss's (the token's
+    log-prob, or GSPO's sequence-level one). Returns (loss per token, 1.0 where the weight was clipped, else 0.0)."""
+    ratio = torch.exp(logp - old_logp)
+    weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high).detach()
+    clipped = (ratio.detach() < 1.0 - clip_low) | (ratio.detach() > 1.0 + clip_high)
+    return -adv * weight * torch.exp(logp - logp.detach()), clipped.float()
+
+
 def kl_penalty(logp, ref_logp, estimator="k3"):
     """Per-token estimate of the value of KL(pi || pi_ref) from samples of pi.
 
@@ -115,21 +127,36 @@ def sequence_ratio_logp(logp, old_logp, lengths):
     return old_logp + mean_log_ratio + (logp - logp.detach())
 
 
-def rollout_is_weights(old_logp, sampler_logp, lengths, level="token", cap=2.0):
+def rollout_is_weights(old_logp, sampler_logp, lengths, level="token", cap=2.0, mode="truncate"):
     """Truncated importance sampling (TIS: Yao et al. 2025, "Your efficient RL framework secretly brings you
     off-policy RL training"; verl's rollout importance sampling). The rollouts were drawn by the engine, whose
     log-probs (sampler_logp) differ slightly from the trainer's (old_logp: kernels, batch shapes, bf16), while the
     update's ratio is taken against the trainer; each token's policy-gradient loss is weighted by
     min(pi_old / pi_sampler, cap) ("token"), or every token of a response by min(prod_t pi_old / pi_sampler, cap)
-    ("sequence"). lengths: the responses' token counts, in order. Detached; exactly 1 where the two agree.
-    Returns (weights, a bool mask of the tokens whose weight was capped)."""
+    ("sequence"). mode "mask" (masked importance sampling, MIS / IcePop: Liu, Li et al. 2025, "When Speed Kills
+    Stability"): the ratio itself inside [1/cap, cap], 0 outside it (that token, or every token of that response,
+    leaves the gradient). lengths: the responses' token counts, in order. Detached; exactly 1 where the two agree.
+    Returns (weights, a bool mask of the tokens whose weight was capped or masked)."""
     log_ratio = (old_logp - sampler_logp).detach().float()
     if level == "sequence":
         log_ratio = per_response(log_ratio, lengths)
     elif level != "token":
         raise ValueError(f"unknown rollout importance-sampling level {level!r}")
     ratio = log_ratio.exp()
-    return ratio.clamp(max=cap), ratio > cap
+    if mode == "truncate":
+        return ratio.clamp(max=cap), ratio > cap
+    if mode == "mask":
+        outside = (ratio > cap) | (ratio < 1.0 / cap)
+        return torch.where(outside, torch.zeros_like(ratio), ratio), outside
+    raise ValueError(f"unknown rollout importance-sampling mode {mode!r}")
+
+
+def overlong_penalty(lengths, max_len, buffer, factor=1.0):
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to each response's reward: 0 up to
+    max_len - buffer tokens, then falling linearly to -factor at max_len (a response cut at the cap gets -factor).
+    buffer 0: off."""
+    start = max_len - buffer
+    return [-factor * min(1.0, (length - start) / buffer) if buffer and length > start else 0.0 for length in lengths]
 
 
 def token_weights(lengths, loss_agg, total_tokens, total_seqs, max_response_tokens):

@@ -35,9 +35,9 @@ import gpu_memory
 import parallel
 import tasks
 from common import UserError, print0
-from grpo import (batch_epoch, dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at, policy_loss,
-                  refill_keep, rollout_is_weights, sequence_ratio_logp, step_prompt_indices, token_weights,
-                  zero_variance)
+from grpo import (batch_epoch, cispo_loss, dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at,
+                  overlong_penalty, policy_loss, refill_keep, rollout_is_weights, sequence_ratio_logp,
+                  step_prompt_indices, token_weights, zero_variance)
 from model import load_model, parse_dtype, read_config, response_logprobs
 from parallel import idle_pass, shard_model
 from scoring import validate
@@ -52,13 +52,15 @@ RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_
 # ... and what each step samples and optimises, checked against the settings the checkpoint saved (those its
 # version had), so a resume cannot mix two objectives in one run; the rest (memory, logging, --max_steps) may change
 RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "clip_low", "clip_high",
-                 "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator", "ref_model",
-                 "entropy_coef", "adv_weight", "rollout_is", "rollout_is_cap", "dwa_s", "dwa_alpha",
-                 "drop_zero_variance_groups", "mask_truncated", "grad_clip", "adam_8bit", "beta1", "beta2",
+                 "policy_loss", "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator",
+                 "ref_model", "entropy_coef", "adv_weight", "rollout_is", "rollout_is_cap", "rollout_is_mode",
+                 "dwa_s", "dwa_alpha", "drop_zero_variance_groups", "mask_truncated", "overlong_buffer",
+                 "overlong_penalty", "grad_clip", "adam_8bit", "beta1", "beta2",
                  "weight_decay", "model")  # --model: the tokenizer and, without --ref_model, the KL reference
-# what the runs of versions before a setting existed did, where its default now differs (TIS came on 2026-12-02,
-# on by default): a resume of such a run compares this, not today's default
-EARLIER_OBJECTIVE = {"rollout_is": "off"}
+# what the runs of versions before a setting existed did: a resume of such a run compares this, not what is given now
+# (TIS came on 2026-12-02, on by default; CISPO, masked IS and the overlong punishment on 2026-12-06, off)
+EARLIER_OBJECTIVE = {"rollout_is": "off", "policy_loss": "ppo", "rollout_is_mode": "truncate", "overlong_buffer": 0,
+                     "overlong_penalty": 1.0}
 # (--dtype: the identity holds the dtype it resolved to, and the device with a CPU's thread count:
 # parallel.compute_identity)
 # (and ckpt.load_local_train_state checks AdamW's betas, weight decay and eps against the optimizer state itself)
@@ -105,6 +107,12 @@ def get_parser():
     p.add_argument("--clip_low", type=float, default=0.2, help="PPO clip: ratio floor 1 - clip_low")
     p.add_argument("--clip_high", type=float, default=0.2,
                    help="PPO clip: ratio ceiling 1 + clip_high (clip-higher, DAPO: 0.28)")
+    p.add_argument("--policy_loss", default="ppo", choices=("ppo", "cispo"),
+                   help="ppo: the clipped surrogate (PPO, GRPO): a token whose ratio is past the clip band gets no "
+                        "gradient; cispo: CISPO (MiniMax-M1, arXiv 2506.13585): the importance weight clipped to the "
+                        "band [1 - clip_low, 1 + clip_high] and detached, so every token keeps its gradient (the paper "
+                        "bounds it from above only: --clip_low 1). The same as ppo with one on-policy update per "
+                        "batch, where the ratio is 1")
     p.add_argument("--ppo_epochs", type=int, default=1,
                    help="passes over each rollout batch (>1: old log-probs are recomputed)")
     p.add_argument("--ratio_level", default="token", choices=("token", "sequence"),
@@ -142,6 +150,11 @@ def get_parser():
                         "the engine logs the untruncated softmax's log-prob (see --top_p)")
     p.add_argument("--rollout_is_cap", type=float, default=2.0,
                    help="the cap C of --rollout_is's weight min(ratio, C) (TIS: 2)")
+    p.add_argument("--rollout_is_mode", default="truncate", choices=("truncate", "mask"),
+                   help="truncate: --rollout_is's weight min(ratio, C) (TIS); mask: the ratio inside [1/C, C] and 0 "
+                        "outside it, so a token (or, per sequence, a response) the two disagree on leaves the "
+                        "gradient (masked importance sampling, MIS / IcePop; Liu, Li et al. 2025, 'When Speed Kills "
+                        "Stability'; its normaliser keeps it, unlike verl's rejection, which would need a pre-pass)")
     p.add_argument("--dwa_s", type=float, default=1.0,
                    help="with --adv_weight dwa: DWA scale s, w in [1 - s/2, 1 + s/2], |s| <= 2 (unpublished)")
     p.add_argument("--dwa_alpha", type=float, default=1.0,
@@ -162,6 +175,14 @@ def get_parser():
     p.add_argument("--mask_truncated", type=common.str2bool, default=False,
                    help="leave truncated responses out of the loss (DAPO overlong filtering); "
                         "paper: kept, with reward 0")
+    p.add_argument("--overlong_buffer", type=int, default=0,
+                   help="DAPO's soft overlong punishment (arXiv 2503.14476; its recipe: 4096 of 20480 tokens): a "
+                        "response longer than --max_response_tokens minus this many tokens has its reward lowered, "
+                        "linearly, down to -overlong_penalty at the cap, before the group's advantages (0 = off). "
+                        "Rewards as logged, accuracy and which groups have no signal (--dynamic_sampling, "
+                        "--drop_zero_variance_groups: DAPO's filter on accuracy) stay the task's")
+    p.add_argument("--overlong_penalty", type=float, default=1.0,
+                   help="--overlong_buffer's penalty at the cap (DAPO: 1)")
     # optimizer (paper: AdamW betas (0.5, 0.999), wd 0.01, grad clip 1, constant lr after linear warm-up)
     p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (paper K&K 5e-6, MATH 2.5e-6)")
     p.add_argument("--warmup_steps", type=int, default=8,
@@ -430,10 +451,12 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                 if args.adv_weight == "dwa":
                     a = a * dwa_weights(lp, old_lp, args.dwa_s, args.dwa_alpha)
                 ratio_lp = lp if args.ratio_level == "token" else sequence_ratio_logp(lp, old_lp, lens)
-                tok_loss, clipped = policy_loss(ratio_lp, old_lp, a, args.clip_low, args.clip_high)
+                surrogate = cispo_loss if args.policy_loss == "cispo" else policy_loss
+                tok_loss, clipped = surrogate(ratio_lp, old_lp, a, args.clip_low, args.clip_high)
                 if args.rollout_is != "off":  # the engine drew these tokens: correct its mismatch with the trainer
                     sampler = sampler_logprobs(batch, js, device)
-                    is_w, capped = rollout_is_weights(old_lp, sampler, lens, args.rollout_is, args.rollout_is_cap)
+                    is_w, capped = rollout_is_weights(old_lp, sampler, lens, args.rollout_is, args.rollout_is_cap,
+                                                      args.rollout_is_mode)
                     tok_loss = tok_loss * is_w
                     if epoch == 0:
                         sums["is_weight"] += is_w.sum().item()
@@ -503,6 +526,7 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
                else {}),
             **({"is_weight": g["is_weight"] / g["is_tokens"], "is_capped": g["is_capped"] / g["is_tokens"],
                 "is_kl": g["is_kl"] / g["is_tokens"]} if g["is_tokens"] else {}),
+            **({"overlong_penalty": g["overlong_penalty"] / seqs} if "overlong_penalty" in g else {}),
             "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
             "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9),
             **{k: mx[k] for k in ("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
@@ -546,8 +570,13 @@ def main(argv=None):
     common.check_finite(args, "kl_coef", "entropy_coef", "dwa_alpha")  # (inf: every loss NaN)
     if not args.max_steps and not args.epochs:
         raise UserError("--epochs 0 with --max_steps 0: no step to run; give either")
-    if args.clip_low >= 1:
+    if args.clip_low >= 1 and args.policy_loss == "ppo":  # (CISPO's weight: >= 1 means no floor, as the paper's)
         raise UserError(f"--clip_low {args.clip_low}: the ratio's floor 1 - clip_low must stay above 0")
+    common.check_non_negative(args, "overlong_buffer", "overlong_penalty")
+    common.check_finite(args, "overlong_penalty")
+    if args.overlong_buffer > args.max_response_tokens:
+        raise UserError(f"--overlong_buffer {args.overlong_buffer} > --max_response_tokens {args.max_response_tokens}: "
+                        f"the punishment would start before the response does")
     if args.dynamic_sampling and args.samples_per_prompt < 2:
         raise UserError("--dynamic_sampling needs --samples_per_prompt >= 2: a group of one has no reward variance")
     if args.temperature <= 0:
@@ -681,7 +710,9 @@ def main(argv=None):
         print0("note: --adv_weight dwa with --dwa_s 0 or --dwa_alpha 0: w = 1 (no effect)")
     # a setting whose switch is off is not used: said once, not refused (a sweep may pass it to every arm)
     for names, unused, switch in ((("dwa_s", "dwa_alpha"), args.adv_weight != "dwa", "--adv_weight dwa"),
-                                  (("rollout_is_cap",), args.rollout_is == "off", "--rollout_is token or sequence"),
+                                  (("rollout_is_cap", "rollout_is_mode"), args.rollout_is == "off",
+                                   "--rollout_is token or sequence"),
+                                  (("overlong_penalty",), args.overlong_buffer == 0, "--overlong_buffer > 0"),
                                   (("max_gen_batches",), not args.dynamic_sampling, "--dynamic_sampling true"),
                                   (("ref_model", "kl_estimator"), args.kl_coef == 0, "--kl_coef > 0")):
         given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
@@ -760,6 +791,11 @@ def main(argv=None):
                 if j in train_set:
                     sums["kl"] += seq_kl[j]
                     sums["kl_tokens"] += len(batch.responses[j])
+        if args.overlong_buffer:  # DAPO's soft overlong punishment: the advantages' rewards, not the task's
+            penalty = overlong_penalty([s["length"] for s in rollouts], args.max_response_tokens, args.overlong_buffer,
+                                       args.overlong_penalty)
+            sums["overlong_penalty"] = sum(penalty)  # (logged: the mean over the step's rollouts)
+            rewards = [r + p for r, p in zip(rewards, penalty)]
         adv = group_advantages(rewards, n, args.std_normalize, seq_kl, args.kl_coef).tolist()
 
         # 5. the update

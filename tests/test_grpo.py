@@ -223,6 +223,54 @@ def test_rollout_is_matches_verls_truncated_importance_sampling():
     assert torch.allclose(loss * w, verl_loss)
 
 
+def test_masked_importance_sampling_by_hand():
+    """mode mask (MIS / IcePop): the ratio inside [1/cap, cap], 0 outside, per token or per response."""
+    old = torch.tensor([0.0, -1.0, -2.0, -0.2])
+    sampler = torch.tensor([0.0, -1.5, 0.5, 0.0])  # ratios 1, e^0.5 = 1.65, e^-2.5 = 0.08, e^-0.2 = 0.82
+    w, masked = grpo.rollout_is_weights(old, sampler, [2, 2], "token", cap=1.5, mode="mask")
+    assert torch.allclose(w, torch.tensor([1.0, 0.0, 0.0, math.exp(-0.2)]))
+    assert masked.tolist() == [False, True, True, False]
+    w, masked = grpo.rollout_is_weights(old, sampler, [2, 2], "sequence", cap=2.0, mode="mask")
+    assert torch.allclose(w, torch.tensor([math.exp(0.5)] * 2 + [0.0] * 2))  # the second response: e^-2.7 < 1/2
+    assert masked.tolist() == [False, False, True, True]
+    lp = torch.randn(50, requires_grad=True)
+    w, masked = grpo.rollout_is_weights(lp, lp.detach().clone(), [50], "token", mode="mask")
+    assert torch.equal(w, torch.ones(50)) and not masked.any() and not w.requires_grad
+    with pytest.raises(ValueError, match="unknown rollout importance-sampling mode"):
+        grpo.rollout_is_weights(old, sampler, [4], "token", mode="clip")
+
+
+def test_cispo_clips_the_weight_not_the_token():
+    """CISPO: value -A * clip(rho) (PPO's -A * rho inside the band), and a gradient -A * clip(rho) * grad log pi on
+    every token, where PPO's clip gives a token past the band none."""
+    logp = torch.tensor([-1.0, -1.0, -1.0, -1.0], requires_grad=True)
+    old = torch.tensor([-1.0, -1.5, -0.5, -1.1])  # ratios 1, e^0.5 = 1.65, e^-0.5 = 0.61, e^0.1 = 1.105
+    adv = torch.tensor([1.0, 1.0, -1.0, 2.0])
+    loss, clipped = grpo.cispo_loss(logp, old, adv, clip_low=0.2, clip_high=0.28)
+    weight = torch.tensor([1.0, 1.28, 0.8, math.exp(0.1)])
+    assert torch.allclose(loss, -adv * weight) and clipped.tolist() == [0.0, 1.0, 1.0, 0.0]
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, -adv * weight)  # every token's gradient, its weight clipped
+    ppo_logp = logp.detach().clone().requires_grad_()
+    ppo, _ = grpo.policy_loss(ppo_logp, old, adv, 0.2, 0.28)
+    ppo.sum().backward()
+    assert ppo_logp.grad[1] == 0 and ppo_logp.grad[2] == 0  # past the band: no gradient under PPO
+    assert torch.allclose(ppo[[0, 3]], loss.detach()[[0, 3]])  # inside the band both values are -A * rho
+    on = torch.randn(8, requires_grad=True)  # on-policy: PPO's loss and gradient exactly
+    a = torch.randn(8)
+    c, _ = grpo.cispo_loss(on, on.detach(), a)
+    p, _ = grpo.policy_loss(on, on.detach(), a)
+    assert torch.equal(c, p.detach()) and torch.equal(torch.autograd.grad(c.sum(), on)[0],
+                                                      torch.autograd.grad(p.sum(), on)[0])
+
+
+def test_overlong_penalty_by_hand():
+    """DAPO's soft overlong punishment: 0 up to max - buffer, then linear down to -factor at the cap; buffer 0 off."""
+    assert grpo.overlong_penalty([1, 6, 7, 8, 10], 10, 4, factor=0.5) == [0.0, 0.0, -0.125, -0.25, -0.5]
+    assert grpo.overlong_penalty([10, 10], 10, 10) == [-1.0, -1.0]
+    assert grpo.overlong_penalty([3, 10], 10, 0) == [0.0, 0.0]
+
+
 def test_zero_variance_groups():
     assert grpo.zero_variance([1, 1, 0, 1, 0.5, 0.5], n=2) == [True, False, True]
     assert grpo.zero_variance([0, 0, 0, 0], n=4) == [True]

@@ -62,6 +62,60 @@ def test_clip_bounds_reach_the_surrogate_in_their_places(rl_run, monkeypatch):
     assert seen[1][5].sum() > 0  # the tight floor binds in the second mini-batch
 
 
+def test_cispo_takes_the_clip_bounds_in_place_of_the_ppo_surrogate(rl_run, monkeypatch):
+    """--policy_loss cispo: CISPO's loss replaces PPO's in every mini-batch, with the clip bounds in their places
+    (--clip_low 1: no floor, the paper's; refused for ppo, whose floor would be 0); the second mini-batch's ratios
+    differ from 1, so some weight is clipped there, and its tokens still get a gradient."""
+    run = rl_run
+    seen, real = [], train_rl.cispo_loss
+
+    def spy(logp, old, adv, lo, hi):
+        out = real(logp, old, adv, lo, hi)
+        grad = torch.autograd.grad(out[0].sum(), logp, retain_graph=True)[0]
+        seen.append((lo, hi, out[1], grad, adv.detach()))
+        return out
+    monkeypatch.setattr(train_rl, "cispo_loss", spy)
+    monkeypatch.setattr(train_rl, "policy_loss", lambda *a: pytest.fail("PPO's surrogate under --policy_loss cispo"))
+    metrics, _, _ = run("cispo", policy_loss="cispo", clip_low=1.0, clip_high=0.01, ppo_mini_batches=2, lr=3e-2,
+                        rollout_is="off")
+    assert len(seen) == 2 and metrics[0]["updates"] == 2
+    assert all((lo, hi) == (1.0, 0.01) for lo, hi, *_ in seen)
+    _, _, clipped, grad, adv = seen[1]
+    assert clipped.sum() > 0 and (grad[clipped.bool() & (adv != 0)] != 0).all()  # clipped, yet trained
+    assert metrics[0]["clip_frac"] > 0
+    monkeypatch.undo()
+    with pytest.raises(common.UserError, match="--clip_low 1.0: the ratio's floor"):
+        run("ppo_floor", clip_low=1.0)
+
+
+def test_masked_importance_sampling_zeroes_the_tokens_outside_the_band(rl_run):
+    """--rollout_is_mode mask against truncate, on the fixed rollouts (whose sampler log-probs are 0: each token's
+    ratio is the trainer's probability, ~1/300 on average for their random tokens): truncation caps none of them;
+    the mask zeroes those below 1/C, here some of them."""
+    run = rl_run
+    (trunc,), _, _ = run("truncate", rollout_is="token", rollout_is_cap=300.0)
+    (mask,), _, _ = run("mask", rollout_is="token", rollout_is_cap=300.0, rollout_is_mode="mask")
+    assert trunc["is_capped"] == 0 and 0 < mask["is_capped"] < 1
+    assert mask["is_weight"] < trunc["is_weight"]
+    assert mask["loss"] != trunc["loss"]
+
+
+def test_the_overlong_punishment_lowers_the_advantages_rewards_not_the_logged_ones(rl_run):
+    """--overlong_buffer 4 of 12 tokens, --overlong_penalty 0.5: each response's advantage is its group's over
+    reward + DAPO's penalty for its length; the rollout log and the step's reward and accuracy keep the task's."""
+    run = rl_run
+    (plain,), plain_logs, _ = run("plain", rollout_is="off")
+    (m,), logs, _ = run("overlong", rollout_is="off", overlong_buffer=4, overlong_penalty=0.5)
+    rows = logs[1]
+    penalty = grpo.overlong_penalty([r["length"] for r in rows], 12, 4, 0.5)
+    assert any(penalty) and [r["reward"] for r in rows] == [r["reward"] for r in plain_logs[1]]
+    want = grpo.group_advantages([r["reward"] + p for r, p in zip(rows, penalty)], RL_N).tolist()
+    assert [r["advantage"] for r in rows] == pytest.approx(want, abs=1e-6)
+    assert [r["advantage"] for r in rows] != pytest.approx([r["advantage"] for r in plain_logs[1]], abs=1e-6)
+    assert (m["reward"], m["acc"]) == (plain["reward"], plain["acc"]) and "overlong_penalty" not in plain
+    assert m["overlong_penalty"] == pytest.approx(sum(penalty) / len(rows))
+
+
 def test_the_optimizer_runs_with_the_lr_schedule_betas_and_weight_decay_given(rl_run):
     """The saved optimizer state holds the settings the step ran with: lr = lr_at(step) (warm-up 4: step 2 of 4 runs
     at half the peak), the betas and the weight decay given."""

@@ -51,9 +51,9 @@ def test_token_weights_come_from_the_engines_logprobs_and_change_the_update(loop
     tis, metrics, calls = loop("tis", rollout_is="token", rollout_is_cap=1.5)
     assert not none and all("is_weight" not in m for m in plain_metrics)
     assert len(calls) == 2  # one micro-batch per step
-    for (old, sampler, lens, level, cap), (w, capped) in calls:
+    for (old, sampler, lens, level, cap, mode), (w, capped) in calls:
         assert torch.equal(sampler, torch.zeros_like(sampler)) and sum(lens) == old.numel()  # fixed rollouts log 0
-        assert (level, cap) == ("token", 1.5)
+        assert (level, cap, mode) == ("token", 1.5, "truncate")
         # the sampler said log-prob 0 (probability 1) for tokens the trainer finds less likely: weights < 1
         assert torch.allclose(w, old.exp()) and (w < 1).all() and not capped.any()
     for m, (_, (w, _)) in zip(metrics, calls):
@@ -66,7 +66,7 @@ def test_sequence_weights_and_the_cap(loop):
     """A response's weight is the product of its token ratios (here its probability under the trainer, the sampler
     having logged 1): short responses exceed the tiny cap, long ones do not, and the logged share says which."""
     _, metrics, calls = loop("seq", rollout_is="sequence", rollout_is_cap=1e-6)
-    for m, ((old, sampler, lens, level, cap), (w, capped)) in zip(metrics, calls):
+    for m, ((old, sampler, lens, level, cap, _), (w, capped)) in zip(metrics, calls):
         ratio = torch.repeat_interleave(torch.stack([s.sum() for s in old.split(lens)]).exp(), torch.tensor(lens))
         assert level == "sequence" and torch.allclose(w, ratio.clamp(max=1e-6), rtol=1e-4, atol=0)
         assert torch.equal(capped, ratio > 1e-6) and 0 < capped.sum() < capped.numel()
