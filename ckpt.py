@@ -17,7 +17,7 @@ from common import (UserError, append_jsonl, atomic_open, error_chain, out_of_me
                     same_files, world_size, write_json, write_jsonl)
 from model import save_model, weight_files
 from parallel import (all_gather_json, all_reduce, barrier, check_lock_on_rank0, full_copy, is_sharded, local_tensor,
-                      lock_on_rank0, on_rank0, reshard, write_on_rank0)
+                      lock_on_rank0, on_every_rank, on_rank0, reshard, write_on_rank0)
 
 # -----------------------------------------------------------------------------
 # optimizer
@@ -142,9 +142,11 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
     full = full_copy(model, dtype, device="cpu", on_rank=0)
     write_on_rank0(functools.partial(save_model, full, checkpoint_dir(run_dir, step), tokenizer), run_dir)
     del full
-    with atomic_open(train_shard_path(run_dir, step, rank()), "wb") as f:
-        torch.save(local_train_state(model, optimizer), f)
-    barrier()
+
+    def write_shard():  # (every rank its own)
+        with atomic_open(train_shard_path(run_dir, step, rank()), "wb") as f:
+            torch.save(local_train_state(model, optimizer), f)
+    on_every_rank(write_shard)  # (a write refused on one rank stops them all; every rank waits for the others)
 
     def finish():  # without its state file, what the save wrote is a partial save, which a resume removes
         with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:

@@ -210,17 +210,40 @@ def check_lock_on_rank0(run_dir, name=".lock"):
 def on_rank0(work):
     """Rank 0 runs work() (it decides, or reads or writes what it alone keeps) and every rank gets its result (JSON),
     or its UserError raised: not on rank 0 alone, which would leave the others to die in their next collective with
-    a backend's traceback (or wait there). Every rank calls this."""
-    outcome = {"problem": None, "result": None}
+    a backend's traceback (or wait there). Any other error is raised on rank 0 as it is, and on the others as a
+    UserError naming it. Every rank calls this."""
+    outcome, failure = {"problem": None, "result": None}, None
     if rank() == 0:
         try:
             outcome["result"] = work()
         except UserError as e:
             outcome["problem"] = str(e)
+        except Exception as e:  # noqa: BLE001 -- the others stop too, then rank 0 raises it whole
+            failure, outcome["problem"] = e, f"rank 0 stopped: {type(e).__name__}: {e}"
     outcome = all_gather_json(outcome)[0]
+    if failure is not None:
+        raise failure
     if outcome["problem"]:
         raise UserError(outcome["problem"])
     return outcome["result"]
+
+
+def on_every_rank(work):
+    """Every rank runs work() (what each writes of its own); an error on any rank stops every rank: the first one's,
+    by rank, as a UserError on the others (raised whole where it happened), not on that rank alone while the others
+    wait in their next collective. Every rank calls this."""
+    problem, failure = None, None
+    try:
+        work()
+    except UserError as e:
+        problem = str(e)
+    except Exception as e:  # noqa: BLE001 -- as on_rank0
+        failure, problem = e, f"rank {rank()} stopped: {type(e).__name__}: {e}"
+    problems = [p for p in all_gather_json(problem) if p]
+    if failure is not None:
+        raise failure
+    if problems:
+        raise UserError(problems[0])
 
 
 def same_on_every_rank(value, what):

@@ -369,7 +369,9 @@ def main(argv=None):
                    f"final weights in {final_dir}; nothing to do")
             parallel.dist_cleanup()
             return 0
-        train_shard = ckpt.require_shard(resume_from)
+        # (after the last step only the final save is left, of the weights its checkpoint holds: no optimizer state,
+        # so at any number of ranks too)
+        train_shard = ckpt.require_shard(resume_from) if step < total_steps else None
         model = load_model(resume_dir, dtype=torch.float32, device=device)
         print0(f"resuming from {resume_dir} (step {step}/{total_steps})")
     elif args.init_tiny:
@@ -388,7 +390,8 @@ def main(argv=None):
     optimizer = ckpt.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
                                     args.adam_8bit)
     if state:
-        ckpt.load_local_train_state(model, optimizer, train_shard)
+        if train_shard is not None:
+            ckpt.load_local_train_state(model, optimizer, train_shard)
         set_rng_state(state["rng"])
     bad_steps_total, bad_streak = (state or {}).get("bad_steps_total", 0), (state or {}).get("bad_streak", 0)
 

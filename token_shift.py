@@ -343,26 +343,29 @@ def measure(args, tokenizer, device, dtype):
         bar.update(sum(len(o["js"]) for o in out))
     bar.close()
     gathered = parallel.all_gather_json({"rows": rows, "high": high})
-    parallel.check_lock_on_rank0(args.out_dir, lock_name(args))  # (removed or moved away meanwhile: write nothing)
-    if rank != 0:
-        return
-    rows = sorted((r for g in gathered for r in g["rows"]), key=lambda r: r["index"])
-    # in the examples' order, as one rank finds them: the most frequent tokens' ties and the means' sums do not
-    # depend on the number of ranks
-    high = sorted((h for g in gathered for h in g["high"]), key=lambda h: (h["example"], h["at"]))
-    summary = summarize(rows, high, tokenizer, args.high_js, args.top_tokens)
-    summary["settings"] = {k: getattr(args, k) for k in ("base", "policy", "responses", "limit", "temperature", "top_p",
-                                                         "high_js", "dtype")}
-    short = lambda xs: [float(f"{x:.6g}") for x in xs]  # noqa: E731
-    common.write_jsonl(os.path.join(args.out_dir, "tokens.jsonl"), (
-        {"id": examples[r["index"]]["id"], "file": examples[r["index"]]["file"], "line": examples[r["index"]]["line"],
-         "token_ids": r["targets"], "tokens": [tokenizer.decode([t]) for t in r["targets"]], "js": short(r["js"]),
-         "entropy_base": short(r["entropy_base"]), "entropy_policy": short(r["entropy_policy"])} for r in rows))
-    common.write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    if plots_available(args):
-        plot_shift(summary, rows, os.path.join(args.out_dir, "token_shift.png"), args.high_js)
-    print0(describe(summary, args.high_js))
-    print0(f"wrote {os.path.join(args.out_dir, 'tokens.jsonl')} and summary.json")
+
+    def write():  # rank 0 (removed or moved away meanwhile: nothing written; a refused write stops every rank)
+        every = sorted((r for g in gathered for r in g["rows"]), key=lambda r: r["index"])
+        # in the examples' order, as one rank finds them: the most frequent tokens' ties and the means' sums do not
+        # depend on the number of ranks
+        highs = sorted((h for g in gathered for h in g["high"]), key=lambda h: (h["example"], h["at"]))
+        summary = summarize(every, highs, tokenizer, args.high_js, args.top_tokens)
+        summary["settings"] = {k: getattr(args, k) for k in ("base", "policy", "responses", "limit", "temperature",
+                                                             "top_p", "high_js", "dtype")}
+
+        def short(xs):
+            return [float(f"{x:.6g}") for x in xs]
+        common.write_jsonl(os.path.join(args.out_dir, "tokens.jsonl"), (
+            {"id": examples[r["index"]]["id"], "file": examples[r["index"]]["file"],
+             "line": examples[r["index"]]["line"], "token_ids": r["targets"],
+             "tokens": [tokenizer.decode([t]) for t in r["targets"]], "js": short(r["js"]),
+             "entropy_base": short(r["entropy_base"]), "entropy_policy": short(r["entropy_policy"])} for r in every))
+        common.write_json(os.path.join(args.out_dir, "summary.json"), summary)
+        if plots_available(args):
+            plot_shift(summary, every, os.path.join(args.out_dir, "token_shift.png"), args.high_js)
+        print0(describe(summary, args.high_js))
+        print0(f"wrote {os.path.join(args.out_dir, 'tokens.jsonl')} and summary.json")
+    parallel.write_on_rank0(write, args.out_dir, lock_name(args))
 
 
 # -----------------------------------------------------------------------------
@@ -499,20 +502,20 @@ def cross_sample(args, tokenizer, device, dtype):
     run_at, at = {r["eps"]: k for k, r in enumerate(runs)}, {str(r["id"]): i for i, r in enumerate(records)}
     samples = parallel.gather_lists(
         samples, key=lambda x: (run_at[x["eps"]], x["control"], at[str(x["id"])], x["sample"]))
-    parallel.check_lock_on_rank0(args.out_dir, lock_name(args))  # (removed or moved away meanwhile: write nothing)
-    if common.rank() != 0:
-        return
-    result = {"direction": args.cross, "primary_name": names[0], "intervention_name": names[1],
-              "primary": getattr(args, names[0]), "intervention": getattr(args, names[1]),
-              "settings": {k: getattr(args, k) for k in ("task", "split", "limit", "samples_per_prompt",
-                                                         "max_new_tokens", "temperature", "top_p", "template",
-                                                         "seed", "dtype")},
-              "runs": runs}
-    common.write_jsonl(os.path.join(args.out_dir, f"cross_{args.cross}_samples.jsonl"), samples)
-    common.write_json(os.path.join(args.out_dir, f"cross_{args.cross}.json"), result)
-    if plots_available(args):
-        plot_cross(args.out_dir, os.path.join(args.out_dir, "cross_sampling.png"), result)
-    print0(f"wrote {os.path.join(args.out_dir, f'cross_{args.cross}.json')}")
+
+    def write():  # rank 0 (removed or moved away meanwhile: nothing written; a refused write stops every rank)
+        result = {"direction": args.cross, "primary_name": names[0], "intervention_name": names[1],
+                  "primary": getattr(args, names[0]), "intervention": getattr(args, names[1]),
+                  "settings": {k: getattr(args, k) for k in ("task", "split", "limit", "samples_per_prompt",
+                                                             "max_new_tokens", "temperature", "top_p", "template",
+                                                             "seed", "dtype")},
+                  "runs": runs}
+        common.write_jsonl(os.path.join(args.out_dir, f"cross_{args.cross}_samples.jsonl"), samples)
+        common.write_json(os.path.join(args.out_dir, f"cross_{args.cross}.json"), result)
+        if plots_available(args):
+            plot_cross(args.out_dir, os.path.join(args.out_dir, "cross_sampling.png"), result)
+        print0(f"wrote {os.path.join(args.out_dir, f'cross_{args.cross}.json')}")
+    parallel.write_on_rank0(write, args.out_dir, lock_name(args))
 
 
 def plots_available(args):

@@ -151,10 +151,12 @@ def get_parser():
     p.add_argument("--rollout_is_cap", type=float, default=2.0,
                    help="the cap C of --rollout_is's weight min(ratio, C) (TIS: 2)")
     p.add_argument("--rollout_is_mode", default="truncate", choices=("truncate", "mask"),
-                   help="truncate: --rollout_is's weight min(ratio, C) (TIS); mask: the ratio inside [1/C, C] and 0 "
-                        "outside it, so a token (or, per sequence, a response) the two disagree on leaves the "
-                        "gradient (masked importance sampling, MIS / IcePop; Liu, Li et al. 2025, 'When Speed Kills "
-                        "Stability'; its normaliser keeps it, unlike verl's rejection, which would need a pre-pass)")
+                   help="truncate: --rollout_is's weight min(ratio, C) (TIS); mask: the ratio inside [1/C, C] (C > "
+                        "1; verl's rejection band) and 0 outside it, so a token (or, per sequence, a response) the "
+                        "two disagree on leaves the gradient (masked importance sampling, MIS / IcePop; Liu, Li et al. "
+                        "2025, 'When Speed Kills Stability'). Its normaliser keeps it (verl's rejection drops it from "
+                        "the normaliser too, which would need a pre-pass); per sequence the ratio is a product over "
+                        "the tokens, so long responses leave the band first")
     p.add_argument("--dwa_s", type=float, default=1.0,
                    help="with --adv_weight dwa: DWA scale s, w in [1 - s/2, 1 + s/2], |s| <= 2 (unpublished)")
     p.add_argument("--dwa_alpha", type=float, default=1.0,
@@ -178,9 +180,10 @@ def get_parser():
     p.add_argument("--overlong_buffer", type=int, default=0,
                    help="DAPO's soft overlong punishment (arXiv 2503.14476; its recipe: 4096 of 20480 tokens): a "
                         "response longer than --max_response_tokens minus this many tokens has its reward lowered, "
-                        "linearly, down to -overlong_penalty at the cap, before the group's advantages (0 = off). "
-                        "Rewards as logged, accuracy and which groups have no signal (--dynamic_sampling, "
-                        "--drop_zero_variance_groups: DAPO's filter on accuracy) stay the task's")
+                        "linearly, down to -overlong_penalty at the cap, before the group's advantages (0 = off); "
+                        "only in groups whose task rewards differ (DAPO drops the others by accuracy). Rewards as "
+                        "logged, accuracy and which groups have no signal (--dynamic_sampling, "
+                        "--drop_zero_variance_groups) stay the task's")
     p.add_argument("--overlong_penalty", type=float, default=1.0,
                    help="--overlong_buffer's penalty at the cap (DAPO: 1)")
     # optimizer (paper: AdamW betas (0.5, 0.999), wd 0.01, grad clip 1, constant lr after linear warm-up)
@@ -584,6 +587,9 @@ def main(argv=None):
     common.check_sampling(args)  # (top_p: 0 would be greedy too)
     if not args.rollout_is_cap > 0:
         raise UserError(f"--rollout_is_cap must be > 0, got {args.rollout_is_cap}")
+    if args.rollout_is_mode == "mask" and not args.rollout_is_cap > 1:
+        raise UserError(f"--rollout_is_mode mask keeps the ratios in [1/C, C]: --rollout_is_cap {args.rollout_is_cap} "
+                        f"leaves that band empty or a single point, so next to nothing would train; give C > 1")
     if abs(args.dwa_s) > 2:
         raise UserError(f"--dwa_s {args.dwa_s}: |s| > 2 lets the DWA weight change the advantage's sign")
     n = args.samples_per_prompt
@@ -792,8 +798,10 @@ def main(argv=None):
                     sums["kl"] += seq_kl[j]
                     sums["kl_tokens"] += len(batch.responses[j])
         if args.overlong_buffer:  # DAPO's soft overlong punishment: the advantages' rewards, not the task's
-            penalty = overlong_penalty([s["length"] for s in rollouts], args.max_response_tokens, args.overlong_buffer,
-                                       args.overlong_penalty)
+            # only in groups with a task signal: in one of equal rewards a penalty of -0.001 alone would be
+            # standardised into a full-size advantage (DAPO's accuracy filter drops such groups)
+            penalty = [0.0 if zero_var[j // n] else p for j, p in enumerate(overlong_penalty(
+                [s["length"] for s in rollouts], args.max_response_tokens, args.overlong_buffer, args.overlong_penalty))]
             sums["overlong_penalty"] = sum(penalty)  # (logged: the mean over the step's rollouts)
             rewards = [r + p for r, p in zip(rewards, penalty)]
         adv = group_advantages(rewards, n, args.std_normalize, seq_kl, args.kl_coef).tolist()

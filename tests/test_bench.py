@@ -54,7 +54,7 @@ def test_gpu_suite_smoke_runs_every_section_and_its_checks_hold(tmp_path):
     # each variant against transformers (on a GPU the default, "fa2", is the one issue 34's 10x is judged on)
     for w in gen["workloads"]:  # (the JSON's 4 significant digits)
         speedup = w["hf_s"] / w["ours_blocked_sampler_s"]
-        assert w["ours_blocked_sampler_speedup_vs_hf"] == pytest.approx(speedup, rel=1e-3)
+        assert w["ours_blocked_sampler_speedup_vs_hf"] == pytest.approx(speedup, rel=2e-3)
     # a difference of two timings: on a busy CPU it can come out <= 0, so only its presence is checked here
     assert gen["decode_step"][0]["rows"] == 16 and math.isfinite(gen["decode_step"][0]["step_ms_wall"])
     assert result["sft"]["measured_steps"] == [2] and result["sft"]["tokens_per_s"] > 0

@@ -120,6 +120,53 @@ def test_a_fresh_run_dirs_lock_is_one_collective_on_every_rank_however_late_a_ra
         assert after == [0, 1] and refused.startswith("data.jsonl: the ranks read different data")
 
 
+ERRORS_SCRIPT = '''
+import json, os, sys
+import common
+import parallel
+
+def main():
+    rank, _, _ = parallel.dist_setup()
+    seen = []
+
+    def fail(on, error):
+        def work():
+            if common.rank() == on:
+                raise error
+        return work
+    for call, work in ((parallel.on_every_rank, fail(1, common.UserError("disk full on rank 1"))),
+                       (parallel.on_every_rank, fail(1, RuntimeError("odd"))),
+                       (parallel.on_rank0, fail(0, ValueError("wandb down")))):
+        try:
+            call(work)
+            seen.append(None)
+        except Exception as e:
+            seen.append([type(e).__name__, str(e)])
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump(seen, f)
+    parallel.dist_cleanup()
+
+common.run_main(main)
+'''
+
+
+@pytest.mark.torchrun
+def test_an_error_on_one_rank_stops_every_rank_with_its_line(tmp_path):
+    """on_every_rank (each rank's own checkpoint shard) and on_rank0 (what rank 0 alone writes or decides): an error
+    on one rank reached the others only as a hang in their next collective (or a backend's traceback); now every rank
+    raises it: where it happened as it is, elsewhere as a UserError naming it."""
+    script = tmp_path / "errors.py"
+    script.write_text(ERRORS_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(free_port()), str(script), str(tmp_path)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=60)  # (a hang: it fails)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1))
+    assert zero[0] == one[0] == ["UserError", "disk full on rank 1"]
+    assert zero[1] == ["UserError", "rank 1 stopped: RuntimeError: odd"] and one[1] == ["RuntimeError", "odd"]
+    assert zero[2] == ["ValueError", "wandb down"] and one[2] == ["UserError", "rank 0 stopped: ValueError: wandb down"]
+
+
 FSDP_RANK_SCRIPT = THREADS + '''
 import atexit, json, os, sys
 import torch

@@ -342,6 +342,16 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     with pytest.raises(UserError, match="different settings.*lr: was 0.001, now 0.002"):  # (a setting still counts)
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--lr", "2e-3"))
     assert os.path.getmtime(os.path.join(cut, "final", "model.safetensors")) == stamp
+    # killed inside its final save: only that save is left, from the last checkpoint's weights (no optimizer state),
+    # so at another number of ranks too; the same final weights
+    shutil.rmtree(os.path.join(cut, "final"))
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "world_size", lambda: 2)
+        sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
+    assert "done: 10 steps" in capsys.readouterr().out
+    b = weights(os.path.join(cut, "final"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
     # a real kill (SIGKILL, maybe mid-save) of a run checkpointing every step; --resume finishes it identically
     killed = str(tmp_path / "killed")

@@ -491,7 +491,7 @@ def test_params_match_a_tied_lm_head_under_either_name(setup):
     assert se.chosen_parameters(model, re.compile("no_such")) == set()
 
 
-def test_bad_input(setup, tmp_path):
+def test_bad_input(setup, tmp_path, monkeypatch):
     d, args = setup["dir"], setup["args"]
     sft = str(d / "teacher.jsonl")
     (tmp_path / "empty.jsonl").write_text("")
@@ -537,6 +537,10 @@ def test_bad_input(setup, tmp_path):
     toy[toy.index("--task") + 1] = "toy_task"
     fails(["--sft_data", str(tmp_path / "notask.jsonl"), "--num_eval_prompts", "2"], r"same reward", toy)
     assert not (tmp_path / "effects.jsonl").exists()
+    # a ∇J that overflowed: every effect would be NaN (and a resume would read its norm back as the string "nan")
+    monkeypatch.setattr(se, "grad_dot", lambda a, b: float("nan"))
+    fails(["--sft_data", sft, "--exact", "true"], r"the ∇J estimate is not finite \(‖∇J‖ nan\)")
+    assert not (tmp_path / "effects.partial" / "grad_j.json").exists()
 
 
 def test_summary_statistics_by_hand():

@@ -98,20 +98,27 @@ def test_masked_importance_sampling_zeroes_the_tokens_outside_the_band(rl_run):
     assert trunc["is_capped"] == 0 and 0 < mask["is_capped"] < 1
     assert mask["is_weight"] < trunc["is_weight"]
     assert mask["loss"] != trunc["loss"]
+    with pytest.raises(common.UserError, match="--rollout_is_cap 1.0 leaves that band empty"):  # [1, 1]: none kept
+        run("empty_band", rollout_is="token", rollout_is_cap=1.0, rollout_is_mode="mask")
 
 
 def test_the_overlong_punishment_lowers_the_advantages_rewards_not_the_logged_ones(rl_run):
     """--overlong_buffer 4 of 12 tokens, --overlong_penalty 0.5: each response's advantage is its group's over
-    reward + DAPO's penalty for its length; the rollout log and the step's reward and accuracy keep the task's."""
+    reward + DAPO's penalty for its length, in the groups whose task rewards differ; a group of equal rewards keeps
+    advantage 0 (its penalties alone, standardised, would be full-size advantages); the rollout log and the step's
+    reward and accuracy keep the task's."""
     run = rl_run
     (plain,), plain_logs, _ = run("plain", rollout_is="off")
     (m,), logs, _ = run("overlong", rollout_is="off", overlong_buffer=4, overlong_penalty=0.5)
     rows = logs[1]
-    penalty = grpo.overlong_penalty([r["length"] for r in rows], 12, 4, 0.5)
+    signal = [not z for z in grpo.zero_variance([r["reward"] for r in rows], RL_N) for _ in range(RL_N)]
+    penalty = [p if s else 0.0 for p, s in zip(grpo.overlong_penalty([r["length"] for r in rows], 12, 4, 0.5), signal)]
     assert any(penalty) and [r["reward"] for r in rows] == [r["reward"] for r in plain_logs[1]]
     want = grpo.group_advantages([r["reward"] + p for r, p in zip(rows, penalty)], RL_N).tolist()
     assert [r["advantage"] for r in rows] == pytest.approx(want, abs=1e-6)
     assert [r["advantage"] for r in rows] != pytest.approx([r["advantage"] for r in plain_logs[1]], abs=1e-6)
+    quiet = [r for r, s in zip(rows, signal) if not s]
+    assert any(r["length"] > 8 for r in quiet) and all(r["advantage"] == 0 for r in quiet)  # penalised lengths there
     assert (m["reward"], m["acc"]) == (plain["reward"], plain["acc"]) and "overlong_penalty" not in plain
     assert m["overlong_penalty"] == pytest.approx(sum(penalty) / len(rows))
 
