@@ -4,17 +4,20 @@ estimators, DWA's token weights, the rollouts' importance weights, DAPO's overlo
 token weights) and the run's schedule (each step's prompts, sampling seed and learning rate). Each switch is one
 setting of train_rl.py; tests/test_grpo.py checks each function against a hand computation.
 """
+import math
+
 import numpy as np
 import torch
 
 import parallel
 
 
-def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, eps=1e-6):
+def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, eps=1e-6, batch_std=None):
     """GRPO advantages for rewards laid out group by group (n per prompt): (r - mean_g) / (std_g + eps).
 
     std is unbiased (N-1), as torch.std in verl. A group with all-equal rewards gets exactly 0.
-    Groups of one use mean 0 and std 1 (verl), i.e. the advantage is the reward.
+    Groups of one use mean 0 and std 1 (verl), i.e. the advantage is the reward. batch_std: divided by this (the
+    std of the whole batch's rewards, batch_std()) instead of each group's own.
 
     seq_kl (k1's KL in the reward, InstructGPT): each response's summed log(pi / pi_ref). The group statistics
     come from the task rewards alone; then kl_coef x (seq_kl - its group's mean) is subtracted, unscaled, so the
@@ -28,12 +31,21 @@ def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, e
         mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
         adv = r - mean
         if std_normalize:
-            adv = adv / (std + eps)
+            adv = adv / ((std if batch_std is None else batch_std) + eps)
         adv = torch.where(equal_rewards(r)[:, None], torch.zeros_like(adv), adv)
     if seq_kl is not None:
         kl = torch.as_tensor(seq_kl, dtype=torch.float32).view(-1, n)
         adv = adv - kl_coef * (kl - kl.mean(1, keepdim=True) if n > 1 else kl)
     return adv.view(-1)
+
+
+def batch_std(values):
+    """The unbiased std of values over every rank's together (the step's whole batch), in float64; 0 for fewer than
+    two values. Every rank calls this."""
+    s = parallel.all_reduce_numbers({"n": len(values), "sum": sum(values), "squares": sum(v * v for v in values)})
+    if s["n"] < 2:
+        return 0.0
+    return math.sqrt(max(s["squares"] - s["sum"] ** 2 / s["n"], 0.0) / (s["n"] - 1))
 
 
 def equal_rewards(r):

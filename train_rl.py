@@ -35,7 +35,7 @@ import gpu_memory
 import parallel
 import tasks
 from common import UserError, print0
-from grpo import (batch_epoch, cispo_loss, dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at,
+from grpo import (batch_epoch, batch_std, cispo_loss, dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at,
                   overlong_penalty, policy_loss, refill_keep, rollout_is_weights, sequence_ratio_logp,
                   step_prompt_indices, token_weights, zero_variance)
 from model import load_model, parse_dtype, read_config, response_logprobs
@@ -51,16 +51,16 @@ RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_
                 "lr", "warmup_steps")
 # ... and what each step samples and optimises, checked against the settings the checkpoint saved (those its
 # version had), so a resume cannot mix two objectives in one run; the rest (memory, logging, --max_steps) may change
-RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "clip_low", "clip_high",
-                 "policy_loss", "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator",
+RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "std_scope", "clip_low",
+                 "clip_high", "policy_loss", "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator",
                  "ref_model", "entropy_coef", "adv_weight", "rollout_is", "rollout_is_cap", "rollout_is_mode",
                  "dwa_s", "dwa_alpha", "drop_zero_variance_groups", "mask_truncated", "overlong_buffer",
                  "overlong_penalty", "grad_clip", "adam_8bit", "beta1", "beta2",
                  "weight_decay", "model")  # --model: the tokenizer and, without --ref_model, the KL reference
 # what the runs of versions before a setting existed did: a resume of such a run compares this, not what is given now
-# (TIS came on 2026-12-02, on by default; CISPO, masked IS and the overlong punishment on 2026-12-06, off)
+# (TIS came on 2026-12-02, on by default; CISPO, masked IS, the overlong punishment and the batch std on 2026-12-06)
 EARLIER_OBJECTIVE = {"rollout_is": "off", "policy_loss": "ppo", "rollout_is_mode": "truncate", "overlong_buffer": 0,
-                     "overlong_penalty": 1.0}
+                     "overlong_penalty": 1.0, "std_scope": "group"}
 # (--dtype: the identity holds the dtype it resolved to, and the device with a CPU's thread count:
 # parallel.compute_identity)
 # (and ckpt.load_local_train_state checks AdamW's betas, weight decay and eps against the optimizer state itself)
@@ -104,6 +104,12 @@ def get_parser():
     p.add_argument("--std_normalize", type=common.str2bool, default=True,
                    help="divide advantages by the group's std (GRPO); "
                    "false: mean-centring only (Dr. GRPO)")
+    p.add_argument("--std_scope", default="group", choices=("group", "batch"),
+                   help="with --std_normalize: the std of each group's rewards (GRPO), or of the rewards of every "
+                        "rollout the step trains on, all ranks together (group mean, batch std: 'Tricks or Traps', "
+                        "arXiv 2508.08221, as TRL's scale_rewards='batch'; REINFORCE++-baseline's normalisation, "
+                        "arXiv 2501.03262, without its whitening by token): a group whose rewards vary little no "
+                        "longer gets advantages as large as one split half and half")
     p.add_argument("--clip_low", type=float, default=0.2, help="PPO clip: ratio floor 1 - clip_low")
     p.add_argument("--clip_high", type=float, default=0.2,
                    help="PPO clip: ratio ceiling 1 + clip_high (clip-higher, DAPO: 0.28)")
@@ -719,6 +725,7 @@ def main(argv=None):
                                   (("rollout_is_cap", "rollout_is_mode"), args.rollout_is == "off",
                                    "--rollout_is token or sequence"),
                                   (("overlong_penalty",), args.overlong_buffer == 0, "--overlong_buffer > 0"),
+                                  (("std_scope",), not args.std_normalize, "--std_normalize true"),
                                   (("max_gen_batches",), not args.dynamic_sampling, "--dynamic_sampling true"),
                                   (("ref_model", "kl_estimator"), args.kl_coef == 0, "--kl_coef > 0")):
         given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
@@ -800,11 +807,14 @@ def main(argv=None):
         if args.overlong_buffer:  # DAPO's soft overlong punishment: the advantages' rewards, not the task's
             # only in groups with a task signal: in one of equal rewards a penalty of -0.001 alone would be
             # standardised into a full-size advantage (DAPO's accuracy filter drops such groups)
-            penalty = [0.0 if zero_var[j // n] else p for j, p in enumerate(overlong_penalty(
-                [s["length"] for s in rollouts], args.max_response_tokens, args.overlong_buffer, args.overlong_penalty))]
+            penalty = overlong_penalty([s["length"] for s in rollouts], args.max_response_tokens, args.overlong_buffer,
+                                       args.overlong_penalty)
+            penalty = [0.0 if zero_var[j // n] else p for j, p in enumerate(penalty)]
             sums["overlong_penalty"] = sum(penalty)  # (logged: the mean over the step's rollouts)
             rewards = [r + p for r, p in zip(rewards, penalty)]
-        adv = group_advantages(rewards, n, args.std_normalize, seq_kl, args.kl_coef).tolist()
+        scale = (batch_std([rewards[j] for j in batch.train_idx])  # (every rank: the batch over all of them)
+                 if args.std_normalize and args.std_scope == "batch" else None)
+        adv = group_advantages(rewards, n, args.std_normalize, seq_kl, args.kl_coef, batch_std=scale).tolist()
 
         # 5. the update
         loss, grad_norm, updates, bad = update(model, optimizer, batch, adv, old, ref, args, step, sums)

@@ -223,6 +223,20 @@ def test_rollout_is_matches_verls_truncated_importance_sampling():
     assert torch.allclose(loss * w, verl_loss)
 
 
+def test_batch_std_scales_every_group_alike():
+    """--std_scope batch: each group's mean-centred rewards divided by one std, the batch's (unbiased, all values);
+    a group of equal rewards still gets 0."""
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    std = grpo.batch_std(rewards)
+    assert std == pytest.approx(torch.tensor(rewards, dtype=torch.float64).std().item(), rel=1e-12)
+    adv = grpo.group_advantages(rewards, 4, batch_std=std)
+    centred = [0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5, 0, 0, 0, 0]
+    assert adv.tolist() == pytest.approx([c / (std + 1e-6) for c in centred], rel=1e-6)
+    per_group = grpo.group_advantages(rewards, 4)
+    assert per_group[0] / per_group[4] != pytest.approx(adv[0] / adv[4])  # one scale for all, not each its own
+    assert grpo.batch_std([0.5]) == 0.0 and grpo.batch_std([]) == 0.0
+
+
 def test_masked_importance_sampling_by_hand():
     """mode mask (MIS / IcePop): the ratio inside [1/cap, cap], 0 outside, per token or per response."""
     old = torch.tensor([0.0, -1.0, -2.0, -0.2])

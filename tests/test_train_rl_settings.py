@@ -41,6 +41,23 @@ def test_loss_agg_and_std_normalize_give_the_logged_loss_by_hand(rl_run, agg, st
         assert abs(want) > 1e-3
 
 
+def test_a_batch_std_divides_every_groups_advantages_by_the_batchs_reward_std(rl_run, capsys):
+    """--std_scope batch: (r - the group's mean) / (the std of the trained rollouts' rewards + eps), by hand from the
+    rollout log; with --std_normalize false it is not used, and said so."""
+    run = rl_run
+    _, plain, _ = run("dr_grpo", std_normalize=False, rollout_is="off")
+    _, unused, _ = run("dr_grpo_batch", std_normalize=False, std_scope="batch", rollout_is="off")
+    assert [r["advantage"] for r in unused[1]] == [r["advantage"] for r in plain[1]]
+    assert "note: --std_scope not used: only --std_normalize true uses it" in capsys.readouterr().out
+    _, logs, _ = run("batch_std", std_scope="batch", rollout_is="off")
+    rows = logs[1]
+    rewards = [r["reward"] for r in rows]
+    std = torch.tensor([r["reward"] for r in rows if r["trained"]], dtype=torch.float64).std().item()
+    want = grpo.group_advantages(rewards, RL_N, batch_std=std).tolist()
+    assert [r["advantage"] for r in rows] == pytest.approx(want, abs=1e-6)
+    assert want != pytest.approx(grpo.group_advantages(rewards, RL_N).tolist(), abs=1e-3)
+
+
 def test_clip_bounds_reach_the_surrogate_in_their_places(rl_run, monkeypatch):
     """--clip_low / --clip_high (asymmetric here) reach policy_loss as the floor's and the ceiling's margins, and the
     clipped share is what they give: two mini-batches, so the second one's ratios differ from 1."""
