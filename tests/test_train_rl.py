@@ -493,6 +493,20 @@ def test_fsdp_two_ranks_give_the_weights_of_one(fixed_runs):
 
 
 @pytest.mark.torchrun
+def test_a_batch_std_is_the_whole_batchs_at_two_ranks(toy, tmp_path):
+    """--std_scope batch divides by the std of every rank's trained rewards together: 2 ranks give each rollout the
+    advantage 1 rank gives it (each rank's own std would not)."""
+    import tasks
+    runs = {ranks: run_fixed(toy, tmp_path / str(ranks), ranks, max_steps=1, std_scope="batch") for ranks in (1, 2)}
+    for r in runs.values():
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (common.read_jsonl(tasks.rollout_log_path(str(tmp_path / str(ranks)), 1)) for ranks in (1, 2))
+    assert [(r["id"], r["sample"]) for r in one] == [(r["id"], r["sample"]) for r in two]
+    assert [r["advantage"] for r in two] == pytest.approx([r["advantage"] for r in one], rel=1e-6, abs=1e-7)
+    assert {r["rank"] for r in two} == {0, 1}
+
+
+@pytest.mark.torchrun
 def test_fsdp_kill_and_resume_at_two_ranks_is_bit_identical(fixed_runs):
     d, runs = fixed_runs
     assert runs["cut"].returncode != 0 and "killed in step 3" in runs["cut"].stderr
