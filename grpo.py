@@ -1,8 +1,9 @@
 """
-train_rl.py's pure functions: the GRPO objective (group advantages, the PPO clipped surrogate and CISPO's, the KL
-estimators, DWA's token weights, the rollouts' importance weights, DAPO's overlong penalty, the loss aggregation's
-token weights) and the run's schedule (each step's prompts, sampling seed and learning rate). Each switch is one
-setting of train_rl.py; tests/test_grpo.py checks each function against a hand computation.
+train_rl.py's pure functions: the GRPO objective (group advantages and the batch's std, the PPO clipped surrogate and
+CISPO's, the KL estimators, DWA's token weights, the rollouts' importance weights, DAPO's overlong penalty, the
+high-entropy minority's floor, the loss aggregation's token weights) and the run's schedule (each step's prompts,
+sampling seed and learning rate). Each switch is one setting of train_rl.py; tests/test_grpo.py checks each function
+against a hand computation.
 """
 import math
 
@@ -41,11 +42,39 @@ def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, e
 
 def batch_std(values):
     """The unbiased std of values over every rank's together (the step's whole batch), in float64; 0 for fewer than
-    two values. Every rank calls this."""
-    s = parallel.all_reduce_numbers({"n": len(values), "sum": sum(values), "squares": sum(v * v for v in values)})
-    if s["n"] < 2:
-        return 0.0
-    return math.sqrt(max(s["squares"] - s["sum"] ** 2 / s["n"], 0.0) / (s["n"] - 1))
+    two values. Two all-reduces (the mean, then the squared deviations from it): a sum of squares less the squared
+    sum cancels badly where the values sit far from 0 and close together. Every rank calls this."""
+    s = parallel.all_reduce_numbers({"n": len(values), "sum": sum(values)})
+    mean = s["sum"] / max(s["n"], 1)
+    deviations = parallel.all_reduce_numbers({"d": sum((v - mean) ** 2 for v in values)})["d"]
+    return math.sqrt(deviations / (s["n"] - 1)) if s["n"] >= 2 else 0.0
+
+
+def top_fraction_threshold(values, frac):
+    """The k-th largest of every rank's values together, k = ceil(frac x their number): the floor of the top `frac`
+    ('Beyond the 80/20 Rule', arXiv 2506.01939: the highest-entropy tokens). Found by bisection on counts, one
+    all-reduce of a number each, so no rank sends its values; the same on every rank and at any world size. None
+    where no rank has a value. Every rank calls this."""
+    v = values.detach().double().flatten()
+    n = int(parallel.all_reduce_numbers({"n": v.numel()})["n"])
+    if n == 0:
+        return None
+    k = max(1, math.ceil(frac * n - 1e-9))
+    lo = parallel.all_reduce_numbers({"x": float(v.min()) if v.numel() else math.inf}, op="min")["x"]
+    hi = parallel.all_reduce_numbers({"x": float(v.max()) if v.numel() else -math.inf}, op="max")["x"]
+    if parallel.all_reduce_numbers({"c": int((v >= hi).sum())})["c"] >= k:
+        return hi  # (the largest value is held k times or more)
+    # count(v >= lo) >= k > count(v >= hi): the k-th largest lies in [lo, hi)
+    while True:
+        mid = (lo + hi) / 2
+        if not lo < mid < hi:  # adjacent doubles: only the k-th largest lies in [lo, hi)
+            break
+        if parallel.all_reduce_numbers({"c": int((v >= mid).sum())})["c"] >= k:
+            lo = mid
+        else:
+            hi = mid
+    below = v[v < hi]
+    return parallel.all_reduce_numbers({"x": float(below.max()) if below.numel() else -math.inf}, op="max")["x"]
 
 
 def equal_rewards(r):

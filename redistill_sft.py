@@ -355,12 +355,14 @@ def main(argv=None):
     state = None
     if resume_from:
         step, resume_dir, state, _ = resume_from  # (its shard: below, if the run goes on)
-        # a finished run's compute is not compared (nothing is left to compute: it may be re-run on other hardware)
+        # a finished run's compute is not compared (nothing is left to compute: it may be re-run on other hardware), nor
+        # the device of one whose final save alone is left (a cast of the last checkpoint's weights, in its dtype)
         finished = step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json"))
+        ignore = (parallel.COMPUTE_KEYS if finished else ("compute_device", "compute_kernels") if step >= total_steps
+                  else ())
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state["identity"], identity,
-            recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS),
-            ignore=parallel.COMPUTE_KEYS if finished else ()))
+            recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS), ignore=ignore))
         if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it)
             ckpt.prune_checkpoints(args.out_dir, step, args.keep_last if step < total_steps else 1,
                                    range(0, total_steps + 1, steps_per_epoch))

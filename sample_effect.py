@@ -317,8 +317,8 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
         sketch_ref = {"sketch": s, "norm": float(s.norm())}
         grad_j["norm_proj"] = sketch_ref["norm"]
     if not all(math.isfinite(grad_j[k]) for k in ("norm", "norm_proj") if k in grad_j):  # (every rank alike)
-        raise UserError(f"the ∇J estimate is not finite (‖∇J‖ {grad_j.get('norm', grad_j.get('norm_proj'))}): the "
-                        f"policy's log-probs overflowed in --dtype {args.dtype}; every effect would be NaN")
+        raise UserError(f"the ∇J estimate is not finite (‖∇J‖ {grad_j.get('norm', grad_j.get('norm_proj'))}): a NaN or "
+                        f"inf in the policy's log-probs or gradients (--dtype {args.dtype}); every effect would be NaN")
     del grads
     for p in params:
         p.grad = None

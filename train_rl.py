@@ -37,7 +37,7 @@ import tasks
 from common import UserError, print0
 from grpo import (batch_epoch, batch_std, cispo_loss, dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at,
                   overlong_penalty, policy_loss, refill_keep, rollout_is_weights, sequence_ratio_logp,
-                  step_prompt_indices, token_weights, zero_variance)
+                  step_prompt_indices, token_weights, top_fraction_threshold, zero_variance)
 from model import load_model, parse_dtype, read_config, response_logprobs
 from parallel import idle_pass, shard_model
 from scoring import validate
@@ -53,14 +53,15 @@ RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_
 # version had), so a resume cannot mix two objectives in one run; the rest (memory, logging, --max_steps) may change
 RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "std_scope", "clip_low",
                  "clip_high", "policy_loss", "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator",
-                 "ref_model", "entropy_coef", "adv_weight", "rollout_is", "rollout_is_cap", "rollout_is_mode",
-                 "dwa_s", "dwa_alpha", "drop_zero_variance_groups", "mask_truncated", "overlong_buffer",
-                 "overlong_penalty", "grad_clip", "adam_8bit", "beta1", "beta2",
+                 "ref_model", "entropy_coef", "entropy_top_frac", "adv_weight", "rollout_is", "rollout_is_cap",
+                 "rollout_is_mode", "dwa_s", "dwa_alpha", "drop_zero_variance_groups", "mask_truncated",
+                 "overlong_buffer", "overlong_penalty", "grad_clip", "adam_8bit", "beta1", "beta2",
                  "weight_decay", "model")  # --model: the tokenizer and, without --ref_model, the KL reference
 # what the runs of versions before a setting existed did: a resume of such a run compares this, not what is given now
-# (TIS came on 2026-12-02, on by default; CISPO, masked IS, the overlong punishment and the batch std on 2026-12-06)
+# (TIS came on 2026-12-02, on by default; CISPO, masked IS, the overlong punishment, the batch std and the entropy
+# minority on 2026-12-06, off)
 EARLIER_OBJECTIVE = {"rollout_is": "off", "policy_loss": "ppo", "rollout_is_mode": "truncate", "overlong_buffer": 0,
-                     "overlong_penalty": 1.0, "std_scope": "group"}
+                     "overlong_penalty": 1.0, "std_scope": "group", "entropy_top_frac": 1.0}
 # (--dtype: the identity holds the dtype it resolved to, and the device with a CPU's thread count:
 # parallel.compute_identity)
 # (and ckpt.load_local_train_state checks AdamW's betas, weight decay and eps against the optimizer state itself)
@@ -106,10 +107,11 @@ def get_parser():
                    "false: mean-centring only (Dr. GRPO)")
     p.add_argument("--std_scope", default="group", choices=("group", "batch"),
                    help="with --std_normalize: the std of each group's rewards (GRPO), or of the rewards of every "
-                        "rollout the step trains on, all ranks together (group mean, batch std: 'Tricks or Traps', "
-                        "arXiv 2508.08221, as TRL's scale_rewards='batch'; REINFORCE++-baseline's normalisation, "
-                        "arXiv 2501.03262, without its whitening by token): a group whose rewards vary little no "
-                        "longer gets advantages as large as one split half and half")
+                        "rollout of the step's groups, all ranks together (with --dynamic_sampling, of the groups it "
+                        "keeps; truncated and zero-variance ones count, as in TRL's scale_rewards='batch'): the "
+                        "group's mean, the batch's std ('Tricks or Traps', arXiv 2508.08221; REINFORCE++-baseline's "
+                        "normalisation, arXiv 2501.03262, without its whitening by token), so a group whose rewards "
+                        "vary little no longer gets advantages as large as one split half and half")
     p.add_argument("--clip_low", type=float, default=0.2, help="PPO clip: ratio floor 1 - clip_low")
     p.add_argument("--clip_high", type=float, default=0.2,
                    help="PPO clip: ratio ceiling 1 + clip_high (clip-higher, DAPO: 0.28)")
@@ -143,6 +145,13 @@ def get_parser():
                    help="reference policy for the KL (default: --model); it must share --model's tokenizer, and its "
                         "context must hold every prompt plus --max_response_tokens (both checked at start)")
     p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus weight (paper: 0)")
+    p.add_argument("--entropy_top_frac", type=float, default=1.0,
+                   help="the policy gradient only on the batch's top fraction of tokens by entropy (1 = all; 'Beyond "
+                        "the 80/20 Rule', arXiv 2506.01939: 0.2, the 'forking' tokens). The entropies come from a "
+                        "no-grad pass of the pre-update policy and the threshold from every rank's training tokens "
+                        "together, so the choice does not depend on the micro-batches or the number of ranks (costs "
+                        "one forward more a step where the run has no pre-pass). The loss normaliser still counts "
+                        "every token; the KL and entropy terms keep every token")
     p.add_argument("--adv_weight", default="none", choices=("none", "dwa"),
                    help="dwa: 'Sparse but Critical' (arXiv 2603.22446) weights A_t by the token's KL(pi_old || pi); "
                         "w = 1 on-policy, so it acts only with several updates per batch (docs/token_shift.md, DWA)")
@@ -394,30 +403,37 @@ def add_logprob_gap(lp, batch, js, sums):
     sums["gap_tokens"] += lp.numel()
 
 
-def pre_pass(model, ref_model, batch, indices, args, sums):
+def pre_pass(model, ref_model, batch, indices, args, sums, need_entropy=False):
     """The optional branch's no-grad forward: the pre-update policy's log-probs (the PPO ratio's denominator, and
-    k1's KL) when it needs them, the reference's for the KL. Returns (old, ref): response index -> log-probs."""
-    old, ref = {}, {} if ref_model is not None else None
+    k1's KL) when it needs them, and its entropies (need_entropy), the reference's log-probs for the KL. Returns
+    (old, ref, entropy): response index -> log-probs or entropies."""
+    old, ref, entropy = {}, {} if ref_model is not None else None, {}
+    policy = batch.need_old or need_entropy
     lengths = [len(batch.prompts[j]) + len(batch.responses[j]) for j in indices]
     with torch.no_grad():
         for mb in parallel.even_out(parallel.micro_batches(lengths, args.micro_batch_tokens)):
             if mb is None:  # this rank is done; join the others' collectives
-                for m in ([model] if batch.need_old else []) + ([ref_model] if ref_model is not None else []):
+                for m in ([model] if policy else []) + ([ref_model] if ref_model is not None else []):
                     idle_pass(m, backward=False)
                 continue
             js = [indices[i] for i in mb]
             seqs = ([batch.prompts[j] for j in js], [batch.responses[j] for j in js], args.temperature,
                     args.logprob_chunk)
             splits = [len(batch.responses[j]) for j in js]
+            if need_entropy:
+                lp, ent = response_logprobs(model, *seqs, with_entropy="detached")
+                entropy.update(zip(js, ent.float().split(splits)))
+            elif batch.need_old:
+                lp = response_logprobs(model, *seqs)
             if batch.need_old:
-                lp = response_logprobs(model, *seqs).float()
+                lp = lp.float()
                 old.update(zip(js, lp.split(splits)))
                 add_logprob_gap(lp, batch, js, sums)
             if ref_model is not None:
                 ref.update(zip(js, response_logprobs(ref_model, *seqs).float().split(splits)))
     if ref_model is not None:
         parallel.reshard(ref_model)  # FSDP keeps a root gathered after a forward without backward (parallel.reshard)
-    return old, ref
+    return old, ref, entropy
 
 
 def update(model, optimizer, batch, adv, old, ref, args, step, sums):
@@ -473,6 +489,8 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                         # k3 estimate of KL(sampler || trainer) from the sampler's own draws
                         sums["is_kl"] += kl_penalty(sampler, old_lp.detach(), "k3").sum().item()
                         sums["is_tokens"] += is_w.numel()
+                if batch.high_entropy is not None:  # --entropy_top_frac: the forking tokens' policy gradient only
+                    tok_loss = tok_loss * torch.cat([batch.high_entropy[j] for j in js]).to(tok_loss.dtype)
                 if k3_in_loss:
                     kl = kl_penalty(lp, torch.cat([ref[j] for j in js]), "k3")
                     tok_loss = tok_loss + args.kl_coef * kl
@@ -536,6 +554,8 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
             **({"is_weight": g["is_weight"] / g["is_tokens"], "is_capped": g["is_capped"] / g["is_tokens"],
                 "is_kl": g["is_kl"] / g["is_tokens"]} if g["is_tokens"] else {}),
             **({"overlong_penalty": g["overlong_penalty"] / seqs} if "overlong_penalty" in g else {}),
+            **({"entropy_floor": batch.entropy_floor, "entropy_kept": g["entropy_kept"] / g["entropy_tokens"]
+                if g["entropy_tokens"] else None} if "entropy_kept" in g else {}),
             "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
             "train_tok_s": g["train_tokens"] / max(mx["train_s"], 1e-9),
             **{k: mx[k] for k in ("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
@@ -593,7 +613,9 @@ def main(argv=None):
     common.check_sampling(args)  # (top_p: 0 would be greedy too)
     if not args.rollout_is_cap > 0:
         raise UserError(f"--rollout_is_cap must be > 0, got {args.rollout_is_cap}")
-    if args.rollout_is_mode == "mask" and not args.rollout_is_cap > 1:
+    if not 0 < args.entropy_top_frac <= 1:
+        raise UserError(f"--entropy_top_frac {args.entropy_top_frac}: a fraction of the tokens in (0, 1] (1 = all)")
+    if args.rollout_is != "off" and args.rollout_is_mode == "mask" and not args.rollout_is_cap > 1:
         raise UserError(f"--rollout_is_mode mask keeps the ratios in [1/C, C]: --rollout_is_cap {args.rollout_is_cap} "
                         f"leaves that band empty or a single point, so next to nothing would train; give C > 1")
     if abs(args.dwa_s) > 2:
@@ -711,6 +733,7 @@ def main(argv=None):
         ref_model = shard_model(load_model(args.ref_model or args.model, dtype=torch.float32, device=device), dtype)
         ref_model.requires_grad_(False)
     several_updates = args.ppo_epochs * args.ppo_mini_batches > 1
+    top_entropy = args.entropy_top_frac < 1
     kl_in_reward = ref_model is not None and args.kl_estimator == "k1"
     if args.adv_weight == "dwa" and not several_updates:
         print0("note: --adv_weight dwa with one on-policy update per batch: KL to the old policy is 0, so w = 1 "
@@ -779,7 +802,7 @@ def main(argv=None):
         zero_var = zero_variance(rewards, n)
         batch = SimpleNamespace(
             rollouts=rollouts, rewards=rewards, zero_var=zero_var, trains=trains, gen_batches=gen_batches,
-            dynamic=args.dynamic_sampling, need_old=several_updates or kl_in_reward,
+            dynamic=args.dynamic_sampling, need_old=several_updates or kl_in_reward, high_entropy=None,
             prompts=[prompt_ids[mine[j // n]] for j in range(len(rollouts))], responses=[s["tokens"] for s in rollouts],
             train_idx=[j for j, s in enumerate(rollouts) if s["length"] > 0 and trains[j // n]
                        and not (args.drop_zero_variance_groups and zero_var[j // n])
@@ -789,11 +812,18 @@ def main(argv=None):
 
         # 3. the optional branch: a no-grad pre-pass for old (several updates, k1) and reference log-probs; k1 needs
         # every response of a group that may train, since each one's shaped reward enters its group's advantages
-        old, ref = {}, None
-        if batch.need_old or ref_model is not None:
+        old, ref, entropy = {}, None, {}
+        if batch.need_old or ref_model is not None or top_entropy:
             pre_idx = ([j for j, s in enumerate(rollouts) if s["length"] > 0 and trains[j // n]] if kl_in_reward
                        else batch.train_idx)
-            old, ref = pre_pass(model, ref_model, batch, pre_idx, args, sums)
+            old, ref, entropy = pre_pass(model, ref_model, batch, pre_idx, args, sums, top_entropy)
+        if top_entropy:  # the batch's top --entropy_top_frac of tokens by entropy, over every rank's together
+            batch.entropy_floor = top_fraction_threshold(
+                torch.cat([entropy[j] for j in batch.train_idx] or [torch.zeros(0, device=device)]),
+                args.entropy_top_frac)
+            batch.high_entropy = {j: entropy[j] >= batch.entropy_floor for j in batch.train_idx}
+            sums["entropy_kept"] = sum(int(m.sum()) for m in batch.high_entropy.values())
+            sums["entropy_tokens"] = sum(m.numel() for m in batch.high_entropy.values())
 
         # 4. advantages within each group of n (k1: less kl_coef x the response's summed log-ratio, group-centred)
         seq_kl = None
@@ -812,7 +842,9 @@ def main(argv=None):
             penalty = [0.0 if zero_var[j // n] else p for j, p in enumerate(penalty)]
             sums["overlong_penalty"] = sum(penalty)  # (logged: the mean over the step's rollouts)
             rewards = [r + p for r, p in zip(rewards, penalty)]
-        scale = (batch_std([rewards[j] for j in batch.train_idx])  # (every rank: the batch over all of them)
+        # --std_scope batch: over every rollout of the groups the step keeps, on every rank (as TRL's: truncated and
+        # zero-variance ones too, so a group that varies through a rollout --mask_truncated leaves out still does)
+        scale = (batch_std([rewards[j] for j in range(len(rollouts)) if trains[j // n]])
                  if args.std_normalize and args.std_scope == "batch" else None)
         adv = group_advantages(rewards, n, args.std_normalize, seq_kl, args.kl_coef, batch_std=scale).tolist()
 

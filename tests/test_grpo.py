@@ -235,6 +235,25 @@ def test_batch_std_scales_every_group_alike():
     per_group = grpo.group_advantages(rewards, 4)
     assert per_group[0] / per_group[4] != pytest.approx(adv[0] / adv[4])  # one scale for all, not each its own
     assert grpo.batch_std([0.5]) == 0.0 and grpo.batch_std([]) == 0.0
+    # far from 0 and close together: a sum of squares less the squared sum gave 1e-8 for 1,000 copies of 0.1
+    assert grpo.batch_std([0.1] * 1000) < 1e-14
+    close = [1 + 1e-7 * i for i in range(10)]
+    assert grpo.batch_std(close) == pytest.approx(torch.tensor(close, dtype=torch.float64).std().item(), rel=1e-9)
+
+
+def test_top_fraction_threshold_is_the_kth_largest():
+    """The floor of the top `frac` of the values (the k-th largest, k = ceil(frac n)), ties included: what topk
+    gives, at world size 1 (tests/test_train_rl.py: the same at 2 ranks)."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 80, (1,), generator=g))
+        v = torch.rand(n, generator=g) * 5
+        v[torch.rand(n, generator=g) < 0.3] = 1.5  # ties
+        frac = [0.2, 0.5, 1e-6, 0.999, 1.0, 1 / 3][trial % 6]
+        k = max(1, math.ceil(frac * n - 1e-9))
+        assert grpo.top_fraction_threshold(v, frac) == float(torch.topk(v.double(), k).values[-1])
+    assert grpo.top_fraction_threshold(torch.tensor([3.0, 1.0, 2.0]), 1.0) == 1.0  # all: the smallest
+    assert grpo.top_fraction_threshold(torch.zeros(0), 0.2) is None
 
 
 def test_masked_importance_sampling_by_hand():

@@ -493,17 +493,23 @@ def test_fsdp_two_ranks_give_the_weights_of_one(fixed_runs):
 
 
 @pytest.mark.torchrun
-def test_a_batch_std_is_the_whole_batchs_at_two_ranks(toy, tmp_path):
-    """--std_scope batch divides by the std of every rank's trained rewards together: 2 ranks give each rollout the
-    advantage 1 rank gives it (each rank's own std would not)."""
+def test_batch_statistics_are_the_whole_batchs_at_two_ranks(toy, tmp_path):
+    """--std_scope batch divides by the std of every rank's trained rewards together, and --entropy_top_frac keeps
+    the top of every rank's tokens together: 2 ranks give each rollout the advantage 1 rank gives it, and the same
+    entropy floor, share kept and loss (each rank's own statistics would not)."""
     import tasks
-    runs = {ranks: run_fixed(toy, tmp_path / str(ranks), ranks, max_steps=1, std_scope="batch") for ranks in (1, 2)}
+    runs = {ranks: run_fixed(toy, tmp_path / str(ranks), ranks, max_steps=1, std_scope="batch", entropy_top_frac=0.2)
+            for ranks in (1, 2)}
     for r in runs.values():
         assert r.returncode == 0, r.stderr[-3000:]
     one, two = (common.read_jsonl(tasks.rollout_log_path(str(tmp_path / str(ranks)), 1)) for ranks in (1, 2))
     assert [(r["id"], r["sample"]) for r in one] == [(r["id"], r["sample"]) for r in two]
     assert [r["advantage"] for r in two] == pytest.approx([r["advantage"] for r in one], rel=1e-6, abs=1e-7)
     assert {r["rank"] for r in two} == {0, 1}
+    (m1,), (m2,) = (metrics(tmp_path / str(ranks)) for ranks in (1, 2))
+    assert m2["entropy_floor"] == pytest.approx(m1["entropy_floor"], rel=1e-6)
+    assert m2["entropy_kept"] == m1["entropy_kept"] and 0.2 <= m1["entropy_kept"] < 0.3
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.torchrun

@@ -42,20 +42,50 @@ def test_loss_agg_and_std_normalize_give_the_logged_loss_by_hand(rl_run, agg, st
 
 
 def test_a_batch_std_divides_every_groups_advantages_by_the_batchs_reward_std(rl_run, capsys):
-    """--std_scope batch: (r - the group's mean) / (the std of the trained rollouts' rewards + eps), by hand from the
-    rollout log; with --std_normalize false it is not used, and said so."""
+    """--std_scope batch: (r - the group's mean) / (the std of every rollout's reward + eps), by hand from the rollout
+    log, zero-variance groups counted where --drop_zero_variance_groups leaves them out of the loss (as TRL counts
+    them; over the trained rollouts alone a group varying through a left-out one could meet a std of 0); with
+    --std_normalize false it is not used, and said so."""
     run = rl_run
     _, plain, _ = run("dr_grpo", std_normalize=False, rollout_is="off")
     _, unused, _ = run("dr_grpo_batch", std_normalize=False, std_scope="batch", rollout_is="off")
     assert [r["advantage"] for r in unused[1]] == [r["advantage"] for r in plain[1]]
     assert "note: --std_scope not used: only --std_normalize true uses it" in capsys.readouterr().out
-    _, logs, _ = run("batch_std", std_scope="batch", rollout_is="off")
+    _, logs, _ = run("batch_std", std_scope="batch", rollout_is="off", drop_zero_variance_groups=True)
     rows = logs[1]
     rewards = [r["reward"] for r in rows]
-    std = torch.tensor([r["reward"] for r in rows if r["trained"]], dtype=torch.float64).std().item()
+    assert not all(r["trained"] for r in rows)  # a zero-variance group, left out of the loss
+    std = torch.tensor(rewards, dtype=torch.float64).std().item()
     want = grpo.group_advantages(rewards, RL_N, batch_std=std).tolist()
     assert [r["advantage"] for r in rows] == pytest.approx(want, abs=1e-6)
     assert want != pytest.approx(grpo.group_advantages(rewards, RL_N).tolist(), abs=1e-3)
+    trained_only = torch.tensor([r["reward"] for r in rows if r["trained"]], dtype=torch.float64).std().item()
+    assert want != pytest.approx(grpo.group_advantages(rewards, RL_N, batch_std=trained_only).tolist(), abs=1e-3)
+
+
+def test_the_entropy_minority_trains_only_the_batchs_highest_entropy_tokens(rl_run, monkeypatch):
+    """--entropy_top_frac 0.2: the floor is the batch's top 20 % of training tokens by the pre-update policy's
+    entropy, and the (on-policy) loss is -sum A_t over those tokens only / all tokens (token_mean), by hand."""
+    run = rl_run
+    seen, real = [], train_rl.top_fraction_threshold
+
+    def spy(values, frac):
+        floor = real(values, frac)
+        seen.append((values.clone(), frac, floor))
+        return floor
+    monkeypatch.setattr(train_rl, "top_fraction_threshold", spy)
+    (m,), logs, _ = run("forking", entropy_top_frac=0.2, rollout_is="off")
+    (values, frac, floor), = seen
+    trained = [r for r in logs[1] if r["trained"]]
+    assert frac == 0.2 and values.numel() == sum(r["length"] for r in trained)
+    keep = values >= floor
+    assert m["entropy_floor"] == floor and m["entropy_kept"] == pytest.approx(float(keep.float().mean()))
+    assert 0.2 <= m["entropy_kept"] < 0.3
+    kept_per_row = [int(k.sum()) for k in keep.split([r["length"] for r in trained])]
+    want = -sum(r["advantage"] * c for r, c in zip(trained, kept_per_row)) / values.numel()
+    assert m["loss"] == pytest.approx(want, rel=1e-5, abs=1e-8) and abs(want) > 1e-4
+    (plain,), _, _ = run("all_tokens", rollout_is="off")
+    assert plain["loss"] != pytest.approx(m["loss"]) and "entropy_floor" not in plain
 
 
 def test_clip_bounds_reach_the_surrogate_in_their_places(rl_run, monkeypatch):
@@ -117,6 +147,7 @@ def test_masked_importance_sampling_zeroes_the_tokens_outside_the_band(rl_run):
     assert mask["loss"] != trunc["loss"]
     with pytest.raises(common.UserError, match="--rollout_is_cap 1.0 leaves that band empty"):  # [1, 1]: none kept
         run("empty_band", rollout_is="token", rollout_is_cap=1.0, rollout_is_mode="mask")
+    run("unused_band", rollout_is="off", rollout_is_cap=1.0, rollout_is_mode="mask")  # (unused: a note, not refused)
 
 
 def test_the_overlong_punishment_lowers_the_advantages_rewards_not_the_logged_ones(rl_run):
