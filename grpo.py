@@ -51,30 +51,27 @@ def batch_std(values):
 
 
 def top_fraction_threshold(values, frac):
-    """The k-th largest of every rank's values together, k = ceil(frac x their number): the floor of the top `frac`
-    ('Beyond the 80/20 Rule', arXiv 2506.01939: the highest-entropy tokens). Found by bisection on counts, one
-    all-reduce of a number each, so no rank sends its values; the same on every rank and at any world size. None
-    where no rank has a value. Every rank calls this."""
-    v = values.detach().double().flatten()
-    n = int(parallel.all_reduce_numbers({"n": v.numel()})["n"])
+    """The k-th largest of every rank's float32 values together, k = ceil(frac x their number): the floor of the top
+    `frac` ('Beyond the 80/20 Rule', arXiv 2506.01939: the highest-entropy tokens). A binary search over the values'
+    bit patterns (as ordered integers: exact, at most 33 steps however small the floor, e.g. an entropy of 0), each
+    step one all-reduce of a count, so no rank sends its values and every rank takes the same steps; the same at any
+    world size. None where no rank has a value. Every rank calls this."""
+    bits = values.detach().float().flatten().view(torch.int32).long()
+    keys = torch.where(bits < 0, -2**31 - bits, bits)  # the floats' order (-0.0 and 0.0 alike)
+    n = int(parallel.all_reduce_numbers({"n": keys.numel()})["n"])
     if n == 0:
         return None
     k = max(1, math.ceil(frac * n - 1e-9))
-    lo = parallel.all_reduce_numbers({"x": float(v.min()) if v.numel() else math.inf}, op="min")["x"]
-    hi = parallel.all_reduce_numbers({"x": float(v.max()) if v.numel() else -math.inf}, op="max")["x"]
-    if parallel.all_reduce_numbers({"c": int((v >= hi).sum())})["c"] >= k:
-        return hi  # (the largest value is held k times or more)
-    # count(v >= lo) >= k > count(v >= hi): the k-th largest lies in [lo, hi)
-    while True:
-        mid = (lo + hi) / 2
-        if not lo < mid < hi:  # adjacent doubles: only the k-th largest lies in [lo, hi)
-            break
-        if parallel.all_reduce_numbers({"c": int((v >= mid).sum())})["c"] >= k:
+    lo = int(parallel.all_reduce_numbers({"x": int(keys.min()) if keys.numel() else 2**31}, op="min")["x"])
+    hi = int(parallel.all_reduce_numbers({"x": int(keys.max()) if keys.numel() else -2**31}, op="max")["x"]) + 1
+    while hi - lo > 1:  # count(keys >= lo) >= k > count(keys >= hi)
+        mid = (lo + hi) // 2
+        if parallel.all_reduce_numbers({"c": int((keys >= mid).sum())})["c"] >= k:
             lo = mid
         else:
             hi = mid
-    below = v[v < hi]
-    return parallel.all_reduce_numbers({"x": float(below.max()) if below.numel() else -math.inf}, op="max")["x"]
+    bits = lo if lo >= 0 else -2**31 - lo
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
 def equal_rewards(r):
