@@ -55,13 +55,15 @@ def top_fraction_threshold(values, frac):
     `frac` ('Beyond the 80/20 Rule', arXiv 2506.01939: the highest-entropy tokens). A binary search over the values'
     bit patterns (as ordered integers: exact, at most 33 steps however small the floor, e.g. an entropy of 0), each
     step one all-reduce of a count, so no rank sends its values and every rank takes the same steps; the same at any
-    world size. None where no rank has a value. Every rank calls this."""
-    bits = values.detach().float().flatten().view(torch.int32).long()
+    world size. None where no rank has a finite value (a NaN, from a blown-up forward, is left out on every rank).
+    Every rank calls this."""
+    v = values.detach().float().flatten()
+    bits = v[torch.isfinite(v)].view(torch.int32).long()
     keys = torch.where(bits < 0, -2**31 - bits, bits)  # the floats' order (-0.0 and 0.0 alike)
     n = int(parallel.all_reduce_numbers({"n": keys.numel()})["n"])
     if n == 0:
         return None
-    k = max(1, math.ceil(frac * n - 1e-9))
+    k = max(1, math.ceil(frac * n * (1 - 1e-12)))  # (0.2 x 10 is 2.0000000000000004 in floats: k = 2, not 3)
     lo = int(parallel.all_reduce_numbers({"x": int(keys.min()) if keys.numel() else 2**31}, op="min")["x"])
     hi = int(parallel.all_reduce_numbers({"x": int(keys.max()) if keys.numel() else -2**31}, op="max")["x"]) + 1
     while hi - lo > 1:  # count(keys >= lo) >= k > count(keys >= hi)

@@ -149,9 +149,10 @@ def get_parser():
                    help="the policy gradient only on the batch's top fraction of tokens by entropy (1 = all; 'Beyond "
                         "the 80/20 Rule', arXiv 2506.01939: 0.2, the 'forking' tokens). The entropies come from a "
                         "no-grad pass of the pre-update policy and the threshold from every rank's training tokens "
-                        "together, so the choice does not depend on the micro-batches or the number of ranks (costs "
-                        "one forward more a step where the run has no pre-pass). The loss normaliser still counts "
-                        "every token; the KL and entropy terms keep every token")
+                        "together, so the choice does not depend on the micro-batches or the number of ranks (but for "
+                        "rounding at the floor; costs one forward more a step where the pre-pass has no policy "
+                        "forward: one PPO epoch and mini-batch, no k1). The loss normaliser still counts every token; "
+                        "the KL and entropy terms keep every token")
     p.add_argument("--adv_weight", default="none", choices=("none", "dwa"),
                    help="dwa: 'Sparse but Critical' (arXiv 2603.22446) weights A_t by the token's KL(pi_old || pi); "
                         "w = 1 on-policy, so it acts only with several updates per batch (docs/token_shift.md, DWA)")
@@ -822,8 +823,8 @@ def main(argv=None):
                 torch.cat([entropy[j] for j in batch.train_idx] or [torch.zeros(0, device=device)]),
                 args.entropy_top_frac)
             batch.high_entropy = {j: entropy[j] >= batch.entropy_floor for j in batch.train_idx}
-            sums["entropy_kept"] = sum(int(m.sum()) for m in batch.high_entropy.values())
-            sums["entropy_tokens"] = sum(m.numel() for m in batch.high_entropy.values())
+            kept = torch.cat(list(batch.high_entropy.values()) or [torch.zeros(0, dtype=torch.bool)])
+            sums["entropy_kept"], sums["entropy_tokens"] = int(kept.sum()), kept.numel()  # (one host sync)
 
         # 4. advantages within each group of n (k1: less kl_coef x the response's summed log-ratio, group-centred)
         seq_kl = None

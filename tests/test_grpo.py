@@ -265,6 +265,10 @@ def test_top_fraction_threshold_is_the_kth_largest(monkeypatch):
         assert calls[0] <= 36
     assert grpo.top_fraction_threshold(torch.tensor([3.0, 1.0, 2.0]), 1.0) == 1.0  # all: the smallest
     assert grpo.top_fraction_threshold(torch.zeros(0), 0.2) is None
+    nan = float("nan")  # a blown-up forward's NaN is left out (it took the floor to -inf at one rank, not at another)
+    assert grpo.top_fraction_threshold(torch.tensor([nan, 1.0, 2.0, 3.0]), 0.5) == 2.0
+    assert grpo.top_fraction_threshold(torch.tensor([nan]), 0.5) is None
+    assert grpo.top_fraction_threshold(torch.arange(10.0), 0.2) == 8.0  # (k = 2, though 0.2 x 10 > 2 in floats)
 
 
 def test_masked_importance_sampling_by_hand():

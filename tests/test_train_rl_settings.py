@@ -65,7 +65,8 @@ def test_a_batch_std_divides_every_groups_advantages_by_the_batchs_reward_std(rl
 
 def test_the_entropy_minority_trains_only_the_batchs_highest_entropy_tokens(rl_run, monkeypatch):
     """--entropy_top_frac 0.2: the floor is the batch's top 20 % of training tokens by the pre-update policy's
-    entropy, and the (on-policy) loss is -sum A_t over those tokens only / all tokens (token_mean), by hand."""
+    entropy (the values the floor is taken over are the entropies the update logs), and the (on-policy) loss is
+    -sum A_t over those tokens only / all tokens (token_mean), by hand; an entropy bonus still counts every token."""
     run = rl_run
     seen, real = [], train_rl.top_fraction_threshold
 
@@ -80,10 +81,14 @@ def test_the_entropy_minority_trains_only_the_batchs_highest_entropy_tokens(rl_r
     assert frac == 0.2 and values.numel() == sum(r["length"] for r in trained)
     keep = values >= floor
     assert m["entropy_floor"] == floor and m["entropy_kept"] == pytest.approx(float(keep.float().mean()))
+    assert m["entropy"] == pytest.approx(float(values.double().mean()), rel=1e-5)  # entropies, not another score
     assert 0.2 <= m["entropy_kept"] < 0.3
     kept_per_row = [int(k.sum()) for k in keep.split([r["length"] for r in trained])]
     want = -sum(r["advantage"] * c for r, c in zip(trained, kept_per_row)) / values.numel()
     assert m["loss"] == pytest.approx(want, rel=1e-5, abs=1e-8) and abs(want) > 1e-4
+    seen.clear()
+    (bonus,), _, _ = run("forking_bonus", entropy_top_frac=0.2, rollout_is="off", entropy_coef=0.5)
+    assert bonus["loss"] == pytest.approx(want - 0.5 * float(seen[0][0].double().mean()), rel=1e-5, abs=1e-8)
     (plain,), _, _ = run("all_tokens", rollout_is="off")
     assert plain["loss"] != pytest.approx(m["loss"]) and "entropy_floor" not in plain
 
@@ -135,7 +140,7 @@ def test_cispo_takes_the_clip_bounds_in_place_of_the_ppo_surrogate(rl_run, monke
         run("ppo_floor", clip_low=1.0)
 
 
-def test_masked_importance_sampling_zeroes_the_tokens_outside_the_band(rl_run):
+def test_masked_importance_sampling_zeroes_the_tokens_outside_the_band(rl_run, capsys):
     """--rollout_is_mode mask against truncate, on the fixed rollouts (whose sampler log-probs are 0: each token's
     ratio is the trainer's probability, ~1/300 on average for their random tokens): truncation caps none of them;
     the mask zeroes those below 1/C, here some of them."""
@@ -147,7 +152,10 @@ def test_masked_importance_sampling_zeroes_the_tokens_outside_the_band(rl_run):
     assert mask["loss"] != trunc["loss"]
     with pytest.raises(common.UserError, match="--rollout_is_cap 1.0 leaves that band empty"):  # [1, 1]: none kept
         run("empty_band", rollout_is="token", rollout_is_cap=1.0, rollout_is_mode="mask")
+    capsys.readouterr()
     run("unused_band", rollout_is="off", rollout_is_cap=1.0, rollout_is_mode="mask")  # (unused: a note, not refused)
+    assert ("note: --rollout_is_cap and --rollout_is_mode not used: only --rollout_is token or sequence uses it"
+            in capsys.readouterr().out)
 
 
 def test_the_overlong_punishment_lowers_the_advantages_rewards_not_the_logged_ones(rl_run):
