@@ -52,17 +52,22 @@ with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
 '''
 
 
+def two_ranks(tmp_path, name, text, *args, timeout=300, launcher=()):
+    """Write `text` to tmp_path/name and run it under torchrun with 2 ranks (gloo): the finished process."""
+    script = tmp_path / name
+    script.write_text(text)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(free_port()), *launcher, str(script), *map(str, args)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.torchrun
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc (Linux)")
 def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
     """2 ranks (gloo): the collectives outside FSDP give every rank the same, right answer (all_gather_json with
     payloads of either size order, gather_lists with and without a key, even_out), and dist_cleanup then stops
     gloo's threads."""
-    script = tmp_path / "rank_script.py"
-    script.write_text(RANK_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                           str(free_port()), str(script), tiny_checkpoint, str(tmp_path)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = two_ranks(tmp_path, "rank_script.py", RANK_SCRIPT, tiny_checkpoint, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         with open(tmp_path / f"rank{rank}.json") as f:
@@ -109,11 +114,7 @@ def test_a_fresh_run_dirs_lock_is_one_collective_on_every_rank_however_late_a_ra
     """resume_checkpoint locked run_dir only where a rank saw it: a rank that looked after rank 0 had made it (a
     fresh run, metrics_log) joined one collective more, and every later one paired with the other rank's previous
     ("20096 vs 4" from gloo one run in five under torch 2.11; a hang or mixed tensors under NCCL)."""
-    script = tmp_path / "fresh_run.py"
-    script.write_text(FRESH_RUN_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                           str(free_port()), str(script), str(tmp_path)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=60)  # (a hang: it fails)
+    proc = two_ranks(tmp_path, "fresh_run.py", FRESH_RUN_SCRIPT, tmp_path, timeout=60)  # (a hang: it fails)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         after, refused = json.loads((tmp_path / f"rank{rank}.json").read_text(encoding="utf-8"))
@@ -155,11 +156,7 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_line(tmp_path):
     """on_every_rank (each rank's own checkpoint shard) and on_rank0 (what rank 0 alone writes or decides): an error
     on one rank reached the others only as a hang in their next collective (or a backend's traceback); now every rank
     raises it: where it happened as it is, elsewhere as a UserError naming it."""
-    script = tmp_path / "errors.py"
-    script.write_text(ERRORS_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                           str(free_port()), str(script), str(tmp_path)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=60)  # (a hang: it fails)
+    proc = two_ranks(tmp_path, "errors.py", ERRORS_SCRIPT, tmp_path, timeout=60)  # (a hang: it fails)
     assert proc.returncode == 0, proc.stderr[-3000:]
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1))
     assert zero[0] == one[0] == ["UserError", "disk full on rank 1"]
@@ -197,11 +194,8 @@ def test_a_torchrun_worker_ends_without_finalizing_while_gloo_threads_live(tiny_
     (the check sees them), and a normal interpreter shutdown with them alive can end in SIGABRT ("terminate called
     without an active exception", a finished 2-rank run reported as failed). So run_main ends a torchrun worker
     with os._exit: its output flushed, its exit code kept, no finalization (the atexit handler never runs)."""
-    script = tmp_path / "fsdp_rank_script.py"
-    script.write_text(FSDP_RANK_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                           str(free_port()), "--tee", "3", str(script), tiny_checkpoint, str(tmp_path)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = two_ranks(tmp_path, "fsdp_rank_script.py", FSDP_RANK_SCRIPT, tiny_checkpoint, tmp_path,
+                     launcher=("--tee", "3"))
     assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]  # rank 1's own code
     assert "<flushed 0>" in proc.stdout and "<flushed 1>" in proc.stdout, proc.stdout
     for rank in (0, 1):

@@ -1,5 +1,6 @@
 """redistill_sft.py: data loading and errors, loss on response tokens only, the two reductions, micro-batch and
 DDP invariance, learning a toy task, exact kill-and-resume, pre-training from scratch."""
+import contextlib
 import json
 import math
 import os
@@ -280,6 +281,16 @@ def test_a_stop_inside_the_last_saves_prune_is_finished_by_the_resume(tiny_check
         "step_000005", "step_000010"]  # the weights of the epoch ends
 
 
+@contextlib.contextmanager
+def two_threads():
+    """torch on 2 CPU threads for the block (the tests run on 1): another thread count, as another machine's."""
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch, 10 in all
@@ -299,13 +310,10 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--adam_8bit", "true"))
     with pytest.raises(UserError, match="different settings.*compute_dtype: was 'float32', now 'bfloat16'"):
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--dtype", "bfloat16"))
-    torch.set_num_threads(2)  # another CPU thread count rounds otherwise
-    try:
+    with two_threads():  # another CPU thread count rounds otherwise
         with pytest.raises(UserError, match="different settings.*compute_device: was 'cpu, threads 1', now 'cpu, "
                                             "threads 2'"):
             sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
-    finally:
-        torch.set_num_threads(1)
     with monkeypatch.context() as m:  # a shard per rank: an unfinished run goes on only at the number that wrote it
         m.setattr(ckpt, "world_size", lambda: 2)
         with pytest.raises(UserError, match=r"step_000007\.state\.pt: written by 1 rank\(s\); resume it with the "
@@ -333,11 +341,8 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     with monkeypatch.context() as m:
         m.setattr(ckpt, "world_size", lambda: 2)
         m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER")
-        torch.set_num_threads(2)
-        try:
+        with two_threads():
             sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
-        finally:
-            torch.set_num_threads(1)
     assert "already finished (10/10 steps)" in capsys.readouterr().out
     with pytest.raises(UserError, match="different settings.*lr: was 0.001, now 0.002"):  # (a setting still counts)
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--lr", "2e-3"))
@@ -347,11 +352,8 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     shutil.rmtree(os.path.join(cut, "final"))
     with monkeypatch.context() as m:
         m.setattr(ckpt, "world_size", lambda: 2)
-        torch.set_num_threads(2)
-        try:
+        with two_threads():
             sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
-        finally:
-            torch.set_num_threads(1)
     assert "done: 10 steps" in capsys.readouterr().out
     b = weights(os.path.join(cut, "final"))
     for k in a:
