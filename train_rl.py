@@ -421,15 +421,15 @@ def pre_pass(model, ref_model, batch, indices, args, sums, need_entropy=False):
             seqs = ([batch.prompts[j] for j in js], [batch.responses[j] for j in js], args.temperature,
                     args.logprob_chunk)
             splits = [len(batch.responses[j]) for j in js]
-            if need_entropy:
-                lp, ent = response_logprobs(model, *seqs, with_entropy="detached")
-                entropy.update(zip(js, ent.float().split(splits)))
-            elif batch.need_old:
-                lp = response_logprobs(model, *seqs)
-            if batch.need_old:
-                lp = lp.float()
-                old.update(zip(js, lp.split(splits)))
-                add_logprob_gap(lp, batch, js, sums)
+            if policy:  # (the entropies only where asked: they cost a pass over the vocabulary)
+                out = response_logprobs(model, *seqs, with_entropy="detached" if need_entropy else False)
+                lp, ent = out if need_entropy else (out, None)
+                if need_entropy:
+                    entropy.update(zip(js, ent.float().split(splits)))
+                if batch.need_old:
+                    lp = lp.float()
+                    old.update(zip(js, lp.split(splits)))
+                    add_logprob_gap(lp, batch, js, sums)
             if ref_model is not None:
                 ref.update(zip(js, response_logprobs(ref_model, *seqs).float().split(splits)))
     if ref_model is not None:
