@@ -1,8 +1,9 @@
 """
-train_rl.py's pure functions: the GRPO objective (group advantages and the batch's std, the PPO clipped surrogate and
-CISPO's, the KL estimators, DWA's token weights, the rollouts' importance weights, DAPO's overlong penalty, the
-high-entropy minority's floor, the loss aggregation's token weights) and the run's schedule (each step's prompts,
-sampling seed and learning rate). Each switch is one setting of train_rl.py; tests/test_grpo.py checks each function
+train_rl.py's pure functions: the GRPO objective (group advantages with RLOO's baseline or the group mean and the
+batch's std, the PPO clipped surrogate, CISPO's and KL-Cov's, the KL estimators, DWA's token weights, the rollouts'
+importance weights, DAPO's overlong penalty, the high-entropy minority's floor, the tokens Clip-Cov and KL-Cov act
+on, the loss aggregation's token weights) and the run's schedule (each step's prompts, sampling seed and learning
+rate). Each switch is one setting of train_rl.py; tests/test_grpo.py checks each function
 against a hand computation.
 """
 import math
@@ -13,8 +14,11 @@ import torch
 import parallel
 
 
-def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, eps=1e-6, batch_std=None):
+def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, eps=1e-6, batch_std=None,
+                     baseline="mean"):
     """GRPO advantages for rewards laid out group by group (n per prompt): (r - mean_g) / (std_g + eps).
+    baseline "loo" (RLOO, Ahmadian et al. 2024, arXiv 2402.14740): r less the mean of the group's other n - 1
+    rewards, which is n / (n - 1) x (r - mean_g), before any std (RLOO itself has none: std_normalize False).
 
     std is unbiased (N-1), as torch.std in verl. A group with all-equal rewards gets exactly 0.
     Groups of one use mean 0 and std 1 (verl), i.e. the advantage is the reward. batch_std: divided by this (the
@@ -25,18 +29,21 @@ def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, e
     penalty is linear in kl_coef. (Normalising the shaped reward r - kl_coef x seq_kl instead, as verl does, turns
     a group of equal rewards into the standardised KL at unit scale whatever kl_coef is: docs/grpo.md.)
     """
+    if baseline not in ("mean", "loo"):
+        raise ValueError(f"unknown baseline {baseline!r}")
+    scale = n / (n - 1) if baseline == "loo" and n > 1 else 1.0
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, n)
     if n == 1 or not r.numel():  # (no group: a rank with no prompt this step)
         adv = r.clone()
     else:
         mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
-        adv = r - mean
+        adv = (r - mean) * scale
         if std_normalize:
             adv = adv / ((std if batch_std is None else batch_std) + eps)
         adv = torch.where(equal_rewards(r)[:, None], torch.zeros_like(adv), adv)
     if seq_kl is not None:
         kl = torch.as_tensor(seq_kl, dtype=torch.float32).view(-1, n)
-        adv = adv - kl_coef * (kl - kl.mean(1, keepdim=True) if n > 1 else kl)
+        adv = adv - kl_coef * ((kl - kl.mean(1, keepdim=True)) * scale if n > 1 else kl)
     return adv.view(-1)
 
 
@@ -50,20 +57,28 @@ def batch_std(values):
     return math.sqrt(deviations / (s["n"] - 1)) if s["n"] >= 2 else 0.0
 
 
+def finite_count(values):
+    """How many of every rank's values together are finite (one all-reduce). Every rank calls this."""
+    return int(parallel.all_reduce_numbers({"n": int(torch.isfinite(values.detach()).sum())})["n"])
+
+
 def top_fraction_threshold(values, frac):
     """The k-th largest of every rank's float32 values together, k = ceil(frac x their number): the floor of the top
-    `frac` ('Beyond the 80/20 Rule', arXiv 2506.01939: the highest-entropy tokens). A binary search over the values'
-    bit patterns (as ordered integers: exact, at most 33 steps however small the floor, e.g. an entropy of 0), each
-    step one all-reduce of a count, so no rank sends its values and every rank takes the same steps; the same at any
-    world size. None where no rank has a finite value (a NaN, from a blown-up forward, is left out on every rank).
-    Every rank calls this."""
+    `frac` ('Beyond the 80/20 Rule', arXiv 2506.01939: the highest-entropy tokens). None where no rank has a finite
+    value (a NaN, from a blown-up forward, is left out on every rank). Every rank calls this."""
+    n = finite_count(values)
+    # (0.2 x 10 is 2.0000000000000004 in floats: k = 2, not 3)
+    return kth_largest(values, max(1, math.ceil(frac * n * (1 - 1e-12)))) if n else None
+
+
+def kth_largest(values, k):
+    """The k-th largest of every rank's finite float32 values together (1 <= k <= their number), by a binary search
+    over the values' bit patterns (as ordered integers: exact, at most 33 steps however small the value, e.g. an
+    entropy of 0), each step one all-reduce of a count, so no rank sends its values and every rank takes the same
+    steps; the same at any world size. Non-finite values are left out. Every rank calls this."""
     v = values.detach().float().flatten()
     bits = v[torch.isfinite(v)].view(torch.int32).long()
     keys = torch.where(bits < 0, -2**31 - bits, bits)  # the floats' order (-0.0 and 0.0 alike)
-    n = int(parallel.all_reduce_numbers({"n": keys.numel()})["n"])
-    if n == 0:
-        return None
-    k = max(1, math.ceil(frac * n * (1 - 1e-12)))  # (0.2 x 10 is 2.0000000000000004 in floats: k = 2, not 3)
     lo = int(parallel.all_reduce_numbers({"x": int(keys.min()) if keys.numel() else 2**31}, op="min")["x"])
     hi = int(parallel.all_reduce_numbers({"x": int(keys.max()) if keys.numel() else -2**31}, op="max")["x"]) + 1
     while hi - lo > 1:  # count(keys >= lo) >= k > count(keys >= hi)
@@ -74,6 +89,46 @@ def top_fraction_threshold(values, frac):
             hi = mid
     bits = lo if lo >= 0 else -2**31 - lo
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+
+
+def covariance_tokens(logp, adv, method, frac, uniforms, bounds=(1.0, 5.0)):
+    """The tokens Clip-Cov or KL-Cov act on (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for
+    Reasoning Language Models", arXiv 2505.22617): each token's centred product (log pi - mean log pi) x (A - mean A),
+    both means over every rank's training tokens together (the paper's batch; verl takes each micro-batch's), whose
+    mean is the batch's Cov(log pi, A), the quantity the paper finds driving entropy down. logp, adv: this rank's
+    training tokens, flat, in float; uniforms: one number in [0, 1) per token, a hash of the token's place in the step
+    (the same at any world size). Of the batch's N tokens, k = max(1, floor(frac x N)) are chosen (verl's count):
+    kl_cov: those with the k largest products, ties at the floor broken by the smallest uniforms (an all-zero batch
+    of advantages ties every token); clip_cov: k drawn at random from those whose product lies strictly inside bounds
+    (all of them where fewer), the k smallest uniforms among them. Exactly k but for ties of the uniforms' 24 bits at
+    the floor (kept). Returns (a bool mask over this rank's tokens, the batch's covariance; None where no rank has a
+    token). Every rank calls this, taking the same steps: each branch turns on counts summed over the ranks."""
+    lp, a = logp.detach().double(), adv.detach().double()
+    s = parallel.all_reduce_numbers({"n": lp.numel(), "lp": float(lp.sum()), "a": float(a.sum())})
+    n = int(s["n"])
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=logp.device), None
+    products = (lp - s["lp"] / n) * (a - s["a"] / n)
+    covariance = parallel.all_reduce_numbers({"c": float(products.sum())})["c"] / n
+    products, k = products.float(), max(1, int(frac * n))
+    nothing = torch.zeros_like(products, dtype=torch.bool)
+    if method == "kl_cov":  # (a NaN log-prob makes every product NaN: nothing chosen, on every rank)
+        finite = finite_count(products)
+        if not finite:
+            return nothing, covariance
+        floor = kth_largest(products, min(k, finite))
+        above, tied = products > floor, products == floor
+        room = min(k, finite) - int(parallel.all_reduce_numbers({"c": int(above.sum())})["c"])
+        draw = torch.where(tied, -uniforms.float(), torch.full_like(products, float("nan")))  # the smallest first
+        return above | (tied & (draw >= kth_largest(draw, room))), covariance
+    if method != "clip_cov":
+        raise ValueError(f"unknown covariance method {method!r}")
+    candidate = (products > bounds[0]) & (products < bounds[1])
+    m = int(parallel.all_reduce_numbers({"m": int(candidate.sum())})["m"])
+    if m == 0:
+        return nothing, covariance
+    draw = torch.where(candidate, -uniforms.float(), torch.full_like(products, float("nan")))
+    return candidate & (draw >= kth_largest(draw, min(k, m))), covariance
 
 
 def equal_rewards(r):
@@ -123,6 +178,15 @@ def cispo_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
     weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high).detach()
     clipped = (ratio.detach() < 1.0 - clip_low) | (ratio.detach() > 1.0 + clip_high)
     return -adv * weight * torch.exp(logp - logp.detach()), clipped.float()
+
+
+def kl_cov_loss(logp, old_logp, adv, selected, coef=1.0):
+    """KL-Cov (arXiv 2505.22617; verl's kl_cov) per token, to minimise: -A * rho, no clip, with coef x |log pi -
+    log pi_old| added on the selected tokens (covariance_tokens), which holds them near the old policy. On-policy
+    (rho = 1) it is -A * rho exactly, as |x|'s gradient at 0 is 0: it acts from the second update of a batch.
+    Returns (loss per token, 0.0 everywhere: nothing is clipped)."""
+    log_ratio = logp - old_logp
+    return -adv * torch.exp(log_ratio) + coef * log_ratio.abs() * selected, torch.zeros_like(adv)
 
 
 def kl_penalty(logp, ref_logp, estimator="k3"):

@@ -35,9 +35,9 @@ import gpu_memory
 import parallel
 import tasks
 from common import UserError, print0
-from grpo import (batch_epoch, batch_std, cispo_loss, dwa_weights, generation_seed, group_advantages, kl_penalty, lr_at,
-                  overlong_penalty, policy_loss, refill_keep, rollout_is_weights, sequence_ratio_logp,
-                  step_prompt_indices, token_weights, top_fraction_threshold, zero_variance)
+from grpo import (batch_epoch, batch_std, cispo_loss, covariance_tokens, dwa_weights, generation_seed, group_advantages,
+                  kl_cov_loss, kl_penalty, lr_at, overlong_penalty, policy_loss, refill_keep, rollout_is_weights,
+                  sequence_ratio_logp, step_prompt_indices, token_weights, top_fraction_threshold, zero_variance)
 from model import load_model, parse_dtype, read_config, response_logprobs
 from parallel import idle_pass, shard_model
 from scoring import validate
@@ -52,16 +52,20 @@ RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_
 # ... and what each step samples and optimises, checked against the settings the checkpoint saved (those its
 # version had), so a resume cannot mix two objectives in one run; the rest (memory, logging, --max_steps) may change
 RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "std_scope", "clip_low",
-                 "clip_high", "policy_loss", "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator",
+                 "clip_high", "policy_loss", "cov_frac", "clip_cov_low", "clip_cov_high", "kl_cov_coef",
+                 "baseline", "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator",
                  "ref_model", "entropy_coef", "entropy_top_frac", "adv_weight", "rollout_is", "rollout_is_cap",
                  "rollout_is_mode", "dwa_s", "dwa_alpha", "drop_zero_variance_groups", "mask_truncated",
                  "overlong_buffer", "overlong_penalty", "grad_clip", "adam_8bit", "beta1", "beta2",
                  "weight_decay", "model")  # --model: the tokenizer and, without --ref_model, the KL reference
 # what the runs of versions before a setting existed did: a resume of such a run compares this, not what is given now
 # (TIS came on 2026-12-02, on by default; CISPO, masked IS, the overlong punishment, the batch std and the entropy
-# minority on 2026-12-06, off)
+# minority on 2026-12-06, off; RLOO's baseline, Clip-Cov and KL-Cov on 2026-12-06 too, after those)
 EARLIER_OBJECTIVE = {"rollout_is": "off", "policy_loss": "ppo", "rollout_is_mode": "truncate", "overlong_buffer": 0,
-                     "overlong_penalty": 1.0, "std_scope": "group", "entropy_top_frac": 1.0}
+                     "overlong_penalty": 1.0, "std_scope": "group", "entropy_top_frac": 1.0, "baseline": "mean",
+                     "cov_frac": 2e-4, "clip_cov_low": 1.0, "clip_cov_high": 5.0, "kl_cov_coef": 1.0}
+COVARIANCE_LOSSES = ("clip_cov", "kl_cov")  # the losses that need the pre-update log-probs' covariance with A
+COVARIANCE_STREAM = 7_001  # Clip-Cov's random draw (KL-Cov's tie-break): its own stream of the seed (derive_seed)
 # (--dtype: the identity holds the dtype it resolved to, and the device with a CPU's thread count:
 # parallel.compute_identity)
 # (and ckpt.load_local_train_state checks AdamW's betas, weight decay and eps against the optimizer state itself)
@@ -112,15 +116,38 @@ def get_parser():
                         "group's mean, the batch's std ('Tricks or Traps', arXiv 2508.08221; REINFORCE++-baseline's "
                         "normalisation, arXiv 2501.03262, without its whitening by token), so a group whose rewards "
                         "vary little no longer gets advantages as large as one split half and half")
+    p.add_argument("--baseline", default="mean", choices=("mean", "loo"),
+                   help="what each reward is compared with: its group's mean (GRPO), or the mean of the group's "
+                        "other rewards (RLOO, Ahmadian et al. 2024, arXiv 2402.14740), n / (n - 1) times the "
+                        "same centred reward; RLOO itself has no std: --std_normalize false")
     p.add_argument("--clip_low", type=float, default=0.2, help="PPO clip: ratio floor 1 - clip_low")
     p.add_argument("--clip_high", type=float, default=0.2,
                    help="PPO clip: ratio ceiling 1 + clip_high (clip-higher, DAPO: 0.28)")
-    p.add_argument("--policy_loss", default="ppo", choices=("ppo", "cispo"),
+    p.add_argument("--policy_loss", default="ppo", choices=("ppo", "cispo", "clip_cov", "kl_cov"),
                    help="ppo: the clipped surrogate (PPO, GRPO): a token whose ratio is past the clip band gets no "
                         "gradient; cispo: CISPO (MiniMax-M1, arXiv 2506.13585): the importance weight clipped to the "
                         "band [1 - clip_low, 1 + clip_high] and detached, so every token keeps its gradient (the paper "
                         "bounds it from above only: --clip_low 1). The same as ppo with one on-policy update per "
-                        "batch, where the ratio is 1")
+                        "batch, where the ratio is 1. clip_cov and kl_cov (Cui et al. 2025, 'The Entropy Mechanism "
+                        "of RL for Reasoning LMs', arXiv 2505.22617) act on the few tokens whose log-prob and "
+                        "advantage covary most (--cov_frac of the batch's tokens, found once per step from the "
+                        "pre-update policy's log-probs over every rank's tokens, which costs a forward where the "
+                        "pre-pass had none), against entropy collapse: clip_cov is ppo with the policy gradient of "
+                        "tokens drawn at random among those whose centred product lies in (--clip_cov_low, "
+                        "--clip_cov_high) cut; kl_cov is -A x ratio with no clip, plus --kl_cov_coef x |log(pi / "
+                        "pi_old)| on the top --cov_frac by that product (the same as ppo with one on-policy update "
+                        "per batch, where that term has no gradient: it acts with --ppo_mini_batches or --ppo_epochs "
+                        "> 1; verl's separate old-log-prob pass gives it rounding noise to act on even then: "
+                        "docs/grpo.md)")
+    p.add_argument("--cov_frac", type=float, default=2e-4,
+                   help="clip_cov / kl_cov: the share of the batch's tokens they act on, at least one (verl's "
+                        "clip_cov_ratio and kl_cov_ratio: 2e-4; the paper's KL-Cov: 2e-3 on Qwen2.5-7B)")
+    p.add_argument("--clip_cov_low", type=float, default=1.0,
+                   help="clip_cov: the centred product's lower bound for a token to be drawn (paper: 1)")
+    p.add_argument("--clip_cov_high", type=float, default=5.0,
+                   help="clip_cov: the centred product's upper bound for a token to be drawn (paper: 5)")
+    p.add_argument("--kl_cov_coef", type=float, default=1.0,
+                   help="kl_cov: the weight of the |log-ratio| penalty on the chosen tokens (paper: 1)")
     p.add_argument("--ppo_epochs", type=int, default=1,
                    help="passes over each rollout batch (>1: old log-probs are recomputed)")
     p.add_argument("--ratio_level", default="token", choices=("token", "sequence"),
@@ -404,12 +431,12 @@ def add_logprob_gap(lp, batch, js, sums):
     sums["gap_tokens"] += lp.numel()
 
 
-def pre_pass(model, ref_model, batch, indices, args, sums, need_entropy=False):
+def pre_pass(model, ref_model, batch, indices, args, sums, need_entropy=False, need_logp=False):
     """The optional branch's no-grad forward: the pre-update policy's log-probs (the PPO ratio's denominator, and
-    k1's KL) when it needs them, and its entropies (need_entropy), the reference's log-probs for the KL. Returns
-    (old, ref, entropy): response index -> log-probs or entropies."""
+    k1's KL) when it needs them (or need_logp: Clip-Cov's and KL-Cov's covariance), and its entropies (need_entropy),
+    the reference's log-probs for the KL. Returns (old, ref, entropy): response index -> log-probs or entropies."""
     old, ref, entropy = {}, {} if ref_model is not None else None, {}
-    policy = batch.need_old or need_entropy
+    policy = batch.need_old or need_entropy or need_logp
     lengths = [len(batch.prompts[j]) + len(batch.responses[j]) for j in indices]
     with torch.no_grad():
         for mb in parallel.even_out(parallel.micro_batches(lengths, args.micro_batch_tokens)):
@@ -426,15 +453,28 @@ def pre_pass(model, ref_model, batch, indices, args, sums, need_entropy=False):
                 lp, ent = out if need_entropy else (out, None)
                 if need_entropy:
                     entropy.update(zip(js, ent.float().split(splits)))
-                if batch.need_old:
+                if batch.need_old or need_logp:
                     lp = lp.float()
                     old.update(zip(js, lp.split(splits)))
+                if batch.need_old:  # (otherwise the update measures the gap, on its own log-probs)
                     add_logprob_gap(lp, batch, js, sums)
             if ref_model is not None:
                 ref.update(zip(js, response_logprobs(ref_model, *seqs).float().split(splits)))
     if ref_model is not None:
         parallel.reshard(ref_model)  # FSDP keeps a root gathered after a forward without backward (parallel.reshard)
     return old, ref, entropy
+
+
+def token_draws(seed, step, places, samples, lengths, prompts_per_step, n):
+    """One number in [0, 1) per token of these responses (flat, in order), a hash of (the run's seed, the step, the
+    response's prompt batch and place in it, its sample, the token's position): Clip-Cov's random draw and KL-Cov's
+    tie-break, the same at any world size and on resume. places: each response's (prompt batch, place) in the step
+    (rollout()), samples: its sample within the group."""
+    ids = torch.tensor([(b * prompts_per_step + p) * n + i for (b, p), i in zip(places, samples)], dtype=torch.long)
+    counts = torch.tensor(lengths, dtype=torch.long)
+    keys = engine.sample_keys(engine.seed32(common.derive_seed(seed, step, COVARIANCE_STREAM)), ids)
+    positions = torch.cat([torch.arange(k) for k in lengths] or [torch.zeros(0, dtype=torch.long)])
+    return engine.keyed_uniforms(torch.repeat_interleave(keys, counts), positions)[:, 0]
 
 
 def update(model, optimizer, batch, adv, old, ref, args, step, sums):
@@ -477,8 +517,14 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                 if args.adv_weight == "dwa":
                     a = a * dwa_weights(lp, old_lp, args.dwa_s, args.dwa_alpha)
                 ratio_lp = lp if args.ratio_level == "token" else sequence_ratio_logp(lp, old_lp, lens)
-                surrogate = cispo_loss if args.policy_loss == "cispo" else policy_loss
-                tok_loss, clipped = surrogate(ratio_lp, old_lp, a, args.clip_low, args.clip_high)
+                if args.policy_loss == "kl_cov":
+                    tok_loss, clipped = kl_cov_loss(lp, old_lp, a, torch.cat([batch.by_cov[j] for j in js]),
+                                                    args.kl_cov_coef)
+                else:
+                    surrogate = cispo_loss if args.policy_loss == "cispo" else policy_loss
+                    tok_loss, clipped = surrogate(ratio_lp, old_lp, a, args.clip_low, args.clip_high)
+                if args.policy_loss == "clip_cov":  # the drawn tokens' policy gradient cut (the normaliser keeps them)
+                    tok_loss = tok_loss * ~torch.cat([batch.by_cov[j] for j in js])
                 if args.rollout_is != "off":  # the engine drew these tokens: correct its mismatch with the trainer
                     sampler = sampler_logprobs(batch, js, device)
                     is_w, capped = rollout_is_weights(old_lp, sampler, lens, args.rollout_is, args.rollout_is_cap,
@@ -548,13 +594,15 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
             "len_max": mx["len_max"], "truncated": g["truncated"] / seqs,
             "entropy": g["entropy"] / pg_tokens if pg_tokens else None,
             "kl": g["kl"] / g["kl_tokens"] if kl_logged and g["kl_tokens"] else None,
-            "clip_frac": g["clipped"] / pg_tokens if pg_tokens else None,
+            "clip_frac": g["clipped"] / pg_tokens if pg_tokens and batch.clips else None,  # (kl_cov has no clip)
             "logprob_gap": g["gap"] / g["gap_tokens"] if g["gap_tokens"] else None, "train_seqs": int(g["used"]),
             **({"gen_batches": batch.gen_batches, "kept_frac": g["kept"] / max(g["groups"], 1)} if batch.dynamic
                else {}),
             **({"is_weight": g["is_weight"] / g["is_tokens"], "is_capped": g["is_capped"] / g["is_tokens"],
                 "is_kl": g["is_kl"] / g["is_tokens"]} if g["is_tokens"] else {}),
             **({"overlong_penalty": g["overlong_penalty"] / seqs} if "overlong_penalty" in g else {}),
+            **({"logp_adv_cov": batch.covariance, "cov_chosen": g["cov_chosen"] / g["cov_tokens"]
+                if g["cov_tokens"] else None} if "cov_chosen" in g else {}),
             **({"entropy_floor": batch.entropy_floor, "entropy_kept": g["entropy_kept"] / g["entropy_tokens"]
                 if g["entropy_tokens"] else None} if "entropy_kept" in g else {}),
             "gen_tok_s": g["resp_tokens"] / max(mx["gen_s"], 1e-9),
@@ -571,6 +619,7 @@ def log_line(m, max_steps, cuda):
             + f"| len {m['len_mean']:.0f}/{m['len_max']:.0f} trunc {m['truncated']:.2f} | "
             + (f"ent {m['entropy']:.3f} " if m["entropy"] is not None else "no token trained ")
             + (f"kl {m['kl']:.4f} " if m["kl"] is not None else "")
+            + (f"cov {m['logp_adv_cov']:.4f} " if m.get("logp_adv_cov") is not None else "")
             + (f"clip {m['clip_frac']:.3f} " if m["clip_frac"] is not None else "")
             + (f"is {m['is_weight']:.3f} capped {m['is_capped']:.3f} " if "is_weight" in m else "")
             + (f"| gnorm {m['grad_norm']:.3f} " if m["grad_norm"] is not None else "| no update ")
@@ -600,7 +649,7 @@ def main(argv=None):
     common.check_finite(args, "kl_coef", "entropy_coef", "dwa_alpha")  # (inf: every loss NaN)
     if not args.max_steps and not args.epochs:
         raise UserError("--epochs 0 with --max_steps 0: no step to run; give either")
-    if args.clip_low >= 1 and args.policy_loss == "ppo":  # (CISPO's weight: >= 1 means no floor, as the paper's)
+    if args.clip_low >= 1 and args.policy_loss in ("ppo", "clip_cov"):  # (CISPO's weight: >= 1 means no floor)
         raise UserError(f"--clip_low {args.clip_low}: the ratio's floor 1 - clip_low must stay above 0")
     common.check_non_negative(args, "overlong_buffer", "overlong_penalty")
     common.check_finite(args, "overlong_penalty")
@@ -619,6 +668,18 @@ def main(argv=None):
     if args.rollout_is != "off" and args.rollout_is_mode == "mask" and not args.rollout_is_cap > 1:
         raise UserError(f"--rollout_is_mode mask keeps the ratios in [1/C, C]: --rollout_is_cap {args.rollout_is_cap} "
                         f"leaves that band empty or a single point, so next to nothing would train; give C > 1")
+    if args.baseline == "loo" and args.samples_per_prompt < 2:
+        raise UserError("--baseline loo needs --samples_per_prompt >= 2: a group of one has no other rewards")
+    if not 0 < args.cov_frac <= 1:
+        raise UserError(f"--cov_frac {args.cov_frac}: a fraction of the tokens in (0, 1]")
+    if not args.clip_cov_low < args.clip_cov_high:
+        raise UserError(f"--clip_cov_low {args.clip_cov_low} >= --clip_cov_high {args.clip_cov_high}: no token "
+                        f"could be drawn")
+    common.check_non_negative(args, "kl_cov_coef")
+    common.check_finite(args, "kl_cov_coef")
+    if args.policy_loss == "kl_cov" and args.ratio_level == "sequence":
+        raise UserError("--policy_loss kl_cov is per token (its penalty is each token's |log-ratio|): give "
+                        "--ratio_level token")
     if abs(args.dwa_s) > 2:
         raise UserError(f"--dwa_s {args.dwa_s}: |s| > 2 lets the DWA weight change the advantage's sign")
     n = args.samples_per_prompt
@@ -735,7 +796,15 @@ def main(argv=None):
         ref_model.requires_grad_(False)
     several_updates = args.ppo_epochs * args.ppo_mini_batches > 1
     top_entropy = args.entropy_top_frac < 1
+    by_covariance = args.policy_loss in COVARIANCE_LOSSES
     kl_in_reward = ref_model is not None and args.kl_estimator == "k1"
+    if args.policy_loss == "kl_cov" and not several_updates:
+        print0("note: --policy_loss kl_cov with one on-policy update per batch: its |log(pi / pi_old)| is 0 and has "
+               "no gradient, so it trains as ppo (whose clip never binds on-policy); it acts with "
+               "--ppo_mini_batches > 1 or --ppo_epochs > 1 (docs/grpo.md)")
+    if args.baseline == "loo" and args.std_normalize:
+        print0("note: --baseline loo with --std_normalize true: GRPO's advantages times n / (n - 1); RLOO has no std "
+               "(--std_normalize false)")
     if args.adv_weight == "dwa" and not several_updates:
         print0("note: --adv_weight dwa with one on-policy update per batch: KL to the old policy is 0, so w = 1 "
                "(no effect); it acts with --ppo_mini_batches > 1 or --ppo_epochs > 1")
@@ -750,6 +819,13 @@ def main(argv=None):
                                    "--rollout_is token or sequence"),
                                   (("overlong_penalty",), args.overlong_buffer == 0, "--overlong_buffer > 0"),
                                   (("std_scope",), not args.std_normalize, "--std_normalize true"),
+                                  (("clip_low", "clip_high"), args.policy_loss == "kl_cov",
+                                   "--policy_loss ppo, cispo or clip_cov"),
+                                  (("cov_frac",), args.policy_loss not in COVARIANCE_LOSSES,
+                                   "--policy_loss clip_cov or kl_cov"),
+                                  (("clip_cov_low", "clip_cov_high"), args.policy_loss != "clip_cov",
+                                   "--policy_loss clip_cov"),
+                                  (("kl_cov_coef",), args.policy_loss != "kl_cov", "--policy_loss kl_cov"),
                                   (("max_gen_batches",), not args.dynamic_sampling, "--dynamic_sampling true"),
                                   (("ref_model", "kl_estimator"), args.kl_coef == 0, "--kl_coef > 0")):
         given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
@@ -803,7 +879,8 @@ def main(argv=None):
         zero_var = zero_variance(rewards, n)
         batch = SimpleNamespace(
             rollouts=rollouts, rewards=rewards, zero_var=zero_var, trains=trains, gen_batches=gen_batches,
-            dynamic=args.dynamic_sampling, need_old=several_updates or kl_in_reward, high_entropy=None,
+            dynamic=args.dynamic_sampling, need_old=several_updates or kl_in_reward, high_entropy=None, by_cov=None,
+            clips=args.policy_loss != "kl_cov",
             prompts=[prompt_ids[mine[j // n]] for j in range(len(rollouts))], responses=[s["tokens"] for s in rollouts],
             train_idx=[j for j, s in enumerate(rollouts) if s["length"] > 0 and trains[j // n]
                        and not (args.drop_zero_variance_groups and zero_var[j // n])
@@ -814,10 +891,10 @@ def main(argv=None):
         # 3. the optional branch: a no-grad pre-pass for old (several updates, k1) and reference log-probs; k1 needs
         # every response of a group that may train, since each one's shaped reward enters its group's advantages
         old, ref, entropy = {}, None, {}
-        if batch.need_old or ref_model is not None or top_entropy:
+        if batch.need_old or ref_model is not None or top_entropy or by_covariance:
             pre_idx = ([j for j, s in enumerate(rollouts) if s["length"] > 0 and trains[j // n]] if kl_in_reward
                        else batch.train_idx)
-            old, ref, entropy = pre_pass(model, ref_model, batch, pre_idx, args, sums, top_entropy)
+            old, ref, entropy = pre_pass(model, ref_model, batch, pre_idx, args, sums, top_entropy, by_covariance)
         if top_entropy:  # the batch's top --entropy_top_frac of tokens by entropy, over every rank's together
             batch.entropy_floor = top_fraction_threshold(
                 torch.cat([entropy[j] for j in batch.train_idx] or [torch.zeros(0, device=device)]),
@@ -847,7 +924,20 @@ def main(argv=None):
         # zero-variance ones too, so a group that varies through a rollout --mask_truncated leaves out still does)
         scale = (batch_std([rewards[j] for j in range(len(rollouts)) if trains[j // n]])
                  if args.std_normalize and args.std_scope == "batch" else None)
-        adv = group_advantages(rewards, n, args.std_normalize, seq_kl, args.kl_coef, batch_std=scale).tolist()
+        adv = group_advantages(rewards, n, args.std_normalize, seq_kl, args.kl_coef, batch_std=scale,
+                               baseline=args.baseline).tolist()
+        if by_covariance:  # Clip-Cov / KL-Cov: the tokens whose log-prob and advantage covary most, all ranks together
+            lens = [len(batch.responses[j]) for j in batch.train_idx]
+            chosen, batch.covariance = covariance_tokens(
+                torch.cat([old[j] for j in batch.train_idx] or [torch.zeros(0, device=device)]),
+                torch.repeat_interleave(torch.tensor([adv[j] for j in batch.train_idx], device=device),
+                                        torch.tensor(lens, dtype=torch.long, device=device)),
+                args.policy_loss, args.cov_frac,
+                token_draws(args.seed, step, [places[j // n] for j in batch.train_idx],
+                            [j % n for j in batch.train_idx], lens, args.prompts_per_step, n).to(device),
+                (args.clip_cov_low, args.clip_cov_high))
+            batch.by_cov = dict(zip(batch.train_idx, chosen.split(lens)))
+            sums["cov_chosen"], sums["cov_tokens"] = int(chosen.sum()), chosen.numel()  # (one host sync)
 
         # 5. the update
         loss, grad_norm, updates, bad = update(model, optimizer, batch, adv, old, ref, args, step, sums)

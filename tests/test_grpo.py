@@ -1,6 +1,7 @@
 """grpo.py, train_rl.py's pure functions, against hand computations: group advantages (with k1's KL in the reward),
 the loss aggregations' token weights, the clipped surrogate, the KL estimators and their expected gradients, the
 token-mean policy gradient, DWA's weights, and each step's prompts. (The loop itself: test_train_rl.py.)"""
+import json
 import math
 import warnings
 
@@ -375,3 +376,144 @@ def test_lr_warm_up_by_hand():
     """Step 1 (the first update) runs at lr / warmup, not at 0 as HF's schedule; constant from step warmup on."""
     assert [grpo.lr_at(s, 1e-3, 4) for s in (1, 2, 4, 9)] == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3])
     assert grpo.lr_at(1, 1e-3, 0) == 1e-3
+
+
+def test_the_leave_one_out_baseline_is_the_mean_of_the_others():
+    """--baseline loo (RLOO): each reward less the mean of its group's other rewards, by hand; then the group's std as
+    GRPO's, an all-equal group 0, and k1's KL centred the same way."""
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    loo = grpo.group_advantages(rewards, 4, std_normalize=False, baseline="loo")
+    others = [r - (sum(rewards[:4]) - r) / 3 for r in rewards[:4]]
+    torch.testing.assert_close(loo, torch.tensor(others + [0.0] * 4))
+    std = torch.tensor(rewards[:4]).std().item()
+    torch.testing.assert_close(grpo.group_advantages(rewards, 4, baseline="loo")[:4],
+                               torch.tensor(others) / (std + 1e-6))
+    seq_kl = [0.4, 0.1, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0]
+    shaped = grpo.group_advantages(rewards, 4, std_normalize=False, seq_kl=seq_kl, kl_coef=0.5, baseline="loo")
+    kl_others = [k - (sum(seq_kl[:4]) - k) / 3 for k in seq_kl[:4]]
+    torch.testing.assert_close(shaped[:4], torch.tensor([a - 0.5 * k for a, k in zip(others, kl_others)]))
+    assert not torch.allclose(loo, grpo.group_advantages(rewards, 4, std_normalize=False))
+    with pytest.raises(ValueError, match="baseline"):
+        grpo.group_advantages(rewards, 4, baseline="median")
+
+
+def test_kl_cov_chooses_the_tokens_of_largest_centred_product():
+    """KL-Cov's tokens: the k = floor(frac N) (at least one) largest (log pi - mean)(A - mean), means over the batch,
+    by hand; the returned covariance is their mean. Ties at the floor go to the smallest uniforms, so exactly k are
+    chosen even where every advantage is 0 (every product 0). A NaN log-prob (a blown-up forward, whose step is
+    skipped) makes every product NaN: nothing is chosen, on every rank alike, and nothing fails."""
+    g = torch.Generator().manual_seed(1)
+    for n, frac in ((50, 0.1), (50, 0.0001), (7, 0.5), (200, 0.02)):
+        logp = -torch.rand(n, generator=g) * 3
+        adv = torch.randn(n, generator=g)
+        u = torch.rand(n, generator=g)
+        chosen, cov = grpo.covariance_tokens(logp, adv, "kl_cov", frac, u)
+        lp, a = logp.double(), adv.double()
+        products = (lp - lp.mean()) * (a - a.mean())
+        k = max(1, int(frac * n))
+        want = torch.zeros(n, dtype=torch.bool)
+        want[torch.topk(products, k).indices] = True
+        assert torch.equal(chosen, want) and int(chosen.sum()) == k
+        assert cov == pytest.approx(float(products.mean()), rel=1e-9)
+    # products by hand: 1.55 (tokens 0-2), 0.05 (3-4), 0.95 (5-9): k = 5 takes 0-2 and two of the five tied at 0.95,
+    # those of the smallest uniforms (0.05 and 0.4: tokens 6 and 8)
+    adv = torch.tensor([0.5, 0.5, 0.5, -1.0, -1.0, -2.0, -2.0, -2.0, -2.0, -2.0])
+    logp = torch.tensor([-1.0, -1.0, -1.0, -1.0, -1.0, -3.0, -3.0, -3.0, -3.0, -3.0])
+    u = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.2, 0.7, 0.05, 0.6, 0.4, 0.8])
+    chosen, cov = grpo.covariance_tokens(logp, adv, "kl_cov", 0.5, u)
+    assert chosen.nonzero().flatten().tolist() == [0, 1, 2, 6, 8]
+    assert cov == pytest.approx((3 * 1.55 + 2 * 0.05 + 5 * 0.95) / 10)
+    chosen, cov = grpo.covariance_tokens(-torch.rand(20, generator=g), torch.zeros(20), "kl_cov", 0.1, u.repeat(2))
+    assert int(chosen.sum()) == 2 and cov == 0.0  # all tied at 0: exactly k, not every token
+    logp[0] = float("nan")
+    chosen, cov = grpo.covariance_tokens(logp, adv, "kl_cov", 0.2, u)
+    assert not chosen.any() and math.isnan(cov)
+    chosen, cov = grpo.covariance_tokens(torch.zeros(0), torch.zeros(0), "kl_cov", 0.2, torch.zeros(0))
+    assert chosen.shape == (0,) and cov is None
+
+
+def test_clip_cov_draws_its_tokens_from_inside_the_bounds_by_the_smallest_uniforms():
+    """Clip-Cov's tokens: of those whose centred product lies strictly inside the bounds, the k = floor(frac N)
+    with the smallest uniforms (a random draw that does not depend on the ranks), all of them where fewer, none where
+    no token is inside."""
+    g = torch.Generator().manual_seed(2)
+    n = 400
+    logp, adv = -torch.rand(n, generator=g) * 4, torch.randn(n, generator=g) * 2
+    u = torch.rand(n, generator=g)
+    lp, a = logp.double(), adv.double()
+    products = ((lp - lp.mean()) * (a - a.mean())).float()
+    inside = (products > 0.5) & (products < 2.0)
+    assert 10 < int(inside.sum()) < n // 2
+    chosen, _ = grpo.covariance_tokens(logp, adv, "clip_cov", 0.02, u, (0.5, 2.0))
+    k = int(0.02 * n)
+    want = torch.zeros(n, dtype=torch.bool)
+    want[torch.where(inside)[0][torch.argsort(u[inside])[:k]]] = True
+    assert torch.equal(chosen, want) and int(chosen.sum()) == k
+    chosen, _ = grpo.covariance_tokens(logp, adv, "clip_cov", 0.9, u, (0.5, 2.0))
+    assert torch.equal(chosen, inside)  # fewer inside than k: all of them
+    chosen, _ = grpo.covariance_tokens(logp, adv, "clip_cov", 0.02, u, (100.0, 200.0))
+    assert not chosen.any()
+    with pytest.raises(ValueError, match="covariance method"):
+        grpo.covariance_tokens(logp, adv, "cov", 0.02, u)
+
+
+COVARIANCE_SCRIPT = '''
+import json, sys
+import torch
+import grpo, parallel
+
+rank, world, device = parallel.dist_setup()
+g = torch.Generator().manual_seed(3)
+logp, adv, u = -torch.rand(300, generator=g) * 3, torch.randn(300, generator=g), torch.rand(300, generator=g)
+adv[:100] = 0.0  # ties
+out = {}
+for name, cut in (("uneven", 120), ("empty", 0), ("all", 300)):
+    mine = slice(0, cut) if rank == 0 else slice(cut, 300)
+    for method in ("kl_cov", "clip_cov"):
+        chosen, cov = grpo.covariance_tokens(logp[mine], adv[mine], method, 0.05, u[mine], (0.1, 1.0))
+        out[f"{name}_{method}"] = [chosen.nonzero().flatten().add(mine.start).tolist(), cov]
+parallel.dist_cleanup()
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump(out, f)
+'''
+
+
+@pytest.mark.torchrun
+def test_covariance_tokens_at_two_ranks_choose_what_one_rank_does(tmp_path):
+    """Clip-Cov's and KL-Cov's choice over 2 ranks (gloo), the tokens split unevenly, all on one rank or all on the
+    other: together the ranks choose the tokens one process chooses, with the same covariance (a rank with no token
+    joins every collective)."""
+    from test_parallel import two_ranks
+    proc = two_ranks(tmp_path, "covariance.py", COVARIANCE_SCRIPT, tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    g = torch.Generator().manual_seed(3)
+    logp, adv, u = -torch.rand(300, generator=g) * 3, torch.randn(300, generator=g), torch.rand(300, generator=g)
+    adv[:100] = 0.0
+    for method in ("kl_cov", "clip_cov"):
+        chosen, cov = grpo.covariance_tokens(logp, adv, method, 0.05, u, (0.1, 1.0))
+        assert int(chosen.sum()) == 15
+        for name in ("uneven", "empty", "all"):
+            got = sorted(ranks[0][f"{name}_{method}"][0] + ranks[1][f"{name}_{method}"][0])
+            assert got == chosen.nonzero().flatten().tolist(), (name, method)
+            assert ranks[0][f"{name}_{method}"][1] == pytest.approx(cov, rel=1e-9)
+
+
+def test_kl_cov_loss_by_hand_its_penalty_acting_only_off_policy():
+    """KL-Cov's loss: -A rho with no clip, plus coef |log rho| on the chosen tokens only; on-policy its gradient is
+    -A grad log pi on every token (|x|'s gradient at 0 is 0), off-policy the penalty pulls a chosen token's
+    log-prob back toward the old one."""
+    logp = torch.tensor([-1.0, -0.5, -2.0], requires_grad=True)
+    old = torch.tensor([-1.5, -0.5, -1.0])
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    chosen = torch.tensor([True, False, True])
+    loss, clipped = grpo.kl_cov_loss(logp, old, adv, chosen, coef=0.3)
+    rho = torch.exp(logp.detach() - old)
+    want = -adv * rho + 0.3 * (logp.detach() - old).abs() * chosen
+    torch.testing.assert_close(loss.detach(), want)
+    assert not clipped.any()  # rho = e^0.5 is past any clip band: no clip here
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, -adv * rho + 0.3 * torch.sign(logp.detach() - old) * chosen)
+    on = torch.tensor([-1.0, -0.5, -2.0], requires_grad=True)
+    grpo.kl_cov_loss(on, on.detach(), adv, chosen, coef=0.3)[0].sum().backward()
+    torch.testing.assert_close(on.grad, -adv)

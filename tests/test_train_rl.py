@@ -301,13 +301,17 @@ def test_a_setting_whose_switch_is_off_is_named_as_unused(toy, tmp_path, capsys)
     """--dwa_s / --dwa_alpha without --adv_weight dwa (and the other settings that act under a switch) change nothing:
     the run says so at its start, where an arm launched as 'DWA' without the switch ran plain GRPO without a word."""
     args = rl_args(toy, tmp_path / "r", max_steps=1, dwa_s=1.5, dwa_alpha=50, rollout_is="off", rollout_is_cap=3,
-                   max_gen_batches=4, kl_estimator="k1", ratio_level="sequence")
+                   max_gen_batches=4, kl_estimator="k1", ratio_level="sequence", cov_frac=0.01, clip_cov_low=0.5,
+                   kl_cov_coef=2)
     assert train_rl.main(args) == 0
     out = capsys.readouterr().out
     for note in ("--dwa_s and --dwa_alpha not used: only --adv_weight dwa uses it",
                  "--rollout_is_cap not used: only --rollout_is token or sequence uses it",
                  "--max_gen_batches not used: only --dynamic_sampling true uses it",
                  "--kl_estimator not used: only --kl_coef > 0 uses it",
+                 "--cov_frac not used: only --policy_loss clip_cov or kl_cov uses it",
+                 "--clip_cov_low not used: only --policy_loss clip_cov uses it",
+                 "--kl_cov_coef not used: only --policy_loss kl_cov uses it",
                  "--ratio_level sequence with --loss_agg token_mean: GSPO's ratio on another objective"):
         assert f"note: {note}" in out, note
     assert train_rl.main(rl_args(toy, tmp_path / "d", max_steps=1, adv_weight="dwa", dwa_s=1.5,
@@ -494,11 +498,14 @@ def test_fsdp_two_ranks_give_the_weights_of_one(fixed_runs):
 
 @pytest.mark.torchrun
 def test_batch_statistics_are_the_whole_batchs_at_two_ranks(toy, tmp_path):
-    """--std_scope batch divides by the std of every rank's trained rewards together, and --entropy_top_frac keeps
-    the top of every rank's tokens together: 2 ranks give each rollout the advantage 1 rank gives it, and the same
-    entropy floor, share kept and loss (each rank's own statistics would not)."""
+    """--std_scope batch divides by the std of every rank's trained rewards together, --entropy_top_frac keeps
+    the top of every rank's tokens together, and Clip-Cov's means and random draw are the whole batch's: 2 ranks give
+    each rollout the advantage 1 rank gives it, and the same entropy floor, share kept, covariance, share drawn and
+    loss (each rank's own statistics would not; the loss also tells a draw keyed by each rank's own rollouts: the
+    tokens it cuts are others)."""
     import tasks
-    runs = {ranks: run_fixed(toy, tmp_path / str(ranks), ranks, max_steps=1, std_scope="batch", entropy_top_frac=0.2)
+    runs = {ranks: run_fixed(toy, tmp_path / str(ranks), ranks, max_steps=1, std_scope="batch", entropy_top_frac=0.2,
+                             policy_loss="clip_cov", cov_frac=0.3, clip_cov_low=-100, clip_cov_high=100)
             for ranks in (1, 2)}
     for r in runs.values():
         assert r.returncode == 0, r.stderr[-3000:]
@@ -509,6 +516,8 @@ def test_batch_statistics_are_the_whole_batchs_at_two_ranks(toy, tmp_path):
     (m1,), (m2,) = (metrics(tmp_path / str(ranks)) for ranks in (1, 2))
     assert m2["entropy_floor"] == pytest.approx(m1["entropy_floor"], rel=1e-6)
     assert m2["entropy_kept"] == m1["entropy_kept"] and 0.2 <= m1["entropy_kept"] < 0.3
+    assert m2["cov_chosen"] == m1["cov_chosen"] and 0.29 < m1["cov_chosen"] <= 0.3
+    assert m2["logp_adv_cov"] == pytest.approx(m1["logp_adv_cov"], rel=1e-5)
     assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-7)
 
 
@@ -651,6 +660,16 @@ def test_bad_settings_are_one_line_errors(toy, tmp_path):
                                     ("clip_low", 1.0, "must stay above 0")):
         with pytest.raises(common.UserError, match=message):
             train_rl.main(rl_args(toy, tmp_path / "e", **{setting: value}))
+    # Clip-Cov's and KL-Cov's settings, and RLOO's baseline without other rewards
+    for over, message in (({"policy_loss": "clip_cov", "clip_low": 1.0}, "must stay above 0"),
+                          ({"cov_frac": 0}, r"--cov_frac 0.0: a fraction"), ({"cov_frac": 1.5}, "a fraction"),
+                          ({"clip_cov_low": 5, "clip_cov_high": 1}, "no token could be drawn"),
+                          ({"kl_cov_coef": -1}, "--kl_cov_coef must be 0 or more"),
+                          ({"kl_cov_coef": "inf"}, "kl_cov_coef"),
+                          ({"policy_loss": "kl_cov", "ratio_level": "sequence"}, "give --ratio_level token"),
+                          ({"baseline": "loo", "samples_per_prompt": 1}, "no other rewards")):
+        with pytest.raises(common.UserError, match=message):
+            train_rl.main(rl_args(toy, tmp_path / "i", **over))
 
 
 @pytest.mark.slow
@@ -681,7 +700,7 @@ def test_rollout_reserve_and_step_metrics_by_hand(monkeypatch):
     assert train_rl.rollout_reserve(args, 64, 50) == (256, 150, 100)
     rollouts = [{"length": n, "finished": f} for n, f in ((4, True), (6, False), (2, True), (8, True))]
     batch = SimpleNamespace(rollouts=rollouts, rewards=[1.0, 0.0, 1.0, 1.0], zero_var=[False, True],
-                            trains=[True, False], train_idx=[0, 1], dynamic=True, gen_batches=1)
+                            trains=[True, False], train_idx=[0, 1], dynamic=True, gen_batches=1, clips=True)
     sums = dict.fromkeys(("entropy", "kl", "kl_tokens", "gap", "gap_tokens", "train_tokens", "is_weight", "is_capped",
                           "is_kl", "is_tokens"), 0.0) | {"pg_tokens": 10, "clipped": 2, "entropy": 5.0}
     times = dict.fromkeys(("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
@@ -690,6 +709,8 @@ def test_rollout_reserve_and_step_metrics_by_hand(monkeypatch):
     assert (m["reward"], m["acc"], m["zero_var_frac"], m["truncated"], m["len_mean"], m["len_max"]) == (
         0.75, 0.75, 0.5, 0.25, 5.0, 8)
     assert (m["clip_frac"], m["entropy"], m["kept_frac"], m["train_seqs"], m["kl"]) == (0.2, 0.5, 0.5, 2, None)
+    batch.clips = False  # (kl_cov: no clip to count)
+    assert train_rl.step_metrics(3, 0, batch, sums, times, torch.device("cpu"), kl_logged=False)["clip_frac"] is None
 
 
 def test_step_metrics_acc_counts_a_bonus_reward_as_right():
@@ -698,7 +719,7 @@ def test_step_metrics_acc_counts_a_bonus_reward_as_right():
     from types import SimpleNamespace
     rollouts = [{"length": 4, "finished": True}] * 4
     batch = SimpleNamespace(rollouts=rollouts, rewards=[1.5, 0.0, 1.0, 0.5], zero_var=[False, False],
-                            trains=[True, True], train_idx=[0, 1, 2, 3], dynamic=False, gen_batches=1)
+                            trains=[True, True], train_idx=[0, 1, 2, 3], dynamic=False, gen_batches=1, clips=True)
     sums = dict.fromkeys(("entropy", "kl", "kl_tokens", "gap", "gap_tokens", "train_tokens", "is_weight", "is_capped",
                           "is_kl", "is_tokens", "clipped"), 0.0) | {"pg_tokens": 10}
     times = dict.fromkeys(("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",

@@ -218,7 +218,8 @@ CHANGED = {"task": "toy_task_copy", "train_data": "copy", "template": "chat", "m
            "kl_coef": 0.05, "kl_estimator": "k1", "ref_model": "copy", "entropy_coef": 0.01, "adv_weight": "dwa",
            "rollout_is": "off", "rollout_is_cap": 3.0, "dwa_s": 0.5, "dwa_alpha": 2.0, "policy_loss": "cispo",
            "rollout_is_mode": "mask", "overlong_buffer": 4, "overlong_penalty": 0.5, "std_scope": "batch",
-           "entropy_top_frac": 0.2,
+           "entropy_top_frac": 0.2, "baseline": "loo", "cov_frac": 0.01, "clip_cov_low": 0.5, "clip_cov_high": 4.0,
+           "kl_cov_coef": 2.0,
            "drop_zero_variance_groups": True, "mask_truncated": True, "grad_clip": 0.5, "adam_8bit": True,
            "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, "model": "copy", "max_gen_batches": 1}
 
@@ -250,10 +251,11 @@ def test_a_resume_with_a_changed_setting_is_refused_naming_it(saved_run, tiny_ch
 
 def test_a_run_of_an_earlier_version_is_compared_on_what_that_version_did(saved_run):
     """A checkpoint whose saved settings predate --policy_loss, --rollout_is_mode, --overlong_buffer,
-    --overlong_penalty, --std_scope and --entropy_top_frac (and --rollout_is, on by default since 2026-12-02) ran
-    PPO, truncated IS (or none), no length penalty, each group's std and every token: it resumes under those, and
-    a resume that asks for another is refused, naming it (compared on today's defaults instead, --rollout_is token
-    would pass silently for a run that sampled without it)."""
+    --overlong_penalty, --std_scope, --entropy_top_frac, --baseline and Clip-Cov's and KL-Cov's settings (and
+    --rollout_is, on by default since 2026-12-02) ran PPO, truncated IS (or none), no length penalty, each group's
+    mean and std and every token: it resumes under those, and a resume that asks for another is refused, naming it
+    (compared on today's defaults instead, --rollout_is token would pass silently for a run that sampled without
+    it)."""
     d, main = saved_run
     old = str(d / "old_version")
     if not os.path.exists(old):
@@ -261,12 +263,15 @@ def test_a_run_of_an_earlier_version_is_compared_on_what_that_version_did(saved_
         path = ckpt.checkpoint_dir(old, 1) + ".state.pt"
         state = torch.load(path, weights_only=True)
         added = ("policy_loss", "rollout_is_mode", "overlong_buffer", "overlong_penalty", "std_scope",
-                 "entropy_top_frac", "rollout_is")
+                 "entropy_top_frac", "rollout_is", "baseline", "cov_frac", "clip_cov_low", "clip_cov_high",
+                 "kl_cov_coef")
         state["settings"] = {k: v for k, v in state["settings"].items() if k not in added}
         torch.save(state, path)
     assert main(out_dir=old, resume=True, rollout_is="off") == 0
     for key, value in (("policy_loss", "cispo"), ("rollout_is_mode", "mask"), ("overlong_buffer", 4),
                        ("overlong_penalty", 0.5), ("std_scope", "batch"), ("entropy_top_frac", 0.2),
+                       ("baseline", "loo"), ("cov_frac", 0.01), ("clip_cov_low", 0.5), ("clip_cov_high", 4.0),
+                       ("kl_cov_coef", 2.0),
                        ("rollout_is", "token")):
         with pytest.raises(UserError, match=rf"different settings than the run's: {key}: was"):
             main(out_dir=old, resume=True, **{"rollout_is": "off", key: value})

@@ -93,6 +93,97 @@ def test_the_entropy_minority_trains_only_the_batchs_highest_entropy_tokens(rl_r
     assert plain["loss"] != pytest.approx(m["loss"]) and "entropy_floor" not in plain
 
 
+def test_the_leave_one_out_baseline_reaches_the_advantages(rl_run):
+    """--baseline loo: the logged advantages are RLOO's (each reward less its group's others' mean), by hand."""
+    (m,), logs, _ = rl_run("rloo", baseline="loo", std_normalize=False, rollout_is="off")
+    rewards = [r["reward"] for r in logs[1]]
+    want = grpo.group_advantages(rewards, RL_N, std_normalize=False, baseline="loo").tolist()
+    assert [r["advantage"] for r in logs[1]] == pytest.approx(want, abs=1e-6)
+    assert want != pytest.approx(grpo.group_advantages(rewards, RL_N, std_normalize=False).tolist(), abs=1e-3)
+
+
+def spy_covariance(monkeypatch):
+    """What train_rl passes covariance_tokens and what it returns, per call."""
+    seen, real = [], train_rl.covariance_tokens
+
+    def spy(*args):
+        out = real(*args)
+        seen.append((args, out))
+        return out
+    monkeypatch.setattr(train_rl, "covariance_tokens", spy)
+    return seen
+
+
+def test_clip_cov_cuts_the_policy_gradient_of_the_tokens_it_draws(rl_run, monkeypatch):
+    """--policy_loss clip_cov: covariance_tokens gets the pre-update log-probs and each token's advantage, the
+    settings in their places and one number per token (token_draws'); the (on-policy, token_mean) loss is -sum A_t
+    over the tokens not drawn / all tokens, by hand; the same draw run to run; logged: the share drawn and the
+    covariance."""
+    seen = spy_covariance(monkeypatch)
+    settings = dict(policy_loss="clip_cov", cov_frac=0.5, clip_cov_low=-100, clip_cov_high=100, rollout_is="off")
+    (m,), logs, _ = rl_run("clip_cov", **settings)
+    ((logp, adv, method, frac, draws, bounds), (chosen, cov)), = seen
+    trained = [r for r in logs[1] if r["trained"]]
+    lens = [r["length"] for r in trained]
+    assert torch.equal(adv, torch.repeat_interleave(torch.tensor([r["advantage"] for r in trained]),
+                                                    torch.tensor(lens)))
+    assert (method, frac, bounds) == ("clip_cov", 0.5, (-100, 100)) and draws.shape == logp.shape == (sum(lens),)
+    at = [j for j, r in enumerate(logs[1]) if r["trained"]]  # (one rank, one prompt batch: row j is prompt j // n's)
+    assert torch.equal(draws, train_rl.token_draws(1234, 1, [(0, j // RL_N) for j in at], [j % RL_N for j in at], lens,
+                                                   RL_PROMPTS, RL_N))
+    assert (logp <= 0).all() and logp.std() > 0.1  # log-probs of the sampled tokens
+    assert int(chosen.sum()) == int(0.5 * sum(lens))  # every token inside such bounds: k of them
+    kept = [len(c) - int(c.sum()) for c in chosen.split(lens)]
+    want = -sum(r["advantage"] * k for r, k in zip(trained, kept)) / sum(lens)
+    assert m["loss"] == pytest.approx(want, rel=1e-5, abs=1e-8)
+    assert abs(float(adv[chosen].sum())) > 1  # (the drawn tokens' advantages do not cancel: the cut shows)
+    assert m["cov_chosen"] == pytest.approx(float(chosen.float().mean())) and m["logp_adv_cov"] == cov
+    (plain,), _, _ = rl_run("ppo", rollout_is="off")
+    assert plain["loss"] != pytest.approx(m["loss"]) and "cov_chosen" not in plain
+    rl_run("clip_cov_again", **settings)
+    assert torch.equal(seen[1][1][0], chosen)
+
+
+def test_token_draws_differ_by_seed_step_prompt_batch_place_sample_and_position():
+    """Clip-Cov's draw (KL-Cov's tie-break) is keyed by every part of a token's place in the step, so no two tokens of
+    a step share a stream: with --dynamic_sampling two prompt batches' first prompts, and one rollout's positions,
+    draw apart; another seed or step draws anew; the same place draws the same."""
+    places, samples, lengths = [(0, 0), (0, 0), (1, 0), (0, 1), (2, 3)], [0, 1, 0, 0, 1], [6, 6, 6, 6, 6]
+    u = train_rl.token_draws(5, 3, places, samples, lengths, 4, 2)
+    assert u.shape == (30,) and ((u >= 0) & (u < 1)).all() and len(set(u.tolist())) == 30
+    for seed, step in ((6, 3), (5, 4)):
+        other = train_rl.token_draws(seed, step, places, samples, lengths, 4, 2)
+        assert not torch.isclose(other, u).any()
+    assert torch.equal(train_rl.token_draws(5, 3, places[2:], samples[2:], lengths[2:], 4, 2), u[12:])
+    assert train_rl.token_draws(5, 3, [], [], [], 4, 2).shape == (0,)
+
+
+def test_kl_cov_penalises_its_chosen_tokens_from_the_second_update(rl_run, monkeypatch):
+    """--policy_loss kl_cov: the top --cov_frac of tokens by the centred product are chosen; on-policy the loss is
+    plain PPO's (its penalty has no gradient at ratio 1); with two mini-batches the chosen tokens reach kl_cov_loss
+    with --kl_cov_coef, and the coefficient changes the second update."""
+    seen = spy_covariance(monkeypatch)
+    (m,), _, _ = rl_run("kl_cov", policy_loss="kl_cov", cov_frac=0.05, rollout_is="off")
+    ((logp, adv, method, frac, draws, _), (chosen, cov)), = seen
+    products = (logp.double() - logp.double().mean()) * (adv.double() - adv.double().mean())
+    assert method == "kl_cov" and draws.shape == logp.shape
+    assert torch.equal(chosen.nonzero().flatten().sort().values,
+                       torch.topk(products, max(1, int(0.05 * logp.numel()))).indices.sort().values)
+    (plain,), _, _ = rl_run("ppo", rollout_is="off")
+    assert m["loss"] == pytest.approx(plain["loss"], rel=1e-6) and m["cov_chosen"] > 0
+    calls, real = [], train_rl.kl_cov_loss
+
+    def spy(logp, old, adv, selected, coef):
+        calls.append((selected.clone(), coef))
+        return real(logp, old, adv, selected, coef)
+    monkeypatch.setattr(train_rl, "kl_cov_loss", spy)
+    runs = {coef: rl_run(f"kl_cov_{coef}", policy_loss="kl_cov", cov_frac=0.2, kl_cov_coef=coef, ppo_mini_batches=2,
+                         rollout_is="off")[0][0] for coef in (0.0, 5.0)}
+    assert {c for _, c in calls} == {0.0, 5.0}
+    assert sum(int(s.sum()) for s, c in calls if c == 5.0) == int(seen[-1][1][0].sum())
+    assert runs[5.0]["grad_norm"] != pytest.approx(runs[0.0]["grad_norm"], rel=1e-4)
+
+
 def test_clip_bounds_reach_the_surrogate_in_their_places(rl_run, monkeypatch):
     """--clip_low / --clip_high (asymmetric here) reach policy_loss as the floor's and the ceiling's margins, and the
     clipped share is what they give: two mini-batches, so the second one's ratios differ from 1."""
