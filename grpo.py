@@ -1,10 +1,10 @@
 """
-train_rl.py's pure functions: the GRPO objective (group advantages with RLOO's baseline or the group mean and the
-batch's std, the PPO clipped surrogate, CISPO's and KL-Cov's, the KL estimators, DWA's token weights, the rollouts'
-importance weights, DAPO's overlong penalty, the high-entropy minority's floor, the tokens Clip-Cov and KL-Cov act
-on, the loss aggregation's token weights) and the run's schedule (each step's prompts, sampling seed and learning
-rate). Each switch is one setting of train_rl.py; tests/test_grpo.py checks each function
-against a hand computation.
+train_rl.py's pure functions: the GRPO objective (group advantages with RLOO's baseline or the group mean, the
+batch's std or REINFORCE++'s whitening, the PPO clipped surrogate, CISPO's and KL-Cov's, the KL estimators, DWA's
+token weights, the rollouts' importance weights, DAPO's overlong penalty, the high-entropy minority's floor, the
+tokens Clip-Cov and KL-Cov act on, the loss aggregation's token weights) and the run's schedule (each step's
+prompts, sampling seed and learning rate). Each switch is one setting of train_rl.py; tests/test_grpo.py checks each
+function against a hand computation.
 """
 import math
 
@@ -22,7 +22,7 @@ def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, e
 
     std is unbiased (N-1), as torch.std in verl. A group with all-equal rewards gets exactly 0.
     Groups of one use mean 0 and std 1 (verl), i.e. the advantage is the reward. batch_std: divided by this (the
-    std of the whole batch's rewards, batch_std()) instead of each group's own.
+    std of the whole batch's rewards, batch_moments()) instead of each group's own.
 
     seq_kl (k1's KL in the reward, InstructGPT): each response's summed log(pi / pi_ref). The group statistics
     come from the task rewards alone; then kl_coef x (seq_kl - its group's mean) is subtracted, unscaled, so the
@@ -47,14 +47,23 @@ def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, e
     return adv.view(-1)
 
 
-def batch_std(values):
-    """The unbiased std of values over every rank's together (the step's whole batch), in float64; 0 for fewer than
-    two values. Two all-reduces (the mean, then the squared deviations from it): a sum of squares less the squared
-    sum cancels badly where the values sit far from 0 and close together. Every rank calls this."""
-    s = parallel.all_reduce_numbers({"n": len(values), "sum": sum(values)})
-    mean = s["sum"] / max(s["n"], 1)
-    deviations = parallel.all_reduce_numbers({"d": sum((v - mean) ** 2 for v in values)})["d"]
-    return math.sqrt(deviations / (s["n"] - 1)) if s["n"] >= 2 else 0.0
+def batch_moments(values, weights=None):
+    """The mean and unbiased std of values over every rank's together (the step's whole batch), in float64, each value
+    counted weights[i] times (a response's token count: the moments of its tokens, as verl's masked_whiten takes them;
+    default once); std 0 for fewer than two counts, mean 0 for none. Two all-reduces (the mean, then the squared
+    deviations from it): a sum of squares less the squared sum cancels badly where the values sit far from 0 and close
+    together. Every rank calls this."""
+    weights = [1] * len(values) if weights is None else weights
+    s = parallel.all_reduce_numbers({"n": sum(weights), "sum": sum(w * v for v, w in zip(values, weights))})
+    mean = s["sum"] / s["n"] if s["n"] else 0.0
+    deviations = parallel.all_reduce_numbers({"d": sum(w * (v - mean) ** 2 for v, w in zip(values, weights))})["d"]
+    return mean, (math.sqrt(deviations / (s["n"] - 1)) if s["n"] >= 2 else 0.0)
+
+
+def whiten(adv, mean, std):
+    """REINFORCE++-baseline's whitening (arXiv 2501.03262; verl's masked_whiten): (A - mean) / sqrt(std^2 + 1e-8), the
+    batch's token moments (batch_moments)."""
+    return (adv - mean) / math.sqrt(std ** 2 + 1e-8)
 
 
 def finite_count(values):

@@ -35,9 +35,10 @@ import gpu_memory
 import parallel
 import tasks
 from common import UserError, print0
-from grpo import (batch_epoch, batch_std, cispo_loss, covariance_tokens, dwa_weights, generation_seed, group_advantages,
-                  kl_cov_loss, kl_penalty, lr_at, overlong_penalty, policy_loss, refill_keep, rollout_is_weights,
-                  sequence_ratio_logp, step_prompt_indices, token_weights, top_fraction_threshold, zero_variance)
+from grpo import (batch_epoch, batch_moments, cispo_loss, covariance_tokens, dwa_weights, generation_seed,
+                  group_advantages, kl_cov_loss, kl_penalty, lr_at, overlong_penalty, policy_loss, refill_keep,
+                  rollout_is_weights, sequence_ratio_logp, step_prompt_indices, token_weights, top_fraction_threshold,
+                  whiten, zero_variance)
 from model import load_model, parse_dtype, read_config, response_logprobs
 from parallel import idle_pass, shard_model
 from scoring import validate
@@ -109,13 +110,15 @@ def get_parser():
     p.add_argument("--std_normalize", type=common.str2bool, default=True,
                    help="divide advantages by the group's std (GRPO); "
                    "false: mean-centring only (Dr. GRPO)")
-    p.add_argument("--std_scope", default="group", choices=("group", "batch"),
+    p.add_argument("--std_scope", default="group", choices=("group", "batch", "tokens"),
                    help="with --std_normalize: the std of each group's rewards (GRPO), or of the rewards of every "
                         "rollout of the step's groups, all ranks together (with --dynamic_sampling, of the groups it "
                         "keeps; truncated and zero-variance ones count, as in TRL's scale_rewards='batch'): the "
-                        "group's mean, the batch's std ('Tricks or Traps', arXiv 2508.08221; REINFORCE++-baseline's "
-                        "normalisation, arXiv 2501.03262, without its whitening by token), so a group whose rewards "
-                        "vary little no longer gets advantages as large as one split half and half")
+                        "group's mean, the batch's std ('Tricks or Traps', arXiv 2508.08221), so a group whose "
+                        "rewards vary little no longer gets advantages as large as one split half and half; tokens: "
+                        "REINFORCE++-baseline (arXiv 2501.03262, verl's reinforce_plus_plus_baseline): the group-"
+                        "centred rewards whitened over every token of those rollouts, (A - mean) / std, each "
+                        "response weighing its length, so a group of equal rewards gets -mean / std, not 0")
     p.add_argument("--baseline", default="mean", choices=("mean", "loo"),
                    help="what each reward is compared with: its group's mean (GRPO), or the mean of the group's "
                         "other rewards (RLOO, Ahmadian et al. 2024, arXiv 2402.14740), n / (n - 1) times the "
@@ -920,12 +923,17 @@ def main(argv=None):
             penalty = [0.0 if zero_var[j // n] else p for j, p in enumerate(penalty)]
             sums["overlong_penalty"] = sum(penalty)  # (logged: the mean over the step's rollouts)
             rewards = [r + p for r, p in zip(rewards, penalty)]
-        # --std_scope batch: over every rollout of the groups the step keeps, on every rank (as TRL's: truncated and
-        # zero-variance ones too, so a group that varies through a rollout --mask_truncated leaves out still does)
-        scale = (batch_std([rewards[j] for j in range(len(rollouts)) if trains[j // n]])
-                 if args.std_normalize and args.std_scope == "batch" else None)
-        adv = group_advantages(rewards, n, args.std_normalize, seq_kl, args.kl_coef, batch_std=scale,
-                               baseline=args.baseline).tolist()
+        # --std_scope batch / tokens: over every rollout of the groups the step keeps, on every rank (as TRL's:
+        # truncated and zero-variance ones too, so a group that varies through a rollout --mask_truncated leaves out
+        # still does)
+        scope = args.std_scope if args.std_normalize else "group"
+        kept = [j for j in range(len(rollouts)) if trains[j // n]]
+        scale = batch_moments([rewards[j] for j in kept])[1] if scope == "batch" else None
+        adv = group_advantages(rewards, n, args.std_normalize and scope != "tokens", seq_kl, args.kl_coef,
+                               batch_std=scale, baseline=args.baseline)
+        if scope == "tokens":  # REINFORCE++-baseline: the group-centred advantages whitened over the batch's tokens
+            adv = whiten(adv, *batch_moments([float(adv[j]) for j in kept], [rollouts[j]["length"] for j in kept]))
+        adv = adv.tolist()
         if by_covariance:  # Clip-Cov / KL-Cov: the tokens whose log-prob and advantage covary most, all ranks together
             lens = [len(batch.responses[j]) for j in batch.train_idx]
             chosen, batch.covariance = covariance_tokens(

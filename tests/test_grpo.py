@@ -228,18 +228,35 @@ def test_batch_std_scales_every_group_alike():
     """--std_scope batch: each group's mean-centred rewards divided by one std, the batch's (unbiased, all values);
     a group of equal rewards still gets 0."""
     rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
-    std = grpo.batch_std(rewards)
+    std = grpo.batch_moments(rewards)[1]
     assert std == pytest.approx(torch.tensor(rewards, dtype=torch.float64).std().item(), rel=1e-12)
     adv = grpo.group_advantages(rewards, 4, batch_std=std)
     centred = [0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5, 0, 0, 0, 0]
     assert adv.tolist() == pytest.approx([c / (std + 1e-6) for c in centred], rel=1e-6)
     per_group = grpo.group_advantages(rewards, 4)
     assert per_group[0] / per_group[4] != pytest.approx(adv[0] / adv[4])  # one scale for all, not each its own
-    assert grpo.batch_std([0.5]) == 0.0 and grpo.batch_std([]) == 0.0
+    assert grpo.batch_moments([0.5]) == (0.5, 0.0) and grpo.batch_moments([]) == (0.0, 0.0)
     # far from 0 and close together: a sum of squares less the squared sum gave 1e-8 for 1,000 copies of 0.1
-    assert grpo.batch_std([0.1] * 1000) < 1e-14
+    assert grpo.batch_moments([0.1] * 1000)[1] < 1e-14
     close = [1 + 1e-7 * i for i in range(10)]
-    assert grpo.batch_std(close) == pytest.approx(torch.tensor(close, dtype=torch.float64).std().item(), rel=1e-9)
+    want = torch.tensor(close, dtype=torch.float64).std().item()
+    assert grpo.batch_moments(close)[1] == pytest.approx(want, rel=1e-9)
+
+
+def test_token_moments_and_whitening_by_hand():
+    """--std_scope tokens (REINFORCE++-baseline): the moments of the responses' advantages with each counted once per
+    token are those of the token list written out (a response of no token counts nothing); whitening is (A - mean) /
+    sqrt(std^2 + 1e-8), verl's masked_whiten."""
+    values, lengths = [0.5, -0.5, 1.5, 9.0], [3, 1, 2, 0]
+    tokens = torch.tensor([0.5] * 3 + [-0.5] + [1.5] * 2, dtype=torch.float64)
+    mean, std = grpo.batch_moments(values, lengths)
+    assert mean == pytest.approx(float(tokens.mean()), rel=1e-12)
+    assert std == pytest.approx(float(tokens.std()), rel=1e-12)
+    assert grpo.batch_moments([2.0], [1]) == (2.0, 0.0) and grpo.batch_moments([2.0], [0]) == (0.0, 0.0)
+    adv = torch.tensor(values)
+    torch.testing.assert_close(grpo.whiten(adv, mean, std), (adv - mean) / math.sqrt(std ** 2 + 1e-8))
+    white = grpo.whiten(tokens, *grpo.batch_moments(tokens.tolist()))
+    assert float(white.mean()) == pytest.approx(0, abs=1e-12) and float(white.std()) == pytest.approx(1, rel=1e-6)
 
 
 def test_top_fraction_threshold_is_the_kth_largest(monkeypatch):

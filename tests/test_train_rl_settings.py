@@ -5,6 +5,8 @@ top-p against the trainer's, the seed's data order and generation stream, epochs
 settings, PPO epochs and mini-batches with DWA's settings, TIS and the entropy bonus in every epoch, k3's KL and the
 entropy bonus with their coefficients, k1's shaped advantages recomputed apart, and which rollouts train. Cheap:
 conftest's rl_run (the tiny checkpoint, fixed rollouts or the real engine, one or two steps)."""
+import math
+
 import pytest
 import torch
 
@@ -61,6 +63,20 @@ def test_a_batch_std_divides_every_groups_advantages_by_the_batchs_reward_std(rl
     assert want != pytest.approx(grpo.group_advantages(rewards, RL_N).tolist(), abs=1e-3)
     trained_only = torch.tensor([r["reward"] for r in rows if r["trained"]], dtype=torch.float64).std().item()
     assert want != pytest.approx(grpo.group_advantages(rewards, RL_N, batch_std=trained_only).tolist(), abs=1e-3)
+
+
+def test_token_whitening_gives_reinforce_plus_plus_baselines_advantages(rl_run):
+    """--std_scope tokens: the group-centred rewards whitened over every token of the step's rollouts (each response
+    weighing its length; zero-variance groups count, and get -mean / std), by hand from the rollout log."""
+    _, logs, _ = rl_run("whiten", std_scope="tokens", rollout_is="off", drop_zero_variance_groups=True)
+    rows = logs[1]
+    rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+    centred = rewards - rewards.view(-1, RL_N).mean(1).repeat_interleave(RL_N)
+    tokens = torch.repeat_interleave(centred, torch.tensor([r["length"] for r in rows]))
+    want = (centred - tokens.mean()) / math.sqrt(float(tokens.var()) + 1e-8)
+    assert [r["advantage"] for r in rows] == pytest.approx(want.tolist(), abs=1e-5)
+    equal = [r for r in rows if not r["trained"]]  # a zero-variance group, out of the loss, in the moments
+    assert equal and abs(float(tokens.mean())) > 1e-3 and all(r["advantage"] != 0 for r in equal)
 
 
 def test_the_entropy_minority_trains_only_the_batchs_highest_entropy_tokens(rl_run, monkeypatch):
