@@ -246,13 +246,15 @@ def rollout_is_weights(old_logp, sampler_logp, lengths, level="token", cap=2.0, 
     log-probs (sampler_logp) differ slightly from the trainer's (old_logp: kernels, batch shapes, bf16), while the
     update's ratio is taken against the trainer; each token's policy-gradient loss is weighted by
     min(pi_old / pi_sampler, cap) ("token"), or every token of a response by min(prod_t pi_old / pi_sampler, cap)
-    ("sequence"). mode "mask" (masked importance sampling, MIS / IcePop: Liu, Li et al. 2025, "When Speed Kills
-    Stability"): the ratio itself inside [1/cap, cap], 0 outside it (that token, or every token of that response,
-    leaves the gradient). lengths: the responses' token counts, in order. Detached; exactly 1 where the two agree.
-    Returns (weights, a bool mask of the tokens whose weight was capped or masked)."""
+    ("sequence"), or by the geometric mean of its tokens' ratios, exp(mean_t log(pi_old / pi_sampler)) ("geometric",
+    verl's level of that name: a sequence weight that does not grow with the length). mode "mask" (masked importance
+    sampling, MIS / IcePop: Liu, Li et al. 2025, "When Speed Kills Stability"): the ratio itself inside [1/cap, cap],
+    0 outside it (that token, or every token of that response, leaves the gradient). lengths: the responses' token
+    counts, in order. Detached; exactly 1 where the two agree. Returns (weights, a bool mask of the tokens whose weight
+    was capped or masked)."""
     log_ratio = (old_logp - sampler_logp).detach().float()
-    if level == "sequence":
-        log_ratio = per_response(log_ratio, lengths)
+    if level in ("sequence", "geometric"):
+        log_ratio = per_response(log_ratio, lengths, mean=level == "geometric")
     elif level != "token":
         raise ValueError(f"unknown rollout importance-sampling level {level!r}")
     ratio = log_ratio.exp()

@@ -186,11 +186,13 @@ def get_parser():
     p.add_argument("--adv_weight", default="none", choices=("none", "dwa"),
                    help="dwa: 'Sparse but Critical' (arXiv 2603.22446) weights A_t by the token's KL(pi_old || pi); "
                         "w = 1 on-policy, so it acts only with several updates per batch (docs/token_shift.md, DWA)")
-    p.add_argument("--rollout_is", default="token", choices=("off", "token", "sequence"),
+    p.add_argument("--rollout_is", default="token", choices=("off", "token", "sequence", "geometric"),
                    help="truncated importance sampling (TIS; Yao et al. 2025, 'Your efficient RL framework secretly "
                         "brings you off-policy RL training'; verl's rollout importance sampling): weight each token's "
                         "policy-gradient loss by min(pi_trainer / pi_sampler, --rollout_is_cap), the ratio of the "
-                        "trainer's old log-prob to the engine's, per token or per response (sequence); corrects "
+                        "trainer's old log-prob to the engine's, per token, per response (sequence: the product of "
+                        "its tokens' ratios) or per response by their geometric mean (geometric, verl's level of that "
+                        "name: long responses no longer leave the band first); corrects "
                         "the sampler-trainer mismatch (logprob_gap; bf16 on a GPU: ~0.03 nats a token). Where the "
                         "two agree (fp32 on a CPU) the weight is 1 and it changes nothing. Not top-p's truncation: "
                         "the engine logs the untruncated softmax's log-prob (see --top_p)")
@@ -819,7 +821,7 @@ def main(argv=None):
     # a setting whose switch is off is not used: said once, not refused (a sweep may pass it to every arm)
     for names, unused, switch in ((("dwa_s", "dwa_alpha"), args.adv_weight != "dwa", "--adv_weight dwa"),
                                   (("rollout_is_cap", "rollout_is_mode"), args.rollout_is == "off",
-                                   "--rollout_is token or sequence"),
+                                   "--rollout_is token, sequence or geometric"),
                                   (("overlong_penalty",), args.overlong_buffer == 0, "--overlong_buffer > 0"),
                                   (("std_scope",), not args.std_normalize, "--std_normalize true"),
                                   (("clip_low", "clip_high"), args.policy_loss == "kl_cov",

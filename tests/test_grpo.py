@@ -203,8 +203,15 @@ def test_rollout_is_weights_by_hand_and_exactly_one_when_sampler_and_trainer_agr
     assert not capped.any()
     w, capped = grpo.rollout_is_weights(old, sampler, [2, 1], "sequence", cap=1.5)
     assert torch.allclose(w, torch.tensor([1.5, 1.5, math.exp(-2.5)])) and capped.tolist() == [True, True, False]
+    w, capped = grpo.rollout_is_weights(old, sampler, [2, 1], "geometric", cap=1.2)  # exp of the mean log-ratio
+    assert torch.allclose(w, torch.tensor([1.2, 1.2, math.exp(-2.5)])) and capped.tolist() == [True, True, False]
+    w, _ = grpo.rollout_is_weights(old, sampler, [2, 1], "geometric", cap=2.0)
+    assert torch.allclose(w, torch.tensor([math.exp(0.25), math.exp(0.25), math.exp(-2.5)]))
+    w, masked = grpo.rollout_is_weights(old, sampler, [2, 1], "geometric", cap=1.5, mode="mask")
+    assert torch.allclose(w, torch.tensor([math.exp(0.25), math.exp(0.25), 0.0]))
+    assert masked.tolist() == [False, False, True]
     lp = torch.randn(50, requires_grad=True)
-    for level in ("token", "sequence"):
+    for level in ("token", "sequence", "geometric"):
         w, capped = grpo.rollout_is_weights(lp, lp.detach().clone(), [20, 30], level)
         assert torch.equal(w, torch.ones(50)) and not capped.any() and not w.requires_grad  # detached
     with pytest.raises(ValueError, match="unknown rollout importance-sampling level"):

@@ -73,6 +73,16 @@ def test_sequence_weights_and_the_cap(loop):
         assert m["is_capped"] == pytest.approx(capped.float().mean().item())
 
 
+def test_geometric_weights_are_each_responses_mean_token_ratio(loop):
+    """--rollout_is geometric: a response's weight is exp of its tokens' mean log-ratio (its per-token probability's
+    geometric mean, the sampler having logged 1), for short and long responses alike under the cap."""
+    _, _, calls = loop("geo", rollout_is="geometric", rollout_is_cap=1.0)
+    for (old, sampler, lens, level, cap, _), (w, _) in calls:
+        ratio = torch.stack([(s - t).mean() for s, t in zip(old.split(lens), sampler.split(lens))]).exp()
+        assert level == "geometric" and torch.allclose(w, torch.repeat_interleave(ratio, torch.tensor(lens)), rtol=1e-4)
+        assert (w < 1).all() and w.min() > 1e-3  # (the products of sequence would reach ~1e-30 on long responses)
+
+
 def test_with_the_real_engine_the_weights_are_one(loop):
     """On CPU in fp32 the engine's log-probs equal the training forward's to float rounding: TIS changes nothing."""
     _, metrics, calls = loop("real", fixed=False, rollout_is="token")
