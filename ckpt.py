@@ -208,14 +208,15 @@ def remove_partial_saves(run_dir):
         print0(f"note: removed what an interrupted save left in {run_dir} ({removed / 2**20:.1f} MiB)")
 
 
-def load_checkpoint(run_dir):
+def load_checkpoint(run_dir, needs_shard=lambda state: True):
     """The newest checkpoint in run_dir that every rank can read: (step, model_dir, train_state, this rank's shard),
-    or None. Its shard is None where another number of ranks wrote it (require_shard says so: a finished run needs
-    none, so the scripts check first whether there is anything to do). One with a damaged file (truncated by a disk
-    fault or a partial copy, or missing) is skipped with a one-line warning naming the file. A read that fails for
-    another reason (the storage's I/O error, no memory, no permission) says nothing of the file: a UserError on every
-    rank, before anything is skipped (the resume would remove the newer checkpoint as unreadable). Every rank calls
-    this."""
+    or None. Its shard is None where another number of ranks wrote it (require_shard says so), and where
+    needs_shard(its train state) says the run has nothing left to train (a finished run), which then reads no shard
+    (at 1.5B ~18 GB a rank) and needs none (deleted to free the disk, the run is still finished). One with a damaged
+    file (truncated by a disk fault or a partial copy, or missing) is skipped with a one-line warning naming the file.
+    A read that fails for another reason (the storage's I/O error, no memory, no permission) says nothing of the file:
+    a UserError on every rank, before anything is skipped (the resume would remove the newer checkpoint as
+    unreadable). Every rank calls this."""
     for step in reversed(checkpoint_steps(run_dir)):
         model_dir, problem, state, shard = checkpoint_dir(run_dir, step), None, None, None
         failed = None  # a read error, not a damaged file
@@ -226,7 +227,8 @@ def load_checkpoint(run_dir):
                 open(path, "rb").close()  # (safetensors reports a refused open as a missing file)
                 with safe_open(path, framework="pt") as f:
                     f.keys()
-            if state.get("world_size", 1) == world_size():  # (else no shard: require_shard's error, not a skip)
+            # (another world size: no shard, require_shard's error if the run goes on, not a skip)
+            if state.get("world_size", 1) == world_size() and needs_shard(state):
                 path = train_shard_path(run_dir, step, rank())
                 shard = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 -- any reader error (weight_files': no weights) means: not this one
@@ -268,11 +270,12 @@ def read_failure(e):
     return any(map(not_the_file, error_chain(e)))
 
 
-def resume_checkpoint(run_dir, resume):
+def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):
     """The checkpoint to continue from (load_checkpoint's newest complete one), or None for a fresh run. Checkpoints in
     run_dir without resume are an error: a new run would mix its steps with an old one's. Rank 0 first takes the
     directory's lock (common.lock_run_dir; a fresh directory's at its first write, metrics_log), held until the run
-    ends: two runs on one directory are refused before either removes or writes a file there."""
+    ends: two runs on one directory are refused before either removes or writes a file there. needs_shard:
+    load_checkpoint's."""
     lock_on_rank0(run_dir, if_exists=True)  # every rank joins (rank 0 decides whether run_dir exists)
     steps = checkpoint_steps(run_dir)
     if steps and not resume:
@@ -280,7 +283,7 @@ def resume_checkpoint(run_dir, resume):
                         f"continue it, or choose another --out_dir")
     if rank() == 0:
         remove_partial_saves(run_dir)
-    found = load_checkpoint(run_dir) if resume else None
+    found = load_checkpoint(run_dir, needs_shard) if resume else None
     if resume and found is None:
         if steps:  # a fresh run here would write over their run's logs
             raise UserError(f"--resume: none of the checkpoints in {run_dir} (steps {', '.join(map(str, steps))}) can "
@@ -313,6 +316,11 @@ def local_train_state(model, optimizer):
     return {"weights": weights, "optimizer": sd}
 
 
+def optimizer_kind(state):
+    """Which optimizer wrote one parameter's state (its keys), or None where it does not say."""
+    return ("8-bit AdamW (bitsandbytes)" if "state1" in state else "AdamW (torch)" if "exp_avg" in state else None)
+
+
 def load_local_train_state(model, optimizer, shard):
     """The inverse of local_train_state: the fp32 weights (the checkpoint's HF weights may be bf16) and the optimizer
     state, each shard back into a tensor sharded like its parameter."""
@@ -330,6 +338,14 @@ def load_local_train_state(model, optimizer, shard):
                    if k in now and k in saved and plain(saved[k]) != plain(now[k])]
         if changed:
             raise UserError("--resume with different optimizer settings than the checkpoint's: " + "; ".join(changed))
+    # bitsandbytes' state (state1, qmap1, ...) cannot be torch AdamW's (exp_avg, ...), nor the other way round: the
+    # first step would fail on a missing key (--adam_8bit falls back to torch's where bitsandbytes or CUDA is missing)
+    saved_kind = next((optimizer_kind(s) for s in sd["state"].values() if optimizer_kind(s)), None)
+    inner = optimizer.inner if isinstance(optimizer, LocalShardOptimizer) else optimizer
+    now_kind = "8-bit AdamW (bitsandbytes)" if type(inner).__module__.startswith("bitsandbytes") else "AdamW (torch)"
+    if saved_kind not in (None, now_kind):
+        raise UserError(f"--resume: the checkpoint holds the state of {saved_kind}, and this run's optimizer is "
+                        f"{now_kind}; resume where it ran (--adam_8bit needs bitsandbytes and CUDA)")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, s in sd["state"].items():
         p = params[i]

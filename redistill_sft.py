@@ -308,12 +308,18 @@ def main(argv=None):
         if args.tiny_hidden_size % args.tiny_heads or args.tiny_heads % args.tiny_kv_heads:
             raise UserError(f"--tiny_heads {args.tiny_heads} must divide --tiny_hidden_size {args.tiny_hidden_size}, "
                             f"and --tiny_kv_heads {args.tiny_kv_heads} must divide --tiny_heads")
+        if args.tiny_hidden_size // args.tiny_heads % 2:  # RoPE turns the head's dimensions in pairs
+            raise UserError(f"--tiny_hidden_size {args.tiny_hidden_size} / --tiny_heads {args.tiny_heads} = "
+                            f"{args.tiny_hidden_size // args.tiny_heads} dimensions a head; RoPE needs an even number")
 
     rank, world, device = parallel.dist_setup()
     dtype = parse_dtype(args.dtype, device, training=True)  # compute, and saved weights
     common.seed_everything(args.seed)
     final_dir = os.path.join(args.out_dir, "final")
-    resume_from = ckpt.resume_checkpoint(args.out_dir, args.resume)
+    # (a run past its last step has only its final save left, which needs no optimizer state: its shards are not read,
+    # so a finished run whose shards were deleted to free the disk still says "nothing to do")
+    resume_from = ckpt.resume_checkpoint(args.out_dir, args.resume,
+                                         needs_shard=lambda state: state["step"] < state.get("total_steps", math.inf))
 
     # ---- tokenizer and data
     if resume_from:  # the checkpoint holds the run's tokenizer
@@ -428,7 +434,8 @@ def main(argv=None):
         validate(0)
 
     # ---- the loop
-    stop = min(total_steps, args.stop_at_step or total_steps)
+    # (past the last step only the final save is left, whatever --stop_at_step says)
+    stop = total_steps if start_step >= total_steps else min(total_steps, args.stop_at_step or total_steps)
     bar = common.progress_bar(total_steps, "sft", args.progress, initial=start_step)
     # a log line above the bar on a terminal; printed plainly into a log file (bar.write redraws the bar each time)
     log = bar.write if rank == 0 and args.progress and sys.stderr.isatty() else print0

@@ -721,7 +721,7 @@ def main(argv=None):
     max_steps = args.max_steps or args.epochs * steps_per_epoch
 
     # ---- model: the policy, sharded (fp32 weights, `dtype` compute), its optimizer, the reference policy
-    checkpoint = ckpt.resume_checkpoint(args.out_dir, args.resume)
+    checkpoint = ckpt.resume_checkpoint(args.out_dir, args.resume, needs_shard=lambda state: state["step"] < max_steps)
     start_step, state, init_path = 0, {}, args.model
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {"num_prompts": len(train_records),
                                                               "train_data_digest": train_digest,

@@ -62,6 +62,14 @@ def test_checkpoints_and_full_copies_after_a_no_grad_forward_hold_the_fp32_maste
                                         r"\[0.5, 0.999\]; weight_decay: was 0.0, now 0.1$"):
         other = ckpt.make_optimizer(again.parameters(), lr=1e-3, betas=(0.5, 0.999), weight_decay=0.1)
         ckpt.load_local_train_state(again, other, ckpt.load_checkpoint(str(tmp_path))[3])
+    # a shard of bitsandbytes' 8-bit AdamW (its keys) resumed under torch's AdamW (--adam_8bit without bitsandbytes
+    # or CUDA here): refused up front, not a KeyError at the first step
+    shard = ckpt.load_checkpoint(str(tmp_path))[3]
+    state = {"step": torch.tensor(1.0), "state1": torch.zeros(3), "qmap1": torch.zeros(3)}
+    eight_bit = {**shard, "optimizer": {**shard["optimizer"], "state": {0: state}}}
+    with pytest.raises(UserError, match=r"holds the state of 8-bit AdamW \(bitsandbytes\), and this run's optimizer "
+                                        r"is AdamW \(torch\)"):
+        ckpt.load_local_train_state(again, ckpt.make_optimizer(again.parameters(), lr=1e-3), eight_bit)
     ckpt.load_local_train_state(again, ckpt.make_optimizer(again.parameters(), lr=1e-3),
                                 ckpt.load_checkpoint(str(tmp_path))[3])
     assert all(torch.equal(parallel.full_copy(again, torch.float32).state_dict()[k], master[k]) for k in master)

@@ -73,6 +73,8 @@ def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
         (["--data", data, "--init", tiny_checkpoint, "--min_lr_ratio=-1"], "--min_lr_ratio in"),  # a negative lr
         (["--data", data, "--init_tiny", "true", "--tokenizer", tiny_checkpoint, "--tiny_heads", "3"],
          "--tiny_heads 3 must divide --tiny_hidden_size 128"),
+        (["--data", data, "--init_tiny", "true", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "12",
+          "--tiny_heads", "4"], "= 3 dimensions a head; RoPE needs an even number"),  # (a traceback at the forward)
         (["--data", data, "--init", small], rf"has {len(tok)} tokens > the vocab_size {len(tok) - 10} of --init"),
         (["--data", str(surrogate), "--init", tiny_checkpoint],
          r"surrogate\.jsonl:2: field 'response' is not valid Unicode \(a lone surrogate"),
@@ -455,7 +457,8 @@ def test_held_out_loss_at_start_and_epoch_ends_through_a_resume_then_one_checkpo
     A --stop_at_step past the schedule's end is clamped to it (the resume ends at step 10, not 12, as the cosine
     schedule spans 10). The metrics' epoch counts from 0, as the checkpoint state's does. A finished run keeps one
     resumable checkpoint (--keep_last 2 until then). A resumed run whose steps are all done but which has no final/
-    (killed while writing it, or final/ deleted) writes final/ rather than calling itself finished."""
+    (killed while writing it, or final/ deleted) writes final/ rather than calling itself finished, under any
+    --stop_at_step, and reads no optimizer shard for it (one deleted to free the disk is not missed)."""
     tok = load_tokenizer(tiny_checkpoint)
     data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=3), tok)  # 5 steps/epoch, 10 in all
     val = write_sft(tmp_path / "v.jsonl", toy_task.make_records(6, seed=7, split="val"), tok)
@@ -477,12 +480,17 @@ def test_held_out_loss_at_start_and_epoch_ends_through_a_resume_then_one_checkpo
     assert ckpt.checkpoint_steps(out) == [10]
     final = os.path.join(out, "final")
     shutil.rmtree(final)
-    capsys.readouterr()
-    assert sft.main(run_args(tiny_checkpoint, data, out, "--val_data", val, "--resume", "true")) == 0
-    assert "already finished" not in capsys.readouterr().out
+    os.remove(ckpt.train_shard_path(out, 10, 0))  # (deleted to free the disk: what is left needs no optimizer state)
+    capsys.readouterr()  # only the final save is left: written whatever --stop_at_step says
+    assert sft.main(run_args(tiny_checkpoint, data, out, "--val_data", val, "--resume", "true",
+                             "--stop_at_step", "3")) == 0
+    log = capsys.readouterr().out
+    assert "already finished" not in log and "stopped at" not in log and "done: 10 steps" in log
     a, b = weights(ckpt.checkpoint_dir(out, 10)), weights(final)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in metrics(out) if "val_loss" in r] == [0, 5, 10]
+    assert sft.main(run_args(tiny_checkpoint, data, out, "--val_data", val, "--resume", "true")) == 0
+    assert "already finished (10/10 steps)" in capsys.readouterr().out  # its shard gone, the run is still finished
 
 
 def test_a_pretraining_file_named_json_is_read_as_json_lines(tiny_checkpoint, tmp_path):
@@ -607,20 +615,25 @@ def test_resume_skips_an_unreadable_checkpoint(tiny_checkpoint, tmp_path, capsys
     # the unreadable one went when the resume passed it by: it does not take a --keep_last place from step 8's save
     # (which would have pruned step 6, the one good fallback)
     assert ckpt.checkpoint_steps(cut) == [6, 8] and 7 not in ckpt.checkpoint_parts(cut)  # (5: an epoch's weights)
+    # none readable: an error that names them, and the run's logs stay (a fresh run there would write over them)
+    broken = shutil.copytree(cut, str(tmp_path / "broken"), ignore=shutil.ignore_patterns(".lock"))
+    for step in (6, 8):
+        with open(ckpt.train_shard_path(broken, step, 0), "r+b") as f:
+            f.truncate(100)
+    metrics = open(os.path.join(broken, "metrics.jsonl")).read()
+    with pytest.raises(UserError, match=r"none of the checkpoints in .* \(steps 6, 8\) can be read"):
+        sft.main(run_args(tiny_checkpoint, data, broken, "--resume", "true"))
+    assert open(os.path.join(broken, "metrics.jsonl")).read() == metrics
     sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
     a, b = weights(os.path.join(full, "final")), weights(os.path.join(cut, "final"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    # none readable: an error that names them, and the run's logs stay (a fresh run there would write over them)
-    steps = ckpt.checkpoint_steps(cut)
-    for step in steps:
-        with open(ckpt.train_shard_path(cut, step, 0), "r+b") as f:
-            f.truncate(100)
-    metrics = open(os.path.join(cut, "metrics.jsonl")).read()
-    with pytest.raises(UserError, match=rf"none of the checkpoints in .* \(steps {', '.join(map(str, steps))}\) can be "
-                                        rf"read"):
-        sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
-    assert open(os.path.join(cut, "metrics.jsonl")).read() == metrics
+    # finished, its shards damaged since: nothing is left to train, so none is read, and it says so
+    with open(ckpt.train_shard_path(cut, 10, 0), "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    assert sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true")) == 0
+    assert "already finished (10/10 steps)" in capsys.readouterr().out
 
 
 def test_rng_state_holds_this_gpus_generator_only(monkeypatch):

@@ -6,6 +6,7 @@ settings, PPO epochs and mini-batches with DWA's settings, TIS and the entropy b
 entropy bonus with their coefficients, k1's shaped advantages recomputed apart, and which rollouts train. Cheap:
 conftest's rl_run (the tiny checkpoint, fixed rollouts or the real engine, one or two steps)."""
 import math
+import os
 
 import pytest
 import torch
@@ -422,6 +423,13 @@ def test_a_resume_whose_end_is_behind_its_checkpoint_does_nothing_and_says_so(rl
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: here)
     with pytest.raises(common.UserError, match=r"step_000002\.state\.pt: written by 1 rank\(s\); resume it with "
                                                r"the same number \(torchrun --nproc_per_node\), not 2"):
+        run("ended", max_steps=3, save_every=2, resume=True)
+    # its optimizer shard deleted to free the disk: still finished (the shard is not read), but not resumable further
+    monkeypatch.setattr(ckpt, "world_size", lambda: 1)
+    os.remove(ckpt.train_shard_path(out, 2, 0))
+    assert run("ended", max_steps=2, save_every=2, resume=True)[0] == metrics
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(common.UserError, match=r"none of the checkpoints .* can be read"):
         run("ended", max_steps=3, save_every=2, resume=True)
 
 
