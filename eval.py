@@ -71,6 +71,7 @@ def get_parser():
 # settings that change what is generated: a done pair is reused only when these match
 GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "samples_per_prompt", "temperature", "top_p",
                        "max_new_tokens", "template", "dtype", "seed")
+SAMPLING_ONLY = ("top_p", "seed")  # (greedy decoding reads neither: a greedy pair is reused whatever they are)
 
 
 # -----------------------------------------------------------------------------
@@ -141,8 +142,10 @@ def read_done(summary_path, samples_path, settings, records, task):
             raise UserError(f"{summary_path}: field 'settings' (and its 'inputs') missing or not an object")
     except UserError as e:
         raise UserError(f"cannot read this earlier result: {e}; pass --overwrite true")
+    greedy = old.get("temperature") == 0 and settings["temperature"] == 0
     diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]
-            and not (k.endswith("_path") and common.same_files(old.get(k), settings[k]))]  # (another spelling)
+            and not (k.endswith("_path") and common.same_files(old.get(k), settings[k]))  # (another spelling)
+            and not (greedy and k in SAMPLING_ONLY)]
     if diff:
         raise UserError(f"{summary_path} was made with other settings "
                         f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}; "

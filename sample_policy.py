@@ -297,6 +297,9 @@ def main(argv=None):
         samples, _ = sample_checkpoint(args, task, rank, world, device)
         tokenizer = tasks.load_tokenizer(args.from_checkpoint)
     else:  # every rank reads and selects (cheap), so that an error stops all of them; rank 0 writes
+        if live := common.run_in_progress(args.from_rollouts):  # (a resume rewrites the logs past its checkpoint)
+            raise UserError(f"{args.from_rollouts}: the RL run is still running ({live}), so its rollout logs may yet "
+                            f"change; run sample_policy.py once it has ended")
         steps = parse_steps(args.steps, max(tasks.rollout_logs(args.from_rollouts), default=0))
         samples = read_rollouts(args.from_rollouts, steps)
         tokenizer = run_tokenizer(args.from_rollouts)

@@ -267,6 +267,9 @@ def load_records(task, task_name, path, tokenizer, template):
             if d is not None and not isinstance(d, (str, int, float)):
                 raise UserError(f"{where} (id {r['id']!r}): difficulty {task.DIFFICULTY!r} is a "
                                 f"{type(d).__name__} ({d!r}); a difficulty is a string or a number")
+            if isinstance(d, float) and not math.isfinite(d):  # (NaN equals nothing, not even itself)
+                raise UserError(f"{where} (id {r['id']!r}): difficulty {task.DIFFICULTY!r} is {d!r}; give a "
+                                f"finite number, a string or null")
             first = difficulties.setdefault(str(d), d)
             if first != d or type(first) is not type(d):
                 raise UserError(f"{where} (id {r['id']!r}): difficulty {task.DIFFICULTY!r} is {d!r}, but an earlier "
@@ -317,13 +320,16 @@ def stratified_subset(records, n, key, seed=0):
 
 def check_sft_record(path, lineno, rec):
     """An SFT-format record has "id" (a string or an integer), "prompt" and "response" (strings), the prompt not
-    empty (the first response token needs a context); otherwise a UserError naming the file, line and field."""
+    empty (the first response token needs a context), and, if any, a "task" that is a name or null; otherwise a
+    UserError naming the file, line and field."""
     for field in ("id", "prompt", "response"):
         if field not in rec:
             raise UserError(f"{path}:{lineno}: missing field '{field}'")
     for field in ("prompt", "response"):
         if not isinstance(rec[field], str):
             raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
+    if rec.get("task") is not None and not isinstance(rec["task"], str):  # (sample_effect compares it with --task)
+        raise UserError(f"{path}:{lineno}: field 'task' is {rec['task']!r}; a task is a name (a string) or null")
     if not is_id(rec["id"]):  # effects and reports name it
         raise UserError(f"{path}:{lineno}: field 'id' is {rec['id']!r}; an id is a string or an integer")
     if not rec["prompt"]:

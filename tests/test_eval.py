@@ -160,6 +160,9 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
     ev.main(args)
     log = capsys.readouterr().out
     assert "skipped" in log and "loaded" not in log
+    ev.main(args + ["--seed", "3", "--top_p", "0.9"])  # greedy reads neither: the same pair, done
+    log = capsys.readouterr().out
+    assert "skipped" in log and "loaded" not in log
     # a re-run with other generation settings refuses, unless --overwrite
     with pytest.raises(common.UserError, match="other settings.*max_new_tokens"):
         ev.main(["--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split, "--out_dir", out2]

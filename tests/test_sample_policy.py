@@ -316,6 +316,22 @@ def write_rollouts(run_dir, steps):
                            [{"step": step, "length": 5, **r} for r in recs])
 
 
+def test_from_rollouts_of_a_live_run_is_refused(tmp_path):
+    """While the RL run holds its directory's lock its rollout logs may still change (a resume rewrites every log past
+    its checkpoint): refused, nothing written, as lim_select refuses; once it has ended, read."""
+    records = toy_task.make_records(2, seed=31)
+    run, out = str(tmp_path / "rl"), str(tmp_path / "out.jsonl")
+    write_rollouts(run, {1: [s(r["id"], toy_task.teacher_response(r)) for r in records]})
+    args = ["--from_rollouts", run, "--steps", "1", "--task", "toy_task", "--out", out, "--progress", "false"]
+    with lock_held_elsewhere(run) as pid:
+        with pytest.raises(UserError, match=rf"rl: the RL run is still running \(pid {pid} on .*\), so its rollout "
+                                            r"logs may yet change"):
+            sp.main(args)
+    assert not os.path.exists(out)
+    sp.main(args)
+    assert len(read(out)) == 2
+
+
 def test_from_rollouts_steps_order_first_occurrence_and_rescore(tmp_path, capsys):
     records = toy_task.make_records(4, seed=30)
     common.write_jsonl(tmp_path / "split.jsonl", records)

@@ -140,6 +140,8 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
         ([good, {"id": None, "prompt": "x", "response": "3"}], r"bad\.jsonl:2: field 'id' is None; an id is a string"),
         ([{"id": ["a"], "prompt": "x", "response": "3"}], r"bad\.jsonl:1: field 'id' is \['a'\]"),
         ([{"id": True, "prompt": "x", "response": "3"}], r"bad\.jsonl:1: field 'id' is True"),
+        ([good, {"id": "b", "task": ["kk"], "prompt": "x", "response": "3"}],  # (sample_effect's traceback)
+         r"bad\.jsonl:2: field 'task' is \['kk'\]; a task is a name"),
         ([good, {"id": "b", "prompt": "x", "response": "3" + tok.eos_token}],
          r"bad\.jsonl:2: field 'response' holds the stop token .* at token 1 of 2; EOS is appended"),
         ([{"id": "b", "prompt": "x", "response": "2" + tok.eos_token + " and 3"}],  # inside it: the same
@@ -328,6 +330,8 @@ def test_task_names_that_cannot_be_a_task_module_are_refused_saying_what_to_give
      r"render_prompt returned ''; it must return the prompt text"),
     ("def load_split(path):\n    return [dict(r, level=[r['level']]) for r in common.read_jsonl(path)]\n",
      r"record 1 \(id .*\): difficulty 'level' is a list \(\[1\]\); a difficulty is a string or a number"),
+    ("def load_split(path):\n    return [dict(r, level=float('nan')) for r in common.read_jsonl(path)]\n",
+     r"record 1 \(id .*\): difficulty 'level' is nan; give a finite number"),  # (was: "an earlier record's is nan")
     ("from fractions import Fraction\n\n\ndef load_split(path):\n"
      "    return [dict(r, half=Fraction(1, 2)) for r in common.read_jsonl(path)]\n",
      r"record 1 \(id .*\): task 'shape_task': load_split returned a record that is not JSON \(Object of type "
