@@ -746,6 +746,37 @@ def statements_of(records):
     return {puzzle_key(parse_statements(r['statements'], r['people'])) for r in records}
 
 
+def logic_key(statements):
+    """One key for every puzzle that is the same logic problem: each person's claim as its truth function over all
+    knight/knave assignments, up to renaming the people. Broader than puzzle_key: "Emma is not a knave" and "Emma is
+    a knight", or "if A then B" and "B or not A", are one claim here, and two such puzzles have the same truth table,
+    solution and chain of thought. The minimum over the renamings that order the people by an invariant colour (their
+    role in the solution, how many assignments make their claim true), trying every order within a colour only."""
+    n = len(statements)
+    masks = knight_masks(n)
+    truth = [truth_value(s, masks) for s in statements]
+    knights = masks[:, np.flatnonzero(np.logical_and.reduce([masks[i] == truth[i] for i in range(n)]))[0]]
+    colour = [(bool(knights[i]), int(truth[i].sum())) for i in range(n)]
+    groups = [[i for i in range(n) if colour[i] == c] for c in sorted(set(colour))]
+    assignments = np.arange(2 ** n)
+    best = None
+    for orders in itertools.product(*(itertools.permutations(g) for g in groups)):
+        order = [p for o in orders for p in o]  # new person k is old person order[k]
+        old = np.zeros(2 ** n, dtype=np.int64)  # each new assignment's old one
+        for k, p in enumerate(order):
+            old |= ((assignments >> k) & 1) << p
+        form = tuple(np.packbits(truth[p][old]).tobytes() for p in order)
+        if best is None or form < best:
+            best = form
+    return best
+
+
+def logic_twins(records, others):
+    """How many of records have a logically equivalent puzzle (logic_key) among others."""
+    keys = {logic_key(parse_statements(r['statements'], r['people'])) for r in others}
+    return sum(logic_key(parse_statements(r['statements'], r['people'])) in keys for r in records)
+
+
 def parse_people(text, setting):
     """"3-7" or "2,3" -> [3, 4, 5, 6, 7] / [2, 3]."""
     text = str(text)  # a --config file may give a bare number
@@ -904,6 +935,12 @@ def main(argv=None):
         cut = int(len(sft) * (1 - args.sft_val_fraction))
         sft, sft_val = sft[:cut], sft[cut:]
 
+    # what puzzle_key lets through: a test puzzle's claims worded otherwise, the same logic (docs/data.md)
+    for name, records in (("RL train split", train), ("SFT pool", sft + sft_val)):
+        twins = logic_twins(test, records)
+        if twins:
+            print(f"note: {twins} of the {len(test)} test puzzles have a logically equivalent puzzle in the {name} "
+                  f"(the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")
     held_out = [("sft_val", sft_val)] if args.sft_val_fraction > 0 else []
     for name, records in [("test", test), ("train", train), ("sft", sft)] + held_out:
         path = os.path.join(args.out_dir, f"{name}.jsonl")

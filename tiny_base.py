@@ -186,11 +186,15 @@ def main(argv=None):
     common.check_positive(args, "vocab_size")  # (the tokenizer trainer raised OverflowError after writing the text)
     people = kk_data.parse_people(args.people, "people")
     sizes = kk_data.parse_sizes(args.per_people, people, "per_people")
-    used = set()
-    for path in args.exclude:
-        used |= kk_data.statements_of(kk_data.load_split(path))
+    used, excluded = set(), {path: kk_data.load_split(path) for path in args.exclude}
+    for split in excluded.values():
+        used |= kk_data.statements_of(split)
     records = [r for n, size in zip(people, sizes)
                for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names)]
+    for path, split in excluded.items():  # what puzzle_key lets through: the same logic worded otherwise
+        if twins := kk_data.logic_twins(split, records):
+            print(f"note: {twins} of the {len(split)} puzzles of {path} have a logically equivalent puzzle in this "
+                  f"text (the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")
     rng = random.Random(args.seed)
     rng.shuffle(records)
     if args.text_format == "mixed":

@@ -39,8 +39,9 @@ TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # test: the official stream's first 25 2-people and 150 3-people puzzles (names fixed; for 3 people its 100 test
 # puzzles, then its train split's first 50);
 # RL train: 60 + 1,500 puzzles of 2-3 people; teacher SFT pool ("1K" in the paper): 50 + 300 of 2-3 people.
-# 2-people puzzles are few: 399 exist, 95 up to renaming and operand order. Train, SFT and base text hold no puzzle
-# of the test's up to that equivalence (kk_data.puzzle_key), and train and SFT no official test puzzle as written
+# 2-people puzzles are few: 399 exist, 95 up to renaming and operand order, 41 up to logic (kk_data.logic_key).
+# Train, SFT and base text hold no puzzle of the test's up to renaming and operand order (kk_data.puzzle_key), but
+# many up to logic (the same claims worded otherwise: README), and train and SFT no official test puzzle as written
 # (the base text may hold the official test's puzzles past our test's 25). A 2-people test of 50 (41 classes) left
 # room for 40 + 20 training puzzles, too few for the cold start to learn the two-people answer (docs/tiny_preset.md);
 # the test's 25 are 21 classes

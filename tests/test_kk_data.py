@@ -705,3 +705,49 @@ def test_asking_for_more_puzzles_than_a_size_has_says_so():
                                                r"size exist.*ask for fewer"):
         for _ in K.sample_puzzles(0, 2, 100000):
             pass
+
+
+def test_logic_key_equates_a_claim_worded_otherwise_and_nothing_else():
+    """logic_key: a puzzle whose claim is worded otherwise ("not a knave" for "a knight", "if A then B" for "B or not
+    A"), renamed or not, is the same logic problem (one key, where puzzle_key tells them apart); a puzzle of other
+    logic keys apart; and over the generator's 399 two-people puzzles it gives the same classes as comparing every
+    renaming's truth table outright (41)."""
+    import numpy as np
+    a = (("->", ("telling-truth", 1), ("telling-truth", 0)), ("not", ("lying", 0)))
+    b = (("telling-truth", 1), ("->", ("telling-truth", 0), ("telling-truth", 1)))  # a renamed and reworded
+    c = (("or", ("telling-truth", 0), ("not", ("telling-truth", 1))), ("telling-truth", 0))  # a's claims reworded
+    assert K.puzzle_key(a) != K.puzzle_key(b) and K.puzzle_key(a) != K.puzzle_key(c)
+    assert K.logic_key(a) == K.logic_key(b) == K.logic_key(c)
+
+    def brute(statements):  # every renaming's truth table, the smallest
+        n = len(statements)
+        masks = K.knight_masks(n)
+        truth = [K.truth_value(s, masks) for s in statements]
+        forms = []
+        for order in itertools.permutations(range(n)):
+            old = sum(((np.arange(2 ** n) >> k) & 1) << p for k, p in enumerate(order))
+            forms.append(tuple(tuple(truth[p][old].tolist()) for p in order))
+        return min(forms)
+    puzzles = [s for _, s, _ in itertools.islice(K.sample_puzzles(5, 2, 10 ** 6), 399)]
+    other = next(s for s in puzzles if K.solve(s) != K.solve(a))
+    assert K.logic_key(other) != K.logic_key(a)
+    by_key, by_brute = {}, {}
+    for i, s in enumerate(puzzles):
+        by_key.setdefault(K.logic_key(s), set()).add(i)
+        by_brute.setdefault(brute(s), set()).add(i)
+    assert len(by_key) == 41 and sorted(map(sorted, by_key.values())) == sorted(map(sorted, by_brute.values()))
+
+
+def test_the_split_writer_counts_the_test_puzzles_with_a_logical_twin_in_training(tmp_path, capsys):
+    """kk_data.py says how many test puzzles have a logically equivalent puzzle in the RL split and the SFT pool
+    (what puzzle_key lets through), counted by logic_key from the files it wrote."""
+    K.main(["--out_dir", str(tmp_path), "--fixed_names", "true", "--test_people", "2", "--test_per_people", "10",
+            "--train_people", "2", "--train_per_people", "30", "--sft_people", "2", "--sft_per_people", "10",
+            "--train_seed", "100000", "--sft_seed", "200000"])
+    out = capsys.readouterr().out
+    test, train, sft = (K.load_split(str(tmp_path / f"{name}.jsonl")) for name in ("test", "train", "sft"))
+    for name, split in (("RL train split", train), ("SFT pool", sft)):
+        twins = K.logic_twins(test, split)
+        assert twins > 0
+        assert f"note: {twins} of the 10 test puzzles have a logically equivalent puzzle in the {name}" in out
+    assert K.logic_twins(test, test) == 10
