@@ -112,9 +112,6 @@ def unique_names(names, given, flag, what):
 
 
 SPLIT_DIGEST = "split records (sha256)"
-# a checkpoint's tokenizer files: the prompts (its chat template) and the stop ids come from them
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def inputs_of(ckpt, split_digest):
@@ -122,7 +119,7 @@ def inputs_of(ckpt, split_digest):
     tokenizer), and the digest of the split's records as loaded (common.data_digest: a file, a directory of problem
     files edited in place, a hub split alike). A checkpoint rebuilt under the same path (a re-run stage), a chat
     template fixed in place or an edited split then gives other numbers, and the pair is evaluated again."""
-    tokenizer = [os.path.join(ckpt, name) for name in TOKENIZER_FILES if os.path.isfile(os.path.join(ckpt, name))]
+    tokenizer = [os.path.join(ckpt, name) for name in tasks.TOKENIZER_FILES if os.path.isfile(os.path.join(ckpt, name))]
     return {**common.file_stamps(weight_files(ckpt) + [os.path.join(ckpt, "config.json")] + tokenizer),
             SPLIT_DIGEST: split_digest}
 
@@ -156,8 +153,9 @@ def read_done(summary_path, samples_path, settings, records, task):
         inputs = {k: v for k, v in inputs.items() if k != SPLIT_DIGEST}
         if os.path.isfile(settings["split_path"]):
             inputs |= common.file_stamps([settings["split_path"]])
-    if old.get("inputs") is not None and not any(os.path.basename(f) in TOKENIZER_FILES for f in old["inputs"]):
-        inputs = {f: v for f, v in inputs.items() if os.path.basename(f) not in TOKENIZER_FILES}  # (before they were)
+    tokenizer_files = tasks.TOKENIZER_FILES
+    if old.get("inputs") is not None and not any(os.path.basename(f) in tokenizer_files for f in old["inputs"]):
+        inputs = {f: v for f, v in inputs.items() if os.path.basename(f) not in tokenizer_files}  # (before they were)
     if old.get("inputs") not in (None, inputs):  # (a summary from before inputs were recorded: as is)
         print0(f"{summary_path}: its checkpoint or split changed since "
                f"({', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], inputs)))}); "

@@ -186,7 +186,7 @@ def _normalise_record(raw, where):
     subject = raw.get("subject", raw.get("type", "")) or ""
     if not isinstance(subject, str):
         raise UserError(f"{where}: field 'subject': expected a string, got {type(subject).__name__}")
-    rid = raw.get("unique_id", raw.get("id"))
+    rid = raw["unique_id"] if raw.get("unique_id") is not None else raw.get("id")  # (a null unique_id: the id)
     if rid is not None and not isinstance(rid, (str, int)):
         raise UserError(f"{where}: field 'id': expected a string or integer, got {type(rid).__name__}")
     return {"id": None if rid is None else str(rid), "level": _parse_level(raw.get("level"), where),
@@ -372,6 +372,10 @@ def normalize_answer(s: str) -> str:
     s = s.replace("\\%", "").replace("%", "")
     s = _UNIT_TEXT.sub("", s.strip())
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    if re.fullmatch(r"-?\d{1,3}(?: +\d{3})+(?:\.\d+)?", s.strip()):  # "1\,000": digits in threes, one number
+        s = s.replace(" ", "")
+    s = re.sub(r"\\frac\s*(\d)\s+(\d)", r"\\frac{\1}{\2}", s)  # "\dfrac 3 8" (a MATH gold)
+    s = re.sub(r"(?<=\d)\s+(?=\d)", "|", s)  # else "1 2" is not 12: a mark that no other form has
     s = re.sub(r"\s+", "", s)
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{a}2

@@ -127,6 +127,12 @@ def task_source_digest(task):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+# a checkpoint's tokenizer files: the prompts (its chat template) and the stop ids come from them
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")  # (one of them says the tokens)
+
+
 def load_tokenizer(path):
     """The tokenizer saved in a local directory (a checkpoint, or a bare tokenizer directory). A missing directory is
     named as such, not passed on to transformers, which would take the path for a hub repo id.
@@ -140,6 +146,10 @@ def load_tokenizer(path):
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such directory (a checkpoint or tokenizer directory; download hub models first, "
                         f"e.g. huggingface-cli download Qwen/Qwen2.5-1.5B --local-dir DIR)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in VOCABULARY_FILES):
+        # (transformers 5 then returns an empty tokenizer, one token long, and every text encodes to nothing)
+        raise UserError(f"{path}: no tokenizer files ({', '.join(VOCABULARY_FILES)}); a checkpoint saved without its "
+                        f"tokenizer: copy in the tokenizer files of the model it was trained from")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         saved = os.path.join(path, "tokenizer.json")

@@ -69,8 +69,9 @@ def get_parser():
     p.add_argument("--cross", default=None, choices=("forward", "backward"), help="cross-sample instead of measuring: "
                    "forward = base primary, policy intervening; backward = policy primary, base intervening")
     p.add_argument("--eps", type=float, nargs="+", default=[math.inf, 0.3, 0.1, 0.03, 0.01, -1.0],
-                   help="JS thresholds, one run each (inf: the primary alone; < 0: the intervention model alone; "
-                   "a finite one is below ln 2 = 0.693, JS's largest value in nats)")
+                   help="JS thresholds, one run each (inf: the primary alone; < 0: the intervention model alone, "
+                   "written -1: argparse reads -inf or -1e-3 after another value as an option; a finite one is "
+                   "below ln 2 = 0.693, JS's largest value in nats)")
     p.add_argument("--task", default="kk", help="--cross: task module (kk, math, or a module with the task interface)")
     p.add_argument("--split", default=None, help="--cross: the task split whose prompts are answered")
     p.add_argument("--samples_per_prompt", type=int, default=4, help="--cross: samples per prompt (the paper: 32)")
@@ -309,6 +310,9 @@ def lock_out_dir(args):
     replace the other's without a word); the divergence and the two cross-sampling directions may share it. Taken once
     the inputs are read: bad input leaves no directory behind. Holding it, the temporary files a SIGKILL left of this
     kind's outputs' writes go."""
+    from model import weight_files
+    for checkpoint in (args.base, args.policy):  # (one without weights: refused before the directory is made)
+        weight_files(checkpoint)
     parallel.lock_on_rank0(args.out_dir, lock_name(args))
     names = ([f"cross_{args.cross}_samples.jsonl", f"cross_{args.cross}.json"] if args.cross
              else ["tokens.jsonl", "summary.json"])

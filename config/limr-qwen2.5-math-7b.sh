@@ -38,7 +38,7 @@ LIMR_POOL=$TRAIN
 LIMR_PROBE_STEPS=168  # 21 epochs x 8 steps (8,519 // 1,024)
 LIMR_STEPS=120
 LIMR_SAVE_EVERY=24    # divides 120 and 168
-LIMR_SEEDS="1234"
+LIMR_SEEDS=${LIMR_SEEDS:-"1234"}
 LIMR_RL_ARGS="--prompts_per_step 1024 --samples_per_prompt 8 --temperature 1.2 --max_prompt_tokens 1024 --max_response_tokens 3072 \
 --template chat --lr 5e-7 --warmup_steps 0 --beta1 0.9 --beta2 0.95 --weight_decay 0 --grad_clip 1.0 --ppo_epochs 1 \
 --ppo_mini_batches 32 --clip_low 0.2 --clip_high 0.2 --kl_coef 0.01 --kl_estimator k1 --entropy_coef 0 \

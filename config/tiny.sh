@@ -74,6 +74,11 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # the two within a point. DYNAMIC_SAMPLING=false runs the measured alternative: no refill, 100 steps (one epoch of
 # the 1,560 RL puzzles).
 DYNAMIC_SAMPLING=${DYNAMIC_SAMPLING:-true}
+case "${DYNAMIC_SAMPLING,,}" in  # (train_rl takes yes/1/on too: the step count must read them alike)
+  true|yes|1|on) DYNAMIC_SAMPLING=true ;;
+  false|no|0|off) DYNAMIC_SAMPLING=false ;;
+  *) echo "error: DYNAMIC_SAMPLING=$DYNAMIC_SAMPLING: give true or false" >&2; exit 2 ;;
+esac
 if [[ "$DYNAMIC_SAMPLING" == true ]]; then RL_STEPS=${RL_STEPS:-75}; else RL_STEPS=${RL_STEPS:-100}; fi
 RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_response_tokens 120 --lr 1e-4 \
 --warmup_steps 2 --gradient_checkpointing false --micro_batch_tokens 8192 --gen_batch_size 128 \
@@ -107,7 +112,7 @@ LIMR_POOL=$OUT/limr/data/train.jsonl
 LIMR_PROBE_STEPS=80
 LIMR_STEPS=40
 LIMR_SAVE_EVERY=40
-LIMR_SEEDS="1 2 3"
+LIMR_SEEDS=${LIMR_SEEDS:-"1 2 3"}
 LIMR_RL_ARGS="$RL_ARGS --val_every 0 --temperature 1.0 --dynamic_sampling false"  # (docs/limr.md was measured at
 # 1.0; a probe's epochs are LIMR's reward curves, one batch a step)
 LIMR_SELECT_ARGS="--threshold 0.6"

@@ -132,6 +132,9 @@ UNEQUAL = [
     ("5", "50"),
     ("0", "\\emptyset"),
     ("6", "6!"),
+    ("123", "1 2 3"),  # digits apart are not one number (the fast path joined them: 1.0, where math-verify says 0)
+    ("12", "1\\,2"),
+    ("-12", "-1 2"),
 ]
 
 
@@ -149,6 +152,7 @@ def test_near_misses_score_zero(gold, pred):
     ("10,\\! 080", "10080"), ("\\$1,000", "1000"), ("-1,000", "-1000"), ("1,000.5", "1000.5"), ("2{,}016", "2016"),
     ("1,234,5", "1,234,5"), ("1234,567", "1234,567"),  # not groups of thousands: left as written
     ("1,305^\\circ", "1305"), ("12,500\\%", "12500"),  # a sign after the number: its separators go too
+    ("1\\,000", "1000"), ("1 000 000", "1000000"), ("\\dfrac 3 8", "\\frac{3}{8}"),  # spaces in threes; \dfrac 3 8
 ])
 def test_thousands_separators_are_dropped_from_numbers_only(answer, normal):
     """The fast path's own rule (score falls back to math-verify, which hides a fast path that merges too little)."""
@@ -347,6 +351,9 @@ def test_load_formats(tmp_path):
     (r,) = math_data.load_split(write_lines(tmp_path / "prm.jsonl", [json.dumps(row)]))
     assert r == {"id": "test/algebra/1.json", "level": 2, "subject": "Algebra", "question": "What is $1+2$?",
                  "answer": "3", "solution": "It is $\\boxed{3}$."}
+    (r,) = math_data.load_split(write_lines(tmp_path / "null.jsonl", [json.dumps({**row, "unique_id": None,
+                                                                                  "id": "keep-me"})]))
+    assert r["id"] == "keep-me"  # a null unique_id leaves the id given (it was replaced by a hash)
     # Hendrycks jsonl: answer = the solution's last box, "Level 5", "type" as subject
     hend = {"problem": "Q?", "level": "Level 5", "type": "Geometry", "solution": "So $\\boxed{\\frac{1}{2}}$."}
     (r,) = math_data.load_split(write_lines(tmp_path / "hend.jsonl", [json.dumps(hend)]))

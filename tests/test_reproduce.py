@@ -414,6 +414,20 @@ def test_seeds_with_the_limr_only_preset_is_an_error_before_any_stage(tmp_path):
         proc = run_reproduce("limr-qwen2.5-math-7b", "--dry-run", env=env, check=False)
         assert proc.returncode == 2 and "set LIMR_SEEDS instead" in proc.stderr
         assert "+ " not in proc.stdout and not os.path.exists(tmp_path / "out")
+    # ... and LIMR_SEEDS, as the message says, is taken (the preset overwrote it)
+    env = {"GPUS": "8", "MODEL_DIR": str(tmp_path / "base"), "OUT": str(tmp_path / "out"), "LIMR_SEEDS": "1 2"}
+    proc = run_reproduce("limr-qwen2.5-math-7b", "--dry-run", env=env)
+    assert "limr/seed_1/full" in proc.stdout and "limr/seed_2/full" in proc.stdout and "--limr_seeds 1 2" in proc.stdout
+
+
+def test_dynamic_sampling_is_read_as_train_rl_reads_it(tmp_path):
+    """DYNAMIC_SAMPLING=1 (or yes, on) ran dynamic sampling for the 100 steps of the run without it: neither measured
+    setting. Read as train_rl reads it: true, 75 steps; anything else that is not a boolean is refused."""
+    for value, steps, flag in (("1", 75, "true"), ("On", 75, "true"), ("no", 100, "false")):
+        proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / value), "DYNAMIC_SAMPLING": value})
+        assert f"--max_steps {steps} " in proc.stdout and f"--dynamic_sampling {flag} " in proc.stdout, value
+    bad = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "x"), "DYNAMIC_SAMPLING": "maybe"}, check=False)
+    assert bad.returncode == 2 and "DYNAMIC_SAMPLING=maybe: give true or false" in bad.stderr
 
 
 def test_a_seed_given_with_seeds_is_an_error_not_ignored(tmp_path):

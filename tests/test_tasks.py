@@ -359,3 +359,18 @@ def test_rescore_takes_the_score_of_now_and_names_a_sample_without_its_record():
     assert tasks.rescore(toy_task, samples, records, "here") == 1 and [s["reward"] for s in samples] == [1.0, 0.0]
     with pytest.raises(UserError, match="here: no record for id 'zz' \\(1 ids missing\\)"):
         tasks.rescore(toy_task, samples + [dict(samples[1], id="zz")], records, "here")
+
+
+def test_a_checkpoint_saved_without_its_tokenizer_is_named(tiny_checkpoint, tmp_path):
+    """A directory with a config and weights but no tokenizer file: transformers 5 returned an empty tokenizer (one
+    token; every prompt encoded to nothing), which token_shift reported as 'different tokenizers (314 vs 1 tokens)'
+    or a traceback on an empty prompt. Refused, naming the directory and what it lacks."""
+    import shutil
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_checkpoint, name), bare / name)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(bare))}: no tokenizer files \(tokenizer\.json, "):
+        load_tokenizer(str(bare))
+    shutil.copy(os.path.join(tiny_checkpoint, "tokenizer.json"), bare / "tokenizer.json")
+    assert len(load_tokenizer(str(bare))) == len(load_tokenizer(tiny_checkpoint))

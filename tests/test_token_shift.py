@@ -375,6 +375,18 @@ def test_checkpoints_with_different_tokenizers(pair, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_without_weights_leaves_no_directory(pair, tmp_path):
+    """A --policy with its config and tokenizer but no weights: refused naming it before the output directory (and
+    its lock file) is made, in either mode."""
+    import shutil
+    bare = shutil.copytree(pair["policy"], str(tmp_path / "bare"), ignore=shutil.ignore_patterns("*.safetensors"))
+    for extra in ([], ["--cross", "forward", "--split", pair["split"], "--task", "toy_task"]):
+        with pytest.raises(common.UserError, match=r"bare: no model\.safetensors"):
+            token_shift.main(["--base", pair["base"], "--policy", bare, "--responses", pair["responses"],
+                              "--out_dir", str(tmp_path / "out"), *extra])
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_response_longer_than_the_context(pair, tmp_path):
     tok = load_tokenizer(pair["base"])
     save_model(build_model(tiny_config(len(tok), max_position_embeddings=64), seed=0), str(tmp_path / "short"), tok)
