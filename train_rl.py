@@ -929,12 +929,13 @@ def main(argv=None):
         # truncated and zero-variance ones too, so a group that varies through a rollout --mask_truncated leaves out
         # still does)
         scope = args.std_scope if args.std_normalize else "group"
-        kept = [j for j in range(len(rollouts)) if trains[j // n]]
-        scale = batch_moments([rewards[j] for j in kept])[1] if scope == "batch" else None
+        in_step = [j for j in range(len(rollouts)) if trains[j // n]]
+        scale = batch_moments([rewards[j] for j in in_step])[1] if scope == "batch" else None
         adv = group_advantages(rewards, n, args.std_normalize and scope != "tokens", seq_kl, args.kl_coef,
                                batch_std=scale, baseline=args.baseline)
         if scope == "tokens":  # REINFORCE++-baseline: the group-centred advantages whitened over the batch's tokens
-            adv = whiten(adv, *batch_moments([float(adv[j]) for j in kept], [rollouts[j]["length"] for j in kept]))
+            adv = whiten(adv, *batch_moments([float(adv[j]) for j in in_step],
+                                             [rollouts[j]["length"] for j in in_step]))
         adv = adv.tolist()
         if by_covariance:  # Clip-Cov / KL-Cov: the tokens whose log-prob and advantage covary most, all ranks together
             lens = [len(batch.responses[j]) for j in batch.train_idx]
