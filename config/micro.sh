@@ -3,6 +3,7 @@
 # so its re-distillation sets are empty (those models are skipped, as reproduce.sh does for any policy
 # without a correct sample) and the sample effect, whose gradient would be zero, is skipped (SAMPLE_EFFECT=0).
 OUT=${OUT:-${MICRO_OUT:-runs/micro}}  # (before tiny.sh, which would set its own)
+LIMR_SEEDS_GIVEN=${LIMR_SEEDS:-}  # (tiny.sh sets its own)
 source config/tiny.sh
 DATA=$OUT/data
 TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
@@ -30,6 +31,6 @@ LIMR_POOL=$TRAIN
 LIMR_PROBE_STEPS=8
 LIMR_STEPS=2
 LIMR_SAVE_EVERY=2
-LIMR_SEEDS=${LIMR_SEEDS:-"1"}
+LIMR_SEEDS=${LIMR_SEEDS_GIVEN:-"1"}
 LIMR_RL_ARGS="$RL_ARGS --val_every 0"
 LIMR_SELECT_ARGS="--threshold=-inf"
