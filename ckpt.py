@@ -340,7 +340,7 @@ def load_local_train_state(model, optimizer, shard):
             raise UserError("--resume with different optimizer settings than the checkpoint's: " + "; ".join(changed))
     # bitsandbytes' state (state1, qmap1, ...) cannot be torch AdamW's (exp_avg, ...), nor the other way round: the
     # first step would fail on a missing key (--adam_8bit falls back to torch's where bitsandbytes or CUDA is missing)
-    saved_kind = next((optimizer_kind(s) for s in sd["state"].values() if optimizer_kind(s)), None)
+    saved_kind = next(filter(None, map(optimizer_kind, sd["state"].values())), None)
     inner = optimizer.inner if isinstance(optimizer, LocalShardOptimizer) else optimizer
     now_kind = "8-bit AdamW (bitsandbytes)" if type(inner).__module__.startswith("bitsandbytes") else "AdamW (torch)"
     if saved_kind not in (None, now_kind):

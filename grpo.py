@@ -120,24 +120,27 @@ def covariance_tokens(logp, adv, method, frac, uniforms, bounds=(1.0, 5.0)):
     products = (lp - s["lp"] / n) * (a - s["a"] / n)
     covariance = parallel.all_reduce_numbers({"c": float(products.sum())})["c"] / n
     products, k = products.float(), max(1, int(frac * n))
-    nothing = torch.zeros_like(products, dtype=torch.bool)
     if method == "kl_cov":  # (a NaN log-prob makes every product NaN: nothing chosen, on every rank)
         finite = finite_count(products)
         if not finite:
-            return nothing, covariance
+            return torch.zeros_like(products, dtype=torch.bool), covariance
         floor = kth_largest(products, min(k, finite))
         above, tied = products > floor, products == floor
         room = min(k, finite) - int(parallel.all_reduce_numbers({"c": int(above.sum())})["c"])
-        draw = torch.where(tied, -uniforms.float(), torch.full_like(products, float("nan")))  # the smallest first
-        return above | (tied & (draw >= kth_largest(draw, room))), covariance
+        return above | smallest_draws(tied, uniforms, room), covariance
     if method != "clip_cov":
         raise ValueError(f"unknown covariance method {method!r}")
-    candidate = (products > bounds[0]) & (products < bounds[1])
-    m = int(parallel.all_reduce_numbers({"m": int(candidate.sum())})["m"])
-    if m == 0:
-        return nothing, covariance
-    draw = torch.where(candidate, -uniforms.float(), torch.full_like(products, float("nan")))
-    return candidate & (draw >= kth_largest(draw, min(k, m))), covariance
+    return smallest_draws((products > bounds[0]) & (products < bounds[1]), uniforms, k), covariance
+
+
+def smallest_draws(among, uniforms, k):
+    """Of the tokens marked in `among` on every rank together, the k with the smallest uniforms (all of them where
+    fewer; ties at the floor kept): a random choice that does not depend on the ranks. Every rank calls this."""
+    count = int(parallel.all_reduce_numbers({"c": int(among.sum())})["c"])
+    if count == 0:
+        return among
+    draw = torch.where(among, -uniforms.float(), torch.full_like(uniforms, float("nan"), dtype=torch.float32))
+    return among & (draw >= kth_largest(draw, min(k, count)))
 
 
 def equal_rewards(r):

@@ -771,9 +771,13 @@ def logic_key(statements):
     return best
 
 
-def logic_twins(records, others):
-    """How many of records have a logically equivalent puzzle (logic_key) among others."""
-    keys = {logic_key(parse_statements(r['statements'], r['people'])) for r in others}
+def logic_keys(records):
+    """The set of the records' logic_keys."""
+    return {logic_key(parse_statements(r['statements'], r['people'])) for r in records}
+
+
+def logic_twins(records, keys):
+    """How many of records have a logically equivalent puzzle (logic_key) among those of `keys` (logic_keys)."""
     return sum(logic_key(parse_statements(r['statements'], r['people'])) in keys for r in records)
 
 
@@ -937,7 +941,7 @@ def main(argv=None):
 
     # what puzzle_key lets through: a test puzzle's claims worded otherwise, the same logic (docs/data.md)
     for name, records in (("RL train split", train), ("SFT pool", sft + sft_val)):
-        twins = logic_twins(test, records)
+        twins = logic_twins(test, logic_keys(records))
         if twins:
             print(f"note: {twins} of the {len(test)} test puzzles have a logically equivalent puzzle in the {name} "
                   f"(the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")

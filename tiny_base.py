@@ -191,8 +191,9 @@ def main(argv=None):
         used |= kk_data.statements_of(split)
     records = [r for n, size in zip(people, sizes)
                for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names)]
+    text_keys = kk_data.logic_keys(records)
     for path, split in excluded.items():  # what puzzle_key lets through: the same logic worded otherwise
-        if twins := kk_data.logic_twins(split, records):
+        if twins := kk_data.logic_twins(split, text_keys):
             print(f"note: {twins} of the {len(split)} puzzles of {path} have a logically equivalent puzzle in this "
                   f"text (the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")
     rng = random.Random(args.seed)

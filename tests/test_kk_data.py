@@ -747,7 +747,7 @@ def test_the_split_writer_counts_the_test_puzzles_with_a_logical_twin_in_trainin
     out = capsys.readouterr().out
     test, train, sft = (K.load_split(str(tmp_path / f"{name}.jsonl")) for name in ("test", "train", "sft"))
     for name, split in (("RL train split", train), ("SFT pool", sft)):
-        twins = K.logic_twins(test, split)
+        twins = K.logic_twins(test, K.logic_keys(split))
         assert twins > 0
         assert f"note: {twins} of the 10 test puzzles have a logically equivalent puzzle in the {name}" in out
-    assert K.logic_twins(test, test) == 10
+    assert K.logic_twins(test, K.logic_keys(test)) == 10
