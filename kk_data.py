@@ -669,19 +669,23 @@ def load_split(path):
 # building the splits
 
 
-def generate(seed, n_people, count, exclude=frozenset(), log=print, label="", fixed_names=False):
+def generate(seed, n_people, count, exclude=frozenset(), log=print, label="", fixed_names=False,
+             twins=frozenset()):
     """`count` records of the seed's stream for n_people, skipping puzzles in `exclude`: their statements,
-    or their puzzle_key (statements_of: the puzzle renamed, reordered or with and / or / <=> operands swapped).
+    or their puzzle_key (statements_of: the puzzle renamed, reordered or with and / or / <=> operands swapped),
+    and every puzzle whose logic_key is in `twins` (logic_keys: the same logic, however worded).
 
     Skipped puzzles keep their stream index (ids stay stable); the stream runs on until `count` are kept.
     fixed_names: see make_record.
     """
     t0 = time.time()
     records, skipped = [], 0
+    twins = {key for key in twins if len(key) == n_people}  # (a key has one entry a person: others cannot match)
     stream = sample_puzzles(seed, n_people, count=10 ** 9)  # lazily: stops when enough are kept
     while len(records) < count:
         index, statements, solution = next(stream)
-        if statements in exclude or puzzle_key(statements) in exclude:
+        if (statements in exclude or puzzle_key(statements) in exclude
+                or (twins and logic_key(statements) in twins)):
             skipped += 1
             continue
         records.append(make_record(seed, index, statements, solution, fixed_names))
@@ -689,7 +693,8 @@ def generate(seed, n_people, count, exclude=frozenset(), log=print, label="", fi
     if log:
         log(f"  {label}people {n_people}: {len(records)} puzzles in {seconds:.2f} s "
             f"({1000 * seconds / max(len(records), 1):.2f} s per 1,000)"
-            + (f", {skipped} skipped as already used" if skipped else ""))
+            + (f", {skipped} skipped as already used" + (" or a logical twin of one" if twins else "")
+               if skipped else ""))
     return records
 
 
@@ -860,6 +865,13 @@ def get_parser():
     p.add_argument("--sft_people", default="2-3", help="people counts of the SFT pool (paper: 2 and 3)")
     p.add_argument("--sft_per_people", default="200,800", help="SFT pool puzzles per people count (paper: 200 and 800)")
     p.add_argument("--sft_seed", type=int, default=200000, help="seed of the SFT pool stream")
+    p.add_argument("--test_dedup", default="logic", choices=("logic", "renaming"),
+                   help="which train and SFT-pool puzzles count as a test puzzle and are skipped: 'logic' = every "
+                   "puzzle with the same logic as one (kk_data.logic_key: each claim's truth function, up to renaming "
+                   "the people; 'not a knave' is 'a knight', 'if A then B' is 'B or not A'); 'renaming' = the "
+                   "test puzzles renamed, reordered or with and / or / <=> operands swapped (kk_data.puzzle_key; "
+                   "the splits before 2026-12-06's second change, which let most of the tiny preset's test through "
+                   "as logical twins: README)")
     p.add_argument("--sft_val_fraction", type=float, default=0.0,
                    help="share of the SFT pool held out as sft_val.jsonl: the pool is shuffled with seed 1234, its "
                    "last fraction held out and the rest written to sft.jsonl (paper: 0.1, K_and_K_preprocess's "
@@ -915,7 +927,8 @@ def main(argv=None):
         raise common.UserError(f"--sft_val_fraction: expected a share in [0, 1), got {args.sft_val_fraction}")
 
     # Never train on a test puzzle: the official test split (the first 100 of the official stream,
-    # for every people count) and our own test split are both excluded from train and the SFT pool.
+    # for every people count) and our own test split are both excluded from train and the SFT pool (ours with
+    # its logical twins, under --test_dedup logic).
     print("test split")
     named = dict(fixed_names=args.fixed_names)
     test = [r for n, size in zip(test_people, test_sizes) for r in generate(args.test_seed, n, size, **named)]
@@ -924,26 +937,28 @@ def main(argv=None):
         print(f"note: the official stream's test split holds {OFFICIAL_TEST_SIZE} puzzles per people count; past "
               f"them ({', '.join(beyond)}) the test split takes the official train split's first records")
     used = statements_of(test)
+    twins = logic_keys(test) if args.test_dedup == "logic" else frozenset()
     for n in sorted(set(train_people + sft_people)):
         # (the official test puzzles of people counts not in our test: exact statements, as before; a puzzle_key
         #  here would rule out most two-people puzzles for the sake of a test split that has none)
         used |= {statements for _, statements, _ in sample_puzzles(OFFICIAL_SEED, n, OFFICIAL_TEST_SIZE)}
     print("RL train split")
-    train = [r for n, size in zip(train_people, train_sizes) for r in generate(args.train_seed, n, size, used, **named)]
+    train = [r for n, size in zip(train_people, train_sizes)
+             for r in generate(args.train_seed, n, size, used, twins=twins, **named)]
     used |= statements_of(train)
     print("SFT pool")
-    sft = [r for n, size in zip(sft_people, sft_sizes) for r in generate(args.sft_seed, n, size, used, **named)]
+    sft = [r for n, size in zip(sft_people, sft_sizes)
+           for r in generate(args.sft_seed, n, size, used, twins=twins, **named)]
     sft_val = []
     if args.sft_val_fraction > 0:  # the paper's cut: random.seed(1234), shuffle, train = the first int(0.9 n)
         random.Random(SFT_VAL_SEED).shuffle(sft)
         cut = int(len(sft) * (1 - args.sft_val_fraction))
         sft, sft_val = sft[:cut], sft[cut:]
 
-    # what puzzle_key lets through: a test puzzle's claims worded otherwise, the same logic (docs/data.md)
+    # what puzzle_key lets through under --test_dedup renaming: a test puzzle's claims worded otherwise (docs/data.md)
     for name, records in (("RL train split", train), ("SFT pool", sft + sft_val)):
-        twins = logic_twins(test, logic_keys(records))
-        if twins:
-            print(f"note: {twins} of the {len(test)} test puzzles have a logically equivalent puzzle in the {name} "
+        if count := logic_twins(test, logic_keys(records)):
+            print(f"note: {count} of the {len(test)} test puzzles have a logically equivalent puzzle in the {name} "
                   f"(the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")
     held_out = [("sft_val", sft_val)] if args.sft_val_fraction > 0 else []
     for name, records in [("test", test), ("train", train), ("sft", sft)] + held_out:

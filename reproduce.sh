@@ -264,7 +264,7 @@ step data "$DATA_CMD"
 
 # ---- 2. tiny only: pre-training text + tokenizer, then pre-train the "base" from scratch
 if [[ "${TINY_BASE:-0}" == 1 ]]; then
-  step base_text "python tiny_base.py --out_dir $OUT/base_data --exclude $TEST $SFT_SPLIT $BASE_TEXT_ARGS"
+  step base_text "python tiny_base.py --out_dir $OUT/base_data --exclude $SFT_SPLIT --exclude_logic $TEST $BASE_TEXT_ARGS"
   step base "$LAUNCH redistill_sft.py --init_tiny true --tokenizer $OUT/base_data/tokenizer \
 --pretrain_text $OUT/base_data/pretrain.jsonl --out_dir $OUT/base --resume true $PRETRAIN_ARGS"
   # what the base knows before any chat-format SFT: test accuracy asked in its own pre-training format

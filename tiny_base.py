@@ -2,7 +2,8 @@
 The tiny preset's "base model" inputs, built here because nothing can be downloaded for the CPU preset:
 
   OUT_DIR/pretrain.jsonl   {"text": ...} documents: K&K puzzles of their own random stream (never one of the
-                           --exclude splits) in the plain Question/Answer format, not the SFT data's chat format
+                           --exclude splits, nor a logical twin of an --exclude_logic one) in the plain
+                           Question/Answer format, not the SFT data's chat format
   OUT_DIR/tokenizer/       a byte-level BPE with Qwen-style special tokens and chat template (build_tokenizer)
 
 redistill_sft.py --init_tiny true --pretrain_text OUT_DIR/pretrain.jsonl then pre-trains the base on it.
@@ -11,7 +12,8 @@ drills (one claim's truth value under every assignment: the table's one hard ste
 what a checkpoint knows in this pre-training format: greedy answers to a split's questions, asked as the documents
 ask them (the ceiling a cold start and GRPO can bring out of the base; docs/tiny_preset.md).
 
-  python tiny_base.py --out_dir runs/tiny/base_data --exclude runs/tiny/data/test.jsonl runs/tiny/data/sft.jsonl
+  python tiny_base.py --out_dir runs/tiny/base_data --exclude runs/tiny/data/sft.jsonl \\
+      --exclude_logic runs/tiny/data/test.jsonl
   python tiny_base.py --probe runs/tiny/base/final --probe_split runs/tiny/data/test.jsonl \\
       --probe_out runs/tiny/base_probe.json
 """
@@ -89,7 +91,11 @@ def get_parser():
     p.add_argument("--seed", type=int, default=300000,
                    help="seed of the pre-training puzzle stream (differs from the splits')")
     p.add_argument("--exclude", nargs="*", default=[],
-                   help="split files whose puzzles must not appear in the text (test, SFT pool)")
+                   help="split files whose puzzles must not appear in the text, renamed, reordered or with and / or "
+                   "/ <=> operands swapped either (kk_data.puzzle_key; reproduce.sh: the SFT pool)")
+    p.add_argument("--exclude_logic", nargs="*", default=[],
+                   help="split files whose puzzles' logical twins must not appear either: any puzzle with the same "
+                   "logic, however worded (kk_data.logic_key; reproduce.sh: the test split)")
     p.add_argument("--text_format", default="mixed", choices=("answer", "trace", "table", "mixed"),
                    help="what follows each question: answer (the answer sentence alone), trace (the official trace "
                         "and boxed answer), table (the truth-table chain of thought, kk_data.table_rows), mixed "
@@ -186,11 +192,12 @@ def main(argv=None):
     common.check_positive(args, "vocab_size")  # (the tokenizer trainer raised OverflowError after writing the text)
     people = kk_data.parse_people(args.people, "people")
     sizes = kk_data.parse_sizes(args.per_people, people, "per_people")
-    used, excluded = set(), {path: kk_data.load_split(path) for path in args.exclude}
+    used, excluded = set(), {path: kk_data.load_split(path) for path in args.exclude + args.exclude_logic}
     for split in excluded.values():
         used |= kk_data.statements_of(split)
+    twins = set().union(*(kk_data.logic_keys(excluded[path]) for path in args.exclude_logic))
     records = [r for n, size in zip(people, sizes)
-               for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names)]
+               for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names, twins=twins)]
     text_keys = kk_data.logic_keys(records)
     for path, split in excluded.items():  # what puzzle_key lets through: the same logic worded otherwise
         if twins := kk_data.logic_twins(split, text_keys):

@@ -11,8 +11,8 @@
 #  - a teacher that shows its work on a quarter of the SFT puzzles and gives the answer alone on the rest.
 #    The cold start imitates the majority and answers at once, which this model does badly; whether GRPO
 #    finds that working through the table pays is the experiment (R1's "longer responses" in miniature).
-# SFT pool 2-3 people and RL on 2-3 people (the paper's RL split has 3-7; three-only RL forgets how to
-# answer two-people puzzles: it writes three rows and names).
+# SFT pool 2-3 people and RL on 2-3 people (the paper's RL split has 3-7; three-only RL forgot how to answer
+# two-people puzzles, which re-distillation set A samples on the SFT prompts: it wrote three rows and names).
 OUT=${OUT:-runs/tiny}
 DATA=${DATA:-$OUT/data}
 # a DATA given from outside is shared by every seed (SEEDS=N passes it on), but this preset's puzzles depend on the
@@ -36,23 +36,21 @@ export OMP_NUM_THREADS=$THREADS
 LAUNCH=python
 TASK=kk; TASK_SCRIPT=kk_data.py
 TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
-# test: the official stream's first 25 2-people and 150 3-people puzzles (names fixed; for 3 people its 100 test
-# puzzles, then its train split's first 50);
-# RL train: 60 + 1,500 puzzles of 2-3 people; teacher SFT pool ("1K" in the paper): 50 + 300 of 2-3 people.
-# 2-people puzzles are few: 399 exist, 95 up to renaming and operand order, 41 up to logic (kk_data.logic_key).
-# Train, SFT and base text hold no puzzle of the test's up to renaming and operand order (kk_data.puzzle_key), but
-# many up to logic (the same claims worded otherwise: README), and train and SFT no official test puzzle as written
-# (the base text may hold the official test's puzzles past our test's 25). A 2-people test of 50 (41 classes) left
-# room for 40 + 20 training puzzles, too few for the cold start to learn the two-people answer (docs/tiny_preset.md);
-# the test's 25 are 21 classes
-DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 2-3 --test_per_people 25,150 \
+# test: the official stream's first 200 3-people puzzles (names fixed; its 100 test puzzles, then its train split's
+# first 100); RL train: 60 + 1,500 puzzles of 2-3 people; teacher SFT pool ("1K" in the paper): 50 + 300 of 2-3
+# people. Train, SFT pool and base text hold no puzzle with the logic of a test puzzle (kk_data.logic_key: the same
+# claims, however worded; 15 % of the 3-people stream), train and SFT no official test puzzle as written, and
+# train, SFT and base text are apart up to renaming (kk_data.puzzle_key). Two people are trained on, not tested:
+# only 41 two-people logic problems exist, the official first 25 (the test until 2026-12-06) fall in 16 of them, and
+# excluding those left 180 of the 399 two-people puzzles, too few to fill the RL and SFT pools apart (README)
+DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 3 --test_per_people 200 \
 --train_people 2-3 --train_per_people 60,1500 --sft_people 2-3 --sft_per_people 50,300 \
 --train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"
 TEACHER_ARGS="--teacher_style table --teacher_cot_fraction 0.25 --teacher_seed $SEED_SHIFT"
 
 TINY_BASE=1
 # pre-training: 6,150 puzzles solved by the table + 12,000 claim drills (~1.7M tokens), 2 epochs;
-# none is a test or SFT-pool puzzle
+# none is an SFT-pool puzzle or has a test puzzle's logic
 BASE_TEXT_ARGS="--people 2-3 --per_people 150,6000 --text_format table --drill_people 2-3 --drill_per_people 3000,9000 \
 --fixed_names true --vocab_size 1024 --seed $((300000 + STREAM_SHIFT))"
 PRETRAIN_ARGS="--tiny_hidden_size 128 --tiny_layers 4 --tiny_heads 4 --tiny_kv_heads 2 --tiny_context 1024 \
@@ -97,7 +95,7 @@ B_SAMPLES=400  # as many as the teacher set had before the puzzle_key de-duplica
 EVAL_ARGS="--max_new_tokens 120 --batch_size 200 --progress false"
 EFFECT_ARGS="--num_eval_prompts 200 --samples_per_prompt 8 --max_new_tokens 120 --max_length 1024 --exact true --proj_dim 0 \
 --gen_batch_size 200 --micro_batch_tokens 4096 --progress false --log_every 250 --seed $SEED_SHIFT"
-# (--num_eval_prompts 200 here and RL's --val_limit 200 exceed the test's 175 puzzles: both take all of them)
+# (--num_eval_prompts 200 here and RL's --val_limit 200: the test's 200 puzzles, all of them)
 SELECT_K=100  # the sample-effect experiment: SFT the base on the 100 highest- vs the 100 lowest-effect samples
 
 # LIMR (LIMR=1 bash reproduce.sh tiny; README "LIMR"): a pool of its own, 170 RL puzzles (the first 20 two-people and
@@ -106,7 +104,7 @@ SELECT_K=100  # the sample-effect experiment: SFT the base on the 100 highest- v
 # rollouts per prompt (LIMR: 8) at temperature 1.0 (LIMR: 1.2; the study's RL runs at 0.7). FULL, LIM and RAND: 40 steps each from
 # the cold start, the preset's GRPO settings; threshold 0.6 (LIMR's); three seeds. (Its SFT split is written but
 # not read: LIMR starts from the study's cold start; its test is the study's.)
-LIMR_DATA_CMD="python kk_data.py --out_dir $OUT/limr/data --fixed_names true --test_people 2-3 --test_per_people 25,150 \
+LIMR_DATA_CMD="python kk_data.py --out_dir $OUT/limr/data --fixed_names true --test_people 3 --test_per_people 200 \
 --train_people 2-3 --train_per_people 20,150 --sft_people 2-3 --sft_per_people 50,300"
 LIMR_POOL=$OUT/limr/data/train.jsonl
 LIMR_PROBE_STEPS=80

@@ -488,7 +488,8 @@ def test_no_train_or_sft_puzzle_is_a_test_puzzle_renamed_or_reordered(tmp_path):
     import itertools
     out = str(tmp_path / "kk")
     K.main(["--out_dir", out, "--fixed_names", "true", "--test_people", "2", "--test_per_people", "50",
-            "--train_people", "2", "--train_per_people", "40", "--sft_people", "2", "--sft_per_people", "20"])
+            "--train_people", "2", "--train_per_people", "40", "--sft_people", "2", "--sft_per_people", "20",
+            "--test_dedup", "renaming"])  # (up to logic, 50 two-people test puzzles leave too few to train on)
     test, train, sft = (K.load_split(os.path.join(out, f"{s}.jsonl")) for s in ("test", "train", "sft"))
 
     def forms(rec):  # every renaming, symmetric operands sorted
@@ -743,7 +744,7 @@ def test_the_split_writer_counts_the_test_puzzles_with_a_logical_twin_in_trainin
     (what puzzle_key lets through), counted by logic_key from the files it wrote."""
     K.main(["--out_dir", str(tmp_path), "--fixed_names", "true", "--test_people", "2", "--test_per_people", "10",
             "--train_people", "2", "--train_per_people", "30", "--sft_people", "2", "--sft_per_people", "10",
-            "--train_seed", "100000", "--sft_seed", "200000"])
+            "--train_seed", "100000", "--sft_seed", "200000", "--test_dedup", "renaming"])
     out = capsys.readouterr().out
     test, train, sft = (K.load_split(str(tmp_path / f"{name}.jsonl")) for name in ("test", "train", "sft"))
     for name, split in (("RL train split", train), ("SFT pool", sft)):
@@ -751,3 +752,36 @@ def test_the_split_writer_counts_the_test_puzzles_with_a_logical_twin_in_trainin
         assert twins > 0
         assert f"note: {twins} of the 10 test puzzles have a logically equivalent puzzle in the {name}" in out
     assert K.logic_twins(test, K.logic_keys(test)) == 10
+
+
+def test_by_default_no_train_or_sft_puzzle_is_a_logical_twin_of_a_test_puzzle(tmp_path, capsys):
+    """--test_dedup logic (the default): the splits where 'renaming' lets twins through (the test above) hold none,
+    the stream skips them and keeps its ids, and no note is printed."""
+    args = ["--out_dir", str(tmp_path), "--fixed_names", "true", "--test_people", "2", "--test_per_people", "10",
+            "--train_people", "2-3", "--train_per_people", "30,20", "--sft_people", "2", "--sft_per_people", "10",
+            "--train_seed", "100000", "--sft_seed", "200000"]
+    K.main(args)
+    assert "logically equivalent" not in capsys.readouterr().out
+    test, train, sft = (K.load_split(str(tmp_path / f"{name}.jsonl")) for name in ("test", "train", "sft"))
+    assert counts(train) == {2: 30, 3: 20} and counts(sft) == {2: 10}
+    test_keys = K.logic_keys(test)
+    assert K.logic_twins(train + sft, test_keys) == 0
+    assert not K.statements_of(train) & K.statements_of(sft)  # (train and the SFT pool: apart by puzzle_key)
+    # the stream's own indices: a skipped twin leaves a gap, and every skipped index is a twin or a used puzzle
+    kept = {r['index'] for r in train if r['people'] == 2}
+    stream = {i: s for i, s, _ in K.sample_puzzles(100000, 2, max(kept) + 1)}
+    skipped = [i for i in stream if i not in kept]
+    used = K.statements_of(test) | official_test_statements([2])  # (generate's `exclude`)
+    assert skipped and any(K.logic_key(stream[i]) in test_keys for i in skipped)
+    assert all(K.logic_key(stream[i]) in test_keys or {stream[i], K.puzzle_key(stream[i])} & used for i in skipped)
+
+
+def test_generate_skips_the_logical_twins_it_is_given_and_only_those():
+    """generate(twins=...): a stream minus every puzzle whose logic_key is given, in its order; keys of another
+    people count change nothing."""
+    stream = K.generate(7, 2, 40, log=None)
+    twins = K.logic_keys(stream[:3])
+    kept = K.generate(7, 2, 20, log=None, twins=twins | K.logic_keys(K.generate(7, 3, 5, log=None)))
+    assert kept[:5] == [r for r in stream if K.logic_key(K.parse_statements(r['statements'], 2)) not in twins][:5]
+    assert K.logic_twins(kept, twins) == 0
+    assert K.generate(7, 3, 5, log=None, twins=twins) == K.generate(7, 3, 5, log=None)

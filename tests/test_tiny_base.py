@@ -70,6 +70,29 @@ def test_table_corpus_with_drills(tmp_path):
     assert all(p.split("\nAnswer:\n")[1].startswith("knight") for p in puzzles)  # the table's first row
 
 
+def test_exclude_logic_keeps_the_splits_logical_twins_out_of_the_text(tmp_path, capsys):
+    """--exclude keeps a split's puzzles out up to renaming, --exclude_logic up to logic too: the same text with the
+    test split under --exclude holds twins of its puzzles (the note says so), under --exclude_logic none."""
+    split = tmp_path / "test.jsonl"
+    common.write_jsonl(str(split), kk_data.generate(kk_data.OFFICIAL_SEED, 2, 10, log=None, fixed_names=True))
+    text = ["--people", "2", "--per_people", "60", "--text_format", "answer", "--fixed_names", "true",
+            "--vocab_size", "300"]
+    stream = kk_data.generate(300000, 2, 300, log=None, fixed_names=True)  # the text's own stream (--seed)
+    test_keys = kk_data.logic_keys(kk_data.load_split(str(split)))
+
+    def twins_in_text(out):
+        docs = [d["text"] for d in common.read_jsonl(str(tmp_path / out / "pretrain.jsonl"))]
+        puzzles = [r for r in stream if any(r["question"] in d for d in docs)]
+        assert len(docs) == len(puzzles) == 60
+        return kk_data.logic_twins(puzzles, test_keys)
+    tiny_base.main(["--out_dir", str(tmp_path / "a"), "--exclude", str(split)] + text)
+    assert f"puzzles of {split} have a logically equivalent puzzle in this text" in capsys.readouterr().out
+    assert twins_in_text("a") > 0
+    tiny_base.main(["--out_dir", str(tmp_path / "b"), "--exclude_logic", str(split)] + text)
+    assert "logically equivalent" not in capsys.readouterr().out
+    assert twins_in_text("b") == 0
+
+
 @pytest.mark.parametrize("setting, error", [("--trace_fraction=-0.5", r"--trace_fraction must be in \[0, 1\]"),
                                             ("--trace_fraction=1.5", r"--trace_fraction must be in \[0, 1\]"),
                                             ("--vocab_size=-1", r"--vocab_size must be")])
