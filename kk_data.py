@@ -594,6 +594,11 @@ def normalise_record(rec, where):
     if not isinstance(kk, dict) or not all(isinstance(kk.get(k), str)
                                            for k in ('knight', 'knave', 'a_knight', 'a_knave')):
         bad('knight_knave', "must map knight, knave, a_knight, a_knave to strings")
+    roles = [unicodedata.normalize("NFC", kk[k]).lower() for k in ('knight', 'knave')]
+    if not all(re.fullmatch(r"[^\W\d_]+", r) and r not in FILLER for r in roles) or roles[0] == roles[1]:
+        # (the scorer reads an answer word by word: else every answer would score 0, and the message blame the names)
+        bad('knight_knave', f"knight {kk['knight']!r} and knave {kk['knave']!r} must be two different words of "
+                            f"letters, not one of {sorted(FILLER)}")
     for field in ('quiz', 'solution_text', 'solution_text_format', 'cot_head', 'cot_foot', 'statements'):
         if not isinstance(rec[field], str):
             bad(field, "must be a string")

@@ -392,6 +392,9 @@ def a_record():
     (lambda r: r.update(names="Emma, Liam"), 'names'),
     (lambda r: r.update(names=[r['names'][0]] * 3), 'names'),
     (lambda r: r.update(knight_knave=None), 'knight_knave'),
+    (lambda r: r['knight_knave'].update(knave="Knight"), 'knight_knave'),  # the scorer could not tell them apart
+    (lambda r: r['knight_knave'].update(knight="brave knight"), 'knight_knave'),
+    (lambda r: r['knight_knave'].update(knave="all"), 'knight_knave'),
     (lambda r: r.update(cot_repeat_steps="one step"), 'cot_repeat_steps'),
     (lambda r: r.update(index="12"), 'index'),
     (lambda r: r.update(people=5), 'people'),
