@@ -388,6 +388,16 @@ def normalize_answer(s: str) -> str:
     return s.rstrip(".")
 
 
+# a time of day's a.m. / p.m.: dotted anywhere ("4:30 p.m."), or alone in a \text{} ("9 \text{pm}")
+MERIDIEM = re.compile(r"(?<![A-Za-z\\])([ap])\.\s*m\b\.?|\\(?:text|mbox|mathrm)\{\s*([ap])\.?\s*m\.?\s*\}", re.I)
+
+
+def meridiem(answer):
+    """"a" or "p" where the answer's last time-of-day marker says a.m. or p.m., else None."""
+    marks = MERIDIEM.findall(answer)
+    return (marks[-1][0] or marks[-1][1]).lower() if marks else None
+
+
 def same_normalized(pred: str, gold: str) -> bool:
     """The fast path's verdict: equal normalized strings, where one side may name the variable the other leaves
     out ("x=3" is "3"); both naming one, the names must agree ("x=5" is not "y=5": math-verify decides)."""
@@ -432,6 +442,8 @@ def score(response, record, finished) -> float:
         if pred is None or len(pred) > MAX_ANSWER_CHARS:
             return 0.0
         pred, gold = as_graded(pred, record), as_graded(str(record["answer"]), record)
+        if {meridiem(gold), meridiem(pred)} == {"a", "p"}:  # both paths drop the text: 9 a.m. read as 9 p.m.
+            return 0.0
         if same_normalized(pred, gold):
             return 1.0
         if not (_fit_for_verifier(pred) and _fit_for_verifier(gold)):

@@ -89,6 +89,9 @@ EQUAL = [
     ("5", "$5$"),
     ("5", "5."),
     ("e^{x^2}", "e^{x^{2}}"),
+    ("9\\text{ a.m.}", "9 \\text{AM}"),
+    ("9\\text{ a.m.}", "9"),  # (no marker: read as math-verify reads it)
+    ("\\pm 3", "\\pm3"),  # (\pm is not p.m.)
 ]
 
 # (gold, boxed prediction): near misses that must score 0.0
@@ -135,6 +138,9 @@ UNEQUAL = [
     ("123", "1 2 3"),  # digits apart are not one number (the fast path joined them: 1.0, where math-verify says 0)
     ("12", "1\\,2"),
     ("-12", "-1 2"),
+    ("9\\text{ p.m.}", "9\\text{ a.m.}"),  # both paths drop the text: a.m. and p.m. scored alike (MATH golds)
+    ("4\\!:\\!51\\!:\\!06 \\text{ p.m.}", "4:51:06 \\text{ a.m.}"),
+    ("9\\text{ a.m.}", "9 \\text{pm}"),
 ]
 
 
