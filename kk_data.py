@@ -582,7 +582,7 @@ def normalise_record(rec, where):
     names = rec['names']
     if not isinstance(names, list) or len(names) < 2 or not all(isinstance(x, str) and x for x in names):
         bad('names', "must be a list of at least 2 non-empty strings")
-    if len({x.lower() for x in names}) != len(names):
+    if len({unicodedata.normalize("NFC", x).lower() for x in names}) != len(names):  # (as the scorer folds them)
         bad('names', "has a repeated name")
     n = len(names)
     solution = rec['solution']

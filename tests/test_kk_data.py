@@ -391,6 +391,7 @@ def a_record():
     (lambda r: r.update(solution=[1, 0, 1]), 'solution'),
     (lambda r: r.update(names="Emma, Liam"), 'names'),
     (lambda r: r.update(names=[r['names'][0]] * 3), 'names'),
+    (lambda r: r.update(names=["Zo\u00eb", "Zoe\u0308", "Liam"]), 'names'),  # one name in two Unicode forms
     (lambda r: r.update(knight_knave=None), 'knight_knave'),
     (lambda r: r['knight_knave'].update(knave="Knight"), 'knight_knave'),  # the scorer could not tell them apart
     (lambda r: r['knight_knave'].update(knight="brave knight"), 'knight_knave'),
@@ -414,6 +415,8 @@ def test_malformed_record_error_names_file_line_and_field(tmp_path, breakage, fi
     with pytest.raises(common.UserError) as err:
         K.load_split(path)
     assert f"{path}:2" in str(err.value) and f"'{field}'" in str(err.value)
+    if "Zo\u00eb" in str(bad['names']):
+        assert "repeated name" in str(err.value)
 
 
 def test_load_split_rejects_bad_json_and_repeated_ids(tmp_path):
