@@ -596,7 +596,7 @@ def normalise_record(rec, where):
         bad('knight_knave', "must map knight, knave, a_knight, a_knave to strings")
     roles = [unicodedata.normalize("NFC", kk[k]).lower() for k in ('knight', 'knave')]
     if not all(re.fullmatch(r"[^\W\d_]+", r) and r not in FILLER for r in roles) or roles[0] == roles[1]:
-        # (the scorer reads an answer word by word: else every answer would score 0, and the message blame the names)
+        # (the scorer reads an answer word by word: else every answer would score 0, and the message blamed the names)
         bad('knight_knave', f"knight {kk['knight']!r} and knave {kk['knave']!r} must be two different words of "
                             f"letters, not one of {sorted(FILLER)}")
     for field in ('quiz', 'solution_text', 'solution_text_format', 'cot_head', 'cot_foot', 'statements'):
@@ -875,8 +875,7 @@ def get_parser():
                    "puzzle with the same logic as one (kk_data.logic_key: each claim's truth function, up to renaming "
                    "the people; 'not a knave' is 'a knight', 'if A then B' is 'B or not A'); 'renaming' = the "
                    "test puzzles renamed, reordered or with and / or / <=> operands swapped (kk_data.puzzle_key; "
-                   "the splits before 2026-12-06's second change, which let most of the tiny preset's test through "
-                   "as logical twins: README)")
+                   "the rule before logic: with few people it lets most of a test through as logical twins, README)")
     p.add_argument("--sft_val_fraction", type=float, default=0.0,
                    help="share of the SFT pool held out as sft_val.jsonl: the pool is shuffled with seed 1234, its "
                    "last fraction held out and the rest written to sft.jsonl (paper: 0.1, K_and_K_preprocess's "
