@@ -39,7 +39,7 @@ TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # test: the official stream's first 200 3-people puzzles (names fixed; its 100 test puzzles, then its train split's
 # first 100); RL train: 60 + 1,500 puzzles of 2-3 people; teacher SFT pool ("1K" in the paper): 50 + 300 of 2-3
 # people. Train, SFT pool and base text hold no puzzle with the logic of a test puzzle (kk_data.logic_key: the same
-# claims, however worded; 15 % of the 3-people stream), train and SFT no official test puzzle as written, and
+# claims, however worded; 19 % of the 3-people stream), train and SFT no official test puzzle as written, and
 # train, SFT and base text are apart up to renaming (kk_data.puzzle_key). Two people are trained on, not tested:
 # only 41 two-people logic problems exist, the official first 25 (the test until 2026-12-06) fall in 16 of them, and
 # excluding those left 180 of the 399 two-people puzzles, too few to fill the RL and SFT pools apart (README)
@@ -66,7 +66,7 @@ SFT_ARGS="--epochs 2 --global_batch 8 --lr 1e-3 --max_length 1024 --micro_batch_
 # was +7.7 ± 7.8 points at 1.0 (one seed -1.0: sampled at 1.0, a table is scarcely more often right than a direct
 # answer, 0.105 vs 0.131, so RL has nothing to follow) and +8.8 ± 0.8 at 0.7 (docs/tiny_preset.md "Seeds").
 # Dynamic sampling (DAPO): each step draws further batches of 16 prompts until its 16 groups all have reward
-# variance (a step's mean: 44-56 % of groups have none at T = 0.7, 2.3-4.0 batches a step). Chosen on validation
+# variance (a step's mean: 38-43 % of groups have none at T = 0.7, 2.2-2.4 batches a step). Chosen on validation
 # (the RL policy's greedy accuracy on the 400 SFT prompts of the splits before kk_data.puzzle_key, which RL never
 # sees; 3 seeds): 0.347 with it for 100 steps, 0.340 for 75, 0.273 without (100 steps); 75 steps is the cheaper of
 # the two within a point. DYNAMIC_SAMPLING=false runs the measured alternative: no refill, 100 steps (one epoch of
