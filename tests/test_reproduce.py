@@ -494,6 +494,9 @@ def test_dry_run_of_the_tiny_preset_includes_the_top_vs_bottom_experiment(tmp_pa
     assert "--teacher_style table --teacher_cot_fraction 0.25" in command_of["teacher_data"]
     assert "--text_format table --drill_people 2-3" in command_of["base_text"]
     out = str(tmp_path / "out")
+    # the base text: apart from the SFT pool up to renaming, from the test up to logic (its twins too)
+    assert f"--exclude {out}/data/sft.jsonl --exclude_logic {out}/data/test.jsonl" in command_of["base_text"]
+    assert "--test_dedup" not in command_of["data"]  # (kk_data's default: logic)
     assert f"--select 100 --select_out {out}/sample_effect/top.jsonl --select_bottom {out}/sample_effect/bottom.jsonl" \
         in command_of["sample_effect"]
     for v in ("top", "bottom"):
