@@ -452,7 +452,8 @@ OTHER_ARROWS = frozenset(
     c for lo, hi in ((0x2190, 0x21FF), (0x2794, 0x27BF), (0x27F0, 0x27FF), (0x2900, 0x297F), (0x2B00, 0x2BFF),
                      (0x1F800, 0x1F8FF)) for c in map(chr, range(lo, hi + 1))
     if re.search(r"ARROW|HARPOON", unicodedata.name(c, ""))) - frozenset(MAPPING_ARROWS)
-WORD = re.compile(r"\x00|[^\W\d_]+")  # runs of letters (digits, punctuation and braces are form), or an arrow
+LETTERS = r"[^\W\d_]+"  # a run of letters: one word of an answer (digits, punctuation and braces are form)
+WORD = re.compile(rf"\x00|{LETTERS}")  # a word, or an arrow
 FILLER = frozenset(("is", "are", "a", "an", "and", "both", "all"))
 
 
@@ -470,6 +471,11 @@ def last_boxed(text):
     return None
 
 
+def fold(text):
+    """One form for one word, whatever its case or its Unicode form ("Zoë" typed as e + U+0308)."""
+    return unicodedata.normalize("NFC", text).lower()
+
+
 def parse_answer(content, names, kk):
     """{name: is_knight} from "A is a knight, B and C are knaves", or None when anything is off.
 
@@ -477,9 +483,6 @@ def parse_answer(content, names, kk):
     names since the previous one. An unknown word, a repeated name or a role with no name before it
     makes the answer unreadable; a name left without a role is simply missing from the answer.
     """
-    def fold(text):  # one form for one word, whatever its case or its Unicode form ("Zoë" typed as e + U+0308)
-        return unicodedata.normalize("NFC", text).lower()
-
     content = unicodedata.normalize("NFC", content)
     folded = unicodedata.normalize("NFKC", content)
     if LOGIC_SYMBOL.search(folded) or not OTHER_ARROWS.isdisjoint(folded):
@@ -582,7 +585,7 @@ def normalise_record(rec, where):
     names = rec['names']
     if not isinstance(names, list) or len(names) < 2 or not all(isinstance(x, str) and x for x in names):
         bad('names', "must be a list of at least 2 non-empty strings")
-    if len({unicodedata.normalize("NFC", x).lower() for x in names}) != len(names):  # (as the scorer folds them)
+    if len({fold(x) for x in names}) != len(names):  # (as the scorer folds them)
         bad('names', "has a repeated name")
     n = len(names)
     solution = rec['solution']
@@ -594,8 +597,8 @@ def normalise_record(rec, where):
     if not isinstance(kk, dict) or not all(isinstance(kk.get(k), str)
                                            for k in ('knight', 'knave', 'a_knight', 'a_knave')):
         bad('knight_knave', "must map knight, knave, a_knight, a_knave to strings")
-    roles = [unicodedata.normalize("NFC", kk[k]).lower() for k in ('knight', 'knave')]
-    if not all(re.fullmatch(r"[^\W\d_]+", r) and r not in FILLER for r in roles) or roles[0] == roles[1]:
+    roles = [fold(kk[k]) for k in ('knight', 'knave')]
+    if not all(re.fullmatch(LETTERS, r) and r not in FILLER for r in roles) or roles[0] == roles[1]:
         # (the scorer reads an answer word by word: else every answer would score 0, and the message blamed the names)
         bad('knight_knave', f"knight {kk['knight']!r} and knave {kk['knave']!r} must be two different words of "
                             f"letters, not one of {sorted(FILLER)}")
@@ -959,8 +962,9 @@ def main(argv=None):
         cut = int(len(sft) * (1 - args.sft_val_fraction))
         sft, sft_val = sft[:cut], sft[cut:]
 
-    # what puzzle_key lets through under --test_dedup renaming: a test puzzle's claims worded otherwise (docs/data.md)
-    for name, records in (("RL train split", train), ("SFT pool", sft + sft_val)):
+    # what puzzle_key lets through under --test_dedup renaming: a test puzzle's claims worded otherwise (docs/data.md;
+    # under logic there are none, and the keys of 10,000 puzzles of up to 7 people cost seconds)
+    for name, records in (("RL train split", train), ("SFT pool", sft + sft_val)) if not twins else ():
         if count := logic_twins(test, logic_keys(records)):
             print(f"note: {count} of the {len(test)} test puzzles have a logically equivalent puzzle in the {name} "
                   f"(the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")

@@ -198,11 +198,13 @@ def main(argv=None):
     twins = set().union(*(kk_data.logic_keys(excluded[path]) for path in args.exclude_logic))
     records = [r for n, size in zip(people, sizes)
                for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names, twins=twins)]
-    text_keys = kk_data.logic_keys(records)
-    for path, split in excluded.items():  # what puzzle_key lets through: the same logic worded otherwise
-        if twins := kk_data.logic_twins(split, text_keys):
-            print(f"note: {twins} of the {len(split)} puzzles of {path} have a logically equivalent puzzle in this "
-                  f"text (the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")
+    # what puzzle_key lets through: the same logic worded otherwise (none of the --exclude_logic splits': skipped)
+    renamed_only = [path for path in excluded if path not in args.exclude_logic]
+    text_keys = kk_data.logic_keys(records) if renamed_only else set()
+    for path in renamed_only:
+        if count := kk_data.logic_twins(excluded[path], text_keys):
+            print(f"note: {count} of the {len(excluded[path])} puzzles of {path} have a logically equivalent puzzle in "
+                  f"this text (the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")
     rng = random.Random(args.seed)
     rng.shuffle(records)
     if args.text_format == "mixed":
