@@ -37,6 +37,9 @@ def get_parser():
 
 
 MODELS = ("base", "sft", "rl", "redistill_A", "redistill_B")
+# the sample-effect experiment's models (reproduce.sh step 8b): the base SFT'd on the top-K, bottom-K and K random
+# samples by sample effect, evaluated into eval_se/, from sample_effect/{top,bottom,random}.jsonl
+SELECTION_MODELS = ("se_top", "se_bottom", "se_random")
 # the stages each model is made by (own) and builds on (upstream); pre-training the tiny base is shared
 OWN = {"base": ["base_text", "base"], "sft": ["teacher_data", "sft"], "rl": ["rl"],
        "redistill_A": ["sample_A", "redistill_A"], "redistill_B": ["sample_B", "redistill_B"]}
@@ -226,10 +229,11 @@ def limr_tables(out_dir, only_seeds=()):
     return lines
 
 
-def evaluated_names(run_dir):
-    """The models reproduce.sh's eval stage evaluated in run_dir (the --names of the command its marker done/eval
-    holds), or None without the marker (report.py run by hand before that stage finished: every summary there)."""
-    path = os.path.join(run_dir, "done", "eval")
+def evaluated_names(run_dir, stage="eval"):
+    """The models reproduce.sh's eval stage (or eval_se) evaluated in run_dir (the --names of the command its marker
+    done/STAGE holds), or None without the marker (report.py run by hand before that stage finished: every summary
+    there)."""
+    path = os.path.join(run_dir, "done", stage)
     if not os.path.exists(path):
         return None
     try:
@@ -269,6 +273,17 @@ def read_summaries(run_dir, notes=None):
     return summaries
 
 
+def selection_summaries(run_dir):
+    """model -> its test summary, for the sample-effect experiment's models that eval_se evaluated in run_dir."""
+    evaluated = evaluated_names(run_dir, "eval_se")
+    found = {}
+    for name in SELECTION_MODELS:
+        path = os.path.join(run_dir, "eval_se", name, "test", "summary.json")
+        if os.path.exists(path) and (evaluated is None or name in evaluated):
+            found[name] = read_summary(path)
+    return found
+
+
 def evaluated_step(summary):
     """The step of the RL checkpoint (step_N) a summary evaluated, or None (another name: the run's every step)."""
     found = re.search(r"(?:^|/)step_(\d+)$", str(summary.get("settings", {}).get("checkpoint_path", "")).rstrip("/"))
@@ -293,7 +308,7 @@ def seed_tables(out_dir, difficulty, seeds=0):
     for seed, run_dir in found:
         summaries = read_summaries(run_dir)
         if "sft" in summaries and "rl" in summaries:  # a seed counts once its study is evaluated
-            runs.append((seed, run_dir, summaries))
+            runs.append((seed, run_dir, {**summaries, **selection_summaries(run_dir)}))
         else:
             missing.append(seed)
     missing += [s for s in range(2, seeds + 1) if not os.path.isdir(os.path.join(out_dir, f"seed_{s}"))]
@@ -327,7 +342,7 @@ def seed_tables(out_dir, difficulty, seeds=0):
         headline.append(h)
     columns = list(dict.fromkeys(c for r in per_seed for c in r if c not in ("model", "seed", "mean len")))
     mean_rows = []
-    for name in MODELS:
+    for name in MODELS + SELECTION_MODELS:
         rows = [r for r in per_seed if r["model"] == name]
         if not rows:
             continue
@@ -492,11 +507,10 @@ def main(argv=None):
         lines += ["", "### Sample effect on the cold-start policy (<grad log p(sample), grad J>, J = test reward)", "",
                   markdown_table(erows, digits=4)]
     select_rows = []
-    for name in ("se_top", "se_bottom"):
-        summary_path = os.path.join(out, "eval_se", name, "test", "summary.json")
+    for name, summary in selection_summaries(out).items():
         chosen_path = os.path.join(out, "sample_effect", name[3:] + ".jsonl")
-        if os.path.exists(summary_path) and os.path.exists(chosen_path):
-            row = summary_row(read_summary(summary_path), name, difficulty)
+        if os.path.exists(chosen_path):
+            row = summary_row(summary, name, difficulty)
             chosen = common.read_jsonl(chosen_path, required=("sample_effect",))
             sources = {}
             for rec in chosen:
@@ -507,9 +521,10 @@ def main(argv=None):
             row["drawn from"] = ", ".join(f"{k} {v}" for k, v in sorted(sources.items()))
             select_rows.append(row)
     if select_rows:
-        lines += ["", "### SFT of the base on the top-K vs the bottom-K samples by sample effect "
-                  "(pooled over the sets)",
-                  "", markdown_table(select_rows, digits=4)]
+        pool = eff.get("settings", {}).get("select_from") if os.path.exists(effect_path) else None
+        of = f"of {os.path.basename(pool)}" if pool else "pooled over the sets"
+        lines += ["", "### SFT of the base on the top-K, the bottom-K and K random samples by sample effect "
+                  f"({of}{', ' + seed_one if seed_one else ''})", "", markdown_table(select_rows, digits=4)]
 
     write_results(out, lines + seed_lines + limr
                   + wall_time_lines(times, seed_one and "seed 1's study, and LIMR if run"

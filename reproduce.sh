@@ -12,8 +12,8 @@
 #   data -> [tiny: base text + tokenizer -> pre-train the base] -> teacher SFT data -> cold-start SFT of
 #   the base -> GRPO from it -> sample the RL policy (A: greedy on the SFT prompts, B: correct rollouts
 #   of the last RL steps) -> re-distil the BASE on each -> evaluate base, SFT, RL, re-distilled per
-#   difficulty -> sample effect of teacher vs re-distilled data [-> SFT of the base on the top-K vs bottom-K
-#   samples by sample effect, evaluated] -> the final table (report.py).
+#   difficulty -> sample effect of teacher vs re-distilled data [-> SFT of the base on the top-K, bottom-K and K
+#   random samples by sample effect, evaluated] -> the final table (report.py).
 # Optional, LIMR=1 (arXiv 2502.11886): a probe RL run on the whole pool -> lim_select.py -> RL from the same start on
 #   the LIM subset and on a random one of its size (RAND) for equal steps -> evaluation of FULL, LIM and RAND; a preset
 #   that sets LIMR_ONLY=1 runs only this (from a base model: LIMR's own setting).
@@ -325,19 +325,29 @@ step eval "$LAUNCH eval.py --task $TASK --checkpoints $CHECKPOINTS --names $NAME
 
 # ---- 8. sample effect of each SFT set on the cold-start policy (teacher vs re-distilled data)
 if [[ "${SAMPLE_EFFECT:-1}" == 1 ]]; then
-  SELECT=""  # SELECT_K > 0: also write the top-K and bottom-K samples (pooled over the sets) for step 8b
-  [[ "${SELECT_K:-0}" -gt 0 ]] && SELECT="--select $SELECT_K --select_out $OUT/sample_effect/top.jsonl \
---select_bottom $OUT/sample_effect/bottom.jsonl"
+  # SELECT_K > 0: also write the top-K, the bottom-K and K random samples for step 8b, of the set SELECT_FROM (one of
+  # the SFT sets: $OUT/redistill_A.jsonl, ...) or, where the preset names none, of all the sets pooled
+  SELECT=""
+  if [[ "${SELECT_K:-0}" -gt 0 ]]; then
+    if [[ -z "${SELECT_FROM:-}" || " $SETS " == *" $SELECT_FROM "* ]]; then
+      SELECT="--select $SELECT_K --select_out $OUT/sample_effect/top.jsonl --select_bottom \
+$OUT/sample_effect/bottom.jsonl --select_random $OUT/sample_effect/random.jsonl${SELECT_FROM:+ --select_from $SELECT_FROM}"
+    else
+      echo "== se_top, se_bottom, se_random: skipped, SELECT_FROM=$SELECT_FROM is not one of this study's SFT sets" \
+        "($SETS)"
+    fi
+  fi
   step sample_effect "$LAUNCH sample_effect.py --task $TASK --checkpoint $OUT/sft/final --eval_data $TEST \
 --sft_data $SETS --out $OUT/sample_effect/effects.jsonl $EFFECT_ARGS $SELECT"
-  # ---- 8b. does the sample effect predict what SFT does? SFT the base on the top-K and on the bottom-K
+  # ---- 8b. does the sample effect predict what SFT does? SFT the base on the top-K, the bottom-K and K at random
   if [[ -n "$SELECT" ]]; then
-    for V in top bottom; do
+    for V in top bottom random; do
       step "se_$V" "$LAUNCH redistill_sft.py --init $BASE --data $OUT/sample_effect/$V.jsonl --out_dir $OUT/se_$V \
 --resume true $SFT_ARGS"
     done
     step eval_se "$LAUNCH eval.py --task $TASK --checkpoints $OUT/se_top/final $OUT/se_bottom/final \
---names se_top se_bottom --splits $TEST --split_names test --out_dir $OUT/eval_se $EVAL_ARGS"
+$OUT/se_random/final --names se_top se_bottom se_random --splits $TEST --split_names test --out_dir $OUT/eval_se \
+$EVAL_ARGS"
   fi
 else
   echo "== sample_effect: skipped by the preset (SAMPLE_EFFECT=0)"

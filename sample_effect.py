@@ -5,7 +5,8 @@ our reconstruction of the paper's section 2.2-2.3, whose equations could not be 
 
     python sample_effect.py --task kk --checkpoint runs/base --eval_data data/kk/test.jsonl \\
         --sft_data data/kk/teacher.jsonl data/kk/redistill.jsonl --out out/se/effects.jsonl \\
-        --select 100 --select_out out/se/top.jsonl --select_bottom out/se/bottom.jsonl
+        --select 100 --select_out out/se/top.jsonl --select_bottom out/se/bottom.jsonl \\
+        --select_random out/se/random.jsonl --select_from data/kk/redistill.jsonl
     torchrun --nproc_per_node=8 sample_effect.py ... --params 'layers\\.2[0-7]\\.|norm' --proj_dim 8192
 
 grad J is a leave-one-out policy gradient from --samples_per_prompt rollouts per prompt, computed once on the
@@ -14,13 +15,15 @@ exact (--exact), through a seeded CountSketch (--proj_dim), or both, optionally 
 
 Writes (rank 0, atomically): --out effects.jsonl (one line per SFT sample: sample_effect, normalised = the
 cosine, grad_norm, logprob, ...), <out stem>.summary.json (per input file: mean, median, share positive, ...),
-and with --select K the top-K (--select_out) and bottom-K (--select_bottom) samples as SFT files.
+and with --select K the top-K (--select_out), bottom-K (--select_bottom) and K random (--select_random) samples
+of all files, or of one (--select_from), as SFT files.
 A stopped run resumes (--resume, on by default): <out stem>.partial/ keeps its ∇J and every sample's effect as it
 is done, for a re-run of the same settings and data; it is deleted once the outputs are written.
 """
 import glob
 import math
 import os
+import random
 import re
 import shutil
 import statistics
@@ -90,11 +93,17 @@ def get_parser():
     p.add_argument("--out", default="out/sample_effect/effects.jsonl",
                    help="effects jsonl (summary written beside it as <stem>.summary.json)")
     p.add_argument("--select", type=int, default=0,
-                   help="write the top-K samples (pooled over all files) to --select_out (0 = off)")
+                   help="write the top-K samples of the pool (--select_from) to --select_out (0 = off)")
     p.add_argument("--select_out", default=None, help="SFT jsonl for the top-K samples")
     p.add_argument("--select_bottom", default=None,
-                   help="also write the bottom-K samples here (the control of the top-K experiment; needs 2K <= the "
-                        "samples, so the two sets do not overlap)")
+                   help="also write the bottom-K samples here (a control of the top-K experiment; needs 2K <= the "
+                        "pool's samples, so the two sets do not overlap)")
+    p.add_argument("--select_random", default=None,
+                   help="also write K samples of the pool drawn at random (seeded by --seed) here: the control that "
+                        "says whether the ranking beats chance at the same K")
+    p.add_argument("--select_from", default=None,
+                   help="rank only this --sft_data file's samples (default: all files pooled; a pool of one set "
+                        "compares samples of one kind, not the sets' kinds)")
     p.add_argument("--select_by", default="sample_effect", choices=["sample_effect", "normalised"],
                    help="ranking of --select")
     p.add_argument("--resume", type=common.str2bool, default=True,
@@ -337,7 +346,8 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
 
 # settings that change neither ∇J nor any sample's effect (recompute is exact; --dtype counts as the compute dtype it
 # resolves to, --config as the settings it holds): a resume may change them. (--compile may change the round-off.)
-RESUME_FREE = ("out", "select", "select_out", "select_bottom", "select_by", "resume", "log_every", "progress",
+RESUME_FREE = ("out", "select", "select_out", "select_bottom", "select_random", "select_from", "select_by", "resume",
+               "log_every", "progress",
                "gradient_checkpointing", "checkpoint_every", "checkpoint_keep", "dtype", "config")
 
 
@@ -451,6 +461,24 @@ def write_selection(path, chosen):
     common.write_jsonl(path, out)
 
 
+def in_pool(path, select_from):
+    """Whether a sample of this --sft_data file is ranked by --select (select_from None: every file's are)."""
+    return select_from is None or os.path.abspath(path) == os.path.abspath(select_from)
+
+
+def select(effects, pool, args):
+    """{path: effect rows} for --select_out (the pool's top K by --select_by, best first), --select_bottom (its
+    bottom K, worst first) and --select_random (K of the pool drawn by random.Random(--seed), in the files' order).
+    pool: the indices of the effects that may be chosen."""
+    ranked = sorted((effects[i] for i in pool), key=lambda e: e[args.select_by], reverse=True)
+    out = {args.select_out: ranked[:args.select]}
+    if args.select_bottom:
+        out[args.select_bottom] = ranked[-args.select:][::-1]
+    if args.select_random:
+        out[args.select_random] = [effects[i] for i in sorted(random.Random(args.seed).sample(pool, args.select))]
+    return out
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -471,18 +499,22 @@ def main(argv=None):
         raise UserError(f"--kv_cache_gib must be > 0, got {args.kv_cache_gib}")
     common.check_non_negative(args, "num_eval_prompts", "select")
     if args.select and not args.select_out:
-        raise UserError("--select K needs --select_out PATH (and optionally --select_bottom PATH)")
+        raise UserError("--select K needs --select_out PATH (and optionally --select_bottom/--select_random PATH)")
     if len(set(map(os.path.abspath, args.sft_data))) < len(args.sft_data):
         raise UserError("--sft_data lists the same file twice")
-    if (args.select_out or args.select_bottom) and not args.select:
-        raise UserError("--select_out/--select_bottom need --select K")
+    if (args.select_out or args.select_bottom or args.select_random or args.select_from) and not args.select:
+        raise UserError("--select_out/--select_bottom/--select_random/--select_from need --select K")
+    if args.select_from and not any(in_pool(f, args.select_from) for f in args.sft_data):
+        raise UserError(f"--select_from {args.select_from}: not one of the --sft_data files "
+                        f"({' '.join(args.sft_data)})")
     try:
         param_re = re.compile(args.params)
     except re.error as e:
         raise UserError(f"--params {args.params!r}: not a valid regular expression ({e})")
     common.check_distinct_outputs(
         [("--out", args.out), ("(the summary)", out_stem(args.out) + ".summary.json"),
-         ("--select_out", args.select_out), ("--select_bottom", args.select_bottom)],
+         ("--select_out", args.select_out), ("--select_bottom", args.select_bottom),
+         ("--select_random", args.select_random)],
         [("--sft_data", f) for f in args.sft_data] + [("--eval_data", args.eval_data)])
     task = tasks.get_task(args.task)
     check_checkpoint(args.checkpoint)
@@ -515,12 +547,13 @@ def main(argv=None):
         if ex["task"] is not None and tasks.task_module_name(ex["task"]) != tasks.task_module_name(args.task):
             raise UserError(f"{ex['file']}:{ex['line']}: sample {ex['id']!r} is for task {ex['task']!r}, "
                             f"but --task is {args.task!r}")
-    if args.select > len(examples):
-        raise UserError(f"--select {args.select} > the {len(examples)} SFT samples given")
-    if args.select_bottom and 2 * args.select > len(examples):
+    pool = [i for i, ex in enumerate(examples) if in_pool(ex["file"], args.select_from)]
+    what = f"the {len(pool)} SFT samples " + (f"of --select_from {args.select_from}" if args.select_from else "given")
+    if args.select > len(pool):
+        raise UserError(f"--select {args.select} > {what}")
+    if args.select_bottom and 2 * args.select > len(pool):
         raise UserError(f"--select {args.select} with --select_bottom: top and bottom would share "
-                        f"{2 * args.select - len(examples)} of the {len(examples)} SFT samples; use --select <= "
-                        f"{len(examples) // 2}")
+                        f"{2 * args.select - len(pool)} of {what}; use --select <= {len(pool) // 2}")
     records, eval_subset = tasks.stratified_subset(records, args.num_eval_prompts, task.DIFFICULTY, args.seed)
     prompt_ids = tasks.task_prompt_ids(tokenizer, task, records, args.template)
     tasks.check_prompts_fit(prompt_ids, records, args.max_new_tokens, context, args.eval_data)
@@ -532,7 +565,8 @@ def main(argv=None):
     # workers still write) would remove or interleave this one's partial files
     lock = (os.path.dirname(args.out), os.path.basename(out_stem(args.out)) + ".lock")
     parallel.lock_on_rank0(*lock)
-    outputs = [args.out, out_stem(args.out) + ".summary.json"] + [p for p in (args.select_out, args.select_bottom) if p]
+    outputs = [args.out, out_stem(args.out) + ".summary.json"] + [
+        p for p in (args.select_out, args.select_bottom, args.select_random) if p]
     parallel.on_rank0(lambda: common.remove_stale_temps(outputs, os.path.dirname(os.path.abspath(args.out))))
     identity = {**{k: v for k, v in vars(args).items() if k not in RESUME_FREE},
                 "checkpoint": os.path.abspath(args.checkpoint), "eval_data": os.path.abspath(args.eval_data),
@@ -644,14 +678,13 @@ def main(argv=None):
     summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("progress", "log_every", "resume")},
                "grad_j": grad_j, "files": per_file}
 
+    selections = select(effects, pool, args) if args.select else {}
+
     def write_outputs():
         common.write_jsonl(args.out, effects)
         common.write_json(out_stem(args.out) + ".summary.json", summary)
-        if args.select:
-            ranked = sorted(effects, key=lambda e: e[args.select_by], reverse=True)
-            write_selection(args.select_out, ranked[:args.select])
-            if args.select_bottom:
-                write_selection(args.select_bottom, ranked[-args.select:][::-1])
+        for path, chosen in selections.items():
+            write_selection(path, chosen)
     parallel.write_on_rank0(write_outputs, *lock)  # (--out's directory removed or moved away meanwhile: nothing)
     parallel.barrier()  # every rank is past the partial files before they go
     if rank == 0:
@@ -660,8 +693,10 @@ def main(argv=None):
     print0(f"{now} samples in {seconds:.1f}s ({now / max(seconds, 1e-9):.2f} samples/s over {world} "
            f"rank(s)){f', {len(done_before)} done before' if done_before else ''}; token reduction "
            f"{args.token_reduction}\n\n" + summary_table(per_file, columns) + "\n")
-    print0(f"wrote {args.out}" + (f", {args.select_out}" if args.select else "") +
-           (f", {args.select_bottom}" if args.select_bottom else ""))
+    for path, chosen in selections.items():
+        print0(f"{path}: {len(chosen)} samples, mean {args.select_by} "
+               f"{statistics.fmean(e[args.select_by] for e in chosen):.4g}")
+    print0(f"wrote {args.out}" + "".join(f", {path}" for path in selections))
     parallel.dist_cleanup()
 
 

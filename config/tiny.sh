@@ -96,7 +96,11 @@ EVAL_ARGS="--max_new_tokens 120 --batch_size 200 --progress false"
 EFFECT_ARGS="--num_eval_prompts 200 --samples_per_prompt 8 --max_new_tokens 120 --max_length 1024 --exact true --proj_dim 0 \
 --gen_batch_size 200 --micro_batch_tokens 4096 --progress false --log_every 250 --seed $SEED_SHIFT"
 # (--num_eval_prompts 200 here and RL's --val_limit 200: the test's 200 puzzles, all of them)
-SELECT_K=100  # the sample-effect experiment: SFT the base on the 100 highest- vs the 100 lowest-effect samples
+# the sample-effect experiment: SFT the base on the 100 highest-, the 100 lowest-effect and 100 random samples of set
+# A (every one a worked table the RL policy got right). Pooled over the sets, the ranking mostly chose between the
+# teacher's answer-only samples and A's tables, and both SFT models answered one name pattern (docs/sample_effect.md)
+SELECT_K=100
+SELECT_FROM=$OUT/redistill_A.jsonl
 
 # LIMR (LIMR=1 bash reproduce.sh tiny; README "LIMR"): a pool of its own, 170 RL puzzles (the first 20 two-people and
 # 150 three-people ones of the RL train streams), small enough for a probe run of 8 epochs in 80 steps: 10 steps of

@@ -19,7 +19,7 @@ def run_dir(tmp_path):
     accs = {"base": (0.0, 0.0, 0.0), "sft": (0.4, 0.2, 0.25), "rl": (0.5, 0.4, 0.425), "redistill_A": (0.3, 0.3, 0.3)}
     for name, acc in accs.items():
         common.write_json(out / "eval" / name / "test" / "summary.json", summary(*acc))
-    for name, acc in {"se_top": (0.1, 0.1, 0.1), "se_bottom": (0.0, 0.0, 0.0)}.items():
+    for name, acc in {"se_top": (0.1, 0.1, 0.1), "se_bottom": (0.0, 0.0, 0.0), "se_random": (0.2, 0.2, 0.2)}.items():
         common.write_json(out / "eval_se" / name / "test" / "summary.json", summary(*acc))
     # times.tsv: RL stopped once (logged by reproduce.sh) and then finished: both attempts count; lines of older
     # runs have no status column
@@ -41,6 +41,8 @@ def run_dir(tmp_path):
         {"sample_effect": 0.4, "source_file": "/x/redistill_A.jsonl"}])
     common.write_jsonl(out / "sample_effect" / "bottom.jsonl",
                        [{"sample_effect": -0.2, "source_file": "/x/sft_teacher.jsonl"}])
+    common.write_jsonl(out / "sample_effect" / "random.jsonl",
+                       [{"sample_effect": 0.1, "source_file": "/x/redistill_A.jsonl"}] * 2)
     common.write_json(out / "base_probe.json",
                       {"accuracy": 0.29, "people": {"2": {"accuracy": 0.34}, "3": {"accuracy": 0.27}}})
     return out
@@ -96,6 +98,8 @@ def test_table_rows_gain_compute_and_experiments(run_dir, capsys):
     assert "| se_top | 0.1000 | 0.1000 | 0.1000 |" in text
     assert "| 3 | 0.4000 | redistill_A.jsonl 2, sft_teacher.jsonl 1 |" in text
     assert "| se_bottom |" in text and "| 1 | -0.2000 | sft_teacher.jsonl 1 |" in text
+    assert "| se_random | 0.2000 | 0.2000 | 0.2000 |" in text and "| 2 | 0.1000 | redistill_A.jsonl 2 |" in text
+    assert "K random samples by sample effect (pooled over the sets)\n" in text
     assert "| rl | 360 | 1 | cpu | 2 |" in text and "| data | 2 | 1 | cpu | 1 |" in text
     assert "| all | 605 |  | 10.1 min | 10 |" in text
     assert "### Wall time per stage\n" in text and "seed 1" not in text  # one seed: nothing is "seed 1"
@@ -253,6 +257,31 @@ def test_seeds_table_mean_std_and_every_seeds_row(run_dir):
     report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "2"])
     assert ("redistill_A recovers 29% of RL's gain ((acc - sft) / (rl - sft), over 1 seed(s): where RL gained (2 of "
             "2) and redistill_A was evaluated); per seed 29%.") in (run_dir / "results.md").read_text(encoding="utf-8")
+
+
+def test_the_selection_experiment_names_its_pool_leaves_out_stale_models_and_is_averaged_over_seeds(run_dir):
+    """The selection table says which set sample_effect ranked (--select_from); a model eval_se did not evaluate this
+    time (an earlier run's se_random) is not in it; over seeds, each selection model gets its mean ± std."""
+    path = run_dir / "sample_effect" / "effects.summary.json"
+    common.write_json(path, {**common.read_json(str(path)), "settings": {"select_from": "/x/redistill_A.jsonl"}})
+    (run_dir / "done").mkdir()
+    (run_dir / "done" / "eval_se").write_text("6\neval.py --task kk --checkpoints a b --names se_top se_bottom "
+                                              "--splits t\n", encoding="utf-8")
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
+    assert "K random samples by sample effect (of redistill_A.jsonl)\n" in text
+    assert "| se_top |" in text and "| se_random |" not in text
+    (run_dir / "done" / "eval_se").unlink()
+    seed2 = run_dir / "seed_2"
+    for name, acc in {"sft": (0.3, 0.3, 0.3), "rl": (0.4, 0.4, 0.4), "se_top": (0.3, 0.3, 0.3)}.items():
+        common.write_json(seed2 / ("eval_se" if name.startswith("se_") else "eval") / name / "test" / "summary.json",
+                          summary(*acc))
+    common.write_json(seed2 / "rl" / "settings.json", {"prompts_per_step": 16, "samples_per_prompt": 8})
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
+    assert "| se_top | 2 | 0.200 ± 0.141 | 0.200 ± 0.141 | 0.200 ± 0.141 |" in text  # seeds 1 and 2: 0.1 and 0.3
+    assert "| se_random | 1 | 0.200 | 0.200 | 0.200 |" in text  # seed 1 only
+    assert text.index("| redistill_A | 1 |") < text.index("| se_top | 2 |")  # after the study's models
 
 
 def test_no_seeds_table_for_one_seed(run_dir):

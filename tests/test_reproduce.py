@@ -485,7 +485,7 @@ def test_dry_run_of_limrs_own_setting(tmp_path):
     assert "$" not in "\n".join(command_of.values()) and not os.path.exists(out)
 
 
-def test_dry_run_of_the_tiny_preset_includes_the_top_vs_bottom_experiment(tmp_path):
+def test_dry_run_of_the_tiny_preset_includes_the_sample_effect_experiment(tmp_path):
     proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "out")})
     lines = proc.stdout.splitlines()
     command_of = {lines[i][3:]: lines[i + 1][2:] for i in range(len(lines) - 1)
@@ -497,13 +497,30 @@ def test_dry_run_of_the_tiny_preset_includes_the_top_vs_bottom_experiment(tmp_pa
     # the base text: apart from the SFT pool up to renaming, from the test up to logic (its twins too)
     assert f"--exclude {out}/data/sft.jsonl --exclude_logic {out}/data/test.jsonl" in command_of["base_text"]
     assert "--test_dedup" not in command_of["data"]  # (kk_data's default: logic)
-    assert f"--select 100 --select_out {out}/sample_effect/top.jsonl --select_bottom {out}/sample_effect/bottom.jsonl" \
-        in command_of["sample_effect"]
-    for v in ("top", "bottom"):
+    assert (f"--select 100 --select_out {out}/sample_effect/top.jsonl --select_bottom {out}/sample_effect/bottom.jsonl "
+            f"--select_random {out}/sample_effect/random.jsonl --select_from {out}/redistill_A.jsonl"
+            in command_of["sample_effect"])
+    for v in ("top", "bottom", "random"):
         assert (f"--init {out}/base/final --data {out}/sample_effect/{v}.jsonl --out_dir {out}/se_{v}"
                 in command_of[f"se_{v}"])
-    assert f"--checkpoints {out}/se_top/final {out}/se_bottom/final" in command_of["eval_se"]
+    assert (f"--checkpoints {out}/se_top/final {out}/se_bottom/final {out}/se_random/final --names se_top se_bottom "
+            "se_random" in command_of["eval_se"])
     assert not os.path.exists(out)
+
+
+def test_the_selection_experiment_is_skipped_without_its_set(tmp_path):
+    """SELECT_FROM names set A; a study whose RL policy gave A fewer samples than one SFT batch has no set A, so
+    sample_effect ranks nothing and no se_* stage runs (pooling the other sets instead would be another experiment)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "redistill_A.jsonl").write_text('{"id": "x"}\n', encoding="utf-8")
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(out)})
+    assert "== redistill_A: skipped" in proc.stdout
+    assert (f"== se_top, se_bottom, se_random: skipped, SELECT_FROM={out}/redistill_A.jsonl is not one of this "
+            "study's SFT sets") in proc.stdout
+    effect = proc.stdout.split("== sample_effect\n+ ", 1)[1].splitlines()[0]
+    assert "--sft_data" in effect and "--select" not in effect and "redistill_A" not in effect
+    assert "== se_top" not in proc.stdout.replace("== se_top, se_bottom", "") and "== eval_se" not in proc.stdout
 
 
 def test_dry_run_of_the_tiny_preset_with_limr(tmp_path):

@@ -232,6 +232,40 @@ def test_projection_approximates_exact_and_outputs(setup, capsys):
         assert r["source_file"] in {e["file"] for e in effects if e["id"] == r["id"]}
 
 
+def test_selection_from_one_file_and_at_random(setup, tmp_path, capsys):
+    """--select_from ranks one file's samples only (top, bottom and random all come from it); --select_random draws
+    K distinct samples of that pool by --seed, in the files' order, and the same K again on a re-run."""
+    d = setup["dir"]
+    args = list(setup["single"])
+    args[args.index("--select") + 1] = "4"
+    for flag in ("--select_out", "--select_bottom"):
+        args[args.index(flag) + 1] = str(tmp_path / f"{flag[2:]}.jsonl")
+    other = str(d / "other.jsonl")
+    args += ["--out", str(tmp_path / "effects.jsonl"), "--select_from", other,
+             "--select_random", str(tmp_path / "random.jsonl")]
+    se.main(args)
+    effects = common.read_jsonl(str(tmp_path / "effects.jsonl"))
+    pool = [e for e in effects if e["file"] == other]
+    ranked = sorted(pool, key=lambda e: e["sample_effect"], reverse=True)
+    top = common.read_jsonl(str(tmp_path / "select_out.jsonl"))
+    bottom = common.read_jsonl(str(tmp_path / "select_bottom.jsonl"))
+    assert [r["id"] for r in top] == [e["id"] for e in ranked[:4]]
+    assert [r["id"] for r in bottom] == [e["id"] for e in ranked[::-1][:4]]
+    # pooled over both files, the top 4 would differ: else this test could not tell the pool from all files
+    assert [e["id"] for e in sorted(effects, key=lambda e: e["sample_effect"], reverse=True)[:4]] != [
+        r["id"] for r in top]
+    drawn = common.read_jsonl(str(tmp_path / "random.jsonl"))
+    lines = [next(e["line"] for e in pool if e["id"] == r["id"]) for r in drawn]
+    assert len(set(lines)) == 4 and lines == sorted(lines) and {r["source_file"] for r in drawn} == {other}
+    assert lines != [1, 2, 3, 4]  # drawn, not the first K
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'random.jsonl'}: 4 samples, mean sample_effect" in out
+    args[args.index("--out") + 1] = str(tmp_path / "again.jsonl")
+    args[args.index("--select_random") + 1] = str(tmp_path / "random_again.jsonl")
+    se.main(args)
+    assert common.read_jsonl(str(tmp_path / "random_again.jsonl")) == drawn
+
+
 def test_sft_files_rewritten_during_the_run_are_refused(setup, tmp_path, monkeypatch):
     """The effects name samples by (file, line) and --select copies records from the files at the end: files
     rewritten meanwhile (a stage re-run into the same path, the rows in another order) would give the top-K other
@@ -527,7 +561,17 @@ def test_bad_input(setup, tmp_path, monkeypatch):
     fails(["--sft_data", sft, "--select", "2", "--select_out", str(tmp_path / "t.jsonl"), "--select_bottom",
            str(tmp_path / "t.jsonl")], r"--select_bottom .*t\.jsonl: the same file as --select_out")
     fails(["--sft_data", sft, "--select", "8", "--select_out", str(tmp_path / "t.jsonl"), "--select_bottom",
-           str(tmp_path / "b.jsonl")], r"top and bottom would share 1 of the 15 SFT samples; use --select <= 7")
+           str(tmp_path / "b.jsonl")], r"top and bottom would share 1 of the 15 SFT samples given; use --select <= 7")
+    other = str(setup["dir"] / "other.jsonl")
+    fails(["--sft_data", sft, "--select_from", sft], r"--select_from need --select K")
+    fails(["--sft_data", sft, "--select", "2", "--select_out", str(tmp_path / "t.jsonl"), "--select_from", other],
+          r"--select_from .*other\.jsonl: not one of the --sft_data files")
+    fails(["--sft_data", sft, other, "--select", "16", "--select_out", str(tmp_path / "t.jsonl"), "--select_from",
+           other], r"--select 16 > the 15 SFT samples of --select_from .*other\.jsonl")
+    fails(["--sft_data", sft, other, "--select", "8", "--select_out", str(tmp_path / "t.jsonl"), "--select_bottom",
+           str(tmp_path / "b.jsonl"), "--select_from", other], r"share 1 of the 15 SFT samples of --select_from")
+    fails(["--sft_data", sft, "--select", "2", "--select_out", str(tmp_path / "t.jsonl"), "--select_random",
+           str(tmp_path / "t.jsonl")], r"--select_random .*t\.jsonl: the same file as --select_out")
     # the model's context (2048 tokens) bounds both the SFT samples and the rollouts
     common.write_jsonl(str(tmp_path / "long.jsonl"), [dict(setup["sft"][0], response=" 7" * 2100)])
     fails(["--sft_data", str(tmp_path / "long.jsonl")], r"long\.jsonl:1: .* > max_length 2048")
