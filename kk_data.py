@@ -476,6 +476,12 @@ def fold(text):
     return unicodedata.normalize("NFC", text).lower()
 
 
+def role_forms(word):
+    """The forms of a role word an answer may use, folded: the word and its plurals ("knights"; "heroes")."""
+    word = fold(word)
+    return {word, word + 's', word + 'es'}
+
+
 def parse_answer(content, names, kk):
     """{name: is_knight} from "A is a knight, B and C are knaves", or None when anything is off.
 
@@ -503,8 +509,7 @@ def parse_answer(content, names, kk):
     if unreadable:
         return None
     by_lower = {fold(name): name for name in names}
-    role_words = {fold(kk['knight']): True, fold(kk['knight']) + 's': True,
-                  fold(kk['knave']): False, fold(kk['knave']) + 's': False}
+    role_words = {**dict.fromkeys(role_forms(kk['knave']), False), **dict.fromkeys(role_forms(kk['knight']), True)}
     answer, pending, arrow = {}, [], False
     for word in WORD.findall(fold(content)):
         if word == ARROW_WORD:  # only from names to their role ("Emma -> knight"), not between claims ("if")
@@ -597,11 +602,13 @@ def normalise_record(rec, where):
     if not isinstance(kk, dict) or not all(isinstance(kk.get(k), str)
                                            for k in ('knight', 'knave', 'a_knight', 'a_knave')):
         bad('knight_knave', "must map knight, knave, a_knight, a_knave to strings")
-    roles = [fold(kk[k]) for k in ('knight', 'knave')]
-    if not all(re.fullmatch(LETTERS, r) and r not in FILLER for r in roles) or roles[0] == roles[1]:
+    knight, knave = (role_forms(kk[k]) for k in ('knight', 'knave'))
+    if not all(re.fullmatch(LETTERS, fold(kk[k])) for k in ('knight', 'knave')) or FILLER & (knight | knave) \
+            or knight & knave:
         # (the scorer reads an answer word by word: else every answer would score 0, and the message blamed the names)
-        bad('knight_knave', f"knight {kk['knight']!r} and knave {kk['knave']!r} must be two different words of "
-                            f"letters, not one of {sorted(FILLER)}")
+        bad('knight_knave', f"knight {kk['knight']!r} and knave {kk['knave']!r} must be two words of letters, apart "
+                            f"in every form an answer may use (the word, + s, + es), none of them one of "
+                            f"{sorted(FILLER)}")
     for field in ('quiz', 'solution_text', 'solution_text_format', 'cot_head', 'cot_foot', 'statements'):
         if not isinstance(rec[field], str):
             bad(field, "must be a string")

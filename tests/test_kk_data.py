@@ -278,6 +278,12 @@ def test_scorer_names_are_whole_words_and_role_words_come_from_the_record():
               'knight_knave': {'knight': 'saint', 'knave': 'sinner', 'a_knight': 'a saint', 'a_knave': 'a sinner'}}
     assert K.score(boxed("Emma is a saint, Liam is a sinner"), saints, True) == 1.0
     assert K.score(boxed("Emma is a knight, Liam is a knave"), saints, True) == 0.0
+    heroes = {'names': ["Emma", "Liam", "Mia"], 'solution': [True, True, False],
+              'knight_knave': {'knight': 'hero', 'knave': 'villain', 'a_knight': 'a hero', 'a_knave': 'a villain'}}
+    assert K.score(boxed("Emma and Liam are heroes, Mia is a villain"), heroes, True) == 1.0  # (hero + es)
+    assert K.score(boxed("Emma and Liam are heros, Mia is a villain"), heroes, True) == 1.0
+    assert K.score(boxed("Emma and Liam are heroes, Mia is a heroine"), heroes, True) == 0.0  # (not a role's form)
+    assert K.score(boxed("Emma and Liam are villains, Mia is a hero"), heroes, True) == 0.0
 
 
 @pytest.mark.parametrize("arrow", ["-->", "==>", "↦", "---->", "➡", "⇨", "↠"])
@@ -396,6 +402,7 @@ def a_record():
     (lambda r: r['knight_knave'].update(knave="Knight"), 'knight_knave'),  # the scorer could not tell them apart
     (lambda r: r['knight_knave'].update(knight="brave knight"), 'knight_knave'),
     (lambda r: r['knight_knave'].update(knave="all"), 'knight_knave'),
+    (lambda r: r['knight_knave'].update(knight="hero", knave="heroe"), 'knight_knave'),  # "heroes" would be both
     (lambda r: r.update(cot_repeat_steps="one step"), 'cot_repeat_steps'),
     (lambda r: r.update(index="12"), 'index'),
     (lambda r: r.update(people=5), 'people'),
