@@ -347,8 +347,8 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
 # settings that change neither ∇J nor any sample's effect (recompute is exact; --dtype counts as the compute dtype it
 # resolves to, --config as the settings it holds): a resume may change them. (--compile may change the round-off.)
 RESUME_FREE = ("out", "select", "select_out", "select_bottom", "select_random", "select_from", "select_by", "resume",
-               "log_every", "progress",
-               "gradient_checkpointing", "checkpoint_every", "checkpoint_keep", "dtype", "config")
+               "log_every", "progress", "gradient_checkpointing", "checkpoint_every", "checkpoint_keep", "dtype",
+               "config")
 
 
 def open_partial(path, identity, resume):
