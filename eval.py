@@ -112,6 +112,13 @@ def unique_names(names, given, flag, what):
 
 
 SPLIT_DIGEST = "split records (sha256)"
+PROMPT_DIGEST = "prompts as rendered (sha256)"  # the task's render_prompt, tasks.SYSTEM_PROMPT, --template
+
+
+def prompt_digest(tokenizer, task, records, template):
+    """The digest of a split's prompts as this checkpoint's tokenizer renders them: a prompt edited in the task
+    module or in tasks.py since a pair was evaluated makes it stale (the task's source alone only re-scores)."""
+    return common.data_digest(tasks.task_prompt_ids(tokenizer, task, records, template))
 
 
 def inputs_of(ckpt, split_digest):
@@ -156,8 +163,10 @@ def read_done(summary_path, samples_path, settings, records, task):
     tokenizer_files = tasks.TOKENIZER_FILES
     if old.get("inputs") is not None and not any(os.path.basename(f) in tokenizer_files for f in old["inputs"]):
         inputs = {f: v for f, v in inputs.items() if os.path.basename(f) not in tokenizer_files}  # (before they were)
+    if old.get("inputs") is not None and PROMPT_DIGEST not in old["inputs"]:  # (before the prompts were digested)
+        inputs = {f: v for f, v in inputs.items() if f != PROMPT_DIGEST}
     if old.get("inputs") not in (None, inputs):  # (a summary from before inputs were recorded: as is)
-        print0(f"{summary_path}: its checkpoint or split changed since "
+        print0(f"{summary_path}: its checkpoint, split or prompts changed since "
                f"({', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], inputs)))}); "
                f"evaluating again")
         return None
@@ -210,13 +219,14 @@ def main(argv=None):
     parallel.same_on_every_rank(digests, " ".join(args.splits))
     task_source = tasks.task_source_digest(task)
 
-    def settings_of(ckpt, split_path, stamps=None):  # stamps: the checkpoint's, taken before it was loaded
+    def settings_of(ckpt, split_path, prompts, stamps=None):  # stamps: the checkpoint's, taken before it was loaded
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template,
                 "dtype": dtype_name(dtype), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
                 "task_source": task_source,
-                "inputs": {**(inputs_of(ckpt, None) if stamps is None else stamps), SPLIT_DIGEST: digests[split_path]}}
+                "inputs": {**(inputs_of(ckpt, None) if stamps is None else stamps), SPLIT_DIGEST: digests[split_path],
+                           PROMPT_DIGEST: prompts}}
 
     # which pairs are done: rank 0 decides (its file system holds out_dir) and tells the others, holding out_dir's
     # lock until the run ends (two runs there could pair one's summary.json with the other's samples.jsonl)
@@ -233,8 +243,9 @@ def main(argv=None):
                 pair_dir = os.path.join(args.out_dir, name, split_name)
                 summary_path = os.path.join(pair_dir, "summary.json")
                 if os.path.exists(summary_path) and not args.overwrite:
+                    prompts = prompt_digest(load_tokenizer(ckpt), task, records, args.template)
                     summary = read_done(summary_path, os.path.join(pair_dir, "samples.jsonl"),
-                                        settings_of(ckpt, split_path), records, task)
+                                        settings_of(ckpt, split_path, prompts), records, task)
                     if summary is not None:
                         done[f"{name}/{split_name}"] = summary
         return done
@@ -263,7 +274,8 @@ def main(argv=None):
                f"in {time.time() - t0:.1f}s")
         for i in todo:
             split_path, split_name, records = args.splits[i], split_names[i], splits[i]
-            settings = settings_of(ckpt, split_path, stamps)  # before the generation: any error costs nothing
+            # before the generation: any error costs nothing
+            settings = settings_of(ckpt, split_path, prompt_digest(tokenizer, task, records, args.template), stamps)
             t0 = time.time()
             samples, metrics = generate_and_score(model, tokenizer, task, records, n=args.samples_per_prompt,
                                                   temperature=args.temperature, top_p=args.top_p,

@@ -348,7 +348,9 @@ def seed_tables(out_dir, difficulty, seeds=0):
             continue
         row = {"model": name, "seeds": len(rows)}
         for c in columns:
-            values = [r.get(c) if isinstance(r.get(c), float) else None for r in rows]
+            # (a number; an int too, as read_summary takes from a summary written by hand or another tool)
+            values = [float(v) if isinstance(v := r.get(c), (int, float)) and not isinstance(v, bool) else None
+                      for r in rows]
             if any(v is not None for v in values):
                 row[c] = mean_cell(values)
         mean_rows.append(row)

@@ -283,8 +283,8 @@ def plot_shift(summary, rows, path, high_js):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     js = [max(x, 1e-9) for r in rows for x in r["js"]]
     axes[0].hist([math.log10(x) for x in js], bins=60, color="tab:blue")
-    for t in (1e-3, 1e-2, high_js):
-        axes[0].axvline(math.log10(t), color="grey", ls="--", lw=0.8)
+    for t in (1e-3, 1e-2, high_js):  # (--high_js 0: at the histogram's floor)
+        axes[0].axvline(math.log10(max(t, 1e-9)), color="grey", ls="--", lw=0.8)
     axes[0].set(xlabel="log10 JS (nats; 1e-9 = below)", ylabel="positions", title=f"{len(js)} positions")
     dec = summary["by_relative_position"]
     axes[1].bar([d["decile"] for d in dec], [d["js_mean"] or 0 for d in dec], color="tab:blue")

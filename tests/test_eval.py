@@ -155,7 +155,9 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
     capsys.readouterr()
     ev.main(args)
     log = capsys.readouterr().out
-    assert "changed since (split records (sha256)); evaluating again" in log and "loaded" in log
+    # (a question of the split changed: its prompt too)
+    assert "changed since (prompts as rendered (sha256), split records (sha256)); evaluating again" in log
+    assert "loaded" in log
     os.utime(edited, ns=(1, 1))
     ev.main(args)
     log = capsys.readouterr().out
@@ -305,6 +307,29 @@ def test_a_finished_pair_is_rescored_when_its_task_changed(tiny_checkpoint, spli
     assert json.loads((pair / "summary.json").read_text(encoding="utf-8"))["overall"]["accuracy"] == 1.0
     ev.main(args)
     assert "re-scored" not in capsys.readouterr().out  # stamped: once
+
+
+def test_a_prompt_changed_in_the_code_is_evaluated_again(tiny_checkpoint, split, tmp_path, monkeypatch, capsys):
+    """The prompts also come from code: tasks.SYSTEM_PROMPT edited since a pair was evaluated (where the task
+    module's source, the checkpoint and the split are unchanged) makes it stale; its old answers, to the old
+    prompt, were reused as the new prompt's. A summary from before the prompts were digested is reused."""
+    args = ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(tmp_path / "out"),
+            *FAST]
+    ev.main(args)
+    monkeypatch.setattr(ev.tasks, "SYSTEM_PROMPT", ev.tasks.SYSTEM_PROMPT + " Be brief.")
+    capsys.readouterr()
+    ev.main(args)
+    log = capsys.readouterr().out
+    assert "changed since (prompts as rendered (sha256)); evaluating again" in log and "loaded" in log
+    ev.main(args)
+    assert "m on toy_test: done before, skipped" in capsys.readouterr().out
+    path = tmp_path / "out" / "m" / "toy_test" / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    del summary["settings"]["inputs"][ev.PROMPT_DIGEST]  # an earlier version's
+    path.write_text(json.dumps(summary))
+    monkeypatch.undo()
+    ev.main(args)
+    assert "m on toy_test: done before, skipped" in capsys.readouterr().out
 
 
 def test_a_chat_template_fixed_in_place_is_evaluated_again(tiny_checkpoint, split, tmp_path, capsys):

@@ -284,6 +284,18 @@ def test_the_selection_experiment_names_its_pool_leaves_out_stale_models_and_is_
     assert text.index("| redistill_A | 1 |") < text.index("| se_top | 2 |")  # after the study's models
 
 
+def test_an_integer_accuracy_enters_the_mean_over_seeds(run_dir):
+    """read_summary takes an accuracy of 1 or 0 written as an integer: the seeds' table counted it as missing, its
+    cell one seed's value "(1 of 2 seeds)", while the gain line used both."""
+    seed2 = run_dir / "seed_2"
+    for name, acc in {"sft": (0.3, 0.3, 0.3), "rl": (1, 1, 1)}.items():
+        common.write_json(seed2 / "eval" / name / "test" / "summary.json", summary(*acc))
+    common.write_json(seed2 / "rl" / "settings.json", {"prompts_per_step": 16, "samples_per_prompt": 8})
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
+    assert "| rl | 2 | 0.750 ± 0.354 | 0.700 ± 0.424 | 0.713 ± 0.407 |" in text  # seed 1: 0.5, 0.4, 0.425
+
+
 def test_no_seeds_table_for_one_seed(run_dir):
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
     assert "seeds" not in (run_dir / "results.md").read_text(encoding="utf-8")

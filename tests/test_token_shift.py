@@ -237,6 +237,11 @@ def test_thresholds_js_cannot_reach_are_refused(pair, tmp_path):
             token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"],
                               "--high_js", high_js, "--out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+    # 0 is allowed (every position JS > 0 counts): its line in the plot's log-scale histogram sits at the 1e-9 floor,
+    # where log10(0) stopped the run after its outputs were written
+    token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"],
+                      "--high_js", "0", "--limit", "2", "--out_dir", str(tmp_path / "zero"), "--progress", "false"])
+    assert (tmp_path / "zero" / "token_shift.png").exists()
 
 
 def own_samples(path, pair, seed=5):
