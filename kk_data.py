@@ -447,7 +447,8 @@ ARROW_WORD = "\x00"  # what an arrow becomes: a word of its own, which no name o
 # symbols that turn a claim around, or join claims by "or", "if" or "if and only if" (checked on the NFKC form,
 # which folds full-width and other look-alikes): punctuation is form, these are content. A left arrow reads "if";
 # every arrow or harpoon of Unicode's arrow blocks but the mapping ones above is content, found by name, not listed
-LOGIC_SYMBOL = re.compile(r"!=|=/=|<-+|<=+|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤]")
+LOGIC_SYMBOL = re.compile(r"!=|/=|=\\=|<>|<-+|<=+|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤]")
+NEGATING_OVERLAY = "\u0338"  # a symbol struck through (∉, ≄, ⊄, ...: "not in", "not ..."), found in its NFD form
 OTHER_ARROWS = frozenset(
     c for lo, hi in ((0x2190, 0x21FF), (0x2794, 0x27BF), (0x27F0, 0x27FF), (0x2900, 0x297F), (0x2B00, 0x2BFF),
                      (0x1F800, 0x1F8FF)) for c in map(chr, range(lo, hi + 1))
@@ -491,7 +492,8 @@ def parse_answer(content, names, kk):
     """
     content = unicodedata.normalize("NFC", content)
     folded = unicodedata.normalize("NFKC", content)
-    if LOGIC_SYMBOL.search(folded) or not OTHER_ARROWS.isdisjoint(folded):
+    if (LOGIC_SYMBOL.search(folded) or not OTHER_ARROWS.isdisjoint(folded)
+            or NEGATING_OVERLAY in unicodedata.normalize("NFD", folded)):
         return None
     unreadable = []
 
@@ -593,6 +595,8 @@ def normalise_record(rec, where):
     if len({fold(x) for x in names}) != len(names):  # (as the scorer folds them)
         bad('names', "has a repeated name")
     n = len(names)
+    if n > MAX_PEOPLE:  # (the solver would hold 2^n assignments)
+        bad('names', f"has {n} names; at most {MAX_PEOPLE} people are solved")
     solution = rec['solution']
     if not isinstance(solution, list) or not all(isinstance(x, bool) for x in solution):
         bad('solution', "must be a list of booleans")
@@ -614,18 +618,28 @@ def normalise_record(rec, where):
             bad(field, "must be a string")
     if not isinstance(rec['cot_repeat_steps'], list) or not all(isinstance(x, str) for x in rec['cot_repeat_steps']):
         bad('cot_repeat_steps', "must be a list of strings")
-    if type(rec['index']) is not int:
-        bad('index', "must be an integer")
+    if type(rec['index']) is not int or rec['index'] < 0:
+        bad('index', "must be an integer >= 0")
+    # the scorer reads the names before the role words: a name in a role's form would take its place
+    clash = [x for x in names if fold(x) in knight | knave | FILLER]
+    if clash:
+        bad('names', f"{clash[0]!r} is a role word's form or one of {sorted(FILLER)}: answers could not be read")
     statements = parse_statements(rec['statements'], n)
     if statements is None:
         bad('statements', f"is not a tuple of {n} well-formed statements (Python literal)")
     if solve(statements) != [tuple(solution)]:
         bad('solution', "is not the unique solution of the statements")
-    if 'people' in rec and rec['people'] != n:
-        bad('people', f"is {rec['people']!r} but there are {n} names")
+    if 'people' in rec and (type(rec['people']) is not int or rec['people'] != n):
+        bad('people', f"is {rec['people']!r}; it must be the count of names, the integer {n}")
     for field in ('id', 'question'):
         if field in rec and not (isinstance(rec[field], str) and rec[field]):
             bad(field, "must be a non-empty string")
+    for field in ('quiz', 'question'):  # a question of another puzzle, whose answers would all score 0
+        if field in rec:
+            text = fold(rec[field])
+            missing = [x for x in names if not re.search(rf"(?<![^\W\d_]){re.escape(fold(x))}(?![^\W\d_])", text)]
+            if missing:
+                bad(field, f"does not name {missing[0]!r} of the record's names {names!r}")
     out = {'id': rec.get('id') or puzzle_id(OFFICIAL_SEED, n, rec['index']),  # official files: the official stream
            'people': n,
            'question': rec.get('question') or rec['quiz'] + ANSWER_FORMAT}

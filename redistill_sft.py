@@ -138,9 +138,9 @@ def load_text_examples(paths, tokenizer, max_length):
         if path.lower().endswith((".jsonl", ".json")):
             with common.open_lines(path) as lines:
                 for lineno, rec in lines:
-                    if not isinstance(rec.get("text"), str):
+                    if not isinstance(rec.get("text"), str) or not rec["text"]:
                         raise UserError(f"{path}:{lineno}: " + ("missing field 'text'" if "text" not in rec
-                                                                else "field 'text' must be a string"))
+                                                                else "field 'text' must be a non-empty string"))
                     docs.append((lineno, rec["text"]))
         else:
             buf, first = [], 0
@@ -153,11 +153,12 @@ def load_text_examples(paths, tokenizer, max_length):
                     buf, first = [], 0
             if buf:
                 docs.append((first, "".join(buf).rstrip("\n")))
-        docs = [(n, t) for n, t in docs if t]
         if not docs:
             raise UserError(f"{path}: no text")
         tokens = tasks.encode_prompts(tokenizer, [t for _, t in docs])
         for (lineno, _), ids in zip(docs, tokens):
+            # (EOS ends a document: one inside would join two; chat terminators are text here)
+            tasks.check_no_stop_tokens(path, lineno, tokenizer, ids, {tokenizer.eos_token_id}, field="text")
             ids = ids + [tokenizer.eos_token_id]
             # (cut apart, a piece's first token would be predicted by none and a one-token tail, the EOS, dropped)
             for k, s in enumerate(range(0, len(ids) - 1, max_length - 1)):

@@ -357,17 +357,18 @@ def sft_token_ids(tokenizer, prompts, responses, eos=True):
     return [(p + r + ([tokenizer.eos_token_id] if e else []), len(p)) for p, r, e in zip(prompt_ids, response_ids, eos)]
 
 
-def check_no_stop_tokens(path, lineno, tokenizer, response_ids, stops):
+def check_no_stop_tokens(path, lineno, tokenizer, response_ids, stops, field="response"):
     """A UserError naming the file and line if a response's tokens (without the EOS appended to it) hold a stop id.
     The tokenizer reads special-token text as its id: a stop token in a response would teach a model to stop there
-    and go on (SFT), or be compared at a position past the response's end (token_shift)."""
+    and go on (SFT), or be compared at a position past the response's end (token_shift). field: "text" for a
+    pre-training document (redistill_sft --pretrain), which ends with the EOS appended to it as a response does."""
     held = [(at, t) for at, t in enumerate(response_ids) if t in stops]
     if held:
         at, t = held[0]
-        raise UserError(f"{path}:{lineno}: field 'response' holds the stop token "
+        raise UserError(f"{path}:{lineno}: field '{field}' holds the stop token "
                         f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t}) at token {at} of {len(response_ids)}; "
-                        f"EOS is appended to a finished response, the only place a model learns to stop: drop it "
-                        f"from the response")
+                        f"EOS is appended to a finished {field}, the only place a model learns to stop: drop it "
+                        f"from the {field}")
 
 
 def load_sft_examples(paths, tokenizer, max_length):

@@ -39,8 +39,10 @@ TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # test: the official stream's first 200 3-people puzzles (names fixed; its 100 test puzzles, then its train split's
 # first 100); RL train: 60 + 1,500 puzzles of 2-3 people; teacher SFT pool ("1K" in the paper): 50 + 300 of 2-3
 # people. Train, SFT pool and base text hold no puzzle with the logic of a test puzzle (kk_data.logic_key: the same
-# claims, however worded; 19 % of the 3-people stream), train and SFT no official test puzzle as written, and
-# train, SFT and base text are apart up to renaming (kk_data.puzzle_key). Two people are trained on, not tested:
+# claims, however worded; 19 % of the 3-people stream), train and SFT no official test puzzle as written, and the
+# SFT pool is apart from train and base text up to renaming (kk_data.puzzle_key). Train and base text are not: the
+# base is pre-trained on the same streams' puzzles, and 825 of seed 1's 1,560 RL puzzles have a renamed copy among
+# its 6,150 (97 as written); RL there rewards what pre-training showed solved. Two people are trained on, not tested:
 # only 41 two-people logic problems exist, the official first 25 (the test until 2026-12-06) fall in 16 of them, and
 # excluding those left 180 of the 399 two-people puzzles, too few to fill the RL and SFT pools apart (README)
 DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 3 --test_per_people 200 \

@@ -225,6 +225,11 @@ SCORER_CASES = [
     # a negation, "or" or "if and only if" in symbols is a claim, as the words are; formatting commands, a single
     # arrow (a name mapped to its role) and typed escapes (\n, \t) are not
     (boxed("Emma = knight, Liam != knave, Sophia = knight"), 0.0),
+    (boxed("Emma = knight, Liam <> knave, Sophia = knight"), 0.0),    # not-equal, as written in SQL, Pascal, ...
+    (boxed("Emma = knight, Liam /= knave, Sophia = knight"), 0.0),
+    (boxed("Emma = knight, Liam =\\= knave, Sophia = knight"), 0.0),
+    (boxed("Emma ∈ knights, Liam ∉ knaves, Sophia ∈ knights"), 0.0),  # a struck-through symbol: "not in"
+    (boxed("Emma ∈ knights, Liam ∈ knaves, Sophia ∈ knights"), 1.0),
     (boxed("Emma = knight, Liam \\neq knave, Sophia = knight"), 0.0),
     (boxed("Emma = knight, Liam ≠ knave, Sophia = knight"), 0.0),
     (boxed("Emma is a knight, Liam is \\lnot a knave, Sophia is a knight"), 0.0),
@@ -382,6 +387,16 @@ def a_record():
     return {k: v for k, v in K.generate(3, 3, 1, log=None)[0].items() if k in K.OFFICIAL_FIELDS}
 
 
+def renamed(record, names):
+    """The record with these names, its quiz naming them in the old ones' places (so the name checks are reached)."""
+    quiz = record['quiz']
+    for i, old in enumerate(record['names']):
+        quiz = re.sub(rf"\b{re.escape(old)}\b", f"\x00{i}\x00", quiz)
+    for i, name in enumerate(names):
+        quiz = quiz.replace(f"\x00{i}\x00", name)
+    record.update(names=names, quiz=quiz)
+
+
 @pytest.mark.parametrize("breakage,field", [
     (lambda r: r.pop('statements'), 'statements'),
     (lambda r: r.pop('index'), 'index'),
@@ -403,15 +418,21 @@ def a_record():
     (lambda r: r['knight_knave'].update(knight="brave knight"), 'knight_knave'),
     (lambda r: r['knight_knave'].update(knave="all"), 'knight_knave'),
     (lambda r: r['knight_knave'].update(knight="hero", knave="heroe"), 'knight_knave'),  # "heroes" would be both
+    (lambda r: renamed(r, r['names'][:2] + ["Knaves"]), 'names'),  # "Liam and Knaves are knaves": three names
+    (lambda r: r.update(names=[f"P{chr(97 + i)}" for i in range(21)]), 'names'),  # over MAX_PEOPLE: 2^21 rows
+    (lambda r: r.update(people=3.0), 'people'),
+    (lambda r: r.update(index=-5), 'index'),
+    (lambda r: r.update(quiz=r['quiz'].replace(r['names'][1], "Xavier")), 'quiz'),  # another puzzle's text
+    (lambda r: r.update(question="Who is a knight?"), 'question'),
     (lambda r: r.update(cot_repeat_steps="one step"), 'cot_repeat_steps'),
     (lambda r: r.update(index="12"), 'index'),
     (lambda r: r.update(people=5), 'people'),
     # names the scorer cannot read back: every answer, the right one too, would score 0
-    (lambda r: r.update(names=["A", "B", "C"]), 'names'),                 # "a" is also a filler word
-    (lambda r: r.update(names=["Anne-Marie", "Liam", "Sophia"]), 'names'),
-    (lambda r: r.update(names=["Mary Ann", "Liam", "Sophia"]), 'names'),
-    (lambda r: r.update(names=["R2", "Liam", "Sophia"]), 'names'),
-    (lambda r: r.update(names=["Knight", "Liam", "Sophia"]), 'names'),
+    (lambda r: renamed(r, ["A", "B", "C"]), 'names'),                     # "a" is also a filler word
+    (lambda r: renamed(r, ["Anne-Marie", "Liam", "Sophia"]), 'names'),
+    (lambda r: renamed(r, ["Mary Ann", "Liam", "Sophia"]), 'names'),
+    (lambda r: renamed(r, ["R2", "Liam", "Sophia"]), 'names'),
+    (lambda r: renamed(r, ["Knight", "Liam", "Sophia"]), 'names'),
 ])
 def test_malformed_record_error_names_file_line_and_field(tmp_path, breakage, field):
     good, bad = a_record(), a_record()

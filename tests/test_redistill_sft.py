@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -504,6 +505,27 @@ def test_a_pretraining_file_named_json_is_read_as_json_lines(tiny_checkpoint, tm
         assert [tok.decode(e["input_ids"][:-1]) for e in examples] == ["1 plus 2 is 3.", "2 plus 2 is 4."]
     (tmp_path / "docs.txt").write_text(lines)
     assert len(sft.load_text_examples([str(tmp_path / "docs.txt")], tok, 512)) == 1  # one plain-text document
+
+
+def test_a_pretraining_document_with_eos_inside_or_empty_is_refused_by_line(tiny_checkpoint, tmp_path):
+    """EOS ends each document: one inside a document (its text, which the tokenizer reads as the token) joined two
+    and taught stopping mid-way; an empty "text" was dropped without a word. A chat terminator is text here."""
+    tok = load_tokenizer(tiny_checkpoint)
+    (tmp_path / "eos.jsonl").write_text(json.dumps({"text": "1 plus 2 is 3."}) + "\n"
+                                        + json.dumps({"text": f"2 plus 2{tok.eos_token} is 4."}) + "\n")
+    with pytest.raises(UserError, match=rf"eos\.jsonl:2: field 'text' holds the stop token "
+                                        rf"'{re.escape(tok.eos_token)}'"):
+        sft.load_text_examples([str(tmp_path / "eos.jsonl")], tok, 512)
+    (tmp_path / "eos.txt").write_text(f"one\n\ntwo\nthree {tok.eos_token} four\n")
+    with pytest.raises(UserError, match=r"eos\.txt:3: field 'text' holds the stop token"):
+        sft.load_text_examples([str(tmp_path / "eos.txt")], tok, 512)
+    (tmp_path / "empty.jsonl").write_text('{"text": "a"}\n{"text": ""}\n')
+    with pytest.raises(UserError, match=r"empty\.jsonl:2: field 'text' must be a non-empty string"):
+        sft.load_text_examples([str(tmp_path / "empty.jsonl")], tok, 512)
+    stops = [t for t in common.stop_token_ids(tok) if t != tok.eos_token_id]
+    if stops:  # (a chat terminator: text of a chat transcript, trained on)
+        (tmp_path / "chat.jsonl").write_text(json.dumps({"text": f"hi{tok.convert_ids_to_tokens(stops[0])} yo"}))
+        assert stops[0] in sft.load_text_examples([str(tmp_path / "chat.jsonl")], tok, 512)[0]["input_ids"]
 
 
 def test_pretrain_from_scratch_on_text(tiny_checkpoint, tmp_path, capsys):
