@@ -675,6 +675,9 @@ def main(argv=None):
                         f"leaves that band empty or a single point, so next to nothing would train; give C > 1")
     if args.baseline == "loo" and args.samples_per_prompt < 2:
         raise UserError("--baseline loo needs --samples_per_prompt >= 2: a group of one has no other rewards")
+    if args.std_normalize and args.std_scope == "batch" and args.samples_per_prompt < 2:
+        raise UserError("--std_scope batch needs --samples_per_prompt >= 2: a group of one's advantage is its reward "
+                        "(verl's rule), which no std divides; --std_scope tokens whitens over the batch")
     if not 0 < args.cov_frac <= 1:
         raise UserError(f"--cov_frac {args.cov_frac}: a fraction of the tokens in (0, 1]")
     if not args.clip_cov_low < args.clip_cov_high:
@@ -904,7 +907,10 @@ def main(argv=None):
             batch.entropy_floor = top_fraction_threshold(
                 torch.cat([entropy[j] for j in batch.train_idx] or [torch.zeros(0, device=device)]),
                 args.entropy_top_frac)
-            batch.high_entropy = {j: entropy[j] >= batch.entropy_floor for j in batch.train_idx}
+            # (no floor: no finite entropy on any rank, a blown-up forward: every token kept, and the step's
+            # non-finite log-probs skip it as any other's)
+            batch.high_entropy = {j: entropy[j] >= batch.entropy_floor if batch.entropy_floor is not None
+                                  else torch.ones_like(entropy[j], dtype=torch.bool) for j in batch.train_idx}
             kept = torch.cat(list(batch.high_entropy.values()) or [torch.zeros(0, dtype=torch.bool)])
             sums["entropy_kept"], sums["entropy_tokens"] = int(kept.sum()), kept.numel()  # (one host sync)
 

@@ -296,6 +296,22 @@ def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, ca
     assert all(torch.isfinite(v).all() for v in w2.values())
 
 
+def test_no_finite_entropy_keeps_every_token_instead_of_stopping(toy, tmp_path, monkeypatch):
+    """--entropy_top_frac with every entropy NaN (a blown-up pre-update forward): no floor exists; the run compared
+    each entropy with None and stopped with a TypeError, where the step should go on to its loss (whose non-finite
+    log-probs, in a real blow-up, skip it)."""
+    real = train_rl.pre_pass
+
+    def nan_entropies(*a, **k):
+        old, ref, entropy = real(*a, **k)
+        return old, ref, {j: torch.full_like(e, float("nan")) for j, e in entropy.items()}
+    monkeypatch.setattr(train_rl, "pre_pass", nan_entropies)
+    out = tmp_path / "r"
+    assert train_rl.main(rl_args(toy, out, max_steps=1, entropy_top_frac=0.2)) == 0
+    m = metrics(out)[0]
+    assert m["entropy_floor"] is None and m["entropy_kept"] == 1.0
+
+
 @pytest.mark.slow
 def test_a_setting_whose_switch_is_off_is_named_as_unused(toy, tmp_path, capsys):
     """--dwa_s / --dwa_alpha without --adv_weight dwa (and the other settings that act under a switch) change nothing:
@@ -667,7 +683,8 @@ def test_bad_settings_are_one_line_errors(toy, tmp_path):
                           ({"kl_cov_coef": -1}, "--kl_cov_coef must be 0 or more"),
                           ({"kl_cov_coef": "inf"}, "kl_cov_coef"),
                           ({"policy_loss": "kl_cov", "ratio_level": "sequence"}, "give --ratio_level token"),
-                          ({"baseline": "loo", "samples_per_prompt": 1}, "no other rewards")):
+                          ({"baseline": "loo", "samples_per_prompt": 1}, "no other rewards"),
+                          ({"std_scope": "batch", "samples_per_prompt": 1}, "a group of one's advantage is its")):
         with pytest.raises(common.UserError, match=message):
             train_rl.main(rl_args(toy, tmp_path / "i", **over))
 
