@@ -88,7 +88,10 @@ class ModelConfig:
             raise UserError(f"{where}: field 'tie_word_embeddings' must be true or false, "
                             f"got {cfg['tie_word_embeddings']!r}")
         rope = cfg.get("rope_parameters") or {}          # transformers >= 5 keeps RoPE settings here
+        # as transformers reads them: a v4 rope_scaling replaces rope_parameters, and the theta inside wins over a
+        # top-level one (which a config from elsewhere may also hold)
         scaling = cfg.get("rope_scaling") or rope
+        rope_theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "default":
             scaling = None
@@ -111,6 +114,13 @@ class ModelConfig:
         if cfg.get("mlp_bias") or (arch != "qwen2" and cfg.get("attention_bias")):
             raise UserError(f"{where}: {'mlp_bias' if cfg.get('mlp_bias') else 'attention_bias'} is not supported "
                             f"(biases: Qwen2's q/k/v only)")
+        # absent (not null) fields where transformers' Qwen defaults (32 kv heads; Qwen3's head_dim 128) are rarely
+        # what the weights hold: refused, not guessed (a guess trains, then saves a config transformers cannot load)
+        absent = [f for f, archs in (("num_key_value_heads", ("qwen2", "qwen3")), ("head_dim", ("qwen3",)))
+                  if arch in archs and f not in cfg]
+        if absent:
+            raise UserError(f"{where}: missing field {absent[0]!r} (transformers' default for {arch} is rarely "
+                            f"the checkpoint's: write it)")
         try:
             heads = cfg["num_attention_heads"]
             return ModelConfig(
@@ -119,7 +129,7 @@ class ModelConfig:
                 num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
                 head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                rope_theta=rope_theta,
                 rope_scaling=scaling, tie_word_embeddings=bool(cfg.get("tie_word_embeddings")),
                 max_position_embeddings=cfg.get("max_position_embeddings") or 32768, hf_config=cfg)
         except KeyError as e:

@@ -60,6 +60,41 @@ def test_logits_match_transformers_after_save(name, tmp_path):
     assert ours.abs().max() > 1.0  # the comparison is not between two near-zero tensors
 
 
+ROPE_PRECEDENCE = {  # configs from other tools: RoPE's theta in two places, or only inside a v4 rope_scaling
+    "theta_twice": {**tiny_config(VOCAB, rope_theta=1e4), "rope_parameters": {"rope_type": "default",
+                                                                             "rope_theta": 1e6}},
+    "theta_in_rope_scaling": {**{k: v for k, v in tiny_config(VOCAB, arch="LlamaForCausalLM").items()
+                                 if k != "rope_theta"}, "rope_scaling": {**LLAMA3_SCALING, "rope_theta": 5e5}},
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE_PRECEDENCE))
+def test_rope_theta_is_read_where_transformers_reads_it(name, tmp_path):
+    """rope_theta was read top-level first and never inside rope_scaling: other logits than transformers' for the
+    same checkpoint (by ~5 where logits are ~5), without a word."""
+    model = random_model(ROPE_PRECEDENCE[name], seed=1)
+    assert model.config.rope_theta == {"theta_twice": 1e6, "theta_in_rope_scaling": 5e5}[name]
+    save_model(model, str(tmp_path / "ckpt"))
+    idx = torch.randint(0, VOCAB, (2, 150), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = padded.logits(model, idx)
+    assert (ours - hf_logits(str(tmp_path / "ckpt"), idx)).abs().max().item() <= 1e-4
+
+
+def test_a_qwen_config_without_kv_heads_or_head_dim_is_refused():
+    """transformers' Qwen2/Qwen3 defaults for an absent field (32 kv heads; Qwen3's head_dim 128) differ from the
+    natural guess (the attention heads; hidden / heads), which trained and saved a config transformers cannot load."""
+    for arch, field in (("Qwen2ForCausalLM", "num_key_value_heads"), ("Qwen3ForCausalLM", "num_key_value_heads"),
+                        ("Qwen3ForCausalLM", "head_dim")):
+        cfg = {k: v for k, v in tiny_config(VOCAB, arch=arch).items() if k != field}
+        with pytest.raises(common.UserError, match=f"config.json: missing field '{field}'"):
+            model_module.ModelConfig.from_hf(cfg)
+    llama = {k: v for k, v in tiny_config(VOCAB, arch="LlamaForCausalLM").items()
+             if k not in ("num_key_value_heads", "head_dim")}
+    got = model_module.ModelConfig.from_hf(llama)  # (Llama's defaults are the natural ones, as transformers')
+    assert got.num_kv_heads == got.num_heads and got.head_dim == got.hidden_size // got.num_heads
+
+
 def test_llama3_rope_scaling_changes_logits():
     scaled = random_model(CONFIGS["llama3_scaled"], seed=1)
     plain_cfg = dict(CONFIGS["llama3_scaled"])
