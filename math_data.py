@@ -343,20 +343,32 @@ TEXT_SPACE = re.compile(r"\\(text|textbf|textrm|mathrm|mbox)\s+\{")  # "\\text {
 LIST_QUESTION = re.compile(r"separated by commas|enter all", re.I)
 
 
+# a time's a.m. / p.m. after its digits, bare or in a text command: "4:30 p.m.", "4:30 \text{ PM}" are "4:30"
+TRAILING_MERIDIEM = re.compile(r"(?<=\d)\s*(?:\\(?:text|mbox|mathrm)\s*\{\s*)?[ap]\.?(?:\s|~)*m\.?\s*\}?$", re.I)
+# "\frac\pi4", "\frac 3\pi": an unbraced argument that is a command (digits alone: normalize_answer's rules)
+FRAC_COMMANDS = re.compile(r"\\[dt]?frac\s*(?:(\\[A-Za-z]+)\s*(\\[A-Za-z]+|[A-Za-z0-9])|([A-Za-z0-9])\s*(\\[A-Za-z]+))")
+THIN_THOUSANDS = re.compile(r"(?<=\d),\s*\\!\s*(?=\d{3}(?!\d))")
+
+
 def as_graded(answer, record):
-    """An answer (the boxed one or the gold) as both grading paths read it: "\\text {" closed up, and where the
-    question asks for a list and the gold is one, a space after each comma before a digit, so that no thousands rule
-    (ours, math-verify's) reads the list as one number. Where the paper's math-verify alone takes "70110" for
-    "70,110", this takes the list; a gold of one number (10879) keeps "10,879" as that number."""
-    answer = TEXT_SPACE.sub(r"\\\1{", answer)
+    """An answer (the boxed one or the gold) as both grading paths read it: cleaned as a boxed answer is (a gold's
+    trailing period or comma made math-verify read only part of it), "\\text {" closed up, "\\frac\\pi4" braced, and
+    where the question asks for a list and the gold is one, a space after each comma before a digit, so that no
+    thousands rule (ours, math-verify's) reads the list as one number; elsewhere "29,\\!322" is 29322. Where the
+    paper's math-verify alone takes "70110" for "70,110", this takes the list; a gold of one number (10879) keeps
+    "10,879" as that number."""
+    answer = TEXT_SPACE.sub(r"\\\1{", _clean_answer(answer.strip().rstrip(",")))  # (a gold's "i." or "(E),")
+    answer = FRAC_COMMANDS.sub(lambda m: "\\frac{%s}{%s}" % ((m[1], m[2]) if m[1] else (m[3], m[4])), answer)
     if LIST_QUESTION.search(str(record.get("question", ""))) and re.search(r",\s*\d", str(record.get("answer", ""))):
         answer = re.sub(r",(?=\d)", ", ", answer)
+    else:  # "29,\!322,\!216" is one number anywhere in an answer (math-verify read "111,\!111" as a list)
+        answer = THIN_THOUSANDS.sub("", answer)
     return answer
 
 
 def normalize_answer(s: str) -> str:
     """A canonical string for the fast exact-match path; conservative: it only merges forms that are equal."""
-    s = _clean_answer(s)
+    s = TRAILING_MERIDIEM.sub("", _clean_answer(s))  # (score() compared the markers first)
     # thousands separators, judged on the answer as written ("10,\\! 080", "2{,}016", "58,500"), before spaces and
     # degree signs go: "2, 100" and "45^\\circ, 135^\\circ" are lists, never 2100 or 45135
     number = re.sub(r",\s*\\!\s*|\{,\}", ",", s).replace("\\$", "").strip()
@@ -388,14 +400,19 @@ def normalize_answer(s: str) -> str:
     return s.rstrip(".")
 
 
-# a time of day's a.m. / p.m.: dotted anywhere ("4:30 p.m."), or alone in a \text{} ("9 \text{pm}")
-MERIDIEM = re.compile(r"(?<![A-Za-z\\])([ap])\.\s*m\b\.?|\\(?:text|mbox|mathrm)\{\s*([ap])\.?\s*m\.?\s*\}", re.I)
+# a time of day's a.m. / p.m.: dotted anywhere ("4:30 p.m.", "p.~m."), or as a word in any text command's braces
+# ("9 \text{pm}", "\textbf{ PM}", "\text{ pm or am}")
+MERIDIEM = re.compile(r"(?<![A-Za-z\\])([ap])\.(?:\s|~|\\,|\\ )*m\b\.?", re.I)
+MERIDIEM_WORD = re.compile(r"(?<![A-Za-z])([ap])\.?(?:\s|~)*m\b", re.I)
+TEXT_COMMAND = re.compile(r"\\(?:text[a-z]*|mbox|mathrm|operatorname)\s*\{([^{}]*)\}")
 
 
 def meridiem(answer):
-    """"a" or "p" where the answer's last time-of-day marker says a.m. or p.m., else None."""
-    marks = MERIDIEM.findall(answer)
-    return (marks[-1][0] or marks[-1][1]).lower() if marks else None
+    """The set of time-of-day markers an answer holds: {"a"}, {"p"}, both (a hedge: "9 \\text{ pm or am}"), or none."""
+    marks = {m.lower() for m in MERIDIEM.findall(answer)}
+    for text in TEXT_COMMAND.findall(answer):
+        marks |= {m.lower() for m in MERIDIEM_WORD.findall(text)}
+    return marks
 
 
 def same_normalized(pred: str, gold: str) -> bool:
@@ -442,7 +459,8 @@ def score(response, record, finished) -> float:
         if pred is None or len(pred) > MAX_ANSWER_CHARS:
             return 0.0
         pred, gold = as_graded(pred, record), as_graded(str(record["answer"]), record)
-        if {meridiem(gold), meridiem(pred)} == {"a", "p"}:  # both paths drop the text: 9 a.m. read as 9 p.m.
+        # both paths drop the text: 9 a.m. read as 9 p.m.; an answer hedging with both markers is neither
+        if meridiem(gold) and meridiem(pred) and meridiem(gold) != meridiem(pred):
             return 0.0
         if same_normalized(pred, gold):
             return 1.0
@@ -596,8 +614,10 @@ def _worker_main():
 
     def equal(gold, pred):
         # Timeouts off: math-verify's are signal.alarm based; the parent's kill is the time limit.
-        g = parse("\\boxed{" + gold + "}", extraction_config=config, parsing_timeout=None)
-        p = parse("\\boxed{" + pred + "}", extraction_config=config, parsing_timeout=None)
+        # first_match: the box's whole content or nothing (any_match fell back to its last "$4$" or fraction, so
+        # an unreadable box holding the gold among other text scored 1)
+        g, p = (parse("\\boxed{" + x + "}", extraction_config=config, parsing_timeout=None,
+                      extraction_mode="first_match") for x in (gold, pred))
         return bool(g) and bool(p) and verify(g, p, timeout_seconds=None)
 
     try:

@@ -92,6 +92,16 @@ EQUAL = [
     ("9\\text{ a.m.}", "9 \\text{AM}"),
     ("9\\text{ a.m.}", "9"),  # (no marker: read as math-verify reads it)
     ("\\pm 3", "\\pm3"),  # (\pm is not p.m.)
+    # a time gold written whole in \text, or its marker bare: the marker's place is form (both compared first)
+    ("\\text{4:30 p.m.}", "4:30 \\text{ p.m.}"),
+    ("\\text{4:30 p.m.}", "4:30 \\text{ PM}"),
+    ("4\\!:\\!51\\!:\\!06 \\text{ p.m.}", "4:51:06 p.m."),
+    # a gold's trailing period or comma: math-verify read only part of it
+    ("\\frac{7}{5} + \\frac{1}{5} i.", "\\frac{7+i}{5}"),
+    ("\\text{(E)},", "E"),
+    ("\\dfrac{1}{29,\\!322,\\!216}", "\\frac{1}{29322216}"),  # thin-space thousands inside an expression
+    ("\\frac \\pi4 + 2 - \\sqrt2", "\\frac{\\pi}{4} + 2 - \\sqrt{2}"),  # an unbraced command argument
+    ("2007 + \\frac\\pi 2", "2007 + \\frac{\\pi}{2}"),
 ]
 
 # (gold, boxed prediction): near misses that must score 0.0
@@ -141,6 +151,16 @@ UNEQUAL = [
     ("9\\text{ p.m.}", "9\\text{ a.m.}"),  # both paths drop the text: a.m. and p.m. scored alike (MATH golds)
     ("4\\!:\\!51\\!:\\!06 \\text{ p.m.}", "4:51:06 \\text{ a.m.}"),
     ("9\\text{ a.m.}", "9 \\text{pm}"),
+    ("9\\text{ a.m.}", "9 \\text{ pm or am}"),  # a hedge: both markers are neither
+    ("8\\!:\\!34 \\text{ p.m.}", "8:34 \\text{ am or pm}"),
+    ("9\\text{ a.m.}", "9 \\textbf{ pm}"),  # markers the old pattern missed, dropped with their text
+    ("9\\text{ a.m.}", "9 \\textrm{pm}"),
+    ("9\\text{ a.m.}", "9\\text{ p.~m.}"),
+    ("\\frac{7}{5} + \\frac{1}{5} i.", "\\frac{1}{5}"),  # the gold's period: math-verify took its last fraction
+    ("111, \\! 111, \\! 111", "111"),  # one number, which math-verify read as the set {111}
+    ("4", "(2( $3$ \\text{ or } $4$"),  # an unreadable box: math-verify fell back to its last $..$
+    ("\\frac{1}{8}", "\\frac{1}{3} ( \\frac{1}{8}"),
+    ("\\frac 34", "\\frac 341"),  # (digits alone are not braced: "\frac341" is not 3/4)
 ]
 
 
