@@ -62,7 +62,8 @@ source "config/$PRESET.sh"
 # the stage commands are built as shell words: a path with a space or a shell character would be cut, expanded or
 # run there, while this script's own quoted uses of it would not (a quoted '~/runs': stages in $HOME, markers in ./~)
 unsafe='^[~#]|[][:space:]"'"'"'\\$`;&|<>()*?{}[]'
-for name in OUT BASE MODEL_DIR DATA TRAIN TEST SFT_SPLIT MATH_POOL MATH_TEST LIMR_POOL LIMR_INIT AIME24 AMC23; do
+for name in OUT BASE MODEL_DIR DATA TRAIN TEST SFT_SPLIT MATH_POOL MATH_TEST LIMR_POOL LIMR_INIT AIME24 AMC23 \
+    TASK_SCRIPT SELECT_FROM; do
   if [[ "${!name:-}" =~ $unsafe ]]; then
     echo "error: $name is '${!name}': a path with a space, a shell character (quotes, \\ \$ \` ; & | < > ( ) * ? { }" \
       "[ ]) or a leading ~ or # cannot be passed on to the stages; use another path (a symbolic link without them" \
@@ -70,8 +71,8 @@ for name in OUT BASE MODEL_DIR DATA TRAIN TEST SFT_SPLIT MATH_POOL MATH_TEST LIM
     exit 2
   fi
 done
-if [[ "${LIMR:-0}" == 1 || "${LIMR_ONLY:-0}" == 1 ]] && [[ -z "${LIMR_STEPS:-}${LIMR_PROBE_STEPS:-}" ]]; then
-  echo "error: preset $PRESET sets no LIMR stages (LIMR_STEPS, LIMR_PROBE_STEPS, LIMR_SEEDS, ...); LIMR=1 runs" \
+if [[ "${LIMR:-0}" == 1 || "${LIMR_ONLY:-0}" == 1 ]] && [[ -z "${LIMR_STEPS:-}" || -z "${LIMR_PROBE_STEPS:-}" ]]; then
+  echo "error: preset $PRESET sets no LIMR stages (LIMR_STEPS and LIMR_PROBE_STEPS, LIMR_SEEDS, ...); LIMR=1 runs" \
     "with a preset that does: tiny, micro, limr-qwen2.5-math-7b (or add them to config/$PRESET.sh)" >&2
   exit 2
 fi
@@ -99,6 +100,11 @@ trap 'if [[ -n "$ATTEMPT" ]] && ! lock_lost; then log_attempt "$ATTEMPT" $((SECO
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
+  if [[ -z "${cmd// }" ]]; then  # (its marker would hold no command, which the next run takes for an old marker's)
+    echo "error: stage $name has no command (an empty *_CMD in preset $PRESET?): give it one, or leave the stage" \
+      "out of the preset" >&2
+    exit 2
+  fi
   local what="${cmd#"$LAUNCH "}"  # the command without its launcher: another number of GPUs may take over a study
   # (at its next stage: a stopped training run resumes on its own number only, as docs/memory.md says)
   # (the stages resume what they find, and refuse outputs made with other settings: those must go too)
@@ -125,8 +131,8 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
       echo "== $name: done; eval.py checks its pairs (a task scorer changed since re-scores them)"  # (not timed)
       echo "+ $cmd"
       # (a checkpoint deleted since, for disk space, fails it: the earlier results stand, and the study goes on)
-      [[ "$DRY_RUN" == 1 ]] || eval "$cmd" || echo "warning: stage $name's re-check failed (above); its earlier" \
-        "results stand" >&2
+      [[ "$DRY_RUN" == 1 ]] || { stop_if_lock_lost; eval "$cmd"; } || echo "warning: stage $name's re-check" \
+        "failed (above); its earlier results stand" >&2
       return 0
     fi
     echo "== $name: done (OUT/done/$name), skipped"
@@ -191,6 +197,7 @@ report() {
   echo "== report"
   echo "+ python report.py --out_dir $OUT --preset $PRESET --seeds $SEEDS --limr_seeds ${LIMR_SEEDS:-1234}"
   [[ "$DRY_RUN" == 1 ]] && exit 0
+  stop_if_lock_lost  # (a long re-check may have run while OUT was moved away and a new study started there)
   # shellcheck disable=SC2086  # LIMR_SEEDS: one argument per seed
   python report.py --out_dir "$OUT" --preset "$PRESET" --seeds "$SEEDS" --limr_seeds ${LIMR_SEEDS:-1234}
 }

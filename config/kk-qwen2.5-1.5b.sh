@@ -5,7 +5,8 @@
 # traces, is an API run we cannot repeat offline). Batch sizes are global: the same on any GPU count.
 source config/qwen2.5-1.5b.inc  # base model, launcher, GRPO/sampling/eval/sample-effect settings
 OUT=${OUT:-runs/kk-qwen2.5-1.5b}
-DATA=${DATA:-data/kk}
+DATA=${DATA:-$OUT/data}  # (a study's own: a DATA shared by studies of other pools is rewritten under the
+# other's done/data marker, which does not see it)
 TASK=kk; TASK_SCRIPT=kk_data.py
 TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # the paper's splits: RL train people 3-7 x 2000, test people 4-8 x 100 (the official test puzzles),

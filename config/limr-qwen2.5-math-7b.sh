@@ -25,7 +25,8 @@ source config/qwen2.5-1.5b.inc  # the launcher and GPU settings (the 1.5B base a
 BASE_HUB_NAME=Qwen/Qwen2.5-Math-7B
 BASE=${MODEL_DIR:-models/Qwen2.5-Math-7B}
 OUT=${OUT:-runs/limr-qwen2.5-math-7b}
-DATA=${DATA:-data/limr_math}
+DATA=${DATA:-$OUT/data}  # (a study's own: a DATA shared by studies of other pools is rewritten under the
+# other's done/data marker, which does not see it)
 TASK=math; TASK_SCRIPT=math_data.py
 TRAIN=$DATA/rl_train.jsonl; TEST=$DATA/test.jsonl
 # the whole 8.5K pool for RL (no SFT split); test = MATH500

@@ -6,7 +6,8 @@
 # Teacher: the MATH reference solutions (the paper's short CoT; its long-CoT teacher is DeepSeek-R1).
 source config/qwen2.5-1.5b.inc  # base model, launcher, GRPO/sampling/eval/sample-effect settings
 OUT=${OUT:-runs/math-qwen2.5-1.5b}
-DATA=${DATA:-data/math}
+DATA=${DATA:-$OUT/data}  # (a study's own: a DATA shared by studies of other pools is rewritten under the
+# other's done/data marker, which does not see it)
 TASK=math; TASK_SCRIPT=math_data.py
 TRAIN=$DATA/rl_train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft_train.jsonl
 # the paper's splits: seed-1234 shuffle of the train pool, 900 SFT / 100 SFT-val / the rest RL; test = MATH-500

@@ -456,6 +456,26 @@ def test_limr_with_a_preset_without_its_stages_is_an_error_before_any_stage(tmp_
     assert "preset kk-qwen2.5-1.5b sets no LIMR stages" in proc.stderr
 
 
+def preset_of(tmp_path, text):
+    """A preset file outside config/ (reproduce.sh takes config/NAME.sh: NAME a path relative to config/)."""
+    (tmp_path / "fake.sh").write_text("source config/tiny.sh\n" + text)
+    return os.path.relpath(str(tmp_path / "fake"), os.path.join(ROOT, "config"))
+
+
+def test_a_preset_whose_commands_cannot_run_is_refused_before_any_stage(tmp_path):
+    """A task script path with a space passed the check and was cut at its stage, midway through a study; an empty
+    stage command wrote a marker the next run took for an old one's; LIMR with one of its two step counts died at
+    the end of the whole study (an unbound variable)."""
+    env = {"OUT": str(tmp_path / "out")}
+    for text, message in (('TASK_SCRIPT="/x/my tasks/task.py"\n', "error: TASK_SCRIPT is '/x/my tasks/task.py'"),
+                          ('DATA_CMD=""\n', "error: stage data has no command"),
+                          ("unset LIMR_PROBE_STEPS\n", "sets no LIMR stages (LIMR_STEPS and LIMR_PROBE_STEPS")):
+        proc = run_reproduce(preset_of(tmp_path, text), "--dry-run", check=False,
+                             env={**env, "LIMR": "1" if "LIMR" in text else "0"})
+        assert proc.returncode == 2 and message in proc.stderr, (proc.stdout[-500:], proc.stderr[-500:])
+        assert "+ python" not in proc.stdout and not os.path.exists(env["OUT"])
+
+
 def test_dry_run_of_limrs_own_setting(tmp_path):
     """LIMR's preset: only the LIMR stages, from the base, with their settings."""
     model_dir, out = str(tmp_path / "Qwen2.5-Math-7B"), str(tmp_path / "out")
