@@ -59,11 +59,13 @@ def sample_keys(seed, samples):
 
 
 def keyed_uniforms(keys, positions):
-    """One number in [0, 1) per (sample, position), a hash of (seed, sample, position): keys = sample_keys(seed,
+    """One number in (0, 1) per (sample, position), a hash of (seed, sample, position): keys = sample_keys(seed,
     samples), positions (rows,); returns (rows, 1) fp32 with 24 random bits. What the decode step computes (one
-    kernel in the fused ops)."""
+    kernel in the fused ops). The one draw in 2**24 that hashes to 0 is taken at half a step, 2**-25: at 0, the
+    inverse-CDF search drew the lowest-id token of non-zero probability however unlikely (log p -82 seen), where
+    every other draw lands in its cell of the distribution; no other draw changes."""
     h = _mix32(keys ^ _mix32((positions + 0x5BD1E995) & MASK32))
-    return ((h >> 8).float() * 2.0**-24)[:, None]
+    return ((h >> 8).float() * 2.0**-24).clamp_(min=2.0**-25)[:, None]
 
 
 def seed32(seed):

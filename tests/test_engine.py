@@ -483,6 +483,19 @@ def test_uniforms_are_uniform_and_keyed():
     assert torch.equal(uniforms(7, samples[5:9], positions[5:9])[:, 0], u[5:9])
 
 
+def test_the_draw_that_hashes_to_zero_is_not_zero():
+    """Seed 1, sample 0, position 36,888,428 hashes to 0 (one draw in 2**24): at u = 0 the inverse-CDF search drew
+    the lowest-id token of non-zero probability, whatever its probability; it is taken at 2**-25, and its neighbours
+    are unchanged."""
+    positions = torch.tensor([36888427, 36888428, 36888429])
+    u = uniforms(1, torch.zeros(3, dtype=torch.long), positions)[:, 0]
+    assert u[1] == 2.0**-25 and bool((u[[0, 2]] > 2.0**-24).all())
+    logits = torch.zeros(1, 50)
+    logits[0, 0] = -90.0  # token 0: p ~ 1e-40, non-zero in fp32
+    assert sample_next(logits, 1.0, 1.0, u[1:2, None])[0].item() == 1  # the first token of real mass
+    assert sample_next(logits, 1.0, 1.0, torch.zeros(1, 1))[0].item() == 0  # (what u = 0 drew)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_generation_logprobs_equal_teacher_forced(temperature):
     model = build_model(CONFIGS["llama3_scaled"], 7, std=0.05)
