@@ -197,7 +197,7 @@ def get_parser():
                         "two agree (fp32 on a CPU) the weight is 1 and it changes nothing. Not top-p's truncation: "
                         "the engine logs the untruncated softmax's log-prob (see --top_p)")
     p.add_argument("--rollout_is_cap", type=float, default=2.0,
-                   help="the cap C of --rollout_is's weight min(ratio, C) (TIS: 2; at least 1, above 1 for mask)")
+                   help="the cap C of --rollout_is's weight min(ratio, C) (TIS: 2)")
     p.add_argument("--rollout_is_mode", default="truncate", choices=("truncate", "mask"),
                    help="truncate: --rollout_is's weight min(ratio, C) (TIS); mask: the ratio inside [1/C, C] (C > "
                         "1; verl's rejection band) and 0 outside it, so a token (or, per sequence, a response) the "
@@ -670,9 +670,6 @@ def main(argv=None):
         raise UserError(f"--rollout_is_cap must be > 0, got {args.rollout_is_cap}")
     if not 0 < args.entropy_top_frac <= 1:
         raise UserError(f"--entropy_top_frac {args.entropy_top_frac}: a fraction of the tokens in (0, 1] (1 = all)")
-    if args.rollout_is != "off" and args.rollout_is_mode == "truncate" and args.rollout_is_cap < 1:
-        raise UserError(f"--rollout_is_cap {args.rollout_is_cap}: truncation caps the weight min(ratio, C), and on "
-                        f"policy the ratio is 1, so C < 1 scales every token's gradient down to C; give C >= 1")
     if args.rollout_is != "off" and args.rollout_is_mode == "mask" and not args.rollout_is_cap > 1:
         raise UserError(f"--rollout_is_mode mask keeps the ratios in [1/C, C]: --rollout_is_cap {args.rollout_is_cap} "
                         f"leaves that band empty or a single point, so next to nothing would train; give C > 1")
