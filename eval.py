@@ -239,11 +239,13 @@ def main(argv=None):
     def pairs_done():
         done = {}
         for ckpt, name in zip(args.checkpoints, names):
+            ckpt_tokenizer = None  # (loaded once, where a pair of this checkpoint was done before)
             for split_path, split_name, records in zip(args.splits, split_names, splits):
                 pair_dir = os.path.join(args.out_dir, name, split_name)
                 summary_path = os.path.join(pair_dir, "summary.json")
                 if os.path.exists(summary_path) and not args.overwrite:
-                    prompts = prompt_digest(load_tokenizer(ckpt), task, records, args.template)
+                    ckpt_tokenizer = ckpt_tokenizer or load_tokenizer(ckpt)
+                    prompts = prompt_digest(ckpt_tokenizer, task, records, args.template)
                     summary = read_done(summary_path, os.path.join(pair_dir, "samples.jsonl"),
                                         settings_of(ckpt, split_path, prompts), records, task)
                     if summary is not None:

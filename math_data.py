@@ -344,7 +344,8 @@ LIST_QUESTION = re.compile(r"separated by commas|enter all", re.I)
 
 
 # a time's a.m. / p.m. after its digits, bare or in a text command: "4:30 p.m.", "4:30 \text{ PM}" are "4:30"
-TRAILING_MERIDIEM = re.compile(r"(?<=\d)\s*(?:\\(?:text|mbox|mathrm)\s*\{\s*)?[ap]\.?(?:\s|~)*m\.?\s*\}?$", re.I)
+# (meridiem() reads it too: every marker normalize_answer drops is compared first)
+TRAILING_MERIDIEM = re.compile(r"(?<=\d)\s*(?:\\(?:text|mbox|mathrm)\s*\{\s*)?([ap])\.?(?:\s|~)*m\.?\s*\}?$", re.I)
 # "\frac\pi4", "\frac 3\pi": an unbraced argument that is a command (digits alone: normalize_answer's rules)
 FRAC_COMMANDS = re.compile(r"\\[dt]?frac\s*(?:(\\[A-Za-z]+)\s*(\\[A-Za-z]+|[A-Za-z0-9])|([A-Za-z0-9])\s*(\\[A-Za-z]+))")
 THIN_THOUSANDS = re.compile(r"(?<=\d),\s*\\!\s*(?=\d{3}(?!\d))")
@@ -409,7 +410,7 @@ TEXT_COMMAND = re.compile(r"\\(?:text[a-z]*|mbox|mathrm|operatorname)\s*\{([^{}]
 
 def meridiem(answer):
     """The set of time-of-day markers an answer holds: {"a"}, {"p"}, both (a hedge: "9 \\text{ pm or am}"), or none."""
-    marks = {m.lower() for m in MERIDIEM.findall(answer)}
+    marks = {m.lower() for m in MERIDIEM.findall(answer) + TRAILING_MERIDIEM.findall(answer)}
     for text in TEXT_COMMAND.findall(answer):
         marks |= {m.lower() for m in MERIDIEM_WORD.findall(text)}
     return marks
@@ -460,7 +461,8 @@ def score(response, record, finished) -> float:
             return 0.0
         pred, gold = as_graded(pred, record), as_graded(str(record["answer"]), record)
         # both paths drop the text: 9 a.m. read as 9 p.m.; an answer hedging with both markers is neither
-        if meridiem(gold) and meridiem(pred) and meridiem(gold) != meridiem(pred):
+        marks_gold, marks_pred = meridiem(gold), meridiem(pred)
+        if marks_gold and marks_pred and marks_gold != marks_pred:
             return 0.0
         if same_normalized(pred, gold):
             return 1.0

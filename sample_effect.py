@@ -445,10 +445,9 @@ def out_stem(path):
     return path[:-len(".jsonl")] if path.endswith(".jsonl") else path
 
 
-def write_selection(path, chosen):
+def write_selection(path, chosen, cache):
     """Copy the chosen effect rows' original records verbatim (plus "sample_effect" and "source_file") into an SFT
-    jsonl."""
-    cache = {}
+    jsonl. cache: each source file's records by line, read once for all the selections."""
     out = []
     for row in chosen:
         if row["file"] not in cache:
@@ -683,8 +682,9 @@ def main(argv=None):
     def write_outputs():
         common.write_jsonl(args.out, effects)
         common.write_json(out_stem(args.out) + ".summary.json", summary)
+        cache = {}
         for path, chosen in selections.items():
-            write_selection(path, chosen)
+            write_selection(path, chosen, cache)
     parallel.write_on_rank0(write_outputs, *lock)  # (--out's directory removed or moved away meanwhile: nothing)
     parallel.barrier()  # every rank is past the partial files before they go
     if rank == 0:

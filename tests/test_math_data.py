@@ -96,6 +96,7 @@ EQUAL = [
     ("\\text{4:30 p.m.}", "4:30 \\text{ p.m.}"),
     ("\\text{4:30 p.m.}", "4:30 \\text{ PM}"),
     ("4\\!:\\!51\\!:\\!06 \\text{ p.m.}", "4:51:06 p.m."),
+    ("4:30 p.m.", "4:30 pm"),
     # a gold's trailing period or comma: math-verify read only part of it
     ("\\frac{7}{5} + \\frac{1}{5} i.", "\\frac{7+i}{5}"),
     ("\\text{(E)},", "E"),
@@ -156,6 +157,8 @@ UNEQUAL = [
     ("9\\text{ a.m.}", "9 \\textbf{ pm}"),  # markers the old pattern missed, dropped with their text
     ("9\\text{ a.m.}", "9 \\textrm{pm}"),
     ("9\\text{ a.m.}", "9\\text{ p.~m.}"),
+    ("4:30 p.m.", "4:30 am"),  # a bare marker after the digits, which the string match drops: compared first
+    ("9\\text{ a.m.}", "9 pm"),
     ("\\frac{7}{5} + \\frac{1}{5} i.", "\\frac{1}{5}"),  # the gold's period: math-verify took its last fraction
     ("111, \\! 111, \\! 111", "111"),  # one number, which math-verify read as the set {111}
     ("4", "(2( $3$ \\text{ or } $4$"),  # an unreadable box: math-verify fell back to its last $..$
