@@ -95,8 +95,45 @@ stop_if_lock_lost() {  # ... and perhaps a new study runs there: write nothing m
     exit 1
   fi
 }
+take_lock() {  # OUT's lock, on fd 9 until this script and every stage it started have ended (they inherit it)
+  if [[ "$DRY_RUN" == 0 ]] && command -v flock > /dev/null; then
+    exec 9> "$OUT/.reproduce.lock"
+    HOLDS_LOCK=1  # (fd 9 is OUT's lock file with or without flock: lock_lost compares the two)
+    local locked=0; flock -n -E 75 9 || locked=$?
+    if (( locked == 75 )); then
+      echo "error: another reproduce.sh is running on $OUT (or a stage it started still is); wait for it to end," \
+           "or stop it" >&2
+      exit 1
+    elif (( locked != 0 )); then  # (a file system without locks)
+      echo "note: cannot lock $OUT/.reproduce.lock (flock exit $locked): running without the lock" >&2
+    fi
+  fi
+}
 ATTEMPT=""  # the stage running now: when the script exits before it finishes, its time is logged as stopped
 trap 'if [[ -n "$ATTEMPT" ]] && ! lock_lost; then log_attempt "$ATTEMPT" $((SECONDS - ATTEMPT_T0)) stopped; fi' EXIT
+# A stage runs in a process group of its own, and a TERM, HUP or INT sent to this script ends that group too: a kill
+# of the script alone left the stage running on, unmarked and holding OUT's lock. (Ctrl-C reaches the stage this way
+# too: it is not in the terminal's foreground group.)
+STAGE_GROUP=""  # the running stage's process group (its leader's pid), or empty
+pass_on() {  # pass_on SIGNAL: end the stage with it, wait for it, then end this script with it (the EXIT trap runs)
+  if [[ -n "$STAGE_GROUP" ]]; then
+    kill -s "$1" -- "-$STAGE_GROUP" 2> /dev/null || true
+    wait "$STAGE_GROUP" 2> /dev/null || true
+  fi
+  trap - "$1"
+  kill -s "$1" "$$"
+}
+for signal in TERM HUP INT; do trap "pass_on $signal" "$signal"; done
+in_own_group() {  # in_own_group COMMAND...: run it in a process group of its own (job control on) and wait for it
+  set -m
+  "$@" &
+  STAGE_GROUP=$!
+  set +m
+  local status=0
+  wait "$STAGE_GROUP" || status=$?  # (a trapped signal interrupts the wait: pass_on runs)
+  STAGE_GROUP=""
+  return "$status"
+}
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
@@ -131,7 +168,7 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
       echo "== $name: done; eval.py checks its pairs (a task scorer changed since re-scores them)"  # (not timed)
       echo "+ $cmd"
       # (a checkpoint deleted since, for disk space, fails it: the earlier results stand, and the study goes on)
-      [[ "$DRY_RUN" == 1 ]] || { stop_if_lock_lost; eval "$cmd"; } || echo "warning: stage $name's re-check" \
+      [[ "$DRY_RUN" == 1 ]] || { stop_if_lock_lost; in_own_group eval "$cmd"; } || echo "warning: stage $name's re-check" \
         "failed (above); its earlier results stand" >&2
       return 0
     fi
@@ -143,7 +180,7 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   [[ "$DRY_RUN" == 1 ]] && return 0
   stop_if_lock_lost
   ATTEMPT="$name"; ATTEMPT_T0=$SECONDS
-  eval "$cmd"
+  in_own_group eval "$cmd"
   local seconds=$((SECONDS - ATTEMPT_T0))
   stop_if_lock_lost
   ATTEMPT=""
@@ -219,8 +256,9 @@ if (( SEEDS > 1 )); then
     echo "==== seed $s of $SEEDS -> $dir"
     flags=(); [[ "$DRY_RUN" == 1 ]] && flags=(--dry-run)
     limr=0; (( s == 1 )) && limr="${LIMR:-0}"
-    SEEDS=1 SEED=$s OUT="$dir" LIMR=$limr bash "$SELF" "$PRESET" "${flags[@]}"
+    in_own_group env SEEDS=1 SEED=$s OUT="$dir" LIMR=$limr bash "$SELF" "$PRESET" "${flags[@]}"
   done
+  take_lock  # (seed 1's study held it while it ran; the table reads OUT: not while another study writes there)
   report
   exit 0
 fi
@@ -253,18 +291,7 @@ fi
 # training stages, eval and sample_policy lock their own outputs; data and reports do not). The lock is held until
 # this script and every stage it started have ended (they inherit it). Where flock(1) is missing (macOS), no lock.
 # OUT removed or moved away meanwhile (rm -rf, mv, and a re-run there): step() stops before and after each stage.
-if [[ "$DRY_RUN" == 0 ]] && command -v flock > /dev/null; then
-  exec 9> "$OUT/.reproduce.lock"
-  HOLDS_LOCK=1  # (fd 9 is OUT's lock file with or without flock: lock_lost compares the two)
-  locked=0; flock -n -E 75 9 || locked=$?
-  if (( locked == 75 )); then
-    echo "error: another reproduce.sh is running on $OUT (or a stage it started still is); wait for it to end," \
-         "or stop it" >&2
-    exit 1
-  elif (( locked != 0 )); then  # (a file system without locks)
-    echo "note: cannot lock $OUT/.reproduce.lock (flock exit $locked): running without the lock" >&2
-  fi
-fi
+take_lock
 
 # ---- 1. data: the task's splits
 step data "$DATA_CMD"

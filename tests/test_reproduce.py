@@ -713,3 +713,49 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
 def test_unknown_preset(tmp_path):
     proc = run_reproduce("nope", check=False)
     assert proc.returncode == 2 and "no preset config/nope.sh" in proc.stderr
+
+
+@pytest.mark.parametrize("seeds", ["1", "2"])
+def test_a_kill_of_the_script_ends_its_running_stage_too(seeds, tmp_path):
+    """`kill PID` of reproduce.sh (or of the SEEDS=N loop above it) left the stage under way running on, unmarked
+    and holding OUT's lock; now the stage ends with the script, the attempt is logged as stopped, the lock is free."""
+    import fcntl
+    import signal
+    import time
+    out, pid_file = tmp_path / "out", tmp_path / "stage.pid"
+    (tmp_path / "stage.py").write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\n"
+                                       "time.sleep(120)\n")
+    preset = preset_of(tmp_path, f'DATA_CMD="python {tmp_path}/stage.py {pid_file}"\n')
+    env = study_env(OMP_NUM_THREADS="1", THREADS="1", OUT=str(out), SEEDS=seeds)
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "reproduce.sh"), preset], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stage = None
+    try:
+        for _ in range(600):  # the stage has started
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.05)
+        stage = int(pid_file.read_text())
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGTERM
+        for _ in range(100):  # (the stage has ended before the script: at most a moment to be reaped)
+            try:
+                os.kill(stage, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the stage runs on after its reproduce.sh was killed")
+    finally:  # (nothing left behind when the test fails)
+        for pid, kill in ((proc.pid, os.killpg), (stage, os.kill)):
+            try:
+                if pid is not None:
+                    kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    name, _, _, _, status = (out / "times.tsv").read_text(encoding="utf-8").splitlines()[-1].split("\t")
+    assert (name, status) == ("data", "stopped") and not (out / "done" / "data").exists()
+    if shutil.which("flock"):
+        with open(out / ".reproduce.lock", "w") as lock:  # (raises if anything still holds it)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
