@@ -447,7 +447,8 @@ ARROW_WORD = "\x00"  # what an arrow becomes: a word of its own, which no name o
 # symbols that turn a claim around, or join claims by "or", "if" or "if and only if" (checked on the NFKC form,
 # which folds full-width and other look-alikes): punctuation is form, these are content. A left arrow reads "if";
 # every arrow or harpoon of Unicode's arrow blocks but the mapping ones above is content, found by name, not listed
-LOGIC_SYMBOL = re.compile(r"!=|/=|=\\=|<>|<-+|<=+|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤]")
+# (a "!" before a letter is C's "not" ("!knight"), after one it ends a sentence; a cross mark strikes a role out)
+LOGIC_SYMBOL = re.compile(r"!=|(?<!\\)![^\W\d_]|/=|=\\=|<>|<-+|<=+|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤✗✘❌❎]")
 NEGATING_OVERLAY = "\u0338"  # a symbol struck through (∉, ≄, ⊄, ...: "not in", "not ..."), found in its NFD form
 OTHER_ARROWS = frozenset(
     c for lo, hi in ((0x2190, 0x21FF), (0x2794, 0x27BF), (0x27F0, 0x27FF), (0x2900, 0x297F), (0x2B00, 0x2BFF),

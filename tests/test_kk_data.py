@@ -227,6 +227,10 @@ SCORER_CASES = [
     (boxed("Emma = knight, Liam != knave, Sophia = knight"), 0.0),
     (boxed("Emma = knight, Liam <> knave, Sophia = knight"), 0.0),    # not-equal, as written in SQL, Pascal, ...
     (boxed("Emma = knight, Liam /= knave, Sophia = knight"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave, Sophia is !knave"), 0.0),  # C's "not"
+    (boxed("Emma is a knight! Liam is a knave! Sophia is a knight!"), 1.0),  # (an exclamation)
+    (boxed("Emma: knight ✓, Liam: knave ✓, Sophia: knave ✗"), 0.0),  # a role struck out
+    (boxed("Emma: knight ✓, Liam: knave ✔, Sophia: knight ✓"), 1.0),
     (boxed("Emma = knight, Liam =\\= knave, Sophia = knight"), 0.0),
     (boxed("Emma ∈ knights, Liam ∉ knaves, Sophia ∈ knights"), 0.0),  # a struck-through symbol: "not in"
     (boxed("Emma ∈ knights, Liam ∈ knaves, Sophia ∈ knights"), 1.0),
