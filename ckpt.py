@@ -2,6 +2,7 @@
 Training runs that survive a kill: the optimizer and gradient clipping, run checkpoints (save, prune, load, resume
 with the same settings) and the per-step metrics log. SFT and RL share all of it.
 """
+import errno
 import functools
 import glob
 import math
@@ -116,7 +117,8 @@ def clip_grad_norm(params, max_norm):
 # prune_checkpoints keeps the resumable part of the newest --keep_last saves only (1.5B: 18.5 GB each).
 
 
-CHECKPOINT_FILE = re.compile(r"step_(\d{6})(\.state\.pt|\.train\.rank\d+\.pt)?$")  # any of a checkpoint's parts
+# any of a checkpoint's parts (step numbers are 6 digits, more from step 1,000,000 on)
+CHECKPOINT_FILE = re.compile(r"step_(\d{6,})(\.state\.pt|\.train\.rank\d+\.pt)?$")
 
 
 def checkpoint_dir(run_dir, step):
@@ -131,8 +133,8 @@ def checkpoint_steps(run_dir):
     """Steps whose state file exists in run_dir (resumable checkpoints), oldest first."""
     if not os.path.isdir(run_dir):
         return []
-    return sorted(int(name[5:11]) for name in os.listdir(run_dir)
-                  if name.startswith("step_") and name.endswith(".state.pt") and name[5:11].isdigit())
+    return sorted(int(m.group(1)) for name in os.listdir(run_dir)
+                  if (m := CHECKPOINT_FILE.fullmatch(name)) and m.group(2) == ".state.pt")
 
 
 def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dict, dtype, keep_last, keep_weights=()):
@@ -264,8 +266,9 @@ def read_failure(e):
     what it was raised from says, rather than for a damaged file: a damaged file raises its readers' own errors, and a
     missing one, or a directory in its place, is damage too."""
     def not_the_file(c):
-        if isinstance(c, OSError):
-            return not isinstance(c, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
+        if isinstance(c, OSError):  # (torch.load of a small file cut short: EINVAL, as it seeks past the end)
+            return not isinstance(c, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) and \
+                c.errno != errno.EINVAL
         return out_of_memory(c)
     return any(map(not_the_file, error_chain(e)))
 

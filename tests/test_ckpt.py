@@ -210,6 +210,21 @@ def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(
     assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing resumable left: a fresh run
 
 
+@pytest.mark.parametrize("size", [4_000, 16_000, 200_000])
+def test_a_state_file_that_lost_its_tail_is_damage_not_a_read_error(tmp_path, size):
+    """torch.load of a file of a few KiB cut short fails with OSError EINVAL (it seeks past the end), which was
+    taken for the storage's error: redistill_sft's 16 KB state file (its RNG states) stopped every resume, asking
+    to run again "when the storage reads", where the checkpoint should be skipped."""
+    import torch
+    path = str(tmp_path / "step_000004.state.pt")
+    torch.save({"step": 4, "rng": torch.zeros(size // 4, dtype=torch.uint8)}, path)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    with pytest.raises(Exception) as failed:
+        torch.load(path, weights_only=True)
+    assert not ckpt.read_failure(failed.value), repr(failed.value)
+
+
 def test_a_read_error_is_not_taken_for_a_damaged_checkpoint(tmp_path, monkeypatch):
     """A read that fails for the storage's or the host's sake says nothing of the file: the resume stops naming it,
     and skips and removes nothing (taken for damage, the newest good checkpoint was deleted and its steps trained
@@ -371,3 +386,12 @@ def test_every_rank_stops_on_a_locked_run_directory(tmp_path):
     assert proc.stderr.count("another run is using this directory") == 2, proc.stderr[-3000:]  # from each rank
     assert "[rank1]" not in proc.stderr and "Connection reset" not in proc.stderr, proc.stderr[-3000:]
     common._LOCKS.pop(os.path.realpath(os.path.join(run, ".lock"))).close()
+
+
+def test_steps_from_a_million_on_are_read_and_pruned_as_the_others(tmp_path):
+    """checkpoint_dir writes 7 digits from step 1,000,000; a fixed 6-digit slice read step_1000000 as step 100000."""
+    run = str(tmp_path)
+    for step in (999_999, 1_000_000):
+        open(ckpt.checkpoint_dir(run, step) + ".state.pt", "w").close()
+    assert ckpt.checkpoint_steps(run) == [999_999, 1_000_000]
+    assert ckpt.checkpoint_parts(run) == {999_999, 1_000_000}
