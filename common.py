@@ -243,6 +243,17 @@ def check_distinct_outputs(outputs, inputs=()):
                             "overwritten")
 
 
+def check_distinct_inputs(inputs):
+    """inputs: (flag, path) pairs; no file listed twice (also under another name, or under two flags): its
+    examples would count twice, or a validation file would be one of the training files."""
+    seen = {}
+    for flag, path in inputs:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"{flag} {path}: the same file as {seen[real]}; give each file once")
+        seen[real] = f"{flag} {path}"
+
+
 # the chat terminators a response may end with
 STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")  # Qwen, Llama 3
 
@@ -312,6 +323,14 @@ def world_size() -> int:
 def print0(*args, **kwargs):
     if rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def note_unused(args, parser, names, unused, switch):
+    """A setting whose switch is off is not used: said once (`note: --x not used: only SWITCH uses it`) where it
+    differs from its default, not refused (a sweep may pass it to every arm)."""
+    given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
+    if unused and given:
+        print0(f"note: {' and '.join(given)} not used: only {switch} uses it")
 
 
 # a bar redrawn ten times a second suits a terminal; written to a log file (stderr not a terminal), a paper-scale
@@ -426,16 +445,27 @@ def iter_jsonl(path, torn_tail=False):
         yield lineno, rec
 
 
-def read_jsonl(path, required=(), torn_tail=False):
-    """Read a jsonl file; a bad line or a missing field raises UserError naming file, line and field
-    (torn_tail: see iter_jsonl)."""
+def read_jsonl(path, required=(), torn_tail=False, types=None):
+    """Read a jsonl file; a bad line, a missing field or one of another type than types[field] (a type or a tuple
+    of them) raises UserError naming file, line and field (torn_tail: see iter_jsonl)."""
     records = []
     for lineno, rec in iter_jsonl(path, torn_tail):
-        for field in required:
-            if field not in rec:
-                raise UserError(f"{path}:{lineno}: missing field '{field}'")
+        check_fields(f"{path}:{lineno}", rec, required, types)
         records.append(rec)
     return records
+
+
+def check_fields(where, rec, required=(), types=None):
+    """Each field of `required` is in the record rec, and each of `types` there is of its type (a type or a tuple
+    of them); otherwise a UserError naming `where` (file:line) and the field."""
+    for field in required:
+        if field not in rec:
+            raise UserError(f"{where}: missing field '{field}'")
+    for field, kind in (types or {}).items():
+        if field in rec and not isinstance(rec[field], kind):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise UserError(f"{where}: field '{field}' must be of type {names}, got {type(rec[field]).__name__} "
+                            f"({rec[field]!r})")
 
 
 def read_json(path, what="a JSON object"):
@@ -736,3 +766,12 @@ def pyplot():
         print0("note: matplotlib not installed; no plots (pip install matplotlib)")
         return None
     return plt
+
+
+def save_figure(fig, path, dpi):
+    """A PNG written whole or not at all (atomic_open: a kill mid-write leaves the old plot, not a torn file), and
+    the figure freed."""
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    import matplotlib.pyplot as plt
+    plt.close(fig)

@@ -23,7 +23,7 @@ import engine
 import parallel
 import tasks
 from common import UserError, print0
-from model import check_checkpoint, dtype_name, weight_files
+from model import check_checkpoint, checkpoint_stamps, dtype_name
 from scoring import generate_and_score, how_evaluated, markdown_table, read_summary, summarize, summary_row
 
 # -----------------------------------------------------------------------------
@@ -126,9 +126,7 @@ def inputs_of(ckpt, split_digest):
     tokenizer), and the digest of the split's records as loaded (common.data_digest: a file, a directory of problem
     files edited in place, a hub split alike). A checkpoint rebuilt under the same path (a re-run stage), a chat
     template fixed in place or an edited split then gives other numbers, and the pair is evaluated again."""
-    tokenizer = [os.path.join(ckpt, name) for name in tasks.TOKENIZER_FILES if os.path.isfile(os.path.join(ckpt, name))]
-    return {**common.file_stamps(weight_files(ckpt) + [os.path.join(ckpt, "config.json")] + tokenizer),
-            SPLIT_DIGEST: split_digest}
+    return {**checkpoint_stamps(ckpt, tasks.TOKENIZER_FILES), SPLIT_DIGEST: split_digest}
 
 
 def changed_files(old, new):

@@ -153,9 +153,7 @@ def plot_curves(path, acc, scores, average, threshold):
     ax.set_xlabel("epoch of the probe run"), ax.set_ylabel("accuracy (reward 1)"), ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout()
-    with common.atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
     print0(f"wrote {path}")
 
 

@@ -37,6 +37,8 @@ from common import UserError
 TASK = "math"
 DIFFICULTY = "level"  # record key of the MATH level 1-5 (0 when unknown: AIME, AMC, MATH-500 without levels)
 SCORE_THREADS = True  # score() is safe from several threads (a math-verify worker per thread): tasks.rescore uses them
+# the packages whose rules grade an answer: another version of one re-scores eval's finished pairs (task_source_digest)
+SCORER_PACKAGES = ("math-verify", "latex2sympy2_extended", "antlr4-python3-runtime", "sympy")
 
 GRADE_TIMEOUT_S = 1.0  # hard limit on one math-verify call, in worker CPU seconds (killed past it; scores 0.0)
 GRADE_WALL_LIMIT_S = 10.0  # and in wall seconds, however busy the machine

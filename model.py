@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
 
-from common import UserError, fsync_dir, fsync_tree, raise_refused_write, read_json, stop_token_ids
+from common import UserError, file_stamps, fsync_dir, fsync_tree, raise_refused_write, read_json, stop_token_ids
 
 try:  # FlashAttention kernels on CUDA when the package is installed; SDPA otherwise
     from flash_attn import flash_attn_varlen_func
@@ -606,6 +606,14 @@ def weight_files(path):
     if os.path.exists(single):
         return [single]
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def checkpoint_stamps(path, other_files=()):
+    """[size, modification time] of a checkpoint's files by real path: its weights, config and those of other_files
+    (names) it holds (tasks.TOKENIZER_FILES). A checkpoint rebuilt under the same path (a re-run stage, a chat
+    template fixed in place) gives other numbers."""
+    others = [os.path.join(path, name) for name in other_files if os.path.isfile(os.path.join(path, name))]
+    return file_stamps(weight_files(path) + [os.path.join(path, "config.json")] + others)
 
 
 def empty_model(cfg: ModelConfig, dtype, device) -> Transformer:

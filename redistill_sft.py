@@ -293,6 +293,9 @@ def main(argv=None):
     # ---- checks that need no model
     if bool(args.data) == bool(args.pretrain_text):
         raise UserError("give exactly one of --data (SFT jsonl) and --pretrain_text (text to pre-train on)")
+    common.check_distinct_inputs([("--pretrain_text" if args.pretrain_text else "--data", path)
+                                  for path in args.pretrain_text or args.data]
+                                 + [("--val_data", path) for path in args.val_data or []])
     if bool(args.init) == bool(args.init_tiny):
         raise UserError("give exactly one of --init CHECKPOINT_DIR and --init_tiny")
     if args.init_tiny and not args.tokenizer:

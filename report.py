@@ -185,7 +185,10 @@ def limr_tables(out_dir, only_seeds=()):
         if not os.path.exists(scores_path):
             unselected.append(seed)
             continue
-        scores = [r["score"] for r in common.read_jsonl(scores_path, required=("score",))]
+        score_rows = common.read_jsonl(scores_path, required=("score",))
+        scores = [r["score"] for r in score_rows]
+        # the prompts the probe drew (FULL's pool): the rest, longer than its --max_prompt_tokens, RL drops
+        drawn = sum(any(a is not None for a in r.get("accuracy", [0])) for r in score_rows)
         probe_rollouts, probe_metrics, _ = rl_rollouts(os.path.join(dir_, "full"))
         probe_steps = sum(1 for m in probe_metrics if m.get("step", 0) > 0 and "reward" in m)
 
@@ -196,7 +199,7 @@ def limr_tables(out_dir, only_seeds=()):
         steps = {arm: arm_steps(arm) for arm in ("lim", "rand")}
         full_at = evaluated_at.get(f"full_{seed}")
         steps["full"] = steps["lim"] if full_at is None else full_at  # (FULL not evaluated: the probe at LIM's steps)
-        arms = {"FULL": (len(scores), 0), "RAND": (count_lines(os.path.join(dir_, "rand.jsonl")), 0),
+        arms = {"FULL": (drawn, 0), "RAND": (count_lines(os.path.join(dir_, "rand.jsonl")), 0),
                 "LIM": (count_lines(os.path.join(dir_, "lim.jsonl")), probe_rollouts)}
         for arm, (prompts, probe) in arms.items():
             spent = rl_rollouts(os.path.join(dir_, arm.lower()), steps[arm.lower()])[0]
@@ -206,8 +209,10 @@ def limr_tables(out_dir, only_seeds=()):
                                 f"{arm.lower()}_{seed}")
             rows.append(row)
             by_arm.setdefault(arm, []).append(row)
-        notes.append(f"seed {seed}: the probe ran {probe_steps} steps ({probe_rollouts} rollouts) on the {len(scores)} "
-                     f"prompts of the pool; {sum(x is not None for x in scores)} scored, "
+        pool = (f"the {len(scores)} prompts of the pool" if drawn == len(scores) else
+                f"{drawn} of the pool's {len(scores)} prompts (the others longer than its --max_prompt_tokens)")
+        notes.append(f"seed {seed}: the probe ran {probe_steps} steps ({probe_rollouts} rollouts) on {pool}; "
+                     f"{sum(x is not None for x in scores)} scored, "
                      f"{sum(x is None for x in scores)} dropped (a gap in their curve), {arms['LIM'][0]} selected.")
     lines = ["", "### LIMR: RL on the LIM subset, the whole pool (FULL) and a random subset of LIM's size (RAND), "
              "from the same start for equal steps", "", markdown_table(rows, digits=3),
@@ -393,7 +398,7 @@ def plots(out_dir, metrics, summaries, temperature, difficulty, title=""):
         ax.set_title(title)
         fig.tight_layout()
         written.append(os.path.join(out_dir, PLOTS[0]))
-        fig.savefig(written[-1], dpi=120)
+        common.save_figure(fig, written[-1], dpi=120)
     levels = sorted({lv for s in summaries.values() for lv in s["by_difficulty"]}, key=difficulty_order_of_text)
     if levels:  # (a task without difficulties, DIFFICULTY None, has none to plot)
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -412,7 +417,7 @@ def plots(out_dir, metrics, summaries, temperature, difficulty, title=""):
         ax.set_title(title)
         fig.tight_layout()
         written.append(os.path.join(out_dir, PLOTS[1]))
-        fig.savefig(written[-1], dpi=120)
+        common.save_figure(fig, written[-1], dpi=120)
     return written
 
 

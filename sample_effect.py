@@ -36,7 +36,7 @@ import engine
 import parallel
 import tasks
 from common import UserError, print0
-from model import check_checkpoint, dtype_name, kv_bytes_per_token, read_config, response_logprobs, weight_files
+from model import check_checkpoint, kv_bytes_per_token, read_config, response_logprobs, weight_files
 
 # -----------------------------------------------------------------------------
 # settings
@@ -364,7 +364,8 @@ def open_partial(path, identity, resume):
             raise UserError(f"{e}; pass --resume false to start over")
         try:
             # (as written: an inf setting reads back as "inf"; an earlier version wrote it bare, read back as inf)
-            ckpt.check_run_identity(path, common.json_safe(saved), common.json_safe(identity))
+            ckpt.check_run_identity(path, common.json_safe(saved), common.json_safe(identity),
+                                    recorded_since=parallel.COMPUTE_KEYS)
         except UserError as e:
             raise UserError(f"{e}; pass --resume false to start over (or another --out)")
         logs = sorted(glob.glob(os.path.join(glob.escape(path), "effects.rank*.jsonl")))
@@ -499,8 +500,7 @@ def main(argv=None):
     common.check_non_negative(args, "num_eval_prompts", "select")
     if args.select and not args.select_out:
         raise UserError("--select K needs --select_out PATH (and optionally --select_bottom/--select_random PATH)")
-    if len(set(map(os.path.abspath, args.sft_data))) < len(args.sft_data):
-        raise UserError("--sft_data lists the same file twice")
+    common.check_distinct_inputs([("--sft_data", path) for path in args.sft_data])
     if (args.select_out or args.select_bottom or args.select_random or args.select_from) and not args.select:
         raise UserError("--select_out/--select_bottom/--select_random/--select_from need --select K")
     if args.select_from and not any(in_pool(f, args.select_from) for f in args.sft_data):
@@ -570,7 +570,7 @@ def main(argv=None):
     identity = {**{k: v for k, v in vars(args).items() if k not in RESUME_FREE},
                 "checkpoint": os.path.abspath(args.checkpoint), "eval_data": os.path.abspath(args.eval_data),
                 "sft_data": [os.path.abspath(f) for f in args.sft_data],
-                "compute_dtype": dtype_name(compute_dtype),
+                **parallel.compute_identity(compute_dtype, device),  # (a CPU's thread count rounds otherwise too)
                 "device_type": device.type,  # (the CountSketch's hashes are drawn on the device)
                 "sft_digest": sft_digest,
                 "eval_digest": common.data_digest(records),

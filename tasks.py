@@ -3,8 +3,11 @@ Tasks and their data: the task registry (`--task`), a checkpoint's tokenizer, th
 checked to belong to the task, stratified subsets, SFT examples tokenized as training sees them, and the RL rollout
 logs. No torch here: the data generators import it.
 """
+import ast
 import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import math
 import numbers
@@ -14,7 +17,7 @@ import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import UserError, iter_jsonl, open_lines, stop_token_ids, world_size
+from common import UserError, check_fields, iter_jsonl, open_lines, stop_token_ids, world_size
 
 TASKS = ("kk", "math")
 
@@ -122,9 +125,50 @@ def rescore(task, samples, records, where):
 
 
 def task_source_digest(task):
-    """A digest of the task module's source file: eval re-scores a finished pair's samples when it changed."""
-    with open(task.__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    """A digest of what decides the task's scores: eval re-scores a finished pair's samples when it changed. The
+    task module's source and that of every module of this project (or beside the task file) it imports, directly or
+    through them (common.py, tasks.py, a fork's grader module), and the installed versions of the packages the task
+    names in SCORER_PACKAGES (MATH: math-verify's rules and the sympy it compares with)."""
+    digest = hashlib.sha256()
+    for path in sorted(project_imports(task.__file__)):
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    for package in getattr(task, "SCORER_PACKAGES", ()):
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        digest.update(f"{package}=={version}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def project_imports(path):
+    """The source files of `path` and of the modules it imports, directly or through them, that live in this
+    project's directory or in path's own (imports read from the source, at any depth of it; not those of the
+    standard library or of installed packages)."""
+    homes = {os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(path))}
+    found, todo = set(), [os.path.abspath(path)]
+    while todo:
+        source = todo.pop()
+        if source in found:
+            continue
+        found.add(source)
+        with open(source, "rb") as f:
+            tree = ast.parse(f.read(), source)
+        nodes = list(ast.walk(tree))
+        names = {a.name for node in nodes if isinstance(node, ast.Import) for a in node.names} | {
+            node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+        for name in {name.split(".")[0] for name in names}:  # (this project's modules are files at the top level)
+            origin = getattr(sys.modules.get(name), "__file__", None)
+            if origin is None and name not in sys.stdlib_module_names:
+                try:
+                    spec = importlib.util.find_spec(name)
+                except (ImportError, ValueError):  # (a package that fails to import, or a name a test put there)
+                    spec = None
+                origin = spec.origin if spec is not None else None
+            if origin and origin.endswith(".py") and os.path.dirname(os.path.abspath(origin)) in homes:
+                todo.append(os.path.abspath(origin))
+    return found
 
 
 # a checkpoint's tokenizer files: the prompts (its chat template) and the stop ids come from them
@@ -332,12 +376,7 @@ def check_sft_record(path, lineno, rec):
     """An SFT-format record has "id" (a string or an integer), "prompt" and "response" (strings), the prompt not
     empty (the first response token needs a context), and, if any, a "task" that is a name or null; otherwise a
     UserError naming the file, line and field."""
-    for field in ("id", "prompt", "response"):
-        if field not in rec:
-            raise UserError(f"{path}:{lineno}: missing field '{field}'")
-    for field in ("prompt", "response"):
-        if not isinstance(rec[field], str):
-            raise UserError(f"{path}:{lineno}: field '{field}' must be a string, got {type(rec[field]).__name__}")
+    check_fields(f"{path}:{lineno}", rec, ("id", "prompt", "response"), {"prompt": str, "response": str})
     if rec.get("task") is not None and not isinstance(rec["task"], str):  # (sample_effect compares it with --task)
         raise UserError(f"{path}:{lineno}: field 'task' is {rec['task']!r}; a task is a name (a string) or null")
     if not is_id(rec["id"]):  # effects and reports name it
@@ -428,8 +467,15 @@ def rollout_logs(run_dir):
     """{step: path} of the rollout logs in RUN_DIR/rollouts/ (step_N.jsonl, with or without zero padding)."""
     folder = os.path.join(run_dir, "rollouts")
     names = os.listdir(folder) if os.path.isdir(folder) else []
-    return dict(sorted((int(m.group(1)), os.path.join(folder, name)) for name in names
-                       if (m := re.fullmatch(r"step_(\d+)\.jsonl", name))))
+    logs = {}
+    for name in sorted(names):
+        if m := re.fullmatch(r"step_(\d+)\.jsonl", name):
+            step, path = int(m.group(1)), os.path.join(folder, name)
+            if step in logs:  # (step_1.jsonl beside train_rl's step_000001.jsonl: which is the run's is not known)
+                raise UserError(f"{logs[step]} and {path}: two rollout logs of step {step}; move away the one that is "
+                                f"not this run's")
+            logs[step] = path
+    return dict(sorted(logs.items()))
 
 
 def read_rollout_log(path, step, fields):

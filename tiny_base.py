@@ -46,6 +46,9 @@ QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
+BYTE_VOCAB = 256 + 3  # the smallest vocabulary build_tokenizer makes: the byte alphabet and the 3 special tokens
+
+
 def build_tokenizer(texts, vocab_size=1024, path=None, pad_to=None):
     """Train a small byte-level BPE on `texts` with Qwen2's normaliser and pre-tokenizer, Qwen-style special
     tokens (<|endoftext|> = EOS, <|im_start|>, <|im_end|>) and chat template. Saved in HF format if path.
@@ -54,7 +57,7 @@ def build_tokenizer(texts, vocab_size=1024, path=None, pad_to=None):
     that a random model of a real vocabulary (151,936 for Qwen2.5) can decode every id it samples."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # (BYTE_VOCAB counts them)
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -108,7 +111,8 @@ def get_parser():
     p.add_argument("--fixed_names", type=common.str2bool, default=False,
                    help="person i is always the i-th official name "
                         "(as kk_data.py --fixed_names; use the splits' setting)")
-    p.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size (special tokens included)")
+    p.add_argument("--vocab_size", type=int, default=1024,
+                   help="BPE vocabulary size (special tokens included; at least 259: the 256 bytes and 3 specials)")
     # --probe mode: write no corpus; score a checkpoint's greedy answers in the pre-training format
     p.add_argument("--probe", default="", help="checkpoint to probe instead of writing the corpus (see the docstring)")
     p.add_argument("--probe_split", default="", help="--probe: the K&K split whose questions are asked")
@@ -161,6 +165,8 @@ def probe(args):
     if not args.probe_split:
         raise common.UserError("--probe needs --probe_split (a K&K split file)")
     common.check_positive(args, "probe_tokens", "probe_batch")
+    common.check_distinct_outputs([("--probe_out", args.probe_out)],
+                                  [("--probe_split", args.probe_split)])  # (the split, overwritten by the result)
     model, tokenizer = load_model(args.probe), load_tokenizer(args.probe)
     model.eval()
     records = kk_data.load_split(args.probe_split)
@@ -185,11 +191,20 @@ def probe(args):
 
 
 def main(argv=None):
-    args = common.parse_settings(get_parser(), argv)
+    parser = get_parser()
+    args = common.parse_settings(parser, argv)
     if args.probe:
         return probe(args)
+    # a probe's settings without --probe: a forgotten --probe would write a corpus over the default --out_dir's
+    if given := [f"--{k}" for k in ("probe_split", "probe_out", "probe_tokens", "probe_batch")
+                 if getattr(args, k) != parser.get_default(k)]:
+        raise common.UserError(f"{' and '.join(given)} without --probe: give --probe CHECKPOINT to probe it, or leave "
+                               f"them out to write the pre-training corpus")
     common.check_fraction(args, "trace_fraction")  # (outside, every document would silently be one format)
-    common.check_positive(args, "vocab_size")  # (the tokenizer trainer raised OverflowError after writing the text)
+    common.note_unused(args, parser, ("trace_fraction",), args.text_format != "mixed", "--text_format mixed")
+    if args.vocab_size < BYTE_VOCAB:  # (the BPE keeps its byte alphabet and the special tokens whatever is asked)
+        raise common.UserError(f"--vocab_size {args.vocab_size}: at least {BYTE_VOCAB} (256 bytes and "
+                               f"{BYTE_VOCAB - 256} special tokens)")
     people = kk_data.parse_people(args.people, "people")
     sizes = kk_data.parse_sizes(args.per_people, people, "per_people")
     used, excluded = set(), {path: kk_data.load_split(path) for path in args.exclude + args.exclude_logic}
@@ -219,6 +234,8 @@ def main(argv=None):
                 [str(x) for x in drill_rng.choice(kk_data.COMMON_NAMES, size=n, replace=False)]
             docs.append({"text": claim_drill(drill_rng, names)})
     rng.shuffle(docs)
+    if not docs:  # (before anything is written)
+        raise common.UserError("no documents: --per_people and --drill_per_people are 0 for every people count")
     common.write_jsonl(os.path.join(args.out_dir, "pretrain.jsonl"), docs)
     # the tokenizer sees the pre-training text, the official trace's wording and the chat prompt's system text
     texts = [d["text"] for d in docs] + [r["question"] + "\n" + kk_data.teacher_response(r) for r in records[:2000]]

@@ -297,8 +297,7 @@ def plot_shift(summary, rows, path, high_js):
     axes[2].set_xticks(range(len(ent)), [f"{b['bin']}\n{b['share']:.0%}" for b in ent], fontsize=7)
     axes[2].set(xlabel="base entropy (nats); share of positions", ylabel="mean JS (nats)", title="JS by base entropy")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def lock_name(args):
@@ -457,8 +456,7 @@ def plot_cross(out_dir, path, current):
                title=f"{c['direction']}: {c['primary_name']} decodes, {c['intervention_name']} intervenes")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def cross_sample(args, tokenizer, device, dtype):
@@ -530,11 +528,17 @@ def plots_available(args):
 
 
 def main(argv=None):
-    args = common.parse_settings(get_parser(), argv)
+    parser = get_parser()
+    args = common.parse_settings(parser, argv)
     if not args.base or not args.policy:
         raise UserError("give --base and --policy (Hugging Face checkpoint directories)")
     if args.cross is None and not args.responses:
         raise UserError("give --responses FILE (the divergence along responses) or --cross forward|backward")
+    # one mode's settings in the other: noted, not refused (the divergence and cross-sampling share a command line)
+    common.note_unused(args, parser, ("responses", "high_js", "top_tokens", "logit_chunk"), args.cross is not None,
+                       "the divergence along responses (no --cross)")
+    common.note_unused(args, parser, ("eps", "task", "split", "samples_per_prompt", "max_new_tokens", "template",
+                                      "seed"), args.cross is None, "--cross forward or backward")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
     common.check_temperature(args)

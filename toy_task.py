@@ -28,7 +28,9 @@ def teacher_response(record):
 
 
 def load_split(path):
-    return common.read_jsonl(path, required=("id", "level", "question", "answer"))
+    # (an answer 7 where "7" is meant would score every right response 0: score compares text)
+    return common.read_jsonl(path, required=("id", "level", "question", "answer"),
+                             types={"question": str, "answer": str})
 
 
 def render_prompt(record, tokenizer, template="auto"):

@@ -39,7 +39,7 @@ from grpo import (batch_epoch, batch_moments, cispo_loss, covariance_tokens, dwa
                   group_advantages, kl_cov_loss, kl_penalty, lr_at, overlong_penalty, policy_loss, refill_keep,
                   rollout_is_weights, sequence_ratio_logp, step_prompt_indices, token_weights, top_fraction_threshold,
                   whiten, zero_variance)
-from model import load_model, parse_dtype, read_config, response_logprobs
+from model import checkpoint_stamps, load_model, parse_dtype, read_config, response_logprobs
 from parallel import idle_pass, shard_model
 from scoring import validate
 from tasks import load_tokenizer
@@ -731,6 +731,11 @@ def main(argv=None):
                                                               **parallel.compute_identity(dtype, device)}
     if args.dynamic_sampling:  # (absent when off, so the runs of earlier versions resume)
         identity |= {"dynamic_sampling": True, "max_gen_batches": args.max_gen_batches}
+    # the files of --model (the tokenizer; the KL reference without --ref_model) and of --ref_model: rebuilt under the
+    # same path (an SFT stage re-run into its final/), a resume went on with another tokenizer or reference
+    identity |= {"model_files": checkpoint_stamps(args.model, tasks.TOKENIZER_FILES)}
+    if args.kl_coef > 0 and args.ref_model:
+        identity |= {"ref_model_files": checkpoint_stamps(args.ref_model, tasks.TOKENIZER_FILES)}
     identity |= {"rollout_seeds": "by_place"}  # rollout(): the same rollouts at any world size
     seeds_by_rank = False
     if checkpoint is not None:
@@ -747,7 +752,7 @@ def main(argv=None):
         finished = start_step >= max_steps
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state.get("identity", {}) | saved, identity | {k: getattr(args, k) for k in saved},
-            recorded_since=("train_data_digest", *parallel.COMPUTE_KEYS),
+            recorded_since=("train_data_digest", "model_files", "ref_model_files", *parallel.COMPUTE_KEYS),
             ignore=parallel.COMPUTE_KEYS if finished else ()))
         if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it), by that save's
             saved_by = state.get("settings", {})  # rules: a re-run of a finished run with other flags removes nothing
@@ -836,9 +841,7 @@ def main(argv=None):
                                   (("kl_cov_coef",), args.policy_loss != "kl_cov", "--policy_loss kl_cov"),
                                   (("max_gen_batches",), not args.dynamic_sampling, "--dynamic_sampling true"),
                                   (("ref_model", "kl_estimator"), args.kl_coef == 0, "--kl_coef > 0")):
-        given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
-        if unused and given:
-            print0(f"note: {' and '.join(given)} not used: only {switch} uses it")
+        common.note_unused(args, parser, names, unused, switch)
 
     # ---- logging
     log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))

@@ -61,6 +61,10 @@ def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
         (["--data", data, "--init", tiny_checkpoint, "--pretrain_text", data], "exactly one of --data"),
         (["--data", str(tmp_path / "nope.jsonl"), "--init", tiny_checkpoint], "nope.jsonl: file not found"),
         (["--data", data, "--init", str(tmp_path / "nockpt")], "nockpt: checkpoint directory not found"),
+        # a file listed twice trained on its examples twice; a validation file that is a training file measured nothing
+        (["--data", data, str(tmp_path / "." / "d.jsonl"), "--init", tiny_checkpoint],
+         r"--data .*d\.jsonl: the same file as --data .*d\.jsonl; give each file once"),
+        (["--data", data, "--val_data", data, "--init", tiny_checkpoint], "--val_data .*: the same file as --data"),
         (["--data", data, "--init", tiny_checkpoint, "--global_batch", "16"],
          "8 training examples < --global_batch 16"),
         (["--data", data, "--init", tiny_checkpoint, "--max_length", "20"], r"d\.jsonl:1: example .* > max_length 20"),

@@ -165,7 +165,8 @@ def add_limr(out, seeds=(1, 2)):
     for seed in seeds:
         d = out / "limr" / f"seed_{seed}"
         common.write_jsonl(d / "scores.jsonl",
-                           [{"id": i, "score": None if i < 2 else 0.5, "accuracy": []} for i in range(10)])
+                           [{"id": i, "score": None if i < 2 else 0.5,  # (2 never drawn: too long for the probe)
+                             "accuracy": [None, None] if i < 2 else [0.5, 0.5]} for i in range(10)])
         common.write_jsonl(d / "lim.jsonl", [{"id": i} for i in range(3)])
         common.write_jsonl(d / "rand.jsonl", [{"id": i} for i in range(3)])
         for run, steps, prompts in (("full", 6, 4), ("lim", 3, 2), ("rand", 3, 2)):
@@ -188,10 +189,11 @@ def test_limr_table_rollouts_per_arm_and_the_mean_over_seeds(run_dir):
     assert "| model | seed | prompts | RL steps | RL rollouts | with the probe | aime | math500 | average |" in text
     # FULL: the probe's first 3 steps (3 x 4 x 2); LIM: its own 3 x 2 x 2 plus the whole probe's 6 x 4 x 2
     assert "| start |  |  | 0 | 0 | 0 | 0.100 | 0.200 | 0.150 |" in text
-    assert "| FULL | 1 | 10 | 3 | 24 | 24 | 0.410 | 0.510 | 0.460 |" in text
+    assert "| FULL | 1 | 8 | 3 | 24 | 24 | 0.410 | 0.510 | 0.460 |" in text  # (the 8 prompts it drew)
     assert "| RAND | 2 | 3 | 3 | 12 | 12 | 0.320 | 0.420 | 0.370 |" in text
     assert "| LIM | 1 | 3 | 3 | 12 | 60 | 0.510 | 0.510 | 0.510 |" in text
-    assert "seed 2: the probe ran 6 steps (48 rollouts) on the 10 prompts of the pool; 8 scored, 2 dropped" in text
+    assert ("seed 2: the probe ran 6 steps (48 rollouts) on 8 of the pool's 10 prompts (the others longer than its "
+            "--max_prompt_tokens); 8 scored, 2 dropped") in text
     assert "| LIM | 2 | 0.515 ± 0.007 | 0.515 ± 0.007 | 0.515 ± 0.007 |" in text  # sample std of 0.51, 0.52
     # reproduce.sh passes its LIMR_SEEDS: seed_2 left by an earlier LIMR_SEEDS enters neither the rows nor a mean
     report.main(["--out_dir", str(run_dir), "--plots", "false", "--limr_seeds", "1"])
@@ -399,7 +401,7 @@ def test_a_missing_piece_is_said_not_averaged_away(run_dir):
     common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
     report.main(["--out_dir", str(run_dir), "--plots", "true", "--seeds", "2"])
     text = (run_dir / "results.md").read_text(encoding="utf-8")
-    assert "| LIM | 2 | 3 | 0 | – | – | – | – | – |" in text and "| FULL | 2 | 10 | 3 | 24 | 24 |" in text
+    assert "| LIM | 2 | 3 | 0 | – | – | – | – | – |" in text and "| FULL | 2 | 8 | 3 | 24 | 24 |" in text
     assert "| RAND | 2 | 3 | 3 | 12 | 12 |" in text  # its own steps
     assert "| LIM | 2 | 0.510 (1 of 2 seeds) | 0.510 (1 of 2 seeds) | 0.510 (1 of 2 seeds) |" in text
     assert "Seed 2: not evaluated yet (no sft and rl test summaries), left out of the seeds' table." in text

@@ -344,6 +344,14 @@ def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path,
     # another setting that changes the effects: refused, named, before any work
     with pytest.raises(UserError, match="token_reduction: was 'mean', now 'sum'.*pass --resume false"):
         se.main(args + ["--token_reduction", "sum"])
+    threads = torch.get_num_threads()  # ... and so is another CPU thread count: it rounds the effects otherwise
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.raises(UserError, match=f"compute_device: was 'cpu, threads {threads}', now 'cpu, threads "
+                                            f"{threads + 1}'"):
+            se.main(args)
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(se, "sample_effects", stopping_after(10**9))
     (tmp_path / ".tmp_effects.jsonl.k1ll3d_x").write_text("a kill inside the last write")  # removed, holding the lock
     se.main(args)
@@ -541,6 +549,8 @@ def test_bad_input(setup, tmp_path, monkeypatch):
     no_ckpt[no_ckpt.index("--checkpoint") + 1] = str(tmp_path / "nope")
     fails(["--sft_data", sft], r"checkpoint .*nope: no such directory", no_ckpt)
     fails(["--sft_data", str(tmp_path / "empty.jsonl")], r"empty\.jsonl: no examples")
+    os.symlink(sft, tmp_path / "link.jsonl")  # (another name, the same file: its samples twice)
+    fails(["--sft_data", sft, str(tmp_path / "link.jsonl")], r"link\.jsonl: the same file as --sft_data .*teacher")
     fails(["--sft_data", str(tmp_path / "missing.jsonl")], r"missing\.jsonl: file not found")
     fails(["--sft_data", str(tmp_path / "kk.jsonl")], r"kk\.jsonl:1: .*task 'kk', but --task is 'se_digit_task'")
     fails(["--sft_data", sft, "--samples_per_prompt", "1"], r"--samples_per_prompt must be >= 2")
@@ -553,7 +563,7 @@ def test_bad_input(setup, tmp_path, monkeypatch):
     fails(["--sft_data", sft, "--params", "no_such_param"], r"matches no parameter")
     fails(["--sft_data", sft, "--select", "99", "--select_out", str(tmp_path / "t.jsonl")], r"--select 99 > the 15")
     fails(["--sft_data", sft, "--select", "2"], r"needs --select_out")
-    fails(["--sft_data", sft, sft], r"same file twice")
+    fails(["--sft_data", sft, sft], r"teacher\.jsonl: the same file as --sft_data .*teacher\.jsonl; give each file once")
     fails(["--sft_data", sft, "--dtype", "float16"], r"float16 cannot train here")  # ∇J's gradients would underflow
     # outputs: none on an input, none on another output (checked before any work)
     with pytest.raises(UserError, match=r"--out .*teacher\.jsonl: that is an input \(--sft_data\)"):

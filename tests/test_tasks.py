@@ -1,5 +1,6 @@
 """tasks.py: stratified subsets of a split, prompts that begin with BOS where the model family expects one, and
 the SFT loader (prompt and response tokenized apart, errors naming file and line)."""
+import importlib
 import json
 import os
 import re
@@ -135,7 +136,7 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
     cases = [
         ([good, "{not json"], r"bad\.jsonl:2: not valid JSON"),
         ([good, {"id": "b", "prompt": "x"}], r"bad\.jsonl:2: missing field 'response'"),
-        ([{"id": "b", "prompt": "x", "response": 3}], r"bad\.jsonl:1: field 'response' must be a string"),
+        ([{"id": "b", "prompt": "x", "response": 3}], r"bad\.jsonl:1: field 'response' must be of type str"),
         ([{"id": "b", "prompt": "", "response": "3"}], r"bad\.jsonl:1: empty prompt"),
         ([good, {"id": None, "prompt": "x", "response": "3"}], r"bad\.jsonl:2: field 'id' is None; an id is a string"),
         ([{"id": ["a"], "prompt": "x", "response": "3"}], r"bad\.jsonl:1: field 'id' is \['a'\]"),
@@ -374,3 +375,50 @@ def test_a_checkpoint_saved_without_its_tokenizer_is_named(tiny_checkpoint, tmp_
         load_tokenizer(str(bare))
     shutil.copy(os.path.join(tiny_checkpoint, "tokenizer.json"), bare / "tokenizer.json")
     assert len(load_tokenizer(str(bare))) == len(load_tokenizer(tiny_checkpoint))
+
+
+def test_the_score_digest_follows_the_modules_a_task_imports_and_its_scorer_packages(tmp_path, monkeypatch):
+    """eval re-scores finished pairs when this digest changes: a grader module the task imports (directly or through
+    another), this project's shared modules, and the version of a package named in SCORER_PACKAGES each count; an
+    import of the standard library or of an installed package reads nothing."""
+    (tmp_path / "my_grader.py").write_text("import my_rules\n")
+    (tmp_path / "my_rules.py").write_text("TOLERANCE = 0\n")
+    (tmp_path / "my_scored_task.py").write_text(
+        "import json\nimport numpy\nfrom my_grader import *\nimport tasks\nSCORER_PACKAGES = ('numpy',)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("my_scored_task")
+    assert {os.path.basename(p) for p in tasks.project_imports(module.__file__)} == {
+        "my_scored_task.py", "my_grader.py", "my_rules.py", "tasks.py", "common.py"}
+    before = tasks.task_source_digest(module)
+    (tmp_path / "my_rules.py").write_text("TOLERANCE = 1e-6\n")  # two imports away
+    changed = tasks.task_source_digest(module)
+    assert changed != before
+    real = tasks.importlib.metadata.version
+    monkeypatch.setattr(tasks.importlib.metadata, "version", lambda name: "0.0" if name == "numpy" else real(name))
+    assert tasks.task_source_digest(module) not in (before, changed)
+    assert tasks.task_source_digest(math_data) != tasks.task_source_digest(toy_task)
+
+
+def test_a_toy_split_with_a_number_for_its_answer_is_refused_naming_line_and_field(tmp_path):
+    """The example task for forks: its score compares text, so an answer 7 (not "7") scored every right answer 0."""
+    path = tmp_path / "toy.jsonl"
+    rows = toy_task.make_records(2)
+    rows[1]["answer"] = int(rows[1]["answer"])
+    common.write_jsonl(str(path), rows)
+    with pytest.raises(UserError, match=rf"toy.jsonl:2: field 'answer' must be of type str, got int "
+                                        rf"\({rows[1]['answer']}\)"):
+        toy_task.load_split(str(path))
+
+
+def test_two_rollout_logs_of_one_step_are_refused_naming_both(tmp_path):
+    """step_1.jsonl beside train_rl's step_000001.jsonl: the unpadded one, sorted last, was taken silently (by
+    LIMR's curves, set B, and train_rl's removal of a stopped attempt's logs)."""
+    folder = tmp_path / "rollouts"
+    folder.mkdir()
+    for name in ("step_000001.jsonl", "step_000002.jsonl", "step_10.jsonl", "notes.txt"):
+        (folder / name).write_text("")
+    assert tasks.rollout_logs(str(tmp_path)) == {1: str(folder / "step_000001.jsonl"),
+                                                 2: str(folder / "step_000002.jsonl"), 10: str(folder / "step_10.jsonl")}
+    (folder / "step_1.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"step_000001\.jsonl and .*step_1\.jsonl: two rollout logs of step 1"):
+        tasks.rollout_logs(str(tmp_path))

@@ -95,13 +95,27 @@ def test_exclude_logic_keeps_the_splits_logical_twins_out_of_the_text(tmp_path, 
 
 @pytest.mark.parametrize("setting, error", [("--trace_fraction=-0.5", r"--trace_fraction must be in \[0, 1\]"),
                                             ("--trace_fraction=1.5", r"--trace_fraction must be in \[0, 1\]"),
-                                            ("--vocab_size=-1", r"--vocab_size must be")])
+                                            ("--vocab_size=-1", r"--vocab_size -1: at least 259"),
+                                            ("--vocab_size=258", r"--vocab_size 258: at least 259"),
+                                            ("--per_people=0", "no documents"),
+                                            ("--probe_out=x.json", "--probe_out without --probe"),
+                                            ("--probe_tokens=50", "--probe_tokens without --probe")])
 def test_a_setting_out_of_range_is_refused_before_anything_is_written(tmp_path, setting, error):
     """--trace_fraction 1.5 made every mixed document a trace, silently (as --teacher_cot_fraction is refused);
-    --vocab_size -1 ended in the tokenizer trainer's OverflowError after the pre-training text was written."""
+    --vocab_size -1 ended in the tokenizer trainer's OverflowError after the pre-training text was written, and 50
+    made a 259-token one, saying so only in its last line; no puzzles and no drills wrote an empty text, then
+    failed; a probe's setting with --probe forgotten wrote a corpus (over the default --out_dir's)."""
     with pytest.raises(common.UserError, match=error):
         tiny_base.main(["--out_dir", str(tmp_path / "out"), "--text_format", "mixed", setting])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_probes_result_cannot_overwrite_its_split(tiny_checkpoint, tmp_path):
+    split = tmp_path / "test.jsonl"
+    split.write_text("{}\n")
+    with pytest.raises(common.UserError, match="--probe_out"):
+        tiny_base.main(["--probe", str(tiny_checkpoint), "--probe_split", str(split), "--probe_out", str(split)])
+    assert split.read_text() == "{}\n"
 
 
 def test_probe_needs_a_split(tiny_checkpoint):

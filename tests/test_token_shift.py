@@ -425,7 +425,7 @@ def test_a_response_holding_a_stop_token_is_refused_as_sft_refuses_it(pair, tmp_
 @pytest.mark.parametrize("bad,message", [
     ('{"id": 1, "prompt": "a", "response": "b"}\n{"id": 2, "prompt": ', r"r\.jsonl:2: not valid JSON"),
     ('{"id": 1, "prompt": "a"}\n', r"r\.jsonl:1: missing field 'response'"),
-    ('{"id": 1, "prompt": "a", "response": 5}\n', r"r\.jsonl:1: field 'response' must be a string"),
+    ('{"id": 1, "prompt": "a", "response": 5}\n', r"r\.jsonl:1: field 'response' must be of type str"),
     ('{"id": 1, "prompt": "a", "response": "b", "finished": "yes"}\n',
      r"r\.jsonl:1: field 'finished' must be true or false"),
 ])

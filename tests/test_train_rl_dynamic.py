@@ -277,6 +277,27 @@ def test_a_run_of_an_earlier_version_is_compared_on_what_that_version_did(saved_
             main(out_dir=old, resume=True, **{"rollout_is": "off", key: value})
 
 
+@pytest.mark.parametrize("rebuilt", ["model", "ref_model"])
+def test_a_resume_whose_model_was_rebuilt_at_the_same_path_is_refused(saved_run, tiny_checkpoint, rebuilt,
+                                                                         monkeypatch):
+    """--model (the tokenizer; the KL reference) or --ref_model rebuilt under the same path (an SFT stage re-run
+    into its final/): the path compared equal, and the resume went on with another reference, silently."""
+    d, main = saved_run
+    monkeypatch.setattr(engine, "sample_responses", fixed_rollouts)
+    paths = {name: str(d / f"{rebuilt}_{name}") for name in ("model", "ref_model")}
+    for path in paths.values():
+        if not os.path.exists(path):
+            shutil.copytree(tiny_checkpoint, path)
+    run = dict(out_dir=str(d / f"rebuilt_{rebuilt}"), model=paths["model"], ref_model=paths["ref_model"],
+               kl_coef=0.05)
+    assert main(**run) == 0
+    assert main(resume=True, **run) == 0  # (untouched: it resumes)
+    weights = os.path.join(paths[rebuilt], "model.safetensors")
+    os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10**9))  # written anew
+    with pytest.raises(UserError, match=rf"different settings than the run's: {rebuilt}_files: was"):
+        main(resume=True, **run)
+
+
 def test_a_resume_names_every_changed_setting_in_one_refusal(saved_run):
     """A setting of the data order, one of the objective and one of the optimizer changed at once: one error names
     all three (one refusal each would take three attempts to learn them)."""
