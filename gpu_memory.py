@@ -53,52 +53,57 @@ def kv_cache_bytes(cfg, rows, max_len, dtype_bytes=2):
     return rows * max_len * kv_bytes_per_token(cfg, dtype_bytes)
 
 
-def block_bytes_per_token(cfg):
+def block_bytes_per_token(cfg, compute_bytes=2):
     """Peak bytes per token of one checkpointed block recomputed in backward: what autograd saves in the recompute
     (block_saved_bytes_per_token), plus the gradients in flight at the peak, the MLP's backward: two I-wide gradients
-    more than the saved tensors it frees, and the block's output and input gradients (2 I + 2 H, bf16).
-      per token = 8 H + 2 (6 H + 3 nh hd + 2 nkv hd + 6 I) [+ 6 (nh + nkv) hd for qwen3]
+    more than the saved tensors it frees, and the block's output and input gradients (2 I + 2 H, in the compute
+    dtype: compute_bytes each, 2 for bf16, 4 for fp32).
+      per token = 8 H + 2 (6 H + 3 nh hd + 2 nkv hd + 6 I) [+ 6 (nh + nkv) hd for qwen3]   (bf16)
     Checked against the peak measured on CPU (tests/test_bench_memory.py) and on an H100 (docs/memory.md)."""
-    return block_saved_bytes_per_token(cfg) + 2 * (2 * cfg.intermediate_size + 2 * cfg.hidden_size)
+    in_flight = 2 * cfg.intermediate_size + 2 * cfg.hidden_size
+    return block_saved_bytes_per_token(cfg, compute_bytes) + compute_bytes * in_flight
 
 
-def block_saved_bytes_per_token(cfg):
-    """Bytes per token autograd saves in one block's forward: each RMSNorm's fp32 x.float() (2 x 4 H bytes); in
-    bf16 (2 bytes) each norm's normalised x and output (4 H), q and k after RoPE, v, the attention output and its
-    (T, heads x hd) reshape (3 nh hd + 2 nkv hd; flash kernels keep O(T) more), gate, silu(gate), up and
-    silu(gate) * up (4 I); Qwen3's q_norm / k_norm also keep fp32 q, k and their normalised bf16 copies
-    (6 (nh + nkv) hd). A block that is not recomputed holds this from its forward to its backward."""
+def block_saved_bytes_per_token(cfg, compute_bytes=2):
+    """Bytes per token autograd saves in one block's forward: each RMSNorm's fp32 x.float() (2 x 4 H bytes; in an
+    fp32 compute, the fp32 input itself); in the compute dtype (compute_bytes: 2 for bf16, 4 for fp32) each norm's
+    normalised x and output (2 H), q and k after RoPE, v, the attention output and its (T, heads x hd) reshape
+    (3 nh hd + 2 nkv hd; flash kernels keep O(T) more), gate, silu(gate), up and silu(gate) * up (4 I); Qwen3's
+    q_norm / k_norm also keep fp32 q, k and their normalised copies (4 + compute_bytes) (nh + nkv) hd. A block that
+    is not recomputed holds this from its forward to its backward."""
     H, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    qk_norm = 6 * (nh + nkv) * hd if cfg.arch == "qwen3" else 0
-    return 8 * H + 2 * (4 * H + 3 * nh * hd + 2 * nkv * hd + 4 * cfg.intermediate_size) + qk_norm
+    qk_norm = (4 + compute_bytes) * (nh + nkv) * hd if cfg.arch == "qwen3" else 0
+    return 8 * H + compute_bytes * (4 * H + 3 * nh * hd + 2 * nkv * hd + 4 * cfg.intermediate_size) + qk_norm
 
 
-def kept_bytes_per_token(cfg, keep):
+def kept_bytes_per_token(cfg, keep, compute_bytes=2):
     """(bytes a recomputed block keeps from its forward per token, bytes of those its recompute then need not
-    allocate) under --checkpoint_keep (model.CHECKPOINT_KEEP). attention: the attention output (bf16) and its fp32
-    log-sum-exp per head. matmuls: also every projection's output: q, k, v, o, gate, up, down (bf16); of these
+    allocate) under --checkpoint_keep (model.CHECKPOINT_KEEP). attention: the attention output (compute dtype) and
+    its fp32 log-sum-exp per head. matmuls: also every projection's output: q, k, v, o, gate, up, down; of these
     v, gate and up are tensors the recompute would save, q and k are saved only after RoPE (recomputed)."""
     H, hd, nh, nkv, inter = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    c = compute_bytes
     if keep == "nothing":
         return 0, 0
-    attention = 2 * nh * hd + 4 * nh
+    attention = c * nh * hd + 4 * nh
     if keep == "attention":
-        return attention, 2 * nh * hd
+        return attention, c * nh * hd
     if keep == "matmuls":
-        return attention + 2 * ((nh + 2 * nkv) * hd + 2 * H + 2 * inter), 2 * nh * hd + 2 * nkv * hd + 2 * 2 * inter
+        return attention + c * ((nh + 2 * nkv) * hd + 2 * H + 2 * inter), c * (nh * hd + nkv * hd + 2 * inter)
     raise ValueError(f"checkpoint_keep: {keep!r}")
 
 
-def prefill_bytes_per_token(cfg):
+def prefill_bytes_per_token(cfg, dtype_bytes=2):
     """Peak bytes per prompt token of generation's prefill (no grad, one block at a time): the MLP holds the block's
-    input, the normed input, silu(gate), up and their product (2 H + 3 I, bf16), an RMSNorm its fp32 x.float() and
-    x * rsqrt (8 H)."""
-    return 2 * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) + 8 * cfg.hidden_size
+    input, the normed input, silu(gate), up and their product (2 H + 3 I, in the engine's dtype: dtype_bytes each),
+    an RMSNorm its fp32 x.float() and x * rsqrt (8 H)."""
+    return dtype_bytes * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) + 8 * cfg.hidden_size
 
 
-def activation_bytes(cfg, tokens, chunk, with_entropy, gathered, checkpoint_every=1, keep="nothing"):
+def activation_bytes(cfg, tokens, chunk, with_entropy, gathered, checkpoint_every=1, keep="nothing", compute_bytes=2):
     """Training activations of one packed micro-batch of `tokens` tokens:
-      inputs  what the forward leaves for backward: each recomputed block's bf16 input (2 H bytes per token) and what
+      inputs  what the forward leaves for backward: each recomputed block's input (2 H bytes per token in bf16:
+              compute_bytes, the compute dtype's size, for every "bf16" below and in the functions named) and what
               it keeps (kept_bytes_per_token); each block that is not recomputed, all it saves
               (block_saved_bytes_per_token). Blocks i with i % checkpoint_every == 0 are recomputed; checkpoint_every
               0 = none (no gradient checkpointing)
@@ -114,22 +119,25 @@ def activation_bytes(cfg, tokens, chunk, with_entropy, gathered, checkpoint_ever
     inputs + max(head, block)."""
     H, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
     recomputed = [bool(checkpoint_every) and i % checkpoint_every == 0 for i in range(L)]
-    kept, not_recomputed = kept_bytes_per_token(cfg, keep)
-    saved, peak = block_saved_bytes_per_token(cfg), block_bytes_per_token(cfg)
-    stored = [2 * H + kept if r else saved for r in recomputed]
+    c = compute_bytes
+    kept, not_recomputed = kept_bytes_per_token(cfg, keep, c)
+    saved, peak = block_saved_bytes_per_token(cfg, c), block_bytes_per_token(cfg, c)
+    stored = [c * H + kept if r else saved for r in recomputed]
     at_backward = [stored[j] + (peak - not_recomputed if recomputed[j] else peak - saved) for j in range(L)]
     inputs = tokens * sum(stored)
     block = tokens * max(sum(stored[:j]) + at_backward[j] for j in range(L)) - inputs
-    head = tokens * H * (4 + 2 + 2 + (2 if gathered else 0)) + min(tokens, chunk) * V * 4 * (3 + 2 * bool(with_entropy))
+    head = tokens * H * (4 + c + c + (c if gathered else 0)) + min(tokens, chunk) * V * 4 * (3 + 2 * bool(with_entropy))
     return {"inputs": inputs, "head": head, "block": block, "total": inputs + max(head, block)}
 
 
 def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_size=32, prompt_tokens=512,
                     response_tokens=4096, rl_tokens=30000, sft_tokens=16384, logprob_chunk=4096, checkpoint_every=1,
-                    checkpoint_keep="nothing", adam_8bit=False, gen_dtype_bytes=2, rl_entropy=False):
+                    checkpoint_keep="nothing", adam_8bit=False, gen_dtype_bytes=2, rl_entropy=False, compute_bytes=2):
     """Per-GPU bytes of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2 on `world` ranks (see the section's
-    comment); gen_dtype_bytes: the engine's weights and KV cache (train_rl --dtype); rl_entropy: the update keeps the
-    entropy's graph (train_rl --entropy_coef > 0). Peaks include CUDA_CONTEXT_GIB."""
+    comment); gen_dtype_bytes: the engine's weights and KV cache (train_rl --dtype); compute_bytes: the training
+    compute dtype's size, of the activations and of the unsharded parameters (--dtype: 2 for bf16, 4 for fp32, where
+    FSDP casts nothing); rl_entropy: the update keeps the entropy's graph (train_rl --entropy_coef > 0). Peaks include
+    CUDA_CONTEXT_GIB."""
     n = param_counts(cfg)
     P, W = n["total"], world
     root = n["embed"] + n["lm_head"] + n["final_norm"]  # the root FSDP group: embed_tokens, lm_head if untied, norm
@@ -139,12 +147,13 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e["persistent"] = e["master"] + e["grads"] + e["adam"]
     e["ref_model"] = 4 * P / W  # --kl_coef > 0: a frozen copy sharded the same way, no grads or optimizer
     # FSDP2 transients of forward + backward: the root unsharded in bf16 throughout, two blocks unsharded in bf16
-    # (the current one + the prefetched one), and in backward the unsharded fp32 gradients of one block and of the
-    # root before their reduce-scatter. (This covers the lm_head's gradient too: in the head's backward the root holds
-    # its bf16 params, the bf16 gradient being accumulated and one chunk's V x H bf16 weight gradient before it is
-    # added in: at most 6 bytes per root parameter. A single-H100 check measured that chunk gradient on top of
-    # activation_bytes, which came within 1 % of the rest at the 1.5B and 7B shapes; see docs/memory.md.)
-    e["fsdp_transient"] = 2 * root + 2 * 2 * n["block"] + 4 * n["block"] + 4 * root
+    # (the current one + the prefetched one; an fp32 compute: both in fp32, compute_bytes), and in backward the
+    # unsharded fp32 gradients of one block and of the root before their reduce-scatter. (This covers the lm_head's
+    # gradient too: in the head's backward the root holds its bf16 params, the bf16 gradient being accumulated and
+    # one chunk's V x H bf16 weight gradient before it is added in: at most 6 bytes per root parameter. A single-H100
+    # check measured that chunk gradient on top of activation_bytes, which came within 1 % of the rest at the 1.5B
+    # and 7B shapes; see docs/memory.md.)
+    e["fsdp_transient"] = compute_bytes * (root + 2 * n["block"]) + 4 * n["block"] + 4 * root
     # RL generation: the training state stays sharded, without gradients (train_rl sets them to None after each
     # optimizer step; one H200's step-1 peaks plus AdamW's states matched this within 1 %, docs/memory.md); a plain
     # bf16 copy of all weights is gathered for the engine
@@ -155,12 +164,12 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e["gen_rows"], e["gen_len"] = prompts * group_size, prompt_tokens + response_tokens
     e["gen_copy"] = gen_dtype_bytes * P
     e["kv_cache"] = kv_cache_bytes(cfg, e["gen_rows"], e["gen_len"], gen_dtype_bytes)
-    e["gen_temps"] = max(prefill_bytes_per_token(cfg) * prompts * prompt_tokens,
+    e["gen_temps"] = max(prefill_bytes_per_token(cfg, gen_dtype_bytes) * prompts * prompt_tokens,
                          e["gen_rows"] * cfg.vocab_size * DECODE_TEMP_BYTES)
     e["gen_peak"] = e["master"] + e["adam"] + e["gen_copy"] + e["kv_cache"] + e["gen_temps"] + e["slack"]
     # training: a micro-batch holds up to its token budget, or one longer sequence alone
     e["rl_tokens"] = max(rl_tokens, prompt_tokens + response_tokens)
-    recompute = dict(checkpoint_every=checkpoint_every, keep=checkpoint_keep)
+    recompute = dict(checkpoint_every=checkpoint_every, keep=checkpoint_keep, compute_bytes=compute_bytes)
     e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=rl_entropy, gathered=True,
                                    **recompute)
     e["update_peak"] = e["persistent"] + e["fsdp_transient"] + e["rl_act"]["total"] + e["slack"]

@@ -366,14 +366,15 @@ def validate_policy(model, dtype, tokenizer, task, test_records, step, val_setti
 
 
 def memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype):
-    """gpu_memory's per-GPU bytes for this run's settings (dtype: the engine's; longest_prompt: in tokens)."""
+    """gpu_memory's per-GPU bytes for this run's settings (dtype: the compute's and the engine's; longest_prompt: in
+    tokens)."""
     recompute = (dict(checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep)
                  if args.gradient_checkpointing else dict(checkpoint_every=0))
     return gpu_memory.memory_estimate(
         cfg, world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
         gen_batch_size=args.gen_batch_size, prompt_tokens=longest_prompt, response_tokens=args.max_response_tokens,
         rl_tokens=args.micro_batch_tokens, logprob_chunk=args.logprob_chunk, adam_8bit=args.adam_8bit,
-        gen_dtype_bytes=dtype.itemsize, rl_entropy=bool(args.entropy_coef), **recompute)
+        gen_dtype_bytes=dtype.itemsize, compute_bytes=dtype.itemsize, rl_entropy=bool(args.entropy_coef), **recompute)
 
 
 def rollout_reserve(args, per_rank, longest_prompt):

@@ -121,9 +121,12 @@ RECOMPUTE_MEASURED = [  # (index into MEASURED, tokens, checkpoint_every (0: no 
 
 
 def measured_runs():
-    """(index into MEASURED, tokens, checkpoint_every, checkpoint_keep, entropy) of each measured peak, in order."""
-    return ([(i, MEASURED[i][1], 1, "nothing", entropy) for i in range(len(MEASURED)) for entropy in (False, True)]
-            + [(i, tokens, every, keep, False) for i, tokens, every, keep in RECOMPUTE_MEASURED])
+    """(index into MEASURED, tokens, checkpoint_every, checkpoint_keep, entropy, compute dtype) of each measured peak,
+    in order: bf16, and the first model in fp32 too (train_rl and redistill_sft --dtype float32 on a GPU)."""
+    return ([(i, MEASURED[i][1], 1, "nothing", entropy, torch.bfloat16) for i in range(len(MEASURED))
+             for entropy in (False, True)]
+            + [(i, tokens, every, keep, False, torch.bfloat16) for i, tokens, every, keep in RECOMPUTE_MEASURED]
+            + [(0, MEASURED[0][1], every, "nothing", False, torch.float32) for every in (1, 0)])
 
 
 FP32_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
@@ -163,10 +166,10 @@ def peak_memory_mode():
 def measure_activation_peaks():
     torch.set_num_threads(1)
     out = []
-    for i, tokens, every, keep, entropy in measured_runs():
+    for i, tokens, every, keep, entropy, dtype in measured_runs():
         hf, _, seqs, chunk = MEASURED[i]
         cfg = model.ModelConfig.from_hf(hf)
-        m = model.Transformer(cfg).to(torch.bfloat16)
+        m = model.Transformer(cfg).to(dtype)
         m.gradient_checkpointing, m.checkpoint_every, m.checkpoint_keep = every > 0, max(every, 1), keep
         g = torch.Generator().manual_seed(0)
         ids, cu = model.pack([torch.randint(0, cfg.vocab_size, (tokens // seqs,), generator=g).tolist()
@@ -204,11 +207,12 @@ def test_activation_estimate_is_near_the_measured_peak():
     measured = json.loads(r.stdout.strip().splitlines()[-1])
     runs = measured_runs()
     assert len(measured) == len(runs)
-    for (i, tokens, every, keep, entropy), peak in zip(runs, measured):
+    for (i, tokens, every, keep, entropy, dtype), peak in zip(runs, measured):
         hf, _, seqs, chunk = MEASURED[i]
         est = gpu_memory.activation_bytes(model.ModelConfig.from_hf(hf), tokens, chunk, with_entropy=entropy,
-                                          gathered=entropy, checkpoint_every=every, keep=keep)["total"]
-        assert 0.9 < peak / est < 1.1, (hf["architectures"], hf["vocab_size"], entropy, every, keep, peak, est)
+                                          gathered=entropy, checkpoint_every=every, keep=keep,
+                                          compute_bytes=dtype.itemsize)["total"]
+        assert 0.9 < peak / est < 1.1, (hf["architectures"], hf["vocab_size"], entropy, every, keep, dtype, peak, est)
 
 
 def test_defaults_are_the_training_scripts_defaults():
