@@ -31,7 +31,7 @@ import tasks
 import toy_task
 from common import parse_settings, run_main
 from engine import generate
-from model import CHECKPOINT_KEEP, build_model, load_model, save_model, tiny_config
+from model import CHECKPOINT_KEEP, build_model, dtype_name, load_model, parse_dtype, save_model, tiny_config
 from speed import (PEAK_BANDWIDTH, QWEN25_15B, SUITE_SECTIONS, datasheet, decode_floor, decode_kernels_per_layer,
                    gpu_suite, make_workload, run_hf, run_ours, timed)
 from tiny_base import build_tokenizer
@@ -59,7 +59,8 @@ def get_parser():
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, prompts and lengths")
     p.add_argument("--rl", type=common.str2bool, default=False,
-                   help="benchmark one GRPO step of train_rl.py instead (CPU, tiny model)")
+                   help="benchmark one GRPO step of train_rl.py instead (a tiny model; on the GPU where there is "
+                        "one, as train_rl.py runs)")
     p.add_argument("--rl_steps", type=int, default=4, help="RL steps to run (the first is a warm-up)")
     p.add_argument("--rl_prompts", type=int, default=16, help="prompts per RL step (x --samples_per_prompt rollouts)")
     p.add_argument("--rl_max_len", type=int, default=64, help="response length cap of the RL benchmark")
@@ -118,11 +119,27 @@ def get_parser():
     return p
 
 
+# each mode's own settings (the generation benchmark's are the rest), noted when given to another mode
+MODE_SETTINGS = {
+    "rl": ("rl_steps", "rl_prompts", "rl_max_len"),
+    "gpu_suite": ("smoke", "sections", "json_out", "suite_rl_response_tokens", "suite_hf"),
+    "memory": ("world", "gpu_gib", "prompts_per_step", "prompts_per_rank", "gen_batch_size", "prompt_tokens",
+               "response_tokens", "rl_micro_batch_tokens", "sft_micro_batch_tokens", "logprob_chunk",
+               "checkpoint_every", "checkpoint_keep", "adam_8bit"),
+    "generation": ("gpu", "workloads", "prompts", "min_len", "max_len", "fixed_len", "repeats", "skip_hf"),
+}
+
+
 def main(argv=None):
-    args = parse_settings(get_parser(), argv)
+    parser = get_parser()
+    args = parse_settings(parser, argv)
     common.check_non_negative(args, "threads")
     if args.threads:
         torch.set_num_threads(args.threads)
+    mode = next((m for m in ("rl", "gpu_suite", "count_kernels", "memory") if getattr(args, m)), "generation")
+    for other, names in MODE_SETTINGS.items():  # (a --smoke or --json_out alone ran the whole CPU benchmark)
+        common.note_unused(args, parser, names, other != mode, f"--{other} true" if other in ("rl", "gpu_suite") else
+                           "--memory CONFIG" if other == "memory" else "the generation benchmark (no mode)")
     if args.rl:
         return bench_rl(args)
     if args.gpu_suite:
@@ -131,16 +148,17 @@ def main(argv=None):
         return count_kernels(args)
     if args.memory:
         return gpu_memory.memory_table(args)
-    common.check_positive(args, "samples_per_prompt", "fixed_len")
-    common.check_non_negative(args, "repeats", "min_len", "max_len")
+    common.check_positive(args, "samples_per_prompt", "fixed_len", "repeats", "min_len", "max_len")  # (None: unset)
     if any(n < 1 for n in args.prompts or []):
         raise common.UserError(f"--prompts: each number of prompts must be at least 1, got {args.prompts}")
-    min_len, max_len = args.min_len or 64, args.max_len or (1024 if args.gpu else 512)
+    min_len = 64 if args.min_len is None else args.min_len
+    max_len = (1024 if args.gpu else 512) if args.max_len is None else args.max_len
     if min_len > max_len:
         raise common.UserError(f"--min_len {min_len} > --max_len {max_len} (defaults: 64, and 512 on CPU, 1024 on GPU)")
     device = torch.device("cuda" if args.gpu else "cpu")
+    if args.gpu and not torch.cuda.is_available():
+        raise common.UserError("--gpu true needs CUDA (this machine has none): run the CPU benchmark without it")
     if args.gpu:
-        assert torch.cuda.is_available(), "--gpu needs CUDA"
         hf_cfg = tiny_config(151936, **QWEN25_15B)
         dtype = torch.bfloat16
         prompt_counts = args.prompts or [16, 128]
@@ -149,7 +167,7 @@ def main(argv=None):
                              max_position_embeddings=4096, tie_word_embeddings=True)
         dtype = torch.float32
         prompt_counts = args.prompts or [8]
-    repeats = args.repeats or (1 if args.gpu else 3)
+    repeats = (1 if args.gpu else 3) if args.repeats is None else args.repeats
     torch.manual_seed(args.seed)
     model = build_model(hf_cfg, seed=args.seed).to(device=device, dtype=dtype).eval()
     cfg = model.config
@@ -250,10 +268,14 @@ def bench_rl(args):
         train_rl.main(argv)
         wall = time.time() - t0
         ms = common.read_jsonl(os.path.join(d, "run", "metrics.jsonl"))[1:]  # the first step warms up
-        # the engine alone on the last step's prompts, same seed and weights: what the RL step's generation costs
+        # the engine alone on the last step's prompts, same seed and weights, on the device and in the dtype the
+        # step ran in (train_rl's --dtype auto: bf16 on CUDA): what the RL step's generation costs
         from common import stop_token_ids
         from tasks import load_tokenizer
-        final, tok = load_model(os.path.join(d, "run", f"step_{steps:06d}")), load_tokenizer(os.path.join(d, "init"))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = parse_dtype("auto", device)
+        final = load_model(os.path.join(d, "run", f"step_{steps:06d}"), dtype=dtype, device=device)
+        tok = load_tokenizer(os.path.join(d, "init"))
         recs = [recs[i] for i in train_rl.step_prompt_indices(len(recs), prompts, steps, args.seed)]
         ids = tasks.encode_prompts(tok, [toy_task.render_prompt(r, tok) for r in recs])
         t0 = time.time()
@@ -261,8 +283,10 @@ def bench_rl(args):
                         stop_ids=stop_token_ids(tok), seed=1)
         alone = sum(len(g.tokens) for g in gens) / (time.time() - t0)
     med = sorted(ms, key=lambda m: m["step_s"])[len(ms) // 2]  # the median step, so its parts add up
-    print(f"\nRL step ({model.num_params() / 1e6:.1f}M-param Qwen2-architecture model, random weights, fp32 CPU, "
-          f"{torch.get_num_threads()} thread(s)); {prompts} prompts x {group} samples, responses {med['len_mean']:.0f} "
+    where = (f"{dtype_name(dtype)} on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else
+             f"{dtype_name(dtype)} CPU, {torch.get_num_threads()} thread(s)")
+    print(f"\nRL step ({model.num_params() / 1e6:.1f}M-param Qwen2-architecture model, random weights, {where}); "
+          f"{prompts} prompts x {group} samples, responses {med['len_mean']:.0f} "
           f"tokens (cap {max_len}); the median step of 2..{steps} (whole run {wall:.1f}s):")
     print(f"  step {med['step_s']:.2f}s = generation {med['gen_s']:.2f}s ({med['gen_tok_s']:.0f} tok/s) + scoring "
           f"{med['score_s']:.3f}s + training {med['train_s']:.2f}s ({med['train_tok_s']:.0f} tok/s) + other "

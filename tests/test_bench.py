@@ -7,6 +7,7 @@ import re
 import weakref
 
 import pytest
+import torch
 
 import bench
 import engine
@@ -104,6 +105,23 @@ def test_gpu_suite_generation_without_transformers_times_ours_alone(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_suite_times_transformers_with_our_engines_buffers_released(tmp_path, monkeypatch):
+    """transformers ran beside our engine's kept weights, KV cache and graph pool (at the 1.5B shape and 1,024 rows,
+    ~23 GB): its measured peak counted them and its own cache had that much less room."""
+    held = []
+    real_hf = speed.run_hf
+
+    def run_hf(*args, **kwargs):
+        held.append(sorted(engine._kept))
+        return real_hf(*args, **kwargs)
+    monkeypatch.setattr(speed, "run_hf", run_hf)
+    bench.main(["--gpu_suite", "true", "--smoke", "true", "--sections", "generation", "--json_out",
+                str(tmp_path / "suite.json")])
+    timed_runs = held[1::2]  # (each workload: a warm-up on 2 prompts beside the engine, then the timed run)
+    assert timed_runs and all(kept == [] for kept in timed_runs), held
+
+
+@pytest.mark.slow
 def test_gpu_suite_frees_one_sections_sharded_model_before_the_next(tmp_path, monkeypatch):
     """An FSDP2-sharded model lives in reference cycles, so it outlives train_rl.main() until the cyclic collector
     runs: the suite collects after each section, or the next one's measured memory counts it (on one H200 the 3B
@@ -134,6 +152,18 @@ def test_gpu_suite_frees_one_sections_sharded_model_before_the_next(tmp_path, mo
 def test_gpu_suite_without_cuda_says_so():
     with pytest.raises(UserError, match="--smoke"):
         bench.main(["--gpu_suite", "true"])
+    if not torch.cuda.is_available():  # (the generation benchmark's GPU mode: an assert's traceback, before)
+        with pytest.raises(UserError, match="--gpu true needs CUDA"):
+            bench.main(["--gpu", "true"])
+
+
+def test_a_setting_of_another_mode_is_noted_not_silently_dropped(capsys):
+    """--smoke or --json_out without --gpu_suite ran the whole CPU benchmark and wrote nothing, without a word."""
+    with pytest.raises(UserError):  # (stopped at once by a size it refuses, after the notes)
+        bench.main(["--smoke", "true", "--json_out", "x.json", "--world", "4", "--repeats", "0"])
+    out = capsys.readouterr().out
+    assert "note: --smoke and --json_out not used: only --gpu_suite true uses it" in out
+    assert "note: --world not used: only --memory CONFIG uses it" in out
 
 
 @pytest.mark.parametrize("steps", [0, 1])
@@ -152,6 +182,10 @@ def test_the_rl_benchmark_needs_a_step_beyond_its_warm_up(steps):
     (["--max_len", "32"], "--min_len 64 > --max_len 32 (defaults: 64"),
     (["--repeats", "-1"], "--repeats must be"),
     (["--threads", "-1"], "--threads must be"),
+    # 0 passed the check and was read as "unset": the default ran, or an error named a value never given
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--min_len", "0", "--max_len", "10"], "--min_len must be at least 1, got 0"),
+    (["--max_len", "0"], "--max_len must be at least 1, got 0"),
 ])
 def test_the_generation_benchmark_refuses_sizes_it_cannot_run(argv, message):
     """Each of these ended in a traceback after the 28M model was built (the --rl and --memory modes checked theirs)."""
