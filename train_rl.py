@@ -671,6 +671,9 @@ def main(argv=None):
         raise UserError(f"--rollout_is_cap must be > 0, got {args.rollout_is_cap}")
     if not 0 < args.entropy_top_frac <= 1:
         raise UserError(f"--entropy_top_frac {args.entropy_top_frac}: a fraction of the tokens in (0, 1] (1 = all)")
+    if args.rollout_is != "off" and args.rollout_is_mode == "truncate" and args.rollout_is_cap < 1:
+        print0(f"note: --rollout_is_cap {args.rollout_is_cap:g} < 1 truncates every weight below it, on-policy ones "
+               f"(ratio 1) too: the whole gradient scaled down by up to that much (TIS caps at C >= 1, e.g. 2)")
     if args.rollout_is != "off" and args.rollout_is_mode == "mask" and not args.rollout_is_cap > 1:
         raise UserError(f"--rollout_is_mode mask keeps the ratios in [1/C, C]: --rollout_is_cap {args.rollout_is_cap} "
                         f"leaves that band empty or a single point, so next to nothing would train; give C > 1")

@@ -62,10 +62,11 @@ def test_token_weights_come_from_the_engines_logprobs_and_change_the_update(loop
     assert not all(torch.equal(plain[k], tis[k]) for k in plain)
 
 
-def test_sequence_weights_and_the_cap(loop):
+def test_sequence_weights_and_the_cap(loop, capsys):
     """A response's weight is the product of its token ratios (here its probability under the trainer, the sampler
     having logged 1): short responses exceed the tiny cap, long ones do not, and the logged share says which."""
     _, metrics, calls = loop("seq", rollout_is="sequence", rollout_is_cap=1e-6)
+    assert "note: --rollout_is_cap 1e-06 < 1 truncates every weight below it" in capsys.readouterr().out
     for m, ((old, sampler, lens, level, cap, _), (w, capped)) in zip(metrics, calls):
         ratio = torch.repeat_interleave(torch.stack([s.sum() for s in old.split(lens)]).exp(), torch.tensor(lens))
         assert level == "sequence" and torch.allclose(w, ratio.clamp(max=1e-6), rtol=1e-4, atol=0)
