@@ -135,8 +135,8 @@ def changed_files(old, new):
 
 def read_done(summary_path, samples_path, settings, records, task):
     """A finished pair's summary, if its settings match this run's (None: its inputs changed since, evaluate it
-    again); recomputed when pass_k changed or an earlier version wrote it, and its samples re-scored when the task
-    module's source changed (the score of now is what counts; the responses stand)."""
+    again); its numbers recomputed from its samples, which are re-scored when what decides the task's score changed
+    (the score of now is what counts; the responses stand)."""
     try:
         summary = read_summary(summary_path)
         old = summary.get("settings")
@@ -169,20 +169,20 @@ def read_done(summary_path, samples_path, settings, records, task):
                f"evaluating again")
         return None
     rescore = old.get("task_source") != settings["task_source"]  # (none recorded: an earlier version's, once)
-    # a summary without mean_reward is an earlier version's, whose accuracy was the mean reward: recomputed
-    earlier = "mean_reward" not in summary.get("overall", {})
-    if rescore or earlier or old.get("pass_k_asked") != settings["pass_k_asked"]:
-        samples = common.read_jsonl(samples_path, required=("id", "reward", "finished", "length")
-                                    + (("response",) if rescore else ()))
-        changed = tasks.rescore(task, samples, records, samples_path) if rescore else 0
-        if changed:  # the samples first: a kill before the summary leaves its old stamp, so this runs again
-            print0(f"{samples_path}: the task's score changed since it was evaluated: {changed} of {len(samples)} "
-                   f"rewards re-scored")
-            common.write_jsonl(samples_path, samples)
-        summary.update(summarize(samples, records, task.DIFFICULTY, settings["pass_k_asked"]))
-        summary["settings"], summary["difficulty_key"] = settings, task.DIFFICULTY
-        common.write_json(summary_path, summary)
-    return summary
+    samples = common.read_jsonl(samples_path, required=("id", "reward", "finished", "length")
+                                + (("response",) if rescore else ()))
+    changed = tasks.rescore(task, samples, records, samples_path) if rescore else 0
+    if changed:  # the samples first: a kill before the summary leaves its old stamp, so this runs again
+        print0(f"{samples_path}: the task's score changed since it was evaluated: {changed} of {len(samples)} "
+               f"rewards re-scored")
+        common.write_jsonl(samples_path, samples)
+    # the numbers are recomputed from the samples every time (reading them costs no generation): a summary of an
+    # earlier version (accuracy as the mean reward, other pass@k) or of a metric since fixed (scoring.py) is not kept
+    now = {**summary, **summarize(samples, records, task.DIFFICULTY, settings["pass_k_asked"])}
+    if now != summary or rescore:
+        now |= {"settings": settings, "difficulty_key": task.DIFFICULTY}  # (its stamp: re-scored by today's rule)
+        common.write_json(summary_path, now)
+    return now
 
 
 # -----------------------------------------------------------------------------

@@ -819,7 +819,10 @@ def main(argv=None):
         print0("note: --policy_loss kl_cov with one on-policy update per batch: its |log(pi / pi_old)| is 0 and has "
                "no gradient, so it trains as ppo (whose clip never binds on-policy); it acts with "
                "--ppo_mini_batches > 1 or --ppo_epochs > 1 (docs/grpo.md)")
-    if args.baseline == "loo" and args.std_normalize:
+    if args.baseline == "loo" and args.std_normalize and args.std_scope == "tokens":
+        print0("note: --baseline loo with --std_scope tokens: no effect (the whitening over the batch's tokens divides "
+               "its n / (n - 1) out again); RLOO has no std (--std_normalize false)")
+    elif args.baseline == "loo" and args.std_normalize:
         print0("note: --baseline loo with --std_normalize true: GRPO's advantages times n / (n - 1); RLOO has no std "
                "(--std_normalize false)")
     if args.adv_weight == "dwa" and not several_updates:

@@ -211,6 +211,21 @@ def test_an_earlier_versions_summary_is_reused_while_its_split_is_unchanged(tiny
     assert "changed since (split.jsonl); evaluating again" in log and "loaded" in log
 
 
+def test_a_reused_pairs_numbers_are_recomputed_from_its_samples(tiny_checkpoint, split, tmp_path):
+    """A metric fixed in scoring.py (pass@k, accuracy, mean length) changed no stamp: the old summary's numbers were
+    reused while a fresh --out_dir gave others. They are recomputed from the samples at every reuse."""
+    args = ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(tmp_path / "out"),
+            *FAST]
+    ev.main(args)
+    path = tmp_path / "out" / "m" / "toy_test" / "summary.json"
+    right = json.loads(path.read_text(encoding="utf-8"))
+    wrong = json.loads(json.dumps(right))
+    wrong["overall"]["mean_length"] += 1.0  # as an earlier metric computed it
+    path.write_text(json.dumps(wrong))
+    ev.main(args)
+    assert json.loads(path.read_text(encoding="utf-8")) == right
+
+
 def test_an_earlier_versions_summary_is_recomputed_by_todays_rule(tiny_checkpoint, split, tmp_path, capsys):
     """Before tasks.is_correct, accuracy was the mean reward (and there was no mean_reward): such a summary is
     recomputed from its samples (nothing generated), so one results table never mixes the two rules."""
