@@ -22,9 +22,9 @@
 # version's marker without its command); an evaluation runs again (eval.py reuses its finished pairs, re-scoring
 # them if the task's scorer changed since), unlogged in times.tsv; a stage that was killed
 # is re-run with --resume (SFT, RL), or skips what it finished (eval; the sample effect: its samples), so re-running
-# this script after a crash continues where it stopped. OUT/times.tsv logs every attempt with its seconds:
-# finished, or stopped (a failure, Ctrl-C, a kill short of SIGKILL), so report.py's device hours count the time the
-# stopped ones spent too.
+# this script after a crash continues where it stopped. A TERM, HUP or INT sent to this script (kill PID, Ctrl-C)
+# ends the running stage with it. OUT/times.tsv logs every attempt with its seconds: finished, or stopped (a
+# failure, Ctrl-C, a kill short of SIGKILL), so report.py's device hours count the time the stopped ones spent too.
 # Seeds: SEED=S (default 1) is the seed a preset derives every stage's seeds from; seed 1 is the preset as
 # measured. SEEDS=N runs seeds 1..N one after another, seed 1 in OUT and seed S in OUT/seed_S (a finished seed is
 # skipped like any stage), then report.py tables each model's mean ± std over them and every seed's row.
