@@ -632,16 +632,17 @@ def normalise_record(rec, where):
         bad('solution', "is not the unique solution of the statements")
     if 'people' in rec and (type(rec['people']) is not int or rec['people'] != n):
         bad('people', f"is {rec['people']!r}; it must be the count of names, the integer {n}")
-    for field in ('id', 'question'):
-        if field in rec and not (isinstance(rec[field], str) and rec[field]):
-            bad(field, "must be a non-empty string")
+    if 'id' in rec and not ((isinstance(rec['id'], str) and rec['id']) or type(rec['id']) is int):
+        bad('id', "must be a non-empty string or an integer")  # (an integer is kept as its text, as ids are matched)
+    if 'question' in rec and not (isinstance(rec['question'], str) and rec['question']):
+        bad('question', "must be a non-empty string")
     for field in ('quiz', 'question'):  # a question of another puzzle, whose answers would all score 0
         if field in rec:
             text = fold(rec[field])
             missing = [x for x in names if not re.search(rf"(?<![^\W\d_]){re.escape(fold(x))}(?![^\W\d_])", text)]
             if missing:
                 bad(field, f"does not name {missing[0]!r} of the record's names {names!r}")
-    out = {'id': rec.get('id') or puzzle_id(OFFICIAL_SEED, n, rec['index']),  # official files: the official stream
+    out = {'id': str(rec['id']) if 'id' in rec else puzzle_id(OFFICIAL_SEED, n, rec['index']),  # official: its stream
            'people': n,
            'question': rec.get('question') or rec['quiz'] + ANSWER_FORMAT}
     out.update({k: v for k, v in rec.items() if k not in out})
@@ -806,14 +807,27 @@ def logic_key(statements):
     return best
 
 
+LOGIC_KEY_MAX_PEOPLE = 10  # logic_key tries every order within a colour: ~0.1 s a puzzle at 10 people, 2 s at 12,
+# minutes at 14 (the orders grow factorially)
+
+
 def logic_keys(records):
-    """The set of the records' logic_keys."""
+    """The set of the records' logic_keys (up to LOGIC_KEY_MAX_PEOPLE people: refused beyond, before any work)."""
+    if large := sorted({r['people'] for r in records if r['people'] > LOGIC_KEY_MAX_PEOPLE}):
+        raise common.UserError(
+            f"puzzles of {', '.join(map(str, large))} people: their logical twins are found up to "
+            f"{LOGIC_KEY_MAX_PEOPLE} people only (each key tries every renaming within a colour, factorially many: "
+            f"minutes a puzzle at 14); for these, dedup by renaming (kk_data.py --test_dedup renaming; tiny_base.py "
+            f"--exclude instead of --exclude_logic)")
     return {logic_key(parse_statements(r['statements'], r['people'])) for r in records}
 
 
 def logic_twins(records, keys):
-    """How many of records have a logically equivalent puzzle (logic_key) among those of `keys` (logic_keys)."""
-    return sum(logic_key(parse_statements(r['statements'], r['people'])) in keys for r in records)
+    """How many of records have a logically equivalent puzzle (logic_key) among those of `keys` (logic_keys). (A key
+    holds an entry a person: a record of a people count no key has is no twin, and its key is not computed.)"""
+    counts = {len(key) for key in keys}
+    return sum(logic_key(parse_statements(r['statements'], r['people'])) in keys for r in records
+               if r['people'] in counts)
 
 
 def parse_people(text, setting):

@@ -431,6 +431,8 @@ def renamed(record, names):
     (lambda r: r.update(cot_repeat_steps="one step"), 'cot_repeat_steps'),
     (lambda r: r.update(index="12"), 'index'),
     (lambda r: r.update(people=5), 'people'),
+    (lambda r: r.update(id=True), 'id'),  # (an integer id is an id: below)
+    (lambda r: r.update(id=""), 'id'),
     # names the scorer cannot read back: every answer, the right one too, would score 0
     (lambda r: renamed(r, ["A", "B", "C"]), 'names'),                     # "a" is also a filler word
     (lambda r: renamed(r, ["Anne-Marie", "Liam", "Sophia"]), 'names'),
@@ -449,6 +451,15 @@ def test_malformed_record_error_names_file_line_and_field(tmp_path, breakage, fi
     assert f"{path}:2" in str(err.value) and f"'{field}'" in str(err.value)
     if "Zo\u00eb" in str(bad['names']):
         assert "repeated name" in str(err.value)
+
+
+def test_an_integer_id_is_taken_as_its_text(tmp_path):
+    """docs/data.md: an id is a string or an integer (K&K refused the integer); ids are matched as text."""
+    path = str(tmp_path / "split.jsonl")
+    second = dict(a_record(), id=0)
+    second["index"] += 1
+    write_lines(path, [dict(a_record(), id=7), second])
+    assert [r["id"] for r in K.load_split(path)] == ["7", "0"]  # (0 too: not taken for a missing id)
 
 
 def test_load_split_rejects_bad_json_and_repeated_ids(tmp_path):
@@ -823,3 +834,16 @@ def test_generate_skips_the_logical_twins_it_is_given_and_only_those():
     assert kept[:5] == [r for r in stream if K.logic_key(K.parse_statements(r['statements'], 2)) not in twins][:5]
     assert K.logic_twins(kept, twins) == 0
     assert K.generate(7, 3, 5, log=None, twins=twins) == K.generate(7, 3, 5, log=None)
+
+
+def test_logic_keys_beyond_their_people_limit_are_refused_before_any_work(monkeypatch):
+    """logic_key's renamings grow factorially with the people: 20 puzzles of 12 people took 42 s, of 14 more than
+    5 min, and kk_data.py accepts 20 people under its default --test_dedup logic."""
+    big = K.generate(1234, K.LOGIC_KEY_MAX_PEOPLE + 4, 2)
+    keys = K.logic_keys(K.generate(1234, 3, 5))
+    real, computed = K.logic_key, []
+    monkeypatch.setattr(K, "logic_key", lambda statements: computed.append(len(statements)) or real(statements))
+    with pytest.raises(common.UserError, match=rf"puzzles of {K.LOGIC_KEY_MAX_PEOPLE + 4} people: .*--test_dedup "
+                                               r"renaming"):
+        K.logic_keys(big + K.generate(1234, 3, 2))
+    assert K.logic_twins(big, keys) == 0 and computed == []  # (no key of their people count: none computed)
