@@ -169,7 +169,7 @@ def _normalise_record(raw, where):
     question = raw.get(key)
     if not isinstance(question, str) or not question.strip():
         raise UserError(f"{where}: field '{key}': missing or not a non-empty string (need 'problem' or 'question')")
-    solution = raw.get("solution") or ""
+    solution = "" if raw.get("solution") is None else raw["solution"]  # (false or [] is no solution: refused)
     if not isinstance(solution, str):
         raise UserError(f"{where}: field 'solution': expected a string, got {type(solution).__name__}")
     answer = raw.get("answer")
@@ -185,11 +185,12 @@ def _normalise_record(raw, where):
         answer = format(decimal.Decimal(repr(answer)), "f") if isinstance(answer, float) else str(answer)
     if not isinstance(answer, str):
         raise UserError(f"{where}: field 'answer': expected a string, got {type(answer).__name__}")
-    subject = raw.get("subject", raw.get("type", "")) or ""
+    subject = raw.get("subject", raw.get("type"))
+    subject = "" if subject is None else subject
     if not isinstance(subject, str):
         raise UserError(f"{where}: field 'subject': expected a string, got {type(subject).__name__}")
     rid = raw["unique_id"] if raw.get("unique_id") is not None else raw.get("id")  # (a null unique_id: the id)
-    if rid is not None and not isinstance(rid, (str, int)):
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):  # (true: no id, not "True")
         raise UserError(f"{where}: field 'id': expected a string or integer, got {type(rid).__name__}")
     return {"id": None if rid is None else str(rid), "level": _parse_level(raw.get("level"), where),
             "subject": subject, "question": question, "answer": answer.strip(), "solution": solution}
@@ -326,11 +327,11 @@ def _clean_answer(s: str) -> str:
     s = s.strip()
     for _ in range(3):  # a few layers of $..$, \(..\), \text{..} and a trailing period, in any order
         before = s
-        if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+        if len(s) >= 2 and s[0] == "$" and s[-1] == "$" and "$" not in s.strip("$"):  # ("$2$ and $3$": as is)
             s = s.strip("$").strip()
         if s.startswith("\\(") and s.endswith("\\)"):
             s = s[2:-2].strip()
-        s = s.rstrip(".").strip() if not s.endswith("\\.") else s
+        s = s.rstrip(".").strip() if not s.endswith(("\\.", "\\right.")) else s  # (\right.: a delimiter)
         m = re.fullmatch(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", s)
         if m:
             s = m.group(1).strip()

@@ -439,6 +439,11 @@ def test_duplicate_problems_get_distinct_ids(tmp_path):
     ('{"question": "Q", "answer": "1", "level": "hard"}', "d.jsonl:2: field 'level'"),
     ('{"question": "Q", "answer": "1", "level": 9}', "d.jsonl:2: field 'level'"),
     ('{"question": "Q", "answer": "1", "subject": 3}', "d.jsonl:2: field 'subject'"),
+    # (a false-looking value of another type was read as empty, and a bool id as the text "True")
+    ('{"question": "Q", "answer": "1", "subject": []}', "d.jsonl:2: field 'subject'"),
+    ('{"question": "Q", "answer": "1", "solution": false}', "d.jsonl:2: field 'solution'"),
+    ('{"question": "Q", "answer": "1", "id": true}', "d.jsonl:2: field 'id'"),
+    ('{"question": "Q", "answer": "1", "unique_id": false}', "d.jsonl:2: field 'id'"),
     ('{"question": "Q", "answer": "1", "id": "a"}', "d.jsonl:2: field 'id': duplicate"),
 ])
 def test_malformed_files_name_file_line_field(tmp_path, line, expect):
@@ -638,3 +643,12 @@ def test_cli_splits_and_teacher_sft(tmp_path):
     assert out.returncode == 2 and "--tokenizer DIR" in out.stderr and "--template plain" in out.stderr
     out = run_cli("--teacher_sft", "x.jsonl", "--tokenizer", "no_such_dir", cwd=tmp_path)
     assert out.returncode == 2 and "no_such_dir: no such directory" in out.stderr
+
+
+@pytest.mark.parametrize("solution,answer", [
+    ("so \\boxed{$2$ and $3$}", "$2$ and $3$"),  # (its outer $ stripped read "2$ and $3")
+    ("so \\boxed{\\left\\{1\\right.}", "\\left\\{1\\right."),  # (a \right. delimiter kept whole)
+    ("so \\boxed{$5$.}", "5"),
+])
+def test_a_gold_answer_taken_from_the_solution_keeps_what_is_content(solution, answer):
+    assert math_data.extract_boxed(solution) == answer
