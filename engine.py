@@ -18,6 +18,7 @@ second model in lock-step (generate's partner). sample_responses generates and s
 sampling, evaluation and RL rollouts share.
 """
 import functools
+import math
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -754,7 +755,10 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                                 or weights_device(partner) != device):
         raise ValueError("cross-sampling needs a switch, temperature > 0 and a partner of the same vocabulary on the "
                          "same device")
-    max_seq_len = max_seq_len or min(m.config.max_position_embeddings for m in models)
+    context = min(m.config.max_position_embeddings for m in models)  # (the RoPE tables' rows)
+    if max_seq_len is not None and max_seq_len > context:
+        raise ValueError(f"max_seq_len {max_seq_len} > the model's {context}-token context")
+    max_seq_len = max_seq_len or context
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise UserError(f"prompt {i} is empty")
@@ -767,10 +771,12 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                             attention_groups=attention_groups).items():
         if not (isinstance(value, int) and value >= 1) and (value is not None or name == "n"):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not temperature >= 0 or not 0 <= top_p <= 1:
+    if not 0 <= temperature < math.inf or not 0 <= top_p <= 1:  # (inf: every token uniform)
         raise ValueError(f"temperature must be >= 0 and top_p in [0, 1], got {temperature!r} and {top_p!r}")
     if 0 < temperature < MIN_TEMPERATURE:  # (logits / temperature would overflow float32)
         raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
+    if seed < 0:  # (seed32 folds -k-1 onto k: seed -1 would repeat seed 0's samples)
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if not prompts:
         return []
     stop_ids = sorted(set(stop_ids))

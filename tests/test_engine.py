@@ -621,6 +621,10 @@ def test_error_prompt_longer_than_cache():
     model = random_model(tiny_config(VOCAB, max_position_embeddings=32))
     with pytest.raises(common.UserError, match="prompt 1 has 30 tokens.*32-token context"):
         generate(model, [[1, 2], [3] * 30], max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_seq_len 64 > the model's 32-token context"):  # (an IndexError in RoPE)
+        generate(model, [[1, 2], [3] * 30], max_new_tokens=8, max_seq_len=64)
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):  # (it repeated seed 0's samples)
+        generate(model, [[1, 2]], max_new_tokens=4, seed=-1)
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
         generate(model, [[1, 2]], max_new_tokens=0)
     with pytest.raises(ValueError, match="at most 8 stop ids"):
@@ -636,7 +640,8 @@ def test_error_prompt_longer_than_cache():
                 dict(attention_groups=-1), dict(n=2.0)):  # (sync_every=-1 used to loop for ever; n=-2 gave [])
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer >= 1"):
             generate(model, [[1, 2]], max_new_tokens=4, **bad)
-    for bad in (dict(temperature=-0.5), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=float("nan"))):
+    for bad in (dict(temperature=-0.5), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=float("nan")),
+                dict(temperature=float("inf"))):  # (inf sampled every token uniformly)
         with pytest.raises(ValueError, match="temperature must be >= 0 and top_p in"):
             generate(model, [[1, 2]], max_new_tokens=4, **bad)
     with pytest.raises(ValueError, match="temperature must be 0 .greedy. or at least 1e-06"):  # (it drew the last
