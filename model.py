@@ -78,7 +78,7 @@ class ModelConfig:
             value = cfg.get(field)
             if field in cfg and (value is not None or field in required) and not (type(value) is int and value > 0):
                 raise UserError(f"{where}: field {field!r} must be a positive integer, got {value!r}")
-        numbers = [(f, cfg[f]) for f in ("rms_norm_eps", "rope_theta") if f in cfg]
+        numbers = [(f, cfg[f]) for f in ("rms_norm_eps", "rope_theta", "original_max_position_embeddings") if f in cfg]
         numbers += [(f"{field}.{k}", v) for field in ("rope_parameters", "rope_scaling") if cfg.get(field)
                     for k, v in cfg[field].items() if k in LLAMA3_ROPE_KEYS + ("rope_theta",)]
         for field, value in numbers:
@@ -97,15 +97,18 @@ class ModelConfig:
             scaling = None
         elif kind != "llama3":
             raise UserError(f"{where}: unsupported rope scaling {kind!r} (supported: llama3)")
-        elif missing := [k for k in LLAMA3_ROPE_KEYS if k not in scaling]:
+        elif "original_max_position_embeddings" in cfg:  # (transformers: a top-level one wins over the dict's)
+            scaling = {**scaling, "original_max_position_embeddings": cfg["original_max_position_embeddings"]}
+        if scaling is not None and (missing := [k for k in LLAMA3_ROPE_KEYS if k not in scaling]):
             raise UserError(f"{where}: llama3 rope scaling without {', '.join(missing)}")
         # what the model here does not build is refused, not silently left out (it would give other logits)
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise UserError(f"{where}: unsupported hidden_act {cfg['hidden_act']!r} (supported: silu)")
-        # which layers slide, as transformers derives it when the config has no layer_types: those from
-        # max_window_layers on (its default 28), where use_sliding_window is set and sliding_window is not null (a
-        # config without the field slides over transformers' default 4,096)
-        layer_types = cfg.get("layer_types") or (
+        # which layers slide, as transformers' Qwen2 and Qwen3 derive it when the config has no layer_types: those
+        # from max_window_layers on (its default 28), where use_sliding_window is set and sliding_window is not null
+        # (a config without the field slides over transformers' default 4,096); a layer_types naming a sliding
+        # layer without them, transformers cannot run. (Llama has no sliding window: its fields are not read.)
+        layer_types = [] if arch not in ("qwen2", "qwen3") else cfg.get("layer_types") or (
             ["sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
              for i in range(cfg.get("num_hidden_layers", 0))]
             if cfg.get("use_sliding_window") and cfg.get("sliding_window", 4096) else [])

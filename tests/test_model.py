@@ -65,6 +65,8 @@ ROPE_PRECEDENCE = {  # configs from other tools: RoPE's theta in two places, or 
                                                                              "rope_theta": 1e6}},
     "theta_in_rope_scaling": {**{k: v for k, v in tiny_config(VOCAB, arch="LlamaForCausalLM").items()
                                  if k != "rope_theta"}, "rope_scaling": {**LLAMA3_SCALING, "rope_theta": 5e5}},
+    # llama3's original context top-level as well as in the dict: transformers takes the top-level one
+    "original_context_twice": {**CONFIGS["llama3_scaled"], "original_max_position_embeddings": 16},
 }
 
 
@@ -73,7 +75,8 @@ def test_rope_theta_is_read_where_transformers_reads_it(name, tmp_path):
     """rope_theta was read top-level first and never inside rope_scaling: other logits than transformers' for the
     same checkpoint (by ~5 where logits are ~5), without a word."""
     model = random_model(ROPE_PRECEDENCE[name], seed=1)
-    assert model.config.rope_theta == {"theta_twice": 1e6, "theta_in_rope_scaling": 5e5}[name]
+    assert model.config.rope_theta == {"theta_twice": 1e6, "theta_in_rope_scaling": 5e5,
+                                       "original_context_twice": 500000.0}[name]
     save_model(model, str(tmp_path / "ckpt"))
     idx = torch.randint(0, VOCAB, (2, 150), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -526,6 +529,8 @@ def test_config_fields_that_change_nothing_are_accepted():
                    # sliding asked for from a layer the model does not have: transformers runs full attention
                    {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
                    {"use_sliding_window": True, "sliding_window": 8},  # (max_window_layers' default: 28)
+                   # Llama has no sliding window: transformers runs full attention whatever these say
+                   {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0},
                    {"layer_types": ["full_attention"] * 2}, {"hidden_act": "swish"},
                    {"rope_scaling": {"rope_type": "default"}}, {"attention_bias": False, "mlp_bias": False}):
         assert model_module.ModelConfig.from_hf(tiny_config(64, arch="LlamaForCausalLM", **fields)).rope_scaling is None
