@@ -218,7 +218,8 @@ def summarize(rows, high, tokenizer, high_js, top_tokens):
     share = lambda xs, cond: sum(1 for x in xs if cond(x)) / len(xs) if xs else None  # noqa: E731
     ordered = sorted(js)
     summary = {"responses": len(rows), "positions": n, "js_mean": mean(js),
-               "js_quantiles": {str(q): ordered[min(n - 1, int(q / 100 * n))] for q in (50, 90, 95, 99)},
+               # nearest rank: the smallest value with at least q % of the positions at or below it
+               "js_quantiles": {str(q): ordered[max(0, -(-q * n // 100) - 1)] if n else None for q in (50, 90, 95, 99)},
                "share_js_below_1e-3": share(js, lambda x: x < 1e-3),
                "share_js_below_1e-2": share(js, lambda x: x < 1e-2),
                f"share_js_above_{high_js:g}": share(js, lambda x: x > high_js)}

@@ -468,6 +468,8 @@ def test_threshold_switch_and_position_deciles_by_hand():
     summary = token_shift.summarize([row], [], None, 0.5, 0)
     assert [d["positions"] for d in summary["by_relative_position"]] == [1] * 10
     assert summary["by_relative_position"][-1]["share_high"] == 1.0
+    # quantiles by nearest rank: 9 of the 10 positions are 0, so the 90th percentile is 0 (it read the largest, 1)
+    assert summary["js_quantiles"] == {"50": 0.0, "90": 0.0, "95": 1.0, "99": 1.0}
 
 
 def test_limit_high_js_and_top_tokens_shape_the_divergence_summary(pair, tmp_path):
