@@ -168,8 +168,8 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
       echo "== $name: done; eval.py checks its pairs (a task scorer changed since re-scores them)"  # (not timed)
       echo "+ $cmd"
       # (a checkpoint deleted since, for disk space, fails it: the earlier results stand, and the study goes on)
-      [[ "$DRY_RUN" == 1 ]] || { stop_if_lock_lost; in_own_group eval "$cmd"; } || echo "warning: stage $name's re-check" \
-        "failed (above); its earlier results stand" >&2
+      [[ "$DRY_RUN" == 1 ]] || { stop_if_lock_lost; in_own_group eval "$cmd"; } \
+        || echo "warning: stage $name's re-check failed (above); its earlier results stand" >&2
       return 0
     fi
     echo "== $name: done (OUT/done/$name), skipped"
