@@ -1,8 +1,10 @@
 # math-qwen2.5-1.5b: the paper's MATH runs (paper.md sections 3.2, 4.2, 7, 8, 9) on one GPU box.
 #   GPUS=8 MODEL_DIR=/models/Qwen2.5-1.5B bash reproduce.sh math-qwen2.5-1.5b
 # Needs a local Qwen/Qwen2.5-1.5B (BASE): huggingface-cli download Qwen/Qwen2.5-1.5B --local-dir $MODEL_DIR
-# and the MATH data: MATH_POOL / MATH_TEST files (PRM800K math_splits train/test jsonl, or a Hendrycks
-# directory), or MATH_DATA_ARGS="--hub true" where a network exists (needs `pip install datasets`).
+# and the MATH data: MATH_POOL / MATH_TEST files. Only PRM800K's math_splits train/test jsonl give the paper's splits
+# (a 12,000-problem pool, MATH-500 as the test); a Hendrycks directory (its 7,500 train, 5,000 test) or
+# MATH_DATA_ARGS="--hub true" (Hendrycks' 7,500 train, where a network exists; `pip install datasets`) run the study
+# on other splits.
 # Teacher: the MATH reference solutions (the paper's short CoT; its long-CoT teacher is DeepSeek-R1).
 source config/qwen2.5-1.5b.inc  # base model, launcher, GRPO/sampling/eval/sample-effect settings
 OUT=${OUT:-runs/math-qwen2.5-1.5b}

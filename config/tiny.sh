@@ -112,8 +112,11 @@ SELECT_FROM=$OUT/redistill_A.jsonl
 # rollouts per prompt (LIMR: 8) at temperature 1.0 (LIMR: 1.2; the study's RL runs at 0.7). FULL, LIM and RAND: 40 steps each from
 # the cold start, the preset's GRPO settings; threshold 0.6 (LIMR's); three seeds. (Its SFT split is written but
 # not read: LIMR starts from the study's cold start; its test is the study's.)
+# (the seed's own streams, as DATA_CMD's; seed 1's are kk_data's defaults, left unwritten so that its finished
+# studies' markers still hold)
 LIMR_DATA_CMD="python kk_data.py --out_dir $OUT/limr/data --fixed_names true --test_people 3 --test_per_people 200 \
---train_people 2-3 --train_per_people 20,150 --sft_people 2-3 --sft_per_people 50,300"
+--train_people 2-3 --train_per_people 20,150 --sft_people 2-3 --sft_per_people 50,300\
+$(if (( STREAM_SHIFT )); then echo " --train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"; fi)"
 LIMR_POOL=$OUT/limr/data/train.jsonl
 LIMR_PROBE_STEPS=80
 LIMR_STEPS=40
