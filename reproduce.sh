@@ -28,7 +28,9 @@
 # Seeds: SEED=S (default 1) is the seed a preset derives every stage's seeds from; seed 1 is the preset as
 # measured. SEEDS=N runs seeds 1..N one after another, seed 1 in OUT and seed S in OUT/seed_S (a finished seed is
 # skipped like any stage), then report.py tables each model's mean ± std over them and every seed's row.
-# (the whole script is one function, read in full before it runs: editing this file mid-run is safe)
+# (the whole script is one function, read in full before it runs: editing this file mid-run is safe for the study
+# under way; under SEEDS=N each seed's study reads it and the preset anew, so a later seed refuses to start after
+# an edit of this file or of config/)
 main() {
 set -euo pipefail
 SELF="$(readlink -f "$0")"  # this script, wherever and however started ($0 may be relative, or a symbolic link)
@@ -250,7 +252,11 @@ if (( SEEDS > 1 )) && [[ "${SEED_GIVEN:-}" != "" && "$SEED_GIVEN" != 1 ]]; then 
   echo "error: SEEDS=$SEEDS runs seeds 1..$SEEDS; SEED=$SEED_GIVEN would be ignored (unset it)" >&2
   exit 2
 fi
+sources_digest() {  # this script and the presets as they are now (each seed's study reads them when it starts)
+  cat "$SELF" config/* "config/$PRESET.sh" 2> /dev/null | cksum
+}
 if (( SEEDS > 1 )); then
+  export SEEDS_SOURCES_DIGEST; SEEDS_SOURCES_DIGEST=$(sources_digest)  # (seeds 2..N check it: below)
   for ((s = 1; s <= SEEDS; s++)); do
     dir="$OUT"; (( s > 1 )) && dir="$OUT/seed_$s"
     echo "==== seed $s of $SEEDS -> $dir"
@@ -263,6 +269,13 @@ if (( SEEDS > 1 )); then
   exit 0
 fi
 
+if [[ -n "${SEEDS_SOURCES_DIGEST:-}" && "$SEEDS_SOURCES_DIGEST" != "$(sources_digest)" ]]; then
+  # an edit while SEEDS=N ran would give this seed other settings than the earlier ones', in one table
+  echo "error: reproduce.sh or config/ changed since this SEEDS=N run began: seed $SEED would run with" \
+    "other settings than the seeds before it; undo the edit and run it again (finished seeds are skipped), or start" \
+    "the seeds over in another OUT" >&2
+  exit 1
+fi
 echo "preset $PRESET -> $OUT ($DEVICES x $DEVICE_KIND), seed $SEED"
 
 # ---- 0. the base model: a local Hugging Face directory, or (tiny) built and pre-trained here
@@ -373,11 +386,27 @@ $OUT/sample_effect/bottom.jsonl --select_random $OUT/sample_effect/random.jsonl$
   fi
   step sample_effect "$LAUNCH sample_effect.py --task $TASK --checkpoint $OUT/sft/final --eval_data $TEST \
 --sft_data $SETS --out $OUT/sample_effect/effects.jsonl $EFFECT_ARGS $SELECT"
-  # ---- 8b. does the sample effect predict what SFT does? SFT the base on the top-K, the bottom-K and K at random
+  # ---- 8b. does the sample effect predict what SFT does? SFT the base on the top-K, the bottom-K and K at random,
+  #   with the SFT settings the selected set's own re-distillation took (a pool of all the sets: the cold start's)
+  se_args=$SFT_ARGS
+  for V in A B; do
+    if [[ "${SELECT_FROM:-}" == "$OUT/redistill_$V.jsonl" ]]; then
+      set_args="REDISTILL_${V}_ARGS"; se_args="$SFT_ARGS${!set_args:+ ${!set_args}}"
+    fi
+  done
+  if [[ -n "$SELECT" ]]; then
+    se_batch=$(python -c 'import sys, common, redistill_sft
+print(common.parse_settings(redistill_sft.get_parser(), sys.argv[1:]).global_batch)' $se_args)
+    if (( SELECT_K < se_batch )); then  # (redistill_sft.py refuses a set of less than one step)
+      echo "== se_top, se_bottom, se_random: skipped, SELECT_K=$SELECT_K samples are fewer than one SFT batch" \
+        "($se_batch)"
+      SELECT=""
+    fi
+  fi
   if [[ -n "$SELECT" ]]; then
     for V in top bottom random; do
       step "se_$V" "$LAUNCH redistill_sft.py --init $BASE --data $OUT/sample_effect/$V.jsonl --out_dir $OUT/se_$V \
---resume true $SFT_ARGS"
+--resume true $se_args"
     done
     step eval_se "$LAUNCH eval.py --task $TASK --checkpoints $OUT/se_top/final $OUT/se_bottom/final \
 $OUT/se_random/final --names se_top se_bottom se_random --splits $TEST --split_names test --out_dir $OUT/eval_se \

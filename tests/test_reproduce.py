@@ -543,6 +543,29 @@ def test_the_selection_experiment_is_skipped_without_its_set(tmp_path):
     assert "== se_top" not in proc.stdout.replace("== se_top, se_bottom", "") and "== eval_se" not in proc.stdout
 
 
+def test_the_selected_sets_sft_takes_its_own_settings_and_a_set_below_one_batch_is_skipped(tmp_path):
+    """se_top/bottom/random trained with the cold start's settings whatever set was ranked (set B's paper recipe is
+    batch 32, not 64), and a SELECT_K below one batch stopped the study at se_top."""
+    out = str(tmp_path / "out")
+    text = f'REDISTILL_B_ARGS="--global_batch 4"\nSELECT_FROM={out}/redistill_B.jsonl\n'
+    proc = run_reproduce(preset_of(tmp_path, text), "--dry-run", env={"OUT": out})
+    se_top = proc.stdout.split("== se_top\n+ ", 1)[1].splitlines()[0]
+    assert se_top.endswith("--global_batch 4") and f"--select_from {out}/redistill_B.jsonl" in proc.stdout
+    proc = run_reproduce(preset_of(tmp_path, "SELECT_K=5\n"), "--dry-run", env={"OUT": out})
+    assert ("== se_top, se_bottom, se_random: skipped, SELECT_K=5 samples are fewer than one SFT batch (8)"
+            in proc.stdout) and "== eval_se" not in proc.stdout
+
+
+def test_a_later_seeds_limr_pool_comes_from_its_own_streams(tmp_path):
+    """SEED=2 LIMR=1: the LIMR pool was drawn from seed 1's streams, 12 of its 170 puzzles the cold start's SFT
+    puzzles up to renaming. Seed 1's command is as it was (its studies' markers hold)."""
+    def limr_data(seed):
+        proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / f"o{seed}"), "LIMR": "1", "SEED": seed})
+        return proc.stdout.split("== limr_data\n+ ", 1)[1].splitlines()[0]
+    assert limr_data("2").endswith("--train_seed 1100003 --sft_seed 1200003")
+    assert limr_data("1").endswith("--sft_per_people 50,300")
+
+
 def test_dry_run_of_the_tiny_preset_with_limr(tmp_path):
     out = str(tmp_path / "out")
     proc = run_reproduce("tiny", "--dry-run", env={"OUT": out, "LIMR": "1"})
@@ -759,3 +782,15 @@ def test_a_kill_of_the_script_ends_its_running_stage_too(seeds, tmp_path):
     if shutil.which("flock"):
         with open(out / ".reproduce.lock", "w") as lock:  # (raises if anything still holds it)
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_seed_refuses_to_start_after_its_sources_changed_under_seeds_n(tmp_path):
+    """SEEDS=N runs each seed's study as a new reproduce.sh, which reads this script and the preset anew: an edit
+    while seed 1 ran gave seeds 2..N other settings, tabled together without a word. The parent passes the digest
+    of its sources; a seed whose sources differ stops before any stage."""
+    proc = run_reproduce("tiny", "--dry-run", check=False,
+                         env={"OUT": str(tmp_path / "out"), "SEED": "2", "SEEDS_SOURCES_DIGEST": "0 0"})
+    assert proc.returncode == 1 and "reproduce.sh or config/ changed since this SEEDS=N run began" in proc.stderr
+    assert "+ python" not in proc.stdout
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "out"), "SEEDS": "2"})
+    assert proc.stdout.count("preset tiny -> ") == 2  # (unchanged: both seeds start)
