@@ -119,14 +119,17 @@ def get_parser():
     return p
 
 
-# each mode's own settings (the generation benchmark's are the rest), noted when given to another mode
+# each mode's own settings (the generation benchmark's are the rest) and what turns the mode on: noted when given to
+# another mode
 MODE_SETTINGS = {
-    "rl": ("rl_steps", "rl_prompts", "rl_max_len"),
-    "gpu_suite": ("smoke", "sections", "json_out", "suite_rl_response_tokens", "suite_hf"),
-    "memory": ("world", "gpu_gib", "prompts_per_step", "prompts_per_rank", "gen_batch_size", "prompt_tokens",
-               "response_tokens", "rl_micro_batch_tokens", "sft_micro_batch_tokens", "logprob_chunk",
-               "checkpoint_every", "checkpoint_keep", "adam_8bit"),
-    "generation": ("gpu", "workloads", "prompts", "min_len", "max_len", "fixed_len", "repeats", "skip_hf"),
+    "rl": ("--rl true", ("rl_steps", "rl_prompts", "rl_max_len")),
+    "gpu_suite": ("--gpu_suite true", ("smoke", "sections", "json_out", "suite_rl_response_tokens", "suite_hf")),
+    "memory": ("--memory CONFIG", ("world", "gpu_gib", "prompts_per_step", "prompts_per_rank", "gen_batch_size",
+                                   "prompt_tokens", "response_tokens", "rl_micro_batch_tokens",
+                                   "sft_micro_batch_tokens", "logprob_chunk", "checkpoint_every", "checkpoint_keep",
+                                   "adam_8bit")),
+    "generation": ("the generation benchmark (no mode)",
+                   ("gpu", "workloads", "prompts", "min_len", "max_len", "fixed_len", "repeats", "skip_hf")),
 }
 
 
@@ -137,9 +140,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     mode = next((m for m in ("rl", "gpu_suite", "count_kernels", "memory") if getattr(args, m)), "generation")
-    for other, names in MODE_SETTINGS.items():  # (a --smoke or --json_out alone ran the whole CPU benchmark)
-        common.note_unused(args, parser, names, other != mode, f"--{other} true" if other in ("rl", "gpu_suite") else
-                           "--memory CONFIG" if other == "memory" else "the generation benchmark (no mode)")
+    for other, (switch, names) in MODE_SETTINGS.items():  # (a --smoke or --json_out alone ran the CPU benchmark)
+        common.note_unused(args, parser, names, other != mode, switch)
     if args.rl:
         return bench_rl(args)
     if args.gpu_suite:

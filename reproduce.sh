@@ -347,13 +347,21 @@ step sample_B "python sample_policy.py --from_rollouts $OUT/rl --steps $B_STEPS 
 # ---- 6. re-distillation: SFT of the BASE model (not the RL model) on each set, the cold start's settings and the
 #   preset's REDISTILL_A_ARGS / REDISTILL_B_ARGS after them (the later flag wins); a set smaller than one SFT batch
 #   (redistill_sft.py refuses to train no step) is skipped as an empty one is
+set_sft_args() {  # set_sft_args V: the SFT settings of re-distillation set V (the cold start's, then the set's own)
+  local own="REDISTILL_${1}_ARGS"
+  echo "$SFT_ARGS${!own:+ ${!own}}"
+}
+sft_batch() {  # sft_batch SFT_SETTINGS...: the global batch redistill_sft.py reads from them
+  python -c 'import sys, common, redistill_sft
+print(common.parse_settings(redistill_sft.get_parser(), sys.argv[1:]).global_batch)' "$@"
+}
 CHECKPOINTS="$BASE $OUT/sft/final $RL_FINAL"; NAMES="base sft rl"; SETS="$OUT/sft_teacher.jsonl"
 for V in A B; do
   n=$(grep -c . "$OUT/redistill_$V.jsonl" 2> /dev/null || true)
-  set_args="REDISTILL_${V}_ARGS"; set_args="$SFT_ARGS${!set_args:+ ${!set_args}}"
+  set_args=$(set_sft_args "$V")
   if [[ "$DRY_RUN" == 0 || -f "$OUT/redistill_$V.jsonl" ]]; then
-    SFT_BATCH=$(python -c 'import sys, common, redistill_sft
-print(common.parse_settings(redistill_sft.get_parser(), sys.argv[1:]).global_batch)' $set_args)
+    # shellcheck disable=SC2086  # one argument per setting
+    SFT_BATCH=$(sft_batch $set_args)
   fi
   # (a dry run before the set exists lists its stage; once it exists, the same choice as the run's)
   if [[ "$DRY_RUN" == 1 && ! -f "$OUT/redistill_$V.jsonl" ]] || (( n >= SFT_BATCH )); then
@@ -391,12 +399,12 @@ $OUT/sample_effect/bottom.jsonl --select_random $OUT/sample_effect/random.jsonl$
   se_args=$SFT_ARGS
   for V in A B; do
     if [[ "${SELECT_FROM:-}" == "$OUT/redistill_$V.jsonl" ]]; then
-      set_args="REDISTILL_${V}_ARGS"; se_args="$SFT_ARGS${!set_args:+ ${!set_args}}"
+      se_args=$(set_sft_args "$V")
     fi
   done
   if [[ -n "$SELECT" ]]; then
-    se_batch=$(python -c 'import sys, common, redistill_sft
-print(common.parse_settings(redistill_sft.get_parser(), sys.argv[1:]).global_batch)' $se_args)
+    # shellcheck disable=SC2086  # one argument per setting
+    se_batch=$(sft_batch $se_args)
     if (( SELECT_K < se_batch )); then  # (redistill_sft.py refuses a set of less than one step)
       echo "== se_top, se_bottom, se_random: skipped, SELECT_K=$SELECT_K samples are fewer than one SFT batch" \
         "($se_batch)"

@@ -36,7 +36,7 @@ import engine
 import parallel
 import tasks
 from common import UserError, print0
-from model import check_checkpoint, kv_bytes_per_token, read_config, response_logprobs, weight_files
+from model import check_checkpoint, checkpoint_stamps, kv_bytes_per_token, read_config, response_logprobs
 
 # -----------------------------------------------------------------------------
 # settings
@@ -574,8 +574,7 @@ def main(argv=None):
                 "device_type": device.type,  # (the CountSketch's hashes are drawn on the device)
                 "sft_digest": sft_digest,
                 "eval_digest": common.data_digest(records),
-                "checkpoint_files": common.file_stamps(weight_files(args.checkpoint)
-                                                       + [os.path.join(args.checkpoint, "config.json")])}
+                "checkpoint_files": checkpoint_stamps(args.checkpoint)}  # (its weights and config)
     # rank 0 decides and tells the others, so that all share out the same remaining samples
     partial_rows = parallel.on_rank0(lambda: open_partial(partial, identity, args.resume))
     resumed = partial_rows is not None
