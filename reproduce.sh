@@ -126,9 +126,14 @@ pass_on() {  # pass_on SIGNAL: end the stage with it, wait for it, then end this
   kill -s "$1" "$$"
 }
 for signal in TERM HUP INT; do trap "pass_on $signal" "$signal"; done
+run_stage() {  # run_stage COMMAND...: the stage's own subshell (the group's leader) outlives the stage on a signal,
+  # so that pass_on's wait ends when the stage has ended (its trap is no disposition the stage's process inherits)
+  trap : TERM HUP INT
+  "$@"
+}
 in_own_group() {  # in_own_group COMMAND...: run it in a process group of its own (job control on) and wait for it
   set -m
-  "$@" &
+  run_stage "$@" &
   STAGE_GROUP=$!
   set +m
   local status=0
@@ -253,7 +258,10 @@ if (( SEEDS > 1 )) && [[ "${SEED_GIVEN:-}" != "" && "$SEED_GIVEN" != 1 ]]; then 
   exit 2
 fi
 sources_digest() {  # this script and the presets as they are now (each seed's study reads them when it starts)
-  cat "$SELF" config/* "config/$PRESET.sh" 2> /dev/null | cksum
+  local file
+  for file in "$SELF" config/* "config/$PRESET.sh"; do  # (files only: a folder or a dead link in config/ is none)
+    if [[ -f "$file" ]]; then cat "$file"; fi
+  done | cksum
 }
 if (( SEEDS > 1 )); then
   export SEEDS_SOURCES_DIGEST; SEEDS_SOURCES_DIGEST=$(sources_digest)  # (seeds 2..N check it: below)

@@ -741,17 +741,23 @@ def test_unknown_preset(tmp_path):
 @pytest.mark.parametrize("seeds", ["1", "2"])
 def test_a_kill_of_the_script_ends_its_running_stage_too(seeds, tmp_path):
     """`kill PID` of reproduce.sh (or of the SEEDS=N loop above it) left the stage under way running on, unmarked
-    and holding OUT's lock; now the stage ends with the script, the attempt is logged as stopped, the lock is free."""
+    and holding OUT's lock; now the stage ends with the script, the attempt is logged as stopped, the lock is free.
+    The script ends after the stage has: one that takes a moment to stop (a save) was left running on, holding the
+    lock that an immediate re-run then met."""
     import fcntl
     import signal
     import time
     out, pid_file = tmp_path / "out", tmp_path / "stage.pid"
-    (tmp_path / "stage.py").write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\n"
-                                       "time.sleep(120)\n")
+    (tmp_path / "stage.py").write_text(
+        "import os, signal, sys, time\n"
+        "def stop(*_):\n    time.sleep(1.0)\n    open(sys.argv[1] + '.ended', 'w').close()\n    sys.exit(1)\n"
+        "signal.signal(signal.SIGTERM, stop)\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
     preset = preset_of(tmp_path, f'DATA_CMD="python {tmp_path}/stage.py {pid_file}"\n')
     env = study_env(OMP_NUM_THREADS="1", THREADS="1", OUT=str(out), SEEDS=seeds)
+    log = open(tmp_path / "log", "w")  # (not a pipe: the stage would hold it open, and reading it to its end would
+    # wait for the stage, whenever the script ended)
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "reproduce.sh"), preset], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     stage = None
     try:
         for _ in range(600):  # the stage has started
@@ -760,8 +766,9 @@ def test_a_kill_of_the_script_ends_its_running_stage_too(seeds, tmp_path):
             time.sleep(0.05)
         stage = int(pid_file.read_text())
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGTERM
+        assert (tmp_path / "stage.pid.ended").exists()  # (the stage had finished stopping when the script ended)
         for _ in range(100):  # (the stage has ended before the script: at most a moment to be reaped)
             try:
                 os.kill(stage, 0)
@@ -771,6 +778,7 @@ def test_a_kill_of_the_script_ends_its_running_stage_too(seeds, tmp_path):
         else:
             raise AssertionError("the stage runs on after its reproduce.sh was killed")
     finally:  # (nothing left behind when the test fails)
+        log.close()
         for pid, kill in ((proc.pid, os.killpg), (stage, os.kill)):
             try:
                 if pid is not None:
@@ -794,3 +802,17 @@ def test_a_seed_refuses_to_start_after_its_sources_changed_under_seeds_n(tmp_pat
     assert "+ python" not in proc.stdout
     proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "out"), "SEEDS": "2"})
     assert proc.stdout.count("preset tiny -> ") == 2  # (unchanged: both seeds start)
+
+
+def test_the_sources_digest_passes_over_a_folder_in_config(tmp_path):
+    """A folder (or a dead link) in config/ stopped a SEEDS=N run at once, without a word: the digest's cat failed
+    on it under pipefail. The digest reads the files only."""
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT, copy, ignore=lambda d, names: [
+        n for n in names if n in (".git", "runs", "tests", "__pycache__") or n.endswith(".md")])
+    (copy / "config" / "old").mkdir()
+    (copy / "config" / "gone.sh").symlink_to(tmp_path / "none")
+    proc = subprocess.run(["bash", "reproduce.sh", "tiny", "--dry-run"], cwd=copy, capture_output=True, text=True,
+                          env=study_env(OUT=str(tmp_path / "out"), SEEDS="2"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("preset tiny -> ") == 2
