@@ -60,11 +60,32 @@ RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std
                  "overlong_buffer", "overlong_penalty", "grad_clip", "adam_8bit", "beta1", "beta2",
                  "weight_decay", "model")  # --model: the tokenizer and, without --ref_model, the KL reference
 # what the runs of versions before a setting existed did: a resume of such a run compares this, not what is given now
-# (TIS came on 2026-12-02, on by default; CISPO, masked IS, the overlong punishment, the batch std and the entropy
-# minority on 2026-12-06, off; RLOO's baseline, Clip-Cov and KL-Cov on 2026-12-06 too, after those)
-EARLIER_OBJECTIVE = {"rollout_is": "off", "policy_loss": "ppo", "rollout_is_mode": "truncate", "overlong_buffer": 0,
-                     "overlong_penalty": 1.0, "std_scope": "group", "entropy_top_frac": 1.0, "baseline": "mean",
-                     "cov_frac": 2e-4, "clip_cov_low": 1.0, "clip_cov_high": 5.0, "kl_cov_coef": 1.0}
+# (TIS came on 2026-12-02, on by default, and GSPO's --ratio_level that day; CISPO, masked IS, the overlong
+# punishment, the batch std and the entropy minority on 2026-12-06, off; RLOO's baseline, Clip-Cov and KL-Cov on
+# 2026-12-06 too, after those)
+EARLIER_OBJECTIVE = {"rollout_is": "off", "ratio_level": "token", "policy_loss": "ppo", "rollout_is_mode": "truncate",
+                     "overlong_buffer": 0, "overlong_penalty": 1.0, "std_scope": "group", "entropy_top_frac": 1.0,
+                     "baseline": "mean", "cov_frac": 2e-4, "clip_cov_low": 1.0, "clip_cov_high": 5.0,
+                     "kl_cov_coef": 1.0}
+
+
+def switched_settings(s):
+    """(names, unused, switch) of the settings that act only under a switch, for the settings s (a dict): where the
+    switch is off they are not used, which is said once and not refused (a sweep may pass them to every arm), and a
+    resume does not compare them where neither the run nor the resume uses them."""
+    return ((("dwa_s", "dwa_alpha"), s["adv_weight"] != "dwa", "--adv_weight dwa"),
+            (("rollout_is_cap", "rollout_is_mode"), s["rollout_is"] == "off",
+             "--rollout_is token, sequence or geometric"),
+            (("overlong_penalty",), s["overlong_buffer"] == 0, "--overlong_buffer > 0"),
+            (("std_scope",), not s["std_normalize"], "--std_normalize true"),
+            (("clip_low", "clip_high"), s["policy_loss"] == "kl_cov", "--policy_loss ppo, cispo or clip_cov"),
+            (("cov_frac",), s["policy_loss"] not in COVARIANCE_LOSSES, "--policy_loss clip_cov or kl_cov"),
+            (("clip_cov_low", "clip_cov_high"), s["policy_loss"] != "clip_cov", "--policy_loss clip_cov"),
+            (("kl_cov_coef",), s["policy_loss"] != "kl_cov", "--policy_loss kl_cov"),
+            (("max_gen_batches",), not s["dynamic_sampling"], "--dynamic_sampling true"),
+            (("ref_model", "kl_estimator"), s["kl_coef"] == 0, "--kl_coef > 0"))
+
+
 COVARIANCE_LOSSES = ("clip_cov", "kl_cov")  # the losses that need the pre-update log-probs' covariance with A
 COVARIANCE_STREAM = 7_001  # Clip-Cov's random draw (KL-Cov's tie-break): its own stream of the seed (derive_seed)
 # (--dtype: the identity holds the dtype it resolved to, and the device with a CPU's thread count:
@@ -749,6 +770,9 @@ def main(argv=None):
         saved = {k: v for k, v in state.get("settings", {}).items() if k in RUN_OBJECTIVE}
         if saved:  # settings this run's version did not record yet: as that version ran
             saved = {**{k: v for k, v in EARLIER_OBJECTIVE.items() if k not in saved}, **saved}
+            unused = [{n for names, off, _ in switched_settings(vars(args) | run) if off for n in names}
+                      for run in ({}, saved)]  # (now, and in the run: not compared where both leave it unused)
+            saved = {k: v for k, v in saved.items() if k not in unused[0] & unused[1]}
         if "compute_dtype" not in state.get("identity", {}):  # an earlier version's run: its --dtype text, as it was
             saved |= {k: v for k, v in state.get("settings", {}).items() if k == "dtype"}
         # one refusal naming every difference: the identity, then the objective (as its version recorded it); a
@@ -833,21 +857,7 @@ def main(argv=None):
                f"GSPO's own weighs each response alike (--loss_agg seq_mean_token_mean, which verl's GSPO forces)")
     if args.adv_weight == "dwa" and (args.dwa_s == 0 or args.dwa_alpha == 0):
         print0("note: --adv_weight dwa with --dwa_s 0 or --dwa_alpha 0: w = 1 (no effect)")
-    # a setting whose switch is off is not used: said once, not refused (a sweep may pass it to every arm)
-    for names, unused, switch in ((("dwa_s", "dwa_alpha"), args.adv_weight != "dwa", "--adv_weight dwa"),
-                                  (("rollout_is_cap", "rollout_is_mode"), args.rollout_is == "off",
-                                   "--rollout_is token, sequence or geometric"),
-                                  (("overlong_penalty",), args.overlong_buffer == 0, "--overlong_buffer > 0"),
-                                  (("std_scope",), not args.std_normalize, "--std_normalize true"),
-                                  (("clip_low", "clip_high"), args.policy_loss == "kl_cov",
-                                   "--policy_loss ppo, cispo or clip_cov"),
-                                  (("cov_frac",), args.policy_loss not in COVARIANCE_LOSSES,
-                                   "--policy_loss clip_cov or kl_cov"),
-                                  (("clip_cov_low", "clip_cov_high"), args.policy_loss != "clip_cov",
-                                   "--policy_loss clip_cov"),
-                                  (("kl_cov_coef",), args.policy_loss != "kl_cov", "--policy_loss kl_cov"),
-                                  (("max_gen_batches",), not args.dynamic_sampling, "--dynamic_sampling true"),
-                                  (("ref_model", "kl_estimator"), args.kl_coef == 0, "--kl_coef > 0")):
+    for names, unused, switch in switched_settings(vars(args)):
         common.note_unused(args, parser, names, unused, switch)
 
     # ---- logging

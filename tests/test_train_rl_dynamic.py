@@ -224,8 +224,32 @@ CHANGED = {"task": "toy_task_copy", "train_data": "copy", "template": "chat", "m
            "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, "model": "copy", "max_gen_batches": 1}
 
 
+# the switch a setting acts under, where the saved run has it off (a setting neither run uses is not compared)
+SWITCHED_ON = {"dwa_s": {"adv_weight": "dwa"}, "dwa_alpha": {"adv_weight": "dwa"},
+               "overlong_penalty": {"overlong_buffer": 4}, "cov_frac": {"policy_loss": "clip_cov"},
+               "clip_cov_low": {"policy_loss": "clip_cov"}, "clip_cov_high": {"policy_loss": "clip_cov"},
+               "kl_cov_coef": {"policy_loss": "kl_cov"}, "kl_estimator": {"kl_coef": 0.05},
+               "ref_model": {"kl_coef": 0.05}}
+
+
 def test_every_identity_setting_has_a_changed_value():
     assert set(CHANGED) == set(train_rl.RUN_IDENTITY) | set(train_rl.RUN_OBJECTIVE) | {"max_gen_batches"}
+    switched = {n for names, _, _ in train_rl.switched_settings(vars(train_rl.get_parser().parse_args([])))
+                for n in names}
+    assert set(SWITCHED_ON) <= switched
+
+
+@pytest.mark.parametrize("key,value", [("kl_estimator", "k1"), ("ref_model", "copy"), ("dwa_s", 0.5),
+                                       ("overlong_penalty", 0.5), ("clip_cov_low", 0.5), ("kl_cov_coef", 2.0)])
+def test_a_resume_may_change_a_setting_that_neither_it_nor_the_run_uses(saved_run, tiny_checkpoint, key, value):
+    """A fresh run takes a setting whose switch is off with a note (a sweep may pass it to every arm); a resume
+    refused it, and so a re-run of a finished study's stage with such a sweep's settings."""
+    d, main = saved_run
+    if value == "copy":
+        value = str(d / f"{key}_unused")
+        if not os.path.exists(value):
+            shutil.copytree(tiny_checkpoint, value)
+    assert main(resume=True, **{key: value}) == 0
 
 
 @pytest.mark.parametrize("key", sorted(CHANGED))
@@ -245,17 +269,17 @@ def test_a_resume_with_a_changed_setting_is_refused_naming_it(saved_run, tiny_ch
         if not os.path.exists(value):
             (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, value)
     with pytest.raises(UserError, match=rf"different settings than the run's: (.*; )?{key}: was"):
-        main(resume=True, **{key: value})
+        main(resume=True, **{key: value}, **SWITCHED_ON.get(key, {}))
     assert main(resume=True) == 0  # unchanged, it resumes (and, at its last step, runs none)
 
 
 def test_a_run_of_an_earlier_version_is_compared_on_what_that_version_did(saved_run):
     """A checkpoint whose saved settings predate --policy_loss, --rollout_is_mode, --overlong_buffer,
     --overlong_penalty, --std_scope, --entropy_top_frac, --baseline and Clip-Cov's and KL-Cov's settings (and
-    --rollout_is, on by default since 2026-12-02) ran PPO, truncated IS (or none), no length penalty, each group's
-    mean and std and every token: it resumes under those, and a resume that asks for another is refused, naming it
-    (compared on today's defaults instead, --rollout_is token would pass silently for a run that sampled without
-    it)."""
+    --rollout_is, on by default since 2026-12-02, and --ratio_level) ran PPO with each token's ratio, truncated IS (or
+    none), no length penalty, each group's mean and std and every token: it resumes under those, and a resume that asks
+    for another is refused, naming it (compared on today's defaults instead, --rollout_is token would pass silently for
+    a run that sampled without it)."""
     d, main = saved_run
     old = str(d / "old_version")
     if not os.path.exists(old):
@@ -264,17 +288,18 @@ def test_a_run_of_an_earlier_version_is_compared_on_what_that_version_did(saved_
         state = torch.load(path, weights_only=True)
         added = ("policy_loss", "rollout_is_mode", "overlong_buffer", "overlong_penalty", "std_scope",
                  "entropy_top_frac", "rollout_is", "baseline", "cov_frac", "clip_cov_low", "clip_cov_high",
-                 "kl_cov_coef")
+                 "kl_cov_coef", "ratio_level")
         state["settings"] = {k: v for k, v in state["settings"].items() if k not in added}
         torch.save(state, path)
     assert main(out_dir=old, resume=True, rollout_is="off") == 0
     for key, value in (("policy_loss", "cispo"), ("rollout_is_mode", "mask"), ("overlong_buffer", 4),
                        ("overlong_penalty", 0.5), ("std_scope", "batch"), ("entropy_top_frac", 0.2),
                        ("baseline", "loo"), ("cov_frac", 0.01), ("clip_cov_low", 0.5), ("clip_cov_high", 4.0),
-                       ("kl_cov_coef", 2.0),
+                       ("kl_cov_coef", 2.0), ("ratio_level", "sequence"),
                        ("rollout_is", "token")):
-        with pytest.raises(UserError, match=rf"different settings than the run's: {key}: was"):
-            main(out_dir=old, resume=True, **{"rollout_is": "off", key: value})
+        with pytest.raises(UserError, match=rf"different settings than the run's: (.*; )?{key}: was"):
+            main(out_dir=old, resume=True, **({"rollout_is": "off", key: value} | SWITCHED_ON.get(key, {})
+                                              | ({"rollout_is": "token"} if key == "rollout_is_mode" else {})))
 
 
 @pytest.mark.parametrize("rebuilt", ["model", "ref_model"])
