@@ -41,8 +41,8 @@ def get_parser():
     p = common.new_parser(__doc__)
     p.add_argument("--gpu", type=common.str2bool, default=False,
                    help="GPU mode: Qwen2.5-1.5B architecture, random bf16 weights; each engine runs alone, ours "
-                        "after one untimed run of the same workload (defaults: 16 and 128 prompts, responses up to "
-                        "1024 tokens, 1 timed run each)")
+                        "after one untimed run of the same workload (unless set: 16 and 128 prompts, responses up "
+                        "to 1024 tokens, 1 timed run each)")
     p.add_argument("--workloads", nargs="+", default=["rl", "fixed"], choices=["rl", "fixed"],
                    help="which workloads to run")
     p.add_argument("--prompts", type=int, nargs="+", default=None,
@@ -56,7 +56,7 @@ def get_parser():
     p.add_argument("--repeats", type=int, default=None,
                    help="runs per engine; the median is reported (default 3 on CPU, interleaved; 1 on GPU)")
     p.add_argument("--skip_hf", type=common.str2bool, default=False, help="benchmark our engine only")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = as many as torch chooses)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, prompts and lengths")
     p.add_argument("--rl", type=common.str2bool, default=False,
                    help="benchmark one GRPO step of train_rl.py instead (a tiny model; on the GPU where there is "

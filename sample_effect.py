@@ -78,7 +78,7 @@ def get_parser():
                    help="inner products with the full gradient of the chosen parameters "
                         "(∇J held once in fp32; small models)")
     p.add_argument("--proj_dim", type=int, default=4096,
-                   help="CountSketch dimension for the projected inner product (0 = off; needs --exact)")
+                   help="CountSketch dimension for the projected inner product (0 = off, which needs --exact true)")
     p.add_argument("--proj_seed", type=int, default=0, help="seed of the CountSketch (keep it fixed to compare runs)")
     p.add_argument("--params", default="",
                    help="regex: only parameters whose names match (re.search) count (default: all); a tied lm_head "

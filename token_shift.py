@@ -43,7 +43,9 @@ def get_parser():
                    help="the model before RL (Hugging Face checkpoint directory), e.g. the cold start")
     p.add_argument("--policy", default=None,
                    help="the model after RL (Hugging Face checkpoint directory); same tokenizer as --base")
-    p.add_argument("--out_dir", default="out/token_shift", help="where the outputs go (see the docstring)")
+    p.add_argument("--out_dir", default="out/token_shift",
+                   help="where the outputs go: tokens.jsonl, summary.json and token_shift.png (the divergence), or "
+                        "cross_DIRECTION.json, cross_DIRECTION_samples.jsonl and cross_sampling.png (--cross)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="both distributions are softmax(logits / T) (the paper: 1)")
     p.add_argument("--top_p", type=float, default=1.0,
