@@ -142,6 +142,8 @@ def config_value(path, action, value):
     if isinstance(value, list) and not many:
         raise UserError(f"{path}: setting {action.dest!r} takes one value, got the list {value!r}")
     values = value if isinstance(value, list) else [value]
+    if not values and action.nargs == "+":  # (the command line cannot give none either)
+        raise UserError(f"{path}: setting {action.dest!r} takes at least one value, got an empty list")
     try:
         values = [action.type(text) if action.type else text
                   for text in (v if isinstance(v, str) else json.dumps(v) for v in values)]
@@ -419,6 +421,18 @@ def not_text(value, place=""):
     return None
 
 
+# What json.loads raises on text that is not JSON it can hold: JSONDecodeError (a ValueError), ValueError for an
+# integer of over 4,300 digits (Python's limit on int parsing), RecursionError for arrays nested ~1,000 deep.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
+def json_error_text(e):
+    """One line for a JSON_ERRORS error: the decoder's message, or what else stopped it."""
+    if isinstance(e, json.JSONDecodeError):
+        return e.msg
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e)
+
+
 def iter_jsonl(path, torn_tail=False):
     """Yield (line number, record) of a jsonl file, skipping blank lines; a line that is not a JSON object
     raises UserError naming the file and line.
@@ -434,8 +448,8 @@ def iter_jsonl(path, torn_tail=False):
             problem = None if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
             if problem is None and "\\u" in line:  # (only an escape can make a lone surrogate)
                 problem = not_text(rec)
-        except json.JSONDecodeError as e:
-            problem = f"not valid JSON ({e.msg})"
+        except JSON_ERRORS as e:
+            problem = f"not valid JSON ({json_error_text(e)})"
         if problem:
             if torn_tail and not line.endswith("\n"):  # only the last line can lack its newline
                 print0(f"warning: {path}:{lineno}: dropped a torn last line (a write cut short by a kill or a "
@@ -474,8 +488,8 @@ def read_json(path, what="a JSON object"):
     try:
         with open(path, encoding="utf-8-sig") as f:  # (-sig: a BOM at the start is no part of the JSON)
             obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
+    except (OSError, *JSON_ERRORS) as e:  # (UnicodeDecodeError is a ValueError)
+        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {json_error_text(e)})") from e
     if not isinstance(obj, dict):
         raise UserError(f"{path}: {what} expected, got a JSON {type(obj).__name__}")
     if problem := not_text(obj):
@@ -603,8 +617,19 @@ def fsync_tree(path):
 def file_stamps(paths):
     """{real path: [size, modification time in ns]} of files a result is computed from: a checkpoint rebuilt under
     the same path (a re-run stage) or an edited file then tells an earlier result or a stopped run apart. (Real: links
-    resolved, so that another spelling of the same files gives the same stamps.)"""
-    return {os.path.realpath(p): [os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths}
+    resolved, so that another spelling of the same files gives the same stamps.) A missing file's stamp is None: it
+    differs from any earlier one, and the stage that reads the file says what is missing."""
+    stamps = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            stamps[os.path.realpath(p)] = None
+        except OSError as e:
+            raise UserError(f"{p}: cannot read it ({e.strerror})") from e
+        else:
+            stamps[os.path.realpath(p)] = [st.st_size, st.st_mtime_ns]
+    return stamps
 
 
 def same_files(a, b):

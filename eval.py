@@ -169,8 +169,8 @@ def read_done(summary_path, samples_path, settings, records, task):
                f"evaluating again")
         return None
     rescore = old.get("task_source") != settings["task_source"]  # (none recorded: an earlier version's, once)
-    samples = common.read_jsonl(samples_path, required=("id", "reward", "finished", "length")
-                                + (("response",) if rescore else ()))
+    fields = ("id", "reward", "finished", "length") + (("response",) if rescore else ())
+    samples = [row for _, row in tasks.read_rollout_log(samples_path, None, fields)]
     changed = tasks.rescore(task, samples, records, samples_path) if rescore else 0
     if changed:  # the samples first: a kill before the summary leaves its old stamp, so this runs again
         print0(f"{samples_path}: the task's score changed since it was evaluated: {changed} of {len(samples)} "
@@ -178,7 +178,10 @@ def read_done(summary_path, samples_path, settings, records, task):
         common.write_jsonl(samples_path, samples)
     # the numbers are recomputed from the samples every time (reading them costs no generation): a summary of an
     # earlier version (accuracy as the mean reward, other pass@k) or of a metric since fixed (scoring.py) is not kept
-    now = {**summary, **summarize(samples, records, task.DIFFICULTY, settings["pass_k_asked"])}
+    try:
+        now = {**summary, **summarize(samples, records, task.DIFFICULTY, settings["pass_k_asked"])}
+    except UserError as e:  # (samples of another split, or a line lost: the file is no result of these settings)
+        raise UserError(f"{samples_path}: {e}; pass --overwrite true to evaluate again") from e
     if now != summary or rescore:
         now |= {"settings": settings, "difficulty_key": task.DIFFICULTY}  # (its stamp: re-scored by today's rule)
         common.write_json(summary_path, now)

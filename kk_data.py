@@ -672,13 +672,18 @@ def read_rows(path):
         path = fetch_from_hub(path)
     if path.endswith('.parquet'):
         try:
+            import pyarrow
             import pyarrow.parquet as pq
         except ImportError:
             raise common.UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
                                    "or use the jsonl files")
         if not os.path.isfile(path):
-            raise common.UserError(f"{path}: file not found")
-        return [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+            raise common.UserError(f"{path}: {'a directory, not a file' if os.path.isdir(path) else 'file not found'}")
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, ValueError, pyarrow.ArrowException) as e:  # (a damaged or cut-short file)
+            raise common.UserError(f"{path}: cannot read it as parquet ({type(e).__name__}: {e})") from e
+        return [(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)]
     return [(f"{path}:{lineno}", row) for lineno, row in common.iter_jsonl(path)]
 
 
@@ -822,6 +827,14 @@ def logic_keys(records):
     return {logic_key(parse_statements(r['statements'], r['people'])) for r in records}
 
 
+def keys_to_compare(records, against):
+    """logic_keys of the records of a people count that the split `against` has, up to LOGIC_KEY_MAX_PEOPLE: what a
+    note on the twins between the two needs (a run deduplicated by renaming may hold more people: not refused for
+    a note)."""
+    counts = {r['people'] for r in against if r['people'] <= LOGIC_KEY_MAX_PEOPLE}
+    return logic_keys([r for r in records if r['people'] in counts])
+
+
 def logic_twins(records, keys):
     """How many of records have a logically equivalent puzzle (logic_key) among those of `keys` (logic_keys). (A key
     holds an entry a person: a record of a people count no key has is no twin, and its key is not computed.)"""
@@ -880,8 +893,10 @@ def write_teacher_sft(args):
     tokenizer = tasks.teacher_sft_tokenizer(args.tokenizer, args.template)
     common.check_fraction(args, "teacher_cot_fraction")
     rng = random.Random(args.teacher_seed)  # which puzzles carry the chain of thought: reproducible
-    rows, with_cot = [], 0
-    for rec in load_split(args.split):
+    rows, with_cot, records = [], 0, load_split(args.split)
+    if not records:  # (an empty teacher file would replace an earlier one)
+        raise common.UserError(f"{args.split}: no records (an empty split): no teacher samples to write")
+    for rec in records:
         prompt = render_prompt(rec, tokenizer, args.template)
         cot = rng.random() < args.teacher_cot_fraction
         with_cot += cot
@@ -1001,7 +1016,7 @@ def main(argv=None):
     # what puzzle_key lets through under --test_dedup renaming: a test puzzle's claims worded otherwise (docs/data.md;
     # under logic there are none, and the keys of 10,000 puzzles of up to 7 people cost seconds)
     for name, records in (("RL train split", train), ("SFT pool", sft + sft_val)) if not twins else ():
-        if count := logic_twins(test, logic_keys(records)):
+        if count := logic_twins(test, keys_to_compare(records, test)):
             print(f"note: {count} of the {len(test)} test puzzles have a logically equivalent puzzle in the {name} "
                   f"(the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")
     held_out = [("sft_val", sft_val)] if args.sft_val_fraction > 0 else []

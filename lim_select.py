@@ -169,7 +169,8 @@ def main(argv=None):
     plot_out = os.path.splitext(args.out)[0] + ".png" if args.plot_out is None else args.plot_out
     common.check_distinct_outputs([("--out", args.out), ("--scores_out", args.scores_out),
                                    ("--random_out", args.random_out), ("--plot_out", plot_out)],
-                                  [("--train_data", args.train_data)])
+                                  [("--train_data", args.train_data)]
+                                  + [("--rollouts", path) for path in tasks.rollout_logs(args.rollouts).values()])
 
     # ---- the pool and the log
     task = tasks.get_task(args.task)

@@ -122,6 +122,8 @@ def _json_rows(path):
         raise UserError(f"{path}: cannot read it ({e.strerror})")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start + 1}: {e.reason})")
+    except common.JSON_ERRORS as e:
+        raise UserError(f"{path}: not valid JSON ({common.json_error_text(e)})")
     if problem := common.not_text(data):
         raise UserError(f"{path}: {problem}")
     if isinstance(data, dict):  # one Hendrycks problem file

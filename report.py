@@ -119,7 +119,7 @@ def rl_rollouts(run_dir, up_to_step=None):
     for key in ("prompts_per_step", "samples_per_prompt"):
         if type(settings.get(key)) is not int:
             raise UserError(f"{path}: field {key!r} missing or not an integer")
-    rows = common.read_jsonl(metrics, torn_tail=True)
+    rows = common.read_jsonl(metrics, torn_tail=True, types={"gen_batches": int})
     for row in rows:
         if type(row.get("step", 0)) is not int:
             raise UserError(f"{metrics}: step {row['step']!r} is not an integer")
@@ -185,7 +185,8 @@ def limr_tables(out_dir, only_seeds=()):
         if not os.path.exists(scores_path):
             unselected.append(seed)
             continue
-        score_rows = common.read_jsonl(scores_path, required=("score",))
+        score_rows = common.read_jsonl(scores_path, required=("score",), types={"score": (int, float, type(None)),
+                                                                                "accuracy": list})
         scores = [r["score"] for r in score_rows]
         # the prompts the probe drew (FULL's pool): the rest, longer than its --max_prompt_tokens, RL drops
         drawn = sum(any(a is not None for a in r.get("accuracy", [0])) for r in score_rows)
@@ -518,7 +519,10 @@ def main(argv=None):
         chosen_path = os.path.join(out, "sample_effect", name[3:] + ".jsonl")
         if os.path.exists(chosen_path):
             row = summary_row(summary, name, difficulty)
-            chosen = common.read_jsonl(chosen_path, required=("sample_effect",))
+            chosen = common.read_jsonl(chosen_path, required=("sample_effect",),
+                                       types={"sample_effect": (int, float), "source_file": str})
+            if not chosen:
+                raise UserError(f"{chosen_path}: no samples (sample_effect.py writes K of them: run it again)")
             sources = {}
             for rec in chosen:
                 source = os.path.basename(rec.get("source_file", "?"))

@@ -282,7 +282,9 @@ def main(argv=None):
     common.check_positive(args, "samples_per_prompt", "max_new_tokens", "batch_size")
     common.check_non_negative(args, "limit", "max_per_prompt", "num_examples", "max_length")
     common.check_distinct_outputs([("--out", args.out), ("--samples_out", args.samples_out)],
-                                  [("--split", path) for path in args.split or []])
+                                  [("--split", path) for path in args.split or []]
+                                  + [("--from_rollouts", path) for path in
+                                     (tasks.rollout_logs(args.from_rollouts).values() if args.from_rollouts else ())])
     common.check_sampling(args)
     task = tasks.get_task(args.task)
 

@@ -200,8 +200,8 @@ def load_tokenizer(path):
         if os.path.isfile(saved) and len(tokenizer) > Tokenizer.from_file(saved).get_vocab_size(with_added_tokens=True):
             tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         return tokenizer
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load tokenizer ({e})")
+    except Exception as e:  # a damaged file: OSError, ValueError, KeyError, or tokenizers' parser's bare Exception
+        raise UserError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})")
 
 
 def render_question(question: str, tokenizer, template: str = "auto") -> str:
@@ -222,8 +222,12 @@ def render_question(question: str, tokenizer, template: str = "auto") -> str:
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
     # Llama 3.2's template writes today's date into the system header unless given date_string: a prompt must not
     # change with the calendar (an SFT file rendered one day, RL and eval on another, a resume, a run past midnight)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         date_string=TEMPLATE_DATE)
+    from jinja2 import TemplateError
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             date_string=TEMPLATE_DATE)
+    except TemplateError as e:  # (a chat_template.jinja edited by hand)
+        raise UserError(f"{tokenizer.name_or_path}: its chat template does not render ({type(e).__name__}: {e})")
 
 
 def teacher_sft_tokenizer(path, template):
@@ -482,7 +486,7 @@ def read_rollout_log(path, step, fields):
     """(line number, row) of step `step`'s rollout log, each row checked to hold `fields` (names in ROLLOUT_FIELDS)
     with their types (a reward a finite number), and its "step" equal to `step` when that is one of them; an error
     names the file, line and field. train_rl.py writes each log whole (atomically), so a line cut short, the last one
-    included, is a damaged copy: an error too."""
+    included, is a damaged copy: an error too. eval.py's samples.jsonl hold the same fields and are read here too."""
     rows = []
     for lineno, row in iter_jsonl(path):
         for field in fields:

@@ -114,7 +114,9 @@ def get_parser():
     p.add_argument("--vocab_size", type=int, default=1024,
                    help="BPE vocabulary size (special tokens included; at least 259: the 256 bytes and 3 specials)")
     # --probe mode: write no corpus; score a checkpoint's greedy answers in the pre-training format
-    p.add_argument("--probe", default="", help="checkpoint to probe instead of writing the corpus (see the docstring)")
+    p.add_argument("--probe", default="",
+                   help="checkpoint to probe instead of writing the corpus: its greedy answers to --probe_split's "
+                        "questions, asked in the pre-training format (accuracy overall and per people count)")
     p.add_argument("--probe_split", default="", help="--probe: the K&K split whose questions are asked")
     p.add_argument("--probe_out", default="", help="--probe: JSON file of the result ('' = print only)")
     p.add_argument("--probe_tokens", type=int, default=120, help="--probe: answer budget in tokens (longer = wrong)")
@@ -167,9 +169,11 @@ def probe(args):
     common.check_positive(args, "probe_tokens", "probe_batch")
     common.check_distinct_outputs([("--probe_out", args.probe_out)],
                                   [("--probe_split", args.probe_split)])  # (the split, overwritten by the result)
+    records = kk_data.load_split(args.probe_split)
+    if not records:
+        raise common.UserError(f"{args.probe_split}: no records (an empty split): nothing to probe")
     model, tokenizer = load_model(args.probe), load_tokenizer(args.probe)
     model.eval()
-    records = kk_data.load_split(args.probe_split)
     samples = engine.sample_responses(model, tokenizer, ANSWER_FORMAT, records, max_new_tokens=args.probe_tokens,
                                       batch_size=args.probe_batch, desc="probe", progress=False)
     per_people = {}
@@ -215,7 +219,7 @@ def main(argv=None):
                for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names, twins=twins)]
     # what puzzle_key lets through: the same logic worded otherwise (none of the --exclude_logic splits': skipped)
     renamed_only = [path for path in excluded if path not in args.exclude_logic]
-    text_keys = kk_data.logic_keys(records) if renamed_only else set()
+    text_keys = kk_data.keys_to_compare(records, [r for path in renamed_only for r in excluded[path]])
     for path in renamed_only:
         if count := kk_data.logic_twins(excluded[path], text_keys):
             print(f"note: {count} of the {len(excluded[path])} puzzles of {path} have a logically equivalent puzzle in "

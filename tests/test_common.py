@@ -3,6 +3,7 @@ convention, --config not leaking, --help showing defaults), jsonl logs with a to
 disk before their names. (run_main's exit of a torchrun worker: test_parallel.py, beside the gloo threads that make it
 needed.)"""
 import json
+import os
 
 import pytest
 
@@ -615,3 +616,48 @@ def test_a_progress_bar_draws_only_on_rank_0_and_when_enabled(monkeypatch):
         bar.update(3)
         bar.close()
         assert ("3/3" in sys.stderr.getvalue()) == drawn
+
+
+def test_json_that_python_cannot_hold_is_a_line_naming_the_file(tmp_path):
+    """An integer of more than 4,300 digits (Python's limit on int parsing: ValueError) or arrays nested thousands
+    deep (RecursionError) are no JSONDecodeError: every reader gave a traceback. Now one line, file and line named."""
+    cases = {"big": '{"a": ' + "9" * 5000 + "}", "deep": '{"a": ' + "[" * 5000 + "]" * 5000 + "}"}
+    for name, text in cases.items():
+        (tmp_path / f"{name}.jsonl").write_text('{"ok": 1}\n' + text + "\n")
+        with pytest.raises(common.UserError, match=rf"{name}\.jsonl:2: not valid JSON \("):
+            common.read_jsonl(str(tmp_path / f"{name}.jsonl"))
+        (tmp_path / f"{name}.json").write_text(text)
+        with pytest.raises(common.UserError, match=rf"{name}\.json: cannot read a JSON object \("):
+            common.read_json(str(tmp_path / f"{name}.json"))
+    (tmp_path / "fine.jsonl").write_text('{"a": ' + "[" * 50 + "]" * 50 + ', "b": ' + "9" * 4000 + "}\n")
+    assert common.read_jsonl(str(tmp_path / "fine.jsonl"))[0]["b"] == int("9" * 4000)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_config_gives_at_least_one_value_where_the_command_line_must(name, tmp_path):
+    """{"eps": []} in a --config file ran token_shift's --cross over no value at all and wrote its empty tables over
+    the earlier ones; `--eps` with no value is an error on the command line, and so it is in a config."""
+    import importlib
+    module = importlib.import_module(name)
+    actions = [a for a in module.get_parser()._actions if a.option_strings and a.nargs in ("+", "*")]
+    if not actions:
+        pytest.skip(f"{name} has no list setting")
+    for action in actions:
+        (tmp_path / "cfg.json").write_text(json.dumps({action.dest: []}))
+        if action.nargs == "+":
+            with pytest.raises(common.UserError, match=rf"setting '{action.dest}' takes at least one value"):
+                common.parse_settings(module.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+        else:  # (an empty list is what the command line gives with no value)
+            assert getattr(common.parse_settings(module.get_parser(), ["--config", str(tmp_path / "cfg.json")]),
+                           action.dest) == []
+
+
+def test_a_missing_files_stamp_differs_from_its_earlier_one(tmp_path):
+    """A file removed while a stage read it (an SFT file, a checkpoint's shard) gave a FileNotFoundError traceback from
+    the stamps; its stamp is None now, which differs from the earlier one, and the stage says what changed."""
+    path = tmp_path / "a.jsonl"
+    path.write_text("{}\n")
+    before = common.file_stamps([str(path)])
+    assert before[os.path.realpath(path)][0] == 3
+    path.unlink()
+    assert common.file_stamps([str(path)]) == {os.path.realpath(path): None} != before

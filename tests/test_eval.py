@@ -226,6 +226,26 @@ def test_a_reused_pairs_numbers_are_recomputed_from_its_samples(tiny_checkpoint,
     assert json.loads(path.read_text(encoding="utf-8")) == right
 
 
+def test_a_reused_pairs_damaged_samples_are_a_line_naming_the_file(tiny_checkpoint, split, tmp_path):
+    """A reused samples.jsonl with a reward of text gave a TypeError, a "finished" of "no" counted as finished, and
+    a line lost gave an error that did not name the file: each is one line naming samples.jsonl (and its line)."""
+    args = ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(tmp_path / "out"),
+            *FAST]
+    ev.main(args)
+    path = tmp_path / "out" / "m" / "toy_test" / "samples.jsonl"
+    good = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for field, value, message in (("reward", "1", r":2: field 'reward' is '1', expected int or float"),
+                                  ("finished", "no", r":2: field 'finished' is 'no', expected bool"),
+                                  ("reward", float("nan"), r":2: field 'reward' is nan, expected a finite number")):
+        path.write_text(good[0] + json.dumps({**json.loads(good[1]), field: value}) + "\n" + "".join(good[2:]))
+        with pytest.raises(common.UserError, match=re.escape(str(path)) + message):
+            ev.main(args)
+    path.write_text("".join(good[1:]))
+    damaged = re.escape(str(path)) + ": every record needs the same number .* --overwrite"
+    with pytest.raises(common.UserError, match=damaged):
+        ev.main(args)
+
+
 def test_an_earlier_versions_summary_is_recomputed_by_todays_rule(tiny_checkpoint, split, tmp_path, capsys):
     """Before tasks.is_correct, accuracy was the mean reward (and there was no mean_reward): such a summary is
     recomputed from its samples (nothing generated), so one results table never mixes the two rules."""

@@ -847,3 +847,43 @@ def test_logic_keys_beyond_their_people_limit_are_refused_before_any_work(monkey
                                                r"renaming"):
         K.logic_keys(big + K.generate(1234, 3, 2))
     assert K.logic_twins(big, keys) == 0 and computed == []  # (no key of their people count: none computed)
+
+
+def test_the_refused_people_counts_advice_runs(tmp_path, monkeypatch):
+    """The refusal beyond LOGIC_KEY_MAX_PEOPLE advises --test_dedup renaming (and tiny_base.py --exclude), but their
+    note on the twins left computed every puzzle's key and refused them too; the note compares only the people
+    counts both splits have, up to the limit."""
+    import tiny_base
+    real, computed = K.logic_key, []
+    monkeypatch.setattr(K, "logic_key", lambda statements: computed.append(len(statements)) or real(statements))
+    big = K.LOGIC_KEY_MAX_PEOPLE + 1
+    K.main(["--out_dir", str(tmp_path / "kk"), "--test_people", "3", "--test_per_people", "2", "--train_people",
+            f"3,{big}", "--train_per_people", "2", "--sft_people", "3", "--sft_per_people", "2", "--test_dedup",
+            "renaming"])
+    assert {r["people"] for r in K.load_split(str(tmp_path / "kk" / "train.jsonl"))} == {3, big}
+    assert computed and set(computed) == {3}  # (the 3-people ones are compared)
+    tiny_base.main(["--out_dir", str(tmp_path / "tb"), "--people", str(big), "--per_people", "2", "--drill_per_people",
+                    "0", "--exclude", str(tmp_path / "kk" / "test.jsonl")])
+    assert os.path.getsize(tmp_path / "tb" / "pretrain.jsonl") > 0 and set(computed) == {3}
+
+
+def test_an_empty_or_unreadable_split_is_refused(tmp_path):
+    """An empty split (a size of 0 writes one) was taken where records are needed: tiny_base.py --probe divided by
+    its zero records, and kk_data.py --teacher_sft wrote an empty file over a good one. A damaged .parquet gave
+    pyarrow's traceback (pyarrow where installed)."""
+    import tiny_base
+    empty, teacher = tmp_path / "empty.jsonl", tmp_path / "teacher.jsonl"
+    empty.write_text("\n")
+    teacher.write_text("earlier\n")
+    with pytest.raises(common.UserError, match=r"empty\.jsonl: no records \(an empty split\): no teacher samples"):
+        K.main(["--teacher_sft", str(teacher), "--split", str(empty), "--template", "plain"])
+    assert teacher.read_text() == "earlier\n"
+    with pytest.raises(common.UserError, match=r"empty\.jsonl: no records \(an empty split\): nothing to probe"):
+        tiny_base.main(["--probe", str(tmp_path / "no_model"), "--probe_split", str(empty)])
+    pytest.importorskip("pyarrow")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(common.UserError, match=r"bad\.parquet: cannot read it as parquet \("):
+        K.load_split(str(tmp_path / "bad.parquet"))
+    (tmp_path / "dir.parquet").mkdir()
+    with pytest.raises(common.UserError, match=r"dir\.parquet: a directory, not a file"):
+        K.load_split(str(tmp_path / "dir.parquet"))

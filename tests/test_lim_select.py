@@ -228,6 +228,11 @@ def test_an_output_on_an_input_or_another_output_is_refused_before_anything_is_w
     with pytest.raises(common.UserError, match=r"--random_out .*lim\.jsonl: the same file as --out"):
         lim_select.main(with_setting("--random_out", str(hand["out"] / "lim.jsonl")))
     assert not hand["out"].exists()
+    log = hand["dir"] / "probe" / "rollouts" / "step_000002.jsonl"  # (--scores_out there overwrote the probe's log)
+    before = log.read_bytes()
+    with pytest.raises(common.UserError, match=r"--scores_out .*step_000002\.jsonl: that is an input \(--rollouts\)"):
+        lim_select.main(with_setting("--scores_out", str(log)))
+    assert log.read_bytes() == before
 
 
 def test_bad_input_from_the_command_line_exits_2_with_one_line(hand):

@@ -337,6 +337,10 @@ def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
     ("sample_effect/effects.summary.json", '{"files": {"a.jsonl": {"count": 1}}}',
      r"effects\.summary\.json: a field is missing or of the wrong type \(KeyError"),
     ("sample_effect/top.jsonl", '{"source_file": "a.jsonl"}\n', r"top\.jsonl:1: missing field 'sample_effect'"),
+    ("sample_effect/top.jsonl", "", r"top\.jsonl: no samples"),
+    ("sample_effect/top.jsonl", '{"sample_effect": "0.5"}\n', r"top\.jsonl:1: field 'sample_effect' must be of type"),
+    ("sample_effect/top.jsonl", '{"sample_effect": 0.5, "source_file": 7}\n', r"top\.jsonl:1: field 'source_file'"),
+    ("rl/metrics.jsonl", '{"step": 1, "reward": 1, "gen_batches": "2"}\n', r"metrics\.jsonl:1: field 'gen_batches'"),
     ("sample_effect/effects.summary.json", '{"files": {"a.jsonl": {"count": 1, "sample_effect": null}}}',
      r"effects\.summary\.json: a field is missing or of the wrong type \(TypeError"),
 ])

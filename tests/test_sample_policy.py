@@ -316,6 +316,20 @@ def write_rollouts(run_dir, steps):
                            [{"step": step, "length": 5, **r} for r in recs])
 
 
+def test_an_output_on_one_of_the_runs_rollout_logs_is_refused(tmp_path):
+    """--out on a rollout log it reads (a slip of the path) overwrote the RL run's own log, which no later stage
+    could read; refused before anything is written."""
+    run = tmp_path / "rl"
+    eos_tokenizer("</s>").save_pretrained(str(run / "step_000002"))
+    write_rollouts(str(run), {1: [s("a", "x")], 2: [s("b", "y")]})
+    log = run / "rollouts" / "step_1.jsonl"
+    before = log.read_bytes()
+    with pytest.raises(UserError, match=r"--samples_out .*step_1\.jsonl: that is an input \(--from_rollouts\)"):
+        sp.main(["--from_rollouts", str(run), "--steps", "2", "--task", "toy_task", "--out", str(tmp_path / "o.jsonl"),
+                 "--samples_out", str(log), "--progress", "false"])
+    assert log.read_bytes() == before and not (tmp_path / "o.jsonl").exists()
+
+
 def test_from_rollouts_of_a_live_run_is_refused(tmp_path):
     """While the RL run holds its directory's lock its rollout logs may still change (a resume rewrites every log past
     its checkpoint): refused, nothing written, as lim_select refuses; once it has ended, read."""

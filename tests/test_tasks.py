@@ -377,6 +377,24 @@ def test_a_checkpoint_saved_without_its_tokenizer_is_named(tiny_checkpoint, tmp_
     assert len(load_tokenizer(str(bare))) == len(load_tokenizer(tiny_checkpoint))
 
 
+def test_a_damaged_tokenizer_or_chat_template_is_a_line_naming_the_checkpoint(tiny_checkpoint, tmp_path):
+    """A tokenizer.json that is JSON but no tokenizer gave transformers' KeyError, a chat template with a syntax
+    error jinja2's traceback; each is one line naming the directory."""
+    import json
+    import shutil
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    good = (copy / "tokenizer.json").read_text(encoding="utf-8")
+    (copy / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(copy))}: cannot load tokenizer \("):
+        load_tokenizer(str(copy))
+    (copy / "tokenizer.json").write_text(good)
+    tok = load_tokenizer(str(copy))
+    tok.chat_template = "{% for m in messages %}{{ m.content }"
+    with pytest.raises(UserError, match=r": its chat template does not render \(TemplateSyntaxError"):
+        tasks.render_question("What is 1 + 1?", tok, "chat")
+
+
 def test_the_score_digest_follows_the_modules_a_task_imports_and_its_scorer_packages(tmp_path, monkeypatch):
     """eval re-scores finished pairs when this digest changes: a grader module the task imports (directly or through
     another), this project's shared modules, and the version of a package named in SCORER_PACKAGES each count; an
