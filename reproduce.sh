@@ -126,9 +126,10 @@ pass_on() {  # pass_on SIGNAL: end the stage with it, wait for it, then end this
   kill -s "$1" "$$"
 }
 for signal in TERM HUP INT; do trap "pass_on $signal" "$signal"; done
-run_stage() {  # run_stage COMMAND...: the stage's own subshell (the group's leader) outlives the stage on a signal,
-  # so that pass_on's wait ends when the stage has ended (its trap is no disposition the stage's process inherits)
-  trap : TERM HUP INT
+run_stage() {  # run_stage COMMAND...: the stage's own subshell (the group's leader) ends on a signal only once the
+  # stage has (bash runs a trap after the command under way), so that pass_on's wait ends when the stage has ended,
+  # and starts no command after it (a preset's "a || b"); a trap is no disposition the stage's process inherits
+  trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
   "$@"
 }
 in_own_group() {  # in_own_group COMMAND...: run it in a process group of its own (job control on) and wait for it

@@ -227,7 +227,8 @@ def render_question(question: str, tokenizer, template: str = "auto") -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                              date_string=TEMPLATE_DATE)
     except TemplateError as e:  # (a chat_template.jinja edited by hand)
-        raise UserError(f"{tokenizer.name_or_path}: its chat template does not render ({type(e).__name__}: {e})")
+        raise UserError(f"{tokenizer.name_or_path or 'the tokenizer'}: its chat template does not render "
+                        f"({type(e).__name__}: {e})")
 
 
 def teacher_sft_tokenizer(path, template):

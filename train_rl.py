@@ -60,13 +60,13 @@ RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std
                  "overlong_buffer", "overlong_penalty", "grad_clip", "adam_8bit", "beta1", "beta2",
                  "weight_decay", "model")  # --model: the tokenizer and, without --ref_model, the KL reference
 # what the runs of versions before a setting existed did: a resume of such a run compares this, not what is given now
-# (TIS came on 2026-12-02, on by default, and GSPO's --ratio_level that day; CISPO, masked IS, the overlong
-# punishment, the batch std and the entropy minority on 2026-12-06, off; RLOO's baseline, Clip-Cov and KL-Cov on
-# 2026-12-06 too, after those)
-EARLIER_OBJECTIVE = {"rollout_is": "off", "ratio_level": "token", "policy_loss": "ppo", "rollout_is_mode": "truncate",
-                     "overlong_buffer": 0, "overlong_penalty": 1.0, "std_scope": "group", "entropy_top_frac": 1.0,
-                     "baseline": "mean", "cov_frac": 2e-4, "clip_cov_low": 1.0, "clip_cov_high": 5.0,
-                     "kl_cov_coef": 1.0}
+# (DWA came on 2026-11-27, off; TIS on 2026-12-02, on by default, and GSPO's --ratio_level that day; CISPO, masked
+# IS, the overlong punishment, the batch std and the entropy minority on 2026-12-06, off; RLOO's baseline, Clip-Cov
+# and KL-Cov on 2026-12-06 too, after those)
+EARLIER_OBJECTIVE = {"adv_weight": "none", "rollout_is": "off", "ratio_level": "token", "policy_loss": "ppo",
+                     "rollout_is_mode": "truncate", "overlong_buffer": 0, "overlong_penalty": 1.0, "std_scope": "group",
+                     "entropy_top_frac": 1.0, "baseline": "mean", "cov_frac": 2e-4, "clip_cov_low": 1.0,
+                     "clip_cov_high": 5.0, "kl_cov_coef": 1.0}
 
 
 def switched_settings(s):

@@ -743,7 +743,7 @@ def test_a_kill_of_the_script_ends_its_running_stage_too(seeds, tmp_path):
     """`kill PID` of reproduce.sh (or of the SEEDS=N loop above it) left the stage under way running on, unmarked
     and holding OUT's lock; now the stage ends with the script, the attempt is logged as stopped, the lock is free.
     The script ends after the stage has: one that takes a moment to stop (a save) was left running on, holding the
-    lock that an immediate re-run then met."""
+    lock that an immediate re-run then met; and no command of the stage's after it starts (a preset's "a || b")."""
     import fcntl
     import signal
     import time
@@ -752,7 +752,8 @@ def test_a_kill_of_the_script_ends_its_running_stage_too(seeds, tmp_path):
         "import os, signal, sys, time\n"
         "def stop(*_):\n    time.sleep(1.0)\n    open(sys.argv[1] + '.ended', 'w').close()\n    sys.exit(1)\n"
         "signal.signal(signal.SIGTERM, stop)\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
-    preset = preset_of(tmp_path, f'DATA_CMD="python {tmp_path}/stage.py {pid_file}"\n')
+    (tmp_path / "after.py").write_text(f"open({str(tmp_path / 'after.ran')!r}, 'w').close()\n")
+    preset = preset_of(tmp_path, f'DATA_CMD="python {tmp_path}/stage.py {pid_file} || python {tmp_path}/after.py"\n')
     env = study_env(OMP_NUM_THREADS="1", THREADS="1", OUT=str(out), SEEDS=seeds)
     log = open(tmp_path / "log", "w")  # (not a pipe: the stage would hold it open, and reading it to its end would
     # wait for the stage, whenever the script ended)
@@ -769,6 +770,7 @@ def test_a_kill_of_the_script_ends_its_running_stage_too(seeds, tmp_path):
         proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGTERM
         assert (tmp_path / "stage.pid.ended").exists()  # (the stage had finished stopping when the script ended)
+        assert not (tmp_path / "after.ran").exists()
         for _ in range(100):  # (the stage has ended before the script: at most a moment to be reaped)
             try:
                 os.kill(stage, 0)

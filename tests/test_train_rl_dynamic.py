@@ -288,14 +288,14 @@ def test_a_run_of_an_earlier_version_is_compared_on_what_that_version_did(saved_
         state = torch.load(path, weights_only=True)
         added = ("policy_loss", "rollout_is_mode", "overlong_buffer", "overlong_penalty", "std_scope",
                  "entropy_top_frac", "rollout_is", "baseline", "cov_frac", "clip_cov_low", "clip_cov_high",
-                 "kl_cov_coef", "ratio_level")
+                 "kl_cov_coef", "ratio_level", "adv_weight")
         state["settings"] = {k: v for k, v in state["settings"].items() if k not in added}
         torch.save(state, path)
     assert main(out_dir=old, resume=True, rollout_is="off") == 0
     for key, value in (("policy_loss", "cispo"), ("rollout_is_mode", "mask"), ("overlong_buffer", 4),
                        ("overlong_penalty", 0.5), ("std_scope", "batch"), ("entropy_top_frac", 0.2),
                        ("baseline", "loo"), ("cov_frac", 0.01), ("clip_cov_low", 0.5), ("clip_cov_high", 4.0),
-                       ("kl_cov_coef", 2.0), ("ratio_level", "sequence"),
+                       ("kl_cov_coef", 2.0), ("ratio_level", "sequence"), ("adv_weight", "dwa"),
                        ("rollout_is", "token")):
         with pytest.raises(UserError, match=rf"different settings than the run's: (.*; )?{key}: was"):
             main(out_dir=old, resume=True, **({"rollout_is": "off", key: value} | SWITCHED_ON.get(key, {})
