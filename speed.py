@@ -232,18 +232,23 @@ def gpu_suite(args):
                 result[section] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
             result[section]["seconds"] = time.time() - t0
             result[section]["allocated_before_gib"] = before  # (its measured peaks count this too)
-            engine.release()  # generation's kept weights, KV cache and graphs: not the next section's memory
-            # an FSDP2-sharded model lives in reference cycles (train_rl's outlives main() until a collection, a CPU
-            # check shows), so only the cyclic collector frees it: on one H200 (2026-12-04), without this, the 3B
-            # RL step began with 5.8 GiB allocated beyond its own, the size of the 1.5B step's fp32 weights
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            write()
+            write()  # (before the cleanup: a sticky CUDA error raises there, and the record must be on disk)
             print(json.dumps(rounded(result[section])), flush=True)
+            engine.release()  # generation's kept weights, KV cache and graphs: not the next section's memory
+            free_cycles(device)
     result["seconds"] = time.time() - t_all
     write()
     return result
+
+
+def free_cycles(device):
+    """Free what lives only in reference cycles: an FSDP2-sharded model (train_rl's and redistill_sft's outlive main()
+    until a collection, a CPU check shows), which empty_cache alone leaves allocated: on one H200 (2026-12-04),
+    without this, the 3B RL step began with 5.8 GiB allocated beyond its own, the size of the 1.5B step's fp32
+    weights; a train-step setting's model (fp32 weights and grads) stayed for every later setting."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def package_version(name):
@@ -532,7 +537,8 @@ def suite_generation(base, tok, records, sizes, device, seed, tmp):
     if device.type == "cuda":
         fa2 = dict(fused=True, fa2_decode_attention=True)
         variants = {"graphs_fused_fa2": fa2, "graphs_fused_fa2_blocked_sampler": dict(fa2, blocked_sampler=True),
-                    "graphs_fused_fa2_splits": dict(fa2, fa2_splits="auto")}
+                    # (4 parts: "auto" cuts none at this profile's spans of up to 256 columns)
+                    "graphs_fused_fa2_splits": dict(fa2, fa2_splits=4)}
     else:
         variants = {"eager": dict(graphs=False, fused=False, **sdpa), "graphs": dict(fused=False, **sdpa),
                     "graphs_fused": dict(fused=True, **sdpa)}
@@ -758,6 +764,7 @@ def suite_sft(base, tok, records, sizes, device, seed, tmp):
 
     result = run(os.path.join(tmp, "sft_run"), [])
     if sizes["compile"]:  # compiled blocks: the first step compiles; later steps' new lengths must not recompile
+        free_cycles(device)  # (the first run's sharded model: its peak would count it)
         result["compiled"] = run(os.path.join(tmp, "sft_run_compiled"), ["--compile", "true"])
     return result
 
@@ -1212,8 +1219,7 @@ def suite_train_step(base, tok, records, sizes, device, seed, tmp):
         out["settings"].append(r)
         print(r, flush=True)
         model = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_cycles(device)  # (each setting's sharded model, its grads too, stayed for the later ones)
     return out
 
 

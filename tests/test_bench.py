@@ -149,6 +149,28 @@ def test_gpu_suite_frees_one_sections_sharded_model_before_the_next(tmp_path, mo
     assert seen_by_larger == [False]  # the rl section's model, gone before rl_larger began
 
 
+def test_each_train_step_setting_frees_its_model_before_the_next_loads(tmp_path, monkeypatch):
+    """The train_step section's settings each load the 1.5B model sharded: one left to the cyclic collector (its fp32
+    weights and grads, 11.5 GiB) stayed for every later setting, which would run out of memory on an H100. The
+    collector's own runs are off here, so only the section's can free it."""
+    trained, alive_at_load = [], []
+    real_prepare = parallel.prepare_training
+
+    def prepare(*args, **kwargs):
+        alive_at_load.append(sum(ref() is not None for ref in trained))
+        model = real_prepare(*args, **kwargs)
+        trained.append(weakref.ref(model))
+        return model
+    monkeypatch.setattr(parallel, "prepare_training", prepare)
+    gc.disable()
+    try:
+        bench.main(["--gpu_suite", "true", "--smoke", "true", "--sections", "train_step", "--json_out",
+                    str(tmp_path / "suite.json")])
+    finally:
+        gc.enable()
+    assert len(alive_at_load) > 1 and set(alive_at_load) == {0}
+
+
 def test_gpu_suite_without_cuda_says_so():
     with pytest.raises(UserError, match="--smoke"):
         bench.main(["--gpu_suite", "true"])
