@@ -235,14 +235,14 @@ def check_distinct_outputs(outputs, inputs=()):
         if not path:
             continue
         check_output_path(flag, path, directory=False)
-        real = os.path.realpath(path)
-        if real in seen:
-            raise UserError(f"{flag} {path}: the same file as {seen[real]}; each output needs its own")
-        seen[real] = flag
+        key = file_key(path)
+        if key in seen:
+            raise UserError(f"{flag} {path}: the same file as {seen[key][0]}; each output needs its own")
+        seen[key] = (flag, path)
     for flag, path in inputs:
-        if path and os.path.realpath(path) in seen:
-            raise UserError(f"{seen[os.path.realpath(path)]} {path}: that is an input ({flag}); it would be "
-                            "overwritten")
+        if path and file_key(path) in seen:
+            out_flag, out_path = seen[file_key(path)]
+            raise UserError(f"{out_flag} {out_path}: that is an input ({flag}); it would be overwritten")
 
 
 def check_distinct_inputs(inputs):
@@ -250,10 +250,20 @@ def check_distinct_inputs(inputs):
     examples would count twice, or a validation file would be one of the training files."""
     seen = {}
     for flag, path in inputs:
-        real = os.path.realpath(path)
-        if real in seen:
-            raise UserError(f"{flag} {path}: the same file as {seen[real]}; give each file once")
-        seen[real] = f"{flag} {path}"
+        key = file_key(path)
+        if key in seen:
+            raise UserError(f"{flag} {path}: the same file as {seen[key]}; give each file once")
+        seen[key] = f"{flag} {path}"
+
+
+def file_key(path):
+    """What tells files apart: an existing file's device and inode (another spelling, a symbolic or a hard link of it
+    is the same file), else the path with its links resolved (an output not written yet)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
 
 
 # the chat terminators a response may end with

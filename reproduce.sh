@@ -58,9 +58,20 @@ if ! [[ "$SEED" =~ ^[1-9][0-9]*$ && "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: SEED ($SEED) and SEEDS ($SEEDS) must be positive integers" >&2
   exit 2
 fi
+check_counts() {  # a step count is written without a leading 0: the shell's arithmetic reads 075 as octal 61
+  local name
+  for name in RL_STEPS LIMR_STEPS LIMR_PROBE_STEPS LIMR_SAVE_EVERY; do  # (the steps are Python's decimal 75)
+    if [[ -n "${!name:-}" && ! "${!name}" =~ ^[1-9][0-9]*$ ]]; then
+      echo "error: $name ($1) is '${!name}': a positive integer written without a leading 0" >&2
+      exit 2
+    fi
+  done
+}
+check_counts "from the environment"  # (before the preset computes with it: tiny's B_STEPS)
 # shellcheck source=config/tiny.sh
 source "config/$PRESET.sh"
 : "${OUT:?the preset sets OUT}"
+check_counts "in the preset"
 # the stage commands are built as shell words: a path with a space or a shell character would be cut, expanded or
 # run there, while this script's own quoted uses of it would not (a quoted '~/runs': stages in $HOME, markers in ./~)
 unsafe='^[~#]|[][:space:]"'"'"'\\$`;&|<>()*?{}[]'

@@ -324,7 +324,7 @@ def lock_out_dir(args):
 def measure(args, tokenizer, device, dtype):
     """Part 1: JS along the responses, both models FSDP-sharded, responses sharded over ranks."""
     from parallel import idle_pass, shard_model
-    from model import load_model, read_config
+    from model import dtype_name, load_model, read_config
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
     examples = read_responses(args.responses, tokenizer, context, args.limit)
     parallel.same_on_every_rank(common.data_digest([[e["id"], e["ids"], e["start"]] for e in examples]),
@@ -357,7 +357,7 @@ def measure(args, tokenizer, device, dtype):
         highs = sorted((h for g in gathered for h in g["high"]), key=lambda h: (h["example"], h["at"]))
         summary = summarize(every, highs, tokenizer, args.high_js, args.top_tokens)
         summary["settings"] = {k: getattr(args, k) for k in ("base", "policy", "responses", "limit", "temperature",
-                                                             "top_p", "high_js", "dtype")}
+                                                             "top_p", "high_js")} | {"dtype": dtype_name(dtype)}
 
         def short(xs):
             return [float(f"{x:.6g}") for x in xs]
@@ -465,7 +465,7 @@ def plot_cross(out_dir, path, current):
 def cross_sample(args, tokenizer, device, dtype):
     """Part 2: accuracy and intervention budget per eps, and the random control at each budget."""
     import time
-    from model import load_model, read_config
+    from model import dtype_name, load_model, read_config
     if not args.split:
         raise UserError("--cross needs --split (the task split whose prompts are answered)")
     task = tasks.get_task(args.task)
@@ -511,9 +511,10 @@ def cross_sample(args, tokenizer, device, dtype):
     def write():  # rank 0 (removed or moved away meanwhile: nothing written; a refused write stops every rank)
         result = {"direction": args.cross, "primary_name": names[0], "intervention_name": names[1],
                   "primary": getattr(args, names[0]), "intervention": getattr(args, names[1]),
+                  # (the dtype it resolved to: "auto" is bfloat16 on a GPU and float32 on a CPU, "bf16" is bfloat16)
                   "settings": {k: getattr(args, k) for k in ("task", "split", "limit", "samples_per_prompt",
                                                              "max_new_tokens", "temperature", "top_p", "template",
-                                                             "seed", "dtype")},
+                                                             "seed")} | {"dtype": dtype_name(dtype)},
                   "runs": runs}
         common.write_jsonl(os.path.join(args.out_dir, f"cross_{args.cross}_samples.jsonl"), samples)
         common.write_json(os.path.join(args.out_dir, f"cross_{args.cross}.json"), result)

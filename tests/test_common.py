@@ -661,3 +661,19 @@ def test_a_missing_files_stamp_differs_from_its_earlier_one(tmp_path):
     assert before[os.path.realpath(path)][0] == 3
     path.unlink()
     assert common.file_stamps([str(path)]) == {os.path.realpath(path): None} != before
+
+
+def test_a_hard_link_is_the_same_file_to_the_distinct_checks(tmp_path):
+    """The checks compared resolved paths, which a hard link passes: redistill_sft took `--data a --val_data b` (b a
+    hard link of a) as two files, its held-out loss then on training data, where same_files (samefile) said one."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("{}\n")
+    os.link(a, b)
+    assert common.same_files(str(a), str(b))
+    with pytest.raises(common.UserError, match=r"--val_data .*b\.jsonl: the same file as --data .*a\.jsonl"):
+        common.check_distinct_inputs([("--data", str(a)), ("--val_data", str(b))])
+    with pytest.raises(common.UserError, match=r"--out .*b\.jsonl: that is an input \(--split\)"):
+        common.check_distinct_outputs([("--out", str(b))], [("--split", str(a))])
+    common.check_distinct_outputs([("--out", str(tmp_path / "new.jsonl"))], [("--split", str(a))])  # (not written yet)
+    with pytest.raises(common.UserError, match=r"the same file as --out"):
+        common.check_distinct_outputs([("--out", str(tmp_path / "new.jsonl")), ("--more", str(tmp_path / "new.jsonl"))])

@@ -733,6 +733,17 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("value", ["075", "080", "0", "7x"])
+def test_a_step_count_the_shell_would_misread_is_refused_before_any_stage(value, tmp_path):
+    """RL_STEPS=075: the shell's arithmetic reads octal, so the tiny preset's set B took steps 30-60 and the
+    re-distillation sampled step_000061, while train_rl.py trained to step 75 (080: a shell error mid-preset)."""
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "out"), "RL_STEPS": value}, check=False)
+    assert proc.returncode == 2 and f"error: RL_STEPS (from the environment) is '{value}'" in proc.stderr
+    assert "+ python" not in proc.stdout
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "out"), "RL_STEPS": "75"})
+    assert "rl/step_000075 " in proc.stdout and "--steps 75,37-74 " in proc.stdout
+
+
 def test_unknown_preset(tmp_path):
     proc = run_reproduce("nope", check=False)
     assert proc.returncode == 2 and "no preset config/nope.sh" in proc.stderr

@@ -493,7 +493,7 @@ def test_cross_sampling_settings_reach_the_decode(pair, tmp_path, monkeypatch):
     """--temperature, --template, --limit, --seed (the random control's stream too) and --dtype at other values than
     their defaults reach cross-sampling: with --eps inf its samples are the base's alone, as the engine draws them at
     those settings (and not at the defaults')."""
-    dtype = "float64"
+    dtype, spelled = "float64", "fp64"
     import model as model_module
     real_load, loaded = model_module.load_model, []
     real_switch, control_seeds = token_shift.random_switch, []
@@ -510,10 +510,13 @@ def test_cross_sampling_settings_reach_the_decode(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(token_shift, "random_switch", switch_spy)
     token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--cross", "forward", "--task", "toy_task",
                       "--split", pair["split"], "--limit", "4", "--samples_per_prompt", "2", "--max_new_tokens", "10",
-                      "--temperature", "0.6", "--template", "plain", "--seed", "11", "--dtype", dtype,
+                      "--temperature", "0.6", "--template", "plain", "--seed", "11", "--dtype", spelled,
                       "--out_dir", str(tmp_path), "--plots", "false", "--progress", "false", "--eps", "inf"])
     assert loaded == [getattr(torch, dtype)] * 2
     assert control_seeds == [common.derive_seed(11, 0, 1)]
+    # the dtype the run computed in, not its spelling: "auto" is float32 here and bfloat16 on a GPU, and which runs
+    # plot_cross draws together compares the settings
+    assert json.load(open(tmp_path / "cross_forward.json"))["settings"]["dtype"] == dtype
     samples = [json.loads(line) for line in open(tmp_path / "cross_forward_samples.jsonl")]
     got = [s["tokens"] for s in samples if not s["control"]]
     # eps inf: the base alone, as the engine samples it at these settings
