@@ -142,12 +142,6 @@ def difficulty_key(summary):
     return key if isinstance(key, str) and key else "difficulty"
 
 
-def difficulty_order_of_text(text):
-    """Sort key of a name that may be a number (seeds, levels such as "2.5"): numbers numerically, as eval's tables
-    sort them, then names."""
-    return difficulty_order(float(text) if re.fullmatch(r"-?\d+(\.\d+)?", text) else text)
-
-
 def limr_tables(out_dir, only_seeds=()):
     """The LIMR experiment of reproduce.sh (LIMR=1): test accuracy of the start, FULL, RAND and LIM per seed and
     split, with the prompts, steps and rollouts each spent (and their mean over seeds); [] when there is none.
@@ -155,7 +149,7 @@ def limr_tables(out_dir, only_seeds=()):
     limr_dir, eval_dir = os.path.join(out_dir, "limr"), os.path.join(out_dir, "limr", "eval")
     seeds = (sorted((name[5:] for name in os.listdir(limr_dir)
                      if name.startswith("seed_") and (not only_seeds or name[5:] in only_seeds)),
-                    key=difficulty_order_of_text)
+                    key=difficulty_order)
              if os.path.isdir(limr_dir) else [])
     accuracy, evaluated_at = {}, {}  # (model, split) -> overall accuracy; model -> the step its checkpoint is at
     for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
@@ -221,7 +215,7 @@ def limr_tables(out_dir, only_seeds=()):
              "with the probe: LIM's own rollouts plus the probe run's, which its selection needed. "
              "Test accuracy is overall, per split.", *notes]
     if unselected:
-        unselected.sort(key=difficulty_order_of_text)
+        unselected.sort(key=difficulty_order)
         lines.append(f"LIMR seed{'s' if len(unselected) > 1 else ''} {', '.join(map(str, unselected))}: not selected "
                      f"yet (no limr/seed_S/scores.jsonl), left out of the LIMR tables.")
     if len({r["seed"] for arm_rows in by_arm.values() for r in arm_rows}) > 1:  # a mean over two seeds or more
@@ -400,7 +394,7 @@ def plots(out_dir, metrics, summaries, temperature, difficulty, title=""):
         fig.tight_layout()
         written.append(os.path.join(out_dir, PLOTS[0]))
         common.save_figure(fig, written[-1], dpi=120)
-    levels = sorted({lv for s in summaries.values() for lv in s["by_difficulty"]}, key=difficulty_order_of_text)
+    levels = sorted({lv for s in summaries.values() for lv in s["by_difficulty"]}, key=difficulty_order)
     if levels:  # (a task without difficulties, DIFFICULTY None, has none to plot)
         fig, ax = plt.subplots(figsize=(6, 3.5))
         width = 0.8 / len(summaries)

@@ -2,6 +2,7 @@
 Scoring generated responses: unbiased pass@k, per-difficulty summaries, the accuracy tables, and the sharded
 generate-score-gather that eval.py and training-time validation share.
 """
+import math
 import time
 
 import common
@@ -27,7 +28,15 @@ def pass_at_k(n, c, k):
 
 
 def difficulty_order(value):
-    """Sort key for difficulty values: numbers numerically, then strings."""
+    """Sort key for difficulty values (and seeds): numbers numerically, a number written as text too (a split's "10"
+    after its "9"; report.py reads the levels back as text), then the other strings."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and math.isfinite(number):
+            return (0, number, value)
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
 

@@ -511,10 +511,13 @@ def test_plots_show_every_level_and_the_rl_curve_up_to_the_evaluated_step(run_di
 
 
 def test_levels_sort_as_numbers_and_a_task_without_levels_draws_no_level_plot(run_dir, monkeypatch):
-    """Decimal levels sort as eval's tables sort them ("2.5" before "10.5", as text it came after); a task with
-    DIFFICULTY None has no level, and its plot was an empty frame with a legend."""
-    assert sorted(["10.5", "2.5", "3", "-1", "b", "10"], key=report.difficulty_order_of_text) == \
-        ["-1", "2.5", "3", "10", "10.5", "b"]
+    """Decimal levels sort as eval's tables sort them ("2.5" before "10.5", as text it came after; a split's levels
+    "9" and "10" as text were 10, 9 in the tables and 9, 10 in the plot: one key now); a task with DIFFICULTY None
+    has no level, and its plot was an empty frame with a legend."""
+    import scoring
+    assert sorted(["10.5", "2.5", "3", "-1", "b", "10", "1e-05"], key=scoring.difficulty_order) == \
+        ["-1", "1e-05", "2.5", "3", "10", "10.5", "b"]
+    assert sorted([10, "9", 2.5, "b", "nan"], key=scoring.difficulty_order) == [2.5, "9", 10, "b", "nan"]
     from unittest import mock
     plt = mock.MagicMock()
     plt.subplots.side_effect = lambda *a, **k: (mock.MagicMock(), mock.MagicMock())
