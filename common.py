@@ -257,13 +257,13 @@ def check_distinct_inputs(inputs):
 
 
 def file_key(path):
-    """What tells files apart: an existing file's device and inode (another spelling, a symbolic or a hard link of it
-    is the same file), else the path with its links resolved (an output not written yet)."""
+    """What tells files apart: an existing file's file_identity (another spelling, a symbolic or a hard link of it is
+    the same file), else the path with its links resolved (an output not written yet)."""
     try:
-        st = os.stat(path)
-    except OSError:
-        return os.path.realpath(path)
-    return (st.st_dev, st.st_ino)
+        identity = file_identity(path)
+    except OSError:  # (a path through a file, an unreadable folder: the stage that opens it says so)
+        identity = None
+    return os.path.realpath(path) if identity is None else tuple(identity)
 
 
 # the chat terminators a response may end with
