@@ -432,8 +432,29 @@ def not_text(value, place=""):
 
 
 # What json.loads raises on text that is not JSON it can hold: JSONDecodeError (a ValueError), ValueError for an
-# integer of over 4,300 digits (Python's limit on int parsing), RecursionError for arrays nested ~1,000 deep.
+# integer of over 4,300 digits (Python's limit on int parsing), RecursionError for arrays nested ~1,000 deep, and
+# DuplicateKey (a ValueError) from json_loads.
 JSON_ERRORS = (ValueError, RecursionError)
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs):
+    """json's object_pairs_hook: the object, or DuplicateKey where a key appears twice (json would keep the last
+    value and drop the first without a word: {"answer": 1, "answer": 2} is an input to fix, not to guess)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKey(f"field {twice!r} appears twice in one object")
+    return obj
+
+
+def json_loads(text):
+    """json.loads for inputs and logs: an object with a key twice raises DuplicateKey (one of JSON_ERRORS)."""
+    return json.loads(text, object_pairs_hook=unique_keys)
 
 
 def json_error_text(e):
@@ -454,7 +475,7 @@ def iter_jsonl(path, torn_tail=False):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json_loads(line)
             problem = None if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
             if problem is None and "\\u" in line:  # (only an escape can make a lone surrogate)
                 problem = not_text(rec)
@@ -497,7 +518,7 @@ def read_json(path, what="a JSON object"):
     it should hold, not a traceback."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # (-sig: a BOM at the start is no part of the JSON)
-            obj = json.load(f)
+            obj = json_loads(f.read())
     except (OSError, *JSON_ERRORS) as e:  # (UnicodeDecodeError is a ValueError)
         raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {json_error_text(e)})") from e
     if not isinstance(obj, dict):

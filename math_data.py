@@ -115,7 +115,7 @@ def _jsonl_rows(path):
 def _json_rows(path):
     try:
         with open(path, encoding="utf-8-sig") as f:  # (-sig: a BOM at the start is no part of the JSON)
-            data = json.load(f)
+            data = common.json_loads(f.read())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
     except OSError as e:

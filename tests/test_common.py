@@ -633,6 +633,20 @@ def test_json_that_python_cannot_hold_is_a_line_naming_the_file(tmp_path):
     assert common.read_jsonl(str(tmp_path / "fine.jsonl"))[0]["b"] == int("9" * 4000)
 
 
+def test_a_key_twice_in_one_object_is_an_error_naming_file_line_and_key(tmp_path):
+    """json keeps the last of two values of one key and drops the first without a word: a record {"answer": "1",
+    "answer": "2"} trained on "2". Every reader refuses it now, naming the key, at any depth."""
+    (tmp_path / "d.jsonl").write_text('{"id": 1, "answer": "1"}\n{"id": 2, "meta": {"a": 1, "a": 2}}\n')
+    with pytest.raises(common.UserError, match=r"d\.jsonl:2: not valid JSON \(field 'a' appears twice"):
+        common.read_jsonl(str(tmp_path / "d.jsonl"))
+    (tmp_path / "s.json").write_text('{"lr": 1e-6, "seed": 1, "lr": 1e-5}')
+    with pytest.raises(common.UserError, match=r"s\.json: cannot read .*field 'lr' appears twice"):
+        common.read_json(str(tmp_path / "s.json"))
+    # the same key in two objects, or two keys that differ only in case, are fine
+    (tmp_path / "ok.jsonl").write_text('{"a": {"x": 1}, "b": {"x": 2}, "A": 3}\n')
+    assert common.read_jsonl(str(tmp_path / "ok.jsonl")) == [{"a": {"x": 1}, "b": {"x": 2}, "A": 3}]
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_config_gives_at_least_one_value_where_the_command_line_must(name, tmp_path):
     """{"eps": []} in a --config file ran token_shift's --cross over no value at all and wrote its empty tables over

@@ -419,6 +419,10 @@ def test_malformed_json_files_are_one_line_errors(tmp_path):
     lone.write_text('{"problem": "ok", "answer": "1"}\n{"problem": "What is $1+1$? \\ud835", "answer": "2"}\n')
     with pytest.raises(common.UserError, match=r"lone\.jsonl:2: field 'problem' is not valid Unicode"):
         math_data.load_split(str(lone))
+    twice = tmp_path / "twice.json"
+    twice.write_text('[{"problem": "Q?", "answer": "1", "answer": "2"}]')
+    with pytest.raises(common.UserError, match=r"twice\.json: not valid JSON \(field 'answer' appears twice"):
+        math_data.load_split(str(twice))
 
 
 def test_duplicate_problems_get_distinct_ids(tmp_path):
