@@ -5,6 +5,7 @@ with the same settings) and the per-step metrics log. SFT and RL share all of it
 import errno
 import functools
 import glob
+import hashlib
 import math
 import os
 import re
@@ -152,7 +153,7 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
 
     def finish():  # without its state file, what the save wrote is a partial save, which a resume removes
         with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
-            torch.save({"step": step, "world_size": world_size(), **train_state}, f)
+            torch.save({"step": step, "world_size": world_size(), "code": code_stamp(), **train_state}, f)
         prune_checkpoints(run_dir, step, keep_last, keep_weights)
     write_on_rank0(finish, run_dir)  # (its directory checked again: the save took long; every rank waits for it)
 
@@ -273,6 +274,33 @@ def read_failure(e):
     return any(map(not_the_file, error_chain(e)))
 
 
+@functools.cache
+def code_stamp():
+    """The project's code as this process started it: {file name: digest} of the .py files beside this one. Each
+    checkpoint records it; a resume under other code says which files changed (note_code_changes)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    stamp = {}
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                stamp[name] = hashlib.sha256(f.read()).hexdigest()[:16]
+    return stamp
+
+
+def note_code_changes(step, saved):
+    """A note naming the files that differ between the code that saved checkpoint `step` (its stamp `saved`; None
+    for the checkpoints of versions before it was recorded) and the code running now: the steps after it run the
+    new code, which a fork that edits the scripts and resumes should know (nothing is refused: fixing a bug and
+    going on is a resume's purpose)."""
+    now = code_stamp()
+    if saved is None or saved == now:
+        return
+    changed = [f"{n} ({'new' if n not in saved else 'removed' if n not in now else 'edited'})"
+               for n in sorted(saved.keys() | now.keys()) if saved.get(n) != now.get(n)]
+    print0(f"note: the code changed since step {step} was saved: {', '.join(changed)}; the steps after it run the "
+           f"code as it is now")
+
+
 def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):
     """The checkpoint to continue from (load_checkpoint's newest complete one), or None for a fresh run. Checkpoints in
     run_dir without resume are an error: a new run would mix its steps with an old one's. Rank 0 first takes the
@@ -280,6 +308,7 @@ def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):
     ends: two runs on one directory are refused before either removes or writes a file there. needs_shard:
     load_checkpoint's."""
     lock_on_rank0(run_dir, if_exists=True)  # every rank joins (rank 0 decides whether run_dir exists)
+    code_stamp()  # (read now, as the run starts: the code it runs, not what an editor saves before its first save)
     steps = checkpoint_steps(run_dir)
     if steps and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest step {steps[-1]}); pass --resume true to "
@@ -298,6 +327,8 @@ def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):
         # saves those steps anew; kept, an unreadable one would take a --keep_last place from them, the good one's
         for later in sorted(s for s in checkpoint_parts(run_dir) if s > found[0]):
             remove_checkpoint(run_dir, later)
+    if found is not None and needs_shard(found[2]):  # (a finished run computes nothing more)
+        note_code_changes(found[0], found[2].get("code"))
     barrier()  # (the other ranks then see what rank 0 removed: e.g. train_rl's check of --keep_steps' directories)
     return found
 

@@ -210,6 +210,28 @@ def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(
     assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing resumable left: a fresh run
 
 
+def test_a_resume_under_edited_code_names_the_files_that_changed(tmp_path, capsys):
+    """A fork edits a script and resumes: the steps after the checkpoint run other code than those before. The resume
+    goes on (that is often its purpose) but says which files differ from the code that saved the checkpoint; the
+    same code, a checkpoint of a version that did not record it, or a finished run say nothing."""
+    import torch
+    run, now = str(tmp_path), ckpt.code_stamp()
+    assert "ckpt.py" in now and "train_rl.py" in now and all(len(d) == 16 for d in now.values())
+    fake_checkpoint(run, 1)
+    state_file = ckpt.checkpoint_dir(run, 1) + ".state.pt"
+    edited = dict(now, **{"grpo.py": "0" * 16, "gone.py": "1" * 16})
+    del edited["scoring.py"]
+    for saved, note in ((None, False), (now, False), (edited, True)):
+        torch.save({"step": 1, "world_size": 1, **({} if saved is None else {"code": saved})}, state_file)
+        capsys.readouterr()
+        assert ckpt.resume_checkpoint(run, resume=True)[0] == 1
+        out = capsys.readouterr().out
+        assert ("the code changed since step 1 was saved: gone.py (removed), grpo.py (edited), scoring.py (new); the "
+                "steps after it run the code as it is now") in out if note else "code changed" not in out
+    ckpt.resume_checkpoint(run, resume=True, needs_shard=lambda state: False)  # finished: nothing runs the new code
+    assert "code changed" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("size", [4_000, 16_000, 200_000])
 def test_a_state_file_that_lost_its_tail_is_damage_not_a_read_error(tmp_path, size):
     """torch.load of a file of a few KiB cut short fails with OSError EINVAL (it seeks past the end), which was

@@ -336,6 +336,8 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
     sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--micro_batch_tokens", "60"))
     out = capsys.readouterr().out
     assert "step_000007 (step 7/10)" in out and "metrics.jsonl:8: dropped a torn last line" in out
+    assert "code changed" not in out  # (each checkpoint records the code that saved it: the same code here)
+    assert torch.load(os.path.join(cut, "step_000010.state.pt"), weights_only=True)["code"] == ckpt.code_stamp()
     a, b = weights(os.path.join(full, "final")), weights(os.path.join(cut, "final"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
