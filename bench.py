@@ -30,7 +30,6 @@ import gpu_memory
 import tasks
 import toy_task
 from common import parse_settings, run_main
-from engine import generate
 from model import CHECKPOINT_KEEP, build_model, dtype_name, load_model, parse_dtype, save_model, tiny_config
 from speed import (PEAK_BANDWIDTH, QWEN25_15B, SUITE_SECTIONS, datasheet, decode_floor, decode_kernels_per_layer,
                    gpu_suite, make_workload, run_hf, run_ours, timed)
@@ -247,7 +246,8 @@ def bench_rl(args):
     """Seconds per GRPO step split into generation / scoring / training: train_rl.main on a random-weight
     model and the toy addition task. Random weights end a response at EOS now and then (about 1 in 400 tokens at the
     400-token vocabulary: ~half the responses stop before a 64-token cap), so steps differ in length a little.
-    The first step (warm-up) is left out; the median of the others is reported."""
+    The first step (warm-up) is left out; the median of the others is reported. Then the last step's generation runs
+    again, by the engine alone on the same rollouts: what the step's generation costs beyond the engine's own work."""
     import train_rl
     steps, prompts, group, max_len = args.rl_steps, args.rl_prompts, args.samples_per_prompt, args.rl_max_len
     if steps < 2:
@@ -264,26 +264,35 @@ def bench_rl(args):
                 "--train_data", os.path.join(d, "train.jsonl"),
                 "--test_data", "", "--out_dir", os.path.join(d, "run"), "--prompts_per_step", str(prompts),
                 "--samples_per_prompt", str(group), "--max_response_tokens", str(max_len), "--max_steps", str(steps),
-                "--save_every", str(steps), "--log_rollouts", "false", "--progress", "false", "--lr", "1e-5",
-                "--seed", str(args.seed)]
+                "--save_every", "1", "--keep_last", "2",  # (the last step's starting weights: below)
+                "--progress", "false", "--lr", "1e-5", "--seed", str(args.seed)]
         t0 = time.time()
         train_rl.main(argv)
         wall = time.time() - t0
         ms = common.read_jsonl(os.path.join(d, "run", "metrics.jsonl"))[1:]  # the first step warms up
-        # the engine alone on the last step's prompts, same seed and weights, on the device and in the dtype the
-        # step ran in (train_rl's --dtype auto: bf16 on CUDA): what the RL step's generation costs
-        from common import stop_token_ids
+        # the last step's generation again, by the engine alone: its prompts, seed and settings, from the weights it
+        # started from, on the device and in the dtype it ran in (train_rl's --dtype auto: bf16 on CUDA), so the same
+        # rollouts; the second of two runs (the step's engine was warm too), scoring left out as the step's gen_s does
         from tasks import load_tokenizer
+        run = train_rl.get_parser().parse_args(argv)  # (train_rl's defaults: temperature, batch size, template)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = parse_dtype("auto", device)
-        final = load_model(os.path.join(d, "run", f"step_{steps:06d}"), dtype=dtype, device=device)
+        policy = load_model(os.path.join(d, "run", f"step_{steps - 1:06d}"), dtype=dtype, device=device)
+        batch = train_rl.step_prompt_indices(len(recs), prompts, steps, args.seed)
         tok = load_tokenizer(os.path.join(d, "init"))
-        recs = [recs[i] for i in train_rl.step_prompt_indices(len(recs), prompts, steps, args.seed)]
-        ids = tasks.encode_prompts(tok, [toy_task.render_prompt(r, tok) for r in recs])
-        t0 = time.time()
-        gens = generate(final, sorted(ids, key=len), n=group, max_new_tokens=max_len, temperature=0.7,
-                        stop_ids=stop_token_ids(tok), seed=1)
-        alone = sum(len(g.tokens) for g in gens) / (time.time() - t0)
+        for _ in range(2):
+            times = {}
+            t0 = time.time()
+            gens = engine.sample_responses(
+                policy, tok, toy_task, [recs[i] for i in batch], n=group,
+                temperature=run.temperature, top_p=run.top_p, max_new_tokens=max_len,
+                seed=train_rl.generation_seed(args.seed, steps, 0), template=run.template,
+                batch_size=run.gen_batch_size, progress=False, timings=times, prompt_numbers=list(range(len(batch))))
+            alone_s = time.time() - t0 - times.get("score_s", 0.0)
+        logged = tasks.read_rollout_log(tasks.rollout_log_path(os.path.join(d, "run"), steps), steps, ("response",))
+        same = [row["response"] for _, row in logged] == [g["response"] for g in gens]
+    last = ms[-1]
+    tokens = sum(g["length"] for g in gens)
     med = sorted(ms, key=lambda m: m["step_s"])[len(ms) // 2]  # the median step, so its parts add up
     where = (f"{dtype_name(dtype)} on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else
              f"{dtype_name(dtype)} CPU, {torch.get_num_threads()} thread(s)")
@@ -293,9 +302,11 @@ def bench_rl(args):
     print(f"  step {med['step_s']:.2f}s = generation {med['gen_s']:.2f}s ({med['gen_tok_s']:.0f} tok/s) + scoring "
           f"{med['score_s']:.3f}s + training {med['train_s']:.2f}s ({med['train_tok_s']:.0f} tok/s) + other "
           f"{med['step_s'] - med['gen_s'] - med['score_s'] - med['train_s']:.2f}s")
-    print(f"  generation inside the step: {med['gen_tok_s']:.0f} tok/s = {med['gen_tok_s'] / alone:.0%} "
-          f"of the engine alone on the same prompts ({alone:.0f} tok/s)")
-    return dict(med, engine_alone_tok_s=alone)
+    print(f"  step {steps}'s generation, {last['gen_s']:.2f}s, against the engine alone on its prompts, seed and "
+          f"starting weights, {alone_s:.2f}s: {alone_s / last['gen_s']:.0%} of its speed "
+          + (f"(the same rollouts, {tokens} tokens)" if same else
+             f"(other rollouts: {tokens} tokens against the step's {last['gen_tok_s'] * last['gen_s']:.0f})"))
+    return dict(med, engine_alone_tok_s=tokens / alone_s, same_rollouts=same)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,16 @@ def test_the_rl_benchmark_needs_a_step_beyond_its_warm_up(steps):
         bench.main(["--rl", "true", "--rl_steps", str(steps)])
 
 
+def test_the_rl_benchmark_times_the_engine_alone_on_the_last_steps_own_rollouts(capsys):
+    """The engine-alone rate it compares the step's generation with came from other weights (the run's final ones),
+    another seed and sorted prompts: another workload. Now it regenerates the last step's rollouts from the weights
+    that step started from, and says so only where they are the very rollouts the step logged."""
+    result = bench.main(["--rl", "true", "--rl_steps", "2", "--rl_prompts", "2", "--samples_per_prompt", "2",
+                         "--rl_max_len", "8"])
+    assert result["same_rollouts"] is True and result["engine_alone_tok_s"] > 0
+    assert "(the same rollouts, 32 tokens)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--prompts", "0"], "--prompts: each number of prompts must be at least 1"),
     (["--samples_per_prompt", "0"], "--samples_per_prompt must be"),
