@@ -287,18 +287,18 @@ def code_stamp():
     return stamp
 
 
-def note_code_changes(step, saved):
-    """A note naming the files that differ between the code that saved checkpoint `step` (its stamp `saved`; None
-    for the checkpoints of versions before it was recorded) and the code running now: the steps after it run the
-    new code, which a fork that edits the scripts and resumes should know (nothing is refused: fixing a bug and
-    going on is a resume's purpose)."""
+def note_code_changes(saved, since):
+    """A note naming the files that differ between the code a stopped run recorded (its code_stamp `saved`, e.g. a
+    checkpoint's; None from versions before it was recorded) and the code running now, `since` saying when it was
+    recorded: what the resume computes runs the new code, which a fork that edits the scripts and resumes should know
+    (nothing is refused: fixing a bug and going on is a resume's purpose)."""
     now = code_stamp()
     if saved is None or saved == now:
         return
     changed = [f"{n} ({'new' if n not in saved else 'removed' if n not in now else 'edited'})"
                for n in sorted(saved.keys() | now.keys()) if saved.get(n) != now.get(n)]
-    print0(f"note: the code changed since step {step} was saved: {', '.join(changed)}; the steps after it run the "
-           f"code as it is now")
+    print0(f"note: the code changed since {since}: {', '.join(changed)}; what the resume computes runs the code as "
+           f"it is now")
 
 
 def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):
@@ -328,7 +328,7 @@ def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):
         for later in sorted(s for s in checkpoint_parts(run_dir) if s > found[0]):
             remove_checkpoint(run_dir, later)
     if found is not None and needs_shard(found[2]):  # (a finished run computes nothing more)
-        note_code_changes(found[0], found[2].get("code"))
+        note_code_changes(found[2].get("code"), f"step {found[0]} was saved")
     barrier()  # (the other ranks then see what rank 0 removed: e.g. train_rl's check of --keep_steps' directories)
     return found
 

@@ -84,7 +84,8 @@ def get_parser():
     p.add_argument("--grad_clip", type=float, default=1.0,
                    help="clip the global gradient norm to this (paper: 1.0; 0 = off)")
     # The paper's modified verl fsdp_sft_trainer averages over each sequence's response tokens, then over
-    # sequences (seq_mean); verl's stock trainer and most pre-training use one token mean (token_mean).
+    # sequences (seq_mean); most pre-training takes one token mean over the batch (token_mean), as verl's stock
+    # trainer nearly does (a token mean per micro-batch, averaged over its micro-batches).
     p.add_argument("--loss_reduction", default="seq_mean", choices=("seq_mean", "token_mean"),
                    help="seq_mean: mean over each sequence's loss tokens, then over the global batch's sequences "
                         "(paper); token_mean: mean over all loss tokens of the global batch")

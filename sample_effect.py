@@ -362,12 +362,14 @@ def open_partial(path, identity, resume):
             saved = common.read_json(os.path.join(path, "identity.json"), "the stopped run's identity")
         except UserError as e:
             raise UserError(f"{e}; pass --resume false to start over")
+        code = saved.pop("code", None)  # (recorded, not compared: ckpt.note_code_changes)
         try:
             # (as written: an inf setting reads back as "inf"; an earlier version wrote it bare, read back as inf)
             ckpt.check_run_identity(path, common.json_safe(saved), common.json_safe(identity),
                                     recorded_since=parallel.COMPUTE_KEYS)
         except UserError as e:
             raise UserError(f"{e}; pass --resume false to start over (or another --out)")
+        ckpt.note_code_changes(code, "the stopped run computed its ∇J")
         logs = sorted(glob.glob(os.path.join(glob.escape(path), "effects.rank*.jsonl")))
         done = os.path.join(path, "done.jsonl")
         rows = {row["index"]: row for log in ([done] if os.path.exists(done) else []) + logs
@@ -395,7 +397,7 @@ def save_grad_j(path, identity, grad_j, exact_ref, sketch_ref):
     """Rank 0: the run's identity, ∇J as the effects use it (the exact gradient and/or its sketch), then
     grad_j.json, which marks them complete."""
     from safetensors.torch import save
-    common.write_json(os.path.join(path, "identity.json"), identity)
+    common.write_json(os.path.join(path, "identity.json"), identity | {"code": ckpt.code_stamp()})
     tensors = {f"grad.{i}": g.cpu() for i, g in enumerate(exact_ref["grad"])} if exact_ref else {}
     if sketch_ref:
         tensors["sketch"] = sketch_ref["sketch"].cpu()
@@ -575,6 +577,7 @@ def main(argv=None):
                 "sft_digest": sft_digest,
                 "eval_digest": common.data_digest(records),
                 "checkpoint_files": checkpoint_stamps(args.checkpoint)}  # (its weights and config)
+    ckpt.code_stamp()  # (the code as the run starts: identity.json records it once ∇J is computed, minutes later)
     # rank 0 decides and tells the others, so that all share out the same remaining samples
     partial_rows = parallel.on_rank0(lambda: open_partial(partial, identity, args.resume))
     resumed = partial_rows is not None

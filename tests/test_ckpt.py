@@ -226,8 +226,8 @@ def test_a_resume_under_edited_code_names_the_files_that_changed(tmp_path, capsy
         capsys.readouterr()
         assert ckpt.resume_checkpoint(run, resume=True)[0] == 1
         out = capsys.readouterr().out
-        assert ("the code changed since step 1 was saved: gone.py (removed), grpo.py (edited), scoring.py (new); the "
-                "steps after it run the code as it is now") in out if note else "code changed" not in out
+        assert ("the code changed since step 1 was saved: gone.py (removed), grpo.py (edited), scoring.py (new); what "
+                "the resume computes runs the code as it is now") in out if note else "code changed" not in out
     ckpt.resume_checkpoint(run, resume=True, needs_shard=lambda state: False)  # finished: nothing runs the new code
     assert "code changed" not in capsys.readouterr().out
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import ckpt
 import common
 import sample_effect as se
 from common import UserError
@@ -339,6 +340,7 @@ def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path,
         se.main(args + ["--resume", "false"])
     assert "removed the stopped run's" in capsys.readouterr().out
     assert not (tmp_path / "effects.jsonl").exists() and (partial / "grad_j.json").exists()
+    assert common.read_json(str(partial / "identity.json"))["code"] == ckpt.code_stamp()  # (recorded, not compared)
     with open(partial / "effects.rank0.jsonl", "a") as f:  # a kill mid-write: a torn last line
         f.write('{"index": 7, "sample_eff')
     # another setting that changes the effects: refused, named, before any work
@@ -381,6 +383,22 @@ def test_a_stopped_run_with_an_inf_setting_resumes(tmp_path):
         assert se.open_partial(str(partial), identity, resume=True) == []
         with pytest.raises(UserError, match="kv_cache_gib: was 'inf', now 4.0"):
             se.open_partial(str(partial), {**identity, "kv_cache_gib": 4.0}, resume=True)
+        se.remove_partial(str(partial))
+
+
+def test_a_resume_under_edited_code_names_the_files_that_changed(tmp_path, capsys):
+    """identity.json records the code that computed ∇J, not to compare: a resume under edited code goes on and names
+    the files that changed; the same code, or a stopped run of a version that did not record it, says nothing."""
+    partial, identity = tmp_path / "effects.partial", {"seed": 1}
+    edited = dict(ckpt.code_stamp(), **{"sample_effect.py": "0" * 16})
+    for code, note in ((None, False), (ckpt.code_stamp(), False), (edited, True)):
+        partial.mkdir()
+        common.write_json(str(partial / "identity.json"), identity | ({} if code is None else {"code": code}))
+        common.write_json(str(partial / "grad_j.json"), {})
+        capsys.readouterr()
+        assert se.open_partial(str(partial), identity, resume=True) == []
+        out = capsys.readouterr().out
+        assert ("the code changed since the stopped run computed its ∇J: sample_effect.py (edited)" in out) == note
         se.remove_partial(str(partial))
 
 
