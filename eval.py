@@ -7,8 +7,9 @@ Accuracy tables: evaluate one or more checkpoints on one or more task splits.
 The paper's protocol is the default: greedy, one sample, at most 4096 new tokens, accuracy per difficulty and
 overall, and the truncation rate; --samples_per_prompt and --temperature add avg@n and unbiased pass@k. Scoring is
 the task's own `score`, the one that rewards training: a truncated response is wrong (the paper's verl eval
-appended EOS first; docs/eval.md). A split's prompts are shared out over torchrun ranks and gathered in record
-order (scoring.generate_and_score), so greedy outputs do not depend on the number of ranks.
+appended EOS first, which --score_truncated true does; docs/eval.md). A split's prompts are shared out over torchrun
+ranks and gathered in record order (scoring.generate_and_score), so greedy outputs do not depend on the number of
+ranks.
 
 Writes, per (checkpoint, split), OUT_DIR/<checkpoint>/<split>/samples.jsonl (every response with its reward,
 finished flag and length) and summary.json (written last: it marks the pair done, and a re-run skips it unless
@@ -48,7 +49,12 @@ def get_parser():
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (paper)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (ignored when greedy)")
     p.add_argument("--max_new_tokens", type=int, default=4096,
-                   help="response budget in tokens (paper: 4096); longer = truncated = wrong")
+                   help="response budget in tokens (paper: 4096); longer = truncated = wrong (see --score_truncated)")
+    p.add_argument("--score_truncated", type=common.str2bool, default=False,
+                   help="score a truncated response as if it had ended, so a right answer in it counts: the paper's "
+                        "scorer (its verl main_eval appended EOS to every response before scoring, paper.md section "
+                        "9); false: a truncated response is wrong, as in training. A change re-scores done pairs, "
+                        "generating nothing")
     p.add_argument("--pass_k", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64],
                    help="k values for unbiased pass@k (only k <= n are reported)")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
@@ -168,13 +174,16 @@ def read_done(summary_path, samples_path, settings, records, task):
                f"({', '.join(sorted(os.path.basename(p) for p in changed_files(old['inputs'], inputs)))}); "
                f"evaluating again")
         return None
-    rescore = old.get("task_source") != settings["task_source"]  # (none recorded: an earlier version's, once)
+    new_source = old.get("task_source") != settings["task_source"]  # (none recorded: an earlier version's, once)
+    new_rule = old.get("score_truncated", False) != settings["score_truncated"]  # (none: before it was a setting)
+    rescore = new_source or new_rule
     fields = ("id", "reward", "finished", "length") + (("response",) if rescore else ())
     samples = [row for _, row in tasks.read_rollout_log(samples_path, None, fields)]
-    changed = tasks.rescore(task, samples, records, samples_path) if rescore else 0
+    changed = tasks.rescore(task, samples, records, samples_path, settings["score_truncated"]) if rescore else 0
     if changed:  # the samples first: a kill before the summary leaves its old stamp, so this runs again
-        print0(f"{samples_path}: the task's score changed since it was evaluated: {changed} of {len(samples)} "
-               f"rewards re-scored")
+        why = (["the task's score changed since it was evaluated"] if new_source else []) + (
+            [f"--score_truncated {str(settings['score_truncated']).lower()}"] if new_rule else [])
+        print0(f"{samples_path}: {' and '.join(why)}: {changed} of {len(samples)} rewards re-scored")
         common.write_jsonl(samples_path, samples)
     # the numbers are recomputed from the samples every time (reading them costs no generation): a summary of an
     # earlier version (accuracy as the mean reward, other pass@k) or of a metric since fixed (scoring.py) is not kept
@@ -225,7 +234,7 @@ def main(argv=None):
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "template": args.template,
                 "dtype": dtype_name(dtype), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
-                "task_source": task_source,
+                "task_source": task_source, "score_truncated": args.score_truncated,
                 "inputs": {**(inputs_of(ckpt, None) if stamps is None else stamps), SPLIT_DIGEST: digests[split_path],
                            PROMPT_DIGEST: prompts}}
 
@@ -286,6 +295,9 @@ def main(argv=None):
                                                   template=args.template, batch_size=args.batch_size,
                                                   pass_k=args.pass_k, desc=f"{name}/{split_name}",
                                                   progress=args.progress)
+            if args.score_truncated:  # the truncated ones again, as if they had ended (every rank: the same samples)
+                tasks.rescore(task, [s for s in samples if not s["finished"]], records, split_path, True)
+                metrics = summarize(samples, records, task.DIFFICULTY, args.pass_k)
             seconds = time.time() - t0
             summary = {"checkpoint": name, "split": split_name, "settings": settings,
                        "difficulty_key": task.DIFFICULTY, **metrics}  # (report.py's heading: it imports no task)

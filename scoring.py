@@ -87,8 +87,9 @@ def summarize(samples, records, difficulty_key, pass_k=(1,)):
 
 
 def how_evaluated(summaries):
-    """How the summaries' samples were drawn, for headings and labels: "greedy, pass@1" or "avg@n, temperature T,
-    top-p P"; several ways joined by " / " (each distinct once); "" where no summary records its settings."""
+    """How the summaries' samples were drawn and scored, for headings and labels: "greedy, pass@1" or "avg@n,
+    temperature T, top-p P", then ", truncated answers scored as ended" under eval.py --score_truncated; several ways
+    joined by " / " (each distinct once); "" where no summary records its settings."""
     ways = []
     for summary in summaries:
         s = summary.get("settings") or {}
@@ -98,6 +99,7 @@ def how_evaluated(summaries):
             continue
         how = ("greedy, pass@1" if s["temperature"] == 0 and n == 1 else
                f"avg@{n}, temperature {s['temperature']:g}, top-p {s.get('top_p', 1.0):g}")
+        how += ", truncated answers scored as ended" if s.get("score_truncated") else ""
         if how not in ways:
             ways.append(how)
     return " / ".join(ways)

@@ -95,9 +95,10 @@ def is_correct(reward):
     return reward >= 1.0
 
 
-def rescore(task, samples, records, where):
+def rescore(task, samples, records, where, score_truncated=False):
     """Re-score samples ({"id", "response", "finished", "reward"}) in place with the task's score of now (the
-    responses stand); returns how many rewards changed. A sample whose id no record has is an error naming `where`."""
+    responses stand); returns how many rewards changed. A sample whose id no record has is an error naming `where`.
+    score_truncated: a truncated response is scored as if it had ended (eval.py --score_truncated)."""
     by_id = {str(r["id"]): r for r in records}
     missing = sorted({str(s["id"]) for s in samples} - set(by_id))
     if missing:
@@ -111,7 +112,7 @@ def rescore(task, samples, records, where):
     threads = max(1, min(16, cores // world_size())) if getattr(task, "SCORE_THREADS", False) else 1
 
     def score(s):
-        return reward_of(task, s["response"], by_id[str(s["id"])], s["finished"])
+        return reward_of(task, s["response"], by_id[str(s["id"])], s["finished"] or score_truncated)
     if threads == 1:
         rewards = [score(s) for s in samples]
     else:

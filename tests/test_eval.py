@@ -344,6 +344,41 @@ def test_a_finished_pair_is_rescored_when_its_task_changed(tiny_checkpoint, spli
     assert "re-scored" not in capsys.readouterr().out  # stamped: once
 
 
+def test_score_truncated_scores_a_cut_off_answer_as_the_papers_eval_did(tiny_checkpoint, split, tmp_path, monkeypatch,
+                                                                        capsys):
+    """--score_truncated true: the paper's verl eval appended EOS to every response before scoring, so a truncated
+    response with a right answer counted; here it is a setting, off by default (a truncated answer is wrong, as in
+    training). Switched on a done pair, its samples are re-scored, nothing generated; the heading says how."""
+    module = tmp_path / "ended_task.py"  # right iff the response ended: what the setting turns around
+    module.write_text("from toy_task import *  # noqa\n\n\ndef score(response, record, finished):\n"
+                      "    return 1.0 if finished else 0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ended_task", raising=False)
+
+    def run_args(out):
+        return ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(out), *FAST,
+                "--task", "ended_task", "--max_new_tokens", "3"]
+    args = run_args(tmp_path / "out")
+    ev.main(args)
+    pair = tmp_path / "out" / "m" / "toy_test"
+    samples = common.read_jsonl(str(pair / "samples.jsonl"))
+    cut = sum(not s["finished"] for s in samples)
+    assert 0 < cut and [s["reward"] for s in samples] == [float(s["finished"]) for s in samples]
+    capsys.readouterr()
+    ev.main(args + ["--score_truncated", "true"])
+    log = capsys.readouterr().out
+    assert f"--score_truncated true: {cut} of {len(samples)} rewards re-scored" in log and "loaded" not in log
+    summary = json.loads((pair / "summary.json").read_text(encoding="utf-8"))
+    assert summary["overall"]["accuracy"] == 1.0 and summary["overall"]["truncation_rate"] == cut / len(samples)
+    assert "greedy, pass@1, truncated answers scored as ended" in (tmp_path / "out" / "results.md").read_text()
+    ev.main(args)  # back: the truncated ones are wrong again
+    assert f"--score_truncated false: {cut} of {len(samples)} rewards re-scored" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"  # generated under the setting: the same rewards as re-scored
+    ev.main(run_args(fresh) + ["--score_truncated", "true"])
+    assert [s["reward"] for s in common.read_jsonl(str(fresh / "m" / "toy_test" / "samples.jsonl"))] == \
+        [1.0] * len(samples)
+
+
 def test_a_prompt_changed_in_the_code_is_evaluated_again(tiny_checkpoint, split, tmp_path, monkeypatch, capsys):
     """The prompts also come from code: tasks.SYSTEM_PROMPT edited since a pair was evaluated (where the task
     module's source, the checkpoint and the split are unchanged) makes it stale; its old answers, to the old
