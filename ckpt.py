@@ -280,10 +280,15 @@ def code_stamp():
     checkpoint records it; a resume under other code says which files changed (note_code_changes)."""
     here = os.path.dirname(os.path.abspath(__file__))
     stamp = {}
-    for name in sorted(os.listdir(here)):
-        if name.endswith(".py"):
-            with open(os.path.join(here, name), "rb") as f:
-                stamp[name] = hashlib.sha256(f.read()).hexdigest()[:16]
+    for entry in sorted(os.scandir(here), key=lambda e: e.name):
+        # (not an editor's lock or backup, ".#train_rl.py", a link to nothing; a file it cannot read is left out:
+        # the stamp serves a note, never a reason to stop a run)
+        if entry.name.endswith(".py") and not entry.name.startswith(".") and entry.is_file():
+            try:
+                with open(entry.path, "rb") as f:
+                    stamp[entry.name] = hashlib.sha256(f.read()).hexdigest()[:16]
+            except OSError:
+                pass
     return stamp
 
 

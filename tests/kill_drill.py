@@ -281,10 +281,12 @@ def differences(a, b, where):
 
 
 def load_state(path):
-    """A checkpoint's state file, less the settings that name the run rather than decide it (--out_dir, --resume)."""
+    """A checkpoint's state file, less the settings that name the run rather than decide it (--out_dir, --resume) and
+    the digests of the code that ran (a file edited while the drill runs is no difference of the run's)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     for k in ("out_dir", "resume"):
         state.get("settings", {}).pop(k, None)
+    state.pop("code", None)
     return state
 
 
