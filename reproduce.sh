@@ -153,6 +153,12 @@ in_own_group() {  # in_own_group COMMAND...: run it in a process group of its ow
   STAGE_GROUP=""
   return "$status"
 }
+scoring_free() {  # an eval.py command less its scoring-only setting, which eval.py's re-check applies to the pairs it
+  # finished (re-scoring them, generating nothing): a study evaluated under the other one goes on
+  local c=" $1 "
+  c="${c// --score_truncated true / }"; c="${c// --score_truncated false / }"
+  printf '%s' "$c"
+}
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
@@ -176,7 +182,8 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
       echo "  else $run_again" >&2
       exit 1
     fi
-    if [[ "$was" != "$what" ]]; then
+    if [[ "$was" != "$what" && ! ( "$what" == "eval.py "* && "$(scoring_free "$was")" == "$(scoring_free "$what")" ) ]]
+    then
       echo "error: stage $name in $OUT was done with another command, so its outputs are not these settings':" >&2
       echo "  was: $was" >&2
       echo "  now: $what" >&2
@@ -187,8 +194,17 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
       echo "== $name: done; eval.py checks its pairs (a task scorer changed since re-scores them)"  # (not timed)
       echo "+ $cmd"
       # (a checkpoint deleted since, for disk space, fails it: the earlier results stand, and the study goes on)
-      [[ "$DRY_RUN" == 1 ]] || { stop_if_lock_lost; in_own_group eval "$cmd"; } \
-        || echo "warning: stage $name's re-check failed (above); its earlier results stand" >&2
+      if [[ "$DRY_RUN" == 1 ]]; then
+        [[ "$was" == "$what" ]] || echo "  (its marker then takes this command: it re-scored its pairs)"
+      elif stop_if_lock_lost; in_own_group eval "$cmd"; then
+        if [[ "$was" != "$what" ]]; then  # re-scored by this command's rule: its marker says so (whole or not at all)
+          stop_if_lock_lost
+          printf '%s\n%s\n' "$(head -n 1 "$OUT/done/$name")" "$what" > "$OUT/done/.$name.tmp"
+          mv -f "$OUT/done/.$name.tmp" "$OUT/done/$name"
+        fi
+      else
+        echo "warning: stage $name's re-check failed (above); its earlier results stand" >&2
+      fi
       return 0
     fi
     echo "== $name: done (OUT/done/$name), skipped"

@@ -175,6 +175,37 @@ def test_a_finished_studys_evaluation_re_check_that_fails_leaves_its_results_and
 
 
 @pytest.mark.slow  # the micro_run fixture
+def test_an_evaluation_done_under_the_other_scoring_rule_is_re_checked_not_refused(micro_run):
+    """eval.py --score_truncated decides scoring only, and eval.py's re-check re-scores its finished pairs for it: a
+    study whose preset switched it (the paper presets did) goes on, where the changed command stopped it and its
+    error said to evaluate everything again; the marker then holds the command that re-scored."""
+    out, _ = micro_run
+    path = f"{out}/done/eval"
+    seconds, command = open(path).read().splitlines()
+    with open(path, "w") as f:  # as if evaluated under the other rule
+        f.write(f"{seconds}\n{command} --score_truncated true\n")
+    try:
+        proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": out}, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "== eval: done; eval.py checks its pairs" in proc.stdout
+        assert "its marker then takes this command" in proc.stdout
+        assert open(path).read().splitlines() == [seconds, f"{command} --score_truncated true"]  # (a dry run)
+        proc = run_reproduce("micro", env={"MICRO_OUT": out})
+        assert open(path).read().splitlines() == [seconds, command]
+    finally:
+        with open(path, "w") as f:
+            f.write(f"{seconds}\n{command}\n")
+    with open(path, "w") as f:  # another setting of eval.py still counts
+        f.write(f"{seconds}\n{command} --seed 3\n")
+    try:
+        proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": out}, check=False)
+        assert proc.returncode == 1 and "error: stage eval in " + out + " was done with another command" in proc.stderr
+    finally:
+        with open(path, "w") as f:
+            f.write(f"{seconds}\n{command}\n")
+
+
+@pytest.mark.slow  # the micro_run fixture
 def test_a_finished_stage_with_another_command_is_an_error_not_a_skip(micro_run):
     """Seed 2 into seed 1's OUT: every stage's command differs (its seeds), so the first one stops the run with both
     commands named, instead of passing off seed 1's outputs as seed 2's."""
