@@ -180,7 +180,11 @@ def read_done(summary_path, samples_path, settings, records, task):
     fields = ("id", "reward", "finished", "length") + (("response",) if rescore else ())
     samples = [row for _, row in tasks.read_rollout_log(samples_path, None, fields)]
     changed = tasks.rescore(task, samples, records, samples_path, settings["score_truncated"]) if rescore else 0
-    if changed:  # the samples first: a kill before the summary leaves its old stamp, so this runs again
+    if changed:  # the summary's stamps voided first, then the samples: a kill before the new summary leaves stamps
+        # that match no run (None: re-scored by any rule), where the old ones would let a run of the old rule take
+        # the re-scored samples for its own
+        summary["settings"] = {**old, "task_source": None, "score_truncated": None}
+        common.write_json(summary_path, summary)
         why = (["the task's score changed since it was evaluated"] if new_source else []) + (
             [f"--score_truncated {str(settings['score_truncated']).lower()}"] if new_rule else [])
         print0(f"{samples_path}: {' and '.join(why)}: {changed} of {len(samples)} rewards re-scored")

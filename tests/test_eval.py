@@ -379,6 +379,40 @@ def test_score_truncated_scores_a_cut_off_answer_as_the_papers_eval_did(tiny_che
         [1.0] * len(samples)
 
 
+def test_a_kill_between_re_scored_samples_and_their_summary_leaves_no_summary_of_the_other_rule(
+        tiny_checkpoint, split, tmp_path, monkeypatch):
+    """Re-scoring rewrites samples.jsonl, then summary.json. Killed in between, the summary kept its old stamps, so a
+    run of the old rule took the re-scored samples for its own and labelled them with its rule. The stamps are voided
+    first now: whatever the next run's rule, it re-scores."""
+    module = tmp_path / "ended_task.py"
+    module.write_text("from toy_task import *  # noqa\n\n\ndef score(response, record, finished):\n"
+                      "    return 1.0 if finished else 0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ended_task", raising=False)
+    args = ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(tmp_path / "out"),
+            *FAST, "--task", "ended_task", "--max_new_tokens", "3"]
+    ev.main(args)
+    pair = tmp_path / "out" / "m" / "toy_test"
+    strict = [s["reward"] for s in common.read_jsonl(str(pair / "samples.jsonl"))]
+    assert 0.0 in strict
+    real = common.write_json
+
+    def killed_at_the_summary(path, obj):
+        if str(path).endswith("summary.json") and obj["settings"].get("score_truncated"):
+            raise KeyboardInterrupt  # the re-scored summary's write
+        return real(path, obj)
+    with monkeypatch.context() as m:
+        m.setattr(common, "write_json", killed_at_the_summary)
+        with pytest.raises(KeyboardInterrupt):
+            ev.main(args + ["--score_truncated", "true"])
+    assert [s["reward"] for s in common.read_jsonl(str(pair / "samples.jsonl"))] == [1.0] * len(strict)
+    ev.main(args)  # the old rule again: its samples are re-scored, not taken as they are
+    summary = json.loads((pair / "summary.json").read_text(encoding="utf-8"))
+    assert [s["reward"] for s in common.read_jsonl(str(pair / "samples.jsonl"))] == strict
+    assert summary["settings"]["score_truncated"] is False and summary["overall"]["accuracy"] == sum(strict) / len(
+        strict)
+
+
 def test_a_prompt_changed_in_the_code_is_evaluated_again(tiny_checkpoint, split, tmp_path, monkeypatch, capsys):
     """The prompts also come from code: tasks.SYSTEM_PROMPT edited since a pair was evaluated (where the task
     module's source, the checkpoint and the split are unchanged) makes it stale; its old answers, to the old
