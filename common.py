@@ -513,12 +513,13 @@ def check_fields(where, rec, required=(), types=None):
                             f"({rec[field]!r})")
 
 
-def read_json(path, what="a JSON object"):
+def read_json(path, what="a JSON object", repeated_keys=False):
     """The JSON object in path. Unreadable, not UTF-8, not JSON or not an object: one line naming the file and what
-    it should hold, not a traceback."""
+    it should hold, not a traceback. A key twice in one object is an error too, unless repeated_keys (a file other
+    tools write and read, a checkpoint's config.json: its last value, as transformers takes it)."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # (-sig: a BOM at the start is no part of the JSON)
-            obj = json_loads(f.read())
+            obj = json.loads(f.read()) if repeated_keys else json_loads(f.read())
     except (OSError, *JSON_ERRORS) as e:  # (UnicodeDecodeError is a ValueError)
         raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {json_error_text(e)})") from e
     if not isinstance(obj, dict):

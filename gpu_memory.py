@@ -256,7 +256,7 @@ def memory_config(spec):
         return os.path.basename(os.path.normpath(spec)), read_config(spec)
     if not os.path.isfile(spec):
         raise UserError(f"{spec}: no such config.json or directory, and not a preset ({', '.join(MEMORY_PRESETS)})")
-    hf = common.read_json(spec, "a model config")
+    hf = common.read_json(spec, "a model config", repeated_keys=True)
     return os.path.basename(os.path.dirname(os.path.abspath(spec))) or spec, ModelConfig.from_hf(hf, spec)
 
 

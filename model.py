@@ -590,14 +590,14 @@ def read_config(path) -> ModelConfig:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{cfg_path}: not found (not a Hugging Face checkpoint directory)")
-    return ModelConfig.from_hf(read_json(cfg_path, "a model config"), cfg_path)
+    return ModelConfig.from_hf(read_json(cfg_path, "a model config", repeated_keys=True), cfg_path)
 
 
 def weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
-        weight_map = read_json(index, "a shard index").get("weight_map")
+        weight_map = read_json(index, "a shard index", repeated_keys=True).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise UserError(f"{index}: unreadable shard index (field 'weight_map' is not an object of file names)")
         files = sorted(set(weight_map.values()))

@@ -642,6 +642,8 @@ def test_a_key_twice_in_one_object_is_an_error_naming_file_line_and_key(tmp_path
     (tmp_path / "s.json").write_text('{"lr": 1e-6, "seed": 1, "lr": 1e-5}')
     with pytest.raises(common.UserError, match=r"s\.json: cannot read .*field 'lr' appears twice"):
         common.read_json(str(tmp_path / "s.json"))
+    # ... but a checkpoint's config.json, which other tools write and read, gives its last value, as transformers does
+    assert common.read_json(str(tmp_path / "s.json"), repeated_keys=True) == {"lr": 1e-5, "seed": 1}
     # the same key in two objects, or two keys that differ only in case, are fine
     (tmp_path / "ok.jsonl").write_text('{"a": {"x": 1}, "b": {"x": 2}, "A": 3}\n')
     assert common.read_jsonl(str(tmp_path / "ok.jsonl")) == [{"a": {"x": 1}, "b": {"x": 2}, "A": 3}]

@@ -494,6 +494,10 @@ def test_a_damaged_config_is_one_line_naming_its_field(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text("[1, 2]")
     with pytest.raises(common.UserError, match=r"config\.json: a model config expected, got a JSON list"):
         model_module.read_config(str(tmp_path / "ckpt"))
+    # a key twice (a hand-edited config): its last value, as transformers reads it, where datasets are refused
+    text = json.dumps(cfg)
+    (tmp_path / "ckpt" / "config.json").write_text(text[:-1] + ', "hidden_size": ' + str(2 * cfg["hidden_size"]) + "}")
+    assert model_module.read_config(str(tmp_path / "ckpt")).hidden_size == 2 * cfg["hidden_size"]
     for index, message in [("[1, 2]", "a shard index expected, got a JSON list"),  # a list where objects belong
                            ('{"weight_map": ["model.safetensors"]}', "unreadable shard index"),
                            ("{not json", "cannot read a shard index")]:
