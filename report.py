@@ -13,6 +13,7 @@ Plots (matplotlib, optional): RL reward and validation accuracy per step; accura
 import os
 import re
 import shlex
+import textwrap
 
 import common
 import tasks
@@ -406,8 +407,9 @@ def plots(out_dir, metrics, summaries, temperature, difficulty, title=""):
                 if height != height:
                     ax.text(j + i * width, 0.01, "n/a", ha="center", va="bottom", rotation=90, fontsize=6)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], [f"{difficulty} {lv}" for lv in levels])
-        how = how_evaluated(summaries.values())
-        ax.set_ylabel(f"test accuracy{' (' + how + ')' if how else ''}", fontsize=8 if len(how) > 20 else None)
+        how = how_evaluated(summaries.values())  # (wrapped: a long one ran off the figure, cut where it said most)
+        ax.set_ylabel(textwrap.fill(f"test accuracy{' (' + how + ')' if how else ''}", 45),
+                      fontsize=8 if len(how) > 20 else None)
         ax.set_ylim(0, 1), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
         ax.set_title(title)
         fig.tight_layout()
