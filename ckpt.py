@@ -278,9 +278,13 @@ def read_failure(e):
 def code_stamp():
     """The project's code as this process started it: {file name: digest} of the .py files beside this one. Each
     checkpoint records it; a resume under other code says which files changed (note_code_changes)."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    return source_digests(os.path.dirname(os.path.abspath(__file__)))
+
+
+def source_digests(directory):
+    """{file name: short sha256} of the .py files in `directory`."""
     stamp = {}
-    for entry in sorted(os.scandir(here), key=lambda e: e.name):
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         # (not an editor's lock or backup, ".#train_rl.py", a link to nothing; a file it cannot read is left out:
         # the stamp serves a note, never a reason to stop a run)
         if entry.name.endswith(".py") and not entry.name.startswith(".") and entry.is_file():

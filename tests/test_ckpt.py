@@ -210,6 +210,26 @@ def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(
     assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing resumable left: a fresh run
 
 
+def test_the_code_stamp_leaves_out_what_it_cannot_read(tmp_path):
+    """An editor's lock beside a file being edited (Emacs: ".#train_rl.py", a link to nothing), a directory named like
+    a module or a file without read permission stopped every training run at its start with a traceback; the stamp
+    serves a note, so they are left out."""
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    os.symlink("user@host.123:456", tmp_path / ".#a.py")
+    (tmp_path / "pkg.py").mkdir()
+    secret = tmp_path / "secret.py"
+    secret.write_text("y = 2\n")
+    secret.chmod(0)
+    try:
+        readable = os.access(secret, os.R_OK)  # (root reads it anyway)
+        stamp = ckpt.source_digests(str(tmp_path))
+    finally:
+        secret.chmod(0o644)
+    assert sorted(stamp) == ["a.py"] + (["secret.py"] if readable else [])
+    assert stamp["a.py"] == ckpt.source_digests(str(tmp_path))["a.py"] and len(stamp["a.py"]) == 16
+
+
 def test_a_resume_under_edited_code_names_the_files_that_changed(tmp_path, capsys):
     """A fork edits a script and resumes: the steps after the checkpoint run other code than those before. The resume
     goes on (that is often its purpose) but says which files differ from the code that saved the checkpoint; the
