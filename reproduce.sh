@@ -195,7 +195,7 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
       echo "+ $cmd"
       # (a checkpoint deleted since, for disk space, fails it: the earlier results stand, and the study goes on)
       if [[ "$DRY_RUN" == 1 ]]; then
-        [[ "$was" == "$what" ]] || echo "  (its marker then takes this command: it re-scored its pairs)"
+        [[ "$was" == "$what" ]] || echo "  (a run re-scores its pairs by this rule; its marker then takes this command)"
       elif stop_if_lock_lost; in_own_group eval "$cmd"; then
         if [[ "$was" != "$what" ]]; then  # re-scored by this command's rule: its marker says so (whole or not at all)
           stop_if_lock_lost
