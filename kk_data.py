@@ -19,6 +19,7 @@ Records: the official fields plus `id` ("kk-official-p5-00012": stream, people, 
 that stream), `people` (the difficulty) and `question` (quiz + the paper's answer-format line).
 """
 import ast
+import html
 import itertools
 import os
 import random
@@ -447,9 +448,15 @@ ARROW_WORD = "\x00"  # what an arrow becomes: a word of its own, which no name o
 # symbols that turn a claim around, or join claims by "or", "if" or "if and only if" (checked on the NFKC form,
 # which folds full-width and other look-alikes): punctuation is form, these are content. A left arrow reads "if";
 # every arrow or harpoon of Unicode's arrow blocks but the mapping ones above is content, found by name, not listed
-# (a "!" before a letter is C's "not" ("!knight"), after one it ends a sentence; a cross mark strikes a role out)
-LOGIC_SYMBOL = re.compile(r"!=|(?<!\\)![^\W\d_]|/=|=\\=|<>|<-+|<=+|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤✗✘❌❎]")
-NEGATING_OVERLAY = "\u0338"  # a symbol struck through (∉, ≄, ⊄, ...: "not in", "not ..."), found in its NFD form
+# (a "!" before a letter is C's "not" ("!knight"), after one it ends a sentence, and one that follows no word opens a
+# negated claim ("!(A is a knight)", "! A"); a tilde after a space or a bracket is "not" too, or markdown's
+# strike-through, where one run into a word is LaTeX's space ("a~knight"); "|" and "||" are "or"; a cross mark or a
+# prohibition sign strikes a role out)
+LOGIC_SYMBOL = re.compile(r"!=|(?<!\\)![^\W\d_]|(?<![^\W\d_)\]}.\\!?])!|(?:^|(?<=[\s(\[{]))~|\||/=|=\\=|<>|<-+|<=+"
+                          r"|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤⌐✗✘❌❎✕✖×☒🚫⛔]")
+# a symbol struck through (∉, ≄, ⊄, ...: "not in", "not ..."; found in the NFD form) or a word struck or crossed out by
+# a combining overlay or an enclosing sign (U+0334-U+0338, U+20D2-U+20E0: "knigh̶t", "knight⃠")
+NEGATING_OVERLAYS = frozenset(map(chr, [*range(0x0334, 0x0339), *range(0x20D2, 0x20E1)]))
 OTHER_ARROWS = frozenset(
     c for lo, hi in ((0x2190, 0x21FF), (0x2794, 0x27BF), (0x27F0, 0x27FF), (0x2900, 0x297F), (0x2B00, 0x2BFF),
                      (0x1F800, 0x1F8FF)) for c in map(chr, range(lo, hi + 1))
@@ -491,10 +498,10 @@ def parse_answer(content, names, kk):
     names since the previous one. An unknown word, a repeated name or a role with no name before it
     makes the answer unreadable; a name left without a role is simply missing from the answer.
     """
-    content = unicodedata.normalize("NFC", content)
+    content = unicodedata.normalize("NFC", html.unescape(content))  # (an HTML entity, "&#172;" or "&not;", is its sign)
     folded = unicodedata.normalize("NFKC", content)
     if (LOGIC_SYMBOL.search(folded) or not OTHER_ARROWS.isdisjoint(folded)
-            or NEGATING_OVERLAY in unicodedata.normalize("NFD", folded)):
+            or not NEGATING_OVERLAYS.isdisjoint(unicodedata.normalize("NFD", folded))):
         return None
     unreadable = []
 

@@ -230,6 +230,25 @@ SCORER_CASES = [
     (boxed("Emma is a knight, Liam is a knave, Sophia is !knave"), 0.0),  # C's "not"
     (boxed("Emma is a knight! Liam is a knave! Sophia is a knight!"), 1.0),  # (an exclamation)
     (boxed("Emma: knight ✓, Liam: knave ✓, Sophia: knave ✗"), 0.0),  # a role struck out
+    # a right claim negated, which the parser read as the claim (a red-team's finds, each 1.0 before): "!" or "~"
+    # before it, markdown's strike, "|" and "||" for "or", crosses and prohibition signs, HTML entities, strokes
+    (boxed("Emma is a knight, !(Liam is a knave), Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, ! Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, ~(Liam is a knave), Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, ～(Liam is a knave), Sophia is a knight"), 0.0),  # full-width: NFKC folds it to ~
+    (boxed("Emma is a knight, ~~Liam is a knave~~, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight || Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight | Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma: knight ✓, Liam: knave ✖, Sophia: knight ✓"), 0.0),
+    (boxed("Emma: knight, Liam: knave 🚫, Sophia: knight"), 0.0),
+    (boxed("Emma is a knight, Liam is ⌐knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is &#172; knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is &not; knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave\u0336, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave\u20e0, Sophia is a knight"), 0.0),
+    (boxed("Emma~is~a~knight,~Liam~is~a~knave,~Sophia~is~a~knight"), 1.0),  # LaTeX's space, run into words
+    (boxed("Emma is a knight,~ Liam is a knave,~ Sophia is a knight!"), 1.0),
+    (boxed("Emma is a knight &amp; Liam is a knave &amp; Sophia is a knight"), 1.0),  # "&" is form
     (boxed("Emma: knight ✓, Liam: knave ✔, Sophia: knight ✓"), 1.0),
     (boxed("Emma = knight, Liam =\\= knave, Sophia = knight"), 0.0),
     (boxed("Emma ∈ knights, Liam ∉ knaves, Sophia ∈ knights"), 0.0),  # a struck-through symbol: "not in"
