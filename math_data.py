@@ -421,6 +421,30 @@ def meridiem(answer):
     return marks
 
 
+# what makes a boxed answer say more than one value, or less than one, where its gold does not (a red-team's finds,
+# each scored 1.0 before: both grading paths drop a trailing \text{...} and read one side of a relation, and both
+# take "3\%" for 3): a hedge word in its text ("331 \text{ (or } 338)", "5 \text{ or more}"); "or", approximation
+# and negation signs ("x = 13 \lor x = 6", "6 \approx 13"); relations set apart by spacing ("x = 13 \quad x = 6");
+# a percent sign where neither the gold nor the question has one (3% is not 3, and a policy unsure of the scale
+# would be paid either way)
+HEDGE_WORDS = re.compile(r"\b(?:or|and|not|nor|either|neither|more|less|least|most|than|maybe|possibly|perhaps|"
+                         r"approximately|about|roughly|around|until)\b", re.I)
+HEDGE_COMMANDS = re.compile(r"\\(?:lor|vee|approx|sim|simeq|cong|equiv|neq|ne|not|neg|lnot)(?![A-Za-z])")
+SPACED_RELATIONS = re.compile(r"=.*\\(?:q?quad|[,;:]|\s)\s*[A-Za-z]\s*=|=.*\\q?quad.*=")
+PERCENT = re.compile(r"\\?%")
+
+
+def hedged(pred, gold, question):
+    """Whether the answer `pred` hedges where `gold` does not (HEDGE_WORDS and the rest, above): scored 0."""
+    def words(answer):
+        return {w.lower() for text in TEXT_COMMAND.findall(answer) for w in HEDGE_WORDS.findall(text)}
+    return bool(words(pred) - words(gold)
+                or set(HEDGE_COMMANDS.findall(pred)) - set(HEDGE_COMMANDS.findall(gold))
+                or (SPACED_RELATIONS.search(pred) and not SPACED_RELATIONS.search(gold))
+                or (PERCENT.search(pred) and not PERCENT.search(gold)
+                    and not re.search(r"percent|%", str(question), re.I)))
+
+
 def same_normalized(pred: str, gold: str) -> bool:
     """The fast path's verdict: equal normalized strings, where one side may name the variable the other leaves
     out ("x=3" is "3"); both naming one, the names must agree ("x=5" is not "y=5": math-verify decides)."""
@@ -468,6 +492,8 @@ def score(response, record, finished) -> float:
         # both paths drop the text: 9 a.m. read as 9 p.m.; an answer hedging with both markers is neither
         marks_gold, marks_pred = meridiem(gold), meridiem(pred)
         if marks_gold and marks_pred and marks_gold != marks_pred:
+            return 0.0
+        if hedged(pred, gold, record.get("question", "")):
             return 0.0
         if same_normalized(pred, gold):
             return 1.0

@@ -52,7 +52,6 @@ EQUAL = [
     ("30^\\circ", "30^\\circ"),
     ("45", "45^\\circ"),
     ("50\\%", "50"),
-    ("50", "50\\%"),
     ("50\\%", "0.5"),
     ("5", "5\\text{ cm}"),
     ("5\\text{ cm}", "5"),
@@ -66,7 +65,6 @@ EQUAL = [
     ("45^\\circ, 135^\\circ", "45, 135"),
     ("1,\\!080^\\circ", "1080^\\circ"),  # a separator before a degree, percent or unit sign
     ("2160", "2,160^{\\circ}"),
-    ("50000", "50,000\\%"),
     ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
     ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
     ("\\begin{pmatrix} 1/2 \\\\ 0 \\end{pmatrix}", "\\begin{pmatrix} 0.5 \\\\ 0 \\end{pmatrix}"),
@@ -170,6 +168,41 @@ UNEQUAL = [
 @pytest.mark.parametrize("gold,pred", EQUAL)
 def test_equal_forms_score_one(gold, pred):
     assert grade(pred, gold) == 1.0
+
+
+# hedges that scored 1.0 (a red-team's finds): both paths dropped a trailing \text{...} and read one side of a
+# relation, and took "3\%" for 3 and for 0.03 alike
+HEDGES = [
+    ("331", "331\\text{ (or }338\\text{)}"),
+    ("331", "331 \\text{ (not } 338\\text{)}"),
+    ("5", "5\\text{ or more}"),
+    ("5", "5\\text{ cm or }6\\text{ cm}"),
+    ("6", "x = 13 \\lor x = 6"),
+    ("6", "x = 13 \\vee x = 6"),
+    ("6", "x = 13 \\quad x = 6"),
+    ("6", "x = 13, \\; x = 6"),
+    ("6", "6 \\approx 13"),
+    ("3", "3\\%"),
+    ("0.03", "3\\%"),
+    ("\\frac{11}{2}", "\\frac{11}{2}\\%"),
+]
+
+
+@pytest.mark.parametrize("gold,pred", HEDGES)
+def test_a_hedged_answer_scores_zero(gold, pred):
+    assert grade(pred, gold) == 0.0
+    assert grade(gold, gold) == 1.0
+
+
+def test_a_percent_sign_counts_where_the_gold_or_the_question_has_one():
+    """MATH golds drop the percent sign of a percent question ("50" for "50\\%"): there "50\\%" is right; where
+    neither the gold nor the question has one, it is a hedge on the scale (3% is not 3)."""
+    percent = "What percent of the students passed?"
+    for gold, pred in (("50", "50\\%"), ("50000", "50,000\\%")):
+        assert score(f"$\\boxed{{{pred}}}$", {"answer": gold, "question": percent}, True) == 1.0
+        assert score(f"$\\boxed{{{pred}}}$", {"answer": gold, "question": "What is 25% of 200?"}, True) == 1.0
+        assert grade(pred, gold) == 0.0
+    assert grade("50", "50\\%") == 1.0 and grade("5\\text{ cm}", "5") == 1.0  # (the gold's sign, a unit: as before)
 
 
 @pytest.mark.parametrize("gold,pred", UNEQUAL)
