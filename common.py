@@ -519,7 +519,7 @@ def read_json(path, what="a JSON object", repeated_keys=False):
     tools write and read, a checkpoint's config.json: its last value, as transformers takes it)."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # (-sig: a BOM at the start is no part of the JSON)
-            obj = json.loads(f.read()) if repeated_keys else json_loads(f.read())
+            obj = json.loads(f.read(), object_pairs_hook=None if repeated_keys else unique_keys)
     except (OSError, *JSON_ERRORS) as e:  # (UnicodeDecodeError is a ValueError)
         raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {json_error_text(e)})") from e
     if not isinstance(obj, dict):

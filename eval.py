@@ -298,10 +298,7 @@ def main(argv=None):
                                                   max_new_tokens=args.max_new_tokens, seed=args.seed,
                                                   template=args.template, batch_size=args.batch_size,
                                                   pass_k=args.pass_k, desc=f"{name}/{split_name}",
-                                                  progress=args.progress)
-            if args.score_truncated:  # the truncated ones again, as if they had ended (every rank: the same samples)
-                tasks.rescore(task, [s for s in samples if not s["finished"]], records, split_path, True)
-                metrics = summarize(samples, records, task.DIFFICULTY, args.pass_k)
+                                                  progress=args.progress, score_truncated=args.score_truncated)
             seconds = time.time() - t0
             summary = {"checkpoint": name, "split": split_name, "settings": settings,
                        "difficulty_key": task.DIFFICULTY, **metrics}  # (report.py's heading: it imports no task)

@@ -9,7 +9,7 @@ import common
 from common import UserError, derive_seed, rank, world_size
 from engine import sample_responses
 from parallel import gather_lists, rank_share
-from tasks import check_prompts_fit, is_correct, task_prompt_ids
+from tasks import check_prompts_fit, is_correct, rescore, task_prompt_ids
 
 
 def pass_at_k(n, c, k):
@@ -157,11 +157,13 @@ def markdown_table(rows, digits=3):
 
 
 def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, seed=0,
-                       template="auto", batch_size=64, pass_k=(1,), desc="eval", progress=True, reserve=None):
+                       template="auto", batch_size=64, pass_k=(1,), desc="eval", progress=True, reserve=None,
+                       score_truncated=False):
     """Generate n responses per record on this rank's shard of `records`, score them with task.score, and
     gather: every rank returns the same (samples, summary). samples are in record order, then sample order:
     {"id", "difficulty", "sample", "response", "reward", "finished", "length"}; summary = `summarize(...)`.
-    (Also for validation inside training: call it on every rank.) reserve: engine.generate's."""
+    (Also for validation inside training: call it on every rank.) reserve: engine.generate's. score_truncated: a
+    truncated response is scored as if it had ended (eval.py --score_truncated)."""
     this_rank, world = rank(), world_size()
     # every rank checks every prompt fits, so a too-long one stops all ranks alike (not one, mid-collective)
     check_prompts_fit(task_prompt_ids(tokenizer, task, records, template), records, max_new_tokens,
@@ -181,6 +183,8 @@ def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, to
                 "difficulty": records[row["index"]].get(task.DIFFICULTY) if task.DIFFICULTY else None,
                 "sample": row["sample"], "response": row["response"], "reward": row["reward"],
                 "finished": row["finished"], "length": row["length"]} for row in rows]
+    if score_truncated:  # (every rank the same samples, the same scores)
+        rescore(task, [s for s in samples if not s["finished"]], records, desc, score_truncated=True)
     return samples, summarize(samples, records, task.DIFFICULTY, pass_k)
 
 
