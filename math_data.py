@@ -354,6 +354,12 @@ TRAILING_MERIDIEM = re.compile(r"(?<=\d)\s*(?:\\(?:text|mbox|mathrm)\s*\{\s*)?([
 # "\frac\pi4", "\frac 3\pi": an unbraced argument that is a command (digits alone: normalize_answer's rules)
 FRAC_COMMANDS = re.compile(r"\\[dt]?frac\s*(?:(\\[A-Za-z]+)\s*(\\[A-Za-z]+|[A-Za-z0-9])|([A-Za-z0-9])\s*(\\[A-Za-z]+))")
 THIN_THOUSANDS = re.compile(r"(?<=\d),\s*\\!\s*(?=\d{3}(?!\d))")
+# a number times a bracketed number, "2(3)", "(2)(3)": math-verify adds them (6 reads as 5), as it would the whole
+# number and fraction of "2\frac{1}{2}"; written with \cdot it multiplies (letters inside, "2(x+1)", it already did)
+TIMES_NUMBER = re.compile(r"(?<=[\d)])\s*(?=\(\s*-?\d+(?:\.\d+)?\s*\))")
+# a tuple of variables in the question ("the ordered pair $(x,y)$") and an answer of assignments to them
+VARIABLE_TUPLE = re.compile(r"\(\s*[A-Za-z]\s*(?:,\s*[A-Za-z]\s*)+\)")
+ASSIGNMENT = re.compile(r"\s*([A-Za-z])\s*=\s*([^=]+?)\s*")
 
 
 def as_graded(answer, record):
@@ -365,10 +371,29 @@ def as_graded(answer, record):
     "10,879" as that number."""
     answer = TEXT_SPACE.sub(r"\\\1{", _clean_answer(answer.strip().rstrip(",")))  # (a gold's "i." or "(E),")
     answer = FRAC_COMMANDS.sub(lambda m: "\\frac{%s}{%s}" % ((m[1], m[2]) if m[1] else (m[3], m[4])), answer)
+    answer = TIMES_NUMBER.sub(r"\\cdot ", answer)
+    answer = as_tuple(answer, str(record.get("question", "")))
     if LIST_QUESTION.search(str(record.get("question", ""))) and re.search(r",\s*\d", str(record.get("answer", ""))):
         answer = re.sub(r",(?=\d)", ", ", answer)
     else:  # "29,\!322,\!216" is one number anywhere in an answer (math-verify read "111,\!111" as a list)
         answer = THIN_THOUSANDS.sub("", answer)
+    return answer
+
+
+def as_tuple(answer, question):
+    """Assignments to the variables of a tuple the question asks for, as that tuple: "y=3, x=2" is "(2, 3)" where
+    it asks for "$(x,y)$" (math-verify reads assignments in the order written: "y=2, x=3" was (2, 3)). Any other
+    answer comes back as it is."""
+    parts = [ASSIGNMENT.fullmatch(part) for part in re.sub(r"\\[,;:! ]|\\q?quad(?![A-Za-z])", " ", answer).split(",")]
+    if len(parts) < 2 or not all(parts):
+        return answer
+    values = {m[1]: m[2] for m in parts}
+    if len(values) < len(parts):  # a name twice ("x=2, x=3": the roots of a list question)
+        return answer
+    for tuple_ in VARIABLE_TUPLE.findall(question):
+        names = re.findall(r"[A-Za-z]", tuple_)
+        if sorted(names) == sorted(values):
+            return "(" + ", ".join(values[name] for name in names) + ")"
     return answer
 
 
@@ -426,19 +451,31 @@ def meridiem(answer):
 # take "3\%" for 3): a hedge word in its text ("331 \text{ (or } 338)", "5 \text{ or more}"); "or", approximation
 # and negation signs ("x = 13 \lor x = 6", "6 \approx 13"); relations set apart by spacing ("x = 13 \quad x = 6");
 # a percent sign where neither the gold nor the question has one (3% is not 3, and a policy unsure of the scale
-# would be paid either way)
+# would be paid either way); numbers side by side ("3 \quad 5", which math-verify adds up) and a number in the
+# dropped text ("12\text{ (5)}")
 HEDGE_WORDS = re.compile(r"\b(?:or|and|not|nor|either|neither|more|less|least|most|than|maybe|possibly|perhaps|"
                          r"approximately|about|roughly|around|until)\b", re.I)
 HEDGE_COMMANDS = re.compile(r"\\(?:lor|vee|approx|sim|simeq|cong|equiv|neq|ne|not|neg|lnot)(?![A-Za-z])")
 SPACED_RELATIONS = re.compile(r"=.*\\(?:q?quad|[,;:]|\s)\s*[A-Za-z]\s*=|=.*\\q?quad.*=")
 PERCENT = re.compile(r"\\?%")
+SPACING = re.compile(r"\\q?quad(?![A-Za-z])|~")
+# a number's base, "1011_2", "\text{A5}_{11}": both paths drop it, so that "10_5" was "10_3"
+NUMBER_BASE = re.compile(r"(?<=[0-9}])\s*_\s*\{?\s*(\d+)\s*\}?")
 
 
 def hedged(pred, gold, question):
     """Whether the answer `pred` hedges where `gold` does not (HEDGE_WORDS and the rest, above): scored 0."""
     def words(answer):
         return {w.lower() for text in TEXT_COMMAND.findall(answer) for w in HEDGE_WORDS.findall(text)}
+
+    def digits_in_text(answer):
+        return any(re.search(r"\d", text) for text in TEXT_COMMAND.findall(answer))
+
+    def numbers_apart(answer):  # normalize_answer marks digits apart with "|"
+        return "|" in normalize_answer(SPACING.sub(" ", answer))
     return bool(words(pred) - words(gold)
+                or (digits_in_text(pred) and not digits_in_text(gold))
+                or (numbers_apart(pred) and not numbers_apart(gold))
                 or set(HEDGE_COMMANDS.findall(pred)) - set(HEDGE_COMMANDS.findall(gold))
                 or (SPACED_RELATIONS.search(pred) and not SPACED_RELATIONS.search(gold))
                 or (PERCENT.search(pred) and not PERCENT.search(gold)
@@ -494,6 +531,9 @@ def score(response, record, finished) -> float:
         if marks_gold and marks_pred and marks_gold != marks_pred:
             return 0.0
         if hedged(pred, gold, record.get("question", "")):
+            return 0.0
+        bases_gold, bases_pred = set(NUMBER_BASE.findall(gold)), set(NUMBER_BASE.findall(pred))
+        if bases_gold and bases_pred and bases_gold != bases_pred:  # (a number without its base: as before)
             return 0.0
         if same_normalized(pred, gold):
             return 1.0

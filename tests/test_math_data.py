@@ -1,6 +1,7 @@
 """math_data.py: loading, splits, prompts, \\boxed{} extraction and the grader."""
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -28,6 +29,12 @@ EQUAL = [
     ("\\frac{1}{2}", "\\dfrac{1}{2}"),
     ("\\frac{1}{2}", "0.5"),
     ("\\frac{1}{2}", "1/2"),
+    ("6", "2(3)"),  # a number times a bracketed number (math-verify read 2 + 3)
+    ("15", "(3)(5)"),
+    ("-6", "-2(3)"),
+    ("2x+2", "2(x+1)"),
+    ("10_3", "10"),  # a number without its base, as before
+    ("1011_2", "1011_{2}"),
     ("\\dfrac{1}{2}", "\\tfrac12"),
     ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"),
     ("\\frac{\\sqrt2}{2}", "\\frac{\\sqrt{2}}{2}"),
@@ -162,6 +169,11 @@ UNEQUAL = [
     ("4", "(2( $3$ \\text{ or } $4$"),  # an unreadable box: math-verify fell back to its last $..$
     ("\\frac{1}{8}", "\\frac{1}{3} ( \\frac{1}{8}"),
     ("\\frac 34", "\\frac 341"),  # (digits alone are not braced: "\frac341" is not 3/4)
+    ("5", "2(3)"),  # math-verify added a number and a bracketed one
+    ("8", "(3)(5)"),
+    ("10_3", "10_5"),  # both paths dropped the base
+    ("1011_2", "1011_{10}"),
+    ("\\text{A5}_{11}", "\\text{A5}_{12}"),
 ]
 
 
@@ -185,6 +197,11 @@ HEDGES = [
     ("3", "3\\%"),
     ("0.03", "3\\%"),
     ("\\frac{11}{2}", "\\frac{11}{2}\\%"),
+    ("8", "3 \\quad 5"),  # numbers side by side: math-verify added them (a mixed number's reading)
+    ("6", "1 2 3"),
+    ("8", "3~5"),
+    ("12", "12\\text{ (5)}"),  # a number in the dropped text
+    ("12", "12 \\text{ 5}"),
 ]
 
 
@@ -235,6 +252,40 @@ def test_a_list_question_reads_commas_between_numbers_as_a_list():
     number = {"question": "How many dollars did she earn?", "answer": "58,500"}
     assert score("So $\\boxed{58500}$.", number, True) == 1.0
     assert score("So $\\boxed{58, 500}$.", number, True) == 0.0
+
+
+def test_assignments_answer_the_tuple_the_question_asks_for():
+    """math-verify reads "y=3, x=2" in the order written, so that for the pair (x, y) = (2, 3) it scored 0 and
+    "y=2, x=3" scored 1. Where the question names the tuple, its order counts; elsewhere, as before."""
+    pair = {"question": "Find the ordered pair $(x,y)$ that solves the system.", "answer": "(2,3)"}
+    for pred, expected in (("x=2, y=3", 1.0), ("y=3, x=2", 1.0), ("y = 3,\\ x = 2", 1.0), ("(2, 3)", 1.0),
+                           ("y=2, x=3", 0.0), ("x=3, y=2", 0.0), ("x=2, y=3, z=4", 0.0)):
+        assert score(f"So $\\boxed{{{pred}}}$.", pair, True) == expected, pred
+    triple = {"question": "Enter the ordered triple $(a,b,c).$", "answer": "(1,-2,\\frac{1}{2})"}
+    assert score("So $\\boxed{c = \\frac{1}{2}, a = 1, b = -2}$.", triple, True) == 1.0
+    assert math_data.as_tuple("y=3, x=2", "Find $x$ and $y$.") == "y=3, x=2"  # no tuple asked for: as written
+    assert math_data.as_tuple("x=1,000", "the pair $(x,y)$") == "x=1,000"
+
+
+def test_pool_golds_as_assignments_score_in_either_order():
+    """Every pool problem that asks for a tuple of variables, with its gold written as assignments in the tuple's
+    order and in reverse: both score 1, and the values swapped score 0."""
+    checked = 0
+    for name in ("math500.jsonl", "math_train_8k.jsonl"):
+        for r in math_data.load_split(shared_path("data", "math", name)):
+            tuples, gold = math_data.VARIABLE_TUPLE.findall(r["question"]), str(r["answer"]).strip()
+            names = re.findall(r"[A-Za-z]", tuples[-1]) if tuples else []
+            values = [v.strip() for v in gold[1:-1].split(",")] if gold.startswith("(") else []
+            if not names or len(values) != len(names):
+                continue
+            checked += 1
+            written = [f"{a} = {v}" for a, v in zip(names, values)]
+            for pred in (", ".join(written), ", ".join(reversed(written))):
+                assert score(f"So $\\boxed{{{pred}}}$.", r, True) == 1.0, (r["id"], pred)
+            if len(set(values)) == len(values):
+                swapped = ", ".join(f"{a} = {v}" for a, v in zip(names, reversed(values)))
+                assert score(f"So $\\boxed{{{swapped}}}$.", r, True) == 0.0, (r["id"], swapped)
+    assert checked >= 50  # (86 in MATH-500 and the 8.5K pool)
 
 
 def test_task_interface():
