@@ -354,9 +354,11 @@ TRAILING_MERIDIEM = re.compile(r"(?<=\d)\s*(?:\\(?:text|mbox|mathrm)\s*\{\s*)?([
 # "\frac\pi4", "\frac 3\pi": an unbraced argument that is a command (digits alone: normalize_answer's rules)
 FRAC_COMMANDS = re.compile(r"\\[dt]?frac\s*(?:(\\[A-Za-z]+)\s*(\\[A-Za-z]+|[A-Za-z0-9])|([A-Za-z0-9])\s*(\\[A-Za-z]+))")
 THIN_THOUSANDS = re.compile(r"(?<=\d),\s*\\!\s*(?=\d{3}(?!\d))")
-# a number times a bracketed number, "2(3)", "(2)(3)": math-verify adds them (6 reads as 5), as it would the whole
-# number and fraction of "2\frac{1}{2}"; written with \cdot it multiplies (letters inside, "2(x+1)", it already did)
-TIMES_NUMBER = re.compile(r"(?<=[\d)])\s*(?=\(\s*-?\d+(?:\.\d+)?\s*\))")
+# a number times a bracketed number, "2(3)", "(2)(3)", "3\ [5]": math-verify adds them (6 reads as 5), as it would
+# the whole number and fraction of "2\frac{1}{2}"; written with \cdot it multiplies (letters inside, "2(x+1)", it
+# already did). Not after a subscript or power: "\log_2(3)", "\cos^2(1)"
+TIMES_NUMBER = re.compile(r"(?<=[\d)])(?<![_^]\d)(?<![_^]\d\d)(?:\s|\\[,;: ]|\\q?quad(?![A-Za-z])|~)*"
+                          r"(?=[(\[]\s*-?\d+(?:\.\d+)?\s*[)\]])")
 # a tuple of variables in the question ("the ordered pair $(x,y)$") and an answer of assignments to them
 VARIABLE_TUPLE = re.compile(r"\(\s*[A-Za-z]\s*(?:,\s*[A-Za-z]\s*)+\)")
 ASSIGNMENT = re.compile(r"\s*([A-Za-z])\s*=\s*([^=]+?)\s*")
@@ -454,11 +456,17 @@ def meridiem(answer):
 # would be paid either way); numbers side by side ("3 \quad 5", which math-verify adds up) and a number in the
 # dropped text ("12\text{ (5)}")
 HEDGE_WORDS = re.compile(r"\b(?:or|and|not|nor|either|neither|more|less|least|most|than|maybe|possibly|perhaps|"
-                         r"approximately|about|roughly|around|until)\b", re.I)
+                         r"approximately|about|roughly|around|until|vs|versus|resp|respectively|if|otherwise)\b",
+                         re.I)
 HEDGE_COMMANDS = re.compile(r"\\(?:lor|vee|approx|sim|simeq|cong|equiv|neq|ne|not|neg|lnot)(?![A-Za-z])")
 SPACED_RELATIONS = re.compile(r"=.*\\(?:q?quad|[,;:]|\s)\s*[A-Za-z]\s*=|=.*\\q?quad.*=")
 PERCENT = re.compile(r"\\?%")
 SPACING = re.compile(r"\\q?quad(?![A-Za-z])|~")
+# what a text command may hold with digits that say no second value: a power ("\mathrm{cm^2}", "\text{ cm$^2$}") and
+# a base ("\text{ (base 8)}"); and a numeral in text before its base subscript ("\text{A5}_{11}")
+TEXT_DIGITS_FINE = re.compile(r"\^\s*\{?\s*-?\d+\s*\}?|\$[^$]*\$|\bbase\s*\d+")
+TEXT_NUMERAL = re.compile(r"\\(?:text[a-z]*|mbox|mathrm|operatorname)\s*\{[^{}]*\}(?=\s*_)")
+WRAPPER = re.compile(r"\\(?:math[a-z]+|text[a-z]*|mbox|boldsymbol)\s*\{([^{}]*)\}")
 # a number's base, "1011_2", "\text{A5}_{11}": both paths drop it, so that "10_5" was "10_3"
 NUMBER_BASE = re.compile(r"(?<=[0-9}])\s*_\s*\{?\s*(\d+)\s*\}?")
 
@@ -469,10 +477,11 @@ def hedged(pred, gold, question):
         return {w.lower() for text in TEXT_COMMAND.findall(answer) for w in HEDGE_WORDS.findall(text)}
 
     def digits_in_text(answer):
-        return any(re.search(r"\d", text) for text in TEXT_COMMAND.findall(answer))
+        return any(re.search(r"\d", TEXT_DIGITS_FINE.sub("", text))
+                   for text in TEXT_COMMAND.findall(TEXT_NUMERAL.sub("", answer)))
 
-    def numbers_apart(answer):  # normalize_answer marks digits apart with "|"
-        return "|" in normalize_answer(SPACING.sub(" ", answer))
+    def numbers_apart(answer):  # normalize_answer marks digits apart with "|" ("\mathbf{2\ 340}" is one number)
+        return "|" in normalize_answer(SPACING.sub(" ", WRAPPER.sub(r"\1", answer)))
     return bool(words(pred) - words(gold)
                 or (digits_in_text(pred) and not digits_in_text(gold))
                 or (numbers_apart(pred) and not numbers_apart(gold))

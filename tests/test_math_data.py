@@ -35,6 +35,14 @@ EQUAL = [
     ("2x+2", "2(x+1)"),
     ("10_3", "10"),  # a number without its base, as before
     ("1011_2", "1011_{2}"),
+    ("15", "3\\ (5)"),
+    ("\\log_2 3", "\\log_2(3)"),  # a subscript or power before the bracket: not a product
+    ("\\cos^2 1", "\\cos^2(1)"),
+    ("5", "5\\,\\mathrm{cm^2}"),  # digits in text that say no second value: a unit's power, a base
+    ("5", "5\\text{ cm$^2$}"),
+    ("52_8", "\\text{52}_8"),
+    ("52_8", "52_8 \\text{ (base 8)}"),
+    ("\\mathbf{2340}", "\\mathbf{2\\ 340}"),
     ("\\dfrac{1}{2}", "\\tfrac12"),
     ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"),
     ("\\frac{\\sqrt2}{2}", "\\frac{\\sqrt{2}}{2}"),
@@ -174,6 +182,8 @@ UNEQUAL = [
     ("10_3", "10_5"),  # both paths dropped the base
     ("1011_2", "1011_{10}"),
     ("\\text{A5}_{11}", "\\text{A5}_{12}"),
+    ("8", "3\\ (5)"),
+    ("8", "3 \\; [5]"),
 ]
 
 
@@ -202,6 +212,8 @@ HEDGES = [
     ("8", "3~5"),
     ("12", "12\\text{ (5)}"),  # a number in the dropped text
     ("12", "12 \\text{ 5}"),
+    ("5", "5 \\text{ vs. } 6"),
+    ("5", "5 \\text{ if } n \\text{ odd}, 6 \\text{ otherwise}"),
 ]
 
 
