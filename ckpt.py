@@ -6,6 +6,7 @@ import errno
 import functools
 import glob
 import hashlib
+import json
 import math
 import os
 import re
@@ -120,6 +121,7 @@ def clip_grad_norm(params, max_norm):
 
 # any of a checkpoint's parts (step numbers are 6 digits, more from step 1,000,000 on)
 CHECKPOINT_FILE = re.compile(r"step_(\d{6,})(\.state\.pt|\.train\.rank\d+\.pt)?$")
+SAVING_MARK = re.compile(r"step_(\d{6,})\.saving")  # a save under way (save_checkpoint) until its state file is written
 
 
 def checkpoint_dir(run_dir, step):
@@ -143,7 +145,12 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
     (prune_checkpoints). train_state: tensors, numbers, strings, lists, dicts."""
     check_lock_on_rank0(run_dir)  # (its directory removed or moved away meanwhile: stop, write nothing)
     full = full_copy(model, dtype, device="cpu", on_rank=0)
-    write_on_rank0(functools.partial(save_model, full, checkpoint_dir(run_dir, step), tokenizer), run_dir)
+    mark = checkpoint_dir(run_dir, step) + ".saving"
+
+    def start(weights):  # marked first: what a kill leaves of this save, its weights even, the next start removes
+        open(mark, "w").close()
+        save_model(weights, checkpoint_dir(run_dir, step), tokenizer)
+    write_on_rank0(functools.partial(start, full), run_dir)
     del full
 
     def write_shard():  # (every rank its own)
@@ -154,6 +161,7 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
     def finish():  # without its state file, what the save wrote is a partial save, which a resume removes
         with atomic_open(checkpoint_dir(run_dir, step) + ".state.pt", "wb") as f:
             torch.save({"step": step, "world_size": world_size(), "code": code_stamp(), **train_state}, f)
+        os.remove(mark)
         prune_checkpoints(run_dir, step, keep_last, keep_weights)
     write_on_rank0(finish, run_dir)  # (its directory checked again: the save took long; every rank waits for it)
 
@@ -196,16 +204,29 @@ def remove_partial_saves(run_dir):
     NAME.tmpPID / NAME.oldPID directories (a checkpoint's weights or final/ being replaced). The resumed run has
     another process id and fresh temporary names, so it would never reuse them; at 1.5B one optimizer shard is
     ~18 GB. None of them belongs to a resumable checkpoint: a save renames its files into place before it writes
-    the state file."""
+    the state file. And the parts of a checkpoint whose save is still marked (save_checkpoint) and has no state file:
+    its weights, renamed into place, would otherwise stay as a checkpoint's kept weights (prune_checkpoints), and a
+    fresh run's --keep_steps would take another run's weights for its own."""
     removed = 0
+
+    def size(path):
+        return (os.path.getsize(path) if os.path.isfile(path) else
+                sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs))
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        if m := SAVING_MARK.fullmatch(name):
+            state, shards = checkpoint_files(run_dir, int(m.group(1)))
+            if not os.path.exists(state):  # (with it, the save ended: only its mark was left)
+                removed += sum(map(size, [checkpoint_dir(run_dir, int(m.group(1))), *shards]))
+                remove_checkpoint(run_dir, int(m.group(1)))
+            os.remove(os.path.join(run_dir, name))  # (last: a kill before it leaves the mark for the next start)
     for folder in (run_dir, os.path.join(run_dir, "rollouts")):
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
             path = os.path.join(folder, name)
             if name.startswith(".tmp_") and os.path.isfile(path):
-                removed += os.path.getsize(path)
+                removed += size(path)
                 os.remove(path)
             elif re.search(r"\.(tmp|old)\d+$", name) and os.path.isdir(path):
-                removed += sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+                removed += size(path)
                 shutil.rmtree(path)
     if removed:
         print0(f"note: removed what an interrupted save left in {run_dir} ({removed / 2**20:.1f} MiB)")
@@ -308,6 +329,22 @@ def note_code_changes(saved, since):
                for n in sorted(saved.keys() | now.keys()) if saved.get(n) != now.get(n)]
     print0(f"note: the code changed since {since}: {', '.join(changed)}; what the resume computes runs the code as "
            f"it is now")
+
+
+def note_changed_settings(saved, now, since, same=("resume", "out_dir")):
+    """A note naming the settings (vars(args)) in which a resume differs from the run's, recorded when `since` (None:
+    a version that did not record them), beyond those check_run_identity refuses. Nothing is refused: memory and
+    batching settings let a run that ran out of memory go on; but they cut the same sums into other pieces, which
+    round otherwise, so the weights from here can differ in their last bits from an uninterrupted run's. same: not
+    compared (resume itself; out_dir, one directory however spelled)."""
+    if not saved:
+        return
+    changed = [f"{k}: was {saved[k]!r}, now {now[k]!r}" for k in sorted(saved.keys() & now.keys())
+               if k not in same and json.dumps(saved[k], default=str) != json.dumps(now[k], default=str)]
+    if changed:
+        print0(f"note: resuming with other settings than when {since}: {'; '.join(changed)}; a memory or batching "
+               f"setting rounds the same sums otherwise, so the weights from here can differ in their last bits from "
+               f"an uninterrupted run's")
 
 
 def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):

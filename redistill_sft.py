@@ -326,6 +326,14 @@ def main(argv=None):
     resume_from = ckpt.resume_checkpoint(args.out_dir, args.resume,
                                          needs_shard=lambda state: state["step"] < state.get("total_steps", math.inf))
 
+    def no_earlier_final():  # a fresh run: a final/ there is another run's
+        if os.path.isdir(final_dir):
+            raise UserError(f"{final_dir} holds the final weights of an earlier run, and {args.out_dir} no checkpoint "
+                            f"of it: this fresh run would pass them for its own until its final save (and for good if "
+                            f"stopped at it); move {final_dir} away, or choose another --out_dir")
+    if not resume_from:
+        parallel.on_rank0(no_earlier_final)
+
     # ---- tokenizer and data
     if resume_from:  # the checkpoint holds the run's tokenizer
         model_cfg = read_config(resume_from[1])
@@ -361,6 +369,9 @@ def main(argv=None):
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {
         "num_examples": len(train), "data_digest": digests[0],
         **parallel.compute_identity(dtype, device)}
+    # the held-out set, where the run has one: a resume on another would log two measures as one curve (compared where
+    # the run and the resume both have one)
+    identity |= {"val_data_digest": digests[1] if val else None}
 
     # ---- model, optimizer, resume
     state = None
@@ -371,6 +382,8 @@ def main(argv=None):
         finished = step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json"))
         ignore = (parallel.COMPUTE_KEYS if finished else ("compute_device", "compute_kernels") if step >= total_steps
                   else ())
+        if None in (state["identity"].get("val_data_digest"), identity["val_data_digest"]):  # (None: no held-out set)
+            ignore += ("val_data_digest",)
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state["identity"], identity,
             recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS), ignore=ignore))
@@ -398,6 +411,8 @@ def main(argv=None):
         torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
     if why:
         print0(why)
+    if state:  # (settings resolved as the run resolved them: --checkpoint_every auto)
+        ckpt.note_changed_settings(state.get("settings"), vars(args), f"step {start_step} was saved")
     model = parallel.prepare_training(model, dtype, args)
     model.train()
     optimizer = ckpt.make_optimizer(model.parameters(), args.lr, (args.beta1, args.beta2), args.weight_decay,
@@ -421,7 +436,8 @@ def main(argv=None):
         ckpt.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
                              {"rng": rng_state(), "identity": identity, "bad_steps_total": bad_steps_total,
                               "bad_streak": bad_streak, "epoch": step // steps_per_epoch,
-                              "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps}, dtype,
+                              "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps,
+                              "settings": vars(args)}, dtype,
                              # the newest --keep_last stay resumable; the weights of every epoch end stay
                              args.keep_last if step < total_steps else 1, range(0, total_steps + 1, steps_per_epoch))
 

@@ -739,9 +739,9 @@ def main(argv=None):
         print0(f"note: dropped {len(train_records) - len(keep)} of {len(train_records)} training prompts longer than "
                f"--max_prompt_tokens {args.max_prompt_tokens}")
     train_records, prompt_ids = [train_records[i] for i in keep], [prompt_ids[i] for i in keep]
-    train_digest = common.data_digest(train_records)
-    parallel.same_on_every_rank([train_digest, common.data_digest(test_records)],
-                                f"{args.train_data}, {args.test_data}")
+    train_digest, test_digest = common.data_digest(train_records), common.data_digest(test_records)
+    parallel.same_on_every_rank([train_digest, test_digest], f"{args.train_data}, {args.test_data}")
+    val_new = args.val_max_response_tokens or args.max_response_tokens
     if len(train_records) < args.prompts_per_step:
         raise UserError(f"{args.train_data}: {len(train_records)} usable prompts, fewer than --prompts_per_step "
                         f"{args.prompts_per_step}")
@@ -762,6 +762,9 @@ def main(argv=None):
     if args.kl_coef > 0 and args.ref_model:
         identity |= {"ref_model_files": checkpoint_stamps(args.ref_model, tasks.TOKENIZER_FILES)}
     identity |= {"rollout_seeds": "by_place"}  # rollout(): the same rollouts at any world size
+    # what validation measures where the run validates (its records after --val_limit, and their response cap): a
+    # resume on another test set would log two measures as one curve (compared where the run and the resume validate)
+    identity |= {"validation": [test_digest, val_new] if test_records and args.val_every else None}
     seeds_by_rank = False
     if checkpoint is not None:
         start_step, init_path, state, _ = checkpoint  # (its shard: below, if the run goes on)
@@ -778,10 +781,11 @@ def main(argv=None):
         # one refusal naming every difference: the identity, then the objective (as its version recorded it); a
         # finished run's compute is not compared (nothing is left to compute: it may be re-run on other hardware)
         finished = start_step >= max_steps
+        validated = [state.get("identity", {}).get("validation"), identity["validation"]]  # (None: not validating)
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state.get("identity", {}) | saved, identity | {k: getattr(args, k) for k in saved},
             recorded_since=("train_data_digest", "model_files", "ref_model_files", *parallel.COMPUTE_KEYS),
-            ignore=parallel.COMPUTE_KEYS if finished else ()))
+            ignore=(parallel.COMPUTE_KEYS if finished else ()) + (("validation",) if None in validated else ())))
         if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it), by that save's
             saved_by = state.get("settings", {})  # rules: a re-run of a finished run with other flags removes nothing
             ckpt.prune_checkpoints(args.out_dir, start_step, saved_by.get("keep_last", args.keep_last),
@@ -807,7 +811,6 @@ def main(argv=None):
                                 f"{args.train_data} with --ref_model {args.ref_model}", "--max_response_tokens")
     # --keep_engine: the engine's buffers (slots, KV-cache columns, new tokens), sized once for the largest rollout
     # call and validation call of the run, so they never regrow (which would drop the CUDA graphs captured on them)
-    val_new = args.val_max_response_tokens or args.max_response_tokens
     per_rank = -(-args.prompts_per_step // world)  # prompts of this rank's share, at most
     reserve = rollout_reserve(args, per_rank, max(map(len, prompt_ids)))
     if test_records and args.val_every:  # now, not at the first validation, steps after the last checkpoint
@@ -822,6 +825,8 @@ def main(argv=None):
                             args.kl_coef > 0, gpu_bytes)
     if why:
         print0(why)
+    if state:  # (settings resolved as the run resolved them: --checkpoint_every auto; a finished run has returned)
+        ckpt.note_changed_settings(state.get("settings"), vars(args), f"step {start_step} was saved")
     model = parallel.prepare_training(model, dtype, args)
     optimizer = ckpt.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                     weight_decay=args.weight_decay, eight_bit=args.adam_8bit)

@@ -382,6 +382,44 @@ def test_a_run_moved_away_during_its_save_neither_finishes_the_save_nor_prunes_t
     assert ckpt.checkpoint_steps(run) == [1, 2, 3]
 
 
+def test_a_save_killed_before_its_state_file_leaves_nothing_a_later_run_takes_for_its_own(tiny_checkpoint, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """save_checkpoint marks a save under way until its state file is written. Killed before that, its weights
+    (renamed into place first) stayed: a prune took them for weights kept by an earlier prune, and a fresh run there
+    for its own (--keep_steps). The next start, fresh or resumed, removes what the marked save left; one killed after
+    its state file keeps its checkpoint, and weights kept by a prune (no mark) stay."""
+    import torch
+    from model import load_model
+    from tasks import load_tokenizer
+    run = str(tmp_path / "run")
+    ckpt.metrics_log(run, 0)
+    model, tokenizer = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    optimizer = ckpt.make_optimizer(model.parameters(), lr=1e-3)
+    ckpt.save_checkpoint(run, 1, model, tokenizer, optimizer, {}, torch.float32, 1)
+    assert sorted(os.listdir(run)) == [".lock", "step_000001", "step_000001.state.pt", "step_000001.train.rank0.pt"]
+    # (a save that ends leaves no mark)
+
+    class Killed(Exception):
+        pass
+
+    def killed(*a, **k):
+        raise Killed()
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "local_train_state", killed)  # after its weights, before its shard and state file
+        with pytest.raises(Killed):
+            ckpt.save_checkpoint(run, 2, model, tokenizer, optimizer, {}, torch.float32, 1)
+    assert {"step_000002", "step_000002.saving"} <= set(os.listdir(run)) and ckpt.checkpoint_steps(run) == [1]
+    fake_checkpoint(run, 3)  # killed after its state file: complete, its mark left
+    open(os.path.join(run, "step_000003.saving"), "w").close()
+    os.remove(ckpt.train_shard_path(run, 1, 0))  # step 1: its weights alone, as a prune keeps them
+    os.remove(ckpt.checkpoint_dir(run, 1) + ".state.pt")
+    capsys.readouterr()
+    assert ckpt.resume_checkpoint(run, resume=True)[0] == 3
+    assert "removed what an interrupted save left" in capsys.readouterr().out
+    assert sorted(f for f in os.listdir(run) if f.startswith("step_")) == [
+        "step_000001", "step_000003", "step_000003.state.pt", "step_000003.train.rank0.pt"]
+
+
 def test_a_fresh_run_does_not_take_over_a_directory_another_run_saved_into_meanwhile(tmp_path):
     """A fresh run looks for checkpoints before it holds the lock of a directory that does not exist yet; a run that
     saved there in between and ended had its metrics emptied, its rollouts removed and its settings overwritten, and

@@ -135,7 +135,7 @@ class Killed(Exception):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
+def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch, capsys):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert train_rl.main(rl_args(toy, full, max_steps=4, save_every=2)) == 0
     real, calls = train_rl.policy_loss, [0]
@@ -167,7 +167,9 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     finally:
         with open(toy["train"], "wb") as f:
             f.write(original)
+    capsys.readouterr()
     assert train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2, resume=True)) == 0
+    assert "resuming with other settings" not in capsys.readouterr().out  # (the settings as the run resolved them)
     a, b = weights(ckpt.checkpoint_dir(str(full), 4)), weights(ckpt.checkpoint_dir(str(cut), 4))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], weights(ckpt.checkpoint_dir(str(full), 2))[k]) for k in a)  # it did learn

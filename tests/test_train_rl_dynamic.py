@@ -159,12 +159,18 @@ def test_a_step_to_keep_is_one_the_run_saves(loop):
 
 def test_a_resumed_run_does_not_validate_step_0_again(loop, tmp_path):
     """--val_before_train validates the initial policy once, as step 0: a resumed run starts from trained weights,
-    so validating again would log a second step-0 record (of the wrong weights) into metrics.jsonl."""
+    so validating again would log a second step-0 record (of the wrong weights) into metrics.jsonl. And a resume
+    that validates on other records (another test set, --val_limit) or with another response cap is refused: its
+    val/acc would go on the run's curve as the same measure."""
     run, _ = loop
-    test = str(tmp_path / "test.jsonl")
+    test, other = str(tmp_path / "test.jsonl"), str(tmp_path / "other.jsonl")
     common.write_jsonl(test, toy_task.make_records(4, seed=2, split="test"))
+    common.write_jsonl(other, toy_task.make_records(4, seed=3, split="test"))
     kw = dict(test_data=test, val_every=2, val_before_train=True, dynamic_sampling=False, save_every=2)
     run("val", max_steps=2, **kw)
+    for changed in ({"test_data": other}, {"val_limit": 2}, {"val_max_response_tokens": 5}):
+        with pytest.raises(UserError, match=r"different settings than the run's: validation: was \["):
+            run("val", max_steps=3, resume=True, **(kw | changed))
     _, _, out = run("val", max_steps=3, resume=True, **kw)
     ms = common.read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert [m["step"] for m in ms] == [0, 1, 2, 3]
