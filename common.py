@@ -47,9 +47,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
                              break_on_hyphens=False)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors (an unknown flag, a value of the wrong type) are one line, as a UserError's
+    are, not the whole usage before it (54 lines for train_rl.py)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every setting)\n")
+
+
 def new_parser(description, prog=None) -> argparse.ArgumentParser:
     """The parser a script's get_parser() fills: its --help shows each setting's default."""
-    return argparse.ArgumentParser(description=description, prog=prog, formatter_class=HelpFormatter)
+    return Parser(description=description, prog=prog, formatter_class=HelpFormatter)
 
 
 def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
@@ -63,6 +71,9 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
                             help="JSON file of settings (keys = option names without --); "
                                  "command-line flags override it")
     parser.allow_abbrev = False  # a prefix such as --k must not silently mean --kv_cache_gib
+    for action in parser._actions:  # (--help: a boolean takes a value, true or false)
+        if action.type is str2bool and action.metavar is None:
+            action.metavar = "{true,false}"
     argv = sys.argv[1:] if argv is None else list(argv)
     options = parser._option_string_actions
     for i, token in enumerate(argv):

@@ -35,10 +35,11 @@ def get_parser():
     p = common.new_parser("Evaluate checkpoints on task splits: accuracy tables.")
     p.add_argument("--task", default="kk", help="task: kk, math, or an importable task module name")
     p.add_argument("--checkpoints", nargs="+", default=None,
-                   help="HF checkpoint directories to evaluate (rows of the table)")
+                   help="HF checkpoint directories to evaluate (rows of the table; required)")
     p.add_argument("--names", nargs="+", default=None,
                    help="row names for the checkpoints (default: each directory's basename)")
-    p.add_argument("--splits", nargs="+", default=None, help="task split files to evaluate on (one table each)")
+    p.add_argument("--splits", nargs="+", default=None,
+                   help="task split files to evaluate on (one table each; required)")
     p.add_argument("--split_names", nargs="+", default=None,
                    help="names for the splits (default: each file's basename without extension)")
     p.add_argument("--out_dir", default="out/eval",
@@ -52,9 +53,9 @@ def get_parser():
                    help="response budget in tokens (paper: 4096); longer = truncated = wrong (see --score_truncated)")
     p.add_argument("--score_truncated", type=common.str2bool, default=False,
                    help="score a truncated response as if it had ended, so a right answer in it counts: the paper's "
-                        "scorer (its verl main_eval appended EOS to every response before scoring, paper.md section "
-                        "9); false: a truncated response is wrong, as in training. A change re-scores done pairs, "
-                        "generating nothing")
+                        "scorer (its verl main_eval appended EOS to every response before scoring: "
+                        "docs/paper_preset.md); false: a truncated response is wrong, as in training. A change "
+                        "re-scores done pairs, generating nothing")
     p.add_argument("--pass_k", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64],
                    help="k values for unbiased pass@k (only k <= n are reported)")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],

@@ -856,6 +856,8 @@ def parse_people(text, setting):
     try:
         if '-' in text:
             lo, hi = (int(x) for x in text.split('-'))
+            if lo > hi:
+                raise common.UserError(f"--{setting} {text!r}: the range runs from low to high ({hi}-{lo})")
             people = list(range(lo, min(hi, MAX_PEOPLE + 1) + 1))  # (past MAX_PEOPLE: refused below, unexpanded)
         else:
             people = [int(x) for x in text.split(',')]
@@ -876,7 +878,9 @@ def parse_sizes(text, people, setting):
         raise common.UserError(f"--{setting} {text!r}: expected a number or a comma list of numbers")
     if len(sizes) == 1:
         sizes = sizes * len(people)
-    if len(sizes) != len(people) or any(s < 0 for s in sizes):
+    if any(s < 0 for s in sizes):
+        raise common.UserError(f"--{setting} {text!r}: a size is a count of puzzles, 0 or more")
+    if len(sizes) != len(people):
         raise common.UserError(f"--{setting} {text!r}: give one size, or one per people count {people}")
     return sizes
 

@@ -68,6 +68,16 @@ check_counts() {  # a step count is written without a leading 0: the shell's ari
   done
 }
 check_counts "from the environment"  # (before the preset computes with it: tiny's B_STEPS)
+for name in LIMR LIMR_ONLY; do  # (anything but 1 ran as 0, silently: LIMR=yes ran no LIMR stage)
+  if [[ -n "${!name:-}" && ! "${!name}" =~ ^[01]$ ]]; then
+    echo "error: $name is '${!name}': 1 (run it) or 0" >&2
+    exit 2
+  fi
+done
+if [[ -n "${THREADS:-}" && ! "$THREADS" =~ ^[1-9][0-9]*$ ]]; then  # (torch took its own count, with libgomp's warning)
+  echo "error: THREADS is '$THREADS': the CPU threads of every stage, a positive integer" >&2
+  exit 2
+fi
 # shellcheck source=config/tiny.sh
 source "config/$PRESET.sh"
 : "${OUT:?the preset sets OUT}"

@@ -45,14 +45,14 @@ from model import check_checkpoint, checkpoint_stamps, kv_bytes_per_token, read_
 def get_parser():
     p = common.new_parser("Per-sample effect of SFT data on a policy's expected test reward.")
     p.add_argument("--task", default="kk", help="task: kk, math, or an importable task module name")
-    p.add_argument("--checkpoint", default=None, help="the policy θ (HF checkpoint directory)")
+    p.add_argument("--checkpoint", default=None, help="the policy θ (HF checkpoint directory; required)")
     p.add_argument("--eval_data", default=None,
-                   help="task split whose prompts define J (e.g. the test or a held-out split)")
+                   help="task split whose prompts define J (e.g. the test or a held-out split; required)")
     p.add_argument("--num_eval_prompts", type=int, default=0,
                    help="use N evaluation prompts, each difficulty in proportion, drawn with --seed (0 = all)")
     p.add_argument("--sft_data", nargs="+", default=None,
                    help="SFT jsonl file(s) {id, task, prompt, response}; each gets its own summary "
-                        "(e.g. teacher traces vs re-distilled samples)")
+                        "(e.g. teacher traces vs re-distilled samples; required)")
     p.add_argument("--max_length", type=int, default=5000,
                    help="longest SFT sample (prompt + response + EOS), at most the model's context; longer is an "
                         "error (as in redistill_sft.py)")

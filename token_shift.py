@@ -40,9 +40,9 @@ def get_parser():
     p = common.new_parser("Token-level shift between a base and an RL policy: JS divergence along "
                           "responses, and cross-sampling", prog="token_shift.py")
     p.add_argument("--base", default=None,
-                   help="the model before RL (Hugging Face checkpoint directory), e.g. the cold start")
+                   help="the model before RL (Hugging Face checkpoint directory), e.g. the cold start (required)")
     p.add_argument("--policy", default=None,
-                   help="the model after RL (Hugging Face checkpoint directory); same tokenizer as --base")
+                   help="the model after RL (Hugging Face checkpoint directory); same tokenizer as --base (required)")
     p.add_argument("--out_dir", default="out/token_shift",
                    help="where the outputs go: tokens.jsonl, summary.json and token_shift.png (the divergence), or "
                         "cross_DIRECTION.json, cross_DIRECTION_samples.jsonl and cross_sampling.png (--cross)")

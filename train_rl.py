@@ -8,7 +8,7 @@ log; now and then greedy validation and a checkpoint.
     python train_rl.py --model CKPT --task kk                                    # one GPU or CPU
     torchrun --nproc_per_node=8 train_rl.py --model CKPT --task kk --out_dir runs/rl_kk [--resume true]
 
-Defaults are the paper's K&K run (verl; ../shared/research/paper.md section 8), plus truncated importance sampling
+Defaults are the paper's K&K run (verl; arXiv 2505.17988, docs/paper_preset.md), plus truncated importance sampling
 against the engine's log-probs (--rollout_is). More in docs/grpo.md:
 - The main path: one on-policy update per rollout batch, so the PPO ratio is exactly 1 and the gradient is that of
   -A log pi. Several updates per batch and a KL to a reference are the explicit optional branch (pre_pass).

@@ -51,6 +51,23 @@ def test_settings_refuse_old_spellings_bare_booleans_and_prefixes():
         common.parse_settings(p, ["--kv_cache", "2"])
 
 
+def test_a_setting_argparse_refuses_is_one_line_and_help_shows_what_a_boolean_takes(capsys):
+    """argparse printed its whole usage before the error (54 lines for train_rl.py): one line now, as a UserError's;
+    and --help said "--resume RESUME", not that it takes true or false."""
+    import train_rl
+    for argv, error in ((["--nope"], "unrecognized arguments: --nope"),
+                        (["--gradient_checkpointing", "maybe"], "argument --gradient_checkpointing: expected a "
+                                                                "boolean, got 'maybe'"),
+                        (["--max_steps", "x"], "argument --max_steps: invalid int value: 'x'")):
+        with pytest.raises(SystemExit) as e:
+            common.parse_settings(train_rl.get_parser(), argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"train_rl.py: error: {error} (--help lists every setting)\n"
+    with pytest.raises(SystemExit):
+        common.parse_settings(train_rl.get_parser(), ["--help"])
+    assert "--resume {true,false}" in capsys.readouterr().out
+
+
 def test_a_home_the_shell_did_not_expand_is_expanded(tmp_path, monkeypatch):
     """bash leaves `--out_dir=~/x` as it is, and a --config is no shell: the run wrote ./~/x, named "~/x"."""
     import eval as eval_script

@@ -601,6 +601,10 @@ def test_cli_rejects_bad_settings(tmp_path):
         K.main(["--out_dir", str(tmp_path), "--train_people", "3,3"])
     with pytest.raises(common.UserError, match="between 2"):  # (a range was expanded first: 8 billion counts)
         K.main(["--out_dir", str(tmp_path), "--test_people", "4-8000000000"])
+    with pytest.raises(common.UserError, match=r"'9-3': the range runs from low to high \(3-9\)"):
+        K.main(["--out_dir", str(tmp_path), "--train_people", "9-3"])  # (it said: between 2 and 20)
+    with pytest.raises(common.UserError, match="'-5': a size is a count of puzzles, 0 or more"):
+        K.main(["--out_dir", str(tmp_path), "--train_per_people", "-5"])
 
 
 def tiny_chat_tokenizer():

@@ -23,7 +23,7 @@ def study_env(**env):
 
 
 def run_reproduce(*args, env=None, check=True):
-    e = study_env(OMP_NUM_THREADS="1", THREADS="1", **(env or {}))  # (the preset's own setting: 2)
+    e = study_env(**{"OMP_NUM_THREADS": "1", "THREADS": "1", **(env or {})})  # (the preset's own setting: 2)
     proc = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
@@ -339,6 +339,11 @@ def test_dry_run_of_seeds_gives_each_seed_its_own_directory_and_seeds(tmp_path):
     assert proc.stdout.rstrip().endswith(report)
     bad = run_reproduce("tiny", "--dry-run", env={"SEEDS": "two"}, check=False)
     assert bad.returncode == 2 and "SEEDS (two) must be positive integers" in bad.stderr
+    for env, error in (({"LIMR": "yes"}, "LIMR is 'yes': 1 (run it) or 0"),  # (it ran as LIMR=0, silently)
+                       ({"LIMR_ONLY": "true"}, "LIMR_ONLY is 'true': 1 (run it) or 0"),
+                       ({"THREADS": "0"}, "THREADS is '0': the CPU threads of every stage, a positive integer")):
+        bad = run_reproduce("tiny", "--dry-run", env=env, check=False)
+        assert bad.returncode == 2 and error in bad.stderr and not bad.stdout
 
 
 def test_seeds_and_help_work_when_started_from_another_directory(tmp_path):
