@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import zipfile
 
 import torch
 from safetensors import safe_open
@@ -246,7 +247,7 @@ def load_checkpoint(run_dir, needs_shard=lambda state: True):
         failed = None  # a read error, not a damaged file
         path = model_dir + ".state.pt"
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_checked(path)
             for path in weight_files(model_dir):  # safetensors checks that the file covers its header
                 open(path, "rb").close()  # (safetensors reports a refused open as a missing file)
                 with safe_open(path, framework="pt") as f:
@@ -254,7 +255,7 @@ def load_checkpoint(run_dir, needs_shard=lambda state: True):
             # (another world size: no shard, require_shard's error if the run goes on, not a skip)
             if state.get("world_size", 1) == world_size() and needs_shard(state):
                 path = train_shard_path(run_dir, step, rank())
-                shard = torch.load(path, map_location="cpu", weights_only=True)
+                shard = load_checked(path)
         except Exception as e:  # noqa: BLE001 -- any reader error (weight_files': no weights) means: not this one
             problem = str(e) if isinstance(e, UserError) else (  # (a UserError names its place)
                 f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
@@ -271,6 +272,17 @@ def load_checkpoint(run_dir, needs_shard=lambda state: True):
             continue
         return step, model_dir, state, shard
     return None
+
+
+def load_checked(path):
+    """torch.load of a state file or an optimizer shard, whose zip records' CRCs are checked first: torch.load does
+    not, so a bit flipped on the disk loaded as another number and the resume went on from it. (A read of the file
+    more, at resume only: ~3 GB/s from the page cache.)"""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f"its record {bad} fails its CRC check (the file changed on the disk)")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def require_shard(found):

@@ -210,6 +210,27 @@ def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(
     assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing resumable left: a fresh run
 
 
+def test_a_bit_flipped_on_the_disk_is_a_damaged_checkpoint(tmp_path, capsys):
+    """torch.load does not check a zip record's CRC: a shard with one bit flipped (the same size) loaded as other
+    optimizer moments and the resume went on from it, silently. Checked now: that checkpoint is skipped as damaged."""
+    import struct
+    run = str(tmp_path)
+    for step in (1, 2):
+        fake_checkpoint(run, step)
+    path = ckpt.train_shard_path(run, 2, 0)
+    data = bytearray(open(path, "rb").read())
+    at = data.index(struct.pack("<2f", 2.0, 2.0))  # the exp_avg tensor's bytes
+    data[at] ^= 1
+    open(path, "wb").write(data)
+    import torch
+    assert float(torch.load(path, weights_only=True)["exp_avg"][0]) != 2.0  # (torch.load alone takes it)
+    step, _, _, shard = ckpt.resume_checkpoint(run, resume=True)
+    assert step == 1 and float(shard["exp_avg"][0]) == 1.0
+    out = capsys.readouterr().out
+    assert f"skipping the checkpoint of step 2: cannot read {path}: its record " in out
+    assert "fails its CRC check (the file changed on the disk)" in out
+
+
 def test_the_code_stamp_leaves_out_what_it_cannot_read(tmp_path):
     """An editor's lock beside a file being edited (Emacs: ".#train_rl.py", a link to nothing), a directory named like
     a module or a file without read permission stopped every training run at its start with a traceback; the stamp
