@@ -215,10 +215,11 @@ def remove_partial_saves(run_dir):
                 sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs))
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
         if m := SAVING_MARK.fullmatch(name):
-            state, shards = checkpoint_files(run_dir, int(m.group(1)))
+            step = int(m.group(1))
+            state, shards = checkpoint_files(run_dir, step)
             if not os.path.exists(state):  # (with it, the save ended: only its mark was left)
-                removed += sum(map(size, [checkpoint_dir(run_dir, int(m.group(1))), *shards]))
-                remove_checkpoint(run_dir, int(m.group(1)))
+                removed += sum(map(size, [checkpoint_dir(run_dir, step), *shards]))
+                remove_checkpoint(run_dir, step)
             os.remove(os.path.join(run_dir, name))  # (last: a kill before it leaves the mark for the next start)
     for folder in (run_dir, os.path.join(run_dir, "rollouts")):
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
@@ -453,13 +454,15 @@ def load_local_train_state(model, optimizer, shard):
 PATH_SETTINGS = ("train_data", "model", "ref_model", "data", "pretrain_text", "init")
 
 
-def check_run_identity(run_dir, saved: dict, now: dict, recorded_since=(), ignore=()):
+def check_run_identity(run_dir, saved: dict, now: dict, recorded_since=(), ignore=(), when_both=()):
     """--resume must continue the same run: settings that decide the data order or the schedule (`now`) must
     equal the checkpoint's (`saved`), path settings name the same files; otherwise one line names each difference.
     recorded_since: keys that checkpoints of earlier versions do not hold, so not compared with those. ignore: keys
-    not compared (a finished run's compute: nothing is left to compute)."""
+    not compared (a finished run's compute: nothing is left to compute). when_both: keys compared only where the run
+    and the resume both give one a value (None: what it describes is not used, e.g. no validation)."""
     changed = {k: (saved.get(k), now.get(k)) for k in {**saved, **now} if saved.get(k) != now.get(k)
                and k not in ignore and not (k in recorded_since and k not in saved)
+               and not (k in when_both and None in (saved.get(k), now.get(k)))
                and not (k in PATH_SETTINGS and same_files(saved.get(k), now.get(k)))}
     if changed:
         raise UserError(f"{run_dir}: --resume with different settings than the run's: "

@@ -382,11 +382,10 @@ def main(argv=None):
         finished = step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json"))
         ignore = (parallel.COMPUTE_KEYS if finished else ("compute_device", "compute_kernels") if step >= total_steps
                   else ())
-        if None in (state["identity"].get("val_data_digest"), identity["val_data_digest"]):  # (None: no held-out set)
-            ignore += ("val_data_digest",)
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state["identity"], identity,
-            recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS), ignore=ignore))
+            recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS), ignore=ignore,
+            when_both=("val_data_digest",)))
         if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it)
             ckpt.prune_checkpoints(args.out_dir, step, args.keep_last if step < total_steps else 1,
                                    range(0, total_steps + 1, steps_per_epoch))

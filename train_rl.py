@@ -781,11 +781,10 @@ def main(argv=None):
         # one refusal naming every difference: the identity, then the objective (as its version recorded it); a
         # finished run's compute is not compared (nothing is left to compute: it may be re-run on other hardware)
         finished = start_step >= max_steps
-        validated = [state.get("identity", {}).get("validation"), identity["validation"]]  # (None: not validating)
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state.get("identity", {}) | saved, identity | {k: getattr(args, k) for k in saved},
             recorded_since=("train_data_digest", "model_files", "ref_model_files", *parallel.COMPUTE_KEYS),
-            ignore=(parallel.COMPUTE_KEYS if finished else ()) + (("validation",) if None in validated else ())))
+            ignore=parallel.COMPUTE_KEYS if finished else (), when_both=("validation",)))
         if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it), by that save's
             saved_by = state.get("settings", {})  # rules: a re-run of a finished run with other flags removes nothing
             ckpt.prune_checkpoints(args.out_dir, start_step, saved_by.get("keep_last", args.keep_last),

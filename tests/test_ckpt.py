@@ -91,6 +91,11 @@ def test_a_resume_must_share_the_runs_identity_both_ways():
         ckpt.check_run_identity("run", {"data_digest": "ab"}, {"data_digest": "cd"}, recorded_since=("data_digest",))
     with pytest.raises(UserError, match="data_digest: was 'ab', now None"):
         ckpt.check_run_identity("run", {"data_digest": "ab"}, {}, recorded_since=("data_digest",))
+    # a key that describes what may be unused (validation): compared only where both use it
+    for saved, now in (({"val": None}, {"val": "ab"}), ({"val": "ab"}, {"val": None}), ({}, {"val": "ab"})):
+        ckpt.check_run_identity("run", saved, now, when_both=("val",))
+    with pytest.raises(UserError, match="val: was 'ab', now 'cd'"):
+        ckpt.check_run_identity("run", {"val": "ab"}, {"val": "cd"}, when_both=("val",))
 
 
 def test_a_path_setting_spelled_otherwise_names_the_same_files(tmp_path, monkeypatch):
