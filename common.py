@@ -30,7 +30,9 @@ RENAMED = {"--group_size": "--samples_per_prompt", "--samples": "--samples_per_p
            "--eight_bit_adam": "--adam_8bit",
            "--grad_checkpointing": "--gradient_checkpointing",
            "--bf16": "--dtype (auto: bfloat16 on CUDA, float32 on CPU)",
-           "--num_samples": "--samples_per_prompt (samples per prompt) or, in sample_policy.py, --num_examples"}
+           "--num_samples": "--samples_per_prompt (samples per prompt) or, in sample_policy.py, --num_examples",
+           "--max_new_tokens": "--max_response_tokens",
+           "--batch_size": "--gen_batch_size (prompts decoded at once) or, in redistill_sft.py, --global_batch"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -91,7 +93,8 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
         known = {a.dest for a in parser._actions}
         unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
         if unknown:
-            raise UserError(f"{pre.config}: unknown setting(s) {unknown} for {parser.prog}")
+            renamed = "".join(f"; {k} is now {RENAMED['--' + k][2:]}" for k in unknown if "--" + k in RENAMED)
+            raise UserError(f"{pre.config}: unknown setting(s) {unknown} for {parser.prog}{renamed}")
         cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
         for action in parser._actions:
             if action.dest in cfg and action.dest != "config":

@@ -49,7 +49,7 @@ def get_parser():
                    help="samples per prompt, n of avg@n and pass@k (paper: 1, greedy)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (paper)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (ignored when greedy)")
-    p.add_argument("--max_new_tokens", type=int, default=4096,
+    p.add_argument("--max_response_tokens", type=int, default=4096,
                    help="response budget in tokens (paper: 4096); longer = truncated = wrong (see --score_truncated)")
     p.add_argument("--score_truncated", type=common.str2bool, default=False,
                    help="score a truncated response as if it had ended, so a right answer in it counts: the paper's "
@@ -60,9 +60,10 @@ def get_parser():
                    help="k values for unbiased pass@k (only k <= n are reported)")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                    help="prompt template: chat (system prompt), plain Question/Answer, or auto")
-    p.add_argument("--batch_size", type=int, default=64, help="prompts decoded at once: this x n rows = the KV cache's "
-                   "slots, which all rows stream through; sets memory and speed, not the samples (but for fp32 "
-                   "rounding, which moves a sampled token now and then)")
+    p.add_argument("--gen_batch_size", type=int, default=64,
+                   help="prompts decoded at once: this x n rows = the KV cache's slots, which all rows stream through; "
+                        "sets memory and speed, not the samples (but for fp32 rounding, which moves a sampled token "
+                        "now and then)")
     p.add_argument("--dtype", default="auto",
                    help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, float64 "
                         "(exact on a CPU, slow)")
@@ -77,7 +78,7 @@ def get_parser():
 
 # settings that change what is generated: a done pair is reused only when these match
 GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "samples_per_prompt", "temperature", "top_p",
-                       "max_new_tokens", "template", "dtype", "seed")
+                       "max_response_tokens", "template", "dtype", "seed")
 SAMPLING_ONLY = ("top_p", "seed")  # (greedy decoding reads neither: a greedy pair is reused whatever they are)
 
 
@@ -88,7 +89,8 @@ SAMPLING_ONLY = ("top_p", "seed")  # (greedy decoding reads neither: a greedy pa
 def split_heading(summary):
     """Markdown heading naming the split and how it was evaluated."""
     s = summary["settings"]
-    return f"### {summary['split']} ({s['task']}; {how_evaluated([summary])}; max {s['max_new_tokens']} new tokens)"
+    return (f"### {summary['split']} ({s['task']}; {how_evaluated([summary])}; "
+            f"max {s['max_response_tokens']} new tokens)")
 
 
 # -----------------------------------------------------------------------------
@@ -151,6 +153,8 @@ def read_done(summary_path, samples_path, settings, records, task):
             raise UserError(f"{summary_path}: field 'settings' (and its 'inputs') missing or not an object")
     except UserError as e:
         raise UserError(f"cannot read this earlier result: {e}; pass --overwrite true")
+    if "max_new_tokens" in old:  # (an earlier version's name of --max_response_tokens)
+        old["max_response_tokens"] = old.pop("max_new_tokens")
     greedy = old.get("temperature") == 0 and settings["temperature"] == 0
     diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]
             and not (k.endswith("_path") and common.same_files(old.get(k), settings[k]))  # (another spelling)
@@ -209,7 +213,7 @@ def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
     if not args.checkpoints or not args.splits:
         raise UserError("give --checkpoints DIR [DIR ...] and --splits PATH [PATH ...]")
-    common.check_positive(args, "samples_per_prompt", "max_new_tokens", "batch_size")
+    common.check_positive(args, "samples_per_prompt", "max_response_tokens", "gen_batch_size")
     common.check_sampling(args)
     if any(k < 1 for k in args.pass_k):
         raise UserError("--pass_k values must be >= 1")
@@ -237,7 +241,7 @@ def main(argv=None):
     def settings_of(ckpt, split_path, prompts, stamps=None):  # stamps: the checkpoint's, taken before it was loaded
         return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
-                "max_new_tokens": args.max_new_tokens, "template": args.template,
+                "max_response_tokens": args.max_response_tokens, "template": args.template,
                 "dtype": dtype_name(dtype), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
                 "task_source": task_source, "score_truncated": args.score_truncated,
                 "inputs": {**(inputs_of(ckpt, None) if stamps is None else stamps), SPLIT_DIGEST: digests[split_path],
@@ -296,8 +300,8 @@ def main(argv=None):
             t0 = time.time()
             samples, metrics = generate_and_score(model, tokenizer, task, records, n=args.samples_per_prompt,
                                                   temperature=args.temperature, top_p=args.top_p,
-                                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                                  template=args.template, batch_size=args.batch_size,
+                                                  max_new_tokens=args.max_response_tokens, seed=args.seed,
+                                                  template=args.template, batch_size=args.gen_batch_size,
                                                   pass_k=args.pass_k, desc=f"{name}/{split_name}",
                                                   progress=args.progress, score_truncated=args.score_truncated)
             seconds = time.time() - t0

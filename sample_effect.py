@@ -60,7 +60,7 @@ def get_parser():
                    help="responses per evaluation prompt for the ∇J estimate (paper's rollout.n = 8); >= 2")
     p.add_argument("--temperature", type=float, default=0.7,
                    help="sampling temperature of J (paper's RL rollouts: 0.7)")
-    p.add_argument("--max_new_tokens", type=int, default=4096,
+    p.add_argument("--max_response_tokens", type=int, default=4096,
                    help="response budget of the rollouts (paper: 4096); truncated = reward 0")
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                    help="prompt template of the evaluation prompts")
@@ -68,7 +68,7 @@ def get_parser():
                    help="most evaluation prompts per generation call (x --samples_per_prompt rows)")
     p.add_argument("--kv_cache_gib", type=float, default=16.0,
                    help="bound on one generation call's KV cache (GiB): fewer prompts per call when rows x "
-                        "(prompt + --max_new_tokens) would need more; inf: no bound")
+                        "(prompt + --max_response_tokens) would need more; inf: no bound")
     p.add_argument("--seed", type=int, default=0, help="seed of the rollouts and of the --num_eval_prompts subset")
     # The paper's convention is unknown (paper.md 2.3): `mean` matches redistill_sft.py's default per-sequence-mean
     # loss (so η·mean SE predicts its SGD step), `sum` is the plain log-likelihood log π(y|x).
@@ -269,11 +269,12 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
     per_token = kv_bytes_per_token(cfg, compute_dtype.itemsize)
     longest = max(map(len, prompt_ids))
     size = gen_chunk_size(len(records), world, args.gen_batch_size, args.samples_per_prompt, per_token,
-                          longest + args.max_new_tokens, args.kv_cache_gib * 2**30)
+                          longest + args.max_response_tokens, args.kv_cache_gib * 2**30)
     chunks = [list(range(s, min(s + size, len(records)))) for s in range(0, len(records), size)]
     print0(f"rollouts: {len(chunks)} generation call(s) of <= {size} prompts x {args.samples_per_prompt} "
            f"over {world} rank(s); KV cache <= "
-           f"{size * args.samples_per_prompt * (longest + args.max_new_tokens) * per_token / 2**30:.1f} GiB per call")
+           f"{size * args.samples_per_prompt * (longest + args.max_response_tokens) * per_token / 2**30:.1f} "
+           "GiB per call")
     items, rewards, gen_tokens = [], [], 0
     my_chunks = parallel.rank_share(list(range(len(chunks))), rank, world)
     bar = common.progress_bar(sum(len(chunks[c]) for c in my_chunks) * args.samples_per_prompt, "rollouts",
@@ -281,7 +282,7 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
     for c in my_chunks:
         out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]],
                                       n=args.samples_per_prompt, temperature=args.temperature, top_p=1.0,
-                                      max_new_tokens=args.max_new_tokens,
+                                      max_new_tokens=args.max_response_tokens,
                                       seed=common.derive_seed(args.seed, 0), prompt_numbers=chunks[c],
                                       template=args.template, batch_size=size, progress=False)
         for j, i in enumerate(chunks[c]):
@@ -496,7 +497,8 @@ def main(argv=None):
     common.check_temperature(args)
     if args.proj_dim < 0 or (args.proj_dim == 0 and not args.exact):
         raise UserError("give --proj_dim > 0, --exact true, or both")
-    common.check_positive(args, "max_new_tokens", "gen_batch_size", "micro_batch_tokens", "max_length", "log_every")
+    common.check_positive(args, "max_response_tokens", "gen_batch_size", "micro_batch_tokens", "max_length",
+                          "log_every")
     if args.kv_cache_gib <= 0:
         raise UserError(f"--kv_cache_gib must be > 0, got {args.kv_cache_gib}")
     common.check_non_negative(args, "num_eval_prompts", "select")
@@ -557,7 +559,7 @@ def main(argv=None):
                         f"{2 * args.select - len(pool)} of {what}; use --select <= {len(pool) // 2}")
     records, eval_subset = tasks.stratified_subset(records, args.num_eval_prompts, task.DIFFICULTY, args.seed)
     prompt_ids = tasks.task_prompt_ids(tokenizer, task, records, args.template)
-    tasks.check_prompts_fit(prompt_ids, records, args.max_new_tokens, context, args.eval_data)
+    tasks.check_prompts_fit(prompt_ids, records, args.max_response_tokens, context, args.eval_data)
     print0(f"evaluation prompts: {eval_subset}")
 
     # ---- a stopped run of these settings and data (--resume): its ∇J and finished samples, kept in PARTIAL

@@ -13,7 +13,7 @@ a response holding a stop token's text, an example longer than --max_length). Wr
 without the stop token (redistill_sft.py appends EOS).
 
   python sample_policy.py --from_checkpoint runs/rl_kk/step_000125 --task kk --split data/kk/sft.jsonl \\
-      --out data/kk/redistill_a.jsonl --temperature 0 --max_new_tokens 4096
+      --out data/kk/redistill_a.jsonl --temperature 0 --max_response_tokens 4096
   torchrun --nproc_per_node=8 sample_policy.py --from_checkpoint ... (same settings; a share per rank)
   python sample_policy.py --from_rollouts runs/rl_kk --steps 125,115-124 --task kk --out data/kk/redistill_b.jsonl
 """
@@ -47,11 +47,11 @@ def get_parser():
     p.add_argument("--temperature", type=float, default=0.0,
                    help="--from_checkpoint: sampling temperature; 0 = greedy (paper's variant A)")
     p.add_argument("--top_p", type=float, default=1.0, help="--from_checkpoint: nucleus sampling mass (paper: 1.0)")
-    p.add_argument("--max_new_tokens", type=int, default=4096,
+    p.add_argument("--max_response_tokens", type=int, default=4096,
                    help="--from_checkpoint: response length limit; truncated responses are dropped (paper: 4096)")
     p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"),
                    help="--from_checkpoint: prompt template (auto = chat when the tokenizer has one)")
-    p.add_argument("--batch_size", type=int, default=64,
+    p.add_argument("--gen_batch_size", type=int, default=64,
                    help="--from_checkpoint: prompts decoded at once: this x n rows = the KV cache's slots, which all "
                         "rows stream through; sets memory and speed, not the samples (but for fp32 rounding, which "
                         "moves a sampled token now and then)")
@@ -89,8 +89,8 @@ def get_parser():
 
 
 # the settings of sampling a checkpoint: with --from_rollouts they would do nothing, so giving one is an error
-CHECKPOINT_ONLY = ("samples_per_prompt", "temperature", "top_p", "max_new_tokens", "template", "batch_size", "dtype",
-                   "limit")
+CHECKPOINT_ONLY = ("samples_per_prompt", "temperature", "top_p", "max_response_tokens", "template", "gen_batch_size",
+                   "dtype", "limit")
 
 
 # -----------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def sample_checkpoint(args, task, rank, world, device):
     model.eval()
     # Check every prompt's length on every rank before sharding, so that all ranks stop together.
     prompt_ids = tasks.task_prompt_ids(tokenizer, task, records, args.template)
-    tasks.check_prompts_fit(prompt_ids, records, args.max_new_tokens, model.config.max_position_embeddings,
+    tasks.check_prompts_fit(prompt_ids, records, args.max_response_tokens, model.config.max_position_embeddings,
                             " + ".join(args.split))
     shortest = min(map(len, prompt_ids))
     if args.max_length and shortest + 1 > args.max_length:  # (+ EOS: even an empty answer)
@@ -166,13 +166,13 @@ def sample_checkpoint(args, task, rank, world, device):
                         f"--max_length or give 0 (no limit)")
     order = parallel.rank_share(list(range(len(records))), rank, world)
     print0(f"sampling {args.from_checkpoint}: {subset} prompts x {args.samples_per_prompt} on {world} rank(s), "
-           f"T={args.temperature}, top_p={args.top_p}, max_new_tokens={args.max_new_tokens}")
+           f"T={args.temperature}, top_p={args.top_p}, max_response_tokens={args.max_response_tokens}")
     with torch.no_grad():
         mine = engine.sample_responses(model, tokenizer, task, [records[i] for i in order], n=args.samples_per_prompt,
                                        temperature=args.temperature, top_p=args.top_p,
-                                       max_new_tokens=args.max_new_tokens, seed=common.derive_seed(args.seed, 0),
+                                       max_new_tokens=args.max_response_tokens, seed=common.derive_seed(args.seed, 0),
                                        prompt_numbers=order,  # (keyed by index: the same samples at any world size)
-                                       template=args.template, batch_size=args.batch_size, desc="sample",
+                                       template=args.template, batch_size=args.gen_batch_size, desc="sample",
                                        progress=args.progress)
     # sample_responses returns record order then sample order: attach each sample's record index
     for k, s in enumerate(mine):
@@ -279,7 +279,7 @@ def main(argv=None):
     if args.from_rollouts and given:
         raise UserError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --from_checkpoint only: the "
                         f"rollouts were sampled by the RL run")
-    common.check_positive(args, "samples_per_prompt", "max_new_tokens", "batch_size")
+    common.check_positive(args, "samples_per_prompt", "max_response_tokens", "gen_batch_size")
     common.check_non_negative(args, "limit", "max_per_prompt", "num_examples", "max_length")
     common.check_distinct_outputs([("--out", args.out), ("--samples_out", args.samples_out)],
                                   [("--split", path) for path in args.split or []]

@@ -276,7 +276,7 @@ def task_prompt_ids(tokenizer, task, records, template):
     return encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, template) for r in records])
 
 
-def check_prompts_fit(prompt_ids, records, max_new_tokens, context, where, flag="--max_new_tokens"):
+def check_prompts_fit(prompt_ids, records, max_new_tokens, context, where, flag="--max_response_tokens"):
     """Every prompt plus max_new_tokens must fit the model's context. Every rank checks every prompt before any work,
     so a too-long one stops all ranks alike (not one rank, mid-collective); the error names the record by its id
     (unique in a split: a position would count the records a stage kept, not the file's)."""

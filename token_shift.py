@@ -77,7 +77,7 @@ def get_parser():
     p.add_argument("--task", default="kk", help="--cross: task module (kk, math, or a module with the task interface)")
     p.add_argument("--split", default=None, help="--cross: the task split whose prompts are answered")
     p.add_argument("--samples_per_prompt", type=int, default=4, help="--cross: samples per prompt (the paper: 32)")
-    p.add_argument("--max_new_tokens", type=int, default=512,
+    p.add_argument("--max_response_tokens", type=int, default=512,
                    help="--cross: response budget (the paper: 8000); longer = truncated = wrong")
     p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"), help="--cross: prompt template")
     p.add_argument("--seed", type=int, default=0,
@@ -397,7 +397,8 @@ def cross_run(primary, intervention, tokenizer, task, records, numbers, args, sw
     """One cross-sampled decode of this rank's records (numbers: their indices in the split, which key their random
     numbers: the same samples at any world size); the counts summed over ranks, and this rank's samples."""
     out = engine.sample_responses(primary, tokenizer, task, records, n=args.samples_per_prompt,
-                                  temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p,
+                                  max_new_tokens=args.max_response_tokens,
                                   seed=common.derive_seed(args.seed, 0), template=args.template,
                                   batch_size=args.batch_size, desc=desc, progress=args.progress,
                                   partner=intervention, switch=switch, prompt_numbers=numbers)
@@ -475,7 +476,7 @@ def cross_sample(args, tokenizer, device, dtype):
     print0(f"cross-sampling prompts: {subset}")
     context = min(read_config(d).max_position_embeddings for d in (args.base, args.policy))
     tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, records, args.template), records,
-                            args.max_new_tokens, context, args.split)
+                            args.max_response_tokens, context, args.split)
     lock_out_dir(args)
     names = {"forward": ("base", "policy"), "backward": ("policy", "base")}[args.cross]
     primary, intervention = (load_model(getattr(args, name), dtype, device).eval() for name in names)
@@ -513,7 +514,7 @@ def cross_sample(args, tokenizer, device, dtype):
                   "primary": getattr(args, names[0]), "intervention": getattr(args, names[1]),
                   # (the dtype it resolved to: "auto" is bfloat16 on a GPU and float32 on a CPU, "bf16" is bfloat16)
                   "settings": {k: getattr(args, k) for k in ("task", "split", "limit", "samples_per_prompt",
-                                                             "max_new_tokens", "temperature", "top_p", "template",
+                                                             "max_response_tokens", "temperature", "top_p", "template",
                                                              "seed")} | {"dtype": dtype_name(dtype)},
                   "runs": runs}
         common.write_jsonl(os.path.join(args.out_dir, f"cross_{args.cross}_samples.jsonl"), samples)
@@ -541,12 +542,12 @@ def main(argv=None):
     # one mode's settings in the other: noted, not refused (the divergence and cross-sampling share a command line)
     common.note_unused(args, parser, ("responses", "high_js", "top_tokens", "logit_chunk"), args.cross is not None,
                        "the divergence along responses (no --cross)")
-    common.note_unused(args, parser, ("eps", "task", "split", "samples_per_prompt", "max_new_tokens", "template",
+    common.note_unused(args, parser, ("eps", "task", "split", "samples_per_prompt", "max_response_tokens", "template",
                                       "seed"), args.cross is None, "--cross forward or backward")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
     common.check_temperature(args)
-    common.check_positive(args, "batch_size", "logit_chunk", "samples_per_prompt", "max_new_tokens")
+    common.check_positive(args, "batch_size", "logit_chunk", "samples_per_prompt", "max_response_tokens")
     common.check_non_negative(args, "limit", "top_tokens")
     if not 0 <= args.high_js < math.log(2):
         raise UserError(f"--high_js {args.high_js:g}: JS is measured in nats, in [0, ln 2 = 0.693]; a threshold "

@@ -803,11 +803,11 @@ def main(argv=None):
                             f"no such checkpoint); keep one of those")
     model = load_model(init_path, dtype=torch.float32, device=device)  # sharded below, once its recompute is set
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
-                            args.train_data, "--max_response_tokens")
+                            args.train_data)
     if args.kl_coef > 0 and args.ref_model:  # (the reference scores the same rollouts)
         tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens,
                                 read_config(args.ref_model).max_position_embeddings,
-                                f"{args.train_data} with --ref_model {args.ref_model}", "--max_response_tokens")
+                                f"{args.train_data} with --ref_model {args.ref_model}")
     # --keep_engine: the engine's buffers (slots, KV-cache columns, new tokens), sized once for the largest rollout
     # call and validation call of the run, so they never regrow (which would drop the CUDA graphs captured on them)
     per_rank = -(-args.prompts_per_step // world)  # prompts of this rank's share, at most

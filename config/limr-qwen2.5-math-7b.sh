@@ -46,7 +46,7 @@ LIMR_RL_ARGS="--prompts_per_step 1024 --samples_per_prompt 8 --temperature 1.2 -
 --loss_agg seq_mean_token_mean --dtype bfloat16 --gradient_checkpointing true --micro_batch_tokens 30000 --val_every 0"
 LIMR_SELECT_ARGS="--threshold 0.6 --epochs 21"
 LIMR_EVALS=(
-  "--splits $TEST --split_names math500 --temperature 0 --samples_per_prompt 1 --max_new_tokens 3072"
+  "--splits $TEST --split_names math500 --temperature 0 --samples_per_prompt 1 --max_response_tokens 3072"
   "--splits ${AIME24:-../shared/data/math/aime24.jsonl} ${AMC23:-../shared/data/math/amc23.jsonl} --split_names aime24 amc23 \
---samples_per_prompt 4 --temperature 0.4 --top_p 0.95 --pass_k 1 4 --max_new_tokens 3072"
+--samples_per_prompt 4 --temperature 0.4 --top_p 0.95 --pass_k 1 4 --max_response_tokens 3072"
 )

@@ -18,10 +18,10 @@ RL_STEPS=3
 RL_ARGS="--prompts_per_step 2 --samples_per_prompt 2 --temperature 1.0 --max_response_tokens 16 --lr 1e-5 \
 --warmup_steps 1 --gradient_checkpointing false --val_every 2 --val_limit 2 --save_every 1 --progress false \
 --seed $((1234 + SEED_SHIFT))"
-SAMPLE_ARGS="--max_new_tokens 16 --progress false"
+SAMPLE_ARGS="--max_response_tokens 16 --progress false"
 B_STEPS="1-$RL_STEPS"
 B_SAMPLES=4
-EVAL_ARGS="--max_new_tokens 16 --progress false"
+EVAL_ARGS="--max_response_tokens 16 --progress false"
 SAMPLE_EFFECT=0
 # LIMR's stages too (plumbing): a probe of 2 epochs (4 steps of 2 prompts) on the 8 RL puzzles, then 2 steps each;
 # the model has no reward to follow, so every prompt is kept (--threshold=-inf) and RAND is the same 8 reshuffled

@@ -91,12 +91,12 @@ RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_re
 # half of the RL steps
 A_SPLITS="$SFT_SPLIT $TRAIN"
 A_SAMPLES=1000
-SAMPLE_ARGS="--max_new_tokens 120 --batch_size 100 --progress false"
+SAMPLE_ARGS="--max_response_tokens 120 --gen_batch_size 100 --progress false"
 B_STEPS="$RL_STEPS,$((RL_STEPS / 2))-$((RL_STEPS - 1))"   # paper: 125,115-124 (last step first)
 B_SAMPLES=400  # as many as the teacher set had before the puzzle_key de-duplication (now 350)
 
-EVAL_ARGS="--max_new_tokens 120 --batch_size 200 --progress false"
-EFFECT_ARGS="--num_eval_prompts 200 --samples_per_prompt 8 --max_new_tokens 120 --max_length 1024 --exact true --proj_dim 0 \
+EVAL_ARGS="--max_response_tokens 120 --gen_batch_size 200 --progress false"
+EFFECT_ARGS="--num_eval_prompts 200 --samples_per_prompt 8 --max_response_tokens 120 --max_length 1024 --exact true --proj_dim 0 \
 --gen_batch_size 200 --micro_batch_tokens 4096 --progress false --log_every 250 --seed $SEED_SHIFT"
 # (--num_eval_prompts 200 here and RL's --val_limit 200: the test's 200 puzzles, all of them)
 # the sample-effect experiment: SFT the base on the 100 highest-, the 100 lowest-effect and 100 random samples of set

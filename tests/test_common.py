@@ -51,6 +51,34 @@ def test_settings_refuse_old_spellings_bare_booleans_and_prefixes():
         common.parse_settings(p, ["--kv_cache", "2"])
 
 
+def test_generating_scripts_share_the_names_of_the_response_budget_and_the_decode_batch(tmp_path):
+    """One name per thing: train_rl.py's --max_response_tokens and --gen_batch_size are the other scripts' too (they
+    were --max_new_tokens and --batch_size in some); the old spellings, on the command line or in a --config, are
+    errors naming the new one."""
+    import json
+    import common
+    import eval as eval_script
+    import sample_effect
+    import sample_policy
+    import token_shift
+    import train_rl
+    for script in (train_rl, sample_policy, eval_script, sample_effect, token_shift):
+        options = script.get_parser()._option_string_actions
+        assert "--max_response_tokens" in options and "--max_new_tokens" not in options, script.__name__
+        if script is not token_shift:  # (its --batch_size also counts the responses of one scoring forward)
+            assert "--gen_batch_size" in options and "--batch_size" not in options, script.__name__
+    with pytest.raises(common.UserError, match=r"^--max_new_tokens is now --max_response_tokens$"):
+        common.parse_settings(eval_script.get_parser(), ["--max_new_tokens", "8"])
+    with pytest.raises(common.UserError, match=r"^--batch_size is now --gen_batch_size"):
+        common.parse_settings(sample_policy.get_parser(), ["--batch_size=8"])
+    config = tmp_path / "old.json"
+    config.write_text(json.dumps({"max_new_tokens": 8, "batch_size": 4}))
+    with pytest.raises(common.UserError, match=r"old\.json: unknown setting\(s\) \['batch_size', 'max_new_tokens'\] "
+                                               r"for .*; batch_size is now gen_batch_size .*; max_new_tokens is now "
+                                               r"max_response_tokens$"):
+        common.parse_settings(eval_script.get_parser(), ["--config", str(config)])
+
+
 def test_a_setting_argparse_refuses_is_one_line_and_help_shows_what_a_boolean_takes(capsys):
     """argparse printed its whole usage before the error (54 lines for train_rl.py): one line now, as a UserError's;
     and --help said "--resume RESUME", not that it takes true or false."""

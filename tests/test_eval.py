@@ -17,7 +17,7 @@ from conftest import ROOT, free_port, lock_held_elsewhere, refuse_different_data
 from model import load_model
 from tasks import load_tokenizer
 
-FAST = ["--task", "toy_task", "--max_new_tokens", "12", "--batch_size", "16", "--progress", "false"]
+FAST = ["--task", "toy_task", "--max_response_tokens", "12", "--gen_batch_size", "16", "--progress", "false"]
 
 
 def read(path):
@@ -166,11 +166,11 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
     log = capsys.readouterr().out
     assert "skipped" in log and "loaded" not in log
     # a re-run with other generation settings refuses, unless --overwrite
-    with pytest.raises(common.UserError, match="other settings.*max_new_tokens"):
+    with pytest.raises(common.UserError, match="other settings.*max_response_tokens"):
         ev.main(["--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split, "--out_dir", out2]
-                + FAST + ["--max_new_tokens", "8"])
+                + FAST + ["--max_response_tokens", "8"])
     ev.main(["--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split, "--out_dir", out2,
-             "--overwrite", "true"] + FAST + ["--max_new_tokens", "8"])
+             "--overwrite", "true"] + FAST + ["--max_response_tokens", "8"])
     summary_path = os.path.join(out2, "again/toy_test/summary.json")
     summary = common.read_json(summary_path)
     # a damaged earlier result: a clear message, not a traceback
@@ -357,7 +357,7 @@ def test_score_truncated_scores_a_cut_off_answer_as_the_papers_eval_did(tiny_che
 
     def run_args(out):
         return ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(out), *FAST,
-                "--task", "ended_task", "--max_new_tokens", "3"]
+                "--task", "ended_task", "--max_response_tokens", "3"]
     args = run_args(tmp_path / "out")
     ev.main(args)
     pair = tmp_path / "out" / "m" / "toy_test"
@@ -390,7 +390,7 @@ def test_a_kill_between_re_scored_samples_and_their_summary_leaves_no_summary_of
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "ended_task", raising=False)
     args = ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(tmp_path / "out"),
-            *FAST, "--task", "ended_task", "--max_new_tokens", "3"]
+            *FAST, "--task", "ended_task", "--max_response_tokens", "3"]
     ev.main(args)
     pair = tmp_path / "out" / "m" / "toy_test"
     strict = [s["reward"] for s in common.read_jsonl(str(pair / "samples.jsonl"))]
@@ -430,10 +430,12 @@ def test_a_prompt_changed_in_the_code_is_evaluated_again(tiny_checkpoint, split,
     path = tmp_path / "out" / "m" / "toy_test" / "summary.json"
     summary = json.loads(path.read_text(encoding="utf-8"))
     del summary["settings"]["inputs"][ev.PROMPT_DIGEST]  # an earlier version's
+    summary["settings"]["max_new_tokens"] = summary["settings"].pop("max_response_tokens")  # (its earlier name)
     path.write_text(json.dumps(summary))
     monkeypatch.undo()
     ev.main(args)
     assert "m on toy_test: done before, skipped" in capsys.readouterr().out
+    assert "max 12 new tokens" in (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
 
 
 def test_a_chat_template_fixed_in_place_is_evaluated_again(tiny_checkpoint, split, tmp_path, capsys):
@@ -514,7 +516,7 @@ def test_a_sampled_pair_is_reused_only_under_its_generation_settings(tiny_checkp
     changed = {"task": ["--task", "toy_task_copy"], "checkpoint_path": {"checkpoint": tiny_checkpoint},
                "split_path": {"split_path": shutil.copy(split, str(tmp_path / "copy.jsonl"))},
                "samples_per_prompt": ["--samples_per_prompt", "2"], "temperature": ["--temperature", "0.5"],
-               "top_p": ["--top_p", "0.9"], "max_new_tokens": ["--max_new_tokens", "8"],
+               "top_p": ["--top_p", "0.9"], "max_response_tokens": ["--max_response_tokens", "8"],
                "template": ["--template", "plain"], "dtype": ["--dtype", "float64"], "seed": ["--seed", "1"]}
     assert set(changed) == set(ev.GENERATION_SETTINGS)
     for key, change in changed.items():
@@ -653,7 +655,7 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match="unknown task"):
         run("--task", "no_such_task_module")
     with pytest.raises(common.UserError, match="context"):
-        run("--max_new_tokens", "100000")
+        run("--max_response_tokens", "100000")
     assert not os.path.exists(tmp_path / "out" / "results.md")  # nothing half-written
 
 

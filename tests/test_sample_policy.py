@@ -46,7 +46,7 @@ def read(path):
 
 def sample_args(ckpt, split, out, *extra):
     return ["--from_checkpoint", ckpt, "--task", "toy_task", "--split", split, "--out", out,
-            "--max_new_tokens", "20", "--progress", "false", *extra]
+            "--max_response_tokens", "20", "--progress", "false", *extra]
 
 
 # -----------------------------------------------------------------------------
@@ -159,14 +159,14 @@ def test_several_splits_are_sampled_in_order_and_may_not_share_a_prompt(tiny_che
     common.write_jsonl(b, toy_task.make_records(7, seed=2, split="train"))
     everything = str(tmp_path / "all.jsonl")
     sp.main(["--from_checkpoint", tiny_checkpoint, "--task", "toy_task", "--split", a, b, "--out",
-             str(tmp_path / "out.jsonl"), "--max_new_tokens", "4", "--progress", "false", "--allow_empty", "true",
+             str(tmp_path / "out.jsonl"), "--max_response_tokens", "4", "--progress", "false", "--allow_empty", "true",
              "--samples_out", everything])
     want = [r["id"] for path in (a, b) for r in common.read_jsonl(path)]
     assert [s["id"] for s in read(everything)] == want and len(set(want)) == 12
     common.write_jsonl(b, toy_task.make_records(7, seed=1, split="sft"))  # the same ids as a.jsonl
     with pytest.raises(UserError, match=f"split {b}: id .* is also in {a}"):
         sp.main(["--from_checkpoint", tiny_checkpoint, "--task", "toy_task", "--split", a, b, "--out",
-                 str(tmp_path / "out.jsonl"), "--max_new_tokens", "4", "--progress", "false"])
+                 str(tmp_path / "out.jsonl"), "--max_response_tokens", "4", "--progress", "false"])
 
 
 @pytest.mark.torchrun
@@ -206,8 +206,8 @@ def test_checkpoint_errors_write_nothing(policy, tmp_path):
     ckpt, split = policy
     out = tmp_path / "out.jsonl"
     cases = [
-        (sample_args(ckpt, split, str(out), "--max_new_tokens", "3000"),
-         r"split\.jsonl: record id 'toy-val-00000': prompt of \d+ tokens \+ --max_new_tokens 3000 "
+        (sample_args(ckpt, split, str(out), "--max_response_tokens", "3000"),
+         r"split\.jsonl: record id 'toy-val-00000': prompt of \d+ tokens \+ --max_response_tokens 3000 "
          r"> the model's 2048-token context"),
         (sample_args(ckpt, str(tmp_path / "nope.jsonl"), str(out)), "nope.jsonl: file not found"),
         (sample_args(str(tmp_path / "nockpt"), split, str(out)), "nockpt: checkpoint directory not found"),
@@ -219,7 +219,7 @@ def test_checkpoint_errors_write_nothing(policy, tmp_path):
          r"greedy decoding \(--temperature 0\) gives 4 identical samples per prompt"),
         (sample_args(ckpt, split, split), r"--out .*split\.jsonl: that is an input \(--split\)"),
         # a policy that is never right under a 2-token budget: empty result
-        (sample_args(ckpt, split, str(out), "--max_new_tokens", "2"), "no correct, finished response among 40 samples"),
+        (sample_args(ckpt, split, str(out), "--max_response_tokens", "2"), "no correct, finished response among 40 samples"),
     ]
     for argv, pattern in cases:
         with pytest.raises(UserError, match=pattern):
@@ -394,8 +394,8 @@ def test_rollout_errors_write_nothing(tmp_path):
     fails("--from_rollouts needs --steps")
     # sampling settings would do nothing here (the RL run sampled): given, they are an error, not silently ignored
     fails(r"--limit applies to --from_checkpoint only", "--steps", "5", "--limit", "1")
-    fails(r"--temperature, --max_new_tokens apply to --from_checkpoint only", "--steps", "5", "--temperature", "0.7",
-          "--max_new_tokens", "8")
+    fails(r"--temperature, --max_response_tokens apply to --from_checkpoint only", "--steps", "5", "--temperature", "0.7",
+          "--max_response_tokens", "8")
     fails(r"--samples_out .*out\.jsonl: the same file as --out", "--steps", "5", "--samples_out", str(out))
     fails("no correct, finished response among 1 samples", "--steps", "6")
     bad = {"finished": "yes"}, {"reward": None}, {"step": 9}, {"response": ["x"]}
@@ -503,7 +503,7 @@ def sample_all(ckpt, split, tmp_path, name, *extra):
     """sample_policy --from_checkpoint with these settings: every sample it drew (--samples_out)."""
     everything = str(tmp_path / f"{name}.all.jsonl")
     sp.main(["--from_checkpoint", ckpt, "--task", "toy_task", "--split", split, "--out",
-             str(tmp_path / f"{name}.jsonl"), "--max_new_tokens", "6", "--progress", "false", "--allow_empty", "true",
+             str(tmp_path / f"{name}.jsonl"), "--max_response_tokens", "6", "--progress", "false", "--allow_empty", "true",
              "--samples_out", everything, *extra])
     return read(everything)
 
