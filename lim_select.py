@@ -63,8 +63,10 @@ def get_parser():
 
 
 def read_outcomes(run_dir, pool_ids, steps_per_epoch):
-    """(epoch, pool index, solved) of every rollout in the log (steps 1..S, no hole), each row's fields checked."""
-    logs, folder, outcomes = tasks.rollout_logs(run_dir), os.path.join(run_dir, "rollouts"), []
+    """(epoch, pool index, solved) of every rollout in the log (steps 1..S, no hole), each row's fields checked; the
+    logged epochs start at 0 and, in step and row order, never go down or skip one (train_rl.py draws its prompt
+    batches in order: a step refilled by dynamic sampling may end in the next epoch)."""
+    logs, folder, outcomes, last_epoch = tasks.rollout_logs(run_dir), os.path.join(run_dir, "rollouts"), [], -1
     if not logs:
         raise UserError(f"{folder}: no rollouts (no step_N.jsonl files; "
                         "the probe run writes them with --log_rollouts true)")
@@ -73,7 +75,7 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
             raise UserError(f"{tasks.rollout_log_path(run_dir, expected)}: file not found (the log has steps "
                             f"{min(logs)}..{max(logs)} with a hole: every step of the probe run is needed)")
     for step, path in logs.items():
-        for lineno, row in tasks.read_rollout_log(path, step, ("id", "reward")):
+        for lineno, row in tasks.read_rollout_log(path, step, ("id", "reward", "step")):
             where, rid = f"{path}:{lineno}", row["id"]
             if str(rid) not in pool_ids:
                 raise UserError(f"{where}: field 'id' {rid!r} is not a prompt of the pool (--train_data)")
@@ -86,9 +88,13 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
                                     f"pass --steps_per_epoch N)")
                 if type(epoch) is not int or epoch < 0:
                     raise UserError(f"{where}: field 'epoch' is {epoch!r}, expected an integer >= 0")
+                if not last_epoch <= epoch <= last_epoch + 1:  # (a row of another run, or an edited log)
+                    expected = ("0 (the log's first row)" if last_epoch < 0 else
+                                f"{last_epoch} or {last_epoch + 1} (after epoch {last_epoch})")
+                    raise UserError(f"{where}: field 'epoch' is {epoch}, expected {expected}: a probe run's epochs, "
+                                    f"in step order, start at 0 and never go down or skip one")
+                last_epoch = epoch
             outcomes.append((epoch, pool_ids[str(rid)], tasks.is_correct(row["reward"])))
-    if not outcomes:
-        raise UserError(f"{folder}: no rollouts (every step file is empty)")
     return outcomes
 
 

@@ -169,6 +169,16 @@ scoring_free() {  # an eval.py command less its scoring-only setting, which eval
   c="${c// --score_truncated true / }"; c="${c// --score_truncated false / }"
   printf '%s' "$c"
 }
+as_now() {  # a recorded stage command with the settings renamed since spelled as now (2026-12-07: --max_new_tokens,
+  # and sample_policy.py's and eval.py's --batch_size): a study done before goes on
+  local c=" $1 "
+  c="${c// --max_new_tokens / --max_response_tokens }"
+  if [[ "$c" == " sample_policy.py "* || "$c" == " python sample_policy.py "* || "$c" == " eval.py "* ]]; then
+    c="${c// --batch_size / --gen_batch_size }"
+  fi
+  c="${c# }"
+  printf '%s' "${c% }"
+}
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
@@ -184,7 +194,7 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   wrote (a training run's --out_dir, eval's --out_dir, a sample set), to run them again"
   # (an empty marker is none: every version wrote its seconds, and an empty one is a write that failed, disk full)
   if [[ -s "$OUT/done/$name" ]]; then
-    local was; was=$(tail -n +2 "$OUT/done/$name")  # line 1: seconds; then the command (none: an older marker)
+    local was; was=$(as_now "$(tail -n +2 "$OUT/done/$name")")  # line 1: seconds; then the command (none: older)
     if [[ -z "$was" ]]; then  # (a preset may have changed since: its outputs cannot be taken as this command's)
       echo "error: stage $name in $OUT was marked done by an older reproduce.sh, which did not record its command:" >&2
       echo "  now: $what" >&2

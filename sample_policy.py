@@ -115,8 +115,9 @@ def parse_steps(text, last=None):
     return steps
 
 
-def read_rollouts(run_dir, steps):
-    """The rows of RUN_DIR/rollouts/step_N.jsonl for each step, in the order given, each field checked."""
+def read_rollouts(run_dir, steps, split_ids=None, splits=""):
+    """The rows of RUN_DIR/rollouts/step_N.jsonl for each step, in the order given, each field checked; where
+    split_ids (the ids of the records of `splits`) is given, each row's id one of them."""
     logs, samples = tasks.rollout_logs(run_dir), []
     for step in steps:
         if step not in logs:
@@ -125,6 +126,10 @@ def read_rollouts(run_dir, steps):
                             f"{f'{have[0]}..{have[-1]} ({len(have)} files)' if have else 'none'})")
         rows = tasks.read_rollout_log(logs[step], step,
                                       ("step", "id", "prompt", "response", "reward", "finished", "length"))
+        for lineno, row in rows:
+            if split_ids is not None and str(row["id"]) not in split_ids:
+                raise UserError(f"{logs[step]}:{lineno}: field 'id' {row['id']!r} is the id of no record in --split "
+                                f"{splits}, so its answer cannot be re-scored (give the RL run's --train_data)")
         samples += [{**row, "source": logs[step]} for _, row in rows]
     return samples
 
@@ -303,7 +308,9 @@ def main(argv=None):
             raise UserError(f"{args.from_rollouts}: the RL run is still running ({live}), so its rollout logs may yet "
                             f"change; run sample_policy.py once it has ended")
         steps = parse_steps(args.steps, max(tasks.rollout_logs(args.from_rollouts), default=0))
-        samples = read_rollouts(args.from_rollouts, steps)
+        records = load_splits(task, args, None, "plain") if args.split else None
+        samples = read_rollouts(args.from_rollouts, steps, None if records is None else {str(r["id"]) for r in records},
+                                " ".join(args.split or ()))
         tokenizer = run_tokenizer(args.from_rollouts)
         if tokenizer is None:
             print0(f"note: no saved weights in {args.from_rollouts}, so no tokenizer: responses are checked for the "
@@ -318,7 +325,7 @@ def main(argv=None):
         if stripped:
             print0(f"note: removed a trailing stop-token string from {stripped} rollout responses (SFT appends EOS)")
         if args.split:  # the paper re-checks the rollouts with the task's score; the score of now is what counts
-            changed = tasks.rescore(task, samples, load_splits(task, args, None, "plain"), " + ".join(args.split))
+            changed = tasks.rescore(task, samples, records, " + ".join(args.split))
             print0(f"re-scored {len(samples)} rollouts with {args.task}'s score: {changed} rewards changed")
 
     parallel.lock_on_rank0(*lock)  # (held already, or a fresh directory's, made now)

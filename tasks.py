@@ -488,7 +488,8 @@ def read_rollout_log(path, step, fields):
     """(line number, row) of step `step`'s rollout log, each row checked to hold `fields` (names in ROLLOUT_FIELDS)
     with their types (a reward a finite number), and its "step" equal to `step` when that is one of them; an error
     names the file, line and field. train_rl.py writes each log whole (atomically), so a line cut short, the last one
-    included, is a damaged copy: an error too. eval.py's samples.jsonl hold the same fields and are read here too."""
+    included, is a damaged copy: an error too, as is a file of no rows (a step logs all its rollouts, never none).
+    eval.py's samples.jsonl hold the same fields and are read here too."""
     rows = []
     for lineno, row in iter_jsonl(path):
         for field in fields:
@@ -503,6 +504,8 @@ def read_rollout_log(path, step, fields):
         if "step" in fields and row["step"] != step:
             raise UserError(f"{path}:{lineno}: field 'step' is {row['step']}, expected {step} (the file's step)")
         rows.append((lineno, row))
+    if not rows:  # (read as "no rollouts", it would quietly change LIMR's scores or set B's size)
+        raise UserError(f"{path}: no rows; its writer never writes an empty file, so this is a damaged copy")
     return rows
 
 

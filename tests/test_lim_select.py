@@ -186,7 +186,8 @@ def break_line(path, lineno, text):
 @pytest.mark.parametrize("damage,message", [
     (lambda log, pool: break_line(log / "step_000003.jsonl", 2, '{"id": "toy-train-00000", "reward": '),
      r"step_000003\.jsonl:2: not valid JSON"),
-    (lambda log, pool: break_line(log / "step_000003.jsonl", 1, json.dumps({"id": "nope", "reward": 1, "epoch": 1})),
+    (lambda log, pool: break_line(log / "step_000003.jsonl", 1,
+                                  json.dumps({"id": "nope", "reward": 1, "step": 3, "epoch": 1})),
      r"step_000003\.jsonl:1: field 'id' 'nope' is not a prompt of the pool"),
     (lambda log, pool: break_line(log / "step_000004.jsonl", 2,
                                   json.dumps({"id": pool[1]["id"], "reward": "1", "epoch": 1})),
@@ -195,17 +196,33 @@ def break_line(path, lineno, text):
                                   json.dumps({"id": pool[1]["id"], "reward": float("nan"), "epoch": 1})),
      r"step_000004\.jsonl:2: field 'reward' is nan, expected a finite number"),
     # a blank line: errors name the file's line, not the row's number
-    (lambda log, pool: break_line(log / "step_000003.jsonl", 1, "\n" + json.dumps({"id": "nope", "reward": 1})),
+    (lambda log, pool: break_line(log / "step_000003.jsonl", 1,
+                                  "\n" + json.dumps({"id": "nope", "reward": 1, "step": 3})),
      r"step_000003\.jsonl:2: field 'id' 'nope' is not a prompt of the pool"),
     (lambda log, pool: break_line(log / "step_000005.jsonl", 1,
-                                  json.dumps({"id": pool[0]["id"], "reward": 1, "epoch": -1})),
+                                  json.dumps({"id": pool[0]["id"], "reward": 1, "step": 5, "epoch": -1})),
      r"step_000005\.jsonl:1: field 'epoch' is -1"),
     (lambda log, pool: break_line(log / "step_000002.jsonl", 1, json.dumps({"id": pool[2]["id"], "epoch": 0})),
      r"step_000002\.jsonl:1: missing field 'reward'"),
     (lambda log, pool: os.remove(log / "step_000004.jsonl"), r"step_000004\.jsonl: file not found .*hole"),
     (lambda log, pool: [os.remove(p) for p in log.glob("*.jsonl")], r"rollouts: no rollouts \(no step_N\.jsonl"),
-    (lambda log, pool: [open(p, "w").close() for p in log.glob("*.jsonl")],
-     r"rollouts: no rollouts \(every step file is empty"),
+    # an empty step file is a damaged copy (train_rl.py never writes one): read as no rollouts, it changed the
+    # scores of an epoch (mid-run) or dropped the last as a stopped one
+    (lambda log, pool: open(log / "step_000004.jsonl", "w").close(),
+     r"step_000004\.jsonl: no rows; its writer never writes an empty file, so this is a damaged copy"),
+    (lambda log, pool: break_line(log / "step_000003.jsonl", 1,
+                                  json.dumps({"id": pool[0]["id"], "reward": 1, "step": 2, "epoch": 1})),
+     r"step_000003\.jsonl:1: field 'step' is 2, expected 3"),
+    # the logged epochs, in step order, start at 0 and never go down or skip one
+    (lambda log, pool: break_line(log / "step_000001.jsonl", 1,
+                                  json.dumps({"id": pool[0]["id"], "reward": 1, "step": 1, "epoch": 1})),
+     r"step_000001\.jsonl:1: field 'epoch' is 1, expected 0 \(the log's first row\): a probe run's epochs"),
+    (lambda log, pool: break_line(log / "step_000004.jsonl", 1,
+                                  json.dumps({"id": pool[0]["id"], "reward": 1, "step": 4, "epoch": 0})),
+     r"step_000004\.jsonl:1: field 'epoch' is 0, expected 1 or 2 \(after epoch 1\)"),
+    (lambda log, pool: break_line(log / "step_000003.jsonl", 1,
+                                  json.dumps({"id": pool[0]["id"], "reward": 1, "step": 3, "epoch": 2})),
+     r"step_000003\.jsonl:1: field 'epoch' is 2, expected 0 or 1 \(after epoch 0\)"),
 ])
 def test_bad_input_is_one_line_naming_the_place_and_nothing_is_written(hand, damage, message):
     damage(hand["dir"] / "probe" / "rollouts", hand["pool"])
@@ -237,7 +254,7 @@ def test_an_output_on_an_input_or_another_output_is_refused_before_anything_is_w
 
 def test_bad_input_from_the_command_line_exits_2_with_one_line(hand):
     break_line(hand["dir"] / "probe" / "rollouts" / "step_000003.jsonl", 1,
-               json.dumps({"id": "nope", "reward": 1, "epoch": 1}))
+               json.dumps({"id": "nope", "reward": 1, "step": 3, "epoch": 1}))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "lim_select.py"), *hand["args"]], env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

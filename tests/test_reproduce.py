@@ -690,6 +690,31 @@ def test_a_stage_done_on_8_gpus_is_done_on_4(tmp_path):
     assert "== sft: done (OUT/done/sft), skipped" in proc.stdout
 
 
+def test_a_stage_done_under_a_renamed_settings_old_spelling_is_done(tmp_path):
+    """--max_new_tokens became --max_response_tokens and sample_policy's and eval's --batch_size --gen_batch_size
+    (2026-12-07): a marker of before, recording the old spelling, is the same command (a study goes on), while
+    another value is still another command."""
+    out, script = tmp_path / "out", {"sample_A": "sample_policy.py", "eval": "eval.py"}
+    lines = stage_lines(run_reproduce("tiny", "--dry-run", env={"OUT": str(out)}).stdout)
+    now = {stage: lines[stage][lines[stage].index(name):] for stage, name in script.items()}
+    (out / "done").mkdir(parents=True)
+    for value in ("", "9"):
+        for stage, command in now.items():
+            assert " --max_response_tokens 120 --gen_batch_size " in command
+            was = command.replace("--max_response_tokens", "--max_new_tokens")
+            was = was.replace("--gen_batch_size", "--batch_size")
+            if value:
+                was = re.sub(r"--batch_size \d+", f"--batch_size {value}", was)
+            (out / "done" / stage).write_text(f"60\n{was}\n")
+        proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(out)}, check=False)
+        if value:
+            assert proc.returncode == 1 and f"stage sample_A in {out} was done with another command" in proc.stderr
+        else:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert "== sample_A: done (OUT/done/sample_A), skipped" in proc.stdout
+            assert "== eval: done; eval.py checks its pairs" in proc.stdout
+
+
 def test_a_re_distillation_set_of_exactly_one_sft_batch_is_trained(tmp_path):
     """redistill_sft.py trains on a set of at least --global_batch samples (one step): a set of exactly one SFT batch
     is trained (set A: its stage listed), one sample fewer is skipped as too small (set B). Micro's batches, read

@@ -603,7 +603,8 @@ def test_bad_input(setup, tmp_path, monkeypatch):
     # the model's context (2048 tokens) bounds both the SFT samples and the rollouts
     common.write_jsonl(str(tmp_path / "long.jsonl"), [dict(setup["sft"][0], response=" 7" * 2100)])
     fails(["--sft_data", str(tmp_path / "long.jsonl")], r"long\.jsonl:1: .* > max_length 2048")
-    fails(["--sft_data", sft, "--max_response_tokens", "2048"], r"eval\.jsonl: record id 'toy-test-00000': .* > the model's 2048-token")
+    fails(["--sft_data", sft, "--max_response_tokens", "2048"],
+          r"eval\.jsonl: record id 'toy-test-00000': .* > the model's 2048-token")
     # the toy task's reward is never earned by the random model: ∇J would be 0
     toy = list(args)
     toy[toy.index("--task") + 1] = "toy_task"
@@ -724,7 +725,8 @@ def test_select_by_ranks_by_its_column(tiny_checkpoint, data, select_by):
     """--select_by picks the top samples by its own column (the two rank these samples differently)."""
     out = data / f"sel_{select_by}"
     args = ["--task", "se_digit_task", "--checkpoint", tiny_checkpoint, "--eval_data", str(data / "eval.jsonl"),
-            "--sft_data", str(data / "sft_mixed.jsonl"), "--max_response_tokens", str(MAX_NEW), "--samples_per_prompt", "4",
+            "--sft_data", str(data / "sft_mixed.jsonl"), "--max_response_tokens", str(MAX_NEW),
+            "--samples_per_prompt", "4",
             "--exact", "true", "--proj_dim", "0", "--progress", "false", "--out", str(out / "e.jsonl"),
             "--select", "6", "--select_out", str(out / "top.jsonl"), "--select_by", select_by,
             "--token_reduction", "sum"]

@@ -219,7 +219,8 @@ def test_checkpoint_errors_write_nothing(policy, tmp_path):
          r"greedy decoding \(--temperature 0\) gives 4 identical samples per prompt"),
         (sample_args(ckpt, split, split), r"--out .*split\.jsonl: that is an input \(--split\)"),
         # a policy that is never right under a 2-token budget: empty result
-        (sample_args(ckpt, split, str(out), "--max_response_tokens", "2"), "no correct, finished response among 40 samples"),
+        (sample_args(ckpt, split, str(out), "--max_response_tokens", "2"),
+         "no correct, finished response among 40 samples"),
     ]
     for argv, pattern in cases:
         with pytest.raises(UserError, match=pattern):
@@ -394,8 +395,8 @@ def test_rollout_errors_write_nothing(tmp_path):
     fails("--from_rollouts needs --steps")
     # sampling settings would do nothing here (the RL run sampled): given, they are an error, not silently ignored
     fails(r"--limit applies to --from_checkpoint only", "--steps", "5", "--limit", "1")
-    fails(r"--temperature, --max_response_tokens apply to --from_checkpoint only", "--steps", "5", "--temperature", "0.7",
-          "--max_response_tokens", "8")
+    fails(r"--temperature, --max_response_tokens apply to --from_checkpoint only", "--steps", "5",
+          "--temperature", "0.7", "--max_response_tokens", "8")
     fails(r"--samples_out .*out\.jsonl: the same file as --out", "--steps", "5", "--samples_out", str(out))
     fails("no correct, finished response among 1 samples", "--steps", "6")
     bad = {"finished": "yes"}, {"reward": None}, {"step": 9}, {"response": ["x"]}
@@ -412,6 +413,14 @@ def test_rollout_errors_write_nothing(tmp_path):
     with open(os.path.join(run, "rollouts", "step_000008.jsonl"), "w") as f:
         f.write(json.dumps(s("a", "x", step=8, length=5)) + '\n{"step": 8, "id": "a", "prom')
     fails(r"step_000008\.jsonl:2: not valid JSON", "--steps", "8")
+    # an empty log is a damaged copy too (train_rl logs every step's rollouts): read as none, set B lost a step
+    open(os.path.join(run, "rollouts", "step_000008.jsonl"), "w").close()
+    fails(r"step_000008\.jsonl: no rows; its writer never writes an empty file", "--steps", "5,8")
+    # a rollout of a prompt the --split lacks: the error names the log's line, not only the split
+    common.write_jsonl(tmp_path / "split.jsonl", toy_task.make_records(2, seed=1))
+    write_rollouts(run, {8: [s(toy_task.make_records(2, seed=1)[1]["id"], "x"), s("a", "y")]})
+    fails(r"step_000008\.jsonl:2: field 'id' 'a' is the id of no record in --split .*split\.jsonl, so its answer "
+          r"cannot be re-scored", "--steps", "8", "--split", str(tmp_path / "split.jsonl"))
     with pytest.raises(UserError, match=r"rollouts/step_000001\.jsonl: file not found \(rollout steps present: none\)"):
         sp.main(["--from_rollouts", str(tmp_path / "empty"), "--steps", "1", "--task", "toy_task", "--out", str(out)])
 
@@ -503,8 +512,8 @@ def sample_all(ckpt, split, tmp_path, name, *extra):
     """sample_policy --from_checkpoint with these settings: every sample it drew (--samples_out)."""
     everything = str(tmp_path / f"{name}.all.jsonl")
     sp.main(["--from_checkpoint", ckpt, "--task", "toy_task", "--split", split, "--out",
-             str(tmp_path / f"{name}.jsonl"), "--max_response_tokens", "6", "--progress", "false", "--allow_empty", "true",
-             "--samples_out", everything, *extra])
+             str(tmp_path / f"{name}.jsonl"), "--max_response_tokens", "6", "--progress", "false",
+             "--allow_empty", "true", "--samples_out", everything, *extra])
     return read(everything)
 
 

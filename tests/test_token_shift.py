@@ -207,8 +207,8 @@ def test_a_second_run_into_the_same_out_dir_is_refused(pair, tmp_path):
 
 def cross_args(pair, out, direction, *eps, **over):
     s = {"base": pair["base"], "policy": pair["policy"], "cross": direction, "task": "toy_task", "split": pair["split"],
-         "samples_per_prompt": 3, "max_response_tokens": 12, "top_p": 0.9, "seed": 5, "out_dir": str(out), "plots": False,
-         "progress": False}
+         "samples_per_prompt": 3, "max_response_tokens": 12, "top_p": 0.9, "seed": 5, "out_dir": str(out),
+         "plots": False, "progress": False}
     s.update(over)
     return [x for k, v in s.items() for x in (f"--{k}", str(v))] + ["--eps", *map(str, eps)]
 
@@ -509,8 +509,9 @@ def test_cross_sampling_settings_reach_the_decode(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(model_module, "load_model", load_spy)
     monkeypatch.setattr(token_shift, "random_switch", switch_spy)
     token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--cross", "forward", "--task", "toy_task",
-                      "--split", pair["split"], "--limit", "4", "--samples_per_prompt", "2", "--max_response_tokens", "10",
-                      "--temperature", "0.6", "--template", "plain", "--seed", "11", "--dtype", spelled,
+                      "--split", pair["split"], "--limit", "4", "--samples_per_prompt", "2",
+                      "--max_response_tokens", "10", "--temperature", "0.6", "--template", "plain", "--seed", "11",
+                      "--dtype", spelled,
                       "--out_dir", str(tmp_path), "--plots", "false", "--progress", "false", "--eps", "inf"])
     assert loaded == [getattr(torch, dtype)] * 2
     assert control_seeds == [common.derive_seed(11, 0, 1)]
