@@ -8,8 +8,9 @@ The paper's protocol is the default: greedy, one sample, at most 4096 new tokens
 overall, and the truncation rate; --samples_per_prompt and --temperature add avg@n and unbiased pass@k. Scoring is
 the task's own `score`, the one that rewards training: a truncated response is wrong (the paper's verl eval
 appended EOS first, which --score_truncated true does; docs/eval.md). A split's prompts are shared out over torchrun
-ranks and gathered in record order (scoring.generate_and_score), so greedy outputs do not depend on the number of
-ranks.
+ranks and gathered in record order (scoring.generate_and_score), so in fp32 greedy outputs do not depend on the
+number of ranks or --gen_batch_size; in bf16 (a GPU's default) another batch shape rounds the logits otherwise and
+flips a greedy token at a near-tie now and then (summary.json records both).
 
 Writes, per (checkpoint, split), OUT_DIR/<checkpoint>/<split>/samples.jsonl (every response with its reward,
 finished flag and length) and summary.json (written last: it marks the pair done, and a re-run skips it unless
@@ -62,8 +63,8 @@ def get_parser():
                    help="prompt template: chat (system prompt), plain Question/Answer, or auto")
     p.add_argument("--gen_batch_size", type=int, default=64,
                    help="prompts decoded at once: this x n rows = the KV cache's slots, which all rows stream through; "
-                        "sets memory and speed, not the samples (but for fp32 rounding, which moves a sampled token "
-                        "now and then)")
+                        "sets memory and speed, not the samples (but for rounding, which moves a token now and then: "
+                        "a sampled one in fp32, in bf16 a greedy one at a near-tie too; summary.json records it)")
     p.add_argument("--dtype", default="auto",
                    help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, float64 "
                         "(exact on a CPU, slow)")
@@ -218,8 +219,9 @@ def main(argv=None):
     if any(k < 1 for k in args.pass_k):
         raise UserError("--pass_k values must be >= 1")
     task = tasks.get_task(args.task)
-    for path in args.checkpoints:
+    for path in args.checkpoints:  # (each, before the first one's generation: a late one could stop a run of hours)
         check_checkpoint(path)
+        tasks.check_tokenizer_files(path)
     names = unique_names([safe_name(os.path.basename(os.path.abspath(p))) for p in args.checkpoints],
                          args.names, "--names", "checkpoints")
     split_names = unique_names([split_label(p) for p in args.splits], args.split_names, "--split_names", "splits")
@@ -239,10 +241,12 @@ def main(argv=None):
     task_source = tasks.task_source_digest(task)
 
     def settings_of(ckpt, split_path, prompts, stamps=None):  # stamps: the checkpoint's, taken before it was loaded
-        return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt), "split_path": os.path.abspath(split_path),
+        return {"task": args.task, "checkpoint_path": os.path.abspath(ckpt),
+                "split_path": split_path if split_path.startswith("hf:") else os.path.abspath(split_path),  # (a hub's)
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_response_tokens": args.max_response_tokens, "template": args.template,
                 "dtype": dtype_name(dtype), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
+                "world_size": world, "gen_batch_size": args.gen_batch_size,  # (not reuse-deciding: see the docstring)
                 "task_source": task_source, "score_truncated": args.score_truncated,
                 "inputs": {**(inputs_of(ckpt, None) if stamps is None else stamps), SPLIT_DIGEST: digests[split_path],
                            PROMPT_DIGEST: prompts}}

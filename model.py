@@ -577,11 +577,12 @@ def parse_dtype(dtype, device=None, training=False):
 
 
 def check_checkpoint(path):
-    """A Hugging Face checkpoint directory (it holds config.json), or a UserError naming the path."""
+    """A Hugging Face checkpoint directory (it holds config.json and weights), or a UserError naming the path."""
     if not os.path.isdir(path):
         raise UserError(f"checkpoint {path}: no such directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"checkpoint {path}: not a Hugging Face checkpoint directory (no config.json)")
+    weight_files(path)
 
 
 def read_config(path) -> ModelConfig:

@@ -53,8 +53,8 @@ def get_parser():
                    help="--from_checkpoint: prompt template (auto = chat when the tokenizer has one)")
     p.add_argument("--gen_batch_size", type=int, default=64,
                    help="--from_checkpoint: prompts decoded at once: this x n rows = the KV cache's slots, which all "
-                        "rows stream through; sets memory and speed, not the samples (but for fp32 rounding, which "
-                        "moves a sampled token now and then)")
+                        "rows stream through; sets memory and speed, not the samples (but for rounding, which moves "
+                        "a token now and then: a sampled one in fp32, in bf16 a greedy one at a near-tie too)")
     p.add_argument("--dtype", default="auto",
                    help="--from_checkpoint: weights dtype for sampling: auto (bfloat16 on CUDA, float32 on CPU), "
                         "float32, bfloat16, float64 (exact on a CPU, slow)")

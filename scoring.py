@@ -128,6 +128,8 @@ def read_summary(path):
         summary_row(summary)
         if type(summary["overall"]["accuracy"]) not in (int, float):
             raise TypeError("overall accuracy is not a number")
+        if not isinstance(summary.get("settings", {}), dict):  # (report.py and eval.py read fields of it)
+            raise TypeError(f"field 'settings' is {summary['settings']!r}, expected an object")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: not an eval summary ({type(e).__name__}: {e})")
     return summary

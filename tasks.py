@@ -146,9 +146,17 @@ def task_source_digest(task):
 def project_imports(path):
     """The source files of `path` and of the modules it imports, directly or through them, that live in this
     project's directory or in path's own (imports read from the source, at any depth of it; not those of the
-    standard library or of installed packages)."""
+    standard library or of installed packages). A package's modules count: `from pkg.grader import f`, `import
+    pkg.grader` and, in a package, `from .grader import f` read pkg/grader.py, not only pkg/__init__.py."""
     homes = {os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(path))}
     found, todo = set(), [os.path.abspath(path)]
+
+    def follow(origin):  # (a source file of this project or beside path: read its imports too)
+        if origin and origin.endswith(".py") and os.path.dirname(os.path.abspath(origin)) in homes:
+            todo.append(os.path.abspath(origin))
+            return True
+        return False
+
     while todo:
         source = todo.pop()
         if source in found:
@@ -156,19 +164,34 @@ def project_imports(path):
         found.add(source)
         with open(source, "rb") as f:
             tree = ast.parse(f.read(), source)
-        nodes = list(ast.walk(tree))
-        names = {a.name for node in nodes if isinstance(node, ast.Import) for a in node.names} | {
-            node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module and not node.level}
-        for name in {name.split(".")[0] for name in names}:  # (this project's modules are files at the top level)
-            origin = getattr(sys.modules.get(name), "__file__", None)
-            if origin is None and name not in sys.stdlib_module_names:
-                try:
-                    spec = importlib.util.find_spec(name)
-                except (ImportError, ValueError):  # (a package that fails to import, or a name a test put there)
-                    spec = None
-                origin = spec.origin if spec is not None else None
-            if origin and origin.endswith(".py") and os.path.dirname(os.path.abspath(origin)) in homes:
-                todo.append(os.path.abspath(origin))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}  # (a name may be a module)
+            elif isinstance(node, ast.ImportFrom):  # relative: files of the source's package (or one above it)
+                base = os.path.dirname(source)
+                for _ in range(node.level - 1):
+                    base = os.path.dirname(base)
+                stem = os.path.join(base, *node.module.split(".")) if node.module else base
+                for candidate in [stem + ".py", os.path.join(stem, "__init__.py"),
+                                  *(os.path.join(stem, a.name + ".py") for a in node.names)]:
+                    if os.path.isfile(candidate):
+                        follow(candidate)
+        for name in names:
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):  # pkg, then pkg.grader (only inside a package of ours)
+                module = ".".join(parts[:depth])
+                origin = getattr(sys.modules.get(module), "__file__", None)
+                if origin is None and parts[0] not in sys.stdlib_module_names:
+                    try:
+                        spec = importlib.util.find_spec(module)
+                    except (ImportError, ValueError):  # (a package that fails to import, a name a test put there,
+                        spec = None                    # or a function imported from a module)
+                    origin = spec.origin if spec is not None else None
+                if not follow(origin):
+                    break
     return found
 
 
@@ -176,6 +199,15 @@ def project_imports(path):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")  # (one of them says the tokens)
+
+
+def check_tokenizer_files(path):
+    """That directory `path` holds a tokenizer's vocabulary (transformers 5 returns an empty tokenizer, one token
+    long, for one that does not, and every text encodes to nothing): a UserError otherwise. Cheap: a script checks
+    every checkpoint it will read before the first one's work."""
+    if not any(os.path.isfile(os.path.join(path, name)) for name in VOCABULARY_FILES):
+        raise UserError(f"{path}: no tokenizer files ({', '.join(VOCABULARY_FILES)}); a checkpoint saved without its "
+                        f"tokenizer: copy in the tokenizer files of the model it was trained from")
 
 
 def load_tokenizer(path):
@@ -191,10 +223,7 @@ def load_tokenizer(path):
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such directory (a checkpoint or tokenizer directory; download hub models first, "
                         f"e.g. huggingface-cli download Qwen/Qwen2.5-1.5B --local-dir DIR)")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in VOCABULARY_FILES):
-        # (transformers 5 then returns an empty tokenizer, one token long, and every text encodes to nothing)
-        raise UserError(f"{path}: no tokenizer files ({', '.join(VOCABULARY_FILES)}); a checkpoint saved without its "
-                        f"tokenizer: copy in the tokenizer files of the model it was trained from")
+    check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         saved = os.path.join(path, "tokenizer.json")

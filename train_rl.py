@@ -278,7 +278,7 @@ def get_parser():
     p.add_argument("--gen_batch_size", type=int, default=32,
                    help="rollout prompts decoded at once: this x n rows = the KV cache's slots, which the step's rows "
                         "stream through (a finished row's slot takes the next); sets memory and speed, not the samples "
-                        "(but for fp32 rounding, which moves a sampled token now and then)")
+                        "(but for rounding, which moves a sampled token now and then)")
     p.add_argument("--keep_engine", default="auto", choices=("auto", "true", "false"),
                    help="keep generation's weight copy, KV cache and CUDA graphs allocated through the update, so each "
                         "step refills them in place and replays the graphs captured before (nano-vllm keeps them "

@@ -173,6 +173,8 @@ def test_greedy_outputs_and_determinism(greedy_run, tiny_checkpoint, split, tmp_
              "--overwrite", "true"] + FAST + ["--max_response_tokens", "8"])
     summary_path = os.path.join(out2, "again/toy_test/summary.json")
     summary = common.read_json(summary_path)
+    # the batch shape it was generated in (in bf16 it can flip a greedy near-tie), recorded, not reuse-deciding
+    assert (summary["settings"]["world_size"], summary["settings"]["gen_batch_size"]) == (1, 16)
     # a damaged earlier result: a clear message, not a traceback
     for damage in ('{"checkpoint": ', b'{"checkpoint": "\xff"}', json.dumps({**summary, "settings": []}),
                    json.dumps({k: v for k, v in summary.items() if k != "settings"}),
@@ -463,6 +465,43 @@ def test_a_chat_template_fixed_in_place_is_evaluated_again(tiny_checkpoint, spli
     assert "m on toy_test: done before, skipped" in capsys.readouterr().out
 
 
+def test_a_hub_split_done_from_one_directory_is_done_from_another(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """A hub split (hf:NAME:SPLIT) is no path: recorded as <cwd>/hf:..., a pair done from one directory was "made
+    with other settings" from another, and only --overwrite (generating it all again) went on."""
+    import math_data
+    rows = [{"problem": f"What is {i} + 1?", "answer": str(i + 1), "level": 1, "subject": "Algebra",
+             "unique_id": f"test/algebra/{i}.json"} for i in range(3)]
+    monkeypatch.setattr(math_data, "_hub_rows",
+                        lambda path: [(f"{path}: row {i}", None, r) for i, r in enumerate(rows)])
+    out = str(tmp_path / "out")
+    args = ["--task", "math", "--checkpoints", tiny_checkpoint, "--names", "m", "--splits", "hf:org/MATH-500:test",
+            "--out_dir", out, "--max_response_tokens", "4", "--progress", "false"]
+    for here in ("a", "b"):
+        os.makedirs(tmp_path / here)
+        monkeypatch.chdir(tmp_path / here)
+        capsys.readouterr()
+        ev.main(args)
+    assert "m on MATH-500_test: done before, skipped" in capsys.readouterr().out
+    summary = common.read_json(os.path.join(out, "m", "MATH-500_test", "summary.json"))
+    assert summary["settings"]["split_path"] == "hf:org/MATH-500:test"
+
+
+def test_every_checkpoint_is_checked_before_the_first_ones_generation(tiny_checkpoint, split, tmp_path):
+    """A later checkpoint without its tokenizer or weights stopped the run when its turn came, after the earlier
+    ones' generation (hours, at the paper's scale): now before any."""
+    import shutil
+    for missing, message in (("tokenizer", r"no-tokenizer: no tokenizer files"),
+                             ("weights", r"no-weights: no model\.safetensors")):
+        ckpt = shutil.copytree(tiny_checkpoint, str(tmp_path / f"no-{missing}"))
+        for name in os.listdir(ckpt):
+            if (name in ev.tasks.VOCABULARY_FILES) if missing == "tokenizer" else name.startswith("model."):
+                os.remove(os.path.join(ckpt, name))
+        out = tmp_path / f"out-{missing}"
+        with pytest.raises(common.UserError, match=message):
+            ev.main(["--checkpoints", tiny_checkpoint, ckpt, "--splits", split, "--out_dir", str(out), *FAST])
+        assert not out.exists()
+
+
 def test_sampled_metrics(tiny_checkpoint, split, tmp_path):
     out = str(tmp_path / "sampled")
     args = ["--checkpoints", tiny_checkpoint, "--splits", split, "--samples_per_prompt", "4", "--temperature", "1.0",
@@ -574,7 +613,17 @@ def test_torchrun_two_processes_equal_one(greedy_run, tiny_checkpoint, split, tm
     assert "(2 rank(s))" in proc.stdout
     for rel in ("base/toy_test/samples.jsonl", "base/toy_test/summary.json", "again/toy_test/summary.json",
                 "results.md"):
-        assert read(os.path.join(out, rel)) == read(os.path.join(greedy_run, rel)), rel
+        assert_same_result(os.path.join(out, rel), os.path.join(greedy_run, rel))
+
+
+def assert_same_result(at_2_ranks, at_1_rank):
+    """The same file at 2 ranks as at 1 (a summary: but for the world size it records)."""
+    if at_1_rank.endswith("summary.json"):
+        two, one = common.read_json(at_2_ranks), common.read_json(at_1_rank)
+        assert (two["settings"].pop("world_size"), one["settings"].pop("world_size")) == (2, 1)
+        assert two == one, at_1_rank
+    else:
+        assert read(at_2_ranks) == read(at_1_rank), at_1_rank
 
 
 @pytest.mark.torchrun
@@ -589,7 +638,7 @@ def test_torchrun_with_fewer_records_than_ranks(tiny_checkpoint, split, tmp_path
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rel in ("base/one/samples.jsonl", "base/one/summary.json"):
-        assert read(tmp_path / "ddp" / rel) == read(tmp_path / "alone" / rel), rel
+        assert_same_result(str(tmp_path / "ddp" / rel), str(tmp_path / "alone" / rel))
 
 
 @pytest.mark.torchrun

@@ -1,4 +1,5 @@
 """report.py: the final table from what the stages wrote (a synthetic run directory, no model needed)."""
+import json
 import os
 
 import pytest
@@ -328,6 +329,8 @@ def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
     ("eval/rl/test/summary.json", "", r"summary\.json: cannot read an eval summary"),
     ("eval/rl/test/summary.json", b"{\"a\": \"\xff\"}", r"summary\.json: cannot read an eval summary"),
     ("eval/rl/test/summary.json", '{"settings": {}}', r"summary\.json: not an eval summary \(KeyError"),
+    ("eval/rl/test/summary.json", lambda path: json.dumps({**json.loads(path.read_text()), "settings": ["oops"]}),
+     r"summary\.json: not an eval summary \(TypeError: field 'settings' is \['oops'\], expected an object"),
     ("eval_se/se_top/test/summary.json", "[]", r"summary\.json: an eval summary expected, got a JSON list"),
     ("rl/settings.json", "{}", r"settings\.json: field 'prompts_per_step' missing"),
     ("rl/metrics.jsonl", '{"step": null, "reward": 1}\n', r"metrics\.jsonl: step None is not an integer"),
@@ -348,6 +351,7 @@ def test_a_damaged_input_is_one_line_naming_its_file(run_dir, damage):
     """report.py reads what every stage wrote: a damaged file (a hand edit, a copy cut short) is one line naming it,
     not a traceback at the end of a study."""
     name, text, message = damage
+    text = text(run_dir / name) if callable(text) else text  # (a change to the file as it is)
     (run_dir / name).write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(common.UserError, match=message):
         report.main(["--out_dir", str(run_dir), "--preset", "tiny", "--plots", "false"])

@@ -417,6 +417,32 @@ def test_the_score_digest_follows_the_modules_a_task_imports_and_its_scorer_pack
     assert tasks.task_source_digest(math_data) != tasks.task_source_digest(toy_task)
 
 
+def test_the_score_digest_follows_a_task_packages_own_modules(tmp_path, monkeypatch):
+    """`--task pkg.mytask` (get_task's layout for a fork): the grader it imports from its package, relatively or by
+    the package's name, counts; only pkg/__init__.py did, so an edited grader left finished pairs' rewards as they
+    were."""
+    package = tmp_path / "scored_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mytask.py").write_text("from .grader import check\nfrom scored_pkg.rules import TOLERANCE\n"
+                                       "import scored_pkg.limits\n")
+    (package / "grader.py").write_text("from . import helpers\n\ndef check(x):\n    return helpers.ok(x)\n")
+    (package / "helpers.py").write_text("def ok(x):\n    return 0.0\n")
+    (package / "rules.py").write_text("TOLERANCE = 0\n")
+    (package / "limits.py").write_text("LIMIT = 1\n")
+    (package / "unused.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("scored_pkg.mytask")
+    assert {os.path.relpath(p, tmp_path) for p in tasks.project_imports(module.__file__)} == {
+        os.path.join("scored_pkg", name) for name in
+        ("mytask.py", "__init__.py", "grader.py", "helpers.py", "rules.py", "limits.py")}
+    before = tasks.task_source_digest(module)
+    for name in ("helpers.py", "rules.py", "limits.py"):
+        (package / name).write_text((package / name).read_text() + "# edited\n")
+        assert tasks.task_source_digest(module) != before, name
+        before = tasks.task_source_digest(module)
+
+
 def test_a_toy_split_with_a_number_for_its_answer_is_refused_naming_line_and_field(tmp_path):
     """The example task for forks: its score compares text, so an answer 7 (not "7") scored every right answer 0."""
     path = tmp_path / "toy.jsonl"
