@@ -362,6 +362,7 @@ TIMES_NUMBER = re.compile(r"(?<=[\d)])(?<![_^]\d)(?<![_^]\d\d)(?:\s|\\[,;: ]|\\q
 # a tuple of variables in the question ("the ordered pair $(x,y)$") and an answer of assignments to them
 VARIABLE_TUPLE = re.compile(r"\(\s*[A-Za-z]\s*(?:,\s*[A-Za-z]\s*)+\)")
 ASSIGNMENT = re.compile(r"\s*([A-Za-z])\s*=\s*([^=]+?)\s*")
+BRACKETED = re.compile(r"\s*(?:\\left\s*)?[(\[]")  # a gold tuple or interval
 
 
 def as_graded(answer, record):
@@ -382,15 +383,26 @@ def as_graded(answer, record):
     return answer
 
 
+def assignments(answer):
+    """[(name, value)] of an answer that is a list of two or more assignments ("x=2, y=3"), else None."""
+    parts = [ASSIGNMENT.fullmatch(part) for part in re.sub(r"\\[,;:! ]|\\q?quad(?![A-Za-z])", " ", answer).split(",")]
+    return [(m[1], m[2]) for m in parts] if len(parts) >= 2 and all(parts) else None
+
+
+def values_of_one_name(answer):
+    """Whether the answer assigns one name twice or more ("x=2, x=3"): the values of one variable (a list question's
+    roots), never a tuple or an interval."""
+    pairs = assignments(answer)
+    return pairs is not None and len({name for name, _ in pairs}) < len(pairs)
+
+
 def as_tuple(answer, question):
     """Assignments to the variables of a tuple the question asks for, as that tuple: "y=3, x=2" is "(2, 3)" where
     it asks for "$(x,y)$" (math-verify reads assignments in the order written: "y=2, x=3" was (2, 3)). Any other
     answer comes back as it is."""
-    parts = [ASSIGNMENT.fullmatch(part) for part in re.sub(r"\\[,;:! ]|\\q?quad(?![A-Za-z])", " ", answer).split(",")]
-    if len(parts) < 2 or not all(parts):
-        return answer
-    values = {m[1]: m[2] for m in parts}
-    if len(values) < len(parts):  # a name twice ("x=2, x=3": the roots of a list question)
+    pairs = assignments(answer)
+    values = dict(pairs or ())
+    if pairs is None or len(values) < len(pairs):  # (a name twice: values_of_one_name)
         return answer
     for tuple_ in VARIABLE_TUPLE.findall(question):
         names = re.findall(r"[A-Za-z]", tuple_)
@@ -540,6 +552,8 @@ def score(response, record, finished) -> float:
         if marks_gold and marks_pred and marks_gold != marks_pred:
             return 0.0
         if hedged(pred, gold, record.get("question", "")):
+            return 0.0
+        if values_of_one_name(pred) and BRACKETED.match(gold):  # ("x=2, x=3" is no pair (2, 3), no interval)
             return 0.0
         bases_gold, bases_pred = set(NUMBER_BASE.findall(gold)), set(NUMBER_BASE.findall(pred))
         if bases_gold and bases_pred and bases_gold != bases_pred:  # (a number without its base: as before)

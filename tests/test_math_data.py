@@ -275,6 +275,11 @@ def test_assignments_answer_the_tuple_the_question_asks_for():
         assert score(f"So $\\boxed{{{pred}}}$.", pair, True) == expected, pred
     triple = {"question": "Enter the ordered triple $(a,b,c).$", "answer": "(1,-2,\\frac{1}{2})"}
     assert score("So $\\boxed{c = \\frac{1}{2}, a = 1, b = -2}$.", triple, True) == 1.0
+    # one name twice is the values of one variable (a list question's roots): no pair, no interval; a list
+    for gold in ("(2,3)", "\\left( 2, 3 \\right)", "[2, 3]"):
+        assert score("So $\\boxed{x=2, x=3}$.", {**pair, "answer": gold}, True) == 0.0, gold
+    roots = {"question": "Find all solutions $x$, separated by commas.", "answer": "2, 3"}
+    assert score("So $\\boxed{x=2, x=3}$.", roots, True) == 1.0
     assert math_data.as_tuple("y=3, x=2", "Find $x$ and $y$.") == "y=3, x=2"  # no tuple asked for: as written
     assert math_data.as_tuple("x=1,000", "the pair $(x,y)$") == "x=1,000"
 
