@@ -421,10 +421,45 @@ def check_sft_record(path, lineno, rec):
     # (a lone surrogate, which no tokenizer takes, is refused as the line is read: common.iter_jsonl)
 
 
+def lone_text_marker(tokenizer):
+    """The mark a tokenizer puts before every text it encodes alone, or None: sentencepiece's "▁" (a Prepend
+    normalizer or a Metaspace that prepends, as Llama-2's and Mistral's tokenizers have), a byte-level "Ġ" with
+    add_prefix_space. Read from the fast tokenizer's normalizer and pre-tokenizer (a few hundred bytes of JSON)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if kind == "Prepend":
+                found.append(node.get("prepend"))
+            elif kind == "Metaspace" and (node.get("prepend_scheme") in ("first", "always")
+                                          or node.get("add_prefix_space")):
+                found.append(node.get("replacement"))
+            elif kind == "ByteLevel" and node.get("add_prefix_space"):
+                found.append("Ġ")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    for part in (getattr(backend, "normalizer", None), getattr(backend, "pre_tokenizer", None)):
+        if part is not None:
+            walk(json.loads(part.__getstate__()))
+    return found[0] if found else None
+
+
 def sft_token_ids(tokenizer, prompts, responses, eos=True):
     """Token ids of (prompt, response) pairs as SFT trains on them: the prompt (after BOS where the model family
     expects one: encode_prompts) and the response tokenized separately, no other special tokens, then EOS (eos: one
-    bool for all, or one per pair). Returns [(ids, start)], start = the index of the first response token."""
+    bool for all, or one per pair). Returns [(ids, start)], start = the index of the first response token. A
+    tokenizer that marks the start of a text it encodes alone (lone_text_marker) is refused: each response would
+    begin with a token the model never makes after its prompt, and SFT would teach it that token."""
+    if marker := lone_text_marker(tokenizer):
+        raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} puts {marker!r} before every text it "
+                        f"encodes alone (sentencepiece's, as Llama-2's and Mistral's): a response tokenized apart "
+                        f"from its prompt would begin with a token generation never makes after the prompt; such "
+                        f"tokenizers are not supported for SFT (Qwen2.5's and Llama-3's are)")
     eos = [eos] * len(prompts) if isinstance(eos, bool) else eos
     prompt_ids = encode_prompts(tokenizer, prompts) if prompts else []
     response_ids = text_token_ids(tokenizer, responses)

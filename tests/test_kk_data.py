@@ -173,6 +173,7 @@ SCORER_CASES = [
     (boxed("\\text{Emma is a knight}, \\text{Liam is a knave}, \\text{Sophia is a knight}"), 1.0),
     (boxed("\\textbf{Emma} is a knight, \\textbf{Liam} is a knave, \\textbf{Sophia} is a knight"), 1.0),
     (boxed("\\mathrm{Emma\\ is\\ a\\ knight},\\quad \\mathrm{Liam\\ is\\ a\\ knave},\\; Sophia~is~a~knight"), 1.0),
+    (boxed("{\\tt Emma} is a knight, {\\sf Liam} is a knave, {\\sc Sophia} is a {\\sl knight}"), 1.0),  # (\tt: no \t)
     (boxed("Emma is a knight,\\\\Liam is a knave,\\\\Sophia is a knight"), 1.0),  # LaTeX line breaks, no space
     (boxed("(1) Emma is a knight\n(2) Liam is a knave\n(3) Sophia is a knight"), 1.0),
     (boxed("1. Emma is a knight 2. Liam is a knave 3. Sophia is a knight."), 1.0),
@@ -743,20 +744,26 @@ def test_load_split_from_the_hub_uses_the_official_dataset(tmp_path, monkeypatch
 
 def test_cli_sft_val_fraction_holds_out_the_paper_share_of_the_sft_pool(tmp_path):
     """--sft_val_fraction 0.1 is the paper's cut: the pool shuffled with seed 1234, the first int(0.9 n) for SFT, the
-    rest held out; 0 (the default) writes the whole pool in the generator's order and no sft_val.jsonl."""
+    rest held out but for the logical twins of SFT puzzles; 0 (the default) writes the whole pool in the generator's
+    order and no sft_val.jsonl."""
     base = ["--train_people", "3", "--train_per_people", "4", "--test_people", "4", "--test_per_people", "2",
-            "--sft_people", "2-3", "--sft_per_people", "8,13"]
+            "--sft_people", "2", "--sft_per_people", "60"]  # (2 people: 41 logic classes, so twins)
     K.main(base + ["--out_dir", str(tmp_path / "whole")])
     pool = K.load_split(str(tmp_path / "whole" / "sft.jsonl"))
-    assert len(pool) == 21 and not (tmp_path / "whole" / "sft_val.jsonl").exists()
+    assert len(pool) == 60 and not (tmp_path / "whole" / "sft_val.jsonl").exists()
     K.main(base + ["--out_dir", str(tmp_path / "cut"), "--sft_val_fraction", "0.1"])
     train = K.load_split(str(tmp_path / "cut" / "sft.jsonl"))
     val = K.load_split(str(tmp_path / "cut" / "sft_val.jsonl"))
     shuffled = list(pool)
     random.seed(1234)  # the paper's K_and_K_preprocess, as written there
     random.shuffle(shuffled)
-    assert [r["id"] for r in train] == [r["id"] for r in shuffled[:int(21 * 0.9)]]
-    assert [r["id"] for r in val] == [r["id"] for r in shuffled[int(21 * 0.9):]] and len(val) == 3
+    assert [r["id"] for r in train] == [r["id"] for r in shuffled[:int(60 * 0.9)]]
+    # held out: the rest, less those with a logical twin in sft.jsonl (the same truth table, answer and chain of
+    # thought: no held-out data; the paper's cut kept them)
+    in_train = {K.logic_key(K.parse_statements(r["statements"], r["people"])) for r in train}
+    rest = shuffled[int(60 * 0.9):]
+    twins = [r for r in rest if K.logic_key(K.parse_statements(r["statements"], r["people"])) in in_train]
+    assert twins and [r["id"] for r in val] == [r["id"] for r in rest if r not in twins]
     for bad in ("1", "-0.1", "nan"):
         with pytest.raises(common.UserError, match="sft_val_fraction"):
             K.main(base + ["--out_dir", str(tmp_path / "bad"), "--sft_val_fraction", bad])

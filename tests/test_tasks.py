@@ -443,6 +443,36 @@ def test_the_score_digest_follows_a_task_packages_own_modules(tmp_path, monkeypa
         before = tasks.task_source_digest(module)
 
 
+def test_sft_refuses_a_tokenizer_that_marks_the_start_of_a_lone_text():
+    """A sentencepiece tokenizer (Llama-2's, Mistral's) puts "▁" before a text it encodes alone: SFT's response,
+    tokenized apart from its prompt, began with a "▁" token generation never makes after the prompt, and SFT taught
+    it. Refused by name; a byte-level tokenizer without a prefix space (the project's, Qwen's, Llama-3's) passes."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    prompt, response = "Question: who is a knight?\nAnswer:", "\nThe final answer is Emma is a knight."
+
+    def tokenizer(normalizer=None, pre_tokenizer=None):
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+        trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"])
+        tok.train_from_iterator([prompt + response] * 20, trainer)
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    metaspace = tokenizer(pre_tokenizer=pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"))
+    alone = metaspace.convert_ids_to_tokens(tasks.text_token_ids(metaspace, [response])[0])
+    assert alone[0] == "▁"  # (the mark: after the prompt, generation's first token is the newline's)
+    for marked, mark in ((metaspace, "▁"),
+                         (tokenizer(normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])),
+                          "▁"),
+                         (tokenizer(pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=True)), "Ġ")):
+        assert tasks.lone_text_marker(marked) == mark
+        with pytest.raises(UserError, match=f"puts '{mark}' before every text it encodes alone"):
+            tasks.sft_token_ids(marked, [prompt], [response])
+    plain = tokenizer(pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=False))
+    assert tasks.lone_text_marker(plain) is None
+    (ids, start), = tasks.sft_token_ids(plain, [prompt], [response])
+    assert plain.convert_ids_to_tokens(ids[start])[0] == "Ċ"  # (its first token: the newline's, unmarked)
+
+
 def test_a_toy_split_with_a_number_for_its_answer_is_refused_naming_line_and_field(tmp_path):
     """The example task for forks: its score compares text, so an answer 7 (not "7") scored every right answer 0."""
     path = tmp_path / "toy.jsonl"
