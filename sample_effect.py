@@ -578,7 +578,10 @@ def main(argv=None):
                 "device_type": device.type,  # (the CountSketch's hashes are drawn on the device)
                 "sft_digest": sft_digest,
                 "eval_digest": common.data_digest(records),
-                "checkpoint_files": checkpoint_stamps(args.checkpoint)}  # (its weights and config)
+                # the prompts as rendered (the task's render_prompt, the chat template, --template auto's choice)
+                "prompt_digest": common.data_digest(prompt_ids),
+                # its weights, config and tokenizer files (a chat template fixed in place: another ∇J)
+                "checkpoint_files": checkpoint_stamps(args.checkpoint, tasks.TOKENIZER_FILES)}
     ckpt.code_stamp()  # (the code as the run starts: identity.json records it once ∇J is computed, minutes later)
     # rank 0 decides and tells the others, so that all share out the same remaining samples
     partial_rows = parallel.on_rank0(lambda: open_partial(partial, identity, args.resume))

@@ -354,6 +354,12 @@ def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path,
             se.main(args)
     finally:
         torch.set_num_threads(threads)
+    # ... and so are other prompts (a chat template fixed in place, an edited system prompt): another ∇J
+    system_prompt = se.tasks.SYSTEM_PROMPT
+    monkeypatch.setattr(se.tasks, "SYSTEM_PROMPT", system_prompt + " Be brief.")
+    with pytest.raises(UserError, match="prompt_digest: was '[0-9a-f]+', now '[0-9a-f]+'"):
+        se.main(args)
+    monkeypatch.setattr(se.tasks, "SYSTEM_PROMPT", system_prompt)
     monkeypatch.setattr(se, "sample_effects", stopping_after(10**9))
     (tmp_path / ".tmp_effects.jsonl.k1ll3d_x").write_text("a kill inside the last write")  # removed, holding the lock
     se.main(args)

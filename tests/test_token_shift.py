@@ -437,6 +437,17 @@ def test_a_broken_responses_file(pair, tmp_path, bad, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_responses_file_given_twice_is_refused(pair, tmp_path, monkeypatch):
+    """Its every response would count twice (the positions, the high-JS tallies, tokens.jsonl): refused, as
+    sample_effect.py refuses an --sft_data file twice; another spelling of it too."""
+    common.write_jsonl(str(tmp_path / "r.jsonl"), pair["rows"][:2])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(common.UserError, match=r"--responses \./r\.jsonl: the same file as --responses .*r\.jsonl"):
+        token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", str(tmp_path / "r.jsonl"),
+                          os.path.join(".", "r.jsonl"), "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # a subprocess that imports torch
 def test_the_command_line_prints_one_line(pair, tmp_path):
     (tmp_path / "r.jsonl").write_text('{"id": 1, "prompt": "a", "response": "b"}\n[1, 2]\n')
