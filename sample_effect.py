@@ -7,7 +7,8 @@ our reconstruction of the paper's section 2.2-2.3, whose equations could not be 
         --sft_data data/kk/teacher.jsonl data/kk/redistill.jsonl --out out/se/effects.jsonl \\
         --select 100 --select_out out/se/top.jsonl --select_bottom out/se/bottom.jsonl \\
         --select_random out/se/random.jsonl --select_from data/kk/redistill.jsonl
-    torchrun --nproc_per_node=8 sample_effect.py ... --params 'layers\\.2[0-7]\\.|norm' --proj_dim 8192
+    torchrun --nproc_per_node=8 sample_effect.py ... --params 'layers\\.2[0-7]\\.|^model\\.norm\\.' --proj_dim 8192
+                                         # (the last 8 of 28 layers and the final norm)
 
 grad J is a leave-one-out policy gradient from --samples_per_prompt rollouts per prompt, computed once on the
 FSDP-sharded model; each SFT sample then costs one backward, reduced at once to an inner product with grad J:
