@@ -183,6 +183,12 @@ def break_line(path, lineno, text):
     open(path, "w").write("\n".join(lines) + "\n")
 
 
+def first_row(file_step, **fields):
+    """A damage: the first row of step file_step's log replaced by one of pool prompt 0, reward 1, these fields."""
+    return lambda log, pool: break_line(log / f"step_{file_step:06d}.jsonl", 1,
+                                        json.dumps({"id": pool[0]["id"], "reward": 1, "step": file_step, **fields}))
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda log, pool: break_line(log / "step_000003.jsonl", 2, '{"id": "toy-train-00000", "reward": '),
      r"step_000003\.jsonl:2: not valid JSON"),
@@ -210,19 +216,12 @@ def break_line(path, lineno, text):
     # scores of an epoch (mid-run) or dropped the last as a stopped one
     (lambda log, pool: open(log / "step_000004.jsonl", "w").close(),
      r"step_000004\.jsonl: no rows; its writer never writes an empty file, so this is a damaged copy"),
-    (lambda log, pool: break_line(log / "step_000003.jsonl", 1,
-                                  json.dumps({"id": pool[0]["id"], "reward": 1, "step": 2, "epoch": 1})),
-     r"step_000003\.jsonl:1: field 'step' is 2, expected 3"),
+    (first_row(3, step=2, epoch=1), r"step_000003\.jsonl:1: field 'step' is 2, expected 3"),
     # the logged epochs, in step order, start at 0 and never go down or skip one
-    (lambda log, pool: break_line(log / "step_000001.jsonl", 1,
-                                  json.dumps({"id": pool[0]["id"], "reward": 1, "step": 1, "epoch": 1})),
+    (first_row(1, epoch=1),
      r"step_000001\.jsonl:1: field 'epoch' is 1, expected 0 \(the log's first row\): a probe run's epochs"),
-    (lambda log, pool: break_line(log / "step_000004.jsonl", 1,
-                                  json.dumps({"id": pool[0]["id"], "reward": 1, "step": 4, "epoch": 0})),
-     r"step_000004\.jsonl:1: field 'epoch' is 0, expected 1 or 2 \(after epoch 1\)"),
-    (lambda log, pool: break_line(log / "step_000003.jsonl", 1,
-                                  json.dumps({"id": pool[0]["id"], "reward": 1, "step": 3, "epoch": 2})),
-     r"step_000003\.jsonl:1: field 'epoch' is 2, expected 0 or 1 \(after epoch 0\)"),
+    (first_row(4, epoch=0), r"step_000004\.jsonl:1: field 'epoch' is 0, expected 1 or 2 \(after epoch 1\)"),
+    (first_row(3, epoch=2), r"step_000003\.jsonl:1: field 'epoch' is 2, expected 0 or 1 \(after epoch 0\)"),
 ])
 def test_bad_input_is_one_line_naming_the_place_and_nothing_is_written(hand, damage, message):
     damage(hand["dir"] / "probe" / "rollouts", hand["pool"])
