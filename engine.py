@@ -76,11 +76,13 @@ def seed32(seed):
 
 def sampling_probs(logits, temperature, top_p):
     """The distribution sample_next draws from, for fp32 logits (rows, V) and temperature > 0: (log-probs of
-    softmax(logits / T), its probabilities with everything outside the top-p nucleus set to 0, not renormalised)."""
+    softmax(logits / T), its probabilities with everything outside the top-p nucleus set to 0, not renormalised).
+    Tokens tied at the nucleus's edge are taken in id order (a stable sort: the CPU's other sort kept an arbitrary
+    one of them, which bf16-rounded logits tie often, where CUDA's kept the lowest id)."""
     logp = torch.log_softmax(logits if temperature == 1 else logits / temperature, -1)  # x / 1 = x: one pass less
     probs = logp.exp()
     if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(-1, descending=True)
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before a token already reaches top_p
         drop[..., 0] = False  # (the most likely token always stays)
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))

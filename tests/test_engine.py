@@ -545,6 +545,14 @@ def test_sample_next_follows_the_tempered_and_nucleus_distribution():
         probs = engine.sampling_probs(torch.tensor([row]), 1.0, top_p)[1]
         assert int((probs > 0).sum()) == kept
     assert int(engine.sampling_probs(torch.tensor([[0.0, 1.0, 2.0]]), 1.0, 0.0)[1].argmax()) == 2
+    # tokens tied at the edge are taken in id order (the CPU's unstable sort kept any of them): in a large
+    # vocabulary, ids 1000-1003 tied behind 1 and 2, a nucleus that takes one of the four takes id 1000
+    row = torch.full((1, 151_936), -30.0)
+    row[0, 1], row[0, 2], row[0, 1000:1004] = 2.0, 2.0, 1.0
+    probs = engine.sampling_probs(row, 1.0, 0.6)[1]
+    p = torch.softmax(row[0], -1)
+    assert 2 * p[1] < 0.6 < 2 * p[1] + p[1000]  # (the edge falls inside the tied four)
+    assert (probs[0] > 0).nonzero().flatten().tolist() == [1, 2, 1000]
 
 
 def test_sample_blocked_draws_sample_next_tokens():
