@@ -578,7 +578,9 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                 loss.backward()  # FSDP reduce-scatters and sums over ranks; .grad accumulates over micro-batches
                 loss_sum += loss.item()
                 sums["pg_tokens"] += lp.numel()
-                sums["entropy"] += ent.detach().sum().item()
+                if epoch == 0:  # (the first pass's, as kl and is_*: a later epoch's is of weights updated since)
+                    sums["entropy"] += ent.detach().sum().item()
+                    sums["entropy_pass_tokens"] += lp.numel()
                 sums["clipped"] += clipped.sum().item()
                 sums["train_tokens"] += sum(lengths[i] for i in mb)
                 if not batch.need_old and epoch == 0:
@@ -619,7 +621,7 @@ def step_metrics(step, epoch, batch, sums, times, device, kl_logged):
     return {"step": step, "epoch": epoch, "reward": g["reward"] / seqs, "acc": g["correct"] / seqs,
             "zero_var_frac": g["zero_var"] / max(g["groups"], 1), "len_mean": g["resp_tokens"] / seqs,
             "len_max": mx["len_max"], "truncated": g["truncated"] / seqs,
-            "entropy": g["entropy"] / pg_tokens if pg_tokens else None,
+            "entropy": g["entropy"] / g["entropy_pass_tokens"] if g["entropy_pass_tokens"] else None,
             "kl": g["kl"] / g["kl_tokens"] if kl_logged and g["kl_tokens"] else None,
             "clip_frac": g["clipped"] / pg_tokens if pg_tokens and batch.clips else None,  # (kl_cov has no clip)
             "logprob_gap": g["gap"] / g["gap_tokens"] if g["gap_tokens"] else None, "train_seqs": int(g["used"]),
@@ -853,6 +855,14 @@ def main(argv=None):
     elif args.baseline == "loo" and args.std_normalize:
         print0("note: --baseline loo with --std_normalize true: GRPO's advantages times n / (n - 1); RLOO has no std "
                "(--std_normalize false)")
+    through_ratio = [f"--{name} {getattr(args, name)}" for name, acts in (
+        ("policy_loss", args.policy_loss == "cispo"), ("ratio_level", args.ratio_level == "sequence"),
+        ("clip_low", args.clip_low != parser.get_default("clip_low")),
+        ("clip_high", args.clip_high != parser.get_default("clip_high"))) if acts]
+    if through_ratio and not several_updates:  # (kl_cov's and dwa's notes below)
+        print0(f"note: {', '.join(through_ratio)} with one on-policy update per batch: the ratio pi / pi_old is 1, "
+               f"which no clip band cuts and CISPO and GSPO leave as it is, so the update is the default's; they act "
+               f"with --ppo_mini_batches > 1 or --ppo_epochs > 1 (docs/grpo.md)")
     if args.adv_weight == "dwa" and not several_updates:
         print0("note: --adv_weight dwa with one on-policy update per batch: KL to the old policy is 0, so w = 1 "
                "(no effect); it acts with --ppo_mini_batches > 1 or --ppo_epochs > 1")
@@ -917,8 +927,8 @@ def main(argv=None):
             train_idx=[j for j, s in enumerate(rollouts) if s["length"] > 0 and trains[j // n]
                        and not (args.drop_zero_variance_groups and zero_var[j // n])
                        and not (args.mask_truncated and not s["finished"])])
-        sums = dict.fromkeys(("pg_tokens", "entropy", "kl", "kl_tokens", "clipped", "gap", "gap_tokens",
-                              "train_tokens", "is_weight", "is_capped", "is_kl", "is_tokens"), 0.0)
+        sums = dict.fromkeys(("pg_tokens", "entropy", "entropy_pass_tokens", "kl", "kl_tokens", "clipped", "gap",
+                              "gap_tokens", "train_tokens", "is_weight", "is_capped", "is_kl", "is_tokens"), 0.0)
 
         # 3. the optional branch: a no-grad pre-pass for old (several updates, k1) and reference log-probs; k1 needs
         # every response of a group that may train, since each one's shaped reward enters its group's advantages

@@ -508,6 +508,19 @@ def test_later_epochs_weigh_the_loss_as_the_first(rl_run):
     assert one["is_weight"] < 0.1  # (the weights are far from 1: dropping them would show)
 
 
+def test_the_logged_entropy_is_the_first_passes_and_ratio_settings_on_policy_are_noted(rl_run, capsys):
+    """--ppo_epochs 3 logged the mean entropy over its three passes, the later two of weights updated since: now the
+    first pass's, as kl and is_*, so that runs of other --ppo_epochs compare. And CISPO, GSPO's ratio and a clip
+    band act through the ratio pi / pi_old alone, 1 with one on-policy update: said so there, not with three."""
+    ratio = dict(policy_loss="cispo", ratio_level="sequence", loss_agg="seq_mean_token_mean", clip_high=0.5)
+    (one,), _, _ = rl_run("one", lr=3e-2, **ratio)
+    assert ("note: --policy_loss cispo, --ratio_level sequence, --clip_high 0.5 with one on-policy update per batch: "
+            "the ratio pi / pi_old is 1") in capsys.readouterr().out
+    (three,), _, _ = rl_run("three", lr=3e-2, ppo_epochs=3, **ratio)
+    assert three["updates"] == 3 and three["entropy"] == pytest.approx(one["entropy"], rel=1e-6)
+    assert "on-policy update per batch" not in capsys.readouterr().out
+
+
 def other_reference(tiny_checkpoint, path):
     """A reference policy for the KL that is not the start policy (other random weights, the same tokenizer), so
     the KL is not 0 already at step 1."""
