@@ -81,6 +81,7 @@ def get_parser():
 GENERATION_SETTINGS = ("task", "checkpoint_path", "split_path", "samples_per_prompt", "temperature", "top_p",
                        "max_response_tokens", "template", "dtype", "seed")
 SAMPLING_ONLY = ("top_p", "seed")  # (greedy decoding reads neither: a greedy pair is reused whatever they are)
+GENERATED_IN = ("world_size", "gen_batch_size")  # recorded, not compared (bf16: they can flip a greedy near-tie)
 
 
 # -----------------------------------------------------------------------------
@@ -201,8 +202,9 @@ def read_done(summary_path, samples_path, settings, records, task):
         now = {**summary, **summarize(samples, records, task.DIFFICULTY, settings["pass_k_asked"])}
     except UserError as e:  # (samples of another split, or a line lost: the file is no result of these settings)
         raise UserError(f"{samples_path}: {e}; pass --overwrite true to evaluate again") from e
-    if now != summary or rescore:
-        now |= {"settings": settings, "difficulty_key": task.DIFFICULTY}  # (its stamp: re-scored by today's rule)
+    if now != summary or rescore:  # (its stamp: re-scored by today's rule; the batch shape it was generated in stays)
+        generated_in = {k: old.get(k) for k in GENERATED_IN}  # (None: an earlier version's, not recorded)
+        now |= {"settings": {**settings, **generated_in}, "difficulty_key": task.DIFFICULTY}
         common.write_json(summary_path, now)
     return now
 
@@ -246,7 +248,7 @@ def main(argv=None):
                 "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "top_p": args.top_p,
                 "max_response_tokens": args.max_response_tokens, "template": args.template,
                 "dtype": dtype_name(dtype), "seed": args.seed, "pass_k_asked": sorted(set(args.pass_k)),
-                "world_size": world, "gen_batch_size": args.gen_batch_size,  # (not reuse-deciding: see the docstring)
+                "world_size": world, "gen_batch_size": args.gen_batch_size,  # GENERATED_IN
                 "task_source": task_source, "score_truncated": args.score_truncated,
                 "inputs": {**(inputs_of(ckpt, None) if stamps is None else stamps), SPLIT_DIGEST: digests[split_path],
                            PROMPT_DIGEST: prompts}}

@@ -226,6 +226,10 @@ def test_a_reused_pairs_numbers_are_recomputed_from_its_samples(tiny_checkpoint,
     path.write_text(json.dumps(wrong))
     ev.main(args)
     assert json.loads(path.read_text(encoding="utf-8")) == right
+    # rewritten by a run of another batch size, the summary keeps the one its samples were generated in
+    path.write_text(json.dumps(wrong))
+    ev.main(args + ["--gen_batch_size", "3"])
+    assert json.loads(path.read_text(encoding="utf-8")) == right and right["settings"]["gen_batch_size"] == 16
 
 
 def test_a_reused_pairs_damaged_samples_are_a_line_naming_the_file(tiny_checkpoint, split, tmp_path):

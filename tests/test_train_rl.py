@@ -334,8 +334,8 @@ def test_a_setting_whose_switch_is_off_is_named_as_unused(toy, tmp_path, capsys)
         assert f"note: {note}" in out, note
     assert train_rl.main(rl_args(toy, tmp_path / "d", max_steps=1, adv_weight="dwa", dwa_s=1.5,
                                  ratio_level="sequence", loss_agg="seq_mean_token_mean")) == 0
-    out = capsys.readouterr().out  # the defaults, and a setting whose switch is on: no note
-    assert "not used" not in out and "GSPO" not in out
+    out = capsys.readouterr().out  # the defaults, and a setting whose switch is on: no note of those
+    assert "not used" not in out and "GSPO's ratio on another objective" not in out
 
 
 @pytest.mark.slow
@@ -721,13 +721,14 @@ def test_rollout_reserve_and_step_metrics_by_hand(monkeypatch):
     batch = SimpleNamespace(rollouts=rollouts, rewards=[1.0, 0.0, 1.0, 1.0], zero_var=[False, True],
                             trains=[True, False], train_idx=[0, 1], dynamic=True, gen_batches=1, clips=True)
     sums = dict.fromkeys(("entropy", "kl", "kl_tokens", "gap", "gap_tokens", "train_tokens", "is_weight", "is_capped",
-                          "is_kl", "is_tokens"), 0.0) | {"pg_tokens": 10, "clipped": 2, "entropy": 5.0}
+                          "is_kl", "is_tokens"), 0.0) | {"pg_tokens": 10, "clipped": 2, "entropy": 5.0,
+                                                         "entropy_pass_tokens": 5}  # (two passes: the first's)
     times = dict.fromkeys(("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
                            "graph_captures", "capture_s"), 1.0)
     m = train_rl.step_metrics(3, 0, batch, sums, times, torch.device("cpu"), kl_logged=False)
     assert (m["reward"], m["acc"], m["zero_var_frac"], m["truncated"], m["len_mean"], m["len_max"]) == (
         0.75, 0.75, 0.5, 0.25, 5.0, 8)
-    assert (m["clip_frac"], m["entropy"], m["kept_frac"], m["train_seqs"], m["kl"]) == (0.2, 0.5, 0.5, 2, None)
+    assert (m["clip_frac"], m["entropy"], m["kept_frac"], m["train_seqs"], m["kl"]) == (0.2, 1.0, 0.5, 2, None)
     batch.clips = False  # (kl_cov: no clip to count)
     assert train_rl.step_metrics(3, 0, batch, sums, times, torch.device("cpu"), kl_logged=False)["clip_frac"] is None
 
@@ -740,7 +741,7 @@ def test_step_metrics_acc_counts_a_bonus_reward_as_right():
     batch = SimpleNamespace(rollouts=rollouts, rewards=[1.5, 0.0, 1.0, 0.5], zero_var=[False, False],
                             trains=[True, True], train_idx=[0, 1, 2, 3], dynamic=False, gen_batches=1, clips=True)
     sums = dict.fromkeys(("entropy", "kl", "kl_tokens", "gap", "gap_tokens", "train_tokens", "is_weight", "is_capped",
-                          "is_kl", "is_tokens", "clipped"), 0.0) | {"pg_tokens": 10}
+                          "is_kl", "is_tokens", "clipped"), 0.0) | {"pg_tokens": 10, "entropy_pass_tokens": 10}
     times = dict.fromkeys(("gen_s", "score_s", "train_s", "gather_s", "mem_gen_gib", "mem_held_gib",
                            "graph_captures", "capture_s"), 1.0)
     m = train_rl.step_metrics(1, 0, batch, sums, times, torch.device("cpu"), kl_logged=False)
