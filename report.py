@@ -5,9 +5,10 @@ The final table of reproduce.sh: accuracy per model and difficulty, and what eac
 
 Reads what the stages wrote under OUT_DIR (eval/*/test/summary.json, times.tsv, the SFT sets, rl/metrics.jsonl,
 the sample effect's summary, the LIMR runs, and seed_S/ for SEEDS=N: each model's mean ± std over seeds).
-Compute = measured wall time (every attempt, stopped ones too) x devices, in device-hours: "own" counts the
-stages that made a model from its inputs (for re-distilled models: sampling the RL policy + their SFT); "total"
-adds everything it built on (the cold start and RL). Pre-training the tiny base is shared by all and listed apart.
+Compute = measured wall time (every attempt of the run that made the outputs, stopped ones too) x devices, in
+device-hours: "own" counts the stages that made a model from its inputs (for re-distilled models: sampling the RL
+policy + their SFT); "total" adds everything it built on (the cold start and RL). Pre-training the tiny base is
+shared by all and listed apart.
 Plots (matplotlib, optional): RL reward and validation accuracy per step; accuracy per difficulty.
 """
 import os
@@ -87,10 +88,12 @@ def mean_cell(values):
 
 
 def read_times(path):
-    """stage -> (seconds, devices, kind, attempts, device seconds): every attempt counts, finished or stopped (a
-    failure or a kill that reproduce.sh logged; a stage re-run by hand), each at its own number of devices (another
-    number may take over a run); devices is the last attempt's. Lines of older runs have no status column."""
-    times = {}
+    """stage -> (seconds, devices, kind, attempts, device seconds): every attempt of the run that made the stage's
+    outputs counts, finished or stopped (a failure or a kill that reproduce.sh logged), each at its own number of
+    devices (another number may take over a run); devices is the last attempt's. A stage run again after it finished
+    (its marker deleted and its outputs moved away, as reproduce.sh's error says) starts its tally again: the outputs
+    are the new run's. Lines of older runs have no status column."""
+    times, finished = {}, set()
     if os.path.exists(path):
         for lineno, line in common.text_lines(path, torn_tail=True):
             parts = line.rstrip("\n").split("\t")
@@ -100,8 +103,11 @@ def read_times(path):
                       f"seconds, devices, kind[, status], tab-separated): that attempt's time is not counted")
                 continue
             stage, seconds, devices, kind = parts[0], int(parts[1]), int(parts[2]), parts[3]
-            old = times.get(stage, (0, 0, kind, 0, 0))
+            old = (0, 0, kind, 0, 0) if stage in finished else times.get(stage, (0, 0, kind, 0, 0))
+            finished.discard(stage)
             times[stage] = (old[0] + seconds, devices, kind, old[3] + 1, old[4] + seconds * devices)
+            if parts[4:] == ["finished"]:
+                finished.add(stage)
     return times
 
 

@@ -78,6 +78,10 @@ if [[ -n "${THREADS:-}" && ! "$THREADS" =~ ^[1-9][0-9]*$ ]]; then  # (torch took
   echo "error: THREADS is '$THREADS': the CPU threads of every stage, a positive integer" >&2
   exit 2
 fi
+if [[ -n "${GPUS:-}" && ! "$GPUS" =~ ^[1-9][0-9]*$ ]]; then  # (torchrun's own error came at the first stage, and
+  echo "error: GPUS is '$GPUS': the GPUs of every launched stage, a positive integer" >&2  # times.tsv a bad line)
+  exit 2
+fi
 # shellcheck source=config/tiny.sh
 source "config/$PRESET.sh"
 : "${OUT:?the preset sets OUT}"
@@ -102,10 +106,10 @@ fi
 export PYTHONUNBUFFERED=1
 
 # ---- helpers: print a command, run it unless --dry-run, time it; skip a stage that is done
-log_attempt() {  # log_attempt NAME SECONDS finished|stopped: one line of OUT/times.tsv
+log_attempt() {  # log_attempt NAME SECONDS finished|stopped: one line of OUT/times.tsv, at the stage's devices
   # (on a line of its own: a kill can cut the last line short, and report.py then drops that line alone)
   if [[ -s "$OUT/times.tsv" && -n "$(tail -c 1 "$OUT/times.tsv")" ]]; then echo >> "$OUT/times.tsv"; fi
-  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$DEVICES" "$DEVICE_KIND" "$3" >> "$OUT/times.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$ATTEMPT_DEVICES" "$DEVICE_KIND" "$3" >> "$OUT/times.tsv"
 }
 HOLDS_LOCK=0  # 1 once this script holds OUT/.reproduce.lock (on fd 9; below)
 lock_lost() {  # OUT's lock file is not the one this script holds: OUT was removed or moved away (rm -rf, mv)
@@ -133,6 +137,7 @@ take_lock() {  # OUT's lock, on fd 9 until this script and every stage it starte
   fi
 }
 ATTEMPT=""  # the stage running now: when the script exits before it finishes, its time is logged as stopped
+ATTEMPT_DEVICES=1  # ... and the devices it runs on
 trap 'if [[ -n "$ATTEMPT" ]] && ! lock_lost; then log_attempt "$ATTEMPT" $((SECONDS - ATTEMPT_T0)) stopped; fi' EXIT
 # A stage runs in a process group of its own, and a TERM, HUP or INT sent to this script ends that group too: a kill
 # of the script alone left the stage running on, unmarked and holding OUT's lock. (Ctrl-C reaches the stage this way
@@ -179,6 +184,15 @@ as_now() {  # a recorded stage command with the settings renamed since spelled a
   c="${c# }"
   printf '%s' "${c% }"
 }
+canonical() {  # a command with each word that holds a / as the real path it names (OUT=runs/x, OUT=runs/x/,
+  # OUT=$PWD/runs/x and a link to it are one study; the words of a command hold no space: unsafe paths are refused)
+  local word words out=()
+  read -ra words <<< "$1"
+  for word in "${words[@]}"; do
+    if [[ "$word" == */* ]]; then out+=("$(realpath -m -- "$word")"); else out+=("$word"); fi
+  done
+  printf '%s' "${out[*]}"
+}
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
@@ -198,11 +212,14 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
     if [[ -z "$was" ]]; then  # (a preset may have changed since: its outputs cannot be taken as this command's)
       echo "error: stage $name in $OUT was marked done by an older reproduce.sh, which did not record its command:" >&2
       echo "  now: $what" >&2
-      echo "  if its outputs are this command's, add it to the marker: printf '%s\\n' '$what' >> $OUT/done/$name" >&2
+      echo "  if its outputs are this command's, add it to the marker: printf '%s\\n' '$what' >>" \
+        "$(realpath -m -- "$OUT/done/$name")" >&2
       echo "  else $run_again" >&2
       exit 1
     fi
-    if [[ "$was" != "$what" && ! ( "$what" == "eval.py "* && "$(scoring_free "$was")" == "$(scoring_free "$what")" ) ]]
+    local same_was same_what; same_was=$(canonical "$was"); same_what=$(canonical "$what")
+    if [[ "$same_was" != "$same_what" && ! ( "$what" == "eval.py "* \
+          && "$(scoring_free "$same_was")" == "$(scoring_free "$same_what")" ) ]]
     then
       echo "error: stage $name in $OUT was done with another command, so its outputs are not these settings':" >&2
       echo "  was: $was" >&2
@@ -235,6 +252,9 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   [[ "$DRY_RUN" == 1 ]] && return 0
   stop_if_lock_lost
   ATTEMPT="$name"; ATTEMPT_T0=$SECONDS
+  ATTEMPT_DEVICES=$DEVICES
+  [[ "$what" == "$cmd" ]] && ATTEMPT_DEVICES=1  # (a stage not started with the launcher: one process, data or
+                                                # set B, billed at one device, not the GPUS it leaves idle)
   in_own_group eval "$cmd"
   local seconds=$((SECONDS - ATTEMPT_T0))
   stop_if_lock_lost
@@ -253,7 +273,9 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
 #   evaluation (one eval.py call per entry of the LIMR_EVALS array) of the start, FULL (the probe at step LIMR_STEPS:
 #   RL on the whole pool for equal steps), LIM and RAND. Every run gets LIMR_RL_ARGS and --seed SEED.
 limr() {
-  local init="${LIMR_INIT:-$OUT/sft/final}" pool="${LIMR_POOL:-$TRAIN}" final seed dir i
+  local init="$OUT/sft/final" pool="${LIMR_POOL:-$TRAIN}" final seed dir i  # (init: the cold start by default,
+  [[ "${LIMR_ONLY:-0}" == 1 ]] && init="$BASE"                               # which LIMR_ONLY=1 never builds)
+  init="${LIMR_INIT:-$init}"
   final="step_$(printf '%06d' "$LIMR_STEPS")"
   if (( LIMR_STEPS > LIMR_PROBE_STEPS || LIMR_STEPS % ${LIMR_SAVE_EVERY:-$LIMR_STEPS} )); then
     echo "error: LIMR_STEPS ($LIMR_STEPS) must be at most LIMR_PROBE_STEPS ($LIMR_PROBE_STEPS) and a multiple of" \
@@ -347,10 +369,10 @@ else
     echo "error: preset $PRESET names no base model: set MODEL_DIR to a local Hugging Face model directory" >&2
     exit 2
   elif [[ "$DRY_RUN" == 0 && ! -f "$BASE/config.json" ]]; then
-    echo "error: base model not found: $BASE/config.json is missing. Set MODEL_DIR to a local copy of" \
-      "${BASE_HUB_NAME:-the base model};" >&2
+    echo "error: base model not found: $(realpath -m -- "$BASE")/config.json is missing. Set MODEL_DIR to a local" \
+      "copy of ${BASE_HUB_NAME:-the base model};" >&2
     echo "       where a network exists, download it with:  huggingface-cli download ${BASE_HUB_NAME:-NAME}" \
-      "--local-dir $BASE" >&2
+      "--local-dir $(realpath -m -- "$BASE")" >&2
     exit 2
   fi
 fi

@@ -323,6 +323,11 @@ def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
     assert times["rl"][:4] == (400, 4, "gpu", 2) and times["eval"][:4] == (60, 2, "gpu", 1)
     assert report.device_hours(times, ["rl"]) == (100 * 8 + 300 * 4) / 3600
     assert report.device_hours(times, ["rl", "eval", "absent"]) == (800 + 1200 + 120) / 3600
+    # rl run again after it finished (its marker deleted, its outputs moved away): the table's model is the new
+    # run's, whose attempts alone count (both runs' were summed, beside the new run's rollouts)
+    with open(path, "a") as f:
+        f.write("rl\t50\t2\tgpu\tstopped\nrl\t70\t2\tgpu\tfinished\n")
+    assert report.read_times(str(path))["rl"] == (120, 2, "gpu", 2, 240)
 
 
 @pytest.mark.parametrize("damage", [

@@ -715,6 +715,33 @@ def test_a_stage_done_under_a_renamed_settings_old_spelling_is_done(tmp_path):
             assert "== eval: done; eval.py checks its pairs" in proc.stdout
 
 
+def test_a_study_goes_on_under_another_spelling_of_its_out(tmp_path):
+    """OUT with a trailing slash, or a link to it, is the same study: its done stages were refused as done with
+    "another command" (the paths in them spelled otherwise), and the advice was to start over."""
+    out = tmp_path / "out"
+    command = stage_lines(kk_dry_run(out, 8).stdout)["data"]
+    (out / "done").mkdir(parents=True)
+    (out / "done" / "data").write_text(f"5\n{command}\n")  # (python kk_data.py ...: no launcher to strip)
+    (tmp_path / "link").symlink_to(out)
+    for spelling in (f"{out}/", str(tmp_path / "link")):
+        proc = run_reproduce("kk-qwen2.5-1.5b", "--dry-run", check=False,
+                             env={"GPUS": "8", "MODEL_DIR": str(tmp_path / "base"), "OUT": spelling})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "== data: done (OUT/done/data), skipped" in proc.stdout
+    (out / "done" / "data").write_text(f"5\n{command.replace('--test_per_people 100', '--test_per_people 99')}\n")
+    assert "was done with another command" in kk_dry_run(tmp_path / "link", 8).stderr  # (another value still is)
+
+
+def test_limr_only_from_the_environment_starts_from_the_base_and_gpus_is_checked(tmp_path):
+    """LIMR_ONLY=1 builds no cold start: its probe started from OUT/sft/final and failed after the base's
+    pre-training, naming a hub download. And GPUS=abc was torchrun's error at the first launched stage."""
+    out = tmp_path / "out"
+    proc = run_reproduce("micro", "--dry-run", env={"OUT": str(out), "LIMR_ONLY": "1"})
+    assert f"train_rl.py --model {out}/base/final " in stage_lines(proc.stdout)["limr_probe_1"]
+    proc = kk_dry_run(out, "abc")
+    assert proc.returncode == 2 and "error: GPUS is 'abc': the GPUs of every launched stage" in proc.stderr
+
+
 def test_a_re_distillation_set_of_exactly_one_sft_batch_is_trained(tmp_path):
     """redistill_sft.py trains on a set of at least --global_batch samples (one step): a set of exactly one SFT batch
     is trained (set A: its stage listed), one sample fewer is skipped as too small (set B). Micro's batches, read
