@@ -157,6 +157,9 @@ def read_done(summary_path, samples_path, settings, records, task):
         raise UserError(f"cannot read this earlier result: {e}; pass --overwrite true")
     if "max_new_tokens" in old:  # (an earlier version's name of --max_response_tokens)
         old["max_response_tokens"] = old.pop("max_new_tokens")
+    hub = settings["split_path"]  # (an earlier version recorded a hub split as CWD/hf:NAME:SPLIT)
+    if hub.startswith("hf:") and isinstance(old.get("split_path"), str) and old["split_path"].endswith("/" + hub):
+        old["split_path"] = hub
     greedy = old.get("temperature") == 0 and settings["temperature"] == 0
     diff = [k for k in GENERATION_SETTINGS if old.get(k) != settings[k]
             and not (k.endswith("_path") and common.same_files(old.get(k), settings[k]))  # (another spelling)

@@ -949,7 +949,8 @@ def get_parser():
                    "the rule before logic: with few people it lets most of a test through as logical twins, README)")
     p.add_argument("--sft_val_fraction", type=float, default=0.0,
                    help="share of the SFT pool held out as sft_val.jsonl: the pool is shuffled with seed 1234, its "
-                   "last fraction held out, less the puzzles with a logical twin in the rest (kk_data.logic_key), "
+                   "last fraction held out, less the puzzles with a twin in the rest (kk_data.twin_key: the same "
+                   "logic up to 10 people, a renaming beyond), "
                    "and the rest written to sft.jsonl (paper: 0.1, K_and_K_preprocess's 900 SFT train / 100 val "
                    "of 1,000; config/kk-qwen2.5-1.5b.sh passes it); 0 = the whole pool in sft.jsonl, in the "
                    "generator's order, and no sft_val.jsonl")

@@ -64,8 +64,7 @@ def get_parser():
 
 def read_outcomes(run_dir, pool_ids, steps_per_epoch):
     """(epoch, pool index, solved) of every rollout in the log (steps 1..S, no hole), each row's fields checked; the
-    logged epochs start at 0 and, in step and row order, never go down or skip one (train_rl.py draws its prompt
-    batches in order: a step refilled by dynamic sampling may end in the next epoch)."""
+    logged epochs checked by check_step_epochs."""
     logs, folder, outcomes, last_epoch = tasks.rollout_logs(run_dir), os.path.join(run_dir, "rollouts"), [], -1
     if not logs:
         raise UserError(f"{folder}: no rollouts (no step_N.jsonl files; "
@@ -75,6 +74,7 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
             raise UserError(f"{tasks.rollout_log_path(run_dir, expected)}: file not found (the log has steps "
                             f"{min(logs)}..{max(logs)} with a hole: every step of the probe run is needed)")
     for step, path in logs.items():
+        epochs = []  # (line, epoch) of the step's rows
         for lineno, row in tasks.read_rollout_log(path, step, ("id", "reward", "step")):
             where, rid = f"{path}:{lineno}", row["id"]
             if str(rid) not in pool_ids:
@@ -88,14 +88,33 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
                                     f"pass --steps_per_epoch N)")
                 if type(epoch) is not int or epoch < 0:
                     raise UserError(f"{where}: field 'epoch' is {epoch!r}, expected an integer >= 0")
-                if not last_epoch <= epoch <= last_epoch + 1:  # (a row of another run, or an edited log)
-                    expected = ("0 (the log's first row)" if last_epoch < 0 else
-                                f"{last_epoch} or {last_epoch + 1} (after epoch {last_epoch})")
-                    raise UserError(f"{where}: field 'epoch' is {epoch}, expected {expected}: a probe run's epochs, "
-                                    f"in step order, start at 0 and never go down or skip one")
-                last_epoch = epoch
+                epochs.append((lineno, epoch))
             outcomes.append((epoch, pool_ids[str(rid)], tasks.is_correct(row["reward"])))
+        if not steps_per_epoch:
+            last_epoch = check_step_epochs(path, step, epochs, last_epoch)
     return outcomes
+
+
+def check_step_epochs(path, step, epochs, last_epoch):
+    """The epochs (line, epoch) of one step's rows, after steps whose last epoch was last_epoch (-1: none): train_rl.py
+    draws its prompt batches in order, so a step's epochs are a run without a gap (more than one where dynamic
+    sampling's refills cross an epoch's end; its rows in rank order then alternate), the first step's from 0, and
+    each later step's from where the one before ended or the next. Returns the step's last epoch; a UserError naming
+    the line of another (a row of another run, an edited log)."""
+    seen = {epoch for _, epoch in epochs}
+    first, last = min(seen), max(seen)
+    allowed = (0,) if last_epoch < 0 else (last_epoch, last_epoch + 1)
+    if first not in allowed:
+        bad, why = first, ("expected 0 (the log's first step)" if last_epoch < 0 else
+                           f"expected {last_epoch} or {last_epoch + 1} (step {step - 1} ended in epoch {last_epoch})")
+    elif len(seen) != last - first + 1:
+        hole = min(set(range(first, last + 1)) - seen)
+        bad, why = min(epoch for epoch in seen if epoch > hole), f"but no row of step {step} is of epoch {hole}"
+    else:
+        return last
+    line = next(lineno for lineno, epoch in epochs if epoch == bad)
+    raise UserError(f"{path}:{line}: field 'epoch' is {bad}, {why}: a probe run's epochs, step after step, start at 0 "
+                    f"and never go down or skip one")
 
 
 # -----------------------------------------------------------------------------

@@ -177,21 +177,23 @@ scoring_free() {  # an eval.py command less its scoring-only setting, which eval
 as_now() {  # a recorded stage command with the settings renamed since spelled as now (2026-12-07: --max_new_tokens,
   # and sample_policy.py's and eval.py's --batch_size): a study done before goes on
   local c=" $1 "
-  c="${c// --max_new_tokens / --max_response_tokens }"
+  c="${c// --max_new_tokens / --max_response_tokens }"; c="${c// --max_new_tokens=/ --max_response_tokens=}"
   if [[ "$c" == " sample_policy.py "* || "$c" == " python sample_policy.py "* || "$c" == " eval.py "* ]]; then
-    c="${c// --batch_size / --gen_batch_size }"
+    c="${c// --batch_size / --gen_batch_size }"; c="${c// --batch_size=/ --gen_batch_size=}"
   fi
   c="${c# }"
   printf '%s' "${c% }"
 }
 canonical() {  # a command with each word that holds a / as the real path it names (OUT=runs/x, OUT=runs/x/,
-  # OUT=$PWD/runs/x and a link to it are one study; the words of a command hold no space: unsafe paths are refused)
-  local word words out=()
-  read -ra words <<< "$1"
-  for word in "${words[@]}"; do
-    if [[ "$word" == */* ]]; then out+=("$(realpath -m -- "$word")"); else out+=("$word"); fi
-  done
-  printf '%s' "${out[*]}"
+  # OUT=$PWD/runs/x and a link to it are one study; the words of a command hold no space: unsafe paths are refused).
+  # One python call (GNU realpath -m is not everywhere); its failure stops the script, not an empty comparison
+  local words; read -ra words <<< "$1"
+  python -c 'import os, sys; print(" ".join(os.path.realpath(w) if "/" in w else w for w in sys.argv[1:]))' \
+    "${words[@]}" || { echo "error: cannot compare stage commands (python failed)" >&2; exit 1; }  # (the plain
+  # assignment of its output then fails, and set -e stops the script)
+}
+absolute() {  # absolute PATH: for a message (this script runs in its own directory, the reader is elsewhere)
+  if [[ "$1" == /* ]]; then printf '%s' "$1"; else printf '%s' "$PWD/$1"; fi
 }
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
@@ -213,7 +215,7 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
       echo "error: stage $name in $OUT was marked done by an older reproduce.sh, which did not record its command:" >&2
       echo "  now: $what" >&2
       echo "  if its outputs are this command's, add it to the marker: printf '%s\\n' '$what' >>" \
-        "$(realpath -m -- "$OUT/done/$name")" >&2
+        "$(absolute "$OUT/done/$name")" >&2
       echo "  else $run_again" >&2
       exit 1
     fi
@@ -258,12 +260,15 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
   in_own_group eval "$cmd"
   local seconds=$((SECONDS - ATTEMPT_T0))
   stop_if_lock_lost
-  ATTEMPT=""
   mkdir -p "$OUT/done"
-  log_attempt "$name" "$seconds" finished
   # whole or not at all: a marker cut short by a full disk would read as another command's
   printf '%s\n%s\n' "$seconds" "$what" > "$OUT/done/.$name.tmp"
   mv -f "$OUT/done/.$name.tmp" "$OUT/done/$name"
+  # the marker first, then the finished line: a kill between them logs the attempt stopped (its time counts, the
+  # stage is done); a finished line without its marker made the next run redo the stage, whose resume of seconds
+  # then read as a new run (report.read_times) and dropped the first one's time
+  ATTEMPT=""
+  log_attempt "$name" "$seconds" finished
   echo "== $name: finished in ${seconds}s"
 }
 
@@ -369,10 +374,10 @@ else
     echo "error: preset $PRESET names no base model: set MODEL_DIR to a local Hugging Face model directory" >&2
     exit 2
   elif [[ "$DRY_RUN" == 0 && ! -f "$BASE/config.json" ]]; then
-    echo "error: base model not found: $(realpath -m -- "$BASE")/config.json is missing. Set MODEL_DIR to a local" \
-      "copy of ${BASE_HUB_NAME:-the base model};" >&2
+    echo "error: base model not found: $(absolute "$BASE")/config.json is missing. Set MODEL_DIR to a local copy" \
+      "of ${BASE_HUB_NAME:-the base model};" >&2
     echo "       where a network exists, download it with:  huggingface-cli download ${BASE_HUB_NAME:-NAME}" \
-      "--local-dir $(realpath -m -- "$BASE")" >&2
+      "--local-dir $(absolute "$BASE")" >&2
     exit 2
   fi
 fi

@@ -154,6 +154,7 @@ def sample_checkpoint(args, task, rank, world, device):
     from tasks import load_tokenizer
     read_config(args.from_checkpoint)  # a clear error when it is no checkpoint
     tokenizer = load_tokenizer(args.from_checkpoint)
+    tasks.check_apart_tokenization(tokenizer)  # (now, not at the first kept sample's length check, after sampling)
     records = load_splits(task, args, tokenizer, args.template)
     parallel.same_on_every_rank(common.data_digest(records), " + ".join(args.split))
     records, subset = tasks.stratified_subset(records, args.limit, task.DIFFICULTY, args.seed)

@@ -147,13 +147,16 @@ def project_imports(path):
     """The source files of `path` and of the modules it imports, directly or through them, that live in this
     project's directory or in path's own (imports read from the source, at any depth of it; not those of the
     standard library or of installed packages). A package's modules count: `from pkg.grader import f`, `import
-    pkg.grader` and, in a package, `from .grader import f` read pkg/grader.py, not only pkg/__init__.py."""
+    pkg.grader` and, in a package, `from .grader import f` read pkg/grader.py, not only pkg/__init__.py; and so do
+    its subpackages' (pkg/sub/rules.py) and a package's beside the task (graders/check.py)."""
     homes = {os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(path))}
     found, todo = set(), [os.path.abspath(path)]
 
-    def follow(origin):  # (a source file of this project or beside path: read its imports too)
-        if origin and origin.endswith(".py") and os.path.dirname(os.path.abspath(origin)) in homes:
-            todo.append(os.path.abspath(origin))
+    def follow(origin):  # (a source file in or under this project's directory or path's: read its imports too; not
+        origin = os.path.abspath(origin) if origin else ""  # an installed package's, as in a virtualenv there)
+        if (origin.endswith(".py") and any(origin.startswith(home + os.sep) for home in homes)
+                and not {"site-packages", "dist-packages"} & set(origin.split(os.sep))):
+            todo.append(origin)
             return True
         return False
 
@@ -449,17 +452,25 @@ def lone_text_marker(tokenizer):
     return found[0] if found else None
 
 
+def check_apart_tokenization(tokenizer):
+    """A UserError where the tokenizer marks the start of a text it encodes alone (lone_text_marker): a response
+    tokenized apart from its prompt would begin with a token the model never makes after its prompt (SFT would teach
+    it; a sample's effect or token_shift's divergence would be taken there). sft_token_ids checks; sample_policy
+    checks before it samples."""
+    if marker := lone_text_marker(tokenizer):
+        raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} puts {marker!r} before every text it "
+                        f"encodes alone (sentencepiece's, as Llama-2's and Mistral's): a response tokenized apart "
+                        f"from its prompt (SFT data and its length check, sample effects, token_shift's responses) "
+                        f"would begin with a token generation never makes after the prompt; such tokenizers are not "
+                        f"supported there (Qwen2.5's and Llama-3's are)")
+
+
 def sft_token_ids(tokenizer, prompts, responses, eos=True):
     """Token ids of (prompt, response) pairs as SFT trains on them: the prompt (after BOS where the model family
     expects one: encode_prompts) and the response tokenized separately, no other special tokens, then EOS (eos: one
     bool for all, or one per pair). Returns [(ids, start)], start = the index of the first response token. A
-    tokenizer that marks the start of a text it encodes alone (lone_text_marker) is refused: each response would
-    begin with a token the model never makes after its prompt, and SFT would teach it that token."""
-    if marker := lone_text_marker(tokenizer):
-        raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} puts {marker!r} before every text it "
-                        f"encodes alone (sentencepiece's, as Llama-2's and Mistral's): a response tokenized apart "
-                        f"from its prompt would begin with a token generation never makes after the prompt; such "
-                        f"tokenizers are not supported for SFT (Qwen2.5's and Llama-3's are)")
+    tokenizer that marks the start of a lone text is refused (check_apart_tokenization)."""
+    check_apart_tokenization(tokenizer)
     eos = [eos] * len(prompts) if isinstance(eos, bool) else eos
     prompt_ids = encode_prompts(tokenizer, prompts) if prompts else []
     response_ids = text_token_ids(tokenizer, responses)

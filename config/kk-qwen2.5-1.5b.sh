@@ -11,7 +11,8 @@ TASK=kk; TASK_SCRIPT=kk_data.py
 TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # the paper's splits: RL train people 3-7 x 2000, test people 4-8 x 100 (the official test puzzles),
 # SFT pool people 2 x 200 + 3 x 800, cut as the paper's K_and_K_preprocess: 900 SFT train (sft.jsonl: the cold
-# start's puzzles and set A's prompts), 100 held out (sft_val.jsonl)
+# start's puzzles and set A's prompts), 100 held out, of which sft_val.jsonl keeps the 36 without a logical twin in
+# sft.jsonl
 DATA_CMD="python kk_data.py --out_dir $DATA --train_people 3-7 --train_per_people 2000 --test_people 4-8 \
 --test_per_people 100 --sft_people 2-3 --sft_per_people 200,800 --sft_val_fraction 0.1"
 

@@ -486,8 +486,14 @@ def test_a_hub_split_done_from_one_directory_is_done_from_another(tiny_checkpoin
         capsys.readouterr()
         ev.main(args)
     assert "m on MATH-500_test: done before, skipped" in capsys.readouterr().out
-    summary = common.read_json(os.path.join(out, "m", "MATH-500_test", "summary.json"))
+    path = os.path.join(out, "m", "MATH-500_test", "summary.json")
+    summary = common.read_json(path)
     assert summary["settings"]["split_path"] == "hf:org/MATH-500:test"
+    # an earlier version's summary, which recorded it as CWD/hf:...: the same split
+    summary["settings"]["split_path"] = os.path.join(str(tmp_path / "a"), "hf:org/MATH-500:test")
+    common.write_json(path, summary)
+    ev.main(args)
+    assert "m on MATH-500_test: done before, skipped" in capsys.readouterr().out
 
 
 def test_every_checkpoint_is_checked_before_the_first_ones_generation(tiny_checkpoint, split, tmp_path):

@@ -183,6 +183,14 @@ def break_line(path, lineno, text):
     open(path, "w").write("\n".join(lines) + "\n")
 
 
+def step_epoch(file_step, epoch):
+    """A damage: every row of step file_step's log of this epoch."""
+    def damage(log, pool):
+        path = log / f"step_{file_step:06d}.jsonl"
+        common.write_jsonl(str(path), [{**row, "epoch": epoch} for row in common.read_jsonl(str(path))])
+    return damage
+
+
 def first_row(file_step, **fields):
     """A damage: the first row of step file_step's log replaced by one of pool prompt 0, reward 1, these fields."""
     return lambda log, pool: break_line(log / f"step_{file_step:06d}.jsonl", 1,
@@ -217,17 +225,29 @@ def first_row(file_step, **fields):
     (lambda log, pool: open(log / "step_000004.jsonl", "w").close(),
      r"step_000004\.jsonl: no rows; its writer never writes an empty file, so this is a damaged copy"),
     (first_row(3, step=2, epoch=1), r"step_000003\.jsonl:1: field 'step' is 2, expected 3"),
-    # the logged epochs, in step order, start at 0 and never go down or skip one
-    (first_row(1, epoch=1),
-     r"step_000001\.jsonl:1: field 'epoch' is 1, expected 0 \(the log's first row\): a probe run's epochs"),
-    (first_row(4, epoch=0), r"step_000004\.jsonl:1: field 'epoch' is 0, expected 1 or 2 \(after epoch 1\)"),
-    (first_row(3, epoch=2), r"step_000003\.jsonl:1: field 'epoch' is 2, expected 0 or 1 \(after epoch 0\)"),
+    # the logged epochs, step after step, start at 0 and never go down or skip one
+    (step_epoch(1, 1), r"step_000001\.jsonl:1: field 'epoch' is 1, expected 0 \(the log's first step\): a probe run's"),
+    (first_row(4, epoch=0),
+     r"step_000004\.jsonl:1: field 'epoch' is 0, expected 1 or 2 \(step 3 ended in epoch 1\)"),
+    (step_epoch(3, 2), r"step_000003\.jsonl:1: field 'epoch' is 2, expected 0 or 1 \(step 2 ended in epoch 0\)"),
+    (first_row(1, epoch=2), r"step_000001\.jsonl:1: field 'epoch' is 2, but no row of step 1 is of epoch 1"),
 ])
 def test_bad_input_is_one_line_naming_the_place_and_nothing_is_written(hand, damage, message):
     damage(hand["dir"] / "probe" / "rollouts", hand["pool"])
     with pytest.raises(common.UserError, match=message):
         lim_select.main(hand["args"])
     assert not hand["out"].exists()
+
+
+def test_a_step_whose_refills_cross_an_epochs_end_is_read_in_any_row_order(hand):
+    """Dynamic sampling's refills can end a step in the next epoch, and a run seeded by rank logs its rows in rank
+    order, so that a step's epochs alternate (0, 1, 0): read, not refused (a row-by-row check refused it)."""
+    path = hand["dir"] / "probe" / "rollouts" / "step_000002.jsonl"
+    rows = common.read_jsonl(str(path))
+    common.write_jsonl(str(path), [rows[0], {**rows[1], "epoch": 1}, rows[0]])
+    pool_ids = {str(r["id"]): i for i, r in enumerate(hand["pool"])}
+    outcomes = lim_select.read_outcomes(str(hand["dir"] / "probe"), pool_ids, 0)
+    assert [epoch for epoch, _, _ in outcomes][6:9] == [0, 1, 0]  # (after step 1's six rows)
 
 
 def test_an_output_on_an_input_or_another_output_is_refused_before_anything_is_written(hand):

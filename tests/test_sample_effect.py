@@ -360,6 +360,13 @@ def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path,
     with pytest.raises(UserError, match="prompt_digest: was '[0-9a-f]+', now '[0-9a-f]+'"):
         se.main(args)
     monkeypatch.setattr(se.tasks, "SYSTEM_PROMPT", system_prompt)
+    # the stopped run as an earlier version recorded it (no prompt digest; the weights' and config's stamps only):
+    # resumed, not refused
+    identity = common.read_json(str(partial / "identity.json"))
+    del identity["prompt_digest"]
+    identity["checkpoint_files"] = {f: v for f, v in identity["checkpoint_files"].items()
+                                    if os.path.basename(f) in ("model.safetensors", "config.json")}
+    common.write_json(str(partial / "identity.json"), identity)
     monkeypatch.setattr(se, "sample_effects", stopping_after(10**9))
     (tmp_path / ".tmp_effects.jsonl.k1ll3d_x").write_text("a kill inside the last write")  # removed, holding the lock
     se.main(args)

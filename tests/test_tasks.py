@@ -419,15 +419,18 @@ def test_the_score_digest_follows_the_modules_a_task_imports_and_its_scorer_pack
 
 def test_the_score_digest_follows_a_task_packages_own_modules(tmp_path, monkeypatch):
     """`--task pkg.mytask` (get_task's layout for a fork): the grader it imports from its package, relatively or by
-    the package's name, counts; only pkg/__init__.py did, so an edited grader left finished pairs' rewards as they
-    were."""
+    the package's name, and from a subpackage, counts; only pkg/__init__.py did, so an edited grader left finished
+    pairs' rewards as they were."""
     package = tmp_path / "scored_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "mytask.py").write_text("from .grader import check\nfrom scored_pkg.rules import TOLERANCE\n"
-                                       "import scored_pkg.limits\n")
+                                       "import scored_pkg.limits\nimport scored_pkg.sub.more\n")
     (package / "grader.py").write_text("from . import helpers\n\ndef check(x):\n    return helpers.ok(x)\n")
-    (package / "helpers.py").write_text("def ok(x):\n    return 0.0\n")
+    (package / "helpers.py").write_text("from .sub.deep import ZERO\n\ndef ok(x):\n    return ZERO\n")
+    (package / "sub").mkdir()
+    for name, text in (("__init__.py", ""), ("deep.py", "ZERO = 0.0\n"), ("more.py", "MORE = 1\n")):
+        (package / "sub" / name).write_text(text)
     (package / "rules.py").write_text("TOLERANCE = 0\n")
     (package / "limits.py").write_text("LIMIT = 1\n")
     (package / "unused.py").write_text("")
@@ -435,9 +438,10 @@ def test_the_score_digest_follows_a_task_packages_own_modules(tmp_path, monkeypa
     module = importlib.import_module("scored_pkg.mytask")
     assert {os.path.relpath(p, tmp_path) for p in tasks.project_imports(module.__file__)} == {
         os.path.join("scored_pkg", name) for name in
-        ("mytask.py", "__init__.py", "grader.py", "helpers.py", "rules.py", "limits.py")}
+        ("mytask.py", "__init__.py", "grader.py", "helpers.py", "rules.py", "limits.py", os.path.join("sub", "deep.py"),
+         os.path.join("sub", "__init__.py"), os.path.join("sub", "more.py"))}
     before = tasks.task_source_digest(module)
-    for name in ("helpers.py", "rules.py", "limits.py"):
+    for name in ("helpers.py", "rules.py", "limits.py", os.path.join("sub", "deep.py"), os.path.join("sub", "more.py")):
         (package / name).write_text((package / name).read_text() + "# edited\n")
         assert tasks.task_source_digest(module) != before, name
         before = tasks.task_source_digest(module)

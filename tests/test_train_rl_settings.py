@@ -508,11 +508,14 @@ def test_later_epochs_weigh_the_loss_as_the_first(rl_run):
     assert one["is_weight"] < 0.1  # (the weights are far from 1: dropping them would show)
 
 
-def test_the_logged_entropy_is_the_first_passes_and_ratio_settings_on_policy_are_noted(rl_run, capsys):
+def test_the_logged_entropy_is_the_first_passes_and_ratio_settings_on_policy_are_noted(rl_run, capsys, tmp_path):
     """--ppo_epochs 3 logged the mean entropy over its three passes, the later two of weights updated since: now the
     first pass's, as kl and is_*, so that runs of other --ppo_epochs compare. And CISPO, GSPO's ratio and a clip
-    band act through the ratio pi / pi_old alone, 1 with one on-policy update: said so there, not with three."""
-    ratio = dict(policy_loss="cispo", ratio_level="sequence", loss_agg="seq_mean_token_mean", clip_high=0.5)
+    band (a --config's too) act through the ratio pi / pi_old alone, 1 with one on-policy update: said so there, not
+    with three."""
+    (tmp_path / "band.json").write_text('{"clip_high": 0.5}')
+    ratio = dict(policy_loss="cispo", ratio_level="sequence", loss_agg="seq_mean_token_mean",
+                 config=str(tmp_path / "band.json"))
     (one,), _, _ = rl_run("one", lr=3e-2, **ratio)
     assert ("note: --policy_loss cispo, --ratio_level sequence, --clip_high 0.5 with one on-policy update per batch: "
             "the ratio pi / pi_old is 1") in capsys.readouterr().out
