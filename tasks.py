@@ -184,10 +184,12 @@ def project_imports(path):
                         follow(candidate)
         for name in names:
             parts = name.split(".")
+            if parts[0] in sys.stdlib_module_names:  # (a Python installed under a home, e.g. a conda in ~, too)
+                continue
             for depth in range(1, len(parts) + 1):  # pkg, then pkg.grader (only inside a package of ours)
                 module = ".".join(parts[:depth])
                 origin = getattr(sys.modules.get(module), "__file__", None)
-                if origin is None and parts[0] not in sys.stdlib_module_names:
+                if origin is None:
                     try:
                         spec = importlib.util.find_spec(module)
                     except (ImportError, ValueError):  # (a package that fails to import, a name a test put there,
