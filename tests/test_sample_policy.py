@@ -425,7 +425,8 @@ def test_rollout_errors_write_nothing(tmp_path):
         sp.main(["--from_rollouts", str(tmp_path / "empty"), "--steps", "1", "--task", "toy_task", "--out", str(out)])
 
 
-def test_a_max_length_no_prompt_fits_is_refused_before_sampling(tiny_checkpoint, tmp_path, monkeypatch):
+def test_a_max_length_no_prompt_fits_or_a_marking_tokenizer_is_refused_before_sampling(
+        tiny_checkpoint, tmp_path, monkeypatch):
     """Every SFT example is its prompt + response + EOS: a --max_length below every prompt's length keeps none, known
     before the split is sampled (it was refused after: the whole sampling job lost)."""
     split, out = str(tmp_path / "split.jsonl"), tmp_path / "out.jsonl"
@@ -433,6 +434,12 @@ def test_a_max_length_no_prompt_fits_is_refused_before_sampling(tiny_checkpoint,
     monkeypatch.setattr(engine, "sample_responses", lambda *a, **k: pytest.fail("sampled"))
     with pytest.raises(UserError, match=r"--max_length 5: every prompt of .*split\.jsonl is at least \d+ tokens"):
         sp.main(sample_args(tiny_checkpoint, split, str(out), "--max_length", "5"))
+    assert not out.exists()
+    # a tokenizer that marks a lone text's start (sentencepiece's, tasks.lone_text_marker): refused before sampling
+    # too, where the first kept sample's length check refused it after
+    monkeypatch.setattr(sp.tasks, "lone_text_marker", lambda tokenizer: "▁")
+    with pytest.raises(UserError, match="puts '▁' before every text it encodes alone"):
+        sp.main(sample_args(tiny_checkpoint, split, str(out)))
     assert not out.exists()
 
 
