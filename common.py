@@ -99,6 +99,7 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
         for action in parser._actions:
             if action.dest in cfg and action.dest != "config":
                 cfg[action.dest] = config_value(pre.config, action, cfg[action.dest])
+        parser.own_defaults = {a.dest: a.default for a in parser._actions}  # (script_default: before the config's)
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
     for name, value in vars(args).items():
@@ -351,10 +352,16 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def script_default(parser, name):
+    """A setting's default as the script sets it (parse_settings makes a --config's values the parser's defaults)."""
+    return getattr(parser, "own_defaults", {}).get(name, parser.get_default(name))
+
+
 def note_unused(args, parser, names, unused, switch):
     """A setting whose switch is off is not used: said once (`note: --x not used: only SWITCH uses it`) where it
-    differs from its default, not refused (a sweep may pass it to every arm)."""
-    given = [f"--{name}" for name in names if getattr(args, name) != parser.get_default(name)]
+    differs from the script's default (on the command line or in a --config), not refused (a sweep may pass it to
+    every arm)."""
+    given = [f"--{name}" for name in names if getattr(args, name) != script_default(parser, name)]
     if unused and given:
         print0(f"note: {' and '.join(given)} not used: only {switch} uses it")
 

@@ -174,9 +174,8 @@ def read_done(summary_path, samples_path, settings, records, task):
         inputs = {k: v for k, v in inputs.items() if k != SPLIT_DIGEST}
         if os.path.isfile(settings["split_path"]):
             inputs |= common.file_stamps([settings["split_path"]])
-    tokenizer_files = tasks.TOKENIZER_FILES
-    if old.get("inputs") is not None and not any(os.path.basename(f) in tokenizer_files for f in old["inputs"]):
-        inputs = {f: v for f, v in inputs.items() if os.path.basename(f) not in tokenizer_files}  # (before they were)
+    if old.get("inputs") is not None:
+        inputs = tasks.stamps_as_recorded(old["inputs"], inputs)
     if old.get("inputs") is not None and PROMPT_DIGEST not in old["inputs"]:  # (before the prompts were digested)
         inputs = {f: v for f, v in inputs.items() if f != PROMPT_DIGEST}
     if old.get("inputs") not in (None, inputs):  # (a summary from before inputs were recorded: as is)

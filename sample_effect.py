@@ -365,11 +365,9 @@ def open_partial(path, identity, resume):
         except UserError as e:
             raise UserError(f"{e}; pass --resume false to start over")
         code = saved.pop("code", None)  # (recorded, not compared: ckpt.note_code_changes)
-        stamped = saved.get("checkpoint_files")
-        if isinstance(stamped, dict) and not any(os.path.basename(f) in tasks.TOKENIZER_FILES for f in stamped):
-            # an earlier version's: the weights and config only (as eval.read_done takes an earlier summary's)
-            identity = {**identity, "checkpoint_files": {f: v for f, v in identity["checkpoint_files"].items()
-                                                         if os.path.basename(f) not in tasks.TOKENIZER_FILES}}
+        if "checkpoint_files" in identity:  # (an earlier version stamped the weights and config only)
+            identity = {**identity, "checkpoint_files": tasks.stamps_as_recorded(saved.get("checkpoint_files"),
+                                                                                 identity["checkpoint_files"])}
         try:
             # (as written: an inf setting reads back as "inf"; an earlier version wrote it bare, read back as inf)
             ckpt.check_run_identity(path, common.json_safe(saved), common.json_safe(identity),

@@ -206,6 +206,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")  # (one of them says the tokens)
 
 
+def stamps_as_recorded(old, new):
+    """A checkpoint's stamps now (model.checkpoint_stamps with TOKENIZER_FILES), less the tokenizer files where the
+    ones recorded (`old`) have none of them: an earlier version stamped the weights and config only."""
+    if isinstance(old, dict) and not any(os.path.basename(f) in TOKENIZER_FILES for f in old):
+        return {f: v for f, v in new.items() if os.path.basename(f) not in TOKENIZER_FILES}
+    return new
+
+
 def check_tokenizer_files(path):
     """That directory `path` holds a tokenizer's vocabulary (transformers 5 returns an empty tokenizer, one token
     long, for one that does not, and every text encodes to nothing): a UserError otherwise. Cheap: a script checks

@@ -855,11 +855,10 @@ def main(argv=None):
     elif args.baseline == "loo" and args.std_normalize:
         print0("note: --baseline loo with --std_normalize true: GRPO's advantages times n / (n - 1); RLOO has no std "
                "(--std_normalize false)")
-    defaults = get_parser()  # (parser's defaults are a --config's values now)
     through_ratio = [f"--{name} {getattr(args, name)}" for name, acts in (
         ("policy_loss", args.policy_loss == "cispo"), ("ratio_level", args.ratio_level == "sequence"),
-        ("clip_low", args.clip_low != defaults.get_default("clip_low")),
-        ("clip_high", args.clip_high != defaults.get_default("clip_high"))) if acts]
+        ("clip_low", args.clip_low != common.script_default(parser, "clip_low")),
+        ("clip_high", args.clip_high != common.script_default(parser, "clip_high"))) if acts]
     if through_ratio and not several_updates:  # (kl_cov's and dwa's notes below)
         print0(f"note: {', '.join(through_ratio)} with one on-policy update per batch: the ratio pi / pi_old is 1, "
                f"which no clip band cuts and CISPO and GSPO leave as it is, so the update is the default's; they act "

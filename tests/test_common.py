@@ -79,6 +79,21 @@ def test_generating_scripts_share_the_names_of_the_response_budget_and_the_decod
         common.parse_settings(eval_script.get_parser(), ["--config", str(config)])
 
 
+def test_a_setting_given_in_a_config_whose_switch_is_off_is_noted_too(tmp_path, capsys):
+    """note_unused compared with the parser's default, which parse_settings makes the --config's value: a sweep arm
+    whose config set --dwa_s without --adv_weight dwa ran plain GRPO without the note the command line gets."""
+    import json
+    import common
+    import train_rl
+    (tmp_path / "arm.json").write_text(json.dumps({"dwa_s": 1.5}))
+    for argv in (["--dwa_s", "1.5"], ["--config", str(tmp_path / "arm.json")]):
+        parser = train_rl.get_parser()
+        args = common.parse_settings(parser, argv)
+        assert common.script_default(parser, "dwa_s") == train_rl.get_parser().get_default("dwa_s") != 1.5
+        common.note_unused(args, parser, ("dwa_s",), True, "--adv_weight dwa")
+        assert "note: --dwa_s not used: only --adv_weight dwa uses it" in capsys.readouterr().out, argv
+
+
 def test_a_setting_argparse_refuses_is_one_line_and_help_shows_what_a_boolean_takes(capsys):
     """argparse printed its whole usage before the error (54 lines for train_rl.py): one line now, as a UserError's;
     and --help said "--resume RESUME", not that it takes true or false."""
