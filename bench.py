@@ -72,7 +72,8 @@ def get_parser():
                    help="the GPU check: correctness against transformers, generation throughput, one RL step and SFT "
                         "at the Qwen2.5-1.5B shape with random weights; one JSON (--json_out)")
     p.add_argument("--smoke", type=common.str2bool, default=False,
-                   help="--gpu_suite on CPU with a tiny model and small sizes")
+                   help="--gpu_suite on CPU with a tiny model and small sizes (its own RL cap, 32 tokens: "
+                        "--suite_rl_response_tokens is not used)")
     p.add_argument("--sections", nargs="+", default=list(SUITE_SECTIONS), choices=SUITE_SECTIONS,
                    help="--gpu_suite: which sections to run, in this order")
     p.add_argument("--json_out", default="", help="--gpu_suite: write the results here (rewritten after each section)")
@@ -138,9 +139,19 @@ def main(argv=None):
     common.check_non_negative(args, "threads")
     if args.threads:
         torch.set_num_threads(args.threads)
-    mode = next((m for m in ("rl", "gpu_suite", "count_kernels", "memory") if getattr(args, m)), "generation")
+    modes = [m for m in ("rl", "gpu_suite", "count_kernels", "memory") if getattr(args, m)]
+    if len(modes) > 1:  # (the first would run, the others be dropped without a word)
+        raise common.UserError(f"one mode at a time: {' and '.join('--' + m for m in modes)} given")
+    mode = modes[0] if modes else "generation"
     for other, (switch, names) in MODE_SETTINGS.items():  # (a --smoke or --json_out alone ran the CPU benchmark)
         common.note_unused(args, parser, names, other != mode, switch)
+    # shared by the generation benchmark, --rl and --memory; the suite and the kernel count fix their own
+    common.note_unused(args, parser, ["samples_per_prompt"], mode in ("gpu_suite", "count_kernels"),
+                       "the generation benchmark, --rl or --memory")
+    if args.gpu_suite:
+        common.note_unused(args, parser, ["suite_rl_response_tokens"], args.smoke, "--gpu_suite without --smoke")
+        if len(set(args.sections)) < len(args.sections):  # a section's second run would overwrite its first
+            raise common.UserError(f"--sections: each section once, got {' '.join(args.sections)}")
     if args.rl:
         return bench_rl(args)
     if args.gpu_suite:
@@ -154,7 +165,7 @@ def main(argv=None):
         raise common.UserError(f"--prompts: each number of prompts must be at least 1, got {args.prompts}")
     min_len = 64 if args.min_len is None else args.min_len
     max_len = (1024 if args.gpu else 512) if args.max_len is None else args.max_len
-    if min_len > max_len:
+    if "rl" in args.workloads and min_len > max_len:  # (the fixed workload reads neither)
         raise common.UserError(f"--min_len {min_len} > --max_len {max_len} (defaults: 64, and 512 on CPU, 1024 on GPU)")
     device = torch.device("cuda" if args.gpu else "cpu")
     if args.gpu and not torch.cuda.is_available():
@@ -181,7 +192,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; model: {cfg.arch} {model.num_params() / 1e6:.1f}M params, {dtype}")
     print(f"{'workload':>8} {'rows':>5} {'new tok':>8} | {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6}"
-          + (" | floor s  ours/floor" if args.gpu else ""))
+          + (" | floor s  of floor" if args.gpu else ""))
     stop_id = 2
     for kind in args.workloads:
         for n_prompts in prompt_counts:
@@ -199,7 +210,9 @@ def main(argv=None):
                 time_ours()
                 t_ours = [time_ours() for _ in range(repeats)]
                 engine.release()  # our kept KV cache and graphs would crowd transformers' cache out
-                t_hf = [time_hf() for _ in range(repeats)] if hf is not None else []
+                if hf is not None:  # its first call's costs left out too, as ours are
+                    run_hf(hf, prompts[:2], lengths[:2 * samples], samples, stop_id)
+                    t_hf = [time_hf() for _ in range(repeats)]
             else:
                 run_ours(model, prompts[:2], lengths[:2 * samples], samples, stop_id)  # warm-up
                 for _ in range(repeats):  # interleaved, so a busy machine slows both engines alike
@@ -250,6 +263,7 @@ def bench_rl(args):
     again, by the engine alone on the same rollouts: what the step's generation costs beyond the engine's own work."""
     import train_rl
     steps, prompts, group, max_len = args.rl_steps, args.rl_prompts, args.samples_per_prompt, args.rl_max_len
+    common.check_positive(args, "rl_prompts", "rl_max_len", "samples_per_prompt")  # (named here, not as train_rl's)
     if steps < 2:
         raise common.UserError(f"--rl_steps must be at least 2 (the first is a warm-up), got {steps}")
     with tempfile.TemporaryDirectory() as d:

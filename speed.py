@@ -122,19 +122,24 @@ def decode_floor(cfg, model, prompts, lengths, samples, dtype_bytes, bandwidth=N
     to do its arithmetic at `flops` (2 per matmul weight per live row, the lm_head's included, the embedding lookup
     not; attention's 4 per head dimension per cached token), or, given both, the larger of the two at each step (the
     roofline: a step of a few hundred rows and more is bound by the arithmetic, not by reading the weights). An
-    untied embedding is read only at the live rows' tokens."""
+    untied embedding is read only at the live rows' tokens. Step 0 is the prefill: its arithmetic is every prompt's
+    tokens once (the engine prefills a prompt once for its rows), the lm_head at its last token only, and causal
+    attention over the prompt."""
     kv_per_token = kv_bytes_per_token(cfg, dtype_bytes)
-    matmul_weights = model.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    lm_head = cfg.vocab_size * cfg.hidden_size
+    matmul_weights = model.num_params() - (0 if cfg.tie_word_embeddings else lm_head)
     weight_bytes = matmul_weights * dtype_bytes
     row_bytes = 0 if cfg.tie_word_embeddings else cfg.hidden_size * dtype_bytes  # one embedding row per live row
     flops_per_cached = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    prefill_flops = sum(2 * (matmul_weights - lm_head) * len(p) + 2 * lm_head
+                        + flops_per_cached * len(p) * (len(p) + 1) / 2 for p in prompts)
     prompt_len = [len(prompts[r // samples]) for r in range(len(lengths))]
     total = 0.0
     for step in range(max(lengths)):
         live = [prompt_len[r] + step for r in range(len(lengths)) if lengths[r] > step]
         read = weight_bytes + row_bytes * len(live) + kv_per_token * sum(live)
-        total += max(read / bandwidth if bandwidth else 0.0,
-                     (2 * matmul_weights * len(live) + flops_per_cached * sum(live)) / flops if flops else 0.0)
+        work = prefill_flops if step == 0 else 2 * matmul_weights * len(live) + flops_per_cached * sum(live)
+        total += max(read / bandwidth if bandwidth else 0.0, work / flops if flops else 0.0)
     return total
 
 

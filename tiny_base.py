@@ -89,8 +89,10 @@ def build_tokenizer(texts, vocab_size=1024, path=None, pad_to=None):
 def get_parser():
     p = common.new_parser("K&K pre-training text and a tiny BPE tokenizer for the tiny preset's base model.")
     p.add_argument("--out_dir", default="runs/tiny/base_data", help="writes pretrain.jsonl and tokenizer/ here")
-    p.add_argument("--people", default="2-4", help="people counts of the pre-training puzzles (range 2-4 or list 2,3)")
-    p.add_argument("--per_people", default="1000", help="puzzles per people count (one number, or one per count)")
+    # defaults: the tiny preset's corpus (config/tiny.sh; two people make only ~400 distinct puzzles, so 150 of them)
+    p.add_argument("--people", default="2-3", help="people counts of the pre-training puzzles (range 2-4 or list 2,3)")
+    p.add_argument("--per_people", default="150,6000",
+                   help="puzzles per people count (one number, or one per count)")
     p.add_argument("--seed", type=int, default=300000,
                    help="seed of the pre-training puzzle stream (differs from the splits')")
     p.add_argument("--exclude", nargs="*", default=[],
@@ -99,14 +101,14 @@ def get_parser():
     p.add_argument("--exclude_logic", nargs="*", default=[],
                    help="split files whose puzzles' logical twins must not appear either: any puzzle with the same "
                    "logic, however worded (kk_data.logic_key; reproduce.sh: the test split)")
-    p.add_argument("--text_format", default="mixed", choices=("answer", "trace", "table", "mixed"),
+    p.add_argument("--text_format", default="table", choices=("answer", "trace", "table", "mixed"),
                    help="what follows each question: answer (the answer sentence alone), trace (the official trace "
                         "and boxed answer), table (the truth-table chain of thought, kk_data.table_rows), mixed "
                         "(--trace_fraction of the documents as trace, the rest as answer)")
     p.add_argument("--trace_fraction", type=float, default=0.5,
                    help="--text_format mixed: share of documents with the trace")
     p.add_argument("--drill_people", default="2-3", help="people counts of the claim drills (range or list)")
-    p.add_argument("--drill_per_people", default="0",
+    p.add_argument("--drill_per_people", default="3000,9000",
                    help="claim drills per people count (one number, or one per count; 0 = none)")
     p.add_argument("--fixed_names", type=common.str2bool, default=False,
                    help="person i is always the i-th official name "
@@ -197,6 +199,9 @@ def probe(args):
 def main(argv=None):
     parser = get_parser()
     args = common.parse_settings(parser, argv)
+    corpus = ("out_dir", "people", "per_people", "seed", "exclude", "exclude_logic", "text_format", "trace_fraction",
+              "drill_people", "drill_per_people", "fixed_names", "vocab_size")
+    common.note_unused(args, parser, corpus, bool(args.probe), "writing the corpus (no --probe)")
     if args.probe:
         return probe(args)
     # a probe's settings without --probe: a forgotten --probe would write a corpus over the default --out_dir's
@@ -246,6 +251,8 @@ def main(argv=None):
     texts.append(tasks.SYSTEM_PROMPT)
     tok = build_tokenizer(texts, vocab_size=args.vocab_size, path=os.path.join(args.out_dir, "tokenizer"))
     lengths = [len(tok(d["text"])["input_ids"]) for d in docs]
+    if len(tok) < args.vocab_size:  # (the BPE stops where the text has no pair left to merge)
+        print(f"note: the text holds merges for {len(tok)} tokens, fewer than --vocab_size {args.vocab_size}")
     print(f"wrote {len(docs)} documents ({sum(lengths)} tokens, longest {max(lengths)}) to "
           f"{os.path.join(args.out_dir, 'pretrain.jsonl')} and a {len(tok)}-token tokenizer to "
           f"{os.path.join(args.out_dir, 'tokenizer')}")

@@ -188,6 +188,31 @@ def test_a_setting_of_another_mode_is_noted_not_silently_dropped(capsys):
     assert "note: --world not used: only --memory CONFIG uses it" in out
 
 
+@pytest.mark.parametrize("argv,message", [
+    # the first mode ran and the others were dropped without a word
+    (["--rl", "true", "--memory", "qwen2.5-1.5b"], "one mode at a time: --rl and --memory given"),
+    (["--gpu_suite", "true", "--count_kernels", "true"], "one mode at a time: --gpu_suite and --count_kernels"),
+    # a section's second run overwrote its first one's record (a FileExistsError in place of its measurements)
+    (["--gpu_suite", "true", "--smoke", "true", "--sections", "sampler", "sampler"], "--sections: each section once"),
+    # named as train_rl.py's settings, which bench.py does not have
+    (["--rl", "true", "--rl_prompts", "0"], "--rl_prompts must be at least 1, got 0"),
+    (["--rl", "true", "--rl_max_len", "0"], "--rl_max_len must be at least 1, got 0"),
+])
+def test_bench_refuses_what_it_would_drop_or_name_wrongly(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        bench.main(argv)
+
+
+def test_settings_the_suite_fixes_itself_are_noted(capsys):
+    """The suite's 8 samples per prompt and the smoke's RL cap replace these settings."""
+    with pytest.raises(UserError, match="each section once"):  # (stopped after the notes)
+        bench.main(["--gpu_suite", "true", "--smoke", "true", "--samples_per_prompt", "4",
+                    "--suite_rl_response_tokens", "8", "--sections", "rl", "rl"])
+    out = capsys.readouterr().out
+    assert "note: --samples_per_prompt not used" in out
+    assert "note: --suite_rl_response_tokens not used: only --gpu_suite without --smoke uses it" in out
+
+
 @pytest.mark.parametrize("steps", [0, 1])
 def test_the_rl_benchmark_needs_a_step_beyond_its_warm_up(steps):
     """The first step is a warm-up, left out of the median: with none left the benchmark would fail after its run."""
@@ -335,8 +360,8 @@ def test_fused_decode_step_launches_about_ten_kernels_per_layer():
 def test_decode_floor_takes_the_larger_floor_at_each_step():
     """Bandwidth: the weights and the live cache each step (an untied embedding only at the live rows' tokens);
     compute: 2 FLOPs per matmul weight per live row (a tied lm_head counted once, an untied embedding not at all)
-    and attention over the cache; the roofline is the sum of each step's larger one, so one row is bound by
-    bandwidth and many rows by compute."""
+    and attention over the cache, the prefill's once per prompt token (not per row); the roofline is the sum of each
+    step's larger one, so one row is bound by bandwidth and many rows by compute."""
     from model import build_model, kv_bytes_per_token, tiny_config
     for tied in (True, False):
         cfg = tiny_config(64, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=tied)
@@ -347,7 +372,9 @@ def test_decode_floor_takes_the_larger_floor_at_each_step():
         kv, per_cached = kv_bytes_per_token(c, 2), 4 * 2 * 4 * c.head_dim
         row = 0 if tied else 16 * 2  # an untied embedding: only the live rows' entries are read
         bytes_ = [2 * matmul + 2 * row + kv * (3 + 3), 2 * matmul + row + kv * 4]
-        flops = [2 * matmul * 2 + per_cached * (3 + 3), 2 * matmul * 1 + per_cached * 4]
+        # step 0 is the prefill: the prompt's 3 tokens once (not once per row), the lm_head at its last token only,
+        # causal attention over 1 + 2 + 3 keys
+        flops = [2 * (matmul - 64 * 16) * 3 + 2 * 64 * 16 + per_cached * (1 + 2 + 3), 2 * matmul * 1 + per_cached * 4]
         assert speed.decode_floor(c, model, prompts, lengths, 2, 2, bandwidth=10.0) == pytest.approx(sum(bytes_) / 10)
         assert speed.decode_floor(c, model, prompts, lengths, 2, 2, flops=7.0) == pytest.approx(sum(flops) / 7)
         # FLOPs per byte: 2 rows at step 0, 1 row at step 1; a card whose ratio lies between is bound by compute at
@@ -417,5 +444,9 @@ def test_samples_per_prompt_sizes_the_generation_benchmark(capsys):
                 "--repeats", "1", "--skip_hf", "true", "--threads", "1"])
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row[:3] == ["fixed", "3", "6"]  # rows, new tokens
+    # the fixed workload reads neither --min_len nor --max_len: their order is not its business
+    bench.main(["--workloads", "fixed", "--prompts", "1", "--samples_per_prompt", "1", "--fixed_len", "2",
+                "--min_len", "600", "--repeats", "1", "--skip_hf", "true", "--threads", "1"])
+    assert capsys.readouterr().out.splitlines()[-1].split()[:3] == ["fixed", "1", "2"]
     with pytest.raises(UserError, match="--samples is now --samples_per_prompt"):
         bench.main(["--samples", "3"])
