@@ -168,8 +168,13 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
 
 
 def prune_checkpoints(run_dir, step, keep_last, keep_weights=()):
-    """Rank 0, after saving `step`: only the newest keep_last checkpoints stay resumable; of the older ones only the
-    weights of the steps in keep_weights stay. (Nothing lies above `step`: resume_checkpoint removed it.)"""
+    """Rank 0, after saving `step`, or at a resume from `step` once its settings are accepted: only the newest keep_last
+    checkpoints stay resumable; of the older ones only the weights of the steps in keep_weights stay. What lies above
+    `step` (at a resume: skipped as unreadable, or left unfinished by a kill) is removed: the run saves those steps
+    anew, and kept, an unreadable one would take a keep_last place from them. (At a resume, not before the settings
+    are accepted: a refused resume removes nothing.)"""
+    for later in sorted(s for s in checkpoint_parts(run_dir) if s > step):
+        remove_checkpoint(run_dir, later)
     keep = set(checkpoint_steps(run_dir)[-keep_last:])
     for old in sorted(checkpoint_parts(run_dir) - keep):
         state, shards = checkpoint_files(run_dir, old)
@@ -239,13 +244,15 @@ def load_checkpoint(run_dir, needs_shard=lambda state: True):
     or None. Its shard is None where another number of ranks wrote it (require_shard says so), and where
     needs_shard(its train state) says the run has nothing left to train (a finished run), which then reads no shard
     (at 1.5B ~18 GB a rank) and needs none (deleted to free the disk, the run is still finished). One with a damaged
-    file (truncated by a disk fault or a partial copy, or missing) is skipped with a one-line warning naming the file.
-    A read that fails for another reason (the storage's I/O error, no memory, no permission) says nothing of the file:
-    a UserError on every rank, before anything is skipped (the resume would remove the newer checkpoint as
-    unreadable). Every rank calls this."""
+    file (truncated by a disk fault or a partial copy, or missing) is skipped with a one-line warning naming the file;
+    but one that lacks only an optimizer shard the run needs is an error (a finished run's, extended: its shards were
+    deleted, and skipped, the checkpoint would be removed). A read that fails for another reason (the storage's I/O
+    error, no memory, no permission) says nothing of the file: a UserError on every rank, before anything is skipped
+    (the resume would remove the newer checkpoint as unreadable). Every rank calls this."""
     for step in reversed(checkpoint_steps(run_dir)):
         model_dir, problem, state, shard = checkpoint_dir(run_dir, step), None, None, None
         failed = None  # a read error, not a damaged file
+        deleted = None  # a shard missing from a checkpoint otherwise whole
         path = model_dir + ".state.pt"
         try:
             state = load_checked(path)
@@ -256,18 +263,27 @@ def load_checkpoint(run_dir, needs_shard=lambda state: True):
             # (another world size: no shard, require_shard's error if the run goes on, not a skip)
             if state.get("world_size", 1) == world_size() and needs_shard(state):
                 path = train_shard_path(run_dir, step, rank())
+                # a save writes its shards before its state file, and a removal deletes that file first: a state file
+                # without its shards is none a kill leaves, but a finished run's, deleted to free the disk
+                if not os.path.exists(path):
+                    deleted = path
                 shard = load_checked(path)
         except Exception as e:  # noqa: BLE001 -- any reader error (weight_files': no weights) means: not this one
             problem = str(e) if isinstance(e, UserError) else (  # (a UserError names its place)
                 f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
             if read_failure(e):
                 failed = problem
-        gathered = all_gather_json([problem, failed])
-        failures = [f for _, f in gathered if f]
+        gathered = all_gather_json([problem, failed, deleted])
+        failures = [f for _, f, _ in gathered if f]
         if failures:
             raise UserError(f"cannot read {failures[0]} (a read error, not a damaged file): no checkpoint was skipped "
                             f"or removed; run again when the storage reads (--resume true)")
-        problems = [p for p, _ in gathered if p]
+        if deleted := next((d for _, _, d in gathered if d), None):  # skipped, it would be removed for good
+            raise UserError(f"{deleted} is missing, where the checkpoint of step {step} is otherwise whole (a finished "
+                            f"run's optimizer shards deleted to free the disk?): the run cannot go on from step {step} "
+                            f"without them, and is not resumed from an earlier step over it; restore them, or move "
+                            f"step {step}'s files out of {run_dir} to go on from an earlier checkpoint")
+        problems = [p for p, _, _ in gathered if p]
         if problems:
             print0(f"warning: skipping the checkpoint of step {step}: cannot read {problems[0]}")
             continue
@@ -344,20 +360,28 @@ def note_code_changes(saved, since):
            f"it is now")
 
 
+# the memory and batching settings of train_rl.py and redistill_sft.py: a resume may change them (a run out of memory
+# goes on), but they cut the same sums into other pieces (or compile them into other kernels), which round otherwise
+ROUNDING_SETTINGS = ("micro_batch_tokens", "logprob_chunk", "gen_batch_size", "keep_engine", "gradient_checkpointing",
+                     "checkpoint_every", "checkpoint_keep", "compile")
+
+
 def note_changed_settings(saved, now, since, same=("resume", "out_dir")):
     """A note naming the settings (vars(args)) in which a resume differs from the run's, recorded when `since` (None:
-    a version that did not record them), beyond those check_run_identity refuses. Nothing is refused: memory and
-    batching settings let a run that ran out of memory go on; but they cut the same sums into other pieces, which
-    round otherwise, so the weights from here can differ in their last bits from an uninterrupted run's. same: not
-    compared (resume itself; out_dir, one directory however spelled)."""
+    a version that did not record them), beyond those check_run_identity refuses. Nothing is refused; where one of
+    ROUNDING_SETTINGS changed, the note says that the weights from here can differ in their last bits from an
+    uninterrupted run's. same: not compared (resume itself; out_dir, one directory however spelled)."""
     if not saved:
         return
-    changed = [f"{k}: was {saved[k]!r}, now {now[k]!r}" for k in sorted(saved.keys() & now.keys())
+    changed = [k for k in sorted(saved.keys() & now.keys())
                if k not in same and json.dumps(saved[k], default=str) != json.dumps(now[k], default=str)]
     if changed:
-        print0(f"note: resuming with other settings than when {since}: {'; '.join(changed)}; a memory or batching "
-               f"setting rounds the same sums otherwise, so the weights from here can differ in their last bits from "
-               f"an uninterrupted run's")
+        rounding = [k for k in changed if k in ROUNDING_SETTINGS]
+        print0(f"note: resuming with other settings than when {since}: "
+               + "; ".join(f"{k}: was {saved[k]!r}, now {now[k]!r}" for k in changed)
+               + (f"; {' and '.join(rounding)} round{'s' if len(rounding) == 1 else ''} the same sums otherwise, so "
+                  f"the weights from here can differ in their last bits from an uninterrupted run's"
+                  if rounding else ""))
 
 
 def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):
@@ -381,14 +405,10 @@ def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):
                             f"be read (the warnings above name the files); move them away to start afresh there, or "
                             f"choose another --out_dir")
         print0(f"note: --resume: no checkpoint in {run_dir}; starting a fresh run")
-    if found is not None and rank() == 0:
-        # what lies beyond it was skipped as unreadable, or a kill left it unfinished: the run goes on from here and
-        # saves those steps anew; kept, an unreadable one would take a --keep_last place from them, the good one's
-        for later in sorted(s for s in checkpoint_parts(run_dir) if s > found[0]):
-            remove_checkpoint(run_dir, later)
+    # (what lies beyond it, skipped: removed by the caller's prune_checkpoints once the resume's settings are accepted)
     if found is not None and needs_shard(found[2]):  # (a finished run computes nothing more)
         note_code_changes(found[2].get("code"), f"step {found[0]} was saved")
-    barrier()  # (the other ranks then see what rank 0 removed: e.g. train_rl's check of --keep_steps' directories)
+    barrier()
     return found
 
 
@@ -465,8 +485,11 @@ def check_run_identity(run_dir, saved: dict, now: dict, recorded_since=(), ignor
                and not (k in when_both and None in (saved.get(k), now.get(k)))
                and not (k in PATH_SETTINGS and same_files(saved.get(k), now.get(k)))}
     if changed:
+        threads = all(str(v).startswith("cpu, threads") for v in changed.get("compute_device", ("",)))
         raise UserError(f"{run_dir}: --resume with different settings than the run's: "
-                        + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+                        + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items())
+                        + (" (torch's CPU threads: OMP_NUM_THREADS sets them; torchrun sets 1 a rank where it is unset)"
+                           if threads else ""))
 
 
 # -----------------------------------------------------------------------------

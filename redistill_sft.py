@@ -382,21 +382,23 @@ def main(argv=None):
         finished = step >= total_steps and os.path.isfile(os.path.join(final_dir, "config.json"))
         ignore = (parallel.COMPUTE_KEYS if finished else ("compute_device", "compute_kernels") if step >= total_steps
                   else ())
+        # (after the last step only the final save is left, of the weights its checkpoint holds: no optimizer state,
+        # so at any number of ranks too); the rank count first: at another one the run cannot go on, whatever else
+        train_shard = ckpt.require_shard(resume_from) if step < total_steps else None
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state["identity"], identity,
             recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS), ignore=ignore,
             when_both=("val_data_digest",)))
-        if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it)
-            ckpt.prune_checkpoints(args.out_dir, step, args.keep_last if step < total_steps else 1,
-                                   range(0, total_steps + 1, steps_per_epoch))
+        # what lies above the checkpoint (skipped) and what a stop inside the last save's prune left (no later save
+        # would prune it)
+        parallel.on_rank0(lambda: ckpt.prune_checkpoints(args.out_dir, step,
+                                                         args.keep_last if step < total_steps else 1,
+                                                         range(0, total_steps + 1, steps_per_epoch)))
         if finished:  # (at any number of ranks)
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); "
                    f"final weights in {final_dir}; nothing to do")
             parallel.dist_cleanup()
             return 0
-        # (after the last step only the final save is left, of the weights its checkpoint holds: no optimizer state,
-        # so at any number of ranks too)
-        train_shard = ckpt.require_shard(resume_from) if step < total_steps else None
         model = load_model(resume_dir, dtype=torch.float32, device=device)
         print0(f"resuming from {resume_dir} (step {step}/{total_steps})")
     elif args.init_tiny:

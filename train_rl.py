@@ -783,20 +783,23 @@ def main(argv=None):
         # one refusal naming every difference: the identity, then the objective (as its version recorded it); a
         # finished run's compute is not compared (nothing is left to compute: it may be re-run on other hardware)
         finished = start_step >= max_steps
+        if not finished:  # the rank count first: at another one the run cannot go on, whatever else differs
+            train_shard = ckpt.require_shard(checkpoint)
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state.get("identity", {}) | saved, identity | {k: getattr(args, k) for k in saved},
             recorded_since=("train_data_digest", "model_files", "ref_model_files", *parallel.COMPUTE_KEYS),
             ignore=parallel.COMPUTE_KEYS if finished else (), when_both=("validation",)))
-        if rank == 0:  # what a stop inside the last save's prune left (no later save would prune it), by that save's
-            saved_by = state.get("settings", {})  # rules: a re-run of a finished run with other flags removes nothing
-            ckpt.prune_checkpoints(args.out_dir, start_step, saved_by.get("keep_last", args.keep_last),
-                                   saved_by.get("keep_steps", args.keep_steps))
+        # what lies above the checkpoint (skipped) and what a stop inside the last save's prune left (no later save
+        # would prune it), by that save's rules: a re-run of a finished run with other flags removes nothing
+        saved_by = state.get("settings", {})
+        parallel.on_rank0(lambda: ckpt.prune_checkpoints(args.out_dir, start_step,
+                                                         saved_by.get("keep_last", args.keep_last),
+                                                         saved_by.get("keep_steps", args.keep_steps)))
         print0(f"resuming from {init_path} (step {start_step})")
         if finished:  # (at any number of ranks)
             print0(f"{args.out_dir}: already at step {start_step} >= --max_steps {max_steps}; nothing to do")
             parallel.dist_cleanup()
             return 0
-        train_shard = ckpt.require_shard(checkpoint)
     for keep in args.keep_steps:  # a step this run (or a longer one) saves after its start, or one saved already
         if keep < 1 or not (keep > start_step and (keep % args.save_every == 0 or keep == max_steps)
                             or os.path.isdir(ckpt.checkpoint_dir(args.out_dir, keep))):

@@ -194,8 +194,9 @@ def test_prune_keeps_the_newest_resumable_and_the_weights_asked_for(tmp_path):
 
 def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(tmp_path, capsys):
     """A fresh run refuses a directory with checkpoints; a resume takes the newest one every file of which reads,
-    skipping (with a warning) a newer one with a damaged file, removes what lies beyond the one taken (the damaged one,
-    an unfinished save's parts) and what an interrupted save left."""
+    skipping (with a warning) a newer one with a damaged file, and removes what an interrupted save left; what lies
+    beyond the one taken (the damaged one, an unfinished save's parts) only once the resume is accepted, at its prune:
+    it was removed at once, and a resume then refused (another setting) had lost it for nothing."""
     run = str(tmp_path)
     for step in (1, 2, 3):
         fake_checkpoint(run, step)
@@ -209,10 +210,28 @@ def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(
     assert (step, model_dir, state["step"]) == (2, ckpt.checkpoint_dir(run, 2), 2)
     assert float(shard["exp_avg"][0]) == 2.0
     assert "skipping the checkpoint of step 3: cannot read" in capsys.readouterr().out
-    assert ckpt.checkpoint_parts(run) == {1, 2} and not os.path.exists(os.path.join(run, ".tmp_abc"))
+    assert ckpt.checkpoint_parts(run) == {1, 2, 3, 4} and not os.path.exists(os.path.join(run, ".tmp_abc"))
+    ckpt.prune_checkpoints(run, 2, keep_last=2)
+    assert ckpt.checkpoint_parts(run) == {1, 2}
     for step in (1, 2):
         os.remove(ckpt.checkpoint_dir(run, step) + ".state.pt")
     assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing resumable left: a fresh run
+
+
+def test_a_checkpoint_missing_only_its_shard_is_not_skipped(tmp_path):
+    """A finished run's shards deleted to free the disk (load_checkpoint's docstring allows it), then the run extended:
+    its last checkpoint was skipped as damaged and removed, weights and all. A save writes the shards before the state
+    file, so a state file without its shard is that, not a kill's leftover: refused, and nothing removed."""
+    run = str(tmp_path)
+    for step in (1, 2):
+        fake_checkpoint(run, step)
+    os.remove(ckpt.train_shard_path(run, 2, 0))
+    with pytest.raises(UserError, match=r"step_000002\.train\.rank0\.pt is missing, where the checkpoint of step 2 "
+                                        r"is otherwise whole"):
+        ckpt.resume_checkpoint(run, resume=True)
+    assert ckpt.checkpoint_steps(run) == [1, 2]
+    # a finished run reads no shard: still resumable ("nothing to do")
+    assert ckpt.resume_checkpoint(run, resume=True, needs_shard=lambda state: state["step"] < 2)[0] == 2
 
 
 def test_a_bit_flipped_on_the_disk_is_a_damaged_checkpoint(tmp_path, capsys):

@@ -325,12 +325,13 @@ def test_stop_and_resume_gives_the_same_weights(tiny_checkpoint, tmp_path, capsy
         sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true", "--dtype", "bfloat16"))
     with two_threads():  # another CPU thread count rounds otherwise
         with pytest.raises(UserError, match="different settings.*compute_device: was 'cpu, threads 1', now 'cpu, "
-                                            "threads 2'"):
+                                            "threads 2' \\(torch's CPU threads: OMP_NUM_THREADS sets them"):
             sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
     with monkeypatch.context() as m:  # a shard per rank: an unfinished run goes on only at the number that wrote it
         m.setattr(ckpt, "world_size", lambda: 2)
-        with pytest.raises(UserError, match=r"step_000007\.state\.pt: written by 1 rank\(s\); resume it with the "
-                                            r"same number \(torchrun --nproc_per_node\), not 2"):
+        with two_threads(), pytest.raises(UserError, match=r"step_000007\.state\.pt: written by 1 rank\(s\); resume "
+                                                           r"it with the same number \(torchrun --nproc_per_node\), "
+                                                           r"not 2"):  # (named first: the thread count was)
             sft.main(run_args(tiny_checkpoint, data, cut, "--resume", "true"))
     write_sft(tmp_path / "d.jsonl", toy_task.make_records(40, seed=4), tok)  # other examples, same path and count
     with pytest.raises(UserError, match="different settings.*data_digest: was"):

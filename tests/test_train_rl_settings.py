@@ -429,8 +429,37 @@ def test_a_resume_whose_end_is_behind_its_checkpoint_does_nothing_and_says_so(rl
     os.remove(ckpt.train_shard_path(out, 2, 0))
     assert run("ended", max_steps=2, save_every=2, resume=True)[0] == metrics
     assert "nothing to do" in capsys.readouterr().out
-    with pytest.raises(common.UserError, match=r"none of the checkpoints .* can be read"):
+    with pytest.raises(common.UserError, match=r"step_000002\.train\.rank0\.pt is missing, where the checkpoint "
+                                               r"of step 2 is otherwise whole"):
         run("ended", max_steps=3, save_every=2, resume=True)
+    assert ckpt.checkpoint_steps(out) == [2]  # (skipped, it was removed: the run's last weights)
+
+
+def test_a_refused_resume_removes_no_checkpoint(rl_run, monkeypatch, capsys):
+    """A resume skipped a damaged newest checkpoint and removed it (and any other above the one it took) before its
+    settings were checked: a resume then refused (another setting, another rank count) had lost that checkpoint for
+    nothing. Now the skipped ones go only once the resume is accepted, and the rank count is named first (a 2-rank
+    run's checkpoint resumed alone was refused for its thread count, on CPU)."""
+    run = rl_run
+    _, _, out = run("damaged", max_steps=2, save_every=1)
+    with open(ckpt.train_shard_path(out, 2, 0), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(common.UserError, match="different settings than the run's: lr: was 0.003, now 0.001"):
+        run("damaged", max_steps=3, save_every=1, resume=True, lr=1e-3)
+    assert "skipping the checkpoint of step 2" in capsys.readouterr().out
+    assert ckpt.checkpoint_parts(out) == {1, 2}
+    monkeypatch.setattr(ckpt, "world_size", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 99)
+    with pytest.raises(common.UserError, match=r"written by 1 rank\(s\); resume it with the same number"):
+        run("damaged", max_steps=3, save_every=1, resume=True)
+    assert ckpt.checkpoint_parts(out) == {1, 2}
+    monkeypatch.undo()
+    run("damaged", max_steps=3, save_every=1, resume=True)  # accepted: step 2 is saved anew
+    assert ckpt.checkpoint_steps(out)[-2:] == [2, 3]
+    log = capsys.readouterr().out
+    assert "skipping the checkpoint of step 2" in log
+    # a longer run rounds nothing otherwise: noted without the last-bits warning a batching setting gets
+    assert "note: resuming with other settings than when step 1 was saved: max_steps: was 2, now 3\n" in log
 
 
 def test_a_task_without_difficulties_logs_no_difficulty_field(rl_run, tmp_path, monkeypatch):
