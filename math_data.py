@@ -342,7 +342,21 @@ def _clean_answer(s: str) -> str:
     return s
 
 
-_UNIT_TEXT = re.compile(r"(?<=[0-9}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .]*\}$")  # "5 \text{ cm}" -> "5"
+# a unit after a number, dropped on both sides ("5 \text{ cm}^2", "5\mathrm{~cm}", "12 square units" are 5 and 12):
+# in a text command, any text of two letters or more and no digit but a power or a base ("km/h", "o'clock", "(units)",
+# " cm$^2$", " (base 8)") or a one-letter unit (not \mathrm{i}, \mathrm{e}, \text{x}), not a.m. / p.m.; bare, a unit
+# of a short list (score() drops them after its hedge and time checks, which read the text). math-verify's own unit rule runs off: it drops any of ~170 words at the
+# end after a digit, among them c, d, g, h, l, m, s, t and "ab", "bc", so that "6+9c" read as 15 and "a^2+2ab" as a^2+2
+_POWER = r"(?:\s*\^\s*\{?\s*\d\s*\}?)?"
+_UNIT_TEXT = re.compile(r"(?<=[0-9}])(?:\s|\\[,;:! ]|\\q?quad(?![A-Za-z])|~)*\\(?:text[a-z]*|mbox|mathrm)\s*\{"
+                        r"(?![\s~]*[aApP]\.?[\s~]*[mM]\.?[\s~]*\})"  # (a time's a.m. / p.m.: meridiem() reads it)
+                        r"(?:(?=[^{}\d]*[A-Za-z][^{}\d]*[A-Za-z])(?:\bbase\s*\d+|\$?\^\{?\d\}?\$?|[^{}\d])*"
+                        r"|[\s~]*[mgsLlhdKAJNWVCF][\s.]*|[\s.]*\.)"
+                        + _POWER + r"\s*\}" + _POWER + r"\s*$")
+_BARE_UNIT = re.compile(r"(?<=[0-9}])\s*(?:(?:sq|square|cubic|cu)\.?\s*)?(?:cm|mm|km|ft|feet|foot|inch(?:es)?|yards?|"
+                        r"miles?|met(?:er|re)s?|kg|grams?|pounds?|lbs?|ounces?|mph|hours?|hrs?|minutes?|mins?|seconds?|"
+                        r"days?|weeks?|months?|years?|dollars?|cents?|units?|degrees?|liters?|litres?|gallons?)\.?"
+                        + _POWER + r"\s*$|(?<=[0-9}])\s+m\s*$")  # (meters set apart: "12\sqrt{3} m", a MATH gold)
 TEXT_SPACE = re.compile(r"\\(text|textbf|textrm|mathrm|mbox)\s+\{")  # "\\text {cm}" is "\\text{cm}" (a MATH gold)
 # a question that asks for several answers: there "70,110" is two answers (a MATH gold), never 70110
 LIST_QUESTION = re.compile(r"separated by commas|enter all", re.I)
@@ -365,6 +379,13 @@ ASSIGNMENT = re.compile(r"\s*([A-Za-z])\s*=\s*([^=]+?)\s*")
 BRACKETED = re.compile(r"\s*(?:\\left\s*)?[(\[]")  # a gold tuple or interval
 
 
+def strip_unit(answer):
+    """The answer without a unit after its number (_UNIT_TEXT, _BARE_UNIT; twice: "5\\text{ cm}^2\\text{.}")."""
+    for _ in range(2):
+        answer = _BARE_UNIT.sub("", _UNIT_TEXT.sub("", answer))
+    return answer
+
+
 def as_graded(answer, record):
     """An answer (the boxed one or the gold) as both grading paths read it: cleaned as a boxed answer is (a gold's
     trailing period or comma made math-verify read only part of it), "\\text {" closed up, "\\frac\\pi4" braced, and
@@ -373,11 +394,12 @@ def as_graded(answer, record):
     paper's math-verify alone takes "70110" for "70,110", this takes the list; a gold of one number (10879) keeps
     "10,879" as that number."""
     answer = TEXT_SPACE.sub(r"\\\1{", _clean_answer(answer.strip().rstrip(",")))  # (a gold's "i." or "(E),")
+    answer = answer.replace("°", "^\\circ")
     answer = FRAC_COMMANDS.sub(lambda m: "\\frac{%s}{%s}" % ((m[1], m[2]) if m[1] else (m[3], m[4])), answer)
     answer = TIMES_NUMBER.sub(r"\\cdot ", answer)
     answer = as_tuple(answer, str(record.get("question", "")))
-    if LIST_QUESTION.search(str(record.get("question", ""))) and re.search(r",\s*\d", str(record.get("answer", ""))):
-        answer = re.sub(r",(?=\d)", ", ", answer)
+    if LIST_QUESTION.search(str(record.get("question", ""))) and re.search(r",\s*-?\d", str(record.get("answer", ""))):
+        answer = re.sub(r",(?=-?\d)", ", ", answer)  # ("100,-2": a list too)
     else:  # "29,\!322,\!216" is one number anywhere in an answer (math-verify read "111,\!111" as a list)
         answer = THIN_THOUSANDS.sub("", answer)
     return answer
@@ -427,7 +449,7 @@ def normalize_answer(s: str) -> str:
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\degree", "", s)  # degrees (not f \circ g)
     s = s.replace("\\%", "").replace("%", "")
-    s = _UNIT_TEXT.sub("", s.strip())
+    s = strip_unit(s.strip())
     s = re.sub(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     if re.fullmatch(r"-?\d{1,3}(?: +\d{3})+(?:\.\d+)?", s.strip()):  # "1\,000": digits in threes, one number
         s = s.replace(" ", "")
@@ -503,6 +525,18 @@ def hedged(pred, gold, question):
                     and not re.search(r"percent|%", str(question), re.I)))
 
 
+def word_answer(answer, need_text=False):
+    """The words of an answer that is words alone ("\\text{East}" -> "east"; two letters or more), lower-cased; None
+    for any other answer (need_text: and for one without a text command, where "ab" is a product)."""
+    if need_text and not TEXT_COMMAND.search(answer):
+        return None
+    answer = answer.replace("\\displaystyle", "")
+    for _ in range(3):
+        answer = WRAPPER.sub(r"\1", answer)
+    words = answer.strip().strip("$").rstrip(".").strip()
+    return words.lower() if re.fullmatch(r"[A-Za-z]{2,}(?: [A-Za-z]+)*", words) else None
+
+
 def same_normalized(pred: str, gold: str) -> bool:
     """The fast path's verdict: equal normalized strings, where one side may name the variable the other leaves
     out ("x=3" is "3"); both naming one, the names must agree ("x=5" is not "y=5": math-verify decides)."""
@@ -558,10 +592,17 @@ def score(response, record, finished) -> float:
         bases_gold, bases_pred = set(NUMBER_BASE.findall(gold)), set(NUMBER_BASE.findall(pred))
         if bases_gold and bases_pred and bases_gold != bases_pred:  # (a number without its base: as before)
             return 0.0
+        pred, gold = strip_unit(pred), strip_unit(gold)
+        # a gold in words is compared as words: math-verify reads them as products of letters, so "\text{East}" was
+        # not "east" (E is Euler's number) and "Amy" was "May"
+        if (words := word_answer(str(record["answer"]), need_text=True)) is not None:
+            return 1.0 if word_answer(pred) == words else 0.0
         if same_normalized(pred, gold):
             return 1.0
         if not (_fit_for_verifier(pred) and _fit_for_verifier(gold)):
             return 0.0
+        if PERCENT.search(gold) and not PERCENT.search(pred):  # "32\%" is 32 here, not 0.32 (what percent ...?)
+            gold = PERCENT.sub("", gold)
         return 1.0 if GRADER.equivalent(gold, pred, GRADE_TIMEOUT_S) else 0.0
     except Exception as e:  # a bug here must not kill an RL run: count it as wrong, say so once
         _warn_once(f"math_data.score: unexpected {type(e).__name__}: {e}; scored 0.0")
@@ -671,11 +712,13 @@ class Grader:
             worker = _Worker()
         if not worker.start(WORKER_START_TIMEOUT_S):
             worker.kill()
-            with self._lock:
+            with self._lock:  # (consecutive: one slow start on a busy machine must not end math-verify for the run)
                 self._start_failures += 1
             _warn_once("math_data: the math-verify worker failed to start (is math-verify installed? see the error "
                        "above); answers are graded by string match only")
             return False
+        with self._lock:
+            self._start_failures = 0
         result = worker.ask(gold, pred, timeout_s)
         if result is None:  # hung or crashed: kill it, and start its replacement now so it warms up meanwhile
             worker.kill()
@@ -704,9 +747,12 @@ def _worker_main():
     protocol = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
     sys.stdout = sys.stderr
+    from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
     from math_verify import LatexExtractionConfig, parse, verify
     # LaTeX only: math-verify's ExprExtractionConfig runs sympy's parse_expr (eval) on the text.
-    config = [LatexExtractionConfig(boxed_match_priority=0)]
+    # units off: math-verify's unit rule drops variables (_UNIT_TEXT above); score() drops units on both sides
+    config = [LatexExtractionConfig(boxed_match_priority=0, normalization_config=NormalizationConfig(
+        basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all", equations=False))]
 
     def equal(gold, pred):
         # Timeouts off: math-verify's are signal.alarm based; the parent's kill is the time limit.

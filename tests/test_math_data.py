@@ -67,7 +67,6 @@ EQUAL = [
     ("30^\\circ", "30^\\circ"),
     ("45", "45^\\circ"),
     ("50\\%", "50"),
-    ("50\\%", "0.5"),
     ("5", "5\\text{ cm}"),
     ("5\\text{ cm}", "5"),
     ("12", "12 \\text{ inches}"),
@@ -116,6 +115,30 @@ EQUAL = [
     ("\\dfrac{1}{29,\\!322,\\!216}", "\\frac{1}{29322216}"),  # thin-space thousands inside an expression
     ("\\frac \\pi4 + 2 - \\sqrt2", "\\frac{\\pi}{4} + 2 - \\sqrt{2}"),  # an unbraced command argument
     ("2007 + \\frac\\pi 2", "2007 + \\frac{\\pi}{2}"),
+    # a red-team's finds, 0.0 before: math-verify's unit rule dropped a variable at the end after a digit (c, t, ab)
+    ("9c+6", "6+9c"),
+    ("6t - 5", "-5+6t"),
+    ("\\frac{8t}{3}", "\\frac{8}{3}t"),
+    ("a^2+2ab", "2ab+a^2"),
+    ("a + b + c", "c+b+a"),
+    ("\\sin^2 t", "\\sin^{2} t"),
+    # ... with that rule off, units are still dropped, by as_graded's own rules
+    ("5", "5\\text{ km/h}"),
+    ("5", "5 \\text{ m/s}"),
+    ("5", "5\\quad\\text{cm}"),
+    ("5", "5\\text{ cm}^2\\text{.}"),
+    ("5", "5\\mathrm{~cm}"),
+    ("5", "5^\\circ\\text{F}"),
+    ("5", "5 \\text{ o'clock}"),
+    ("12", "12 square units"),
+    ("12\\sqrt{3} m", "12\\sqrt{3}"),  # (a pool gold)
+    ("1+2i", "1+2\\mathrm{i}"),  # an upright i (or e) is no unit
+    ("6i", "6\\,\\mathrm{i}"),
+    ("\\text{east}", "\\text{East}"),  # words: math-verify read them as products of letters (E: Euler's number)
+    ("\\text{Evelyn}", "evelyn"),
+    ("\\text{odd}", "\\displaystyle \\text{ODD}"),
+    ("60", "60°"),  # a Unicode degree sign
+    ("60^\\circ", "60°"),
 ]
 
 # (gold, boxed prediction): near misses that must score 0.0
@@ -184,6 +207,21 @@ UNEQUAL = [
     ("\\text{A5}_{11}", "\\text{A5}_{12}"),
     ("8", "3\\ (5)"),
     ("8", "3 \\; [5]"),
+    # a red-team's finds, 1.0 before: a trailing variable, a one-letter text, was dropped as a unit
+    ("6+9c", "15"),
+    ("a^2+2ab", "a^2+2"),
+    ("2t", "2"),
+    ("a + b + c", "a + b + d"),
+    ("1+2", "1+2\\mathrm{i}"),
+    ("3", "3\\mathrm{e}"),
+    ("2", "2\\text{x}"),
+    ("\\text{May}", "\\text{Amy}"),  # an anagram was the same product of letters
+    ("\\text{ACF}", "FCA"),  # (a pool question asks for the letters in alphabetic order)
+    ("32 \\%", "0.32"),  # a percent gold took the fraction too
+    ("32 \\%", "\\frac{8}{25}"),
+    ("7.2\\%", "0.072"),
+    ("50\\%", "0.5"),  # (an EQUAL case before: the gold asks for the percent)
+    ("4:30 \\text{ p.m.}", "4:30 \\text{ AM}"),  # (the markers are compared before units go)
 ]
 
 
@@ -214,6 +252,7 @@ HEDGES = [
     ("12", "12 \\text{ 5}"),
     ("5", "5 \\text{ vs. } 6"),
     ("5", "5 \\text{ if } n \\text{ odd}, 6 \\text{ otherwise}"),
+    ("6", "6 \\text{ (approximately)}"),  # (read before the unit rule drops the text)
 ]
 
 
@@ -259,6 +298,8 @@ def test_a_list_question_reads_commas_between_numbers_as_a_list():
         assert score(f"So $\\boxed{{{pred}}}$.", listed, True) == 1.0, pred
     for pred in ("70110", "70,110,0", "70"):
         assert score(f"So $\\boxed{{{pred}}}$.", listed, True) == 0.0, pred
+    negative = {"question": question, "answer": "100,-2"}  # (",-2" was not read as a list)
+    assert score("So $\\boxed{-2,100}$.", negative, True) == 1.0
     one = {"question": "Enter all the possible values of $b,$ separated by commas.", "answer": "10879"}
     assert score("So $\\boxed{10,879}$.", one, True) == 1.0  # a list question whose gold is one number
     number = {"question": "How many dollars did she earn?", "answer": "58,500"}
@@ -387,6 +428,24 @@ def test_hung_verifier_is_killed_and_the_worker_recovers():
         assert grader.equivalent("\\frac{1}{2}", "0.5", timeout_s=30) is True  # a fresh worker answers
     finally:
         grader.close()
+
+
+def test_only_consecutive_start_failures_turn_math_verify_off(monkeypatch):
+    """Three failed worker starts at any point of a run (a slow start on a busy machine, now and then) switched
+    math-verify off for the rest of it: every answer that needs it scored 0. Now only three in a row do."""
+    starts = iter([False, False, True, False, False, True, False, False, False])
+    monkeypatch.setattr(math_data._Worker, "__init__", lambda self: setattr(self, "proc", None))
+    monkeypatch.setattr(math_data._Worker, "start", lambda self, timeout_s: next(starts))
+    monkeypatch.setattr(math_data._Worker, "kill", lambda self: None)
+    monkeypatch.setattr(math_data._Worker, "ask", lambda self, gold, pred, timeout_s: True)
+    grader = math_data.Grader()
+    grader._idle = []
+    verdicts = []
+    for i in range(9):
+        grader._idle.clear()  # (a fresh worker each time: each call starts one)
+        verdicts.append(grader.equivalent(str(i), str(i)))
+    assert verdicts == [False, False, True, False, False, True, False, False, False]
+    assert grader.equivalent("9", "9") is False and next(starts, None) is None  # off: no start tried
 
 
 def test_worker_that_died_is_replaced():
