@@ -345,8 +345,9 @@ def _clean_answer(s: str) -> str:
 # a unit after a number, dropped on both sides ("5 \text{ cm}^2", "5\mathrm{~cm}", "12 square units" are 5 and 12):
 # in a text command, any text of two letters or more and no digit but a power or a base ("km/h", "o'clock", "(units)",
 # " cm$^2$", " (base 8)") or a one-letter unit (not \mathrm{i}, \mathrm{e}, \text{x}), not a.m. / p.m.; bare, a unit
-# of a short list (score() drops them after its hedge and time checks, which read the text). math-verify's own unit rule runs off: it drops any of ~170 words at the
-# end after a digit, among them c, d, g, h, l, m, s, t and "ab", "bc", so that "6+9c" read as 15 and "a^2+2ab" as a^2+2
+# of a short list (score() drops them after its hedge and time checks, which read the text). math-verify's own unit
+# rule runs off: it drops any of ~170 words at the end after a digit, among them c, d, g, h, l, m, s, t and "ab", "bc",
+# so that "6+9c" read as 15 and "a^2+2ab" as a^2+2
 _POWER = r"(?:\s*\^\s*\{?\s*\d\s*\}?)?"
 _UNIT_TEXT = re.compile(r"(?<=[0-9}])(?:\s|\\[,;:! ]|\\q?quad(?![A-Za-z])|~)*\\(?:text[a-z]*|mbox|mathrm)\s*\{"
                         r"(?![\s~]*[aApP]\.?[\s~]*[mM]\.?[\s~]*\})"  # (a time's a.m. / p.m.: meridiem() reads it)
