@@ -538,6 +538,19 @@ def word_answer(answer, need_text=False):
     return words.lower() if re.fullmatch(r"[A-Za-z]{2,}(?: [A-Za-z]+)*", words) else None
 
 
+# a clock time, "9:24", "05\\!:\\!00", "4\\!:\\!51\\!:\\!06" (its a.m. / p.m. dropped first): read as such where the
+# gold has a marker or the question speaks of time and no ratio (math-verify read "3:10" as a ratio: "9:30" was equal)
+_COLON = r"\s*(?:\\!\s*)?:\s*(?:\\!\s*)?"
+TIME_OF_DAY = re.compile(r"(\d{1,2})" + _COLON + r"(\d{2})(?:" + _COLON + r"(\d{2}))?")
+CLOCK_QUESTION = re.compile(r"\btime\b|clock|\b[ap]\.\s*m\.", re.I)
+
+
+def time_of_day(answer):
+    """(hours, minutes, seconds) of an answer that is a clock time, else None."""
+    m = TIME_OF_DAY.fullmatch(TRAILING_MERIDIEM.sub("", _clean_answer(answer)).strip())
+    return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else None
+
+
 def same_normalized(pred: str, gold: str) -> bool:
     """The fast path's verdict: equal normalized strings, where one side may name the variable the other leaves
     out ("x=3" is "3"); both naming one, the names must agree ("x=5" is not "y=5": math-verify decides)."""
@@ -593,6 +606,13 @@ def score(response, record, finished) -> float:
         bases_gold, bases_pred = set(NUMBER_BASE.findall(gold)), set(NUMBER_BASE.findall(pred))
         if bases_gold and bases_pred and bases_gold != bases_pred:  # (a number without its base: as before)
             return 0.0
+        question = str(record.get("question", ""))
+        if (clock := time_of_day(gold)) is not None and (marks_gold or CLOCK_QUESTION.search(question)
+                                                         and not re.search(r"ratio", question, re.I)):
+            told = time_of_day(pred)
+            if told and marks_gold == {"p"} and not marks_pred and told[0] == clock[0] + 12:  # (20:34 for 8:34 p.m.)
+                told = (clock[0],) + told[1:]
+            return 1.0 if told == clock else 0.0
         pred, gold = strip_unit(pred), strip_unit(gold)
         # a gold in words is compared as words: math-verify reads them as products of letters, so "\text{East}" was
         # not "east" (E is Euler's number) and "Amy" was "May"

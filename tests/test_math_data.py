@@ -307,6 +307,20 @@ def test_a_list_question_reads_commas_between_numbers_as_a_list():
     assert score("So $\\boxed{58, 500}$.", number, True) == 0.0
 
 
+def test_a_clock_time_is_read_as_a_time_not_a_ratio():
+    """math-verify read "3:10" as the ratio 3/10, so that "9:30" scored 1 (and "4:17" against "8:34 p.m."); a time is
+    read as one where the gold has a.m. / p.m. or the question speaks of time and of no ratio."""
+    def time(pred, gold, question="What time will the clock show?"):
+        return score(f"So $\\boxed{{{pred}}}$.", {"question": question, "answer": gold}, True)
+    assert time("9:30", "3:10") == 0.0 and time("3:10", "3:10") == 1.0
+    assert time("4:17", "8\\!:\\!34 \\text{ p.m.}", "How long?") == 0.0
+    assert time("8:34 \\text{ PM}", "8\\!:\\!34 \\text{ p.m.}", "How long?") == 1.0
+    assert time("20:34", "8\\!:\\!34 \\text{ p.m.}") == 1.0  # the 24-hour form of a p.m. time
+    assert time("5:00", "05\\!:\\!00") == 1.0  # (math-verify read 05:00 as 5/0: 0 before)
+    assert time("4:51:06 p.m.", "4\\!:\\!51\\!:\\!06 \\text{ p.m.}") == 1.0
+    assert time("38:120", "19:60", "What is the ratio of boys to girls?") == 1.0  # a ratio stays one
+
+
 def test_assignments_answer_the_tuple_the_question_asks_for():
     """math-verify reads "y=3, x=2" in the order written, so that for the pair (x, y) = (2, 3) it scored 0 and
     "y=2, x=3" scored 1. Where the question names the tuple, its order counts; elsewhere, as before."""
