@@ -69,6 +69,9 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
     if not logs:
         raise UserError(f"{folder}: no rollouts (no step_N.jsonl files; "
                         "the probe run writes them with --log_rollouts true)")
+    if min(logs) < 1:  # (train_rl numbers its steps from 1)
+        raise UserError(f"{tasks.rollout_log_path(run_dir, min(logs))}: step {min(logs)}, where a probe run's steps "
+                        f"start at 1 (is {folder} a train_rl.py run's?)")
     for expected, step in enumerate(logs, 1):
         if step != expected:
             raise UserError(f"{tasks.rollout_log_path(run_dir, expected)}: file not found (the log has steps "

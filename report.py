@@ -212,10 +212,12 @@ def limr_tables(out_dir, only_seeds=()):
             rows.append(row)
             by_arm.setdefault(arm, []).append(row)
         pool = (f"the {len(scores)} prompts of the pool" if drawn == len(scores) else
-                f"{drawn} of the pool's {len(scores)} prompts (the others longer than its --max_prompt_tokens)")
+                f"{drawn} of the pool's {len(scores)} prompts (the others never drawn: longer than its "
+                f"--max_prompt_tokens, or the probe too short to draw them)")
         notes.append(f"seed {seed}: the probe ran {probe_steps} steps ({probe_rollouts} rollouts) on {pool}; "
                      f"{sum(x is not None for x in scores)} scored, "
-                     f"{sum(x is None for x in scores)} dropped (a gap in their curve), {arms['LIM'][0]} selected.")
+                     f"{drawn - sum(x is not None for x in scores)} dropped (a gap in their curve), "
+                     f"{arms['LIM'][0]} selected.")
     lines = ["", "### LIMR: RL on the LIM subset, the whole pool (FULL) and a random subset of LIM's size (RAND), "
              "from the same start for equal steps", "", markdown_table(rows, digits=3),
              "FULL is the probe run at that step (RL on the whole pool); RL rollouts: steps x prompts x group; "

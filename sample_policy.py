@@ -202,7 +202,7 @@ def select(samples, max_per_prompt, num_examples, seed, stop_texts=STOP_TOKENS, 
                                           "duplicates": 0, "over_limit": 0}
     prompts, answered = [], set()
     for s in samples:
-        key = (s["id"], s["prompt"])
+        key = (str(s["id"]), s["prompt"])  # (ids are matched as text everywhere: 2 and "2" are one prompt)
         if key not in by_prompt:
             by_prompt[key] = []
             prompts.append(key)

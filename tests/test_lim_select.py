@@ -4,6 +4,7 @@ file, line and field, with nothing written."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -219,6 +220,9 @@ def first_row(file_step, **fields):
     (lambda log, pool: break_line(log / "step_000002.jsonl", 1, json.dumps({"id": pool[2]["id"], "epoch": 0})),
      r"step_000002\.jsonl:1: missing field 'reward'"),
     (lambda log, pool: os.remove(log / "step_000004.jsonl"), r"step_000004\.jsonl: file not found .*hole"),
+    # a step 0 (no train_rl.py step): "step_000001.jsonl: file not found", of a file that was there
+    (lambda log, pool: shutil.copy(log / "step_000001.jsonl", log / "step_000000.jsonl"),
+     r"step_000000\.jsonl: step 0, where a probe run's steps start at 1"),
     (lambda log, pool: [os.remove(p) for p in log.glob("*.jsonl")], r"rollouts: no rollouts \(no step_N\.jsonl"),
     # an empty step file is a damaged copy (train_rl.py never writes one): read as no rollouts, it changed the
     # scores of an epoch (mid-run) or dropped the last as a stopped one

@@ -253,6 +253,9 @@ def test_select_filters_dedupes_and_takes_n():
     orders = {tuple(k["response"] for k in sp.select(samples, 0, 0, seed=seed)[0]) for seed in range(10)}
     assert len(orders) > 1
     assert first == [k["response"] for k in sp.select(samples, 0, 0, seed=0)[0]][:3]
+    # ids are matched as text (as load_records refuses 2 and "2" as one id): one prompt, logged either way
+    kept, counts = sp.select([dict(s(2, "x"), prompt="P"), dict(s("2", "x"), prompt="P")], 1, 0, seed=0)
+    assert len(kept) == 1 and counts["duplicates"] == 1 and counts["prompts"] == 1
 
 
 def test_a_set_holds_no_stop_token_sft_would_refuse(tmp_path):
