@@ -169,12 +169,17 @@ def refill_keep(signal, room):
     return keep
 
 
+# a log-ratio is clamped to this before exp (verl's bound): past ~88.7 exp overflows fp32, and one token's inf times a
+# clipped branch's zero gradient made the whole update NaN (the step skipped)
+MAX_LOG_RATIO = 20.0
+
+
 def policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
     """Per-token PPO clipped surrogate, to minimise: max(-A*rho, -A*clip(rho, 1-clip_low, 1+clip_high)).
 
     Returns (loss per token, 1.0 where the clipped branch is the one taken, else 0.0).
     """
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(torch.clamp(logp - old_logp, -MAX_LOG_RATIO, MAX_LOG_RATIO))
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
@@ -198,7 +203,8 @@ def kl_cov_loss(logp, old_logp, adv, selected, coef=1.0):
     (rho = 1) it is -A * rho exactly, as |x|'s gradient at 0 is 0: it acts from the second update of a batch.
     Returns (loss per token, 0.0 everywhere: nothing is clipped)."""
     log_ratio = logp - old_logp
-    return -adv * torch.exp(log_ratio) + coef * log_ratio.abs() * selected, torch.zeros_like(adv)
+    return (-adv * torch.exp(torch.clamp(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO)) + coef * log_ratio.abs() * selected,
+            torch.zeros_like(adv))
 
 
 def kl_penalty(logp, ref_logp, estimator="k3"):
@@ -206,12 +212,13 @@ def kl_penalty(logp, ref_logp, estimator="k3"):
 
     k1 = logp - ref_logp (unbiased, high variance; train_rl puts it in the reward); k3 = exp(ref - logp) -
     (ref - logp) - 1 (unbiased, always >= 0, verl's low_var_kl; train_rl puts it in the loss), clamped to
-    [-10, 10] as in verl. (As a loss, k3's gradient is in expectation that of KL(pi_ref || pi).)
+    [-10, 10] as in verl, its log-ratio to +-MAX_LOG_RATIO first (an overflow made the update NaN). (As a loss, k3's
+    gradient is in expectation that of KL(pi_ref || pi).)
     """
     if estimator == "k1":
         return logp - ref_logp
     if estimator == "k3":
-        d = ref_logp - logp
+        d = torch.clamp(ref_logp - logp, -MAX_LOG_RATIO, MAX_LOG_RATIO)
         return torch.clamp(torch.exp(d) - d - 1.0, min=-10.0, max=10.0)
     raise ValueError(f"unknown KL estimator {estimator!r}")
 

@@ -90,6 +90,22 @@ def test_clipping_on_both_sides():
     assert torch.allclose(loss2, torch.tensor([-1.28, 0.8]))
 
 
+def test_an_extreme_log_ratio_leaves_the_gradient_finite():
+    """exp of a log-ratio past ~88.7 overflows fp32: one token's inf times its clipped branch's zero gradient made the
+    whole update NaN (skipped as a bad step). The log-ratio is clamped to +-MAX_LOG_RATIO first, as verl does."""
+    for adv in (1.0, 0.0, -1.0):
+        logp = torch.tensor([-1.0, -1.0], requires_grad=True)
+        loss, _ = grpo.policy_loss(logp, torch.tensor([-96.0, -1.1]), torch.tensor([adv, 1.0]))
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all(), adv
+        assert logp.grad[1] == pytest.approx(-math.exp(0.1))  # (an ordinary token's gradient is untouched)
+    for make in (lambda lp, ref: grpo.kl_penalty(lp, ref, "k3"),
+                 lambda lp, ref: grpo.kl_cov_loss(lp, ref, torch.ones(2), torch.ones(2))[0]):
+        logp = torch.tensor([-96.0, -1.0], requires_grad=True)
+        make(logp, torch.zeros(2)).sum().backward()
+        assert torch.isfinite(logp.grad).all()
+
+
 def test_kl_estimators():
     logp = torch.tensor([-1.0, -2.0, -0.5, -20.0])
     ref = torch.tensor([-1.5, -1.0, -0.5, -0.1])
