@@ -11,7 +11,8 @@ log; now and then greedy validation and a checkpoint.
 Defaults are the paper's K&K run (verl; arXiv 2505.17988, docs/paper_preset.md), plus truncated importance sampling
 against the engine's log-probs (--rollout_is). More in docs/grpo.md:
 - The main path: one on-policy update per rollout batch, so the PPO ratio is exactly 1 and the gradient is that of
-  -A log pi, times the TIS weight (--rollout_is: 1 where the sampler and the trainer agree). Several updates per batch and a KL to a reference are the explicit optional branch (pre_pass).
+  -A log pi, times the TIS weight (--rollout_is: 1 where the sampler and the trainer agree). Several updates per
+  batch and a KL to a reference are the explicit optional branch (pre_pass).
 - FSDP2 shards the fp32 weights, gradients and AdamW state; compute runs in --dtype; every rank runs equally many
   micro-batches (parallel.even_out, idle_pass). Rollouts come from a full --dtype copy, gathered once per step
   into the engine's buffers, which stay allocated from step to step where memory allows (--keep_engine), so the
