@@ -342,22 +342,30 @@ def _clean_answer(s: str) -> str:
     return s
 
 
-# a unit after a number, dropped on both sides ("5 \text{ cm}^2", "5\mathrm{~cm}", "12 square units" are 5 and 12):
-# in a text command, any text of two letters or more and no digit but a power or a base ("km/h", "o'clock", "(units)",
-# " cm$^2$", " (base 8)") or a one-letter unit (not \mathrm{i}, \mathrm{e}, \text{x}), not a.m. / p.m.; bare, a unit
-# of a short list (score() drops them after its hedge and time checks, which read the text). math-verify's own unit
-# rule runs off: it drops any of ~170 words at the end after a digit, among them c, d, g, h, l, m, s, t and "ab", "bc",
-# so that "6+9c" read as 15 and "a^2+2ab" as a^2+2
+# a unit after a number (or after \pi, or a letter set apart), dropped on both sides ("5 \text{ cm}^2", "5\mathrm{~cm}",
+# "16\pi \text{ cm}^2", "12 square units" are 5, 16\pi and 12): in a text command, any text of two letters or more and
+# no digit but a power or a base ("km/h", "o'clock", "(units)", " cm$^2$", " (base 8)") or a one-letter unit (not
+# \mathrm{i}, \mathrm{e}, \text{x}), not a.m. / p.m.; bare, a unit of a short list, or a count ("12 students") after
+# an answer with no other letter (score() drops them after its hedge and time checks, which read the text).
+# math-verify's own unit rule runs off: it drops any of 140 words at the end after a digit, among them c, d, g, h, l,
+# m, s, t and "ab", "bc", so that "6+9c" read as 15 and "a^2+2ab" as a^2+2. (Each repeat below matches in one way
+# only, or possessively: a pattern that can split its text many ways backtracks exponentially on a long answer.)
 _POWER = r"(?:\s*\^\s*\{?\s*\d\s*\}?)?"
-_UNIT_TEXT = re.compile(r"(?<=[0-9}])(?:\s|\\[,;:! ]|\\q?quad(?![A-Za-z])|~)*\\(?:text[a-z]*|mbox|mathrm)\s*\{"
+_AFTER_NUMBER = r"(?:(?<=[0-9}])|(?<=\\pi))"
+_UNIT_TEXT = re.compile(r"(?:" + _AFTER_NUMBER + r"|(?:(?<=^[A-Za-z])|(?<=[^\\A-Za-z][A-Za-z]))(?=\s|\\[,;:! ]|~))"
+                        r"(?:\s|\\[,;:! ]|\\q?quad(?![A-Za-z])|~)*+\\(?:text[a-z]*|mbox|mathrm)\s*\{"
                         r"(?![\s~]*[aApP]\.?[\s~]*[mM]\.?[\s~]*\})"  # (a time's a.m. / p.m.: meridiem() reads it)
-                        r"(?:(?=[^{}\d]*[A-Za-z][^{}\d]*[A-Za-z])(?:\bbase\s*\d+|\$?\^\{?\d\}?\$?|[^{}\d])*"
+                        r"(?:(?=(?:[^{}\dA-Za-z]*+[A-Za-z]){2})(?:\bbase\s*\d+|\$?\^(?:\{\d\}|\d)\$?|[^{}\d])*+"
                         r"|[\s~]*[mgsLlhdKAJNWVCF][\s.]*|[\s.]*\.)"
                         + _POWER + r"\s*\}" + _POWER + r"\s*$")
-_BARE_UNIT = re.compile(r"(?<=[0-9}])\s*(?:(?:sq|square|cubic|cu)\.?\s*)?(?:cm|mm|km|ft|feet|foot|inch(?:es)?|yards?|"
-                        r"miles?|met(?:er|re)s?|kg|grams?|pounds?|lbs?|ounces?|mph|hours?|hrs?|minutes?|mins?|seconds?|"
-                        r"days?|weeks?|months?|years?|dollars?|cents?|units?|degrees?|liters?|litres?|gallons?)\.?"
-                        + _POWER + r"\s*$|(?<=[0-9}])\s+m\s*$")  # (meters set apart: "12\sqrt{3} m", a MATH gold)
+_BARE_UNIT = re.compile(_AFTER_NUMBER + r"\s*(?:(?:sq|square|cubic|cu)\.?\s*)?(?:cm|mm|km|ft|feet|foot|inch(?:es)?|"
+                        r"yards?|miles?|met(?:er|re)s?|kg|grams?|pounds?|lbs?|ounces?|mph|hours?|hrs?|minutes?|mins?|"
+                        r"secs?|seconds?|days?|weeks?|months?|years?|dollars?|cents?|units?|degrees?|liters?|litres?|"
+                        r"gallons?)\.?" + _POWER + r"\s*$")
+# a count after a number with no other letter ("12 students", "210 ways"; commands aside: "\frac{1}{2} cups")
+_COUNT_WORDS = re.compile(r"((?:[^A-Za-z\\]|\\[A-Za-z]+|\\[^A-Za-z])*[0-9}])\s+([a-z]{3,}(?:\s+[a-z]+)*+)\.?\s*$")
+# meters set apart, where the gold has them ("12\sqrt{3} m", a MATH gold): score() drops them on both sides then
+LONE_METERS = re.compile(_AFTER_NUMBER + r"\s+m\s*$")
 TEXT_SPACE = re.compile(r"\\(text|textbf|textrm|mathrm|mbox)\s+\{")  # "\\text {cm}" is "\\text{cm}" (a MATH gold)
 # a question that asks for several answers: there "70,110" is two answers (a MATH gold), never 70110
 LIST_QUESTION = re.compile(r"separated by commas|enter all", re.I)
@@ -381,9 +389,13 @@ BRACKETED = re.compile(r"\s*(?:\\left\s*)?[(\[]")  # a gold tuple or interval
 
 
 def strip_unit(answer):
-    """The answer without a unit after its number (_UNIT_TEXT, _BARE_UNIT; twice: "5\\text{ cm}^2\\text{.}")."""
+    """The answer without a unit after its number (_UNIT_TEXT, _BARE_UNIT, _COUNT_WORDS but hedge words; twice:
+    "5\\text{ cm}^2\\text{.}")."""
     for _ in range(2):
         answer = _BARE_UNIT.sub("", _UNIT_TEXT.sub("", answer))
+        m = _COUNT_WORDS.fullmatch(answer)
+        if m and not HEDGE_WORDS.search(m[2]):
+            answer = m[1]
     return answer
 
 
@@ -534,7 +546,7 @@ def word_answer(answer, need_text=False):
     answer = answer.replace("\\displaystyle", "")
     for _ in range(3):
         answer = WRAPPER.sub(r"\1", answer)
-    words = answer.strip().strip("$").rstrip(".").strip()
+    words = re.sub(r"(?:\s|~|\\[,;:! ])+", " ", answer).strip().strip("$").rstrip(".").strip()  # ("two\ lines")
     return words.lower() if re.fullmatch(r"[A-Za-z]{2,}(?: [A-Za-z]+)*", words) else None
 
 
@@ -614,6 +626,8 @@ def score(response, record, finished) -> float:
                 told = (clock[0],) + told[1:]
             return 1.0 if told == clock else 0.0
         pred, gold = strip_unit(pred), strip_unit(gold)
+        if LONE_METERS.search(gold):  # (elsewhere "2 m" is 2m: a variable)
+            pred, gold = LONE_METERS.sub("", pred), LONE_METERS.sub("", gold)
         # a gold in words is compared as words: math-verify reads them as products of letters, so "\text{East}" was
         # not "east" (E is Euler's number) and "Amy" was "May"
         if (words := word_answer(str(record["answer"]), need_text=True)) is not None:

@@ -139,6 +139,15 @@ EQUAL = [
     ("\\text{odd}", "\\displaystyle \\text{ODD}"),
     ("60", "60°"),  # a Unicode degree sign
     ("60^\\circ", "60°"),
+    # (a reviewer's: a unit after \pi or a letter, a count, spacing in words, a variable m)
+    ("99\\pi \\text{ square inches}", "99\\pi"),  # (a pool gold)
+    ("16\\pi", "16\\pi \\text{ cm}^2"),
+    ("16\\pi", "16\\pi square units"),
+    ("x", "x \\text{ cm}"),
+    ("12", "12 students"),
+    ("210", "210 ways"),
+    ("\\text{two lines}", "\\text{two\\ lines}"),
+    ("2m", "2 m"),
 ]
 
 # (gold, boxed prediction): near misses that must score 0.0
@@ -222,6 +231,7 @@ UNEQUAL = [
     ("7.2\\%", "0.072"),
     ("50\\%", "0.5"),  # (an EQUAL case before: the gold asks for the percent)
     ("4:30 \\text{ p.m.}", "4:30 \\text{ AM}"),  # (the markers are compared before units go)
+    ("5", "5 or more"),  # (a count's words, but a hedge's)
 ]
 
 
@@ -418,6 +428,8 @@ PATHOLOGICAL = [
     "9^9^9^9",
     "2^{123456789}",
     "99999999!",
+    "1\\text{ cm" + " cm$^2$" * 55 + "}+1",  # (a unit pattern that could split its text many ways: exponential)
+    "1\\text{ab$^2$" * 40 + "x",
 ]
 
 
