@@ -302,14 +302,24 @@ def load_checked(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def require_shard(found):
-    """The training state of load_checkpoint's `found` is one shard per rank: a run that goes on must have as many
-    ranks as wrote it."""
-    _, model_dir, state, shard = found
-    if shard is None:
+def require_world_size(found):
+    """A run that goes on from load_checkpoint's `found` runs at the number of ranks that wrote its shards: checked
+    before its settings (the rank count is the one difference a resume cannot get past) and before anything is
+    removed."""
+    _, model_dir, state, _ = found
+    if state.get("world_size", 1) != world_size():
         raise UserError(f"{model_dir}.state.pt: written by {state.get('world_size', 1)} rank(s); resume it with the "
                         f"same number (torchrun --nproc_per_node), not {world_size()}")
-    return shard
+
+
+def require_shard(found):
+    """This rank's shard of the training state of load_checkpoint's `found`, for a run that goes on: one shard per
+    rank (require_world_size), read where the checkpoint's run had steps left."""
+    require_world_size(found)
+    if found[3] is None:  # (load_checkpoint's needs_shard said the run had finished)
+        raise UserError(f"{found[1]}.state.pt: the checkpoint of a run that had finished, whose optimizer state was "
+                        f"not read: the run cannot go on from it")
+    return found[3]
 
 
 def read_failure(e):

@@ -384,7 +384,8 @@ def main(argv=None):
                   else ())
         # (after the last step only the final save is left, of the weights its checkpoint holds: no optimizer state,
         # so at any number of ranks too); the rank count first: at another one the run cannot go on, whatever else
-        train_shard = ckpt.require_shard(resume_from) if step < total_steps else None
+        if step < total_steps:
+            ckpt.require_world_size(resume_from)
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state["identity"], identity,
             recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS), ignore=ignore,
@@ -399,6 +400,7 @@ def main(argv=None):
                    f"final weights in {final_dir}; nothing to do")
             parallel.dist_cleanup()
             return 0
+        train_shard = ckpt.require_shard(resume_from) if step < total_steps else None
         model = load_model(resume_dir, dtype=torch.float32, device=device)
         print0(f"resuming from {resume_dir} (step {step}/{total_steps})")
     elif args.init_tiny:

@@ -189,7 +189,8 @@ def limr_tables(out_dir, only_seeds=()):
         score_rows = common.read_jsonl(scores_path, required=("score",), types={"score": (int, float, type(None)),
                                                                                 "accuracy": list})
         scores = [r["score"] for r in score_rows]
-        # the prompts the probe drew (FULL's pool): the rest, longer than its --max_prompt_tokens, RL drops
+        # the prompts the probe drew (FULL's pool): the rest were longer than its --max_prompt_tokens, or it was too
+        # short to draw them
         drawn = sum(any(a is not None for a in r.get("accuracy", [0])) for r in score_rows)
         probe_rollouts, probe_metrics, _ = rl_rollouts(os.path.join(dir_, "full"))
         probe_steps = sum(1 for m in probe_metrics if m.get("step", 0) > 0 and "reward" in m)
@@ -216,8 +217,8 @@ def limr_tables(out_dir, only_seeds=()):
                 f"--max_prompt_tokens, or the probe too short to draw them)")
         notes.append(f"seed {seed}: the probe ran {probe_steps} steps ({probe_rollouts} rollouts) on {pool}; "
                      f"{sum(x is not None for x in scores)} scored, "
-                     f"{drawn - sum(x is not None for x in scores)} dropped (a gap in their curve), "
-                     f"{arms['LIM'][0]} selected.")
+                     f"{len(scores) - sum(x is not None for x in scores)} dropped (as lim_select.py counts them: a "
+                     f"gap in their curve, or never drawn), {arms['LIM'][0]} selected.")
     lines = ["", "### LIMR: RL on the LIM subset, the whole pool (FULL) and a random subset of LIM's size (RAND), "
              "from the same start for equal steps", "", markdown_table(rows, digits=3),
              "FULL is the probe run at that step (RL on the whole pool); RL rollouts: steps x prompts x group; "

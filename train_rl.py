@@ -319,6 +319,16 @@ def get_parser():
 # one RL step: rollouts -> (optional pre-pass) -> advantages -> update -> metrics
 
 
+def prune_at_resume(args, state, start_step):
+    """Once a resume is accepted: what lies above its checkpoint (skipped as unreadable, or left unfinished) and what a
+    stop inside the last save's prune left (no later save would prune it), by that save's rules: a re-run of a finished
+    run with other flags removes nothing. Every rank calls this (rank 0 removes)."""
+    saved_by = state.get("settings", {})
+    parallel.on_rank0(lambda: ckpt.prune_checkpoints(args.out_dir, start_step,
+                                                     saved_by.get("keep_last", args.keep_last),
+                                                     saved_by.get("keep_steps", args.keep_steps)))
+
+
 def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_before, rank, world, keep_engine,
             reserve, seeds_by_rank=False):
     """This rank's share of the step's prompt batch, n samples each, from the engine's --dtype copy of the weights
@@ -785,28 +795,26 @@ def main(argv=None):
         # finished run's compute is not compared (nothing is left to compute: it may be re-run on other hardware)
         finished = start_step >= max_steps
         if not finished:  # the rank count first: at another one the run cannot go on, whatever else differs
-            train_shard = ckpt.require_shard(checkpoint)
+            ckpt.require_world_size(checkpoint)
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state.get("identity", {}) | saved, identity | {k: getattr(args, k) for k in saved},
             recorded_since=("train_data_digest", "model_files", "ref_model_files", *parallel.COMPUTE_KEYS),
             ignore=parallel.COMPUTE_KEYS if finished else (), when_both=("validation",)))
-        # what lies above the checkpoint (skipped) and what a stop inside the last save's prune left (no later save
-        # would prune it), by that save's rules: a re-run of a finished run with other flags removes nothing
-        saved_by = state.get("settings", {})
-        parallel.on_rank0(lambda: ckpt.prune_checkpoints(args.out_dir, start_step,
-                                                         saved_by.get("keep_last", args.keep_last),
-                                                         saved_by.get("keep_steps", args.keep_steps)))
         print0(f"resuming from {init_path} (step {start_step})")
         if finished:  # (at any number of ranks)
+            prune_at_resume(args, state, start_step)
             print0(f"{args.out_dir}: already at step {start_step} >= --max_steps {max_steps}; nothing to do")
             parallel.dist_cleanup()
             return 0
+        train_shard = ckpt.require_shard(checkpoint)
     for keep in args.keep_steps:  # a step this run (or a longer one) saves after its start, or one saved already
         if keep < 1 or not (keep > start_step and (keep % args.save_every == 0 or keep == max_steps)
-                            or os.path.isdir(ckpt.checkpoint_dir(args.out_dir, keep))):
+                            or keep <= start_step and os.path.isdir(ckpt.checkpoint_dir(args.out_dir, keep))):
             raise UserError(f"--keep_steps {keep}: that step is never saved (this run saves every --save_every "
                             f"{args.save_every} steps after step {start_step} and its last, {max_steps}, and has "
                             f"no such checkpoint); keep one of those")
+    if checkpoint is not None:  # (accepted: its settings, rank count and --keep_steps)
+        prune_at_resume(args, state, start_step)
     model = load_model(init_path, dtype=torch.float32, device=device)  # sharded below, once its recompute is set
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                             args.train_data)

@@ -448,6 +448,9 @@ def test_a_refused_resume_removes_no_checkpoint(rl_run, monkeypatch, capsys):
         run("damaged", max_steps=3, save_every=1, resume=True, lr=1e-3)
     assert "skipping the checkpoint of step 2" in capsys.readouterr().out
     assert ckpt.checkpoint_parts(out) == {1, 2}
+    with pytest.raises(common.UserError, match="--keep_steps 0: that step is never saved"):
+        run("damaged", max_steps=3, save_every=1, resume=True, keep_steps=0)
+    assert ckpt.checkpoint_parts(out) == {1, 2}
     monkeypatch.setattr(ckpt, "world_size", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 99)
     with pytest.raises(common.UserError, match=r"written by 1 rank\(s\); resume it with the same number"):
