@@ -351,11 +351,16 @@ def _clean_answer(s: str) -> str:
 # m, s, t and "ab", "bc", so that "6+9c" read as 15 and "a^2+2ab" as a^2+2. (Each repeat below matches in one way
 # only, or possessively: a pattern that can split its text many ways backtracks exponentially on a long answer.)
 _POWER = r"(?:\s*\^\s*\{?\s*\d\s*\}?)?"
+# words after a number that are no unit or count: a scale, an operation, a hedge ("1 million", "4 squared", "5 plus")
+_NOT_UNIT = (r"(?:million|thousand|hundred|billion|trillion|dozen|squared|cubed|factorial|plus|minus|minimum|maximum|"
+             r"max|something|odd|even|fewer|ish)\b")
 _AFTER_NUMBER = r"(?:(?<=[0-9}])|(?<=\\pi))"
 _UNIT_TEXT = re.compile(r"(?:" + _AFTER_NUMBER + r"|(?:(?<=^[A-Za-z])|(?<=[^\\A-Za-z][A-Za-z]))(?=\s|\\[,;:! ]|~))"
                         r"(?:\s|\\[,;:! ]|\\q?quad(?![A-Za-z])|~)*+\\(?:text[a-z]*|mbox|mathrm)\s*\{"
                         r"(?![\s~]*[aApP]\.?[\s~]*[mM]\.?[\s~]*\})"  # (a time's a.m. / p.m.: meridiem() reads it)
-                        r"(?:(?=(?:[^{}\dA-Za-z]*+[A-Za-z]){2})(?:\bbase\s*\d+|\$?\^(?:\{\d\}|\d)\$?|[^{}\d])*+"
+                        r"(?![\s~]*" + _NOT_UNIT + ")"
+                        r"(?:(?=(?:[^{}\dA-Za-z]*+[A-Za-z]){2})"
+                        r"(?:\bbase\s*\d+|\$?\^\s*(?:\{\s*\d\s*\}|\d)\$?|[^{}\d])*+"
                         r"|[\s~]*[mgsLlhdKAJNWVCF][\s.]*|[\s.]*\.)"
                         + _POWER + r"\s*\}" + _POWER + r"\s*$")
 _BARE_UNIT = re.compile(_AFTER_NUMBER + r"\s*(?:(?:sq|square|cubic|cu)\.?\s*)?(?:cm|mm|km|ft|feet|foot|inch(?:es)?|"
@@ -394,7 +399,7 @@ def strip_unit(answer):
     for _ in range(2):
         answer = _BARE_UNIT.sub("", _UNIT_TEXT.sub("", answer))
         m = _COUNT_WORDS.fullmatch(answer)
-        if m and not HEDGE_WORDS.search(m[2]):
+        if m and not HEDGE_WORDS.search(m[2]) and not re.search(r"\b" + _NOT_UNIT, m[2]):
             answer = m[1]
     return answer
 

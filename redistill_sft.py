@@ -287,6 +287,14 @@ RUN_IDENTITY = ("data", "pretrain_text", "max_length", "init", "init_tiny", "epo
 # -----------------------------------------------------------------------------
 
 
+def prune_at_resume(args, step, total_steps, steps_per_epoch):
+    """Once a resume from `step` is accepted (after its last refusal, before its first write): what lies above its
+    checkpoint (skipped as unreadable, or left unfinished) and what a stop inside the last save's prune left (no later
+    save would prune it). Every rank calls this (rank 0 removes)."""
+    parallel.on_rank0(lambda: ckpt.prune_checkpoints(args.out_dir, step, args.keep_last if step < total_steps else 1,
+                                                     range(0, total_steps + 1, steps_per_epoch)))
+
+
 def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
     from parallel import full_copy, idle_pass
@@ -384,18 +392,14 @@ def main(argv=None):
                   else ())
         # (after the last step only the final save is left, of the weights its checkpoint holds: no optimizer state,
         # so at any number of ranks too); the rank count first: at another one the run cannot go on, whatever else
-        if step < total_steps:
+        if step < state.get("total_steps", math.inf):  # (its own run had steps left; else the settings say why)
             ckpt.require_world_size(resume_from)
         parallel.on_rank0(lambda: ckpt.check_run_identity(  # (rank 0 decides: it looks at files, samefile)
             args.out_dir, state["identity"], identity,
             recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS), ignore=ignore,
             when_both=("val_data_digest",)))
-        # what lies above the checkpoint (skipped) and what a stop inside the last save's prune left (no later save
-        # would prune it)
-        parallel.on_rank0(lambda: ckpt.prune_checkpoints(args.out_dir, step,
-                                                         args.keep_last if step < total_steps else 1,
-                                                         range(0, total_steps + 1, steps_per_epoch)))
         if finished:  # (at any number of ranks)
+            prune_at_resume(args, step, total_steps, steps_per_epoch)
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); "
                    f"final weights in {final_dir}; nothing to do")
             parallel.dist_cleanup()
@@ -433,6 +437,8 @@ def main(argv=None):
            f"loss {args.loss_reduction}")
     if len(train) % args.global_batch:
         print0(f"note: {len(train) % args.global_batch} sequences per epoch are dropped (incomplete last batch)")
+    if resume_from:  # (accepted: nothing above refused it)
+        prune_at_resume(args, start_step, total_steps, steps_per_epoch)
     record = ckpt.metrics_log(args.out_dir, start_step, settings=vars(args))  # resumed: drops records after it
 
     def save(step):

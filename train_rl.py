@@ -320,13 +320,14 @@ def get_parser():
 
 
 def prune_at_resume(args, state, start_step):
-    """Once a resume is accepted: what lies above its checkpoint (skipped as unreadable, or left unfinished) and what a
-    stop inside the last save's prune left (no later save would prune it), by that save's rules: a re-run of a finished
-    run with other flags removes nothing. Every rank calls this (rank 0 removes)."""
+    """Once a resume is accepted (after its last refusal, before its first write): what lies above its checkpoint
+    (skipped as unreadable, or left unfinished) and what a stop inside the last save's prune left (no later save would
+    prune it), by that save's rules: a re-run of a finished run with other flags removes nothing (the weights of its
+    --keep_steps and of this run's are kept). Every rank calls this (rank 0 removes)."""
     saved_by = state.get("settings", {})
+    keep = sorted(set(saved_by.get("keep_steps", [])) | set(args.keep_steps))
     parallel.on_rank0(lambda: ckpt.prune_checkpoints(args.out_dir, start_step,
-                                                     saved_by.get("keep_last", args.keep_last),
-                                                     saved_by.get("keep_steps", args.keep_steps)))
+                                                     saved_by.get("keep_last", args.keep_last), keep))
 
 
 def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_before, rank, world, keep_engine,
@@ -807,14 +808,15 @@ def main(argv=None):
             parallel.dist_cleanup()
             return 0
         train_shard = ckpt.require_shard(checkpoint)
-    for keep in args.keep_steps:  # a step this run (or a longer one) saves after its start, or one saved already
-        if keep < 1 or not (keep > start_step and (keep % args.save_every == 0 or keep == max_steps)
-                            or keep <= start_step and os.path.isdir(ckpt.checkpoint_dir(args.out_dir, keep))):
-            raise UserError(f"--keep_steps {keep}: that step is never saved (this run saves every --save_every "
-                            f"{args.save_every} steps after step {start_step} and its last, {max_steps}, and has "
-                            f"no such checkpoint); keep one of those")
-    if checkpoint is not None:  # (accepted: its settings, rank count and --keep_steps)
-        prune_at_resume(args, state, start_step)
+
+    def check_keep_steps():  # a step this run (or a longer one) saves after its start, or one saved already
+        for keep in args.keep_steps:
+            if keep < 1 or not (keep > start_step and (keep % args.save_every == 0 or keep == max_steps)
+                                or keep <= start_step and os.path.isdir(ckpt.checkpoint_dir(args.out_dir, keep))):
+                raise UserError(f"--keep_steps {keep}: that step is never saved (this run saves every --save_every "
+                                f"{args.save_every} steps after step {start_step} and its last, {max_steps}, and has "
+                                f"no such checkpoint); keep one of those")
+    parallel.on_rank0(check_keep_steps)  # (rank 0 decides: it looks at files)
     model = load_model(init_path, dtype=torch.float32, device=device)  # sharded below, once its recompute is set
     tasks.check_prompts_fit(prompt_ids, train_records, args.max_response_tokens, model.config.max_position_embeddings,
                             args.train_data)
@@ -887,6 +889,8 @@ def main(argv=None):
         common.note_unused(args, parser, names, unused, switch)
 
     # ---- logging
+    if checkpoint is not None:  # (accepted: nothing above refused it)
+        prune_at_resume(args, state, start_step)
     log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
     if common.rank() == 0:  # as the metrics after it: a killed attempt's rollout logs, which lim_select.py would read
         for s, path in tasks.rollout_logs(args.out_dir).items():

@@ -148,6 +148,8 @@ EQUAL = [
     ("210", "210 ways"),
     ("\\text{two lines}", "\\text{two\\ lines}"),
     ("2m", "2 m"),
+    ("5", "5\\text{ cm^ 2}"),
+    ("40\\text{ min}", "40"),  # (a pool gold)
 ]
 
 # (gold, boxed prediction): near misses that must score 0.0
@@ -232,6 +234,10 @@ UNEQUAL = [
     ("50\\%", "0.5"),  # (an EQUAL case before: the gold asks for the percent)
     ("4:30 \\text{ p.m.}", "4:30 \\text{ AM}"),  # (the markers are compared before units go)
     ("5", "5 or more"),  # (a count's words, but a hedge's)
+    ("1", "1 million"),  # a scale, an operation, a hedge: no unit or count
+    ("4", "4 squared"),
+    ("5", "5 plus"),
+    ("1", "1 \\text{ million}"),
 ]
 
 

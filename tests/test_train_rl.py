@@ -370,8 +370,13 @@ def test_a_stop_inside_the_last_saves_prune_is_finished_by_the_resume(toy, tmp_p
     monkeypatch.undo()
     end_of_process_locks()
     assert ckpt.checkpoint_steps(str(out)) == [3, 4]
+    shutil.copytree(out, tmp_path / "asked")
     assert train_rl.main(rl_args(toy, out, save_every=1, keep_last=1, resume=True)) == 0
     assert ckpt.checkpoint_steps(str(out)) == [4] and not os.path.isdir(ckpt.checkpoint_dir(str(out), 3))
+    # a --keep_steps of the resume's own, accepted as a step saved already, keeps its weights (the prune by the
+    # saving run's rules deleted them)
+    assert train_rl.main(rl_args(toy, tmp_path / "asked", save_every=1, keep_last=1, keep_steps=3, resume=True)) == 0
+    assert os.path.isdir(ckpt.checkpoint_dir(str(tmp_path / "asked"), 3))
     # by the rules of the run that saved: a finished run re-run with other keep flags loses nothing
     kept = tmp_path / "kept"
     assert train_rl.main(rl_args(toy, kept, max_steps=3, save_every=1, keep_last=3)) == 0

@@ -451,6 +451,11 @@ def test_a_refused_resume_removes_no_checkpoint(rl_run, monkeypatch, capsys):
     with pytest.raises(common.UserError, match="--keep_steps 0: that step is never saved"):
         run("damaged", max_steps=3, save_every=1, resume=True, keep_steps=0)
     assert ckpt.checkpoint_parts(out) == {1, 2}
+    with pytest.raises(common.UserError, match="--val_max_response_tokens 100000 > the model's"):  # (a later refusal)
+        run("damaged", max_steps=3, save_every=1, resume=True, test_data=os.path.join(os.path.dirname(out),
+                                                                                       "train.jsonl"),
+            val_every=1, val_max_response_tokens=100000)
+    assert ckpt.checkpoint_parts(out) == {1, 2}
     monkeypatch.setattr(ckpt, "world_size", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 99)
     with pytest.raises(common.UserError, match=r"written by 1 rank\(s\); resume it with the same number"):
