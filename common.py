@@ -294,6 +294,17 @@ def stop_token_ids(tokenizer):
     return sorted(ids)
 
 
+def generation_stop_ids(tokenizer, where=""):
+    """stop_token_ids, of which generation needs one: without, every response would run to its budget and score 0
+    (a finished response is the only right one). where: the tokenizer's place, for the error."""
+    stop = stop_token_ids(tokenizer)
+    if not stop:
+        raise UserError(f"{where + ': ' if where else ''}the tokenizer has no eos_token and none of the usual end "
+                        f"tokens (common.STOP_TOKENS): no response could end; set eos_token in the tokenizer's "
+                        f"tokenizer_config.json")
+    return stop
+
+
 def str2bool(s) -> bool:
     if isinstance(s, bool):
         return s

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 from torch.utils._triton import has_triton
 
-from common import MIN_TEMPERATURE, UserError, out_of_memory, progress_bar, stop_token_ids
+from common import MIN_TEMPERATURE, UserError, generation_stop_ids, out_of_memory, progress_bar
 from model import (HALF, HAVE_FLASH_ATTN, LOOP_BACKENDS, Packed, apply_rope, flash_dtype, flash_inputs,
                    kv_bytes_per_token, pack, packed_positions, rms_norm, rope_cos_sin)
 from parallel import full_tensor, is_sharded, reshard
@@ -923,10 +923,7 @@ def sample_responses(model, tokenizer, task, records, n=1, temperature=0.0, top_
     "switched" and "differs", one bool per token. timings: a dict whose "score_s" gains the seconds spent scoring.
     reserve, prompt_numbers (one per record): engine.generate's.
     """
-    stop = stop_token_ids(tokenizer)
-    if not stop:  # every response would run to max_new_tokens and score 0 (a finished response is the only right one)
-        raise UserError("the tokenizer has no eos_token and none of the usual end tokens (common.STOP_TOKENS): no "
-                        "response could end; set eos_token in the tokenizer's tokenizer_config.json")
+    stop = generation_stop_ids(tokenizer)
     prompts = [task.render_prompt(r, tokenizer, template) for r in records]
     prompt_ids = encode_prompts(tokenizer, prompts)
     bar = progress_bar(len(records) * n, desc, progress)

@@ -25,7 +25,7 @@ import engine
 import parallel
 import tasks
 from common import UserError, print0
-from model import check_checkpoint, checkpoint_stamps, dtype_name
+from model import check_checkpoint, checkpoint_stamps, dtype_name, read_config
 from scoring import generate_and_score, how_evaluated, markdown_table, read_summary, summarize, summary_row
 
 # -----------------------------------------------------------------------------
@@ -100,7 +100,8 @@ def split_heading(summary):
 
 
 def safe_name(text):
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_") or "unnamed"
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_")
+    return name if name.strip(".") else "unnamed"  # (".." would write outside --out_dir)
 
 
 def split_label(path):
@@ -237,9 +238,22 @@ def main(argv=None):
     dtype = parse_dtype(args.dtype, device)
     common.seed_everything(args.seed)
 
-    # the splits, checked once with the first checkpoint's tokenizer (prompts render the same for any)
+    # the splits, checked once with the first checkpoint's tokenizer; then every checkpoint's own tokenizer and
+    # context, before the first one's generation (a late one stopped a run after hours): its vocabulary fits the
+    # model, a response can end, its prompts render (a chat template) and fit
     tokenizer = load_tokenizer(args.checkpoints[0])
     splits = [tasks.load_records(task, args.task, p, tokenizer, args.template) for p in args.splits]
+    for path in args.checkpoints:
+        own, context = load_tokenizer(path), read_config(path)
+        tasks.check_vocab(own, context.vocab_size, path)
+        common.generation_stop_ids(own, path)
+        for split_path, records in zip(args.splits, splits):
+            try:
+                ids = tasks.task_prompt_ids(own, task, records, args.template)
+            except UserError as e:
+                raise UserError(f"{path}: {e}") from None
+            tasks.check_prompts_fit(ids, records, args.max_response_tokens, context.max_position_embeddings,
+                                    f"{split_path} with {path}")
     digests = {p: common.data_digest(records) for p, records in zip(args.splits, splits)}  # once per split
     parallel.same_on_every_rank(digests, " ".join(args.splits))
     task_source = tasks.task_source_digest(task)
@@ -262,6 +276,11 @@ def main(argv=None):
         os.path.join(args.out_dir, name, split_name, file) for name in names for split_name in split_names
         for file in ("samples.jsonl", "summary.json")]
     parallel.on_rank0(lambda: common.remove_stale_temps(outputs, args.out_dir))  # (what a SIGKILL left of a write)
+
+    def drop_old_table():  # a run stopped before its own table left the last run's beside summaries it does not show
+        if os.path.exists(outputs[0]):
+            os.remove(outputs[0])
+    parallel.write_on_rank0(drop_old_table, args.out_dir)
 
     def pairs_done():
         done = {}

@@ -355,9 +355,8 @@ def main(argv=None):
     else:
         model_cfg = read_config(args.init)  # a clear error when it is no checkpoint
         tokenizer = load_tokenizer(args.tokenizer or args.init)
-        if len(tokenizer) > model_cfg.vocab_size:  # (Qwen's embedding is larger than its tokenizer: <= is fine)
-            raise UserError(f"--tokenizer {args.tokenizer or args.init} has {len(tokenizer)} tokens > the vocab_size "
-                            f"{model_cfg.vocab_size} of --init {args.init}: not this model's tokenizer")
+        tasks.check_vocab(tokenizer, model_cfg.vocab_size, f"--tokenizer {args.tokenizer or args.init} with --init "
+                                                           f"{args.init}")
     context = args.tiny_context if model_cfg is None else model_cfg.max_position_embeddings
     max_length = min(args.max_length, context)
     if max_length < args.max_length:

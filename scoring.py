@@ -78,11 +78,11 @@ def summarize(samples, records, difficulty_key, pass_k=(1,)):
     ks = sorted(k for k in set(pass_k) if 1 <= k <= n)
     summary = {"n": n, "pass_k": ks, "overall": _metrics(list(by_id.values()), ks), "by_difficulty": {}}
     if difficulty_key is not None:
-        levels = {}
+        levels = {}  # by the value as text, as load_records tells them apart: a dict's key took 1, 1.0, True for one
         for r in records:
-            levels.setdefault(r[difficulty_key], []).append(by_id[r["id"]])
-        for d in sorted(levels, key=difficulty_order):
-            summary["by_difficulty"][str(d)] = _metrics(levels[d], ks)
+            levels.setdefault(str(r[difficulty_key]), (r[difficulty_key], []))[1].append(by_id[r["id"]])
+        for text, (_, groups) in sorted(levels.items(), key=lambda item: difficulty_order(item[1][0])):
+            summary["by_difficulty"][text] = _metrics(groups, ks)
     return summary
 
 

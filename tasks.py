@@ -223,6 +223,14 @@ def check_tokenizer_files(path):
                         f"tokenizer: copy in the tokenizer files of the model it was trained from")
 
 
+def check_vocab(tokenizer, vocab_size, where):
+    """A tokenizer with more tokens than the model's embedding is not its tokenizer (an id past the table crashes the
+    lookup: on a GPU, a device-side assert); fewer is fine (Qwen's embedding is padded past its tokenizer)."""
+    if len(tokenizer) > vocab_size:
+        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens > the model's vocab_size {vocab_size}: "
+                        f"not this model's tokenizer")
+
+
 def load_tokenizer(path):
     """The tokenizer saved in a local directory (a checkpoint, or a bare tokenizer directory). A missing directory is
     named as such, not passed on to transformers, which would take the path for a hub repo id.

@@ -510,6 +510,52 @@ def test_every_checkpoint_is_checked_before_the_first_ones_generation(tiny_check
         with pytest.raises(common.UserError, match=message):
             ev.main(["--checkpoints", tiny_checkpoint, ckpt, "--splits", split, "--out_dir", str(out), *FAST])
         assert not out.exists()
+    # ... and its own tokenizer and context: its vocabulary (an id past the embedding was an IndexError traceback), its
+    # chat template, its prompts' fit (each checked with the first checkpoint's tokenizer and context alone)
+
+    def changed(name, config=None, no_template=False):
+        ckpt = shutil.copytree(tiny_checkpoint, str(tmp_path / name))
+        if config:
+            path = os.path.join(ckpt, "config.json")
+            common.write_json(path, {**common.read_json(path), **config})
+        if no_template:
+            for file in os.listdir(ckpt):
+                if file == "chat_template.jinja":
+                    os.remove(os.path.join(ckpt, file))
+            path = os.path.join(ckpt, "tokenizer_config.json")
+            common.write_json(path, {k: v for k, v in common.read_json(path).items() if k != "chat_template"})
+        return ckpt
+    vocab = len(ev.tasks.load_tokenizer(tiny_checkpoint))
+    for ckpt, extra, message in (
+            (changed("small-vocab", {"vocab_size": vocab - 1}), [],
+             rf"small-vocab: the tokenizer has {vocab} tokens > the model's vocab_size {vocab - 1}"),
+            (changed("short", {"max_position_embeddings": 16}), [], r"with .*short: record id .*16-token context"),
+            (changed("no-chat", no_template=True), ["--template", "chat"], r"no-chat: .*no chat template")):
+        out = tmp_path / f"out-{os.path.basename(ckpt)}"
+        with pytest.raises(common.UserError, match=message):
+            ev.main(["--checkpoints", tiny_checkpoint, ckpt, "--splits", split, "--out_dir", str(out), *FAST, *extra])
+        assert not out.exists()
+
+
+def test_a_run_stopped_before_its_table_leaves_not_the_last_runs(tiny_checkpoint, split, tmp_path, monkeypatch):
+    """results.md was written at the end alone: a re-run that re-evaluated a pair and then stopped left the last
+    run's table beside summaries it did not show."""
+    out = tmp_path / "out"
+    ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", str(out), *FAST])
+    assert (out / "results.md").exists()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "generate_and_score", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", str(out), "--overwrite", "true",
+                 *FAST])
+    assert not (out / "results.md").exists()
+
+
+def test_a_name_of_dots_alone_writes_inside_out_dir():
+    assert ev.safe_name("..") == ev.safe_name(".") == "unnamed"  # ("--names .." wrote beside --out_dir)
+    assert ev.safe_name("step.5") == "step.5" and ev.safe_name("a/b c") == "a_b_c"
 
 
 def test_sampled_metrics(tiny_checkpoint, split, tmp_path):

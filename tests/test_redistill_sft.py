@@ -80,7 +80,8 @@ def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
          "--tiny_heads 3 must divide --tiny_hidden_size 128"),
         (["--data", data, "--init_tiny", "true", "--tokenizer", tiny_checkpoint, "--tiny_hidden_size", "12",
           "--tiny_heads", "4"], "= 3 dimensions a head; RoPE needs an even number"),  # (a traceback at the forward)
-        (["--data", data, "--init", small], rf"has {len(tok)} tokens > the vocab_size {len(tok) - 10} of --init"),
+        (["--data", data, "--init", small],
+         rf"with --init {small}: the tokenizer has {len(tok)} tokens > the model's vocab_size {len(tok) - 10}"),
         (["--data", str(surrogate), "--init", tiny_checkpoint],
          r"surrogate\.jsonl:2: field 'response' is not valid Unicode \(a lone surrogate"),
     ]

@@ -58,6 +58,11 @@ def test_summarize_per_difficulty():
     # a graded reward (a task module may give one): only reward >= 1 counts as correct, in accuracy as in pass@k
     graded = scoring.summarize([s("a", 0.5, True, 3), s("a", 1.5, True, 3)], records[:1], "level", pass_k=[1, 2])
     assert graded["overall"]["accuracy"] == graded["overall"]["pass@1"] == 0.5
+    # levels told apart as load_records tells them: as text (a dict's key took 1, 1.0 and True for one level)
+    mixed = [{"id": i, "level": v} for i, v in zip("xyz", (1, 1.0, True))]
+    out = scoring.summarize([s(i, 1.0, True, 1) for i in "xyz"], mixed, "level", pass_k=[1])
+    assert list(out["by_difficulty"]) == ["1", "1.0", "True"]
+    assert all(v["prompts"] == 1 for v in out["by_difficulty"].values())
     assert graded["overall"]["pass@2"] == 1.0 and graded["overall"]["mean_reward"] == 1.0
 
 
