@@ -244,15 +244,15 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.checkpoints[0])
     splits = [tasks.load_records(task, args.task, p, tokenizer, args.template) for p in args.splits]
     for path in args.checkpoints:
-        own, context = load_tokenizer(path), read_config(path)
-        tasks.check_vocab(own, context.vocab_size, path)
+        own, config = load_tokenizer(path), read_config(path)
+        tasks.check_vocab(own, config.vocab_size, path)
         common.generation_stop_ids(own, path)
         for split_path, records in zip(args.splits, splits):
             try:
                 ids = tasks.task_prompt_ids(own, task, records, args.template)
             except UserError as e:
                 raise UserError(f"{path}: {e}") from None
-            tasks.check_prompts_fit(ids, records, args.max_response_tokens, context.max_position_embeddings,
+            tasks.check_prompts_fit(ids, records, args.max_response_tokens, config.max_position_embeddings,
                                     f"{split_path} with {path}")
     digests = {p: common.data_digest(records) for p, records in zip(args.splits, splits)}  # once per split
     parallel.same_on_every_rank(digests, " ".join(args.splits))
