@@ -168,11 +168,11 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
 
 
 def prune_checkpoints(run_dir, step, keep_last, keep_weights=()):
-    """Rank 0, after saving `step`, or at a resume from `step` once its settings are accepted: only the newest keep_last
-    checkpoints stay resumable; of the older ones only the weights of the steps in keep_weights stay. What lies above
-    `step` (at a resume: skipped as unreadable, or left unfinished by a kill) is removed: the run saves those steps
-    anew, and kept, an unreadable one would take a keep_last place from them. (At a resume, not before the settings
-    are accepted: a refused resume removes nothing.)"""
+    """Rank 0, after saving `step`, or at a resume from `step` once nothing refuses it (before its first write): only
+    the newest keep_last checkpoints stay resumable; of the older ones only the weights of the steps in keep_weights
+    stay. What lies above `step` (at a resume: skipped as unreadable, or left unfinished by a kill) is removed: the run
+    saves those steps anew, and kept, an unreadable one would take a keep_last place from them. (A refused resume
+    removes nothing.)"""
     for later in sorted(s for s in checkpoint_parts(run_dir) if s > step):
         remove_checkpoint(run_dir, later)
     keep = set(checkpoint_steps(run_dir)[-keep_last:])
