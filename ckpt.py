@@ -182,6 +182,14 @@ def prune_checkpoints(run_dir, step, keep_last, keep_weights=()):
             remove_checkpoint(run_dir, old, weights=old not in keep_weights)
 
 
+def prune_at_resume(run_dir, step, keep_last, keep_weights=()):
+    """prune_checkpoints at a resume from `step`, once nothing refuses it (after its last refusal, before its first
+    write: a refused resume removes nothing): what lies above its checkpoint (skipped as unreadable, or left
+    unfinished) and what a stop inside the last save's prune left (no later save would prune it), by the caller's keep
+    rules. Every rank calls this; rank 0 removes, in the directory whose lock this run holds."""
+    write_on_rank0(lambda: prune_checkpoints(run_dir, step, keep_last, keep_weights), run_dir)
+
+
 def checkpoint_parts(run_dir):
     """The steps that have any part of a checkpoint in run_dir: its state file, weights or optimizer shards."""
     return {int(m.group(1)) for m in map(CHECKPOINT_FILE.match, os.listdir(run_dir)) if m}

@@ -240,9 +240,10 @@ def main(argv=None):
 
     # the splits, checked once with the first checkpoint's tokenizer; then every checkpoint's own tokenizer and
     # context, before the first one's generation (a late one stopped a run after hours): its vocabulary fits the
-    # model, a response can end, its prompts render (a chat template) and fit
+    # model, a response can end, its prompts render (a chat template) and fit; their digest is kept for pairs_done
     tokenizer = load_tokenizer(args.checkpoints[0])
     splits = [tasks.load_records(task, args.task, p, tokenizer, args.template) for p in args.splits]
+    rendered = {}  # (checkpoint, split path) -> the digest of its prompts as rendered (prompt_digest)
     for path in args.checkpoints:
         own, config = load_tokenizer(path), read_config(path)
         tasks.check_vocab(own, config.vocab_size, path)
@@ -254,6 +255,7 @@ def main(argv=None):
                 raise UserError(f"{path}: {e}") from None
             tasks.check_prompts_fit(ids, records, args.max_response_tokens, config.max_position_embeddings,
                                     f"{split_path} with {path}")
+            rendered[path, split_path] = common.data_digest(ids)
     digests = {p: common.data_digest(records) for p, records in zip(args.splits, splits)}  # once per split
     parallel.same_on_every_rank(digests, " ".join(args.splits))
     task_source = tasks.task_source_digest(task)
@@ -285,15 +287,12 @@ def main(argv=None):
     def pairs_done():
         done = {}
         for ckpt, name in zip(args.checkpoints, names):
-            ckpt_tokenizer = None  # (loaded once, where a pair of this checkpoint was done before)
             for split_path, split_name, records in zip(args.splits, split_names, splits):
                 pair_dir = os.path.join(args.out_dir, name, split_name)
                 summary_path = os.path.join(pair_dir, "summary.json")
                 if os.path.exists(summary_path) and not args.overwrite:
-                    ckpt_tokenizer = ckpt_tokenizer or load_tokenizer(ckpt)
-                    prompts = prompt_digest(ckpt_tokenizer, task, records, args.template)
                     summary = read_done(summary_path, os.path.join(pair_dir, "samples.jsonl"),
-                                        settings_of(ckpt, split_path, prompts), records, task)
+                                        settings_of(ckpt, split_path, rendered[ckpt, split_path]), records, task)
                     if summary is not None:
                         done[f"{name}/{split_name}"] = summary
         return done

@@ -287,14 +287,6 @@ RUN_IDENTITY = ("data", "pretrain_text", "max_length", "init", "init_tiny", "epo
 # -----------------------------------------------------------------------------
 
 
-def prune_at_resume(args, step, total_steps, steps_per_epoch):
-    """Once a resume from `step` is accepted (after its last refusal, before its first write): what lies above its
-    checkpoint (skipped as unreadable, or left unfinished) and what a stop inside the last save's prune left (no later
-    save would prune it). Every rank calls this (rank 0 removes)."""
-    parallel.on_rank0(lambda: ckpt.prune_checkpoints(args.out_dir, step, args.keep_last if step < total_steps else 1,
-                                                     range(0, total_steps + 1, steps_per_epoch)))
-
-
 def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
     from parallel import full_copy, idle_pass
@@ -397,8 +389,10 @@ def main(argv=None):
             args.out_dir, state["identity"], identity,
             recorded_since=("data_digest", "adam_8bit", *parallel.COMPUTE_KEYS), ignore=ignore,
             when_both=("val_data_digest",)))
+        # the keep rules of the prune at the resume (ckpt.prune_at_resume): the epoch ends' weights stay
+        keep_rules = (args.keep_last if step < total_steps else 1, range(0, total_steps + 1, steps_per_epoch))
         if finished:  # (at any number of ranks)
-            prune_at_resume(args, step, total_steps, steps_per_epoch)
+            ckpt.prune_at_resume(args.out_dir, step, *keep_rules)
             print0(f"{args.out_dir}: already finished ({step}/{total_steps} steps); "
                    f"final weights in {final_dir}; nothing to do")
             parallel.dist_cleanup()
@@ -437,7 +431,7 @@ def main(argv=None):
     if len(train) % args.global_batch:
         print0(f"note: {len(train) % args.global_batch} sequences per epoch are dropped (incomplete last batch)")
     if resume_from:  # (accepted: nothing above refused it)
-        prune_at_resume(args, start_step, total_steps, steps_per_epoch)
+        ckpt.prune_at_resume(args.out_dir, start_step, *keep_rules)
     record = ckpt.metrics_log(args.out_dir, start_step, settings=vars(args))  # resumed: drops records after it
 
     def save(step):

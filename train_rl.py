@@ -319,17 +319,6 @@ def get_parser():
 # one RL step: rollouts -> (optional pre-pass) -> advantages -> update -> metrics
 
 
-def prune_at_resume(args, state, start_step):
-    """Once a resume is accepted (after its last refusal, before its first write): what lies above its checkpoint
-    (skipped as unreadable, or left unfinished) and what a stop inside the last save's prune left (no later save would
-    prune it), by that save's rules: a re-run of a finished run with other flags removes nothing (the weights of its
-    --keep_steps and of this run's are kept). Every rank calls this (rank 0 removes)."""
-    saved_by = state.get("settings", {})
-    keep = sorted(set(saved_by.get("keep_steps", [])) | set(args.keep_steps))
-    parallel.on_rank0(lambda: ckpt.prune_checkpoints(args.out_dir, start_step,
-                                                     saved_by.get("keep_last", args.keep_last), keep))
-
-
 def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_before, rank, world, keep_engine,
             reserve, seeds_by_rank=False):
     """This rank's share of the step's prompt batch, n samples each, from the engine's --dtype copy of the weights
@@ -801,9 +790,14 @@ def main(argv=None):
             args.out_dir, state.get("identity", {}) | saved, identity | {k: getattr(args, k) for k in saved},
             recorded_since=("train_data_digest", "model_files", "ref_model_files", *parallel.COMPUTE_KEYS),
             ignore=parallel.COMPUTE_KEYS if finished else (), when_both=("validation",)))
+        # the keep rules of the prune at the resume (ckpt.prune_at_resume): the saving run's, so that a finished run
+        # re-run with other flags removes nothing, and the weights of this run's --keep_steps kept too
+        saved_by = state.get("settings", {})
+        keep_rules = (saved_by.get("keep_last", args.keep_last),
+                      sorted(set(saved_by.get("keep_steps", [])) | set(args.keep_steps)))
         print0(f"resuming from {init_path} (step {start_step})")
         if finished:  # (at any number of ranks)
-            prune_at_resume(args, state, start_step)
+            ckpt.prune_at_resume(args.out_dir, start_step, *keep_rules)
             print0(f"{args.out_dir}: already at step {start_step} >= --max_steps {max_steps}; nothing to do")
             parallel.dist_cleanup()
             return 0
@@ -890,7 +884,7 @@ def main(argv=None):
 
     # ---- logging
     if checkpoint is not None:  # (accepted: nothing above refused it)
-        prune_at_resume(args, state, start_step)
+        ckpt.prune_at_resume(args.out_dir, start_step, *keep_rules)
     log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
     if common.rank() == 0:  # as the metrics after it: a killed attempt's rollout logs, which lim_select.py would read
         for s, path in tasks.rollout_logs(args.out_dir).items():
