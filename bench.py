@@ -40,8 +40,8 @@ def get_parser():
     p = common.new_parser(__doc__)
     p.add_argument("--gpu", type=common.str2bool, default=False,
                    help="GPU mode: Qwen2.5-1.5B architecture, random bf16 weights; each engine runs alone, ours "
-                        "after one untimed run of the same workload (unless set: 16 and 128 prompts, responses up "
-                        "to 1024 tokens, 1 timed run each)")
+                        "after one untimed run of the same workload, transformers after one of its first 2 prompts "
+                        "(unless set: 16 and 128 prompts, responses up to 1024 tokens, 1 timed run each)")
     p.add_argument("--workloads", nargs="+", default=["rl", "fixed"], choices=["rl", "fixed"],
                    help="which workloads to run")
     p.add_argument("--prompts", type=int, nargs="+", default=None,

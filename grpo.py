@@ -174,12 +174,17 @@ def refill_keep(signal, room):
 MAX_LOG_RATIO = 20.0
 
 
+def bounded(log_ratio):
+    """log_ratio clamped to +-MAX_LOG_RATIO, for exp."""
+    return torch.clamp(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO)
+
+
 def policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
     """Per-token PPO clipped surrogate, to minimise: max(-A*rho, -A*clip(rho, 1-clip_low, 1+clip_high)).
 
     Returns (loss per token, 1.0 where the clipped branch is the one taken, else 0.0).
     """
-    ratio = torch.exp(torch.clamp(logp - old_logp, -MAX_LOG_RATIO, MAX_LOG_RATIO))
+    ratio = torch.exp(bounded(logp - old_logp))
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
@@ -203,8 +208,7 @@ def kl_cov_loss(logp, old_logp, adv, selected, coef=1.0):
     (rho = 1) it is -A * rho exactly, as |x|'s gradient at 0 is 0: it acts from the second update of a batch.
     Returns (loss per token, 0.0 everywhere: nothing is clipped)."""
     log_ratio = logp - old_logp
-    return (-adv * torch.exp(torch.clamp(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO)) + coef * log_ratio.abs() * selected,
-            torch.zeros_like(adv))
+    return -adv * torch.exp(bounded(log_ratio)) + coef * log_ratio.abs() * selected, torch.zeros_like(adv)
 
 
 def kl_penalty(logp, ref_logp, estimator="k3"):
@@ -218,7 +222,7 @@ def kl_penalty(logp, ref_logp, estimator="k3"):
     if estimator == "k1":
         return logp - ref_logp
     if estimator == "k3":
-        d = torch.clamp(ref_logp - logp, -MAX_LOG_RATIO, MAX_LOG_RATIO)
+        d = bounded(ref_logp - logp)
         return torch.clamp(torch.exp(d) - d - 1.0, min=-10.0, max=10.0)
     raise ValueError(f"unknown KL estimator {estimator!r}")
 

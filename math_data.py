@@ -369,6 +369,7 @@ _BARE_UNIT = re.compile(_AFTER_NUMBER + r"\s*(?:(?:sq|square|cubic|cu)\.?\s*)?(?
                         r"gallons?)\.?" + _POWER + r"\s*$")
 # a count after a number with no other letter ("12 students", "210 ways"; commands aside: "\frac{1}{2} cups")
 _COUNT_WORDS = re.compile(r"((?:[^A-Za-z\\]|\\[A-Za-z]+|\\[^A-Za-z])*[0-9}])\s+([a-z]{3,}(?:\s+[a-z]+)*+)\.?\s*$")
+_NOT_UNIT_WORD = re.compile(r"\b" + _NOT_UNIT)
 # meters set apart, where the gold has them ("12\sqrt{3} m", a MATH gold): score() drops them on both sides then
 LONE_METERS = re.compile(_AFTER_NUMBER + r"\s+m\s*$")
 TEXT_SPACE = re.compile(r"\\(text|textbf|textrm|mathrm|mbox)\s+\{")  # "\\text {cm}" is "\\text{cm}" (a MATH gold)
@@ -399,7 +400,7 @@ def strip_unit(answer):
     for _ in range(2):
         answer = _BARE_UNIT.sub("", _UNIT_TEXT.sub("", answer))
         m = _COUNT_WORDS.fullmatch(answer)
-        if m and not HEDGE_WORDS.search(m[2]) and not re.search(r"\b" + _NOT_UNIT, m[2]):
+        if m and not HEDGE_WORDS.search(m[2]) and not _NOT_UNIT_WORD.search(m[2]):
             answer = m[1]
     return answer
 
