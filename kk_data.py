@@ -427,9 +427,6 @@ def render_prompt(record, tokenizer, template="auto"):
     return tasks.render_question(record["question"], tokenizer, template)
 
 
-BOXED = "\\boxed{"
-MAX_BOXED_CHARS = 10_000  # far longer than any answer for 20 people; bounds the brace scan of hostile text
-BRACE = re.compile(r"[{}]")
 LATEX_COMMAND = re.compile(r"\\(\\|[A-Za-z]+)")  # a command's name: \\ (a line break) or letters
 # the commands that are form, not content; any other (\neg, \neq, \lor, \iff ...) makes the answer unreadable,
 # as the word "not" does, except a typed escape (\n, \t, \r) run into the word after it ("\nLiam", "\ta knave"),
@@ -464,20 +461,6 @@ OTHER_ARROWS = frozenset(
 LETTERS = r"[^\W\d_]+"  # a run of letters: one word of an answer (digits, punctuation and braces are form)
 WORD = re.compile(rf"\x00|{LETTERS}")  # a word, or an arrow
 FILLER = frozenset(("is", "are", "a", "an", "and", "both", "all"))
-
-
-def last_boxed(text):
-    """The content of the last \\boxed{...} (nested braces allowed), or None if absent or unclosed."""
-    start = text.rfind(BOXED)
-    if start < 0:
-        return None
-    start += len(BOXED)
-    depth = 1
-    for m in BRACE.finditer(text, start, start + MAX_BOXED_CHARS):  # linear, no backtracking regex
-        depth += 1 if m.group() == "{" else -1
-        if depth == 0:
-            return text[start:m.start()]
-    return None
 
 
 def fold(text):
@@ -546,7 +529,7 @@ def score(response, record, finished):
     """1.0 iff the response finished with EOS and its last \\boxed{} names everyone once with the right role."""
     if not finished or not isinstance(response, str):
         return 0.0
-    content = last_boxed(response)
+    content = tasks.last_box(response)
     if content is None:
         return 0.0
     return 1.0 if answer_is_right(content, record) else 0.0

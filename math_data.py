@@ -287,42 +287,11 @@ def teacher_response(record) -> str:
 
 
 def extract_boxed(text):
-    """The content of the last \\boxed{...} (or \\fbox{...}, or `\\boxed 5`), cleaned; None if there is none.
-
-    Nested braces count, escaped \\{ \\} do not. An unclosed last box (a truncated answer) gives None.
-    Surrounding $...$, a whole-answer \\text{...} and a trailing period are removed.
+    """The content of the last box (tasks.last_box: \\boxed{...}, \\fbox{...} or `\\boxed 5`), cleaned; None if
+    there is none or it is unclosed. Surrounding $...$, a whole-answer \\text{...} and a trailing period are removed.
     """
-    if not isinstance(text, str):
-        return None
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
-    j = i
-    while j < len(text) and text[j] in " \t":
-        j += 1
-    if j < len(text) and text[j] == "{":
-        depth, k = 0, j
-        while k < len(text):
-            c = text[k]
-            if c == "\\":
-                k += 2  # \{ and \} are literal braces
-                continue
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-            k += 1
-        if k >= len(text):
-            return None
-        content = text[j + 1:k]
-    elif j > i and j < len(text):  # "\boxed 5": up to the closing $ or the end of the line
-        content = re.split(r"[$\n]", text[j:], maxsplit=1)[0]
-    else:
-        return None
-    return _clean_answer(content) or None
+    content = tasks.last_box(text)
+    return None if content is None else _clean_answer(content) or None
 
 
 def _clean_answer(s: str) -> str:

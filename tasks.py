@@ -89,6 +89,42 @@ def reward_of(task, response, record, finished):
     return float(reward)
 
 
+# the answer box the system prompt asks for: \boxed (or \fbox) as a whole command, not \boxedfoo
+BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.S)  # an escape (\{, \}, \\) is one token, never a brace
+
+
+def last_box(text):
+    """The raw content of the response's last box: \\boxed{...} or \\fbox{...} (spaces before the brace allowed,
+    nested braces counted, escaped \\{ \\} not), or `\\boxed 5` up to the closing $ or the line's end. None if there
+    is no box, or the last one is unclosed (a truncated answer) or bare (`\\boxed` and no content): an earlier box
+    never stands in for a broken last one. Every task's scorer reads its answer here (math_data cleans it further)."""
+    if not isinstance(text, str):
+        return None
+    last = None
+    for last in BOX_COMMAND.finditer(text):  # (linear: no backtracking regex on hostile text)
+        pass
+    if last is None:
+        return None
+    i = last.end()
+    j = i
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        depth = 0
+        for m in BRACE_OR_ESCAPE.finditer(text, j):
+            if m.group() == "{":
+                depth += 1
+            elif m.group() == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[j + 1:m.start()]
+        return None
+    if i < j < len(text):  # "\\boxed 5": up to the closing $ or the end of the line
+        return re.split(r"[$\n]", text[j:], maxsplit=1)[0]
+    return None
+
+
 def is_correct(reward):
     """The one rule of a right answer (1.0 by the task interface; a bonus above it counts as right): accuracy and
     pass@k, RL's logged acc, the re-distillation sets' filter and LIMR's solved share all read it."""

@@ -153,7 +153,7 @@ def answer_prompt(record):
 def answer_line(response):
     """The answer of a pre-training-format response: the boxed answer of a table document, else the answer
     sentence of an answer document ("Emma is a knave, Liam is a knight.") without its period."""
-    boxed = kk_data.last_boxed(response)
+    boxed = tasks.last_box(response)
     return boxed if boxed is not None else response.strip().split("\n")[0].rstrip(".")
 
 

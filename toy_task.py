@@ -40,5 +40,5 @@ def render_prompt(record, tokenizer, template="auto"):
 def score(response, record, finished):
     if not finished:
         return 0.0
-    boxes = re.findall(r"\\boxed\{([^{}]*)\}", response)
-    return 1.0 if boxes and boxes[-1].strip() == record["answer"] else 0.0
+    answer = tasks.last_box(response)
+    return 1.0 if answer is not None and answer.strip() == record["answer"] else 0.0

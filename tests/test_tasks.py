@@ -500,3 +500,36 @@ def test_two_rollout_logs_of_one_step_are_refused_naming_both(tmp_path):
     (folder / "step_1.jsonl").write_text("")
     with pytest.raises(UserError, match=r"step_000001\.jsonl and .*step_1\.jsonl: two rollout logs of step 1"):
         tasks.rollout_logs(str(tmp_path))
+
+
+@pytest.mark.parametrize("text,content", [
+    ("a \\boxed{1} b \\boxed{\\frac{1}{2}} c", "\\frac{1}{2}"),  # the last box, nested braces counted
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),                         # escaped braces do not close it
+    ("\\boxed{a \\\\} b", "a \\\\"),                               # nor does a LaTeX line break before the brace
+    ("\\boxed{1} then \\boxed {2}", "2"),                          # a space before the brace: still the last box
+    ("\\boxed{1} then \\fbox{2}", "2"),
+    ("so $\\boxed 5$.", "5"),                                      # the bare form, to the closing $
+    ("\\boxed Emma is a knight\nLiam ...", "Emma is a knight"),    # ... or to the line's end
+    ("\\boxed{1} then \\boxedfoo{2}", "1"),                        # another command is no box
+    ("\\boxed{1} then \\boxed{2", None),                           # the last box unclosed (truncated): no answer
+    ("\\boxed{1} then \\boxed", None),                             # a bare last \boxed: no answer either
+    ("\\boxed{}", ""),
+    ("no box", None),
+    (None, None),
+])
+def test_last_box_reads_the_last_box_for_every_task(text, content):
+    """One reader of the answer box for K&K, MATH, the toy task and tiny_base's probe: before it, K&K read only a
+    literal `\\boxed{`, so a wrong `\\boxed {...}` after a right box scored 1."""
+    assert tasks.last_box(text) == content
+
+
+def test_every_task_scores_the_box_that_last_box_reads():
+    import kk_data
+    names, right, wrong = ["Emma", "Liam"], "Emma is a knight, Liam is a knave", "Emma is a knave, Liam is a knave"
+    kk = {"names": names, "solution": [True, False], "knight_knave": dict(kk_data.KNIGHT_KNAVE)}
+    toy = {"answer": "7"}
+    for box in ("\\boxed{%s}", "\\boxed {%s}", "\\fbox{%s}", "$\\boxed %s$"):
+        assert kk_data.score(box % right, kk, True) == toy_task.score(box % "7", toy, True) == 1.0
+        assert kk_data.score("\\boxed{%s} " % right + box % wrong, kk, True) == 0.0  # a later box, wrong: 0
+        assert toy_task.score("\\boxed{7} " + box % "8", toy, True) == 0.0
+        assert math_data.extract_boxed("\\boxed{1} " + box % "2") == "2"
