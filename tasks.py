@@ -393,50 +393,74 @@ def load_records(task, task_name, path, tokenizer, template):
     seen = {}  # id as text -> the id: logs and selections match ids as text, so 1 and "1" would be one prompt
     difficulties = {}  # difficulty as text -> the first value seen
     for i, r in enumerate(records):
-        where = f"split {path}: record {i + 1}"
-        if "id" not in r:
-            raise UserError(f"{where}: missing field 'id'")
-        if not is_id(r["id"]):  # what the logs carry
-            raise UserError(f"{where}: field 'id' is {r['id']!r}; an id is a string or an integer (rollout logs, "
-                            f"set B and LIMR read no other)")
-        if str(r["id"]) in seen:
-            first = seen[str(r["id"])]
-            raise UserError(f"{where}: duplicate id {r['id']!r}"
-                            + (f" (the same as {first!r} as text, which is how ids are matched)"
-                               if first != r["id"] or type(first) is not type(r["id"]) else ""))
-        seen[str(r["id"])] = r["id"]
-        if task.DIFFICULTY is not None and task.DIFFICULTY not in r:
-            raise UserError(f"{where} (id {r['id']!r}): missing difficulty field {task.DIFFICULTY!r} of task "
-                            f"{task_name!r}; is this a split of another task?")
-        if task.DIFFICULTY is not None:  # tables key difficulties by text: 3 and "3" would share one row
-            d = r[task.DIFFICULTY]
-            if d is not None and not isinstance(d, (str, int, float)):
-                raise UserError(f"{where} (id {r['id']!r}): difficulty {task.DIFFICULTY!r} is a "
-                                f"{type(d).__name__} ({d!r}); a difficulty is a string or a number")
-            if isinstance(d, float) and not math.isfinite(d):  # (NaN equals nothing, not even itself)
-                raise UserError(f"{where} (id {r['id']!r}): difficulty {task.DIFFICULTY!r} is {d!r}; give a "
-                                f"finite number, a string or null")
-            first = difficulties.setdefault(str(d), d)
-            if first != d or type(first) is not type(d):
-                raise UserError(f"{where} (id {r['id']!r}): difficulty {task.DIFFICULTY!r} is {d!r}, but an earlier "
-                                f"record's is {first!r}, which reads the same in a table; give the split one type")
         try:
-            json.dumps(r)  # (lim_select writes its pools so, train_rl logs the difficulty)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"{where} (id {r['id']!r}): task {task_name!r}: load_split returned a record that is "
-                            f"not JSON ({e}); records must be written back as JSON lines (docs/data.md)")
-        try:
-            if tokenizer is not None:  # (a stage that renders no prompt passes none)
-                prompt = task.render_prompt(r, tokenizer, template)
-                if not isinstance(prompt, str) or not prompt:
-                    raise UserError(f"{where} (id {r['id']!r}): task {task_name!r}: render_prompt returned "
-                                    f"{prompt!r}; it must return the prompt text (a non-empty string)")
-            reward_of(task, "", r, True)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise UserError(f"{where} (id {r['id']!r}): task {task_name!r} cannot render or score it "
-                            f"({type(e).__name__}: {e}); a split of another task, or a fault in the task module's "
-                            f"render_prompt(record, tokenizer, template) or score(response, record, finished)?")
+            check_record(task, task_name, r, seen, difficulties, tokenizer, template)
+        except UserError as e:
+            raise UserError(f"{record_place(path, records, i)}: {e}") from None
     return records
+
+
+def check_record(task, task_name, r, seen, difficulties, tokenizer, template):
+    """load_records' checks of one record (seen, difficulties: what earlier records of the split hold)."""
+    if "id" not in r:
+        raise UserError("missing field 'id'")
+    if not is_id(r["id"]):  # what the logs carry
+        raise UserError(f"field 'id' is {r['id']!r}; an id is a string or an integer (rollout logs, set B and LIMR "
+                        f"read no other)")
+    if str(r["id"]) in seen:
+        first = seen[str(r["id"])]
+        raise UserError(f"duplicate id {r['id']!r}"
+                        + (f" (the same as {first!r} as text, which is how ids are matched)"
+                           if first != r["id"] or type(first) is not type(r["id"]) else ""))
+    seen[str(r["id"])] = r["id"]
+    if task.DIFFICULTY is not None and task.DIFFICULTY not in r:
+        raise UserError(f"missing difficulty field {task.DIFFICULTY!r} of task {task_name!r}; is this a split of "
+                        f"another task?")
+    if task.DIFFICULTY is not None:  # tables key difficulties by text: 3 and "3" would share one row
+        d = r[task.DIFFICULTY]
+        if d is not None and not isinstance(d, (str, int, float)):
+            raise UserError(f"difficulty {task.DIFFICULTY!r} is a {type(d).__name__} ({d!r}); a difficulty is a "
+                            f"string or a number")
+        if isinstance(d, float) and not math.isfinite(d):  # (NaN equals nothing, not even itself)
+            raise UserError(f"difficulty {task.DIFFICULTY!r} is {d!r}; give a finite number, a string or null")
+        first = difficulties.setdefault(str(d), d)
+        if first != d or type(first) is not type(d):
+            raise UserError(f"difficulty {task.DIFFICULTY!r} is {d!r}, but an earlier record's is {first!r}, which "
+                            f"reads the same in a table; give the split one type")
+    try:
+        json.dumps(r)  # (lim_select writes its pools so, train_rl logs the difficulty)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"task {task_name!r}: load_split returned a record that is not JSON ({e}); records must be "
+                        f"written back as JSON lines (docs/data.md)")
+    try:
+        if tokenizer is not None:  # (a stage that renders no prompt passes none)
+            prompt = task.render_prompt(r, tokenizer, template)
+            if not isinstance(prompt, str) or not prompt:
+                raise UserError(f"task {task_name!r}: render_prompt returned {prompt!r}; it must return the "
+                                f"prompt text (a non-empty string)")
+        reward_of(task, "", r, True)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise UserError(f"task {task_name!r} cannot render or score it ({type(e).__name__}: {e}); a split of another "
+                        f"task, or a fault in the task module's render_prompt(record, tokenizer, template) or "
+                        f"score(response, record, finished)?")
+
+
+def record_place(path, records, index):
+    """Where a split's record is, for an error: `split FILE:LINE` where the split is a jsonl file that the task read a
+    record per line (as many records as lines, and each line's id, where both have one, the record's), else its
+    number in the split; and its id, if it has one."""
+    record = records[index]
+    place = f"split {path}: record {index + 1}"
+    if os.path.isfile(path) and not path.endswith((".json", ".parquet")):
+        try:
+            with open_lines(path) as lines:
+                rows = list(lines)
+        except (UserError, OSError, UnicodeError):  # (not a jsonl file after all: the record's number stands)
+            rows = []
+        if len(rows) == len(records) and all(r.get("id", row.get("id")) == row.get("id", r.get("id"))
+                                             for (_, row), r in zip(rows, records)):
+            place = f"split {path}:{rows[index][0]}"
+    return place + (f" (id {record['id']!r})" if is_id(record.get("id")) else "")
 
 
 def stratified_subset(records, n, key, seed=0):

@@ -745,7 +745,7 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
         run(splits=(str(kk_like),))
     # a lenient loader: the difficulty key, then the fields render/score need, are checked before generating
     monkeypatch.setattr(toy_task, "load_split", lambda path: common.read_jsonl(path))
-    with pytest.raises(common.UserError, match="record 1 .*missing difficulty field 'level'.*another task"):
+    with pytest.raises(common.UserError, match=r"kk_test\.jsonl:1 .*missing difficulty field 'level'.*another task"):
         run(splits=(str(kk_like),))
     common.write_jsonl(str(kk_like), [{"id": "kk-1", "level": 3, "quiz": "A says ..."}])
     with pytest.raises(common.UserError, match="cannot render or score it .*KeyError.*another task"):

@@ -204,11 +204,33 @@ def test_split_ids_must_differ_as_text(tmp_path):
     path = str(tmp_path / "split.jsonl")
     common.write_jsonl(path, [dict(records[0], id=1), dict(records[1], id="a"), dict(records[2], id=2)])
     assert [r["id"] for r in tasks.load_records(toy_task, "toy_task", path, None, "plain")] == [1, "a", 2]
-    for second, message in (("1", r"record 3: duplicate id '1' \(the same as 1 as text"),
-                            (1, r"record 3: duplicate id 1$")):
+    for second, message in (("1", r"split\.jsonl:3 \(id '1'\): duplicate id '1' \(the same as 1 as text"),
+                            (1, r"split\.jsonl:3 \(id 1\): duplicate id 1$")):
         common.write_jsonl(path, [dict(records[0], id=1), dict(records[1], id="a"), dict(records[2], id=second)])
         with pytest.raises(UserError, match=message):
             tasks.load_records(toy_task, "toy_task", path, None, "plain")
+
+
+def test_a_split_error_names_the_line_of_the_record_or_else_its_number(tmp_path, monkeypatch):
+    """A record refused as the split loads is named by file and line (blank lines before it counted), where the
+    task's loader read the file a record per line; one that skipped or reordered lines gets the record's number in
+    the split, never another record's line."""
+    records = toy_task.make_records(3, seed=5)
+    path = str(tmp_path / "split.jsonl")
+    lines = [json.dumps(r) for r in (records[0], records[1], dict(records[2], id=records[0]["id"]))]
+    with open(path, "w") as f:
+        f.write("\n" + lines[0] + "\n\n\n" + lines[1] + "\n" + lines[2] + "\n")
+    with pytest.raises(UserError, match=rf"^split {re.escape(path)}:6 \(id 'toy-train-00000'\): duplicate id"):
+        tasks.load_records(toy_task, "toy_task", path, None, "plain")
+    monkeypatch.setattr(toy_task, "load_split", lambda p: common.read_jsonl(p)[1:])  # (skips the first record)
+    with open(path, "w") as f:
+        f.write("\n".join(lines[:2] + [json.dumps(dict(records[2], id=records[1]["id"]))]) + "\n")
+    with pytest.raises(UserError, match=rf"^split {re.escape(path)}: record 2 \(id 'toy-train-00001'\): duplicate"):
+        tasks.load_records(toy_task, "toy_task", path, None, "plain")
+    monkeypatch.setattr(toy_task, "load_split", lambda p: [{k: v for k, v in r.items() if k != "id"}
+                                                           for r in common.read_jsonl(p)])  # (drops every id)
+    with pytest.raises(UserError, match=rf"^split {re.escape(path)}:1: missing field 'id'$"):
+        tasks.load_records(toy_task, "toy_task", path, None, "plain")
 
 
 def test_split_ids_are_strings_or_integers(tmp_path):
@@ -218,8 +240,8 @@ def test_split_ids_are_strings_or_integers(tmp_path):
     path = str(tmp_path / "split.jsonl")
     for bad in (2.0, None, True, ["toy", 1]):
         common.write_jsonl(path, [dict(records[0], id=1), dict(records[1], id=bad)])
-        with pytest.raises(UserError, match=rf"record 2: field 'id' is {re.escape(repr(bad))}; an id is a string or "
-                                            r"an integer"):
+        with pytest.raises(UserError, match=rf"split\.jsonl:2: field 'id' is {re.escape(repr(bad))}; an id is a "
+                                            r"string or an integer"):
             tasks.load_records(toy_task, "toy_task", path, None, "plain")
 
 
@@ -299,7 +321,7 @@ def test_difficulties_that_read_the_same_as_text_are_refused_when_the_split_load
     records[2]["level"] = str(records[0]["level"])
     path = str(tmp_path / "split.jsonl")
     common.write_jsonl(path, records)
-    with pytest.raises(UserError, match=f"split {path}: record 3 .*difficulty 'level' is '1', but an earlier "
+    with pytest.raises(UserError, match=f"split {re.escape(path)}:3 .*difficulty 'level' is '1', but an earlier "
                                         f"record's is 1"):
         tasks.load_records(toy_task, "toy_task", path, None, "plain")
 
@@ -326,16 +348,16 @@ def test_task_names_that_cannot_be_a_task_module_are_refused_saying_what_to_give
     ("def load_split(path):\n    return (r for r in common.read_jsonl(path))\n",
      r"load_split\(.*\) returned generator; it must return a list of dicts"),
     ("def render_prompt(record, tokenizer, template='auto'):\n    pass\n",
-     r"record 1 \(id .*\): task 'shape_task': render_prompt returned None; it must return the prompt text"),
+     r"jsonl:1 \(id .*\): task 'shape_task': render_prompt returned None; it must return the prompt text"),
     ("def render_prompt(record, tokenizer, template='auto'):\n    return ''\n",
      r"render_prompt returned ''; it must return the prompt text"),
     ("def load_split(path):\n    return [dict(r, level=[r['level']]) for r in common.read_jsonl(path)]\n",
-     r"record 1 \(id .*\): difficulty 'level' is a list \(\[1\]\); a difficulty is a string or a number"),
+     r"jsonl:1 \(id .*\): difficulty 'level' is a list \(\[1\]\); a difficulty is a string or a number"),
     ("def load_split(path):\n    return [dict(r, level=float('nan')) for r in common.read_jsonl(path)]\n",
-     r"record 1 \(id .*\): difficulty 'level' is nan; give a finite number"),  # (was: "an earlier record's is nan")
+     r"jsonl:1 \(id .*\): difficulty 'level' is nan; give a finite number"),  # (was: "an earlier record's is nan")
     ("from fractions import Fraction\n\n\ndef load_split(path):\n"
      "    return [dict(r, half=Fraction(1, 2)) for r in common.read_jsonl(path)]\n",
-     r"record 1 \(id .*\): task 'shape_task': load_split returned a record that is not JSON \(Object of type "
+     r"jsonl:1 \(id .*\): task 'shape_task': load_split returned a record that is not JSON \(Object of type "
      r"Fraction"),
 ])
 def test_a_task_module_that_returns_the_wrong_shape_is_refused_when_the_split_loads(tmp_path, monkeypatch, body,
