@@ -188,7 +188,10 @@ def read_done(summary_path, samples_path, settings, records, task):
     new_rule = old.get("score_truncated", False) != settings["score_truncated"]  # (none: before it was a setting)
     rescore = new_source or new_rule
     fields = ("id", "reward", "finished", "length") + (("response",) if rescore else ())
-    samples = [row for _, row in tasks.read_rollout_log(samples_path, None, fields)]
+    try:
+        samples = [row for _, row in tasks.read_rollout_log(samples_path, None, fields)]
+    except UserError as e:  # (missing, or a line damaged: the pair's samples are lost)
+        raise UserError(f"{e}; pass --overwrite true to evaluate again") from e
     changed = tasks.rescore(task, samples, records, samples_path, settings["score_truncated"]) if rescore else 0
     if changed:  # the summary's stamps voided first, then the samples: a kill before the new summary leaves stamps
         # that match no run (None: re-scored by any rule), where the old ones would let a run of the old rule take

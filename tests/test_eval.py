@@ -234,7 +234,8 @@ def test_a_reused_pairs_numbers_are_recomputed_from_its_samples(tiny_checkpoint,
 
 def test_a_reused_pairs_damaged_samples_are_a_line_naming_the_file(tiny_checkpoint, split, tmp_path):
     """A reused samples.jsonl with a reward of text gave a TypeError, a "finished" of "no" counted as finished, and
-    a line lost gave an error that did not name the file: each is one line naming samples.jsonl (and its line)."""
+    a line lost gave an error that did not name the file: each is one line naming samples.jsonl (and its line) and
+    saying how to evaluate the pair again, as is a samples.jsonl lost beside its summary."""
     args = ["--checkpoints", tiny_checkpoint, "--names", "m", "--splits", split, "--out_dir", str(tmp_path / "out"),
             *FAST]
     ev.main(args)
@@ -244,11 +245,14 @@ def test_a_reused_pairs_damaged_samples_are_a_line_naming_the_file(tiny_checkpoi
                                   ("finished", "no", r":2: field 'finished' is 'no', expected bool"),
                                   ("reward", float("nan"), r":2: field 'reward' is nan, expected a finite number")):
         path.write_text(good[0] + json.dumps({**json.loads(good[1]), field: value}) + "\n" + "".join(good[2:]))
-        with pytest.raises(common.UserError, match=re.escape(str(path)) + message):
+        with pytest.raises(common.UserError, match=re.escape(str(path)) + message + ".*; pass --overwrite true"):
             ev.main(args)
     path.write_text("".join(good[1:]))
     damaged = re.escape(str(path)) + ": every record needs the same number .* --overwrite"
     with pytest.raises(common.UserError, match=damaged):
+        ev.main(args)
+    path.unlink()  # (the summary kept, its samples gone)
+    with pytest.raises(common.UserError, match=re.escape(str(path)) + ": file not found; pass --overwrite true"):
         ev.main(args)
 
 
