@@ -90,11 +90,17 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
     if pre.config:
         pre.config = expand_home(pre.config, "--config")
         cfg = read_json(pre.config, "a JSON object of settings")
-        known = {a.dest for a in parser._actions}
+        known = {a.dest for a in parser._actions} - {"config", "help"}  # (no config includes another: no key reads it)
         unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
         if unknown:
             renamed = "".join(f"; {k} is now {RENAMED['--' + k][2:]}" for k in unknown if "--" + k in RENAMED)
             raise UserError(f"{pre.config}: unknown setting(s) {unknown} for {parser.prog}{renamed}")
+        spelled = {}  # setting -> the key that gave it: max_steps and max-steps are one setting, given once
+        for key in cfg:
+            first = spelled.setdefault(key.replace("-", "_"), key)
+            if first != key:
+                raise UserError(f"{pre.config}: setting {first.replace('-', '_')!r} given twice ({first!r} and "
+                                f"{key!r}); keep one")
         cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
         for action in parser._actions:
             if action.dest in cfg and action.dest != "config":

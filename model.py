@@ -65,10 +65,15 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             raise UserError(f"{where}: a JSON object expected, got {type(cfg).__name__}")
         archs = cfg.get("architectures") or []
+        if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise UserError(f"{where}: field 'architectures' must be a list of names, got {archs!r}")
         arch = next((SUPPORTED[a] for a in archs if a in SUPPORTED), None)
+        if not archs and cfg.get("model_type") in SUPPORTED.values():  # (none listed: model_type, as transformers)
+            arch = cfg["model_type"]
         if arch is None:
             raise UserError(f"{where}: unsupported architecture {archs or cfg.get('model_type')!r}; "
-                            f"supported: {', '.join(SUPPORTED)}")
+                            f"supported: {', '.join(SUPPORTED)} (or, without 'architectures', model_type "
+                            f"{', '.join(SUPPORTED.values())})")
         for field in ("rope_parameters", "rope_scaling"):
             if cfg.get(field) is not None and not isinstance(cfg[field], dict):
                 raise UserError(f"{where}: field {field!r} must be an object, got {cfg[field]!r}")
@@ -108,6 +113,12 @@ class ModelConfig:
         # from max_window_layers on (its default 28), where use_sliding_window is set and sliding_window is not null
         # (a config without the field slides over transformers' default 4,096); a layer_types naming a sliding
         # layer without them, transformers cannot run. (Llama has no sliding window: its fields are not read.)
+        if not (type(cfg.get("max_window_layers", 0)) is int and cfg.get("max_window_layers", 0) >= 0):
+            raise UserError(f"{where}: field 'max_window_layers' must be an integer >= 0, "
+                            f"got {cfg['max_window_layers']!r}")
+        named = cfg.get("layer_types") or []
+        if not (isinstance(named, list) and all(isinstance(t, str) for t in named)):
+            raise UserError(f"{where}: field 'layer_types' must be a list of names, got {cfg['layer_types']!r}")
         layer_types = [] if arch not in ("qwen2", "qwen3") else cfg.get("layer_types") or (
             ["sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
              for i in range(cfg.get("num_hidden_layers", 0))]
@@ -126,11 +137,19 @@ class ModelConfig:
                             f"the checkpoint's: write it)")
         try:
             heads = cfg["num_attention_heads"]
+            kv_heads = cfg.get("num_key_value_heads") or heads
+            head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+            if heads % kv_heads:  # (each kv head serves a whole group of query heads)
+                raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                                f"{kv_heads}")
+            if head_dim % 2:  # (RoPE turns pairs of dimensions)
+                derived = "" if cfg.get("head_dim") else " (hidden_size / num_attention_heads)"
+                raise UserError(f"{where}: head_dim {head_dim}{derived} is odd; RoPE needs an even one")
             return ModelConfig(
                 arch=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
                 intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
-                num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                num_heads=heads, num_kv_heads=kv_heads,
+                head_dim=head_dim,
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 rope_theta=rope_theta,
                 rope_scaling=scaling, tie_word_embeddings=bool(cfg.get("tie_word_embeddings")),

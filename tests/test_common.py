@@ -233,6 +233,16 @@ def test_a_config_key_may_be_spelled_with_dashes_as_on_the_command_line(tmp_path
     (tmp_path / "cfg.json").write_text(json.dumps({"max-stepz": 7}))
     with pytest.raises(common.UserError, match=r"unknown setting\(s\) \['max-stepz'\]"):
         common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+    # one setting in both spellings: the later key won without a word, so the file's order chose the run's value
+    (tmp_path / "cfg.json").write_text(json.dumps({"max_steps": 3, "max-steps": 7}))
+    with pytest.raises(common.UserError, match=r"cfg\.json: setting 'max_steps' given twice \('max_steps' and "
+                                               r"'max-steps'\); keep one$"):
+        common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+    # "config" (no file includes another) and "help" are no settings of a file: each was taken and did nothing
+    for key, value in (("config", "base.json"), ("help", True)):
+        (tmp_path / "cfg.json").write_text(json.dumps({key: value}))
+        with pytest.raises(common.UserError, match=rf"unknown setting\(s\) \['{key}'\]"):
+            common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
 
 
 def test_an_output_may_not_be_an_input_or_another_output(tmp_path):

@@ -485,6 +485,22 @@ def test_a_damaged_config_is_one_line_naming_its_field(tmp_path):
               "original_max_position_embeddings": 64}
     with pytest.raises(common.UserError, match="field 'rope_scaling.factor' must be a positive number"):
         model_module.ModelConfig.from_hf(tiny_config(64, arch="LlamaForCausalLM", rope_scaling=llama3))
+    # fields that passed here and failed later, a traceback in the first forward or in reading the config
+    for fields, message in [({"architectures": "Qwen2ForCausalLM"}, "field 'architectures' must be a list of names"),
+                            ({"num_attention_heads": 4, "num_key_value_heads": 3}, "num_attention_heads 4 is not a "
+                             "multiple of num_key_value_heads 3"),
+                            ({"head_dim": 15}, "head_dim 15 is odd; RoPE needs an even one"),
+                            ({"use_sliding_window": True, "max_window_layers": None},
+                             "field 'max_window_layers' must be an integer >= 0, got None"),
+                            ({"use_sliding_window": True, "max_window_layers": "1"}, "field 'max_window_layers'"),
+                            ({"layer_types": 5}, "field 'layer_types' must be a list of names, got 5")]:
+        with pytest.raises(common.UserError, match=f"^ckpt/config.json: {message}"):
+            model_module.ModelConfig.from_hf(dict(cfg, **fields), "ckpt/config.json")
+    # no architectures listed: the model_type, as transformers' auto classes read it
+    typed = {k: v for k, v in cfg.items() if k != "architectures"}
+    assert model_module.ModelConfig.from_hf(dict(typed, model_type="qwen2")).arch == "qwen2"
+    with pytest.raises(common.UserError, match="unsupported architecture 'gpt2'"):
+        model_module.ModelConfig.from_hf(dict(typed, model_type="gpt2"))
     # null where transformers reads "unset": the default, as before
     unset = model_module.ModelConfig.from_hf(dict(cfg, head_dim=None, num_key_value_heads=None,
                                                   tie_word_embeddings=None, max_position_embeddings=None))
