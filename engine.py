@@ -757,13 +757,20 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                                 or weights_device(partner) != device):
         raise ValueError("cross-sampling needs a switch, temperature > 0 and a partner of the same vocabulary on the "
                          "same device")
+    if dtype is not None and isinstance(model, GenWeights) and dtype != model.dtype:
+        raise ValueError(f"dtype {dtype} asked of GenWeights in {model.dtype}: make them in the dtype wanted")
     context = min(m.config.max_position_embeddings for m in models)  # (the RoPE tables' rows)
-    if max_seq_len is not None and max_seq_len > context:
-        raise ValueError(f"max_seq_len {max_seq_len} > the model's {context}-token context")
-    max_seq_len = max_seq_len or context
+    if max_seq_len is not None and not 1 <= max_seq_len <= context:
+        raise ValueError(f"max_seq_len {max_seq_len} is not in 1..{context}, the model's context")
+    max_seq_len = context if max_seq_len is None else max_seq_len
+    vocab = model.config.vocab_size
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise UserError(f"prompt {i} is empty")
+        low, high = (int(p.min()), int(p.max())) if hasattr(p, "min") else (min(p), max(p))
+        if low < 0 or high >= vocab:  # (an embedding lookup's index error; on a GPU, a device-side assert)
+            raise UserError(f"prompt {i} holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                            f"of {vocab} (a tokenizer larger than the model's embedding?)")
         if len(p) + max_new_tokens > max_seq_len:
             raise UserError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
                             f"{len(p) + max_new_tokens} > the model's {max_seq_len}-token context")
@@ -781,9 +788,12 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         raise ValueError(f"seed must be >= 0, got {seed}")
     if not prompts:
         return []
-    stop_ids = sorted(set(stop_ids))
+    stop_ids = sorted(set(int(t) for t in stop_ids))
     if len(stop_ids) > MAX_STOP_IDS:
         raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
+    if stop_ids and not 0 <= stop_ids[0] <= stop_ids[-1] < vocab:  # (never sampled: no response would end)
+        raise UserError(f"stop token ids {stop_ids} are not all in the model's vocabulary of {vocab} (a tokenizer "
+                        f"larger than the model's embedding?)")
     if prompt_numbers is not None and len(prompt_numbers) != len(prompts):
         raise ValueError(f"prompt_numbers: one per prompt, got {len(prompt_numbers)} for {len(prompts)}")
     if forced_lengths is not None and (not stop_ids or len(forced_lengths) != len(prompts) * n

@@ -664,8 +664,8 @@ def read_rollout_log(path, step, fields):
 
 def check_same_tokenizer(dir_a, dir_b, flag_a, flag_b, why, vocab_sizes=None):
     """The one tokenizer checkpoints dir_a and dir_b share (same tokens and ids, EOS, and where given their configs'
-    vocab_sizes, the logits' widths); a UserError naming the difference otherwise (flag_a / flag_b: the settings that
-    named them; why: what needs one)."""
+    vocab_sizes, the logits' widths, which it must fit: check_vocab); a UserError naming the difference otherwise
+    (flag_a / flag_b: the settings that named them; why: what needs one)."""
     tokenizers = [load_tokenizer(d) for d in (dir_a, dir_b)]
     vocabs = [t.get_vocab() for t in tokenizers]
     if vocabs[0] != vocabs[1]:
@@ -677,5 +677,7 @@ def check_same_tokenizer(dir_a, dir_b, flag_a, flag_b, why, vocab_sizes=None):
     elif vocab_sizes and vocab_sizes[0] != vocab_sizes[1]:
         problem = f"vocab_size {vocab_sizes[0]} vs {vocab_sizes[1]} in config.json"
     else:
+        if vocab_sizes:
+            check_vocab(tokenizers[0], vocab_sizes[0], f"{flag_a} {dir_a}")
         return tokenizers[0]
     raise UserError(f"{flag_a} {dir_a} and {flag_b} {dir_b} have different tokenizers ({problem}); {why}")

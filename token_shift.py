@@ -160,7 +160,8 @@ def entropy(p):
 def compare_along(base, policy, examples, temperature, top_p, high_js, chunk):
     """Both models' packed training forward over examples, compared at every response position.
 
-    Returns (per example {"js", "entropy_base", "entropy_policy", "targets"}: lists over its positions,
+    Returns (per example {"js", "entropy_base", "entropy_policy", "targets"}: lists over its positions, and
+    "nonfinite": the models ("--base", "--policy") whose logits held an inf or NaN at one of them;
     high: one {"token", "overlap" (k = 1..5), "base_rank", "base_prob", "example" (its index in examples), "at" (its
     packed position)} per position with JS > high_js)."""
     from engine import nucleus
@@ -169,10 +170,11 @@ def compare_along(base, policy, examples, temperature, top_p, high_js, chunk):
     ids, cu = pack([e["ids"] for e in examples], device)
     hidden = [m(ids, cu_seqlens=cu)[0] for m in (base, policy)]
     pos = response_positions(cu, [e["start"] for e in examples], [len(e["ids"]) - e["start"] for e in examples])
-    js, ent_b, ent_p, high = [], [], [], []
+    js, ent_b, ent_p, high, finite = [], [], [], [], []
     for s in range(0, pos.numel(), chunk):
         at = pos[s:s + chunk]
         logits_b, logits_p = (m.lm_head(h[at]).float() for m, h in zip((base, policy), hidden))
+        finite.append(torch.stack([torch.isfinite(logits_b).all(-1), torch.isfinite(logits_p).all(-1)], -1))
         p, q = nucleus(logits_b, temperature, top_p), nucleus(logits_p, temperature, top_p)
         d = js_divergence(p, q)
         js.append(d)
@@ -195,10 +197,12 @@ def compare_along(base, policy, examples, temperature, top_p, high_js, chunk):
     lens = [len(e["ids"]) - e["start"] for e in examples]
     targets = ids[0, pos + 1].tolist()
     js, ent_b, ent_p = (torch.cat(x).tolist() for x in (js, ent_b, ent_p))
+    finite = torch.cat(finite)
     out, a = [], 0
     for n in lens:
+        ok = finite[a:a + n].all(0).tolist()
         out.append({"js": js[a:a + n], "entropy_base": ent_b[a:a + n], "entropy_policy": ent_p[a:a + n],
-                    "targets": targets[a:a + n]})
+                    "targets": targets[a:a + n], "nonfinite": [m for m, f in zip(("--base", "--policy"), ok) if not f]})
         a += n
     return out, high
 
@@ -352,6 +356,13 @@ def measure(args, tokenizer, device, dtype):
         bar.update(sum(len(o["js"]) for o in out))
     bar.close()
     gathered = parallel.all_gather_json({"rows": rows, "high": high})
+    # (after the gather, so every rank stops: a NaN read as a JS counts in no bin and reads as a result)
+    broken = next((r for g in gathered for r in g["rows"] if r["nonfinite"]), None)
+    if broken is not None:
+        e = examples[broken["index"]]
+        raise UserError(f"{e['file']}:{e['line']} (id {e['id']!r}): {' and '.join(broken['nonfinite'])} gave "
+                        f"non-finite logits (inf or NaN) in {dtype_name(dtype)}: a diverged checkpoint, or float16's "
+                        f"range overflowed (use bfloat16 or float32); nothing written")
 
     def write():  # rank 0 (removed or moved away meanwhile: nothing written; a refused write stops every rank)
         every = sorted((r for g in gathered for r in g["rows"]), key=lambda r: r["index"])
@@ -370,7 +381,7 @@ def measure(args, tokenizer, device, dtype):
              "tokens": [tokenizer.decode([t]) for t in r["targets"]], "js": short(r["js"]),
              "entropy_base": short(r["entropy_base"]), "entropy_policy": short(r["entropy_policy"])} for r in every))
         common.write_json(os.path.join(args.out_dir, "summary.json"), summary)
-        if plots_available(args):
+        if draws_plot(args, os.path.join(args.out_dir, "token_shift.png")):
             plot_shift(summary, every, os.path.join(args.out_dir, "token_shift.png"), args.high_js)
         print0(describe(summary, args.high_js))
         print0(f"wrote {os.path.join(args.out_dir, 'tokens.jsonl')} and summary.json")
@@ -522,14 +533,21 @@ def cross_sample(args, tokenizer, device, dtype):
                   "runs": runs}
         common.write_jsonl(os.path.join(args.out_dir, f"cross_{args.cross}_samples.jsonl"), samples)
         common.write_json(os.path.join(args.out_dir, f"cross_{args.cross}.json"), result)
-        if plots_available(args):
+        if draws_plot(args, os.path.join(args.out_dir, "cross_sampling.png")):
             plot_cross(args.out_dir, os.path.join(args.out_dir, "cross_sampling.png"), result)
         print0(f"wrote {os.path.join(args.out_dir, f'cross_{args.cross}.json')}")
     parallel.write_on_rank0(write, args.out_dir, lock_name(args))
 
 
-def plots_available(args):
-    return bool(args.plots) and common.pyplot() is not None
+def draws_plot(args, path):
+    """Whether this run draws its figure at path; where it does not, an earlier run's there goes (it would show
+    other numbers than the files beside it)."""
+    if args.plots and common.pyplot() is not None:
+        return True
+    if os.path.exists(path):
+        os.remove(path)
+        print0(f"removed {path}, an earlier run's figure (this run draws none: --plots false or no matplotlib)")
+    return False
 
 
 # -----------------------------------------------------------------------------
@@ -570,6 +588,9 @@ def main(argv=None):
                                            "a token-by-token comparison needs one vocabulary",
                                            [read_config(d).vocab_size for d in (args.base, args.policy)])
     if args.cross:
+        if tasks.load_tokenizer(args.policy).chat_template != tokenizer.chat_template:  # (the vocabularies are one)
+            print0("note: --base and --policy have different chat templates; both models read every prompt as "
+                   "--base's renders it (--template names the form)")
         cross_sample(args, tokenizer, device, dtype)
     else:
         measure(args, tokenizer, device, dtype)

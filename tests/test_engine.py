@@ -629,8 +629,18 @@ def test_error_prompt_longer_than_cache():
     model = random_model(tiny_config(VOCAB, max_position_embeddings=32))
     with pytest.raises(common.UserError, match="prompt 1 has 30 tokens.*32-token context"):
         generate(model, [[1, 2], [3] * 30], max_new_tokens=8)
-    with pytest.raises(ValueError, match="max_seq_len 64 > the model's 32-token context"):  # (an IndexError in RoPE)
-        generate(model, [[1, 2], [3] * 30], max_new_tokens=8, max_seq_len=64)
+    for max_seq_len in (64, 0):  # (64: an IndexError in RoPE; 0 was read as "no limit")
+        with pytest.raises(ValueError, match=f"max_seq_len {max_seq_len} is not in 1..32, the model's context"):
+            generate(model, [[1, 2], [3] * 30], max_new_tokens=8, max_seq_len=max_seq_len)
+    # ids past the embedding (a tokenizer larger than the model's): an IndexError naming no prompt, a device-side
+    # assert on a GPU, or, for a stop id, responses that never end
+    for prompts, stop_ids, said in (([[1, 2], [3, VOCAB]], [3], f"prompt 1 holds token id {VOCAB}, outside"),
+                                    ([[1, 2], torch.tensor([-1, 2])], [3], "prompt 1 holds token id -1, outside"),
+                                    ([[1, 2]], [3, VOCAB + 3], "stop token ids .* are not all in the model's vocab")):
+        with pytest.raises(common.UserError, match=said):
+            generate(model, prompts, max_new_tokens=4, stop_ids=stop_ids)
+    with pytest.raises(ValueError, match="dtype torch.bfloat16 asked of GenWeights in torch.float32"):  # (ignored)
+        generate(engine.GenWeights(model, torch.float32), [[1, 2]], max_new_tokens=4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="seed must be >= 0, got -1"):  # (it repeated seed 0's samples)
         generate(model, [[1, 2]], max_new_tokens=4, seed=-1)
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):

@@ -380,6 +380,45 @@ def test_checkpoints_with_different_tokenizers(pair, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+
+def test_a_tokenizer_past_the_models_embedding_is_one_line_before_any_directory(pair, tmp_path):
+    """Both checkpoints with an embedding one row short of their tokenizer: an IndexError traceback (on a GPU a
+    device-side assert) when a response held the last token, after the output directory and its lock were made."""
+    tok = load_tokenizer(pair["base"])
+    for name in ("base", "policy"):
+        save_model(build_model(tiny_config(len(tok) - 1), seed=1), str(tmp_path / name), tok)
+    with pytest.raises(common.UserError, match=rf"--base .*base: the tokenizer has {len(tok)} tokens > the model's "
+                                               rf"vocab_size {len(tok) - 1}"):
+        token_shift.main(["--base", str(tmp_path / "base"), "--policy", str(tmp_path / "policy"),
+                          "--responses", pair["responses"], "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_logits_stop_the_run_naming_the_model_and_write_nothing(pair, tmp_path):
+    """A policy with a NaN weight (what a diverged RL step leaves): its NaN JS counted in no bin, so the summary read
+    "JS < 1e-3 0.0%, ..., > 0.1 0.0%" as a result, tokens.jsonl held bare NaN, and the figure died in numpy."""
+    policy = load_model(pair["policy"])
+    with torch.no_grad():
+        policy.model.layers[-1].mlp.down_proj.weight[0, 0] = float("nan")
+    save_model(policy, str(tmp_path / "nan_policy"), load_tokenizer(pair["policy"]))
+    out = tmp_path / "out"
+    with pytest.raises(common.UserError, match=r"responses\.jsonl:1 \(id .*\): --policy gave non-finite logits "
+                                               r"\(inf or NaN\) in float32: a diverged checkpoint"):
+        token_shift.main(["--base", pair["base"], "--policy", str(tmp_path / "nan_policy"), "--responses",
+                          pair["responses"], "--out_dir", str(out), "--plots", "false"])
+    assert not (out / "tokens.jsonl").exists() and not (out / "summary.json").exists()
+
+
+def test_a_run_that_draws_no_figure_removes_an_earlier_runs(pair, tmp_path, capsys):
+    """--plots false kept the last run's token_shift.png beside this run's numbers, which it no longer showed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "token_shift.png").write_bytes(b"an earlier run's figure")
+    token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"],
+                      "--out_dir", str(out), "--plots", "false", "--limit", "2"])
+    assert not (out / "token_shift.png").exists() and (out / "summary.json").exists()
+    assert "removed " + str(out / "token_shift.png") + ", an earlier run's figure" in capsys.readouterr().out
+
 def test_a_checkpoint_without_weights_leaves_no_directory(pair, tmp_path):
     """A --policy with its config and tokenizer but no weights: refused naming it before the output directory (and
     its lock file) is made, in either mode."""
