@@ -195,17 +195,18 @@ def limr_tables(out_dir, only_seeds=()):
         probe_rollouts, probe_metrics, _ = rl_rollouts(os.path.join(dir_, "full"))
         probe_steps = sum(1 for m in probe_metrics if m.get("step", 0) > 0 and "reward" in m)
 
-        def arm_steps(arm):  # the step its evaluated checkpoint is at, else the last one its run trained
+        def arm_steps(arm):  # the step its evaluated checkpoint is at, else the last one its run trained (or None)
             if evaluated_at.get(f"{arm}_{seed}") is not None:
                 return evaluated_at[f"{arm}_{seed}"]
-            return max((m["step"] for m in rl_rollouts(os.path.join(dir_, arm))[1] if "reward" in m), default=0)
+            return max((m["step"] for m in rl_rollouts(os.path.join(dir_, arm))[1] if "reward" in m), default=None)
         steps = {arm: arm_steps(arm) for arm in ("lim", "rand")}
         full_at = evaluated_at.get(f"full_{seed}")
         steps["full"] = steps["lim"] if full_at is None else full_at  # (FULL not evaluated: the probe at LIM's steps)
         arms = {"FULL": (drawn, 0), "RAND": (count_lines(os.path.join(dir_, "rand.jsonl")), 0),
                 "LIM": (count_lines(os.path.join(dir_, "lim.jsonl")), probe_rollouts)}
         for arm, (prompts, probe) in arms.items():
-            spent = rl_rollouts(os.path.join(dir_, arm.lower()), steps[arm.lower()])[0]
+            at = steps[arm.lower()]  # (None: no step known yet, so no count, where 0 would read as measured)
+            spent = None if at is None else rl_rollouts(os.path.join(dir_, arm.lower()), at)[0]
             with_probe = None if spent is None else spent + (probe or 0)  # (an arm that never ran: none)
             row = with_accuracy({"model": arm, "seed": seed, "prompts": prompts, "RL steps": steps[arm.lower()],
                                  "RL rollouts": spent, "with the probe": with_probe},
@@ -486,7 +487,7 @@ def main(argv=None):
     lines.append(f"SFT samples: the set the model was fine-tuned on (RL: its cold start's). RL rollouts: every one "
                  f"generated, prompts x group x prompt batches (one a step; more with dynamic sampling). {kind}-h: "
                  f"measured wall time x devices; own = the stages that made it from its inputs, total = with the cold "
-                 f"start and RL it builds on. Re-distilled models' data came from the RL run ({rollouts} rollouts), "
+                 f"start and RL it builds on. Re-distilled models' data came from the RL run ({'?' if rollouts is None else rollouts} rollouts), "
                  f"counted in their total.")
     lines += notes
     if "base" in times:

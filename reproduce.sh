@@ -39,13 +39,18 @@ cd "$(dirname "$SELF")"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 PRESET=tiny
+PRESET_GIVEN=""
 DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     -h|--help) awk 'NR > 1 { if (!/^#/) exit; print }' "$SELF"; ls config; exit 0 ;;  # the header above
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
-    *) PRESET="$arg" ;;
+    *) if [[ -n "$PRESET_GIVEN" ]]; then
+         echo "error: two presets given ($PRESET_GIVEN and $arg); run one study at a time" >&2
+         exit 2
+       fi
+       PRESET="$arg"; PRESET_GIVEN="$arg" ;;
   esac
 done
 if [[ ! -f "config/$PRESET.sh" ]]; then
@@ -68,7 +73,7 @@ check_counts() {  # a step count is written without a leading 0: the shell's ari
   done
 }
 check_counts "from the environment"  # (before the preset computes with it: tiny's B_STEPS)
-for name in LIMR LIMR_ONLY; do  # (anything but 1 ran as 0, silently: LIMR=yes ran no LIMR stage)
+for name in LIMR LIMR_ONLY SAMPLE_EFFECT; do  # (anything but 1 ran as 0, silently: LIMR=yes ran no LIMR stage)
   if [[ -n "${!name:-}" && ! "${!name}" =~ ^[01]$ ]]; then
     echo "error: $name is '${!name}': 1 (run it) or 0" >&2
     exit 2
@@ -475,6 +480,19 @@ $OUT/sample_effect/bottom.jsonl --select_random $OUT/sample_effect/random.jsonl$
         "($SETS)"
     fi
   fi
+  if [[ -n "$SELECT" ]]; then  # (sample_effect.py refuses a top and a bottom K that would share samples)
+    pool_files=${SELECT_FROM:-$SETS}
+    # shellcheck disable=SC2086  # one file per word
+    if ls $pool_files > /dev/null 2>&1; then
+      # shellcheck disable=SC2086
+      pool=$(cat $pool_files | grep -c . || true)
+      if (( pool < 2 * SELECT_K )); then
+        echo "== se_top, se_bottom, se_random: skipped, the selection pool ($pool_files) holds $pool samples, fewer" \
+          "than 2 x SELECT_K = $(( 2 * SELECT_K )) (its top and bottom SELECT_K would overlap)"
+        SELECT=""
+      fi
+    fi
+  fi
   step sample_effect "$LAUNCH sample_effect.py --task $TASK --checkpoint $OUT/sft/final --eval_data $TEST \
 --sft_data $SETS --out $OUT/sample_effect/effects.jsonl $EFFECT_ARGS $SELECT"
   # ---- 8b. does the sample effect predict what SFT does? SFT the base on the top-K, the bottom-K and K at random,
@@ -504,7 +522,7 @@ $OUT/se_random/final --names se_top se_bottom se_random --splits $TEST --split_n
 $EVAL_ARGS"
   fi
 else
-  echo "== sample_effect: skipped by the preset (SAMPLE_EFFECT=0)"
+  echo "== sample_effect: skipped (SAMPLE_EFFECT=0, from the preset or the environment)"
 fi
 
 # ---- 9. optional: the LIMR experiment (from the cold start, unless the preset sets LIMR_INIT)

@@ -415,10 +415,14 @@ def test_a_missing_piece_is_said_not_averaged_away(run_dir):
     common.write_json(run_dir / "eval" / "rl" / "test" / "summary.json", rl)
     report.main(["--out_dir", str(run_dir), "--plots", "true", "--seeds", "2"])
     text = (run_dir / "results.md").read_text(encoding="utf-8")
-    assert "| LIM | 2 | 3 | 0 | – | – | – | – | – |" in text and "| FULL | 2 | 8 | 3 | 24 | 24 |" in text
+    assert "| LIM | 2 | 3 | – | – | – | – | – | – |" in text and "| FULL | 2 | 8 | 3 | 24 | 24 |" in text
     assert "| RAND | 2 | 3 | 3 | 12 | 12 |" in text  # its own steps
     assert "| LIM | 2 | 0.510 (1 of 2 seeds) | 0.510 (1 of 2 seeds) | 0.510 (1 of 2 seeds) |" in text
     assert "Seed 2: not evaluated yet (no sft and rl test summaries), left out of the seeds' table." in text
+    # FULL not evaluated either: the probe at LIM's steps, which are unknown, so no count (it read "0 | 0 | 0")
+    shutil.rmtree(run_dir / "limr" / "eval" / "full_2")
+    report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "2"])
+    assert "| FULL | 2 | 8 | – | – | – |" in (run_dir / "results.md").read_text(encoding="utf-8")
 
 
 def test_an_older_eval_marker_without_its_command_tables_every_summary(run_dir):

@@ -592,6 +592,21 @@ def test_the_selected_sets_sft_takes_its_own_settings_and_a_set_below_one_batch_
             in proc.stdout) and "== eval_se" not in proc.stdout
 
 
+
+def test_a_selection_pool_smaller_than_a_top_and_a_bottom_k_skips_the_selection_not_the_study(tmp_path):
+    """sample_effect.py refuses a top-K and a bottom-K that would share samples: a set A of one SFT batch or more but
+    under 2 x SELECT_K (8 to 199 samples for the tiny preset) stopped the whole study at sample_effect, leaving no
+    table, no LIMR and no results.md. The selection is skipped instead; the sample effect itself runs."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, count in (("sft_teacher", 300), ("redistill_A", 199), ("redistill_B", 300)):
+        (out / f"{name}.jsonl").write_text("{}\n" * count, encoding="utf-8")
+    stages = stage_lines(run_reproduce("tiny", "--dry-run", env={"OUT": str(out)}).stdout)
+    assert "--select" not in stages["sample_effect"] and "se_top" not in stages and "eval_se" not in stages
+    (out / "redistill_A.jsonl").write_text("{}\n" * 200, encoding="utf-8")  # (exactly 2 x SELECT_K: selected)
+    stages = stage_lines(run_reproduce("tiny", "--dry-run", env={"OUT": str(out)}).stdout)
+    assert "--select 100 " in stages["sample_effect"] and "se_top" in stages and "eval_se" in stages
+
 def test_a_later_seeds_limr_pool_comes_from_its_own_streams(tmp_path):
     """SEED=2 LIMR=1: the LIMR pool was drawn from seed 1's streams, 12 of its 170 puzzles the cold start's SFT
     puzzles up to renaming. Seed 1's command is as it was (its studies' markers hold)."""
@@ -835,6 +850,10 @@ def test_a_step_count_the_shell_would_misread_is_refused_before_any_stage(value,
 def test_unknown_preset(tmp_path):
     proc = run_reproduce("nope", check=False)
     assert proc.returncode == 2 and "no preset config/nope.sh" in proc.stderr
+    proc = run_reproduce("tiny", "micro", "--dry-run", check=False)  # (the last one ran, the first unsaid)
+    assert proc.returncode == 2 and "two presets given (tiny and micro)" in proc.stderr
+    proc = run_reproduce("micro", "--dry-run", env={"SAMPLE_EFFECT": "yes"}, check=False)  # (read as 0, silently)
+    assert proc.returncode == 2 and "SAMPLE_EFFECT is 'yes': 1 (run it) or 0" in proc.stderr
 
 
 @pytest.mark.parametrize("seeds", ["1", "2"])
