@@ -484,10 +484,11 @@ def main(argv=None):
              f"test accuracy{' (' + how + ')' if how else ''} per {difficulty}"
              f"{', ' + seed_one + mean_below if seed_one else ''}",
              "", markdown_table(rows)]
+    spent = "?" if rollouts is None else rollouts  # (no rl/settings.json: its count unknown)
     lines.append(f"SFT samples: the set the model was fine-tuned on (RL: its cold start's). RL rollouts: every one "
                  f"generated, prompts x group x prompt batches (one a step; more with dynamic sampling). {kind}-h: "
                  f"measured wall time x devices; own = the stages that made it from its inputs, total = with the cold "
-                 f"start and RL it builds on. Re-distilled models' data came from the RL run ({'?' if rollouts is None else rollouts} rollouts), "
+                 f"start and RL it builds on. Re-distilled models' data came from the RL run ({spent} rollouts), "
                  f"counted in their total.")
     lines += notes
     if "base" in times:

@@ -592,7 +592,6 @@ def test_the_selected_sets_sft_takes_its_own_settings_and_a_set_below_one_batch_
             in proc.stdout) and "== eval_se" not in proc.stdout
 
 
-
 def test_a_selection_pool_smaller_than_a_top_and_a_bottom_k_skips_the_selection_not_the_study(tmp_path):
     """sample_effect.py refuses a top-K and a bottom-K that would share samples: a set A of one SFT batch or more but
     under 2 x SELECT_K (8 to 199 samples for the tiny preset) stopped the whole study at sample_effect, leaving no
@@ -606,6 +605,7 @@ def test_a_selection_pool_smaller_than_a_top_and_a_bottom_k_skips_the_selection_
     (out / "redistill_A.jsonl").write_text("{}\n" * 200, encoding="utf-8")  # (exactly 2 x SELECT_K: selected)
     stages = stage_lines(run_reproduce("tiny", "--dry-run", env={"OUT": str(out)}).stdout)
     assert "--select 100 " in stages["sample_effect"] and "se_top" in stages and "eval_se" in stages
+
 
 def test_a_later_seeds_limr_pool_comes_from_its_own_streams(tmp_path):
     """SEED=2 LIMR=1: the LIMR pool was drawn from seed 1's streams, 12 of its 170 puzzles the cold start's SFT
