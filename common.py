@@ -90,7 +90,11 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
     if pre.config:
         pre.config = expand_home(pre.config, "--config")
         cfg = read_json(pre.config, "a JSON object of settings")
-        known = {a.dest for a in parser._actions} - {"config", "help"}  # (no config includes another: no key reads it)
+        if cfg.get("config") is not None:  # (a run's settings.json holds "config": null, which names none)
+            raise UserError(f"{pre.config}: setting 'config' names {cfg['config']!r}, but a config file includes no "
+                            f"other; merge the two files")
+        cfg.pop("config", None)
+        known = {a.dest for a in parser._actions} - {"help"}  # ("help": no setting, though argparse gives it a dest)
         unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
         if unknown:
             renamed = "".join(f"; {k} is now {RENAMED['--' + k][2:]}" for k in unknown if "--" + k in RENAMED)

@@ -3,6 +3,7 @@ The per-GPU memory model of RL (train_rl.py) and SFT (redistill_sft.py) under FS
 the code allocates: no GPU needed. `python bench.py --memory qwen2.5-1.5b qwen2.5-7b --world 8 --gpu_gib 80` prints
 its table; tests/test_bench_memory.py checks it against peaks measured on CPU, docs/memory.md against an H100.
 """
+import math
 import os
 
 import common
@@ -277,6 +278,8 @@ def memory_table(args):
                    "prompts_per_rank")
     if args.checkpoint_every < 0:
         raise UserError(f"--checkpoint_every: 0 (no gradient checkpointing) or more, not {args.checkpoint_every}")
+    if not 0 < args.gpu_gib < math.inf:
+        raise UserError(f"--gpu_gib: a GPU's memory in GiB, more than 0, not {args.gpu_gib}")
     recompute = ("no gradient checkpointing" if args.checkpoint_every == 0 else
                  f"gradient checkpointing of every {args.checkpoint_every} block(s), keeping {args.checkpoint_keep}")
     cols = [memory_config(spec) for spec in args.memory]

@@ -49,7 +49,10 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H20
 
 
 def datasheet(table, device_name):
-    """The entry of PEAK_BANDWIDTH or PEAK_BF16_FLOPS whose key is the longest part of device_name; None if none."""
+    """The entry of PEAK_BANDWIDTH or PEAK_BF16_FLOPS whose key is the longest part of device_name; None if none, or
+    if the device is a MIG slice ("... MIG 1g.10gb"): it has a share of the card's, which the name does not give."""
+    if " MIG " in f" {device_name} ":
+        return None
     keys = [k for k in table if k in device_name]
     return table[max(keys, key=len)] if keys else None
 

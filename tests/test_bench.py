@@ -427,6 +427,11 @@ def test_datasheet_takes_the_longest_name_that_matches():
     assert [speed.datasheet(speed.PEAK_BANDWIDTH, f"NVIDIA A100{part}") for part in (
         "-SXM4-40GB", "-PCIE-40GB", " 80GB PCIe", "-SXM4-80GB")] == [1.555e12, 1.555e12, 1.935e12, 2.039e12]
     assert speed.datasheet(speed.PEAK_BF16_FLOPS, "NVIDIA A100-PCIE-40GB") == 312e12
+    # a MIG slice has a share of the card's bandwidth and compute, which its name does not give: unknown, where the
+    # whole card's figures made MFU and the fraction of floor up to 7x too low
+    for table in (speed.PEAK_BANDWIDTH, speed.PEAK_BF16_FLOPS):
+        assert speed.datasheet(table, "NVIDIA H100 80GB HBM3 MIG 1g.10gb") is None
+        assert speed.datasheet(table, "NVIDIA A100-SXM4-40GB MIG 3g.20gb") is None
 
 
 def test_train_flops_by_hand():

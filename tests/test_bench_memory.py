@@ -407,6 +407,9 @@ def test_negative_checkpoint_every_is_refused():
     for bad in ("-1", "-2"):
         with pytest.raises(UserError, match=f"--checkpoint_every: 0 .* or more, not {bad}"):
             bench.main(["--memory", "qwen2.5-1.5b", "--checkpoint_every", bad])
+    for bad in ("0", "-1", "inf"):  # (a table of "fits 0 GiB: **no**" and a verdict on 1 x -1 GiB)
+        with pytest.raises(UserError, match=f"--gpu_gib: a GPU's memory in GiB, more than 0, not {float(bad)}"):
+            bench.main(["--memory", "qwen2.5-1.5b", "--gpu_gib", bad])
 
 
 def test_fits_is_peak_at_most_gpu_gib(capsys):

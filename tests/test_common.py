@@ -238,11 +238,18 @@ def test_a_config_key_may_be_spelled_with_dashes_as_on_the_command_line(tmp_path
     with pytest.raises(common.UserError, match=r"cfg\.json: setting 'max_steps' given twice \('max_steps' and "
                                                r"'max-steps'\); keep one$"):
         common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
-    # "config" (no file includes another) and "help" are no settings of a file: each was taken and did nothing
-    for key, value in (("config", "base.json"), ("help", True)):
-        (tmp_path / "cfg.json").write_text(json.dumps({key: value}))
-        with pytest.raises(common.UserError, match=rf"unknown setting\(s\) \['{key}'\]"):
-            common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+    # a config naming another (no file includes one) and "help" (no setting): each was taken and did nothing
+    (tmp_path / "cfg.json").write_text(json.dumps({"config": "base.json"}))
+    with pytest.raises(common.UserError, match=r"setting 'config' names 'base.json', but a config file includes no "):
+        common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+    (tmp_path / "cfg.json").write_text(json.dumps({"help": True}))
+    with pytest.raises(common.UserError, match=r"unknown setting\(s\) \['help'\]"):
+        common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+    # ... but a run's own settings.json, "config": null included, is a config (docs/grpo.md's variant recipe)
+    settings = vars(common.parse_settings(train_rl.get_parser(), ["--max_steps", "9"]))
+    assert settings["config"] is None
+    (tmp_path / "cfg.json").write_text(json.dumps(settings))
+    assert common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")]).max_steps == 9
 
 
 def test_an_output_may_not_be_an_input_or_another_output(tmp_path):
