@@ -119,7 +119,8 @@ def covariance_tokens(logp, adv, method, frac, uniforms, bounds=(1.0, 5.0)):
         return torch.zeros(0, dtype=torch.bool, device=logp.device), None
     products = (lp - s["lp"] / n) * (a - s["a"] / n)
     covariance = parallel.all_reduce_numbers({"c": float(products.sum())})["c"] / n
-    products, k = products.float(), max(1, int(frac * n))
+    # (0.29 x 100 is 28.999999999999996 in floats: k = 29, the documented floor, not 28)
+    products, k = products.float(), max(1, math.floor(frac * n * (1 + 1e-12)))
     if method == "kl_cov":  # (a NaN log-prob makes every product NaN: nothing chosen, on every rank)
         finite = finite_count(products)
         if not finite:

@@ -686,8 +686,9 @@ def main(argv=None):
     if args.overlong_buffer > args.max_response_tokens:
         raise UserError(f"--overlong_buffer {args.overlong_buffer} > --max_response_tokens {args.max_response_tokens}: "
                         f"the punishment would start before the response does")
-    if args.dynamic_sampling and args.samples_per_prompt < 2:
-        raise UserError("--dynamic_sampling needs --samples_per_prompt >= 2: a group of one has no reward variance")
+    for flag in ("dynamic_sampling", "drop_zero_variance_groups"):  # (with groups of one, either does nothing)
+        if getattr(args, flag) and args.samples_per_prompt < 2:
+            raise UserError(f"--{flag} needs --samples_per_prompt >= 2: a group of one has no reward variance")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 for RL sampling (greedy rollouts have no variance to learn from)")
     common.check_sampling(args)  # (top_p: 0 would be greedy too)

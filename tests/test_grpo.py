@@ -443,14 +443,15 @@ def test_kl_cov_chooses_the_tokens_of_largest_centred_product():
     chosen even where every advantage is 0 (every product 0). A NaN log-prob (a blown-up forward, whose step is
     skipped) makes every product NaN: nothing is chosen, on every rank alike, and nothing fails."""
     g = torch.Generator().manual_seed(1)
-    for n, frac in ((50, 0.1), (50, 0.0001), (7, 0.5), (200, 0.02)):
+    from fractions import Fraction
+    for n, frac in ((50, 0.1), (50, 0.0001), (7, 0.5), (200, 0.02), (100, 0.29)):  # (0.29 x 100 = 28.99... in floats)
         logp = -torch.rand(n, generator=g) * 3
         adv = torch.randn(n, generator=g)
         u = torch.rand(n, generator=g)
         chosen, cov = grpo.covariance_tokens(logp, adv, "kl_cov", frac, u)
         lp, a = logp.double(), adv.double()
         products = (lp - lp.mean()) * (a - a.mean())
-        k = max(1, int(frac * n))
+        k = max(1, math.floor(Fraction(str(frac)) * n))  # (the decimal fraction, exactly)
         want = torch.zeros(n, dtype=torch.bool)
         want[torch.topk(products, k).indices] = True
         assert torch.equal(chosen, want) and int(chosen.sum()) == k

@@ -92,9 +92,13 @@ def test_a_resumed_run_draws_the_same_groups_and_ends_with_the_same_weights(loop
 
 
 def test_dynamic_sampling_needs_groups_of_two(loop):
+    """A group of one has no reward variance: dynamic sampling would find no group to keep, and dropping zero-variance
+    groups (which ran, dropping none) does nothing."""
     run, _ = loop
     with pytest.raises(UserError, match="--dynamic_sampling needs --samples_per_prompt >= 2"):
         run("one", samples_per_prompt=1)
+    with pytest.raises(UserError, match="--drop_zero_variance_groups needs --samples_per_prompt >= 2"):
+        run("one", samples_per_prompt=1, dynamic_sampling=False, drop_zero_variance_groups=True)
 
 
 @pytest.mark.torchrun
