@@ -591,8 +591,12 @@ def lock_run_dir(path, name=".lock"):
             return
         held.close()  # a run of this process that has ended: its directory was removed since; lock the new one
         del _LOCKS[key]
-    os.makedirs(path or ".", exist_ok=True)
-    f = open(lock_file, "a+")
+    try:
+        os.makedirs(path or ".", exist_ok=True)
+        f = open(lock_file, "a+")
+    except OSError as e:
+        raise_refused_write(lock_file, e, "nothing was started")
+        raise
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -734,8 +738,12 @@ def atomic_open(path, mode="w"):
     file, and the data is on disk before the name is (a power loss leaves the old file or the new one, never an empty
     or torn one)."""
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".tmp_{os.path.basename(path)}.")
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".tmp_{os.path.basename(path)}.")
+    except OSError as e:
+        raise_refused_write(path, e, "nothing was replaced")
+        raise
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
@@ -772,8 +780,9 @@ def remove_stale_temps(paths, where):
     return freed
 
 
-# a write the storage refused: full disk or quota, a file size limit, an I/O error, a read-only filesystem
-REFUSED_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+# a write the storage refused: full disk or quota, a file size limit, an I/O error, a read-only filesystem, no
+# permission
+REFUSED_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def error_chain(e):
@@ -803,7 +812,8 @@ def raise_refused_write(path, e, outcome):
             found = re.search(r"\(os error (\d+)\)", str(cause))
             code = found and int(found.group(1))
         if code in REFUSED_WRITE:
-            fix = "Free space there" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "Check the storage"
+            fix = ("Free space there" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
+                   "Check the permissions there" if code in (errno.EACCES, errno.EPERM) else "Check the storage")
             raise UserError(f"{path}: cannot write it ({os.strerror(code)}); {outcome}. {fix} and run again "
                             f"(--resume true where the stage has it)") from e
 

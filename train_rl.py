@@ -887,10 +887,15 @@ def main(argv=None):
     if checkpoint is not None:  # (accepted: nothing above refused it)
         ckpt.prune_at_resume(args.out_dir, start_step, *keep_rules)
     log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
-    if common.rank() == 0:  # as the metrics after it: a killed attempt's rollout logs, which lim_select.py would read
+    def remove_later_logs():  # as the metrics after it: a killed attempt's rollout logs, which lim_select.py would read
         for s, path in tasks.rollout_logs(args.out_dir).items():
             if s > start_step:
-                os.remove(path)
+                try:
+                    os.remove(path)
+                except OSError as e:
+                    raise UserError(f"{path}: a killed attempt's rollout log, which this run must remove, cannot be "
+                                    f"removed ({e.strerror}); remove it and run again")
+    parallel.write_on_rank0(remove_later_logs, args.out_dir)  # (an error stops every rank, not rank 0 alone)
     print0(f"train_rl: {len(train_records)} prompts, {steps_per_epoch} steps/epoch, "
            f"steps {start_step + 1}..{max_steps}, {world} rank(s) on {device.type}, "
            f"{args.prompts_per_step}x{n} rollouts/step, "

@@ -545,6 +545,28 @@ def test_atomic_writes_reach_the_disk_before_their_name_does(tmp_path, monkeypat
     assert ("sync", str(tmp_path)) in events[at:]
 
 
+
+def test_a_write_or_lock_without_permission_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """A directory the run may not write (a read-only mount, another user's) gave a PermissionError traceback from
+    the lock or the temporary file: one line now, as a full disk gives. (Root ignores modes, so the refusal is made.)"""
+    import errno
+    import os
+    import tempfile
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(common.UserError, match=r"a\.json: cannot write it \(Permission denied\); nothing was "
+                                               r"replaced\. Check the permissions there"):
+        common.write_json(str(tmp_path / "a.json"), {"x": 1})
+    monkeypatch.undo()
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: refused() if str(path).endswith(".lock")
+                        else real_open(path, *a, **k))
+    with pytest.raises(common.UserError, match=r"\.lock: cannot write it \(Permission denied\); nothing was started"):
+        common.lock_run_dir(str(tmp_path / "run"))
+    assert not os.listdir(tmp_path / "run")
+
 FULL_DISK_SCRIPT = """
 import os, resource, signal, sys, torch
 import common

@@ -2,6 +2,7 @@
 kill-and-resume equivalence and NaN handling. (The GRPO maths against hand computations: test_grpo.py.)"""
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -385,7 +386,7 @@ def test_a_stop_inside_the_last_saves_prune_is_finished_by_the_resume(toy, tmp_p
 
 
 @pytest.mark.slow
-def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
+def test_only_the_newest_checkpoints_are_kept(toy, tmp_path, monkeypatch):
     """--keep_last 2: the older saves are deleted, except the weights of a --keep_steps step. At --resume: a newer
     checkpoint without weights is skipped (and pruned at the next save, not the new saves), the shard a kill inside
     a prune left goes, the rollout logs of steps after the checkpoint go, and changed AdamW settings (which the
@@ -434,6 +435,17 @@ def test_only_the_newest_checkpoints_are_kept(toy, tmp_path):
     assert ckpt.checkpoint_steps(str(out)) == [4, 5] and os.path.isdir(ckpt.checkpoint_dir(str(out), 1))
     assert not [n for n in os.listdir(out) if n.startswith(("step_000002", "step_000007"))]
     assert sorted(os.listdir(out / "rollouts")) == [f"step_{s:06d}.jsonl" for s in range(1, 6)]
+    # a stale log that cannot be removed (a permission): one line naming it, on every rank, before any step
+    stale = str(out / "rollouts" / "step_000009.jsonl")
+    common.write_jsonl(stale, [{"id": "stale"}])
+    remove = os.remove
+    monkeypatch.setattr(os, "remove", lambda p: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if p == stale else remove(p))
+    with pytest.raises(common.UserError, match=rf"^{re.escape(stale)}: a killed attempt's rollout log, which this run "
+                                               r"must remove, cannot be removed \(Permission denied\)"):
+        train_rl.main(rl_args(toy, out, max_steps=6, save_every=1, keep_last=2, keep_steps=1, resume=True,
+                              dtype="float32"))
+    assert ckpt.checkpoint_steps(str(out)) == [4, 5]
 
 
 # -----------------------------------------------------------------------------
