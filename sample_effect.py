@@ -390,12 +390,21 @@ def open_partial(path, identity, resume):
     return None
 
 
-def remove_partial(path):
+def remove_partial(path, done=False):
     """The marker first: a kill mid-removal leaves an incomplete directory, which a resume starts over, not a marker
-    vouching for files that are gone."""
-    if os.path.exists(os.path.join(path, "grad_j.json")):
-        os.remove(os.path.join(path, "grad_j.json"))
-    shutil.rmtree(path, ignore_errors=True)
+    vouching for files that are gone. A file that cannot go is an error before a fresh run (its samples would mix
+    with the new ones), a note after a finished one (done: its outputs are written)."""
+    try:
+        if os.path.exists(os.path.join(path, "grad_j.json")):
+            os.remove(os.path.join(path, "grad_j.json"))
+        if os.path.exists(path):
+            shutil.rmtree(path)
+    except OSError as e:
+        if not done:
+            raise UserError(f"{path}: a stopped run's files, which this run must remove first, cannot be removed "
+                            f"({e.strerror}: {e.filename}); remove the directory and run again")
+        print0(f"note: the outputs are written, but {path} could not be removed ({e.strerror}: {e.filename}); "
+               f"remove it")
 
 
 def save_grad_j(path, identity, grad_j, exact_ref, sketch_ref):
@@ -650,6 +659,11 @@ def main(argv=None):
 
     def on_sample(k, result):  # each effect on disk as it is done: a stopped run resumes after it
         common.check_lock_held(*lock, identity=lock_id)  # (--out's directory removed or moved away: write nothing)
+        broken = next((key for key, v in result.items() if isinstance(v, float) and not math.isfinite(v)), None)
+        if broken is not None:  # (not saved: a NaN on disk failed every resume's summary with a traceback)
+            ex = examples[mine[k]]
+            raise UserError(f"{ex['file']}:{ex['line']} (sample {ex['id']!r}): its {broken} is {result[broken]} (an "
+                            f"inf or NaN in its log-probs or gradient, --dtype {args.dtype}); no effect of it is saved")
         common.append_jsonl(log, {"index": mine[k], **result})
         done[0] += 1
         tokens[0] += len(examples[mine[k]]["input_ids"])
@@ -659,8 +673,10 @@ def main(argv=None):
             bar.write(f"{done[0]}/{len(mine)} samples on rank 0 | {done[0] / dt:.2f} samples/s | "
                       f"{tokens[0] / dt:.0f} tok/s")
 
-    res = sample_effects(plain, params, [examples[i] for i in mine], args.token_reduction, exact_ref, sketch,
-                         sketch_ref, autocast, on_sample=on_sample)
+    res = []  # (an error on one rank stops every rank with its line, not the others in the gather below)
+    parallel.on_every_rank(lambda: res.extend(sample_effects(plain, params, [examples[i] for i in mine],
+                                                             args.token_reduction, exact_ref, sketch, sketch_ref,
+                                                             autocast, on_sample=on_sample)))
     bar.close()
     seconds = time.time() - t0
     rows = done_rows + parallel.gather_lists([{"index": i, **r} for i, r in zip(mine, res)])
@@ -699,7 +715,7 @@ def main(argv=None):
     parallel.write_on_rank0(write_outputs, *lock)  # (--out's directory removed or moved away meanwhile: nothing)
     parallel.barrier()  # every rank is past the partial files before they go
     if rank == 0:
-        remove_partial(partial)
+        remove_partial(partial, done=True)
     now = len(effects) - len(done_before)
     print0(f"{now} samples in {seconds:.1f}s ({now / max(seconds, 1e-9):.2f} samples/s over {world} "
            f"rank(s)){f', {len(done_before)} done before' if done_before else ''}; token reduction "

@@ -384,6 +384,32 @@ def test_a_stopped_run_resumes_to_an_uninterrupted_runs_outputs(setup, tmp_path,
     assert not partial.exists()  # outputs written: the partial run is gone
 
 
+def test_a_non_finite_effect_stops_the_run_naming_its_sample_and_is_not_saved(setup, tmp_path, monkeypatch):
+    """A NaN log-prob for one sample (an overflow in a low-precision forward) was appended to the partial log as a
+    bare NaN: the summary then failed with a traceback, and so did every resume. It stops the run now, naming the
+    sample's file and line; the samples before it stay saved, so a resume after a fix goes on from them."""
+    args = list(setup["single"])
+    for flag in ("--out", "--select_out", "--select_bottom"):
+        args[args.index(flag) + 1] = str(tmp_path / os.path.basename(args[args.index(flag) + 1]))
+    real, calls = se.example_logprobs, [0]
+
+    def nan_third(model, examples, *a, **kw):  # (the third sample's own forward; ∇J's forwards are batches)
+        lps = real(model, examples, *a, **kw)
+        calls[0] += len(examples) == 1
+        return [lp * float("nan") for lp in lps] if len(examples) == 1 and calls[0] == 3 else lps
+    monkeypatch.setattr(se, "example_logprobs", nan_third)
+    with pytest.raises(common.UserError, match=r"teacher\.jsonl:3 \(sample .*\): its logprob is nan \(an inf or "
+                                               r"NaN in its log-probs or gradient, --dtype auto\); no effect of it is "
+                                               r"saved"):
+        se.main(args)
+    logged = common.read_jsonl(str(tmp_path / "effects.partial" / "effects.rank0.jsonl"))
+    assert [r["index"] for r in logged] == [0, 1] and not os.path.exists(tmp_path / "effects.jsonl")
+    monkeypatch.undo()
+    se.main(args)
+    assert common.read_jsonl(str(tmp_path / "effects.jsonl")) == common.read_jsonl(
+        str(setup["dir"] / "single" / "effects.jsonl"))
+
+
 def test_a_stopped_run_with_an_inf_setting_resumes(tmp_path):
     """identity.json is strict JSON (--kv_cache_gib inf written as "inf"): read back, it still matches the run's
     identity, and so does one an earlier version wrote bare (Infinity); another value is refused."""
@@ -429,6 +455,26 @@ def test_the_ranks_check_together_that_they_read_the_same_data(setup, tmp_path, 
     records = tasks.load_records(tasks.get_task("se_digit_task"), "se_digit_task", str(d / "eval.jsonl"), tok, "auto")
     digests = [common.data_digest([[e["input_ids"], e["start"]] for e in examples]), common.data_digest(records)]
     assert seen == [(digests, f"{sft} {d / 'eval.jsonl'}")] and not os.listdir(tmp_path)
+
+
+def test_a_stopped_runs_files_that_cannot_go_stop_a_fresh_run_not_a_finished_one(tmp_path, monkeypatch, capsys):
+    """remove_partial ignored every error: a stopped run's effects.rank0.jsonl that stayed was appended to by the
+    fresh run, its samples mixed with the new ones. Before a fresh run it is an error naming the directory; after a
+    finished run (outputs written), a note."""
+    import shutil
+    partial = tmp_path / "effects.partial"
+    partial.mkdir()
+    (partial / "effects.rank0.jsonl").write_text('{"index": 0}\n')
+
+    def refused(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(partial / "effects.rank0.jsonl"))
+    monkeypatch.setattr(shutil, "rmtree", refused)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(partial))}: a stopped run's files, which this run must "
+                                        r"remove first, cannot be removed \(Permission denied: "
+                                        r".*effects\.rank0\.jsonl\)"):
+        se.open_partial(str(partial), {"seed": 0}, resume=False)
+    se.remove_partial(str(partial), done=True)
+    assert "the outputs are written, but " + str(partial) + " could not be removed" in capsys.readouterr().out
 
 
 def test_open_partial_keeps_one_row_per_sample_and_names_what_it_cannot_read(tmp_path, capsys):
