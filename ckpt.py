@@ -247,7 +247,7 @@ def remove_partial_saves(run_dir):
         print0(f"note: removed what an interrupted save left in {run_dir} ({removed / 2**20:.1f} MiB)")
 
 
-def load_checkpoint(run_dir, needs_shard=lambda state: True):
+def load_checkpoint(run_dir, needs_shard=lambda state: True, steps=None):
     """The newest checkpoint in run_dir that every rank can read: (step, model_dir, train_state, this rank's shard),
     or None. Its shard is None where another number of ranks wrote it (require_shard says so), and where
     needs_shard(its train state) says the run has nothing left to train (a finished run), which then reads no shard
@@ -256,9 +256,18 @@ def load_checkpoint(run_dir, needs_shard=lambda state: True):
     but one that lacks only an optimizer shard the run needs is an error (a finished run's, extended: its shards were
     deleted, and skipped, the checkpoint would be removed). A read that fails for another reason (the storage's I/O
     error, no memory, no permission) says nothing of the file: a UserError on every rank, before anything is skipped
-    (the resume would remove the newer checkpoint as unreadable). Every rank calls this."""
-    for step in reversed(checkpoint_steps(run_dir)):
+    (the resume would remove the newer checkpoint as unreadable). steps: rank 0's checkpoint_steps (default: listed
+    now), which every rank walks; a step's state file that rank 0 sees and another rank does not is an error, not a
+    skip (the ranks would resume from different steps). Every rank calls this."""
+    steps = on_rank0(lambda: checkpoint_steps(run_dir)) if steps is None else steps
+    for step in reversed(steps):
         model_dir, problem, state, shard = checkpoint_dir(run_dir, step), None, None, None
+        seen = all_gather_json(os.path.exists(model_dir + ".state.pt"))
+        if any(seen) and not all(seen):
+            raise UserError(f"{model_dir}.state.pt: rank(s) {', '.join(str(r) for r, s in enumerate(seen) if not s)} "
+                            f"do not see it, where rank(s) {', '.join(str(r) for r, s in enumerate(seen) if s)} do: "
+                            f"every rank must see one --out_dir (a directory local to each node, or a shared file "
+                            f"system that lags?); nothing was skipped or removed")
         failed = None  # a read error, not a damaged file
         deleted = None  # a shard missing from a checkpoint otherwise whole
         path = model_dir + ".state.pt"
@@ -410,13 +419,13 @@ def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):
     load_checkpoint's."""
     lock_on_rank0(run_dir, if_exists=True)  # every rank joins (rank 0 decides whether run_dir exists)
     code_stamp()  # (read now, as the run starts: the code it runs, not what an editor saves before its first save)
-    steps = checkpoint_steps(run_dir)
+    steps = on_rank0(lambda: checkpoint_steps(run_dir))  # (one listing: every rank decides alike)
     if steps and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest step {steps[-1]}); pass --resume true to "
                         f"continue it, or choose another --out_dir")
     if rank() == 0:
         remove_partial_saves(run_dir)
-    found = load_checkpoint(run_dir, needs_shard) if resume else None
+    found = load_checkpoint(run_dir, needs_shard, steps) if resume else None
     if resume and found is None:
         if steps:  # a fresh run here would write over their run's logs
             raise UserError(f"--resume: none of the checkpoints in {run_dir} (steps {', '.join(map(str, steps))}) can "

@@ -237,7 +237,7 @@ def main(argv=None):
     import torch
     from model import load_model, parse_dtype
     from tasks import load_tokenizer
-    _, world, device = parallel.dist_setup()
+    _, world, device = parallel.dist_setup(args)
     dtype = parse_dtype(args.dtype, device)
     common.seed_everything(args.seed)
 

@@ -73,10 +73,11 @@ def under_torchrun():
     return False
 
 
-def dist_setup():
+def dist_setup(settings=None):
     """Initialise torch.distributed: from torchrun's variables, or as a process group of one rank when run
     with plain python, so that every script runs the same code (FSDP included) at any world size.
-    NCCL on CUDA, gloo on CPU. Returns (rank, world_size, device)."""
+    NCCL on CUDA, gloo on CPU. settings: the script's parsed settings, which every rank must share (same_settings).
+    Returns (rank, world_size, device)."""
     # torch.distributed.nn.functional takes `group=group.WORLD` as a default argument of its functions, bound
     # when the module is first imported; torch imports it lazily, with torch._dynamo (model.load_model's
     # meta-device construction does). Imported after init_process_group, it holds the default group, so
@@ -107,7 +108,24 @@ def dist_setup():
                     standing.set()
         else:  # one rank, no ports: an in-process store
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    if settings is not None:
+        same_settings(settings)
     return rank_, world, device
+
+
+def same_settings(settings):
+    """Every rank was given the same settings (an argparse Namespace): the nodes of a multi-node launch each parse
+    their own command line and --config, and ranks of other seeds, step counts or budgets mix their data orders into
+    one result, or wait in collectives the others never reach. An error on every rank naming what differs."""
+    mine = {k: json.dumps(v, sort_keys=True, default=str) for k, v in sorted(vars(settings).items())}
+    every = all_gather_json(mine)
+    for r, theirs in enumerate(every[1:], 1):
+        differ = [k for k in {**every[0], **theirs} if every[0].get(k) != theirs.get(k)]
+        if differ:
+            raise UserError("the ranks were given different settings: "
+                            + "; ".join(f"--{k} {every[0].get(k)} on rank 0, {theirs.get(k)} on rank {r}"
+                                        for k in differ[:3])
+                            + " (a multi-node launch whose nodes' command lines or --config files differ?)")
 
 
 def compute_identity(dtype, device):

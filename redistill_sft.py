@@ -317,7 +317,7 @@ def main(argv=None):
             raise UserError(f"--tiny_hidden_size {args.tiny_hidden_size} / --tiny_heads {args.tiny_heads} = "
                             f"{args.tiny_hidden_size // args.tiny_heads} dimensions a head; RoPE needs an even number")
 
-    rank, world, device = parallel.dist_setup()
+    rank, world, device = parallel.dist_setup(args)
     dtype = parse_dtype(args.dtype, device, training=True)  # compute, and saved weights
     common.seed_everything(args.seed)
     final_dir = os.path.join(args.out_dir, "final")

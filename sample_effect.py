@@ -540,7 +540,7 @@ def main(argv=None):
     from parallel import full_copy
     from model import load_model, parse_dtype
     from tasks import load_tokenizer
-    rank, world, device = parallel.dist_setup()
+    rank, world, device = parallel.dist_setup(args)
     compute_dtype = parse_dtype(args.dtype, device, training=True)  # (gradients)
     autocast = (nullcontext if compute_dtype == torch.float32
                 else (lambda: torch.autocast(device.type, dtype=compute_dtype)))

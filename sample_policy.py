@@ -294,7 +294,7 @@ def main(argv=None):
     common.check_sampling(args)
     task = tasks.get_task(args.task)
 
-    rank, world, device = parallel.dist_setup()
+    rank, world, device = parallel.dist_setup(args)
     # what a SIGKILL left of this output's atomic writes (.tmp_NAME.XXXXXXXX, never reused), under a lock on the
     # output so that no live run's temporary file goes (as sample_effect.py does for its --out); a directory that
     # does not exist yet holds none, and is made only at the write (bad input leaves no directory behind)

@@ -582,7 +582,7 @@ def main(argv=None):
     if len(set(args.eps)) < len(args.eps):  # (0 and -0 are one): a run twice would be the same decode
         raise UserError(f"--eps: a threshold given twice ({' '.join(f'{e:g}' for e in args.eps)})")
     from model import parse_dtype, read_config
-    rank, world, device = parallel.dist_setup()
+    rank, world, device = parallel.dist_setup(args)
     dtype = parse_dtype(args.dtype, device)
     tokenizer = tasks.check_same_tokenizer(args.base, args.policy, "--base", "--policy",
                                            "a token-by-token comparison needs one vocabulary",

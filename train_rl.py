@@ -722,7 +722,7 @@ def main(argv=None):
     n = args.samples_per_prompt
 
     # ---- setup: distributed, precision, task, data
-    rank, world, device = parallel.dist_setup()
+    rank, world, device = parallel.dist_setup(args)
     dtype = parse_dtype(args.dtype, device, training=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -218,6 +218,22 @@ def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(
     assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing resumable left: a fresh run
 
 
+def test_a_checkpoint_one_rank_does_not_see_is_an_error_not_a_skip(tmp_path, monkeypatch):
+    """Each rank listed the checkpoints itself: one whose view lacked the newest (a node-local --out_dir, a lagging
+    network file system) resumed from an older step than the others, their collectives paired across steps (a hang),
+    and its save rewrote the older checkpoint's shard. Rank 0's listing is walked by every rank now, and a state file
+    that a rank does not see stops every rank (here rank 1 is played by the gathers' second entry)."""
+    run = str(tmp_path)
+    for step in (1, 2):
+        fake_checkpoint(run, step)
+    monkeypatch.setattr(ckpt, "all_gather_json", lambda value: [value, False] if isinstance(value, bool)
+                        else [value, value])
+    with pytest.raises(UserError, match=r"step_000002\.state\.pt: rank\(s\) 1 do not see it, where rank\(s\) 0 do: "
+                                        r"every rank must see one --out_dir .*nothing was skipped or removed"):
+        ckpt.resume_checkpoint(run, resume=True)
+    assert ckpt.checkpoint_parts(run) == {1, 2}
+
+
 def test_a_checkpoint_missing_only_its_shard_is_not_skipped(tmp_path):
     """A finished run's shards deleted to free the disk (load_checkpoint's docstring allows it), then the run extended:
     its last checkpoint was skipped as damaged and removed, weights and all. A save writes the shards before the state

@@ -122,7 +122,7 @@ def test_a_fresh_run_dirs_lock_is_one_collective_on_every_rank_however_late_a_ra
 
 
 ERRORS_SCRIPT = '''
-import json, os, sys
+import argparse, json, os, sys
 import common
 import parallel
 
@@ -143,6 +143,12 @@ def main():
             seen.append(None)
         except Exception as e:
             seen.append([type(e).__name__, str(e)])
+    for settings in (argparse.Namespace(seed=1, lr=0.1), argparse.Namespace(seed=1 + rank, lr=0.1)):
+        try:
+            parallel.same_settings(settings)
+            seen.append(None)
+        except Exception as e:
+            seen.append([type(e).__name__, str(e)])
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
         json.dump(seen, f)
     parallel.dist_cleanup()
@@ -155,13 +161,19 @@ common.run_main(main)
 def test_an_error_on_one_rank_stops_every_rank_with_its_line(tmp_path):
     """on_every_rank (each rank's own checkpoint shard) and on_rank0 (what rank 0 alone writes or decides): an error
     on one rank reached the others only as a hang in their next collective (or a backend's traceback); now every rank
-    raises it: where it happened as it is, elsewhere as a UserError naming it."""
+    raises it: where it happened as it is, elsewhere as a UserError naming it. Settings that differ between ranks
+    (dist_setup's check) stop both too."""
     proc = two_ranks(tmp_path, "errors.py", ERRORS_SCRIPT, tmp_path, timeout=60)  # (a hang: it fails)
     assert proc.returncode == 0, proc.stderr[-3000:]
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1))
     assert zero[0] == one[0] == ["UserError", "disk full on rank 1"]
     assert zero[1] == ["UserError", "rank 1 stopped: RuntimeError: odd"] and one[1] == ["RuntimeError", "odd"]
     assert zero[2] == ["ValueError", "wandb down"] and one[2] == ["UserError", "rank 0 stopped: ValueError: wandb down"]
+    # settings: the same on both ranks pass; another seed on rank 1 (a node's own command line) stops both
+    assert zero[3] is None and one[3] is None
+    assert zero[4] == one[4] == ["UserError", "the ranks were given different settings: --seed 1 on rank 0, 2 on "
+                                              "rank 1 (a multi-node launch whose nodes' command lines or --config "
+                                              "files differ?)"]
 
 
 FSDP_RANK_SCRIPT = THREADS + '''
