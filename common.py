@@ -780,6 +780,18 @@ def remove_stale_temps(paths, where):
     return freed
 
 
+def lock_output(paths):
+    """For a stage that writes files, not a run directory (lim_select, report, tiny_base): the lock of its first
+    output (.NAME.lock beside it: a second run writing it is refused, as lock_run_dir refuses), then what a SIGKILL
+    left of atomic_open's writes of every path goes (remove_stale_temps). Nothing where that output's directory does
+    not exist yet: it holds no leftovers, and is made at the write (bad input leaves no directory behind)."""
+    paths = [p for p in paths if p]
+    folder = os.path.dirname(os.path.abspath(paths[0]))
+    if os.path.isdir(folder):
+        lock_run_dir(folder, f".{os.path.basename(paths[0])}.lock")
+        remove_stale_temps(paths, folder)
+
+
 # a write the storage refused: full disk or quota, a file size limit, an I/O error, a read-only filesystem, no
 # permission
 REFUSED_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)

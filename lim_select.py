@@ -245,6 +245,7 @@ def main(argv=None):
     random_pick = sorted(int(probed[j]) for j in random.Random(args.seed).sample(range(len(probed)), len(selected)))
 
     # ---- the outputs (everything above can fail; nothing is written before this point)
+    common.lock_output([args.out, args.scores_out, args.random_out, plot_out])  # (and a killed run's leftovers go)
     common.write_jsonl(args.out, [pool[i] for i in selected])
     print0(f"wrote {len(selected)} selected prompts to {args.out}")
     if args.scores_out:

@@ -452,6 +452,7 @@ def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
     common.check_non_negative(args, "seeds")
     out = args.out_dir
+    common.lock_output([os.path.join(out, name) for name in ("results.md",) + PLOTS])  # (and a killed run's leftovers)
     times = read_times(os.path.join(out, "times.tsv"))
     notes = []
     summaries = read_summaries(out, notes)

@@ -193,6 +193,7 @@ def probe(args):
     print(f"{args.probe} in its pre-training format, greedy: accuracy {result['accuracy']:.3f} ({per}) "
           f"on {len(records)} questions")
     if args.probe_out:
+        common.lock_output([args.probe_out])
         common.write_json(args.probe_out, result)
 
 
@@ -245,6 +246,7 @@ def main(argv=None):
     rng.shuffle(docs)
     if not docs:  # (before anything is written)
         raise common.UserError("no documents: --per_people and --drill_per_people are 0 for every people count")
+    common.lock_output([os.path.join(args.out_dir, "pretrain.jsonl")])  # (and a killed run's leftovers go)
     common.write_jsonl(os.path.join(args.out_dir, "pretrain.jsonl"), docs)
     # the tokenizer sees the pre-training text, the official trace's wording and the chat prompt's system text
     texts = [d["text"] for d in docs] + [r["question"] + "\n" + kk_data.teacher_response(r) for r in records[:2000]]

@@ -323,8 +323,8 @@ def lock_out_dir(args):
     for checkpoint in (args.base, args.policy):  # (one without weights: refused before the directory is made)
         weight_files(checkpoint)
     parallel.lock_on_rank0(args.out_dir, lock_name(args))
-    names = ([f"cross_{args.cross}_samples.jsonl", f"cross_{args.cross}.json"] if args.cross
-             else ["tokens.jsonl", "summary.json"])
+    names = ([f"cross_{args.cross}_samples.jsonl", f"cross_{args.cross}.json"] if args.cross  # (cross_sampling.png:
+             else ["tokens.jsonl", "summary.json", "token_shift.png"])  # both directions', so neither's to clear)
     parallel.on_rank0(lambda: common.remove_stale_temps([os.path.join(args.out_dir, n) for n in names], args.out_dir))
 
 

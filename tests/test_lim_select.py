@@ -73,6 +73,33 @@ def test_scores_match_the_hand_computation_with_gaps(hand, capsys):
     assert "3 empty epochs back-filled" in printed  # p1's, p2's and p3's second
 
 
+def test_a_killed_writes_leftovers_go_and_a_second_run_on_the_outputs_is_refused(hand):
+    """lim_select took no lock and cleared nothing: each kill inside a write left a .tmp_ file beside the outputs for
+    good. Its outputs are locked now (.lim.jsonl.lock), and a killed run's temporary files of them go."""
+    import subprocess
+    import sys
+    from conftest import ROOT, subprocess_env
+    out = hand["out"]
+    out.mkdir()
+    left = [out / ".tmp_lim.jsonl.k1ll3d_x", out / ".tmp_scores.jsonl.k1ll3d_y"]
+    for path in left:
+        path.write_text("a kill inside a write")
+    (out / ".tmp_notes.txt.k1ll3d_x").write_text("another file's")
+    lim_select.main(hand["args"])
+    assert not any(path.exists() for path in left) and (out / ".tmp_notes.txt.k1ll3d_x").exists()
+    common._LOCKS.pop(os.path.realpath(out / ".lim.jsonl.lock")).close()  # (as when this process ends)
+    hold = f"import common, time; common.lock_output([{str(out / 'lim.jsonl')!r}]); print('held', flush=True); " \
+           "time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(common.UserError, match="another run is using this output"):
+            lim_select.main(hand["args"])
+    finally:
+        holder.kill()
+
+
 def test_rand_holds_only_prompts_the_probe_drew(hand):
     """p5 was never drawn (as a prompt over the probe's --max_prompt_tokens would not be): LIM cannot select it, and
     RL on RAND would drop it, so RAND is drawn from the six the probe drew, for every seed."""

@@ -425,13 +425,18 @@ def test_a_missing_piece_is_said_not_averaged_away(run_dir):
     assert "| FULL | 2 | 8 | – | – | – |" in (run_dir / "results.md").read_text(encoding="utf-8")
 
 
-
 def test_an_rl_run_deleted_to_free_disk_leaves_its_count_unknown_not_none(run_dir):
-    """Without rl/settings.json the table's rollout cells are dashes; the caption read "(None rollouts)"."""
+    """Without rl/settings.json the table's rollout cells are dashes; the caption read "(None rollouts)". (And what
+    a killed report's writes left, which stayed for good, goes.)"""
     (run_dir / "rl" / "settings.json").unlink()
+    left = [run_dir / ".tmp_results.md.k1ll3d_x", run_dir / ".tmp_rl_curve.png.k1ll3d_x"]
+    for path in left:
+        path.write_text("a kill inside a write")
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
     text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "data came from the RL run (? rollouts)" in text and "None" not in text
+    assert not any(path.exists() for path in left)
+
 
 def test_an_older_eval_marker_without_its_command_tables_every_summary(run_dir):
     """A done/eval marker of an older reproduce.sh holds the seconds only (no command, so no --names): every summary

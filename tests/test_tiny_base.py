@@ -59,9 +59,11 @@ def test_claim_drill_gives_the_claims_value_on_every_row():
 
 
 def test_table_corpus_with_drills(tmp_path, capsys):
+    (tmp_path / ".tmp_pretrain.jsonl.k1ll3d_x").write_text("a killed run's write: the whole corpus, kept for good")
     tiny_base.main(["--out_dir", str(tmp_path), "--people", "2-3", "--per_people", "4,6", "--text_format", "table",
                     "--drill_people", "2-3", "--drill_per_people", "3,5", "--fixed_names", "true",
                     "--vocab_size", "2000"])
+    assert not (tmp_path / ".tmp_pretrain.jsonl.k1ll3d_x").exists()
     # 18 documents hold far fewer merges than asked: said, not only shown in the last line's count
     assert "note: the text holds merges for" in capsys.readouterr().out
     docs = [d["text"] for d in common.read_jsonl(str(tmp_path / "pretrain.jsonl"))]

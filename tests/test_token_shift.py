@@ -414,9 +414,11 @@ def test_a_run_that_draws_no_figure_removes_an_earlier_runs(pair, tmp_path, caps
     out = tmp_path / "out"
     out.mkdir()
     (out / "token_shift.png").write_bytes(b"an earlier run's figure")
+    (out / ".tmp_token_shift.png.k1ll3d_x").write_bytes(b"a kill inside its write")  # (it stayed for good)
     token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", pair["responses"],
                       "--out_dir", str(out), "--plots", "false", "--limit", "2"])
     assert not (out / "token_shift.png").exists() and (out / "summary.json").exists()
+    assert not (out / ".tmp_token_shift.png.k1ll3d_x").exists()
     assert "removed " + str(out / "token_shift.png") + ", an earlier run's figure" in capsys.readouterr().out
 
 def test_a_checkpoint_without_weights_leaves_no_directory(pair, tmp_path):
