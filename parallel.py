@@ -247,12 +247,13 @@ def on_rank0(work):
 
 
 def on_every_rank(work):
-    """Every rank runs work() (what each writes of its own); an error on any rank stops every rank: the first one's,
-    by rank, as a UserError on the others (raised whole where it happened), not on that rank alone while the others
-    wait in their next collective. Every rank calls this."""
-    problem, failure = None, None
+    """Every rank runs work() (what each writes of its own, or its share of a generation and scoring) and gets its
+    result; an error on any rank stops every rank: the first one's, by rank, as a UserError on the others (raised
+    whole where it happened), not on that rank alone while the others wait in their next collective (or die there
+    with a backend's traceback). work() must call no collective. Every rank calls this."""
+    problem, failure, result = None, None, None
     try:
-        work()
+        result = work()
     except UserError as e:
         problem = str(e)
     except Exception as e:  # noqa: BLE001 -- as on_rank0
@@ -262,6 +263,7 @@ def on_every_rank(work):
         raise failure
     if problems:
         raise UserError(problems[0])
+    return result
 
 
 def same_on_every_rank(value, what):

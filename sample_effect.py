@@ -276,27 +276,30 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
            f"over {world} rank(s); KV cache <= "
            f"{size * args.samples_per_prompt * (longest + args.max_response_tokens) * per_token / 2**30:.1f} "
            "GiB per call")
-    items, rewards, gen_tokens = [], [], 0
+    items, rewards, gen_tokens = [], [], [0]
     my_chunks = parallel.rank_share(list(range(len(chunks))), rank, world)
     bar = common.progress_bar(sum(len(chunks[c]) for c in my_chunks) * args.samples_per_prompt, "rollouts",
                               args.progress)
-    for c in my_chunks:
-        out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]],
-                                      n=args.samples_per_prompt, temperature=args.temperature, top_p=1.0,
-                                      max_new_tokens=args.max_response_tokens,
-                                      seed=common.derive_seed(args.seed, 0), prompt_numbers=chunks[c],
-                                      template=args.template, batch_size=size, progress=False)
-        for j, i in enumerate(chunks[c]):
-            group = out[j * args.samples_per_prompt:(j + 1) * args.samples_per_prompt]
-            ids = prompt_ids[i]  # (the ids the engine was given: sample_responses encodes the same rendered prompt)
-            rs = [float(s["reward"]) for s in group]
-            rewards.append(rs)
-            for s, w in zip(group, rloo_weights(rs)):
-                items.append({"input_ids": ids + s["tokens"], "start": len(ids), "weight": w})
-                gen_tokens += s["length"]
-        bar.update(len(out))
+
+    def roll_out():  # this rank's chunks, which may be one fewer than another's: no collective inside
+        for c in my_chunks:
+            out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]],
+                                          n=args.samples_per_prompt, temperature=args.temperature, top_p=1.0,
+                                          max_new_tokens=args.max_response_tokens,
+                                          seed=common.derive_seed(args.seed, 0), prompt_numbers=chunks[c],
+                                          template=args.template, batch_size=size, progress=False)
+            for j, i in enumerate(chunks[c]):
+                group = out[j * args.samples_per_prompt:(j + 1) * args.samples_per_prompt]
+                ids = prompt_ids[i]  # (the ids the engine was given: sample_responses encodes the same rendered prompt)
+                rs = [float(s["reward"]) for s in group]
+                rewards.append(rs)
+                for s, w in zip(group, rloo_weights(rs)):
+                    items.append({"input_ids": ids + s["tokens"], "start": len(ids), "weight": w})
+                    gen_tokens[0] += s["length"]
+            bar.update(len(out))
+    parallel.on_every_rank(roll_out)  # (a task's score failing on one rank's share stops every rank)
     bar.close()
-    del gen_model
+    gen_model = None  # (freed: roll_out holds the name, not the weights)
     engine.release()
     gen_seconds = time.time() - t0
     t0 = time.time()
@@ -306,8 +309,8 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
     bwd_tokens = accumulate_policy_gradient(model, items, args.temperature, args.micro_batch_tokens,
                                             scale=1.0 / (len(records) * args.samples_per_prompt))
     grads = [full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
-    stats = parallel.all_reduce(torch.tensor([sum(map(sum, rewards)), sum(len(set(r)) > 1 for r in rewards), gen_tokens,
-                                              bwd_tokens], dtype=torch.float64))
+    stats = parallel.all_reduce(torch.tensor([sum(map(sum, rewards)), sum(len(set(r)) > 1 for r in rewards),
+                                              gen_tokens[0], bwd_tokens], dtype=torch.float64))
     mean_reward, informative, gen_tokens, bwd_tokens = stats.tolist()
     mean_reward /= len(records) * args.samples_per_prompt
     grad_j = {"mean_reward": mean_reward, "prompts": len(records), "prompt_subset": eval_subset,

@@ -173,13 +173,13 @@ def sample_checkpoint(args, task, rank, world, device):
     order = parallel.rank_share(list(range(len(records))), rank, world)
     print0(f"sampling {args.from_checkpoint}: {subset} prompts x {args.samples_per_prompt} on {world} rank(s), "
            f"T={args.temperature}, top_p={args.top_p}, max_response_tokens={args.max_response_tokens}")
-    with torch.no_grad():
-        mine = engine.sample_responses(model, tokenizer, task, [records[i] for i in order], n=args.samples_per_prompt,
-                                       temperature=args.temperature, top_p=args.top_p,
-                                       max_new_tokens=args.max_response_tokens, seed=common.derive_seed(args.seed, 0),
-                                       prompt_numbers=order,  # (keyed by index: the same samples at any world size)
-                                       template=args.template, batch_size=args.gen_batch_size, desc="sample",
-                                       progress=args.progress)
+    with torch.no_grad():  # (an error on one rank's share, a task's score's, stops every rank)
+        mine = parallel.on_every_rank(lambda: engine.sample_responses(
+            model, tokenizer, task, [records[i] for i in order], n=args.samples_per_prompt,
+            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_response_tokens,
+            seed=common.derive_seed(args.seed, 0),
+            prompt_numbers=order,  # (keyed by index: the same samples at any world size)
+            template=args.template, batch_size=args.gen_batch_size, desc="sample", progress=args.progress))
     # sample_responses returns record order then sample order: attach each sample's record index
     for k, s in enumerate(mine):
         s["index"], s["rank"] = order[k // args.samples_per_prompt], rank

@@ -8,7 +8,7 @@ import time
 import common
 from common import UserError, derive_seed, rank, world_size
 from engine import sample_responses
-from parallel import gather_lists, rank_share
+from parallel import gather_lists, on_every_rank, rank_share
 from tasks import check_prompts_fit, is_correct, rescore, task_prompt_ids
 
 
@@ -171,12 +171,14 @@ def generate_and_score(model, tokenizer, task, records, n=1, temperature=0.0, to
     check_prompts_fit(task_prompt_ids(tokenizer, task, records, template), records, max_new_tokens,
                       model.config.max_position_embeddings, desc)
     indices = rank_share(list(range(len(records))), this_rank, world)
-    out = sample_responses(model, tokenizer, task, [records[j] for j in indices], n=n, temperature=temperature,
-                           top_p=top_p, max_new_tokens=max_new_tokens,
-                           # one stream for every rank, each record keyed by its index in `records`: the samples do
-                           # not depend on the number of ranks (rank 0's stream: one rank samples as before)
-                           seed=derive_seed(seed, 0), prompt_numbers=indices,
-                           template=template, batch_size=batch_size, desc=desc, progress=progress, reserve=reserve)
+    # (full weights: no collective inside; a task's score failing on one rank's share stops every rank)
+    out = on_every_rank(lambda: sample_responses(
+        model, tokenizer, task, [records[j] for j in indices], n=n, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        # one stream for every rank, each record keyed by its index in `records`: the samples do not depend on the
+        # number of ranks (rank 0's stream: one rank samples as before)
+        seed=derive_seed(seed, 0), prompt_numbers=indices, template=template, batch_size=batch_size, desc=desc,
+        progress=progress, reserve=reserve))
     # the record index travels with each sample, so the merged list has the same order for any world size
     mine = [{"index": indices[k // n], "sample": s["sample"], "response": s["response"], "reward": float(s["reward"]),
              "finished": bool(s["finished"]), "length": s["length"]} for k, s in enumerate(out)]

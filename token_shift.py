@@ -410,12 +410,11 @@ def random_switch(rate, seed):
 def cross_run(primary, intervention, tokenizer, task, records, numbers, args, switch, desc):
     """One cross-sampled decode of this rank's records (numbers: their indices in the split, which key their random
     numbers: the same samples at any world size); the counts summed over ranks, and this rank's samples."""
-    out = engine.sample_responses(primary, tokenizer, task, records, n=args.samples_per_prompt,
-                                  temperature=args.temperature, top_p=args.top_p,
-                                  max_new_tokens=args.max_response_tokens,
-                                  seed=common.derive_seed(args.seed, 0), template=args.template,
-                                  batch_size=args.batch_size, desc=desc, progress=args.progress,
-                                  partner=intervention, switch=switch, prompt_numbers=numbers)
+    out = parallel.on_every_rank(lambda: engine.sample_responses(  # (a score failing on one rank stops every rank)
+        primary, tokenizer, task, records, n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_response_tokens, seed=common.derive_seed(args.seed, 0), template=args.template,
+        batch_size=args.batch_size, desc=desc, progress=args.progress, partner=intervention, switch=switch,
+        prompt_numbers=numbers))
     g = parallel.all_reduce_numbers({"responses": len(out), "correct": sum(tasks.is_correct(s["reward"]) for s in out),
                                      "tokens": sum(s["length"] for s in out),
                                      "switched": sum(sum(s["switched"]) for s in out),

@@ -21,6 +21,7 @@ against the engine's log-probs (--rollout_is). More in docs/grpo.md:
   the step's batch (runs begun before 2026-12-06: and the rank), the lr by the step;
   the count of prompt batches drawn (more than one a step with --dynamic_sampling) is saved with the checkpoint.
 """
+import functools
 import math
 import os
 import time
@@ -345,12 +346,13 @@ def rollout(model, dtype, tokenizer, task, train_records, args, step, batches_be
         batch = step_prompt_indices(len(train_records), per_step, batch_no, args.seed)
         places = parallel.rank_share(list(range(len(batch))), rank, world)
         mine = [batch[i] for i in places]
-        new = engine.sample_responses(
-            policy, tokenizer, task, [train_records[i] for i in mine], n=n, temperature=args.temperature,
-            top_p=args.top_p, max_new_tokens=args.max_response_tokens,
+        # (a task's score failing on this rank's share stops every rank, not this one alone)
+        new = parallel.on_every_rank(functools.partial(
+            engine.sample_responses, policy, tokenizer, task, [train_records[i] for i in mine], n=n,
+            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_response_tokens,
             seed=generation_seed(args.seed, step, rank if seeds_by_rank else 0, b), template=args.template,
             batch_size=args.gen_batch_size, desc=f"step {step} rollouts", progress=args.progress, timings=times,
-            reserve=reserve, prompt_numbers=None if seeds_by_rank else places)
+            reserve=reserve, prompt_numbers=None if seeds_by_rank else places))
         indices, rollouts, places_in_step = indices + mine, rollouts + new, places_in_step + [(b, p) for p in places]
         epochs += [batch_epoch(len(train_records), per_step, batch_no)] * len(mine)
         if not args.dynamic_sampling:
@@ -887,6 +889,7 @@ def main(argv=None):
     if checkpoint is not None:  # (accepted: nothing above refused it)
         ckpt.prune_at_resume(args.out_dir, start_step, *keep_rules)
     log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
+
     def remove_later_logs():  # as the metrics after it: a killed attempt's rollout logs, which lim_select.py would read
         for s, path in tasks.rollout_logs(args.out_dir).items():
             if s > start_step:

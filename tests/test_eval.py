@@ -721,6 +721,36 @@ def test_torchrun_a_write_refused_on_rank_0_stops_every_rank_with_its_line(tiny_
     assert "eval.py\", line" not in proc.stderr  # no worker's traceback (torchrun's own launcher prints one)
 
 
+@pytest.mark.torchrun
+def test_torchrun_a_score_failing_on_one_ranks_share_stops_every_rank_with_its_line(tiny_checkpoint, split, tmp_path):
+    """A task's score that fails for one response (a fork's bug, past the load-time check of an empty response): the
+    rank that generated it stopped, and the other died in the gather after its generation with a backend's
+    traceback. The other rank now stops with the first one's line."""
+    import json as json_
+    first = json_.loads(open(split).readline())["id"]  # (record 0: rank 0's share; rank 1 scores records 1, 3, ...)
+    second = [json_.loads(line)["id"] for line in open(split)][1]
+    (tmp_path / "picky_task.py").write_text(  # (its first call for a record: the split's check as it loads)
+        "from toy_task import *\n"
+        "import toy_task\n"
+        "calls = {}\n"
+        "def score(response, record, finished):\n"
+        "    calls[record['id']] = calls.get(record['id'], 0) + 1\n"
+        f"    if record['id'] == {second!r} and calls[record['id']] > 1:\n"
+        "        raise ValueError('cannot read ' + record['id'])\n"
+        "    return toy_task.score(response, record, finished)\n")
+    args = [a for a in FAST if a != "toy_task"]
+    args[args.index("--task") + 1:args.index("--task") + 1] = ["picky_task"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "eval.py"), "--checkpoints", tiny_checkpoint, "--names", "base", "--splits", split,
+           "--out_dir", str(tmp_path / "ddp"), *args]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(tmp_path), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0 and first != second
+    assert f"error: rank 1 stopped: ValueError: cannot read {second}" in proc.stderr, proc.stderr[-3000:]
+    assert "Connection reset" not in proc.stderr and "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]
+    assert not (tmp_path / "ddp" / "base").exists()
+
+
 # -----------------------------------------------------------------------------
 # errors: one clear line
 
