@@ -90,9 +90,9 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
     if pre.config:
         pre.config = expand_home(pre.config, "--config")
         cfg = read_json(pre.config, "a JSON object of settings")
-        if cfg.get("config") is not None:  # (a run's settings.json holds "config": null, which names none)
-            raise UserError(f"{pre.config}: setting 'config' names {cfg['config']!r}, but a config file includes no "
-                            f"other; merge the two files")
+        if cfg.get("config") is not None:  # (a run's settings.json names the config it began from: all is here)
+            print(f"note: {pre.config}: its 'config' ({cfg['config']}) is not read: a config file includes no other",
+                  file=sys.stderr)
         cfg.pop("config", None)
         known = {a.dest for a in parser._actions} - {"help"}  # ("help": no setting, though argparse gives it a dest)
         unknown = sorted(k for k in cfg if k.replace("-", "_") not in known)
@@ -782,14 +782,13 @@ def remove_stale_temps(paths, where):
 
 def lock_output(paths):
     """For a stage that writes files, not a run directory (lim_select, report, tiny_base): the lock of its first
-    output (.NAME.lock beside it: a second run writing it is refused, as lock_run_dir refuses), then what a SIGKILL
-    left of atomic_open's writes of every path goes (remove_stale_temps). Nothing where that output's directory does
-    not exist yet: it holds no leftovers, and is made at the write (bad input leaves no directory behind)."""
+    output (.NAME.lock beside it, its directory made: a second run writing it is refused, as lock_run_dir refuses),
+    then what a SIGKILL left of atomic_open's writes of every path goes (remove_stale_temps). Call it once the inputs
+    are checked (bad input leaves no directory behind), before the first write."""
     paths = [p for p in paths if p]
     folder = os.path.dirname(os.path.abspath(paths[0]))
-    if os.path.isdir(folder):
-        lock_run_dir(folder, f".{os.path.basename(paths[0])}.lock")
-        remove_stale_temps(paths, folder)
+    lock_run_dir(folder, f".{os.path.basename(paths[0])}.lock")
+    remove_stale_temps(paths, folder)
 
 
 # a write the storage refused: full disk or quota, a file size limit, an I/O error, a read-only filesystem, no

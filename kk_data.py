@@ -6,8 +6,8 @@ LLMs in Logical Reasoning"), as used by the re-distillation paper.
   solve     all 2^n role assignments at once with numpy boolean masks
   render    the official quiz text, records with the official 11 fields, the teacher
             chain-of-thought (the official backtracking trace) and the paper's prompt
-  score     1.0 iff the response finished with EOS and its last \\boxed{...} names every
-            person exactly once with the right role, else 0.0
+  score     1.0 iff the response finished with EOS and its last box (tasks.last_box: \\boxed{...},
+            \\fbox{...}) names every person exactly once with the right role, else 0.0
 
 Usage:
   python kk_data.py                      # data/kk/{train,test,sft}.jsonl (the paper's splits; its
@@ -526,7 +526,8 @@ def parse_answer(content, names, kk):
 
 
 def score(response, record, finished):
-    """1.0 iff the response finished with EOS and its last \\boxed{} names everyone once with the right role."""
+    """1.0 iff the response finished with EOS and its last box (tasks.last_box) names everyone once with the right
+    role."""
     if not finished or not isinstance(response, str):
         return 0.0
     content = tasks.last_box(response)

@@ -113,10 +113,11 @@ class ModelConfig:
         # from max_window_layers on (its default 28), where use_sliding_window is set and sliding_window is not null
         # (a config without the field slides over transformers' default 4,096); a layer_types naming a sliding
         # layer without them, transformers cannot run. (Llama has no sliding window: its fields are not read.)
-        if not (type(cfg.get("max_window_layers", 0)) is int and cfg.get("max_window_layers", 0) >= 0):
+        sliding = arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window")  # (else transformers reads neither)
+        if sliding and not (type(cfg.get("max_window_layers", 0)) is int and cfg.get("max_window_layers", 0) >= 0):
             raise UserError(f"{where}: field 'max_window_layers' must be an integer >= 0, "
                             f"got {cfg['max_window_layers']!r}")
-        named = cfg.get("layer_types") or []
+        named = (cfg.get("layer_types") or []) if arch in ("qwen2", "qwen3") else []
         if not (isinstance(named, list) and all(isinstance(t, str) for t in named)):
             raise UserError(f"{where}: field 'layer_types' must be a list of names, got {cfg['layer_types']!r}")
         layer_types = [] if arch not in ("qwen2", "qwen3") else cfg.get("layer_types") or (

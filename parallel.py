@@ -117,7 +117,8 @@ def same_settings(settings):
     """Every rank was given the same settings (an argparse Namespace): the nodes of a multi-node launch each parse
     their own command line and --config, and ranks of other seeds, step counts or budgets mix their data orders into
     one result, or wait in collectives the others never reach. An error on every rank naming what differs."""
-    mine = {k: json.dumps(v, sort_keys=True, default=str) for k, v in sorted(vars(settings).items())}
+    mine = {k: json.dumps(v, sort_keys=True, default=str) for k, v in sorted(vars(settings).items())
+            if k != "config"}  # (what it holds is compared; one config may lie at another path on each node)
     every = all_gather_json(mine)
     for r, theirs in enumerate(every[1:], 1):
         differ = [k for k in {**every[0], **theirs} if every[0].get(k) != theirs.get(k)]

@@ -223,7 +223,7 @@ def test_a_config_keep_steps_as_text_keeps_the_checkpoints_it_names(tmp_path):
         common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
 
 
-def test_a_config_key_may_be_spelled_with_dashes_as_on_the_command_line(tmp_path):
+def test_a_config_key_may_be_spelled_with_dashes_as_on_the_command_line(tmp_path, capsys):
     """{"max-steps": 7} is --max-steps spelled as on the command line (and as YAML-minded users write keys): it
     sets max_steps, not refused as an unknown setting; a key that is unknown either way still is."""
     import train_rl
@@ -238,18 +238,19 @@ def test_a_config_key_may_be_spelled_with_dashes_as_on_the_command_line(tmp_path
     with pytest.raises(common.UserError, match=r"cfg\.json: setting 'max_steps' given twice \('max_steps' and "
                                                r"'max-steps'\); keep one$"):
         common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
-    # a config naming another (no file includes one) and "help" (no setting): each was taken and did nothing
-    (tmp_path / "cfg.json").write_text(json.dumps({"config": "base.json"}))
-    with pytest.raises(common.UserError, match=r"setting 'config' names 'base.json', but a config file includes no "):
-        common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
+    # "help" is no setting: it was taken and did nothing
     (tmp_path / "cfg.json").write_text(json.dumps({"help": True}))
     with pytest.raises(common.UserError, match=r"unknown setting\(s\) \['help'\]"):
         common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")])
-    # ... but a run's own settings.json, "config": null included, is a config (docs/grpo.md's variant recipe)
-    settings = vars(common.parse_settings(train_rl.get_parser(), ["--max_steps", "9"]))
-    assert settings["config"] is None
-    (tmp_path / "cfg.json").write_text(json.dumps(settings))
-    assert common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "cfg.json")]).max_steps == 9
+    # a run's own settings.json is a config (docs/grpo.md's variant recipe), with the "config" it began from, which
+    # no file includes: said, not read (its settings are all there)
+    (tmp_path / "base.json").write_text(json.dumps({"max_steps": 9}))
+    settings = vars(common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "base.json")]))
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    (tmp_path / "base.json").write_text(json.dumps({"max_steps": 4}))  # (edited since: not read)
+    assert common.parse_settings(train_rl.get_parser(), ["--config", str(tmp_path / "settings.json")]).max_steps == 9
+    assert f"its 'config' ({tmp_path / 'base.json'}) is not read: a config file includes no other" in \
+        capsys.readouterr().err
 
 
 def test_an_output_may_not_be_an_input_or_another_output(tmp_path):
@@ -545,7 +546,6 @@ def test_atomic_writes_reach_the_disk_before_their_name_does(tmp_path, monkeypat
     assert ("sync", str(tmp_path)) in events[at:]
 
 
-
 def test_a_write_or_lock_without_permission_is_one_line_naming_the_file(tmp_path, monkeypatch):
     """A directory the run may not write (a read-only mount, another user's) gave a PermissionError traceback from
     the lock or the temporary file: one line now, as a full disk gives. (Root ignores modes, so the refusal is made.)"""
@@ -566,6 +566,19 @@ def test_a_write_or_lock_without_permission_is_one_line_naming_the_file(tmp_path
     with pytest.raises(common.UserError, match=r"\.lock: cannot write it \(Permission denied\); nothing was started"):
         common.lock_run_dir(str(tmp_path / "run"))
     assert not os.listdir(tmp_path / "run")
+
+
+def test_an_output_is_locked_whether_or_not_its_directory_exists_yet(tmp_path):
+    """lock_output took no lock where the output's directory did not exist yet (the usual case for a fresh
+    --out_dir): a second run started later found the directory its write made and locked it unopposed, the two then
+    writing one file. The directory is made, and locked, at once."""
+    import os
+    out = tmp_path / "fresh" / "pretrain.jsonl"
+    common.lock_output([str(out)])
+    lock = os.path.realpath(tmp_path / "fresh" / ".pretrain.jsonl.lock")
+    assert os.path.isfile(lock) and lock in common._LOCKS
+    common._LOCKS.pop(lock).close()
+
 
 FULL_DISK_SCRIPT = """
 import os, resource, signal, sys, torch

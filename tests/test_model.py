@@ -496,6 +496,10 @@ def test_a_damaged_config_is_one_line_naming_its_field(tmp_path):
                             ({"layer_types": 5}, "field 'layer_types' must be a list of names, got 5")]:
         with pytest.raises(common.UserError, match=f"^ckpt/config.json: {message}"):
             model_module.ModelConfig.from_hf(dict(cfg, **fields), "ckpt/config.json")
+    # ... where transformers reads them: without a sliding window, or in a Llama config, a null is no error
+    for arch, fields in (("Qwen2ForCausalLM", {"use_sliding_window": False, "max_window_layers": None}),
+                         ("LlamaForCausalLM", {"max_window_layers": None, "layer_types": 5})):
+        model_module.ModelConfig.from_hf(tiny_config(64, arch=arch, **fields))
     # no architectures listed: the model_type, as transformers' auto classes read it
     typed = {k: v for k, v in cfg.items() if k != "architectures"}
     assert model_module.ModelConfig.from_hf(dict(typed, model_type="qwen2")).arch == "qwen2"

@@ -213,8 +213,8 @@ def test_split_ids_must_differ_as_text(tmp_path):
 
 def test_a_split_error_names_the_line_of_the_record_or_else_its_number(tmp_path, monkeypatch):
     """A record refused as the split loads is named by file and line (blank lines before it counted), where the
-    task's loader read the file a record per line; one that skipped or reordered lines gets the record's number in
-    the split, never another record's line."""
+    task's loader read the file a record per line (as many records as lines, their ids the lines'); one that skipped
+    lines gets the record's number in the split, not another record's line."""
     records = toy_task.make_records(3, seed=5)
     path = str(tmp_path / "split.jsonl")
     lines = [json.dumps(r) for r in (records[0], records[1], dict(records[2], id=records[0]["id"]))]

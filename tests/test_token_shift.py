@@ -380,7 +380,6 @@ def test_checkpoints_with_different_tokenizers(pair, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
 def test_a_tokenizer_past_the_models_embedding_is_one_line_before_any_directory(pair, tmp_path):
     """Both checkpoints with an embedding one row short of their tokenizer: an IndexError traceback (on a GPU a
     device-side assert) when a response held the last token, after the output directory and its lock were made."""
@@ -420,6 +419,7 @@ def test_a_run_that_draws_no_figure_removes_an_earlier_runs(pair, tmp_path, caps
     assert not (out / "token_shift.png").exists() and (out / "summary.json").exists()
     assert not (out / ".tmp_token_shift.png.k1ll3d_x").exists()
     assert "removed " + str(out / "token_shift.png") + ", an earlier run's figure" in capsys.readouterr().out
+
 
 def test_a_checkpoint_without_weights_leaves_no_directory(pair, tmp_path):
     """A --policy with its config and tokenizer but no weights: refused naming it before the output directory (and
