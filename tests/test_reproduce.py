@@ -77,7 +77,7 @@ def test_micro_pipeline_writes_every_artefact(micro_run):
         with open(f"{out}/eval/{name}/test/summary.json") as f:
             summary = json.load(f)
         assert set(summary["by_difficulty"]) == {"2", "3"} and 0 <= summary["overall"]["accuracy"] <= 1
-    assert "== sample_effect: skipped by the preset" in proc.stdout  # micro's policy has no reward to differentiate
+    assert "== sample_effect: skipped (SAMPLE_EFFECT=0" in proc.stdout  # micro's policy has no reward to differentiate
     stages = [line.split("\t")[0] for line in open(f"{out}/times.tsv")]
     assert stages == ["data", "base_text", "base", "base_probe", "teacher_data", "sft", "rl", "sample_A",
                       "sample_B"] + \
