@@ -19,6 +19,7 @@ sampling, evaluation and RL rollouts share.
 """
 import functools
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -784,8 +785,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         raise ValueError(f"temperature must be >= 0 and top_p in [0, 1], got {temperature!r} and {top_p!r}")
     if 0 < temperature < MIN_TEMPERATURE:  # (logits / temperature would overflow float32)
         raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
-    if seed < 0:  # (seed32 folds -k-1 onto k: seed -1 would repeat seed 0's samples)
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    # (a float failed in seed32's shift; seed32 folds -k-1 onto k: seed -1 would repeat seed 0's samples)
+    if not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if not prompts:
         return []
     stop_ids = sorted(set(int(t) for t in stop_ids))

@@ -641,8 +641,9 @@ def test_error_prompt_longer_than_cache():
             generate(model, prompts, max_new_tokens=4, stop_ids=stop_ids)
     with pytest.raises(ValueError, match="dtype torch.bfloat16 asked of GenWeights in torch.float32"):  # (ignored)
         generate(engine.GenWeights(model, torch.float32), [[1, 2]], max_new_tokens=4, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):  # (it repeated seed 0's samples)
-        generate(model, [[1, 2]], max_new_tokens=4, seed=-1)
+    for seed in (-1, 1.5):  # (-1 repeated seed 0's samples; 1.5 failed deep in seed32 with a TypeError)
+        with pytest.raises(ValueError, match=f"seed must be an integer >= 0, got {seed}"):
+            generate(model, [[1, 2]], max_new_tokens=4, seed=seed)
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
         generate(model, [[1, 2]], max_new_tokens=0)
     with pytest.raises(ValueError, match="at most 8 stop ids"):
