@@ -452,6 +452,8 @@ def main(argv=None):
     args = common.parse_settings(get_parser(), argv)
     common.check_non_negative(args, "seeds")
     out = args.out_dir
+    if not os.path.isdir(out):  # (before the lock below, which would make it)
+        raise common.UserError(f"{out}: no such directory; run reproduce.sh first (--out_dir: its OUT)")
     common.lock_output([os.path.join(out, name) for name in ("results.md",) + PLOTS])  # (and a killed run's leftovers)
     times = read_times(os.path.join(out, "times.tsv"))
     notes = []

@@ -145,6 +145,9 @@ def test_the_heading_is_the_key_eval_recorded_and_no_module_a_summary_names_is_i
 def test_a_run_without_evaluations_is_a_clear_error(tmp_path):
     with pytest.raises(common.UserError, match="no evaluation summaries yet"):
         report.main(["--out_dir", str(tmp_path), "--plots", "false"])
+    with pytest.raises(common.UserError, match="nowhere: no such directory; run reproduce.sh first"):
+        report.main(["--out_dir", str(tmp_path / "nowhere"), "--plots", "false"])
+    assert not (tmp_path / "nowhere").exists()  # (its outputs' lock makes no directory of a typo)
 
 
 def test_plots_or_a_note_without_matplotlib(run_dir, capsys):
