@@ -18,6 +18,8 @@
 #  - the reward: 1 for a correct boxed answer that ended with EOS, else 0 (math_data.score), against their +1 correct,
 #    -0.5 wrong but well-formed, -1 for a format error (truncated, no or 5+ \boxed, garbled, repetitive);
 #  - no warm-up: ours warms up per RL step, and their 10 warm-up updates are a third of the first step's 32;
+#  - truncated importance sampling against the engine's log-probs (train_rl's --rollout_is token, cap 2) is on, as in
+#    every preset: the identity where sampler and trainer agree; OpenRLHF corrected no such mismatch;
 #  - the step they report is unknown (their curves run to ~120 steps): FULL, LIM and RAND are compared at step 120
 #    here, FULL being the probe at that step;
 #  - MATH500 is evaluated greedy with 3,072 new tokens and a truncated answer scores 0 (vLLM's output there).
