@@ -22,7 +22,8 @@
 #    every preset: the identity where sampler and trainer agree; OpenRLHF corrected no such mismatch;
 #  - the step they report is unknown (their curves run to ~120 steps): FULL, LIM and RAND are compared at step 120
 #    here, FULL being the probe at that step;
-#  - MATH500 is evaluated greedy with 3,072 new tokens and a truncated answer scores 0 (vLLM's output there).
+#  - MATH500 is evaluated greedy with 3,072 new tokens; there and on AIME24 / AMC23 a truncated answer scores 0
+#    (eval.py's default; how their evaluation scored one is not stated).
 source config/qwen2.5-1.5b.inc  # the launcher and GPU settings (the 1.5B base and GRPO settings are replaced below)
 BASE_HUB_NAME=Qwen/Qwen2.5-Math-7B
 BASE=${MODEL_DIR:-models/Qwen2.5-Math-7B}
