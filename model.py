@@ -511,7 +511,8 @@ class Transformer(nn.Module):
         return (lp, torch.cat(ents).view(shape)) if with_entropy else lp
 
     def _chunk_logprobs(self, h, t, temperature, with_entropy):
-        logp = torch.log_softmax(self.lm_head(h).float() / temperature, dim=-1)
+        logits = self.lm_head(h)  # (bf16 up to float32; a float64 model's stay float64, for its exact checks)
+        logp = torch.log_softmax((logits if logits.dtype == torch.float64 else logits.float()) / temperature, dim=-1)
         lp = logp.gather(-1, t[:, None]).squeeze(-1)
         if not with_entropy:
             return lp, torch.zeros_like(lp)

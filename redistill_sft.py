@@ -213,7 +213,7 @@ def reduce_loss(nll, seq, examples, reduction, num_seqs=None, num_tokens=None):
         total = num_tokens or int(keep.sum())
         return nll[keep].sum() / total
     if reduction == "seq_mean":
-        per_token = torch.tensor([1.0 / num_loss_tokens(e) for e in examples], device=nll.device)
+        per_token = torch.tensor([1.0 / num_loss_tokens(e) for e in examples], device=nll.device, dtype=nll.dtype)
         return (nll[keep] * per_token[seq[keep]]).sum() / (num_seqs or len(examples))
     raise UserError(f"unknown loss reduction {reduction!r}")
 
@@ -350,12 +350,13 @@ def main(argv=None):
         tasks.check_vocab(tokenizer, model_cfg.vocab_size, f"--tokenizer {args.tokenizer or args.init} with --init "
                                                            f"{args.init}")
     context = args.tiny_context if model_cfg is None else model_cfg.max_position_embeddings
-    max_length = min(args.max_length, context)
-    if max_length < args.max_length:
-        print0(f"note: --max_length {args.max_length} > the model's context; using {max_length}")
-    load = load_text_examples if args.pretrain_text else tasks.load_sft_examples
-    train = load(args.pretrain_text or args.data, tokenizer, max_length)
-    val = load(args.val_data, tokenizer, max_length) if args.val_data else None
+    max_length, limit = tasks.sft_length_limit(args.max_length, context)
+    if args.pretrain_text:  # (documents are split into sequences of max_length: no limit refuses one)
+        train = load_text_examples(args.pretrain_text, tokenizer, max_length)
+        val = load_text_examples(args.val_data, tokenizer, max_length) if args.val_data else None
+    else:
+        train = tasks.load_sft_examples(args.data, tokenizer, max_length, limit)
+        val = tasks.load_sft_examples(args.val_data, tokenizer, max_length, limit) if args.val_data else None
     digests = [common.data_digest([e["input_ids"], e["start"]] for e in part or []) for part in (train, val)]
     parallel.same_on_every_rank(digests, " ".join((args.pretrain_text or args.data) + (args.val_data or [])))
     lengths = [len(e["input_ids"]) for e in train]

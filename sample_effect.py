@@ -551,13 +551,11 @@ def main(argv=None):
 
     # ---- data: SFT samples (checked against --task) and evaluation prompts
     tokenizer = load_tokenizer(args.checkpoint)
-    max_length = min(args.max_length, context)
-    if max_length < args.max_length:
-        print0(f"note: --max_length {args.max_length} > the model's context; using {max_length}")
+    max_length, limit = tasks.sft_length_limit(args.max_length, context)
     # stamped before they are read (outputs name samples by file and line); a missing one fails to load, by name
     sft_files = [p for p in args.sft_data if os.path.isfile(p)]
     sft_stamps = common.file_stamps(sft_files)
-    examples = tasks.load_sft_examples(args.sft_data, tokenizer, max_length)
+    examples = tasks.load_sft_examples(args.sft_data, tokenizer, max_length, limit)
     records = tasks.load_records(task, args.task, args.eval_data, tokenizer, args.template)
     sft_digest = common.data_digest([[e["input_ids"], e["start"]] for e in examples])
     parallel.same_on_every_rank([sft_digest, common.data_digest(records)],

@@ -17,7 +17,7 @@ import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import UserError, check_fields, iter_jsonl, open_lines, stop_token_ids, world_size
+from common import UserError, check_fields, iter_jsonl, open_lines, print0, stop_token_ids, world_size
 
 TASKS = ("kk", "math")
 
@@ -569,11 +569,21 @@ def check_no_stop_tokens(path, lineno, tokenizer, response_ids, stops, field="re
                         f"from the {field}")
 
 
-def load_sft_examples(paths, tokenizer, max_length):
+def sft_length_limit(max_length, context):
+    """The longest SFT example a run takes: --max_length, or the model's context where that is shorter (a note says
+    so); and how an error names that limit (raising --max_length past the context changes nothing)."""
+    if max_length <= context:
+        return max_length, f"--max_length {max_length} (raise it, or drop the example)"
+    print0(f"note: --max_length {max_length} > the model's context; using {context}")
+    return context, f"the model's {context}-token context (drop or shorten the example)"
+
+
+def load_sft_examples(paths, tokenizer, max_length, limit=None):
     """Tokenize SFT jsonl files: prompt and response separately (no special tokens), EOS appended to the response.
 
     Returns a list of {"input_ids", "start" (index of the first response token), "id", "task", "file", "line"}.
-    Loss goes on input_ids[start:] (the response and its EOS). An example longer than max_length, a missing
+    Loss goes on input_ids[start:] (the response and its EOS). An example longer than max_length (limit: how the
+    error names it, sft_length_limit's), a missing
     or non-string field, an empty prompt, a response that holds a stop token (EOS, or another id generation stops at:
     common.stop_token_ids) or a tokenizer without EOS is a UserError naming file and line.
     Note: text sampled from a model and re-tokenized may split into slightly different tokens than the model
@@ -597,8 +607,9 @@ def load_sft_examples(paths, tokenizer, max_length):
             check_no_stop_tokens(path, lineno, tokenizer, ids[start:-1], stops)
             if len(ids) > max_length:
                 raise UserError(f"{path}:{lineno}: example {rec['id']!r} has {len(ids)} tokens (prompt {start} + "
-                                f"response {len(ids) - start - 1} + EOS) > max_length {max_length}; long examples are "
-                                f"an error, not truncated (raise --max_length or drop the example)")
+                                f"response {len(ids) - start - 1} + EOS) > "
+                                f"{limit or f'max_length {max_length} (raise --max_length, or drop the example)'}; "
+                                f"long examples are an error, not truncated")
             examples.append({"input_ids": ids, "start": start, "id": rec["id"], "task": rec.get("task"),
                              "file": path, "line": lineno})
     return examples

@@ -192,6 +192,12 @@ def test_chunked_logprobs_and_gradients_match_full():
     g1 = torch.autograd.grad(lp.sum(), model.lm_head.weight, retain_graph=True)[0]
     g2 = torch.autograd.grad(full.sum(), model.lm_head.weight)[0]
     assert (g1 - g2).abs().max() <= 1e-5
+    # a float64 model's log-probs stay float64 (they were rounded to float32: an exact check agreed to 1e-7 only)
+    model64 = model.double()
+    h = padded.forward(model64, idx)
+    lp = model64.token_logprobs(h[:, :-1], idx[:, 1:], chunk_size=7, temperature=0.7)
+    full = torch.log_softmax(model64.lm_head(h[:, :-1]) / 0.7, -1).gather(-1, idx[:, 1:, None]).squeeze(-1)
+    assert lp.dtype == torch.float64 and (lp - full).abs().max() <= 1e-12
 
 
 def loss_and_grads(model, ids, cu):

@@ -67,7 +67,7 @@ def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
         (["--data", data, "--val_data", data, "--init", tiny_checkpoint], "--val_data .*: the same file as --data"),
         (["--data", data, "--init", tiny_checkpoint, "--global_batch", "16"],
          "8 training examples < --global_batch 16"),
-        (["--data", data, "--init", tiny_checkpoint, "--max_length", "20"], r"d\.jsonl:1: example .* > max_length 20"),
+        (["--data", data, "--init", tiny_checkpoint, "--max_length", "20"], r"d\.jsonl:1: example .* > --max_length 20 \(raise it"),
         (["--data", data, "--init", tiny_checkpoint, "--dtype", "float16"], "float16 cannot train here"),  # underflow
         # the optimizer and its schedule: torch's AdamW would stop mid-setup; the others trained silently otherwise
         (["--data", data, "--init", tiny_checkpoint, "--lr", "0"], "--lr must be > 0, got 0.0"),
