@@ -435,7 +435,8 @@ FORM_COMMANDS = frozenset(("\\", "text", "textbf", "textit", "textrm", "textsf",
                            "textsc", "textsl", "textmd", "mathrm", "mathbf", "mathit", "mathsf", "mathtt", "mathnormal",
                            "boldsymbol", "bm", "operatorname", "emph", "mbox", "underline", "boxed", "quad", "qquad",
                            "newline", "left", "right", "displaystyle", "textstyle", "small", "large", "bf", "it", "rm",
-                           "tt", "sf", "sc", "sl", "colon", "checkmark", "land", "wedge"))  # (\tt is no typed \t)
+                           "tt", "sf", "sc", "sl", "colon", "checkmark", "land", "wedge", "bullet", "cdot", "item",
+                           "fbox"))  # (\tt is no typed \t)
 TYPED_ESCAPES = "ntr"
 # an arrow maps the names before it to the role after it ("Emma -> knight"); between two claims it is "if", content
 ARROW_COMMANDS = frozenset(("to", "rightarrow", "longrightarrow", "implies", "mapsto", "longmapsto"))
@@ -449,18 +450,28 @@ ARROW_WORD = "\x00"  # what an arrow becomes: a word of its own, which no name o
 # negated claim ("!(A is a knight)", "! A"); a tilde after a space or a bracket is "not" too, or markdown's
 # strike-through, where one run into a word is LaTeX's space ("a~knight"); "|" and "||" are "or"; a cross mark or a
 # prohibition sign strikes a role out)
-LOGIC_SYMBOL = re.compile(r"!=|(?<!\\)![^\W\d_]|(?<![^\W\d_)\]}.\\!?])!|(?:^|(?<=[\s(\[{]))~|\||/=|=\\=|<>|<-+|<=+"
-                          r"|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤⌐✗✘❌❎✕✖×☒🚫⛔]")
+LOGIC_SYMBOL = re.compile(r"!=|(?<!\\)![^\W\d_]|(?<![^\W\d_)\]}.\\!?])!|(?:^|(?<=[\s(\[{]))~|~~|\||/=|=\\=|<>|<-+|<=+"
+                          r"|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤⌐✗✘❌❎✕✖×☒🚫⛔☓⨯🗙🗴🗶🗷⮽╳👎⋎⩔⩖⩗⩒⩢⊽⊼⊧⊩∣¦⫬⫭⌙〜⁓∽?%]")
+# (also: markdown's strike "~~" wherever it stands; more crosses, "or", NAND / NOR / "entails" and negation signs,
+# "|" look-alikes; a "?" is a doubt, not an answer; a "%" a LaTeX comment hiding the rest of its line, or a doubt's
+# percentage)
 # a symbol struck through (∉, ≄, ⊄, ...: "not in", "not ..."; found in the NFD form) or a word struck or crossed out by
 # a combining overlay or an enclosing sign (U+0334-U+0338, U+20D2-U+20E0: "knigh̶t", "knight⃠")
-NEGATING_OVERLAYS = frozenset(map(chr, [*range(0x0334, 0x0339), *range(0x20D2, 0x20E1)]))
+NEGATING_OVERLAYS = frozenset(map(chr, [*range(0x0334, 0x0339), *range(0x20D2, 0x20E1),
+                                        0x0305, 0x033F, 0x20E5, 0x20E6, 0x20EB]))  # (+ overlines: negation's bar)
+# layout around the claims, dropped before anything is read: a LaTeX list, array or alignment (its column spec
+# "{l|l}" is no "or") and its spacing
+LAYOUT_ENVIRONMENT = r"\{(?:array|aligned|align\*?|gathered|matrix|itemize|enumerate)\}"
+LAYOUT = re.compile(rf"\\begin\s*{LAYOUT_ENVIRONMENT}(?:\s*\{{[lcr| ]*\}})?|\\end\s*{LAYOUT_ENVIRONMENT}"
+                    r"|\\[hv]space\*?\s*\{[^{}]*\}")
 OTHER_ARROWS = frozenset(
     c for lo, hi in ((0x2190, 0x21FF), (0x2794, 0x27BF), (0x27F0, 0x27FF), (0x2900, 0x297F), (0x2B00, 0x2BFF),
                      (0x1F800, 0x1F8FF)) for c in map(chr, range(lo, hi + 1))
     if re.search(r"ARROW|HARPOON", unicodedata.name(c, ""))) - frozenset(MAPPING_ARROWS)
 LETTERS = r"[^\W\d_]+"  # a run of letters: one word of an answer (digits, punctuation and braces are form)
 WORD = re.compile(rf"\x00|{LETTERS}")  # a word, or an arrow
-FILLER = frozenset(("is", "are", "a", "an", "and", "both", "all"))
+FILLER = frozenset(("is", "are", "a", "an", "the", "and", "both", "all", "but", "while", "whereas", "also", "too", "as",
+                    "well", "s"))  # (s: "Emma's a knight")
 
 
 def fold(text):
@@ -481,7 +492,8 @@ def parse_answer(content, names, kk):
     names since the previous one. An unknown word, a repeated name or a role with no name before it
     makes the answer unreadable; a name left without a role is simply missing from the answer.
     """
-    content = unicodedata.normalize("NFC", html.unescape(content))  # (an HTML entity, "&#172;" or "&not;", is its sign)
+    content = LAYOUT.sub(" ", unicodedata.normalize("NFC", html.unescape(content)))  # (an HTML entity, "&#172;" or
+    # "&not;", is its sign)
     folded = unicodedata.normalize("NFKC", content)
     if (LOGIC_SYMBOL.search(folded) or not OTHER_ARROWS.isdisjoint(folded)
             or not NEGATING_OVERLAYS.isdisjoint(unicodedata.normalize("NFD", folded))):

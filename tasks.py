@@ -92,6 +92,31 @@ def reward_of(task, response, record, finished):
 # the answer box the system prompt asks for: \boxed (or \fbox) as a whole command, not \boxedfoo
 BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.S)  # an escape (\{, \}, \\) is one token, never a brace
+BOX_OPEN_BRACE_OR_ESCAPE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])[ \t]*\{|\\.|[{}]", re.S)
+
+
+def enclosing_box(text, at):
+    """The content of the outermost box that is still open at position `at` ("", None when none is; None too where
+    it never closes): one pass over the braces, linear in the text."""
+    opened = []  # per open brace: where its content starts if a box opened it, else None
+    outer = None  # (the depth of the outermost open box at `at`, where its content starts)
+    for m in BOX_OPEN_BRACE_OR_ESCAPE.finditer(text):
+        if outer is None and m.start() >= at:
+            depth = next((d for d, start in enumerate(opened) if start is not None), None)
+            if depth is None:
+                return ""
+            outer = (depth, opened[depth])
+        token = m.group()
+        if token == "}":
+            if opened:
+                opened.pop()
+            if outer is not None and len(opened) == outer[0]:
+                return text[outer[1]:m.start()]
+        elif token == "{":
+            opened.append(None)
+        elif len(token) > 2:  # a box's command and its brace (else an escape: \{ \} \\ are no braces)
+            opened.append(m.end())
+    return None if outer is not None else ""
 
 
 def last_box(text):
@@ -106,6 +131,9 @@ def last_box(text):
         pass
     if last is None:
         return None
+    outer = enclosing_box(text, last.start())  # \boxed{A \text{ or } \boxed{B}}: the answer is the outer box
+    if outer != "":
+        return outer
     i = last.end()
     j = i
     while j < len(text) and text[j] in " \t":

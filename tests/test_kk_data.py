@@ -283,6 +283,30 @@ SCORER_CASES = [
     (boxed("\\textup{Emma is a knight \\newline Liam is a knave \\newline Sophia is a knight}"), 1.0),
     (boxed("Emma is a knight,\\nLiam is a knave,\\nSophia is a knight"), 1.0),  # typed "\\n" escapes
     (boxed("Emma is a knight,\\nand Liam is\\ta knave,\\r\\nSophia is a knight"), 1.0),
+    # a fuzzer's finds (2026-12-07), each 1.0 before: a strike after punctuation, a hedge in an outer box around the
+    # last one, crosses, "or" / NAND / "entails" / negation signs and "|" look-alikes off the list, an overline, a
+    # doubt's "?" or percentage, a LaTeX comment hiding a claim
+    (boxed("Emma is a knight,~~Liam is a knave~~, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knave, Liam is a knight, Sophia is a knave \\text{ or } " + boxed(RIGHT)), 0.0),
+    (boxed("Emma: knight ✓, Liam: knave ☓, Sophia: knight ✓"), 0.0),
+    (boxed("Emma is a knight ⋎ Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight ∣ Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight ⊧ Liam is a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is ⫬ a knave, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave\u0305, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave (?), Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight (100%), Liam is a knave (50%), Sophia is a knight (50%)"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave, Sophia % is a knight\n"), 0.0),
+    # ... and right answers in harmless forms, each 0.0 before: linking words, "the", a contraction, a LaTeX array
+    # (its "l|l" no "or"), list bullets, spacing, a box inside a box
+    (boxed("Emma is a knight, but Liam is a knave, and Sophia is also a knight"), 1.0),
+    (boxed("Emma is the knight, while Liam is the knave; Sophia is a knight as well"), 1.0),
+    (boxed("Emma's a knight, Liam's a knave, Sophia's a knight"), 1.0),
+    (boxed("\\begin{array}{l|l}Emma & knight\\\\ Liam & knave\\\\ Sophia & knight\\end{array}"), 1.0),
+    (boxed("\\begin{itemize}\\item Emma is a knight \\item Liam is a knave \\item Sophia is a knight"
+           "\\end{itemize}"), 1.0),
+    (boxed("Emma is a knight \\bullet Liam is a knave \\cdot\\hspace{1em}Sophia is a knight"), 1.0),
+    (boxed("\\fbox{" + RIGHT + "}"), 1.0),
 ]
 
 

@@ -534,6 +534,9 @@ def test_two_rollout_logs_of_one_step_are_refused_naming_both(tmp_path):
     ("\\boxed Emma is a knight\nLiam ...", "Emma is a knight"),    # ... or to the line's end
     ("\\boxed{1} then \\boxedfoo{2}", "1"),                        # another command is no box
     ("\\boxed{1} then \\boxed{2", None),                           # the last box unclosed (truncated): no answer
+    ("\\boxed{3 \\text{ or } \\boxed{4}}", "3 \\text{ or } \\boxed{4}"),  # a box in a box: the outer one's answer
+    ("\\boxed{\\{ \\boxed{4}}", "\\{ \\boxed{4}"),                # (an escaped brace opens nothing)
+    ("\\boxed{3 \\boxed{4}", None),                                # the outer one unclosed: no answer
     ("\\boxed{1} then \\boxed", None),                             # a bare last \boxed: no answer either
     ("\\boxed{}", ""),
     ("no box", None),
