@@ -571,6 +571,11 @@ def main(argv=None):
     common.check_non_negative(args, "limit", "top_tokens")
     if args.cross is None:  # (a file twice: each of its responses counted twice)
         common.check_distinct_inputs([("--responses", path) for path in args.responses])
+    outputs = ([f"cross_{args.cross}_samples.jsonl", f"cross_{args.cross}.json"] if args.cross
+               else ["tokens.jsonl", "summary.json"])  # (an input among them was overwritten by this run's result)
+    common.check_distinct_outputs([(f"--out_dir's {name}", os.path.join(args.out_dir, name)) for name in outputs],
+                                  [("--split", args.split)] if args.cross else
+                                  [("--responses", path) for path in args.responses])
     if not 0 <= args.high_js < math.log(2):
         raise UserError(f"--high_js {args.high_js:g}: JS is measured in nats, in [0, ln 2 = 0.693]; a threshold "
                         f"outside [0, 0.693) marks every position or none")

@@ -672,6 +672,14 @@ def main(argv=None):
     args = common.parse_settings(parser, argv)
     if not args.model:
         raise UserError("--model is required (a Hugging Face checkpoint directory: the initial policy)")
+    if common.same_files(args.out_dir, args.model):  # (its checkpoints, logs and rollouts would go into the model's)
+        raise UserError(f"--out_dir {args.out_dir} is the --model checkpoint; choose another directory")
+    if args.test_data:  # (validation on the training prompts measures nothing held out)
+        common.check_distinct_inputs([("--train_data", args.train_data), ("--test_data", args.test_data)])
+        if not os.path.exists(args.test_data) and not args.test_data.startswith("hf:"):
+            default = " (the default)" if args.test_data == get_parser().get_default("test_data") else ""
+            raise UserError(f"--test_data {args.test_data}{default}: not found; give --test_data FILE, or "
+                            f"--test_data '' for no validation")
     common.check_positive(args, "prompts_per_step", "samples_per_prompt", "max_response_tokens", "ppo_epochs",
                           "ppo_mini_batches", "micro_batch_tokens", "gen_batch_size", "val_batch_size",
                           "max_bad_steps", "logprob_chunk", "keep_last", "max_gen_batches", "save_every")

@@ -487,6 +487,15 @@ def test_a_responses_file_given_twice_is_refused(pair, tmp_path, monkeypatch):
         token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", str(tmp_path / "r.jsonl"),
                           os.path.join(".", "r.jsonl"), "--out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+    # a responses file that is one of the outputs (an earlier run's tokens.jsonl, in --out_dir): it was overwritten
+    # by this run's result, where every other stage refuses an output on an input
+    (tmp_path / "out").mkdir()
+    common.write_jsonl(str(tmp_path / "out" / "tokens.jsonl"), pair["rows"][:2])
+    with pytest.raises(common.UserError, match=r"--out_dir's tokens\.jsonl .*: that is an input \(--responses\); it "
+                                               r"would be overwritten"):
+        token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses",
+                          str(tmp_path / "out" / "tokens.jsonl"), "--out_dir", str(tmp_path / "out")])
+    assert common.read_jsonl(str(tmp_path / "out" / "tokens.jsonl")) == pair["rows"][:2]
 
 
 @pytest.mark.slow  # a subprocess that imports torch

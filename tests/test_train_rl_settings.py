@@ -451,10 +451,11 @@ def test_a_refused_resume_removes_no_checkpoint(rl_run, monkeypatch, capsys):
     with pytest.raises(common.UserError, match="--keep_steps 0: that step is never saved"):
         run("damaged", max_steps=3, save_every=1, resume=True, keep_steps=0)
     assert ckpt.checkpoint_parts(out) == {1, 2}
+    held_out = os.path.join(os.path.dirname(out), "held_out.jsonl")  # (a split of its own: not --train_data)
+    common.write_jsonl(held_out, toy_task.make_records(4, seed=9, split="test"))
     with pytest.raises(common.UserError, match="--val_max_response_tokens 100000 > the model's"):  # (a later refusal)
-        run("damaged", max_steps=3, save_every=1, resume=True, test_data=os.path.join(os.path.dirname(out),
-                                                                                       "train.jsonl"),
-            val_every=1, val_max_response_tokens=100000)
+        run("damaged", max_steps=3, save_every=1, resume=True, test_data=held_out, val_every=1,
+            val_max_response_tokens=100000)
     assert ckpt.checkpoint_parts(out) == {1, 2}
     monkeypatch.setattr(ckpt, "world_size", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 99)
@@ -675,3 +676,23 @@ def test_the_ranks_check_together_that_they_read_the_same_data(rl_run, tmp_path,
     train = str(tmp_path / "train.jsonl")
     assert seen == [([common.data_digest(common.read_jsonl(train)), common.data_digest([])], f"{train}, ")]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_out_dir_on_the_model_or_validation_on_the_training_split_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
+    """Each ran: a run into its own --model wrote its checkpoints, logs and rollouts among the model's files, and
+    validation on --train_data measured nothing held out; a default --test_data that did not exist was named as if
+    the user had given it. (redistill_sft refuses --out_dir on --init too.)"""
+    import redistill_sft
+    train = str(tmp_path / "train.jsonl")
+    common.write_jsonl(train, toy_task.make_records(8, seed=1, split="train"))
+    base = ["--task", "toy_task", "--model", tiny_checkpoint, "--train_data", train]
+    with pytest.raises(common.UserError, match=r"--out_dir .* is the --model checkpoint; choose another directory"):
+        train_rl.main(base + ["--test_data", "", "--out_dir", tiny_checkpoint])
+    with pytest.raises(common.UserError, match=r"--test_data .*train\.jsonl: the same file as --train_data"):
+        train_rl.main(base + ["--test_data", train, "--out_dir", str(tmp_path / "o")])
+    with pytest.raises(common.UserError, match=r"^--test_data data/kk/test\.jsonl \(the default\): not found; give "
+                                               r"--test_data FILE, or --test_data '' for no validation$"):
+        train_rl.main(base + ["--out_dir", str(tmp_path / "o")])
+    with pytest.raises(common.UserError, match=r"--out_dir .* is the --init checkpoint; choose another directory"):
+        redistill_sft.main(["--init", tiny_checkpoint, "--data", train, "--out_dir", tiny_checkpoint])
+    assert not (tmp_path / "o").exists()
