@@ -384,7 +384,7 @@ def note_unused(args, parser, names, unused, switch):
     every arm)."""
     given = [f"--{name}" for name in names if getattr(args, name) != script_default(parser, name)]
     if unused and given:
-        print0(f"note: {' and '.join(given)} not used: only {switch} uses it")
+        print0(f"note: {' and '.join(given)} not used: only {switch} uses {'them' if len(given) > 1 else 'it'}")
 
 
 # a bar redrawn ten times a second suits a terminal; written to a log file (stderr not a terminal), a paper-scale

@@ -117,6 +117,9 @@ def unique_names(names, given, flag, what):
         if len(given) != len(names):
             raise UserError(f"{flag} has {len(given)} name(s) for {len(names)} {what}")
         names = [safe_name(g) for g in given]
+        for g, name in zip(given, names):  # (a directory name: "a b" or "../x" cannot be one as given)
+            if name != g:
+                print0(f"note: {flag} {g!r} is written as {name!r} (a name of letters, digits and ._=+- only)")
     dup = sorted({x for x in names if names.count(x) > 1})
     if dup:
         raise UserError(f"two {what} share the name(s) {dup}; give distinct names with {flag}")

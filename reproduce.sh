@@ -46,7 +46,11 @@ for arg in "$@"; do
     --dry-run) DRY_RUN=1 ;;
     -h|--help) awk 'NR > 1 { if (!/^#/) exit; print }' "$SELF"; ls config; exit 0 ;;  # the header above
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
-    *) if [[ -n "$PRESET_GIVEN" ]]; then
+    *) if [[ ! "$arg" =~ ^[A-Za-z0-9._-]+$ || "$arg" == .* ]]; then  # (a name in config/, not a path to one)
+         echo "error: preset '$arg' is no preset name; presets: $(cd config && ls *.sh | sed 's/\.sh$//' | tr '\n' ' ')" >&2
+         exit 2
+       fi
+       if [[ -n "$PRESET_GIVEN" ]]; then
          echo "error: two presets given ($PRESET_GIVEN and $arg); run one study at a time" >&2
          exit 2
        fi
@@ -387,6 +391,10 @@ else
   fi
 fi
 
+if [[ -e "$OUT" && ! -d "$OUT" ]]; then
+  echo "error: OUT $OUT is a file, not a directory" >&2
+  exit 2
+fi
 [[ "$DRY_RUN" == 1 ]] || mkdir -p "$OUT"
 # one study per OUT at a time: a second reproduce.sh there would run the same stages over this one's files (the
 # training stages, eval and sample_policy lock their own outputs; data and reports do not). The lock is held until

@@ -557,9 +557,12 @@ def test_a_run_stopped_before_its_table_leaves_not_the_last_runs(tiny_checkpoint
     assert not (out / "results.md").exists()
 
 
-def test_a_name_of_dots_alone_writes_inside_out_dir():
+def test_a_name_of_dots_alone_writes_inside_out_dir(capsys):
     assert ev.safe_name("..") == ev.safe_name(".") == "unnamed"  # ("--names .." wrote beside --out_dir)
     assert ev.safe_name("step.5") == "step.5" and ev.safe_name("a/b c") == "a_b_c"
+    # a name given that cannot be a directory's as it is: said, not rewritten silently
+    assert ev.unique_names(["x", "y"], ["a b", "ok"], "--names", "checkpoints") == ["a_b", "ok"]
+    assert "note: --names 'a b' is written as 'a_b'" in capsys.readouterr().out
 
 
 def test_sampled_metrics(tiny_checkpoint, split, tmp_path):
