@@ -387,6 +387,15 @@ def note_unused(args, parser, names, unused, switch):
         print0(f"note: {' and '.join(given)} not used: only {switch} uses {'them' if len(given) > 1 else 'it'}")
 
 
+def refuse_unused(args, parser, names, switch, instead):
+    """note_unused's stricter kin, for a mode that would write over the other's outputs: a setting of `switch`'s mode
+    given without it (`--x without --switch`: a forgotten switch) is an error, before anything is written."""
+    if given := [f"--{name}" for name in names if getattr(args, name) != script_default(parser, name)]:
+        raise UserError(f"{' and '.join(given)} without {switch}: give {switch} to use "
+                        f"{'them' if len(given) > 1 else 'it'}, or leave {'them' if len(given) > 1 else 'it'} out "
+                        f"to {instead}")
+
+
 # a bar redrawn ten times a second suits a terminal; written to a log file (stderr not a terminal), a paper-scale
 # run's bars would add millions of redraws, so there a bar is redrawn at most once a minute
 LOG_FILE_BAR_SECONDS = 60

@@ -977,10 +977,14 @@ def get_parser():
 
 
 def main(argv=None):
-    args = common.parse_settings(get_parser(), argv)
+    parser = get_parser()
+    args = common.parse_settings(parser, argv)
 
     if args.teacher_sft:
         return write_teacher_sft(args)
+    # (a forgotten --teacher_sft wrote every split, over --out_dir's)
+    common.refuse_unused(args, parser, ("split", "tokenizer", "template", "teacher_style", "teacher_cot_fraction",
+                                        "teacher_seed"), "--teacher_sft", "write the splits")
 
     if args.official:
         people = parse_people(args.official_people, "official_people")

@@ -855,8 +855,12 @@ def get_parser():
 
 
 def main(argv=None):
-    args = common.parse_settings(get_parser(), argv)
+    parser = get_parser()
+    args = common.parse_settings(parser, argv)
     common.check_non_negative(args, "n_sft_train", "n_sft_val")
+    if not args.teacher_sft:  # (a forgotten --teacher_sft wrote every split, over --out_dir's)
+        common.refuse_unused(args, parser, ("split", "tokenizer", "template"), "--teacher_sft",
+                             "write the splits (or --bench)")
 
     if args.teacher_sft:
         common.check_distinct_outputs([("--teacher_sft", args.teacher_sft)], [("--split", args.split)])

@@ -46,11 +46,7 @@ for arg in "$@"; do
     --dry-run) DRY_RUN=1 ;;
     -h|--help) awk 'NR > 1 { if (!/^#/) exit; print }' "$SELF"; ls config; exit 0 ;;  # the header above
     -*) echo "error: unknown option $arg (only --dry-run)" >&2; exit 2 ;;
-    *) if [[ ! "$arg" =~ ^[A-Za-z0-9._-]+$ || "$arg" == .* ]]; then  # (a name in config/, not a path to one)
-         echo "error: preset '$arg' is no preset name; presets: $(cd config && ls *.sh | sed 's/\.sh$//' | tr '\n' ' ')" >&2
-         exit 2
-       fi
-       if [[ -n "$PRESET_GIVEN" ]]; then
+    *) if [[ -n "$PRESET_GIVEN" ]]; then
          echo "error: two presets given ($PRESET_GIVEN and $arg); run one study at a time" >&2
          exit 2
        fi

@@ -206,10 +206,8 @@ def main(argv=None):
     if args.probe:
         return probe(args)
     # a probe's settings without --probe: a forgotten --probe would write a corpus over the default --out_dir's
-    if given := [f"--{k}" for k in ("probe_split", "probe_out", "probe_tokens", "probe_batch")
-                 if getattr(args, k) != parser.get_default(k)]:
-        raise common.UserError(f"{' and '.join(given)} without --probe: give --probe CHECKPOINT to probe it, or leave "
-                               f"them out to write the pre-training corpus")
+    common.refuse_unused(args, parser, ("probe_split", "probe_out", "probe_tokens", "probe_batch"), "--probe",
+                         "write the pre-training corpus")
     common.check_fraction(args, "trace_fraction")  # (outside, every document would silently be one format)
     common.note_unused(args, parser, ("trace_fraction",), args.text_format != "mixed", "--text_format mixed")
     if args.vocab_size < BYTE_VOCAB:  # (the BPE keeps its byte alphabet and the special tokens whatever is asked)

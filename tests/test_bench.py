@@ -184,7 +184,7 @@ def test_a_setting_of_another_mode_is_noted_not_silently_dropped(capsys):
     with pytest.raises(UserError):  # (stopped at once by a size it refuses, after the notes)
         bench.main(["--smoke", "true", "--json_out", "x.json", "--world", "4", "--repeats", "0"])
     out = capsys.readouterr().out
-    assert "note: --smoke and --json_out not used: only --gpu_suite true uses it" in out
+    assert "note: --smoke and --json_out not used: only --gpu_suite true uses them" in out
     assert "note: --world not used: only --memory CONFIG uses it" in out
 
 

@@ -941,3 +941,15 @@ def test_an_empty_or_unreadable_split_is_refused(tmp_path):
     (tmp_path / "dir.parquet").mkdir()
     with pytest.raises(common.UserError, match=r"dir\.parquet: a directory, not a file"):
         K.load_split(str(tmp_path / "dir.parquet"))
+
+
+def test_a_teacher_setting_without_teacher_sft_is_refused_before_any_split_is_written(tmp_path):
+    """`kk_data.py --split S --tokenizer T` (--teacher_sft forgotten) wrote every split, 11,500 records, over --out_dir's
+    (math_data.py did too): refused now, nothing written."""
+    import math_data
+    with pytest.raises(common.UserError, match=r"^--split and --tokenizer without --teacher_sft: give --teacher_sft to "
+                                               r"use them, or leave them out to write the splits$"):
+        K.main(["--out_dir", str(tmp_path / "kk"), "--split", "s.jsonl", "--tokenizer", "tok"])
+    with pytest.raises(common.UserError, match=r"^--tokenizer without --teacher_sft"):
+        math_data.main(["--out_dir", str(tmp_path / "math"), "--tokenizer", "tok"])
+    assert not list(tmp_path.iterdir())

@@ -137,7 +137,7 @@ def test_probe_needs_a_split(tiny_checkpoint, capsys):
     with pytest.raises(common.UserError, match="--probe_split"):
         tiny_base.main(["--probe", str(tiny_checkpoint), "--people", "3", "--vocab_size", "500"])
     # (the corpus's settings were dropped without a word, where a probe's without --probe are refused)
-    assert ("note: --people and --vocab_size not used: only writing the corpus (no --probe) uses it"
+    assert ("note: --people and --vocab_size not used: only writing the corpus (no --probe) uses them"
             in capsys.readouterr().out)
 
 

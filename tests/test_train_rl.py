@@ -324,7 +324,7 @@ def test_a_setting_whose_switch_is_off_is_named_as_unused(toy, tmp_path, capsys)
                    kl_cov_coef=2)
     assert train_rl.main(args) == 0
     out = capsys.readouterr().out
-    for note in ("--dwa_s and --dwa_alpha not used: only --adv_weight dwa uses it",
+    for note in ("--dwa_s and --dwa_alpha not used: only --adv_weight dwa uses them",
                  "--rollout_is_cap not used: only --rollout_is token, sequence or geometric uses it",
                  "--max_gen_batches not used: only --dynamic_sampling true uses it",
                  "--kl_estimator not used: only --kl_coef > 0 uses it",

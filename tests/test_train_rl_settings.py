@@ -263,7 +263,7 @@ def test_masked_importance_sampling_zeroes_the_tokens_outside_the_band(rl_run, c
     capsys.readouterr()
     run("unused_band", rollout_is="off", rollout_is_cap=1.0, rollout_is_mode="mask")  # (unused: a note, not refused)
     assert ("note: --rollout_is_cap and --rollout_is_mode not used: only --rollout_is token, sequence or geometric "
-            "uses it" in capsys.readouterr().out)
+            "uses them" in capsys.readouterr().out)
 
 
 def test_the_overlong_punishment_lowers_the_advantages_rewards_not_the_logged_ones(rl_run):
