@@ -96,8 +96,8 @@ BOX_OPEN_BRACE_OR_ESCAPE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])[ \t]*\{|\\.
 
 
 def enclosing_box(text, at):
-    """The content of the outermost box that is still open at position `at` ("", None when none is; None too where
-    it never closes): one pass over the braces, linear in the text."""
+    """The content of the outermost box still open at position `at`: "" where no box is open there, None where that
+    box never closes. One pass over the braces, linear in the text."""
     opened = []  # per open brace: where its content starts if a box opened it, else None
     outer = None  # (the depth of the outermost open box at `at`, where its content starts)
     for m in BOX_OPEN_BRACE_OR_ESCAPE.finditer(text):
@@ -121,9 +121,11 @@ def enclosing_box(text, at):
 
 def last_box(text):
     """The raw content of the response's last box: \\boxed{...} or \\fbox{...} (spaces before the brace allowed,
-    nested braces counted, escaped \\{ \\} not), or `\\boxed 5` up to the closing $ or the line's end. None if there
-    is no box, or the last one is unclosed (a truncated answer) or bare (`\\boxed` and no content): an earlier box
-    never stands in for a broken last one. Every task's scorer reads its answer here (math_data cleans it further)."""
+    nested braces counted, escaped \\{ \\} not), or `\\boxed 5` up to the closing $ or the line's end; where that box
+    lies inside another, the outermost one's whole content (`\\boxed{3 \\text{ or } \\boxed{4}}` is a hedge, not 4).
+    None if there is no box, or the last one is unclosed (a truncated answer) or bare (`\\boxed` and no content): an
+    earlier box never stands in for a broken last one. Every task's scorer reads its answer here (math_data cleans it
+    further)."""
     if not isinstance(text, str):
         return None
     last = None
