@@ -676,10 +676,6 @@ def main(argv=None):
         raise UserError(f"--out_dir {args.out_dir} is the --model checkpoint; choose another directory")
     if args.test_data:  # (validation on the training prompts measures nothing held out)
         common.check_distinct_inputs([("--train_data", args.train_data), ("--test_data", args.test_data)])
-        if not os.path.exists(args.test_data) and not args.test_data.startswith("hf:"):
-            default = " (the default)" if args.test_data == get_parser().get_default("test_data") else ""
-            raise UserError(f"--test_data {args.test_data}{default}: not found; give --test_data FILE, or "
-                            f"--test_data '' for no validation")
     common.check_positive(args, "prompts_per_step", "samples_per_prompt", "max_response_tokens", "ppo_epochs",
                           "ppo_mini_batches", "micro_batch_tokens", "gen_batch_size", "val_batch_size",
                           "max_bad_steps", "logprob_chunk", "keep_last", "max_gen_batches", "save_every")
@@ -743,6 +739,10 @@ def main(argv=None):
         tasks.check_same_tokenizer(args.model, args.ref_model, "--model", "--ref_model", "the KL to the reference "
                                    "compares their log-probs of the same token ids")
     train_records = tasks.load_records(task, args.task, args.train_data, tokenizer, args.template)
+    if args.test_data and not os.path.exists(args.test_data) and not args.test_data.startswith("hf:"):
+        default = " (the default)" if args.test_data == get_parser().get_default("test_data") else ""
+        raise UserError(f"--test_data {args.test_data}{default}: not found; give --test_data FILE, or --test_data '' "
+                        f"for no validation")
     test_records = (tasks.load_records(task, args.task, args.test_data, tokenizer, args.template)
                     if args.test_data else [])  # '' = no validation; an empty file is an error
     test_records, val_subset = tasks.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
