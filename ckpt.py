@@ -262,12 +262,7 @@ def load_checkpoint(run_dir, needs_shard=lambda state: True, steps=None):
     steps = on_rank0(lambda: checkpoint_steps(run_dir)) if steps is None else steps
     for step in reversed(steps):
         model_dir, problem, state, shard = checkpoint_dir(run_dir, step), None, None, None
-        seen = all_gather_json(os.path.exists(model_dir + ".state.pt"))
-        if any(seen) and not all(seen):
-            raise UserError(f"{model_dir}.state.pt: rank(s) {', '.join(str(r) for r, s in enumerate(seen) if not s)} "
-                            f"do not see it, where rank(s) {', '.join(str(r) for r, s in enumerate(seen) if s)} do: "
-                            f"every rank must see one --out_dir (a directory local to each node, or a shared file "
-                            f"system that lags?); nothing was skipped or removed")
+        seen = os.path.exists(model_dir + ".state.pt")  # (compared between the ranks with the outcome below)
         failed = None  # a read error, not a damaged file
         deleted = None  # a shard missing from a checkpoint otherwise whole
         path = model_dir + ".state.pt"
@@ -290,17 +285,22 @@ def load_checkpoint(run_dir, needs_shard=lambda state: True, steps=None):
                 f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
             if read_failure(e):
                 failed = problem
-        gathered = all_gather_json([problem, failed, deleted])
-        failures = [f for _, f, _ in gathered if f]
+        gathered = all_gather_json([problem, failed, deleted, seen])
+        if len({g[3] for g in gathered}) > 1:  # (a step rank 0 listed, which another rank does not see)
+            blind, seeing = ([str(r) for r, g in enumerate(gathered) if g[3] == want] for want in (False, True))
+            raise UserError(f"{model_dir}.state.pt: rank(s) {', '.join(blind)} do not see it, where rank(s) "
+                            f"{', '.join(seeing)} do: every rank must see one --out_dir (a directory local to each "
+                            f"node, or a shared file system that lags?); nothing was skipped or removed")
+        failures = [f for _, f, _, _ in gathered if f]
         if failures:
             raise UserError(f"cannot read {failures[0]} (a read error, not a damaged file): no checkpoint was skipped "
                             f"or removed; run again when the storage reads (--resume true)")
-        if deleted := next((d for _, _, d in gathered if d), None):  # skipped, it would be removed for good
+        if deleted := next((d for _, _, d, _ in gathered if d), None):  # skipped, it would be removed for good
             raise UserError(f"{deleted} is missing, where the checkpoint of step {step} is otherwise whole (a finished "
                             f"run's optimizer shards deleted to free the disk?): the run cannot go on from step {step} "
                             f"without them, and is not resumed from an earlier step over it; restore them, or move "
                             f"step {step}'s files out of {run_dir} to go on from an earlier checkpoint")
-        problems = [p for p, _, _ in gathered if p]
+        problems = [p for p, _, _, _ in gathered if p]
         if problems:
             print0(f"warning: skipping the checkpoint of step {step}: cannot read {problems[0]}")
             continue

@@ -382,7 +382,7 @@ def note_unused(args, parser, names, unused, switch):
     """A setting whose switch is off is not used: said once (`note: --x not used: only SWITCH uses it`) where it
     differs from the script's default (on the command line or in a --config), not refused (a sweep may pass it to
     every arm)."""
-    given = [f"--{name}" for name in names if getattr(args, name) != script_default(parser, name)]
+    given = settings_given(args, parser, names)
     if unused and given:
         print0(f"note: {' and '.join(given)} not used: only {switch} uses {'them' if len(given) > 1 else 'it'}")
 
@@ -390,10 +390,15 @@ def note_unused(args, parser, names, unused, switch):
 def refuse_unused(args, parser, names, switch, instead):
     """note_unused's stricter kin, for a mode that would write over the other's outputs: a setting of `switch`'s mode
     given without it (`--x without --switch`: a forgotten switch) is an error, before anything is written."""
-    if given := [f"--{name}" for name in names if getattr(args, name) != script_default(parser, name)]:
-        raise UserError(f"{' and '.join(given)} without {switch}: give {switch} to use "
-                        f"{'them' if len(given) > 1 else 'it'}, or leave {'them' if len(given) > 1 else 'it'} out "
+    if given := settings_given(args, parser, names):
+        them = "them" if len(given) > 1 else "it"
+        raise UserError(f"{' and '.join(given)} without {switch}: give {switch} to use {them}, or leave {them} out "
                         f"to {instead}")
+
+
+def settings_given(args, parser, names):
+    """The flags of `names` that differ from the script's default (given on the command line or in a --config)."""
+    return [f"--{name}" for name in names if getattr(args, name) != script_default(parser, name)]
 
 
 # a bar redrawn ten times a second suits a terminal; written to a log file (stderr not a terminal), a paper-scale

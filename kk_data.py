@@ -492,8 +492,8 @@ def parse_answer(content, names, kk):
     names since the previous one. An unknown word, a repeated name or a role with no name before it
     makes the answer unreadable; a name left without a role is simply missing from the answer.
     """
-    content = LAYOUT.sub(" ", unicodedata.normalize("NFC", html.unescape(content)))  # (an HTML entity, "&#172;" or
-    # "&not;", is its sign)
+    # (an HTML entity, "&#172;" or "&not;", is its sign; layout goes before "|" in a column spec reads as "or")
+    content = LAYOUT.sub(" ", unicodedata.normalize("NFC", html.unescape(content)))
     folded = unicodedata.normalize("NFKC", content)
     if (LOGIC_SYMBOL.search(folded) or not OTHER_ARROWS.isdisjoint(folded)
             or not NEGATING_OVERLAYS.isdisjoint(unicodedata.normalize("NFD", folded))):

@@ -276,12 +276,13 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
            f"over {world} rank(s); KV cache <= "
            f"{size * args.samples_per_prompt * (longest + args.max_response_tokens) * per_token / 2**30:.1f} "
            "GiB per call")
-    items, rewards, gen_tokens = [], [], [0]
+    items, rewards = [], []
     my_chunks = parallel.rank_share(list(range(len(chunks))), rank, world)
     bar = common.progress_bar(sum(len(chunks[c]) for c in my_chunks) * args.samples_per_prompt, "rollouts",
                               args.progress)
 
-    def roll_out():  # this rank's chunks, which may be one fewer than another's: no collective inside
+    def roll_out():  # this rank's chunks, which may be one fewer than another's: no collective inside; its tokens
+        tokens = 0
         for c in my_chunks:
             out = engine.sample_responses(gen_model, tokenizer, task, [records[i] for i in chunks[c]],
                                           n=args.samples_per_prompt, temperature=args.temperature, top_p=1.0,
@@ -295,9 +296,10 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
                 rewards.append(rs)
                 for s, w in zip(group, rloo_weights(rs)):
                     items.append({"input_ids": ids + s["tokens"], "start": len(ids), "weight": w})
-                    gen_tokens[0] += s["length"]
+                    tokens += s["length"]
             bar.update(len(out))
-    parallel.on_every_rank(roll_out)  # (a task's score failing on one rank's share stops every rank)
+        return tokens
+    gen_tokens = parallel.on_every_rank(roll_out)  # (a task's score failing on one rank's share stops every rank)
     bar.close()
     gen_model = None  # (freed: roll_out holds the name, not the weights)
     engine.release()
@@ -310,7 +312,7 @@ def estimate_grad_j(model, params, tokenizer, task, records, prompt_ids, eval_su
                                             scale=1.0 / (len(records) * args.samples_per_prompt))
     grads = [full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
     stats = parallel.all_reduce(torch.tensor([sum(map(sum, rewards)), sum(len(set(r)) > 1 for r in rewards),
-                                              gen_tokens[0], bwd_tokens], dtype=torch.float64))
+                                              gen_tokens, bwd_tokens], dtype=torch.float64))
     mean_reward, informative, gen_tokens, bwd_tokens = stats.tolist()
     mean_reward /= len(records) * args.samples_per_prompt
     grad_j = {"mean_reward": mean_reward, "prompts": len(records), "prompt_subset": eval_subset,
@@ -674,10 +676,10 @@ def main(argv=None):
             bar.write(f"{done[0]}/{len(mine)} samples on rank 0 | {done[0] / dt:.2f} samples/s | "
                       f"{tokens[0] / dt:.0f} tok/s")
 
-    res = []  # (an error on one rank stops every rank with its line, not the others in the gather below)
-    parallel.on_every_rank(lambda: res.extend(sample_effects(plain, params, [examples[i] for i in mine],
-                                                             args.token_reduction, exact_ref, sketch, sketch_ref,
-                                                             autocast, on_sample=on_sample)))
+    # (an error on one rank stops every rank with its line, not the others in the gather below)
+    res = parallel.on_every_rank(lambda: sample_effects(plain, params, [examples[i] for i in mine],
+                                                        args.token_reduction, exact_ref, sketch, sketch_ref, autocast,
+                                                        on_sample=on_sample))
     bar.close()
     seconds = time.time() - t0
     rows = done_rows + parallel.gather_lists([{"index": i, **r} for i, r in zip(mine, res)])

@@ -89,23 +89,18 @@ def reward_of(task, response, record, finished):
     return float(reward)
 
 
-# the answer box the system prompt asks for: \boxed (or \fbox) as a whole command, not \boxedfoo
+# the answer box the system prompt asks for: \boxed (or \fbox) as a whole command, not \boxedfoo; with its brace, an
+# escape (\{, \}, \\: one token, never a brace) or a brace, what the brace scan below reads
 BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.S)  # an escape (\{, \}, \\) is one token, never a brace
 BOX_OPEN_BRACE_OR_ESCAPE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])[ \t]*\{|\\.|[{}]", re.S)
 
 
-def enclosing_box(text, at):
-    """The content of the outermost box still open at position `at`: "" where no box is open there, None where that
-    box never closes. One pass over the braces, linear in the text."""
+def outermost_box(text, at):
+    """The content of the outermost box open just past position `at` (a box command, its own brace counted): False
+    where no box is open there, None where it never closes. One pass over the braces, linear in the text."""
     opened = []  # per open brace: where its content starts if a box opened it, else None
-    outer = None  # (the depth of the outermost open box at `at`, where its content starts)
+    outer = None  # (the depth of that box, where its content starts)
     for m in BOX_OPEN_BRACE_OR_ESCAPE.finditer(text):
-        if outer is None and m.start() >= at:
-            depth = next((d for d, start in enumerate(opened) if start is not None), None)
-            if depth is None:
-                return ""
-            outer = (depth, opened[depth])
         token = m.group()
         if token == "}":
             if opened:
@@ -114,9 +109,14 @@ def enclosing_box(text, at):
                 return text[outer[1]:m.start()]
         elif token == "{":
             opened.append(None)
-        elif len(token) > 2:  # a box's command and its brace (else an escape: \{ \} \\ are no braces)
+        elif len(token) > 2:  # a box's command and its brace (else an escape)
             opened.append(m.end())
-    return None if outer is not None else ""
+        if outer is None and m.start() >= at:
+            depth = next((d for d, start in enumerate(opened) if start is not None), None)
+            if depth is None:
+                return False
+            outer = (depth, opened[depth])
+    return None if outer is not None else False
 
 
 def last_box(text):
@@ -133,24 +133,13 @@ def last_box(text):
         pass
     if last is None:
         return None
-    outer = enclosing_box(text, last.start())  # \boxed{A \text{ or } \boxed{B}}: the answer is the outer box
-    if outer != "":
-        return outer
-    i = last.end()
-    j = i
+    boxed = outermost_box(text, last.start())
+    if boxed is not False:  # its content, or None: unclosed
+        return boxed
+    j = last.end()  # no brace: "\\boxed 5", up to the closing $ or the end of the line
     while j < len(text) and text[j] in " \t":
         j += 1
-    if j < len(text) and text[j] == "{":
-        depth = 0
-        for m in BRACE_OR_ESCAPE.finditer(text, j):
-            if m.group() == "{":
-                depth += 1
-            elif m.group() == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[j + 1:m.start()]
-        return None
-    if i < j < len(text):  # "\\boxed 5": up to the closing $ or the end of the line
+    if last.end() < j < len(text) and text[j] != "{":
         return re.split(r"[$\n]", text[j:], maxsplit=1)[0]
     return None
 

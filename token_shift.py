@@ -314,6 +314,12 @@ def lock_name(args):
     return f".lock_{args.cross or 'divergence'}"
 
 
+def data_outputs(args):
+    """This kind's data files in --out_dir (its figure aside: cross_sampling.png is both directions')."""
+    return ([f"cross_{args.cross}_samples.jsonl", f"cross_{args.cross}.json"] if args.cross
+            else ["tokens.jsonl", "summary.json"])
+
+
 def lock_out_dir(args):
     """A second run of the same kind into --out_dir is refused (each of its files is written whole, but one run's would
     replace the other's without a word); the divergence and the two cross-sampling directions may share it. Taken once
@@ -323,8 +329,7 @@ def lock_out_dir(args):
     for checkpoint in (args.base, args.policy):  # (one without weights: refused before the directory is made)
         weight_files(checkpoint)
     parallel.lock_on_rank0(args.out_dir, lock_name(args))
-    names = ([f"cross_{args.cross}_samples.jsonl", f"cross_{args.cross}.json"] if args.cross  # (cross_sampling.png:
-             else ["tokens.jsonl", "summary.json", "token_shift.png"])  # both directions', so neither's to clear)
+    names = data_outputs(args) + ([] if args.cross else ["token_shift.png"])  # (cross_sampling.png: not this run's)
     parallel.on_rank0(lambda: common.remove_stale_temps([os.path.join(args.out_dir, n) for n in names], args.out_dir))
 
 
@@ -571,9 +576,9 @@ def main(argv=None):
     common.check_non_negative(args, "limit", "top_tokens")
     if args.cross is None:  # (a file twice: each of its responses counted twice)
         common.check_distinct_inputs([("--responses", path) for path in args.responses])
-    outputs = ([f"cross_{args.cross}_samples.jsonl", f"cross_{args.cross}.json"] if args.cross
-               else ["tokens.jsonl", "summary.json"])  # (an input among them was overwritten by this run's result)
-    common.check_distinct_outputs([(f"--out_dir's {name}", os.path.join(args.out_dir, name)) for name in outputs],
+    # (an input among the outputs was overwritten by this run's result)
+    common.check_distinct_outputs([(f"--out_dir's {name}", os.path.join(args.out_dir, name))
+                                   for name in data_outputs(args)],
                                   [("--split", args.split)] if args.cross else
                                   [("--responses", path) for path in args.responses])
     if not 0 <= args.high_js < math.log(2):

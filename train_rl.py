@@ -740,7 +740,7 @@ def main(argv=None):
                                    "compares their log-probs of the same token ids")
     train_records = tasks.load_records(task, args.task, args.train_data, tokenizer, args.template)
     if args.test_data and not os.path.exists(args.test_data) and not args.test_data.startswith("hf:"):
-        default = " (the default)" if args.test_data == get_parser().get_default("test_data") else ""
+        default = " (the default)" if args.test_data == common.script_default(parser, "test_data") else ""
         raise UserError(f"--test_data {args.test_data}{default}: not found; give --test_data FILE, or --test_data '' "
                         f"for no validation")
     test_records = (tasks.load_records(task, args.task, args.test_data, tokenizer, args.template)

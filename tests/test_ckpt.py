@@ -226,8 +226,8 @@ def test_a_checkpoint_one_rank_does_not_see_is_an_error_not_a_skip(tmp_path, mon
     run = str(tmp_path)
     for step in (1, 2):
         fake_checkpoint(run, step)
-    monkeypatch.setattr(ckpt, "all_gather_json", lambda value: [value, False] if isinstance(value, bool)
-                        else [value, value])
+    monkeypatch.setattr(ckpt, "all_gather_json", lambda value: [value, [*value[:3], False]]
+                        if isinstance(value, list) and len(value) == 4 else [value, value])
     with pytest.raises(UserError, match=r"step_000002\.state\.pt: rank\(s\) 1 do not see it, where rank\(s\) 0 do: "
                                         r"every rank must see one --out_dir .*nothing was skipped or removed"):
         ckpt.resume_checkpoint(run, resume=True)
