@@ -346,6 +346,7 @@ def run_main(main):
         code = code if isinstance(code, int) else 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        remove_lock_only_dirs()
         code = 2
     if "RANK" in os.environ:
         sys.stdout.flush()
@@ -586,6 +587,7 @@ def read_json(path, what="a JSON object", repeated_keys=False):
 
 
 _LOCKS = {}  # lock file's real path -> the file, open and locked for the life of the process
+_MADE_FOR_LOCK = {}  # lock file's real path -> (its path, the directories lock_run_dir made for it, deepest first)
 
 
 def lock_run_dir(path, name=".lock"):
@@ -606,7 +608,7 @@ def lock_run_dir(path, name=".lock"):
         held.close()  # a run of this process that has ended: its directory was removed since; lock the new one
         del _LOCKS[key]
     try:
-        os.makedirs(path or ".", exist_ok=True)
+        made = make_dirs(path or ".")
         f = open(lock_file, "a+")
     except OSError as e:
         raise_refused_write(lock_file, e, "nothing was started")
@@ -629,6 +631,39 @@ def lock_run_dir(path, name=".lock"):
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     _LOCKS[key] = f
+    _MADE_FOR_LOCK[key] = (lock_file, made)
+
+
+def make_dirs(path):
+    """os.makedirs(path), returning the directories it made, deepest first."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.lexists(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return made
+
+
+def remove_lock_only_dirs():
+    """After a run stopped by a UserError: each directory that this process made for its lock (lock_run_dir) and that
+    holds nothing but the lock file goes, with the lock and the parents made with it. An input found bad after the
+    lock (a checkpoint's weights, read once the run has begun) then leaves no empty run directory behind, which a
+    later look would take for a run. A directory that existed before, or that holds anything else, stays."""
+    for key, (lock_file, made) in list(_MADE_FOR_LOCK.items()):
+        del _MADE_FOR_LOCK[key]
+        held = _LOCKS.get(key)
+        try:
+            if not made or held is None or os.listdir(made[0]) != [os.path.basename(lock_file)]:
+                continue
+            if file_identity(lock_file) != file_identity(held.fileno()):
+                continue  # (not this run's lock any more)
+            del _LOCKS[key]
+            os.remove(lock_file)
+            held.close()
+            for folder in made:
+                os.rmdir(folder)
+        except OSError:
+            pass  # (a directory someone else wrote into meanwhile: it stays)
 
 
 def check_lock_held(path, name=".lock", identity=None):

@@ -580,6 +580,31 @@ def test_an_output_is_locked_whether_or_not_its_directory_exists_yet(tmp_path):
     common._LOCKS.pop(lock).close()
 
 
+def test_a_run_stopped_by_bad_input_after_its_lock_leaves_no_directory_it_made_for_nothing(tmp_path):
+    """An input found bad once the run's directory is locked (a checkpoint's weights, read when the run reaches them)
+    left a directory holding only its .lock, which a later look (ls, a resume) took for a run. What the run made
+    for its lock goes, parents made with it too; a directory that existed, or that holds anything else, stays."""
+    import os
+
+    def stopped(run_dir, name=".lock", write=None):
+        def main():
+            common.lock_run_dir(run_dir, name)
+            if write:
+                (tmp_path / write).write_text("x")
+            raise common.UserError("bad weights")
+        with pytest.raises(SystemExit):
+            common.run_main(main)
+
+    stopped(str(tmp_path / "new" / "deeper" / "run"))
+    assert os.listdir(tmp_path) == []  # (new/ and new/deeper/ were made for it too)
+    (tmp_path / "old").mkdir()
+    stopped(str(tmp_path / "old"), ".out.jsonl.lock")
+    assert os.listdir(tmp_path / "old") == [".out.jsonl.lock"]  # (lock_output's lock in a directory already there)
+    stopped(str(tmp_path / "wrote"), write="wrote/log.txt")
+    assert sorted(os.listdir(tmp_path / "wrote")) == [".lock", "log.txt"]
+    assert not common._MADE_FOR_LOCK
+
+
 FULL_DISK_SCRIPT = """
 import os, resource, signal, sys, torch
 import common
