@@ -598,12 +598,13 @@ def parse_dtype(dtype, device=None, training=False):
 
 
 def check_checkpoint(path):
-    """A Hugging Face checkpoint directory (it holds config.json and weights), or a UserError naming the path."""
+    """A Hugging Face checkpoint directory (it holds config.json and weights whose headers match it: check_weights),
+    or a UserError naming the path. For a checkpoint a stage loads only later in its run."""
     if not os.path.isdir(path):
         raise UserError(f"checkpoint {path}: no such directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"checkpoint {path}: not a Hugging Face checkpoint directory (no config.json)")
-    weight_files(path)
+    check_weights(path)
 
 
 def read_config(path) -> ModelConfig:
@@ -651,55 +652,84 @@ def empty_model(cfg: ModelConfig, dtype, device) -> Transformer:
     return model
 
 
-def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
-    """Load a HF checkpoint directory. Tensors are copied one at a time into the allocated model."""
+# safetensors' names of the dtypes a header can give, as torch names them; the first four are floating-point weights
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+FLOAT_WEIGHTS = list(SAFETENSORS_DTYPES.values())[:4]
+
+
+def check_weights(path, cfg=None):
+    """That a checkpoint's weight files hold what its config.json implies, read from their headers alone (no tensor
+    is read, so eval.py checks every checkpoint before the first one's generation): each tensor a floating-point one
+    (copy_ would cast an integer or fp8 tensor without a word: a damaged or quantized export) of its parameter's
+    shape, none unexpected, none missing. Returns the tensor names per file. load_model calls it first."""
     from safetensors import SafetensorError, safe_open
-    cfg = read_config(path)
-    model = empty_model(cfg, parse_dtype(dtype), device)
-    params = dict(model.named_parameters())
-    loaded = set()
-
-    def copy_in(file, name, t, into):  # one stored tensor into the parameter `into`, checked first
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            # (copy_ would cast an integer or fp8 tensor without a word: a damaged or quantized export)
-            raise UserError(f"{file}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
-                            f"expected a floating-point weight (float32, bfloat16, float16, float64)")
-        if t.shape != params[into].shape:
-            raise UserError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
-                            f"config.json implies {tuple(params[into].shape)}")
-        with torch.no_grad():
-            params[into].copy_(t)
-        loaded.add(into)
-
-    tied_head = None  # (file, tensor): an lm_head.weight stored beside a tied config, settled after the embedding
+    cfg = cfg or read_config(path)
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in Transformer(cfg).named_parameters()}  # (tied: no lm_head)
+    embed, found, names = "model.embed_tokens.weight", set(), {}
     for file in weight_files(path):
         if not os.path.exists(file):
             raise UserError(f"{file}: weight shard listed in the index is missing")
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name not in params:
-                        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                            tied_head = (file, f.get_tensor(name))
-                            continue
-                        if name.endswith("rotary_emb.inv_freq"):
-                            continue
+                names[file] = list(f.keys())
+                for name in names[file]:
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    into = embed if name == "lm_head.weight" and cfg.tie_word_embeddings else name
+                    if into not in shapes:
                         raise UserError(f"{file}: unexpected tensor {name!r} for {cfg.arch}")
-                    copy_in(file, name, f.get_tensor(name), name)
+                    stored = f.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(stored.get_dtype(), stored.get_dtype())
+                    if dtype not in FLOAT_WEIGHTS:
+                        raise UserError(f"{file}: tensor {name!r} has dtype {dtype}; expected a floating-point "
+                                        f"weight ({', '.join(FLOAT_WEIGHTS)})")
+                    if tuple(stored.get_shape()) != shapes[into]:
+                        raise UserError(f"{file}: tensor {name!r} has shape {tuple(stored.get_shape())}, "
+                                        f"config.json implies {shapes[into]}")
+                    found.add(into)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{file}: cannot read weights ({e})")
+    missing = sorted(set(shapes) - found)
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    return names
+
+
+def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
+    """Load a HF checkpoint directory, checked first (check_weights). Tensors are copied one at a time into the
+    allocated model."""
+    from safetensors import SafetensorError, safe_open
+    cfg = read_config(path)
+    names = check_weights(path, cfg)
+    model = empty_model(cfg, parse_dtype(dtype), device)
+    params = dict(model.named_parameters())
+    tied_head = None  # (file, tensor): an lm_head.weight stored beside a tied config, settled after the embedding
+    for file, file_names in names.items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in file_names:
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if name not in params:  # (check_weights: the head of a tied config)
+                        tied_head = (file, f.get_tensor(name))
+                        continue
+                    with torch.no_grad():
+                        params[name].copy_(f.get_tensor(name))
         except (SafetensorError, OSError) as e:
             raise UserError(f"{file}: cannot read weights ({e})")
     if tied_head is not None:  # as transformers reads it: a head stored alone is the embedding; one beside it stays
         file, head = tied_head  # its own (untied, with a warning), which a tied model cannot be: refused unless equal
         embed = "model.embed_tokens.weight"
-        if embed not in loaded:
-            copy_in(file, "lm_head.weight", head, embed)
+        if not any(embed in file_names for file_names in names.values()):
+            with torch.no_grad():
+                params[embed].copy_(head)
         elif not torch.equal(head.to(params[embed].dtype).to(params[embed].device), params[embed].detach()):
             raise UserError(f"{file}: tensor 'lm_head.weight' differs from {embed!r}, but config.json sets "
                             f"tie_word_embeddings true (transformers keeps both, untied): set tie_word_embeddings "
                             f"false in {os.path.join(path, 'config.json')}, or drop the tensor")
-    missing = sorted(set(params) - loaded - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
-    if missing:
-        raise UserError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
     return model
 
 

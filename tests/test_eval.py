@@ -522,6 +522,11 @@ def test_every_checkpoint_is_checked_before_the_first_ones_generation(tiny_check
         if config:
             path = os.path.join(ckpt, "config.json")
             common.write_json(path, {**common.read_json(path), **config})
+        if config and "vocab_size" in config:  # the weights as config.json says (their headers are checked first)
+            from safetensors.torch import load_file, save_file
+            path = os.path.join(ckpt, "model.safetensors")
+            save_file({k: t[:config["vocab_size"]].contiguous() if t.shape[0] == vocab else t
+                       for k, t in load_file(path).items()}, path)
         if no_template:
             for file in os.listdir(ckpt):
                 if file == "chat_template.jinja":
@@ -799,6 +804,24 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match="context"):
         run("--max_response_tokens", "100000")
     assert not os.path.exists(tmp_path / "out" / "results.md")  # nothing half-written
+
+
+def test_a_later_checkpoints_bad_weights_stop_the_run_before_the_first_ones_generation(tiny_checkpoint, split,
+                                                                                        tmp_path):
+    """A checkpoint's weights were read only when its turn came: a damaged second one (a tensor of another shape, a
+    quantized export) stopped the run after the first one's generation, hours in. Their headers are read first."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    bad = str(tmp_path / "bad")
+    shutil.copytree(tiny_checkpoint, bad)
+    weights = load_file(os.path.join(bad, "model.safetensors"))
+    norm = weights["model.norm.weight"]
+    for tensor, message in [(norm[:-1], "has shape"), (norm.to(torch.int8), "has dtype int8")]:
+        save_file({**weights, "model.norm.weight": tensor}, os.path.join(bad, "model.safetensors"))
+        with pytest.raises(common.UserError, match=rf"bad/model.safetensors: tensor 'model.norm.weight' {message}"):
+            ev.main(["--checkpoints", tiny_checkpoint, bad, "--splits", split, "--out_dir", str(tmp_path / "out")]
+                    + FAST)
+        assert not os.path.exists(tmp_path / "out")  # (no generation, no lock taken)
 
 
 def test_a_second_run_on_the_same_out_dir_is_refused(tiny_checkpoint, split, tmp_path):
