@@ -6,6 +6,15 @@
 #   GPUS=8 MODEL_DIR=/models/Qwen2.5-1.5B bash reproduce.sh kk-qwen2.5-1.5b
 #   SEEDS=3 bash reproduce.sh tiny    # three whole studies (seeds 1-3), then the table of their mean ± std
 #
+# Settings from the environment (NAME=VALUE bash reproduce.sh PRESET), each read by the presets that name it:
+#   OUT=DIR                where the study writes (default runs/PRESET); DATA=DIR its data files (default OUT/data)
+#   SEED=S, SEEDS=N        the seed, or N whole studies (below)
+#   GPUS=N, MODEL_DIR=DIR  the paper presets: GPUs of every torchrun stage (default 8), the base model's directory
+#   LIMR=1, LIMR_SEEDS="A B"  also the LIMR experiment (presets that define it), and its seeds
+#   SAMPLE_EFFECT=0        skip the sample-effect stages
+#   THREADS=N, DYNAMIC_SAMPLING=false, RL_STEPS=N  tiny: CPU threads of every stage (default 2, the figures'
+#                          count), the measured alternative without dynamic sampling, the RL steps
+#   MATH_POOL=FILE, MATH_TEST=FILE, MATH_DATA_ARGS="..."  the MATH presets' problem files, or math_data.py's flags
 # Presets are bash files of settings in config/PRESET.sh (read them: every stage's flags are there). The script runs
 # in its own directory: a relative OUT, MODEL_DIR or data path is relative to it, not to where it was started.
 # Stages (paper.md section 3.3):
