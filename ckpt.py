@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
-from common import (UserError, append_jsonl, atomic_open, error_chain, out_of_memory, print0, rank, read_jsonl,
+from common import (UserError, append_jsonl, atomic_open, error_chain, out_of_memory, print0, rank, read_metrics,
                     same_files, world_size, write_json, write_jsonl)
 from model import save_model, weight_files
 from parallel import (all_gather_json, all_reduce, barrier, check_lock_on_rank0, full_copy, is_sharded, local_tensor,
@@ -540,7 +540,7 @@ def metrics_log(run_dir, start_step, wandb_project="", settings=None):
         if settings is not None:
             write_json(os.path.join(run_dir, "settings.json"), settings)
         if os.path.exists(path):
-            kept = [m for m in read_jsonl(path, torn_tail=True) if start_step and m.get("step", 0) <= start_step]
+            kept = [m for m in read_metrics(path) if start_step and m["step"] <= start_step]
             write_jsonl(path, kept)
     on_rank0(start)
     if rank() == 0:

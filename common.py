@@ -557,6 +557,25 @@ def read_jsonl(path, required=(), torn_tail=False, types=None):
     return records
 
 
+def read_metrics(path, types=None):
+    """A run's metrics.jsonl (ckpt.metrics_log writes it; a killed run's torn last line is dropped): each line an
+    object whose 'step' is a non-negative integer no smaller than the line before's, and whose fields in `types` are
+    of theirs (check_fields), else a UserError naming the file, line and field (a hand-edited step was a TypeError
+    on resume, or a row counted twice)."""
+    rows, last = [], 0
+    for lineno, rec in iter_jsonl(path, torn_tail=True):
+        check_fields(f"{path}:{lineno}", rec, (), types)
+        step = rec.get("step")
+        if type(step) is not int or step < 0:
+            got = json.dumps(step) if "step" in rec else "none"
+            raise UserError(f"{path}:{lineno}: field 'step' must be a non-negative integer, got {got}")
+        if step < last:
+            raise UserError(f"{path}:{lineno}: step {step} after step {last} (a run's log only goes forward)")
+        rows.append(rec)
+        last = step
+    return rows
+
+
 def check_fields(where, rec, required=(), types=None):
     """Each field of `required` is in the record rec, and each of `types` there is of its type (a type or a tuple
     of them); otherwise a UserError naming `where` (file:line) and the field."""

@@ -11,6 +11,7 @@ policy + their SFT); "total" adds everything it built on (the cold start and RL)
 shared by all and listed apart.
 Plots (matplotlib, optional): RL reward and validation accuracy per step; accuracy per difficulty.
 """
+import json
 import os
 import re
 import shlex
@@ -124,14 +125,17 @@ def rl_rollouts(run_dir, up_to_step=None):
         return None, [], {}
     settings = common.read_json(path, "an RL run's settings")
     for key in ("prompts_per_step", "samples_per_prompt"):
-        if type(settings.get(key)) is not int:
-            raise UserError(f"{path}: field {key!r} missing or not an integer")
-    rows = common.read_jsonl(metrics, torn_tail=True, types={"gen_batches": int})
-    for row in rows:
-        if type(row.get("step", 0)) is not int:
-            raise UserError(f"{metrics}: step {row['step']!r} is not an integer")
-    steps = [m for m in rows if 0 < m.get("step", 0) <= (m["step"] if up_to_step is None else up_to_step)
-             and "reward" in m]
+        if type(settings.get(key)) is not int or settings[key] < 1:
+            raise UserError(f"{path}: field {key!r} missing or not a positive integer")
+    rows = common.read_metrics(metrics, types={"gen_batches": int})
+    steps = [m for m in rows if 0 < m["step"] <= (m["step"] if up_to_step is None else up_to_step) and "reward" in m]
+    for m, after in zip(steps, steps[1:]):
+        if after["step"] == m["step"]:
+            raise UserError(f"{metrics}: two training rows of step {m['step']} (one step's rollouts counted twice)")
+    for m in steps:
+        if m.get("gen_batches", 1) < 1 or m.get("gen_batches") is True:
+            raise UserError(f"{metrics}: step {m['step']}: field 'gen_batches' must be a positive integer, got "
+                            f"{json.dumps(m['gen_batches'])}")
     batches = sum(m.get("gen_batches", 1) for m in steps)  # (more than one a step with dynamic sampling)
     return batches * settings["prompts_per_step"] * settings["samples_per_prompt"], rows, settings
 

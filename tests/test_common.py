@@ -429,6 +429,15 @@ def test_a_torn_last_line_of_a_run_log_is_dropped_with_a_warning(tmp_path, capsy
     log = ckpt.metrics_log(str(tmp_path), start_step=2)
     log({"step": 3})
     assert common.read_jsonl(str(path)) == [{"step": 1}, {"step": 2}, {"step": 3}]
+    # a hand-edited step (a TypeError on resume) or steps out of order: one line naming the file, line and field
+    for text, message in (('{"step": 1}\n{"step": "2"}\n', r'metrics.jsonl:2: field \'step\' .* got "2"'),
+                          ('{"step": 1}\n{"loss": 2}\n', r"metrics.jsonl:2: field 'step' .* got none"),
+                          ('{"step": true}\n', r"metrics.jsonl:1: field 'step' .* got true"),
+                          ('{"step": 3}\n{"step": 2}\n', r"metrics.jsonl:2: step 2 after step 3")):
+        path.write_text(text)
+        with pytest.raises(common.UserError, match=message):
+            ckpt.metrics_log(str(tmp_path), start_step=2)
+        assert path.read_text() == text  # (nothing dropped)
 
 
 def test_a_run_logs_a_non_finite_value_as_null(tmp_path):

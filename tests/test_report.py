@@ -342,7 +342,16 @@ def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
      r"summary\.json: not an eval summary \(TypeError: field 'settings' is \['oops'\], expected an object"),
     ("eval_se/se_top/test/summary.json", "[]", r"summary\.json: an eval summary expected, got a JSON list"),
     ("rl/settings.json", "{}", r"settings\.json: field 'prompts_per_step' missing"),
-    ("rl/metrics.jsonl", '{"step": null, "reward": 1}\n', r"metrics\.jsonl: step None is not an integer"),
+    ("rl/metrics.jsonl", '{"step": null, "reward": 1}\n', r"metrics\.jsonl:1: field 'step' must be a non-negative "
+     r"integer, got null"),
+    ("rl/metrics.jsonl", '{"step": 2, "reward": 1}\n{"step": 1, "reward": 1}\n', r"metrics\.jsonl:2: step 1 after "
+     r"step 2"),
+    ("rl/metrics.jsonl", '{"step": 1, "reward": 1}\n{"step": 1, "reward": 1}\n', r"metrics\.jsonl: two training "
+     r"rows of step 1"),
+    ("rl/metrics.jsonl", '{"step": 1, "reward": 1, "gen_batches": -1000}\n', r"metrics\.jsonl: step 1: field "
+     r"'gen_batches' must be a positive integer, got -1000"),
+    ("rl/settings.json", '{"prompts_per_step": -16, "samples_per_prompt": 8}', r"settings\.json: field "
+     r"'prompts_per_step' missing or not a positive integer"),
     ("base_probe.json", '{"accuracy": 0.5}', r"base_probe\.json: fields 'accuracy' and 'people'"),
     ("sample_effect/effects.summary.json", "", r"effects\.summary\.json: cannot read sample_effect's summary"),
     ("redistill_A.jsonl", b"{\"id\": 1}\n\xff\n", r"redistill_A\.jsonl:2: not valid UTF-8"),
