@@ -22,6 +22,7 @@ A stopped run resumes (--resume, on by default): <out stem>.partial/ keeps its �
 is done, for a re-run of the same settings and data; it is deleted once the outputs are written.
 """
 import glob
+import json
 import math
 import os
 import random
@@ -358,12 +359,13 @@ RESUME_FREE = ("out", "select", "select_out", "select_bottom", "select_random", 
                "config")
 
 
-def open_partial(path, identity, resume):
+def open_partial(path, identity, resume, n_samples):
     """Rank 0, before any work: the finished samples' rows of a stopped run in `path`, or None for a fresh start.
     With resume and the run's ∇J there: checked to be for the same settings and data, its ranks' logs gathered into
     done.jsonl, one row per sample (a torn last line, left by a kill mid-write, dropped: that sample is done again;
-    a row twice, left by a kill between writing done.jsonl and removing the logs, kept once). Otherwise whatever is
-    in `path` goes (a run stopped before its ∇J kept nothing)."""
+    a row twice, left by a kill between writing done.jsonl and removing the logs, kept once), each row checked
+    (a damaged one failed the run only after every remaining sample was done). Otherwise whatever is in `path` goes
+    (a run stopped before its ∇J kept nothing)."""
     if resume and os.path.exists(os.path.join(path, "grad_j.json")):
         try:
             saved = common.read_json(os.path.join(path, "identity.json"), "the stopped run's identity")
@@ -382,8 +384,12 @@ def open_partial(path, identity, resume):
         ckpt.note_code_changes(code, "the stopped run computed its ∇J")
         logs = sorted(glob.glob(os.path.join(glob.escape(path), "effects.rank*.jsonl")))
         done = os.path.join(path, "done.jsonl")
-        rows = {row["index"]: row for log in ([done] if os.path.exists(done) else []) + logs
-                for row in common.read_jsonl(log, required=("index",), torn_tail=True)}
+        rows, fields = {}, None
+        for log in ([done] if os.path.exists(done) else []) + logs:
+            for lineno, row in common.iter_jsonl(log, torn_tail=True):
+                fields = fields or set(row)
+                check_effect_row(f"{log}:{lineno}", row, n_samples, fields)
+                rows[row["index"]] = row
         rows = [rows[i] for i in sorted(rows)]
         common.write_jsonl(done, rows)
         for log in logs:
@@ -393,6 +399,20 @@ def open_partial(path, identity, resume):
         print0(f"note: --resume false: removed the stopped run's {path}")
     remove_partial(path)
     return None
+
+
+def check_effect_row(where, row, n_samples, fields):
+    """A stopped run's row (on_sample wrote it): 'index' a sample's number, every other field a finite number, the
+    fields those of the run's first row; else a UserError naming the file, line and field."""
+    index, again = row.get("index"), "pass --resume false to start over"
+    if type(index) is not int or not 0 <= index < n_samples:
+        got = json.dumps(index) if "index" in row else "none"
+        raise UserError(f"{where}: field 'index' must be a sample's number, 0 to {n_samples - 1}, got {got}; {again}")
+    if set(row) != fields:
+        raise UserError(f"{where}: fields {sorted(row)}, where the run's first row has {sorted(fields)}; {again}")
+    for key, value in row.items():
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise UserError(f"{where}: field {key!r} must be a finite number, got {json.dumps(value)}; {again}")
 
 
 def remove_partial(path, done=False):
@@ -600,7 +620,7 @@ def main(argv=None):
                 "checkpoint_files": checkpoint_stamps(args.checkpoint, tasks.TOKENIZER_FILES)}
     ckpt.code_stamp()  # (the code as the run starts: identity.json records it once ∇J is computed, minutes later)
     # rank 0 decides and tells the others, so that all share out the same remaining samples
-    partial_rows = parallel.on_rank0(lambda: open_partial(partial, identity, args.resume))
+    partial_rows = parallel.on_rank0(lambda: open_partial(partial, identity, args.resume, len(examples)))
     resumed = partial_rows is not None
     # each rank loads the stopped run's ∇J itself: every rank must see the directory (not a node-local --out)
     if not all(parallel.all_gather_json(os.path.exists(os.path.join(partial, "grad_j.json")) == resumed)):

@@ -419,9 +419,9 @@ def test_a_stopped_run_with_an_inf_setting_resumes(tmp_path):
         partial.mkdir()
         write(str(partial / "identity.json"), identity)
         common.write_json(str(partial / "grad_j.json"), {})
-        assert se.open_partial(str(partial), identity, resume=True) == []
+        assert se.open_partial(str(partial), identity, resume=True, n_samples=8) == []
         with pytest.raises(UserError, match="kv_cache_gib: was 'inf', now 4.0"):
-            se.open_partial(str(partial), {**identity, "kv_cache_gib": 4.0}, resume=True)
+            se.open_partial(str(partial), {**identity, "kv_cache_gib": 4.0}, resume=True, n_samples=8)
         se.remove_partial(str(partial))
 
 
@@ -435,7 +435,7 @@ def test_a_resume_under_edited_code_names_the_files_that_changed(tmp_path, capsy
         common.write_json(str(partial / "identity.json"), identity | ({} if code is None else {"code": code}))
         common.write_json(str(partial / "grad_j.json"), {})
         capsys.readouterr()
-        assert se.open_partial(str(partial), identity, resume=True) == []
+        assert se.open_partial(str(partial), identity, resume=True, n_samples=8) == []
         out = capsys.readouterr().out
         assert ("the code changed since the stopped run computed its ∇J: sample_effect.py (edited)" in out) == note
         se.remove_partial(str(partial))
@@ -472,16 +472,16 @@ def test_a_stopped_runs_files_that_cannot_go_stop_a_fresh_run_not_a_finished_one
     with pytest.raises(UserError, match=rf"^{re.escape(str(partial))}: a stopped run's files, which this run must "
                                         r"remove first, cannot be removed \(Permission denied: "
                                         r".*effects\.rank0\.jsonl\)"):
-        se.open_partial(str(partial), {"seed": 0}, resume=False)
+        se.open_partial(str(partial), {"seed": 0}, resume=False, n_samples=8)
     se.remove_partial(str(partial), done=True)
     assert "the outputs are written, but " + str(partial) + " could not be removed" in capsys.readouterr().out
 
 
 def test_open_partial_keeps_one_row_per_sample_and_names_what_it_cannot_read(tmp_path, capsys):
     path, identity = str(tmp_path / "effects.partial"), {"seed": 0, "sft_digest": "ab"}
-    assert se.open_partial(path, identity, resume=True) is None  # nothing there: a fresh start
+    assert se.open_partial(path, identity, resume=True, n_samples=8) is None  # nothing there: a fresh start
     common.write_json(f"{path}/identity.json", identity)
-    assert se.open_partial(path, identity, resume=True) is None  # stopped before its ∇J: nothing kept
+    assert se.open_partial(path, identity, resume=True, n_samples=8) is None  # stopped before its ∇J: nothing kept
     assert not os.path.exists(path)
     common.write_json(f"{path}/identity.json", identity)
     common.write_json(f"{path}/grad_j.json", {"mean_reward": 0.5})
@@ -491,17 +491,28 @@ def test_open_partial_keeps_one_row_per_sample_and_names_what_it_cannot_read(tmp
     common.write_jsonl(f"{path}/effects.rank1.jsonl", [{"index": 1, "se": 2.0}, {"index": 3, "se": 4.0}])
     with open(f"{path}/effects.rank1.jsonl", "a") as f:
         f.write('{"index": 5, "se"')
-    rows = se.open_partial(path, identity, resume=True)
+    rows = se.open_partial(path, identity, resume=True, n_samples=8)
     assert rows == [{"index": i, "se": i + 1.0} for i in (0, 1, 3, 4)]
     assert sorted(os.listdir(path)) == ["done.jsonl", "grad_j.json", "identity.json"]
     assert common.read_jsonl(f"{path}/done.jsonl") == rows
     assert "dropped a torn last line" in capsys.readouterr().out
+    # a damaged row (a hand edit, a disk error): its file, line and field, before any sample is done again
+    for row, message in (('{"index": "1", "se": 2.0}', r"field 'index' must be a sample's number, 0 to 7, got \"1\""),
+                         ('{"index": 8, "se": 2.0}', r"field 'index' .* got 8"),
+                         ('{"index": true, "se": 2.0}', r"field 'index' .* got true"),
+                         ('{"index": 2, "se": NaN}', r"field 'se' must be a finite number, got NaN"),
+                         ('{"index": 2, "se": "x"}', r"field 'se' must be a finite number, got \"x\""),
+                         ('{"index": 2}', r"fields \['index'\], where the run's first row has \['index', 'se'\]")):
+        (tmp_path / "effects.partial" / "effects.rank0.jsonl").write_text(row + "\n")
+        with pytest.raises(UserError, match=r"effects\.rank0\.jsonl:1: " + message + "; pass --resume false"):
+            se.open_partial(path, identity, resume=True, n_samples=8)
+    os.remove(f"{path}/effects.rank0.jsonl")
     with pytest.raises(UserError, match=r"seed: was 0, now 1; pass --resume false"):
-        se.open_partial(path, {**identity, "seed": 1}, resume=True)
+        se.open_partial(path, {**identity, "seed": 1}, resume=True, n_samples=8)
     (tmp_path / "effects.partial" / "identity.json").write_text("{not json")
     with pytest.raises(UserError, match=r"identity\.json: cannot read the stopped run's identity"):
-        se.open_partial(path, identity, resume=True)
-    assert se.open_partial(path, identity, resume=False) is None and not os.path.exists(path)
+        se.open_partial(path, identity, resume=True, n_samples=8)
+    assert se.open_partial(path, identity, resume=False, n_samples=8) is None and not os.path.exists(path)
     assert "removed the stopped run's" in capsys.readouterr().out
 
 
@@ -520,7 +531,7 @@ def test_a_kill_while_the_finished_run_removes_its_partial_directory_leaves_no_m
     with pytest.raises(KeyboardInterrupt):
         se.remove_partial(path)
     monkeypatch.undo()
-    assert se.open_partial(path, identity, resume=True) is None and not os.path.exists(path)
+    assert se.open_partial(path, identity, resume=True, n_samples=8) is None and not os.path.exists(path)
 
 
 @pytest.mark.torchrun
