@@ -521,6 +521,25 @@ def check_sft_record(path, lineno, rec):
     # (a lone surrogate, which no tokenizer takes, is refused as the line is read: common.iter_jsonl)
 
 
+def check_sft_outcomes(path, rows, where):
+    """A record that says its response was cut off ("finished": false, as in sample_policy's --samples_out, which
+    holds every sample) is an error: SFT appends EOS after it, teaching the model to stop mid-answer. One that says
+    it is wrong (a "reward" below 1, the shipped tasks' reward of a right answer) is trained on as given, with a note:
+    a deliberate choice (an ablation), or that --samples_out file in place of --out."""
+    wrong = []
+    for rec, lineno in zip(rows, where):
+        if rec.get("finished") is False:
+            raise UserError(f"{path}:{lineno}: field 'finished' is false: the response was cut at the length limit, "
+                            f"and SFT appends EOS after it (sample_policy's --samples_out holds every sample; its "
+                            f"--out the finished, correct ones)")
+        reward = rec.get("reward")
+        if type(reward) in (int, float) and reward < 1:
+            wrong.append(lineno)
+    if wrong:
+        print0(f"note: {path}: {len(wrong)} of {len(rows)} records have a reward below 1 (wrong answers; line "
+               f"{wrong[0]} first), trained on as given (sample_policy's --out holds the correct ones alone)")
+
+
 def lone_text_marker(tokenizer):
     """The mark a tokenizer puts before every text it encodes alone, or None: sentencepiece's "▁" (a Prepend
     normalizer or a Metaspace that prepends, as Llama-2's and Mistral's tokenizers have), a byte-level "Ġ" with
@@ -621,6 +640,7 @@ def load_sft_examples(paths, tokenizer, max_length, limit=None):
                 where.append(lineno)
         if not rows:
             raise UserError(f"{path}: no examples")
+        check_sft_outcomes(path, rows, where)
         tokenized = sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
         for rec, lineno, (ids, start) in zip(rows, where, tokenized):
             check_no_stop_tokens(path, lineno, tokenizer, ids[start:-1], stops)

@@ -133,6 +133,26 @@ def test_reductions_by_hand():
     assert sft.reduce_loss(got, seq, [a, b], "token_mean", num_tokens=12).item() == pytest.approx(7 * 3 / 12)
 
 
+def test_a_record_that_says_it_was_cut_off_is_refused_and_wrong_ones_are_noted(tiny_checkpoint, tmp_path, capsys):
+    """sample_policy's --samples_out (every sample, for inspection) given as SFT data trained on every sample: cut-off
+    responses with EOS appended after them, wrong answers. A record with "finished": false is an error naming it; a
+    reward below 1 (the shipped tasks' wrong answer) is trained on as given, with a note."""
+    tok = load_tokenizer(tiny_checkpoint)
+    path = write_sft(tmp_path / "d.jsonl", toy_task.make_records(3, seed=1), tok)
+    rows = common.read_jsonl(path)
+    common.write_jsonl(path, [{**r, "reward": reward, "finished": True} for r, reward in zip(rows, (1.0, 0.0, 0))])
+    assert len(tasks.load_sft_examples([path], tok, 512)) == 3
+    note = f"note: {path}: 2 of 3 records have a reward below 1 (wrong answers; line 2 first)"
+    assert note in capsys.readouterr().out
+    common.write_jsonl(path, rows[:2] + [{**rows[2], "finished": False}])
+    with pytest.raises(common.UserError, match=r"d\.jsonl:3: field 'finished' is false: the response was cut at the "
+                                               r"length limit, and SFT appends EOS after it"):
+        tasks.load_sft_examples([path], tok, 512)
+    common.write_jsonl(path, rows)
+    tasks.load_sft_examples([path], tok, 512)
+    assert "note" not in capsys.readouterr().out  # (no reward, no note)
+
+
 @pytest.mark.parametrize("reduction", ["seq_mean", "token_mean"])
 def test_prompt_positions_carry_no_loss(tiny_checkpoint, tmp_path, reduction):
     """The loss equals the hand-computed mean over response+EOS targets (unpacked, full logits); the lm_head runs on
