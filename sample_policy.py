@@ -116,9 +116,10 @@ def parse_steps(text, last=None):
 
 
 def read_rollouts(run_dir, steps, split_ids=None, splits=""):
-    """The rows of RUN_DIR/rollouts/step_N.jsonl for each step, in the order given, each field checked; where
+    """The rows of RUN_DIR/rollouts/step_N.jsonl for each step, in the order given, each field checked, the rows of
+    one id holding one prompt (a row whose prompt is another's would pair it with a score of the id's record); where
     split_ids (the ids of the records of `splits`) is given, each row's id one of them."""
-    logs, samples = tasks.rollout_logs(run_dir), []
+    logs, samples, prompts = tasks.rollout_logs(run_dir), [], {}  # prompts: id -> (its prompt, where first seen)
     for step in steps:
         if step not in logs:
             have = sorted(logs)
@@ -130,6 +131,12 @@ def read_rollouts(run_dir, steps, split_ids=None, splits=""):
             if split_ids is not None and str(row["id"]) not in split_ids:
                 raise UserError(f"{logs[step]}:{lineno}: field 'id' {row['id']!r} is the id of no record in --split "
                                 f"{splits}, so its answer cannot be re-scored (give the RL run's --train_data)")
+            prompt, first = prompts.setdefault(str(row["id"]), (row["prompt"], f"{logs[step]}:{lineno}"))
+            if not row["prompt"]:
+                raise UserError(f"{logs[step]}:{lineno}: field 'prompt' is empty")
+            if row["prompt"] != prompt:
+                raise UserError(f"{logs[step]}:{lineno}: field 'prompt' differs from that of id {row['id']!r} at "
+                                f"{first}: one id, two prompts (a log edited by hand, or of two runs' data)")
         samples += [{**row, "source": logs[step]} for _, row in rows]
     return samples
 

@@ -424,6 +424,12 @@ def test_rollout_errors_write_nothing(tmp_path):
     write_rollouts(run, {8: [s(toy_task.make_records(2, seed=1)[1]["id"], "x"), s("a", "y")]})
     fails(r"step_000008\.jsonl:2: field 'id' 'a' is the id of no record in --split .*split\.jsonl, so its answer "
           r"cannot be re-scored", "--steps", "8", "--split", str(tmp_path / "split.jsonl"))
+    # one id, two prompts (a row edited by hand): its answer would be scored against another prompt's record
+    write_rollouts(run, {8: [s("a", "x"), s("b", "y")], 9: [{**s("a", "z"), "prompt": "another"}]})
+    fails(r"step_000009\.jsonl:1: field 'prompt' differs from that of id 'a' at .*step_000008\.jsonl:1: one id, two "
+          r"prompts", "--steps", "8-9")
+    write_rollouts(run, {8: [s("a", "x"), {**s("b", "y"), "prompt": ""}]})
+    fails(r"step_000008\.jsonl:2: field 'prompt' is empty", "--steps", "8")
     with pytest.raises(UserError, match=r"rollouts/step_000001\.jsonl: file not found \(rollout steps present: none\)"):
         sp.main(["--from_rollouts", str(tmp_path / "empty"), "--steps", "1", "--task", "toy_task", "--out", str(out)])
 
