@@ -472,6 +472,7 @@ def renamed(record, names):
     (lambda r: r.update(index=-5), 'index'),
     (lambda r: r.update(quiz=r['quiz'].replace(r['names'][1], "Xavier")), 'quiz'),  # another puzzle's text
     (lambda r: r.update(question="Who is a knight?"), 'question'),
+    (lambda r: r.update(question=" and ".join(r['names']) + " each say nothing."), 'question'),  # the same names
     (lambda r: r.update(cot_repeat_steps="one step"), 'cot_repeat_steps'),
     (lambda r: r.update(index="12"), 'index'),
     (lambda r: r.update(people=5), 'people'),
