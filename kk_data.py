@@ -647,8 +647,8 @@ def normalise_record(rec, where):
                 bad(field, f"does not name {missing[0]!r} of the record's names {names!r}")
     if isinstance(rec.get('question'), str) and isinstance(rec.get('quiz'), str):  # the same names, another puzzle
         if " ".join(fold(rec['quiz']).split()) not in " ".join(fold(rec['question']).split()):
-            bad('question', "does not hold the record's quiz (the question of another puzzle?), which the answer is "
-                            "scored against; give both of one puzzle, or the quiz alone")
+            bad('question', "does not hold the record's quiz (the question of another puzzle?), whose solution "
+                            "the answer is scored against; give both of one puzzle, or the quiz alone")
     out = {'id': str(rec['id']) if 'id' in rec else puzzle_id(OFFICIAL_SEED, n, rec['index']),  # official: its stream
            'people': n,
            'question': rec.get('question') or rec['quiz'] + ANSWER_FORMAT}
