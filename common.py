@@ -576,6 +576,15 @@ def read_metrics(path, types=None):
     return rows
 
 
+def finite_number(value):
+    """Whether a value read from JSON is a number a table or a sum can use: an int or a float (not a bool, which
+    Python counts an int), finite (NaN, Infinity and an int past a float's range are not)."""
+    try:
+        return type(value) in (int, float) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_fields(where, rec, required=(), types=None):
     """Each field of `required` is in the record rec, and each of `types` there is of its type (a type or a tuple
     of them); otherwise a UserError naming `where` (file:line) and the field."""

@@ -22,7 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
 
-from common import UserError, file_stamps, fsync_dir, fsync_tree, raise_refused_write, read_json, stop_token_ids
+from common import (UserError, file_stamps, finite_number, fsync_dir, fsync_tree, raise_refused_write, read_json,
+                    stop_token_ids)
 
 try:  # FlashAttention kernels on CUDA when the package is installed; SDPA otherwise
     from flash_attn import flash_attn_varlen_func
@@ -87,7 +88,7 @@ class ModelConfig:
         numbers += [(f"{field}.{k}", v) for field in ("rope_parameters", "rope_scaling") if cfg.get(field)
                     for k, v in cfg[field].items() if k in LLAMA3_ROPE_KEYS + ("rope_theta",)]
         for field, value in numbers:
-            if not (type(value) in (int, float) and math.isfinite(value) and value > 0):
+            if not (finite_number(value) and value > 0):
                 raise UserError(f"{where}: field {field!r} must be a positive number, got {value!r}")
         if cfg.get("tie_word_embeddings") is not None and not isinstance(cfg["tie_word_embeddings"], bool):
             raise UserError(f"{where}: field 'tie_word_embeddings' must be true or false, "

@@ -62,9 +62,13 @@ def read_probe(path):
     """tiny_base.py --probe's result, with the accuracies report.py prints."""
     probe = common.read_json(path, "a base probe result")
     people = probe.get("people")
-    if not (type(probe.get("accuracy")) in (int, float) and isinstance(people, dict) and all(
-            isinstance(r, dict) and type(r.get("accuracy")) in (int, float) for r in people.values())):
-        raise UserError(f"{path}: fields 'accuracy' and 'people' (people -> accuracy) missing or of the wrong type")
+
+    def fraction(value):
+        return common.finite_number(value) and 0 <= value <= 1
+    if not (fraction(probe.get("accuracy")) and isinstance(people, dict) and all(
+            isinstance(r, dict) and fraction(r.get("accuracy")) for r in people.values())):
+        raise UserError(f"{path}: fields 'accuracy' and 'people' (people -> accuracy) missing, of the wrong type or "
+                        f"not in [0, 1]")
     return probe
 
 
@@ -523,7 +527,10 @@ def main(argv=None):
                               "mean effect": effect["mean"], "median effect": effect["median"],
                               "mean normalised": st["normalised"]["mean"],
                               "mean response tokens": round(st["mean_response_length"])})
-        except (KeyError, TypeError, AttributeError) as e:
+                if not all(map(common.finite_number, [erows[-1][k] for k in ("samples", "mean effect",
+                                                                             "median effect", "mean normalised")])):
+                    raise ValueError(f"the numbers of {path} are not all finite")
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
             raise UserError(f"{effect_path}: a field is missing or of the wrong type ({type(e).__name__}: {e}); "
                             f"sample_effect.py writes it whole: run that stage again")
         lines += ["", "### Sample effect on the cold-start policy (<grad log p(sample), grad J>, J = test reward)", "",
@@ -533,8 +540,13 @@ def main(argv=None):
         chosen_path = os.path.join(out, "sample_effect", name[3:] + ".jsonl")
         if os.path.exists(chosen_path):
             row = summary_row(summary, name, difficulty)
-            chosen = common.read_jsonl(chosen_path, required=("sample_effect",),
-                                       types={"sample_effect": (int, float), "source_file": str})
+            chosen = []
+            for lineno, rec in common.iter_jsonl(chosen_path):
+                common.check_fields(f"{chosen_path}:{lineno}", rec, ("sample_effect",), {"source_file": str})
+                if not common.finite_number(rec["sample_effect"]):
+                    raise UserError(f"{chosen_path}:{lineno}: field 'sample_effect' must be a finite number, got "
+                                    f"{json.dumps(rec['sample_effect'])}")
+                chosen.append(rec)
             if not chosen:
                 raise UserError(f"{chosen_path}: no samples (sample_effect.py writes K of them: run it again)")
             sources = {}

@@ -411,7 +411,7 @@ def check_effect_row(where, row, n_samples, fields):
     if set(row) != fields:
         raise UserError(f"{where}: fields {sorted(row)}, where the run's first row has {sorted(fields)}; {again}")
     for key, value in row.items():
-        if type(value) not in (int, float) or not math.isfinite(value):
+        if not common.finite_number(value):
             raise UserError(f"{where}: field {key!r} must be a finite number, got {json.dumps(value)}; {again}")
 
 

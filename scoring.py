@@ -2,6 +2,7 @@
 Scoring generated responses: unbiased pass@k, per-difficulty summaries, the accuracy tables, and the sharded
 generate-score-gather that eval.py and training-time validation share.
 """
+import json
 import math
 import time
 
@@ -124,12 +125,24 @@ def read_summary(path):
     """An eval summary.json (eval.py reuses it, report.py tabulates it), checked to hold what summary_row reads:
     a damaged one is one line naming the file, not a traceback."""
     summary = common.read_json(path, "an eval summary")
+
+    def number(where, value, fraction=True):
+        if not (common.finite_number(value) and 0 <= value <= (1 if fraction else value)):
+            raise ValueError(f"{where} is {json.dumps(value)}, expected "
+                             f"{'a number in [0, 1]' if fraction else 'a finite number >= 0'}")
     try:
-        summary_row(summary)
-        if type(summary["overall"]["accuracy"]) not in (int, float):
-            raise TypeError("overall accuracy is not a number")
+        overall = summary["overall"]
+        for key in ["accuracy", "truncation_rate"] + [f"pass@{k}" for k in summary["pass_k"] if k > 1]:
+            number(f"overall {key}", overall[key])
+        number("overall mean_length", overall["mean_length"], fraction=False)
+        for difficulty, metrics in summary["by_difficulty"].items():
+            number(f"by_difficulty {difficulty} accuracy", metrics["accuracy"])
         if not isinstance(summary.get("settings", {}), dict):  # (report.py and eval.py read fields of it)
             raise TypeError(f"field 'settings' is {summary['settings']!r}, expected an object")
+        for key in ("temperature", "top_p"):  # (how_evaluated formats them)
+            if key in summary.get("settings", {}):
+                number(f"settings {key}", summary["settings"][key], fraction=False)
+        summary_row(summary)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: not an eval summary ({type(e).__name__}: {e})")
     return summary

@@ -334,6 +334,15 @@ def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
     assert report.read_times(str(path))["rl"] == (120, 2, "gpu", 2, 240)
 
 
+def summary_with(section, key, value):
+    """An eval summary's file with one field of `section` set to value, for a damage case."""
+    def edit(path):
+        summary = json.loads(path.read_text())
+        summary[section][key] = value
+        return json.dumps(summary)
+    return edit
+
+
 @pytest.mark.parametrize("damage", [
     ("eval/rl/test/summary.json", "", r"summary\.json: cannot read an eval summary"),
     ("eval/rl/test/summary.json", b"{\"a\": \"\xff\"}", r"summary\.json: cannot read an eval summary"),
@@ -341,6 +350,19 @@ def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
     ("eval/rl/test/summary.json", lambda path: json.dumps({**json.loads(path.read_text()), "settings": ["oops"]}),
      r"summary\.json: not an eval summary \(TypeError: field 'settings' is \['oops'\], expected an object"),
     ("eval_se/se_top/test/summary.json", "[]", r"summary\.json: an eval summary expected, got a JSON list"),
+    # impossible numbers (a hand edit): "GRPO gain +2635.0 points" or +nan was tabled
+    ("eval/rl/test/summary.json", summary_with("overall", "accuracy", 26.5),
+     r"summary\.json: not an eval summary \(ValueError: overall accuracy is 26\.5, expected a number in \[0, 1\]"),
+    ("eval/rl/test/summary.json", summary_with("overall", "accuracy", float("nan")), r"accuracy is NaN, expected"),
+    ("eval/rl/test/summary.json", summary_with("overall", "mean_length", 10 ** 400), r"summary\.json: not an eval "
+     r"summary \(ValueError: overall mean_length is 10+, expected a finite number >= 0"),
+    ("sample_effect/top.jsonl", '{"sample_effect": true}\n', r"top\.jsonl:1: field 'sample_effect' must be a finite "
+     r"number, got true"),
+    ("sample_effect/top.jsonl", '{"sample_effect": 1e400}\n', r"got Infinity"),
+    ("base_probe.json", '{"accuracy": NaN, "people": {}}', r"base_probe\.json: fields 'accuracy' and 'people'"),
+    ("eval/rl/test/summary.json", summary_with("overall", "truncation_rate", "lots"), r"truncation_rate is \"lots\""),
+    ("eval/rl/test/summary.json", summary_with("settings", "temperature", "0"), r"settings temperature is \"0\", "
+     r"expected a finite number >= 0"),
     ("rl/settings.json", "{}", r"settings\.json: field 'prompts_per_step' missing"),
     ("rl/metrics.jsonl", '{"step": null, "reward": 1}\n', r"metrics\.jsonl:1: field 'step' must be a non-negative "
      r"integer, got null"),
@@ -359,7 +381,7 @@ def test_device_hours_count_each_attempt_at_its_own_number_of_devices(tmp_path):
      r"effects\.summary\.json: a field is missing or of the wrong type \(KeyError"),
     ("sample_effect/top.jsonl", '{"source_file": "a.jsonl"}\n', r"top\.jsonl:1: missing field 'sample_effect'"),
     ("sample_effect/top.jsonl", "", r"top\.jsonl: no samples"),
-    ("sample_effect/top.jsonl", '{"sample_effect": "0.5"}\n', r"top\.jsonl:1: field 'sample_effect' must be of type"),
+    ("sample_effect/top.jsonl", '{"sample_effect": "0.5"}\n', r"top\.jsonl:1: field 'sample_effect' must be a finite number, got \"0\.5\""),
     ("sample_effect/top.jsonl", '{"sample_effect": 0.5, "source_file": 7}\n', r"top\.jsonl:1: field 'source_file'"),
     ("rl/metrics.jsonl", '{"step": 1, "reward": 1, "gen_batches": "2"}\n', r"metrics\.jsonl:1: field 'gen_batches'"),
     ("sample_effect/effects.summary.json", '{"files": {"a.jsonl": {"count": 1, "sample_effect": null}}}',
