@@ -62,10 +62,11 @@ def get_parser():
 # reading the probe run's rollout log
 
 
-def read_outcomes(run_dir, pool_ids, steps_per_epoch):
+def read_outcomes(run_dir, pool_ids, steps_per_epoch, prompts=None):
     """(epoch, pool index, solved) of every rollout in the log (steps 1..S, no hole), each row's fields checked; the
-    logged epochs checked by check_step_epochs."""
+    logged epochs checked by check_step_epochs. The prompts the rows carry go into `prompts` (tasks.note_prompt)."""
     logs, folder, outcomes, last_epoch = tasks.rollout_logs(run_dir), os.path.join(run_dir, "rollouts"), [], -1
+    prompts = {} if prompts is None else prompts
     if not logs:
         raise UserError(f"{folder}: no rollouts (no step_N.jsonl files; "
                         "the probe run writes them with --log_rollouts true)")
@@ -82,6 +83,8 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch):
             where, rid = f"{path}:{lineno}", row["id"]
             if str(rid) not in pool_ids:
                 raise UserError(f"{where}: field 'id' {rid!r} is not a prompt of the pool (--train_data)")
+            if "prompt" in row:  # (train_rl logs it: compared below with the pool's, as the run rendered them)
+                tasks.note_prompt(prompts, row, where)
             if steps_per_epoch:
                 epoch = (step - 1) // steps_per_epoch
             else:
@@ -207,7 +210,13 @@ def main(argv=None):
     if live := common.run_in_progress(args.rollouts):
         raise UserError(f"{args.rollouts}: the probe run is still running ({live}), so its rollout log is not "
                         f"complete; run lim_select.py once it has ended")
-    outcomes = read_outcomes(args.rollouts, pool_ids, args.steps_per_epoch)
+    prompts = {}  # id -> (logged prompt, where)
+    outcomes = read_outcomes(args.rollouts, pool_ids, args.steps_per_epoch, prompts)
+    tokenizer = tasks.run_tokenizer(args.rollouts)
+    if tokenizer is None:
+        print0(f"note: no saved weights in {args.rollouts}, so no tokenizer: the logged prompts are not compared with "
+               f"the pool's")
+    tasks.check_rollouts_of(args.rollouts, tokenizer, task, args.task, pool, prompts, args.train_data)
     epochs = sorted({e for e, _, _ in outcomes})
     drawn = {e: len({i for epoch, i, _ in outcomes if epoch == e}) for e in epochs[-2:]}
     if not args.epochs and len(epochs) > 1 and drawn[epochs[-1]] < drawn[epochs[-2]]:

@@ -117,8 +117,8 @@ def parse_steps(text, last=None):
 
 def read_rollouts(run_dir, steps, split_ids=None, splits=""):
     """The rows of RUN_DIR/rollouts/step_N.jsonl for each step, in the order given, each field checked, the rows of
-    one id holding one prompt (a row whose prompt is another's would pair it with a score of the id's record); where
-    split_ids (the ids of the records of `splits`) is given, each row's id one of them."""
+    one id holding one prompt (tasks.note_prompt); where split_ids (the ids of the records of `splits`) is given, each
+    row's id one of them. Returns them and the prompts (id -> (prompt, where first seen))."""
     logs, samples, prompts = tasks.rollout_logs(run_dir), [], {}  # prompts: id -> (its prompt, where first seen)
     for step in steps:
         if step not in logs:
@@ -131,14 +131,9 @@ def read_rollouts(run_dir, steps, split_ids=None, splits=""):
             if split_ids is not None and str(row["id"]) not in split_ids:
                 raise UserError(f"{logs[step]}:{lineno}: field 'id' {row['id']!r} is the id of no record in --split "
                                 f"{splits}, so its answer cannot be re-scored (give the RL run's --train_data)")
-            prompt, first = prompts.setdefault(str(row["id"]), (row["prompt"], f"{logs[step]}:{lineno}"))
-            if not row["prompt"]:
-                raise UserError(f"{logs[step]}:{lineno}: field 'prompt' is empty")
-            if row["prompt"] != prompt:
-                raise UserError(f"{logs[step]}:{lineno}: field 'prompt' differs from that of id {row['id']!r} at "
-                                f"{first}: one id, two prompts (a log edited by hand, or of two runs' data)")
+            tasks.note_prompt(prompts, row, f"{logs[step]}:{lineno}")
         samples += [{**row, "source": logs[step]} for _, row in rows]
-    return samples
+    return samples, prompts
 
 
 def load_splits(task, args, tokenizer, template):
@@ -255,13 +250,6 @@ def stop_texts(tokenizer):
     return STOP_TOKENS if tokenizer is None else tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer)))
 
 
-def run_tokenizer(run_dir):
-    """The tokenizer saved with the RL run's newest weights (every step_N directory holds one), or None."""
-    saved = sorted((int(m.group(1)), name) for name in os.listdir(run_dir) if (m := re.fullmatch(r"step_(\d+)", name))
-                   and os.path.isfile(os.path.join(run_dir, name, "tokenizer_config.json")))
-    return tasks.load_tokenizer(os.path.join(run_dir, saved[-1][1])) if saved else None
-
-
 def strip_stop_text(response, texts=STOP_TOKENS):
     """Remove a trailing stop-token string (a rollout log that decoded the stop token too); SFT appends EOS itself."""
     for t in texts:
@@ -317,12 +305,17 @@ def main(argv=None):
                             f"change; run sample_policy.py once it has ended")
         steps = parse_steps(args.steps, max(tasks.rollout_logs(args.from_rollouts), default=0))
         records = load_splits(task, args, None, "plain") if args.split else None
-        samples = read_rollouts(args.from_rollouts, steps, None if records is None else {str(r["id"]) for r in records},
-                                " ".join(args.split or ()))
-        tokenizer = run_tokenizer(args.from_rollouts)
+        samples, prompts = read_rollouts(args.from_rollouts, steps,
+                                         None if records is None else {str(r["id"]) for r in records},
+                                         " ".join(args.split or ()))
+        tokenizer = tasks.run_tokenizer(args.from_rollouts)
         if tokenizer is None:
             print0(f"note: no saved weights in {args.from_rollouts}, so no tokenizer: responses are checked for the "
-                   f"usual stop tokens' text only ({', '.join(STOP_TOKENS)}), and not for --max_length")
+                   f"usual stop tokens' text only ({', '.join(STOP_TOKENS)}), and not for --max_length"
+                   + (", and their prompts are not compared with --split's" if records else ""))
+        # (the run's --task always; with --split, which re-scores against its records, every prompt)
+        tasks.check_rollouts_of(args.from_rollouts, tokenizer, task, args.task, records or [],
+                                prompts if records else {}, " + ".join(args.split or ()))
         texts = stop_texts(tokenizer)
         stripped = 0
         for s in samples:

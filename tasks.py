@@ -17,7 +17,8 @@ import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import UserError, check_fields, iter_jsonl, open_lines, print0, stop_token_ids, world_size
+from common import (UserError, check_fields, iter_jsonl, open_lines, print0, read_json, stop_token_ids,
+                    world_size)
 
 TASKS = ("kk", "math")
 
@@ -710,6 +711,45 @@ def read_rollout_log(path, step, fields):
     if not rows:  # (read as "no rollouts", it would quietly change LIMR's scores or set B's size)
         raise UserError(f"{path}: no rows; its writer never writes an empty file, so this is a damaged copy")
     return rows
+
+
+def note_prompt(prompts, row, where):
+    """Keep a rollout log row's prompt in `prompts` (id -> (prompt, where first seen)); one empty, or another than
+    that id's earlier rows hold (a row edited by hand, logs of two runs' data), is an error naming the line."""
+    if not (isinstance(row["prompt"], str) and row["prompt"]):
+        raise UserError(f"{where}: field 'prompt' is {json.dumps(row['prompt'])}, expected a prompt's text")
+    prompt, first = prompts.setdefault(str(row["id"]), (row["prompt"], where))
+    if row["prompt"] != prompt:
+        raise UserError(f"{where}: field 'prompt' differs from that of id {row['id']!r} at {first}: one id, two "
+                        f"prompts (a log edited by hand, or of two runs' data)")
+
+
+def run_tokenizer(run_dir):
+    """The tokenizer saved with an RL run's newest weights (every step_N directory holds one), or None."""
+    saved = sorted((int(m.group(1)), name) for name in os.listdir(run_dir) if (m := re.fullmatch(r"step_(\d+)", name))
+                   and os.path.isfile(os.path.join(run_dir, name, "tokenizer_config.json")))
+    return load_tokenizer(os.path.join(run_dir, saved[-1][1])) if saved else None
+
+
+def check_rollouts_of(run_dir, tokenizer, task, task_name, records, prompts, data):
+    """That an RL run's rollouts are of `records` (read from `data`, the files given as the run's data): the run's
+    --task is task_name, and each logged prompt (`prompts`: id -> (prompt, where), note_prompt's) is its record's as
+    the run rendered it (`tokenizer`, run_tokenizer's; its --template). Data made again with other settings keeps its
+    ids: its puzzles would be selected, or answers re-scored, in the logged ones' place. Without a tokenizer (the run
+    saved no weights) only the task is compared."""
+    path = os.path.join(run_dir, "settings.json")
+    settings = read_json(path, "the RL run's settings") if os.path.exists(path) else {}
+    run_task = settings.get("task")
+    if isinstance(run_task, str) and task_module_name(run_task) != task_module_name(task_name):
+        raise UserError(f"{run_dir}: the RL run's --task is {run_task!r}, not {task_name!r}")
+    if tokenizer is None:
+        return
+    by_id, template = {str(r["id"]): r for r in records}, settings.get("template", "auto")
+    for id_, (prompt, where) in prompts.items():
+        if task.render_prompt(by_id[id_], tokenizer, template) != prompt:
+            raise UserError(f"{where}: field 'prompt' is not that of record {id_!r} of {data} as the run rendered it "
+                            f"(data made again under the same ids, or a prompt format changed since the run); give "
+                            f"the run's own data ({settings.get('train_data', 'its --train_data')})")
 
 
 def check_same_tokenizer(dir_a, dir_b, flag_a, flag_b, why, vocab_sizes=None):

@@ -264,10 +264,10 @@ def test_a_set_holds_no_stop_token_sft_would_refuse(tmp_path):
     redistill_sft refuses the whole set. --from_rollouts takes the tokenizer saved with the run's newest weights."""
     import tasks
     run = tmp_path / "run"
-    assert sp.run_tokenizer(str(tmp_path)) is None and sp.stop_texts(None) == common.STOP_TOKENS
+    assert sp.tasks.run_tokenizer(str(tmp_path)) is None and sp.stop_texts(None) == common.STOP_TOKENS
     for step, eos in ((2, "<|end|>"), (10, "</s>")):
         eos_tokenizer(eos).save_pretrained(str(run / f"step_{step:06d}"))
-    tok = sp.run_tokenizer(str(run))
+    tok = sp.tasks.run_tokenizer(str(run))
     assert tok.eos_token == "</s>" and "</s>" in sp.stop_texts(tok)  # the newest weights' tokenizer
     samples = [s("a", "so</s> the answer is x"), s("a", "the answer is x")]
     assert len(sp.select(samples, 0, 0, 0)[0]) == 2  # (by the usual names alone it stays, and SFT refuses it)
@@ -429,7 +429,7 @@ def test_rollout_errors_write_nothing(tmp_path):
     fails(r"step_000009\.jsonl:1: field 'prompt' differs from that of id 'a' at .*step_000008\.jsonl:1: one id, two "
           r"prompts", "--steps", "8-9")
     write_rollouts(run, {8: [s("a", "x"), {**s("b", "y"), "prompt": ""}]})
-    fails(r"step_000008\.jsonl:2: field 'prompt' is empty", "--steps", "8")
+    fails(r"step_000008\.jsonl:2: field 'prompt' is \"\", expected a prompt's text", "--steps", "8")
     with pytest.raises(UserError, match=r"rollouts/step_000001\.jsonl: file not found \(rollout steps present: none\)"):
         sp.main(["--from_rollouts", str(tmp_path / "empty"), "--steps", "1", "--task", "toy_task", "--out", str(out)])
 
@@ -502,6 +502,40 @@ def test_from_rollouts_strips_and_drops_the_run_tokenizers_own_eos(tmp_path, cap
              "--progress", "false"])
     assert [(r["id"], r["response"]) for r in read(out)] == [("a", "the answer is x")]
     assert "1 holding a stop token's text" in capsys.readouterr().out
+
+
+def test_rollouts_are_checked_to_be_of_the_split_and_task_given(tiny_checkpoint, tmp_path, capsys):
+    """Data made again under the same ids (another pool of puzzles) re-scored the run's answers against other
+    records, and lim_select selected the other pool's prompts in the logged ones' place: each logged prompt is
+    compared with its record's, rendered as the run rendered them (its saved tokenizer, its --template); the run's
+    --task with --task. A run that saved no weights is compared on its task alone."""
+    import lim_select
+    import shutil
+    run, split, out = tmp_path / "rl", tmp_path / "split.jsonl", tmp_path / "out.jsonl"
+    shutil.copytree(tiny_checkpoint, run / "step_000001")
+    common.write_json(str(run / "settings.json"), {"task": "toy_task", "template": "plain", "prompts_per_step": 2,
+                                                   "samples_per_prompt": 1})
+    records, tok = toy_task.make_records(2, seed=1), load_tokenizer(tiny_checkpoint)
+    rows = [{"step": 1, "id": r["id"], "prompt": toy_task.render_prompt(r, tok, "plain"), "epoch": 0, "length": 5,
+             "response": toy_task.teacher_response(r), "reward": float(i), "finished": True}
+            for i, r in enumerate(records)]
+    write_rollouts(str(run), {1: rows})
+    other = [{**r, "question": r["question"].replace("+", "-")} for r in records]  # the same ids, other problems
+    for data, ok in ((records, True), (other, False)):
+        common.write_jsonl(str(split), data)
+        for stage in (lambda: sp.main(["--from_rollouts", str(run), "--steps", "1", "--task", "toy_task", "--split",
+                                       str(split), "--out", str(out), "--progress", "false"]),
+                      lambda: lim_select.main(["--rollouts", str(run), "--train_data", str(split), "--task",
+                                               "toy_task", "--out", str(out), "--plot_out", "", "--threshold", "0"])):
+            if ok:
+                stage()
+            else:
+                with pytest.raises(UserError, match=r"step_1\.jsonl:1: field 'prompt' is not that of record .* of "
+                                                    r".*split\.jsonl as the run rendered it"):
+                    stage()
+    common.write_json(str(run / "settings.json"), {"task": "kk", "template": "plain"})
+    with pytest.raises(UserError, match=r"rl: the RL run's --task is 'kk', not 'toy_task'"):
+        sp.main(["--from_rollouts", str(run), "--steps", "1", "--task", "toy_task", "--out", str(out)])
 
 
 def test_from_checkpoint_drops_a_response_holding_the_checkpoints_own_eos(tmp_path, monkeypatch):
