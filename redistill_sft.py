@@ -44,8 +44,8 @@ def get_parser():
     p = common.new_parser("SFT (cold start, re-distillation) or pre-training of the tiny base model.")
     # data
     p.add_argument("--data", nargs="+", default=None,
-                   help="SFT jsonl file(s) of {id, task, prompt, response}; a record 'finished': false is refused, "
-                        "one with a 'reward' below 1 noted")
+                   help="SFT jsonl file(s) of {id, task, prompt, response}; a record that says it is cut off "
+                        "('finished': false) or wrong (a 'reward' below 1) is refused")
     p.add_argument("--pretrain_text", nargs="+", default=None,
                    help="instead of --data: pre-train on text (*.jsonl or *.json: one JSON object with a 'text' field "
                         "a line; any other name: plain text with documents separated by blank lines); loss on all "

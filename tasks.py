@@ -17,8 +17,8 @@ import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import (UserError, check_fields, iter_jsonl, open_lines, print0, read_json, stop_token_ids,
-                    world_size)
+from common import (UserError, check_fields, finite_number, iter_jsonl, open_lines, print0, read_json,
+                    stop_token_ids, world_size)
 
 TASKS = ("kk", "math")
 
@@ -523,22 +523,19 @@ def check_sft_record(path, lineno, rec):
 
 
 def check_sft_outcomes(path, rows, where):
-    """A record that says its response was cut off ("finished": false, as in sample_policy's --samples_out, which
-    holds every sample) is an error: SFT appends EOS after it, teaching the model to stop mid-answer. One that says
-    it is wrong (a "reward" below 1, the shipped tasks' reward of a right answer) is trained on as given, with a note:
-    a deliberate choice (an ablation), or that --samples_out file in place of --out."""
-    wrong = []
+    """A record that says its response was cut off ("finished": false) or wrong (a "reward" below 1, the shipped
+    tasks' reward of a right answer: is_correct) is an error naming it: an RL rollout log or sample_policy's
+    --samples_out (every sample, for inspection) given as SFT data trained on every sample, EOS appended after
+    cut-off answers. A set of wrong answers trained on deliberately (an ablation) drops the field."""
     for rec, lineno in zip(rows, where):
         if rec.get("finished") is False:
             raise UserError(f"{path}:{lineno}: field 'finished' is false: the response was cut at the length limit, "
-                            f"and SFT appends EOS after it (sample_policy's --samples_out holds every sample; its "
-                            f"--out the finished, correct ones)")
-        reward = rec.get("reward")
-        if type(reward) in (int, float) and reward < 1:
-            wrong.append(lineno)
-    if wrong:
-        print0(f"note: {path}: {len(wrong)} of {len(rows)} records have a reward below 1 (wrong answers; line "
-               f"{wrong[0]} first), trained on as given (sample_policy's --out holds the correct ones alone)")
+                            f"and SFT appends EOS after it (an RL rollout log, or sample_policy's --samples_out, holds "
+                            f"every sample; its --out the finished, correct ones)")
+        if finite_number(rec.get("reward")) and not is_correct(rec["reward"]):
+            raise UserError(f"{path}:{lineno}: field 'reward' is {rec['reward']}: a wrong answer (an RL rollout log, "
+                            f"or sample_policy's --samples_out, holds every sample; its --out the correct ones); to "
+                            f"train on wrong answers on purpose, drop the field")
 
 
 def lone_text_marker(tokenizer):

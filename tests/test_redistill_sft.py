@@ -133,24 +133,21 @@ def test_reductions_by_hand():
     assert sft.reduce_loss(got, seq, [a, b], "token_mean", num_tokens=12).item() == pytest.approx(7 * 3 / 12)
 
 
-def test_a_record_that_says_it_was_cut_off_is_refused_and_wrong_ones_are_noted(tiny_checkpoint, tmp_path, capsys):
-    """sample_policy's --samples_out (every sample, for inspection) given as SFT data trained on every sample: cut-off
-    responses with EOS appended after them, wrong answers. A record with "finished": false is an error naming it; a
-    reward below 1 (the shipped tasks' wrong answer) is trained on as given, with a note."""
+def test_a_record_that_says_it_was_cut_off_or_wrong_is_refused(tiny_checkpoint, tmp_path):
+    """sample_policy's --samples_out (every sample, for inspection) or an RL rollout log given as SFT data trained on
+    every sample: cut-off responses with EOS appended after them, wrong answers. A record with "finished": false or a
+    reward below 1 is an error naming it; a set without those fields trains as given."""
     tok = load_tokenizer(tiny_checkpoint)
     path = write_sft(tmp_path / "d.jsonl", toy_task.make_records(3, seed=1), tok)
     rows = common.read_jsonl(path)
-    common.write_jsonl(path, [{**r, "reward": reward, "finished": True} for r, reward in zip(rows, (1.0, 0.0, 0))])
-    assert len(tasks.load_sft_examples([path], tok, 512)) == 3
-    note = f"note: {path}: 2 of 3 records have a reward below 1 (wrong answers; line 2 first)"
-    assert note in capsys.readouterr().out
-    common.write_jsonl(path, rows[:2] + [{**rows[2], "finished": False}])
-    with pytest.raises(common.UserError, match=r"d\.jsonl:3: field 'finished' is false: the response was cut at the "
-                                               r"length limit, and SFT appends EOS after it"):
-        tasks.load_sft_examples([path], tok, 512)
-    common.write_jsonl(path, rows)
-    tasks.load_sft_examples([path], tok, 512)
-    assert "note" not in capsys.readouterr().out  # (no reward, no note)
+    common.write_jsonl(path, [{**r, "reward": reward, "finished": True} for r, reward in zip(rows, (1.0, 1.5, 1))])
+    assert len(tasks.load_sft_examples([path], tok, 512)) == 3  # (a bonus above 1 is right too: tasks.is_correct)
+    for change, message in (({"finished": False}, r"d\.jsonl:3: field 'finished' is false: the response was cut "
+                                                  r"at the length limit, and SFT appends EOS after it"),
+                            ({"reward": 0.0}, r"d\.jsonl:3: field 'reward' is 0\.0: a wrong answer .* drop the field")):
+        common.write_jsonl(path, rows[:2] + [{**rows[2], **change}])
+        with pytest.raises(common.UserError, match=message):
+            tasks.load_sft_examples([path], tok, 512)
 
 
 @pytest.mark.parametrize("reduction", ["seq_mean", "token_mean"])
