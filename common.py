@@ -138,6 +138,20 @@ def expand_home(value, flag):
     return os.path.expanduser(value)
 
 
+def run_dir_hint(path):
+    """For an error on a directory that should be a checkpoint: where it is a training run's (it holds final/ or
+    step_N/ checkpoints), a hint naming them; else ""."""
+    try:
+        names = sorted(n for n in os.listdir(path) if re.fullmatch(r"final|step_\d+", n)
+                       and os.path.isfile(os.path.join(path, n, "config.json")))
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    shown = names if len(names) <= 3 else [names[0], "...", names[-1]]
+    return f" (a training run's directory: give one of its checkpoints, {', '.join(shown)})"
+
+
 def check_output_path(flag, path, directory):
     """That an output can be made at path: no directory where a file goes, no file where a directory goes, and no
     file in the way above it. Checked at the start, so that a long run does not fail at its last write."""

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selecti
                                     noop_context_fn)
 
 from common import (UserError, file_stamps, finite_number, fsync_dir, fsync_tree, raise_refused_write, read_json,
-                    stop_token_ids)
+                    run_dir_hint, stop_token_ids)
 
 try:  # FlashAttention kernels on CUDA when the package is installed; SDPA otherwise
     from flash_attn import flash_attn_varlen_func
@@ -604,7 +604,8 @@ def check_checkpoint(path):
     if not os.path.isdir(path):
         raise UserError(f"checkpoint {path}: no such directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"checkpoint {path}: not a Hugging Face checkpoint directory (no config.json)")
+        raise UserError(f"checkpoint {path}: not a Hugging Face checkpoint directory (no config.json)"
+                        + run_dir_hint(path))
     check_weights(path)
 
 
@@ -613,7 +614,7 @@ def read_config(path) -> ModelConfig:
         raise UserError(f"{path}: checkpoint directory not found")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise UserError(f"{cfg_path}: not found (not a Hugging Face checkpoint directory)")
+        raise UserError(f"{cfg_path}: not found (not a Hugging Face checkpoint directory){run_dir_hint(path)}")
     return ModelConfig.from_hf(read_json(cfg_path, "a model config", repeated_keys=True), cfg_path)
 
 

@@ -17,7 +17,7 @@ import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import (UserError, check_fields, finite_number, iter_jsonl, open_lines, print0, read_json,
+from common import (UserError, check_fields, finite_number, iter_jsonl, open_lines, print0, read_json, run_dir_hint,
                     stop_token_ids, world_size)
 
 TASKS = ("kk", "math")
@@ -275,8 +275,9 @@ def check_tokenizer_files(path):
     long, for one that does not, and every text encodes to nothing): a UserError otherwise. Cheap: a script checks
     every checkpoint it will read before the first one's work."""
     if not any(os.path.isfile(os.path.join(path, name)) for name in VOCABULARY_FILES):
-        raise UserError(f"{path}: no tokenizer files ({', '.join(VOCABULARY_FILES)}); a checkpoint saved without its "
-                        f"tokenizer: copy in the tokenizer files of the model it was trained from")
+        raise UserError(f"{path}: no tokenizer files ({', '.join(VOCABULARY_FILES)})"
+                        + (run_dir_hint(path) or "; a checkpoint saved without its tokenizer: copy in the tokenizer "
+                                                 "files of the model it was trained from"))
 
 
 def check_vocab(tokenizer, vocab_size, where):
@@ -682,6 +683,9 @@ def rollout_logs(run_dir):
                 raise UserError(f"{logs[step]} and {path}: two rollout logs of step {step}; move away the one that is "
                                 f"not this run's")
             logs[step] = path
+    if not logs and os.path.isdir(run_dir) and any(re.fullmatch(r"step_\d+\.jsonl", n) for n in os.listdir(run_dir)):
+        raise UserError(f"{run_dir}: holds rollout logs itself; give the RL run's directory, "
+                        f"{os.path.dirname(os.path.abspath(run_dir))}")
     return dict(sorted(logs.items()))
 
 

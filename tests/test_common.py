@@ -614,6 +614,31 @@ def test_a_run_stopped_by_bad_input_after_its_lock_leaves_no_directory_it_made_f
     assert not common._MADE_FOR_LOCK
 
 
+def test_a_run_directory_given_as_a_checkpoint_is_named_with_its_checkpoints(tmp_path):
+    """An RL or SFT run's directory where a checkpoint goes (--model RUN, not RUN/final) was told to copy in tokenizer
+    files, or that config.json is missing; a run's rollouts/ folder where the run goes named rollouts/rollouts/.
+    The errors now say what the directory is and name what to give."""
+    import model
+    import tasks
+    run = tmp_path / "run"
+    for name in ("step_000002", "step_000004", "final"):
+        (run / name).mkdir(parents=True)
+        (run / name / "config.json").write_text("{}")
+    (run / "step_000006").mkdir()  # (no checkpoint in it)
+    hint = r"\(a training run's directory: give one of its checkpoints, final, step_000002, step_000004\)"
+    with pytest.raises(common.UserError, match=r"run: no tokenizer files \(.*\) " + hint):
+        tasks.check_tokenizer_files(str(run))
+    with pytest.raises(common.UserError, match=r"config\.json: not found \(not a Hugging Face checkpoint directory\) "
+                                               + hint):
+        model.read_config(str(run))
+    with pytest.raises(common.UserError, match=r"no tokenizer files .*; a checkpoint saved without its tokenizer"):
+        tasks.check_tokenizer_files(str(run / "step_000006"))  # (no run there: the advice of before)
+    common.write_jsonl(str(run / "rollouts" / "step_000001.jsonl"), [{"step": 1}])
+    with pytest.raises(common.UserError, match=r"rollouts: holds rollout logs itself; give the RL run's directory, "
+                                               r".*run$"):
+        tasks.rollout_logs(str(run / "rollouts"))
+
+
 FULL_DISK_SCRIPT = """
 import os, resource, signal, sys, torch
 import common
