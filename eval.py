@@ -230,6 +230,10 @@ def main(argv=None):
     if any(k < 1 for k in args.pass_k):
         raise UserError("--pass_k values must be >= 1")
     task = tasks.get_task(args.task)
+    if os.path.isfile(os.path.join(args.out_dir, "config.json")) or common.run_dir_hint(args.out_dir):
+        raise UserError(f"--out_dir {args.out_dir}: a checkpoint, or a training run's directory: eval.py writes a "
+                        f"NAME/SPLIT/ folder per pair there (beside a run's step_N/, which its pruning deletes); give "
+                        f"eval.py a directory of its own")
     for path in args.checkpoints:  # (each, before the first one's generation: a late one could stop a run of hours)
         check_checkpoint(path)
         tasks.check_tokenizer_files(path)

@@ -803,6 +803,12 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
         run("--task", "no_such_task_module")
     with pytest.raises(common.UserError, match="context"):
         run("--max_response_tokens", "100000")
+    # a checkpoint or a training run's directory as --out_dir: pair folders beside (or inside) its checkpoints
+    import shutil
+    shutil.copytree(tiny_checkpoint, tmp_path / "run" / "step_000002")
+    for out_dir in (tiny_checkpoint, str(tmp_path / "run")):
+        with pytest.raises(common.UserError, match=r"a checkpoint, or a training run's directory"):
+            ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", out_dir] + FAST)
     assert not os.path.exists(tmp_path / "out" / "results.md")  # nothing half-written
 
 
