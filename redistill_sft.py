@@ -125,6 +125,15 @@ def get_parser():
 # data: one example = {"input_ids", "start", "id", "file", "line"}; targets input_ids[start:] carry the loss
 
 
+def looks_like_jsonl(document):
+    """Whether a plain-text document's first line is a JSON object with a "text" field (a jsonl file not so named)."""
+    try:
+        first = common.json_loads(document.split("\n", 1)[0])
+    except common.JSON_ERRORS:
+        return False
+    return isinstance(first, dict) and "text" in first
+
+
 def load_text_examples(paths, tokenizer, max_length):
     """Pre-training documents: jsonl with a "text" field (one document per line; a file named *.jsonl or *.json) or
     plain text (any other name; documents separated by blank lines). Each document + EOS is split into sequences of
@@ -156,6 +165,9 @@ def load_text_examples(paths, tokenizer, max_length):
                     buf, first = [], 0
             if buf:
                 docs.append((first, "".join(buf).rstrip("\n")))
+            if docs and looks_like_jsonl(docs[0][1]):  # (its JSON, escapes and all, would be the text trained on)
+                raise UserError(f"{path}: plain text by its name, but its first line is a JSON object with a 'text' "
+                                f"field: name it *.jsonl to read one document a line from that field")
         if not docs:
             raise UserError(f"{path}: no text")
         tokens = tasks.encode_prompts(tokenizer, [t for _, t in docs])

@@ -537,7 +537,7 @@ def test_held_out_loss_at_start_and_epoch_ends_through_a_resume_then_one_checkpo
 
 def test_a_pretraining_file_named_json_is_read_as_json_lines(tiny_checkpoint, tmp_path):
     """*.jsonl and *.json hold one {"text": ...} a line; read as plain text, the model would learn braces and field
-    names. Any other name is plain text."""
+    names. Any other name is plain text, but not one whose first line is such a record (a jsonl file named .txt)."""
     tok = load_tokenizer(tiny_checkpoint)
     lines = '{"text": "1 plus 2 is 3."}\n{"text": "2 plus 2 is 4."}\n'
     for name in ("docs.json", "docs.JSONL"):
@@ -545,6 +545,10 @@ def test_a_pretraining_file_named_json_is_read_as_json_lines(tiny_checkpoint, tm
         examples = sft.load_text_examples([str(tmp_path / name)], tok, 512)
         assert [tok.decode(e["input_ids"][:-1]) for e in examples] == ["1 plus 2 is 3.", "2 plus 2 is 4."]
     (tmp_path / "docs.txt").write_text(lines)
+    with pytest.raises(common.UserError, match=r"docs\.txt: plain text by its name, but its first line is a JSON "
+                                               r"object with a 'text' field: name it \*\.jsonl"):
+        sft.load_text_examples([str(tmp_path / "docs.txt")], tok, 512)
+    (tmp_path / "docs.txt").write_text('{"a": 1} is JSON.\n{"text": "x"}\n')
     assert len(sft.load_text_examples([str(tmp_path / "docs.txt")], tok, 512)) == 1  # one plain-text document
 
 
