@@ -95,6 +95,26 @@ def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: give exactly one of --init"), proc.stderr
 
 
+def test_a_tokenizer_of_another_vocabulary_than_the_init_is_refused(tiny_checkpoint, tmp_path):
+    """--tokenizer was checked for its size alone: another model's tokenizer of the same size (tokens with other
+    ids) trained the embedding's rows as other tokens, and was saved with the weights. Its vocabulary must be the
+    --init's own; another chat template (what --tokenizer is for) is fine."""
+    import shutil
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(8), tok)
+    swapped = shutil.copytree(tiny_checkpoint, str(tmp_path / "swapped"))
+    spec = json.load(open(os.path.join(swapped, "tokenizer.json")))
+    vocab = spec["model"]["vocab"]
+    a, b = [t for t in vocab if t.isalpha()][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    json.dump(spec, open(os.path.join(swapped, "tokenizer.json"), "w"))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"--tokenizer {swapped}: not the tokenizer of --init {tiny_checkpoint} "
+                                        rf"\({len(vocab)} vs {len(vocab)} tokens, 2 with other ids\)"):
+        sft.main(["--data", data, "--init", tiny_checkpoint, "--tokenizer", swapped, "--out_dir", str(out)])
+    assert not out.exists()
+
+
 # -----------------------------------------------------------------------------
 # the loss
 
