@@ -382,6 +382,10 @@ def main(argv=None):
     else:
         train = tasks.load_sft_examples(args.data, tokenizer, max_length, limit)
         val = tasks.load_sft_examples(args.val_data, tokenizer, max_length, limit) if args.val_data else None
+    if val and not args.pretrain_text:
+        tasks.warn_held_out_overlap([tuple(e["input_ids"][:e["start"]]) for e in train],
+                                    [tuple(e["input_ids"][:e["start"]]) for e in val],
+                                    f"--data {' '.join(args.data)}", f"--val_data {' '.join(args.val_data)}")
     digests = [common.data_digest([e["input_ids"], e["start"]] for e in part or []) for part in (train, val)]
     parallel.same_on_every_rank(digests, " ".join((args.pretrain_text or args.data) + (args.val_data or [])))
     lengths = [len(e["input_ids"]) for e in train]

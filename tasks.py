@@ -383,6 +383,17 @@ def task_prompt_ids(tokenizer, task, records, template):
     return encode_prompts(tokenizer, [task.render_prompt(r, tokenizer, template) for r in records])
 
 
+def warn_held_out_overlap(train_keys, held_out_keys, train_name, held_out_name):
+    """A warning where prompts of a held-out set (validation, test) are also training prompts (keys: their ids, or
+    their token ids): a test file passed as training data, or a copy of it beside the original, measures what was
+    trained on. Not an error: a study of memorisation may mean it."""
+    held_out = set(held_out_keys)
+    shared = held_out & set(train_keys)
+    if shared:
+        print0(f"warning: {len(shared)} of the {len(held_out)} prompts of {held_out_name} are also training prompts "
+               f"({train_name}): what it measures there was trained on")
+
+
 def check_prompts_fit(prompt_ids, records, max_new_tokens, context, where, flag="--max_response_tokens"):
     """Every prompt plus max_new_tokens must fit the model's context. Every rank checks every prompt before any work,
     so a too-long one stops all ranks alike (not one rank, mid-collective); the error names the record by its id

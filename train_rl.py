@@ -745,6 +745,8 @@ def main(argv=None):
                         f"for no validation")
     test_records = (tasks.load_records(task, args.task, args.test_data, tokenizer, args.template)
                     if args.test_data else [])  # '' = no validation; an empty file is an error
+    tasks.warn_held_out_overlap([str(r["id"]) for r in train_records], [str(r["id"]) for r in test_records],
+                                f"--train_data {args.train_data}", f"--test_data {args.test_data}")
     test_records, val_subset = tasks.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
     # tokenise every training prompt once: lengths for the filter and the ids for the training forward
     prompt_ids = tasks.task_prompt_ids(tokenizer, task, train_records, args.template)

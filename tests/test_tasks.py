@@ -558,3 +558,13 @@ def test_every_task_scores_the_box_that_last_box_reads():
         assert kk_data.score("\\boxed{%s} " % right + box % wrong, kk, True) == 0.0  # a later box, wrong: 0
         assert toy_task.score("\\boxed{7} " + box % "8", toy, True) == 0.0
         assert math_data.extract_boxed("\\boxed{1} " + box % "2") == "2"
+
+
+def test_held_out_prompts_that_are_training_prompts_are_warned_of(capsys):
+    """A test file passed as --train_data with a copy as --test_data (only the same path was refused), or SFT
+    validation examples that are training ones: validation measured what was trained on, without a word."""
+    tasks.warn_held_out_overlap(["a", "b", "c"], ["x", "y"], "--train_data T", "--test_data V")
+    assert capsys.readouterr().out == ""
+    tasks.warn_held_out_overlap(["a", "b", "c"], ["b", "c", "c", "z"], "--train_data T", "--test_data V")
+    assert capsys.readouterr().out == ("warning: 2 of the 3 prompts of --test_data V are also training prompts "
+                                       "(--train_data T): what it measures there was trained on\n")
