@@ -130,7 +130,7 @@ def _json_rows(path):
         return [(path, None, data)]
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of records or one record, got {type(data).__name__}")
-    return [(f"{path}: record {i}", None, raw) for i, raw in enumerate(data)]
+    return [(f"{path}: record {i}", None, raw) for i, raw in enumerate(data, 1)]  # (counted from 1: record_place)
 
 
 def _hendrycks_dir_rows(path):
@@ -181,7 +181,9 @@ def _normalise_record(raw, where):
             raise UserError(f"{where}: field 'answer': missing, and field 'solution' has no \\boxed{{}} "
                             "to take it from")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        if not math.isfinite(answer):  # JSON's NaN / Infinity: no gold answer ("nan" would be graded as text)
+        # JSON's NaN / Infinity: no gold answer ("nan" would be graded as text); an int is finite (math.isfinite
+        # would overflow on a huge one)
+        if isinstance(answer, float) and not math.isfinite(answer):
             raise UserError(f"{where}: field 'answer': {answer!r} is not a number a problem can have")
         # as written in positional notation: str(0.00001) is "1e-05", which no \\boxed{0.00001} matches
         answer = format(decimal.Decimal(repr(answer)), "f") if isinstance(answer, float) else str(answer)
@@ -192,8 +194,8 @@ def _normalise_record(raw, where):
     if not isinstance(subject, str):
         raise UserError(f"{where}: field 'subject': expected a string, got {type(subject).__name__}")
     rid = raw["unique_id"] if raw.get("unique_id") is not None else raw.get("id")  # (a null unique_id: the id)
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):  # (true: no id, not "True")
-        raise UserError(f"{where}: field 'id': expected a string or integer, got {type(rid).__name__}")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == ""):  # (true: no id)
+        raise UserError(f"{where}: field 'id': expected a non-empty string or an integer, got {json.dumps(rid)}")
     return {"id": None if rid is None else str(rid), "level": _parse_level(raw.get("level"), where),
             "subject": subject, "question": question, "answer": answer.strip(), "solution": solution}
 
@@ -208,7 +210,7 @@ def _parse_level(level, where) -> int:
         m = re.fullmatch(r"\s*(?:Level\s*)?([0-5])\s*", level)
         if m:
             return int(m.group(1))
-    raise UserError(f"{where}: field 'level': expected 1-5 or 'Level N', got {level!r}"[:300])
+    raise UserError(f"{where}: field 'level': expected 1-5 (0 or 'Level ?': unknown) or 'Level N', got {level!r}"[:300])
 
 
 # -----------------------------------------------------------------------------

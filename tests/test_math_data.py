@@ -615,6 +615,11 @@ def test_malformed_json_files_are_one_line_errors(tmp_path):
     twice.write_text('[{"problem": "Q?", "answer": "1", "answer": "2"}]')
     with pytest.raises(common.UserError, match=r"twice\.json: not valid JSON \(field 'answer' appears twice"):
         math_data.load_split(str(twice))
+    # a JSON list's records are counted from 1, as record_place counts them; an integer answer may be huge
+    listed = tmp_path / "listed.json"
+    listed.write_text('[{"problem": "A", "answer": 1}, {"problem": "B", "answer": %s}, {"problem": "C"}]' % ("9" * 400))
+    with pytest.raises(common.UserError, match=r"listed\.json: record 3: field 'answer'"):
+        math_data.load_split(str(listed))
 
 
 def test_duplicate_problems_get_distinct_ids(tmp_path):
@@ -641,6 +646,7 @@ def test_duplicate_problems_get_distinct_ids(tmp_path):
     ('{"question": "Q", "answer": "1", "id": true}', "d.jsonl:2: field 'id'"),
     ('{"question": "Q", "answer": "1", "unique_id": false}', "d.jsonl:2: field 'id'"),
     ('{"question": "Q", "answer": "1", "id": "a"}', "d.jsonl:2: field 'id': duplicate"),
+    ('{"question": "Q", "answer": "1", "unique_id": ""}', "d.jsonl:2: field 'id': expected a non-empty string"),
 ])
 def test_malformed_files_name_file_line_field(tmp_path, line, expect):
     p = write_lines(tmp_path / "d.jsonl", ['{"question": "Q0", "answer": "0", "id": "a"}', line])
