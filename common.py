@@ -183,6 +183,11 @@ def config_value(path, action, value):
     values = value if isinstance(value, list) else [value]
     if not values and action.nargs == "+":  # (the command line cannot give none either)
         raise UserError(f"{path}: setting {action.dest!r} takes at least one value, got an empty list")
+    nested = next((v for v in values if isinstance(v, (dict, list))), None)
+    if nested is not None:  # (its JSON text would pass as a path or a name: {"a": 1} as the text '{"a": 1}')
+        raise UserError(f"{path}: setting {action.dest!r}: {json.dumps(nested)} is "
+                        f"{'an object' if isinstance(nested, dict) else 'a list inside a list'}; a setting's value is "
+                        f"a string, a number or true/false{', or a list of them' if many else ''}")
     try:
         values = [action.type(text) if action.type else text
                   for text in (v if isinstance(v, str) else json.dumps(v) for v in values)]

@@ -202,6 +202,13 @@ def test_a_config_file_is_checked_as_the_command_line_is(name, tmp_path):
             cfg.write_text(json.dumps({action.dest: "maybe"}))
             with pytest.raises(common.UserError, match=f"setting '{action.dest}': expected a boolean"):
                 common.parse_settings(module.get_parser(), ["--config", str(cfg)])
+        # an object, or a list in a list, is no value: its JSON text passed as a path or name ({"a": 1} as '{"a": 1}')
+        if action.option_strings and action.nargs != 0 and action.dest not in ("help", "config"):
+            for value, kind in (({"a": 1}, "an object"), ([[1, 2]], "a list inside a list")):
+                cfg.write_text(json.dumps({action.dest: value if action.nargs in ("+", "*") or kind == "an object"
+                                           else value[0]}))
+                with pytest.raises(common.UserError, match=rf"setting '{action.dest}': .* is {kind}|takes one value"):
+                    common.parse_settings(module.get_parser(), ["--config", str(cfg)])
         # null is "not set" only where that is the default: elsewhere it would pass the checks that let None through
         # (std_normalize null read as false, seed null as no seed)
         cfg.write_text(json.dumps({action.dest: None}))
