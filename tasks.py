@@ -437,8 +437,8 @@ def check_record(task, task_name, r, seen, difficulties, tokenizer, template):
     if "id" not in r:
         raise UserError("missing field 'id'")
     if not is_id(r["id"]):  # what the logs carry
-        raise UserError(f"field 'id' is {r['id']!r}; an id is a string or an integer (rollout logs, set B and LIMR "
-                        f"read no other)")
+        raise UserError(f"field 'id' is {r['id']!r}; an id is a non-blank string or an integer (rollout logs, set B "
+                        f"and LIMR read no other)")
     if str(r["id"]) in seen:
         first = seen[str(r["id"])]
         raise UserError(f"duplicate id {r['id']!r}"
@@ -528,7 +528,7 @@ def check_sft_record(path, lineno, rec):
     if rec.get("task") is not None and not isinstance(rec["task"], str):  # (sample_effect compares it with --task)
         raise UserError(f"{path}:{lineno}: field 'task' is {rec['task']!r}; a task is a name (a string) or null")
     if not is_id(rec["id"]):  # effects and reports name it
-        raise UserError(f"{path}:{lineno}: field 'id' is {rec['id']!r}; an id is a string or an integer")
+        raise UserError(f"{path}:{lineno}: field 'id' is {rec['id']!r}; an id is a non-blank string or an integer")
     if not rec["prompt"]:
         raise UserError(f"{path}:{lineno}: empty prompt (the first response token needs a context)")
     # (a lone surrogate, which no tokenizer takes, is refused as the line is read: common.iter_jsonl)
@@ -674,8 +674,9 @@ ROLLOUT_FIELDS = {"step": int, "id": (str, int), "prompt": str, "response": str,
 
 
 def is_id(value):
-    """A record's id: a string or an integer (a bool is no id, though Python counts it an int)."""
-    return not isinstance(value, bool) and isinstance(value, ROLLOUT_FIELDS["id"])
+    """A record's id: a string with a character other than blanks (what logs and errors can show), or an integer (a
+    bool is no id, though Python counts it an int)."""
+    return not isinstance(value, bool) and isinstance(value, ROLLOUT_FIELDS["id"]) and str(value).strip() != ""
 
 
 def rollout_log_path(run_dir, step):
@@ -717,6 +718,8 @@ def read_rollout_log(path, step, fields):
                 raise UserError(f"{path}:{lineno}: field '{field}' is {value!r}, expected {expected}")
             if field == "reward" and not math.isfinite(value):
                 raise UserError(f"{path}:{lineno}: field 'reward' is {value!r}, expected a finite number")
+            if field == "length" and value < 0:  # (a table's mean length of -440)
+                raise UserError(f"{path}:{lineno}: field 'length' is {value}, expected a count of tokens (>= 0)")
         if "step" in fields and row["step"] != step:
             raise UserError(f"{path}:{lineno}: field 'step' is {row['step']}, expected {step} (the file's step)")
         rows.append((lineno, row))

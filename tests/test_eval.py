@@ -243,7 +243,8 @@ def test_a_reused_pairs_damaged_samples_are_a_line_naming_the_file(tiny_checkpoi
     good = path.read_text(encoding="utf-8").splitlines(keepends=True)
     for field, value, message in (("reward", "1", r":2: field 'reward' is '1', expected int or float"),
                                   ("finished", "no", r":2: field 'finished' is 'no', expected bool"),
-                                  ("reward", float("nan"), r":2: field 'reward' is nan, expected a finite number")):
+                                  ("reward", float("nan"), r":2: field 'reward' is nan, expected a finite number"),
+                                  ("length", -100000, r":2: field 'length' is -100000, expected a count of tokens")):
         path.write_text(good[0] + json.dumps({**json.loads(good[1]), field: value}) + "\n" + "".join(good[2:]))
         with pytest.raises(common.UserError, match=re.escape(str(path)) + message + ".*; pass --overwrite true"):
             ev.main(args)

@@ -138,7 +138,9 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
         ([good, {"id": "b", "prompt": "x"}], r"bad\.jsonl:2: missing field 'response'"),
         ([{"id": "b", "prompt": "x", "response": 3}], r"bad\.jsonl:1: field 'response' must be of type str"),
         ([{"id": "b", "prompt": "", "response": "3"}], r"bad\.jsonl:1: empty prompt"),
-        ([good, {"id": None, "prompt": "x", "response": "3"}], r"bad\.jsonl:2: field 'id' is None; an id is a string"),
+        ([good, {"id": None, "prompt": "x", "response": "3"}], r"bad\.jsonl:2: field 'id' is None; an id is a "
+                                                               r"non-blank string"),
+        ([good, {"id": " ", "prompt": "x", "response": "3"}], r"bad\.jsonl:2: field 'id' is ' '"),
         ([{"id": ["a"], "prompt": "x", "response": "3"}], r"bad\.jsonl:1: field 'id' is \['a'\]"),
         ([{"id": True, "prompt": "x", "response": "3"}], r"bad\.jsonl:1: field 'id' is True"),
         ([good, {"id": "b", "task": ["kk"], "prompt": "x", "response": "3"}],  # (sample_effect's traceback)
@@ -238,10 +240,10 @@ def test_split_ids_are_strings_or_integers(tmp_path):
     are floats, null, booleans or lists is refused when it loads (not after the RL run that logs them)."""
     records = toy_task.make_records(2, seed=5)
     path = str(tmp_path / "split.jsonl")
-    for bad in (2.0, None, True, ["toy", 1]):
+    for bad in (2.0, None, True, ["toy", 1], "", " \t"):  # (a blank id: nothing a log or an error can show)
         common.write_jsonl(path, [dict(records[0], id=1), dict(records[1], id=bad)])
         with pytest.raises(UserError, match=rf"split\.jsonl:2: field 'id' is {re.escape(repr(bad))}; an id is a "
-                                            r"string or an integer"):
+                                            r"non-blank string or an integer"):
             tasks.load_records(toy_task, "toy_task", path, None, "plain")
 
 
