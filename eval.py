@@ -192,9 +192,18 @@ def read_done(summary_path, samples_path, settings, records, task):
     rescore = new_source or new_rule
     fields = ("id", "reward", "finished", "length") + (("response",) if rescore else ())
     try:
-        samples = [row for _, row in tasks.read_rollout_log(samples_path, None, fields)]
+        rows = tasks.read_rollout_log(samples_path, None, fields)
+        ids, counts = {str(r["id"]) for r in records}, {}
+        for lineno, row in rows:  # (a line of another split, or one twice: named here, where summarize cannot)
+            key = str(row["id"])
+            counts[key] = counts.get(key, 0) + 1
+            if key not in ids or counts[key] > settings["samples_per_prompt"]:
+                raise UserError(f"{samples_path}:{lineno}: " + (
+                    f"field 'id' {row['id']!r} is the id of no record of the split" if key not in ids else
+                    f"sample {counts[key]} of id {key!r}, where each prompt has {settings['samples_per_prompt']}"))
     except UserError as e:  # (missing, or a line damaged: the pair's samples are lost)
         raise UserError(f"{e}; pass --overwrite true to evaluate again") from e
+    samples = [row for _, row in rows]
     changed = tasks.rescore(task, samples, records, samples_path, settings["score_truncated"]) if rescore else 0
     if changed:  # the summary's stamps voided first, then the samples: a kill before the new summary leaves stamps
         # that match no run (None: re-scored by any rule), where the old ones would let a run of the old rule take

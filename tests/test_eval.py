@@ -248,6 +248,12 @@ def test_a_reused_pairs_damaged_samples_are_a_line_naming_the_file(tiny_checkpoi
         path.write_text(good[0] + json.dumps({**json.loads(good[1]), field: value}) + "\n" + "".join(good[2:]))
         with pytest.raises(common.UserError, match=re.escape(str(path)) + message + ".*; pass --overwrite true"):
             ev.main(args)
+    for lines, message in ((good + good[-1:], rf":{len(good) + 1}: sample 2 of id .*, where each prompt has 1"),
+                           (good[:1] + [good[1].replace('"id": "', '"id": "x')] + good[2:],
+                            r":2: field 'id' 'x.*' is the id of no record of the split")):
+        path.write_text("".join(lines))
+        with pytest.raises(common.UserError, match=re.escape(str(path)) + message + "; pass --overwrite true"):
+            ev.main(args)
     path.write_text("".join(good[1:]))
     damaged = re.escape(str(path)) + ": every record needs the same number .* --overwrite"
     with pytest.raises(common.UserError, match=damaged):
