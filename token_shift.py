@@ -562,6 +562,9 @@ def main(argv=None):
     args = common.parse_settings(parser, argv)
     if not args.base or not args.policy:
         raise UserError("give --base and --policy (Hugging Face checkpoint directories)")
+    if common.same_files(args.base, args.policy):  # (every divergence 0, every cross-sample the primary's own)
+        raise UserError(f"--base {args.base} and --policy {args.policy} are one checkpoint: there is nothing to "
+                        f"compare")
     if args.cross is None and not args.responses:
         raise UserError("give --responses FILE (the divergence along responses) or --cross forward|backward")
     # one mode's settings in the other: noted, not refused (the divergence and cross-sampling share a command line)

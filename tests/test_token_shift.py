@@ -487,6 +487,11 @@ def test_a_responses_file_given_twice_is_refused(pair, tmp_path, monkeypatch):
         token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", str(tmp_path / "r.jsonl"),
                           os.path.join(".", "r.jsonl"), "--out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+    # one checkpoint as both (another spelling of it): every divergence 0, said nowhere
+    with pytest.raises(common.UserError, match=r"--base .* and --policy .* are one checkpoint: there is nothing to"):
+        token_shift.main(["--base", pair["base"], "--policy", pair["base"] + "/", "--responses", "r.jsonl",
+                          "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
     # a responses file that is one of the outputs (an earlier run's tokens.jsonl, in --out_dir): it was overwritten
     # by this run's result, where every other stage refuses an output on an input
     (tmp_path / "out").mkdir()
