@@ -48,11 +48,12 @@ def get_parser():
                         "('finished': false) or wrong (a 'reward' below 1) is refused")
     p.add_argument("--pretrain_text", nargs="+", default=None,
                    help="instead of --data: pre-train on text (*.jsonl or *.json: one JSON object with a 'text' field "
-                        "a line; any other name: plain text with documents separated by blank lines); loss on all "
-                        "tokens; documents longer than --max_length are split")
+                        "a line; any other name: plain text with documents separated by blank lines, refused where "
+                        "its first line is such an object); loss on all tokens; documents longer than --max_length "
+                        "are split")
     p.add_argument("--val_data", nargs="+", default=None,
-                   help="held-out file(s) (same format as the training data): "
-                        "loss before training and after each epoch")
+                   help="held-out file(s) (same format as the training data): loss before training and after each "
+                        "epoch (a warning where its prompts are training prompts)")
     p.add_argument("--max_length", type=int, default=5000,
                    help="longest sequence (prompt + response + EOS) in tokens; longer SFT examples are an error "
                         "(the paper: max_length 5000, truncation=error)")
