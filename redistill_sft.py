@@ -61,7 +61,8 @@ def get_parser():
     p.add_argument("--init", default=None, help="starting checkpoint (Hugging Face directory)")
     p.add_argument("--init_tiny", default=False, type=common.str2bool,
                    help="instead of --init: a fresh tiny model (needs --tokenizer; sized by the --tiny_* settings)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --init checkpoint's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --init checkpoint's; with "
+                   "--init, one of its vocabulary: another chat template or EOS)")
     p.add_argument("--tiny_arch", default="Qwen2ForCausalLM", choices=tuple(SUPPORTED),
                    help="--init_tiny: architecture")
     p.add_argument("--tiny_hidden_size", type=int, default=128, help="--init_tiny: hidden size")
