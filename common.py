@@ -937,6 +937,20 @@ def write_jsonl(path, records):
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
+def write_split(path, records):
+    """A data script's split file; a split of no records (its sizes set to 0) is none, as every stage refuses an empty
+    split, and an earlier run's file of that name goes (it is not of these settings). Returns whether it was
+    written."""
+    if records:
+        write_jsonl(path, records)
+        return True
+    removed = os.path.exists(path)
+    if removed:
+        os.remove(path)
+    print(f"note: no records for {path}: not written" + (" (an earlier one removed)" if removed else ""))
+    return False
+
+
 def json_safe(obj):
     """obj with each non-finite float as the string "inf", "-inf" or "nan": json.dumps writes them bare (Infinity,
     NaN), which Python reads back but strict readers (jq, JavaScript, most other languages) refuse."""

@@ -1052,7 +1052,8 @@ def main(argv=None):
     held_out = [("sft_val", sft_val)] if args.sft_val_fraction > 0 else []
     for name, records in [("test", test), ("train", train), ("sft", sft)] + held_out:
         path = os.path.join(args.out_dir, f"{name}.jsonl")
-        common.write_jsonl(path, records)
+        if not common.write_split(path, records):
+            continue
         counts = {}
         for r in records:
             counts[r['people']] = counts.get(r['people'], 0) + 1

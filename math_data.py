@@ -896,7 +896,7 @@ def main(argv=None):
     common.check_distinct_outputs([(f"--out_dir ({name}.jsonl)", os.path.join(args.out_dir, f"{name}.jsonl"))
                                    for name in splits], [("--train_pool", pool_path), ("--test", test_path)])
     for name, records in splits.items():
-        common.write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), records)
+        common.write_split(os.path.join(args.out_dir, f"{name}.jsonl"), records)
     print(f"pool {counts['pool']} ({pool_path}): dropped {counts['dropped_empty']} with an empty answer, "
           f"{counts['dropped_in_test']} also in the test set, {counts['dropped_duplicate']} duplicates")
     print(f"wrote to {args.out_dir}/: " + ", ".join(f"{name} {len(recs)}" for name, recs in splits.items()))
