@@ -138,12 +138,28 @@ def expand_home(value, flag):
     return os.path.expanduser(value)
 
 
+def path_and_parents(path):
+    """The absolute path, then each directory above it, up to the root."""
+    path = os.path.abspath(path)
+    while True:
+        yield path
+        if path == os.path.dirname(path):
+            return
+        path = os.path.dirname(path)
+
+
+def is_checkpoint(path):
+    """Whether directory `path` holds a checkpoint: its config.json beside weights (model.py reads them)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def run_dir_hint(path):
     """For an error on a directory that should be a checkpoint: where it is a training run's (it holds final/ or
     step_N/ checkpoints), a hint naming them; else ""."""
     try:
         names = sorted(n for n in os.listdir(path) if re.fullmatch(r"final|step_\d+", n)
-                       and os.path.isfile(os.path.join(path, n, "config.json")))
+                       and is_checkpoint(os.path.join(path, n)))
     except OSError:
         return ""
     if not names:

@@ -193,9 +193,9 @@ def read_done(summary_path, samples_path, settings, records, task):
     fields = ("id", "reward", "finished", "length") + (("response",) if rescore else ())
     try:
         rows = tasks.read_rollout_log(samples_path, None, fields)
-        ids, counts = {str(r["id"]) for r in records}, {}
+        ids, counts = {r["id"] for r in records}, {}
         for lineno, row in rows:  # (a line of another split, or one twice: named here, where summarize cannot)
-            key = str(row["id"])
+            key = row["id"]  # (as summarize matches them: 5 is not "5")
             counts[key] = counts.get(key, 0) + 1
             if key not in ids or counts[key] > settings["samples_per_prompt"]:
                 raise UserError(f"{samples_path}:{lineno}: " + (
@@ -239,10 +239,13 @@ def main(argv=None):
     if any(k < 1 for k in args.pass_k):
         raise UserError("--pass_k values must be >= 1")
     task = tasks.get_task(args.task)
-    if os.path.isfile(os.path.join(args.out_dir, "config.json")) or common.run_dir_hint(args.out_dir):
-        raise UserError(f"--out_dir {args.out_dir}: a checkpoint, or a training run's directory: eval.py writes a "
-                        f"NAME/SPLIT/ folder per pair there (beside a run's step_N/, which its pruning deletes); give "
-                        f"eval.py a directory of its own")
+    inside = next((d for d in common.path_and_parents(args.out_dir)  # (a config.json alone: a home directory's)
+                   if common.is_checkpoint(d) or common.run_dir_hint(d)), None)
+    if inside:
+        where = "is" if inside == os.path.abspath(args.out_dir) else "is in"
+        raise UserError(f"--out_dir {args.out_dir}: {where} {inside}, a checkpoint or a training run's directory "
+                        f"(whose pruning deletes step_N/ with what eval.py wrote in it); give eval.py a directory of "
+                        f"its own")
     for path in args.checkpoints:  # (each, before the first one's generation: a late one could stop a run of hours)
         check_checkpoint(path)
         tasks.check_tokenizer_files(path)

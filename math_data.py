@@ -161,7 +161,7 @@ def _hub_rows(path):
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # network, name, split: the library's own message says which
         raise UserError(f"{path}: cannot load from the hub: {e}")
-    return [(f"{path}: row {i}", None, dict(raw)) for i, raw in enumerate(ds)]
+    return [(f"{path}: row {i}", None, dict(raw)) for i, raw in enumerate(ds, 1)]  # (counted from 1: record_place)
 
 
 def _normalise_record(raw, where):
@@ -193,9 +193,11 @@ def _normalise_record(raw, where):
     subject = "" if subject is None else subject
     if not isinstance(subject, str):
         raise UserError(f"{where}: field 'subject': expected a string, got {type(subject).__name__}")
-    rid = raw["unique_id"] if raw.get("unique_id") is not None else raw.get("id")  # (a null unique_id: the id)
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == ""):  # (true: no id)
-        raise UserError(f"{where}: field 'id': expected a non-empty string or an integer, got {json.dumps(rid)}")
+    unique = raw.get("unique_id")
+    blank = isinstance(unique, str) and not unique.strip()
+    rid = unique if unique is not None and not blank else raw.get("id")  # (a null or blank unique_id: the id)
+    if rid is not None and not tasks.is_id(rid):  # (true is no id, not "True"; a blank one names nothing)
+        raise UserError(f"{where}: field 'id': expected a non-blank string or an integer, got {json.dumps(rid)}")
     return {"id": None if rid is None else str(rid), "level": _parse_level(raw.get("level"), where),
             "subject": subject, "question": question, "answer": answer.strip(), "solution": solution}
 

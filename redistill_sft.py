@@ -370,12 +370,9 @@ def main(argv=None):
         if args.tokenizer and any(os.path.isfile(os.path.join(args.init, n)) for n in tasks.VOCABULARY_FILES):
             # (another chat template or EOS is what --tokenizer is for; other ids would read the embedding's rows
             # as other tokens: a loss of 12 where 0.5 was, and that tokenizer saved with the weights)
-            own = load_tokenizer(args.init).get_vocab()
-            differ = len(set(own.items()) ^ set(tokenizer.get_vocab().items())) // 2
-            if differ or len(own) != len(tokenizer.get_vocab()):
-                raise UserError(f"--tokenizer {args.tokenizer}: not the tokenizer of --init {args.init} ({len(own)} vs "
-                                f"{len(tokenizer.get_vocab())} tokens, {differ} with other ids); give a tokenizer of "
-                                f"the same vocabulary (another chat template or EOS is fine)")
+            if problem := tasks.vocabulary_difference(load_tokenizer(args.init), tokenizer):
+                raise UserError(f"--tokenizer {args.tokenizer}: not the tokenizer of --init {args.init} ({problem}); "
+                                f"give a tokenizer of the same vocabulary (another chat template or EOS is fine)")
     context = args.tiny_context if model_cfg is None else model_cfg.max_position_embeddings
     max_length, limit = tasks.sft_length_limit(args.max_length, context)
     if args.pretrain_text:  # (documents are split into sequences of max_length: no limit refuses one)

@@ -54,7 +54,8 @@ def get_parser():
                    help="use N evaluation prompts, each difficulty in proportion, drawn with --seed (0 = all)")
     p.add_argument("--sft_data", nargs="+", default=None,
                    help="SFT jsonl file(s) {id, task, prompt, response}; each gets its own summary "
-                        "(e.g. teacher traces vs re-distilled samples; required)")
+                        "(e.g. teacher traces vs re-distilled samples; required); a record that says it is cut off "
+                        "('finished': false) or wrong (a 'reward' below 1) is refused, as redistill_sft.py refuses it")
     p.add_argument("--max_length", type=int, default=5000,
                    help="longest SFT sample (prompt + response + EOS), at most the model's context; longer is an "
                         "error (as in redistill_sft.py)")

@@ -540,11 +540,15 @@ def check_sft_outcomes(path, rows, where):
     --samples_out (every sample, for inspection) given as SFT data trained on every sample, EOS appended after
     cut-off answers. A set of wrong answers trained on deliberately (an ablation) drops the field."""
     for rec, lineno in zip(rows, where):
+        check_fields(f"{path}:{lineno}", rec, (), {"finished": bool})  # (a "false" or 0 would pass as finished)
+        if "reward" in rec and not finite_number(rec["reward"]):
+            raise UserError(f"{path}:{lineno}: field 'reward' is {json.dumps(rec['reward'])}, expected a finite "
+                            f"number (or no such field)")
         if rec.get("finished") is False:
             raise UserError(f"{path}:{lineno}: field 'finished' is false: the response was cut at the length limit, "
                             f"and SFT appends EOS after it (an RL rollout log, or sample_policy's --samples_out, holds "
                             f"every sample; its --out the finished, correct ones)")
-        if finite_number(rec.get("reward")) and not is_correct(rec["reward"]):
+        if "reward" in rec and not is_correct(rec["reward"]):
             raise UserError(f"{path}:{lineno}: field 'reward' is {rec['reward']}: a wrong answer (an RL rollout log, "
                             f"or sample_policy's --samples_out, holds every sample; its --out the correct ones); to "
                             f"train on wrong answers on purpose, drop the field")
@@ -716,7 +720,7 @@ def read_rollout_log(path, step, fields):
             if not isinstance(value, types) or isinstance(value, bool) != (types is bool):
                 expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
                 raise UserError(f"{path}:{lineno}: field '{field}' is {value!r}, expected {expected}")
-            if field == "reward" and not math.isfinite(value):
+            if field == "reward" and not finite_number(value):
                 raise UserError(f"{path}:{lineno}: field 'reward' is {value!r}, expected a finite number")
             if field == "length" and value < 0:  # (a table's mean length of -440)
                 raise UserError(f"{path}:{lineno}: field 'length' is {value}, expected a count of tokens (>= 0)")
@@ -767,21 +771,28 @@ def check_rollouts_of(run_dir, tokenizer, task, task_name, records, prompts, dat
                             f"the run's own data ({settings.get('train_data', 'its --train_data')})")
 
 
+def vocabulary_difference(tokenizer_a, tokenizer_b):
+    """How two tokenizers' vocabularies (token -> id) differ, in words ("599 vs 600 tokens", "2 token(s) with other
+    ids"), or "" where they are one."""
+    a, b = tokenizer_a.get_vocab(), tokenizer_b.get_vocab()
+    if a == b:
+        return ""
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} tokens"
+    return f"{len(set(a.items()) ^ set(b.items())) // 2} token(s) with other ids"
+
+
 def check_same_tokenizer(dir_a, dir_b, flag_a, flag_b, why, vocab_sizes=None):
     """The one tokenizer checkpoints dir_a and dir_b share (same tokens and ids, EOS, and where given their configs'
     vocab_sizes, the logits' widths, which it must fit: check_vocab); a UserError naming the difference otherwise
     (flag_a / flag_b: the settings that named them; why: what needs one)."""
     tokenizers = [load_tokenizer(d) for d in (dir_a, dir_b)]
-    vocabs = [t.get_vocab() for t in tokenizers]
-    if vocabs[0] != vocabs[1]:
-        differ = len(set(vocabs[0].items()) ^ set(vocabs[1].items())) // 2
-        problem = (f"{len(vocabs[0])} vs {len(vocabs[1])} tokens" if len(vocabs[0]) != len(vocabs[1])
-                   else f"{differ} token(s) with other ids")
-    elif tokenizers[0].eos_token_id != tokenizers[1].eos_token_id:
+    problem = vocabulary_difference(*tokenizers)
+    if not problem and tokenizers[0].eos_token_id != tokenizers[1].eos_token_id:
         problem = f"EOS id {tokenizers[0].eos_token_id} vs {tokenizers[1].eos_token_id}"
-    elif vocab_sizes and vocab_sizes[0] != vocab_sizes[1]:
+    if not problem and vocab_sizes and vocab_sizes[0] != vocab_sizes[1]:
         problem = f"vocab_size {vocab_sizes[0]} vs {vocab_sizes[1]} in config.json"
-    else:
+    if not problem:
         if vocab_sizes:
             check_vocab(tokenizers[0], vocab_sizes[0], f"{flag_a} {dir_a}")
         return tokenizers[0]

@@ -745,8 +745,6 @@ def main(argv=None):
                         f"for no validation")
     test_records = (tasks.load_records(task, args.task, args.test_data, tokenizer, args.template)
                     if args.test_data else [])  # '' = no validation; an empty file is an error
-    tasks.warn_held_out_overlap([str(r["id"]) for r in train_records], [str(r["id"]) for r in test_records],
-                                f"--train_data {args.train_data}", f"--test_data {args.test_data}")
     test_records, val_subset = tasks.stratified_subset(test_records, args.val_limit, task.DIFFICULTY, args.seed)
     # tokenise every training prompt once: lengths for the filter and the ids for the training forward
     prompt_ids = tasks.task_prompt_ids(tokenizer, task, train_records, args.template)
@@ -755,6 +753,9 @@ def main(argv=None):
         print0(f"note: dropped {len(train_records) - len(keep)} of {len(train_records)} training prompts longer than "
                f"--max_prompt_tokens {args.max_prompt_tokens}")
     train_records, prompt_ids = [train_records[i] for i in keep], [prompt_ids[i] for i in keep]
+    test_ids = tasks.task_prompt_ids(tokenizer, task, test_records, args.template) if test_records else []
+    tasks.warn_held_out_overlap(map(tuple, prompt_ids), map(tuple, test_ids), f"--train_data {args.train_data}",
+                                f"--test_data {args.test_data}")  # (as rendered: ids of two sources may collide)
     train_digest, test_digest = common.data_digest(train_records), common.data_digest(test_records)
     parallel.same_on_every_rank([train_digest, test_digest], f"{args.train_data}, {args.test_data}")
     val_new = args.val_max_response_tokens or args.max_response_tokens
@@ -837,7 +838,6 @@ def main(argv=None):
     reserve = rollout_reserve(args, per_rank, max(map(len, prompt_ids)))
     if test_records and args.val_every:  # now, not at the first validation, steps after the last checkpoint
         val_flag = "--val_max_response_tokens" if args.val_max_response_tokens else "--max_response_tokens"
-        test_ids = tasks.task_prompt_ids(tokenizer, task, test_records, args.template)
         tasks.check_prompts_fit(test_ids, test_records, val_new, model.config.max_position_embeddings,
                                 args.test_data, val_flag)
         val_rows = min(args.val_batch_size, -(-len(test_records) // world))

@@ -631,6 +631,7 @@ def test_a_run_directory_given_as_a_checkpoint_is_named_with_its_checkpoints(tmp
     for name in ("step_000002", "step_000004", "final"):
         (run / name).mkdir(parents=True)
         (run / name / "config.json").write_text("{}")
+        (run / name / "model.safetensors").write_text("")
     (run / "step_000006").mkdir()  # (no checkpoint in it)
     hint = r"\(a training run's directory: give one of its checkpoints, final, step_000002, step_000004\)"
     with pytest.raises(common.UserError, match=r"run: no tokenizer files \(.*\) " + hint):

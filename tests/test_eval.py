@@ -244,7 +244,8 @@ def test_a_reused_pairs_damaged_samples_are_a_line_naming_the_file(tiny_checkpoi
     for field, value, message in (("reward", "1", r":2: field 'reward' is '1', expected int or float"),
                                   ("finished", "no", r":2: field 'finished' is 'no', expected bool"),
                                   ("reward", float("nan"), r":2: field 'reward' is nan, expected a finite number"),
-                                  ("length", -100000, r":2: field 'length' is -100000, expected a count of tokens")):
+                                  ("length", -100000, r":2: field 'length' is -100000, expected a count of tokens"),
+                                  ("reward", 10 ** 400, r":2: field 'reward' is 1000+, expected a finite number")):
         path.write_text(good[0] + json.dumps({**json.loads(good[1]), field: value}) + "\n" + "".join(good[2:]))
         with pytest.raises(common.UserError, match=re.escape(str(path)) + message + ".*; pass --overwrite true"):
             ev.main(args)
@@ -813,8 +814,8 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
     # a checkpoint or a training run's directory as --out_dir: pair folders beside (or inside) its checkpoints
     import shutil
     shutil.copytree(tiny_checkpoint, tmp_path / "run" / "step_000002")
-    for out_dir in (tiny_checkpoint, str(tmp_path / "run")):
-        with pytest.raises(common.UserError, match=r"a checkpoint, or a training run's directory"):
+    for out_dir in (tiny_checkpoint, str(tmp_path / "run"), str(tmp_path / "run" / "step_000002" / "eval")):
+        with pytest.raises(common.UserError, match=r"is (in )?.*, a checkpoint or a training run's directory"):
             ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", out_dir] + FAST)
     assert not os.path.exists(tmp_path / "out" / "results.md")  # nothing half-written
 

@@ -646,7 +646,8 @@ def test_duplicate_problems_get_distinct_ids(tmp_path):
     ('{"question": "Q", "answer": "1", "id": true}', "d.jsonl:2: field 'id'"),
     ('{"question": "Q", "answer": "1", "unique_id": false}', "d.jsonl:2: field 'id'"),
     ('{"question": "Q", "answer": "1", "id": "a"}', "d.jsonl:2: field 'id': duplicate"),
-    ('{"question": "Q", "answer": "1", "unique_id": ""}', "d.jsonl:2: field 'id': expected a non-empty string"),
+    ('{"question": "Q", "answer": "1", "id": " "}', "d.jsonl:2: field 'id': expected a non-blank string"),
+    ('{"question": "Q", "answer": "1", "unique_id": "", "id": "\\t"}', "d.jsonl:2: field 'id': expected a non-blank"),
 ])
 def test_malformed_files_name_file_line_field(tmp_path, line, expect):
     p = write_lines(tmp_path / "d.jsonl", ['{"question": "Q0", "answer": "0", "id": "a"}', line])

@@ -110,9 +110,15 @@ def test_a_tokenizer_of_another_vocabulary_than_the_init_is_refused(tiny_checkpo
     json.dump(spec, open(os.path.join(swapped, "tokenizer.json"), "w"))
     out = tmp_path / "run"
     with pytest.raises(UserError, match=rf"--tokenizer {swapped}: not the tokenizer of --init {tiny_checkpoint} "
-                                        rf"\({len(vocab)} vs {len(vocab)} tokens, 2 with other ids\)"):
+                                        r"\(2 token\(s\) with other ids\)"):
         sft.main(["--data", data, "--init", tiny_checkpoint, "--tokenizer", swapped, "--out_dir", str(out)])
     assert not out.exists()
+    templated = shutil.copytree(tiny_checkpoint, str(tmp_path / "templated"))  # the same vocabulary, another template
+    with open(os.path.join(templated, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] ")
+    with pytest.raises(UserError, match="8 training examples < --global_batch 16"):  # (past the tokenizer's check)
+        sft.main(["--data", data, "--init", tiny_checkpoint, "--tokenizer", templated, "--out_dir", str(out),
+                  "--global_batch", "16"])
 
 
 # -----------------------------------------------------------------------------
@@ -164,7 +170,11 @@ def test_a_record_that_says_it_was_cut_off_or_wrong_is_refused(tiny_checkpoint, 
     assert len(tasks.load_sft_examples([path], tok, 512)) == 3  # (a bonus above 1 is right too: tasks.is_correct)
     for change, message in (({"finished": False}, r"d\.jsonl:3: field 'finished' is false: the response was cut "
                                                   r"at the length limit, and SFT appends EOS after it"),
-                            ({"reward": 0.0}, r"d\.jsonl:3: field 'reward' is 0\.0: a wrong answer .* drop the field")):
+                            ({"reward": 0.0}, r"d\.jsonl:3: field 'reward' is 0\.0: a wrong answer .* drop the field"),
+                            # (another type would pass the checks: "false" as finished, "0" as no reward)
+                            ({"finished": "false"}, r"d\.jsonl:3: field 'finished' must be of type bool"),
+                            ({"reward": "0"}, r"d\.jsonl:3: field 'reward' is \"0\", expected a finite number"),
+                            ({"reward": None}, r"d\.jsonl:3: field 'reward' is null, expected a finite number")):
         common.write_jsonl(path, rows[:2] + [{**rows[2], **change}])
         with pytest.raises(common.UserError, match=message):
             tasks.load_sft_examples([path], tok, 512)

@@ -660,7 +660,7 @@ def test_fsdp_a_step_that_trains_nothing_saves_true_shards_and_resumes_exactly(t
 
 
 @pytest.mark.slow  # the toy fixture
-def test_bad_settings_are_one_line_errors(toy, tmp_path):
+def test_bad_settings_are_one_line_errors(toy, tmp_path, capsys):
     with pytest.raises(common.UserError, match="--model is required"):
         train_rl.main(["--task", "toy_task"])
     with pytest.raises(common.UserError, match=f"^{tmp_path / 'nowhere'}: no such directory"):
@@ -672,6 +672,15 @@ def test_bad_settings_are_one_line_errors(toy, tmp_path):
             train_rl.main(rl_args(toy, tmp_path / split, **{split: empty}))
     with pytest.raises(common.UserError, match="fewer than --prompts_per_step"):
         train_rl.main(rl_args(toy, tmp_path / "a", prompts_per_step=1000))
+    capsys.readouterr()
+    # the test file as training data, a copy of it as --test_data (the same path alone was refused): warned of, by the
+    # prompts as rendered (ids of two sources may collide)
+    copy = tmp_path / "test_copy.jsonl"
+    copy.write_text(open(toy["test"]).read())
+    with pytest.raises(common.UserError, match="fewer than --prompts_per_step"):
+        train_rl.main(rl_args(toy, tmp_path / "a", train_data=toy["test"], test_data=copy, prompts_per_step=1000))
+    assert re.search(r"warning: (\d+) of the \1 prompts of --test_data .*test_copy\.jsonl are also training prompts",
+                     capsys.readouterr().out)
     with pytest.raises(common.UserError, match="context"):
         train_rl.main(rl_args(toy, tmp_path / "b", max_response_tokens=5000))
     with pytest.raises(common.UserError, match="float16 cannot train here"):  # its gradients would underflow
