@@ -121,6 +121,10 @@ def parse_settings(parser: argparse.ArgumentParser, argv=None) -> argparse.Names
             raise UserError(f"--{name} must be between 0 and 2**32 - 1, got {value}")
         if any(isinstance(v, float) and math.isnan(v) for v in values):
             raise UserError(f"--{name} is NaN: no setting takes it")  # NaN passes every `x < 0` check
+        if any(type(v) is int and not -2**63 <= v < 2**63 for v in values):  # (torch's overflow, or a run never ending)
+            raise UserError(f"--{name} {value}: past any count or size a run can hold (a 64-bit integer's range)")
+        if name == "out_dir" and isinstance(value, str) and not value.strip():  # ('': the current directory, unsaid)
+            raise UserError("--out_dir is empty: give a directory")
         if isinstance(value, str) and value and (name == "out_dir" or name == "out" or name.endswith("_out")):
             check_output_path(f"--{name}", value, directory=name == "out_dir")
     return args
@@ -172,8 +176,18 @@ def check_output_path(flag, path, directory):
     """That an output can be made at path: no directory where a file goes, no file where a directory goes, and no
     file in the way above it. Checked at the start, so that a long run does not fail at its last write."""
     want = "directory" if directory else "file"
+    if re.search(r"[\n\r]", path):  # (its messages and logs would break mid-line)
+        raise UserError(f"{flag} {path!r}: a path with a line break in it; give another")
+    long = next((part for part in path.split(os.sep) if len(part.encode()) > 255), None)
+    if long is not None:  # (the file system's limit on one name: an OSError at the first write, after the run)
+        raise UserError(f"{flag}: a name of {len(long.encode())} bytes in the path ({long[:40]}...); at most 255")
     if os.path.exists(path) and os.path.isdir(path) != directory:
         raise UserError(f"{flag} {path}: is a {'file' if directory else 'directory'}; give a {want} path")
+    checkpoint = next((d for d in path_and_parents(path if directory else os.path.dirname(os.path.abspath(path)))
+                       if is_checkpoint(d)), None)
+    if checkpoint:  # (a model's files and a stage's outputs mixed: token_shift wrote its summary into --base)
+        raise UserError(f"{flag} {path}: {'is' if checkpoint == os.path.abspath(path) else 'is in'} the checkpoint "
+                        f"{checkpoint}; give a path outside it")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

@@ -100,7 +100,7 @@ def split_heading(summary):
 
 
 def safe_name(text):
-    name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_")
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_")[:100]  # (a directory's name: 255 bytes at most)
     return name if name.strip(".") else "unnamed"  # (".." would write outside --out_dir)
 
 
@@ -239,13 +239,11 @@ def main(argv=None):
     if any(k < 1 for k in args.pass_k):
         raise UserError("--pass_k values must be >= 1")
     task = tasks.get_task(args.task)
-    inside = next((d for d in common.path_and_parents(args.out_dir)  # (a config.json alone: a home directory's)
-                   if common.is_checkpoint(d) or common.run_dir_hint(d)), None)
-    if inside:
-        where = "is" if inside == os.path.abspath(args.out_dir) else "is in"
-        raise UserError(f"--out_dir {args.out_dir}: {where} {inside}, a checkpoint or a training run's directory "
-                        f"(whose pruning deletes step_N/ with what eval.py wrote in it); give eval.py a directory of "
-                        f"its own")
+    run = next((d for d in common.path_and_parents(args.out_dir) if common.run_dir_hint(d)), None)
+    if run:  # (in a checkpoint: refused by parse_settings, as for every output)
+        where = "is" if run == os.path.abspath(args.out_dir) else "is in"
+        raise UserError(f"--out_dir {args.out_dir}: {where} {run}, a training run's directory (whose pruning deletes "
+                        f"step_N/ with what eval.py wrote in it); give eval.py a directory of its own")
     for path in args.checkpoints:  # (each, before the first one's generation: a late one could stop a run of hours)
         check_checkpoint(path)
         tasks.check_tokenizer_files(path)

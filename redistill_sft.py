@@ -315,8 +315,6 @@ def main(argv=None):
                                  + [("--val_data", path) for path in args.val_data or []])
     if bool(args.init) == bool(args.init_tiny):
         raise UserError("give exactly one of --init CHECKPOINT_DIR and --init_tiny")
-    if args.init and common.same_files(args.out_dir, args.init):  # (its checkpoints and final/ would go into it)
-        raise UserError(f"--out_dir {args.out_dir} is the --init checkpoint; choose another directory")
     if args.init_tiny and not args.tokenizer:
         raise UserError("--init_tiny needs --tokenizer DIR")
     common.check_positive(args, "global_batch", "micro_batch_tokens", "max_length", "epochs", "keep_last",

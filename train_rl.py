@@ -672,8 +672,6 @@ def main(argv=None):
     args = common.parse_settings(parser, argv)
     if not args.model:
         raise UserError("--model is required (a Hugging Face checkpoint directory: the initial policy)")
-    if common.same_files(args.out_dir, args.model):  # (its checkpoints, logs and rollouts would go into the model's)
-        raise UserError(f"--out_dir {args.out_dir} is the --model checkpoint; choose another directory")
     if args.test_data:  # (validation on the training prompts measures nothing held out)
         common.check_distinct_inputs([("--train_data", args.train_data), ("--test_data", args.test_data)])
     common.check_positive(args, "prompts_per_step", "samples_per_prompt", "max_response_tokens", "ppo_epochs",

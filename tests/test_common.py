@@ -647,6 +647,27 @@ def test_a_run_directory_given_as_a_checkpoint_is_named_with_its_checkpoints(tmp
         tasks.rollout_logs(str(run / "rollouts"))
 
 
+def test_settings_no_run_can_use_are_refused_at_the_start(tmp_path):
+    """Found by a fuzzer of every setting: --out_dir '' trained into the current directory and then failed at its
+    first checkpoint; an integer past 64 bits overflowed in torch (a traceback, files left); an output name past the
+    file system's 255 bytes failed at the first write (lim_select's first output written, the next not); a path with
+    a line break broke every message about it across lines."""
+    import train_rl
+    cases = [(["--out_dir", ""], r"--out_dir is empty"),
+             (["--out_dir", " "], r"--out_dir is empty"),
+             (["--samples_per_prompt", str(10 ** 30)], r"--samples_per_prompt 10+: past any count or size a run can "
+                                                       r"hold"),
+             (["--ppo_mini_batches", str(-2 ** 64)], r"--ppo_mini_batches -\d+: past any count"),
+             (["--out_dir", str(tmp_path / ("a" * 256) / "run")], r"--out_dir: a name of 256 bytes in the path"),
+             (["--out_dir", str(tmp_path / "a\nb")], r"--out_dir '.*a\\nb': a path with a line break in it")]
+    for argv, message in cases:
+        with pytest.raises(common.UserError, match=message):
+            common.parse_settings(train_rl.get_parser(), ["--model", "m"] + argv)
+    assert common.parse_settings(train_rl.get_parser(), ["--model", "m", "--max_steps", str(2 ** 63 - 1),
+                                                          "--out_dir", str(tmp_path / ("a" * 255))]).max_steps > 0
+    assert not os.listdir(tmp_path)
+
+
 FULL_DISK_SCRIPT = """
 import os, resource, signal, sys, torch
 import common

@@ -814,8 +814,10 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
     # a checkpoint or a training run's directory as --out_dir: pair folders beside (or inside) its checkpoints
     import shutil
     shutil.copytree(tiny_checkpoint, tmp_path / "run" / "step_000002")
-    for out_dir in (tiny_checkpoint, str(tmp_path / "run"), str(tmp_path / "run" / "step_000002" / "eval")):
-        with pytest.raises(common.UserError, match=r"is (in )?.*, a checkpoint or a training run's directory"):
+    step = str(tmp_path / "run" / "step_000002")
+    for out_dir, message in ((tiny_checkpoint, r"is the checkpoint"), (step + "/eval", r"is in the checkpoint"),
+                             (str(tmp_path / "run"), r"is .*run, a training run's directory")):
+        with pytest.raises(common.UserError, match=message):
             ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", out_dir] + FAST)
     assert not os.path.exists(tmp_path / "out" / "results.md")  # nothing half-written
 

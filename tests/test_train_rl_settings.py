@@ -686,13 +686,14 @@ def test_an_out_dir_on_the_model_or_validation_on_the_training_split_is_refused(
     train = str(tmp_path / "train.jsonl")
     common.write_jsonl(train, toy_task.make_records(8, seed=1, split="train"))
     base = ["--task", "toy_task", "--model", tiny_checkpoint, "--train_data", train]
-    with pytest.raises(common.UserError, match=r"--out_dir .* is the --model checkpoint; choose another directory"):
+    # (every output in a checkpoint is refused: common.check_output_path)
+    with pytest.raises(common.UserError, match=r"--out_dir .*: is the checkpoint .*; give a path outside it"):
         train_rl.main(base + ["--test_data", "", "--out_dir", tiny_checkpoint])
     with pytest.raises(common.UserError, match=r"--test_data .*train\.jsonl: the same file as --train_data"):
         train_rl.main(base + ["--test_data", train, "--out_dir", str(tmp_path / "o")])
     with pytest.raises(common.UserError, match=r"^--test_data data/kk/test\.jsonl \(the default\): not found; give "
                                                r"--test_data FILE, or --test_data '' for no validation$"):
         train_rl.main(base + ["--out_dir", str(tmp_path / "o")])
-    with pytest.raises(common.UserError, match=r"--out_dir .* is the --init checkpoint; choose another directory"):
+    with pytest.raises(common.UserError, match=r"--out_dir .*: is the checkpoint .*; give a path outside it"):
         redistill_sft.main(["--init", tiny_checkpoint, "--data", train, "--out_dir", tiny_checkpoint])
     assert not (tmp_path / "o").exists()
