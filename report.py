@@ -32,7 +32,7 @@ def get_parser():
                    help="the seeds of the study (reproduce.sh's SEEDS): seed 1 in --out_dir, seed S in seed_S/; "
                         "0 = every seed_S/ there (reproduce.sh passes its SEEDS, so a folder left by an earlier, "
                         "larger SEEDS does not enter the mean)")
-    p.add_argument("--limr_seeds", nargs="*", default=[],
+    p.add_argument("--limr_seeds", nargs="*", type=int, default=[],
                    help="the seeds of the LIMR experiment (reproduce.sh's LIMR_SEEDS): only limr/seed_S/ of these "
                         "enter its tables; none = every limr/seed_S/ there (reproduce.sh passes its LIMR_SEEDS, so a "
                         "folder left by an earlier LIMR_SEEDS does not enter the mean)")
@@ -160,7 +160,8 @@ def difficulty_key(summary):
 def limr_tables(out_dir, only_seeds=()):
     """The LIMR experiment of reproduce.sh (LIMR=1): test accuracy of the start, FULL, RAND and LIM per seed and
     split, with the prompts, steps and rollouts each spent (and their mean over seeds); [] when there is none.
-    only_seeds: these seeds' folders (names as in limr/seed_S), or every one there."""
+    only_seeds: these seeds' folders (limr/seed_S), or every one there."""
+    only_seeds = [str(s) for s in only_seeds]  # (as the folders name them)
     limr_dir, eval_dir = os.path.join(out_dir, "limr"), os.path.join(out_dir, "limr", "eval")
     seeds = (sorted((name[5:] for name in os.listdir(limr_dir)
                      if name.startswith("seed_") and (not only_seeds or name[5:] in only_seeds)),

@@ -204,6 +204,8 @@ def test_limr_table_rollouts_per_arm_and_the_mean_over_seeds(run_dir):
     report.main(["--out_dir", str(run_dir), "--plots", "false", "--limr_seeds", "1"])
     text = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "| LIM | 1 | 3 | 3 | 12 | 60 |" in text and "| LIM | 2 |" not in text and "seed 2:" not in text
+    with pytest.raises(SystemExit):  # (a seed is an integer: "abc" selected nothing, without a word)
+        report.main(["--out_dir", str(run_dir), "--plots", "false", "--limr_seeds", "abc"])
     assert "Mean ± std over seeds" not in text
 
 
