@@ -304,7 +304,8 @@ RUN_IDENTITY = ("data", "pretrain_text", "max_length", "init", "init_tiny", "epo
 
 
 def main(argv=None):
-    args = common.parse_settings(get_parser(), argv)
+    parser = get_parser()
+    args = common.parse_settings(parser, argv)
     from parallel import full_copy, idle_pass
 
     # ---- checks that need no model
@@ -324,8 +325,10 @@ def main(argv=None):
     if not (0 <= args.warmup_ratio < 1 and 0 <= args.min_lr_ratio <= 1):
         raise UserError(f"--warmup_ratio must be in [0, 1) and --min_lr_ratio in [0, 1] (fractions: 0.05 is 5 %), got "
                         f"{args.warmup_ratio} and {args.min_lr_ratio}")
+    tiny = ("tiny_arch", "tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_kv_heads", "tiny_context")
+    common.note_unused(args, parser, tiny, not args.init_tiny, "--init_tiny true")  # (--init's config sizes it)
     if args.init_tiny:
-        common.check_positive(args, "tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_kv_heads", "tiny_context")
+        common.check_positive(args, *tiny[1:])
         if args.tiny_hidden_size % args.tiny_heads or args.tiny_heads % args.tiny_kv_heads:
             raise UserError(f"--tiny_heads {args.tiny_heads} must divide --tiny_hidden_size {args.tiny_hidden_size}, "
                             f"and --tiny_kv_heads {args.tiny_kv_heads} must divide --tiny_heads")

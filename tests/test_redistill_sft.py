@@ -95,7 +95,7 @@ def test_cli_errors_write_nothing(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: give exactly one of --init"), proc.stderr
 
 
-def test_a_tokenizer_of_another_vocabulary_than_the_init_is_refused(tiny_checkpoint, tmp_path):
+def test_a_tokenizer_of_another_vocabulary_than_the_init_is_refused(tiny_checkpoint, tmp_path, capsys):
     """--tokenizer was checked for its size alone: another model's tokenizer of the same size (tokens with other
     ids) trained the embedding's rows as other tokens, and was saved with the weights. Its vocabulary must be the
     --init's own; another chat template (what --tokenizer is for) is fine."""
@@ -118,7 +118,9 @@ def test_a_tokenizer_of_another_vocabulary_than_the_init_is_refused(tiny_checkpo
         f.write("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] ")
     with pytest.raises(UserError, match="8 training examples < --global_batch 16"):  # (past the tokenizer's check)
         sft.main(["--data", data, "--init", tiny_checkpoint, "--tokenizer", templated, "--out_dir", str(out),
-                  "--global_batch", "16"])
+                  "--global_batch", "16", "--tiny_layers", "-1"])
+    # (a --tiny_* setting beside --init is not used, which is said: --init's config sizes the model)
+    assert "note: --tiny_layers not used: only --init_tiny true uses it" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
