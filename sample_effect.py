@@ -385,12 +385,18 @@ def open_partial(path, identity, resume, n_samples):
         ckpt.note_code_changes(code, "the stopped run computed its ∇J")
         logs = sorted(glob.glob(os.path.join(glob.escape(path), "effects.rank*.jsonl")))
         done = os.path.join(path, "done.jsonl")
-        rows, fields = {}, None
-        for log in ([done] if os.path.exists(done) else []) + logs:
-            for lineno, row in common.iter_jsonl(log, torn_tail=True):
-                fields = fields or set(row)
-                check_effect_row(f"{log}:{lineno}", row, n_samples, fields)
-                rows[row["index"]] = row
+        rows, fields, seen = {}, None, {}  # seen: index -> where its row was read
+        try:
+            for log in ([done] if os.path.exists(done) else []) + logs:
+                for lineno, row in common.iter_jsonl(log, torn_tail=True):
+                    fields = fields or set(row)
+                    check_effect_row(f"{log}:{lineno}", row, n_samples, fields)
+                    if row["index"] in rows and rows[row["index"]] != row:  # (a kill's repeat is the same row)
+                        raise UserError(f"{log}:{lineno}: a second row of sample {row['index']}, with other values "
+                                        f"than at {seen[row['index']]}")
+                    rows[row["index"]], seen[row["index"]] = row, f"{log}:{lineno}"
+        except UserError as e:
+            raise UserError(f"{e}; pass --resume false to start over") from None
         rows = [rows[i] for i in sorted(rows)]
         common.write_jsonl(done, rows)
         for log in logs:
@@ -405,15 +411,15 @@ def open_partial(path, identity, resume, n_samples):
 def check_effect_row(where, row, n_samples, fields):
     """A stopped run's row (on_sample wrote it): 'index' a sample's number, every other field a finite number, the
     fields those of the run's first row; else a UserError naming the file, line and field."""
-    index, again = row.get("index"), "pass --resume false to start over"
+    index = row.get("index")
     if type(index) is not int or not 0 <= index < n_samples:
         got = json.dumps(index) if "index" in row else "none"
-        raise UserError(f"{where}: field 'index' must be a sample's number, 0 to {n_samples - 1}, got {got}; {again}")
+        raise UserError(f"{where}: field 'index' must be a sample's number, 0 to {n_samples - 1}, got {got}")
     if set(row) != fields:
-        raise UserError(f"{where}: fields {sorted(row)}, where the run's first row has {sorted(fields)}; {again}")
+        raise UserError(f"{where}: fields {sorted(row)}, where the run's first row has {sorted(fields)}")
     for key, value in row.items():
         if not common.finite_number(value):
-            raise UserError(f"{where}: field {key!r} must be a finite number, got {json.dumps(value)}; {again}")
+            raise UserError(f"{where}: field {key!r} must be a finite number, got {json.dumps(value)}")
 
 
 def remove_partial(path, done=False):

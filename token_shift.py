@@ -285,6 +285,8 @@ def describe(summary, high_js):
              f"{fmt(h['policy_top1_within_base_top3'])}, base prob < 0.01 {fmt(h['policy_top1_base_prob_below_0.01'])}",
              "most frequent high-JS tokens: " + ", ".join(f"{t['token']!r} {t['high_js']}/{t['occurrences']}"
                                                           for t in summary["top_high_js_tokens"][:10])]
+    if summary["positions"] and summary["js_mean"] == 0:  # (--base and --policy: copies of one checkpoint?)
+        lines.append("note: the JS is 0 at every position: the two models give the same distributions")
     return "\n".join(lines)
 
 

@@ -502,7 +502,10 @@ def test_open_partial_keeps_one_row_per_sample_and_names_what_it_cannot_read(tmp
                          ('{"index": true, "se": 2.0}', r"field 'index' .* got true"),
                          ('{"index": 2, "se": NaN}', r"field 'se' must be a finite number, got NaN"),
                          ('{"index": 2, "se": "x"}', r"field 'se' must be a finite number, got \"x\""),
-                         ('{"index": 2}', r"fields \['index'\], where the run's first row has \['index', 'se'\]")):
+                         ('{"index": 2}', r"fields \['index'\], where the run's first row has \['index', 'se'\]"),
+                         ('{"index": 2, "se"', r"not valid JSON \(.*\)"),  # (ends in a newline: not torn)
+                         ('{"index": 1, "se": 9.0}', r"a second row of sample 1, with other values than at "
+                                                     r".*done\.jsonl:2")):
         (tmp_path / "effects.partial" / "effects.rank0.jsonl").write_text(row + "\n")
         with pytest.raises(UserError, match=r"effects\.rank0\.jsonl:1: " + message + "; pass --resume false"):
             se.open_partial(path, identity, resume=True, n_samples=8)

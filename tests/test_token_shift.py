@@ -536,6 +536,10 @@ def test_threshold_switch_and_position_deciles_by_hand():
     assert summary["by_relative_position"][-1]["share_high"] == 1.0
     # quantiles by nearest rank: 9 of the 10 positions are 0, so the 90th percentile is 0 (it read the largest, 1)
     assert summary["js_quantiles"] == {"50": 0.0, "90": 0.0, "95": 1.0, "99": 1.0}
+    # one model twice (a copy under another path): JS 0 at every position, which the printed lines say
+    assert "JS is 0 at every position" not in token_shift.describe(summary, 0.5)
+    same = token_shift.summarize([{**row, "js": [0.0] * 10}], [], None, 0.5, 0)
+    assert "note: the JS is 0 at every position" in token_shift.describe(same, 0.5)
 
 
 def test_limit_high_js_and_top_tokens_shape_the_divergence_summary(pair, tmp_path):
