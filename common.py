@@ -172,6 +172,17 @@ def run_dir_hint(path):
     return f" (a training run's directory: give one of its checkpoints, {', '.join(shown)})"
 
 
+def check_not_in_a_run(flag, path, who):
+    """An output directory that is, or is in, a training run's directory (run_dir_hint) is refused: a resumed run's
+    pruning deletes its step_N/ with what `who` wrote there, and the run's files and `who`'s mix. (One in a
+    checkpoint: check_output_path refuses it for every script.)"""
+    run = next((d for d in path_and_parents(path) if run_dir_hint(d)), None)
+    if run:
+        where = "is" if run == os.path.abspath(path) else "is in"
+        raise UserError(f"{flag} {path}: {where} {run}, a training run's directory (whose pruning deletes step_N/ with "
+                        f"what {who} wrote in it); give {who} a directory of its own")
+
+
 def check_output_path(flag, path, directory):
     """That an output can be made at path: no directory where a file goes, no file where a directory goes, and no
     file in the way above it. Checked at the start, so that a long run does not fail at its last write."""

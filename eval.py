@@ -239,11 +239,7 @@ def main(argv=None):
     if any(k < 1 for k in args.pass_k):
         raise UserError("--pass_k values must be >= 1")
     task = tasks.get_task(args.task)
-    run = next((d for d in common.path_and_parents(args.out_dir) if common.run_dir_hint(d)), None)
-    if run:  # (in a checkpoint: refused by parse_settings, as for every output)
-        where = "is" if run == os.path.abspath(args.out_dir) else "is in"
-        raise UserError(f"--out_dir {args.out_dir}: {where} {run}, a training run's directory (whose pruning deletes "
-                        f"step_N/ with what eval.py wrote in it); give eval.py a directory of its own")
+    common.check_not_in_a_run("--out_dir", args.out_dir, "eval.py")
     for path in args.checkpoints:  # (each, before the first one's generation: a late one could stop a run of hours)
         check_checkpoint(path)
         tasks.check_tokenizer_files(path)

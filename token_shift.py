@@ -564,6 +564,7 @@ def main(argv=None):
     args = common.parse_settings(parser, argv)
     if not args.base or not args.policy:
         raise UserError("give --base and --policy (Hugging Face checkpoint directories)")
+    common.check_not_in_a_run("--out_dir", args.out_dir, "token_shift.py")
     if common.same_files(args.base, args.policy):  # (every divergence 0, every cross-sample the primary's own)
         raise UserError(f"--base {args.base} and --policy {args.policy} are one checkpoint: there is nothing to "
                         f"compare")

@@ -816,7 +816,8 @@ def test_error_cases(tiny_checkpoint, split, tmp_path, monkeypatch):
     shutil.copytree(tiny_checkpoint, tmp_path / "run" / "step_000002")
     step = str(tmp_path / "run" / "step_000002")
     for out_dir, message in ((tiny_checkpoint, r"is the checkpoint"), (step + "/eval", r"is in the checkpoint"),
-                             (str(tmp_path / "run"), r"is .*run, a training run's directory")):
+                             (str(tmp_path / "run"), r"--out_dir .*run: is .*run, a training run's directory \(whose "
+                                                     r"pruning deletes step_N/ with what eval\.py wrote in it\)")):
         with pytest.raises(common.UserError, match=message):
             ev.main(["--checkpoints", tiny_checkpoint, "--splits", split, "--out_dir", out_dir] + FAST)
     assert not os.path.exists(tmp_path / "out" / "results.md")  # nothing half-written

@@ -487,6 +487,13 @@ def test_a_responses_file_given_twice_is_refused(pair, tmp_path, monkeypatch):
         token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", str(tmp_path / "r.jsonl"),
                           os.path.join(".", "r.jsonl"), "--out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+    # its --out_dir in a training run's directory, as eval.py's (the run's files and these mixed)
+    import shutil
+    shutil.copytree(pair["base"], tmp_path / "run" / "step_000002")
+    with pytest.raises(common.UserError, match=r"--out_dir .*: is .*run, a training run's directory .* give "
+                                               r"token_shift\.py a directory of its own"):
+        token_shift.main(["--base", pair["base"], "--policy", pair["policy"], "--responses", "r.jsonl",
+                          "--out_dir", str(tmp_path / "run")])
     # one checkpoint as both (another spelling of it): every divergence 0, said nowhere
     with pytest.raises(common.UserError, match=r"--base .* and --policy .* are one checkpoint: there is nothing to"):
         token_shift.main(["--base", pair["base"], "--policy", pair["base"] + "/", "--responses", "r.jsonl",
