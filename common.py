@@ -645,6 +645,11 @@ def finite_number(value):
         return False
 
 
+def is_fraction(value):
+    """finite_number, in [0, 1] (an accuracy, a share)."""
+    return finite_number(value) and 0 <= value <= 1
+
+
 def check_fields(where, rec, required=(), types=None):
     """Each field of `required` is in the record rec, and each of `types` there is of its type (a type or a tuple
     of them); otherwise a UserError naming `where` (file:line) and the field."""

@@ -654,11 +654,11 @@ def empty_model(cfg: ModelConfig, dtype, device) -> Transformer:
     return model
 
 
-# safetensors' names of the dtypes a header can give, as torch names them; the first four are floating-point weights
+# safetensors' names of the dtypes a header can give, as torch names them; the weights load_model takes
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-FLOAT_WEIGHTS = list(SAFETENSORS_DTYPES.values())[:4]
+FLOAT_WEIGHTS = ("float32", "bfloat16", "float16", "float64")
 
 
 def check_weights(path, cfg=None):

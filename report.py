@@ -62,11 +62,8 @@ def read_probe(path):
     """tiny_base.py --probe's result, with the accuracies report.py prints."""
     probe = common.read_json(path, "a base probe result")
     people = probe.get("people")
-
-    def fraction(value):
-        return common.finite_number(value) and 0 <= value <= 1
-    if not (fraction(probe.get("accuracy")) and isinstance(people, dict) and all(
-            isinstance(r, dict) and fraction(r.get("accuracy")) for r in people.values())):
+    if not (common.is_fraction(probe.get("accuracy")) and isinstance(people, dict) and all(
+            isinstance(r, dict) and common.is_fraction(r.get("accuracy")) for r in people.values())):
         raise UserError(f"{path}: fields 'accuracy' and 'people' (people -> accuracy) missing, of the wrong type or "
                         f"not in [0, 1]")
     return probe
@@ -136,8 +133,8 @@ def rl_rollouts(run_dir, up_to_step=None):
     for m, after in zip(steps, steps[1:]):
         if after["step"] == m["step"]:
             raise UserError(f"{metrics}: two training rows of step {m['step']} (one step's rollouts counted twice)")
-    for m in steps:
-        if m.get("gen_batches", 1) < 1 or m.get("gen_batches") is True:
+    for m in steps:  # (read_metrics named a non-integer's line; a bool passes isinstance int, and is no count)
+        if type(m.get("gen_batches", 1)) is not int or m.get("gen_batches", 1) < 1:
             raise UserError(f"{metrics}: step {m['step']}: field 'gen_batches' must be a positive integer, got "
                             f"{json.dumps(m['gen_batches'])}")
     batches = sum(m.get("gen_batches", 1) for m in steps)  # (more than one a step with dynamic sampling)

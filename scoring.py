@@ -127,7 +127,7 @@ def read_summary(path):
     summary = common.read_json(path, "an eval summary")
 
     def number(where, value, fraction=True):
-        if not (common.finite_number(value) and 0 <= value <= (1 if fraction else value)):
+        if not (common.is_fraction(value) if fraction else common.finite_number(value) and value >= 0):
             raise ValueError(f"{where} is {json.dumps(value)}, expected "
                              f"{'a number in [0, 1]' if fraction else 'a finite number >= 0'}")
     try:
