@@ -645,6 +645,7 @@ def load_sft_examples(paths, tokenizer, max_length, limit=None):
         raise UserError("the tokenizer has no eos_token; SFT appends EOS to every response")
     stops = set(stop_token_ids(tokenizer))
     examples = []
+    first_at, repeats = {}, []  # (prompt, response) -> where first read; where each repeat was read, and its first
     for path in paths:
         rows, where = [], []
         with open_lines(path) as lines:
@@ -652,6 +653,9 @@ def load_sft_examples(paths, tokenizer, max_length, limit=None):
                 check_sft_record(path, lineno, rec)
                 rows.append(rec)
                 where.append(lineno)
+                first = first_at.setdefault((rec["prompt"], rec["response"]), f"{path}:{lineno}")
+                if first != f"{path}:{lineno}":
+                    repeats.append((f"{path}:{lineno}", first))
         if not rows:
             raise UserError(f"{path}: no examples")
         check_sft_outcomes(path, rows, where)
@@ -665,6 +669,11 @@ def load_sft_examples(paths, tokenizer, max_length, limit=None):
                                 f"long examples are an error, not truncated")
             examples.append({"input_ids": ids, "start": start, "id": rec["id"], "task": rec.get("task"),
                              "file": path, "line": lineno})
+    if repeats:  # (sample_policy drops repeats: these are a set given twice, or a copy beside it; not an error, as
+        #          weighting an example on purpose is a choice)
+        print0(f"note: {len(repeats)} of the {len(examples)} examples repeat an earlier one's prompt and response "
+               f"(the first: {repeats[0][0]} repeats {repeats[0][1]}); each is used as given: trained on, and "
+               f"scored by sample_effect, once per line")
     return examples
 
 

@@ -182,6 +182,23 @@ def test_a_record_that_says_it_was_cut_off_or_wrong_is_refused(tiny_checkpoint, 
             tasks.load_sft_examples([path], tok, 512)
 
 
+def test_a_repeated_example_is_noted_with_where_it_was_read_first(tiny_checkpoint, tmp_path, capsys):
+    """sample_policy drops repeats, so the same prompt and response twice is a set given twice (`--sft_data A
+    A_copy`: sample_effect scored and selected it twice) or a copy beside it: one note naming the first repeat and its
+    original; the examples are still used as given. Another response to the same prompt is no repeat."""
+    tok = load_tokenizer(tiny_checkpoint)
+    path = write_sft(tmp_path / "d.jsonl", toy_task.make_records(3, seed=1), tok)
+    rows = common.read_jsonl(path)
+    common.write_jsonl(path, rows + [{**rows[0], "id": "other", "response": rows[0]["response"] + " ok"}])
+    assert len(tasks.load_sft_examples([path], tok, 512)) == 4
+    assert "repeat" not in capsys.readouterr().out
+    copy = str(tmp_path / "copy.jsonl")
+    common.write_jsonl(copy, [rows[2], rows[1]])
+    assert len(tasks.load_sft_examples([path, copy], tok, 512)) == 6
+    assert (f"note: 2 of the 6 examples repeat an earlier one's prompt and response (the first: {copy}:1 repeats "
+            f"{path}:3)") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("reduction", ["seq_mean", "token_mean"])
 def test_prompt_positions_carry_no_loss(tiny_checkpoint, tmp_path, reduction):
     """The loss equals the hand-computed mean over response+EOS targets (unpacked, full logits); the lm_head runs on
