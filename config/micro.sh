@@ -10,7 +10,8 @@ TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 DATA_CMD="python kk_data.py --out_dir $DATA --test_people 2-3 --test_per_people 2 \
 --train_people 2-3 --train_per_people 4 --sft_people 2-3 --sft_per_people 4 \
 --train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"
-BASE_TEXT_ARGS="--people 2-3 --per_people 10 --text_format mixed --trace_fraction 0.5 --vocab_size 400 --seed $((300000 + STREAM_SHIFT))"
+BASE_TEXT_ARGS="--people 2-3 --per_people 10 --drill_per_people 0 --text_format mixed --trace_fraction 0.5 \
+--vocab_size 400 --seed $((300000 + STREAM_SHIFT))"  # (no claim drills: tiny_base's default adds 12,000)
 PRETRAIN_ARGS="--tiny_hidden_size 32 --tiny_layers 1 --tiny_heads 2 --tiny_kv_heads 1 --tiny_context 1024 \
 --max_length 1024 --epochs 1 --global_batch 10 --lr 3e-3 --loss_reduction token_mean --progress false --seed $((1 + SEED_SHIFT))"
 SFT_ARGS="--epochs 1 --global_batch 4 --lr 1e-3 --max_length 1024 --progress false --seed $((1 + SEED_SHIFT))"
