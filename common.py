@@ -32,7 +32,8 @@ RENAMED = {"--group_size": "--samples_per_prompt", "--samples": "--samples_per_p
            "--bf16": "--dtype (auto: bfloat16 on CUDA, float32 on CPU)",
            "--num_samples": "--samples_per_prompt (samples per prompt) or, in sample_policy.py, --num_examples",
            "--max_new_tokens": "--max_response_tokens",
-           "--batch_size": "--gen_batch_size (prompts decoded at once) or, in redistill_sft.py, --global_batch"}
+           "--batch_size": "--gen_batch_size (prompts decoded at once) or, in redistill_sft.py, --global_batch, or, in "
+                           "tiny_base.py --probe, --probe_batch"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
