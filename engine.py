@@ -12,8 +12,8 @@ once as a CUDA graph and replayed; on CPU the same step runs eagerly.
 
 Sampling (temperature, top-p) draws each token with one uniform number that depends only on (seed, sample, position),
 a counter-based hash: a row's random numbers do not depend on its slot, the number of slots, the buckets or the batch
-it ran in, nor do its tokens in float64; in fp32 or bf16 the logits round with the batch's shape, so now and then a
-token on a boundary of the inverse CDF moves, and the row differs from there. token_shift.py's cross-sampling runs a
+it ran in, nor do its tokens in float64; in fp32 or bf16 the logits round with the batch's shape, so a token on a
+boundary of the inverse CDF moves, and the row differs from there: now and then in fp32, often in bf16. token_shift.py's cross-sampling runs a
 second model in lock-step (generate's partner). sample_responses generates and scores over a task's records: what
 sampling, evaluation and RL rollouts share.
 """
@@ -696,6 +696,46 @@ GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 
 
 @torch.no_grad()
+def is_int(value):
+    """An integer setting: a Python or NumPy integer, not a bool (which Python counts an int) and not a float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def token_ids_ok(ids):
+    """Token ids that are integers (a float id was cut to its integer part without a word)."""
+    if isinstance(ids, torch.Tensor):
+        return not (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool)
+    return all(type(t) is int or is_int(t) for t in ids)  # (the first test: fast for the usual lists)
+
+
+def check_generate_arguments(prompts, n, max_new_tokens, temperature, top_p, stop_ids, partner, switch,
+                             prompt_numbers, reserve):
+    """generate()'s arguments of the wrong kind, refused with one line before any work (not a TypeError deep inside,
+    or a value silently cut: 2.5 new tokens, a token id 1.9 read as 1)."""
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or getattr(p, "ndim", 1) != 1 \
+                or not token_ids_ok(p):
+            raise ValueError(f"prompt {i} must be a list (or 1-D tensor) of integer token ids, got {p!r:.80}")
+    for name, value in dict(n=n, max_new_tokens=max_new_tokens).items():
+        if not (is_int(value) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name, value in dict(temperature=temperature, top_p=top_p).items():
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__len__") or not token_ids_ok(stop_ids):
+        raise ValueError(f"stop_ids must be a list of integer token ids (or an empty one), got {stop_ids!r}")
+    if switch is not None and partner is None:  # (the samples would be the model's own, switched=None)
+        raise ValueError("a switch needs a partner to switch to (cross-sampling)")
+    if prompt_numbers is not None:
+        numbers_ = list(prompt_numbers)
+        if len(numbers_) != len(prompts) or not all(is_int(x) and x >= 0 for x in numbers_) \
+                or len(set(numbers_)) != len(numbers_):  # (two prompts of one number would draw the same samples)
+            raise ValueError(f"prompt_numbers: one distinct integer >= 0 per prompt, got {prompt_numbers!r} for "
+                             f"{len(prompts)} prompts")
+    if reserve is not None and not (len(reserve) == 3 and all(is_int(x) and x >= 0 for x in reserve)):
+        raise ValueError(f"reserve: (slots, columns, new tokens), three integers >= 0, got {reserve!r}")
+
+
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
              max_seq_len=None, partner=None, switch=None, slots=None, buckets="auto",
              sync_every=None, block=None, attention_groups=None, graphs=None, fused=None, forced_lengths=None,
@@ -748,6 +788,12 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     Generation then also holds `switched` and `differs` per token. A switch that is never True gives exactly
     the model's own samples of the same seed, one that is always True the partner's.
     """
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise ValueError(f"prompts must be a list of token-id lists (or tensors), got {type(prompts).__name__}")
+    prompts = list(prompts)  # (a 2-D tensor's rows, or a generator, read once)
+    check_generate_arguments(prompts, n, max_new_tokens, temperature, top_p, stop_ids, partner, switch,
+                             prompt_numbers, reserve)
+    n, max_new_tokens = int(n), int(max_new_tokens)  # (a NumPy integer would become the rows' prompt_index)
     models = [model] if partner is None else [model, partner]
     if any(is_sharded(m) for m in models):  # its copy would be a collective, in calls the ranks make unevenly
         raise ValueError("generate() needs full weights: pass engine.kept_weights(model, 0, dtype) or "
@@ -761,8 +807,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     if dtype is not None and isinstance(model, GenWeights) and dtype != model.dtype:
         raise ValueError(f"dtype {dtype} asked of GenWeights in {model.dtype}: make them in the dtype wanted")
     context = min(m.config.max_position_embeddings for m in models)  # (the RoPE tables' rows)
-    if max_seq_len is not None and not 1 <= max_seq_len <= context:
-        raise ValueError(f"max_seq_len {max_seq_len} is not in 1..{context}, the model's context")
+    if max_seq_len is not None and not (is_int(max_seq_len) and 1 <= max_seq_len <= context):
+        raise ValueError(f"max_seq_len {max_seq_len!r} is not an integer in 1..{context}, the model's context")
+    limit = f"the model's {context}-token context" if max_seq_len is None else f"max_seq_len {max_seq_len}"
     max_seq_len = context if max_seq_len is None else max_seq_len
     vocab = model.config.vocab_size
     for i, p in enumerate(prompts):
@@ -774,19 +821,16 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                             f"of {vocab} (a tokenizer larger than the model's embedding?)")
         if len(p) + max_new_tokens > max_seq_len:
             raise UserError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
-                            f"{len(p) + max_new_tokens} > the model's {max_seq_len}-token context")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    for name, value in dict(n=n, slots=slots, sync_every=sync_every, block=block,
-                            attention_groups=attention_groups).items():
-        if not (isinstance(value, int) and value >= 1) and (value is not None or name == "n"):
+                            f"{len(p) + max_new_tokens} > {limit}")
+    for name, value in dict(slots=slots, sync_every=sync_every, block=block, attention_groups=attention_groups).items():
+        if value is not None and not (is_int(value) and value >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not 0 <= temperature < math.inf or not 0 <= top_p <= 1:  # (inf: every token uniform)
         raise ValueError(f"temperature must be >= 0 and top_p in [0, 1], got {temperature!r} and {top_p!r}")
     if 0 < temperature < MIN_TEMPERATURE:  # (logits / temperature would overflow float32)
         raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
     # (a float failed in seed32's shift; seed32 folds -k-1 onto k: seed -1 would repeat seed 0's samples)
-    if not isinstance(seed, numbers.Integral) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if not prompts:
         return []
@@ -796,8 +840,6 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     if stop_ids and not 0 <= stop_ids[0] <= stop_ids[-1] < vocab:  # (never sampled: no response would end)
         raise UserError(f"stop token ids {stop_ids} are not all in the model's vocabulary of {vocab} (a tokenizer "
                         f"larger than the model's embedding?)")
-    if prompt_numbers is not None and len(prompt_numbers) != len(prompts):
-        raise ValueError(f"prompt_numbers: one per prompt, got {len(prompt_numbers)} for {len(prompts)}")
     if forced_lengths is not None and (not stop_ids or len(forced_lengths) != len(prompts) * n
                                        or not all(1 <= x <= max_new_tokens for x in forced_lengths)
                                        or partner is not None):

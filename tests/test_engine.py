@@ -9,6 +9,7 @@ import weakref
 from contextlib import contextmanager
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -114,7 +115,7 @@ def test_prompt_numbers_give_a_prompts_samples_whatever_share_it_is_in():
         assert [g.tokens for g in share] == [whole[i * 3 + j] for i in numbers for j in range(3)]
     plain = generate(model, prompts[1::2], **kw)
     assert [g.tokens for g in plain] != [whole[i * 3 + j] for i in range(1, len(prompts), 2) for j in range(3)]
-    with pytest.raises(ValueError, match="prompt_numbers: one per prompt"):
+    with pytest.raises(ValueError, match="prompt_numbers: one distinct integer >= 0 per prompt"):
         generate(model, prompts, prompt_numbers=[0], **kw)
 
 
@@ -630,7 +631,7 @@ def test_error_prompt_longer_than_cache():
     with pytest.raises(common.UserError, match="prompt 1 has 30 tokens.*32-token context"):
         generate(model, [[1, 2], [3] * 30], max_new_tokens=8)
     for max_seq_len in (64, 0):  # (64: an IndexError in RoPE; 0 was read as "no limit")
-        with pytest.raises(ValueError, match=f"max_seq_len {max_seq_len} is not in 1..32, the model's context"):
+        with pytest.raises(ValueError, match=f"max_seq_len {max_seq_len} is not an integer in 1..32, the model's"):
             generate(model, [[1, 2], [3] * 30], max_new_tokens=8, max_seq_len=max_seq_len)
     # ids past the embedding (a tokenizer larger than the model's): an IndexError naming no prompt, a device-side
     # assert on a GPU, or, for a stop id, responses that never end
@@ -644,8 +645,11 @@ def test_error_prompt_longer_than_cache():
     for seed in (-1, 1.5):  # (-1 repeated seed 0's samples; 1.5 failed deep in seed32 with a TypeError)
         with pytest.raises(ValueError, match=f"seed must be an integer >= 0, got {seed}"):
             generate(model, [[1, 2]], max_new_tokens=4, seed=seed)
-    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
-        generate(model, [[1, 2]], max_new_tokens=0)
+    for bad in (0, 2.0, 2.5, True):  # (2.5 ran as 2 once a call had left its buffers; 2.0 a TypeError in zeros())
+        with pytest.raises(ValueError, match=f"max_new_tokens must be an integer >= 1, got {bad}"):
+            generate(model, [[1, 2]], max_new_tokens=bad)
+    with pytest.raises(common.UserError, match="it needs 32 > max_seq_len 31$"):  # (it said "the model's 31-token")
+        generate(model, [[1] * 30], max_new_tokens=2, max_seq_len=31)
     with pytest.raises(ValueError, match="at most 8 stop ids"):
         generate(model, [[1, 2]], max_new_tokens=8, stop_ids=range(9))
     for stop_ids, lengths in (([], [4]), ([3], [4, 4]), ([3], [0]), ([3], [9])):  # a benchmark's forced lengths
@@ -656,7 +660,8 @@ def test_error_prompt_longer_than_cache():
         generate(model, [[1, 2]], max_new_tokens=8, graphs=True)
     generate(model, [[1, 2]], n=2, max_new_tokens=4, slots=2)  # kept slots that a count of -1 would "fit"
     for bad in (dict(n=0), dict(n=-2), dict(slots=-1), dict(slots=0), dict(sync_every=-1), dict(block=0),
-                dict(attention_groups=-1), dict(n=2.0)):  # (sync_every=-1 used to loop for ever; n=-2 gave [])
+                dict(attention_groups=-1), dict(n=2.0), dict(n=True), dict(slots=2.0)):
+        # (sync_every=-1 used to loop for ever; n=-2 gave [])
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer >= 1"):
             generate(model, [[1, 2]], max_new_tokens=4, **bad)
     for bad in (dict(temperature=-0.5), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=float("nan")),
@@ -668,6 +673,29 @@ def test_error_prompt_longer_than_cache():
     with pytest.raises(ValueError, match="at least 1e-06"):
         generate(model, [[1, 2]], max_new_tokens=4, temperature=common.MIN_TEMPERATURE / 2)
     generate(model, [[1, 2]], max_new_tokens=4, temperature=common.MIN_TEMPERATURE)
+    # arguments of the wrong kind: one line, not a TypeError deep inside, and no value silently cut to an integer
+    for bad, said in ((dict(prompts=[[1.9, 2.9]]), r"prompt 0 must be a list \(or 1-D tensor\) of integer token ids"),
+                      (dict(prompts=[torch.tensor([1.0, 2.0])]), "prompt 0 must be a list"),
+                      (dict(prompts=[[1, 2], "ab"]), "prompt 1 must be a list"),
+                      (dict(prompts=[torch.tensor(3)]), "prompt 0 must be a list"),
+                      (dict(prompts="ab"), "prompts must be a list of token-id lists"),
+                      (dict(stop_ids=[25.7]), "stop_ids must be a list of integer token ids"),
+                      (dict(stop_ids=None), "stop_ids must be a list"), (dict(stop_ids=3), "stop_ids must be a list"),
+                      (dict(temperature=None), "temperature must be a number, got None"),
+                      (dict(top_p="0.9"), "top_p must be a number"),
+                      (dict(prompt_numbers=[1.5]), "prompt_numbers: one distinct integer >= 0 per prompt"),
+                      (dict(prompt_numbers=[0, 0], prompts=[[1, 2], [1, 2]]), "prompt_numbers: one distinct"),
+                      (dict(prompt_numbers=[-1]), "prompt_numbers: one distinct"),
+                      (dict(prompt_numbers=[0, 1]), "prompt_numbers: one distinct"),
+                      (dict(reserve=(1,)), r"reserve: \(slots, columns, new tokens\), three integers"),
+                      (dict(switch=lambda *a: None), "a switch needs a partner")):
+        with pytest.raises(ValueError, match=said):
+            generate(model, **{"prompts": [[1, 2]], "max_new_tokens": 4, **bad})
+    # what is of the right kind in another container works: a 2-D tensor's rows, a generator, NumPy integers
+    want = [g.tokens for g in generate(model, [[1, 2], [3, 4]], n=2, max_new_tokens=3)]
+    for prompts in (torch.tensor([[1, 2], [3, 4]]), (p for p in [[1, 2], [3, 4]]), np.array([[1, 2], [3, 4]])):
+        out = generate(model, prompts, n=np.int64(2), max_new_tokens=np.int32(3))
+        assert [g.tokens for g in out] == want and all(type(g.prompt_index) is int for g in out)
     with pytest.raises(ValueError, match="and no partner"):  # forcing the model's logits only: a switched row ran on
         generate(model, [[1, 2]], max_new_tokens=4, stop_ids=[3], forced_lengths=[2], partner=model,
                  switch=lambda *a: torch.ones(1, dtype=torch.bool))
