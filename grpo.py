@@ -20,7 +20,8 @@ def group_advantages(rewards, n, std_normalize=True, seq_kl=None, kl_coef=0.0, e
     baseline "loo" (RLOO, Ahmadian et al. 2024, arXiv 2402.14740): r less the mean of the group's other n - 1
     rewards, which is n / (n - 1) x (r - mean_g), before any std (RLOO itself has none: std_normalize False).
 
-    std is unbiased (N-1), as torch.std in verl. A group with all-equal rewards gets exactly 0.
+    std is unbiased (N-1), as torch.std in verl. A group with all-equal rewards gets exactly 0 (before k1's term
+    below; train_rl's --std_scope tokens then whitens over tokens, which moves it off 0).
     Groups of one use mean 0 and std 1 (verl), i.e. the advantage is the reward. batch_std: divided by this (the
     std of the whole batch's rewards, batch_moments()) instead of each group's own.
 
@@ -152,8 +153,8 @@ def equal_rewards(r):
 
 def zero_variance(rewards, n):
     """Per group of n (rewards laid out group by group): True where every reward is the same (in float32, as
-    group_advantages sees them), so every advantage is 0 and the group teaches nothing (a group of one has no
-    variance to speak of: False)."""
+    group_advantages sees them), so its task advantages are 0 and its policy gradient none (k1's KL term and
+    --std_scope tokens' whitening aside; a group of one has no variance to speak of: False)."""
     if n == 1:
         return [False] * len(rewards)
     return equal_rewards(torch.as_tensor(rewards, dtype=torch.float32).view(-1, n)).tolist()
@@ -180,7 +181,7 @@ def bounded(log_ratio):
     return torch.clamp(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO)
 
 
-def policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
+def ppo_clip_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
     """Per-token PPO clipped surrogate, to minimise: max(-A*rho, -A*clip(rho, 1-clip_low, 1+clip_high)).
 
     Returns (loss per token, 1.0 where the clipped branch is the one taken, else 0.0).
@@ -194,8 +195,8 @@ def policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
 def cispo_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
     """CISPO (MiniMax-M1, arXiv 2506.13585) per token, to minimise: -sg(clip(rho, 1-clip_low, 1+clip_high)) * A *
     rho / sg(rho): the importance weight is clipped and detached, never the token, so every token keeps its policy
-    gradient (PPO's clip gives a token past the band none). Its value is -A * the clipped weight, as policy_loss's is
-    -A * rho where the clip does not bind; its gradient -A * weight * grad log pi. logp: policy_loss's (the token's
+    gradient (PPO's clip gives a token past the band none). Its value is -A * the clipped weight, as ppo_clip_loss's is
+    -A * rho where the clip does not bind; its gradient -A * weight * grad log pi. logp: ppo_clip_loss's (the token's
     log-prob, or GSPO's sequence-level one). Returns (loss per token, 1.0 where the weight was clipped, else 0.0)."""
     ratio = torch.exp(logp - old_logp)
     weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high).detach()
@@ -249,7 +250,7 @@ def per_response(values, lengths, mean=False):
 def sequence_ratio_logp(logp, old_logp, lengths):
     """GSPO's sequence-level ratio (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071, in
     its GSPO-token form): each token's ratio is the response's length-normalised ratio s_i = exp(mean_t log(pi /
-    pi_old)), with the token's own gradient, sg[s_i] pi_t / sg[pi_t]. Returned as log-probs for policy_loss, which
+    pi_old)), with the token's own gradient, sg[s_i] pi_t / sg[pi_t]. Returned as log-probs for ppo_clip_loss, which
     takes exp(logp - old_logp): its value is then log s_i at every token, its gradient that of logp."""
     mean_log_ratio = per_response((logp - old_logp).detach(), lengths, mean=True)
     return old_logp + mean_log_ratio + (logp - logp.detach())

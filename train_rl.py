@@ -38,7 +38,7 @@ import parallel
 import tasks
 from common import UserError, print0
 from grpo import (batch_epoch, batch_moments, cispo_loss, covariance_tokens, dwa_weights, generation_seed,
-                  group_advantages, kl_cov_loss, kl_penalty, lr_at, overlong_penalty, policy_loss, refill_keep,
+                  group_advantages, kl_cov_loss, kl_penalty, lr_at, overlong_penalty, ppo_clip_loss, refill_keep,
                   rollout_is_weights, sequence_ratio_logp, step_prompt_indices, token_weights, top_fraction_threshold,
                   whiten, zero_variance)
 from model import checkpoint_stamps, load_model, parse_dtype, read_config, response_logprobs
@@ -175,7 +175,7 @@ def get_parser():
     p.add_argument("--kl_cov_coef", type=float, default=1.0,
                    help="kl_cov: the weight of the |log-ratio| penalty on the chosen tokens (paper: 1)")
     p.add_argument("--ppo_epochs", type=int, default=1,
-                   help="passes over each rollout batch (>1: old log-probs are recomputed)")
+                   help="passes over each rollout batch (>1: old log-probs come from one no-grad pre-pass)")
     p.add_argument("--ratio_level", default="token", choices=("token", "sequence"),
                    help="the PPO ratio per token (PPO, GRPO), or per response: exp of its tokens' mean log-ratio, "
                         "each token keeping its own gradient (GSPO, arXiv 2507.18071, which clips it at ~3e-4/4e-4: "
@@ -510,8 +510,9 @@ def token_draws(seed, step, places, samples, lengths, prompts_per_step, n):
 def update(model, optimizer, batch, adv, old, ref, args, step, sums):
     """Optimizer steps on this rollout batch. The paper's path (ppo_epochs = ppo_mini_batches = 1, no KL): one
     on-policy step, old log-probs = the current ones detached, so the PPO ratio is exactly 1, the clip never binds
-    and the gradient is that of -A log pi. More epochs or mini-batches use the pre-pass's old log-probs; k3's KL
-    enters the loss. Returns (mean loss, mean grad norm, optimizer steps taken, whether a step was non-finite); the
+    and the gradient is that of -w A log pi, w the TIS weight (--rollout_is; 1 where the engine and the trainer agree,
+    and with --rollout_is off). More epochs or mini-batches, and k1, use the pre-pass's old log-probs; k3's KL enters
+    the loss. Returns (mean loss, mean grad norm, optimizer steps taken, whether a step was non-finite); the
     means are None when no step was taken (0 would read as a zero gradient)."""
     device = model.lm_head.weight.device
     minis = [m.tolist() for m in np.array_split(np.array(batch.train_idx, dtype=np.int64), args.ppo_mini_batches)]
@@ -534,6 +535,9 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                     idle_pass(model)
                     continue
                 bar.update(len(mb))
+                # each token's loss, in order: the surrogate of (ratio, A x DWA) [ppo / cispo / kl_cov] -> Clip-Cov's
+                # cut -> x the TIS weight -> x the high-entropy mask -> + kl_coef k3 -> - entropy_coef H; then weighted
+                # by --loss_agg's token weights and summed (backward per micro-batch, an optimizer step per mini-batch)
                 js = [mini[i] for i in mb]
                 lens = [len(batch.responses[j]) for j in js]
                 lp, ent = response_logprobs(model, [batch.prompts[j] for j in js], [batch.responses[j] for j in js],
@@ -551,7 +555,7 @@ def update(model, optimizer, batch, adv, old, ref, args, step, sums):
                     tok_loss, clipped = kl_cov_loss(lp, old_lp, a, torch.cat([batch.by_cov[j] for j in js]),
                                                     args.kl_cov_coef)
                 else:
-                    surrogate = cispo_loss if args.policy_loss == "cispo" else policy_loss
+                    surrogate = cispo_loss if args.policy_loss == "cispo" else ppo_clip_loss
                     tok_loss, clipped = surrogate(ratio_lp, old_lp, a, args.clip_low, args.clip_high)
                 if args.policy_loss == "clip_cov":  # the drawn tokens' policy gradient cut (the normaliser keeps them)
                     tok_loss = tok_loss * ~torch.cat([batch.by_cov[j] for j in js])
@@ -663,13 +667,8 @@ def log_line(m, max_steps, cuda):
             + (f" | val {m['val/acc']:.3f}" if "val/acc" in m else ""))
 
 
-# -----------------------------------------------------------------------------
-# the run
-
-
-def main(argv=None):
-    parser = get_parser()
-    args = common.parse_settings(parser, argv)
+def check_settings(args):
+    """Settings no run can use, refused with one line before any work."""
     if not args.model:
         raise UserError("--model is required (a Hugging Face checkpoint directory: the initial policy)")
     if args.test_data:  # (validation on the training prompts measures nothing held out)
@@ -723,6 +722,49 @@ def main(argv=None):
                         "--ratio_level token")
     if abs(args.dwa_s) > 2:
         raise UserError(f"--dwa_s {args.dwa_s}: |s| > 2 lets the DWA weight change the advantage's sign")
+
+
+def note_inert_settings(args, parser):
+    """One note per setting given where it has no effect (most act only off-policy: several updates per batch)."""
+    several_updates = args.ppo_epochs * args.ppo_mini_batches > 1
+    if args.policy_loss == "kl_cov" and not several_updates:
+        print0("note: --policy_loss kl_cov with one on-policy update per batch: its |log(pi / pi_old)| is 0 and has "
+               "no gradient, so it trains as ppo (whose clip never binds on-policy); it acts with "
+               "--ppo_mini_batches > 1 or --ppo_epochs > 1 (docs/grpo.md)")
+    if args.baseline == "loo" and args.std_normalize and args.std_scope == "tokens":
+        print0("note: --baseline loo with --std_scope tokens: no effect (the whitening over the batch's tokens divides "
+               "its n / (n - 1) out again); RLOO has no std (--std_normalize false)")
+    elif args.baseline == "loo" and args.std_normalize:
+        print0("note: --baseline loo with --std_normalize true: GRPO's advantages times n / (n - 1); RLOO has no std "
+               "(--std_normalize false)")
+    through_ratio = [f"--{name} {getattr(args, name)}" for name, acts in (
+        ("policy_loss", args.policy_loss == "cispo"), ("ratio_level", args.ratio_level == "sequence"),
+        ("clip_low", args.clip_low != common.script_default(parser, "clip_low")),
+        ("clip_high", args.clip_high != common.script_default(parser, "clip_high"))) if acts]
+    if through_ratio and not several_updates:  # (kl_cov's and dwa's notes below)
+        print0(f"note: {', '.join(through_ratio)} with one on-policy update per batch: the ratio pi / pi_old is 1, "
+               f"which no clip band cuts and CISPO and GSPO leave as it is, so the update is the default's; they act "
+               f"with --ppo_mini_batches > 1 or --ppo_epochs > 1 (docs/grpo.md)")
+    if args.adv_weight == "dwa" and not several_updates:
+        print0("note: --adv_weight dwa with one on-policy update per batch: KL to the old policy is 0, so w = 1 "
+               "(no effect); it acts with --ppo_mini_batches > 1 or --ppo_epochs > 1")
+    if args.ratio_level == "sequence" and args.loss_agg != "seq_mean_token_mean":
+        print0(f"note: --ratio_level sequence with --loss_agg {args.loss_agg}: GSPO's ratio on another objective; "
+               f"GSPO's own weighs each response alike (--loss_agg seq_mean_token_mean, which verl's GSPO forces)")
+    if args.adv_weight == "dwa" and (args.dwa_s == 0 or args.dwa_alpha == 0):
+        print0("note: --adv_weight dwa with --dwa_s 0 or --dwa_alpha 0: w = 1 (no effect)")
+    for names, unused, switch in switched_settings(vars(args)):
+        common.note_unused(args, parser, names, unused, switch)
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = common.parse_settings(parser, argv)
+    check_settings(args)
     n = args.samples_per_prompt
 
     # ---- setup: distributed, precision, task, data
@@ -864,34 +906,7 @@ def main(argv=None):
     top_entropy = args.entropy_top_frac < 1
     by_covariance = args.policy_loss in COVARIANCE_LOSSES
     kl_in_reward = ref_model is not None and args.kl_estimator == "k1"
-    if args.policy_loss == "kl_cov" and not several_updates:
-        print0("note: --policy_loss kl_cov with one on-policy update per batch: its |log(pi / pi_old)| is 0 and has "
-               "no gradient, so it trains as ppo (whose clip never binds on-policy); it acts with "
-               "--ppo_mini_batches > 1 or --ppo_epochs > 1 (docs/grpo.md)")
-    if args.baseline == "loo" and args.std_normalize and args.std_scope == "tokens":
-        print0("note: --baseline loo with --std_scope tokens: no effect (the whitening over the batch's tokens divides "
-               "its n / (n - 1) out again); RLOO has no std (--std_normalize false)")
-    elif args.baseline == "loo" and args.std_normalize:
-        print0("note: --baseline loo with --std_normalize true: GRPO's advantages times n / (n - 1); RLOO has no std "
-               "(--std_normalize false)")
-    through_ratio = [f"--{name} {getattr(args, name)}" for name, acts in (
-        ("policy_loss", args.policy_loss == "cispo"), ("ratio_level", args.ratio_level == "sequence"),
-        ("clip_low", args.clip_low != common.script_default(parser, "clip_low")),
-        ("clip_high", args.clip_high != common.script_default(parser, "clip_high"))) if acts]
-    if through_ratio and not several_updates:  # (kl_cov's and dwa's notes below)
-        print0(f"note: {', '.join(through_ratio)} with one on-policy update per batch: the ratio pi / pi_old is 1, "
-               f"which no clip band cuts and CISPO and GSPO leave as it is, so the update is the default's; they act "
-               f"with --ppo_mini_batches > 1 or --ppo_epochs > 1 (docs/grpo.md)")
-    if args.adv_weight == "dwa" and not several_updates:
-        print0("note: --adv_weight dwa with one on-policy update per batch: KL to the old policy is 0, so w = 1 "
-               "(no effect); it acts with --ppo_mini_batches > 1 or --ppo_epochs > 1")
-    if args.ratio_level == "sequence" and args.loss_agg != "seq_mean_token_mean":
-        print0(f"note: --ratio_level sequence with --loss_agg {args.loss_agg}: GSPO's ratio on another objective; "
-               f"GSPO's own weighs each response alike (--loss_agg seq_mean_token_mean, which verl's GSPO forces)")
-    if args.adv_weight == "dwa" and (args.dwa_s == 0 or args.dwa_alpha == 0):
-        print0("note: --adv_weight dwa with --dwa_s 0 or --dwa_alpha 0: w = 1 (no effect)")
-    for names, unused, switch in switched_settings(vars(args)):
-        common.note_unused(args, parser, names, unused, switch)
+    note_inert_settings(args, parser)
 
     # ---- logging
     if checkpoint is not None:  # (accepted: nothing above refused it)
@@ -942,7 +957,9 @@ def main(argv=None):
         prompt_batches += gen_batches
         records = [train_records[i] for i in mine]
 
-        # 2. which rollouts train: groups dynamic sampling left out, groups with no signal, masked truncations
+        # 2. which rollouts train: not the groups dynamic sampling left out, nor (--drop_zero_variance_groups) the
+        # groups with no signal, nor (--mask_truncated) cut-off responses; by default a no-signal group stays (its
+        # advantage 0)
         t_train = time.time()
         rewards = [s["reward"] for s in rollouts]
         zero_var = zero_variance(rewards, n)
@@ -957,8 +974,9 @@ def main(argv=None):
         sums = dict.fromkeys(("pg_tokens", "entropy", "entropy_pass_tokens", "kl", "kl_tokens", "clipped", "gap",
                               "gap_tokens", "train_tokens", "is_weight", "is_capped", "is_kl", "is_tokens"), 0.0)
 
-        # 3. the optional branch: a no-grad pre-pass for old (several updates, k1) and reference log-probs; k1 needs
-        # every response of a group that may train, since each one's shaped reward enters its group's advantages
+        # 3. the optional branch: a no-grad pre-pass for old log-probs (several updates, k1, Clip-/KL-Cov's
+        # covariance), reference log-probs and entropies (--entropy_top_frac); k1 needs every response of a group that
+        # may train, since each one's shaped reward enters its group's advantages
         old, ref, entropy = {}, None, {}
         if batch.need_old or ref_model is not None or top_entropy or by_covariance:
             pre_idx = ([j for j, s in enumerate(rollouts) if s["length"] > 0 and trains[j // n]] if kl_in_reward

@@ -27,7 +27,7 @@ def fixed_rollouts(model, tokenizer, task, records, n=1, max_new_tokens=16, temp
 
 
 kill_at, step_now = int(os.environ.get("KILL_AT_STEP", 0)), [0]
-real_lr, real_loss = train_rl.lr_at, train_rl.policy_loss
+real_lr, real_loss = train_rl.lr_at, train_rl.ppo_clip_loss
 
 
 def lr_at(step, *args):  # called once at the start of every step
@@ -35,7 +35,7 @@ def lr_at(step, *args):  # called once at the start of every step
     return real_lr(step, *args)
 
 
-def policy_loss(*args, **kwargs):
+def ppo_clip_loss(*args, **kwargs):
     if step_now[0] == kill_at:  # dies as a kill does, with no unwinding: an exception would free buffers that
         # FSDP's asynchronous reduce-scatter of the last micro-batch may still be writing (heap corruption, SIGABRT)
         print(f"killed in step {kill_at}", file=sys.stderr, flush=True)
@@ -46,5 +46,5 @@ def policy_loss(*args, **kwargs):
 
 if __name__ == "__main__":  # patched only when run: tests import fixed_rollouts alone
     engine.sample_responses = fixed_rollouts
-    train_rl.lr_at, train_rl.policy_loss = lr_at, policy_loss
+    train_rl.lr_at, train_rl.ppo_clip_loss = lr_at, ppo_clip_loss
     common.run_main(lambda: train_rl.main(sys.argv[1:]))

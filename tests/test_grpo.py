@@ -77,7 +77,7 @@ def test_clipping_on_both_sides():
     logp = torch.log(torch.tensor([1.5, 1.1, 0.5, 1.5, 0.9, 0.5]))  # ratios
     adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
     logp.requires_grad_(True)
-    loss, clipped = grpo.policy_loss(logp, old, adv, clip_low=0.2, clip_high=0.3)
+    loss, clipped = grpo.ppo_clip_loss(logp, old, adv, clip_low=0.2, clip_high=0.3)
     # A>0: ratio 1.5 clipped to 1.3 (no gradient); 1.1 inside; 0.5 below the floor but the unclipped term
     # is the larger loss (pessimistic bound), so it keeps its gradient. A<0 mirrors it.
     assert torch.allclose(loss.detach(), torch.tensor([-1.3, -1.1, -0.5, 1.5, 0.9, 0.8]))
@@ -85,7 +85,7 @@ def test_clipping_on_both_sides():
     loss.sum().backward()
     assert torch.allclose(logp.grad, torch.tensor([0.0, -1.1, -0.5, 1.5, 0.9, 0.0]))  # d(-A*ratio)/dlogp = -A*ratio
     # clip-higher: the ceiling is 1 + clip_high, the floor 1 - clip_low
-    loss2, _ = grpo.policy_loss(torch.log(torch.tensor([2.0, 0.1])), torch.zeros(2), torch.tensor([1.0, -1.0]),
+    loss2, _ = grpo.ppo_clip_loss(torch.log(torch.tensor([2.0, 0.1])), torch.zeros(2), torch.tensor([1.0, -1.0]),
                                 0.2, 0.28)
     assert torch.allclose(loss2, torch.tensor([-1.28, 0.8]))
 
@@ -95,7 +95,7 @@ def test_an_extreme_log_ratio_leaves_the_gradient_finite():
     whole update NaN (skipped as a bad step). The log-ratio is clamped to +-MAX_LOG_RATIO first, as verl does."""
     for adv in (1.0, 0.0, -1.0):
         logp = torch.tensor([-1.0, -1.0], requires_grad=True)
-        loss, _ = grpo.policy_loss(logp, torch.tensor([-96.0, -1.1]), torch.tensor([adv, 1.0]))
+        loss, _ = grpo.ppo_clip_loss(logp, torch.tensor([-96.0, -1.1]), torch.tensor([adv, 1.0]))
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all(), adv
         assert logp.grad[1] == pytest.approx(-math.exp(0.1))  # (an ordinary token's gradient is untouched)
@@ -147,7 +147,7 @@ def test_kl_terms_expected_gradients_on_a_two_token_vocabulary():
 
     forward_kl = lambda logp: (logp.exp() * (logp - ref)).sum()      # KL(pi || ref)
     reverse_kl = lambda logp: (ref.exp() * (ref - logp)).sum()       # KL(ref || pi)
-    k1_reward = expected_grad(lambda logp: grpo.policy_loss(
+    k1_reward = expected_grad(lambda logp: grpo.ppo_clip_loss(
         logp, logp.detach(), -beta * grpo.kl_penalty(logp, ref, "k1").detach())[0])
     assert torch.allclose(k1_reward, beta * analytic(forward_kl), atol=1e-6)
     k3_loss = expected_grad(lambda logp: beta * grpo.kl_penalty(logp, ref, "k3"))
@@ -170,7 +170,7 @@ def test_token_mean_gradient_is_the_analytic_policy_gradient():
     y = torch.cat(seqs)
     logp = torch.log_softmax(theta, 0)[y]
     a = torch.repeat_interleave(adv, torch.tensor(lengths))
-    tok_loss, _ = grpo.policy_loss(logp, logp.detach(), a)
+    tok_loss, _ = grpo.ppo_clip_loss(logp, logp.detach(), a)
     loss = (grpo.token_weights(lengths, "token_mean", sum(lengths), 4, 10) * tok_loss).sum()
     loss.backward()
     analytic = -sum(adv[i] * (torch.nn.functional.one_hot(s, 2).float() - p).sum(0)
@@ -243,7 +243,7 @@ def test_rollout_is_matches_verls_truncated_importance_sampling():
     verl_ratio = torch.clamp(torch.exp(old - sampler), max=2.0)
     verl_loss = -adv * 1.0 * verl_ratio  # on-policy: the PPO ratio is 1, its loss -A
     w, _ = grpo.rollout_is_weights(old, sampler, [64], "token", cap=2.0)
-    loss, _ = grpo.policy_loss(old, old, adv)
+    loss, _ = grpo.ppo_clip_loss(old, old, adv)
     assert torch.allclose(loss * w, verl_loss)
 
 
@@ -341,14 +341,14 @@ def test_cispo_clips_the_weight_not_the_token():
     loss.sum().backward()
     assert torch.allclose(logp.grad, -adv * weight)  # every token's gradient, its weight clipped
     ppo_logp = logp.detach().clone().requires_grad_()
-    ppo, _ = grpo.policy_loss(ppo_logp, old, adv, 0.2, 0.28)
+    ppo, _ = grpo.ppo_clip_loss(ppo_logp, old, adv, 0.2, 0.28)
     ppo.sum().backward()
     assert ppo_logp.grad[1] == 0 and ppo_logp.grad[2] == 0  # past the band: no gradient under PPO
     assert torch.allclose(ppo[[0, 3]], loss.detach()[[0, 3]])  # inside the band both values are -A * rho
     on = torch.randn(8, requires_grad=True)  # on-policy: PPO's loss and gradient exactly
     a = torch.randn(8)
     c, _ = grpo.cispo_loss(on, on.detach(), a)
-    p, _ = grpo.policy_loss(on, on.detach(), a)
+    p, _ = grpo.ppo_clip_loss(on, on.detach(), a)
     assert torch.equal(c, p.detach()) and torch.equal(torch.autograd.grad(c.sum(), on)[0],
                                                       torch.autograd.grad(p.sum(), on)[0])
 

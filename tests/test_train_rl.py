@@ -139,7 +139,7 @@ class Killed(Exception):
 def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch, capsys):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert train_rl.main(rl_args(toy, full, max_steps=4, save_every=2)) == 0
-    real, calls = train_rl.policy_loss, [0]
+    real, calls = train_rl.ppo_clip_loss, [0]
 
     def dies_in_step_3(*a, **k):  # one micro-batch per step: the 3rd call is step 3's update
         calls[0] += 1
@@ -147,10 +147,10 @@ def test_kill_and_resume_gives_the_same_weights(toy, tmp_path, monkeypatch, caps
             raise Killed()
         return real(*a, **k)
 
-    monkeypatch.setattr(train_rl, "policy_loss", dies_in_step_3)
+    monkeypatch.setattr(train_rl, "ppo_clip_loss", dies_in_step_3)
     with pytest.raises(Killed):
         train_rl.main(rl_args(toy, cut, max_steps=4, save_every=2))
-    monkeypatch.setattr(train_rl, "policy_loss", real)
+    monkeypatch.setattr(train_rl, "ppo_clip_loss", real)
     assert ckpt.load_checkpoint(str(cut))[0] == 2
     for changed in ({"seed": 7}, {"prompts_per_step": 8}):  # would silently change the data order
         with pytest.raises(common.UserError, match=f"different settings.*{next(iter(changed))}: was"):
@@ -276,14 +276,14 @@ def test_a_kill_right_after_a_save_loses_no_metrics_line_and_no_disk(toy, tmp_pa
 
 @pytest.mark.slow
 def test_nan_steps_are_skipped_then_the_run_stops(toy, tmp_path, monkeypatch, capsys):
-    real, calls = train_rl.policy_loss, [0]
+    real, calls = train_rl.ppo_clip_loss, [0]
 
     def nan_from_step_2(*a, **k):
         calls[0] += 1
         loss, clipped = real(*a, **k)
         return (loss * float("nan") if calls[0] >= 2 else loss), clipped
 
-    monkeypatch.setattr(train_rl, "policy_loss", nan_from_step_2)
+    monkeypatch.setattr(train_rl, "ppo_clip_loss", nan_from_step_2)
     out = tmp_path / "nan"
     assert train_rl.main(rl_args(toy, out, max_steps=6, save_every=1, max_bad_steps=2)) == 1
     err = capsys.readouterr().out

@@ -186,14 +186,14 @@ def test_a_good_step_ends_the_streak_of_non_finite_ones(loop, monkeypatch):
     never two in a row, so the run finishes (exit 0), every step logged and the last saved; a streak that a good
     step does not reset would stop it at step 3 (exit 1)."""
     run, _ = loop
-    real, calls = train_rl.policy_loss, [0]
+    real, calls = train_rl.ppo_clip_loss, [0]
 
     def nan_in_steps_1_and_3(*a, **k):  # one micro-batch a step: the n-th call is step n's update
         calls[0] += 1
         loss, clipped = real(*a, **k)
         return (loss * float("nan") if calls[0] in (1, 3) else loss), clipped
 
-    monkeypatch.setattr(train_rl, "policy_loss", nan_in_steps_1_and_3)
+    monkeypatch.setattr(train_rl, "ppo_clip_loss", nan_in_steps_1_and_3)
     metrics, _, out = run("nan", max_steps=4, max_bad_steps=2, dynamic_sampling=False, micro_batch_tokens=100000)
     assert calls[0] == 4 and [m["bad_steps"] for m in metrics] == [1, 1, 2, 2]
     assert [m["updates"] for m in metrics] == [0, 1, 0, 1] and ckpt.checkpoint_steps(out)[-1] == 4

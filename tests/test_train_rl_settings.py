@@ -202,16 +202,16 @@ def test_kl_cov_penalises_its_chosen_tokens_from_the_second_update(rl_run, monke
 
 
 def test_clip_bounds_reach_the_surrogate_in_their_places(rl_run, monkeypatch):
-    """--clip_low / --clip_high (asymmetric here) reach policy_loss as the floor's and the ceiling's margins, and the
+    """--clip_low / --clip_high (asymmetric here) reach ppo_clip_loss as the floor's and the ceiling's margins, and the
     clipped share is what they give: two mini-batches, so the second one's ratios differ from 1."""
     run = rl_run
-    seen, real = [], train_rl.policy_loss
+    seen, real = [], train_rl.ppo_clip_loss
 
     def spy(logp, old, adv, lo, hi):
         out = real(logp, old, adv, lo, hi)
         seen.append((lo, hi, logp.detach(), old.detach(), adv.detach(), out[1]))
         return out
-    monkeypatch.setattr(train_rl, "policy_loss", spy)
+    monkeypatch.setattr(train_rl, "ppo_clip_loss", spy)
     metrics, _, _ = run("clip", clip_low=0.001, clip_high=0.5, ppo_mini_batches=2, lr=3e-2, rollout_is="off")
     assert len(seen) == 2 and metrics[0]["updates"] == 2
     for lo, hi, logp, old, adv, clipped in seen:
@@ -235,7 +235,7 @@ def test_cispo_takes_the_clip_bounds_in_place_of_the_ppo_surrogate(rl_run, monke
         seen.append((lo, hi, out[1], grad, adv.detach()))
         return out
     monkeypatch.setattr(train_rl, "cispo_loss", spy)
-    monkeypatch.setattr(train_rl, "policy_loss", lambda *a: pytest.fail("PPO's surrogate under --policy_loss cispo"))
+    monkeypatch.setattr(train_rl, "ppo_clip_loss", lambda *a: pytest.fail("PPO's surrogate under --policy_loss cispo"))
     metrics, _, _ = run("cispo", policy_loss="cispo", clip_low=1.0, clip_high=0.01, ppo_mini_batches=2, lr=3e-2,
                         rollout_is="off")
     assert len(seen) == 2 and metrics[0]["updates"] == 2
