@@ -201,7 +201,11 @@ def read_done(summary_path, samples_path, settings, records, task):
                 raise UserError(f"{samples_path}:{lineno}: " + (
                     f"field 'id' {row['id']!r} is the id of no record of the split" if key not in ids else
                     f"sample {counts[key]} of id {key!r}, where each prompt has {settings['samples_per_prompt']}"))
-    except UserError as e:  # (missing, or a line damaged: the pair's samples are lost)
+        short = next((key for key in ids if counts.get(key, 0) < settings["samples_per_prompt"]), None)
+        if short is not None:  # (every prompt short alike would summarise as avg@4 under the heading avg@8)
+            raise UserError(f"{samples_path}: {counts.get(short, 0)} samples of id {short!r}, where each prompt has "
+                            f"{settings['samples_per_prompt']}")
+    except UserError as e:  # (missing, or a line damaged or lost: the pair's samples are lost)
         raise UserError(f"{e}; pass --overwrite true to evaluate again") from e
     samples = [row for _, row in rows]
     changed = tasks.rescore(task, samples, records, samples_path, settings["score_truncated"]) if rescore else 0

@@ -255,8 +255,8 @@ def test_a_reused_pairs_damaged_samples_are_a_line_naming_the_file(tiny_checkpoi
         path.write_text("".join(lines))
         with pytest.raises(common.UserError, match=re.escape(str(path)) + message + "; pass --overwrite true"):
             ev.main(args)
-    path.write_text("".join(good[1:]))
-    damaged = re.escape(str(path)) + ": every record needs the same number .* --overwrite"
+    path.write_text("".join(good[1:]))  # (a line lost)
+    damaged = re.escape(str(path)) + ": 0 samples of id .*, where each prompt has 1; pass --overwrite true"
     with pytest.raises(common.UserError, match=damaged):
         ev.main(args)
     path.unlink()  # (the summary kept, its samples gone)
@@ -651,6 +651,13 @@ def test_a_sampled_pair_is_reused_only_under_its_generation_settings(tiny_checkp
     assert summary["pass_k"] == [1, 2, 4] and summary["settings"]["pass_k_asked"] == [1, 2, 4]
     want = scoring.summarize(samples, toy_task.load_split(split), "level", [1, 2, 4])
     assert summary["overall"]["pass@4"] == want["overall"]["pass@4"] and summary == {**summary, **want}
+    # every prompt's samples cut alike (a hand edit, a partial copy): once reused as avg@2 under the heading avg@4
+    samples_path = os.path.join(pair, "samples.jsonl")
+    common.write_jsonl(samples_path, [r for r in samples if r["sample"] < 2])
+    with pytest.raises(common.UserError, match=r"samples\.jsonl: 2 samples of id .*, where each prompt has 4; pass "
+                                               r"--overwrite true"):
+        run("--pass_k", "1", "2", "4")
+    common.write_jsonl(samples_path, samples)
     # an earlier version's summary, without the inputs: reused
     del summary["settings"]["inputs"]
     common.write_json(os.path.join(pair, "summary.json"), summary)
