@@ -49,51 +49,6 @@ from tasks import load_tokenizer
 # -----------------------------------------------------------------------------
 # settings (defaults = the paper's K&K run)
 
-# the settings a resumed run must share with the original: they decide the data order and the schedule
-RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_per_step", "samples_per_prompt", "seed",
-                "lr", "warmup_steps")
-# ... and what each step samples and optimises, checked against the settings the checkpoint saved (those its
-# version had), so a resume cannot mix two objectives in one run; the rest (memory, logging, --max_steps) may change
-RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "std_scope", "clip_low",
-                 "clip_high", "policy_loss", "cov_frac", "clip_cov_low", "clip_cov_high", "kl_cov_coef",
-                 "baseline", "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator",
-                 "ref_model", "entropy_coef", "entropy_top_frac", "adv_weight", "rollout_is", "rollout_is_cap",
-                 "rollout_is_mode", "dwa_s", "dwa_alpha", "drop_zero_variance_groups", "mask_truncated",
-                 "overlong_buffer", "overlong_penalty", "grad_clip", "adam_8bit", "beta1", "beta2",
-                 "weight_decay", "model")  # --model: the tokenizer and, without --ref_model, the KL reference
-# what the runs of versions before a setting existed did: a resume of such a run compares this, not what is given now
-# (DWA came on 2026-11-27, off; TIS on 2026-12-02, on by default, and GSPO's --ratio_level that day; CISPO, masked
-# IS, the overlong punishment, the batch std and the entropy minority on 2026-12-06, off; RLOO's baseline, Clip-Cov
-# and KL-Cov on 2026-12-06 too, after those)
-EARLIER_OBJECTIVE = {"adv_weight": "none", "rollout_is": "off", "ratio_level": "token", "policy_loss": "ppo",
-                     "rollout_is_mode": "truncate", "overlong_buffer": 0, "overlong_penalty": 1.0, "std_scope": "group",
-                     "entropy_top_frac": 1.0, "baseline": "mean", "cov_frac": 2e-4, "clip_cov_low": 1.0,
-                     "clip_cov_high": 5.0, "kl_cov_coef": 1.0}
-
-
-def switched_settings(s):
-    """(names, unused, switch) of the settings that act only under a switch, for the settings s (a dict): where the
-    switch is off they are not used, which is said once and not refused (a sweep may pass them to every arm), and a
-    resume does not compare them where neither the run nor the resume uses them."""
-    return ((("dwa_s", "dwa_alpha"), s["adv_weight"] != "dwa", "--adv_weight dwa"),
-            (("rollout_is_cap", "rollout_is_mode"), s["rollout_is"] == "off",
-             "--rollout_is token, sequence or geometric"),
-            (("overlong_penalty",), s["overlong_buffer"] == 0, "--overlong_buffer > 0"),
-            (("std_scope",), not s["std_normalize"], "--std_normalize true"),
-            (("clip_low", "clip_high"), s["policy_loss"] == "kl_cov", "--policy_loss ppo, cispo or clip_cov"),
-            (("cov_frac",), s["policy_loss"] not in COVARIANCE_LOSSES, "--policy_loss clip_cov or kl_cov"),
-            (("clip_cov_low", "clip_cov_high"), s["policy_loss"] != "clip_cov", "--policy_loss clip_cov"),
-            (("kl_cov_coef",), s["policy_loss"] != "kl_cov", "--policy_loss kl_cov"),
-            (("max_gen_batches",), not s["dynamic_sampling"], "--dynamic_sampling true"),
-            (("ref_model", "kl_estimator"), s["kl_coef"] == 0, "--kl_coef > 0"))
-
-
-COVARIANCE_LOSSES = ("clip_cov", "kl_cov")  # the losses that need the pre-update log-probs' covariance with A
-COVARIANCE_STREAM = 7_001  # Clip-Cov's random draw (KL-Cov's tie-break): its own stream of the seed (derive_seed)
-# (--dtype: the identity holds the dtype it resolved to, and the device with a CPU's thread count:
-# parallel.compute_identity)
-# (and ckpt.load_local_train_state checks AdamW's betas, weight decay and eps against the optimizer state itself)
-
 
 def get_parser():
     p = common.new_parser("GRPO (R1-style RL) on a verifiable task", prog="train_rl.py")
@@ -317,6 +272,50 @@ def get_parser():
 
 
 # -----------------------------------------------------------------------------
+# resume: what a resumed run must match (and --dtype: the identity holds the dtype it resolved to, and the device
+# with a CPU's thread count, parallel.compute_identity; ckpt.load_local_train_state checks AdamW's betas, weight
+# decay and eps against the optimizer state itself)
+
+# the settings a resumed run must share with the original: they decide the data order and the schedule
+RUN_IDENTITY = ("task", "train_data", "template", "max_prompt_tokens", "prompts_per_step", "samples_per_prompt", "seed",
+                "lr", "warmup_steps")
+# ... and what each step samples and optimises, checked against the settings the checkpoint saved (those its
+# version had), so a resume cannot mix two objectives in one run; the rest (memory, logging, --max_steps) may change
+RUN_OBJECTIVE = ("temperature", "top_p", "max_response_tokens", "loss_agg", "std_normalize", "std_scope", "clip_low",
+                 "clip_high", "policy_loss", "cov_frac", "clip_cov_low", "clip_cov_high", "kl_cov_coef",
+                 "baseline", "ppo_epochs", "ratio_level", "ppo_mini_batches", "kl_coef", "kl_estimator",
+                 "ref_model", "entropy_coef", "entropy_top_frac", "adv_weight", "rollout_is", "rollout_is_cap",
+                 "rollout_is_mode", "dwa_s", "dwa_alpha", "drop_zero_variance_groups", "mask_truncated",
+                 "overlong_buffer", "overlong_penalty", "grad_clip", "adam_8bit", "beta1", "beta2",
+                 "weight_decay", "model")  # --model: the tokenizer and, without --ref_model, the KL reference
+# what the runs of versions before a setting existed did: a resume of such a run compares this, not what is given now
+# (DWA came on 2026-11-27, off; TIS on 2026-12-02, on by default, and GSPO's --ratio_level that day; CISPO, masked
+# IS, the overlong punishment, the batch std and the entropy minority on 2026-12-06, off; RLOO's baseline, Clip-Cov
+# and KL-Cov on 2026-12-06 too, after those)
+EARLIER_OBJECTIVE = {"adv_weight": "none", "rollout_is": "off", "ratio_level": "token", "policy_loss": "ppo",
+                     "rollout_is_mode": "truncate", "overlong_buffer": 0, "overlong_penalty": 1.0, "std_scope": "group",
+                     "entropy_top_frac": 1.0, "baseline": "mean", "cov_frac": 2e-4, "clip_cov_low": 1.0,
+                     "clip_cov_high": 5.0, "kl_cov_coef": 1.0}
+
+
+def switched_settings(s):
+    """(names, unused, switch) of the settings that act only under a switch, for the settings s (a dict): where the
+    switch is off they are not used, which is said once and not refused (a sweep may pass them to every arm), and a
+    resume does not compare them where neither the run nor the resume uses them."""
+    return ((("dwa_s", "dwa_alpha"), s["adv_weight"] != "dwa", "--adv_weight dwa"),
+            (("rollout_is_cap", "rollout_is_mode"), s["rollout_is"] == "off",
+             "--rollout_is token, sequence or geometric"),
+            (("overlong_penalty",), s["overlong_buffer"] == 0, "--overlong_buffer > 0"),
+            (("std_scope",), not s["std_normalize"], "--std_normalize true"),
+            (("clip_low", "clip_high"), s["policy_loss"] == "kl_cov", "--policy_loss ppo, cispo or clip_cov"),
+            (("cov_frac",), s["policy_loss"] not in COVARIANCE_LOSSES, "--policy_loss clip_cov or kl_cov"),
+            (("clip_cov_low", "clip_cov_high"), s["policy_loss"] != "clip_cov", "--policy_loss clip_cov"),
+            (("kl_cov_coef",), s["policy_loss"] != "kl_cov", "--policy_loss kl_cov"),
+            (("max_gen_batches",), not s["dynamic_sampling"], "--dynamic_sampling true"),
+            (("ref_model", "kl_estimator"), s["kl_coef"] == 0, "--kl_coef > 0"))
+
+
+# -----------------------------------------------------------------------------
 # one RL step: rollouts -> (optional pre-pass) -> advantages -> update -> metrics
 
 
@@ -493,6 +492,10 @@ def pre_pass(model, ref_model, batch, indices, args, sums, need_entropy=False, n
     if ref_model is not None:
         parallel.reshard(ref_model)  # FSDP keeps a root gathered after a forward without backward (parallel.reshard)
     return old, ref, entropy
+
+
+COVARIANCE_LOSSES = ("clip_cov", "kl_cov")  # the losses that need the pre-update log-probs' covariance with A
+COVARIANCE_STREAM = 7_001  # Clip-Cov's random draw (KL-Cov's tie-break): its own stream of the seed (derive_seed)
 
 
 def token_draws(seed, step, places, samples, lengths, prompts_per_step, n):
