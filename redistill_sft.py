@@ -462,7 +462,7 @@ def main(argv=None):
         print0(f"note: {len(train) % args.global_batch} sequences per epoch are dropped (incomplete last batch)")
     if resume_from:  # (accepted: nothing above refused it)
         ckpt.prune_at_resume(args.out_dir, start_step, *keep_rules)
-    record = ckpt.metrics_log(args.out_dir, start_step, settings=vars(args))  # resumed: drops records after it
+    log_metrics = ckpt.metrics_log(args.out_dir, start_step, settings=vars(args))  # resumed: drops records after it
 
     def save(step):
         ckpt.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
@@ -481,7 +481,7 @@ def main(argv=None):
         model.train()
         finite = math.isfinite(loss)  # a non-finite one is logged as null, as a skipped step's loss is
         print0(f"step {step}: held-out loss {loss:.4f} ({len(val)} sequences)" + ("" if finite else ", not finite"))
-        record({"step": step, "val_loss": loss if finite else None})
+        log_metrics({"step": step, "val_loss": loss if finite else None})
 
     if start_step == 0:
         validate(0)
@@ -491,7 +491,7 @@ def main(argv=None):
     stop = total_steps if start_step >= total_steps else min(total_steps, args.stop_at_step or total_steps)
     bar = common.progress_bar(total_steps, "sft", args.progress, initial=start_step)
     # a log line above the bar on a terminal; printed plainly into a log file (bar.write redraws the bar each time)
-    log = bar.write if rank == 0 and args.progress and sys.stderr.isatty() else print0
+    print_step = bar.write if rank == 0 and args.progress and sys.stderr.isatty() else print0
     order, order_epoch = None, -1
     for step in range(start_step, stop):
         t0 = time.time()
@@ -532,11 +532,11 @@ def main(argv=None):
         rec = {"step": step + 1, "epoch": epoch, "loss": float(loss_sum) if finite else None, "lr": lr,
                "grad_norm": float(grad_norm) if finite else None,
                "bad_steps": bad_steps_total, "tokens": tokens, "tokens_per_s": tokens / dt, "time_s": dt}
-        log(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | "
-            + (f"loss {rec['loss']:.4f} | lr {lr:.3e} | grad norm {rec['grad_norm']:.3f} | " if finite
-               else f"no update | lr {lr:.3e} | ")
-            + f"{rec['tokens_per_s']:.0f} tok/s | {len(mbs)} micro-batches | {dt:.2f} s")
-        record(rec)
+        print_step(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | "
+                   + (f"loss {rec['loss']:.4f} | lr {lr:.3e} | grad norm {rec['grad_norm']:.3f} | " if finite
+                      else f"no update | lr {lr:.3e} | ")
+                   + f"{rec['tokens_per_s']:.0f} tok/s | {len(mbs)} micro-batches | {dt:.2f} s")
+        log_metrics(rec)
         bar.update(1)
         done = step + 1
         if bad_streak >= args.max_bad_steps:

@@ -914,7 +914,7 @@ def main(argv=None):
     # ---- logging
     if checkpoint is not None:  # (accepted: nothing above refused it)
         ckpt.prune_at_resume(args.out_dir, start_step, *keep_rules)
-    log = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
+    log_metrics = ckpt.metrics_log(args.out_dir, start_step, args.wandb_project, vars(args))
 
     def remove_later_logs():  # as the metrics after it: a killed attempt's rollout logs, which lim_select.py would read
         for s, path in tasks.rollout_logs(args.out_dir).items():
@@ -942,7 +942,7 @@ def main(argv=None):
         m = {"step": 0, **validate_policy(model, dtype, tokenizer, task, test_records, 0, val_settings,
                                           keep_engine)}
         print0(" | ".join(f"{k} {v:.3f}" if k != "step" else "step 0" for k, v in m.items()))
-        log(m)
+        log_metrics(m)
 
     # ---- the loop
     exit_code = 0
@@ -1067,7 +1067,7 @@ def main(argv=None):
             m.update(validate_policy(model, dtype, tokenizer, task, test_records, step, val_settings,
                                      keep_engine))
         m["step_s"] = time.time() - t_step
-        log(m)
+        log_metrics(m)
         print0(log_line(m, max_steps, device.type == "cuda"))
         stop = bad_streak >= args.max_bad_steps
         if not stop and (step % args.save_every == 0 or step == max_steps):
@@ -1082,7 +1082,7 @@ def main(argv=None):
             break
 
     engine.release()
-    log.finish()
+    log_metrics.finish()
     parallel.dist_cleanup()
     return exit_code
 
