@@ -34,6 +34,7 @@ import tasks
 from common import UserError, print0
 from model import (SUPPORTED, build_model, load_model, parse_dtype, read_config, response_logprobs, save_model,
                    tiny_config)
+from parallel import full_copy, idle_pass
 from tasks import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -218,26 +219,23 @@ def packed_nll(model, examples):
 
 
 def reduce_loss(nll, seq, examples, reduction, num_seqs=None, num_tokens=None):
-    """The loss of a (micro-)batch as its share of the global batch's loss (entries with seq < 0 carry none).
+    """The loss of a (micro-)batch as its share of the global batch's loss.
 
     seq_mean:   sum_i mean_{t in i} nll_t / num_seqs   (num_seqs = sequences in the global batch)
     token_mean: sum_t nll_t / num_tokens               (num_tokens = loss tokens in the global batch)
     Defaults: this batch alone. Summing the results over micro-batches and ranks gives the global loss.
     """
-    keep = seq >= 0
     if reduction == "token_mean":
-        total = num_tokens or int(keep.sum())
-        return nll[keep].sum() / total
+        return nll.sum() / (num_tokens or nll.numel())
     if reduction == "seq_mean":
         per_token = torch.tensor([1.0 / num_loss_tokens(e) for e in examples], device=nll.device, dtype=nll.dtype)
-        return (nll[keep] * per_token[seq[keep]]).sum() / (num_seqs or len(examples))
+        return (nll * per_token[seq]).sum() / (num_seqs or len(examples))
     raise UserError(f"unknown loss reduction {reduction!r}")
 
 
 @torch.no_grad()
 def held_out_loss(model, examples, reduction, micro_batch_tokens, device):
     """Held-out loss (same reduction as training) over examples split across ranks."""
-    from parallel import idle_pass
     lengths = [len(e["input_ids"]) for e in examples]
     mine = parallel.rank_share(list(range(len(examples))), common.rank(), common.world_size())
     totals = torch.zeros(2, dtype=torch.float64)
@@ -247,9 +245,8 @@ def held_out_loss(model, examples, reduction, micro_batch_tokens, device):
             continue
         exs = [examples[i] for i in mb]
         nll, seq = packed_nll(model, exs)
-        keep = seq >= 0
         if reduction == "token_mean":
-            totals += torch.tensor([float(nll[keep].sum()), float(keep.sum())], dtype=torch.float64)
+            totals += torch.tensor([float(nll.sum()), nll.numel()], dtype=torch.float64)
         else:
             totals += torch.tensor([float(reduce_loss(nll, seq, exs, "seq_mean", num_seqs=1)), len(exs)],
                                    dtype=torch.float64)
@@ -306,7 +303,6 @@ RUN_IDENTITY = ("data", "pretrain_text", "max_length", "init", "init_tiny", "epo
 def main(argv=None):
     parser = get_parser()
     args = common.parse_settings(parser, argv)
-    from parallel import full_copy, idle_pass
 
     # ---- checks that need no model
     if bool(args.data) == bool(args.pretrain_text):
