@@ -885,6 +885,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     stored = [0] * count    # ... and a bound on its stored tokens
     results = [None] * total
     next_row = 0
+    # the host's loop: 1. admit rows into free slots (prefill, first token); 2. sync_every decode steps on the row
+    # bucket, with no host sync; 3. look: collect the rows that ended, and once nothing is left to admit, compact the
+    # live rows into a smaller bucket
     while True:
         # admit the next rows into free slots, lowest first: each prompt prefilled once for its rows admitted now
         free = [s for s in range(count) if holder[s] < 0]
