@@ -510,6 +510,36 @@ def token_draws(seed, step, places, samples, lengths, prompts_per_step, n):
     return engine.keyed_uniforms(torch.repeat_interleave(keys, counts), positions)[:, 0]
 
 
+def mark_high_entropy_tokens(batch, entropy, frac, sums, device):
+    """--entropy_top_frac: batch.high_entropy, per training rollout the tokens among the batch's top frac by entropy,
+    over every rank's together (only their policy gradient trains)."""
+    batch.entropy_floor = top_fraction_threshold(
+        torch.cat([entropy[j] for j in batch.train_idx] or [torch.zeros(0, device=device)]), frac)
+    # (no floor: no finite entropy on any rank, a blown-up forward: every token kept, and the step's non-finite
+    # log-probs skip it as any other's)
+    batch.high_entropy = {j: entropy[j] >= batch.entropy_floor if batch.entropy_floor is not None
+                          else torch.ones_like(entropy[j], dtype=torch.bool) for j in batch.train_idx}
+    kept = torch.cat(list(batch.high_entropy.values()) or [torch.zeros(0, dtype=torch.bool)])
+    sums["entropy_kept"], sums["entropy_tokens"] = int(kept.sum()), kept.numel()  # (one host sync)
+
+
+def mark_covariance_tokens(batch, old, adv, places, args, step, sums, device):
+    """Clip-Cov / KL-Cov: batch.by_cov, per training rollout the tokens whose pre-update log-prob and advantage
+    covary most, chosen over every rank's together (places: each prompt's (prompt batch, place) in the step)."""
+    n = args.samples_per_prompt
+    lens = [len(batch.responses[j]) for j in batch.train_idx]
+    chosen, batch.covariance = covariance_tokens(
+        torch.cat([old[j] for j in batch.train_idx] or [torch.zeros(0, device=device)]),
+        torch.repeat_interleave(torch.tensor([adv[j] for j in batch.train_idx], device=device),
+                                torch.tensor(lens, dtype=torch.long, device=device)),
+        args.policy_loss, args.cov_frac,
+        token_draws(args.seed, step, [places[j // n] for j in batch.train_idx], [j % n for j in batch.train_idx], lens,
+                    args.prompts_per_step, n).to(device),
+        (args.clip_cov_low, args.clip_cov_high))
+    batch.by_cov = dict(zip(batch.train_idx, chosen.split(lens)))
+    sums["cov_chosen"], sums["cov_tokens"] = int(chosen.sum()), chosen.numel()  # (one host sync)
+
+
 def update(model, optimizer, batch, adv, old, ref, args, step, sums):
     """Optimizer steps on this rollout batch. The paper's path (ppo_epochs = ppo_mini_batches = 1, no KL): one
     on-policy step, old log-probs = the current ones detached, so the PPO ratio is exactly 1, the clip never binds
@@ -985,16 +1015,8 @@ def main(argv=None):
             pre_idx = ([j for j, s in enumerate(rollouts) if s["length"] > 0 and trains[j // n]] if kl_in_reward
                        else batch.train_idx)
             old, ref, entropy = pre_pass(model, ref_model, batch, pre_idx, args, sums, top_entropy, by_covariance)
-        if top_entropy:  # the batch's top --entropy_top_frac of tokens by entropy, over every rank's together
-            batch.entropy_floor = top_fraction_threshold(
-                torch.cat([entropy[j] for j in batch.train_idx] or [torch.zeros(0, device=device)]),
-                args.entropy_top_frac)
-            # (no floor: no finite entropy on any rank, a blown-up forward: every token kept, and the step's
-            # non-finite log-probs skip it as any other's)
-            batch.high_entropy = {j: entropy[j] >= batch.entropy_floor if batch.entropy_floor is not None
-                                  else torch.ones_like(entropy[j], dtype=torch.bool) for j in batch.train_idx}
-            kept = torch.cat(list(batch.high_entropy.values()) or [torch.zeros(0, dtype=torch.bool)])
-            sums["entropy_kept"], sums["entropy_tokens"] = int(kept.sum()), kept.numel()  # (one host sync)
+        if top_entropy:
+            mark_high_entropy_tokens(batch, entropy, args.entropy_top_frac, sums, device)
 
         # 4. advantages within each group of n (k1: less kl_coef x the response's summed log-ratio, group-centred)
         seq_kl = None
@@ -1025,18 +1047,8 @@ def main(argv=None):
             adv = whiten(adv, *batch_moments([float(adv[j]) for j in in_step],
                                              [rollouts[j]["length"] for j in in_step]))
         adv = adv.tolist()
-        if by_covariance:  # Clip-Cov / KL-Cov: the tokens whose log-prob and advantage covary most, all ranks together
-            lens = [len(batch.responses[j]) for j in batch.train_idx]
-            chosen, batch.covariance = covariance_tokens(
-                torch.cat([old[j] for j in batch.train_idx] or [torch.zeros(0, device=device)]),
-                torch.repeat_interleave(torch.tensor([adv[j] for j in batch.train_idx], device=device),
-                                        torch.tensor(lens, dtype=torch.long, device=device)),
-                args.policy_loss, args.cov_frac,
-                token_draws(args.seed, step, [places[j // n] for j in batch.train_idx],
-                            [j % n for j in batch.train_idx], lens, args.prompts_per_step, n).to(device),
-                (args.clip_cov_low, args.clip_cov_high))
-            batch.by_cov = dict(zip(batch.train_idx, chosen.split(lens)))
-            sums["cov_chosen"], sums["cov_tokens"] = int(chosen.sum()), chosen.numel()  # (one host sync)
+        if by_covariance:
+            mark_covariance_tokens(batch, old, adv, places, args, step, sums, device)
 
         # 5. the update
         loss, grad_norm, updates, bad = update(model, optimizer, batch, adv, old, ref, args, step, sums)
