@@ -13,9 +13,9 @@ once as a CUDA graph and replayed; on CPU the same step runs eagerly.
 Sampling (temperature, top-p) draws each token with one uniform number that depends only on (seed, sample, position),
 a counter-based hash: a row's random numbers do not depend on its slot, the number of slots, the buckets or the batch
 it ran in, nor do its tokens in float64; in fp32 or bf16 the logits round with the batch's shape, so a token on a
-boundary of the inverse CDF moves, and the row differs from there: now and then in fp32, often in bf16. token_shift.py's cross-sampling runs a
-second model in lock-step (generate's partner). sample_responses generates and scores over a task's records: what
-sampling, evaluation and RL rollouts share.
+boundary of the inverse CDF moves, and the row differs from there: now and then in fp32, often in bf16.
+token_shift.py's cross-sampling runs a second model in lock-step (generate's partner). sample_responses generates and
+scores over a task's records: what sampling, evaluation and RL rollouts share.
 """
 import functools
 import math
@@ -695,7 +695,6 @@ def row_bucket(rows, slots, buckets):
 GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
-@torch.no_grad()
 def is_int(value):
     """An integer setting: a Python or NumPy integer, not a bool (which Python counts an int) and not a float."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -736,6 +735,7 @@ def check_generate_arguments(prompts, n, max_new_tokens, temperature, top_p, sto
         raise ValueError(f"reserve: (slots, columns, new tokens), three integers >= 0, got {reserve!r}")
 
 
+@torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(), seed=0,
              max_seq_len=None, partner=None, switch=None, slots=None, buckets="auto",
              sync_every=None, block=None, attention_groups=None, graphs=None, fused=None, forced_lengths=None,

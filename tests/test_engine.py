@@ -691,6 +691,10 @@ def test_error_prompt_longer_than_cache():
                       (dict(switch=lambda *a: None), "a switch needs a partner")):
         with pytest.raises(ValueError, match=said):
             generate(model, **{"prompts": [[1, 2]], "max_new_tokens": 4, **bad})
+    # no autograd in generation, whatever the caller's mode (a decorator once slipped onto a helper above it)
+    grad_seen = []
+    generate(model, [[1, 2]], max_new_tokens=4, on_finish=lambda k: grad_seen.append(torch.is_grad_enabled()))
+    assert torch.is_grad_enabled() and grad_seen == [False]
     # what is of the right kind in another container works: a 2-D tensor's rows, a generator, NumPy integers
     want = [g.tokens for g in generate(model, [[1, 2], [3, 4]], n=2, max_new_tokens=3)]
     for prompts in (torch.tensor([[1, 2], [3, 4]]), (p for p in [[1, 2], [3, 4]]), np.array([[1, 2], [3, 4]])):
