@@ -258,7 +258,9 @@ def get_parser():
                    help="checkpoint every this many steps, and at the end (paper 25)")
     p.add_argument("--keep_last", type=int, default=2,
                    help="checkpoints kept whole (21.6 GB each at 1.5B); older ones go")
-    p.add_argument("--keep_steps", type=int, nargs="*", default=[], help="steps whose weights outlive --keep_last")
+    p.add_argument("--keep_steps", type=int, nargs="*", default=[],
+                   help="steps whose weights outlive --keep_last (a resumed or extended run keeps those of every "
+                        "earlier attempt too)")
     p.add_argument("--log_rollouts", type=common.str2bool, default=True, help="write rollouts/step_N.jsonl")
     p.add_argument("--resume", type=common.str2bool, default=False,
                    help="continue from the newest complete checkpoint in --out_dir")
@@ -856,6 +858,9 @@ def main(argv=None):
     # resume on another test set would log two measures as one curve (compared where the run and the resume validate)
     identity |= {"validation": [test_digest, val_new] if test_records and args.val_every else None}
     seeds_by_rank = False
+    # the steps whose weights outlive --keep_last: this run's and every earlier attempt's (an extended run's later
+    # saves removed the weights the run it extends was told to keep), saved with each checkpoint
+    keep_steps = list(args.keep_steps)
     if checkpoint is not None:
         start_step, init_path, state, _ = checkpoint  # (its shard: below, if the run goes on)
         if "rollout_seeds" not in state.get("identity", {}):  # begun before 2026-12-06: it goes on sampling as it did
@@ -880,8 +885,8 @@ def main(argv=None):
         # the keep rules of the prune at the resume (ckpt.prune_at_resume): the saving run's, so that a finished run
         # re-run with other flags removes nothing, and the weights of this run's --keep_steps kept too
         saved_by = state.get("settings", {})
-        keep_rules = (saved_by.get("keep_last", args.keep_last),
-                      sorted(set(saved_by.get("keep_steps", [])) | set(args.keep_steps)))
+        keep_steps = sorted(set(saved_by.get("keep_steps", [])) | set(args.keep_steps))
+        keep_rules = (saved_by.get("keep_last", args.keep_last), keep_steps)
         print0(f"resuming from {init_path} (step {start_step})")
         if finished:  # (at any number of ranks)
             ckpt.prune_at_resume(args.out_dir, start_step, *keep_rules)
@@ -921,7 +926,8 @@ def main(argv=None):
     if why:
         print0(why)
     if state:  # (settings resolved as the run resolved them: --checkpoint_every auto; a finished run has returned)
-        ckpt.note_changed_settings(state.get("settings"), vars(args), f"step {start_step} was saved")
+        ckpt.note_changed_settings(state.get("settings"), vars(args) | {"keep_steps": keep_steps},
+                                   f"step {start_step} was saved")
     model = parallel.prepare_training(model, dtype, args)
     optimizer = ckpt.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                     weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
@@ -1085,8 +1091,9 @@ def main(argv=None):
         if not stop and (step % args.save_every == 0 or step == max_steps):
             ckpt.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
                                  {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "identity": identity,
-                                  "prompt_batches": prompt_batches, "settings": vars(args)},
-                                 dtype, args.keep_last, args.keep_steps)
+                                  "prompt_batches": prompt_batches,
+                                  "settings": vars(args) | {"keep_steps": keep_steps}},
+                                 dtype, args.keep_last, keep_steps)
         if stop:
             print0(f"error: {bad_streak} consecutive steps with non-finite loss or gradients; stopping. "
                    f"The last good checkpoint is kept in {args.out_dir}")

@@ -386,6 +386,20 @@ def test_a_stop_inside_the_last_saves_prune_is_finished_by_the_resume(toy, tmp_p
 
 
 @pytest.mark.slow
+def test_an_extended_run_keeps_the_weights_every_earlier_run_was_told_to_keep(toy, tmp_path):
+    """A run extended with a --keep_steps of its own (the README's `--max_steps 125 --keep_steps 125`, extended to
+    200) pruned with that alone at each later save: the weights its first run was told to keep went. The kept steps
+    of every attempt are saved with each checkpoint, so a third extension keeps the first two's too."""
+    out = tmp_path / "ext"
+    assert train_rl.main(rl_args(toy, out, max_steps=2, save_every=1, keep_last=2, keep_steps=2)) == 0
+    assert train_rl.main(rl_args(toy, out, max_steps=3, save_every=1, keep_last=2, keep_steps=3, resume=True)) == 0
+    assert ckpt.checkpoint_steps(str(out)) == [2, 3]  # (both still resumable: no prune has acted on them yet)
+    assert train_rl.main(rl_args(toy, out, max_steps=5, save_every=1, keep_last=1, keep_steps=5, resume=True)) == 0
+    assert ckpt.checkpoint_steps(str(out)) == [5]
+    assert [os.path.isdir(ckpt.checkpoint_dir(str(out), s)) for s in range(1, 6)] == [False, True, True, False, True]
+
+
+@pytest.mark.slow
 def test_only_the_newest_checkpoints_are_kept(toy, tmp_path, monkeypatch):
     """--keep_last 2: the older saves are deleted, except the weights of a --keep_steps step. At --resume: a newer
     checkpoint without weights is skipped (and pruned at the next save, not the new saves), the shard a kill inside
