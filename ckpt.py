@@ -407,7 +407,8 @@ def note_changed_settings(saved, now, since, same=("resume", "out_dir")):
         print0(f"note: resuming with other settings than when {since}: "
                + "; ".join(f"{k}: was {saved[k]!r}, now {now[k]!r}" for k in changed)
                + (f"; {' and '.join(rounding)} round{'s' if len(rounding) == 1 else ''} the same sums otherwise, so "
-                  f"the weights from here can differ in their last bits from an uninterrupted run's"
+                  f"the weights from here can differ in their last bits from an uninterrupted run's (in RL, which "
+                  f"samples from them, its rollouts too: the run goes another way from here)"
                   if rounding else ""))
 
 
@@ -423,8 +424,16 @@ def resume_checkpoint(run_dir, resume, needs_shard=lambda state: True):
     if steps and not resume:
         raise UserError(f"{run_dir} already holds checkpoints (newest step {steps[-1]}); pass --resume true to "
                         f"continue it, or choose another --out_dir")
-    if rank() == 0:
+
+    def clear_and_check():  # (rank 0) what a kill left goes; a step's weights with no checkpoint are another run's
         remove_partial_saves(run_dir)
+        orphans = sorted(checkpoint_parts(run_dir)) if not steps and os.path.isdir(run_dir) else []
+        if orphans:  # (their state files removed to free the disk: this run's first save would prune every one)
+            raise UserError(f"{run_dir} holds weights or shards of an earlier run (steps "
+                            f"{', '.join(map(str, orphans))}) and no checkpoint to resume (no step_N.state.pt): a "
+                            f"fresh run there would remove them at its first save and write over that run's logs; "
+                            f"move them away, or choose another --out_dir")
+    on_rank0(clear_and_check)
     found = load_checkpoint(run_dir, needs_shard, steps) if resume else None
     if resume and found is None:
         if steps:  # a fresh run here would write over their run's logs

@@ -215,7 +215,16 @@ def test_resume_takes_the_newest_readable_checkpoint_and_drops_what_lies_beyond(
     assert ckpt.checkpoint_parts(run) == {1, 2}
     for step in (1, 2):
         os.remove(ckpt.checkpoint_dir(run, step) + ".state.pt")
-    assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing resumable left: a fresh run
+    # nothing resumable left, but the weights and shards of an earlier run (its state files removed to free the disk):
+    # a fresh run went on, pruned them all at its first save and wrote over that run's logs
+    for resume in (True, False):
+        with pytest.raises(UserError, match=r"holds weights or shards of an earlier run \(steps 1, 2\) and no "
+                                            r"checkpoint to resume .*move them away, or choose another --out_dir"):
+            ckpt.resume_checkpoint(run, resume=resume)
+    assert ckpt.checkpoint_parts(run) == {1, 2}
+    for step in (1, 2):
+        ckpt.remove_checkpoint(run, step)
+    assert ckpt.resume_checkpoint(run, resume=True) is None  # nothing of a run left: a fresh run
 
 
 def test_a_checkpoint_one_rank_does_not_see_is_an_error_not_a_skip(tmp_path, monkeypatch):
