@@ -13,7 +13,8 @@
 #   LIMR=1, LIMR_SEEDS="A B"  also the LIMR experiment (presets that define it), and its seeds
 #   SAMPLE_EFFECT=0        skip the sample-effect stages
 #   THREADS=N, DYNAMIC_SAMPLING=false, RL_STEPS=N  tiny: CPU threads of every stage (default 2, the figures'
-#                          count), the measured alternative without dynamic sampling, the RL steps
+#                          count; recorded in OUT/cpu_threads, and a study goes on at its own count only), the
+#                          measured alternative without dynamic sampling, the RL steps
 #   MATH_POOL=FILE, MATH_TEST=FILE, MATH_DATA_ARGS="..."  the MATH presets' problem files, or math_data.py's flags
 # Presets are bash files of settings in config/PRESET.sh (read them: every stage's flags are there). The script runs
 # in its own directory: a relative OUT, MODEL_DIR or data path is relative to it, not to where it was started.
@@ -28,7 +29,8 @@
 #   that sets LIMR_ONLY=1 runs only this (from a base model: LIMR's own setting).
 # Every stage writes OUT/done/STAGE (its wall seconds and command) last and is skipped when that exists with the
 # same command (another command, e.g. a changed setting or seed, is an error naming both, and so is an older
-# version's marker without its command); an evaluation runs again (eval.py reuses its finished pairs, re-scoring
+# version's marker without its command; a stage done again since an earlier stage was skipped is warned of, as
+# the skipped one may have read the old outputs); an evaluation runs again (eval.py reuses its finished pairs, re-scoring
 # them if the task's scorer changed since), unlogged in times.tsv; a stage that was killed
 # is re-run with --resume (SFT, RL), or skips what it finished (eval; the sample effect: its samples), so re-running
 # this script after a crash continues where it stopped. A TERM, HUP or INT sent to this script (kill PID, Ctrl-C)
@@ -100,6 +102,12 @@ fi
 source "config/$PRESET.sh"
 : "${OUT:?the preset sets OUT}"
 check_counts "in the preset"
+for seed in ${LIMR_SEEDS:-}; do  # (a seed names its stages' directories and report.py's rows: 01 ran as seed_01,
+  if ! [[ "$seed" =~ ^(0|[1-9][0-9]*)$ ]]; then  # which the report, reading the number 1, left out of its tables)
+    echo "error: LIMR_SEEDS holds '$seed': each LIMR seed a non-negative integer written without a leading 0" >&2
+    exit 2
+  fi
+done
 # the stage commands are built as shell words: a path with a space or a shell character would be cut, expanded or
 # run there, while this script's own quoted uses of it would not (a quoted '~/runs': stages in $HOME, markers in ./~)
 unsafe='^[~#]|[][:space:]"'"'"'\\$`;&|<>()*?{}[]'
@@ -209,6 +217,7 @@ canonical() {  # a command with each word that holds a / as the real path it nam
 absolute() {  # absolute PATH: for a message (this script runs in its own directory, the reader is elsewhere)
   if [[ "$1" == /* ]]; then printf '%s' "$1"; else printf '%s' "$PWD/$1"; fi
 }
+STAGES_RUN=()  # the stages this run has passed, done or skipped, in order
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
@@ -218,6 +227,8 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
     exit 2
   fi
   local what="${cmd#"$LAUNCH "}"  # the command without its launcher: another number of GPUs may take over a study
+  local before=(${STAGES_RUN[@]+"${STAGES_RUN[@]}"})  # the stages this run passed before this one (not evaluations,
+  [[ "$what" == "eval.py "* ]] || STAGES_RUN+=("$name")  # whose marker a re-scoring rewrites: nothing reads them)
   # (at its next stage: a stopped training run resumes on its own number only, as docs/memory.md says)
   # (the stages resume what they find, and refuse outputs made with other settings: those must go too)
   local run_again="delete OUT/done/$name and the markers of the stages after it, and move away what those stages
@@ -261,6 +272,14 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
       return 0
     fi
     echo "== $name: done (OUT/done/$name), skipped"
+    local earlier
+    for earlier in ${before[@]+"${before[@]}"}; do  # (a stage done again after it: the skip keeps what it made before)
+      if [[ "$OUT/done/$earlier" -nt "$OUT/done/$name" ]]; then
+        echo "warning: stage $earlier ran again after $name was done: if $name reads what $earlier made, its outputs" \
+          "are of $earlier's earlier run; to redo it, $run_again" >&2
+        break
+      fi
+    done
     return 0
   fi
   echo "== $name"
@@ -406,6 +425,15 @@ fi
 # this script and every stage it started have ended (they inherit it). Where flock(1) is missing (macOS), no lock.
 # OUT removed or moved away meanwhile (rm -rf, mv, and a re-run there): step() stops before and after each stage.
 take_lock
+if [[ -n "${THREADS:-}" && "$DRY_RUN" == 0 ]]; then  # (a CPU preset: another count rounds every stage otherwise)
+  if [[ -s "$OUT/cpu_threads" && "$(cat "$OUT/cpu_threads")" != "$THREADS" ]]; then  # (a training run's resume
+    # refuses it itself, but sampling and evaluation took it: one study, stages of two thread counts)
+    echo "error: the study in $OUT ran with THREADS=$(cat "$OUT/cpu_threads") ($(absolute "$OUT/cpu_threads")); give" \
+      "that, or start afresh in another OUT (another count rounds every stage otherwise)" >&2
+    exit 2
+  fi
+  printf '%s\n' "$THREADS" > "$OUT/cpu_threads"
+fi
 
 # ---- 1. data: the task's splits
 step data "$DATA_CMD"

@@ -143,6 +143,29 @@ def test_a_dry_run_of_a_finished_study_lists_every_stage_done(micro_run):
 
 
 @pytest.mark.slow  # the micro_run fixture
+def test_a_stage_done_again_after_a_later_one_was_skipped_is_warned_of(micro_run):
+    """sft done again (its marker and outputs removed, then a re-run) while rl stayed done: rl was skipped and the
+    table compared the new cold start with the RL run of the old one, without a word. A skipped stage done before an
+    earlier stage's marker is warned of now; evaluations, whose marker a re-scoring rewrites, are no earlier stage."""
+    out = micro_run[0]  # (a copy elsewhere is another study: its markers name this OUT)
+    proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": out}, check=False)
+    assert proc.returncode == 0 and "warning" not in proc.stderr
+    markers = {name: os.stat(f"{out}/done/{name}") for name in ("sft", "eval")}
+    later = max(os.path.getmtime(f"{out}/done/{name}") for name in os.listdir(f"{out}/done")) + 10
+    try:
+        os.utime(f"{out}/done/sft", (later, later))  # as a re-run of sft leaves it
+        proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": out}, check=False)
+        assert proc.returncode == 0
+        assert "warning: stage sft ran again after rl was done: if rl reads what sft made" in proc.stderr
+        os.utime(f"{out}/done/sft", ns=(markers["sft"].st_atime_ns, markers["sft"].st_mtime_ns))
+        os.utime(f"{out}/done/eval", (later, later))  # a re-scoring rewrites eval's marker: no stage reads it
+        assert "warning" not in run_reproduce("micro", "--dry-run", env={"MICRO_OUT": out}, check=False).stderr
+    finally:  # (the fixture's study, as it was, for the tests after this one)
+        for name, st in markers.items():
+            os.utime(f"{out}/done/{name}", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.slow  # the micro_run fixture
 def test_rerun_skips_finished_stages_and_resumes_a_partial_one(micro_run):
     out, _ = micro_run
     # pretend RL was killed after step 2: drop its marker, the last checkpoint and what came after it
@@ -343,9 +366,24 @@ def test_dry_run_of_seeds_gives_each_seed_its_own_directory_and_seeds(tmp_path):
     assert bad.returncode == 2 and "SEEDS (two) must be positive integers" in bad.stderr
     for env, error in (({"LIMR": "yes"}, "LIMR is 'yes': 1 (run it) or 0"),  # (it ran as LIMR=0, silently)
                        ({"LIMR_ONLY": "true"}, "LIMR_ONLY is 'true': 1 (run it) or 0"),
-                       ({"THREADS": "0"}, "THREADS is '0': the CPU threads of every stage, a positive integer")):
+                       ({"THREADS": "0"}, "THREADS is '0': the CPU threads of every stage, a positive integer"),
+                       # (01 ran as limr/seed_01, which the report, reading the number 1, left out of its tables)
+                       ({"LIMR_SEEDS": "01"}, "LIMR_SEEDS holds '01': each LIMR seed a non-negative integer"),
+                       ({"LIMR_SEEDS": "1 x"}, "LIMR_SEEDS holds 'x'")):
         bad = run_reproduce("tiny", "--dry-run", env=env, check=False)
         assert bad.returncode == 2 and error in bad.stderr and not bad.stdout
+
+
+def test_a_study_goes_on_at_its_own_thread_count_only(tmp_path):
+    """Another THREADS rounds every stage otherwise: a training stage's resume refuses it, but sampling and
+    evaluation took it, and one study held stages of two counts. The count is recorded in OUT/cpu_threads at the
+    start, and another is refused before any stage."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "cpu_threads").write_text("2\n")
+    proc = run_reproduce("micro", env={"MICRO_OUT": str(out)}, check=False)  # (study_env: THREADS=1)
+    assert proc.returncode == 2 and "the study in" in proc.stderr and "ran with THREADS=2" in proc.stderr
+    assert "== data" not in proc.stdout and not (out / "done").exists()
 
 
 def test_seeds_and_help_work_when_started_from_another_directory(tmp_path):
