@@ -284,8 +284,10 @@ def read_summaries(run_dir, notes=None):
     for name in ("redistill_A", "redistill_B"):
         if notes is not None and name not in summaries:
             samples = count_lines(os.path.join(run_dir, SFT_SET[name]))
-            why = ("not evaluated yet" if evaluated is None else "not in this study" if samples is None else
-                   f"no model in this study (its set: {samples} samples)")
+            why = ("not evaluated yet" if evaluated is None else
+                   f"evaluated, but {os.path.join(run_dir, 'eval', name, 'test', 'summary.json')} is missing (run "
+                   f"the evaluation again)" if name in evaluated else
+                   "not in this study" if samples is None else f"no model in this study (its set: {samples} samples)")
             notes.append(f"No {name} row: {why}.")
     return summaries
 

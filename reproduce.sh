@@ -392,7 +392,7 @@ if [[ -n "${SEEDS_SOURCES_DIGEST:-}" && "$SEEDS_SOURCES_DIGEST" != "$(sources_di
     "the seeds over in another OUT" >&2
   exit 1
 fi
-echo "preset $PRESET -> $OUT ($DEVICES x $DEVICE_KIND), seed $SEED"
+echo "preset $PRESET -> $(absolute "$OUT") ($DEVICES x $DEVICE_KIND), seed $SEED"
 
 # ---- 0. the base model: a local Hugging Face directory, or (tiny) built and pre-trained here
 if [[ "${TINY_BASE:-0}" == 1 && "$TASK" != kk && "$TASK" != kk_data ]]; then

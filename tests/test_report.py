@@ -432,6 +432,13 @@ def test_only_this_studys_evaluation_is_tabled_at_its_rl_step(run_dir, capsys):
     assert "No redistill_A row: no model in this study (its set: 13 samples)." in text
     assert "| rl | 0.500 | 0.400 | 0.425 | 22 | 0.000 | 40 | 256 |" in text  # 2 steps of 16 x 8, not 3
     assert not (run_dir / "rl_curve.png").exists()  # it would not match this table
+    # evaluated, its summary since lost: said so (it read "no model in this study")
+    (run_dir / "done" / "eval").write_text("15\neval.py --task kk --checkpoints a b c d --names base sft rl "
+                                           "redistill_A --splits t.jsonl\n")
+    os.remove(run_dir / "eval" / "redistill_A" / "test" / "summary.json")
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    assert (f"No redistill_A row: evaluated, but {run_dir}/eval/redistill_A/test/summary.json is missing (run the "
+            f"evaluation again).") in (run_dir / "results.md").read_text(encoding="utf-8")
 
 
 def test_a_missing_piece_is_said_not_averaged_away(run_dir):
