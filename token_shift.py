@@ -110,15 +110,19 @@ def read_responses(paths, tokenizer, context, limit=0):
             tasks.check_sft_record(path, lineno, rec)
             if not isinstance(rec.get("finished", True), bool):
                 raise UserError(f"{path}:{lineno}: field 'finished' must be true or false, got {rec['finished']!r}")
+            sampled = rec.get("length")  # (a rollout log's or eval's: tokens sampled, the stop token counted)
             rows.append({"id": rec["id"], "file": path, "line": lineno, "prompt": rec["prompt"],
-                         "response": rec["response"], "eos": rec.get("finished", True)})
+                         "response": rec["response"], "eos": rec.get("finished", True),
+                         "sampled": sampled if type(sampled) is int else None})
     if not rows:
         raise UserError(f"{', '.join(paths)}: no responses")
     tokenized = tasks.sft_token_ids(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                     [r["eos"] for r in rows])
-    examples, empty = [], 0
+    examples, empty, retokenized = [], 0, []
     stops = set(common.stop_token_ids(tokenizer))
     for r, (ids, start) in zip(rows, tokenized):
+        if r["sampled"] is not None and len(ids) - start != r["sampled"]:
+            retokenized.append((r, len(ids) - start))
         tasks.check_no_stop_tokens(r["file"], r["line"], tokenizer, ids[start:len(ids) - r["eos"]], stops)
         if len(ids) > context:
             raise UserError(f"{r['file']}:{r['line']}: field 'response' of {r['id']!r}: {len(ids)} tokens "
@@ -130,6 +134,11 @@ def read_responses(paths, tokenizer, context, limit=0):
         examples.append({"id": r["id"], "file": r["file"], "line": r["line"], "ids": ids, "start": start})
     if empty:
         common.print0(f"note: skipped {empty} empty unfinished response(s): no token to compare")
+    if retokenized:  # (text that does not round-trip: bytes of no character decode to U+FFFD, 3 tokens again)
+        r, now = retokenized[0]
+        common.print0(f"note: {len(retokenized)} of the {len(rows)} responses tokenize to another number of tokens "
+                      f"than their 'length' sampled (the first: {r['file']}:{r['line']}, {r['sampled']} sampled, "
+                      f"{now} now): their positions are the text's tokens, not the ones the model drew")
     if not examples:
         raise UserError(f"{', '.join(paths)}: the responses hold no positions to compare")
     return examples
@@ -441,10 +450,13 @@ def cross_run(primary, intervention, tokenizer, task, records, numbers, args, sw
 
 
 def same_pair(a, b):
-    """Two cross-sampling results of one model pair and one setting (either direction)."""
-    def models(c):
-        return sorted(os.path.realpath(str(c.get(k))) for k in ("primary", "intervention"))
-    return models(a) == models(b) and a.get("settings") == b.get("settings")
+    """Two cross-sampling results of one (base, policy) pair and one setting (either direction). Compared by role:
+    forward's base decodes, backward's policy does, so the two directions of one pair swap primary and intervention
+    (base X with policy Y forward, and base Y with policy X backward, are one decode: not the other direction)."""
+    def roles(c):  # (base, policy)
+        pair = [os.path.realpath(str(c.get(k))) for k in ("primary", "intervention")]
+        return tuple(pair if c.get("direction") == "forward" else pair[::-1])
+    return roles(a) == roles(b) and a.get("settings") == b.get("settings")
 
 
 def plot_cross(out_dir, path, current):

@@ -135,6 +135,24 @@ def test_an_empty_unfinished_response_is_skipped_and_none_left_is_one_line(pair,
         token_shift.read_responses([str(tmp_path / "only_empty.jsonl")], tok, 2048)
 
 
+def test_a_response_whose_text_is_not_the_tokens_sampled_is_noted(pair, tmp_path, capsys):
+    """A rollout log holds text: sampled bytes of no character decode to U+FFFD, which tokenizes to other tokens, so
+    the positions compared were not the ones the model drew (the micro preset's: 16 sampled, 20-32 compared), without
+    a word. Where a row says how many it sampled ('length', the stop token counted), another count is noted."""
+    tok = load_tokenizer(pair["base"])
+    rows = [dict(r, length=len(tok(r["response"], add_special_tokens=False)["input_ids"]) + r.get("finished", True))
+            for r in pair["rows"]]
+    common.write_jsonl(str(tmp_path / "r.jsonl"), rows)
+    token_shift.read_responses([str(tmp_path / "r.jsonl")], tok, 2048)
+    assert "another number of tokens" not in capsys.readouterr().out  # (the counts as sampled: no note)
+    rows[2]["length"] -= 3
+    common.write_jsonl(str(tmp_path / "r.jsonl"), rows)
+    assert len(token_shift.read_responses([str(tmp_path / "r.jsonl")], tok, 2048)) == len(rows)  # (still measured)
+    assert (f"note: 1 of the {len(rows)} responses tokenize to another number of tokens than their 'length' sampled "
+            f"(the first: {tmp_path}/r.jsonl:3, {rows[2]['length']} sampled, {rows[2]['length'] + 3} now)"
+            ) in capsys.readouterr().out
+
+
 def test_high_js_records_equal_a_direct_computation(pair):
     """At each position with JS > 0.1, in order: the top-k overlaps (k = 1..5) and the base's rank and probability
     of the policy's top-1 token, on the full tempered distributions."""
@@ -273,6 +291,13 @@ def test_the_figure_joins_the_other_direction_only_when_it_is_of_the_same_pair(p
     assert "cross_forward.json is of another model pair or setting" in capsys.readouterr().out
     token_shift.main(cross_args(pair, tmp_path, "forward", "inf", plots=True, policy=other, seed=6))
     assert plt.subplots.call_args.args[:2] == (1, 1)  # the same pair at another seed: another setting
+    # base and policy swapped, the other direction: the same decode as forward's (its base decodes, its policy
+    # intervenes), once drawn twice as forward and backward
+    token_shift.main(cross_args(pair, tmp_path, "forward", "inf", plots=True))
+    token_shift.main(cross_args(pair, tmp_path, "backward", "inf", plots=True, base=pair["policy"],
+                                policy=pair["base"]))
+    assert plt.subplots.call_args.args[:2] == (1, 1)
+    assert "cross_forward.json is of another model pair or setting" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
