@@ -29,9 +29,9 @@
 #   that sets LIMR_ONLY=1 runs only this (from a base model: LIMR's own setting).
 # Every stage writes OUT/done/STAGE (its wall seconds and command) last and is skipped when that exists with the
 # same command (another command, e.g. a changed setting or seed, is an error naming both, and so is an older
-# version's marker without its command; a stage done again since an earlier stage was skipped is warned of, as
-# the skipped one may have read the old outputs); an evaluation runs again (eval.py reuses its finished pairs, re-scoring
-# them if the task's scorer changed since), unlogged in times.tsv; a stage that was killed
+# version's marker without its command; a skipped stage whose marker is older than that of a stage whose outputs it
+# reads is warned of: it was made from their earlier run); an evaluation runs again (eval.py reuses its finished
+# pairs, re-scoring them if the task's scorer changed since), unlogged in times.tsv; a stage that was killed
 # is re-run with --resume (SFT, RL), or skips what it finished (eval; the sample effect: its samples), so re-running
 # this script after a crash continues where it stopped. A TERM, HUP or INT sent to this script (kill PID, Ctrl-C)
 # ends the running stage with it. OUT/times.tsv logs every attempt with its seconds: finished, or stopped (a
@@ -217,7 +217,30 @@ canonical() {  # a command with each word that holds a / as the real path it nam
 absolute() {  # absolute PATH: for a message (this script runs in its own directory, the reader is elsewhere)
   if [[ "$1" == /* ]]; then printf '%s' "$1"; else printf '%s' "$PWD/$1"; fi
 }
-STAGES_RUN=()  # the stages this run has passed, done or skipped, in order
+STAGES_RUN=(); STAGES_WROTE=()  # the stages this run has passed, done or skipped, in order, and what each writes
+stage_outputs() {  # stage_outputs COMMAND: the paths it writes (the words after its output flags), one a line
+  local words w take=0
+  read -ra words <<< "$1"
+  for w in "${words[@]}"; do
+    if (( take )); then printf '%s\n' "$w"; take=0; continue; fi
+    case "$w" in
+      --out_dir|--out|--teacher_sft|--probe_out|--samples_out|--scores_out|--random_out) take=1 ;;
+      --out_dir=*|--out=*|--teacher_sft=*|--probe_out=*|--samples_out=*|--scores_out=*|--random_out=*)
+        printf '%s\n' "${w#*=}" ;;
+    esac
+  done
+}
+reads() {  # reads COMMAND PATHS: whether a word of COMMAND is one of PATHS (lines), or lies under one
+  local words w path
+  read -ra words <<< "$1"
+  while IFS= read -r path; do
+    [[ -n "$path" ]] || continue
+    for w in "${words[@]}"; do
+      [[ "${w#*=}" == "$path" || "${w#*=}" == "$path/"* ]] && return 0
+    done
+  done <<< "$2"
+  return 1
+}
 step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME exists
   local name="$1"; shift
   local cmd="$*"
@@ -227,10 +250,12 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
     exit 2
   fi
   local what="${cmd#"$LAUNCH "}"  # the command without its launcher: another number of GPUs may take over a study
-  local before=(${STAGES_RUN[@]+"${STAGES_RUN[@]}"})  # the stages this run passed before this one (not evaluations,
-  [[ "$what" == "eval.py "* ]] || STAGES_RUN+=("$name")  # whose marker a re-scoring rewrites: nothing reads them)
   # (at its next stage: a stopped training run resumes on its own number only, as docs/memory.md says)
   # (the stages resume what they find, and refuse outputs made with other settings: those must go too)
+  local stages_before=${#STAGES_RUN[@]}
+  if [[ "$what" != "eval.py "* ]]; then  # (an evaluation's marker a re-scoring rewrites, and no stage reads it)
+    STAGES_RUN+=("$name"); STAGES_WROTE+=("$(stage_outputs "$what")")
+  fi
   local run_again="delete OUT/done/$name and the markers of the stages after it, and move away what those stages
   wrote (a training run's --out_dir, eval's --out_dir, a sample set), to run them again"
   # (an empty marker is none: every version wrote its seconds, and an empty one is a write that failed, disk full)
@@ -272,11 +297,11 @@ step() {  # step NAME COMMAND...: run COMMAND as stage NAME unless OUT/done/NAME
       return 0
     fi
     echo "== $name: done (OUT/done/$name), skipped"
-    local earlier
-    for earlier in ${before[@]+"${before[@]}"}; do  # (a stage done again after it: the skip keeps what it made before)
-      if [[ "$OUT/done/$earlier" -nt "$OUT/done/$name" ]]; then
-        echo "warning: stage $earlier ran again after $name was done: if $name reads what $earlier made, its outputs" \
-          "are of $earlier's earlier run; to redo it, $run_again" >&2
+    local i
+    for ((i = 0; i < stages_before; i++)); do  # (a stage it reads from, done since: the skip keeps what it made)
+      if [[ "$OUT/done/${STAGES_RUN[i]}" -nt "$OUT/done/$name" ]] && reads "$what" "${STAGES_WROTE[i]}"; then
+        echo "warning: stage ${STAGES_RUN[i]} ran after $name was done, and $name reads what it wrote: its outputs" \
+          "are of ${STAGES_RUN[i]}'s earlier run; to redo it, $run_again" >&2
         break
       fi
     done

@@ -110,7 +110,8 @@ def read_responses(paths, tokenizer, context, limit=0):
             tasks.check_sft_record(path, lineno, rec)
             if not isinstance(rec.get("finished", True), bool):
                 raise UserError(f"{path}:{lineno}: field 'finished' must be true or false, got {rec['finished']!r}")
-            sampled = rec.get("length")  # (a rollout log's or eval's: tokens sampled, the stop token counted)
+            sampled = rec.get("length")  # (a rollout log's, sample_policy --samples_out's: tokens sampled, the stop
+            # token counted)
             rows.append({"id": rec["id"], "file": path, "line": lineno, "prompt": rec["prompt"],
                          "response": rec["response"], "eos": rec.get("finished", True),
                          "sampled": sampled if type(sampled) is int else None})
@@ -134,7 +135,8 @@ def read_responses(paths, tokenizer, context, limit=0):
         examples.append({"id": r["id"], "file": r["file"], "line": r["line"], "ids": ids, "start": start})
     if empty:
         common.print0(f"note: skipped {empty} empty unfinished response(s): no token to compare")
-    if retokenized:  # (text that does not round-trip: bytes of no character decode to U+FFFD, 3 tokens again)
+    if retokenized:  # (text that does not round-trip: bytes of no character decode to U+FFFD, 3 tokens again; or
+        #              another BPE split of the same text than the one sampled)
         r, now = retokenized[0]
         common.print0(f"note: {len(retokenized)} of the {len(rows)} responses tokenize to another number of tokens "
                       f"than their 'length' sampled (the first: {r['file']}:{r['line']}, {r['sampled']} sampled, "

@@ -860,7 +860,7 @@ def main(argv=None):
     seeds_by_rank = False
     # the steps whose weights outlive --keep_last: this run's and every earlier attempt's (an extended run's later
     # saves removed the weights the run it extends was told to keep), saved with each checkpoint
-    keep_steps = list(args.keep_steps)
+    keep_steps = sorted(set(args.keep_steps))
     if checkpoint is not None:
         start_step, init_path, state, _ = checkpoint  # (its shard: below, if the run goes on)
         if "rollout_seeds" not in state.get("identity", {}):  # begun before 2026-12-06: it goes on sampling as it did

@@ -86,7 +86,7 @@ def test_clipping_on_both_sides():
     assert torch.allclose(logp.grad, torch.tensor([0.0, -1.1, -0.5, 1.5, 0.9, 0.0]))  # d(-A*ratio)/dlogp = -A*ratio
     # clip-higher: the ceiling is 1 + clip_high, the floor 1 - clip_low
     loss2, _ = grpo.ppo_clip_loss(torch.log(torch.tensor([2.0, 0.1])), torch.zeros(2), torch.tensor([1.0, -1.0]),
-                                0.2, 0.28)
+                                  0.2, 0.28)
     assert torch.allclose(loss2, torch.tensor([-1.28, 0.8]))
 
 

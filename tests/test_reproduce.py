@@ -145,20 +145,25 @@ def test_a_dry_run_of_a_finished_study_lists_every_stage_done(micro_run):
 @pytest.mark.slow  # the micro_run fixture
 def test_a_stage_done_again_after_a_later_one_was_skipped_is_warned_of(micro_run):
     """sft done again (its marker and outputs removed, then a re-run) while rl stayed done: rl was skipped and the
-    table compared the new cold start with the RL run of the old one, without a word. A skipped stage done before an
-    earlier stage's marker is warned of now; evaluations, whose marker a re-scoring rewrites, are no earlier stage."""
+    table compared the new cold start with the RL run of the old one, without a word. A skipped stage whose marker is
+    older than that of a stage whose outputs its command names is warned of now; a stage none reads (the base's probe,
+    an evaluation, whose marker a re-scoring rewrites) warns of nothing."""
     out = micro_run[0]  # (a copy elsewhere is another study: its markers name this OUT)
     proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": out}, check=False)
     assert proc.returncode == 0 and "warning" not in proc.stderr
-    markers = {name: os.stat(f"{out}/done/{name}") for name in ("sft", "eval")}
+    markers = {name: os.stat(f"{out}/done/{name}") for name in ("sft", "eval", "base_probe")}
     later = max(os.path.getmtime(f"{out}/done/{name}") for name in os.listdir(f"{out}/done")) + 10
     try:
         os.utime(f"{out}/done/sft", (later, later))  # as a re-run of sft leaves it
         proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": out}, check=False)
         assert proc.returncode == 0
-        assert "warning: stage sft ran again after rl was done: if rl reads what sft made" in proc.stderr
+        warned = [line for line in proc.stderr.splitlines() if line.startswith("warning")]
+        assert warned[0].startswith("warning: stage sft ran after rl was done, and rl reads what it wrote")
+        assert any(w.startswith("warning: stage sft ran after limr_probe_1 was done") for w in warned)
+        assert not any("sample_B was done" in w for w in warned)  # (it reads rl's rollouts, done before sft's)
         os.utime(f"{out}/done/sft", ns=(markers["sft"].st_atime_ns, markers["sft"].st_mtime_ns))
-        os.utime(f"{out}/done/eval", (later, later))  # a re-scoring rewrites eval's marker: no stage reads it
+        for name in ("eval", "base_probe"):
+            os.utime(f"{out}/done/{name}", (later, later))
         assert "warning" not in run_reproduce("micro", "--dry-run", env={"MICRO_OUT": out}, check=False).stderr
     finally:  # (the fixture's study, as it was, for the tests after this one)
         for name, st in markers.items():
