@@ -12,10 +12,13 @@
 #   GPUS=N, MODEL_DIR=DIR  the paper presets: GPUs of every torchrun stage (default 8), the base model's directory
 #   LIMR=1, LIMR_SEEDS="A B"  also the LIMR experiment (presets that define it), and its seeds
 #   SAMPLE_EFFECT=0        skip the sample-effect stages
+#   SELECT_K=K, SELECT_FROM=FILE  the sample-effect selection: SFT of the base on the top K, bottom K and K random
+#                          samples (tiny: 100 of set A; the paper presets: none unless given)
 #   THREADS=N, DYNAMIC_SAMPLING=false, RL_STEPS=N  tiny: CPU threads of every stage (default 2, the figures'
 #                          count; recorded in OUT/cpu_threads, and a study goes on at its own count only), the
 #                          measured alternative without dynamic sampling, the RL steps
 #   MATH_POOL=FILE, MATH_TEST=FILE, MATH_DATA_ARGS="..."  the MATH presets' problem files, or math_data.py's flags
+# A preset may set one of these itself (micro: RL_STEPS, SAMPLE_EFFECT): a value given otherwise is noted, not used.
 # Presets are bash files of settings in config/PRESET.sh (read them: every stage's flags are there). The script runs
 # in its own directory: a relative OUT, MODEL_DIR or data path is relative to it, not to where it was started.
 # Stages (paper.md section 3.3):
@@ -98,10 +101,25 @@ if [[ -n "${GPUS:-}" && ! "$GPUS" =~ ^[1-9][0-9]*$ ]]; then  # (torchrun's own e
   echo "error: GPUS is '$GPUS': the GPUs of every launched stage, a positive integer" >&2  # times.tsv a bad line)
   exit 2
 fi
+given=()  # settings given in the environment that a preset may set otherwise (micro: RL_STEPS=3, SAMPLE_EFFECT=0)
+for name in RL_STEPS SAMPLE_EFFECT SELECT_K SELECT_FROM LIMR_SEEDS; do
+  [[ -n "${!name+set}" ]] && given+=("$name=${!name}")
+done
 # shellcheck source=config/tiny.sh
 source "config/$PRESET.sh"
 : "${OUT:?the preset sets OUT}"
+for setting in ${given[@]+"${given[@]}"}; do  # (taken silently, the run was not the one asked for)
+  name=${setting%%=*}
+  if [[ "${!name:-}" != "${setting#*=}" ]]; then
+    echo "note: $setting from the environment: preset $PRESET sets $name=${!name:-(nothing)}, which this run uses" >&2
+  fi
+done
 check_counts "in the preset"
+if [[ -n "${SELECT_K:-}" && ! "$SELECT_K" =~ ^(0|[1-9][0-9]*)$ ]]; then  # (the shell's arithmetic read abc as 0)
+  echo "error: SELECT_K is '$SELECT_K': the samples of each sample-effect selection, an integer written without a" \
+    "leading 0 (0: none)" >&2
+  exit 2
+fi
 for seed in ${LIMR_SEEDS:-}; do  # (a seed names its stages' directories and report.py's rows: 01 ran as seed_01,
   if ! [[ "$seed" =~ ^(0|[1-9][0-9]*)$ ]]; then  # which the report, reading the number 1, left out of its tables)
     echo "error: LIMR_SEEDS holds '$seed': each LIMR seed a non-negative integer written without a leading 0" >&2

@@ -103,8 +103,8 @@ EFFECT_ARGS="--num_eval_prompts 200 --samples_per_prompt 8 --max_response_tokens
 # A (every one a worked table the RL policy got right). Pooled over the sets, the ranking mostly chose between the
 # teacher's answer-only samples and A's tables, and both SFT models gave one answer to every puzzle. Within A (3
 # seeds): top 0.168 ± 0.003, bottom 0.137 ± 0.015, random 0.240 ± 0.023 (docs/sample_effect.md)
-SELECT_K=100
-SELECT_FROM=$OUT/redistill_A.jsonl
+SELECT_K=${SELECT_K:-100}
+SELECT_FROM=${SELECT_FROM:-$OUT/redistill_A.jsonl}
 
 # LIMR (LIMR=1 bash reproduce.sh tiny; README "LIMR"): a pool of its own, 170 RL puzzles (the first 20 two-people and
 # 150 three-people ones of the RL train streams), small enough for a probe run of 8 epochs in 80 steps: 10 steps of

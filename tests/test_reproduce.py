@@ -374,9 +374,20 @@ def test_dry_run_of_seeds_gives_each_seed_its_own_directory_and_seeds(tmp_path):
                        ({"THREADS": "0"}, "THREADS is '0': the CPU threads of every stage, a positive integer"),
                        # (01 ran as limr/seed_01, which the report, reading the number 1, left out of its tables)
                        ({"LIMR_SEEDS": "01"}, "LIMR_SEEDS holds '01': each LIMR seed a non-negative integer"),
-                       ({"LIMR_SEEDS": "1 x"}, "LIMR_SEEDS holds 'x'")):
+                       ({"LIMR_SEEDS": "1 x"}, "LIMR_SEEDS holds 'x'"),
+                       ({"SELECT_K": "abc"}, "SELECT_K is 'abc'")):  # (the shell's arithmetic read it as 0)
         bad = run_reproduce("tiny", "--dry-run", env=env, check=False)
         assert bad.returncode == 2 and error in bad.stderr and not bad.stdout
+
+
+def test_a_setting_the_preset_sets_otherwise_is_noted_and_tinys_selection_size_is_taken(tmp_path):
+    """micro sets RL_STEPS=3 itself: RL_STEPS=5 from the environment ran 3 steps without a word. tiny's SELECT_K and
+    SELECT_FROM were set outright, so SELECT_K=50 ran 100; they are defaults now."""
+    proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": str(tmp_path / "m"), "RL_STEPS": "5"}, check=False)
+    assert proc.returncode == 0
+    assert "note: RL_STEPS=5 from the environment: preset micro sets RL_STEPS=3, which this run uses" in proc.stderr
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "t"), "SELECT_K": "50"}, check=False)
+    assert proc.returncode == 0 and "--select 50 " in proc.stdout and "note" not in proc.stderr
 
 
 def test_a_study_goes_on_at_its_own_thread_count_only(tmp_path):
