@@ -156,7 +156,8 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, train_state: dic
 
     def write_shard():  # (every rank its own)
         with atomic_open(train_shard_path(run_dir, step, rank()), "wb") as f:
-            torch.save(local_train_state(model, optimizer), f)
+            # (stamped: a shard copied or renamed by hand to another step's or rank's place is refused, not loaded)
+            torch.save({**local_train_state(model, optimizer), "step": step, "rank": rank()}, f)
     on_every_rank(write_shard)  # (a write refused on one rank stops them all; every rank waits for the others)
 
     def finish():  # without its state file, what the save wrote is a partial save, which a resume removes
@@ -265,6 +266,7 @@ def load_checkpoint(run_dir, needs_shard=lambda state: True, steps=None):
         seen = os.path.exists(model_dir + ".state.pt")  # (compared between the ranks with the outcome below)
         failed = None  # a read error, not a damaged file
         deleted = None  # a shard missing from a checkpoint otherwise whole
+        misplaced = None  # a shard stamped with another step or rank than its place's
         path = model_dir + ".state.pt"
         try:
             state = load_checked(path)
@@ -280,27 +282,34 @@ def load_checkpoint(run_dir, needs_shard=lambda state: True, steps=None):
                 if not os.path.exists(path):
                     deleted = path
                 shard = load_checked(path)
+                stamp = (shard.get("step", step), shard.get("rank", rank()))  # (none: a shard of an earlier version)
+                if stamp != (step, rank()):
+                    misplaced = (f"{path}: holds the optimizer shard of step {stamp[0]}, rank {stamp[1]}, not of step "
+                                 f"{step}, rank {rank()} (copied or renamed by hand?)")
         except Exception as e:  # noqa: BLE001 -- any reader error (weight_files': no weights) means: not this one
             problem = str(e) if isinstance(e, UserError) else (  # (a UserError names its place)
                 f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
             if read_failure(e):
                 failed = problem
-        gathered = all_gather_json([problem, failed, deleted, seen])
+        gathered = all_gather_json([problem, failed, deleted, seen, misplaced])
         if len({g[3] for g in gathered}) > 1:  # (a step rank 0 listed, which another rank does not see)
             blind, seeing = ([str(r) for r, g in enumerate(gathered) if g[3] == want] for want in (False, True))
             raise UserError(f"{model_dir}.state.pt: rank(s) {', '.join(blind)} do not see it, where rank(s) "
                             f"{', '.join(seeing)} do: every rank must see one --out_dir (a directory local to each "
                             f"node, or a shared file system that lags?); nothing was skipped or removed")
-        failures = [f for _, f, _, _ in gathered if f]
+        failures = [g[1] for g in gathered if g[1]]
         if failures:
             raise UserError(f"cannot read {failures[0]} (a read error, not a damaged file): no checkpoint was skipped "
                             f"or removed; run again when the storage reads (--resume true)")
-        if deleted := next((d for _, _, d, _ in gathered if d), None):  # skipped, it would be removed for good
+        if deleted := next((g[2] for g in gathered if g[2]), None):  # skipped, it would be removed for good
             raise UserError(f"{deleted} is missing, where the checkpoint of step {step} is otherwise whole (a finished "
                             f"run's optimizer shards deleted to free the disk?): the run cannot go on from step {step} "
                             f"without them, and is not resumed from an earlier step over it; restore them, or move "
                             f"step {step}'s files out of {run_dir} to go on from an earlier checkpoint")
-        problems = [p for p, _, _, _ in gathered if p]
+        if misplaced := next((g[4] for g in gathered if g[4] and not g[0]), None):  # (skipped, its right shards would
+            # be removed with it)
+            raise UserError(f"{misplaced}: nothing was skipped or removed; put each rank's shard in its place")
+        problems = [g[0] for g in gathered if g[0]]
         if problems:
             print0(f"warning: skipping the checkpoint of step {step}: cannot read {problems[0]}")
             continue

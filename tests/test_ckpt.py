@@ -156,6 +156,26 @@ def test_local_shard_optimizer_updates_sharded_weights_like_the_optimizer_on_the
         opt.param_groups[0]["lr"] = 3e-3
     after, after_resumed = train(model, local, 1), train(again, resumed, 1)
     assert all(torch.equal(after[k], after_resumed[k]) for k in after)
+    # each shard says whose it is: step 3's, rank 0's
+    shard = torch.load(ckpt.train_shard_path(str(tmp_path), 3, 0), weights_only=True)
+    assert (shard["step"], shard["rank"]) == (3, 0)
+
+
+def test_a_shard_in_another_steps_or_ranks_place_is_refused_and_nothing_removed(tmp_path):
+    """A rank's optimizer shard copied or renamed by hand into another step's or rank's place loaded as that one's
+    (the shapes match), silently. A stamped shard of another place stops the resume, removing nothing (skipped as
+    damaged, the checkpoint would be pruned with its right files); an unstamped one, an earlier version's, loads."""
+    import torch
+    run = str(tmp_path)
+    for step in (1, 2):
+        fake_checkpoint(run, step)
+    torch.save({"exp_avg": torch.full((2,), 1.0), "step": 1, "rank": 0}, ckpt.train_shard_path(run, 2, 0))
+    with pytest.raises(UserError, match=r"step_000002\.train\.rank0\.pt: holds the optimizer shard of step 1, rank 0, "
+                                        r"not of step 2, rank 0 .*nothing was skipped or removed"):
+        ckpt.resume_checkpoint(run, resume=True)
+    assert ckpt.checkpoint_parts(run) == {1, 2} and ckpt.checkpoint_steps(run) == [1, 2]
+    torch.save({"exp_avg": torch.full((2,), 2.0), "step": 2, "rank": 0}, ckpt.train_shard_path(run, 2, 0))
+    assert ckpt.resume_checkpoint(run, resume=True)[0] == 2
 
 
 def test_clip_grad_norm_scales_only_above_the_bound():
@@ -235,8 +255,8 @@ def test_a_checkpoint_one_rank_does_not_see_is_an_error_not_a_skip(tmp_path, mon
     run = str(tmp_path)
     for step in (1, 2):
         fake_checkpoint(run, step)
-    monkeypatch.setattr(ckpt, "all_gather_json", lambda value: [value, [*value[:3], False]]
-                        if isinstance(value, list) and len(value) == 4 else [value, value])
+    monkeypatch.setattr(ckpt, "all_gather_json", lambda value: [value, [*value[:3], False, *value[4:]]]
+                        if isinstance(value, list) and len(value) == 5 else [value, value])
     with pytest.raises(UserError, match=r"step_000002\.state\.pt: rank\(s\) 1 do not see it, where rank\(s\) 0 do: "
                                         r"every rank must see one --out_dir .*nothing was skipped or removed"):
         ckpt.resume_checkpoint(run, resume=True)
