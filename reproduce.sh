@@ -421,7 +421,13 @@ if (( SEEDS > 1 )); then
     echo "==== seed $s of $SEEDS -> $dir"
     flags=(); [[ "$DRY_RUN" == 1 ]] && flags=(--dry-run)
     limr=0; (( s == 1 )) && limr="${LIMR:-0}"
-    in_own_group env SEEDS=1 SEED=$s OUT="$dir" LIMR=$limr bash "$SELF" "$PRESET" "${flags[@]}"
+    status=0
+    in_own_group env SEEDS=1 SEED=$s OUT="$dir" LIMR=$limr bash "$SELF" "$PRESET" "${flags[@]}" || status=$?
+    if (( status != 0 )); then  # (no table over the seeds: OUT/results.md is seed 1's own, which says nothing of it)
+      echo "error: seed $s of $SEEDS stopped (above); no table over the seeds was made, and $(absolute "$OUT")/results.md" \
+        "is seed 1's alone. Run the same command again to go on (finished seeds and stages are skipped)" >&2
+      exit "$status"
+    fi
   done
   take_lock  # (seed 1's study held it while it ran; the table reads OUT: not while another study writes there)
   report

@@ -269,6 +269,18 @@ def test_a_set_smaller_than_one_sft_batch_is_skipped_as_an_empty_one(micro_run):
             f.write(before)
 
 
+def test_a_seed_that_stops_says_no_table_over_the_seeds_was_made(tmp_path):
+    """SEEDS=N stopped at a later seed with that seed's error alone, leaving OUT/results.md, seed 1's own table, as
+    if it were the study's. The outer run says so, with how to go on (here seed 2's OUT is a file)."""
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "seed_2").write_text("in the way")
+    proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": str(out), "SEEDS": "2"}, check=False)
+    assert proc.returncode == 2 and f"error: OUT {out}/seed_2 is a file" in proc.stderr
+    assert (f"error: seed 2 of 2 stopped (above); no table over the seeds was made, and {out}/results.md is seed 1's "
+            f"alone. Run the same command again to go on") in proc.stderr
+
+
 @pytest.mark.slow  # the micro_run fixture
 def test_seeds_2_runs_a_second_seed_and_tables_mean_std(micro_run):
     out, _ = micro_run
