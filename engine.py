@@ -712,11 +712,7 @@ def token_ids_ok(ids):
 def check_generate_arguments(prompts, n, max_new_tokens, temperature, top_p, stop_ids, partner, switch,
                              prompt_numbers, reserve):
     """generate()'s arguments of the wrong kind, refused with one line before any work (not a TypeError deep inside,
-    or a value silently cut: 2.5 new tokens, a token id 1.9 read as 1)."""
-    for i, p in enumerate(prompts):
-        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or getattr(p, "ndim", 1) != 1 \
-                or not token_ids_ok(p):
-            raise ValueError(f"prompt {i} must be a list (or 1-D tensor) of integer token ids, got {p!r:.80}")
+    or a value silently cut: 2.5 new tokens, a token id 1.9 read as 1). The prompts' own: generate's loop over them."""
     for name, value in dict(n=n, max_new_tokens=max_new_tokens).items():
         if not (is_int(value) and value >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -815,6 +811,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     max_seq_len = context if max_seq_len is None else max_seq_len
     vocab = model.config.vocab_size
     for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or getattr(p, "ndim", 1) != 1 \
+                or not token_ids_ok(p):
+            raise ValueError(f"prompt {i} must be a list (or 1-D tensor) of integer token ids, got {p!r:.80}")
         if len(p) == 0:
             raise UserError(f"prompt {i} is empty")
         low, high = (int(p.min()), int(p.max())) if hasattr(p, "min") else (min(p), max(p))
@@ -875,7 +874,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         raise ValueError("fa2_decode_attention needs a half-precision engine (dtype bfloat16 or float16)")
     state.fa2 = fa2_decode_attention
     if fa2_splits is not None and (not fa2_decode_attention or not (fa2_splits == "auto" or (
-            type(fa2_splits) is int and 1 <= fa2_splits <= FA2_MAX_SPLITS))):
+            is_int(fa2_splits) and 1 <= fa2_splits <= FA2_MAX_SPLITS))):
         raise ValueError(f"fa2_splits needs fa2_decode_attention and is 'auto' or 1..{FA2_MAX_SPLITS}, got "
                          f"{fa2_splits!r}")
     state.fa2_splits = fa2_splits

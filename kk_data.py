@@ -635,8 +635,8 @@ def normalise_record(rec, where):
         bad('solution', "is not the unique solution of the statements")
     if 'people' in rec and (type(rec['people']) is not int or rec['people'] != n):
         bad('people', f"is {rec['people']!r}; it must be the count of names, the integer {n}")
-    if 'id' in rec and not ((isinstance(rec['id'], str) and rec['id']) or type(rec['id']) is int):
-        bad('id', "must be a non-empty string or an integer")  # (an integer is kept as its text, as ids are matched)
+    if 'id' in rec and not tasks.is_id(rec['id']):  # (an integer is kept as its text, as ids are matched)
+        bad('id', "must be a non-blank string or an integer")
     if 'question' in rec and not (isinstance(rec['question'], str) and rec['question']):
         bad('question', "must be a non-empty string")
     for field in ('quiz', 'question'):  # a question of another puzzle, whose answers would all score 0

@@ -115,17 +115,15 @@ for setting in ${given[@]+"${given[@]}"}; do  # (taken silently, the run was not
   fi
 done
 check_counts "in the preset"
-if [[ -n "${SELECT_K:-}" && ! "$SELECT_K" =~ ^(0|[1-9][0-9]*)$ ]]; then  # (the shell's arithmetic read abc as 0)
-  echo "error: SELECT_K is '$SELECT_K': the samples of each sample-effect selection, an integer written without a" \
-    "leading 0 (0: none)" >&2
-  exit 2
-fi
-for seed in ${LIMR_SEEDS:-}; do  # (a seed names its stages' directories and report.py's rows: 01 ran as seed_01,
-  if ! [[ "$seed" =~ ^(0|[1-9][0-9]*)$ ]]; then  # which the report, reading the number 1, left out of its tables)
-    echo "error: LIMR_SEEDS holds '$seed': each LIMR seed a non-negative integer written without a leading 0" >&2
+check_whole() {  # check_whole NAME VALUE WHAT: VALUE a non-negative integer written as Python and report.py read it
+  if ! [[ "$2" =~ ^(0|[1-9][0-9]*)$ ]]; then
+    echo "error: $1 holds '$2': $3, a non-negative integer written without a leading 0" >&2
     exit 2
   fi
-done
+}
+# (the shell's arithmetic read SELECT_K=abc as 0; LIMR seed 01 ran as seed_01, which the report, reading 1, left out)
+[[ -z "${SELECT_K:-}" ]] || check_whole SELECT_K "$SELECT_K" "the samples of each sample-effect selection (0: none)"
+for seed in ${LIMR_SEEDS:-}; do check_whole LIMR_SEEDS "$seed" "each LIMR seed"; done
 # the stage commands are built as shell words: a path with a space or a shell character would be cut, expanded or
 # run there, while this script's own quoted uses of it would not (a quoted '~/runs': stages in $HOME, markers in ./~)
 unsafe='^[~#]|[][:space:]"'"'"'\\$`;&|<>()*?{}[]'
@@ -475,10 +473,11 @@ fi
 # OUT removed or moved away meanwhile (rm -rf, mv, and a re-run there): step() stops before and after each stage.
 take_lock
 if [[ -n "${THREADS:-}" && "$DRY_RUN" == 0 ]]; then  # (a CPU preset: another count rounds every stage otherwise)
-  if [[ -s "$OUT/cpu_threads" && "$(cat "$OUT/cpu_threads")" != "$THREADS" ]]; then  # (a training run's resume
-    # refuses it itself, but sampling and evaluation took it: one study, stages of two thread counts)
-    echo "error: the study in $OUT ran with THREADS=$(cat "$OUT/cpu_threads") ($(absolute "$OUT/cpu_threads")); give" \
-      "that, or start afresh in another OUT (another count rounds every stage otherwise)" >&2
+  ran_with=$(cat "$OUT/cpu_threads" 2> /dev/null || true)
+  if [[ -n "$ran_with" && "$ran_with" != "$THREADS" ]]; then  # (a training run's resume refuses it itself, but
+    # sampling and evaluation took it: one study, stages of two thread counts)
+    echo "error: the study in $OUT ran with THREADS=$ran_with ($(absolute "$OUT/cpu_threads")); give that, or start" \
+      "afresh in another OUT (another count rounds every stage otherwise)" >&2
     exit 2
   fi
   printf '%s\n' "$THREADS" > "$OUT/cpu_threads"

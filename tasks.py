@@ -653,9 +653,9 @@ def load_sft_examples(paths, tokenizer, max_length, limit=None):
                 check_sft_record(path, lineno, rec)
                 rows.append(rec)
                 where.append(lineno)
-                first = first_at.setdefault((rec["prompt"], rec["response"]), f"{path}:{lineno}")
-                if first != f"{path}:{lineno}":
-                    repeats.append((f"{path}:{lineno}", first))
+                here = f"{path}:{lineno}"
+                if (first := first_at.setdefault((rec["prompt"], rec["response"]), here)) != here:
+                    repeats.append((here, first))
         if not rows:
             raise UserError(f"{path}: no examples")
         check_sft_outcomes(path, rows, where)

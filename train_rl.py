@@ -759,9 +759,8 @@ def check_settings(args):
         raise UserError(f"--dwa_s {args.dwa_s}: |s| > 2 lets the DWA weight change the advantage's sign")
 
 
-def note_inert_settings(args, parser):
-    """One note per setting given where it has no effect (most act only off-policy: several updates per batch)."""
-    several_updates = args.ppo_epochs * args.ppo_mini_batches > 1
+def note_inert_settings(args, parser, several_updates):
+    """One note per setting given where it has no effect (most act only off-policy: several_updates per batch)."""
     if args.policy_loss == "kl_cov" and not several_updates:
         print0("note: --policy_loss kl_cov with one on-policy update per batch: its |log(pi / pi_old)| is 0 and has "
                "no gradient, so it trains as ppo (whose clip never binds on-policy); it acts with "
@@ -925,9 +924,11 @@ def main(argv=None):
                             args.kl_coef > 0, gpu_bytes)
     if why:
         print0(why)
-    if state:  # (settings resolved as the run resolved them: --checkpoint_every auto; a finished run has returned)
-        ckpt.note_changed_settings(state.get("settings"), vars(args) | {"keep_steps": keep_steps},
-                                   f"step {start_step} was saved")
+    # what each checkpoint records: the settings as the run resolved them (--checkpoint_every auto), the kept steps
+    # of every attempt
+    run_settings = vars(args) | {"keep_steps": keep_steps}
+    if state:  # (a finished run has returned)
+        ckpt.note_changed_settings(state.get("settings"), run_settings, f"step {start_step} was saved")
     model = parallel.prepare_training(model, dtype, args)
     optimizer = ckpt.make_optimizer(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                     weight_decay=args.weight_decay, eight_bit=args.adam_8bit)
@@ -945,7 +946,7 @@ def main(argv=None):
     top_entropy = args.entropy_top_frac < 1
     by_covariance = args.policy_loss in COVARIANCE_LOSSES
     kl_in_reward = ref_model is not None and args.kl_estimator == "k1"
-    note_inert_settings(args, parser)
+    note_inert_settings(args, parser, several_updates)
 
     # ---- logging
     if checkpoint is not None:  # (accepted: nothing above refused it)
@@ -1091,8 +1092,7 @@ def main(argv=None):
         if not stop and (step % args.save_every == 0 or step == max_steps):
             ckpt.save_checkpoint(args.out_dir, step, model, tokenizer, optimizer,
                                  {"bad_steps_total": bad_steps_total, "bad_streak": bad_streak, "identity": identity,
-                                  "prompt_batches": prompt_batches,
-                                  "settings": vars(args) | {"keep_steps": keep_steps}},
+                                  "prompt_batches": prompt_batches, "settings": run_settings},
                                  dtype, args.keep_last, keep_steps)
         if stop:
             print0(f"error: {bad_streak} consecutive steps with non-finite loss or gradients; stopping. "

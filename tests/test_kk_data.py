@@ -505,6 +505,11 @@ def test_an_integer_id_is_taken_as_its_text(tmp_path):
     second["index"] += 1
     write_lines(path, [dict(a_record(), id=7), second])
     assert [r["id"] for r in K.load_split(path)] == ["7", "0"]  # (0 too: not taken for a missing id)
+    for bad in ("  ", True, 1.0, ""):  # (one rule with every split's: tasks.is_id; a blank id names nothing)
+        write_lines(path, [dict(a_record(), id=bad)])
+        with pytest.raises(common.UserError, match=r"split\.jsonl:1: field 'id' .*must be a non-blank string or an "
+                                                   r"integer"):
+            K.load_split(path)
 
 
 def test_load_split_rejects_bad_json_and_repeated_ids(tmp_path):

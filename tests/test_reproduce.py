@@ -385,9 +385,9 @@ def test_dry_run_of_seeds_gives_each_seed_its_own_directory_and_seeds(tmp_path):
                        ({"LIMR_ONLY": "true"}, "LIMR_ONLY is 'true': 1 (run it) or 0"),
                        ({"THREADS": "0"}, "THREADS is '0': the CPU threads of every stage, a positive integer"),
                        # (01 ran as limr/seed_01, which the report, reading the number 1, left out of its tables)
-                       ({"LIMR_SEEDS": "01"}, "LIMR_SEEDS holds '01': each LIMR seed a non-negative integer"),
+                       ({"LIMR_SEEDS": "01"}, "LIMR_SEEDS holds '01': each LIMR seed, a non-negative integer"),
                        ({"LIMR_SEEDS": "1 x"}, "LIMR_SEEDS holds 'x'"),
-                       ({"SELECT_K": "abc"}, "SELECT_K is 'abc'")):  # (the shell's arithmetic read it as 0)
+                       ({"SELECT_K": "abc"}, "SELECT_K holds 'abc': the samples of each sample-effect selection")):  # (the shell's arithmetic read it as 0)
         bad = run_reproduce("tiny", "--dry-run", env=env, check=False)
         assert bad.returncode == 2 and error in bad.stderr and not bad.stdout
 
