@@ -575,7 +575,7 @@ def pick(slots, idx, logits, temperature, top_p, switch=None):
     at = slots.rows[idx]  # the slots, as indices
     pos, alive = slots.pos[idx], slots.alive[idx]
     first = logits[0]
-    if slots.forcing:  # benchmarks: the first stop id banned before the row's forced length, and forced at it
+    if slots.forcing:  # benchmarks: the one stop id banned before the row's forced length, and forced at it
         # (in place: the logits are this step's own)
         stop, now = slots.stop[:1], (pos + 1 == slots.force[idx])[:, None]
         first.masked_fill_(now, -float("inf")).index_copy_(1, stop, torch.where(now, 0.0, -float("inf")).to(first))
@@ -762,7 +762,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     a partner, where Triton is installed (on one H200 13-39 % faster than graphs alone, docs/engine_and_speed.md; on
     CPU 6 % slower, and there the first call's compile would cost ~20 s). They round fp32 differently from the eager
     ops, so now and then a sampled token differs where its random number lies within that rounding of a boundary of
-    the inverse CDF. forced_lengths: benchmarks only, one length per row at which its first stop id is forced (banned
+    the inverse CDF. forced_lengths: benchmarks only, one length per row at which the one stop id is forced (banned
     before). on_finish(count): called as rows finish (a progress bar). reserve: (slots, columns, new tokens) that the
     kept KV cache and per-slot buffers are allocated for at least: a caller that knows its largest call (train_rl)
     keeps them from growing, which would reallocate them and drop their CUDA graphs. fa2_decode_attention: the decode
@@ -841,11 +841,11 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     if stop_ids and not 0 <= stop_ids[0] <= stop_ids[-1] < vocab:  # (never sampled: no response would end)
         raise UserError(f"stop token ids {stop_ids} are not all in the model's vocabulary of {vocab} (a tokenizer "
                         f"larger than the model's embedding?)")
-    if forced_lengths is not None and (not stop_ids or len(forced_lengths) != len(prompts) * n
+    if forced_lengths is not None and (len(stop_ids) != 1 or len(forced_lengths) != len(prompts) * n
                                        or not all(1 <= x <= max_new_tokens for x in forced_lengths)
                                        or partner is not None):
-        raise ValueError("forced_lengths needs a stop id and one length in 1..max_new_tokens per row, and no partner "
-                         "(it forces the model's own logits only)")
+        raise ValueError("forced_lengths needs one stop id (another could end a row early), one length in "
+                         "1..max_new_tokens per row, and no partner (it forces the model's own logits only)")
     cuda = device.type == "cuda"
     total = len(prompts) * n
     count = min(slots or total, total)

@@ -652,8 +652,8 @@ def test_error_prompt_longer_than_cache():
         generate(model, [[1] * 30], max_new_tokens=2, max_seq_len=31)
     with pytest.raises(ValueError, match="at most 8 stop ids"):
         generate(model, [[1, 2]], max_new_tokens=8, stop_ids=range(9))
-    for stop_ids, lengths in (([], [4]), ([3], [4, 4]), ([3], [0]), ([3], [9])):  # a benchmark's forced lengths
-        with pytest.raises(ValueError, match="forced_lengths needs a stop id"):
+    for stop_ids, lengths in (([], [4]), ([3, 5], [4]), ([3], [4, 4]), ([3], [0]), ([3], [9])):  # a benchmark's
+        with pytest.raises(ValueError, match="forced_lengths needs one stop id"):  # forced lengths
             generate(model, [[1, 2]], max_new_tokens=8, stop_ids=stop_ids, forced_lengths=lengths)
     assert generate(model, [], max_new_tokens=8) == []
     with pytest.raises(ValueError, match="graphs=True needs CUDA"):
