@@ -37,7 +37,9 @@ DIFFICULTY = "people"  # the record key holding the difficulty (number of people
 OFFICIAL_SEED = 1234   # the official generator's seed, the same for every number of people
 SFT_VAL_SEED = 1234    # the paper's shuffle before its 90/10 cut of the SFT pool (K_and_K_preprocess)
 OFFICIAL_TEST_SIZE = 100  # official stream: indices 0..99 are the test split, train follows
-ANSWER_FORMAT = " Your final answer should be in this format: \\boxed{XX is a knave, YY is a knight, ...}"
+# the line after the quiz, in the record's role words: a record of heroes and villains asks for "XX is a villain", the
+# only words its scorer reads
+ANSWER_FORMAT = " Your final answer should be in this format: \\boxed{{XX is {a_knave}, YY is {a_knight}, ...}}"
 OFFICIAL_FIELDS = ("quiz", "names", "knight_knave", "solution", "solution_text", "solution_text_format",
                    "cot_head", "cot_repeat_steps", "cot_foot", "statements", "index")
 
@@ -248,7 +250,7 @@ def make_record(seed, index, statements, solution, fixed_names=False):
     record = {
         'id': puzzle_id(seed, n, index),
         'people': n,
-        'question': quiz + ANSWER_FORMAT,
+        'question': quiz + ANSWER_FORMAT.format(**kk),
         'quiz': quiz,
         'names': names,
         'knight_knave': kk,
@@ -451,10 +453,10 @@ ARROW_WORD = "\x00"  # what an arrow becomes: a word of its own, which no name o
 # strike-through, where one run into a word is LaTeX's space ("a~knight"); "|" and "||" are "or"; a cross mark or a
 # prohibition sign strikes a role out)
 LOGIC_SYMBOL = re.compile(r"!=|(?<!\\)![^\W\d_]|(?<![^\W\d_)\]}.\\!?])!|(?:^|(?<=[\s(\[{]))~|~~|\||/=|=\\=|<>|<-+|<=+"
-                          r"|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤⌐✗✘❌❎✕✖×☒🚫⛔☓⨯🗙🗴🗶🗷⮽╳👎⋎⩔⩖⩗⩒⩢⊽⊼⊧⊩∣¦⫬⫭⌙〜⁓∽?%]")
+                          r"|[≠≢¬∼∨⋁⊕⊻≡⊃⊂⊇⊆⊢⊣⊨⫤⌐✗✘❌❎✕✖×☒🚫⛔☓⨯🗙🗴🗶🗷⮽╳👎⋎⩔⩖⩗⩒⩢⊽⊼⊧⊩∣¦⫬⫭⌙〜⁓∽?%]|\d\s*[/⁄]\s*\d")
 # (also: markdown's strike "~~" wherever it stands; more crosses, "or", NAND / NOR / "entails" and negation signs,
 # "|" look-alikes; a "?" is a doubt, not an answer; a "%" a LaTeX comment hiding the rest of its line, or a doubt's
-# percentage)
+# percentage, and a fraction ("50/50", "(1/2)", "½") a doubt's odds)
 # a symbol struck through (∉, ≄, ⊄, ...: "not in", "not ..."; found in the NFD form) or a word struck or crossed out by
 # a combining overlay or an enclosing sign (U+0334-U+0338, U+20D2-U+20E0: "knigh̶t", "knight⃠")
 NEGATING_OVERLAYS = frozenset(map(chr, [*range(0x0334, 0x0339), *range(0x20D2, 0x20E1),
@@ -515,8 +517,11 @@ def parse_answer(content, names, kk):
         return None
     by_lower = {fold(name): name for name in names}
     role_words = {**dict.fromkeys(role_forms(kk['knave']), False), **dict.fromkeys(role_forms(kk['knight']), True)}
-    answer, pending, arrow = {}, [], False
+    answer, pending, arrow, last = {}, [], False, None
     for word in WORD.findall(fold(content)):
+        if (last, word) == ("all", "but"):  # "all but Emma are knaves" says Emma is none, not one
+            return None
+        last = word
         if word == ARROW_WORD:  # only from names to their role ("Emma -> knight"), not between claims ("if")
             if not pending or arrow:
                 return None
@@ -651,7 +656,7 @@ def normalise_record(rec, where):
                             "the answer is scored against; give both of one puzzle, or the quiz alone")
     out = {'id': str(rec['id']) if 'id' in rec else puzzle_id(OFFICIAL_SEED, n, rec['index']),  # official: its stream
            'people': n,
-           'question': rec.get('question') or rec['quiz'] + ANSWER_FORMAT}
+           'question': rec.get('question') or rec['quiz'] + ANSWER_FORMAT.format(**kk)}
     out.update({k: v for k, v in rec.items() if k not in out})
     if not answer_is_right(answer_text(out), out):  # else every answer, the right one too, would score 0
         bad('names', f"{names!r} cannot be read back from an answer by the scorer: each name must be one word of "

@@ -142,7 +142,8 @@ def test_record_text_and_fields():
     assert (f"You meet 4 inhabitants: {rec['names'][0]}, {rec['names'][1]}, {rec['names'][2]}, "
             f"and {rec['names'][3]}.") in rec['quiz']
     assert all(name in K.COMMON_NAMES for name in rec['names']) and len(set(rec['names'])) == 4
-    assert rec['question'] == rec['quiz'] + K.ANSWER_FORMAT
+    assert rec['question'] == (rec['quiz'] + " Your final answer should be in this format: \\boxed{XX is a knave, YY is "
+                               "a knight, ...}")  # (the paper's words)
     assert rec['solution_text_format'].count("\n") == 3 and rec['solution_text_format'].startswith("(1) ")
     assert K.parse_statements(rec['statements'], 4) is not None
     assert list(K.solve(K.parse_statements(rec['statements'], 4))[0]) == rec['solution']
@@ -297,6 +298,12 @@ SCORER_CASES = [
     (boxed("Emma is a knight, Liam is a knave (?), Sophia is a knight"), 0.0),
     (boxed("Emma is a knight (100%), Liam is a knave (50%), Sophia is a knight (50%)"), 0.0),
     (boxed("Emma is a knight, Liam is a knave, Sophia % is a knight\n"), 0.0),
+    # (2026-12-07) "all but" read as a plain claim, and a doubt's odds as a fraction, each 1.0 before
+    (boxed("Emma and Sophia are knights, all but Liam are knaves"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave (1/2), Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave: 50 / 50, Sophia is a knight"), 0.0),
+    (boxed("Emma is a knight, Liam is a knave (\u00bd), Sophia is a knight"), 0.0),
+    (boxed("1. Emma is a knight 2. Liam is a knave 3. Sophia is a knight"), 1.0),
     # ... and right answers in harmless forms, each 0.0 before: linking words, "the", a contraction, a LaTeX array
     # (its "l|l" no "or"), list bullets, spacing, a box inside a box
     (boxed("Emma is a knight, but Liam is a knave, and Sophia is also a knight"), 1.0),
@@ -510,6 +517,20 @@ def test_an_integer_id_is_taken_as_its_text(tmp_path):
         with pytest.raises(common.UserError, match=r"split\.jsonl:1: field 'id' .*must be a non-blank string or an "
                                                    r"integer"):
             K.load_split(path)
+
+
+def test_a_record_of_other_role_words_is_asked_for_an_answer_in_them(tmp_path):
+    # (the official generator's random_knight_knave_pairs: its question asked for "XX is a knave", which scored 0)
+    record = a_record()
+    record['knight_knave'] = {'knight': 'hero', 'knave': 'villain', 'a_knight': 'a hero', 'a_knave': 'a villain'}
+    path = str(tmp_path / "split.jsonl")
+    write_lines(path, [record])
+    loaded = K.load_split(path)[0]
+    assert loaded['question'].endswith(" Your final answer should be in this format: \\boxed{XX is a villain, YY is "
+                                       "a hero, ...}")
+    asked = ", ".join(f"{name} is {'a hero' if s else 'a villain'}" for name, s in zip(loaded['names'],
+                                                                                   loaded['solution']))
+    assert K.score(boxed(asked), loaded, True) == 1.0
 
 
 def test_load_split_rejects_bad_json_and_repeated_ids(tmp_path):
