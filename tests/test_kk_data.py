@@ -142,8 +142,8 @@ def test_record_text_and_fields():
     assert (f"You meet 4 inhabitants: {rec['names'][0]}, {rec['names'][1]}, {rec['names'][2]}, "
             f"and {rec['names'][3]}.") in rec['quiz']
     assert all(name in K.COMMON_NAMES for name in rec['names']) and len(set(rec['names'])) == 4
-    assert rec['question'] == (rec['quiz'] + " Your final answer should be in this format: \\boxed{XX is a knave, YY is "
-                               "a knight, ...}")  # (the paper's words)
+    assert rec['question'] == (rec['quiz'] + " Your final answer should be in this format: \\boxed{XX is a knave, "
+                               "YY is a knight, ...}")  # (the paper's words)
     assert rec['solution_text_format'].count("\n") == 3 and rec['solution_text_format'].startswith("(1) ")
     assert K.parse_statements(rec['statements'], 4) is not None
     assert list(K.solve(K.parse_statements(rec['statements'], 4))[0]) == rec['solution']
@@ -528,8 +528,8 @@ def test_a_record_of_other_role_words_is_asked_for_an_answer_in_them(tmp_path):
     loaded = K.load_split(path)[0]
     assert loaded['question'].endswith(" Your final answer should be in this format: \\boxed{XX is a villain, YY is "
                                        "a hero, ...}")
-    asked = ", ".join(f"{name} is {'a hero' if s else 'a villain'}" for name, s in zip(loaded['names'],
-                                                                                   loaded['solution']))
+    roles = ['a hero' if knight else 'a villain' for knight in loaded['solution']]
+    asked = ", ".join(f"{name} is {role}" for name, role in zip(loaded['names'], roles))
     assert K.score(boxed(asked), loaded, True) == 1.0
 
 
