@@ -6,6 +6,7 @@ import errno
 import functools
 import glob
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -27,23 +28,36 @@ from parallel import (all_gather_json, all_reduce, barrier, check_lock_on_rank0,
 # optimizer
 
 
+@functools.cache
+def eight_bit_adam_installed():
+    """Whether bitsandbytes imports, which --adam_8bit's 8-bit AdamW needs (with CUDA: make_optimizer). Without it
+    torch's AdamW runs, 8 bytes of state per parameter, not 2: the memory estimates behind the auto settings count
+    the optimizer this says will run."""
+    try:
+        importlib.import_module("bitsandbytes")
+    except ImportError:
+        return False
+    return True
+
+
 def make_optimizer(params, lr, betas=(0.9, 0.999), weight_decay=0.0, eight_bit=False):
     """AdamW: torch's (fused on CUDA), or with eight_bit, bitsandbytes' 8-bit AdamW where it is installed and the
     weights are on CUDA: 2 bytes of state per parameter instead of 8. On FSDP-sharded weights it runs on each rank's
     local shards (LocalShardOptimizer; AdamW is element-wise, so a shard is a tensor like any other)."""
     params = [p for p in params if p.requires_grad]
     if eight_bit:
-        try:
-            import bitsandbytes as bnb
-            if params and params[0].is_cuda:
-                def adamw_8bit(ps):
-                    return bnb.optim.AdamW8bit(ps, lr=lr, betas=betas, weight_decay=weight_decay)
-                if any(isinstance(p, DTensor) for p in params):
-                    return LocalShardOptimizer(params, adamw_8bit)
-                return adamw_8bit(params)
-            print0("note: 8-bit AdamW needs CUDA; using torch AdamW")
-        except ImportError:
+        if not eight_bit_adam_installed():
             print0("note: bitsandbytes not installed; using torch AdamW (8 bytes of state per parameter, not 2)")
+        elif not (params and params[0].is_cuda):
+            print0("note: 8-bit AdamW needs CUDA; using torch AdamW")
+        else:
+            import bitsandbytes as bnb
+
+            def adamw_8bit(ps):
+                return bnb.optim.AdamW8bit(ps, lr=lr, betas=betas, weight_decay=weight_decay)
+            if any(isinstance(p, DTensor) for p in params):
+                return LocalShardOptimizer(params, adamw_8bit)
+            return adamw_8bit(params)
     fused = bool(params) and params[0].is_cuda
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 

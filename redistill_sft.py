@@ -433,7 +433,8 @@ def main(argv=None):
     start_step = state["step"] if state else 0
     why = gpu_memory.resolve_recompute(args, lambda every: gpu_memory.memory_estimate(
         model.config, world=world, sft_tokens=max(args.micro_batch_tokens, max(lengths)), checkpoint_every=every,
-        checkpoint_keep=args.checkpoint_keep, adam_8bit=args.adam_8bit, compute_bytes=dtype.itemsize)["sft_peak"],
+        checkpoint_keep=args.checkpoint_keep, adam_8bit=args.adam_8bit and ckpt.eight_bit_adam_installed(),
+        compute_bytes=dtype.itemsize)["sft_peak"],
         torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
     if why:
         print0(why)

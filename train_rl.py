@@ -398,7 +398,8 @@ def memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype):
     return gpu_memory.memory_estimate(
         cfg, world=world, prompts_per_rank=per_rank, group_size=args.samples_per_prompt,
         gen_batch_size=args.gen_batch_size, prompt_tokens=longest_prompt, response_tokens=args.max_response_tokens,
-        rl_tokens=args.micro_batch_tokens, logprob_chunk=args.logprob_chunk, adam_8bit=args.adam_8bit,
+        rl_tokens=args.micro_batch_tokens, logprob_chunk=args.logprob_chunk,
+        adam_8bit=args.adam_8bit and ckpt.eight_bit_adam_installed(),  # (else torch's AdamW runs: 8 bytes, not 2)
         gen_dtype_bytes=dtype.itemsize, compute_bytes=dtype.itemsize, rl_entropy=bool(args.entropy_coef), **recompute)
 
 

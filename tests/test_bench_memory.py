@@ -254,11 +254,13 @@ def test_rl_micro_batch_holds_at_least_one_whole_sequence():
     assert small["update_peak"] == whole["update_peak"] < estimate(2 * seq)["update_peak"]  # (the budget counts)
 
 
-def test_keep_engine_auto_keeps_what_fits_three_quarters_of_the_gpu():
+def test_keep_engine_auto_keeps_what_fits_three_quarters_of_the_gpu(monkeypatch):
     """train_rl --keep_engine auto: the update's computed peak, for train_rl's own settings, plus generation's copy,
     the KV cache it keeps (train_rl's reserve: slots x columns) and the graphs' pool (and the reference's shards with
     a KL) against 75 % of the GPU; true / false override; CPU keeps."""
+    import ckpt
     import train_rl
+    monkeypatch.setattr(ckpt, "eight_bit_adam_installed", lambda: True)  # (--adam_8bit true below)
     _, cfg = gpu_memory.memory_config("qwen2.5-1.5b")
     e = gpu_memory.memory_estimate(cfg, world=8, prompt_tokens=300)
     assert e["engine_kept"] == (e["gen_copy"] + e["kv_cache"]
@@ -282,8 +284,12 @@ def test_keep_engine_auto_keeps_what_fits_three_quarters_of_the_gpu():
     assert not keep(edge, with_ref=True) and keep(edge + e["ref_model"] / gpu_memory.AUTO_MEMORY_FRACTION, True)
     assert not keep(edge, dtype=torch.float32)  # an fp32 copy and cache are twice the size
     assert keep(None)  # CPU
+    monkeypatch.setattr(ckpt, "eight_bit_adam_installed", lambda: False)  # torch's AdamW runs: counted so (it was
+    assert not keep(edge)  # counted at 8-bit's 2 bytes a parameter, and the engine kept beside 6 more unseen)
+    eight_bit_saves = 6 * e["params"] / 4 / gpu_memory.AUTO_MEMORY_FRACTION  # (world 4)
+    assert keep(edge + eight_bit_saves * 1.0001) and not keep(edge + eight_bit_saves * 0.9999)
     args.gradient_checkpointing = False  # no recompute: the update's activations grow
-    assert not keep(edge)
+    assert not keep(edge + eight_bit_saves)
     for setting, want in (("true", True), ("false", False)):
         args.keep_engine = setting
         assert keep(1) is want and keep(None) is want
