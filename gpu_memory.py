@@ -24,10 +24,9 @@ MEMORY_PRESETS = {
 CUDA_CONTEXT_GIB = 1.5  # CUDA context + caching-allocator slack, added to every peak of --memory
 # the settings chosen by memory (train_rl --keep_engine auto; --checkpoint_every auto in train_rl and redistill_sft)
 # choose what keeps the computed peak at most this fraction of the GPU: the model has underestimated a whole RL update
-# on an H100 by ~22 % (docs/memory.md), and an out-of-memory costs the steps since the last checkpoint
+# on an H100 by a quarter of its peak (docs/memory.md), and an out-of-memory costs the steps since the last checkpoint
 AUTO_MEMORY_FRACTION = 0.75
 RECOMPUTE_CHOICES = (0, 8, 4, 3, 2, 1)  # --checkpoint_every auto tries these in turn, least recompute first (0: none)
-DECODE_TEMP_BYTES = 4 * 4  # per (row, vocabulary entry): a decode step's fp32 logits, log-probs, probabilities, CDF
 
 # -----------------------------------------------------------------------------
 # per-GPU memory (python bench.py --memory CONFIG ...): bytes computed from what the code allocates, no GPU needed
@@ -96,9 +95,17 @@ def kept_bytes_per_token(cfg, keep, compute_bytes=2):
 
 def prefill_bytes_per_token(cfg, dtype_bytes=2):
     """Peak bytes per prompt token of generation's prefill (no grad, one block at a time): the MLP holds the block's
-    input, the normed input, silu(gate), up and their product (2 H + 3 I, in the engine's dtype: dtype_bytes each),
-    an RMSNorm its fp32 x.float() and x * rsqrt (8 H)."""
-    return dtype_bytes * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) + 8 * cfg.hidden_size
+    input, the normed input, the fused gate_up (2 I), silu(gate) and its product with up (2 H + 4 I, in the engine's
+    dtype: dtype_bytes each; 3 I where the fused ops make the product in one kernel), an RMSNorm its fp32 x.float()
+    and x * rsqrt (8 H)."""
+    return dtype_bytes * (2 * cfg.hidden_size + 4 * cfg.intermediate_size) + 8 * cfg.hidden_size
+
+
+def decode_temp_bytes(dtype_bytes=2, top_p=1.0):
+    """Peak bytes per (row, vocabulary entry) of a decode step's sampling (eager; the blocked sampler holds less):
+    the logits in the engine's dtype (dtype_bytes), then fp32 logits, log-probs, probabilities and CDF (16); with
+    top_p < 1 also the sorted probabilities, their int64 order and running sum (16 more)."""
+    return dtype_bytes + 16 + (16 if top_p < 1 else 0)
 
 
 def activation_bytes(cfg, tokens, chunk, with_entropy, gathered, checkpoint_every=1, keep="nothing", compute_bytes=2):
@@ -133,12 +140,13 @@ def activation_bytes(cfg, tokens, chunk, with_entropy, gathered, checkpoint_ever
 
 def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_size=32, prompt_tokens=512,
                     response_tokens=4096, rl_tokens=30000, sft_tokens=16384, logprob_chunk=4096, checkpoint_every=1,
-                    checkpoint_keep="nothing", adam_8bit=False, gen_dtype_bytes=2, rl_entropy=False, compute_bytes=2):
+                    checkpoint_keep="nothing", adam_8bit=False, gen_dtype_bytes=2, rl_entropy=False, compute_bytes=2,
+                    top_p=1.0):
     """Per-GPU bytes of RL (train_rl.py) and SFT (redistill_sft.py) under FSDP2 on `world` ranks (see the section's
     comment); gen_dtype_bytes: the engine's weights and KV cache (train_rl --dtype); compute_bytes: the training
     compute dtype's size, of the activations and of the unsharded parameters (--dtype: 2 for bf16, 4 for fp32, where
-    FSDP casts nothing); rl_entropy: the update keeps the entropy's graph (train_rl --entropy_coef > 0). Peaks include
-    CUDA_CONTEXT_GIB."""
+    FSDP casts nothing); rl_entropy: the update keeps the entropy's graph (train_rl --entropy_coef > 0); top_p: the
+    rollouts' (its nucleus sorts the vocabulary). Peaks include CUDA_CONTEXT_GIB."""
     n = param_counts(cfg)
     P, W = n["total"], world
     root = n["embed"] + n["lm_head"] + n["final_norm"]  # the root FSDP group: embed_tokens, lm_head if untied, norm
@@ -160,13 +168,13 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     # bf16 copy of all weights is gathered for the engine
     # (freed before the update unless train_rl --keep_engine keeps it), engine.generate's KV cache (rows x (prompt +
     # response) columns) and its temporaries: the prefill (prompts packed in one row, no grad, one block at a time)
-    # or a decode step's sampling (rows x V fp32: logits, log-probs, probabilities, CDF), whichever is larger
+    # or a decode step's sampling (rows x V: decode_temp_bytes), whichever is larger
     prompts = min(prompts_per_rank, gen_batch_size)
     e["gen_rows"], e["gen_len"] = prompts * group_size, prompt_tokens + response_tokens
     e["gen_copy"] = gen_dtype_bytes * P
     e["kv_cache"] = kv_cache_bytes(cfg, e["gen_rows"], e["gen_len"], gen_dtype_bytes)
     e["gen_temps"] = max(prefill_bytes_per_token(cfg, gen_dtype_bytes) * prompts * prompt_tokens,
-                         e["gen_rows"] * cfg.vocab_size * DECODE_TEMP_BYTES)
+                         e["gen_rows"] * cfg.vocab_size * decode_temp_bytes(gen_dtype_bytes, top_p))
     e["gen_peak"] = e["master"] + e["adam"] + e["gen_copy"] + e["kv_cache"] + e["gen_temps"] + e["slack"]
     # training: a micro-batch holds up to its token budget, or one longer sequence alone
     e["rl_tokens"] = max(rl_tokens, prompt_tokens + response_tokens)
@@ -174,7 +182,7 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e["rl_act"] = activation_bytes(cfg, e["rl_tokens"], logprob_chunk, with_entropy=rl_entropy, gathered=True,
                                    **recompute)
     e["update_peak"] = e["persistent"] + e["fsdp_transient"] + e["rl_act"]["total"] + e["slack"]
-    e["engine_kept"] = engine_kept_bytes(cfg, P, e["gen_rows"], e["gen_len"], gen_dtype_bytes)
+    e["engine_kept"] = engine_kept_bytes(cfg, P, e["gen_rows"], e["gen_len"], gen_dtype_bytes, top_p)
     e["update_peak_kept"] = e["update_peak"] + e["engine_kept"]
     e["rl_peak"] = max(e["gen_peak"], e["update_peak"])
     # the reference model's own log-prob pass (no grad) runs apart from the update: only its sharded state adds
@@ -185,12 +193,12 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     return e
 
 
-def engine_kept_bytes(cfg, params, rows, columns, dtype_bytes=2):
+def engine_kept_bytes(cfg, params, rows, columns, dtype_bytes=2, top_p=1.0):
     """What train_rl --keep_engine holds through the update, so that the next step refills it in place and replays
     its CUDA graphs: generation's weight copy, its KV cache of rows x columns, and the graphs' memory pool (a decode
     step's sampling temporaries)."""
     return (dtype_bytes * params + kv_cache_bytes(cfg, rows, columns, dtype_bytes)
-            + rows * cfg.vocab_size * DECODE_TEMP_BYTES)
+            + rows * cfg.vocab_size * decode_temp_bytes(dtype_bytes, top_p))
 
 
 def keeps_engine(update_peak_kept, gpu_bytes):

@@ -837,7 +837,7 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
     kept, _ = train_rl.keep_engine_setting(args, cfg, 1, sizes["rl_prompts"], longest, reserve, dtype, False,
                                            torch.cuda.get_device_properties(device).total_memory
                                            if device.type == "cuda" else None)
-    update_peak = train_rl.kept_update_peak(e, cfg, reserve, dtype, False) if kept else e["update_peak"]
+    update_peak = train_rl.kept_update_peak(e, cfg, reserve, dtype, False, args.top_p) if kept else e["update_peak"]
     context = gpu_memory.CUDA_CONTEXT_GIB
     return {"rollouts": len(rollouts), "max_response_tokens": max_tokens, "measured_step": steps,
             "engine_kept": kept, "len_mean": m["len_mean"],

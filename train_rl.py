@@ -400,7 +400,8 @@ def memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype):
         gen_batch_size=args.gen_batch_size, prompt_tokens=longest_prompt, response_tokens=args.max_response_tokens,
         rl_tokens=args.micro_batch_tokens, logprob_chunk=args.logprob_chunk,
         adam_8bit=args.adam_8bit and ckpt.eight_bit_adam_installed(),  # (else torch's AdamW runs: 8 bytes, not 2)
-        gen_dtype_bytes=dtype.itemsize, compute_bytes=dtype.itemsize, rl_entropy=bool(args.entropy_coef), **recompute)
+        gen_dtype_bytes=dtype.itemsize, compute_bytes=dtype.itemsize, rl_entropy=bool(args.entropy_coef),
+        top_p=args.top_p, **recompute)
 
 
 def rollout_reserve(args, per_rank, longest_prompt):
@@ -410,11 +411,11 @@ def rollout_reserve(args, per_rank, longest_prompt):
             longest_prompt + args.max_response_tokens, args.max_response_tokens)
 
 
-def kept_update_peak(e, cfg, reserve, dtype, with_ref):
+def kept_update_peak(e, cfg, reserve, dtype, with_ref, top_p):
     """The update's computed peak (e: memory_estimate's) with generation's buffers kept through it (reserve: their
-    slots, columns, new tokens) and, with_ref, the reference model."""
-    return (e["update_peak"] + gpu_memory.engine_kept_bytes(cfg, e["params"], reserve[0], reserve[1], dtype.itemsize)
-            + (e["ref_model"] if with_ref else 0))
+    slots, columns, new tokens; top_p: the rollouts', whose nucleus sorts) and, with_ref, the reference model."""
+    return (e["update_peak"] + (e["ref_model"] if with_ref else 0)
+            + gpu_memory.engine_kept_bytes(cfg, e["params"], reserve[0], reserve[1], dtype.itemsize, top_p))
 
 
 def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref, gpu_bytes):
@@ -426,7 +427,7 @@ def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dty
     if gpu_bytes is None:
         return True, "--keep_engine auto, on CPU"
     peak = kept_update_peak(memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype), cfg, reserve, dtype,
-                            with_ref)
+                            with_ref, args.top_p)
     kept = gpu_memory.keeps_engine(peak, gpu_bytes)
     return kept, (f"--keep_engine auto: the update's computed peak with it {peak / 2**30:.1f} GiB "
                   f"{'<=' if kept else '>'} {gpu_memory.AUTO_MEMORY_FRACTION:.0%} of the GPU's "
@@ -447,7 +448,7 @@ def recompute_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype
 
     def peak(every):
         e = memory_estimate(with_recompute(args, every), cfg, world, per_rank, longest_prompt, dtype)
-        return (kept_update_peak(e, cfg, reserve, dtype, with_ref) if kept
+        return (kept_update_peak(e, cfg, reserve, dtype, with_ref, args.top_p) if kept
                 else e["update_peak"] + (e["ref_model"] if with_ref else 0))
     return gpu_memory.resolve_recompute(args, peak, gpu_bytes)
 

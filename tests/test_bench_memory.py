@@ -264,18 +264,20 @@ def test_keep_engine_auto_keeps_what_fits_three_quarters_of_the_gpu(monkeypatch)
     _, cfg = gpu_memory.memory_config("qwen2.5-1.5b")
     e = gpu_memory.memory_estimate(cfg, world=8, prompt_tokens=300)
     assert e["engine_kept"] == (e["gen_copy"] + e["kv_cache"]
-                                + e["gen_rows"] * cfg.vocab_size * gpu_memory.DECODE_TEMP_BYTES)
+                                + e["gen_rows"] * cfg.vocab_size * gpu_memory.decode_temp_bytes(2, 1.0))
     assert e["update_peak_kept"] == e["update_peak"] + e["engine_kept"]
     # settings away from every default, so a setting dropped or swapped on the way to the estimate shows
     args = common.parse_settings(train_rl.get_parser(), [
         "--model", "m", "--prompts_per_step", "48", "--samples_per_prompt", "4", "--gen_batch_size", "5",
         "--max_response_tokens", "1500", "--micro_batch_tokens", "20000", "--logprob_chunk", "1024",
-        "--adam_8bit", "true", "--checkpoint_every", "2", "--checkpoint_keep", "attention"])
+        "--adam_8bit", "true", "--checkpoint_every", "2", "--checkpoint_keep", "attention", "--top_p", "0.9"])
     reserve = (5 * 4, 300 + 1700, 1700)  # validation's longer responses, as train_rl sizes them
     e = gpu_memory.memory_estimate(cfg, world=4, prompts_per_rank=12, group_size=4, gen_batch_size=5,
                                    prompt_tokens=300, response_tokens=1500, rl_tokens=20000, logprob_chunk=1024,
-                                   checkpoint_every=2, checkpoint_keep="attention", adam_8bit=True)
-    peak = e["update_peak"] + gpu_memory.engine_kept_bytes(cfg, e["params"], 20, 2000, 2)
+                                   checkpoint_every=2, checkpoint_keep="attention", adam_8bit=True, top_p=0.9)
+    peak = e["update_peak"] + gpu_memory.engine_kept_bytes(cfg, e["params"], 20, 2000, 2, top_p=0.9)
+    nucleus_sort = peak - e["update_peak"] - gpu_memory.engine_kept_bytes(cfg, e["params"], 20, 2000, 2)
+    assert nucleus_sort == 20 * cfg.vocab_size * 16  # (its rows' sorted probabilities, int64 order and running sum)
 
     def keep(gpu_bytes, with_ref=False, dtype=torch.bfloat16):
         return train_rl.keep_engine_setting(args, cfg, 4, 12, 300, reserve, dtype, with_ref, gpu_bytes)[0]
@@ -348,7 +350,8 @@ def test_train_rl_recompute_auto_fits_beside_the_kept_engine():
         why = train_rl.recompute_setting(args, cfg, 1, 16, 512, reserve, torch.bfloat16, False, gpu)
         every = args.checkpoint_every if args.gradient_checkpointing else 0
         kept_peak = (lambda k: train_rl.kept_update_peak(train_rl.memory_estimate(
-            train_rl.with_recompute(args, k), cfg, 1, 16, 512, torch.bfloat16), cfg, reserve, torch.bfloat16, False))
+            train_rl.with_recompute(args, k), cfg, 1, 16, 512, torch.bfloat16), cfg, reserve, torch.bfloat16, False,
+            1.0))
         return every, why, kept_peak
     every, why, kept_peak = choose("auto")
     assert "--checkpoint_every auto" in why and every > 1  # an H200 has room to recompute less than every block
