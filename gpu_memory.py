@@ -154,7 +154,7 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e = {"params": P, "master": 4 * P / W, "grads": 4 * P / W, "adam": (2 if adam_8bit else 8) * P / W,
          "slack": CUDA_CONTEXT_GIB * 2**30}
     e["persistent"] = e["master"] + e["grads"] + e["adam"]
-    e["ref_model"] = 4 * P / W  # --kl_coef > 0: a frozen copy sharded the same way, no grads or optimizer
+    e["ref_model"] = reference_bytes(cfg, W)  # --kl_coef > 0 (of the policy's size: a --ref_model may be another's)
     # FSDP2 transients of forward + backward: the root unsharded in bf16 throughout, two blocks unsharded in bf16
     # (the current one + the prefetched one; an fp32 compute: both in fp32, compute_bytes), and in backward the
     # unsharded fp32 gradients of one block and of the root before their reduce-scatter. (This covers the lm_head's
@@ -191,6 +191,12 @@ def memory_estimate(cfg, world=8, prompts_per_rank=16, group_size=8, gen_batch_s
     e["sft_act"] = activation_bytes(cfg, sft_tokens, logprob_chunk, with_entropy=False, gathered=True, **recompute)
     e["sft_peak"] = e["persistent"] + e["fsdp_transient"] + e["sft_act"]["total"] + e["slack"]
     return e
+
+
+def reference_bytes(cfg, world):
+    """train_rl --kl_coef > 0: the frozen reference model (config cfg), its fp32 weights sharded over `world` ranks
+    as the policy's are, with no gradients or optimizer state."""
+    return 4 * param_counts(cfg)["total"] / world
 
 
 def engine_kept_bytes(cfg, params, rows, columns, dtype_bytes=2, top_p=1.0):

@@ -834,10 +834,10 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
     dtype, longest = parse_dtype(args.dtype, device), max(prompt_len[r["id"]] for r in rollouts)
     e = train_rl.memory_estimate(args, cfg, 1, sizes["rl_prompts"], longest, dtype)
     reserve = train_rl.rollout_reserve(args, sizes["rl_prompts"], longest)
-    kept, _ = train_rl.keep_engine_setting(args, cfg, 1, sizes["rl_prompts"], longest, reserve, dtype, False,
+    kept, _ = train_rl.keep_engine_setting(args, cfg, 1, sizes["rl_prompts"], longest, reserve, dtype, 0,
                                            torch.cuda.get_device_properties(device).total_memory
                                            if device.type == "cuda" else None)
-    update_peak = train_rl.kept_update_peak(e, cfg, reserve, dtype, False, args.top_p) if kept else e["update_peak"]
+    update_peak = train_rl.kept_update_peak(e, cfg, reserve, dtype, 0, args.top_p) if kept else e["update_peak"]
     context = gpu_memory.CUDA_CONTEXT_GIB
     return {"rollouts": len(rollouts), "max_response_tokens": max_tokens, "measured_step": steps,
             "engine_kept": kept, "len_mean": m["len_mean"],

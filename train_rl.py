@@ -411,14 +411,15 @@ def rollout_reserve(args, per_rank, longest_prompt):
             longest_prompt + args.max_response_tokens, args.max_response_tokens)
 
 
-def kept_update_peak(e, cfg, reserve, dtype, with_ref, top_p):
+def kept_update_peak(e, cfg, reserve, dtype, ref_bytes, top_p):
     """The update's computed peak (e: memory_estimate's) with generation's buffers kept through it (reserve: their
-    slots, columns, new tokens; top_p: the rollouts', whose nucleus sorts) and, with_ref, the reference model."""
-    return (e["update_peak"] + (e["ref_model"] if with_ref else 0)
+    slots, columns, new tokens; top_p: the rollouts', whose nucleus sorts) and the reference model's shards
+    (ref_bytes: gpu_memory.reference_bytes, 0 without a KL)."""
+    return (e["update_peak"] + ref_bytes
             + gpu_memory.engine_kept_bytes(cfg, e["params"], reserve[0], reserve[1], dtype.itemsize, top_p))
 
 
-def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref, gpu_bytes):
+def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, ref_bytes, gpu_bytes):
     """--keep_engine as a bool and the reason, printed once. auto: kept on CPU (gpu_bytes None); on a GPU when
     gpu_memory's update peak plus the kept buffers (reserve: their slots, columns, new tokens) fits
     gpu_memory.AUTO_MEMORY_FRACTION of it."""
@@ -427,7 +428,7 @@ def keep_engine_setting(args, cfg, world, per_rank, longest_prompt, reserve, dty
     if gpu_bytes is None:
         return True, "--keep_engine auto, on CPU"
     peak = kept_update_peak(memory_estimate(args, cfg, world, per_rank, longest_prompt, dtype), cfg, reserve, dtype,
-                            with_ref, args.top_p)
+                            ref_bytes, args.top_p)
     kept = gpu_memory.keeps_engine(peak, gpu_bytes)
     return kept, (f"--keep_engine auto: the update's computed peak with it {peak / 2**30:.1f} GiB "
                   f"{'<=' if kept else '>'} {gpu_memory.AUTO_MEMORY_FRACTION:.0%} of the GPU's "
@@ -439,17 +440,17 @@ def with_recompute(args, every):
     return SimpleNamespace(**{**vars(args), **gpu_memory.recompute_fields(every)})
 
 
-def recompute_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref, gpu_bytes):
+def recompute_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, ref_bytes, gpu_bytes):
     """--checkpoint_every auto (gpu_memory.resolve_recompute), by the update's computed peak with generation's
     buffers in it where --keep_engine keeps them (true, or auto and they fit with every block recomputed): the kept
     engine first, then the least recompute that fits beside it."""
-    kept = keep_engine_setting(with_recompute(args, 1), cfg, world, per_rank, longest_prompt, reserve, dtype, with_ref,
-                               gpu_bytes)[0]
+    kept = keep_engine_setting(with_recompute(args, 1), cfg, world, per_rank, longest_prompt, reserve, dtype,
+                               ref_bytes, gpu_bytes)[0]
 
     def peak(every):
         e = memory_estimate(with_recompute(args, every), cfg, world, per_rank, longest_prompt, dtype)
-        return (kept_update_peak(e, cfg, reserve, dtype, with_ref, args.top_p) if kept
-                else e["update_peak"] + (e["ref_model"] if with_ref else 0))
+        return (kept_update_peak(e, cfg, reserve, dtype, ref_bytes, args.top_p) if kept
+                else e["update_peak"] + ref_bytes)
     return gpu_memory.resolve_recompute(args, peak, gpu_bytes)
 
 
@@ -922,8 +923,11 @@ def main(argv=None):
         val_rows = min(args.val_batch_size, -(-len(test_records) // world))
         reserve = tuple(map(max, reserve, (val_rows, max(map(len, test_ids)) + val_new, val_new)))
     gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    why = recompute_setting(args, model.config, world, per_rank, max(map(len, prompt_ids)), reserve, dtype,
-                            args.kl_coef > 0, gpu_bytes)
+    # the KL reference's shards, of its own size (a --ref_model may be larger than the policy)
+    ref_bytes = (gpu_memory.reference_bytes(read_config(args.ref_model) if args.ref_model else model.config, world)
+                 if args.kl_coef > 0 else 0)
+    why = recompute_setting(args, model.config, world, per_rank, max(map(len, prompt_ids)), reserve, dtype, ref_bytes,
+                            gpu_bytes)
     if why:
         print0(why)
     # what each checkpoint records: the settings as the run resolved them (--checkpoint_every auto), the kept steps
@@ -971,7 +975,7 @@ def main(argv=None):
            f"{model.num_params() / 1e6:.1f}M params"
            + (f"; validation on {val_subset} test records" if test_records else ""))
     keep_engine, why = keep_engine_setting(args, model.config, world, per_rank, max(map(len, prompt_ids)), reserve,
-                                           dtype, ref_model is not None, gpu_bytes)
+                                           dtype, ref_bytes, gpu_bytes)
     print0(f"generation's weight copy, KV cache and graphs: {'kept through' if keep_engine else 'freed before'} "
            f"each update ({why})")
     reserve = reserve if keep_engine else None  # freed each step: each call allocates what it needs, no more

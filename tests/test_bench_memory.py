@@ -279,11 +279,14 @@ def test_keep_engine_auto_keeps_what_fits_three_quarters_of_the_gpu(monkeypatch)
     nucleus_sort = peak - e["update_peak"] - gpu_memory.engine_kept_bytes(cfg, e["params"], 20, 2000, 2)
     assert nucleus_sort == 20 * cfg.vocab_size * 16  # (its rows' sorted probabilities, int64 order and running sum)
 
-    def keep(gpu_bytes, with_ref=False, dtype=torch.bfloat16):
-        return train_rl.keep_engine_setting(args, cfg, 4, 12, 300, reserve, dtype, with_ref, gpu_bytes)[0]
+    def keep(gpu_bytes, ref_bytes=0, dtype=torch.bfloat16):
+        return train_rl.keep_engine_setting(args, cfg, 4, 12, 300, reserve, dtype, ref_bytes, gpu_bytes)[0]
     edge = peak / gpu_memory.AUTO_MEMORY_FRACTION
     assert keep(edge) and not keep(edge * 0.9999)
-    assert not keep(edge, with_ref=True) and keep(edge + e["ref_model"] / gpu_memory.AUTO_MEMORY_FRACTION, True)
+    assert not keep(edge, e["ref_model"]) and keep(edge + e["ref_model"] / gpu_memory.AUTO_MEMORY_FRACTION,
+                                                   e["ref_model"])
+    _, larger = gpu_memory.memory_config("qwen2.5-7b")  # a --ref_model of another size: its own shards
+    assert e["ref_model"] == gpu_memory.reference_bytes(cfg, 4) < gpu_memory.reference_bytes(larger, 4)
     assert not keep(edge, dtype=torch.float32)  # an fp32 copy and cache are twice the size
     assert keep(None)  # CPU
     monkeypatch.setattr(ckpt, "eight_bit_adam_installed", lambda: False)  # torch's AdamW runs: counted so (it was
@@ -347,10 +350,10 @@ def test_train_rl_recompute_auto_fits_beside_the_kept_engine():
     def choose(keep_engine):
         args = common.parse_settings(train_rl.get_parser(), ["--model", "m", "--checkpoint_every", "auto",
                                                              "--keep_engine", keep_engine, "--prompts_per_step", "16"])
-        why = train_rl.recompute_setting(args, cfg, 1, 16, 512, reserve, torch.bfloat16, False, gpu)
+        why = train_rl.recompute_setting(args, cfg, 1, 16, 512, reserve, torch.bfloat16, 0, gpu)
         every = args.checkpoint_every if args.gradient_checkpointing else 0
         kept_peak = (lambda k: train_rl.kept_update_peak(train_rl.memory_estimate(
-            train_rl.with_recompute(args, k), cfg, 1, 16, 512, torch.bfloat16), cfg, reserve, torch.bfloat16, False,
+            train_rl.with_recompute(args, k), cfg, 1, 16, 512, torch.bfloat16), cfg, reserve, torch.bfloat16, 0,
             1.0))
         return every, why, kept_peak
     every, why, kept_peak = choose("auto")
