@@ -564,6 +564,13 @@ def main(argv=None):
          ("--select_out", args.select_out), ("--select_bottom", args.select_bottom),
          ("--select_random", args.select_random)],
         [("--sft_data", f) for f in args.sft_data] + [("--eval_data", args.eval_data)])
+    stem = out_stem(args.out)  # this run's own files: <stem>.partial/, removed as it ends, and its lock <stem>.lock
+    for flag, path in (("--select_out", args.select_out), ("--select_bottom", args.select_bottom),
+                       ("--select_random", args.select_random)):
+        if path and (common.file_key(path) == common.file_key(stem + ".lock") or os.path.realpath(stem + ".partial")
+                     in map(os.path.realpath, common.path_and_parents(os.path.dirname(os.path.abspath(path))))):
+            raise UserError(f"{flag} {path}: one of this run's own files ({stem}.partial/ is removed as the run ends, "
+                            f"{stem}.lock rewritten by the next); give a path outside them")
     task = tasks.get_task(args.task)
     check_checkpoint(args.checkpoint)
     context = read_config(args.checkpoint).max_position_embeddings

@@ -673,6 +673,11 @@ def test_bad_input(setup, tmp_path, monkeypatch):
            str(tmp_path / "b.jsonl"), "--select_from", other], r"share 1 of the 15 SFT samples of --select_from")
     fails(["--sft_data", sft, "--select", "2", "--select_out", str(tmp_path / "t.jsonl"), "--select_random",
            str(tmp_path / "t.jsonl")], r"--select_random .*t\.jsonl: the same file as --select_out")
+    # a selection among the run's own files: written, then removed with the partial folder, or a lock's text over it
+    fails(["--sft_data", sft, "--select", "2", "--select_out", str(tmp_path / "effects.partial" / "t.jsonl")],
+          r"--select_out .*effects\.partial/t\.jsonl: one of this run's own files")
+    fails(["--sft_data", sft, "--select", "2", "--select_out", str(tmp_path / "t.jsonl"), "--select_random",
+           str(tmp_path / "effects.lock")], r"--select_random .*effects\.lock: one of this run's own files")
     # the model's context (2048 tokens) bounds both the SFT samples and the rollouts
     common.write_jsonl(str(tmp_path / "long.jsonl"), [dict(setup["sft"][0], response=" 7" * 2100)])
     # (--max_length 5000 > the tiny model's context: the context is the limit, which raising --max_length would not
