@@ -519,7 +519,7 @@ def parse_answer(content, names, kk):
     role_words = {**dict.fromkeys(role_forms(kk['knave']), False), **dict.fromkeys(role_forms(kk['knight']), True)}
     answer, pending, arrow, last = {}, [], False, None
     for word in WORD.findall(fold(content)):
-        if (last, word) == ("all", "but"):  # "all but Emma are knaves" says Emma is none, not one
+        if (last, word) == ("all", "but"):  # "all but Emma are knaves": the others are, Emma is not (read: "she is")
             return None
         last = word
         if word == ARROW_WORD:  # only from names to their role ("Emma -> knight"), not between claims ("if")
