@@ -410,9 +410,25 @@ def measure(args, tokenizer, device, dtype):
 # 2. cross-sampling
 
 
-def threshold_switch(eps):
-    """Switch where the two nuclei diverge by more than eps (JS in nats)."""
-    return lambda p, q, rows, step: js_divergence(p, q) > eps
+CROSS_ROLES = {"forward": ("base", "policy"), "backward": ("policy", "base")}  # --cross: (decodes, intervenes)
+
+
+class ThresholdSwitch:
+    """Switch where the two nuclei diverge by more than eps (JS in nats). It also notes, per model (the decoding one,
+    the partner), whether a distribution held a NaN (from inf or NaN logits: its JS is NaN, which switches nowhere,
+    even at eps < 0, and the curve would read as a result); the flags stay on the device until nonfinite() reads
+    them once, after the decode."""
+
+    def __init__(self, eps):
+        self.eps, self.nan = eps, None
+
+    def __call__(self, p, q, rows, step):
+        nan = torch.stack([p.isnan().any(), q.isnan().any()])
+        self.nan = nan if self.nan is None else self.nan | nan
+        return js_divergence(p, q) > self.eps
+
+    def nonfinite(self):
+        return [False, False] if self.nan is None else self.nan.tolist()
 
 
 def random_switch(rate, seed):
@@ -433,12 +449,21 @@ def cross_run(primary, intervention, tokenizer, task, records, numbers, args, sw
         max_new_tokens=args.max_response_tokens, seed=common.derive_seed(args.seed, 0), template=args.template,
         batch_size=args.batch_size, desc=desc, progress=args.progress, partner=intervention, switch=switch,
         prompt_numbers=numbers))
-    g = parallel.all_reduce_numbers({"responses": len(out), "correct": sum(tasks.is_correct(s["reward"]) for s in out),
+    nan = switch.nonfinite() if isinstance(switch, ThresholdSwitch) else [False, False]
+    g = parallel.all_reduce_numbers({"nan_primary": int(nan[0]), "nan_intervention": int(nan[1]),
+                                     "responses": len(out), "correct": sum(tasks.is_correct(s["reward"]) for s in out),
                                      "tokens": sum(s["length"] for s in out),
                                      "switched": sum(sum(s["switched"]) for s in out),
                                      "differs": sum(sum(s["differs"]) for s in out),
                                      "truncated": sum(not s["finished"] for s in out)})
     n, tokens = max(g["responses"], 1), max(g["tokens"], 1)
+    if g["nan_primary"] or g["nan_intervention"]:  # (summed over the ranks: every rank stops)
+        which = [f"--{name} {getattr(args, name)}" for name, bad in zip(CROSS_ROLES[args.cross],
+                                                                        (g["nan_primary"], g["nan_intervention"]))
+                 if bad]
+        raise UserError(f"{' and '.join(which)} gave non-finite logits (inf or NaN) in "
+                        f"{str(next(primary.parameters()).dtype).replace('torch.', '')}, cross-sampling at {desc}: a "
+                        f"diverged checkpoint, or float16's range overflowed (use bfloat16 or float32); nothing written")
     stats = {"accuracy": g["correct"] / n, "responses": int(g["responses"]), "tokens": int(g["tokens"]),
              "switched": int(g["switched"]), "switched_share": g["switched"] / tokens,
              "switched_per_response": g["switched"] / n,
@@ -512,14 +537,14 @@ def cross_sample(args, tokenizer, device, dtype):
     tasks.check_prompts_fit(tasks.task_prompt_ids(tokenizer, task, records, args.template), records,
                             args.max_response_tokens, context, args.split)
     lock_out_dir(args)
-    names = {"forward": ("base", "policy"), "backward": ("policy", "base")}[args.cross]
+    names = CROSS_ROLES[args.cross]
     primary, intervention = (load_model(getattr(args, name), dtype, device).eval() for name in names)
     numbers = parallel.rank_share(list(range(len(records))), common.rank(), common.world_size())
     mine = [records[i] for i in numbers]
     runs, samples = [], []
     for eps in args.eps:
         t0 = time.time()
-        stats, s = cross_run(primary, intervention, tokenizer, task, mine, numbers, args, threshold_switch(eps),
+        stats, s = cross_run(primary, intervention, tokenizer, task, mine, numbers, args, ThresholdSwitch(eps),
                              f"eps {eps:g}")
         label = eps if math.isfinite(eps) else str(eps)  # JSON has no infinity: "inf", "-inf"
         samples += [{"eps": label, "control": False, **x} for x in s]

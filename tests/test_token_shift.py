@@ -346,7 +346,7 @@ def test_switches_sit_where_js_exceeds_eps_along_the_decoded_prefix(pair):
     stop = stop_token_ids(tok) + tok(" is", add_special_tokens=False)["input_ids"]  # a common token: rows end early
     eps, top_p = 0.02, 0.9
     gens = generate(base, prompts, n=3, max_new_tokens=16, temperature=1.0, top_p=top_p, stop_ids=stop, seed=9,
-                    partner=policy, switch=token_shift.threshold_switch(eps))
+                    partner=policy, switch=token_shift.ThresholdSwitch(eps))
     lengths = {len(g.tokens) for g in gens}
     assert len(lengths) > 1 and min(lengths) < 16  # ragged: the cache compaction ran
     from engine import nucleus
@@ -385,7 +385,7 @@ def test_random_control_switches_at_its_rate(pair):
 def test_cross_sampling_refuses_greedy_and_a_partner_of_another_vocabulary(pair):
     base = load_model(pair["base"])
     other = build_model(tiny_config(base.config.vocab_size + 1), seed=0)
-    switch = token_shift.threshold_switch(0.1)
+    switch = token_shift.ThresholdSwitch(0.1)
     with pytest.raises(ValueError, match="cross-sampling"):
         generate(base, [[1, 2]], temperature=0, partner=base, switch=switch)
     with pytest.raises(ValueError, match="same vocabulary"):
@@ -431,6 +431,16 @@ def test_non_finite_logits_stop_the_run_naming_the_model_and_write_nothing(pair,
         token_shift.main(["--base", pair["base"], "--policy", str(tmp_path / "nan_policy"), "--responses",
                           pair["responses"], "--out_dir", str(out), "--plots", "false"])
     assert not (out / "tokens.jsonl").exists() and not (out / "summary.json").exists()
+    # cross-sampling: every eps, -1 too (the intervening model alone), read "switched 0.00 %" (a NaN JS > eps is
+    # False), exit 0, cross_*.json written
+    for direction, role in (("forward", "intervening"), ("backward", "decoding")):
+        with pytest.raises(common.UserError, match=r"^--policy .*nan_policy gave non-finite logits \(inf or NaN\) in "
+                                                   r"float32, cross-sampling at eps -1: a diverged checkpoint"):
+            token_shift.main(["--base", pair["base"], "--policy", str(tmp_path / "nan_policy"), "--cross", direction,
+                              "--task", "toy_task", "--split", pair["split"], "--limit", "2", "--samples_per_prompt",
+                              "2", "--max_response_tokens", "4", "--eps", "-1", "--out_dir", str(out), "--plots",
+                              "false", "--progress", "false"])
+        assert not (out / f"cross_{direction}.json").exists() and not (out / f"cross_{direction}_samples.jsonl").exists()
 
 
 def test_a_run_that_draws_no_figure_removes_an_earlier_runs(pair, tmp_path, capsys):
@@ -561,7 +571,7 @@ def test_threshold_switch_and_position_deciles_by_hand():
     each decile of relative position."""
     p = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
     q = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])
-    assert token_shift.threshold_switch(0.0)(p, q, None, None).tolist() == [False, True]
+    assert token_shift.ThresholdSwitch(0.0)(p, q, None, None).tolist() == [False, True]
     row = {"js": [0.0] * 9 + [1.0], "entropy_base": [0.1] * 10, "entropy_policy": [0.1] * 10, "targets": [5] * 10}
     summary = token_shift.summarize([row], [], None, 0.5, 0)
     assert [d["positions"] for d in summary["by_relative_position"]] == [1] * 10
