@@ -461,9 +461,10 @@ def cross_run(primary, intervention, tokenizer, task, records, numbers, args, sw
         which = [f"--{name} {getattr(args, name)}" for name, bad in zip(CROSS_ROLES[args.cross],
                                                                         (g["nan_primary"], g["nan_intervention"]))
                  if bad]
-        raise UserError(f"{' and '.join(which)} gave non-finite logits (inf or NaN) in "
-                        f"{str(next(primary.parameters()).dtype).replace('torch.', '')}, cross-sampling at {desc}: a "
-                        f"diverged checkpoint, or float16's range overflowed (use bfloat16 or float32); nothing written")
+        dtype = str(next(primary.parameters()).dtype).replace("torch.", "")
+        raise UserError(f"{' and '.join(which)} gave non-finite logits (inf or NaN) in {dtype}, cross-sampling at "
+                        f"{desc}: a diverged checkpoint, or float16's range overflowed (use bfloat16 or float32); "
+                        f"nothing written")
     stats = {"accuracy": g["correct"] / n, "responses": int(g["responses"]), "tokens": int(g["tokens"]),
              "switched": int(g["switched"]), "switched_share": g["switched"] / tokens,
              "switched_per_response": g["switched"] / n,
