@@ -635,9 +635,9 @@ def load_sft_examples(paths, tokenizer, max_length, limit=None):
 
     Returns a list of {"input_ids", "start" (index of the first response token), "id", "task", "file", "line"}.
     Loss goes on input_ids[start:] (the response and its EOS). An example longer than max_length (limit: how the
-    error names it, sft_length_limit's), a missing
-    or non-string field, an empty prompt, a response that holds a stop token (EOS, or another id generation stops at:
-    common.stop_token_ids) or a tokenizer without EOS is a UserError naming file and line.
+    error names it, sft_length_limit's), a missing or non-string field, an empty prompt, a blank response, a response
+    that holds a stop token (EOS, or another id generation stops at: common.stop_token_ids) or a tokenizer without
+    EOS is a UserError naming file and line.
     Note: text sampled from a model and re-tokenized may split into slightly different tokens than the model
     produced (BPE is not unique); the text is the same, which is what the paper trains on too.
     """
@@ -651,6 +651,10 @@ def load_sft_examples(paths, tokenizer, max_length, limit=None):
         with open_lines(path) as lines:
             for lineno, rec in lines:
                 check_sft_record(path, lineno, rec)
+                if not rec["response"].strip():  # (its one target, EOS after the prompt, weighs as a whole answer)
+                    raise UserError(f"{path}:{lineno}: field 'response' is {'blank' if rec['response'] else 'empty'}: "
+                                    f"trained on, it teaches this prompt to stop at once (no task's right answer is "
+                                    f"empty)")
                 rows.append(rec)
                 where.append(lineno)
                 here = f"{path}:{lineno}"

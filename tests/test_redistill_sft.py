@@ -808,8 +808,19 @@ def reference(init, examples, val, s):
     return model, lrs, losses, norms
 
 
+def test_a_warmup_ratio_that_rounds_to_no_warmup_is_noted(tiny_checkpoint, tmp_path, capsys):
+    """--warmup_ratio 0.2 of 4 steps is 0.8 steps, rounded down to none (1 would run at the full lr too): the run
+    trained without the warm-up it asked for, and said nothing."""
+    tok = load_tokenizer(tiny_checkpoint)
+    data = write_sft(tmp_path / "d.jsonl", toy_task.make_records(16, seed=3), tok)  # 4 steps
+    assert sft.main(["--init", tiny_checkpoint, "--data", data, "--out_dir", str(tmp_path / "run"), "--progress",
+                     "false", "--global_batch", "4", "--epochs", "1", "--warmup_ratio", "0.2"]) == 0
+    assert ("note: --warmup_ratio 0.2 of 4 steps is 0 warm-up step(s), rounded down: no warm-up (2 steps need at "
+            "least 0.5)") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("reduction", ["token_mean", "seq_mean"])
-def test_every_optimisation_setting_reaches_the_weights(tiny_checkpoint, tmp_path, reduction):
+def test_every_optimisation_setting_reaches_the_weights(tiny_checkpoint, tmp_path, reduction, capsys):
     """--lr, --beta1/--beta2, --weight_decay, --warmup_ratio, --min_lr_ratio, --grad_clip (biting every step),
     --loss_reduction (in training and the held-out loss) and --seed (each epoch's order): the logged lrs, losses and
     gradient norms and the final weights are the reference loop's."""
@@ -821,6 +832,7 @@ def test_every_optimisation_setting_reaches_the_weights(tiny_checkpoint, tmp_pat
     settings = dict(OPTIMISATION_SETTINGS, loss_reduction=reduction)
     argv += [x for k, v in settings.items() for x in (f"--{k}", str(v))]
     assert sft.main(argv) == 0
+    assert "warm-up step(s)" not in capsys.readouterr().out  # (0.25 of 8: 2 steps)
     rows = metrics(out)
     steps = [r for r in rows if "loss" in r]
     examples = tasks.load_sft_examples([data], tok, 5000)

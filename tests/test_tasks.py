@@ -138,6 +138,9 @@ def test_loader_errors_name_file_and_line(tiny_checkpoint, tmp_path):
         ([good, {"id": "b", "prompt": "x"}], r"bad\.jsonl:2: missing field 'response'"),
         ([{"id": "b", "prompt": "x", "response": 3}], r"bad\.jsonl:1: field 'response' must be of type str"),
         ([{"id": "b", "prompt": "", "response": "3"}], r"bad\.jsonl:1: empty prompt"),
+        # (one target, EOS right after the prompt, weighed as a whole answer under seq_mean: "stop at once" taught)
+        ([good, {"id": "b", "prompt": "x", "response": ""}], r"bad\.jsonl:2: field 'response' is empty: trained"),
+        ([good, {"id": "b", "prompt": "x", "response": " \n"}], r"bad\.jsonl:2: field 'response' is blank"),
         ([good, {"id": None, "prompt": "x", "response": "3"}], r"bad\.jsonl:2: field 'id' is None; an id is a "
                                                                r"non-blank string"),
         ([good, {"id": " ", "prompt": "x", "response": "3"}], r"bad\.jsonl:2: field 'id' is ' '"),
