@@ -309,11 +309,44 @@ def evaluated_step(summary):
     return int(found.group(1)) if found else None
 
 
+# what makes two summaries' numbers comparable: the same test records, drawn and scored the same way
+PROTOCOL = ("task", "split records (sha256)", "samples_per_prompt", "temperature", "top_p", "max_response_tokens",
+            "template", "score_truncated", "dtype")
+
+
+def protocol(summary):
+    """A summary's PROTOCOL fields that it records (an older eval.py's: fewer)."""
+    s = summary.get("settings") or {}
+    found = {k: s[k] for k in PROTOCOL if k in s}
+    if isinstance(s.get("inputs"), dict) and PROTOCOL[1] in s["inputs"]:
+        found[PROTOCOL[1]] = s["inputs"][PROTOCOL[1]]
+    return found
+
+
+def protocol_notes(labelled):
+    """One note for each summary evaluated otherwise than the first (labelled: [(label, summary)]): another test
+    split, other samples per prompt, temperature, top-p, token budget, template, scoring or dtype (an evaluation run
+    by hand, or a stale seed's), whose accuracy a table, a gain or a recovery would compare as if it were like."""
+    if not labelled:
+        return []
+    first_label, first = labelled[0][0], protocol(labelled[0][1])
+    notes = []
+    for label, summary in labelled[1:]:
+        other = protocol(summary)
+        differ = [f"{k} {json.dumps(other[k])} (not {json.dumps(first[k])})" for k in PROTOCOL
+                  if k in first and k in other and other[k] != first[k]]
+        if differ:
+            notes.append(f"**Not comparable:** {label} was evaluated otherwise than {first_label}: "
+                         f"{', '.join(differ)}; evaluate them alike before reading the two side by side.")
+    return notes
+
+
 def seed_runs(out_dir, seeds=0):
     """reproduce.sh's seeds (SEEDS=N): seed 1 is OUT_DIR itself, seed S > 1 is OUT_DIR/seed_S; seeds > 0: only
     1..seeds. [(seed, dir)]."""
     more = [(int(name[5:]), os.path.join(out_dir, name)) for name in os.listdir(out_dir)
-            if name.startswith("seed_") and name[5:].isdigit() and os.path.isdir(os.path.join(out_dir, name))]
+            if re.fullmatch(r"seed_([2-9]|[1-9]\d+)", name) and os.path.isdir(os.path.join(out_dir, name))]
+    # (as reproduce.sh names them: seed_01 or seed_1, copied or renamed by hand, would count a seed twice)
     return [(1, out_dir)] + sorted(r for r in more if not seeds or r[0] <= seeds)
 
 
@@ -373,8 +406,11 @@ def seed_tables(out_dir, difficulty, seeds=0):
             if any(v is not None for v in values):
                 row[c] = mean_cell(values)
         mean_rows.append(row)
-    lines = ["", f"### Over {len(runs)} seeds (seed 1: {out_dir}; seed S: {out_dir}/seed_S): test accuracy, "
-             "mean ± std (sample std over seeds)", "", markdown_table(mean_rows), *left_out,
+    every = [(f"{name} (seed {seed})", summary) for seed, _, summaries in runs for name, summary in summaries.items()]
+    how = how_evaluated(summary for _, summary in every)
+    lines = ["", f"### Over {len(runs)} seeds (seed 1: {out_dir}; seed S: {out_dir}/seed_S): test accuracy"
+             f"{' (' + how + ')' if how else ''}, mean ± std (sample std over seeds)", "", markdown_table(mean_rows),
+             *left_out, *protocol_notes(every),
              "GRPO gain over its start (rl - sft, overall): {:+.1f} ± {:.1f} points; "
              "per seed ".format(*mean_std(gains))
              + ", ".join(f"{g:+.1f}" for g in gains) + "."]
@@ -501,7 +537,7 @@ def main(argv=None):
                  f"measured wall time x devices; own = the stages that made it from its inputs, total = with the cold "
                  f"start and RL it builds on. Re-distilled models' data came from the RL run ({spent} rollouts), "
                  f"counted in their total.")
-    lines += notes
+    lines += notes + protocol_notes(list(summaries.items()) + list(selection_summaries(out).items()))
     if "base" in times:
         lines.append("Pre-training the tiny base (shared by all): "
                      f"{device_hours(times, ['base_text', 'base']):.3f} {kind}-h.")

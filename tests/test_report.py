@@ -1,6 +1,7 @@
 """report.py: the final table from what the stages wrote (a synthetic run directory, no model needed)."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -237,11 +238,14 @@ def test_seeds_table_mean_std_and_every_seeds_row(run_dir):
     common.write_json(seed2 / "rl" / "settings.json", {"prompts_per_step": 16, "samples_per_prompt": 8})
     common.write_jsonl(seed2 / "rl" / "metrics.jsonl", [{"step": s, "reward": 0.1} for s in (1, 2)])
     (run_dir / "seed_x").mkdir()  # not a seed
+    shutil.copytree(seed2, run_dir / "seed_02")  # nor a copy under another spelling (counted seed 2 twice)
     with open(run_dir / "times.tsv", "a") as f:  # LIMR=1 runs in seed 1's directory only: not its study's time
         f.write("limr_probe_1\t4500\t1\tcpu\tfinished\n")
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
     text = (run_dir / "results.md").read_text(encoding="utf-8")
-    assert f"### Over 2 seeds (seed 1: {run_dir}; seed S: {run_dir}/seed_S)" in text
+    assert (f"### Over 2 seeds (seed 1: {run_dir}; seed S: {run_dir}/seed_S): test accuracy (greedy, pass@1), mean "
+            f"± std") in text
+    assert "Not comparable" not in text
     # what is above the seeds' tables is seed 1's, and says so
     assert text.startswith("## Results: test accuracy (greedy, pass@1) per people, seed 1 (the mean over seeds is "
                            "below)\n")
@@ -266,6 +270,33 @@ def test_seeds_table_mean_std_and_every_seeds_row(run_dir):
     report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "2"])
     assert ("redistill_A recovers 29% of RL's gain ((acc - sft) / (rl - sft), over 1 seed(s): where RL gained (2 of "
             "2) and redistill_A was evaluated); per seed 29%.") in (run_dir / "results.md").read_text(encoding="utf-8")
+
+
+def test_summaries_evaluated_otherwise_are_named_in_the_table_and_over_the_seeds(run_dir):
+    """A model evaluated by hand on another split, budget or sampling (or a stale seed's) entered the tables, the gain
+    and the recovery as if alike, without a word."""
+    def edit(path, **settings):
+        s = common.read_json(str(path))
+        s["settings"].update(settings)
+        common.write_json(path, s)
+    for name in ("sft", "rl", "redistill_A", "base"):  # (the fixture's summaries record no split or budget)
+        edit(run_dir / "eval" / name / "test" / "summary.json", max_response_tokens=120, inputs={
+            "split records (sha256)": "aaaa", "x/model.safetensors": [1, 2]})
+    edit(run_dir / "eval" / "redistill_A" / "test" / "summary.json", max_response_tokens=4096,
+         inputs={"split records (sha256)": "bbbb"})
+    seed2 = run_dir / "seed_2"
+    for name, acc in {"sft": (0.3, 0.3, 0.3), "rl": (0.4, 0.4, 0.4)}.items():
+        common.write_json(seed2 / "eval" / name / "test" / "summary.json",
+                          summary(*acc, samples=4 if name == "rl" else 1, temperature=1.0 if name == "rl" else 0.0))
+    common.write_json(seed2 / "rl" / "settings.json", {"prompts_per_step": 16, "samples_per_prompt": 8})
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
+    differs = ('redistill_A was evaluated otherwise than base: split records (sha256) "bbbb" (not "aaaa"), '
+               'max_response_tokens 4096 (not 120); evaluate them alike')
+    assert f"**Not comparable:** {differs}" in text.split("### Over")[0]  # seed 1's table
+    assert ("**Not comparable:** rl (seed 2) was evaluated otherwise than base (seed 1): samples_per_prompt 4 (not "
+            "1), temperature 1.0 (not 0.0);") in text
+    assert "test accuracy (greedy, pass@1 / avg@4, temperature 1, top-p 1), mean ± std" in text
 
 
 def test_the_selection_experiment_names_its_pool_leaves_out_stale_models_and_is_averaged_over_seeds(run_dir):
