@@ -275,7 +275,8 @@ def summarize(rows, high, tokenizer, high_js, top_tokens):
     at_high = Counter(h["token"] for h in high)
     summary["top_high_js_tokens"] = [{"token": tokenizer.decode([t]), "id": t, "high_js": c, "occurrences": every[t],
                                       "share_of_occurrences_high": c / every[t]}
-                                     for t, c in at_high.most_common(top_tokens)]
+                                     # (ties by token id: the same list whatever the responses' order)
+                                     for t, c in sorted(at_high.items(), key=lambda tc: (-tc[1], tc[0]))[:top_tokens]]
     return summary
 
 

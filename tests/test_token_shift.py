@@ -662,3 +662,17 @@ def test_the_ranks_check_together_that_they_read_the_same_data(pair, tmp_path, m
                                         "--out_dir", str(tmp_path / "cross")])
     records = tasks.load_records(toy_task, "toy_task", pair["split"], tok, "auto")
     assert seen == [(common.data_digest(records), pair["split"])] and not os.listdir(tmp_path)
+
+
+def test_top_high_js_tokens_break_ties_by_token_id_not_by_the_responses_order():
+    """--top_tokens cutting through a tie listed the token met first: another order of the same responses gave
+    another list."""
+    class Tok:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+    rows = [{"js": [0.5, 0.5, 0.5], "entropy_base": [1.0] * 3, "entropy_policy": [1.0] * 3, "targets": [7, 3, 5]}]
+    high = [{"token": t, "overlap": [1.0] * 5, "base_rank": 1, "base_prob": 0.5, "example": 0, "at": a}
+            for a, t in enumerate([7, 3, 5])]
+    for order in (high, high[::-1]):
+        top = token_shift.summarize(rows, order, Tok(), 0.1, 2)["top_high_js_tokens"]
+        assert [t["id"] for t in top] == [3, 5]
