@@ -77,6 +77,7 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch, prompts=None):
         if step != expected:
             raise UserError(f"{tasks.rollout_log_path(run_dir, expected)}: file not found (the log has steps "
                             f"{min(logs)}..{max(logs)} with a hole: every step of the probe run is needed)")
+    groups = {}  # (id, epoch) -> (the step that logged its group, its rows' sample numbers)
     for step, path in logs.items():
         epochs = []  # (line, epoch) of the step's rows
         for lineno, row in tasks.read_rollout_log(path, step, ("id", "reward", "step")):
@@ -95,6 +96,17 @@ def read_outcomes(run_dir, pool_ids, steps_per_epoch, prompts=None):
                 if type(epoch) is not int or epoch < 0:
                     raise UserError(f"{where}: field 'epoch' is {epoch!r}, expected an integer >= 0")
                 epochs.append((lineno, epoch))
+                # one probe run draws a prompt once an epoch, as one group (checked with the logged epochs only:
+                # --steps_per_epoch's cut of an old dynamic-sampling log may hold a prompt twice)
+                group_step, numbers = groups.setdefault((str(rid), epoch), (step, set()))
+                if group_step != step:
+                    raise UserError(f"{where}: id {rid!r} was drawn in epoch {epoch} already, at step {group_step}: a "
+                                    f"probe run draws a prompt once an epoch (logs of two runs mixed in {folder}?)")
+                if "sample" in row:
+                    if repr(row["sample"]) in numbers:
+                        raise UserError(f"{where}: sample {row['sample']!r} of id {rid!r} in epoch {epoch} is logged "
+                                        f"twice (a row repeated?)")
+                    numbers.add(repr(row["sample"]))
             outcomes.append((epoch, pool_ids[str(rid)], tasks.is_correct(row["reward"])))
         if not steps_per_epoch:
             last_epoch = check_step_epochs(path, step, epochs, last_epoch)
@@ -166,6 +178,11 @@ def lim_scores(acc):
     return scores, average
 
 
+# a score the threshold in exact arithmetic, 3/5 computed as 0.5999999999999999, is kept: floats round the sums of
+# squares by ~1e-16, and two distinct scores of one log (rationals of its rollout counts) lie further apart than this
+SCORE_ROUNDING = 1e-9
+
+
 def plot_curves(path, acc, scores, average, threshold):
     """The average curve and, for a few prompts across the range of scores, their own."""
     plt = common.pyplot()
@@ -179,8 +196,9 @@ def plot_curves(path, acc, scores, average, threshold):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(epochs, average, "k-", lw=3, label=f"average ({len(scored)} prompts)")
     for i in picks:
-        ax.plot(epochs, acc[i], "o--" if scores[i] >= threshold else ".:", lw=1,
-                label=f"score {scores[i]:.2f}" + (" (kept)" if scores[i] >= threshold else ""))
+        kept = scores[i] >= threshold - SCORE_ROUNDING
+        ax.plot(epochs, acc[i], "o--" if kept else ".:", lw=1,
+                label=f"score {scores[i]:.2f}" + (" (kept)" if kept else ""))
     ax.set_xlabel("epoch of the probe run"), ax.set_ylabel("accuracy (reward 1)"), ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -219,9 +237,16 @@ def main(argv=None):
     tasks.check_rollouts_of(args.rollouts, tokenizer, task, args.task, pool, prompts, args.train_data)
     epochs = sorted({e for e, _, _ in outcomes})
     drawn = {e: len({i for epoch, i, _ in outcomes if epoch == e}) for e in epochs[-2:]}
-    if not args.epochs and len(epochs) > 1 and drawn[epochs[-1]] < drawn[epochs[-2]]:
-        print0(f"warning: the log's last epoch drew {drawn[epochs[-1]]} prompts, the one before {drawn[epochs[-2]]}: "
-               f"the probe stopped inside it, so it is left out (--epochs {len(epochs)} would score it)")
+    steps = len(tasks.rollout_logs(args.rollouts))
+    if args.steps_per_epoch:  # an epoch is that many step files: one with fewer is the one the probe stopped in
+        stopped = (f"the log's last epoch has {steps % args.steps_per_epoch} of --steps_per_epoch "
+                   f"{args.steps_per_epoch} steps" if steps % args.steps_per_epoch else None)
+    else:  # an epoch draws every prompt the probe can: one that drew fewer is the one it stopped in
+        stopped = (f"the log's last epoch drew {drawn[epochs[-1]]} prompts, the one before {drawn[epochs[-2]]}"
+                   if len(epochs) > 1 and drawn[epochs[-1]] < drawn[epochs[-2]] else None)
+    if not args.epochs and len(epochs) > 1 and stopped:
+        print0(f"warning: {stopped}: the probe stopped inside it, so it is left out (--epochs {len(epochs)} would "
+               f"score it)")
         epochs = epochs[:-1]
     if args.epochs:
         if len(epochs) < args.epochs:
@@ -236,7 +261,8 @@ def main(argv=None):
     acc = backfill_once(raw)
     scores, average = lim_scores(acc)
     scored = ~np.isnan(scores)
-    selected = np.flatnonzero(scored & (scores >= args.threshold))
+    kept = scored & (scores >= args.threshold - SCORE_ROUNDING)
+    selected = np.flatnonzero(kept)
     never_drawn = int(np.isnan(raw).all(axis=1).sum())
     print0(f"{len(outcomes)} rollouts of {len(pool)} pool prompts over {len(epochs)} epochs: {len(pool) - never_drawn} "
            f"drawn; {int(np.isnan(raw).sum() - np.isnan(acc).sum())} empty epochs back-filled")

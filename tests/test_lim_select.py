@@ -17,10 +17,11 @@ import toy_task
 import train_rl
 from conftest import ROOT, subprocess_env
 
-# The hand example: 7 prompts, 3 epochs of 2 steps each. (step, prompt, rewards) of every rollout; a reward of 0.5
-# is not a 1, so it counts as unsolved (LIMR: reward == 1).
+# The hand example: 7 prompts, 3 epochs of 2 steps each, each prompt drawn at most once an epoch, as train_rl draws
+# them. (step, prompt, rewards) of every rollout; a reward of 0.5 is not a 1, so it counts as unsolved (LIMR: reward
+# == 1).
 LOG = [
-    (1, 0, [1, 0]), (3, 0, [1]), (4, 0, [0.5]), (5, 0, [1]), (6, 0, [1]),  # p0: 1/2, 1/2, 1
+    (1, 0, [1, 0]), (3, 0, [1, 0.5]), (5, 0, [1, 1]),    # p0: 1/2, 1/2, 1
     (4, 1, [1, 0, 1, 0]), (6, 1, [1, 0]),                 # p1: -, 1/2, 1/2 -> back-fill: 1/2, 1/2, 1/2
     (2, 2, [0, 0]), (5, 2, [1, 1]),                       # p2: 0, -, 1 -> 0, 1, 1
     (6, 3, [1, 1]),                                       # p3: -, -, 1: two gaps in a row, dropped
@@ -117,8 +118,26 @@ def test_the_threshold_keeps_a_score_equal_to_it(hand):
     lim_select.main(hand["args"] + ["--threshold", repr(at_p0)])
     assert [r["id"] for r in common.read_jsonl(hand["out"] / "lim.jsonl")] == [hand["pool"][0]["id"],
                                                                                hand["pool"][1]["id"]]
-    lim_select.main(hand["args"] + ["--threshold", repr(at_p0 + 1e-12)])
+    lim_select.main(hand["args"] + ["--threshold", repr(at_p0 + 1e-6)])
     assert [r["id"] for r in common.read_jsonl(hand["out"] / "lim.jsonl")] == [hand["pool"][1]["id"]]
+
+
+def test_a_score_that_is_the_threshold_in_exact_arithmetic_is_kept(tmp_path):
+    """8 rollouts a prompt, solved (2, 1), (8, 1) and (7, 8) times in 2 epochs: the second prompt's score is 3/5
+    exactly, 0.5999999999999999 in floats, and --threshold 0.6 kept nothing ("the highest is 0.600")."""
+    pool = toy_task.make_records(3, seed=3)
+    common.write_jsonl(tmp_path / "pool.jsonl", pool)
+    for step, solved in ((1, (2, 8, 7)), (2, (1, 1, 8))):
+        common.write_jsonl(tmp_path / "probe" / "rollouts" / f"step_{step:06d}.jsonl", [
+            {"id": r["id"], "reward": int(k < c), "step": step, "sample": k, "epoch": step - 1}
+            for r, c in zip(pool, solved) for k in range(8)])
+    scores = lim_select.lim_scores(lim_select.epoch_accuracy(
+        [(e, i, ok) for e, solved in enumerate(((2, 8, 7), (1, 1, 8))) for i, c in enumerate(solved)
+         for ok in [k < c for k in range(8)]], 3, [0, 1]))[0]
+    assert scores[1] != 0.6 and abs(scores[1] - 0.6) < 1e-15  # (1 - (9/64 + 9/64) / (45/64 + ...): 3/5)
+    lim_select.main(["--rollouts", str(tmp_path / "probe"), "--train_data", str(tmp_path / "pool.jsonl"), "--task",
+                     "toy_task", "--out", str(tmp_path / "lim.jsonl"), "--plot_out", "", "--threshold", "0.6"])
+    assert [r["id"] for r in common.read_jsonl(tmp_path / "lim.jsonl")] == [pool[1]["id"]]
 
 
 def test_steps_per_epoch_groups_step_files_and_wins_over_the_field(hand):
@@ -139,6 +158,23 @@ def test_steps_per_epoch_groups_step_files_and_wins_over_the_field(hand):
     lim_select.main(hand["args"] + ["--steps_per_epoch", "2", "--epochs", "2"])
     assert [r["score"] is not None for r in common.read_jsonl(hand["out"] / "scores.jsonl")] == \
         [True, True, False, False, True, False, True]
+
+
+
+def test_with_steps_per_epoch_the_last_epoch_is_partial_when_it_lacks_step_files(hand, capsys):
+    """--steps_per_epoch N: the epoch the probe stopped in is the one with fewer than N step files (6 of 4 + 2); a
+    whole last one that drew fewer prompts (an old dynamic-sampling log) was dropped as partial too."""
+    probe = hand["dir"] / "probe"
+    write_log(probe, hand["pool"], with_epoch=False)
+    lim_select.main(hand["args"] + ["--steps_per_epoch", "4", "--threshold", "0"])
+    assert ("warning: the log's last epoch has 2 of --steps_per_epoch 4 steps: the probe stopped inside it"
+            in capsys.readouterr().out)
+    for step in (5, 6):  # steps 4-6 now draw 2 prompts, steps 1-3 drew 4: a whole epoch all the same
+        common.write_jsonl(probe / "rollouts" / f"step_{step:06d}.jsonl",
+                           [{"id": hand["pool"][6]["id"], "reward": 0, "step": step, "sample": 0}])
+    lim_select.main(hand["args"] + ["--steps_per_epoch", "3", "--threshold", "0"])
+    out = capsys.readouterr().out
+    assert "warning" not in out and "over 2 epochs" in out
 
 
 def test_a_last_epoch_the_probe_stopped_inside_is_left_out(hand, capsys):
@@ -219,10 +255,20 @@ def step_epoch(file_step, epoch):
     return damage
 
 
-def first_row(file_step, **fields):
-    """A damage: the first row of step file_step's log replaced by one of pool prompt 0, reward 1, these fields."""
+def first_row(file_step, prompt=0, **fields):
+    """A damage: the first row of step file_step's log replaced by one of this pool prompt, reward 1, these fields."""
     return lambda log, pool: break_line(log / f"step_{file_step:06d}.jsonl", 1,
-                                        json.dumps({"id": pool[0]["id"], "reward": 1, "step": file_step, **fields}))
+                                        json.dumps({"id": pool[prompt]["id"], "reward": 1, "step": file_step,
+                                                    **fields}))
+
+
+def repeat_first_row(file_step):
+    """A damage: the first row of step file_step's log written twice."""
+    def damage(log, pool):
+        path = log / f"step_{file_step:06d}.jsonl"
+        rows = common.read_jsonl(str(path))
+        common.write_jsonl(str(path), rows + rows[:1])
+    return damage
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -258,8 +304,12 @@ def first_row(file_step, **fields):
     (first_row(3, step=2, epoch=1), r"step_000003\.jsonl:1: field 'step' is 2, expected 3"),
     # the logged epochs, step after step, start at 0 and never go down or skip one
     (step_epoch(1, 1), r"step_000001\.jsonl:1: field 'epoch' is 1, expected 0 \(the log's first step\): a probe run's"),
-    (first_row(4, epoch=0),
+    (first_row(4, prompt=5, epoch=0),
      r"step_000004\.jsonl:1: field 'epoch' is 0, expected 1 or 2 \(step 3 ended in epoch 1\)"),
+    # one run draws a prompt once an epoch, as one group: logs of two runs mixed, or a row repeated, were counted
+    (first_row(2, epoch=0, sample=0), r"step_000002\.jsonl:1: id 'toy-train-00000' was drawn in epoch 0 already, at "
+                                      r"step 1: a probe run draws a prompt once an epoch \(logs of two runs mixed"),
+    (repeat_first_row(3), r"step_000003\.jsonl:5: sample 0 of id 'toy-train-00000' in epoch 1 is logged twice"),
     (step_epoch(3, 2), r"step_000003\.jsonl:1: field 'epoch' is 2, expected 0 or 1 \(step 2 ended in epoch 0\)"),
     (first_row(1, epoch=2), r"step_000001\.jsonl:1: field 'epoch' is 2, but no row of step 1 is of epoch 1"),
 ])
@@ -275,7 +325,7 @@ def test_a_step_whose_refills_cross_an_epochs_end_is_read_in_any_row_order(hand)
     order, so that a step's epochs alternate (0, 1, 0): read, not refused (a row-by-row check refused it)."""
     path = hand["dir"] / "probe" / "rollouts" / "step_000002.jsonl"
     rows = common.read_jsonl(str(path))
-    common.write_jsonl(str(path), [rows[0], {**rows[1], "epoch": 1}, rows[0]])
+    common.write_jsonl(str(path), [rows[0], {**rows[1], "epoch": 1}, {**rows[0], "sample": 2}])
     pool_ids = {str(r["id"]): i for i, r in enumerate(hand["pool"])}
     outcomes = lim_select.read_outcomes(str(hand["dir"] / "probe"), pool_ids, 0)
     assert [epoch for epoch, _, _ in outcomes][6:9] == [0, 1, 0]  # (after step 1's six rows)
