@@ -545,15 +545,29 @@ def mark_covariance_tokens(batch, old, adv, places, args, step, sums, device):
     sums["cov_chosen"], sums["cov_tokens"] = int(chosen.sum()), chosen.numel()  # (one host sync)
 
 
-def update(model, optimizer, batch, adv, old, ref, args, step, sums):
+def mini_batches(train_idx, places, n, count):
+    """This rank's rollouts (train_idx: indices into its batch) of each of the step's `count` mini-batches: the
+    training rollouts of every rank, in the step's order (places: each prompt's (prompt batch, place); n rollouts a
+    prompt), cut into `count` near-equal runs, each rank taking its own members of each. Cut on each rank's own list,
+    a mini-batch held other rollouts at another world size wherever the ranks trained unequal shares (dynamic
+    sampling, dropped groups)."""
+    if count == 1:
+        return [list(train_idx)]
+    mine = {(*places[j // n], j % n): j for j in train_idx}
+    every = sorted(tuple(key) for key in parallel.gather_lists(list(mine)))
+    return [[mine[every[i]] for i in run if every[i] in mine]
+            for run in np.array_split(np.arange(len(every)), count)]
+
+
+def update(model, optimizer, batch, adv, old, ref, args, step, sums, places):
     """Optimizer steps on this rollout batch. The paper's path (ppo_epochs = ppo_mini_batches = 1, no KL): one
     on-policy step, old log-probs = the current ones detached, so the PPO ratio is exactly 1, the clip never binds
     and the gradient is that of -w A log pi, w the TIS weight (--rollout_is; 1 where the engine and the trainer agree,
     and with --rollout_is off). More epochs or mini-batches, and k1, use the pre-pass's old log-probs; k3's KL enters
     the loss. Returns (mean loss, mean grad norm, optimizer steps taken, whether a step was non-finite); the
-    means are None when no step was taken (0 would read as a zero gradient)."""
+    means are None when no step was taken (0 would read as a zero gradient). places: mini_batches'."""
     device = model.lm_head.weight.device
-    minis = [m.tolist() for m in np.array_split(np.array(batch.train_idx, dtype=np.int64), args.ppo_mini_batches)]
+    minis = mini_batches(batch.train_idx, places, args.samples_per_prompt, args.ppo_mini_batches)
     counts = parallel.all_reduce_numbers({f"{k}_{i}": v for i, m in enumerate(minis) for k, v in
                                           (("tok", sum(len(batch.responses[j]) for j in m)), ("seq", len(m)))})
     k3_in_loss = ref is not None and args.kl_estimator == "k3"
@@ -1064,7 +1078,7 @@ def main(argv=None):
             mark_covariance_tokens(batch, old, adv, places, args, step, sums, device)
 
         # 5. the update
-        loss, grad_norm, updates, bad = update(model, optimizer, batch, adv, old, ref, args, step, sums)
+        loss, grad_norm, updates, bad = update(model, optimizer, batch, adv, old, ref, args, step, sums, places)
         bad_steps_total += bad
         bad_streak = bad_streak + 1 if bad else 0
         times["train_s"] = time.time() - t_train

@@ -787,3 +787,25 @@ def test_step_metrics_acc_counts_a_bonus_reward_as_right():
                            "graph_captures", "capture_s"), 1.0)
     m = train_rl.step_metrics(1, 0, batch, sums, times, torch.device("cpu"), kl_logged=False)
     assert (m["acc"], m["reward"]) == (0.5, 0.75)
+
+
+def test_mini_batches_are_cut_from_the_whole_steps_list_whatever_each_ranks_share(monkeypatch):
+    """--ppo_mini_batches 2 with the ranks training unequal shares (dynamic sampling, dropped groups): each rank cut
+    its own list in halves, so mini-batch 0 held prompts 0, 1 and 3 at 2 ranks, 0-2 at 1 rank. The ranks' members of
+    each mini-batch now make up the one rank's."""
+    import parallel
+    n = 2  # rollouts a prompt
+    places = [(0, p) for p in range(4)] + [(1, p) for p in range(4)]  # two prompt batches of 4 prompts
+    trained = [0, 1, 2, 3, 5, 7]  # prompts 4 and 6 taught nothing
+    one = train_rl.mini_batches([j for p in trained for j in (n * p, n * p + 1)], places, n, 2)
+    key = {j: (*places[j // n], j % n) for j in range(2 * len(places))}
+    ranks = [[p for p in trained if p % 2 == r] for r in (0, 1)]  # (round-robin: rank 1 holds 4 groups, rank 0 2)
+    shares = [[places[p] for p in mine] for mine in ranks]
+    every = [[*places[p], s] for mine in ranks for p in mine for s in range(n)]
+    monkeypatch.setattr(parallel, "gather_lists", lambda items: every)
+    split = [train_rl.mini_batches([j for i in range(len(mine)) for j in (n * i, n * i + 1)], shares[r], n, 2)
+             for r, mine in enumerate(ranks)]
+    for k, mini in enumerate(one):
+        assert sorted(key[j] for j in mini) == sorted(
+            (*shares[r][i // n], i % n) for r in (0, 1) for i in split[r][k])
+    assert [sorted({j // n for j in m}) for m in one] == [[0, 1, 2], [3, 5, 7]]
