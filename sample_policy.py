@@ -7,10 +7,10 @@ Turn an RL policy into a re-distillation SFT set (the paper's section 3 recipe).
                           paper's set B: steps 115-125 of the K&K run, T=0.7, n=8)
 
 Then, as the paper: keep the right responses (reward 1) that finished with EOS, drop repeats, keep at most
---max_per_prompt per prompt, shuffle with --seed and keep --num_examples (and drop what redistill_sft.py would refuse:
-a response holding a stop token's text, an example longer than --max_length). Writes SFT jsonl {"id", "task",
-"prompt", "response", "source", "reward"} atomically: the exact prompt the policy saw and its decoded response
-without the stop token (redistill_sft.py appends EOS).
+--max_per_prompt per prompt (by its text: a prompt under two ids is one), shuffle with --seed and keep --num_examples
+(and drop what redistill_sft.py would refuse: a response holding a stop token's text, an example longer than
+--max_length). Writes SFT jsonl {"id", "task", "prompt", "response", "source", "reward"} atomically: the exact prompt
+the policy saw and its decoded response without the stop token (redistill_sft.py appends EOS).
 
   python sample_policy.py --from_checkpoint runs/rl_kk/step_000125 --task kk --split data/kk/sft.jsonl \\
       --out data/kk/redistill_a.jsonl --temperature 0 --max_response_tokens 4096
@@ -67,7 +67,8 @@ def get_parser():
     # selection
     p.add_argument("--max_per_prompt", type=int, default=1,
                    help="keep at most this many distinct correct responses per prompt, first found first "
-                        "(paper: 1, dedupe by puzzle keeping the first occurrence); 0 = no limit")
+                        "(paper: 1, dedupe by puzzle keeping the first occurrence; a prompt is its text, under any "
+                        "id); 0 = no limit")
     p.add_argument("--max_length", type=int, default=5000,
                    help="drop a right response whose SFT example (prompt + response + EOS, tokenized as "
                         "redistill_sft.py does) is longer than this: redistill_sft.py refuses a set holding one (its "
@@ -143,7 +144,7 @@ def load_splits(task, args, tokenizer, template):
         for r in tasks.load_records(task, args.task, path, tokenizer, template):
             if str(r["id"]) in source:
                 raise UserError(f"split {path}: id {r['id']!r} is also in {source[str(r['id'])]}: the --split files "
-                                "must not share a prompt")
+                                "must not share an id")
             source[str(r["id"])] = path
             records.append(r)
     return records
@@ -196,15 +197,15 @@ def sample_checkpoint(args, task, rank, world, device):
 
 def select(samples, max_per_prompt, num_examples, seed, stop_texts=STOP_TOKENS, too_long=None):
     """The paper's filter: correct (tasks.is_correct: reward 1 or more) and finished; identical responses to one
-    prompt once; at most max_per_prompt per prompt, first found first; a seeded shuffle; the first num_examples.
-    Dropped too, as SFT would refuse them: a response that holds one of stop_texts (a stop token written in pieces by
-    the policy: the tokenizer reads the text back as the stop id) and, where too_long(sample) says so, one too long
-    (asked only of a response that would be kept otherwise). Returns (kept, counts)."""
+    prompt (its text, under any id) once; at most max_per_prompt per prompt, first found first; a seeded shuffle; the
+    first num_examples. Dropped too, as SFT would refuse them: a response that holds one of stop_texts (a stop token
+    written in pieces by the policy: the tokenizer reads the text back as the stop id) and, where too_long(sample) says
+    so, one too long (asked only of a response that would be kept otherwise). Returns (kept, counts)."""
     by_prompt, seen, counts = {}, set(), {"samples": len(samples), "correct": 0, "stop_text": 0, "too_long": 0,
                                           "duplicates": 0, "over_limit": 0}
     prompts, answered = [], set()
     for s in samples:
-        key = (str(s["id"]), s["prompt"])  # (ids are matched as text everywhere: 2 and "2" are one prompt)
+        key = s["prompt"]  # (as rendered: a prompt under two ids, one puzzle given twice, is one prompt)
         if key not in by_prompt:
             by_prompt[key] = []
             prompts.append(key)

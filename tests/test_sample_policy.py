@@ -117,21 +117,22 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
     assert {(s["id"], s["sample"]) for s in samples} == {(i, k) for i in records for k in range(4)}
     good = [s for s in samples if s["reward"] == 1.0 and s["finished"]]
     assert 0 < len(good) < len(samples), "the policy should be right sometimes, not always"
-    distinct = {}
+    distinct = {}  # by prompt text: the toy split holds a few prompts under two ids
     for s in good:
-        if s["response"] not in distinct.setdefault(s["id"], []) and len(distinct[s["id"]]) < 2:
-            distinct[s["id"]].append(s["response"])
+        if s["response"] not in distinct.setdefault(s["prompt"], []) and len(distinct[s["prompt"]]) < 2:
+            distinct[s["prompt"]].append(s["response"])
     available = sum(len(v) for v in distinct.values())
     assert len(rows) == min(30, available)
-    no_correct = len(records) - len(distinct)
-    assert f"{no_correct} of 40 prompts had no correct sample" in log
+    prompts = {s["prompt"] for s in samples}
+    assert len(prompts) < 40  # (so the count is of prompts, not ids)
+    assert f"{len(prompts) - len(distinct)} of {len(prompts)} prompts had no correct sample" in log
 
     per_id = {}
     for row in rows:
         assert set(row) == {"id", "task", "prompt", "response", "source", "reward", "sample"}
         assert row["task"] == "toy_task" and row["reward"] == 1.0 and row["source"] == os.path.abspath(ckpt)
-        assert row["response"] in distinct[row["id"]]  # correct, finished, from this prompt
-        per_id.setdefault(row["id"], []).append(row["response"])
+        assert row["response"] in distinct[row["prompt"]]  # correct, finished, from this prompt
+        per_id.setdefault(row["prompt"], []).append(row["response"])
         # the prompt is exactly what the policy saw, the response exactly what it produced (minus the stop token)
         record = records[row["id"]]
         assert row["prompt"] == toy_task.render_prompt(record, tok)
@@ -139,7 +140,7 @@ def test_from_checkpoint_writes_sft_that_trains(policy, tiny_checkpoint, tmp_pat
         assert match["tokens"][-1] == tok.eos_token_id or tok.decode(match["tokens"][-1:]) in common.STOP_TOKENS
         assert tok.decode(match["tokens"][:-1]) == row["response"]
         assert toy_task.score(row["response"], record, True) == 1.0
-    assert all(len(v) == len(set(v)) <= 2 for v in per_id.values())  # deduplicated, at most 2 per prompt
+    assert all(len(v) == len(set(v)) <= 2 for v in per_id.values())  # deduplicated, at most 2 per prompt (text)
 
     # the same seed gives the same file; the SFT loop trains on it (re-distilling the base)
     again = str(tmp_path / "again.jsonl")
@@ -198,7 +199,7 @@ def test_torchrun_ranks_sample_disjoint_shards(policy, tmp_path):
     assert len({s["response"] for s in samples}) > len(ids)  # sampled: a record's two samples differ
     kept, _ = sp.select(samples, 1, 0, 0)
     assert [(r["id"], r["response"]) for r in read(out2)] == [(s["id"], s["response"]) for s in kept]
-    assert len(kept) == len({s["id"] for s in samples if s["reward"] == 1.0 and s["finished"]}) > 0
+    assert len(kept) == len({s["prompt"] for s in samples if s["reward"] == 1.0 and s["finished"]}) > 0
 
 
 @pytest.mark.slow  # the policy fixture
@@ -256,6 +257,12 @@ def test_select_filters_dedupes_and_takes_n():
     # ids are matched as text (as load_records refuses 2 and "2" as one id): one prompt, logged either way
     kept, counts = sp.select([dict(s(2, "x"), prompt="P"), dict(s("2", "x"), prompt="P")], 1, 0, seed=0)
     assert len(kept) == 1 and counts["duplicates"] == 1 and counts["prompts"] == 1
+    # one prompt under two ids (a puzzle given twice, in one split or two): one prompt, its answer kept once (SFT
+    # trained on it twice)
+    kept, counts = sp.select([dict(s("p1", "x"), prompt="P"), dict(s("p9", "x"), prompt="P"),
+                              dict(s("p9", "y"), prompt="P")], 1, 0, seed=0)
+    assert [(k["id"], k["response"]) for k in kept] == [("p1", "x")] and counts["prompts"] == 1
+    assert counts["duplicates"] == 1 and counts["over_limit"] == 1
 
 
 def test_a_set_holds_no_stop_token_sft_would_refuse(tmp_path):
