@@ -286,7 +286,10 @@ def main(argv=None):
     common.check_distinct_outputs([("--out", args.out), ("--samples_out", args.samples_out)],
                                   [("--split", path) for path in args.split or []]
                                   + [("--from_rollouts", path) for path in
-                                     (tasks.rollout_logs(args.from_rollouts).values() if args.from_rollouts else ())])
+                                     (tasks.rollout_logs(args.from_rollouts).values() if args.from_rollouts else ())]
+                                  # (the run's settings, read here, and its metrics, which its resume reads)
+                                  + [("--from_rollouts", os.path.join(args.from_rollouts, name))
+                                     for name in ("settings.json", "metrics.jsonl") if args.from_rollouts])
     common.check_sampling(args)
     task = tasks.get_task(args.task)
 
@@ -342,9 +345,11 @@ def main(argv=None):
            f"{counts['over_limit']} over --max_per_prompt {args.max_per_prompt}, {counts['distinct']} distinct")
     print0(f"{counts['prompts_without_correct']} of {counts['prompts']} prompts had no correct sample")
     if not kept and not args.allow_empty:
+        stale = (f" (the {args.out} there is an earlier run's, and --samples_out {args.samples_out} this run's "
+                 f"samples)" if args.samples_out and os.path.exists(args.out) else "")
         raise UserError(f"no correct, finished response"
                         f"{' without a stop token, within --max_length' if counts['correct'] else ''} "
-                        f"among {counts['samples']} samples; nothing written to {args.out}")
+                        f"among {counts['samples']} samples; nothing written to {args.out}{stale}")
     if args.num_examples and len(kept) < args.num_examples:
         print0(f"note: only {len(kept)} samples available, fewer than --num_examples {args.num_examples}")
     rows = [{"id": s["id"], "task": args.task, "prompt": s["prompt"], "response": s["response"],

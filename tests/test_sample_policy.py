@@ -2,6 +2,7 @@
 torchrun shards, the SFT file trains with redistill_sft.py, bad input -> clear errors and nothing written."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -339,6 +340,10 @@ def test_an_output_on_one_of_the_runs_rollout_logs_is_refused(tmp_path):
         sp.main(["--from_rollouts", str(run), "--steps", "2", "--task", "toy_task", "--out", str(tmp_path / "o.jsonl"),
                  "--samples_out", str(log), "--progress", "false"])
     assert log.read_bytes() == before and not (tmp_path / "o.jsonl").exists()
+    for name in ("settings.json", "metrics.jsonl"):  # (read here, and by the run's resume: rewritten as SFT rows)
+        with pytest.raises(UserError, match=rf"--out .*{name}: that is an input \(--from_rollouts\)"):
+            sp.main(["--from_rollouts", str(run), "--steps", "2", "--task", "toy_task", "--out", str(run / name),
+                     "--progress", "false"])
 
 
 def test_from_rollouts_of_a_live_run_is_refused(tmp_path):
@@ -409,6 +414,13 @@ def test_rollout_errors_write_nothing(tmp_path):
           "--temperature", "0.7", "--max_response_tokens", "8")
     fails(r"--samples_out .*out\.jsonl: the same file as --out", "--steps", "5", "--samples_out", str(out))
     fails("no correct, finished response among 1 samples", "--steps", "6")
+    # an earlier run's --out beside this run's --samples_out: a pair of two runs, said (it read as this run's)
+    sp.main(["--from_rollouts", run, "--task", "toy_task", "--out", str(out), "--progress", "false", "--steps", "5"])
+    with pytest.raises(UserError, match=rf"nothing written to {re.escape(str(out))} \(the {re.escape(str(out))} there "
+                                        r"is an earlier run's, and --samples_out .*all\.jsonl this run's samples\)"):
+        sp.main(["--from_rollouts", run, "--task", "toy_task", "--out", str(out), "--progress", "false", "--steps",
+                 "6", "--samples_out", str(tmp_path / "all.jsonl")])
+    out.unlink()
     bad = {"finished": "yes"}, {"reward": None}, {"step": 9}, {"response": ["x"]}
     for i, change in enumerate(bad):
         write_rollouts(run, {8: [s("a", "x"), {**s("a", "y"), **change}]})
