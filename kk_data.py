@@ -799,15 +799,18 @@ def statements_of(records):
     return {puzzle_key(parse_statements(r['statements'], r['people'])) for r in records}
 
 
-def logic_key(statements):
+def logic_key(statements, swapped=False):
     """One key for every puzzle that is the same logic problem: each person's claim as its truth function over all
     knight/knave assignments, up to renaming the people. Broader than puzzle_key: "Emma is not a knave" and "Emma is
     a knight", or "if A then B" and "B or not A", are one claim here, and two such puzzles have the same truth table,
     solution and chain of thought. The minimum over the renamings that order the people by an invariant colour (their
-    role in the solution, how many assignments make their claim true), trying every order within a colour only."""
+    role in the solution, how many assignments make their claim true), trying every order within a colour only.
+    swapped: the key of the role-swapped puzzle (knight and knave exchanged: each claim f becomes g(a) = not f(not a)),
+    the same reasoning with every role of the answer flipped; a puzzle whose swapped key is another's logic_key is
+    that one's swap twin (no split is kept apart from those: docs/tiny_preset.md counts them)."""
     n = len(statements)
     masks = knight_masks(n)
-    truth = [truth_value(s, masks) for s in statements]
+    truth = [~truth_value(s, ~masks) if swapped else truth_value(s, masks) for s in statements]
     knights = masks[:, np.flatnonzero(np.logical_and.reduce([masks[i] == truth[i] for i in range(n)]))[0]]
     colour = [(bool(knights[i]), int(truth[i].sum())) for i in range(n)]
     groups = [[i for i in range(n) if colour[i] == c] for c in sorted(set(colour))]

@@ -44,7 +44,8 @@ TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # base is pre-trained on the same streams' puzzles, and 825 of seed 1's 1,560 RL puzzles have a renamed copy among
 # its 6,150 (97 as written); RL there rewards what pre-training showed solved. Two people are trained on, not tested:
 # only 41 two-people logic problems exist, the official first 25 (the test until 2026-12-06) fall in 16 of them, and
-# excluding those left 180 of the 399 two-people puzzles, too few to fill the RL and SFT pools apart (README)
+# excluding those left 181 of the 399 two-people puzzles, too few to fill the RL and SFT pools apart (README). Swap
+# twins (knights and knaves exchanged, the answer flipped) are not kept apart: docs/tiny_preset.md counts them
 DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 3 --test_per_people 200 \
 --train_people 2-3 --train_per_people 60,1500 --sft_people 2-3 --sft_per_people 50,300 \
 --train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"
@@ -86,8 +87,8 @@ RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_re
 --dynamic_sampling $DYNAMIC_SAMPLING \
 --val_every 25 --val_limit 200 --val_batch_size 200 --save_every 25 --progress false --seed $((1234 + SEED_SHIFT))"
 
-# re-distillation sets: A greedy on the SFT prompts, then on the RL pool's (the 350 SFT prompts alone give 103-136
-# correct answers; the paper's A has ~700), the correct ones shuffled, first 1,000; B correct rollouts of the last
+# re-distillation sets: A greedy on the SFT prompts, then on the RL pool's (the 350 SFT prompts alone give ~100-136
+# correct answers, 99 in seed 1 of 2026-12-07; the paper's A has ~700), the correct ones shuffled, first 1,000; B correct rollouts of the last
 # half of the RL steps
 A_SPLITS="$SFT_SPLIT $TRAIN"
 A_SAMPLES=1000

@@ -873,6 +873,20 @@ def test_logic_key_equates_a_claim_worded_otherwise_and_nothing_else():
     assert len(by_key) == 41 and sorted(map(sorted, by_key.values())) == sorted(map(sorted, by_brute.values()))
 
 
+def test_swapped_logic_key_is_the_key_of_the_puzzle_with_knights_and_knaves_exchanged():
+    """logic_key(swapped=True): the key of the puzzle written with the roles exchanged (each atom's role flipped, each
+    claim negated: g(a) = not f(not a)), whose solution is every role flipped; swapping twice gives the puzzle back,
+    and a puzzle is not its own swap twin where its solution is not."""
+    def swap(s):  # "X is a knight" <-> "X is a knave", inside every connective
+        return (("lying" if s[0] == "telling-truth" else "telling-truth", s[1]) if s[0] in ("telling-truth", "lying")
+                else (s[0], *map(swap, s[1:])))
+    for _, statements, solution in itertools.islice(K.sample_puzzles(7, 3, 10 ** 6), 60):
+        written = tuple(("not", swap(s)) for s in statements)
+        assert K.solve(written) == [tuple(not x for x in solution)]
+        assert K.logic_key(statements, swapped=True) == K.logic_key(written) != K.logic_key(statements)
+        assert K.logic_key(written, swapped=True) == K.logic_key(statements)
+
+
 def test_the_split_writer_counts_the_test_puzzles_with_a_logical_twin_in_training(tmp_path, capsys):
     """kk_data.py says how many test puzzles have a logically equivalent puzzle in the RL split and the SFT pool
     (what puzzle_key lets through), counted by logic_key from the files it wrote."""
