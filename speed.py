@@ -853,7 +853,9 @@ def rl_step(base, tok, records, sizes, max_tokens, device, seed, out):
             "log_s": m["step_s"] - m["gen_s"] - m["score_s"] - m["train_s"] - m["gather_s"],
             "gen_tok_s": m["gen_tok_s"], "train_tokens": sum(seq_lens), "train_s_net": train_s,
             "train_tok_s": sum(seq_lens) / train_s, "train_mfu": mfu(flops, train_s, device),
-            "logprob_gap": m["logprob_gap"], "peak_mem_gib": mem,
+            # the step's peak: train_rl resets the counter as generation starts and as it ends, so what is read after
+            # the run is the update's alone (23.17 GiB in docs/gpu_h200.json, where generation's was 23.73)
+            "logprob_gap": m["logprob_gap"], "peak_mem_gib": None if mem is None else max(mem, m["mem_gen_gib"]),
             # this step is one GPU's share of a step of 8 (the paper's 128 prompts x 8 on 8 GPUs): 100 such steps
             # (less the memory snapshot taken inside it; the allocator history it records slows it too, unmeasured)
             "gpu_hours_per_100_steps_at_8_gpus": (m["step_s"] - memory.get("update_snapshot_s", 0.0)) * 100 * 8 / 3600,
