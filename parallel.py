@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import threading
+import zlib
 from datetime import timedelta
 
 import numpy as np
@@ -175,8 +176,15 @@ def all_reduce(tensor, op="sum"):
 
 
 def all_reduce_numbers(numbers: dict, op="sum") -> dict:
-    """The sum (or max, min) of a dict of numbers over ranks, in float64."""
+    """The sum (or max, min) of a dict of numbers over ranks, in float64. Every rank gives the same keys (paired by
+    place, others would sum unlike numbers, and another count of them would wait in the collective): checked first,
+    by a digest of the keys each rank holds."""
     keys = sorted(numbers)
+    if world_size() > 1:
+        digest = zlib.crc32("\n".join(keys).encode("utf-8"))
+        low, high = all_reduce(torch.tensor([-digest, digest], dtype=torch.float64), "max").tolist()
+        if -low != high:
+            raise RuntimeError(f"all_reduce_numbers: the ranks hold other keys (this one: {keys})")
     t = all_reduce(torch.tensor([float(numbers[k]) for k in keys], dtype=torch.float64), op)
     return dict(zip(keys, t.tolist()))
 
@@ -234,10 +242,13 @@ def on_rank0(work):
     outcome, failure = {"problem": None, "result": None}, None
     if rank() == 0:
         try:
-            outcome["result"] = work()
+            result = work()
+            if world_size() > 1:  # (a result JSON cannot hold failed in the gather below, on rank 0 alone)
+                json.dumps(result)
+            outcome["result"] = result
         except UserError as e:
             outcome["problem"] = str(e)
-        except Exception as e:  # noqa: BLE001 -- the others stop too, then rank 0 raises it whole
+        except BaseException as e:  # noqa: BLE001 -- the others stop too (a Ctrl-C, an exit too), then rank 0 raises
             failure, outcome["problem"] = e, f"rank 0 stopped: {type(e).__name__}: {e}"
     outcome = all_gather_json(outcome)[0]
     if failure is not None:
@@ -257,7 +268,7 @@ def on_every_rank(work):
         result = work()
     except UserError as e:
         problem = str(e)
-    except Exception as e:  # noqa: BLE001 -- as on_rank0
+    except BaseException as e:  # noqa: BLE001 -- as on_rank0
         failure, problem = e, f"rank {rank()} stopped: {type(e).__name__}: {e}"
     problems = [p for p in all_gather_json(problem) if p]
     if failure is not None:

@@ -44,11 +44,19 @@ larger_first = parallel.all_gather_json("x" * (1000 if rank == 0 else 3))  # ran
 merged = parallel.gather_lists([5 - rank, 1 - rank, 7 - rank], key=lambda x: x)  # [5, 1, 7] and [4, 0, 6]
 unsorted = parallel.gather_lists([5 - rank, 1 - rank])
 evened = parallel.even_out([[rank]] * (3 if rank == 0 else 1))  # 3 micro-batches on rank 0, 1 on rank 1
+summed = parallel.all_reduce_numbers({"a": 1 + rank, "b": 2})
+unlike = []
+for keys in (["a", "b" if rank == 0 else "c"], ["a"] + ["b"] * rank):  # other keys; another count of them
+    try:
+        parallel.all_reduce_numbers(dict.fromkeys(keys, 1))
+        unlike.append(None)
+    except RuntimeError as e:
+        unlike.append(str(e))
 during = threads()
 parallel.dist_cleanup()
 with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
     json.dump({"gathered": gathered, "larger_first": larger_first, "merged": merged, "unsorted": unsorted,
-               "evened": evened, "during": during, "after": threads()}, f)
+               "evened": evened, "summed": summed, "unlike": unlike, "during": during, "after": threads()}, f)
 '''
 
 
@@ -65,8 +73,8 @@ def two_ranks(tmp_path, name, text, *args, timeout=300, launcher=()):
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc (Linux)")
 def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
     """2 ranks (gloo): the collectives outside FSDP give every rank the same, right answer (all_gather_json with
-    payloads of either size order, gather_lists with and without a key, even_out), and dist_cleanup then stops
-    gloo's threads."""
+    payloads of either size order, gather_lists with and without a key, even_out, all_reduce_numbers, which refuses
+    ranks of other keys), and dist_cleanup then stops gloo's threads."""
     proc = two_ranks(tmp_path, "rank_script.py", RANK_SCRIPT, tiny_checkpoint, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
@@ -79,6 +87,9 @@ def test_dist_cleanup_leaves_no_backend_thread(tiny_checkpoint, tmp_path):
         assert got["merged"] == [0, 1, 4, 5, 6, 7] and got["unsorted"] == [5, 1, 4, 0]
         # even_out: as many micro-batches as the busiest rank, the rest idle (None): FSDP's collectives pair up
         assert got["evened"] == ([[0]] * 3 if rank == 0 else [[1], None, None])
+        # all_reduce_numbers: keys paired by name; other keys summed unlike numbers, another count of them hung
+        assert got["summed"] == {"a": 3.0, "b": 4.0}
+        assert all(u and "all_reduce_numbers: the ranks hold other keys" in u for u in got["unlike"]), got["unlike"]
         gloo = ("pt_gloo_runloop", "gloo_tcp_loop")  # torch 2.13 runs both; 2.11 only the first
         assert any(name in got["during"] for name in gloo), got["during"]  # the check sees gloo's threads ...
         assert not any(name in got["after"] for name in gloo), got["after"]  # ... and after cleanup they are gone
@@ -137,11 +148,13 @@ def main():
         return work
     for call, work in ((parallel.on_every_rank, fail(1, common.UserError("disk full on rank 1"))),
                        (parallel.on_every_rank, fail(1, RuntimeError("odd"))),
-                       (parallel.on_rank0, fail(0, ValueError("wandb down")))):
+                       (parallel.on_rank0, fail(0, ValueError("wandb down"))),
+                       (parallel.on_rank0, lambda: {1, 2}),  # a result JSON cannot hold (failed in the gather)
+                       (parallel.on_every_rank, fail(1, KeyboardInterrupt()))):
         try:
             call(work)
             seen.append(None)
-        except Exception as e:
+        except BaseException as e:
             seen.append([type(e).__name__, str(e)])
     for settings in (argparse.Namespace(seed=1, lr=0.1), argparse.Namespace(seed=1 + rank, lr=0.1)):
         try:
@@ -169,9 +182,13 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_line(tmp_path):
     assert zero[0] == one[0] == ["UserError", "disk full on rank 1"]
     assert zero[1] == ["UserError", "rank 1 stopped: RuntimeError: odd"] and one[1] == ["RuntimeError", "odd"]
     assert zero[2] == ["ValueError", "wandb down"] and one[2] == ["UserError", "rank 0 stopped: ValueError: wandb down"]
+    # (each a gloo "Connection closed by peer" on the other rank before)
+    assert zero[3] == ["TypeError", "Object of type set is not JSON serializable"]
+    assert one[3] == ["UserError", "rank 0 stopped: TypeError: Object of type set is not JSON serializable"]
+    assert zero[4] == ["UserError", "rank 1 stopped: KeyboardInterrupt: "] and one[4] == ["KeyboardInterrupt", ""]
     # settings: the same on both ranks pass; another seed on rank 1 (a node's own command line) stops both
-    assert zero[3] is None and one[3] is None
-    assert zero[4] == one[4] == ["UserError", "the ranks were given different settings: --seed 1 on rank 0, 2 on "
+    assert zero[5] is None and one[5] is None
+    assert zero[6] == one[6] == ["UserError", "the ranks were given different settings: --seed 1 on rank 0, 2 on "
                                               "rank 1 (a multi-node launch whose nodes' command lines or --config "
                                               "files differ?)"]
 
