@@ -179,7 +179,8 @@ def lim_scores(acc):
 
 
 # a score the threshold in exact arithmetic, 3/5 computed as 0.5999999999999999, is kept: floats round the sums of
-# squares by ~1e-16, and two distinct scores of one log (rationals of its rollout counts) lie further apart than this
+# squares by ~1e-16, and two distinct scores of one log (rationals of its rollout counts) lie at least 1 / (n^2 N K)
+# apart (n rollouts a prompt, N prompts, K epochs): ~9e-8 at LIMR's 8, 8,523 and 21
 SCORE_ROUNDING = 1e-9
 
 

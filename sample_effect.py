@@ -568,7 +568,7 @@ def main(argv=None):
     for flag, path in (("--select_out", args.select_out), ("--select_bottom", args.select_bottom),
                        ("--select_random", args.select_random)):
         if path and (common.file_key(path) == common.file_key(stem + ".lock") or os.path.realpath(stem + ".partial")
-                     in map(os.path.realpath, common.path_and_parents(os.path.dirname(os.path.abspath(path))))):
+                     in map(os.path.realpath, common.path_and_parents(path))):  # (the folder itself, or in it)
             raise UserError(f"{flag} {path}: one of this run's own files ({stem}.partial/ is removed as the run ends, "
                             f"{stem}.lock rewritten by the next); give a path outside them")
     task = tasks.get_task(args.task)

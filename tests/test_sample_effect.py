@@ -676,6 +676,8 @@ def test_bad_input(setup, tmp_path, monkeypatch):
     # a selection among the run's own files: written, then removed with the partial folder, or a lock's text over it
     fails(["--sft_data", sft, "--select", "2", "--select_out", str(tmp_path / "effects.partial" / "t.jsonl")],
           r"--select_out .*effects\.partial/t\.jsonl: one of this run's own files")
+    fails(["--sft_data", sft, "--select", "2", "--select_out", str(tmp_path / "effects.partial")],
+          r"--select_out .*effects\.partial: one of this run's own files")
     fails(["--sft_data", sft, "--select", "2", "--select_out", str(tmp_path / "t.jsonl"), "--select_random",
            str(tmp_path / "effects.lock")], r"--select_random .*effects\.lock: one of this run's own files")
     # the model's context (2048 tokens) bounds both the SFT samples and the rollouts
