@@ -809,3 +809,39 @@ def test_mini_batches_are_cut_from_the_whole_steps_list_whatever_each_ranks_shar
         assert sorted(key[j] for j in mini) == sorted(
             (*shares[r][i // n], i % n) for r in (0, 1) for i in split[r][k])
     assert [sorted({j // n for j in m}) for m in one] == [[0, 1, 2], [3, 5, 7]]
+
+
+def test_the_kl_reference_is_counted_at_its_own_size(tiny_checkpoint, tmp_path, monkeypatch):
+    """--ref_model of another size than the policy: --keep_engine and --checkpoint_every auto counted its shards at the
+    policy's size (a 7B reference beside a 1.5B policy: 0.72 GiB a GPU, not 3.55)."""
+    import dataclasses
+    import gpu_memory
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny_checkpoint, ref)
+    data = str(tmp_path / "train.jsonl")
+    common.write_jsonl(data, toy_task.make_records(16, seed=1, split="train"))
+    real = train_rl.read_config
+
+    def read_config(path):  # the reference read as three times as deep
+        cfg = real(path)
+        return dataclasses.replace(cfg, num_layers=3 * cfg.num_layers) if os.path.samefile(path, ref) else cfg
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def recompute_setting(args, cfg, world, per_rank, longest_prompt, reserve, dtype, ref_bytes, gpu_bytes):
+        seen["ref_bytes"] = ref_bytes
+        raise Stop
+    monkeypatch.setattr(train_rl, "read_config", read_config)
+    monkeypatch.setattr(train_rl, "recompute_setting", recompute_setting)
+    argv = ["--model", tiny_checkpoint, "--task", "toy_task", "--train_data", data, "--out_dir",
+            str(tmp_path / "run"), "--prompts_per_step", "4", "--samples_per_prompt", "2", "--max_steps", "1",
+            "--test_data", "", "--max_response_tokens", "16", "--progress", "false", "--kl_coef", "0.1"]
+    with pytest.raises(Stop):
+        train_rl.main(argv + ["--ref_model", str(ref)])
+    assert seen["ref_bytes"] == gpu_memory.reference_bytes(read_config(str(ref)), 1)
+    assert seen["ref_bytes"] > 2.5 * gpu_memory.reference_bytes(real(tiny_checkpoint), 1)
+    with pytest.raises(Stop):  # without --ref_model the reference is --model itself
+        train_rl.main(argv + ["--out_dir", str(tmp_path / "run2")])
+    assert seen["ref_bytes"] == gpu_memory.reference_bytes(real(tiny_checkpoint), 1)
