@@ -186,7 +186,7 @@ def check_not_in_a_run(flag, path, who):
 
 def check_output_path(flag, path, directory):
     """That an output can be made at path: no directory where a file goes, no file where a directory goes, and no
-    file in the way above it. Checked at the start, so that a long run does not fail at its last write."""
+    file (or symbolic link to nothing) in the way above it. Checked at the start, so that a long run does not fail at its last write."""
     want = "directory" if directory else "file"
     if re.search(r"[\n\r]", path):  # (its messages and logs would break mid-line)
         raise UserError(f"{flag} {path!r}: a path with a line break in it; give another")
@@ -201,8 +201,11 @@ def check_output_path(flag, path, directory):
         raise UserError(f"{flag} {path}: {'is' if checkpoint == os.path.abspath(path) else 'is in'} the checkpoint "
                         f"{checkpoint}; give a path outside it")
     parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
+    if not os.path.exists(parent):  # (a link to nothing: making the folders failed, after the run, as a traceback)
+        raise UserError(f"{flag} {path}: {parent} is a symbolic link to {os.readlink(parent)!r}, which does not "
+                        f"exist, so no {want} can be made under it")
     if not os.path.isdir(parent):
         raise UserError(f"{flag} {path}: {parent} is a file, so no {want} can be made under it")
 

@@ -299,8 +299,8 @@ def test_every_seed_setting_is_checked_before_any_work(name, tmp_path):
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_output_path_of_the_wrong_kind_is_refused_before_any_work(name, tmp_path):
-    """An --out that is a directory, an --out_dir that is a file, or a file in the way above either is one line at the
-    start; it was a traceback at the last write, after all the generation (sample_policy, eval)."""
+    """An --out that is a directory, an --out_dir that is a file, or a file (or a link to nothing) in the way above
+    either is one line at the start; it was a traceback at the last write, after all the generation (sample_policy, eval)."""
     import importlib
     module = importlib.import_module(name)
     outputs = [a.dest for a in module.get_parser()._actions
@@ -309,12 +309,16 @@ def test_every_output_path_of_the_wrong_kind_is_refused_before_any_work(name, tm
         pytest.skip(f"{name} writes no output setting")
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "a_file").write_text("")
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")  # (a link to a folder since removed)
     for dest in outputs:
         wrong, want = (tmp_path / "a_file", "directory") if dest == "out_dir" else (tmp_path / "a_dir", "file")
         with pytest.raises(common.UserError, match=rf"--{dest} .*: is a \w+; give a {want} path"):
             common.parse_settings(module.get_parser(), [f"--{dest}", str(wrong)])
         with pytest.raises(common.UserError, match=f"--{dest} .*a_file is a file, so no {want} can be made under it"):
             common.parse_settings(module.get_parser(), [f"--{dest}", str(tmp_path / "a_file" / "x" / "y.jsonl")])
+        with pytest.raises(common.UserError, match=f"--{dest} .*dangling is a symbolic link to .*gone.* which does not "
+                                                   f"exist, so no {want} can be made under it"):
+            common.parse_settings(module.get_parser(), [f"--{dest}", str(tmp_path / "dangling" / "x" / "y.jsonl")])
         fine = str(tmp_path / "new" / ("run" if dest == "out_dir" else "x.jsonl"))
         assert getattr(common.parse_settings(module.get_parser(), [f"--{dest}", fine]), dest) == fine
 
