@@ -186,7 +186,8 @@ def check_not_in_a_run(flag, path, who):
 
 def check_output_path(flag, path, directory):
     """That an output can be made at path: no directory where a file goes, no file where a directory goes, and no
-    file (or symbolic link to nothing) in the way above it. Checked at the start, so that a long run does not fail at its last write."""
+    file (or symbolic link to nothing) in the way above it. Checked at the start, so that a long run does not fail at
+    its last write."""
     want = "directory" if directory else "file"
     if re.search(r"[\n\r]", path):  # (its messages and logs would break mid-line)
         raise UserError(f"{flag} {path!r}: a path with a line break in it; give another")

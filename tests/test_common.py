@@ -300,7 +300,8 @@ def test_every_seed_setting_is_checked_before_any_work(name, tmp_path):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_output_path_of_the_wrong_kind_is_refused_before_any_work(name, tmp_path):
     """An --out that is a directory, an --out_dir that is a file, or a file (or a link to nothing) in the way above
-    either is one line at the start; it was a traceback at the last write, after all the generation (sample_policy, eval)."""
+    either is one line at the start; it was a traceback at the last write, after all the generation (sample_policy,
+    eval)."""
     import importlib
     module = importlib.import_module(name)
     outputs = [a.dest for a in module.get_parser()._actions
