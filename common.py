@@ -510,7 +510,8 @@ def text_lines(path, torn_tail=False):
     if os.path.isdir(path):
         raise UserError(f"{path}: is a directory; give a file")
     if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: not a regular file (a pipe or a device, as <(zcat ...) gives: the stages read a file "
+                        f"more than once; write it out first)" if os.path.exists(path) else f"{path}: file not found")
     try:
         f = open(path, "rb")
     except OSError as e:  # unreadable (permissions), or gone since the check
@@ -1025,7 +1026,12 @@ def append_jsonl(path, record):
     """Append one record (metrics logs); the line is written whole with one write call."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        with open(path, "a", encoding="utf-8") as f:
+        f = open(path, "a", encoding="utf-8")
+    except OSError as e:
+        raise_refused_write(path, e, "nothing was added to it")
+        raise
+    try:
+        with f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     except OSError as e:  # (a line cut short is dropped by its readers)
         raise_refused_write(path, e, "its last line was not added whole")

@@ -500,6 +500,22 @@ def test_an_unreadable_file_or_a_directory_is_one_line(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(common.UserError, match=r": is a directory; give a file$"):
         common.read_jsonl(str(tmp_path))
+    os.mkfifo(tmp_path / "pipe")  # (as <(zcat data.jsonl.gz) gives): it is there, and "file not found" said it was not
+    with pytest.raises(common.UserError, match=r"pipe: not a regular file \(a pipe or a device"):
+        common.read_jsonl(str(tmp_path / "pipe"))
+    with pytest.raises(common.UserError, match=r"nowhere\.jsonl: file not found$"):
+        common.read_jsonl(str(tmp_path / "nowhere.jsonl"))
+
+
+def test_a_log_line_the_storage_refuses_to_open_for_says_nothing_was_added(tmp_path, monkeypatch):
+    """append_jsonl whose open is refused (a read-only file system, no permission) said "its last line was not added
+    whole", though nothing was written."""
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(common, "open", refused, raising=False)
+    with pytest.raises(common.UserError, match=r"metrics\.jsonl: cannot write it \(Permission denied\); nothing was "
+                                               r"added to it\. Check the permissions there"):
+        common.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1})
 
 
 def test_counts_that_mean_all_or_none_at_zero_refuse_negatives():
