@@ -26,7 +26,8 @@ import parallel
 import tasks
 from common import UserError, print0
 from model import check_checkpoint, checkpoint_stamps, dtype_name, read_config
-from scoring import generate_and_score, how_evaluated, markdown_table, read_summary, summarize, summary_row
+from scoring import (SPLIT_DIGEST, generate_and_score, how_evaluated, markdown_table, read_summary, summarize,
+                     summary_row)
 
 # -----------------------------------------------------------------------------
 # settings (defaults follow the paper's evaluation, paper.md section 9)
@@ -126,7 +127,6 @@ def unique_names(names, given, flag, what):
     return names
 
 
-SPLIT_DIGEST = "split records (sha256)"
 PROMPT_DIGEST = "prompts as rendered (sha256)"  # the task's render_prompt, tasks.SYSTEM_PROMPT, --template
 
 

@@ -217,10 +217,11 @@ def main(argv=None):
             raise UserError(f"--{name} is required")
     common.check_non_negative(args, "steps_per_epoch", "epochs")
     plot_out = os.path.splitext(args.out)[0] + ".png" if args.plot_out is None else args.plot_out
+    logs = tasks.rollout_logs(args.rollouts)
     common.check_distinct_outputs([("--out", args.out), ("--scores_out", args.scores_out),
                                    ("--random_out", args.random_out), ("--plot_out", plot_out)],
                                   [("--train_data", args.train_data)]
-                                  + [("--rollouts", path) for path in tasks.rollout_logs(args.rollouts).values()])
+                                  + [("--rollouts", path) for path in logs.values()])
 
     # ---- the pool and the log
     task = tasks.get_task(args.task)
@@ -238,7 +239,7 @@ def main(argv=None):
     tasks.check_rollouts_of(args.rollouts, tokenizer, task, args.task, pool, prompts, args.train_data)
     epochs = sorted({e for e, _, _ in outcomes})
     drawn = {e: len({i for epoch, i, _ in outcomes if epoch == e}) for e in epochs[-2:]}
-    steps = len(tasks.rollout_logs(args.rollouts))
+    steps = len(logs)  # (read_outcomes refused a hole: steps 1..len)
     if args.steps_per_epoch:  # an epoch is that many step files: one with fewer is the one the probe stopped in
         stopped = (f"the log's last epoch has {steps % args.steps_per_epoch} of --steps_per_epoch "
                    f"{args.steps_per_epoch} steps" if steps % args.steps_per_epoch else None)

@@ -391,10 +391,10 @@ def main(argv=None):
     if args.global_batch < world:
         raise UserError(f"--global_batch {args.global_batch} < {world} ranks: every rank needs a sequence per step")
     total_steps = steps_per_epoch * args.epochs
-    if 0 < args.warmup_ratio and int(args.warmup_ratio * total_steps) <= 1:  # (lr_at rounds down: 1 step runs at lr)
-        print0(f"note: --warmup_ratio {args.warmup_ratio:g} of {total_steps} steps is "
-               f"{int(args.warmup_ratio * total_steps)} warm-up step(s), rounded down: no warm-up (2 steps need at "
-               f"least {2 / total_steps:.3g})")
+    warmup = int(args.warmup_ratio * total_steps)  # (as lr_at rounds it: 1 step runs at the full lr)
+    if 0 < args.warmup_ratio and warmup <= 1:
+        print0(f"note: --warmup_ratio {args.warmup_ratio:g} of {total_steps} steps is {warmup} warm-up step(s), "
+               f"rounded down: no warm-up (2 steps need at least {2 / total_steps:.3g})")
     identity = {k: getattr(args, k) for k in RUN_IDENTITY} | {
         "num_examples": len(train), "data_digest": digests[0],
         **parallel.compute_identity(dtype, device)}

@@ -20,7 +20,7 @@ import textwrap
 import common
 import tasks
 from common import UserError
-from scoring import difficulty_order, how_evaluated, markdown_table, read_summary, summary_row
+from scoring import SPLIT_DIGEST, difficulty_order, how_evaluated, markdown_table, read_summary, summary_row
 
 
 def get_parser():
@@ -310,16 +310,16 @@ def evaluated_step(summary):
 
 
 # what makes two summaries' numbers comparable: the same test records, drawn and scored the same way
-PROTOCOL = ("task", "split records (sha256)", "samples_per_prompt", "temperature", "top_p", "max_response_tokens",
-            "template", "score_truncated", "dtype")
+PROTOCOL = ("task", SPLIT_DIGEST, "samples_per_prompt", "temperature", "top_p", "max_response_tokens", "template",
+            "score_truncated", "dtype")
 
 
 def protocol(summary):
-    """A summary's PROTOCOL fields that it records (an older eval.py's: fewer)."""
+    """A summary's PROTOCOL fields that it records (an older eval.py's: fewer; the split's digest among its inputs)."""
     s = summary.get("settings") or {}
     found = {k: s[k] for k in PROTOCOL if k in s}
-    if isinstance(s.get("inputs"), dict) and PROTOCOL[1] in s["inputs"]:
-        found[PROTOCOL[1]] = s["inputs"][PROTOCOL[1]]
+    if isinstance(s.get("inputs"), dict) and SPLIT_DIGEST in s["inputs"]:
+        found[SPLIT_DIGEST] = s["inputs"][SPLIT_DIGEST]
     return found
 
 

@@ -12,6 +12,8 @@ from engine import sample_responses
 from parallel import gather_lists, on_every_rank, rank_share
 from tasks import check_prompts_fit, is_correct, rescore, task_prompt_ids
 
+SPLIT_DIGEST = "split records (sha256)"  # a summary's settings' inputs: the digest of the split's records as loaded
+
 
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k) from n samples of which c are correct.

@@ -462,8 +462,9 @@ def cross_run(primary, intervention, tokenizer, task, records, numbers, args, sw
         which = [f"--{name} {getattr(args, name)}" for name, bad in zip(CROSS_ROLES[args.cross],
                                                                         (g["nan_primary"], g["nan_intervention"]))
                  if bad]
-        dtype = str(next(primary.parameters()).dtype).replace("torch.", "")
-        raise UserError(f"{' and '.join(which)} gave non-finite logits (inf or NaN) in {dtype}, cross-sampling at "
+        from model import dtype_name
+        raise UserError(f"{' and '.join(which)} gave non-finite logits (inf or NaN) in "
+                        f"{dtype_name(next(primary.parameters()).dtype)}, cross-sampling at "
                         f"{desc}: a diverged checkpoint, or float16's range overflowed (use bfloat16 or float32); "
                         f"nothing written")
     stats = {"accuracy": g["correct"] / n, "responses": int(g["responses"]), "tokens": int(g["tokens"]),
