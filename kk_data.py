@@ -741,7 +741,7 @@ def generate(seed, n_people, count, exclude=frozenset(), log=print, label="", fi
     if log:
         log(f"  {label}people {n_people}: {len(records)} puzzles in {seconds:.2f} s "
             f"({1000 * seconds / max(len(records), 1):.2f} s per 1,000)"
-            + (f", {skipped} skipped as already used" + (" or a logical twin of one" if twins else "")
+            + (f", {skipped} skipped as already used" + (" or a twin of one (logic_key)" if twins else "")
                if skipped else ""))
     return records
 
@@ -807,7 +807,7 @@ def logic_key(statements, swapped=False):
     role in the solution, how many assignments make their claim true), trying every order within a colour only.
     swapped: the key of the role-swapped puzzle (knight and knave exchanged: each claim f becomes g(a) = not f(not a)),
     the same reasoning with every role of the answer flipped; a puzzle whose swapped key is another's logic_key is
-    that one's swap twin (no split is kept apart from those: docs/tiny_preset.md counts them)."""
+    that one's swap twin (kept apart from the test by --test_dedup swap and tiny_base.py --exclude_swap_twins)."""
     n = len(statements)
     masks = knight_masks(n)
     truth = [~truth_value(s, ~masks) if swapped else truth_value(s, masks) for s in statements]
@@ -837,15 +837,16 @@ def twin_key(record):
     return logic_key(statements) if record['people'] <= LOGIC_KEY_MAX_PEOPLE else puzzle_key(statements)
 
 
-def logic_keys(records):
-    """The set of the records' logic_keys (up to LOGIC_KEY_MAX_PEOPLE people: refused beyond, before any work)."""
+def logic_keys(records, swapped=False):
+    """The set of the records' logic_keys (up to LOGIC_KEY_MAX_PEOPLE people: refused beyond, before any work);
+    swapped: of their swap twins (logic_key)."""
     if large := sorted({r['people'] for r in records if r['people'] > LOGIC_KEY_MAX_PEOPLE}):
         raise common.UserError(
             f"puzzles of {', '.join(map(str, large))} people: their logical twins are found up to "
             f"{LOGIC_KEY_MAX_PEOPLE} people only (each key tries every renaming within a colour, factorially many: "
             f"minutes a puzzle at 14); for these, dedup by renaming (kk_data.py --test_dedup renaming; tiny_base.py "
             f"--exclude instead of --exclude_logic)")
-    return {logic_key(parse_statements(r['statements'], r['people'])) for r in records}
+    return {logic_key(parse_statements(r['statements'], r['people']), swapped) for r in records}
 
 
 def keys_to_compare(records, against):
@@ -856,11 +857,12 @@ def keys_to_compare(records, against):
     return logic_keys([r for r in records if r['people'] in counts])
 
 
-def logic_twins(records, keys):
-    """How many of records have a logically equivalent puzzle (logic_key) among those of `keys` (logic_keys). (A key
-    holds an entry a person: a record of a people count no key has is no twin, and its key is not computed.)"""
+def logic_twins(records, keys, swapped=False):
+    """How many of records have a logically equivalent puzzle (logic_key) among those of `keys` (logic_keys);
+    swapped: a swap twin there instead. (A key holds an entry a person: a record of a people count no key has is
+    no twin, and its key is not computed.)"""
     counts = {len(key) for key in keys}
-    return sum(logic_key(parse_statements(r['statements'], r['people'])) in keys for r in records
+    return sum(logic_key(parse_statements(r['statements'], r['people']), swapped) in keys for r in records
                if r['people'] in counts)
 
 
@@ -949,8 +951,10 @@ def get_parser():
     p.add_argument("--sft_people", default="2-3", help="people counts of the SFT pool (paper: 2 and 3)")
     p.add_argument("--sft_per_people", default="200,800", help="SFT pool puzzles per people count (paper: 200 and 800)")
     p.add_argument("--sft_seed", type=int, default=200000, help="seed of the SFT pool stream")
-    p.add_argument("--test_dedup", default="logic", choices=("logic", "renaming"),
-                   help="which train and SFT-pool puzzles count as a test puzzle and are skipped: 'logic' = every "
+    p.add_argument("--test_dedup", default="logic", choices=("swap", "logic", "renaming"),
+                   help="which train and SFT-pool puzzles count as a test puzzle and are skipped: 'swap' = those of "
+                   "'logic' and the test puzzles' swap twins (knights and knaves exchanged, the answer every role "
+                   "flipped: the same reasoning; kk_data.logic_key(swapped=True)); 'logic' = every "
                    "puzzle with the same logic as one (kk_data.logic_key: each claim's truth function, up to renaming "
                    "the people; 'not a knave' is 'a knight', 'if A then B' is 'B or not A'); 'renaming' = the "
                    "test puzzles renamed, reordered or with and / or / <=> operands swapped (kk_data.puzzle_key; "
@@ -1026,7 +1030,9 @@ def main(argv=None):
         print(f"note: the official stream's test split holds {OFFICIAL_TEST_SIZE} puzzles per people count; past "
               f"them ({', '.join(beyond)}) the test split takes the official train split's first records")
     used = statements_of(test)
-    twins = logic_keys(test) if args.test_dedup == "logic" else frozenset()
+    twins = logic_keys(test) if args.test_dedup in ("logic", "swap") else frozenset()
+    if args.test_dedup == "swap":
+        twins |= logic_keys(test, swapped=True)
     for n in sorted(set(train_people + sft_people)):
         # (the official test puzzles of people counts not in our test: exact statements, as before; a puzzle_key
         #  here would rule out most two-people puzzles for the sake of a test split that has none)
@@ -1051,12 +1057,16 @@ def main(argv=None):
               f"of an SFT puzzle; {len(held_out)} kept")
         sft_val = held_out
 
-    # what puzzle_key lets through under --test_dedup renaming: a test puzzle's claims worded otherwise (docs/data.md;
-    # under logic there are none, and the keys of 10,000 puzzles of up to 7 people cost seconds)
-    for name, records in (("RL train split", train), ("SFT pool", sft + sft_val)) if not twins else ():
-        if count := logic_twins(test, keys_to_compare(records, test)):
+    # what the rule lets through: under renaming, a test puzzle's claims worded otherwise (docs/data.md); under
+    # renaming or logic, its swap twins (docs/tiny_preset.md). (The keys of 10,000 puzzles of up to 7 people: seconds.)
+    for name, records in (("RL train split", train), ("SFT pool", sft + sft_val)) if args.test_dedup != "swap" else ():
+        keys = keys_to_compare(records, test)
+        if args.test_dedup == "renaming" and (count := logic_twins(test, keys)):
             print(f"note: {count} of the {len(test)} test puzzles have a logically equivalent puzzle in the {name} "
                   f"(the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")
+        if count := logic_twins(test, keys, swapped=True):
+            print(f"note: {count} of the {len(test)} test puzzles have a swap twin in the {name} (knights and "
+                  f"knaves exchanged, the answer flipped: the same reasoning; --test_dedup swap skips them)")
     held_out = [("sft_val", sft_val)] if args.sft_val_fraction > 0 else []
     for name, records in [("test", test), ("train", train), ("sft", sft)] + held_out:
         path = os.path.join(args.out_dir, f"{name}.jsonl")

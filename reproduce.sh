@@ -17,6 +17,7 @@
 #   THREADS=N, DYNAMIC_SAMPLING=false, RL_STEPS=N  tiny: CPU threads of every stage (default 2, the figures'
 #                          count; recorded in OUT/cpu_threads, and a study goes on at its own count only), the
 #                          measured alternative without dynamic sampling, the RL steps
+#   SWAP_TWINS=apart       tiny: the test puzzles' swap twins kept out of RL, SFT and the base's text too (default kept)
 #   MATH_POOL=FILE, MATH_TEST=FILE, MATH_DATA_ARGS="..."  the MATH presets' problem files, or math_data.py's flags
 # A preset may set one of these itself (micro: RL_STEPS, SAMPLE_EFFECT): a value given otherwise is noted, not used.
 # Presets are bash files of settings in config/PRESET.sh (read them: every stage's flags are there). The script runs

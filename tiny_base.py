@@ -2,8 +2,9 @@
 The tiny preset's "base model" inputs, built here because nothing can be downloaded for the CPU preset:
 
   OUT_DIR/pretrain.jsonl   {"text": ...} documents: K&K puzzles of their own random stream (never one of the
-                           --exclude splits, nor a logical twin of an --exclude_logic one) in the plain
-                           Question/Answer format, not the SFT data's chat format
+                           --exclude splits, nor a logical twin of an --exclude_logic one, nor its swap
+                           twin with --exclude_swap_twins) in the plain Question/Answer format, not the SFT
+                           data's chat format
   OUT_DIR/tokenizer/       a byte-level BPE with Qwen-style special tokens and chat template (build_tokenizer)
 
 redistill_sft.py --init_tiny true --pretrain_text OUT_DIR/pretrain.jsonl then pre-trains the base on it.
@@ -101,6 +102,11 @@ def get_parser():
     p.add_argument("--exclude_logic", nargs="*", default=[],
                    help="split files whose puzzles' logical twins must not appear either: any puzzle with the same "
                    "logic, however worded (kk_data.logic_key; reproduce.sh: the test split)")
+    p.add_argument("--exclude_swap_twins", type=common.str2bool, default=False,
+                   help="true: the --exclude_logic splits' swap twins must not appear either (knights and knaves "
+                   "exchanged, the answer every role flipped: the same reasoning; kk_data.logic_key(swapped=True); "
+                   "kk_data.py --test_dedup swap does it for the RL and SFT splits); false: they may, and a note "
+                   "counts them")
     p.add_argument("--text_format", default="table", choices=("answer", "trace", "table", "mixed"),
                    help="what follows each question: answer (the answer sentence alone), trace (the official trace "
                         "and boxed answer), table (the truth-table chain of thought, kk_data.table_rows), mixed "
@@ -200,8 +206,8 @@ def probe(args):
 def main(argv=None):
     parser = get_parser()
     args = common.parse_settings(parser, argv)
-    corpus = ("out_dir", "people", "per_people", "seed", "exclude", "exclude_logic", "text_format", "trace_fraction",
-              "drill_people", "drill_per_people", "fixed_names", "vocab_size")
+    corpus = ("out_dir", "people", "per_people", "seed", "exclude", "exclude_logic", "exclude_swap_twins",
+              "text_format", "trace_fraction", "drill_people", "drill_per_people", "fixed_names", "vocab_size")
     common.note_unused(args, parser, corpus, bool(args.probe), "writing the corpus (no --probe)")
     if args.probe:
         return probe(args)
@@ -219,6 +225,8 @@ def main(argv=None):
     for split in excluded.values():
         used |= kk_data.statements_of(split)
     twins = set().union(*(kk_data.logic_keys(excluded[path]) for path in args.exclude_logic))
+    if args.exclude_swap_twins:
+        twins |= set().union(*(kk_data.logic_keys(excluded[path], swapped=True) for path in args.exclude_logic))
     records = [r for n, size in zip(people, sizes)
                for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names, twins=twins)]
     # what puzzle_key lets through: the same logic worded otherwise (none of the --exclude_logic splits': skipped)
@@ -228,6 +236,14 @@ def main(argv=None):
         if count := kk_data.logic_twins(excluded[path], text_keys):
             print(f"note: {count} of the {len(excluded[path])} puzzles of {path} have a logically equivalent puzzle in "
                   f"this text (the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")
+    # what --exclude_logic lets through: its splits' swap twins
+    swap_twins_checked = [] if args.exclude_swap_twins else args.exclude_logic
+    text_keys = kk_data.keys_to_compare(records, [r for path in swap_twins_checked for r in excluded[path]])
+    for path in swap_twins_checked:
+        if count := kk_data.logic_twins(excluded[path], text_keys, swapped=True):
+            print(f"note: {count} of the {len(excluded[path])} puzzles of {path} have a swap twin in this text "
+                  f"(knights and knaves exchanged, the answer flipped: the same reasoning; --exclude_swap_twins true "
+                  f"skips them)")
     rng = random.Random(args.seed)
     rng.shuffle(records)
     if args.text_format == "mixed":

@@ -44,18 +44,26 @@ TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # base is pre-trained on the same streams' puzzles, and 825 of seed 1's 1,560 RL puzzles have a renamed copy among
 # its 6,150 (97 as written); RL there rewards what pre-training showed solved. Two people are trained on, not tested:
 # only 41 two-people logic problems exist, the official first 25 (the test until 2026-12-06) fall in 16 of them, and
-# excluding those left 181 of the 399 two-people puzzles, too few to fill the RL and SFT pools apart (README). Swap
-# twins (knights and knaves exchanged, the answer flipped) are not kept apart: docs/tiny_preset.md counts them
+# excluding those left 181 of the 399 two-people puzzles, too few to fill the RL and SFT pools apart (README).
+# Swap twins (knights and knaves exchanged, the answer flipped: the same reasoning) are kept in by default, and the
+# data and base_text steps' notes count them; SWAP_TWINS=apart keeps them out of RL, SFT and the base's text too
+# (docs/tiny_preset.md compares the two)
+SWAP_TWINS=${SWAP_TWINS:-kept}
+case "$SWAP_TWINS" in
+  kept) SWAP_DATA_ARGS=""; SWAP_TEXT_ARGS="" ;;
+  apart) SWAP_DATA_ARGS=" --test_dedup swap"; SWAP_TEXT_ARGS=" --exclude_swap_twins true" ;;
+  *) echo "error: SWAP_TWINS=$SWAP_TWINS: give kept or apart" >&2; exit 2 ;;
+esac
 DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 3 --test_per_people 200 \
 --train_people 2-3 --train_per_people 60,1500 --sft_people 2-3 --sft_per_people 50,300 \
---train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"
+--train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))$SWAP_DATA_ARGS"
 TEACHER_ARGS="--teacher_style table --teacher_cot_fraction 0.25 --teacher_seed $SEED_SHIFT"
 
 TINY_BASE=1
 # pre-training: 6,150 puzzles solved by the table + 12,000 claim drills (~1.7M tokens), 2 epochs;
 # none is an SFT-pool puzzle or has a test puzzle's logic
 BASE_TEXT_ARGS="--people 2-3 --per_people 150,6000 --text_format table --drill_people 2-3 --drill_per_people 3000,9000 \
---fixed_names true --vocab_size 1024 --seed $((300000 + STREAM_SHIFT))"
+--fixed_names true --vocab_size 1024 --seed $((300000 + STREAM_SHIFT))$SWAP_TEXT_ARGS"
 PRETRAIN_ARGS="--tiny_hidden_size 128 --tiny_layers 4 --tiny_heads 4 --tiny_kv_heads 2 --tiny_context 1024 \
 --max_length 1024 --epochs 2 --global_batch 16 --lr 2e-3 --warmup_ratio 0.03 --min_lr_ratio 0.1 \
 --loss_reduction token_mean --micro_batch_tokens 4096 --save_every 100 --progress false --seed $((1 + SEED_SHIFT))"
@@ -117,7 +125,8 @@ SELECT_FROM=${SELECT_FROM:-$OUT/redistill_A.jsonl}
 # studies' markers still hold)
 LIMR_DATA_CMD="python kk_data.py --out_dir $OUT/limr/data --fixed_names true --test_people 3 --test_per_people 200 \
 --train_people 2-3 --train_per_people 20,150 --sft_people 2-3 --sft_per_people 50,300\
-$(if (( STREAM_SHIFT )); then echo " --train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"; fi)"
+$(if (( STREAM_SHIFT )); then echo " --train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))"; fi)\
+$SWAP_DATA_ARGS"
 LIMR_POOL=$OUT/limr/data/train.jsonl
 LIMR_PROBE_STEPS=80
 LIMR_STEPS=40
