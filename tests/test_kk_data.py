@@ -924,6 +924,29 @@ def test_by_default_no_train_or_sft_puzzle_is_a_logical_twin_of_a_test_puzzle(tm
     assert all(K.logic_key(stream[i]) in test_keys or {stream[i], K.puzzle_key(stream[i])} & used for i in skipped)
 
 
+def test_swap_dedup_keeps_the_test_puzzles_swap_twins_out_which_logic_counts_in_a_note(tmp_path, capsys):
+    """--test_dedup logic lets a test puzzle's swap twin (knights and knaves exchanged) into RL and the SFT pool and
+    says how many test puzzles have one there; --test_dedup swap skips them as it skips logical twins, the pools keep
+    their sizes, and no note is printed."""
+    args = ["--fixed_names", "true", "--test_people", "2", "--test_per_people", "10", "--train_people", "2",
+            "--train_per_people", "30", "--sft_people", "2", "--sft_per_people", "10",
+            "--train_seed", "100000", "--sft_seed", "200000"]
+    K.main(["--out_dir", str(tmp_path / "logic")] + args)
+    out = capsys.readouterr().out
+    test, train, sft = (K.load_split(str(tmp_path / "logic" / f"{name}.jsonl")) for name in ("test", "train", "sft"))
+    for name, split in (("RL train split", train), ("SFT pool", sft)):
+        twins = K.logic_twins(test, K.logic_keys(split), swapped=True)
+        assert twins > 0
+        assert f"note: {twins} of the 10 test puzzles have a swap twin in the {name}" in out
+    K.main(["--out_dir", str(tmp_path / "swap"), "--test_dedup", "swap"] + args)
+    assert "swap twin" not in capsys.readouterr().out
+    test2, train, sft = (K.load_split(str(tmp_path / "swap" / f"{n}.jsonl")) for n in ("test", "train", "sft"))
+    assert test2 == test and len(train) == 30 and len(sft) == 10
+    for split in (train, sft):
+        assert K.logic_twins(test, K.logic_keys(split), swapped=True) == 0
+        assert K.logic_twins(test, K.logic_keys(split)) == 0  # (and still no logical twin)
+
+
 def test_generate_skips_the_logical_twins_it_is_given_and_only_those():
     """generate(twins=...): a stream minus every puzzle whose logic_key is given, in its order; keys of another
     people count change nothing."""

@@ -534,6 +534,22 @@ def test_dynamic_sampling_is_read_as_train_rl_reads_it(tmp_path):
     assert bad.returncode == 2 and "DYNAMIC_SAMPLING=maybe: give true or false" in bad.stderr
 
 
+def test_swap_twins_apart_reaches_every_split_the_tiny_preset_writes(tmp_path):
+    """SWAP_TWINS=apart: the data, LIMR pool and base-text commands skip the test's swap twins, and nothing else
+    changes; the default leaves every command as it was (finished studies' markers hold); another value is refused."""
+    def commands(**env):
+        proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "out"), "LIMR": "1", **env})
+        return stage_lines(proc.stdout)
+    kept, apart = commands(), commands(SWAP_TWINS="apart")
+    assert kept == commands(SWAP_TWINS="kept") and list(kept) == list(apart)
+    changed = {stage: (kept[stage], apart[stage]) for stage in kept if kept[stage] != apart[stage]}
+    assert changed == {"data": (kept["data"], kept["data"] + " --test_dedup swap"),
+                       "base_text": (kept["base_text"], kept["base_text"] + " --exclude_swap_twins true"),
+                       "limr_data": (kept["limr_data"], kept["limr_data"] + " --test_dedup swap")}
+    bad = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "x"), "SWAP_TWINS": "yes"}, check=False)
+    assert bad.returncode == 2 and "SWAP_TWINS=yes: give kept or apart" in bad.stderr
+
+
 def test_a_seed_given_with_seeds_is_an_error_not_ignored(tmp_path):
     """SEEDS=N runs seeds 1..N: SEED=4 beside it was dropped without a word."""
     proc = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": str(tmp_path / "out"), "SEED": "4", "SEEDS": "2"},

@@ -84,17 +84,31 @@ def test_exclude_logic_keeps_the_splits_logical_twins_out_of_the_text(tmp_path, 
     stream = kk_data.generate(300000, 2, 300, log=None, fixed_names=True)  # the text's own stream (--seed)
     test_keys = kk_data.logic_keys(kk_data.load_split(str(split)))
 
-    def twins_in_text(out):
+    def text_puzzles(out):
         docs = [d["text"] for d in common.read_jsonl(str(tmp_path / out / "pretrain.jsonl"))]
         puzzles = [r for r in stream if any(r["question"] in d for d in docs)]
         assert len(docs) == len(puzzles) == 60
-        return kk_data.logic_twins(puzzles, test_keys)
+        return puzzles
+
+    def twins_in_text(out):
+        return kk_data.logic_twins(text_puzzles(out), test_keys)
     tiny_base.main(["--out_dir", str(tmp_path / "a"), "--exclude", str(split)] + text)
     assert f"puzzles of {split} have a logically equivalent puzzle in this text" in capsys.readouterr().out
     assert twins_in_text("a") > 0
     tiny_base.main(["--out_dir", str(tmp_path / "b"), "--exclude_logic", str(split)] + text)
-    assert "logically equivalent" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "logically equivalent" not in out
     assert twins_in_text("b") == 0
+    # its swap twins (knights and knaves exchanged): let through and counted, or with --exclude_swap_twins skipped
+    swap_twins = kk_data.logic_twins(kk_data.load_split(str(split)),
+                                     kk_data.logic_keys(text_puzzles("b")), swapped=True)
+    assert swap_twins > 0 and f"note: {swap_twins} of the 10 puzzles of {split} have a swap twin in this text" in out
+    tiny_base.main(["--out_dir", str(tmp_path / "c"), "--exclude_logic", str(split), "--exclude_swap_twins", "true"]
+                   + text)
+    assert "swap twin" not in capsys.readouterr().out
+    assert twins_in_text("c") == 0
+    assert kk_data.logic_twins(kk_data.load_split(str(split)), kk_data.logic_keys(text_puzzles("c")),
+                               swapped=True) == 0
 
 
 @pytest.mark.parametrize("setting, error", [("--trace_fraction=-0.5", r"--trace_fraction must be in \[0, 1\]"),
