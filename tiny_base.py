@@ -214,6 +214,7 @@ def main(argv=None):
     # a probe's settings without --probe: a forgotten --probe would write a corpus over the default --out_dir's
     common.refuse_unused(args, parser, ("probe_split", "probe_out", "probe_tokens", "probe_batch"), "--probe",
                          "write the pre-training corpus")
+    common.note_unused(args, parser, ("exclude_swap_twins",), not args.exclude_logic, "--exclude_logic")
     common.check_fraction(args, "trace_fraction")  # (outside, every document would silently be one format)
     common.note_unused(args, parser, ("trace_fraction",), args.text_format != "mixed", "--text_format mixed")
     if args.vocab_size < BYTE_VOCAB:  # (the BPE keeps its byte alphabet and the special tokens whatever is asked)

@@ -109,6 +109,9 @@ def test_exclude_logic_keeps_the_splits_logical_twins_out_of_the_text(tmp_path, 
     assert twins_in_text("c") == 0
     assert kk_data.logic_twins(kk_data.load_split(str(split)), kk_data.logic_keys(text_puzzles("c")),
                                swapped=True) == 0
+    # (without --exclude_logic it has no split to take twins of: said)
+    tiny_base.main(["--out_dir", str(tmp_path / "d"), "--exclude", str(split), "--exclude_swap_twins", "true"] + text)
+    assert "note: --exclude_swap_twins not used: only --exclude_logic uses it" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("setting, error", [("--trace_fraction=-0.5", r"--trace_fraction must be in \[0, 1\]"),
