@@ -313,6 +313,21 @@ def test_kernel_count_leaves_out_views_and_no_op_casts_and_splits_composites():
     assert speed.kernel_count(Event(name="Torch-Compiled Region: 0/0", cpu_children=[item, item])) == 1
 
 
+def test_gpu_kernel_counts_leave_out_copies_and_a_busy_fraction_above_one_is_flagged():
+    """A GPU profile's kernels per step counted its memcpy and memset activity as kernels, and a busy fraction above 1
+    (kernel time summed over overlapping streams, or a wall time from another run) was recorded as if a share of
+    the time (docs/gpu_h200_stage1.json: 4.4)."""
+    from types import SimpleNamespace as Event
+    from torch.autograd import DeviceType
+    cuda = [Event(name=n, device_type=DeviceType.CUDA) for n in (
+        "void gemv_kernel<float>", "Memcpy HtoD (Pageable -> Device)", "Memset (Device)", "triton_poi_fused_0")]
+    host = [Event(name="aten::mm", device_type=DeviceType.CPU)]
+    assert speed.gpu_kernel_count(cuda + host) == 2
+    assert speed.busy_fraction(0.5, 2.0) == {"gpu_busy_fraction": 0.25}
+    over = speed.busy_fraction(4.4, 1.0)
+    assert over["gpu_busy_fraction"] == 4.4 and "not a share of the time" in over["gpu_busy_note"]
+
+
 def test_compiled_since_counts_new_graphs_and_names_the_guard_that_recompiled():
     """The GPU suite's compiled SFT run says why torch.compile compiled again: here a new dtype fails the first
     graph's guard; the second call with the same input adds nothing, and what came before is not counted."""
