@@ -22,7 +22,9 @@ if (( SEED > 1 )) && [[ "$DATA" != "$OUT/data" ]]; then DATA=$DATA/seed_$SEED; f
 # measured. It draws other RL/SFT puzzles, pre-training text (so another tokenizer), base weights, teacher traces,
 # data orders and samples. The test split stays the official puzzles: every seed is scored on the same questions.
 SEED_SHIFT=$((SEED - 1))
-STREAM_SHIFT=$((1000003 * SEED_SHIFT))  # puzzles are seeded stream seed + index: shifted streams never overlap
+# (a record's names and wording are seeded stream seed + index, so shifted streams never share one; the puzzles are
+# one generator per stream and may repeat across seeds: 35 and 36 of seeds 2 and 3's RL puzzles are seed 1's)
+STREAM_SHIFT=$((1000003 * SEED_SHIFT))
 DEVICES=1; DEVICE_KIND=cpu
 # CPU threads: the preset's machine has 2 cores, and its figures are for 2 threads (another count rounds the
 # matmuls otherwise: other weights, other samples); THREADS=N to run another, an OMP_NUM_THREADS of the shell is not
@@ -40,8 +42,9 @@ TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # first 100); RL train: 60 + 1,500 puzzles of 2-3 people; teacher SFT pool ("1K" in the paper): 50 + 300 of 2-3
 # people. Train, SFT pool and base text hold no puzzle with the logic of a test puzzle (kk_data.logic_key: the same
 # claims, however worded; 19 % of the 3-people stream), train and SFT no official test puzzle as written, and the
-# SFT pool is apart from train and base text up to renaming (kk_data.puzzle_key). Train and base text are not: the
-# base is pre-trained on the same streams' puzzles, and 825 of seed 1's 1,560 RL puzzles have a renamed copy among
+# SFT pool is apart from train and base text up to renaming (kk_data.puzzle_key; not up to logic: 293 of its 350
+# puzzles have a logical twin in the text, 196 in train). Train and base text are not: the base is pre-trained on
+# the same generator's puzzles (its own stream), and 825 of seed 1's 1,560 RL puzzles have a renamed copy among
 # its 6,150 (97 as written); RL there rewards what pre-training showed solved. Two people are trained on, not tested:
 # only 41 two-people logic problems exist, the official first 25 (the test until 2026-12-06) fall in 16 of them, and
 # excluding those left 181 of the 399 two-people puzzles, too few to fill the RL and SFT pools apart (README).
