@@ -964,7 +964,8 @@ def test_logic_keys_beyond_their_people_limit_are_refused_before_any_work(monkey
     big = K.generate(1234, K.LOGIC_KEY_MAX_PEOPLE + 4, 2)
     keys = K.logic_keys(K.generate(1234, 3, 5))
     real, computed = K.logic_key, []
-    monkeypatch.setattr(K, "logic_key", lambda statements: computed.append(len(statements)) or real(statements))
+    monkeypatch.setattr(K, "logic_key", lambda statements, swapped=False: computed.append(len(statements))
+                        or real(statements, swapped))
     with pytest.raises(common.UserError, match=rf"puzzles of {K.LOGIC_KEY_MAX_PEOPLE + 4} people: .*--test_dedup "
                                                r"renaming"):
         K.logic_keys(big + K.generate(1234, 3, 2))
@@ -977,7 +978,8 @@ def test_the_refused_people_counts_advice_runs(tmp_path, monkeypatch):
     counts both splits have, up to the limit."""
     import tiny_base
     real, computed = K.logic_key, []
-    monkeypatch.setattr(K, "logic_key", lambda statements: computed.append(len(statements)) or real(statements))
+    monkeypatch.setattr(K, "logic_key", lambda statements, swapped=False: computed.append(len(statements))
+                        or real(statements, swapped))
     big = K.LOGIC_KEY_MAX_PEOPLE + 1
     K.main(["--out_dir", str(tmp_path / "kk"), "--test_people", "3", "--test_per_people", "2", "--train_people",
             f"3,{big}", "--train_per_people", "2", "--sft_people", "3", "--sft_per_people", "2", "--test_dedup",
