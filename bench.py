@@ -90,7 +90,9 @@ def get_parser():
                         + ", ".join(gpu_memory.MEMORY_PRESETS) + "); one column per model")
     p.add_argument("--world", type=int, default=8,
                    help="--memory: GPUs (FSDP ranks) the training state is sharded over")
-    p.add_argument("--gpu_gib", type=float, default=80, help="--memory: memory of one GPU in GiB; fits = peak <= this")
+    p.add_argument("--gpu_gib", type=float, default=80,
+                   help="--memory: memory of one GPU in GiB; fits = peak <= this (an '80 GB' H100 shows torch ~79.6 "
+                   "GiB, an H200 ~139.8: 80 is ~0.4 GiB generous)")
     p.add_argument("--prompts_per_step", type=int, default=128,
                    help="--memory: RL prompts per step over all ranks (train_rl --prompts_per_step); each rank takes "
                         "its share")
