@@ -953,8 +953,8 @@ def get_parser():
     p.add_argument("--sft_seed", type=int, default=200000, help="seed of the SFT pool stream")
     p.add_argument("--test_dedup", default="logic", choices=("swap", "logic", "renaming"),
                    help="which train and SFT-pool puzzles count as a test puzzle and are skipped: 'swap' = those of "
-                   "'logic' and the test puzzles' swap twins (knights and knaves exchanged, the answer every role "
-                   "flipped: the same reasoning; kk_data.logic_key(swapped=True)); 'logic' = every "
+                   "'logic' and the test puzzles' swap twins (knights and knaves exchanged, with every role of the "
+                   "answer flipped: the same reasoning; kk_data.logic_key(swapped=True)); 'logic' = every "
                    "puzzle with the same logic as one (kk_data.logic_key: each claim's truth function, up to renaming "
                    "the people; 'not a knave' is 'a knight', 'if A then B' is 'B or not A'); 'renaming' = the "
                    "test puzzles renamed, reordered or with and / or / <=> operands swapped (kk_data.puzzle_key; "
@@ -1021,7 +1021,7 @@ def main(argv=None):
 
     # Never train on a test puzzle: the official test split (the first 100 of the official stream,
     # for every people count) and our own test split are both excluded from train and the SFT pool (ours with
-    # its logical twins, under --test_dedup logic).
+    # its logical twins under --test_dedup logic, and their swap twins too under swap).
     print("test split")
     named = dict(fixed_names=args.fixed_names)
     test = [r for n, size in zip(test_people, test_sizes) for r in generate(args.test_seed, n, size, **named)]

@@ -115,6 +115,10 @@ for setting in ${given[@]+"${given[@]}"}; do  # (taken silently, the run was not
     echo "note: $setting from the environment: preset $PRESET sets $name=${!name:-(nothing)}, which this run uses" >&2
   fi
 done
+if [[ "${SWAP_TWINS:-kept}" == apart && "$DATA_CMD" != *"--test_dedup swap"* ]]; then  # (tiny's setting alone)
+  echo "note: SWAP_TWINS=apart from the environment: preset $PRESET does not read it (its data stage keeps the test's" \
+       "swap twins; kk_data.py --test_dedup swap in its DATA_CMD would not)" >&2
+fi
 check_counts "in the preset"
 check_whole() {  # check_whole NAME VALUE WHAT: VALUE a non-negative integer written as Python and report.py read it
   if ! [[ "$2" =~ ^(0|[1-9][0-9]*)$ ]]; then

@@ -588,6 +588,8 @@ def busy_fraction(kernel_s, wall_s):
     """{"gpu_busy_fraction": kernel time / wall time}, and a note where it is above 1: kernel time is a sum of
     durations, so kernels overlapping on several streams, or a wall time from another run than the profiled one
     (decode_step_profile's fastest of 5), can exceed the wall; such a figure is no share of time."""
+    if wall_s <= 0:  # (a per-step wall time is a difference of two runs: a paused host can make it 0 or less)
+        return {"gpu_busy_fraction": None, "gpu_busy_note": f"wall time {wall_s:.3g} s: no share to take"}
     r = {"gpu_busy_fraction": kernel_s / wall_s}
     if r["gpu_busy_fraction"] > 1:
         r["gpu_busy_note"] = ("kernel time above wall time: kernels overlapped on several streams, or the wall "
@@ -634,6 +636,7 @@ def decode_step_profile(model, n_prompts, samples, step_lens, stop_id, device, s
     # decodes (cuDNN's SDPA would build a plan per shape), what the matmuls, the sampler's scan and the rest take
     per_step_us = {name: (us - by_name[a][name]) / steps for name, us in by_name[b].items()}
     top = sorted(per_step_us.items(), key=lambda kv: -kv[1])[:12]
+    # (step_ms_kernels and top_kernels hold the copies' and fills' GPU time too; kernels_per_step counts kernels only)
     return {"rows": n_prompts * samples, "step_ms_wall": step_wall * 1e3, "step_ms_kernels": step_kernel * 1e3,
             "kernels_per_step": (count[b] - count[a]) / steps, **busy_fraction(step_kernel, step_wall),
             "top_kernels": [{"name": name[:120], "ms_per_step": us / 1e3} for name, us in top]}

@@ -15,15 +15,28 @@
 # two-people puzzles, which re-distillation set A samples on the SFT prompts: it wrote three rows and names).
 OUT=${OUT:-runs/tiny}
 DATA=${DATA:-$OUT/data}
+# Swap twins (knights and knaves exchanged, the answer flipped: the same reasoning) are kept in by default, and the
+# data and base_text steps' notes count them; SWAP_TWINS=apart keeps them out of RL, SFT and the base's text too
+# (docs/tiny_preset.md compares the two)
+SWAP_TWINS=${SWAP_TWINS:-kept}
+case "$SWAP_TWINS" in
+  kept) SWAP_DATA_ARGS=""; SWAP_TEXT_ARGS="" ;;
+  apart) SWAP_DATA_ARGS=" --test_dedup swap"; SWAP_TEXT_ARGS=" --exclude_swap_twins true" ;;
+  *) echo "error: SWAP_TWINS=$SWAP_TWINS: give kept or apart" >&2; exit 2 ;;
+esac
 # a DATA given from outside is shared by every seed (SEEDS=N passes it on), but this preset's puzzles depend on the
-# seed: seed S > 1 writes its own DATA/seed_S, as its study goes in OUT/seed_S
+# seed: seed S > 1 writes its own DATA/seed_S, as its study goes in OUT/seed_S; and on SWAP_TWINS: apart writes
+# DATA/swap_apart (a done-marker is OUT's: a study in another OUT would rewrite the kept study's splits under it)
+# (once: SEEDS=N's seeds inherit the DATA it made)
+if [[ "$SWAP_TWINS" == apart && "$DATA" != "$OUT/data" && "$DATA" != */swap_apart ]]; then DATA=$DATA/swap_apart; fi
 if (( SEED > 1 )) && [[ "$DATA" != "$OUT/data" ]]; then DATA=$DATA/seed_$SEED; fi
 # seeds (SEEDS=3 bash reproduce.sh tiny): seed S moves every stage's seed by S - 1, so seed 1 is the preset as first
 # measured. It draws other RL/SFT puzzles, pre-training text (so another tokenizer), base weights, teacher traces,
 # data orders and samples. The test split stays the official puzzles: every seed is scored on the same questions.
 SEED_SHIFT=$((SEED - 1))
 # (a record's names and wording are seeded stream seed + index, so shifted streams never share one; the puzzles are
-# one generator per stream and may repeat across seeds: 35 and 36 of seeds 2 and 3's RL puzzles are seed 1's)
+# one generator per stream and may repeat across seeds: 35 and 36 of seeds 2 and 3's RL puzzles are seed 1's as
+# written, 306 and 317 up to renaming)
 STREAM_SHIFT=$((1000003 * SEED_SHIFT))
 DEVICES=1; DEVICE_KIND=cpu
 # CPU threads: the preset's machine has 2 cores, and its figures are for 2 threads (another count rounds the
@@ -48,15 +61,7 @@ TRAIN=$DATA/train.jsonl; TEST=$DATA/test.jsonl; SFT_SPLIT=$DATA/sft.jsonl
 # its 6,150 (97 as written); RL there rewards what pre-training showed solved. Two people are trained on, not tested:
 # only 41 two-people logic problems exist, the official first 25 (the test until 2026-12-06) fall in 16 of them, and
 # excluding those left 181 of the 399 two-people puzzles, too few to fill the RL and SFT pools apart (README).
-# Swap twins (knights and knaves exchanged, the answer flipped: the same reasoning) are kept in by default, and the
-# data and base_text steps' notes count them; SWAP_TWINS=apart keeps them out of RL, SFT and the base's text too
-# (docs/tiny_preset.md compares the two)
-SWAP_TWINS=${SWAP_TWINS:-kept}
-case "$SWAP_TWINS" in
-  kept) SWAP_DATA_ARGS=""; SWAP_TEXT_ARGS="" ;;
-  apart) SWAP_DATA_ARGS=" --test_dedup swap"; SWAP_TEXT_ARGS=" --exclude_swap_twins true" ;;
-  *) echo "error: SWAP_TWINS=$SWAP_TWINS: give kept or apart" >&2; exit 2 ;;
-esac
+# Swap twins: SWAP_TWINS, above.
 DATA_CMD="python kk_data.py --out_dir $DATA --fixed_names true --test_people 3 --test_per_people 200 \
 --train_people 2-3 --train_per_people 60,1500 --sft_people 2-3 --sft_per_people 50,300 \
 --train_seed $((100000 + STREAM_SHIFT)) --sft_seed $((200000 + STREAM_SHIFT))$SWAP_DATA_ARGS"

@@ -326,6 +326,9 @@ def test_gpu_kernel_counts_leave_out_copies_and_a_busy_fraction_above_one_is_fla
     assert speed.busy_fraction(0.5, 2.0) == {"gpu_busy_fraction": 0.25}
     over = speed.busy_fraction(4.4, 1.0)
     assert over["gpu_busy_fraction"] == 4.4 and "not a share of the time" in over["gpu_busy_note"]
+    for wall in (0.0, -0.001):  # (a difference of two runs)
+        assert speed.busy_fraction(0.5, wall) == {"gpu_busy_fraction": None,
+                                                  "gpu_busy_note": f"wall time {wall:.3g} s: no share to take"}
 
 
 def test_compiled_since_counts_new_graphs_and_names_the_guard_that_recompiled():

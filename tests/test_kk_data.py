@@ -899,6 +899,8 @@ def test_the_split_writer_counts_the_test_puzzles_with_a_logical_twin_in_trainin
         twins = K.logic_twins(test, K.logic_keys(split))
         assert twins > 0
         assert f"note: {twins} of the 10 test puzzles have a logically equivalent puzzle in the {name}" in out
+        swap_twins = K.logic_twins(test, K.logic_keys(split), swapped=True)  # (what logic lets through: also said)
+        assert f"note: {swap_twins} of the 10 test puzzles have a swap twin in the {name}" in out
     assert K.logic_twins(test, K.logic_keys(test)) == 10
 
 

@@ -548,6 +548,9 @@ def test_swap_twins_apart_reaches_every_split_the_tiny_preset_writes(tmp_path):
                        "limr_data": (kept["limr_data"], kept["limr_data"] + " --test_dedup swap")}
     bad = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "x"), "SWAP_TWINS": "yes"}, check=False)
     assert bad.returncode == 2 and "SWAP_TWINS=yes: give kept or apart" in bad.stderr
+    # a preset that does not read it says so (micro's data stage is its own)
+    micro = run_reproduce("micro", "--dry-run", env={"MICRO_OUT": str(tmp_path / "m"), "SWAP_TWINS": "apart"})
+    assert "note: SWAP_TWINS=apart from the environment: preset micro does not read it" in micro.stderr
 
 
 def test_a_seed_given_with_seeds_is_an_error_not_ignored(tmp_path):
@@ -567,6 +570,13 @@ def test_a_data_directory_given_to_the_tiny_preset_is_one_per_seed(tmp_path):
     data_lines = [line for line in proc.stdout.splitlines() if line.startswith("+ python kk_data.py --out_dir")]
     assert len(data_lines) == 2 and f"--out_dir {tmp_path / 'd'} " in data_lines[0]
     assert f"--out_dir {tmp_path / 'd' / 'seed_2'} " in data_lines[1]
+    # ... and on SWAP_TWINS: a study with the swap twins apart in another OUT rewrote the kept study's splits (its
+    # done-marker is in its own OUT), which the kept study then read on resume
+    proc = run_reproduce("tiny", "--dry-run", env={"OUT": str(tmp_path / "apart"), "DATA": str(tmp_path / "d"),
+                                                   "SEEDS": "2", "SWAP_TWINS": "apart"})
+    data_lines = [line for line in proc.stdout.splitlines() if line.startswith("+ python kk_data.py --out_dir")]
+    assert len(data_lines) == 2 and f"--out_dir {tmp_path / 'd' / 'swap_apart'} " in data_lines[0]
+    assert f"--out_dir {tmp_path / 'd' / 'swap_apart' / 'seed_2'} " in data_lines[1]
 
 
 def test_limr_with_a_preset_without_its_stages_is_an_error_before_any_stage(tmp_path):
