@@ -104,9 +104,9 @@ def get_parser():
                    "logic, however worded (kk_data.logic_key; reproduce.sh: the test split)")
     p.add_argument("--exclude_swap_twins", type=common.str2bool, default=False,
                    help="true: the --exclude_logic splits' swap twins must not appear either (knights and knaves "
-                   "exchanged, with every role of the answer flipped: the same reasoning; kk_data.logic_key(swapped=True); "
-                   "kk_data.py --test_dedup swap does it for the RL and SFT splits); false: they may, and a note "
-                   "counts them")
+                   "exchanged, with every role of the answer flipped: the same reasoning; "
+                   "kk_data.logic_key(swapped=True); kk_data.py --test_dedup swap does it for the RL and SFT splits); "
+                   "false: they may, and a note counts them")
     p.add_argument("--text_format", default="table", choices=("answer", "trace", "table", "mixed"),
                    help="what follows each question: answer (the answer sentence alone), trace (the official trace "
                         "and boxed answer), table (the truth-table chain of thought, kk_data.table_rows), mixed "
