@@ -197,8 +197,10 @@ def cispo_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2):
     rho / sg(rho): the importance weight is clipped and detached, never the token, so every token keeps its policy
     gradient (PPO's clip gives a token past the band none). Its value is -A * the clipped weight, as ppo_clip_loss's is
     -A * rho where the clip does not bind; its gradient -A * weight * grad log pi. logp: ppo_clip_loss's (the token's
-    log-prob, or GSPO's sequence-level one). Returns (loss per token, 1.0 where the weight was clipped, else 0.0)."""
-    ratio = torch.exp(logp - old_logp)
+    log-prob, or GSPO's sequence-level one). Returns (loss per token, 1.0 where the weight was clipped, else 0.0).
+    (The log-ratio is bounded before exp, as ppo_clip_loss's: with --clip_high inf an overflowed weight times a zero
+    advantage was NaN.)"""
+    ratio = torch.exp(bounded(logp - old_logp))
     weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high).detach()
     clipped = (ratio.detach() < 1.0 - clip_low) | (ratio.detach() > 1.0 + clip_high)
     return -adv * weight * torch.exp(logp - logp.detach()), clipped.float()

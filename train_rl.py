@@ -138,11 +138,10 @@ def get_parser():
                         "seq_mean_token_mean, as verl's GSPO does); the same with one on-policy update per batch, "
                         "where the ratio is 1")
     p.add_argument("--ppo_mini_batches", type=int, default=1,
-                   help="optimizer steps per pass over the rollout batch (paper: 1); each rank cuts its own "
-                        "training rollouts into this many parts in order, so which rollouts share a step depends on "
-                        "the number of ranks, and, where a rank holds fewer training rollouts than parts, how many "
-                        "steps are taken (the rollouts themselves do not: each prompt's are keyed by its place in "
-                        "the step's batch)")
+                   help="optimizer steps per pass over the rollout batch (paper: 1); the training rollouts of "
+                        "every rank, in the step's order, are cut into this many near-equal runs, one a step, each "
+                        "rank training its own members of each: which rollouts share a step is the same at any "
+                        "number of ranks")
     p.add_argument("--kl_coef", type=float, default=0.0,
                    help="weight of the KL penalty to the frozen reference policy (paper: 0)")
     p.add_argument("--kl_estimator", default="k3", choices=("k1", "k3"), help="k1: the reward's KL penalty "

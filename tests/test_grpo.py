@@ -99,6 +99,13 @@ def test_an_extreme_log_ratio_leaves_the_gradient_finite():
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all(), adv
         assert logp.grad[1] == pytest.approx(-math.exp(0.1))  # (an ordinary token's gradient is untouched)
+    # CISPO's weight is detached, but with an unbounded clip (--clip_high inf) an overflowed one times a zero
+    # advantage (a zero-variance group, kept by default) was NaN
+    logp = torch.tensor([-1.0, -1.0], requires_grad=True)
+    loss, _ = grpo.cispo_loss(logp, torch.tensor([-101.0, -2.0]), torch.tensor([0.0, 1.0]), clip_high=math.inf)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
+    assert loss[1].item() == pytest.approx(-math.e) and logp.grad[1] == pytest.approx(-math.e)
     for make in (lambda lp, ref: grpo.kl_penalty(lp, ref, "k3"),
                  lambda lp, ref: grpo.kl_cov_loss(lp, ref, torch.ones(2), torch.ones(2))[0]):
         logp = torch.tensor([-96.0, -1.0], requires_grad=True)
