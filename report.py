@@ -281,12 +281,15 @@ def read_summaries(run_dir, notes=None):
                                  f"{os.path.join(run_dir, 'done', 'eval')}): not in the table.")
                 continue
             summaries[name] = read_summary(path)
-    for name in ("redistill_A", "redistill_B"):
-        if notes is not None and name not in summaries:
+    for name in MODELS:  # (a model the evaluation ran whose summary is gone, and why a re-distilled one has none)
+        if notes is None or name in summaries:
+            continue
+        path = os.path.join(run_dir, "eval", name, "test", "summary.json")
+        if evaluated is not None and name in evaluated:
+            notes.append(f"No {name} row: evaluated, but {path} is missing (run the evaluation again).")
+        elif name in ("redistill_A", "redistill_B"):
             samples = count_lines(os.path.join(run_dir, SFT_SET[name]))
             why = ("not evaluated yet" if evaluated is None else
-                   f"evaluated, but {os.path.join(run_dir, 'eval', name, 'test', 'summary.json')} is missing (run "
-                   f"the evaluation again)" if name in evaluated else
                    "not in this study" if samples is None else f"no model in this study (its set: {samples} samples)")
             notes.append(f"No {name} row: {why}.")
     return summaries
@@ -357,10 +360,14 @@ def seed_tables(out_dir, difficulty, seeds=0):
     runs, missing, found = [], [], seed_runs(out_dir, seeds)
     if len(found) < 2 and seeds < 2:  # one seed: no seeds' table
         return []
+    seed_notes = []  # (a seed's evaluated model without its summary, or one an earlier run left: named)
     for seed, run_dir in found:
-        summaries = read_summaries(run_dir)
+        notes = []
+        summaries = read_summaries(run_dir, notes)
         if "sft" in summaries and "rl" in summaries:  # a seed counts once its study is evaluated
             runs.append((seed, run_dir, {**summaries, **selection_summaries(run_dir)}))
+            seed_notes += [f"Seed {seed}: {note}" for note in notes if "evaluated, but" in note
+                           or "left by an earlier run" in note]
         else:
             missing.append(seed)
     missing += [s for s in range(2, seeds + 1) if not os.path.isdir(os.path.join(out_dir, f"seed_{s}"))]
@@ -410,7 +417,7 @@ def seed_tables(out_dir, difficulty, seeds=0):
     how = how_evaluated(summary for _, summary in every)
     lines = ["", f"### Over {len(runs)} seeds (seed 1: {out_dir}; seed S: {out_dir}/seed_S): test accuracy"
              f"{' (' + how + ')' if how else ''}, mean ± std (sample std over seeds)", "", markdown_table(mean_rows),
-             *left_out, *protocol_notes(every),
+             *left_out, *seed_notes, *protocol_notes(every),
              "GRPO gain over its start (rl - sft, overall): {:+.1f} ± {:.1f} points; "
              "per seed ".format(*mean_std(gains))
              + ", ".join(f"{g:+.1f}" for g in gains) + "."]

@@ -470,6 +470,25 @@ def test_only_this_studys_evaluation_is_tabled_at_its_rl_step(run_dir, capsys):
     report.main(["--out_dir", str(run_dir), "--plots", "false"])
     assert (f"No redistill_A row: evaluated, but {run_dir}/eval/redistill_A/test/summary.json is missing (run the "
             f"evaluation again).") in (run_dir / "results.md").read_text(encoding="utf-8")
+    # ... and so is any evaluated model's (the rl row vanished without a word: only re-distilled ones were named)
+    os.remove(run_dir / "eval" / "base" / "test" / "summary.json")
+    report.main(["--out_dir", str(run_dir), "--plots", "false"])
+    assert (f"No base row: evaluated, but {run_dir}/eval/base/test/summary.json is missing (run the evaluation "
+            f"again).") in (run_dir / "results.md").read_text(encoding="utf-8")
+
+
+def test_a_seeds_evaluated_model_without_its_summary_is_named_in_the_seeds_section(run_dir):
+    """Over the seeds, a seed's evaluated model whose summary is gone was dropped from the mean silently (its count
+    of seeds the only trace)."""
+    import shutil
+    seed_2 = run_dir / "seed_2"
+    shutil.copytree(run_dir, seed_2)
+    (seed_2 / "done").mkdir(exist_ok=True)
+    (seed_2 / "done" / "eval").write_text("9\neval.py --task kk --names base sft rl redistill_A --splits t\n")
+    shutil.rmtree(seed_2 / "eval" / "redistill_A")
+    report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "2"])
+    assert (f"Seed 2: No redistill_A row: evaluated, but {seed_2}/eval/redistill_A/test/summary.json is missing"
+            in (run_dir / "results.md").read_text(encoding="utf-8"))
 
 
 def test_a_missing_piece_is_said_not_averaged_away(run_dir):
