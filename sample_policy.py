@@ -32,7 +32,9 @@ def get_parser():
     p = common.new_parser("Sample a policy (checkpoint or RL rollout log) into a re-distillation SFT set.")
     p.add_argument("--from_checkpoint", default=None, help="policy checkpoint (Hugging Face directory) to sample")
     p.add_argument("--from_rollouts", default=None,
-                   help="instead: an RL run directory holding rollouts/step_NNNNNN.jsonl (train_rl.py's log)")
+                   help="instead: an RL run directory holding rollouts/step_NNNNNN.jsonl (train_rl.py's log): "
+                   "every rollout a step drew, trained on or not (trained false: a group the step drew and did not "
+                   "train on, e.g. under --dynamic_sampling one without reward variance; set B reads them too)")
     p.add_argument("--task", default=None, help="task: kk, math, or a module name with the task interface (required)")
     p.add_argument("--split", nargs="+", default=None,
                    help="task split jsonl file(s): the prompts to sample, in order (--from_checkpoint; several: a "

@@ -109,6 +109,8 @@ RL_ARGS="--prompts_per_step 16 --samples_per_prompt 8 --temperature 0.7 --max_re
 A_SPLITS="$SFT_SPLIT $TRAIN"
 A_SAMPLES=1000
 SAMPLE_ARGS="--max_response_tokens 120 --gen_batch_size 100 --progress false"
+# (B reads every rollout the steps drew: with dynamic sampling also groups drawn and not trained on, 110 of seed 1's
+# 400; the paper's runs had no dynamic sampling)
 B_STEPS="$RL_STEPS,$((RL_STEPS / 2))-$((RL_STEPS - 1))"   # paper: 125,115-124 (last step first)
 B_SAMPLES=400  # as many as the teacher set had before the puzzle_key de-duplication (now 350)
 
