@@ -135,7 +135,7 @@ def read_rollouts(run_dir, steps, split_ids=None, splits=""):
                 raise UserError(f"{logs[step]}:{lineno}: field 'id' {row['id']!r} is the id of no record in --split "
                                 f"{splits}, so its answer cannot be re-scored (give the RL run's --train_data)")
             tasks.note_prompt(prompts, row, f"{logs[step]}:{lineno}")
-        samples += [{**row, "source": logs[step]} for _, row in rows]
+        samples += [{**row, "source": os.path.abspath(logs[step])} for _, row in rows]  # (as set A's: however spelt)
     return samples, prompts
 
 

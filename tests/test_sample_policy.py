@@ -362,7 +362,7 @@ def test_from_rollouts_of_a_live_run_is_refused(tmp_path):
     assert len(read(out)) == 2
 
 
-def test_from_rollouts_steps_order_first_occurrence_and_rescore(tmp_path, capsys):
+def test_from_rollouts_steps_order_first_occurrence_and_rescore(tmp_path, capsys, monkeypatch):
     records = toy_task.make_records(4, seed=30)
     common.write_jsonl(tmp_path / "split.jsonl", records)
     a, b, c, d = records
@@ -384,6 +384,12 @@ def test_from_rollouts_steps_order_first_occurrence_and_rescore(tmp_path, capsys
     assert all(r["source"] == os.path.join(run, "rollouts", "step_000003.jsonl") for r in rows)
     log = capsys.readouterr().out
     assert "1 of 4 prompts had no correct sample" in log and "removed a trailing stop-token string from 1" in log
+    # the same run spelt relatively: the same bytes (set B's source was the path as given, set A's absolute)
+    monkeypatch.chdir(tmp_path)
+    sp.main(["--from_rollouts", "rl", "--steps", "3,1-2", "--task", "toy_task", "--out", "again.jsonl",
+             "--progress", "false"])
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "out.jsonl").read_bytes()
+    capsys.readouterr()
     # with the split, the task's score re-checks the log's rewards (the paper does): d is dropped
     sp.main(["--from_rollouts", run, "--steps", "1-3", "--task", "toy_task", "--split", str(tmp_path / "split.jsonl"),
              "--out", out, "--progress", "false", "--num_examples", "1"])
