@@ -486,9 +486,14 @@ def test_a_seeds_evaluated_model_without_its_summary_is_named_in_the_seeds_secti
     (seed_2 / "done").mkdir(exist_ok=True)
     (seed_2 / "done" / "eval").write_text("9\neval.py --task kk --names base sft rl redistill_A --splits t\n")
     shutil.rmtree(seed_2 / "eval" / "redistill_A")
+    (run_dir / "done").mkdir(exist_ok=True)  # seed 1's own: named once, under its own table
+    (run_dir / "done" / "eval").write_text("9\neval.py --task kk --names base sft rl redistill_A --splits t\n")
+    shutil.rmtree(run_dir / "eval" / "base")
     report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "2"])
-    assert (f"Seed 2: No redistill_A row: evaluated, but {seed_2}/eval/redistill_A/test/summary.json is missing"
-            in (run_dir / "results.md").read_text(encoding="utf-8"))
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
+    assert f"Seed 2: No redistill_A row: evaluated, but {seed_2}/eval/redistill_A/test/summary.json is missing" in text
+    assert text.count(f"No base row: evaluated, but {run_dir}/eval/base/test/summary.json") == 1
+    assert "Seed 1: " not in text
 
 
 def test_a_missing_piece_is_said_not_averaged_away(run_dir):
