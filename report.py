@@ -513,11 +513,17 @@ def main(argv=None):
     rollouts, metrics, rl_settings = rl_rollouts(os.path.join(out, "rl"), rl_step)
     limr = limr_tables(out, args.limr_seeds)
     if not summaries:
-        if not limr:
+        # seed 1 not evaluated (killed in its evaluation) while later seeds are: their table, which says so
+        later = [s for seed, run_dir in seed_runs(out, args.seeds) if seed > 1
+                 for s in read_summaries(run_dir).values()]
+        seed_lines = seed_tables(out, difficulty_key(later[0]), args.seeds) if later else []
+        seed_lines = seed_lines if any(line.startswith("### Over") for line in seed_lines) else []
+        if not limr and not seed_lines:
             raise common.UserError(f"{out}/eval: no evaluation summaries yet; run reproduce.sh first")
         # a preset of LIMR's own setting (LIMR_ONLY=1): its tables alone
-        write_results(out, [f"## Results{' (' + args.preset + ')' if args.preset else ''}: LIMR"]
-                      + limr + wall_time_lines(times))
+        heading = f"## Results{' (' + args.preset + ')' if args.preset else ''}: " + (
+            f"seed 1 ({out}) not evaluated yet; the finished seeds" if seed_lines else "LIMR")
+        write_results(out, [heading] + seed_lines + limr + wall_time_lines(times))
         return
     kind = next(iter(times.values()))[2] if times else "device"
     difficulty = difficulty_key(next(iter(summaries.values())))

@@ -477,6 +477,22 @@ def test_only_this_studys_evaluation_is_tabled_at_its_rl_step(run_dir, capsys):
             f"again).") in (run_dir / "results.md").read_text(encoding="utf-8")
 
 
+def test_seed_one_not_evaluated_still_gives_the_finished_seeds_table(run_dir):
+    """Seed 1's evaluation killed while seeds 2 and 3 finished: the report stopped ("no evaluation summaries yet")
+    and wrote nothing, the finished seeds' table with it."""
+    import shutil
+    for seed in (2, 3):
+        shutil.copytree(run_dir, run_dir / f"seed_{seed}", ignore=shutil.ignore_patterns("seed_*"))
+    shutil.rmtree(run_dir / "eval")
+    report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "3"])
+    text = (run_dir / "results.md").read_text(encoding="utf-8")
+    assert text.startswith(f"## Results: seed 1 ({run_dir}) not evaluated yet; the finished seeds")
+    assert "### Over 2 seeds" in text and "Seed 1: not evaluated yet" in text
+    shutil.rmtree(run_dir / "seed_2" / "eval")  # one finished seed: no seeds' table, and the error as before
+    with pytest.raises(common.UserError, match="no evaluation summaries yet"):
+        report.main(["--out_dir", str(run_dir), "--plots", "false", "--seeds", "3"])
+
+
 def test_a_seeds_evaluated_model_without_its_summary_is_named_in_the_seeds_section(run_dir):
     """Over the seeds, a seed's evaluated model whose summary is gone was dropped from the mean silently (its count
     of seeds the only trace)."""
