@@ -366,8 +366,7 @@ def seed_tables(out_dir, difficulty, seeds=0):
         summaries = read_summaries(run_dir, notes)
         if "sft" in summaries and "rl" in summaries:  # a seed counts once its study is evaluated
             runs.append((seed, run_dir, {**summaries, **selection_summaries(run_dir)}))
-            seed_notes += [f"Seed {seed}: {note}" for note in notes if seed > 1 and (  # (seed 1's: in its own table)
-                "evaluated, but" in note or "left by an earlier run" in note)]
+            seed_notes += [f"Seed {seed}: {note}" for note in notes] if seed > 1 else []  # (seed 1's: its own table)
         else:
             missing.append(seed)
     missing += [s for s in range(2, seeds + 1) if not os.path.isdir(os.path.join(out_dir, f"seed_{s}"))]

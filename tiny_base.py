@@ -230,16 +230,16 @@ def main(argv=None):
         twins |= set().union(*(kk_data.logic_keys(excluded[path], swapped=True) for path in args.exclude_logic))
     records = [r for n, size in zip(people, sizes)
                for r in kk_data.generate(args.seed, n, size, used, fixed_names=args.fixed_names, twins=twins)]
-    # what puzzle_key lets through: the same logic worded otherwise (none of the --exclude_logic splits': skipped)
+    # what the rules let through: puzzle_key the same logic worded otherwise (none of the --exclude_logic splits':
+    # skipped), --exclude_logic its splits' swap twins (the text's keys computed once, for both)
     renamed_only = [path for path in excluded if path not in args.exclude_logic]
-    text_keys = kk_data.keys_to_compare(records, [r for path in renamed_only for r in excluded[path]])
+    swap_twins_checked = [] if args.exclude_swap_twins else args.exclude_logic
+    text_keys = kk_data.keys_to_compare(records, [r for path in renamed_only + swap_twins_checked
+                                                  for r in excluded[path]])
     for path in renamed_only:
         if count := kk_data.logic_twins(excluded[path], text_keys):
             print(f"note: {count} of the {len(excluded[path])} puzzles of {path} have a logically equivalent puzzle in "
                   f"this text (the same claims' truth functions after renaming, worded otherwise: kk_data.logic_key)")
-    # what --exclude_logic lets through: its splits' swap twins
-    swap_twins_checked = [] if args.exclude_swap_twins else args.exclude_logic
-    text_keys = kk_data.keys_to_compare(records, [r for path in swap_twins_checked for r in excluded[path]])
     for path in swap_twins_checked:
         if count := kk_data.logic_twins(excluded[path], text_keys, swapped=True):
             print(f"note: {count} of the {len(excluded[path])} puzzles of {path} have a swap twin in this text "
